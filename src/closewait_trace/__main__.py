@@ -1,0 +1,3 @@
+from closewait_trace.cli import main
+
+main()

@@ -1,0 +1,291 @@
+"""Why has a lingering socket not been closed? A one-line cause with evidence.
+
+Reads /proc only (never attaches to, signals or pauses a process). The pure
+decision, `diagnose`, takes the evidence as values so it is tested without
+root; `gather` collects that evidence from /proc defensively: a process that
+exits mid-inspection leaves a partial diagnosis, never an error.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Optional
+
+from closewait_trace import procfs
+from closewait_trace.owners import (OWNER_ACCEPT_QUEUE, OWNER_FD, OWNER_GONE,
+                                    OWNER_NONE, Ownership)
+
+STOPPED = "stopped"
+TRACED = "traced"
+NEVER_ACCEPTED = "never_accepted"
+LEAKED = "leaked"
+BLOCKED_ELSEWHERE = "blocked_elsewhere"
+IGNORING_EOF = "ignoring_eof"
+EXITING = "exiting"
+GONE = "gone"
+UNKNOWN = "unknown"
+
+O_CLOEXEC = 0o2000000
+PF_EXITING = 0x4
+
+# System calls in which a thread waits for readiness of some fd: a holder
+# parked there is alive and polling, yet has not closed this socket.
+_POLLING_SYSCALLS = {
+    "x86_64": {7: "poll", 23: "select", 232: "epoll_wait", 270: "pselect6",
+               271: "ppoll", 281: "epoll_pwait", 441: "epoll_pwait2"},
+    "aarch64": {72: "pselect6", 73: "ppoll", 22: "epoll_pwait", 441: "epoll_pwait2"},
+}
+_READ_SYSCALLS = {
+    "x86_64": {0: "read", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg", 19: "readv"},
+    "aarch64": {63: "read", 207: "recvfrom", 212: "recvmsg", 243: "recvmmsg", 65: "readv"},
+}
+_OTHER_SYSCALLS = {
+    "x86_64": {34: "pause", 35: "nanosleep", 202: "futex", 61: "wait4",
+               230: "clock_nanosleep", 43: "accept", 288: "accept4",
+               130: "rt_sigsuspend", 128: "rt_sigtimedwait", 1: "write",
+               42: "connect", 247: "waitid"},
+    "aarch64": {101: "nanosleep", 98: "futex", 260: "wait4", 115: "clock_nanosleep",
+                202: "accept", 242: "accept4", 133: "rt_sigsuspend",
+                64: "write", 203: "connect", 95: "waitid"},
+}
+
+
+def syscall_name(number: int, machine: Optional[str] = None) -> str:
+    machine = machine or platform.machine()
+    for table in (_POLLING_SYSCALLS, _READ_SYSCALLS, _OTHER_SYSCALLS):
+        name = table.get(machine, {}).get(number)
+        if name:
+            return name
+    return f"syscall_{number}"
+
+
+@dataclass
+class ThreadEvidence:
+    tid: int
+    state: str
+    wchan: str = ""
+    syscall: Optional[int] = None        # None: running in user space or unknown
+    syscall_name: str = ""
+    syscall_fd: Optional[int] = None      # first argument, when it is an fd
+
+    def as_dict(self) -> dict:
+        return {"tid": self.tid, "state": self.state, "wchan": self.wchan,
+                "syscall": self.syscall_name or None, "syscall_fd": self.syscall_fd}
+
+
+@dataclass
+class HolderEvidence:
+    pid: int
+    comm: str
+    fd: int
+    state: str
+    ppid: int
+    cmdline: str
+    cloexec: Optional[bool] = None
+    exiting: bool = False
+    tracer_pid: int = 0
+    tracer_comm: str = ""
+    holds_listener: bool = False
+    threads: list[ThreadEvidence] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = {"pid": self.pid, "comm": self.comm, "fd": self.fd,
+               "state": self.state, "ppid": self.ppid, "cmdline": self.cmdline,
+               "cloexec": self.cloexec, "exiting": self.exiting,
+               "threads": [t.as_dict() for t in self.threads]}
+        if self.tracer_pid:
+            out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
+        return out
+
+
+@dataclass
+class Diagnosis:
+    cause: str
+    summary: str
+    evidence: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"cause": self.cause, "summary": self.summary, "evidence": self.evidence}
+
+
+def _who(h: HolderEvidence) -> str:
+    return f"{h.pid}/{h.comm}"
+
+
+def diagnose(own: Ownership, holders: list[HolderEvidence],
+             listener_holders: list[HolderEvidence],
+             machine: Optional[str] = None) -> Diagnosis:
+    """The most specific cause the evidence supports; UNKNOWN otherwise."""
+    machine = machine or platform.machine()
+    evidence: dict = {"holders": [h.as_dict() for h in holders],
+                      "unread_bytes": own.rx_queue}
+
+    if own.kind == OWNER_GONE:
+        return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected", evidence)
+
+    if own.kind == OWNER_ACCEPT_QUEUE:
+        listener = own.listener
+        evidence["listener"] = None if listener is None else {
+            "local": listener.endpoints.local,
+            "accept_queue": listener.rx_queue,
+            "backlog": listener.tx_queue,
+            "holders": [h.as_dict() for h in listener_holders]}
+        if listener is None:
+            return Diagnosis(NEVER_ACCEPTED,
+                             "in a listener's accept queue; listener not found",
+                             evidence)
+        who = ", ".join(f"{_who(h)} [{h.state}]" for h in listener_holders) or "no process"
+        return Diagnosis(
+            NEVER_ACCEPTED,
+            f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
+            f"{listener.endpoints.local}, held by {who}", evidence)
+
+    if own.kind == OWNER_NONE or not holders:
+        return Diagnosis(UNKNOWN, "no process holds a file descriptor on it", evidence)
+
+    dying = [h for h in holders if h.state in ("Z", "X") or h.exiting]
+    if dying:
+        return Diagnosis(EXITING, "holder exiting: " + ", ".join(
+            f"{_who(h)} [{h.state}]" for h in dying), evidence)
+
+    traced = [h for h in holders if h.state == "t"]
+    if traced:
+        return Diagnosis(TRACED, "stopped under a tracer: " + ", ".join(
+            f"{_who(h)} by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced),
+            evidence)
+
+    stopped = [h for h in holders if h.state == "T"]
+    if stopped:
+        return Diagnosis(STOPPED, "stopped by a signal: " + ", ".join(
+            _who(h) for h in stopped), evidence)
+
+    pids = {h.pid for h in holders}
+    if len(pids) > 1:
+        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + ", ".join(
+            f"{_who(h)} fd {h.fd}" for h in holders), evidence)
+
+    only = holders[0]
+    server = [h for h in listener_holders if h.pid != only.pid]
+    if server and not only.holds_listener and only.cloexec is False:
+        evidence["accepting_process"] = [h.as_dict() for h in server]
+        return Diagnosis(
+            LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
+            f"the server is {_who(server[0])}", evidence)
+
+    polling = _POLLING_SYSCALLS.get(machine, {})
+    reading = _READ_SYSCALLS.get(machine, {})
+    waiting_here = [t for t in only.threads
+                    if t.syscall in polling
+                    or (t.syscall in reading and t.syscall_fd == only.fd)]
+    running = [t for t in only.threads if t.state == "R"]
+    if waiting_here or running:
+        what = waiting_here[0].syscall_name if waiting_here else "running"
+        unread = f", {own.rx_queue} unread bytes" if own.rx_queue else ""
+        return Diagnosis(IGNORING_EOF,
+                         f"alive ({what}) but never closes: {_who(only)} fd {only.fd}{unread}",
+                         evidence)
+
+    asleep = [t for t in only.threads if t.state in ("S", "D") and t.syscall is not None]
+    if asleep:
+        t = asleep[0]
+        where = t.syscall_name + (f" on fd {t.syscall_fd}" if t.syscall_fd is not None
+                                  and t.syscall_name in reading.values() else "")
+        return Diagnosis(BLOCKED_ELSEWHERE,
+                         f"blocked in {where} (wchan {t.wchan or '?'}): {_who(only)}",
+                         evidence)
+
+    return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]",
+                     evidence)
+
+
+# ----------------------------------------------------------------- evidence
+
+def _fd_cloexec(pid: int, fd: int, proc: str) -> Optional[bool]:
+    text = procfs.read_text(f"{proc}/{pid}/fdinfo/{fd}")
+    if not text:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags:"):
+            try:
+                return bool(int(line.split()[1], 8) & O_CLOEXEC)
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def _exiting(pid: int, proc: str) -> bool:
+    stat = procfs.read_text(f"{proc}/{pid}/stat")
+    if not stat:
+        return False
+    try:
+        flags = int(stat[stat.rindex(")") + 2:].split()[6])
+    except (ValueError, IndexError):
+        return False
+    return bool(flags & PF_EXITING)
+
+
+def parse_syscall(text: str) -> tuple[Optional[int], Optional[int]]:
+    """/proc/TID/syscall: 'running', '-1 ...' (not in a syscall) or 'NR arg0 ...'."""
+    parts = text.split()
+    if not parts or parts[0] in ("running", "-1"):
+        return None, None
+    try:
+        number = int(parts[0])
+    except ValueError:
+        return None, None
+    try:
+        arg0 = int(parts[1], 16) if len(parts) > 1 else None
+    except ValueError:
+        arg0 = None
+    return number, arg0
+
+
+def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
+    out = []
+    for name in sorted(procfs.list_dir(f"{proc}/{pid}/task"), key=lambda n: int(n) if n.isdigit() else 0):
+        if not name.isdigit():
+            continue
+        base = f"{proc}/{pid}/task/{name}"
+        stat = procfs.read_text(f"{base}/stat")
+        parsed = procfs.parse_stat(stat) if stat else None
+        if not parsed:
+            continue
+        thread = ThreadEvidence(tid=int(name), state=parsed[1],
+                                wchan=(procfs.read_text(f"{base}/wchan") or "").strip())
+        if thread.wchan == "0":
+            thread.wchan = ""
+        text = procfs.read_text(f"{base}/syscall")
+        if text:
+            number, arg0 = parse_syscall(text)
+            thread.syscall = number
+            if number is not None:
+                thread.syscall_name = syscall_name(number, machine)
+                thread.syscall_fd = arg0 if arg0 is not None and arg0 < 1 << 20 else None
+        out.append(thread)
+    return out
+
+
+def holder_evidence(holder, proc: str, machine: str,
+                    listener_pids: frozenset = frozenset()) -> HolderEvidence:
+    ev = HolderEvidence(pid=holder.pid, comm=holder.comm, fd=holder.fd,
+                        state=holder.state, ppid=holder.ppid, cmdline=holder.cmdline,
+                        tracer_pid=holder.tracer_pid,
+                        holds_listener=holder.pid in listener_pids)
+    ev.cloexec = _fd_cloexec(holder.pid, holder.fd, proc)
+    ev.exiting = _exiting(holder.pid, proc)
+    if ev.tracer_pid:
+        tracer = procfs.process_info(ev.tracer_pid, proc)
+        ev.tracer_comm = tracer.comm if tracer else ""
+    ev.threads = _threads(holder.pid, proc, machine)
+    return ev
+
+
+def gather(own: Ownership, proc: str = procfs.PROC,
+           machine: Optional[str] = None) -> Diagnosis:
+    """Collect the evidence for one socket's owners from /proc, then decide."""
+    machine = machine or platform.machine()
+    listener_pids = frozenset(h.pid for h in own.listener_holders)
+    holders = [holder_evidence(h, proc, machine, listener_pids) for h in own.holders]
+    listeners = [holder_evidence(h, proc, machine) for h in own.listener_holders]
+    return diagnose(own, holders, listeners, machine)

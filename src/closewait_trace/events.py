@@ -1,0 +1,110 @@
+"""Decoding what the kernel program sends into plain Python values (pure).
+
+The binary layouts are defined once, in bpf/closewait.bpf.c; bcc turns them
+into ctypes classes. Everything here takes any object with those field names,
+so it is tested without bcc or root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+# Event kinds, as defined by EV_* in bpf/closewait.bpf.c.
+KIND_CLOSED = 1
+KIND_UNTRACKED_EXIT = 2
+KIND_TRANSITION = 3
+
+
+@dataclass(frozen=True, order=True)
+class Endpoints:
+    """A TCP connection seen from this host: local and remote address:port."""
+
+    family: int          # socket.AF_INET or socket.AF_INET6
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+
+    @property
+    def family_name(self) -> str:
+        return "ipv4" if self.family == socket.AF_INET else "ipv6"
+
+    @property
+    def local(self) -> str:
+        return join_host_port(self.laddr, self.lport)
+
+    @property
+    def remote(self) -> str:
+        return join_host_port(self.raddr, self.rport)
+
+
+def join_host_port(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def format_address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    address = ipaddress.IPv6Address(bytes(raw[:16]))
+    # An IPv4 client of a dual-stack listener: show it as the IPv4 it is.
+    if address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
+
+
+def endpoints_of(raw) -> Endpoints:
+    return Endpoints(
+        family=int(raw.family),
+        laddr=format_address(raw.family, bytes(raw.saddr)),
+        lport=int(raw.sport),
+        raddr=format_address(raw.family, bytes(raw.daddr)),
+        rport=int(raw.dport),
+    )
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """One struct cw_event, decoded."""
+
+    kind: int
+    ts_ns: int            # kernel clock (boot time) of the transition
+    skaddr: int
+    duration_ns: int      # time in the state being left; 0 = unknown
+    pid: int
+    tid: int
+    comm: str
+    endpoints: Endpoints
+    oldstate: int
+    newstate: int
+
+
+def decode_event(raw) -> KernelEvent:
+    return KernelEvent(
+        kind=int(raw.kind),
+        ts_ns=int(raw.ts_ns),
+        skaddr=int(raw.skaddr),
+        duration_ns=int(raw.duration_ns),
+        pid=int(raw.pid),
+        tid=int(raw.tid),
+        comm=bytes(raw.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+        endpoints=endpoints_of(raw),
+        oldstate=int(raw.oldstate),
+        newstate=int(raw.newstate),
+    )
+
+
+@dataclass(frozen=True)
+class TrackedSocket:
+    """One cw_tracking entry: a socket in CLOSE_WAIT right now."""
+
+    skaddr: int
+    enter_ns: int
+    endpoints: Endpoints
+
+
+def decode_tracked(key, value) -> TrackedSocket:
+    skaddr = key.value if hasattr(key, "value") else int(key)
+    return TrackedSocket(skaddr=int(skaddr), enter_ns=int(value.enter_ns),
+                         endpoints=endpoints_of(value))

@@ -1,0 +1,87 @@
+"""The kernel's TCP socket tables, /proc/PID/net/tcp and tcp6, per network
+namespace: the bridge from a connection's addresses to its socket inode.
+
+The tracepoint gives the socket's kernel address and its addresses, not its
+inode; /proc/net/tcp gives addresses and inode (its pointer column is hashed
+unless kptr_restrict allows, so addresses are what we match on).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from closewait_trace import procfs
+from closewait_trace.events import Endpoints, format_address
+
+
+@dataclass(frozen=True)
+class TcpRow:
+    endpoints: Endpoints
+    state: int
+    tx_queue: int       # LISTEN: the accept-queue limit (backlog)
+    rx_queue: int       # unread bytes; LISTEN: connections awaiting accept()
+    uid: int
+    inode: int          # 0 while still in a listener's accept queue
+
+
+def _decode_hex_address(text: str) -> bytes:
+    # The kernel prints each 32-bit word of the address as a native integer.
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return raw
+
+
+def parse_tcp_table(text: str, family: int) -> list[TcpRow]:
+    rows = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 10:
+            continue
+        try:
+            laddr, lport = parts[1].split(":")
+            raddr, rport = parts[2].split(":")
+            tx, rx = parts[4].split(":")
+            rows.append(TcpRow(
+                endpoints=Endpoints(
+                    family=family,
+                    laddr=format_address(family, _decode_hex_address(laddr)),
+                    lport=int(lport, 16),
+                    raddr=format_address(family, _decode_hex_address(raddr)),
+                    rport=int(rport, 16)),
+                state=int(parts[3], 16),
+                tx_queue=int(tx, 16),
+                rx_queue=int(rx, 16),
+                uid=int(parts[7]),
+                inode=int(parts[9]),
+            ))
+        except (ValueError, IndexError):
+            continue
+    return rows
+
+
+def network_namespaces(proc: str = procfs.PROC) -> dict[int, int]:
+    """Every network namespace that has a process in it: inode -> one pid."""
+    found: dict[int, int] = {}
+    for pid in procfs.pids(proc):
+        inode = procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net"))
+        if inode is not None and inode not in found:
+            found[inode] = pid
+    return found
+
+
+def tcp_rows(pid: int, proc: str = procfs.PROC,
+             states: Optional[Iterable[int]] = None) -> list[TcpRow]:
+    """The TCP sockets of the network namespace that pid lives in."""
+    rows: list[TcpRow] = []
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        text = procfs.read_text(f"{proc}/{pid}/net/{name}")
+        if text:
+            rows.extend(parse_tcp_table(text, family))
+    if states is not None:
+        wanted = set(states)
+        rows = [row for row in rows if row.state in wanted]
+    return rows

@@ -1,0 +1,120 @@
+"""The output records: one JSON-ready dict per event, the same for --json,
+for recordings and for the text renderer, so that every output path shows
+the same facts. The schema is documented in the README ("JSON output").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Iterable, Optional
+
+from closewait_trace import tcpstates
+from closewait_trace.events import Endpoints
+
+SCHEMA_VERSION = 1
+
+
+def wall_time(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="microseconds")
+
+
+def _base(kind: str, ts: float) -> dict:
+    return {"type": kind, "ts": round(ts, 6), "time": wall_time(ts)}
+
+
+def endpoint_fields(ep: Endpoints) -> dict:
+    return {"family": ep.family_name, "laddr": ep.laddr, "lport": ep.lport,
+            "raddr": ep.raddr, "rport": ep.rport}
+
+
+def holder_dicts(holders) -> list[dict]:
+    return [h.as_dict() for h in holders]
+
+
+def ownership_fields(own) -> dict:
+    if own is None:
+        return {"owner_kind": None, "owners": [], "netns": None, "inode": None,
+                "unread_bytes": None, "listener": None}
+    listener = None
+    if own.listener is not None:
+        listener = {"local": own.listener.endpoints.local,
+                    "accept_queue": own.listener.rx_queue,
+                    "backlog": own.listener.tx_queue,
+                    "owners": holder_dicts(own.listener_holders)}
+    return {"owner_kind": own.kind, "owners": holder_dicts(own.holders),
+            "netns": own.netns, "inode": own.inode, "unread_bytes": own.rx_queue,
+            "listener": listener, "also_in_netns": list(own.other_netns)}
+
+
+def linger(lingerer, ts: float, age_ns: int) -> dict:
+    rec = _base("linger", ts)
+    rec.update(endpoint_fields(lingerer.endpoints))
+    rec.update({
+        "age_s": round(age_ns / 1e9, 6),
+        "age_is_lower_bound": lingerer.pre_existing,
+        "pre_existing": lingerer.pre_existing,
+        "skaddr": None if lingerer.skaddr is None else f"{lingerer.skaddr:#x}",
+    })
+    rec.update(ownership_fields(lingerer.ownership))
+    rec["diagnosis"] = lingerer.diagnosis.as_dict() if lingerer.diagnosis else None
+    return rec
+
+
+def closed(c, ts: float) -> dict:
+    rec = _base("closed", ts)
+    rec.update(endpoint_fields(c.endpoints))
+    rec.update({
+        "duration_s": round(c.duration_ns / 1e9, 6),
+        "duration_is_lower_bound": c.duration_is_lower_bound,
+        "how": c.how,
+        "newstate": tcpstates.name(c.newstate),
+        "closed_by": None if c.closer is None else {"pid": c.closer[0], "comm": c.closer[1]},
+        "cpu_task": {"pid": c.cpu_task[0], "comm": c.cpu_task[1]},
+        "pre_existing": c.pre_existing,
+        "reported": c.reported,
+    })
+    return rec
+
+
+def lost(ts: float, counter: str, delta: int, total: int) -> dict:
+    rec = _base("lost", ts)
+    rec.update({"counter": counter, "count": delta, "total": total})
+    return rec
+
+
+def histogram_buckets(slots: list[int]) -> list[dict]:
+    """Kernel log2 slots (microseconds) -> [{from_us, to_us, count}]; slot 0
+    holds durations under 1 us, slot i holds [2^(i-1), 2^i) us."""
+    out = []
+    for i, count in enumerate(slots):
+        if not count:
+            continue
+        low = 0 if i == 0 else 1 << (i - 1)
+        out.append({"from_us": low, "to_us": 1 << i if i else 1, "count": count})
+    return out
+
+
+def summary(ts: float, started_ts: float, counters: dict, slots: list[int],
+            still_lingering: Iterable[dict], linger_lines: int, closed_lines: int,
+            extra: Optional[dict] = None) -> dict:
+    rec = _base("summary", ts)
+    rec.update({
+        "traced_s": round(ts - started_ts, 3),
+        "counters": dict(counters),
+        "histogram_us": histogram_buckets(slots),
+        "linger_reported": linger_lines,
+        "closed_reported": closed_lines,
+        "still_lingering": list(still_lingering),
+    })
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def start(ts: float, threshold_ns: int, filters: dict, pre_existing: int,
+          headers: str, transport: str) -> dict:
+    rec = _base("start", ts)
+    rec.update({"schema": SCHEMA_VERSION, "threshold_s": threshold_ns / 1e9,
+                "filters": filters, "pre_existing": pre_existing,
+                "headers": headers, "transport": transport})
+    return rec

@@ -1,0 +1,138 @@
+"""Text rendering of output records (pure). The default layout fits 80
+columns for IPv4; --wide widens the address columns for IPv6."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from closewait_trace.durations import format_age
+
+COUNTER_TEXT = {
+    "events_lost": "events lost: the ring buffer was full",
+    "map_full": "sockets not timed: the tracking map was full",
+}
+
+
+def banner(threshold_ns: int, filters_text: str = "") -> str:
+    what = f" ({filters_text})" if filters_text else ""
+    return (f"Tracing TCP sockets lingering in CLOSE_WAIT for >= "
+            f"{format_age(threshold_ns)}{what}... Ctrl-C to end.")
+
+
+class TextRenderer:
+    def __init__(self, wide: bool = False, verbose: bool = False):
+        self.addr_width = 47 if wide else 21
+        self.verbose = verbose
+
+    def header(self) -> str:
+        w = self.addr_width
+        return (f"{'TIME':<8} {'EVENT':<6} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+                f"{'AGE':>7} OWNER")
+
+    def _owner_width(self) -> int:
+        return max(12, 80 - (8 + 1 + 6 + 1 + 2 * (self.addr_width + 1) + 7 + 1))
+
+    def _row(self, rec: dict, event: str, age: str, owner: str) -> str:
+        w = self.addr_width
+        clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
+        local = _hostport(rec["laddr"], rec["lport"])
+        remote = _hostport(rec["raddr"], rec["rport"])
+        return (f"{clock:<8} {event:<6} {local:<{w}} {remote:<{w}} {age:>7} "
+                f"{owner[:self._owner_width()]}")
+
+    def render(self, rec: dict) -> list[str]:
+        kind = rec.get("type")
+        if kind == "linger":
+            return self._linger(rec)
+        if kind == "closed":
+            return self._closed(rec)
+        if kind == "lost":
+            what = COUNTER_TEXT.get(rec["counter"], rec["counter"])
+            return [f"WARNING: {rec['count']} {what} (total {rec['total']})"]
+        if kind == "summary":
+            return summary_lines(rec)
+        return []
+
+    def _linger(self, rec: dict) -> list[str]:
+        age = format_age(int(rec["age_s"] * 1e9))
+        if rec.get("age_is_lower_bound"):
+            age = ">=" + age
+        owners = rec.get("owners") or []
+        if owners:
+            first = owners[0]
+            owner = f"{first['pid']}/{first['comm']}"
+            if len({o['pid'] for o in owners}) > 1:
+                owner = f"+{len({o['pid'] for o in owners}) - 1} " + owner
+        elif rec.get("owner_kind") == "accept_queue":
+            owner = "(not accepted)"
+        else:
+            owner = "-"
+        lines = [self._row(rec, "LINGER", age, owner)]
+        diagnosis = rec.get("diagnosis")
+        if diagnosis:
+            lines.append(("         " + diagnosis["summary"])[:80 if not self.verbose else None])
+        if self.verbose:
+            for o in owners:
+                lines.append(f"         holder pid {o['pid']} fd {o['fd']} [{o['state']}] "
+                             f"{o['cmdline'] or o['comm']}")
+        return lines
+
+    def _closed(self, rec: dict) -> list[str]:
+        age = format_age(int(rec["duration_s"] * 1e9))
+        if rec.get("duration_is_lower_bound"):
+            age = ">=" + age
+        by = rec.get("closed_by")
+        event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec["how"], "GONE")
+        owner = f"{by['pid']}/{by['comm']}" if by else "-"
+        return [self._row(rec, event, age, owner)]
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def histogram_lines(buckets: list[dict], width: int = 30) -> list[str]:
+    if not buckets:
+        return ["  (no socket left CLOSE_WAIT while tracing)"]
+    peak = max(b["count"] for b in buckets)
+    lines = [f"  {'usecs':>21} : {'count':<8} distribution"]
+    for b in buckets:
+        bar = "*" * max(1, round(b["count"] * width / peak))
+        lines.append(f"  {b['from_us']:>10} -> {b['to_us'] - 1:<8} : {b['count']:<8} |{bar:<{width}}|")
+    return lines
+
+
+def summary_lines(rec: dict) -> list[str]:
+    c = rec["counters"]
+    lines = [
+        "",
+        f"Summary after {format_age(int(rec['traced_s'] * 1e9))}: "
+        f"{c.get('cw_enter', 0)} entered CLOSE_WAIT, {c.get('cw_exit', 0)} left it "
+        f"(timed), {rec['linger_reported']} reported lingering, "
+        f"{rec['closed_reported']} closed after lingering.",
+    ]
+    problems = []
+    if c.get("events_lost"):
+        problems.append(f"{c['events_lost']} events lost (ring buffer full)")
+    if c.get("map_full"):
+        problems.append(f"{c['map_full']} sockets not timed (tracking map full)")
+    if c.get("exit_untracked"):
+        problems.append(f"{c['exit_untracked']} left CLOSE_WAIT untimed "
+                        f"(already in it at start, or not tracked)")
+    if rec.get("write_errors"):
+        problems.append(f"{rec['write_errors']} records could not be written")
+    lines.append("Losses: " + ("; ".join(problems) if problems else "none."))
+    lines.append("Time in CLOSE_WAIT (log2 histogram):")
+    lines.extend(histogram_lines(rec["histogram_us"]))
+    still = rec.get("still_lingering") or []
+    lines.append(f"Still lingering at exit: {len(still)}")
+    for s in still[:50]:
+        owners = ", ".join(f"{o['pid']}/{o['comm']} fd {o['fd']} [{o['state']}]"
+                           for o in s.get("owners") or []) or (
+            "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
+        age = (">=" if s.get("age_is_lower_bound") else "") + format_age(int(s["age_s"] * 1e9))
+        lines.append(f"  {_hostport(s['laddr'], s['lport'])} <- "
+                     f"{_hostport(s['raddr'], s['rport'])} {age} {owners}")
+    if len(still) > 50:
+        lines.append(f"  ... and {len(still) - 50} more (see --json)")
+    return lines

@@ -1,0 +1,139 @@
+"""The live tracer: drives the kernel probe, the tracker, owner resolution
+and diagnosis, and hands output records to the sinks.
+
+Start-up order matters so that a socket changing state while we attach is
+neither missed nor reported twice: attach first, then snapshot the sockets
+already in CLOSE_WAIT, then read the kernel's map; a socket in both the
+snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from closewait_trace import diagnosis, owners, records
+from closewait_trace.events import KernelEvent
+from closewait_trace.filters import SocketFilter
+from closewait_trace.probe import KernelProbe, ProbeConfig
+from closewait_trace.tracker import Lingerer, Tracker
+
+# A socket whose addresses cannot be found in any namespace's TCP table
+# (e.g. its namespace has no process left to read it through) is reported
+# without owners after this many attempts.
+MAX_RESOLVE_ATTEMPTS = 3
+
+
+def kernel_clock_ns(boot_clock: bool) -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME if boot_clock else time.CLOCK_MONOTONIC)
+
+
+@dataclass
+class LiveTracer:
+    config: ProbeConfig
+    socket_filter: SocketFilter
+    emit: Callable[[dict], None]
+    tick_s: float = 1.0
+    headers: str = ""
+    proc: str = "/proc"
+    probe: Optional[KernelProbe] = None
+    stopping: bool = False
+    pending: list[KernelEvent] = field(default_factory=list)
+    linger_lines: int = 0
+    closed_lines: int = 0
+    last_counters: dict = field(default_factory=dict)
+    resolve_attempts: dict = field(default_factory=dict)
+
+    def request_stop(self, *_args) -> None:
+        self.stopping = True
+
+    def wall(self, kernel_ns: int) -> float:
+        offset = time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
+        return (kernel_ns + offset) / 1e9
+
+    def start(self) -> None:
+        self.probe = KernelProbe(self.config)
+        self.probe.start(self.pending.append)
+        self.start_ns = kernel_clock_ns(self.probe.boot_clock)
+        self.started_ts = time.time()
+        snapshot = [row.endpoints for _ns, row in owners.snapshot_close_wait(self.proc)
+                    if self.socket_filter.matches(row.endpoints)]
+        self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
+        pre = self.tracker.seed(snapshot, self.probe.tracked())
+        self.emit(records.start(self.started_ts, self.config.threshold_ns,
+                                self.socket_filter.as_dict(), pre, self.headers,
+                                self.probe.transport))
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        next_tick = time.monotonic()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.tick()
+                    next_tick = now + self.tick_s
+                wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
+                self.probe.poll(wait_ms)
+                self.drain()
+            self.probe.poll(0)
+            self.drain()
+            self.tick(resolve=False)
+            self.emit(self.summary())
+        finally:
+            self.probe.close()
+
+    def drain(self) -> None:
+        events, self.pending[:] = list(self.pending), []
+        for ev in events:
+            closed = self.tracker.on_event(ev)
+            if closed is not None:
+                self.closed_lines += 1
+                self.emit(records.closed(closed, self.wall(closed.ts_ns)))
+
+    def tick(self, resolve: bool = True) -> None:
+        now_ns = kernel_clock_ns(self.probe.boot_clock)
+        due = self.tracker.sync(self.probe.tracked(), now_ns)
+        if resolve and due:
+            self.report(due, now_ns)
+        self.check_counters()
+
+    def report(self, due: list[Lingerer], now_ns: int) -> None:
+        resolved = owners.resolve([l.endpoints for l in due], self.proc)
+        for l in sorted(due, key=lambda l: l.enter_ns):
+            own = resolved.get(l.endpoints)
+            key = (l.skaddr, l.endpoints)
+            if own is None or own.kind == owners.OWNER_GONE:
+                attempts = self.resolve_attempts.get(key, 0) + 1
+                self.resolve_attempts[key] = attempts
+                if l.pre_existing:
+                    self.tracker.forget_pre_existing(l.endpoints)
+                    continue
+                if attempts < MAX_RESOLVE_ATTEMPTS:
+                    continue
+            self.resolve_attempts.pop(key, None)
+            l.ownership = own
+            l.diagnosis = diagnosis.gather(own, self.proc) if own else None
+            l.reported = True
+            self.linger_lines += 1
+            self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
+
+    def check_counters(self) -> None:
+        counters = self.probe.counters()
+        for name in ("events_lost", "map_full"):
+            delta = counters.get(name, 0) - self.last_counters.get(name, 0)
+            if delta > 0:
+                self.emit(records.lost(time.time(), name, delta, counters[name]))
+        self.last_counters = counters
+
+    def summary(self) -> dict:
+        now_ns = kernel_clock_ns(self.probe.boot_clock)
+        still = [records.linger(l, time.time(), l.age_ns(now_ns))
+                 for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
+                 if l.age_ns(now_ns) >= self.config.threshold_ns]
+        return records.summary(time.time(), self.started_ts, self.probe.counters(),
+                               self.probe.histogram(), still, self.linger_lines,
+                               self.closed_lines)

@@ -1,0 +1,150 @@
+"""Which sockets are lingering, which are due to be reported, and what a
+socket leaving CLOSE_WAIT means (pure: no I/O, no clock of its own).
+
+Inputs are the kernel's tracking map as read each tick and the events from the
+ring buffer; outputs are Lingerer objects for the caller to resolve and the
+CLOSED facts. All times are kernel (boot-clock) nanoseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from closewait_trace import tcpstates
+from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
+                                    KernelEvent, TrackedSocket)
+
+# How long a reported socket that vanished from the map is remembered, waiting
+# for its CLOSED event (submitted just before the kernel deletes the entry).
+DEPARTED_GRACE_NS = 5_000_000_000
+
+
+@dataclass
+class Lingerer:
+    endpoints: Endpoints
+    enter_ns: int               # for a pre-existing socket: when tracing began
+    skaddr: Optional[int]       # None for pre-existing sockets (unknown)
+    pre_existing: bool = False
+    reported: bool = False
+    ownership: object = None    # owners.Ownership once resolved
+    diagnosis: object = None    # diagnosis.Diagnosis once resolved
+    left_ns: Optional[int] = None
+
+    def age_ns(self, now_ns: int) -> int:
+        return max(0, now_ns - self.enter_ns)
+
+    @property
+    def holder_pids(self) -> set[int]:
+        return set(getattr(self.ownership, "pids", set()) or set())
+
+
+@dataclass
+class Closed:
+    endpoints: Endpoints
+    ts_ns: int
+    duration_ns: int
+    duration_is_lower_bound: bool
+    how: str                      # close | abort | reset | unknown
+    closer: Optional[tuple[int, str]]   # (pid, comm) when attributable
+    cpu_task: tuple[int, str]     # whatever task the tracepoint ran on
+    newstate: int
+    pre_existing: bool
+    reported: bool
+    lingerer: Optional[Lingerer] = None
+
+
+def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
+    """How a socket left CLOSE_WAIT.
+
+    CLOSE_WAIT -> LAST_ACK happens only inside close() or shutdown() of the
+    process holding it, so the task is the closer. CLOSE_WAIT -> CLOSE is an
+    abort when the holder closed with unread data (or SO_LINGER 0), and a
+    reset or timeout otherwise, which runs in softirq on top of an unrelated
+    task: attribute it only when that task is a known holder.
+    """
+    if newstate == tcpstates.LAST_ACK:
+        return "close"
+    if newstate == tcpstates.CLOSE:
+        if pid in holder_pids:
+            return "abort"
+        return "reset" if holder_pids else "unknown"
+    return "unknown"
+
+
+@dataclass
+class Tracker:
+    threshold_ns: int
+    start_ns: int
+    by_skaddr: dict[int, Lingerer] = field(default_factory=dict)
+    pre_existing: dict[Endpoints, Lingerer] = field(default_factory=dict)
+    departed: dict[int, Lingerer] = field(default_factory=dict)
+
+    def seed(self, already_in_close_wait: Iterable[Endpoints],
+             tracked: Iterable[TrackedSocket]) -> int:
+        """Sockets found in CLOSE_WAIT at start-up, minus those the kernel
+        program saw enter it (they raced the attach and are tracked already),
+        so none is missed and none is reported twice."""
+        tracked_endpoints = {t.endpoints for t in tracked}
+        for endpoints in already_in_close_wait:
+            if endpoints in tracked_endpoints or endpoints in self.pre_existing:
+                continue
+            self.pre_existing[endpoints] = Lingerer(
+                endpoints=endpoints, enter_ns=self.start_ns, skaddr=None,
+                pre_existing=True)
+        return len(self.pre_existing)
+
+    def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:
+        """Bring the view in line with the kernel's map; return the sockets
+        that just crossed the threshold and need their owners resolved."""
+        seen = set()
+        for t in tracked:
+            seen.add(t.skaddr)
+            known = self.by_skaddr.get(t.skaddr)
+            if known is None or known.enter_ns != t.enter_ns:
+                self.by_skaddr[t.skaddr] = Lingerer(
+                    endpoints=t.endpoints, enter_ns=t.enter_ns, skaddr=t.skaddr)
+        for skaddr in [s for s in self.by_skaddr if s not in seen]:
+            gone = self.by_skaddr.pop(skaddr)
+            if gone.reported:
+                gone.left_ns = now_ns
+                self.departed[skaddr] = gone
+        for skaddr in [s for s, l in self.departed.items()
+                       if now_ns - (l.left_ns or now_ns) > DEPARTED_GRACE_NS]:
+            del self.departed[skaddr]
+        return [l for l in self.lingering()
+                if not l.reported and l.age_ns(now_ns) >= self.threshold_ns]
+
+    def lingering(self) -> list[Lingerer]:
+        return list(self.pre_existing.values()) + list(self.by_skaddr.values())
+
+    def forget_pre_existing(self, endpoints: Endpoints) -> None:
+        """A pre-existing socket found gone when resolved (left unseen)."""
+        self.pre_existing.pop(endpoints, None)
+
+    def on_event(self, ev: KernelEvent) -> Optional[Closed]:
+        if ev.kind == KIND_CLOSED:
+            l = self.by_skaddr.pop(ev.skaddr, None) or self.departed.pop(ev.skaddr, None)
+            if l is not None and l.endpoints != ev.endpoints:
+                l = None
+            return self._closed(ev, l, ev.duration_ns, False)
+        if ev.kind == KIND_UNTRACKED_EXIT:
+            l = self.pre_existing.pop(ev.endpoints, None)
+            if l is None:
+                return None      # counted by the kernel as exit_untracked
+            lower_bound = max(0, ev.ts_ns - self.start_ns)
+            if not l.reported and lower_bound < self.threshold_ns:
+                return None
+            return self._closed(ev, l, lower_bound, True)
+        return None
+
+    def _closed(self, ev: KernelEvent, l: Optional[Lingerer], duration_ns: int,
+                lower_bound: bool) -> Closed:
+        holders = l.holder_pids if l else set()
+        how = attribute_close(ev.newstate, ev.pid, holders)
+        closer = (ev.pid, ev.comm) if how in ("close", "abort") else None
+        return Closed(endpoints=ev.endpoints, ts_ns=ev.ts_ns, duration_ns=duration_ns,
+                      duration_is_lower_bound=lower_bound, how=how, closer=closer,
+                      cpu_task=(ev.pid, ev.comm), newstate=ev.newstate,
+                      pre_existing=bool(l and l.pre_existing),
+                      reported=bool(l and l.reported), lingerer=l)
