@@ -40,20 +40,24 @@ _READ_SYSCALLS = {
     "x86_64": {0: "read", 45: "recvfrom", 47: "recvmsg", 299: "recvmmsg", 19: "readv"},
     "aarch64": {63: "read", 207: "recvfrom", 212: "recvmsg", 243: "recvmmsg", 65: "readv"},
 }
+_ACCEPT_SYSCALLS = {
+    "x86_64": {43: "accept", 288: "accept4"},
+    "aarch64": {202: "accept", 242: "accept4"},
+}
 _OTHER_SYSCALLS = {
     "x86_64": {34: "pause", 35: "nanosleep", 202: "futex", 61: "wait4",
-               230: "clock_nanosleep", 43: "accept", 288: "accept4",
+               230: "clock_nanosleep",
                130: "rt_sigsuspend", 128: "rt_sigtimedwait", 1: "write",
                42: "connect", 247: "waitid"},
     "aarch64": {101: "nanosleep", 98: "futex", 260: "wait4", 115: "clock_nanosleep",
-                202: "accept", 242: "accept4", 133: "rt_sigsuspend",
+                133: "rt_sigsuspend",
                 64: "write", 203: "connect", 95: "waitid"},
 }
 
 
 def syscall_name(number: int, machine: Optional[str] = None) -> str:
     machine = machine or platform.machine()
-    for table in (_POLLING_SYSCALLS, _READ_SYSCALLS, _OTHER_SYSCALLS):
+    for table in (_POLLING_SYSCALLS, _READ_SYSCALLS, _ACCEPT_SYSCALLS, _OTHER_SYSCALLS):
         name = table.get(machine, {}).get(number)
         if name:
             return name
@@ -68,10 +72,12 @@ class ThreadEvidence:
     syscall: Optional[int] = None        # None: running in user space or unknown
     syscall_name: str = ""
     syscall_fd: Optional[int] = None      # first argument, when it is an fd
+    syscall_fd_target: str = ""           # what that fd is: socket:[N], pipe:[N], a path
 
     def as_dict(self) -> dict:
         return {"tid": self.tid, "state": self.state, "wchan": self.wchan,
-                "syscall": self.syscall_name or None, "syscall_fd": self.syscall_fd}
+                "syscall": self.syscall_name or None, "syscall_fd": self.syscall_fd,
+                "syscall_fd_target": self.syscall_fd_target or None}
 
 
 @dataclass
@@ -119,7 +125,7 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     """The most specific cause the evidence supports; UNKNOWN otherwise."""
     machine = machine or platform.machine()
     evidence: dict = {"holders": [h.as_dict() for h in holders],
-                      "unread_bytes": own.rx_queue}
+                      "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
 
     if own.kind == OWNER_GONE:
         return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected", evidence)
@@ -173,15 +179,12 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
             LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
             f"the server is {_who(server[0])}", evidence)
 
-    polling = _POLLING_SYSCALLS.get(machine, {})
-    reading = _READ_SYSCALLS.get(machine, {})
-    waiting_here = [t for t in only.threads
-                    if t.syscall in polling
-                    or (t.syscall in reading and t.syscall_fd == only.fd)]
+    serving = [t for t in only.threads if _is_serving(t, machine)]
     running = [t for t in only.threads if t.state == "R"]
-    if waiting_here or running:
-        what = waiting_here[0].syscall_name if waiting_here else "running"
-        unread = f", {own.rx_queue} unread bytes" if own.rx_queue else ""
+    if serving or running:
+        what = serving[0].syscall_name if serving else "running"
+        unread = (f", {own.unread_bytes} unread bytes" if own.unread_bytes
+                  else ", EOF read" if own.eof_read else ", EOF unread")
         return Diagnosis(IGNORING_EOF,
                          f"alive ({what}) but never closes: {_who(only)} fd {only.fd}{unread}",
                          evidence)
@@ -189,14 +192,22 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     asleep = [t for t in only.threads if t.state in ("S", "D") and t.syscall is not None]
     if asleep:
         t = asleep[0]
-        where = t.syscall_name + (f" on fd {t.syscall_fd}" if t.syscall_fd is not None
-                                  and t.syscall_name in reading.values() else "")
+        on = f" on fd {t.syscall_fd} ({t.syscall_fd_target})" if t.syscall_fd_target else ""
         return Diagnosis(BLOCKED_ELSEWHERE,
-                         f"blocked in {where} (wchan {t.wchan or '?'}): {_who(only)}",
-                         evidence)
+                         f"blocked in {t.syscall_name}{on} (wchan {t.wchan or '?'}): "
+                         f"{_who(only)}", evidence)
 
     return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]",
                      evidence)
+
+
+def _is_serving(t: ThreadEvidence, machine: str) -> bool:
+    """Waiting for network work (readiness, a new connection, bytes on a
+    socket): the process is alive and serving, just not closing this one."""
+    if t.syscall in _POLLING_SYSCALLS.get(machine, {}) or t.syscall in _ACCEPT_SYSCALLS.get(machine, {}):
+        return True
+    return (t.syscall in _READ_SYSCALLS.get(machine, {})
+            and t.syscall_fd_target.startswith("socket:"))
 
 
 # ----------------------------------------------------------------- evidence
@@ -262,6 +273,9 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
             if number is not None:
                 thread.syscall_name = syscall_name(number, machine)
                 thread.syscall_fd = arg0 if arg0 is not None and arg0 < 1 << 20 else None
+                if thread.syscall_fd is not None:
+                    thread.syscall_fd_target = procfs.read_link(
+                        f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""
         out.append(thread)
     return out
 

@@ -44,12 +44,22 @@ class Ownership:
     holders: list[Holder] = field(default_factory=list)
     netns: Optional[int] = None
     inode: int = 0
-    rx_queue: int = 0                 # unread bytes on the socket
+    rx_queue: int = 0                 # /proc/net/tcp rx_queue: data + unread FIN
     # The LISTEN socket on the same local port: for OWNER_ACCEPT_QUEUE the
     # one it waits on; for OWNER_FD the one it was most likely accepted from.
     listener: Optional[TcpRow] = None
     listener_holders: list[Holder] = field(default_factory=list)
     other_netns: list[int] = field(default_factory=list)  # same addresses elsewhere
+
+    @property
+    def unread_bytes(self) -> int:
+        # The FIN takes one sequence number, counted until the app reads EOF;
+        # data cannot be left behind it, so rx_queue > 0 means EOF is unread.
+        return max(0, self.rx_queue - 1)
+
+    @property
+    def eof_read(self) -> bool:
+        return self.kind in (OWNER_FD, OWNER_NONE) and self.rx_queue == 0
 
     @property
     def pids(self) -> set[int]:

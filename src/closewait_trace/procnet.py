@@ -21,8 +21,8 @@ from closewait_trace.events import Endpoints, format_address
 class TcpRow:
     endpoints: Endpoints
     state: int
-    tx_queue: int       # LISTEN: the accept-queue limit (backlog)
-    rx_queue: int       # unread bytes; LISTEN: connections awaiting accept()
+    tx_queue: int       # LISTEN: the backlog limit (sock_diag only; 0 from /proc)
+    rx_queue: int       # unread bytes + FIN; LISTEN: connections awaiting accept()
     uid: int
     inode: int          # 0 while still in a listener's accept queue
 
@@ -73,9 +73,23 @@ def network_namespaces(proc: str = procfs.PROC) -> dict[int, int]:
     return found
 
 
+def _own_netns() -> Optional[int]:
+    return procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+
+
 def tcp_rows(pid: int, proc: str = procfs.PROC,
              states: Optional[Iterable[int]] = None) -> list[TcpRow]:
-    """The TCP sockets of the network namespace that pid lives in."""
+    """The TCP sockets of the network namespace that pid lives in: from
+    sock_diag when this is the real /proc (filtered by state in the kernel,
+    listeners with their backlog), else parsed from /proc/PID/net/tcp*."""
+    if proc == procfs.PROC and states is not None:
+        from closewait_trace import sockdiag
+        ns_link = f"{proc}/{pid}/ns/net"
+        same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
+        try:
+            return sockdiag.tcp_sockets(states, None if same else ns_link)
+        except OSError:
+            pass        # no sock_diag (module missing, or the process went away)
     rows: list[TcpRow] = []
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         text = procfs.read_text(f"{proc}/{pid}/net/{name}")

@@ -34,7 +34,8 @@ def holder_dicts(holders) -> list[dict]:
 def ownership_fields(own) -> dict:
     if own is None:
         return {"owner_kind": None, "owners": [], "netns": None, "inode": None,
-                "unread_bytes": None, "listener": None}
+                "unread_bytes": None, "eof_read": None, "listener": None,
+                "also_in_netns": []}
     listener = None
     if own.listener is not None:
         listener = {"local": own.listener.endpoints.local,
@@ -42,7 +43,8 @@ def ownership_fields(own) -> dict:
                     "backlog": own.listener.tx_queue,
                     "owners": holder_dicts(own.listener_holders)}
     return {"owner_kind": own.kind, "owners": holder_dicts(own.holders),
-            "netns": own.netns, "inode": own.inode, "unread_bytes": own.rx_queue,
+            "netns": own.netns, "inode": own.inode, "unread_bytes": own.unread_bytes,
+            "eof_read": own.eof_read,
             "listener": listener, "also_in_netns": list(own.other_netns)}
 
 

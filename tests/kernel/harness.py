@@ -1,0 +1,188 @@
+"""Real workloads and a real tracer for the kernel tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+TRACER = [sys.executable, "-m", "closewait_trace"]
+
+
+def free_port(family=socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Tracer:
+    """closewait-trace --json in a subprocess; records collected as they come."""
+
+    args: list
+    proc: subprocess.Popen = None
+    records: list = field(default_factory=list)
+    stderr: str = ""
+    _q: queue.Queue = field(default_factory=queue.Queue)
+
+    def start(self, timeout=30.0) -> "Tracer":
+        self.proc = subprocess.Popen(TRACER + ["--json"] + list(self.args),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._q.put(json.loads(line))
+        self._q.put(None)
+
+    def _pump(self, timeout):
+        try:
+            rec = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if rec is None:
+            raise AssertionError(f"tracer exited early: {self.proc.wait()} {self.proc.stderr.read()}")
+        self.records.append(rec)
+        return True
+
+    def wait_for(self, predicate, count=1, timeout=20.0) -> list:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.records if predicate(r)]
+            if len(found) >= count:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {count} records; have {self.records}")
+            self._pump(min(left, 0.2))
+
+    def settle(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self._pump(max(0.01, end - time.monotonic()))
+
+    def stop(self, sig=signal.SIGINT, timeout=10.0) -> dict:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        while True:
+            try:
+                rec = self._q.get(timeout=5)
+            except queue.Empty:
+                break
+            if rec is None:
+                break
+            self.records.append(rec)
+        self.stderr = self.proc.stderr.read()
+        assert rc == 0, (rc, self.stderr)
+        assert "Traceback" not in self.stderr, self.stderr
+        summaries = self.of("summary")
+        assert len(summaries) == 1, self.records
+        return summaries[0]
+
+    def of(self, kind: str) -> list:
+        return [r for r in self.records if r["type"] == kind]
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def ss_close_wait(port: int) -> set[tuple]:
+    """(local, remote, pids) of sockets in CLOSE-WAIT on local port, from ss."""
+    out = subprocess.run(["ss", "-Htanp", "state", "close-wait", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        pids = tuple(sorted(int(p) for p in re.findall(r"pid=(\d+)", line)))
+        rows.add((parts[2], parts[3], pids))
+    return rows
+
+
+def record_row(rec: dict) -> tuple:
+    def hp(a, p):
+        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+    pids = tuple(sorted({o["pid"] for o in rec["owners"]}))
+    return (hp(rec["laddr"], rec["lport"]), hp(rec["raddr"], rec["rport"]), pids)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return text[text.rindex(")") + 2]
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# A server that accepts connections, keeps them open and never reads or
+# closes: it ignores EOF. Prints 'ready PORT' once listening.
+HOLDING_SERVER = r"""
+import socket, sys, time, os
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+srv = socket.socket(family, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, int(sys.argv[2])))
+srv.listen(1024)
+print("ready", flush=True)
+held = []
+mode = sys.argv[3] if len(sys.argv) > 3 else "hold"
+while True:
+    conn, _ = srv.accept()
+    held.append(conn)
+    if mode == "fork":
+        if os.fork() == 0:
+            time.sleep(3600)
+            os._exit(0)
+"""
+
+
+def start_holding_server(port: int, family: str = "4", mode: str = "hold") -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDING_SERVER, family, str(port), mode],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def connect_and_close(port: int, count: int, family=socket.AF_INET, payload: bytes = b"") -> list[float]:
+    """Open count connections, optionally send payload, close each; return
+    the close times (the moment the server's socket enters CLOSE_WAIT)."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    times = []
+    for _ in range(count):
+        c = socket.create_connection((host, port))
+        if payload:
+            c.sendall(payload)
+        c.close()
+        times.append(time.monotonic())
+    return times

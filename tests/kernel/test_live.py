@@ -1,0 +1,324 @@
+"""The live tracer against real sockets, real processes and real signals,
+cross-checked with ss."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.kernel.harness import (Tracer, children_of, connect_and_close, free_port,
+                                  record_row, ss_close_wait, start_holding_server,
+                                  state_of, wait_until)
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def cleanup():
+    procs = []
+    yield procs
+    for p in procs:
+        if isinstance(p, Tracer):
+            p.kill()
+            continue
+        for child in children_of(p.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_seed_scenario_five_stopped_socat_children(cleanup):
+    """../shared/seed-closewait.txt, exactly: a forking socat whose children
+    STOP themselves, and 5 clients that give up after 1 second."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "1s"]).start()
+    cleanup.append(tracer)
+    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
+                               "system:kill -STOP $SOCAT_PID"])
+    cleanup.append(server)
+    wait_until(lambda: f":{port} " in subprocess.run(
+        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
+    entered = []
+    for _ in range(5):
+        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
+                       check=True, timeout=10)
+        entered.append(time.monotonic())
+
+    lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
+    tracer.settle(1.0)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 5
+
+    # Cross-check with ss: same five connections, same owning pids.
+    seen_by_ss = ss_close_wait(port)
+    assert len(seen_by_ss) == 5
+    assert {record_row(r) for r in lingers} == seen_by_ss
+
+    children = children_of(server.pid)
+    owners = [r["owners"] for r in lingers]
+    assert all(len(o) == 1 for o in owners)
+    owner_pids = {o[0]["pid"] for o in owners}
+    assert len(owner_pids) == 5 and owner_pids <= set(children)
+    for rec in lingers:
+        assert rec["owners"][0]["comm"] == "socat"
+        assert rec["owners"][0]["state"] == "T"
+        assert rec["diagnosis"]["cause"] == "stopped"
+        assert 1.0 <= rec["age_s"] < 3.0
+        assert rec["pre_existing"] is False
+
+    for pid in owner_pids:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    closed = tracer.wait_for(lambda r: r["type"] == "closed", count=5, timeout=10)
+    expected = sorted(killed_at - t for t in entered)
+    measured = sorted(r["duration_s"] for r in closed)
+    for want, got in zip(expected, measured):
+        assert abs(got - want) <= 0.10 * want, (expected, measured)
+    for rec in closed:
+        assert rec["how"] == "close"
+        assert rec["closed_by"]["pid"] in owner_pids
+        assert rec["reported"] is True
+
+    summary = tracer.stop()
+    assert summary["counters"]["cw_enter"] == 5
+    assert summary["counters"]["cw_exit"] == 5
+    assert summary["counters"]["events_lost"] == 0
+    assert summary["linger_reported"] == 5 and summary["closed_reported"] == 5
+    assert sum(b["count"] for b in summary["histogram_us"]) == 5
+    assert summary["still_lingering"] == []
+
+
+def test_23_sockets_held_by_a_server_that_ignores_eof(cleanup):
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "500ms"]).start()
+    cleanup.append(tracer)
+    server = start_holding_server(port)
+    cleanup.append(server)
+    connect_and_close(port, 23, payload=b"unread bytes\n")
+
+    tracer.wait_for(lambda r: r["type"] == "linger", count=23, timeout=15)
+    tracer.settle(1.2)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 23
+    assert len({(r["raddr"], r["rport"]) for r in lingers}) == 23
+    assert {record_row(r) for r in lingers} == ss_close_wait(port)
+    for rec in lingers:
+        assert [o["pid"] for o in rec["owners"]] == [server.pid]
+        assert rec["unread_bytes"] == len(b"unread bytes\n")
+        assert rec["diagnosis"]["cause"] == "ignoring_eof"
+    summary = tracer.stop()
+    assert len(summary["still_lingering"]) == 23
+    assert summary["counters"]["cw_enter"] == 23
+
+
+def test_ipv6_loopback(cleanup):
+    port = free_port(socket.AF_INET6)
+    tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
+    cleanup.append(tracer)
+    server = start_holding_server(port, family="6")
+    cleanup.append(server)
+    connect_and_close(port, 3, family=socket.AF_INET6)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=3)
+    tracer.settle(0.8)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 3
+    assert all(r["family"] == "ipv6" and r["laddr"] == "::1" for r in lingers)
+    assert {record_row(r) for r in lingers} == ss_close_wait(port)
+    assert all(r["owners"][0]["pid"] == server.pid for r in lingers)
+    tracer.stop()
+
+
+def test_ipv4_only_filter_drops_ipv6(cleanup):
+    port = free_port(socket.AF_INET6)
+    tracer = Tracer(["-p", str(port), "-t", "300ms", "-4"]).start()
+    cleanup.append(tracer)
+    server = start_holding_server(port, family="6")
+    cleanup.append(server)
+    connect_and_close(port, 2, family=socket.AF_INET6)
+    tracer.settle(1.5)
+    assert tracer.of("linger") == []
+    assert len(ss_close_wait(port)) == 2       # they do linger: the filter hid them
+    summary = tracer.stop()
+    assert summary["counters"]["cw_enter"] == 0
+
+
+ACCEPT_NEVER = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_accept_queue_names_the_listener_that_never_accepts(cleanup):
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
+    cleanup.append(tracer)
+    listener = subprocess.Popen([sys.executable, "-c", ACCEPT_NEVER, str(port)],
+                                stdout=subprocess.PIPE, text=True)
+    cleanup.append(listener)
+    assert listener.stdout.readline().strip() == "ready"
+    connect_and_close(port, 2)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=2)
+    tracer.settle(0.6)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 2
+    assert len(ss_close_wait(port)) == 2
+    for rec in lingers:
+        assert rec["owner_kind"] == "accept_queue"
+        assert rec["owners"] == []
+        assert [o["pid"] for o in rec["listener"]["owners"]] == [listener.pid]
+        assert rec["listener"]["accept_queue"] == 2
+        assert rec["listener"]["backlog"] == 16
+        assert rec["diagnosis"]["cause"] == "never_accepted"
+    tracer.stop()
+
+
+def test_socket_held_by_two_processes_after_fork(cleanup):
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
+    cleanup.append(tracer)
+    server = start_holding_server(port, mode="fork")
+    cleanup.append(server)
+    connect_and_close(port, 1)
+    child = wait_until(lambda: children_of(server.pid), what="forked child")[0]
+    rec = tracer.wait_for(lambda r: r["type"] == "linger")[0]
+    pids = sorted(o["pid"] for o in rec["owners"])
+    assert pids == sorted([server.pid, child])
+    assert {record_row(rec)} == ss_close_wait(port)
+    assert rec["diagnosis"]["cause"] == "leaked"
+    tracer.stop()
+
+
+def test_sockets_already_in_close_wait_before_tracing(cleanup):
+    port = free_port()
+    server = start_holding_server(port)
+    cleanup.append(server)
+    connect_and_close(port, 3)
+    wait_until(lambda: len(ss_close_wait(port)) == 3, what="3 CLOSE-WAIT")
+    time.sleep(0.5)
+    tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
+    cleanup.append(tracer)
+    start = [r for r in tracer.records if r["type"] == "start"][0]
+    assert start["pre_existing"] == 3
+    # A fourth one after the start is timed exactly, not pre-existing.
+    connect_and_close(port, 1)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=4)
+    tracer.settle(0.8)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 4
+    assert {record_row(r) for r in lingers} == ss_close_wait(port)
+    pre = [r for r in lingers if r["pre_existing"]]
+    assert len(pre) == 3 and all(r["age_is_lower_bound"] for r in pre)
+    fresh = [r for r in lingers if not r["pre_existing"]]
+    assert len(fresh) == 1 and not fresh[0]["age_is_lower_bound"]
+
+    server.kill()
+    server.wait()
+    closed = tracer.wait_for(lambda r: r["type"] == "closed", count=4)
+    assert sum(r["duration_is_lower_bound"] for r in closed) == 3
+    summary = tracer.stop()
+    assert summary["counters"]["exit_untracked"] == 3
+    assert summary["counters"]["cw_enter"] == 1
+
+
+def test_port_filter_excludes_other_traffic(cleanup):
+    wanted, other = free_port(), free_port()
+    tracer = Tracer(["-p", str(wanted), "-t", "300ms"]).start()
+    cleanup.append(tracer)
+    s1, s2 = start_holding_server(wanted), start_holding_server(other)
+    cleanup.extend([s1, s2])
+    connect_and_close(other, 7)
+    connect_and_close(wanted, 2)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=2)
+    tracer.settle(1.0)
+    lingers = tracer.of("linger")
+    assert len(lingers) == 2 and {r["lport"] for r in lingers} == {wanted}
+    assert len(ss_close_wait(other)) == 7
+    summary = tracer.stop()
+    assert summary["counters"]["cw_enter"] == 2
+
+
+PROMPT_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    while c.recv(4096):
+        pass
+    c.close()
+"""
+
+
+def test_prompt_closing_workload_produces_no_events(cleanup):
+    port, n = free_port(), 211
+    tracer = Tracer(["-p", str(port), "-t", "200ms"]).start()
+    cleanup.append(tracer)
+    server = subprocess.Popen([sys.executable, "-c", PROMPT_SERVER, str(port), str(n)],
+                              stdout=subprocess.PIPE, text=True)
+    cleanup.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    connect_and_close(port, n, payload=b"x")
+    server.wait(timeout=30)
+    tracer.settle(1.0)
+    summary = tracer.stop()
+    assert [r for r in tracer.records if r["type"] not in ("start", "summary")] == []
+    c = summary["counters"]
+    # The kernel saw and timed every one of them; user space got nothing.
+    assert c["cw_enter"] == n and c["cw_exit"] == n
+    assert c["exit_untracked"] == 0 and c["events_lost"] == 0
+    assert sum(b["count"] for b in summary["histogram_us"]) == n
+    assert all(b["to_us"] <= 200_000 for b in summary["histogram_us"])
+
+
+def test_sigterm_exits_promptly_with_summary(cleanup):
+    tracer = Tracer(["-t", "1s"]).start()
+    cleanup.append(tracer)
+    started = time.monotonic()
+    summary = tracer.stop(sig=signal.SIGTERM, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert summary["type"] == "summary"
+
+
+
+
+def test_socket_in_another_network_namespace(cleanup):
+    ns = f"cwt-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        port = 7000 + os.getpid() % 1000
+        tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
+        cleanup.append(tracer)
+        from tests.kernel.harness import HOLDING_SERVER
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   HOLDING_SERVER, "4", str(port)],
+                                  stdout=subprocess.PIPE, text=True)
+        cleanup.append(server)
+        assert server.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                        "import socket,sys; [socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close() for _ in range(2)]",
+                        str(port)], check=True)
+        tracer.wait_for(lambda r: r["type"] == "linger", count=2)
+        lingers = tracer.of("linger")
+        host_ns = os.stat("/proc/self/ns/net").st_ino
+        ns_ino = os.stat(f"/run/netns/{ns}").st_ino
+        for rec in lingers:
+            assert rec["netns"] == ns_ino != host_ns
+            assert [o["pid"] for o in rec["owners"]] == [server.pid]
+        # Nothing in the host namespace: ss there sees none of them.
+        assert ss_close_wait(port) == set()
+        tracer.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
