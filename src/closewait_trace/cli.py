@@ -17,7 +17,7 @@ from closewait_trace.filters import SocketFilter, parse_ports
 
 EXAMPLES = """\b
 Examples:
-  closewait-trace                  # tail sockets lingering >= 1s in CLOSE_WAIT
+  closewait-trace                  # tail sockets in CLOSE_WAIT for >= 1s
   closewait-trace -t 500ms         # report after 500 ms instead
   closewait-trace -p 8080 -p 8443  # only local ports 8080 and 8443
   closewait-trace -P 5432 -4       # only IPv4 connections to remote port 5432
@@ -133,8 +133,10 @@ def run_live(threshold_ns, socket_filter, as_json, wide, tick_ns, max_tracked, v
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
     from closewait_trace import kernel_headers
-    from closewait_trace.probe import ProbeConfig
+    from closewait_trace.probe import ProbeConfig, import_bcc
     from closewait_trace.tracer import LiveTracer
+
+    import_bcc()
 
     choice = kernel_headers.choose_headers()
     kernel_headers.apply(choice)
@@ -150,10 +152,9 @@ def run_live(threshold_ns, socket_filter, as_json, wide, tick_ns, max_tracked, v
     if verbose:
         click.echo(f"kernel headers: {choice.describe()}; {tracer.probe.transport}; "
                    f"compiled in {tracer.probe.compile_s:.2f}s", err=True)
-    if as_json:
-        click.echo(banner, err=True)
-    else:
-        click.echo(banner)
+    for line in banner:
+        click.echo(line, err=as_json)
+    if not as_json:
         click.echo(renderer.header())
     sys.stdout.flush()
     tracer.run()

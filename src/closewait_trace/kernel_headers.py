@@ -78,10 +78,11 @@ def _common_tree(arch_tree: str) -> Optional[str]:
 
 
 def _check_private_dir(path: str) -> None:
-    """Refuse a cache that someone other than root could have written to."""
+    """Refuse a cache that anyone but us (root, when tracing) could have
+    written to: bcc would compile whatever headers it finds there."""
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-        raise UserError(f"{path} is not a root-owned directory closed to others",
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UserError(f"{path} is not a directory owned by us and closed to others",
                         EXIT_NO_HEADERS, f"remove it and run again")
 
 

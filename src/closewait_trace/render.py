@@ -13,10 +13,12 @@ COUNTER_TEXT = {
 }
 
 
-def banner(threshold_ns: int, filters_text: str = "") -> str:
-    what = f" ({filters_text})" if filters_text else ""
-    return (f"Tracing TCP sockets lingering in CLOSE_WAIT for >= "
-            f"{format_age(threshold_ns)}{what}... Ctrl-C to end.")
+def banner(threshold_ns: int, filters_text: str = "") -> list[str]:
+    lines = [f"Tracing TCP sockets lingering in CLOSE_WAIT >= "
+             f"{format_age(threshold_ns)}... Ctrl-C to end."]
+    if filters_text:
+        lines.append(f"Only: {filters_text}")
+    return lines
 
 
 class TextRenderer:
@@ -27,17 +29,18 @@ class TextRenderer:
     def header(self) -> str:
         w = self.addr_width
         return (f"{'TIME':<8} {'EVENT':<6} {'LOCAL':<{w}} {'REMOTE':<{w}} "
-                f"{'AGE':>7} OWNER")
+                f"{'AGE':>8} OWNER")
 
     def _owner_width(self) -> int:
-        return max(12, 80 - (8 + 1 + 6 + 1 + 2 * (self.addr_width + 1) + 7 + 1))
+        # 80 columns minus TIME, EVENT, two addresses and AGE (">=12m03s").
+        return max(8, 80 - (8 + 1 + 6 + 1 + 2 * (self.addr_width + 1) + 8 + 1))
 
     def _row(self, rec: dict, event: str, age: str, owner: str) -> str:
         w = self.addr_width
         clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
         local = _hostport(rec["laddr"], rec["lport"])
         remote = _hostport(rec["raddr"], rec["rport"])
-        return (f"{clock:<8} {event:<6} {local:<{w}} {remote:<{w}} {age:>7} "
+        return (f"{clock:<8} {event:<6} {local:<{w}} {remote:<{w}} {age:>8} "
                 f"{owner[:self._owner_width()]}")
 
     def render(self, rec: dict) -> list[str]:

@@ -1,0 +1,76 @@
+"""A fake /proc tree on disk, for owner and diagnosis logic without root."""
+
+import os
+import socket
+import struct
+
+
+def hex_addr(family, addr: str) -> str:
+    raw = socket.inet_pton(family, addr)
+    # /proc prints each 32-bit word as a native (little-endian here) integer
+    return "".join("%08X" % struct.unpack("<I", raw[i:i + 4])[0] for i in range(0, len(raw), 4))
+
+
+class FakeProc:
+    def __init__(self, root):
+        self.root = str(root)
+        self._tables = {}      # netns -> {"tcp": [...], "tcp6": [...]}
+        self._netns_of = {}    # pid -> netns: every pid of a namespace shows its table
+
+    def process(self, pid, comm="srv", state="S", ppid=1, netns=4026531840,
+                cmdline=None, tracer_pid=0, threads=None, flags=0):
+        base = os.path.join(self.root, str(pid))
+        os.makedirs(os.path.join(base, "fd"), exist_ok=True)
+        os.makedirs(os.path.join(base, "fdinfo"), exist_ok=True)
+        os.makedirs(os.path.join(base, "ns"), exist_ok=True)
+        os.makedirs(os.path.join(base, "net"), exist_ok=True)
+        stat = f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 20 0 1 0 100\n"
+        self._write(base, "stat", stat)
+        self._write(base, "comm", comm + "\n")
+        self._write(base, "status", f"Name:\t{comm}\nState:\t{state}\nTracerPid:\t{tracer_pid}\n"
+                                    f"Uid:\t1000\t1000\t1000\t1000\nThreads:\t1\n")
+        self._write(base, "cmdline", "\0".join(cmdline or [comm]) + "\0")
+        link = os.path.join(base, "ns", "net")
+        if not os.path.lexists(link):
+            os.symlink(f"net:[{netns}]", link)
+        for tid, (tstate, syscall, wchan) in (threads or {pid: (state, "running", "0")}).items():
+            tbase = os.path.join(base, "task", str(tid))
+            os.makedirs(tbase, exist_ok=True)
+            self._write(tbase, "stat", stat.replace(f"{pid} ({comm}) {state}", f"{tid} ({comm}) {tstate}", 1))
+            self._write(tbase, "syscall", syscall + "\n")
+            self._write(tbase, "wchan", wchan)
+        self._netns_of[pid] = netns
+        self._tables.setdefault(netns, {"tcp": [], "tcp6": []})
+        self._flush(netns)
+        return self
+
+    def fd(self, pid, fd, inode=None, target=None, cloexec=False):
+        link = os.path.join(self.root, str(pid), "fd", str(fd))
+        os.symlink(target or f"socket:[{inode}]", link)
+        flags = 0o2 | (0o2000000 if cloexec else 0)
+        self._write(os.path.join(self.root, str(pid), "fdinfo"), str(fd),
+                    f"pos:\t0\nflags:\t{flags:07o}\nmnt_id:\t9\n")
+        return self
+
+    def tcp(self, pid, family, laddr, lport, raddr, rport, state, inode, rx=0, tx=0):
+        name = "tcp" if family == socket.AF_INET else "tcp6"
+        netns = self._netns_of[pid]
+        n = len(self._tables[netns][name])
+        self._tables[netns][name].append(
+            f"{n:4d}: {hex_addr(family, laddr)}:{lport:04X} {hex_addr(family, raddr)}:{rport:04X} "
+            f"{state:02X} {tx:08X}:{rx:08X} 00:00000000 00000000  1000        0 {inode} 1 "
+            f"0000000000000000 20 4 0 10 -1")
+        self._flush(netns)
+        return self
+
+    def _flush(self, netns):
+        header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        for pid in [p for p, ns in self._netns_of.items() if ns == netns]:
+            for name, lines in self._tables[netns].items():
+                self._write(os.path.join(self.root, str(pid), "net"), name,
+                            header + "".join(l + "\n" for l in lines))
+
+    @staticmethod
+    def _write(base, name, text):
+        with open(os.path.join(base, name), "w") as f:
+            f.write(text)

@@ -1,0 +1,92 @@
+"""Every user error is one line, a documented exit code, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from closewait_trace import cli, errors, kernel_headers, probe
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "closewait_trace", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-t", "banana"], "not a duration"),
+    (["-t", "0s"], "greater than zero"),
+    (["-p", "99999"], "not a port"),
+    (["-P", "http"], "not a port"),
+    (["-4", "-6"], "exclude each other"),
+    (["--max-tracked", "5"], "max-tracked"),
+    (["--no-such-option"], "No such option"),
+])
+def test_bad_options_exit_2_with_one_clear_line(args, needle):
+    result = run_cli(*args)
+    assert result.returncode == errors.EXIT_USAGE
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_help_ends_with_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    tail = result.stdout.strip().splitlines()
+    assert "Examples:" in result.stdout
+    assert tail[-1].strip().startswith("closewait-trace")
+    assert all(len(line) <= 80 for line in result.stdout.splitlines())
+
+
+def invoke_main(monkeypatch, args):
+    """Run main() in-process; return (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["closewait-trace", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code
+
+
+def test_not_root_exit_3(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert invoke_main(monkeypatch, []) == errors.EXIT_NOT_ROOT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sudo closewait-trace" in err
+
+
+def test_bcc_missing_exit_4(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setitem(sys.modules, "bcc", None)      # import bcc -> ImportError
+    assert invoke_main(monkeypatch, []) == errors.EXIT_NO_BCC
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python3-bpfcc" in err
+
+
+def test_no_headers_exit_5(tmp_path):
+    with pytest.raises(errors.UserError) as exc:
+        kernel_headers.choose_headers(release="9.9.9-test", lib_modules=str(tmp_path / "lm"),
+                                      usr_src=str(tmp_path / "src"), cache_dir=str(tmp_path / "c"),
+                                      machine="x86_64", environ={})
+    assert exc.value.exit_code == errors.EXIT_NO_HEADERS
+    assert "apt-get install" in exc.value.one_line()
+
+
+def test_missing_tracepoint_exit_6(tmp_path):
+    (tmp_path / "events").mkdir()
+    with pytest.raises(errors.UserError) as exc:
+        probe.check_tracepoint(str(tmp_path))
+    assert exc.value.exit_code == errors.EXIT_NO_BPF
+    assert "inet_sock_set_state" in exc.value.message
+
+
+def test_internal_error_is_one_line_unless_debug(monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli, "run_live", boom)
+    monkeypatch.delenv("CLOSEWAIT_TRACE_DEBUG", raising=False)
+    assert invoke_main(monkeypatch, []) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: kaboom" in err and "Traceback" not in err

@@ -1,0 +1,113 @@
+import socket
+
+import pytest
+
+from closewait_trace import diagnosis as d
+from closewait_trace import owners, tcpstates
+from closewait_trace.events import Endpoints
+from tests.unit.fakeproc import FakeProc
+
+V4 = socket.AF_INET
+EP = Endpoints(V4, "127.0.0.1", 5555, "127.0.0.1", 40000)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeProc(tmp_path)
+
+
+def diagnose_fake(fake, endpoints=EP):
+    own = owners.resolve([endpoints], fake.root)[endpoints]
+    return d.gather(own, fake.root, machine="x86_64")
+
+
+def with_socket(fake, pid, fd=5, rx=1, cloexec=False, **proc):
+    fake.process(pid, **proc)
+    fake.tcp(pid, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 900, rx=rx)
+    fake.fd(pid, fd, 900, cloexec=cloexec)
+
+
+def test_stopped(fake):
+    with_socket(fake, 10, state="T")
+    got = diagnose_fake(fake)
+    assert got.cause == d.STOPPED and "10/srv" in got.summary
+
+
+def test_traced_names_the_tracer(fake):
+    fake.process(99, comm="strace")
+    with_socket(fake, 10, state="t", tracer_pid=99)
+    got = diagnose_fake(fake)
+    assert got.cause == d.TRACED and "99/strace" in got.summary
+
+
+def test_zombie_or_exiting(fake):
+    with_socket(fake, 10, state="S", flags=0x4)
+    assert diagnose_fake(fake).cause == d.EXITING
+
+
+def test_two_holders_is_a_leak(fake):
+    with_socket(fake, 10)
+    fake.process(11, ppid=10).fd(11, 8, 900)
+    got = diagnose_fake(fake)
+    assert got.cause == d.LEAKED and [h["pid"] for h in got.evidence["holders"]] == [10, 11]
+
+
+def test_inherited_without_cloexec_by_a_non_server(fake):
+    fake.process(10, comm="server")
+    fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500)
+    fake.fd(10, 3, 500)
+    with_socket(fake, 12, comm="sleep", ppid=10, cloexec=False,
+                threads={12: ("S", "230 0x0 0x1", "hrtimer_nanosleep")})
+    got = diagnose_fake(fake)
+    assert got.cause == d.LEAKED
+    assert "12/sleep" in got.summary and "10/server" in got.summary
+    assert got.evidence["holders"][0]["cloexec"] is False
+
+
+def test_polling_server_ignores_eof_and_shows_unread(fake):
+    with_socket(fake, 10, rx=14, threads={10: ("S", "232 0x4 0x7ff 0x1", "ep_poll")})
+    got = diagnose_fake(fake)
+    assert got.cause == d.IGNORING_EOF
+    assert "13 unread bytes" in got.summary and got.evidence["unread_bytes"] == 13
+
+
+def test_accept_loop_is_serving(fake):
+    with_socket(fake, 10, threads={10: ("S", "43 0x3 0x0", "inet_csk_accept")})
+    assert diagnose_fake(fake).cause == d.IGNORING_EOF
+
+
+def test_blocked_elsewhere_in_pause(fake):
+    with_socket(fake, 10, threads={10: ("S", "34 0x0 0x0", "sys_pause")})
+    got = diagnose_fake(fake)
+    assert got.cause == d.BLOCKED_ELSEWHERE and "pause" in got.summary
+
+
+def test_read_on_a_pipe_is_blocked_elsewhere(fake):
+    with_socket(fake, 10, threads={10: ("S", "0 0x7 0x0 0x10", "pipe_read")})
+    fake.fd(10, 7, target="pipe:[31337]")
+    got = diagnose_fake(fake)
+    assert got.cause == d.BLOCKED_ELSEWHERE and "pipe:[31337]" in got.summary
+
+
+def test_never_accepted(fake):
+    fake.process(20, comm="lazy")
+    fake.tcp(20, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500, rx=2)
+    fake.tcp(20, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 0)
+    fake.fd(20, 3, 500)
+    got = diagnose_fake(fake)
+    assert got.cause == d.NEVER_ACCEPTED and "20/lazy" in got.summary
+    assert got.evidence["listener"]["accept_queue"] == 2
+
+
+def test_gone_and_unknown(fake):
+    fake.process(30)
+    assert diagnose_fake(fake).cause == d.GONE
+    fake.tcp(30, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 901)
+    assert diagnose_fake(fake).cause == d.UNKNOWN
+
+
+def test_parse_syscall():
+    assert d.parse_syscall("running") == (None, None)
+    assert d.parse_syscall("-1 0x7ffd 0x4011") == (None, None)
+    assert d.parse_syscall("7 0x55d0 0x2 0xffffffff 0 0 0 0x7ffc 0x7f00") == (7, 0x55d0)
+    assert d.syscall_name(34, "x86_64") == "pause"

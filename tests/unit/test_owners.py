@@ -1,0 +1,99 @@
+import socket
+
+import pytest
+
+from closewait_trace import owners, procnet, tcpstates
+from closewait_trace.events import Endpoints
+from tests.unit.fakeproc import FakeProc
+
+V4 = socket.AF_INET
+CW, LISTEN = tcpstates.CLOSE_WAIT, tcpstates.LISTEN
+
+
+def ep(lport, rport, laddr="127.0.0.1", raddr="127.0.0.1", family=V4):
+    return Endpoints(family, laddr, lport, raddr, rport)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeProc(tmp_path)
+
+
+def test_parse_tcp_table_decodes_addresses_ports_queues(fake):
+    fake.process(10).tcp(10, V4, "10.1.2.3", 5555, "192.168.0.9", 40000, CW, 777, rx=14)
+    fake.tcp(10, socket.AF_INET6, "::1", 6000, "2001:db8::5", 41000, CW, 778)
+    rows = procnet.tcp_rows(10, fake.root)
+    assert rows[0].endpoints == ep(5555, 40000, "10.1.2.3", "192.168.0.9")
+    assert rows[0].rx_queue == 14 and rows[0].inode == 777 and rows[0].state == CW
+    assert rows[1].endpoints == Endpoints(socket.AF_INET6, "::1", 6000, "2001:db8::5", 41000)
+
+
+def test_resolve_lists_every_holder_with_fd(fake):
+    fake.process(10, comm="server").process(11, comm="child", ppid=10)
+    fake.tcp(10, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, CW, 900, rx=1)
+    fake.fd(10, 5, 900).fd(11, 7, 900).fd(11, 3, 123)
+    result = owners.resolve([ep(5555, 40000)], fake.root)[ep(5555, 40000)]
+    assert result.kind == owners.OWNER_FD
+    assert [(h.pid, h.comm, h.fd) for h in result.holders] == [(10, "server", 5), (11, "child", 7)]
+    assert result.unread_bytes == 0 and not result.eof_read
+
+
+def test_resolve_accept_queue_names_listener_holders(fake):
+    fake.process(20, comm="lazy")
+    fake.tcp(20, V4, "0.0.0.0", 8080, "0.0.0.0", 0, LISTEN, 500, rx=3)
+    fake.tcp(20, V4, "127.0.0.1", 8080, "127.0.0.1", 40001, CW, 0)
+    fake.fd(20, 3, 500)
+    result = owners.resolve([ep(8080, 40001)], fake.root)[ep(8080, 40001)]
+    assert result.kind == owners.OWNER_ACCEPT_QUEUE
+    assert result.holders == []
+    assert result.listener.inode == 500 and result.listener.rx_queue == 3
+    assert [h.pid for h in result.listener_holders] == [20]
+
+
+def test_resolve_other_namespace_and_duplicates(fake):
+    fake.process(30, netns=111).process(31, netns=222)
+    for pid, inode in ((30, 1), (31, 2)):
+        fake.tcp(pid, V4, "127.0.0.1", 80, "127.0.0.1", 5000, CW, inode)
+        fake.fd(pid, 4, inode)
+    result = owners.resolve([ep(80, 5000)], fake.root)[ep(80, 5000)]
+    assert result.netns == 111 and result.other_netns == [222]
+    assert [h.pid for h in result.holders] == [30]
+
+
+def test_resolve_gone_and_unheld(fake):
+    fake.process(40)
+    fake.tcp(40, V4, "127.0.0.1", 81, "127.0.0.1", 5001, CW, 4242)
+    got = owners.resolve([ep(81, 5001), ep(82, 5002)], fake.root)
+    assert got[ep(81, 5001)].kind == owners.OWNER_NONE
+    assert got[ep(82, 5002)].kind == owners.OWNER_GONE
+
+
+def test_vanishing_process_is_a_missing_row_not_a_crash(fake, monkeypatch):
+    fake.process(50).process(51)
+    fake.tcp(50, V4, "127.0.0.1", 83, "127.0.0.1", 5003, CW, 77)
+    fake.fd(50, 3, 77).fd(51, 3, 77)
+    real = owners.procfs.process_info
+
+    def racing(pid, proc):
+        return None if pid == 51 else real(pid, proc)   # 51 exits mid-scan
+
+    monkeypatch.setattr(owners.procfs, "process_info", racing)
+    got = owners.resolve([ep(83, 5003)], fake.root)[ep(83, 5003)]
+    assert [h.pid for h in got.holders] == [50]
+
+
+def test_unreadable_entries_are_skipped(fake, tmp_path):
+    fake.process(60)
+    # A dangling fd link and a garbage pid directory must not break the scan.
+    (tmp_path / "60" / "fd" / "9").symlink_to("pipe:[1]")
+    (tmp_path / "notapid").mkdir()
+    assert owners.find_holders([1, 2], fake.root) == {}
+
+
+def test_snapshot_close_wait_across_namespaces(fake):
+    fake.process(70, netns=1).process(71, netns=2).process(72, netns=2)
+    fake.tcp(70, V4, "127.0.0.1", 1, "127.0.0.1", 2, CW, 5)
+    fake.tcp(71, V4, "127.0.0.1", 3, "127.0.0.1", 4, CW, 6)
+    fake.tcp(71, V4, "127.0.0.1", 9, "127.0.0.1", 9, tcpstates.ESTABLISHED, 7)
+    rows = owners.snapshot_close_wait(fake.root)
+    assert sorted((ns, r.endpoints.lport) for ns, r in rows) == [(1, 1), (2, 3)]

@@ -1,0 +1,187 @@
+"""Durations, decoding, filters, attribution, records and rendering."""
+
+import ctypes
+import json
+import socket
+import struct
+from types import SimpleNamespace
+
+import pytest
+
+from closewait_trace import records, render, sockdiag, tcpstates
+from closewait_trace.durations import format_age, parse_duration_ns
+from closewait_trace.events import (KIND_CLOSED, Endpoints, decode_event, decode_tracked,
+                                    format_address)
+from closewait_trace.filters import SocketFilter, parse_ports
+from closewait_trace.tracker import attribute_close
+
+
+@pytest.mark.parametrize("text,ns", [("500ms", 500_000_000), ("2s", 2_000_000_000),
+                                     ("1m", 60_000_000_000), ("1.5", 1_500_000_000),
+                                     ("250us", 250_000), (" 3 s ", 3_000_000_000)])
+def test_parse_duration(text, ns):
+    assert parse_duration_ns(text) == ns
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "-1s", "0", "1d", "1.2.3s", "0ms"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_duration_ns(bad)
+
+
+@pytest.mark.parametrize("ns,text", [(850_000_000, "850ms"), (1_240_000_000, "1.2s"),
+                                     (59_940_000_000, "59.9s"), (723_000_000_000, "12m03s"),
+                                     (3 * 3600 * 10**9 + 240 * 10**9, "3h04m"),
+                                     (2 * 86400 * 10**9 + 3 * 3600 * 10**9, "2d03h")])
+def test_format_age(ns, text):
+    assert format_age(ns) == text
+    assert len(text) <= 7
+
+
+def test_parse_ports():
+    assert parse_ports(["80,443", "8080", "80"]) == (80, 443, 8080)
+    for bad in (["0"], ["65536"], ["http"], ["1,-2"]):
+        with pytest.raises(ValueError):
+            parse_ports(bad)
+
+
+def test_filter_matches():
+    ep = Endpoints(socket.AF_INET, "1.2.3.4", 80, "5.6.7.8", 4000)
+    assert SocketFilter().matches(ep)
+    assert SocketFilter(lports=(80,)).matches(ep)
+    assert not SocketFilter(lports=(81,)).matches(ep)
+    assert not SocketFilter(rports=(80,)).matches(ep)
+    assert not SocketFilter(family=socket.AF_INET6).matches(ep)
+
+
+class RawEvent(ctypes.Structure):
+    """Mirrors struct cw_event field names for the decoder; the layout itself
+    comes from bcc in real use."""
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("skaddr", ctypes.c_uint64),
+                ("duration_ns", ctypes.c_uint64), ("pid", ctypes.c_uint32),
+                ("tid", ctypes.c_uint32), ("saddr", ctypes.c_uint8 * 16),
+                ("daddr", ctypes.c_uint8 * 16), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("family", ctypes.c_uint16),
+                ("oldstate", ctypes.c_uint8), ("newstate", ctypes.c_uint8),
+                ("kind", ctypes.c_uint8), ("comm", ctypes.c_char * 16)]
+
+
+def test_decode_event_ipv4_and_comm():
+    raw = RawEvent(ts_ns=5, skaddr=0xffff8880, duration_ns=7, pid=42, tid=43,
+                   sport=5555, dport=40000, family=socket.AF_INET, oldstate=8,
+                   newstate=9, kind=KIND_CLOSED, comm=b"socat")
+    raw.saddr[:4] = [127, 0, 0, 1]
+    raw.daddr[:4] = [10, 0, 0, 2]
+    ev = decode_event(raw)
+    assert ev.endpoints == Endpoints(socket.AF_INET, "127.0.0.1", 5555, "10.0.0.2", 40000)
+    assert (ev.pid, ev.comm, ev.kind, ev.duration_ns) == (42, "socat", KIND_CLOSED, 7)
+
+
+def test_format_address_ipv6_and_mapped():
+    assert format_address(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1")) == "::1"
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.1.1.1")
+    assert format_address(socket.AF_INET6, mapped) == "::ffff:10.1.1.1"
+
+
+def test_decode_tracked():
+    value = SimpleNamespace(enter_ns=99, saddr=bytes(16), daddr=bytes([1, 2, 3, 4]) + bytes(12),
+                            sport=1, dport=2, family=socket.AF_INET)
+    t = decode_tracked(SimpleNamespace(value=1234), value)
+    assert (t.skaddr, t.enter_ns, t.endpoints.raddr) == (1234, 99, "1.2.3.4")
+
+
+def test_attribute_close():
+    assert attribute_close(tcpstates.LAST_ACK, 5, set()) == "close"
+    assert attribute_close(tcpstates.CLOSE, 5, {5}) == "abort"
+    assert attribute_close(tcpstates.CLOSE, 6, {5}) == "reset"
+    assert attribute_close(tcpstates.CLOSE, 6, set()) == "unknown"
+
+
+def test_process_context_transitions():
+    assert tcpstates.runs_in_process_context(tcpstates.CLOSE_WAIT, tcpstates.LAST_ACK)
+    assert not tcpstates.runs_in_process_context(tcpstates.ESTABLISHED, tcpstates.CLOSE_WAIT)
+
+
+def test_histogram_buckets():
+    slots = [0] * 64
+    slots[0], slots[1], slots[11] = 2, 3, 1
+    assert records.histogram_buckets(slots) == [
+        {"from_us": 0, "to_us": 1, "count": 2},
+        {"from_us": 1, "to_us": 2, "count": 3},
+        {"from_us": 1024, "to_us": 2048, "count": 1}]
+
+
+def linger_record(**over):
+    rec = {"type": "linger", "ts": 1_800_000_000.0, "family": "ipv4",
+           "laddr": "255.255.255.255", "lport": 65535, "raddr": "255.255.255.255",
+           "rport": 65535, "age_s": 723.0, "age_is_lower_bound": True,
+           "owners": [{"pid": 4194304, "comm": "averylongcomm15", "fd": 3, "state": "T",
+                       "cmdline": "x"}], "owner_kind": "fd",
+           "diagnosis": {"summary": "stopped by a signal: " + "x" * 100}}
+    rec.update(over)
+    return rec
+
+
+def test_default_text_fits_80_columns_even_at_the_widest_ipv4():
+    r = render.TextRenderer()
+    assert len(r.header()) <= 80
+    for line in r.render(linger_record()):
+        assert len(line) <= 80, line
+    closed = dict(linger_record(), type="closed", duration_s=5.0,
+                  duration_is_lower_bound=False, how="close",
+                  closed_by={"pid": 4194304, "comm": "averylongcomm15"})
+    for line in r.render(closed):
+        assert len(line) <= 80
+    assert all(len(l) <= 80 for l in render.banner(10**9, "local port 80,443; remote port 5432; ipv4 only"))
+
+
+def test_text_linger_and_closed_lines():
+    r = render.TextRenderer()
+    rec = linger_record(laddr="127.0.0.1", lport=5555, raddr="127.0.0.1", rport=33836,
+                        age_s=1.42, age_is_lower_bound=False,
+                        owners=[{"pid": 4242, "comm": "socat", "fd": 6, "state": "T", "cmdline": ""}],
+                        diagnosis={"summary": "stopped by a signal: 4242/socat"})
+    line, why = r.render(rec)
+    assert line.split()[1:] == ["LINGER", "127.0.0.1:5555", "127.0.0.1:33836", "1.4s", "4242/socat"]
+    assert why.strip() == "stopped by a signal: 4242/socat"
+    closed = dict(rec, type="closed", duration_s=7.0, duration_is_lower_bound=True,
+                  how="reset", closed_by=None)
+    assert r.render(closed)[0].split()[1:] == ["RESET", "127.0.0.1:5555", "127.0.0.1:33836", ">=7.0s", "-"]
+
+
+def test_ipv6_uses_brackets_and_wide_mode():
+    rec = linger_record(family="ipv6", laddr="2001:db8::1", lport=443, raddr="2001:db8::2",
+                        rport=50000, age_is_lower_bound=False)
+    line = render.TextRenderer(wide=True).render(rec)[0]
+    assert "[2001:db8::1]:443" in line and "[2001:db8::2]:50000" in line
+
+
+def test_summary_lines_mention_losses():
+    rec = records.summary(10.0, 0.0, {"cw_enter": 3, "cw_exit": 2, "events_lost": 4,
+                                      "map_full": 1, "exit_untracked": 0},
+                          [0] * 64, [], 1, 0)
+    text = "\n".join(render.summary_lines(rec))
+    assert "4 events lost" in text and "1 sockets not timed" in text
+    json.dumps(rec)
+
+
+def test_sockdiag_request_and_reply_round_trip():
+    req = sockdiag.build_request(socket.AF_INET, [tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
+    length, kind, flags, _seq, _pid = struct.unpack_from("=IHHII", req)
+    assert length == len(req) == 16 + 56 and kind == 20 and flags & 0x300
+    assert struct.unpack_from("=I", req, 20)[0] == (1 << 8) | (1 << 10)
+    src = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
+    dst = socket.inet_pton(socket.AF_INET, "10.0.0.9") + bytes(12)
+    body = struct.pack("=BBBB", socket.AF_INET, tcpstates.LISTEN, 0, 0) + \
+        (8080).to_bytes(2, "big") + (0).to_bytes(2, "big") + src + dst + \
+        struct.pack("=I8sIIIII", 0, bytes(8), 0, 3, 128, 1000, 555)
+    msg = struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
+    rows, finished = sockdiag.parse_messages(msg + done)
+    assert finished and len(rows) == 1
+    row = rows[0]
+    assert (row.endpoints.laddr, row.endpoints.lport, row.endpoints.raddr) == ("127.0.0.1", 8080, "10.0.0.9")
+    assert (row.state, row.rx_queue, row.tx_queue, row.uid, row.inode) == (tcpstates.LISTEN, 3, 128, 1000, 555)
+    err = struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -13)
+    with pytest.raises(OSError):
+        sockdiag.parse_messages(err)
