@@ -272,7 +272,9 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
             thread.syscall = number
             if number is not None:
                 thread.syscall_name = syscall_name(number, machine)
-                thread.syscall_fd = arg0 if arg0 is not None and arg0 < 1 << 20 else None
+                takes_fd = (number in _READ_SYSCALLS.get(machine, {})
+                            or number in _ACCEPT_SYSCALLS.get(machine, {}))
+                thread.syscall_fd = arg0 if takes_fd and arg0 is not None and arg0 < 1 << 20 else None
                 if thread.syscall_fd is not None:
                     thread.syscall_fd_target = procfs.read_link(
                         f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""

@@ -29,6 +29,13 @@ class SocketFilter:
         family = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(self.family)
         return {"lports": list(self.lports), "rports": list(self.rports), "family": family}
 
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SocketFilter":
+        d = d or {}
+        family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(d.get("family"))
+        return cls(lports=tuple(d.get("lports") or ()), rports=tuple(d.get("rports") or ()),
+                   family=family)
+
     def describe(self) -> str:
         parts = []
         if self.lports:

@@ -113,6 +113,13 @@ def summary(ts: float, started_ts: float, counters: dict, slots: list[int],
     return rec
 
 
+def snapshot(ts: float, lingering: list[dict], counters: dict, slots: list[int]) -> dict:
+    rec = _base("snapshot", ts)
+    rec.update({"lingering": lingering, "counters": dict(counters),
+                "histogram_us": histogram_buckets(slots)})
+    return rec
+
+
 def start(ts: float, threshold_ns: int, filters: dict, pre_existing: int,
           headers: str, transport: str) -> dict:
     rec = _base("start", ts)

@@ -45,6 +45,10 @@ class TextRenderer:
 
     def render(self, rec: dict) -> list[str]:
         kind = rec.get("type")
+        if kind == "start":
+            from closewait_trace.filters import SocketFilter
+            threshold_ns = int(round(rec["threshold_s"] * 1e9))
+            return banner(threshold_ns, SocketFilter.from_dict(rec.get("filters")).describe()) + [self.header()]
         if kind == "linger":
             return self._linger(rec)
         if kind == "closed":

@@ -45,13 +45,17 @@ class LiveTracer:
     closed_lines: int = 0
     last_counters: dict = field(default_factory=dict)
     resolve_attempts: dict = field(default_factory=dict)
+    recorder: object = None            # recording.Recorder, with -w
+    snapshot_s: float = 60.0
+
+    def clock_offset_ns(self) -> int:
+        return time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
 
     def request_stop(self, *_args) -> None:
         self.stopping = True
 
     def wall(self, kernel_ns: int) -> float:
-        offset = time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
-        return (kernel_ns + offset) / 1e9
+        return (kernel_ns + self.clock_offset_ns()) / 1e9
 
     def start(self) -> None:
         self.probe = KernelProbe(self.config)
@@ -70,12 +74,18 @@ class LiveTracer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         next_tick = time.monotonic()
+        next_snapshot = next_tick + self.snapshot_s
         try:
             while not self.stopping:
                 now = time.monotonic()
                 if now >= next_tick:
                     self.tick()
                     next_tick = now + self.tick_s
+                if self.recorder is not None:
+                    if now >= next_snapshot:
+                        self.recorder.write(self.snapshot())
+                        next_snapshot = now + self.snapshot_s
+                    self.recorder.poll()
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 self.probe.poll(wait_ms)
                 self.drain()
@@ -85,6 +95,8 @@ class LiveTracer:
             self.emit(self.summary())
         finally:
             self.probe.close()
+            if self.recorder is not None:
+                self.recorder.close()
 
     def drain(self) -> None:
         events, self.pending[:] = list(self.pending), []
@@ -129,11 +141,24 @@ class LiveTracer:
                 self.emit(records.lost(time.time(), name, delta, counters[name]))
         self.last_counters = counters
 
-    def summary(self) -> dict:
+    def still_lingering(self) -> list[dict]:
         now_ns = kernel_clock_ns(self.probe.boot_clock)
-        still = [records.linger(l, time.time(), l.age_ns(now_ns))
-                 for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
-                 if l.age_ns(now_ns) >= self.config.threshold_ns]
+        now = time.time()
+        return [records.linger(l, now, l.age_ns(now_ns))
+                for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
+                if l.age_ns(now_ns) >= self.config.threshold_ns]
+
+    def snapshot(self) -> dict:
+        """The state right now, so a reader of a recording need not replay
+        from the start (written at each rotation and every snapshot_s)."""
+        return records.snapshot(time.time(), self.still_lingering(), self.probe.counters(),
+                                self.probe.histogram())
+
+    def summary(self) -> dict:
+        extra = {}
+        if self.recorder is not None:
+            self.recorder.flush()
+            extra["write_errors"] = self.recorder.write_errors
         return records.summary(time.time(), self.started_ts, self.probe.counters(),
-                               self.probe.histogram(), still, self.linger_lines,
-                               self.closed_lines)
+                               self.probe.histogram(), self.still_lingering(),
+                               self.linger_lines, self.closed_lines, extra)
