@@ -61,8 +61,16 @@ def part_path(base: str, part: int, max_files: Optional[int]) -> str:
     return base if slot == 0 else f"{base}.{slot}"
 
 
+def _refuse_symlink(path: str) -> None:
+    # Said plainly here; O_NOFOLLOW at open() closes the race.
+    if os.path.islink(path):
+        raise UserError(f"{path} is a symbolic link; refusing to write through it",
+                        EXIT_FILE, "give the real path")
+
+
 def _open_private(path: str, force: bool) -> int:
     """Create path 0600, never through a symlink; an existing file only with force."""
+    _refuse_symlink(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_APPEND
     flags |= os.O_TRUNC if force else os.O_EXCL
     try:
@@ -109,6 +117,7 @@ class Recorder:
 
     def open(self) -> None:
         self.capture_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+        _refuse_symlink(self.path)
         if not self.force:
             stale = [p for p in self._existing_parts()]
             if stale:

@@ -62,8 +62,15 @@ def build(rec: Recording, timeline_buckets: int = 40) -> dict:
     end_state = {}
     write_errors = 0
 
+    ended_lingering: list[Linger] = []     # still open when their capture ended
+
     def close_capture(clean: bool):
         nonlocal capture_hist
+        for l in lingers.values():
+            if last_ts is not None:
+                l.duration = max(l.duration, last_ts - l.entered)
+            ended_lingering.append(l)
+        lingers.clear()
         if current_capture is not None:
             captures.append({"capture_id": current_capture["id"],
                              "hostname": current_capture["hostname"],
@@ -112,10 +119,7 @@ def build(rec: Recording, timeline_buckets: int = 40) -> dict:
                 write_errors += r.get("write_errors", 0) or 0
     close_capture(clean)
 
-    still = list(lingers.values())
-    if last_ts is not None:
-        for l in still:
-            l.duration = max(l.duration, last_ts - l.entered)
+    still = ended_lingering
     everything = finished + still
 
     by_process: dict = defaultdict(Group)

@@ -1,0 +1,187 @@
+"""Recording for real: kill -9, replay equals live, rotation, a full disk."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.kernel.harness import (TRACER, Tracer, children_of, connect_and_close, free_port,
+                                  ss_close_wait, start_holding_server, wait_until)
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    for p in started:
+        if isinstance(p, Tracer):
+            p.kill()
+            continue
+        for child in children_of(p.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def cli(*args, **kw):
+    return subprocess.run(TRACER + list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs):
+    port = free_port()
+    path = tmp_path / "seed.jsonl"
+    tracer = Tracer(["-p", str(port), "-t", "1s", "-w", str(path)]).start()
+    procs.append(tracer)
+    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
+                               "system:kill -STOP $SOCAT_PID"])
+    procs.append(server)
+    wait_until(lambda: f":{port} " in subprocess.run(["ss", "-Htln"], capture_output=True,
+                                                     text=True).stdout, what="socat")
+    for _ in range(5):
+        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"], check=True,
+                       timeout=10)
+    lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
+    children = set(children_of(server.pid))
+    time.sleep(1.2)                       # records reach the file within a second
+    tracer.proc.send_signal(signal.SIGKILL)
+    tracer.proc.wait()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    result = cli("report", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rep = json.loads(result.stdout)
+    assert rep["sockets"] == 5
+    pids = {row["pid"] for row in rep["by_process"]}
+    assert pids == {r["owners"][0]["pid"] for r in lingers} and pids <= children
+    assert all(row["comm"] == "socat" and row["count"] == 1 for row in rep["by_process"])
+    assert len(rep["still_lingering"]) == 5
+    # Linger times: at least the 1s threshold, no more than the whole capture.
+    span = rep["captures"][0]["end_ts"] - rep["captures"][0]["start_ts"]
+    assert all(1.0 <= row["longest_s"] <= span + 1 for row in rep["by_process"])
+    assert rep["losses"]["unclean_ends"] == 1
+    text = cli("report", str(path))
+    assert text.returncode == 0
+    for pid in pids:
+        assert f"{pid}/socat" in text.stdout
+    assert "ended without a summary" in text.stdout
+
+
+def run_text_tracer(args, workload, settle=1.5):
+    proc = subprocess.Popen(TRACER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # The banner says the tracer is ready; with -q it goes to stderr.
+        stream = proc.stderr if "-q" in args else proc.stdout
+        first = stream.readline()
+        assert first.startswith("Tracing TCP sockets lingering in CLOSE_WAIT"), first
+        workload()
+        time.sleep(settle)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        # Read through the same buffered streams (communicate() would skip
+        # what readline() already buffered).
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    return (out if "-q" in args else first + out), (first + err if "-q" in args else err)
+
+
+def test_replay_prints_what_the_live_run_printed(tmp_path, procs):
+    port = free_port()
+    path = tmp_path / "run.jsonl"
+    server = start_holding_server(port)
+    procs.append(server)
+
+    def workload():
+        connect_and_close(port, 3, payload=b"abc")
+
+    live, _ = run_text_tracer(["-p", str(port), "-t", "300ms", "-w", str(path)], workload)
+    assert live.count(" LINGER ") == 3
+    replayed = cli("-r", str(path))
+    assert replayed.returncode == 0 and replayed.stderr == ""
+    assert replayed.stdout == live
+    as_json = cli("-r", str(path), "--json")
+    kinds = [json.loads(l)["type"] for l in as_json.stdout.splitlines()]
+    assert kinds.count("linger") == 3 and kinds[0] == "start" and kinds[-1] == "summary"
+
+
+def test_live_rotation_produces_a_readable_set(tmp_path, procs):
+    port = free_port()
+    path = tmp_path / "rot.jsonl"
+    server = start_holding_server(port)
+    procs.append(server)
+
+    def workload():
+        for _ in range(6):
+            connect_and_close(port, 2)
+            time.sleep(0.7)
+
+    run_text_tracer(["-p", str(port), "-t", "200ms", "-w", str(path), "-C", "4k", "-q"],
+                    workload, settle=1.0)
+    parts = sorted(p for p in os.listdir(tmp_path) if p.startswith("rot.jsonl"))
+    assert len(parts) >= 2
+    for p in parts:
+        assert stat.S_IMODE(os.stat(tmp_path / p).st_mode) == 0o600
+    replayed = cli("-r", str(path), "--json")
+    lingers = [json.loads(l) for l in replayed.stdout.splitlines()
+               if json.loads(l)["type"] == "linger"]
+    assert len(lingers) == 12 == len(ss_close_wait(port))
+
+
+def test_full_disk_keeps_tracing_and_counts(tmp_path, procs):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    tracer = None
+    try:
+        port = free_port()
+        server = start_holding_server(port)
+        procs.append(server)
+        tracer = Tracer(["-p", str(port), "-t", "200ms", "-w", str(mnt / "cw.jsonl")]).start()
+        # Fill what is left of the disk once the header is on it.
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        connect_and_close(port, 5)
+        tracer.wait_for(lambda r: r["type"] == "linger", count=5)
+        summary = tracer.stop()
+        assert summary["write_errors"] >= 5
+        assert tracer.stderr.count("cannot write") == 1
+        assert "Traceback" not in tracer.stderr
+        # What did reach the file is still a readable recording.
+        result = cli("report", str(mnt / "cw.jsonl"))
+        assert result.returncode == 0, result.stderr
+    finally:
+        if tracer is not None:
+            tracer.kill()
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_write_refuses_symlink_and_existing_file(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep me")
+    (tmp_path / "link").symlink_to(target)
+    result = cli("-w", str(tmp_path / "link"), "-q")
+    assert result.returncode == 7
+    assert "symbolic link" in result.stderr and result.stderr.count("\n") == 1
+    result = cli("-w", str(target), "-q")
+    assert result.returncode == 7 and "--force" in result.stderr
+    assert target.read_text() == "keep me"
