@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
-from closewait_trace import procfs
+from closewait_trace import identity, procfs, symbolize
 from closewait_trace.owners import (OWNER_ACCEPT_QUEUE, OWNER_FD, OWNER_GONE,
                                     OWNER_NONE, Ownership)
 
@@ -73,11 +73,24 @@ class ThreadEvidence:
     syscall_name: str = ""
     syscall_fd: Optional[int] = None      # first argument, when it is an fd
     syscall_fd_target: str = ""           # what that fd is: socket:[N], pipe:[N], a path
+    stack: list = field(default_factory=list)   # symbolize.Frame, innermost first
 
     def as_dict(self) -> dict:
         return {"tid": self.tid, "state": self.state, "wchan": self.wchan,
                 "syscall": self.syscall_name or None, "syscall_fd": self.syscall_fd,
-                "syscall_fd_target": self.syscall_fd_target or None}
+                "syscall_fd_target": self.syscall_fd_target or None,
+                "stack": [f.as_dict() for f in self.stack]}
+
+    def user_location(self) -> str:
+        """The innermost frame outside the module the syscall was made in
+        (usually libc): where the program itself is waiting."""
+        if not self.stack:
+            return ""
+        inner = self.stack[0].module
+        for frame in self.stack[1:]:
+            if frame.module != inner and frame.function:
+                return frame.describe()
+        return self.stack[0].describe()
 
 
 @dataclass
@@ -94,12 +107,13 @@ class HolderEvidence:
     tracer_comm: str = ""
     holds_listener: bool = False
     threads: list[ThreadEvidence] = field(default_factory=list)
+    identity: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         out = {"pid": self.pid, "comm": self.comm, "fd": self.fd,
                "state": self.state, "ppid": self.ppid, "cmdline": self.cmdline,
                "cloexec": self.cloexec, "exiting": self.exiting,
-               "threads": [t.as_dict() for t in self.threads]}
+               "threads": [t.as_dict() for t in self.threads], "identity": self.identity}
         if self.tracer_pid:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
         return out
@@ -123,6 +137,19 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
              listener_holders: list[HolderEvidence],
              machine: Optional[str] = None) -> Diagnosis:
     """The most specific cause the evidence supports; UNKNOWN otherwise."""
+    found = _decide(own, holders, listener_holders, machine)
+    # A tracer attached to a process that is not stopped (strace -p) is worth
+    # saying whatever the cause: it slows the process and may be why.
+    traced = [h for h in holders if h.tracer_pid and h.state != "t"]
+    if traced and found.cause != TRACED:
+        found.summary += "; " + ", ".join(
+            f"{_who(h)} traced by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced)
+    return found
+
+
+def _decide(own: Ownership, holders: list[HolderEvidence],
+            listener_holders: list[HolderEvidence],
+            machine: Optional[str] = None) -> Diagnosis:
     machine = machine or platform.machine()
     evidence: dict = {"holders": [h.as_dict() for h in holders],
                       "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
@@ -193,9 +220,10 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     if asleep:
         t = asleep[0]
         on = f" on fd {t.syscall_fd} ({t.syscall_fd_target})" if t.syscall_fd_target else ""
+        at = t.user_location()
+        where = f" at {at}" if at else f" (wchan {t.wchan or '?'})"
         return Diagnosis(BLOCKED_ELSEWHERE,
-                         f"blocked in {t.syscall_name}{on} (wchan {t.wchan or '?'}): "
-                         f"{_who(only)}", evidence)
+                         f"blocked in {t.syscall_name}{on}{where}: {_who(only)}", evidence)
 
     return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]",
                      evidence)
@@ -252,8 +280,14 @@ def parse_syscall(text: str) -> tuple[Optional[int], Optional[int]]:
     return number, arg0
 
 
+# Stacks are unwound for this many threads of a holder at most: the cost of
+# a diagnosis must stay small even for a process with hundreds of threads.
+MAX_STACKS = 4
+
+
 def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
     out = []
+    stacks = 0
     for name in sorted(procfs.list_dir(f"{proc}/{pid}/task"), key=lambda n: int(n) if n.isdigit() else 0):
         if not name.isdigit():
             continue
@@ -278,30 +312,44 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
                 if thread.syscall_fd is not None:
                     thread.syscall_fd_target = procfs.read_link(
                         f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""
+                if thread.state in ("S", "D") and stacks < MAX_STACKS and machine == "x86_64":
+                    stacks += 1
+                    thread.stack = symbolize.user_stack(pid, thread.tid, proc)
         out.append(thread)
     return out
 
 
 def holder_evidence(holder, proc: str, machine: str,
-                    listener_pids: frozenset = frozenset()) -> HolderEvidence:
-    ev = HolderEvidence(pid=holder.pid, comm=holder.comm, fd=holder.fd,
-                        state=holder.state, ppid=holder.ppid, cmdline=holder.cmdline,
-                        tracer_pid=holder.tracer_pid,
-                        holds_listener=holder.pid in listener_pids)
-    ev.cloexec = _fd_cloexec(holder.pid, holder.fd, proc)
-    ev.exiting = _exiting(holder.pid, proc)
-    if ev.tracer_pid:
-        tracer = procfs.process_info(ev.tracer_pid, proc)
-        ev.tracer_comm = tracer.comm if tracer else ""
-    ev.threads = _threads(holder.pid, proc, machine)
-    return ev
+                    listener_pids: frozenset = frozenset(), cache: Optional[dict] = None
+                    ) -> HolderEvidence:
+    """Evidence for one holder. What is about the process, not the fd
+    (threads, stacks, identity), is read once per batch through cache."""
+    per_process = cache.get(holder.pid) if cache is not None else None
+    if per_process is None:
+        tracer_comm = ""
+        if holder.tracer_pid:
+            tracer = procfs.process_info(holder.tracer_pid, proc)
+            tracer_comm = tracer.comm if tracer else ""
+        per_process = {"exiting": _exiting(holder.pid, proc),
+                       "tracer_comm": tracer_comm,
+                       "threads": _threads(holder.pid, proc, machine),
+                       "identity": identity.of_process(holder.pid, holder.uid, proc)}
+        if cache is not None:
+            cache[holder.pid] = per_process
+    return HolderEvidence(
+        pid=holder.pid, comm=holder.comm, fd=holder.fd, state=holder.state,
+        ppid=holder.ppid, cmdline=holder.cmdline, tracer_pid=holder.tracer_pid,
+        tracer_comm=per_process["tracer_comm"], holds_listener=holder.pid in listener_pids,
+        cloexec=_fd_cloexec(holder.pid, holder.fd, proc), exiting=per_process["exiting"],
+        threads=per_process["threads"], identity=per_process["identity"])
 
 
-def gather(own: Ownership, proc: str = procfs.PROC,
-           machine: Optional[str] = None) -> Diagnosis:
-    """Collect the evidence for one socket's owners from /proc, then decide."""
+def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
+           cache: Optional[dict] = None) -> Diagnosis:
+    """Collect the evidence for one socket's owners from /proc, then decide.
+    Pass the same cache for every socket of one batch."""
     machine = machine or platform.machine()
     listener_pids = frozenset(h.pid for h in own.listener_holders)
-    holders = [holder_evidence(h, proc, machine, listener_pids) for h in own.holders]
-    listeners = [holder_evidence(h, proc, machine) for h in own.listener_holders]
+    holders = [holder_evidence(h, proc, machine, listener_pids, cache) for h in own.holders]
+    listeners = [holder_evidence(h, proc, machine, cache=cache) for h in own.listener_holders]
     return diagnose(own, holders, listeners, machine)

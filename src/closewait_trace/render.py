@@ -79,9 +79,7 @@ class TextRenderer:
         if diagnosis:
             lines.append(("         " + diagnosis["summary"])[:80 if not self.verbose else None])
         if self.verbose:
-            for o in owners:
-                lines.append(f"         holder pid {o['pid']} fd {o['fd']} [{o['state']}] "
-                             f"{o['cmdline'] or o['comm']}")
+            lines.extend(evidence_lines(rec))
         return lines
 
     def _closed(self, rec: dict) -> list[str]:
@@ -92,6 +90,41 @@ class TextRenderer:
         event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec["how"], "GONE")
         owner = f"{by['pid']}/{by['comm']}" if by else "-"
         return [self._row(rec, event, age, owner)]
+
+
+def evidence_lines(rec: dict) -> list[str]:
+    """-v: who holds it, where they live, and where each thread waits."""
+    out = []
+    diagnosis = rec.get("diagnosis") or {}
+    evidence = diagnosis.get("evidence") or {}
+    holders = evidence.get("holders") or [dict(o, threads=[]) for o in rec.get("owners") or []]
+    for h in holders:
+        ident = h.get("identity") or {}
+        where = ", ".join(x for x in (
+            f"user {ident['user']}" if ident.get("user") else "",
+            f"{ident['container']['runtime']} {ident['container']['id'][:12]}"
+            if ident.get("container") else "",
+            f"pod {ident['pod_uid']}" if ident.get("pod_uid") else "",
+            ident.get("unit") or "",
+            f"netns {ident['netns']}" if ident.get("netns") else "") if x)
+        cloexec = {True: " cloexec", False: " no-cloexec"}.get(h.get("cloexec"), "")
+        out.append(f"         holder {h['pid']}/{h['comm']} fd {h['fd']}{cloexec} "
+                   f"[{h['state']}] ppid {h.get('ppid')}: {h.get('cmdline') or h['comm']}")
+        if where:
+            out.append(f"           {where}")
+        for t in h.get("threads") or []:
+            call = t.get("syscall") or ("running" if t.get("state") == "R" else "-")
+            out.append(f"           thread {t['tid']} [{t['state']}] {call} "
+                       f"wchan {t.get('wchan') or '-'}")
+            for f in (t.get("stack") or [])[:8]:
+                name = f"{f['function']}+{f['offset']:#x}" if f.get("function") else f["pc"]
+                module = (f.get("module") or "?").rsplit("/", 1)[-1]
+                out.append(f"             {name} ({module}) [{f['method']}]")
+    listener = rec.get("listener")
+    if listener and rec.get("owner_kind") == "accept_queue":
+        out.append(f"         listener {listener['local']} queue "
+                   f"{listener['accept_queue']}/{listener['backlog']}")
+    return out
 
 
 def _hostport(addr: str, port: int) -> str:

@@ -115,6 +115,7 @@ class LiveTracer:
 
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
+        evidence_cache: dict = {}      # per process, for this batch only
         for l in sorted(due, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
             key = (l.skaddr, l.endpoints)
@@ -128,7 +129,7 @@ class LiveTracer:
                     continue
             self.resolve_attempts.pop(key, None)
             l.ownership = own
-            l.diagnosis = diagnosis.gather(own, self.proc) if own else None
+            l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache) if own else None
             l.reported = True
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))

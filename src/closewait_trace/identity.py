@@ -1,0 +1,70 @@
+"""Where a process lives: its user, cgroup, and the container, Kubernetes pod
+or systemd unit that cgroup path reveals (pure parsing plus small reads)."""
+
+from __future__ import annotations
+
+import pwd
+import re
+from typing import Optional
+
+from closewait_trace import procfs
+
+_HEX64 = r"([0-9a-f]{64})"
+_RUNTIMES = [
+    ("docker", re.compile(r"docker-" + _HEX64 + r"\.scope")),
+    ("docker", re.compile(r"/docker/" + _HEX64)),
+    ("containerd", re.compile(r"cri-containerd-" + _HEX64 + r"\.scope")),
+    ("cri-o", re.compile(r"crio-" + _HEX64 + r"\.scope")),
+    ("podman", re.compile(r"libpod-" + _HEX64 + r"\.scope")),
+    ("containerd", re.compile(r"/kubepods[^\s]*/" + _HEX64 + r"$")),
+    ("lxc", re.compile(r"/lxc(?:\.payload)?[./]([^/]+)")),
+]
+_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+_UNIT = re.compile(r"/([^/]+\.service)(?:/|$)")
+
+
+def parse_cgroup(text: str) -> dict:
+    """/proc/PID/cgroup -> {cgroup, container: {runtime, id}, pod_uid, unit}."""
+    paths = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths.append(parts[2])
+    # cgroup v2's unified line ("0::") is the one to show; v1 lines still
+    # carry the same container path, so any of them will do for matching.
+    unified = next((l.split(":", 2)[2] for l in text.splitlines() if l.startswith("0::")), None)
+    shown = unified or (paths[0] if paths else "")
+    out: dict = {"cgroup": shown or None, "container": None, "pod_uid": None, "unit": None}
+    for path in [shown] + paths:
+        if out["container"] is None:
+            for runtime, pattern in _RUNTIMES:
+                m = pattern.search(path)
+                if m:
+                    out["container"] = {"runtime": runtime, "id": m.group(1)}
+                    break
+        if out["pod_uid"] is None:
+            m = _POD.search(path)
+            if m:
+                out["pod_uid"] = m.group(1).replace("_", "-")
+        if out["unit"] is None:
+            m = _UNIT.search(path)
+            if m:
+                out["unit"] = m.group(1)
+    return out
+
+
+def user_name(uid: Optional[int]) -> Optional[str]:
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def of_process(pid: int, uid: Optional[int], proc: str = procfs.PROC) -> dict:
+    ident = parse_cgroup(procfs.read_text(f"{proc}/{pid}/cgroup") or "")
+    ident["user"] = user_name(uid)
+    ident["uid"] = uid
+    ident["netns"] = procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net"))
+    return ident
