@@ -7,8 +7,10 @@ so it is tested without bcc or root.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
 
 # Event kinds, as defined by EV_* in bpf/closewait.bpf.c.
@@ -102,6 +104,38 @@ class TrackedSocket:
     skaddr: int
     enter_ns: int
     endpoints: Endpoints
+
+
+class EntryLayout:
+    """Field offsets of struct cw_entry, taken from bcc's ctypes class for it
+    (so the C file stays the only definition), for decoding raw map bytes."""
+
+    def __init__(self, leaf_type):
+        self.size = ctypes.sizeof(leaf_type)
+        self.fields = {name: (getattr(leaf_type, name).offset, getattr(leaf_type, name).size)
+                       for name, _ in leaf_type._fields_}
+        self.enter_offset = self.fields["enter_ns"][0]
+
+    def _int(self, buf, base: int, name: str) -> int:
+        offset, size = self.fields[name]
+        return int.from_bytes(buf[base + offset:base + offset + size], sys.byteorder)
+
+    def _bytes(self, buf, base: int, name: str) -> bytes:
+        offset, size = self.fields[name]
+        return bytes(buf[base + offset:base + offset + size])
+
+    def enter_ns(self, buf, index: int) -> int:
+        return self._int(buf, index * self.size, "enter_ns")
+
+    def endpoints(self, buf, index: int) -> Endpoints:
+        base = index * self.size
+        family = self._int(buf, base, "family")
+        return Endpoints(
+            family=family,
+            laddr=format_address(family, self._bytes(buf, base, "saddr")),
+            lport=self._int(buf, base, "sport"),
+            raddr=format_address(family, self._bytes(buf, base, "daddr")),
+            rport=self._int(buf, base, "dport"))
 
 
 def decode_tracked(key, value) -> TrackedSocket:

@@ -8,6 +8,7 @@ replay, and `report`) works without bcc, root or BPF.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import tempfile
 import time
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, UserError
-from closewait_trace.events import KernelEvent, TrackedSocket, decode_event, decode_tracked
+from closewait_trace.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
+BATCH = 8192         # map entries per BPF_MAP_LOOKUP_BATCH call
 
 
 @dataclass
@@ -135,6 +137,7 @@ class KernelProbe:
     boot_clock: bool = field(default_factory=lambda: kernel_at_least(5, 8))
     bpf: object = None
     compile_s: float = 0.0
+    _layout: object = None
 
     @property
     def transport(self) -> str:
@@ -164,7 +167,10 @@ class KernelProbe:
         table = self.bpf["cw_events"]
 
         def deliver(_cpu, data, _size):
-            on_event(decode_event(table.event(data)))
+            # A true return from on_event ends this poll early (-1 tells
+            # libbpf to stop consuming; this event is already taken), so a
+            # flood can neither starve the tick nor delay Ctrl-C.
+            return -1 if on_event(decode_event(table.event(data))) else 0
 
         if self.ringbuf:
             table.open_ring_buffer(deliver)
@@ -190,12 +196,58 @@ class KernelProbe:
             self.bpf.perf_buffer_poll(timeout_ms)
 
     def tracked(self) -> list[TrackedSocket]:
+        """Every entry, decoded (start-up; small maps)."""
+        entries, endpoints_of = self.tracked_entries()
+        return [TrackedSocket(skaddr=k, enter_ns=v, endpoints=endpoints_of(k))
+                for k, v in entries.items()]
+
+    def tracked_entries(self):
+        """({socket address: CLOSE_WAIT entry time}, endpoints_of(address)).
+
+        Reads the map in fixed-size batches into buffers reused from tick to
+        tick; only entry times are decoded up front, endpoints on demand (for
+        sockets new to user space), so a tick costs little per socket."""
         table = self.bpf["cw_tracking"]
+        if self._layout is None:
+            self._layout = EntryLayout(table.Leaf)
+            self._keys = (ctypes.c_uint64 * BATCH)()
+            self._values = (ctypes.c_uint8 * (BATCH * self._layout.size))()
+        raw = bytearray()
+        keys: list[int] = []
         try:
-            items = list(table.items_lookup_batch())
-        except Exception:           # batch ops need 5.6+: fall back to iteration
-            items = list(table.items())
-        return [decode_tracked(k, v) for k, v in items]
+            self._read_batches(table.map_fd, keys, raw)
+        except OSError:
+            # BPF_MAP_LOOKUP_BATCH needs Linux 5.6: walk the map instead.
+            keys, raw = [], bytearray()
+            for k, v in table.items():
+                keys.append(k.value)
+                raw += bytes(v)
+        layout = self._layout
+        entries = {k: layout.enter_ns(raw, i) for i, k in enumerate(keys)}
+        index = {k: i for i, k in enumerate(keys)}
+        return entries, lambda k: layout.endpoints(raw, index[k])
+
+    def _read_batches(self, fd: int, keys: list, raw: bytearray) -> None:
+        from bcc.libbcc import lib
+        token = ctypes.c_uint32(0)
+        count = ctypes.c_uint32(0)
+        first = True
+        size = self._layout.size
+        while True:
+            count.value = BATCH
+            res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
+                                       ctypes.byref(token), self._keys, self._values,
+                                       ctypes.byref(count))
+            err = ctypes.get_errno()
+            n = count.value
+            if n:
+                keys.extend(self._keys[:n])
+                raw += bytes(memoryview(self._values)[:n * size])
+            if res != 0:
+                if err == errno.ENOENT:
+                    return
+                raise OSError(err, os.strerror(err))
+            first = False
 
     def counters(self) -> dict[str, int]:
         per_cpu = self.bpf["cw_counters"][0]

@@ -55,7 +55,8 @@ def linger(lingerer, ts: float, age_ns: int) -> dict:
         "age_s": round(age_ns / 1e9, 6),
         "age_is_lower_bound": lingerer.pre_existing,
         "pre_existing": lingerer.pre_existing,
-        "skaddr": None if lingerer.skaddr is None else f"{lingerer.skaddr:#x}",
+        # The kernel's socket address stays inside the tool: written out it
+        # would leak a kernel pointer (defeating KASLR) into shareable files.
     })
     rec.update(ownership_fields(lingerer.ownership))
     rec["diagnosis"] = lingerer.diagnosis.as_dict() if lingerer.diagnosis else None

@@ -20,6 +20,9 @@ from closewait_trace.filters import SocketFilter
 from closewait_trace.probe import KernelProbe, ProbeConfig
 from closewait_trace.tracker import Lingerer, Tracker
 
+# Events taken per poll before returning to the main loop (ticks, Ctrl-C).
+POLL_BATCH = 4096
+
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
@@ -47,6 +50,14 @@ class LiveTracer:
     resolve_attempts: dict = field(default_factory=dict)
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
+    _map_version: tuple = ()
+    tick_stats: dict = field(default_factory=lambda: {"ticks": 0, "map_reads": 0,
+                                                      "max_ms": 0.0, "total_ms": 0.0,
+                                                      "last_ms": 0.0, "resolve_max_ms": 0.0})
+
+    def _on_event(self, ev: KernelEvent) -> bool:
+        self.pending.append(ev)
+        return self.stopping or len(self.pending) >= POLL_BATCH
 
     def clock_offset_ns(self) -> int:
         return time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
@@ -59,7 +70,7 @@ class LiveTracer:
 
     def start(self) -> None:
         self.probe = KernelProbe(self.config)
-        self.probe.start(self.pending.append)
+        self.probe.start(self._on_event)
         self.start_ns = kernel_clock_ns(self.probe.boot_clock)
         self.started_ts = time.time()
         snapshot = [row.endpoints for _ns, row in owners.snapshot_close_wait(self.proc)
@@ -107,11 +118,32 @@ class LiveTracer:
                 self.emit(records.closed(closed, self.wall(closed.ts_ns)))
 
     def tick(self, resolve: bool = True) -> None:
+        started = time.monotonic()
+        counters = self.check_counters()
         now_ns = kernel_clock_ns(self.probe.boot_clock)
-        due = self.tracker.sync(self.probe.tracked(), now_ns)
+        # The map changes only when the kernel counts an entry or an exit:
+        # when neither moved, the sockets that mature are already known.
+        version = (counters.get("cw_enter"), counters.get("cw_exit"),
+                   counters.get("exit_untracked"))
+        if version != self._map_version:
+            self._map_version = version
+            entries, endpoints_of = self.probe.tracked_entries()
+            due = self.tracker.sync_entries(entries, endpoints_of, now_ns)
+            self.tick_stats["map_reads"] += 1
+        else:
+            due = self.tracker.due(now_ns)
         if resolve and due:
+            resolving = time.monotonic()
             self.report(due, now_ns)
-        self.check_counters()
+            self.tick_stats["resolve_max_ms"] = max(self.tick_stats["resolve_max_ms"],
+                                                    (time.monotonic() - resolving) * 1000)
+        elapsed = (time.monotonic() - started) * 1000
+        stats = self.tick_stats
+        stats["ticks"] += 1
+        stats["total_ms"] += elapsed
+        stats["last_ms"] = elapsed
+        if not due:     # the cost of a tick with nothing to report
+            stats["max_ms"] = max(stats["max_ms"], elapsed)
 
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
@@ -130,17 +162,18 @@ class LiveTracer:
             self.resolve_attempts.pop(key, None)
             l.ownership = own
             l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache) if own else None
-            l.reported = True
+            self.tracker.mark_reported(l)
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
 
-    def check_counters(self) -> None:
+    def check_counters(self) -> dict:
         counters = self.probe.counters()
         for name in ("events_lost", "map_full"):
             delta = counters.get(name, 0) - self.last_counters.get(name, 0)
             if delta > 0:
                 self.emit(records.lost(time.time(), name, delta, counters[name]))
         self.last_counters = counters
+        return counters
 
     def still_lingering(self) -> list[dict]:
         now_ns = kernel_clock_ns(self.probe.boot_clock)
@@ -156,7 +189,10 @@ class LiveTracer:
                                 self.probe.histogram())
 
     def summary(self) -> dict:
-        extra = {}
+        stats = dict(self.tick_stats)
+        stats["mean_ms"] = round(stats.pop("total_ms") / max(1, stats["ticks"]), 3)
+        extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
+                                 for k, v in stats.items()}}
         if self.recorder is not None:
             self.recorder.flush()
             extra["write_errors"] = self.recorder.write_errors

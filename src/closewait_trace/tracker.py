@@ -9,7 +9,7 @@ CLOSED facts. All times are kernel (boot-clock) nanoseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from closewait_trace import tcpstates
 from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
@@ -79,6 +79,9 @@ class Tracker:
     by_skaddr: dict[int, Lingerer] = field(default_factory=dict)
     pre_existing: dict[Endpoints, Lingerer] = field(default_factory=dict)
     departed: dict[int, Lingerer] = field(default_factory=dict)
+    # Not yet reported, by identity: what a tick must look at, so that a
+    # tick costs nothing per socket already reported.
+    pending: dict[int, Lingerer] = field(default_factory=dict)
 
     def seed(self, already_in_close_wait: Iterable[Endpoints],
              tracked: Iterable[TrackedSocket]) -> int:
@@ -89,49 +92,74 @@ class Tracker:
         for endpoints in already_in_close_wait:
             if endpoints in tracked_endpoints or endpoints in self.pre_existing:
                 continue
-            self.pre_existing[endpoints] = Lingerer(
-                endpoints=endpoints, enter_ns=self.start_ns, skaddr=None,
-                pre_existing=True)
+            l = Lingerer(endpoints=endpoints, enter_ns=self.start_ns, skaddr=None,
+                         pre_existing=True)
+            self.pre_existing[endpoints] = l
+            self.pending[id(l)] = l
         return len(self.pre_existing)
 
     def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:
-        """Bring the view in line with the kernel's map; return the sockets
-        that just crossed the threshold and need their owners resolved."""
-        seen = set()
-        for t in tracked:
-            seen.add(t.skaddr)
-            known = self.by_skaddr.get(t.skaddr)
-            if known is None or known.enter_ns != t.enter_ns:
-                self.by_skaddr[t.skaddr] = Lingerer(
-                    endpoints=t.endpoints, enter_ns=t.enter_ns, skaddr=t.skaddr)
-        for skaddr in [s for s in self.by_skaddr if s not in seen]:
-            gone = self.by_skaddr.pop(skaddr)
-            if gone.reported:
-                gone.left_ns = now_ns
-                self.departed[skaddr] = gone
+        """sync_entries for decoded map entries (tests, small maps)."""
+        by_key = {t.skaddr: t for t in tracked}
+        return self.sync_entries({k: t.enter_ns for k, t in by_key.items()},
+                                 lambda k: by_key[k].endpoints, now_ns)
+
+    def sync_entries(self, entries: Mapping[int, int], endpoints_of: Callable[[int], Endpoints],
+                     now_ns: int) -> list[Lingerer]:
+        """Bring the view in line with the kernel's map (socket address ->
+        CLOSE_WAIT entry time); endpoints are decoded for new sockets only.
+        Returns the sockets that just crossed the threshold."""
+        for skaddr, enter_ns in entries.items():
+            known = self.by_skaddr.get(skaddr)
+            if known is None or known.enter_ns != enter_ns:
+                if known is not None:
+                    self.pending.pop(id(known), None)
+                l = Lingerer(endpoints=endpoints_of(skaddr), enter_ns=enter_ns, skaddr=skaddr)
+                self.by_skaddr[skaddr] = l
+                self.pending[id(l)] = l
+        if len(entries) != len(self.by_skaddr):
+            for skaddr in [s for s in self.by_skaddr if s not in entries]:
+                gone = self.by_skaddr.pop(skaddr)
+                self.pending.pop(id(gone), None)
+                if gone.reported:
+                    gone.left_ns = now_ns
+                    self.departed[skaddr] = gone
         for skaddr in [s for s, l in self.departed.items()
                        if now_ns - (l.left_ns or now_ns) > DEPARTED_GRACE_NS]:
             del self.departed[skaddr]
-        return [l for l in self.lingering()
-                if not l.reported and l.age_ns(now_ns) >= self.threshold_ns]
+        return self.due(now_ns)
+
+    def due(self, now_ns: int) -> list[Lingerer]:
+        """Unreported sockets old enough to report; no map read needed when
+        the kernel says nothing entered or left CLOSE_WAIT since the last one."""
+        return [l for l in self.pending.values() if l.age_ns(now_ns) >= self.threshold_ns]
+
+    def mark_reported(self, l: Lingerer) -> None:
+        l.reported = True
+        self.pending.pop(id(l), None)
 
     def lingering(self) -> list[Lingerer]:
         return list(self.pre_existing.values()) + list(self.by_skaddr.values())
 
     def forget_pre_existing(self, endpoints: Endpoints) -> None:
         """A pre-existing socket found gone when resolved (left unseen)."""
-        self.pre_existing.pop(endpoints, None)
+        l = self.pre_existing.pop(endpoints, None)
+        if l is not None:
+            self.pending.pop(id(l), None)
 
     def on_event(self, ev: KernelEvent) -> Optional[Closed]:
         if ev.kind == KIND_CLOSED:
             l = self.by_skaddr.pop(ev.skaddr, None) or self.departed.pop(ev.skaddr, None)
-            if l is not None and l.endpoints != ev.endpoints:
-                l = None
+            if l is not None:
+                self.pending.pop(id(l), None)
+                if l.endpoints != ev.endpoints:
+                    l = None
             return self._closed(ev, l, ev.duration_ns, False)
         if ev.kind == KIND_UNTRACKED_EXIT:
             l = self.pre_existing.pop(ev.endpoints, None)
             if l is None:
                 return None      # counted by the kernel as exit_untracked
+            self.pending.pop(id(l), None)
             lower_bound = max(0, ev.ts_ns - self.start_ns)
             if not l.reported and lower_bound < self.threshold_ns:
                 return None

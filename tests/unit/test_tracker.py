@@ -28,14 +28,14 @@ def test_due_once_after_threshold():
     assert t.sync([tracked(1, 10 * S, 1000)], 10 * S + S // 2) == []
     due = t.sync([tracked(1, 10 * S, 1000)], 11 * S)
     assert [l.skaddr for l in due] == [1]
-    due[0].reported = True
+    t.mark_reported(due[0])
     assert t.sync([tracked(1, 10 * S, 1000)], 12 * S) == []
 
 
 def test_reused_socket_address_is_a_new_socket():
     t = Tracker(threshold_ns=S, start_ns=0)
     first = t.sync([tracked(1, 0, 1000)], 2 * S)[0]
-    first.reported = True
+    t.mark_reported(first)
     again = t.sync([tracked(1, 3 * S, 2000)], 5 * S)
     assert [l.endpoints.rport for l in again] == [2000]
 
@@ -52,7 +52,7 @@ def test_seed_skips_sockets_already_tracked():
 def test_closed_event_attributes_to_closer_and_departed_memory():
     t = Tracker(threshold_ns=S, start_ns=0)
     l = t.sync([tracked(1, 0, 1000)], 2 * S)[0]
-    l.reported = True
+    t.mark_reported(l)
     l.ownership = Ownership(kind=OWNER_FD, holders=[Holder(7, "srv", 3, "S", 1, 0, "srv")])
     # The map read after the kernel deleted the entry, before the event was read.
     t.sync([], 3 * S)
@@ -64,7 +64,7 @@ def test_closed_event_attributes_to_closer_and_departed_memory():
 def test_reset_in_softirq_is_not_attributed():
     t = Tracker(threshold_ns=S, start_ns=0)
     l = t.sync([tracked(1, 0, 1000)], 2 * S)[0]
-    l.reported = True
+    t.mark_reported(l)
     l.ownership = Ownership(kind=OWNER_FD, holders=[Holder(7, "srv", 3, "S", 1, 0, "srv")])
     c = t.on_event(event(KIND_CLOSED, 1, 1000, 3 * S, duration=3 * S, pid=99,
                          newstate=tcpstates.CLOSE))
@@ -75,7 +75,7 @@ def test_untracked_exit_of_pre_existing_gives_lower_bound():
     t = Tracker(threshold_ns=S, start_ns=100 * S)
     t.seed([ep(1), ep(2)], [])
     for l in t.sync([], 102 * S):
-        l.reported = True
+        t.mark_reported(l)
     c = t.on_event(event(KIND_UNTRACKED_EXIT, 5, 1, 105 * S))
     assert c.duration_is_lower_bound and c.duration_ns == 5 * S and c.pre_existing
     # Unknown to us (e.g. the map was full): nothing to print, the kernel counts it.
@@ -86,3 +86,29 @@ def test_pre_existing_closing_before_threshold_is_not_reported():
     t = Tracker(threshold_ns=10 * S, start_ns=100 * S)
     t.seed([ep(1)], [])
     assert t.on_event(event(KIND_UNTRACKED_EXIT, 5, 1, 101 * S)) is None
+
+
+def test_idle_due_needs_no_map_and_ignores_reported():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    entries = {i: i for i in range(1000)}
+    due = t.sync_entries(entries, lambda k: ep(k), 2 * S)
+    assert len(due) == 1000
+    for l in due[:990]:
+        t.mark_reported(l)
+    assert len(t.pending) == 10
+    assert sorted(l.skaddr for l in t.due(3 * S)) == list(range(990, 1000))
+
+
+def test_sync_entries_decodes_only_new_sockets():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    decoded = []
+
+    def endpoints_of(k):
+        decoded.append(k)
+        return ep(k)
+
+    t.sync_entries({1: 0, 2: 0}, endpoints_of, S // 2)
+    t.sync_entries({1: 0, 2: 0, 3: 10}, endpoints_of, S)
+    assert decoded == [1, 2, 3]
+    t.sync_entries({3: 10}, endpoints_of, 2 * S)
+    assert set(t.by_skaddr) == {3}
