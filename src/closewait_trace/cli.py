@@ -23,6 +23,7 @@ Examples:
   closewait-trace -P 5432 -4       # only IPv4 connections to remote port 5432
   closewait-trace --json | jq .    # one JSON object per line
   closewait-trace -v               # evidence for each diagnosis, headers used
+  closewait-trace --all -p 443     # every state transition on port 443
   closewait-trace -w cw.jsonl -q   # record quietly, for later
   closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MB max
   closewait-trace -r cw.jsonl --comm java       # replay, no root needed
@@ -135,6 +136,9 @@ def fail(err: UserError) -> None:
               show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show holders' command lines and the headers bcc used.")
+@click.option("--all", "all_transitions", is_flag=True,
+              help="Also stream every TCP state transition (like tcpstates), "
+                   "with the time spent in the previous state.")
 @click.option("-w", "--write", "write_path", metavar="FILE",
               help="Record to FILE (private, 0600) while tailing; .gz compresses.")
 @click.option("-q", "--quiet", is_flag=True, help="With -w: record without printing.")
@@ -157,7 +161,7 @@ def fail(err: UserError) -> None:
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interval,
-               max_tracked, verbose, write_path, quiet, force, rotate_size, rotate_count,
+               max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size, rotate_count,
                compress, snapshot_interval, read_path, pids, comms, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
@@ -201,7 +205,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
                          max_bytes=rotate_size, max_files=rotate_count,
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
-             Output(as_json, renderer, quiet=quiet), recording)
+             Output(as_json, renderer, quiet=quiet), recording, all_transitions)
 
 
 def run_replay(path, socket_filter, pids, comms, since, until, out):
@@ -251,7 +255,7 @@ def report_command(files, as_json, top):
 
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
-             recording_options=None):
+             recording_options=None, all_transitions=False):
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
@@ -263,7 +267,10 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
 
     config = ProbeConfig(threshold_ns=threshold_ns, max_tracked=max_tracked,
                          lports=socket_filter.lports, rports=socket_filter.rports,
-                         family=socket_filter.family)
+                         family=socket_filter.family, all_transitions=all_transitions,
+                         # --all streams every transition: a deeper ring (16 MiB)
+                         # rides out bursts the default mode never sees.
+                         ringbuf_pages=4096 if all_transitions else 256)
     sinks = [out]
     tracer = LiveTracer(config=config, socket_filter=socket_filter,
                         emit=lambda rec: [sink(rec) for sink in sinks],
@@ -279,6 +286,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
         recorder = Recorder(threshold_ns=threshold_ns, filters=socket_filter.as_dict(),
                             clock_offset_ns=offset, snapshot_source=tracer.snapshot,
+                            mode="all" if all_transitions else "closewait",
                             **recording_options)
         recorder.open()
         tracer.recorder = recorder

@@ -27,9 +27,11 @@ def parse_duration_ns(text: str) -> int:
 
 
 def format_age(ns: int) -> str:
-    """Compact, at most 7 characters: 850ms, 1.2s, 59.9s, 12m03s, 3h04m, 2d03h."""
+    """Compact, at most 7 characters: 35us, 850ms, 1.2s, 59.9s, 12m03s, 3h04m, 2d03h."""
     if ns < 0:
         ns = 0
+    if ns < 1_000_000:
+        return f"{ns // 1000}us"
     seconds = ns / 1e9
     if seconds < 1:
         return f"{int(ns // 1_000_000)}ms"

@@ -79,6 +79,23 @@ def closed(c, ts: float) -> dict:
     return rec
 
 
+def transition(ev, ts: float) -> dict:
+    """--all: one TCP state transition. The task is named only where the
+    kernel makes that transition in the owning process's own system call;
+    elsewhere it ran in softirq on whatever task was on the CPU."""
+    rec = _base("transition", ts)
+    rec.update(endpoint_fields(ev.endpoints))
+    in_process = tcpstates.runs_in_process_context(ev.oldstate, ev.newstate)
+    rec.update({
+        "oldstate": tcpstates.name(ev.oldstate),
+        "newstate": tcpstates.name(ev.newstate),
+        # 0 from the kernel means it had not seen this socket before.
+        "prev_state_s": round(ev.duration_ns / 1e9, 9) if ev.duration_ns else None,
+        "task": {"pid": ev.pid, "comm": ev.comm} if in_process else None,
+    })
+    return rec
+
+
 def lost(ts: float, counter: str, delta: int, total: int) -> dict:
     rec = _base("lost", ts)
     rec.update({"counter": counter, "count": delta, "total": total})
@@ -122,9 +139,10 @@ def snapshot(ts: float, lingering: list[dict], counters: dict, slots: list[int])
 
 
 def start(ts: float, threshold_ns: int, filters: dict, pre_existing: int,
-          headers: str, transport: str) -> dict:
+          headers: str, transport: str, all_transitions: bool = False) -> dict:
     rec = _base("start", ts)
     rec.update({"schema": SCHEMA_VERSION, "threshold_s": threshold_ns / 1e9,
                 "filters": filters, "pre_existing": pre_existing,
-                "headers": headers, "transport": transport})
+                "headers": headers, "transport": transport,
+                "all_transitions": all_transitions})
     return rec

@@ -25,11 +25,12 @@ class TextRenderer:
     def __init__(self, wide: bool = False, verbose: bool = False):
         self.addr_width = 47 if wide else 21
         self.verbose = verbose
+        self.event_width = 6      # 9 with --all, for OLD>NEW (e.g. SYNS>SYNR)
 
     def header(self) -> str:
         w = self.addr_width
-        return (f"{'TIME':<8} {'EVENT':<6} {'LOCAL':<{w}} {'REMOTE':<{w}} "
-                f"{'AGE':>8} OWNER")
+        return (f"{'TIME':<8} {'EVENT':<{self.event_width}} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+                f"{'AGE':>8} {'OWNER' if self.event_width == 6 else 'OWNER/TASK'}")
 
     def _owner_width(self) -> int:
         # 80 columns minus TIME, EVENT, two addresses and AGE (">=12m03s").
@@ -40,19 +41,22 @@ class TextRenderer:
         clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
         local = _hostport(rec["laddr"], rec["lport"])
         remote = _hostport(rec["raddr"], rec["rport"])
-        return (f"{clock:<8} {event:<6} {local:<{w}} {remote:<{w}} {age:>8} "
-                f"{owner[:self._owner_width()]}")
+        line = (f"{clock:<8} {event:<{self.event_width}} {local:<{w}} {remote:<{w}} {age:>8} ")
+        return line + owner[:max(8, 80 - len(line))]
 
     def render(self, rec: dict) -> list[str]:
         kind = rec.get("type")
         if kind == "start":
             from closewait_trace.filters import SocketFilter
+            self.event_width = 9 if rec.get("all_transitions") else 6
             threshold_ns = int(round(rec["threshold_s"] * 1e9))
             return banner(threshold_ns, SocketFilter.from_dict(rec.get("filters")).describe()) + [self.header()]
         if kind == "linger":
             return self._linger(rec)
         if kind == "closed":
             return self._closed(rec)
+        if kind == "transition":
+            return [self._transition(rec)]
         if kind == "lost":
             what = COUNTER_TEXT.get(rec["counter"], rec["counter"])
             return [f"WARNING: {rec['count']} {what} (total {rec['total']})"]
@@ -81,6 +85,14 @@ class TextRenderer:
         if self.verbose:
             lines.extend(evidence_lines(rec))
         return lines
+
+    def _transition(self, rec: dict) -> str:
+        prev = rec.get("prev_state_s")
+        age = "?" if prev is None else format_age(int(prev * 1e9))
+        task = rec.get("task")
+        who = f"{task['pid']}/{task['comm']}" if task else "-"
+        change = f"{_SHORT.get(rec['oldstate'], rec['oldstate'])}>{_SHORT.get(rec['newstate'], rec['newstate'])}"
+        return self._row(rec, change, age, who)
 
     def _closed(self, rec: dict) -> list[str]:
         age = format_age(int(rec["duration_s"] * 1e9))
@@ -125,6 +137,12 @@ def evidence_lines(rec: dict) -> list[str]:
         out.append(f"         listener {listener['local']} queue "
                    f"{listener['accept_queue']}/{listener['backlog']}")
     return out
+
+
+# --all: short state names so that OLD>NEW stays narrow.
+_SHORT = {"ESTABLISHED": "EST", "SYN_SENT": "SYNS", "SYN_RECV": "SYNR", "FIN_WAIT1": "FW1",
+          "FIN_WAIT2": "FW2", "TIME_WAIT": "TW", "CLOSE": "CLO", "CLOSE_WAIT": "CW",
+          "LAST_ACK": "LA", "LISTEN": "LIS", "CLOSING": "CLG", "NEW_SYN_RECV": "NSR"}
 
 
 def _hostport(addr: str, port: int) -> str:

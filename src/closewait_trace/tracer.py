@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from closewait_trace import diagnosis, owners, records
-from closewait_trace.events import KernelEvent
+from closewait_trace.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.filters import SocketFilter
 from closewait_trace.probe import KernelProbe, ProbeConfig
 from closewait_trace.tracker import Lingerer, Tracker
@@ -79,7 +79,7 @@ class LiveTracer:
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         self.emit(records.start(self.started_ts, self.config.threshold_ns,
                                 self.socket_filter.as_dict(), pre, self.headers,
-                                self.probe.transport))
+                                self.probe.transport, self.config.all_transitions))
 
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,7 +111,11 @@ class LiveTracer:
 
     def drain(self) -> None:
         events, self.pending[:] = list(self.pending), []
+        offset = self.clock_offset_ns() if events else 0
         for ev in events:
+            if ev.kind == KIND_TRANSITION:
+                self.emit(records.transition(ev, (ev.ts_ns + offset) / 1e9))
+                continue
             closed = self.tracker.on_event(ev)
             if closed is not None:
                 self.closed_lines += 1

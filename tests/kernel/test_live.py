@@ -325,3 +325,38 @@ def test_socket_in_another_network_namespace(cleanup):
         tracer.stop()
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_all_transitions_stream(cleanup):
+    """--all: every transition of one connection, in order, with the task
+    only where it is the process's own system call."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "--all"]).start()
+    cleanup.append(tracer)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(8)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    client_port = client.getsockname()[1]
+    client.close()
+    assert conn.recv(10) == b""
+    conn.close()
+    srv.close()
+    tracer.wait_for(lambda r: r["type"] == "transition" and r["oldstate"] == "LISTEN"
+                    and r["newstate"] == "CLOSE", timeout=10)
+    summary = tracer.stop()
+    server_side = [(r["oldstate"], r["newstate"]) for r in tracer.of("transition")
+                   if r["lport"] == port and r["rport"] == client_port]
+    assert server_side == [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"),
+                           ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
+                           ("LAST_ACK", "CLOSE")]
+    by_change = {(r["oldstate"], r["newstate"]): r for r in tracer.of("transition")
+                 if r["lport"] == port and r["rport"] == client_port}
+    assert by_change[("LISTEN", "SYN_RECV")]["prev_state_s"] is None   # first sight: unknown
+    assert by_change[("CLOSE_WAIT", "LAST_ACK")]["task"]["pid"] == os.getpid()
+    assert by_change[("ESTABLISHED", "CLOSE_WAIT")]["task"] is None    # softirq
+    assert by_change[("LAST_ACK", "CLOSE")]["prev_state_s"] > 0
+    assert summary["counters"]["transitions"] >= 5
+    assert summary["counters"]["events_lost"] == 0

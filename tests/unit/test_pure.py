@@ -185,3 +185,25 @@ def test_sockdiag_request_and_reply_round_trip():
     err = struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -13)
     with pytest.raises(OSError):
         sockdiag.parse_messages(err)
+
+
+def test_transition_lines_align_and_fit():
+    from closewait_trace.events import KernelEvent
+    r = render.TextRenderer()
+    start = {"type": "start", "ts": 1.0, "threshold_s": 1.0, "filters": {}, "all_transitions": True}
+    header = r.render(start)[-1]
+    ev = KernelEvent(kind=3, ts_ns=0, skaddr=1, duration_ns=35_000, pid=7, tid=7, comm="python3",
+                     endpoints=Endpoints(socket.AF_INET, "255.255.255.255", 65535,
+                                         "255.255.255.255", 65535),
+                     oldstate=tcpstates.SYN_SENT, newstate=tcpstates.SYN_RECV)
+    rec = records.transition(ev, 1_800_000_000.0)
+    assert rec["task"] is None              # softirq transition: no task named
+    line = r.render(rec)[0]
+    assert len(line) <= 80 and line.index("255.") == header.index("LOCAL")
+    assert line.split()[1] == "SYNS>SYNR" and "35us" in line
+    first = records.transition(KernelEvent(**{**ev.__dict__, "duration_ns": 0,
+                                              "oldstate": tcpstates.CLOSE_WAIT,
+                                              "newstate": tcpstates.LAST_ACK}), 1.0)
+    assert first["prev_state_s"] is None and first["task"] == {"pid": 7, "comm": "python3"}
+    age, task = r.render(first)[0].split()[-2:]
+    assert age == "?" and "7/python3".startswith(task)   # cut to fit 80 columns
