@@ -97,7 +97,7 @@ class Output:
         if self.quiet or self.closed:
             return
         if self.as_json:
-            lines = [json.dumps(rec)]
+            lines = [json.dumps(rec, check_circular=False)]
         else:
             lines = self.renderer.render(rec)
         try:

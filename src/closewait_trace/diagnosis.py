@@ -64,7 +64,7 @@ def syscall_name(number: int, machine: Optional[str] = None) -> str:
     return f"syscall_{number}"
 
 
-@dataclass
+@dataclass(slots=True)
 class ThreadEvidence:
     tid: int
     state: str
@@ -74,6 +74,13 @@ class ThreadEvidence:
     syscall_fd: Optional[int] = None      # first argument, when it is an fd
     syscall_fd_target: str = ""           # what that fd is: socket:[N], pipe:[N], a path
     stack: list = field(default_factory=list)   # symbolize.Frame, innermost first
+    _serving: Optional[bool] = None
+
+    def serving(self, machine: str) -> bool:
+        # Threads are shared by all sockets of a process: decide once.
+        if self._serving is None:
+            self._serving = _is_serving(self, machine)
+        return self._serving
 
     def as_dict(self) -> dict:
         return {"tid": self.tid, "state": self.state, "wchan": self.wchan,
@@ -93,7 +100,7 @@ class ThreadEvidence:
         return self.stack[0].describe()
 
 
-@dataclass
+@dataclass(slots=True)
 class HolderEvidence:
     pid: int
     comm: str
@@ -108,22 +115,47 @@ class HolderEvidence:
     holds_listener: bool = False
     threads: list[ThreadEvidence] = field(default_factory=list)
     identity: dict = field(default_factory=dict)
+    threads_total: int = 0
+    # The process-wide part of as_dict, built once per process per batch and
+    # shared by every socket it holds (a process can hold 10,000 of them).
+    shared: Optional[dict] = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self, light: bool = False) -> dict:
         out = {"pid": self.pid, "comm": self.comm, "fd": self.fd,
                "state": self.state, "ppid": self.ppid, "cmdline": self.cmdline,
-               "cloexec": self.cloexec, "exiting": self.exiting,
-               "threads": [t.as_dict() for t in self.threads], "identity": self.identity}
+               "cloexec": self.cloexec, "exiting": self.exiting}
         if self.tracer_pid:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
+        if light:
+            return out
+        if self.shared is None:
+            self.shared = {"threads": [t.as_dict() for t in self.threads],
+                           "threads_total": self.threads_total or len(self.threads),
+                           "identity": self.identity}
+        out.update(self.shared)
         return out
 
 
-@dataclass
 class Diagnosis:
-    cause: str
-    summary: str
-    evidence: dict = field(default_factory=dict)
+    """A cause, its one-line summary, and the evidence, built on demand from
+    objects shared per process (kept small: one exists per lingering socket)."""
+
+    __slots__ = ("cause", "summary", "_build", "_extra")
+
+    def __init__(self, cause: str, summary: str, build=None):
+        self.cause = cause
+        self.summary = summary
+        self._build = build or dict
+        self._extra = {}
+
+    @property
+    def evidence(self) -> dict:
+        out = self._build()
+        out.update(self._extra)
+        return out
+
+    def add_evidence(self, key: str, value) -> None:
+        self._extra[key] = value
 
     def as_dict(self) -> dict:
         return {"cause": self.cause, "summary": self.summary, "evidence": self.evidence}
@@ -151,19 +183,26 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             listener_holders: list[HolderEvidence],
             machine: Optional[str] = None) -> Diagnosis:
     machine = machine or platform.machine()
-    evidence: dict = {"holders": [h.as_dict() for h in holders],
-                      "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
+    listener = own.listener
+    server = []
+
+    def evidence() -> dict:
+        out = {"holders": [h.as_dict() for h in holders],
+               "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
+        if own.kind == OWNER_ACCEPT_QUEUE:
+            out["listener"] = None if listener is None else {
+                "local": listener.endpoints.local,
+                "accept_queue": listener.rx_queue,
+                "backlog": listener.tx_queue,
+                "holders": [h.as_dict(light=True) for h in listener_holders]}
+        if server:
+            out["accepting_process"] = [h.as_dict(light=True) for h in server]
+        return out
 
     if own.kind == OWNER_GONE:
         return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected", evidence)
 
     if own.kind == OWNER_ACCEPT_QUEUE:
-        listener = own.listener
-        evidence["listener"] = None if listener is None else {
-            "local": listener.endpoints.local,
-            "accept_queue": listener.rx_queue,
-            "backlog": listener.tx_queue,
-            "holders": [h.as_dict() for h in listener_holders]}
         if listener is None:
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found",
@@ -199,14 +238,14 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             f"{_who(h)} fd {h.fd}" for h in holders), evidence)
 
     only = holders[0]
-    server = [h for h in listener_holders if h.pid != only.pid]
-    if server and not only.holds_listener and only.cloexec is False:
-        evidence["accepting_process"] = [h.as_dict() for h in server]
+    others = [h for h in listener_holders if h.pid != only.pid]
+    if others and not only.holds_listener and only.cloexec is False:
+        server.extend(others)
         return Diagnosis(
             LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
-            f"the server is {_who(server[0])}", evidence)
+            f"the server is {_who(others[0])}", evidence)
 
-    serving = [t for t in only.threads if _is_serving(t, machine)]
+    serving = [t for t in only.threads if t.serving(machine)]
     running = [t for t in only.threads if t.state == "R"]
     if serving or running:
         what = serving[0].syscall_name if serving else "running"
@@ -280,17 +319,18 @@ def parse_syscall(text: str) -> tuple[Optional[int], Optional[int]]:
     return number, arg0
 
 
-# Stacks are unwound for this many threads of a holder at most: the cost of
-# a diagnosis must stay small even for a process with hundreds of threads.
+# Stacks are unwound for this many threads of a holder at most, and this
+# many threads are listed: the cost and size of a diagnosis must stay small
+# even for a process with hundreds of threads.
 MAX_STACKS = 4
+MAX_THREADS = 16
 
 
 def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
     out = []
     stacks = 0
-    for name in sorted(procfs.list_dir(f"{proc}/{pid}/task"), key=lambda n: int(n) if n.isdigit() else 0):
-        if not name.isdigit():
-            continue
+    names = [n for n in procfs.list_dir(f"{proc}/{pid}/task") if n.isdigit()]
+    for name in sorted(names, key=int)[:MAX_THREADS]:
         base = f"{proc}/{pid}/task/{name}"
         stat = procfs.read_text(f"{base}/stat")
         parsed = procfs.parse_stat(stat) if stat else None
@@ -320,8 +360,8 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
 
 
 def holder_evidence(holder, proc: str, machine: str,
-                    listener_pids: frozenset = frozenset(), cache: Optional[dict] = None
-                    ) -> HolderEvidence:
+                    listener_pids: frozenset = frozenset(), cache: Optional[dict] = None,
+                    fd_flags: bool = True) -> HolderEvidence:
     """Evidence for one holder. What is about the process, not the fd
     (threads, stacks, identity), is read once per batch through cache."""
     per_process = cache.get(holder.pid) if cache is not None else None
@@ -333,15 +373,24 @@ def holder_evidence(holder, proc: str, machine: str,
         per_process = {"exiting": _exiting(holder.pid, proc),
                        "tracer_comm": tracer_comm,
                        "threads": _threads(holder.pid, proc, machine),
-                       "identity": identity.of_process(holder.pid, holder.uid, proc)}
+                       "threads_total": len([n for n in procfs.list_dir(
+                           f"{proc}/{holder.pid}/task") if n.isdigit()]),
+                       "identity": identity.of_process(holder.pid, holder.uid, proc),
+                       "shared": None}
         if cache is not None:
             cache[holder.pid] = per_process
-    return HolderEvidence(
+    ev = HolderEvidence(
         pid=holder.pid, comm=holder.comm, fd=holder.fd, state=holder.state,
         ppid=holder.ppid, cmdline=holder.cmdline, tracer_pid=holder.tracer_pid,
         tracer_comm=per_process["tracer_comm"], holds_listener=holder.pid in listener_pids,
-        cloexec=_fd_cloexec(holder.pid, holder.fd, proc), exiting=per_process["exiting"],
-        threads=per_process["threads"], identity=per_process["identity"])
+        cloexec=_fd_cloexec(holder.pid, holder.fd, proc) if fd_flags else None,
+        exiting=per_process["exiting"],
+        threads=per_process["threads"], identity=per_process["identity"],
+        threads_total=per_process["threads_total"], shared=per_process["shared"])
+    if per_process["shared"] is None:
+        ev.as_dict()
+        per_process["shared"] = ev.shared
+    return ev
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
@@ -351,5 +400,16 @@ def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = Non
     machine = machine or platform.machine()
     listener_pids = frozenset(h.pid for h in own.listener_holders)
     holders = [holder_evidence(h, proc, machine, listener_pids, cache) for h in own.holders]
-    listeners = [holder_evidence(h, proc, machine, cache=cache) for h in own.listener_holders]
+    # The listener's holders are named with their state; the flags of their
+    # fd on the listener do not matter here, so one object per process serves
+    # every socket queued on or accepted from that listener.
+    listeners = []
+    for h in own.listener_holders:
+        key = ("listener", h.pid, h.fd)
+        ev = cache.get(key) if cache is not None else None
+        if ev is None:
+            ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
+            if cache is not None:
+                cache[key] = ev
+        listeners.append(ev)
     return diagnose(own, holders, listeners, machine)

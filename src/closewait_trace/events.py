@@ -8,6 +8,7 @@ so it is tested without bcc or root.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import socket
 import sys
@@ -19,7 +20,7 @@ KIND_UNTRACKED_EXIT = 2
 KIND_TRANSITION = 3
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoints:
     """A TCP connection seen from this host: local and remote address:port."""
 
@@ -46,6 +47,7 @@ def join_host_port(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+@functools.lru_cache(maxsize=65536)
 def format_address(family: int, raw: bytes) -> str:
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(bytes(raw[:4])))
@@ -59,9 +61,9 @@ def format_address(family: int, raw: bytes) -> str:
 def endpoints_of(raw) -> Endpoints:
     return Endpoints(
         family=int(raw.family),
-        laddr=format_address(raw.family, bytes(raw.saddr)),
+        laddr=format_address(int(raw.family), bytes(raw.saddr)),
         lport=int(raw.sport),
-        raddr=format_address(raw.family, bytes(raw.daddr)),
+        raddr=format_address(int(raw.family), bytes(raw.daddr)),
         rport=int(raw.dport),
     )
 

@@ -21,7 +21,7 @@ OWNER_NONE = "none"                # in the table, but no process holds it
 OWNER_GONE = "gone"                # no longer in CLOSE_WAIT when we looked
 
 
-@dataclass
+@dataclass(slots=True)
 class Holder:
     pid: int
     comm: str
@@ -38,7 +38,7 @@ class Holder:
                 "cmdline": self.cmdline, "tracer_pid": self.tracer_pid}
 
 
-@dataclass
+@dataclass(slots=True)
 class Ownership:
     kind: str
     holders: list[Holder] = field(default_factory=list)

@@ -130,6 +130,16 @@ def _first_error(text: str) -> str:
     return lines[-1].strip() if lines else "no detail"
 
 
+def _release_compiler_memory() -> None:
+    """bcc compiles in-process with LLVM and frees most of that memory
+    afterwards, but glibc keeps freed heap pages; hand them back so the
+    tracer's resident size is what it uses, not what clang once needed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class KernelProbe:
     config: ProbeConfig
@@ -162,6 +172,7 @@ class KernelProbe:
                             EXIT_NO_BPF, "run with -v for details; check that the kernel "
                             "has BPF and that you are root")
         self.compile_s = time.monotonic() - started
+        _release_compiler_memory()
         self._set_port_filter("cw_lports", self.config.lports)
         self._set_port_filter("cw_rports", self.config.rports)
         table = self.bpf["cw_events"]

@@ -17,7 +17,7 @@ from closewait_trace import procfs
 from closewait_trace.events import Endpoints, format_address
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpRow:
     endpoints: Endpoints
     state: int

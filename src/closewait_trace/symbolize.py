@@ -99,6 +99,11 @@ class ElfInfo:
     fde_starts: list = field(default_factory=list)
     fdes: list = field(default_factory=list)          # (start, end, fde)
     path: str = ""
+    # .eh_frame_hdr's sorted table: look an FDE up without parsing them all.
+    hdr_locs: list = field(default_factory=list)
+    hdr_fde_offsets: list = field(default_factory=list)   # offsets into .eh_frame
+    cfi: object = None                                     # pyelftools CallFrameInfo
+    _fde_cache: dict = field(default_factory=dict)
 
     def vaddr_of_offset(self, file_offset: int) -> Optional[int]:
         for vaddr, offset, filesz in self.loads:
@@ -116,12 +121,62 @@ class ElfInfo:
         return "", 0
 
     def fde_for(self, vaddr: int):
+        if self.hdr_locs:
+            i = bisect.bisect_right(self.hdr_locs, vaddr) - 1
+            if i < 0:
+                return None
+            fde = self._fde_cache.get(i)
+            if fde is None:
+                try:
+                    fde = self.cfi._parse_entry_at(self.hdr_fde_offsets[i])
+                except Exception:
+                    return None
+                self._fde_cache[i] = fde
+            start = fde.header["initial_location"]
+            return fde if start <= vaddr < start + fde.header["address_range"] else None
         i = bisect.bisect_right(self.fde_starts, vaddr) - 1
         if i >= 0:
             start, end, fde = self.fdes[i]
             if start <= vaddr < end:
                 return fde
         return None
+
+
+def _index_eh_frame_hdr(elf, info: ElfInfo) -> bool:
+    """Read .eh_frame_hdr's binary-search table (initial location -> FDE),
+    so that one lookup parses one FDE instead of a whole large .eh_frame
+    (seconds for a big binary such as python3). False if it is absent or in
+    an encoding we do not read; the caller then parses everything."""
+    hdr = elf.get_section_by_name(".eh_frame_hdr")
+    eh = elf.get_section_by_name(".eh_frame")
+    if hdr is None or eh is None or not elf.has_dwarf_info():
+        return False
+    data = hdr.data()
+    # version 1; eh_frame_ptr: pcrel|sdata4; fde_count: udata4; table: datarel|sdata4
+    if len(data) < 12 or data[0] != 1 or data[1] != 0x1B or data[2] != 0x03 or data[3] != 0x3B:
+        return False
+    count = int.from_bytes(data[8:12], "little")
+    table = memoryview(data)[12:12 + 8 * count]
+    if len(table) != 8 * count:
+        return False
+    pairs = table.cast("i")
+    base, eh_addr = hdr["sh_addr"], eh["sh_addr"]
+    info.hdr_locs = [base + pairs[2 * i] for i in range(count)]
+    info.hdr_fde_offsets = [base + pairs[2 * i + 1] - eh_addr for i in range(count)]
+    try:
+        # pyelftools parses one entry at an offset with _parse_entry_at (not
+        # public API; without it we fall back to parsing everything).
+        from elftools.dwarf.callframe import CallFrameInfo
+        dwarf = elf.get_dwarf_info()
+        info.cfi = CallFrameInfo(stream=dwarf.eh_frame_sec.stream, size=dwarf.eh_frame_sec.size,
+                                 address=dwarf.eh_frame_sec.address,
+                                 base_structs=dwarf.structs, for_eh_frame=True)
+    except Exception:
+        info.cfi = None
+    if not hasattr(info.cfi, "_parse_entry_at"):
+        info.hdr_locs, info.hdr_fde_offsets = [], []
+        return False
+    return True
 
 
 def _read_symbols(elf) -> list:
@@ -177,7 +232,7 @@ def load_elf(path: str, debug_roots=None) -> Optional[ElfInfo]:
                     syms, source = debug, "debug-file"
             info.syms, info.symbols_from = syms, source
             info.sym_addrs = [s[0] for s in syms]
-            if elf.has_dwarf_info():
+            if not _index_eh_frame_hdr(elf, info) and elf.has_dwarf_info():
                 dwarf = elf.get_dwarf_info()
                 if dwarf.has_EH_CFI():
                     ranges = []

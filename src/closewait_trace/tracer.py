@@ -51,9 +51,9 @@ class LiveTracer:
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
     _map_version: tuple = ()
-    tick_stats: dict = field(default_factory=lambda: {"ticks": 0, "map_reads": 0,
-                                                      "max_ms": 0.0, "total_ms": 0.0,
-                                                      "last_ms": 0.0, "resolve_max_ms": 0.0})
+    tick_stats: dict = field(default_factory=lambda: {
+        "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
+        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
 
     def _on_event(self, ev: KernelEvent) -> bool:
         self.pending.append(ev)
@@ -129,11 +129,15 @@ class LiveTracer:
         # when neither moved, the sockets that mature are already known.
         version = (counters.get("cw_enter"), counters.get("cw_exit"),
                    counters.get("exit_untracked"))
-        if version != self._map_version:
+        stats = self.tick_stats
+        read_map = version != self._map_version
+        if read_map:
             self._map_version = version
             entries, endpoints_of = self.probe.tracked_entries()
             due = self.tracker.sync_entries(entries, endpoints_of, now_ns)
-            self.tick_stats["map_reads"] += 1
+            stats["map_reads"] += 1
+            stats["map_read_max_ms"] = max(stats["map_read_max_ms"],
+                                           (time.monotonic() - started) * 1000)
         else:
             due = self.tracker.due(now_ns)
         if resolve and due:
@@ -142,12 +146,11 @@ class LiveTracer:
             self.tick_stats["resolve_max_ms"] = max(self.tick_stats["resolve_max_ms"],
                                                     (time.monotonic() - resolving) * 1000)
         elapsed = (time.monotonic() - started) * 1000
-        stats = self.tick_stats
         stats["ticks"] += 1
-        stats["total_ms"] += elapsed
-        stats["last_ms"] = elapsed
-        if not due:     # the cost of a tick with nothing to report
-            stats["max_ms"] = max(stats["max_ms"], elapsed)
+        if not due and not read_map:    # nothing changed: the steady-state cost
+            stats["idle_ticks"] += 1
+            stats["idle_total_ms"] += elapsed
+            stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
 
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
@@ -194,7 +197,7 @@ class LiveTracer:
 
     def summary(self) -> dict:
         stats = dict(self.tick_stats)
-        stats["mean_ms"] = round(stats.pop("total_ms") / max(1, stats["ticks"]), 3)
+        stats["idle_mean_ms"] = stats.pop("idle_total_ms") / max(1, stats["idle_ticks"])
         extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in stats.items()}}
         if self.recorder is not None:

@@ -20,7 +20,7 @@ from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
 DEPARTED_GRACE_NS = 5_000_000_000
 
 
-@dataclass
+@dataclass(slots=True)
 class Lingerer:
     endpoints: Endpoints
     enter_ns: int               # for a pre-existing socket: when tracing began

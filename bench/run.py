@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""closewait-trace benchmark: overhead at saturation against bcc's tcpstates,
+startup and shutdown times, and scale to many lingering sockets.
+
+    sudo .venv/bin/python bench/run.py                 # everything (about 6 minutes)
+    sudo .venv/bin/python bench/run.py churn --rounds 5
+    sudo .venv/bin/python bench/run.py scale --sockets 1000,10000,100000
+    sudo .venv/bin/python bench/run.py --smoke         # seconds; what CI runs
+
+Prints a Markdown report (the one in docs/benchmarks.md) and, with --json,
+the raw numbers. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TRACER = [sys.executable, "-m", "closewait_trace"]
+TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
+CHURN = os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}")
+
+
+def build_churn() -> None:
+    subprocess.run(["gcc", "-O2", "-o", CHURN, os.path.join(HERE, "churn.c")], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bcc_env() -> dict:
+    """tcpstates needs a header tree too; give it the one closewait-trace uses."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sys.path.insert(0, os.path.join(REPO, "src"))
+    from closewait_trace import kernel_headers
+    choice = kernel_headers.choose_headers()
+    if choice.path:
+        env["BCC_KERNEL_SOURCE"] = choice.path
+    return env
+
+
+class Traced:
+    """A tracer process whose output is drained (as a terminal would take it)
+    and whose readiness line is awaited."""
+
+    def __init__(self, mode: str, port: int, env: dict):
+        self.mode = mode
+        if mode == "default":
+            cmd = TRACER + ["--json", "-p", str(port)]
+            self.ready = lambda line: line.startswith('{"type": "start"')
+        elif mode == "all":
+            cmd = TRACER + ["--all", "--json", "-p", str(port)]
+            self.ready = lambda line: line.startswith('{"type": "start"')
+        elif mode == "tcpstates":
+            cmd = [sys.executable if TCPSTATES.endswith(".py") else "/usr/bin/python3",
+                   TCPSTATES, "-L", str(port)]
+            self.ready = lambda line: "SKADDR" in line
+        else:
+            raise ValueError(mode)
+        self.launched = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines = 0
+        self.last_json = None
+        self.stderr = ""
+        self.ready_at = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._drain_err, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.lines += 1
+            if self.ready_at is None and self.ready(line):
+                self.ready_at = time.monotonic()
+                self._ready.set()
+            if line.startswith('{"type": "summary"'):
+                self.last_json = json.loads(line)
+        self._ready.set()
+
+    def _drain_err(self):
+        self.stderr = self.proc.stderr.read()
+
+    def wait_ready(self, timeout=60) -> float:
+        if not self._ready.wait(timeout) or self.ready_at is None:
+            raise RuntimeError(f"{self.mode} did not start: {self.stderr[-500:]}")
+        return self.ready_at - self.launched
+
+    def stop(self) -> dict:
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:
+            usage = None
+        exit_s = time.monotonic() - sent
+        self.proc.returncode = 0
+        time.sleep(0.2)
+        lost = 0
+        if self.mode == "tcpstates":
+            for line in self.stderr.splitlines() + []:
+                if "lost" in line.lower():
+                    lost += int("".join(ch for ch in line.split("lost")[1] if ch.isdigit()) or 0)
+        elif self.last_json:
+            c = self.last_json["counters"]
+            lost = c.get("events_lost", 0) + c.get("map_full", 0)
+        return {"exit_s": exit_s, "cpu_s": (usage.ru_utime + usage.ru_stime) if usage else None,
+                "lost": lost, "summary": self.last_json}
+
+
+def run_churn(seconds: float, clients: int, servers: int, port: int) -> float:
+    out = subprocess.run([CHURN, str(port), str(seconds), str(clients), str(servers)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]) / float(out[1])
+
+
+def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, servers: int) -> dict:
+    env = bcc_env()
+    results = {m: {"rate": [], "cpu_s": [], "lost": [], "startup_s": [], "exit_s": []} for m in modes}
+    for r in range(rounds):
+        for mode in modes:          # interleaved: A B C D, A B C D, ...
+            port = free_port()      # fresh port: no TIME_WAIT from earlier runs in the way
+            tracer = None
+            if mode != "none":
+                tracer = Traced(mode, port, env)
+                results[mode]["startup_s"].append(tracer.wait_ready())
+            rate = run_churn(seconds, clients, servers, port)
+            results[mode]["rate"].append(rate)
+            if tracer:
+                # Shutdown is timed under load: a second churn runs meanwhile.
+                load = subprocess.Popen([CHURN, str(free_port()), "3", str(clients), str(servers)],
+                                        stdout=subprocess.DEVNULL)
+                time.sleep(1.0)
+                stopped = tracer.stop()
+                load.wait()
+                results[mode]["exit_s"].append(stopped["exit_s"])
+                results[mode]["cpu_s"].append(stopped["cpu_s"])
+                results[mode]["lost"].append(stopped["lost"])
+            print(f"  round {r + 1} {mode:>9}: {rate:9.0f} conn/s", file=sys.stderr)
+            time.sleep(1.0)
+    return results
+
+
+# ------------------------------------------------------------------ scale
+
+HOLDER = r"""
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, count = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port)); s.listen(4096)
+print("ready", flush=True)
+held = [s.accept()[0] for _ in range(count)]
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+CLIENT = r"""
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, count = int(sys.argv[1]), int(sys.argv[2])
+conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print("connected", flush=True)
+sys.stdin.readline()
+for c in conns:
+    c.close()
+print("closed", flush=True)
+"""
+
+
+LPORT = re.compile(r'"lport": (\d+)')
+
+
+def bpf_map_memory(pid: int) -> int:
+    """Bytes the kernel charges for the tracer's BPF maps (fdinfo memlock)."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("memlock:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def rss_kb(pid: int, key="VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> dict:
+    groups = [per_process] * (total // per_process) + ([total % per_process] if total % per_process else [])
+    base = free_port()
+    ports = []
+    holders, clients = [], []
+    tracer = subprocess.Popen(TRACER + ["--json", "-t", threshold, "-i", "500ms"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = tracer.stdout.readline()
+        assert first.startswith('{"type": "start"'), first
+        for n in groups:
+            port = free_port()
+            ports.append(port)
+            h = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert h.stdout.readline().strip() == "ready"
+            holders.append(h)
+            c = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), str(n)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert c.stdout.readline().strip() == "connected"
+            clients.append(c)
+        for h in holders:
+            assert h.stdout.readline().strip() == "held"
+        for c in clients:
+            c.stdin.write("close\n")
+            c.stdin.flush()
+        for c in clients:
+            assert c.stdout.readline().strip() == "closed"
+        closed_at = time.monotonic()
+        wanted = set(ports)
+        reported = 0
+        owners_ok = 0
+        last = closed_at
+        deadline = closed_at + 120
+        while reported < total and time.monotonic() < deadline:
+            line = tracer.stdout.readline()
+            if not line:
+                break
+            if line.startswith('{"type": "linger"'):
+                # Parsing 100k records of ~6 KB would make this reader, not
+                # the tracer, the bottleneck: pick out the two fields cheaply.
+                m = LPORT.search(line)
+                if m and int(m.group(1)) in wanted:
+                    reported += 1
+                    owners_ok += '"owners": [{"pid"' in line
+                    last = time.monotonic()
+        report_s = last - closed_at
+        drain = threading.Thread(target=lambda: [None for _ in tracer.stdout], daemon=True)
+        time.sleep(3.0)               # idle ticks: nothing changes any more
+        rss = rss_kb(tracer.pid)
+        hwm = rss_kb(tracer.pid, "VmHWM")
+        maps = bpf_map_memory(tracer.pid)
+        tracer.send_signal(signal.SIGINT)
+        summary = None
+        for line in tracer.stdout:
+            if line.startswith('{"type": "summary"'):
+                summary = json.loads(line)
+        tracer.wait(timeout=60)
+        cost = (summary or {}).get("tracer_cost", {})
+        return {"sockets": total, "reported": reported, "with_owners": owners_ok,
+                "report_s_after_close": round(report_s, 2), "threshold_s": 1.0,
+                "rss_mb": round(rss / 1024, 1), "rss_peak_mb": round(hwm / 1024, 1),
+                "bpf_maps_mb": round(maps / 2**20, 1),
+                "idle_tick_max_ms": cost.get("idle_max_ms"),
+                "map_read_max_ms": cost.get("map_read_max_ms"),
+                "resolve_max_ms": cost.get("resolve_max_ms")}
+    finally:
+        for p in clients + holders:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+            p.kill()
+            p.wait()
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+
+
+# ----------------------------------------------------------------- report
+
+def machine() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs):
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
+
+
+def markdown(churn: dict, scale: list, args) -> str:
+    out = [f"Machine: {machine()}", ""]
+    if churn:
+        base = med(churn["none"]["rate"]) if "none" in churn else None
+        out += [f"Churn: {args.seconds:g} s per run, {args.rounds} interleaved rounds, "
+                f"{args.clients} client + {args.servers} server processes "
+                f"(bench/churn.c); every connection passes through CLOSE_WAIT.", "",
+                "| tracer | conn/s median | min-max | vs none | tracer CPU s/run | lost | startup s | SIGINT->exit s |",
+                "|---|---|---|---|---|---|---|---|"]
+        names = {"none": "no tracer", "default": "closewait-trace", "all": "closewait-trace --all",
+                 "tcpstates": "tcpstates-bpfcc"}
+        for mode, r in churn.items():
+            lo, hi = spread(r["rate"])
+            ratio = f"{100 * med(r['rate']) / base:.1f}%" if base else "-"
+            cpu = f"{med(r['cpu_s']):.2f}" if r["cpu_s"] else "-"
+            lost = str(sum(r["lost"])) if r["lost"] else "-"
+            st = f"{med(r['startup_s']):.2f}" if r["startup_s"] else "-"
+            ex = f"{max(r['exit_s']):.2f} (max)" if r["exit_s"] else "-"
+            out.append(f"| {names[mode]} | {med(r['rate']):.0f} | {lo:.0f}-{hi:.0f} | {ratio} | "
+                       f"{cpu} | {lost} | {st} | {ex} |")
+        out.append("")
+    if scale:
+        out += ["| lingering sockets | reported with owner | last reported (s after close) | tracer RSS MB (peak) | BPF maps MB | idle tick max ms | full map read max ms | resolve batch max ms |",
+                "|---|---|---|---|---|---|---|---|"]
+        for s in scale:
+            out.append(f"| {s['sockets']} | {s['with_owners']}/{s['reported']} | "
+                       f"{s['report_s_after_close']} | {s['rss_mb']} ({s['rss_peak_mb']}) | "
+                       f"{s['bpf_maps_mb']} | {s['idle_tick_max_ms']} | {s['map_read_max_ms']} | "
+                       f"{s['resolve_max_ms']} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", choices=["all", "churn", "scale"], default="all")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--servers", type=int, default=2)
+    ap.add_argument("--sockets", default="1000,10000,100000")
+    ap.add_argument("--no-tcpstates", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny version, for CI")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (it loads BPF programs)", file=sys.stderr)
+        return 3
+    if args.smoke:
+        args.rounds, args.seconds, args.sockets = 1, 1.0, "200"
+    build_churn()
+    modes = ["none", "default", "all"]
+    if not args.no_tcpstates and os.path.exists(TCPSTATES):
+        modes.append("tcpstates")
+    churn = churn_bench(args.rounds, args.seconds, modes, args.clients, args.servers) \
+        if args.what in ("all", "churn") else {}
+    scale = [scale_one(int(n)) for n in args.sockets.split(",")] \
+        if args.what in ("all", "scale") else []
+    print(markdown(churn, scale, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "churn": churn, "scale": scale}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
