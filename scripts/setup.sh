@@ -24,6 +24,11 @@ fi
 . /etc/os-release
 arch=$(dpkg --print-architecture)
 packages=(python3 python3-venv python3-bpfcc socat iproute2 gcc libc6-dev binutils strace gdb)
+if [ "$action" = test ]; then
+    # Only the tests need these: bcc's tcpstates for the benchmark's
+    # comparison, and vagrant to check vagrant/Vagrantfile offline.
+    packages+=(bpfcc-tools vagrant)
+fi
 
 if [ ! -e "/lib/modules/$(uname -r)/build/include" ]; then
     # The running kernel's own headers when the distro has them; otherwise the

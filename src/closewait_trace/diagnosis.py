@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from closewait_trace import identity, procfs, symbolize
-from closewait_trace.owners import (OWNER_ACCEPT_QUEUE, OWNER_FD, OWNER_GONE,
-                                    OWNER_NONE, Ownership)
+from closewait_trace.owners import OWNER_ACCEPT_QUEUE, OWNER_GONE, OWNER_NONE, Ownership
 
 STOPPED = "stopped"
 TRACED = "traced"

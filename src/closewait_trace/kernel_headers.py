@@ -83,7 +83,7 @@ def _check_private_dir(path: str) -> None:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise UserError(f"{path} is not a directory owned by us and closed to others",
-                        EXIT_NO_HEADERS, f"remove it and run again")
+                        EXIT_NO_HEADERS, "remove it and run again")
 
 
 def _make_private_dir(path: str) -> None:

@@ -7,7 +7,6 @@ over /proc/*/fd, whatever the number of sockets in the batch.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 

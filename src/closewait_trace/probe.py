@@ -94,7 +94,6 @@ def check_tracepoint(tracefs: str) -> None:
 
 def import_bcc():
     try:
-        import bcc  # noqa: F401
         from bcc import BPF
     except ImportError:
         raise UserError("bcc's Python binding is not importable by this interpreter",

@@ -27,7 +27,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from closewait_trace.durations import format_age
 from closewait_trace.events import join_host_port

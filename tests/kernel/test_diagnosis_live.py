@@ -6,34 +6,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.kernel.harness import (Tracer, children_of, connect_and_close, free_port,
+from tests.kernel.harness import (Tracer, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
                                   state_of, wait_until)
 
 pytestmark = pytest.mark.kernel
 SOURCE = os.path.join(os.path.dirname(__file__), "data", "hold_socket.c")
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    # Newest first: a tracer (gdb, strace) goes before its tracee, whose
-    # parent could otherwise not reap it until the tracer let go.
-    for p in reversed(started):
-        if isinstance(p, Tracer):
-            p.kill()
-        elif p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            p.kill()
-            p.wait()
 
 
 def one_linger(port, procs, workload, threshold="300ms", env=None, extra=()):
@@ -226,4 +207,4 @@ def test_deleted_binary_is_still_symbolized(tmp_path, procs):
     p = start_c(binary, port, procs)
     os.unlink(binary)
     rec = one_linger(port, procs, lambda: connect_and_close(port, 1))
-    stack = assert_blocked_in_pause(rec, p.pid, "holder (deleted)")
+    assert_blocked_in_pause(rec, p.pid, "holder (deleted)")

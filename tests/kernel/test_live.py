@@ -12,38 +12,20 @@ import pytest
 
 from tests.kernel.harness import (Tracer, children_of, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
-                                  state_of, wait_until)
+                                  wait_until)
 
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture
-def cleanup():
-    procs = []
-    yield procs
-    for p in procs:
-        if isinstance(p, Tracer):
-            p.kill()
-            continue
-        for child in children_of(p.pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def test_seed_scenario_five_stopped_socat_children(cleanup):
+def test_seed_scenario_five_stopped_socat_children(procs):
     """../shared/seed-closewait.txt, exactly: a forking socat whose children
     STOP themselves, and 5 clients that give up after 1 second."""
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "1s"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
                                "system:kill -STOP $SOCAT_PID"])
-    cleanup.append(server)
+    procs.append(server)
     wait_until(lambda: f":{port} " in subprocess.run(
         ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
     entered = []
@@ -96,12 +78,12 @@ def test_seed_scenario_five_stopped_socat_children(cleanup):
     assert summary["still_lingering"] == []
 
 
-def test_23_sockets_held_by_a_server_that_ignores_eof(cleanup):
+def test_23_sockets_held_by_a_server_that_ignores_eof(procs):
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "500ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = start_holding_server(port)
-    cleanup.append(server)
+    procs.append(server)
     connect_and_close(port, 23, payload=b"unread bytes\n")
 
     tracer.wait_for(lambda r: r["type"] == "linger", count=23, timeout=15)
@@ -119,12 +101,12 @@ def test_23_sockets_held_by_a_server_that_ignores_eof(cleanup):
     assert summary["counters"]["cw_enter"] == 23
 
 
-def test_ipv6_loopback(cleanup):
+def test_ipv6_loopback(procs):
     port = free_port(socket.AF_INET6)
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = start_holding_server(port, family="6")
-    cleanup.append(server)
+    procs.append(server)
     connect_and_close(port, 3, family=socket.AF_INET6)
     tracer.wait_for(lambda r: r["type"] == "linger", count=3)
     tracer.settle(0.8)
@@ -136,12 +118,12 @@ def test_ipv6_loopback(cleanup):
     tracer.stop()
 
 
-def test_ipv4_only_filter_drops_ipv6(cleanup):
+def test_ipv4_only_filter_drops_ipv6(procs):
     port = free_port(socket.AF_INET6)
     tracer = Tracer(["-p", str(port), "-t", "300ms", "-4"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = start_holding_server(port, family="6")
-    cleanup.append(server)
+    procs.append(server)
     connect_and_close(port, 2, family=socket.AF_INET6)
     tracer.settle(1.5)
     assert tracer.of("linger") == []
@@ -159,13 +141,13 @@ time.sleep(3600)
 """
 
 
-def test_accept_queue_names_the_listener_that_never_accepts(cleanup):
+def test_accept_queue_names_the_listener_that_never_accepts(procs):
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     listener = subprocess.Popen([sys.executable, "-c", ACCEPT_NEVER, str(port)],
                                 stdout=subprocess.PIPE, text=True)
-    cleanup.append(listener)
+    procs.append(listener)
     assert listener.stdout.readline().strip() == "ready"
     connect_and_close(port, 2)
     tracer.wait_for(lambda r: r["type"] == "linger", count=2)
@@ -183,12 +165,12 @@ def test_accept_queue_names_the_listener_that_never_accepts(cleanup):
     tracer.stop()
 
 
-def test_socket_held_by_two_processes_after_fork(cleanup):
+def test_socket_held_by_two_processes_after_fork(procs):
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = start_holding_server(port, mode="fork")
-    cleanup.append(server)
+    procs.append(server)
     connect_and_close(port, 1)
     child = wait_until(lambda: children_of(server.pid), what="forked child")[0]
     rec = tracer.wait_for(lambda r: r["type"] == "linger")[0]
@@ -199,15 +181,15 @@ def test_socket_held_by_two_processes_after_fork(cleanup):
     tracer.stop()
 
 
-def test_sockets_already_in_close_wait_before_tracing(cleanup):
+def test_sockets_already_in_close_wait_before_tracing(procs):
     port = free_port()
     server = start_holding_server(port)
-    cleanup.append(server)
+    procs.append(server)
     connect_and_close(port, 3)
     wait_until(lambda: len(ss_close_wait(port)) == 3, what="3 CLOSE-WAIT")
     time.sleep(0.5)
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     start = [r for r in tracer.records if r["type"] == "start"][0]
     assert start["pre_existing"] == 3
     # A fourth one after the start is timed exactly, not pre-existing.
@@ -231,12 +213,12 @@ def test_sockets_already_in_close_wait_before_tracing(cleanup):
     assert summary["counters"]["cw_enter"] == 1
 
 
-def test_port_filter_excludes_other_traffic(cleanup):
+def test_port_filter_excludes_other_traffic(procs):
     wanted, other = free_port(), free_port()
     tracer = Tracer(["-p", str(wanted), "-t", "300ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     s1, s2 = start_holding_server(wanted), start_holding_server(other)
-    cleanup.extend([s1, s2])
+    procs.extend([s1, s2])
     connect_and_close(other, 7)
     connect_and_close(wanted, 2)
     tracer.wait_for(lambda r: r["type"] == "linger", count=2)
@@ -261,13 +243,13 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def test_prompt_closing_workload_produces_no_events(cleanup):
+def test_prompt_closing_workload_produces_no_events(procs):
     port, n = free_port(), 211
     tracer = Tracer(["-p", str(port), "-t", "200ms"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     server = subprocess.Popen([sys.executable, "-c", PROMPT_SERVER, str(port), str(n)],
                               stdout=subprocess.PIPE, text=True)
-    cleanup.append(server)
+    procs.append(server)
     assert server.stdout.readline().strip() == "ready"
     connect_and_close(port, n, payload=b"x")
     server.wait(timeout=30)
@@ -282,9 +264,9 @@ def test_prompt_closing_workload_produces_no_events(cleanup):
     assert all(b["to_us"] <= 200_000 for b in summary["histogram_us"])
 
 
-def test_sigterm_exits_promptly_with_summary(cleanup):
+def test_sigterm_exits_promptly_with_summary(procs):
     tracer = Tracer(["-t", "1s"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     started = time.monotonic()
     summary = tracer.stop(sig=signal.SIGTERM, timeout=5)
     assert time.monotonic() - started < 2.0
@@ -293,19 +275,19 @@ def test_sigterm_exits_promptly_with_summary(cleanup):
 
 
 
-def test_socket_in_another_network_namespace(cleanup):
+def test_socket_in_another_network_namespace(procs):
     ns = f"cwt-test-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         port = 7000 + os.getpid() % 1000
         tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
-        cleanup.append(tracer)
+        procs.append(tracer)
         from tests.kernel.harness import HOLDING_SERVER
         server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
                                    HOLDING_SERVER, "4", str(port)],
                                   stdout=subprocess.PIPE, text=True)
-        cleanup.append(server)
+        procs.append(server)
         assert server.stdout.readline().strip() == "ready"
         subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
                         "import socket,sys; [socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close() for _ in range(2)]",
@@ -327,12 +309,12 @@ def test_socket_in_another_network_namespace(cleanup):
         subprocess.run(["ip", "netns", "del", ns])
 
 
-def test_all_transitions_stream(cleanup):
+def test_all_transitions_stream(procs):
     """--all: every transition of one connection, in order, with the task
     only where it is the process's own system call."""
     port = free_port()
     tracer = Tracer(["-p", str(port), "--all"]).start()
-    cleanup.append(tracer)
+    procs.append(tracer)
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))

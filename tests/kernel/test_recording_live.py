@@ -5,7 +5,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,24 +13,6 @@ from tests.kernel.harness import (TRACER, Tracer, children_of, connect_and_close
                                   ss_close_wait, start_holding_server, wait_until)
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for p in started:
-        if isinstance(p, Tracer):
-            p.kill()
-            continue
-        for child in children_of(p.pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def cli(*args, **kw):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from closewait_trace import cli, errors, kernel_headers, probe
 

@@ -1,0 +1,30 @@
+"""A tiny run of the benchmark, so that it cannot rot (the real one is run
+by hand: see docs/benchmarks.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py")
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, BENCH, "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    churn = data["churn"]
+    assert {"none", "default", "all"} <= set(churn)
+    for mode in ("default", "all"):
+        assert churn[mode]["rate"][0] > 1000
+        assert churn[mode]["lost"] == [0]
+        assert churn[mode]["startup_s"][0] < 10
+        assert churn[mode]["exit_s"][0] is not None and churn[mode]["exit_s"][0] < 5
+    scale = data["scale"][0]
+    assert scale["sockets"] == scale["reported"] == scale["with_owners"] == 200
+    assert "| closewait-trace |" in result.stdout
