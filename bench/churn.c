@@ -4,7 +4,10 @@
  * server reads EOF, then closes. Compiled so that the workload's own cost
  * stays out of the way of what is measured.
  *
- *   churn PORT SECONDS CLIENTS SERVERS   -> prints "connections seconds"
+ *   churn PORT SECONDS CLIENTS SERVERS [RATE]  -> prints "connections seconds"
+ *
+ * RATE (connections per second, all clients together) paces the clients;
+ * without it they go as fast as they can.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -41,10 +44,18 @@ static void serve(int listener)
     }
 }
 
-static long client(struct sockaddr_in *addr, double deadline)
+static long client(struct sockaddr_in *addr, double start, double deadline, double rate)
 {
     long n = 0;
     while (now() < deadline) {
+        if (rate > 0) {
+            double due = start + n / rate;
+            double wait = due - now();
+            if (wait > 0) {
+                struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+                nanosleep(&ts, NULL);
+            }
+        }
         int s = socket(AF_INET, SOCK_STREAM, 0);
         if (s < 0)
             continue;
@@ -57,10 +68,11 @@ static long client(struct sockaddr_in *addr, double deadline)
 
 int main(int argc, char **argv)
 {
-    if (argc != 5) {
-        fprintf(stderr, "usage: churn PORT SECONDS CLIENTS SERVERS\n");
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: churn PORT SECONDS CLIENTS SERVERS [RATE]\n");
         return 2;
     }
+    double rate = argc == 6 ? atof(argv[5]) : 0;
     int port = atoi(argv[1]), clients = atoi(argv[3]), servers = atoi(argv[4]);
     double seconds = atof(argv[2]);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
@@ -83,7 +95,7 @@ int main(int argc, char **argv)
     double start = now(), deadline = start + seconds;
     for (int i = 0; i < clients; i++) {
         if (fork() == 0) {
-            long n = client(&addr, deadline);
+            long n = client(&addr, start, deadline, rate / clients);
             if (write(pipefd[1], &n, sizeof n) != sizeof n)
                 _exit(1);
             _exit(0);

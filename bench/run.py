@@ -55,6 +55,16 @@ def bcc_env() -> dict:
     return env
 
 
+EMPTY_PROBE = r"""
+import signal, sys
+from bcc import BPF
+b = BPF(text="TRACEPOINT_PROBE(sock, inet_sock_set_state) { return 0; }")
+print("ready", flush=True)
+signal.signal(signal.SIGINT, lambda *a: sys.exit(0))
+signal.pause()
+"""
+
+
 class Traced:
     """A tracer process whose output is drained (as a terminal would take it)
     and whose readiness line is awaited."""
@@ -67,6 +77,11 @@ class Traced:
         elif mode == "all":
             cmd = TRACER + ["--all", "--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
+        elif mode == "empty":
+            # The floor: an empty program on the same tracepoint. What it
+            # costs is the tracepoint's own price, paid by any tracer of it.
+            cmd = ["/usr/bin/python3", "-c", EMPTY_PROBE]
+            self.ready = lambda line: line.startswith("ready")
         elif mode == "tcpstates":
             cmd = [sys.executable if TCPSTATES.endswith(".py") else "/usr/bin/python3",
                    TCPSTATES, "-L", str(port)]
@@ -161,12 +176,13 @@ def fresh_port() -> int:
     return next(_ports)
 
 
-def churn_cmd(port: int, seconds: float, clients: int, servers: int) -> list:
-    return ["ip", "netns", "exec", NETNS, CHURN, str(port), str(seconds), str(clients), str(servers)]
+def churn_cmd(port: int, seconds: float, clients: int, servers: int, rate: float = 0) -> list:
+    cmd = ["ip", "netns", "exec", NETNS, CHURN, str(port), str(seconds), str(clients), str(servers)]
+    return cmd + [str(rate)] if rate else cmd
 
 
-def run_churn(seconds: float, clients: int, servers: int, port: int) -> float:
-    out = subprocess.run(churn_cmd(port, seconds, clients, servers),
+def run_churn(seconds: float, clients: int, servers: int, port: int, rate: float = 0) -> float:
+    out = subprocess.run(churn_cmd(port, seconds, clients, servers, rate),
                          capture_output=True, text=True, check=True).stdout.split()
     return int(out[0]) / float(out[1])
 
@@ -197,6 +213,39 @@ def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, ser
             print(f"  round {r + 1} {mode:>9}: {rate:9.0f} conn/s", file=sys.stderr)
             time.sleep(1.0)
     return results
+
+
+def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers: int) -> dict:
+    """Paced churn at increasing rates: where does each transition streamer
+    start losing events? (Every connection is 5 server-side transitions.)"""
+    env = bcc_env()
+    out = {m: [] for m in modes}
+    for rate in rates:
+        for mode in modes:
+            tracer = Traced(mode, fresh_port_peek(), env)
+            tracer.wait_ready()
+            achieved = run_churn(seconds, clients, servers, next_port(), rate)
+            stopped = tracer.stop()
+            transitions = (stopped["summary"] or {}).get("counters", {}).get("transitions")
+            out[mode].append({"rate": rate, "achieved": achieved, "lost": stopped["lost"],
+                              "transitions": transitions,
+                              "exit_s": stopped["exit_s"], "killed": stopped["killed"]})
+            print(f"  sweep {rate:>7} conn/s {mode:>9}: lost {stopped['lost']}", file=sys.stderr)
+            time.sleep(1.0)
+    return out
+
+
+def fresh_port_peek() -> int:
+    global _peeked
+    _peeked = next(_ports)
+    return _peeked
+
+
+def next_port() -> int:
+    return _peeked
+
+
+_peeked = 0
 
 
 # ------------------------------------------------------------------ scale
@@ -365,7 +414,8 @@ def markdown(churn: dict, scale: list, args) -> str:
                 f"(bench/churn.c); every connection passes through CLOSE_WAIT.", "",
                 "| tracer | conn/s median | min-max | vs none | tracer CPU s/run | lost | startup s | SIGINT->exit s |",
                 "|---|---|---|---|---|---|---|---|"]
-        names = {"none": "no tracer", "default": "closewait-trace", "all": "closewait-trace --all",
+        names = {"none": "no tracer", "empty": "empty BPF program (floor)",
+                 "default": "closewait-trace", "all": "closewait-trace --all",
                  "tcpstates": "tcpstates-bpfcc"}
         for mode, r in churn.items():
             lo, hi = spread(r["rate"])
@@ -395,7 +445,9 @@ def markdown(churn: dict, scale: list, args) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", choices=["all", "churn", "scale"], default="all")
+    ap.add_argument("what", nargs="?", choices=["all", "churn", "scale", "sweep"], default="all")
+    ap.add_argument("--rates", default="2000,5000,10000,20000,40000",
+                    help="sweep: paced connection rates to try")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=2)
@@ -411,7 +463,7 @@ def main() -> int:
     if args.smoke:
         args.rounds, args.seconds, args.sockets = 1, 1.0, "200"
     build_churn()
-    modes = ["none", "default", "all"]
+    modes = ["none", "empty", "default", "all"]
     if not args.no_tcpstates and os.path.exists(TCPSTATES):
         modes.append("tcpstates")
     churn = {}
@@ -421,9 +473,26 @@ def main() -> int:
             churn = churn_bench(args.rounds, args.seconds, modes, args.clients, args.servers)
         finally:
             teardown_netns()
+    sweep = {}
+    if args.what == "sweep":
+        setup_netns()
+        try:
+            sweep = sweep_bench([int(r) for r in args.rates.split(",")], args.seconds,
+                                [m for m in modes if m in ("all", "tcpstates")],
+                                args.clients, args.servers)
+        finally:
+            teardown_netns()
+        print("| conn/s asked | achieved | events/s (5 per conn) | " +
+              " | ".join(f"{m} lost" for m in sweep) + " |")
+        print("|---|---|---|" + "---|" * len(sweep))
+        first = next(iter(sweep.values()))
+        for i, row in enumerate(first):
+            print(f"| {row['rate']} | {row['achieved']:.0f} | {5 * row['achieved']:.0f} | " +
+                  " | ".join(str(sweep[m][i]["lost"]) for m in sweep) + " |")
     scale = [scale_one(int(n)) for n in args.sockets.split(",")] \
         if args.what in ("all", "scale") else []
-    print(markdown(churn, scale, args))
+    if churn or scale:
+        print(markdown(churn, scale, args))
     if churn:
         print("\nPer run (conn/s, lost):")
         for mode, r in churn.items():
@@ -431,7 +500,8 @@ def main() -> int:
                                           for rate, lost in zip(r["rate"], r["lost"] or [None] * len(r["rate"]))))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "churn": churn, "scale": scale}, f, indent=1)
+            json.dump({"machine": machine(), "churn": churn, "scale": scale, "sweep": sweep}, f,
+                      indent=1)
     return 0
 
 

@@ -103,11 +103,23 @@ class Output:
         try:
             for line in lines:
                 sys.stdout.write(line + "\n")
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def flush(self) -> None:
+        """Called once per pass of the main loop (at least every 100 ms):
+        output stays live without a write per record under a flood."""
+        if self.closed:
+            return
+        try:
             sys.stdout.flush()
         except BrokenPipeError:
-            self.closed = True
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def fail(err: UserError) -> None:
@@ -218,6 +230,7 @@ def run_replay(path, socket_filter, pids, comms, since, until, out):
         until=replay.parse_when(until, first_ts) if until else None)
     for r in replay.replay(rec.records, keep):
         out(r)
+    out.flush()
     warn_damage(rec)
 
 
@@ -274,7 +287,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     sinks = [out]
     tracer = LiveTracer(config=config, socket_filter=socket_filter,
                         emit=lambda rec: [sink(rec) for sink in sinks],
-                        tick_s=tick_ns / 1e9)
+                        tick_s=tick_ns / 1e9, flush=out.flush)
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.

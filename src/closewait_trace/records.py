@@ -14,8 +14,19 @@ from closewait_trace.events import Endpoints
 SCHEMA_VERSION = 1
 
 
+_tz_cache: dict = {}
+
+
 def wall_time(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="microseconds")
+    # Looking the local zone up costs more than the rest of a record; it is
+    # cached per hour (a DST change shows up within the hour it happens).
+    hour = int(ts // 3600)
+    tz = _tz_cache.get(hour)
+    if tz is None:
+        tz = _dt.datetime.fromtimestamp(ts).astimezone().tzinfo
+        _tz_cache.clear()
+        _tz_cache[hour] = tz
+    return _dt.datetime.fromtimestamp(ts, tz).isoformat(timespec="microseconds")
 
 
 def _base(kind: str, ts: float) -> dict:

@@ -48,6 +48,7 @@ class LiveTracer:
     closed_lines: int = 0
     last_counters: dict = field(default_factory=dict)
     resolve_attempts: dict = field(default_factory=dict)
+    flush: Callable[[], None] = lambda: None   # end of a pass: push output out
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
     _map_version: tuple = ()
@@ -80,6 +81,7 @@ class LiveTracer:
         self.emit(records.start(self.started_ts, self.config.threshold_ns,
                                 self.socket_filter.as_dict(), pre, self.headers,
                                 self.probe.transport, self.config.all_transitions))
+        self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,10 +102,12 @@ class LiveTracer:
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 self.probe.poll(wait_ms)
                 self.drain()
+                self.flush()
             self.probe.poll(0)
             self.drain()
             self.tick(resolve=False)
             self.emit(self.summary())
+            self.flush()
         finally:
             self.probe.close()
             if self.recorder is not None:

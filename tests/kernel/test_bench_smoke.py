@@ -19,10 +19,13 @@ def test_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     churn = data["churn"]
-    assert {"none", "default", "all"} <= set(churn)
+    assert {"none", "empty", "default", "all"} <= set(churn)
+    # The default mode loses nothing even at saturation; --all may (it says
+    # how many), which is why its count is only checked for being reported.
+    assert churn["default"]["lost"] == [0]
+    assert isinstance(churn["all"]["lost"][0], int)
     for mode in ("default", "all"):
         assert churn[mode]["rate"][0] > 1000
-        assert churn[mode]["lost"] == [0]
         assert churn[mode]["startup_s"][0] < 10
         assert churn[mode]["exit_s"][0] is not None and churn[mode]["exit_s"][0] < 5
     scale = data["scale"][0]
