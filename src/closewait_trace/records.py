@@ -59,13 +59,16 @@ def ownership_fields(own) -> dict:
             "listener": listener, "also_in_netns": list(own.other_netns)}
 
 
-def linger(lingerer, ts: float, age_ns: int) -> dict:
+def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> dict:
+    """update: the socket was reported before; its holders' state changed and
+    this is its new diagnosis."""
     rec = _base("linger", ts)
     rec.update(endpoint_fields(lingerer.endpoints))
     rec.update({
         "age_s": round(age_ns / 1e9, 6),
         "age_is_lower_bound": lingerer.pre_existing,
         "pre_existing": lingerer.pre_existing,
+        "update": update,
         # The kernel's socket address stays inside the tool: written out it
         # would leak a kernel pointer (defeating KASLR) into shareable files.
     })

@@ -78,10 +78,13 @@ class TextRenderer:
             owner = "(not accepted)"
         else:
             owner = "-"
-        lines = [self._row(rec, "LINGER", age, owner)]
+        lines = [self._row(rec, "CHANGE" if rec.get("update") else "LINGER", age, owner)]
         diagnosis = rec.get("diagnosis")
         if diagnosis:
-            lines.append(("         " + diagnosis["summary"])[:80 if not self.verbose else None])
+            # The holders' states lead the line: [T] stopped, [S] sleeping...
+            states = "".join(sorted({o["state"] for o in owners}))
+            prefix = f"[{states}] " if states else ""
+            lines.append(("         " + prefix + diagnosis["summary"])[:80 if not self.verbose else None])
         if self.verbose:
             lines.extend(evidence_lines(rec))
         return lines

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from closewait_trace import diagnosis, owners, records
+from closewait_trace import diagnosis, owners, procfs, records
 from closewait_trace.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.filters import SocketFilter
 from closewait_trace.probe import KernelProbe, ProbeConfig
@@ -48,6 +48,11 @@ class LiveTracer:
     closed_lines: int = 0
     last_counters: dict = field(default_factory=dict)
     resolve_attempts: dict = field(default_factory=dict)
+    # Reported sockets by holder pid, with the state each holder had: a
+    # diagnosis is redone only when a holder's state changes (or it exits).
+    watched: dict = field(default_factory=dict)       # pid -> {id(l): l}
+    watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
+    change_lines: int = 0
     flush: Callable[[], None] = lambda: None   # end of a pass: push output out
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
@@ -144,6 +149,8 @@ class LiveTracer:
                                            (time.monotonic() - started) * 1000)
         else:
             due = self.tracker.due(now_ns)
+        if resolve and self.watched:
+            self.recheck_owners(now_ns)
         if resolve and due:
             resolving = time.monotonic()
             self.report(due, now_ns)
@@ -174,8 +181,51 @@ class LiveTracer:
             l.ownership = own
             l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache) if own else None
             self.tracker.mark_reported(l)
+            self.watch(l)
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
+
+    def watch(self, l: Lingerer) -> None:
+        own = l.ownership
+        if own is None:
+            return
+        for h in list(own.holders) + list(own.listener_holders):
+            self.watched.setdefault(h.pid, {})[id(l)] = l
+            self.watched_state.setdefault(h.pid, (h.state, h.tracer_pid))
+
+    def recheck_owners(self, now_ns: int) -> None:
+        """Redo the diagnosis of lingering sockets whose holders changed state
+        (stopped, continued, traced, exited): one /proc read per holder
+        process per tick, whatever the number of sockets it holds."""
+        changed: dict = {}
+        for pid in list(self.watched):
+            live = {k: l for k, l in self.watched[pid].items() if self.tracker.is_lingering(l)}
+            if not live:
+                del self.watched[pid]
+                self.watched_state.pop(pid, None)
+                continue
+            self.watched[pid] = live
+            info = procfs.process_info(pid, self.proc)
+            now = (info.state, info.tracer_pid) if info else ("gone", 0)
+            if now != self.watched_state.get(pid):
+                self.watched_state[pid] = now
+                changed.update(live)
+        if not changed:
+            return
+        affected = list(changed.values())
+        resolved = owners.resolve([l.endpoints for l in affected], self.proc)
+        evidence_cache: dict = {}
+        for l in sorted(affected, key=lambda l: l.enter_ns):
+            own = resolved.get(l.endpoints)
+            if own is None or own.kind == owners.OWNER_GONE:
+                continue            # it is leaving CLOSE_WAIT: CLOSED follows
+            before = l.diagnosis.summary if l.diagnosis else None
+            l.ownership = own
+            l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache)
+            self.watch(l)
+            if l.diagnosis.summary != before:
+                self.change_lines += 1
+                self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=True))
 
     def check_counters(self) -> dict:
         counters = self.probe.counters()
@@ -207,6 +257,7 @@ class LiveTracer:
         if self.recorder is not None:
             self.recorder.flush()
             extra["write_errors"] = self.recorder.write_errors
+        extra["changes_reported"] = self.change_lines
         return records.summary(time.time(), self.started_ts, self.probe.counters(),
                                self.probe.histogram(), self.still_lingering(),
                                self.linger_lines, self.closed_lines, extra)

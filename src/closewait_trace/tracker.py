@@ -134,6 +134,11 @@ class Tracker:
         the kernel says nothing entered or left CLOSE_WAIT since the last one."""
         return [l for l in self.pending.values() if l.age_ns(now_ns) >= self.threshold_ns]
 
+    def is_lingering(self, l: Lingerer) -> bool:
+        if l.pre_existing:
+            return self.pre_existing.get(l.endpoints) is l
+        return self.by_skaddr.get(l.skaddr) is l
+
     def mark_reported(self, l: Lingerer) -> None:
         l.reported = True
         self.pending.pop(id(l), None)

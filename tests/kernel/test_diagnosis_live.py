@@ -208,3 +208,23 @@ def test_deleted_binary_is_still_symbolized(tmp_path, procs):
     os.unlink(binary)
     rec = one_linger(port, procs, lambda: connect_and_close(port, 1))
     assert_blocked_in_pause(rec, p.pid, "holder (deleted)")
+
+
+def test_diagnosis_is_redone_when_the_holder_changes_state(procs):
+    """Reported as stopped; SIGCONT; reported again (CHANGE) as alive."""
+    port = free_port()
+    server = start_holding_server(port)
+    procs.append(server)
+    client = accepted_connection(port, server)
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until(lambda: state_of(server.pid) == "T", what="stopped")
+    first = one_linger(port, procs, client.close)
+    assert first["diagnosis"]["cause"] == "stopped" and first["update"] is False
+    tracer = procs[-1]
+    os.kill(server.pid, signal.SIGCONT)
+    update = tracer.wait_for(lambda r: r["type"] == "linger" and r["update"], timeout=10)[0]
+    assert (update["raddr"], update["rport"]) == (first["raddr"], first["rport"])
+    assert update["diagnosis"]["cause"] == "ignoring_eof"
+    assert update["owners"][0]["state"] == "S"
+    summary = tracer.stop()
+    assert summary["linger_reported"] == 1 and summary["changes_reported"] == 1

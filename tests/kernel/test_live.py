@@ -342,3 +342,22 @@ def test_all_transitions_stream(procs):
     assert by_change[("LAST_ACK", "CLOSE")]["prev_state_s"] > 0
     assert summary["counters"]["transitions"] >= 5
     assert summary["counters"]["events_lost"] == 0
+
+
+NOT_ROOT = r"""
+import os, sys
+from closewait_trace import cli        # imported as root, then root is dropped
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.argv = ["closewait-trace"]
+cli.main()
+"""
+
+
+def test_not_root_is_one_line_and_exit_3():
+    """A real unprivileged process (uid 65534), not a mocked uid."""
+    result = subprocess.run([sys.executable, "-c", NOT_ROOT], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 3
+    assert result.stderr == ("closewait-trace: live tracing needs root (BPF); "
+                             "run: sudo closewait-trace\n")
+    assert result.stdout == ""

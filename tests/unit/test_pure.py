@@ -143,7 +143,7 @@ def test_text_linger_and_closed_lines():
                         diagnosis={"summary": "stopped by a signal: 4242/socat"})
     line, why = r.render(rec)
     assert line.split()[1:] == ["LINGER", "127.0.0.1:5555", "127.0.0.1:33836", "1.4s", "4242/socat"]
-    assert why.strip() == "stopped by a signal: 4242/socat"
+    assert why.strip() == "[T] stopped by a signal: 4242/socat"
     closed = dict(rec, type="closed", duration_s=7.0, duration_is_lower_bound=True,
                   how="reset", closed_by=None)
     assert r.render(closed)[0].split()[1:] == ["RESET", "127.0.0.1:5555", "127.0.0.1:33836", ">=7.0s", "-"]
