@@ -77,6 +77,24 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> dict:
     return rec
 
 
+def lingering_entry(lingerer, age_ns: int) -> dict:
+    """A socket still lingering, for snapshots and the summary: what it is,
+    how old, who holds it and why, without the evidence (which its linger
+    record already carried). Small, because there may be 100,000 of them."""
+    own = lingerer.ownership
+    entry = endpoint_fields(lingerer.endpoints)
+    entry.update({
+        "age_s": round(age_ns / 1e9, 6),
+        "age_is_lower_bound": lingerer.pre_existing,
+        "owner_kind": own.kind if own is not None else None,
+        "owners": [{"pid": h.pid, "comm": h.comm, "fd": h.fd, "state": h.state}
+                   for h in own.holders] if own is not None else [],
+        "diagnosis": ({"cause": lingerer.diagnosis.cause, "summary": lingerer.diagnosis.summary}
+                      if lingerer.diagnosis else None),
+    })
+    return entry
+
+
 def closed(c, ts: float) -> dict:
     rec = _base("closed", ts)
     rec.update(endpoint_fields(c.endpoints))

@@ -114,6 +114,12 @@ def build(rec: Recording, timeline_buckets: int = 40) -> dict:
             for k, s in end_state.items():
                 if k in lingers:
                     lingers[k].duration = s.get("age_s", lingers[k].duration)
+                elif ts is not None:
+                    # Known only from the state: its linger record is in a
+                    # part rotated away, or it was never reported.
+                    lingers[k] = Linger(rec=s, entered=ts - s.get("age_s", 0.0),
+                                        duration=s.get("age_s", 0.0),
+                                        lower_bound=bool(s.get("age_is_lower_bound")))
             if kind == "summary":
                 clean = True
                 write_errors += r.get("write_errors", 0) or 0

@@ -126,6 +126,8 @@ class LiveTracer:
                 self.emit(records.transition(ev, (ev.ts_ns + offset) / 1e9))
                 continue
             closed = self.tracker.on_event(ev)
+            if closed is not None and closed.lingerer is not None:
+                self.unwatch(closed.lingerer)
             if closed is not None:
                 self.closed_lines += 1
                 self.emit(records.closed(closed, self.wall(closed.ts_ns)))
@@ -193,26 +195,33 @@ class LiveTracer:
             self.watched.setdefault(h.pid, {})[id(l)] = l
             self.watched_state.setdefault(h.pid, (h.state, h.tracer_pid))
 
+    def unwatch(self, l: Lingerer) -> None:
+        own = l.ownership
+        if own is None:
+            return
+        for h in list(own.holders) + list(own.listener_holders):
+            sockets = self.watched.get(h.pid)
+            if sockets is not None:
+                sockets.pop(id(l), None)
+
     def recheck_owners(self, now_ns: int) -> None:
         """Redo the diagnosis of lingering sockets whose holders changed state
         (stopped, continued, traced, exited): one /proc read per holder
         process per tick, whatever the number of sockets it holds."""
         changed: dict = {}
-        for pid in list(self.watched):
-            live = {k: l for k, l in self.watched[pid].items() if self.tracker.is_lingering(l)}
-            if not live:
+        for pid, sockets in list(self.watched.items()):
+            if not sockets:
                 del self.watched[pid]
                 self.watched_state.pop(pid, None)
                 continue
-            self.watched[pid] = live
             info = procfs.process_info(pid, self.proc)
             now = (info.state, info.tracer_pid) if info else ("gone", 0)
             if now != self.watched_state.get(pid):
                 self.watched_state[pid] = now
-                changed.update(live)
-        if not changed:
+                changed.update(sockets)
+        affected = [l for l in changed.values() if self.tracker.is_lingering(l)]
+        if not affected:
             return
-        affected = list(changed.values())
         resolved = owners.resolve([l.endpoints for l in affected], self.proc)
         evidence_cache: dict = {}
         for l in sorted(affected, key=lambda l: l.enter_ns):
@@ -220,6 +229,7 @@ class LiveTracer:
             if own is None or own.kind == owners.OWNER_GONE:
                 continue            # it is leaving CLOSE_WAIT: CLOSED follows
             before = l.diagnosis.summary if l.diagnosis else None
+            self.unwatch(l)             # its holders may have changed too
             l.ownership = own
             l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache)
             self.watch(l)
@@ -238,8 +248,7 @@ class LiveTracer:
 
     def still_lingering(self) -> list[dict]:
         now_ns = kernel_clock_ns(self.probe.boot_clock)
-        now = time.time()
-        return [records.linger(l, now, l.age_ns(now_ns))
+        return [records.lingering_entry(l, l.age_ns(now_ns))
                 for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
                 if l.age_ns(now_ns) >= self.config.threshold_ns]
 

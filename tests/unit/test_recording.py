@@ -232,3 +232,19 @@ def test_parse_when():
     for bad in ("25:00", "yesterday", "13:61"):
         with pytest.raises(ValueError):
             replay.parse_when(bad, ref)
+
+
+def test_report_counts_sockets_known_only_from_a_snapshot():
+    """After rotation dropped the part with its linger record, a socket is
+    still in the report through the next part's opening snapshot."""
+    entry = {k: v for k, v in linger(7).items() if k not in ("type", "ts", "time")}
+    entry["age_s"] = 30.0
+    rec = recording.Recording(records=[
+        {"type": "header", "format": recording.FORMAT, "format_version": 1,
+         "capture_id": "c", "part": 3, "start_ts": 5000.0, "hostname": "h"},
+        {"type": "snapshot", "ts": 5000.0, "lingering": [entry], "counters": {},
+         "histogram_us": []},
+    ])
+    rep = report.build(rec)
+    assert rep["sockets"] == 1 and rep["still_lingering"][0]["rport"] == 40007
+    assert rep["by_process"][0]["pid"] == 42
