@@ -137,24 +137,36 @@ class HolderEvidence:
 
 class Diagnosis:
     """A cause, its one-line summary, and the evidence, built on demand from
-    objects shared per process (kept small: one exists per lingering socket)."""
+    objects shared per process (kept small: one exists per lingering socket,
+    and there may be 100,000)."""
 
-    __slots__ = ("cause", "summary", "_build", "_extra")
+    __slots__ = ("cause", "summary", "_own", "_holders", "_listeners", "_server")
 
-    def __init__(self, cause: str, summary: str, build=None):
+    def __init__(self, cause: str, summary: str, server: tuple = ()):
         self.cause = cause
         self.summary = summary
-        self._build = build or dict
-        self._extra = {}
+        self._own = None
+        self._holders = ()
+        self._listeners = ()
+        self._server = server       # the accepting process, for an inherited socket
 
     @property
     def evidence(self) -> dict:
-        out = self._build()
-        out.update(self._extra)
+        own = self._own
+        if own is None:
+            return {}
+        out = {"holders": [h.as_dict() for h in self._holders],
+               "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
+        if own.kind == OWNER_ACCEPT_QUEUE:
+            listener = own.listener
+            out["listener"] = None if listener is None else {
+                "local": listener.endpoints.local,
+                "accept_queue": listener.rx_queue,
+                "backlog": listener.tx_queue,
+                "holders": [h.as_dict(light=True) for h in self._listeners]}
+        if self._server:
+            out["accepting_process"] = [h.as_dict(light=True) for h in self._server]
         return out
-
-    def add_evidence(self, key: str, value) -> None:
-        self._extra[key] = value
 
     def as_dict(self) -> dict:
         return {"cause": self.cause, "summary": self.summary, "evidence": self.evidence}
@@ -169,6 +181,7 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
              machine: Optional[str] = None) -> Diagnosis:
     """The most specific cause the evidence supports; UNKNOWN otherwise."""
     found = _decide(own, holders, listener_holders, machine)
+    found._own, found._holders, found._listeners = own, holders, listener_holders
     # A tracer attached to a process that is not stopped (strace -p) is worth
     # saying whatever the cause: it slows the process and may be why.
     traced = [h for h in holders if h.tracer_pid and h.state != "t"]
@@ -183,66 +196,49 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             machine: Optional[str] = None) -> Diagnosis:
     machine = machine or platform.machine()
     listener = own.listener
-    server = []
-
-    def evidence() -> dict:
-        out = {"holders": [h.as_dict() for h in holders],
-               "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
-        if own.kind == OWNER_ACCEPT_QUEUE:
-            out["listener"] = None if listener is None else {
-                "local": listener.endpoints.local,
-                "accept_queue": listener.rx_queue,
-                "backlog": listener.tx_queue,
-                "holders": [h.as_dict(light=True) for h in listener_holders]}
-        if server:
-            out["accepting_process"] = [h.as_dict(light=True) for h in server]
-        return out
 
     if own.kind == OWNER_GONE:
-        return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected", evidence)
+        return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected")
 
     if own.kind == OWNER_ACCEPT_QUEUE:
         if listener is None:
             return Diagnosis(NEVER_ACCEPTED,
-                             "in a listener's accept queue; listener not found",
-                             evidence)
+                             "in a listener's accept queue; listener not found")
         who = ", ".join(f"{_who(h)} [{h.state}]" for h in listener_holders) or "no process"
         return Diagnosis(
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
-            f"{listener.endpoints.local}, held by {who}", evidence)
+            f"{listener.endpoints.local}, held by {who}")
 
     if own.kind == OWNER_NONE or not holders:
-        return Diagnosis(UNKNOWN, "no process holds a file descriptor on it", evidence)
+        return Diagnosis(UNKNOWN, "no process holds a file descriptor on it")
 
     dying = [h for h in holders if h.state in ("Z", "X") or h.exiting]
     if dying:
         return Diagnosis(EXITING, "holder exiting: " + ", ".join(
-            f"{_who(h)} [{h.state}]" for h in dying), evidence)
+            f"{_who(h)} [{h.state}]" for h in dying))
 
     traced = [h for h in holders if h.state == "t"]
     if traced:
         return Diagnosis(TRACED, "stopped under a tracer: " + ", ".join(
-            f"{_who(h)} by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced),
-            evidence)
+            f"{_who(h)} by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced))
 
     stopped = [h for h in holders if h.state == "T"]
     if stopped:
         return Diagnosis(STOPPED, "stopped by a signal: " + ", ".join(
-            _who(h) for h in stopped), evidence)
+            _who(h) for h in stopped))
 
     pids = {h.pid for h in holders}
     if len(pids) > 1:
         return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + ", ".join(
-            f"{_who(h)} fd {h.fd}" for h in holders), evidence)
+            f"{_who(h)} fd {h.fd}" for h in holders))
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]
     if others and not only.holds_listener and only.cloexec is False:
-        server.extend(others)
         return Diagnosis(
             LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
-            f"the server is {_who(others[0])}", evidence)
+            f"the server is {_who(others[0])}", server=tuple(others))
 
     serving = [t for t in only.threads if t.serving(machine)]
     running = [t for t in only.threads if t.state == "R"]
@@ -251,8 +247,7 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         unread = (f", {own.unread_bytes} unread bytes" if own.unread_bytes
                   else ", EOF read" if own.eof_read else ", EOF unread")
         return Diagnosis(IGNORING_EOF,
-                         f"alive ({what}) but never closes: {_who(only)} fd {only.fd}{unread}",
-                         evidence)
+                         f"alive ({what}) but never closes: {_who(only)} fd {only.fd}{unread}")
 
     asleep = [t for t in only.threads if t.state in ("S", "D") and t.syscall is not None]
     if asleep:
@@ -261,10 +256,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         at = t.user_location()
         where = f" at {at}" if at else f" (wchan {t.wchan or '?'})"
         return Diagnosis(BLOCKED_ELSEWHERE,
-                         f"blocked in {t.syscall_name}{on}{where}: {_who(only)}", evidence)
+                         f"blocked in {t.syscall_name}{on}{where}: {_who(only)}")
 
-    return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]",
-                     evidence)
+    return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]")
 
 
 def _is_serving(t: ThreadEvidence, machine: str) -> bool:
