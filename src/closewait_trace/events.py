@@ -138,9 +138,3 @@ class EntryLayout:
             lport=self._int(buf, base, "sport"),
             raddr=format_address(family, self._bytes(buf, base, "daddr")),
             rport=self._int(buf, base, "dport"))
-
-
-def decode_tracked(key, value) -> TrackedSocket:
-    skaddr = key.value if hasattr(key, "value") else int(key)
-    return TrackedSocket(skaddr=int(skaddr), enter_ns=int(value.enter_ns),
-                         endpoints=endpoints_of(value))

@@ -47,13 +47,19 @@ def accepted_connection(port, server):
     return client
 
 
-def test_stopped_by_signal(procs):
-    port = free_port()
+def stopped_server_with_connection(port, procs):
+    """A server that accepted a connection and was then stopped by SIGSTOP."""
     server = start_holding_server(port)
     procs.append(server)
     client = accepted_connection(port, server)
     os.kill(server.pid, signal.SIGSTOP)
     wait_until(lambda: state_of(server.pid) == "T", what="stopped")
+    return server, client
+
+
+def test_stopped_by_signal(procs):
+    port = free_port()
+    server, client = stopped_server_with_connection(port, procs)
     rec = one_linger(port, procs, client.close)
     d = rec["diagnosis"]
     assert d["cause"] == "stopped" and f"{server.pid}/python" in d["summary"]
@@ -213,11 +219,7 @@ def test_deleted_binary_is_still_symbolized(tmp_path, procs):
 def test_diagnosis_is_redone_when_the_holder_changes_state(procs):
     """Reported as stopped; SIGCONT; reported again (CHANGE) as alive."""
     port = free_port()
-    server = start_holding_server(port)
-    procs.append(server)
-    client = accepted_connection(port, server)
-    os.kill(server.pid, signal.SIGSTOP)
-    wait_until(lambda: state_of(server.pid) == "T", what="stopped")
+    server, client = stopped_server_with_connection(port, procs)
     first = one_linger(port, procs, client.close)
     assert first["diagnosis"]["cause"] == "stopped" and first["update"] is False
     tracer = procs[-1]

@@ -4,14 +4,12 @@ import ctypes
 import json
 import socket
 import struct
-from types import SimpleNamespace
 
 import pytest
 
 from closewait_trace import records, render, sockdiag, tcpstates
 from closewait_trace.durations import format_age, parse_duration_ns
-from closewait_trace.events import (KIND_CLOSED, Endpoints, decode_event, decode_tracked,
-                                    format_address)
+from closewait_trace.events import KIND_CLOSED, Endpoints, decode_event, format_address
 from closewait_trace.filters import SocketFilter, parse_ports
 from closewait_trace.tracker import attribute_close
 
@@ -81,13 +79,6 @@ def test_format_address_ipv6_and_mapped():
     assert format_address(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1")) == "::1"
     mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.1.1.1")
     assert format_address(socket.AF_INET6, mapped) == "::ffff:10.1.1.1"
-
-
-def test_decode_tracked():
-    value = SimpleNamespace(enter_ns=99, saddr=bytes(16), daddr=bytes([1, 2, 3, 4]) + bytes(12),
-                            sport=1, dport=2, family=socket.AF_INET)
-    t = decode_tracked(SimpleNamespace(value=1234), value)
-    assert (t.skaddr, t.enter_ns, t.endpoints.raddr) == (1234, 99, "1.2.3.4")
 
 
 def test_attribute_close():
@@ -207,3 +198,25 @@ def test_transition_lines_align_and_fit():
     assert first["prev_state_s"] is None and first["task"] == {"pid": 7, "comm": "python3"}
     age, task = r.render(first)[0].split()[-2:]
     assert age == "?" and "7/python3".startswith(task)   # cut to fit 80 columns
+
+
+class RawEntry(ctypes.Structure):
+    """Field names of struct cw_entry; real offsets come from bcc's class."""
+    _fields_ = [("enter_ns", ctypes.c_uint64), ("saddr", ctypes.c_uint8 * 16),
+                ("daddr", ctypes.c_uint8 * 16), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("family", ctypes.c_uint16),
+                ("_pad", ctypes.c_uint16)]
+
+
+def test_entry_layout_decodes_raw_map_values():
+    from closewait_trace.events import EntryLayout
+    entries = (RawEntry * 2)()
+    entries[1].enter_ns = 123456789
+    entries[1].family = socket.AF_INET6
+    entries[1].sport, entries[1].dport = 443, 50000
+    entries[1].saddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
+    entries[1].daddr[:] = list(socket.inet_pton(socket.AF_INET6, "::1"))
+    layout = EntryLayout(RawEntry)
+    raw = bytes(entries)
+    assert layout.size == ctypes.sizeof(RawEntry) and layout.enter_ns(raw, 1) == 123456789
+    assert layout.endpoints(raw, 1) == Endpoints(socket.AF_INET6, "2001:db8::1", 443, "::1", 50000)
