@@ -23,7 +23,7 @@ fi
 # --- system packages --------------------------------------------------------
 . /etc/os-release
 arch=$(dpkg --print-architecture)
-packages=(python3 python3-venv python3-bpfcc socat iproute2 gcc libc6-dev binutils strace gdb)
+packages=(python3 python3-venv python3-bpfcc socat iproute2 procps gcc libc6-dev binutils strace gdb)
 if [ "$action" = test ]; then
     # Only the tests need these: bcc's tcpstates for the benchmark's
     # comparison, and vagrant to check vagrant/Vagrantfile offline.
