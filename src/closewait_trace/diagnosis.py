@@ -115,23 +115,27 @@ class HolderEvidence:
     threads: list[ThreadEvidence] = field(default_factory=list)
     identity: dict = field(default_factory=dict)
     threads_total: int = 0
-    # The process-wide part of as_dict, built once per process per batch and
-    # shared by every socket it holds (a process can hold 10,000 of them).
-    shared: Optional[dict] = None
 
     def as_dict(self, light: bool = False) -> dict:
+        """What concerns this socket's fd. What concerns the whole process
+        (threads, stacks, identity) is in process_dict, written once per
+        process in a `process` record rather than once per socket: a process
+        can hold 10,000 sockets."""
         out = {"pid": self.pid, "comm": self.comm, "fd": self.fd,
                "state": self.state, "ppid": self.ppid, "cmdline": self.cmdline,
                "cloexec": self.cloexec, "exiting": self.exiting}
         if self.tracer_pid:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
-        if light:
-            return out
-        if self.shared is None:
-            self.shared = {"threads": [t.as_dict() for t in self.threads],
-                           "threads_total": self.threads_total or len(self.threads),
-                           "identity": self.identity}
-        out.update(self.shared)
+        return out
+
+    def process_dict(self) -> dict:
+        out = {"pid": self.pid, "comm": self.comm, "state": self.state, "ppid": self.ppid,
+               "cmdline": self.cmdline, "exiting": self.exiting,
+               "threads": [t.as_dict() for t in self.threads],
+               "threads_total": self.threads_total or len(self.threads),
+               "identity": self.identity}
+        if self.tracer_pid:
+            out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
         return out
 
 
@@ -369,7 +373,7 @@ def holder_evidence(holder, proc: str, machine: str,
                        "threads_total": len([n for n in procfs.list_dir(
                            f"{proc}/{holder.pid}/task") if n.isdigit()]),
                        "identity": identity.of_process(holder.pid, holder.uid, proc),
-                       "shared": None}
+                       "first": None}
         if cache is not None:
             cache[holder.pid] = per_process
     ev = HolderEvidence(
@@ -379,11 +383,18 @@ def holder_evidence(holder, proc: str, machine: str,
         cloexec=_fd_cloexec(holder.pid, holder.fd, proc) if fd_flags else None,
         exiting=per_process["exiting"],
         threads=per_process["threads"], identity=per_process["identity"],
-        threads_total=per_process["threads_total"], shared=per_process["shared"])
-    if per_process["shared"] is None:
-        ev.as_dict()
-        per_process["shared"] = ev.shared
+        threads_total=per_process["threads_total"])
+    if per_process["first"] is None:
+        per_process["first"] = ev
     return ev
+
+
+def process_evidence(cache: dict) -> list[dict]:
+    """The process-wide evidence of every process a batch looked at (what
+    each `process` record carries), in pid order."""
+    firsts = [v["first"] for k, v in cache.items()
+              if isinstance(k, int) and v.get("first") is not None]
+    return [ev.process_dict() for ev in sorted(firsts, key=lambda ev: ev.pid)]
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,

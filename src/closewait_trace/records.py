@@ -95,6 +95,15 @@ def lingering_entry(lingerer, age_ns: int) -> dict:
     return entry
 
 
+def process(ts: float, evidence: dict) -> dict:
+    """A holder's process-wide evidence: threads, their system calls and
+    stacks, user, container, namespace. Written before the linger records of
+    the same batch that name the process among their holders."""
+    rec = _base("process", ts)
+    rec.update(evidence)
+    return rec
+
+
 def closed(c, ts: float) -> dict:
     rec = _base("closed", ts)
     rec.update(endpoint_fields(c.endpoints))

@@ -26,6 +26,7 @@ class TextRenderer:
         self.addr_width = 47 if wide else 21
         self.verbose = verbose
         self.event_width = 6      # 9 with --all, for OLD>NEW (e.g. SYNS>SYNR)
+        self.processes: dict = {}  # pid -> latest process record, for -v
 
     def header(self) -> str:
         w = self.addr_width
@@ -55,6 +56,9 @@ class TextRenderer:
             return self._linger(rec)
         if kind == "closed":
             return self._closed(rec)
+        if kind == "process":
+            self.processes[rec["pid"]] = rec    # shown through the linger lines (-v)
+            return []
         if kind == "transition":
             return [self._transition(rec)]
         if kind == "lost":
@@ -86,7 +90,7 @@ class TextRenderer:
             prefix = f"[{states}] " if states else ""
             lines.append(("         " + prefix + diagnosis["summary"])[:80 if not self.verbose else None])
         if self.verbose:
-            lines.extend(evidence_lines(rec))
+            lines.extend(evidence_lines(rec, self.processes))
         return lines
 
     def _transition(self, rec: dict) -> str:
@@ -107,14 +111,16 @@ class TextRenderer:
         return [self._row(rec, event, age, owner)]
 
 
-def evidence_lines(rec: dict) -> list[str]:
-    """-v: who holds it, where they live, and where each thread waits."""
+def evidence_lines(rec: dict, processes: dict) -> list[str]:
+    """-v: who holds it, where they live, and where each thread waits (the
+    last two from the holder's `process` record)."""
     out = []
     diagnosis = rec.get("diagnosis") or {}
     evidence = diagnosis.get("evidence") or {}
-    holders = evidence.get("holders") or [dict(o, threads=[]) for o in rec.get("owners") or []]
+    holders = evidence.get("holders") or rec.get("owners") or []
     for h in holders:
-        ident = h.get("identity") or {}
+        process = processes.get(h["pid"]) or {}
+        ident = process.get("identity") or {}
         where = ", ".join(x for x in (
             f"user {ident['user']}" if ident.get("user") else "",
             f"{ident['container']['runtime']} {ident['container']['id'][:12]}"
@@ -127,7 +133,7 @@ def evidence_lines(rec: dict) -> list[str]:
                    f"[{h['state']}] ppid {h.get('ppid')}: {h.get('cmdline') or h['comm']}")
         if where:
             out.append(f"           {where}")
-        for t in h.get("threads") or []:
+        for t in process.get("threads") or []:
             call = t.get("syscall") or ("running" if t.get("state") == "R" else "-")
             out.append(f"           thread {t['tid']} [{t['state']}] {call} "
                        f"wchan {t.get('wchan') or '-'}")

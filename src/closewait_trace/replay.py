@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Optional
 from closewait_trace.filters import SocketFilter
 
 # Records the live tail printed; headers and snapshots are for readers only.
-SHOWN = ("start", "linger", "closed", "lost", "summary", "transition")
+SHOWN = ("start", "process", "linger", "closed", "lost", "summary", "transition")
 # Records that describe one socket, to which the filters apply.
 PER_SOCKET = ("linger", "closed", "transition")
 

@@ -168,6 +168,7 @@ class LiveTracer:
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
         evidence_cache: dict = {}      # per process, for this batch only
+        ready: list[Lingerer] = []
         for l in sorted(due, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
             key = (l.skaddr, l.endpoints)
@@ -184,8 +185,16 @@ class LiveTracer:
             l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache) if own else None
             self.tracker.mark_reported(l)
             self.watch(l)
+            ready.append(l)
+        self.emit_processes(evidence_cache)
+        for l in ready:
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
+
+    def emit_processes(self, evidence_cache: dict) -> None:
+        now = time.time()
+        for evidence in diagnosis.process_evidence(evidence_cache):
+            self.emit(records.process(now, evidence))
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
@@ -224,6 +233,7 @@ class LiveTracer:
             return
         resolved = owners.resolve([l.endpoints for l in affected], self.proc)
         evidence_cache: dict = {}
+        updated: list[Lingerer] = []
         for l in sorted(affected, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
             if own is None or own.kind == owners.OWNER_GONE:
@@ -234,8 +244,12 @@ class LiveTracer:
             l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache)
             self.watch(l)
             if l.diagnosis.summary != before:
-                self.change_lines += 1
-                self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=True))
+                updated.append(l)
+        if updated:
+            self.emit_processes(evidence_cache)
+        for l in updated:
+            self.change_lines += 1
+            self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=True))
 
     def check_counters(self) -> dict:
         counters = self.probe.counters()

@@ -35,6 +35,11 @@ def one_linger(port, procs, workload, threshold="300ms", env=None, extra=()):
     workload()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=15)[0]
     assert {record_row(rec)} == ss_close_wait(port)
+    # Process-wide evidence comes in `process` records, before the lingers.
+    rec["_processes"] = {r["pid"]: r for r in tracer.records
+                         if r["type"] == "process" and r["ts"] <= rec["ts"]}
+    for holder in rec["owners"]:
+        assert holder["pid"] in rec["_processes"]
     return rec
 
 
@@ -147,7 +152,7 @@ def assert_blocked_in_pause(rec, pid, binary_name):
     d = rec["diagnosis"]
     assert d["cause"] == "blocked_elsewhere", d
     assert "pause" in d["summary"] and "hold_socket_forever" in d["summary"], d["summary"]
-    thread = d["evidence"]["holders"][0]["threads"][0]
+    thread = rec["_processes"][pid]["threads"][0]
     stack = thread["stack"]
     assert stack[0]["function"] == "pause" and stack[0]["method"] == "pc"
     names = [f["function"] for f in stack]
@@ -201,7 +206,7 @@ def test_stripped_binary_without_debug_file_shows_module_offsets(tmp_path, procs
     rec = one_linger(port, procs, lambda: connect_and_close(port, 1))
     d = rec["diagnosis"]
     assert d["cause"] == "blocked_elsewhere" and "pause" in d["summary"]
-    stack = d["evidence"]["holders"][0]["threads"][0]["stack"]
+    stack = rec["_processes"][rec["owners"][0]["pid"]]["threads"][0]["stack"]
     ours = [f for f in stack if f["module"].endswith("/holder")]
     assert ours and all(f["function"] in (None, "_start", "main") or f["symbols"] == "dynsym"
                         for f in ours)
