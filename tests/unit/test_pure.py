@@ -220,3 +220,24 @@ def test_entry_layout_decodes_raw_map_values():
     raw = bytes(entries)
     assert layout.size == ctypes.sizeof(RawEntry) and layout.enter_ns(raw, 1) == 123456789
     assert layout.endpoints(raw, 1) == Endpoints(socket.AF_INET6, "2001:db8::1", 443, "::1", 50000)
+
+
+def test_verbose_lines_take_threads_and_identity_from_the_process_record():
+    r = render.TextRenderer(verbose=True)
+    process = {"type": "process", "ts": 1.0, "pid": 4242, "comm": "srv",
+               "identity": {"user": "www", "container": {"runtime": "docker", "id": "ab" * 32},
+                            "pod_uid": None, "unit": None, "netns": 4026531840},
+               "threads": [{"tid": 4242, "state": "S", "syscall": "pause", "wchan": "sys_pause",
+                            "stack": [{"pc": "0x1", "function": "pause", "offset": 16,
+                                       "module": "/lib/libc.so.6", "method": "pc"}]}]}
+    assert r.render(process) == []            # shown through the linger lines
+    rec = linger_record(laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=5000,
+                        owners=[{"pid": 4242, "comm": "srv", "fd": 7, "state": "S",
+                                 "cmdline": "srv -d"}],
+                        diagnosis={"summary": "blocked in pause", "evidence": {"holders": [
+                            {"pid": 4242, "comm": "srv", "fd": 7, "state": "S", "ppid": 1,
+                             "cmdline": "srv -d", "cloexec": False}]}})
+    text = "\n".join(r.render(rec))
+    assert "holder 4242/srv fd 7 no-cloexec [S] ppid 1: srv -d" in text
+    assert "user www, docker abababababab, netns 4026531840" in text
+    assert "thread 4242 [S] pause wchan sys_pause" in text and "pause+0x10 (libc.so.6) [pc]" in text
