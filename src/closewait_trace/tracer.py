@@ -22,6 +22,9 @@ from closewait_trace.tracker import Lingerer, Tracker
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
 POLL_BATCH = 4096
+# At exit, how long to keep draining the buffer: what is there is written
+# out, yet a flood (--all) cannot hold the exit past a second.
+FINAL_DRAIN_S = 0.3
 
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
@@ -57,22 +60,20 @@ class LiveTracer:
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
     _map_version: tuple = ()
+    _final_drain: bool = False
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
         "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
 
     def _on_event(self, ev: KernelEvent) -> bool:
         self.pending.append(ev)
-        return self.stopping or len(self.pending) >= POLL_BATCH
+        return len(self.pending) >= POLL_BATCH or (self.stopping and not self._final_drain)
 
     def clock_offset_ns(self) -> int:
         return time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
 
     def request_stop(self, *_args) -> None:
         self.stopping = True
-
-    def wall(self, kernel_ns: int) -> float:
-        return (kernel_ns + self.clock_offset_ns()) / 1e9
 
     def start(self) -> None:
         self.probe = KernelProbe(self.config)
@@ -108,8 +109,14 @@ class LiveTracer:
                 self.probe.poll(wait_ms)
                 self.drain()
                 self.flush()
-            self.probe.poll(0)
-            self.drain()
+            self._final_drain = True
+            deadline = time.monotonic() + FINAL_DRAIN_S
+            while True:
+                self.probe.poll(0)
+                more = len(self.pending) >= POLL_BATCH
+                self.drain()
+                if not more or time.monotonic() > deadline:
+                    break
             self.tick(resolve=False)
             self.emit(self.summary())
             self.flush()
@@ -126,11 +133,12 @@ class LiveTracer:
                 self.emit(records.transition(ev, (ev.ts_ns + offset) / 1e9))
                 continue
             closed = self.tracker.on_event(ev)
-            if closed is not None and closed.lingerer is not None:
+            if closed is None:
+                continue
+            if closed.lingerer is not None:
                 self.unwatch(closed.lingerer)
-            if closed is not None:
-                self.closed_lines += 1
-                self.emit(records.closed(closed, self.wall(closed.ts_ns)))
+            self.closed_lines += 1
+            self.emit(records.closed(closed, (closed.ts_ns + offset) / 1e9))
 
     def tick(self, resolve: bool = True) -> None:
         started = time.monotonic()

@@ -361,3 +361,18 @@ def test_not_root_is_one_line_and_exit_3():
     assert result.stderr == ("closewait-trace: live tracing needs root (BPF); "
                              "run: sudo closewait-trace\n")
     assert result.stdout == ""
+
+
+def test_closes_just_before_sigint_are_all_in_the_output(procs):
+    """Events still in the ring buffer when Ctrl-C arrives are written out."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "200ms"]).start()
+    procs.append(tracer)
+    server = start_holding_server(port)
+    procs.append(server)
+    connect_and_close(port, 7)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=7)
+    server.kill()                       # 7 CLOSE_WAIT -> CLOSE at once...
+    summary = tracer.stop()             # ...and Ctrl-C right behind them
+    assert len(tracer.of("closed")) == 7 == summary["closed_reported"]
+    assert summary["counters"]["cw_exit"] == 7
