@@ -372,7 +372,8 @@ def test_closes_just_before_sigint_are_all_in_the_output(procs):
     procs.append(server)
     connect_and_close(port, 7)
     tracer.wait_for(lambda r: r["type"] == "linger", count=7)
-    server.kill()                       # 7 CLOSE_WAIT -> CLOSE at once...
+    server.kill()
+    server.wait()                       # its exit closed all 7 at once...
     summary = tracer.stop()             # ...and Ctrl-C right behind them
     assert len(tracer.of("closed")) == 7 == summary["closed_reported"]
     assert summary["counters"]["cw_exit"] == 7
