@@ -86,7 +86,18 @@ def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, li
     info_cache: dict[int, Optional[procfs.ProcessInfo]] = {}
     for pid in procfs.pids(proc):
         fd_dir = f"{proc}/{pid}/fd"
-        for name in procfs.list_dir(fd_dir):
+        names = procfs.list_dir(fd_dir)
+        if not names:
+            # A main thread that exited (pthread_exit) leaves a zombie leader
+            # whose fd table is gone, while its other threads still hold the
+            # sockets: read the table through one of them.
+            for tid in procfs.list_dir(f"{proc}/{pid}/task"):
+                if tid != str(pid):
+                    fd_dir = f"{proc}/{pid}/task/{tid}/fd"
+                    names = procfs.list_dir(fd_dir)
+                    if names:
+                        break
+        for name in names:
             inode = procfs.socket_inode(procfs.read_link(f"{fd_dir}/{name}"))
             if inode is None or inode not in wanted:
                 continue

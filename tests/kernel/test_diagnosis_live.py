@@ -17,7 +17,8 @@ pytestmark = pytest.mark.kernel
 SOURCE = os.path.join(os.path.dirname(__file__), "data", "hold_socket.c")
 
 
-def one_linger(port, procs, workload, threshold="300ms", env=None, extra=()):
+def one_linger(port, procs, workload, threshold="300ms", env=None, extra=(),
+               ss_sees_owner=True):
     tracer = Tracer(["-p", str(port), "-t", threshold, *extra])
     if env:
         old = {k: os.environ.get(k) for k in env}
@@ -34,7 +35,11 @@ def one_linger(port, procs, workload, threshold="300ms", env=None, extra=()):
     procs.append(tracer)
     workload()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=15)[0]
-    assert {record_row(rec)} == ss_close_wait(port)
+    if ss_sees_owner:
+        assert {record_row(rec)} == ss_close_wait(port)
+    else:
+        # Same socket, but ss names no process: it reads only /proc/PID/fd.
+        assert {record_row(rec)[:2] + ((),)} == ss_close_wait(port)
     # Process-wide evidence comes in `process` records, before the lingers.
     rec["_processes"] = {r["pid"]: r for r in tracer.records
                          if r["type"] == "process" and r["ts"] <= rec["ts"]}
@@ -235,3 +240,20 @@ def test_diagnosis_is_redone_when_the_holder_changes_state(procs):
     assert update["owners"][0]["state"] == "S"
     summary = tracer.stop()
     assert summary["linger_reported"] == 1 and summary["changes_reported"] == 1
+
+
+def test_holder_whose_main_thread_exited(tmp_path, procs):
+    """Exiting/zombie: the leader is a zombie (Z), a worker thread still
+    holds the socket; found through the worker's fd table."""
+    port = free_port()
+    binary = tmp_path / "zombie_leader"
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(binary),
+                    os.path.join(os.path.dirname(__file__), "data", "zombie_leader.c")], check=True)
+    p = start_c(binary, port, procs)
+    wait_until(lambda: state_of(p.pid) == "Z", what="zombie leader")
+    rec = one_linger(port, procs, lambda: connect_and_close(port, 1), ss_sees_owner=False)
+    assert [o["pid"] for o in rec["owners"]] == [p.pid]
+    d = rec["diagnosis"]
+    assert d["cause"] == "exiting" and f"{p.pid}/zombie_leader [Z]" in d["summary"]
+    threads = rec["_processes"][p.pid]["threads"]
+    assert any(t["syscall"] == "pause" for t in threads)
