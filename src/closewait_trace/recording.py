@@ -119,7 +119,7 @@ class Recorder:
         self.capture_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
         _refuse_symlink(self.path)
         if not self.force:
-            stale = [p for p in self._existing_parts()]
+            stale = self._existing_parts()
             if stale:
                 raise UserError(f"{stale[0]} exists", EXIT_FILE, "use --force to overwrite it")
         else:
@@ -129,16 +129,7 @@ class Recorder:
         self._open_part(first=True)
 
     def _existing_parts(self) -> list[str]:
-        found = [self.path] if os.path.lexists(self.path) else []
-        directory = os.path.dirname(self.path) or "."
-        base = os.path.basename(self.path)
-        pattern = re.compile(re.escape(base) + r"\.(\d+)$")
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            names = []
-        found += [os.path.join(directory, n) for n in names if pattern.match(n)]
-        return found
+        return [p for p in rotated_set(self.path) if os.path.lexists(p)]
 
     def _open_part(self, first: bool = False) -> None:
         path = part_path(self.path, self.part, self.max_files)
