@@ -116,14 +116,12 @@ class HolderEvidence:
     identity: dict = field(default_factory=dict)
     threads_total: int = 0
 
-    def as_dict(self, light: bool = False) -> dict:
-        """What concerns this socket's fd. What concerns the whole process
-        (threads, stacks, identity) is in process_dict, written once per
-        process in a `process` record rather than once per socket: a process
-        can hold 10,000 sockets."""
-        out = {"pid": self.pid, "comm": self.comm, "fd": self.fd,
-               "state": self.state, "ppid": self.ppid, "cmdline": self.cmdline,
-               "cloexec": self.cloexec, "exiting": self.exiting}
+    def fd_facts(self) -> dict:
+        """What concerns this socket's fd, beyond the owners entry. What
+        concerns the whole process (threads, stacks, identity) is in
+        process_dict, written once per process in a `process` record rather
+        than once per socket: a process can hold 10,000 sockets."""
+        out = {"cloexec": self.cloexec, "exiting": self.exiting}
         if self.tracer_pid:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
         return out
@@ -156,21 +154,22 @@ class Diagnosis:
 
     @property
     def evidence(self) -> dict:
+        """What the cause rests on, by reference: the holders themselves are
+        in the record's `owners` (and `listener.owners`), written once."""
         own = self._own
         if own is None:
             return {}
-        out = {"holders": [h.as_dict() for h in self._holders],
-               "unread_bytes": own.unread_bytes, "eof_read": own.eof_read}
+        out = {"holders": [{"pid": h.pid, "fd": h.fd} for h in self._holders]}
         if own.kind == OWNER_ACCEPT_QUEUE:
-            listener = own.listener
-            out["listener"] = None if listener is None else {
-                "local": listener.endpoints.local,
-                "accept_queue": listener.rx_queue,
-                "backlog": listener.tx_queue,
-                "holders": [h.as_dict(light=True) for h in self._listeners]}
+            out["listener_holders"] = [{"pid": h.pid, "fd": h.fd} for h in self._listeners]
         if self._server:
-            out["accepting_process"] = [h.as_dict(light=True) for h in self._server]
+            out["accepting_process"] = [{"pid": h.pid, "fd": h.fd} for h in self._server]
         return out
+
+    def holder_facts(self) -> dict:
+        """(pid, fd) -> what the diagnosis learnt of each holder beyond its
+        owners entry: close-on-exec, exiting, tracer."""
+        return {(h.pid, h.fd): h.fd_facts() for h in self._holders}
 
     def as_dict(self) -> dict:
         return {"cause": self.cause, "summary": self.summary, "evidence": self.evidence}

@@ -29,11 +29,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from closewait_trace import schema
+from closewait_trace.schema import READABLE_VERSIONS, SCHEMA_VERSION
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError
 
 FORMAT = "closewait-trace-recording"
-FORMAT_VERSION = 1
+# One version for the records and the files that carry them (schema.py).
+FORMAT_VERSION = SCHEMA_VERSION
 FLUSH_S = 0.5
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -310,13 +313,33 @@ def read_file(path: str) -> tuple[list[dict], int, list[str]]:
         raise UserError(f"{path} is not a closewait-trace recording", EXIT_FILE,
                         "record one with: sudo closewait-trace -w FILE")
     version = records[0].get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise UserError(f"{path} has format version {version}; this closewait-trace "
                         f"({__version__}) reads up to {FORMAT_VERSION}", EXIT_FILE,
                         "upgrade closewait-trace to read it")
+    bad_header = schema.problem(records[0])
+    if bad_header:
+        raise UserError(f"{path} has a damaged header ({bad_header})", EXIT_FILE,
+                        "it cannot be read safely")
+    body, invalid = checked_records(records[1:], version)
+    records = records[:1] + body
+    skipped += invalid
     if damaged:
         problems.append(f"{path}: compressed data damaged or cut short; read what precedes it")
     return records, skipped, problems
+
+
+def checked_records(records: list, version: int) -> tuple[list[dict], int]:
+    """Records of format `version` in the current shape, minus those that
+    do not match their schema (a hostile or damaged file): counted, skipped."""
+    kept, invalid = [], 0
+    for rec in records:
+        rec = schema.upgrade(rec, version)
+        if schema.problem(rec) is None:
+            kept.append(rec)
+        else:
+            invalid += 1
+    return kept, invalid
 
 
 def read(paths: Iterable[str]) -> Recording:

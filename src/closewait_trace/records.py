@@ -1,6 +1,7 @@
-"""The output records: one JSON-ready dict per event, the same for --json,
-for recordings and for the text renderer, so that every output path shows
-the same facts. The schema is documented in the README ("JSON output").
+"""Builders of the output records: one JSON-ready dict per event, the same
+for --json, for recordings and for the text renderer, so that every output
+path shows the same facts. Each record's shape is defined once, in
+schema.py; the README's table is checked against it.
 """
 
 from __future__ import annotations
@@ -8,10 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Iterable, Optional
 
-from closewait_trace import tcpstates
+from closewait_trace import schema, tcpstates
 from closewait_trace.events import Endpoints
-
-SCHEMA_VERSION = 1
+from closewait_trace.schema import SCHEMA_VERSION
 
 
 _tz_cache: dict = {}
@@ -30,19 +30,45 @@ def wall_time(ts: float) -> str:
 
 
 def _base(kind: str, ts: float) -> dict:
+    # Typed as plain dict: each builder's return annotation names its schema.
     return {"type": kind, "ts": round(ts, 6), "time": wall_time(ts)}
 
 
-def endpoint_fields(ep: Endpoints) -> dict:
+def endpoint_fields(ep: Endpoints) -> schema.Endpoint:
     return {"family": ep.family_name, "laddr": ep.laddr, "lport": ep.lport,
             "raddr": ep.raddr, "rport": ep.rport}
 
 
-def holder_dicts(holders) -> list[dict]:
-    return [h.as_dict() for h in holders]
+def holder_dicts(holders, facts: Optional[dict] = None) -> list[schema.Holder]:
+    """Holders as written, with what the diagnosis learnt of each fd."""
+    out = []
+    for h in holders:
+        d = h.as_dict()
+        if facts:
+            d.update(facts.get((h.pid, h.fd), ()))
+        out.append(d)
+    return out
 
 
-def ownership_fields(own) -> dict:
+def age_fields(prefix: str, age_ns: int, source: str, max_ns: Optional[int]) -> dict:
+    """`age_*` or `duration_*`: how long, how it was known, the upper bound
+    of an estimate (see schema.AgeSource)."""
+    return {f"{prefix}_s": round(age_ns / 1e9, 6),
+            f"{prefix}_source": source,
+            f"{prefix}_max_s": round(max_ns / 1e9, 6) if max_ns is not None else None,
+            f"{prefix}_is_lower_bound": source == "lower_bound"}
+
+
+def _lingerer_age(lingerer, age_ns: int) -> dict:
+    source, enter_max = lingerer.age_source, lingerer.enter_max_ns
+    age_max = None
+    if source == "estimated" and enter_max is not None:
+        # age_max = now - earliest possible entry; now = enter + age.
+        age_max = max(age_ns, lingerer.enter_ns + age_ns - enter_max)
+    return age_fields("age", age_ns, source, age_max)
+
+
+def ownership_fields(own, facts: Optional[dict] = None) -> dict:
     if own is None:
         return {"owner_kind": None, "owners": [], "netns": None, "inode": None,
                 "unread_bytes": None, "eof_read": None, "listener": None,
@@ -53,39 +79,38 @@ def ownership_fields(own) -> dict:
                     "accept_queue": own.listener.rx_queue,
                     "backlog": own.listener.tx_queue,
                     "owners": holder_dicts(own.listener_holders)}
-    return {"owner_kind": own.kind, "owners": holder_dicts(own.holders),
+    return {"owner_kind": own.kind, "owners": holder_dicts(own.holders, facts),
             "netns": own.netns, "inode": own.inode, "unread_bytes": own.unread_bytes,
             "eof_read": own.eof_read,
             "listener": listener, "also_in_netns": list(own.other_netns)}
 
 
-def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> dict:
+def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.LingerRecord:
     """update: the socket was reported before; its holders' state changed and
     this is its new diagnosis."""
     rec = _base("linger", ts)
     rec.update(endpoint_fields(lingerer.endpoints))
+    rec.update(_lingerer_age(lingerer, age_ns))
     rec.update({
-        "age_s": round(age_ns / 1e9, 6),
-        "age_is_lower_bound": lingerer.pre_existing,
         "pre_existing": lingerer.pre_existing,
         "update": update,
         # The kernel's socket address stays inside the tool: written out it
         # would leak a kernel pointer (defeating KASLR) into shareable files.
     })
-    rec.update(ownership_fields(lingerer.ownership))
-    rec["diagnosis"] = lingerer.diagnosis.as_dict() if lingerer.diagnosis else None
+    diag = lingerer.diagnosis
+    rec.update(ownership_fields(lingerer.ownership, diag.holder_facts() if diag else None))
+    rec["diagnosis"] = diag.as_dict() if diag else None
     return rec
 
 
-def lingering_entry(lingerer, age_ns: int) -> dict:
+def lingering_entry(lingerer, age_ns: int) -> schema.LingeringEntry:
     """A socket still lingering, for snapshots and the summary: what it is,
     how old, who holds it and why, without the evidence (which its linger
     record already carried). Small, because there may be 100,000 of them."""
     own = lingerer.ownership
     entry = endpoint_fields(lingerer.endpoints)
+    entry.update(_lingerer_age(lingerer, age_ns))
     entry.update({
-        "age_s": round(age_ns / 1e9, 6),
-        "age_is_lower_bound": lingerer.pre_existing,
         "owner_kind": own.kind if own is not None else None,
         "owners": [{"pid": h.pid, "comm": h.comm, "fd": h.fd, "state": h.state}
                    for h in own.holders] if own is not None else [],
@@ -95,7 +120,7 @@ def lingering_entry(lingerer, age_ns: int) -> dict:
     return entry
 
 
-def process(ts: float, evidence: dict) -> dict:
+def process(ts: float, evidence: dict) -> schema.ProcessRecord:
     """A holder's process-wide evidence: threads, their system calls and
     stacks, user, container, namespace. Written before the linger records of
     the same batch that name the process among their holders."""
@@ -104,12 +129,11 @@ def process(ts: float, evidence: dict) -> dict:
     return rec
 
 
-def closed(c, ts: float) -> dict:
+def closed(c, ts: float) -> schema.ClosedRecord:
     rec = _base("closed", ts)
     rec.update(endpoint_fields(c.endpoints))
+    rec.update(age_fields("duration", c.duration_ns, c.duration_source, c.duration_max_ns))
     rec.update({
-        "duration_s": round(c.duration_ns / 1e9, 6),
-        "duration_is_lower_bound": c.duration_is_lower_bound,
         "how": c.how,
         "newstate": tcpstates.name(c.newstate),
         "closed_by": None if c.closer is None else {"pid": c.closer[0], "comm": c.closer[1]},
@@ -120,7 +144,7 @@ def closed(c, ts: float) -> dict:
     return rec
 
 
-def transition(ev, ts: float) -> dict:
+def transition(ev, ts: float) -> schema.TransitionRecord:
     """--all: one TCP state transition. The task is named only where the
     kernel makes that transition in the owning process's own system call;
     elsewhere it ran in softirq on whatever task was on the CPU."""
@@ -137,13 +161,13 @@ def transition(ev, ts: float) -> dict:
     return rec
 
 
-def lost(ts: float, counter: str, delta: int, total: int) -> dict:
+def lost(ts: float, counter: str, delta: int, total: int) -> schema.LostRecord:
     rec = _base("lost", ts)
     rec.update({"counter": counter, "count": delta, "total": total})
     return rec
 
 
-def histogram_buckets(slots: list[int]) -> list[dict]:
+def histogram_buckets(slots: list[int]) -> list[schema.HistogramBucket]:
     """Kernel log2 slots (microseconds) -> [{from_us, to_us, count}]; slot 0
     holds durations under 1 us, slot i holds [2^(i-1), 2^i) us."""
     out = []
@@ -157,7 +181,7 @@ def histogram_buckets(slots: list[int]) -> list[dict]:
 
 def summary(ts: float, started_ts: float, counters: dict, slots: list[int],
             still_lingering: Iterable[dict], linger_lines: int, closed_lines: int,
-            extra: Optional[dict] = None) -> dict:
+            extra: Optional[dict] = None) -> schema.SummaryRecord:
     rec = _base("summary", ts)
     rec.update({
         "traced_s": round(ts - started_ts, 3),
@@ -172,7 +196,8 @@ def summary(ts: float, started_ts: float, counters: dict, slots: list[int],
     return rec
 
 
-def snapshot(ts: float, lingering: list[dict], counters: dict, slots: list[int]) -> dict:
+def snapshot(ts: float, lingering: list[dict], counters: dict,
+             slots: list[int]) -> schema.SnapshotRecord:
     rec = _base("snapshot", ts)
     rec.update({"lingering": lingering, "counters": dict(counters),
                 "histogram_us": histogram_buckets(slots)})
@@ -180,7 +205,7 @@ def snapshot(ts: float, lingering: list[dict], counters: dict, slots: list[int])
 
 
 def start(ts: float, threshold_ns: int, filters: dict, pre_existing: int,
-          headers: str, transport: str, all_transitions: bool = False) -> dict:
+          headers: str, transport: str, all_transitions: bool = False) -> schema.StartRecord:
     rec = _base("start", ts)
     rec.update({"schema": SCHEMA_VERSION, "threshold_s": threshold_ns / 1e9,
                 "filters": filters, "pre_existing": pre_existing,

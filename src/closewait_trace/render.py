@@ -115,10 +115,7 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
     """-v: who holds it, where they live, and where each thread waits (the
     last two from the holder's `process` record)."""
     out = []
-    diagnosis = rec.get("diagnosis") or {}
-    evidence = diagnosis.get("evidence") or {}
-    holders = evidence.get("holders") or rec.get("owners") or []
-    for h in holders:
+    for h in rec.get("owners") or []:
         process = processes.get(h["pid"]) or {}
         ident = process.get("identity") or {}
         where = ", ".join(x for x in (
@@ -138,7 +135,7 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             out.append(f"           thread {t['tid']} [{t['state']}] {call} "
                        f"wchan {t.get('wchan') or '-'}")
             for f in (t.get("stack") or [])[:8]:
-                name = f"{f['function']}+{f['offset']:#x}" if f.get("function") else f["pc"]
+                name = f"{f['function']}+{f.get('offset') or 0:#x}" if f.get("function") else f["pc"]
                 module = (f.get("module") or "?").rsplit("/", 1)[-1]
                 out.append(f"             {name} ({module}) [{f['method']}]")
     listener = rec.get("listener")

@@ -30,6 +30,10 @@ class Lingerer:
     ownership: object = None    # owners.Ownership once resolved
     diagnosis: object = None    # diagnosis.Diagnosis once resolved
     left_ns: Optional[int] = None
+    # How the age is known (schema.AgeSource): traced by the kernel program,
+    # estimated from tcp_info, or a lower bound counted from the trace's start.
+    age_source: str = "traced"
+    enter_max_ns: Optional[int] = None   # estimated: the earliest it can have entered
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
@@ -52,6 +56,8 @@ class Closed:
     pre_existing: bool
     reported: bool
     lingerer: Optional[Lingerer] = None
+    duration_source: str = "traced"      # as Lingerer.age_source
+    duration_max_ns: Optional[int] = None
 
 
 def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
@@ -93,7 +99,7 @@ class Tracker:
             if endpoints in tracked_endpoints or endpoints in self.pre_existing:
                 continue
             l = Lingerer(endpoints=endpoints, enter_ns=self.start_ns, skaddr=None,
-                         pre_existing=True)
+                         pre_existing=True, age_source="lower_bound")
             self.pre_existing[endpoints] = l
             self.pending[id(l)] = l
         return len(self.pre_existing)
@@ -177,7 +183,8 @@ class Tracker:
         how = attribute_close(ev.newstate, ev.pid, holders)
         closer = (ev.pid, ev.comm) if how in ("close", "abort") else None
         return Closed(endpoints=ev.endpoints, ts_ns=ev.ts_ns, duration_ns=duration_ns,
-                      duration_is_lower_bound=lower_bound, how=how, closer=closer,
+                      duration_is_lower_bound=lower_bound,
+                      duration_source="lower_bound" if lower_bound else "traced", how=how, closer=closer,
                       cpu_task=(ev.pid, ev.comm), newstate=ev.newstate,
                       pre_existing=bool(l and l.pre_existing),
                       reported=bool(l and l.reported), lingerer=l)

@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from closewait_trace import schema
+
 TRACER = [sys.executable, "-m", "closewait_trace"]
 
 
@@ -52,8 +54,14 @@ class Tracer:
             return False
         if rec is None:
             raise AssertionError(f"tracer exited early: {self.proc.wait()} {self.proc.stderr.read()}")
-        self.records.append(rec)
+        self._keep(rec)
         return True
+
+    def _keep(self, rec: dict) -> None:
+        # Every record a live tracer prints is checked against the schema.
+        problem = schema.problem(rec)
+        assert problem is None, f"record does not match the schema: {problem}: {rec}"
+        self.records.append(rec)
 
     def wait_for(self, predicate, count=1, timeout=20.0) -> list:
         deadline = time.monotonic() + timeout
@@ -81,7 +89,7 @@ class Tracer:
                 break
             if rec is None:
                 break
-            self.records.append(rec)
+            self._keep(rec)
         self.stderr = self.proc.stderr.read()
         assert rc == 0, (rc, self.stderr)
         assert "Traceback" not in self.stderr, self.stderr

@@ -48,6 +48,15 @@ def one_linger(port, procs, workload, threshold="300ms", env=None, extra=(),
     return rec
 
 
+def evidence_holders(rec):
+    """The holders the diagnosis names, looked up in `owners` where each is
+    written (the evidence refers to them by pid and fd)."""
+    by_ref = {(o["pid"], o["fd"]): o for o in rec["owners"]}
+    refs = rec["diagnosis"]["evidence"]["holders"]
+    assert all((r["pid"], r["fd"]) in by_ref for r in refs), (refs, rec["owners"])
+    return [by_ref[(r["pid"], r["fd"])] for r in refs]
+
+
 def accepted_connection(port, server):
     """A connection the server has accepted (so it is not in the queue)."""
     client = socket.create_connection(("127.0.0.1", port))
@@ -73,7 +82,7 @@ def test_stopped_by_signal(procs):
     rec = one_linger(port, procs, client.close)
     d = rec["diagnosis"]
     assert d["cause"] == "stopped" and f"{server.pid}/python" in d["summary"]
-    assert d["evidence"]["holders"][0]["state"] == "T"
+    assert evidence_holders(rec)[0]["state"] == "T"
 
 
 def test_stopped_under_gdb_names_the_debugger(procs):
@@ -89,7 +98,7 @@ def test_stopped_under_gdb_names_the_debugger(procs):
     d = rec["diagnosis"]
     assert d["cause"] == "traced"
     assert f"by {gdb.pid}/gdb" in d["summary"]
-    assert d["evidence"]["holders"][0]["tracer"] == {"pid": gdb.pid, "comm": "gdb"}
+    assert evidence_holders(rec)[0]["tracer"] == {"pid": gdb.pid, "comm": "gdb"}
 
 
 def test_running_under_strace_is_said(procs):
@@ -135,7 +144,7 @@ def test_leaked_into_a_child_through_exec(procs):
     d = rec["diagnosis"]
     assert d["cause"] == "leaked"
     assert f"{sleep_pid}/sleep" in d["summary"] and f"{server.pid}/python" in d["summary"]
-    holder = d["evidence"]["holders"][0]
+    holder = evidence_holders(rec)[0]
     assert holder["cloexec"] is False and holder["ppid"] == server.pid
     os.kill(sleep_pid, signal.SIGKILL)
 

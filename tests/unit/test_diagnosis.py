@@ -61,14 +61,16 @@ def test_inherited_without_cloexec_by_a_non_server(fake):
     got = diagnose_fake(fake)
     assert got.cause == d.LEAKED
     assert "12/sleep" in got.summary and "10/server" in got.summary
-    assert got.evidence["holders"][0]["cloexec"] is False
+    assert got.evidence["holders"] == [{"pid": 12, "fd": 5}]
+    assert got.holder_facts()[(12, 5)]["cloexec"] is False
 
 
 def test_polling_server_ignores_eof_and_shows_unread(fake):
     with_socket(fake, 10, rx=14, threads={10: ("S", "232 0x4 0x7ff 0x1", "ep_poll")})
     got = diagnose_fake(fake)
     assert got.cause == d.IGNORING_EOF
-    assert "13 unread bytes" in got.summary and got.evidence["unread_bytes"] == 13
+    assert "13 unread bytes" in got.summary
+    assert owners.resolve([EP], fake.root)[EP].unread_bytes == 13
 
 
 def test_accept_loop_is_serving(fake):
@@ -96,7 +98,8 @@ def test_never_accepted(fake):
     fake.fd(20, 3, 500)
     got = diagnose_fake(fake)
     assert got.cause == d.NEVER_ACCEPTED and "20/lazy" in got.summary
-    assert got.evidence["listener"]["accept_queue"] == 2
+    assert got.evidence == {"holders": [], "listener_holders": [{"pid": 20, "fd": 3}]}
+    assert owners.resolve([EP], fake.root)[EP].listener.rx_queue == 2
 
 
 def test_gone_and_unknown(fake):

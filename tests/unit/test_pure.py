@@ -232,11 +232,10 @@ def test_verbose_lines_take_threads_and_identity_from_the_process_record():
                                        "module": "/lib/libc.so.6", "method": "pc"}]}]}
     assert r.render(process) == []            # shown through the linger lines
     rec = linger_record(laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=5000,
-                        owners=[{"pid": 4242, "comm": "srv", "fd": 7, "state": "S",
-                                 "cmdline": "srv -d"}],
+                        owners=[{"pid": 4242, "comm": "srv", "fd": 7, "state": "S", "ppid": 1,
+                                 "cmdline": "srv -d", "cloexec": False}],
                         diagnosis={"summary": "blocked in pause", "evidence": {"holders": [
-                            {"pid": 4242, "comm": "srv", "fd": 7, "state": "S", "ppid": 1,
-                             "cmdline": "srv -d", "cloexec": False}]}})
+                            {"pid": 4242, "fd": 7}]}})
     text = "\n".join(r.render(rec))
     assert "holder 4242/srv fd 7 no-cloexec [S] ppid 1: srv -d" in text
     assert "user www, docker abababababab, netns 4026531840" in text

@@ -15,22 +15,35 @@ from closewait_trace.filters import SocketFilter
 
 
 def linger(i, ts=1000.0, pid=42, comm="srv", lport=80, age=2.0):
-    return {"type": "linger", "ts": ts + i, "family": "ipv4", "laddr": "127.0.0.1",
+    """A complete linger record (readers skip records that do not match the schema)."""
+    return {"type": "linger", "ts": ts + i, "time": "", "family": "ipv4", "laddr": "127.0.0.1",
             "lport": lport, "raddr": "10.0.0.%d" % (i % 250 + 1), "rport": 40000 + i,
-            "age_s": age, "age_is_lower_bound": False, "pre_existing": False,
-            "owners": [{"pid": pid, "comm": comm, "fd": 3 + i, "state": "T"}],
-            "owner_kind": "fd", "diagnosis": {"cause": "stopped", "summary": "stopped"}}
+            "age_s": age, "age_source": "traced", "age_max_s": None,
+            "age_is_lower_bound": False, "pre_existing": False, "update": False,
+            "owner_kind": "fd",
+            "owners": [{"pid": pid, "comm": comm, "fd": 3 + i, "state": "T", "ppid": 1,
+                        "uid": 0, "cmdline": comm, "tracer_pid": 0}],
+            "netns": None, "inode": None, "unread_bytes": 0, "eof_read": False,
+            "listener": None, "also_in_netns": [],
+            "diagnosis": {"cause": "stopped", "summary": "stopped",
+                          "evidence": {"holders": [{"pid": pid, "fd": 3 + i}]}}}
 
 
 def closed(i, ts=1010.0, duration=12.0, lport=80):
-    rec = linger(i, lport=lport)
-    rec.update(type="closed", ts=ts + i, duration_s=duration, duration_is_lower_bound=False,
-               how="close", closed_by={"pid": 42, "comm": "srv"})
+    rec = {k: v for k, v in linger(i, lport=lport).items()
+           if k in ("family", "laddr", "lport", "raddr", "rport", "time", "pre_existing")}
+    rec.update(type="closed", ts=ts + i, duration_s=duration, duration_source="traced",
+               duration_max_s=None, duration_is_lower_bound=False, how="close",
+               newstate="LAST_ACK", closed_by={"pid": 42, "comm": "srv"},
+               cpu_task={"pid": 42, "comm": "srv"}, reported=True)
     return rec
 
 
+NO_FILTERS = {"lports": [], "rports": [], "family": None}
+
+
 def make_recorder(path, **kw):
-    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters={}, clock_offset_ns=5,
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=NO_FILTERS, clock_offset_ns=5,
                            snapshot_source=lambda: {"type": "snapshot", "ts": 1.0,
                                                     "lingering": [], "counters": {}},
                            **kw)

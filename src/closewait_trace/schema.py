@@ -1,0 +1,409 @@
+"""The output records, defined once.
+
+Every record the tool writes (--json, recordings, snapshot) is a plain dict
+of one of the TypedDicts below, told apart by its `type`. These definitions
+are the schema: the builders in records.py are typed against them, readers
+of recordings check every record against them before use (`problem`), the
+README's schema table is tested against them, and old recordings are brought
+to the current shape by `upgrade` so that the renderer and the report know
+one shape only.
+
+Extra keys are tolerated on reading (a newer writer may add fields); missing
+ones, wrong types and non-finite numbers are not.
+"""
+
+# No `from __future__ import annotations`: TypedDict must see NotRequired.
+from typing import Annotated, Any, Literal, NotRequired, Optional, TypedDict, Union
+
+import msgspec
+
+# Version 2: each fact once. A linger record's holders are in `owners` only
+# (with close-on-exec, exiting and tracer, which version 1 kept in a second
+# copy under diagnosis.evidence.holders), the listener in `listener` only, and
+# unread_bytes/eof_read at the top only; the evidence refers to holders by
+# pid and fd.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# Numbers a hostile file could make absurd: bounded so that a reader can do
+# arithmetic on them (NaN and infinities fail these bounds).
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
+Epoch = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=1 << 32)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Fd = Annotated[int, msgspec.Meta(ge=-1, le=1 << 31)]
+
+AgeSource = Literal["traced", "estimated", "lower_bound"]
+
+
+class Endpoint(TypedDict):
+    family: Literal["ipv4", "ipv6"]
+    laddr: str
+    lport: Port
+    raddr: str
+    rport: Port
+
+
+class Task(TypedDict):
+    pid: Pid
+    comm: str
+
+
+class Holder(TypedDict):
+    """A process with a file descriptor on the socket."""
+    pid: Pid
+    comm: str
+    fd: Fd
+    state: str
+    ppid: Pid
+    uid: Optional[int]
+    cmdline: str
+    tracer_pid: Pid
+    cloexec: NotRequired[Optional[bool]]    # close-on-exec on this fd
+    exiting: NotRequired[bool]
+    tracer: NotRequired[Task]
+
+
+class Listener(TypedDict):
+    local: str
+    accept_queue: Count
+    backlog: Count
+    owners: list[Holder]
+
+
+class Filters(TypedDict):
+    """What the trace was limited to (kernel-side filters)."""
+    lports: list[Port]
+    rports: list[Port]
+    family: Optional[Literal["ipv4", "ipv6"]]
+
+
+class Container(TypedDict):
+    runtime: str
+    id: str
+
+
+class Identity(TypedDict, total=False):
+    """Where a process lives; each key only where known."""
+    user: Optional[str]
+    uid: Optional[int]
+    cgroup: Optional[str]
+    container: Optional[Container]
+    pod_uid: Optional[str]
+    unit: Optional[str]
+    netns: Optional[int]
+
+
+class HolderRef(TypedDict):
+    pid: Pid
+    fd: NotRequired[Fd]
+
+
+class Evidence(TypedDict, total=False):
+    """What the cause rests on, by reference to the record's own facts."""
+    holders: list[HolderRef]            # in `owners`
+    listener_holders: list[HolderRef]   # in `listener.owners` (never accepted)
+    accepting_process: list[HolderRef]  # in `listener.owners` (inherited socket)
+
+
+class Diagnosis(TypedDict):
+    cause: str
+    summary: str
+    evidence: Evidence
+
+
+class BriefDiagnosis(TypedDict):
+    cause: str
+    summary: str
+
+
+class _Base(TypedDict):
+    type: str
+    ts: Epoch
+    time: str
+
+
+class StartRecord(_Base):
+    schema: int
+    threshold_s: Seconds
+    filters: Filters
+    pre_existing: Count
+    headers: str
+    transport: str
+    all_transitions: bool
+
+
+class LingerRecord(_Base, Endpoint):
+    age_s: Seconds
+    age_source: AgeSource
+    age_max_s: Optional[Seconds]
+    age_is_lower_bound: bool
+    pre_existing: bool
+    update: bool
+    owner_kind: Optional[str]
+    owners: list[Holder]
+    netns: Optional[int]
+    inode: Optional[int]
+    unread_bytes: Optional[Count]
+    eof_read: Optional[bool]
+    listener: Optional[Listener]
+    also_in_netns: list[int]
+    diagnosis: Optional[Diagnosis]
+
+
+class BriefHolder(TypedDict):
+    pid: Pid
+    comm: str
+    fd: Fd
+    state: str
+
+
+class LingeringEntry(Endpoint):
+    """A socket still lingering, in snapshots and the summary."""
+    age_s: Seconds
+    age_source: AgeSource
+    age_max_s: Optional[Seconds]
+    age_is_lower_bound: bool
+    owner_kind: Optional[str]
+    owners: list[BriefHolder]
+    diagnosis: Optional[BriefDiagnosis]
+
+
+class ClosedRecord(_Base, Endpoint):
+    duration_s: Seconds
+    duration_source: AgeSource
+    duration_max_s: Optional[Seconds]
+    duration_is_lower_bound: bool
+    how: Literal["close", "abort", "reset", "unknown"]
+    newstate: str
+    closed_by: Optional[Task]
+    cpu_task: Task
+    pre_existing: bool
+    reported: bool
+
+
+class TransitionRecord(_Base, Endpoint):
+    oldstate: str
+    newstate: str
+    prev_state_s: Optional[Seconds]
+    task: Optional[Task]
+
+
+class LostRecord(_Base):
+    counter: str
+    count: Count
+    total: Count
+
+
+class Frame(TypedDict):
+    pc: str
+    function: Optional[str]
+    offset: Optional[int]
+    module: Optional[str]
+    build_id: Optional[str]
+    method: str
+    symbols: Optional[str]
+
+
+class Thread(TypedDict):
+    tid: Pid
+    state: str
+    wchan: str
+    syscall: Optional[str]
+    syscall_fd: Optional[int]
+    syscall_fd_target: Optional[str]
+    stack: list[Frame]
+
+
+class ProcessRecord(_Base):
+    pid: Pid
+    comm: str
+    state: str
+    ppid: Pid
+    cmdline: str
+    exiting: bool
+    threads: list[Thread]
+    threads_total: Count
+    identity: Identity
+    tracer: NotRequired[Task]
+
+
+class HistogramBucket(TypedDict):
+    from_us: Count
+    to_us: Count
+    count: Count
+
+
+class SnapshotRecord(_Base):
+    lingering: list[LingeringEntry]
+    counters: dict[str, int]
+    histogram_us: list[HistogramBucket]
+
+
+class SummaryRecord(_Base):
+    traced_s: Seconds
+    counters: dict[str, int]
+    histogram_us: list[HistogramBucket]
+    linger_reported: Count
+    closed_reported: Count
+    still_lingering: list[LingeringEntry]
+    changes_reported: NotRequired[Count]
+    tracer_cost: NotRequired[dict[str, Union[int, float]]]
+    write_errors: NotRequired[Count]
+
+
+class HeaderRecord(TypedDict):
+    """First line of every part of a recording (no ts/time of its own)."""
+    type: str
+    format: Literal["closewait-trace-recording"]
+    format_version: int
+    tool_version: str
+    hostname: str
+    kernel_release: str
+    boot_id: str
+    clock_offset_ns: int
+    start_ts: Epoch
+    threshold_s: Seconds
+    filters: Filters
+    mode: str
+    capture_id: str
+    part: Count
+
+
+RECORD_TYPES: dict[str, type] = {
+    "header": HeaderRecord,
+    "start": StartRecord,
+    "process": ProcessRecord,
+    "linger": LingerRecord,
+    "closed": ClosedRecord,
+    "lost": LostRecord,
+    "transition": TransitionRecord,
+    "snapshot": SnapshotRecord,
+    "summary": SummaryRecord,
+}
+
+
+def problem(rec: Any) -> Optional[str]:
+    """None when rec is a valid record of a known type; otherwise what is
+    wrong with it, in a few words (for the count of skipped records)."""
+    if not isinstance(rec, dict):
+        return f"not an object ({type(rec).__name__})"
+    kind = rec.get("type")
+    spec = RECORD_TYPES.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        return f"unknown record type {str(kind)[:40]!r}"
+    try:
+        msgspec.convert(rec, spec)
+    except msgspec.ValidationError as exc:
+        return f"{kind}: {str(exc)[:200]}"
+    except RecursionError:
+        return f"{kind}: nested too deeply"
+    return None
+
+
+# --- older versions -----------------------------------------------------------
+
+def _age_source(lower_bound: Any) -> str:
+    return "lower_bound" if lower_bound else "traced"
+
+
+def _upgrade_entry(entry: Any, prefix: str = "age") -> None:
+    if isinstance(entry, dict):
+        entry.setdefault(f"{prefix}_source", _age_source(entry.get(f"{prefix}_is_lower_bound")))
+        entry.setdefault(f"{prefix}_max_s", None)
+
+
+def _refs(holders: Any) -> list:
+    return [{"pid": h.get("pid"), "fd": h.get("fd")} for h in holders
+            if isinstance(h, dict)] if isinstance(holders, list) else []
+
+
+def _upgrade_linger(rec: dict) -> None:
+    _upgrade_entry(rec)
+    diag = rec.get("diagnosis")
+    evidence = diag.get("evidence") if isinstance(diag, dict) else None
+    if not isinstance(evidence, dict):
+        return
+    # Version 1 repeated each holder under the evidence with three facts the
+    # owners list lacked: move those to the owner, keep a reference.
+    extra = {}
+    for h in evidence.get("holders") or []:
+        if isinstance(h, dict):
+            extra[(h.get("pid"), h.get("fd"))] = h
+    for owner in rec.get("owners") or []:
+        if not isinstance(owner, dict):
+            continue
+        more = extra.get((owner.get("pid"), owner.get("fd")))
+        if more is None:
+            continue
+        for key in ("cloexec", "exiting", "tracer"):
+            if key in more:
+                owner.setdefault(key, more[key])
+    refs = {"holders": _refs(evidence.get("holders"))}
+    listener = evidence.get("listener")
+    if isinstance(listener, dict):
+        refs["listener_holders"] = _refs(listener.get("holders"))
+    if "accepting_process" in evidence:
+        refs["accepting_process"] = _refs(evidence.get("accepting_process"))
+    diag["evidence"] = refs
+
+
+def upgrade(rec: Any, version: int) -> Any:
+    """A record written by format `version`, in the current shape (in place).
+    Anything that is not a dict is returned as it is, for `problem` to name."""
+    if version >= SCHEMA_VERSION or not isinstance(rec, dict):
+        return rec
+    kind = rec.get("type")
+    if kind == "linger":
+        _upgrade_linger(rec)
+    elif kind == "closed":
+        _upgrade_entry(rec, "duration")
+    elif kind in ("snapshot", "summary"):
+        for entry in rec.get("lingering" if kind == "snapshot" else "still_lingering") or []:
+            _upgrade_entry(entry)
+    return rec
+
+
+# --- documentation ------------------------------------------------------------
+
+def type_name(annotation: Any) -> str:
+    """A field's type as the README's schema tables write it."""
+    import typing
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is typing.NotRequired:
+        return type_name(args[0])
+    if origin is Union:
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return " or ".join(f'"{a}"' for a in args)
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    if origin is dict:
+        return "object"
+    if isinstance(annotation, type) and issubclass(annotation, dict) and annotation is not dict:
+        return annotation.__name__
+    return {int: "int", float: "number", str: "string", bool: "bool"}.get(annotation, str(annotation))
+
+
+def fields(spec: type) -> list[tuple[str, str, bool]]:
+    """(name, type, required) of every field of a record type, in order."""
+    import typing
+    hints = typing.get_type_hints(spec, include_extras=True)
+    required = spec.__required_keys__
+    return [(name, type_name(hint), name in required) for name, hint in hints.items()]
+
+
+# The README documents these, one table each, under headings `#### Name`.
+DOCUMENTED: dict[str, type] = {
+    **{f"{kind} record": spec for kind, spec in RECORD_TYPES.items()},
+    "Holder": Holder, "Listener": Listener, "Diagnosis": Diagnosis, "Evidence": Evidence,
+    "HolderRef": HolderRef, "Task": Task, "LingeringEntry": LingeringEntry,
+    "BriefHolder": BriefHolder, "BriefDiagnosis": BriefDiagnosis, "Thread": Thread,
+    "Frame": Frame, "HistogramBucket": HistogramBucket, "Filters": Filters,
+    "Identity": Identity, "Container": Container,
+}

@@ -1,0 +1,245 @@
+"""The record schema: builders produce it, readers enforce it, the README
+documents it, and version-1 recordings still read the same."""
+
+import copy
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from closewait_trace import diagnosis, owners, records, recording, render, report, schema, tcpstates
+from closewait_trace.events import Endpoints, KernelEvent
+from closewait_trace.tracker import Closed, Lingerer
+from tests.unit.fakeproc import FakeProc
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).parent / "data"
+V1 = DATA / "v1-recording.jsonl"
+EP = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+
+
+def lingerer_over_fake_proc(tmp_path, cloexec=False) -> Lingerer:
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm="server", threads={10: ("S", "232 0x4 0x7ff 0x1", "ep_poll")})
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=14)
+    fake.fd(10, 5, 900, cloexec=cloexec)
+    own = owners.resolve([EP], fake.root)[EP]
+    l = Lingerer(endpoints=EP, enter_ns=1_000, skaddr=1)
+    l.ownership = own
+    l.diagnosis = diagnosis.gather(own, fake.root, machine="x86_64")
+    return l
+
+
+def test_linger_record_matches_schema_and_says_each_fact_once(tmp_path):
+    rec = records.linger(lingerer_over_fake_proc(tmp_path), 1_700_000_000.0, 2_000_000_000)
+    assert schema.problem(rec) is None
+    assert rec["owners"][0]["cloexec"] is False            # the fd's facts, on the owner
+    assert rec["diagnosis"]["evidence"] == {"holders": [{"pid": 10, "fd": 5}]}
+    assert rec["unread_bytes"] == 13
+    flat = json.dumps(rec["diagnosis"])
+    assert "unread_bytes" not in flat and "cmdline" not in flat   # not repeated below
+    assert rec["age_source"] == "traced" and rec["age_max_s"] is None
+
+
+def test_estimated_age_has_its_upper_bound(tmp_path):
+    l = lingerer_over_fake_proc(tmp_path)
+    l.age_source, l.enter_max_ns = "estimated", 0         # entered at least at 0
+    rec = records.linger(l, 1_700_000_000.0, 2_000_000_000)
+    assert schema.problem(rec) is None
+    assert rec["age_source"] == "estimated" and not rec["age_is_lower_bound"]
+    assert rec["age_max_s"] == pytest.approx(2.000001)    # now (1000 + 2e9 ns) - 0
+
+
+def test_every_builder_matches_its_schema(tmp_path):
+    l = lingerer_over_fake_proc(tmp_path)
+    entry = records.lingering_entry(l, 3_000_000_000)
+    ev = KernelEvent(kind=3, ts_ns=5, skaddr=1, endpoints=EP, oldstate=tcpstates.CLOSE_WAIT,
+                     newstate=tcpstates.LAST_ACK, duration_ns=7, pid=10, tid=10, comm="server")
+    closed = Closed(endpoints=EP, ts_ns=9, duration_ns=4_000_000_000, duration_is_lower_bound=True,
+                    duration_source="lower_bound",
+                    how="close", closer=(10, "server"), cpu_task=(10, "server"),
+                    newstate=tcpstates.LAST_ACK, pre_existing=True, reported=True)
+    built = [
+        records.start(1.0, 10**9, {"lports": [], "rports": [], "family": None}, 0, "h", "ring", False),
+        records.process(1.0, l.diagnosis._holders[0].process_dict()),
+        records.closed(closed, 1.0),
+        records.transition(ev, 1.0),
+        records.lost(1.0, "events_lost", 3, 9),
+        records.snapshot(1.0, [entry], {"cw_enter": 1}, [0, 2, 1]),
+        records.summary(2.0, 1.0, {"cw_enter": 1}, [0, 1], [entry], 1, 1,
+                        {"tracer_cost": {"ticks": 3, "idle_max_ms": 0.5}, "write_errors": 0,
+                         "changes_reported": 0}),
+    ]
+    for rec in built:
+        assert schema.problem(rec) is None, rec
+    assert built[2]["duration_source"] == "lower_bound" and built[2]["duration_is_lower_bound"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r.update(age_s="2.0"), "Expected `float`"),
+    (lambda r: r.update(age_s=float("nan")), "age_s"),
+    (lambda r: r.update(age_s=float("inf")), "age_s"),
+    (lambda r: r["owners"].append(None), "owners"),
+    (lambda r: r.update(diagnosis=["stopped"]), "diagnosis"),
+    (lambda r: r.update(lport=70000), "lport"),
+    (lambda r: r.pop("owners"), "owners"),
+    (lambda r: r.update(pre_existing=1), "pre_existing"),
+    (lambda r: r.update(type="lingerx"), "unknown record type"),
+])
+def test_wrong_shapes_are_named(tmp_path, mutate, expected):
+    rec = records.linger(lingerer_over_fake_proc(tmp_path), 1_700_000_000.0, 2_000_000_000)
+    mutate(rec)
+    assert expected in (schema.problem(rec) or "")
+
+
+def test_not_a_dict_and_deep_nesting_are_problems():
+    assert "not an object" in schema.problem([1, 2])
+    deep = {"type": "lost", "ts": 1.0, "time": "", "counter": "x", "count": 1, "total": 1}
+    nest = cur = {}
+    for _ in range(5000):
+        cur["a"] = {}
+        cur = cur["a"]
+    bad = dict(deep, counter=nest)
+    assert schema.problem(bad)
+
+
+# --- version 1 -----------------------------------------------------------------
+
+def v1_records():
+    return [json.loads(line) for line in V1.read_text().splitlines()]
+
+
+def test_v1_fixture_is_really_version_1_and_upgrades_to_valid_v2():
+    recs = v1_records()
+    assert recs[0]["format_version"] == 1
+    assert any("holders" in (r.get("diagnosis") or {}).get("evidence", {}) for r in recs)
+    for rec in recs[1:]:
+        assert schema.problem(rec) is not None or rec["type"] not in ("linger", "closed")
+        up = schema.upgrade(copy.deepcopy(rec), 1)
+        assert schema.problem(up) is None, (schema.problem(up), rec["type"])
+    lingers = [schema.upgrade(r, 1) for r in v1_records() if r["type"] == "linger"]
+    leaked = next(r for r in lingers if r["diagnosis"]["cause"] == "leaked")
+    assert leaked["owners"][0]["cloexec"] is True          # moved from the evidence
+    assert leaked["diagnosis"]["evidence"]["holders"] == [
+        {"pid": o["pid"], "fd": o["fd"]} for o in leaked["owners"]]
+
+
+def run_cli(*args):
+    env = dict(os.environ, TZ="UTC")
+    return subprocess.run([sys.executable, "-m", "closewait_trace", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, golden", [
+    (["-r", str(V1)], "v1-replay.txt"),
+    (["-r", str(V1), "-v"], "v1-replay-verbose.txt"),
+])
+def test_v1_replay_is_as_before(args, golden):
+    """What closewait-trace 0.1 printed replaying its own recording
+    (captured with it), printed the same after the upgrade to version 2."""
+    got = run_cli(*args)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == (DATA / golden).read_text()
+
+
+def test_reader_skips_and_counts_records_of_the_wrong_shape(tmp_path):
+    recs = v1_records()
+    lines = [json.dumps(r) for r in recs]
+    bad = copy.deepcopy(recs[4])
+    assert bad["type"] == "linger"
+    bad["age_s"] = "soon"
+    lines.insert(5, json.dumps(bad))
+    lines.insert(5, json.dumps({"type": "closed", "owners": [None]}))
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rec = recording.read([str(path)])
+    assert rec.skipped == 2
+    assert len(rec.of("linger")) == len([r for r in recs if r["type"] == "linger"])
+
+
+# Hostile values in otherwise well-formed records: whatever passes the
+# schema must render, replay and report without an error.
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+@settings(max_examples=int(os.environ.get("SCHEMA_FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_values_are_refused_or_harmless(data):
+    recs = [schema.upgrade(r, 1) for r in v1_records()[1:]]
+    i = data.draw(st.integers(0, len(recs) - 1))
+    rec = copy.deepcopy(recs[i])
+    paths = [p for p in _paths(rec) if p]
+    path = data.draw(st.sampled_from(paths))
+    target = rec
+    for key in path[:-1]:
+        target = target[key]
+    if data.draw(st.booleans()):
+        target[path[-1]] = data.draw(_values)
+    elif isinstance(target, dict):
+        del target[path[-1]]
+    else:
+        target.pop(path[-1])
+    if schema.problem(rec) is not None:
+        return
+    stream = recs[:i] + [rec] + recs[i + 1:]
+    renderer = render.TextRenderer(verbose=True)
+    for r in stream:
+        for line in renderer.render(r):
+            assert isinstance(line, str)
+    fake = recording.Recording(records=[v1_records()[0]] + stream, files=["x"])
+    report.render_text(report.build(fake), top=5)
+    json.dumps(report.build(fake))
+
+
+# --- the README ------------------------------------------------------------------
+
+def readme_tables() -> dict[str, list[tuple[str, str]]]:
+    text = (ROOT / "README.md").read_text()
+    tables: dict[str, list[tuple[str, str]]] = {}
+    for m in re.finditer(r"^#### (.+?)\n\n\| field \| type \| meaning \|\n\|---\|---\|---\|\n((?:\|.*\n)+)",
+                         text, re.M):
+        rows = []
+        for line in m.group(2).splitlines():
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows.append((cells[0].strip("`"), cells[1]))
+        tables[m.group(1)] = rows
+    return tables
+
+
+def test_readme_schema_tables_match_the_code():
+    tables = readme_tables()
+    assert set(tables) == set(schema.DOCUMENTED), "README tables vs schema.DOCUMENTED"
+    for name, spec in schema.DOCUMENTED.items():
+        expected = [(f, t + ("" if required else " (optional)"))
+                    for f, t, required in schema.fields(spec)]
+        assert tables[name] == expected, name
+
+
+def test_every_type_a_field_names_is_documented():
+    names = set(schema.DOCUMENTED)
+    for spec in schema.DOCUMENTED.values():
+        for _f, t, _r in schema.fields(spec):
+            for word in re.findall(r"\b[A-Z][A-Za-z]+\b", t):
+                assert word in names, (spec.__name__, t)
