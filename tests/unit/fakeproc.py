@@ -18,17 +18,21 @@ class FakeProc:
         self._netns_of = {}    # pid -> netns: every pid of a namespace shows its table
 
     def process(self, pid, comm="srv", state="S", ppid=1, netns=4026531840,
-                cmdline=None, tracer_pid=0, threads=None, flags=0):
+                cmdline=None, tracer_pid=0, threads=None, flags=0, start_time=100,
+                uid=1000):
         base = os.path.join(self.root, str(pid))
         os.makedirs(os.path.join(base, "fd"), exist_ok=True)
         os.makedirs(os.path.join(base, "fdinfo"), exist_ok=True)
         os.makedirs(os.path.join(base, "ns"), exist_ok=True)
         os.makedirs(os.path.join(base, "net"), exist_ok=True)
-        stat = f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 20 0 1 0 100\n"
+        # Every field up to starttime (22nd) as the kernel writes them; comm
+        # is written raw, as the kernel does (spaces, ')' and newlines too).
+        stat = (f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 "
+                f"20 0 1 0 {start_time} 1000 100 18446744073709551615 0 0 0 0 0 0 0 0 0 17 0 0 0\n")
         self._write(base, "stat", stat)
         self._write(base, "comm", comm + "\n")
         self._write(base, "status", f"Name:\t{comm}\nState:\t{state}\nTracerPid:\t{tracer_pid}\n"
-                                    f"Uid:\t1000\t1000\t1000\t1000\nThreads:\t1\n")
+                                    f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nThreads:\t1\n")
         self._write(base, "cmdline", "\0".join(cmdline or [comm]) + "\0")
         link = os.path.join(base, "ns", "net")
         if not os.path.lexists(link):
