@@ -174,6 +174,8 @@ class Diagnosis:
                 "holders": [h.as_dict(light=True) for h in self._listeners]}
         if self._server:
             out["accepting_process"] = [h.as_dict(light=True) for h in self._server]
+        if own.netns_denied:
+            out["denied_netns_processes"] = own.netns_denied
         if own.denied_processes:
             # How many fd tables could not be read: the holders above may
             # not be all of them (or, with none, who holds it is unknown).
@@ -233,6 +235,11 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
             f"{listener.endpoints.local}, held by {who}")
 
+    if own.kind == OWNER_DENIED and own.netns_denied:
+        n = own.netns_denied
+        return Diagnosis(UNKNOWN, f"unknown: not found in the network namespaces we may read; "
+                                  f"permission denied reading {n} process{'es' if n != 1 else ''}' "
+                                  f"namespaces")
     if own.kind == OWNER_DENIED or (not holders and own.denied_processes):
         return Diagnosis(UNKNOWN, denied_summary(own.denied_processes))
 
@@ -329,15 +336,18 @@ class ProcessEvidence:
     as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
 
-def _thread(tid: int, dfd: int, machine: str
+def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
             ) -> tuple[Optional[ThreadEvidence], procfs.SyscallLine]:
-    """One thread, from task/TID/{stat,wchan,syscall}, each read once; the
-    syscall line also carries the registers the unwinder starts from."""
+    """One thread, from task/TID/{stat,wchan,syscall}, each read once (stat
+    is passed in when already read); the syscall line also carries the
+    registers the unwinder starts from."""
     line = procfs.NOT_IN_SYSCALL
-    try:
-        stat = procfs.parse_stat(procfs.decode(procfs.read_bytes(f"task/{tid}/stat", dir_fd=dfd)))
-    except procfs.ProcError:
-        return None, line                            # the thread exited
+    if stat is None:
+        try:
+            stat = procfs.parse_stat(procfs.decode(
+                procfs.read_bytes(f"task/{tid}/stat", dir_fd=dfd)))
+        except procfs.ProcError:
+            return None, line                        # the thread exited
     if stat is None:
         return None, line
     thread = ThreadEvidence(tid=tid, state=stat.state)
@@ -403,7 +413,7 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str,
         ev.threads_total = len(tids) + 1
         stacks = 0
         for tid in [snap.pid] + tids[:MAX_THREADS - 1]:
-            thread, line = _thread(tid, dfd, machine)
+            thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
             if thread is None:
                 continue
             if (thread.state in ("S", "D") and thread.syscall is not None

@@ -65,6 +65,9 @@ class Ownership:
     # Processes whose fd table we were not allowed to read in this batch: any
     # of them may hold the socket too (0 when running with full privileges).
     denied_processes: int = 0
+    # Not found in the namespaces we could read, while this many processes
+    # would not show theirs (OWNER_DENIED with no inode).
+    netns_denied: int = 0
 
     @property
     def unread_bytes(self) -> int:
@@ -74,7 +77,10 @@ class Ownership:
 
     @property
     def eof_read(self) -> bool:
-        return self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.rx_queue == 0
+        # Only for a socket found in a table (inode known): otherwise its
+        # queue is not known either.
+        return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.inode != 0
+                and self.rx_queue == 0)
 
     @property
     def pids(self) -> set[int]:
@@ -206,7 +212,8 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoi
         return {}
     matches: dict[Endpoints, list[tuple[int, TcpRow]]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
-    for netns, pid in procnet.network_namespaces(proc).items():
+    namespaces, netns_denied = procnet.scan_network_namespaces(proc)
+    for netns, pid in namespaces.items():
         rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
         listeners: dict[tuple, list[TcpRow]] = {}
         for row in rows:
@@ -221,7 +228,10 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoi
     for endpoints in wanted:
         found = matches.get(endpoints)
         if not found:
-            result[endpoints] = Ownership(kind=OWNER_GONE)
+            # Not in any namespace we could read. If some processes hid
+            # theirs from us, it may well be in one of those: unknown.
+            result[endpoints] = (Ownership(kind=OWNER_DENIED, netns_denied=len(netns_denied))
+                                 if netns_denied else Ownership(kind=OWNER_GONE))
             continue
         # The same addresses in CLOSE_WAIT in two namespaces at once is
         # possible (containers reuse 127.0.0.1); we keep the first and say so.

@@ -78,3 +78,39 @@ class FakeProc:
     def _write(base, name, text):
         with open(os.path.join(base, name), "w") as f:
             f.write(text)
+
+
+class Denials:
+    """EACCES for chosen paths of a fake tree, as the kernel answers a
+    tracer without CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH. Root is never
+    denied by file modes, so the unit tests (run as root or not) inject the
+    kernel's answer at the system call; tests/kernel checks the real one."""
+
+    def __init__(self, monkeypatch):
+        self.paths = set()
+        real_open, real_listdir, real_readlink = os.open, os.listdir, os.readlink
+
+        def check(path, dir_fd):
+            if dir_fd is None and isinstance(path, str) and (
+                    path in self.paths or any(path.startswith(p + "/") for p in self.paths)):
+                raise PermissionError(13, "Permission denied", path)
+
+        def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+            check(path, dir_fd)
+            return real_open(path, flags, mode, dir_fd=dir_fd)
+
+        def fake_listdir(path="."):
+            check(path, None)
+            return real_listdir(path)
+
+        def fake_readlink(path, *, dir_fd=None):
+            check(path, dir_fd)
+            return real_readlink(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "listdir", fake_listdir)
+        monkeypatch.setattr(os, "readlink", fake_readlink)
+
+    def deny(self, path):
+        self.paths.add(str(path))
+        return self
