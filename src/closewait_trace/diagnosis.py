@@ -449,13 +449,16 @@ def _process_evidence(holder, proc: str, machine: str, cache: Optional[dict]) ->
     ev = cache.get(holder.pid) if cache is not None else None
     if ev is None:
         snap = holder.process
-        if snap is None:                  # a Holder built by hand (tests, replay)
-            snap = procfs.ProcessSnapshot(
-                pid=holder.pid, comm=holder.comm, state=holder.state, ppid=holder.ppid,
-                flags=0, start_time=0, uid=holder.uid, tracer_pid=holder.tracer_pid,
-                cmdline=holder.cmdline)
-        ev = _read_process_evidence(snap, proc, machine) if snap.start_time else ProcessEvidence(
-            pid=holder.pid, unreadable="gone")
+        unreadable = ""
+        if snap is None:                  # a Holder not made by the owner scan
+            try:
+                snap = procfs.read_process(holder.pid, proc)
+            except procfs.AccessDenied:
+                unreadable = "permission denied"
+            except procfs.ProcError:
+                unreadable = "gone"
+        ev = (_read_process_evidence(snap, proc, machine) if snap is not None
+              else ProcessEvidence(pid=holder.pid, unreadable=unreadable))
         if cache is not None:
             cache[holder.pid] = ev
     return ev
