@@ -108,6 +108,10 @@ def test_owners_capabilities_are_enough(procs):
     assert denied <= len(unreadable_even_to_us()), rec["diagnosis"]
     process = [r for r in tracer.records if r["type"] == "process" and r["pid"] == server.pid]
     assert process and process[0]["threads"] and "unreadable" not in process[0]
+    # Its stack was read from /proc/PID/mem and unwound: diagnosis with
+    # stacks needs nothing more either.
+    main = process[0]["threads"][0]
+    assert main["syscall"] in ("accept", "accept4") and main["stack"], main
     tracer.stop()
     assert "warning" not in tracer.stderr, tracer.stderr
 
@@ -178,3 +182,48 @@ def test_holder_exiting_between_fd_scan_and_stat_read_is_a_missing_row(procs, mo
     assert killed, "the scan never read the child's fd"
     assert got.kind == owners.OWNER_FD
     assert [h.pid for h in got.holders] == [parent.pid]
+
+
+@pytest.mark.parametrize("caps", [OWNERS_TOO, OWNERS_TOO.replace(",+sys_admin", ""), BPF_ONLY],
+                         ids=["owners-caps", "no-sys-admin", "bpf-only"])
+def test_other_network_namespace_with_reduced_capabilities(procs, caps):
+    """Without CAP_SYS_ADMIN another namespace is still read (from
+    /proc/PID/net/tcp); without CAP_SYS_PTRACE it cannot even be found, and
+    the socket is unknown, not gone."""
+    ns = f"cwt-priv-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        port = free_port()
+        tracer = ReducedTracer(["-p", str(port), "-t", "300ms"], caps).start()
+        procs.append(tracer)
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   HOLDING_SERVER, "4", str(port)],
+                                  stdout=subprocess.PIPE, text=True)
+        procs.append(server)
+        assert server.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                        "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()",
+                        str(port)], check=True)
+        rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=20)[0]
+        ns_ino = os.stat(f"/run/netns/{ns}").st_ino
+        summary = rec["diagnosis"]["summary"]
+        if caps == BPF_ONLY:
+            assert rec["owner_kind"] == "denied" and rec["diagnosis"]["cause"] == "unknown"
+            assert "no longer in CLOSE_WAIT" not in summary
+            assert re.fullmatch(r"unknown: not found in the network namespaces we may read; "
+                                r"permission denied reading \d+ process(es)?' namespaces",
+                                summary), summary
+        else:
+            assert rec["netns"] == ns_ino
+            assert rec["owner_kind"] == "fd" and [o["pid"] for o in rec["owners"]] == [server.pid]
+            assert rec["diagnosis"]["cause"] == "ignoring_eof", summary
+        tracer.stop()
+        warning = [l for l in tracer.stderr.splitlines() if "warning" in l]
+        if caps == OWNERS_TOO:
+            assert warning == [], tracer.stderr
+        else:
+            assert len(warning) == 1 and "missing CAP_SYS_ADMIN" in warning[0], tracer.stderr
+            assert ("CAP_SYS_PTRACE" in warning[0]) == (caps == BPF_ONLY)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
