@@ -205,8 +205,10 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
     return rows
 
 
-def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoints, Ownership]:
-    """Ownership of each socket in CLOSE_WAIT with these addresses."""
+def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
+            batch: Optional[procfs.ProcBatch] = None) -> dict[Endpoints, Ownership]:
+    """Ownership of each socket in CLOSE_WAIT with these addresses. Pass
+    the batch's ProcBatch to share its process reads (one is made if not)."""
     wanted = set(wanted)
     if not wanted:
         return {}
@@ -248,7 +250,7 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoi
             needed_inodes.add(row.inode)
         result[endpoints] = own
 
-    scan = scan_holders(needed_inodes, procfs.ProcBatch(proc))
+    scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc))
     denied = len(scan.denied_pids)
     for own in result.values():
         own.denied_processes = denied
