@@ -272,6 +272,10 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
+    from closewait_trace import capabilities
+    capability_warning = capabilities.warning(capabilities.effective())
+    if capability_warning:      # say what a reduced set hides; trace anyway
+        click.echo(capability_warning, err=True)
     from closewait_trace import kernel_headers
     from closewait_trace.probe import ProbeConfig, import_bcc
     from closewait_trace.tracer import LiveTracer

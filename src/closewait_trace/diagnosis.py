@@ -8,12 +8,15 @@ exits mid-inspection leaves a partial diagnosis, never an error.
 
 from __future__ import annotations
 
+import errno
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
 from closewait_trace import identity, procfs, symbolize
-from closewait_trace.owners import OWNER_ACCEPT_QUEUE, OWNER_GONE, OWNER_NONE, Ownership
+from closewait_trace.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_GONE, OWNER_NONE,
+                                    Ownership)
 
 STOPPED = "stopped"
 TRACED = "traced"
@@ -25,8 +28,6 @@ EXITING = "exiting"
 GONE = "gone"
 UNKNOWN = "unknown"
 
-O_CLOEXEC = 0o2000000
-PF_EXITING = 0x4
 
 # System calls in which a thread waits for readiness of some fd: a holder
 # parked there is alive and polling, yet has not closed this socket.
@@ -115,6 +116,7 @@ class HolderEvidence:
     threads: list[ThreadEvidence] = field(default_factory=list)
     identity: dict = field(default_factory=dict)
     threads_total: int = 0
+    unreadable: str = ""        # threads not read: "permission denied" or "gone"
 
     def fd_facts(self) -> dict:
         """What concerns this socket's fd, beyond the owners entry. What
@@ -134,6 +136,8 @@ class HolderEvidence:
                "identity": self.identity}
         if self.tracer_pid:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
+        if self.unreadable:
+            out["unreadable"] = self.unreadable
         return out
 
 
@@ -164,6 +168,12 @@ class Diagnosis:
             out["listener_holders"] = [{"pid": h.pid, "fd": h.fd} for h in self._listeners]
         if self._server:
             out["accepting_process"] = [{"pid": h.pid, "fd": h.fd} for h in self._server]
+        if own.netns_denied:
+            out["denied_netns_processes"] = own.netns_denied
+        if own.denied_processes:
+            # How many fd tables could not be read: the holders above may
+            # not be all of them (or, with none, who holds it is unknown).
+            out["denied_processes"] = own.denied_processes
         return out
 
     def holder_facts(self) -> dict:
@@ -173,6 +183,11 @@ class Diagnosis:
 
     def as_dict(self) -> dict:
         return {"cause": self.cause, "summary": self.summary, "evidence": self.evidence}
+
+
+def denied_summary(processes: int) -> str:
+    return (f"unknown: permission denied reading {processes} "
+            f"process{'es' if processes != 1 else ''}' file descriptors")
 
 
 def _who(h: HolderEvidence) -> str:
@@ -191,6 +206,12 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     if traced and found.cause != TRACED:
         found.summary += "; " + ", ".join(
             f"{_who(h)} traced by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced)
+    # Holders were found, but other processes could not be read: the list,
+    # and a cause drawn from it (one holder or several), may be incomplete.
+    if holders and own.denied_processes:
+        n = own.denied_processes
+        found.summary += (f"; holders may be missing: permission denied reading "
+                          f"{n} other process{'es' if n != 1 else ''}")
     return found
 
 
@@ -212,6 +233,14 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
             f"{listener.endpoints.local}, held by {who}")
+
+    if own.kind == OWNER_DENIED and own.netns_denied:
+        n = own.netns_denied
+        return Diagnosis(UNKNOWN, f"unknown: not found in the network namespaces we may read; "
+                                  f"permission denied reading {n} process{'es' if n != 1 else ''}' "
+                                  f"namespaces")
+    if own.kind == OWNER_DENIED or (not holders and own.denied_processes):
+        return Diagnosis(UNKNOWN, denied_summary(own.denied_processes))
 
     if own.kind == OWNER_NONE or not holders:
         return Diagnosis(UNKNOWN, "no process holds a file descriptor on it")
@@ -261,7 +290,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         return Diagnosis(BLOCKED_ELSEWHERE,
                          f"blocked in {t.syscall_name}{on}{where}: {_who(only)}")
 
-    return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]")
+    why = {"permission denied": " (permission denied reading its threads)",
+           "gone": " (exited while inspected)"}.get(only.unreadable, "")
+    return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]{why}")
 
 
 def _is_serving(t: ThreadEvidence, machine: str) -> bool:
@@ -274,46 +305,12 @@ def _is_serving(t: ThreadEvidence, machine: str) -> bool:
 
 
 # ----------------------------------------------------------------- evidence
-
-def _fd_cloexec(pid: int, fd: int, proc: str) -> Optional[bool]:
-    text = procfs.read_text(f"{proc}/{pid}/fdinfo/{fd}")
-    if not text:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags:"):
-            try:
-                return bool(int(line.split()[1], 8) & O_CLOEXEC)
-            except (IndexError, ValueError):
-                return None
-    return None
-
-
-def _exiting(pid: int, proc: str) -> bool:
-    stat = procfs.read_text(f"{proc}/{pid}/stat")
-    if not stat:
-        return False
-    try:
-        flags = int(stat[stat.rindex(")") + 2:].split()[6])
-    except (ValueError, IndexError):
-        return False
-    return bool(flags & PF_EXITING)
-
-
-def parse_syscall(text: str) -> tuple[Optional[int], Optional[int]]:
-    """/proc/TID/syscall: 'running', '-1 ...' (not in a syscall) or 'NR arg0 ...'."""
-    parts = text.split()
-    if not parts or parts[0] in ("running", "-1"):
-        return None, None
-    try:
-        number = int(parts[0])
-    except ValueError:
-        return None, None
-    try:
-        arg0 = int(parts[1], 16) if len(parts) > 1 else None
-    except ValueError:
-        arg0 = None
-    return number, arg0
-
+#
+# Each process is read once per batch (one entry per pid in the cache the
+# caller passes for a batch): stat, status and cmdline come with the holder
+# from the owner scan (owners.Holder.process), threads, their system calls,
+# cgroup and namespace are read here, all through one handle on /proc/PID
+# after checking that the pid still names the process the scan found.
 
 # Stacks are unwound for this many threads of a holder at most, and this
 # many threads are listed: the cost and size of a diagnosis must stay small
@@ -322,97 +319,196 @@ MAX_STACKS = 4
 MAX_THREADS = 16
 
 
-def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
-    out = []
-    stacks = 0
-    names = [n for n in procfs.list_dir(f"{proc}/{pid}/task") if n.isdigit()]
-    for name in sorted(names, key=int)[:MAX_THREADS]:
-        base = f"{proc}/{pid}/task/{name}"
-        stat = procfs.read_text(f"{base}/stat")
-        parsed = procfs.parse_stat(stat) if stat else None
-        if not parsed:
-            continue
-        thread = ThreadEvidence(tid=int(name), state=parsed[1],
-                                wchan=(procfs.read_text(f"{base}/wchan") or "").strip())
-        if thread.wchan == "0":
-            thread.wchan = ""
-        text = procfs.read_text(f"{base}/syscall")
-        if text:
-            number, arg0 = parse_syscall(text)
-            thread.syscall = number
-            if number is not None:
-                thread.syscall_name = syscall_name(number, machine)
-                takes_fd = (number in _READ_SYSCALLS.get(machine, {})
-                            or number in _ACCEPT_SYSCALLS.get(machine, {}))
-                thread.syscall_fd = arg0 if takes_fd and arg0 is not None and arg0 < 1 << 20 else None
-                if thread.syscall_fd is not None:
-                    thread.syscall_fd_target = procfs.read_link(
-                        f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""
-                if thread.state in ("S", "D") and stacks < MAX_STACKS and machine == "x86_64":
-                    stacks += 1
-                    thread.stack = symbolize.user_stack(pid, thread.tid, proc)
-        out.append(thread)
-    return out
+@dataclass(slots=True)
+class ProcessEvidence:
+    """What is about a whole process, not one of its fds."""
+    pid: int
+    threads: list[ThreadEvidence] = field(default_factory=list)
+    threads_total: int = 0
+    identity: dict = field(default_factory=dict)
+    tracer_comm: str = ""
+    exiting: bool = False
+    # Set when the process could not be read past the owner scan: "gone"
+    # (it exited, or the pid was reused) or "permission denied".
+    unreadable: str = ""
+    first: Optional[HolderEvidence] = None            # the one process record
+    as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
+
+
+def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
+            ) -> tuple[Optional[ThreadEvidence], procfs.SyscallLine]:
+    """One thread, from task/TID/{stat,wchan,syscall}, each read once (stat
+    is passed in when already read); the syscall line also carries the
+    registers the unwinder starts from."""
+    line = procfs.NOT_IN_SYSCALL
+    if stat is None:
+        try:
+            stat = procfs.parse_stat(procfs.decode(
+                procfs.read_bytes(f"task/{tid}/stat", dir_fd=dfd)))
+        except procfs.ProcError:
+            return None, line                        # the thread exited
+    if stat is None:
+        return None, line
+    thread = ThreadEvidence(tid=tid, state=stat.state)
+    try:
+        wchan = procfs.decode(procfs.read_bytes(f"task/{tid}/wchan", 256, dir_fd=dfd)).strip()
+        thread.wchan = "" if wchan == "0" else wchan[:256]
+    except procfs.ProcError:
+        pass
+    try:
+        line = procfs.parse_syscall(procfs.decode(
+            procfs.read_bytes(f"task/{tid}/syscall", 512, dir_fd=dfd)))
+    except procfs.ProcError:
+        return thread, line                          # denied or gone: syscall unknown
+    number = line.number
+    thread.syscall = number
+    if number is None:
+        return thread, line
+    thread.syscall_name = syscall_name(number, machine)
+    takes_fd = (number in _READ_SYSCALLS.get(machine, {})
+                or number in _ACCEPT_SYSCALLS.get(machine, {}))
+    arg0 = line.arg0
+    thread.syscall_fd = arg0 if takes_fd and arg0 is not None and arg0 < 1 << 20 else None
+    if thread.syscall_fd is not None:
+        try:
+            thread.syscall_fd_target = procfs.readlink(f"fd/{thread.syscall_fd}", dir_fd=dfd)
+        except procfs.ProcError:
+            thread.syscall_fd_target = ""
+    return thread, line
+
+
+def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str,
+                           machine: str) -> ProcessEvidence:
+    ev = ProcessEvidence(pid=snap.pid, exiting=snap.exiting)
+    if snap.tracer_pid:
+        try:
+            ev.tracer_comm = procfs.read_process(snap.tracer_pid, proc).comm
+        except procfs.ProcError:
+            pass
+    try:
+        dfd = os.open(f"{proc}/{snap.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        ev.unreadable = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else "gone"
+        return ev
+    try:
+        # The leader's stat is read for its thread state anyway: its start
+        # time also proves the pid still names the process the owner scan
+        # saw. Every later read goes through this handle, which fails
+        # (ESRCH) rather than follow the pid to a new process.
+        try:
+            names = procfs.listdir_at("task", dfd)
+            leader = procfs.parse_stat(procfs.decode(
+                procfs.read_bytes(f"task/{snap.pid}/stat", dir_fd=dfd)))
+        except procfs.AccessDenied:
+            ev.unreadable = "permission denied"
+            return ev
+        except procfs.ProcError:
+            ev.unreadable = "gone"
+            return ev
+        if leader is None or leader.start_time != snap.start_time:
+            ev.unreadable = "gone"
+            return ev
+        tids = sorted(int(n) for n in names if n.isdigit() and n != str(snap.pid))
+        ev.threads_total = len(tids) + 1
+        stacks = 0
+        for tid in [snap.pid] + tids[:MAX_THREADS - 1]:
+            thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
+            if thread is None:
+                continue
+            if (thread.state in ("S", "D") and thread.syscall is not None
+                    and stacks < MAX_STACKS and machine == "x86_64"):
+                stacks += 1
+                # The unwinder starts from the registers of the syscall
+                # line read above (line.pc, line.sp), not from a reread.
+                pc, sp = line.pc, line.sp
+                thread.stack = symbolize.user_stack(snap.pid, thread.tid, proc)
+            ev.threads.append(thread)
+        ev.identity = _identity(snap, dfd)
+    finally:
+        os.close(dfd)
+    return ev
+
+
+def _identity(snap: procfs.ProcessSnapshot, dfd: int) -> dict:
+    try:
+        cgroup = procfs.decode(procfs.read_bytes("cgroup", dir_fd=dfd))
+    except procfs.ProcError:
+        cgroup = ""
+    ident = identity.parse_cgroup(cgroup)
+    ident["user"] = identity.user_name(snap.uid)
+    ident["uid"] = snap.uid
+    try:
+        ident["netns"] = procfs.ns_inode(procfs.readlink("ns/net", dir_fd=dfd))
+    except procfs.ProcError:
+        ident["netns"] = None
+    return ident
+
+
+def _process_evidence(holder, proc: str, machine: str, cache: Optional[dict]) -> ProcessEvidence:
+    ev = cache.get(holder.pid) if cache is not None else None
+    if ev is None:
+        snap = holder.process
+        unreadable = ""
+        if snap is None:                  # a Holder not made by the owner scan
+            try:
+                snap = procfs.read_process(holder.pid, proc)
+            except procfs.AccessDenied:
+                unreadable = "permission denied"
+            except procfs.ProcError:
+                unreadable = "gone"
+        ev = (_read_process_evidence(snap, proc, machine) if snap is not None
+              else ProcessEvidence(pid=holder.pid, unreadable=unreadable))
+        if cache is not None:
+            cache[holder.pid] = ev
+    return ev
 
 
 def holder_evidence(holder, proc: str, machine: str,
                     listener_pids: frozenset = frozenset(), cache: Optional[dict] = None,
                     fd_flags: bool = True) -> HolderEvidence:
     """Evidence for one holder. What is about the process, not the fd
-    (threads, stacks, identity), is read once per batch through cache."""
-    per_process = cache.get(holder.pid) if cache is not None else None
-    if per_process is None:
-        tracer_comm = ""
-        if holder.tracer_pid:
-            tracer = procfs.process_info(holder.tracer_pid, proc)
-            tracer_comm = tracer.comm if tracer else ""
-        per_process = {"exiting": _exiting(holder.pid, proc),
-                       "tracer_comm": tracer_comm,
-                       "threads": _threads(holder.pid, proc, machine),
-                       "threads_total": len([n for n in procfs.list_dir(
-                           f"{proc}/{holder.pid}/task") if n.isdigit()]),
-                       "identity": identity.of_process(holder.pid, holder.uid, proc),
-                       "first": None}
-        if cache is not None:
-            cache[holder.pid] = per_process
+    (threads, stacks, identity), is read once per batch through cache
+    (pid -> ProcessEvidence)."""
+    per_process = _process_evidence(holder, proc, machine, cache)
     ev = HolderEvidence(
         pid=holder.pid, comm=holder.comm, fd=holder.fd, state=holder.state,
         ppid=holder.ppid, cmdline=holder.cmdline, tracer_pid=holder.tracer_pid,
-        tracer_comm=per_process["tracer_comm"], holds_listener=holder.pid in listener_pids,
-        cloexec=_fd_cloexec(holder.pid, holder.fd, proc) if fd_flags else None,
-        exiting=per_process["exiting"],
-        threads=per_process["threads"], identity=per_process["identity"],
-        threads_total=per_process["threads_total"])
-    if per_process["first"] is None:
-        per_process["first"] = ev
+        tracer_comm=per_process.tracer_comm, holds_listener=holder.pid in listener_pids,
+        cloexec=holder.cloexec if fd_flags else None,
+        exiting=per_process.exiting,
+        threads=per_process.threads, identity=per_process.identity,
+        threads_total=per_process.threads_total, unreadable=per_process.unreadable)
+    if per_process.first is None:
+        per_process.first = ev
     return ev
 
 
 def process_evidence(cache: dict) -> list[dict]:
     """The process-wide evidence of every process a batch looked at (what
     each `process` record carries), in pid order."""
-    firsts = [v["first"] for k, v in cache.items()
-              if isinstance(k, int) and v.get("first") is not None]
+    firsts = [ev.first for ev in cache.values() if ev.first is not None]
     return [ev.process_dict() for ev in sorted(firsts, key=lambda ev: ev.pid)]
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
            cache: Optional[dict] = None) -> Diagnosis:
     """Collect the evidence for one socket's owners from /proc, then decide.
-    Pass the same cache for every socket of one batch."""
+    Pass the same cache (a dict, empty at the start of a batch) for every
+    socket of one batch."""
     machine = machine or platform.machine()
+    if cache is None:
+        cache = {}
     listener_pids = frozenset(h.pid for h in own.listener_holders)
     holders = [holder_evidence(h, proc, machine, listener_pids, cache) for h in own.holders]
     # The listener's holders are named with their state; the flags of their
-    # fd on the listener do not matter here, so one object per process serves
-    # every socket queued on or accepted from that listener.
+    # fd on the listener do not matter here, so one object per process and
+    # fd serves every socket queued on or accepted from that listener.
     listeners = []
     for h in own.listener_holders:
-        key = ("listener", h.pid, h.fd)
-        ev = cache.get(key) if cache is not None else None
+        per_process = _process_evidence(h, proc, machine, cache)
+        ev = per_process.as_listener.get(h.fd)
         if ev is None:
             ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
-            if cache is not None:
-                cache[key] = ev
+            per_process.as_listener[h.fd] = ev
         listeners.append(ev)
     return diagnose(own, holders, listeners, machine)

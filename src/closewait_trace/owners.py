@@ -18,6 +18,9 @@ OWNER_FD = "fd"                    # processes hold file descriptors on it
 OWNER_ACCEPT_QUEUE = "accept_queue"  # never accepted: no fd exists yet
 OWNER_NONE = "none"                # in the table, but no process holds it
 OWNER_GONE = "gone"                # no longer in CLOSE_WAIT when we looked
+# Unknown: no holder found, but the fd tables of some processes could not be
+# read (permission denied): "nobody holds it" would be a guess, not a fact.
+OWNER_DENIED = "denied"
 
 
 @dataclass(slots=True)
@@ -30,6 +33,16 @@ class Holder:
     uid: Optional[int]
     cmdline: str
     tracer_pid: int = 0
+    # Everything read about the process in this batch (flags, start time):
+    # the diagnosis takes it from here instead of reading stat again.
+    process: Optional[procfs.ProcessSnapshot] = None
+    cloexec: Optional[bool] = None      # O_CLOEXEC on this fd (None: unknown)
+
+    @classmethod
+    def of(cls, snap: procfs.ProcessSnapshot, fd: int, cloexec: Optional[bool]) -> "Holder":
+        return cls(pid=snap.pid, comm=snap.comm, fd=fd, state=snap.state, ppid=snap.ppid,
+                   uid=snap.uid, cmdline=snap.cmdline, tracer_pid=snap.tracer_pid,
+                   process=snap, cloexec=cloexec)
 
     def as_dict(self) -> dict:
         return {"pid": self.pid, "comm": self.comm, "fd": self.fd,
@@ -49,6 +62,12 @@ class Ownership:
     listener: Optional[TcpRow] = None
     listener_holders: list[Holder] = field(default_factory=list)
     other_netns: list[int] = field(default_factory=list)  # same addresses elsewhere
+    # Processes whose fd table we were not allowed to read in this batch: any
+    # of them may hold the socket too (0 when running with full privileges).
+    denied_processes: int = 0
+    # Not found in the namespaces we could read, while this many processes
+    # would not show theirs (OWNER_DENIED with no inode).
+    netns_denied: int = 0
 
     @property
     def unread_bytes(self) -> int:
@@ -58,7 +77,10 @@ class Ownership:
 
     @property
     def eof_read(self) -> bool:
-        return self.kind in (OWNER_FD, OWNER_NONE) and self.rx_queue == 0
+        # Only for a socket found in a table (inode known): otherwise its
+        # queue is not known either.
+        return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.inode != 0
+                and self.rx_queue == 0)
 
     @property
     def pids(self) -> set[int]:
@@ -77,42 +99,101 @@ def _listener_for(row: TcpRow, listeners: dict[tuple, list[TcpRow]]) -> Optional
     return wild[0] if wild else None
 
 
+@dataclass(slots=True)
+class HolderScan:
+    """One pass over /proc/*/fd: who holds which wanted socket, and how many
+    processes could not be looked at (permission denied)."""
+    holders: dict[int, list[Holder]] = field(default_factory=dict)
+    denied_pids: set[int] = field(default_factory=set)
+
+
+O_CLOEXEC = 0o2000000
+
+
+def _fd_cloexec(path: str) -> Optional[bool]:
+    """O_CLOEXEC from /proc/PID/fdinfo/FD (None when it cannot be read)."""
+    try:
+        text = procfs.decode(procfs.read_bytes(path, 4096))
+    except procfs.ProcError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags:"):
+            try:
+                return bool(int(line.split()[1], 8) & O_CLOEXEC)
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
+    """(the fd directory, its entries). Raises AccessDenied, NoSuchProcess."""
+    fd_dir = f"{proc}/{pid}/fd"
+    try:
+        names = procfs.listdir(fd_dir)
+    except procfs.NoSuchProcess:
+        names = []
+    if names:
+        return fd_dir, names
+    # A main thread that exited (pthread_exit) leaves a zombie leader whose
+    # fd table is gone, while its other threads still hold the sockets:
+    # read the table through one of them.
+    for tid in procfs.list_dir(f"{proc}/{pid}/task"):
+        if tid != str(pid):
+            task_fd_dir = f"{proc}/{pid}/task/{tid}/fd"
+            try:
+                task_names = procfs.listdir(task_fd_dir)
+            except procfs.NoSuchProcess:
+                continue
+            if task_names:
+                return task_fd_dir, task_names
+    return fd_dir, names
+
+
+def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
+    """Every (process, fd) on each wanted socket inode. A process that exits
+    while we look is a missing row; one we may not read is counted."""
+    wanted = set(inodes)
+    scan = HolderScan()
+    if not wanted:
+        return scan
+    proc = batch.proc
+    for pid in procfs.pids(proc):
+        try:
+            fd_dir, names = _fd_table(pid, proc)
+            matched: list[tuple[int, int, str]] = []
+            for name in names:
+                try:
+                    link = procfs.readlink(f"{fd_dir}/{name}")
+                except procfs.NoSuchProcess:
+                    continue                # that fd was closed meanwhile
+                inode = procfs.socket_inode(link)
+                if inode is not None and inode in wanted and name.isdigit():
+                    matched.append((inode, int(name), link))
+            if not matched:
+                continue
+            snap = batch.process(pid)
+            fdinfo_dir = fd_dir[:-2] + "fdinfo"
+            cloexec = [_fd_cloexec(f"{fdinfo_dir}/{fd}") for _inode, fd, _link in matched]
+            # The pid could have been reused between the fd scan and the
+            # reads above: an inode is unique while its socket lives, so the
+            # link still there after them proves this process holds it.
+            if procfs.readlink(f"{fd_dir}/{matched[0][1]}") != matched[0][2]:
+                continue
+        except procfs.AccessDenied:
+            scan.denied_pids.add(pid)
+            continue
+        except procfs.ProcError:
+            continue                        # gone, or dying: a missing row
+        for (inode, fd, _link), flag in zip(matched, cloexec):
+            scan.holders.setdefault(inode, []).append(Holder.of(snap, fd, flag))
+    for holders in scan.holders.values():
+        holders.sort(key=lambda h: (h.pid, h.fd))
+    return scan
+
+
 def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, list[Holder]]:
     """One pass over /proc/*/fd: socket inode -> every (process, fd) on it."""
-    wanted = set(inodes)
-    found: dict[int, list[Holder]] = {}
-    if not wanted:
-        return found
-    info_cache: dict[int, Optional[procfs.ProcessInfo]] = {}
-    for pid in procfs.pids(proc):
-        fd_dir = f"{proc}/{pid}/fd"
-        names = procfs.list_dir(fd_dir)
-        if not names:
-            # A main thread that exited (pthread_exit) leaves a zombie leader
-            # whose fd table is gone, while its other threads still hold the
-            # sockets: read the table through one of them.
-            for tid in procfs.list_dir(f"{proc}/{pid}/task"):
-                if tid != str(pid):
-                    fd_dir = f"{proc}/{pid}/task/{tid}/fd"
-                    names = procfs.list_dir(fd_dir)
-                    if names:
-                        break
-        for name in names:
-            inode = procfs.socket_inode(procfs.read_link(f"{fd_dir}/{name}"))
-            if inode is None or inode not in wanted:
-                continue
-            if pid not in info_cache:
-                info_cache[pid] = procfs.process_info(pid, proc)
-            info = info_cache[pid]
-            if info is None:        # exited while we looked: a missing row
-                continue
-            found.setdefault(inode, []).append(Holder(
-                pid=pid, comm=info.comm, fd=int(name), state=info.state,
-                ppid=info.ppid, uid=info.uid, cmdline=info.cmdline,
-                tracer_pid=info.tracer_pid))
-    for holders in found.values():
-        holders.sort(key=lambda h: (h.pid, h.fd))
-    return found
+    return scan_holders(inodes, procfs.ProcBatch(proc)).holders
 
 
 def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
@@ -124,14 +205,17 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
     return rows
 
 
-def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoints, Ownership]:
-    """Ownership of each socket in CLOSE_WAIT with these addresses."""
+def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
+            batch: Optional[procfs.ProcBatch] = None) -> dict[Endpoints, Ownership]:
+    """Ownership of each socket in CLOSE_WAIT with these addresses. Pass
+    the batch's ProcBatch to share its process reads (one is made if not)."""
     wanted = set(wanted)
     if not wanted:
         return {}
     matches: dict[Endpoints, list[tuple[int, TcpRow]]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
-    for netns, pid in procnet.network_namespaces(proc).items():
+    namespaces, netns_denied = procnet.scan_network_namespaces(proc)
+    for netns, pid in namespaces.items():
         rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
         listeners: dict[tuple, list[TcpRow]] = {}
         for row in rows:
@@ -146,7 +230,10 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoi
     for endpoints in wanted:
         found = matches.get(endpoints)
         if not found:
-            result[endpoints] = Ownership(kind=OWNER_GONE)
+            # Not in any namespace we could read. If some processes hid
+            # theirs from us, it may well be in one of those: unknown.
+            result[endpoints] = (Ownership(kind=OWNER_DENIED, netns_denied=len(netns_denied))
+                                 if netns_denied else Ownership(kind=OWNER_GONE))
             continue
         # The same addresses in CLOSE_WAIT in two namespaces at once is
         # possible (containers reuse 127.0.0.1); we keep the first and say so.
@@ -163,12 +250,14 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC) -> dict[Endpoi
             needed_inodes.add(row.inode)
         result[endpoints] = own
 
-    holders = find_holders(needed_inodes, proc)
+    scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc))
+    denied = len(scan.denied_pids)
     for own in result.values():
+        own.denied_processes = denied
         if own.kind == OWNER_FD:
-            own.holders = holders.get(own.inode, [])
+            own.holders = scan.holders.get(own.inode, [])
             if not own.holders:
-                own.kind = OWNER_NONE
+                own.kind = OWNER_DENIED if denied else OWNER_NONE
         if own.listener is not None:
-            own.listener_holders = holders.get(own.listener.inode, [])
+            own.listener_holders = scan.holders.get(own.listener.inode, [])
     return result

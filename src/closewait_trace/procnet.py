@@ -65,12 +65,25 @@ def parse_tcp_table(text: str, family: int) -> list[TcpRow]:
 
 def network_namespaces(proc: str = procfs.PROC) -> dict[int, int]:
     """Every network namespace that has a process in it: inode -> one pid."""
+    return scan_network_namespaces(proc)[0]
+
+
+def scan_network_namespaces(proc: str = procfs.PROC) -> tuple[dict[int, int], set[int]]:
+    """(inode -> one pid, for every namespace seen; the pids whose namespace
+    we were not allowed to read: a namespace only they live in is unseen)."""
     found: dict[int, int] = {}
+    denied: set[int] = set()
     for pid in procfs.pids(proc):
-        inode = procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net"))
+        try:
+            inode = procfs.ns_inode(procfs.readlink(f"{proc}/{pid}/ns/net"))
+        except procfs.AccessDenied:
+            denied.add(pid)
+            continue
+        except procfs.ProcError:
+            continue
         if inode is not None and inode not in found:
             found[inode] = pid
-    return found
+    return found, denied
 
 
 def _own_netns() -> Optional[int]:

@@ -105,6 +105,8 @@ class Evidence(TypedDict, total=False):
     holders: list[HolderRef]            # in `owners`
     listener_holders: list[HolderRef]   # in `listener.owners` (never accepted)
     accepting_process: list[HolderRef]  # in `listener.owners` (inherited socket)
+    denied_processes: Count             # fd tables we were not allowed to read
+    denied_netns_processes: Count       # processes whose network namespace we could not enter
 
 
 class Diagnosis(TypedDict):

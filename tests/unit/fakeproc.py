@@ -18,17 +18,21 @@ class FakeProc:
         self._netns_of = {}    # pid -> netns: every pid of a namespace shows its table
 
     def process(self, pid, comm="srv", state="S", ppid=1, netns=4026531840,
-                cmdline=None, tracer_pid=0, threads=None, flags=0):
+                cmdline=None, tracer_pid=0, threads=None, flags=0, start_time=100,
+                uid=1000):
         base = os.path.join(self.root, str(pid))
         os.makedirs(os.path.join(base, "fd"), exist_ok=True)
         os.makedirs(os.path.join(base, "fdinfo"), exist_ok=True)
         os.makedirs(os.path.join(base, "ns"), exist_ok=True)
         os.makedirs(os.path.join(base, "net"), exist_ok=True)
-        stat = f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 20 0 1 0 100\n"
+        # Every field up to starttime (22nd) as the kernel writes them; comm
+        # is written raw, as the kernel does (spaces, ')' and newlines too).
+        stat = (f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 "
+                f"20 0 1 0 {start_time} 1000 100 18446744073709551615 0 0 0 0 0 0 0 0 0 17 0 0 0\n")
         self._write(base, "stat", stat)
         self._write(base, "comm", comm + "\n")
         self._write(base, "status", f"Name:\t{comm}\nState:\t{state}\nTracerPid:\t{tracer_pid}\n"
-                                    f"Uid:\t1000\t1000\t1000\t1000\nThreads:\t1\n")
+                                    f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nThreads:\t1\n")
         self._write(base, "cmdline", "\0".join(cmdline or [comm]) + "\0")
         link = os.path.join(base, "ns", "net")
         if not os.path.lexists(link):
@@ -74,3 +78,39 @@ class FakeProc:
     def _write(base, name, text):
         with open(os.path.join(base, name), "w") as f:
             f.write(text)
+
+
+class Denials:
+    """EACCES for chosen paths of a fake tree, as the kernel answers a
+    tracer without CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH. Root is never
+    denied by file modes, so the unit tests (run as root or not) inject the
+    kernel's answer at the system call; tests/kernel checks the real one."""
+
+    def __init__(self, monkeypatch):
+        self.paths = set()
+        real_open, real_listdir, real_readlink = os.open, os.listdir, os.readlink
+
+        def check(path, dir_fd):
+            if dir_fd is None and isinstance(path, str) and (
+                    path in self.paths or any(path.startswith(p + "/") for p in self.paths)):
+                raise PermissionError(13, "Permission denied", path)
+
+        def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+            check(path, dir_fd)
+            return real_open(path, flags, mode, dir_fd=dir_fd)
+
+        def fake_listdir(path="."):
+            check(path, None)
+            return real_listdir(path)
+
+        def fake_readlink(path, *, dir_fd=None):
+            check(path, dir_fd)
+            return real_readlink(path, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "listdir", fake_listdir)
+        monkeypatch.setattr(os, "readlink", fake_readlink)
+
+    def deny(self, path):
+        self.paths.add(str(path))
+        return self

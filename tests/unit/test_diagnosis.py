@@ -3,7 +3,7 @@ import socket
 import pytest
 
 from closewait_trace import diagnosis as d
-from closewait_trace import owners, tcpstates
+from closewait_trace import owners, procfs, tcpstates
 from closewait_trace.events import Endpoints
 from tests.unit.fakeproc import FakeProc
 
@@ -110,7 +110,8 @@ def test_gone_and_unknown(fake):
 
 
 def test_parse_syscall():
-    assert d.parse_syscall("running") == (None, None)
-    assert d.parse_syscall("-1 0x7ffd 0x4011") == (None, None)
-    assert d.parse_syscall("7 0x55d0 0x2 0xffffffff 0 0 0 0x7ffc 0x7f00") == (7, 0x55d0)
+    assert procfs.parse_syscall("running") == procfs.NOT_IN_SYSCALL
+    assert procfs.parse_syscall("-1 0x7ffd 0x4011") == procfs.SyscallLine(None, None, 0x7ffd, 0x4011)
+    assert procfs.parse_syscall("7 0x55d0 0x2 0xffffffff 0 0 0 0x7ffc 0x7f00") == \
+        procfs.SyscallLine(7, 0x55d0, 0x7ffc, 0x7f00)
     assert d.syscall_name(34, "x86_64") == "pause"

@@ -1,3 +1,4 @@
+import shutil
 import socket
 
 import pytest
@@ -72,12 +73,14 @@ def test_vanishing_process_is_a_missing_row_not_a_crash(fake, monkeypatch):
     fake.process(50).process(51)
     fake.tcp(50, V4, "127.0.0.1", 83, "127.0.0.1", 5003, CW, 77)
     fake.fd(50, 3, 77).fd(51, 3, 77)
-    real = owners.procfs.process_info
+    real = owners.procfs.read_process
 
     def racing(pid, proc):
-        return None if pid == 51 else real(pid, proc)   # 51 exits mid-scan
+        if pid == 51:                  # 51 exits between its fd scan and its stat read
+            shutil.rmtree(f"{proc}/51")
+        return real(pid, proc)
 
-    monkeypatch.setattr(owners.procfs, "process_info", racing)
+    monkeypatch.setattr(owners.procfs, "read_process", racing)
     got = owners.resolve([ep(83, 5003)], fake.root)[ep(83, 5003)]
     assert [h.pid for h in got.holders] == [50]
 

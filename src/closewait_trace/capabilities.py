@@ -1,0 +1,96 @@
+"""Which capabilities the owner lookup and the diagnosis need, and what is
+lost without each (pure decoding and decision; the one read is in effective()).
+
+Found by running the tool as uid 0 under `setpriv --bounding-set=-all,+...`
+against a holder run as another user (kernel 6.18):
+- /proc/PID/fd of another user's process is mode 0500: listing it needs
+  CAP_DAC_READ_SEARCH (or CAP_DAC_OVERRIDE).
+- Reading its links, /proc/PID/fdinfo, ns/net, maps and mem, and
+  task/TID/syscall, passes the ptrace access check: CAP_SYS_PTRACE, needed
+  even for root's own processes once they hold capabilities we lack.
+- sock_diag in another network namespace enters it with setns():
+  CAP_SYS_ADMIN. Without it the table is parsed from /proc/PID/net/tcp.
+Loading and attaching the BPF program needs CAP_BPF and CAP_PERFMON; the
+kernel reports that itself when they are missing, so it is not checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+NAMES = {CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE", CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
+         CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+         CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
+
+
+@dataclass(frozen=True)
+class Need:
+    """Capabilities of which any one is enough, and what is lost without."""
+    any_of: tuple[int, ...]
+    lost: str
+
+    def met(self, effective: int) -> bool:
+        return any(effective >> cap & 1 for cap in self.any_of)
+
+    def names(self) -> str:
+        return " or ".join(NAMES[cap] for cap in self.any_of)
+
+
+NEEDS = (
+    Need((CAP_SYS_PTRACE,),
+         "no holders among processes of other users or with more capabilities, "
+         "nor their threads, stacks and network namespaces"),
+    Need((CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE),
+         "no fd tables, threads or stacks of other users' processes"),
+    Need((CAP_SYS_ADMIN,),
+         "other network namespaces read from /proc/PID/net instead of sock_diag "
+         "(no listener backlog)"),
+)
+
+
+def parse_cap_eff(status_text: str) -> Optional[int]:
+    """CapEff from /proc/PID/status (a 64-bit hex mask); None if absent."""
+    for line in status_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key == "CapEff":
+            try:
+                return int(value.strip(), 16)
+            except ValueError:
+                return None
+    return None
+
+
+def missing(effective: int) -> list[Need]:
+    return [need for need in NEEDS if not need.met(effective)]
+
+
+def warning(effective: Optional[int]) -> Optional[str]:
+    """One line for stderr naming what is missing and what is lost, or
+    None when nothing is. Unknown capabilities (no CapEff) say nothing:
+    no claim without a fact."""
+    if effective is None:
+        return None
+    lacking = missing(effective)
+    if not lacking:
+        return None
+    parts = [f"missing {need.names()}: {need.lost}" for need in lacking]
+    hidden = any(need.any_of != (CAP_SYS_ADMIN,) for need in lacking)
+    return ("closewait-trace: warning: " + "; ".join(parts)
+            + ("; sockets they hold show as 'unknown: permission denied'" if hidden else "")
+            + "; tracing goes on")
+
+
+def effective(status_path: str = "/proc/self/status") -> Optional[int]:
+    try:
+        with open(status_path, "rb") as f:
+            return parse_cap_eff(f.read(65536).decode("ascii", "replace"))
+    except OSError:
+        return None

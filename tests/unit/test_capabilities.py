@@ -1,0 +1,54 @@
+from closewait_trace import capabilities as caps
+
+
+def mask(*numbers):
+    out = 0
+    for n in numbers:
+        out |= 1 << n
+    return out
+
+
+FULL = (1 << 41) - 1
+
+
+def test_parse_cap_eff():
+    status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\nCapBnd:\t0\n"
+    assert caps.parse_cap_eff(status) == FULL
+    assert caps.parse_cap_eff("Name:\tx\n") is None
+    assert caps.parse_cap_eff("CapEff:\tzz\n") is None
+
+
+def test_full_root_says_nothing():
+    assert caps.warning(FULL) is None
+
+
+def test_unknown_capabilities_claim_nothing():
+    assert caps.warning(None) is None
+
+
+def test_bpf_and_perfmon_only_names_every_loss_in_one_line():
+    line = caps.warning(mask(caps.CAP_BPF, caps.CAP_PERFMON))
+    assert "\n" not in line and line.startswith("closewait-trace: warning: ")
+    for name in ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE", "CAP_SYS_ADMIN"):
+        assert f"missing {name}:" in line
+    assert "unknown: permission denied" in line and line.endswith("tracing goes on")
+
+
+def test_either_dac_capability_is_enough():
+    for dac in (caps.CAP_DAC_READ_SEARCH, caps.CAP_DAC_OVERRIDE):
+        got = caps.missing(mask(dac, caps.CAP_SYS_PTRACE, caps.CAP_SYS_ADMIN))
+        assert got == []
+
+
+def test_only_sys_admin_missing_hides_no_holder():
+    line = caps.warning(mask(caps.CAP_BPF, caps.CAP_PERFMON, caps.CAP_SYS_PTRACE,
+                             caps.CAP_DAC_READ_SEARCH))
+    assert "missing CAP_SYS_ADMIN" in line and "CAP_SYS_PTRACE" not in line
+    assert "unknown: permission denied" not in line
+
+
+def test_effective_reads_our_own_status(tmp_path):
+    path = tmp_path / "status"
+    path.write_text("CapEff:\t0000000000080004\n")
+    assert caps.effective(str(path)) == mask(caps.CAP_SYS_PTRACE, caps.CAP_DAC_READ_SEARCH)
+    assert caps.effective(str(tmp_path / "missing")) is None
