@@ -323,7 +323,8 @@ MAX_STACKS = 4
 MAX_THREADS = 16
 
 
-def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
+def _threads(pid: int, proc: str, machine: str,
+             cache: Optional[dict] = None) -> list[ThreadEvidence]:
     out = []
     stacks = 0
     names = [n for n in procfs.list_dir(f"{proc}/{pid}/task") if n.isdigit()]
@@ -349,9 +350,11 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
                 if thread.syscall_fd is not None:
                     thread.syscall_fd_target = procfs.read_link(
                         f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""
-                if thread.state in ("S", "D") and stacks < MAX_STACKS and machine == "x86_64":
+                if thread.state in ("S", "D") and stacks < MAX_STACKS:
                     stacks += 1
-                    thread.stack = symbolize.user_stack(pid, thread.tid, proc)
+                    sp, pc = symbolize.parse_syscall_regs(text)
+                    thread.stack = symbolize.user_stack(pid, pc, sp, proc, machine,
+                                                        symbolize.batch_budget(cache))
         out.append(thread)
     return out
 
@@ -369,7 +372,7 @@ def holder_evidence(holder, proc: str, machine: str,
             tracer_comm = tracer.comm if tracer else ""
         per_process = {"exiting": _exiting(holder.pid, proc),
                        "tracer_comm": tracer_comm,
-                       "threads": _threads(holder.pid, proc, machine),
+                       "threads": _threads(holder.pid, proc, machine, cache),
                        "threads_total": len([n for n in procfs.list_dir(
                            f"{proc}/{holder.pid}/task") if n.isdigit()]),
                        "identity": identity.of_process(holder.pid, holder.uid, proc),
