@@ -114,7 +114,7 @@ class ModuleIndex:
     # FDE lookup: initial locations (sorted) and the FDE's offset in .eh_frame.
     fde_locs: array = field(default_factory=lambda: array("q"))
     fde_offsets: array = field(default_factory=lambda: array("q"))
-    eh_frame: bytes = b""
+    eh_frame: bytes = field(default=b"", repr=False)
     eh_frame_addr: int = 0
     little_endian: bool = True
     address_size: int = 8
@@ -427,7 +427,7 @@ def _index_fdes(info: ModuleIndex, sections: list[_Section], r: _Reader) -> None
             info.fde_offsets = array("q", (base + x - eh_addr for x in pairs[1::2]))
             return
     ranges = []
-    offset, walked = 0, 0
+    offset, walked, bad = 0, 0, ""
     while offset + 8 <= len(info.eh_frame):
         length = _u32(info.eh_frame, offset, info.little_endian)
         if length == 0:
@@ -444,9 +444,15 @@ def _index_fdes(info: ModuleIndex, sections: list[_Section], r: _Reader) -> None
                 fde = parse_fde(info.eh_frame, offset, eh.addr, info.little_endian,
                                 info.address_size)
                 ranges.append((fde.header["initial_location"], offset))
-            except Refused:
-                pass                          # one bad FDE: its function is not unwound
+            except Refused as e:
+                bad = bad or str(e)           # one bad FDE: its function is not unwound
+            except (KeyboardInterrupt, SystemExit, OutOfTime):
+                raise
+            except BaseException as e:
+                bad = bad or f"malformed FDE ({type(e).__name__})"
         offset += 4 + length
+    if bad:
+        note_problem(f"FDEs skipped: {bad}", info.path)
     ranges.sort()
     info.fde_locs = array("q", (r_[0] for r_ in ranges))
     info.fde_offsets = array("q", (r_[1] for r_ in ranges))
