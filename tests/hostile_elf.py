@@ -135,12 +135,12 @@ def section_count_bomb(base: str, out: str, size: int = 64 << 20) -> str:
     return out
 
 
-def zlib_bomb(base: str, out: str, expands_to: int = 512 << 20) -> str:
+def zlib_bomb(base: str, out: str, expands_to: int = 256 << 20) -> str:
     """.eh_frame_hdr marked SHF_COMPRESSED, holding a zlib stream of zeros
     that expands to expands_to bytes (about 1000:1)."""
     data = bytearray(open(base, "rb").read())
     hdr = section(data, ".eh_frame_hdr")
-    z = zlib.compressobj(9)
+    z = zlib.compressobj(1)
     chunk = bytes(1 << 20)
     blob = b"".join(z.compress(chunk) for _ in range(expands_to >> 20)) + z.flush()
     chdr = struct.pack("<IIQQ", 1, 0, expands_to, 4)   # ELFCOMPRESS_ZLIB

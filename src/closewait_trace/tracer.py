@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from closewait_trace import diagnosis, owners, procfs, records
+from closewait_trace import diagnosis, owners, procfs, records, symbolize
 from closewait_trace.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.filters import SocketFilter
 from closewait_trace.probe import KernelProbe, ProbeConfig
@@ -289,6 +289,8 @@ class LiveTracer:
             self.recorder.flush()
             extra["write_errors"] = self.recorder.write_errors
         extra["changes_reported"] = self.change_lines
+        if symbolize.problems():        # modules or frames left without symbols, by reason
+            extra["symbolizer_problems"] = symbolize.problems()
         return records.summary(time.time(), self.started_ts, self.probe.counters(),
                                self.probe.histogram(), self.still_lingering(),
                                self.linger_lines, self.closed_lines, extra)

@@ -84,7 +84,7 @@ def test_symbol_count_bomb(base, tmp_path):
 
 
 def test_zlib_bomb_is_never_expanded(base, tmp_path):
-    """A compressed .eh_frame_hdr expanding to 512 MiB. Old code: 1 GB of
+    """A compressed .eh_frame_hdr expanding to 256 MiB. Old code: 0.5 GB of
     RSS. Measured in a fresh interpreter so the figure is this parse's."""
     path = hostile_elf.zlib_bomb(base, str(tmp_path / "bomb"))
     assert os.path.getsize(path) < 2 << 20
