@@ -53,9 +53,11 @@ class Limits:
     segments: int = 256
     section_bytes: int = 64 << 20      # any one section we read into memory
     symbols_scanned: int = 2_000_000   # symbol table entries looked at
-    functions_kept: int = 500_000      # function symbols kept per module
+    functions_kept: int = 250_000      # function symbols kept per module
     fdes: int = 2_000_000              # .eh_frame_hdr table entries / FDEs walked
-    cfi_entry_bytes: int = 64 << 10    # one CIE or FDE (real ones: < 1 KB)
+    # One CIE or FDE. The largest in 400 system libraries is 3,984 bytes;
+    # decoding a 16 KiB one takes pyelftools ~0.5 s and ~3.5 MB.
+    cfi_entry_bytes: int = 16 << 10
     note_bytes: int = 64 << 10         # a note section searched for the build-id
     name_bytes: int = 1024             # one symbol or section name
     parse_seconds: float = 1.0         # one module's parse, whatever the batch budget
@@ -63,6 +65,8 @@ class Limits:
 
 LIMITS = Limits()
 CACHE_BYTES = 64 << 20
+# A file whose parse ran past parse_seconds is tried again after this long.
+SLOW_RETRY_SECONDS = 600.0
 
 SHT_SYMTAB, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 2, 7, 8, 11
 SHF_COMPRESSED = 0x800
@@ -118,8 +122,12 @@ class ModuleIndex:
     eh_frame_addr: int = 0
     little_endian: bool = True
     address_size: int = 8
-    _fdes: OrderedDict = field(default_factory=OrderedDict)   # a few parsed FDEs
-    FDES_KEPT = 64
+    # A few parsed FDEs (index -> (FDE or None if malformed, estimated bytes)),
+    # kept within FDE_BYTES: a decoded FDE costs ~200 bytes per byte of CFI.
+    _fdes: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _fde_bytes: int = 0
+    FDE_BYTES = 512 << 10
+    FDE_COST = 256
 
     def vaddr_of_offset(self, file_offset: int) -> Optional[int]:
         for vaddr, offset, filesz in self.loads:
@@ -144,24 +152,36 @@ class ModuleIndex:
         i = bisect.bisect_right(self.fde_locs, vaddr) - 1
         if i < 0:
             return None
-        fde = self._fdes.get(i)
-        if fde is None:
+        hit = self._fdes.get(i)
+        if hit is not None:
+            self._fdes.move_to_end(i)
+            fde = hit[0]
+        else:
+            fde = None
             try:
                 fde = parse_fde(self.eh_frame, self.fde_offsets[i], self.eh_frame_addr,
                                 self.little_endian, self.address_size)
             except Refused as e:
                 note_problem(f"bad FDE: {e}", self.path)
-                return None
-            except Exception as e:   # pyelftools raises assorted errors on odd CFI
-                note_problem(f"bad FDE: {type(e).__name__}", self.path)
-                return None
-            self._fdes[i] = fde
-            if len(self._fdes) > self.FDES_KEPT:
-                self._fdes.popitem(last=False)
-        else:
-            self._fdes.move_to_end(i)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:   # pyelftools raises assorted errors on odd CFI
+                note_problem(f"malformed FDE ({type(e).__name__})", self.path)
+            self._keep_fde(i, fde)
+        if fde is None:
+            return None
         start = fde.header["initial_location"]
         return fde if start <= vaddr < start + fde.header["address_range"] else None
+
+    def _keep_fde(self, i: int, fde) -> None:
+        cost = 64 if fde is None else self.FDE_COST * (fde.header["length"] + 4)
+        if cost > self.FDE_BYTES:
+            return                        # used once, not kept
+        self._fdes[i] = (fde, cost)
+        self._fde_bytes += cost
+        while self._fde_bytes > self.FDE_BYTES:
+            _, (_, evicted) = self._fdes.popitem(last=False)
+            self._fde_bytes -= evicted
 
     def size_estimate(self) -> int:
         """Bytes this entry holds, roughly (what the cache accounts)."""
@@ -169,7 +189,7 @@ class ModuleIndex:
         return (1024 + len(self.eh_frame) + names
                 + 8 * (len(self.sym_addrs) + len(self.sym_sizes)
                        + len(self.fde_locs) + len(self.fde_offsets))
-                + 4096 * len(self._fdes) + 64 * len(self.loads))
+                + self.FDE_BYTES + 64 * len(self.loads))
 
 
 def parse_fde(eh_frame: bytes, offset: int, address: int, little_endian: bool,
@@ -541,7 +561,7 @@ class IndexCache:
     def __init__(self, max_bytes: int = CACHE_BYTES):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict = OrderedDict()    # key -> (index, reason, size)
+        self._entries: OrderedDict = OrderedDict()    # key -> (index, reason, size, expires)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -551,21 +571,32 @@ class IndexCache:
         hit = self._entries.get(key)
         if hit is None:
             return None
+        if hit[3] is not None and time.monotonic() > hit[3]:
+            self._drop(key)
+            return None
         self._entries.move_to_end(key)
         return hit[0], hit[1]
 
-    def put(self, key, index: Optional[ModuleIndex], reason: str = "") -> None:
+    def put(self, key, index: Optional[ModuleIndex], reason: str = "",
+            retry_after: Optional[float] = None) -> None:
+        """retry_after: seconds after which a failed module is tried again
+        (a parse that ran out of time may have been slow only because the
+        machine was busy)."""
         size = index.size_estimate() if index is not None else self.FAILED_BYTES
+        self._drop(key)
+        if size > self.max_bytes:
+            return                    # used once, not kept
+        expires = None if retry_after is None else time.monotonic() + retry_after
+        self._entries[key] = (index, reason, size, expires)
+        self.bytes += size
+        while self.bytes > self.max_bytes and self._entries:
+            _, (_, _, evicted, _) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+
+    def _drop(self, key) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old[2]
-        if size > self.max_bytes:
-            return                    # used once, not kept
-        self._entries[key] = (index, reason, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes and self._entries:
-            _, (_, _, evicted) = self._entries.popitem(last=False)
-            self.bytes -= evicted
 
     def clear(self) -> None:
         self._entries.clear()
@@ -602,7 +633,7 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
         if hit is not None:
             return hit
         own_deadline = min(batch_deadline, now + limits.parse_seconds)
-        index, reason = None, ""
+        index, reason, retry_after = None, "", None
         try:
             index = parse(f, st.st_size, path, own_deadline,
                           debug_search_path() if debug_roots is None else debug_roots, limits)
@@ -610,13 +641,14 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
             if own_deadline >= batch_deadline:
                 raise                 # the batch ran out: try again next batch
             reason = f"parse took more than {limits.parse_seconds:g}s"
+            retry_after = SLOW_RETRY_SECONDS
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:    # AssertionError, RecursionError, MemoryError, ...
             reason = "" if _not_elf(e) else _reason(e)
         if reason:
             note_problem(reason, path)
-        cache.put(key, index, reason)
+        cache.put(key, index, reason, retry_after)
         return index, reason
 
 

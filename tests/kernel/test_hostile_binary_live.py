@@ -80,6 +80,12 @@ def world():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def peak_rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(l for l in f if l.startswith("VmHWM:"))
+    return int(line.split()[1]) // 1024
+
+
 def crafted(world, name):
     d, base, _, offset = world
     path = getattr(hostile_elf, name)(base, os.path.join(d, name))
@@ -103,6 +109,7 @@ def test_holder_parked_in_crafted_file(world, procs, name):
     assert os.stat(f"/proc/{p.pid}").st_uid == 65534
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
     procs.append(tracer)
+    hwm_at_start = peak_rss_mb(tracer.proc.pid)
     client = socket.create_connection(("127.0.0.1", port))
     # Wait until the holder runs in the crafted file (its pc in that mapping).
     def parked():
@@ -119,6 +126,8 @@ def test_holder_parked_in_crafted_file(world, procs, name):
     client.close()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=30)[0]
     assert [o["pid"] for o in rec["owners"]] == [p.pid]
+    # Generous: the zlib bomb alone cost the old code +500 MB.
+    assert peak_rss_mb(tracer.proc.pid) - hwm_at_start < 150
     assert rec["diagnosis"]["cause"] == "blocked_elsewhere", rec["diagnosis"]
     process = [r for r in tracer.records if r["type"] == "process" and r["pid"] == p.pid][0]
     top = process["threads"][0]["stack"][0]
