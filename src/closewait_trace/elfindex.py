@@ -85,7 +85,12 @@ class Refused(Exception):
 
 
 class OutOfTime(Exception):
-    """The deadline passed in the middle of a parse."""
+    """The deadline passed in the middle of a parse. `partial` is the index
+    built so far when only the unwind tables were missing (symbols done)."""
+
+    def __init__(self, partial: Optional["ModuleIndex"] = None):
+        super().__init__()
+        self.partial = partial
 
 
 def debug_search_path() -> tuple:
@@ -384,14 +389,17 @@ def _loads(elf, r: _Reader) -> list:
 
 
 def _symbols(elf, sections: list[_Section], r: _Reader) -> tuple[list, str]:
-    """Function symbols (addr, size, name), sorted, from .symtab, else .dynsym."""
-    little = elf.little_endian
-    if elf.elfclass == 64:
-        fmt, entsize = ("<" if little else ">") + "IBBHQQ", 24
-        unpack = lambda t: (t[0], t[1], t[4], t[5])           # name, info, value, size
-    else:
-        fmt, entsize = ("<" if little else ">") + "IIIBBH", 16
-        unpack = lambda t: (t[0], t[3], t[1], t[2])
+    """Function symbols (addr, size, name), sorted, from .symtab, else .dynsym.
+    The inner loop is the hot path of a cold parse (a large .symtab has
+    hundreds of thousands of entries): struct unpacks only the fields used,
+    names stay bytes until the survivors are known."""
+    order = "<" if elf.little_endian else ">"
+    if elf.elfclass == 64:     # st_name, st_info, (st_other, st_shndx), st_value, st_size
+        fmt, entsize, fields = order + "IB3xQQ", 24, (0, 1, 2, 3)
+    else:                      # st_name, st_value, st_size, st_info, (st_other, st_shndx)
+        fmt, entsize, fields = order + "IIIB3x", 16, (0, 3, 1, 2)
+    wanted = (STT_FUNC, STT_GNU_IFUNC)
+    cap = r.limits.name_bytes
     for kind, label in ((SHT_SYMTAB, "symtab"), (SHT_DYNSYM, "dynsym")):
         table = next((s for s in sections if s.type == kind), None)
         if table is None or table.size == 0:
@@ -401,22 +409,32 @@ def _symbols(elf, sections: list[_Section], r: _Reader) -> tuple[list, str]:
         if not 0 < table.link < len(sections):
             continue
         names = _data(sections[table.link], r)
-        out = set()
+        find = names.find
+        out = []
+        usable = table.size - table.size % entsize
         chunk = 4096 * entsize
-        for start in range(0, table.size - table.size % entsize, chunk):
+        for start in range(0, usable, chunk):
             r.check_time()
-            data = r.read(table.offset + start, min(chunk, table.size - table.size % entsize - start),
-                          "symbol table")
-            for raw in struct.iter_unpack(fmt, data):
-                name, info, value, size = unpack(raw)
-                if info & 0xF in (STT_FUNC, STT_GNU_IFUNC) and value and name:
-                    text = _cstring(names, name, r.limits.name_bytes)
+            data = r.read(table.offset + start, min(chunk, usable - start), "symbol table")
+            if fields == (0, 1, 2, 3):
+                entries = struct.iter_unpack(fmt, data)
+            else:
+                entries = ((e[0], e[3], e[1], e[2]) for e in struct.iter_unpack(fmt, data))
+            for name, info, value, size in entries:
+                if value and name and info & 0xF in wanted:
+                    end = find(b"\0", name, name + cap)
+                    text = names[name:end if end >= 0 else name + cap]
                     if text:
-                        out.add((value, size, text))
-            if len(out) > r.limits.functions_kept:
+                        out.append((value, size, text))
+            if len(out) > 2 * r.limits.functions_kept:
                 raise Refused(f"more than {r.limits.functions_kept} function symbols")
         if out:
-            return sorted(out), label
+            r.check_time()
+            unique = sorted(set(out))
+            if len(unique) > r.limits.functions_kept:
+                raise Refused(f"more than {r.limits.functions_kept} function symbols")
+            r.check_time()
+            return [(a, z, n.decode("utf-8", "replace")) for a, z, n in unique], label
     return [], "none"
 
 
@@ -513,10 +531,16 @@ def parse(f, size: int, path: str, deadline: float, debug_roots=(),
         if debug:
             syms, source = debug, "debug-file"
     info.symbols_from = source
+    r.check_time()
     info.sym_addrs = array("Q", (s[0] for s in syms))
     info.sym_sizes = array("Q", (s[1] for s in syms))
     info.sym_names = [s[2] for s in syms]
-    _index_fdes(info, sections, r)
+    try:
+        _index_fdes(info, sections, r)
+    except OutOfTime:
+        # Symbols are done; without the unwind table, stacks fall back to scanning.
+        info.fde_locs, info.fde_offsets, info.eh_frame = array("q"), array("q"), b""
+        raise OutOfTime(partial=info)
     return info
 
 
@@ -637,10 +661,13 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
         try:
             index = parse(f, st.st_size, path, own_deadline,
                           debug_search_path() if debug_roots is None else debug_roots, limits)
-        except OutOfTime:
+        except OutOfTime as e:
             if own_deadline >= batch_deadline:
                 raise                 # the batch ran out: try again next batch
+            index = e.partial
             reason = f"parse took more than {limits.parse_seconds:g}s"
+            if index is not None:
+                reason = f"unwind table walk took more than {limits.parse_seconds:g}s"
             retry_after = SLOW_RETRY_SECONDS
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -112,7 +112,7 @@ class StackSession:
         except elfindex.OutOfTime:
             self._notes[m.start] = BUDGET_SPENT
             return None
-        if reason:
+        if index is None and reason:
             self._notes[m.start] = f"no symbols: {reason}"
         return index
 
