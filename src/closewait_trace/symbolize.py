@@ -173,5 +173,12 @@ def user_stack(pid: int, pc: Optional[int], sp: Optional[int], proc: str = procf
     image = ProcessImage(pid, proc)
     try:
         return unwind(StackSession(image, budget or Budget(), debug_roots), pc, sp, max_frames)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        # Whatever a crafted binary or a racing process makes of the code
+        # above, a stack is evidence, never a reason for the tracer to stop.
+        elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
+        return []
     finally:
         image.close()

@@ -213,3 +213,26 @@ def test_batch_budget_is_shared_through_the_batch_cache():
 def test_no_unwinder_no_stack():
     assert symbolize.user_stack(os.getpid(), 0x1000, 0x2000, machine="riscv64") == []
     assert not symbolize.can_unwind("aarch64") and symbolize.can_unwind("x86_64")
+
+
+def test_an_unexpected_error_while_unwinding_is_counted_not_raised(monkeypatch):
+    def broken(session, pc, sp, max_frames):
+        raise RecursionError("deep")
+    monkeypatch.setitem(symbolize.UNWINDERS, "x86_64", broken)
+    assert symbolize.user_stack(os.getpid(), 0x1000, 0x2000, machine="x86_64") == []
+    assert symbolize.problems() == {"stack not unwound (RecursionError)": 1}
+
+
+def test_notes_and_counts_are_shown_in_the_text_output():
+    from closewait_trace import records, render
+    frame = symbolize.Frame(pc=0x7F0000001007, module="/tmp/crafted", method="pc",
+                            note="no symbols: more than 4096 sections").as_dict()
+    process = {"pid": 42, "threads": [{"tid": 42, "state": "S", "syscall": "pause",
+                                       "stack": [frame]}]}
+    rec = {"owners": [{"pid": 42, "comm": "x", "fd": 3, "state": "S"}], "diagnosis": {}}
+    text = "\n".join(render.evidence_lines(rec, {42: process}))
+    assert "0x7f0000001007 (crafted) [pc] (no symbols: more than 4096 sections)" in text
+    summary = records.summary(10.0, 0.0, {}, [0] * 64, [], 1, 0,
+                              {"symbolizer_problems": {"more than 4096 sections": 2}})
+    assert ("Symbolizer (modules or frames without symbols): 2 more than 4096 sections"
+            in render.summary_lines(summary))
