@@ -51,7 +51,8 @@ class Limits:
     file_bytes: int = 4 << 30          # larger files are not parsed at all
     sections: int = 4096
     segments: int = 256
-    section_bytes: int = 64 << 20      # any one section we read into memory
+    section_bytes: int = 32 << 20      # any one section we read into memory
+    name_table_bytes: int = 1 << 20    # the section name table
     symbols_scanned: int = 2_000_000   # symbol table entries looked at
     functions_kept: int = 250_000      # function symbols kept per module
     fdes: int = 2_000_000              # .eh_frame_hdr table entries / FDEs walked
@@ -203,13 +204,13 @@ def parse_fde(eh_frame: bytes, offset: int, address: int, little_endian: bool,
     follow blindly: lengths inside the section, and a CIE pointer that lands
     on a real CIE (not on a zero terminator, not on this FDE itself), so its
     parse cannot recurse or run off the end."""
-    end = _entry_end(eh_frame, offset, little_endian)
+    _entry_end(eh_frame, offset, little_endian)
     if _u32(eh_frame, offset + 4, little_endian) == 0:
         raise Refused("a CIE where an FDE was expected")
     cie = offset + 4 - _u32(eh_frame, offset + 4, little_endian)
     if cie < 0 or cie == offset:
         raise Refused("FDE's CIE pointer is out of range")
-    cie_end = _entry_end(eh_frame, cie, little_endian)
+    _entry_end(eh_frame, cie, little_endian)
     if _u32(eh_frame, cie + 4, little_endian) != 0:
         raise Refused("FDE's CIE pointer does not land on a CIE")
     # pyelftools handles CIE augmentations starting with 'z' (and armcc);
@@ -217,9 +218,10 @@ def parse_fde(eh_frame: bytes, offset: int, address: int, little_endian: bool,
     aug = eh_frame[cie + 9:cie + 9 + 16].split(b"\0", 1)[0]
     if aug and not aug.startswith(b"z"):
         raise Refused("CIE augmentation we do not read")
-    window = eh_frame[:max(end, cie_end)]
+    # Both entries were checked to end inside the section; BytesIO shares
+    # the bytes object's buffer rather than copying it.
     structs = DWARFStructs(little_endian=little_endian, dwarf_format=32, address_size=address_size)
-    cfi = CallFrameInfo(stream=io.BytesIO(window), size=len(window), address=address,
+    cfi = CallFrameInfo(stream=io.BytesIO(eh_frame), size=len(eh_frame), address=address,
                         base_structs=structs, for_eh_frame=True)
     fde = cfi._parse_entry_at(offset)      # one entry, not the whole section
     if not isinstance(fde, FDE) or not isinstance(fde.cie, CIE):
@@ -249,6 +251,13 @@ def _entry_end(eh_frame: bytes, offset: int, little_endian: bool) -> int:
 
 # ------------------------------------------------------------------ parsing
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
 class _Reader:
     """Bounded reads from one open file, with the deadline checked."""
 
@@ -261,7 +270,7 @@ class _Reader:
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         if length > self.limits.section_bytes:
-            raise Refused(f"{what} larger than {self.limits.section_bytes >> 20} MiB")
+            raise Refused(f"{what} larger than {_size(self.limits.section_bytes)}")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise Refused(f"{what} runs past the end of the file")
         self.f.seek(offset)
@@ -304,6 +313,8 @@ def _sections(elf, r: _Reader) -> list[_Section]:
     names = b""
     if 0 < strndx < count:
         h = headers[strndx]
+        if h["sh_size"] > r.limits.name_table_bytes:
+            raise Refused(f"section name table larger than {_size(r.limits.name_table_bytes)}")
         names = _plain_section_data(h, r, "section name table")
     out = []
     for i, h in enumerate(headers):
@@ -515,7 +526,7 @@ def parse(f, size: int, path: str, deadline: float, debug_roots=(),
     """Index one open ELF file. Raises Refused, OutOfTime, or whatever
     pyelftools raises; the caller turns each into "no symbols"."""
     if size > limits.file_bytes:
-        raise Refused(f"file larger than {limits.file_bytes >> 30} GiB")
+        raise Refused(f"file larger than {_size(limits.file_bytes)}")
     r = _Reader(f, size, deadline, limits)
     elf = ELFFile(f)
     info = ModuleIndex(path=path, little_endian=elf.little_endian,

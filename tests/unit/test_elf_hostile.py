@@ -103,8 +103,9 @@ def test_every_limit_is_enforced_on_a_real_binary(base):
         elfindex.Limits(segments=2): "more than 2 program headers",
         elfindex.Limits(functions_kept=3): "more than 3 function symbols",
         elfindex.Limits(symbols_scanned=4): "more than 4 symbols",
-        elfindex.Limits(section_bytes=64): "larger than 0 MiB",
-        elfindex.Limits(file_bytes=1000): "file larger than 0 GiB",
+        elfindex.Limits(section_bytes=64): "larger than 64 bytes",
+        elfindex.Limits(name_table_bytes=10): "section name table larger than 10 bytes",
+        elfindex.Limits(file_bytes=1000): "file larger than 1000 bytes",
     }
     for limits, expected in cases.items():
         elfindex.CACHE.clear()
