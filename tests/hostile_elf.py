@@ -164,6 +164,49 @@ def symbol_count_bomb(base: str, out: str, size: int = 1 << 30) -> str:
     return out
 
 
+def within_limits(base: str, out: str, functions: int, fdes: int) -> str:
+    """The costliest file the limits let through: a .symtab of `functions`
+    distinct function symbols, and an .eh_frame of `fdes` FDEs without an
+    .eh_frame_hdr (so the index walks them all)."""
+    data = bytearray(open(base, "rb").read())
+    if functions:
+        symtab = next(s for s in sections(data) if s["type"] == SHT_SYMTAB)
+        strtab = sections(data)[symtab["link"]]
+        names = bytearray(b"\0")
+        syms = bytearray(bytes(24))
+        for i in range(functions):
+            syms += struct.pack("<IBBHQQ", len(names), 0x12, 0, 1, 0x1000 + 16 * i, 16)
+            names += b"function_%07d\0" % i
+        strtab["offset"], strtab["size"] = len(data), len(names)
+        data += names
+        symtab["offset"], symtab["size"] = len(data), len(syms)
+        data += syms
+        put_header(data, strtab)
+        put_header(data, symtab)
+    cie = struct.pack("<I", 0) + b"\x01zR\x00\x01\x78\x10\x01\x1b\x0c\x07\x08\x90\x01"
+    cie = struct.pack("<I", len(cie) + 2) + cie + b"\0\0"
+    eh = bytearray(cie)
+    for i in range(fdes):
+        at = len(eh)
+        eh += struct.pack("<IIiIB3x", 16, at + 4, 0x1000 + 16 * i - (at + 8), 16, 0)
+    eh += bytes(4)
+    frames = section(data, ".eh_frame")
+    frames["offset"], frames["size"] = len(data), len(eh)
+    data += eh
+    put_header(data, frames)
+    hdr = section(data, ".eh_frame_hdr")
+    data[hdr["offset"]] = 9
+    open(out, "wb").write(data)
+    return out
+
+
+def slow_fde_walk(base: str, out: str) -> str:
+    """Within every limit, but 200,000 FDEs and no .eh_frame_hdr: walking
+    them takes pyelftools longer than a file is allowed (the old code took
+    it whole, tick after tick)."""
+    return within_limits(base, out, 0, 200_000)
+
+
 CRAFTED = {
     "unknown_cie_augmentation": unknown_cie_augmentation,
     "fde_cie_pointer_to_itself": fde_cie_pointer_to_itself,
@@ -171,6 +214,7 @@ CRAFTED = {
     "section_count_bomb": section_count_bomb,
     "zlib_bomb": zlib_bomb,
     "symbol_count_bomb": symbol_count_bomb,
+    "slow_fde_walk": slow_fde_walk,
 }
 
 

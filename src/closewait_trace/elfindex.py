@@ -441,11 +441,14 @@ def _symbols(elf, sections: list[_Section], r: _Reader) -> tuple[list, str]:
                 raise Refused(f"more than {r.limits.functions_kept} function symbols")
         if out:
             r.check_time()
-            unique = sorted(set(out))
+            unique = set(out)
+            del out                       # one copy at a time: this is the peak
             if len(unique) > r.limits.functions_kept:
                 raise Refused(f"more than {r.limits.functions_kept} function symbols")
+            ordered = sorted(unique)
+            del unique
             r.check_time()
-            return [(a, z, n.decode("utf-8", "replace")) for a, z, n in unique], label
+            return [(a, z, n.decode("utf-8", "replace")) for a, z, n in ordered], label
     return [], "none"
 
 
@@ -475,7 +478,7 @@ def _index_fdes(info: ModuleIndex, sections: list[_Section], r: _Reader) -> None
             info.fde_locs = array("q", (base + x for x in pairs[0::2]))
             info.fde_offsets = array("q", (base + x - eh_addr for x in pairs[1::2]))
             return
-    ranges = []
+    locs, offsets = array("q"), array("q")     # compact: up to 2,000,000 of them
     offset, walked, bad = 0, 0, ""
     while offset + 8 <= len(info.eh_frame):
         length = _u32(info.eh_frame, offset, info.little_endian)
@@ -492,7 +495,8 @@ def _index_fdes(info: ModuleIndex, sections: list[_Section], r: _Reader) -> None
             try:
                 fde = parse_fde(info.eh_frame, offset, eh.addr, info.little_endian,
                                 info.address_size)
-                ranges.append((fde.header["initial_location"], offset))
+                locs.append(fde.header["initial_location"])
+                offsets.append(offset)
             except Refused as e:
                 bad = bad or str(e)           # one bad FDE: its function is not unwound
             except (KeyboardInterrupt, SystemExit, OutOfTime):
@@ -502,9 +506,10 @@ def _index_fdes(info: ModuleIndex, sections: list[_Section], r: _Reader) -> None
         offset += 4 + length
     if bad:
         note_problem(f"FDEs skipped: {bad}", info.path)
-    ranges.sort()
-    info.fde_locs = array("q", (r_[0] for r_ in ranges))
-    info.fde_offsets = array("q", (r_[1] for r_ in ranges))
+    r.check_time()
+    order = sorted(range(len(locs)), key=locs.__getitem__)
+    info.fde_locs = array("q", (locs[i] for i in order))
+    info.fde_offsets = array("q", (offsets[i] for i in order))
 
 
 def _open_regular(path: str):

@@ -7,18 +7,15 @@ its owner, stay alive, and exit 0 with a summary on SIGINT."""
 import os
 import shutil
 import socket
-import stat
 import subprocess
-import sys
 import tempfile
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import hostile_elf  # noqa: E402
 
-from tests.kernel.harness import Tracer, free_port, wait_until  # noqa: E402
+from tests import hostile_elf
+from tests.kernel.harness import Tracer, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -142,3 +139,7 @@ def test_holder_parked_in_crafted_file(world, procs, name):
     assert summary["still_lingering"] and summary["still_lingering"][0]["owners"][0]["pid"] == p.pid
     if name in EXPECTED:
         assert summary["symbolizer_problems"][EXPECTED[name]] >= 1
+    if name == "slow_fde_walk":
+        assert summary["symbolizer_problems"]["unwind table walk took more than 1s"] >= 1
+    # No tick spent long on it (the old code walked every FDE in one tick).
+    assert summary["tracer_cost"]["resolve_max_ms"] < 8000, summary["tracer_cost"]

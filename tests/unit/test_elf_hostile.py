@@ -14,11 +14,9 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import hostile_elf  # noqa: E402
-
-from closewait_trace import elfindex, symbolize  # noqa: E402
-from closewait_trace.procimage import ProcessImage  # noqa: E402
+from closewait_trace import elfindex, symbolize
+from closewait_trace.procimage import ProcessImage
+from tests import hostile_elf
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and os.environ.get("CI") != "true",
                                 reason="needs gcc (installed by scripts/setup.sh)")
@@ -80,6 +78,19 @@ def test_symbol_count_bomb(base, tmp_path):
     path = hostile_elf.symbol_count_bomb(base, str(tmp_path / "syms"))
     (index, reason), took = timed_load(path)
     assert index is None and reason == f"more than {elfindex.LIMITS.symbols_scanned} symbols"
+    assert took < 10
+
+
+def test_slow_unwind_table_walk_keeps_the_symbols(base, tmp_path):
+    """200,000 FDEs and no .eh_frame_hdr: the walk stops at the file's time
+    limit; the symbols read before it are kept, stacks fall back to scanning.
+    Old code: the whole walk in one tick (tens of seconds here)."""
+    path = hostile_elf.slow_fde_walk(base, str(tmp_path / "slow"))
+    limits = elfindex.Limits(parse_seconds=0.3)
+    (index, reason), took = timed_load(path, limits=limits)
+    assert reason == "unwind table walk took more than 0.3s"
+    assert index.symbol(nm(base)["parked_in_crafted_file"]) == ("parked_in_crafted_file", 0)
+    assert len(index.fde_locs) == 0 and index.fde_for(0x1000) is None
     assert took < 10
 
 
