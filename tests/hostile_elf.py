@@ -87,38 +87,43 @@ def _first_cie_and_fde(data: bytes) -> tuple[int, int]:
     return cie, fde
 
 
-def unknown_cie_augmentation(base: str, out: str, break_hdr: bool = True) -> str:
+def _damage_cfi(base: str, out: str, break_hdr: bool, damage) -> str:
+    """Copy base to out with damage(data, first CIE offset, first FDE offset)
+    applied to its .eh_frame."""
     data = bytearray(open(base, "rb").read())
     if break_hdr:
         _break_eh_frame_hdr(data)
-    cie, _ = _first_cie_and_fde(data)
+    damage(data, *_first_cie_and_fde(data))
+    open(out, "wb").write(data)
+    return out
+
+
+def _augmentation_xr(data: bytearray, cie: int, fde: int) -> None:
     aug = cie + 9                    # length, id, version, then the string
     assert data[aug:aug + 1] == b"z"
     data[aug] = ord("x")             # "xR": not 'z', not armcc
-    open(out, "wb").write(data)
-    return out
 
 
-def fde_cie_pointer_to_itself(base: str, out: str, break_hdr: bool = True) -> str:
-    data = bytearray(open(base, "rb").read())
-    if break_hdr:
-        _break_eh_frame_hdr(data)
-    _, fde = _first_cie_and_fde(data)
+def _cie_pointer_to_itself(data: bytearray, cie: int, fde: int) -> None:
     struct.pack_into("<I", data, fde + 4, 4)     # CIE = (fde + 4) - 4 = the FDE itself
-    open(out, "wb").write(data)
-    return out
 
 
-def fde_cie_pointer_to_zero(base: str, out: str, break_hdr: bool = True) -> str:
-    data = bytearray(open(base, "rb").read())
-    if break_hdr:
-        _break_eh_frame_hdr(data)
-    cie, fde = _first_cie_and_fde(data)
+def _cie_pointer_to_zero(data: bytearray, cie: int, fde: int) -> None:
     # Point 4 bytes into the CIE, at its id field: zero, so it reads as a
     # zero terminator where a CIE should be.
     struct.pack_into("<I", data, fde + 4, (fde + 4) - (cie + 4))
-    open(out, "wb").write(data)
-    return out
+
+
+def unknown_cie_augmentation(base: str, out: str, break_hdr: bool = True) -> str:
+    return _damage_cfi(base, out, break_hdr, _augmentation_xr)
+
+
+def fde_cie_pointer_to_itself(base: str, out: str, break_hdr: bool = True) -> str:
+    return _damage_cfi(base, out, break_hdr, _cie_pointer_to_itself)
+
+
+def fde_cie_pointer_to_zero(base: str, out: str, break_hdr: bool = True) -> str:
+    return _damage_cfi(base, out, break_hdr, _cie_pointer_to_zero)
 
 
 def section_count_bomb(base: str, out: str, size: int = 64 << 20) -> str:
