@@ -377,8 +377,8 @@ def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
     return thread, line
 
 
-def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str,
-                           machine: str) -> ProcessEvidence:
+def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str,
+                           budget: symbolize.Budget) -> ProcessEvidence:
     ev = ProcessEvidence(pid=snap.pid, exiting=snap.exiting)
     if snap.tracer_pid:
         try:
@@ -415,13 +415,13 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str,
             thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
             if thread is None:
                 continue
-            if (thread.state in ("S", "D") and thread.syscall is not None
-                    and stacks < MAX_STACKS and machine == "x86_64"):
+            if thread.state in ("S", "D") and thread.syscall is not None and stacks < MAX_STACKS:
                 stacks += 1
                 # The unwinder starts from the registers of the syscall
-                # line read above (line.pc, line.sp), not from a reread.
-                pc, sp = line.pc, line.sp
-                thread.stack = symbolize.user_stack(snap.pid, thread.tid, proc)
+                # line read above, not from a reread; it is chosen (or
+                # none) by the machine's architecture.
+                thread.stack = symbolize.user_stack(snap.pid, line.pc, line.sp, proc,
+                                                    machine, budget)
             ev.threads.append(thread)
         ev.identity = _identity(snap, dfd)
     finally:
@@ -444,8 +444,18 @@ def _identity(snap: procfs.ProcessSnapshot, dfd: int) -> dict:
     return ident
 
 
-def _process_evidence(holder, proc: str, machine: str, cache: Optional[dict]) -> ProcessEvidence:
-    ev = cache.get(holder.pid) if cache is not None else None
+@dataclass
+class Batch:
+    """What the diagnoses of one batch of sockets share: each holder process
+    read once, and one time budget for symbolizing their stacks."""
+    processes: dict = field(default_factory=dict)    # pid -> ProcessEvidence
+    budget: symbolize.Budget = field(default_factory=symbolize.Budget)
+
+
+def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -> ProcessEvidence:
+    if cache is None:
+        cache = Batch()
+    ev = cache.processes.get(holder.pid)
     if ev is None:
         snap = holder.process
         unreadable = ""
@@ -456,15 +466,15 @@ def _process_evidence(holder, proc: str, machine: str, cache: Optional[dict]) ->
                 unreadable = "permission denied"
             except procfs.ProcError:
                 unreadable = "gone"
-        ev = (_read_process_evidence(snap, proc, machine) if snap is not None
+        ev = (_read_process_evidence(snap, proc, machine, cache.budget)
+              if snap is not None
               else ProcessEvidence(pid=holder.pid, unreadable=unreadable))
-        if cache is not None:
-            cache[holder.pid] = ev
+        cache.processes[holder.pid] = ev
     return ev
 
 
 def holder_evidence(holder, proc: str, machine: str,
-                    listener_pids: frozenset = frozenset(), cache: Optional[dict] = None,
+                    listener_pids: frozenset = frozenset(), cache: Optional[Batch] = None,
                     fd_flags: bool = True) -> HolderEvidence:
     """Evidence for one holder. What is about the process, not the fd
     (threads, stacks, identity), is read once per batch through cache
@@ -483,21 +493,21 @@ def holder_evidence(holder, proc: str, machine: str,
     return ev
 
 
-def process_evidence(cache: dict) -> list[dict]:
+def process_evidence(cache: Batch) -> list[dict]:
     """The process-wide evidence of every process a batch looked at (what
     each `process` record carries), in pid order."""
-    firsts = [ev.first for ev in cache.values() if ev.first is not None]
+    firsts = [ev.first for ev in cache.processes.values() if ev.first is not None]
     return [ev.process_dict() for ev in sorted(firsts, key=lambda ev: ev.pid)]
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
-           cache: Optional[dict] = None) -> Diagnosis:
+           cache: Optional[Batch] = None) -> Diagnosis:
     """Collect the evidence for one socket's owners from /proc, then decide.
-    Pass the same cache (a dict, empty at the start of a batch) for every
+    Pass the same cache (a new Batch at the start of a batch) for every
     socket of one batch."""
     machine = machine or platform.machine()
     if cache is None:
-        cache = {}
+        cache = Batch()
     listener_pids = frozenset(h.pid for h in own.listener_holders)
     holders = [holder_evidence(h, proc, machine, listener_pids, cache) for h in own.holders]
     # The listener's holders are named with their state; the flags of their

@@ -137,7 +137,8 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             for f in (t.get("stack") or [])[:8]:
                 name = f"{f['function']}+{f.get('offset') or 0:#x}" if f.get("function") else f["pc"]
                 module = (f.get("module") or "?").rsplit("/", 1)[-1]
-                out.append(f"             {name} ({module}) [{f['method']}]")
+                note = f" ({f['note']})" if f.get("note") else ""
+                out.append(f"             {name} ({module}) [{f['method']}]{note}")
     listener = rec.get("listener")
     if listener and rec.get("owner_kind") == "accept_queue":
         out.append(f"         listener {listener['local']} queue "
@@ -186,6 +187,9 @@ def summary_lines(rec: dict) -> list[str]:
     if rec.get("write_errors"):
         problems.append(f"{rec['write_errors']} records could not be written")
     lines.append("Losses: " + ("; ".join(problems) if problems else "none."))
+    if rec.get("symbolizer_problems"):
+        lines.append("Symbolizer (modules or frames without symbols): " + "; ".join(
+            f"{n} {reason}" for reason, n in sorted(rec["symbolizer_problems"].items())))
     lines.append("Time in CLOSE_WAIT (log2 histogram):")
     lines.extend(histogram_lines(rec["histogram_us"]))
     still = rec.get("still_lingering") or []

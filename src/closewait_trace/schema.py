@@ -206,6 +206,7 @@ class Frame(TypedDict):
     build_id: Optional[str]
     method: str
     symbols: Optional[str]
+    note: NotRequired[str]
 
 
 class Thread(TypedDict):
@@ -229,6 +230,7 @@ class ProcessRecord(_Base):
     threads_total: Count
     identity: Identity
     tracer: NotRequired[Task]
+    unreadable: NotRequired[str]
 
 
 class HistogramBucket(TypedDict):
@@ -253,6 +255,7 @@ class SummaryRecord(_Base):
     changes_reported: NotRequired[Count]
     tracer_cost: NotRequired[dict[str, Union[int, float]]]
     write_errors: NotRequired[Count]
+    symbolizer_problems: NotRequired[dict[str, int]]
 
 
 class HeaderRecord(TypedDict):

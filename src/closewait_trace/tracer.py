@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from closewait_trace import diagnosis, owners, procfs, records
+from closewait_trace import diagnosis, owners, procfs, records, symbolize
 from closewait_trace.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.filters import SocketFilter
 from closewait_trace.probe import KernelProbe, ProbeConfig
@@ -175,7 +175,7 @@ class LiveTracer:
 
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
-        evidence_cache: dict = {}      # per process, for this batch only
+        evidence_cache = diagnosis.Batch()
         ready: list[Lingerer] = []
         for l in sorted(due, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
@@ -199,7 +199,7 @@ class LiveTracer:
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
 
-    def emit_processes(self, evidence_cache: dict) -> None:
+    def emit_processes(self, evidence_cache: diagnosis.Batch) -> None:
         now = time.time()
         for evidence in diagnosis.process_evidence(evidence_cache):
             self.emit(records.process(now, evidence))
@@ -240,7 +240,7 @@ class LiveTracer:
         if not affected:
             return
         resolved = owners.resolve([l.endpoints for l in affected], self.proc)
-        evidence_cache: dict = {}
+        evidence_cache = diagnosis.Batch()
         updated: list[Lingerer] = []
         for l in sorted(affected, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
@@ -289,6 +289,8 @@ class LiveTracer:
             self.recorder.flush()
             extra["write_errors"] = self.recorder.write_errors
         extra["changes_reported"] = self.change_lines
+        if symbolize.problems():        # modules or frames left without symbols, by reason
+            extra["symbolizer_problems"] = symbolize.problems()
         return records.summary(time.time(), self.started_ts, self.probe.counters(),
                                self.probe.histogram(), self.still_lingering(),
                                self.linger_lines, self.closed_lines, extra)

@@ -36,7 +36,7 @@ def held_socket(fake, pid, fd=5, inode=900, **proc):
 
 def resolve_and_diagnose(fake):
     own = owners.resolve([EP], fake.root)[EP]
-    return own, d.gather(own, fake.root, machine="x86_64", cache={})
+    return own, d.gather(own, fake.root, machine="x86_64", cache=d.Batch())
 
 
 # ----------------------------------------------------------- gone vs denied
@@ -167,10 +167,10 @@ def test_pid_reused_before_the_diagnosis_reads_threads(fake):
     shutil.rmtree(f"{fake.root}/70")
     fake.process(70, comm="newcomer", start_time=777,
                  threads={70: ("S", "34 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc 0x7f00", "pause")})
-    diag = d.gather(own, fake.root, machine="x86_64", cache={})
+    diag = d.gather(own, fake.root, machine="x86_64", cache=d.Batch())
     assert diag.cause == d.UNKNOWN and "exited while inspected" in diag.summary
     assert "pause" not in diag.summary
-    cache: dict = {}
+    cache = d.Batch()
     d.gather(own, fake.root, machine="x86_64", cache=cache)
     (process,) = d.process_evidence(cache)
     assert process["threads"] == [] and process["unreadable"] == "gone"
@@ -193,7 +193,7 @@ def test_each_process_is_read_once_per_batch(fake, monkeypatch):
     monkeypatch.setattr(procfs, "read_bytes", counting)
     eps = [EP, Endpoints(V4, "127.0.0.1", 5556, "127.0.0.1", 40000)]
     resolved = owners.resolve(eps, fake.root)
-    cache: dict = {}
+    cache = d.Batch()
     for ep in eps:
         assert d.gather(resolved[ep], fake.root, machine="x86_64", cache=cache).cause == d.IGNORING_EOF
     for name in ("stat", "status", "cmdline", "task/80/stat", "task/80/syscall"):

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from closewait_trace import identity, symbolize
+from closewait_trace import elfindex, identity, symbolize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "kernel", "data", "hold_socket.c")
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and os.environ.get("CI") != "true",
@@ -31,8 +31,8 @@ def built(tmp_path_factory):
 
 def test_symbols_and_offsets(built):
     for binary in built:
-        symbolize._CACHE.clear()
-        info = symbolize.load_elf(str(binary))
+        elfindex.CACHE.clear()
+        info, _ = elfindex.load(str(binary))
         addr = nm(binary)["hold_socket_forever"]
         assert info.symbols_from == "symtab" and len(info.build_id) == 40
         assert info.symbol(addr) == ("hold_socket_forever", 0)
@@ -42,7 +42,7 @@ def test_symbols_and_offsets(built):
 
 def test_pie_load_bias_through_maps(built):
     pie = built[0]
-    info = symbolize.load_elf(str(pie))
+    info, _ = elfindex.load(str(pie))
     text_vaddr, text_off, _ = [l for l in info.loads if l[1] > 0][0]
     base = 0x5555_5555_4000
     maps = symbolize.parse_maps(
@@ -61,14 +61,14 @@ def test_stripped_falls_back_to_debug_file_then_dynsym(built, tmp_path):
     debug = tmp_path / "stripped.debug"
     subprocess.run(["objcopy", "--only-keep-debug", str(pie), str(debug)], check=True)
     subprocess.run(["strip", "--strip-all", "-o", str(stripped), str(pie)], check=True)
-    info = symbolize.load_elf(str(stripped), debug_roots=(str(tmp_path / "none"),))
+    info, _ = elfindex.load(str(stripped), debug_roots=(str(tmp_path / "none"),))
     assert info.symbols_from in ("dynsym", "none")
     assert info.symbol(nm(pie)["hold_socket_forever"])[0] != "hold_socket_forever"
     root = tmp_path / "dbg" / ".build-id" / info.build_id[:2]
     root.mkdir(parents=True)
     shutil.copy(debug, root / (info.build_id[2:] + ".debug"))
-    symbolize._CACHE.clear()
-    info = symbolize.load_elf(str(stripped), debug_roots=(str(tmp_path / "dbg"),))
+    elfindex.CACHE.clear()
+    info, _ = elfindex.load(str(stripped), debug_roots=(str(tmp_path / "dbg"),))
     assert info.symbols_from == "debug-file"
     assert info.symbol(nm(pie)["hold_socket_forever"]) == ("hold_socket_forever", 0)
 
@@ -76,8 +76,8 @@ def test_stripped_falls_back_to_debug_file_then_dynsym(built, tmp_path):
 def test_not_an_elf_is_none(tmp_path):
     junk = tmp_path / "junk"
     junk.write_bytes(b"#!/bin/sh\necho hi\n")
-    assert symbolize.load_elf(str(junk)) is None
-    assert symbolize.load_elf(str(tmp_path / "missing")) is None
+    assert elfindex.load(str(junk)) == (None, "")
+    assert elfindex.load(str(tmp_path / "missing")) == (None, "")
 
 
 def test_parse_maps_and_syscall_regs():
