@@ -30,6 +30,10 @@ class Lingerer:
     ownership: object = None    # owners.Ownership once resolved
     diagnosis: object = None    # diagnosis.Diagnosis once resolved
     left_ns: Optional[int] = None
+    # Failed owner lookups so far: kept on the socket, so the count is
+    # forgotten with it (a count kept apart outlived sockets that left).
+    resolve_attempts: int = 0
+    hidden: bool = False        # resolved, but its holders fail the holder filter
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
