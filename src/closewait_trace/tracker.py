@@ -128,14 +128,15 @@ class Tracker:
                 if gone.reported:
                     gone.left_ns = now_ns
                     self.departed[skaddr] = gone
-        for skaddr in [s for s, l in self.departed.items()
-                       if now_ns - (l.left_ns or now_ns) > DEPARTED_GRACE_NS]:
-            del self.departed[skaddr]
         return self.due(now_ns)
 
     def due(self, now_ns: int) -> list[Lingerer]:
         """Unreported sockets old enough to report; no map read needed when
         the kernel says nothing entered or left CLOSE_WAIT since the last one."""
+        if self.departed:       # forgotten after the grace, map read or not
+            for skaddr in [s for s, l in self.departed.items()
+                           if now_ns - (l.left_ns or now_ns) > DEPARTED_GRACE_NS]:
+                del self.departed[skaddr]
         return [l for l in self.pending.values() if l.age_ns(now_ns) >= self.threshold_ns]
 
     def is_lingering(self, l: Lingerer) -> bool:
