@@ -418,7 +418,7 @@ def usage_line(exc: click.ClickException) -> str:
     other error is: what is wrong; what to do next."""
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "closewait-trace"
-    message = " ".join(exc.format_message().split())
+    message = " ".join(exc.format_message().split()).rstrip(".")
     return f"closewait-trace: {message}; see '{command} --help'"
 
 
