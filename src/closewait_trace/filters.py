@@ -161,16 +161,21 @@ def record_people(rec: dict, identities: Optional[dict] = None) -> list[dict]:
     summary entry) names: its holders, the listener's holders, the closer or
     the task. identities: pid -> identity, e.g. from the `process` records
     read so far, for the cgroup/container/unit filters."""
-    people = [p for p in (rec.get("owners") or []) if isinstance(p, dict)]
+    people = _dicts(rec.get("owners"))
     listener = rec.get("listener")
     if isinstance(listener, dict):
-        people += [p for p in (listener.get("owners") or []) if isinstance(p, dict)]
+        people += _dicts(listener.get("owners"))
     for key in ("closed_by", "task"):
         if isinstance(rec.get(key), dict):
             people.append(rec[key])
     if identities:
         people = [dict(p, identity=identities.get(p.get("pid"))) for p in people]
     return people
+
+
+def _dicts(value) -> list[dict]:
+    # Recordings come from anywhere: anything but a list of objects is nobody.
+    return [p for p in value if isinstance(p, dict)] if isinstance(value, list) else []
 
 
 def validate_container(value: str) -> str:

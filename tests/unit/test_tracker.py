@@ -4,7 +4,7 @@ from closewait_trace import tcpstates
 from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
 from closewait_trace.owners import OWNER_FD, Holder, Ownership
-from closewait_trace.tracker import Tracker
+from closewait_trace.tracker import Tracker, attribute_close
 
 S = 1_000_000_000
 
@@ -112,3 +112,10 @@ def test_sync_entries_decodes_only_new_sockets():
     assert decoded == [1, 2, 3]
     t.sync_entries({3: 10}, endpoints_of, 2 * S)
     assert set(t.by_skaddr) == {3}
+
+
+def test_attribute_close():
+    assert attribute_close(tcpstates.LAST_ACK, 5, set()) == "close"
+    assert attribute_close(tcpstates.CLOSE, 5, {5}) == "abort"
+    assert attribute_close(tcpstates.CLOSE, 6, {5}) == "reset"
+    assert attribute_close(tcpstates.CLOSE, 6, set()) == "unknown"
