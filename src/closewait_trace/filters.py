@@ -115,10 +115,13 @@ class HolderFilter:
             return False
         if not self.needs_identity:
             return True
-        ident = person.get("identity") or {}
+        ident = person.get("identity")
+        ident = ident if isinstance(ident, dict) else {}
         if self.cgroups and not any(_under(ident.get("cgroup"), c) for c in self.cgroups):
             return False
-        container = (ident.get("container") or {}).get("id") or ""
+        container = ident.get("container")
+        container = container.get("id") if isinstance(container, dict) else None
+        container = container if isinstance(container, str) else ""
         if self.containers and not any(container.startswith(c.lower())
                                        for c in self.containers):
             return False
@@ -149,8 +152,8 @@ class HolderFilter:
         return "; ".join(parts)
 
 
-def _under(path: Optional[str], wanted: str) -> bool:
-    if not path:
+def _under(path, wanted: str) -> bool:
+    if not isinstance(path, str) or not path:
         return False
     wanted = wanted.rstrip("/") or "/"
     return path == wanted or path.startswith(wanted if wanted == "/" else wanted + "/")

@@ -69,8 +69,9 @@ class ProcResolver:
 
     proc: str = procfs.PROC
 
-    def snapshot_close_wait(self) -> list[Endpoints]:
-        return [row.endpoints for _ns, row in owners.snapshot_close_wait(self.proc)]
+    def snapshot_close_wait(self) -> list:
+        """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
+        return owners.snapshot_close_wait(self.proc)
 
     def owners(self, endpoints: list[Endpoints]) -> dict:
         return owners.resolve(endpoints, self.proc)
@@ -94,7 +95,7 @@ class LiveTracer:
     config: ProbeConfig
     socket_filter: SocketFilter
     probe: Probe
-    sinks: list = field(default_factory=list)      # Sink objects, fed in order
+    sinks: list[Sink] = field(default_factory=list)   # fed in order
     holder_filter: HolderFilter = HolderFilter()
     resolver: ProcResolver = field(default_factory=ProcResolver)
     tick_s: float = 1.0
@@ -145,8 +146,8 @@ class LiveTracer:
         self.probe.start(self._on_event)
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
-        snapshot = [ep for ep in self.resolver.snapshot_close_wait()
-                    if self.socket_filter.matches(ep)]
+        snapshot = [row.endpoints for _ns, row in self.resolver.snapshot_close_wait()
+                    if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         self.emit(records.start(self.started_ts, self.config.threshold_ns,

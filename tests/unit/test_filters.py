@@ -66,6 +66,10 @@ def test_holder_filter_identity(f, expected):
 
 def test_holder_filter_without_identity_does_not_match_identity_filters():
     assert not HolderFilter(units=("web",)).matches([{"pid": 1, "comm": "x"}])
+    f = HolderFilter(cgroups=("/a",), containers=("abcd",), units=("u",))
+    for junk in ([1], "x", {"cgroup": 5, "container": [1], "unit": {}},
+                 {"container": {"id": 7}}):
+        assert not f.matches([{"pid": 1, "comm": "x", "identity": junk}])
 
 
 def test_record_people_names_holders_listener_closer_and_task():
