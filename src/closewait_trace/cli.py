@@ -125,8 +125,6 @@ class Output:
             lines = self.renderer.render(rec)
         self.write_lines(lines)
 
-    __call__ = emit
-
     def write_lines(self, lines) -> None:
         if self.closed:
             return

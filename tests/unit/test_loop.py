@@ -71,6 +71,17 @@ class World:
         self.tracer.tick()
 
 
+def one_reported_socket(tmp_path, state="S") -> World:
+    """pid 100 holds 127.0.0.1:5000 <- :40001 (map key 0xA), reported."""
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001, state=state)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == 1
+    return w
+
+
 def test_startup_race_neither_missed_nor_reported_twice(tmp_path):
     w = World(tmp_path)
     # A was in CLOSE_WAIT before the attach: only the /proc snapshot has it.
@@ -135,12 +146,7 @@ def test_unresolvable_socket_is_reported_without_owners_after_attempts(tmp_path)
 
 
 def test_losses_are_reported_and_leave_nothing_behind(tmp_path):
-    w = World(tmp_path)
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.tracer.start()
-    w.step()
-    assert len(w.of("linger")) == 1
+    w = one_reported_socket(tmp_path)
     assert w.tracer.state_sizes()["watched_sockets"] == 1
     w.forget_row(40001)
     w.probe.leave(0xA, pid=100, comm="srv", lost=True)   # its CLOSED event is lost
@@ -236,11 +242,7 @@ def test_holder_filter_by_unit_reads_the_cgroup(tmp_path):
 
 
 def test_diagnosis_redone_when_holder_changes_state(tmp_path):
-    w = World(tmp_path)
-    w.hold(100, 40001, 5001, state="S")
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.tracer.start()
-    w.step()
+    w = one_reported_socket(tmp_path, state="S")
     assert w.of("linger")[0]["update"] is False
     w.proc.process(100, comm="srv", state="T")
     w.step()
@@ -251,11 +253,7 @@ def test_diagnosis_redone_when_holder_changes_state(tmp_path):
 
 
 def test_sinks_get_one_view_per_tick(tmp_path):
-    w = World(tmp_path)
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.tracer.start()
-    w.step()
+    w = one_reported_socket(tmp_path)
     w.step()
     assert len(w.sink.views) == 2
     view = w.sink.views[-1]
