@@ -22,6 +22,7 @@ Examples:
   closewait-trace -t 500ms         # report after 500 ms instead
   closewait-trace -p 8080 -p 8443  # only local ports 8080 and 8443
   closewait-trace -P 5432 -4       # only IPv4 connections to remote port 5432
+  closewait-trace --unit nginx     # only sockets held by nginx.service
   closewait-trace --json | jq .    # one JSON object per line
   closewait-trace -v               # evidence for each diagnosis, headers used
   closewait-trace --all -p 443     # every state transition on port 443
@@ -97,11 +98,11 @@ class WhenType(click.ParamType):
 class Output:
     """The terminal sink: records to stdout as text or JSON lines.
 
-    When the reader goes away (`| head -1`, a closed terminal pipe) output
-    ends quietly and on_reader_gone is called (the live tracer stops the
-    trace: nobody is reading it). A write that fails says so, but a tracer
-    that prints nothing for a while would never try one: tick() also looks
-    at stdout (POLLERR/POLLHUP: the pipe's reader closed it)."""
+    When the reader goes away (`| head -1`) output ends quietly and
+    on_reader_gone is called (the live tracer then ends the trace: nobody
+    reads it). A failing write (EPIPE) tells, but a tracer with nothing to
+    print would never try one: so tick() also polls stdout for the closed
+    pipe (POLLERR/POLLHUP)."""
 
     def __init__(self, as_json: bool, renderer: render.TextRenderer, quiet: bool = False,
                  on_reader_gone=None, stream=None):
@@ -227,9 +228,9 @@ def fail(err: UserError) -> None:
               help="With -w: how often to record the set of lingering sockets.")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); filters apply.")
-@click.option("--pid", "pids", type=click.IntRange(1), multiple=True,
+@click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
               help="Only sockets this process held or closed (repeatable).")
-@click.option("--comm", "comms", multiple=True,
+@click.option("--comm", "comms", multiple=True, metavar="NAME",
               help="Only sockets a process with this name held or closed.")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
               help="Only sockets held by processes in this cgroup (or below it).")
@@ -392,6 +393,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         tracer.headers = choice.describe()
         tracer.start()
     except BaseException:
+        tracer.restore_signals()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind

@@ -144,6 +144,10 @@ class LiveTracer:
 
     def start(self) -> None:
         self.probe.start(self._on_event)
+        # From the banner on, a stop signal must end the trace with its
+        # summary (run() gives the handlers back at the end).
+        self._previous_handlers = {sig: signal.signal(sig, self.request_stop)
+                                   for sig in STOP_SIGNALS}
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
         snapshot = [row.endpoints for _ns, row in self.resolver.snapshot_close_wait()
@@ -156,7 +160,6 @@ class LiveTracer:
         self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in STOP_SIGNALS}
         next_tick = time.monotonic()
         try:
             while not self.stopping:
@@ -184,8 +187,12 @@ class LiveTracer:
             self.probe.close()
             for sink in self.sinks:
                 sink.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.restore_signals()
+
+    def restore_signals(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def drain(self) -> None:
         events, self.pending[:] = list(self.pending), []

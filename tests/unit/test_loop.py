@@ -21,6 +21,16 @@ NETNS = 4026531840
 CW = tcpstates.CLOSE_WAIT
 
 
+@pytest.fixture(autouse=True)
+def give_signals_back():
+    """start() takes SIGINT/SIGTERM/SIGHUP until run() ends: tests that do
+    not run() must not leave pytest deaf to Ctrl-C."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 class World:
     """One tracer wired to a fake probe, a fake /proc and a list sink."""
 
@@ -322,8 +332,8 @@ def test_run_ends_on_sigint_during_a_flood(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     w.probe.on_poll = flood
-    w.tracer.start()
     before = signal.getsignal(signal.SIGINT)
+    w.tracer.start()
     w.tracer.run()
     took = time.monotonic() - sent[0]
     assert took < 10, took
@@ -348,3 +358,13 @@ def test_run_ends_with_summary_on_sigterm_and_sighup(tmp_path, sig):
     w.tracer.run()
     summary = w.sink.records[-1]
     assert summary["type"] == "summary" and len(summary["still_lingering"]) == 1
+
+
+def test_a_stop_signal_right_after_the_banner_still_gives_a_summary(tmp_path):
+    """The start record is the banner: from then on SIGTERM must not kill
+    the process before run() starts (the default action would)."""
+    w = World(tmp_path)
+    w.tracer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    w.tracer.run()
+    assert [r["type"] for r in w.sink.records] == ["start", "summary"]
