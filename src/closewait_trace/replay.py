@@ -51,6 +51,9 @@ class ReplayFilter:
     # record precedes the linger records of its batch), for --cgroup,
     # --container and --unit.
     identities: dict = field(default_factory=dict)
+    # Sockets whose linger record was kept: their CLOSED record is kept too,
+    # whoever closed them (a reset names nobody), as the live tail does.
+    shown: set = field(default_factory=set)
 
     def keep(self, rec: dict) -> bool:
         kind = rec.get("type")
@@ -69,10 +72,20 @@ class ReplayFilter:
         if not self.sockets.matches_record(rec):
             return False
         if self.holders.active:
+            key = _socket_key(rec)
+            if kind == "closed" and key in self.shown:
+                self.shown.discard(key)
+                return True
             identities = self.identities if self.holders.needs_identity else None
             if not self.holders.matches(record_people(rec, identities)):
                 return False
+            if kind == "linger":
+                self.shown.add(key)
         return True
+
+
+def _socket_key(rec: dict) -> tuple:
+    return tuple(str(rec.get(k)) for k in ("family", "laddr", "lport", "raddr", "rport"))
 
 
 def replay(records: Iterable[dict], keep: ReplayFilter) -> Iterator[dict]:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Protocol
 
 from closewait_trace import diagnosis, identity, owners, procfs, records
 from closewait_trace.events import KIND_TRANSITION, Endpoints, KernelEvent
-from closewait_trace.filters import HolderFilter, SocketFilter
+from closewait_trace.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.probe import ProbeConfig
 from closewait_trace.sinks import Sink, TickView
 from closewait_trace.tracker import Lingerer, Tracker
@@ -199,7 +199,11 @@ class LiveTracer:
         offset = self.clock_offset_ns() if events else 0
         for ev in events:
             if ev.kind == KIND_TRANSITION:
-                self.emit(records.transition(ev, (ev.ts_ns + offset) / 1e9))
+                rec = records.transition(ev, (ev.ts_ns + offset) / 1e9)
+                # With a holder filter, as in replay: only transitions made
+                # by a matching task in its own system call.
+                if not self.holder_filter.active or self.holder_filter.matches(record_people(rec)):
+                    self.emit(rec)
                 continue
             closed = self.tracker.on_event(ev)
             if closed is None:

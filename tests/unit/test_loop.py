@@ -10,6 +10,7 @@ import time
 import pytest
 
 from closewait_trace import tcpstates, tracker
+from closewait_trace.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.filters import HolderFilter, SocketFilter
 from closewait_trace.probe import ProbeConfig
 from closewait_trace.sinks import ListSink, RecordingSink, TickView, snapshot_record
@@ -368,3 +369,18 @@ def test_a_stop_signal_right_after_the_banner_still_gives_a_summary(tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)
     w.tracer.run()
     assert [r["type"] for r in w.sink.records] == ["start", "summary"]
+
+
+def test_transitions_with_a_holder_filter_name_a_matching_task(tmp_path):
+    w = World(tmp_path, all_transitions=True, holder_filter=HolderFilter(comms=("srv",)))
+    w.tracer.start()
+    for pid, comm in ((5, "srv"), (6, "other")):
+        # CLOSE_WAIT -> LAST_ACK runs in the holder's close(): the task is named
+        w.probe.events.append(KernelEvent(kind=KIND_TRANSITION, ts_ns=w.clock.ns, skaddr=pid,
+                                          duration_ns=10, pid=pid, tid=pid, comm=comm,
+                                          endpoints=endpoints(40000 + pid),
+                                          oldstate=tcpstates.CLOSE_WAIT,
+                                          newstate=tcpstates.LAST_ACK))
+    w.probe.transition(endpoints(40009))      # softirq: no task, so no match
+    w.step()
+    assert [r["task"]["comm"] for r in w.of("transition")] == ["srv"]

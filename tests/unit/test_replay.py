@@ -44,3 +44,12 @@ def test_hostile_record_shapes_do_not_crash_the_filter():
     recs = [linger(1, "a", 10, owners=[None, 5, "x"], listener="junk", closed_by=[1]),
             linger(1, "a", 11, owners=5, listener={"owners": "x"})]
     assert kept(recs, HolderFilter(pids=(1,))) == []
+
+
+def test_closed_record_of_a_shown_socket_is_kept_whoever_closed_it():
+    shown = linger(1, "a", 10)
+    reset = {"type": "closed", "ts": 1001.0, "family": "ipv4", "laddr": "127.0.0.1",
+             "lport": 80, "raddr": "127.0.0.1", "rport": 10, "closed_by": None}
+    other = dict(reset, rport=20)
+    assert kept([shown, reset, other], HolderFilter(pids=(1,))) == [("linger", 10),
+                                                                   ("closed", 10)]
