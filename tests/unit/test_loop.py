@@ -384,3 +384,16 @@ def test_transitions_with_a_holder_filter_name_a_matching_task(tmp_path):
     w.probe.transition(endpoints(40009))      # softirq: no task, so no match
     w.step()
     assert [r["task"]["comm"] for r in w.of("transition")] == ["srv"]
+
+
+def test_idle_ticks_do_not_reread_the_histogram(tmp_path):
+    w = one_reported_socket(tmp_path)
+    reads = []
+    histogram = w.probe.histogram
+    w.probe.histogram = lambda: reads.append(1) or histogram()
+    w.step()
+    w.step()
+    assert reads == []
+    w.probe.leave(0xA, pid=100, comm="srv")
+    w.step()
+    assert len(reads) == 1 and sum(w.sink.views[-1].histogram) == 1
