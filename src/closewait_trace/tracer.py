@@ -254,15 +254,15 @@ class LiveTracer:
             self.resolve(due, now_ns, update=False)
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
-        elapsed = (time.monotonic() - started) * 1000
+        view = self.view(counters, now_ns)
+        for sink in self.sinks:
+            sink.tick(view)
+        elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
         if not due and not read_map:    # nothing changed: the steady-state cost
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
-        view = self.view(counters, now_ns)
-        for sink in self.sinks:
-            sink.tick(view)
 
     def view(self, counters: dict, now_ns: int) -> TickView:
         # The histogram moves only when a timed socket leaves CLOSE_WAIT: an
