@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import sys
 
@@ -13,7 +14,7 @@ import click
 from closewait_trace import __version__, render
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.filters import SocketFilter, parse_ports
+from closewait_trace.filters import HolderFilter, SocketFilter, parse_ports, validate_container
 
 EXAMPLES = """\b
 Examples:
@@ -21,6 +22,7 @@ Examples:
   closewait-trace -t 500ms         # report after 500 ms instead
   closewait-trace -p 8080 -p 8443  # only local ports 8080 and 8443
   closewait-trace -P 5432 -4       # only IPv4 connections to remote port 5432
+  closewait-trace --unit nginx     # only sockets held by nginx.service
   closewait-trace --json | jq .    # one JSON object per line
   closewait-trace -v               # evidence for each diagnosis, headers used
   closewait-trace --all -p 443     # every state transition on port 443
@@ -71,6 +73,16 @@ class SizeType(click.ParamType):
         return size
 
 
+class ContainerType(click.ParamType):
+    name = "ID"
+
+    def convert(self, value, param, ctx):
+        try:
+            return validate_container(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class WhenType(click.ParamType):
     name = "TIME"
 
@@ -84,26 +96,50 @@ class WhenType(click.ParamType):
 
 
 class Output:
-    """Writes records to stdout as text or JSON lines. A closed pipe (the
-    reader went away, e.g. `| head`) ends output quietly."""
+    """The terminal sink: records to stdout as text or JSON lines.
 
-    def __init__(self, as_json: bool, renderer: render.TextRenderer, quiet: bool = False):
+    When the reader goes away (`| head -1`) output ends quietly and
+    on_reader_gone is called (the live tracer then ends the trace: nobody
+    reads it). A failing write (EPIPE) tells, but a tracer with nothing to
+    print would never try one: so tick() also polls stdout for the closed
+    pipe (POLLERR/POLLHUP)."""
+
+    def __init__(self, as_json: bool, renderer: render.TextRenderer, quiet: bool = False,
+                 on_reader_gone=None, stream=None):
         self.as_json = as_json
         self.renderer = renderer
         self.quiet = quiet
         self.closed = False
+        self.on_reader_gone = on_reader_gone
+        self.stream = stream
 
-    def __call__(self, rec: dict) -> None:
+    @property
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stdout
+
+    def emit(self, rec: dict) -> None:
         if self.quiet or self.closed:
             return
         if self.as_json:
             lines = [json.dumps(rec, check_circular=False)]
         else:
             lines = self.renderer.render(rec)
+        self.write_lines(lines)
+
+    def write_lines(self, lines) -> None:
+        if self.closed:
+            return
         try:
+            out = self._out
             for line in lines:
-                sys.stdout.write(line + "\n")
+                out.write(line + "\n")
         except BrokenPipeError:
+            self._reader_gone()
+
+    def tick(self, _view=None) -> None:
+        if self.quiet or self.closed:
+            return
+        if reader_gone(self._out):
             self._reader_gone()
 
     def flush(self) -> None:
@@ -112,14 +148,42 @@ class Output:
         if self.closed:
             return
         try:
-            sys.stdout.flush()
+            self._out.flush()
         except BrokenPipeError:
             self._reader_gone()
 
+    def close(self) -> None:
+        self.flush()
+
     def _reader_gone(self) -> None:
         self.closed = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # What is still buffered can never be written: point stdout at
+        # /dev/null so that the interpreter's final flush cannot fail.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._out.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.on_reader_gone is not None:
+            self.on_reader_gone()
+
+
+def reader_gone(stream) -> bool:
+    """Whether the reader of this output closed it: the write end of a pipe
+    whose reader exited polls POLLERR, a socket POLLHUP. A terminal or a
+    file never does. Costs one poll(2) with no wait."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    p = select.poll()
+    p.register(fd, 0)           # POLLERR and POLLHUP are always reported
+    try:
+        events = p.poll(0)
+    except OSError:
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in events)
 
 
 def fail(err: UserError) -> None:
@@ -164,22 +228,36 @@ def fail(err: UserError) -> None:
               help="With -w: how often to record the set of lingering sockets.")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); filters apply.")
-@click.option("--pid", "pids", type=int, multiple=True,
-              help="With -r: only sockets this process held or closed.")
-@click.option("--comm", "comms", multiple=True,
-              help="With -r: only sockets a process with this name held or closed.")
+@click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
+              help="Only sockets this process held or closed (repeatable).")
+@click.option("--comm", "comms", multiple=True, metavar="NAME",
+              help="Only sockets a process with this name held or closed.")
+@click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
+              help="Only sockets held by processes in this cgroup (or below it).")
+@click.option("--container", "containers", type=ContainerType(), multiple=True,
+              metavar="ID", help="Only sockets held by processes of this container "
+                                 "(id or its first 4+ hex digits).")
+@click.option("--unit", "units", multiple=True, metavar="NAME",
+              help="Only sockets held by processes of this systemd unit.")
 @click.option("--since", type=WhenType(), help="With -r: from this time (13:20, ISO 8601).")
 @click.option("--until", type=WhenType(), help="With -r: up to this time.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interval,
                max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size, rotate_count,
-               compress, snapshot_interval, read_path, pids, comms, since, until):
+               compress, snapshot_interval, read_path, pids, comms, cgroups, containers, units,
+               since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
     why.
 
-    Needs root (BPF). Exit codes: 0 ok, 2 bad usage, 3 not root, 4 bcc missing,
+    Ports and family (-p, -P, -4, -6) are filtered in the kernel, at no
+    cost; --pid, --comm, --cgroup, --container and --unit are decided when a
+    socket is resolved (after the threshold), so each socket that crosses
+    it still costs one owner lookup.
+
+    Needs root (BPF). SIGINT, SIGTERM and SIGHUP end the trace with its
+    summary. Exit codes: 0 ok, 2 bad usage, 3 not root, 4 bcc missing,
     5 no kernel headers, 6 BPF or tracepoint unavailable, 7 file error,
     1 internal error.
     """
@@ -191,15 +269,16 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
         lports=tuple(sorted({p for group in lports for p in group})),
         rports=tuple(sorted({p for group in rports for p in group})),
         family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None)
+    holder_filter = HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
+                                 containers=tuple(containers), units=tuple(units))
     renderer = render.TextRenderer(wide=wide, verbose=verbose)
     if read_path:
         if write_path:
             raise click.UsageError("-r and -w exclude each other")
-        run_replay(read_path, socket_filter, pids, comms, since, until,
+        run_replay(read_path, socket_filter, holder_filter, since, until,
                    Output(as_json, renderer))
         return
-    for name, value in (("--pid", pids), ("--comm", comms), ("--since", since),
-                        ("--until", until)):
+    for name, value in (("--since", since), ("--until", until)):
         if value:
             raise click.UsageError(f"{name} filters a replay: use it with -r FILE")
     if not write_path:
@@ -217,19 +296,20 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
                          max_bytes=rotate_size, max_files=rotate_count,
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
-             Output(as_json, renderer, quiet=quiet), recording, all_transitions)
+             Output(as_json, renderer, quiet=quiet), recording, all_transitions,
+             holder_filter)
 
 
-def run_replay(path, socket_filter, pids, comms, since, until, out):
+def run_replay(path, socket_filter, holder_filter, since, until, out):
     from closewait_trace import recording, replay
     rec = recording.read([path])
     first_ts = next((r.get("start_ts") for r in rec.records if r.get("type") == "header"), None)
     keep = replay.ReplayFilter(
-        sockets=socket_filter, pids=tuple(pids), comms=tuple(comms),
+        sockets=socket_filter, holders=holder_filter,
         since=replay.parse_when(since, first_ts) if since else None,
         until=replay.parse_when(until, first_ts) if until else None)
     for r in replay.replay(rec.records, keep):
-        out(r)
+        out.emit(r)
     out.flush()
     warn_damage(rec)
 
@@ -259,16 +339,17 @@ def report_command(files, as_json, top):
     from closewait_trace import recording, report
     rec = recording.read(files)
     rep = report.build(rec)
+    out = Output(as_json, render.TextRenderer())
     if as_json:
-        click.echo(json.dumps(rep))
+        out.write_lines([json.dumps(rep)])
     else:
-        for line in report.render_text(rep, top=top):
-            click.echo(line)
+        out.write_lines(report.render_text(rep, top=top))
+    out.flush()
     warn_damage(rec)
 
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
-             recording_options=None, all_transitions=False):
+             recording_options=None, all_transitions=False, holder_filter=HolderFilter()):
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
@@ -277,7 +358,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if capability_warning:      # say what a reduced set hides; trace anyway
         click.echo(capability_warning, err=True)
     from closewait_trace import kernel_headers
-    from closewait_trace.probe import ProbeConfig, import_bcc
+    from closewait_trace.probe import KernelProbe, ProbeConfig, import_bcc
     from closewait_trace.tracer import LiveTracer
 
     import_bcc()
@@ -288,42 +369,61 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                          # --all streams every transition: a deeper ring (16 MiB)
                          # rides out bursts the default mode never sees.
                          ringbuf_pages=4096 if all_transitions else 256)
-    sinks = [out]
-    tracer = LiveTracer(config=config, socket_filter=socket_filter,
-                        emit=lambda rec: [sink(rec) for sink in sinks],
-                        tick_s=tick_ns / 1e9, flush=out.flush)
+    probe = KernelProbe(config)
+    tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
+                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9)
+    # Nobody reads the trace any more (`| head -1`): end it the normal way.
+    out.on_reader_gone = tracer.request_stop
+    recorder = None
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.
         from closewait_trace.probe import kernel_at_least
         from closewait_trace.recording import Recorder
+        from closewait_trace.sinks import RecordingSink
         from closewait_trace.tracer import kernel_clock_ns
         import time
-        tracer.snapshot_s = recording_options.pop("snapshot_s")
+        snapshot_s = recording_options.pop("snapshot_s")
         offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
         recorder = Recorder(threshold_ns=threshold_ns, filters=socket_filter.as_dict(),
-                            clock_offset_ns=offset, snapshot_source=tracer.snapshot,
+                            clock_offset_ns=offset,
                             mode="all" if all_transitions else "closewait",
                             **recording_options)
         recorder.open()
-        tracer.recorder = recorder
-        sinks.append(recorder)
-    choice = kernel_headers.choose_headers()
-    kernel_headers.apply(choice)
-    tracer.headers = choice.describe()
-    if as_json or out.quiet:
-        for line in render.banner(threshold_ns, socket_filter.describe()):
-            click.echo(line, err=True)
+        tracer.sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
     try:
+        choice = kernel_headers.choose_headers()
+        kernel_headers.apply(choice)
+        tracer.headers = choice.describe()
         tracer.start()
     except BaseException:
-        if tracer.recorder is not None:
-            tracer.recorder.discard()     # nothing was traced: leave no file behind
+        tracer.restore_signals()
+        probe.close()
+        if recorder is not None:
+            recorder.discard()     # nothing was traced: leave no file behind
         raise
+    # "Ready" means attached and the start-up snapshot taken: only now may
+    # anyone waiting for the banner start a reproduction. (The text banner
+    # is the start record, rendered on stdout by the same rule.)
+    if as_json or out.quiet:
+        text = socket_filter.describe()
+        if holder_filter.active:
+            text = "; ".join(t for t in (text, holder_filter.describe()) if t)
+        for line in render.banner(threshold_ns, text):
+            click.echo(line, err=True)
     if verbose:
-        click.echo(f"kernel headers: {choice.describe()}; {tracer.probe.transport}; "
-                   f"compiled in {tracer.probe.compile_s:.2f}s", err=True)
+        click.echo(f"kernel headers: {choice.describe()}; {probe.transport}; "
+                   f"compiled in {probe.compile_s:.2f}s", err=True)
     tracer.run()
+
+
+def usage_line(exc: click.ClickException) -> str:
+    """click's four lines (Usage, Try, blank, Error) as the one line every
+    other error is: what is wrong; what to do next."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "closewait-trace"
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    return f"closewait-trace: {message}; see '{command} --help'"
 
 
 def main() -> None:
@@ -332,7 +432,7 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(0)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(usage_line(exc), err=True)
         sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
     except UserError as err:
         fail(err)

@@ -1,6 +1,5 @@
 """User-facing errors and the exit codes documented in the README."""
 
-EXIT_OK = 0
 EXIT_USAGE = 2          # bad option value or argument (click's own code too)
 EXIT_NOT_ROOT = 3       # live tracing needs root (CAP_BPF + CAP_PERFMON)
 EXIT_NO_BCC = 4         # bcc's Python binding cannot be imported

@@ -1,13 +1,26 @@
-"""The user's filters, applied in the kernel for live tracing and here for
-the start-up snapshot and for replay (pure)."""
+"""The user's filters (pure).
+
+Two kinds, and they cost differently:
+- SocketFilter (ports, family) is applied in the kernel for live tracing, so
+  a socket it excludes costs nothing; here it is applied to the start-up
+  snapshot and to recorded records.
+- HolderFilter (pid, comm, cgroup, container, unit) is about the processes
+  holding a socket, which only user space can see: it is decided when a
+  socket is resolved (after the threshold), so every socket that crosses the
+  threshold still costs one resolution, and the kernel's counters still
+  count every socket.
+"""
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 from closewait_trace.events import Endpoints
+
+
+_FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
 @dataclass(frozen=True)
@@ -17,16 +30,23 @@ class SocketFilter:
     family: Optional[int] = None
 
     def matches(self, ep: Endpoints) -> bool:
-        if self.family is not None and ep.family != self.family:
+        return self.matches_fields(ep.family_name, ep.lport, ep.rport)
+
+    def matches_record(self, rec: dict) -> bool:
+        """The same test over a record's fields (replay, snapshots)."""
+        return self.matches_fields(rec.get("family"), rec.get("lport"), rec.get("rport"))
+
+    def matches_fields(self, family_name, lport, rport) -> bool:
+        if self.family is not None and family_name != _FAMILY_NAMES[self.family]:
             return False
-        if self.lports and ep.lport not in self.lports:
+        if self.lports and lport not in self.lports:
             return False
-        if self.rports and ep.rport not in self.rports:
+        if self.rports and rport not in self.rports:
             return False
         return True
 
     def as_dict(self) -> dict:
-        family = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(self.family)
+        family = _FAMILY_NAMES.get(self.family)
         return {"lports": list(self.lports), "rports": list(self.rports), "family": family}
 
     @classmethod
@@ -61,3 +81,109 @@ def parse_ports(values) -> tuple[int, ...]:
     if len(set(ports)) > 64:
         raise ValueError("at most 64 ports per filter")
     return tuple(sorted(set(ports)))
+
+
+@dataclass(frozen=True)
+class HolderFilter:
+    """Only sockets held (or closed) by a matching process. Each option may
+    be given several times (any value matches); different options must all
+    match the same process.
+
+    A person is a dict with "pid" and "comm", and optionally "identity" (what
+    identity.of_process gives: cgroup, container {runtime, id}, unit) needed
+    only by the cgroup, container and unit filters."""
+
+    pids: tuple[int, ...] = ()
+    comms: tuple[str, ...] = ()
+    cgroups: tuple[str, ...] = ()       # cgroup path, or a parent of it
+    containers: tuple[str, ...] = ()    # container id, or a prefix of it (>= 4 chars)
+    units: tuple[str, ...] = ()         # systemd unit (".service" may be left out)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pids or self.comms or self.needs_identity)
+
+    @property
+    def needs_identity(self) -> bool:
+        """Whether matching needs each holder's cgroup (one more /proc read)."""
+        return bool(self.cgroups or self.containers or self.units)
+
+    def matches_person(self, person: dict) -> bool:
+        if self.pids and person.get("pid") not in self.pids:
+            return False
+        if self.comms and person.get("comm") not in self.comms:
+            return False
+        if not self.needs_identity:
+            return True
+        ident = person.get("identity")
+        ident = ident if isinstance(ident, dict) else {}
+        if self.cgroups and not any(_under(ident.get("cgroup"), c) for c in self.cgroups):
+            return False
+        container = ident.get("container")
+        container = container.get("id") if isinstance(container, dict) else None
+        container = container if isinstance(container, str) else ""
+        if self.containers and not any(container.startswith(c.lower())
+                                       for c in self.containers):
+            return False
+        unit = ident.get("unit") or ""
+        if self.units and not any(unit in (u, u + ".service") for u in self.units):
+            return False
+        return True
+
+    def matches(self, people: Iterable[dict]) -> bool:
+        """True when no filter is set, or any of these people matches."""
+        if not self.active:
+            return True
+        return any(self.matches_person(p) for p in people)
+
+    def as_dict(self) -> dict:
+        return {k: list(v) for k, v in (("pids", self.pids), ("comms", self.comms),
+                                        ("cgroups", self.cgroups),
+                                        ("containers", self.containers),
+                                        ("units", self.units)) if v}
+
+    def describe(self) -> str:
+        parts = []
+        for label, values in (("pid", self.pids), ("comm", self.comms),
+                              ("cgroup", self.cgroups), ("container", self.containers),
+                              ("unit", self.units)):
+            if values:
+                parts.append(f"{label} " + ",".join(map(str, values)))
+        return "; ".join(parts)
+
+
+def _under(path, wanted: str) -> bool:
+    if not isinstance(path, str) or not path:
+        return False
+    wanted = wanted.rstrip("/") or "/"
+    return path == wanted or path.startswith(wanted if wanted == "/" else wanted + "/")
+
+
+def record_people(rec: dict, identities: Optional[dict] = None) -> list[dict]:
+    """The processes a linger/closed/transition record (or a snapshot or
+    summary entry) names: its holders, the listener's holders, the closer or
+    the task. identities: pid -> identity, e.g. from the `process` records
+    read so far, for the cgroup/container/unit filters."""
+    people = _dicts(rec.get("owners"))
+    listener = rec.get("listener")
+    if isinstance(listener, dict):
+        people += _dicts(listener.get("owners"))
+    for key in ("closed_by", "task"):
+        if isinstance(rec.get(key), dict):
+            people.append(rec[key])
+    if identities:
+        people = [dict(p, identity=identities.get(p.get("pid"))) for p in people]
+    return people
+
+
+def _dicts(value) -> list[dict]:
+    # Recordings come from anywhere: anything but a list of objects is nobody.
+    return [p for p in value if isinstance(p, dict)] if isinstance(value, list) else []
+
+
+def validate_container(value: str) -> str:
+    """A container id or prefix: hex, at least 4 characters."""
+    v = value.strip().lower()
+    if len(v) < 4 or any(c not in "0123456789abcdef" for c in v):
+        raise ValueError(f"{value!r} is not a container id (at least 4 hex digits)")
+    return v

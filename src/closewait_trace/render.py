@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from closewait_trace.durations import format_age
+from closewait_trace.events import join_host_port
 
 COUNTER_TEXT = {
     "events_lost": "events lost: the ring buffer was full",
@@ -40,8 +41,8 @@ class TextRenderer:
     def _row(self, rec: dict, event: str, age: str, owner: str) -> str:
         w = self.addr_width
         clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
-        local = _hostport(rec["laddr"], rec["lport"])
-        remote = _hostport(rec["raddr"], rec["rport"])
+        local = join_host_port(rec["laddr"], rec["lport"])
+        remote = join_host_port(rec["raddr"], rec["rport"])
         line = (f"{clock:<8} {event:<{self.event_width}} {local:<{w}} {remote:<{w}} {age:>8} ")
         return line + owner[:max(8, 80 - len(line))]
 
@@ -152,10 +153,6 @@ _SHORT = {"ESTABLISHED": "EST", "SYN_SENT": "SYNS", "SYN_RECV": "SYNR", "FIN_WAI
           "LAST_ACK": "LA", "LISTEN": "LIS", "CLOSING": "CLG", "NEW_SYN_RECV": "NSR"}
 
 
-def _hostport(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 def histogram_lines(buckets: list[dict], width: int = 30) -> list[str]:
     if not buckets:
         return ["  (no socket left CLOSE_WAIT while tracing)"]
@@ -199,8 +196,8 @@ def summary_lines(rec: dict) -> list[str]:
                            for o in s.get("owners") or []) or (
             "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
         age = (">=" if s.get("age_is_lower_bound") else "") + format_age(int(s["age_s"] * 1e9))
-        lines.append(f"  {_hostport(s['laddr'], s['lport'])} <- "
-                     f"{_hostport(s['raddr'], s['rport'])} {age} {owners}")
+        lines.append(f"  {join_host_port(s['laddr'], s['lport'])} <- "
+                     f"{join_host_port(s['raddr'], s['rport'])} {age} {owners}")
     if len(still) > 50:
         lines.append(f"  ... and {len(still) - 50} more (see --json)")
     return lines

@@ -1,14 +1,16 @@
-"""Replay of recordings: the recorded records, filtered, rendered through the
-same Output the live tail uses, so a replay prints what the run printed."""
+"""Replay of recordings: the recorded records, filtered (with the same
+filters as the live tail, from filters.py), for the caller to render through
+the sink the live tail uses (cli.Output), so a replay prints what the run
+printed."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-from closewait_trace.filters import SocketFilter
+from closewait_trace.filters import HolderFilter, SocketFilter, record_people
 
 # Records the live tail printed; headers and snapshots are for readers only.
 SHOWN = ("start", "process", "linger", "closed", "lost", "summary", "transition")
@@ -42,22 +44,22 @@ def parse_when(text: str, reference_ts: Optional[float] = None) -> float:
 @dataclass
 class ReplayFilter:
     sockets: SocketFilter = SocketFilter()
-    pids: tuple[int, ...] = ()
-    comms: tuple[str, ...] = ()
+    holders: HolderFilter = HolderFilter()
     since: Optional[float] = None
     until: Optional[float] = None
-
-    def _pids_comms(self, rec: dict) -> tuple[set, set]:
-        people = list(rec.get("owners") or [])
-        if rec.get("listener"):
-            people += rec["listener"].get("owners") or []
-        for key in ("closed_by", "task"):
-            if rec.get(key):
-                people.append(rec[key])
-        return {p.get("pid") for p in people}, {p.get("comm") for p in people}
+    # pid -> identity from the `process` records read so far (a process
+    # record precedes the linger records of its batch), for --cgroup,
+    # --container and --unit.
+    identities: dict = field(default_factory=dict)
+    # Sockets whose linger record was kept: their CLOSED record is kept too,
+    # whoever closed them (a reset names nobody), as the live tail does.
+    shown: set = field(default_factory=set)
 
     def keep(self, rec: dict) -> bool:
         kind = rec.get("type")
+        if kind == "process" and self.holders.needs_identity:
+            if isinstance(rec.get("identity"), dict):
+                self.identities[rec.get("pid")] = rec["identity"]
         if kind not in SHOWN:
             return False
         if kind not in PER_SOCKET:
@@ -67,20 +69,23 @@ class ReplayFilter:
             return False
         if self.until is not None and ts > self.until:
             return False
-        if self.sockets.lports and rec.get("lport") not in self.sockets.lports:
+        if not self.sockets.matches_record(rec):
             return False
-        if self.sockets.rports and rec.get("rport") not in self.sockets.rports:
-            return False
-        family = self.sockets.as_dict()["family"]
-        if family and rec.get("family") != family:
-            return False
-        if self.pids or self.comms:
-            pids, comms = self._pids_comms(rec)
-            if self.pids and not pids & set(self.pids):
+        if self.holders.active:
+            key = _socket_key(rec)
+            if kind == "closed" and key in self.shown:
+                self.shown.discard(key)
+                return True
+            identities = self.identities if self.holders.needs_identity else None
+            if not self.holders.matches(record_people(rec, identities)):
                 return False
-            if self.comms and not comms & set(self.comms):
-                return False
+            if kind == "linger":
+                self.shown.add(key)
         return True
+
+
+def _socket_key(rec: dict) -> tuple:
+    return tuple(str(rec.get(k)) for k in ("family", "laddr", "lport", "raddr", "rport"))
 
 
 def replay(records: Iterable[dict], keep: ReplayFilter) -> Iterator[dict]:

@@ -104,7 +104,6 @@ def build(rec: Recording, timeline_buckets: int = 40) -> dict:
             l.duration = r["duration_s"]
             l.closed = True
             l.lower_bound = bool(r.get("duration_is_lower_bound"))
-            l.closed_rec = r
             finished.append(l)
         elif kind == "lost":
             losses.append({"ts": r["ts"], "what": r["counter"], "count": r["count"]})

@@ -1,5 +1,10 @@
-"""The live tracer: drives the kernel probe, the tracker, owner resolution
+"""The live tracer: drives a kernel probe, the tracker, owner resolution
 and diagnosis, and hands output records to the sinks.
+
+Everything outside is passed in: the probe (anything with the `Probe`
+interface: the real KernelProbe, or a fake that replays scripted kernel
+events and map contents), the resolver (owners and diagnosis read from a
+/proc tree), and the sinks. So the loop is tested without root.
 
 Start-up order matters so that a socket changing state while we attach is
 neither missed nor reported twice: attach first, then snapshot the sockets
@@ -12,12 +17,13 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
-from closewait_trace import diagnosis, owners, procfs, records, symbolize
-from closewait_trace.events import KIND_TRANSITION, KernelEvent
-from closewait_trace.filters import SocketFilter
-from closewait_trace.probe import KernelProbe, ProbeConfig
+from closewait_trace import diagnosis, identity, owners, procfs, records, symbolize
+from closewait_trace.events import KIND_TRANSITION, Endpoints, KernelEvent
+from closewait_trace.filters import HolderFilter, SocketFilter, record_people
+from closewait_trace.probe import ProbeConfig
+from closewait_trace.sinks import Sink, TickView
 from closewait_trace.tracker import Lingerer, Tracker
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
@@ -31,56 +37,121 @@ FINAL_DRAIN_S = 0.3
 # without owners after this many attempts.
 MAX_RESOLVE_ATTEMPTS = 3
 
+# Signals that end the trace the normal way (summary, recording closed):
+# Ctrl-C, kill, and the terminal going away (ssh dropped).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 def kernel_clock_ns(boot_clock: bool) -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME if boot_clock else time.CLOCK_MONOTONIC)
+
+
+class Probe(Protocol):
+    """What the loop needs from the kernel side (probe.KernelProbe)."""
+
+    boot_clock: bool
+    transport: str
+
+    def start(self, on_event: Callable[[KernelEvent], bool]) -> None: ...
+    def poll(self, timeout_ms: int) -> None: ...
+    def counters(self) -> dict: ...
+    def histogram(self) -> list: ...
+    def histogram_sum_ns(self) -> Optional[int]: ...
+    def tracked(self) -> list: ...
+    def tracked_entries(self) -> tuple: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class ProcResolver:
+    """Owners and diagnosis of sockets, read from a /proc tree (a fake one
+    in tests). Every /proc read of the loop goes through here."""
+
+    proc: str = procfs.PROC
+
+    def snapshot_close_wait(self) -> list:
+        """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
+        return owners.snapshot_close_wait(self.proc)
+
+    def owners(self, endpoints: list[Endpoints]) -> dict:
+        return owners.resolve(endpoints, self.proc)
+
+    def diagnose(self, own, cache: diagnosis.Batch):
+        return diagnosis.gather(own, self.proc, cache=cache)
+
+    def process_records(self, cache: diagnosis.Batch) -> list[dict]:
+        return diagnosis.process_evidence(cache)
+
+    def holder_state(self, pid: int) -> tuple:
+        info = procfs.process_info(pid, self.proc)
+        return (info.state, info.tracer_pid) if info else ("gone", 0)
+
+    def identity(self, pid: int, uid) -> dict:
+        return identity.of_process(pid, uid, self.proc)
 
 
 @dataclass
 class LiveTracer:
     config: ProbeConfig
     socket_filter: SocketFilter
-    emit: Callable[[dict], None]
+    probe: Probe
+    sinks: list[Sink] = field(default_factory=list)   # fed in order
+    holder_filter: HolderFilter = HolderFilter()
+    resolver: ProcResolver = field(default_factory=ProcResolver)
     tick_s: float = 1.0
     headers: str = ""
-    proc: str = "/proc"
-    probe: Optional[KernelProbe] = None
+    clock: Optional[Callable[[], int]] = None      # kernel clock; default: the probe's
     stopping: bool = False
     pending: list[KernelEvent] = field(default_factory=list)
     linger_lines: int = 0
     closed_lines: int = 0
+    change_lines: int = 0
     last_counters: dict = field(default_factory=dict)
-    resolve_attempts: dict = field(default_factory=dict)
     # Reported sockets by holder pid, with the state each holder had: a
     # diagnosis is redone only when a holder's state changes (or it exits).
     watched: dict = field(default_factory=dict)       # pid -> {id(l): l}
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
-    change_lines: int = 0
-    flush: Callable[[], None] = lambda: None   # end of a pass: push output out
-    recorder: object = None            # recording.Recorder, with -w
-    snapshot_s: float = 60.0
     _map_version: tuple = ()
+    _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _final_drain: bool = False
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
         "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
 
-    def _on_event(self, ev: KernelEvent) -> bool:
-        self.pending.append(ev)
-        return len(self.pending) >= POLL_BATCH or (self.stopping and not self._final_drain)
+    # ------------------------------------------------------------ plumbing
+
+    def emit(self, rec: dict) -> None:
+        for sink in self.sinks:
+            sink.emit(rec)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def now_ns(self) -> int:
+        return self.clock() if self.clock else kernel_clock_ns(self.probe.boot_clock)
 
     def clock_offset_ns(self) -> int:
-        return time.time_ns() - kernel_clock_ns(self.probe.boot_clock)
+        return time.time_ns() - self.now_ns()
 
     def request_stop(self, *_args) -> None:
         self.stopping = True
 
+    def _on_event(self, ev: KernelEvent) -> bool:
+        self.pending.append(ev)
+        return len(self.pending) >= POLL_BATCH or (self.stopping and not self._final_drain)
+
+    # ------------------------------------------------------------ the run
+
     def start(self) -> None:
-        self.probe = KernelProbe(self.config)
         self.probe.start(self._on_event)
-        self.start_ns = kernel_clock_ns(self.probe.boot_clock)
+        # From the banner on, a stop signal must end the trace with its
+        # summary (run() gives the handlers back at the end).
+        self._previous_handlers = {sig: signal.signal(sig, self.request_stop)
+                                   for sig in STOP_SIGNALS}
+        self.start_ns = self.now_ns()
         self.started_ts = time.time()
-        snapshot = [row.endpoints for _ns, row in owners.snapshot_close_wait(self.proc)
+        snapshot = [row.endpoints for _ns, row in self.resolver.snapshot_close_wait()
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
@@ -90,23 +161,16 @@ class LiveTracer:
         self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.request_stop)
         next_tick = time.monotonic()
-        next_snapshot = next_tick + self.snapshot_s
         try:
             while not self.stopping:
                 now = time.monotonic()
                 if now >= next_tick:
                     self.tick()
                     next_tick = now + self.tick_s
-                if self.recorder is not None:
-                    if now >= next_snapshot:
-                        self.recorder.write(self.snapshot())
-                        next_snapshot = now + self.snapshot_s
-                    self.recorder.poll()
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
-                self.probe.poll(wait_ms)
+                if not self.stopping:
+                    self.probe.poll(wait_ms)
                 self.drain()
                 self.flush()
             self._final_drain = True
@@ -122,28 +186,52 @@ class LiveTracer:
             self.flush()
         finally:
             self.probe.close()
-            if self.recorder is not None:
-                self.recorder.close()
+            for sink in self.sinks:
+                sink.close()
+            self.restore_signals()
+
+    def restore_signals(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def drain(self) -> None:
         events, self.pending[:] = list(self.pending), []
         offset = self.clock_offset_ns() if events else 0
         for ev in events:
             if ev.kind == KIND_TRANSITION:
-                self.emit(records.transition(ev, (ev.ts_ns + offset) / 1e9))
+                rec = records.transition(ev, (ev.ts_ns + offset) / 1e9)
+                # With a holder filter, as in replay: only transitions made
+                # by a matching task in its own system call.
+                if not self.holder_filter.active or self.holder_filter.matches(record_people(rec)):
+                    self.emit(rec)
                 continue
             closed = self.tracker.on_event(ev)
             if closed is None:
                 continue
             if closed.lingerer is not None:
                 self.unwatch(closed.lingerer)
+            if not self._shows_closed(closed):
+                continue
             self.closed_lines += 1
             self.emit(records.closed(closed, (closed.ts_ns + offset) / 1e9))
+
+    def _shows_closed(self, closed) -> bool:
+        """With a holder filter: the CLOSED line of a socket that was shown,
+        or, for one never resolved, of one whose closer matches."""
+        if not self.holder_filter.active:
+            return True
+        l = closed.lingerer
+        if l is not None and l.reported:
+            return not l.hidden
+        if self.holder_filter.needs_identity or closed.closer is None:
+            return False            # who held it was never known
+        return self.holder_filter.matches([{"pid": closed.closer[0], "comm": closed.closer[1]}])
 
     def tick(self, resolve: bool = True) -> None:
         started = time.monotonic()
         counters = self.check_counters()
-        now_ns = kernel_clock_ns(self.probe.boot_clock)
+        now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
         # when neither moved, the sockets that mature are already known.
         version = (counters.get("cw_enter"), counters.get("cw_exit"),
@@ -163,46 +251,94 @@ class LiveTracer:
             self.recheck_owners(now_ns)
         if resolve and due:
             resolving = time.monotonic()
-            self.report(due, now_ns)
-            self.tick_stats["resolve_max_ms"] = max(self.tick_stats["resolve_max_ms"],
-                                                    (time.monotonic() - resolving) * 1000)
-        elapsed = (time.monotonic() - started) * 1000
+            self.resolve(due, now_ns, update=False)
+            stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
+                                          (time.monotonic() - resolving) * 1000)
+        view = self.view(counters, now_ns)
+        for sink in self.sinks:
+            sink.tick(view)
+        elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
         if not due and not read_map:    # nothing changed: the steady-state cost
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
 
-    def report(self, due: list[Lingerer], now_ns: int) -> None:
-        resolved = owners.resolve([l.endpoints for l in due], self.proc)
-        evidence_cache = diagnosis.Batch()
-        ready: list[Lingerer] = []
-        for l in sorted(due, key=lambda l: l.enter_ns):
-            own = resolved.get(l.endpoints)
-            key = (l.skaddr, l.endpoints)
-            if own is None or own.kind == owners.OWNER_GONE:
-                attempts = self.resolve_attempts.get(key, 0) + 1
-                self.resolve_attempts[key] = attempts
-                if l.pre_existing:
-                    self.tracker.forget_pre_existing(l.endpoints)
-                    continue
-                if attempts < MAX_RESOLVE_ATTEMPTS:
-                    continue
-            self.resolve_attempts.pop(key, None)
-            l.ownership = own
-            l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache) if own else None
-            self.tracker.mark_reported(l)
-            self.watch(l)
-            ready.append(l)
-        self.emit_processes(evidence_cache)
-        for l in ready:
-            self.linger_lines += 1
-            self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
+    def view(self, counters: dict, now_ns: int) -> TickView:
+        # The histogram moves only when a timed socket leaves CLOSE_WAIT: an
+        # idle tick reuses the last read instead of 64 map lookups.
+        version = counters.get("cw_exit")
+        if self._histogram is None or version != self._histogram[0]:
+            sum_ns = getattr(self.probe, "histogram_sum_ns", None)
+            self._histogram = (version, self.probe.histogram(), sum_ns() if sum_ns else None)
+        _version, slots, total_ns = self._histogram
+        return TickView(wall_ts=time.time(), now_ns=now_ns,
+                        threshold_ns=self.config.threshold_ns, counters=counters,
+                        histogram=list(slots), histogram_sum_ns=total_ns,
+                        lingering=lambda: self.lingering(now_ns))
 
-    def emit_processes(self, evidence_cache: diagnosis.Batch) -> None:
-        now = time.time()
-        for evidence in diagnosis.process_evidence(evidence_cache):
-            self.emit(records.process(now, evidence))
+    # ------------------------------------------------- owners and diagnosis
+
+    def resolve(self, batch: list[Lingerer], now_ns: int, update: bool) -> None:
+        """Owners, holder filter, diagnosis, watch, emit: one path for the
+        first report of sockets that crossed the threshold (update=False)
+        and for the new diagnosis of reported ones whose holders changed
+        state (update=True, emitted only when the diagnosis changed)."""
+        resolved = self.resolver.owners([l.endpoints for l in batch])
+        evidence_cache = diagnosis.Batch()   # each process read once in this batch
+        identities: dict = {}
+        shown: list[Lingerer] = []
+        for l in sorted(batch, key=lambda l: l.enter_ns):
+            own = resolved.get(l.endpoints)
+            gone = own is None or own.kind == owners.OWNER_GONE
+            if update:
+                if gone:
+                    continue            # it is leaving CLOSE_WAIT: CLOSED follows
+                before = l.diagnosis.summary if l.diagnosis else None
+                self.unwatch(l)         # its holders may have changed too
+            else:
+                if gone:
+                    # Counted on the socket itself, so the count goes when it goes.
+                    l.resolve_attempts += 1
+                    if l.pre_existing:
+                        self.tracker.forget_pre_existing(l.endpoints)
+                        continue
+                    if l.resolve_attempts < MAX_RESOLVE_ATTEMPTS:
+                        continue
+                self.tracker.mark_reported(l)
+                if not self._holders_match(own, identities):
+                    l.hidden = True     # not the user's process: never shown
+                    continue
+            l.ownership = own
+            l.diagnosis = self.resolver.diagnose(own, evidence_cache) if own else None
+            self.watch(l)
+            if not update or l.diagnosis.summary != before:
+                shown.append(l)
+        if shown or not update:
+            for evidence in self.resolver.process_records(evidence_cache):
+                self.emit(records.process(time.time(), evidence))
+        for l in shown:
+            if update:
+                self.change_lines += 1
+            else:
+                self.linger_lines += 1
+            self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
+
+    def _holders_match(self, own, identities: dict) -> bool:
+        filt = self.holder_filter
+        if not filt.active:
+            return True
+        if own is None:
+            return False
+        people = []
+        for h in list(own.holders) + list(own.listener_holders):
+            person = {"pid": h.pid, "comm": h.comm}
+            if filt.needs_identity:
+                if h.pid not in identities:
+                    identities[h.pid] = self.resolver.identity(h.pid, h.uid)
+                person["identity"] = identities[h.pid]
+            people.append(person)
+        return filt.matches(people)
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
@@ -227,37 +363,20 @@ class LiveTracer:
         process per tick, whatever the number of sockets it holds."""
         changed: dict = {}
         for pid, sockets in list(self.watched.items()):
+            for key in [k for k, l in sockets.items() if not self.tracker.is_lingering(l)]:
+                del sockets[key]    # left without a CLOSED event (lost): forget it
             if not sockets:
                 del self.watched[pid]
                 self.watched_state.pop(pid, None)
                 continue
-            info = procfs.process_info(pid, self.proc)
-            now = (info.state, info.tracer_pid) if info else ("gone", 0)
+            now = self.resolver.holder_state(pid)
             if now != self.watched_state.get(pid):
                 self.watched_state[pid] = now
                 changed.update(sockets)
-        affected = [l for l in changed.values() if self.tracker.is_lingering(l)]
-        if not affected:
-            return
-        resolved = owners.resolve([l.endpoints for l in affected], self.proc)
-        evidence_cache = diagnosis.Batch()
-        updated: list[Lingerer] = []
-        for l in sorted(affected, key=lambda l: l.enter_ns):
-            own = resolved.get(l.endpoints)
-            if own is None or own.kind == owners.OWNER_GONE:
-                continue            # it is leaving CLOSE_WAIT: CLOSED follows
-            before = l.diagnosis.summary if l.diagnosis else None
-            self.unwatch(l)             # its holders may have changed too
-            l.ownership = own
-            l.diagnosis = diagnosis.gather(own, self.proc, cache=evidence_cache)
-            self.watch(l)
-            if l.diagnosis.summary != before:
-                updated.append(l)
-        if updated:
-            self.emit_processes(evidence_cache)
-        for l in updated:
-            self.change_lines += 1
-            self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=True))
+        if changed:
+            self.resolve(list(changed.values()), now_ns, update=True)
+
+    # ------------------------------------------------------------ counters
 
     def check_counters(self) -> dict:
         counters = self.probe.counters()
@@ -268,29 +387,38 @@ class LiveTracer:
         self.last_counters = counters
         return counters
 
-    def still_lingering(self) -> list[dict]:
-        now_ns = kernel_clock_ns(self.probe.boot_clock)
-        return [records.lingering_entry(l, l.age_ns(now_ns))
-                for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
-                if l.age_ns(now_ns) >= self.config.threshold_ns]
-
-    def snapshot(self) -> dict:
-        """The state right now, so a reader of a recording need not replay
-        from the start (written at each rotation and every snapshot_s)."""
-        return records.snapshot(time.time(), self.still_lingering(), self.probe.counters(),
-                                self.probe.histogram())
+    def lingering(self, now_ns: int) -> list[Lingerer]:
+        """Sockets still in CLOSE_WAIT and at least threshold old, oldest
+        first; with a holder filter, only those shown."""
+        threshold = self.config.threshold_ns
+        return [l for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
+                if l.age_ns(now_ns) >= threshold
+                and not (self.holder_filter.active and (l.hidden or not l.reported))]
 
     def summary(self) -> dict:
         stats = dict(self.tick_stats)
         stats["idle_mean_ms"] = stats.pop("idle_total_ms") / max(1, stats["idle_ticks"])
         extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in stats.items()}}
-        if self.recorder is not None:
-            self.recorder.flush()
-            extra["write_errors"] = self.recorder.write_errors
+        for sink in self.sinks:
+            fields = getattr(sink, "summary_fields", None)
+            if fields is not None:
+                extra.update(fields())
         extra["changes_reported"] = self.change_lines
         if symbolize.problems():        # modules or frames left without symbols, by reason
             extra["symbolizer_problems"] = symbolize.problems()
+        now_ns = self.now_ns()
+        still = [records.lingering_entry(l, l.age_ns(now_ns)) for l in self.lingering(now_ns)]
         return records.summary(time.time(), self.started_ts, self.probe.counters(),
-                               self.probe.histogram(), self.still_lingering(),
+                               self.probe.histogram(), still,
                                self.linger_lines, self.closed_lines, extra)
+
+    def state_sizes(self) -> dict[str, int]:
+        """How much per-socket state the loop and tracker hold (for the leak
+        test, and for anyone wondering what a long run keeps)."""
+        t = self.tracker
+        return {"tracked": len(t.by_skaddr), "pre_existing": len(t.pre_existing),
+                "departed": len(t.departed), "pending": len(t.pending),
+                "watched_pids": len(self.watched),
+                "watched_sockets": sum(len(s) for s in self.watched.values()),
+                "watched_state": len(self.watched_state), "events": len(self.pending)}

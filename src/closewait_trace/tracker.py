@@ -34,6 +34,10 @@ class Lingerer:
     # estimated from tcp_info, or a lower bound counted from the trace's start.
     age_source: str = "traced"
     enter_max_ns: Optional[int] = None   # estimated: the earliest it can have entered
+    # Failed owner lookups so far: kept on the socket, so the count is
+    # forgotten with it (a count kept apart outlived sockets that left).
+    resolve_attempts: int = 0
+    hidden: bool = False        # resolved, but its holders fail the holder filter
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
@@ -129,16 +133,28 @@ class Tracker:
                 self.pending.pop(id(gone), None)
                 if gone.reported:
                     gone.left_ns = now_ns
+                    self.departed.pop(skaddr, None)     # kept in departure order
                     self.departed[skaddr] = gone
-        for skaddr in [s for s, l in self.departed.items()
-                       if now_ns - (l.left_ns or now_ns) > DEPARTED_GRACE_NS]:
-            del self.departed[skaddr]
         return self.due(now_ns)
 
     def due(self, now_ns: int) -> list[Lingerer]:
         """Unreported sockets old enough to report; no map read needed when
         the kernel says nothing entered or left CLOSE_WAIT since the last one."""
+        if self.departed:
+            self._expire_departed(now_ns)
         return [l for l in self.pending.values() if l.age_ns(now_ns) >= self.threshold_ns]
+
+    def _expire_departed(self, now_ns: int) -> None:
+        """Forget departed sockets after the grace, map read or not. They are
+        in departure order, so this stops at the first one still waiting
+        (a tick costs nothing per departed socket)."""
+        expired = []
+        for skaddr, l in self.departed.items():
+            if now_ns - (l.left_ns or now_ns) <= DEPARTED_GRACE_NS:
+                break
+            expired.append(skaddr)
+        for skaddr in expired:
+            del self.departed[skaddr]
 
     def is_lingering(self, l: Lingerer) -> bool:
         if l.pre_existing:

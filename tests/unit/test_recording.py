@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from closewait_trace import recording, replay, report
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.filters import SocketFilter
+from closewait_trace.filters import HolderFilter, SocketFilter
 
 
 def linger(i, ts=1000.0, pid=42, comm="srv", lport=80, age=2.0):
@@ -230,9 +230,9 @@ def test_replay_filters():
             {"type": "summary"}]
     keep = replay.ReplayFilter(sockets=SocketFilter(lports=(81,)))
     assert [r.get("lport") for r in replay.replay(recs, keep)] == [81, None]
-    keep = replay.ReplayFilter(comms=("a",))
+    keep = replay.ReplayFilter(holders=HolderFilter(comms=("a",)))
     assert [r.get("lport") for r in replay.replay(recs, keep)] == [80, None]
-    keep = replay.ReplayFilter(pids=(2,), since=1000.5)
+    keep = replay.ReplayFilter(holders=HolderFilter(pids=(2,)), since=1000.5)
     assert [r.get("lport") for r in replay.replay(recs, keep)] == [81, None]
     keep = replay.ReplayFilter(until=1000.5)
     assert [r.get("lport") for r in replay.replay(recs, keep)] == [80, None]

@@ -4,7 +4,7 @@ from closewait_trace import tcpstates
 from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
 from closewait_trace.owners import OWNER_FD, Holder, Ownership
-from closewait_trace.tracker import Tracker
+from closewait_trace.tracker import Tracker, attribute_close
 
 S = 1_000_000_000
 
@@ -112,3 +112,27 @@ def test_sync_entries_decodes_only_new_sockets():
     assert decoded == [1, 2, 3]
     t.sync_entries({3: 10}, endpoints_of, 2 * S)
     assert set(t.by_skaddr) == {3}
+
+
+def test_attribute_close():
+    assert attribute_close(tcpstates.LAST_ACK, 5, set()) == "close"
+    assert attribute_close(tcpstates.CLOSE, 5, {5}) == "abort"
+    assert attribute_close(tcpstates.CLOSE, 6, {5}) == "reset"
+    assert attribute_close(tcpstates.CLOSE, 6, set()) == "unknown"
+
+
+def test_departed_sockets_are_forgotten_after_the_grace_without_a_map_read():
+    from closewait_trace.tracker import DEPARTED_GRACE_NS
+    t = Tracker(threshold_ns=1, start_ns=0)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 1)
+    for key in (1, 2):
+        t.sync_entries({key: 0}, lambda k: ep, 10)
+        t.mark_reported(t.by_skaddr[key])
+    t.sync_entries({2: 0}, lambda k: ep, 100)         # 1 leaves
+    half = DEPARTED_GRACE_NS // 2
+    t.sync_entries({}, lambda k: ep, 100 + half)      # 2 leaves later
+    assert set(t.departed) == {1, 2}
+    t.due(101 + DEPARTED_GRACE_NS)                    # a tick with no map read
+    assert set(t.departed) == {2}
+    t.due(101 + half + DEPARTED_GRACE_NS)
+    assert t.departed == {}

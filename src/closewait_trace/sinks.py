@@ -1,0 +1,119 @@
+"""Where output records go: the one interface every sink implements (the
+terminal, the recording, a metrics endpoint), and the recording's sink.
+
+The live loop knows sinks only through `Sink`: it hands each of them every
+output record in order (emit), a `TickView` once after each tick (tick), a
+nudge at the end of each pass of the loop (flush), and close() at exit,
+after the summary. A sink that needs a timer (the recording's snapshots, a
+metrics endpoint's refresh) keeps it itself and looks at the clock in tick().
+
+A sink may also offer `summary_fields() -> dict`: fields it adds to the
+summary record (the recording's write errors). The loop asks every sink that
+has it, just before it builds the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+from closewait_trace import records
+
+
+@dataclass
+class TickView:
+    """What a sink may look at once per tick."""
+
+    wall_ts: float            # time.time() of the tick
+    now_ns: int               # kernel clock (for Lingerer.age_ns)
+    threshold_ns: int
+    counters: dict            # probe.counters(): cw_enter, cw_exit, events_lost, ...
+    histogram: list           # probe.histogram(): log2 microsecond slots
+    histogram_sum_ns: Optional[int]    # probe.histogram_sum_ns(), None if unknown
+    lingering: Callable[[], list]      # Lingerers in CLOSE_WAIT >= threshold (lazy)
+
+
+class Sink(Protocol):
+    def emit(self, rec: dict) -> None: ...        # every output record, in order
+    def tick(self, view: TickView) -> None: ...   # once after each tick
+    def flush(self) -> None: ...                  # end of each pass of the loop
+    def close(self) -> None: ...                  # at exit, after the summary
+
+
+def lingering_entries(view: TickView) -> list[dict]:
+    """The view's lingering sockets as snapshot/summary entries."""
+    return [records.lingering_entry(l, l.age_ns(view.now_ns)) for l in view.lingering()]
+
+
+def snapshot_record(view: TickView) -> dict:
+    """The state at a tick, so a reader of a recording need not replay it
+    from the start (written at each rotation and every snapshot interval)."""
+    return records.snapshot(view.wall_ts, lingering_entries(view), view.counters,
+                            view.histogram)
+
+
+@dataclass
+class RecordingSink:
+    """-w: records go to a recording.Recorder. Owns the snapshot timer; the
+    snapshot opening each rotated part is built from the latest tick."""
+
+    recorder: object                    # recording.Recorder, already open
+    snapshot_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _view: Optional[TickView] = None
+    _next_snapshot: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.recorder.snapshot_source = self._rotation_snapshot
+
+    def _rotation_snapshot(self) -> dict:
+        if self._view is None:      # no tick yet (the loop ticks first): nothing known
+            return records.snapshot(time.time(), [], {}, [])
+        return snapshot_record(self._view)
+
+    def emit(self, rec: dict) -> None:
+        self.recorder.write(rec)
+
+    def tick(self, view: TickView) -> None:
+        self._view = view
+        now = self.clock()
+        if self._next_snapshot is None:
+            self._next_snapshot = now + self.snapshot_s
+        elif now >= self._next_snapshot:
+            self.recorder.write(snapshot_record(view))
+            self._next_snapshot = now + self.snapshot_s
+
+    def flush(self) -> None:
+        # The recorder batches for up to half a second (one write per batch);
+        # this only keeps its "on disk within a second" promise.
+        self.recorder.poll()
+
+    def summary_fields(self) -> dict:
+        self.recorder.flush()           # so that a failing write is counted
+        return {"write_errors": self.recorder.write_errors}
+
+    def close(self) -> None:
+        self.recorder.close()
+
+
+@dataclass
+class ListSink:
+    """Keeps everything it is given (tests, and callers that want records)."""
+
+    records: list = field(default_factory=list)
+    views: list = field(default_factory=list)
+    flushes: int = 0
+    closed: bool = False
+
+    def emit(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def tick(self, view: TickView) -> None:
+        self.views.append(view)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,89 @@
+"""Socket filters (ports, family) and holder filters (pid, comm, cgroup,
+container, unit), over endpoints and over records."""
+
+import socket
+
+import pytest
+
+from closewait_trace.events import Endpoints
+from closewait_trace.filters import (HolderFilter, SocketFilter, parse_ports, record_people,
+                                     validate_container)
+
+
+def test_parse_ports():
+    assert parse_ports(["80,443", "8080", "80"]) == (80, 443, 8080)
+    for bad in (["0"], ["65536"], ["http"], ["1,-2"]):
+        with pytest.raises(ValueError):
+            parse_ports(bad)
+
+
+def test_filter_matches():
+    ep = Endpoints(socket.AF_INET, "1.2.3.4", 80, "5.6.7.8", 4000)
+    assert SocketFilter().matches(ep)
+    assert SocketFilter(lports=(80,)).matches(ep)
+    assert not SocketFilter(lports=(81,)).matches(ep)
+    assert not SocketFilter(rports=(80,)).matches(ep)
+    assert not SocketFilter(family=socket.AF_INET6).matches(ep)
+
+
+def test_socket_filter_over_records_is_the_same_test():
+    f = SocketFilter(lports=(80,), family=socket.AF_INET6)
+    assert f.matches_record({"family": "ipv6", "lport": 80, "rport": 1})
+    assert not f.matches_record({"family": "ipv4", "lport": 80, "rport": 1})
+    assert not f.matches_record({"family": "ipv6", "lport": 81, "rport": 1})
+    ep = Endpoints(socket.AF_INET6, "::1", 80, "::1", 1)
+    assert f.matches(ep) == f.matches_record({"family": "ipv6", "lport": 80, "rport": 1})
+
+
+def test_holder_filter_pid_comm_same_person():
+    assert not HolderFilter().active and HolderFilter().matches([])
+    f = HolderFilter(pids=(1, 2), comms=("a",))
+    assert f.matches([{"pid": 2, "comm": "a"}])
+    assert not f.matches([{"pid": 2, "comm": "b"}, {"pid": 3, "comm": "a"}])
+    assert not f.matches([])
+
+
+IDENT = {"cgroup": "/system.slice/web.service/sub",
+         "container": {"runtime": "docker", "id": "ab12" + "0" * 60}, "unit": "web.service"}
+
+
+@pytest.mark.parametrize("f,expected", [
+    (HolderFilter(cgroups=("/system.slice/web.service",)), True),
+    (HolderFilter(cgroups=("/system.slice/web.service/",)), True),
+    (HolderFilter(cgroups=("/",)), True),
+    (HolderFilter(cgroups=("/system.slice/web",)), False),     # not a parent: a prefix
+    (HolderFilter(containers=("ab12",)), True),
+    (HolderFilter(containers=("ab13",)), False),
+    (HolderFilter(units=("web",)), True),
+    (HolderFilter(units=("web.service",)), True),
+    (HolderFilter(units=("db",)), False),
+    (HolderFilter(units=("web",), pids=(9,)), False),
+])
+def test_holder_filter_identity(f, expected):
+    assert f.needs_identity or f.pids
+    assert f.matches([{"pid": 1, "comm": "x", "identity": IDENT}]) is expected
+
+
+def test_holder_filter_without_identity_does_not_match_identity_filters():
+    assert not HolderFilter(units=("web",)).matches([{"pid": 1, "comm": "x"}])
+    f = HolderFilter(cgroups=("/a",), containers=("abcd",), units=("u",))
+    for junk in ([1], "x", {"cgroup": 5, "container": [1], "unit": {}},
+                 {"container": {"id": 7}}):
+        assert not f.matches([{"pid": 1, "comm": "x", "identity": junk}])
+
+
+def test_record_people_names_holders_listener_closer_and_task():
+    rec = {"owners": [{"pid": 1, "comm": "a"}, None],
+           "listener": {"owners": [{"pid": 2, "comm": "b"}]},
+           "closed_by": {"pid": 3, "comm": "c"}, "task": None}
+    assert [p["pid"] for p in record_people(rec)] == [1, 2, 3]
+    people = record_people(rec, {1: IDENT})
+    assert people[0]["identity"] == IDENT and people[1]["identity"] is None
+    assert record_people({"owners": "junk", "listener": [1]}) == []
+
+
+def test_validate_container():
+    assert validate_container(" AB12cd ") == "ab12cd"
+    for bad in ("abc", "xyz123", ""):
+        with pytest.raises(ValueError):
+            validate_container(bad)

@@ -1,0 +1,399 @@
+"""The live loop (tracer.LiveTracer) without root: a fake probe replays
+scripted kernel events and map contents, a fake /proc tree stands for the
+processes, and a ListSink collects what the sinks would get."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from closewait_trace import tcpstates, tracker
+from closewait_trace.events import KIND_TRANSITION, KernelEvent
+from closewait_trace.filters import HolderFilter, SocketFilter
+from closewait_trace.probe import ProbeConfig
+from closewait_trace.sinks import ListSink, RecordingSink, TickView, snapshot_record
+from closewait_trace.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
+from tests.unit.fakeproc import FakeProc, hex_addr
+from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints
+
+NETNS = 4026531840
+CW = tcpstates.CLOSE_WAIT
+
+
+@pytest.fixture(autouse=True)
+def give_signals_back():
+    """start() takes SIGINT/SIGTERM/SIGHUP until run() ends: tests that do
+    not run() must not leave pytest deaf to Ctrl-C."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+class World:
+    """One tracer wired to a fake probe, a fake /proc and a list sink."""
+
+    def __init__(self, tmp_path, threshold_s=1.0, holder_filter=HolderFilter(),
+                 all_transitions=False, resolver=None, socket_filter=SocketFilter()):
+        self.clock = FakeClock()
+        self.probe = FakeProbe(self.clock)
+        self.proc = FakeProc(tmp_path / "proc")
+        self.proc.process(1, comm="init")
+        self.sink = ListSink()
+        self.tracer = LiveTracer(
+            config=ProbeConfig(threshold_ns=int(threshold_s * SECOND),
+                               all_transitions=all_transitions),
+            socket_filter=socket_filter, probe=self.probe, sinks=[self.sink],
+            holder_filter=holder_filter,
+            resolver=resolver or ProcResolver(str(tmp_path / "proc")),
+            clock=self.clock, tick_s=0.01)
+
+    def hold(self, pid, rport, inode, comm="srv", state="S", flush=True):
+        """A process pid holding a socket in CLOSE_WAIT on 127.0.0.1:5000."""
+        if not os.path.exists(os.path.join(self.proc.root, str(pid))):
+            self.proc.process(pid, comm=comm, state=state)
+        self.proc.fd(pid, 3 + inode % 1000, inode=inode)
+        if flush:
+            self.proc.tcp(pid, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", rport, CW, inode)
+            return
+        tcp = self.proc._tables[NETNS]["tcp"]
+        tcp.append(f"{len(tcp):4d}: {hex_addr(socket.AF_INET, '127.0.0.1')}:{5000:04X} "
+                   f"{hex_addr(socket.AF_INET, '127.0.0.1')}:{rport:04X} {CW:02X} "
+                   f"00000000:00000000 00:00000000 00000000  1000        0 {inode} 1 "
+                   f"0000000000000000 20 4 0 10 -1")
+
+    def forget_row(self, *rports):
+        """The sockets are gone from the kernel's TCP table."""
+        gone = {f":{p:04X} " for p in rports}
+        tables = self.proc._tables[NETNS]
+        tables["tcp"] = [l for l in tables["tcp"] if not any(g in l for g in gone)]
+        self.proc._flush(NETNS)
+
+    def of(self, kind):
+        return [r for r in self.sink.records if r["type"] == kind]
+
+    def step(self, seconds=0.0):
+        """Time passes, the loop polls, drains and ticks once."""
+        self.clock.advance(seconds)
+        self.probe.poll(0)
+        self.tracer.drain()
+        self.tracer.tick()
+
+
+def one_reported_socket(tmp_path, state="S") -> World:
+    """pid 100 holds 127.0.0.1:5000 <- :40001 (map key 0xA), reported."""
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001, state=state)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == 1
+    return w
+
+
+def test_startup_race_neither_missed_nor_reported_twice(tmp_path):
+    w = World(tmp_path)
+    # A was in CLOSE_WAIT before the attach: only the /proc snapshot has it.
+    w.hold(100, 40001, 5001)
+    # B entered CLOSE_WAIT after the attach, before the snapshot: both have it.
+    w.hold(100, 40002, 5002)
+    w.probe.enter(0xB, endpoints(40002))
+    # C entered after the snapshot: only the map has it (and /proc by the
+    # time it is resolved).
+    w.probe.enter(0xC, endpoints(40003))
+    w.hold(100, 40003, 5003)
+    w.tracer.start()
+    assert w.of("start")[0]["pre_existing"] == 1
+    w.step(1.5)
+    lingers = w.of("linger")
+    assert sorted((r["rport"], r["pre_existing"]) for r in lingers) == [
+        (40001, True), (40002, False), (40003, False)]
+    assert all(r["owners"][0]["pid"] == 100 for r in lingers)
+    w.step(1.0)
+    assert len(w.of("linger")) == 3          # reported once
+    # A leaves: the kernel never timed it, a lower bound is all we have.
+    w.probe.untracked_exit(endpoints(40001), pid=100, comm="srv")
+    w.step()
+    closed = w.of("closed")
+    assert len(closed) == 1 and closed[0]["duration_is_lower_bound"] is True
+
+
+def test_socket_leaving_mid_resolution(tmp_path):
+    """The socket is in the map when the tick reads it, and gone from the
+    TCP table by the time the resolver looks (its CLOSED event follows)."""
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+
+    class LeavingResolver(ProcResolver):
+        def owners(self, eps):
+            w.forget_row(40001)
+            w.probe.leave(0xA, pid=100, comm="srv")
+            return super().owners(eps)
+
+    w.tracer.resolver = LeavingResolver(w.tracer.resolver.proc)
+    w.tracer.start()
+    w.step()
+    assert w.of("linger") == []              # not reported half-resolved
+    w.step()
+    closed = w.of("closed")
+    assert len(closed) == 1 and closed[0]["reported"] is False
+    assert closed[0]["how"] == "close"
+    assert not any(w.tracer.state_sizes().values()), w.tracer.state_sizes()
+
+
+def test_unresolvable_socket_is_reported_without_owners_after_attempts(tmp_path):
+    w = World(tmp_path)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)     # in no TCP table we can read
+    w.tracer.start()
+    for _ in range(MAX_RESOLVE_ATTEMPTS - 1):
+        w.step(0.1)
+        assert w.of("linger") == []
+    w.step(0.1)
+    (rec,) = w.of("linger")
+    assert rec["owners"] == [] and rec["owner_kind"] == "gone"
+
+
+def test_losses_are_reported_and_leave_nothing_behind(tmp_path):
+    w = one_reported_socket(tmp_path)
+    assert w.tracer.state_sizes()["watched_sockets"] == 1
+    w.forget_row(40001)
+    w.probe.leave(0xA, pid=100, comm="srv", lost=True)   # its CLOSED event is lost
+    w.step()
+    (lost,) = w.of("lost")
+    assert (lost["counter"], lost["count"], lost["total"]) == ("events_lost", 1, 1)
+    assert w.of("closed") == []
+    w.proc.process(100, comm="srv", state="T")     # its holder changes: recheck
+    w.step(tracker.DEPARTED_GRACE_NS / SECOND + 1)
+    assert not any(w.tracer.state_sizes().values()), w.tracer.state_sizes()
+
+
+def test_ten_thousand_failed_resolutions_leave_nothing_behind(tmp_path):
+    """The leak: sockets whose owner lookup failed, then left CLOSE_WAIT
+    (with or without their CLOSED event), pre-existing sockets that left
+    unseen, and sockets reported without owners: none may be remembered."""
+    w = World(tmp_path, threshold_s=1.0)
+    n = 10_000
+    pre = 500
+    for i in range(pre):                       # in CLOSE_WAIT before the attach
+        w.hold(100 + i % 5, 20000 + i, 100000 + i, flush=False)
+    w.proc._flush(NETNS)
+    w.tracer.start()
+    assert w.of("start")[0]["pre_existing"] == pre
+    w.forget_row(*range(20000, 20000 + pre))   # ... and gone unseen
+    for i in range(n):                         # in no table: lookups fail
+        w.probe.enter(0x10000 + i, endpoints(30000 + i % 30000, lport=6000 + i // 30000),
+                      ago_s=1.5)
+    w.step()
+    assert w.of("linger") == []
+    for i in range(0, n, 2):
+        w.probe.leave(0x10000 + i, pid=7, comm="x")
+    for i in range(1, n // 2, 2):
+        w.probe.leave(0x10000 + i, lost=True)
+    w.step(0.1)
+    w.step(0.1)                               # the rest: reported without owners
+    assert len(w.of("linger")) == n - n // 2 - len(range(1, n // 2, 2))
+    for k in list(w.probe.entries):
+        w.probe.leave(k, lost=True)
+    w.step()
+    assert w.tracer.state_sizes()["departed"] > 0    # waiting for CLOSED events
+    w.step(tracker.DEPARTED_GRACE_NS / SECOND + 1)
+    sizes = w.tracer.state_sizes()
+    assert not any(sizes.values()), sizes
+    assert not any(getattr(w.tracer, name, None) for name in ("resolve_attempts",))
+
+
+def test_holder_filter_by_pid_and_comm(tmp_path):
+    w = World(tmp_path, holder_filter=HolderFilter(comms=("keeper",)))
+    w.hold(100, 40001, 5001, comm="keeper")
+    w.hold(200, 40002, 5002, comm="other")
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert [r["rport"] for r in w.of("linger")] == [40001]
+    assert [r["pid"] for r in w.of("process")] == [100]   # no evidence of others
+    w.probe.leave(0xA, pid=100, comm="keeper")
+    w.probe.leave(0xB, pid=200, comm="other")
+    w.step()
+    assert [r["rport"] for r in w.of("closed")] == [40001]
+    w.tracer.started_ts = time.time()
+    summary = w.tracer.summary()
+    assert summary["counters"]["cw_enter"] == 2           # the kernel counts all
+    assert summary["linger_reported"] == 1 and summary["closed_reported"] == 1
+
+
+def test_holder_filter_still_lingering_only_shows_matches(tmp_path):
+    w = World(tmp_path, holder_filter=HolderFilter(pids=(200,)))
+    w.hold(100, 40001, 5001)
+    w.hold(200, 40002, 5002)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    still = w.tracer.summary()["still_lingering"]
+    assert [s["rport"] for s in still] == [40002]
+    assert [l.endpoints.rport for l in w.sink.views[-1].lingering()] == [40002]
+
+
+def test_holder_filter_by_unit_reads_the_cgroup(tmp_path):
+    w = World(tmp_path, holder_filter=HolderFilter(units=("web",)))
+    w.hold(100, 40001, 5001)
+    w.hold(200, 40002, 5002)
+    for pid, unit in ((100, "web.service"), (200, "db.service")):
+        with open(os.path.join(w.proc.root, str(pid), "cgroup"), "w") as f:
+            f.write(f"0::/system.slice/{unit}\n")
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert [r["rport"] for r in w.of("linger")] == [40001]
+
+
+def test_diagnosis_redone_when_holder_changes_state(tmp_path):
+    w = one_reported_socket(tmp_path, state="S")
+    assert w.of("linger")[0]["update"] is False
+    w.proc.process(100, comm="srv", state="T")
+    w.step()
+    updates = [r for r in w.of("linger") if r["update"]]
+    assert len(updates) == 1 and updates[0]["diagnosis"]["cause"] == "stopped"
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == 1
+
+
+def test_sinks_get_one_view_per_tick(tmp_path):
+    w = one_reported_socket(tmp_path)
+    w.step()
+    assert len(w.sink.views) == 2
+    view = w.sink.views[-1]
+    assert view.counters["cw_enter"] == 1 and view.histogram_sum_ns == 0
+    assert view.threshold_ns == SECOND and view.now_ns == w.clock.ns
+    (l,) = view.lingering()
+    assert l.ownership.holders[0].pid == 100
+    snap = snapshot_record(view)
+    assert snap["type"] == "snapshot" and snap["lingering"][0]["rport"] == 40001
+
+
+class FakeRecorder:
+    def __init__(self):
+        self.written, self.polls, self.closed = [], 0, False
+        self.snapshot_source = None
+        self.write_errors = 0
+
+    def write(self, rec):
+        self.written.append(rec)
+
+    def poll(self):
+        self.polls += 1
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_recording_sink_owns_its_snapshot_timer():
+    now = [100.0]
+    rec = FakeRecorder()
+    sink = RecordingSink(rec, snapshot_s=60.0, clock=lambda: now[0])
+    view = TickView(wall_ts=1.0, now_ns=5 * SECOND, threshold_ns=SECOND,
+                    counters={"cw_enter": 3}, histogram=[0] * 64, histogram_sum_ns=None,
+                    lingering=lambda: [])
+    sink.tick(view)
+    now[0] += 59
+    sink.tick(view)
+    assert rec.written == []
+    now[0] += 2
+    sink.tick(view)
+    assert [r["type"] for r in rec.written] == ["snapshot"]
+    assert rec.written[0]["counters"] == {"cw_enter": 3}
+    # A rotated part opens with the state at the latest tick, built here.
+    assert rec.snapshot_source()["counters"] == {"cw_enter": 3}
+    sink.flush()
+    assert rec.polls == 1
+    assert sink.summary_fields() == {"write_errors": 0}
+    sink.close()
+    assert rec.closed
+
+
+def test_run_ends_on_sigint_during_a_flood(tmp_path):
+    """Ctrl-C while --all streams a flood: the loop takes control back
+    every POLL_BATCH events, stops promptly, writes the summary last."""
+    w = World(tmp_path, all_transitions=True)
+    sent = []
+
+    def flood(probe):
+        for i in range(10_000):
+            probe.transition(endpoints(1000 + i % 50000))
+        if probe.polls == 5:
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    w.probe.on_poll = flood
+    before = signal.getsignal(signal.SIGINT)
+    w.tracer.start()
+    w.tracer.run()
+    took = time.monotonic() - sent[0]
+    assert took < 10, took
+    assert w.sink.records[-1]["type"] == "summary"
+    assert len(w.of("transition")) >= 10_000
+    assert w.probe.closed and w.sink.closed
+    assert signal.getsignal(signal.SIGINT) is before    # handlers given back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_run_ends_with_summary_on_sigterm_and_sighup(tmp_path, sig):
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+
+    def kill_later(probe):
+        if probe.polls == 3:
+            os.kill(os.getpid(), sig)
+
+    w.probe.on_poll = kill_later
+    w.tracer.start()
+    w.tracer.run()
+    summary = w.sink.records[-1]
+    assert summary["type"] == "summary" and len(summary["still_lingering"]) == 1
+
+
+def test_a_stop_signal_right_after_the_banner_still_gives_a_summary(tmp_path):
+    """The start record is the banner: from then on SIGTERM must not kill
+    the process before run() starts (the default action would)."""
+    w = World(tmp_path)
+    w.tracer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    w.tracer.run()
+    assert [r["type"] for r in w.sink.records] == ["start", "summary"]
+
+
+def test_transitions_with_a_holder_filter_name_a_matching_task(tmp_path):
+    w = World(tmp_path, all_transitions=True, holder_filter=HolderFilter(comms=("srv",)))
+    w.tracer.start()
+    for pid, comm in ((5, "srv"), (6, "other")):
+        # CLOSE_WAIT -> LAST_ACK runs in the holder's close(): the task is named
+        w.probe.events.append(KernelEvent(kind=KIND_TRANSITION, ts_ns=w.clock.ns, skaddr=pid,
+                                          duration_ns=10, pid=pid, tid=pid, comm=comm,
+                                          endpoints=endpoints(40000 + pid),
+                                          oldstate=tcpstates.CLOSE_WAIT,
+                                          newstate=tcpstates.LAST_ACK))
+    w.probe.transition(endpoints(40009))      # softirq: no task, so no match
+    w.step()
+    assert [r["task"]["comm"] for r in w.of("transition")] == ["srv"]
+
+
+def test_idle_ticks_do_not_reread_the_histogram(tmp_path):
+    w = one_reported_socket(tmp_path)
+    reads = []
+    histogram = w.probe.histogram
+    w.probe.histogram = lambda: reads.append(1) or histogram()
+    w.step()
+    w.step()
+    assert reads == []
+    w.probe.leave(0xA, pid=100, comm="srv")
+    w.step()
+    assert len(reads) == 1 and sum(w.sink.views[-1].histogram) == 1
