@@ -59,14 +59,24 @@ def ownership_fields(own) -> dict:
             "listener": listener, "also_in_netns": list(own.other_netns)}
 
 
+def age_fields(lingerer, age_ns: int) -> dict:
+    """age_s and how it was obtained (ages.py): traced, estimated (with its
+    upper bound age_max_s) or lower_bound."""
+    source = lingerer.age_source
+    enter_max_ns = lingerer.enter_max_ns
+    age_max_ns = None if enter_max_ns is None else age_ns + (lingerer.enter_ns - enter_max_ns)
+    return {"age_s": round(age_ns / 1e9, 6), "age_source": source,
+            "age_max_s": None if age_max_ns is None else round(age_max_ns / 1e9, 6),
+            "age_is_lower_bound": source == "lower_bound"}
+
+
 def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> dict:
     """update: the socket was reported before; its holders' state changed and
     this is its new diagnosis."""
     rec = _base("linger", ts)
     rec.update(endpoint_fields(lingerer.endpoints))
+    rec.update(age_fields(lingerer, age_ns))
     rec.update({
-        "age_s": round(age_ns / 1e9, 6),
-        "age_is_lower_bound": lingerer.pre_existing,
         "pre_existing": lingerer.pre_existing,
         "update": update,
         # The kernel's socket address stays inside the tool: written out it
@@ -83,9 +93,8 @@ def lingering_entry(lingerer, age_ns: int) -> dict:
     record already carried). Small, because there may be 100,000 of them."""
     own = lingerer.ownership
     entry = endpoint_fields(lingerer.endpoints)
+    entry.update(age_fields(lingerer, age_ns))
     entry.update({
-        "age_s": round(age_ns / 1e9, 6),
-        "age_is_lower_bound": lingerer.pre_existing,
         "owner_kind": own.kind if own is not None else None,
         "owners": [{"pid": h.pid, "comm": h.comm, "fd": h.fd, "state": h.state}
                    for h in own.holders] if own is not None else [],
@@ -110,6 +119,9 @@ def closed(c, ts: float) -> dict:
     rec.update({
         "duration_s": round(c.duration_ns / 1e9, 6),
         "duration_is_lower_bound": c.duration_is_lower_bound,
+        "duration_source": c.duration_source,
+        "duration_max_s": (None if c.duration_max_ns is None
+                           else round(c.duration_max_ns / 1e9, 6)),
         "how": c.how,
         "newstate": tcpstates.name(c.newstate),
         "closed_by": None if c.closer is None else {"pid": c.closer[0], "comm": c.closer[1]},

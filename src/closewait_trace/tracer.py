@@ -80,7 +80,7 @@ class LiveTracer:
         self.probe.start(self._on_event)
         self.start_ns = kernel_clock_ns(self.probe.boot_clock)
         self.started_ts = time.time()
-        snapshot = [row.endpoints for _ns, row in owners.snapshot_close_wait(self.proc)
+        snapshot = [row for _ns, row in owners.snapshot_close_wait(self.proc)
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
