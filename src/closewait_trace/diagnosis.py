@@ -323,7 +323,7 @@ MAX_STACKS = 4
 MAX_THREADS = 16
 
 
-def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
+def _threads(pid: int, proc: str, machine: str, stacks_wanted: bool = True) -> list[ThreadEvidence]:
     out = []
     stacks = 0
     names = [n for n in procfs.list_dir(f"{proc}/{pid}/task") if n.isdigit()]
@@ -349,7 +349,8 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
                 if thread.syscall_fd is not None:
                     thread.syscall_fd_target = procfs.read_link(
                         f"{proc}/{pid}/fd/{thread.syscall_fd}") or ""
-                if thread.state in ("S", "D") and stacks < MAX_STACKS and machine == "x86_64":
+                if (stacks_wanted and thread.state in ("S", "D") and stacks < MAX_STACKS
+                        and machine == "x86_64"):
                     stacks += 1
                     thread.stack = symbolize.user_stack(pid, thread.tid, proc)
         out.append(thread)
@@ -358,7 +359,7 @@ def _threads(pid: int, proc: str, machine: str) -> list[ThreadEvidence]:
 
 def holder_evidence(holder, proc: str, machine: str,
                     listener_pids: frozenset = frozenset(), cache: Optional[dict] = None,
-                    fd_flags: bool = True) -> HolderEvidence:
+                    fd_flags: bool = True, stacks: bool = True) -> HolderEvidence:
     """Evidence for one holder. What is about the process, not the fd
     (threads, stacks, identity), is read once per batch through cache."""
     per_process = cache.get(holder.pid) if cache is not None else None
@@ -369,7 +370,7 @@ def holder_evidence(holder, proc: str, machine: str,
             tracer_comm = tracer.comm if tracer else ""
         per_process = {"exiting": _exiting(holder.pid, proc),
                        "tracer_comm": tracer_comm,
-                       "threads": _threads(holder.pid, proc, machine),
+                       "threads": _threads(holder.pid, proc, machine, stacks),
                        "threads_total": len([n for n in procfs.list_dir(
                            f"{proc}/{holder.pid}/task") if n.isdigit()]),
                        "identity": identity.of_process(holder.pid, holder.uid, proc),
@@ -398,12 +399,14 @@ def process_evidence(cache: dict) -> list[dict]:
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
-           cache: Optional[dict] = None) -> Diagnosis:
+           cache: Optional[dict] = None, stacks: bool = True) -> Diagnosis:
     """Collect the evidence for one socket's owners from /proc, then decide.
-    Pass the same cache for every socket of one batch."""
+    Pass the same cache for every socket of one batch. stacks=False skips
+    the user stacks (symbolizing costs seconds per binary on first use)."""
     machine = machine or platform.machine()
     listener_pids = frozenset(h.pid for h in own.listener_holders)
-    holders = [holder_evidence(h, proc, machine, listener_pids, cache) for h in own.holders]
+    holders = [holder_evidence(h, proc, machine, listener_pids, cache, stacks=stacks)
+               for h in own.holders]
     # The listener's holders are named with their state; the flags of their
     # fd on the listener do not matter here, so one object per process serves
     # every socket queued on or accepted from that listener.
@@ -412,7 +415,7 @@ def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = Non
         key = ("listener", h.pid, h.fd)
         ev = cache.get(key) if cache is not None else None
         if ev is None:
-            ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
+            ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False, stacks=stacks)
             if cache is not None:
                 cache[key] = ev
         listeners.append(ev)

@@ -11,6 +11,7 @@ namespace it is created on a short-lived thread that setns()es there first
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -70,29 +71,34 @@ def tcp_info_times(tcp_info: bytes) -> tuple[Optional[int], Optional[int]]:
     return field(TCPI_LAST_ACK_RECV), field(TCPI_LAST_DATA_RECV)
 
 
-def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    """The rtattrs between start and end: type -> payload. A length that
-    points outside the message ends the walk (what was read is kept)."""
-    found: dict[int, bytes] = {}
+def _attribute(data: bytes, start: int, end: int, wanted: int) -> Optional[bytes]:
+    """The payload of the first rtattr of type wanted between start and end.
+    A length that points outside the message ends the walk."""
     pos = start
     while pos + _RTATTR.size <= end:
         length, kind = _RTATTR.unpack_from(data, pos)
         if length < _RTATTR.size or pos + length > end:
-            break
-        found.setdefault(kind & NLA_TYPE_MASK, data[pos + _RTATTR.size:pos + length])
+            return None
+        if kind & NLA_TYPE_MASK == wanted:
+            return data[pos + _RTATTR.size:pos + length]
         pos += (length + 3) & ~3
-    return found
+    return None
+
+
+# Most sockets share a handful of local and remote addresses; formatting one
+# through ipaddress costs more than the rest of a row (bounded cache).
+_address = functools.lru_cache(maxsize=4096)(format_address)
 
 
 def _row(data: bytes, offset: int, end: int) -> TcpRow:
     (family, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
      _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset)
-    info = _attributes(data, offset + _MSG.size, end).get(INET_DIAG_INFO)
+    info = _attribute(data, offset + _MSG.size, end, INET_DIAG_INFO)
     last_ack, last_data = tcp_info_times(info) if info is not None else (None, None)
     return TcpRow(
-        endpoints=Endpoints(family=family, laddr=format_address(family, src),
+        endpoints=Endpoints(family=family, laddr=_address(family, src),
                             lport=int.from_bytes(sport, "big"),
-                            raddr=format_address(family, dst),
+                            raddr=_address(family, dst),
                             rport=int.from_bytes(dport, "big")),
         state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode,
         last_ack_recv_ms=last_ack, last_data_recv_ms=last_data)
