@@ -195,6 +195,8 @@ class LiveTracer:
             self.watch(l)
             ready.append(l)
         self.emit_processes(evidence_cache)
+        # Ages as of the record's ts: resolving can take seconds.
+        now_ns = kernel_clock_ns(self.probe.boot_clock)
         for l in ready:
             self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns)))
@@ -255,6 +257,7 @@ class LiveTracer:
                 updated.append(l)
         if updated:
             self.emit_processes(evidence_cache)
+        now_ns = kernel_clock_ns(self.probe.boot_clock)   # ages as of the record's ts
         for l in updated:
             self.change_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=True))
