@@ -28,6 +28,7 @@ Examples:
   closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MB max
   closewait-trace -r cw.jsonl --comm java       # replay, no root needed
   closewait-trace report cw.jsonl  # postmortem: who, how many, how long
+  closewait-trace snapshot         # what is in CLOSE_WAIT now (no BPF needed)
 """
 
 
@@ -297,7 +298,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line: the live tail's process and linger records.")
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
-@click.option("-v", "--verbose", is_flag=True, help="Show the evidence for each diagnosis.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show the evidence for each diagnosis, with the holders' user stacks.")
 def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose):
     """Every socket in CLOSE_WAIT right now, oldest first: its age (estimated
     from the kernel's tcp_info: ~ estimated, >= at least), every process

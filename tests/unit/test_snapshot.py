@@ -194,3 +194,20 @@ def test_snapshot_works_with_bcc_unimportable():
     finally:
         held.close()
         srv.close()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-4", "-6"], "-4 and -6 exclude each other"),
+    (["-t", "soon"], "--min-age"),
+    (["-p", "70000"], "not a port number"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, needle):
+    out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot"] + args,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_min_age_zero_is_accepted():
+    out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "-t", "0",
+                          "-p", "1", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == ""
