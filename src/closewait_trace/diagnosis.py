@@ -378,7 +378,8 @@ def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
 
 
 def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str,
-                           budget: symbolize.Budget) -> ProcessEvidence:
+                           budget: Optional[symbolize.Budget]) -> ProcessEvidence:
+    """budget None: no user stacks."""
     ev = ProcessEvidence(pid=snap.pid, exiting=snap.exiting)
     if snap.tracer_pid:
         try:
@@ -415,7 +416,8 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
             thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
             if thread is None:
                 continue
-            if thread.state in ("S", "D") and thread.syscall is not None and stacks < MAX_STACKS:
+            if (budget is not None and thread.state in ("S", "D")
+                    and thread.syscall is not None and stacks < MAX_STACKS):
                 stacks += 1
                 # The unwinder starts from the registers of the syscall
                 # line read above, not from a reread; it is chosen (or
@@ -450,6 +452,9 @@ class Batch:
     read once, and one time budget for symbolizing their stacks."""
     processes: dict = field(default_factory=dict)    # pid -> ProcessEvidence
     budget: symbolize.Budget = field(default_factory=symbolize.Budget)
+    # Unwinding user stacks costs seconds per binary on first use: a quick
+    # look (snapshot without -v) goes without them.
+    stacks: bool = True
 
 
 def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -> ProcessEvidence:
@@ -466,7 +471,8 @@ def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -
                 unreadable = "permission denied"
             except procfs.ProcError:
                 unreadable = "gone"
-        ev = (_read_process_evidence(snap, proc, machine, cache.budget)
+        ev = (_read_process_evidence(snap, proc, machine,
+                                     cache.budget if cache.stacks else None)
               if snap is not None
               else ProcessEvidence(pid=holder.pid, unreadable=unreadable))
         cache.processes[holder.pid] = ev

@@ -8,23 +8,22 @@ unless kptr_restrict allows, so addresses are what we match on).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import os
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
-from closewait_trace import procfs
+from closewait_trace import procfs, sockdiag
 from closewait_trace.events import Endpoints, format_address
+from closewait_trace.tcprow import TcpRow
 
+__all__ = ["TcpRow", "parse_tcp_table", "network_namespaces", "tcp_rows", "is_procfs",
+           "one_read_per_namespace"]
 
-@dataclass(frozen=True, slots=True)
-class TcpRow:
-    endpoints: Endpoints
-    state: int
-    tx_queue: int       # LISTEN: the backlog limit (sock_diag only; 0 from /proc)
-    rx_queue: int       # unread bytes + FIN; LISTEN: connections awaiting accept()
-    uid: int
-    inode: int          # 0 while still in a listener's accept queue
+PROC_SUPER_MAGIC = 0x9FA0
 
 
 def _decode_hex_address(text: str) -> bytes:
@@ -90,13 +89,57 @@ def _own_netns() -> Optional[int]:
     return procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
 
 
+@functools.lru_cache(maxsize=8)
+def is_procfs(path: str) -> bool:
+    """Whether path is a mounted procfs (statfs says so), wherever it is
+    mounted (/proc, a container's /host/proc): only then do its pids and
+    namespace links name this kernel's processes, so that sock_diag, which
+    asks the kernel directly, answers about the same sockets. Anything else
+    (a copied or crafted tree) is read as files."""
+    buf = ctypes.create_string_buffer(256)      # struct statfs is 120 bytes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == PROC_SUPER_MAGIC   # f_type comes first
+
+
+# (proc, netns inode) -> (states read, rows), inside one_read_per_namespace()
+_reused: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def one_read_per_namespace() -> Iterator[None]:
+    """Within this block, a namespace's table read once answers every later
+    request for the same states or fewer, whichever module asks: a
+    snapshot reads each namespace once (rows as of that read)."""
+    global _reused
+    outer, _reused = _reused, {} if _reused is None else _reused
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
 def tcp_rows(pid: int, proc: str = procfs.PROC,
              states: Optional[Iterable[int]] = None) -> list[TcpRow]:
     """The TCP sockets of the network namespace that pid lives in: from
-    sock_diag when this is the real /proc (filtered by state in the kernel,
-    listeners with their backlog), else parsed from /proc/PID/net/tcp*."""
-    if proc == procfs.PROC and states is not None:
-        from closewait_trace import sockdiag
+    sock_diag when proc is a real procfs (filtered by state in the kernel,
+    listeners with their backlog, tcp_info times), else parsed from
+    /proc/PID/net/tcp*."""
+    if _reused is None or states is None:
+        return _read_rows(pid, proc, states)
+    wanted = frozenset(states)
+    key = (proc, procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net")) or ("pid", pid))
+    known = _reused.get(key)
+    if known is not None and wanted <= known[0]:
+        return [row for row in known[1] if row.state in wanted]
+    rows = _read_rows(pid, proc, wanted)
+    _reused[key] = (wanted, rows)
+    return rows
+
+
+def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]]) -> list[TcpRow]:
+    if states is not None and is_procfs(proc):
         ns_link = f"{proc}/{pid}/ns/net"
         same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
         try:

@@ -11,6 +11,7 @@ namespace it is created on a short-lived thread that setns()es there first
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ import threading
 from typing import Iterable, Optional
 
 from closewait_trace.events import Endpoints, format_address
-from closewait_trace.procnet import TcpRow
+from closewait_trace.tcprow import TcpRow
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -27,6 +28,10 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 CLONE_NEWNET = 0x40000000
+# Extensions asked for in the same dump: INET_DIAG_INFO (struct tcp_info)
+# carries the times since the last ACK and the last data were received.
+INET_DIAG_INFO = 2
+NLA_TYPE_MASK = 0x3FFF       # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
@@ -34,40 +39,97 @@ _REQ = struct.Struct("=BBBBI48x")
 # inet_diag_msg: family, state, timer, retrans, sockid (sport, dport big
 # endian, src[16], dst[16], if, cookie[2]), expires, rqueue, wqueue, uid, inode
 _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+_RTATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+# struct tcp_info (include/uapi/linux/tcp.h) begins with eight u8 fields,
+# then u32s; these two sit at the same offsets since Linux 2.6. A kernel may
+# send a shorter struct than ours (older) or a longer one (newer): each
+# field is read only when the attribute is long enough to hold it.
+TCPI_LAST_DATA_RECV = 52
+TCPI_LAST_ACK_RECV = 56
 
 
-def build_request(family: int, states: Iterable[int], seq: int = 1) -> bytes:
+def build_request(family: int, states: Iterable[int], seq: int = 1,
+                  with_info: bool = True) -> bytes:
     mask = 0
     for state in states:
         mask |= 1 << state
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, mask)
+    ext = 1 << (INET_DIAG_INFO - 1) if with_info else 0
+    body = _REQ.pack(family, socket.IPPROTO_TCP, ext, 0, mask)
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                             NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
 
 
+def tcp_info_times(tcp_info: bytes) -> tuple[Optional[int], Optional[int]]:
+    """(tcpi_last_ack_recv, tcpi_last_data_recv) in ms from a struct tcp_info
+    of any length; None for a field the struct is too short to hold."""
+    def field(offset: int) -> Optional[int]:
+        if len(tcp_info) < offset + _U32.size:
+            return None
+        return _U32.unpack_from(tcp_info, offset)[0]
+    return field(TCPI_LAST_ACK_RECV), field(TCPI_LAST_DATA_RECV)
+
+
+def _attribute(data: bytes, start: int, end: int, wanted: int) -> Optional[bytes]:
+    """The payload of the first rtattr of type wanted between start and end.
+    A length that points outside the message ends the walk."""
+    pos = start
+    while pos + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, pos)
+        if length < _RTATTR.size or pos + length > end:
+            return None
+        if kind & NLA_TYPE_MASK == wanted:
+            return data[pos + _RTATTR.size:pos + length]
+        pos += (length + 3) & ~3
+    return None
+
+
+# Most sockets share a handful of local and remote addresses; formatting one
+# through ipaddress costs more than the rest of a row (bounded cache).
+_address = functools.lru_cache(maxsize=4096)(format_address)
+
+
+def _row(data: bytes, offset: int, end: int) -> TcpRow:
+    (family, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
+     _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset)
+    info = _attribute(data, offset + _MSG.size, end, INET_DIAG_INFO)
+    last_ack, last_data = tcp_info_times(info) if info is not None else (None, None)
+    return TcpRow(
+        endpoints=Endpoints(family=family, laddr=_address(family, src),
+                            lport=int.from_bytes(sport, "big"),
+                            raddr=_address(family, dst),
+                            rport=int.from_bytes(dport, "big")),
+        state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode,
+        last_ack_recv_ms=last_ack, last_data_recv_ms=last_data)
+
+
 def parse_messages(data: bytes) -> tuple[list[TcpRow], bool]:
-    """Rows in one netlink read, and whether the dump is finished."""
+    """Rows in one netlink read, and whether the dump is finished.
+
+    Every length is checked against the buffer before it is used: a message
+    whose length does not fit ends this read's parsing (the next message's
+    start cannot be known); one too short for its type, or of an address
+    family other than IPv4/IPv6, is skipped. The kernel's own error reply is raised as
+    OSError (the caller falls back to /proc); nothing else escapes."""
     rows: list[TcpRow] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return rows, True
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            break
+        body = offset + _NLMSGHDR.size
+        end = offset + length
         if kind == NLMSG_DONE:
             return rows, True
         if kind == NLMSG_ERROR:
-            (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-            raise OSError(-errno, os.strerror(-errno) if errno else "netlink error")
-        if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _MSG.size:
-            (family, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
-             _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset + _NLMSGHDR.size)
-            rows.append(TcpRow(
-                endpoints=Endpoints(family=family, laddr=format_address(family, src),
-                                    lport=int.from_bytes(sport, "big"),
-                                    raddr=format_address(family, dst),
-                                    rport=int.from_bytes(dport, "big")),
-                state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode))
+            errno = struct.unpack_from("=i", data, body)[0] if end - body >= 4 else -71  # EPROTO
+            if errno:
+                raise OSError(-errno, os.strerror(-errno))
+            # errno 0 is an acknowledgement, not an error
+        elif (kind == SOCK_DIAG_BY_FAMILY and end - body >= _MSG.size
+              and data[body] in (socket.AF_INET, socket.AF_INET6)):
+            rows.append(_row(data, body, end))
         offset += (length + 3) & ~3
     return rows, False
 
@@ -77,7 +139,10 @@ def _dump(sock: socket.socket, states: Iterable[int]) -> list[TcpRow]:
     for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
         sock.send(build_request(family, states, seq))
         while True:
-            batch, done = parse_messages(sock.recv(1 << 20))
+            data = sock.recv(1 << 20)
+            if not data:
+                raise OSError("sock_diag: the netlink socket returned nothing")
+            batch, done = parse_messages(data)
             rows.extend(batch)
             if done:
                 break

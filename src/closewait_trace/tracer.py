@@ -151,7 +151,7 @@ class LiveTracer:
                                    for sig in STOP_SIGNALS}
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
-        snapshot = [row.endpoints for _ns, row in self.resolver.snapshot_close_wait()
+        snapshot = [row for _ns, row in self.resolver.snapshot_close_wait()
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
@@ -317,6 +317,7 @@ class LiveTracer:
         if shown or not update:
             for evidence in self.resolver.process_records(evidence_cache):
                 self.emit(records.process(time.time(), evidence))
+        now_ns = self.now_ns()      # ages as of the record's ts: resolving can take seconds
         for l in shown:
             if update:
                 self.change_lines += 1

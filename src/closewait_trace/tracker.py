@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
-from closewait_trace import tcpstates
+from closewait_trace import ages, tcpstates
 from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
+from closewait_trace.tcprow import TcpRow
 
 # How long a reported socket that vanished from the map is remembered, waiting
 # for its CLOSED event (submitted just before the kernel deletes the entry).
@@ -23,17 +24,17 @@ DEPARTED_GRACE_NS = 5_000_000_000
 @dataclass(slots=True)
 class Lingerer:
     endpoints: Endpoints
-    enter_ns: int               # for a pre-existing socket: when tracing began
+    enter_ns: int               # pre-existing: estimated from tcp_info, else when tracing began
     skaddr: Optional[int]       # None for pre-existing sockets (unknown)
     pre_existing: bool = False
     reported: bool = False
     ownership: object = None    # owners.Ownership once resolved
     diagnosis: object = None    # diagnosis.Diagnosis once resolved
     left_ns: Optional[int] = None
-    # How the age is known (schema.AgeSource): traced by the kernel program,
+    # How the age is known (ages.py): traced by the kernel program,
     # estimated from tcp_info, or a lower bound counted from the trace's start.
-    age_source: str = "traced"
-    enter_max_ns: Optional[int] = None   # estimated: the earliest it can have entered
+    age_source: str = ages.TRACED
+    enter_max_ns: Optional[int] = None  # estimated: the earliest it can have entered
     # Failed owner lookups so far: kept on the socket, so the count is
     # forgotten with it (a count kept apart outlived sockets that left).
     resolve_attempts: int = 0
@@ -41,6 +42,12 @@ class Lingerer:
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
+
+    def age_max_ns(self, now_ns: int) -> Optional[int]:
+        """The upper bound of an estimated age (None otherwise)."""
+        if self.enter_max_ns is None:
+            return None
+        return max(0, now_ns - self.enter_max_ns)
 
     @property
     def holder_pids(self) -> set[int]:
@@ -52,7 +59,7 @@ class Closed:
     endpoints: Endpoints
     ts_ns: int
     duration_ns: int
-    duration_is_lower_bound: bool
+    duration_is_lower_bound: bool   # duration_source == lower_bound
     how: str                      # close | abort | reset | unknown
     closer: Optional[tuple[int, str]]   # (pid, comm) when attributable
     cpu_task: tuple[int, str]     # whatever task the tracepoint ran on
@@ -60,8 +67,8 @@ class Closed:
     pre_existing: bool
     reported: bool
     lingerer: Optional[Lingerer] = None
-    duration_source: str = "traced"      # as Lingerer.age_source
-    duration_max_ns: Optional[int] = None
+    duration_source: str = ages.TRACED   # as Lingerer.age_source
+    duration_max_ns: Optional[int] = None   # estimated: the upper bound
 
 
 def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
@@ -93,17 +100,26 @@ class Tracker:
     # tick costs nothing per socket already reported.
     pending: dict[int, Lingerer] = field(default_factory=dict)
 
-    def seed(self, already_in_close_wait: Iterable[Endpoints],
-             tracked: Iterable[TrackedSocket]) -> int:
-        """Sockets found in CLOSE_WAIT at start-up, minus those the kernel
-        program saw enter it (they raced the attach and are tracked already),
-        so none is missed and none is reported twice."""
+    def seed(self, already_in_close_wait: Iterable[TcpRow],
+             tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None) -> int:
+        """Sockets found in CLOSE_WAIT at start-up (rows of the sock_diag dump
+        with their tcp_info times, read at observed_ns, default start_ns),
+        minus those the kernel program saw enter it (they raced the attach
+        and are tracked already), so none is missed and none is reported
+        twice. Each gets an age estimated from tcp_info (ages.py): those
+        already past the threshold are due at the first tick."""
+        observed_ns = self.start_ns if observed_ns is None else observed_ns
         tracked_endpoints = {t.endpoints for t in tracked}
-        for endpoints in already_in_close_wait:
+        for row in already_in_close_wait:
+            endpoints = row.endpoints
             if endpoints in tracked_endpoints or endpoints in self.pre_existing:
                 continue
-            l = Lingerer(endpoints=endpoints, enter_ns=self.start_ns, skaddr=None,
-                         pre_existing=True, age_source="lower_bound")
+            est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns)
+            # Without tcp_info all we know is that it was there at start.
+            enter_ns = min(est.enter_ns, self.start_ns)
+            l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
+                         pre_existing=True, age_source=est.source,
+                         enter_max_ns=est.enter_max_ns)
             self.pre_existing[endpoints] = l
             self.pending[id(l)] = l
         return len(self.pre_existing)
@@ -181,26 +197,28 @@ class Tracker:
                 self.pending.pop(id(l), None)
                 if l.endpoints != ev.endpoints:
                     l = None
-            return self._closed(ev, l, ev.duration_ns, False)
+            return self._closed(ev, l, ev.duration_ns)
         if ev.kind == KIND_UNTRACKED_EXIT:
             l = self.pre_existing.pop(ev.endpoints, None)
             if l is None:
                 return None      # counted by the kernel as exit_untracked
             self.pending.pop(id(l), None)
-            lower_bound = max(0, ev.ts_ns - self.start_ns)
-            if not l.reported and lower_bound < self.threshold_ns:
+            # Its age at start (estimated, or the time since start as a
+            # lower bound) plus the time traced since.
+            duration = l.age_ns(ev.ts_ns)
+            if not l.reported and duration < self.threshold_ns:
                 return None
-            return self._closed(ev, l, lower_bound, True)
+            return self._closed(ev, l, duration, l.age_source, l.age_max_ns(ev.ts_ns))
         return None
 
     def _closed(self, ev: KernelEvent, l: Optional[Lingerer], duration_ns: int,
-                lower_bound: bool) -> Closed:
+                source: str = ages.TRACED, duration_max_ns: Optional[int] = None) -> Closed:
         holders = l.holder_pids if l else set()
         how = attribute_close(ev.newstate, ev.pid, holders)
         closer = (ev.pid, ev.comm) if how in ("close", "abort") else None
         return Closed(endpoints=ev.endpoints, ts_ns=ev.ts_ns, duration_ns=duration_ns,
-                      duration_is_lower_bound=lower_bound,
-                      duration_source="lower_bound" if lower_bound else "traced", how=how, closer=closer,
-                      cpu_task=(ev.pid, ev.comm), newstate=ev.newstate,
+                      duration_is_lower_bound=source == ages.LOWER_BOUND, how=how,
+                      closer=closer, cpu_task=(ev.pid, ev.comm), newstate=ev.newstate,
                       pre_existing=bool(l and l.pre_existing),
-                      reported=bool(l and l.reported), lingerer=l)
+                      reported=bool(l and l.reported), lingerer=l,
+                      duration_source=source, duration_max_ns=duration_max_ns)

@@ -4,6 +4,7 @@ from closewait_trace import tcpstates
 from closewait_trace.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
 from closewait_trace.owners import OWNER_FD, Holder, Ownership
+from closewait_trace.tcprow import TcpRow
 from closewait_trace.tracker import Tracker, attribute_close
 
 S = 1_000_000_000
@@ -11,6 +12,11 @@ S = 1_000_000_000
 
 def ep(rport):
     return Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", rport)
+
+
+def row(rport):
+    """A start-up dump row without tcp_info (as read from /proc)."""
+    return TcpRow(ep(rport), tcpstates.CLOSE_WAIT, 0, 1, 0, 1000 + rport)
 
 
 def tracked(skaddr, enter, rport):
@@ -42,7 +48,7 @@ def test_reused_socket_address_is_a_new_socket():
 
 def test_seed_skips_sockets_already_tracked():
     t = Tracker(threshold_ns=S, start_ns=100 * S)
-    count = t.seed([ep(1), ep(2), ep(3)], [tracked(9, 100 * S, 2)])
+    count = t.seed([row(1), row(2), row(3)], [tracked(9, 100 * S, 2)])
     assert count == 2
     due = t.sync([tracked(9, 100 * S, 2)], 101 * S)
     pre = sorted(l.endpoints.rport for l in due if l.pre_existing)
@@ -73,7 +79,7 @@ def test_reset_in_softirq_is_not_attributed():
 
 def test_untracked_exit_of_pre_existing_gives_lower_bound():
     t = Tracker(threshold_ns=S, start_ns=100 * S)
-    t.seed([ep(1), ep(2)], [])
+    t.seed([row(1), row(2)], [])
     for l in t.sync([], 102 * S):
         t.mark_reported(l)
     c = t.on_event(event(KIND_UNTRACKED_EXIT, 5, 1, 105 * S))
@@ -84,7 +90,7 @@ def test_untracked_exit_of_pre_existing_gives_lower_bound():
 
 def test_pre_existing_closing_before_threshold_is_not_reported():
     t = Tracker(threshold_ns=10 * S, start_ns=100 * S)
-    t.seed([ep(1)], [])
+    t.seed([row(1)], [])
     assert t.on_event(event(KIND_UNTRACKED_EXIT, 5, 1, 101 * S)) is None
 
 

@@ -1,0 +1,172 @@
+"""`closewait-trace snapshot`: every socket in CLOSE_WAIT right now, with its
+estimated age, every holder and the diagnosis; then exit.
+
+sock_diag and /proc only: no BPF, no bcc, no kernel headers, so it works
+where the live tracer cannot start (and nothing here may import bcc, even
+indirectly). The ages come from tcp_info exactly as the live tracer's
+start-up does (tracker.seed and ages.py): a snapshot is the live tracer's
+first tick without the kernel program. The records are the live tail's
+`process` and `linger` records, oldest socket first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from closewait_trace import ages, diagnosis, owners, procfs, procnet, records, tcpstates
+from closewait_trace.durations import format_age
+from closewait_trace.filters import SocketFilter
+from closewait_trace.tracker import Lingerer, Tracker
+
+
+def now_ns() -> int:
+    # The clock tcp_info's times are measured against does not matter (they
+    # are durations); CLOCK_BOOTTIME starts at boot, which ages.py uses to
+    # tell whether the kernel's u32 ms counters can have wrapped.
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+@dataclass
+class Snapshot:
+    lingering: list[Lingerer]              # oldest first, resolved and diagnosed
+    process_evidence: list[dict]           # one per holder process looked at
+    taken_ns: int                          # kernel clock when the ages were read
+    hidden: int = 0                        # not root: holders we may not see
+    left: int = 0                          # left CLOSE_WAIT while we looked
+
+    def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
+        """process records, then one linger record per socket, oldest first
+        (the order the live tail writes them in)."""
+        ts = time.time() if ts is None else ts
+        at_ns = now_ns() if at_ns is None else at_ns
+        out = [records.process(ts, ev) for ev in self.process_evidence]
+        out.extend(records.linger(l, ts, l.age_ns(at_ns)) for l in self.lingering)
+        return out
+
+
+def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
+         proc: str = procfs.PROC, as_root: Optional[bool] = None,
+         stacks: bool = False) -> Snapshot:
+    """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
+    namespace, with tcp_info), estimate their ages, keep those at least
+    min_age_ns old, and resolve and diagnose them in one batch. User stacks
+    only when asked (-v): symbolizing a binary the first time costs seconds,
+    and a snapshot is a new process every time."""
+    as_root = os.geteuid() == 0 if as_root is None else as_root
+    with procnet.one_read_per_namespace():
+        # One dump per namespace, with the listeners that owners.resolve
+        # needs next, so that it asks the kernel nothing more.
+        rows = []
+        for _netns, pid in procnet.network_namespaces(proc).items():
+            rows.extend(row for row in procnet.tcp_rows(
+                pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
+                if row.state == tcpstates.CLOSE_WAIT and socket_filter.matches(row.endpoints))
+        taken = now_ns()
+        tracker = Tracker(threshold_ns=min_age_ns, start_ns=taken)
+        tracker.seed(rows, [], observed_ns=taken)
+        # A socket without tcp_info is "at least 0 s" old: it is shown only
+        # when no minimum age was asked for.
+        candidates = tracker.due(taken)
+        resolved = owners.resolve([l.endpoints for l in candidates], proc)
+    cache = diagnosis.Batch(stacks=stacks)
+    kept: list[Lingerer] = []
+    hidden = left = 0
+    for l in sorted(candidates, key=_oldest_first):
+        own = resolved.get(l.endpoints)
+        if own is None or own.kind == owners.OWNER_GONE:
+            left += 1              # closed between the dump and the lookup
+            continue
+        if own.kind == owners.OWNER_NONE and not as_root:
+            # Its holder is most likely a process of another user, whose fds
+            # we may not read: saying "no holder" would be false.
+            hidden += 1
+            continue
+        l.ownership = own
+        l.diagnosis = diagnosis.gather(own, proc, cache=cache)
+        kept.append(l)
+    return Snapshot(lingering=kept, process_evidence=diagnosis.process_evidence(cache),
+                    taken_ns=taken, hidden=hidden, left=left)
+
+
+def _oldest_first(l: Lingerer) -> tuple:
+    ep = l.endpoints
+    return (l.enter_ns, ep.family, ep.laddr, ep.lport, ep.raddr, ep.rport)
+
+
+# ------------------------------------------------------------------- text
+
+def age_text(age_s: float, source: str) -> str:
+    mark = {ages.ESTIMATED: "~", ages.LOWER_BOUND: ">="}.get(source, "")
+    return mark + format_age(int(age_s * 1e9))
+
+
+@dataclass
+class HolderGroup:
+    label: str
+    count: int = 0
+    oldest_s: float = 0.0
+    oldest_source: str = ages.TRACED
+    causes: dict = field(default_factory=dict)   # cause -> count
+
+
+def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
+    """The footer: sockets grouped by holder process (a socket held by two
+    processes counts for both), then those with no holder we can name;
+    biggest group first. 10,000 sockets of one process are one line."""
+    groups: dict[tuple, HolderGroup] = {}
+    for rec in linger_records:
+        keys = [(("pid", o["pid"]), f"{o['pid']}/{o['comm']} [{o['state']}]")
+                for o in {o["pid"]: o for o in rec.get("owners") or []}.values()]
+        if not keys:
+            if rec.get("owner_kind") == owners.OWNER_ACCEPT_QUEUE:
+                listener = rec.get("listener") or {}
+                pids = ",".join(f"{o['pid']}/{o['comm']}" for o in listener.get("owners") or [])
+                label = (f"(not accepted) listener {listener.get('local', '?')}"
+                         + (f" held by {pids}" if pids else ""))
+                keys = [(("listener", listener.get("local")), label)]
+            else:
+                keys = [(("none",), "(no holder)")]
+        cause = (rec.get("diagnosis") or {}).get("cause") or "-"
+        for key, label in keys:
+            g = groups.setdefault(key, HolderGroup(label))
+            g.count += 1
+            g.causes[cause] = g.causes.get(cause, 0) + 1
+            if rec["age_s"] >= g.oldest_s:
+                g.oldest_s, g.oldest_source = rec["age_s"], rec["age_source"]
+    return sorted(groups.values(), key=lambda g: (-g.count, -g.oldest_s, g.label))
+
+
+def footer_lines(linger_records: list[dict]) -> list[str]:
+    if not linger_records:
+        return []
+    lines = ["", "By holder process:"]
+    for g in holder_groups(linger_records):
+        causes = ", ".join(f"{cause} {n}" if len(g.causes) > 1 else cause
+                           for cause, n in sorted(g.causes.items(), key=lambda c: -c[1]))
+        noun = "socket" if g.count == 1 else "sockets"
+        lines.append(f"  {g.label}: {g.count} {noun}, oldest "
+                     f"{age_text(g.oldest_s, g.oldest_source)}; {causes}")
+    return lines
+
+
+def title_line(count: int, min_age_ns: int, filters_text: str) -> str:
+    what = f"{count} socket{'' if count == 1 else 's'} in CLOSE_WAIT"
+    if min_age_ns:
+        what += f" for >= {format_age(min_age_ns)}"
+    if filters_text:
+        what += f" ({filters_text})"
+    return what + (", oldest first" if count > 1 else "")
+
+
+def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
+    """For stderr: what this view leaves out."""
+    lines = []
+    if not as_root:
+        hidden = (f"; {snap.hidden} socket(s) whose holder could not be seen are not listed"
+                  if snap.hidden else "")
+        lines.append("closewait-trace: not root: other users' processes are hidden"
+                     f"{hidden}; run as root to see every holder")
+    return lines

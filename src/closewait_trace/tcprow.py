@@ -1,0 +1,24 @@
+"""One row of the kernel's TCP socket table, however it was read (sock_diag
+or /proc/PID/net/tcp*): the one definition both readers build, so neither
+reader has to import the other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from closewait_trace.events import Endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRow:
+    endpoints: Endpoints
+    state: int
+    tx_queue: int       # LISTEN: the backlog limit (sock_diag only; 0 from /proc)
+    rx_queue: int       # unread bytes + FIN; LISTEN: connections awaiting accept()
+    uid: int
+    inode: int          # 0 while still in a listener's accept queue
+    # From struct tcp_info (sock_diag INET_DIAG_INFO), milliseconds before the
+    # dump: None when the kernel gave no tcp_info (or /proc was read).
+    last_ack_recv_ms: Optional[int] = None
+    last_data_recv_ms: Optional[int] = None
