@@ -83,7 +83,7 @@ class UnsafePart(UserError):
     """A part's name is taken by something we must not write into or remove."""
 
     def __init__(self, path: str, what: str):
-        super().__init__(f"refusing to write {path}: it is {what}", EXIT_FILE,
+        super().__init__(f"refusing to write {path}: {what}", EXIT_FILE,
                          "someone else may have planted it; remove it or record "
                          "to a private directory")
 
@@ -99,9 +99,9 @@ def _check_replaceable(path: str) -> bool:
         raise UserError(f"cannot write {path}: {exc.strerror}", EXIT_FILE,
                         "check the directory exists and is writable")
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafePart(path, _kind(st.st_mode))
+        raise UnsafePart(path, f"it is {_kind(st.st_mode)}")
     if st.st_uid != os.geteuid():
-        raise UnsafePart(path, f"a file owned by uid {st.st_uid}, not by us")
+        raise UnsafePart(path, f"it is a file owned by uid {st.st_uid}, not by us")
     return True
 
 
@@ -129,7 +129,7 @@ def _create_private(path: str, replace: bool) -> int:
         if not replace:
             raise UserError(f"{path} exists", EXIT_FILE, "use --force to overwrite it")
         # Something took the name between unlink and create: never reuse it.
-        raise UnsafePart(path, "created by someone else while we replaced it")
+        raise UnsafePart(path, "its name was taken by someone else while we replaced it")
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link; refusing to write through it",
@@ -139,7 +139,7 @@ def _create_private(path: str, replace: bool) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):         # O_EXCL made it; checked anyway
-            raise UnsafePart(path, _kind(st.st_mode))
+            raise UnsafePart(path, f"it is {_kind(st.st_mode)}")
         os.set_blocking(fd, True)
         os.fchmod(fd, 0o600)     # a umask can only remove bits; keep it exactly 0600
     except BaseException:
@@ -361,7 +361,7 @@ class Recorder:
 MAX_LINE_BYTES = 8 * 1024 * 1024     # longer lines are skipped, never held whole
 READ_CHUNK = 1024 * 1024             # bytes per read(2), and per inflate step
 BARREN_LINES = 100_000               # lines in a row with nothing usable: stop
-BARREN_BYTES = 64 * 1024 * 1024      # bytes in a row with nothing usable: stop
+BARREN_BYTES = 256 * 1024 * 1024     # bytes in a row with nothing usable: stop
 MAX_PART = 2**31 - 1                 # a header's part number above this is damage
 MAX_LISTED = 20                      # skipped files / missing parts named one by one
 
@@ -504,14 +504,16 @@ def _decoded_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
                 while True:
                     if out:
                         yield out
-                    if not member.unconsumed_tail:
+                    # At a member's end the input left over stays in
+                    # unconsumed_tail (after unused_data): never loop on it.
+                    if member.eof or not member.unconsumed_tail:
                         break
                     out = member.decompress(member.unconsumed_tail, READ_CHUNK)
             except zlib.error:
                 state.damaged_gzip = True
                 return
             if member.eof:
-                data, member = member.unused_data, None
+                data, member = member.unused_data + member.unconsumed_tail, None
             else:
                 data = b""
     if between or (member is not None and not member.eof):
