@@ -68,11 +68,12 @@ class SizeType(click.ParamType):
         import re
         if isinstance(value, int):
             return value
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*", str(value))
+        # A "b" only after a unit (10MB): a bare "1000b" would read as 1000 million.
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgG])[bB]?)?\s*", str(value))
         if not m or float(m.group(1)) <= 0:
             self.fail(f"{value!r} is not a size (examples: 10 = 10 million bytes, "
                       f"500k, 10M, 1G)", param, ctx)
-        size = int(float(m.group(1)) * _SIZE[m.group(2).lower()])
+        size = int(float(m.group(1)) * _SIZE[(m.group(2) or "").lower()])
         if size < MIN_ROTATE_SIZE:
             self.fail(f"{value!r} is {size} bytes; the rotation size must be at least 1k "
                       f"({MIN_ROTATE_SIZE} bytes)", param, ctx)
