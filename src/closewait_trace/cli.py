@@ -25,7 +25,7 @@ Examples:
   closewait-trace -v               # evidence for each diagnosis, headers used
   closewait-trace --all -p 443     # every state transition on port 443
   closewait-trace -w cw.jsonl -q   # record quietly, for later
-  closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MB max
+  closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MiB max
   closewait-trace -r cw.jsonl --comm java       # replay, no root needed
   closewait-trace report cw.jsonl  # postmortem: who, how many, how long
 """
