@@ -14,16 +14,29 @@ def kernel_tests_possible() -> str:
     return ""
 
 
+def root_tests_possible() -> str:
+    """'' when tests that need root (file ownership, setpriv) can run here."""
+    if os.geteuid() != 0:
+        return "needs root (file ownership, setpriv to another user)"
+    return ""
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "root: needs root but no kernel/BPF (ownership, setpriv); "
+                   "skips without root, fails under CI=true")
+
+
 def pytest_collection_modifyitems(config, items):
-    reason = kernel_tests_possible()
-    if not reason:
-        return
+    reasons = {"kernel": kernel_tests_possible(), "root": root_tests_possible()}
     for item in items:
-        if "kernel" not in item.keywords:
+        marker = next((m for m in reasons if reasons[m] and item.get_closest_marker(m)), None)
+        if marker is None:
             continue
+        reason = reasons[marker]
         if os.environ.get("CI") == "true":
-            # Under CI a kernel test that cannot run is a failure, not a skip.
-            item.user_properties.append(("ci_unrunnable", reason))
+            # Under CI a kernel or root test that cannot run is a failure, not a skip.
+            item.user_properties.append(("ci_unrunnable", f"{marker} test: {reason}"))
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
 
@@ -32,4 +45,4 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_setup(item):
     for name, reason in item.user_properties:
         if name == "ci_unrunnable":
-            pytest.fail(f"kernel test cannot run under CI=true: {reason}", pytrace=False)
+            pytest.fail(f"cannot run under CI=true: {reason}", pytrace=False)

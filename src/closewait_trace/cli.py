@@ -27,7 +27,7 @@ Examples:
   closewait-trace -v               # evidence for each diagnosis, headers used
   closewait-trace --all -p 443     # every state transition on port 443
   closewait-trace -w cw.jsonl -q   # record quietly, for later
-  closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MB max
+  closewait-trace -w cw.jsonl.gz -C 100M -W 10  # compressed, 10 x 100 MiB max
   closewait-trace -r cw.jsonl --comm java       # replay, no root needed
   closewait-trace report cw.jsonl  # postmortem: who, how many, how long
   closewait-trace snapshot         # what is in CLOSE_WAIT now (no BPF needed)
@@ -56,21 +56,30 @@ class PortsType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-_SIZE = {"": 1_000_000, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+# tcpdump's -C units, kept exactly: a bare number is millions of bytes
+# (decimal); the k, m, g suffixes are binary (KiB, MiB, GiB).
+_SIZE = {"": 1_000_000, "k": 1024, "m": 1024**2, "g": 1024**3}
+MIN_ROTATE_SIZE = 1024
 
 
 class SizeType(click.ParamType):
-    """tcpdump's -C: a bare number is millions of bytes; 500k, 10M, 1G."""
+    """-C SIZE as tcpdump reads it: 10 = 10,000,000 bytes; 500k = 500 KiB,
+    10M = 10 MiB, 1G = 1 GiB."""
     name = "SIZE"
 
     def convert(self, value, param, ctx):
         import re
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*", str(value))
+        if isinstance(value, int):
+            return value
+        # A "b" only after a unit (10MB): a bare "1000b" would read as 1000 million.
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kKmMgG])[bB]?)?\s*", str(value))
         if not m or float(m.group(1)) <= 0:
-            self.fail(f"{value!r} is not a size (examples: 10, 500k, 10M, 1G)", param, ctx)
-        size = int(float(m.group(1)) * _SIZE[m.group(2).lower()])
-        if size < 1024:
-            self.fail("the rotation size must be at least 1k", param, ctx)
+            self.fail(f"{value!r} is not a size (examples: 10 = 10 million bytes, "
+                      f"500k, 10M, 1G)", param, ctx)
+        size = int(float(m.group(1)) * _SIZE[(m.group(2) or "").lower()])
+        if size < MIN_ROTATE_SIZE:
+            self.fail(f"{value!r} is {size} bytes; the rotation size must be at least 1k "
+                      f"({MIN_ROTATE_SIZE} bytes)", param, ctx)
         return size
 
 
@@ -217,18 +226,23 @@ def fail(err: UserError) -> None:
               help="Also stream every TCP state transition (like tcpstates), "
                    "with the time spent in the previous state.")
 @click.option("-w", "--write", "write_path", metavar="FILE",
-              help="Record to FILE (private, 0600) while tailing; .gz compresses.")
+              help="Record to FILE (private, 0600) while tailing; .gz compresses; "
+                   "- writes the recording to stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="With -w: record without printing.")
 @click.option("--force", is_flag=True, help="With -w: overwrite an existing recording.")
 @click.option("-C", "rotate_size", type=SizeType(),
-              help="With -w: start a new file after SIZE (bare number: MB).")
+              help="With -w: start a new file after SIZE bytes (tcpdump's units: "
+                   "a bare number is millions, 500k/10M/1G are KiB/MiB/GiB).")
+@click.option("-G", "rotate_seconds", type=DurationType(), metavar="SECONDS",
+              help="With -w: start a new file every SECONDS (60, 10m, 1h).")
 @click.option("-W", "rotate_count", type=click.IntRange(1, 100_000),
-              help="With -C: keep at most this many files, replacing the oldest.")
-@click.option("-z", "--compress", is_flag=True, help="With -w: gzip the recording.")
+              help="With -C or -G: keep at most this many files, replacing the oldest.")
+@click.option("-z", "--compress", is_flag=True,
+              help="With -w: gzip the recording (FILE gets .gz if it lacks it).")
 @click.option("--snapshot-interval", type=DurationType(), default="60s", show_default=True,
               help="With -w: how often to record the set of lingering sockets.")
 @click.option("-r", "--read", "read_path", metavar="FILE",
-              help="Replay a recording (no root needed); filters apply.")
+              help="Replay a recording (no root needed); - reads stdin; filters apply.")
 @click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
               help="Only sockets this process held or closed (repeatable).")
 @click.option("--comm", "comms", multiple=True, metavar="NAME",
@@ -245,9 +259,9 @@ def fail(err: UserError) -> None:
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interval,
-               max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size, rotate_count,
-               compress, snapshot_interval, read_path, pids, comms, cgroups, containers, units,
-               since, until):
+               max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size,
+               rotate_seconds, rotate_count, compress, snapshot_interval, read_path, pids, comms,
+               cgroups, containers, units, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
     why.
@@ -284,17 +298,28 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
             raise click.UsageError(f"{name} filters a replay: use it with -r FILE")
     if not write_path:
         for name, value in (("-q", quiet), ("--force", force), ("-C", rotate_size),
-                            ("-W", rotate_count), ("-z", compress)):
+                            ("-G", rotate_seconds), ("-W", rotate_count), ("-z", compress)):
             if value:
                 raise click.UsageError(f"{name} goes with -w FILE")
-    if rotate_count and not rotate_size:
-        raise click.UsageError("-W caps the number of files made by -C: give -C too")
+    if write_path == "-":
+        for name, value in (("-C", rotate_size), ("-G", rotate_seconds), ("-W", rotate_count)):
+            if value:
+                raise click.UsageError(f"{name} rotates files; -w - writes to standard output")
+        if as_json:
+            raise click.UsageError("-w - fills standard output with the recording; "
+                                   "--json would print there too: drop one")
+        quiet = True        # standard output carries the recording, nothing else
+    elif write_path and compress and not write_path.endswith(".gz"):
+        write_path += ".gz"     # so that a reader can tell from the name
+    if rotate_count and not (rotate_size or rotate_seconds):
+        raise click.UsageError("-W caps the number of files made by -C or -G: give one too")
     tick_ns = interval or min(max(threshold // 2, 100_000_000), 1_000_000_000)
     recording = None
     if write_path:
         recording = dict(path=write_path, force=force,
                          compress=compress or write_path.endswith(".gz"),
                          max_bytes=rotate_size, max_files=rotate_count,
+                         max_seconds=rotate_seconds / 1e9 if rotate_seconds else None,
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
              Output(as_json, renderer, quiet=quiet), recording, all_transitions,
@@ -473,6 +498,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         click.echo(f"kernel headers: {choice.describe()}; {probe.transport}; "
                    f"compiled in {probe.compile_s:.2f}s", err=True)
     tracer.run()
+    if recorder is not None and recorder.stopped is not None:
+        raise recorder.stopped     # said when it happened; exit 7 at the end
 
 
 def usage_line(exc: click.ClickException) -> str:

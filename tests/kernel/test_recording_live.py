@@ -166,3 +166,40 @@ def test_write_refuses_symlink_and_existing_file(tmp_path):
     result = cli("-w", str(target), "-q")
     assert result.returncode == 7 and "--force" in result.stderr
     assert target.read_text() == "keep me"
+
+
+def test_planted_fifo_stops_the_recording_not_the_trace(procs):
+    """In a sticky shared directory another user plants a FIFO at the next
+    part's name: the tracer neither hangs nor dies; the recording stops with
+    one line, the trace goes on, and the exit code at the end is 7."""
+    import shutil
+    import tempfile
+    sticky = tempfile.mkdtemp(prefix="cw-sticky-", dir="/tmp")
+    try:
+        os.chmod(sticky, 0o1777)
+        path = os.path.join(sticky, "cw.jsonl")
+        port = free_port()
+        server = start_holding_server(port)
+        procs.append(server)
+        tracer = Tracer(["-p", str(port), "-t", "200ms", "-w", path, "-C", "1k"]).start()
+        procs.append(tracer)
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "mkfifo", "-m", "666", path + ".1"], check=True, timeout=30)
+        connect_and_close(port, 6)
+        tracer.wait_for(lambda r: r["type"] == "linger", count=6)
+        tracer.settle(1.5)                  # batches flushed: the rotation was tried
+        connect_and_close(port, 2)          # the trace goes on after it
+        tracer.wait_for(lambda r: r["type"] == "linger", count=8)
+        tracer.proc.send_signal(signal.SIGINT)
+        rc = tracer.proc.wait(timeout=30)   # the old code hung in open() here
+        stderr = tracer.proc.stderr.read()
+        assert rc == 7, stderr
+        stopped = [l for l in stderr.splitlines() if "recording stopped at part 1" in l]
+        assert len(stopped) == 2 and "a FIFO" in stopped[0], stderr   # at once, and at exit
+        assert "Traceback" not in stderr and "Bad file descriptor" not in stderr
+        assert stat.S_ISFIFO(os.lstat(path + ".1").st_mode)
+        result = cli("report", "--json", path)    # what came before is readable
+        assert result.returncode == 0, result.stderr
+        assert f"skipped {path}.1: it is a FIFO" in result.stderr
+    finally:
+        shutil.rmtree(sticky, ignore_errors=True)

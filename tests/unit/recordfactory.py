@@ -43,3 +43,10 @@ def closed(ts=1010.0, duration=12.0, **kw):
            "pre_existing": False, "reported": True}
     rec.update(kw)
     return rec
+
+
+def snapshot(ts=1000.0, lingering=(), **kw):
+    rec = {"type": "snapshot", "ts": ts, "time": "", "lingering": list(lingering),
+           "counters": {}, "histogram_us": []}
+    rec.update(kw)
+    return rec

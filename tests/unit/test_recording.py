@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from closewait_trace import recording, replay, report
+from closewait_trace import recording, replay, report, schema
 from closewait_trace.errors import EXIT_FILE, UserError
 from closewait_trace.filters import HolderFilter, SocketFilter
 
@@ -261,3 +261,79 @@ def test_report_counts_sockets_known_only_from_a_snapshot():
     rep = report.build(rec)
     assert rep["sockets"] == 1 and rep["still_lingering"][0]["rport"] == 40007
     assert rep["by_process"][0]["pid"] == 42
+
+
+# Hostile values, not only byte flips: whole lines a foreign host (or a
+# hostile user) could put in a recording. json.dumps(allow_nan=True) writes
+# NaN/Infinity tokens, as a careless or hostile writer would.
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+            | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+_records = st.fixed_dictionaries(
+    {"type": st.one_of(st.sampled_from(["linger", "closed", "summary", "process"]),
+                       st.text(max_size=10), st.integers(), st.none(), st.lists(st.integers()))},
+    optional={"ts": _values, "age_s": _values, "owners": _values, "diagnosis": _values,
+              "lport": _values, "part": _values})
+_hostile = st.one_of(_records, _values)
+
+
+def _has_non_finite(value) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def _acceptable(value) -> bool:
+    """The reader's contract: a JSON object with only finite numbers that
+    matches its record type's schema."""
+    return isinstance(value, dict) and not _has_non_finite(value) \
+        and schema.problem(value) is None
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(hostile=st.lists(st.tuples(st.integers(0, 8), _hostile), max_size=12),
+       depth=st.one_of(st.none(), st.integers(min_value=5_000, max_value=50_000)),
+       compress=st.booleans())
+def test_reader_with_hostile_values(tmp_path_factory, hostile, depth, compress):
+    """Hostile lines among good ones: each is either kept exactly as written
+    (a valid record) or skipped and counted; no NaN/Infinity ever comes out;
+    nothing raises but a UserError."""
+    path = tmp_path_factory.mktemp("h") / "cw.jsonl"
+    written = [linger(i) for i in range(8)]
+    write_all(path, written, compress=compress)
+    lines = [json.loads(x) for x in _plain_lines(path)]
+    expected, rejected = list(lines), 0
+    raw = [json.dumps(x) for x in lines]
+    placed = sorted(((1 + pos % len(written), value) for pos, value in hostile),
+                    key=lambda t: t[0], reverse=True)   # never before the header
+    for at, value in placed:               # from the end: earlier indexes stay put
+        raw.insert(at, json.dumps(value, allow_nan=True))
+        if _acceptable(value):
+            expected.insert(at, value)
+        else:
+            rejected += 1
+    if depth:
+        raw.insert(2, '{"type": "linger", "x": ' + "[" * depth + "]" * depth + "}")
+        rejected += 1
+    data = ("\n".join(raw) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    rec = recording.read([str(path)])
+    for r in rec.records:
+        json.dumps(r, allow_nan=False)        # raises on NaN/Infinity
+    assert rec.skipped == rejected
+    assert [json.dumps(r, sort_keys=True) for r in rec.records] == \
+        [json.dumps(r, sort_keys=True) for r in expected]
+
+
+def _plain_lines(path):
+    data = path.read_bytes()
+    if data[:2] == recording.GZIP_MAGIC:
+        data = gzip.decompress(data)
+    return [x for x in data.decode().split("\n") if x]

@@ -1,0 +1,271 @@
+"""Hostile recordings, generated here: devices, FIFOs, decompression bombs,
+endless lines, absurd part numbers, NaN, deep nesting. Every one gives
+either the good records it holds or one line and exit 7, in bounded time and
+memory. Each runs the real command line in a child process with an address
+space limit, so a regression fails the test instead of the machine."""
+
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from closewait_trace import recording
+from closewait_trace.errors import EXIT_FILE
+from tests.unit import recordfactory
+
+MEMORY_LIMIT = 1 << 30       # address space of the child: far above what reading needs
+
+
+def header(part=0, capture="cap", **extra):
+    rec = recording.header(part, capture, 0, 10**9, recordfactory.NO_FILTERS, "closewait")
+    rec.update(start_ts=1000.0, hostname="h")
+    rec.update(extra)
+    return json.dumps(rec) + "\n"
+
+
+def linger(i):
+    return json.dumps(recordfactory.linger(ts=1000.0 + i, rport=40000 + i, owners=[],
+                                           owner_kind="none", cause="x", summary="x")) + "\n"
+
+
+def _limit():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def cli(*args, stdin=None, input=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "closewait_trace", *args], input=input,
+                          stdin=stdin, capture_output=True, timeout=timeout, preexec_fn=_limit)
+
+
+def assert_one_line_exit_7(result, needle):
+    err = result.stderr.decode()
+    assert result.returncode == EXIT_FILE, err
+    assert err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+@pytest.mark.parametrize("command", [["-r"], ["report"]])
+def test_devices_are_refused(device, command):
+    assert_one_line_exit_7(cli(*command, device), "character device, not a recording file")
+
+
+def test_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "cw.jsonl"
+    os.mkfifo(fifo)                 # nobody ever writes: open() would block for ever
+    assert_one_line_exit_7(cli("-r", str(fifo), timeout=30), "a FIFO, not a recording file")
+    assert_one_line_exit_7(cli("report", str(fifo), timeout=30), "a FIFO")
+
+
+def gzip_bomb(path, filler: bytes, gib: int, last_line: str = ""):
+    """A valid header, then `gib` GiB of filler, as concatenated gzip members
+    built once and repeated: a few MB on disk, built in well under a second."""
+    block = filler * (64 * 1024 * 1024 // len(filler))
+    member = gzip.compress(block, compresslevel=9, mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header().encode() + linger(0).encode(), mtime=0))
+        for _ in range(gib * 16):
+            f.write(member)
+        if last_line:
+            f.write(gzip.compress(last_line.encode(), mtime=0))
+
+
+@pytest.mark.parametrize("filler", [b"\n", b"x", b"{}\n"])
+def test_decompression_bomb_is_bounded(tmp_path, filler):
+    path = tmp_path / "bomb.jsonl.gz"
+    gzip_bomb(path, filler, gib=4, last_line=linger(1))
+    assert path.stat().st_size < 40 * 1024 * 1024
+    result = cli("-r", str(path), "--json")
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    shown = [json.loads(x) for x in result.stdout.decode().splitlines()]
+    assert [r["rport"] for r in shown if r["type"] == "linger"] == [40000]
+    assert "stopped reading after" in err and "nothing usable" in err
+
+
+def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
+    """A 200 MB line between good records: skipped and counted, never held."""
+    path = tmp_path / "long.jsonl"
+    with open(path, "w") as f:
+        f.write(header() + linger(0))
+        f.write('{"type": "linger", "padding": "')
+        chunk = "a" * (1 << 20)
+        for _ in range(200):
+            f.write(chunk)
+        f.write('"}\n' + linger(1))
+    probe = ("import resource, sys\n"
+             "from closewait_trace import recording\n"
+             "r = recording.read([sys.argv[1]])\n"
+             "print(len(r.of('linger')), r.skipped,"
+             " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                         text=True, timeout=120, preexec_fn=_limit)
+    assert out.returncode == 0, out.stderr
+    lingers, skipped, maxrss_kib = map(int, out.stdout.split())
+    assert (lingers, skipped) == (2, 1)
+    assert maxrss_kib < 150 * 1024, f"peak RSS {maxrss_kib} KiB for a 200 MB line"
+
+
+def test_absurd_part_numbers(tmp_path):
+    """A part number of 10^15 must not make a gap list over range()."""
+    base = tmp_path / "cw.jsonl"
+    base.write_text(header(part=0) + linger(0))
+    (tmp_path / "cw.jsonl.1").write_text(header(part=10**15) + linger(1))
+    (tmp_path / "cw.jsonl.2").write_text(header(part=2**31 - 1) + linger(2))
+    result = cli("report", "--json", str(base), timeout=60)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    rep = json.loads(result.stdout)
+    assert len(rep["losses"]["missing_parts"]) <= recording.MAX_LISTED
+    assert f"skipped {base}.1: has a damaged header: part is 1000000000000000" in err
+    assert f"{2**31 - 2} part(s) missing in all" in err
+    single = tmp_path / "alone.jsonl"
+    single.write_text(header(part=10**15) + linger(0))
+    assert_one_line_exit_7(cli("-r", str(single)), "damaged header: part is")
+
+
+def test_nan_infinity_deep_nesting_huge_numbers_are_skipped_lines(tmp_path):
+    path = tmp_path / "cw.jsonl"
+    hostile = [
+        '{"type": "linger", "age_s": NaN}',
+        '{"type": "linger", "age_s": Infinity}',
+        '{"type": "linger", "age_s": -Infinity}',
+        '{"type": "linger", "age_s": 1e999}',
+        '{"type": "linger", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "[" * 500_000,
+        '{"type": "linger", "big": ' + "9" * 100_000 + "}",
+        '{"type": 7}',
+        '"just a string"',
+    ]
+    path.write_text(header() + linger(0) + "\n".join(hostile) + "\n" + linger(1))
+    result = cli("-r", str(path), "--json")
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    out = result.stdout.decode()
+    assert "NaN" not in out and "Infinity" not in out
+    assert [json.loads(x)["rport"] for x in out.splitlines()
+            if json.loads(x)["type"] == "linger"] == [40000, 40001]
+    assert f"skipped {len(hostile)} damaged line(s)" in err
+    assert cli("report", str(path)).returncode == 0
+
+
+def test_format_version_as_a_string_is_one_clear_message(tmp_path):
+    path = tmp_path / "cw.jsonl"
+    path.write_text(header(format_version="1") + linger(0))
+    result = cli("-r", str(path))
+    assert_one_line_exit_7(result, "damaged header: format_version is '1'")
+    assert "reads up to" not in result.stderr.decode()      # no self-contradiction
+
+
+def test_stdin_is_read_with_dash(tmp_path):
+    """zcat a.gz | closewait-trace -r -"""
+    data = gzip.compress((header() + linger(0) + linger(1)).encode())
+    result = cli("-r", "-", "--json", input=data)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(x)["type"] for x in result.stdout.decode().splitlines()] == \
+        ["linger", "linger"]
+    result = cli("report", "--json", "-", input=(header() + linger(0)).encode())
+    assert result.returncode == 0 and json.loads(result.stdout)["sockets"] == 1
+    assert_one_line_exit_7(cli("-r", "-", input=b""), "standard input is empty")
+
+
+def test_write_to_stdout_reads_back(tmp_path):
+    """-w -: the recording goes to standard output (here straight into -r -)."""
+    script = ("from closewait_trace import recording\n"
+              "from tests.unit import recordfactory\n"
+              "r = recording.Recorder(path='-', threshold_ns=10**9, filters=recordfactory.NO_FILTERS,"
+              " clock_offset_ns=0, compress=True)\n"
+              "r.open()\n"
+              "for i in range(3):\n"
+              "    r.write(recordfactory.linger(ts=1000.0 + i, rport=40000 + i))\n"
+              "    r.flush()\n"
+              "r.close()\n")
+    written = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert written.returncode == 0 and written.stdout.startswith(b"\x1f\x8b")
+    rec_path = tmp_path / "from-stdout.gz"
+    rec_path.write_bytes(written.stdout)
+    rec = recording.read([str(rec_path)])
+    assert [r["rport"] for r in rec.of("linger")] == [40000, 40001, 40002]
+
+
+def test_reading_a_later_part_names_the_first_file(tmp_path):
+    """-r FILE.gz.1 with part 0 beside it: no false 'rotated away'."""
+    path = tmp_path / "cw.jsonl.gz"
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=recordfactory.NO_FILTERS, clock_offset_ns=0,
+                           compress=True, max_bytes=1024,
+                           snapshot_source=lambda: {"type": "snapshot", "lingering": []})
+    r.open()
+    for i in range(40):
+        r.write(json.loads(linger(i)))
+        r.flush()
+    r.close()
+    assert (tmp_path / "cw.jsonl.gz.1").exists()
+    rec = recording.read([str(path) + ".1"])
+    assert not any("rotated away" in p for p in rec.problems), rec.problems
+    assert any(f"read {path} for all its parts" in p for p in rec.problems)
+    whole = recording.read([str(path)])
+    assert whole.problems == [] and len(whole.of("header")) == r.part + 1
+
+
+def test_rotation_by_time(tmp_path):
+    import time
+    path = tmp_path / "cw.jsonl"
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=recordfactory.NO_FILTERS, clock_offset_ns=0,
+                           max_seconds=0.05, snapshot_source=lambda: {"type": "snapshot"})
+    r.open()
+    r.write(json.loads(linger(0)))
+    r.flush()
+    time.sleep(0.2)                  # longer than -G: the next batch opens part 1
+    r.write(json.loads(linger(1)))
+    r.flush()
+    r.close()
+    assert r.part == 1 and (tmp_path / "cw.jsonl.1").exists()
+    assert [x["rport"] for x in recording.read([str(path)]).of("linger")] == [40000, 40001]
+
+
+def test_wrapped_part_is_replaced_never_truncated_in_place(tmp_path):
+    """-W wrap replaces our old part by a new file (unlink, create): a hard
+    link to the old part keeps its content, as any other open or linked copy."""
+    path = tmp_path / "cw.jsonl"
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=recordfactory.NO_FILTERS, clock_offset_ns=0,
+                           max_bytes=1024, max_files=2,
+                           snapshot_source=lambda: {"type": "snapshot"})
+    r.open()
+    i = 0
+    while r.part < 1:
+        r.write(json.loads(linger(i)))
+        r.flush()
+        i += 1
+    os.link(tmp_path / "cw.jsonl.1", tmp_path / "kept")
+    before = (tmp_path / "kept").read_bytes()
+    while r.part < 3:
+        r.write(json.loads(linger(i)))
+        r.flush()
+        i += 1
+    r.close()
+    assert (tmp_path / "kept").read_bytes().startswith(before[:200])
+    assert os.stat(tmp_path / "kept").st_ino != os.stat(tmp_path / "cw.jsonl.1").st_ino
+
+
+def test_a_record_longer_than_a_reader_accepts_is_counted_not_written(tmp_path, capsys):
+    path = tmp_path / "cw.jsonl"
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=recordfactory.NO_FILTERS, clock_offset_ns=0)
+    r.open()
+    r.write({"type": "process", "cmdline": "a" * (recording.MAX_LINE_BYTES + 1)})
+    r.write(json.loads(linger(0)))
+    r.close()
+    assert r.write_errors == 1 and "longer than" in capsys.readouterr().err
+    rec = recording.read([str(path)])
+    assert rec.skipped == 0 and [x["type"] for x in rec.records] == ["header", "linger"]
+
+
+def test_zlib_member_cut_between_members(tmp_path):
+    """One stray byte after the last complete member: damage, said, good part kept."""
+    path = tmp_path / "cw.jsonl.gz"
+    path.write_bytes(gzip.compress((header() + linger(0)).encode()) + b"\x1f")
+    rec = recording.read([str(path)])
+    assert len(rec.of("linger")) == 1 and any("damaged or cut short" in p for p in rec.problems)
