@@ -303,8 +303,6 @@ class TextRenderer:
             lines = [f"Recorded: sockets in CLOSE_WAIT >= {format_age(threshold_ns)}"
                      + (f"; {escape(described)}" if described else "; no capture filters")
                      + (", every transition (--all)" if self.all_transitions else "")]
-            lines.append("Shown: " + (f"only {escape(self.replay.filters)}"
-                                      if self.replay.filters else "everything (no replay filters)"))
         else:
             lines = banner(threshold_ns, described)
         if self.verbose and rec.get("headers"):
@@ -329,6 +327,8 @@ class TextRenderer:
                      f" (kernel {escape(rec.get('kernel_release', '?'))})"
                      + (f" from {when:%Y-%m-%d %H:%M:%S}" if when else "")
                      + f", capture {escape(capture)}")
+        lines.append("Shown: " + (f"only {escape(self.replay.filters)}"
+                                  if self.replay.filters else "everything (no replay filters)"))
         self.clock.started(rec.get("start_ts"))
         return lines
 

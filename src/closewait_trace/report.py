@@ -469,11 +469,11 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append("")
         lines.append(TITLES[g] + ":")
         what = "PROGRAMS" if g == "cause" else "CAUSE"
-        lines.append(f"  {LABELS[g]:<32} {'SOCKETS':>7} {'TOTAL':>9} {'LONGEST':>9}  {what}")
+        lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>7} {'TOTAL':>9} {'LONGEST':>9}  {what}")
         for row in rows[:top]:
             est = row.get("estimated", 0) + row.get("lower_bound", 0)
             count = f"{row['count']}" + (f" ({est}~)" if est else "")
-            lines.append(f"  {textsafe.pad(fit(_row_name(g, row), 32), 32)} {count:>7} "
+            lines.append(f"  {textsafe.pad(fit(_row_name(g, row), 36), 36)} {count:>7} "
                          f"{_age(row['total_s']):>9} "
                          f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
                          f"{_causes_text(row, g)}")
@@ -482,8 +482,9 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     if any(rep.get(f"by_{g}") and any(r.get("estimated") or r.get("lower_bound")
                                       for r in rep[f"by_{g}"]) for g in rep.get("groupings", [])):
         lines.append("")
-        lines.append("  (N~): N of the sockets have an estimated or lower-bound duration; "
-                     "~ and >= mark such a LONGEST.")
+        lines.append("  N (M~): M of the N sockets were already in CLOSE_WAIT when tracing "
+                     "began: their durations are")
+        lines.append("  estimates (~) or lower bounds (>=), not timed by the kernel.")
     lines.append("")
     lines.append("Time in CLOSE_WAIT, every socket the kernel timed (log2 histogram):")
     lines.extend(histogram_lines(rep["histogram_us"]))
