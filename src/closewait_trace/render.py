@@ -408,12 +408,13 @@ class TextRenderer:
         if r.first_ts is not None and r.last_ts is not None:
             a, b = _local(r.first_ts), _local(r.last_ts)
             if a and b:
-                span = (f"; the recording spans {a:%Y-%m-%d %H:%M:%S} -> "
-                        f"{b:%Y-%m-%d %H:%M:%S}" if a.date() != b.date() else
-                        f"; the recording spans {a:%Y-%m-%d %H:%M:%S} -> {b:%H:%M:%S}")
+                span = (f", {a:%Y-%m-%d %H:%M:%S} -> {b:%Y-%m-%d %H:%M:%S}"
+                        if a.date() != b.date() else
+                        f", {a:%Y-%m-%d %H:%M:%S} -> {b:%H:%M:%S}")
         lines = ["", f"Replay summary (counts what was shown, "
                      f"{'after the filters: ' + escape(r.filters) if r.filters else 'no filters'}):",
-                 f"  shown {shown}; the recording holds {recorded}{span}."]
+                 f"  shown: {shown}",
+                 f"  in the recording: {recorded}{span}"]
         if not r.summaries:
             lines.append("  The recording has no summary: its capture ended without one "
                          "(killed, or still running).")

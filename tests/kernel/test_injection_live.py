@@ -92,3 +92,28 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
         assert shown in result.stdout, (args, result.stdout)
         assert_escaped(result.stdout, " ".join(args))
     os.kill(holder.pid, signal.SIGKILL)
+
+
+def test_verbose_says_kernel_headers_before_the_column_header(procs):
+    """-v: "kernel headers: ..." comes before the column header, in the one
+    stream a terminal shows (old code: after it, on stderr)."""
+    tracer = subprocess.Popen(TRACER + ["-v", "-p", str(free_port())],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append(tracer)
+    seen = []
+    try:
+        for line in tracer.stdout:
+            seen.append(line)
+            if line.startswith("TIME "):
+                break
+        time.sleep(0.5)                  # a line printed after the header would be here
+        tracer.send_signal(signal.SIGINT)
+        rest = tracer.communicate(timeout=20)[0]
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+    assert tracer.returncode == 0, seen + [rest]
+    assert seen[-1].startswith("TIME "), seen
+    headers = [i for i, l in enumerate(seen) if l.startswith("kernel headers: ")]
+    assert headers and headers[0] < len(seen) - 1, seen
+    assert "kernel headers" not in rest

@@ -101,7 +101,7 @@ def test_replay_prints_what_the_live_run_printed(tmp_path, procs):
     assert "Tracing" not in out and "Ctrl-C" not in out
     assert out.startswith(f"Replay of {path}") and "Shown: everything" in out
     assert "Replay summary (counts what was shown, no filters)" in out
-    assert "shown 3 LINGER, 0 CHANGE, 0 CLOSED" in out
+    assert "shown: 3 LINGER, 0 CHANGE, 0 CLOSED" in out
     # ...around the same table, and the same recorded summary, line for line.
     def table(text):
         lines = text.splitlines()

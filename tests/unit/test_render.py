@@ -193,7 +193,7 @@ def test_replay_banner_is_not_a_live_banner():
     source.saw(linger(rport=2))                 # read, filtered out
     end = "\n".join(r.replay_end())
     assert "counts what was shown" in end and "comm socat" in end
-    assert "shown 2 LINGER" in end and "holds 3 linger" in end
+    assert "shown: 2 LINGER" in end and "in the recording: 3 linger" in end
     assert "no summary" in end
 
 
