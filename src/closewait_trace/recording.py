@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace import __version__
+from closewait_trace import __version__, textsafe
 from closewait_trace.errors import EXIT_FILE, UserError
 
 FORMAT = "closewait-trace-recording"
@@ -143,7 +143,7 @@ class Recorder:
                           self.threshold_ns, self.filters, self.mode)]
         if not first and self.snapshot_source is not None:
             opening.append(self.snapshot_source())
-        self._write_lines([json.dumps(r, separators=(",", ":")) + "\n" for r in opening])
+        self._write_lines([textsafe.json_dumps(r, separators=(",", ":")) + "\n" for r in opening])
 
     def __call__(self, rec: dict) -> None:
         self.write(rec)
@@ -151,7 +151,7 @@ class Recorder:
     def write(self, rec: dict) -> None:
         if not self._buffer:
             self._first_buffered = time.monotonic()
-        self._buffer.append(json.dumps(rec, separators=(",", ":")) + "\n")
+        self._buffer.append(textsafe.json_dumps(rec, separators=(",", ":")) + "\n")
         if rec.get("type") in ("summary",) or time.monotonic() - self._first_buffered >= FLUSH_S:
             self.flush()
 

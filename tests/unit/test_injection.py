@@ -150,3 +150,16 @@ def test_json_never_carries_nan(tmp_path):
         assert "NaN" not in result.stdout and "Infinity" not in result.stdout, result.stdout
         for line in result.stdout.splitlines():
             json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_recorder_writes_no_nan(tmp_path):
+    """Recordings are JSON too: a non-finite number becomes null there."""
+    r = recording.Recorder(path=str(tmp_path / "r.jsonl"), threshold_ns=10**9, filters={},
+                           clock_offset_ns=0, snapshot_source=None)
+    r.open()
+    r.write({"type": "lost", "ts": 1.0, "counter": "events_lost", "count": float("nan"),
+             "total": float("inf")})
+    r.close()
+    text = (tmp_path / "r.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text.splitlines()[-1])["count"] is None
