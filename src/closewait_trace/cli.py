@@ -363,8 +363,9 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if verbose and (as_json or out.quiet):
         # In text mode the start record's rendering says it, before the
         # column header; here there is no text output to put it in.
-        click.echo(f"kernel headers: {choice.describe()}; {tracer.probe.transport}; "
-                   f"compiled in {tracer.probe.compile_s:.2f}s", err=True)
+        click.echo(textsafe.safe_line(f"kernel headers: {choice.describe()}; "
+                                      f"{tracer.probe.transport}; "
+                                      f"compiled in {tracer.probe.compile_s:.2f}s"), err=True)
     tracer.run()
 
 
@@ -394,6 +395,7 @@ def main() -> None:
     except Exception as exc:   # a bug: one line, the details on request
         if os.environ.get("CLOSEWAIT_TRACE_DEBUG"):
             raise
-        click.echo(f"closewait-trace: internal error: {type(exc).__name__}: {exc}; "
-                   f"set CLOSEWAIT_TRACE_DEBUG=1 for the traceback", err=True)
+        click.echo(textsafe.safe_line(
+            f"closewait-trace: internal error: {type(exc).__name__}: {exc}; "
+            f"set CLOSEWAIT_TRACE_DEBUG=1 for the traceback"), err=True)
         sys.exit(1)

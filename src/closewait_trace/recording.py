@@ -190,7 +190,7 @@ class Recorder:
             self._broken_line = not self.compress
             if not self.warned:
                 self.warned = True
-                print(f"closewait-trace: warning: cannot write {self.path}: "
+                print(f"closewait-trace: warning: cannot write {textsafe.escape(self.path)}: "
                       f"{exc.strerror}; tracing goes on, unwritten records are "
                       f"counted in the summary", file=sys.stderr, flush=True)
             return False
