@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from closewait_trace import textsafe
 from closewait_trace.durations import format_age
-from closewait_trace.textsafe import ELLIPSIS, escape, fit, fit_middle, pad
+from closewait_trace.textsafe import escape, pad
 
 COUNTER_TEXT = {
     "events_lost": "events lost: the ring buffer was full",
@@ -92,7 +92,7 @@ def hostport(addr, port, columns: Optional[int] = None) -> str:
         return f"{head}{a}{tail}:{p}"
     room = columns - len(head) - len(tail) - 1 - textsafe.width_of_escaped(p)
     if textsafe.width_of_escaped(a) > room:
-        a = fit_middle(a, max(1, room))
+        a = textsafe.cut_middle(a, max(1, room))
     return f"{head}{a}{tail}:{p}"
 
 
@@ -250,7 +250,7 @@ class TextRenderer:
         text = first + tail
         if limit is None or textsafe.width_of_escaped(text) <= limit:
             return text
-        return _cut_escaped(first, limit - len(tail)) + tail
+        return textsafe.cut(first, limit - len(tail)) + tail
 
     def render(self, rec: dict) -> list[str]:
         if self.replay is None:
@@ -357,7 +357,7 @@ class TextRenderer:
             if self.wide or self.verbose:
                 lines.append(indent + text)
             else:
-                lines.append(indent + _cut_escaped(text, LINE - len(indent)))
+                lines.append(indent + textsafe.cut(text, LINE - len(indent)))
         if self.verbose:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
@@ -369,7 +369,7 @@ class TextRenderer:
         owner = self._owner(who(task)) if isinstance(task, dict) else "-"
         old, new = rec.get("oldstate"), rec.get("newstate")
         change = (f"{_SHORT.get(old, escape(old))}>{_SHORT.get(new, escape(new))}")
-        change = _cut_escaped(change, self.event_width)
+        change = textsafe.cut(change, self.event_width)
         self._count("TRANSITION")
         return self._row(rec, change, age, owner)
 
@@ -421,39 +421,6 @@ class TextRenderer:
         if r.unshowable:
             lines.append(f"  {r.unshowable} record(s) could not be shown (unexpected values).")
         return [textsafe.safe_line(line) for line in lines]
-
-
-def _cut_escaped(text: str, columns: int) -> str:
-    """Cut an already escaped text to `columns`, with an ellipsis, never in
-    the middle of an escape (an escape is a backslash and what follows it
-    up to the next character that cannot belong to it)."""
-    if textsafe.width_of_escaped(text) <= columns:
-        return text
-    if columns <= 0:
-        return ""
-    pieces = _escaped_pieces(text)
-    out, used = [], 0
-    for piece in pieces:
-        w = textsafe.width_of_escaped(piece)
-        if used + w > columns - 1:
-            break
-        out.append(piece)
-        used += w
-    return "".join(out) + ELLIPSIS
-
-
-def _escaped_pieces(text: str) -> list[str]:
-    pieces, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text):
-            kind = text[i + 1]
-            n = {"x": 4, "u": 6, "U": 10}.get(kind, 2)
-            pieces.append(text[i:i + n])
-            i += n
-        else:
-            pieces.append(text[i])
-            i += 1
-    return pieces
 
 
 def _log2_slot(seconds: float) -> int:

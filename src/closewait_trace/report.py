@@ -25,7 +25,7 @@ from closewait_trace import textsafe
 from closewait_trace.durations import format_age
 from closewait_trace.render import (SOURCE_MARK, age_source, histogram_lines, hostport,
                                     slots_to_buckets)
-from closewait_trace.textsafe import escape, fit
+from closewait_trace.textsafe import escape
 
 GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
 # Without --by: these, unit/container/pod only when some socket has one.
@@ -473,7 +473,7 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         for row in rows[:top]:
             est = row.get("estimated", 0) + row.get("lower_bound", 0)
             count = f"{row['count']}" + (f" ({est}~)" if est else "")
-            lines.append(f"  {textsafe.pad(fit(_row_name(g, row), 36), 36)} {count:>7} "
+            lines.append(f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>7} "
                          f"{_age(row['total_s']):>9} "
                          f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
                          f"{_causes_text(row, g)}")

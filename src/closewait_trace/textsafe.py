@@ -119,52 +119,71 @@ def width(value: Any) -> int:
     return sum(w for _, w in _tokens(text))
 
 
-def fit(value: Any, columns: int) -> str:
-    """escape(value) cut to at most `columns` terminal columns; a cut ends
+def pieces(text: str) -> list[tuple[str, int]]:
+    """An escaped text in the pieces a cut must keep whole, with their
+    widths: an escape (`\\x1b`, `\\u202e`, `\\n`, `\\\\`) or one character."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n:
+            size = {"x": 4, "u": 6, "U": 10}.get(text[i + 1], 2)
+            out.append((text[i:i + size], min(size, n - i)))
+            i += size
+        else:
+            out.append((ch, 1 if ord(ch) < 0x7f else _char_width(ch)))
+            i += 1
+    return out
+
+
+def cut(text: str, columns: int) -> str:
+    """An escaped text cut to at most `columns` terminal columns; a cut ends
     with an ellipsis and never splits an escape or a wide character."""
-    text = _text(value)
-    if _PLAIN.fullmatch(text):
-        if len(text) <= columns:
-            return text
-        return text[:max(0, columns - 1)] + ELLIPSIS if columns > 0 else ""
-    tokens = _tokens(text)
-    if sum(w for _, w in tokens) <= columns:
-        return "".join(t for t, _ in tokens)
+    if width_of_escaped(text) <= columns:
+        return text
     if columns <= 0:
         return ""
     out, used = [], 0
-    for t, w in tokens:
+    for piece, w in pieces(text):
         if used + w > columns - 1:
             break
-        out.append(t)
+        out.append(piece)
         used += w
     return "".join(out) + ELLIPSIS
 
 
-def fit_middle(value: Any, columns: int) -> str:
-    """Like fit, but the ellipsis goes in the middle: both ends of an
-    address say more than its middle."""
-    tokens = _tokens(value)
-    total = sum(w for _, w in tokens)
-    if total <= columns:
-        return "".join(t for t, _ in tokens)
+def cut_middle(text: str, columns: int) -> str:
+    """Like cut, with the ellipsis in the middle: both ends of an address
+    say more than its middle."""
+    if width_of_escaped(text) <= columns:
+        return text
     if columns <= 1:
-        return ELLIPSIS[:columns]
+        return ELLIPSIS[:max(0, columns)]
+    parts = pieces(text)
     room = columns - 1
     head_room = (room + 1) // 2
     head, used = [], 0
-    for t, w in tokens:
+    for piece, w in parts:
         if used + w > head_room:
             break
-        head.append(t)
+        head.append(piece)
         used += w
-    tail, tail_used = [], 0
-    for t, w in reversed(tokens[len(head):]):
-        if used + tail_used + w > room:
+    tail = []
+    for piece, w in reversed(parts[len(head):]):
+        if used + w > room:
             break
-        tail.append(t)
-        tail_used += w
+        tail.append(piece)
+        used += w
     return "".join(head) + ELLIPSIS + "".join(reversed(tail))
+
+
+def fit(value: Any, columns: int) -> str:
+    """escape(value) cut to at most `columns` columns (see cut)."""
+    return cut(escape(value), columns)
+
+
+def fit_middle(value: Any, columns: int) -> str:
+    """escape(value) cut in the middle to at most `columns` columns."""
+    return cut_middle(escape(value), columns)
 
 
 def pad(text: str, columns: int, right: bool = False) -> str:

@@ -242,3 +242,11 @@ def test_json_dumps_writes_null_for_non_finite():
     assert textsafe.json_dumps({"a": float("nan"), "b": [float("inf"), 1.5]}) == \
         '{"a": null, "b": [null, 1.5]}'
     assert textsafe.json_dumps({"a": 1}) == '{"a": 1}'
+
+
+def test_addresses_are_escaped_once_and_cut_on_whole_escapes():
+    for n in range(10, 30):
+        text = render.hostport("a\\b\x1b" + "c" * 30, 1, n)
+        assert text.endswith(":1") and textsafe.width_of_escaped(text) <= n
+        assert "\\\\\\\\" not in text                       # never escaped twice
+        assert not text.replace("\\\\", "").replace("\\x1b", "").count("\\")   # no half escape

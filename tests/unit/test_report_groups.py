@@ -140,3 +140,15 @@ def test_cli_report_by_and_json_agree(tmp_path):
     assert "By program" in text and "By local port" in text and "By cause" not in text
     bad = run("--by", "colour", str(path))
     assert bad.returncode == 2 and "colour" in bad.stderr
+
+
+def test_names_are_escaped_once_in_every_table():
+    """Escaped before it is cut or padded, and only once: `\\x1b` in the
+    output stands for an ESC, `\\\\` for a backslash."""
+    recs = [header(), process(1, "ev\x1bil\\"), process(2, "ev\x1bil\\"),
+            linger(0, 1, "ev\x1bil\\", cmdline="ev"), linger(1, 2, "ev\x1bil\\", cmdline="ev"),
+            linger(2, 3, "x", raddr="10.0.0.1\\\x1b" + "9" * 40)]
+    text = "\n".join(report.render_text(report.build(recs, by=["program", "pid", "peer"])))
+    assert "ev\\x1bil\\\\ [ev] (2 processes)" in text
+    assert "1/ev\\x1bil\\\\" in text
+    assert "\\\\\\x1b" in text and "\\\\\\\\" not in text
