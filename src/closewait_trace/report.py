@@ -53,7 +53,10 @@ def _number(value) -> Optional[float]:
 
 
 def _key(rec: dict) -> tuple:
-    return tuple(str(rec.get(k)) for k in ("family", "laddr", "lport", "raddr", "rport"))
+    key = (rec.get("family"), rec.get("laddr"), rec.get("lport"), rec.get("raddr"),
+           rec.get("rport"))
+    hash(key)          # a list where an address belongs: TypeError, the record is skipped
+    return key
 
 
 def _argv0(cmdline) -> str:
@@ -83,16 +86,17 @@ class Group:
     programs: Counter = field(default_factory=Counter)
     pids: set = field(default_factory=set)
 
-    def add(self, s: Sock) -> None:
+    def add(self, s: Sock, programs: set, pids: list) -> None:
+        """programs, pids: of the socket's holders, worked out once per socket."""
         self.count += 1
         self.total_s += s.duration
         if s.duration >= self.longest_s:
             self.longest_s, self.longest_source = s.duration, s.source
         self.by_source[s.source] += 1
         self.causes[s.info["cause"]] += 1
-        for name in {p["program"] for p in s.info["people"]}:
+        for name in programs:
             self.programs[name] += 1
-        self.pids.update(p["pid"] for p in s.info["people"] if p["pid"] is not None)
+        self.pids.update(pids)
 
     def as_dict(self) -> dict:
         return {"count": self.count, "total_s": round(self.total_s, 3),
@@ -301,9 +305,13 @@ class _Builder:
         self.durations[s.source] += 1
         if s.source == "estimated":
             self.estimated_us[min(63, int(max(0.0, s.duration) * 1e6).bit_length())] += 1
+        people = s.info["people"]
+        programs = {p["program"] for p in people}
+        pids = [p["pid"] for p in people if p["pid"] is not None]
         for g in self.by:
+            groups = self.groups[g]
             for k in self._keys(g, s):
-                self.groups[g][k].add(s)
+                groups[k].add(s, programs, pids)
         self.entered.append(s.entered)
         self.ended.append(s.entered + s.duration if s.closed else math.inf)
 
