@@ -253,6 +253,12 @@ def run_replay(path, socket_filter, pids, comms, since, until, out):
     source = render.ReplaySource(
         paths=[path], filters=described,
         keep_entry=lambda e: entries.keep(dict(e, type="linger")))
+    # The banner gives the capture's time span when the reader knows its end
+    # up front (a reader that streams may say it; a list of records does).
+    source.end_ts = getattr(rec, "end_ts", None)
+    if source.end_ts is None and isinstance(rec.records, list):
+        source.end_ts = next((r.get("ts") for r in reversed(rec.records)
+                              if isinstance(r.get("ts"), (int, float))), None)
     out.renderer.replay = source
     for r in rec.records:
         source.saw(r)

@@ -150,6 +150,13 @@ class Clock:
         return f"{t - self.start_ts:.3f}", before
 
 
+def _until(start: Optional[_dt.datetime], end_ts: Optional[float]) -> str:
+    end = _local(end_ts) if end_ts is not None else None
+    if start is None or end is None:
+        return ""
+    return f" to {end:%H:%M:%S}" if end.date() == start.date() else f" to {end:%Y-%m-%d %H:%M:%S}"
+
+
 def _local(ts: float) -> Optional[_dt.datetime]:
     try:
         return _dt.datetime.fromtimestamp(ts)
@@ -171,6 +178,7 @@ class ReplaySource:
     shown: dict = field(default_factory=dict)      # LINGER/CHANGE/CLOSED... -> count shown
     first_ts: Optional[float] = None
     last_ts: Optional[float] = None
+    end_ts: Optional[float] = None       # the recording's last time, when known up front
     summaries: int = 0
     unshowable: int = 0
 
@@ -326,6 +334,7 @@ class TextRenderer:
         lines.append(f"Captured on {escape(rec.get('hostname', '?'))}"
                      f" (kernel {escape(rec.get('kernel_release', '?'))})"
                      + (f" from {when:%Y-%m-%d %H:%M:%S}" if when else "")
+                     + _until(when, self.replay.end_ts if len(self.replay.captures) == 1 else None)
                      + f", capture {escape(capture)}")
         lines.append("Shown: " + (f"only {escape(self.replay.filters)}"
                                   if self.replay.filters else "everything (no replay filters)"))
@@ -524,7 +533,8 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     lines.append("Time in CLOSE_WAIT, timed by the kernel (log2 histogram):")
     lines.extend(histogram_lines(rec.get("histogram_us")))
     if renderer is not None:
-        lines.extend(estimate_lines(renderer.closed_by_source, renderer.estimated_us))
+        lines.extend(estimate_lines(renderer.closed_by_source, renderer.estimated_us,
+                                    shown_only=renderer.replay is not None))
     still = [s for s in rec.get("still_lingering") or [] if isinstance(s, dict)]
     hidden = 0
     if renderer is not None and renderer.replay is not None:
@@ -543,16 +553,19 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     return lines
 
 
-def estimate_lines(by_source: dict, estimated_slots: list[int]) -> list[str]:
+def estimate_lines(by_source: dict, estimated_slots: list[int],
+                   shown_only: bool = False) -> list[str]:
     """Durations the kernel did not time (sockets already in CLOSE_WAIT when
-    tracing began), kept apart from the histogram of timed ones."""
+    tracing began), kept apart from the histogram of timed ones; counted
+    from the CLOSED lines (in a replay: those shown)."""
     est, low = by_source.get("estimated", 0), by_source.get("lower_bound", 0)
     lines = []
+    shown = " shown" if shown_only else ""
     if est:
         lines.append(f"Estimated, not timed (already in CLOSE_WAIT at start; age from "
-                     f"tcp_info): {est} socket(s) closed after:")
+                     f"tcp_info): {est} socket(s){shown} closed after:")
         lines.extend(histogram_lines(slots_to_buckets(estimated_slots)))
     if low:
         lines.append(f"Lower bounds only (already in CLOSE_WAIT at start, no estimate): "
-                     f"{low} socket(s) closed; not in any histogram.")
+                     f"{low} socket(s){shown} closed; not in any histogram.")
     return lines

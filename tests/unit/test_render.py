@@ -250,3 +250,30 @@ def test_addresses_are_escaped_once_and_cut_on_whole_escapes():
         assert text.endswith(":1") and textsafe.width_of_escaped(text) <= n
         assert "\\\\\\\\" not in text                       # never escaped twice
         assert not text.replace("\\\\", "").replace("\\x1b", "").count("\\")   # no half escape
+
+
+def test_cli_replay_banner_gives_the_capture_span_and_filters(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from closewait_trace import recording
+    start_ts = dt.datetime(2026, 11, 28, 23, 59, 0).timestamp()
+    recs = [{"type": "header", "format": recording.FORMAT, "format_version": 1,
+             "capture_id": "vm-1-2", "part": 0, "start_ts": start_ts, "hostname": "vm",
+             "kernel_release": "6.18"},
+            start(ts=start_ts),
+            linger(ts=start_ts + 30, laddr="127.0.0.1", lport=5555),
+            linger(ts=start_ts + 90, laddr="127.0.0.1", lport=5555, rport=2,
+                   owners=[{"pid": 7, "comm": "other", "fd": 3, "state": "S"}])]
+    path = tmp_path / "days.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = subprocess.run([sys.executable, "-m", "closewait_trace", "-r", str(path), "--comm",
+                          COMM15], capture_output=True, text=True, timeout=60).stdout
+    lines = out.splitlines()
+    assert lines[0] == f"Replay of {path} (a recording, not a live trace)"
+    assert "from 2026-11-28 23:59:00 to 2026-11-29 00:00:30" in lines[1]
+    assert lines[2] == f"Shown: only comm {COMM15}"
+    assert not any("Tracing" in l or "Ctrl-C" in l for l in lines)
+    # Only the first LINGER matches the filter; the day changes after it.
+    assert sum(1 for l in lines if " LINGER " in l) == 1
+    assert "shown: 1 LINGER" in out and "in the recording: 2 linger" in out
