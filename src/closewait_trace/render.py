@@ -441,6 +441,12 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
     """-v: who holds it, where they live, and where each thread waits (the
     last two from the holder's `process` record)."""
     out = []
+    if age_source(rec, "age") == "estimated":
+        # Why "~": the estimate and its bound (issue 9; tcp_info's clocks).
+        high = _number(rec.get("age_max_s"))
+        out.append(f"         age estimated: {_duration(rec.get('age_s'))} since the last ACK "
+                   f"received" + (f", at most {_duration(high)} (since the last data received)"
+                                  if high is not None else ""))
     diagnosis = rec.get("diagnosis") or {}
     evidence = diagnosis.get("evidence") or {}
     holders = evidence.get("holders") or rec.get("owners") or []

@@ -277,3 +277,11 @@ def test_cli_replay_banner_gives_the_capture_span_and_filters(tmp_path):
     # Only the first LINGER matches the filter; the day changes after it.
     assert sum(1 for l in lines if " LINGER " in l) == 1
     assert "shown: 1 LINGER" in out and "in the recording: 2 linger" in out
+
+
+def test_verbose_explains_an_estimated_age():
+    r = render.TextRenderer(verbose=True)
+    text = "\n".join(r.render(linger(age_s=6.5, age_source="estimated", age_max_s=9.0,
+                                      age_is_lower_bound=False)))
+    assert "age estimated: 6.5s since the last ACK received, at most 9.0s" in text
+    assert "age estimated" not in "\n".join(r.render(linger(age_source="traced")))
