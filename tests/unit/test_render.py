@@ -285,3 +285,24 @@ def test_verbose_explains_an_estimated_age():
                                       age_is_lower_bound=False)))
     assert "age estimated: 6.5s since the last ACK received, at most 9.0s" in text
     assert "age estimated" not in "\n".join(r.render(linger(age_source="traced")))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_ANY_TEXT = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10ffff,
+                                           blacklist_categories=()), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANY_TEXT, st.integers(min_value=0, max_value=50))
+def test_any_text_is_safe_and_cut_on_whole_escapes(text, columns):
+    shown = textsafe.escape(text)
+    assert textsafe.safe_line(shown) == shown            # nothing left for the last pass
+    for cut in (textsafe.fit(text, columns), textsafe.fit_middle(text, columns)):
+        assert textsafe.width_of_escaped(cut) <= columns
+        assert textsafe.safe_line(cut) == cut
+        # Every backslash left starts a whole escape of the sanitized text.
+        pieces = [p for p, _ in textsafe.pieces(cut)]
+        assert "".join(pieces) == cut
+        assert all(p in shown for p in pieces if p.startswith("\\"))
+        assert all(len(p) in (2, 4, 6, 10) for p in pieces if p.startswith("\\"))
