@@ -478,6 +478,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append(TITLES[g] + ":")
         what = "PROGRAMS" if g == "cause" else "CAUSE"
         lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>7} {'TOTAL':>9} {'LONGEST':>9}  {what}")
+        if not rows:
+            lines.append("  (none)")
         for row in rows[:top]:
             est = row.get("estimated", 0) + row.get("lower_bound", 0)
             count = f"{row['count']}" + (f" ({est}~)" if est else "")
