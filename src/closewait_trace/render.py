@@ -80,6 +80,11 @@ def hostport(addr, port, columns: Optional[int] = None) -> str:
     """`127.0.0.1:80`, `[2001:db8::1]:443`, `*127.0.0.1:80` for an
     IPv4-mapped IPv6 address; cut in the middle of the address (never the
     port) to fit `columns`."""
+    if type(port) is int and type(addr) is str and ":" not in addr:
+        text = f"{addr}:{port}"        # IPv4, the common case
+        if (columns is None or len(text) <= columns) and text.isascii() \
+                and text.isprintable() and "\\" not in text:
+            return text
     a = escape(addr if addr is not None else "?")
     p = escape(port if port is not None else "?")
     if a.lower().startswith("::ffff:") and a.count(".") == 3 and ":" not in a[7:]:
@@ -114,6 +119,8 @@ class Clock:
     style: str = "clock"
     start_ts: Optional[float] = None
     day: Optional[_dt.date] = None
+    _second: Optional[int] = None          # the last clock cell, per whole second
+    _cell: str = ""
 
     @property
     def width(self) -> int:
@@ -132,11 +139,14 @@ class Clock:
     def cell(self, ts) -> tuple[str, list[str]]:
         """(the TIME cell, lines to print before the row: a date line)."""
         t = _number(ts)
+        if self.style == "clock" and t is not None and int(t) == self._second:
+            return self._cell, []          # same second: same cell, same day
         when = _local(t) if t is not None else None
         if when is None:
             return "?", []
         before = []
         if self.style == "clock":
+            self._second, self._cell = int(t), f"{when:%H:%M:%S}"
             if self.day is not None and when.date() != self.day:
                 before.append(f"{when:%Y-%m-%d %A}")
             self.day = when.date()

@@ -105,8 +105,12 @@ def _tokens(value: Any) -> list[tuple[str, int]]:
 
 def escape(value: Any) -> str:
     """value as it may be shown on a terminal (see the module's docstring)."""
-    text = _text(value)
-    if _PLAIN.fullmatch(text):
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    text = value if kind is str else _text(value)
+    # The common case, in C: printable ASCII without a backslash.
+    if text.isascii() and text.isprintable() and "\\" not in text:
         return text
     return "".join(t for t, _ in _tokens(text))
 
