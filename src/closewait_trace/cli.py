@@ -4,7 +4,6 @@ into one line and a documented exit code."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import sys
