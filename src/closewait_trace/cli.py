@@ -3,7 +3,7 @@ into one line and a documented exit code."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import select
 import socket
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from closewait_trace import __version__, render
+from closewait_trace import __version__, render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
 from closewait_trace.filters import HolderFilter, SocketFilter, parse_ports, validate_container
@@ -131,7 +131,7 @@ class Output:
         if self.quiet or self.closed:
             return
         if self.as_json:
-            lines = [json.dumps(rec, check_circular=False)]
+            lines = [textsafe.json_dumps(rec, check_circular=False)]
         else:
             lines = self.renderer.render(rec)
         self.write_lines(lines)
@@ -145,6 +145,9 @@ class Output:
                 out.write(line + "\n")
         except BrokenPipeError:
             self._reader_gone()
+
+    def write_line(self, line: str) -> None:
+        self.write_lines([line])
 
     def tick(self, _view=None) -> None:
         if self.quiet or self.closed:
@@ -197,7 +200,8 @@ def reader_gone(stream) -> bool:
 
 
 def fail(err: UserError) -> None:
-    click.echo(err.one_line(), err=True)
+    # Messages quote paths and file content: shown escaped, like all text.
+    click.echo(textsafe.safe_line(err.one_line()), err=True)
     sys.exit(err.exit_code)
 
 
@@ -215,6 +219,10 @@ def fail(err: UserError) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line (schema in the README).")
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
+@click.option("--time-format", type=click.Choice(render.TIME_FORMATS), default="clock",
+              show_default=True,
+              help="TIME column: clock (HH:MM:SS, a date line when the day changes), "
+                   "iso (ISO 8601), epoch (seconds), elapsed (seconds since the start).")
 @click.option("-i", "--interval", type=DurationType(), default=None,
               help="How often to look for sockets crossing the threshold "
                    "[default: threshold/2, at most 1s].")
@@ -258,7 +266,7 @@ def fail(err: UserError) -> None:
 @click.option("--until", type=WhenType(), help="With -r: up to this time.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
-def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interval,
+def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_format, interval,
                max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size,
                rotate_seconds, rotate_count, compress, snapshot_interval, read_path, pids, comms,
                cgroups, containers, units, since, until):
@@ -286,7 +294,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
         family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None)
     holder_filter = HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
                                  containers=tuple(containers), units=tuple(units))
-    renderer = render.TextRenderer(wide=wide, verbose=verbose)
+    renderer = render.TextRenderer(wide=wide, verbose=verbose, time_format=time_format)
     if read_path:
         if write_path:
             raise click.UsageError("-r and -w exclude each other")
@@ -334,8 +342,29 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
         sockets=socket_filter, holders=holder_filter,
         since=replay.parse_when(since, first_ts) if since else None,
         until=replay.parse_when(until, first_ts) if until else None)
-    for r in replay.replay(rec.records, keep):
-        out.emit(r)
+    # The banner names the file, the capture and the filters; the summary
+    # counts what was shown after them (a replay must not pass for a trace).
+    described = "; ".join(x for x in (
+        socket_filter.describe(), holder_filter.describe() if holder_filter.active else "",
+        f"since {since}" if since else "", f"until {until}" if until else "") if x)
+    entries = dataclasses.replace(keep, since=None, until=None)
+    source = render.ReplaySource(
+        paths=[path], filters=described,
+        keep_entry=lambda e: entries.keep(dict(e, type="linger")))
+    # The banner gives the capture's time span when the reader knows its end
+    # up front (a reader that streams may say it; a list of records does).
+    source.end_ts = getattr(rec, "end_ts", None)
+    if source.end_ts is None and isinstance(rec.records, list):
+        source.end_ts = next((r.get("ts") for r in reversed(rec.records)
+                              if isinstance(r.get("ts"), (int, float))), None)
+    out.renderer.replay = source
+    for r in rec.records:
+        source.saw(r)
+        if keep.keep(r) or (r.get("type") == "header" and not out.as_json):
+            out.emit(r)
+    if not out.as_json:
+        for line in out.renderer.replay_end():
+            out.write_line(line)
     out.flush()
     warn_damage(rec)
 
@@ -345,29 +374,42 @@ def warn_damage(rec) -> None:
         click.echo(f"closewait-trace: warning: skipped {rec.skipped} damaged line(s); "
                    f"the rest was read", err=True)
     for problem in rec.problems:
-        click.echo(f"closewait-trace: warning: {problem}", err=True)
+        # Problems quote file names and content: escaped like all text.
+        click.echo(f"closewait-trace: warning: {textsafe.escape(problem)}", err=True)
 
 
 @main_group.command("report", epilog="""\b
 Examples:
   closewait-trace report cw.jsonl            # one capture (rotated parts too)
   closewait-trace report a.jsonl b.jsonl.gz  # several captures together
-  closewait-trace report --json cw.jsonl | jq .by_process""")
+  closewait-trace report --by cause,program cw.jsonl  # only these tables
+  closewait-trace report --json cw.jsonl | jq .by_program""")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for machines.")
 @click.option("--top", type=click.IntRange(1, 10_000), default=15, show_default=True,
               help="Rows per table in the text report.")
-def report_command(files, as_json, top):
-    """Postmortem of recordings: which processes left sockets in CLOSE_WAIT,
-    how many and for how long; by local port and remote peer; the duration
-    histogram; a timeline; what was still lingering at the end; gaps and
-    losses. Needs no root and no BPF."""
+@click.option("--by", "groupings", multiple=True, metavar="GROUPING[,GROUPING...]",
+              help="Tables to show, in this order: cause, program, unit, container, pod, "
+                   "port, peer, pid (repeat or comma-separate) [default: cause, program, "
+                   "unit/container/pod where known, port, peer].")
+def report_command(files, as_json, top, groupings):
+    """Postmortem of recordings: what to fix. Sockets that lingered in
+    CLOSE_WAIT by cause, by program (children of one server folded into one
+    row), by systemd unit, container and pod where known, by local port and
+    remote peer, with the cause in each row; the duration histograms; a
+    timeline; what was still lingering at the end; gaps and losses. Needs no
+    root and no BPF."""
     from closewait_trace import recording, report
+    by = [g.strip() for value in groupings for g in value.split(",") if g.strip()]
+    for g in by:
+        if g not in report.GROUPINGS:
+            raise click.UsageError(f"--by {g}: not a grouping; choose from "
+                                   f"{', '.join(report.GROUPINGS)}")
     rec = recording.read(files)
-    rep = report.build(rec)
+    rep = report.build(rec, by=list(dict.fromkeys(by)))
     out = Output(as_json, render.TextRenderer())
     if as_json:
-        out.write_lines([json.dumps(rep)])
+        out.write_lines([textsafe.json_dumps(rep)])
     else:
         out.write_lines(report.render_text(rep, top=top))
     out.flush()
@@ -494,9 +536,12 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
             text = "; ".join(t for t in (text, holder_filter.describe()) if t)
         for line in render.banner(threshold_ns, text):
             click.echo(line, err=True)
-    if verbose:
-        click.echo(f"kernel headers: {choice.describe()}; {probe.transport}; "
-                   f"compiled in {probe.compile_s:.2f}s", err=True)
+    if verbose and (as_json or out.quiet):
+        # In text mode the start record's rendering says it, before the
+        # column header; here there is no text output to put it in.
+        click.echo(textsafe.safe_line(f"kernel headers: {choice.describe()}; "
+                                      f"{probe.transport}; "
+                                      f"compiled in {probe.compile_s:.2f}s"), err=True)
     tracer.run()
     if recorder is not None and recorder.stopped is not None:
         raise recorder.stopped     # said when it happened; exit 7 at the end
@@ -512,6 +557,13 @@ def usage_line(exc: click.ClickException) -> str:
 
 
 def main() -> None:
+    # A terminal or pipe that cannot encode a character (LANG=C, an ASCII
+    # pipe) shows it as an escape rather than ending the trace.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     try:
         main_group.main(standalone_mode=False, prog_name="closewait-trace")
     except click.exceptions.Abort:
@@ -530,6 +582,7 @@ def main() -> None:
     except Exception as exc:   # a bug: one line, the details on request
         if os.environ.get("CLOSEWAIT_TRACE_DEBUG"):
             raise
-        click.echo(f"closewait-trace: internal error: {type(exc).__name__}: {exc}; "
-                   f"set CLOSEWAIT_TRACE_DEBUG=1 for the traceback", err=True)
+        click.echo(textsafe.safe_line(
+            f"closewait-trace: internal error: {type(exc).__name__}: {exc}; "
+            f"set CLOSEWAIT_TRACE_DEBUG=1 for the traceback"), err=True)
         sys.exit(1)

@@ -31,7 +31,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace import __version__, schema
+from closewait_trace import __version__, schema, textsafe
 from closewait_trace.errors import EXIT_FILE, UserError
 
 FORMAT = "closewait-trace-recording"
@@ -237,13 +237,13 @@ class Recorder:
                           self.threshold_ns, self.filters, self.mode)]
         if not first and self.snapshot_source is not None:
             opening.append(self.snapshot_source())
-        self._write_lines([json.dumps(r, separators=(",", ":")) + "\n" for r in opening])
+        self._write_lines([textsafe.json_dumps(r, separators=(",", ":")) + "\n" for r in opening])
 
     def __call__(self, rec: dict) -> None:
         self.write(rec)
 
     def write(self, rec: dict) -> None:
-        line = json.dumps(rec, separators=(",", ":")) + "\n"
+        line = textsafe.json_dumps(rec, separators=(",", ":")) + "\n"
         if len(line) > MAX_LINE_BYTES:     # ASCII (ensure_ascii): chars == bytes
             # A reader would skip it as damaged: say so now, count it.
             self._write_failed(1, f"a {rec.get('type')} record of {len(line)} bytes is "
@@ -287,7 +287,8 @@ class Recorder:
         self.write_errors += count
         if not self.warned:
             self.warned = True
-            print(f"closewait-trace: warning: cannot write {self.path}: {why}; tracing "
+            print(f"closewait-trace: warning: cannot write {textsafe.escape(self.path)}: "
+                  f"{textsafe.escape(why)}; tracing "
                   f"goes on, unwritten records are counted in the summary",
                   file=sys.stderr, flush=True)
 

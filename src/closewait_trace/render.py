@@ -1,149 +1,496 @@
-"""Text rendering of output records (pure). The default layout fits 80
-columns for IPv4; --wide widens the address columns for IPv6."""
+"""Text rendering of output records (pure).
+
+The default layout fits 80 columns with the full 15-character command name
+and a 7-digit pid in OWNER: addresses get 15 columns each and are shortened
+in the middle when longer (the port always kept). --wide widens the address
+columns to the longest IPv6 address and cuts nothing.
+
+Every string that comes from outside (process names, command lines,
+addresses and everything else read from a recording) goes through textsafe
+before it is cut or padded, and every finished line through
+textsafe.safe_line, so that nothing reaches the terminal raw.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
+from closewait_trace import textsafe
 from closewait_trace.durations import format_age
-from closewait_trace.events import join_host_port
+from closewait_trace.textsafe import escape, pad
 
 COUNTER_TEXT = {
     "events_lost": "events lost: the ring buffer was full",
     "map_full": "sockets not timed: the tracking map was full",
 }
 
+LINE = 80                  # the default layout's width
+TIME_FORMATS = ("clock", "iso", "epoch", "elapsed")
+# An address cut to fit its column: what marks an IPv4 address seen on an
+# IPv6 socket (::ffff:a.b.c.d), shown as IPv4.
+MAPPED_MARK = "*"
+
 
 def banner(threshold_ns: int, filters_text: str = "") -> list[str]:
     lines = [f"Tracing TCP sockets lingering in CLOSE_WAIT >= "
              f"{format_age(threshold_ns)}... Ctrl-C to end."]
     if filters_text:
-        lines.append(f"Only: {filters_text}")
+        lines.append(f"Only: {escape(filters_text)}")
     return lines
 
 
+# ---------------------------------------------------------------- values
+
+def _number(value) -> Optional[float]:
+    """A finite number, or None (a hostile or damaged recording may carry
+    anything where a number belongs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _duration(seconds) -> str:
+    s = _number(seconds)
+    return "?" if s is None else format_age(int(min(s, 1e12) * 1e9))
+
+
+def age_source(rec: dict, kind: str = "age") -> str:
+    """traced | estimated | lower_bound. Records from before ages had a
+    source carry only `<kind>_is_lower_bound`: then it is lower_bound or
+    traced, as it meant then."""
+    source = rec.get(f"{kind}_source")
+    if source in ("traced", "estimated", "lower_bound"):
+        return source
+    return "lower_bound" if rec.get(f"{kind}_is_lower_bound") else "traced"
+
+
+SOURCE_MARK = {"traced": "", "estimated": "~", "lower_bound": ">="}
+
+
+def age_text(rec: dict, kind: str = "age") -> str:
+    """`1.4s` timed by the kernel, `~6.5s` estimated (tcp_info), `>=510ms` a
+    lower bound. kind: "age" (linger, snapshot entries) or "duration" (closed)."""
+    return SOURCE_MARK[age_source(rec, kind)] + _duration(rec.get(f"{kind}_s"))
+
+
+def hostport(addr, port, columns: Optional[int] = None) -> str:
+    """`127.0.0.1:80`, `[2001:db8::1]:443`, `*127.0.0.1:80` for an
+    IPv4-mapped IPv6 address; cut in the middle of the address (never the
+    port) to fit `columns`."""
+    if type(port) is int and type(addr) is str and ":" not in addr:
+        text = f"{addr}:{port}"        # IPv4, the common case
+        if (columns is None or len(text) <= columns) and text.isascii() \
+                and text.isprintable() and "\\" not in text:
+            return text
+    a = escape(addr if addr is not None else "?")
+    p = escape(port if port is not None else "?")
+    if a.lower().startswith("::ffff:") and a.count(".") == 3 and ":" not in a[7:]:
+        a, head, tail = a[7:], MAPPED_MARK, ""
+    elif ":" in a:
+        head, tail = "[", "]"
+    else:
+        head, tail = "", ""
+    if columns is None:
+        return f"{head}{a}{tail}:{p}"
+    room = columns - len(head) - len(tail) - 1 - textsafe.width_of_escaped(p)
+    if textsafe.width_of_escaped(a) > room:
+        a = textsafe.cut_middle(a, max(1, room))
+    return f"{head}{a}{tail}:{p}"
+
+
+def who(person) -> str:
+    """`pid/comm` of an owners entry, task or closed_by (escaped)."""
+    if not isinstance(person, dict):
+        return "-"
+    return f"{escape(person.get('pid', '?'))}/{escape(person.get('comm', '?'))}"
+
+
+# ---------------------------------------------------------------- time
+
+@dataclass
+class Clock:
+    """The TIME column. clock: HH:MM:SS local time, and a line with the date
+    whenever it changes (a trace or a replay spanning days); iso: ISO 8601
+    with the UTC offset; epoch: seconds since 1970; elapsed: seconds since
+    the start of the trace (bcc's -t)."""
+    style: str = "clock"
+    start_ts: Optional[float] = None
+    day: Optional[_dt.date] = None
+    _second: Optional[int] = None          # the last clock cell, per whole second
+    _cell: str = ""
+
+    @property
+    def width(self) -> int:
+        return {"clock": 8, "iso": 25, "epoch": 14, "elapsed": 10}[self.style]
+
+    @property
+    def label(self) -> str:
+        return "TIME(s)" if self.style == "elapsed" else "TIME"
+
+    def started(self, ts) -> None:
+        t = _number(ts)
+        if t is not None:
+            self.start_ts = t
+            self.day = _local(t).date() if _local(t) else None
+
+    def cell(self, ts) -> tuple[str, list[str]]:
+        """(the TIME cell, lines to print before the row: a date line)."""
+        t = _number(ts)
+        if self.style == "clock" and t is not None and int(t) == self._second:
+            return self._cell, []          # same second: same cell, same day
+        when = _local(t) if t is not None else None
+        if when is None:
+            return "?", []
+        before = []
+        if self.style == "clock":
+            self._second, self._cell = int(t), f"{when:%H:%M:%S}"
+            if self.day is not None and when.date() != self.day:
+                before.append(f"{when:%Y-%m-%d %A}")
+            self.day = when.date()
+            return f"{when:%H:%M:%S}", before
+        if self.style == "iso":
+            return when.astimezone().isoformat(timespec="seconds"), before
+        if self.style == "epoch":
+            return f"{t:.3f}", before
+        if self.start_ts is None:
+            self.start_ts = t
+        return f"{t - self.start_ts:.3f}", before
+
+
+def _until(start: Optional[_dt.datetime], end_ts: Optional[float]) -> str:
+    end = _local(end_ts) if end_ts is not None else None
+    if start is None or end is None:
+        return ""
+    return f" to {end:%H:%M:%S}" if end.date() == start.date() else f" to {end:%Y-%m-%d %H:%M:%S}"
+
+
+def _local(ts: float) -> Optional[_dt.datetime]:
+    try:
+        return _dt.datetime.fromtimestamp(ts)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- replay
+
+@dataclass
+class ReplaySource:
+    """What a replay shows and how: the banner names the file, the capture
+    and the filters, and the summary counts what was shown after them."""
+    paths: list
+    filters: str = ""                       # the replay's own filters, described
+    keep_entry: Callable[[dict], bool] = lambda entry: True   # for summary entries
+    captures: dict = field(default_factory=dict)   # capture_id -> first header
+    recorded: dict = field(default_factory=dict)   # record type -> count in the files
+    shown: dict = field(default_factory=dict)      # LINGER/CHANGE/CLOSED... -> count shown
+    first_ts: Optional[float] = None
+    last_ts: Optional[float] = None
+    end_ts: Optional[float] = None       # the recording's last time, when known up front
+    summaries: int = 0
+    unshowable: int = 0
+
+    def saw(self, rec: dict) -> None:
+        """Every record read, shown or not."""
+        kind = rec.get("type")
+        if kind == "linger" and rec.get("update"):
+            kind = "change"
+        self.recorded[kind] = self.recorded.get(kind, 0) + 1
+        ts = _number(rec.get("ts", rec.get("start_ts")))
+        if ts is not None:
+            self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
+            self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
+
+
+# ---------------------------------------------------------------- rows
+
 class TextRenderer:
-    def __init__(self, wide: bool = False, verbose: bool = False):
-        self.addr_width = 47 if wide else 21
+    def __init__(self, wide: bool = False, verbose: bool = False,
+                 time_format: str = "clock", replay: Optional[ReplaySource] = None):
+        self.wide = wide
         self.verbose = verbose
-        self.event_width = 6      # 9 with --all, for OLD>NEW (e.g. SYNS>SYNR)
+        self.clock = Clock(time_format)
+        self.replay = replay
+        self.all_transitions = False
         self.processes: dict = {}  # pid -> latest process record, for -v
+        # Durations of sockets that left CLOSE_WAIT, by how they were
+        # obtained: the kernel's histogram holds only the timed ones.
+        self.closed_by_source: dict = {"traced": 0, "estimated": 0, "lower_bound": 0}
+        self.estimated_us: list[int] = [0] * 64
+
+    # Column widths. Default: 80 columns with OWNER = 7-digit pid, '/',
+    # 15-character command. --all's OLD>NEW event takes 3 more columns:
+    # there the addresses give up one each and OWNER one.
+    @property
+    def event_width(self) -> int:
+        return 9 if self.all_transitions else 6
+
+    @property
+    def addr_width(self) -> int:
+        if self.wide:
+            return 47          # [ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535
+        return 14 if self.all_transitions else 15
+
+    AGE_WIDTH = 8              # ">=12m03s"
+
+    @property
+    def owner_width(self) -> Optional[int]:
+        if self.wide:
+            return None        # cut nothing
+        used = (8 + 1 + self.event_width + 1 + 2 * (self.addr_width + 1)
+                + self.AGE_WIDTH + 1)
+        return LINE - used
 
     def header(self) -> str:
         w = self.addr_width
-        return (f"{'TIME':<8} {'EVENT':<{self.event_width}} {'LOCAL':<{w}} {'REMOTE':<{w}} "
-                f"{'AGE':>8} {'OWNER' if self.event_width == 6 else 'OWNER/TASK'}")
+        owner = "OWNER" if not self.all_transitions else "OWNER/TASK"
+        return (f"{self.clock.label:<{self.clock.width}} {'EVENT':<{self.event_width}} "
+                f"{'LOCAL':<{w}} {'REMOTE':<{w}} {'AGE':>{self.AGE_WIDTH}} {owner}")
 
-    def _owner_width(self) -> int:
-        # 80 columns minus TIME, EVENT, two addresses and AGE (">=12m03s").
-        return max(8, 80 - (8 + 1 + 6 + 1 + 2 * (self.addr_width + 1) + 8 + 1))
-
-    def _row(self, rec: dict, event: str, age: str, owner: str) -> str:
+    def _row(self, rec: dict, event: str, age: str, owner: str) -> list[str]:
+        """owner is escaped already; the rest is escaped here."""
         w = self.addr_width
-        clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
-        local = join_host_port(rec["laddr"], rec["lport"])
-        remote = join_host_port(rec["raddr"], rec["rport"])
-        line = (f"{clock:<8} {event:<{self.event_width}} {local:<{w}} {remote:<{w}} {age:>8} ")
-        return line + owner[:max(8, 80 - len(line))]
+        cell, before = self.clock.cell(rec.get("ts"))
+        local = hostport(rec.get("laddr"), rec.get("lport"), None if self.wide else w)
+        remote = hostport(rec.get("raddr"), rec.get("rport"), None if self.wide else w)
+        line = (f"{pad(cell, self.clock.width)} {event:<{self.event_width}} "
+                f"{pad(local, w)} {pad(remote, w)} {pad(age, self.AGE_WIDTH, right=True)} ")
+        return before + [line + owner]
+
+    def _owner(self, first: str, more: int = 0) -> str:
+        """OWNER: `pid/comm`, ` +N` when N more processes hold it. When both
+        do not fit (7-digit pid, 15-character command and +N), the command
+        is cut: the diagnosis line names every holder."""
+        limit = self.owner_width
+        tail = f" +{more}" if more else ""
+        text = first + tail
+        if limit is None or textsafe.width_of_escaped(text) <= limit:
+            return text
+        return textsafe.cut(first, limit - len(tail)) + tail
 
     def render(self, rec: dict) -> list[str]:
+        if self.replay is None:
+            lines = self._render(rec)
+        else:
+            try:
+                lines = self._render(rec)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+                # A recording from elsewhere may hold anything: a record we
+                # cannot show is counted (and said at the end), never fatal.
+                self.replay.unshowable += 1
+                return []
+        return [textsafe.safe_line(line) for line in lines]
+
+    def _render(self, rec: dict) -> list[str]:
         kind = rec.get("type")
+        if kind == "header":
+            return self._replay_header(rec) if self.replay is not None else []
         if kind == "start":
-            from closewait_trace.filters import SocketFilter
-            self.event_width = 9 if rec.get("all_transitions") else 6
-            threshold_ns = int(round(rec["threshold_s"] * 1e9))
-            return banner(threshold_ns, SocketFilter.from_dict(rec.get("filters")).describe()) + [self.header()]
+            return self._start(rec)
         if kind == "linger":
             return self._linger(rec)
         if kind == "closed":
             return self._closed(rec)
         if kind == "process":
-            self.processes[rec["pid"]] = rec    # shown through the linger lines (-v)
+            if isinstance(rec.get("pid"), int):
+                self.processes[rec["pid"]] = rec    # shown through the linger lines (-v)
             return []
         if kind == "transition":
-            return [self._transition(rec)]
+            return self._transition(rec)
         if kind == "lost":
-            what = COUNTER_TEXT.get(rec["counter"], rec["counter"])
-            return [f"WARNING: {rec['count']} {what} (total {rec['total']})"]
+            what = COUNTER_TEXT.get(rec.get("counter"), escape(rec.get("counter")))
+            return [f"WARNING: {escape(rec.get('count'))} {what} (total {escape(rec.get('total'))})"]
         if kind == "summary":
-            return summary_lines(rec)
+            return self._summary(rec)
         return []
 
+    def _start(self, rec: dict) -> list[str]:
+        from closewait_trace.filters import SocketFilter
+        self.all_transitions = bool(rec.get("all_transitions"))
+        self.clock.started(rec.get("ts"))
+        threshold = _number(rec.get("threshold_s"))
+        threshold_ns = int(threshold * 1e9) if threshold is not None else 0
+        filters = rec.get("filters")
+        try:
+            described = SocketFilter.from_dict(filters).describe() if filters else ""
+        except (TypeError, ValueError, KeyError, AttributeError):
+            described = escape(filters)
+        if self.replay is not None:
+            lines = [f"Recorded: sockets in CLOSE_WAIT >= {format_age(threshold_ns)}"
+                     + (f"; {escape(described)}" if described else "; no capture filters")
+                     + (", every transition (--all)" if self.all_transitions else "")]
+        else:
+            lines = banner(threshold_ns, described)
+        if self.verbose and rec.get("headers"):
+            compiled = _number(rec.get("compile_s"))
+            lines.append(f"kernel headers: {escape(rec['headers'])}; {escape(rec.get('transport', '?'))}"
+                         + (f"; compiled in {compiled:.2f}s" if compiled is not None else ""))
+        return lines + [self.header()]
+
+    def _replay_header(self, rec: dict) -> list[str]:
+        """A recording's header: a banner for each capture the replay meets
+        (a rotated part of the same capture adds nothing)."""
+        capture = str(rec.get("capture_id"))
+        if capture in self.replay.captures:
+            return []
+        self.replay.captures[capture] = rec
+        start = _number(rec.get("start_ts"))
+        when = _local(start) if start is not None else None
+        files = ", ".join(escape(p) for p in self.replay.paths)
+        lines = [f"Replay of {files} (a recording, not a live trace)"
+                 if len(self.replay.captures) == 1 else "Replay: the next capture"]
+        lines.append(f"Captured on {escape(rec.get('hostname', '?'))}"
+                     f" (kernel {escape(rec.get('kernel_release', '?'))})"
+                     + (f" from {when:%Y-%m-%d %H:%M:%S}" if when else "")
+                     + _until(when, self.replay.end_ts if len(self.replay.captures) == 1 else None)
+                     + f", capture {escape(capture)}")
+        lines.append("Shown: " + (f"only {escape(self.replay.filters)}"
+                                  if self.replay.filters else "everything (no replay filters)"))
+        self.clock.started(rec.get("start_ts"))
+        return lines
+
+    def _count(self, event: str) -> None:
+        if self.replay is not None:
+            self.replay.shown[event] = self.replay.shown.get(event, 0) + 1
+
     def _linger(self, rec: dict) -> list[str]:
-        age = format_age(int(rec["age_s"] * 1e9))
-        if rec.get("age_is_lower_bound"):
-            age = ">=" + age
-        owners = rec.get("owners") or []
+        owners = [o for o in rec.get("owners") or [] if isinstance(o, dict)]
         if owners:
-            first = owners[0]
-            owner = f"{first['pid']}/{first['comm']}"
-            if len({o['pid'] for o in owners}) > 1:
-                owner = f"+{len({o['pid'] for o in owners}) - 1} " + owner
+            pids = {str(o.get("pid")) for o in owners}
+            owner = self._owner(who(owners[0]), len(pids) - 1)
         elif rec.get("owner_kind") == "accept_queue":
             owner = "(not accepted)"
         else:
             owner = "-"
-        lines = [self._row(rec, "CHANGE" if rec.get("update") else "LINGER", age, owner)]
+        event = "CHANGE" if rec.get("update") else "LINGER"
+        self._count(event)
+        lines = self._row(rec, event, age_text(rec, "age"), owner)
         diagnosis = rec.get("diagnosis")
-        if diagnosis:
+        if isinstance(diagnosis, dict):
             # The holders' states lead the line: [T] stopped, [S] sleeping...
-            states = "".join(sorted({o["state"] for o in owners}))
-            prefix = f"[{states}] " if states else ""
-            lines.append(("         " + prefix + diagnosis["summary"])[:80 if not self.verbose else None])
+            states = "".join(sorted({escape(o.get("state", "?")) for o in owners}))
+            text = (f"[{states}] " if states else "") + escape(diagnosis.get("summary", ""))
+            indent = " " * 9
+            if self.wide or self.verbose:
+                lines.append(indent + text)
+            else:
+                lines.append(indent + textsafe.cut(text, LINE - len(indent)))
         if self.verbose:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
 
-    def _transition(self, rec: dict) -> str:
+    def _transition(self, rec: dict) -> list[str]:
         prev = rec.get("prev_state_s")
-        age = "?" if prev is None else format_age(int(prev * 1e9))
+        age = "?" if prev is None else _duration(prev)
         task = rec.get("task")
-        who = f"{task['pid']}/{task['comm']}" if task else "-"
-        change = f"{_SHORT.get(rec['oldstate'], rec['oldstate'])}>{_SHORT.get(rec['newstate'], rec['newstate'])}"
-        return self._row(rec, change, age, who)
+        owner = self._owner(who(task)) if isinstance(task, dict) else "-"
+        old, new = rec.get("oldstate"), rec.get("newstate")
+        change = (f"{_SHORT.get(old, escape(old))}>{_SHORT.get(new, escape(new))}")
+        change = textsafe.cut(change, self.event_width)
+        self._count("TRANSITION")
+        return self._row(rec, change, age, owner)
 
     def _closed(self, rec: dict) -> list[str]:
-        age = format_age(int(rec["duration_s"] * 1e9))
-        if rec.get("duration_is_lower_bound"):
-            age = ">=" + age
+        source = age_source(rec, "duration")
+        self.closed_by_source[source] += 1
+        if source == "estimated":
+            seconds = _number(rec.get("duration_s"))
+            if seconds is not None:
+                self.estimated_us[_log2_slot(seconds)] += 1
         by = rec.get("closed_by")
-        event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec["how"], "GONE")
-        owner = f"{by['pid']}/{by['comm']}" if by else "-"
-        return [self._row(rec, event, age, owner)]
+        event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec.get("how"), "GONE")
+        self._count(event)
+        owner = self._owner(who(by)) if isinstance(by, dict) else "-"
+        return self._row(rec, event, age_text(rec, "duration"), owner)
+
+    def _summary(self, rec: dict) -> list[str]:
+        lines = summary_lines(rec, self)
+        if self.replay is None:
+            return lines
+        self.replay.summaries += 1
+        return ["", "Recorded at the end of the capture (every socket, before the replay's "
+                "filters):"] + lines[1:]
+
+    def replay_end(self) -> list[str]:
+        """The replay's own summary: what was shown, after which filters."""
+        r = self.replay
+        if r is None:
+            return []
+        shown = ", ".join(f"{r.shown.get(e, 0)} {e}" for e in ("LINGER", "CHANGE", "CLOSED")
+                          ) + "".join(f", {r.shown[e]} {e}" for e in ("ABORT", "RESET", "GONE",
+                                                                     "TRANSITION") if r.shown.get(e))
+        recorded = (f"{r.recorded.get('linger', 0)} linger, {r.recorded.get('change', 0)} "
+                    f"change, {r.recorded.get('closed', 0)} closed records")
+        span = ""
+        if r.first_ts is not None and r.last_ts is not None:
+            a, b = _local(r.first_ts), _local(r.last_ts)
+            if a and b:
+                span = (f", {a:%Y-%m-%d %H:%M:%S} -> {b:%Y-%m-%d %H:%M:%S}"
+                        if a.date() != b.date() else
+                        f", {a:%Y-%m-%d %H:%M:%S} -> {b:%H:%M:%S}")
+        lines = ["", f"Replay summary (counts what was shown, "
+                     f"{'after the filters: ' + escape(r.filters) if r.filters else 'no filters'}):",
+                 f"  shown: {shown}",
+                 f"  in the recording: {recorded}{span}"]
+        if not r.summaries:
+            lines.append("  The recording has no summary: its capture ended without one "
+                         "(killed, or still running).")
+        if r.unshowable:
+            lines.append(f"  {r.unshowable} record(s) could not be shown (unexpected values).")
+        return [textsafe.safe_line(line) for line in lines]
+
+
+def _log2_slot(seconds: float) -> int:
+    us = int(max(0.0, seconds) * 1e6)
+    return min(63, us.bit_length())
 
 
 def evidence_lines(rec: dict, processes: dict) -> list[str]:
     """-v: who holds it, where they live, and where each thread waits (the
     last two from the holder's `process` record)."""
     out = []
-    for h in rec.get("owners") or []:
-        process = processes.get(h["pid"]) or {}
+    if age_source(rec, "age") == "estimated":
+        # Why "~": the estimate and its bound (issue 9; tcp_info's clocks).
+        high = _number(rec.get("age_max_s"))
+        out.append(f"         age estimated: {_duration(rec.get('age_s'))} since the last ACK "
+                   f"received" + (f", at most {_duration(high)} (since the last data received)"
+                                  if high is not None else ""))
+    for h in rec.get("owners") or []:      # the evidence refers to these by pid/fd
+        if not isinstance(h, dict):
+            continue
+        process = processes.get(h.get("pid")) or {}
         ident = process.get("identity") or {}
+        container = ident.get("container") if isinstance(ident.get("container"), dict) else None
         where = ", ".join(x for x in (
-            f"user {ident['user']}" if ident.get("user") else "",
-            f"{ident['container']['runtime']} {ident['container']['id'][:12]}"
-            if ident.get("container") else "",
-            f"pod {ident['pod_uid']}" if ident.get("pod_uid") else "",
-            ident.get("unit") or "",
-            f"netns {ident['netns']}" if ident.get("netns") else "") if x)
+            f"user {escape(ident['user'])}" if ident.get("user") else "",
+            f"{escape(container.get('runtime'))} {escape(str(container.get('id'))[:12])}"
+            if container else "",
+            f"pod {escape(ident['pod_uid'])}" if ident.get("pod_uid") else "",
+            escape(ident.get("unit") or ""),
+            f"netns {escape(ident['netns'])}" if ident.get("netns") else "") if x)
         cloexec = {True: " cloexec", False: " no-cloexec"}.get(h.get("cloexec"), "")
-        out.append(f"         holder {h['pid']}/{h['comm']} fd {h['fd']}{cloexec} "
-                   f"[{h['state']}] ppid {h.get('ppid')}: {h.get('cmdline') or h['comm']}")
+        out.append(f"         holder {who(h)} fd {escape(h.get('fd'))}{cloexec} "
+                   f"[{escape(h.get('state'))}] ppid {escape(h.get('ppid'))}: "
+                   f"{escape(h.get('cmdline') or h.get('comm'))}")
         if where:
             out.append(f"           {where}")
         for t in process.get("threads") or []:
             call = t.get("syscall") or ("running" if t.get("state") == "R" else "-")
-            out.append(f"           thread {t['tid']} [{t['state']}] {call} "
-                       f"wchan {t.get('wchan') or '-'}")
+            out.append(f"           thread {escape(t.get('tid'))} [{escape(t.get('state'))}] "
+                       f"{escape(call)} wchan {escape(t.get('wchan') or '-')}")
             for f in (t.get("stack") or [])[:8]:
-                name = f"{f['function']}+{f.get('offset') or 0:#x}" if f.get("function") else f["pc"]
-                module = (f.get("module") or "?").rsplit("/", 1)[-1]
-                note = f" ({f['note']})" if f.get("note") else ""
-                out.append(f"             {name} ({module}) [{f['method']}]{note}")
+                offset = f.get("offset")
+                name = (f"{escape(f['function'])}+{offset:#x}"
+                        if f.get("function") and isinstance(offset, int) else escape(f.get("pc")))
+                module = escape(str(f.get("module") or "?").rsplit("/", 1)[-1])
+                note = f" ({escape(f['note'])})" if f.get("note") else ""
+                out.append(f"             {name} ({module}) [{escape(f.get('method'))}]{note}")
     listener = rec.get("listener")
-    if listener and rec.get("owner_kind") == "accept_queue":
-        out.append(f"         listener {listener['local']} queue "
-                   f"{listener['accept_queue']}/{listener['backlog']}")
+    if isinstance(listener, dict) and rec.get("owner_kind") == "accept_queue":
+        out.append(f"         listener {escape(listener.get('local'))} queue "
+                   f"{escape(listener.get('accept_queue'))}/{escape(listener.get('backlog'))}")
     return out
 
 
@@ -153,51 +500,90 @@ _SHORT = {"ESTABLISHED": "EST", "SYN_SENT": "SYNS", "SYN_RECV": "SYNR", "FIN_WAI
           "LAST_ACK": "LA", "LISTEN": "LIS", "CLOSING": "CLG", "NEW_SYN_RECV": "NSR"}
 
 
-def histogram_lines(buckets: list[dict], width: int = 30) -> list[str]:
-    if not buckets:
-        return ["  (no socket left CLOSE_WAIT while tracing)"]
-    peak = max(b["count"] for b in buckets)
+def histogram_lines(buckets: list[dict], width: int = 30,
+                    empty: str = "(no socket left CLOSE_WAIT while tracing)") -> list[str]:
+    rows = [b for b in buckets or [] if isinstance(b, dict)
+            and all(isinstance(b.get(k), int) for k in ("from_us", "to_us", "count"))]
+    if not rows:
+        return [f"  {empty}"]
+    peak = max(1, max(b["count"] for b in rows))
     lines = [f"  {'usecs':>21} : {'count':<8} distribution"]
-    for b in buckets:
+    for b in rows:
         bar = "*" * max(1, round(b["count"] * width / peak))
         lines.append(f"  {b['from_us']:>10} -> {b['to_us'] - 1:<8} : {b['count']:<8} |{bar:<{width}}|")
     return lines
 
 
-def summary_lines(rec: dict) -> list[str]:
-    c = rec["counters"]
+def slots_to_buckets(slots: list[int]) -> list[dict]:
+    out = []
+    for i, count in enumerate(slots):
+        if count:
+            low = 0 if i == 0 else 1 << (i - 1)
+            out.append({"from_us": low, "to_us": 1 << i if i else 1, "count": count})
+    return out
+
+
+def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:
+    c = rec.get("counters") if isinstance(rec.get("counters"), dict) else {}
+    n = {k: v if isinstance(v, int) else 0 for k, v in c.items()}
     lines = [
         "",
-        f"Summary after {format_age(int(rec['traced_s'] * 1e9))}: "
-        f"{c.get('cw_enter', 0)} entered CLOSE_WAIT, {c.get('cw_exit', 0)} left it "
-        f"(timed), {rec['linger_reported']} reported lingering, "
-        f"{rec['closed_reported']} closed after lingering.",
+        f"Summary after {_duration(rec.get('traced_s'))}: "
+        f"{n.get('cw_enter', 0)} entered CLOSE_WAIT, {n.get('cw_exit', 0)} left it "
+        f"(timed), {escape(rec.get('linger_reported', 0))} reported lingering, "
+        f"{escape(rec.get('closed_reported', 0))} closed after lingering.",
     ]
     problems = []
-    if c.get("events_lost"):
-        problems.append(f"{c['events_lost']} events lost (ring buffer full)")
-    if c.get("map_full"):
-        problems.append(f"{c['map_full']} sockets not timed (tracking map full)")
-    if c.get("exit_untracked"):
-        problems.append(f"{c['exit_untracked']} left CLOSE_WAIT untimed "
+    if n.get("events_lost"):
+        problems.append(f"{n['events_lost']} events lost (ring buffer full)")
+    if n.get("map_full"):
+        problems.append(f"{n['map_full']} sockets not timed (tracking map full)")
+    if n.get("exit_untracked"):
+        problems.append(f"{n['exit_untracked']} left CLOSE_WAIT untimed "
                         f"(already in it at start, or not tracked)")
     if rec.get("write_errors"):
-        problems.append(f"{rec['write_errors']} records could not be written")
+        problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines.append("Losses: " + ("; ".join(problems) if problems else "none."))
-    if rec.get("symbolizer_problems"):
+    if isinstance(rec.get("symbolizer_problems"), dict) and rec["symbolizer_problems"]:
         lines.append("Symbolizer (modules or frames without symbols): " + "; ".join(
-            f"{n} {reason}" for reason, n in sorted(rec["symbolizer_problems"].items())))
-    lines.append("Time in CLOSE_WAIT (log2 histogram):")
-    lines.extend(histogram_lines(rec["histogram_us"]))
-    still = rec.get("still_lingering") or []
-    lines.append(f"Still lingering at exit: {len(still)}")
+            f"{escape(n)} {escape(reason)}"
+            for reason, n in sorted(rec["symbolizer_problems"].items())))
+    lines.append("Time in CLOSE_WAIT, timed by the kernel (log2 histogram):")
+    lines.extend(histogram_lines(rec.get("histogram_us")))
+    if renderer is not None:
+        lines.extend(estimate_lines(renderer.closed_by_source, renderer.estimated_us,
+                                    shown_only=renderer.replay is not None))
+    still = [s for s in rec.get("still_lingering") or [] if isinstance(s, dict)]
+    hidden = 0
+    if renderer is not None and renderer.replay is not None:
+        kept = [s for s in still if renderer.replay.keep_entry(s)]
+        hidden, still = len(still) - len(kept), kept
+    lines.append(f"Still lingering at exit: {len(still)}"
+                 + (f" shown ({hidden} more not matching the replay's filters)" if hidden else ""))
     for s in still[:50]:
-        owners = ", ".join(f"{o['pid']}/{o['comm']} fd {o['fd']} [{o['state']}]"
-                           for o in s.get("owners") or []) or (
+        owners = ", ".join(f"{who(o)} fd {escape(o.get('fd'))} [{escape(o.get('state'))}]"
+                           for o in s.get("owners") or [] if isinstance(o, dict)) or (
             "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
-        age = (">=" if s.get("age_is_lower_bound") else "") + format_age(int(s["age_s"] * 1e9))
-        lines.append(f"  {join_host_port(s['laddr'], s['lport'])} <- "
-                     f"{join_host_port(s['raddr'], s['rport'])} {age} {owners}")
+        lines.append(f"  {hostport(s.get('laddr'), s.get('lport'))} <- "
+                     f"{hostport(s.get('raddr'), s.get('rport'))} {age_text(s, 'age')} {owners}")
     if len(still) > 50:
         lines.append(f"  ... and {len(still) - 50} more (see --json)")
+    return lines
+
+
+def estimate_lines(by_source: dict, estimated_slots: list[int],
+                   shown_only: bool = False) -> list[str]:
+    """Durations the kernel did not time (sockets already in CLOSE_WAIT when
+    tracing began), kept apart from the histogram of timed ones; counted
+    from the CLOSED lines (in a replay: those shown)."""
+    est, low = by_source.get("estimated", 0), by_source.get("lower_bound", 0)
+    lines = []
+    shown = " shown" if shown_only else ""
+    if est:
+        lines.append(f"Estimated, not timed (already in CLOSE_WAIT at start; age from "
+                     f"tcp_info): {est} socket(s){shown} closed after:")
+        lines.extend(histogram_lines(slots_to_buckets(estimated_slots)))
+    if low:
+        lines.append(f"Lower bounds only (already in CLOSE_WAIT at start, no estimate): "
+                     f"{low} socket(s){shown} closed; not in any histogram.")
     return lines

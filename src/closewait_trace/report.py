@@ -1,32 +1,78 @@
-"""Postmortem report over recordings (pure): who left sockets in CLOSE_WAIT,
-how many, for how long; by port and by peer; the duration histogram; a
-timeline of lingering sockets; what was still lingering at the end; and every
-gap or loss in the capture."""
+"""Postmortem report over recordings (pure): what to fix. Sockets that
+lingered in CLOSE_WAIT grouped by cause, by program (command and executable:
+the children of one server fold into one row), by systemd unit, container
+and pod where known, by local port, by peer or by pid; the cause in each
+row; the duration histograms (timed by the kernel, and estimated, kept
+apart); a timeline of lingering sockets; what was still lingering at the
+end; and every gap or loss in the capture.
+
+build() consumes records one at a time (any iterable, e.g. a streaming
+reader) and keeps per socket only what the groupings need while it
+lingers, then folds it into the aggregates when it closes.
+"""
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
-from collections import defaultdict
-from dataclasses import dataclass
+import math
+from array import array
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
+from closewait_trace import textsafe
 from closewait_trace.durations import format_age
-from closewait_trace.events import join_host_port
-from closewait_trace.recording import Recording
-from closewait_trace.render import histogram_lines
+from closewait_trace.render import (SOURCE_MARK, age_source, histogram_lines, hostport,
+                                    slots_to_buckets)
+from closewait_trace.textsafe import escape
+
+GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
+# Without --by: these, unit/container/pod only when some socket has one.
+DEFAULT_GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer")
+_OPTIONAL = ("unit", "container", "pod")
+
+TITLES = {
+    "cause": "By cause (why they were not closed)",
+    "program": "By program (the holders that never closed; children of one server folded)",
+    "unit": "By systemd unit",
+    "container": "By container",
+    "pod": "By Kubernetes pod",
+    "port": "By local port",
+    "peer": "By remote peer",
+    "pid": "By process",
+}
+LABELS = {"cause": "CAUSE", "program": "PROGRAM", "unit": "UNIT", "container": "CONTAINER",
+          "pod": "POD", "port": "PORT", "peer": "PEER", "pid": "PID/COMMAND"}
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _key(rec: dict) -> tuple:
-    return (rec.get("family"), rec.get("laddr"), rec.get("lport"),
-            rec.get("raddr"), rec.get("rport"))
+    key = (rec.get("family"), rec.get("laddr"), rec.get("lport"), rec.get("raddr"),
+           rec.get("rport"))
+    hash(key)          # a list where an address belongs: TypeError, the record is skipped
+    return key
 
 
-@dataclass
-class Linger:
-    rec: dict                   # the linger record (owners, diagnosis)
-    entered: float              # wall time it entered CLOSE_WAIT (or a lower bound)
+def _argv0(cmdline) -> str:
+    if not isinstance(cmdline, str) or not cmdline.strip():
+        return ""
+    return cmdline.split()[0]
+
+
+@dataclass(slots=True)
+class Sock:
+    """What the report keeps of one socket while it lingers."""
+    info: dict                  # slim: addresses, owners, cause, summary, identities
+    entered: float              # wall time it entered CLOSE_WAIT (or a bound)
     duration: float = 0.0       # seconds in CLOSE_WAIT (so far, when still open)
+    source: str = "traced"      # traced | estimated | lower_bound
     closed: bool = False
-    lower_bound: bool = False
 
 
 @dataclass
@@ -34,202 +80,429 @@ class Group:
     count: int = 0
     total_s: float = 0.0
     longest_s: float = 0.0
+    longest_source: str = "traced"
+    by_source: Counter = field(default_factory=Counter)
+    causes: Counter = field(default_factory=Counter)
+    programs: Counter = field(default_factory=Counter)
+    pids: set = field(default_factory=set)
 
-    def add(self, seconds: float) -> None:
+    def add(self, s: Sock, programs: set, pids: list) -> None:
+        """programs, pids: of the socket's holders, worked out once per socket."""
         self.count += 1
-        self.total_s += seconds
-        self.longest_s = max(self.longest_s, seconds)
+        self.total_s += s.duration
+        if s.duration >= self.longest_s:
+            self.longest_s, self.longest_source = s.duration, s.source
+        self.by_source[s.source] += 1
+        self.causes[s.info["cause"]] += 1
+        for name in programs:
+            self.programs[name] += 1
+        self.pids.update(pids)
 
     def as_dict(self) -> dict:
         return {"count": self.count, "total_s": round(self.total_s, 3),
-                "longest_s": round(self.longest_s, 3)}
+                "longest_s": round(self.longest_s, 3), "longest_source": self.longest_source,
+                "estimated": self.by_source.get("estimated", 0),
+                "lower_bound": self.by_source.get("lower_bound", 0),
+                "causes": dict(self.causes.most_common()),
+                "processes": len(self.pids)}
 
 
-def _merge_slots(into: dict, buckets: list[dict]) -> None:
-    for b in buckets or []:
-        into[(b["from_us"], b["to_us"])] = into.get((b["from_us"], b["to_us"]), 0) + b["count"]
+class _Builder:
+    def __init__(self, by: Iterable[str], timeline_buckets: int):
+        self.by = tuple(by)
+        self.timeline_buckets = timeline_buckets
+        self.captures: list[dict] = []
+        self.lingers: dict[tuple, Sock] = {}
+        self.histogram: dict = {}
+        self.estimated_us = [0] * 64
+        self.durations = Counter()              # by source, every socket counted
+        self.losses: list[dict] = []
+        self.current = None
+        self.capture_hist = None
+        self.last_ts: Optional[float] = None
+        self.clean = False
+        self.write_errors = 0
+        self.sockets = 0
+        self.still: list[Sock] = []
+        self.groups = {g: defaultdict(Group) for g in GROUPINGS}
+        self.identity: dict = {}                 # pid -> (unit, container, pod, exe)
+        self.entered = array("d")                # timeline: interval starts
+        self.ended = array("d")                  # and ends (inf while open)
+        self.unusable = 0
 
+    # -------------------------------------------------- reading
 
-def build(rec: Recording, timeline_buckets: int = 40) -> dict:
-    captures = []            # (capture_id, first_ts, last_ts, clean_end)
-    lingers: dict[tuple, Linger] = {}
-    finished: list[Linger] = []
-    histogram: dict = {}
-    losses = []
-    current_capture = None
-    capture_hist = None       # the latest histogram seen in this capture
-    last_ts = None
-    end_state = {}
-    write_errors = 0
+    def feed(self, r: dict) -> None:
+        try:
+            self._feed(r)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+            # A recording validated upstream should not get here; if one does,
+            # its odd record is counted, never fatal.
+            self.unusable += 1
 
-    ended_lingering: list[Linger] = []     # still open when their capture ended
-
-    def close_capture(clean: bool):
-        nonlocal capture_hist
-        for l in lingers.values():
-            if last_ts is not None:
-                l.duration = max(l.duration, last_ts - l.entered)
-            ended_lingering.append(l)
-        lingers.clear()
-        if current_capture is not None:
-            captures.append({"capture_id": current_capture["id"],
-                             "hostname": current_capture["hostname"],
-                             "start_ts": current_capture["start"], "end_ts": last_ts,
-                             "clean_end": clean})
-            _merge_slots(histogram, capture_hist)
-        capture_hist = None
-
-    clean = False
-    for r in rec.records:
+    def _feed(self, r: dict) -> None:
         kind = r.get("type")
-        ts = r.get("ts", r.get("start_ts"))
+        ts = _number(r.get("ts", r.get("start_ts")))
         if kind == "header":
-            if current_capture is None or r.get("capture_id") != current_capture["id"]:
-                close_capture(clean)
-                clean = False
-                current_capture = {"id": r.get("capture_id"), "start": r.get("start_ts"),
-                                   "hostname": r.get("hostname")}
-            continue
+            if self.current is None or r.get("capture_id") != self.current["id"]:
+                self.close_capture()
+                self.clean = False
+                self.current = {"id": r.get("capture_id"), "start": _number(r.get("start_ts")),
+                                "hostname": r.get("hostname")}
+            return
         if ts is not None:
-            last_ts = ts
-        if kind == "linger":
-            age = r.get("age_s", 0.0)
-            l = Linger(rec=r, entered=r["ts"] - age, duration=age,
-                       lower_bound=bool(r.get("age_is_lower_bound")))
-            lingers[_key(r)] = l
+            self.last_ts = ts
+        if kind == "process":
+            self._note_process(r)
+        elif kind == "linger":
+            self._linger(r, ts)
         elif kind == "closed":
-            l = lingers.pop(_key(r), None)
-            if l is None:
-                l = Linger(rec=r, entered=r["ts"] - r["duration_s"])
-            l.duration = r["duration_s"]
-            l.closed = True
-            l.lower_bound = bool(r.get("duration_is_lower_bound"))
-            finished.append(l)
+            self._closed(r, ts)
         elif kind == "lost":
-            losses.append({"ts": r["ts"], "what": r["counter"], "count": r["count"]})
+            self.losses.append({"ts": ts, "what": str(r.get("counter")),
+                                "count": r.get("count") if isinstance(r.get("count"), int) else 0})
         elif kind in ("snapshot", "summary"):
-            capture_hist = r.get("histogram_us")
-            end_state = {_key(s): s for s in r.get("still_lingering", r.get("lingering", []))}
-            for k, s in end_state.items():
-                if k in lingers:
-                    lingers[k].duration = s.get("age_s", lingers[k].duration)
-                elif ts is not None:
-                    # Known only from the state: its linger record is in a
-                    # part rotated away, or it was never reported.
-                    lingers[k] = Linger(rec=s, entered=ts - s.get("age_s", 0.0),
-                                        duration=s.get("age_s", 0.0),
-                                        lower_bound=bool(s.get("age_is_lower_bound")))
+            self._state(r, ts, r.get("still_lingering", r.get("lingering")) or [])
             if kind == "summary":
-                clean = True
-                write_errors += r.get("write_errors", 0) or 0
-    close_capture(clean)
+                self.clean = True
+                we = r.get("write_errors")
+                self.write_errors += we if isinstance(we, int) else 0
 
-    still = ended_lingering
-    everything = finished + still
+    def _note_process(self, r: dict) -> None:
+        pid = r.get("pid")
+        if not isinstance(pid, int):
+            return
+        ident = r.get("identity") if isinstance(r.get("identity"), dict) else {}
+        container = ident.get("container") if isinstance(ident.get("container"), dict) else None
+        self.identity[pid] = {
+            "unit": ident.get("unit") if isinstance(ident.get("unit"), str) else None,
+            "container": (f"{container.get('runtime')} {str(container.get('id'))[:12]}"
+                          if container else None),
+            "pod": ident.get("pod_uid") if isinstance(ident.get("pod_uid"), str) else None,
+            "exe": r.get("exe") if isinstance(r.get("exe"), str) else None,
+            "cmdline": r.get("cmdline") if isinstance(r.get("cmdline"), str) else None,
+        }
 
-    by_process: dict = defaultdict(Group)
-    by_port: dict = defaultdict(Group)
-    by_peer: dict = defaultdict(Group)
-    for l in everything:
-        owners = l.rec.get("owners") or []
-        names = {(o["pid"], o["comm"]) for o in owners}
-        if not names and l.rec.get("listener"):
-            names = {(o["pid"], o["comm"] + " (not accepting)")
-                     for o in l.rec["listener"].get("owners") or []}
-        for pid, comm in names or {(None, "(unknown)")}:
-            by_process[(pid, comm)].add(l.duration)
-        by_port[l.rec.get("lport")].add(l.duration)
-        by_peer[l.rec.get("raddr")].add(l.duration)
+    def _people(self, r: dict) -> list[dict]:
+        """Who kept it open: its holders, or, never accepted, the listener's."""
+        owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
+        listening = False
+        if not owners and isinstance(r.get("listener"), dict):
+            owners = [o for o in r["listener"].get("owners") or [] if isinstance(o, dict)]
+            listening = True
+        people = []
+        for o in owners:
+            pid = o.get("pid") if isinstance(o.get("pid"), int) else None
+            ident = self.identity.get(pid, {})
+            comm = str(o.get("comm", "?"))
+            exe = (o.get("exe") if isinstance(o.get("exe"), str) else None) or ident.get("exe") \
+                or _argv0(o.get("cmdline")) or _argv0(ident.get("cmdline")) or comm
+            program = comm if exe.rsplit("/", 1)[-1] == comm else f"{comm} [{exe}]"
+            if listening:
+                program += " (listener, not accepting)"
+            people.append({"pid": pid, "comm": comm + (" (not accepting)" if listening else ""),
+                           "fd": o.get("fd"), "program": program,
+                           "unit": ident.get("unit"), "container": ident.get("container"),
+                           "pod": ident.get("pod")})
+        return people
 
-    timeline = _timeline(everything, captures, timeline_buckets)
-    gaps = []
-    for a, b in zip(captures, captures[1:]):
-        if a["end_ts"] and b["start_ts"] and b["start_ts"] > a["end_ts"]:
-            gaps.append({"from_ts": a["end_ts"], "to_ts": b["start_ts"],
-                         "seconds": round(b["start_ts"] - a["end_ts"], 3)})
+    def _slim(self, r: dict) -> dict:
+        d = r.get("diagnosis") if isinstance(r.get("diagnosis"), dict) else {}
+        cause = d.get("cause") if isinstance(d.get("cause"), str) else None
+        if cause is None:
+            cause = "unknown"
+        return {"family": r.get("family"), "laddr": r.get("laddr"), "lport": r.get("lport"),
+                "raddr": r.get("raddr"), "rport": r.get("rport"),
+                "owner_kind": r.get("owner_kind"), "owners": [
+                    {k: o.get(k) for k in ("pid", "comm", "fd", "state")}
+                    for o in r.get("owners") or [] if isinstance(o, dict)],
+                "cause": cause, "summary": d.get("summary") if isinstance(d.get("summary"), str) else "",
+                "people": self._people(r)}
 
-    def table(groups, label):
-        rows = sorted(groups.items(), key=lambda kv: (-kv[1].total_s, str(kv[0])))
-        return [dict({label: k} if not isinstance(k, tuple) else {"pid": k[0], "comm": k[1]},
-                     **g.as_dict()) for k, g in rows]
+    def _linger(self, r: dict, ts: Optional[float]) -> None:
+        age = _number(r.get("age_s")) or 0.0
+        key = _key(r)
+        known = self.lingers.get(key)
+        if known is not None and r.get("update"):
+            # A CHANGE: the cause that kept it when it crossed the threshold
+            # stays, unless nothing was known then.
+            if known.info["cause"] in ("unknown", "gone") or not known.info["people"]:
+                known.info = self._slim(r)
+            known.duration = max(known.duration, age)
+            return
+        self.lingers[key] = Sock(info=self._slim(r), entered=(ts or 0.0) - age,
+                                 duration=age, source=age_source(r, "age"))
 
-    return {
-        "type": "report",
-        "files": rec.files,
-        "captures": captures,
-        "sockets": len(everything),
-        "by_process": table(by_process, "process"),
-        "by_local_port": table(by_port, "lport"),
-        "by_remote_peer": table(by_peer, "raddr"),
-        "histogram_us": [{"from_us": k[0], "to_us": k[1], "count": v}
-                         for k, v in sorted(histogram.items())],
-        "timeline": timeline,
-        "still_lingering": [dict(l.rec, age_s=round(l.duration, 3)) for l in
-                            sorted(still, key=lambda l: l.entered)],
-        "losses": {
-            "lost_records": losses,
-            "events_lost": sum(x["count"] for x in losses if x["what"] == "events_lost"),
-            "map_full": sum(x["count"] for x in losses if x["what"] == "map_full"),
-            "write_errors": write_errors,
-            "skipped_lines": rec.skipped,
-            "unclean_ends": sum(1 for c in captures if not c["clean_end"]),
-            "missing_parts": [{"file": f, "part": p} for f, p in rec.missing_parts],
+    def _closed(self, r: dict, ts: Optional[float]) -> None:
+        duration = _number(r.get("duration_s")) or 0.0
+        s = self.lingers.pop(_key(r), None)
+        if s is None:
+            s = Sock(info=self._slim(r), entered=(ts or 0.0) - duration)
+            if r.get("closed_by") and isinstance(r["closed_by"], dict) and not s.info["people"]:
+                s.info["people"] = self._people({"owners": [r["closed_by"]]})
+        s.duration = duration
+        s.source = age_source(r, "duration")
+        s.closed = True
+        self._account(s)
+
+    def _state(self, r: dict, ts: Optional[float], entries) -> None:
+        hist = r.get("histogram_us")
+        if isinstance(hist, list):
+            self.capture_hist = hist
+        for e in entries:
+            if not isinstance(e, dict):
+                continue
+            k = _key(e)
+            age = _number(e.get("age_s"))
+            if k in self.lingers:
+                if age is not None:
+                    self.lingers[k].duration = age
+            elif ts is not None:
+                # Known only from the state: its linger record is in a part
+                # rotated away, or it was never reported.
+                self.lingers[k] = Sock(info=self._slim(e), entered=ts - (age or 0.0),
+                                       duration=age or 0.0, source=age_source(e, "age"))
+
+    def close_capture(self) -> None:
+        for s in self.lingers.values():
+            if self.last_ts is not None:
+                s.duration = max(s.duration, self.last_ts - s.entered)
+            self._account(s)
+            self.still.append(s)
+        self.lingers.clear()
+        if self.current is not None:
+            self.captures.append({"capture_id": self.current["id"],
+                                  "hostname": self.current["hostname"],
+                                  "start_ts": self.current["start"], "end_ts": self.last_ts,
+                                  "clean_end": self.clean})
+            for b in self.capture_hist or []:
+                if isinstance(b, dict) and all(isinstance(b.get(x), int)
+                                               for x in ("from_us", "to_us", "count")):
+                    slot = (b["from_us"], b["to_us"])
+                    self.histogram[slot] = self.histogram.get(slot, 0) + b["count"]
+        self.capture_hist = None
+
+    # -------------------------------------------------- aggregating
+
+    def _keys(self, grouping: str, s: Sock) -> set:
+        people = s.info["people"]
+        if grouping == "cause":
+            return {s.info["cause"]}
+        if grouping == "program":
+            return {p["program"] for p in people} or {"(unknown)"}
+        if grouping == "pid":
+            return {(p["pid"], p["comm"]) for p in people} or {(None, "(unknown)")}
+        if grouping in _OPTIONAL:
+            return {p[grouping] or "(not known)" for p in people} or {"(not known)"}
+        if grouping == "port":
+            return {s.info["lport"]}
+        if grouping == "peer":
+            return {s.info["raddr"]}
+        raise ValueError(grouping)
+
+    def _account(self, s: Sock) -> None:
+        self.sockets += 1
+        self.durations[s.source] += 1
+        if s.source == "estimated":
+            self.estimated_us[min(63, int(max(0.0, s.duration) * 1e6).bit_length())] += 1
+        people = s.info["people"]
+        programs = {p["program"] for p in people}
+        pids = [p["pid"] for p in people if p["pid"] is not None]
+        for g in self.by:
+            groups = self.groups[g]
+            for k in self._keys(g, s):
+                groups[k].add(s, programs, pids)
+        self.entered.append(s.entered)
+        self.ended.append(s.entered + s.duration if s.closed else math.inf)
+
+    # -------------------------------------------------- result
+
+    def result(self, source) -> dict:
+        self.close_capture()
+        gaps = []
+        for a, b in zip(self.captures, self.captures[1:]):
+            if a["end_ts"] and b["start_ts"] and b["start_ts"] > a["end_ts"]:
+                gaps.append({"from_ts": a["end_ts"], "to_ts": b["start_ts"],
+                             "seconds": round(b["start_ts"] - a["end_ts"], 3)})
+        rep = {"type": "report", "files": list(getattr(source, "files", []) or []),
+               "captures": self.captures, "sockets": self.sockets,
+               "groupings": [], "durations": {k: self.durations.get(k, 0)
+                                              for k in ("traced", "estimated", "lower_bound")}}
+        for g in self.by:
+            groups = self.groups[g]
+            if (g in _OPTIONAL and g not in self.explicit
+                    and set(groups) <= {"(not known)"}):
+                continue
+            rep["groupings"].append(g)
+            rep[f"by_{g}"] = _table(g, groups)
+        rep["histogram_us"] = [{"from_us": k[0], "to_us": k[1], "count": v}
+                               for k, v in sorted(self.histogram.items())]
+        rep["estimated_histogram_us"] = slots_to_buckets(self.estimated_us)
+        rep["timeline"] = self._timeline()
+        rep["still_lingering"] = [
+            dict({k: v for k, v in s.info.items() if k != "people"},
+                 diagnosis={"cause": s.info["cause"], "summary": s.info["summary"]},
+                 age_s=round(s.duration, 3), age_source=s.source,
+                 age_is_lower_bound=s.source == "lower_bound")
+            for s in sorted(self.still, key=lambda s: s.entered)]
+        for d in rep["still_lingering"]:
+            d.pop("cause", None)
+            d.pop("summary", None)
+        problems = list(getattr(source, "problems", []) or [])
+        if self.unusable:
+            problems.append(f"{self.unusable} record(s) with unexpected values were not used")
+        rep["losses"] = {
+            "lost_records": self.losses,
+            "events_lost": sum(x["count"] for x in self.losses if x["what"] == "events_lost"),
+            "map_full": sum(x["count"] for x in self.losses if x["what"] == "map_full"),
+            "write_errors": self.write_errors,
+            "skipped_lines": getattr(source, "skipped", 0) or 0,
+            "unclean_ends": sum(1 for c in self.captures if not c["clean_end"]),
+            "missing_parts": [{"file": f, "part": p}
+                              for f, p in getattr(source, "missing_parts", []) or []],
             "gaps_between_captures": gaps,
-            "problems": rec.problems,
-        },
-    }
+            "problems": problems,
+        }
+        return rep
+
+    def _timeline(self) -> list[dict]:
+        starts = [c["start_ts"] for c in self.captures if c["start_ts"]]
+        ends = [c["end_ts"] for c in self.captures if c["end_ts"]]
+        if not starts or not ends:
+            return []
+        t0, t1 = min(starts), max(ends)
+        if t1 <= t0:
+            return []
+        entered, ended = sorted(self.entered), sorted(self.ended)
+        step = (t1 - t0) / self.timeline_buckets
+        out = []
+        for i in range(self.timeline_buckets):
+            at = t0 + (i + 0.5) * step
+            # lingering at `at`: entered at or before it, not yet left
+            n = bisect.bisect_right(entered, at) - bisect.bisect_right(ended, at)
+            out.append({"ts": round(at, 3), "lingering": max(0, n)})
+        return out
 
 
-def _timeline(socks: list[Linger], captures: list[dict], buckets: int) -> list[dict]:
-    starts = [c["start_ts"] for c in captures if c["start_ts"]]
-    ends = [c["end_ts"] for c in captures if c["end_ts"]]
-    if not starts or not ends:
-        return []
-    t0, t1 = min(starts), max(ends)
-    if t1 <= t0:
-        return []
-    step = (t1 - t0) / buckets
+def _table(grouping: str, groups: dict) -> list[dict]:
+    rows = sorted(groups.items(), key=lambda kv: (-kv[1].total_s, -kv[1].count, str(kv[0])))
     out = []
-    for i in range(buckets):
-        at = t0 + (i + 0.5) * step
-        n = sum(1 for l in socks if l.entered <= at < l.entered + l.duration
-                or (not l.closed and l.entered <= at))
-        out.append({"ts": round(at, 3), "lingering": n})
+    for k, g in rows:
+        row = g.as_dict()
+        if grouping == "pid":
+            row = dict({"pid": k[0], "comm": k[1]}, **row)
+        elif grouping == "cause":
+            row = dict({"cause": k, "programs": dict(g.programs.most_common())}, **row)
+        else:
+            row = dict({grouping: k}, **row)
+        out.append(row)
     return out
 
 
+def build(records, source=None, by: Optional[Iterable[str]] = None,
+          timeline_buckets: int = 40) -> dict:
+    """The report over `records` (an iterable of record dicts, read once).
+    source: what read them (files, skipped, problems, missing_parts), read
+    after the records are consumed, so a streaming reader can count as it
+    goes. A recording.Recording may be passed as `records` alone."""
+    if source is None and hasattr(records, "records"):
+        source, records = records, records.records
+    explicit = tuple(by) if by else ()
+    for g in explicit:
+        if g not in GROUPINGS:
+            raise ValueError(f"unknown grouping {g!r}")
+    b = _Builder(explicit or DEFAULT_GROUPINGS, timeline_buckets)
+    b.explicit = set(explicit)
+    for r in records:
+        if isinstance(r, dict):
+            b.feed(r)
+    return b.result(source)
+
+
+# ---------------------------------------------------------------- text
+
 def _clock(ts) -> str:
-    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "?"
+    t = _number(ts)
+    if t is None:
+        return "?"
+    try:
+        return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def _age(seconds, source: str = "traced") -> str:
+    s = _number(seconds)
+    return "?" if s is None else SOURCE_MARK.get(source, "") + format_age(int(min(s, 1e12) * 1e9))
+
+
+def _row_name(grouping: str, row: dict) -> str:
+    if grouping == "pid":
+        return f"{escape(row['pid'] if row['pid'] is not None else '-')}/{escape(row['comm'])}"
+    if grouping == "program":
+        n = row["processes"]
+        return escape(row["program"]) + (f" ({n} processes)" if n > 1 else "")
+    if grouping == "peer":
+        value = row["peer"]
+        return hostport(value, "")[:-1] if isinstance(value, str) else escape(value)
+    return escape(row[grouping])
+
+
+def _causes_text(row: dict, grouping: str) -> str:
+    if grouping == "cause":
+        items = row.get("programs", {})
+    else:
+        items = row.get("causes", {})
+    parts = [escape(k) + (f" {v}" if len(items) > 1 else "") for k, v in items.items()]
+    return ", ".join(parts)
 
 
 def render_text(rep: dict, top: int = 15) -> list[str]:
     lines = []
     caps = rep["captures"]
+    d = rep.get("durations", {})
     lines.append(f"closewait-trace report: {len(rep['files'])} file(s), {len(caps)} capture(s), "
                  f"{rep['sockets']} socket(s) lingered in CLOSE_WAIT")
     for c in caps:
         end = "" if c["clean_end"] else "  (no clean end: killed or crashed)"
-        lines.append(f"  {c['hostname']}: {_clock(c['start_ts'])} -> {_clock(c['end_ts'])}{end}")
+        lines.append(f"  {escape(c['hostname'])}: {_clock(c['start_ts'])} -> "
+                     f"{_clock(c['end_ts'])}{end}")
+    if d.get("estimated") or d.get("lower_bound"):
+        lines.append(f"  Durations: {d.get('traced', 0)} timed by the kernel, "
+                     f"{d.get('estimated', 0)} estimated (~, sockets already in CLOSE_WAIT "
+                     f"at start), {d.get('lower_bound', 0)} lower bounds (>=)")
 
-    def section(title, rows, label):
+    for g in rep.get("groupings", []):
+        rows = rep[f"by_{g}"]
         lines.append("")
-        lines.append(title)
-        lines.append(f"  {label:<32} {'COUNT':>6} {'TOTAL':>9} {'LONGEST':>9}")
+        lines.append(TITLES[g] + ":")
+        what = "PROGRAMS" if g == "cause" else "CAUSE"
+        lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>7} {'TOTAL':>9} {'LONGEST':>9}  {what}")
+        if not rows:
+            lines.append("  (none)")
         for row in rows[:top]:
-            name = (f"{row['pid']}/{row['comm']}" if "pid" in row
-                    else str(row.get("lport", row.get("raddr"))))
-            lines.append(f"  {name[:32]:<32} {row['count']:>6} "
-                         f"{format_age(int(row['total_s'] * 1e9)):>9} "
-                         f"{format_age(int(row['longest_s'] * 1e9)):>9}")
+            est = row.get("estimated", 0) + row.get("lower_bound", 0)
+            count = f"{row['count']}" + (f" ({est}~)" if est else "")
+            lines.append(f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>7} "
+                         f"{_age(row['total_s']):>9} "
+                         f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
+                         f"{_causes_text(row, g)}")
         if len(rows) > top:
-            lines.append(f"  ... {len(rows) - top} more (see --json)")
-
-    section("By process (the holders that never closed):", rep["by_process"], "PID/COMMAND")
-    section("By local port:", rep["by_local_port"], "PORT")
-    section("By remote peer:", rep["by_remote_peer"], "PEER")
+            lines.append(f"  ... {len(rows) - top} more (see --json or --top)")
+    if any(rep.get(f"by_{g}") and any(r.get("estimated") or r.get("lower_bound")
+                                      for r in rep[f"by_{g}"]) for g in rep.get("groupings", [])):
+        lines.append("")
+        lines.append("  N (M~): M of the N sockets were already in CLOSE_WAIT when tracing "
+                     "began: their durations are")
+        lines.append("  estimates (~) or lower bounds (>=), not timed by the kernel.")
     lines.append("")
     lines.append("Time in CLOSE_WAIT, every socket the kernel timed (log2 histogram):")
     lines.extend(histogram_lines(rep["histogram_us"]))
+    if rep.get("estimated_histogram_us"):
+        n = sum(b["count"] for b in rep["estimated_histogram_us"])
+        lines.append(f"Estimated, not timed: {n} socket(s) already in CLOSE_WAIT when tracing "
+                     f"began, ages from tcp_info (log2 histogram):")
+        lines.extend(histogram_lines(rep["estimated_histogram_us"]))
     lines.append("")
     lines.append("Sockets lingering over time:")
     lines.extend(_timeline_lines(rep["timeline"]))
@@ -237,20 +510,21 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     still = rep["still_lingering"]
     lines.append(f"Still lingering at the end of the capture: {len(still)}")
     for s in still[:top]:
-        owners = ", ".join(f"{o['pid']}/{o['comm']} fd {o['fd']}" for o in s.get("owners") or [])
+        owners = ", ".join(f"{escape(o.get('pid'))}/{escape(o.get('comm'))} fd {escape(o.get('fd'))}"
+                           for o in s.get("owners") or [])
         if not owners and s.get("owner_kind") == "accept_queue":
             owners = "(not accepted)"
         why = (s.get("diagnosis") or {}).get("summary", "")
-        lines.append(f"  {join_host_port(s['laddr'], s['lport'])} <- "
-                     f"{join_host_port(s['raddr'], s['rport'])} "
-                     f"{format_age(int(s['age_s'] * 1e9))} {owners or '-'}")
+        lines.append(f"  {hostport(s['laddr'], s['lport'])} <- "
+                     f"{hostport(s['raddr'], s['rport'])} "
+                     f"{_age(s['age_s'], s.get('age_source', 'traced'))} {owners or '-'}")
         if why:
-            lines.append(f"      {why}")
+            lines.append(f"      {escape(why)}")
     if len(still) > top:
         lines.append(f"  ... {len(still) - top} more (see --json)")
     lines.append("")
     lines.extend(_loss_lines(rep["losses"]))
-    return lines
+    return [textsafe.safe_line(line) for line in lines]
 
 
 def _timeline_lines(points: list[dict], height: int = 8) -> list[str]:
@@ -266,8 +540,11 @@ def _timeline_lines(points: list[dict], height: int = 8) -> list[str]:
         label = f"{round(threshold):>6} |" if level in (height, 1) else "       |"
         rows.append(f"  {label}{bar}")
     rows.append("        +" + "-" * len(points))
-    first = _dt.datetime.fromtimestamp(points[0]["ts"]).strftime("%H:%M:%S")
-    last = _dt.datetime.fromtimestamp(points[-1]["ts"]).strftime("%H:%M:%S")
+    a = _dt.datetime.fromtimestamp(points[0]["ts"])
+    b = _dt.datetime.fromtimestamp(points[-1]["ts"])
+    # A timeline over several days says which.
+    fmt = "%H:%M:%S" if a.date() == b.date() else "%m-%d %H:%M"
+    first, last = a.strftime(fmt), b.strftime(fmt)
     rows.append(f"         {first}{last:>{max(1, len(points) - len(first))}}")
     return rows
 
@@ -285,11 +562,10 @@ def _loss_lines(losses: dict) -> list[str]:
     if losses["unclean_ends"]:
         items.append(f"{losses['unclean_ends']} capture(s) ended without a summary (killed?)")
     for m in losses["missing_parts"]:
-        items.append(f"part {m['part']} of {m['file']} missing")
+        items.append(f"part {escape(m['part'])} of {escape(m['file'])} missing")
     for g in losses["gaps_between_captures"]:
-        items.append(f"gap of {format_age(int(g['seconds'] * 1e9))} between captures at "
-                     f"{_clock(g['from_ts'])}")
-    items.extend(losses["problems"])
+        items.append(f"gap of {_age(g['seconds'])} between captures at {_clock(g['from_ts'])}")
+    items.extend(escape(p) for p in losses["problems"])
     if not items:
         return ["Gaps and losses: none."]
     return ["Gaps and losses:"] + [f"  - {i}" for i in items]

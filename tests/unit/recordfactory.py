@@ -50,3 +50,63 @@ def snapshot(ts=1000.0, lingering=(), **kw):
            "counters": {}, "histogram_us": []}
     rec.update(kw)
     return rec
+
+
+def process(pid=42, comm="srv", **kw):
+    rec = {"type": "process", "ts": 1000.0, "time": "", "pid": pid, "comm": comm,
+           "state": "S", "ppid": 1, "cmdline": comm, "exiting": False, "threads": [],
+           "threads_total": 1, "identity": {}}
+    rec.update(kw)
+    return rec
+
+
+def header(part=0, capture_id="cap", **kw):
+    rec = {"type": "header", "format": "closewait-trace-recording", "format_version": 2,
+           "tool_version": "0", "hostname": "h", "kernel_release": "6", "boot_id": "",
+           "clock_offset_ns": 0, "start_ts": 1000.0, "threshold_s": 1.0,
+           "filters": dict(NO_FILTERS), "mode": "closewait", "capture_id": capture_id,
+           "part": part}
+    rec.update(kw)
+    return rec
+
+
+_THREAD = {"tid": 1, "state": "S", "wchan": "", "syscall": None, "syscall_fd": None,
+           "syscall_fd_target": None, "stack": []}
+_FRAME = {"pc": "0x0", "function": None, "offset": None, "module": None, "build_id": None,
+          "method": "pc", "symbols": None}
+_BUILDERS = {"linger": linger, "closed": closed, "start": start, "snapshot": snapshot,
+             "process": process, "header": header}
+
+
+def complete(rec: dict) -> dict:
+    """A hand-written (often hostile) record made whole: every field it
+    lacks takes the factory's value, nested holders, threads and frames
+    too; what it has is kept as it is."""
+    kind = rec.get("type")
+    build = _BUILDERS.get(kind)
+    if build is None:
+        return rec
+    out = build()
+    if kind == "linger" and "owners" in rec:
+        out["diagnosis"]["evidence"]["holders"] = [
+            {"pid": o.get("pid", 0), "fd": o.get("fd", 0)} for o in rec["owners"]
+            if isinstance(o, dict)]
+    if kind == "header" and rec.get("filters") == {}:
+        rec = dict(rec, filters=dict(NO_FILTERS))
+    if kind == "start" and rec.get("filters") == {}:
+        rec = dict(rec, filters=dict(NO_FILTERS))
+    out.update(rec)
+    if isinstance(out.get("owners"), list):
+        out["owners"] = [dict(holder(), **o) if isinstance(o, dict) else o
+                         for o in out["owners"]]
+    if isinstance(out.get("diagnosis"), dict):
+        out["diagnosis"] = dict({"evidence": {}}, **out["diagnosis"])
+        ev = out["diagnosis"]["evidence"]
+        if isinstance(ev, dict) and isinstance(ev.get("holders"), list):
+            ev["holders"] = [{"pid": h.get("pid"), "fd": h.get("fd")} if isinstance(h, dict)
+                             else h for h in ev["holders"]]
+    if kind == "process" and isinstance(out.get("threads"), list):
+        out["threads"] = [dict(dict(_THREAD, **t), stack=[dict(_FRAME, **f)
+                                                           for f in t.get("stack", [])])
+                          if isinstance(t, dict) else t for t in out["threads"]]
+    return out

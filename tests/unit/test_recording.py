@@ -213,10 +213,12 @@ def test_report_over_two_captures():
                             [{"from_us": 8388608, "to_us": 16777216, "count": 2}],
                             "still_lingering": [dict(linger(2, ts=start, pid=pid), age_s=21.0)],
                             "write_errors": 0})
-    rep = report.build(rec)
+    rep = report.build(rec, by=["pid", "program"])
     assert rep["sockets"] == 6
-    assert [(p["pid"], p["count"]) for p in rep["by_process"]] == [(42, 3), (43, 3)]
-    assert rep["by_process"][0]["longest_s"] == 21.0
+    assert [(p["pid"], p["count"]) for p in rep["by_pid"]] == [(42, 3), (43, 3)]
+    assert rep["by_pid"][0]["longest_s"] == 21.0
+    # One program, two processes: one row.
+    assert [(p["program"], p["processes"], p["count"]) for p in rep["by_program"]] == [("srv", 2, 6)]
     assert rep["histogram_us"] == [{"from_us": 8388608, "to_us": 16777216, "count": 4}]
     assert len(rep["still_lingering"]) == 2
     assert rep["losses"]["gaps_between_captures"][0]["seconds"] == 980.0
@@ -258,9 +260,9 @@ def test_report_counts_sockets_known_only_from_a_snapshot():
         {"type": "snapshot", "ts": 5000.0, "lingering": [entry], "counters": {},
          "histogram_us": []},
     ])
-    rep = report.build(rec)
+    rep = report.build(rec, by=["pid"])
     assert rep["sockets"] == 1 and rep["still_lingering"][0]["rport"] == 40007
-    assert rep["by_process"][0]["pid"] == 42
+    assert rep["by_pid"][0]["pid"] == 42
 
 
 # Hostile values, not only byte flips: whole lines a foreign host (or a

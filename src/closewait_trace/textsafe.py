@@ -1,0 +1,235 @@
+"""What may reach a terminal, and how wide it is (pure).
+
+Process names, command lines, file names and every string read from a
+recording are controlled by someone else: a local user sets a process name
+with prctl(PR_SET_NAME), a recording may come from another host. Written raw
+to root's terminal, an ESC or OSC sequence clears the screen, sets the title
+or writes the clipboard (OSC 52), a CR or newline forges whole lines, and a
+bidi override reorders what the eye reads. So every text output path shows
+such strings through `escape` (or `fit`, which escapes first, then cuts on
+whole escapes, so that a cut never leaves an escape half-open).
+
+Shown escaped: C0 controls and DEL (`\\n`, `\\r`, `\\t`, `\\x1b`...), C1
+controls (U+0080-U+009F, `\\x9b`), invalid UTF-8 (a byte kept by
+surrogateescape as `\\xNN`, a replacement character as `\\ufffd`), format
+characters (bidi overrides and isolates U+202A-U+202E and U+2066-U+2069,
+zero-width characters, `\\u202e`), line and paragraph separators, and spaces
+other than the ASCII space. A backslash is doubled, so that an escape seen in
+the output always stands for the character, never for itself.
+
+JSON needs none of this (json.dumps escapes control characters), but must
+never carry bare NaN or Infinity, which are not JSON: `json_dumps` writes
+them as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from typing import Any
+
+ELLIPSIS = "\u2026"     # every cut shows it
+
+# Characters that need no look at all: printable ASCII without the backslash.
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
+# What the final safety pass over a whole line escapes (the backslash is not
+# in it: fields were escaped already, and a second escape would double it).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u00a0\u00ad\u061c\u180e\u2000-\u200f"
+                     "\u2028-\u202f\u205f-\u206f\u3000\ufeff\ufff9-\ufffd\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _needs_escape(ch: str) -> bool:
+    if ch in _SHORT:
+        return True
+    o = ord(ch)
+    if o < 0x20 or 0x7f <= o <= 0x9f:
+        return True
+    if o < 0x7f:
+        return False
+    if o == 0xfffd:                      # invalid UTF-8, decoded with "replace"
+        return True
+    cat = unicodedata.category(ch)
+    # Cc controls, Cf format (bidi, zero-width), Cs lone surrogates
+    # (surrogateescape'd bytes), Zl/Zp line breaks, Zs non-ASCII spaces.
+    return cat in ("Cc", "Cf", "Cs", "Zl", "Zp", "Zs")
+
+
+def _escape_char(ch: str) -> str:
+    short = _SHORT.get(ch)
+    if short:
+        return short
+    o = ord(ch)
+    if 0xdc80 <= o <= 0xdcff:           # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{o - 0xdc00:02x}"
+    if o <= 0xff:
+        return f"\\x{o:02x}"
+    if o <= 0xffff:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def _char_width(ch: str) -> int:
+    # The rule wcwidth() applies: East Asian wide and fullwidth characters
+    # take two columns, combining marks none. (Escaped characters never get
+    # here: an escape is plain ASCII.)
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _tokens(value: Any) -> list[tuple[str, int]]:
+    """The displayed pieces of value, each with its width: one per
+    character, an escape being one piece (never cut in the middle)."""
+    out = []
+    for ch in _text(value):
+        if _needs_escape(ch):
+            e = _escape_char(ch)
+            out.append((e, len(e)))
+        elif ord(ch) < 0x7f:
+            out.append((ch, 1))
+        else:
+            out.append((ch, _char_width(ch)))
+    return out
+
+
+def escape(value: Any) -> str:
+    """value as it may be shown on a terminal (see the module's docstring)."""
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    text = value if kind is str else _text(value)
+    # The common case, in C: printable ASCII without a backslash.
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return "".join(t for t, _ in _tokens(text))
+
+
+def width(value: Any) -> int:
+    """Terminal columns that escape(value) takes."""
+    text = _text(value)
+    if _PLAIN.fullmatch(text):
+        return len(text)
+    return sum(w for _, w in _tokens(text))
+
+
+def pieces(text: str) -> list[tuple[str, int]]:
+    """An escaped text in the pieces a cut must keep whole, with their
+    widths: an escape (`\\x1b`, `\\u202e`, `\\n`, `\\\\`) or one character."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n:
+            size = {"x": 4, "u": 6, "U": 10}.get(text[i + 1], 2)
+            out.append((text[i:i + size], min(size, n - i)))
+            i += size
+        else:
+            out.append((ch, 1 if ord(ch) < 0x7f else _char_width(ch)))
+            i += 1
+    return out
+
+
+def cut(text: str, columns: int) -> str:
+    """An escaped text cut to at most `columns` terminal columns; a cut ends
+    with an ellipsis and never splits an escape or a wide character."""
+    if width_of_escaped(text) <= columns:
+        return text
+    if columns <= 0:
+        return ""
+    out, used = [], 0
+    for piece, w in pieces(text):
+        if used + w > columns - 1:
+            break
+        out.append(piece)
+        used += w
+    return "".join(out) + ELLIPSIS
+
+
+def cut_middle(text: str, columns: int) -> str:
+    """Like cut, with the ellipsis in the middle: both ends of an address
+    say more than its middle."""
+    if width_of_escaped(text) <= columns:
+        return text
+    if columns <= 1:
+        return ELLIPSIS[:max(0, columns)]
+    parts = pieces(text)
+    room = columns - 1
+    head_room = (room + 1) // 2
+    head, used = [], 0
+    for piece, w in parts:
+        if used + w > head_room:
+            break
+        head.append(piece)
+        used += w
+    tail = []
+    for piece, w in reversed(parts[len(head):]):
+        if used + w > room:
+            break
+        tail.append(piece)
+        used += w
+    return "".join(head) + ELLIPSIS + "".join(reversed(tail))
+
+
+def fit(value: Any, columns: int) -> str:
+    """escape(value) cut to at most `columns` columns (see cut)."""
+    return cut(escape(value), columns)
+
+
+def fit_middle(value: Any, columns: int) -> str:
+    """escape(value) cut in the middle to at most `columns` columns."""
+    return cut_middle(escape(value), columns)
+
+
+def pad(text: str, columns: int, right: bool = False) -> str:
+    """An already escaped text padded to `columns` terminal columns."""
+    gap = max(0, columns - width_of_escaped(text))
+    return " " * gap + text if right else text + " " * gap
+
+
+def width_of_escaped(text: str) -> int:
+    """Columns of a text that is already safe (escaped): no escapes to add."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(ch) if ord(ch) >= 0x7f else 1 for ch in text)
+
+
+def safe_line(line: str) -> str:
+    """The last line of defence, applied to every finished text line: a
+    control, format or separator character that reached it through a field
+    not escaped on its way is escaped here. Costs one regex search."""
+    if _UNSAFE.search(line) is None:
+        return line
+    return _UNSAFE.sub(lambda m: _escape_char(m.group(0)), line)
+
+
+# ---------------------------------------------------------------- JSON
+
+def finite(value: Any) -> Any:
+    """value with every NaN or infinite float replaced by None (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any, **kwargs) -> str:
+    """json.dumps that never writes NaN or Infinity (not JSON; jq and most
+    parsers reject them): such a number is written as null. The common case
+    costs one dumps call."""
+    try:
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(finite(value), allow_nan=False, **kwargs)

@@ -1,0 +1,105 @@
+"""Text rendering of output records built by records.py (the layout's own
+tests are in test_render.py)."""
+
+import json
+import socket
+
+from closewait_trace import records, render, tcpstates
+from closewait_trace.events import Endpoints
+
+
+def linger_record(**over):
+    rec = {"type": "linger", "ts": 1_800_000_000.0, "family": "ipv4",
+           "laddr": "255.255.255.255", "lport": 65535, "raddr": "255.255.255.255",
+           "rport": 65535, "age_s": 723.0, "age_is_lower_bound": True,
+           "owners": [{"pid": 4194304, "comm": "averylongcomm15", "fd": 3, "state": "T",
+                       "cmdline": "x"}], "owner_kind": "fd",
+           "diagnosis": {"summary": "stopped by a signal: " + "x" * 100}}
+    rec.update(over)
+    return rec
+
+
+def test_default_text_fits_80_columns_even_at_the_widest_ipv4():
+    r = render.TextRenderer()
+    assert len(r.header()) <= 80
+    for line in r.render(linger_record()):
+        assert len(line) <= 80, line
+    closed = dict(linger_record(), type="closed", duration_s=5.0,
+                  duration_is_lower_bound=False, how="close",
+                  closed_by={"pid": 4194304, "comm": "averylongcomm15"})
+    for line in r.render(closed):
+        assert len(line) <= 80
+    assert all(len(l) <= 80 for l in render.banner(10**9, "local port 80,443; remote port 5432; ipv4 only"))
+
+
+def test_text_linger_and_closed_lines():
+    r = render.TextRenderer()
+    rec = linger_record(laddr="127.0.0.1", lport=5555, raddr="127.0.0.1", rport=33836,
+                        age_s=1.42, age_is_lower_bound=False,
+                        owners=[{"pid": 4242, "comm": "socat", "fd": 6, "state": "T", "cmdline": ""}],
+                        diagnosis={"summary": "stopped by a signal: 4242/socat"})
+    line, why = r.render(rec)
+    assert line.split()[1:] == ["LINGER", "127.0.0.1:5555", "127.0.0.1:33836", "1.4s", "4242/socat"]
+    assert why.strip() == "[T] stopped by a signal: 4242/socat"
+    closed = dict(rec, type="closed", duration_s=7.0, duration_is_lower_bound=True,
+                  how="reset", closed_by=None)
+    assert r.render(closed)[0].split()[1:] == ["RESET", "127.0.0.1:5555", "127.0.0.1:33836", ">=7.0s", "-"]
+
+
+def test_ipv6_uses_brackets_and_wide_mode():
+    rec = linger_record(family="ipv6", laddr="2001:db8::1", lport=443, raddr="2001:db8::2",
+                        rport=50000, age_is_lower_bound=False)
+    line = render.TextRenderer(wide=True).render(rec)[0]
+    assert "[2001:db8::1]:443" in line and "[2001:db8::2]:50000" in line
+
+
+def test_summary_lines_mention_losses():
+    rec = records.summary(10.0, 0.0, {"cw_enter": 3, "cw_exit": 2, "events_lost": 4,
+                                      "map_full": 1, "exit_untracked": 0},
+                          [0] * 64, [], 1, 0)
+    text = "\n".join(render.summary_lines(rec))
+    assert "4 events lost" in text and "1 sockets not timed" in text
+    json.dumps(rec)
+
+
+def test_transition_lines_align_and_fit():
+    from closewait_trace.events import KernelEvent
+    r = render.TextRenderer()
+    start = {"type": "start", "ts": 1_800_000_000.0, "threshold_s": 1.0, "filters": {},
+             "all_transitions": True}
+    header = r.render(start)[-1]
+    ev = KernelEvent(kind=3, ts_ns=0, skaddr=1, duration_ns=35_000, pid=7, tid=7, comm="python3",
+                     endpoints=Endpoints(socket.AF_INET, "255.255.255.255", 65535,
+                                         "255.255.255.255", 65535),
+                     oldstate=tcpstates.SYN_SENT, newstate=tcpstates.SYN_RECV)
+    rec = records.transition(ev, 1_800_000_000.0)
+    assert rec["task"] is None              # softirq transition: no task named
+    line = r.render(rec)[0]
+    assert len(line) <= 80 and line.index("255.") == header.index("LOCAL")
+    assert line.split()[1] == "SYNS>SYNR" and "35us" in line
+    first = records.transition(KernelEvent(**{**ev.__dict__, "duration_ns": 0,
+                                              "oldstate": tcpstates.CLOSE_WAIT,
+                                              "newstate": tcpstates.LAST_ACK}), 1.0)
+    assert first["prev_state_s"] is None and first["task"] == {"pid": 7, "comm": "python3"}
+    age, task = r.render(first)[-1].split()[-2:]
+    assert age == "?" and task == "7/python3"        # fits whole, even with --all
+
+
+def test_verbose_lines_take_threads_and_identity_from_the_process_record():
+    r = render.TextRenderer(verbose=True)
+    process = {"type": "process", "ts": 1.0, "pid": 4242, "comm": "srv",
+               "identity": {"user": "www", "container": {"runtime": "docker", "id": "ab" * 32},
+                            "pod_uid": None, "unit": None, "netns": 4026531840},
+               "threads": [{"tid": 4242, "state": "S", "syscall": "pause", "wchan": "sys_pause",
+                            "stack": [{"pc": "0x1", "function": "pause", "offset": 16,
+                                       "module": "/lib/libc.so.6", "method": "pc"}]}]}
+    assert r.render(process) == []            # shown through the linger lines
+    rec = linger_record(laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=5000,
+                        owners=[{"pid": 4242, "comm": "srv", "fd": 7, "state": "S", "ppid": 1,
+                                 "cmdline": "srv -d", "cloexec": False}],
+                        diagnosis={"summary": "blocked in pause", "evidence": {"holders": [
+                            {"pid": 4242, "fd": 7}]}})
+    text = "\n".join(r.render(rec))
+    assert "holder 4242/srv fd 7 no-cloexec [S] ppid 1: srv -d" in text
+    assert "user www, docker abababababab, netns 4026531840" in text
+    assert "thread 4242 [S] pause wchan sys_pause" in text and "pause+0x10 (libc.so.6) [pc]" in text

@@ -1,0 +1,155 @@
+"""report answers "what do I fix" (issue 12 §5): by cause, by program with
+the children of one server folded, by unit/container/pod where known, by
+port; the cause in each row; --by; estimated durations kept apart (issue 9);
+build() consumes a one-pass iterable."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from closewait_trace import recording, report
+from tests.unit import recordfactory
+
+T0 = 1_800_000_000.0
+
+
+def header(cid="cap", start=T0):
+    return {"type": "header", "format": recording.FORMAT, "format_version": 2,
+            "capture_id": cid, "part": 0, "start_ts": start, "hostname": "vm",
+            "threshold_s": 1.0, "filters": {}}
+
+
+def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None):
+    return {"type": "process", "ts": T0, "pid": pid, "comm": comm,
+            "cmdline": cmdline or comm,
+            "identity": {"user": "root", "unit": unit, "pod_uid": pod, "netns": 1,
+                         "container": {"runtime": "docker", "id": container * 8}
+                         if container else None}}
+
+
+def linger(i, pid, comm="socat", cause="stopped", lport=5555, age=1.4, cmdline=None, **over):
+    rec = {"type": "linger", "ts": T0 + 1 + i, "family": "ipv4", "laddr": "127.0.0.1",
+           "lport": lport, "raddr": "127.0.0.1", "rport": 40000 + i, "age_s": age,
+           "age_is_lower_bound": False, "update": False, "owner_kind": "fd",
+           "owners": [{"pid": pid, "comm": comm, "fd": 6, "state": "T",
+                       "cmdline": cmdline if cmdline is not None else f"{comm} -T 1"}],
+           "diagnosis": {"cause": cause, "summary": f"{cause}: {pid}/{comm}"}}
+    rec.update(over)
+    return rec
+
+
+def closed(i, duration, **over):
+    rec = {"type": "closed", "ts": T0 + 10 + i, "family": "ipv4", "laddr": "127.0.0.1",
+           "lport": over.pop("lport", 5555), "raddr": "127.0.0.1", "rport": 40000 + i,
+           "duration_s": duration, "duration_is_lower_bound": False, "how": "close",
+           "closed_by": {"pid": 1, "comm": "x"}}
+    rec.update(over)
+    return rec
+
+
+def seed_like():
+    """Five stopped socat children of one listener, one C program blocked in
+    pause(), in a systemd unit; one socket already in CLOSE_WAIT at start
+    with an estimated age."""
+    recs = [header()]
+    for i, pid in enumerate(range(9956, 9976, 4)):
+        recs += [process(pid), linger(i, pid)]
+    recs += [process(9952, "hold_fp", unit="hold.service", cmdline="/tmp/hold_fp 6001"),
+             linger(5, 9952, "hold_fp", "blocked_elsewhere", lport=6001, cmdline="/tmp/hold_fp 6001"),
+             process(7000, "java", container="ab", pod="1234abcd-0000-0000-0000-000000000000"),
+             linger(6, 7000, "java", "ignoring_eof", lport=8080, age=6.5,
+                    age_source="estimated", age_max_s=9.0)]
+    recs += [closed(i, 7.2 - i) for i in range(5)]
+    recs += [closed(5, 4.0, lport=6001), closed(6, 15.5, lport=8080, duration_source="estimated",
+                                                duration_max_s=18.0)]
+    recs.append({"type": "summary", "ts": T0 + 20, "histogram_us":
+                 [{"from_us": 2097152, "to_us": 4194304, "count": 3}], "still_lingering": [],
+                 "write_errors": 0})
+    return recs
+
+
+def test_five_children_of_one_server_are_one_program_row_with_the_cause():
+    rep = report.build(iter(seed_like()))          # a one-pass iterator is enough
+    programs = {r["program"]: r for r in rep["by_program"]}
+    socat = programs["socat"]
+    assert socat["processes"] == 5 and socat["count"] == 5 and socat["causes"] == {"stopped": 5}
+    assert programs["hold_fp"]["causes"] == {"blocked_elsewhere": 1}
+    causes = {r["cause"]: r for r in rep["by_cause"]}
+    assert causes["stopped"]["programs"] == {"socat": 5}
+    assert set(causes) == {"stopped", "blocked_elsewhere", "ignoring_eof"}
+    text = "\n".join(report.render_text(rep))
+    assert "socat (5 processes)" in text
+    row = next(l for l in text.splitlines() if "socat (5 processes)" in l)
+    assert row.rstrip().endswith("stopped")
+
+
+def test_unit_container_and_pod_where_known():
+    rep = report.build(seed_like())
+    assert rep["groupings"] == ["cause", "program", "unit", "container", "pod", "port", "peer"]
+    units = {r["unit"]: r["count"] for r in rep["by_unit"]}
+    assert units == {"hold.service": 1, "(not known)": 6}
+    assert {r["container"] for r in rep["by_container"]} == {"docker " + "ab" * 6, "(not known)"}
+    assert any(r["pod"].startswith("1234abcd") for r in rep["by_pod"])
+    ports = {r["port"]: r["count"] for r in rep["by_port"]}
+    assert ports == {5555: 5, 6001: 1, 8080: 1}
+
+
+def test_unknown_groupings_are_left_out_unless_asked_for():
+    recs = [r for r in seed_like() if r.get("type") != "process"]
+    rep = report.build(recs)
+    assert "unit" not in rep["groupings"] and "by_unit" not in rep
+    rep = report.build(recs, by=["unit", "pid"])
+    assert rep["groupings"] == ["unit", "pid"] and "by_cause" not in rep
+    assert rep["by_unit"][0]["unit"] == "(not known)"
+    with pytest.raises(ValueError):
+        report.build(recs, by=["nonsense"])
+
+
+def test_estimated_durations_are_kept_apart_and_counted():
+    rep = report.build(seed_like())
+    assert rep["durations"] == {"traced": 6, "estimated": 1, "lower_bound": 0}
+    assert sum(b["count"] for b in rep["estimated_histogram_us"]) == 1
+    assert sum(b["count"] for b in rep["histogram_us"]) == 3      # the kernel's, untouched
+    java = next(r for r in rep["by_program"] if r["program"] == "java")
+    assert java["estimated"] == 1 and java["longest_source"] == "estimated"
+    text = "\n".join(report.render_text(rep))
+    assert "1 estimated" in text and "~15.5s" in text and "Estimated, not timed" in text
+
+
+def test_old_records_without_sources_mean_what_they_meant():
+    recs = [header(), linger(0, 1, age=3.0, age_is_lower_bound=True),
+            closed(0, 5.0, duration_is_lower_bound=True)]
+    rep = report.build(recs)
+    assert rep["durations"]["lower_bound"] == 1
+    assert ">=5.0s" in "\n".join(report.render_text(rep))
+
+
+def test_cli_report_by_and_json_agree(tmp_path):
+    path = tmp_path / "seed.jsonl"
+    path.write_text("".join(json.dumps(recordfactory.complete(r)) + "\n" for r in seed_like()))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "closewait_trace", "report", *args],
+                              capture_output=True, text=True, timeout=60)
+    result = run("--json", "--by", "cause,program", str(path))
+    assert result.returncode == 0, result.stderr
+    rep = json.loads(result.stdout)
+    assert rep["groupings"] == ["cause", "program"]
+    text = run("--by", "program", "--by", "port", str(path)).stdout
+    assert "By program" in text and "By local port" in text and "By cause" not in text
+    bad = run("--by", "colour", str(path))
+    assert bad.returncode == 2 and "colour" in bad.stderr
+
+
+def test_names_are_escaped_once_in_every_table():
+    """Escaped before it is cut or padded, and only once: `\\x1b` in the
+    output stands for an ESC, `\\\\` for a backslash."""
+    recs = [header(), process(1, "ev\x1bil\\"), process(2, "ev\x1bil\\"),
+            linger(0, 1, "ev\x1bil\\", cmdline="ev"), linger(1, 2, "ev\x1bil\\", cmdline="ev"),
+            linger(2, 3, "x", raddr="10.0.0.1\\\x1b" + "9" * 40)]
+    text = "\n".join(report.render_text(report.build(recs, by=["program", "pid", "peer"])))
+    assert "ev\\x1bil\\\\ [ev] (2 processes)" in text
+    assert "1/ev\\x1bil\\\\" in text
+    assert "\\\\\\x1b" in text and "\\\\\\\\" not in text
