@@ -83,6 +83,19 @@ class WhenType(click.ParamType):
         return value
 
 
+class ListenType(click.ParamType):
+    name = "[ADDR:]PORT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from closewait_trace.metrics import parse_listen
+        try:
+            return parse_listen(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class Output:
     """Writes records to stdout as text or JSON lines. A closed pipe (the
     reader went away, e.g. `| head`) ends output quietly."""
@@ -162,6 +175,9 @@ def fail(err: UserError) -> None:
 @click.option("-z", "--compress", is_flag=True, help="With -w: gzip the recording.")
 @click.option("--snapshot-interval", type=DurationType(), default="60s", show_default=True,
               help="With -w: how often to record the set of lingering sockets.")
+@click.option("--metrics", "metrics_listen", type=ListenType(),
+              help="Serve Prometheus metrics on [ADDR:]PORT (address 127.0.0.1 "
+                   "unless given; 9477 is the usual port).")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); filters apply.")
 @click.option("--pid", "pids", type=int, multiple=True,
@@ -174,7 +190,7 @@ def fail(err: UserError) -> None:
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interval,
                max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size, rotate_count,
-               compress, snapshot_interval, read_path, pids, comms, since, until):
+               compress, snapshot_interval, metrics_listen, read_path, pids, comms, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
     why.
@@ -195,6 +211,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
     if read_path:
         if write_path:
             raise click.UsageError("-r and -w exclude each other")
+        if metrics_listen:
+            raise click.UsageError("--metrics serves a live trace: it does not go with -r")
         run_replay(read_path, socket_filter, pids, comms, since, until,
                    Output(as_json, renderer))
         return
@@ -203,7 +221,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
         if value:
             raise click.UsageError(f"{name} filters a replay: use it with -r FILE")
     if not write_path:
-        for name, value in (("-q", quiet), ("--force", force), ("-C", rotate_size),
+        for name, value in (("-q", quiet and not metrics_listen), ("--force", force), ("-C", rotate_size),
                             ("-W", rotate_count), ("-z", compress)):
             if value:
                 raise click.UsageError(f"{name} goes with -w FILE")
@@ -217,7 +235,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, interv
                          max_bytes=rotate_size, max_files=rotate_count,
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
-             Output(as_json, renderer, quiet=quiet), recording, all_transitions)
+             Output(as_json, renderer, quiet=quiet), recording, all_transitions,
+             metrics_listen)
 
 
 def run_replay(path, socket_filter, pids, comms, since, until, out):
@@ -268,7 +287,7 @@ def report_command(files, as_json, top):
 
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
-             recording_options=None, all_transitions=False):
+             recording_options=None, all_transitions=False, metrics_listen=None):
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
@@ -288,6 +307,12 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     tracer = LiveTracer(config=config, socket_filter=socket_filter,
                         emit=lambda rec: [sink(rec) for sink in sinks],
                         tick_s=tick_ns / 1e9, flush=out.flush)
+    if metrics_listen:
+        from closewait_trace.metrics import MetricsSink
+        metrics = MetricsSink(*metrics_listen)
+        metrics.serve()          # a port in use fails before anything loads
+        sinks.append(metrics.emit)
+        tracer.tick_sinks.append(metrics)
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.

@@ -59,6 +59,7 @@ class LiveTracer:
     flush: Callable[[], None] = lambda: None   # end of a pass: push output out
     recorder: object = None            # recording.Recorder, with -w
     snapshot_s: float = 60.0
+    tick_sinks: list = field(default_factory=list)   # sinks.Sink: tick(view) after each tick
     _map_version: tuple = ()
     _final_drain: bool = False
     tick_stats: dict = field(default_factory=lambda: {
@@ -166,12 +167,26 @@ class LiveTracer:
             self.report(due, now_ns)
             self.tick_stats["resolve_max_ms"] = max(self.tick_stats["resolve_max_ms"],
                                                     (time.monotonic() - resolving) * 1000)
+        if self.tick_sinks:
+            self.tick_view(counters, now_ns)
         elapsed = (time.monotonic() - started) * 1000
         stats["ticks"] += 1
         if not due and not read_map:    # nothing changed: the steady-state cost
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
+
+    def tick_view(self, counters: dict, now_ns: int) -> None:
+        from closewait_trace.sinks import TickView
+        threshold = self.config.threshold_ns
+        sum_ns = getattr(self.probe, "histogram_sum_ns", None)
+        view = TickView(wall_ts=time.time(), now_ns=now_ns, threshold_ns=threshold,
+                        counters=counters, histogram=self.probe.histogram(),
+                        histogram_sum_ns=sum_ns() if sum_ns else None,
+                        lingering=lambda: [l for l in self.tracker.lingering()
+                                           if l.age_ns(now_ns) >= threshold])
+        for sink in self.tick_sinks:
+            sink.tick(view)
 
     def report(self, due: list[Lingerer], now_ns: int) -> None:
         resolved = owners.resolve([l.endpoints for l in due], self.proc)
