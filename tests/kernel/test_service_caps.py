@@ -131,3 +131,70 @@ def test_one_capability_less_is_not_enough(procs):
             continue            # it could not trace at all, or missed sockets
         assert comparable(records, port) != comparable(as_root, root_port), \
             f"CAP_{dropped.upper()} is not needed"
+
+
+def unit_command(state_dir, metrics_port: int) -> list[str]:
+    """The unit's ExecStart, run here: state dir and metrics port moved."""
+    import shlex
+    text = UNIT.read_text().replace("\\\n", " ")
+    line = re.search(r"^ExecStart=(.*)$", text, re.M).group(1)
+    argv = shlex.split(line)
+    assert argv[0] == "/opt/closewait-trace/bin/closewait-trace"
+    out = [sys.executable, "-m", "closewait_trace"]
+    for arg in argv[1:]:
+        arg = arg.replace("/var/lib/closewait-trace/", f"{state_dir}/")
+        out.append(arg.replace("127.0.0.1:9477", f"127.0.0.1:{metrics_port}"))
+    return out
+
+
+def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
+    """What systemd runs, with the unit's capabilities: it records quietly,
+    serves metrics, and `systemctl stop` (SIGTERM) ends the recording with
+    its summary."""
+    from closewait_trace import recording
+    port = free_port()
+    metrics_port = free_port()
+    cmd = restricted(unit_capabilities()) + unit_command(tmp_path, metrics_port)
+    tracer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: b"closewait_entered_total" in _scrape(metrics_port), timeout=30,
+                   what="metrics served")
+        server = subprocess.Popen(NOBODY + ["socat", f"tcp4-listen:{port},reuseaddr,fork",
+                                            "system:kill -STOP $SOCAT_PID"])
+        procs.append(server)
+        wait_until(lambda: f":{port} " in subprocess.run(
+            ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
+        for _ in range(5):
+            subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
+                           check=True, timeout=10)
+        wait_until(lambda: b'comm="socat"' in _scrape(metrics_port) and
+                   re.search(rb'closewait_lingering_sockets\{comm="socat",port="%d".*\} 5\.0' % port,
+                             _scrape(metrics_port)), timeout=20, what="5 sockets in the metrics")
+        tracer.send_signal(signal.SIGTERM)
+        out, err = tracer.communicate(timeout=30)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    assert tracer.returncode == 0, err
+    assert out == "" and "Traceback" not in err
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["closewait.jsonl.gz"]
+    assert files[0].stat().st_mode & 0o777 == 0o600
+    rec = recording.read([str(files[0])])
+    types = [r["type"] for r in rec.records]
+    assert types[0] == "header" and types[-1] == "summary", types
+    summary = rec.records[-1]
+    # The unit traces the whole machine (other tests run beside this one):
+    # ours are the sockets on our port.
+    ours = [s for s in summary["still_lingering"] if s["lport"] == port]
+    assert len(ours) == 5 and summary["linger_reported"] >= 5
+    assert all(s["owners"][0]["comm"] == "socat" for s in ours)
+
+
+def _scrape(port: int) -> bytes:
+    import urllib.request
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return b""
