@@ -177,3 +177,61 @@ def test_bash_completion_from_click():
              "_closewait_trace_completion closewait-trace; printf '%s\\n' \"${COMPREPLY[@]}\"")
     res = run(["bash", "-c", probe], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert res.stdout.split() == ["--metrics", "report"], res.stdout + res.stderr
+
+
+# --- set-up: production runtime vs test tools ----------------------------------
+
+def setup_plan(action: str) -> tuple[set, str]:
+    if os.geteuid() != 0:
+        pytest.skip("scripts/setup.sh runs as root")
+    res = run(["bash", str(ROOT / "scripts" / "setup.sh"), action],
+              env=dict(os.environ, SETUP_PLAN_ONLY="1"))
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    return set(lines["packages"].split()), lines["python"]
+
+
+def third_party_imports() -> set:
+    """Top-level modules the package imports that are not its own or stdlib."""
+    import ast
+    found = set()
+    for path in (ROOT / "src" / "closewait_trace").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m != "closewait_trace"}
+
+
+def test_trace_installs_the_runtime_only():
+    packages, python = setup_plan("trace")
+    assert python == "closewait-trace"            # no [test] extras: no pytest, hypothesis
+    for tool in ("gcc", "libc6-dev", "gdb", "strace", "binutils", "socat", "bpfcc-tools",
+                 "vagrant", "prometheus", "python3-pytest", "python3-hypothesis"):
+        assert tool not in packages, tool
+    # Everything the package imports comes from the distro with the runtime.
+    debian = {"bcc": "python3-bpfcc", "click": "python3-click", "elftools": "python3-pyelftools",
+              "prometheus_client": "python3-prometheus-client"}
+    imported = third_party_imports()
+    assert imported <= set(debian), imported - set(debian)
+    assert {debian[m] for m in imported} <= packages
+    assert setup_plan("service") == (packages, python)
+
+
+def test_test_installs_the_test_tools():
+    packages, python = setup_plan("test")
+    assert python == "closewait-trace[test]"
+    assert {"gcc", "gdb", "strace", "socat", "prometheus", "man-db", "systemd"} <= packages
+    assert setup_plan("trace")[0] < packages
+
+
+def test_license_matches_pyproject():
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
+    deps = {re.split(r"[<>=]", d)[0] for d in meta["dependencies"]}
+    assert deps == {"click", "pyelftools", "prometheus-client"}
