@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import sys
 import subprocess
 import time
 import urllib.parse
@@ -128,3 +130,64 @@ def test_real_prometheus_scrapes_the_seed_scenario(procs, prometheus_for):
     assert prom.scalar('closewait_duration_seconds_bucket{le="0.524288"}') == 0.0
     assert prom.scalar('closewait_duration_seconds_bucket{le="+Inf"}') == 5.0
     tracer.stop(signal.SIGTERM)
+
+
+# Accepts N connections; each goes to a child of its own, renamed w000..wN
+# (prctl PR_SET_NAME), which holds it and never reads or closes; the parent
+# keeps no copy. Prints "ready" once listening, "held" once all are handed out.
+NAMED_HOLDERS = r"""
+import ctypes, os, socket, sys, time
+libc = ctypes.CDLL(None)
+n, port = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen(1024)
+print("ready", flush=True)
+for i in range(n):
+    conn, _ = srv.accept()
+    if os.fork() == 0:
+        srv.close()
+        libc.prctl(15, f"w{i:03d}".encode(), 0, 0, 0)      # PR_SET_NAME
+        while True:
+            time.sleep(3600)
+    conn.close()
+print("held", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_cardinality_cap_with_500_real_process_names(procs):
+    from prometheus_client.parser import text_string_to_metric_families
+    from closewait_trace.metrics import MAX_SERIES
+    port, metrics_port = free_port(), free_port()
+    tracer = Tracer(["-p", str(port), "-t", "500ms", "--metrics", str(metrics_port)]).start()
+    procs.append(tracer)
+    server = subprocess.Popen([sys.executable, "-c", NAMED_HOLDERS, "500", str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    clients = []
+    for _ in range(500):
+        c = socket.create_connection(("127.0.0.1", port))
+        clients.append(c)
+    assert server.stdout.readline().strip() == "held"
+    for c in clients:
+        c.close()
+
+    def gauge():
+        text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
+        return [s for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == "closewait_lingering_sockets"]
+    wait_until(lambda: sum(s.value for s in gauge()) == 500, timeout=60,
+               what="500 sockets in the metrics")
+    samples = gauge()
+    assert len(samples) == MAX_SERIES + 1
+    names = {s.labels["comm"] for s in samples}
+    assert "other" in names and len(names) == MAX_SERIES + 1
+    assert all(s.labels["side"] == "server" and s.labels["port"] == str(port)
+               for s in samples if s.labels["comm"] != "other")
+    other = [s for s in samples if s.labels["comm"] == "other"]
+    assert other[0].value == 500 - MAX_SERIES
+    tracer.stop()

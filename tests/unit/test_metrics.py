@@ -4,6 +4,7 @@ histogram, and the exposition prometheus-client serves from a snapshot."""
 import socket
 import subprocess
 import shutil
+import sys
 import urllib.request
 
 import pytest
@@ -185,3 +186,17 @@ def test_served_over_http_and_promtool_accepts(tmp_path):
         res = subprocess.run(["promtool", "check", "metrics"], input=body,
                              capture_output=True, timeout=30)
         assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--metrics", "banana"], "not a port"),
+    (["--metrics", "localhost:9477"], "not an IP address"),
+    (["--metrics", "::1:9477"], "[ADDR]:PORT"),
+    (["--metrics", "9477", "-r", "x.jsonl"], "does not go with -r"),
+    (["-q"], "-q goes with -w"),          # -q alone would trace into the void
+])
+def test_metrics_option_errors_are_one_line(args, needle):
+    res = subprocess.run([sys.executable, "-m", "closewait_trace", *args],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
