@@ -18,6 +18,7 @@ side="other".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable, Optional
 
@@ -68,6 +69,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return addr, int(text)
 
 
+@functools.lru_cache(maxsize=4096)      # names repeat across sockets and ticks
 def clean_label(text: str) -> str:
     """A label value from a string a local user controls (a process name):
     unprintable characters and undecodable bytes become \\xNN, so the
@@ -117,6 +119,10 @@ class MetricsState:
         self.keep_zero_s = keep_zero_s
         self.last_seen: dict[tuple, float] = {}
         self.lingered: dict[str, int] = {}
+        # id(lingerer) -> (its ownership when labelled, labels): a socket's
+        # labels change only when it is resolved again, so a tick with
+        # 100,000 lingering sockets does not recompute them.
+        self._labels: dict[int, tuple] = {}
 
     def count_lingered(self, cause: str) -> None:
         cause = clean_label(cause)
@@ -126,16 +132,28 @@ class MetricsState:
 
     def per_series(self, lingering: Iterable, now_ns: int, wall_ts: float) -> dict:
         """{(comm, port, side): [count, oldest_age_s]}, capped."""
-        current: dict[tuple, list] = {}
+        # key -> [count, the socket that entered CLOSE_WAIT first]: one
+        # comparison per socket; ages are computed once per series.
+        groups: dict[tuple, list] = {}
+        cache, labels = self._labels, {}
         for l in lingering:
-            key = socket_labels(l)
-            age = l.age_ns(now_ns) / 1e9
-            slot = current.get(key)
+            ident = id(l)
+            cached = cache.get(ident)
+            if cached is not None and cached[0] is l.ownership:
+                key = cached[1]
+            else:
+                key = socket_labels(l)
+            labels[ident] = (l.ownership, key)
+            slot = groups.get(key)
             if slot is None:
-                current[key] = [1, age]
+                groups[key] = [1, l]
             else:
                 slot[0] += 1
-                slot[1] = max(slot[1], age)
+                if l.enter_ns < slot[1].enter_ns:
+                    slot[1] = l
+        self._labels = labels
+        current = {key: [count, first.age_ns(now_ns) / 1e9]
+                   for key, (count, first) in groups.items()}
         for key in current:
             self.last_seen[key] = wall_ts
         for key in [k for k, ts in self.last_seen.items()

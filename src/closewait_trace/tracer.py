@@ -180,11 +180,14 @@ class LiveTracer:
         from closewait_trace.sinks import TickView
         threshold = self.config.threshold_ns
         sum_ns = getattr(self.probe, "histogram_sum_ns", None)
+        cutoff = now_ns - threshold
         view = TickView(wall_ts=time.time(), now_ns=now_ns, threshold_ns=threshold,
                         counters=counters, histogram=self.probe.histogram(),
                         histogram_sum_ns=sum_ns() if sum_ns else None,
+                        # enter_ns <= cutoff is age_ns(now) >= threshold without
+                        # a call per socket (there may be 100,000).
                         lingering=lambda: [l for l in self.tracker.lingering()
-                                           if l.age_ns(now_ns) >= threshold])
+                                           if l.enter_ns <= cutoff])
         for sink in self.tick_sinks:
             sink.tick(view)
 
