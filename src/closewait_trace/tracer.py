@@ -77,6 +77,11 @@ class LiveTracer:
         self.stopping = True
 
     def start(self) -> None:
+        # Handlers before anything else: a SIGTERM (systemctl stop) or Ctrl-C
+        # while the program compiles, or just after the start record, must
+        # end the trace with its summary, not kill it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
         self.probe = KernelProbe(self.config)
         self.probe.start(self._on_event)
         self.start_ns = kernel_clock_ns(self.probe.boot_clock)
