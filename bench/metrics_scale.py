@@ -68,20 +68,22 @@ class Scraper(threading.Thread):
 def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
     groups = [per_process] * (total // per_process) + ([total % per_process] if total % per_process else [])
     metrics_port = bench.free_port()
-    cmd = bench.TRACER + ["--json", "-t", "1s", "-i", "500ms"]
+    # Traced with a port filter: on a shared machine, other people's sockets
+    # in CLOSE_WAIT would otherwise be measured too.
+    ports = [bench.free_port() for _ in groups]
+    cmd = bench.TRACER + ["--json", "-t", "1s", "-i", "500ms",
+                          "-p", ",".join(str(p) for p in ports)]
     if scrape is not None:
         cmd += ["--metrics", str(metrics_port)]
     tracer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    holders, clients, ports = [], [], []
+    holders, clients = [], []
     scraper = None
     try:
         assert tracer.stdout.readline().startswith('{"type": "start"')
         if scrape is not None:
             scraper = Scraper(metrics_port, scrape)
             scraper.start()
-        for n in groups:
-            port = bench.free_port()
-            ports.append(port)
+        for n, port in zip(groups, ports):
             h = subprocess.Popen([sys.executable, "-c", bench.HOLDER, str(port), str(n)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert h.stdout.readline().strip() == "ready"
