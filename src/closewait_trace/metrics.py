@@ -44,6 +44,10 @@ MAX_CAUSES = 32
 # is about 51 days); a longer stay counts in +Inf only.
 HIST_TOP_SLOT = 42
 OTHER = ("other", "other", "other")
+# The snapshot is rebuilt at most this often: building it walks every
+# lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
+# docs/benchmarks.md), and nobody scrapes more often than once a second.
+MIN_REFRESH_S = 1.0
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -254,6 +258,7 @@ class MetricsSink:
                  max_series: int = MAX_SERIES):
         self.addr, self.port = addr, port
         self.state = MetricsState(max_series)
+        self._built_at = float("-inf")
         self.collector = SnapshotCollector()
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
@@ -276,6 +281,9 @@ class MetricsSink:
             self.state.count_lingered(str(diag.get("cause") or "unknown"))
 
     def tick(self, view) -> None:
+        if view.wall_ts - self._built_at < MIN_REFRESH_S:
+            return
+        self._built_at = view.wall_ts
         self.collector.families = build_families(view, self.state)
 
     def flush(self) -> None:

@@ -200,3 +200,13 @@ def test_metrics_option_errors_are_one_line(args, needle):
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_snapshot_rebuilt_at_most_once_a_second():
+    sink = metrics.MetricsSink()
+    sink.tick(view([lingerer("a")], wall=1000.0))
+    sink.tick(view([lingerer("a"), lingerer("b")], wall=1000.5))     # too soon: kept
+    assert sum(v for _, v in scrape(sink)["closewait_lingering_sockets"]) == 1
+    sink.tick(view([lingerer("a"), lingerer("b")], wall=1001.0))
+    assert sum(v for _, v in scrape(sink)["closewait_lingering_sockets"]) == 2
+    assert scrape(sink)["closewait_last_tick_timestamp_seconds"] == [({}, 1001.0)]
