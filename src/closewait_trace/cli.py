@@ -105,6 +105,19 @@ class WhenType(click.ParamType):
         return value
 
 
+class ListenType(click.ParamType):
+    name = "[ADDR:]PORT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from closewait_trace.metrics import parse_listen
+        try:
+            return parse_listen(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class Output:
     """The terminal sink: records to stdout as text or JSON lines.
 
@@ -249,6 +262,9 @@ def fail(err: UserError) -> None:
               help="With -w: gzip the recording (FILE gets .gz if it lacks it).")
 @click.option("--snapshot-interval", type=DurationType(), default="60s", show_default=True,
               help="With -w: how often to record the set of lingering sockets.")
+@click.option("--metrics", "metrics_listen", type=ListenType(),
+              help="Serve Prometheus metrics on [ADDR:]PORT (address 127.0.0.1 "
+                   "unless given; 9477 is the usual port).")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); - reads stdin; filters apply.")
 @click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
@@ -268,8 +284,8 @@ def fail(err: UserError) -> None:
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_format, interval,
                max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size,
-               rotate_seconds, rotate_count, compress, snapshot_interval, read_path, pids, comms,
-               cgroups, containers, units, since, until):
+               rotate_seconds, rotate_count, compress, snapshot_interval, metrics_listen,
+               read_path, pids, comms, cgroups, containers, units, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
     why.
@@ -298,6 +314,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     if read_path:
         if write_path:
             raise click.UsageError("-r and -w exclude each other")
+        if metrics_listen:
+            raise click.UsageError("--metrics serves a live trace: it does not go with -r")
         run_replay(read_path, socket_filter, holder_filter, since, until,
                    Output(as_json, renderer))
         return
@@ -305,8 +323,9 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
         if value:
             raise click.UsageError(f"{name} filters a replay: use it with -r FILE")
     if not write_path:
-        for name, value in (("-q", quiet), ("--force", force), ("-C", rotate_size),
-                            ("-G", rotate_seconds), ("-W", rotate_count), ("-z", compress)):
+        for name, value in (("-q", quiet and not metrics_listen), ("--force", force),
+                            ("-C", rotate_size), ("-G", rotate_seconds), ("-W", rotate_count),
+                            ("-z", compress)):
             if value:
                 raise click.UsageError(f"{name} goes with -w FILE")
     if write_path == "-":
@@ -331,7 +350,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
              Output(as_json, renderer, quiet=quiet), recording, all_transitions,
-             holder_filter)
+             holder_filter, metrics_listen)
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
@@ -474,7 +493,8 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
 
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
-             recording_options=None, all_transitions=False, holder_filter=HolderFilter()):
+             recording_options=None, all_transitions=False, holder_filter=HolderFilter(),
+             metrics_listen=None):
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
@@ -500,6 +520,11 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # Nobody reads the trace any more (`| head -1`): end it the normal way.
     out.on_reader_gone = tracer.request_stop
     recorder = None
+    if metrics_listen:
+        from closewait_trace.metrics import MetricsSink
+        metrics = MetricsSink(*metrics_listen)
+        metrics.serve()          # a port in use fails before anything loads
+        tracer.sinks.append(metrics)
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.

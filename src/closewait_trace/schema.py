@@ -9,13 +9,18 @@ to the current shape by `upgrade` so that the renderer and the report know
 one shape only.
 
 Extra keys are tolerated on reading (a newer writer may add fields); missing
-ones, wrong types and non-finite numbers are not.
+ones, wrong types and non-finite numbers are not. The check is written here
+against the TypedDicts (a few dozen lines) rather than taken from a library:
+the tool's runtime comes from the distribution's packages alone, and none of
+Debian's validators checks TypedDicts strictly (no "5" for 5, no 1 for true).
 """
 
 # No `from __future__ import annotations`: TypedDict must see NotRequired.
 from typing import Annotated, Any, Literal, NotRequired, Optional, TypedDict, Union
 
-import msgspec
+import math
+import typing
+from dataclasses import dataclass
 
 # Version 2: each fact once. A linger record's holders are in `owners` only
 # (with close-on-exec, exiting and tracer, which version 1 kept in a second
@@ -25,14 +30,22 @@ import msgspec
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field (Annotated metadata)."""
+    ge: float
+    le: float = float("inf")
+
+
 # Numbers a hostile file could make absurd: bounded so that a reader can do
 # arithmetic on them (NaN and infinities fail these bounds).
-Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
-Epoch = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
-Pid = Annotated[int, msgspec.Meta(ge=0, le=1 << 32)]
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Fd = Annotated[int, msgspec.Meta(ge=-1, le=1 << 31)]
+Seconds = Annotated[float, Range(0, 1e12)]
+Epoch = Annotated[float, Range(0, 1e11)]
+Count = Annotated[int, Range(0)]
+Pid = Annotated[int, Range(0, 1 << 32)]
+Port = Annotated[int, Range(0, 65535)]
+Fd = Annotated[int, Range(-1, 1 << 31)]
 
 AgeSource = Literal["traced", "estimated", "lower_bound"]
 
@@ -298,13 +311,110 @@ def problem(rec: Any) -> Optional[str]:
     spec = RECORD_TYPES.get(kind) if isinstance(kind, str) else None
     if spec is None:
         return f"unknown record type {str(kind)[:40]!r}"
-    try:
-        msgspec.convert(rec, spec)
-    except msgspec.ValidationError as exc:
-        return f"{kind}: {str(exc)[:200]}"
-    except RecursionError:
-        return f"{kind}: nested too deeply"
-    return None
+    wrong = _checker(spec)(rec, "$")
+    return f"{kind}: {wrong}" if wrong else None
+
+
+_CHECKERS: dict = {}
+
+
+def _checker(tp: Any):
+    """A function (value, path) -> what is wrong, or None, for the type tp,
+    built once per type from the definitions above (reading typing's
+    introspection per value would cost ten times more). The types form a
+    finite tree with no Any, so a check is bounded by them, whatever the
+    value (a deeply nested hostile value fails at the first wrong level)."""
+    key = repr(tp)
+    check = _CHECKERS.get(key)
+    if check is None:
+        check = _CHECKERS[key] = _build(tp)
+    return check
+
+
+def _build(tp: Any):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    name = type_name(tp)
+    if origin is Annotated:
+        base = _checker(args[0])
+        ranges = [m for m in args[1:] if isinstance(m, Range)]
+
+        def annotated(value, path):
+            wrong = base(value, path)
+            if wrong:
+                return wrong
+            for r in ranges:
+                if not r.ge <= value <= r.le:
+                    return f"{path}: {value!r} is out of range"
+            return None
+        return annotated
+    if origin is NotRequired:
+        return _checker(args[0])
+    if origin is Union:
+        options = [_checker(a) for a in args]
+
+        def union(value, path):
+            if any(opt(value, path) is None for opt in options):
+                return None
+            return f"{path}: expected {name}"
+        return union
+    if origin is Literal:
+        allowed = {(type(a), a) for a in args}
+        return lambda value, path: (None if type(value) in (str, int, bool)
+                                    and (type(value), value) in allowed
+                                    else f"{path}: expected {name}")
+    if origin is list:
+        item = _checker(args[0])
+
+        def a_list(value, path):
+            if not isinstance(value, list):
+                return f"{path}: expected a list"
+            for i, v in enumerate(value):
+                wrong = item(v, path)
+                if wrong:
+                    return wrong.replace(path, f"{path}[{i}]", 1)
+            return None
+        return a_list
+    if origin is dict:
+        item = _checker(args[1])
+
+        def a_dict(value, path):
+            if not isinstance(value, dict):
+                return f"{path}: expected an object"
+            for v in value.values():
+                wrong = item(v, path)
+                if wrong:
+                    return wrong
+            return None
+        return a_dict
+    if typing.is_typeddict(tp):
+        required = tuple(tp.__required_keys__)
+        _CHECKERS[repr(tp)] = lambda value, path: typed(value, path)   # for recursion
+
+        def typed(value, path):
+            if not isinstance(value, dict):
+                return f"{path}: expected {name}"
+            for k in required:
+                if k not in value:
+                    return f"{path}: missing {k}"
+            for k, check in checks:
+                if k in value:
+                    wrong = check(value[k], f"{path}.{k}")
+                    if wrong:
+                        return wrong
+            return None
+        checks = [(k, _checker(h)) for k, h in
+                  typing.get_type_hints(tp, include_extras=True).items()]
+        return typed
+    if tp is type(None):
+        return lambda value, path: None if value is None else f"{path}: expected null"
+    if tp in (bool, str, int):
+        return lambda value, path: None if type(value) is tp else f"{path}: expected {name}"
+    if tp is float:
+        return lambda value, path: (
+            None if type(value) is int or (type(value) is float and math.isfinite(value))
+            else f"{path}: expected a finite number")
+    raise TypeError(f"schema.py uses a type the check does not know: {tp!r}")
 
 
 # --- older versions -----------------------------------------------------------

@@ -1,0 +1,293 @@
+"""Prometheus metrics (`--metrics [ADDR:]PORT`): a sink that turns each tick
+into a snapshot, and a collector that serves the latest snapshot.
+
+The tracing loop builds the metric families once per tick (TickView) and
+swaps them in with one reference assignment; prometheus-client's HTTP server
+thread only reads that reference. A scrape therefore never waits for the
+loop, never touches the kernel or /proc, costs at most what one tick built,
+and shows the state as of the last tick.
+
+Labels are bounded on purpose: a socket is labelled by the command name of a
+process holding it (`comm`), and by the one port that names the service:
+`side="server"` and the local port when the local port has a listener,
+`side="client"` and the remote port otherwise. Never a pid, an ephemeral port
+or an address. At most `max_series` (comm, port, side) series are exported;
+the others are added up into one series comm="other", port="other",
+side="other".
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from typing import Iterable, Optional
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.utils import floatToGoString
+
+from closewait_trace.errors import EXIT_USAGE, UserError
+
+DEFAULT_ADDR = "127.0.0.1"
+DEFAULT_PORT = 9477        # the port the README, the man page and the unit use
+# Series of the two per-socket gauges, before the rest is folded into "other".
+MAX_SERIES = 100
+# A (comm, port, side) series whose sockets are all gone is exported at 0 for
+# this long, so that dashboards see it drop to 0 and alerts resolve, instead
+# of the series vanishing; then it is forgotten.
+KEEP_ZERO_S = 3600.0
+# Diagnosis causes are a fixed set in diagnosis.py; a cap all the same.
+MAX_CAUSES = 32
+# Histogram buckets: kernel log2 slot i holds durations in [2^(i-1), 2^i)
+# microseconds. Slots 0..HIST_TOP_SLOT are exported as `le` bounds (2^42 us
+# is about 51 days); a longer stay counts in +Inf only.
+HIST_TOP_SLOT = 42
+OTHER = ("other", "other", "other")
+# The snapshot is rebuilt at most this often: building it walks every
+# lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
+# docs/benchmarks.md), and nobody scrapes more often than once a second.
+MIN_REFRESH_S = 1.0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`PORT`, `ADDR:PORT` or `[IPV6]:PORT` -> (address, port). ADDR must be an
+    IP address (no name lookup: the tool must not depend on DNS to start)."""
+    text = value.strip()
+    addr = DEFAULT_ADDR
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1:].startswith(":"):
+            raise ValueError(f"{value!r}: write an IPv6 address as [ADDR]:PORT")
+        addr, text = text[1:close], text[close + 2:]
+    elif ":" in text:
+        addr, _, text = text.rpartition(":")
+        if ":" in addr:
+            raise ValueError(f"{value!r}: write an IPv6 address as [ADDR]:PORT")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValueError(f"{addr!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, [::1])") from None
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{text!r} is not a port (1-65535)")
+    return addr, int(text)
+
+
+@functools.lru_cache(maxsize=4096)      # names repeat across sockets and ticks
+def clean_label(text: str) -> str:
+    """A label value from a string a local user controls (a process name):
+    unprintable characters and undecodable bytes become \\xNN, so the
+    exposition stays valid UTF-8 and one line per sample."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:            # surrogateescape'd byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif not ch.isprintable() or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out) or "?"
+
+
+def socket_labels(lingerer) -> tuple[str, str, str]:
+    """(comm, port, side) of a lingering socket."""
+    own = lingerer.ownership
+    if own is None:
+        return ("unresolved", "unknown", "unknown")
+    holders = list(getattr(own, "holders", ()) or ()) or \
+        list(getattr(own, "listener_holders", ()) or ())
+    comm = clean_label(holders[0].comm) if holders else "none"
+    ep = lingerer.endpoints
+    if getattr(own, "listener", None) is not None:
+        return (comm, str(ep.lport), "server")
+    return (comm, str(ep.rport), "client")
+
+
+def histogram_buckets(slots: list) -> list[tuple[str, float]]:
+    """Kernel log2 microsecond slots -> cumulative (le, count), +Inf last."""
+    out, total = [], 0
+    for i in range(HIST_TOP_SLOT + 1):
+        total += int(slots[i]) if i < len(slots) else 0
+        out.append((floatToGoString((1 << i) / 1e6), total))
+    out.append(("+Inf", sum(int(s) for s in slots)))
+    return out
+
+
+class MetricsState:
+    """What must survive between ticks: the series seen recently (kept at 0
+    for a while) and the count of sockets that lingered, by cause."""
+
+    def __init__(self, max_series: int = MAX_SERIES, keep_zero_s: float = KEEP_ZERO_S):
+        self.max_series = max_series
+        self.keep_zero_s = keep_zero_s
+        self.last_seen: dict[tuple, float] = {}
+        self.lingered: dict[str, int] = {}
+        # id(lingerer) -> (its ownership when labelled, labels): a socket's
+        # labels change only when it is resolved again, so a tick with
+        # 100,000 lingering sockets does not recompute them.
+        self._labels: dict[int, tuple] = {}
+
+    def count_lingered(self, cause: str) -> None:
+        cause = clean_label(cause)
+        if cause not in self.lingered and len(self.lingered) >= MAX_CAUSES:
+            cause = "other"
+        self.lingered[cause] = self.lingered.get(cause, 0) + 1
+
+    def per_series(self, lingering: Iterable, now_ns: int, wall_ts: float) -> dict:
+        """{(comm, port, side): [count, oldest_age_s]}, capped."""
+        # key -> [count, the socket that entered CLOSE_WAIT first]: one
+        # comparison per socket; ages are computed once per series.
+        groups: dict[tuple, list] = {}
+        cache, labels = self._labels, {}
+        for l in lingering:
+            ident = id(l)
+            cached = cache.get(ident)
+            if cached is not None and cached[0] is l.ownership:
+                key = cached[1]
+            else:
+                key = socket_labels(l)
+            labels[ident] = (l.ownership, key)
+            slot = groups.get(key)
+            if slot is None:
+                groups[key] = [1, l]
+            else:
+                slot[0] += 1
+                if l.enter_ns < slot[1].enter_ns:
+                    slot[1] = l
+        self._labels = labels
+        current = {key: [count, first.age_ns(now_ns) / 1e9]
+                   for key, (count, first) in groups.items()}
+        for key in current:
+            self.last_seen[key] = wall_ts
+        for key in [k for k, ts in self.last_seen.items()
+                    if wall_ts - ts > self.keep_zero_s and k not in current]:
+            del self.last_seen[key]
+        # Most sockets first, then oldest, then most recently seen; a fixed
+        # order for ties so that the exported set does not flap.
+        ranked = sorted(self.last_seen, key=lambda k: (
+            -current.get(k, (0, 0.0))[0], -current.get(k, (0, 0.0))[1],
+            -self.last_seen[k], k))
+        kept = ranked[:self.max_series]
+        out = {k: list(current.get(k, (0, 0.0))) for k in kept}
+        folded = [current[k] for k in ranked[self.max_series:] if k in current]
+        if len(ranked) > self.max_series:
+            out[OTHER] = [sum(c for c, _ in folded), max((a for _, a in folded), default=0.0)]
+        # Forget zero series beyond the cap: the map cannot grow without bound.
+        for key in ranked[self.max_series:]:
+            if key not in current:
+                del self.last_seen[key]
+        return out
+
+
+def build_families(view, state: MetricsState) -> tuple:
+    """All metric families for one TickView."""
+    labels = ["comm", "port", "side"]
+    sockets = GaugeMetricFamily(
+        "closewait_lingering_sockets",
+        "TCP sockets in CLOSE_WAIT for at least the threshold, by holder command "
+        "and service port", labels=labels)
+    oldest = GaugeMetricFamily(
+        "closewait_oldest_lingering_seconds",
+        "Age of the oldest of them (estimated and lower-bound ages included)",
+        labels=labels)
+    for key, (count, age) in sorted(state.per_series(view.lingering(), view.now_ns,
+                                                     view.wall_ts).items()):
+        sockets.add_metric(list(key), count)
+        oldest.add_metric(list(key), round(age, 3))
+
+    counters = view.counters or {}
+    entered = CounterMetricFamily(
+        "closewait_entered", "Sockets that entered CLOSE_WAIT while tracing (kernel count)",
+        value=counters.get("cw_enter", 0))
+    lost = CounterMetricFamily(
+        "closewait_events_lost", "Kernel events dropped because the buffer was full",
+        value=counters.get("events_lost", 0))
+    full = CounterMetricFamily(
+        "closewait_map_full",
+        "Sockets not tracked because the kernel map was full (--max-tracked)",
+        value=counters.get("map_full", 0))
+    lingered = CounterMetricFamily(
+        "closewait_lingered", "Sockets reported as lingering, by diagnosed cause",
+        labels=["cause"])
+    for cause, n in sorted(state.lingered.items()):
+        lingered.add_metric([cause], n)
+
+    duration = duration_family(view.histogram, view.histogram_sum_ns)
+    threshold = GaugeMetricFamily("closewait_threshold_seconds",
+                                  "The tracer's threshold (-t)", value=view.threshold_ns / 1e9)
+    last_tick = GaugeMetricFamily(
+        "closewait_last_tick_timestamp_seconds",
+        "Unix time of the tick these metrics show", value=round(view.wall_ts, 3))
+    return (sockets, oldest, duration, entered, lost, full, lingered, threshold, last_tick)
+
+
+def duration_family(slots: list, sum_ns: Optional[int]) -> Metric:
+    doc = "Time sockets spent in CLOSE_WAIT, for every stay that ended while tracing"
+    buckets = histogram_buckets(slots)
+    if sum_ns is not None:
+        family = HistogramMetricFamily("closewait_duration_seconds", doc)
+        family.add_metric([], buckets, sum_ns / 1e9)
+        return family
+    # No exact sum from the kernel (older program): buckets and count only;
+    # a made-up _sum would be a false statement.
+    family = Metric("closewait_duration_seconds", doc, "histogram")
+    for le, count in buckets:
+        family.add_sample("closewait_duration_seconds_bucket", {"le": le}, count)
+    family.add_sample("closewait_duration_seconds_count", {}, buckets[-1][1])
+    return family
+
+
+class SnapshotCollector:
+    """Serves the families of the last tick; the HTTP thread only reads."""
+
+    def __init__(self):
+        self.families: tuple = ()
+
+    def collect(self):
+        return iter(self.families)
+
+    def describe(self):
+        return []      # names are fixed; nothing to check at registration
+
+
+class MetricsSink:
+    """The Sink (sinks.py) behind --metrics."""
+
+    def __init__(self, addr: str = DEFAULT_ADDR, port: int = DEFAULT_PORT,
+                 max_series: int = MAX_SERIES):
+        self.addr, self.port = addr, port
+        self.state = MetricsState(max_series)
+        self._built_at = float("-inf")
+        self.collector = SnapshotCollector()
+        self.registry = CollectorRegistry()
+        self.registry.register(self.collector)
+        # process_resident_memory_bytes, process_open_fds, ...: read from
+        # /proc/self by the HTTP thread at scrape time.
+        ProcessCollector(registry=self.registry)
+
+    def serve(self) -> None:
+        """Listen now (before the kernel program loads: a port in use fails fast)."""
+        try:
+            start_http_server(self.port, addr=self.addr, registry=self.registry)
+        except OSError as exc:
+            where = f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+            raise UserError(f"cannot serve metrics on {where}: {exc.strerror or exc}",
+                            EXIT_USAGE, "choose another: --metrics [ADDR:]PORT") from None
+
+    def emit(self, rec: dict) -> None:
+        if rec.get("type") == "linger" and not rec.get("update"):
+            diag = rec.get("diagnosis") or {}
+            self.state.count_lingered(str(diag.get("cause") or "unknown"))
+
+    def tick(self, view) -> None:
+        if view.wall_ts - self._built_at < MIN_REFRESH_S:
+            return
+        self._built_at = view.wall_ts
+        self.collector.families = build_families(view, self.state)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass       # the server thread is a daemon: it ends with the process

@@ -1,0 +1,237 @@
+"""What ships beside the code: alert rules (promtool), the systemd unit
+(systemd-analyze), the man page (man), shell completion (click), checked
+with the real tools."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "packaging" / "prometheus"
+UNIT = ROOT / "packaging" / "systemd" / "closewait-trace.service"
+MAN = ROOT / "packaging" / "man" / "man8" / "closewait-trace.8"
+TOOL = [sys.executable, "-m", "closewait_trace"]
+MAX_EXPOSURE = 4.9
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is missing (scripts/setup.sh test installs it)")
+        pytest.skip(f"{tool} not installed (scripts/setup.sh test installs it)")
+    return path
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+# --- alert rules ---------------------------------------------------------------
+
+def test_alert_rules_are_valid():
+    res = run([need("promtool"), "check", "rules", str(RULES / "closewait-trace.rules.yml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_alert_rules_unit_tests_pass_and_cover_every_alert():
+    res = run([need("promtool"), "test", "rules", "closewait-trace.rules.test.yml"], cwd=RULES)
+    assert res.returncode == 0, res.stdout + res.stderr
+    alerts = set(re.findall(r"^\s*- alert: (\S+)", (RULES / "closewait-trace.rules.yml").read_text(),
+                            re.M))
+    tests = (RULES / "closewait-trace.rules.test.yml").read_text()
+    assert len(alerts) >= 4
+    for alert in alerts:
+        # Each alert is evaluated at least twice: once firing, once not.
+        blocks = re.findall(rf"alertname: {alert}\n\s*exp_alerts:(.*?)(?=\n\s*- eval_time|\n\s*- name|\Z)",
+                            tests, re.S)
+        assert any(b.split("#")[0].strip() == "[]" for b in blocks), f"{alert}: no test that it does not fire"
+        assert any("exp_labels" in b for b in blocks), f"{alert}: no test that it fires"
+
+
+# --- systemd unit ----------------------------------------------------------------
+
+def unit_for_checking(tmp_path) -> Path:
+    """The unit with its two installed paths pointed at executables that
+    exist here (systemd-analyze verify checks that they do)."""
+    text = UNIT.read_text()
+    assert "/opt/closewait-trace/bin/closewait-trace" in text
+    text = text.replace("/opt/closewait-trace/bin/closewait-trace",
+                        str(Path(sys.executable).with_name("closewait-trace")))
+    text = text.replace("/usr/local/lib/closewait-trace/keep-runs",
+                        str(ROOT / "packaging" / "systemd" / "keep-runs"))
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    return path
+
+
+def test_unit_verifies_clean(tmp_path):
+    unit = unit_for_checking(tmp_path)
+    # Documentation=man:closewait-trace(8) is checked too: man must find the page.
+    env = dict(os.environ, MANPATH=f"{ROOT / 'packaging' / 'man'}:")
+    res = run([need("systemd-analyze"), "verify", str(unit)], env=env)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+
+
+def exposure(unit: Path) -> float:
+    res = run([need("systemd-analyze"), "security", "--offline=true", str(unit)])
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout + res.stderr)
+    assert m, res.stdout + res.stderr
+    return float(m.group(1))
+
+
+def test_unit_security_exposure_is_ok_and_documented(tmp_path):
+    figure = exposure(unit_for_checking(tmp_path))
+    assert figure <= MAX_EXPOSURE
+    readme = (ROOT / "README.md").read_text()
+    assert f"exposure {figure}" in readme, f"README must state the figure: exposure {figure}"
+
+
+def test_unit_hardening_settings():
+    text = UNIT.read_text()
+    settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "PrivateTmp": "yes", "ProtectHome": "yes", "UMask": "0077",
+                       "StateDirectory": "closewait-trace"}.items():
+        assert settings.get(key) == value, key
+    assert "SystemCallFilter" in settings
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", text, re.M | re.S).group(1)
+    for flag in ("-q", "-w /var/lib/closewait-trace/", "-C ", "-W ", "--metrics 127.0.0.1:"):
+        assert flag in exec_start.replace("\\\n", " "), flag
+
+
+def test_keep_runs_moves_the_previous_recording_and_keeps_five(tmp_path):
+    script = ROOT / "packaging" / "systemd" / "keep-runs"
+    env = dict(os.environ, STATE_DIRECTORY=str(tmp_path))
+    assert run([str(script), "5"], env=env).returncode == 0     # nothing yet: nothing to do
+    assert list(tmp_path.iterdir()) == []
+    for i in range(7):
+        for part in ("closewait.jsonl.gz", "closewait.jsonl.gz.1"):
+            (tmp_path / part).write_text(f"run {i}\n")
+            os.utime(tmp_path / part, (1_700_000_000 + i * 60,) * 2)
+        res = run([str(script), "5"], env=env)
+        assert res.returncode == 0, res.stderr
+        assert not (tmp_path / "closewait.jsonl.gz").exists()
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert len(runs) == 5 and all(r.startswith("run-") for r in runs)
+    assert (tmp_path / runs[-1] / "closewait.jsonl.gz.1").read_text() == "run 6\n"
+    assert (tmp_path / runs[0] / "closewait.jsonl.gz").read_text() == "run 2\n"
+    assert oct((tmp_path / runs[0]).stat().st_mode & 0o777) == "0o700"
+
+
+# --- man page and completion -------------------------------------------------
+
+def test_man_page_renders_without_warnings():
+    env = dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8")
+    res = run([need("man"), "--warnings", "-l", str(MAN)], env=env)
+    assert res.returncode == 0
+    assert res.stderr == "", res.stderr
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXAMPLES", "OUTPUT",
+                    "OVERHEAD", "CAVEATS", "EXIT STATUS", "SEE ALSO"):
+        assert re.search(rf"^{section}$", res.stdout, re.M), section
+
+
+def help_text(*args) -> str:
+    res = run(TOOL + list(args) + ["--help"])
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_every_long_option_of_help_is_in_the_man_page():
+    """Read --help live, the main command's and every subcommand's, so an
+    option added anywhere must be documented in the man page."""
+    main_help = help_text()
+    commands = re.findall(r"^  (\w[\w-]*)  ", main_help.split("Commands:")[1], re.M) \
+        if "Commands:" in main_help else []
+    assert "report" in commands
+    rendered = run(["man", "-l", str(MAN)],
+                   env=dict(os.environ, MANWIDTH="200", LC_ALL="C.UTF-8")).stdout \
+        if shutil.which("man") else MAN.read_text().replace("\\-", "-")
+    rendered = rendered.replace("\u2010", "-")
+    missing = []
+    for args in [()] + [(c,) for c in commands]:
+        options = set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", help_text(*args).split("Options:")[1]))
+        assert "--help" in options
+        for opt in sorted(options):
+            if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", rendered):
+                missing.append(" ".join(args + (opt,)))
+        for command in args:
+            assert re.search(rf"closewait-trace {command}\b", rendered), command
+    assert missing == [], f"not in the man page: {missing}"
+
+
+def test_bash_completion_from_click():
+    script = run(TOOL, env=dict(os.environ, _CLOSEWAIT_TRACE_COMPLETE="bash_source")).stdout
+    assert "complete -o nosort -F _closewait_trace_completion closewait-trace" in script
+    bin_dir = str(Path(sys.executable).parent)
+    assert Path(bin_dir, "closewait-trace").exists()
+    probe = (script + "\nCOMP_WORDS=(closewait-trace --met); COMP_CWORD=1;"
+             "_closewait_trace_completion closewait-trace; printf '%s\\n' \"${COMPREPLY[@]}\";"
+             "COMPREPLY=(); COMP_WORDS=(closewait-trace rep); COMP_CWORD=1;"
+             "_closewait_trace_completion closewait-trace; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    res = run(["bash", "-c", probe], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.stdout.split() == ["--metrics", "report"], res.stdout + res.stderr
+
+
+# --- set-up: production runtime vs test tools ----------------------------------
+
+def setup_plan(action: str) -> tuple[set, str]:
+    if os.geteuid() != 0:
+        pytest.skip("scripts/setup.sh runs as root")
+    res = run(["bash", str(ROOT / "scripts" / "setup.sh"), action],
+              env=dict(os.environ, SETUP_PLAN_ONLY="1"))
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(": ", 1) for line in res.stdout.splitlines())
+    return set(lines["packages"].split()), lines["python"]
+
+
+def third_party_imports() -> set:
+    """Top-level modules the package imports that are not its own or stdlib."""
+    import ast
+    found = set()
+    for path in (ROOT / "src" / "closewait_trace").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m != "closewait_trace"}
+
+
+def test_trace_installs_the_runtime_only():
+    packages, python = setup_plan("trace")
+    assert python == "closewait-trace"            # no [test] extras: no pytest, hypothesis
+    for tool in ("gcc", "libc6-dev", "gdb", "strace", "binutils", "socat", "bpfcc-tools",
+                 "vagrant", "prometheus", "python3-pytest", "python3-hypothesis"):
+        assert tool not in packages, tool
+    # Everything the package imports comes from the distro with the runtime.
+    debian = {"bcc": "python3-bpfcc", "click": "python3-click", "elftools": "python3-pyelftools",
+              "prometheus_client": "python3-prometheus-client"}
+    imported = third_party_imports()
+    assert imported <= set(debian), imported - set(debian)
+    assert {debian[m] for m in imported} <= packages
+    assert setup_plan("service") == (packages, python)
+
+
+def test_test_installs_the_test_tools():
+    packages, python = setup_plan("test")
+    assert python == "closewait-trace[test]"
+    assert {"gcc", "gdb", "strace", "socat", "prometheus", "man-db", "systemd"} <= packages
+    assert setup_plan("trace")[0] < packages
+
+
+def test_license_matches_pyproject():
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
+    deps = {re.split(r"[<>=]", d)[0] for d in meta["dependencies"]}
+    assert deps == {"click", "pyelftools", "prometheus-client"}
