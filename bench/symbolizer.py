@@ -8,7 +8,6 @@ Prints a markdown table (docs/benchmarks.md, "Symbolizer"). No root needed.
 
 import glob
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,9 +51,11 @@ def main():
         path = hostile_elf.within_limits(base, os.path.join(d, f"within_{functions}_{fdes}"),
                                          functions, fdes)
         ms, (index, reason) = timed(path, runs=1, limits=limits)
-        code = ("import resource, sys; from closewait_trace import elfindex; "
+        # VmHWM of a fresh interpreter (ru_maxrss would carry this process's over exec).
+        code = ("import sys; from closewait_trace import elfindex; "
                 f"elfindex.load(sys.argv[1], limits=elfindex.Limits(parse_seconds={limits.parse_seconds})); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)")
+                "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
+                "if l.startswith('VmHWM')) >> 10)")
         rss = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
                              text=True).stdout.strip()
         what = (f"{len(index.sym_names)} functions kept, ~{index.size_estimate() >> 20} MiB entry"

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from closewait_trace import elfindex, procfs, unwind_x86_64
-from closewait_trace.elfindex import debug_search_path  # noqa: F401  (re-exported)
-from closewait_trace.procimage import Mapping, ProcessImage, parse_maps  # noqa: F401
+from closewait_trace.procimage import Mapping, ProcessImage
 
 # Seconds one batch of diagnoses may spend symbolizing, whatever the number
 # of stacks (a warm cache needs milliseconds; a cold one, a few hundred).

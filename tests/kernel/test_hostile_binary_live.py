@@ -141,5 +141,6 @@ def test_holder_parked_in_crafted_file(world, procs, name):
         assert summary["symbolizer_problems"][EXPECTED[name]] >= 1
     if name == "slow_fde_walk":
         assert summary["symbolizer_problems"]["unwind table walk took more than 1s"] >= 1
-    # No tick spent long on it (the old code walked every FDE in one tick).
-    assert summary["tracer_cost"]["resolve_max_ms"] < 8000, summary["tracer_cost"]
+        # No tick spent long on it (the old code walked all 200,000 FDEs in
+        # one tick: more than 30 s here). Generous: the machine is shared.
+        assert summary["tracer_cost"]["resolve_max_ms"] < 20000, summary["tracer_cost"]

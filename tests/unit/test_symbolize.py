@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from closewait_trace import elfindex, identity, symbolize
+from closewait_trace import elfindex, identity, procimage, symbolize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "kernel", "data", "hold_socket.c")
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and os.environ.get("CI") != "true",
@@ -45,7 +45,7 @@ def test_pie_load_bias_through_maps(built):
     info, _ = elfindex.load(str(pie))
     text_vaddr, text_off, _ = [l for l in info.loads if l[1] > 0][0]
     base = 0x5555_5555_4000
-    maps = symbolize.parse_maps(
+    maps = procimage.parse_maps(
         f"{base:x}-{base + 0x1000:x} r--p 00000000 08:01 42 {pie}\n"
         f"{base + text_off:x}-{base + text_off + 0x1000:x} r-xp {text_off:08x} 08:01 42 {pie}\n")
     m = maps[1]
@@ -81,7 +81,7 @@ def test_not_an_elf_is_none(tmp_path):
 
 
 def test_parse_maps_and_syscall_regs():
-    maps = symbolize.parse_maps(
+    maps = procimage.parse_maps(
         "7f0000000000-7f0000001000 r-xp 00002000 fd:00 1234 /usr/lib/x (deleted)\n"
         "7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]\n"
         "garbage line\n")
