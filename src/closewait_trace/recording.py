@@ -9,9 +9,17 @@ Crash safety: records are buffered for at most FLUSH_S and written with one
 write(2) per batch, plain or as one complete gzip member (concatenated gzip
 members are a valid gzip file), so after kill -9 the file holds every batch
 written and at most the last line is cut short. Readers skip damage and count
-it. Rotation follows tcpdump's -C/-W: parts FILE, FILE.1, FILE.2, ...; with a
-file cap the numbering wraps and the oldest part is replaced. Every part
-starts with a header carrying its part number, so a set is read in order.
+it. Rotation by size (-C, in tcpdump's units) or by time (-G): parts FILE,
+FILE.1, FILE.2, ... (tcpdump says FILE1); with a file cap (-W) the numbering
+wraps and the oldest part is replaced. Every part starts with a header
+carrying its part number and capture id, so a set is read in order and a
+file that does not belong to it is recognized. FILE '-' is stdout / stdin.
+
+Files may sit in shared directories (/tmp) where other users plant files at
+the names of parts to come: every part is created anew, exclusively, never
+through a link, never blocking on a FIFO, and an existing part is replaced
+only when it is a regular file we own. Recordings are read as untrusted
+input, in bounded time and memory (see the reading section below).
 """
 
 from __future__ import annotations
