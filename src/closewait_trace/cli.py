@@ -33,26 +33,31 @@ Examples:
 """
 
 
-class DurationType(click.ParamType):
-    name = "DURATION"
+class ParsedType(click.ParamType):
+    """An option value parsed by a function of ours, whose ValueError says
+    what is wrong (shown as the one-line usage error)."""
+
+    def __init__(self, name: str, parse):
+        self.name = name
+        self.parse = parse
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
+        if not isinstance(value, str):
+            return value            # already parsed (click converts defaults too)
         try:
-            return parse_duration_ns(value)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class PortsType(click.ParamType):
-    name = "PORT[,PORT...]"
+class DurationType(ParsedType):
+    def __init__(self):
+        super().__init__("DURATION", parse_duration_ns)
 
-    def convert(self, value, param, ctx):
-        try:
-            return parse_ports([value])
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+
+class PortsType(ParsedType):
+    def __init__(self):
+        super().__init__("PORT[,PORT...]", lambda value: parse_ports([value]))
 
 
 _SIZE = {"": 1_000_000, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
@@ -71,16 +76,6 @@ class SizeType(click.ParamType):
         if size < 1024:
             self.fail("the rotation size must be at least 1k", param, ctx)
         return size
-
-
-class ContainerType(click.ParamType):
-    name = "ID"
-
-    def convert(self, value, param, ctx):
-        try:
-            return validate_container(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 class WhenType(click.ParamType):
@@ -234,7 +229,7 @@ def fail(err: UserError) -> None:
               help="Only sockets a process with this name held or closed.")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
               help="Only sockets held by processes in this cgroup (or below it).")
-@click.option("--container", "containers", type=ContainerType(), multiple=True,
+@click.option("--container", "containers", type=ParsedType("ID", validate_container), multiple=True,
               metavar="ID", help="Only sockets held by processes of this container "
                                  "(id or its first 4+ hex digits).")
 @click.option("--unit", "units", multiple=True, metavar="NAME",
