@@ -14,7 +14,8 @@ import click
 from closewait_trace import __version__, render
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.filters import HolderFilter, SocketFilter, parse_ports, validate_container
+from closewait_trace.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
+                                     validate_container)
 
 EXAMPLES = """\b
 Examples:
@@ -361,6 +362,9 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                          # rides out bursts the default mode never sees.
                          ringbuf_pages=4096 if all_transitions else 256)
     probe = KernelProbe(config)
+    # Said in the start record and the recording's header: a trace made
+    # with a holder filter does not hold every socket.
+    filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
     tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
                         sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9)
     # Nobody reads the trace any more (`| head -1`): end it the normal way.
@@ -376,7 +380,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         import time
         snapshot_s = recording_options.pop("snapshot_s")
         offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
-        recorder = Recorder(threshold_ns=threshold_ns, filters=socket_filter.as_dict(),
+        recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
                             clock_offset_ns=offset,
                             mode="all" if all_transitions else "closewait",
                             **recording_options)
@@ -397,10 +401,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # anyone waiting for the banner start a reproduction. (The text banner
     # is the start record, rendered on stdout by the same rule.)
     if as_json or out.quiet:
-        text = socket_filter.describe()
-        if holder_filter.active:
-            text = "; ".join(t for t in (text, holder_filter.describe()) if t)
-        for line in render.banner(threshold_ns, text):
+        for line in render.banner(threshold_ns, describe_filters(filters)):
             click.echo(line, err=True)
     if verbose:
         click.echo(f"kernel headers: {choice.describe()}; {probe.transport}; "

@@ -49,10 +49,10 @@ class TextRenderer:
     def render(self, rec: dict) -> list[str]:
         kind = rec.get("type")
         if kind == "start":
-            from closewait_trace.filters import SocketFilter
+            from closewait_trace.filters import describe_filters
             self.event_width = 9 if rec.get("all_transitions") else 6
             threshold_ns = int(round(rec["threshold_s"] * 1e9))
-            return banner(threshold_ns, SocketFilter.from_dict(rec.get("filters")).describe()) + [self.header()]
+            return banner(threshold_ns, describe_filters(rec.get("filters"))) + [self.header()]
         if kind == "linger":
             return self._linger(rec)
         if kind == "closed":

@@ -155,9 +155,10 @@ class LiveTracer:
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
-        self.emit(records.start(self.started_ts, self.config.threshold_ns,
-                                self.socket_filter.as_dict(), pre, self.headers,
-                                self.probe.transport, self.config.all_transitions))
+        filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
+        self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
+                                self.headers, self.probe.transport,
+                                self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
