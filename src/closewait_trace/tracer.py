@@ -113,6 +113,7 @@ class LiveTracer:
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
+    _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _final_drain: bool = False
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -192,7 +193,7 @@ class LiveTracer:
             self.restore_signals()
 
     def restore_signals(self) -> None:
-        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+        for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
