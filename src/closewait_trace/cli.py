@@ -14,7 +14,8 @@ import click
 from closewait_trace import __version__, render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.filters import HolderFilter, SocketFilter, parse_ports, validate_container
+from closewait_trace.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
+                                     validate_container)
 
 EXAMPLES = """\b
 Examples:
@@ -34,26 +35,31 @@ Examples:
 """
 
 
-class DurationType(click.ParamType):
-    name = "DURATION"
+class ParsedType(click.ParamType):
+    """An option value parsed by a function of ours, whose ValueError says
+    what is wrong (shown as the one-line usage error)."""
+
+    def __init__(self, name: str, parse):
+        self.name = name
+        self.parse = parse
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
+        if not isinstance(value, str):
+            return value            # already parsed (click converts defaults too)
         try:
-            return parse_duration_ns(value)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class PortsType(click.ParamType):
-    name = "PORT[,PORT...]"
+class DurationType(ParsedType):
+    def __init__(self):
+        super().__init__("DURATION", parse_duration_ns)
 
-    def convert(self, value, param, ctx):
-        try:
-            return parse_ports([value])
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+
+class PortsType(ParsedType):
+    def __init__(self):
+        super().__init__("PORT[,PORT...]", lambda value: parse_ports([value]))
 
 
 # tcpdump's -C units, kept exactly: a bare number is millions of bytes
@@ -81,16 +87,6 @@ class SizeType(click.ParamType):
             self.fail(f"{value!r} is {size} bytes; the rotation size must be at least 1k "
                       f"({MIN_ROTATE_SIZE} bytes)", param, ctx)
         return size
-
-
-class ContainerType(click.ParamType):
-    name = "ID"
-
-    def convert(self, value, param, ctx):
-        try:
-            return validate_container(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 class WhenType(click.ParamType):
@@ -273,7 +269,7 @@ def fail(err: UserError) -> None:
               help="Only sockets a process with this name held or closed.")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
               help="Only sockets held by processes in this cgroup (or below it).")
-@click.option("--container", "containers", type=ContainerType(), multiple=True,
+@click.option("--container", "containers", type=ParsedType("ID", validate_container), multiple=True,
               metavar="ID", help="Only sockets held by processes of this container "
                                  "(id or its first 4+ hex digits).")
 @click.option("--unit", "units", multiple=True, metavar="NAME",
@@ -515,6 +511,9 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                          # rides out bursts the default mode never sees.
                          ringbuf_pages=4096 if all_transitions else 256)
     probe = KernelProbe(config)
+    # Said in the start record and the recording's header: a trace made
+    # with a holder filter does not hold every socket.
+    filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
     tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
                         sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9)
     # Nobody reads the trace any more (`| head -1`): end it the normal way.
@@ -535,7 +534,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         import time
         snapshot_s = recording_options.pop("snapshot_s")
         offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
-        recorder = Recorder(threshold_ns=threshold_ns, filters=socket_filter.as_dict(),
+        recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
                             clock_offset_ns=offset,
                             mode="all" if all_transitions else "closewait",
                             **recording_options)
@@ -556,10 +555,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # anyone waiting for the banner start a reproduction. (The text banner
     # is the start record, rendered on stdout by the same rule.)
     if as_json or out.quiet:
-        text = socket_filter.describe()
-        if holder_filter.active:
-            text = "; ".join(t for t in (text, holder_filter.describe()) if t)
-        for line in render.banner(threshold_ns, text):
+        for line in render.banner(threshold_ns, describe_filters(filters)):
             click.echo(line, err=True)
     if verbose and (as_json or out.quiet):
         # In text mode the start record's rendering says it, before the

@@ -142,6 +142,19 @@ class HolderFilter:
                                         ("containers", self.containers),
                                         ("units", self.units)) if v}
 
+    @classmethod
+    def from_dict(cls, d) -> "HolderFilter":
+        """From a start record's or a header's "filters" (from anywhere:
+        anything of the wrong type is left out)."""
+        d = d if isinstance(d, dict) else {}
+
+        def values(key, kind):
+            v = d.get(key)
+            return tuple(x for x in v if type(x) is kind) if isinstance(v, list) else ()
+        return cls(pids=values("pids", int), comms=values("comms", str),
+                   cgroups=values("cgroups", str), containers=values("containers", str),
+                   units=values("units", str))
+
     def describe(self) -> str:
         parts = []
         for label, values in (("pid", self.pids), ("comm", self.comms),
@@ -187,3 +200,10 @@ def validate_container(value: str) -> str:
     if len(v) < 4 or any(c not in "0123456789abcdef" for c in v):
         raise ValueError(f"{value!r} is not a container id (at least 4 hex digits)")
     return v
+
+
+def describe_filters(d) -> str:
+    """What a "filters" dict (start record, recording header) keeps, in
+    words: "local port 80; comm java"."""
+    sockets = SocketFilter.from_dict(d if isinstance(d, dict) else {})
+    return "; ".join(t for t in (sockets.describe(), HolderFilter.from_dict(d).describe()) if t)

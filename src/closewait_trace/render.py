@@ -307,14 +307,14 @@ class TextRenderer:
         return []
 
     def _start(self, rec: dict) -> list[str]:
-        from closewait_trace.filters import SocketFilter
+        from closewait_trace.filters import describe_filters
         self.all_transitions = bool(rec.get("all_transitions"))
         self.clock.started(rec.get("ts"))
         threshold = _number(rec.get("threshold_s"))
         threshold_ns = int(threshold * 1e9) if threshold is not None else 0
         filters = rec.get("filters")
         try:
-            described = SocketFilter.from_dict(filters).describe() if filters else ""
+            described = describe_filters(filters) if filters else ""
         except (TypeError, ValueError, KeyError, AttributeError):
             described = escape(filters)
         if self.replay is not None:

@@ -86,10 +86,16 @@ class Listener(TypedDict):
 
 
 class Filters(TypedDict):
-    """What the trace was limited to (kernel-side filters)."""
+    """What the trace was limited to: in the kernel (ports, family) and, when
+    given, at resolution (the holder filters)."""
     lports: list[Port]
     rports: list[Port]
     family: Optional[Literal["ipv4", "ipv6"]]
+    pids: NotRequired[list[Pid]]
+    comms: NotRequired[list[str]]
+    cgroups: NotRequired[list[str]]
+    containers: NotRequired[list[str]]
+    units: NotRequired[list[str]]
 
 
 class Container(TypedDict):

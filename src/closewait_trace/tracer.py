@@ -113,6 +113,7 @@ class LiveTracer:
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
+    _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _final_drain: bool = False
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -155,9 +156,10 @@ class LiveTracer:
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
-        self.emit(records.start(self.started_ts, self.config.threshold_ns,
-                                self.socket_filter.as_dict(), pre, self.headers,
-                                self.probe.transport, self.config.all_transitions))
+        filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
+        self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
+                                self.headers, self.probe.transport,
+                                self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
@@ -191,7 +193,7 @@ class LiveTracer:
             self.restore_signals()
 
     def restore_signals(self) -> None:
-        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+        for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
 

@@ -6,8 +6,8 @@ import socket
 import pytest
 
 from closewait_trace.events import Endpoints
-from closewait_trace.filters import (HolderFilter, SocketFilter, parse_ports, record_people,
-                                     validate_container)
+from closewait_trace.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
+                                     record_people, validate_container)
 
 
 def test_parse_ports():
@@ -87,3 +87,20 @@ def test_validate_container():
     for bad in ("abc", "xyz123", ""):
         with pytest.raises(ValueError):
             validate_container(bad)
+
+
+def test_filters_round_trip_through_a_start_record_and_say_what_they_keep():
+    sockets = SocketFilter(lports=(80,), family=socket.AF_INET)
+    holders = HolderFilter(pids=(7,), comms=("java",), units=("web",))
+    d = {**sockets.as_dict(), **holders.as_dict()}
+    assert SocketFilter.from_dict(d) == sockets and HolderFilter.from_dict(d) == holders
+    assert describe_filters(d) == "local port 80; ipv4 only; pid 7; comm java; unit web"
+    assert describe_filters(sockets.as_dict()) == "local port 80; ipv4 only"
+    assert HolderFilter().as_dict() == {}        # no holder filter: the record is as before
+
+
+def test_holder_filter_from_a_hostile_dict():
+    assert HolderFilter.from_dict({"pids": [1, "2", True, None], "comms": "x",
+                                   "units": [["a"]]}) == HolderFilter(pids=(1,))
+    assert HolderFilter.from_dict([1]) == HolderFilter()
+    assert describe_filters("junk") == ""

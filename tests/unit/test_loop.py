@@ -212,6 +212,7 @@ def test_holder_filter_by_pid_and_comm(tmp_path):
     w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
     w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
     w.tracer.start()
+    assert w.of("start")[0]["filters"]["comms"] == ["keeper"]   # a partial trace says so
     w.step()
     assert [r["rport"] for r in w.of("linger")] == [40001]
     assert [r["pid"] for r in w.of("process")] == [100]   # no evidence of others
