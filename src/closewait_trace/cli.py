@@ -291,12 +291,11 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.
-        from closewait_trace.probe import kernel_at_least
         from closewait_trace.recording import Recorder
         from closewait_trace.tracer import kernel_clock_ns
         import time
         tracer.snapshot_s = recording_options.pop("snapshot_s")
-        offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
+        offset = time.time_ns() - kernel_clock_ns(config.features.boot_clock)
         recorder = Recorder(threshold_ns=threshold_ns, filters=socket_filter.as_dict(),
                             clock_offset_ns=offset, snapshot_source=tracer.snapshot,
                             mode="all" if all_transitions else "closewait",
@@ -317,7 +316,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
             tracer.recorder.discard()     # nothing was traced: leave no file behind
         raise
     if verbose:
-        click.echo(f"kernel headers: {choice.describe()}; {tracer.probe.transport}; "
+        click.echo(f"kernel headers: {choice.describe()}; {tracer.probe.features.describe()}; "
                    f"compiled in {tracer.probe.compile_s:.2f}s", err=True)
     tracer.run()
 

@@ -84,14 +84,15 @@ class LiveTracer:
                     if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
+        # Before the start record: whoever sees it may signal us at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
         self.emit(records.start(self.started_ts, self.config.threshold_ns,
                                 self.socket_filter.as_dict(), pre, self.headers,
                                 self.probe.transport, self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
 
     def run(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.request_stop)
         next_tick = time.monotonic()
         next_snapshot = next_tick + self.snapshot_s
         try:
