@@ -46,6 +46,19 @@ def _complete(tree: str) -> bool:
             and os.path.isfile(os.path.join(tree, "include/linux/kconfig.h")))
 
 
+def _running_tree_complete(modules_dir: str) -> bool:
+    """The running kernel's headers under /lib/modules/RELEASE: one tree in
+    build/, or, as Debian and Ubuntu split them, the generated arch part in
+    build/ and the common part in source/ (linux-headers-*-common). bcc
+    reads both build/ and source/, so either layout is complete."""
+    build = os.path.join(modules_dir, "build")
+    if _complete(build):
+        return True
+    source = os.path.join(modules_dir, "source")
+    return (os.path.isfile(os.path.join(build, "include/generated/autoconf.h"))
+            and os.path.isfile(os.path.join(source, "include/linux/kconfig.h")))
+
+
 def _version_key(name: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", name))
 
@@ -148,7 +161,7 @@ def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modul
     if preset:
         return HeaderChoice("env", preset, f"BCC_KERNEL_SOURCE={preset} (set by you)")
     build = os.path.join(lib_modules, release, "build")
-    if _complete(build):
+    if _running_tree_complete(os.path.join(lib_modules, release)):
         return HeaderChoice("running", None, f"{build} (headers of the running kernel {release})")
     if os.path.exists("/sys/kernel/kheaders.tar.xz"):
         return HeaderChoice("kheaders", None, "/sys/kernel/kheaders.tar.xz (built into the kernel)")
