@@ -38,10 +38,11 @@ die() { echo "kernel-matrix: $*" >&2; exit 2; }
 # Runs inside the VM: `kernel-matrix.sh --guest RESULTDIR`.
 guest() {
     local dir=$1
-    cd "$REPO" || exit 1
+    cd "$REPO" || exit 1        # the snapshot taken at start (see boot)
     export PYTHONDONTWRITEBYTECODE=1 CLOSEWAIT_TEST_STRETCH="$STRETCH" TMPDIR=/tmp
+    export PYTHONPATH="$REPO/src"
     unset CI
-    local py="$REPO/.venv/bin/python"
+    local py="$PY"
     {
         echo "kernel=$(uname -r)"
         echo "python=$($py --version 2>&1)"
@@ -102,7 +103,7 @@ boot() {
     PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
         --rwdir="$dir" --rwdir=/var/cache/closewait-trace \
-        --exec "STRETCH=$STRETCH TESTS='$TESTS' bash $REPO/scripts/kernel-matrix.sh --guest $dir" \
+        --exec "PY=$REPO/.venv/bin/python STRETCH=$STRETCH TESTS='$TESTS' bash $SNAP/scripts/kernel-matrix.sh --guest $dir" \
         > "$dir/vng.log" 2>&1
     echo "vng_rc=$? wall_s=$(( $(date +%s) - start ))" > "$dir/host.txt"
 }
@@ -146,6 +147,11 @@ main() {
     [ "$(id -u)" = 0 ] || die "run as root"
     install_tools
     mkdir -p "$OUT"
+    # The guests run a snapshot of the committed tree, so that editing the
+    # checkout during a (long) run does not change what they test.
+    SNAP="$OUT/source"
+    rm -rf "$SNAP" && mkdir -p "$SNAP"
+    git -C "$REPO" archive HEAD | tar -x -C "$SNAP" || die "could not snapshot $REPO"
     for k in "${KERNELS[@]}"; do
         if [ "$PARALLEL" = 1 ]; then boot "$k" & else boot "$k"; fi
     done
