@@ -68,6 +68,17 @@ def endpoints_of(raw) -> Endpoints:
     )
 
 
+def peer_missing(oldstate: int, newstate: int, endpoints: Endpoints) -> bool:
+    """True for the accepted socket's LISTEN -> SYN_RECV transition on a
+    kernel before 6.15: it fires before the new socket has the peer's
+    address (commit a3a128f611a9 moved the copy earlier), so the tracepoint
+    carries the listener's own addresses and remote port 0. No TCP peer
+    has port 0, so this is the kernel giving less, not a peer."""
+    from closewait_trace import tcpstates
+    return (oldstate == tcpstates.LISTEN and newstate == tcpstates.SYN_RECV
+            and endpoints.rport == 0)
+
+
 @dataclass(frozen=True)
 class KernelEvent:
     """One struct cw_event, decoded."""

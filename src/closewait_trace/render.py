@@ -42,6 +42,8 @@ class TextRenderer:
         clock = _dt.datetime.fromtimestamp(rec["ts"]).strftime("%H:%M:%S")
         local = _hostport(rec["laddr"], rec["lport"])
         remote = _hostport(rec["raddr"], rec["rport"])
+        if rec.get("peer_known") is False:
+            remote = PEER_NOT_GIVEN         # not 0.0.0.0:0 as if that were the peer
         line = (f"{clock:<8} {event:<{self.event_width}} {local:<{w}} {remote:<{w}} {age:>8} ")
         return line + owner[:max(8, 80 - len(line))]
 
@@ -109,6 +111,11 @@ class TextRenderer:
         event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec["how"], "GONE")
         owner = f"{by['pid']}/{by['comm']}" if by else "-"
         return [self._row(rec, event, age, owner)]
+
+
+# --all, kernels before 6.15: the accepted socket's first transition comes
+# without the peer's address (the README's --all section explains it).
+PEER_NOT_GIVEN = "(no peer <6.15)"
 
 
 def evidence_lines(rec: dict, processes: dict) -> list[str]:
