@@ -38,6 +38,8 @@ die() { echo "kernel-matrix: $*" >&2; exit 2; }
 # Runs inside the VM: `kernel-matrix.sh --guest RESULTDIR`.
 guest() {
     local dir=$1
+    # shellcheck disable=SC1091
+    . "$dir/guest.env"          # PY, STRETCH, TESTS (see boot)
     cd "$REPO" || exit 1        # the snapshot taken at start (see boot)
     export PYTHONDONTWRITEBYTECODE=1 CLOSEWAIT_TEST_STRETCH="$STRETCH" TMPDIR=/tmp
     export PYTHONPATH="$REPO/src"
@@ -68,8 +70,9 @@ guest() {
         "tests/kernel/test_live.py::test_seed_scenario_five_stopped_socat_children" \
         > "$dir/seed.txt" 2>&1
     echo "seed_rc=$?" >> "$dir/guest.txt"
-    # shellcheck disable=SC2086
-    timeout 10800 "$py" -m pytest -p no:cacheprovider -q -rf $TESTS \
+    # TESTS is pytest's arguments as a shell would take them (-k "a or b").
+    eval "set -- $TESTS"
+    timeout 10800 "$py" -m pytest -p no:cacheprovider -q -rf "$@" \
         --junitxml="$dir/tests.xml" > "$dir/tests.txt" 2>&1
     echo "tests_rc=$?" >> "$dir/guest.txt"
     echo "done=1" >> "$dir/guest.txt"
@@ -100,10 +103,14 @@ boot() {
     start=$(date +%s)
     # The header cache is shared read-write: a fresh guest would otherwise
     # rebuild it (minutes under TCG).
+    # The guest's settings go in a file: vng's --exec does not survive
+    # quotes (a pytest -k expression has them).
+    printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\n' "$REPO/.venv/bin/python" "$STRETCH" "$TESTS" \
+        > "$dir/guest.env"
     PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
         --rwdir="$dir" --rwdir=/var/cache/closewait-trace \
-        --exec "PY=$REPO/.venv/bin/python STRETCH=$STRETCH TESTS='$TESTS' bash $SNAP/scripts/kernel-matrix.sh --guest $dir" \
+        --exec "bash $SNAP/scripts/kernel-matrix.sh --guest $dir" \
         > "$dir/vng.log" 2>&1
     echo "vng_rc=$? wall_s=$(( $(date +%s) - start ))" > "$dir/host.txt"
 }
