@@ -97,8 +97,12 @@ install_tools() {
 
 boot() {
     local k=$1 dir="$OUT/$1"
-    rm -rf "$dir" && mkdir -p "$dir" /var/cache/closewait-trace
+    rm -rf "$dir" && mkdir -p "$dir/source" /var/cache/closewait-trace
     chmod 700 /var/cache/closewait-trace
+    # The guest runs a snapshot of the committed tree, so that editing the
+    # checkout during a (long) run does not change what it tests. It lives
+    # in the shared directory: the guest has its own /tmp and /var/tmp.
+    git -C "$REPO" archive HEAD | tar -x -C "$dir/source" || die "could not snapshot $REPO"
     local start
     start=$(date +%s)
     # The header cache is shared read-write: a fresh guest would otherwise
@@ -110,7 +114,7 @@ boot() {
     PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
         --rwdir="$dir" --rwdir=/var/cache/closewait-trace \
-        --exec "bash $SNAP/scripts/kernel-matrix.sh --guest $dir" \
+        --exec "bash $dir/source/scripts/kernel-matrix.sh --guest $dir > $dir/guest.log 2>&1" \
         > "$dir/vng.log" 2>&1
     echo "vng_rc=$? wall_s=$(( $(date +%s) - start ))" > "$dir/host.txt"
 }
@@ -154,11 +158,6 @@ main() {
     [ "$(id -u)" = 0 ] || die "run as root"
     install_tools
     mkdir -p "$OUT"
-    # The guests run a snapshot of the committed tree, so that editing the
-    # checkout during a (long) run does not change what they test.
-    SNAP="$OUT/source"
-    rm -rf "$SNAP" && mkdir -p "$SNAP"
-    git -C "$REPO" archive HEAD | tar -x -C "$SNAP" || die "could not snapshot $REPO"
     for k in "${KERNELS[@]}"; do
         if [ "$PARALLEL" = 1 ]; then boot "$k" & else boot "$k"; fi
     done
