@@ -192,10 +192,16 @@ static __always_inline void cw_enter(struct cw_tp *tp, u64 now)
 
     e.enter_ns = now;
     e.ep = tp->ep;
-    if (c)
+    int failed = cw_tracking.update(&sk, &e) != 0;
+    // Counted only after the map has the entry: user space reads the map
+    // when cw_enter moves, and must then find the entry there (counted
+    // first, a reader on another CPU could miss it until the next change;
+    // seen under QEMU on 6.1 and 6.12).
+    if (c) {
+        if (failed)
+            c->map_full++;
         c->cw_enter++;
-    if (cw_tracking.update(&sk, &e) != 0 && c)
-        c->map_full++;
+    }
 }
 
 static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
@@ -221,13 +227,6 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
     int idx = bpf_log2l(dur / 1000 + 1);
     if (idx > 63)
         idx = 63;
-    u64 *bucket = cw_hist.lookup(&idx);
-    if (bucket)
-        (*bucket)++;
-    if (c) {
-        c->cw_exit++;
-        c->hist_sum_ns += dur;
-    }
     if (dur >= THRESHOLD_NS) {
         cw_fill(&ev, tp, now);
         ev.kind = EV_CLOSED;
@@ -235,6 +234,15 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
         cw_submit(ctx, &ev);
     }
     cw_tracking.delete(&sk);
+    // After the delete, as cw_enter after the insert: a reader that sees
+    // the count move sees the map as it now is.
+    u64 *bucket = cw_hist.lookup(&idx);
+    if (bucket)
+        (*bucket)++;
+    if (c) {
+        c->cw_exit++;
+        c->hist_sum_ns += dur;
+    }
 }
 
 #ifdef ALL_TRANSITIONS
