@@ -14,6 +14,7 @@
 #     --stretch N   CLOSEWAIT_TEST_STRETCH in the guest (default 50: TCG is slow)
 #     --out DIR     results (default: /var/tmp/closewait-kernel-matrix)
 #     --parallel    boot all kernels at once instead of one after the other
+#     --only-tests  skip the start-up measurement and the seed scenario step
 #
 # Needs root (apt, BPF in the guest). Installs qemu-system-x86, busybox-static
 # (virtme-ng's initramfs), tiny-initramfs (the kernel packages need an
@@ -30,6 +31,7 @@ STRETCH=${STRETCH:-50}
 TESTS=${TESTS:-tests/kernel}
 HEADERS=1
 PARALLEL=0
+ONLY_TESTS=0
 KERNELS=()
 
 die() { echo "kernel-matrix: $*" >&2; exit 2; }
@@ -49,6 +51,10 @@ guest() {
         echo "kernel=$(uname -r)"
         echo "python=$($py --version 2>&1)"
     } > "$dir/guest.txt"
+    if [ "${ONLY_TESTS:-0}" = 1 ]; then
+        tests_only "$py" "$dir"
+        return
+    fi
     # Start-up: launch to the start record, as a user sees it; -v names the
     # header tree, transport, clock and map read.
     local t0 t1
@@ -70,6 +76,11 @@ guest() {
         "tests/kernel/test_live.py::test_seed_scenario_five_stopped_socat_children" \
         > "$dir/seed.txt" 2>&1
     echo "seed_rc=$?" >> "$dir/guest.txt"
+    tests_only "$py" "$dir"
+}
+
+tests_only() {
+    local py=$1 dir=$2
     # TESTS is pytest's arguments as a shell would take them (-k "a or b").
     eval "set -- $TESTS"
     timeout 10800 "$py" -m pytest -p no:cacheprovider -q -rf "$@" \
@@ -109,7 +120,8 @@ boot() {
     # rebuild it (minutes under TCG).
     # The guest's settings go in a file: vng's --exec does not survive
     # quotes (a pytest -k expression has them).
-    printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\n' "$REPO/.venv/bin/python" "$STRETCH" "$TESTS" \
+    printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\nONLY_TESTS=%q\n' "$REPO/.venv/bin/python" \
+        "$STRETCH" "$TESTS" "$ONLY_TESTS" \
         > "$dir/guest.env"
     PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
@@ -148,6 +160,7 @@ main() {
             --stretch) STRETCH=$2; shift ;;
             --out) OUT=$2; shift ;;
             --parallel) PARALLEL=1 ;;
+            --only-tests) ONLY_TESTS=1 ;;
             -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
             -*) die "unknown option $1 (see --help)" ;;
             *) KERNELS+=("$1") ;;
