@@ -56,6 +56,81 @@ def bcc_env() -> dict:
     return env
 
 
+# Testing knob: the header trees tcpstates may try, ':'-separated, instead of
+# those installed (tests/kernel/test_bench_smoke.py makes it fail on purpose).
+TCPSTATES_HEADERS_ENV = "BENCH_TCPSTATES_HEADERS"
+
+
+def tcpstates_envs(env: dict) -> list[dict]:
+    """Environments to try tcpstates in, one per header tree. Unlike our
+    program, tcpstates includes kernel headers, and bcc 0.26 cannot compile
+    it against every tree (6.12's fails): closewait-trace's choice first,
+    then every other installed generic tree, oldest first."""
+    forced = os.environ.get(TCPSTATES_HEADERS_ENV)
+    if forced is not None:
+        return [dict(env, BCC_KERNEL_SOURCE=p) for p in forced.split(":") if p]
+    from closewait_trace import kernel_headers
+    import platform
+    envs = [env]
+    trees = kernel_headers.generic_trees("/usr/src", platform.machine(), os.uname().release)
+    for tree in sorted(trees, key=lambda t: kernel_headers._version_key(os.path.basename(t))):
+        try:
+            path = tree if kernel_headers._complete(tree) else kernel_headers.merged_tree(tree)
+        except Exception:       # a broken tree is one fewer to try
+            continue
+        if path != env.get("BCC_KERNEL_SOURCE"):
+            envs.append(dict(env, BCC_KERNEL_SOURCE=path))
+    return envs
+
+
+def first_error(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return line[:200]
+    return (lines[-1] if lines else "no output")[:200]
+
+
+STARTUP_LIMIT_S = 180
+
+
+class TcpstatesStarter:
+    """Finds, once, a header tree tcpstates starts with; afterwards starts it
+    there, or says why it could not start at all."""
+
+    def __init__(self, env: dict):
+        self.candidates = tcpstates_envs(env)
+        self.env = None
+        self.reason = None
+
+    def start(self, port: int):
+        if self.env is not None:
+            return Traced("tcpstates", port, self.env)
+        if self.reason is not None:
+            return None
+        reasons = []
+        for env in self.candidates:
+            tracer = Traced("tcpstates", port, env)
+            try:
+                # tcpstates compiles kernel headers: slow on a loaded machine.
+                tracer.wait_ready(timeout=STARTUP_LIMIT_S)
+            except RuntimeError:
+                if tracer.proc.poll() is None:      # still compiling, or stuck
+                    tracer.proc.kill()
+                    tracer.proc.wait()
+                    why = f"did not start within {STARTUP_LIMIT_S} s"
+                else:
+                    tracer.proc.wait()
+                    time.sleep(0.2)                 # let the stderr reader finish
+                    why = first_error(tracer.stderr)
+                reasons.append(f"{env.get('BCC_KERNEL_SOURCE', 'default headers')}: {why}")
+                continue
+            self.env = env
+            return tracer
+        self.reason = "; ".join(reasons) or "no header tree to try"
+        return None
+
+
 EMPTY_PROBE = r"""
 import signal, sys
 from bcc import BPF
@@ -190,12 +265,20 @@ def run_churn(seconds: float, clients: int, servers: int, port: int, rate: float
 
 def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, servers: int) -> dict:
     env = bcc_env()
+    tcpstates = TcpstatesStarter(env)
     results = {m: {"rate": [], "cpu_s": [], "lost": [], "startup_s": [], "exit_s": []} for m in modes}
     for r in range(rounds):
         for mode in modes:          # interleaved: A B C D, A B C D, ...
             port = fresh_port()
             tracer = None
-            if mode != "none":
+            if mode == "tcpstates":
+                tracer = tcpstates.start(port)
+                if tracer is None:
+                    results[mode]["could_not_start"] = tcpstates.reason
+                    print(f"  tcpstates could not start: {tcpstates.reason}", file=sys.stderr)
+                    continue
+                results[mode]["startup_s"].append(tracer.wait_ready())
+            elif mode != "none":
                 tracer = Traced(mode, port, env)
                 results[mode]["startup_s"].append(tracer.wait_ready())
             rate = run_churn(seconds, clients, servers, port)
@@ -220,10 +303,19 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
     """Paced churn at increasing rates: where does each transition streamer
     start losing events? (Every connection is 5 server-side transitions.)"""
     env = bcc_env()
+    tcpstates = TcpstatesStarter(env)
     out = {m: [] for m in modes}
     for rate in rates:
         for mode in modes:
-            tracer = Traced(mode, fresh_port_peek(), env)
+            if mode == "tcpstates":
+                tracer = tcpstates.start(fresh_port_peek())
+                if tracer is None:
+                    print(f"  tcpstates could not start: {tcpstates.reason}", file=sys.stderr)
+                    modes = [m for m in modes if m != "tcpstates"]
+                    out.pop("tcpstates", None)
+                    continue
+            else:
+                tracer = Traced(mode, fresh_port_peek(), env)
             tracer.wait_ready()
             achieved = run_churn(seconds, clients, servers, next_port(), rate)
             stopped = tracer.stop()
@@ -449,6 +541,10 @@ def markdown(churn: dict, scale: list, args) -> str:
                  "default": "closewait-trace", "all": "closewait-trace --all",
                  "tcpstates": "tcpstates-bpfcc"}
         for mode, r in churn.items():
+            if r.get("could_not_start"):
+                out.append(f"| {names[mode]} | could not start: "
+                           f"{r['could_not_start'].replace('|', '/')} | | | | | | |")
+                continue
             lo, hi = spread(r["rate"])
             ratio = f"{100 * med(r['rate']) / base:.1f}%" if base else "-"
             cpu = f"{med(r['cpu_s']):.2f}" if r["cpu_s"] else "-"
@@ -486,6 +582,7 @@ def main() -> int:
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--sockets", default="1000,10000,100000")
     ap.add_argument("--no-tcpstates", action="store_true")
+    ap.add_argument("--modes", help="churn: only these tracers (e.g. none,tcpstates)")
     ap.add_argument("--smoke", action="store_true", help="tiny version, for CI")
     ap.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = ap.parse_args()
@@ -498,6 +595,8 @@ def main() -> int:
     modes = ["none", "empty", "default", "all"]
     if not args.no_tcpstates and os.path.exists(TCPSTATES):
         modes.append("tcpstates")
+    if args.modes:
+        modes = [m for m in args.modes.split(",") if m in modes]
     churn = {}
     if args.what in ("all", "churn"):
         setup_netns()

@@ -22,13 +22,28 @@
 //   FILTER_RPORT         only remote ports present in cw_rports
 //   ALL_TRANSITIONS      also stream every transition (the --all mode)
 
+// Values from the kernel's uapi headers, which this file must not include.
+#define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
 #define IPPROTO_TCP_NUM 6
+#define AF_INET_NUM 2
 
 // Event kinds; decoded by closewait_trace.events.
 #define EV_CLOSED 1           // left CLOSE_WAIT after lingering >= threshold
 #define EV_UNTRACKED_EXIT 2   // left CLOSE_WAIT, but its entry was never seen
 #define EV_TRANSITION 3       // any transition (--all only)
+
+// A connection's two ends as the tracepoint gives them (IPv4 addresses in
+// the first 4 bytes). The one definition of the address fields: the event,
+// the tracking entry and the tracepoint copy all embed it as `ep`.
+struct cw_endpoint {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u16 family;
+    u16 _pad;
+};
 
 // One event sent to user space. This is the only definition of the layout:
 // user space takes it from bcc, which parses this file.
@@ -38,27 +53,18 @@ struct cw_event {
     u64 duration_ns;    // time in the state being left; 0 = unknown
     u32 pid;            // tgid current at the transition (may be unrelated
     u32 tid;            //   to the socket when run from softirq)
-    u8 saddr[16];
-    u8 daddr[16];
-    u16 sport;
-    u16 dport;
-    u16 family;
+    struct cw_endpoint ep;
     u8 oldstate;
     u8 newstate;
     u8 kind;
-    u8 _pad[7];
+    u8 _pad[5];
     char comm[16];
 };
 
 // What cw_tracking remembers about a socket in CLOSE_WAIT.
 struct cw_entry {
     u64 enter_ns;
-    u8 saddr[16];
-    u8 daddr[16];
-    u16 sport;
-    u16 dport;
-    u16 family;
-    u16 _pad;
+    struct cw_endpoint ep;
 };
 
 // Per-CPU counters; user space sums them by field name.
@@ -69,6 +75,8 @@ struct cw_counters {
     u64 map_full;        // entries not tracked because cw_tracking was full
     u64 events_lost;     // events the ring/perf buffer had no room for
     u64 transitions;     // transitions streamed (--all only)
+    u64 hist_sum_ns;     // sum of every duration counted in cw_hist (exact,
+                         //   for a Prometheus histogram's _sum); not a count
 };
 
 // Preallocated: an insert and a delete per connection are the whole cost of
@@ -94,6 +102,11 @@ BPF_HASH(cw_rports, u16, u8, 64);
 // of the next one. Entries go when the socket reaches TCP_CLOSE.
 BPF_F_TABLE("hash", u64, u64, cw_last_ts, MAX_TRACKED, BPF_F_NO_PREALLOC);
 #endif
+
+// Never read or written by this program: it hands user space the ctypes
+// class of struct cw_event (bcc derives one per map from this file; its
+// decoder for perf/ring-buffer events cannot handle the nested endpoint).
+BPF_ARRAY(cw_event_layout, struct cw_event, 1);
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(cw_events, RINGBUF_PAGES);
@@ -135,11 +148,7 @@ static __always_inline void cw_submit(void *ctx, struct cw_event *ev)
 // struct only at TRACEPOINT_PROBE, so helpers cannot take it.
 struct cw_tp {
     u64 skaddr;
-    u8 saddr[16];
-    u8 daddr[16];
-    u16 sport;
-    u16 dport;
-    u16 family;
+    struct cw_endpoint ep;
     u8 oldstate;
     u8 newstate;
 };
@@ -152,13 +161,9 @@ static __always_inline void cw_fill(struct cw_event *ev, struct cw_tp *tp, u64 n
     ev->skaddr = tp->skaddr;
     ev->pid = id >> 32;
     ev->tid = (u32)id;
-    ev->sport = tp->sport;
-    ev->dport = tp->dport;
-    ev->family = tp->family;
+    ev->ep = tp->ep;
     ev->oldstate = tp->oldstate;
     ev->newstate = tp->newstate;
-    __builtin_memcpy(ev->saddr, tp->saddr, 16);
-    __builtin_memcpy(ev->daddr, tp->daddr, 16);
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
 }
 
@@ -186,15 +191,17 @@ static __always_inline void cw_enter(struct cw_tp *tp, u64 now)
     struct cw_counters *c = cw_counts();
 
     e.enter_ns = now;
-    e.sport = tp->sport;
-    e.dport = tp->dport;
-    e.family = tp->family;
-    __builtin_memcpy(e.saddr, tp->saddr, 16);
-    __builtin_memcpy(e.daddr, tp->daddr, 16);
-    if (c)
+    e.ep = tp->ep;
+    int failed = cw_tracking.update(&sk, &e) != 0;
+    // Counted only after the map has the entry: user space reads the map
+    // when cw_enter moves, and must then find the entry there (counted
+    // first, a reader on another CPU could miss it until the next change;
+    // seen under QEMU on 6.1 and 6.12).
+    if (c) {
+        if (failed)
+            c->map_full++;
         c->cw_enter++;
-    if (cw_tracking.update(&sk, &e) != 0 && c)
-        c->map_full++;
+    }
 }
 
 static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
@@ -220,11 +227,6 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
     int idx = bpf_log2l(dur / 1000 + 1);
     if (idx > 63)
         idx = 63;
-    u64 *bucket = cw_hist.lookup(&idx);
-    if (bucket)
-        (*bucket)++;
-    if (c)
-        c->cw_exit++;
     if (dur >= THRESHOLD_NS) {
         cw_fill(&ev, tp, now);
         ev.kind = EV_CLOSED;
@@ -232,6 +234,15 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
         cw_submit(ctx, &ev);
     }
     cw_tracking.delete(&sk);
+    // After the delete, as cw_enter after the insert: a reader that sees
+    // the count move sees the map as it now is.
+    u64 *bucket = cw_hist.lookup(&idx);
+    if (bucket)
+        (*bucket)++;
+    if (c) {
+        c->cw_exit++;
+        c->hist_sum_ns += dur;
+    }
 }
 
 #ifdef ALL_TRANSITIONS
@@ -246,7 +257,7 @@ static __always_inline void cw_stream(void *ctx, struct cw_tp *tp, u64 now)
     ev.kind = EV_TRANSITION;
     if (last)
         ev.duration_ns = now - *last;
-    if (tp->newstate == 7)    // TCP_CLOSE: the socket is done
+    if (tp->newstate == TCP_CLOSE)    // the socket is done
         cw_last_ts.delete(&sk);
     else
         cw_last_ts.update(&sk, &now);
@@ -271,17 +282,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
     struct cw_tp tp = {};
     tp.skaddr = (u64)args->skaddr;
-    tp.sport = args->sport;
-    tp.dport = args->dport;
-    tp.family = args->family;
+    tp.ep.sport = args->sport;
+    tp.ep.dport = args->dport;
+    tp.ep.family = args->family;
     tp.oldstate = args->oldstate;
     tp.newstate = args->newstate;
-    if (args->family == 2) {
-        __builtin_memcpy(tp.saddr, args->saddr, 4);
-        __builtin_memcpy(tp.daddr, args->daddr, 4);
+    if (args->family == AF_INET_NUM) {
+        __builtin_memcpy(tp.ep.saddr, args->saddr, 4);
+        __builtin_memcpy(tp.ep.daddr, args->daddr, 4);
     } else {
-        __builtin_memcpy(tp.saddr, args->saddr_v6, 16);
-        __builtin_memcpy(tp.daddr, args->daddr_v6, 16);
+        __builtin_memcpy(tp.ep.saddr, args->saddr_v6, 16);
+        __builtin_memcpy(tp.ep.daddr, args->daddr_v6, 16);
     }
 
     u64 now = cw_now();

@@ -527,13 +527,12 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.
-        from closewait_trace.probe import kernel_at_least
         from closewait_trace.recording import Recorder
         from closewait_trace.sinks import RecordingSink
         from closewait_trace.tracer import kernel_clock_ns
         import time
         snapshot_s = recording_options.pop("snapshot_s")
-        offset = time.time_ns() - kernel_clock_ns(kernel_at_least(5, 8))
+        offset = time.time_ns() - kernel_clock_ns(config.features.boot_clock)
         recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
                             clock_offset_ns=offset,
                             mode="all" if all_transitions else "closewait",
@@ -561,7 +560,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         # In text mode the start record's rendering says it, before the
         # column header; here there is no text output to put it in.
         click.echo(textsafe.safe_line(f"kernel headers: {choice.describe()}; "
-                                      f"{probe.transport}; "
+                                      f"{probe.features.describe()}; "
                                       f"compiled in {probe.compile_s:.2f}s"), err=True)
     tracer.run()
     if recorder is not None and recorder.stopped is not None:

@@ -68,6 +68,17 @@ def endpoints_of(raw) -> Endpoints:
     )
 
 
+def peer_missing(oldstate: int, newstate: int, endpoints: Endpoints) -> bool:
+    """True for the accepted socket's LISTEN -> SYN_RECV transition on a
+    kernel before 6.15: it fires before the new socket has the peer's
+    address (commit a3a128f611a9 moved the copy earlier), so the tracepoint
+    carries the listener's own addresses and remote port 0. No TCP peer
+    has port 0, so this is the kernel giving less, not a peer."""
+    from closewait_trace import tcpstates
+    return (oldstate == tcpstates.LISTEN and newstate == tcpstates.SYN_RECV
+            and endpoints.rport == 0)
+
+
 @dataclass(frozen=True)
 class KernelEvent:
     """One struct cw_event, decoded."""
@@ -93,7 +104,7 @@ def decode_event(raw) -> KernelEvent:
         pid=int(raw.pid),
         tid=int(raw.tid),
         comm=bytes(raw.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-        endpoints=endpoints_of(raw),
+        endpoints=endpoints_of(raw.ep),
         oldstate=int(raw.oldstate),
         newstate=int(raw.newstate),
     )
@@ -110,13 +121,17 @@ class TrackedSocket:
 
 class EntryLayout:
     """Field offsets of struct cw_entry, taken from bcc's ctypes class for it
-    (so the C file stays the only definition), for decoding raw map bytes."""
+    (so the C file stays the only definition), for decoding raw map bytes.
+    The endpoint's fields are nested in `ep` (struct cw_endpoint)."""
 
     def __init__(self, leaf_type):
         self.size = ctypes.sizeof(leaf_type)
-        self.fields = {name: (getattr(leaf_type, name).offset, getattr(leaf_type, name).size)
-                       for name, _ in leaf_type._fields_}
-        self.enter_offset = self.fields["enter_ns"][0]
+        ep = leaf_type.ep
+        ep_type = dict(leaf_type._fields_)["ep"]
+        self.fields = {"enter_ns": (leaf_type.enter_ns.offset, leaf_type.enter_ns.size)}
+        for name, _ in ep_type._fields_:
+            inner = getattr(ep_type, name)
+            self.fields[name] = (ep.offset + inner.offset, inner.size)
 
     def _int(self, buf, base: int, name: str) -> int:
         offset, size = self.fields[name]

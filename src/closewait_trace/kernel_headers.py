@@ -46,11 +46,33 @@ def _complete(tree: str) -> bool:
             and os.path.isfile(os.path.join(tree, "include/linux/kconfig.h")))
 
 
+def _running_tree_complete(modules_dir: str) -> bool:
+    """The running kernel's headers under /lib/modules/RELEASE: one tree in
+    build/, or, as Debian and Ubuntu split them, the generated arch part in
+    build/ and the common part in source/ (linux-headers-*-common). bcc
+    reads both build/ and source/, so either layout is complete."""
+    build = os.path.join(modules_dir, "build")
+    if _complete(build):
+        return True
+    source = os.path.join(modules_dir, "source")
+    return (os.path.isfile(os.path.join(build, "include/generated/autoconf.h"))
+            and os.path.isfile(os.path.join(source, "include/linux/kconfig.h")))
+
+
 def _version_key(name: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", name))
 
 
-def _generic_candidates(usr_src: str, machine: str) -> list[str]:
+def _series(version: tuple) -> int:
+    """major * 1000 + minor: how far apart two kernels are, as one number."""
+    return version[0] * 1000 + version[1] if len(version) >= 2 else 0
+
+
+def generic_trees(usr_src: str, machine: str, release: str) -> list[str]:
+    """Installed generic header trees, best first: the one whose kernel
+    series is closest to the running kernel's (the headers most like its
+    own), and among trees equally close the newest. Deterministic, whatever
+    order the directory lists them in."""
     suffixes = _ARCH_SUFFIXES.get(machine, ())
     try:
         names = os.listdir(usr_src)
@@ -59,7 +81,13 @@ def _generic_candidates(usr_src: str, machine: str) -> list[str]:
     found = [n for n in names if n.startswith("linux-headers-")
              and n.endswith(suffixes)
              and os.path.isfile(os.path.join(usr_src, n, "include/generated/autoconf.h"))]
-    return [os.path.join(usr_src, n) for n in sorted(found, key=_version_key, reverse=True)]
+    running = _series(_version_key(release.split("-")[0]))
+
+    def rank(name: str) -> tuple:
+        version = _version_key(name[len("linux-headers-"):])
+        return (abs(_series(version) - running), tuple(-v for v in version), name)
+
+    return [os.path.join(usr_src, n) for n in sorted(found, key=rank)]
 
 
 def _common_tree(arch_tree: str) -> Optional[str]:
@@ -91,29 +119,30 @@ def _make_private_dir(path: str) -> None:
     _check_private_dir(path)
 
 
-def _mirror(src: str, dst: str) -> None:
-    """Overlay src onto dst as absolute symlinks (files and linked dirs)."""
-    for root, dirs, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        target_dir = os.path.join(dst, rel) if rel != "." else dst
-        os.makedirs(target_dir, exist_ok=True)
-        for name in list(dirs):
-            path = os.path.join(root, name)
-            if os.path.islink(path):
-                dirs.remove(name)
-                _replace_link(os.path.realpath(path), os.path.join(target_dir, name))
-        for name in files:
-            path = os.path.join(root, name)
-            _replace_link(os.path.realpath(path), os.path.join(target_dir, name))
+def _entries(tree: str) -> dict:
+    try:
+        return {e.name: e for e in os.scandir(tree)}
+    except OSError:
+        return {}
 
 
-def _replace_link(source: str, link: str) -> None:
-    if os.path.lexists(link):
-        if os.path.isdir(link) and not os.path.islink(link):
-            shutil.rmtree(link)
-        else:
-            os.unlink(link)
-    os.symlink(source, link)
+def _merge(dst: str, common: str, arch: str) -> None:
+    """dst = common with arch on top, linking as high up as possible: an
+    entry only one tree has is one symlink (a whole directory at once);
+    only directories both trees have are made, and merged inside. The arch
+    part is small, so the result is a few hundred links, not ~32,000."""
+    os.makedirs(dst, exist_ok=True)
+    low, high = _entries(common), _entries(arch)
+    for name in sorted(set(low) | set(high)):
+        if name in low and name in high and low[name].is_dir() and high[name].is_dir():
+            _merge(os.path.join(dst, name), low[name].path, high[name].path)
+            continue
+        winner = high.get(name) or low[name]      # a file in both: the arch one
+        os.symlink(os.path.realpath(winner.path), os.path.join(dst, name))
+
+
+# Written into the stamp file: a cache built by another layout is rebuilt.
+_CACHE_LAYOUT = "layout 2 (directory links)"
 
 
 def merged_tree(arch_tree: str, cache_dir: str = CACHE_DIR) -> str:
@@ -126,17 +155,29 @@ def merged_tree(arch_tree: str, cache_dir: str = CACHE_DIR) -> str:
     _make_private_dir(cache_dir)
     final = os.path.join(cache_dir, os.path.basename(arch_tree))
     stamp = os.path.join(final, ".closewait-trace-complete")
-    if os.path.isfile(stamp) and _complete(final):
+    if _complete(final) and _stamp_layout(stamp) == _CACHE_LAYOUT:
         return final
     building = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    _mirror(common, building)
-    _mirror(arch_tree, building)
+    _merge(building, common, arch_tree)
     with open(os.path.join(building, ".closewait-trace-complete"), "w") as f:
-        f.write(f"{common}\n{arch_tree}\n")
-    shutil.rmtree(final, ignore_errors=True)
+        f.write(f"{_CACHE_LAYOUT}\n{common}\n{arch_tree}\n")
+    # Swap in with two renames, so that a tracer compiling from the old tree
+    # right now loses it for an instant at most, not for a whole rmtree.
+    retired = f"{final}.old-{os.getpid()}"
+    if os.path.lexists(final):
+        os.rename(final, retired)
     os.rename(building, final)
+    shutil.rmtree(retired, ignore_errors=True)
     return final
+
+
+def _stamp_layout(stamp: str) -> str:
+    try:
+        with open(stamp) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
 
 
 def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modules",
@@ -148,14 +189,17 @@ def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modul
     if preset:
         return HeaderChoice("env", preset, f"BCC_KERNEL_SOURCE={preset} (set by you)")
     build = os.path.join(lib_modules, release, "build")
-    if _complete(build):
+    if _running_tree_complete(os.path.join(lib_modules, release)):
         return HeaderChoice("running", None, f"{build} (headers of the running kernel {release})")
     if os.path.exists("/sys/kernel/kheaders.tar.xz"):
         return HeaderChoice("kheaders", None, "/sys/kernel/kheaders.tar.xz (built into the kernel)")
-    for tree in _generic_candidates(usr_src, machine):
+    trees = generic_trees(usr_src, machine, release)
+    if trees:
+        tree = trees[0]
         path = tree if _complete(tree) else merged_tree(tree, cache_dir)
+        among = f", the closest to {release} of {len(trees)} installed" if len(trees) > 1 else ""
         return HeaderChoice("generic", path,
-                            f"{path} (generic distro headers from {tree}; "
+                            f"{path} (generic distro headers from {tree}{among}; "
                             f"running kernel {release} has none)")
     raise UserError(f"no kernel headers found for {release} or any generic kernel",
                     EXIT_NO_HEADERS,

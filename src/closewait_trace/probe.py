@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
-from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, UserError
+from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
 from closewait_trace.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -34,6 +34,9 @@ class ProbeConfig:
     family: Optional[int] = None        # socket.AF_INET / AF_INET6 / None
     all_transitions: bool = False
     ringbuf_pages: int = 256            # 1 MiB with 4 KiB pages
+    # Ring buffer, clock and map read: decided here, once per run, and
+    # followed by the kernel program, the tracer's clock and any recording.
+    features: "KernelFeatures" = field(default_factory=lambda: detect_features())
 
     def cflags(self, ringbuf: bool, boot_clock: bool) -> list[str]:
         flags = [f"-DTHRESHOLD_NS={self.threshold_ns}ULL",
@@ -71,6 +74,72 @@ def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bo
         return False
 
 
+# Testing knob, not a user option: force the fallbacks an older kernel takes,
+# so that CI exercises them on a new one. A comma-separated list of words:
+#   perfbuf / ringbuf      event transport (the ring buffer needs 5.8)
+#   monotonic / boottime   kernel clock (bpf_ktime_get_boot_ns needs 5.8)
+#   perkey / batch         map read (BPF_MAP_LOOKUP_BATCH needs 5.6)
+# CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey is what a 5.4 kernel gets.
+FORCE_ENV = "CLOSEWAIT_TRACE_FORCE"
+_FORCE_WORDS = {
+    "perfbuf": ("ringbuf", False), "ringbuf": ("ringbuf", True),
+    "monotonic": ("boot_clock", False), "boottime": ("boot_clock", True),
+    "perkey": ("batch_read", False), "batch": ("batch_read", True),
+}
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """The kernel facilities the probe uses, decided once per run: the BPF
+    program's -D flags, the user-space clock and the map read all follow it."""
+
+    ringbuf: bool        # BPF ring buffer (5.8+), else the per-CPU perf buffer
+    boot_clock: bool     # bpf_ktime_get_boot_ns (5.8+), else CLOCK_MONOTONIC
+    batch_read: bool     # try BPF_MAP_LOOKUP_BATCH (5.6+), else walk key by key
+    forced: tuple = ()   # words taken from CLOSEWAIT_TRACE_FORCE
+
+    @property
+    def transport(self) -> str:
+        return "ring buffer" if self.ringbuf else "perf buffer"
+
+    @property
+    def clock(self) -> str:
+        return "boottime" if self.boot_clock else "monotonic"
+
+    def describe(self) -> str:
+        text = f"{self.transport}, {self.clock} clock, " + \
+               ("batched map reads" if self.batch_read else "per-key map reads")
+        if self.forced:
+            text += f" (forced by {FORCE_ENV}={','.join(self.forced)})"
+        return text
+
+
+def parse_force(text: str) -> dict:
+    """{feature: bool} from the CLOSEWAIT_TRACE_FORCE words."""
+    chosen: dict = {}
+    for word in (w.strip().lower() for w in text.split(",")):
+        if not word:
+            continue
+        if word not in _FORCE_WORDS:
+            raise UserError(f"{FORCE_ENV}: unknown word {word!r}", EXIT_USAGE,
+                            f"use any of {', '.join(_FORCE_WORDS)}, or unset it")
+        name, value = _FORCE_WORDS[word]
+        chosen[name] = value
+    return chosen
+
+
+def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatures:
+    environ = os.environ if environ is None else environ
+    text = environ.get(FORCE_ENV, "")
+    forced = parse_force(text)
+    at_5_8 = kernel_at_least(5, 8, release)
+    return KernelFeatures(
+        ringbuf=forced.get("ringbuf", at_5_8),
+        boot_clock=forced.get("boot_clock", at_5_8),
+        batch_read=forced.get("batch_read", True),
+        forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()))
+
+
 def ensure_tracefs() -> str:
     """bcc finds tracepoints through tracefs, which minimal systems may not
     have mounted; mounting it is what `mount -t tracefs` at boot would do."""
@@ -100,6 +169,12 @@ def import_bcc():
                         EXIT_NO_BCC,
                         "run the README's setup (apt-get install python3-bpfcc, "
                         "and a virtualenv made with --system-site-packages on /usr/bin/python3)")
+    except OSError as exc:
+        # bcc loads libbcc, LLVM and clang with ctypes: a low address-space
+        # limit (ulimit -v) or a broken library fails here, not at import.
+        raise UserError(f"bcc's libraries could not be loaded: {exc}", EXIT_NO_BCC,
+                        "check `ulimit -v` (bcc maps LLVM: allow at least 1 GiB) "
+                        "and that libbpfcc is installed")
     return BPF
 
 
@@ -142,15 +217,27 @@ def _release_compiler_memory() -> None:
 @dataclass
 class KernelProbe:
     config: ProbeConfig
-    ringbuf: bool = field(default_factory=lambda: kernel_at_least(5, 8))
-    boot_clock: bool = field(default_factory=lambda: kernel_at_least(5, 8))
     bpf: object = None
     compile_s: float = 0.0
+    map_read: str = ""                  # "batched" or "per-key", once read
     _layout: object = None
+    buffer_lost: int = 0      # records the perf buffer's lost callback reported
+
+    @property
+    def features(self) -> KernelFeatures:
+        return self.config.features
+
+    @property
+    def ringbuf(self) -> bool:
+        return self.features.ringbuf
+
+    @property
+    def boot_clock(self) -> bool:
+        return self.features.boot_clock
 
     @property
     def transport(self) -> str:
-        return "ring buffer" if self.ringbuf else "perf buffer"
+        return self.features.transport
 
     def start(self, on_event: Callable[[KernelEvent], None]) -> None:
         BPF = import_bcc()
@@ -174,23 +261,30 @@ class KernelProbe:
         _release_compiler_memory()
         self._set_port_filter("cw_lports", self.config.lports)
         self._set_port_filter("cw_rports", self.config.rports)
-        table = self.bpf["cw_events"]
+        event_ptr = ctypes.POINTER(self.bpf["cw_event_layout"].Leaf)
 
+        # The callback must not refer to the events table: bcc keeps the
+        # callback in that table, and the cycle would outlive cleanup(); the
+        # perf table's __del__ would then run on a closed map and print a
+        # traceback at every exit.
         def deliver(_cpu, data, _size):
             # A true return from on_event ends this poll early (-1 tells
             # libbpf to stop consuming; this event is already taken), so a
             # flood can neither starve the tick nor delay Ctrl-C.
-            return -1 if on_event(decode_event(table.event(data))) else 0
+            return -1 if on_event(decode_event(ctypes.cast(data, event_ptr).contents)) else 0
+
+        table = self.bpf["cw_events"]
 
         if self.ringbuf:
             table.open_ring_buffer(deliver)
         else:
             table.open_perf_buffer(deliver, page_cnt=self.config.ringbuf_pages,
                                    lost_cb=self._perf_lost)
-        self._perf_lost_count = 0
 
     def _perf_lost(self, count: int) -> None:
-        self._perf_lost_count += count
+        # bcc calls this with a CPU's PERF_RECORD_LOST count: what that CPU's
+        # buffer dropped, reported once the buffer has room again.
+        self.buffer_lost += count
 
     def _set_port_filter(self, name: str, ports) -> None:
         if not ports:
@@ -224,11 +318,18 @@ class KernelProbe:
             self._values = (ctypes.c_uint8 * (BATCH * self._layout.size))()
         raw = bytearray()
         keys: list[int] = []
-        try:
-            self._read_batches(table.map_fd, keys, raw)
-        except OSError:
-            # BPF_MAP_LOOKUP_BATCH needs Linux 5.6: walk the map instead.
-            keys, raw = [], bytearray()
+        if self.features.batch_read and self.map_read != "per-key":
+            try:
+                self._read_batches(table.map_fd, keys, raw)
+                self.map_read = "batched"
+            except OSError:
+                # BPF_MAP_LOOKUP_BATCH needs Linux 5.6 (or a backport): walk
+                # the map key by key from now on.
+                keys, raw = [], bytearray()
+                self.map_read = "per-key"
+        else:
+            self.map_read = "per-key"
+        if self.map_read == "per-key":
             for k, v in table.items():
                 keys.append(k.value)
                 raw += bytes(v)
@@ -263,14 +364,36 @@ class KernelProbe:
         per_cpu = self.bpf["cw_counters"][0]
         fields = [name for name, _ in per_cpu[0]._fields_ if not name.startswith("_")]
         totals = {name: sum(getattr(c, name) for c in per_cpu) for name in fields}
-        totals["events_lost"] += getattr(self, "_perf_lost_count", 0)
+        totals.pop("hist_sum_ns", None)       # a sum of durations, not a count
+        # The same lost record can be counted twice: by the program, when
+        # bpf_perf_event_output fails (it reports -ENOSPC on recent kernels),
+        # and by the buffer's lost callback, later. Old kernels' output
+        # helper fails silently and only the callback counts. Either count
+        # alone is never too high, so the larger is the best lower bound.
+        totals["events_lost"] = max(totals["events_lost"], self.buffer_lost)
         return totals
 
     def histogram(self) -> list[int]:
         table = self.bpf["cw_hist"]
         return [int(sum(table[i])) for i in range(64)]
 
+    def histogram_sum_ns(self) -> int:
+        """Exact sum, in ns, of every CLOSE_WAIT duration the kernel timed
+        (every socket counted in histogram()); for a Prometheus _sum."""
+        per_cpu = self.bpf["cw_counters"][0]
+        return int(sum(c.hist_sum_ns for c in per_cpu))
+
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self.bpf is None:
+            return
+        if not self.ringbuf:
+            # Free the per-CPU perf readers while the map is still open (bcc's
+            # cleanup() only drops its reference, and the table's __del__
+            # would run later, on a closed map).
+            table = self.bpf["cw_events"]
+            for cpu in range(os.cpu_count() or 1):
+                del table[cpu]          # no-op for a CPU without a reader
+            del table
+        self.bpf.cleanup()
+        self.bpf = None
+

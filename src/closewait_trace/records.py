@@ -10,7 +10,7 @@ import datetime as _dt
 from typing import Iterable, Optional
 
 from closewait_trace import schema, tcpstates
-from closewait_trace.events import Endpoints
+from closewait_trace.events import Endpoints, peer_missing
 from closewait_trace.schema import SCHEMA_VERSION
 
 
@@ -157,6 +157,8 @@ def transition(ev, ts: float) -> schema.TransitionRecord:
         # 0 from the kernel means it had not seen this socket before.
         "prev_state_s": round(ev.duration_ns / 1e9, 9) if ev.duration_ns else None,
         "task": {"pid": ev.pid, "comm": ev.comm} if in_process else None,
+        # False where the kernel did not give the peer (see events.peer_missing)
+        "peer_known": not peer_missing(ev.oldstate, ev.newstate, ev.endpoints),
     })
     return rec
 

@@ -255,6 +255,8 @@ class TextRenderer:
         cell, before = self.clock.cell(rec.get("ts"))
         local = hostport(rec.get("laddr"), rec.get("lport"), None if self.wide else w)
         remote = hostport(rec.get("raddr"), rec.get("rport"), None if self.wide else w)
+        if rec.get("peer_known") is False:
+            remote = PEER_NOT_GIVEN         # not 0.0.0.0:0 as if that were the peer
         line = (f"{pad(cell, self.clock.width)} {event:<{self.event_width}} "
                 f"{pad(local, w)} {pad(remote, w)} {pad(age, self.AGE_WIDTH, right=True)} ")
         return before + [line + owner]
@@ -445,6 +447,11 @@ class TextRenderer:
 def _log2_slot(seconds: float) -> int:
     us = int(max(0.0, seconds) * 1e6)
     return min(63, us.bit_length())
+
+
+# --all, kernels before 6.15: the accepted socket's first transition comes
+# without the peer's address (the README's --all section explains it).
+PEER_NOT_GIVEN = "(no peer <6.15)"
 
 
 def evidence_lines(rec: dict, processes: dict) -> list[str]:

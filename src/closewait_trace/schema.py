@@ -209,6 +209,7 @@ class TransitionRecord(_Base, Endpoint):
     newstate: str
     prev_state_s: Optional[Seconds]
     task: Optional[Task]
+    peer_known: NotRequired[bool]
 
 
 class LostRecord(_Base):

@@ -3,7 +3,31 @@ import signal
 
 import pytest
 
+from closewait_trace.probe import FORCE_ENV
 from tests.kernel.harness import Tracer, children_of
+
+# What a kernel before 5.6 gets (Ubuntu 20.04's 5.4, RHEL 8's 4.18): perf
+# buffer, CLOCK_MONOTONIC, the map walked key by key.
+PRE_5_6 = "perfbuf,monotonic,perkey"
+KERNEL_PATHS = ("native", PRE_5_6)
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes `kernel_path` runs once on this kernel's own path and
+    once forced onto the oldest kernels' fallbacks, on every run."""
+    if "kernel_path" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_path", KERNEL_PATHS, indirect=True,
+                             ids=["native", "pre-5.6"])
+
+
+@pytest.fixture
+def kernel_path(request, monkeypatch):
+    """Sets CLOSEWAIT_TRACE_FORCE for the tracers this test starts."""
+    if request.param == "native":
+        monkeypatch.delenv(FORCE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FORCE_ENV, request.param)
+    return request.param
 
 
 @pytest.fixture

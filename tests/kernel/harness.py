@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
@@ -16,6 +17,22 @@ from dataclasses import dataclass, field
 from closewait_trace import schema
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
+
+# Every wait and timing bound in the kernel tests is multiplied by this: an
+# emulated guest (the kernel matrix, QEMU without KVM) runs ~50x slower, and
+# slowness must never pass for a failure. 1 on real hardware.
+STRETCH_ENV = "CLOSEWAIT_TEST_STRETCH"
+
+
+def stretch_factor() -> float:
+    try:
+        return max(1.0, float(os.environ.get(STRETCH_ENV, "1")))
+    except ValueError:
+        return 1.0
+
+
+def stretch(seconds: float) -> float:
+    return seconds * stretch_factor()
 
 
 def free_port(family=socket.AF_INET) -> int:
@@ -35,6 +52,7 @@ class Tracer:
     _q: queue.Queue = field(default_factory=queue.Queue)
 
     def start(self, timeout=30.0) -> "Tracer":
+        timeout = stretch(timeout)
         self.proc = subprocess.Popen(TRACER + ["--json"] + list(self.args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -64,7 +82,7 @@ class Tracer:
         self.records.append(rec)
 
     def wait_for(self, predicate, count=1, timeout=20.0) -> list:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + stretch(timeout)
         while True:
             found = [r for r in self.records if predicate(r)]
             if len(found) >= count:
@@ -75,16 +93,16 @@ class Tracer:
             self._pump(min(left, 0.2))
 
     def settle(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
+        end = time.monotonic() + stretch(seconds)
         while time.monotonic() < end:
             self._pump(max(0.01, end - time.monotonic()))
 
     def stop(self, sig=signal.SIGINT, timeout=10.0) -> dict:
         self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=timeout)
+        rc = self.proc.wait(timeout=stretch(timeout))
         while True:
             try:
-                rec = self._q.get(timeout=5)
+                rec = self._q.get(timeout=stretch(5))
             except queue.Empty:
                 break
             if rec is None:
@@ -142,7 +160,7 @@ def state_of(pid: int) -> str:
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + stretch(timeout)
     while time.monotonic() < deadline:
         value = predicate()
         if value:

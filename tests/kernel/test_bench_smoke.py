@@ -31,3 +31,18 @@ def test_benchmark_smoke(tmp_path):
     scale = data["scale"][0]
     assert scale["sockets"] == scale["reported"] == scale["with_owners"] == 200
     assert "| closewait-trace |" in result.stdout
+
+
+def test_benchmark_says_why_tcpstates_could_not_start(tmp_path):
+    """Whatever header trees a machine has, the benchmark finishes: a
+    tcpstates that cannot compile is a row saying so, not a failure. Forced
+    here with a header tree that has nothing in it."""
+    empty = tmp_path / "no-headers"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, BENCH, "churn", "--smoke", "--modes",
+                             "none,tcpstates"], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, BENCH_TCPSTATES_HEADERS=str(empty)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = [l for l in result.stdout.splitlines() if l.startswith("| tcpstates-bpfcc |")]
+    assert len(row) == 1 and f"could not start: {empty}:" in row[0], result.stdout
+    assert "| no tracer |" in result.stdout

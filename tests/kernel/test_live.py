@@ -12,12 +12,12 @@ import pytest
 
 from tests.kernel.harness import (Tracer, children_of, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
-                                  wait_until)
+                                  stretch, stretch_factor, wait_until)
 
 pytestmark = pytest.mark.kernel
 
 
-def test_seed_scenario_five_stopped_socat_children(procs):
+def test_seed_scenario_five_stopped_socat_children(procs, kernel_path):
     """../shared/seed-closewait.txt, exactly: a forking socat whose children
     STOP themselves, and 5 clients that give up after 1 second."""
     port = free_port()
@@ -31,7 +31,7 @@ def test_seed_scenario_five_stopped_socat_children(procs):
     entered = []
     for _ in range(5):
         subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=10)
+                       check=True, timeout=stretch(10))
         entered.append(time.monotonic())
 
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
@@ -56,7 +56,7 @@ def test_seed_scenario_five_stopped_socat_children(procs):
         # the age as of the record's ts (resolving may take seconds under load)
         at = rec["ts"] - (time.time() - time.monotonic())
         assert rec["age_s"] >= 1.0
-        assert min(abs(rec["age_s"] - (at - t)) for t in entered) < 0.5, (rec["age_s"], at, entered)
+        assert min(abs(rec["age_s"] - (at - t)) for t in entered) < stretch(0.5), (rec["age_s"], at, entered)
         assert rec["pre_existing"] is False
 
     for pid in owner_pids:
@@ -66,7 +66,7 @@ def test_seed_scenario_five_stopped_socat_children(procs):
     expected = sorted(killed_at - t for t in entered)
     measured = sorted(r["duration_s"] for r in closed)
     for want, got in zip(expected, measured):
-        assert abs(got - want) <= 0.10 * want, (expected, measured)
+        assert abs(got - want) <= 0.10 * want * stretch_factor(), (expected, measured)
     for rec in closed:
         assert rec["how"] == "close"
         assert rec["closed_by"]["pid"] in owner_pids
@@ -104,7 +104,7 @@ def test_23_sockets_held_by_a_server_that_ignores_eof(procs):
     assert summary["counters"]["cw_enter"] == 23
 
 
-def test_ipv6_loopback(procs):
+def test_ipv6_loopback(procs, kernel_path):
     port = free_port(socket.AF_INET6)
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
     procs.append(tracer)
@@ -184,7 +184,7 @@ def test_socket_held_by_two_processes_after_fork(procs):
     tracer.stop()
 
 
-def test_sockets_already_in_close_wait_before_tracing(procs):
+def test_sockets_already_in_close_wait_before_tracing(procs, kernel_path):
     port = free_port()
     server = start_holding_server(port)
     procs.append(server)
@@ -250,7 +250,7 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def test_prompt_closing_workload_produces_no_events(procs):
+def test_prompt_closing_workload_produces_no_events(procs, kernel_path):
     port, n = free_port(), 211
     tracer = Tracer(["-p", str(port), "-t", "200ms"]).start()
     procs.append(tracer)
@@ -259,7 +259,7 @@ def test_prompt_closing_workload_produces_no_events(procs):
     procs.append(server)
     assert server.stdout.readline().strip() == "ready"
     connect_and_close(port, n, payload=b"x")
-    server.wait(timeout=30)
+    server.wait(timeout=stretch(30))
     tracer.settle(1.0)
     summary = tracer.stop()
     assert [r for r in tracer.records if r["type"] not in ("start", "summary")] == []
@@ -268,15 +268,15 @@ def test_prompt_closing_workload_produces_no_events(procs):
     assert c["cw_enter"] == n and c["cw_exit"] == n
     assert c["exit_untracked"] == 0 and c["events_lost"] == 0
     assert sum(b["count"] for b in summary["histogram_us"]) == n
-    assert all(b["to_us"] <= 200_000 for b in summary["histogram_us"])
+    assert all(b["to_us"] <= stretch(0.2) * 1e6 for b in summary["histogram_us"])
 
 
-def test_sigterm_exits_promptly_with_summary(procs):
+def test_sigterm_exits_promptly_with_summary(procs, kernel_path):
     tracer = Tracer(["-t", "1s"]).start()
     procs.append(tracer)
     started = time.monotonic()
     summary = tracer.stop(sig=signal.SIGTERM, timeout=5)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < stretch(2.0)
     assert summary["type"] == "summary"
 
 
@@ -316,7 +316,7 @@ def test_socket_in_another_network_namespace(procs):
         subprocess.run(["ip", "netns", "del", ns])
 
 
-def test_all_transitions_stream(procs):
+def test_all_transitions_stream(procs, kernel_path):
     """--all: every transition of one connection, in order, with the task
     only where it is the process's own system call."""
     port = free_port()
@@ -338,12 +338,17 @@ def test_all_transitions_stream(procs):
     summary = tracer.stop()
     server_side = [(r["oldstate"], r["newstate"]) for r in tracer.of("transition")
                    if r["lport"] == port and r["rport"] == client_port]
-    assert server_side == [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"),
-                           ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
-                           ("LAST_ACK", "CLOSE")]
+    # The accepted socket's first transition is LISTEN -> SYN_RECV, which
+    # before Linux 6.15 carries the listener's addresses (peer 0.0.0.0:0), so
+    # it is matched here only from 6.15 on; the rest is the same everywhere.
+    assert server_side[-4:] == [("SYN_RECV", "ESTABLISHED"),
+                                ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
+                                ("LAST_ACK", "CLOSE")]
+    assert server_side[:-4] in ([], [("LISTEN", "SYN_RECV")])
     by_change = {(r["oldstate"], r["newstate"]): r for r in tracer.of("transition")
                  if r["lport"] == port and r["rport"] == client_port}
-    assert by_change[("LISTEN", "SYN_RECV")]["prev_state_s"] is None   # first sight: unknown
+    first = by_change.get(("LISTEN", "SYN_RECV"), by_change[("SYN_RECV", "ESTABLISHED")])
+    assert first["prev_state_s"] is None                # first sight: unknown
     assert by_change[("CLOSE_WAIT", "LAST_ACK")]["task"]["pid"] == os.getpid()
     assert by_change[("ESTABLISHED", "CLOSE_WAIT")]["task"] is None    # softirq
     assert by_change[("LAST_ACK", "CLOSE")]["prev_state_s"] > 0
@@ -363,14 +368,14 @@ cli.main()
 def test_not_root_is_one_line_and_exit_3():
     """A real unprivileged process (uid 65534), not a mocked uid."""
     result = subprocess.run([sys.executable, "-c", NOT_ROOT], capture_output=True, text=True,
-                            timeout=30)
+                            timeout=stretch(30))
     assert result.returncode == 3
     assert result.stderr == ("closewait-trace: live tracing needs root (BPF); "
                              "run: sudo closewait-trace\n")
     assert result.stdout == ""
 
 
-def test_closes_just_before_sigint_are_all_in_the_output(procs):
+def test_closes_just_before_sigint_are_all_in_the_output(procs, kernel_path):
     """Events still in the ring buffer when Ctrl-C arrives are written out."""
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "200ms"]).start()

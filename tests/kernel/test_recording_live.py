@@ -10,16 +10,17 @@ import time
 import pytest
 
 from tests.kernel.harness import (TRACER, Tracer, children_of, connect_and_close, free_port,
-                                  ss_close_wait, start_holding_server, wait_until)
+                                  ss_close_wait, start_holding_server, stretch,
+                                  wait_until)
 
 pytestmark = pytest.mark.kernel
 
 
 def cli(*args, **kw):
-    return subprocess.run(TRACER + list(args), capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(TRACER + list(args), capture_output=True, text=True, timeout=stretch(60), **kw)
 
 
-def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs):
+def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs, kernel_path):
     port = free_port()
     path = tmp_path / "seed.jsonl"
     tracer = Tracer(["-p", str(port), "-t", "1s", "-w", str(path)]).start()
@@ -31,10 +32,10 @@ def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs):
                                                      text=True).stdout, what="socat")
     for _ in range(5):
         subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"], check=True,
-                       timeout=10)
+                       timeout=stretch(10))
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
     children = set(children_of(server.pid))
-    time.sleep(1.2)                       # records reach the file within a second
+    time.sleep(stretch(1.2))              # records reach the file within a second
     tracer.proc.send_signal(signal.SIGKILL)
     tracer.proc.wait()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -72,7 +73,7 @@ def run_text_tracer(args, workload, settle=1.5):
         workload()
         time.sleep(settle)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
+        proc.wait(timeout=stretch(15))
         # Read through the same buffered streams (communicate() would skip
         # what readline() already buffered).
         out, err = proc.stdout.read(), proc.stderr.read()

@@ -6,24 +6,29 @@ import socket
 from closewait_trace.events import KIND_CLOSED, Endpoints, decode_event, format_address
 
 
+class RawEndpoint(ctypes.Structure):
+    """Mirrors struct cw_endpoint's field names; bcc gives the real layout."""
+    _fields_ = [("saddr", ctypes.c_uint8 * 16), ("daddr", ctypes.c_uint8 * 16),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("family", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+
+
 class RawEvent(ctypes.Structure):
     """Mirrors struct cw_event field names for the decoder; the layout itself
     comes from bcc in real use."""
     _fields_ = [("ts_ns", ctypes.c_uint64), ("skaddr", ctypes.c_uint64),
                 ("duration_ns", ctypes.c_uint64), ("pid", ctypes.c_uint32),
-                ("tid", ctypes.c_uint32), ("saddr", ctypes.c_uint8 * 16),
-                ("daddr", ctypes.c_uint8 * 16), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("family", ctypes.c_uint16),
+                ("tid", ctypes.c_uint32), ("ep", RawEndpoint),
                 ("oldstate", ctypes.c_uint8), ("newstate", ctypes.c_uint8),
                 ("kind", ctypes.c_uint8), ("comm", ctypes.c_char * 16)]
 
 
 def test_decode_event_ipv4_and_comm():
     raw = RawEvent(ts_ns=5, skaddr=0xffff8880, duration_ns=7, pid=42, tid=43,
-                   sport=5555, dport=40000, family=socket.AF_INET, oldstate=8,
-                   newstate=9, kind=KIND_CLOSED, comm=b"socat")
-    raw.saddr[:4] = [127, 0, 0, 1]
-    raw.daddr[:4] = [10, 0, 0, 2]
+                   ep=RawEndpoint(sport=5555, dport=40000, family=socket.AF_INET),
+                   oldstate=8, newstate=9, kind=KIND_CLOSED, comm=b"socat")
+    raw.ep.saddr[:4] = [127, 0, 0, 1]
+    raw.ep.daddr[:4] = [10, 0, 0, 2]
     ev = decode_event(raw)
     assert ev.endpoints == Endpoints(socket.AF_INET, "127.0.0.1", 5555, "10.0.0.2", 40000)
     assert (ev.pid, ev.comm, ev.kind, ev.duration_ns) == (42, "socat", KIND_CLOSED, 7)
@@ -37,20 +42,17 @@ def test_format_address_ipv6_and_mapped():
 
 class RawEntry(ctypes.Structure):
     """Field names of struct cw_entry; real offsets come from bcc's class."""
-    _fields_ = [("enter_ns", ctypes.c_uint64), ("saddr", ctypes.c_uint8 * 16),
-                ("daddr", ctypes.c_uint8 * 16), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("family", ctypes.c_uint16),
-                ("_pad", ctypes.c_uint16)]
+    _fields_ = [("enter_ns", ctypes.c_uint64), ("ep", RawEndpoint)]
 
 
 def test_entry_layout_decodes_raw_map_values():
     from closewait_trace.events import EntryLayout
     entries = (RawEntry * 2)()
     entries[1].enter_ns = 123456789
-    entries[1].family = socket.AF_INET6
-    entries[1].sport, entries[1].dport = 443, 50000
-    entries[1].saddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
-    entries[1].daddr[:] = list(socket.inet_pton(socket.AF_INET6, "::1"))
+    entries[1].ep.family = socket.AF_INET6
+    entries[1].ep.sport, entries[1].ep.dport = 443, 50000
+    entries[1].ep.saddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
+    entries[1].ep.daddr[:] = list(socket.inet_pton(socket.AF_INET6, "::1"))
     layout = EntryLayout(RawEntry)
     raw = bytes(entries)
     assert layout.size == ctypes.sizeof(RawEntry) and layout.enter_ns(raw, 1) == 123456789

@@ -103,3 +103,31 @@ def test_verbose_lines_take_threads_and_identity_from_the_process_record():
     assert "holder 4242/srv fd 7 no-cloexec [S] ppid 1: srv -d" in text
     assert "user www, docker abababababab, netns 4026531840" in text
     assert "thread 4242 [S] pause wchan sys_pause" in text and "pause+0x10 (libc.so.6) [pc]" in text
+
+
+def test_pre_6_15_syn_recv_without_peer_is_said_not_printed_as_0_0_0_0():
+    """Before Linux 6.15 the accepted socket's LISTEN -> SYN_RECV carries the
+    listener's addresses: the record says the peer is unknown, the text
+    line says why instead of showing 0.0.0.0:0 as the peer."""
+    from closewait_trace.events import KernelEvent
+    r = render.TextRenderer()
+    r.render({"type": "start", "ts": 1.0, "threshold_s": 1.0, "filters": {},
+              "all_transitions": True})
+    listener_side = Endpoints(socket.AF_INET, "0.0.0.0", 8080, "0.0.0.0", 0)
+    ev = KernelEvent(kind=3, ts_ns=0, skaddr=1, duration_ns=0, pid=7, tid=7, comm="x",
+                     endpoints=listener_side, oldstate=tcpstates.LISTEN,
+                     newstate=tcpstates.SYN_RECV)
+    rec = records.transition(ev, 1_800_000_000.0)
+    assert rec["peer_known"] is False
+    line = r.render(rec)[-1]
+    assert "0.0.0.0:0" not in line and render.PEER_NOT_GIVEN in line and len(line) <= 80
+    # 6.15+: the same transition with the peer's address is an ordinary line.
+    with_peer = KernelEvent(**{**ev.__dict__, "endpoints": Endpoints(
+        socket.AF_INET, "127.0.0.1", 8080, "127.0.0.1", 50000)})
+    rec = records.transition(with_peer, 1_800_000_000.0)
+    line = r.render(rec)[-1]        # (--all's address columns cut the middle, keep the port)
+    assert rec["peer_known"] is True and ":50000" in line and render.PEER_NOT_GIVEN not in line
+    # A listener's own transitions (CLOSE -> LISTEN) have no peer by nature.
+    listen = KernelEvent(**{**ev.__dict__, "oldstate": tcpstates.CLOSE,
+                            "newstate": tcpstates.LISTEN})
+    assert records.transition(listen, 1.0)["peer_known"] is True

@@ -1,0 +1,187 @@
+"""The kernel probe itself (no tracer loop): losses, the duration sum and the
+map reads, on the ring buffer and on the perf buffer that kernels before 5.8
+get, against real sockets on this kernel."""
+
+import socket
+import time
+
+import pytest
+
+from closewait_trace import kernel_headers
+from closewait_trace.events import KIND_CLOSED
+from closewait_trace.probe import KernelProbe, ProbeConfig, detect_features
+from tests.kernel.harness import free_port, stretch
+
+pytestmark = pytest.mark.kernel
+
+HOUR_NS = 3600 * 10**9
+
+
+def make_probe(force: str, **config) -> tuple[KernelProbe, list]:
+    kernel_headers.apply(kernel_headers.choose_headers())
+    features = detect_features(environ={"CLOSEWAIT_TRACE_FORCE": force})
+    probe = KernelProbe(ProbeConfig(features=features, **config))
+    events = []
+    probe.start(lambda ev: events.append(ev) and False)
+    return probe, events
+
+
+def drain(probe: KernelProbe, events: list, quiet_polls: int = 5) -> None:
+    """Poll until several polls in a row bring nothing new."""
+    quiet = 0
+    while quiet < quiet_polls:
+        before = len(events)
+        probe.poll(100)
+        quiet = quiet + 1 if len(events) == before else 0
+
+
+def churn(listener: socket.socket, count: int) -> None:
+    """count connections opened and closed at once: ~8 transitions each."""
+    for _ in range(count):
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        client.close()
+        conn.close()
+
+
+@pytest.fixture
+def listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1024)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("force", ["perfbuf", "ringbuf"])
+def test_a_flood_into_a_tiny_buffer_counts_every_lost_event_once(force, listener):
+    """--all into a one-page buffer that is not read while 300 connections
+    churn: most events are lost. Every event the program tried to send is
+    either delivered or counted lost, exactly once (the kernel counts its
+    own attempts, so other traffic on the machine does not upset this)."""
+    probe, events = make_probe(force, threshold_ns=HOUR_NS, all_transitions=True,
+                               ringbuf_pages=1)
+    try:
+        churn(listener, 300)
+        drain(probe, events)
+        if force == "perfbuf":
+            # A perf buffer reports a CPU's losses (PERF_RECORD_LOST) with the
+            # next record that fits: let a trickle through, and read it.
+            for _ in range(5):
+                churn(listener, 1)
+                drain(probe, events, quiet_polls=2)
+            assert probe.buffer_lost > 0, "the perf buffer's lost callback never ran"
+        counters = probe.counters()
+        sent = counters["transitions"] + counters["exit_untracked"]
+        assert counters["events_lost"] > 0
+        assert len(events) + counters["events_lost"] == sent, (len(events), counters)
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("force", ["ringbuf,boottime", "perfbuf,monotonic"])
+def test_histogram_sum_is_the_exact_sum_of_timed_durations(force):
+    """Threshold 0: the program reports every timed stay in CLOSE_WAIT with
+    its duration, so the per-CPU sum must equal their sum to the nanosecond,
+    and match the holds this test made."""
+    port = free_port()
+    probe, events = make_probe(force, threshold_ns=0, lports=(port,))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    holds = [0.05, 0.1, 0.2, 0.3]
+    try:
+        held = []
+        for _ in holds:
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            client.close()
+            held.append(conn)
+        time.sleep(0.05)
+        closed_at = []
+        start = time.monotonic()
+        for conn, hold in zip(held, holds):
+            time.sleep(max(0.0, start + hold - time.monotonic()))
+            conn.close()
+            closed_at.append(time.monotonic())
+        drain(probe, events)
+        closed = [ev for ev in events if ev.kind == KIND_CLOSED]
+        assert len(closed) == len(holds)
+        assert sum(probe.histogram()) == len(holds)
+        assert probe.histogram_sum_ns() == sum(ev.duration_ns for ev in closed)
+        # Each stay lasted from the client's close to ours: at least the hold,
+        # and not much more (loose: the machine is shared).
+        total_s = probe.histogram_sum_ns() / 1e9
+        assert sum(holds) <= total_s < sum(holds) + 0.4 + stretch(0.5), total_s
+    finally:
+        srv.close()
+        probe.close()
+
+
+@pytest.mark.parametrize("force,expected", [("batch", "batched"), ("perkey", "per-key")])
+def test_map_reads_find_every_tracked_socket(force, expected):
+    port = free_port()
+    probe, _events = make_probe(force, threshold_ns=HOUR_NS, lports=(port,))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    held, clients = [], []
+    try:
+        for _ in range(5):
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            clients.append(client.getsockname()[1])
+            client.close()
+            held.append(conn)
+        deadline = time.monotonic() + stretch(5.0)
+        while len(probe.tracked()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tracked = probe.tracked()
+        assert probe.map_read == expected
+        assert sorted(t.endpoints.rport for t in tracked) == sorted(clients)
+        assert {(t.endpoints.laddr, t.endpoints.lport) for t in tracked} == {("127.0.0.1", port)}
+    finally:
+        for conn in held:
+            conn.close()
+        srv.close()
+        probe.close()
+
+
+def test_close_leaves_nothing_for_a_late_destructor(monkeypatch):
+    """The exit traceback of kernels before 5.8: bcc's perf table outlived
+    cleanup() and its __del__ failed on the closed map ("Exception ignored
+    in ... PerfEventArray.__del__"). After close(), collecting everything
+    must raise nothing, and every perf reader is freed."""
+    import gc
+    import sys
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    probe, _events = make_probe("perfbuf", threshold_ns=HOUR_NS)
+    bpf = probe.bpf
+    assert bpf.perf_buffers, "perf readers were opened"
+    probe.close()
+    assert bpf.perf_buffers == {}
+    del bpf, probe
+    gc.collect()
+    assert [str(u.exc_value) + repr(u.object) for u in unraisable] == []
+
+
+def test_low_address_space_limit_is_one_line_and_exit_4():
+    """A real RLIMIT_AS too small for bcc's LLVM: ctypes raises OSError, not
+    ImportError, when the libraries cannot be mapped."""
+    import resource
+    import subprocess
+    import sys
+    from closewait_trace.errors import EXIT_NO_BCC
+
+    limit = 150 << 20        # enough for Python and click, not for libLLVM
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "closewait_trace", "-t", "1s"],
+                            capture_output=True, text=True, timeout=stretch(60),
+                            preexec_fn=low_limit)
+    assert result.returncode == EXIT_NO_BCC, result.stderr[-2000:]
+    assert result.stderr.count("\n") <= 1 and "Traceback" not in result.stderr
+    assert "could not be loaded" in result.stderr and "ulimit -v" in result.stderr
