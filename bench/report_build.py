@@ -12,7 +12,7 @@ import argparse
 import resource
 import time
 
-from closewait_trace import report
+from closewait_trace.output import report
 
 
 def records(n: int):

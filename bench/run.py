@@ -49,7 +49,7 @@ def bcc_env() -> dict:
     """tcpstates needs a header tree too; give it the one closewait-trace uses."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     sys.path.insert(0, os.path.join(REPO, "src"))
-    from closewait_trace import kernel_headers
+    from closewait_trace.kernel import kernel_headers
     choice = kernel_headers.choose_headers()
     if choice.path:
         env["BCC_KERNEL_SOURCE"] = choice.path
@@ -69,7 +69,7 @@ def tcpstates_envs(env: dict) -> list[dict]:
     forced = os.environ.get(TCPSTATES_HEADERS_ENV)
     if forced is not None:
         return [dict(env, BCC_KERNEL_SOURCE=p) for p in forced.split(":") if p]
-    from closewait_trace import kernel_headers
+    from closewait_trace.kernel import kernel_headers
     import platform
     envs = [env]
     trees = kernel_headers.generic_trees("/usr/src", platform.machine(), os.uname().release)

@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests import hostile_elf  # noqa: E402
 
-from closewait_trace import elfindex  # noqa: E402
+from closewait_trace.evidence import elfindex  # noqa: E402
 
 
 def timed(path, runs=5, limits=elfindex.LIMITS):
@@ -52,7 +52,7 @@ def main():
                                          functions, fdes)
         ms, (index, reason) = timed(path, runs=1, limits=limits)
         # VmHWM of a fresh interpreter (ru_maxrss would carry this process's over exec).
-        code = ("import sys; from closewait_trace import elfindex; "
+        code = ("import sys; from closewait_trace.evidence import elfindex; "
                 f"elfindex.load(sys.argv[1], limits=elfindex.Limits(parse_seconds={limits.parse_seconds})); "
                 "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
                 "if l.startswith('VmHWM')) >> 10)")

@@ -11,10 +11,11 @@ import sys
 
 import click
 
-from closewait_trace import __version__, render, textsafe
+from closewait_trace import __version__
+from closewait_trace.output import render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
+from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
                                      validate_container)
 
 EXAMPLES = """\b
@@ -93,7 +94,7 @@ class WhenType(click.ParamType):
     name = "TIME"
 
     def convert(self, value, param, ctx):
-        from closewait_trace.replay import parse_when
+        from closewait_trace.files.replay import parse_when
         try:
             parse_when(value)
         except ValueError as exc:
@@ -107,7 +108,7 @@ class ListenType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from closewait_trace.metrics import parse_listen
+        from closewait_trace.live.metrics import parse_listen
         try:
             return parse_listen(value)
         except ValueError as exc:
@@ -214,17 +215,34 @@ def fail(err: UserError) -> None:
     sys.exit(err.exit_code)
 
 
+def socket_options(command):
+    """-p, -P, -4, -6: the socket filters the live tail and snapshot share."""
+    for option in reversed([
+            click.option("-p", "--lport", "lports", type=PortsType(), multiple=True,
+                         help="Only sockets with this local port (repeat or comma-separate)."),
+            click.option("-P", "--rport", "rports", type=PortsType(), multiple=True,
+                         help="Only sockets with this remote port (repeat or comma-separate)."),
+            click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4 sockets."),
+            click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6 sockets.")]):
+        command = option(command)
+    return command
+
+
+def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other; give at most one")
+    return SocketFilter(
+        lports=tuple(sorted({p for group in lports for p in group})),
+        rports=tuple(sorted({p for group in rports for p in group})),
+        family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None)
+
+
 @click.group(invoke_without_command=True, epilog=EXAMPLES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80})
 @click.option("-t", "--threshold", type=DurationType(), default="1s", show_default=True,
               help="Report a socket once it has been in CLOSE_WAIT this long "
                    "(500ms, 2s, 1m).")
-@click.option("-p", "--lport", "lports", type=PortsType(), multiple=True,
-              help="Only sockets with this local port (repeat or comma-separate).")
-@click.option("-P", "--rport", "rports", type=PortsType(), multiple=True,
-              help="Only sockets with this remote port (repeat or comma-separate).")
-@click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4 sockets.")
-@click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6 sockets.")
+@socket_options
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line (schema in the README).")
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
@@ -298,12 +316,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     """
     if ctx.invoked_subcommand is not None:
         return
-    if ipv4 and ipv6:
-        raise click.UsageError("-4 and -6 exclude each other; give at most one")
-    socket_filter = SocketFilter(
-        lports=tuple(sorted({p for group in lports for p in group})),
-        rports=tuple(sorted({p for group in rports for p in group})),
-        family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None)
+    socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     holder_filter = HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
                                  containers=tuple(containers), units=tuple(units))
     renderer = render.TextRenderer(wide=wide, verbose=verbose, time_format=time_format)
@@ -350,7 +363,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
-    from closewait_trace import recording, replay
+    from closewait_trace.files import recording, replay
     rec = recording.read([path])
     first_ts = next((r.get("start_ts") for r in rec.records if r.get("type") == "header"), None)
     keep = replay.ReplayFilter(
@@ -414,7 +427,8 @@ def report_command(files, as_json, top, groupings):
     remote peer, with the cause in each row; the duration histograms; a
     timeline; what was still lingering at the end; gaps and losses. Needs no
     root and no BPF."""
-    from closewait_trace import recording, report
+    from closewait_trace.files import recording
+    from closewait_trace.output import report
     by = [g.strip() for value in groupings for g in value.split(",") if g.strip()]
     for g in by:
         if g not in report.GROUPINGS:
@@ -447,12 +461,7 @@ Examples:
   closewait-trace snapshot --json > now.jsonl   # save one""")
 @click.option("-t", "--min-age", type=AgeType(), default="0", show_default=True,
               help="Only sockets at least this long in CLOSE_WAIT (500ms, 2s, 1m).")
-@click.option("-p", "--lport", "lports", type=PortsType(), multiple=True,
-              help="Only sockets with this local port (repeat or comma-separate).")
-@click.option("-P", "--rport", "rports", type=PortsType(), multiple=True,
-              help="Only sockets with this remote port (repeat or comma-separate).")
-@click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4 sockets.")
-@click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6 sockets.")
+@socket_options
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line: the live tail's process and linger records.")
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
@@ -464,13 +473,8 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     holding it (or the listener that never accepted it), why it is not
     closed, and a footer by holder process. Needs no BPF and no bcc; without
     root, other users' processes are hidden."""
-    if ipv4 and ipv6:
-        raise click.UsageError("-4 and -6 exclude each other; give at most one")
-    from closewait_trace import snapshot
-    socket_filter = SocketFilter(
-        lports=tuple(sorted({p for group in lports for p in group})),
-        rports=tuple(sorted({p for group in rports for p in group})),
-        family=socket.AF_INET if ipv4 else socket.AF_INET6 if ipv6 else None)
+    from closewait_trace.live import snapshot
+    socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     as_root = os.geteuid() == 0
     snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose)
     recs = snap.records()
@@ -494,13 +498,13 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         "run: sudo closewait-trace")
-    from closewait_trace import capabilities
+    from closewait_trace.sockets import capabilities
     capability_warning = capabilities.warning(capabilities.effective())
     if capability_warning:      # say what a reduced set hides; trace anyway
         click.echo(capability_warning, err=True)
-    from closewait_trace import kernel_headers
-    from closewait_trace.probe import KernelProbe, ProbeConfig, import_bcc
-    from closewait_trace.tracer import LiveTracer
+    from closewait_trace.kernel import kernel_headers
+    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, import_bcc
+    from closewait_trace.live.tracer import LiveTracer
 
     import_bcc()
 
@@ -520,16 +524,16 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     out.on_reader_gone = tracer.request_stop
     recorder = None
     if metrics_listen:
-        from closewait_trace.metrics import MetricsSink
+        from closewait_trace.live.metrics import MetricsSink
         metrics = MetricsSink(*metrics_listen)
         metrics.serve()          # a port in use fails before anything loads
         tracer.sinks.append(metrics)
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.
-        from closewait_trace.recording import Recorder
-        from closewait_trace.sinks import RecordingSink
-        from closewait_trace.tracer import kernel_clock_ns
+        from closewait_trace.files.recording import Recorder
+        from closewait_trace.live.sinks import RecordingSink
+        from closewait_trace.live.tracer import kernel_clock_ns
         import time
         snapshot_s = recording_options.pop("snapshot_s")
         offset = time.time_ns() - kernel_clock_ns(config.features.boot_clock)

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from closewait_trace.probe import FORCE_ENV
+from closewait_trace.kernel.probe import FORCE_ENV
 from tests.kernel.harness import Tracer, children_of
 
 # What a kernel before 5.6 gets (Ubuntu 20.04's 5.4, RHEL 8's 4.18): perf

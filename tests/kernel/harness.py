@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from closewait_trace import schema
+from closewait_trace.output import schema
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
 
@@ -211,3 +211,21 @@ def connect_and_close(port: int, count: int, family=socket.AF_INET, payload: byt
         c.close()
         times.append(time.monotonic())
     return times
+
+
+def start_seed_scenario(port, procs, as_user=()) -> tuple:
+    """../shared/seed-closewait.txt, exactly: a forking socat listener whose
+    children STOP themselves, and five clients that give up after 1 second
+    (as_user: a command prefix such as setpriv's, for the listener). Returns
+    the listener and when each client's socket entered CLOSE_WAIT."""
+    server = subprocess.Popen(list(as_user) + ["socat", f"tcp4-listen:{port},reuseaddr,fork",
+                                               "system:kill -STOP $SOCAT_PID"])
+    procs.append(server)
+    wait_until(lambda: f":{port} " in subprocess.run(
+        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
+    entered = []
+    for _ in range(5):
+        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
+                       check=True, timeout=stretch(10))
+        entered.append(time.monotonic())
+    return server, entered

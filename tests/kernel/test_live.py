@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.kernel.harness import (Tracer, children_of, connect_and_close, free_port,
+from tests.kernel.harness import (Tracer, start_seed_scenario, children_of, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
                                   stretch, stretch_factor, wait_until)
 
@@ -23,16 +23,7 @@ def test_seed_scenario_five_stopped_socat_children(procs, kernel_path):
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "1s"]).start()
     procs.append(tracer)
-    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                               "system:kill -STOP $SOCAT_PID"])
-    procs.append(server)
-    wait_until(lambda: f":{port} " in subprocess.run(
-        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-    entered = []
-    for _ in range(5):
-        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=stretch(10))
-        entered.append(time.monotonic())
+    server, entered = start_seed_scenario(port, procs)
 
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
     tracer.settle(1.0)

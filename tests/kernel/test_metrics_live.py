@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.kernel.harness import Tracer, children_of, free_port, wait_until
+from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -95,14 +95,7 @@ def test_real_prometheus_scrapes_the_seed_scenario(procs, prometheus_for):
     before = prom.scalar("closewait_duration_seconds_count")
     assert before == 0.0
 
-    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                               "system:kill -STOP $SOCAT_PID"])
-    procs.append(server)
-    wait_until(lambda: f":{port} " in subprocess.run(
-        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-    for _ in range(5):
-        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=10)
+    server, entered = start_seed_scenario(port, procs)
     tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=15)
 
     lingering = 'sum(closewait_lingering_sockets{comm="socat"})'
@@ -160,7 +153,7 @@ while True:
 
 def test_cardinality_cap_with_500_real_process_names(procs):
     from prometheus_client.parser import text_string_to_metric_families
-    from closewait_trace.metrics import MAX_SERIES
+    from closewait_trace.live.metrics import MAX_SERIES
     port, metrics_port = free_port(), free_port()
     tracer = Tracer(["-p", str(port), "-t", "500ms", "--metrics", str(metrics_port)]).start()
     procs.append(tracer)

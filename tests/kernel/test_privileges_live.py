@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from closewait_trace import owners, procfs
-from closewait_trace.events import Endpoints
+from closewait_trace.sockets import owners, procfs
+from closewait_trace.kernel.events import Endpoints
 from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, ss_close_wait, wait_until)
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from closewait_trace import kernel_headers
-from closewait_trace.events import KIND_CLOSED
-from closewait_trace.probe import KernelProbe, ProbeConfig, detect_features
+from closewait_trace.kernel import kernel_headers
+from closewait_trace.kernel.events import KIND_CLOSED
+from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_features
 from tests.kernel.harness import free_port, stretch
 
 pytestmark = pytest.mark.kernel

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import harness
-from tests.kernel.harness import Tracer, children_of, free_port, wait_until
+from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -54,14 +54,7 @@ def seed_scenario(procs, prefix: list[str]) -> tuple[list, dict, str]:
     finally:
         harness.TRACER = saved
     procs.append(tracer)
-    server = subprocess.Popen(NOBODY + ["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                                        "system:kill -STOP $SOCAT_PID"])
-    procs.append(server)
-    wait_until(lambda: f":{port} " in subprocess.run(
-        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-    for _ in range(5):
-        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=10)
+    server, entered = start_seed_scenario(port, procs, as_user=NOBODY)
     ns = f"cwt-caps-{os.getpid()}-{port}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
@@ -151,7 +144,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
     """What systemd runs, with the unit's capabilities: it records quietly,
     serves metrics, and `systemctl stop` (SIGTERM) ends the recording with
     its summary."""
-    from closewait_trace import recording
+    from closewait_trace.files import recording
     port = free_port()
     metrics_port = free_port()
     cmd = restricted(unit_capabilities()) + unit_command(tmp_path, metrics_port)
@@ -159,14 +152,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
     try:
         wait_until(lambda: b"closewait_entered_total" in _scrape(metrics_port), timeout=30,
                    what="metrics served")
-        server = subprocess.Popen(NOBODY + ["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                                            "system:kill -STOP $SOCAT_PID"])
-        procs.append(server)
-        wait_until(lambda: f":{port} " in subprocess.run(
-            ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-        for _ in range(5):
-            subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                           check=True, timeout=10)
+        server, entered = start_seed_scenario(port, procs, as_user=NOBODY)
         wait_until(lambda: b'comm="socat"' in _scrape(metrics_port) and
                    re.search(rb'closewait_lingering_sockets\{comm="socat",port="%d".*\} 5\.0' % port,
                              _scrape(metrics_port)), timeout=20, what="5 sockets in the metrics")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, children_of, connect_and_close, free_port,
+from tests.kernel.harness import (start_seed_scenario, HOLDING_SERVER, TRACER, Tracer, children_of, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server, wait_until)
 
 pytestmark = pytest.mark.kernel
@@ -86,20 +86,6 @@ def test_sockets_older_than_the_trace_get_estimated_ages_at_once(procs):
         assert rec["ts"] - start["ts"] - resolve_s < 1.0, (rec["ts"], start["ts"], resolve_s)
 
 
-def start_seed_scenario(port, procs) -> tuple:
-    """../shared/seed-closewait.txt: a forking socat whose children stop
-    themselves, and five clients that give up after 1 second."""
-    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                               "system:kill -STOP $SOCAT_PID"])
-    procs.append(server)
-    wait_until(lambda: f":{port} " in subprocess.run(
-        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-    entered = []
-    for _ in range(5):
-        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=10)
-        entered.append(time.monotonic())
-    return server, entered
 
 
 def test_snapshot_of_the_seed_scenario(procs):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import harness
-from tests.kernel.harness import Tracer, children_of, free_port, wait_until
+from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,14 +58,7 @@ def test_wheel_in_a_fresh_venv_runs_the_seed_scenario(procs, tmp_path):
     finally:
         harness.TRACER = saved
     procs.append(tracer)
-    server = subprocess.Popen(["socat", f"tcp4-listen:{port},reuseaddr,fork",
-                               "system:kill -STOP $SOCAT_PID"])
-    procs.append(server)
-    wait_until(lambda: f":{port} " in subprocess.run(
-        ["ss", "-Htln"], capture_output=True, text=True).stdout, what="socat listening")
-    for _ in range(5):
-        subprocess.run(["socat", "-T", "1", "-u", f"tcp4:127.0.0.1:{port}", "-"],
-                       check=True, timeout=10)
+    server, entered = start_seed_scenario(port, procs)
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=20)
     assert all(r["owners"][0]["comm"] == "socat" and r["diagnosis"]["cause"] == "stopped"
                for r in lingers)

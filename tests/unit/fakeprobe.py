@@ -13,8 +13,8 @@ import socket
 from collections import deque
 from typing import Callable, Optional
 
-from closewait_trace import tcpstates
-from closewait_trace.events import (KIND_CLOSED, KIND_TRANSITION, KIND_UNTRACKED_EXIT,
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import (KIND_CLOSED, KIND_TRANSITION, KIND_UNTRACKED_EXIT,
                                     Endpoints, KernelEvent, TrackedSocket)
 
 SECOND = 1_000_000_000

@@ -1,4 +1,4 @@
-from closewait_trace import capabilities as caps
+from closewait_trace.sockets import capabilities as caps
 
 
 def mask(*numbers):

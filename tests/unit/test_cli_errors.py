@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from closewait_trace import cli, errors, kernel_headers, probe
+from closewait_trace import cli, errors
+from closewait_trace.kernel import kernel_headers, probe
 
 
 def run_cli(*args):

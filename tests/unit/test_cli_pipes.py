@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from closewait_trace import cli, errors, recording
-from closewait_trace.render import TextRenderer
+from closewait_trace import cli, errors
+from closewait_trace.files import recording
+from closewait_trace.output.render import TextRenderer
 from tests.unit import recordfactory
 
 

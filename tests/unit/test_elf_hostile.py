@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from closewait_trace import elfindex, symbolize
-from closewait_trace.procimage import ProcessImage
+from closewait_trace.evidence import elfindex, symbolize
+from closewait_trace.evidence.procimage import ProcessImage
 from tests import hostile_elf
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and os.environ.get("CI") != "true",
@@ -101,7 +101,7 @@ def test_zlib_bomb_is_never_expanded(base, tmp_path):
     assert os.path.getsize(path) < 2 << 20
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the
     # (large) pytest process that forked this one.
-    code = ("import sys; from closewait_trace import elfindex; "
+    code = ("import sys; from closewait_trace.evidence import elfindex; "
             "print(elfindex.load(sys.argv[1])[1]); "
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
             "if l.startswith('VmHWM')) // 1024)")
@@ -233,7 +233,7 @@ def test_an_unexpected_error_while_unwinding_is_counted_not_raised(monkeypatch):
 
 
 def test_notes_and_counts_are_shown_in_the_text_output():
-    from closewait_trace import records, render
+    from closewait_trace.output import records, render
     frame = symbolize.Frame(pc=0x7F0000001007, module="/tmp/crafted", method="pc",
                             note="no symbols: more than 4096 sections").as_dict()
     process = {"pid": 42, "threads": [{"tid": 42, "state": "S", "syscall": "pause",

@@ -3,7 +3,7 @@
 import ctypes
 import socket
 
-from closewait_trace.events import KIND_CLOSED, Endpoints, decode_event, format_address
+from closewait_trace.kernel.events import KIND_CLOSED, Endpoints, decode_event, format_address
 
 
 class RawEndpoint(ctypes.Structure):
@@ -46,7 +46,7 @@ class RawEntry(ctypes.Structure):
 
 
 def test_entry_layout_decodes_raw_map_values():
-    from closewait_trace.events import EntryLayout
+    from closewait_trace.kernel.events import EntryLayout
     entries = (RawEntry * 2)()
     entries[1].enter_ns = 123456789
     entries[1].ep.family = socket.AF_INET6

@@ -9,7 +9,8 @@ import re
 import subprocess
 import sys
 
-from closewait_trace import recording, render, report
+from closewait_trace.files import recording
+from closewait_trace.output import render, report
 from tests.unit import recordfactory
 
 ESC = "\x1b"

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from closewait_trace import kernel_headers as kh
+from closewait_trace.kernel import kernel_headers as kh
 from closewait_trace.errors import UserError
 
 

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from closewait_trace import tcpstates, tracker
-from closewait_trace.events import KIND_TRANSITION, KernelEvent
-from closewait_trace.filters import HolderFilter, SocketFilter
-from closewait_trace.probe import ProbeConfig
-from closewait_trace.sinks import ListSink, RecordingSink, TickView, snapshot_record
-from closewait_trace.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
+from closewait_trace.kernel import tcpstates
+from closewait_trace.live import tracker
+from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
+from closewait_trace.live.filters import HolderFilter, SocketFilter
+from closewait_trace.kernel.probe import ProbeConfig
+from closewait_trace.live.sinks import ListSink, RecordingSink, TickView, snapshot_record
+from closewait_trace.live.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
 from tests.unit.fakeproc import FakeProc, hex_addr
 from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints
 

@@ -11,11 +11,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from closewait_trace import metrics
-from closewait_trace.events import Endpoints
-from closewait_trace.owners import OWNER_ACCEPT_QUEUE, OWNER_FD, Holder, Ownership
-from closewait_trace.sinks import TickView
-from closewait_trace.tracker import Lingerer
+from closewait_trace.live import metrics
+from closewait_trace.kernel.events import Endpoints
+from closewait_trace.sockets.owners import OWNER_ACCEPT_QUEUE, OWNER_FD, Holder, Ownership
+from closewait_trace.live.sinks import TickView
+from closewait_trace.live.tracker import Lingerer
 
 S = 1_000_000_000
 

@@ -3,8 +3,9 @@ import socket
 
 import pytest
 
-from closewait_trace import owners, procnet, tcpstates
-from closewait_trace.events import Endpoints
+from closewait_trace.sockets import owners, procnet
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
 from tests.unit.fakeproc import FakeProc
 
 V4 = socket.AF_INET

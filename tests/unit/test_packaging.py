@@ -195,7 +195,7 @@ def third_party_imports() -> set:
     """Top-level modules the package imports that are not its own or stdlib."""
     import ast
     found = set()
-    for path in (ROOT / "src" / "closewait_trace").glob("*.py"):
+    for path in (ROOT / "src" / "closewait_trace").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {a.name.split(".")[0] for a in node.names}

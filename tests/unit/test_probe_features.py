@@ -3,7 +3,7 @@ the older kernels' fallbacks (pure: no bcc, no root)."""
 
 import pytest
 
-from closewait_trace import probe
+from closewait_trace.kernel import probe
 from closewait_trace.errors import EXIT_USAGE, UserError
 
 

@@ -8,9 +8,10 @@ import socket
 
 import pytest
 
-from closewait_trace import diagnosis as d
-from closewait_trace import owners, procfs, tcpstates
-from closewait_trace.events import Endpoints
+from closewait_trace.evidence import diagnosis as d
+from closewait_trace.sockets import owners, procfs
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
 from tests.unit.fakeproc import Denials, FakeProc
 
 V4 = socket.AF_INET

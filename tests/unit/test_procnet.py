@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from closewait_trace import procnet, sockdiag, tcpstates
+from closewait_trace.sockets import procnet, sockdiag
+from closewait_trace.kernel import tcpstates
 from tests.unit.fakeproc import FakeProc
 
 
@@ -49,6 +50,6 @@ def test_a_crafted_tree_is_read_as_files_even_with_our_namespace_inode(tmp_path,
 
 
 def test_sockdiag_does_not_import_procnet():
-    code = ("import sys, closewait_trace.sockdiag; "
-            "sys.exit('closewait_trace.procnet' in sys.modules)")
+    code = ("import sys, closewait_trace.sockets.sockdiag; "
+            "sys.exit('closewait_trace.sockets.procnet' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

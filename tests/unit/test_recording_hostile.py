@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from closewait_trace import recording
+from closewait_trace.files import recording
 from closewait_trace.errors import EXIT_FILE
 from tests.unit import recordfactory
 
@@ -98,7 +98,7 @@ def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
             f.write(chunk)
         f.write('"}\n' + linger(1))
     probe = ("import resource, sys\n"
-             "from closewait_trace import recording\n"
+             "from closewait_trace.files import recording\n"
              "r = recording.read([sys.argv[1]])\n"
              "print(len(r.of('linger')), r.skipped,"
              " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
@@ -175,7 +175,7 @@ def test_stdin_is_read_with_dash(tmp_path):
 
 def test_write_to_stdout_reads_back(tmp_path):
     """-w -: the recording goes to standard output (here straight into -r -)."""
-    script = ("from closewait_trace import recording\n"
+    script = ("from closewait_trace.files import recording\n"
               "from tests.unit import recordfactory\n"
               "r = recording.Recorder(path='-', threshold_ns=10**9, filters=recordfactory.NO_FILTERS,"
               " clock_offset_ns=0, compress=True)\n"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from closewait_trace import recording
+from closewait_trace.files import recording
 from tests.unit import recordfactory
 from closewait_trace.errors import EXIT_FILE
 

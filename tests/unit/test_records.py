@@ -1,6 +1,6 @@
 """Output records built from kernel facts."""
 
-from closewait_trace import records
+from closewait_trace.output import records
 
 
 def test_histogram_buckets():

@@ -8,7 +8,7 @@ import datetime as dt
 
 import pytest
 
-from closewait_trace import render, textsafe
+from closewait_trace.output import render, textsafe
 
 TS = 1_800_000_000.0          # a fixed moment; lines are compared by column
 COMM15 = "averylongcomm15"
@@ -256,7 +256,7 @@ def test_cli_replay_banner_gives_the_capture_span_and_filters(tmp_path):
     import json
     import subprocess
     import sys
-    from closewait_trace import recording
+    from closewait_trace.files import recording
     start_ts = dt.datetime(2026, 11, 28, 23, 59, 0).timestamp()
     from tests.unit import recordfactory as rf
     header = recording.header(0, "vm-1-2", 0, 10**9, rf.NO_FILTERS, "closewait")

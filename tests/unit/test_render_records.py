@@ -4,8 +4,9 @@ tests are in test_render.py)."""
 import json
 import socket
 
-from closewait_trace import records, render, tcpstates
-from closewait_trace.events import Endpoints
+from closewait_trace.output import records, render
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
 
 
 def linger_record(**over):
@@ -63,7 +64,7 @@ def test_summary_lines_mention_losses():
 
 
 def test_transition_lines_align_and_fit():
-    from closewait_trace.events import KernelEvent
+    from closewait_trace.kernel.events import KernelEvent
     r = render.TextRenderer()
     start = {"type": "start", "ts": 1_800_000_000.0, "threshold_s": 1.0, "filters": {},
              "all_transitions": True}
@@ -109,7 +110,7 @@ def test_pre_6_15_syn_recv_without_peer_is_said_not_printed_as_0_0_0_0():
     """Before Linux 6.15 the accepted socket's LISTEN -> SYN_RECV carries the
     listener's addresses: the record says the peer is unknown, the text
     line says why instead of showing 0.0.0.0:0 as the peer."""
-    from closewait_trace.events import KernelEvent
+    from closewait_trace.kernel.events import KernelEvent
     r = render.TextRenderer()
     r.render({"type": "start", "ts": 1.0, "threshold_s": 1.0, "filters": {},
               "all_transitions": True})

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from closewait_trace import recording, report
+from closewait_trace.files import recording
+from closewait_trace.output import report
 from tests.unit import recordfactory
 
 T0 = 1_800_000_000.0

@@ -14,9 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from closewait_trace import diagnosis, owners, records, recording, render, report, schema, tcpstates
-from closewait_trace.events import Endpoints, KernelEvent
-from closewait_trace.tracker import Closed, Lingerer
+from closewait_trace.evidence import diagnosis
+from closewait_trace.sockets import owners
+from closewait_trace.output import records, render, report, schema
+from closewait_trace.files import recording
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints, KernelEvent
+from closewait_trace.live.tracker import Closed, Lingerer
 from tests.unit.fakeproc import FakeProc
 
 ROOT = Path(__file__).resolve().parents[2]

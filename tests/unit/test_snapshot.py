@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from closewait_trace import ages, owners, procnet, snapshot, tcpstates
-from closewait_trace.filters import SocketFilter
+from closewait_trace.live import ages, snapshot
+from closewait_trace.sockets import owners, procnet
+from closewait_trace.kernel import tcpstates
+from closewait_trace.live.filters import SocketFilter
 from tests.unit.fakeproc import FakeProc
 
 V4 = socket.AF_INET

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from closewait_trace import sockdiag, tcpstates
+from closewait_trace.sockets import sockdiag
+from closewait_trace.kernel import tcpstates
 
 # One recv() of a real SOCK_DIAG_BY_FAMILY dump (Linux 6.18, x86-64): a
 # socket in CLOSE_WAIT on 127.0.0.1:35885 whose peer sent 5 bytes, then

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from closewait_trace import elfindex, identity, procimage, symbolize
+from closewait_trace.evidence import elfindex, procimage, symbolize
+from closewait_trace.sockets import identity
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "kernel", "data", "hold_socket.c")
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and os.environ.get("CI") != "true",

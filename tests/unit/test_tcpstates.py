@@ -1,6 +1,6 @@
 """TCP state names and which transitions run in the process's own context."""
 
-from closewait_trace import tcpstates
+from closewait_trace.kernel import tcpstates
 
 
 def test_process_context_transitions():

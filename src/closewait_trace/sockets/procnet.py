@@ -16,9 +16,9 @@ import socket
 import sys
 from typing import Iterable, Iterator, Optional
 
-from closewait_trace import procfs, sockdiag
-from closewait_trace.events import Endpoints, format_address
-from closewait_trace.tcprow import TcpRow
+from closewait_trace.sockets import procfs, sockdiag
+from closewait_trace.kernel.events import Endpoints, format_address
+from closewait_trace.sockets.tcprow import TcpRow
 
 __all__ = ["TcpRow", "parse_tcp_table", "network_namespaces", "tcp_rows", "is_procfs",
            "one_read_per_namespace"]

@@ -39,7 +39,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace import __version__, schema, textsafe
+from closewait_trace import __version__
+from closewait_trace.output import schema, textsafe
 from closewait_trace.errors import EXIT_FILE, UserError
 
 FORMAT = "closewait-trace-recording"

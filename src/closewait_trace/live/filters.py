@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from closewait_trace.events import Endpoints
+from closewait_trace.kernel.events import Endpoints
 
 
 _FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}

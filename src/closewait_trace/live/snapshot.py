@@ -16,10 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from closewait_trace import ages, diagnosis, owners, procfs, procnet, records, tcpstates
+from closewait_trace.live import ages
+from closewait_trace.evidence import diagnosis
+from closewait_trace.sockets import owners, procfs, procnet
+from closewait_trace.output import records
+from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
-from closewait_trace.filters import SocketFilter
-from closewait_trace.tracker import Lingerer, Tracker
+from closewait_trace.live.filters import SocketFilter
+from closewait_trace.live.tracker import Lingerer, Tracker
 
 
 def now_ns() -> int:

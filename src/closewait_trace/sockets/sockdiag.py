@@ -18,8 +18,8 @@ import struct
 import threading
 from typing import Iterable, Optional
 
-from closewait_trace.events import Endpoints, format_address
-from closewait_trace.tcprow import TcpRow
+from closewait_trace.kernel.events import Endpoints, format_address
+from closewait_trace.sockets.tcprow import TcpRow
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from closewait_trace.events import Endpoints
+from closewait_trace.kernel.events import Endpoints
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
-from closewait_trace import identity, procfs, symbolize
-from closewait_trace.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_GONE, OWNER_NONE,
+from closewait_trace.sockets import identity, procfs
+from closewait_trace.evidence import symbolize
+from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_GONE, OWNER_NONE,
                                     Ownership)
 
 STOPPED = "stopped"

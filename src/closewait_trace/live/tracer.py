@@ -19,12 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace import diagnosis, identity, owners, procfs, records, symbolize
-from closewait_trace.events import KIND_TRANSITION, Endpoints, KernelEvent
-from closewait_trace.filters import HolderFilter, SocketFilter, record_people
-from closewait_trace.probe import ProbeConfig
-from closewait_trace.sinks import Sink, TickView
-from closewait_trace.tracker import Lingerer, Tracker
+from closewait_trace.evidence import diagnosis, symbolize
+from closewait_trace.sockets import identity, owners, procfs
+from closewait_trace.output import records
+from closewait_trace.kernel.events import KIND_TRANSITION, Endpoints, KernelEvent
+from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
+from closewait_trace.kernel.probe import ProbeConfig
+from closewait_trace.live.sinks import Sink, TickView
+from closewait_trace.live.tracker import Lingerer, Tracker
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
 POLL_BATCH = 4096

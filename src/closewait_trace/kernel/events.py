@@ -74,7 +74,7 @@ def peer_missing(oldstate: int, newstate: int, endpoints: Endpoints) -> bool:
     address (commit a3a128f611a9 moved the copy earlier), so the tracepoint
     carries the listener's own addresses and remote port 0. No TCP peer
     has port 0, so this is the kernel giving less, not a peer."""
-    from closewait_trace import tcpstates
+    from closewait_trace.kernel import tcpstates
     return (oldstate == tcpstates.LISTEN and newstate == tcpstates.SYN_RECV
             and endpoints.rport == 0)
 

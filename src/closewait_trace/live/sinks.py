@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace import records
+from closewait_trace.output import records
 
 
 @dataclass

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Iterable, Optional
 
-from closewait_trace import schema, tcpstates
-from closewait_trace.events import Endpoints, peer_missing
-from closewait_trace.schema import SCHEMA_VERSION
+from closewait_trace.output import schema
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints, peer_missing
+from closewait_trace.output.schema import SCHEMA_VERSION
 
 
 _tz_cache: dict = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
-from closewait_trace.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
+from closewait_trace.kernel.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
@@ -62,7 +62,7 @@ def bpf_source() -> Path:
     packaged = resources.files("closewait_trace").joinpath("bpf/closewait.bpf.c")
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "bpf" / "closewait.bpf.c"
+    return Path(__file__).resolve().parents[3] / "bpf" / "closewait.bpf.c"
 
 
 def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace import procfs, procnet, tcpstates
-from closewait_trace.events import Endpoints
-from closewait_trace.procnet import TcpRow
+from closewait_trace.sockets import procfs, procnet
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
+from closewait_trace.sockets.procnet import TcpRow
 
 OWNER_FD = "fd"                    # processes hold file descriptors on it
 OWNER_ACCEPT_QUEUE = "accept_queue"  # never accepted: no fd exists yet

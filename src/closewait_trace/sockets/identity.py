@@ -7,7 +7,7 @@ import pwd
 import re
 from typing import Optional
 
-from closewait_trace import procfs
+from closewait_trace.sockets import procfs
 
 _HEX64 = r"([0-9a-f]{64})"
 _RUNTIMES = [

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from closewait_trace import elfindex, procfs, unwind_x86_64
-from closewait_trace.procimage import Mapping, ProcessImage
+from closewait_trace.evidence import elfindex, unwind_x86_64
+from closewait_trace.sockets import procfs
+from closewait_trace.evidence.procimage import Mapping, ProcessImage
 
 # Seconds one batch of diagnoses may spend symbolizing, whatever the number
 # of stacks (a warm cache needs milliseconds; a cold one, a few hundred).

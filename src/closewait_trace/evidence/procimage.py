@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from closewait_trace import procfs
+from closewait_trace.sockets import procfs
 
 
 @dataclass

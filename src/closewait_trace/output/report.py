@@ -21,11 +21,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace import textsafe
+from closewait_trace.output import textsafe
 from closewait_trace.durations import format_age
-from closewait_trace.render import (SOURCE_MARK, age_source, histogram_lines, hostport,
+from closewait_trace.output.render import (SOURCE_MARK, age_source, histogram_lines, hostport,
                                     slots_to_buckets)
-from closewait_trace.textsafe import escape
+from closewait_trace.output.textsafe import escape
 
 GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
 # Without --by: these, unit/container/pod only when some socket has one.

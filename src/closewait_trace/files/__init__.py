@@ -1,0 +1,1 @@
+"""Recordings: written safely, read as bounded streams, replayed."""
