@@ -73,6 +73,26 @@ def test_no_headers_exit_5(tmp_path):
     assert "apt-get install" in exc.value.one_line()
 
 
+@pytest.mark.parametrize("plant", ["world_writable", "a_file", "a_symlink"])
+def test_our_private_directories_unusable_is_exit_7_not_no_headers(tmp_path, plant):
+    """/run/closewait-trace (bcc's TMPDIR) or the header cache taken or
+    opened by someone else: said as what it is, exit 7 (was exit 5, "no
+    kernel headers")."""
+    path = tmp_path / "closewait-trace"
+    if plant == "world_writable":
+        path.mkdir()
+        path.chmod(0o777)
+    elif plant == "a_file":
+        path.write_text("")
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(errors.UserError) as exc:
+        kernel_headers._make_private_dir(str(path))
+    assert exc.value.exit_code == errors.EXIT_FILE
+    assert str(path) in exc.value.one_line() and exc.value.one_line().count("\n") == 0
+
+
 def test_missing_tracepoint_exit_6(tmp_path):
     (tmp_path / "events").mkdir()
     with pytest.raises(errors.UserError) as exc:

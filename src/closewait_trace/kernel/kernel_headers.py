@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from closewait_trace.errors import EXIT_NO_HEADERS, UserError
+from closewait_trace.errors import EXIT_FILE, EXIT_NO_HEADERS, UserError
 
 CACHE_DIR = "/var/cache/closewait-trace/kernel-headers"
 RUNTIME_TMP = "/run/closewait-trace"
@@ -108,14 +108,21 @@ def _common_tree(arch_tree: str) -> Optional[str]:
 def _check_private_dir(path: str) -> None:
     """Refuse a cache that anyone but us (root, when tracing) could have
     written to: bcc would compile whatever headers it finds there."""
+    # A problem with one of our own directories is said as what it is (exit
+    # 7, a file or directory we cannot use), not as missing kernel headers.
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise UserError(f"{path} is not a directory owned by us and closed to others",
-                        EXIT_NO_HEADERS, "remove it and run again")
+        raise UserError(f"{path} is not a directory owned by us and closed to others "
+                        f"(someone else may have made it)", EXIT_FILE,
+                        "remove it and run again")
 
 
 def _make_private_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror}", EXIT_FILE,
+                        "check that its parent exists and is writable by root")
     _check_private_dir(path)
 
 
