@@ -83,23 +83,7 @@ def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
         if scrape is not None:
             scraper = Scraper(metrics_port, scrape)
             scraper.start()
-        for n, port in zip(groups, ports):
-            h = subprocess.Popen([sys.executable, "-c", bench.HOLDER, str(port), str(n)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert h.stdout.readline().strip() == "ready"
-            holders.append(h)
-            c = subprocess.Popen([sys.executable, "-c", bench.CLIENT, str(port), str(n)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert c.stdout.readline().strip() == "connected"
-            clients.append(c)
-        for h in holders:
-            assert h.stdout.readline().strip() == "held"
-        for c in clients:
-            c.stdin.write("close\n")
-            c.stdin.flush()
-        for c in clients:
-            assert c.stdout.readline().strip() == "closed"
-        closed_at = time.monotonic()
+        closed_at = bench.start_lingering(groups, ports, holders, clients)
         lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
                          daemon=True).start()
@@ -155,16 +139,7 @@ def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
     finally:
         if scraper:
             scraper.stop.set()
-        for p in clients + holders:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-            p.kill()
-            p.wait()
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
+        bench.stop_all(clients + holders + [tracer])
 
 
 def main() -> int:

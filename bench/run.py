@@ -404,6 +404,42 @@ def rss_kb(pid: int, key="VmRSS") -> int:
     return 0
 
 
+def start_lingering(groups: list, ports: list, holders: list, clients: list) -> float:
+    """The scale workload: on each port a holder accepts n connections and
+    keeps them; its client then closes them all, which leaves n sockets in
+    CLOSE_WAIT per port. The processes go into holders and clients as they
+    start (for the caller's clean-up). Returns when the clients had closed."""
+    for n, port in zip(groups, ports):
+        h = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holders.append(h)
+        assert h.stdout.readline().strip() == "ready"
+        c = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), str(n)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        clients.append(c)
+        assert c.stdout.readline().strip() == "connected"
+    for h in holders:
+        assert h.stdout.readline().strip() == "held"
+    for c in clients:
+        c.stdin.write("close\n")
+        c.stdin.flush()
+    for c in clients:
+        assert c.stdout.readline().strip() == "closed"
+    return time.monotonic()
+
+
+def stop_all(procs: list) -> None:
+    for p in procs:
+        try:
+            if p.stdin:
+                p.stdin.close()
+        except OSError:
+            pass
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
 def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> dict:
     groups = [per_process] * (total // per_process) + ([total % per_process] if total % per_process else [])
     ports = []
@@ -413,25 +449,8 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
     try:
         first = tracer.stdout.readline()
         assert first.startswith('{"type": "start"'), first
-        for n in groups:
-            port = free_port()
-            ports.append(port)
-            h = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert h.stdout.readline().strip() == "ready"
-            holders.append(h)
-            c = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), str(n)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert c.stdout.readline().strip() == "connected"
-            clients.append(c)
-        for h in holders:
-            assert h.stdout.readline().strip() == "held"
-        for c in clients:
-            c.stdin.write("close\n")
-            c.stdin.flush()
-        for c in clients:
-            assert c.stdout.readline().strip() == "closed"
-        closed_at = time.monotonic()
+        ports += [free_port() for _ in groups]
+        closed_at = start_lingering(groups, ports, holders, clients)
         wanted = set(ports)
         reported = 0
         owners_ok = 0
@@ -492,16 +511,7 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
                 "map_read_max_ms": cost.get("map_read_max_ms"),
                 "resolve_max_ms": cost.get("resolve_max_ms")}
     finally:
-        for p in clients + holders:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-            p.kill()
-            p.wait()
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
+        stop_all(clients + holders + [tracer])
 
 
 # ----------------------------------------------------------------- report
