@@ -83,9 +83,10 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         if own is None or own.kind == owners.OWNER_GONE:
             left += 1              # closed between the dump and the lookup
             continue
-        if own.kind == owners.OWNER_NONE and not as_root:
+        if own.kind in (owners.OWNER_NONE, owners.OWNER_DENIED) and not as_root:
             # Its holder is most likely a process of another user, whose fds
-            # we may not read: saying "no holder" would be false.
+            # we may not read: saying "no holder" would be false, and the
+            # one-line notice already says that other users' are hidden.
             hidden += 1
             continue
         l.ownership = own
