@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from closewait_trace.sockets import identity, procfs
-from closewait_trace.evidence import symbolize
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_GONE, OWNER_NONE,
                                     Ownership)
 
@@ -379,7 +378,7 @@ def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
 
 
 def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str,
-                           budget: Optional[symbolize.Budget]) -> ProcessEvidence:
+                           budget) -> ProcessEvidence:
     """budget None: no user stacks."""
     ev = ProcessEvidence(pid=snap.pid, exiting=snap.exiting)
     if snap.tracer_pid:
@@ -423,6 +422,7 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
                 # The unwinder starts from the registers of the syscall
                 # line read above, not from a reread; it is chosen (or
                 # none) by the machine's architecture.
+                from closewait_trace.evidence import symbolize
                 thread.stack = symbolize.user_stack(snap.pid, line.pc, line.sp, proc,
                                                     machine, budget)
             ev.threads.append(thread)
@@ -452,10 +452,19 @@ class Batch:
     """What the diagnoses of one batch of sockets share: each holder process
     read once, and one time budget for symbolizing their stacks."""
     processes: dict = field(default_factory=dict)    # pid -> ProcessEvidence
-    budget: symbolize.Budget = field(default_factory=symbolize.Budget)
     # Unwinding user stacks costs seconds per binary on first use: a quick
-    # look (snapshot without -v) goes without them.
+    # look (snapshot without -v) goes without them, and without even
+    # importing the symbolizer (pyelftools: a tenth of a second).
     stacks: bool = True
+    _budget: object = None
+
+    @property
+    def budget(self):
+        """The batch's symbolize.Budget, started at the first stack."""
+        if self._budget is None:
+            from closewait_trace.evidence import symbolize
+            self._budget = symbolize.Budget()
+        return self._budget
 
 
 def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -> ProcessEvidence:
