@@ -228,6 +228,31 @@ def socket_options(command):
     return command
 
 
+def holder_options(command):
+    """--pid, --comm, --cgroup, --container, --unit: who holds the socket
+    (live, replay and snapshot alike)."""
+    for option in reversed([
+            click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
+                         help="Only sockets this process held or closed (repeatable)."),
+            click.option("--comm", "comms", multiple=True, metavar="NAME",
+                         help="Only sockets a process with this name held or closed."),
+            click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
+                         help="Only sockets held by processes in this cgroup (or below it)."),
+            click.option("--container", "containers", type=ParsedType("ID", validate_container),
+                         multiple=True, metavar="ID",
+                         help="Only sockets held by processes of this container "
+                              "(id or its first 4+ hex digits)."),
+            click.option("--unit", "units", multiple=True, metavar="NAME",
+                         help="Only sockets held by processes of this systemd unit.")]):
+        command = option(command)
+    return command
+
+
+def holder_filter_of(pids, comms, cgroups, containers, units) -> HolderFilter:
+    return HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
+                        containers=tuple(containers), units=tuple(units))
+
+
 def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
     if ipv4 and ipv6:
         raise click.UsageError("-4 and -6 exclude each other; give at most one")
@@ -281,17 +306,7 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
                    "unless given; 9477 is the usual port).")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); - reads stdin; filters apply.")
-@click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
-              help="Only sockets this process held or closed (repeatable).")
-@click.option("--comm", "comms", multiple=True, metavar="NAME",
-              help="Only sockets a process with this name held or closed.")
-@click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
-              help="Only sockets held by processes in this cgroup (or below it).")
-@click.option("--container", "containers", type=ParsedType("ID", validate_container), multiple=True,
-              metavar="ID", help="Only sockets held by processes of this container "
-                                 "(id or its first 4+ hex digits).")
-@click.option("--unit", "units", multiple=True, metavar="NAME",
-              help="Only sockets held by processes of this systemd unit.")
+@holder_options
 @click.option("--since", type=WhenType(), help="With -r: from this time (13:20, ISO 8601).")
 @click.option("--until", type=WhenType(), help="With -r: up to this time.")
 @click.version_option(__version__, "-V", "--version")
@@ -317,8 +332,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     if ctx.invoked_subcommand is not None:
         return
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
-    holder_filter = HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
-                                 containers=tuple(containers), units=tuple(units))
+    holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
     renderer = render.TextRenderer(wide=wide, verbose=verbose, time_format=time_format)
     if read_path:
         if write_path:
@@ -467,7 +481,9 @@ Examples:
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the evidence for each diagnosis, with the holders' user stacks.")
-def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose):
+@holder_options
+def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose,
+                     pids, comms, cgroups, containers, units):
     """Every socket in CLOSE_WAIT right now, oldest first: its age (estimated
     from the kernel's tcp_info: ~ estimated, >= at least), every process
     holding it (or the listener that never accepted it), why it is not
@@ -476,12 +492,17 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     from closewait_trace.live import snapshot
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     as_root = os.geteuid() == 0
-    snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose)
+    holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
+    snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
+                         holder_filter=holder_filter)
     recs = snap.records()
     out = Output(as_json, render.TextRenderer(wide=wide, verbose=verbose))
     lingers = [r for r in recs if r["type"] == "linger"]
     if not as_json:
-        out.write_lines([snapshot.title_line(len(lingers), min_age, socket_filter.describe())]
+        described = "; ".join(t for t in (socket_filter.describe(),
+                                          holder_filter.describe() if holder_filter.active
+                                          else "") if t)
+        out.write_lines([snapshot.title_line(len(lingers), min_age, described)]
                         + ([out.renderer.header()] if lingers else []))
     for rec in recs:
         out.emit(rec)

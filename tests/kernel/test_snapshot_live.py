@@ -177,3 +177,25 @@ def test_snapshot_as_a_non_root_user(procs):
     # and as root both are listed, with no warning
     out = snapshot("--json", "-p", f"{mine},{theirs}")
     assert len(lingers_of(out)) == 3 and out.stderr == ""
+
+
+def test_snapshot_holder_filters(procs):
+    """--pid, --comm (and the cgroup filters, same code as live) in snapshot:
+    only sockets whose holders match are listed (issue 12 §2)."""
+    one, two = free_port(), free_port()
+    first, second = start_holding_server(one), start_holding_server(two)
+    procs += [first, second]
+    connect_and_close(one, 2)
+    connect_and_close(two, 1)
+    wait_until(lambda: len(ss_close_wait(one)) == 2 and len(ss_close_wait(two)) == 1,
+               what="CLOSE-WAIT on both ports")
+    ports = f"{one},{two}"
+    assert len(lingers_of(snapshot("--json", "-p", ports))) == 3
+    only_first = lingers_of(snapshot("--json", "-p", ports, "--pid", str(first.pid)))
+    assert {r["lport"] for r in only_first} == {one} and len(only_first) == 2
+    assert all(r["owners"][0]["pid"] == first.pid for r in only_first)
+    comm = only_first[0]["owners"][0]["comm"]
+    assert len(lingers_of(snapshot("--json", "-p", ports, "--comm", comm))) == 3
+    assert lingers_of(snapshot("--json", "-p", ports, "--comm", "no-such-comm")) == []
+    text = snapshot("-p", ports, "--pid", str(second.pid)).stdout
+    assert f"pid {second.pid}" in text.splitlines()[0] and text.count(" LINGER ") == 1

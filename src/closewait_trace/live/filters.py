@@ -130,6 +130,25 @@ class HolderFilter:
             return False
         return True
 
+    def matches_ownership(self, own, identity_of, identities: dict) -> bool:
+        """Whether a resolved socket (owners.Ownership, or None) is one the
+        user asked for: any of its holders, or its listener's, matches.
+        identity_of(pid, uid) reads a holder's cgroup identity, only when a
+        filter needs it, once per pid through identities (a batch's cache)."""
+        if not self.active:
+            return True
+        if own is None:
+            return False
+        people = []
+        for h in list(own.holders) + list(own.listener_holders):
+            person = {"pid": h.pid, "comm": h.comm}
+            if self.needs_identity:
+                if h.pid not in identities:
+                    identities[h.pid] = identity_of(h.pid, h.uid)
+                person["identity"] = identities[h.pid]
+            people.append(person)
+        return self.matches(people)
+
     def matches(self, people: Iterable[dict]) -> bool:
         """True when no filter is set, or any of these people matches."""
         if not self.active:

@@ -18,11 +18,11 @@ from typing import Optional
 
 from closewait_trace.live import ages
 from closewait_trace.evidence import diagnosis
-from closewait_trace.sockets import owners, procfs, procnet
+from closewait_trace.sockets import identity, owners, procfs, procnet
 from closewait_trace.output import records
 from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
-from closewait_trace.live.filters import SocketFilter
+from closewait_trace.live.filters import HolderFilter, SocketFilter
 from closewait_trace.live.tracker import Lingerer, Tracker
 
 
@@ -53,7 +53,7 @@ class Snapshot:
 
 def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
          proc: str = procfs.PROC, as_root: Optional[bool] = None,
-         stacks: bool = False) -> Snapshot:
+         stacks: bool = False, holder_filter: HolderFilter = HolderFilter()) -> Snapshot:
     """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
     namespace, with tcp_info), estimate their ages, keep those at least
     min_age_ns old, and resolve and diagnose them in one batch. User stacks
@@ -77,6 +77,7 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         resolved = owners.resolve([l.endpoints for l in candidates], proc)
     cache = diagnosis.Batch(stacks=stacks)
     kept: list[Lingerer] = []
+    identities: dict = {}
     hidden = left = 0
     for l in sorted(candidates, key=_oldest_first):
         own = resolved.get(l.endpoints)
@@ -89,6 +90,9 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
             # one-line notice already says that other users' are hidden.
             hidden += 1
             continue
+        if not holder_filter.matches_ownership(
+                own, lambda pid, uid: identity.of_process(pid, uid, proc), identities):
+            continue               # not a process the user asked about (--pid, --comm...)
         l.ownership = own
         l.diagnosis = diagnosis.gather(own, proc, cache=cache)
         kept.append(l)

@@ -310,7 +310,8 @@ class LiveTracer:
                     if l.resolve_attempts < MAX_RESOLVE_ATTEMPTS:
                         continue
                 self.tracker.mark_reported(l)
-                if not self._holders_match(own, identities):
+                if not self.holder_filter.matches_ownership(own, self.resolver.identity,
+                                                             identities):
                     l.hidden = True     # not the user's process: never shown
                     continue
             l.ownership = own
@@ -328,22 +329,6 @@ class LiveTracer:
             else:
                 self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
-
-    def _holders_match(self, own, identities: dict) -> bool:
-        filt = self.holder_filter
-        if not filt.active:
-            return True
-        if own is None:
-            return False
-        people = []
-        for h in list(own.holders) + list(own.listener_holders):
-            person = {"pid": h.pid, "comm": h.comm}
-            if filt.needs_identity:
-                if h.pid not in identities:
-                    identities[h.pid] = self.resolver.identity(h.pid, h.uid)
-                person["identity"] = identities[h.pid]
-            people.append(person)
-        return filt.matches(people)
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
