@@ -140,8 +140,13 @@ fi
 # to the install that `trace` or `service` made (a development set-up makes
 # none; a file there that is not a link is left alone).
 link=/usr/local/sbin/closewait-trace
+previous=$(readlink "$link" 2>/dev/null || true)
 if [ "$action" = trace ] || [ "$action" = service ]; then
     if [ ! -e "$link" ] || [ -L "$link" ]; then
+        if [ "$(readlink "$link" 2>/dev/null)" != "$tool" ]; then
+            # Said: it changes a machine-wide command (to this clone's venv).
+            say "linking $link -> $tool${previous:+ (was $previous)}"
+        fi
         ln -sfn "$tool" "$link"
     else
         say "$link exists and is not a link: left alone"

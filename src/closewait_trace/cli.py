@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import shlex
 import socket
 import sys
 
@@ -228,6 +229,11 @@ def socket_options(command):
     return command
 
 
+# Options that mean something only while tracing live.
+LIVE_ONLY = ("threshold", "interval", "max_tracked", "all_transitions", "quiet", "force",
+             "rotate_size", "rotate_seconds", "rotate_count", "compress", "snapshot_interval")
+
+
 def holder_options(command):
     """--pid, --comm, --cgroup, --container, --unit: who holds the socket
     (live, replay and snapshot alike)."""
@@ -339,6 +345,13 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
             raise click.UsageError("-r and -w exclude each other")
         if metrics_listen:
             raise click.UsageError("--metrics serves a live trace: it does not go with -r")
+        # Options of a live trace would be ignored by a replay, silently: a
+        # reader of `-r FILE -t 5s` would believe the threshold applied.
+        for param in ctx.command.params:
+            if (param.name in LIVE_ONLY and ctx.get_parameter_source(param.name)
+                    == click.core.ParameterSource.COMMANDLINE):
+                raise click.UsageError(f"{param.opts[0]} applies to a live trace, not to "
+                                       f"a replay of one (-r)")
         run_replay(read_path, socket_filter, holder_filter, since, until,
                    Output(as_json, renderer))
         return
@@ -471,7 +484,7 @@ class AgeType(DurationType):
 @main_group.command("snapshot", epilog="""\b
 Examples:
   closewait-trace snapshot               # every socket in CLOSE_WAIT now
-  closewait-trace snapshot -t 1m -p 8080 # only those >= 1 minute old, port 8080
+  closewait-trace snapshot -t 1m -p 8080 # >= 1 minute old, port 8080
   closewait-trace snapshot --json > now.jsonl   # save one""")
 @click.option("-t", "--min-age", type=AgeType(), default="0", show_default=True,
               help="Only sockets at least this long in CLOSE_WAIT (500ms, 2s, 1m).")
@@ -516,11 +529,20 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
              recording_options=None, all_transitions=False, holder_filter=HolderFilter(),
              metrics_listen=None):
+    # The hint repeats the user's own arguments, so that pasting it runs
+    # what was asked, as root.
+    again = "sudo " + shlex.join(["closewait-trace"] + sys.argv[1:])
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
-                        "run: sudo closewait-trace")
+                        f"as root, or with sudo: {again}")
     from closewait_trace.sockets import capabilities
-    capability_warning = capabilities.warning(capabilities.effective())
+    caps = capabilities.effective()
+    why = capabilities.cannot_trace(caps)
+    if why:
+        raise UserError(why, EXIT_NOT_ROOT,
+                        "run it with those capabilities (a full root shell, or the unit's "
+                        "CapabilityBoundingSet)")
+    capability_warning = capabilities.warning(caps)
     if capability_warning:      # say what a reduced set hides; trace anyway
         click.echo(capability_warning, err=True)
     from closewait_trace.kernel import kernel_headers

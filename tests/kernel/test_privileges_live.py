@@ -227,3 +227,17 @@ def test_other_network_namespace_with_reduced_capabilities(procs, caps):
             assert ("CAP_SYS_PTRACE" in warning[0]) == (caps == BPF_ONLY)
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_without_bpf_capabilities_it_says_which_before_loading():
+    """Root without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN: one line naming
+    them, exit 3, before any kernel program is loaded (it used to blame the
+    kernel or root: 'could not open bpf map ... check that you are root')."""
+    import subprocess
+    import sys
+    res = subprocess.run(["setpriv", "--bounding-set=-bpf,-perfmon,-sys_admin",
+                          "--inh-caps=-bpf,-perfmon,-sys_admin",
+                          sys.executable, "-m", "closewait_trace", "-p", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res
+    assert res.stderr.count("\n") == 1 and "CAP_BPF and CAP_PERFMON" in res.stderr, res.stderr

@@ -52,3 +52,14 @@ def test_effective_reads_our_own_status(tmp_path):
     path.write_text("CapEff:\t0000000000080004\n")
     assert caps.effective(str(path)) == mask(caps.CAP_SYS_PTRACE, caps.CAP_DAC_READ_SEARCH)
     assert caps.effective(str(tmp_path / "missing")) is None
+
+
+def test_cannot_trace_names_the_missing_bpf_capabilities():
+    from closewait_trace.sockets.capabilities import (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN,
+                                                      cannot_trace)
+    assert cannot_trace(None) is None                       # unknown: no claim
+    assert cannot_trace(1 << CAP_SYS_ADMIN) is None         # covers both
+    assert cannot_trace(1 << CAP_BPF | 1 << CAP_PERFMON) is None
+    why = cannot_trace(1 << CAP_BPF)
+    assert "CAP_PERFMON" in why and "CAP_BPF " not in why and "CAP_SYS_ADMIN" in why
+    assert "CAP_BPF and CAP_PERFMON" in cannot_trace(0)

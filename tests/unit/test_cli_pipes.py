@@ -25,6 +25,11 @@ def run_cli(*args):
     (["--container", "xyz"], "not a container id", "closewait-trace --help"),
     (["--since", "13:00"], "with -r FILE", "closewait-trace --help"),
     (["report"], "Missing argument", "closewait-trace report --help"),
+    # live-only options with -r were silently ignored (a replay "with -t 5s"
+    # showed everything)
+    (["-r", "x.jsonl", "-t", "5s"], "-t applies to a live trace", "closewait-trace --help"),
+    (["-r", "x.jsonl", "-q"], "-q applies to a live trace", "closewait-trace --help"),
+    (["-r", "x.jsonl", "--all"], "--all applies to a live trace", "closewait-trace --help"),
     (["report", "--top", "0", "x"], "--top", "closewait-trace report --help"),
 ])
 def test_usage_errors_are_one_line_with_the_hint(args, needle, helper):

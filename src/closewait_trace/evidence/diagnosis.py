@@ -416,7 +416,9 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
             thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
             if thread is None:
                 continue
-            if (budget is not None and thread.state in ("S", "D")
+            # Sleeping, blocked, stopped or traced: the registers in
+            # task/TID/syscall are those of the call it waits in.
+            if (budget is not None and thread.state in ("S", "D", "T", "t")
                     and thread.syscall is not None and stacks < MAX_STACKS):
                 stacks += 1
                 # The unwinder starts from the registers of the syscall

@@ -10,8 +10,10 @@ against a holder run as another user (kernel 6.18):
   even for root's own processes once they hold capabilities we lack.
 - sock_diag in another network namespace enters it with setns():
   CAP_SYS_ADMIN. Without it the table is parsed from /proc/PID/net/tcp.
-Loading and attaching the BPF program needs CAP_BPF and CAP_PERFMON; the
-kernel reports that itself when they are missing, so it is not checked here.
+Loading and attaching the BPF program needs CAP_BPF and CAP_PERFMON (or
+CAP_SYS_ADMIN, which covers both): without them nothing can be traced, and
+the kernel's own word for it ("Operation not permitted" on a map) would not
+say why, so it is checked before anything is loaded (cannot_trace).
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def warning(effective: Optional[int]) -> Optional[str]:
     return ("closewait-trace: warning: " + "; ".join(parts)
             + ("; sockets they hold show as 'unknown: permission denied'" if hidden else "")
             + "; tracing goes on")
+
+
+def cannot_trace(effective: Optional[int]) -> Optional[str]:
+    """Why the kernel program cannot be loaded with these capabilities, or
+    None (also when they are unknown: no claim without a fact)."""
+    if effective is None or effective >> CAP_SYS_ADMIN & 1:
+        return None
+    lacking = [NAMES[cap] for cap in (CAP_BPF, CAP_PERFMON) if not effective >> cap & 1]
+    if not lacking:
+        return None
+    return (f"live tracing needs {' and '.join(lacking)} (or CAP_SYS_ADMIN) to load the "
+            f"kernel program, and this process lacks them")
 
 
 def effective(status_path: str = "/proc/self/status") -> Optional[int]:
