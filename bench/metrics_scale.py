@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -110,18 +109,7 @@ def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
         if scraper:
             scraper.stop.set()
             scraper.join(timeout=15)
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=60)
-        summary = None
-        while True:
-            try:
-                line = lines.get(timeout=5)
-            except queue.Empty:
-                break
-            if not line:
-                break
-            if line.startswith('{"type": "summary"'):
-                summary = json.loads(line)
+        summary = bench.stop_for_summary(tracer, lines)
         cost = (summary or {}).get("tracer_cost", {})
         out = {"sockets": total, "reported": reported, "report_s": round(report_s, 2),
                "idle_tick_mean_ms": cost.get("idle_mean_ms"),

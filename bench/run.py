@@ -428,6 +428,24 @@ def start_lingering(groups: list, ports: list, holders: list, clients: list) -> 
     return time.monotonic()
 
 
+def stop_for_summary(tracer, lines) -> "dict | None":
+    """SIGINT, then the summary record from the tracer's remaining --json
+    lines (a queue fed by a reader thread; "" marks the end)."""
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(timeout=60)
+    summary = None
+    while True:
+        try:
+            line = lines.get(timeout=5)
+        except queue.Empty:
+            break
+        if not line:
+            break
+        if line.startswith('{"type": "summary"'):
+            summary = json.loads(line)
+    return summary
+
+
 def stop_all(procs: list) -> None:
     for p in procs:
         try:
@@ -487,17 +505,7 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
         rss = rss_kb(tracer.pid)
         hwm = rss_kb(tracer.pid, "VmHWM")
         maps = bpf_map_memory(tracer.pid)
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=60)
-        while True:
-            try:
-                line = lines.get(timeout=5)
-            except queue.Empty:
-                break
-            if not line:
-                break
-            if line.startswith('{"type": "summary"'):
-                summary = json.loads(line)
+        summary = stop_for_summary(tracer, lines) or summary
         cost = (summary or {}).get("tracer_cost", {})
         counters = (summary or {}).get("counters", {})
         return {"sockets": total, "in_close_wait_per_ss": ss_close_wait_count(ports),

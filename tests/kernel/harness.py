@@ -229,3 +229,20 @@ def start_seed_scenario(port, procs, as_user=()) -> tuple:
                        check=True, timeout=stretch(10))
         entered.append(time.monotonic())
     return server, entered
+
+
+def closed_connections_in_netns(ns: str, port: int, procs, count: int = 1) -> subprocess.Popen:
+    """A holding server inside network namespace ns (made by the caller),
+    and count connections to it that the client closes: count sockets in
+    CLOSE_WAIT that only that namespace's table shows."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                               HOLDING_SERVER, "4", str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                    "import socket, sys\n"
+                    "for _ in range(int(sys.argv[2])):\n"
+                    "    socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()",
+                    str(port), str(count)], check=True)
+    return server

@@ -281,15 +281,8 @@ def test_socket_in_another_network_namespace(procs):
         port = 7000 + os.getpid() % 1000
         tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
         procs.append(tracer)
-        from tests.kernel.harness import HOLDING_SERVER
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
-                                   HOLDING_SERVER, "4", str(port)],
-                                  stdout=subprocess.PIPE, text=True)
-        procs.append(server)
-        assert server.stdout.readline().strip() == "ready"
-        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
-                        "import socket,sys; [socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close() for _ in range(2)]",
-                        str(port)], check=True)
+        from tests.kernel.harness import closed_connections_in_netns
+        server = closed_connections_in_netns(ns, port, procs, count=2)
         tracer.wait_for(lambda r: r["type"] == "linger", count=2)
         lingers = tracer.of("linger")
         host_ns = os.stat("/proc/self/ns/net").st_ino

@@ -15,7 +15,7 @@ import pytest
 
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.kernel.events import Endpoints
-from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, connect_and_close,
+from tests.kernel.harness import (closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, ss_close_wait, wait_until)
 
 pytestmark = pytest.mark.kernel
@@ -197,14 +197,7 @@ def test_other_network_namespace_with_reduced_capabilities(procs, caps):
         port = free_port()
         tracer = ReducedTracer(["-p", str(port), "-t", "300ms"], caps).start()
         procs.append(tracer)
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
-                                   HOLDING_SERVER, "4", str(port)],
-                                  stdout=subprocess.PIPE, text=True)
-        procs.append(server)
-        assert server.stdout.readline().strip() == "ready"
-        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
-                        "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()",
-                        str(port)], check=True)
+        server = closed_connections_in_netns(ns, port, procs)
         rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=20)[0]
         ns_ino = os.stat(f"/run/netns/{ns}").st_ino
         summary = rec["diagnosis"]["summary"]
