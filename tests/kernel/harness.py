@@ -246,3 +246,12 @@ def closed_connections_in_netns(ns: str, port: int, procs, count: int = 1) -> su
                     "    socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()",
                     str(port), str(count)], check=True)
     return server
+
+
+def accepted_connection(port: int, server) -> socket.socket:
+    """A connection the server has accepted (so it is not in the queue)."""
+    client = socket.create_connection(("127.0.0.1", port))
+    wait_until(lambda: "pid=%d" % server.pid in subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True).stdout, what="accepted")
+    return client

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.kernel.harness import (Tracer, connect_and_close, free_port,
+from tests.kernel.harness import (accepted_connection, Tracer, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
                                   state_of, wait_until)
 
@@ -55,15 +55,6 @@ def evidence_holders(rec):
     refs = rec["diagnosis"]["evidence"]["holders"]
     assert all((r["pid"], r["fd"]) in by_ref for r in refs), (refs, rec["owners"])
     return [by_ref[(r["pid"], r["fd"])] for r in refs]
-
-
-def accepted_connection(port, server):
-    """A connection the server has accepted (so it is not in the queue)."""
-    client = socket.create_connection(("127.0.0.1", port))
-    wait_until(lambda: "pid=%d" % server.pid in subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-        capture_output=True, text=True).stdout, what="accepted")
-    return client
 
 
 def stopped_server_with_connection(port, procs):

@@ -15,7 +15,7 @@ import pytest
 
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.kernel.events import Endpoints
-from tests.kernel.harness import (closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
+from tests.kernel.harness import (accepted_connection, closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, ss_close_wait, wait_until)
 
 pytestmark = pytest.mark.kernel
@@ -61,11 +61,7 @@ def test_denied_holders_are_unknown_not_unheld(procs, as_nobody):
     procs.append(tracer)
     server = holding_server(port, as_nobody)
     procs.append(server)
-    client = socket.create_connection(("127.0.0.1", port))
-    wait_until(lambda: "pid=%d" % server.pid in subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-        capture_output=True, text=True).stdout, what="accepted")
-    client.close()
+    accepted_connection(port, server).close()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=20)[0]
     # The socket is held (ss, with every capability, names the holder)...
     assert any(server.pid in pids for _l, _r, pids in ss_close_wait(port))
@@ -94,11 +90,7 @@ def test_owners_capabilities_are_enough(procs):
     procs.append(tracer)
     server = holding_server(port, as_nobody=True)
     procs.append(server)
-    client = socket.create_connection(("127.0.0.1", port))
-    wait_until(lambda: "pid=%d" % server.pid in subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-        capture_output=True, text=True).stdout, what="accepted")
-    client.close()
+    accepted_connection(port, server).close()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=20)[0]
     assert rec["owner_kind"] == "fd" and [o["pid"] for o in rec["owners"]] == [server.pid]
     assert rec["diagnosis"]["cause"] == "ignoring_eof", rec["diagnosis"]
