@@ -153,7 +153,9 @@ class Output:
         try:
             out = self._out
             for line in lines:
-                out.write(line + "\n")
+                # The last check, here where every line reaches the terminal:
+                # a field some caller forgot to escape cannot get through raw.
+                out.write(textsafe.safe_line(line) + "\n")
         except BrokenPipeError:
             self._reader_gone()
 

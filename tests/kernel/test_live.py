@@ -344,7 +344,7 @@ NOT_ROOT = r"""
 import os, sys
 from closewait_trace import cli        # imported as root, then root is dropped
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-sys.argv = ["closewait-trace"]
+sys.argv = ["closewait-trace", "-p", "8080", "-w", "a b.jsonl"]
 cli.main()
 """
 
@@ -354,8 +354,10 @@ def test_not_root_is_one_line_and_exit_3():
     result = subprocess.run([sys.executable, "-c", NOT_ROOT], capture_output=True, text=True,
                             timeout=stretch(30))
     assert result.returncode == 3
+    # the hint repeats the user's arguments, quoted as a shell would need
     assert result.stderr == ("closewait-trace: live tracing needs root (BPF); "
-                             "run: sudo closewait-trace\n")
+                             "as root, or with sudo: sudo closewait-trace -p 8080 "
+                             "-w 'a b.jsonl'\n")
     assert result.stdout == ""
 
 

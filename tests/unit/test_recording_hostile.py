@@ -269,3 +269,19 @@ def test_zlib_member_cut_between_members(tmp_path):
     path.write_bytes(gzip.compress((header() + linger(0)).encode()) + b"\x1f")
     rec = recording.read([str(path)])
     assert len(rec.of("linger")) == 1 and any("damaged or cut short" in p for p in rec.problems)
+
+
+@pytest.mark.parametrize("target", ["/proc/kmsg", "/sys/kernel/tracing/trace_pipe"])
+def test_a_kernel_interface_that_calls_itself_a_regular_file_does_not_hang(tmp_path, target):
+    """Red-team finding: a symlink planted as a recording, to a pseudo-file
+    that reports S_IFREG yet blocks on read, hung -r and report for good
+    (Ctrl-C included). Read non-blocking: one line, exit 7."""
+    if not os.path.exists(target) or not os.access(target, os.R_OK):
+        pytest.skip(f"{target} is not readable here")
+    link = tmp_path / "incident.jsonl"
+    link.symlink_to(target)
+    for args in (["-r", str(link)], ["report", str(link)]):
+        res = subprocess.run([sys.executable, "-m", "closewait_trace", *args],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == EXIT_FILE, res
+        assert res.stderr.count("\n") == 1 and "a kernel interface on" in res.stderr, res.stderr

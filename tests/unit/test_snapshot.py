@@ -213,3 +213,20 @@ def test_min_age_zero_is_accepted():
     out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "-t", "0",
                           "-p", "1", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == ""
+
+
+def test_footer_escapes_process_names_and_listener_addresses():
+    """The footer's holder labels are processes' own words (red-team finding:
+    an OSC sequence and a newline in a comm reached root's terminal raw)."""
+    from closewait_trace.live import snapshot
+    from tests.unit import recordfactory as rf
+    evil = "\x1b]0;PWN\x07\n\udcff\u202e"
+    held = rf.linger(owners=[rf.holder(pid=6856, comm=evil, state="S\x1b")])
+    queued = rf.linger(owners=[], owner_kind="accept_queue", rport=40001,
+                       listener={"local": "127.0.0.1:1\x1b[2J", "accept_queue": 1, "backlog": 8,
+                                 "owners": [rf.holder(pid=7, comm=evil)]})
+    text = "\n".join(snapshot.footer_lines([held, queued]))
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\udcff" not in text
+    assert text.count("\n") == len(snapshot.footer_lines([held, queued])) - 1
+    assert "6856/\\x1b]0;PWN\\x07\\n" in text

@@ -455,8 +455,34 @@ def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_re
     if not stat.S_ISREG(st.st_mode):             # swapped between stat and open
         os.close(fd)
         raise _not_regular(path, st.st_mode)
-    os.set_blocking(fd, True)
+    kind = _kernel_filesystem(fd)
+    if kind:
+        # /proc/kmsg, tracefs' trace_pipe and their kin call themselves
+        # regular files; reading one would block, or take its messages from
+        # whoever else reads them.
+        os.close(fd)
+        raise UserError(f"{_name(path)} is a kernel interface on {kind}, not a recording",
+                        EXIT_FILE, "give a recording file")
+    # Left non-blocking all the same: a file on disk reads the same either way.
     return fd, st
+
+
+# statfs f_type of the kernel's pseudo filesystems (linux/magic.h).
+_KERNEL_FILESYSTEMS = {0x9fa0: "procfs", 0x62656572: "sysfs", 0x74726163: "tracefs",
+                       0x64626720: "debugfs", 0x73636673: "securityfs",
+                       0x63677270: "cgroup2", 0x27e0eb: "cgroup", 0x62656570: "configfs",
+                       0xcafe4a11: "bpffs", 0x6165676c: "pstore", 0xde5e81e4: "efivarfs",
+                       0x1cd1: "devpts", 0x42494e4d: "binfmt_misc"}
+
+
+def _kernel_filesystem(fd: int) -> str:
+    """The pseudo filesystem fd is on ("procfs"...), or ""."""
+    import ctypes
+    buf = ctypes.create_string_buffer(256)          # struct statfs: 120 bytes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return ""
+    return _KERNEL_FILESYSTEMS.get(ctypes.c_long.from_buffer(buf).value, "")
 
 
 @dataclass
@@ -473,6 +499,9 @@ def _read_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
     while True:
         try:
             chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            state.read_error = "it would block: a kernel interface, not a file on disk"
+            return
         except OSError as exc:
             state.read_error = exc.strerror or str(exc)
             return
@@ -682,12 +711,12 @@ def _probe(path: str, sibling: bool) -> _Part:
         os.close(fd)
     if problem:
         name = _name(path)
-        if state.raw_bytes == 0:
-            raise UserError(f"{name} is empty", EXIT_FILE,
-                            "the recorder may have been stopped before writing anything")
         if first is None and state.read_error:
             raise UserError(f"cannot read {name}: {state.read_error}", EXIT_FILE,
                             "check the file and the device it is on")
+        if state.raw_bytes == 0:
+            raise UserError(f"{name} is empty", EXIT_FILE,
+                            "the recorder may have been stopped before writing anything")
         if first is None and state.damaged_gzip:
             raise UserError(f"{name} is a damaged compressed file with nothing readable",
                             EXIT_FILE, "nothing can be recovered from it")

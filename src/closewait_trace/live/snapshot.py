@@ -20,6 +20,7 @@ from closewait_trace.live import ages
 from closewait_trace.evidence import diagnosis
 from closewait_trace.sockets import identity, owners, procfs, procnet
 from closewait_trace.output import records
+from closewait_trace.output.textsafe import escape
 from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
 from closewait_trace.live.filters import HolderFilter, SocketFilter
@@ -127,13 +128,15 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
     biggest group first. 10,000 sockets of one process are one line."""
     groups: dict[tuple, HolderGroup] = {}
     for rec in linger_records:
-        keys = [(("pid", o["pid"]), f"{o['pid']}/{o['comm']} [{o['state']}]")
+        # Names are the processes' own word: escaped like every text field.
+        keys = [(("pid", o["pid"]), f"{o['pid']}/{escape(o['comm'])} [{escape(o['state'])}]")
                 for o in {o["pid"]: o for o in rec.get("owners") or []}.values()]
         if not keys:
             if rec.get("owner_kind") == owners.OWNER_ACCEPT_QUEUE:
                 listener = rec.get("listener") or {}
-                pids = ",".join(f"{o['pid']}/{o['comm']}" for o in listener.get("owners") or [])
-                label = (f"(not accepted) listener {listener.get('local', '?')}"
+                pids = ",".join(f"{o['pid']}/{escape(o['comm'])}"
+                                for o in listener.get("owners") or [])
+                label = (f"(not accepted) listener {escape(listener.get('local', '?'))}"
                          + (f" held by {pids}" if pids else ""))
                 keys = [(("listener", listener.get("local")), label)]
             else:
