@@ -188,7 +188,7 @@ def test_writer_never_writes_through_a_part_swapped_after_the_check(sticky_dir, 
 
     def unlink_then_plant(p, *a, **kw):
         real_unlink(p, *a, **kw)
-        if p == path:
+        if os.path.basename(p) == os.path.basename(path):     # (by name, in our directory)
             nobody(f"import os\nos.close(os.open({path!r}, os.O_CREAT | os.O_WRONLY, 0o666))\n")
 
     r = recorder(base, max_files=2)
@@ -205,3 +205,31 @@ def test_writer_never_writes_through_a_part_swapped_after_the_check(sticky_dir, 
     r.close()
     assert "taken by someone else" in r.stopped.message
     assert os.stat(path).st_size == 0 and os.stat(path).st_uid == NOBODY
+
+
+def test_parts_stay_in_the_directory_recording_began_in(sticky_dir, nobody, alarm, tmp_path):
+    """Red-team finding: a directory of another user's in the path, renamed
+    and replaced by a link to a root directory while we record, made root
+    unlink and recreate root's own files there at each rotation. Parts are
+    made through a handle on the directory as it was at start."""
+    precious = tmp_path / "ro"
+    precious.mkdir(mode=0o700)
+    names = range(1, 200)            # whatever part numbers the rotation reaches
+    for n in names:
+        (precious / f"cw.jsonl.{n}").write_text(f"PRECIOUS {n}\n")
+        os.chmod(precious / f"cw.jsonl.{n}", 0o600)
+    theirs = os.path.join(sticky_dir, "theirs")
+    nobody(f"import os\nos.mkdir({theirs!r}, 0o777)\nos.chmod({theirs!r}, 0o777)\n")
+    base = os.path.join(theirs, "cw.jsonl")
+    r = recorder(base)
+    write_until_rotated(r, count=12)
+    assert r.part >= 1
+    nobody(f"import os\nos.rename({theirs!r}, {theirs + '.old'!r})\n"
+           f"os.symlink({str(precious)!r}, {theirs!r})\n")
+    write_until_rotated(r, count=40)
+    assert r.stopped is None and r.part >= 3
+    r.close()
+    for n in names:
+        assert (precious / f"cw.jsonl.{n}").read_text() == f"PRECIOUS {n}\n"
+    moved = os.listdir(theirs + ".old")
+    assert "cw.jsonl" in moved and f"cw.jsonl.{r.part}" in moved

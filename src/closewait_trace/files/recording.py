@@ -98,11 +98,14 @@ class UnsafePart(UserError):
                          "to a private directory")
 
 
-def _check_replaceable(path: str) -> bool:
+def _check_replaceable(path: str, dir_fd: Optional[int] = None) -> bool:
     """True if path exists and may be replaced (a regular file we own);
-    False if nothing is there; UnsafePart otherwise."""
+    False if nothing is there; UnsafePart otherwise. With dir_fd, path is
+    looked up in that directory (its base name), whatever its name now
+    points to."""
+    name = os.path.basename(path) if dir_fd is not None else path
     try:
-        st = os.lstat(path)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     except OSError as exc:
@@ -115,7 +118,7 @@ def _check_replaceable(path: str) -> bool:
     return True
 
 
-def _create_private(path: str, replace: bool) -> int:
+def _create_private(path: str, replace: bool, dir_fd: Optional[int] = None) -> int:
     """Create path 0600 as a new file and return a blocking, append-only fd.
 
     Never opened in place: an existing part is replaced only when it is a
@@ -123,9 +126,10 @@ def _create_private(path: str, replace: bool) -> int:
     the creation fail, rather than follow or reuse, whatever appears at the
     name in between, and O_NONBLOCK keeps a FIFO from blocking us in open().
     """
-    if replace and _check_replaceable(path):
+    name = os.path.basename(path) if dir_fd is not None else path
+    if replace and _check_replaceable(path, dir_fd):
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -134,7 +138,7 @@ def _create_private(path: str, replace: bool) -> int:
     flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK
              | os.O_CLOEXEC | os.O_APPEND | os.O_NOCTTY)
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except FileExistsError:
         if not replace:
             raise UserError(f"{path} exists", EXIT_FILE, "use --force to overwrite it")
@@ -204,6 +208,12 @@ class Recorder:
     _records_in_part: int = 0
     _part_started: float = 0.0
     _created: list = field(default_factory=list)    # (path, st_dev, st_ino) we made
+    _dir_fd: Optional[int] = None                    # the directory the parts go in
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            fd, self._dir_fd = self._dir_fd, None
+            os.close(fd)
 
     def open(self) -> None:
         self.capture_id = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
@@ -212,15 +222,24 @@ class Recorder:
             self._start_part(first=True)
             return
         _refuse_symlink(self.path)
+        # Every part is made in this directory as it is now, through a
+        # handle: if someone renames it and puts a link to another directory
+        # at its name, later parts still go where the first one went.
+        directory = os.path.dirname(self.path) or "."
+        try:
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UserError(f"cannot write in {directory}: {exc.strerror}", EXIT_FILE,
+                            "check the directory exists and is writable")
         stale = self._existing_parts()
         for p in stale:
-            _check_replaceable(p)     # another user's file: --force would not help
+            _check_replaceable(p, self._dir_fd)   # another user's file: --force would not help
         if stale and not self.force:
             raise UserError(f"{stale[0]} exists", EXIT_FILE, "use --force to overwrite it")
         for p in stale:
             if p != self.path:
                 try:
-                    os.unlink(p)
+                    os.unlink(os.path.basename(p), dir_fd=self._dir_fd)
                 except FileNotFoundError:
                     pass
         self._open_part(first=True)
@@ -230,7 +249,7 @@ class Recorder:
 
     def _open_part(self, first: bool = False) -> None:
         path = part_path(self.path, self.part, self.max_files)
-        self.fd = _create_private(path, replace=self.force or not first)
+        self.fd = _create_private(path, replace=self.force or not first, dir_fd=self._dir_fd)
         st = os.fstat(self.fd)
         self._created.append((path, st.st_dev, st.st_ino))
         self._start_part(first)
@@ -344,19 +363,22 @@ class Recorder:
             fd, self.fd = self.fd, -1
             os.close(fd)
         for path, dev, ino in self._created:
+            name = os.path.basename(path) if self._dir_fd is not None else path
             try:
-                st = os.lstat(path)
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
+                    os.unlink(name, dir_fd=self._dir_fd)
             except OSError:
                 pass
         self._created = []
+        self._close_dir()
 
     def close(self) -> None:
         self.flush()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+        self._close_dir()
 
 
 # ------------------------------------------------------------------ reading
