@@ -116,3 +116,24 @@ def test_parse_syscall():
     assert procfs.parse_syscall("7 0x55d0 0x2 0xffffffff 0 0 0 0x7ffc 0x7f00") == \
         procfs.SyscallLine(7, 0x55d0, 0x7ffc, 0x7f00)
     assert d.syscall_name(34, "x86_64") == "pause"
+
+
+def test_a_serving_thread_after_the_sixteenth_is_seen(fake):
+    """Red-team finding: only the first 16 threads were examined, so a server
+    whose accept thread came later was called blocked_elsewhere, as a fact.
+    The cause is decided over up to MAX_EXAMINED threads; 16 are listed."""
+    threads = {10 + i: ("S", "230 0x0 0x0", "hrtimer_nanosleep") for i in range(20)}
+    threads[40] = ("S", "288 0x3 0x0 0x0", "inet_csk_accept")       # accept4 on fd 3
+    with_socket(fake, 10, threads=threads)
+    got = diagnose_fake(fake)
+    assert got.cause == d.IGNORING_EOF, got.summary
+    assert "accept4" in got.summary
+
+
+def test_blocked_elsewhere_says_when_not_every_thread_was_examined(fake, monkeypatch):
+    monkeypatch.setattr(d, "MAX_EXAMINED", 4)
+    threads = {10 + i: ("S", "230 0x0 0x0", "hrtimer_nanosleep") for i in range(6)}
+    with_socket(fake, 10, threads=threads)
+    got = diagnose_fake(fake)
+    assert got.cause == d.BLOCKED_ELSEWHERE
+    assert got.summary.endswith("; only 4 of its 6 threads examined"), got.summary

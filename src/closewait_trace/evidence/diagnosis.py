@@ -117,6 +117,7 @@ class HolderEvidence:
     identity: dict = field(default_factory=dict)
     threads_total: int = 0
     unreadable: str = ""        # threads not read: "permission denied" or "gone"
+    examined: list[ThreadEvidence] = field(default_factory=list)  # the cause's threads
 
     def fd_facts(self) -> dict:
         """What concerns this socket's fd, beyond the owners entry. What
@@ -272,8 +273,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
             f"the server is {_who(others[0])}", server=tuple(others))
 
-    serving = [t for t in only.threads if t.serving(machine)]
-    running = [t for t in only.threads if t.state == "R"]
+    threads = only.examined or only.threads
+    serving = [t for t in threads if t.serving(machine)]
+    running = [t for t in threads if t.state == "R"]
     if serving or running:
         what = serving[0].syscall_name if serving else "running"
         unread = (f", {own.unread_bytes} unread bytes" if own.unread_bytes
@@ -281,14 +283,17 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         return Diagnosis(IGNORING_EOF,
                          f"alive ({what}) but never closes: {_who(only)} fd {only.fd}{unread}")
 
-    asleep = [t for t in only.threads if t.state in ("S", "D") and t.syscall is not None]
+    asleep = [t for t in threads if t.state in ("S", "D") and t.syscall is not None]
     if asleep:
         t = asleep[0]
         on = f" on fd {t.syscall_fd} ({t.syscall_fd_target})" if t.syscall_fd_target else ""
         at = t.user_location()
         where = f" at {at}" if at else f" (wchan {t.wchan or '?'})"
+        # "Blocked elsewhere" says no thread serves: true only of those seen.
+        unseen = (f"; only {len(threads)} of its {only.threads_total} threads examined"
+                  if only.threads_total > len(threads) else "")
         return Diagnosis(BLOCKED_ELSEWHERE,
-                         f"blocked in {t.syscall_name}{on}{where}: {_who(only)}")
+                         f"blocked in {t.syscall_name}{on}{where}: {_who(only)}{unseen}")
 
     why = {"permission denied": " (permission denied reading its threads)",
            "gone": " (exited while inspected)"}.get(only.unreadable, "")
@@ -317,13 +322,19 @@ def _is_serving(t: ThreadEvidence, machine: str) -> bool:
 # even for a process with hundreds of threads.
 MAX_STACKS = 4
 MAX_THREADS = 16
+# The cause is decided over this many threads (their state and system call,
+# three small reads each): a server's serving thread may be its 200th, and a
+# diagnosis made over the first 16 would be stated as a fact it is not.
+# Beyond it, the summary says how many were examined.
+MAX_EXAMINED = 1024
 
 
 @dataclass(slots=True)
 class ProcessEvidence:
     """What is about a whole process, not one of its fds."""
     pid: int
-    threads: list[ThreadEvidence] = field(default_factory=list)
+    threads: list[ThreadEvidence] = field(default_factory=list)   # listed (16)
+    examined: list[ThreadEvidence] = field(default_factory=list)  # decided over
     threads_total: int = 0
     identity: dict = field(default_factory=dict)
     tracer_comm: str = ""
@@ -412,10 +423,13 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
         tids = sorted(int(n) for n in names if n.isdigit() and n != str(snap.pid))
         ev.threads_total = len(tids) + 1
         stacks = 0
-        for tid in [snap.pid] + tids[:MAX_THREADS - 1]:
+        for tid in [snap.pid] + tids[:MAX_EXAMINED - 1]:
             thread, line = _thread(tid, dfd, machine, leader if tid == snap.pid else None)
             if thread is None:
                 continue
+            ev.examined.append(thread)
+            if len(ev.threads) >= MAX_THREADS:
+                continue            # decided over, not listed (nor unwound)
             # Sleeping, blocked, stopped or traced: the registers in
             # task/TID/syscall are those of the call it waits in.
             if (budget is not None and thread.state in ("S", "D", "T", "t")
@@ -505,7 +519,8 @@ def holder_evidence(holder, proc: str, machine: str,
         cloexec=holder.cloexec if fd_flags else None,
         exiting=per_process.exiting,
         threads=per_process.threads, identity=per_process.identity,
-        threads_total=per_process.threads_total, unreadable=per_process.unreadable)
+        threads_total=per_process.threads_total, unreadable=per_process.unreadable,
+        examined=per_process.examined)
     if per_process.first is None:
         per_process.first = ev
     return ev
