@@ -20,6 +20,7 @@ from closewait_trace.live import ages
 from closewait_trace.evidence import diagnosis
 from closewait_trace.sockets import identity, owners, procfs, procnet
 from closewait_trace.output import records
+from closewait_trace.output.render import marked_age
 from closewait_trace.output.textsafe import escape
 from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
@@ -108,9 +109,7 @@ def _oldest_first(l: Lingerer) -> tuple:
 
 # ------------------------------------------------------------------- text
 
-def age_text(age_s: float, source: str) -> str:
-    mark = {ages.ESTIMATED: "~", ages.LOWER_BOUND: ">="}.get(source, "")
-    return mark + format_age(int(age_s * 1e9))
+age_text = marked_age       # the renderer's: one way to show an age and its source
 
 
 @dataclass

@@ -70,10 +70,16 @@ def age_source(rec: dict, kind: str = "age") -> str:
 SOURCE_MARK = {"traced": "", "estimated": "~", "lower_bound": ">="}
 
 
-def age_text(rec: dict, kind: str = "age") -> str:
+def marked_age(seconds, source: str = "traced") -> str:
     """`1.4s` timed by the kernel, `~6.5s` estimated (tcp_info), `>=510ms` a
-    lower bound. kind: "age" (linger, snapshot entries) or "duration" (closed)."""
-    return SOURCE_MARK[age_source(rec, kind)] + _duration(rec.get(f"{kind}_s"))
+    lower bound; `?` for a value that is not a finite number."""
+    return SOURCE_MARK.get(source, "") + _duration(seconds)
+
+
+def age_text(rec: dict, kind: str = "age") -> str:
+    """A record's age (kind "age": linger, snapshot entries) or duration
+    ("duration": closed), with the mark of its source."""
+    return marked_age(rec.get(f"{kind}_s"), age_source(rec, kind))
 
 
 def hostport(addr, port, columns: Optional[int] = None) -> str:

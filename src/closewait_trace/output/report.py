@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from closewait_trace.output import textsafe
-from closewait_trace.durations import format_age
-from closewait_trace.output.render import (SOURCE_MARK, age_source, histogram_lines, hostport,
+from closewait_trace.output.render import (age_source, marked_age, histogram_lines, hostport,
                                     slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 
@@ -433,7 +432,7 @@ def _clock(ts) -> str:
 
 def _age(seconds, source: str = "traced") -> str:
     s = _number(seconds)
-    return "?" if s is None else SOURCE_MARK.get(source, "") + format_age(int(min(s, 1e12) * 1e9))
+    return "?" if s is None else marked_age(s, source)
 
 
 def _row_name(grouping: str, row: dict) -> str:
