@@ -442,25 +442,10 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
                 thread.stack = symbolize.user_stack(snap.pid, line.pc, line.sp, proc,
                                                     machine, budget)
             ev.threads.append(thread)
-        ev.identity = _identity(snap, dfd)
+        ev.identity = identity.of_process(snap.pid, snap.uid, dir_fd=dfd)
     finally:
         os.close(dfd)
     return ev
-
-
-def _identity(snap: procfs.ProcessSnapshot, dfd: int) -> dict:
-    try:
-        cgroup = procfs.decode(procfs.read_bytes("cgroup", dir_fd=dfd))
-    except procfs.ProcError:
-        cgroup = ""
-    ident = identity.parse_cgroup(cgroup)
-    ident["user"] = identity.user_name(snap.uid)
-    ident["uid"] = snap.uid
-    try:
-        ident["netns"] = procfs.ns_inode(procfs.readlink("ns/net", dir_fd=dfd))
-    except procfs.ProcError:
-        ident["netns"] = None
-    return ident
 
 
 @dataclass

@@ -3,6 +3,7 @@ or systemd unit that cgroup path reveals (pure parsing plus small reads)."""
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
 from typing import Optional
@@ -62,9 +63,34 @@ def user_name(uid: Optional[int]) -> Optional[str]:
         return str(uid)
 
 
-def of_process(pid: int, uid: Optional[int], proc: str = procfs.PROC) -> dict:
-    ident = parse_cgroup(procfs.read_text(f"{proc}/{pid}/cgroup") or "")
+def of_process(pid: int, uid: Optional[int], proc: str = procfs.PROC,
+               dir_fd: Optional[int] = None) -> dict:
+    """Where a process lives: user, cgroup (container, pod, unit), network
+    namespace. Read through dir_fd, a handle on /proc/PID, when the caller
+    holds one checked against the pid's start time; a read refused or gone
+    leaves its part unknown."""
+    if dir_fd is None:
+        try:
+            fd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                return of_process(pid, uid, proc, fd)
+            finally:
+                os.close(fd)
+    cgroup, netns = "", None
+    if dir_fd is not None:
+        try:
+            cgroup = procfs.decode(procfs.read_bytes("cgroup", dir_fd=dir_fd))
+        except procfs.ProcError:
+            pass
+        try:
+            netns = procfs.ns_inode(procfs.readlink("ns/net", dir_fd=dir_fd))
+        except procfs.ProcError:
+            pass
+    ident = parse_cgroup(cgroup)
     ident["user"] = user_name(uid)
     ident["uid"] = uid
-    ident["netns"] = procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net"))
+    ident["netns"] = netns
     return ident
