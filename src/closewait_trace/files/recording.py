@@ -352,8 +352,11 @@ class Recorder:
     def _stop(self, err: UserError) -> None:
         self.stopped = UserError(f"the recording stopped at part {self.part}: {err.message}",
                                  EXIT_FILE, err.hint)
-        print(f"{self.stopped.one_line()}; tracing goes on, unwritten records are "
-              f"counted in the summary", file=sys.stderr, flush=True)
+        # The line names a file another user may have planted: it passes the
+        # same last check as every other line we print.
+        print(textsafe.safe_line(f"{self.stopped.one_line()}; tracing goes on, unwritten "
+                                 f"records are counted in the summary"),
+              file=sys.stderr, flush=True)
 
     def discard(self) -> None:
         """Start-up failed before anything was traced: remove what we made
