@@ -83,8 +83,10 @@ tests_only() {
     local py=$1 dir=$2
     # TESTS is pytest's arguments as a shell would take them (-k "a or b").
     eval "set -- $TESTS"
-    timeout 10800 "$py" -m pytest -p no:cacheprovider -q -rf "$@" \
-        --junitxml="$dir/tests.xml" > "$dir/tests.txt" 2>&1
+    # -v: one line per test as it ends, so that a run cut short by the
+    # timeout still says which tests passed.
+    timeout "${GUEST_TIMEOUT:-10800}" "$py" -m pytest -p no:cacheprovider -v -rf \
+        --durations=0 "$@" --junitxml="$dir/tests.xml" > "$dir/tests.txt" 2>&1
     echo "tests_rc=$?" >> "$dir/guest.txt"
     echo "done=1" >> "$dir/guest.txt"
 }
