@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from closewait_trace.live import metrics
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets.owners import OWNER_ACCEPT_QUEUE, OWNER_FD, Holder, Ownership
+from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_FD,
+                                           OWNER_NONE, Holder, Ownership)
 from closewait_trace.live.sinks import TickView
 from closewait_trace.live.tracker import Lingerer
 
@@ -34,7 +35,8 @@ def lingerer(comm="srv", lport=8080, rport=40000 , enter_ns=0, listener=True,
             l.ownership = Ownership(kind=kind, listener=listen_row,
                                     listener_holders=[holder(1, comm)])
         else:
-            l.ownership = Ownership(kind=kind, holders=[holder(2, comm)], listener=listen_row)
+            holders = [holder(2, comm)] if comm is not None else []
+            l.ownership = Ownership(kind=kind, holders=holders, listener=listen_row)
     return l
 
 
@@ -72,7 +74,27 @@ def test_labels_server_client_and_unresolved():
     # Never accepted: the process that should accept it is the one to blame.
     assert metrics.socket_labels(lingerer("socat", 5555, 40000, kind=OWNER_ACCEPT_QUEUE)) == \
         ("socat", "5555", "server")
-    assert metrics.socket_labels(lingerer(resolved=False)) == ("unresolved", "unknown", "unknown")
+    assert metrics.socket_labels(lingerer(resolved=False)) == \
+        ("(not resolved yet)", "unknown", "unknown")
+    assert metrics.socket_labels(lingerer(None, 443, kind=OWNER_NONE)) == \
+        ("(no holder found)", "443", "server")
+    assert metrics.socket_labels(lingerer(None, 443, kind=OWNER_DENIED)) == \
+        ("(permission denied)", "443", "server")
+
+
+def test_no_two_process_names_share_a_label_and_none_passes_for_the_tracers_own():
+    # A process chooses its name: one named like another name's escape, or
+    # like a value the tracer sets, must still get a label of its own.
+    names = ["\x1b", "\\x1b", "a\nb", "a\\nb", "", "?", "other", "none", "unresolved",
+             "(other processes)", "(no holder found)", "\\x28no holder found)"]
+    labels = [metrics.socket_labels(lingerer(n, 443))[0] for n in names]
+    assert len(set(labels)) == len(names), dict(zip(names, labels))
+    own = [metrics.socket_labels(lingerer(resolved=False))[0],
+           metrics.socket_labels(lingerer(None, 443, kind=OWNER_NONE))[0],
+           metrics.socket_labels(lingerer(None, 443, kind=OWNER_DENIED))[0],
+           metrics.OTHER[0]]
+    assert len(set(own)) == len(own)
+    assert not set(own) & {l for n, l in zip(names, labels) if n}
 
 
 def test_hostile_comm_stays_one_valid_line():
@@ -83,7 +105,7 @@ def test_hostile_comm_stays_one_valid_line():
     lines = [l for l in text.splitlines() if l.startswith("closewait_lingering_sockets{")]
     assert len(lines) == 1
     got = scrape(sink)["closewait_lingering_sockets"]
-    assert got[0][0]["comm"] == 'a"b\\c\\x0a}d\\x1b[31m\\xff'
+    assert got[0][0]["comm"] == 'a"b\\\\c\\n}d\\x1b[31m\\xff'
     assert "\x1b" not in text
 
 
@@ -148,10 +170,10 @@ def test_cardinality_cap_with_500_process_names():
     assert sum(v for _, v in got) == len(ls)   # nothing lost in the folding
     by_comm = {s[0]["comm"]: s for s in got}
     assert by_comm["big"][1] == 50       # the biggest is always kept by name
-    other = by_comm["other"]
-    assert other[0] == {"comm": "other", "port": "other", "side": "other"}
+    other = by_comm["(other processes)"]
+    assert other[0] == {"comm": "(other processes)", "port": "other", "side": "other"}
     # The kept ones are the biggest: 71 names hold 7 sockets, 28 of those with 6.
-    kept = sorted(v for c, (_, v) in by_comm.items() if c not in ("big", "other"))
+    kept = sorted(v for c, (_, v) in by_comm.items() if c not in ("big", "(other processes)"))
     assert kept == [6] * 28 + [7] * 71
     # Next tick with other names: the cap still holds, zero series included.
     sink.tick(view([lingerer(f"new-{i}") for i in range(300)], wall=1001.0))

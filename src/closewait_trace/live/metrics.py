@@ -12,8 +12,16 @@ process holding it (`comm`), and by the one port that names the service:
 `side="server"` and the local port when the local port has a listener,
 `side="client"` and the remote port otherwise. Never a pid, an ephemeral port
 or an address. At most `max_series` (comm, port, side) series are exported;
-the others are added up into one series comm="other", port="other",
-side="other".
+the others are added up into one series comm="(other processes)",
+port="other", side="other".
+
+A command name is chosen by whoever runs the process, so a label must not
+let one pass for another, or for a value the tracer sets: names are shown
+through textsafe.escape (the backslash doubled, so that a name containing
+the text `\\x1b` and one containing ESC get different labels), and the
+tracer's own values are 16 characters or more without a backslash, which no
+escaped name can be (a name has at most 15 bytes; only escaping lengthens it,
+and an escape has a backslash).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from closewait_trace.errors import EXIT_USAGE, UserError
+from closewait_trace.output.textsafe import escape
+from closewait_trace.sockets.owners import OWNER_DENIED
 
 DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_PORT = 9477        # the port the README, the man page and the unit use
@@ -43,7 +53,15 @@ MAX_CAUSES = 32
 # microseconds. Slots 0..HIST_TOP_SLOT are exported as `le` bounds (2^42 us
 # is about 51 days); a longer stay counts in +Inf only.
 HIST_TOP_SLOT = 42
-OTHER = ("other", "other", "other")
+# The tracer's own comm values (see the module's docstring for why they
+# cannot be a process's name).
+COMM_OTHER = "(other processes)"
+COMM_UNRESOLVED = "(not resolved yet)"
+COMM_NO_HOLDER = "(no holder found)"
+COMM_DENIED = "(permission denied)"
+COMM_EMPTY = "(empty process name)"    # prctl(PR_SET_NAME, "") is allowed
+RESERVED_COMMS = (COMM_OTHER, COMM_UNRESOLVED, COMM_NO_HOLDER, COMM_DENIED, COMM_EMPTY)
+OTHER = (COMM_OTHER, "other", "other")
 # The snapshot is rebuilt at most this often: building it walks every
 # lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
 # docs/benchmarks.md), and nobody scrapes more often than once a second.
@@ -76,28 +94,30 @@ def parse_listen(value: str) -> tuple[str, int]:
 @functools.lru_cache(maxsize=4096)      # names repeat across sockets and ticks
 def clean_label(text: str) -> str:
     """A label value from a string a local user controls (a process name):
-    unprintable characters and undecodable bytes become \\xNN, so the
-    exposition stays valid UTF-8 and one line per sample."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:            # surrogateescape'd byte
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif not ch.isprintable() or 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out) or "?"
+    escaped as on the terminal, so that the exposition stays valid UTF-8
+    and one line per sample, and two different names never share a label."""
+    label = escape(text) or COMM_EMPTY
+    if not text:
+        return label
+    if label in RESERVED_COMMS:
+        # Not a name the kernel allows (over 15 bytes), but this function
+        # does not rely on that: "(" written as an escape, which escape()
+        # never produces for it, keeps the two apart.
+        label = "\\x28" + label[1:]
+    return label
 
 
 def socket_labels(lingerer) -> tuple[str, str, str]:
     """(comm, port, side) of a lingering socket."""
     own = lingerer.ownership
     if own is None:
-        return ("unresolved", "unknown", "unknown")
+        return (COMM_UNRESOLVED, "unknown", "unknown")
     holders = list(getattr(own, "holders", ()) or ()) or \
         list(getattr(own, "listener_holders", ()) or ())
-    comm = clean_label(holders[0].comm) if holders else "none"
+    if holders:
+        comm = clean_label(holders[0].comm)
+    else:
+        comm = COMM_DENIED if getattr(own, "kind", None) == OWNER_DENIED else COMM_NO_HOLDER
     ep = lingerer.endpoints
     if getattr(own, "listener", None) is not None:
         return (comm, str(ep.lport), "server")
