@@ -132,3 +132,28 @@ def test_pre_6_15_syn_recv_without_peer_is_said_not_printed_as_0_0_0_0():
     listen = KernelEvent(**{**ev.__dict__, "oldstate": tcpstates.CLOSE,
                             "newstate": tcpstates.LISTEN})
     assert records.transition(listen, 1.0)["peer_known"] is True
+
+
+def test_every_summary_sentence_fits_80_columns():
+    # The summary's sentences, with every loss and problem at once and big
+    # numbers, fit an 80-column terminal (bcc's tool checklist); rows of
+    # sockets are rows, not sentences, and are not wrapped.
+    from closewait_trace.output.textsafe import width_of_escaped
+    big = 123_456_789_012
+    rec = records.summary(98765.4, 0.0, {"cw_enter": big, "cw_exit": big, "events_lost": big,
+                                         "map_full": big, "exit_untracked": big},
+                          [0] * 20 + [big] + [0] * 43, [], big, big,
+                          {"symbolizer_problems": {"more than 4096 sections": big,
+                                                   "no .eh_frame": big, "time budget": big},
+                           "write_errors": big})
+    r = render.TextRenderer()
+    r.closed_by_source = {"estimated": big, "lower_bound": big}
+    r.estimated_us = [0] * 20 + [big] + [0] * 43
+    lines = render.summary_lines(rec, r)
+    text = " ".join(l.strip() for l in lines)      # a wrap may fall inside a needle
+    for needle in ("events lost", "sockets not timed", "left CLOSE_WAIT untimed",
+                   "could not be written", "Symbolizer", "Estimated, not timed",
+                   "Lower bounds only", "Still lingering at exit"):
+        assert needle in text
+    too_wide = [l for l in lines if width_of_escaped(l) > 80]
+    assert not too_wide, too_wide

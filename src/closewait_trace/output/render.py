@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -536,16 +537,26 @@ def slots_to_buckets(slots: list[int]) -> list[dict]:
     return out
 
 
+SUMMARY_COLUMNS = 80
+
+
+def prose(text: str, columns: int = SUMMARY_COLUMNS) -> list[str]:
+    """An already escaped sentence wrapped to `columns` at spaces, the lines
+    after the first indented: the summary's sentences fit a terminal of 80
+    columns (an escape has no space in it, so a wrap never splits one)."""
+    return textwrap.wrap(text, columns, subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False) or [""]
+
+
 def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:
     c = rec.get("counters") if isinstance(rec.get("counters"), dict) else {}
     n = {k: v if isinstance(v, int) else 0 for k, v in c.items()}
-    lines = [
-        "",
+    lines = [""]
+    lines += prose(
         f"Summary after {_duration(rec.get('traced_s'))}: "
         f"{n.get('cw_enter', 0)} entered CLOSE_WAIT, {n.get('cw_exit', 0)} left it "
         f"(timed), {escape(rec.get('linger_reported', 0))} reported lingering, "
-        f"{escape(rec.get('closed_reported', 0))} closed after lingering.",
-    ]
+        f"{escape(rec.get('closed_reported', 0))} closed after lingering.")
     problems = []
     if n.get("events_lost"):
         problems.append(f"{n['events_lost']} events lost (ring buffer full)")
@@ -556,9 +567,9 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
                         f"(already in it at start, or not tracked)")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
-    lines.append("Losses: " + ("; ".join(problems) if problems else "none."))
+    lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
     if isinstance(rec.get("symbolizer_problems"), dict) and rec["symbolizer_problems"]:
-        lines.append("Symbolizer (modules or frames without symbols): " + "; ".join(
+        lines += prose("Symbolizer (modules or frames without symbols): " + "; ".join(
             f"{escape(n)} {escape(reason)}"
             for reason, n in sorted(rec["symbolizer_problems"].items())))
     lines.append("Time in CLOSE_WAIT, timed by the kernel (log2 histogram):")
@@ -571,8 +582,8 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if renderer is not None and renderer.replay is not None:
         kept = [s for s in still if renderer.replay.keep_entry(s)]
         hidden, still = len(still) - len(kept), kept
-    lines.append(f"Still lingering at exit: {len(still)}"
-                 + (f" shown ({hidden} more not matching the replay's filters)" if hidden else ""))
+    lines += prose(f"Still lingering at exit: {len(still)}"
+                   + (f" shown ({hidden} more not matching the replay's filters)" if hidden else ""))
     for s in still[:50]:
         owners = ", ".join(f"{who(o)} fd {escape(o.get('fd'))} [{escape(o.get('state'))}]"
                            for o in s.get("owners") or [] if isinstance(o, dict)) or (
@@ -593,10 +604,10 @@ def estimate_lines(by_source: dict, estimated_slots: list[int],
     lines = []
     shown = " shown" if shown_only else ""
     if est:
-        lines.append(f"Estimated, not timed (already in CLOSE_WAIT at start; age from "
-                     f"tcp_info): {est} socket(s){shown} closed after:")
+        lines += [f"Estimated, not timed: {est} socket(s){shown} closed, already in CLOSE_WAIT",
+                  "  at start (age from tcp_info), after:"]
         lines.extend(histogram_lines(slots_to_buckets(estimated_slots)))
     if low:
-        lines.append(f"Lower bounds only (already in CLOSE_WAIT at start, no estimate): "
-                     f"{low} socket(s){shown} closed; not in any histogram.")
+        lines += [f"Lower bounds only: {low} socket(s){shown} closed, already in CLOSE_WAIT at",
+                  "  start with no estimate; not in any histogram."]
     return lines
