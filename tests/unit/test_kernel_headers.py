@@ -3,7 +3,7 @@ import os
 import pytest
 
 from closewait_trace.kernel import kernel_headers as kh
-from closewait_trace.errors import UserError
+from closewait_trace.errors import EXIT_NO_HEADERS, UserError
 
 
 def make_debian_split(src):
@@ -38,9 +38,22 @@ def test_running_kernel_headers_win(tmp_path):
 
 
 def test_env_override_is_respected(tmp_path):
+    (tmp_path / "k" / "include").mkdir(parents=True)
+    tree = str(tmp_path / "k")
     choice = kh.choose_headers(release="x", lib_modules=str(tmp_path), usr_src=str(tmp_path),
-                               environ={"BCC_KERNEL_SOURCE": "/opt/k"})
-    assert choice.kind == "env" and choice.path == "/opt/k"
+                               environ={"BCC_KERNEL_SOURCE": tree})
+    assert choice.kind == "env" and choice.path == tree
+
+
+@pytest.mark.parametrize("preset", ["/nonexistent/k", "/etc/passwd", "/"])
+def test_env_override_that_is_no_header_tree_is_one_line_exit_5(tmp_path, preset):
+    # bcc would print its own complaint on stdout and fail at compile time
+    # (exit 6, as if the kernel had refused the program).
+    with pytest.raises(UserError) as err:
+        kh.choose_headers(release="x", lib_modules=str(tmp_path), usr_src=str(tmp_path),
+                          environ={"BCC_KERNEL_SOURCE": preset})
+    assert err.value.exit_code == EXIT_NO_HEADERS
+    assert "BCC_KERNEL_SOURCE" in err.value.one_line() and "\n" not in err.value.one_line()
 
 
 def test_generic_debian_split_is_merged_into_private_cache(tmp_path):

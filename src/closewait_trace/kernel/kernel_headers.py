@@ -194,6 +194,13 @@ def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modul
     machine = machine or platform.machine()
     preset = environ.get("BCC_KERNEL_SOURCE")
     if preset:
+        # Checked here: bcc itself would print its own multi-line complaint
+        # on stdout (into a --json stream) and fail later, at compile time.
+        if not os.path.isdir(os.path.join(preset, "include")):
+            raise UserError(f"BCC_KERNEL_SOURCE={preset!r} is not a kernel header tree "
+                            "(it has no include/ directory)", EXIT_NO_HEADERS,
+                            "unset it to let closewait-trace choose, or point it at one "
+                            "such as /lib/modules/$(uname -r)/build")
         return HeaderChoice("env", preset, f"BCC_KERNEL_SOURCE={preset} (set by you)")
     build = os.path.join(lib_modules, release, "build")
     if _running_tree_complete(os.path.join(lib_modules, release)):
