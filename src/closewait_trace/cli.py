@@ -256,6 +256,20 @@ def holder_options(command):
     return command
 
 
+def warn_unmatched_holders(holder_filter: HolderFilter, consequence: str) -> None:
+    """One line on stderr when a holder filter value matches no process now
+    (a typo, a service not running): an empty trace must not look like good
+    news. A notice, not an error: the process may start later."""
+    if not holder_filter.active:
+        return
+    from closewait_trace.sockets import identity
+    missing = holder_filter.unmatched(identity.people_now(holder_filter.needs_identity))
+    if missing:
+        click.echo(textsafe.safe_line(
+            f"closewait-trace: notice: no process matches {textsafe.escape(', '.join(missing))} "
+            f"now; {consequence}"), err=True)
+
+
 def holder_filter_of(pids, comms, cgroups, containers, units) -> HolderFilter:
     return HolderFilter(pids=tuple(pids), comms=tuple(comms), cgroups=tuple(cgroups),
                         containers=tuple(containers), units=tuple(units))
@@ -508,6 +522,7 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     as_root = os.geteuid() == 0
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
+    warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
     snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
                          holder_filter=holder_filter)
     recs = snap.records()
@@ -547,6 +562,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     capability_warning = capabilities.warning(caps)
     if capability_warning:      # say what a reduced set hides; trace anyway
         click.echo(capability_warning, err=True)
+    warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
+                                          "will be shown")
     from closewait_trace.kernel import kernel_headers
     from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, import_bcc
     from closewait_trace.live.tracer import LiveTracer

@@ -43,6 +43,16 @@ def test_holder_filter_pid_comm_same_person():
     assert not f.matches([])
 
 
+def test_unmatched_names_each_value_no_process_matches_on_its_own():
+    people = [{"pid": 7, "comm": "nginx", "identity": {"unit": "nginx.service", "cgroup": "/a"}},
+              {"pid": 8, "comm": "java"}]
+    f = HolderFilter(pids=(7, 99), comms=("java", "ngnix"), units=("nginx", "web"),
+                     cgroups=("/a", "/b"))
+    assert f.unmatched(people) == ["--pid 99", "--comm ngnix", "--cgroup /b", "--unit web"]
+    assert HolderFilter(pids=(7,), comms=("nginx",)).unmatched(people) == []
+    assert HolderFilter().unmatched([]) == []
+
+
 IDENT = {"cgroup": "/system.slice/web.service/sub",
          "container": {"runtime": "docker", "id": "ab12" + "0" * 60}, "unit": "web.service"}
 

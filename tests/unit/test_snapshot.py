@@ -230,3 +230,19 @@ def test_footer_escapes_process_names_and_listener_addresses():
     assert "\udcff" not in text
     assert text.count("\n") == len(snapshot.footer_lines([held, queued])) - 1
     assert "6856/\\x1b]0;PWN\\x07\\n" in text
+
+
+def test_a_holder_filter_no_process_matches_is_said_in_one_line():
+    # A typo (--unit ngnix) or a service that is not running would give an
+    # empty list that reads as good news; real processes here.
+    me = str(os.getpid())
+    out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot",
+                          "--unit", "no-such-unit-here", "--pid", me, "--comm", "no\x1bsuch"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    notice = [l for l in out.stderr.splitlines() if "no process matches" in l]
+    assert notice == ["closewait-trace: notice: no process matches --comm no\\x1bsuch, "
+                      "--unit no-such-unit-here now; no socket this snapshot shows is theirs"]
+    mine = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--pid", me],
+                          capture_output=True, text=True, timeout=60)
+    assert mine.returncode == 0 and "no process matches" not in mine.stderr, mine.stderr

@@ -155,6 +155,22 @@ class HolderFilter:
             return True
         return any(self.matches_person(p) for p in people)
 
+    def unmatched(self, people: Iterable[dict]) -> list[str]:
+        """The values given (as "--unit nginx") that none of these people
+        match on their own: a typo, or a service not running, would
+        otherwise show an empty trace that looks like good news."""
+        people = list(people)
+        out = []
+        for option, field_name, values in (
+                ("--pid", "pids", self.pids), ("--comm", "comms", self.comms),
+                ("--cgroup", "cgroups", self.cgroups),
+                ("--container", "containers", self.containers),
+                ("--unit", "units", self.units)):
+            for value in values:
+                if not HolderFilter(**{field_name: (value,)}).matches(people):
+                    out.append(f"{option} {value}")
+        return out
+
     def as_dict(self) -> dict:
         return {k: list(v) for k, v in (("pids", self.pids), ("comms", self.comms),
                                         ("cgroups", self.cgroups),

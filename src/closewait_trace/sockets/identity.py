@@ -94,3 +94,20 @@ def of_process(pid: int, uid: Optional[int], proc: str = procfs.PROC,
     ident["uid"] = uid
     ident["netns"] = netns
     return ident
+
+
+def people_now(with_identity: bool, proc: str = procfs.PROC) -> list[dict]:
+    """Every process now, as the holder filters see a person: pid and comm,
+    and with_identity its cgroup identity. A process that goes away, or
+    whose name cannot be read, is left out (a race is a missing row)."""
+    out = []
+    for pid in procfs.pids(proc):
+        try:
+            comm = procfs.decode(procfs.read_bytes(f"{proc}/{pid}/comm"))
+        except procfs.ProcError:
+            continue
+        person = {"pid": pid, "comm": comm.rstrip("\n")}
+        if with_identity:
+            person["identity"] = of_process(pid, None, proc)
+        out.append(person)
+    return out
