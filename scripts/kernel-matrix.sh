@@ -15,6 +15,8 @@
 #     --out DIR     results (default: /var/tmp/closewait-kernel-matrix)
 #     --parallel    boot all kernels at once instead of one after the other
 #     --only-tests  skip the start-up measurement and the seed scenario step
+#     --timeout S   stop the guest's tests after S seconds (default 10800);
+#                   the tests that ended by then are in tests.txt, one a line
 #
 # Needs root (apt, BPF in the guest). Installs qemu-system-x86, busybox-static
 # (virtme-ng's initramfs), tiny-initramfs (the kernel packages need an
@@ -29,6 +31,7 @@ VNG_VENV=/opt/closewait-trace-matrix
 OUT=/var/tmp/closewait-kernel-matrix
 STRETCH=${STRETCH:-50}
 TESTS=${TESTS:-tests/kernel}
+GUEST_TIMEOUT=10800         # seconds the guest's pytest may run (--timeout)
 HEADERS=1
 PARALLEL=0
 ONLY_TESTS=0
@@ -126,8 +129,8 @@ boot() {
     # rebuild it (minutes under TCG).
     # The guest's settings go in a file: vng's --exec does not survive
     # quotes (a pytest -k expression has them).
-    printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\nONLY_TESTS=%q\n' "$REPO/.venv/bin/python" \
-        "$STRETCH" "$TESTS" "$ONLY_TESTS" \
+    printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\nONLY_TESTS=%q\nGUEST_TIMEOUT=%q\n' \
+        "$REPO/.venv/bin/python" "$STRETCH" "$TESTS" "$ONLY_TESTS" "$GUEST_TIMEOUT" \
         > "$dir/guest.env"
     PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
@@ -167,7 +170,8 @@ main() {
             --out) OUT=$2; shift ;;
             --parallel) PARALLEL=1 ;;
             --only-tests) ONLY_TESTS=1 ;;
-            -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+            --timeout) GUEST_TIMEOUT=$2; shift ;;
+            -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
             -*) die "unknown option $1 (see --help)" ;;
             *) KERNELS+=("$1") ;;
         esac
