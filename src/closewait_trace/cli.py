@@ -264,10 +264,17 @@ def warn_unmatched_holders(holder_filter: HolderFilter, consequence: str) -> Non
         return
     from closewait_trace.sockets import identity
     missing = holder_filter.unmatched(identity.people_now(holder_filter.needs_identity))
-    if missing:
-        click.echo(textsafe.safe_line(
-            f"closewait-trace: notice: no process matches {textsafe.escape(', '.join(missing))} "
-            f"now; {consequence}"), err=True)
+    if not missing:
+        return
+    # Without root, hidepid may hide other users' processes: say only what
+    # was seen. The kernel keeps 15 bytes of a name: say so when one is longer.
+    who = "no process" if os.geteuid() == 0 else "no process visible to you"
+    long_names = [c for c in holder_filter.comms if f"--comm {c}" in missing
+                  and len(c.encode("utf-8", "surrogateescape")) > 15]
+    note = "; a process name has at most 15 bytes" if long_names else ""
+    click.echo(textsafe.safe_line(
+        f"closewait-trace: notice: {who} matches {textsafe.escape(', '.join(missing))} "
+        f"now{note}; {consequence}"), err=True)
 
 
 def holder_filter_of(pids, comms, cgroups, containers, units) -> HolderFilter:

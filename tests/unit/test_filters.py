@@ -53,6 +53,13 @@ def test_unmatched_names_each_value_no_process_matches_on_its_own():
     assert HolderFilter().unmatched([]) == []
 
 
+def test_unmatched_stops_reading_people_once_every_value_matched():
+    def people():
+        yield {"pid": 7, "comm": "nginx"}
+        raise AssertionError("read past the point where everything had matched")
+    assert HolderFilter(pids=(7,), comms=("nginx",)).unmatched(people()) == []
+
+
 IDENT = {"cgroup": "/system.slice/web.service/sub",
          "container": {"runtime": "docker", "id": "ab12" + "0" * 60}, "unit": "web.service"}
 

@@ -71,7 +71,7 @@ def test_verbose_evidence_escapes_command_lines_and_identity():
     r = render.TextRenderer(verbose=True)
     assert r.render(evil_process()) == []
     text = assert_clean(r.render(evil_linger()))
-    assert "srv\\n12:00:00 LINGER" in text and "\\x9b31m" in text and "\\u202e" in text
+    assert "srv\\n12:00:00 LINGER" in text and "\\u009b31m" in text and "\\u202e" in text
 
 
 def test_transition_lost_and_summary_escape():

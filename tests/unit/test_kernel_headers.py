@@ -38,14 +38,18 @@ def test_running_kernel_headers_win(tmp_path):
 
 
 def test_env_override_is_respected(tmp_path):
-    (tmp_path / "k" / "include").mkdir(parents=True)
+    for header in ("include/generated/autoconf.h", "include/linux/kconfig.h"):
+        (tmp_path / "k" / header).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "k" / header).write_text("")
     tree = str(tmp_path / "k")
     choice = kh.choose_headers(release="x", lib_modules=str(tmp_path), usr_src=str(tmp_path),
                                environ={"BCC_KERNEL_SOURCE": tree})
     assert choice.kind == "env" and choice.path == tree
 
 
-@pytest.mark.parametrize("preset", ["/nonexistent/k", "/etc/passwd", "/"])
+@pytest.mark.parametrize("preset", ["/nonexistent/k", "/etc/passwd", "/", "/usr",
+                                    # Debian's arch-only half: no include/linux/kconfig.h
+                                    "/usr/src/linux-headers-6.1.0-57-amd64"])
 def test_env_override_that_is_no_header_tree_is_one_line_exit_5(tmp_path, preset):
     # bcc would print its own complaint on stdout and fail at compile time
     # (exit 6, as if the kernel had refused the program).

@@ -86,7 +86,8 @@ def test_no_two_process_names_share_a_label_and_none_passes_for_the_tracers_own(
     # A process chooses its name: one named like another name's escape, or
     # like a value the tracer sets, must still get a label of its own.
     names = ["\x1b", "\\x1b", "a\nb", "a\\nb", "", "?", "other", "none", "unresolved",
-             "(other processes)", "(no holder found)", "\\x28no holder found)"]
+             "(other processes)", "(no holder found)", "\\x28no holder found)",
+             "a\x9b", "a\udc9b", "a\xa0", "a\udca0", "a\xad", "a\udcad"]
     labels = [metrics.socket_labels(lingerer(n, 443))[0] for n in names]
     assert len(set(labels)) == len(names), dict(zip(names, labels))
     own = [metrics.socket_labels(lingerer(resolved=False))[0],

@@ -212,12 +212,24 @@ def test_replay_shows_odd_values_as_unknown_and_counts_what_it_cannot_show():
 
 def test_escape_covers_c0_c1_del_bidi_and_invalid_utf8():
     assert textsafe.escape("a\x1b[2Jb") == "a\\x1b[2Jb"
-    assert textsafe.escape("\n\r\t\x00\x7f\x9b") == "\\n\\r\\t\\x00\\x7f\\x9b"
+    assert textsafe.escape("\n\r\t\x00\x7f\x9b") == "\\n\\r\\t\\x00\\x7f\\u009b"
     assert textsafe.escape("\u202eabc\u2066") == "\\u202eabc\\u2066"
     assert textsafe.escape(b"ok\xff\xfe") == "ok\\xff\\xfe"
     assert textsafe.escape("x\ufffd") == "x\\ufffd"
     assert textsafe.escape("back\\slash") == "back\\\\slash"
     assert textsafe.escape("caf\u00e9 \u65e5\u672c") == "caf\u00e9 \u65e5\u672c"   # printable stays
+
+
+def test_a_byte_that_is_not_utf8_and_a_character_never_look_the_same():
+    # A process name is bytes: 0x9b alone is not UTF-8 (surrogateescape keeps
+    # it), c2 9b is the character U+009B. Both were shown as \x9b.
+    for byte in (0x85, 0x9b, 0xa0, 0xad, 0xff):
+        raw = bytes([0x61, byte]).decode("utf-8", "surrogateescape")
+        char = "a" + chr(byte)
+        assert textsafe.escape(raw) != textsafe.escape(char), hex(byte)
+        assert textsafe.escape(bytes([0x61, byte])) == textsafe.escape(raw)
+    assert textsafe.escape(b"a\x9b") == "a\\x9b" and textsafe.escape("a\x9b") == "a\\u009b"
+    assert textsafe.safe_line("a\x9b") == "a\\u009b"
 
 
 def test_cut_never_splits_an_escape_and_counts_columns():

@@ -144,7 +144,9 @@ def test_every_summary_sentence_fits_80_columns():
                                          "map_full": big, "exit_untracked": big},
                           [0] * 20 + [big] + [0] * 43, [], big, big,
                           {"symbolizer_problems": {"more than 4096 sections": big,
-                                                   "no .eh_frame": big, "time budget": big},
+                                                   "no .eh_frame": big, "time budget": big,
+                                                   # two columns each on a terminal
+                                                   "\u6f22\u5b57 " * 30: big},
                            "write_errors": big})
     r = render.TextRenderer()
     r.closed_by_source = {"estimated": big, "lower_bound": big}
@@ -156,4 +158,5 @@ def test_every_summary_sentence_fits_80_columns():
                    "Lower bounds only", "Still lingering at exit"):
         assert needle in text
     too_wide = [l for l in lines if width_of_escaped(l) > 80]
+    assert len([l for l in lines if "\u6f22" in l]) >= 2
     assert not too_wide, too_wide

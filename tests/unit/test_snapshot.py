@@ -246,3 +246,28 @@ def test_a_holder_filter_no_process_matches_is_said_in_one_line():
     mine = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--pid", me],
                           capture_output=True, text=True, timeout=60)
     assert mine.returncode == 0 and "no process matches" not in mine.stderr, mine.stderr
+
+
+def test_the_notice_compares_names_as_the_owners_are_read(tmp_path):
+    # The name of a holder comes from /proc/PID/stat; a name ending in a
+    # newline must not be matched by the same name without it, or the other
+    # way round (the notice would then be false).
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, time; libc = ctypes.CDLL(None); "
+        "libc.prctl(15, b'cwnotice\\n', 0, 0, 0); "
+        f"open({str(ready)!r}, 'w').close(); time.sleep(60)")])
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        def notice(*args):
+            out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", *args],
+                                 capture_output=True, text=True, timeout=60)
+            return "no process matches" in out.stderr
+        assert notice("--comm", "cwnotice")
+        assert not notice("--comm", "cwnotice\n")
+    finally:
+        child.kill()
+        child.wait()

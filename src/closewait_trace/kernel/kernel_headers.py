@@ -196,9 +196,11 @@ def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modul
     if preset:
         # Checked here: bcc itself would print its own multi-line complaint
         # on stdout (into a --json stream) and fail later, at compile time.
-        if not os.path.isdir(os.path.join(preset, "include")):
-            raise UserError(f"BCC_KERNEL_SOURCE={preset!r} is not a kernel header tree "
-                            "(it has no include/ directory)", EXIT_NO_HEADERS,
+        # bcc then reads this one tree only (no build/ + source/ split).
+        if not _complete(preset):
+            raise UserError(f"BCC_KERNEL_SOURCE={preset!r} is not a complete kernel header "
+                            "tree (it needs include/generated/autoconf.h and "
+                            "include/linux/kconfig.h)", EXIT_NO_HEADERS,
                             "unset it to let closewait-trace choose, or point it at one "
                             "such as /lib/modules/$(uname -r)/build")
         return HeaderChoice("env", preset, f"BCC_KERNEL_SOURCE={preset} (set by you)")

@@ -158,18 +158,22 @@ class HolderFilter:
     def unmatched(self, people: Iterable[dict]) -> list[str]:
         """The values given (as "--unit nginx") that none of these people
         match on their own: a typo, or a service not running, would
-        otherwise show an empty trace that looks like good news."""
-        people = list(people)
-        out = []
-        for option, field_name, values in (
-                ("--pid", "pids", self.pids), ("--comm", "comms", self.comms),
-                ("--cgroup", "cgroups", self.cgroups),
-                ("--container", "containers", self.containers),
-                ("--unit", "units", self.units)):
-            for value in values:
-                if not HolderFilter(**{field_name: (value,)}).matches(people):
-                    out.append(f"{option} {value}")
-        return out
+        otherwise show an empty trace that looks like good news. Stops
+        reading people once every value has matched."""
+        left = [(f"{option} {value}", HolderFilter(**{name: (value,)}))
+                for option, name, values in (
+                    ("--pid", "pids", self.pids), ("--comm", "comms", self.comms),
+                    ("--cgroup", "cgroups", self.cgroups),
+                    ("--container", "containers", self.containers),
+                    ("--unit", "units", self.units))
+                for value in values]
+        if not left:
+            return []
+        for person in people:
+            left = [(said, f) for said, f in left if not f.matches_person(person)]
+            if not left:
+                break
+        return [said for said, _ in left]
 
     def as_dict(self) -> dict:
         return {k: list(v) for k, v in (("pids", self.pids), ("comms", self.comms),

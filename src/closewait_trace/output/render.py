@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -541,11 +540,22 @@ SUMMARY_COLUMNS = 80
 
 
 def prose(text: str, columns: int = SUMMARY_COLUMNS) -> list[str]:
-    """An already escaped sentence wrapped to `columns` at spaces, the lines
-    after the first indented: the summary's sentences fit a terminal of 80
-    columns (an escape has no space in it, so a wrap never splits one)."""
-    return textwrap.wrap(text, columns, subsequent_indent="  ", break_long_words=False,
-                         break_on_hyphens=False) or [""]
+    """An already escaped sentence wrapped to `columns` terminal columns at
+    spaces (counted as the terminal counts them: a wide character takes two),
+    the lines after the first indented. An escape has no space in it, so a
+    wrap never splits one; a single word wider than a line stays whole."""
+    lines, line, used = [], "", 0
+    for word in text.split(" "):
+        w = textsafe.width_of_escaped(word)
+        if line and used + 1 + w > columns:
+            lines.append(line)
+            line, used = "  " + word, 2 + w
+        elif line:
+            line, used = f"{line} {word}", used + 1 + w
+        else:
+            line, used = word, w
+    lines.append(line)
+    return [l.rstrip(" ") for l in lines]
 
 
 def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:

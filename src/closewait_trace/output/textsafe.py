@@ -10,12 +10,14 @@ such strings through `escape` (or `fit`, which escapes first, then cuts on
 whole escapes, so that a cut never leaves an escape half-open).
 
 Shown escaped: C0 controls and DEL (`\\n`, `\\r`, `\\t`, `\\x1b`...), C1
-controls (U+0080-U+009F, `\\x9b`), invalid UTF-8 (a byte kept by
+controls (U+0080-U+009F, `\\u009b`), invalid UTF-8 (a byte kept by
 surrogateescape as `\\xNN`, a replacement character as `\\ufffd`), format
 characters (bidi overrides and isolates U+202A-U+202E and U+2066-U+2069,
 zero-width characters, `\\u202e`), line and paragraph separators, and spaces
 other than the ASCII space. A backslash is doubled, so that an escape seen in
-the output always stands for the character, never for itself.
+the output always stands for the character, never for itself; `\\xNN` from
+0x80 up always stands for a byte that was not UTF-8, a character being
+`\\uNNNN`: two different strings are never shown the same.
 
 JSON needs none of this (json.dumps escapes control characters), but must
 never carry bare NaN or Infinity, which are not JSON: `json_dumps` writes
@@ -64,8 +66,11 @@ def _escape_char(ch: str) -> str:
     o = ord(ch)
     if 0xdc80 <= o <= 0xdcff:           # a byte that was not UTF-8 (surrogateescape)
         return f"\\x{o - 0xdc00:02x}"
-    if o <= 0xff:
+    if o < 0x80:
         return f"\\x{o:02x}"
+    # A character from U+0080 up is never written \xNN: that spelling is
+    # kept for a byte that was not UTF-8, so that the byte 0x9b and the
+    # character U+009B (bytes c2 9b) never look the same.
     if o <= 0xffff:
         return f"\\u{o:04x}"
     return f"\\U{o:08x}"

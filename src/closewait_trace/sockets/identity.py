@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 from closewait_trace.sockets import procfs
 
@@ -96,18 +96,19 @@ def of_process(pid: int, uid: Optional[int], proc: str = procfs.PROC,
     return ident
 
 
-def people_now(with_identity: bool, proc: str = procfs.PROC) -> list[dict]:
-    """Every process now, as the holder filters see a person: pid and comm,
-    and with_identity its cgroup identity. A process that goes away, or
-    whose name cannot be read, is left out (a race is a missing row)."""
-    out = []
+def people_now(with_identity: bool, proc: str = procfs.PROC) -> Iterator[dict]:
+    """Every process now, as the holder filters see a person: pid and comm
+    (from stat, where the owners' names come from), and with_identity its
+    cgroup identity. Lazy: a caller that has seen enough stops the scan. A
+    process that goes away is left out (a race is a missing row)."""
     for pid in procfs.pids(proc):
         try:
-            comm = procfs.decode(procfs.read_bytes(f"{proc}/{pid}/comm"))
+            stat = procfs.parse_stat(procfs.decode(procfs.read_bytes(f"{proc}/{pid}/stat")))
         except procfs.ProcError:
             continue
-        person = {"pid": pid, "comm": comm.rstrip("\n")}
+        if stat is None:
+            continue
+        person = {"pid": pid, "comm": stat.comm}
         if with_identity:
             person["identity"] = of_process(pid, None, proc)
-        out.append(person)
-    return out
+        yield person
