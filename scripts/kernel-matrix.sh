@@ -31,7 +31,7 @@ VNG_VENV=/opt/closewait-trace-matrix
 OUT=/var/tmp/closewait-kernel-matrix
 STRETCH=${STRETCH:-50}
 TESTS=${TESTS:-tests/kernel}
-GUEST_TIMEOUT=10800         # seconds the guest's pytest may run (--timeout)
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-10800}   # seconds the guest's pytest may run (--timeout)
 HEADERS=1
 PARALLEL=0
 ONLY_TESTS=0
@@ -132,7 +132,11 @@ boot() {
     printf 'PY=%q\nSTRETCH=%q\nTESTS=%q\nONLY_TESTS=%q\nGUEST_TIMEOUT=%q\n' \
         "$REPO/.venv/bin/python" "$STRETCH" "$TESTS" "$ONLY_TESTS" "$GUEST_TIMEOUT" \
         > "$dir/guest.env"
-    PATH="$VNG_VENV/bin:$PATH" timeout 14400 vng --run "/boot/vmlinuz-$k" \
+    # The guest's own limits (start-up 900 s, seed scenario 3600 s, the tests
+    # GUEST_TIMEOUT) and half an hour to boot and shut down: the host never
+    # cuts a guest that is still within them.
+    local host_limit=$(( 900 + 3600 + GUEST_TIMEOUT + 1800 ))
+    PATH="$VNG_VENV/bin:$PATH" timeout "$host_limit" vng --run "/boot/vmlinuz-$k" \
         --disable-kvm --force-9p --memory 2G --cpus 2 \
         --rwdir="$dir" --rwdir=/var/cache/closewait-trace \
         --exec "bash $dir/source/scripts/kernel-matrix.sh --guest $dir > $dir/guest.log 2>&1" \
@@ -144,20 +148,35 @@ field() { sed -n "s/^$2=//p" "$1" 2>/dev/null | tail -1; }
 
 summarize() {
     local k=$1 dir="$OUT/$1" g="$OUT/$1/guest.txt"
-    local seed tests startup transport headers
-    if [ "$(field "$g" done)" != 1 ] && [ ! -s "$dir/tests.txt" ]; then
-        echo "| $k | did not finish: see $dir/vng.log | | | | | |"
+    local seed tests startup transport headers passed failed errors rc
+    if [ ! -s "$g" ] || [ ! -s "$dir/tests.txt" ]; then
+        echo "| $k | did not finish: see $dir/vng.log and guest.log | | | | |"
         return
     fi
     transport=$(grep -o 'kernel headers: .*; compiled' "$dir/startup.err" 2>/dev/null \
                 | sed 's/.*); //; s/; compiled//' | tail -1)
     headers=$(grep -o '"headers": "[a-z]*' "$dir/startup.jsonl" 2>/dev/null | sed 's/.*"//')
     startup=$(field "$g" startup_s)
-    seed=$([ "$(field "$g" seed_rc)" = 0 ] && echo pass || echo FAIL)
-    tests=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ passed|[0-9]+ failed' "$dir/tests.txt" \
-            | tail -1 | sed 's/ in [0-9.]*s.*//; s/=//g; s/^ *//')
-    printf '| %s | %s | %s | %s | %s | %.0f s |\n' "$k" "${transport:-?}" "${headers:-?}" \
-        "$seed" "${tests:-not run}" "${startup:-0}"
+    startup=${startup:+$(printf '%.0f s' "$startup")}
+    case $(field "$g" seed_rc) in
+        "") seed="not run (--only-tests)" ;;
+        0) seed=pass ;;
+        *) seed="FAIL (seed.txt)" ;;
+    esac
+    # One line per test (pytest -v): counted even when the run was cut.
+    passed=$(grep -c ' PASSED' "$dir/tests.txt")
+    failed=$(grep -c ' FAILED' "$dir/tests.txt")
+    errors=$(grep -c ' ERROR' "$dir/tests.txt")
+    rc=$(field "$g" tests_rc)
+    tests="$passed passed, $failed failed"
+    [ "$errors" -gt 0 ] && tests="$tests, $errors errors"
+    case $rc in
+        0|1) ;;
+        124) tests="$tests (cut at --timeout)" ;;
+        *) tests="$tests (pytest exit ${rc:-unknown})" ;;
+    esac
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$k" "${transport:-?}" "${headers:-?}" \
+        "$seed" "$tests" "${startup:--}"
 }
 
 main() {
@@ -178,6 +197,8 @@ main() {
         shift
     done
     [ ${#KERNELS[@]} -gt 0 ] || die "name at least one kernel, e.g. 6.1.0-57-amd64"
+    [[ "$GUEST_TIMEOUT" =~ ^[0-9]+$ ]] || die "--timeout takes whole seconds, e.g. 7200"
+    [[ "$STRETCH" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--stretch takes a number, e.g. 50"
     [ "$(id -u)" = 0 ] || die "run as root"
     install_tools
     mkdir -p "$OUT"

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.kernel.harness import stretch
+
 pytestmark = pytest.mark.kernel
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py")
 
@@ -15,7 +17,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py")
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, BENCH, "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=stretch(300))
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     churn = data["churn"]
@@ -40,7 +42,7 @@ def test_benchmark_says_why_tcpstates_could_not_start(tmp_path):
     empty = tmp_path / "no-headers"
     empty.mkdir()
     result = subprocess.run([sys.executable, BENCH, "churn", "--smoke", "--modes",
-                             "none,tcpstates"], capture_output=True, text=True, timeout=300,
+                             "none,tcpstates"], capture_output=True, text=True, timeout=stretch(300),
                             env=dict(os.environ, BENCH_TCPSTATES_HEADERS=str(empty)))
     assert result.returncode == 0, result.stderr[-2000:]
     row = [l for l in result.stdout.splitlines() if l.startswith("| tcpstates-bpfcc |")]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel.harness import (accepted_connection, Tracer, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server,
                                   state_of, wait_until)
@@ -81,7 +82,7 @@ def test_stopped_under_gdb_names_the_debugger(procs):
     server = start_holding_server(port)
     procs.append(server)
     client = accepted_connection(port, server)
-    gdb = subprocess.Popen(["gdb", "-q", "-batch", "-p", str(server.pid), "-ex", "shell sleep 30"],
+    gdb = subprocess.Popen(["gdb", "-q", "-batch", "-p", str(server.pid), "-ex", f"shell sleep {int(stretch(30))}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(gdb)
     wait_until(lambda: state_of(server.pid) == "t", timeout=20, what="traced stop")

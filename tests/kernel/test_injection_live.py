@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel.harness import TRACER, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -70,9 +71,9 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
         wait_until(lambda: subprocess.run(["ss", "-Htan", "state", "close-wait",
                                            f"( sport = :{port} )"], capture_output=True,
                                           text=True).stdout.strip(), what="CLOSE-WAIT")
-        time.sleep(3.0)              # threshold 0.3 s, ticks of 0.15 s: generous here
+        time.sleep(stretch(3.0))     # threshold 0.3 s, ticks of 0.15 s: generous here
         tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=20)
+        tracer.wait(timeout=stretch(20))
         out = (first + tracer.stdout.read()).decode("utf-8", "replace")
         err = tracer.stderr.read().decode("utf-8", "replace")
     finally:
@@ -87,7 +88,7 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
     assert rows[0].endswith(f"{holder.pid}/{shown}"), rows[0]      # the whole name, escaped
     assert "\\x1b]52;c;cm0gLXJmIH4K\\x07" in out                    # -v command line
     for args in (["-r", str(path)], ["-r", str(path), "-v"], ["report", str(path)]):
-        result = subprocess.run(TRACER + args, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(TRACER + args, capture_output=True, text=True, timeout=stretch(60))
         assert result.returncode == 0, result.stderr
         assert shown in result.stdout, (args, result.stdout)
         assert_escaped(result.stdout, " ".join(args))
@@ -106,9 +107,9 @@ def test_verbose_says_kernel_headers_before_the_column_header(procs):
             seen.append(line)
             if line.startswith("TIME "):
                 break
-        time.sleep(0.5)                  # a line printed after the header would be here
+        time.sleep(stretch(0.5))         # a line printed after the header would be here
         tracer.send_signal(signal.SIGINT)
-        rest = tracer.communicate(timeout=20)[0]
+        rest = tracer.communicate(timeout=stretch(20))[0]
     finally:
         if tracer.poll() is None:
             tracer.kill()

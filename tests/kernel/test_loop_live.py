@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, start_holding_server)
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.kernel
 
 def wait_for_banner(proc, timeout=60.0) -> str:
     """Read stderr until the banner's first line; return it."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + stretch(timeout)
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
@@ -45,9 +46,9 @@ def test_connections_right_after_the_banner_are_all_counted(tmp_path, procs, mod
         connect_and_close(port, 23)
         # Long enough for a tracer that printed its banner early to have
         # attached since: then it runs, and counts what it missed as 0.
-        time.sleep(3)
+        time.sleep(stretch(3))
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=stretch(30))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -87,7 +88,7 @@ def test_head_1_ends_the_trace(procs, json_mode):
     cmd = " ".join(TRACER + ["-p", str(port)] + (["--json"] if json_mode else []))
     started = time.monotonic()
     result = subprocess.run(["bash", "-c", cmd + ' | head -1; echo "rc=${PIPESTATUS[0]}" >&2'],
-                            capture_output=True, text=True, timeout=90)
+                            capture_output=True, text=True, timeout=stretch(90))
     took = time.monotonic() - started
     assert result.stdout.count("\n") == 1
     first = result.stdout.strip()

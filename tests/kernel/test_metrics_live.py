@@ -13,13 +13,14 @@ import urllib.request
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
 
 
 def http_get(url: str, timeout=5.0) -> bytes:
-    return urllib.request.urlopen(url, timeout=timeout).read()
+    return urllib.request.urlopen(url, timeout=stretch(timeout)).read()
 
 
 class Prometheus:
@@ -61,7 +62,7 @@ class Prometheus:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=stretch(20))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -110,7 +111,7 @@ def test_real_prometheus_scrapes_the_seed_scenario(procs, prometheus_for):
     # promtool's own lint of what the tracer serves.
     body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
     lint = subprocess.run(["promtool", "check", "metrics"], input=body,
-                          capture_output=True, timeout=30)
+                          capture_output=True, timeout=stretch(30))
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
     for pid in children_of(server.pid):

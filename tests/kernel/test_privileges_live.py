@@ -15,6 +15,7 @@ import pytest
 
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.kernel.events import Endpoints
+from tests.kernel.harness import stretch
 from tests.kernel.harness import (accepted_connection, closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, ss_close_wait, wait_until)
 
@@ -223,6 +224,6 @@ def test_without_bpf_capabilities_it_says_which_before_loading():
     res = subprocess.run(["setpriv", "--bounding-set=-bpf,-perfmon,-sys_admin",
                           "--inh-caps=-bpf,-perfmon,-sys_admin",
                           sys.executable, "-m", "closewait_trace", "-p", "1"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=stretch(60))
     assert res.returncode == 3, res
     assert res.stderr.count("\n") == 1 and "CAP_BPF and CAP_PERFMON" in res.stderr, res.stderr

@@ -205,14 +205,14 @@ def test_planted_fifo_stops_the_recording_not_the_trace(procs):
         tracer = Tracer(["-p", str(port), "-t", "200ms", "-w", path, "-C", "1k"]).start()
         procs.append(tracer)
         subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        "mkfifo", "-m", "666", path + ".1"], check=True, timeout=30)
+                        "mkfifo", "-m", "666", path + ".1"], check=True, timeout=stretch(30))
         connect_and_close(port, 6)
         tracer.wait_for(lambda r: r["type"] == "linger", count=6)
         tracer.settle(1.5)                  # batches flushed: the rotation was tried
         connect_and_close(port, 2)          # the trace goes on after it
         tracer.wait_for(lambda r: r["type"] == "linger", count=8)
         tracer.proc.send_signal(signal.SIGINT)
-        rc = tracer.proc.wait(timeout=30)   # the old code hung in open() here
+        rc = tracer.proc.wait(timeout=stretch(30))   # the old code hung in open() here
         stderr = tracer.proc.stderr.read()
         assert rc == 7, stderr
         stopped = [l for l in stderr.splitlines() if "recording stopped at part 1" in l]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel import harness
 from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
@@ -157,7 +158,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
                    re.search(rb'closewait_lingering_sockets\{comm="socat",port="%d".*\} 5\.0' % port,
                              _scrape(metrics_port)), timeout=20, what="5 sockets in the metrics")
         tracer.send_signal(signal.SIGTERM)
-        out, err = tracer.communicate(timeout=30)
+        out, err = tracer.communicate(timeout=stretch(30))
     finally:
         if tracer.poll() is None:
             tracer.kill()
@@ -181,6 +182,6 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
 def _scrape(port: int) -> bytes:
     import urllib.request
     try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=stretch(5)).read()
     except OSError:
         return b""

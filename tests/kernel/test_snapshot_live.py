@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.kernel.harness import stretch
 from tests.kernel.harness import (start_seed_scenario, HOLDING_SERVER, TRACER, Tracer, children_of, connect_and_close, free_port,
                                   record_row, ss_close_wait, start_holding_server, wait_until)
 
@@ -26,7 +27,7 @@ def snapshot(*args, user=None, check=True):
     cmd = TRACER + ["snapshot"] + list(args)
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + cmd
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=stretch(120))
     if check:
         assert out.returncode == 0, out.stderr
         assert "Traceback" not in out.stderr, out.stderr

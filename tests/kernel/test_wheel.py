@@ -22,7 +22,7 @@ def test_wheel_in_a_fresh_venv_runs_the_seed_scenario(procs, tmp_path):
     dist = tmp_path / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                             "--disable-pip-version-check", "-w", str(dist), str(ROOT)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=harness.stretch(600))
     assert build.returncode == 0, build.stderr
     [wheel] = dist.glob("closewait_trace-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -37,10 +37,10 @@ def test_wheel_in_a_fresh_venv_runs_the_seed_scenario(procs, tmp_path):
 
     venv = tmp_path / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=300)
+                   check=True, timeout=harness.stretch(300))
     install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
                               "--disable-pip-version-check", str(wheel)],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=harness.stretch(600))
     assert install.returncode == 0, install.stderr
     tool = venv / "bin" / "closewait-trace"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
