@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from closewait_trace import knobs
 from closewait_trace.output import schema
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
@@ -33,6 +34,13 @@ def stretch_factor() -> float:
 
 def stretch(seconds: float) -> float:
     return seconds * stretch_factor()
+
+
+# The tracers these tests start get the same factor for the symbolizer's
+# wall-clock budgets (closewait_trace/knobs.py): on an emulated guest a
+# budget sized for real hardware would measure the emulator, not the code.
+if stretch_factor() > 1:
+    os.environ.setdefault(knobs.TIME_SCALE_ENV, f"{stretch_factor():g}")
 
 
 def free_port(family=socket.AF_INET) -> int:

@@ -33,6 +33,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from closewait_trace import knobs
+
 try:
     from elftools.dwarf.callframe import CIE, FDE, CallFrameInfo
     from elftools.dwarf.structs import DWARFStructs
@@ -672,7 +674,7 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
         hit = cache.get(key)
         if hit is not None:
             return hit
-        own_deadline = min(batch_deadline, now + limits.parse_seconds)
+        own_deadline = min(batch_deadline, now + limits.parse_seconds * knobs.time_scale())
         index, reason, retry_after = None, "", None
         try:
             index = parse(f, st.st_size, path, own_deadline,

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from closewait_trace import knobs
 from closewait_trace.evidence import elfindex, unwind_x86_64
 from closewait_trace.sockets import procfs
 from closewait_trace.evidence.procimage import Mapping, ProcessImage
@@ -66,7 +67,7 @@ class Budget:
     """The time one batch may spend symbolizing (shared by its stacks)."""
 
     def __init__(self, seconds: float = BATCH_SECONDS):
-        self.deadline = time.monotonic() + seconds
+        self.deadline = time.monotonic() + seconds * knobs.time_scale()
 
     def spent(self) -> bool:
         return time.monotonic() > self.deadline

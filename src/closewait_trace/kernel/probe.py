@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
+from closewait_trace import knobs
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
 from closewait_trace.kernel.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
@@ -111,6 +112,9 @@ class KernelFeatures:
                ("batched map reads" if self.batch_read else "per-key map reads")
         if self.forced:
             text += f" (forced by {FORCE_ENV}={','.join(self.forced)})"
+        scale = knobs.time_scale()
+        if scale != 1.0:
+            text += f" (symbolizer budgets x{scale:g}: {knobs.TIME_SCALE_ENV})"
         return text
 
 
