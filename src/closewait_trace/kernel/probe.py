@@ -265,7 +265,7 @@ class KernelProbe:
         _release_compiler_memory()
         self._set_port_filter("cw_lports", self.config.lports)
         self._set_port_filter("cw_rports", self.config.rports)
-        event_ptr = ctypes.POINTER(self.bpf["cw_event_layout"].Leaf)
+        event_ptr = ctypes.POINTER(self._table("cw_event_layout").Leaf)
 
         # The callback must not refer to the events table: bcc keeps the
         # callback in that table, and the cycle would outlive cleanup(); the
@@ -277,7 +277,7 @@ class KernelProbe:
             # flood can neither starve the tick nor delay Ctrl-C.
             return -1 if on_event(decode_event(ctypes.cast(data, event_ptr).contents)) else 0
 
-        table = self.bpf["cw_events"]
+        table = self._table("cw_events")
 
         if self.ringbuf:
             table.open_ring_buffer(deliver)
@@ -290,10 +290,15 @@ class KernelProbe:
         # buffer dropped, reported once the buffer has room again.
         self.buffer_lost += count
 
+    def _table(self, name: str):
+        # bcc takes map names as bytes; a str works but is deprecated (a
+        # DeprecationWarning from every lookup).
+        return self.bpf[name.encode()]
+
     def _set_port_filter(self, name: str, ports) -> None:
         if not ports:
             return
-        table = self.bpf[name]
+        table = self._table(name)
         for port in ports:
             table[table.Key(port)] = table.Leaf(1)
 
@@ -315,7 +320,7 @@ class KernelProbe:
         Reads the map in fixed-size batches into buffers reused from tick to
         tick; only entry times are decoded up front, endpoints on demand (for
         sockets new to user space), so a tick costs little per socket."""
-        table = self.bpf["cw_tracking"]
+        table = self._table("cw_tracking")
         if self._layout is None:
             self._layout = EntryLayout(table.Leaf)
             self._keys = (ctypes.c_uint64 * BATCH)()
@@ -365,7 +370,7 @@ class KernelProbe:
             first = False
 
     def counters(self) -> dict[str, int]:
-        per_cpu = self.bpf["cw_counters"][0]
+        per_cpu = self._table("cw_counters")[0]
         fields = [name for name, _ in per_cpu[0]._fields_ if not name.startswith("_")]
         totals = {name: sum(getattr(c, name) for c in per_cpu) for name in fields}
         totals.pop("hist_sum_ns", None)       # a sum of durations, not a count
@@ -378,13 +383,13 @@ class KernelProbe:
         return totals
 
     def histogram(self) -> list[int]:
-        table = self.bpf["cw_hist"]
+        table = self._table("cw_hist")
         return [int(sum(table[i])) for i in range(64)]
 
     def histogram_sum_ns(self) -> int:
         """Exact sum, in ns, of every CLOSE_WAIT duration the kernel timed
         (every socket counted in histogram()); for a Prometheus _sum."""
-        per_cpu = self.bpf["cw_counters"][0]
+        per_cpu = self._table("cw_counters")[0]
         return int(sum(c.hist_sum_ns for c in per_cpu))
 
     def close(self) -> None:
@@ -394,7 +399,7 @@ class KernelProbe:
             # Free the per-CPU perf readers while the map is still open (bcc's
             # cleanup() only drops its reference, and the table's __del__
             # would run later, on a closed map).
-            table = self.bpf["cw_events"]
+            table = self._table("cw_events")
             for cpu in range(os.cpu_count() or 1):
                 del table[cpu]          # no-op for a CPU without a reader
             del table
