@@ -1,4 +1,5 @@
 from closewait_trace.sockets import capabilities as caps
+from closewait_trace.sockets import capabilities
 
 
 def mask(*numbers):
@@ -63,3 +64,32 @@ def test_cannot_trace_names_the_missing_bpf_capabilities():
     why = cannot_trace(1 << CAP_BPF)
     assert "CAP_PERFMON" in why and "CAP_BPF " not in why and "CAP_SYS_ADMIN" in why
     assert "CAP_BPF and CAP_PERFMON" in cannot_trace(0)
+
+
+def caps_of(*names):
+    number = {name: cap for cap, name in capabilities.NAMES.items()}
+    return sum(1 << number[n] for n in names)
+
+
+def test_perf_restriction_is_named_only_where_it_applies():
+    unit_without_admin = caps_of("CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
+    # Debian (3) and Ubuntu (4) kernels: CAP_PERFMON is not enough to attach.
+    for paranoid in (3, 4):
+        why = capabilities.perf_restricted(unit_without_admin, paranoid)
+        assert f"kernel.perf_event_paranoid={paranoid}" in why and "CAP_SYS_ADMIN" in why
+    # Mainline's levels, CAP_SYS_ADMIN present, or nothing known: no claim.
+    assert capabilities.perf_restricted(unit_without_admin, 2) is None
+    assert capabilities.perf_restricted(unit_without_admin, -1) is None
+    assert capabilities.perf_restricted(unit_without_admin | caps_of("CAP_SYS_ADMIN"), 3) is None
+    assert capabilities.perf_restricted(None, 3) is None
+    assert capabilities.perf_restricted(unit_without_admin, None) is None
+
+
+def test_perf_event_paranoid_is_read_or_unknown(tmp_path):
+    f = tmp_path / "p"
+    f.write_text("3\n")
+    assert capabilities.perf_event_paranoid(str(f)) == 3
+    f.write_text("x")
+    assert capabilities.perf_event_paranoid(str(f)) is None
+    assert capabilities.perf_event_paranoid(str(tmp_path / "missing")) is None
+    assert isinstance(capabilities.perf_event_paranoid(), int)      # this machine's

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from closewait_trace import knobs
-from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
+from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_NOT_ROOT, EXIT_USAGE, UserError
 from closewait_trace.kernel.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -257,6 +257,11 @@ class KernelProbe:
             else:
                 err = None
         if err is not None:
+            from closewait_trace.sockets import capabilities
+            restricted = capabilities.perf_restricted(capabilities.effective(),
+                                                      capabilities.perf_event_paranoid())
+            if restricted:
+                raise UserError(restricted, EXIT_NOT_ROOT, capabilities.PERF_RESTRICTED_HINT)
             raise UserError(f"the kernel program did not load: "
                             f"{_first_error(captured.text + chr(10) + str(err))}",
                             EXIT_NO_BPF, "run with -v for details; check that the kernel "

@@ -102,6 +102,39 @@ def cannot_trace(effective: Optional[int]) -> Optional[str]:
             f"kernel program, and this process lacks them")
 
 
+PERF_EVENT_PARANOID = "/proc/sys/kernel/perf_event_paranoid"
+
+
+def perf_event_paranoid(path: str = PERF_EVENT_PARANOID) -> Optional[int]:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(64).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def perf_restricted(effective: Optional[int], paranoid: Optional[int]) -> Optional[str]:
+    """Why attaching failed, when the reason is the kernel's perf events
+    restriction: Debian's and Ubuntu's kernels (CONFIG_SECURITY_PERF_EVENTS_RESTRICT)
+    set kernel.perf_event_paranoid to 3 (Ubuntu: 4) and then refuse
+    perf_event_open, which attaching to a tracepoint is, to a process without
+    CAP_SYS_ADMIN, CAP_PERFMON or not (seen on Debian 12's 6.1 kernel in the
+    kernel matrix). Mainline kernels treat values above 2 as 2, so this is
+    said only after an attach has failed, never as a prediction."""
+    if effective is None or paranoid is None or paranoid < 3:
+        return None
+    if effective >> CAP_SYS_ADMIN & 1:
+        return None
+    return (f"this kernel restricts perf events (kernel.perf_event_paranoid={paranoid}, as "
+            f"Debian's and Ubuntu's kernels do): attaching to the tracepoint needs "
+            f"CAP_SYS_ADMIN here, and this process lacks it")
+
+
+PERF_RESTRICTED_HINT = ("add CAP_SYS_ADMIN (a full root shell has it; the unit's "
+                        "CapabilityBoundingSet includes it), or allow CAP_PERFMON to "
+                        "do it: sysctl kernel.perf_event_paranoid=2")
+
+
 def effective(status_path: str = "/proc/self/status") -> Optional[int]:
     try:
         with open(status_path, "rb") as f:
