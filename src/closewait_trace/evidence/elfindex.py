@@ -674,7 +674,8 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
         hit = cache.get(key)
         if hit is not None:
             return hit
-        own_deadline = min(batch_deadline, now + limits.parse_seconds * knobs.time_scale())
+        own_seconds = limits.parse_seconds * knobs.time_scale()
+        own_deadline = min(batch_deadline, now + own_seconds)
         index, reason, retry_after = None, "", None
         try:
             index = parse(f, st.st_size, path, own_deadline,
@@ -683,9 +684,9 @@ def load(path: str, deadline: Optional[float] = None, debug_roots=None,
             if own_deadline >= batch_deadline:
                 raise                 # the batch ran out: try again next batch
             index = e.partial
-            reason = f"parse took more than {limits.parse_seconds:g}s"
+            reason = f"parse took more than {own_seconds:g}s"
             if index is not None:
-                reason = f"unwind table walk took more than {limits.parse_seconds:g}s"
+                reason = f"unwind table walk took more than {own_seconds:g}s"
             retry_after = SLOW_RETRY_SECONDS
         except (KeyboardInterrupt, SystemExit):
             raise
