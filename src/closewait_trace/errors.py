@@ -1,7 +1,8 @@
 """User-facing errors and the exit codes documented in the README."""
 
 EXIT_USAGE = 2          # bad option value or argument (click's own code too)
-EXIT_NOT_ROOT = 3       # live tracing needs root (CAP_BPF + CAP_PERFMON)
+EXIT_NOT_ROOT = 3       # live tracing needs root (CAP_BPF + CAP_PERFMON; CAP_SYS_ADMIN
+                        # to attach where perf events are restricted)
 EXIT_NO_BCC = 4         # bcc's Python binding cannot be imported
 EXIT_NO_HEADERS = 5     # no kernel header tree for bcc to compile against
 EXIT_NO_BPF = 6         # the kernel refused the program, or no tracepoint

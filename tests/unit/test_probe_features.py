@@ -4,7 +4,7 @@ the older kernels' fallbacks (pure: no bcc, no root)."""
 import pytest
 
 from closewait_trace.kernel import probe
-from closewait_trace.errors import EXIT_USAGE, UserError
+from closewait_trace.errors import EXIT_NO_BPF, EXIT_NOT_ROOT, EXIT_USAGE, UserError
 
 
 @pytest.mark.parametrize("release,ringbuf,boot", [
@@ -43,3 +43,41 @@ def test_cflags_follow_the_features():
         release="5.4.0", environ={}))
     flags = config.cflags(config.features.ringbuf, config.features.boot_clock)
     assert "-DUSE_RINGBUF" not in flags and "-DUSE_BOOT_CLOCK" not in flags
+
+
+class _FailingBPF:
+    """bcc's BPF class as it fails: one message, after libbcc's own lines."""
+    message = ""
+
+    def __init__(self, **_kwargs):
+        raise Exception(self.message)
+
+
+@pytest.mark.parametrize("message,paranoid,exit_code", [
+    # Debian 12's 6.1 kernel, CAP_BPF + CAP_PERFMON: bcc's words there.
+    ("Failed to attach BPF program b'tracepoint__sock__inet_sock_set_state' to tracepoint "
+     "b'sock:inet_sock_set_state'", 3, EXIT_NOT_ROOT),
+    # The same failure on a kernel that does not restrict perf events.
+    ("Failed to attach BPF program b'x' to tracepoint b'sock:inet_sock_set_state'", 2, EXIT_NO_BPF),
+    # A verifier rejection is never blamed on the restriction.
+    ("Failed to load BPF program b'x': Permission denied", 3, EXIT_NO_BPF),
+])
+def test_a_failed_attach_names_the_perf_restriction_only_when_it_is_the_cause(
+        monkeypatch, message, paranoid, exit_code):
+    from closewait_trace.sockets import capabilities
+    bpf = type("BPF", (_FailingBPF,), {"message": message})
+    monkeypatch.setattr(probe, "import_bcc", lambda: bpf)
+    monkeypatch.setattr(probe, "ensure_tracefs", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(probe, "check_tracepoint", lambda _tracefs: None)
+    unit_without_admin = sum(1 << c for c in (capabilities.CAP_BPF, capabilities.CAP_PERFMON,
+                                              capabilities.CAP_SYS_PTRACE,
+                                              capabilities.CAP_DAC_READ_SEARCH))
+    monkeypatch.setattr(capabilities, "effective", lambda *a: unit_without_admin)
+    monkeypatch.setattr(capabilities, "perf_event_paranoid", lambda *a: paranoid)
+    config = probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+        release="6.1.0", environ={}))
+    with pytest.raises(UserError) as exc:
+        probe.KernelProbe(config).start(lambda ev: None)
+    assert exc.value.exit_code == exit_code
+    line = exc.value.one_line()
+    assert ("kernel.perf_event_paranoid=3" in line) == (exit_code == EXIT_NOT_ROOT), line

@@ -259,7 +259,8 @@ class KernelProbe:
         if err is not None:
             from closewait_trace.sockets import capabilities
             restricted = capabilities.perf_restricted(capabilities.effective(),
-                                                      capabilities.perf_event_paranoid())
+                                                      capabilities.perf_event_paranoid(),
+                                                      str(err))
             if restricted:
                 raise UserError(restricted, EXIT_NOT_ROOT, capabilities.PERF_RESTRICTED_HINT)
             raise UserError(f"the kernel program did not load: "

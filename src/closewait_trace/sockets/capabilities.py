@@ -13,7 +13,9 @@ against a holder run as another user (kernel 6.18):
 Loading and attaching the BPF program needs CAP_BPF and CAP_PERFMON (or
 CAP_SYS_ADMIN, which covers both): without them nothing can be traced, and
 the kernel's own word for it ("Operation not permitted" on a map) would not
-say why, so it is checked before anything is loaded (cannot_trace).
+say why, so it is checked before anything is loaded (cannot_trace). On
+Debian's kernels (kernel.perf_event_paranoid 3) attaching also needs
+CAP_SYS_ADMIN: said after an attach fails (perf_restricted).
 """
 
 from __future__ import annotations
@@ -113,26 +115,29 @@ def perf_event_paranoid(path: str = PERF_EVENT_PARANOID) -> Optional[int]:
         return None
 
 
-def perf_restricted(effective: Optional[int], paranoid: Optional[int]) -> Optional[str]:
+def perf_restricted(effective: Optional[int], paranoid: Optional[int],
+                    failure: str) -> Optional[str]:
     """Why attaching failed, when the reason is the kernel's perf events
-    restriction: Debian's and Ubuntu's kernels (CONFIG_SECURITY_PERF_EVENTS_RESTRICT)
-    set kernel.perf_event_paranoid to 3 (Ubuntu: 4) and then refuse
-    perf_event_open, which attaching to a tracepoint is, to a process without
-    CAP_SYS_ADMIN, CAP_PERFMON or not (seen on Debian 12's 6.1 kernel in the
-    kernel matrix). Mainline kernels treat values above 2 as 2, so this is
-    said only after an attach has failed, never as a prediction."""
+    restriction: Debian's kernels (CONFIG_SECURITY_PERF_EVENTS_RESTRICT;
+    measured on 6.1 and 6.12) set kernel.perf_event_paranoid to 3 and then
+    refuse perf_event_open, which attaching to a tracepoint is, to a process
+    without CAP_SYS_ADMIN, CAP_PERFMON or not (Ubuntu's patch does the same
+    from 4). Mainline kernels treat values above 2 as 2. So this is said only
+    for a failure to attach to the tracepoint (bcc: "... to tracepoint"),
+    never for a compile or verifier error, and never as a prediction."""
     if effective is None or paranoid is None or paranoid < 3:
         return None
-    if effective >> CAP_SYS_ADMIN & 1:
+    if effective >> CAP_SYS_ADMIN & 1 or "to tracepoint" not in failure:
         return None
     return (f"this kernel restricts perf events (kernel.perf_event_paranoid={paranoid}, as "
-            f"Debian's and Ubuntu's kernels do): attaching to the tracepoint needs "
-            f"CAP_SYS_ADMIN here, and this process lacks it")
+            f"Debian's kernels do): attaching to the tracepoint needs CAP_SYS_ADMIN here, "
+            f"and this process lacks it")
 
 
-PERF_RESTRICTED_HINT = ("add CAP_SYS_ADMIN (a full root shell has it; the unit's "
-                        "CapabilityBoundingSet includes it), or allow CAP_PERFMON to "
-                        "do it: sysctl kernel.perf_event_paranoid=2")
+PERF_RESTRICTED_HINT = ("add CAP_SYS_ADMIN (a full root shell has it; so does the unit's "
+                        "CapabilityBoundingSet), or set kernel.perf_event_paranoid=2, "
+                        "mainline's default (it also lets unprivileged users profile "
+                        "their own processes)")
 
 
 def effective(status_path: str = "/proc/self/status") -> Optional[int]:
