@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from closewait_trace import knobs
+from closewait_trace.sockets import capabilities
 from closewait_trace.output import schema
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
@@ -34,6 +35,11 @@ def stretch_factor() -> float:
 
 def stretch(seconds: float) -> float:
     return seconds * stretch_factor()
+
+
+# Debian's kernels (kernel.perf_event_paranoid 3; Ubuntu's from 4) let only
+# CAP_SYS_ADMIN attach to a tracepoint: the capability tests expect that there.
+PERF_RESTRICTED = (capabilities.perf_event_paranoid() or 0) >= 3
 
 
 # The tracers these tests start get the same factor for the symbolizer's

@@ -15,18 +15,16 @@ import pytest
 
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import capabilities
-from tests.kernel.harness import stretch
+from tests.kernel.harness import PERF_RESTRICTED, stretch
 from tests.kernel.harness import (accepted_connection, closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
                                   free_port, ss_close_wait, wait_until)
 
 pytestmark = pytest.mark.kernel
 
 BPF_ONLY = "-all,+bpf,+perfmon"
-# Debian's and Ubuntu's kernels (kernel.perf_event_paranoid 3 or 4) let only
-# CAP_SYS_ADMIN attach to a tracepoint: there the smallest set that traces
-# at all has it (found in the kernel matrix, on Debian 12's own kernel).
-PERF_RESTRICTED = (capabilities.perf_event_paranoid() or 0) >= 3
+# Where perf events are restricted (harness.PERF_RESTRICTED) the smallest set
+# that traces at all has CAP_SYS_ADMIN (found in the kernel matrix, on Debian
+# 12's own kernels).
 TRACE_ONLY = BPF_ONLY + (",+sys_admin" if PERF_RESTRICTED else "")
 # Everything the owner lookup and the diagnosis need besides BPF.
 OWNERS_TOO = BPF_ONLY + ",+sys_ptrace,+dac_read_search,+sys_admin"

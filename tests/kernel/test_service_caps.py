@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.harness import stretch
-from closewait_trace.sockets import capabilities
 from tests.kernel import harness
+from tests.kernel.harness import PERF_RESTRICTED
 from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -111,9 +111,6 @@ def test_unit_capabilities_see_what_root_sees(procs):
     assert sorted((r["owners"][0]["comm"], r["diagnosis"]["cause"]) for r in lingers) == \
         [(os.path.basename(sys.executable)[:15], "ignoring_eof")] * 2 + [("socat", "stopped")] * 5
     assert unit_summary["counters"]["cw_enter"] == 7
-
-
-PERF_RESTRICTED = (capabilities.perf_event_paranoid() or 0) >= 3
 
 
 def test_one_capability_less_is_not_enough(procs):
