@@ -15,7 +15,7 @@ import click
 from closewait_trace import __version__
 from closewait_trace.output import render, textsafe
 from closewait_trace.durations import parse_duration_ns
-from closewait_trace.errors import (EXIT_NOT_ROOT, EXIT_USAGE, UserError)
+from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
 from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
                                      validate_container)
 
@@ -530,8 +530,21 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     as_root = os.geteuid() == 0
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
     warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
-    snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
-                         holder_filter=holder_filter)
+    from closewait_trace.evidence.resolver import SNAPSHOT_DEADLINE_S, ProcResolver
+    from closewait_trace.evidence.worker import GatherFailed, GatherWorker
+    # Other people's /proc, memory and files are read in a worker that is
+    # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
+    resolver = ProcResolver(worker=GatherWorker())
+    try:
+        snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
+                             holder_filter=holder_filter, resolver=resolver)
+    except GatherFailed as e:
+        raise UserError(f"the sockets and their owners could not be read ({e.why}, "
+                        f"deadline {SNAPSHOT_DEADLINE_S:g}s)", EXIT_GATHER,
+                        "something on this host answers /proc reads slowly; try again, "
+                        "or narrow it with -p/-P") from None
+    finally:
+        resolver.close()
     recs = snap.records()
     out = Output(as_json, render.TextRenderer(wide=wide, verbose=verbose))
     lingers = [r for r in recs if r["type"] == "linger"]
@@ -573,7 +586,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
     from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, import_bcc
-    from closewait_trace.live.tracer import LiveTracer
+    from closewait_trace.live.tracer import LiveTracer, ProcResolver
+    from closewait_trace.evidence.worker import GatherWorker
 
     import_bcc()
 
@@ -588,7 +602,10 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # with a holder filter does not hold every socket.
     filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
     tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
-                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9)
+                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9,
+                        # Other people's /proc, memory and files are read in a
+                        # worker the loop can abandon (evidence/worker.py).
+                        resolver=ProcResolver(worker=GatherWorker()))
     # Nobody reads the trace any more (`| head -1`): end it the normal way.
     out.on_reader_gone = tracer.request_stop
     recorder = None
@@ -619,6 +636,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         tracer.start()
     except BaseException:
         tracer.restore_signals()
+        tracer.resolver.close()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind

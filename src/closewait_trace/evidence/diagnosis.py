@@ -28,6 +28,9 @@ EXITING = "exiting"
 GONE = "gone"
 UNKNOWN = "unknown"
 
+# A holder process whose evidence the gathering worker did not deliver.
+NOT_GATHERED = "not read: not gathered"
+
 
 # System calls in which a thread waits for readiness of some fd: a holder
 # parked there is alive and polling, yet has not closed this socket.
@@ -116,7 +119,9 @@ class HolderEvidence:
     threads: list[ThreadEvidence] = field(default_factory=list)
     identity: dict = field(default_factory=dict)
     threads_total: int = 0
-    unreadable: str = ""        # threads not read: "permission denied" or "gone"
+    # Threads not read: "permission denied", "gone", or why they were not
+    # gathered ("not read: timed out", see NOT_GATHERED and gathering.py).
+    unreadable: str = ""
     examined: list[ThreadEvidence] = field(default_factory=list)  # the cause's threads
 
     def fd_facts(self) -> dict:
@@ -296,7 +301,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
                          f"blocked in {t.syscall_name}{on}{where}: {_who(only)}{unseen}")
 
     why = {"permission denied": " (permission denied reading its threads)",
-           "gone": " (exited while inspected)"}.get(only.unreadable, "")
+           "gone": " (exited while inspected)"}.get(only.unreadable,
+                                                    f" (its threads {only.unreadable})"
+                                                    if only.unreadable else "")
     return Diagnosis(UNKNOWN, f"held by {_who(only)} fd {only.fd} [{only.state}]{why}")
 
 
@@ -457,6 +464,9 @@ class Batch:
     # look (snapshot without -v) goes without them, and without even
     # importing the symbolizer (pyelftools: a tenth of a second).
     stacks: bool = True
+    # Offline: the processes were read elsewhere (the gathering worker) and
+    # put in `processes`; one missing is said as not read, never read here.
+    offline: bool = False
     _budget: object = None
 
     @property
@@ -467,11 +477,19 @@ class Batch:
             self._budget = symbolize.Budget()
         return self._budget
 
+    def close(self) -> None:
+        """Closes what the stacks opened (each process's memory)."""
+        if self._budget is not None:
+            self._budget.close()
+
 
 def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -> ProcessEvidence:
     if cache is None:
         cache = Batch()
     ev = cache.processes.get(holder.pid)
+    if ev is None and cache.offline:
+        ev = cache.processes[holder.pid] = ProcessEvidence(pid=holder.pid,
+                                                           unreadable=NOT_GATHERED)
     if ev is None:
         snap = holder.process
         unreadable = ""

@@ -3,6 +3,15 @@ its memory. The only place that opens /proc/PID/maps and /proc/PID/mem.
 
 Never attaches to or stops the process; a process that exits or remaps
 while we look simply gives fewer answers (empty reads), never an error.
+
+Reading another process's memory can make the kernel fault in a page of a
+file it maps, and opening a mapped file reads that file: on a FUSE mount
+the user's own server answers those reads, and may never answer. So a
+file-backed mapping is read (its memory, or its file for symbols) only when
+its filesystem is one where the kernel itself serves the pages (LOCAL_FS),
+decided by the mapping's device in the process's own mountinfo; anything
+else, or a device not found there, is left unread and said so. Addresses
+outside the mappings we parsed are never read either.
 """
 
 from __future__ import annotations
@@ -14,8 +23,23 @@ from typing import Optional
 
 from closewait_trace.sockets import procfs
 
+# Filesystems whose pages the kernel reads from local storage or memory,
+# never from a user's server process. Everything else (fuse, fuse.*,
+# fuseblk, nfs, cifs, 9p, ceph, ...) is not read: a remote or user-served
+# read can take as long as its server wants.
+LOCAL_FS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "vfat",
+    "exfat", "squashfs", "erofs", "iso9660", "tmpfs", "ramfs", "devtmpfs",
+    "hugetlbfs", "overlay", "zfs",
+})
+# /proc/PID/maps of a process at vm.max_map_count (65,530) is about 6 MB;
+# more than that is not parsed (the addresses past it are never read).
+MAX_MAPS_BYTES = 8 << 20
+MAX_MOUNTINFO_BYTES = 4 << 20
+UNREAD_UNKNOWN_FS = "not read: filesystem not known"
 
-@dataclass
+
+@dataclass(slots=True)
 class Mapping:
     start: int
     end: int
@@ -23,10 +47,15 @@ class Mapping:
     offset: int
     inode: int
     path: str
+    dev: str = "00:00"
 
     @property
     def deleted(self) -> bool:
         return self.path.endswith(" (deleted)")
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0 and self.path.startswith("/")
 
 
 def parse_maps(text: str) -> list[Mapping]:
@@ -38,10 +67,44 @@ def parse_maps(text: str) -> list[Mapping]:
         try:
             start, end = (int(x, 16) for x in parts[0].split("-"))
             maps.append(Mapping(start, end, parts[1], int(parts[2], 16), int(parts[4]),
-                                parts[5].strip() if len(parts) > 5 else ""))
+                                parts[5].strip() if len(parts) > 5 else "", parts[3]))
         except ValueError:
             continue
     return maps
+
+
+def parse_mountinfo_types(text: str) -> dict[str, str]:
+    """mountinfo -> {"major:minor": filesystem type} (hex-free decimal, as
+    mountinfo writes it; maps writes hex, see _dev_key)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 3:
+            continue
+        fstype = right.split(" ", 1)[0]
+        # The first mount of a device decides; a device is one filesystem.
+        out.setdefault(fields[2], fstype)
+    return out
+
+
+def _dev_key(dev: str) -> str:
+    """maps' "fd:01" (hex) -> mountinfo's "253:1" (decimal)."""
+    major, _, minor = dev.partition(":")
+    try:
+        return f"{int(major, 16)}:{int(minor, 16)}"
+    except ValueError:
+        return ""
+
+
+def _read_capped(path: str, limit: int) -> str:
+    try:
+        raw = procfs.read_bytes(path, limit)
+    except procfs.ProcError:
+        return ""
+    if len(raw) > limit:        # cut: drop the partial last line
+        raw = raw[:raw.rfind(b"\n", 0, limit) + 1]
+    return raw.decode("utf-8", "replace")
 
 
 class ProcessImage:
@@ -50,8 +113,9 @@ class ProcessImage:
     def __init__(self, pid: int, proc: str = procfs.PROC):
         self.pid = pid
         self.proc = proc
-        self.maps = parse_maps(procfs.read_text(f"{proc}/{pid}/maps") or "")
+        self.maps = parse_maps(_read_capped(f"{proc}/{pid}/maps", MAX_MAPS_BYTES))
         self.starts = [m.start for m in self.maps]
+        self._fs_types: Optional[dict] = None
         self._mem = None
 
     def mapping(self, addr: int) -> Optional[Mapping]:
@@ -60,18 +124,44 @@ class ProcessImage:
             return self.maps[i]
         return None
 
+    def unreadable_reason(self, m: Mapping) -> str:
+        """"" when m may be read (anonymous, or on a LOCAL_FS filesystem);
+        otherwise why not."""
+        if not m.file_backed:
+            return ""
+        if self._fs_types is None:
+            self._fs_types = parse_mountinfo_types(
+                _read_capped(f"{self.proc}/{self.pid}/mountinfo", MAX_MOUNTINFO_BYTES))
+        fstype = self._fs_types.get(_dev_key(m.dev))
+        if fstype is None:
+            return UNREAD_UNKNOWN_FS
+        if fstype in LOCAL_FS:
+            return ""
+        return f"not read: on a {fstype[:32]} filesystem"
+
     def file_of(self, m: Mapping) -> Optional[str]:
         """A path that opens the very file mapped: map_files works for a
         deleted file or one in a container; otherwise the path as seen from
-        the process's root. None for anonymous and special mappings."""
-        if not m.path.startswith("/"):
+        the process's root. None for anonymous and special mappings, and
+        for files on filesystems we do not read (unreadable_reason)."""
+        if not m.path.startswith("/") or self.unreadable_reason(m):
             return None
         via_map_files = f"{self.proc}/{self.pid}/map_files/{m.start:x}-{m.end:x}"
-        if os.path.exists(via_map_files):
+        try:
+            # lstat: the link itself; stat would look the file up in its
+            # filesystem.
+            os.lstat(via_map_files)
             return via_map_files
-        return f"{self.proc}/{self.pid}/root{m.path.replace(' (deleted)', '')}"
+        except OSError:
+            return f"{self.proc}/{self.pid}/root{m.path.replace(' (deleted)', '')}"
 
     def read(self, addr: int, size: int) -> bytes:
+        """Up to size bytes at addr, within one mapping we parsed and may
+        read; b"" otherwise."""
+        m = self.mapping(addr)
+        if m is None or self.unreadable_reason(m):
+            return b""
+        size = max(0, min(size, m.end - addr))
         try:
             if self._mem is None:
                 self._mem = open(f"{self.proc}/{self.pid}/mem", "rb", buffering=0)

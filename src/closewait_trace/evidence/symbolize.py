@@ -68,9 +68,23 @@ class Budget:
 
     def __init__(self, seconds: float = BATCH_SECONDS):
         self.deadline = time.monotonic() + seconds * knobs.time_scale()
+        # One image per process for the batch: its maps are read and parsed
+        # once, not once per thread (60,000 mappings cost tens of ms).
+        self.images: dict = {}
 
     def spent(self) -> bool:
         return time.monotonic() > self.deadline
+
+    def image(self, pid: int, proc: str) -> ProcessImage:
+        image = self.images.get((pid, proc))
+        if image is None:
+            image = self.images[(pid, proc)] = ProcessImage(pid, proc)
+        return image
+
+    def close(self) -> None:
+        for image in self.images.values():
+            image.close()
+        self.images.clear()
 
 
 def problems() -> dict:
@@ -91,6 +105,10 @@ class StackSession:
     def index_for(self, m: Mapping) -> Optional[elfindex.ModuleIndex]:
         path = self.image.file_of(m)
         if path is None:
+            unread = self.image.unreadable_reason(m)
+            if unread:
+                self._notes[m.start] = unread
+                elfindex.note_problem(unread, m.path)
             return None
         if self.budget.spent():
             self._notes[m.start] = BUDGET_SPENT
@@ -158,9 +176,11 @@ def user_stack(pid: int, pc: Optional[int], sp: Optional[int], proc: str = procf
     unwind = UNWINDERS.get(machine or platform.machine())
     if unwind is None or pc is None or sp is None:
         return []
-    image = ProcessImage(pid, proc)
+    own_budget = budget is None
+    budget = budget or Budget()
+    image = budget.image(pid, proc)
     try:
-        return unwind(StackSession(image, budget or Budget(), debug_roots), pc, sp, max_frames)
+        return unwind(StackSession(image, budget, debug_roots), pc, sp, max_frames)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
@@ -169,4 +189,5 @@ def user_stack(pid: int, pc: Optional[int], sp: Optional[int], proc: str = procf
         elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
         return []
     finally:
-        image.close()
+        if own_budget:
+            budget.close()

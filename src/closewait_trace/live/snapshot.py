@@ -18,7 +18,7 @@ from typing import Optional
 
 from closewait_trace.live import ages
 from closewait_trace.evidence import diagnosis
-from closewait_trace.sockets import identity, owners, procfs, procnet
+from closewait_trace.sockets import owners, procfs, procnet
 from closewait_trace.output import records
 from closewait_trace.output.render import marked_age
 from closewait_trace.output.textsafe import escape
@@ -26,6 +26,8 @@ from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
 from closewait_trace.live.filters import HolderFilter, SocketFilter
 from closewait_trace.live.tracker import Lingerer, Tracker
+from closewait_trace.evidence.resolver import ProcResolver
+from closewait_trace.evidence.worker import GatherFailed
 
 
 def now_ns() -> int:
@@ -53,15 +55,12 @@ class Snapshot:
         return out
 
 
-def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
-         proc: str = procfs.PROC, as_root: Optional[bool] = None,
-         stacks: bool = False, holder_filter: HolderFilter = HolderFilter()) -> Snapshot:
+def candidates(socket_filter: SocketFilter, min_age_ns: int,
+               proc: str = procfs.PROC) -> tuple[list[Lingerer], dict, int]:
     """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
     namespace, with tcp_info), estimate their ages, keep those at least
-    min_age_ns old, and resolve and diagnose them in one batch. User stacks
-    only when asked (-v): symbolizing a binary the first time costs seconds,
-    and a snapshot is a new process every time."""
-    as_root = os.geteuid() == 0 if as_root is None else as_root
+    min_age_ns old, and find their owners: (sockets, owners by endpoints,
+    kernel clock of the read). Runs in the gathering worker."""
     with procnet.one_read_per_namespace():
         # One dump per namespace, with the listeners that owners.resolve
         # needs next, so that it asks the kernel nothing more.
@@ -75,13 +74,29 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         tracker.seed(rows, [], observed_ns=taken)
         # A socket without tcp_info is "at least 0 s" old: it is shown only
         # when no minimum age was asked for.
-        candidates = tracker.due(taken)
-        resolved = owners.resolve([l.endpoints for l in candidates], proc)
+        due = tracker.due(taken)
+        resolved = owners.resolve([l.endpoints for l in due], proc)
+    return due, resolved, taken
+
+
+def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
+         proc: str = procfs.PROC, as_root: Optional[bool] = None,
+         stacks: bool = False, holder_filter: HolderFilter = HolderFilter(),
+         resolver: Optional[ProcResolver] = None) -> Snapshot:
+    """The sockets (candidates()), resolved and diagnosed in one batch. User
+    stacks only when asked (-v): symbolizing a binary the first time costs
+    seconds, and a snapshot is a new process every time. With a resolver
+    that has a worker (the CLI's), every read of /proc happens there under
+    deadlines; a GatherFailed from the first read means nothing was read."""
+    as_root = os.geteuid() == 0 if as_root is None else as_root
+    resolver = resolver or ProcResolver(proc)
+    resolver.stacks = stacks
+    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns)
     cache = diagnosis.Batch(stacks=stacks)
-    kept: list[Lingerer] = []
+    todo: list[Lingerer] = []
     identities: dict = {}
     hidden = left = 0
-    for l in sorted(candidates, key=_oldest_first):
+    for l in sorted(found, key=_oldest_first):
         own = resolved.get(l.endpoints)
         if own is None or own.kind == owners.OWNER_GONE:
             left += 1              # closed between the dump and the lookup
@@ -92,13 +107,19 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
             # one-line notice already says that other users' are hidden.
             hidden += 1
             continue
-        if not holder_filter.matches_ownership(
-                own, lambda pid, uid: identity.of_process(pid, uid, proc), identities):
+        try:
+            wanted = holder_filter.matches_ownership(own, resolver.identity, identities)
+        except GatherFailed:
+            wanted = False         # who it is was not read in time: not claimed
+        if not wanted:
             continue               # not a process the user asked about (--pid, --comm...)
         l.ownership = own
-        l.diagnosis = diagnosis.gather(own, proc, cache=cache)
-        kept.append(l)
-    return Snapshot(lingering=kept, process_evidence=diagnosis.process_evidence(cache),
+        todo.append(l)
+    resolver.gather_processes([l.ownership for l in todo], cache)
+    for l in todo:
+        l.diagnosis = resolver.diagnose(l.ownership, cache)
+    cache.close()
+    return Snapshot(lingering=todo, process_evidence=diagnosis.process_evidence(cache),
                     taken_ns=taken, hidden=hidden, left=left)
 
 

@@ -19,17 +19,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.evidence import diagnosis, symbolize
-from closewait_trace.sockets import identity, owners, procfs
+from closewait_trace.evidence import diagnosis
+from closewait_trace.sockets import owners
 from closewait_trace.output import records
-from closewait_trace.kernel.events import KIND_TRANSITION, Endpoints, KernelEvent
+from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.live.sinks import Sink, TickView
 from closewait_trace.live.tracker import Lingerer, Tracker
+from closewait_trace.evidence import worker
+from closewait_trace.evidence.resolver import ProcResolver
+from closewait_trace.evidence.worker import GatherFailed
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
 POLL_BATCH = 4096
+# Events held while the gathering worker reads (about 100 bytes each).
+MAX_PENDING = 16 * POLL_BATCH
 # At exit, how long to keep draining the buffer: what is there is written
 # out, yet a flood (--all) cannot hold the exit past a second.
 FINAL_DRAIN_S = 0.3
@@ -38,6 +43,7 @@ FINAL_DRAIN_S = 0.3
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
 MAX_RESOLVE_ATTEMPTS = 3
+
 
 # Signals that end the trace the normal way (summary, recording closed):
 # Ctrl-C, kill, and the terminal going away (ssh dropped).
@@ -62,34 +68,6 @@ class Probe(Protocol):
     def tracked(self) -> list: ...
     def tracked_entries(self) -> tuple: ...
     def close(self) -> None: ...
-
-
-@dataclass
-class ProcResolver:
-    """Owners and diagnosis of sockets, read from a /proc tree (a fake one
-    in tests). Every /proc read of the loop goes through here."""
-
-    proc: str = procfs.PROC
-
-    def snapshot_close_wait(self) -> list:
-        """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
-        return owners.snapshot_close_wait(self.proc)
-
-    def owners(self, endpoints: list[Endpoints]) -> dict:
-        return owners.resolve(endpoints, self.proc)
-
-    def diagnose(self, own, cache: diagnosis.Batch):
-        return diagnosis.gather(own, self.proc, cache=cache)
-
-    def process_records(self, cache: diagnosis.Batch) -> list[dict]:
-        return diagnosis.process_evidence(cache)
-
-    def holder_state(self, pid: int) -> tuple:
-        info = procfs.process_info(pid, self.proc)
-        return (info.state, info.tracer_pid) if info else ("gone", 0)
-
-    def identity(self, pid: int, uid) -> dict:
-        return identity.of_process(pid, uid, self.proc)
 
 
 @dataclass
@@ -140,6 +118,13 @@ class LiveTracer:
     def request_stop(self, *_args) -> None:
         self.stopping = True
 
+    def _poll_while_waiting(self) -> None:
+        """While the gathering worker reads, the kernel's events keep
+        coming: take them into pending (drained after the tick), up to
+        MAX_PENDING, so a slow read does not fill the ring buffer."""
+        if not self.stopping and len(self.pending) < MAX_PENDING:
+            self.probe.poll(0)
+
     def _on_event(self, ev: KernelEvent) -> bool:
         self.pending.append(ev)
         return len(self.pending) >= POLL_BATCH or (self.stopping and not self._final_drain)
@@ -154,8 +139,15 @@ class LiveTracer:
                                    for sig in STOP_SIGNALS}
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
-        snapshot = [row for _ns, row in self.resolver.snapshot_close_wait()
-                    if self.socket_filter.matches(row.endpoints)]
+        gatherer = self.resolver.worker
+        if gatherer is not None:
+            gatherer.abort = lambda: self.stopping
+            gatherer.while_waiting = self._poll_while_waiting
+        try:
+            found = self.resolver.snapshot_close_wait()
+        except GatherFailed:
+            found = []          # counted (evidence_timeouts); the map still has them
+        snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
@@ -189,6 +181,7 @@ class LiveTracer:
             self.emit(self.summary())
             self.flush()
         finally:
+            self.resolver.close()
             self.probe.close()
             for sink in self.sinks:
                 sink.close()
@@ -287,19 +280,35 @@ class LiveTracer:
         """Owners, holder filter, diagnosis, watch, emit: one path for the
         first report of sockets that crossed the threshold (update=False)
         and for the new diagnosis of reported ones whose holders changed
-        state (update=True, emitted only when the diagnosis changed)."""
-        resolved = self.resolver.owners([l.endpoints for l in batch])
+        state (update=True, emitted only when the diagnosis changed).
+
+        The reads happen in the gathering worker under deadlines: a socket
+        whose owners were not read in time is tried again next tick, and
+        after MAX_RESOLVE_ATTEMPTS reported with the reason; holders whose
+        threads were not read in time are said so in the diagnosis."""
+        try:
+            resolved = self.resolver.owners([l.endpoints for l in batch])
+        except GatherFailed as e:
+            if e.why == worker.STOPPED or update:
+                return                  # stopping; or reported already: next change
+            for l in batch:
+                l.resolve_attempts += 1
+                if l.resolve_attempts >= MAX_RESOLVE_ATTEMPTS and not l.pre_existing:
+                    self.tracker.mark_reported(l)
+                    l.diagnosis = diagnosis.Diagnosis(
+                        diagnosis.UNKNOWN, f"unknown: owners not read: {e.why}")
+                    self.linger_lines += 1
+                    self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns())))
+            return
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
-        shown: list[Lingerer] = []
+        todo: list[tuple[Lingerer, object]] = []
         for l in sorted(batch, key=lambda l: l.enter_ns):
             own = resolved.get(l.endpoints)
             gone = own is None or own.kind == owners.OWNER_GONE
             if update:
                 if gone:
                     continue            # it is leaving CLOSE_WAIT: CLOSED follows
-                before = l.diagnosis.summary if l.diagnosis else None
-                self.unwatch(l)         # its holders may have changed too
             else:
                 if gone:
                     # Counted on the socket itself, so the count goes when it goes.
@@ -309,16 +318,30 @@ class LiveTracer:
                         continue
                     if l.resolve_attempts < MAX_RESOLVE_ATTEMPTS:
                         continue
+                try:
+                    matches = self.holder_filter.matches_ownership(
+                        own, self.resolver.identity, identities)
+                except GatherFailed as e:
+                    if e.why == worker.STOPPED:
+                        return
+                    continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
-                if not self.holder_filter.matches_ownership(own, self.resolver.identity,
-                                                             identities):
+                if not matches:
                     l.hidden = True     # not the user's process: never shown
                     continue
+            todo.append((l, own))
+        self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
+        shown: list[Lingerer] = []
+        for l, own in todo:
+            if update:
+                before = l.diagnosis.summary if l.diagnosis else None
+                self.unwatch(l)         # its holders may have changed too
             l.ownership = own
             l.diagnosis = self.resolver.diagnose(own, evidence_cache) if own else None
             self.watch(l)
             if not update or l.diagnosis.summary != before:
                 shown.append(l)
+        evidence_cache.close()
         if shown or not update:
             for evidence in self.resolver.process_records(evidence_cache):
                 self.emit(records.process(time.time(), evidence))
@@ -358,9 +381,13 @@ class LiveTracer:
             if not sockets:
                 del self.watched[pid]
                 self.watched_state.pop(pid, None)
-                continue
-            now = self.resolver.holder_state(pid)
-            if now != self.watched_state.get(pid):
+        try:
+            states = self.resolver.holder_states(list(self.watched))
+        except GatherFailed:
+            return                  # not read in time: compared next tick
+        for pid, now in states.items():
+            sockets = self.watched.get(pid)
+            if sockets and now != self.watched_state.get(pid):
                 self.watched_state[pid] = now
                 changed.update(sockets)
         if changed:
@@ -374,6 +401,13 @@ class LiveTracer:
             delta = counters.get(name, 0) - self.last_counters.get(name, 0)
             if delta > 0:
                 self.emit(records.lost(time.time(), name, delta, counters[name]))
+        gatherer = self.resolver.worker
+        if gatherer is not None:
+            counters = dict(counters, evidence_timeouts=gatherer.timeouts)
+            delta = gatherer.timeouts - self.last_counters.get("evidence_timeouts", 0)
+            if delta > 0:
+                self.emit(records.lost(time.time(), "evidence_timeouts", delta,
+                                       gatherer.timeouts))
         self.last_counters = counters
         return counters
 
@@ -395,8 +429,15 @@ class LiveTracer:
             if fields is not None:
                 extra.update(fields())
         extra["changes_reported"] = self.change_lines
-        if symbolize.problems():        # modules or frames left without symbols, by reason
-            extra["symbolizer_problems"] = symbolize.problems()
+        problems = self.resolver.symbolizer_problems()
+        if problems:                    # modules or frames left without symbols, by reason
+            extra["symbolizer_problems"] = problems
+        gatherer = self.resolver.worker
+        if gatherer is not None:
+            extra["evidence"] = {"timeouts": gatherer.timeouts,
+                                 "failures": gatherer.failures,
+                                 "workers_stuck": gatherer.stuck_workers(),
+                                 "processes_skipped": self.resolver.skipped_processes}
         now_ns = self.now_ns()
         still = [records.lingering_entry(l, l.age_ns(now_ns)) for l in self.lingering(now_ns)]
         return records.summary(time.time(), self.started_ts, self.probe.counters(),

@@ -25,6 +25,8 @@ from closewait_trace.output.textsafe import escape, pad
 COUNTER_TEXT = {
     "events_lost": "events lost: the ring buffer was full",
     "map_full": "sockets not timed: the tracking map was full",
+    "evidence_timeouts": ("reads of holders' /proc, memory or files abandoned at "
+                          "their deadline"),
 }
 
 LINE = 80                  # the default layout's width

@@ -1,0 +1,74 @@
+"""What the gathering worker runs (worker.py): every read of other people's
+/proc entries, memory and files that the tracer and `snapshot` need, each a
+plain function of picklable arguments. They run in the tracer's process too
+when no worker is given (unit tests on a fake /proc).
+
+Each is bounded on its own (symbolize's budget, capped reads); the
+worker's deadline is the backstop for a read that blocks in the kernel.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Iterator, Optional
+
+from closewait_trace.evidence import diagnosis
+from closewait_trace.sockets import identity, owners, procfs
+
+# Holder processes read per batch, at most: one socket shared by 3,001
+# forks must not cost 3,001 process reads (nor list them all).
+MAX_PROCESSES_PER_BATCH = 256
+
+
+def holder_states(pids: list[int], proc: str = procfs.PROC) -> dict[int, tuple]:
+    """pid -> (state, tracer pid), ("gone", 0) for a process that is not."""
+    out = {}
+    for pid in pids:
+        info = procfs.process_info(pid, proc)
+        out[pid] = (info.state, info.tracer_pid) if info else ("gone", 0)
+    return out
+
+
+def process_evidence(holders: list, proc: str = procfs.PROC, machine: Optional[str] = None,
+                     stacks: bool = True) -> Iterator[tuple]:
+    """("process", ProcessEvidence) for each distinct holder process, in
+    the order given (the oldest socket's first), then ("problems", the
+    symbolizer's counts) and ("skipped", how many processes were over
+    MAX_PROCESSES_PER_BATCH). Streamed: what was read before a deadline is
+    kept even if a later read blocks."""
+    machine = machine or platform.machine()
+    cache = diagnosis.Batch(stacks=stacks)
+    seen: set[int] = set()
+    skipped = 0
+    try:
+        for holder in holders:
+            if holder.pid in seen:
+                continue
+            if len(seen) >= MAX_PROCESSES_PER_BATCH:
+                skipped += 1
+                continue
+            seen.add(holder.pid)
+            ev = diagnosis._process_evidence(holder, proc, machine, cache)
+            yield ("process", ev)
+    finally:
+        cache.close()
+    if stacks:
+        from closewait_trace.evidence import symbolize
+        yield ("problems", symbolize.problems())
+    yield ("skipped", skipped)
+
+
+def snapshot_candidates(socket_filter, min_age_ns: int, proc: str = procfs.PROC):
+    """The snapshot's sockets (live/snapshot.py), read and resolved."""
+    from closewait_trace.live import snapshot
+    return snapshot.candidates(socket_filter, min_age_ns, proc)
+
+
+CALLS = {
+    "snapshot_close_wait": owners.snapshot_close_wait,
+    "owners": owners.resolve,
+    "holder_states": holder_states,
+    "identity": identity.of_process,
+    "process_evidence": process_evidence,
+    "snapshot_candidates": snapshot_candidates,
+}

@@ -1,0 +1,157 @@
+"""The tracer's and `snapshot`'s one way to read other people's /proc,
+memory and files: owners, holder states, identities and the evidence of
+holder processes. With a GatherWorker (the tool's wiring) every read happens
+in the worker process under a deadline (worker.py); without one (unit tests
+on a fake /proc) in this process. The diagnosis itself (diagnosis.gather,
+pure once the processes are read) runs here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from closewait_trace import knobs
+from closewait_trace.evidence import diagnosis, gathering
+from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed, GatherWorker
+from closewait_trace.kernel.events import Endpoints
+from closewait_trace.sockets import procfs
+
+# Deadlines of the gathering worker's calls (seconds, scaled by the
+# testing knob CLOSEWAIT_TRACE_TIME_SCALE): past them the loop stops waiting,
+# kills the worker and says what was not read. Evidence gets symbolize's
+# batch budget (2 s, checked between reads) per process, and more for the
+# batch; a process that streams nothing for PROCESS_DEADLINE_S is abandoned.
+OWNERS_DEADLINE_S = 3.0
+# snapshot's one read of every namespace's sockets and their owners.
+SNAPSHOT_DEADLINE_S = 10.0
+EVIDENCE_DEADLINE_S = 5.0
+STATE_DEADLINE_S = 1.0
+# One holder process's evidence: past it, that process is abandoned and the
+# others of the batch are read in a new worker.
+PROCESS_DEADLINE_S = 2.5
+
+
+@dataclass
+class ProcResolver:
+    """Owners and diagnosis of sockets, read from a /proc tree (a fake one
+    in tests). Every /proc read of the loop goes through here, and with a
+    worker (the tool's own wiring) it happens in the gathering worker,
+    under a deadline the loop never waits past (evidence/worker.py).
+    Without one (unit tests), the reads happen in this process."""
+
+    proc: str = procfs.PROC
+    worker: Optional[GatherWorker] = None
+    stacks: bool = True
+    # Symbolizer problems counted by the worker (it symbolizes, not us).
+    problems: dict = field(default_factory=dict)
+    # Holder processes the last batches could not read in time, by
+    # (pid, start time): read without stacks next, then not at all, so one
+    # holder whose memory blocks cannot stall every later batch.
+    slow: dict = field(default_factory=dict)
+    skipped_processes: int = 0
+
+    def _run(self, name: str, *args, stream: bool = False, **deadlines):
+        if self.worker is None:
+            result = gathering.CALLS[name](*args)
+            return list(result) if stream else result
+        return self.worker.call(name, *args, stream=stream, **deadlines)
+
+    def snapshot_close_wait(self) -> list:
+        """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
+        return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_DEADLINE_S)
+
+    def owners(self, endpoints: list[Endpoints]) -> dict:
+        return self._run("owners", endpoints, self.proc, deadline_s=OWNERS_DEADLINE_S)
+
+    def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
+        """Reads every holder process of owns into cache (in the worker,
+        when there is one); those not read by the deadline are said so."""
+        if self.worker is None:
+            return                  # read lazily, in gather(), in this process
+        cache.offline = True
+        holders, wanted = [], {}
+        for own in owns:
+            for h in list(own.holders) + list(own.listener_holders):
+                if h.pid not in wanted:
+                    wanted[h.pid] = h
+                    holders.append(h)
+        fast, slower = [], []
+        for h in holders:
+            key = (h.pid, getattr(h.process, "start_time", None))
+            misses = self.slow.get(key, 0)
+            if misses >= 2:
+                cache.processes[h.pid] = diagnosis.ProcessEvidence(
+                    pid=h.pid, unreadable=f"not read: {TIMED_OUT} before")
+            else:
+                (slower if misses else fast).append(h)
+        end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
+        for group, stacks in ((fast, self.stacks and cache.stacks), (slower, False)):
+            self._read_processes(group, stacks, cache, end)
+
+    def _read_processes(self, group: list, stacks: bool, cache: diagnosis.Batch,
+                        end: float) -> None:
+        """Streams the group's processes into cache. A process that gives
+        nothing for PROCESS_DEADLINE_S is abandoned with its worker, marked,
+        and the rest of the group goes on in a new worker, until end."""
+        why = ""
+        while group:
+            try:
+                items = self._run("process_evidence", group, self.proc, None, stacks,
+                                  deadline_at=end, progress_s=PROCESS_DEADLINE_S,
+                                  stream=True)
+                why = ""
+            except GatherFailed as e:
+                items, why = e.partial, e.why
+            for kind, payload in items:
+                if kind == "process":
+                    cache.processes[payload.pid] = payload
+                elif kind == "problems":
+                    self.problems = payload
+                elif kind == "skipped":
+                    self.skipped_processes += payload
+            rest = [h for h in group if h.pid not in cache.processes]
+            if not why or not rest:
+                return
+            # The worker reads in order: the first not read is the one that
+            # did not answer.
+            culprit, group = rest[0], rest[1:]
+            cache.processes[culprit.pid] = diagnosis.ProcessEvidence(
+                pid=culprit.pid, unreadable=f"not read: {why}")
+            if why == TIMED_OUT:
+                key = (culprit.pid, getattr(culprit.process, "start_time", None))
+                self.slow[key] = self.slow.get(key, 0) + 1
+                while len(self.slow) > 4096:        # bounded
+                    self.slow.pop(next(iter(self.slow)))
+            if why != TIMED_OUT or time.monotonic() >= end:
+                break
+        for h in group:
+            cache.processes.setdefault(h.pid, diagnosis.ProcessEvidence(
+                pid=h.pid, unreadable=f"not read: {why}"))
+
+    def diagnose(self, own, cache: diagnosis.Batch):
+        return diagnosis.gather(own, self.proc, cache=cache)
+
+    def process_records(self, cache: diagnosis.Batch) -> list[dict]:
+        return diagnosis.process_evidence(cache)
+
+    def holder_states(self, pids: list[int]) -> dict:
+        return self._run("holder_states", pids, self.proc, deadline_s=STATE_DEADLINE_S)
+
+    def identity(self, pid: int, uid) -> dict:
+        return self._run("identity", pid, uid, self.proc, deadline_s=STATE_DEADLINE_S)
+
+    def snapshot_candidates(self, socket_filter, min_age_ns: int):
+        return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,
+                         deadline_s=SNAPSHOT_DEADLINE_S)
+
+    def symbolizer_problems(self) -> dict:
+        if self.worker is not None:
+            return self.problems
+        from closewait_trace.evidence import symbolize
+        return symbolize.problems()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()

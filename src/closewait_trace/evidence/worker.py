@@ -1,0 +1,269 @@
+"""Evidence gathering in a process the tracer can abandon.
+
+Every read of other people's /proc entries, memory and files (owners,
+threads, stacks, maps, namespaces, identities) can block inside the kernel
+for as long as another user wishes: a page of a FUSE mapping whose server
+never answers, a process's mmap lock held by such a fault, an NSS lookup
+that waits for the network. A Python signal handler only runs when the read
+returns, so a tracer that did those reads itself could be frozen, Ctrl-C
+included. Here they run in a child process; the tracer sends it a call and
+waits for the answer on a pipe with select(), never longer than the call's
+deadline, and stops waiting at once when asked to stop (a stop signal).
+
+A worker that misses a deadline is killed (SIGKILL) and abandoned, never
+waited for: a task blocked on a FUSE request that its server has already
+read cannot even be killed until the server answers. The next call starts a
+fresh worker. Abandoned workers still alive are counted; past
+MAX_STUCK_WORKERS, gathering is suspended (calls fail at once, said as
+such) rather than leave a process behind for every attempt.
+
+The protocol: length-prefixed pickles over the child's stdin and stdout.
+Both ends are this package running as the same user (root), so pickle is
+no trust boundary here; the child imports only this package and the
+standard library, and runs only the functions named in CALLS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from closewait_trace import knobs
+
+_HEADER = struct.Struct("!I")
+# One answer at most: a batch of 100,000 owners pickles to about 60 MB.
+MAX_FRAME = 512 << 20
+# Abandoned workers still alive (blocked in the kernel) before gathering
+# is suspended: each is a process left until what blocks it answers.
+MAX_STUCK_WORKERS = 3
+TIMED_OUT = "timed out"
+STOPPED = "stopped"
+
+
+class GatherFailed(Exception):
+    """A call gave no (complete) answer: why is one of TIMED_OUT, STOPPED,
+    or a short reason; partial holds what the call streamed before."""
+
+    def __init__(self, why: str, partial: Optional[list] = None):
+        super().__init__(why)
+        self.why = why
+        self.partial = partial or []
+
+
+# ------------------------------------------------------------------ child
+
+DEFAULT_CALLS = "closewait_trace.evidence.gathering"
+
+
+def _calls(module: str) -> dict:
+    # Imported in the child only: what the worker may be asked to run (the
+    # module's CALLS; another module only in tests, to stand for reads
+    # that block).
+    import importlib
+    return importlib.import_module(module).CALLS
+
+
+def _die_with_parent(parent: int) -> None:
+    """The worker must not outlive the tracer (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:          # the parent died before the prctl
+        os._exit(0)
+
+
+def _send(out, kind: str, payload) -> None:
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_HEADER.pack(len(data)) + data)
+    out.flush()
+
+
+def serve(parent: int, calls_module: str = DEFAULT_CALLS) -> None:
+    """The child's loop: read a call, run it, answer; until stdin closes."""
+    _die_with_parent(parent)
+    # Terminal signals are the tracer's to handle, not ours.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGPIPE else signal.SIG_IGN)
+    calls = _calls(calls_module)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
+    while True:
+        head = inp.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            return
+        (size,) = _HEADER.unpack(head)
+        name, args, kwargs = pickle.loads(inp.read(size))
+        try:
+            result = calls[name](*args, **kwargs)
+            if isinstance(result, Iterator):
+                for item in result:
+                    _send(out, "item", item)
+                result = None
+            _send(out, "done", result)
+        except Exception as e:          # evidence, never a reason to stop serving
+            _send(out, "error", f"{type(e).__name__}: {e}"[:300])
+
+
+# ----------------------------------------------------------------- parent
+
+@dataclass
+class GatherWorker:
+    """The tracer's side: one child at a time, calls with deadlines.
+
+    abort: asked while waiting; True gives up the call at once (the loop
+    sets it when a stop signal came). while_waiting: called between waits of
+    at most 0.1 s (the loop drains the kernel's ring buffer there)."""
+
+    abort: Callable[[], bool] = lambda: False
+    calls_module: str = DEFAULT_CALLS
+    while_waiting: Optional[Callable[[], None]] = None
+    timeouts: int = 0                     # calls that missed their deadline
+    failures: int = 0                     # calls that failed otherwise
+    _proc: Optional[subprocess.Popen] = None
+    _buf: bytearray = field(default_factory=bytearray)
+    _abandoned: list = field(default_factory=list)   # Popen of killed workers
+
+    def _start(self) -> subprocess.Popen:
+        self._reap()
+        if self.stuck_workers() >= MAX_STUCK_WORKERS:
+            raise GatherFailed(f"suspended: {MAX_STUCK_WORKERS} workers still blocked "
+                               "in the kernel")
+        env = dict(os.environ)
+        # The child finds this very package, whether installed or a checkout.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from closewait_trace.evidence import worker; "
+             "worker.serve(int(sys.argv[1]), sys.argv[2])", str(os.getpid()),
+             self.calls_module],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+            start_new_session=True)      # Ctrl-C at a terminal is not for it
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._buf = bytearray()
+        return self._proc
+
+    def _reap(self) -> None:
+        self._abandoned = [p for p in self._abandoned if p.poll() is None]
+
+    def stuck_workers(self) -> int:
+        """Abandoned workers not yet dead (blocked in the kernel)."""
+        self._reap()
+        return len(self._abandoned)
+
+    def _abandon(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._abandoned.append(proc)
+
+    def close(self) -> None:
+        """Ends the worker without waiting for it."""
+        self._abandon()
+
+    def call(self, name: str, *args, deadline_s: Optional[float] = None,
+             deadline_at: Optional[float] = None, progress_s: Optional[float] = None,
+             stream: bool = False, **kwargs):
+        """Run name(*args, **kwargs) in the worker and return its result
+        (stream: the list of what it yielded), or raise GatherFailed after
+        deadline_s seconds (scaled by CLOSEWAIT_TRACE_TIME_SCALE) or at the
+        monotonic time deadline_at, after progress_s seconds (scaled) with
+        nothing streamed, when aborted, or when the worker failed."""
+        scale = knobs.time_scale()
+        if deadline_at is None:
+            deadline_at = time.monotonic() + (deadline_s or 0.0) * scale
+        items: list = []
+        try:
+            proc = self._proc if self._proc is not None and self._proc.poll() is None \
+                else self._start()
+            data = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                proc.stdin.write(_HEADER.pack(len(data)) + data)
+                proc.stdin.flush()
+            except OSError as e:
+                self._abandon()
+                raise GatherFailed(f"worker gone ({e.strerror})") from None
+            progress_at = time.monotonic()
+            while True:
+                for kind, payload in self._frames():
+                    if kind == "item":
+                        items.append(payload)
+                        progress_at = time.monotonic()
+                    elif kind == "done":
+                        return items if stream else payload
+                    else:
+                        self.failures += 1
+                        raise GatherFailed(str(payload), items)
+                if self.abort():
+                    self._abandon()
+                    raise GatherFailed(STOPPED, items)
+                deadline = deadline_at
+                if progress_s is not None:
+                    deadline = min(deadline, progress_at + progress_s * scale)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.timeouts += 1
+                    self._abandon()
+                    raise GatherFailed(TIMED_OUT, items)
+                if self.while_waiting is not None:
+                    self.while_waiting()
+                    if self.abort():
+                        continue
+                try:
+                    ready, _, _ = select.select([proc.stdout], [], [], min(0.1, left))
+                except InterruptedError:
+                    continue
+                if ready and not self._read(proc):
+                    self._abandon()
+                    self.failures += 1
+                    raise GatherFailed("worker exited", items)
+        except GatherFailed as e:
+            if not e.partial:
+                e.partial = items
+            raise
+
+    def _read(self, proc) -> bool:
+        try:
+            chunk = os.read(proc.stdout.fileno(), 1 << 20)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    def _frames(self):
+        while len(self._buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buf)
+            if size > MAX_FRAME:
+                self._abandon()
+                raise GatherFailed("worker answer too large")
+            if len(self._buf) < _HEADER.size + size:
+                return
+            data = bytes(self._buf[_HEADER.size:_HEADER.size + size])
+            del self._buf[:_HEADER.size + size]
+            yield pickle.loads(data)

@@ -1,0 +1,35 @@
+"""The gathering worker's calls (evidence/gathering.py), except that a read
+of a process listed in BLOCKED_PIDS never returns, as a read of a page a
+FUSE server never serves would not (tests/unit/test_gather_worker.py)."""
+
+import os
+import time
+
+from closewait_trace.evidence import gathering
+
+BLOCKED_PIDS_ENV = "CLOSEWAIT_TEST_BLOCKED_PIDS"
+
+
+def _blocked(pid) -> bool:
+    return str(pid) in os.environ.get(BLOCKED_PIDS_ENV, "").split(",")
+
+
+def _block() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def holder_states(pids, proc):
+    if any(_blocked(p) for p in pids):
+        _block()
+    return gathering.holder_states(pids, proc)
+
+
+def process_evidence(holders, *args):
+    for item in gathering.process_evidence(holders, *args):
+        if item[0] == "process" and _blocked(item[1].pid):
+            _block()
+        yield item
+
+
+CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence)

@@ -1,0 +1,176 @@
+"""The gathering worker (evidence/worker.py): reads of other people's /proc
+that block are abandoned at their deadline, the loop keeps going, and what
+was not read is said. tests/unit/blocking_calls.py stands for a read that
+never returns (the real one, a FUSE page, is in tests/kernel/test_fuse_live.py)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from closewait_trace.evidence import worker
+from closewait_trace.evidence.resolver import PROCESS_DEADLINE_S, ProcResolver
+from closewait_trace.evidence.worker import GatherFailed, GatherWorker
+from tests.unit.fakeproc import FakeProc
+from tests.unit.fakeprobe import endpoints
+from tests.unit.test_loop import World
+from tests.unit.blocking_calls import BLOCKED_PIDS_ENV
+
+
+def block_reads_of(proc, pid: int, name: str = "") -> None:
+    """Every read of pid's /proc in the worker never returns."""
+    blocked = [p for p in os.environ.get(BLOCKED_PIDS_ENV, "").split(",") if p]
+    os.environ[BLOCKED_PIDS_ENV] = ",".join(blocked + [str(pid)])
+
+
+@pytest.fixture
+def gatherer(monkeypatch):
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    g = GatherWorker(calls_module="tests.unit.blocking_calls")
+    yield g
+    g.close()
+
+
+def test_a_call_runs_in_another_process(tmp_path, gatherer):
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="T")
+    assert gatherer.call("holder_states", [100, 101], proc.root, deadline_s=10) == {
+        100: ("T", 0), 101: ("gone", 0)}
+    assert gatherer._proc.pid != os.getpid()
+
+
+def test_a_blocking_read_is_abandoned_at_its_deadline(tmp_path, gatherer):
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="S")
+    block_reads_of(proc, 100)
+    started = time.monotonic()
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("holder_states", [100], proc.root, deadline_s=0.5)
+    took = time.monotonic() - started
+    assert failed.value.why == worker.TIMED_OUT
+    assert took < 0.5 + 5, took          # the deadline, not the read, ended it
+    assert gatherer.timeouts == 1
+    # The next call gets a new worker and works.
+    proc.process(200, comm="other", state="S")
+    assert gatherer.call("holder_states", [200], proc.root, deadline_s=10) == {200: ("S", 0)}
+
+
+def test_a_stop_request_ends_the_wait_at_once(tmp_path, gatherer):
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="S")
+    block_reads_of(proc, 100)
+    asked = time.monotonic() + 0.3
+    gatherer.abort = lambda: time.monotonic() > asked
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("holder_states", [100], proc.root, deadline_s=60)
+    assert failed.value.why == worker.STOPPED
+    assert time.monotonic() - asked < 1.0
+
+
+def test_streamed_items_before_a_block_are_kept(tmp_path, gatherer):
+    """One holder process blocks: the ones read before it are kept, and
+    the ones after it are read in a new worker."""
+    from closewait_trace.sockets.owners import Holder
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 200, 300):
+        proc.process(pid, comm=f"p{pid}", state="S")
+    block_reads_of(proc, 200)
+    resolver = ProcResolver(proc.root, worker=gatherer, stacks=False)
+    from closewait_trace.evidence import diagnosis
+
+    class Own:                # the two attributes gather_processes reads
+        def __init__(self, pids):
+            self.holders = [Holder(pid=p, comm=f"p{p}", fd=3, state="S", ppid=1,
+                                   cmdline="", tracer_pid=0, uid=1000) for p in pids]
+            self.listener_holders = []
+
+    cache = diagnosis.Batch(stacks=False)
+    started = time.monotonic()
+    resolver.gather_processes([Own([100, 200, 300])], cache)
+    took = time.monotonic() - started
+    assert cache.processes[100].unreadable == ""
+    assert cache.processes[100].threads          # read in full
+    assert cache.processes[200].unreadable == f"not read: {worker.TIMED_OUT}"
+    assert cache.processes[300].unreadable == ""
+    assert took < PROCESS_DEADLINE_S + 5, took
+    # A holder that timed out is read without stacks next, then not at all.
+    for _ in range(2):
+        cache = diagnosis.Batch(stacks=False)
+        resolver.gather_processes([Own([200])], cache)
+    assert cache.processes[200].unreadable == f"not read: {worker.TIMED_OUT} before"
+
+
+def test_the_loop_reports_and_ticks_past_a_holder_that_blocks(tmp_path, gatherer):
+    """The live loop with the real worker: a holder whose /proc blocks is
+    reported with what was not read; another holder's socket in the same
+    batch is reported with its evidence, and the tick ends within the
+    deadlines."""
+    resolver = ProcResolver(str(tmp_path / "proc"), worker=gatherer, stacks=False)
+    w = World(tmp_path, resolver=resolver)
+    w.hold(100, 40001, 5001)
+    w.hold(200, 40002, 5002, comm="good", state="T")
+    block_reads_of(w.proc, 100)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    started = time.monotonic()
+    w.step()
+    took = time.monotonic() - started
+    lingers = {r["rport"]: r for r in w.of("linger")}
+    assert set(lingers) == {40001, 40002}
+    assert "not read: timed out" in lingers[40001]["diagnosis"]["summary"]
+    assert lingers[40002]["diagnosis"]["cause"] == "stopped"
+    assert took < PROCESS_DEADLINE_S + 5, took
+    lost = w.of("lost")
+    assert [r["counter"] for r in lost] == [] or all(r["counter"] == "evidence_timeouts"
+                                                     for r in lost)
+    w.step()
+    assert [r["counter"] for r in w.of("lost")] == ["evidence_timeouts"]
+
+
+def test_sigint_ends_run_while_the_worker_is_blocked(tmp_path, gatherer):
+    """Ctrl-C while a holder's read blocks: the loop ends within a second
+    with its summary, leaving the blocked worker behind."""
+    resolver = ProcResolver(str(tmp_path / "proc"), worker=gatherer, stacks=False)
+    w = World(tmp_path, resolver=resolver)
+    w.hold(100, 40001, 5001)
+    block_reads_of(w.proc, 100)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    sent = []
+
+    def interrupt_soon(probe):
+        # The tick is waiting for the worker: interrupt it from here.
+        if not sent and gatherer._proc is not None:
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    w.probe.on_poll = interrupt_soon
+    w.tracer.start()
+    w.tracer.run()
+    assert sent
+    assert time.monotonic() - sent[0] < 1.0
+    assert w.sink.records[-1]["type"] == "summary"
+
+
+def test_worker_dies_with_the_tracer(tmp_path):
+    """PR_SET_PDEATHSIG: a tracer killed outright leaves no worker."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from closewait_trace.evidence.worker import GatherWorker;"
+            "g = GatherWorker(); g.call('holder_states', [1], deadline_s=30);"
+            "print(g._proc.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1][0] in "ZX":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"worker {child} outlived its tracer")
