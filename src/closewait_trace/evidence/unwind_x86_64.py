@@ -67,6 +67,11 @@ def follows_call(image, addr: int) -> bool:
     m = image.mapping(addr)
     if m is None or "x" not in m.perms or not m.path.startswith("/"):
         return False
+    unread = image.unreadable_reason(m)
+    if unread:                  # a FUSE or network file: never read, said so
+        from closewait_trace.evidence import elfindex
+        elfindex.note_problem(unread, m.path)
+        return False
     before = image.read(addr - 7, 7)
     if len(before) != 7:
         return False
