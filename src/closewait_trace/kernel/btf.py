@@ -33,6 +33,10 @@ MAX_BYTES = 64 << 20
 # Steps through typedef/const/volatile chains and anonymous members.
 MAX_HOPS = 32
 MAX_NESTING = 8
+# Members looked at per lookup, nesting included: a crafted blob whose
+# anonymous members all name one struct would otherwise multiply the work
+# by its member count at each level. The real lookups visit a few hundred.
+MAX_MEMBER_VISITS = 100_000
 
 BTF_MAGIC = 0xEB9F
 
@@ -162,12 +166,17 @@ class BTF:
             else:
                 yield self._name_key(name_off), offset, 0, mtype
 
-    def member(self, type_id: int, name: bytes, depth: int = 0) -> Optional[tuple[int, int]]:
+    def member(self, type_id: int, name: bytes, depth: int = 0,
+               budget: Optional[list] = None) -> Optional[tuple[int, int]]:
         """(byte offset, member type id) of a named member, looking inside
         anonymous struct and union members as C does; None if absent."""
         if depth > MAX_NESTING:
             raise BTFError("anonymous members nested too deep")
+        budget = [MAX_MEMBER_VISITS] if budget is None else budget
         for mname, bit_off, bitfield, mtype in self.members(type_id):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise BTFError("too many members to look through")
             if mname == name:
                 if bitfield or bit_off % 8:
                     raise BTFError(f"member {name.decode()} is a bitfield")
@@ -175,7 +184,7 @@ class BTF:
             if not mname:
                 inner = self.resolve(mtype)
                 if self.kind(inner) in (KIND_STRUCT, KIND_UNION):
-                    found = self.member(inner, name, depth + 1)
+                    found = self.member(inner, name, depth + 1, budget)
                     if found is not None:
                         if bit_off % 8:
                             raise BTFError("anonymous member not byte aligned")
