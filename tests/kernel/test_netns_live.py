@@ -140,8 +140,9 @@ def test_live_tracer_names_each_namespaces_own_holder(namespaces, procs, when):
 
 def test_without_btf_the_duplicates_are_said_ambiguous(namespaces, procs, monkeypatch):
     """Forced off BTF (as on a kernel without it), a traced socket's
-    namespace is unknown: four namespaces match, so no holder is named, and
-    the record says which namespaces. Never another socket's holder."""
+    namespace is unknown: while several namespaces have its addresses in
+    CLOSE_WAIT no holder is named and the record says which namespaces.
+    Never another socket's holder."""
     monkeypatch.setenv("CLOSEWAIT_TRACE_FORCE", "nobtf")
     port, cport = _ports()
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
@@ -149,10 +150,19 @@ def test_without_btf_the_duplicates_are_said_ambiguous(namespaces, procs, monkey
     holders = same_tuple_everywhere(namespaces, procs, port, cport)
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=4)
     for rec in lingers:
+        # The sockets appear one namespace after another: one resolved while
+        # its addresses were in one namespace only is rightly that one's.
+        if rec["owner_kind"] == "fd":
+            assert [o["pid"] for o in rec["owners"]] == [holders[rec["netns"]]], rec
+            continue
         assert rec["owner_kind"] == "ambiguous", rec
         assert rec["owners"] == [] and rec["netns"] is None
-        assert sorted(rec["also_in_netns"]) == sorted(holders)
-        assert rec["diagnosis"]["summary"].startswith("ambiguous: 4 network namespaces")
+        seen = rec["also_in_netns"]
+        assert len(seen) >= 2 and set(seen) <= set(holders), rec
+        assert rec["diagnosis"]["summary"].startswith(f"ambiguous: {len(seen)} network namespaces")
+    # The last socket was resolved when all four existed: said as such.
+    last = lingers[-1]
+    assert last["owner_kind"] == "ambiguous" and sorted(last["also_in_netns"]) == sorted(holders)
     tracer.stop()
 
 
