@@ -2,13 +2,16 @@
 //
 // closewait-trace kernel side: times TCP sockets in CLOSE_WAIT.
 //
-// Reads only the fields of the sock:inet_sock_set_state tracepoint, whose
-// layout bcc takes from the running kernel's tracefs format file. Keep it
-// that way: no kernel struct reads and no kernel #includes, so that the
-// generic distro headers are enough to build it on any kernel.
+// Reads the fields of the sock:inet_sock_set_state tracepoint, whose layout
+// bcc takes from the running kernel's tracefs format file, and, when user
+// space found them in the kernel's BTF, two words at given offsets for the
+// socket's network namespace. Keep it that way: no kernel struct types and
+// no kernel #includes, so that the generic distro headers are enough to
+// build it on any kernel.
 //
 // Cost model: a socket that passes through CLOSE_WAIT quickly costs one hash
-// insert and one delete here and nothing in user space. Only a socket that
+// insert and one delete here (and, with the BTF offsets, two 8- and 4-byte
+// kernel reads for its namespace) and nothing in user space. Only a socket that
 // leaves CLOSE_WAIT after lingering at least THRESHOLD_NS produces an event;
 // user space finds the ones still lingering by reading cw_tracking each tick.
 //
@@ -21,6 +24,11 @@
 //   FILTER_LPORT         only local ports present in cw_lports
 //   FILTER_RPORT         only remote ports present in cw_rports
 //   ALL_TRANSITIONS      also stream every transition (the --all mode)
+//   NETNS_SK_NET_OFF     offset of skc_net.net (struct net *) in struct sock
+//   NETNS_INUM_OFF       offset of ns.inum (u32) in struct net; both from
+//                        BTF (kernel/btf.py). Without them netns stays 0
+//                        (unknown) and user space matches by address only.
+//   USE_PROBE_READ_KERNEL  bpf_probe_read_kernel (5.5+) over bpf_probe_read
 
 // Values from the kernel's uapi headers, which this file must not include.
 #define TCP_CLOSE 7
@@ -43,6 +51,8 @@ struct cw_endpoint {
     u16 dport;
     u16 family;
     u16 _pad;
+    u32 netns;      // network namespace inode; 0 = unknown (no BTF offsets)
+    u32 _pad2;
 };
 
 // One event sent to user space. This is the only definition of the layout:
@@ -123,6 +133,31 @@ static __always_inline u64 cw_now(void)
 #endif
 }
 
+// The socket's network namespace inode, 0 when unknown. Two reads of kernel
+// memory at offsets from BTF; called once per socket entering CLOSE_WAIT
+// (kept in its cw_tracking entry) and for events with no entry.
+static __always_inline u32 cw_netns(u64 sk)
+{
+#if defined(NETNS_SK_NET_OFF) && defined(NETNS_INUM_OFF)
+    u64 net = 0;
+    u32 inum = 0;
+#ifdef USE_PROBE_READ_KERNEL
+    if (bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + NETNS_SK_NET_OFF)) != 0 || !net)
+        return 0;
+    if (bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NETNS_INUM_OFF)) != 0)
+        return 0;
+#else
+    if (bpf_probe_read(&net, sizeof(net), (void *)(sk + NETNS_SK_NET_OFF)) != 0 || !net)
+        return 0;
+    if (bpf_probe_read(&inum, sizeof(inum), (void *)(net + NETNS_INUM_OFF)) != 0)
+        return 0;
+#endif
+    return inum;
+#else
+    return 0;
+#endif
+}
+
 static __always_inline struct cw_counters *cw_counts(void)
 {
     int zero = 0;
@@ -192,6 +227,7 @@ static __always_inline void cw_enter(struct cw_tp *tp, u64 now)
 
     e.enter_ns = now;
     e.ep = tp->ep;
+    e.ep.netns = cw_netns(sk);
     int failed = cw_tracking.update(&sk, &e) != 0;
     // Counted only after the map has the entry: user space reads the map
     // when cw_enter moves, and must then find the entry there (counted
@@ -218,6 +254,7 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
         if (c)
             c->exit_untracked++;
         cw_fill(&ev, tp, now);
+        ev.ep.netns = cw_netns(sk);
         ev.kind = EV_UNTRACKED_EXIT;
         cw_submit(ctx, &ev);
         return;
@@ -229,6 +266,7 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
         idx = 63;
     if (dur >= THRESHOLD_NS) {
         cw_fill(&ev, tp, now);
+        ev.ep.netns = e->ep.netns;      // read at entry: no second read
         ev.kind = EV_CLOSED;
         ev.duration_ns = dur;
         cw_submit(ctx, &ev);
@@ -254,6 +292,7 @@ static __always_inline void cw_stream(void *ctx, struct cw_tp *tp, u64 now)
     u64 *last = cw_last_ts.lookup(&sk);
 
     cw_fill(&ev, tp, now);
+    ev.ep.netns = cw_netns(sk);
     ev.kind = EV_TRANSITION;
     if (last)
         ev.duration_ns = now - *last;

@@ -12,8 +12,8 @@ V4 = socket.AF_INET
 CW, LISTEN = tcpstates.CLOSE_WAIT, tcpstates.LISTEN
 
 
-def ep(lport, rport, laddr="127.0.0.1", raddr="127.0.0.1", family=V4):
-    return Endpoints(family, laddr, lport, raddr, rport)
+def ep(lport, rport, laddr="127.0.0.1", raddr="127.0.0.1", family=V4, netns=0):
+    return Endpoints(family, laddr, lport, raddr, rport, netns)
 
 
 @pytest.fixture
@@ -25,9 +25,11 @@ def test_parse_tcp_table_decodes_addresses_ports_queues(fake):
     fake.process(10).tcp(10, V4, "10.1.2.3", 5555, "192.168.0.9", 40000, CW, 777, rx=14)
     fake.tcp(10, socket.AF_INET6, "::1", 6000, "2001:db8::5", 41000, CW, 778)
     rows = procnet.tcp_rows(10, fake.root)
-    assert rows[0].endpoints == ep(5555, 40000, "10.1.2.3", "192.168.0.9")
+    # Each row carries the namespace it was read in (pid 10's).
+    assert rows[0].endpoints == ep(5555, 40000, "10.1.2.3", "192.168.0.9", netns=4026531840)
     assert rows[0].rx_queue == 14 and rows[0].inode == 777 and rows[0].state == CW
-    assert rows[1].endpoints == Endpoints(socket.AF_INET6, "::1", 6000, "2001:db8::5", 41000)
+    assert rows[1].endpoints == Endpoints(socket.AF_INET6, "::1", 6000, "2001:db8::5", 41000,
+                                          4026531840)
 
 
 def test_resolve_lists_every_holder_with_fd(fake):
@@ -52,14 +54,48 @@ def test_resolve_accept_queue_names_listener_holders(fake):
     assert [h.pid for h in result.listener_holders] == [20]
 
 
-def test_resolve_other_namespace_and_duplicates(fake):
-    fake.process(30, netns=111).process(31, netns=222)
-    for pid, inode in ((30, 1), (31, 2)):
+def _same_addresses_in_three_namespaces(fake):
+    fake.process(30, netns=111).process(31, netns=222).process(32, netns=333)
+    for pid, inode in ((30, 1), (31, 2), (32, 3)):
         fake.tcp(pid, V4, "127.0.0.1", 80, "127.0.0.1", 5000, CW, inode)
         fake.fd(pid, 4, inode)
+
+
+def test_resolve_finds_each_socket_in_its_own_namespace(fake):
+    """The same addresses in CLOSE_WAIT in three namespaces are three
+    sockets: each is its own namespace's holder's (the old code named the
+    first namespace's holder for all three)."""
+    _same_addresses_in_three_namespaces(fake)
+    wanted = [ep(80, 5000, netns=ns) for ns in (333, 111, 222)]
+    got = owners.resolve(wanted, fake.root)
+    assert {w.netns: ([h.pid for h in got[w].holders], got[w].netns, got[w].inode)
+            for w in wanted} == {111: ([30], 111, 1), 222: ([31], 222, 2), 333: ([32], 333, 3)}
+    assert all(got[w].kind == owners.OWNER_FD and got[w].other_netns == [] for w in wanted)
+
+
+def test_resolve_without_a_namespace_says_ambiguous_and_names_no_holder(fake):
+    _same_addresses_in_three_namespaces(fake)
     result = owners.resolve([ep(80, 5000)], fake.root)[ep(80, 5000)]
-    assert result.netns == 111 and result.other_netns == [222]
+    assert result.kind == owners.OWNER_AMBIGUOUS
+    assert result.holders == [] and result.netns is None and result.inode == 0
+    assert result.other_netns == [111, 222, 333]
+
+
+def test_resolve_without_a_namespace_still_names_a_unique_match(fake):
+    fake.process(30, netns=111).process(31, netns=222)
+    fake.tcp(30, V4, "127.0.0.1", 80, "127.0.0.1", 5000, CW, 1).fd(30, 4, 1)
+    fake.tcp(31, V4, "127.0.0.1", 80, "127.0.0.1", 5001, CW, 2).fd(31, 4, 2)
+    result = owners.resolve([ep(80, 5000)], fake.root)[ep(80, 5000)]
+    assert result.kind == owners.OWNER_FD and result.netns == 111
     assert [h.pid for h in result.holders] == [30]
+
+
+def test_resolve_in_a_namespace_without_the_socket_is_gone(fake):
+    """Known namespace, addresses only elsewhere: gone, not the other's."""
+    fake.process(30, netns=111).process(31, netns=222)
+    fake.tcp(30, V4, "127.0.0.1", 80, "127.0.0.1", 5000, CW, 1).fd(30, 4, 1)
+    result = owners.resolve([ep(80, 5000, netns=222)], fake.root)[ep(80, 5000, netns=222)]
+    assert result.kind == owners.OWNER_GONE and result.holders == []
 
 
 def test_resolve_gone_and_unheld(fake):

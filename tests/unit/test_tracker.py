@@ -142,3 +142,58 @@ def test_departed_sockets_are_forgotten_after_the_grace_without_a_map_read():
     assert set(t.departed) == {2}
     t.due(101 + half + DEPARTED_GRACE_NS)
     assert t.departed == {}
+
+
+def ns_row(rport, netns):
+    return TcpRow(ep(rport).in_netns(netns), tcpstates.CLOSE_WAIT, 0, 1, 0, netns + rport)
+
+
+def ns_event(kind, rport, netns, ts, skaddr=0):
+    return KernelEvent(kind=kind, ts_ns=ts, skaddr=skaddr, duration_ns=0, pid=7, tid=7,
+                       comm="srv", endpoints=ep(rport).in_netns(netns),
+                       oldstate=tcpstates.CLOSE_WAIT, newstate=tcpstates.LAST_ACK)
+
+
+def test_seed_keeps_one_socket_per_namespace_with_the_same_addresses():
+    """Four namespaces, one 4-tuple: four pre-existing sockets (the old
+    tracker kept the first and dropped three)."""
+    t = Tracker(threshold_ns=S, start_ns=100 * S)
+    assert t.seed([ns_row(1, ns) for ns in (11, 22, 33, 44)], []) == 4
+    # The kernel tracked the one in namespace 22 already: only it is skipped.
+    t2 = Tracker(threshold_ns=S, start_ns=100 * S)
+    kernel_has = TrackedSocket(skaddr=9, enter_ns=100 * S, endpoints=ep(1).in_netns(22))
+    assert t2.seed([ns_row(1, ns) for ns in (11, 22, 33)], [kernel_has]) == 2
+    assert sorted(e.netns for e in t2.pre_existing) == [11, 33]
+    # A kernel entry without a namespace (no BTF) may be any of them.
+    t3 = Tracker(threshold_ns=S, start_ns=100 * S)
+    unknown = TrackedSocket(skaddr=9, enter_ns=100 * S, endpoints=ep(1))
+    assert t3.seed([ns_row(1, ns) for ns in (11, 22)], [unknown]) == 0
+
+
+def test_untracked_exit_ends_the_socket_of_its_own_namespace():
+    t = Tracker(threshold_ns=S, start_ns=100 * S)
+    t.seed([ns_row(1, ns) for ns in (11, 22, 33)], [])
+    closed = t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 22, 105 * S))
+    assert closed.lingerer.endpoints.netns == 22
+    assert sorted(e.netns for e in t.pre_existing) == [11, 33]
+
+
+def test_untracked_exit_without_a_namespace_blames_no_socket_when_several_match():
+    """No BTF: which of two pre-existing sockets with these addresses left
+    cannot be told. Neither is taken for it (no holder is named as the
+    closer); both are put back to be looked up again."""
+    t = Tracker(threshold_ns=S, start_ns=100 * S)
+    t.seed([ns_row(1, ns) for ns in (11, 22)], [])
+    for l in t.due(102 * S):
+        t.mark_reported(l)
+    before = {id(l) for l in t.pre_existing.values()}
+    assert t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 0, 105 * S)) is None
+    again = t.due(105 * S)
+    assert sorted(l.endpoints.netns for l in again) == [11, 22]
+    assert all(not l.reported and l.pre_existing for l in again)
+    assert not before & {id(l) for l in t.pre_existing.values()}
+    # With only one left by these addresses, an exit without a namespace is its.
+    t.forget_pre_existing(ep(1).in_netns(11))
+    closed = t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 0, 106 * S))
+    assert closed.lingerer.endpoints.netns == 22 and t.pre_existing == {}
+    assert t.pre_by_address == {}

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from closewait_trace.sockets import identity, procfs
-from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_GONE, OWNER_NONE,
-                                    Ownership)
+from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_AMBIGUOUS, OWNER_DENIED,
+                                            OWNER_GONE, OWNER_NONE, Ownership)
 
 STOPPED = "stopped"
 TRACED = "traced"
@@ -239,6 +239,11 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
             f"{listener.endpoints.local}, held by {who}")
+
+    if own.kind == OWNER_AMBIGUOUS:
+        return Diagnosis(UNKNOWN, f"ambiguous: {len(own.other_netns)} network namespaces have "
+                                  f"these addresses in CLOSE_WAIT and this socket's is not known "
+                                  f"(no kernel BTF); no holder named")
 
     if own.kind == OWNER_DENIED and own.netns_denied:
         n = own.netns_denied

@@ -29,6 +29,26 @@ class Endpoints:
     lport: int
     raddr: str
     rport: int
+    # The socket's network namespace inode; 0 = unknown. The same addresses
+    # and ports can be in use in several namespaces at once (containers
+    # reuse 127.0.0.1 and ephemeral ports): with the namespace they name one
+    # socket. The kernel program reads it when the kernel's BTF gave the
+    # offsets (kernel/btf.py); the socket tables are read per namespace.
+    netns: int = 0
+
+    @property
+    def address_key(self) -> tuple:
+        """The addresses alone, whatever the namespace."""
+        return (self.family, self.laddr, self.lport, self.raddr, self.rport)
+
+    def in_netns(self, netns: int) -> "Endpoints":
+        return Endpoints(self.family, self.laddr, self.lport, self.raddr, self.rport, netns)
+
+    def same_socket_as(self, other: "Endpoints") -> bool:
+        """Whether both can name the same socket: same addresses, and the
+        same namespace unless either does not know its namespace."""
+        return (self.address_key == other.address_key
+                and (not self.netns or not other.netns or self.netns == other.netns))
 
     @property
     def family_name(self) -> str:
@@ -65,6 +85,7 @@ def endpoints_of(raw) -> Endpoints:
         lport=int(raw.sport),
         raddr=format_address(int(raw.family), bytes(raw.daddr)),
         rport=int(raw.dport),
+        netns=int(getattr(raw, "netns", 0)),
     )
 
 
@@ -152,4 +173,5 @@ class EntryLayout:
             laddr=format_address(family, self._bytes(buf, base, "saddr")),
             lport=self._int(buf, base, "sport"),
             raddr=format_address(family, self._bytes(buf, base, "daddr")),
-            rport=self._int(buf, base, "dport"))
+            rport=self._int(buf, base, "dport"),
+            netns=self._int(buf, base, "netns") if "netns" in self.fields else 0)

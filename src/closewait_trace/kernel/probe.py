@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 
 from closewait_trace import knobs
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_NOT_ROOT, EXIT_USAGE, UserError
+from closewait_trace.kernel import btf
 from closewait_trace.kernel.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -55,6 +57,10 @@ class ProbeConfig:
             flags.append("-DFILTER_RPORT")
         if self.all_transitions:
             flags.append("-DALL_TRANSITIONS")
+        if self.features.netns is not None:
+            flags.extend(self.features.netns.cflags())
+        if self.features.probe_read_kernel:
+            flags.append("-DUSE_PROBE_READ_KERNEL")
         return flags
 
 
@@ -80,12 +86,15 @@ def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bo
 #   perfbuf / ringbuf      event transport (the ring buffer needs 5.8)
 #   monotonic / boottime   kernel clock (bpf_ktime_get_boot_ns needs 5.8)
 #   perkey / batch         map read (BPF_MAP_LOOKUP_BATCH needs 5.6)
+#   nobtf                  no socket namespaces from BTF (as on a kernel
+#                          without /sys/kernel/btf/vmlinux): match by address
 # CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey is what a 5.4 kernel gets.
 FORCE_ENV = "CLOSEWAIT_TRACE_FORCE"
 _FORCE_WORDS = {
     "perfbuf": ("ringbuf", False), "ringbuf": ("ringbuf", True),
     "monotonic": ("boot_clock", False), "boottime": ("boot_clock", True),
     "perkey": ("batch_read", False), "batch": ("batch_read", True),
+    "nobtf": ("btf", False),
 }
 
 
@@ -98,6 +107,11 @@ class KernelFeatures:
     boot_clock: bool     # bpf_ktime_get_boot_ns (5.8+), else CLOCK_MONOTONIC
     batch_read: bool     # try BPF_MAP_LOOKUP_BATCH (5.6+), else walk key by key
     forced: tuple = ()   # words taken from CLOSEWAIT_TRACE_FORCE
+    # Offsets for reading a socket's network namespace, from the kernel's
+    # BTF (kernel/btf.py); None: no usable BTF, sockets are matched to their
+    # namespace by address only, and a match in several is said as ambiguous.
+    netns: Optional[btf.NetnsOffsets] = None
+    probe_read_kernel: bool = True   # bpf_probe_read_kernel (5.5+)
 
     @property
     def transport(self) -> str:
@@ -109,7 +123,9 @@ class KernelFeatures:
 
     def describe(self) -> str:
         text = f"{self.transport}, {self.clock} clock, " + \
-               ("batched map reads" if self.batch_read else "per-key map reads")
+               ("batched map reads" if self.batch_read else "per-key map reads") + \
+               (", socket namespaces from BTF" if self.netns is not None
+                else ", socket namespaces unknown (no usable BTF): matched by address")
         if self.forced:
             text += f" (forced by {FORCE_ENV}={','.join(self.forced)})"
         scale = knobs.time_scale()
@@ -141,7 +157,15 @@ def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatur
         ringbuf=forced.get("ringbuf", at_5_8),
         boot_clock=forced.get("boot_clock", at_5_8),
         batch_read=forced.get("batch_read", True),
-        forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()))
+        forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()),
+        netns=btf_netns_offsets() if forced.get("btf", True) else None,
+        probe_read_kernel=kernel_at_least(5, 5, release))
+
+
+@functools.lru_cache(maxsize=1)
+def btf_netns_offsets() -> Optional[btf.NetnsOffsets]:
+    """The running kernel's offsets, parsed once per process (~0.1 s)."""
+    return btf.netns_offsets()
 
 
 def ensure_tracefs() -> str:

@@ -100,6 +100,9 @@ class Tracker:
     # Not yet reported, by identity: what a tick must look at, so that a
     # tick costs nothing per socket already reported.
     pending: dict[int, Lingerer] = field(default_factory=dict)
+    # pre_existing by addresses alone: the same addresses may be in several
+    # namespaces, and an event may not know its namespace (no BTF).
+    pre_by_address: dict[tuple, set[Endpoints]] = field(default_factory=dict)
 
     def seed(self, already_in_close_wait: Iterable[TcpRow],
              tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None) -> int:
@@ -110,10 +113,17 @@ class Tracker:
         twice. Each gets an age estimated from tcp_info (ages.py): those
         already past the threshold are due at the first tick."""
         observed_ns = self.start_ns if observed_ns is None else observed_ns
-        tracked_endpoints = {t.endpoints for t in tracked}
+        tracked_netns: dict[tuple, set[int]] = {}
+        for t in tracked:
+            tracked_netns.setdefault(t.endpoints.address_key, set()).add(t.endpoints.netns)
         for row in already_in_close_wait:
             endpoints = row.endpoints
-            if endpoints in tracked_endpoints or endpoints in self.pre_existing:
+            if endpoints in self.pre_existing:
+                continue
+            seen = tracked_netns.get(endpoints.address_key)
+            # Tracked already: the same socket, by namespace when both know
+            # it, by address when either does not.
+            if seen and (not endpoints.netns or 0 in seen or endpoints.netns in seen):
                 continue
             est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns)
             # Without tcp_info all we know is that it was there at start.
@@ -121,9 +131,44 @@ class Tracker:
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
                          enter_max_ns=est.enter_max_ns)
-            self.pre_existing[endpoints] = l
-            self.pending[id(l)] = l
+            self._add_pre_existing(l)
         return len(self.pre_existing)
+
+    def _add_pre_existing(self, l: Lingerer) -> None:
+        self.pre_existing[l.endpoints] = l
+        self.pre_by_address.setdefault(l.endpoints.address_key, set()).add(l.endpoints)
+        self.pending[id(l)] = l
+
+    def _pop_pre_existing(self, endpoints: Endpoints) -> Optional[Lingerer]:
+        l = self.pre_existing.pop(endpoints, None)
+        if l is not None:
+            same = self.pre_by_address.get(endpoints.address_key)
+            if same is not None:
+                same.discard(endpoints)
+                if not same:
+                    del self.pre_by_address[endpoints.address_key]
+            self.pending.pop(id(l), None)
+        return l
+
+    def _pre_existing_left(self, endpoints: Endpoints) -> Optional[Lingerer]:
+        """The pre-existing socket an untracked exit is about. Exact when
+        both know the namespace; else by address, if only one socket has
+        those addresses. With several, which one left cannot be told: each
+        is put back as unreported, so that it is looked up again (the one
+        gone is then found gone, the others reported afresh), and None."""
+        l = self._pop_pre_existing(endpoints)
+        if l is not None:
+            return l
+        candidates = [ep for ep in self.pre_by_address.get(endpoints.address_key, ())
+                      if ep.same_socket_as(endpoints)]
+        if len(candidates) == 1:
+            return self._pop_pre_existing(candidates[0])
+        for ep in candidates:
+            old = self._pop_pre_existing(ep)
+            self._add_pre_existing(Lingerer(
+                endpoints=ep, enter_ns=old.enter_ns, skaddr=None, pre_existing=True,
+                age_source=old.age_source, enter_max_ns=old.enter_max_ns))
+        return None
 
     def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:
         """sync_entries for decoded map entries (tests, small maps)."""
@@ -187,9 +232,7 @@ class Tracker:
 
     def forget_pre_existing(self, endpoints: Endpoints) -> None:
         """A pre-existing socket found gone when resolved (left unseen)."""
-        l = self.pre_existing.pop(endpoints, None)
-        if l is not None:
-            self.pending.pop(id(l), None)
+        self._pop_pre_existing(endpoints)
 
     def on_event(self, ev: KernelEvent) -> Optional[Closed]:
         if ev.kind == KIND_CLOSED:
@@ -200,10 +243,9 @@ class Tracker:
                     l = None
             return self._closed(ev, l, ev.duration_ns)
         if ev.kind == KIND_UNTRACKED_EXIT:
-            l = self.pre_existing.pop(ev.endpoints, None)
+            l = self._pre_existing_left(ev.endpoints)
             if l is None:
                 return None      # counted by the kernel as exit_untracked
-            self.pending.pop(id(l), None)
             # Its age at start (estimated, or the time since start as a
             # lower bound) plus the time traced since.
             duration = l.age_ns(ev.ts_ns)

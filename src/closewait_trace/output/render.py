@@ -372,6 +372,8 @@ class TextRenderer:
             owner = self._owner(who(owners[0]), len(pids) - 1)
         elif rec.get("owner_kind") == "accept_queue":
             owner = "(not accepted)"
+        elif rec.get("owner_kind") == "ambiguous":
+            owner = "(ambiguous)"     # several namespaces, its own unknown
         else:
             owner = "-"
         event = "CHANGE" if rec.get("update") else "LINGER"

@@ -3,10 +3,18 @@
 Runs in user space only for sockets that crossed the threshold, in one batch
 per tick: one pass over the TCP tables of each network namespace and one pass
 over /proc/*/fd, whatever the number of sockets in the batch.
+
+The same addresses and ports can be in CLOSE_WAIT in several network
+namespaces at once (two containers, or a user's own namespace copying
+another's connection). A socket is looked up in its own namespace when its
+Endpoints carry it (netns != 0: the kernel program read it, or the socket
+was found in a namespace's table); otherwise a match in more than one
+namespace is said as ambiguous, and no holder is named.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -22,6 +30,10 @@ OWNER_GONE = "gone"                # no longer in CLOSE_WAIT when we looked
 # Unknown: no holder found, but the fd tables of some processes could not be
 # read (permission denied): "nobody holds it" would be a guess, not a fact.
 OWNER_DENIED = "denied"
+# The socket's namespace is not known (no BTF offsets) and these addresses
+# are in CLOSE_WAIT in several namespaces: which one is this socket cannot
+# be told, so no holder is named (other_netns lists the namespaces).
+OWNER_AMBIGUOUS = "ambiguous"
 
 
 @dataclass(slots=True)
@@ -62,7 +74,8 @@ class Ownership:
     # one it waits on; for OWNER_FD the one it was most likely accepted from.
     listener: Optional[TcpRow] = None
     listener_holders: list[Holder] = field(default_factory=list)
-    other_netns: list[int] = field(default_factory=list)  # same addresses elsewhere
+    # OWNER_AMBIGUOUS: every namespace with these addresses in CLOSE_WAIT.
+    other_netns: list[int] = field(default_factory=list)
     # Processes whose fd table we were not allowed to read in this batch: any
     # of them may hold the socket too (0 when running with full privileges).
     denied_processes: int = 0
@@ -198,50 +211,78 @@ def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, li
 
 
 def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
-    """Every socket in CLOSE_WAIT right now, in every network namespace."""
+    """Every socket in CLOSE_WAIT right now, in every network namespace; each
+    row's endpoints carry the namespace it was read in."""
     rows = []
+    seen: set[tuple] = set()
     for netns, pid in procnet.network_namespaces(proc).items():
         for row in procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT]):
-            rows.append((netns, row))
+            row = _in_namespace(row, netns)
+            # Two pids may show one namespace (one moved meanwhile).
+            key = (row.endpoints, row.inode)
+            if key not in seen:
+                seen.add(key)
+                rows.append((row.endpoints.netns, row))
     return rows
+
+
+def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
+    """The row with its namespace: as read (exact), else the one of the pid
+    it was read through."""
+    if row.endpoints.netns or not netns:
+        return row
+    return dataclasses.replace(row, endpoints=row.endpoints.in_netns(netns))
 
 
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
             batch: Optional[procfs.ProcBatch] = None) -> dict[Endpoints, Ownership]:
-    """Ownership of each socket in CLOSE_WAIT with these addresses. Pass
-    the batch's ProcBatch to share its process reads (one is made if not)."""
+    """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
+    in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
+    every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
+    batch's ProcBatch to share its process reads (one is made if not)."""
     wanted = set(wanted)
     if not wanted:
         return {}
-    matches: dict[Endpoints, list[tuple[int, TcpRow]]] = {}
+    addresses = {ep.address_key for ep in wanted}
+    # address key -> {(netns, inode): row}: one entry per socket, however
+    # many pids showed its namespace.
+    matches: dict[tuple, dict[tuple, TcpRow]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
     namespaces, netns_denied = procnet.scan_network_namespaces(proc)
     for netns, pid in namespaces.items():
         rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
-        listeners: dict[tuple, list[TcpRow]] = {}
         for row in rows:
+            row = _in_namespace(row, netns)
+            row_ns = row.endpoints.netns
             if row.state == tcpstates.LISTEN:
-                listeners.setdefault((row.endpoints.family, row.endpoints.lport), []).append(row)
-            elif row.endpoints in wanted:
-                matches.setdefault(row.endpoints, []).append((netns, row))
-        listeners_by_ns[netns] = listeners
+                listeners_by_ns.setdefault(row_ns, {}).setdefault(
+                    (row.endpoints.family, row.endpoints.lport), []).append(row)
+            elif row.endpoints.address_key in addresses:
+                matches.setdefault(row.endpoints.address_key, {})[(row_ns, row.inode)] = row
 
     result: dict[Endpoints, Ownership] = {}
     needed_inodes: set[int] = set()
     for endpoints in wanted:
-        found = matches.get(endpoints)
+        found = list(matches.get(endpoints.address_key, {}).values())
+        if endpoints.netns:
+            found = [row for row in found if row.endpoints.netns == endpoints.netns]
         if not found:
             # Not in any namespace we could read. If some processes hid
             # theirs from us, it may well be in one of those: unknown.
             result[endpoints] = (Ownership(kind=OWNER_DENIED, netns_denied=len(netns_denied))
                                  if netns_denied else Ownership(kind=OWNER_GONE))
             continue
-        # The same addresses in CLOSE_WAIT in two namespaces at once is
-        # possible (containers reuse 127.0.0.1); we keep the first and say so.
-        netns, row = found[0]
-        own = Ownership(kind=OWNER_FD, netns=netns, inode=row.inode,
-                        rx_queue=row.rx_queue,
-                        other_netns=[ns for ns, _ in found[1:]])
+        if len(found) > 1:
+            # Its namespace unknown, and these addresses in several: naming
+            # any one's holder could name another socket's.
+            result[endpoints] = Ownership(
+                kind=OWNER_AMBIGUOUS,
+                other_netns=sorted({row.endpoints.netns for row in found}))
+            continue
+        row = found[0]
+        netns = row.endpoints.netns
+        own = Ownership(kind=OWNER_FD, netns=netns or None, inode=row.inode,
+                        rx_queue=row.rx_queue)
         own.listener = _listener_for(row, listeners_by_ns.get(netns, {}))
         if own.listener is not None and own.listener.inode:
             needed_inodes.add(own.listener.inode)

@@ -34,7 +34,7 @@ def _decode_hex_address(text: str) -> bytes:
     return raw
 
 
-def parse_tcp_table(text: str, family: int) -> list[TcpRow]:
+def parse_tcp_table(text: str, family: int, netns: int = 0) -> list[TcpRow]:
     rows = []
     for line in text.splitlines()[1:]:
         parts = line.split()
@@ -50,7 +50,8 @@ def parse_tcp_table(text: str, family: int) -> list[TcpRow]:
                     laddr=format_address(family, _decode_hex_address(laddr)),
                     lport=int(lport, 16),
                     raddr=format_address(family, _decode_hex_address(raddr)),
-                    rport=int(rport, 16)),
+                    rport=int(rport, 16),
+                    netns=netns),
                 state=int(parts[3], 16),
                 tx_queue=int(tx, 16),
                 rx_queue=int(rx, 16),
@@ -139,6 +140,8 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
 
 
 def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]]) -> list[TcpRow]:
+    """Rows whose endpoints carry the inode of the namespace they were read
+    in (0 when it could not be known)."""
     if states is not None and is_procfs(proc):
         ns_link = f"{proc}/{pid}/ns/net"
         same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
@@ -147,10 +150,17 @@ def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]]) -> list[Tcp
         except OSError:
             pass        # no sock_diag (module missing, or the process went away)
     rows: list[TcpRow] = []
+    # /proc/PID/net is the namespace of whatever process has the pid when
+    # read: the same namespace before and after the reads names the rows'
+    # (a pid reused in another namespace in between gives no rows).
+    ns_link = f"{proc}/{pid}/ns/net"
+    netns = procfs.ns_inode(procfs.read_link(ns_link)) or 0
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         text = procfs.read_text(f"{proc}/{pid}/net/{name}")
         if text:
-            rows.extend(parse_tcp_table(text, family))
+            rows.extend(parse_tcp_table(text, family, netns))
+    if (procfs.ns_inode(procfs.read_link(ns_link)) or 0) != netns:
+        return []
     if states is not None:
         wanted = set(states)
         rows = [row for row in rows if row.state in wanted]

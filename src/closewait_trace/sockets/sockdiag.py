@@ -90,7 +90,7 @@ def _attribute(data: bytes, start: int, end: int, wanted: int) -> Optional[bytes
 _address = functools.lru_cache(maxsize=4096)(format_address)
 
 
-def _row(data: bytes, offset: int, end: int) -> TcpRow:
+def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
     (family, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
      _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset)
     info = _attribute(data, offset + _MSG.size, end, INET_DIAG_INFO)
@@ -99,13 +99,14 @@ def _row(data: bytes, offset: int, end: int) -> TcpRow:
         endpoints=Endpoints(family=family, laddr=_address(family, src),
                             lport=int.from_bytes(sport, "big"),
                             raddr=_address(family, dst),
-                            rport=int.from_bytes(dport, "big")),
+                            rport=int.from_bytes(dport, "big"), netns=netns),
         state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode,
         last_ack_recv_ms=last_ack, last_data_recv_ms=last_data)
 
 
-def parse_messages(data: bytes) -> tuple[list[TcpRow], bool]:
-    """Rows in one netlink read, and whether the dump is finished.
+def parse_messages(data: bytes, netns: int = 0) -> tuple[list[TcpRow], bool]:
+    """Rows in one netlink read, and whether the dump is finished; each
+    row's endpoints carry netns, the namespace the socket was opened in.
 
     Every length is checked against the buffer before it is used: a message
     whose length does not fit ends this read's parsing (the next message's
@@ -129,12 +130,12 @@ def parse_messages(data: bytes) -> tuple[list[TcpRow], bool]:
             # errno 0 is an acknowledgement, not an error
         elif (kind == SOCK_DIAG_BY_FAMILY and end - body >= _MSG.size
               and data[body] in (socket.AF_INET, socket.AF_INET6)):
-            rows.append(_row(data, body, end))
+            rows.append(_row(data, body, end, netns))
         offset += (length + 3) & ~3
     return rows, False
 
 
-def _dump(sock: socket.socket, states: Iterable[int]) -> list[TcpRow]:
+def _dump(sock: socket.socket, states: Iterable[int], netns: int = 0) -> list[TcpRow]:
     rows: list[TcpRow] = []
     for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
         sock.send(build_request(family, states, seq))
@@ -142,16 +143,21 @@ def _dump(sock: socket.socket, states: Iterable[int]) -> list[TcpRow]:
             data = sock.recv(1 << 20)
             if not data:
                 raise OSError("sock_diag: the netlink socket returned nothing")
-            batch, done = parse_messages(data)
+            batch, done = parse_messages(data, netns)
             rows.extend(batch)
             if done:
                 break
     return rows
 
 
-def _open_in_netns(ns_path: Optional[str]) -> socket.socket:
+def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
+    """A sock_diag socket in the namespace at ns_path (None: ours), and that
+    namespace's inode, taken from the very file entered (fstat of the open
+    nsfs file): whatever happens to the process ns_path named, the rows
+    this socket returns are of that namespace."""
     if ns_path is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        inode = os.stat("/proc/thread-self/ns/net").st_ino
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG), inode
     result: dict = {}
 
     def work():
@@ -162,6 +168,7 @@ def _open_in_netns(ns_path: Optional[str]) -> socket.socket:
             result["error"] = exc
             return
         try:
+            result["inode"] = os.fstat(fd).st_ino
             if libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 result["error"] = OSError(err, os.strerror(err))
@@ -177,16 +184,17 @@ def _open_in_netns(ns_path: Optional[str]) -> socket.socket:
     thread.join()
     if "error" in result:
         raise result["error"]
-    return result["sock"]
+    return result["sock"], result["inode"]
 
 
 def tcp_sockets(states: Iterable[int], ns_path: Optional[str] = None) -> list[TcpRow]:
-    """TCP sockets in these states, in the namespace at ns_path (None: ours).
+    """TCP sockets in these states, in the namespace at ns_path (None: ours),
+    their endpoints tagged with that namespace's inode.
     Raises OSError when sock_diag is unavailable; callers fall back."""
     states = list(states)
-    sock = _open_in_netns(ns_path)
+    sock, netns = _open_in_netns(ns_path)
     try:
         sock.settimeout(5)
-        return _dump(sock, states)
+        return _dump(sock, states, netns)
     finally:
         sock.close()

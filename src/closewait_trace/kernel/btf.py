@@ -1,0 +1,252 @@
+"""The few kernel struct offsets the BPF program needs, from the running
+kernel's BTF (/sys/kernel/btf/vmlinux), parsed here (pure Python, no
+bpftool, no kernel headers).
+
+The program stays header-agnostic: it reads no kernel struct by type. To
+know a socket's network namespace it reads two words at offsets taken from
+BTF at start and handed to it as -D constants:
+
+    sk->__sk_common.skc_net.net          (struct net *)
+    net->ns.inum                         (unsigned int: the inode `ip netns`,
+                                          /proc/PID/ns/net and sock_diag name)
+
+The format is the kernel's Documentation/bpf/btf.rst: a header, a type
+section of variable-length records whose ids are their position, and a
+string section. The file is read like any input: its size is capped, every
+offset is checked against the buffer before use, chains of typedefs and
+nested anonymous members are followed a bounded number of steps, and any
+doubt (a kind this parser does not know, a member missing or a bitfield, two
+structs of one name that disagree) gives None: the caller then falls back to
+matching sockets by address, and says ambiguity as such.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+# vmlinux BTF is 5-6 MB on a distribution kernel; 64 MiB is far above any
+# real one and keeps a hostile or corrupt file from costing more.
+MAX_BYTES = 64 << 20
+# Steps through typedef/const/volatile chains and anonymous members.
+MAX_HOPS = 32
+MAX_NESTING = 8
+# Members looked at per lookup, nesting included: a crafted blob whose
+# anonymous members all name one struct would otherwise multiply the work
+# by its member count at each level. The real lookups visit a few hundred.
+MAX_MEMBER_VISITS = 100_000
+
+BTF_MAGIC = 0xEB9F
+
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
+KIND_ENUM, KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST = 6, 7, 8, 9, 10
+KIND_RESTRICT, KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC = 11, 12, 13, 14, 15
+KIND_FLOAT, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 16, 17, 18, 19
+
+# Bytes that follow the 12-byte btf_type record: (fixed, per vlen item).
+_TRAILER = {
+    KIND_INT: (4, 0), KIND_PTR: (0, 0), KIND_ARRAY: (12, 0), KIND_STRUCT: (0, 12),
+    KIND_UNION: (0, 12), KIND_ENUM: (0, 8), KIND_FWD: (0, 0), KIND_TYPEDEF: (0, 0),
+    KIND_VOLATILE: (0, 0), KIND_CONST: (0, 0), KIND_RESTRICT: (0, 0), KIND_FUNC: (0, 0),
+    KIND_FUNC_PROTO: (0, 8), KIND_VAR: (4, 0), KIND_DATASEC: (0, 12), KIND_FLOAT: (0, 0),
+    KIND_DECL_TAG: (4, 0), KIND_TYPE_TAG: (0, 0), KIND_ENUM64: (0, 12),
+}
+_QUALIFIERS = {KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG}
+
+
+class BTFError(ValueError):
+    """The blob is not BTF this parser can trust."""
+
+
+@dataclass(frozen=True)
+class NetnsOffsets:
+    """Byte offsets for reading a socket's network namespace inode."""
+
+    sk_net: int       # struct sock -> its struct net * (skc_net.net)
+    net_inum: int     # struct net -> ns.inum (a u32)
+
+    def cflags(self) -> list[str]:
+        return [f"-DNETNS_SK_NET_OFF={self.sk_net}", f"-DNETNS_INUM_OFF={self.net_inum}"]
+
+
+class BTF:
+    """Index of a BTF blob: where each type's record starts, and the struct
+    and union ids by name, built in one pass; members are decoded only for
+    the types asked about."""
+
+    def __init__(self, blob: bytes):
+        if len(blob) < 24:
+            raise BTFError("shorter than a BTF header")
+        magic_le = struct.unpack_from("<H", blob, 0)[0]
+        magic_be = struct.unpack_from(">H", blob, 0)[0]
+        if magic_le == BTF_MAGIC:
+            self._e = "<"
+        elif magic_be == BTF_MAGIC:
+            self._e = ">"
+        else:
+            raise BTFError("no BTF magic")
+        e = self._e
+        _magic, version, _flags, hdr_len = struct.unpack_from(e + "HBBI", blob, 0)
+        if version != 1 or hdr_len < 24 or hdr_len > len(blob):
+            raise BTFError(f"unknown BTF version {version} or header length {hdr_len}")
+        type_off, type_len, str_off, str_len = struct.unpack_from(e + "IIII", blob, 8)
+        types_start, strs_start = hdr_len + type_off, hdr_len + str_off
+        if (types_start + type_len > len(blob) or strs_start + str_len > len(blob)):
+            raise BTFError("a section runs past the end of the data")
+        self.blob = blob
+        self.strings = (strs_start, strs_start + str_len)
+        self._rec = struct.Struct(e + "III")
+        self._member = struct.Struct(e + "III")
+        self.offsets: list[int] = [-1]      # type id -> record offset (id 0 is void)
+        self.by_name: dict[bytes, list[int]] = {}
+        self._index(types_start, types_start + type_len)
+
+    def _index(self, pos: int, end: int) -> None:
+        blob, rec, trailer = self.blob, self._rec, _TRAILER
+        offsets = self.offsets
+        aggregate = (KIND_STRUCT, KIND_UNION)
+        while pos < end:
+            if pos + 12 > end:
+                raise BTFError("a type record is cut short")
+            name_off, info, _size = rec.unpack_from(blob, pos)
+            kind = (info >> 24) & 0x1F
+            sizes = trailer.get(kind)
+            if sizes is None:
+                # Its length is unknown, so is every later type's id.
+                raise BTFError(f"unknown BTF kind {kind}")
+            offsets.append(pos)
+            if kind in aggregate and name_off:
+                self.by_name.setdefault(self._name_key(name_off), []).append(len(offsets) - 1)
+            pos += 12 + sizes[0] + sizes[1] * (info & 0xFFFF)
+        if pos != end:
+            raise BTFError("the last type record runs past its section")
+
+    def _name_key(self, name_off: int) -> bytes:
+        start, end = self.strings
+        at = start + name_off
+        if at >= end:
+            return b""
+        stop = self.blob.find(b"\0", at, end)
+        return self.blob[at:stop if stop >= 0 else end]
+
+    def _type(self, type_id: int) -> tuple[int, int, int, int]:
+        """(kind, vlen, kind_flag, size_or_type) of a type id."""
+        if not 0 < type_id < len(self.offsets):
+            raise BTFError(f"type id {type_id} out of range")
+        _name, info, size = self._rec.unpack_from(self.blob, self.offsets[type_id])
+        return (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, size
+
+    def resolve(self, type_id: int) -> int:
+        """The type under typedefs and qualifiers."""
+        for _ in range(MAX_HOPS):
+            kind, _vlen, _kflag, target = self._type(type_id)
+            if kind not in _QUALIFIERS:
+                return type_id
+            type_id = target
+        raise BTFError("typedef chain too long")
+
+    def kind(self, type_id: int) -> int:
+        return self._type(type_id)[0]
+
+    def size(self, type_id: int) -> int:
+        return self._type(type_id)[3]
+
+    def members(self, type_id: int):
+        """(name, bit offset, bitfield size, member type id) of a struct or union."""
+        kind, vlen, kflag, _size = self._type(type_id)
+        if kind not in (KIND_STRUCT, KIND_UNION):
+            raise BTFError(f"type {type_id} is not a struct or union")
+        pos = self.offsets[type_id] + 12
+        for i in range(vlen):
+            name_off, mtype, offset = self._member.unpack_from(self.blob, pos + 12 * i)
+            if kflag:
+                yield self._name_key(name_off), offset & 0xFFFFFF, offset >> 24, mtype
+            else:
+                yield self._name_key(name_off), offset, 0, mtype
+
+    def member(self, type_id: int, name: bytes, depth: int = 0,
+               budget: Optional[list] = None) -> Optional[tuple[int, int]]:
+        """(byte offset, member type id) of a named member, looking inside
+        anonymous struct and union members as C does; None if absent."""
+        if depth > MAX_NESTING:
+            raise BTFError("anonymous members nested too deep")
+        budget = [MAX_MEMBER_VISITS] if budget is None else budget
+        for mname, bit_off, bitfield, mtype in self.members(type_id):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise BTFError("too many members to look through")
+            if mname == name:
+                if bitfield or bit_off % 8:
+                    raise BTFError(f"member {name.decode()} is a bitfield")
+                return bit_off // 8, mtype
+            if not mname:
+                inner = self.resolve(mtype)
+                if self.kind(inner) in (KIND_STRUCT, KIND_UNION):
+                    found = self.member(inner, name, depth + 1, budget)
+                    if found is not None:
+                        if bit_off % 8:
+                            raise BTFError("anonymous member not byte aligned")
+                        return bit_off // 8 + found[0], found[1]
+        return None
+
+    def path(self, struct_name: bytes, *names: bytes) -> Optional[tuple[int, int, int]]:
+        """(byte offset, kind, size) of the type at struct_name.a.b...; None when a
+        step is missing. Several structs of one name must agree."""
+        answers = set()
+        for type_id in self.by_name.get(struct_name, []):
+            if self.kind(type_id) != KIND_STRUCT:
+                continue
+            offset, current = 0, type_id
+            for name in names:
+                if self.kind(current) not in (KIND_STRUCT, KIND_UNION):
+                    current = None
+                    break
+                found = self.member(current, name)
+                if found is None:
+                    current = None
+                    break
+                offset += found[0]
+                current = self.resolve(found[1])
+            if current is not None:
+                answers.add((offset, self.kind(current), self.size(current)))
+        if len(answers) != 1:
+            return None
+        offset, kind, size = answers.pop()
+        return offset, kind, size
+
+
+def netns_offsets_from(blob: bytes) -> Optional[NetnsOffsets]:
+    """NetnsOffsets from a BTF blob, or None (not BTF, or the kernel's
+    structs are not as expected: a kernel without CONFIG_NET_NS has no
+    skc_net.net)."""
+    try:
+        btf = BTF(blob)
+        net_ptr = btf.path(b"sock", b"__sk_common", b"skc_net", b"net")
+        inum = btf.path(b"net", b"ns", b"inum")
+    except (BTFError, struct.error):
+        return None
+    if net_ptr is None or inum is None:
+        return None
+    if net_ptr[1] != KIND_PTR:
+        return None
+    if inum[1] != KIND_INT or inum[2] != 4:
+        return None
+    return NetnsOffsets(sk_net=net_ptr[0], net_inum=inum[0])
+
+
+def read_bounded(path: str, limit: int = MAX_BYTES) -> Optional[bytes]:
+    """The file's bytes, or None when unreadable or larger than limit."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
+
+
+def netns_offsets(path: str = VMLINUX) -> Optional[NetnsOffsets]:
+    """The running kernel's NetnsOffsets, or None (no BTF, or not usable)."""
+    blob = read_bounded(path)
+    return netns_offsets_from(blob) if blob is not None else None
