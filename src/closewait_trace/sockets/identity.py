@@ -314,6 +314,18 @@ def program_of(dir_fd: int) -> Optional[dict]:
             replaced = now[:3] != exe[:3]
     return {"path": path, "deleted": deleted, "replaced": replaced}
 
+def program_label(exe) -> Optional[str]:
+    """An identity's `exe` (from anywhere) as one string: the path, with
+    "(deleted)" / "(replaced on disk)" as marks of ours. Pure."""
+    if not isinstance(exe, dict) or not isinstance(exe.get("path"), str) or not exe["path"]:
+        return None
+    label = exe["path"]
+    if exe.get("deleted") is True:
+        label += " (deleted" + (", replaced on disk)" if exe.get("replaced") is True else ")")
+    elif exe.get("replaced") is True:
+        label += " (replaced on disk)"
+    return label
+
 
 def user_name(uid: Optional[int]) -> Optional[str]:
     if uid is None:
