@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -12,6 +13,9 @@ import pytest
 from tests.kernel.harness import (TRACER, Tracer, children_of, connect_and_close, free_port,
                                   ss_close_wait, start_holding_server, stretch,
                                   wait_until)
+
+# The program is named by its executable (what /proc/PID/exe links to).
+SOCAT = os.path.realpath(shutil.which("socat"))
 
 pytestmark = pytest.mark.kernel
 
@@ -49,7 +53,7 @@ def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs, kernel_path
     assert all(row["comm"] == "socat" and row["count"] == 1 for row in rep["by_pid"])
     # The five children of one listener are one program, stopped.
     assert [(r["program"], r["processes"], r["count"], r["causes"]) for r in rep["by_program"]] \
-        == [("socat", 5, 5, {"stopped": 5})]
+        == [(f"socat [{SOCAT}]", 5, 5, {"stopped": 5})]
     assert [r["cause"] for r in rep["by_cause"]] == ["stopped"]
     assert len(rep["still_lingering"]) == 5
     # Linger times: at least the 1s threshold, no more than the whole capture.
@@ -58,7 +62,7 @@ def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs, kernel_path
     assert rep["losses"]["unclean_ends"] == 1
     text = cli("report", str(path))
     assert text.returncode == 0
-    assert "socat (5 processes)" in text.stdout
+    assert f"socat [{SOCAT}] (5 processes)" in text.stdout
     assert "ended without a summary" in text.stdout
 
 

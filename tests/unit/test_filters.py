@@ -44,10 +44,11 @@ def test_holder_filter_pid_comm_same_person():
 
 
 def test_unmatched_names_each_value_no_process_matches_on_its_own():
-    people = [{"pid": 7, "comm": "nginx", "identity": {"unit": "nginx.service", "cgroup": "/a"}},
+    people = [{"pid": 7, "comm": "nginx", "identity": {"unit": "nginx.service",
+                                                        "cgroup": "/system.slice/nginx.service"}},
               {"pid": 8, "comm": "java"}]
     f = HolderFilter(pids=(7, 99), comms=("java", "ngnix"), units=("nginx", "web"),
-                     cgroups=("/a", "/b"))
+                     cgroups=("/system.slice", "/b"))
     assert f.unmatched(people) == ["--pid 99", "--comm ngnix", "--cgroup /b", "--unit web"]
     assert HolderFilter(pids=(7,), comms=("nginx",)).unmatched(people) == []
     assert HolderFilter().unmatched([]) == []
@@ -60,8 +61,9 @@ def test_unmatched_stops_reading_people_once_every_value_matched():
     assert HolderFilter(pids=(7,), comms=("nginx",)).unmatched(people()) == []
 
 
-IDENT = {"cgroup": "/system.slice/web.service/sub",
-         "container": {"runtime": "docker", "id": "ab12" + "0" * 60}, "unit": "web.service"}
+IDENT = {"cgroup": "/system.slice/web.service/sub", "unit": "web.service"}
+DOCKER = {"cgroup": "/system.slice/docker-ab12" + "0" * 60 + ".scope",
+          "container": {"runtime": "docker", "id": "ab12" + "0" * 60}}
 
 
 @pytest.mark.parametrize("f,expected", [
@@ -69,8 +71,6 @@ IDENT = {"cgroup": "/system.slice/web.service/sub",
     (HolderFilter(cgroups=("/system.slice/web.service/",)), True),
     (HolderFilter(cgroups=("/",)), True),
     (HolderFilter(cgroups=("/system.slice/web",)), False),     # not a parent: a prefix
-    (HolderFilter(containers=("ab12",)), True),
-    (HolderFilter(containers=("ab13",)), False),
     (HolderFilter(units=("web",)), True),
     (HolderFilter(units=("web.service",)), True),
     (HolderFilter(units=("db",)), False),
@@ -79,6 +79,35 @@ IDENT = {"cgroup": "/system.slice/web.service/sub",
 def test_holder_filter_identity(f, expected):
     assert f.needs_identity or f.pids
     assert f.matches([{"pid": 1, "comm": "x", "identity": IDENT}]) is expected
+
+
+@pytest.mark.parametrize("f,expected", [
+    (HolderFilter(containers=("ab12",)), True),
+    (HolderFilter(containers=("ab13",)), False),
+    (HolderFilter(units=("web",)), False),
+])
+def test_holder_filter_container(f, expected):
+    assert f.matches([{"pid": 1, "comm": "x", "identity": DOCKER}]) is expected
+
+
+DELEGATED = ("/user.slice/user-1000.slice/user@1000.service/kubepods-besteffort-pod"
+             "1234abcd_1111_2222_3333_444455556666.slice/cri-containerd-" + "ab12" * 16 + ".scope")
+
+
+def test_container_and_unit_filters_take_nothing_a_user_named():
+    """Issue 17 §2: the fields an identity carries (a recording of another
+    host, an older version) are not believed; the container and unit are
+    decided again from the cgroup path, where a user's delegated subtree
+    (user@UID.service) names nothing."""
+    forged = {"cgroup": DELEGATED, "container": {"runtime": "containerd", "id": "ab12" * 16},
+              "pod_uid": "1234abcd-1111-2222-3333-444455556666", "unit": "web.service"}
+    person = {"pid": 1, "comm": "x", "identity": forged}
+    assert not HolderFilter(containers=("ab12",)).matches([person])
+    assert not HolderFilter(units=("web",)).matches([person])
+    assert HolderFilter(units=("user@1000",)).matches([person])     # the unit systemd made
+    no_path = {"container": {"runtime": "docker", "id": "ab12" * 16}, "unit": "web.service"}
+    assert not HolderFilter(containers=("ab12",)).matches(
+        [{"pid": 1, "comm": "x", "identity": no_path}])
 
 
 def test_holder_filter_without_identity_does_not_match_identity_filters():

@@ -13,6 +13,9 @@ def linger(pid, comm, rport, **over):
 
 
 def process(pid, unit=None, container=None, cgroup=None):
+    if cgroup is None and (unit or container):
+        cgroup = (f"/system.slice/docker-{container}.scope" if container
+                  else f"/system.slice/{unit}")
     return {"type": "process", "ts": 999.0, "pid": pid,
             "identity": {"cgroup": cgroup, "unit": unit,
                          "container": {"runtime": "docker", "id": container} if container else None}}
@@ -23,13 +26,14 @@ def kept(records, holders):
 
 
 def test_unit_and_container_filters_use_the_process_records():
-    recs = [process(1, unit="web.service", container="ab12" * 16), linger(1, "a", 10),
+    recs = [process(1, unit="web.service"), linger(1, "a", 10),
             process(2, unit="db.service"), linger(2, "b", 20),
+            process(4, container="ab12" * 16), linger(4, "d", 40),
             linger(3, "c", 30)]          # no process record: identity unknown
-    assert kept(recs, HolderFilter(units=("web",))) == [("process", None), ("linger", 10),
-                                                        ("process", None)]
+    assert kept(recs, HolderFilter(units=("web",))) == [
+        ("process", None), ("linger", 10), ("process", None), ("process", None)]
     assert kept(recs, HolderFilter(containers=("ab12ab",))) == [
-        ("process", None), ("linger", 10), ("process", None)]
+        ("process", None), ("process", None), ("process", None), ("linger", 40)]
 
 
 def test_closed_record_matches_its_closer_and_listener_owners_count():

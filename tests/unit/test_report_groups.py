@@ -22,11 +22,22 @@ def header(cid="cap", start=T0):
             "threshold_s": 1.0, "filters": {}}
 
 
-def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None):
+def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None, exe=None):
+    # The cgroup path is what the container, pod and unit are decided from.
+    if pod and container:
+        cgroup = (f"/kubepods.slice/kubepods-pod{pod.replace('-', '_')}.slice/"
+                  f"docker-{container * 32}.scope")
+    elif container:
+        cgroup = f"/system.slice/docker-{container * 32}.scope"
+    else:
+        cgroup = f"/system.slice/{unit}" if unit else "/user.slice/user-0.slice/session-1.scope"
     return {"type": "process", "ts": T0, "pid": pid, "comm": comm,
             "cmdline": cmdline or comm,
             "identity": {"user": "root", "unit": unit, "pod_uid": pod, "netns": 1,
-                         "container": {"runtime": "docker", "id": container * 8}
+                         "cgroup": cgroup,
+                         "exe": {"path": exe or f"/usr/bin/{comm}", "deleted": False,
+                                 "replaced": False},
+                         "container": {"runtime": "docker", "id": container * 32}
                          if container else None}}
 
 
@@ -57,7 +68,8 @@ def seed_like():
     recs = [header()]
     for i, pid in enumerate(range(9956, 9976, 4)):
         recs += [process(pid), linger(i, pid)]
-    recs += [process(9952, "hold_fp", unit="hold.service", cmdline="/tmp/hold_fp 6001"),
+    recs += [process(9952, "hold_fp", unit="hold.service", cmdline="/tmp/hold_fp 6001",
+                     exe="/tmp/hold_fp"),
              linger(5, 9952, "hold_fp", "blocked_elsewhere", lport=6001, cmdline="/tmp/hold_fp 6001"),
              process(7000, "java", container="ab", pod="1234abcd-0000-0000-0000-000000000000"),
              linger(6, 7000, "java", "ignoring_eof", lport=8080, age=6.5,
@@ -74,15 +86,15 @@ def seed_like():
 def test_five_children_of_one_server_are_one_program_row_with_the_cause():
     rep = report.build(iter(seed_like()))          # a one-pass iterator is enough
     programs = {r["program"]: r for r in rep["by_program"]}
-    socat = programs["socat"]
+    socat = programs["socat [/usr/bin/socat]"]
     assert socat["processes"] == 5 and socat["count"] == 5 and socat["causes"] == {"stopped": 5}
-    assert programs["hold_fp"]["causes"] == {"blocked_elsewhere": 1}
+    assert programs["hold_fp [/tmp/hold_fp]"]["causes"] == {"blocked_elsewhere": 1}
     causes = {r["cause"]: r for r in rep["by_cause"]}
-    assert causes["stopped"]["programs"] == {"socat": 5}
+    assert causes["stopped"]["programs"] == {"socat [/usr/bin/socat]": 5}
     assert set(causes) == {"stopped", "blocked_elsewhere", "ignoring_eof"}
     text = "\n".join(report.render_text(rep))
-    assert "socat (5 processes)" in text
-    row = next(l for l in text.splitlines() if "socat (5 processes)" in l)
+    assert "socat [/usr/bin/socat] (5 processes)" in text
+    row = next(l for l in text.splitlines() if "socat [/usr/bin/socat] (5 processes)" in l)
     assert row.rstrip().endswith("stopped")
 
 
@@ -113,7 +125,7 @@ def test_estimated_durations_are_kept_apart_and_counted():
     assert rep["durations"] == {"traced": 6, "estimated": 1, "lower_bound": 0}
     assert sum(b["count"] for b in rep["estimated_histogram_us"]) == 1
     assert sum(b["count"] for b in rep["histogram_us"]) == 3      # the kernel's, untouched
-    java = next(r for r in rep["by_program"] if r["program"] == "java")
+    java = next(r for r in rep["by_program"] if r["program"] == "java [/usr/bin/java]")
     assert java["estimated"] == 1 and java["longest_source"] == "estimated"
     text = "\n".join(report.render_text(rep))
     assert "1 estimated" in text and "~15.5s" in text and "Estimated, not timed" in text
@@ -147,10 +159,10 @@ def test_cli_report_by_and_json_agree(tmp_path):
 def test_names_are_escaped_once_in_every_table():
     """Escaped before it is cut or padded, and only once: `\\x1b` in the
     output stands for an ESC, `\\\\` for a backslash."""
-    recs = [header(), process(1, "ev\x1bil\\"), process(2, "ev\x1bil\\"),
+    recs = [header(), process(1, "ev\x1bil\\", exe="/ev"), process(2, "ev\x1bil\\", exe="/ev"),
             linger(0, 1, "ev\x1bil\\", cmdline="ev"), linger(1, 2, "ev\x1bil\\", cmdline="ev"),
             linger(2, 3, "x", raddr="10.0.0.1\\\x1b" + "9" * 40)]
     text = "\n".join(report.render_text(report.build(recs, by=["program", "pid", "peer"])))
-    assert "ev\\x1bil\\\\ [ev] (2 processes)" in text
+    assert "ev\\x1bil\\\\ [/ev] (2 processes)" in text
     assert "1/ev\\x1bil\\\\" in text
     assert "\\\\\\x1b" in text and "\\\\\\\\" not in text

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from closewait_trace.kernel.events import Endpoints
+from closewait_trace.sockets import identity
 
 
 _FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
@@ -119,13 +120,17 @@ class HolderFilter:
         ident = ident if isinstance(ident, dict) else {}
         if self.cgroups and not any(_under(ident.get("cgroup"), c) for c in self.cgroups):
             return False
-        container = ident.get("container")
+        # Decided again from the cgroup path, whoever wrote the identity (a
+        # recording of another host, an older version that believed a
+        # user's cgroup names): only where root's tools put it.
+        found = identity.attribution(ident) if (self.containers or self.units) else {}
+        container = found.get("container")
         container = container.get("id") if isinstance(container, dict) else None
         container = container if isinstance(container, str) else ""
         if self.containers and not any(container.startswith(c.lower())
                                        for c in self.containers):
             return False
-        unit = ident.get("unit") or ""
+        unit = found.get("unit") or ""
         if self.units and not any(unit in (u, u + ".service") for u in self.units):
             return False
         return True

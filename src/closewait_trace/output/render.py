@@ -464,6 +464,21 @@ def _log2_slot(seconds: float) -> int:
 PEER_NOT_GIVEN = "(no peer <6.15)"
 
 
+def _claim(claim) -> str:
+    """A container, pod or unit named where anyone could name it (a user's
+    delegated cgroup): said as a claim with where it was made, never as
+    the holder's container."""
+    if not isinstance(claim, dict):
+        return ""
+    c = claim.get("container") if isinstance(claim.get("container"), dict) else None
+    named = " ".join(x for x in (
+        f"{escape(c.get('runtime'))} {escape(str(c.get('id'))[:12])}" if c else "",
+        f"pod {escape(claim['pod_uid'])}" if claim.get("pod_uid") else "",
+        escape(claim["unit"]) if claim.get("unit") else "") if x)
+    return (f"claims {named} (named under {escape(claim.get('under') or '?')}, not trusted)"
+            if named else "")
+
+
 def evidence_lines(rec: dict, processes: dict) -> list[str]:
     """-v: who holds it, where they live, and where each thread waits (the
     last two from the holder's `process` record)."""
@@ -486,6 +501,7 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             if container else "",
             f"pod {escape(ident['pod_uid'])}" if ident.get("pod_uid") else "",
             escape(ident.get("unit") or ""),
+            _claim(ident.get("claimed")),
             f"netns {escape(ident['netns'])}" if ident.get("netns") else "") if x)
         cloexec = {True: " cloexec", False: " no-cloexec"}.get(h.get("cloexec"), "")
         out.append(f"         holder {who(h)} fd {escape(h.get('fd'))}{cloexec} "

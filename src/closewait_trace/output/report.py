@@ -25,6 +25,7 @@ from closewait_trace.output import textsafe
 from closewait_trace.output.render import (age_source, marked_age, histogram_lines, hostport,
                                     slots_to_buckets)
 from closewait_trace.output.textsafe import escape
+from closewait_trace.sockets import identity
 
 GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
 # Without --by: these, unit/container/pod only when some socket has one.
@@ -56,12 +57,6 @@ def _key(rec: dict) -> tuple:
            rec.get("rport"))
     hash(key)          # a list where an address belongs: TypeError, the record is skipped
     return key
-
-
-def _argv0(cmdline) -> str:
-    if not isinstance(cmdline, str) or not cmdline.strip():
-        return ""
-    return cmdline.split()[0]
 
 
 @dataclass(slots=True)
@@ -172,14 +167,16 @@ class _Builder:
         if not isinstance(pid, int):
             return
         ident = r.get("identity") if isinstance(r.get("identity"), dict) else {}
-        container = ident.get("container") if isinstance(ident.get("container"), dict) else None
+        # Decided again from the cgroup path: a recording's own fields may
+        # come from a name a user chose (issue 17 §2).
+        found = identity.attribution(ident)
+        container = found["container"]
         self.identity[pid] = {
-            "unit": ident.get("unit") if isinstance(ident.get("unit"), str) else None,
+            "unit": found["unit"],
             "container": (f"{container.get('runtime')} {str(container.get('id'))[:12]}"
                           if container else None),
-            "pod": ident.get("pod_uid") if isinstance(ident.get("pod_uid"), str) else None,
-            "exe": r.get("exe") if isinstance(r.get("exe"), str) else None,
-            "cmdline": r.get("cmdline") if isinstance(r.get("cmdline"), str) else None,
+            "pod": found["pod_uid"],
+            "exe": identity.program_label(ident.get("exe")),
         }
 
     def _people(self, r: dict) -> list[dict]:
@@ -194,9 +191,9 @@ class _Builder:
             pid = o.get("pid") if isinstance(o.get("pid"), int) else None
             ident = self.identity.get(pid, {})
             comm = str(o.get("comm", "?"))
-            exe = (o.get("exe") if isinstance(o.get("exe"), str) else None) or ident.get("exe") \
-                or _argv0(o.get("cmdline")) or _argv0(ident.get("cmdline")) or comm
-            program = comm if exe.rsplit("/", 1)[-1] == comm else f"{comm} [{exe}]"
+            # The program is the executable the kernel names, never argv[0]
+            # (which a process sets to anything); none recorded: unknown.
+            program = f"{comm} [{ident.get('exe') or 'program unknown'}]"
             if listening:
                 program += " (listener, not accepting)"
             people.append({"pid": pid, "comm": comm + (" (not accepting)" if listening else ""),

@@ -103,6 +103,23 @@ class Container(TypedDict):
     id: str
 
 
+class Claim(TypedDict, total=False):
+    """What a cgroup path names below the last place root's tools made
+    (a user's delegated subtree, inside a container): a name anyone there
+    could choose, never taken as the container, pod or unit."""
+    container: Container
+    pod_uid: str
+    unit: str
+    under: str          # the trusted cgroup it was named under ("/": none)
+
+
+class Exe(TypedDict):
+    """The program, from /proc/PID/exe (never argv[0])."""
+    path: str
+    deleted: Optional[bool]     # its file has no name on disk any more
+    replaced: Optional[bool]    # another file has its name now
+
+
 class Identity(TypedDict, total=False):
     """Where a process lives; each key only where known."""
     user: Optional[str]
@@ -111,7 +128,9 @@ class Identity(TypedDict, total=False):
     container: Optional[Container]
     pod_uid: Optional[str]
     unit: Optional[str]
+    claimed: Optional[Claim]
     netns: Optional[int]
+    exe: Optional[Exe]
 
 
 class HolderRef(TypedDict):
@@ -527,5 +546,5 @@ DOCUMENTED: dict[str, type] = {
     "HolderRef": HolderRef, "Task": Task, "LingeringEntry": LingeringEntry,
     "BriefHolder": BriefHolder, "BriefDiagnosis": BriefDiagnosis, "Thread": Thread,
     "Frame": Frame, "HistogramBucket": HistogramBucket, "Filters": Filters,
-    "Identity": Identity, "Container": Container,
+    "Identity": Identity, "Container": Container, "Claim": Claim, "Exe": Exe,
 }
