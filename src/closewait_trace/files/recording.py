@@ -619,8 +619,17 @@ def parse_line(raw: bytes) -> Optional[dict]:
 
 def _records_of(chunks: Iterable[bytes], state: _PartState) -> Iterable[dict]:
     """Split into lines without ever holding more than MAX_LINE_BYTES of one;
-    parse each; count what is skipped; give up on long barren stretches."""
-    buf = bytearray()
+    parse each; count what is skipped; give up on long barren stretches.
+
+    A line that spans reads is kept as a list of its pieces (slices of the
+    READ_CHUNK reads) and joined once, at its end: no buffer grows by
+    realloc, so what a line costs does not depend on how the allocator
+    moves a growing buffer around. A line found longer than MAX_LINE_BYTES
+    drops its pieces at once and the rest of it is passed over, holding
+    nothing but the read in hand: skipping a line of any length holds at
+    most MAX_LINE_BYTES + READ_CHUNK bytes of it."""
+    pieces: list = []
+    held = 0
     too_long = False
     barren_lines = barren_bytes = 0
 
@@ -641,17 +650,21 @@ def _records_of(chunks: Iterable[bytes], state: _PartState) -> Iterable[dict]:
         while True:
             nl = chunk.find(b"\n", start)
             if nl < 0:
-                if not too_long:
-                    buf += memoryview(chunk)[start:]
-                    if len(buf) > MAX_LINE_BYTES:
-                        too_long, buf = True, bytearray()
+                if not too_long and start < len(chunk):
+                    held += len(chunk) - start
+                    if held > MAX_LINE_BYTES:
+                        too_long, pieces, held = True, [], 0
+                    else:
+                        pieces.append(chunk[start:] if start else chunk)
                 break
             if too_long:
                 line, too_long = None, False
-            elif buf:
-                buf += memoryview(chunk)[start:nl]
-                line = bytes(buf) if len(buf) <= MAX_LINE_BYTES else None
-                buf = bytearray()
+            elif pieces:
+                line = None
+                if held + nl - start <= MAX_LINE_BYTES:
+                    pieces.append(chunk[start:nl])
+                    line = b"".join(pieces)
+                pieces, held = [], 0
             else:
                 line = chunk[start:nl] if nl - start <= MAX_LINE_BYTES else None
             start = nl + 1
@@ -669,8 +682,8 @@ def _records_of(chunks: Iterable[bytes], state: _PartState) -> Iterable[dict]:
             return
     if too_long:
         state.skipped += 1
-    elif buf:
-        rec = judge(bytes(buf))     # a last line without newline (cut short?)
+    elif pieces:
+        rec = judge(b"".join(pieces))     # a last line without newline (cut short?)
         if rec is not None:
             yield rec
 
