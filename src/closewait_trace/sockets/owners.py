@@ -22,6 +22,10 @@ OWNER_GONE = "gone"                # no longer in CLOSE_WAIT when we looked
 # Unknown: no holder found, but the fd tables of some processes could not be
 # read (permission denied): "nobody holds it" would be a guess, not a fact.
 OWNER_DENIED = "denied"
+# Unknown: /proc or sock_diag could not be read at all because the tracer (or
+# the system) was out of file descriptors (procfs.ResourceExhausted): neither
+# "gone" nor "nobody holds it"; `error` says what failed.
+OWNER_UNREADABLE = "unreadable"
 
 
 @dataclass(slots=True)
@@ -69,6 +73,7 @@ class Ownership:
     # Not found in the namespaces we could read, while this many processes
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
+    error: str = ""                   # OWNER_UNREADABLE: what could not be read
 
     @property
     def unread_bytes(self) -> int:
@@ -180,6 +185,8 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             # link still there after them proves this process holds it.
             if procfs.readlink(f"{fd_dir}/{matched[0][1]}") != matched[0][2]:
                 continue
+        except procfs.ResourceExhausted:
+            raise                           # nothing known: resolve() says so
         except procfs.AccessDenied:
             scan.denied_pids.add(pid)
             continue
@@ -209,10 +216,18 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
             batch: Optional[procfs.ProcBatch] = None) -> dict[Endpoints, Ownership]:
     """Ownership of each socket in CLOSE_WAIT with these addresses. Pass
-    the batch's ProcBatch to share its process reads (one is made if not)."""
+    the batch's ProcBatch to share its process reads (one is made if not).
+    Out of file descriptors, every socket is OWNER_UNREADABLE: never gone."""
     wanted = set(wanted)
     if not wanted:
         return {}
+    try:
+        return _resolve(wanted, proc, batch)
+    except procfs.ResourceExhausted as exc:
+        return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
+
+
+def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
     matches: dict[Endpoints, list[tuple[int, TcpRow]]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
     namespaces, netns_denied = procnet.scan_network_namespaces(proc)
