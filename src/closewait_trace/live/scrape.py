@@ -42,6 +42,12 @@ MAX_REQUEST = 8192         # bytes of request line and headers
 BACKLOG = 64               # waiting in the kernel: no descriptor of ours
 ACCEPT_PAUSE_S = 0.1       # after EMFILE/ENFILE from accept()
 ACCEPTS_PER_WAKEUP = 64    # a flood of connects cannot keep the thread in accept()
+# After the answer: our side is shut (the client sees the end), and what the
+# client still sends is read and thrown away for at most this long (and this
+# much), so that closing does not reset the connection, which would discard
+# an answer the client has not read yet (a 431 after an oversized request).
+DRAIN_S = 1.0
+DRAIN_BYTES = 65536
 
 # The counters the server keeps (served as closewait_metrics_* by the sink).
 DROP_REASONS = ("read_timeout", "write_timeout", "too_large", "bad_request",
@@ -111,7 +117,7 @@ def response(status: int, body: bytes = b"", content_type: str = "text/plain; ch
 # ------------------------------------------------------------ the server
 
 class _Conn:
-    __slots__ = ("sock", "buf", "out", "sent", "deadline", "writing")
+    __slots__ = ("sock", "buf", "out", "sent", "deadline", "writing", "draining")
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
@@ -120,6 +126,7 @@ class _Conn:
         self.sent = 0
         self.deadline = deadline
         self.writing = False
+        self.draining = 0           # > 0: answered; bytes of the client's left to drop
 
 
 class ScrapeServer:
@@ -190,7 +197,10 @@ class ScrapeServer:
                     self._service(conn)
         now = self.clock()
         for conn in [c for c in self._conns.values() if now >= c.deadline]:
-            self._drop(conn, "write_timeout" if conn.writing else "read_timeout")
+            if conn.draining:
+                self._close(conn)   # answered already: nothing was lost
+            else:
+                self._drop(conn, "write_timeout" if conn.writing else "read_timeout")
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
@@ -218,6 +228,9 @@ class ScrapeServer:
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _service(self, conn: _Conn) -> None:
+        if conn.draining:
+            self._drain(conn)
+            return
         try:
             if conn.writing:
                 self._send(conn)
@@ -272,6 +285,27 @@ class ScrapeServer:
             self._close(conn)       # the client went away: nothing to count
             return
         if conn.sent >= len(conn.out):
+            self._finish(conn)
+
+    def _finish(self, conn: _Conn) -> None:
+        """The whole answer is sent: shut our side, drop what still comes."""
+        conn.out, conn.writing, conn.draining = b"", False, DRAIN_BYTES
+        conn.deadline = min(conn.deadline, self.clock() + DRAIN_S)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        except OSError:
+            self._close(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(min(conn.draining, 65536))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        conn.draining -= len(chunk)
+        if not chunk or conn.draining <= 0:
             self._close(conn)
 
     def _drop(self, conn: _Conn, reason: str) -> None:
