@@ -104,7 +104,7 @@ class WhenType(click.ParamType):
 
 
 class ListenType(click.ParamType):
-    name = "[ADDR:]PORT"
+    name = "[ADDR:]PORT|unix:PATH"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
@@ -332,7 +332,11 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
               help="With -w: how often to record the set of lingering sockets.")
 @click.option("--metrics", "metrics_listen", type=ListenType(),
               help="Serve Prometheus metrics on [ADDR:]PORT (address 127.0.0.1 "
-                   "unless given; 9477 is the usual port).")
+                   "unless given; 9477 is the usual port), or on a Unix socket only "
+                   "root may connect to: unix:/run/closewait-trace/metrics.sock.")
+@click.option("--metrics-no-comm", is_flag=True,
+              help="With --metrics: no process names in the labels (other users' "
+                   "names are hidden by /proc under hidepid=2).")
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); - reads stdin; filters apply.")
 @holder_options
@@ -343,7 +347,7 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_format, interval,
                max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size,
                rotate_seconds, rotate_count, compress, snapshot_interval, metrics_listen,
-               read_path, pids, comms, cgroups, containers, units, since, until):
+               metrics_no_comm, read_path, pids, comms, cgroups, containers, units, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
     every process holding them that never called close(), with a diagnosis of
     why.
@@ -366,7 +370,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     if read_path:
         if write_path:
             raise click.UsageError("-r and -w exclude each other")
-        if metrics_listen:
+        if metrics_listen or metrics_no_comm:
             raise click.UsageError("--metrics serves a live trace: it does not go with -r")
         # Options of a live trace would be ignored by a replay, silently: a
         # reader of `-r FILE -t 5s` would believe the threshold applied.
@@ -381,6 +385,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     for name, value in (("--since", since), ("--until", until)):
         if value:
             raise click.UsageError(f"{name} filters a replay: use it with -r FILE")
+    if metrics_no_comm and not metrics_listen:
+        raise click.UsageError("--metrics-no-comm goes with --metrics")
     if not write_path:
         for name, value in (("-q", quiet and not metrics_listen), ("--force", force),
                             ("-C", rotate_size), ("-G", rotate_seconds), ("-W", rotate_count),
@@ -409,7 +415,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
              Output(as_json, renderer, quiet=quiet), recording, all_transitions,
-             holder_filter, metrics_listen)
+             holder_filter, metrics_listen, metrics_no_comm)
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
@@ -565,7 +571,7 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
              recording_options=None, all_transitions=False, holder_filter=HolderFilter(),
-             metrics_listen=None):
+             metrics_listen=None, metrics_no_comm=False):
     # The hint repeats the user's own arguments, so that pasting it runs
     # what was asked, as root.
     again = "sudo " + shlex.join(["closewait-trace"] + sys.argv[1:])
@@ -611,7 +617,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     recorder = None
     if metrics_listen:
         from closewait_trace.live.metrics import MetricsSink
-        metrics = MetricsSink(*metrics_listen)
+        metrics = MetricsSink(*metrics_listen, no_comm=metrics_no_comm)
         metrics.serve()          # a port in use fails before anything loads
         tracer.sinks.append(metrics)
     if recording_options:

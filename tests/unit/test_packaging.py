@@ -176,7 +176,7 @@ def test_bash_completion_from_click():
              "COMPREPLY=(); COMP_WORDS=(closewait-trace rep); COMP_CWORD=1;"
              "_closewait_trace_completion closewait-trace; printf '%s\\n' \"${COMPREPLY[@]}\"")
     res = run(["bash", "-c", probe], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
-    assert res.stdout.split() == ["--metrics", "report"], res.stdout + res.stderr
+    assert res.stdout.split() == ["--metrics", "--metrics-no-comm", "report"], res.stdout + res.stderr
 
 
 # --- set-up: production runtime vs test tools ----------------------------------

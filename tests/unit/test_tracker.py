@@ -186,12 +186,13 @@ def test_untracked_exit_without_a_namespace_blames_no_socket_when_several_match(
     t.seed([ns_row(1, ns) for ns in (11, 22)], [])
     for l in t.due(102 * S):
         t.mark_reported(l)
-    before = {id(l) for l in t.pre_existing.values()}
+    # The objects themselves, held: an id() of a freed object can be reused.
+    before = list(t.pre_existing.values())
     assert t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 0, 105 * S)) is None
     again = t.due(105 * S)
     assert sorted(l.endpoints.netns for l in again) == [11, 22]
     assert all(not l.reported and l.pre_existing for l in again)
-    assert not before & {id(l) for l in t.pre_existing.values()}
+    assert not any(old is new for old in before for new in t.pre_existing.values())
     # With only one left by these addresses, an exit without a namespace is its.
     t.forget_pre_existing(ep(1).in_netns(11))
     closed = t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 0, 106 * S))

@@ -16,7 +16,7 @@ from typing import Optional
 
 from closewait_trace.sockets import identity, procfs
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_AMBIGUOUS, OWNER_DENIED,
-                                            OWNER_GONE, OWNER_NONE, Ownership)
+                                            OWNER_GONE, OWNER_NONE, OWNER_UNREADABLE, Ownership)
 
 STOPPED = "stopped"
 TRACED = "traced"
@@ -229,6 +229,10 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     if own.kind == OWNER_GONE:
         return Diagnosis(GONE, "no longer in CLOSE_WAIT when inspected")
+
+    if own.kind == OWNER_UNREADABLE:        # out of file descriptors: not "gone"
+        return Diagnosis(UNKNOWN, f"unknown: could not read the socket tables or /proc: "
+                                  f"{own.error or 'out of file descriptors'}")
 
     if own.kind == OWNER_ACCEPT_QUEUE:
         if listener is None:

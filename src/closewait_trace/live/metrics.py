@@ -22,22 +22,35 @@ the text `\\x1b` and one containing ESC get different labels), and the
 tracer's own values are 16 characters or more without a backslash, which no
 escaped name can be (a name has at most 15 bytes; only escaping lengthens it,
 and an escape has a backslash).
+
+The HTTP side is scrape.py's bounded server, not prometheus-client's (which
+keeps a thread and a descriptor per connection, without timeouts): any
+local user can connect to 127.0.0.1, and must not be able to use up the
+tracer's descriptors. prometheus-client still encodes the exposition.
+
+Command names are what `/proc` hides from other users under hidepid=2:
+`--metrics unix:PATH` serves on a socket only root may connect to, and
+`--metrics-no-comm` leaves them out of the labels (README, Security).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import os
+import time
 from typing import Iterable, Optional
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.utils import floatToGoString
 
 from closewait_trace.errors import EXIT_USAGE, UserError
+from closewait_trace.live import scrape
 from closewait_trace.output.textsafe import escape
-from closewait_trace.sockets.owners import OWNER_DENIED
+from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_UNREADABLE
 
 DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_PORT = 9477        # the port the README, the man page and the unit use
@@ -60,7 +73,11 @@ COMM_UNRESOLVED = "(not resolved yet)"
 COMM_NO_HOLDER = "(no holder found)"
 COMM_DENIED = "(permission denied)"
 COMM_EMPTY = "(empty process name)"    # prctl(PR_SET_NAME, "") is allowed
-RESERVED_COMMS = (COMM_OTHER, COMM_UNRESOLVED, COMM_NO_HOLDER, COMM_DENIED, COMM_EMPTY)
+COMM_HIDDEN = "(comm not exported)"    # --metrics-no-comm
+COMM_UNREADABLE = "(proc unreadable)"  # /proc could not be read (owners.OWNER_UNREADABLE)
+RESERVED_COMMS = (COMM_OTHER, COMM_UNRESOLVED, COMM_NO_HOLDER, COMM_DENIED, COMM_EMPTY,
+                  COMM_HIDDEN, COMM_UNREADABLE)
+UNIX_PREFIX = "unix:"
 OTHER = (COMM_OTHER, "other", "other")
 # The snapshot is rebuilt at most this often: building it walks every
 # lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
@@ -68,9 +85,19 @@ OTHER = (COMM_OTHER, "other", "other")
 MIN_REFRESH_S = 1.0
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str) -> tuple[str, object]:
     """`PORT`, `ADDR:PORT` or `[IPV6]:PORT` -> (address, port). ADDR must be an
-    IP address (no name lookup: the tool must not depend on DNS to start)."""
+    IP address (no name lookup: the tool must not depend on DNS to start).
+    `unix:/ABS/PATH` -> ("unix", path): a Unix socket (scrape.listen_unix)."""
+    if value.startswith(UNIX_PREFIX):
+        path = value[len(UNIX_PREFIX):]
+        if not os.path.isabs(path) or path.endswith("/") or "\0" in path:
+            raise ValueError(f"{value!r}: write a Unix socket as unix:/ABSOLUTE/PATH")
+        # sun_path holds 108 bytes; the socket is bound through
+        # /proc/self/fd/N/NAME, so it is the name that must fit.
+        if len(os.fsencode(os.path.basename(path))) > 80:
+            raise ValueError(f"{value!r}: the socket's name is too long (80 bytes at most)")
+        return ("unix", os.path.normpath(path))
     text = value.strip()
     addr = DEFAULT_ADDR
     if text.startswith("["):
@@ -107,17 +134,23 @@ def clean_label(text: str) -> str:
     return label
 
 
-def socket_labels(lingerer) -> tuple[str, str, str]:
-    """(comm, port, side) of a lingering socket."""
+def socket_labels(lingerer, no_comm: bool = False) -> tuple[str, str, str]:
+    """(comm, port, side) of a lingering socket; with no_comm, no holder's
+    command name (only the tracer's own values)."""
     own = lingerer.ownership
     if own is None:
         return (COMM_UNRESOLVED, "unknown", "unknown")
     holders = list(getattr(own, "holders", ()) or ()) or \
         list(getattr(own, "listener_holders", ()) or ())
+    kind = getattr(own, "kind", None)
     if holders:
-        comm = clean_label(holders[0].comm)
+        comm = COMM_HIDDEN if no_comm else clean_label(holders[0].comm)
+    elif kind == OWNER_DENIED:
+        comm = COMM_DENIED
+    elif kind == OWNER_UNREADABLE:
+        comm = COMM_UNREADABLE
     else:
-        comm = COMM_DENIED if getattr(own, "kind", None) == OWNER_DENIED else COMM_NO_HOLDER
+        comm = COMM_NO_HOLDER
     ep = lingerer.endpoints
     if getattr(own, "listener", None) is not None:
         return (comm, str(ep.lport), "server")
@@ -138,8 +171,10 @@ class MetricsState:
     """What must survive between ticks: the series seen recently (kept at 0
     for a while) and the count of sockets that lingered, by cause."""
 
-    def __init__(self, max_series: int = MAX_SERIES, keep_zero_s: float = KEEP_ZERO_S):
+    def __init__(self, max_series: int = MAX_SERIES, keep_zero_s: float = KEEP_ZERO_S,
+                 no_comm: bool = False):
         self.max_series = max_series
+        self.no_comm = no_comm
         self.keep_zero_s = keep_zero_s
         self.last_seen: dict[tuple, float] = {}
         self.lingered: dict[str, int] = {}
@@ -166,7 +201,7 @@ class MetricsState:
             if cached is not None and cached[0] is l.ownership:
                 key = cached[1]
             else:
-                key = socket_labels(l)
+                key = socket_labels(l, self.no_comm)
             labels[ident] = (l.ownership, key)
             slot = groups.get(key)
             if slot is None:
@@ -271,29 +306,96 @@ class SnapshotCollector:
         return []      # names are fixed; nothing to check at registration
 
 
+class ServerCollector:
+    """The scrape server's own counters: refused and dropped connections
+    say that someone holds or floods the endpoint."""
+
+    def __init__(self):
+        self.server: Optional[scrape.ScrapeServer] = None
+
+    def collect(self):
+        if self.server is None:
+            return iter(())
+        stats = self.server.stats
+        refused = CounterMetricFamily(
+            "closewait_metrics_connections_refused",
+            f"Connections to this endpoint closed at once: {self.server.max_connections} "
+            "were open already", value=stats.refused)
+        dropped = CounterMetricFamily(
+            "closewait_metrics_connections_dropped",
+            "Connections to this endpoint closed without an answer, or with an error, "
+            "by reason", labels=["reason"])
+        for reason in scrape.DROP_REASONS:
+            dropped.add_metric([reason], stats.dropped[reason])
+        return iter((refused, dropped))
+
+    def describe(self):
+        return []
+
+
 class MetricsSink:
     """The Sink (sinks.py) behind --metrics."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, port: int = DEFAULT_PORT,
-                 max_series: int = MAX_SERIES):
+    def __init__(self, addr: str = DEFAULT_ADDR, port=DEFAULT_PORT,
+                 max_series: int = MAX_SERIES, no_comm: bool = False,
+                 server_options: Optional[dict] = None):
+        # addr "unix" (from parse_listen): port is the socket's path.
         self.addr, self.port = addr, port
-        self.state = MetricsState(max_series)
+        self.state = MetricsState(max_series, no_comm=no_comm)
         self._built_at = float("-inf")
         self.collector = SnapshotCollector()
+        self.server_collector = ServerCollector()
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
+        self.registry.register(self.server_collector)
         # process_resident_memory_bytes, process_open_fds, ...: read from
         # /proc/self by the HTTP thread at scrape time.
         ProcessCollector(registry=self.registry)
+        self.server: Optional[scrape.ScrapeServer] = None
+        self.server_options = server_options or {}
+        self._socket_inode: Optional[int] = None
+        # content type -> (families it was built from, monotonic time, body)
+        self._rendered: dict = {}
+
+    def where(self) -> str:
+        if self.addr == "unix":
+            return f"unix:{self.port}"
+        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
 
     def serve(self) -> None:
         """Listen now (before the kernel program loads: a port in use fails fast)."""
         try:
-            start_http_server(self.port, addr=self.addr, registry=self.registry)
+            if self.addr == "unix":
+                listener = scrape.listen_unix(self.port)
+                self._socket_inode = os.stat(self.port).st_ino
+            else:
+                listener = scrape.listen_tcp(self.addr, self.port)
+        except scrape.UnsafePath as exc:
+            raise UserError(f"cannot serve metrics on {self.where()}: {exc}", EXIT_USAGE,
+                            "use a directory only root can write, such as "
+                            "/run/closewait-trace/") from None
         except OSError as exc:
-            where = f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
-            raise UserError(f"cannot serve metrics on {where}: {exc.strerror or exc}",
-                            EXIT_USAGE, "choose another: --metrics [ADDR:]PORT") from None
+            raise UserError(f"cannot serve metrics on {self.where()}: {exc.strerror or exc}",
+                            EXIT_USAGE, "choose another: --metrics [ADDR:]PORT or "
+                                        "unix:PATH") from None
+        self.server = scrape.ScrapeServer(listener, self.render, **self.server_options)
+        self.server_collector.server = self.server
+        self.server.start()
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition for a scrape, in the format the Accept header asks
+        for. Built again only when the tick's families changed or a second
+        passed (the process_* values): a client that scrapes in a loop costs
+        a copy, not an encoding."""
+        encoder, content_type = choose_encoder(accept)
+        families = self.collector.families
+        cached = self._rendered.get(content_type)
+        now = time.monotonic()
+        if cached is not None and cached[0] is families and now - cached[1] < MIN_REFRESH_S:
+            return cached[2], content_type
+        body = encoder(self.registry)
+        self._rendered[content_type] = (families, now, body)
+        return body, content_type
 
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):
@@ -310,4 +412,8 @@ class MetricsSink:
         pass
 
     def close(self) -> None:
-        pass       # the server thread is a daemon: it ends with the process
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+            if self.addr == "unix":
+                scrape.remove_unix(self.port, self._socket_inode)

@@ -35,6 +35,11 @@ OWNER_DENIED = "denied"
 # be told, so no holder is named (other_netns lists the namespaces).
 OWNER_AMBIGUOUS = "ambiguous"
 
+# Unknown: /proc or sock_diag could not be read at all because the tracer (or
+# the system) was out of file descriptors (procfs.ResourceExhausted): neither
+# "gone" nor "nobody holds it"; `error` says what failed.
+OWNER_UNREADABLE = "unreadable"
+
 
 @dataclass(slots=True)
 class Holder:
@@ -82,6 +87,7 @@ class Ownership:
     # Not found in the namespaces we could read, while this many processes
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
+    error: str = ""                   # OWNER_UNREADABLE: what could not be read
 
     @property
     def unread_bytes(self) -> int:
@@ -193,6 +199,8 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             # link still there after them proves this process holds it.
             if procfs.readlink(f"{fd_dir}/{matched[0][1]}") != matched[0][2]:
                 continue
+        except procfs.ResourceExhausted:
+            raise                           # nothing known: resolve() says so
         except procfs.AccessDenied:
             scan.denied_pids.add(pid)
             continue
@@ -239,10 +247,18 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
     """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
     in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
     every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
-    batch's ProcBatch to share its process reads (one is made if not)."""
+    batch's ProcBatch to share its process reads (one is made if not).
+    Out of file descriptors, every socket is OWNER_UNREADABLE: never gone."""
     wanted = set(wanted)
     if not wanted:
         return {}
+    try:
+        return _resolve(wanted, proc, batch)
+    except procfs.ResourceExhausted as exc:
+        return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
+
+
+def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
     addresses = {ep.address_key for ep in wanted}
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.

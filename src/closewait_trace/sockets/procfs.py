@@ -49,13 +49,24 @@ class AccessDenied(ProcError):
     """We may not read it (a capability or ptrace access is missing)."""
 
 
+class ResourceExhausted(ProcError):
+    """The tracer itself ran out of file descriptors (EMFILE) or the system
+    did (ENFILE): nothing is known about the process, and it must never be
+    taken for "gone" or "holds nothing". Callers that walk many processes
+    stop the walk and say that /proc could not be read; the forgiving forms
+    below raise it too instead of answering None or []."""
+
+
 _GONE_ERRNOS = {errno.ENOENT, errno.ESRCH, errno.ENOTDIR, errno.ECHILD}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
+EXHAUSTED_ERRNOS = {errno.EMFILE, errno.ENFILE}
 
 
 def _error(path: str, e: OSError) -> ProcError:
     if e.errno in _DENIED_ERRNOS:
         return AccessDenied(path, e.errno)
+    if e.errno in EXHAUSTED_ERRNOS:
+        return ResourceExhausted(path, e.errno)
     if e.errno in _GONE_ERRNOS:
         return NoSuchProcess(path, e.errno)
     # EIO, EINVAL...: /proc files of a dying process fail in odd ways. No
@@ -124,6 +135,9 @@ def listdir_at(name: str, dir_fd: int) -> list[str]:
 
 # The forgiving forms, for callers to whom "unreadable" is all that matters
 # (a table that may be missing, a namespace link): None or empty on any error.
+# list_dir (and so pids()) excepted: out of descriptors, it raises
+# ResourceExhausted, because an empty listing of /proc or of a process's
+# tasks reads as "every process is gone".
 
 def read_text(path: str) -> Optional[str]:
     try:
@@ -141,13 +155,18 @@ def read_link(path: str) -> Optional[str]:
 
 
 def list_dir(path: str) -> list[str]:
+    """[] on any error but EMFILE/ENFILE (ResourceExhausted)."""
     try:
         return os.listdir(path)
-    except OSError:
+    except OSError as e:
+        if e.errno in EXHAUSTED_ERRNOS:
+            raise ResourceExhausted(path, e.errno) from None
         return []
 
 
 def pids(proc: str = PROC) -> Iterator[int]:
+    """Raises ResourceExhausted when /proc cannot be listed for lack of
+    descriptors (never an empty list: that would be "no process at all")."""
     for name in list_dir(proc):
         if name.isdigit():
             yield int(name)
@@ -340,11 +359,14 @@ class ProcBatch:
         self._seen: dict[int, object] = {}     # pid -> ProcessSnapshot | ProcError
 
     def process(self, pid: int) -> ProcessSnapshot:
-        """Raises NoSuchProcess or AccessDenied."""
+        """Raises NoSuchProcess, AccessDenied or ResourceExhausted (not
+        remembered: descriptors may be free again at the next try)."""
         got = self._seen.get(pid)
         if got is None:
             try:
                 got = read_process(pid, self.proc)
+            except ResourceExhausted:
+                raise
             except ProcError as e:
                 got = e
             self._seen[pid] = got

@@ -76,6 +76,8 @@ def scan_network_namespaces(proc: str = procfs.PROC) -> tuple[dict[int, int], se
     for pid in procfs.pids(proc):
         try:
             inode = procfs.ns_inode(procfs.readlink(f"{proc}/{pid}/ns/net"))
+        except procfs.ResourceExhausted:
+            raise
         except procfs.AccessDenied:
             denied.add(pid)
             continue
@@ -147,8 +149,12 @@ def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]]) -> list[Tcp
         same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
         try:
             return sockdiag.tcp_sockets(states, None if same else ns_link)
-        except OSError:
-            pass        # no sock_diag (module missing, or the process went away)
+        except OSError as e:
+            # Out of descriptors, /proc/PID/net/tcp cannot be opened either,
+            # and an empty table would say every socket left CLOSE_WAIT.
+            if e.errno in procfs.EXHAUSTED_ERRNOS:
+                raise procfs.ResourceExhausted(f"sock_diag ({ns_link})", e.errno) from None
+            # no sock_diag (module missing, or the process went away)
     rows: list[TcpRow] = []
     # /proc/PID/net is the namespace of whatever process has the pid when
     # read: the same namespace before and after the reads names the rows'

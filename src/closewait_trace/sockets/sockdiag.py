@@ -173,7 +173,11 @@ def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
                 err = ctypes.get_errno()
                 result["error"] = OSError(err, os.strerror(err))
                 return
-            result["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+            try:
+                result["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                               NETLINK_SOCK_DIAG)
+            except OSError as exc:      # EMFILE: said to the caller, not lost in the thread
+                result["error"] = exc
         finally:
             os.close(fd)
         # This thread now lives in the other namespace and ends here; it is
