@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from closewait_trace.live import metrics
+from closewait_trace.sockets import owners as owners_mod
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_FD,
                                            OWNER_NONE, Holder, Ownership)
@@ -233,3 +234,32 @@ def test_snapshot_rebuilt_at_most_once_a_second():
     sink.tick(view([lingerer("a"), lingerer("b")], wall=1001.0))
     assert sum(v for _, v in scrape(sink)["closewait_lingering_sockets"]) == 2
     assert scrape(sink)["closewait_last_tick_timestamp_seconds"] == [({}, 1001.0)]
+
+
+def test_no_comm_leaves_every_process_name_out():
+    """--metrics-no-comm: under hidepid=2 /proc hides other users' process
+    names; the endpoint (open to every local user) must be able to as well."""
+    sink = metrics.MetricsSink(no_comm=True)
+    sink.tick(view([lingerer("secretjob", 5555, 40000), lingerer("other", 443, 40001),
+                    lingerer(None, 80, kind=OWNER_NONE)]))
+    got = scrape(sink)["closewait_lingering_sockets"]
+    comms = {labels["comm"] for labels, _ in got}
+    assert comms == {metrics.COMM_HIDDEN, metrics.COMM_NO_HOLDER}
+    assert sorted((l["port"], v) for l, v in got) == [("443", 1), ("5555", 1), ("80", 1)]
+    body = generate_latest(sink.registry)
+    assert b"secretjob" not in body and b"other\"" not in body
+    # The reserved value cannot be a process name (16 characters or more).
+    assert len(metrics.COMM_HIDDEN) >= 16 and "\\" not in metrics.COMM_HIDDEN
+
+
+def test_unreadable_owner_has_its_own_label():
+    l = lingerer(None, 443, kind=owners_mod.OWNER_UNREADABLE)
+    assert metrics.socket_labels(l) == (metrics.COMM_UNREADABLE, "443", "server")
+
+
+def test_parse_listen_unix():
+    assert metrics.parse_listen("unix:/run/closewait-trace/metrics.sock") == \
+        ("unix", "/run/closewait-trace/metrics.sock")
+    for bad in ("unix:rel.sock", "unix:/x/", "unix:/x/" + "a" * 100, "unix:/a\0b"):
+        with pytest.raises(ValueError):
+            metrics.parse_listen(bad)

@@ -100,6 +100,10 @@ def test_unit_hardening_settings():
                        "PrivateTmp": "yes", "ProtectHome": "yes", "UMask": "0077",
                        "StateDirectory": "closewait-trace"}.items():
         assert settings.get(key) == value, key
+    # A descriptor bound the scrape server stays far inside (16 connections
+    # at most), documented in the README's unit section.
+    assert settings.get("LimitNOFILE") == "4096"
+    assert "LimitNOFILE=4096" in (ROOT / "README.md").read_text()
     assert "SystemCallFilter" in settings
     exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", text, re.M | re.S).group(1)
     for flag in ("-q", "-w /var/lib/closewait-trace/", "-C ", "-W ", "--metrics 127.0.0.1:"):
@@ -176,7 +180,8 @@ def test_bash_completion_from_click():
              "COMPREPLY=(); COMP_WORDS=(closewait-trace rep); COMP_CWORD=1;"
              "_closewait_trace_completion closewait-trace; printf '%s\\n' \"${COMPREPLY[@]}\"")
     res = run(["bash", "-c", probe], env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
-    assert res.stdout.split() == ["--metrics", "--metrics-no-comm", "report"], res.stdout + res.stderr
+    assert res.stdout.split() == ["--metrics", "--metrics-no-comm", "report"], \
+        res.stdout + res.stderr
 
 
 # --- set-up: production runtime vs test tools ----------------------------------
