@@ -217,6 +217,8 @@ def test_served_over_http_and_promtool_accepts(tmp_path):
     (["--metrics", "localhost:9477"], "not an IP address"),
     (["--metrics", "::1:9477"], "[ADDR]:PORT"),
     (["--metrics", "9477", "-r", "x.jsonl"], "does not go with -r"),
+    (["--metrics-no-comm"], "goes with --metrics"),
+    (["--metrics", "unix:rel.sock"], "unix:/ABSOLUTE/PATH"),
     (["-q"], "-q goes with -w"),          # -q alone would trace into the void
 ])
 def test_metrics_option_errors_are_one_line(args, needle):
