@@ -569,8 +569,6 @@ def _decoded_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
                 while True:
                     if out:
                         yield out
-                    # At a member's end the input left over stays in
-                    # unconsumed_tail (after unused_data): never loop on it.
                     if member.eof or not member.unconsumed_tail:
                         break
                     out = member.decompress(member.unconsumed_tail, READ_CHUNK)
@@ -578,7 +576,12 @@ def _decoded_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
                 state.damaged_gzip = True
                 return
             if member.eof:
-                data, member = member.unused_data + member.unconsumed_tail, None
+                # What follows the member is in unused_data. When the call
+                # that ended it was cut by READ_CHUNK, zlib leaves the same
+                # bytes in unconsumed_tail too: taking both read every later
+                # member twice, then four times... (a few repeated members
+                # of long lines made minutes and gigabytes).
+                data, member = member.unused_data, None
             else:
                 data = b""
     if between or (member is not None and not member.eof):
