@@ -617,7 +617,11 @@ def parse_line(raw: bytes) -> Optional[dict]:
                          parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None      # ValueError covers JSONDecodeError and 5000-digit integers
-    return rec if _accept(rec) is None else None
+    if _accept(rec) is not None:
+        return None
+    # Strings cut to the schema's cap (schema.MAX_TEXT, marked) before
+    # anything keeps or compares them: a record costs what its shape says.
+    return schema.cap(rec)
 
 
 def _records_of(chunks: Iterable[bytes], state: _PartState) -> Iterable[dict]:
