@@ -875,6 +875,11 @@ class RecordingReader:
         return a.header.get("capture_id") == b.header.get("capture_id") and \
             a.ident[2] == b.ident[2]
 
+    @property
+    def first_header(self) -> dict:
+        """The header of the first file given (checked at construction)."""
+        return self._sets[0][1][0].header
+
     def __iter__(self):
         for _given, parts in self._sets:
             for part in parts:
