@@ -432,10 +432,9 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
     source = render.ReplaySource(
         paths=[path], filters=described,
         keep_entry=lambda e: entries.keep(dict(e, type="linger")))
-    # The banner gives the capture's span: its end is found by a first
-    # streaming pass over the files (bounded memory; standard input cannot
-    # be read twice, and there the banner gives the start only).
-    source.end_ts = None if path == recording.STDOUT else _last_ts(path)
+    # The banner gives the capture's span: its end is read from the tail of
+    # the last part (standard input cannot be read twice: the start only).
+    source.end_ts = reader.end_ts()
     out.renderer.replay = source
     for r in reader:
         source.saw(r)
@@ -446,19 +445,6 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
             out.write_line(line)
     out.flush()
     warn_damage(reader)
-
-
-def _last_ts(path: str):
-    from closewait_trace.files import recording
-    last = None
-    try:
-        for r in recording.RecordingReader([path]):
-            ts = r.get("ts")
-            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-                last = ts
-    except UserError:
-        return None          # said by the reading pass that follows
-    return last
 
 
 def warn_damage(rec) -> None:

@@ -400,6 +400,7 @@ BARREN_LINES = 100_000               # lines in a row with nothing usable: stop
 BARREN_BYTES = 256 * 1024 * 1024     # bytes in a row with nothing usable: stop
 MAX_PART = 2**31 - 1                 # a header's part number above this is damage
 MAX_LISTED = 20                      # skipped files / missing parts named one by one
+TAIL_BYTES = 256 * 1024              # end of a recording searched for its last time
 
 
 @dataclass
@@ -879,6 +880,35 @@ class RecordingReader:
     def first_header(self) -> dict:
         """The header of the first file given (checked at construction)."""
         return self._sets[0][1][0].header
+
+    def end_ts(self) -> Optional[float]:
+        """The `ts` of the last record of the last part, found without
+        parsing the rest: the decoded bytes pass through keeping only their
+        last TAIL_BYTES, whose lines are parsed from the end (zlib's work
+        and a bounded parse). None for standard input (read once) or when
+        the tail holds no usable time."""
+        part = self._sets[-1][1][-1]
+        if part.path == STDOUT:
+            return None
+        state = _PartState()
+        try:
+            fd, _st = _open_for_reading(part.path, part.sibling)
+        except UserError:
+            return None
+        tail = b""
+        try:
+            for chunk in _decoded_chunks(fd, state):
+                tail = (tail + chunk)[-TAIL_BYTES:]
+        finally:
+            os.close(fd)
+        for raw in reversed(tail.split(b"\n")[1:] if len(tail) == TAIL_BYTES
+                            else tail.split(b"\n")):
+            rec = parse_line(raw) if raw.strip() else None
+            if rec is not None and schema.problem(rec) is None:
+                ts = rec.get("ts")
+                if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                    return ts
+        return None
 
     def __iter__(self):
         for _given, parts in self._sets:
