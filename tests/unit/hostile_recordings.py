@@ -60,3 +60,32 @@ def huge_names(path: str, name_bytes: int, records: int, field: str = "comm") ->
         f.write(gzip.compress(_header(), mtime=0))
         for _ in range(records):
             f.write(member)
+
+
+def fat_sockets(path: str, n: int) -> None:
+    """n distinct sockets, each as costly to a report as a record can make
+    it: MAX_HOLDERS and more holders, every string long and distinct (cause,
+    summary, command line, unit, addresses), a process record per holder."""
+    long = "x" * 5000
+    with open(path, "wb") as f:
+        f.write(gzip.compress(_header(), mtime=0))
+        batch = []
+        for i in range(n):
+            owners = []
+            for h in range(6):
+                pid = 1 + i * 6 + h
+                owners.append(recordfactory.holder(pid=pid, comm=f"c{pid}"[:15],
+                                                   cmdline=f"/{pid}{long}"))
+                batch.append(_line(recordfactory.process(
+                    pid=pid, cmdline=f"/{pid}{long}",
+                    identity={"unit": f"{pid}{long}", "pod_uid": f"{pid}{long}",
+                              "container": {"runtime": "x", "id": f"{pid}{long}"}})))
+            rec = recordfactory.linger(ts=1001.0 + i, owners=owners, cause=f"{i}{long}",
+                                       summary=f"{i}{long}", laddr=f"{i}{long}",
+                                       raddr=f"{i}{long}", rport=i % 65536)
+            batch.append(_line(rec))
+            if len(batch) >= 700:
+                f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+                batch = []
+        if batch:
+            f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))

@@ -183,7 +183,7 @@ def _local(ts: float) -> Optional[_dt.datetime]:
 # ---------------------------------------------------------------- replay
 
 # Bounds of what the renderer remembers, whatever the records.
-MAX_PROCESSES = 20_000      # process records kept for -v (the latest)
+MAX_PROCESSES = 4_096       # process records kept for -v (the latest)
 MAX_CAPTURES = 1_000        # capture headers remembered by a replay
 
 
