@@ -79,7 +79,7 @@ def test_report_of_the_costliest_records_is_bounded(tmp_path):
     # after 700 sockets of six holders): 1,500 are enough to fill it.
     path = tmp_path / "fat-replay.jsonl.gz"
     hostile_recordings.fat_sockets(str(path), 1_500)
-    out, peak = run_cli("-r", "-v", str(path))
+    out, peak = run_cli("-r", str(path), "-v")
     assert peak < MEMORY_BOUND_MB, f"-r: peak RSS {peak:.0f} MiB"
 
 
