@@ -419,9 +419,12 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
+    """Records are streamed from the reader to the output, one at a time:
+    memory is bounded by the reader's line cap and the renderer's and
+    filter's caps, never by the size of the recording."""
     from closewait_trace.files import recording, replay
-    rec = recording.read([path])
-    first_ts = next((r.get("start_ts") for r in rec.records if r.get("type") == "header"), None)
+    reader = recording.RecordingReader([path])
+    first_ts = reader.first_header.get("start_ts")
     keep = replay.ReplayFilter(
         sockets=socket_filter, holders=holder_filter,
         since=replay.parse_when(since, first_ts) if since else None,
@@ -435,14 +438,11 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
     source = render.ReplaySource(
         paths=[path], filters=described,
         keep_entry=lambda e: entries.keep(dict(e, type="linger")))
-    # The banner gives the capture's time span when the reader knows its end
-    # up front (a reader that streams may say it; a list of records does).
-    source.end_ts = getattr(rec, "end_ts", None)
-    if source.end_ts is None and isinstance(rec.records, list):
-        source.end_ts = next((r.get("ts") for r in reversed(rec.records)
-                              if isinstance(r.get("ts"), (int, float))), None)
+    # The banner gives the capture's span: its end is read from the tail of
+    # the last part (standard input cannot be read twice: the start only).
+    source.end_ts = reader.end_ts()
     out.renderer.replay = source
-    for r in rec.records:
+    for r in reader:
         source.saw(r)
         if keep.keep(r) or (r.get("type") == "header" and not out.as_json):
             out.emit(r)
@@ -450,7 +450,7 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
         for line in out.renderer.replay_end():
             out.write_line(line)
     out.flush()
-    warn_damage(rec)
+    warn_damage(reader)
 
 
 def warn_damage(rec) -> None:
@@ -490,15 +490,17 @@ def report_command(files, as_json, top, groupings):
         if g not in report.GROUPINGS:
             raise click.UsageError(f"--by {g}: not a grouping; choose from "
                                    f"{', '.join(report.GROUPINGS)}")
-    rec = recording.read(files)
-    rep = report.build(rec, by=list(dict.fromkeys(by)))
+    # Streamed: the reader hands records one at a time to the report, whose
+    # state is bounded (report.MAX_*), whatever the size of the recordings.
+    reader = recording.RecordingReader(files)
+    rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)))
     out = Output(as_json, render.TextRenderer())
     if as_json:
         out.write_lines([textsafe.json_dumps(rep)])
     else:
         out.write_lines(report.render_text(rep, top=top))
     out.flush()
-    warn_damage(rec)
+    warn_damage(reader)
 
 
 class AgeType(DurationType):

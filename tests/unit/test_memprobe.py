@@ -33,6 +33,6 @@ def test_no_test_measures_memory_with_ru_maxrss():
         if path.name in ("memprobe.py", "test_memprobe.py"):
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"\bru_maxrss\b", line) and not line.lstrip().startswith("#"):
+            if re.search(r"\.ru_maxrss\b", line) and not line.lstrip().startswith("#"):
                 found.append(f"{path.relative_to(root)}:{n}")
     assert found == [], found

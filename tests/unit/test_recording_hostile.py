@@ -288,3 +288,20 @@ def test_a_kernel_interface_that_calls_itself_a_regular_file_does_not_hang(tmp_p
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == EXIT_FILE, res
         assert res.stderr.count("\n") == 1 and "a kernel interface on" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("members", [2, 3, 40])
+def test_repeated_gzip_members_are_each_read_once(tmp_path, members):
+    """Members that inflate to more than one READ_CHUNK each, concatenated:
+    every one is read exactly once (old code read each later member again
+    from zlib's unconsumed_tail: 2 members never ended, 40 would take
+    2^40 times the work)."""
+    path = tmp_path / "repeated.jsonl.gz"
+    padding = "x" * (3 * recording.READ_CHUNK)
+    member = gzip.compress((json.dumps(recordfactory.linger(summary=padding)) + "\n").encode(),
+                           compresslevel=9, mtime=0)
+    path.write_bytes(gzip.compress(header().encode(), mtime=0) + member * members)
+    result = cli("-r", str(path), "--json", timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert [json.loads(x)["type"] for x in result.stdout.decode().splitlines()] == \
+        ["linger"] * members

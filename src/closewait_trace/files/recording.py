@@ -400,6 +400,7 @@ BARREN_LINES = 100_000               # lines in a row with nothing usable: stop
 BARREN_BYTES = 256 * 1024 * 1024     # bytes in a row with nothing usable: stop
 MAX_PART = 2**31 - 1                 # a header's part number above this is damage
 MAX_LISTED = 20                      # skipped files / missing parts named one by one
+TAIL_BYTES = 256 * 1024              # end of a recording searched for its last time
 
 
 @dataclass
@@ -569,8 +570,6 @@ def _decoded_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
                 while True:
                     if out:
                         yield out
-                    # At a member's end the input left over stays in
-                    # unconsumed_tail (after unused_data): never loop on it.
                     if member.eof or not member.unconsumed_tail:
                         break
                     out = member.decompress(member.unconsumed_tail, READ_CHUNK)
@@ -578,7 +577,12 @@ def _decoded_chunks(fd: int, state: _PartState) -> Iterable[bytes]:
                 state.damaged_gzip = True
                 return
             if member.eof:
-                data, member = member.unused_data + member.unconsumed_tail, None
+                # What follows the member is in unused_data. When the call
+                # that ended it was cut by READ_CHUNK, zlib leaves the same
+                # bytes in unconsumed_tail too: taking both read every later
+                # member twice, then four times... (a few repeated members
+                # of long lines made minutes and gigabytes).
+                data, member = member.unused_data, None
             else:
                 data = b""
     if between or (member is not None and not member.eof):
@@ -614,7 +618,11 @@ def parse_line(raw: bytes) -> Optional[dict]:
                          parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None      # ValueError covers JSONDecodeError and 5000-digit integers
-    return rec if _accept(rec) is None else None
+    if _accept(rec) is not None:
+        return None
+    # Strings cut to the schema's cap (schema.MAX_TEXT, marked) before
+    # anything keeps or compares them: a record costs what its shape says.
+    return schema.cap(rec)
 
 
 def _records_of(chunks: Iterable[bytes], state: _PartState) -> Iterable[dict]:
@@ -867,6 +875,40 @@ class RecordingReader:
             return False
         return a.header.get("capture_id") == b.header.get("capture_id") and \
             a.ident[2] == b.ident[2]
+
+    @property
+    def first_header(self) -> dict:
+        """The header of the first file given (checked at construction)."""
+        return self._sets[0][1][0].header
+
+    def end_ts(self) -> Optional[float]:
+        """The `ts` of the last record of the last part, found without
+        parsing the rest: the decoded bytes pass through keeping only their
+        last TAIL_BYTES, whose lines are parsed from the end (zlib's work
+        and a bounded parse). None for standard input (read once) or when
+        the tail holds no usable time."""
+        part = self._sets[-1][1][-1]
+        if part.path == STDOUT:
+            return None
+        state = _PartState()
+        try:
+            fd, _st = _open_for_reading(part.path, part.sibling)
+        except UserError:
+            return None
+        tail = b""
+        try:
+            for chunk in _decoded_chunks(fd, state):
+                tail = (tail + chunk)[-TAIL_BYTES:]
+        finally:
+            os.close(fd)
+        for raw in reversed(tail.split(b"\n")[1:] if len(tail) == TAIL_BYTES
+                            else tail.split(b"\n")):
+            rec = parse_line(raw) if raw.strip() else None
+            if rec is not None and schema.problem(rec) is None:
+                ts = rec.get("ts")
+                if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                    return ts
+        return None
 
     def __iter__(self):
         for _given, parts in self._sets:

@@ -16,6 +16,9 @@ from closewait_trace.live.filters import HolderFilter, SocketFilter, record_peop
 SHOWN = ("start", "process", "linger", "closed", "lost", "summary", "transition")
 # Records that describe one socket, to which the filters apply.
 PER_SOCKET = ("linger", "closed", "transition")
+# Bounds of the filter's memory, whatever the recording.
+MAX_IDENTITIES = 20_000     # process identities for --cgroup/--container/--unit (latest)
+MAX_SHOWN = 100_000         # lingering sockets shown whose CLOSED record is kept
 
 
 def parse_when(text: str, reference_ts: Optional[float] = None) -> float:
@@ -59,7 +62,11 @@ class ReplayFilter:
         kind = rec.get("type")
         if kind == "process" and self.holders.needs_identity:
             if isinstance(rec.get("identity"), dict):
-                self.identities[rec.get("pid")] = rec["identity"]
+                pid = rec.get("pid")
+                self.identities.pop(pid, None)
+                if len(self.identities) >= MAX_IDENTITIES:     # the oldest forgotten
+                    del self.identities[next(iter(self.identities))]
+                self.identities[pid] = rec["identity"]
         if kind not in SHOWN:
             return False
         if kind not in PER_SOCKET:
@@ -79,7 +86,8 @@ class ReplayFilter:
             identities = self.identities if self.holders.needs_identity else None
             if not self.holders.matches(record_people(rec, identities)):
                 return False
-            if kind == "linger":
+            if kind == "linger" and len(self.shown) < MAX_SHOWN:
+                # Past MAX_SHOWN, a CLOSED record is judged by who closed it.
                 self.shown.add(key)
         return True
 

@@ -184,6 +184,11 @@ def _local(ts: float) -> Optional[_dt.datetime]:
 
 # ---------------------------------------------------------------- replay
 
+# Bounds of what the renderer remembers, whatever the records.
+MAX_PROCESSES = 4_096       # process records kept for -v (the latest)
+MAX_CAPTURES = 1_000        # capture headers remembered by a replay
+
+
 @dataclass
 class ReplaySource:
     """What a replay shows and how: the banner names the file, the capture
@@ -305,7 +310,13 @@ class TextRenderer:
             return self._closed(rec)
         if kind == "process":
             if isinstance(rec.get("pid"), int):
-                self.processes[rec["pid"]] = rec    # shown through the linger lines (-v)
+                # Shown through the linger lines (-v). The latest MAX_PROCESSES
+                # are kept (the oldest forgotten): a replay of a recording of
+                # many processes, or a long trace, does not grow without end.
+                self.processes.pop(rec["pid"], None)
+                if len(self.processes) >= MAX_PROCESSES:
+                    del self.processes[next(iter(self.processes))]
+                self.processes[rec["pid"]] = rec
             return []
         if kind == "transition":
             return self._transition(rec)
@@ -345,7 +356,8 @@ class TextRenderer:
         capture = str(rec.get("capture_id"))
         if capture in self.replay.captures:
             return []
-        self.replay.captures[capture] = rec
+        if len(self.replay.captures) < MAX_CAPTURES:     # bounded; each new one still says so
+            self.replay.captures[capture] = rec
         start = _number(rec.get("start_ts"))
         when = _local(start) if start is not None else None
         files = ", ".join(escape(p) for p in self.replay.paths)

@@ -9,15 +9,22 @@ end; and every gap or loss in the capture.
 build() consumes records one at a time (any iterable, e.g. a streaming
 reader) and keeps per socket only what the groupings need while it
 lingers, then folds it into the aggregates when it closes.
+
+Its state is bounded whatever the recording (a crafted file of 400,000
+distinct sockets in 15 MB of gzip must not take gigabytes): the MAX_*
+figures below cap what is kept, and whatever goes past a cap is counted and
+said in the report's losses, never dropped silently. Work per record is
+bounded by the record (its strings are capped by schema.cap, its holders
+here), so time is linear in the input. README, Security, states the
+resulting memory bound and the test that holds it.
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import datetime as _dt
 import math
-from array import array
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -26,6 +33,22 @@ from closewait_trace.output.render import (age_source, marked_age, histogram_lin
                                     slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
+
+# Bounds of the report's state (see the module docstring).
+MAX_LINGERING = 10_000    # sockets followed at once while they linger
+MAX_ROWS = 1_000          # rows per table; sockets of later keys fold into one row
+MAX_NAMES = 8             # causes / programs named per row; the rest folded
+MAX_PIDS = 64             # distinct processes counted per row (past it: "at least")
+MAX_PROCESSES = 20_000    # process identities remembered (the oldest forgotten)
+MAX_HOLDERS = 4           # holders kept per socket (the rest counted)
+MAX_STILL = 1_000         # sockets still lingering at the end that are listed
+MAX_CAPTURES = 100        # captures listed (one per header of a new capture id)
+MAX_LOSS_RECORDS = 100    # lost records listed (all are summed)
+MAX_HIST_SLOTS = 128      # histogram slots (a log2 histogram has 64)
+MAX_LABEL = 256           # characters of a name the report keeps (cut, marked)
+TIMELINE_SLOTS = 4096     # resolution of the timeline: its span / 2048 or finer
+OTHER = "(other)"
+CUT = " [...]"
 
 GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
 # Without --by: these, unit/container/pod only when some socket has one.
@@ -59,6 +82,91 @@ def _key(rec: dict) -> tuple:
     return key
 
 
+def _label(value):
+    """A name kept by the report: at most MAX_LABEL characters, cut marked."""
+    if isinstance(value, str) and len(value) > MAX_LABEL + len(CUT):
+        return value[:MAX_LABEL] + CUT
+    return value
+
+
+def _bump(counter: Counter, name, n: int = 1) -> None:
+    """counter[name] += n, with at most MAX_NAMES names and OTHER."""
+    if name in counter or len(counter) < MAX_NAMES:
+        counter[name] += n
+    else:
+        counter[OTHER] += n
+
+
+class _Timeline:
+    """Sockets entering and leaving, counted in TIMELINE_SLOTS equal slots
+    over a span that doubles whenever a time falls past it: bounded memory,
+    whatever the number of sockets. The start of the first capture anchors
+    the span; an entry before it (a socket already lingering) is counted as
+    lingering from the start."""
+
+    def __init__(self):
+        self.lo: Optional[float] = None
+        self.width = 0.01
+        self.enter = [0] * TIMELINE_SLOTS
+        self.leave = [0] * TIMELINE_SLOTS
+        self.enter_before = 0
+        self.leave_before = 0
+
+    def anchor(self, t: float) -> None:
+        if self.lo is None:
+            self.lo = t
+            return
+        while t < self.lo:          # a capture read later that started earlier
+            half = TIMELINE_SLOTS // 2
+            for arr in (self.enter, self.leave):
+                merged = [arr[2 * j] + arr[2 * j + 1] for j in range(half)]
+                arr[:] = [0] * half + merged
+            self.lo -= self.width * TIMELINE_SLOTS
+            self.width *= 2
+
+    def _slot(self, t: float) -> Optional[int]:
+        if self.lo is None:
+            self.anchor(t)
+        if t < self.lo:
+            return None
+        while t >= self.lo + self.width * TIMELINE_SLOTS:
+            for arr in (self.enter, self.leave):
+                arr[:] = [arr[2 * j] + arr[2 * j + 1] for j in range(TIMELINE_SLOTS // 2)] \
+                    + [0] * (TIMELINE_SLOTS // 2)
+            self.width *= 2
+        return min(TIMELINE_SLOTS - 1, int((t - self.lo) / self.width))
+
+    def add(self, entered: float, ended: float) -> None:
+        i = self._slot(entered)
+        if i is None:
+            self.enter_before += 1
+        else:
+            self.enter[i] += 1
+        if math.isfinite(ended):
+            j = self._slot(ended)
+            if j is None:
+                self.leave_before += 1
+            else:
+                self.leave[j] += 1
+
+    def counts_at(self, points: list[float]) -> list[int]:
+        """Sockets lingering at each time (entered at or before it, in the
+        resolution of a slot, and not yet left)."""
+        inside = self.enter_before - self.leave_before
+        cumulative = []
+        for a, b in zip(self.enter, self.leave):
+            inside += a - b
+            cumulative.append(inside)
+        out = []
+        for at in points:
+            if self.lo is None or at < self.lo:
+                out.append(max(0, self.enter_before - self.leave_before))
+                continue
+            i = min(TIMELINE_SLOTS - 1, int((at - self.lo) / self.width))
+            out.append(max(0, cumulative[i]))
+        return out
+
+
 @dataclass(slots=True)
 class Sock:
     """What the report keeps of one socket while it lingers."""
@@ -76,9 +184,10 @@ class Group:
     longest_s: float = 0.0
     longest_source: str = "traced"
     by_source: Counter = field(default_factory=Counter)
-    causes: Counter = field(default_factory=Counter)
-    programs: Counter = field(default_factory=Counter)
-    pids: set = field(default_factory=set)
+    causes: Counter = field(default_factory=Counter)       # at most MAX_NAMES + OTHER
+    programs: Counter = field(default_factory=Counter)     # at most MAX_NAMES + OTHER
+    pids: set = field(default_factory=set)                 # at most MAX_PIDS
+    more_pids: bool = False
 
     def add(self, s: Sock, programs: set, pids: list) -> None:
         """programs, pids: of the socket's holders, worked out once per socket."""
@@ -87,18 +196,25 @@ class Group:
         if s.duration >= self.longest_s:
             self.longest_s, self.longest_source = s.duration, s.source
         self.by_source[s.source] += 1
-        self.causes[s.info["cause"]] += 1
+        _bump(self.causes, s.info["cause"])
         for name in programs:
-            self.programs[name] += 1
-        self.pids.update(pids)
+            _bump(self.programs, name)
+        for pid in pids:
+            if len(self.pids) < MAX_PIDS:
+                self.pids.add(pid)
+            elif pid not in self.pids:
+                self.more_pids = True
 
     def as_dict(self) -> dict:
-        return {"count": self.count, "total_s": round(self.total_s, 3),
-                "longest_s": round(self.longest_s, 3), "longest_source": self.longest_source,
-                "estimated": self.by_source.get("estimated", 0),
-                "lower_bound": self.by_source.get("lower_bound", 0),
-                "causes": dict(self.causes.most_common()),
-                "processes": len(self.pids)}
+        row = {"count": self.count, "total_s": round(self.total_s, 3),
+               "longest_s": round(self.longest_s, 3), "longest_source": self.longest_source,
+               "estimated": self.by_source.get("estimated", 0),
+               "lower_bound": self.by_source.get("lower_bound", 0),
+               "causes": dict(self.causes.most_common()),
+               "processes": len(self.pids)}
+        if self.more_pids:
+            row["processes_at_least"] = True     # more than MAX_PIDS distinct
+        return row
 
 
 class _Builder:
@@ -117,12 +233,17 @@ class _Builder:
         self.clean = False
         self.write_errors = 0
         self.sockets = 0
-        self.still: list[Sock] = []
-        self.groups = {g: defaultdict(Group) for g in GROUPINGS}
+        self.still: list = []                    # heap of (-entered, n, Sock): the oldest kept
+        self.still_total = 0
+        self.groups = {g: {} for g in GROUPINGS}
         self.identity: dict = {}                 # pid -> (unit, container, pod, exe)
-        self.entered = array("d")                # timeline: interval starts
-        self.ended = array("d")                  # and ends (inf while open)
+        self.timeline = _Timeline()
         self.unusable = 0
+        self.lost_total = {"events_lost": 0, "map_full": 0}
+        self.lost_listed = 0
+        # What went past a cap, counted: said in the report's losses.
+        self.folded = Counter()
+        self.captures_seen = 0
 
     # -------------------------------------------------- reading
 
@@ -141,8 +262,11 @@ class _Builder:
             if self.current is None or r.get("capture_id") != self.current["id"]:
                 self.close_capture()
                 self.clean = False
-                self.current = {"id": r.get("capture_id"), "start": _number(r.get("start_ts")),
-                                "hostname": r.get("hostname")}
+                start = _number(r.get("start_ts"))
+                if start is not None:
+                    self.timeline.anchor(start)
+                self.current = {"id": _label(r.get("capture_id")), "start": start,
+                                "hostname": _label(r.get("hostname"))}
             return
         if ts is not None:
             self.last_ts = ts
@@ -153,8 +277,14 @@ class _Builder:
         elif kind == "closed":
             self._closed(r, ts)
         elif kind == "lost":
-            self.losses.append({"ts": ts, "what": str(r.get("counter")),
-                                "count": r.get("count") if isinstance(r.get("count"), int) else 0})
+            what = _label(str(r.get("counter")))
+            count = r.get("count") if isinstance(r.get("count"), int) else 0
+            if what in self.lost_total:
+                self.lost_total[what] += count
+            if len(self.losses) < MAX_LOSS_RECORDS:
+                self.losses.append({"ts": ts, "what": what, "count": count})
+            else:
+                self.folded["lost_records"] += 1
         elif kind in ("snapshot", "summary"):
             self._state(r, ts, r.get("still_lingering", r.get("lingering")) or [])
             if kind == "summary":
@@ -171,26 +301,35 @@ class _Builder:
         # come from a name a user chose (issue 17 §2).
         found = identity.attribution(ident)
         container = found["container"]
+        if pid not in self.identity and len(self.identity) >= MAX_PROCESSES:
+            # The oldest identity is forgotten (dicts keep insertion order).
+            del self.identity[next(iter(self.identity))]
+            self.folded["processes"] += 1
+        self.identity.pop(pid, None)
         self.identity[pid] = {
-            "unit": found["unit"],
-            "container": (f"{container.get('runtime')} {str(container.get('id'))[:12]}"
+            "unit": _label(found["unit"]),
+            "container": (_label(f"{container.get('runtime')} {str(container.get('id'))[:12]}")
                           if container else None),
-            "pod": found["pod_uid"],
-            "exe": identity.program_label(ident.get("exe")),
+            "pod": _label(found["pod_uid"]),
+            "exe": _label(identity.program_label(ident.get("exe"))),
         }
 
     def _people(self, r: dict) -> list[dict]:
-        """Who kept it open: its holders, or, never accepted, the listener's."""
+        """Who kept it open: its holders, or, never accepted, the listener's
+        (the first MAX_HOLDERS; the others are counted)."""
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
         listening = False
         if not owners and isinstance(r.get("listener"), dict):
             owners = [o for o in r["listener"].get("owners") or [] if isinstance(o, dict)]
             listening = True
+        if len(owners) > MAX_HOLDERS:
+            self.folded["holders"] += len(owners) - MAX_HOLDERS
+            owners = owners[:MAX_HOLDERS]
         people = []
         for o in owners:
             pid = o.get("pid") if isinstance(o.get("pid"), int) else None
             ident = self.identity.get(pid, {})
-            comm = str(o.get("comm", "?"))
+            comm = _label(str(o.get("comm", "?")))
             # The program is the executable the kernel names, never argv[0]
             # (which a process sets to anything); none recorded: unknown.
             program = f"{comm} [{ident.get('exe') or 'program unknown'}]"
@@ -207,13 +346,25 @@ class _Builder:
         cause = d.get("cause") if isinstance(d.get("cause"), str) else None
         if cause is None:
             cause = "unknown"
-        return {"family": r.get("family"), "laddr": r.get("laddr"), "lport": r.get("lport"),
-                "raddr": r.get("raddr"), "rport": r.get("rport"),
-                "owner_kind": r.get("owner_kind"), "owners": [
-                    {k: o.get(k) for k in ("pid", "comm", "fd", "state")}
-                    for o in r.get("owners") or [] if isinstance(o, dict)],
-                "cause": cause, "summary": d.get("summary") if isinstance(d.get("summary"), str) else "",
+        owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
+        return {"family": r.get("family"), "laddr": _label(r.get("laddr")),
+                "lport": r.get("lport"), "raddr": _label(r.get("raddr")),
+                "rport": r.get("rport"),
+                "owner_kind": _label(r.get("owner_kind")), "owners": [
+                    {k: _label(o.get(k)) for k in ("pid", "comm", "fd", "state")}
+                    for o in owners[:MAX_HOLDERS]],
+                "cause": _label(cause),
+                "summary": _label(d.get("summary")) if isinstance(d.get("summary"), str) else "",
                 "people": self._people(r)}
+
+    def _follow(self, key: tuple, sock: Sock) -> None:
+        """Follow a lingering socket until it closes, within MAX_LINGERING:
+        past it, the socket is counted as folded and known only from its
+        close record, if one comes."""
+        if key in self.lingers or len(self.lingers) < MAX_LINGERING:
+            self.lingers[key] = sock
+        else:
+            self.folded["lingering"] += 1
 
     def _linger(self, r: dict, ts: Optional[float]) -> None:
         age = _number(r.get("age_s")) or 0.0
@@ -226,8 +377,11 @@ class _Builder:
                 known.info = self._slim(r)
             known.duration = max(known.duration, age)
             return
-        self.lingers[key] = Sock(info=self._slim(r), entered=(ts or 0.0) - age,
-                                 duration=age, source=age_source(r, "age"))
+        if key not in self.lingers and len(self.lingers) >= MAX_LINGERING:
+            self.folded["lingering"] += 1         # before any work on it
+            return
+        self._follow(key, Sock(info=self._slim(r), entered=(ts or 0.0) - age,
+                               duration=age, source=age_source(r, "age")))
 
     def _closed(self, r: dict, ts: Optional[float]) -> None:
         duration = _number(r.get("duration_s")) or 0.0
@@ -244,7 +398,7 @@ class _Builder:
     def _state(self, r: dict, ts: Optional[float], entries) -> None:
         hist = r.get("histogram_us")
         if isinstance(hist, list):
-            self.capture_hist = hist
+            self.capture_hist = hist[:MAX_HIST_SLOTS]
         for e in entries:
             if not isinstance(e, dict):
                 continue
@@ -253,29 +407,46 @@ class _Builder:
             if k in self.lingers:
                 if age is not None:
                     self.lingers[k].duration = age
-            elif ts is not None:
+            elif ts is not None and len(self.lingers) < MAX_LINGERING:
                 # Known only from the state: its linger record is in a part
                 # rotated away, or it was never reported.
-                self.lingers[k] = Sock(info=self._slim(e), entered=ts - (age or 0.0),
-                                       duration=age or 0.0, source=age_source(e, "age"))
+                self._follow(k, Sock(info=self._slim(e), entered=ts - (age or 0.0),
+                                     duration=age or 0.0, source=age_source(e, "age")))
+            elif ts is not None:
+                self.folded["lingering"] += 1
 
     def close_capture(self) -> None:
         for s in self.lingers.values():
             if self.last_ts is not None:
                 s.duration = max(s.duration, self.last_ts - s.entered)
             self._account(s)
-            self.still.append(s)
+            # The oldest MAX_STILL are listed (a heap on the entry time),
+            # the others counted.
+            self.still_total += 1
+            item = (-s.entered, self.still_total, s)
+            if len(self.still) < MAX_STILL:
+                heapq.heappush(self.still, item)
+            else:
+                heapq.heappushpop(self.still, item)
         self.lingers.clear()
         if self.current is not None:
-            self.captures.append({"capture_id": self.current["id"],
-                                  "hostname": self.current["hostname"],
-                                  "start_ts": self.current["start"], "end_ts": self.last_ts,
-                                  "clean_end": self.clean})
+            self.captures_seen += 1
+            if len(self.captures) < MAX_CAPTURES:
+                self.captures.append({"capture_id": self.current["id"],
+                                      "hostname": self.current["hostname"],
+                                      "start_ts": self.current["start"],
+                                      "end_ts": self.last_ts, "clean_end": self.clean})
+            else:
+                self.folded["captures"] += 1
+                self.folded["unclean_captures"] += not self.clean
             for b in self.capture_hist or []:
                 if isinstance(b, dict) and all(isinstance(b.get(x), int)
                                                for x in ("from_us", "to_us", "count")):
                     slot = (b["from_us"], b["to_us"])
-                    self.histogram[slot] = self.histogram.get(slot, 0) + b["count"]
+                    if slot in self.histogram or len(self.histogram) < MAX_HIST_SLOTS:
+                        self.histogram[slot] = self.histogram.get(slot, 0) + b["count"]
+                    else:
+                        self.folded["histogram"] += b["count"]
         self.capture_hist = None
 
     # -------------------------------------------------- aggregating
@@ -306,10 +477,19 @@ class _Builder:
         pids = [p["pid"] for p in people if p["pid"] is not None]
         for g in self.by:
             groups = self.groups[g]
+            folded = False
             for k in self._keys(g, s):
-                groups[k].add(s, programs, pids)
-        self.entered.append(s.entered)
-        self.ended.append(s.entered + s.duration if s.closed else math.inf)
+                group = groups.get(k)
+                if group is None:
+                    if len(groups) >= MAX_ROWS:
+                        k, folded = OTHER, True
+                        group = groups.get(k)
+                    if group is None:
+                        group = groups[k] = Group()
+                group.add(s, programs, pids)
+            if folded:
+                self.folded[f"rows:{g}"] += 1
+        self.timeline.add(s.entered, s.entered + s.duration if s.closed else math.inf)
 
     # -------------------------------------------------- result
 
@@ -340,26 +520,62 @@ class _Builder:
                  diagnosis={"cause": s.info["cause"], "summary": s.info["summary"]},
                  age_s=round(s.duration, 3), age_source=s.source,
                  age_is_lower_bound=s.source == "lower_bound")
-            for s in sorted(self.still, key=lambda s: s.entered)]
+            for s in sorted((item[2] for item in self.still), key=lambda s: s.entered)]
         for d in rep["still_lingering"]:
             d.pop("cause", None)
             d.pop("summary", None)
         problems = list(getattr(source, "problems", []) or [])
         if self.unusable:
             problems.append(f"{self.unusable} record(s) with unexpected values were not used")
+        problems.extend(self._folded_lines())
+        rep["still_lingering_total"] = self.still_total
         rep["losses"] = {
             "lost_records": self.losses,
-            "events_lost": sum(x["count"] for x in self.losses if x["what"] == "events_lost"),
-            "map_full": sum(x["count"] for x in self.losses if x["what"] == "map_full"),
+            "events_lost": self.lost_total["events_lost"],
+            "map_full": self.lost_total["map_full"],
             "write_errors": self.write_errors,
             "skipped_lines": getattr(source, "skipped", 0) or 0,
-            "unclean_ends": sum(1 for c in self.captures if not c["clean_end"]),
+            "unclean_ends": sum(1 for c in self.captures if not c["clean_end"])
+            + self.folded["unclean_captures"],
+            "folded": {k: v for k, v in sorted(self.folded.items())
+                       if k != "unclean_captures"},
             "missing_parts": [{"file": f, "part": p}
                               for f, p in getattr(source, "missing_parts", []) or []],
             "gaps_between_captures": gaps,
             "problems": problems,
         }
         return rep
+
+    def _folded_lines(self) -> list[str]:
+        """What went past the report's caps, said (README, Security)."""
+        f = self.folded
+        lines = []
+        if f["lingering"]:
+            lines.append(f"{f['lingering']} socket(s) lingered while {MAX_LINGERING} others "
+                         f"did: not followed, counted from their close record only, if any")
+        for key, n in sorted(f.items()):
+            if key.startswith("rows:"):
+                lines.append(f"by {key[5:]}: {n} socket(s) past the first {MAX_ROWS} rows "
+                             f"counted in the row {OTHER}")
+        if f["holders"]:
+            lines.append(f"{f['holders']} holder(s) past the first {MAX_HOLDERS} of a socket "
+                         f"not shown")
+        if f["processes"]:
+            lines.append(f"{f['processes']} process identities forgotten (more than "
+                         f"{MAX_PROCESSES}): their sockets name no unit, container or pod")
+        if f["captures"]:
+            lines.append(f"{f['captures']} capture(s) past the first {MAX_CAPTURES} not listed "
+                         f"(their sockets are counted)")
+        if f["lost_records"]:
+            lines.append(f"{f['lost_records']} loss record(s) past the first {MAX_LOSS_RECORDS} "
+                         f"not listed (summed above)")
+        if f["histogram"]:
+            lines.append(f"{f['histogram']} histogram count(s) in slots past the first "
+                         f"{MAX_HIST_SLOTS} not shown")
+        if self.still_total > len(self.still):
+            lines.append(f"{self.still_total} socket(s) still lingering at the end, the "
+                         f"{len(self.still)} oldest listed")
+        return lines
 
     def _timeline(self) -> list[dict]:
         starts = [c["start_ts"] for c in self.captures if c["start_ts"]]
@@ -369,15 +585,10 @@ class _Builder:
         t0, t1 = min(starts), max(ends)
         if t1 <= t0:
             return []
-        entered, ended = sorted(self.entered), sorted(self.ended)
         step = (t1 - t0) / self.timeline_buckets
-        out = []
-        for i in range(self.timeline_buckets):
-            at = t0 + (i + 0.5) * step
-            # lingering at `at`: entered at or before it, not yet left
-            n = bisect.bisect_right(entered, at) - bisect.bisect_right(ended, at)
-            out.append({"ts": round(at, 3), "lingering": max(0, n)})
-        return out
+        points = [t0 + (i + 0.5) * step for i in range(self.timeline_buckets)]
+        return [{"ts": round(at, 3), "lingering": n}
+                for at, n in zip(points, self.timeline.counts_at(points))]
 
 
 def _table(grouping: str, groups: dict) -> list[dict]:
@@ -504,7 +715,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     lines.extend(_timeline_lines(rep["timeline"]))
     lines.append("")
     still = rep["still_lingering"]
-    lines.append(f"Still lingering at the end of the capture: {len(still)}")
+    lines.append(f"Still lingering at the end of the capture: "
+                 f"{rep.get('still_lingering_total', len(still))}")
     for s in still[:top]:
         owners = ", ".join(f"{escape(o.get('pid'))}/{escape(o.get('comm'))} fd {escape(o.get('fd'))}"
                            for o in s.get("owners") or [])
@@ -516,8 +728,9 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
                      f"{_age(s['age_s'], s.get('age_source', 'traced'))} {owners or '-'}")
         if why:
             lines.append(f"      {escape(why)}")
-    if len(still) > top:
-        lines.append(f"  ... {len(still) - top} more (see --json)")
+    if rep.get("still_lingering_total", len(still)) > min(top, len(still)):
+        lines.append(f"  ... {rep.get('still_lingering_total', len(still)) - min(top, len(still))}"
+                     f" more (see --json)")
     lines.append("")
     lines.extend(_loss_lines(rep["losses"]))
     return [textsafe.safe_line(line) for line in lines]

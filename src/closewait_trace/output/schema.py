@@ -50,6 +50,29 @@ Fd = Annotated[int, Range(-1, 1 << 31)]
 AgeSource = Literal["traced", "estimated", "lower_bound"]
 
 
+@dataclass(frozen=True)
+class MaxLen:
+    """A string field's bound (Annotated metadata). truncate=False: a longer
+    value is not one the field can have (a lie of a crafted file), and the
+    record is refused; otherwise it is cut, and the cut marked."""
+    chars: int
+    truncate: bool = True
+
+
+# Every string a record carries is at most MAX_TEXT characters followed by
+# TRUNCATED: a longer one is cut there on reading (cap()), so that no name,
+# path or text in a recording costs a reader more than this, however long
+# the line. A command line is written so already (procfs.MAX_CMDLINE, the
+# first 4096 bytes and " [...]"); paths, symbols and texts get the same cap.
+MAX_TEXT = 4096
+TRUNCATED = " [...]"
+# A process name is at most 15 bytes in the kernel (TASK_COMM_LEN 16 with
+# its NUL), each byte decoded to one character at most: a longer one did not
+# come from the kernel, and the record that carries it is refused.
+MAX_COMM = 15
+Comm = Annotated[str, MaxLen(MAX_COMM, truncate=False)]
+
+
 class Endpoint(TypedDict):
     family: Literal["ipv4", "ipv6"]
     laddr: str
@@ -60,13 +83,13 @@ class Endpoint(TypedDict):
 
 class Task(TypedDict):
     pid: Pid
-    comm: str
+    comm: Comm
 
 
 class Holder(TypedDict):
     """A process with a file descriptor on the socket."""
     pid: Pid
-    comm: str
+    comm: Comm
     fd: Fd
     state: str
     ppid: Pid
@@ -194,7 +217,7 @@ class LingerRecord(_Base, Endpoint):
 
 class BriefHolder(TypedDict):
     pid: Pid
-    comm: str
+    comm: Comm
     fd: Fd
     state: str
 
@@ -260,7 +283,7 @@ class Thread(TypedDict):
 
 class ProcessRecord(_Base):
     pid: Pid
-    comm: str
+    comm: Comm
     state: str
     ppid: Pid
     cmdline: str
@@ -364,6 +387,7 @@ def _build(tp: Any):
     if origin is Annotated:
         base = _checker(args[0])
         ranges = [m for m in args[1:] if isinstance(m, Range)]
+        lengths = [m.chars for m in args[1:] if isinstance(m, MaxLen) and not m.truncate]
 
         def annotated(value, path):
             wrong = base(value, path)
@@ -372,6 +396,9 @@ def _build(tp: Any):
             for r in ranges:
                 if not r.ge <= value <= r.le:
                     return f"{path}: {value!r} is out of range"
+            for n in lengths:
+                if len(value) > n:
+                    return f"{path}: longer than {n} characters"
             return None
         return annotated
     if origin is NotRequired:
@@ -441,6 +468,100 @@ def _build(tp: Any):
             None if type(value) is int or (type(value) is float and math.isfinite(value))
             else f"{path}: expected a finite number")
     raise TypeError(f"schema.py uses a type the check does not know: {tp!r}")
+
+
+# --- string caps ----------------------------------------------------------------
+
+def cap(rec: Any) -> Any:
+    """Cut, in place, every string of a record longer than MAX_TEXT +
+    TRUNCATED to MAX_TEXT characters and the mark; fields whose bound is a
+    fact (MaxLen(truncate=False), the process name) are left for problem()
+    to refuse. Work linear in the record. Anything that is not a record of
+    a known type is returned as it is."""
+    if isinstance(rec, dict):
+        spec = RECORD_TYPES.get(rec.get("type")) if isinstance(rec.get("type"), str) else None
+        if spec is not None:
+            _capper(spec)(rec)
+    return rec
+
+
+_LONGEST = MAX_TEXT + len(TRUNCATED)
+_CAPPERS: dict = {}
+
+
+def _cut(value):
+    if type(value) is str and len(value) > _LONGEST:
+        return value[:MAX_TEXT] + TRUNCATED
+    return value
+
+
+def _keep(value):
+    return value
+
+
+def _capper(tp: Any):
+    """value -> the value with its strings capped (dicts and lists in place)."""
+    key = repr(tp)
+    f = _CAPPERS.get(key)
+    if f is None:
+        _CAPPERS[key] = lambda value: f(value)       # for recursion
+        f = _CAPPERS[key] = _build_capper(tp)
+    return f
+
+
+def _build_capper(tp: Any):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Annotated:
+        if any(isinstance(m, MaxLen) and not m.truncate for m in args[1:]):
+            return _keep
+        return _capper(args[0])
+    if origin is NotRequired:
+        return _capper(args[0])
+    if origin is Union:
+        subs = [f for f in (_capper(a) for a in args) if f is not _keep]
+        if not subs:
+            return _keep
+
+        def union(value):
+            for f in subs:
+                value = f(value)
+            return value
+        return union
+    if origin is list:
+        item = _capper(args[0])
+        if item is _keep:
+            return _keep
+
+        def a_list(value):
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    new = item(v)
+                    if new is not v:
+                        value[i] = new
+            return value
+        return a_list
+    if typing.is_typeddict(tp):
+        subs = []
+
+        def typed(value):
+            if isinstance(value, dict):
+                for k, f in subs:
+                    if k in value:
+                        v = value[k]
+                        new = f(v)
+                        if new is not v:
+                            value[k] = new
+            return value
+        _CAPPERS[repr(tp)] = typed                        # for recursion
+        for k, h in typing.get_type_hints(tp, include_extras=True).items():
+            f = _capper(h)
+            if f is not _keep:
+                subs.append((k, f))
+        return typed
+    if tp is str:
+        return _cut
+    return _keep          # numbers, bools, null, literals, dict[str, number]
 
 
 # --- older versions -----------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Crafted recordings that cost little on disk and much to a naive reader:
+many distinct sockets (each a new key in every table), long strings,
+repeated huge names. Written as gzip members built once and repeated where
+the content may repeat, so a recording of 400,000 sockets is made in
+seconds. Used by the tests and by the figures in docs/benchmarks.md."""
+
+import gzip
+import json
+
+from tests.unit import recordfactory
+
+
+def _line(rec: dict) -> bytes:
+    return (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+
+
+def _header(capture_id: str = "crafted") -> bytes:
+    return _line(recordfactory.header(capture_id=capture_id))
+
+
+def distinct_socket(i: int, ts: float = 1001.0) -> dict:
+    """Socket i: its own peer, port, holder pid and program, so it is a new
+    row in every table the report can build."""
+    owner = recordfactory.holder(pid=100_000 + i, comm=f"p{i % 10**9}"[:15], fd=3 + i % 1000,
+                                 cmdline=f"/opt/app{i}/bin/server --id {i}")
+    return recordfactory.linger(
+        ts=ts + i * 1e-3, owners=[owner], cause=f"cause-{i}", summary=f"held by p{i}",
+        laddr="10.0.0.1", lport=1 + i % 65535,
+        raddr=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", rport=1024 + i % 60000)
+
+
+def many_sockets(path: str, n: int, closed: bool = False) -> None:
+    """n distinct sockets that linger (and, with closed, close again)."""
+    with open(path, "wb") as f:
+        f.write(gzip.compress(_header(), mtime=0))
+        batch = []
+        for i in range(n):
+            rec = distinct_socket(i)
+            batch.append(_line(rec))
+            if closed:
+                batch.append(_line(recordfactory.closed(
+                    ts=rec["ts"] + 5, duration=7.0, laddr=rec["laddr"], lport=rec["lport"],
+                    raddr=rec["raddr"], rport=rec["rport"])))
+            if len(batch) >= 5000:
+                f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+                batch = []
+        if batch:
+            f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+
+
+def huge_names(path: str, name_bytes: int, records: int, field: str = "comm") -> None:
+    """`records` process and linger records whose holder's `field` (comm or
+    cmdline) is name_bytes long: one gzip member repeated."""
+    name = "n" * name_bytes
+    owner = recordfactory.holder(pid=4242, **{field: name})
+    body = (_line(recordfactory.process(pid=4242, **{field: name}))
+            + _line(recordfactory.linger(owners=[owner])))
+    member = gzip.compress(body, compresslevel=9, mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(_header(), mtime=0))
+        for _ in range(records):
+            f.write(member)
+
+
+def fat_sockets(path: str, n: int) -> None:
+    """n distinct sockets, each as costly to a report as a record can make
+    it: MAX_HOLDERS and more holders, every string long and distinct (cause,
+    summary, command line, unit, addresses), a process record per holder."""
+    long = "x" * 5000
+    with open(path, "wb") as f:
+        f.write(gzip.compress(_header(), mtime=0))
+        batch = []
+        for i in range(n):
+            owners = []
+            for h in range(6):
+                pid = 1 + i * 6 + h
+                owners.append(recordfactory.holder(pid=pid, comm=f"c{pid}"[:15],
+                                                   cmdline=f"/{pid}{long}"))
+                batch.append(_line(recordfactory.process(
+                    pid=pid, cmdline=f"/{pid}{long}",
+                    identity={"unit": f"{pid}{long}", "pod_uid": f"{pid}{long}",
+                              "container": {"runtime": "x", "id": f"{pid}{long}"}})))
+            rec = recordfactory.linger(ts=1001.0 + i, owners=owners, cause=f"{i}{long}",
+                                       summary=f"{i}{long}", laddr=f"{i}{long}",
+                                       raddr=f"{i}{long}", rport=i % 65536)
+            batch.append(_line(rec))
+            if len(batch) >= 700:
+                f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+                batch = []
+        if batch:
+            f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
