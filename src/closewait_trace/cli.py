@@ -538,7 +538,7 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     as_root = os.geteuid() == 0
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
     warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
-    from closewait_trace.evidence.resolver import SNAPSHOT_DEADLINE_S, ProcResolver
+    from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
     from closewait_trace.evidence.worker import GatherFailed, GatherWorker
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
@@ -547,8 +547,8 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
         snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
                              holder_filter=holder_filter, resolver=resolver)
     except GatherFailed as e:
-        raise UserError(f"the sockets and their owners could not be read ({e.why}, "
-                        f"deadline {SNAPSHOT_DEADLINE_S:g}s)", EXIT_GATHER,
+        raise UserError(f"the sockets and their owners could not be read ({e.why}: "
+                        f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
                         "something on this host answers /proc reads slowly; try again, "
                         "or narrow it with -p/-P") from None
     finally:

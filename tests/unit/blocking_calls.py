@@ -32,4 +32,21 @@ def process_evidence(holders, *args):
         yield item
 
 
-CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence)
+def reading_for(seconds: float) -> str:
+    """Work that takes long but completes a read every 50 ms (a large batch)."""
+    from closewait_trace.sockets import procfs
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        procfs.note_progress()
+        time.sleep(0.05)
+    return "done"
+
+
+def silent_for(seconds: float) -> str:
+    """One read that takes that long (a blocked read, then an answer)."""
+    time.sleep(seconds)
+    return "done"
+
+
+CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
+             reading_for=reading_for, silent_for=silent_for)

@@ -174,3 +174,14 @@ def test_worker_dies_with_the_tracer(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"worker {child} outlived its tracer")
+
+
+def test_a_long_call_that_keeps_reading_is_not_cut(gatherer):
+    """Owners of 100,000 sockets take seconds: completed reads keep the
+    call alive past its stall time; one read blocked that long ends it."""
+    assert gatherer.call("reading_for", 2.0, deadline_s=30, progress_s=0.8) == "done"
+    started = time.monotonic()
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("silent_for", 30.0, deadline_s=60, progress_s=0.8)
+    assert failed.value.why == worker.TIMED_OUT
+    assert time.monotonic() - started < 0.8 + 5

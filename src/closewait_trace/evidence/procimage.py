@@ -166,7 +166,9 @@ class ProcessImage:
             if self._mem is None:
                 self._mem = open(f"{self.proc}/{self.pid}/mem", "rb", buffering=0)
             self._mem.seek(addr)
-            return self._mem.read(size) or b""
+            data = self._mem.read(size) or b""
+            procfs.note_progress()
+            return data
         except (OSError, ValueError, OverflowError):
             return b""
 

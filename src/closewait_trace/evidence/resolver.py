@@ -18,18 +18,23 @@ from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed, GatherWorke
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets import procfs
 
-# Deadlines of the gathering worker's calls (seconds, scaled by the
-# testing knob CLOSEWAIT_TRACE_TIME_SCALE): past them the loop stops waiting,
-# kills the worker and says what was not read. Evidence gets symbolize's
-# batch budget (2 s, checked between reads) per process, and more for the
-# batch; a process that streams nothing for PROCESS_DEADLINE_S is abandoned.
-OWNERS_DEADLINE_S = 3.0
+# Deadlines of the gathering worker's calls (seconds, scaled by the testing
+# knob CLOSEWAIT_TRACE_TIME_SCALE). A call is abandoned when no read of it
+# has completed for its STALL time (a read blocked in the kernel), or at
+# its overall cap; then the loop stops waiting, kills the worker and says
+# what was not read. The caps are for work that really is that large (owners
+# of 100,000 sockets take seconds): the loop drains the kernel's events and
+# answers stop signals while it waits.
+STALL_S = 2.0
+OWNERS_CAP_S = 120.0
+STATE_CAP_S = 30.0
 # snapshot's one read of every namespace's sockets and their owners.
-SNAPSHOT_DEADLINE_S = 10.0
-EVIDENCE_DEADLINE_S = 5.0
-STATE_DEADLINE_S = 1.0
-# One holder process's evidence: past it, that process is abandoned and the
-# others of the batch are read in a new worker.
+SNAPSHOT_STALL_S = 5.0
+SNAPSHOT_CAP_S = 300.0
+# The evidence of a batch of holder processes: a process that streams
+# nothing for PROCESS_DEADLINE_S (symbolize's 2 s budget and some) is
+# abandoned and the others are read in a new worker, until EVIDENCE_DEADLINE_S.
+EVIDENCE_DEADLINE_S = 10.0
 PROCESS_DEADLINE_S = 2.5
 
 
@@ -60,10 +65,12 @@ class ProcResolver:
 
     def snapshot_close_wait(self) -> list:
         """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
-        return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_DEADLINE_S)
+        return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
+                         progress_s=STALL_S)
 
     def owners(self, endpoints: list[Endpoints]) -> dict:
-        return self._run("owners", endpoints, self.proc, deadline_s=OWNERS_DEADLINE_S)
+        return self._run("owners", endpoints, self.proc, deadline_s=OWNERS_CAP_S,
+                         progress_s=STALL_S)
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
         """Reads every holder process of owns into cache (in the worker,
@@ -137,14 +144,16 @@ class ProcResolver:
         return diagnosis.process_evidence(cache)
 
     def holder_states(self, pids: list[int]) -> dict:
-        return self._run("holder_states", pids, self.proc, deadline_s=STATE_DEADLINE_S)
+        return self._run("holder_states", pids, self.proc, deadline_s=STATE_CAP_S,
+                         progress_s=STALL_S)
 
     def identity(self, pid: int, uid) -> dict:
-        return self._run("identity", pid, uid, self.proc, deadline_s=STATE_DEADLINE_S)
+        return self._run("identity", pid, uid, self.proc, deadline_s=STATE_CAP_S,
+                         progress_s=STALL_S)
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,
-                         deadline_s=SNAPSHOT_DEADLINE_S)
+                         deadline_s=SNAPSHOT_CAP_S, progress_s=SNAPSHOT_STALL_S)
 
     def symbolizer_problems(self) -> dict:
         if self.worker is not None:

@@ -33,6 +33,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -83,10 +84,34 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+_send_lock = threading.Lock()
+# How often the worker says that its reads move on (a "progress" frame,
+# sent only when procfs.progress changed since the last one).
+PROGRESS_EVERY_S = 0.25
+
+
 def _send(out, kind: str, payload) -> None:
     data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(_HEADER.pack(len(data)) + data)
-    out.flush()
+    with _send_lock:
+        out.write(_HEADER.pack(len(data)) + data)
+        out.flush()
+
+
+def _report_progress(out) -> None:
+    """A thread of the worker: while reads complete, says so. A read that
+    blocks stops the count, so the tracer's progress deadline tells a long
+    batch from a stall."""
+    from closewait_trace.sockets import procfs
+    seen = procfs.progress
+    while True:
+        time.sleep(PROGRESS_EVERY_S)
+        now = procfs.progress
+        if now != seen:
+            seen = now
+            try:
+                _send(out, "progress", None)
+            except (OSError, ValueError):
+                return
 
 
 def serve(parent: int, calls_module: str = DEFAULT_CALLS) -> None:
@@ -98,6 +123,7 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS) -> None:
     calls = _calls(calls_module)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
+    threading.Thread(target=_report_progress, args=(out,), daemon=True).start()
     while True:
         head = inp.read(_HEADER.size)
         if len(head) < _HEADER.size:
@@ -208,7 +234,9 @@ class GatherWorker:
             progress_at = time.monotonic()
             while True:
                 for kind, payload in self._frames():
-                    if kind == "item":
+                    if kind == "progress":
+                        progress_at = time.monotonic()
+                    elif kind == "item":
                         items.append(payload)
                         progress_at = time.monotonic()
                     elif kind == "done":

@@ -62,6 +62,17 @@ _DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
 EXHAUSTED_ERRNOS = {errno.EMFILE, errno.ENFILE}
 
 
+# Reads completed so far in this process: the gathering worker reports it
+# moving (evidence/worker.py), so that a long but progressing batch (100,000
+# sockets) is told from a read that blocks.
+progress = 0
+
+
+def note_progress() -> None:
+    global progress
+    progress += 1
+
+
 def _error(path: str, e: OSError) -> ProcError:
     if e.errno in _DENIED_ERRNOS:
         return AccessDenied(path, e.errno)
@@ -90,6 +101,7 @@ def read_bytes(path: str, limit: int = MAX_SMALL_FILE, dir_fd: Optional[int] = N
                 break
             chunks.append(chunk)
             left -= len(chunk)
+        note_progress()
         return b"".join(chunks)
     except OSError as e:
         raise _error(path, e) from None
@@ -106,7 +118,9 @@ def decode(raw: bytes) -> str:
 def readlink(path: str, dir_fd: Optional[int] = None) -> str:
     """Raises NoSuchProcess, AccessDenied or ProcError."""
     try:
-        return os.readlink(path, dir_fd=dir_fd)
+        link = os.readlink(path, dir_fd=dir_fd)
+        note_progress()
+        return link
     except OSError as e:
         raise _error(path, e) from None
 
@@ -114,7 +128,9 @@ def readlink(path: str, dir_fd: Optional[int] = None) -> str:
 def listdir(path: str) -> list[str]:
     """Raises NoSuchProcess, AccessDenied or ProcError."""
     try:
-        return os.listdir(path)
+        names = os.listdir(path)
+        note_progress()
+        return names
     except OSError as e:
         raise _error(path, e) from None
 
@@ -126,7 +142,9 @@ def listdir_at(name: str, dir_fd: int) -> list[str]:
     except OSError as e:
         raise _error(name, e) from None
     try:
-        return os.listdir(fd)
+        names = os.listdir(fd)
+        note_progress()
+        return names
     except OSError as e:
         raise _error(name, e) from None
     finally:
@@ -142,16 +160,20 @@ def listdir_at(name: str, dir_fd: int) -> list[str]:
 def read_text(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
+            text = f.read().decode("utf-8", "replace")
     except OSError:
         return None
+    note_progress()
+    return text
 
 
 def read_link(path: str) -> Optional[str]:
     try:
-        return os.readlink(path)
+        link = os.readlink(path)
     except OSError:
         return None
+    note_progress()
+    return link
 
 
 def list_dir(path: str) -> list[str]:

@@ -19,6 +19,7 @@ import threading
 from typing import Iterable, Optional
 
 from closewait_trace.kernel.events import Endpoints, format_address
+from closewait_trace.sockets import procfs
 from closewait_trace.sockets.tcprow import TcpRow
 
 NETLINK_SOCK_DIAG = 4
@@ -145,6 +146,7 @@ def _dump(sock: socket.socket, states: Iterable[int], netns: int = 0) -> list[Tc
                 raise OSError("sock_diag: the netlink socket returned nothing")
             batch, done = parse_messages(data, netns)
             rows.extend(batch)
+            procfs.note_progress()      # a large dump is progress, not a stall
             if done:
                 break
     return rows
