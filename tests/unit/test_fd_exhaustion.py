@@ -119,3 +119,37 @@ def test_a_real_socket_under_a_real_fd_limit_is_unreadable_not_gone():
     assert got["starved"] == owners.OWNER_UNREADABLE, got
     assert "Too many open files" in got["error"]
     assert got["fed"] == owners.OWNER_FD and got["holders"] == [got["me"]], got
+
+
+def _open_exhausted_under(monkeypatch, prefix):
+    real = os.open
+
+    def fake_open(path, *args, **kwargs):
+        if isinstance(path, str) and path.startswith(prefix):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_a_holder_read_out_of_descriptors_is_not_read_never_exited(tmp_path, monkeypatch):
+    """The holder's threads, out of descriptors: 'not read', never 'exited
+    while inspected' (the class of the owner scan's fix, in the evidence)."""
+    from closewait_trace.evidence import diagnosis
+    from closewait_trace.sockets import owners
+    fake = FakeProc(tmp_path / "proc").process(10, comm="srv", state="S")
+    fake.fd(10, 4, 7).tcp(10, socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5000, 8, 7)
+    wanted = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5000)
+    own = owners.resolve([wanted], fake.root)[wanted]
+    _open_exhausted_under(monkeypatch, f"{fake.root}/10")
+    found = diagnosis.gather(own, fake.root)
+    monkeypatch.undo()
+    assert "exited" not in found.summary, found.summary
+    assert "not read: out of file descriptors" in found.summary, found.summary
+
+
+def test_holder_states_out_of_descriptors_fail_never_say_gone(tmp_path, monkeypatch):
+    from closewait_trace.evidence import gathering
+    fake = FakeProc(tmp_path / "proc").process(10, comm="srv", state="S")
+    _open_exhausted_under(monkeypatch, f"{fake.root}/10")
+    with pytest.raises(procfs.ResourceExhausted):
+        gathering.holder_states([10], fake.root)

@@ -30,6 +30,7 @@ UNKNOWN = "unknown"
 
 # A holder process whose evidence the gathering worker did not deliver.
 NOT_GATHERED = "not read: not gathered"
+NOT_READ_NO_FDS = "not read: out of file descriptors"
 
 
 # System calls in which a thread waits for readiness of some fd: a holder
@@ -416,7 +417,10 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
     try:
         dfd = os.open(f"{proc}/{snap.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        ev.unreadable = "permission denied" if e.errno in (errno.EACCES, errno.EPERM) else "gone"
+        ev.unreadable = ("permission denied" if e.errno in (errno.EACCES, errno.EPERM)
+                         # out of descriptors: not read, never "gone"
+                         else NOT_READ_NO_FDS if e.errno in procfs.EXHAUSTED_ERRNOS
+                         else "gone")
         return ev
     try:
         # The leader's stat is read for its thread state anyway: its start
@@ -429,6 +433,9 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
                 procfs.read_bytes(f"task/{snap.pid}/stat", dir_fd=dfd)))
         except procfs.AccessDenied:
             ev.unreadable = "permission denied"
+            return ev
+        except procfs.ResourceExhausted:
+            ev.unreadable = NOT_READ_NO_FDS
             return ev
         except procfs.ProcError:
             ev.unreadable = "gone"
@@ -507,6 +514,8 @@ def _process_evidence(holder, proc: str, machine: str, cache: Optional[Batch]) -
                 snap = procfs.read_process(holder.pid, proc)
             except procfs.AccessDenied:
                 unreadable = "permission denied"
+            except procfs.ResourceExhausted:
+                unreadable = NOT_READ_NO_FDS
             except procfs.ProcError:
                 unreadable = "gone"
         ev = (_read_process_evidence(snap, proc, machine,

@@ -21,11 +21,19 @@ MAX_PROCESSES_PER_BATCH = 256
 
 
 def holder_states(pids: list[int], proc: str = procfs.PROC) -> dict[int, tuple]:
-    """pid -> (state, tracer pid), ("gone", 0) for a process that is not."""
+    """pid -> (state, tracer pid), ("gone", 0) for a process that is not.
+    Out of file descriptors, the call fails (ResourceExhausted): "gone"
+    would be a claim about a process we could not read."""
     out = {}
     for pid in pids:
-        info = procfs.process_info(pid, proc)
-        out[pid] = (info.state, info.tracer_pid) if info else ("gone", 0)
+        try:
+            snap = procfs.read_process(pid, proc)
+        except procfs.ResourceExhausted:
+            raise
+        except procfs.ProcError:
+            out[pid] = ("gone", 0)
+            continue
+        out[pid] = (snap.state, snap.tracer_pid)
     return out
 
 

@@ -265,6 +265,11 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
     matches: dict[tuple, dict[tuple, TcpRow]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
     namespaces, netns_denied = procnet.scan_network_namespaces(proc)
+    in_namespaces = {ep.netns for ep in wanted}
+    if 0 not in in_namespaces:
+        # Every socket's namespace is known: only those are entered. A user
+        # who makes thousands of namespaces delays nobody else's report.
+        namespaces = {ns: pid for ns, pid in namespaces.items() if ns in in_namespaces}
     for netns, pid in namespaces.items():
         rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
         for row in rows:
