@@ -271,3 +271,22 @@ def test_the_notice_compares_names_as_the_owners_are_read(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_holder_whose_identity_is_not_read_in_time_is_counted_and_said(fake):
+    """With a holder filter, a holder whose cgroup could not be read before
+    the worker's deadline is neither listed as matching nor silently
+    dropped: counted, and said on stderr."""
+    from closewait_trace.evidence.resolver import ProcResolver
+    from closewait_trace.evidence.worker import GatherFailed, TIMED_OUT
+    from closewait_trace.live.filters import HolderFilter
+
+    class SlowIdentities(ProcResolver):
+        def identity(self, pid, uid):
+            raise GatherFailed(TIMED_OUT)
+
+    snap = snapshot.take(proc=fake.root, as_root=True, resolver=SlowIdentities(fake.root),
+                         holder_filter=HolderFilter(units=("x.service",)))
+    assert snap.lingering == [] and snap.unchecked == 3     # the three with holders
+    assert any("3 socket(s) not listed" in line
+               for line in snapshot.notice_lines(snap, as_root=True))

@@ -44,6 +44,9 @@ class Snapshot:
     taken_ns: int                          # kernel clock when the ages were read
     hidden: int = 0                        # not root: holders we may not see
     left: int = 0                          # left CLOSE_WAIT while we looked
+    # Holder filter given, but the holder's identity (cgroup, unit) was
+    # not read in time: not listed, and said so.
+    unchecked: int = 0
 
     def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
         """process records, then one linger record per socket, oldest first
@@ -95,7 +98,7 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
     cache = diagnosis.Batch(stacks=stacks)
     todo: list[Lingerer] = []
     identities: dict = {}
-    hidden = left = 0
+    hidden = left = unchecked = 0
     for l in sorted(found, key=_oldest_first):
         own = resolved.get(l.endpoints)
         if own is None or own.kind == owners.OWNER_GONE:
@@ -110,7 +113,8 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         try:
             wanted = holder_filter.matches_ownership(own, resolver.identity, identities)
         except GatherFailed:
-            wanted = False         # who it is was not read in time: not claimed
+            unchecked += 1         # who it is was not read in time: not claimed
+            continue
         if not wanted:
             continue               # not a process the user asked about (--pid, --comm...)
         l.ownership = own
@@ -120,7 +124,7 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         l.diagnosis = resolver.diagnose(l.ownership, cache)
     cache.close()
     return Snapshot(lingering=todo, process_evidence=diagnosis.process_evidence(cache),
-                    taken_ns=taken, hidden=hidden, left=left)
+                    taken_ns=taken, hidden=hidden, left=left, unchecked=unchecked)
 
 
 def _oldest_first(l: Lingerer) -> tuple:
@@ -201,4 +205,7 @@ def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
                   if snap.hidden else "")
         lines.append("closewait-trace: not root: other users' processes are hidden"
                      f"{hidden}; run as root to see every holder")
+    if snap.unchecked:
+        lines.append(f"closewait-trace: {snap.unchecked} socket(s) not listed: whether their "
+                     "holders match the filter could not be read in time; try again")
     return lines
