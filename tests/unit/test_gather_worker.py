@@ -185,3 +185,30 @@ def test_a_long_call_that_keeps_reading_is_not_cut(gatherer):
         gatherer.call("silent_for", 30.0, deadline_s=60, progress_s=0.8)
     assert failed.value.why == worker.TIMED_OUT
     assert time.monotonic() - started < 0.8 + 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sets SECBIT_NOROOT")
+def test_the_worker_keeps_the_tracers_capabilities_under_noroot():
+    """The unit runs the tracer with SecureBits=noroot-locked: uid 0 gains
+    nothing at exec, so a worker started plainly would have no capability
+    and could not read other users' processes. It must hold the ones the
+    tracer has (CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN)."""
+    import subprocess
+    import sys
+    code = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(28, 1, 0, 0, 0) == 0          # PR_SET_SECUREBITS: SECBIT_NOROOT
+from closewait_trace.evidence.worker import GatherWorker
+g = GatherWorker()
+g.call("holder_states", [1], deadline_s=30)
+with open(f"/proc/{g._proc.pid}/status") as f:
+    print([l.split()[1] for l in f if l.startswith("CapEff:")][0])
+g.close()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    eff = int(out.stdout.strip(), 16)
+    for cap in (2, 19, 21):                  # DAC_READ_SEARCH, SYS_PTRACE, SYS_ADMIN
+        assert eff >> cap & 1, (hex(eff), cap)

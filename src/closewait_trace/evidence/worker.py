@@ -60,6 +60,53 @@ class GatherFailed(Exception):
         self.partial = partial or []
 
 
+# ------------------------------------------------------- capabilities
+
+# What the worker's reads need of the tracer's capabilities: other users'
+# memory and fd tables, other namespaces (sock_diag through setns).
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE, _CAP_SYS_ADMIN = 1, 2, 19, 21
+WORKER_CAPS = (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE, _CAP_SYS_ADMIN)
+_PR_GET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 27, 47, 2
+_SECBIT_NOROOT = 1
+_CAP_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def pass_capabilities_on() -> None:
+    """Under SECBIT_NOROOT (the unit's SecureBits=noroot-locked), uid 0
+    gains nothing at exec: the worker would start without the capabilities
+    the tracer holds, and read less than the tracer could (other users'
+    fd tables and memory: "permission denied"). So the ones it needs that
+    the tracer has are made ambient, which exec keeps. Nothing to do
+    without NOROOT (root's exec gains the bounding set) or when the
+    capabilities are ambient already (systemd's AmbientCapabilities=)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not libc.prctl(_PR_GET_SECUREBITS, 0, 0, 0, 0) & _SECBIT_NOROOT:
+            return
+        header = _CapHeader(_CAP_V3, 0)
+        data = (_CapData * 2)()
+        if libc.capget(ctypes.byref(header), data) != 0:
+            return
+        wanted = [c for c in WORKER_CAPS if data[c // 32].permitted >> (c % 32) & 1]
+        for c in wanted:                # ambient needs permitted and inheritable
+            data[c // 32].inheritable |= 1 << (c % 32)
+        if libc.capset(ctypes.byref(header), data) != 0:
+            return
+        for c in wanted:
+            libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, c, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
 # ------------------------------------------------------------------ child
 
 DEFAULT_CALLS = "closewait_trace.evidence.gathering"
@@ -165,6 +212,7 @@ class GatherWorker:
         if self.stuck_workers() >= MAX_STUCK_WORKERS:
             raise GatherFailed(f"suspended: {MAX_STUCK_WORKERS} workers still blocked "
                                "in the kernel")
+        pass_capabilities_on()
         env = dict(os.environ)
         # The child finds this very package, whether installed or a checkout.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(
