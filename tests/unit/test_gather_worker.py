@@ -212,3 +212,14 @@ g.close()
     eff = int(out.stdout.strip(), 16)
     for cap in (2, 19, 21):                  # DAC_READ_SEARCH, SYS_PTRACE, SYS_ADMIN
         assert eff >> cap & 1, (hex(eff), cap)
+
+
+def test_the_worker_does_not_hold_the_tracers_stderr(gatherer):
+    """A worker abandoned while blocked in the kernel outlives the tracer;
+    holding the tracer's stderr, it kept a reader of that stderr (a pipe,
+    a test harness) waiting for an end that never came (seen in CI: a
+    snapshot's captured stderr never closed)."""
+    gatherer.call("holder_states", [1], "/proc", deadline_s=30)
+    assert os.readlink(f"/proc/{gatherer._proc.pid}/fd/2") == "/dev/null"
+    fds = set(os.listdir(f"/proc/{gatherer._proc.pid}/fd"))
+    assert fds <= {"0", "1", "2", "3"}, fds        # nothing else of the tracer's

@@ -110,3 +110,33 @@ def test_parse_cgroup(text, runtime, cid, pod, unit):
     assert (got["container"] or {}).get("runtime") == runtime
     assert (got["container"] or {}).get("id") == cid
     assert got["pod_uid"] == pod and got["unit"] == unit
+
+
+def _image_with_one_mapping(tmp_path, fstype, their_userns, our_userns="user:[4026531837]"):
+    proc = tmp_path / "proc"
+    (proc / "7" / "ns").mkdir(parents=True)
+    (proc / "self" / "ns").mkdir(parents=True)
+    (proc / "7" / "maps").write_text(
+        "7f0000000000-7f0000010000 r-xp 00000000 00:2a 2   /srv/o/code.bin\n")
+    (proc / "7" / "mountinfo").write_text(
+        f"74 70 0:42 / /srv/o rw,relatime - {fstype} {fstype} rw\n")
+    os.symlink(their_userns, proc / "7" / "ns" / "user")
+    os.symlink(our_userns, proc / "self" / "ns" / "user")
+    image = procimage.ProcessImage(7, str(proc))
+    return image, image.maps[0]
+
+
+def test_mappings_on_user_served_filesystems_are_never_read(tmp_path):
+    """FUSE and network filesystems are answered by someone else's process
+    or server: their pages and files are never read; an overlay counts as
+    local only in the tracer's own user namespace (in another, a user may
+    have stacked it on a FUSE mount: seen in a fresh-eye attack)."""
+    image, m = _image_with_one_mapping(tmp_path, "fuse", "user:[4026531837]")
+    assert image.unreadable_reason(m) == "not read: on a fuse filesystem"
+    assert image.read(m.start, 8) == b"" and image.file_of(m) is None
+    image, m = _image_with_one_mapping(tmp_path / "b", "overlay", "user:[4026532999]")
+    assert image.unreadable_reason(m) == procimage.UNREAD_USERNS_OVERLAY
+    image, m = _image_with_one_mapping(tmp_path / "c", "overlay", "user:[4026531837]")
+    assert image.unreadable_reason(m) == ""
+    image, m = _image_with_one_mapping(tmp_path / "d", "ext4", "user:[4026532999]")
+    assert image.unreadable_reason(m) == ""

@@ -37,6 +37,12 @@ LOCAL_FS = frozenset({
 MAX_MAPS_BYTES = 8 << 20
 MAX_MOUNTINFO_BYTES = 4 << 20
 UNREAD_UNKNOWN_FS = "not read: filesystem not known"
+# Local filesystems that an unprivileged user can mount in a user namespace
+# of their own over anything, FUSE included (overlay's lower layer): trusted
+# only for processes in the tracer's own user namespace, where such a mount
+# cannot be seen (mounts made in a user namespace never propagate out).
+USER_STACKABLE_FS = frozenset({"overlay"})
+UNREAD_USERNS_OVERLAY = "not read: overlay mounted in a user namespace"
 
 
 @dataclass(slots=True)
@@ -116,6 +122,7 @@ class ProcessImage:
         self.maps = parse_maps(_read_capped(f"{proc}/{pid}/maps", MAX_MAPS_BYTES))
         self.starts = [m.start for m in self.maps]
         self._fs_types: Optional[dict] = None
+        self._same_userns: Optional[bool] = None
         self._mem = None
 
     def mapping(self, addr: int) -> Optional[Mapping]:
@@ -135,9 +142,18 @@ class ProcessImage:
         fstype = self._fs_types.get(_dev_key(m.dev))
         if fstype is None:
             return UNREAD_UNKNOWN_FS
+        if fstype in USER_STACKABLE_FS and not self._in_our_user_namespace():
+            return UNREAD_USERNS_OVERLAY
         if fstype in LOCAL_FS:
             return ""
         return f"not read: on a {fstype[:32]} filesystem"
+
+    def _in_our_user_namespace(self) -> bool:
+        if self._same_userns is None:
+            theirs = procfs.read_link(f"{self.proc}/{self.pid}/ns/user")
+            ours = procfs.read_link(f"{self.proc}/self/ns/user")
+            self._same_userns = theirs is not None and theirs == ours
+        return self._same_userns
 
     def file_of(self, m: Mapping) -> Optional[str]:
         """A path that opens the very file mapped: map_files works for a

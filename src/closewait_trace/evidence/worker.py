@@ -224,7 +224,13 @@ class GatherWorker:
              "import sys; from closewait_trace.evidence import worker; "
              "worker.serve(int(sys.argv[1]), sys.argv[2])", str(os.getpid()),
              self.calls_module],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            # Not the tracer's stderr: an abandoned worker blocked in the
+            # kernel would hold it open after the tracer exits, and whoever
+            # reads the tracer's stderr to its end (a pipe, a test harness)
+            # would wait as long as the worker is blocked.
+            stderr=None if os.environ.get("CLOSEWAIT_TRACE_DEBUG") else subprocess.DEVNULL,
+            env=env, close_fds=True,
             start_new_session=True)      # Ctrl-C at a terminal is not for it
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._buf = bytearray()
