@@ -113,3 +113,40 @@ def test_live_tracer_reports_others_and_stops_promptly(fuse, holder_binary, proc
     finally:
         if tracer.proc.poll() is None:
             tracer.proc.kill()
+
+
+def test_a_command_line_on_fuse_does_not_block_the_owner_scan(fuse, public_dir, procs):
+    """A variant: the holder replaces the pages of its own command line with
+    a mapping of the FUSE file, so that reading /proc/PID/cmdline (which
+    the owner scan does for every holder) would fault them in from the
+    server. The kernel reads a command line only from anonymous memory
+    (FOLL_ANON): the read stops short, the owner scan answers at once and
+    names the holder, and the server sees no READ."""
+    binary = os.path.join(public_dir, "fuse_argv_holder")
+    subprocess.run(["gcc", "-O1", "-o", binary, os.path.join(HERE, "data", "fuse_argv_holder.c")],
+                   check=True)
+    port = free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    holder = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               binary, fuse.path, str(port), "x" * 20000],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    conn, _ = listener.accept()
+    conn.close()
+    listener.close()
+    deadline = time.monotonic() + stretch(10)
+    while "code.bin" not in open(f"/proc/{holder.pid}/maps").read():
+        assert holder.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    done = subprocess.run(TRACER + ["snapshot", "-v", "--json", "-P", str(port)],
+                          capture_output=True, text=True, timeout=stretch(60))
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    lingers = [r for r in map(json.loads, done.stdout.splitlines()) if r["type"] == "linger"]
+    assert [h["pid"] for r in lingers for h in r["owners"]] == [holder.pid]
+    assert took < stretch(15), took
+    assert fuse.reads == 0

@@ -223,3 +223,102 @@ def test_the_worker_does_not_hold_the_tracers_stderr(gatherer):
     assert os.readlink(f"/proc/{gatherer._proc.pid}/fd/2") == "/dev/null"
     fds = set(os.listdir(f"/proc/{gatherer._proc.pid}/fd"))
     assert fds <= {"0", "1", "2", "3"}, fds        # nothing else of the tracer's
+
+
+# ------------------------------------------- workers left blocked in the kernel
+
+@pytest.fixture
+def left_blocked():
+    """Stand-ins for abandoned workers that SIGKILL could not end (a task
+    waiting on a FUSE request its server read and never answered): live
+    processes in the gatherer's abandoned list, tagged with a user."""
+    import subprocess
+    made = []
+
+    def leave(gatherer, count, tag=None):
+        for _ in range(count):
+            p = subprocess.Popen(["sleep", "600"])
+            made.append(p)
+            gatherer._abandoned.append([p, tag])
+    yield leave
+    for p in made:
+        p.kill()
+        p.wait()
+
+
+class Own:                # the two attributes gather_processes reads
+    def __init__(self, pids, uid=1000):
+        from closewait_trace.sockets.owners import Holder
+        self.holders = [Holder(pid=p, comm=f"p{p}", fd=3, state="S", ppid=1,
+                               cmdline="", tracer_pid=0, uid=uid) for p in pids]
+        self.listener_holders = []
+
+
+def test_blocked_workers_suspend_memory_reads_first_never_owners(gatherer, left_blocked):
+    """Whoever leaves workers blocked costs everyone their stacks at most:
+    with MAX_STUCK_WORKERS left, reads of memory are refused at once, the
+    reads of /proc's own files (owners, states) go on; only past
+    MAX_STUCK_WORKERS_ANY is everything refused (and said)."""
+    left_blocked(gatherer, worker.MAX_STUCK_WORKERS)
+    states = gatherer.call("holder_states", [os.getpid()], "/proc", deadline_s=30)
+    assert states[os.getpid()][0] != "gone"
+    with pytest.raises(GatherFailed) as e:
+        gatherer.call("holder_states", [os.getpid()], "/proc", deadline_s=30,
+                      reads_memory=True)
+    assert e.value.why.startswith(worker.SUSPENDED)
+    left_blocked(gatherer, worker.MAX_STUCK_WORKERS_ANY - worker.MAX_STUCK_WORKERS)
+    with pytest.raises(GatherFailed) as e:
+        gatherer.call("holder_states", [os.getpid()], "/proc", deadline_s=30)
+    assert e.value.why.startswith(worker.SUSPENDED)
+
+
+def test_suspended_memory_reads_leave_holders_read_without_stacks(tmp_path, gatherer,
+                                                                  left_blocked):
+    """Holders are still read (threads, states, identity) when stacks are
+    suspended, and each says why it has no stacks; none is 'not read'."""
+    from closewait_trace.evidence import diagnosis
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 200):
+        proc.process(pid, comm=f"p{pid}", state="S")
+    left_blocked(gatherer, worker.MAX_STUCK_WORKERS)
+    resolver = ProcResolver(proc.root, worker=gatherer, stacks=True)
+    cache = diagnosis.Batch(stacks=True)
+    resolver.gather_processes([Own([100, 200])], cache)
+    for pid in (100, 200):
+        ev = cache.processes[pid]
+        assert ev.unreadable == "", ev.unreadable
+        assert ev.threads
+        assert ev.stacks_not_read.startswith(worker.SUSPENDED), ev.stacks_not_read
+
+
+def test_a_user_whose_read_stays_blocked_is_read_without_stacks(tmp_path, gatherer,
+                                                                left_blocked):
+    """A worker left blocked reading one user's process: that user's other
+    processes are read without stacks while it stays blocked (so one user
+    cannot leave a worker behind per process), other users' with them."""
+    from closewait_trace.evidence import diagnosis
+    proc = FakeProc(tmp_path / "proc")
+    for pid in (100, 200):
+        proc.process(pid, comm=f"p{pid}", state="S")
+    left_blocked(gatherer, 1, tag=1000)
+    resolver = ProcResolver(proc.root, worker=gatherer, stacks=True)
+    cache = diagnosis.Batch(stacks=True)
+    resolver.gather_processes([Own([100], uid=1000), Own([200], uid=2000)], cache)
+    assert cache.processes[100].stacks_not_read == "a read of its user's memory is still blocked"
+    assert cache.processes[200].stacks_not_read == ""
+    assert cache.processes[100].unreadable == cache.processes[200].unreadable == ""
+
+
+def test_a_timed_out_read_is_tagged_with_its_user(tmp_path, gatherer):
+    """The worker abandoned for a holder's read carries that holder's user."""
+    from closewait_trace.evidence import diagnosis
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="p100", state="S")
+    block_reads_of(proc, 100)
+    resolver = ProcResolver(proc.root, worker=gatherer, stacks=True)
+    resolver.gather_processes([Own([100], uid=4242)], diagnosis.Batch(stacks=True))
+    assert cache_tag(gatherer) == 4242
+
+
+def cache_tag(gatherer):
+    return gatherer._last_abandoned[1]

@@ -123,6 +123,7 @@ class HolderEvidence:
     # Threads not read: "permission denied", "gone", or why they were not
     # gathered ("not read: timed out", see NOT_GATHERED and gathering.py).
     unreadable: str = ""
+    stacks_not_read: str = ""     # why its threads' stacks were not read
     examined: list[ThreadEvidence] = field(default_factory=list)  # the cause's threads
 
     def fd_facts(self) -> dict:
@@ -145,6 +146,8 @@ class HolderEvidence:
             out["tracer"] = {"pid": self.tracer_pid, "comm": self.tracer_comm}
         if self.unreadable:
             out["unreadable"] = self.unreadable
+        if self.stacks_not_read:
+            out["stacks_not_read"] = self.stacks_not_read
         return out
 
 
@@ -359,6 +362,9 @@ class ProcessEvidence:
     # Set when the process could not be read past the owner scan: "gone"
     # (it exited, or the pid was reused) or "permission denied".
     unreadable: str = ""
+    # Set when its threads were read without their stacks, and why (a
+    # read of its memory timed out before, is suspended...: resolver.py).
+    stacks_not_read: str = ""
     first: Optional[HolderEvidence] = None            # the one process record
     as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
@@ -541,7 +547,7 @@ def holder_evidence(holder, proc: str, machine: str,
         exiting=per_process.exiting,
         threads=per_process.threads, identity=per_process.identity,
         threads_total=per_process.threads_total, unreadable=per_process.unreadable,
-        examined=per_process.examined)
+        stacks_not_read=per_process.stacks_not_read, examined=per_process.examined)
     if per_process.first is None:
         per_process.first = ev
     return ev

@@ -14,7 +14,7 @@ from typing import Optional
 
 from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, gathering
-from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed, GatherWorker
+from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets import procfs
 
@@ -74,7 +74,14 @@ class ProcResolver:
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
         """Reads every holder process of owns into cache (in the worker,
-        when there is one); those not read by the deadline are said so."""
+        when there is one); those not read by the deadline are said so.
+
+        Stacks are what reads a holder's memory, the one read a user can
+        block (evidence/worker.py): a process whose read timed out before
+        is read without them, then not at all; the processes of a user
+        whose process left a worker blocked are read without them while it
+        stays blocked; and when reads of memory are suspended, everyone's
+        are read without them. Each says why its stacks are missing."""
         if self.worker is None:
             return                  # read lazily, in gather(), in this process
         cache.offline = True
@@ -84,35 +91,51 @@ class ProcResolver:
                 if h.pid not in wanted:
                     wanted[h.pid] = h
                     holders.append(h)
-        fast, slower = [], []
+        blocked_users = self.worker.stuck_tags()
+        with_stacks, without = [], {}          # without: why -> holders
         for h in holders:
             key = (h.pid, getattr(h.process, "start_time", None))
             misses = self.slow.get(key, 0)
             if misses >= 2:
                 cache.processes[h.pid] = diagnosis.ProcessEvidence(
                     pid=h.pid, unreadable=f"not read: {TIMED_OUT} before")
+            elif misses:
+                without.setdefault(f"{TIMED_OUT} before", []).append(h)
+            elif getattr(h, "uid", None) in blocked_users:
+                without.setdefault("a read of its user's memory is still blocked",
+                                   []).append(h)
+            elif not (self.stacks and cache.stacks):
+                without.setdefault("", []).append(h)
             else:
-                (slower if misses else fast).append(h)
+                with_stacks.append(h)
         end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
-        for group, stacks in ((fast, self.stacks and cache.stacks), (slower, False)):
-            self._read_processes(group, stacks, cache, end)
+        suspended = self._read_processes(with_stacks, True, cache, end)
+        if suspended:
+            without.setdefault(suspended, []).extend(
+                h for h in with_stacks if h.pid not in cache.processes)
+        for why, group in without.items():
+            self._read_processes(group, False, cache, end, stacks_not_read=why)
 
     def _read_processes(self, group: list, stacks: bool, cache: diagnosis.Batch,
-                        end: float) -> None:
+                        end: float, stacks_not_read: str = "") -> str:
         """Streams the group's processes into cache. A process that gives
         nothing for PROCESS_DEADLINE_S is abandoned with its worker, marked,
-        and the rest of the group goes on in a new worker, until end."""
+        and the rest of the group goes on in a new worker, until end.
+        Returns why, when reads of memory were refused (suspended) for
+        those left, which the caller reads again without stacks."""
         why = ""
         while group:
             try:
                 items = self._run("process_evidence", group, self.proc, None, stacks,
                                   deadline_at=end, progress_s=PROCESS_DEADLINE_S,
-                                  stream=True)
+                                  stream=True, reads_memory=stacks)
                 why = ""
             except GatherFailed as e:
                 items, why = e.partial, e.why
             for kind, payload in items:
                 if kind == "process":
+                    if stacks_not_read and not payload.unreadable:
+                        payload.stacks_not_read = stacks_not_read
                     cache.processes[payload.pid] = payload
                 elif kind == "problems":
                     self.problems = payload
@@ -120,7 +143,9 @@ class ProcResolver:
                     self.skipped_processes += payload
             rest = [h for h in group if h.pid not in cache.processes]
             if not why or not rest:
-                return
+                return ""
+            if why.startswith(SUSPENDED) and stacks:
+                return why
             # The worker reads in order: the first not read is the one that
             # did not answer.
             culprit, group = rest[0], rest[1:]
@@ -131,11 +156,15 @@ class ProcResolver:
                 self.slow[key] = self.slow.get(key, 0) + 1
                 while len(self.slow) > 4096:        # bounded
                     self.slow.pop(next(iter(self.slow)))
+                # If its worker stays blocked, its user's memory is not
+                # read again until it is not (gather_processes).
+                self.worker.tag_last_abandoned(getattr(culprit, "uid", None))
             if why != TIMED_OUT or time.monotonic() >= end:
                 break
         for h in group:
             cache.processes.setdefault(h.pid, diagnosis.ProcessEvidence(
                 pid=h.pid, unreadable=f"not read: {why}"))
+        return ""
 
     def diagnose(self, own, cache: diagnosis.Batch):
         return diagnosis.gather(own, self.proc, cache=cache)

@@ -13,9 +13,15 @@ deadline, and stops waiting at once when asked to stop (a stop signal).
 A worker that misses a deadline is killed (SIGKILL) and abandoned, never
 waited for: a task blocked on a FUSE request that its server has already
 read cannot even be killed until the server answers. The next call starts a
-fresh worker. Abandoned workers still alive are counted; past
-MAX_STUCK_WORKERS, gathering is suspended (calls fail at once, said as
-such) rather than leave a process behind for every attempt.
+fresh worker. Abandoned workers still alive are counted, and bound how
+many more may be left behind: with MAX_STUCK_WORKERS alive, calls that read
+other processes' memory (stacks) are suspended, while the calls that read
+only /proc's own files (owners, states, identities, threads) go on until
+MAX_STUCK_WORKERS_ANY; a suspended call fails at once, said as such. So
+whoever blocks memory reads can cost everyone their stacks, never their
+owners. Each abandoned worker can carry a tag (the user whose process it
+was reading), so that the resolver stops reading that user's memory while
+the worker stays blocked.
 
 The protocol: length-prefixed pickles over the child's stdin and stdout.
 Both ends are this package running as the same user (root), so pickle is
@@ -43,9 +49,12 @@ from closewait_trace import knobs
 _HEADER = struct.Struct("!I")
 # One answer at most: a batch of 100,000 owners pickles to about 60 MB.
 MAX_FRAME = 512 << 20
-# Abandoned workers still alive (blocked in the kernel) before gathering
-# is suspended: each is a process left until what blocks it answers.
+# Abandoned workers still alive (blocked in the kernel) before calls are
+# suspended: each is a process left until what blocks it answers. Memory
+# reads (stacks) go first: they are what a user's filesystem can block.
 MAX_STUCK_WORKERS = 3
+MAX_STUCK_WORKERS_ANY = 8
+SUSPENDED = "suspended"
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
 
@@ -205,13 +214,17 @@ class GatherWorker:
     failures: int = 0                     # calls that failed otherwise
     _proc: Optional[subprocess.Popen] = None
     _buf: bytearray = field(default_factory=bytearray)
-    _abandoned: list = field(default_factory=list)   # Popen of killed workers
+    _abandoned: list = field(default_factory=list)   # [Popen, tag] of killed workers
+    _last_abandoned: Optional[list] = None
+
+    def _check_suspended(self, reads_memory: bool) -> None:
+        stuck = self.stuck_workers()
+        limit = MAX_STUCK_WORKERS if reads_memory else MAX_STUCK_WORKERS_ANY
+        if stuck >= limit:
+            raise GatherFailed(f"{SUSPENDED}: {stuck} earlier reads still blocked "
+                               "in the kernel")
 
     def _start(self) -> subprocess.Popen:
-        self._reap()
-        if self.stuck_workers() >= MAX_STUCK_WORKERS:
-            raise GatherFailed(f"suspended: {MAX_STUCK_WORKERS} workers still blocked "
-                               "in the kernel")
         pass_capabilities_on()
         env = dict(os.environ)
         # The child finds this very package, whether installed or a checkout.
@@ -237,12 +250,22 @@ class GatherWorker:
         return self._proc
 
     def _reap(self) -> None:
-        self._abandoned = [p for p in self._abandoned if p.poll() is None]
+        self._abandoned = [entry for entry in self._abandoned if entry[0].poll() is None]
 
     def stuck_workers(self) -> int:
         """Abandoned workers not yet dead (blocked in the kernel)."""
         self._reap()
         return len(self._abandoned)
+
+    def stuck_tags(self) -> set:
+        """The tags of abandoned workers not yet dead."""
+        self._reap()
+        return {tag for _, tag in self._abandoned if tag is not None}
+
+    def tag_last_abandoned(self, tag) -> None:
+        """Names what the last abandoned worker was blocked on (a user)."""
+        if self._last_abandoned is not None:
+            self._last_abandoned[1] = tag
 
     def _abandon(self) -> None:
         proc, self._proc = self._proc, None
@@ -257,7 +280,8 @@ class GatherWorker:
                 f.close()
             except OSError:
                 pass
-        self._abandoned.append(proc)
+        self._last_abandoned = [proc, None]
+        self._abandoned.append(self._last_abandoned)
 
     def close(self) -> None:
         """Ends the worker without waiting for it."""
@@ -265,17 +289,20 @@ class GatherWorker:
 
     def call(self, name: str, *args, deadline_s: Optional[float] = None,
              deadline_at: Optional[float] = None, progress_s: Optional[float] = None,
-             stream: bool = False, **kwargs):
+             stream: bool = False, reads_memory: bool = False, **kwargs):
         """Run name(*args, **kwargs) in the worker and return its result
         (stream: the list of what it yielded), or raise GatherFailed after
         deadline_s seconds (scaled by CLOSEWAIT_TRACE_TIME_SCALE) or at the
         monotonic time deadline_at, after progress_s seconds (scaled) with
-        nothing streamed, when aborted, or when the worker failed."""
+        nothing streamed, when aborted, or when the worker failed; at once
+        when too many abandoned workers are still blocked (reads_memory: the
+        call reads other processes' memory, suspended first)."""
         scale = knobs.time_scale()
         if deadline_at is None:
             deadline_at = time.monotonic() + (deadline_s or 0.0) * scale
         items: list = []
         try:
+            self._check_suspended(reads_memory)
             proc = self._proc if self._proc is not None and self._proc.poll() is None \
                 else self._start()
             data = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)

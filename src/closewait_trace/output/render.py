@@ -532,6 +532,8 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
                 module = escape(str(f.get("module") or "?").rsplit("/", 1)[-1])
                 note = f" ({escape(f['note'])})" if f.get("note") else ""
                 out.append(f"             {name} ({module}) [{escape(f.get('method'))}]{note}")
+        if process.get("stacks_not_read") and process.get("threads"):
+            out.append(f"           stacks not read: {escape(process['stacks_not_read'])}")
     listener = rec.get("listener")
     if isinstance(listener, dict) and rec.get("owner_kind") == "accept_queue":
         out.append(f"         listener {escape(listener.get('local'))} queue "

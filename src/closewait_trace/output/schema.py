@@ -293,6 +293,7 @@ class ProcessRecord(_Base):
     identity: Identity
     tracer: NotRequired[Task]
     unreadable: NotRequired[str]
+    stacks_not_read: NotRequired[str]
 
 
 class HistogramBucket(TypedDict):
