@@ -613,8 +613,10 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
     if isinstance(rec.get("symbolizer_problems"), dict) and rec["symbolizer_problems"]:
-        lines += prose("Symbolizer (modules or frames without symbols): " + "; ".join(
-            f"{escape(n)} {escape(reason)}"
+        # The counts are of lookups (a frame, or a module's first use), not
+        # of processes: say the reason first and the count after it.
+        lines += prose("Stack frames or modules left without symbols, by reason: " + "; ".join(
+            f"{escape(reason)} ({escape(n)} times)"
             for reason, n in sorted(rec["symbolizer_problems"].items())))
     lines.append("Time in CLOSE_WAIT, timed by the kernel (log2 histogram):")
     lines.extend(histogram_lines(rec.get("histogram_us")))
