@@ -399,3 +399,32 @@ def test_idle_ticks_do_not_reread_the_histogram(tmp_path):
     w.probe.leave(0xA, pid=100, comm="srv")
     w.step()
     assert len(reads) == 1 and sum(w.sink.views[-1].histogram) == 1
+
+
+def test_one_users_namespaces_do_not_delay_the_tracers_own(tmp_path):
+    """Issue 17: 1,500 namespaces made by one user delayed another user's
+    report by 19.4 s, because one tick entered every namespace with a due
+    socket. A tick enters at most MAX_NETNS_PER_BATCH others; the tracer's
+    own namespace's sockets are always resolved at once; the others follow,
+    oldest first, on later ticks."""
+    from closewait_trace.live.tracer import MAX_NETNS_PER_BATCH
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    asked = []
+    real = w.tracer.resolver.owners
+    w.tracer.resolver.owners = lambda eps: asked.append(list(eps)) or real(eps)
+    others = 3 * MAX_NETNS_PER_BATCH
+    for i in range(others):
+        w.probe.enter(0x1000 + i, endpoints(41000 + i).in_netns(5_000_000 + i), ago_s=5.0)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001).in_netns(NETNS), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    first = asked[0]
+    assert endpoints(40001).in_netns(NETNS) in first
+    assert len({ep.netns for ep in first} - {NETNS}) == MAX_NETNS_PER_BATCH
+    assert [r["rport"] for r in w.of("linger")] == [40001]
+    for _ in range(6):
+        w.step(0.5)
+    entered = {ep.netns for batch in asked for ep in batch} - {NETNS}
+    assert len(entered) == others

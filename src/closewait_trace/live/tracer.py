@@ -14,6 +14,7 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ MAX_PENDING = 16 * POLL_BATCH
 # out, yet a flood (--all) cannot hold the exit past a second.
 FINAL_DRAIN_S = 0.3
 
+# Network namespaces other than the tracer's own whose sockets are resolved
+# in one tick: each costs entering it (a few ms), and one user can make
+# thousands. The tracer's own namespace is always taken, so the others'
+# reports wait for at most this many; the rest are taken on later ticks,
+# oldest first.
+MAX_NETNS_PER_BATCH = 64
+
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
@@ -52,6 +60,29 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def kernel_clock_ns(boot_clock: bool) -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME if boot_clock else time.CLOCK_MONOTONIC)
+
+
+def tracer_netns() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def this_tick(due: list, own: int, limit: int = MAX_NETNS_PER_BATCH) -> list:
+    """The sockets to resolve now: those of the tracer's own namespace (or
+    of an unknown one) and those of the oldest `limit` other namespaces'
+    sockets; the others stay due for the next tick."""
+    taken: set = set()
+    now = []
+    for l in sorted(due, key=lambda l: l.enter_ns):
+        ns = l.endpoints.netns
+        if not ns or ns == own or ns in taken:
+            now.append(l)
+        elif len(taken) < limit:
+            taken.add(ns)
+            now.append(l)
+    return now
 
 
 class Probe(Protocol):
@@ -95,6 +126,7 @@ class LiveTracer:
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _final_drain: bool = False
+    own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
         "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
@@ -248,7 +280,7 @@ class LiveTracer:
             self.recheck_owners(now_ns)
         if resolve and due:
             resolving = time.monotonic()
-            self.resolve(due, now_ns, update=False)
+            self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
         view = self.view(counters, now_ns)
