@@ -46,3 +46,43 @@ def pytest_runtest_setup(item):
     for name, reason in item.user_properties:
         if name == "ci_unrunnable":
             pytest.fail(f"cannot run under CI=true: {reason}", pytrace=False)
+
+
+# ------------------------------------------------- tests write only under tmp
+# A test that writes into the working tree (a recording named "-" was once
+# committed by accident) fails the run: the files it left are listed. Only
+# paths that are new and untracked count, so editing files during a run does
+# not; what .gitignore lists (caches) is not looked at.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def untracked_files() -> set:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "-z",
+                              "--untracked-files=all"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if out.returncode != 0:            # not a git checkout (an unpacked tarball)
+        return set()
+    return {e[3:] for e in out.stdout.decode(errors="replace").split("\0") if e.startswith("?? ")}
+
+
+def pytest_sessionstart(session):
+    session.config._untracked_before = untracked_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_untracked_before", None)
+    if before is None:
+        return
+    left = sorted(untracked_files() - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"FAILED: the tests left {len(left)} file(s) in the working "
+                                f"tree (write under tmp_path instead): {', '.join(left[:10])}",
+                                red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -142,9 +142,15 @@ def test_1100_idle_connections_from_nobody_starve_neither_tracer_nor_scrapes(pro
     assert not [r for r in tracer.records if r["type"] == "closed"], tracer.records
     assert fds_of(tracer.proc.pid) - before <= 16 + 2
     body = scrape_until_served(metrics_port)
-    refused = [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if s.name == "closewait_metrics_connections_refused_total"]
-    assert refused and refused[0] >= IDLE - 16
+    samples = {(s.name, s.labels.get("reason")): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    # Every flood connection is accounted for: refused over the cap, or given
+    # one of the 16 places and dropped at the read timeout (or holding one
+    # still). Which of the two depends on how long the flood took to connect
+    # (a place frees 5 s after its accept), so neither count alone is fixed.
+    refused = samples[("closewait_metrics_connections_refused_total", None)]
+    timed_out = samples[("closewait_metrics_connections_dropped_total", "read_timeout")]
+    assert refused + timed_out >= IDLE - 16, (refused, timed_out)
     assert (word, int(held)) == ("held", IDLE)     # every one got through
     flood.kill()
     tracer.stop()
