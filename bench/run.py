@@ -225,7 +225,8 @@ class Traced:
                     lost += int("".join(ch for ch in line.split("lost")[1] if ch.isdigit()) or 0)
         elif self.last_json:
             c = self.last_json["counters"]
-            lost = c.get("events_lost", 0) + c.get("map_full", 0)
+            # What was still in the buffer at exit was never written: lost too.
+            lost = c.get("events_lost", 0) + c.get("map_full", 0) + c.get("events_unread", 0)
         return {"exit_s": None if killed else exit_s, "killed": killed,
                 "cpu_s": (usage.ru_utime + usage.ru_stime) if usage else None,
                 "lost": lost, "summary": self.last_json}

@@ -85,6 +85,8 @@ struct cw_counters {
     u64 map_full;        // entries not tracked because cw_tracking was full
     u64 events_lost;     // events the ring/perf buffer had no room for
     u64 transitions;     // transitions streamed (--all only)
+    u64 submitted;       // events the buffer took: what user space has not
+                         //   read of them at exit is counted, not silent
     u64 hist_sum_ns;     // sum of every duration counted in cw_hist (exact,
                          //   for a Prometheus histogram's _sum); not a count
 };
@@ -166,16 +168,17 @@ static __always_inline struct cw_counters *cw_counts(void)
 
 static __always_inline void cw_submit(void *ctx, struct cw_event *ev)
 {
-    struct cw_counters *c;
+    struct cw_counters *c = cw_counts();
 #ifdef USE_RINGBUF
-    if (cw_events.ringbuf_output(ev, sizeof(*ev), 0) == 0)
-        return;
+    int err = cw_events.ringbuf_output(ev, sizeof(*ev), 0);
 #else
-    if (cw_events.perf_submit(ctx, ev, sizeof(*ev)) == 0)
-        return;
+    int err = cw_events.perf_submit(ctx, ev, sizeof(*ev));
 #endif
-    c = cw_counts();
-    if (c)
+    if (!c)
+        return;
+    if (err == 0)
+        c->submitted++;
+    else
         c->events_lost++;
 }
 

@@ -653,7 +653,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # anyone waiting for the banner start a reproduction. (The text banner
     # is the start record, rendered on stdout by the same rule.)
     if as_json or out.quiet:
-        for line in render.banner(threshold_ns, describe_filters(filters)):
+        for line in render.banner(threshold_ns, describe_filters(filters),
+                                  at_terminal=sys.stderr.isatty()):
             click.echo(line, err=True)
     if verbose and (as_json or out.quiet):
         # In text mode the start record's rendering says it, before the

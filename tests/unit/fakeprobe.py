@@ -80,6 +80,9 @@ class FakeProbe:
     def histogram_sum_ns(self) -> int:
         return self.sum_ns
 
+    def unread(self) -> int:
+        return len(self.events)
+
     def tracked(self) -> list:
         return [TrackedSocket(k, enter, ep) for k, (enter, ep) in self.entries.items()]
 

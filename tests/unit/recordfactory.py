@@ -52,6 +52,14 @@ def snapshot(ts=1000.0, lingering=(), **kw):
     return rec
 
 
+def summary(ts=1010.0, counters=None, **kw):
+    rec = {"type": "summary", "ts": ts, "time": "", "traced_s": ts - 1000.0,
+           "counters": dict(counters or {}), "histogram_us": [], "linger_reported": 0,
+           "closed_reported": 0, "still_lingering": []}
+    rec.update(kw)
+    return rec
+
+
 def process(pid=42, comm="srv", **kw):
     rec = {"type": "process", "ts": 1000.0, "time": "", "pid": pid, "comm": comm,
            "state": "S", "ppid": 1, "cmdline": comm, "exiting": False, "threads": [],

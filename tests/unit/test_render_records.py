@@ -141,7 +141,8 @@ def test_every_summary_sentence_fits_80_columns():
     from closewait_trace.output.textsafe import width_of_escaped
     big = 123_456_789_012
     rec = records.summary(98765.4, 0.0, {"cw_enter": big, "cw_exit": big, "events_lost": big,
-                                         "map_full": big, "exit_untracked": big},
+                                         "map_full": big, "exit_untracked": big,
+                                         "events_unread": big},
                           [0] * 20 + [big] + [0] * 43, [], big, big,
                           {"symbolizer_problems": {"more than 4096 sections": big,
                                                    "no .eh_frame": big, "time budget": big,
@@ -153,10 +154,16 @@ def test_every_summary_sentence_fits_80_columns():
     r.estimated_us = [0] * 20 + [big] + [0] * 43
     lines = render.summary_lines(rec, r)
     text = " ".join(l.strip() for l in lines)      # a wrap may fall inside a needle
-    for needle in ("events lost", "sockets not timed", "left CLOSE_WAIT untimed",
+    for needle in ("events lost", "sockets not timed", "before tracing began", "events not read",
                    "could not be written", "left without symbols", "Estimated, not timed",
                    "Lower bounds only", "Still lingering at exit"):
         assert needle in text
     too_wide = [l for l in lines if width_of_escaped(l) > 80]
     assert len([l for l in lines if "\u6f22" in l]) >= 2
     assert not too_wide, too_wide
+
+
+def test_the_banner_says_ctrl_c_only_to_a_terminal():
+    assert render.banner(10**9)[0].endswith("... Ctrl-C to end.")
+    assert render.banner(10**9, at_terminal=False)[0] == (
+        "Tracing TCP sockets lingering in CLOSE_WAIT >= 1.0s...")

@@ -166,3 +166,19 @@ def test_names_are_escaped_once_in_every_table():
     assert "ev\\x1bil\\\\ [/ev] (2 processes)" in text
     assert "1/ev\\x1bil\\\\" in text
     assert "\\\\\\x1b" in text and "\\\\\\\\" not in text
+
+
+def test_events_left_unread_at_a_captures_end_are_a_loss_of_the_report():
+    """A capture whose tracer stopped with events still in the kernel's
+    buffer says so in its summary (counters.events_unread); the report adds
+    them up over captures and lists them among the losses."""
+    from tests.unit import recordfactory as rf
+    recs = []
+    for cid, unread in (("a", 904), ("b", 96), ("c", 0)):
+        recs.append(rf.header(capture_id=cid))
+        recs.append(rf.summary(counters={"cw_enter": 1, "cw_exit": 1, "events_lost": 0,
+                                         "map_full": 0, "events_unread": unread}))
+    rep = report.build(recs, by=["cause"])
+    assert rep["losses"]["events_unread"] == 1000
+    text = "\n".join(report.render_text(rep))
+    assert "1000 kernel events not read (in the buffer when a capture ended)" in text

@@ -250,6 +250,7 @@ class KernelProbe:
     map_read: str = ""                  # "batched" or "per-key", once read
     _layout: object = None
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
+    received: int = 0         # records handed to the callback
 
     @property
     def features(self) -> KernelFeatures:
@@ -305,6 +306,7 @@ class KernelProbe:
             # A true return from on_event ends this poll early (-1 tells
             # libbpf to stop consuming; this event is already taken), so a
             # flood can neither starve the tick nor delay Ctrl-C.
+            self.received += 1
             return -1 if on_event(decode_event(ctypes.cast(data, event_ptr).contents)) else 0
 
         table = self._table("cw_events")
@@ -410,7 +412,19 @@ class KernelProbe:
         # helper fails silently and only the callback counts. Either count
         # alone is never too high, so the larger is the best lower bound.
         totals["events_lost"] = max(totals["events_lost"], self.buffer_lost)
+        totals.pop("submitted", None)         # for unread(), not a count of sockets
         return totals
+
+    def unread(self) -> int:
+        """Events the buffer took that were never read: at exit, what the
+        final drain left behind (a loss to count, not to hide)."""
+        per_cpu = self._table("cw_counters")[0]
+        submitted = int(sum(c.submitted for c in per_cpu))
+        kernel_lost = int(sum(c.events_lost for c in per_cpu))
+        # Old kernels' perf output helper returns 0 for a record it drops:
+        # then the record is in `submitted` and only the lost callback knows.
+        silently_lost = max(0, self.buffer_lost - kernel_lost)
+        return max(0, submitted - self.received - silently_lost)
 
     def histogram(self) -> list[int]:
         table = self._table("cw_hist")

@@ -96,6 +96,7 @@ class Probe(Protocol):
     def counters(self) -> dict: ...
     def histogram(self) -> list: ...
     def histogram_sum_ns(self) -> Optional[int]: ...
+    def unread(self) -> int: ...
     def tracked(self) -> list: ...
     def tracked_entries(self) -> tuple: ...
     def close(self) -> None: ...
@@ -126,6 +127,7 @@ class LiveTracer:
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _final_drain: bool = False
+    unread_at_exit: int = 0     # events the final drain left in the buffer
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -209,6 +211,9 @@ class LiveTracer:
                 self.drain()
                 if not more or time.monotonic() > deadline:
                     break
+            # What the drain's deadline left in the buffer is not written:
+            # the summary counts it (a loss said, not a silent one).
+            self.unread_at_exit = self.probe.unread()
             self.tick(resolve=False)
             self.emit(self.summary())
             self.flush()
@@ -472,7 +477,8 @@ class LiveTracer:
                                  "processes_skipped": self.resolver.skipped_processes}
         now_ns = self.now_ns()
         still = [records.lingering_entry(l, l.age_ns(now_ns)) for l in self.lingering(now_ns)]
-        return records.summary(time.time(), self.started_ts, self.probe.counters(),
+        counters = dict(self.probe.counters(), events_unread=self.unread_at_exit)
+        return records.summary(time.time(), self.started_ts, counters,
                                self.probe.histogram(), still,
                                self.linger_lines, self.closed_lines, extra)
 

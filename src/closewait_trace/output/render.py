@@ -36,9 +36,11 @@ TIME_FORMATS = ("clock", "iso", "epoch", "elapsed")
 MAPPED_MARK = "*"
 
 
-def banner(threshold_ns: int, filters_text: str = "") -> list[str]:
+def banner(threshold_ns: int, filters_text: str = "", at_terminal: bool = True) -> list[str]:
+    # "Ctrl-C to end" is for someone at a terminal: a service's journal
+    # (systemd stops it) is told only what is traced.
     lines = [f"Tracing TCP sockets lingering in CLOSE_WAIT >= "
-             f"{format_age(threshold_ns)}... Ctrl-C to end."]
+             f"{format_age(threshold_ns)}..." + (" Ctrl-C to end." if at_terminal else "")]
     if filters_text:
         lines.append(f"Only: {escape(filters_text)}")
     return lines
@@ -606,12 +608,17 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
         problems.append(f"{n['events_lost']} events lost (ring buffer full)")
     if n.get("map_full"):
         problems.append(f"{n['map_full']} sockets not timed (tracking map full)")
-    if n.get("exit_untracked"):
-        problems.append(f"{n['exit_untracked']} left CLOSE_WAIT untimed "
-                        f"(already in it at start, or not tracked)")
+    if n.get("events_unread"):
+        problems.append(f"{n['events_unread']} events not read (still in the buffer "
+                        f"when the trace ended)")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
+    if n.get("exit_untracked"):
+        # Not a loss: the kernel saw them leave, but not enter (they were in
+        # CLOSE_WAIT before the trace began, or the map was full, said above).
+        lines += prose(f"Untimed: {n['exit_untracked']} sockets left CLOSE_WAIT that were "
+                       f"in it before tracing began (or not tracked).")
     if isinstance(rec.get("symbolizer_problems"), dict) and rec["symbolizer_problems"]:
         # The counts are of lookups (a frame, or a module's first use), not
         # of processes: say the reason first and the count after it.

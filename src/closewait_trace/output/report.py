@@ -239,7 +239,7 @@ class _Builder:
         self.identity: dict = {}                 # pid -> (unit, container, pod, exe)
         self.timeline = _Timeline()
         self.unusable = 0
-        self.lost_total = {"events_lost": 0, "map_full": 0}
+        self.lost_total = {"events_lost": 0, "map_full": 0, "events_unread": 0}
         self.lost_listed = 0
         # What went past a cap, counted: said in the report's losses.
         self.folded = Counter()
@@ -289,6 +289,10 @@ class _Builder:
             self._state(r, ts, r.get("still_lingering", r.get("lingering")) or [])
             if kind == "summary":
                 self.clean = True
+                counters = r.get("counters") if isinstance(r.get("counters"), dict) else {}
+                unread = counters.get("events_unread")
+                if isinstance(unread, int) and not isinstance(unread, bool) and unread > 0:
+                    self.lost_total["events_unread"] += unread
                 we = r.get("write_errors")
                 self.write_errors += we if isinstance(we, int) else 0
 
@@ -533,6 +537,7 @@ class _Builder:
             "lost_records": self.losses,
             "events_lost": self.lost_total["events_lost"],
             "map_full": self.lost_total["map_full"],
+            "events_unread": self.lost_total["events_unread"],
             "write_errors": self.write_errors,
             "skipped_lines": getattr(source, "skipped", 0) or 0,
             "unclean_ends": sum(1 for c in self.captures if not c["clean_end"])
@@ -764,6 +769,9 @@ def _loss_lines(losses: dict) -> list[str]:
         items.append(f"{losses['events_lost']} kernel events lost (ring buffer full)")
     if losses["map_full"]:
         items.append(f"{losses['map_full']} sockets not timed (tracking map full)")
+    if losses.get("events_unread"):
+        items.append(f"{losses['events_unread']} kernel events not read (in the buffer "
+                     f"when a capture ended)")
     if losses["write_errors"]:
         items.append(f"{losses['write_errors']} records not written (disk full or I/O error)")
     if losses["skipped_lines"]:
