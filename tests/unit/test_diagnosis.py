@@ -53,6 +53,21 @@ def test_two_holders_is_a_leak(fake):
     assert got.cause == d.LEAKED and [h["pid"] for h in got.evidence["holders"]] == [10, 11]
 
 
+@pytest.mark.parametrize("state, cause", [("S", d.LEAKED), ("T", d.STOPPED)])
+def test_a_socket_shared_by_many_forks_names_a_few_and_counts_the_rest(fake, state, cause):
+    """One socket held by 3,001 forks once made a 60 KB summary, repeated in
+    every line and record about it; the evidence keeps every holder."""
+    with_socket(fake, 10, state=state)
+    for pid in range(11, 11 + 300):
+        fake.process(pid, ppid=10, state=state).fd(pid, 5, 900)
+    got = diagnose_fake(fake)
+    assert got.cause == cause
+    assert got.summary.endswith(f" and {301 - d.MAX_NAMED} more"), got.summary
+    assert got.summary.count("/srv") == d.MAX_NAMED
+    assert len(got.summary) < 300
+    assert len(got.evidence["holders"]) == 301
+
+
 def test_inherited_without_cloexec_by_a_non_server(fake):
     fake.process(10, comm="server")
     fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500)

@@ -368,6 +368,26 @@ def test_events_left_in_the_buffer_at_exit_are_counted_not_hidden(tmp_path, monk
     assert "904 events not read (still in the buffer when the trace ended)" in text
 
 
+def test_the_exit_never_builds_the_tracers_repr(tmp_path, monkeypatch):
+    """signal.signal() returns the handler it replaces, and builds that
+    handler's repr when it is not a signal.Handlers value: with the bound
+    method as handler, every exit printed the whole tracer (all sockets,
+    holders and records in flight) to a string, which took over a minute
+    after Ctrl-C with one socket held by 3,001 forks."""
+    reprs = []
+    monkeypatch.setattr(LiveTracer, "__repr__", lambda self: reprs.append(1) or "LiveTracer",
+                        raising=False)
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    w.tracer.request_stop()
+    w.tracer.run()
+    assert w.sink.records[-1]["type"] == "summary"
+    assert reprs == []
+
+
 def test_a_drained_buffer_leaves_nothing_unread(tmp_path):
     w = World(tmp_path, all_transitions=True)
     w.tracer.start()

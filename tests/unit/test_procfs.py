@@ -93,9 +93,20 @@ def test_holders_found_while_others_denied_says_the_list_may_be_incomplete(fake,
         denials.deny(f"{fake.root}/{pid}/fd")
     own, diag = resolve_and_diagnose(fake)
     assert own.kind == owners.OWNER_FD and [h.pid for h in own.holders] == [10]
+    # Named, so that an on-call can look at them (the comm is fakeproc's).
     assert diag.summary.endswith("; holders may be missing: permission denied reading "
-                                 "2 other processes")
+                                 "2 other processes (11/srv, 12/srv)"), diag.summary
     assert own.denied_processes == 2
+
+
+def test_past_a_few_denied_processes_the_rest_are_counted(fake, denials):
+    held_socket(fake, 10)
+    for pid in range(11, 16):
+        fake.process(pid)
+        denials.deny(f"{fake.root}/{pid}/fd")
+    _own, diag = resolve_and_diagnose(fake)
+    assert diag.summary.endswith("permission denied reading 5 other processes "
+                                 "(11/srv, 12/srv, 13/srv and 2 more)"), diag.summary
 
 
 def test_socket_in_a_namespace_we_may_not_read_is_unknown_not_gone(fake, denials):

@@ -167,3 +167,27 @@ def test_the_banner_says_ctrl_c_only_to_a_terminal():
     assert render.banner(10**9)[0].endswith("... Ctrl-C to end.")
     assert render.banner(10**9, at_terminal=False)[0] == (
         "Tracing TCP sockets lingering in CLOSE_WAIT >= 1.0s...")
+
+
+def test_a_socket_held_by_thousands_is_one_short_line_in_the_summary():
+    owners = [{"pid": 1000 + i, "comm": "python3", "fd": 5, "state": "S"} for i in range(3001)]
+    still = [{"laddr": "127.0.0.1", "lport": 5555, "raddr": "127.0.0.1", "rport": 40000,
+              "age_s": 5.2, "age_source": "traced", "owners": owners, "owner_kind": "fd"}]
+    rec = records.summary(10.0, 0.0, {}, [0] * 64, still, 1, 0)
+    [line] = [l for l in render.summary_lines(rec) if "5555" in l]
+    assert line.endswith(f" and {3001 - render.MAX_OWNERS_NAMED} more"), line
+    assert line.count("python3") == render.MAX_OWNERS_NAMED
+
+
+def test_with_v_a_long_diagnosis_is_wrapped_to_80_columns_not_cut():
+    from closewait_trace.output.textsafe import width_of_escaped
+    summary = "held by 3001 processes: " + ", ".join(f"{1000 + i}/python3 fd 5" for i in range(8)) \
+        + " and 2993 more; holders may be missing: permission denied reading 1 other process (1/init)"
+    rec = {"type": "linger", "ts": 1.0, "time": "", "laddr": "127.0.0.1", "lport": 5555,
+           "raddr": "127.0.0.1", "rport": 40000, "age_s": 2.0, "age_source": "traced",
+           "owners": [{"pid": 1000, "comm": "python3", "fd": 5, "state": "S"}],
+           "owner_kind": "fd", "diagnosis": {"cause": "leaked", "summary": summary}}
+    lines = render.TextRenderer(verbose=True).render(rec)
+    assert all(width_of_escaped(l) <= 80 for l in lines), lines
+    text = " ".join(l.strip() for l in lines)
+    assert "and 2993 more" in text and "(1/init)" in text

@@ -204,6 +204,19 @@ def _who(h: HolderEvidence) -> str:
     return f"{h.pid}/{h.comm}"
 
 
+# A summary names at most this many processes: one socket shared by 3,001
+# forks made a 60 KB summary, in every record and line about it; the
+# evidence (holders, with pid and fd) keeps the whole list.
+MAX_NAMED = 8
+
+
+def _listed(items: list[str]) -> str:
+    """'a, b, c' or, past MAX_NAMED, 'a, ..., h and 2993 more'."""
+    if len(items) <= MAX_NAMED:
+        return ", ".join(items)
+    return ", ".join(items[:MAX_NAMED]) + f" and {len(items) - MAX_NAMED} more"
+
+
 def diagnose(own: Ownership, holders: list[HolderEvidence],
              listener_holders: list[HolderEvidence],
              machine: Optional[str] = None) -> Diagnosis:
@@ -214,14 +227,18 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     # saying whatever the cause: it slows the process and may be why.
     traced = [h for h in holders if h.tracer_pid and h.state != "t"]
     if traced and found.cause != TRACED:
-        found.summary += "; " + ", ".join(
-            f"{_who(h)} traced by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced)
+        found.summary += "; " + _listed([
+            f"{_who(h)} traced by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced])
     # Holders were found, but other processes could not be read: the list,
     # and a cause drawn from it (one holder or several), may be incomplete.
     if holders and own.denied_processes:
         n = own.denied_processes
+        named = ", ".join(own.denied_named)
+        more = n - len(own.denied_named)
         found.summary += (f"; holders may be missing: permission denied reading "
-                          f"{n} other process{'es' if n != 1 else ''}")
+                          f"{n} other process{'es' if n != 1 else ''}"
+                          + (f" ({named}{f' and {more} more' if more > 0 else ''})"
+                             if named else ""))
     return found
 
 
@@ -242,7 +259,7 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         if listener is None:
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found")
-        who = ", ".join(f"{_who(h)} [{h.state}]" for h in listener_holders) or "no process"
+        who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders]) or "no process"
         return Diagnosis(
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
@@ -266,23 +283,23 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     dying = [h for h in holders if h.state in ("Z", "X") or h.exiting]
     if dying:
-        return Diagnosis(EXITING, "holder exiting: " + ", ".join(
-            f"{_who(h)} [{h.state}]" for h in dying))
+        return Diagnosis(EXITING, "holder exiting: " + _listed([
+            f"{_who(h)} [{h.state}]" for h in dying]))
 
     traced = [h for h in holders if h.state == "t"]
     if traced:
-        return Diagnosis(TRACED, "stopped under a tracer: " + ", ".join(
-            f"{_who(h)} by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced))
+        return Diagnosis(TRACED, "stopped under a tracer: " + _listed([
+            f"{_who(h)} by {h.tracer_pid}/{h.tracer_comm or '?'}" for h in traced]))
 
     stopped = [h for h in holders if h.state == "T"]
     if stopped:
-        return Diagnosis(STOPPED, "stopped by a signal: " + ", ".join(
-            _who(h) for h in stopped))
+        return Diagnosis(STOPPED, "stopped by a signal: " + _listed([
+            _who(h) for h in stopped]))
 
     pids = {h.pid for h in holders}
     if len(pids) > 1:
-        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + ", ".join(
-            f"{_who(h)} fd {h.fd}" for h in holders))
+        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + _listed([
+            f"{_who(h)} fd {h.fd}" for h in holders]))
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]

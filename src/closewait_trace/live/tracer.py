@@ -102,7 +102,10 @@ class Probe(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass
+# No generated repr: the tracer holds every socket, holder and record in
+# flight, and anything that printed it (an error message, a debugger) would
+# walk all of that (see start(): signal.signal did, at every exit).
+@dataclass(repr=False)
 class LiveTracer:
     config: ProbeConfig
     socket_filter: SocketFilter
@@ -169,7 +172,14 @@ class LiveTracer:
         self.probe.start(self._on_event)
         # From the banner on, a stop signal must end the trace with its
         # summary (run() gives the handlers back at the end).
-        self._previous_handlers = {sig: signal.signal(sig, self.request_stop)
+        # A plain function, not the bound method: signal.signal() builds
+        # the repr of the handler it replaces when that is not a
+        # signal.Handlers value, and a bound method's repr is the whole
+        # tracer's. With one socket held by 3,001 forks that repr took over
+        # a minute at the exit, after Ctrl-C.
+        def on_stop_signal(_signum, _frame):
+            self.stopping = True
+        self._previous_handlers = {sig: signal.signal(sig, on_stop_signal)
                                    for sig in STOP_SIGNALS}
         self.start_ns = self.now_ns()
         self.started_ts = time.time()

@@ -30,6 +30,7 @@ COUNTER_TEXT = {
 }
 
 LINE = 80                  # the default layout's width
+MAX_OWNERS_NAMED = 3       # holders named in a summary's still-lingering line
 TIME_FORMATS = ("clock", "iso", "epoch", "elapsed")
 # An address cut to fit its column: what marks an IPv4 address seen on an
 # IPv6 socket (::ffff:a.b.c.d), shown as IPv4.
@@ -399,8 +400,11 @@ class TextRenderer:
             states = "".join(sorted({escape(o.get("state", "?")) for o in owners}))
             text = (f"[{states}] " if states else "") + escape(diagnosis.get("summary", ""))
             indent = " " * 9
-            if self.wide or self.verbose:
+            if self.wide:
                 lines.append(indent + text)
+            elif self.verbose:
+                # All of it, wrapped to 80 columns (-v is read, not grepped).
+                lines.extend(indent + l for l in prose(text, LINE - len(indent)))
             else:
                 lines.append(indent + textsafe.cut(text, LINE - len(indent)))
         if self.verbose:
@@ -638,9 +642,14 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     lines += prose(f"Still lingering at exit: {len(still)}"
                    + (f" shown ({hidden} more not matching the replay's filters)" if hidden else ""))
     for s in still[:50]:
+        listed = [o for o in s.get("owners") or [] if isinstance(o, dict)]
+        # A few holders by name, the rest counted: a socket shared by
+        # thousands of forks is one line, not 100 KB of one.
         owners = ", ".join(f"{who(o)} fd {escape(o.get('fd'))} [{escape(o.get('state'))}]"
-                           for o in s.get("owners") or [] if isinstance(o, dict)) or (
+                           for o in listed[:MAX_OWNERS_NAMED]) or (
             "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
+        if len(listed) > MAX_OWNERS_NAMED:
+            owners += f" and {len(listed) - MAX_OWNERS_NAMED} more"
         lines.append(f"  {hostport(s.get('laddr'), s.get('lport'))} <- "
                      f"{hostport(s.get('raddr'), s.get('rport'))} {age_text(s, 'age')} {owners}")
     if len(still) > 50:

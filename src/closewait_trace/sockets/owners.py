@@ -84,6 +84,7 @@ class Ownership:
     # Processes whose fd table we were not allowed to read in this batch: any
     # of them may hold the socket too (0 when running with full privileges).
     denied_processes: int = 0
+    denied_named: list[str] = field(default_factory=list)   # the first few, "pid/comm"
     # Not found in the namespaces we could read, while this many processes
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
@@ -117,6 +118,9 @@ def _listener_for(row: TcpRow, listeners: dict[tuple, list[TcpRow]]) -> Optional
         return exact[0]
     wild = [r for r in candidates if r.endpoints.laddr in wildcard]
     return wild[0] if wild else None
+
+
+MAX_DENIED_NAMED = 3
 
 
 @dataclass(slots=True)
@@ -315,8 +319,13 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
 
     scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc))
     denied = len(scan.denied_pids)
+    # Named, so that "may be missing" can be checked (a few: the count says
+    # how many); comm is the kernel's 16 bytes, whoever chose it.
+    named = [f"{pid}/{(procfs.read_text(f'{proc}/{pid}/comm') or '?').strip()}"
+             for pid in sorted(scan.denied_pids)[:MAX_DENIED_NAMED]]
     for own in result.values():
         own.denied_processes = denied
+        own.denied_named = named
         if own.kind == OWNER_FD:
             own.holders = scan.holders.get(own.inode, [])
             if not own.holders:
