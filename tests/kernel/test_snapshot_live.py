@@ -200,3 +200,56 @@ def test_snapshot_holder_filters(procs):
     assert lingers_of(snapshot("--json", "-p", ports, "--comm", "no-such-comm")) == []
     text = snapshot("-p", ports, "--pid", str(second.pid)).stdout
     assert f"pid {second.pid}" in text.splitlines()[0] and text.count(" LINGER ") == 1
+
+
+# Accepts one connection, turns keepalive on with 1 s probes, reads the
+# client's byte and its EOF, then holds the socket (CLOSE_WAIT) and sleeps.
+KEEPALIVE_HOLDER = r"""
+import socket, sys, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(1)
+print("listening", flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+while conn.recv(10):
+    pass
+time.sleep(3600)
+"""
+
+
+def test_a_keepalive_socket_is_shown_by_the_range_its_age_lies_in(procs):
+    """Keepalive probes are ACKed every second, and each ACK renews
+    tcp_info's last_ack_recv: a socket 8 s in CLOSE_WAIT read ~1 s, hidden
+    by -t 4s and ordered as young (issue 19 §4). Now its age is a range,
+    shown and compared by its upper end (the last data received)."""
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", KEEPALIVE_HOLDER, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "listening"
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(b"x")
+    time.sleep(0.5)
+    client.close()
+    closed = time.monotonic()
+    wait_until(lambda: len(ss_close_wait(port)) == 1, what="1 CLOSE-WAIT")
+    time.sleep(8 - (time.monotonic() - closed))
+
+    out = snapshot("--json", "-p", str(port), "-t", "4s")
+    true_age = time.monotonic() - closed
+    [rec] = lingers_of(out)
+    assert record_row(rec) in ss_close_wait(port)
+    assert rec["age_source"] == "range", rec
+    assert rec["age_s"] < 3.0, rec                 # the ACK clock: the probe interval
+    # The upper end: since the byte, 0.5 s before the FIN (and the dump
+    # came before true_age was taken).
+    assert true_age - 1.0 <= rec["age_max_s"] <= true_age + 1.0, (rec, true_age)
+
+    text = snapshot("-p", str(port), "-t", "4s").stdout
+    [row] = [l for l in text.splitlines() if f":{port} " in l and "LINGER" in l]
+    shown = row.split()[4]
+    assert shown.startswith("<=") and float(shown[2:].rstrip("s")) >= 7.0, row
+    verbose = snapshot("-v", "-p", str(port), "-t", "4s").stdout
+    assert "(keepalive:" in verbose and "at least" in verbose

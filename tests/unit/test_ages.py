@@ -157,3 +157,31 @@ def test_linger_and_lingering_entry_say_how_the_age_was_obtained(source, max_ns,
         assert rec["age_max_s"] == (9.0 if max_ns else None)
         assert rec["age_is_lower_bound"] is lower
         json.dumps(rec)
+
+
+def test_with_keepalive_the_ack_clock_is_no_estimate_only_a_range():
+    # 1 s probes keep last_ack_recv under a second; the data came 24 s ago.
+    est = ages.estimate_entry(900, 24_000, START, keepalive=True)
+    assert est == ages.AgeEstimate(START - 900 * MS, START - 24 * S, ages.RANGE)
+    # Without a usable upper end, still only a lower bound.
+    assert ages.estimate_entry(900, None, START, keepalive=True).source == ages.LOWER_BOUND
+
+
+def test_a_keepalive_socket_is_due_and_ordered_by_what_it_may_be():
+    from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER
+    t = Tracker(threshold_ns=5 * S, start_ns=START)
+    t.seed([TcpRow(ep(1), tcpstates.CLOSE_WAIT, 0, 1, 0, 5001, last_ack_recv_ms=900,
+                   last_data_recv_ms=24_000, timer=KEEPALIVE_TIMER),
+            row(2, 8000, 9000)], [])
+    due = t.due(START + 10 * MS)
+    assert {l.endpoints.rport for l in due} == {1, 2}     # 24 s may be past 5 s
+    l = t.pre_existing[ep(1)]
+    assert l.age_source == ages.RANGE
+    assert l.age_ns(START) == 900 * MS and l.age_bound_ns(START) == 24 * S
+    assert sorted(due, key=lambda l: l.earliest_enter_ns)[0].endpoints.rport == 1
+    rec = records.lingering_entry(l, l.age_ns(START))
+    assert (rec["age_source"], rec["age_s"], rec["age_max_s"]) == ("range", 0.9, 24.0)
+    from closewait_trace.output import render
+    assert render.age_text(rec) == "<=24.0s"
+    # A damaged record without its upper end shows only what it has.
+    assert render.age_text(dict(rec, age_max_s=None)) == ">=900ms"

@@ -6,7 +6,10 @@ received, so tcpi_last_ack_recv (ms since the last ACK arrived; the FIN
 carries one) is its time in CLOSE_WAIT. Later ACKs (for data we sent after
 the FIN, keepalive probes) make it smaller, never larger: it is a lower
 bound that is usually exact. The FIN comes after the last data, so
-tcpi_last_data_recv bounds the age from above. Both are u32 milliseconds
+tcpi_last_data_recv bounds the age from above. With keepalive on, the
+peer's ACK to every probe renews last_ack_recv: the lower bound stays near
+the probe interval however old the socket is (1 s probes: ~1 s shown for a
+socket 24 s old), so it is no estimate at all, only a range. Both are u32 milliseconds
 and wrap after 2^32 ms (49.7 days): a wrapped counter reads smaller than the
 truth, so a reading taken when a wrap was possible is still a lower bound.
 """
@@ -19,6 +22,7 @@ from typing import Optional
 TRACED = "traced"            # timed by the kernel program
 ESTIMATED = "estimated"      # from tcp_info, with an upper bound
 LOWER_BOUND = "lower_bound"  # at least this old; no upper bound known
+RANGE = "range"              # keepalive: between the two tcp_info times, nothing nearer
 
 U32_WRAP_NS = (1 << 32) * 1_000_000    # 49.7 days of milliseconds
 
@@ -27,11 +31,11 @@ U32_WRAP_NS = (1 << 32) * 1_000_000    # 49.7 days of milliseconds
 class AgeEstimate:
     enter_ns: int                 # estimated entry into CLOSE_WAIT (kernel clock)
     enter_max_ns: Optional[int]   # earliest possible entry; None unless estimated
-    source: str                   # ESTIMATED or LOWER_BOUND
+    source: str                   # ESTIMATED, RANGE or LOWER_BOUND
 
 
 def estimate_entry(last_ack_recv_ms: Optional[int], last_data_recv_ms: Optional[int],
-                   observed_ns: int) -> AgeEstimate:
+                   observed_ns: int, keepalive: bool = False) -> AgeEstimate:
     """When a socket entered CLOSE_WAIT, from its tcp_info times read at
     observed_ns (kernel clock, which counts from boot).
 
@@ -43,6 +47,8 @@ def estimate_entry(last_ack_recv_ms: Optional[int], last_data_recv_ms: Optional[
     - last data received more recently than the last ACK: impossible for a
       FIN after the data, unless a counter wrapped or the stack did not
       stamp the FIN's ACK; the ACK reading stays a lower bound, no upper one.
+    - keepalive probes pending: a range, between last_ack_recv and
+      last_data_recv, with no better guess inside it.
     - otherwise: estimated, between last_ack_recv and last_data_recv."""
     if last_ack_recv_ms is None:
         return AgeEstimate(observed_ns, None, LOWER_BOUND)
@@ -55,4 +61,5 @@ def estimate_entry(last_ack_recv_ms: Optional[int], last_data_recv_ms: Optional[
     if last_data_recv_ms is None or last_data_recv_ms < last_ack_recv_ms:
         return AgeEstimate(enter_ns, None, LOWER_BOUND)
     data_ns = last_data_recv_ms * 1_000_000
-    return AgeEstimate(enter_ns, observed_ns - min(data_ns, observed_ns), ESTIMATED)
+    return AgeEstimate(enter_ns, observed_ns - min(data_ns, observed_ns),
+                       RANGE if keepalive else ESTIMATED)

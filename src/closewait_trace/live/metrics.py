@@ -208,10 +208,10 @@ class MetricsState:
                 groups[key] = [1, l]
             else:
                 slot[0] += 1
-                if l.enter_ns < slot[1].enter_ns:
+                if l.earliest_enter_ns < slot[1].earliest_enter_ns:
                     slot[1] = l
         self._labels = labels
-        current = {key: [count, first.age_ns(now_ns) / 1e9]
+        current = {key: [count, first.age_bound_ns(now_ns) / 1e9]
                    for key, (count, first) in groups.items()}
         for key in current:
             self.last_seen[key] = wall_ts

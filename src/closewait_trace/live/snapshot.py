@@ -129,7 +129,7 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
 
 def _oldest_first(l: Lingerer) -> tuple:
     ep = l.endpoints
-    return (l.enter_ns, ep.family, ep.laddr, ep.lport, ep.raddr, ep.rport)
+    return (l.earliest_enter_ns, ep.family, ep.laddr, ep.lport, ep.raddr, ep.rport)
 
 
 # ------------------------------------------------------------------- text
@@ -170,8 +170,12 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
             g = groups.setdefault(key, HolderGroup(label))
             g.count += 1
             g.causes[cause] = g.causes.get(cause, 0) + 1
-            if rec["age_s"] >= g.oldest_s:
-                g.oldest_s, g.oldest_source = rec["age_s"], rec["age_source"]
+            # A range (keepalive) is shown by its upper end: what it may be.
+            age = rec["age_s"]
+            if rec["age_source"] == ages.RANGE and rec.get("age_max_s") is not None:
+                age = rec["age_max_s"]
+            if age >= g.oldest_s:
+                g.oldest_s, g.oldest_source = age, rec["age_source"]
     return sorted(groups.values(), key=lambda g: (-g.count, -g.oldest_s, g.label))
 
 

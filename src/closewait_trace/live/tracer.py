@@ -75,7 +75,7 @@ def this_tick(due: list, own: int, limit: int = MAX_NETNS_PER_BATCH) -> list:
     sockets; the others stay due for the next tick."""
     taken: set = set()
     now = []
-    for l in sorted(due, key=lambda l: l.enter_ns):
+    for l in sorted(due, key=lambda l: l.earliest_enter_ns):
         ns = l.endpoints.netns
         if not ns or ns == own or ns in taken:
             now.append(l)
@@ -350,7 +350,7 @@ class LiveTracer:
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
         todo: list[tuple[Lingerer, object]] = []
-        for l in sorted(batch, key=lambda l: l.enter_ns):
+        for l in sorted(batch, key=lambda l: l.earliest_enter_ns):
             own = resolved.get(l.endpoints)
             gone = own is None or own.kind == owners.OWNER_GONE
             if update:
@@ -462,8 +462,8 @@ class LiveTracer:
         """Sockets still in CLOSE_WAIT and at least threshold old, oldest
         first; with a holder filter, only those shown."""
         threshold = self.config.threshold_ns
-        return [l for l in sorted(self.tracker.lingering(), key=lambda l: l.enter_ns)
-                if l.age_ns(now_ns) >= threshold
+        return [l for l in sorted(self.tracker.lingering(), key=lambda l: l.earliest_enter_ns)
+                if l.age_bound_ns(now_ns) >= threshold
                 and not (self.holder_filter.active and (l.hidden or not l.reported))]
 
     def summary(self) -> dict:

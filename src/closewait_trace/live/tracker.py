@@ -15,7 +15,7 @@ from closewait_trace.live import ages
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
-from closewait_trace.sockets.tcprow import TcpRow
+from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow
 
 # How long a reported socket that vanished from the map is remembered, waiting
 # for its CLOSED event (submitted just before the kernel deletes the entry).
@@ -35,7 +35,7 @@ class Lingerer:
     # How the age is known (ages.py): traced by the kernel program,
     # estimated from tcp_info, or a lower bound counted from the trace's start.
     age_source: str = ages.TRACED
-    enter_max_ns: Optional[int] = None  # estimated: the earliest it can have entered
+    enter_max_ns: Optional[int] = None  # estimated, range: the earliest it can have entered
     # Failed owner lookups so far: kept on the socket, so the count is
     # forgotten with it (a count kept apart outlived sockets that left).
     resolve_attempts: int = 0
@@ -43,6 +43,19 @@ class Lingerer:
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
+
+    @property
+    def earliest_enter_ns(self) -> int:
+        """When it may have entered CLOSE_WAIT at the earliest, for what
+        orders sockets and compares them with a threshold: a range's lower
+        end (keepalive) says nothing of the age, its upper end what it may
+        be; any other age is its best value."""
+        if self.age_source == ages.RANGE and self.enter_max_ns is not None:
+            return min(self.enter_ns, self.enter_max_ns)
+        return self.enter_ns
+
+    def age_bound_ns(self, now_ns: int) -> int:
+        return max(0, now_ns - self.earliest_enter_ns)
 
     def age_max_ns(self, now_ns: int) -> Optional[int]:
         """The upper bound of an estimated age (None otherwise)."""
@@ -125,7 +138,8 @@ class Tracker:
             # it, by address when either does not.
             if seen and (not endpoints.netns or 0 in seen or endpoints.netns in seen):
                 continue
-            est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns)
+            est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
+                                      keepalive=row.timer == KEEPALIVE_TIMER)
             # Without tcp_info all we know is that it was there at start.
             enter_ns = min(est.enter_ns, self.start_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
@@ -204,7 +218,8 @@ class Tracker:
         the kernel says nothing entered or left CLOSE_WAIT since the last one."""
         if self.departed:
             self._expire_departed(now_ns)
-        return [l for l in self.pending.values() if l.age_ns(now_ns) >= self.threshold_ns]
+        return [l for l in self.pending.values()
+                if l.age_bound_ns(now_ns) >= self.threshold_ns]
 
     def _expire_departed(self, now_ns: int) -> None:
         """Forget departed sockets after the grace, map read or not. They are

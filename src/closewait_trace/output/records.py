@@ -63,7 +63,7 @@ def age_fields(prefix: str, age_ns: int, source: str, max_ns: Optional[int]) -> 
 def _lingerer_age(lingerer, age_ns: int) -> dict:
     source, enter_max = lingerer.age_source, lingerer.enter_max_ns
     age_max = None
-    if source == "estimated" and enter_max is not None:
+    if source in ("estimated", "range") and enter_max is not None:
         # age_max = now - earliest possible entry; now = enter + age.
         age_max = max(age_ns, lingerer.enter_ns + age_ns - enter_max)
     return age_fields("age", age_ns, source, age_max)

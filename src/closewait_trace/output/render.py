@@ -67,24 +67,33 @@ def age_source(rec: dict, kind: str = "age") -> str:
     source carry only `<kind>_is_lower_bound`: then it is lower_bound or
     traced, as it meant then."""
     source = rec.get(f"{kind}_source")
-    if source in ("traced", "estimated", "lower_bound"):
+    if source in ("traced", "estimated", "lower_bound", "range"):
         return source
     return "lower_bound" if rec.get(f"{kind}_is_lower_bound") else "traced"
 
 
-SOURCE_MARK = {"traced": "", "estimated": "~", "lower_bound": ">="}
+# A range (keepalive) is shown by its upper end, marked "at most": its lower
+# end is the probe interval, not the age.
+SOURCE_MARK = {"traced": "", "estimated": "~", "lower_bound": ">=", "range": "<="}
 
 
 def marked_age(seconds, source: str = "traced") -> str:
     """`1.4s` timed by the kernel, `~6.5s` estimated (tcp_info), `>=510ms` a
-    lower bound; `?` for a value that is not a finite number."""
+    lower bound, `<=24.6s` the upper end of a range (pass that end); `?` for
+    a value that is not a finite number."""
     return SOURCE_MARK.get(source, "") + _duration(seconds)
 
 
 def age_text(rec: dict, kind: str = "age") -> str:
     """A record's age (kind "age": linger, snapshot entries) or duration
     ("duration": closed), with the mark of its source."""
-    return marked_age(rec.get(f"{kind}_s"), age_source(rec, kind))
+    source = age_source(rec, kind)
+    if source == "range":
+        high = _number(rec.get(f"{kind}_max_s"))
+        if high is None:        # a damaged record: its lower end is all there is
+            return marked_age(rec.get(f"{kind}_s"), "lower_bound")
+        return marked_age(high, source)
+    return marked_age(rec.get(f"{kind}_s"), source)
 
 
 def hostport(addr, port, columns: Optional[int] = None) -> str:
@@ -233,7 +242,8 @@ class TextRenderer:
         self.processes: dict = {}  # pid -> latest process record, for -v
         # Durations of sockets that left CLOSE_WAIT, by how they were
         # obtained: the kernel's histogram holds only the timed ones.
-        self.closed_by_source: dict = {"traced": 0, "estimated": 0, "lower_bound": 0}
+        self.closed_by_source: dict = {"traced": 0, "estimated": 0, "lower_bound": 0,
+                                       "range": 0}
         self.estimated_us: list[int] = [0] * 64
 
     # Column widths. Default: 80 columns with OWNER = 7-digit pid, '/',
@@ -507,6 +517,11 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
         out.append(f"         age estimated: {_duration(rec.get('age_s'))} since the last ACK "
                    f"received" + (f", at most {_duration(high)} (since the last data received)"
                                   if high is not None else ""))
+    elif age_source(rec, "age") == "range":
+        out.extend("         " + l for l in prose(
+            f"age: at least {_duration(rec.get('age_s'))}, at most "
+            f"{_duration(rec.get('age_max_s'))} (keepalive: each probe's ACK renews the "
+            f"ACK clock; the upper end is the last data received)", LINE - 9))
     for h in rec.get("owners") or []:      # the evidence refers to these by pid/fd
         if not isinstance(h, dict):
             continue
@@ -663,6 +678,7 @@ def estimate_lines(by_source: dict, estimated_slots: list[int],
     tracing began), kept apart from the histogram of timed ones; counted
     from the CLOSED lines (in a replay: those shown)."""
     est, low = by_source.get("estimated", 0), by_source.get("lower_bound", 0)
+    ranged = by_source.get("range", 0)
     lines = []
     shown = " shown" if shown_only else ""
     if est:
@@ -672,4 +688,7 @@ def estimate_lines(by_source: dict, estimated_slots: list[int],
     if low:
         lines += [f"Lower bounds only: {low} socket(s){shown} closed, already in CLOSE_WAIT at",
                   "  start with no estimate; not in any histogram."]
+    if ranged:
+        lines += [f"Ranges only: {ranged} socket(s){shown} closed, already in CLOSE_WAIT at",
+                  "  start with keepalive on (age between two bounds); not in any histogram."]
     return lines

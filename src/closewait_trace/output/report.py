@@ -385,7 +385,7 @@ class _Builder:
             self.folded["lingering"] += 1         # before any work on it
             return
         self._follow(key, Sock(info=self._slim(r), entered=(ts or 0.0) - age,
-                               duration=age, source=age_source(r, "age")))
+                               duration=age, source=_source(r, "age")))
 
     def _closed(self, r: dict, ts: Optional[float]) -> None:
         duration = _number(r.get("duration_s")) or 0.0
@@ -395,7 +395,7 @@ class _Builder:
             if r.get("closed_by") and isinstance(r["closed_by"], dict) and not s.info["people"]:
                 s.info["people"] = self._people({"owners": [r["closed_by"]]})
         s.duration = duration
-        s.source = age_source(r, "duration")
+        s.source = _source(r, "duration")
         s.closed = True
         self._account(s)
 
@@ -415,7 +415,7 @@ class _Builder:
                 # Known only from the state: its linger record is in a part
                 # rotated away, or it was never reported.
                 self._follow(k, Sock(info=self._slim(e), entered=ts - (age or 0.0),
-                                     duration=age or 0.0, source=age_source(e, "age")))
+                                     duration=age or 0.0, source=_source(e, "age")))
             elif ts is not None:
                 self.folded["lingering"] += 1
 
@@ -609,6 +609,13 @@ def _table(grouping: str, groups: dict) -> list[dict]:
             row = dict({grouping: k}, **row)
         out.append(row)
     return out
+
+
+def _source(rec: dict, kind: str) -> str:
+    """The report keeps three kinds of age: a range's (keepalive) lower end
+    is a lower bound, which is all its tables and histograms can use."""
+    source = age_source(rec, kind)
+    return "lower_bound" if source == "range" else source
 
 
 def build(records, source=None, by: Optional[Iterable[str]] = None,

@@ -47,7 +47,7 @@ Pid = Annotated[int, Range(0, 1 << 32)]
 Port = Annotated[int, Range(0, 65535)]
 Fd = Annotated[int, Range(-1, 1 << 31)]
 
-AgeSource = Literal["traced", "estimated", "lower_bound"]
+AgeSource = Literal["traced", "estimated", "lower_bound", "range"]
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ _address = functools.lru_cache(maxsize=4096)(format_address)
 
 
 def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
-    (family, state, _timer, _retrans, sport, dport, src, dst, _if, _cookie,
+    (family, state, timer, _retrans, sport, dport, src, dst, _if, _cookie,
      _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset)
     info = _attribute(data, offset + _MSG.size, end, INET_DIAG_INFO)
     last_ack, last_data = tcp_info_times(info) if info is not None else (None, None)
@@ -102,7 +102,7 @@ def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
                             raddr=_address(family, dst),
                             rport=int.from_bytes(dport, "big"), netns=netns),
         state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode,
-        last_ack_recv_ms=last_ack, last_data_recv_ms=last_data)
+        last_ack_recv_ms=last_ack, last_data_recv_ms=last_data, timer=timer)
 
 
 def parse_messages(data: bytes, netns: int = 0) -> tuple[list[TcpRow], bool]:

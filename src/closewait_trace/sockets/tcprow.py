@@ -9,6 +9,10 @@ from typing import Optional
 
 from closewait_trace.kernel.events import Endpoints
 
+# idiag_timer values (net/ipv4/inet_diag.c): 1 retransmit, 2 keepalive (the
+# socket's sk_timer), 3 TIME_WAIT, 4 zero-window probe.
+KEEPALIVE_TIMER = 2
+
 
 @dataclass(frozen=True, slots=True)
 class TcpRow:
@@ -22,3 +26,6 @@ class TcpRow:
     # dump: None when the kernel gave no tcp_info (or /proc was read).
     last_ack_recv_ms: Optional[int] = None
     last_data_recv_ms: Optional[int] = None
+    # inet_diag's idiag_timer (sock_diag only): which timer is pending;
+    # KEEPALIVE_TIMER means keepalive probes, whose ACKs renew last_ack_recv.
+    timer: int = 0
