@@ -182,3 +182,47 @@ def test_events_left_unread_at_a_captures_end_are_a_loss_of_the_report():
     assert rep["losses"]["events_unread"] == 1000
     text = "\n".join(report.render_text(rep))
     assert "1000 kernel events not read (in the buffer when a capture ended)" in text
+
+
+def test_client_side_leaks_are_grouped_by_the_remote_service_and_script():
+    """Issue 19 §5: 'By remote peer' mixed a server's clients and a client's
+    service under one address; each ephemeral local port was a row; every
+    Python service was one program row."""
+    recs = [header(),
+            process(20, comm="python3", cmdline="python3 -u /srv/leaky_client.py --pool 8",
+                    exe="/usr/bin/python3.11"),
+            process(21, comm="python3", cmdline="python3 /srv/api.py", exe="/usr/bin/python3.11"),
+            process(22, comm="socat")]
+    # A client's three sockets to 10.0.0.9:5432, from three ephemeral ports.
+    for i in range(3):
+        recs.append(linger(i, 20, comm="python3", cause="blocked_elsewhere", lport=45000 + i,
+                           raddr="10.0.0.9", rport=5432, listener=None))
+    # A server's sockets on :5555 from two clients of one host.
+    for i in range(3, 5):
+        recs.append(linger(i, 22, lport=5555, listener={"local": "0.0.0.0:5555"}))
+    recs.append(linger(5, 21, comm="python3", lport=8080, rport=41000 + 5))
+    rep = report.build(recs, by=["program", "port", "peer"])
+    peers = {r["peer"]: r["count"] for r in rep["by_peer"]}
+    assert peers == {"10.0.0.9:5432": 3, "127.0.0.1:*": 3}
+    ports = {r["port"]: r["count"] for r in rep["by_port"]}
+    assert ports == {report.EPHEMERAL: 3, 5555: 2, 8080: 1}
+    programs = {r["program"]: r["count"] for r in rep["by_program"]}
+    assert programs == {"python3 [/usr/bin/python3.11] /srv/leaky_client.py": 3,
+                        "python3 [/usr/bin/python3.11] /srv/api.py": 1,
+                        "socat [/usr/bin/socat]": 2}
+
+
+@pytest.mark.parametrize("exe, cmdline, script", [
+    ("/usr/bin/python3.11", "python3 -u /srv/app.py", "/srv/app.py"),
+    ("/usr/bin/python3.11", "python3 -W ignore -m http.server 80", "-m http.server"),
+    ("/usr/bin/python3.11", "python3 -c import time", "-c"),
+    ("/usr/lib/jvm/java-17/bin/java", "java -Xmx1g -cp /a:/b com.x.Main", "com.x.Main"),
+    ("/usr/lib/jvm/java-17/bin/java", "java -jar /opt/svc.jar", "-jar /opt/svc.jar"),
+    ("/usr/bin/node", "node /srv/index.js", "/srv/index.js"),
+    ("/usr/bin/socat", "socat TCP-LISTEN:1 -", None),
+    ("/usr/bin/python3.11", "python3", None),
+    (None, "python3 /x.py", None),
+])
+def test_the_script_an_interpreter_runs(exe, cmdline, script):
+    from closewait_trace.sockets import identity
+    assert identity.script_of(exe, cmdline) == script

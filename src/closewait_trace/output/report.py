@@ -61,10 +61,37 @@ TITLES = {
     "unit": "By systemd unit",
     "container": "By container",
     "pod": "By Kubernetes pod",
-    "port": "By local port",
-    "peer": "By remote peer",
+    "port": "By local port (a client's ephemeral ports as one row)",
+    "peer": "By remote peer (host:port a client used; host:* for a server's clients)",
     "pid": "By process",
 }
+# Linux's default ip_local_port_range: where a client's own port comes from
+# (a recording from another host does not say what that host's range was).
+EPHEMERAL_PORTS = (32768, 60999)
+EPHEMERAL = "(ephemeral)"
+
+
+def side_of(r: dict) -> str:
+    """'server' when the local port is a service's (it had a listener, or
+    only the remote port looks ephemeral), 'client' when the local port is
+    the ephemeral one of a connection this host made."""
+    if isinstance(r.get("listener"), dict):
+        return "server"
+    def ephemeral(port):
+        return type(port) is int and EPHEMERAL_PORTS[0] <= port <= EPHEMERAL_PORTS[1]
+    if ephemeral(r.get("lport")) and not ephemeral(r.get("rport")):
+        return "client"
+    return "server"
+
+
+def peer_key(info: dict) -> str:
+    """host:port of the remote service for a client's socket; host:* for a
+    server's (its clients' ports are ephemeral: one row per host)."""
+    host = str(info.get("raddr"))
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{info.get('rport')}" if info.get("side") == "client" else f"{host}:*"
+
+
 LABELS = {"cause": "CAUSE", "program": "PROGRAM", "unit": "UNIT", "container": "CONTAINER",
           "pod": "POD", "port": "PORT", "peer": "PEER", "pid": "PID/COMMAND"}
 
@@ -316,6 +343,9 @@ class _Builder:
                           if container else None),
             "pod": _label(found["pod_uid"]),
             "exe": _label(identity.program_label(ident.get("exe"))),
+            "script": _label(identity.script_of(
+                (ident.get("exe") or {}).get("path") if isinstance(ident.get("exe"), dict)
+                else None, r.get("cmdline"))),
         }
 
     def _people(self, r: dict) -> list[dict]:
@@ -337,6 +367,10 @@ class _Builder:
             # The program is the executable the kernel names, never argv[0]
             # (which a process sets to anything); none recorded: unknown.
             program = f"{comm} [{ident.get('exe') or 'program unknown'}]"
+            if ident.get("script"):
+                # An interpreter's services apart: by the script it runs
+                # (from its command line, so a label, not an identity).
+                program += f" {ident['script']}"
             if listening:
                 program += " (listener, not accepting)"
             people.append({"pid": pid, "comm": comm + (" (not accepting)" if listening else ""),
@@ -353,7 +387,7 @@ class _Builder:
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
         return {"family": r.get("family"), "laddr": _label(r.get("laddr")),
                 "lport": r.get("lport"), "raddr": _label(r.get("raddr")),
-                "rport": r.get("rport"),
+                "rport": r.get("rport"), "side": side_of(r),
                 "owner_kind": _label(r.get("owner_kind")), "owners": [
                     {k: _label(o.get(k)) for k in ("pid", "comm", "fd", "state")}
                     for o in owners[:MAX_HOLDERS]],
@@ -466,9 +500,10 @@ class _Builder:
         if grouping in _OPTIONAL:
             return {p[grouping] or "(not known)" for p in people} or {"(not known)"}
         if grouping == "port":
-            return {s.info["lport"]}
+            # A client's local port is ephemeral: all of them one row.
+            return {EPHEMERAL if s.info.get("side") == "client" else s.info["lport"]}
         if grouping == "peer":
-            return {s.info["raddr"]}
+            return {peer_key(s.info)}
         raise ValueError(grouping)
 
     def _account(self, s: Sock) -> None:

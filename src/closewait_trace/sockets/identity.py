@@ -327,6 +327,43 @@ def program_label(exe) -> Optional[str]:
     return label
 
 
+# Interpreters whose program is the script they run: every Python service
+# is /usr/bin/python3.11, and one row for all of them says nothing.
+_INTERPRETERS = re.compile(r"(python|pypy|perl|ruby|node|nodejs|php|bash|sh|dash|java)"
+                           r"[0-9.]*$")
+# Options that take the next argument as their value (so it is no script).
+_VALUE_OPTIONS = {"-W", "-X", "-Q", "-cp", "-classpath", "--class-path", "-I", "-M", "-e",
+                  "-r", "--require", "-o", "--module-path", "-p", "--add-modules"}
+MAX_SCRIPT = 200
+
+
+def script_of(exe_path, cmdline) -> Optional[str]:
+    """What an interpreter runs, from its command line (which the process
+    may set to anything: a label, said as such, never its identity):
+    'python3 /srv/app.py' -> '/srv/app.py', '-m app', '-jar x.jar', a Java
+    main class; None for other programs or when nothing is found. Pure."""
+    if not isinstance(exe_path, str) or not isinstance(cmdline, str):
+        return None
+    if not _INTERPRETERS.fullmatch(exe_path.rsplit("/", 1)[-1]):
+        return None
+    args = cmdline.split(" ")[1:64]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-m", "-jar") and i + 1 < len(args):
+            return f"{a} {args[i + 1]}"[:MAX_SCRIPT]
+        if a == "-c":
+            return "-c"
+        if a in _VALUE_OPTIONS:
+            i += 2
+            continue
+        if a.startswith("-") or not a:
+            i += 1
+            continue
+        return a[:MAX_SCRIPT]
+    return None
+
+
 def user_name(uid: Optional[int]) -> Optional[str]:
     if uid is None:
         return None
