@@ -244,7 +244,8 @@ def build_families(view, state: MetricsState) -> tuple:
         "and service port", labels=labels)
     oldest = GaugeMetricFamily(
         "closewait_oldest_lingering_seconds",
-        "Age of the oldest of them (estimated and lower-bound ages included)",
+        "Age of the oldest of them (estimated and lower-bound ages included; "
+        "a keepalive range by its upper end)",
         labels=labels)
     for key, (count, age) in sorted(state.per_series(view.lingering(), view.now_ns,
                                                      view.wall_ts).items()):
