@@ -353,19 +353,42 @@ def test_events_left_in_the_buffer_at_exit_are_counted_not_hidden(tmp_path, monk
     event is either written or counted (the summary once said 0 lost while
     42% of a run's transitions were not written)."""
     from closewait_trace.live import tracer as tracer_module
-    monkeypatch.setattr(tracer_module, "FINAL_DRAIN_S", 0.0)   # one batch, then stop
+    monkeypatch.setattr(tracer_module, "FINAL_DRAIN_S", 0.0)   # no time left to drain
     w = World(tmp_path, all_transitions=True)
     w.tracer.start()
-    for i in range(tracer_module.POLL_BATCH + 904):
+    w.step()
+    for i in range(5000):
         w.probe.transition(endpoints(1000 + i))
     w.tracer.request_stop()
     w.tracer.run()
     summary = w.sink.records[-1]
-    written = len(w.of("transition"))
-    assert written == tracer_module.POLL_BATCH
-    assert summary["counters"]["events_unread"] == 904
+    assert len(w.of("transition")) == 0
+    assert summary["counters"]["events_unread"] == 5000
     text = " ".join(l.strip() for l in render.summary_lines(summary))
-    assert "904 events not read (still in the buffer when the trace ended)" in text
+    assert "5000 events not read (still in the buffer when the trace ended)" in text
+
+
+def test_events_taken_but_not_written_at_the_deadline_are_counted_too(tmp_path, monkeypatch):
+    """The stop can come while a batch is being written: the rest of it was
+    taken from the buffer, and is counted with what the buffer still holds
+    if the final drain's deadline passes before it is written."""
+    from closewait_trace.live import tracer as tracer_module
+    w = World(tmp_path, all_transitions=True)
+    w.tracer.start()
+    for i in range(3000):
+        w.probe.transition(endpoints(1000 + i))
+    sent = []
+
+    def stop_while_writing(rec):
+        if rec["type"] == "transition" and not sent:
+            sent.append(1)
+            w.tracer.request_stop()
+            monkeypatch.setattr(tracer_module, "FINAL_DRAIN_S", 0.0)
+    w.sink.emit = (lambda emit: lambda rec: (emit(rec), stop_while_writing(rec)))(w.sink.emit)
+    w.tracer.run()
+    written = len(w.of("transition"))
+    unread = w.sink.records[-1]["counters"]["events_unread"]
+    assert 0 < written < 3000 and written + unread == 3000, (written, unread)
 
 
 def test_the_exit_never_builds_the_tracers_repr(tmp_path, monkeypatch):

@@ -37,8 +37,11 @@ POLL_BATCH = 4096
 # Events held while the gathering worker reads (about 100 bytes each).
 MAX_PENDING = 16 * POLL_BATCH
 # At exit, how long to keep draining the buffer: what is there is written
-# out, yet a flood (--all) cannot hold the exit past a second.
-FINAL_DRAIN_S = 0.3
+# out, yet a flood (--all) cannot hold the exit; what is left is counted
+# (events_unread). Drained in small batches, and a batch being written
+# stops at the deadline, so the deadline holds within a few milliseconds.
+FINAL_DRAIN_S = 0.1
+FINAL_BATCH = 256
 
 # Network namespaces other than the tracer's own whose sockets are resolved
 # in one tick: each costs entering it (a few ms), and one user can make
@@ -164,7 +167,9 @@ class LiveTracer:
 
     def _on_event(self, ev: KernelEvent) -> bool:
         self.pending.append(ev)
-        return len(self.pending) >= POLL_BATCH or (self.stopping and not self._final_drain)
+        if self._final_drain:
+            return len(self.pending) >= FINAL_BATCH
+        return len(self.pending) >= POLL_BATCH or self.stopping
 
     # ------------------------------------------------------------ the run
 
@@ -215,15 +220,17 @@ class LiveTracer:
                 self.flush()
             self._final_drain = True
             deadline = time.monotonic() + FINAL_DRAIN_S
-            while True:
+            self.drain(deadline)            # what the stop interrupted
+            while time.monotonic() < deadline:
                 self.probe.poll(0)
-                more = len(self.pending) >= POLL_BATCH
-                self.drain()
-                if not more or time.monotonic() > deadline:
+                if not self.pending:
                     break
-            # What the drain's deadline left in the buffer is not written:
-            # the summary counts it (a loss said, not a silent one).
-            self.unread_at_exit = self.probe.unread()
+                self.drain(deadline)
+            # What the drain's deadline left, in the buffer or taken from it
+            # but not written, is not written: the summary counts it (a loss
+            # said, not a silent one).
+            self.unread_at_exit = self.probe.unread() + len(self.pending)
+            self.pending.clear()
             self.tick(resolve=False)
             self.emit(self.summary())
             self.flush()
@@ -239,10 +246,17 @@ class LiveTracer:
             signal.signal(sig, handler)
         self._previous_handlers = {}
 
-    def drain(self) -> None:
+    def drain(self, deadline: Optional[float] = None) -> None:
+        """Write out the pending events. A stop signal, or the deadline (the
+        final drain's), ends it early: the rest stay pending."""
         events, self.pending[:] = list(self.pending), []
         offset = self.clock_offset_ns() if events else 0
-        for ev in events:
+        for i, ev in enumerate(events):
+            if i % 64 == 0 and i and (
+                    (self.stopping and not self._final_drain)
+                    or (deadline is not None and time.monotonic() >= deadline)):
+                self.pending[:0] = events[i:]
+                return
             if ev.kind == KIND_TRANSITION:
                 rec = records.transition(ev, (ev.ts_ns + offset) / 1e9)
                 # With a holder filter, as in replay: only transitions made
