@@ -44,6 +44,9 @@ if [ "$action" = test ] || [ "$action" = setup ]; then
     # and the unit.
     packages+=(socat iproute2 procps gcc libc6-dev binutils strace gdb bpfcc-tools vagrant
                prometheus man-db systemd)
+    # The .deb's build (scripts/build-deb.sh), which a kernel test installs.
+    packages+=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
+               python3-hatchling)
 fi
 
 if [ ! -e "/lib/modules/$(uname -r)/build/include" ]; then

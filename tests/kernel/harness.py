@@ -60,6 +60,7 @@ class Tracer:
     """closewait-trace --json in a subprocess; records collected as they come."""
 
     args: list
+    command: list = field(default_factory=lambda: list(TRACER))   # the tool, as run
     proc: subprocess.Popen = None
     records: list = field(default_factory=list)
     stderr: str = ""
@@ -67,7 +68,7 @@ class Tracer:
 
     def start(self, timeout=30.0) -> "Tracer":
         timeout = stretch(timeout)
-        self.proc = subprocess.Popen(TRACER + ["--json"] + list(self.args),
+        self.proc = subprocess.Popen(self.command + ["--json"] + list(self.args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         threading.Thread(target=self._read, daemon=True).start()
