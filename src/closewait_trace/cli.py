@@ -560,7 +560,8 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
         described = "; ".join(t for t in (socket_filter.describe(),
                                           holder_filter.describe() if holder_filter.active
                                           else "") if t)
-        out.write_lines([snapshot.title_line(len(lingers), min_age, described)]
+        out.write_lines(snapshot.title_lines(len(lingers), min_age, described,
+                                             hidden=0 if as_root else snap.hidden)
                         + ([out.renderer.header()] if lingers else []))
     for rec in recs:
         out.emit(rec)

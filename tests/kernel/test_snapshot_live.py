@@ -175,6 +175,10 @@ def test_snapshot_as_a_non_root_user(procs):
         assert [o["pid"] for o in rec["owners"]] == [own.pid]
         assert rec["age_source"] == "estimated"
     assert "1 socket(s) whose holder could not be seen" in lines[0]
+    # The text headline counts them too: never "2 sockets" with 3 there.
+    text = snapshot("-p", f"{mine},{theirs}", user=NOBODY).stdout.splitlines()
+    assert text[0].startswith("2 sockets in CLOSE_WAIT"), text
+    assert text[1] == "1 more not listed: held by processes this user may not read (run as root)"
     # and as root both are listed, with no warning
     out = snapshot("--json", "-p", f"{mine},{theirs}")
     assert len(lingers_of(out)) == 3 and out.stderr == ""

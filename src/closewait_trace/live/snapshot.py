@@ -192,6 +192,17 @@ def footer_lines(linger_records: list[dict]) -> list[str]:
     return lines
 
 
+def title_lines(count: int, min_age_ns: int, filters_text: str, hidden: int = 0) -> list[str]:
+    """The headline, and a line for hidden: sockets left out because this
+    user may not see their holders, counted on stdout too, so that '0
+    sockets' never stands for 'none I may show' (issue 19 §6)."""
+    lines = [title_line(count, min_age_ns, filters_text)]
+    if hidden:
+        lines.append(f"{hidden} more not listed: held by processes this user may not read "
+                     f"(run as root)")
+    return lines
+
+
 def title_line(count: int, min_age_ns: int, filters_text: str) -> str:
     what = f"{count} socket{'' if count == 1 else 's'} in CLOSE_WAIT"
     if min_age_ns:
