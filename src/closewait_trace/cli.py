@@ -222,9 +222,10 @@ def socket_options(command):
     """-p, -P, -4, -6: the socket filters the live tail and snapshot share."""
     for option in reversed([
             click.option("-p", "--lport", "lports", type=PortsType(), multiple=True,
-                         help="Only sockets with this local port (repeat or comma-separate)."),
+                         help="Only sockets with this local port (repeat or comma-separate; "
+                              "a range: 8080-8090; at most 64 ports)."),
             click.option("-P", "--rport", "rports", type=PortsType(), multiple=True,
-                         help="Only sockets with this remote port (repeat or comma-separate)."),
+                         help="Only sockets with this remote port (as -p)."),
             click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4 sockets."),
             click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6 sockets.")]):
         command = option(command)
@@ -243,7 +244,8 @@ def holder_options(command):
             click.option("--pid", "pids", type=click.IntRange(1), multiple=True, metavar="PID",
                          help="Only sockets this process held or closed (repeatable)."),
             click.option("--comm", "comms", multiple=True, metavar="NAME",
-                         help="Only sockets a process with this name held or closed."),
+                         help="Only sockets a process with this name held or closed: a "
+                              "prefix (python matches python3) or a glob (*worker*)."),
             click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
                          help="Only sockets held by processes in this cgroup (or below it)."),
             click.option("--container", "containers", type=ParsedType("ID", validate_container),
@@ -263,7 +265,16 @@ def warn_unmatched_holders(holder_filter: HolderFilter, consequence: str) -> Non
     if not holder_filter.active:
         return
     from closewait_trace.sockets import identity
-    missing = holder_filter.unmatched(identity.people_now(holder_filter.needs_identity))
+    people = identity.people_now(holder_filter.needs_identity)
+    if holder_filter.comms:         # read whole: what each --comm caught is said
+        people = list(people)
+    for pattern, names in holder_filter.names_matched(people if holder_filter.comms
+                                                      else []).items():
+        # A prefix or a glob: say what it caught (python -> python3).
+        click.echo(textsafe.safe_line(
+            f"closewait-trace: notice: --comm {textsafe.escape(pattern)} matches "
+            f"{textsafe.escape(', '.join(names))} now"), err=True)
+    missing = holder_filter.unmatched(people)
     if not missing:
         return
     # Without root, hidepid may hide other users' processes: say only what
@@ -340,7 +351,8 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.option("-r", "--read", "read_path", metavar="FILE",
               help="Replay a recording (no root needed); - reads stdin; filters apply.")
 @holder_options
-@click.option("--since", type=WhenType(), help="With -r: from this time (13:20, ISO 8601).")
+@click.option("--since", type=WhenType(),
+              help="With -r: from this time (13:20, ISO 8601, or 10m, 2h, 1d: that long ago).")
 @click.option("--until", type=WhenType(), help="With -r: up to this time.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context

@@ -257,3 +257,45 @@ def test_a_keepalive_socket_is_shown_by_the_range_its_age_lies_in(procs):
     assert shown.startswith("<=") and float(shown[2:].rstrip("s")) >= 7.0, row
     verbose = snapshot("-v", "-p", str(port), "-t", "4s").stdout
     assert "(keepalive:" in verbose and "at least" in verbose
+
+
+def consecutive_free_ports(n: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                held.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError("no run of free ports")
+
+
+def test_a_port_range_and_a_name_prefix_as_people_type_them(procs):
+    """Issue 19 §6: `--comm python` found nothing while python3 held the
+    sockets; ranges like -p 8080-8090 were refused."""
+    a = consecutive_free_ports(3)
+    for port in (a, a + 1, a + 2):
+        procs.append(start_holding_server(port))
+        connect_and_close(port, 1)
+    wait_until(lambda: all(len(ss_close_wait(p)) == 1 for p in (a, a + 1, a + 2)),
+               what="3 CLOSE-WAIT")
+    comm = open(f"/proc/{procs[0].pid}/comm").read().strip()     # python or python3
+    out = snapshot("--json", "-p", f"{a}-{a + 1}", "--comm", "pyth")
+    lingers = lingers_of(out)
+    assert {r["lport"] for r in lingers} == {a, a + 1}
+    assert {record_row(r) for r in lingers} == ss_close_wait(a) | ss_close_wait(a + 1)
+    assert f"--comm pyth matches {comm}" in out.stderr
+    # A glob; and a range given backwards is one line, exit 2.
+    assert len(lingers_of(snapshot("--json", "-p", f"{a}-{a + 2}", "--comm", "*yth*"))) == 3
+    bad = snapshot("-p", f"{a + 2}-{a}", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "from low to high" in bad.stderr

@@ -17,6 +17,40 @@ def test_parse_ports():
             parse_ports(bad)
 
 
+def test_port_ranges_within_the_kernel_maps_64():
+    assert parse_ports(["8080-8083,22"]) == (22, 8080, 8081, 8082, 8083)
+    assert parse_ports(["1-64"]) == tuple(range(1, 65))
+    for bad, said in ((["8090-8080"], "from low to high"), (["1-65"], "65 ports"),
+                      (["a-b"], "not a port number"), (["0-3"], "not a port number"),
+                      (["65530-70000"], "not a port number"), (["1-60", "100-110"], "at most 64")):
+        with pytest.raises(ValueError, match=said):
+            parse_ports(bad)
+
+
+@pytest.mark.parametrize("pattern, comm, matches", [
+    ("python", "python3", True),            # a prefix (issue 19 §6: found nothing)
+    ("python3", "python3", True),
+    ("python3", "python", False),
+    ("py*3", "python3", True),
+    ("*worker*", "gunicorn-worker", True),
+    ("*worker", "worker-1", False),
+    ("java", "javac", True),
+    ("my-long-service-name", "my-long-service", True),   # the kernel's 15 bytes
+    ("my-long-service-xyz", "my-long-service", True),
+    ("my-long-service-name", "my-long-servic", False),
+    ("nginx", None, False),
+])
+def test_comm_is_a_prefix_or_a_glob(pattern, comm, matches):
+    assert HolderFilter(comms=(pattern,)).matches_person({"pid": 1, "comm": comm}) is matches
+
+
+def test_what_a_prefix_or_glob_matched_is_said():
+    people = [{"pid": i, "comm": c} for i, c in enumerate(["python3", "python3.11", "java",
+                                                            "python3", "nginx"])]
+    f = HolderFilter(comms=("python", "nginx", "*ava"))
+    assert f.names_matched(people) == {"python": ["python3", "python3.11"], "*ava": ["java"]}
+
+
 def test_filter_matches():
     ep = Endpoints(socket.AF_INET, "1.2.3.4", 80, "5.6.7.8", 4000)
     assert SocketFilter().matches(ep)

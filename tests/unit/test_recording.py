@@ -5,6 +5,8 @@ import json
 import os
 import stat
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -245,9 +247,18 @@ def test_parse_when():
     assert replay.parse_when("1700000000") == 1700000000.0
     ref = replay.parse_when("2026-11-27T10:00:00")
     assert replay.parse_when("13:20", ref) - ref == 3 * 3600 + 20 * 60
-    for bad in ("25:00", "yesterday", "13:61"):
+    for bad in ("25:00", "yesterday", "13:61", "10x", "m10"):
         with pytest.raises(ValueError):
             replay.parse_when(bad, ref)
+
+
+def test_since_as_a_time_ago():
+    """Issue 19 §6: '--since 10m' in the middle of an incident."""
+    now = 1_800_000_000.0
+    assert replay.parse_when("10m", now=now) == now - 600
+    assert replay.parse_when("1d6h", now=now) == now - 30 * 3600
+    assert replay.parse_when("90s", now=now) == now - 90
+    assert abs(replay.parse_when("2h") - (time.time() - 7200)) < 5
 
 
 def test_report_counts_sockets_known_only_from_a_snapshot():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -21,12 +22,20 @@ MAX_IDENTITIES = 20_000     # process identities for --cgroup/--container/--unit
 MAX_SHOWN = 100_000         # lingering sockets shown whose CLOSED record is kept
 
 
-def parse_when(text: str, reference_ts: Optional[float] = None) -> float:
+_AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, reference_ts: Optional[float] = None,
+               now: Optional[float] = None) -> float:
     """'2026-11-27T13:20:00', '13:20', '13:20:05' (on the recording's first
-    day) or epoch seconds -> epoch seconds."""
+    day), epoch seconds, or a time ago: '10m', '2h', '1d6h', '90s' (that long
+    before now) -> epoch seconds."""
     text = text.strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
+    if re.fullmatch(r"(\d+[smhd])+", text):
+        ago = sum(int(n) * _AGO_UNITS[u] for n, u in re.findall(r"(\d+)([smhd])", text))
+        return (time.time() if now is None else now) - ago
     m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text)
     if m:
         day = _dt.datetime.fromtimestamp(reference_ts or 0).astimezone()
@@ -38,7 +47,7 @@ def parse_when(text: str, reference_ts: Optional[float] = None) -> float:
         when = _dt.datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a time (use 13:20, 13:20:05, "
-                         f"2026-11-27T13:20:00 or epoch seconds)")
+                         f"2026-11-27T13:20:00, epoch seconds, or 10m / 2h / 1d ago)")
     if when.tzinfo is None:
         when = when.astimezone()
     return when.timestamp()

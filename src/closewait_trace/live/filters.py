@@ -13,6 +13,8 @@ Two kinds, and they cost differently:
 
 from __future__ import annotations
 
+import fnmatch
+
 import socket
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -68,20 +70,55 @@ class SocketFilter:
         return "; ".join(parts)
 
 
+MAX_PORTS = 64          # the kernel program's port maps hold 64
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{whole!r} is not a port number (1-65535) or a range (8080-8090)")
+    return int(text)
+
+
 def parse_ports(values) -> tuple[int, ...]:
-    """('80,443', '8080') -> (80, 443, 8080); raises ValueError on junk."""
-    ports = []
+    """('80,443', '8080-8082') -> (80, 443, 8080, 8081, 8082); raises
+    ValueError on junk, on a backwards range, and past MAX_PORTS ports."""
+    ports: set[int] = set()
     for value in values:
         for part in str(value).split(","):
             part = part.strip()
             if not part:
                 continue
-            if not part.isdigit() or not 1 <= int(part) <= 65535:
-                raise ValueError(f"{part!r} is not a port number (1-65535)")
-            ports.append(int(part))
-    if len(set(ports)) > 64:
-        raise ValueError("at most 64 ports per filter")
-    return tuple(sorted(set(ports)))
+            low, dash, high = part.partition("-")
+            if dash:
+                a, b = _port(low.strip(), part), _port(high.strip(), part)
+                if a > b:
+                    raise ValueError(f"{part!r}: a range goes from low to high (e.g. {b}-{a})")
+                if b - a + 1 > MAX_PORTS:
+                    raise ValueError(f"{part!r} is {b - a + 1} ports: at most {MAX_PORTS} "
+                                     f"per filter")
+                ports.update(range(a, b + 1))
+            else:
+                ports.add(_port(part, part))
+            if len(ports) > MAX_PORTS:
+                raise ValueError(f"at most {MAX_PORTS} ports per filter")
+    return tuple(sorted(ports))
+
+
+COMM_LEN = 15           # bytes the kernel keeps of a process name
+
+
+def comm_matches(pattern: str, comm) -> bool:
+    """--comm: a shell glob (python*, *worker?) when it has *, ? or [;
+    otherwise a prefix of the name (python matches python3), or the name a
+    longer one becomes in the kernel (its first 15 bytes)."""
+    if not isinstance(comm, str):
+        return False
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(comm, pattern)
+    if comm.startswith(pattern):
+        return True
+    raw = pattern.encode("utf-8", "surrogateescape")
+    return len(raw) > COMM_LEN and comm.encode("utf-8", "surrogateescape") == raw[:COMM_LEN]
 
 
 @dataclass(frozen=True)
@@ -112,7 +149,7 @@ class HolderFilter:
     def matches_person(self, person: dict) -> bool:
         if self.pids and person.get("pid") not in self.pids:
             return False
-        if self.comms and person.get("comm") not in self.comms:
+        if self.comms and not any(comm_matches(c, person.get("comm")) for c in self.comms):
             return False
         if not self.needs_identity:
             return True
@@ -179,6 +216,18 @@ class HolderFilter:
             if not left:
                 break
         return [said for said, _ in left]
+
+    def names_matched(self, people: Iterable[dict], limit: int = 8) -> dict[str, list[str]]:
+        """For each --comm value that is not a whole name: the names it
+        matches among these people (at most limit), to say what a prefix
+        or a glob caught."""
+        out = {}
+        for pattern in self.comms:
+            names = sorted({p.get("comm") for p in people
+                            if comm_matches(pattern, p.get("comm"))} - {pattern})
+            if names:
+                out[pattern] = names[:limit] + (["..."] if len(names) > limit else [])
+        return out
 
     def as_dict(self) -> dict:
         return {k: list(v) for k, v in (("pids", self.pids), ("comms", self.comms),
