@@ -139,6 +139,17 @@ class Output:
         return self.stream if self.stream is not None else sys.stdout
 
     def emit(self, rec: dict) -> None:
+        if self.quiet and rec.get("type") == "summary":
+            # Quiet (the service): the trace's end still reaches the journal,
+            # as the summary's text on stderr; the recording has the record.
+            try:
+                for line in render.summary_lines(rec):
+                    if line:
+                        sys.stderr.write(textsafe.safe_line(line) + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            return
         if self.quiet or self.closed:
             return
         if self.as_json:

@@ -117,16 +117,51 @@ def test_keep_runs_moves_the_previous_recording_and_keeps_five(tmp_path):
     assert list(tmp_path.iterdir()) == []
     for i in range(7):
         for part in ("closewait.jsonl.gz", "closewait.jsonl.gz.1"):
-            (tmp_path / part).write_text(f"run {i}\n")
+            (tmp_path / part).write_text(f'{{"type":"linger","run":{i}}}\n')
             os.utime(tmp_path / part, (1_700_000_000 + i * 60,) * 2)
         res = run([str(script), "5"], env=env)
         assert res.returncode == 0, res.stderr
         assert not (tmp_path / "closewait.jsonl.gz").exists()
     runs = sorted(p.name for p in tmp_path.iterdir())
     assert len(runs) == 5 and all(r.startswith("run-") for r in runs)
-    assert (tmp_path / runs[-1] / "closewait.jsonl.gz.1").read_text() == "run 6\n"
-    assert (tmp_path / runs[0] / "closewait.jsonl.gz").read_text() == "run 2\n"
+    assert (tmp_path / runs[-1] / "closewait.jsonl.gz.1").read_text() == '{"type":"linger","run":6}\n'
+    assert (tmp_path / runs[0] / "closewait.jsonl.gz").read_text() == '{"type":"linger","run":2}\n'
     assert oct((tmp_path / runs[0]).stat().st_mode & 0o777) == "0o700"
+
+
+def test_runs_that_recorded_nothing_never_push_out_one_that_did(tmp_path):
+    """Issue 19 §2: a restart loop (a configuration error) made a run a few
+    seconds each, and with keep-runs 5 the incident's recording was gone
+    within a minute. Runs with nothing in them are kept apart."""
+    import gzip
+    script = ROOT / "packaging" / "systemd" / "keep-runs"
+    env = dict(os.environ, STATE_DIRECTORY=str(tmp_path))
+    rec = tmp_path / "closewait.jsonl.gz"
+    with gzip.open(rec, "wt") as f:         # the incident: a socket lingered
+        f.write('{"type": "header"}\n{"type": "start"}\n{"type": "linger", "lport": 80}\n')
+    os.utime(rec, (1_700_000_000,) * 2)
+    assert run([str(script), "5"], env=env).returncode == 0
+    for i in range(8):                       # then eight starts that recorded nothing
+        with gzip.open(rec, "wt") as f:
+            f.write('{"type":"header"}\n{"type":"start"}\n{"type":"snapshot","lingering":[]}\n')
+        os.utime(rec, (1_700_000_060 + i * 10,) * 2)
+        assert run([str(script), "5"], env=env).returncode == 0
+    (rec.with_name("closewait.jsonl.gz")).write_bytes(b"")    # killed before a byte
+    assert run([str(script), "5"], env=env).returncode == 0
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert [k for k in kept if k.startswith("run-")] == ["run-20231114T221320"]
+    assert len([k for k in kept if k.startswith("empty-run-")]) == 5
+    with gzip.open(tmp_path / "run-20231114T221320" / "closewait.jsonl.gz", "rt") as f:
+        assert '"linger"' in f.read()
+
+
+def test_the_unit_does_not_restart_what_will_never_work():
+    from closewait_trace import errors
+    text = (ROOT / "packaging" / "systemd" / "closewait-trace.service").read_text()
+    [line] = [l for l in text.splitlines() if l.startswith("RestartPreventExitStatus=")]
+    codes = set(map(int, line.split("=", 1)[1].split()))
+    assert codes == {errors.EXIT_USAGE, errors.EXIT_NOT_ROOT, errors.EXIT_NO_BCC,
+                     errors.EXIT_NO_HEADERS, errors.EXIT_NO_BPF}
 
 
 # --- man page and completion -------------------------------------------------

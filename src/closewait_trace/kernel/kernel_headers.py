@@ -216,7 +216,7 @@ def choose_headers(release: Optional[str] = None, lib_modules: str = "/lib/modul
         among = f", the closest to {release} of {len(trees)} installed" if len(trees) > 1 else ""
         return HeaderChoice("generic", path,
                             f"{path} (generic distro headers from {tree}{among}; "
-                            f"running kernel {release} has none)")
+                            f"none for the running kernel {release} in {build})")
     raise UserError(f"no kernel headers found for {release} or any generic kernel",
                     EXIT_NO_HEADERS,
                     "install them: apt-get install linux-headers-$(uname -r) "
