@@ -34,7 +34,7 @@ arch=$(dpkg --print-architecture)
 # The runtime: bcc's binding, and the Python libraries from the distro so that
 # pip finds them satisfied (no compiler, debugger or test tool on a production host).
 packages=(python3 python3-venv python3-bpfcc python3-click python3-pyelftools
-          python3-prometheus-client)
+          python3-prometheus-client python3-rich)
 if [ "$action" = test ] || [ "$action" = setup ]; then
     # Only the tests need these: the workloads (socat; gcc, libc6-dev and
     # binutils build the C test programs), the processes diagnosed (gdb,

@@ -244,6 +244,7 @@ def socket_options(command):
 
 
 # Options that mean something only while tracing live.
+DEFAULT_MAX_TRACKED = 262_144
 LIVE_ONLY = ("threshold", "interval", "max_tracked", "all_transitions", "quiet", "force",
              "rotate_size", "rotate_seconds", "rotate_count", "compress", "snapshot_interval")
 
@@ -329,7 +330,7 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.option("-i", "--interval", type=DurationType(), default=None,
               help="How often to look for sockets crossing the threshold "
                    "[default: threshold/2, at most 1s].")
-@click.option("--max-tracked", type=click.IntRange(1024, 4_194_304), default=262_144,
+@click.option("--max-tracked", type=click.IntRange(1024, 4_194_304), default=DEFAULT_MAX_TRACKED,
               show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show holders' command lines and the headers bcc used.")
@@ -533,6 +534,36 @@ class AgeType(DurationType):
         if str(value).strip() in ("0", "0s", "0ms"):
             return 0
         return super().convert(value, param, ctx)
+
+
+@main_group.command("top", epilog="""\b
+Examples:
+  closewait-trace top                    # who piles up sockets, live
+  closewait-trace top --by cause -p 8080 # by cause, local port 8080
+  closewait-trace top -n 3 > top.txt     # three refreshes as text""")
+@click.option("-t", "--threshold", type=DurationType(), default="1s", show_default=True,
+              help="Count sockets at least this long in CLOSE_WAIT.")
+@socket_options
+@holder_options
+@click.option("--by", "grouping", type=click.Choice(["process", "cause", "peer", "port"]),
+              default="process", show_default=True,
+              help="Rows by holder process, cause, remote peer or local port (g cycles).")
+@click.option("-i", "--interval", type=DurationType(), default="1s", show_default=True,
+              help="Refresh interval.")
+@click.option("-n", "--iterations", type=click.IntRange(1), metavar="N",
+              help="End after N refreshes (with a summary).")
+def top_command(threshold, lports, rports, ipv4, ipv6, pids, comms, cgroups, containers, units,
+                grouping, interval, iterations):
+    """A live view for a pile-up, like top(1): one row per holder process
+    (or cause, remote peer, local port) with its sockets in CLOSE_WAIT now,
+    the oldest, and how many began lingering and closed in the last minute,
+    biggest first. On a terminal: q quits, g changes the grouping; otherwise
+    a text block per refresh. Needs root (BPF), as the live trace."""
+    from closewait_trace.live.topview import TopSink
+    socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
+    holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
+    run_live(threshold, socket_filter, False, interval, max_tracked=DEFAULT_MAX_TRACKED,
+             verbose=False, out=TopSink(grouping, iterations), holder_filter=holder_filter)
 
 
 @main_group.command("snapshot", epilog="""\b

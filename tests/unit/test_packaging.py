@@ -252,7 +252,7 @@ def test_trace_installs_the_runtime_only():
         assert tool not in packages, tool
     # Everything the package imports comes from the distro with the runtime.
     debian = {"bcc": "python3-bpfcc", "click": "python3-click", "elftools": "python3-pyelftools",
-              "prometheus_client": "python3-prometheus-client"}
+              "prometheus_client": "python3-prometheus-client", "rich": "python3-rich"}
     imported = third_party_imports()
     assert imported <= set(debian), imported - set(debian)
     assert {debian[m] for m in imported} <= packages
@@ -274,4 +274,4 @@ def test_license_matches_pyproject():
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
     deps = {re.split(r"[<>=]", d)[0] for d in meta["dependencies"]}
-    assert deps == {"click", "pyelftools", "prometheus-client"}
+    assert deps == {"click", "pyelftools", "prometheus-client", "rich"}

@@ -263,11 +263,15 @@ def test_the_notice_compares_names_as_the_owners_are_read(tmp_path):
                 break
             time.sleep(0.05)
         def notice(*args):
-            out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", *args],
-                                 capture_output=True, text=True, timeout=60)
-            return "no process matches" in out.stderr
-        assert notice("--comm", "cwnotice")
-        assert not notice("--comm", "cwnotice\n")
+            return subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", *args],
+                                  capture_output=True, text=True, timeout=60).stderr
+        # --comm is a prefix: the name with its newline matches, and the
+        # notice shows the name as read (escaped), so nobody is misled.
+        said = notice("--comm", "cwnotice")
+        assert "no process matches" not in said
+        assert "--comm cwnotice matches cwnotice\\n now" in said, said
+        assert "no process matches" not in notice("--comm", "cwnotice\n")
+        assert "no process matches --comm cwnoticeX" in notice("--comm", "cwnoticeX")
     finally:
         child.kill()
         child.wait()

@@ -1,0 +1,149 @@
+"""The `top` view's sink, beside the other live sinks (sinks.py,
+metrics.py): rich on a terminal (keys: q quits, g changes the grouping),
+plain text blocks otherwise. The rows come from output/top.py's TopModel."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import termios
+import tty
+from typing import Callable, Optional
+
+from closewait_trace.live.sinks import TickView, lingering_entries
+from closewait_trace.output import textsafe, top
+
+
+class TopSink:
+    quiet = False                 # run_live: the banner is not printed to stderr
+
+    def __init__(self, grouping: str = "process", iterations: Optional[int] = None,
+                 stream=None, keys=None):
+        self.grouping = grouping
+        self.iterations = iterations
+        self.model = top.TopModel()
+        self.stream = stream if stream is not None else sys.stdout
+        self.interactive = self.stream.isatty()
+        self.keys = keys if keys is not None else sys.stdin
+        self.on_reader_gone: Optional[Callable[[], None]] = None
+        self.shown = 0
+        self.threshold_s = 0.0
+        self._live = None
+        self._console = None
+        self._saved_tty = None
+        self.summary: Optional[dict] = None
+
+    # -------------------------------------------------- sink interface
+
+    def emit(self, rec: dict) -> None:
+        if rec.get("type") == "summary":
+            self.summary = rec
+        if rec.get("type") == "start":
+            self.threshold_s = rec.get("threshold_s") or 0.0
+            if self.interactive:
+                self._open_screen()
+        self.model.on_record(rec)
+
+    def tick(self, view: TickView) -> None:
+        if self.iterations is not None and self.shown >= self.iterations:
+            return                  # done: the stop is under way
+        rows = self.model.rows(lingering_entries(view), self.grouping)
+        if self.interactive:
+            self._draw(rows)
+        else:
+            try:
+                for line in top.plain_lines(rows, self.grouping, self.threshold_s,
+                                            self.model.lost, view.wall_ts):
+                    self.stream.write(textsafe.safe_line(line) + "\n")
+                self.stream.flush()
+            except BrokenPipeError:
+                self._stop()
+        self.shown += 1
+        if self.iterations is not None and self.shown >= self.iterations:
+            self._stop()
+
+    def flush(self) -> None:
+        if self.interactive:
+            self._read_keys()
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()           # the last frame stays on the screen
+            self._live = None
+        self._restore_tty()
+        if self.summary is not None:
+            from closewait_trace.output.render import summary_lines
+            try:
+                for line in summary_lines(self.summary):
+                    self.stream.write(textsafe.safe_line(line) + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    # -------------------------------------------------- the terminal
+
+    def _stop(self) -> None:
+        if self.on_reader_gone is not None:
+            self.on_reader_gone()
+
+    def _open_screen(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        self._console = Console(file=self.stream, highlight=False, markup=False, emoji=False)
+        self._live = Live(console=self._console, auto_refresh=False, screen=False,
+                          transient=False)
+        self._live.start()
+        try:
+            fd = self.keys.fileno()
+            if os.isatty(fd):
+                self._saved_tty = (fd, termios.tcgetattr(fd))
+                tty.setcbreak(fd)           # keys without Enter; Ctrl-C still a signal
+        except (OSError, ValueError, termios.error):
+            self._saved_tty = None
+
+    def _restore_tty(self) -> None:
+        if self._saved_tty is not None:
+            fd, attrs = self._saved_tty
+            try:
+                termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+            except (OSError, termios.error):
+                pass
+            self._saved_tty = None
+
+    def _read_keys(self) -> None:
+        if self._saved_tty is None:
+            return
+        fd = self._saved_tty[0]
+        try:
+            while select.select([fd], [], [], 0)[0]:
+                key = os.read(fd, 1)
+                if not key:
+                    return
+                if key in (b"q", b"Q"):
+                    self._stop()
+                elif key in (b"g", b"G"):
+                    at = top.GROUPINGS.index(self.grouping)
+                    self.grouping = top.GROUPINGS[(at + 1) % len(top.GROUPINGS)]
+        except OSError:
+            return
+
+    def _draw(self, rows: list) -> None:
+        if self._live is None:
+            return
+        from rich.table import Table
+        from rich.text import Text
+        table = Table(title=Text(top.headline(rows, self.grouping, self.threshold_s,
+                                              self.model.lost)),
+                      caption=Text("q quit, g grouping (process, cause, peer, port)"),
+                      box=None, title_justify="left", caption_justify="left")
+        for name in top.COLUMNS:
+            table.add_column(name, justify="right", no_wrap=True)
+        table.add_column(top.TITLES[self.grouping], no_wrap=True, overflow="ellipsis")
+        height = max(5, (self._console.size.height if self._console else 24) - 6)
+        for row in rows[:height]:
+            # Escaped already (top.keys_of); Text, so that nothing is markup.
+            table.add_row(*(Text(c) for c in top.cells(row, self.grouping)))
+        if len(rows) > height:
+            table.add_row("", "", "", "", Text(f"... {len(rows) - height} more rows"))
+        self._live.update(table, refresh=True)

@@ -1,0 +1,160 @@
+"""`closewait-trace top`: the live view for a pile-up, in the manner of
+top(1) and bcc's tcptop: one row per holder process (or cause, remote peer,
+local port), how many sockets it keeps in CLOSE_WAIT now, the oldest, and
+how many started lingering and closed in the last minute; refreshed every
+tick, biggest first.
+
+TopModel is pure (records and lingering entries in, rows out) and tested
+without a kernel; TopSink (cli.py wires it into the live loop) shows the
+rows with rich on a terminal, or as plain text blocks when stdout is not a
+terminal. Every name is a process's own word: escaped (textsafe) before it
+reaches either, and given to rich as Text, never as markup.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from closewait_trace.durations import format_age
+from closewait_trace.output import textsafe
+from closewait_trace.output.report import EPHEMERAL, peer_key, side_of
+
+GROUPINGS = ("process", "cause", "peer", "port")
+WINDOW_S = 60.0                 # "per minute": events in the last minute
+MAX_EVENTS = 100_000            # remembered for the per-minute columns (oldest dropped)
+MAX_SOCKETS = 100_000           # sockets remembered from LINGER to CLOSED
+MAX_ROWS = 200                  # rows built per refresh (the terminal shows fewer)
+
+
+def keys_of(entry: dict) -> dict:
+    """The row a lingering socket (a linger record or a lingering entry)
+    belongs to, under each grouping."""
+    owners = [o for o in entry.get("owners") or [] if isinstance(o, dict)]
+    if owners:
+        o = owners[0]
+        process = f"{o.get('pid')}/{textsafe.escape(o.get('comm', '?'))}"
+        if len(owners) > 1:
+            process += f" +{len(owners) - 1}"
+    elif entry.get("owner_kind") == "accept_queue":
+        process = "(not accepted)"
+    else:
+        process = "(no holder)"
+    diagnosis = entry.get("diagnosis") if isinstance(entry.get("diagnosis"), dict) else {}
+    cause = textsafe.escape(diagnosis.get("cause") or "(not yet known)")
+    info = {"raddr": textsafe.escape(entry.get("raddr")), "rport": entry.get("rport"),
+            "side": side_of(entry)}
+    port = EPHEMERAL if info["side"] == "client" else str(entry.get("lport"))
+    return {"process": process, "cause": cause, "peer": peer_key(info), "port": port}
+
+
+def socket_key(rec: dict) -> tuple:
+    return (rec.get("netns"), rec.get("laddr"), rec.get("lport"), rec.get("raddr"),
+            rec.get("rport"))
+
+
+@dataclass
+class Row:
+    key: str
+    sockets: int = 0
+    oldest_s: float = 0.0
+    new_per_min: int = 0
+    closed_per_min: int = 0
+    causes: Optional[collections.Counter] = None
+
+
+class TopModel:
+    """What the view shows, from the tracer's records and its lingering
+    sockets at each tick."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.entered: collections.deque = collections.deque(maxlen=MAX_EVENTS)
+        self.closed: collections.deque = collections.deque(maxlen=MAX_EVENTS)
+        self.keys_by_socket: dict = {}
+        self.lost = 0
+
+    def on_record(self, rec: dict) -> None:
+        kind = rec.get("type")
+        if kind == "linger" and not rec.get("update"):
+            keys = keys_of(rec)
+            self.entered.append((self.clock(), keys))
+            if len(self.keys_by_socket) < MAX_SOCKETS:
+                self.keys_by_socket[socket_key(rec)] = keys
+        elif kind == "closed" and rec.get("reported"):
+            keys = self.keys_by_socket.pop(socket_key(rec), None)
+            if keys is not None:
+                self.closed.append((self.clock(), keys))
+        elif kind == "lost":
+            count = rec.get("count")
+            self.lost += count if isinstance(count, int) else 0
+
+    def _recent(self, events: collections.deque, now: float) -> collections.deque:
+        while events and events[0][0] < now - WINDOW_S:
+            events.popleft()
+        return events
+
+    def rows(self, lingering: list[dict], grouping: str) -> list[Row]:
+        now = self.clock()
+        rows: dict[str, Row] = {}
+        for entry in lingering:
+            keys = keys_of(entry)
+            row = rows.get(keys[grouping])
+            if row is None:
+                row = rows[keys[grouping]] = Row(keys[grouping], causes=collections.Counter())
+            row.sockets += 1
+            age = entry.get("age_s") or 0.0
+            if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
+                age = entry["age_max_s"]          # what it may be (keepalive)
+            row.oldest_s = max(row.oldest_s, age)
+            row.causes[keys["cause"]] += 1
+        for events, field in ((self._recent(self.entered, now), "new_per_min"),
+                              (self._recent(self.closed, now), "closed_per_min")):
+            for _ts, keys in events:
+                row = rows.get(keys[grouping])
+                if row is None:
+                    row = rows[keys[grouping]] = Row(keys[grouping],
+                                                     causes=collections.Counter())
+                setattr(row, field, getattr(row, field) + 1)
+        ordered = sorted(rows.values(), key=lambda r: (-r.sockets, -r.new_per_min,
+                                                       -r.oldest_s, r.key))
+        return ordered[:MAX_ROWS]
+
+
+COLUMNS = ("SOCKETS", "OLDEST", "NEW/MIN", "CLOSED/MIN")
+TITLES = {"process": "PROCESS", "cause": "CAUSE", "peer": "REMOTE PEER", "port": "LOCAL PORT"}
+
+
+def cells(row: Row, grouping: str) -> list[str]:
+    """A row as strings: the counts, then the key (and, by process, its
+    causes), already escaped."""
+    key = row.key
+    if grouping != "cause" and row.causes:
+        key += " [" + ", ".join(c for c, _n in row.causes.most_common(2)) + "]"
+    return [str(row.sockets), format_age(int(row.oldest_s * 1e9)) if row.sockets else "-",
+            str(row.new_per_min), str(row.closed_per_min), key]
+
+
+def headline(rows: list[Row], grouping: str, threshold_s: float, lost: int) -> str:
+    total = sum(r.sockets for r in rows)
+    text = (f"{total} socket{'' if total == 1 else 's'} in CLOSE_WAIT >= "
+            f"{format_age(int(threshold_s * 1e9))}, by {grouping}")
+    if lost:
+        text += f"; {lost} events lost"
+    return text
+
+
+def plain_lines(rows: list[Row], grouping: str, threshold_s: float, lost: int,
+                wall_ts: float, limit: int = 20) -> list[str]:
+    """The view as text, for a pipe or a file: one block per refresh."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(wall_ts))
+    out = [f"--- {stamp} {headline(rows, grouping, threshold_s, lost)}",
+           f"{'SOCKETS':>7} {'OLDEST':>7} {'NEW/MIN':>7} {'CLOSED/MIN':>10} {TITLES[grouping]}"]
+    for row in rows[:limit]:
+        c = cells(row, grouping)
+        out.append(textsafe.cut(f"{c[0]:>7} {c[1]:>7} {c[2]:>7} {c[3]:>10} {c[4]}", 80))
+    if len(rows) > limit:
+        out.append(f"... {len(rows) - limit} more rows")
+    return out
