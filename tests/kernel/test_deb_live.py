@@ -6,7 +6,6 @@ package is purged at the end."""
 
 import os
 import subprocess
-import sys
 
 import pytest
 
