@@ -4,6 +4,7 @@ port; the cause in each row; --by; estimated durations kept apart (issue 9);
 build() consumes a one-pass iterable."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -204,6 +205,9 @@ def test_client_side_leaks_are_grouped_by_the_remote_service_and_script():
     rep = report.build(recs, by=["program", "port", "peer"])
     peers = {r["peer"]: r["count"] for r in rep["by_peer"]}
     assert peers == {"10.0.0.9:5432": 3, "127.0.0.1:*": 3}
+    text = "\n".join(report.render_text(rep))
+    assert re.search(r"^  10\.0\.0\.9:5432 +3 ", text, re.M), text
+    assert re.search(r"^  127\.0\.0\.1:\* +3 ", text, re.M), text
     ports = {r["port"]: r["count"] for r in rep["by_port"]}
     assert ports == {report.EPHEMERAL: 3, 5555: 2, 8080: 1}
     programs = {r["program"]: r["count"] for r in rep["by_program"]}

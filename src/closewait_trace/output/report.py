@@ -696,10 +696,7 @@ def _row_name(grouping: str, row: dict) -> str:
     if grouping == "program":
         n = row["processes"]
         return escape(row["program"]) + (f" ({n} processes)" if n > 1 else "")
-    if grouping == "peer":
-        value = row["peer"]
-        return hostport(value, "")[:-1] if isinstance(value, str) else escape(value)
-    return escape(row[grouping])
+    return escape(row[grouping])      # a peer is host:port already (peer_key)
 
 
 def _causes_text(row: dict, grouping: str) -> str:
