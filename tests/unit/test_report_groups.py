@@ -230,3 +230,19 @@ def test_client_side_leaks_are_grouped_by_the_remote_service_and_script():
 def test_the_script_an_interpreter_runs(exe, cmdline, script):
     from closewait_trace.sockets import identity
     assert identity.script_of(exe, cmdline) == script
+
+
+def test_by_pid_shows_each_process_command_line():
+    """Issue 19 §5: --by pid named 4312/python3 for every Python service."""
+    recs = [header(),
+            process(20, comm="python3", cmdline="python3 /srv/a.py",
+                    exe="/usr/bin/python3.11"),
+            process(21, comm="python3", cmdline="python3 /b\x1b[2J",
+                    exe="/usr/bin/python3.11"),
+            linger(0, 20, comm="python3"), linger(1, 21, comm="python3")]
+    rep = report.build(recs, by=["pid"])
+    assert {r["pid"]: r.get("cmdline") for r in rep["by_pid"]} == {
+        20: "python3 /srv/a.py", 21: "python3 /b\x1b[2J"}
+    text = "\n".join(report.render_text(rep))
+    assert "20/python3 python3 /srv/a.py " in text      # the name column is 36 wide
+    assert "21/python3 python3 /b\\x1b[2J" in text and "\x1b" not in text

@@ -69,6 +69,7 @@ TITLES = {
 # (a recording from another host does not say what that host's range was).
 EPHEMERAL_PORTS = (32768, 60999)
 EPHEMERAL = "(ephemeral)"
+MAX_CMDLINE_SHOWN = 120     # characters of a command line in --by pid
 
 
 def side_of(r: dict) -> str:
@@ -343,6 +344,8 @@ class _Builder:
                           if container else None),
             "pod": _label(found["pod_uid"]),
             "exe": _label(identity.program_label(ident.get("exe"))),
+            "cmdline": _label(r["cmdline"][:MAX_CMDLINE_SHOWN])
+            if isinstance(r.get("cmdline"), str) else None,
             "script": _label(identity.script_of(
                 (ident.get("exe") or {}).get("path") if isinstance(ident.get("exe"), dict)
                 else None, r.get("cmdline"))),
@@ -550,6 +553,13 @@ class _Builder:
                 continue
             rep["groupings"].append(g)
             rep[f"by_{g}"] = _table(g, groups)
+            if g == "pid":
+                # Which of a program's processes: its command line, as
+                # recorded (the process's own words: a label).
+                for row in rep["by_pid"]:
+                    cmdline = self.identity.get(row["pid"], {}).get("cmdline")
+                    if cmdline:
+                        row["cmdline"] = cmdline
         rep["histogram_us"] = [{"from_us": k[0], "to_us": k[1], "count": v}
                                for k, v in sorted(self.histogram.items())]
         rep["estimated_histogram_us"] = slots_to_buckets(self.estimated_us)
@@ -692,7 +702,8 @@ def _age(seconds, source: str = "traced") -> str:
 
 def _row_name(grouping: str, row: dict) -> str:
     if grouping == "pid":
-        return f"{escape(row['pid'] if row['pid'] is not None else '-')}/{escape(row['comm'])}"
+        name = f"{escape(row['pid'] if row['pid'] is not None else '-')}/{escape(row['comm'])}"
+        return name + (f" {escape(row['cmdline'])}" if row.get("cmdline") else "")
     if grouping == "program":
         n = row["processes"]
         return escape(row["program"]) + (f" ({n} processes)" if n > 1 else "")
