@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Optional
 import time
 from dataclasses import dataclass, field
 
@@ -60,7 +61,9 @@ class Tracer:
     """closewait-trace --json in a subprocess; records collected as they come."""
 
     args: list
-    command: list = field(default_factory=lambda: list(TRACER))   # the tool, as run
+    # The tool as run; None: the module's TRACER at start() (a test may
+    # swap that for a prefixed one, e.g. setpriv, around start()).
+    command: Optional[list] = None
     proc: subprocess.Popen = None
     records: list = field(default_factory=list)
     stderr: str = ""
@@ -68,7 +71,8 @@ class Tracer:
 
     def start(self, timeout=30.0) -> "Tracer":
         timeout = stretch(timeout)
-        self.proc = subprocess.Popen(self.command + ["--json"] + list(self.args),
+        command = self.command if self.command is not None else TRACER
+        self.proc = subprocess.Popen(command + ["--json"] + list(self.args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         threading.Thread(target=self._read, daemon=True).start()
