@@ -246,3 +246,27 @@ def test_by_pid_shows_each_process_command_line():
     text = "\n".join(report.render_text(rep))
     assert "20/python3 python3 /srv/a.py " in text      # the name column is 36 wide
     assert "21/python3 python3 /b\\x1b[2J" in text and "\x1b" not in text
+
+
+def test_the_program_leaking_fastest_is_one_line():
+    """Issue 19 §5: per program, sockets that lingered per minute of capture
+    and how many are still held, so 'which service leaks fastest' is one line."""
+    recs = [header(start=T0),
+            process(20, comm="python3", cmdline="python3 /srv/leaky.py", exe="/usr/bin/python3.11"),
+            process(22, comm="socat")]
+    for i in range(6):                       # 6 in the 2 minutes, none closed
+        recs.append(linger(i, 20, comm="python3", cause="blocked_elsewhere", lport=45000 + i,
+                           raddr="10.0.0.9", rport=5432, listener=None))
+    recs.append(linger(6, 22))               # socat: one, closed
+    recs.append(closed(6, 3.0, rport=40006))
+    recs.append({"type": "summary", "ts": T0 + 120, "counters": {}, "traced_s": 120.0,
+                 "histogram_us": [], "linger_reported": 7, "closed_reported": 1,
+                 "still_lingering": []})
+    rep = report.build(recs, by=["program"])
+    rows = {r["program"]: r for r in rep["by_program"]}
+    leaky = rows["python3 [/usr/bin/python3.11] /srv/leaky.py"]
+    assert (leaky["per_min"], leaky["still_held"]) == (3.0, 6)
+    assert rows["socat [/usr/bin/socat]"]["still_held"] == 0
+    text = "\n".join(report.render_text(rep))
+    assert ("  Leaking fastest: python3 [/usr/bin/python3.11] /srv/leaky.py: 3 sockets/min "
+            "lingered, 6 still held at the end") in text, text

@@ -216,10 +216,12 @@ class Group:
     programs: Counter = field(default_factory=Counter)     # at most MAX_NAMES + OTHER
     pids: set = field(default_factory=set)                 # at most MAX_PIDS
     more_pids: bool = False
+    still_held: int = 0                                    # not closed at the end
 
     def add(self, s: Sock, programs: set, pids: list) -> None:
         """programs, pids: of the socket's holders, worked out once per socket."""
         self.count += 1
+        self.still_held += not s.closed
         self.total_s += s.duration
         if s.duration >= self.longest_s:
             self.longest_s, self.longest_source = s.duration, s.source
@@ -239,7 +241,7 @@ class Group:
                "estimated": self.by_source.get("estimated", 0),
                "lower_bound": self.by_source.get("lower_bound", 0),
                "causes": dict(self.causes.most_common()),
-               "processes": len(self.pids)}
+               "processes": len(self.pids), "still_held": self.still_held}
         if self.more_pids:
             row["processes_at_least"] = True     # more than MAX_PIDS distinct
         return row
@@ -564,6 +566,13 @@ class _Builder:
                                for k, v in sorted(self.histogram.items())]
         rep["estimated_histogram_us"] = slots_to_buckets(self.estimated_us)
         rep["timeline"] = self._timeline()
+        # Leak rate: sockets that lingered per minute of capture, by program,
+        # so that "which service leaks fastest" is one line.
+        span_s = sum(max(0.0, (c["end_ts"] or 0.0) - (c["start_ts"] or 0.0))
+                     for c in self.captures if c["end_ts"] and c["start_ts"])
+        rep["captured_s"] = round(span_s, 3)
+        for row in rep.get("by_program", []):
+            row["per_min"] = round(row["count"] * 60 / span_s, 2) if span_s >= 60 else None
         rep["still_lingering"] = [
             dict({k: v for k, v in s.info.items() if k != "people"},
                  diagnosis={"cause": s.info["cause"], "summary": s.info["summary"]},
@@ -733,6 +742,14 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append(f"  Durations: {d.get('traced', 0)} timed by the kernel, "
                      f"{d.get('estimated', 0)} estimated (~, sockets already in CLOSE_WAIT "
                      f"at start), {d.get('lower_bound', 0)} lower bounds (>=)")
+
+    fastest = max((r for r in rep.get("by_program", [])
+                   if r.get("per_min") and r.get("still_held")),
+                  key=lambda r: r["per_min"], default=None)
+    if fastest is not None:
+        lines.append(f"  Leaking fastest: {_row_name('program', fastest)}: "
+                     f"{fastest['per_min']:g} sockets/min lingered, "
+                     f"{fastest['still_held']} still held at the end")
 
     for g in rep.get("groupings", []):
         rows = rep[f"by_{g}"]
