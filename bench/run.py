@@ -147,13 +147,18 @@ class Traced:
 
     def __init__(self, mode: str, port: int, env: dict):
         self.mode = mode
-        if mode in ("default", "default-nobtf"):
+        if mode in ("default", "default-nobtf", "default-noeof"):
             cmd = TRACER + ["--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
             if mode == "default-nobtf":
                 # Without the namespace reads (as on a kernel without BTF):
                 # what reading each socket's namespace costs per connection.
                 env = dict(env, CLOSEWAIT_TRACE_FORCE="nobtf")
+            if mode == "default-noeof":
+                # Without the EOF-read capture (as on 6.1): what
+                # copying the reader's stack costs. In bench/churn.c every
+                # connection's server reads EOF, so every one is captured.
+                env = dict(env, CLOSEWAIT_TRACE_FORCE="noeof")
         elif mode == "all":
             cmd = TRACER + ["--all", "--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
@@ -563,7 +568,8 @@ def markdown(churn: dict, scale: list, args) -> str:
         names = {"none": "no tracer", "empty": "empty BPF program (floor)",
                  "default": "closewait-trace", "all": "closewait-trace --all",
                  "tcpstates": "tcpstates-bpfcc",
-                 "default-nobtf": "closewait-trace, namespaces not read (nobtf)"}
+                 "default-nobtf": "closewait-trace, namespaces not read (nobtf)",
+                 "default-noeof": "closewait-trace, EOF reads not captured (noeof)"}
         for mode, r in churn.items():
             if r.get("could_not_start"):
                 out.append(f"| {names[mode]} | could not start: "
@@ -607,7 +613,8 @@ def main() -> int:
     ap.add_argument("--sockets", default="1000,10000,100000")
     ap.add_argument("--no-tcpstates", action="store_true")
     ap.add_argument("--modes", help="churn: only these tracers (e.g. none,tcpstates; "
-                                    "default-nobtf: without the namespace reads)")
+                                    "default-nobtf: without the namespace reads; "
+                                    "default-noeof: without the EOF-read capture)")
     ap.add_argument("--smoke", action="store_true", help="tiny version, for CI")
     ap.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = ap.parse_args()
@@ -621,7 +628,8 @@ def main() -> int:
     if not args.no_tcpstates and os.path.exists(TCPSTATES):
         modes.append("tcpstates")
     if args.modes:
-        modes = [m for m in args.modes.split(",") if m in modes + ["default-nobtf"]]
+        modes = [m for m in args.modes.split(",")
+                 if m in modes + ["default-nobtf", "default-noeof"]]
     churn = {}
     if args.what in ("all", "churn"):
         setup_netns()

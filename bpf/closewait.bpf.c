@@ -29,6 +29,18 @@
 //                        BTF (kernel/btf.py). Without them netns stays 0
 //                        (unknown) and user space matches by address only.
 //   USE_PROBE_READ_KERNEL  bpf_probe_read_kernel (5.5+) over bpf_probe_read
+//   EOF_CAPTURE          also attach to sock:sock_recv_length (not in 6.1;
+//                        x86-64; bpf_task_pt_regs, 5.15):
+//                        where a socket in CLOSE_WAIT was read to its end
+//   MAX_EOF_CAPTURES     capacity of cw_eof (with EOF_CAPTURE)
+//   EOF_STACK_BYTES      bytes of the reader's user stack kept (power of two,
+//                        at most 4096: one page, see cw_copy_stack)
+
+#ifdef EOF_CAPTURE
+#define EOF_STACK_BYTES_OR_1 EOF_STACK_BYTES
+#else
+#define EOF_STACK_BYTES_OR_1 1
+#endif
 
 // Values from the kernel's uapi headers, which this file must not include.
 #define TCP_CLOSE 7
@@ -75,6 +87,26 @@ struct cw_event {
 struct cw_entry {
     u64 enter_ns;
     struct cw_endpoint ep;
+    u64 eof_ns;         // when a read first returned end of stream; 0 = not
+                        //   seen (or EOF_CAPTURE off)
+};
+
+// Where the process was when it read the end of a socket in CLOSE_WAIT: its
+// user registers and the top of its user stack, unwound later in user space
+// (as perf --call-graph dwarf does), because the function that read EOF
+// may have returned long before anyone asks. Kept by socket in cw_eof until
+// user space reports the socket (and reads it) or the socket leaves.
+struct cw_eof {
+    u64 ts_ns;
+    u32 pid;
+    u32 tid;
+    u64 ip;             // user registers at the system call (x86-64 pt_regs)
+    u64 sp;
+    u64 bp;
+    u32 stack_len;      // bytes of stack copied from sp
+    u32 _pad;
+    char comm[16];
+    u8 stack[EOF_STACK_BYTES_OR_1];
 };
 
 // Per-CPU counters; user space sums them by field name.
@@ -89,6 +121,10 @@ struct cw_counters {
                          //   read of them at exit is counted, not silent
     u64 hist_sum_ns;     // sum of every duration counted in cw_hist (exact,
                          //   for a Prometheus histogram's _sum); not a count
+    u64 eof_captured;    // EOF reads of tracked sockets kept in cw_eof
+    u64 eof_map_full;    // EOF reads not kept: cw_eof was full
+    u64 eof_stack_short; // kept with less than EOF_STACK_BYTES of stack (the
+                         //   stack's top was nearer than that), or none
 };
 
 // Preallocated: an insert and a delete per connection are the whole cost of
@@ -107,6 +143,16 @@ BPF_HASH(cw_lports, u16, u8, 64);
 #endif
 #ifdef FILTER_RPORT
 BPF_HASH(cw_rports, u16, u8, 64);
+#endif
+
+#ifdef EOF_CAPTURE
+// Preallocated for the same reason as cw_tracking; MAX_EOF_CAPTURES times
+// about 4.2 KiB of kernel memory. An entry lives from the EOF read until the
+// socket leaves CLOSE_WAIT or user space takes it (when it reports the
+// socket), so it holds only sockets not yet closed after reading EOF.
+BPF_F_TABLE("hash", u64, struct cw_eof, cw_eof, MAX_EOF_CAPTURES, 0);
+// Built here, then copied into cw_eof: a BPF stack is 512 bytes.
+BPF_PERCPU_ARRAY(cw_eof_scratch, struct cw_eof, 1);
 #endif
 
 #ifdef ALL_TRANSITIONS
@@ -274,6 +320,10 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
         ev.duration_ns = dur;
         cw_submit(ctx, &ev);
     }
+#ifdef EOF_CAPTURE
+    if (e->eof_ns)
+        cw_eof.delete(&sk);     // user space may have taken it already
+#endif
     cw_tracking.delete(&sk);
     // After the delete, as cw_enter after the insert: a reader that sees
     // the count move sees the map as it now is.
@@ -347,3 +397,75 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         cw_exit(args, &tp, now);
     return 0;
 }
+
+#ifdef EOF_CAPTURE
+// The x86-64 user registers the kernel saved at the system call (struct
+// pt_regs, the ptrace ABI: a fixed layout, not a kernel struct that moves).
+#define PT_REGS_WORDS 21
+#define PT_BP 4
+#define PT_IP 16
+#define PT_SP 19
+
+// The top of the user stack from sp. The whole EOF_STACK_BYTES when mapped;
+// a stack's top may be nearer than that (a shallow main thread), and then
+// the read of the whole fails: copy to the end of sp's page instead, which
+// is mapped since sp is.
+static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
+{
+    if (bpf_probe_read_user(c->stack, EOF_STACK_BYTES, (void *)sp) == 0)
+        return EOF_STACK_BYTES;
+    u32 n = (4096 - (sp & 4095)) & (EOF_STACK_BYTES - 1);
+    if (n == 0 || bpf_probe_read_user(c->stack, n, (void *)sp) != 0)
+        return 0;
+    return n;
+}
+
+// Every socket read on the machine passes here: an ordinary read (ret > 0)
+// or an error costs one compare. Only a read that returned end of stream on
+// a socket in cw_tracking, the first time, does more.
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->ret != 0 || args->protocol != IPPROTO_TCP_NUM)
+        return 0;
+    u64 sk = (u64)args->sk;
+    struct cw_entry *e = cw_tracking.lookup(&sk);
+    // In CLOSE_WAIT the peer's FIN is queued: a read returning 0 is the end
+    // of the stream (a read asking for 0 bytes also returns 0; rare, and
+    // then the place is still where the socket was read).
+    if (!e || e->eof_ns)
+        return 0;
+    u64 now = cw_now();
+    e->eof_ns = now;        // once per socket: later reads cost a lookup
+    int zero = 0;
+    struct cw_eof *c = cw_eof_scratch.lookup(&zero);
+    struct cw_counters *counts = cw_counts();
+    if (!c)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    c->ts_ns = now;
+    c->pid = id >> 32;
+    c->tid = (u32)id;
+    bpf_get_current_comm(&c->comm, sizeof(c->comm));
+    u64 regs[PT_REGS_WORDS] = {};
+    void *task = (void *)bpf_get_current_task_btf();
+    void *pt = (void *)bpf_task_pt_regs(task);
+    c->ip = c->sp = c->bp = 0;
+    c->stack_len = 0;
+    if (bpf_probe_read_kernel(regs, sizeof(regs), pt) == 0) {
+        c->ip = regs[PT_IP];
+        c->sp = regs[PT_SP];
+        c->bp = regs[PT_BP];
+        c->stack_len = cw_copy_stack(c, c->sp);
+    }
+    int full = cw_eof.update(&sk, c) != 0;
+    if (counts) {
+        if (full)
+            counts->eof_map_full++;
+        else
+            counts->eof_captured++;
+        if (!full && c->stack_len < EOF_STACK_BYTES)
+            counts->eof_stack_short++;
+    }
+    return 0;
+}
+#endif

@@ -246,6 +246,7 @@ def socket_options(command):
 # Options that mean something only while tracing live.
 DEFAULT_MAX_TRACKED = 262_144
 LIVE_ONLY = ("threshold", "interval", "max_tracked", "all_transitions", "quiet", "force",
+             "no_eof_stacks",
              "rotate_size", "rotate_seconds", "rotate_count", "compress", "snapshot_interval")
 
 
@@ -334,6 +335,9 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
               show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show holders' command lines and the headers bcc used.")
+@click.option("--no-eof-stacks", is_flag=True,
+              help="Do not copy the reader's stack when a socket in CLOSE_WAIT is "
+                   "read to its end (the place that read EOF and never closed).")
 @click.option("--all", "all_transitions", is_flag=True,
               help="Also stream every TCP state transition (like tcpstates), "
                    "with the time spent in the previous state.")
@@ -369,7 +373,8 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_format, interval,
-               max_tracked, verbose, all_transitions, write_path, quiet, force, rotate_size,
+               max_tracked, verbose, no_eof_stacks, all_transitions, write_path, quiet, force,
+               rotate_size,
                rotate_seconds, rotate_count, compress, snapshot_interval, metrics_listen,
                metrics_no_comm, read_path, pids, comms, cgroups, containers, units, since, until):
     """Trace TCP sockets that linger in CLOSE_WAIT: which ones, since when, and
@@ -439,7 +444,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
              Output(as_json, renderer, quiet=quiet), recording, all_transitions,
-             holder_filter, metrics_listen, metrics_no_comm)
+             holder_filter, metrics_listen, metrics_no_comm, eof_stacks=not no_eof_stacks)
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
@@ -628,7 +633,7 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
 
 def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
              recording_options=None, all_transitions=False, holder_filter=HolderFilter(),
-             metrics_listen=None, metrics_no_comm=False):
+             metrics_listen=None, metrics_no_comm=False, eof_stacks=True):
     # The hint repeats the user's own arguments, so that pasting it runs
     # what was asked, as root.
     again = "sudo " + shlex.join(["closewait-trace"] + sys.argv[1:])
@@ -659,7 +664,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                          family=socket_filter.family, all_transitions=all_transitions,
                          # --all streams every transition: a deeper ring (16 MiB)
                          # rides out bursts the default mode never sees.
-                         ringbuf_pages=4096 if all_transitions else 256)
+                         ringbuf_pages=4096 if all_transitions else 256,
+                         eof_capture=eof_stacks)
     probe = KernelProbe(config)
     # Said in the start record and the recording's header: a trace made
     # with a holder filter does not hold every socket.

@@ -270,3 +270,31 @@ def test_the_program_leaking_fastest_is_one_line():
     text = "\n".join(report.render_text(rep))
     assert ("  Leaking fastest: python3 [/usr/bin/python3.11] /srv/leaky.py: 3 sockets/min "
             "lingered, 6 still held at the end") in text, text
+
+
+def code(function=None, unknown=None):
+    if function is None:
+        return {"eof_read": None, "eof_read_unknown": unknown}
+    f = {"pc": "0x1", "function": function, "offset": 8, "module": "/srv/api",
+         "build_id": None, "method": "cfi", "symbols": "symtab"}
+    return {"eof_read": {"ts": T0, "after_s": 0.0, "pid": 7, "tid": 7, "comm": "api",
+                         "place": f, "stack": [f], "stack_bytes": 4096, "unwound": True},
+            "eof_read_unknown": None}
+
+
+def test_by_code_location_names_the_functions_that_leaked_most():
+    recs = [header(), process(7, "api")]
+    places = ["handle_client.isra.0"] * 3 + ["fetch_user"] + [None]
+    for i, function in enumerate(places):
+        recs.append(linger(i, 7, "api", cause="ignoring_eof", code=code(function)))
+    recs.append(linger(9, 7, "api", code=code(unknown="in CLOSE_WAIT before the trace began")))
+    rep = report.build(recs)
+    assert "code" in rep["groupings"]
+    rows = {r["code"]: r["count"] for r in rep["by_code"]}
+    assert rows == {"handle_client (api)": 3, "fetch_user (api)": 1,
+                    report.NO_EOF_SEEN: 1, report.PLACE_NOT_KNOWN: 1}
+    assert rep["by_code"][0]["code"] == "handle_client (api)"      # most first
+    # No place known anywhere: the table is left out unless asked for.
+    plain = report.build([header(), process(7, "api"), linger(0, 7, "api")])
+    assert "code" not in plain["groupings"]
+    assert "code" in report.build([header(), linger(0, 7, "api")], by=["code"])["groupings"]

@@ -217,11 +217,18 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:MAX_NAMED]) + f" and {len(items) - MAX_NAMED} more"
 
 
+@dataclass(frozen=True)
+class EofReader:
+    """Who read the socket to its end, and where (the kernel saw it)."""
+    pid: int
+    place: str          # 'handle_client+0x1f (srv)'; "" when not unwound
+
+
 def diagnose(own: Ownership, holders: list[HolderEvidence],
              listener_holders: list[HolderEvidence],
-             machine: Optional[str] = None) -> Diagnosis:
+             machine: Optional[str] = None, eof: Optional[EofReader] = None) -> Diagnosis:
     """The most specific cause the evidence supports; UNKNOWN otherwise."""
-    found = _decide(own, holders, listener_holders, machine)
+    found = _decide(own, holders, listener_holders, machine, eof)
     found._own, found._holders, found._listeners = own, holders, listener_holders
     # A tracer attached to a process that is not stopped (strace -p) is worth
     # saying whatever the cause: it slows the process and may be why.
@@ -244,7 +251,7 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
 
 def _decide(own: Ownership, holders: list[HolderEvidence],
             listener_holders: list[HolderEvidence],
-            machine: Optional[str] = None) -> Diagnosis:
+            machine: Optional[str] = None, eof: Optional[EofReader] = None) -> Diagnosis:
     machine = machine or platform.machine()
     listener = own.listener
 
@@ -307,6 +314,15 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         return Diagnosis(
             LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
             f"the server is {_who(others[0])}", server=tuple(others))
+
+    if eof is not None and eof.pid == only.pid and not own.unread_bytes:
+        # The kernel saw this process read the end of the stream, and it
+        # holds the socket still: it ignored the EOF, whatever system call
+        # its threads now idle in (a sleep loop is no more "blocked" than
+        # an epoll loop).
+        where = f" in {eof.place}" if eof.place else ""
+        return Diagnosis(IGNORING_EOF, f"read EOF{where} and never closed: "
+                                       f"{_who(only)} fd {only.fd}")
 
     threads = only.examined or only.threads
     serving = [t for t in threads if t.serving(machine)]
@@ -578,7 +594,7 @@ def process_evidence(cache: Batch) -> list[dict]:
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
-           cache: Optional[Batch] = None) -> Diagnosis:
+           cache: Optional[Batch] = None, eof: Optional[EofReader] = None) -> Diagnosis:
     """Collect the evidence for one socket's owners from /proc, then decide.
     Pass the same cache (a new Batch at the start of a batch) for every
     socket of one batch."""
@@ -598,4 +614,4 @@ def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = Non
             ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
             per_process.as_listener[h.fd] = ev
         listeners.append(ev)
-    return diagnose(own, holders, listeners, machine)
+    return diagnose(own, holders, listeners, machine, eof)

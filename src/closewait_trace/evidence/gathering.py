@@ -66,6 +66,25 @@ def process_evidence(holders: list, proc: str = procfs.PROC, machine: Optional[s
     yield ("skipped", skipped)
 
 
+def captured_stacks(captures: list, proc: str = procfs.PROC,
+                    machine: Optional[str] = None) -> dict:
+    """key -> frame dicts for each (key, pid, ip, sp, bp, stack bytes) the
+    kernel program copied (an EOF read's), unwound against each process's
+    mappings, under one symbolizer budget; then the symbolizer's counts
+    under the key "problems"."""
+    from closewait_trace.evidence import symbolize
+    budget = symbolize.Budget()
+    out: dict = {}
+    try:
+        for key, pid, ip, sp, bp, stack in captures[:MAX_PROCESSES_PER_BATCH]:
+            frames = symbolize.captured_stack(pid, ip, sp, bp, stack, proc, machine, budget)
+            out[key] = [f.as_dict() for f in frames]
+    finally:
+        budget.close()
+    out["problems"] = symbolize.problems()
+    return out
+
+
 def snapshot_candidates(socket_filter, min_age_ns: int, proc: str = procfs.PROC):
     """The snapshot's sockets (live/snapshot.py), read and resolved."""
     from closewait_trace.live import snapshot
@@ -79,4 +98,5 @@ CALLS = {
     "identity": identity.of_process,
     "process_evidence": process_evidence,
     "snapshot_candidates": snapshot_candidates,
+    "captured_stacks": captured_stacks,
 }

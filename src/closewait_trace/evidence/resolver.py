@@ -57,11 +57,13 @@ class ProcResolver:
     slow: dict = field(default_factory=dict)
     skipped_processes: int = 0
 
-    def _run(self, name: str, *args, stream: bool = False, **deadlines):
+    def _run(self, name: str, *args, stream: bool = False, reads_memory: bool = False,
+             **deadlines):
         if self.worker is None:
             result = gathering.CALLS[name](*args)
             return list(result) if stream else result
-        return self.worker.call(name, *args, stream=stream, **deadlines)
+        return self.worker.call(name, *args, stream=stream, reads_memory=reads_memory,
+                                **deadlines)
 
     def snapshot_close_wait(self) -> list:
         """(netns, TcpRow) of every socket in CLOSE_WAIT now."""
@@ -166,8 +168,9 @@ class ProcResolver:
                 pid=h.pid, unreadable=f"not read: {why}"))
         return ""
 
-    def diagnose(self, own, cache: diagnosis.Batch):
-        return diagnosis.gather(own, self.proc, cache=cache)
+    def diagnose(self, own, cache: diagnosis.Batch,
+                 eof: Optional[diagnosis.EofReader] = None):
+        return diagnosis.gather(own, self.proc, cache=cache, eof=eof)
 
     def process_records(self, cache: diagnosis.Batch) -> list[dict]:
         return diagnosis.process_evidence(cache)
@@ -179,6 +182,22 @@ class ProcResolver:
     def identity(self, pid: int, uid) -> dict:
         return self._run("identity", pid, uid, self.proc, deadline_s=STATE_CAP_S,
                          progress_s=STALL_S)
+
+    def captured_stacks(self, captures: list) -> dict:
+        """key -> frames of stacks the kernel copied (gathering.captured_stacks);
+        {} when not read in time (the caller says the place is unknown)."""
+        if not captures:
+            return {}
+        try:
+            out = self._run("captured_stacks", captures, self.proc,
+                            deadline_s=EVIDENCE_DEADLINE_S, progress_s=PROCESS_DEADLINE_S,
+                            reads_memory=True)
+        except GatherFailed:
+            return {}
+        problems = out.pop("problems", None)
+        if isinstance(problems, dict) and self.worker is not None:
+            self.problems = problems
+        return out
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,

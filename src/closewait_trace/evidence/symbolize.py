@@ -45,7 +45,7 @@ class Frame:
     function: str = ""
     offset: int = 0
     build_id: str = ""
-    method: str = "pc"        # pc | cfi | scan
+    method: str = "pc"        # pc | cfi | fp | scan
     symbols_from: str = ""    # symtab | debug-file | dynsym | none
     note: str = ""            # why this frame has no symbols, when it is not ordinary
 
@@ -186,6 +186,66 @@ def user_stack(pid: int, pc: Optional[int], sp: Optional[int], proc: str = procf
     except BaseException as e:
         # Whatever a crafted binary or a racing process makes of the code
         # above, a stack is evidence, never a reason for the tracer to stop.
+        elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
+        return []
+    finally:
+        if own_budget:
+            budget.close()
+
+
+class CapturedImage:
+    """A process image whose stack is the copy the kernel program took at an
+    event, not the live one (which has moved on since): words in the copy
+    come from it; code comes from the process's file mappings as read now;
+    any other address reads as nothing. The copy is as distrusted as the
+    live memory: the unwinder bounds every walk over it."""
+
+    def __init__(self, image: ProcessImage, sp: int, stack: bytes):
+        self.image = image
+        self.sp = sp
+        self.stack = stack
+
+    def mapping(self, addr: int) -> Optional[Mapping]:
+        return self.image.mapping(addr)
+
+    def unreadable_reason(self, m: Mapping) -> str:
+        return self.image.unreadable_reason(m)
+
+    def file_of(self, m: Mapping) -> Optional[str]:
+        return self.image.file_of(m)
+
+    def read(self, addr: int, size: int) -> bytes:
+        offset = addr - self.sp
+        if 0 <= offset < len(self.stack):
+            return self.stack[offset:offset + max(0, size)]
+        m = self.image.mapping(addr)
+        if m is not None and "x" in m.perms and m.file_backed:
+            return self.image.read(addr, size)
+        return b""
+
+    def close(self) -> None:
+        pass                    # the image is the budget's, closed with it
+
+
+def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
+                   proc: str = procfs.PROC, machine: Optional[str] = None,
+                   budget: Optional[Budget] = None, max_frames: int = 16,
+                   debug_roots=None) -> list[Frame]:
+    """The stack of a thread of pid as the kernel copied it at an event:
+    registers ip, sp and bp, and `stack`, the bytes from sp up. Symbols come
+    from the process's mappings as they are now (it still holds the socket,
+    so it still runs the same binaries)."""
+    if (machine or platform.machine()) != "x86_64" or not ip or not sp:
+        return []
+    own_budget = budget is None
+    budget = budget or Budget()
+    image = CapturedImage(budget.image(pid, proc), sp, stack)
+    try:
+        return unwind_x86_64.unwind(StackSession(image, budget, debug_roots), ip, sp,
+                                    max_frames, bp=bp or None)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
         elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
         return []
     finally:

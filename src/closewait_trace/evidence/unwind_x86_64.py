@@ -1,10 +1,14 @@
 """Walking an x86-64 user stack from the two registers a blocked thread
-shows us (PC and SP, from /proc/TID/syscall).
+shows us (PC and SP, from /proc/TID/syscall), or from the three the kernel
+program copies with the top of the stack at an EOF read (PC, SP and the
+frame pointer register, RBP).
 
 Frames are unwound with the binaries' .eh_frame call frame information while
-the rules need only those two registers; when a rule needs one we cannot know
-(the frame pointer of a function built with frame pointers), the rest of the
-stack is found by scanning it for words that point just after a call
+the rules need only the registers we have; RBP, when known, is followed
+through the rules that save it, and where no rule covers a PC (Go binaries
+have no .eh_frame; Go keeps frame pointers) the frame pointer chain is walked
+(method "fp"), each return address checked to follow a call. Whatever is
+left is found by scanning the stack for words that point just after a call
 instruction, and those frames say so (method "scan").
 
 `session` is the symbolizer's per-stack object: .image (procimage.ProcessImage),
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-RSP, RIP_RA = 7, 16           # x86_64 DWARF register numbers: rsp, return address
+RBP, RSP, RIP_RA = 6, 7, 16   # x86_64 DWARF register numbers: rbp, rsp, return address
 MAX_SCAN_BYTES = 16 * 1024
+# A frame pointer chain link longer than this is not one (Go's largest
+# frames are far smaller; a C frame with a large array is unwound by CFI).
+MAX_FP_FRAME = 1 << 20
 
 
 def _read_word(image, addr: int) -> Optional[int]:
@@ -24,9 +31,9 @@ def _read_word(image, addr: int) -> Optional[int]:
     return int.from_bytes(data, "little") if len(data) == 8 else None
 
 
-def cfi_step(session, pc: int, sp: int, is_first: bool):
-    """(return address, caller's sp) from the CFI rules at pc, or None
-    when the rules need a register we do not have."""
+def cfi_step(session, pc: int, sp: int, is_first: bool, bp: Optional[int] = None):
+    """(return address, caller's sp, caller's rbp or None) from the CFI
+    rules at pc, or None when the rules need a register we do not have."""
     m = session.image.mapping(pc)
     index = session.index_for(m) if m else None
     if index is None:
@@ -50,16 +57,26 @@ def cfi_step(session, pc: int, sp: int, is_first: bool):
     if row is None or "cfa" not in row:
         return None
     cfa_rule = row["cfa"]
-    if cfa_rule.expr is not None or cfa_rule.reg != RSP:
+    if cfa_rule.expr is not None:
         return None
-    cfa = sp + cfa_rule.offset
+    if cfa_rule.reg == RSP:
+        cfa = sp + cfa_rule.offset
+    elif cfa_rule.reg == RBP and bp is not None:
+        cfa = bp + cfa_rule.offset
+    else:
+        return None
     ra_rule = row.get(RIP_RA)
     if ra_rule is None or ra_rule.type != "OFFSET":
         return None
     ra = _read_word(session.image, cfa + ra_rule.arg)
     if ra is None:
         return None
-    return ra, cfa
+    bp_rule = row.get(RBP)
+    if bp is not None and bp_rule is not None:
+        # Saved by this function: the caller's value is on the stack. Any
+        # other rule than a saved slot: unknown from here on.
+        bp = _read_word(session.image, cfa + bp_rule.arg) if bp_rule.type == "OFFSET" else None
+    return ra, cfa, bp
 
 
 def follows_call(image, addr: int) -> bool:
@@ -85,18 +102,45 @@ def follows_call(image, addr: int) -> bool:
     return False
 
 
-def unwind(session, pc: int, sp: int, max_frames: int = 16) -> list:
+def fp_chain(session, bp: int, sp: int, room: int) -> list:
+    """Return addresses along the frame pointer chain from bp: each link
+    [bp] -> caller's bp, [bp + 8] -> return address. Distrusted: a link must
+    lie above the stack pointer and above the previous link, within
+    MAX_FP_FRAME of it (so the walk ends, whatever the stack holds), and
+    each return address must follow a call instruction."""
+    out = []
+    low = sp
+    while len(out) < room and low <= bp < low + MAX_FP_FRAME and bp % 8 == 0:
+        caller_bp = _read_word(session.image, bp)
+        ra = _read_word(session.image, bp + 8)
+        if caller_bp is None or ra is None or not ra or not follows_call(session.image, ra):
+            break
+        out.append(ra)
+        low, bp = bp + 16, caller_bp
+    return out
+
+
+def unwind(session, pc: int, sp: int, max_frames: int = 16,
+           bp: Optional[int] = None) -> list:
     frames = [session.frame(pc, "pc")]
     is_first = True
     while len(frames) < max_frames:
-        step = cfi_step(session, pc, sp, is_first)
+        step = cfi_step(session, pc, sp, is_first, bp)
         if step is None:
             break
-        ra, cfa = step
-        if ra == 0 or session.image.mapping(ra) is None:
+        ra, cfa, bp = step
+        m = session.image.mapping(ra) if ra else None
+        if m is None or "x" not in m.perms:
+            # A return address points into code; anything else is a stack
+            # we cannot follow (or one crafted to mislead): stop here.
             return frames
         frames.append(session.frame(ra, "cfi"))
         pc, sp, is_first = ra, cfa, False
+    if bp is not None and len(frames) < max_frames:
+        chain = fp_chain(session, bp, sp, max_frames - len(frames))
+        frames.extend(session.frame(ra, "fp") for ra in chain)
+        if chain:
+            return frames
     # Scan the rest of the stack for return addresses.
     stack = session.image.read(sp, MAX_SCAN_BYTES)
     for i in range(0, len(stack) - 7, 8):

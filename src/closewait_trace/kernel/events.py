@@ -140,6 +140,31 @@ class TrackedSocket:
     endpoints: Endpoints
 
 
+@dataclass(frozen=True)
+class EofCapture:
+    """Where a socket in CLOSE_WAIT was read to its end (struct cw_eof): the
+    reading task, its user registers and the top of its user stack, as the
+    kernel copied them at the read. Plain values, so the gathering worker
+    can unwind it."""
+
+    ts_ns: int
+    pid: int
+    tid: int
+    comm: str
+    ip: int
+    sp: int
+    bp: int
+    stack: bytes
+
+    @classmethod
+    def from_leaf(cls, leaf) -> "EofCapture":
+        n = max(0, min(int(leaf.stack_len), ctypes.sizeof(leaf.stack)))
+        return cls(ts_ns=int(leaf.ts_ns), pid=int(leaf.pid), tid=int(leaf.tid),
+                   comm=bytes(leaf.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                   ip=int(leaf.ip), sp=int(leaf.sp), bp=int(leaf.bp),
+                   stack=bytes(bytearray(leaf.stack)[:n]))
+
+
 class EntryLayout:
     """Field offsets of struct cw_entry, taken from bcc's ctypes class for it
     (so the C file stays the only definition), for decoding raw map bytes.

@@ -21,10 +21,14 @@ from typing import Callable, Optional
 from closewait_trace import knobs
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_NOT_ROOT, EXIT_USAGE, UserError
 from closewait_trace.kernel import btf
-from closewait_trace.kernel.events import EntryLayout, KernelEvent, TrackedSocket, decode_event
+from closewait_trace.kernel.events import (EntryLayout, EofCapture, KernelEvent, TrackedSocket,
+                                           decode_event)
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
+# Where a socket was read to its end: the EOF read's place (a newer
+# tracepoint: not in Debian 12's 6.1; in 6.18).
+RECV_TRACEPOINT = "sock/sock_recv_length"
 BATCH = 8192         # map entries per BPF_MAP_LOOKUP_BATCH call
 
 
@@ -37,6 +41,12 @@ class ProbeConfig:
     family: Optional[int] = None        # socket.AF_INET / AF_INET6 / None
     all_transitions: bool = False
     ringbuf_pages: int = 256            # 1 MiB with 4 KiB pages
+    # Where sockets in CLOSE_WAIT were read to their end (features.eof_capture
+    # says whether this kernel can): sockets read to EOF and not yet
+    # reported or closed, at most, and the stack bytes kept of each.
+    eof_capture: bool = True
+    max_eof_captures: int = 1024
+    eof_stack_bytes: int = 4096
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
     features: "KernelFeatures" = field(default_factory=lambda: detect_features())
@@ -61,7 +71,14 @@ class ProbeConfig:
             flags.extend(self.features.netns.cflags())
         if self.features.probe_read_kernel:
             flags.append("-DUSE_PROBE_READ_KERNEL")
+        if self.captures_eof:
+            flags += ["-DEOF_CAPTURE", f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
+                      f"-DEOF_STACK_BYTES={self.eof_stack_bytes}"]
         return flags
+
+    @property
+    def captures_eof(self) -> bool:
+        return self.eof_capture and self.features.eof_capture is None
 
 
 def bpf_source() -> Path:
@@ -88,6 +105,8 @@ def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bo
 #   perkey / batch         map read (BPF_MAP_LOOKUP_BATCH needs 5.6)
 #   nobtf                  no socket namespaces from BTF (as on a kernel
 #                          without /sys/kernel/btf/vmlinux): match by address
+#   noeof                  no EOF-read capture (as on a kernel without
+#                          sock:sock_recv_length, e.g. 6.1)
 # CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey is what a 5.4 kernel gets.
 FORCE_ENV = "CLOSEWAIT_TRACE_FORCE"
 _FORCE_WORDS = {
@@ -95,6 +114,7 @@ _FORCE_WORDS = {
     "monotonic": ("boot_clock", False), "boottime": ("boot_clock", True),
     "perkey": ("batch_read", False), "batch": ("batch_read", True),
     "nobtf": ("btf", False),
+    "noeof": ("eof", False),
 }
 
 
@@ -112,6 +132,9 @@ class KernelFeatures:
     # namespace by address only, and a match in several is said as ambiguous.
     netns: Optional[btf.NetnsOffsets] = None
     probe_read_kernel: bool = True   # bpf_probe_read_kernel (5.5+)
+    # Why the place of an EOF read cannot be captured here; None: it can
+    # (sock:sock_recv_length, bpf_task_pt_regs, an x86-64 user stack).
+    eof_capture: Optional[str] = "not checked"
 
     @property
     def transport(self) -> str:
@@ -125,13 +148,18 @@ class KernelFeatures:
         text = f"{self.transport}, {self.clock} clock, " + \
                ("batched map reads" if self.batch_read else "per-key map reads") + \
                (", socket namespaces from BTF" if self.netns is not None
-                else ", socket namespaces unknown (no usable BTF): matched by address")
+                else ", socket namespaces unknown (no usable BTF): matched by address") + \
+               ", " + self.describe_eof()
         if self.forced:
             text += f" (forced by {FORCE_ENV}={','.join(self.forced)})"
         scale = knobs.time_scale()
         if scale != 1.0:
             text += f" (symbolizer budgets x{scale:g}: {knobs.TIME_SCALE_ENV})"
         return text
+
+    def describe_eof(self) -> str:
+        return ("EOF reads located (sock:sock_recv_length)" if self.eof_capture is None
+                else f"EOF reads not located: {self.eof_capture}")
 
 
 def parse_force(text: str) -> dict:
@@ -159,7 +187,32 @@ def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatur
         batch_read=forced.get("batch_read", True),
         forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()),
         netns=btf_netns_offsets() if forced.get("btf", True) else None,
-        probe_read_kernel=kernel_at_least(5, 5, release))
+        probe_read_kernel=kernel_at_least(5, 5, release),
+        eof_capture=("off (forced by " + FORCE_ENV + ")" if forced.get("eof") is False
+                     else eof_capture_unavailable(release)))
+
+
+def eof_capture_unavailable(release: Optional[str] = None, machine: Optional[str] = None,
+                            tracefs_dirs=TRACEFS_CANDIDATES,
+                            btf_path: str = "/sys/kernel/btf/vmlinux") -> Optional[str]:
+    """Why this kernel cannot locate EOF reads (None: it can). The program
+    needs the sock:sock_recv_length tracepoint (not in 6.1; in 6.18), the
+    user registers of the reading task (bpf_task_pt_regs, 5.15, with the
+    kernel's BTF) and a user stack this tool unwinds (x86-64). Decided by
+    what the kernel has, not by its version, but for bpf_task_pt_regs."""
+    machine = machine or os.uname().machine
+    if machine != "x86_64":
+        return f"unwinding {machine} stacks is not supported (x86-64 only)"
+    if not kernel_at_least(5, 15, release):
+        return "needs a newer kernel (bpf_task_pt_regs: Linux 5.15 and sock:sock_recv_length)"
+    if not os.path.exists(btf_path):
+        return f"no kernel BTF ({btf_path})"
+    for root in tracefs_dirs:
+        if os.path.isdir(os.path.join(root, "events", RECV_TRACEPOINT)):
+            return None
+    if any(os.path.isdir(os.path.join(root, "events")) for root in tracefs_dirs):
+        return "this kernel has no sock:sock_recv_length tracepoint (newer kernels have it)"
+    return None     # tracefs not mounted yet: start() mounts it and checks again
 
 
 @functools.lru_cache(maxsize=1)
@@ -270,7 +323,13 @@ class KernelProbe:
 
     def start(self, on_event: Callable[[KernelEvent], None]) -> None:
         BPF = import_bcc()
-        check_tracepoint(ensure_tracefs())
+        tracefs = ensure_tracefs()
+        check_tracepoint(tracefs)
+        if self.config.captures_eof and not os.path.isdir(
+                os.path.join(tracefs, "events", RECV_TRACEPOINT)):
+            import dataclasses
+            self.config.features = dataclasses.replace(
+                self.features, eof_capture=eof_capture_unavailable(tracefs_dirs=(tracefs,)))
         started = time.monotonic()
         source = str(bpf_source())
         with _StderrToFile() as captured:
@@ -425,6 +484,25 @@ class KernelProbe:
         # then the record is in `submitted` and only the lost callback knows.
         silently_lost = max(0, self.buffer_lost - kernel_lost)
         return max(0, submitted - self.received - silently_lost)
+
+    def take_eof_capture(self, skaddr: int) -> Optional[EofCapture]:
+        """Where the socket was read to its end, if it was (and the kernel
+        could say): taken out of the kernel's map, which frees its slot; the
+        socket's tracking entry keeps it from being captured again."""
+        if not self.config.captures_eof or self.bpf is None:
+            return None
+        table = self._table("cw_eof")
+        key = table.Key(skaddr)
+        try:
+            leaf = table[key]
+        except KeyError:
+            return None
+        capture = EofCapture.from_leaf(leaf)
+        try:
+            del table[key]
+        except KeyError:
+            pass            # the socket left meanwhile: the kernel deleted it
+        return capture
 
     def histogram(self) -> list[int]:
         table = self._table("cw_hist")

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.evidence import diagnosis
+from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners
-from closewait_trace.output import records
+from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
@@ -364,6 +364,7 @@ class LiveTracer:
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
         todo: list[tuple[Lingerer, object]] = []
+        captures: dict = {}                  # id(lingerer) -> (lingerer, EofCapture)
         for l in sorted(batch, key=lambda l: l.earliest_enter_ns):
             own = resolved.get(l.endpoints)
             gone = own is None or own.kind == owners.OWNER_GONE
@@ -387,18 +388,24 @@ class LiveTracer:
                         return
                     continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
+                # Taken whether shown or not: it frees the capture's slot.
+                capture = self.take_eof_capture(l)
                 if not matches:
                     l.hidden = True     # not the user's process: never shown
                     continue
+                if capture is not None:
+                    captures[id(l)] = (l, capture)
             todo.append((l, own))
         self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
+        self.locate_eof_reads(captures)
         shown: list[Lingerer] = []
         for l, own in todo:
             if update:
                 before = l.diagnosis.summary if l.diagnosis else None
                 self.unwatch(l)         # its holders may have changed too
             l.ownership = own
-            l.diagnosis = self.resolver.diagnose(own, evidence_cache) if own else None
+            l.diagnosis = (self.resolver.diagnose(own, evidence_cache, self.eof_reader(l))
+                           if own else None)
             self.watch(l)
             if not update or l.diagnosis.summary != before:
                 shown.append(l)
@@ -413,6 +420,54 @@ class LiveTracer:
             else:
                 self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
+
+    # --------------------------------------------------- where in the code
+
+    def take_eof_capture(self, l: Lingerer):
+        """The kernel's copy of where l was read to its end, taken out of its
+        map; l.code says what is known either way."""
+        why = self.eof_unknown()
+        if why is None and (l.pre_existing or l.skaddr is None):
+            why = records.CODE_PRE_EXISTING
+        if why is not None:
+            l.code = records.code_unknown(why)
+            return None
+        capture = self.probe.take_eof_capture(l.skaddr)
+        if capture is None:
+            l.code = records.code_none_seen()
+        return capture
+
+    def eof_unknown(self) -> Optional[str]:
+        """Why this run cannot say where sockets were read to their end (None:
+        it can)."""
+        config = self.config
+        if not config.eof_capture:
+            return "not captured (--no-eof-stacks)"
+        if not hasattr(self.probe, "take_eof_capture"):
+            return "not captured by this probe"
+        return config.features.eof_capture
+
+    def locate_eof_reads(self, captures: dict) -> None:
+        """Unwind the captured stacks (in the gathering worker: the holder's
+        maps and binaries are hostile input) and set each socket's code."""
+        if not captures:
+            return
+        stacks = self.resolver.captured_stacks(
+            [(key, c.pid, c.ip, c.sp, c.bp, c.stack) for key, (_l, c) in captures.items()])
+        offset = self.clock_offset_ns()
+        for key, (l, c) in captures.items():
+            frames = stacks.get(key)
+            l.code = records.code_eof_read(c, (c.ts_ns + offset) / 1e9, l.enter_ns, frames,
+                                           place.place_of(frames or []))
+
+    @staticmethod
+    def eof_reader(l: Lingerer) -> Optional[diagnosis.EofReader]:
+        read = (l.code or {}).get("eof_read")
+        if not read:
+            return None
+        where = read.get("place")
+        return diagnosis.EofReader(pid=read["pid"],
+                                   place=render.describe_place(where) if where else "")
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership

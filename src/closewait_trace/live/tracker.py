@@ -40,6 +40,8 @@ class Lingerer:
     # forgotten with it (a count kept apart outlived sockets that left).
     resolve_attempts: int = 0
     hidden: bool = False        # resolved, but its holders fail the holder filter
+    # Where in the holder's code (records.code_*): set when first reported.
+    code: Optional[dict] = None
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)

@@ -101,7 +101,36 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
     diag = lingerer.diagnosis
     rec.update(ownership_fields(lingerer.ownership, diag.holder_facts() if diag else None))
     rec["diagnosis"] = diag.as_dict() if diag else None
+    rec["code"] = lingerer.code or code_unknown(CODE_NOT_LOOKED_UP)
     return rec
+
+
+# Why a linger record does not say where its socket was read to its end.
+CODE_PRE_EXISTING = "in CLOSE_WAIT before the trace began"
+CODE_NOT_LOOKED_UP = "not looked up"
+
+
+def code_unknown(why: str) -> schema.Code:
+    return {"eof_read": None, "eof_read_unknown": why}
+
+
+def code_none_seen() -> schema.Code:
+    """Traced since it entered CLOSE_WAIT, and no read returned its end."""
+    return {"eof_read": None, "eof_read_unknown": None}
+
+
+def code_eof_read(capture, ts: float, enter_ns: int, stack: Optional[list],
+                  place: Optional[dict]) -> schema.Code:
+    """capture: a kernel.events.EofCapture; stack: its frames as dicts, or
+    None when they were not unwound in time; place: the frame to name."""
+    frames = list(stack or [])
+    return {"eof_read": {
+        "ts": round(ts, 6),
+        "after_s": round(max(0, capture.ts_ns - enter_ns) / 1e9, 6),
+        "pid": capture.pid, "tid": capture.tid, "comm": capture.comm,
+        "place": place, "stack": frames,
+        "stack_bytes": len(capture.stack), "unwound": stack is not None,
+    }, "eof_read_unknown": None}
 
 
 def lingering_entry(lingerer, age_ns: int) -> schema.LingeringEntry:

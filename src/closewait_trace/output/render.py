@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -417,6 +418,9 @@ class TextRenderer:
                 lines.extend(indent + l for l in prose(text, LINE - len(indent)))
             else:
                 lines.append(indent + textsafe.cut(text, LINE - len(indent)))
+        else:
+            text = ""
+        lines.extend(code_lines(rec, self.verbose, shown=text))
         if self.verbose:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
@@ -507,6 +511,70 @@ def _claim(claim) -> str:
             if named else "")
 
 
+# A C function's compiler clones (handle_client.isra.0, f.part.1, f.cold):
+# the name in the source is the part before the suffix.
+_CLONE_SUFFIX = re.compile(r"(\.(isra|part|constprop|cold|lto_priv|clone|localalias)(\.\d+)*)+$")
+
+
+def describe_place(frame: dict) -> str:
+    """A stack frame as its source names it, in a few words: the function
+    without the compiler's clone suffix and the module ('handle_client
+    (srv)', 'main.handle (api)'), the pc and module when unsymbolized. The
+    exact symbol and offset are in the frame itself (-v, JSON). Not
+    escaped: the caller escapes what it prints."""
+    module = str(frame.get("module") or "?").replace(" (deleted)", "").rsplit("/", 1)[-1]
+    function = frame.get("function")
+    where = _CLONE_SUFFIX.sub("", str(function)) if function else str(frame.get("pc") or "?")
+    return f"{where} ({module})"
+
+
+def frame_line(f: dict) -> str:
+    offset = f.get("offset")
+    name = (f"{escape(f['function'])}+{offset:#x}"
+            if f.get("function") and isinstance(offset, int) else escape(f.get("pc")))
+    module = escape(str(f.get("module") or "?").rsplit("/", 1)[-1])
+    note = f" ({escape(f['note'])})" if f.get("note") else ""
+    return f"{name} ({module}) [{escape(f.get('method'))}]{note}"
+
+
+def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
+    """Where the socket was read to its end: one line (unless the diagnosis
+    line just shown says it already), and with -v the reader's stack, or
+    why the place is not known."""
+    code = rec.get("code") if isinstance(rec.get("code"), dict) else {}
+    read = code.get("eof_read") if isinstance(code.get("eof_read"), dict) else None
+    indent = " " * 9
+    if read is None:
+        if not verbose:
+            return []
+        why = code.get("eof_read_unknown")
+        text = (f"EOF read: place not known: {escape(why)}" if why
+                else "EOF read: none seen since the peer closed")
+        return [indent + l for l in prose(text, LINE - len(indent))]
+    where = read.get("place") if isinstance(read.get("place"), dict) else None
+    place_text = escape(describe_place(where)) if where else "(stack not unwound)"
+    ago = _number(rec.get("ts"))
+    at = _number(read.get("ts"))
+    when = (f" {_duration(max(0.0, ago - at))} ago" if ago is not None and at is not None
+            else "")
+    out = []
+    text = f"read EOF in {place_text}{when}, never closed"
+    if verbose:
+        out.extend(indent + l for l in prose(text, LINE - len(indent)))
+    elif f"read EOF in {place_text}" not in shown:
+        out.append(indent + textsafe.cut(text, LINE - len(indent)))
+    if verbose:
+        out.extend(f"{indent}  {l}" for l in prose(
+            f"by {escape(read.get('pid'))}/{escape(read.get('comm'))} thread "
+            f"{escape(read.get('tid'))}, {_duration(read.get('after_s'))} after the peer "
+            f"closed; {escape(read.get('stack_bytes'))} bytes of stack copied",
+            LINE - len(indent) - 2))
+        for f in (read.get("stack") or [])[:16]:
+            if isinstance(f, dict):
+                out.append(f"{indent}    " + textsafe.cut(frame_line(f), LINE - len(indent) - 4))
+    return out
+
+
 def evidence_lines(rec: dict, processes: dict) -> list[str]:
     """-v: who holds it, where they live, and where each thread waits (the
     last two from the holder's `process` record)."""
@@ -547,12 +615,7 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             out.append(f"           thread {escape(t.get('tid'))} [{escape(t.get('state'))}] "
                        f"{escape(call)} wchan {escape(t.get('wchan') or '-')}")
             for f in (t.get("stack") or [])[:8]:
-                offset = f.get("offset")
-                name = (f"{escape(f['function'])}+{offset:#x}"
-                        if f.get("function") and isinstance(offset, int) else escape(f.get("pc")))
-                module = escape(str(f.get("module") or "?").rsplit("/", 1)[-1])
-                note = f" ({escape(f['note'])})" if f.get("note") else ""
-                out.append(f"             {name} ({module}) [{escape(f.get('method'))}]{note}")
+                out.append(f"             {frame_line(f)}")
         if process.get("stacks_not_read") and process.get("threads"):
             out.append(f"           stacks not read: {escape(process['stacks_not_read'])}")
     listener = rec.get("listener")
@@ -630,6 +693,8 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("events_unread"):
         problems.append(f"{n['events_unread']} events not read (still in the buffer "
                         f"when the trace ended)")
+    if n.get("eof_map_full"):
+        problems.append(f"{n['eof_map_full']} EOF reads not located (their map was full)")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))

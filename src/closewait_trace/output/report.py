@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from closewait_trace.output import textsafe
-from closewait_trace.output.render import (age_source, marked_age, histogram_lines, hostport,
-                                    slots_to_buckets)
+from closewait_trace.output.render import (age_source, describe_place, marked_age,
+                                           histogram_lines, hostport, slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
 
@@ -50,14 +50,18 @@ TIMELINE_SLOTS = 4096     # resolution of the timeline: its span / 2048 or finer
 OTHER = "(other)"
 CUT = " [...]"
 
-GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer", "pid")
-# Without --by: these, unit/container/pod only when some socket has one.
-DEFAULT_GROUPINGS = ("cause", "program", "unit", "container", "pod", "port", "peer")
+GROUPINGS = ("cause", "program", "code", "unit", "container", "pod", "port", "peer", "pid")
+# Without --by: these, code/unit/container/pod only when some socket has one.
+DEFAULT_GROUPINGS = ("cause", "program", "code", "unit", "container", "pod", "port", "peer")
 _OPTIONAL = ("unit", "container", "pod")
+# --by code: sockets whose place is not known, in two rows.
+NO_EOF_SEEN = "(no EOF read seen)"
+PLACE_NOT_KNOWN = "(not known)"
 
 TITLES = {
     "cause": "By cause (why they were not closed)",
     "program": "By program (the holders that never closed; children of one server folded)",
+    "code": "By code location (where the holder read EOF, and then never closed)",
     "unit": "By systemd unit",
     "container": "By container",
     "pod": "By Kubernetes pod",
@@ -85,6 +89,17 @@ def side_of(r: dict) -> str:
     return "server"
 
 
+def code_key(r: dict) -> str:
+    """The function that read the socket's end ('handle_client (app)'), or
+    why there is none, from a linger record's `code`."""
+    code = r.get("code") if isinstance(r.get("code"), dict) else {}
+    read = code.get("eof_read") if isinstance(code.get("eof_read"), dict) else None
+    if read is None:
+        return NO_EOF_SEEN if code and code.get("eof_read_unknown") is None else PLACE_NOT_KNOWN
+    where = read.get("place")
+    return describe_place(where) if isinstance(where, dict) else "(stack not unwound)"
+
+
 def peer_key(info: dict) -> str:
     """host:port of the remote service for a client's socket; host:* for a
     server's (its clients' ports are ephemeral: one row per host)."""
@@ -93,7 +108,7 @@ def peer_key(info: dict) -> str:
     return f"{host}:{info.get('rport')}" if info.get("side") == "client" else f"{host}:*"
 
 
-LABELS = {"cause": "CAUSE", "program": "PROGRAM", "unit": "UNIT", "container": "CONTAINER",
+LABELS = {"cause": "CAUSE", "program": "PROGRAM", "code": "CODE LOCATION", "unit": "UNIT", "container": "CONTAINER",
           "pod": "POD", "port": "PORT", "peer": "PEER", "pid": "PID/COMMAND"}
 
 
@@ -391,6 +406,7 @@ class _Builder:
             cause = "unknown"
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
         return {"family": r.get("family"), "laddr": _label(r.get("laddr")),
+                "code": _label(code_key(r)),
                 "lport": r.get("lport"), "raddr": _label(r.get("raddr")),
                 "rport": r.get("rport"), "side": side_of(r),
                 "owner_kind": _label(r.get("owner_kind")), "owners": [
@@ -509,6 +525,8 @@ class _Builder:
             return {EPHEMERAL if s.info.get("side") == "client" else s.info["lport"]}
         if grouping == "peer":
             return {peer_key(s.info)}
+        if grouping == "code":
+            return {s.info.get("code") or PLACE_NOT_KNOWN}
         raise ValueError(grouping)
 
     def _account(self, s: Sock) -> None:
@@ -553,6 +571,9 @@ class _Builder:
             if (g in _OPTIONAL and g not in self.explicit
                     and set(groups) <= {"(not known)"}):
                 continue
+            if (g == "code" and g not in self.explicit
+                    and set(groups) <= {NO_EOF_SEEN, PLACE_NOT_KNOWN}):
+                continue
             rep["groupings"].append(g)
             rep[f"by_{g}"] = _table(g, groups)
             if g == "pid":
@@ -582,6 +603,7 @@ class _Builder:
         for d in rep["still_lingering"]:
             d.pop("cause", None)
             d.pop("summary", None)
+            d.pop("code", None)
         problems = list(getattr(source, "problems", []) or [])
         if self.unusable:
             problems.append(f"{self.unusable} record(s) with unexpected values were not used")

@@ -27,8 +27,14 @@ from dataclasses import dataclass
 # copy under diagnosis.evidence.holders), the listener in `listener` only, and
 # unread_bytes/eof_read at the top only; the evidence refers to holders by
 # pid and fd.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#
+# Version 3: a linger record's `code`, where in the holder's code its
+# socket was read to its end (older records get it with the reason it is
+# not known).
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# What `code` says of a record written before it existed.
+CODE_NOT_RECORDED = "not recorded (written by an older version)"
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,37 @@ class StartRecord(_Base):
     all_transitions: bool
 
 
+class Frame(TypedDict):
+    pc: str
+    function: Optional[str]
+    offset: Optional[int]
+    module: Optional[str]
+    build_id: Optional[str]
+    method: str
+    symbols: Optional[str]
+    note: NotRequired[str]
+
+
+class EofRead(TypedDict):
+    """Where the socket was read to its end: the kernel program copied the
+    reading thread's registers and the top of its stack at that read."""
+    ts: Epoch
+    after_s: Seconds            # after the socket entered CLOSE_WAIT
+    pid: Pid
+    tid: Pid
+    comm: Comm
+    place: Optional[Frame]      # the frame named: the program's own code
+    stack: list[Frame]
+    stack_bytes: Count          # of stack copied by the kernel
+    unwound: bool               # false: not unwound in time (stack empty)
+
+
+class Code(TypedDict):
+    """Where in the holder's code the socket's story happened."""
+    eof_read: Optional[EofRead]
+    eof_read_unknown: Optional[str]   # why not known; both null: none was seen
+
+
 class LingerRecord(_Base, Endpoint):
     age_s: Seconds
     age_source: AgeSource
@@ -213,6 +250,9 @@ class LingerRecord(_Base, Endpoint):
     listener: Optional[Listener]
     also_in_netns: list[int]
     diagnosis: Optional[Diagnosis]
+    # Written by every version-3 writer; filled in by `upgrade` for older
+    # recordings; a reader takes its absence as "not known".
+    code: NotRequired[Code]
 
 
 class BriefHolder(TypedDict):
@@ -258,17 +298,6 @@ class LostRecord(_Base):
     counter: str
     count: Count
     total: Count
-
-
-class Frame(TypedDict):
-    pc: str
-    function: Optional[str]
-    offset: Optional[int]
-    module: Optional[str]
-    build_id: Optional[str]
-    method: str
-    symbols: Optional[str]
-    note: NotRequired[str]
 
 
 class Thread(TypedDict):
@@ -582,8 +611,11 @@ def _refs(holders: Any) -> list:
             if isinstance(h, dict)] if isinstance(holders, list) else []
 
 
-def _upgrade_linger(rec: dict) -> None:
+def _upgrade_linger(rec: dict, version: int) -> None:
     _upgrade_entry(rec)
+    rec.setdefault("code", {"eof_read": None, "eof_read_unknown": CODE_NOT_RECORDED})
+    if version >= 2:
+        return
     diag = rec.get("diagnosis")
     evidence = diag.get("evidence") if isinstance(diag, dict) else None
     if not isinstance(evidence, dict):
@@ -619,7 +651,7 @@ def upgrade(rec: Any, version: int) -> Any:
         return rec
     kind = rec.get("type")
     if kind == "linger":
-        _upgrade_linger(rec)
+        _upgrade_linger(rec, version)
     elif kind == "closed":
         _upgrade_entry(rec, "duration")
     elif kind in ("snapshot", "summary"):
@@ -667,6 +699,6 @@ DOCUMENTED: dict[str, type] = {
     "Holder": Holder, "Listener": Listener, "Diagnosis": Diagnosis, "Evidence": Evidence,
     "HolderRef": HolderRef, "Task": Task, "LingeringEntry": LingeringEntry,
     "BriefHolder": BriefHolder, "BriefDiagnosis": BriefDiagnosis, "Thread": Thread,
-    "Frame": Frame, "HistogramBucket": HistogramBucket, "Filters": Filters,
+    "Frame": Frame, "Code": Code, "EofRead": EofRead, "HistogramBucket": HistogramBucket, "Filters": Filters,
     "Identity": Identity, "Container": Container, "Claim": Claim, "Exe": Exe,
 }

@@ -1,0 +1,235 @@
+"""Where in the code (issue 18): the kernel copies the reader's registers and
+stack when a socket in CLOSE_WAIT is read to its end, and the tracer names
+the function that read EOF and never closed, although no thread is in it
+any more. Real programs: C built the Debian way (-O2, no frame pointers),
+Python; a crafted stack; the capture turned off; a socket older than the
+trace."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.kernel.harness import (TRACER, Tracer, free_port, record_row, ss_close_wait,
+                                  stretch, wait_until)
+
+pytestmark = pytest.mark.kernel
+SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.c")
+GO_SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.go")
+
+
+@pytest.fixture(scope="module")
+def eof_server(tmp_path_factory):
+    """Built as Debian builds C (dpkg-buildflags: -g -O2, no frame
+    pointers on amd64), then with its debug info stripped as the package
+    would ship it; the symbol table stays (an unstripped build)."""
+    out = str(tmp_path_factory.mktemp("eof") / "eof_server")
+    subprocess.run(["gcc", "-g", "-O2", "-fomit-frame-pointer", "-fstack-protector-strong",
+                    "-o", out, SOURCE], check=True)
+    subprocess.run(["strip", "--strip-debug", out], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def go_server(tmp_path_factory):
+    """Built with Debian's golang-go, as `go build` does by default (symbol
+    table and DWARF kept; no .eh_frame: Go keeps frame pointers)."""
+    if shutil.which("go") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("go is not installed (scripts/setup.sh test installs golang-go)")
+        pytest.skip("go is not installed")
+    work = tmp_path_factory.mktemp("go")
+    out = str(work / "eof_server")
+    env = dict(os.environ, HOME=str(work), GOCACHE=str(work / "cache"),
+               GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GO111MODULE="off")
+    subprocess.run(["go", "build", "-o", out, GO_SOURCE], check=True, env=env,
+                   timeout=stretch(300))
+    return out
+
+
+def start_server(procs, argv):
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    return server
+
+
+def send_and_close(port, payload=b"request"):
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(payload)
+    c.close()
+
+
+def linger_of(tracer, port, timeout=20):
+    return tracer.wait_for(lambda r: r["type"] == "linger" and r["lport"] == port,
+                           timeout=timeout)[0]
+
+
+def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_path):
+    port = free_port()
+    server = start_server(procs, [eof_server, str(port)])
+    recording = str(tmp_path / "rec.jsonl")
+    tracer = Tracer(["-p", str(port), "-t", "300ms", "-w", recording])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    assert {record_row(rec)} == ss_close_wait(port)
+    read = rec["code"]["eof_read"]
+    assert read is not None, rec["code"]
+    assert read["pid"] == server.pid and read["tid"] == server.pid
+    assert read["place"]["function"].startswith("handle_client"), read["stack"]
+    assert read["place"]["module"].endswith("eof_server")
+    functions = [f["function"] or "" for f in read["stack"]]
+    # Unwound by CFI through code without frame pointers: read, its caller,
+    # main, and the C library's start-up below main.
+    assert functions[0] == "read" or functions[0].startswith("__libc_read"), functions
+    assert "main" in functions and read["stack"][1]["method"] == "cfi", read["stack"]
+    d = rec["diagnosis"]
+    assert d["cause"] == "ignoring_eof"
+    assert "read EOF in handle_client (eof_server) and never closed" in d["summary"]
+    assert f"never closed: {server.pid}/eof_server" in d["summary"]
+    # No thread is in handle_client any more: it waits in accept.
+    process = [r for r in tracer.of("process") if r["pid"] == server.pid][0]
+    stacks = [f.get("function") or "" for t in process["threads"] for f in t["stack"]]
+    assert not any(s.startswith("handle_client") for s in stacks), stacks
+    tracer.stop()
+    # The recording replays to the same line, and the text says it.
+    replay = subprocess.run(TRACER + ["-r", recording, "-v"], capture_output=True, text=True,
+                            timeout=stretch(60))
+    assert replay.returncode == 0, replay.stderr
+    assert "read EOF in handle_client (eof_server)" in replay.stdout, replay.stdout
+    assert "[cfi]" in replay.stdout
+    # The report's table of code locations: the call site, one row.
+    report = subprocess.run(TRACER + ["report", "--by", "code", recording], capture_output=True,
+                            text=True, timeout=stretch(60))
+    assert report.returncode == 0, report.stderr
+    assert "By code location" in report.stdout, report.stdout
+    table = report.stdout.split("By code location", 1)[1].split("\n\n", 1)[0]
+    rows = [l for l in table.splitlines() if l.startswith("  handle_client (eof_server)")]
+    assert len(rows) == 1 and "ignoring_eof" in rows[0], report.stdout
+    mine = [l for l in replay.stdout.splitlines()
+            if "read EOF in" in l or "bytes of" in l or "[cfi]" in l]
+    assert len(mine) >= 4 and all(len(l) <= 80 for l in mine), mine
+
+
+def test_go_handler_that_returned_without_closing_is_named(procs, go_server):
+    """Go: the goroutine's stack at the read, by its frame pointers, from
+    the system call up through net.(*conn).Read to the handler."""
+    port = free_port()
+    server = start_server(procs, [go_server, str(port)])
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    assert {record_row(rec)} == ss_close_wait(port)
+    read = rec["code"]["eof_read"]
+    assert read is not None and read["pid"] == server.pid, rec["code"]
+    assert read["place"]["function"] == "main.handle", read["stack"]
+    functions = [f["function"] for f in read["stack"]]
+    assert "net.(*conn).Read" in functions, functions
+    assert {f["method"] for f in read["stack"][1:]} == {"fp"}, read["stack"]
+    assert rec["diagnosis"]["cause"] == "ignoring_eof"
+    assert "read EOF in main.handle (eof_server) and never closed" in \
+        rec["diagnosis"]["summary"]
+
+
+def test_a_process_that_never_read_has_none_seen(procs, eof_server):
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, sys, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    assert rec["code"] == {"eof_read": None, "eof_read_unknown": None}
+    assert rec["diagnosis"]["cause"] != "ignoring_eof" or "EOF unread" in \
+        rec["diagnosis"]["summary"]
+
+
+def test_python_reader_that_sleeps_is_ignoring_eof_not_blocked_elsewhere(procs):
+    """The same leak must not get a cause that depends on the call the
+    program idles in: a Python worker that read EOF and then sleeps."""
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        while c.recv(100):
+            pass
+        while True:
+            time.sleep(1)
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    read = rec["code"]["eof_read"]
+    assert read is not None and read["pid"] == holder.pid
+    # The interpreter's C function that read, not the C library's wrapper
+    # (Python's own frames are not in the copied stack).
+    assert read["stack"] and not read["place"]["module"].endswith("libc.so.6"), read
+    assert rec["diagnosis"]["cause"] == "ignoring_eof", rec["diagnosis"]
+
+
+def test_a_crafted_stack_is_unwound_within_bounds(procs, eof_server):
+    """RBP points at itself and every stack word points back into the
+    stack: the unwinder stops, the tracer goes on, the reader is named."""
+    port = free_port()
+    server = start_server(procs, [eof_server, str(port), "hostile"])
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    read = rec["code"]["eof_read"]
+    assert read["pid"] == server.pid
+    assert 1 <= len(read["stack"]) <= 16
+    assert read["stack"][0]["function"].startswith("read_on_crafted_stack")
+    # A second connection is still traced: nothing stalled.
+    send_and_close(port)
+    tracer.wait_for(lambda r: r["type"] == "linger" and r["lport"] == port, count=2)
+    tracer.stop()
+
+
+def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server):
+    port = free_port()
+    start_server(procs, [eof_server, str(port)])
+    send_and_close(port)            # lingers before the tracer starts
+    wait_until(lambda: len(ss_close_wait(port)) == 1, what="CLOSE_WAIT")
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    old = linger_of(tracer, port)
+    assert old["pre_existing"]
+    assert old["code"] == {"eof_read": None,
+                           "eof_read_unknown": "in CLOSE_WAIT before the trace began"}
+    tracer.stop()
+
+    off = Tracer(["-p", str(port), "-t", "300ms", "--no-eof-stacks"])
+    procs.append(off)
+    off.start()
+    send_and_close(port)
+    new = off.wait_for(lambda r: r["type"] == "linger" and not r["pre_existing"])[0]
+    assert new["code"] == {"eof_read": None,
+                           "eof_read_unknown": "not captured (--no-eof-stacks)"}
+    off.stop()
