@@ -233,3 +233,37 @@ def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server)
     assert new["code"] == {"eof_read": None,
                            "eof_read_unknown": "not captured (--no-eof-stacks)"}
     off.stop()
+
+
+def test_an_eof_read_after_the_report_gives_a_change_with_the_place(procs):
+    """Read to its end only after it was reported: the capture is taken on
+    a later tick (it would hold a slot of the kernel's map while the socket
+    lingers) and the new diagnosis names the place in a CHANGE."""
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, sys, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        sys.stdin.readline()        # the test says when to read
+        while c.recv(100):
+            pass
+        time.sleep(600)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    first = linger_of(tracer, port)
+    assert first["code"] == {"eof_read": None, "eof_read_unknown": None}
+    holder.stdin.write("read\n")
+    holder.stdin.flush()
+    change = tracer.wait_for(lambda r: r["type"] == "linger" and r["update"]
+                             and r["code"]["eof_read"] is not None)[0]
+    assert change["code"]["eof_read"]["pid"] == holder.pid
+    assert change["diagnosis"]["cause"] == "ignoring_eof"
+    assert "read EOF in" in change["diagnosis"]["summary"]
+    tracer.stop()

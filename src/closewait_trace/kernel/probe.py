@@ -485,6 +485,13 @@ class KernelProbe:
         silently_lost = max(0, self.buffer_lost - kernel_lost)
         return max(0, submitted - self.received - silently_lost)
 
+    def eof_capture_keys(self) -> list[int]:
+        """The sockets the kernel holds a capture for (at most
+        max_eof_captures: the map's size)."""
+        if not self.config.captures_eof or self.bpf is None:
+            return []
+        return [k.value for k in self._table("cw_eof").keys()]
+
     def take_eof_capture(self, skaddr: int) -> Optional[EofCapture]:
         """Where the socket was read to its end, if it was (and the kernel
         could say): taken out of the kernel's map, which frees its slot; the

@@ -132,6 +132,7 @@ class LiveTracer:
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
+    _eof_captured_seen: Optional[int] = None   # the kernel's eof_captured at the last look
     _final_drain: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
     own_netns: int = field(default_factory=tracer_netns)
@@ -307,6 +308,8 @@ class LiveTracer:
             due = self.tracker.due(now_ns)
         if resolve and self.watched:
             self.recheck_owners(now_ns)
+        if resolve and self.tracker.by_skaddr:
+            self.take_late_eof_reads(counters)
         if resolve and due:
             resolving = time.monotonic()
             self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
@@ -436,6 +439,29 @@ class LiveTracer:
         if capture is None:
             l.code = records.code_none_seen()
         return capture
+
+    def take_late_eof_reads(self, counters: dict) -> None:
+        """Sockets read to their end after they were reported: take their
+        captures (each holds a slot of the kernel's map while its socket
+        lingers) and diagnose them again with the place (a CHANGE line when
+        the diagnosis changes). Looked for only when the kernel kept a new
+        capture."""
+        captured = counters.get("eof_captured")
+        if captured is None or captured == self._eof_captured_seen:
+            return
+        self._eof_captured_seen = captured
+        keys = getattr(self.probe, "eof_capture_keys", None)
+        late: dict = {}
+        for skaddr in keys() if keys else ():
+            l = self.tracker.by_skaddr.get(skaddr)
+            if l is not None and l.reported:
+                capture = self.probe.take_eof_capture(skaddr)
+                if capture is not None and not l.hidden:
+                    late[id(l)] = (l, capture)
+        if late:
+            self.locate_eof_reads(late)
+            # The place changes the diagnosis: a CHANGE line says it.
+            self.resolve([l for l, _c in late.values()], self.now_ns(), update=True)
 
     def eof_unknown(self) -> Optional[str]:
         """Why this run cannot say where sockets were read to their end (None:
