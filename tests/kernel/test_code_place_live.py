@@ -22,14 +22,34 @@ SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.c")
 GO_SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.go")
 
 
+def source_line(path, text):
+    with open(path) as f:
+        return next(i for i, line in enumerate(f, 1) if text in line)
+
+
 @pytest.fixture(scope="module")
-def eof_server(tmp_path_factory):
-    """Built as Debian builds C (dpkg-buildflags: -g -O2, no frame
-    pointers on amd64), then with its debug info stripped as the package
-    would ship it; the symbol table stays (an unstripped build)."""
+def debug_dir(tmp_path_factory):
+    """Where the test's debug files go, by build-id, as a -dbgsym package
+    puts them under /usr/lib/debug (CLOSEWAIT_TRACE_DEBUGINFO points here)."""
+    return str(tmp_path_factory.mktemp("debug"))
+
+
+@pytest.fixture(scope="module")
+def eof_server(tmp_path_factory, debug_dir):
+    """Built as Debian builds C (dpkg-buildflags: -g -O2, no frame pointers
+    on amd64), its DWARF then split off into a debug file named by its
+    build-id and stripped from the binary, as the package would ship it
+    (the symbol table stays: an unstripped build)."""
     out = str(tmp_path_factory.mktemp("eof") / "eof_server")
     subprocess.run(["gcc", "-g", "-O2", "-fomit-frame-pointer", "-fstack-protector-strong",
                     "-o", out, SOURCE], check=True)
+    note = subprocess.run(["readelf", "-n", out], capture_output=True, text=True,
+                          check=True).stdout
+    build_id = note.split("Build ID:", 1)[1].split()[0]
+    debug = os.path.join(debug_dir, ".build-id", build_id[:2], build_id[2:] + ".debug")
+    os.makedirs(os.path.dirname(debug), exist_ok=True)
+    subprocess.run(["objcopy", "--only-keep-debug", "--compress-debug-sections=zlib", out,
+                    debug], check=True)
     subprocess.run(["strip", "--strip-debug", out], check=True)
     return out
 
@@ -69,12 +89,14 @@ def linger_of(tracer, port, timeout=20):
                            timeout=timeout)[0]
 
 
-def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_path):
+def test_c_server_that_returned_without_closing_is_named(procs, eof_server, debug_dir,
+                                                         tmp_path, monkeypatch):
     port = free_port()
     server = start_server(procs, [eof_server, str(port)])
     recording = str(tmp_path / "rec.jsonl")
     tracer = Tracer(["-p", str(port), "-t", "300ms", "-w", recording])
     procs.append(tracer)
+    monkeypatch.setenv("CLOSEWAIT_TRACE_DEBUGINFO", debug_dir)
     tracer.start()
     send_and_close(port)
     rec = linger_of(tracer, port)
@@ -84,6 +106,9 @@ def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_
     assert read["pid"] == server.pid and read["tid"] == server.pid
     assert read["place"]["function"].startswith("handle_client"), read["stack"]
     assert read["place"]["module"].endswith("eof_server")
+    # File and line from the debug file (compressed DWARF 5), by build-id.
+    assert (read["place"]["file"], read["place"]["line"]) == \
+        ("eof_server.c", source_line(SOURCE, "while ((n = read(fd, buf")), read["place"]
     functions = [f["function"] or "" for f in read["stack"]]
     # Unwound by CFI through code without frame pointers: read, its caller,
     # main, and the C library's start-up below main.
@@ -91,7 +116,7 @@ def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_
     assert "main" in functions and read["stack"][1]["method"] == "cfi", read["stack"]
     d = rec["diagnosis"]
     assert d["cause"] == "ignoring_eof"
-    assert "read EOF in handle_client (eof_server) and never closed" in d["summary"]
+    assert "read EOF in handle_client (eof_server.c:" in d["summary"]
     assert f"never closed: {server.pid}/eof_server" in d["summary"]
     # No thread is in handle_client any more: it waits in accept.
     process = [r for r in tracer.of("process") if r["pid"] == server.pid][0]
@@ -102,7 +127,7 @@ def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_
     replay = subprocess.run(TRACER + ["-r", recording, "-v"], capture_output=True, text=True,
                             timeout=stretch(60))
     assert replay.returncode == 0, replay.stderr
-    assert "read EOF in handle_client (eof_server)" in replay.stdout, replay.stdout
+    assert "read EOF in handle_client (eof_server.c:" in replay.stdout, replay.stdout
     assert "[cfi]" in replay.stdout
     # The report's table of code locations: the call site, one row.
     report = subprocess.run(TRACER + ["report", "--by", "code", recording], capture_output=True,
@@ -110,7 +135,7 @@ def test_c_server_that_returned_without_closing_is_named(procs, eof_server, tmp_
     assert report.returncode == 0, report.stderr
     assert "By code location" in report.stdout, report.stdout
     table = report.stdout.split("By code location", 1)[1].split("\n\n", 1)[0]
-    rows = [l for l in table.splitlines() if l.startswith("  handle_client (eof_server)")]
+    rows = [l for l in table.splitlines() if l.startswith("  handle_client (eof_server.c:")]
     assert len(rows) == 1 and "ignoring_eof" in rows[0], report.stdout
     mine = [l for l in replay.stdout.splitlines()
             if "read EOF in" in l or "bytes of" in l or "[cfi]" in l]
@@ -131,12 +156,14 @@ def test_go_handler_that_returned_without_closing_is_named(procs, go_server):
     read = rec["code"]["eof_read"]
     assert read is not None and read["pid"] == server.pid, rec["code"]
     assert read["place"]["function"] == "main.handle", read["stack"]
+    # Go binaries carry their DWARF (compressed): the line of the Read.
+    assert read["place"]["file"].endswith("eof_server.go")
+    assert read["place"]["line"] == source_line(GO_SOURCE, "c.Read(buf)"), read["place"]
     functions = [f["function"] for f in read["stack"]]
     assert "net.(*conn).Read" in functions, functions
     assert {f["method"] for f in read["stack"][1:]} == {"fp"}, read["stack"]
     assert rec["diagnosis"]["cause"] == "ignoring_eof"
-    assert "read EOF in main.handle (eof_server) and never closed" in \
-        rec["diagnosis"]["summary"]
+    assert "read EOF in main.handle (eof_server.go:" in rec["diagnosis"]["summary"]
 
 
 def test_a_process_that_never_read_has_none_seen(procs, eof_server):

@@ -52,15 +52,21 @@ def is_machinery(frame: dict) -> bool:
     return isinstance(function, str) and is_go_std(function)
 
 
-def place_of(frames: list) -> Optional[dict]:
-    """The frame to name (a frame dict as Frame.as_dict writes), or None for
+def place_index(frames: list) -> Optional[int]:
+    """Which of the frames (dicts as Frame.as_dict writes) to name; None for
     an empty stack."""
-    frames = [f for f in frames if isinstance(f, dict)]
-    for f in frames:
-        if not is_machinery(f):
-            return f
-    for f in frames:
-        module = str(f.get("module") or "").rsplit("/", 1)[-1]
+    usable = [i for i, f in enumerate(frames) if isinstance(f, dict)]
+    for i in usable:
+        if not is_machinery(frames[i]):
+            return i
+    for i in usable:
+        module = str(frames[i].get("module") or "").rsplit("/", 1)[-1]
         if module and not _LIBC.match(module):
-            return f
-    return frames[0] if frames else None
+            return i
+    return usable[0] if usable else None
+
+
+def place_of(frames: list) -> Optional[dict]:
+    """The frame to name, or None for an empty stack."""
+    i = place_index(frames)
+    return None if i is None else frames[i]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from closewait_trace import knobs
-from closewait_trace.evidence import elfindex, unwind_x86_64
+from closewait_trace.evidence import elfindex, place, unwind_x86_64
 from closewait_trace.sockets import procfs
 from closewait_trace.evidence.procimage import Mapping, ProcessImage
 
@@ -48,6 +48,8 @@ class Frame:
     method: str = "pc"        # pc | cfi | fp | scan
     symbols_from: str = ""    # symtab | debug-file | dynsym | none
     note: str = ""            # why this frame has no symbols, when it is not ordinary
+    file: str = ""            # source file and line, from DWARF (places only)
+    line: int = 0
 
     def describe(self) -> str:
         where = f"{self.function}+{self.offset:#x}" if self.function else f"{self.pc:#x}"
@@ -60,6 +62,8 @@ class Frame:
                "method": self.method, "symbols": self.symbols_from or None}
         if self.note:
             out["note"] = self.note
+        if self.file and self.line:
+            out["file"], out["line"] = self.file, self.line
         return out
 
 
@@ -145,6 +149,25 @@ class StackSession:
             frame.function, frame.offset = index.symbol(vaddr)
             frame.offset += pc - lookup
         return frame
+
+    def add_line(self, frame: Frame) -> None:
+        """File and line of a frame, from DWARF: for the one frame that
+        names a place (a line table is costly to read; a C library's debug
+        file holds tens of MB of DWARF)."""
+        m = self.image.mapping(frame.pc)
+        index = self.index_for(m) if m else None
+        path = self.image.file_of(m) if m else None
+        if index is None or path is None or self.budget.spent():
+            return
+        lookup = frame.pc if frame.method == "pc" else frame.pc - 1
+        vaddr = index.vaddr_of_offset(lookup - m.start + m.offset)
+        if vaddr is None:
+            return
+        from closewait_trace.evidence import dwarflines
+        found = dwarflines.line_of(path, vaddr, self.budget.deadline, index.build_id,
+                                   self.debug_roots)
+        if found is not None:
+            frame.file, frame.line = found
 
 
 def parse_syscall_regs(text: str) -> tuple[Optional[int], Optional[int]]:
@@ -241,8 +264,12 @@ def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
     budget = budget or Budget()
     image = CapturedImage(budget.image(pid, proc), sp, stack)
     try:
-        return unwind_x86_64.unwind(StackSession(image, budget, debug_roots), ip, sp,
-                                    max_frames, bp=bp or None)
+        session = StackSession(image, budget, debug_roots)
+        frames = unwind_x86_64.unwind(session, ip, sp, max_frames, bp=bp or None)
+        named = place.place_index([f.as_dict() for f in frames])
+        if named is not None:
+            session.add_line(frames[named])
+        return frames
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:

@@ -525,6 +525,9 @@ def describe_place(frame: dict) -> str:
     module = str(frame.get("module") or "?").replace(" (deleted)", "").rsplit("/", 1)[-1]
     function = frame.get("function")
     where = _CLONE_SUFFIX.sub("", str(function)) if function else str(frame.get("pc") or "?")
+    line, source = frame.get("line"), frame.get("file")
+    if source and type(line) is int:
+        return f"{where} ({str(source).rsplit('/', 1)[-1]}:{line})"
     return f"{where} ({module})"
 
 
@@ -534,6 +537,8 @@ def frame_line(f: dict) -> str:
             if f.get("function") and isinstance(offset, int) else escape(f.get("pc")))
     module = escape(str(f.get("module") or "?").rsplit("/", 1)[-1])
     note = f" ({escape(f['note'])})" if f.get("note") else ""
+    if f.get("file") and type(f.get("line")) is int:
+        module += f", {escape(str(f['file']).rsplit('/', 1)[-1])}:{f['line']}"
     return f"{name} ({module}) [{escape(f.get('method'))}]{note}"
 
 

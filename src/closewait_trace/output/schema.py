@@ -212,6 +212,8 @@ class Frame(TypedDict):
     method: str
     symbols: Optional[str]
     note: NotRequired[str]
+    file: NotRequired[str]
+    line: NotRequired[Count]
 
 
 class EofRead(TypedDict):
