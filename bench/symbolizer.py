@@ -220,8 +220,9 @@ def history(n: int) -> None:
           f"{dict(failed) or 'none'})")
     # One module's real cost: traced bytes that stay after load + lookups.
     print()
-    print("| holder | size_estimate() | held (tracemalloc) | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| holder | module: size_estimate() | decoded FDEs: accounted | held (tracemalloc) "
+          "| held / accounted |")
+    print("|---|---:|---:|---:|---:|")
     for path in paths[:1] + paths[39:40] + [sys.executable]:
         elfindex.CACHE.clear()
         touch(paths[-1]) if path != paths[-1] else None       # warm every code path
@@ -230,16 +231,18 @@ def history(n: int) -> None:
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         if path == sys.executable:
-            elfindex.load(path)
+            elfindex.load(path)               # the module alone
         else:
             touch(path)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         index, _ = elfindex.load(path)
-        est = index.size_estimate()
-        print(f"| {os.path.basename(path)} ({os.path.getsize(path) >> 10} KiB) | {est >> 10} KiB | "
-              f"{held >> 10} KiB | {held / est:.2f} |")
+        est, fdes = index.size_estimate(), getattr(elfindex, "FDE_CACHE", None)
+        fde_bytes = fdes.bytes if fdes is not None else 0
+        print(f"| {os.path.basename(path)} ({os.path.getsize(path) >> 10} KiB) | "
+              f"{est / 1024:.1f} KiB | {fde_bytes / 1024:.1f} KiB | {held / 1024:.1f} KiB | "
+              f"{held / (est + fde_bytes):.2f} |")
 
 
 if __name__ == "__main__":
