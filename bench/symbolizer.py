@@ -2,7 +2,7 @@
 and how much its cache holds against its byte cap.
 
     .venv/bin/python bench/symbolizer.py [N_LIBRARIES]
-    .venv/bin/python bench/symbolizer.py --history [N_BINARIES]
+    .venv/bin/python bench/symbolizer.py --history [N_BINARIES [CACHE_MIB]]
 
 Prints a markdown table (docs/benchmarks.md, "Symbolizer"). No root needed.
 
@@ -46,6 +46,8 @@ def main():
         cache_figure(int(sys.argv[2]))
         return
     if sys.argv[1:2] == ["--history"]:
+        if len(sys.argv) > 3:     # a smaller cache cap, in MiB: RSS once it evicts
+            elfindex.CACHE.max_bytes = int(float(sys.argv[3]) * 2**20)
         history(int(sys.argv[2]) if len(sys.argv) > 2 else 1000)
         return
     n_libs = int(sys.argv[1]) if len(sys.argv) > 1 else 300
