@@ -732,7 +732,8 @@ def _reason(e: BaseException) -> str:
 
 class IndexCache:
     """Parsed modules by file identity, least recently used evicted first
-    once the estimated bytes pass the cap. A module that could not be parsed
+    once the bytes they hold (ModuleIndex.size_estimate: their objects'
+    sizes, summed) pass the cap. A module that could not be parsed
     is remembered too (small, with its reason), so a crafted file costs its
     parse once."""
 
