@@ -14,19 +14,26 @@ are read here with struct from bytes whose size was checked first, because
 pyelftools' per-entry parsing is slow and its section iterators trust the
 counts the file states.
 
-Parsed modules are kept in an LRU cache bounded in bytes (an estimate of each
-entry's size), so a long-running tracer does not grow with every binary it
-has ever seen.
+Parsed modules are kept in an LRU cache bounded in bytes, each entry counted
+at what it holds (its objects' sizes, summed; checked against tracemalloc by
+the unit tests), so a long-running tracer does not grow with every binary it
+has ever seen. A module keeps no parsed CFI: the FDEs a stack needs are
+parsed on demand and only their decoded tables are kept, in one LRU shared
+by every module (FDE_CACHE_BYTES). pyelftools builds a DWARFStructs (about
+125 KB and 2 ms) for every CIE and FDE it parses; those are shared here, one
+per byte order, DWARF format and address size (see _shared_structs).
 """
 
 from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import os
 import stat as stat_mod
 import struct
 import sys
+import threading
 import time
 from array import array
 from collections import Counter, OrderedDict
@@ -36,6 +43,7 @@ from typing import Optional
 from closewait_trace import knobs
 
 try:
+    from elftools.dwarf import callframe as _callframe
     from elftools.dwarf.callframe import CIE, FDE, CallFrameInfo
     from elftools.dwarf.structs import DWARFStructs
     from elftools.elf.elffile import ELFFile
@@ -68,6 +76,8 @@ class Limits:
 
 LIMITS = Limits()
 CACHE_BYTES = 64 << 20
+# Decoded unwind tables kept for reuse, all modules together.
+FDE_CACHE_BYTES = 2 << 20
 # A file whose parse ran past parse_seconds is tried again after this long.
 SLOW_RETRY_SECONDS = 600.0
 
@@ -112,10 +122,15 @@ def note_problem(reason: str, path: str) -> None:
 
 # ------------------------------------------------------------------ the index
 
+_serials = itertools.count()
+
+
 @dataclass
 class ModuleIndex:
     """Symbols and unwind tables of one ELF file (kept compact: arrays, and
-    the raw .eh_frame bytes, parsed one FDE at a time on demand)."""
+    the raw .eh_frame bytes, parsed one FDE at a time on demand; the decoded
+    tables live in FDE_CACHE, not here, so this entry never grows after it
+    is cached)."""
     path: str = ""
     build_id: str = ""
     loads: list = field(default_factory=list)          # (vaddr, offset, filesz)
@@ -130,12 +145,8 @@ class ModuleIndex:
     eh_frame_addr: int = 0
     little_endian: bool = True
     address_size: int = 8
-    # A few parsed FDEs (index -> (FDE or None if malformed, estimated bytes)),
-    # kept within FDE_BYTES: a decoded FDE costs ~200 bytes per byte of CFI.
-    _fdes: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _fde_bytes: int = 0
-    FDE_BYTES = 512 << 10
-    FDE_COST = 256
+    # This module's key in FDE_CACHE (never reused, unlike id()).
+    serial: int = field(default_factory=lambda: next(_serials), repr=False)
 
     def vaddr_of_offset(self, file_offset: int) -> Optional[int]:
         for vaddr, offset, filesz in self.loads:
@@ -155,49 +166,175 @@ class ModuleIndex:
                 return self.sym_names[j], vaddr - addr
         return "", 0
 
-    def fde_for(self, vaddr: int):
-        """The parsed FDE covering vaddr, or None (also when it is malformed)."""
+    def fde_for(self, vaddr: int) -> Optional["UnwindEntry"]:
+        """The FDE covering vaddr (an UnwindEntry: .header's initial_location
+        and address_range, .get_decoded().table as pyelftools decodes it), or
+        None (also when it is malformed)."""
         i = bisect.bisect_right(self.fde_locs, vaddr) - 1
         if i < 0:
             return None
-        hit = self._fdes.get(i)
-        if hit is not None:
-            self._fdes.move_to_end(i)
-            fde = hit[0]
-        else:
-            fde = None
-            try:
-                fde = parse_fde(self.eh_frame, self.fde_offsets[i], self.eh_frame_addr,
-                                self.little_endian, self.address_size)
-            except Refused as e:
-                note_problem(f"bad FDE: {e}", self.path)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as e:   # pyelftools raises assorted errors on odd CFI
-                note_problem(f"malformed FDE ({type(e).__name__})", self.path)
-            self._keep_fde(i, fde)
-        if fde is None:
+        key = (self.serial, i)
+        entry = FDE_CACHE.get(key)
+        if entry is None:
+            entry = self._unwind_entry(i)
+            FDE_CACHE.put(key, entry)
+        if entry is MALFORMED:
             return None
-        start = fde.header["initial_location"]
-        return fde if start <= vaddr < start + fde.header["address_range"] else None
+        start = entry.header["initial_location"]
+        return entry if start <= vaddr < start + entry.header["address_range"] else None
 
-    def _keep_fde(self, i: int, fde) -> None:
-        cost = 64 if fde is None else self.FDE_COST * (fde.header["length"] + 4)
-        if cost > self.FDE_BYTES:
-            return                        # used once, not kept
-        self._fdes[i] = (fde, cost)
-        self._fde_bytes += cost
-        while self._fde_bytes > self.FDE_BYTES:
-            _, (_, evicted) = self._fdes.popitem(last=False)
-            self._fde_bytes -= evicted
+    def _unwind_entry(self, i: int) -> "UnwindEntry":
+        """Parse and decode FDE i, keeping only what unwinding reads: its
+        range and decoded table (not pyelftools' FDE, CIE and instructions)."""
+        try:
+            fde = parse_fde(self.eh_frame, self.fde_offsets[i], self.eh_frame_addr,
+                            self.little_endian, self.address_size)
+        except Refused as e:
+            note_problem(f"bad FDE: {e}", self.path)
+            return MALFORMED
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:   # pyelftools raises assorted errors on odd CFI
+            note_problem(f"malformed FDE ({type(e).__name__})", self.path)
+            return MALFORMED
+        header = {k: fde.header[k] for k in ("length", "initial_location", "address_range")}
+        try:
+            return UnwindEntry(header, fde.get_decoded(), "")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:   # decoded by the caller before: it sees the error then
+            return UnwindEntry(header, None, f"CFI not decoded ({type(e).__name__})")
 
     def size_estimate(self) -> int:
-        """Bytes this entry holds, roughly (what the cache accounts)."""
-        names = sum(len(n) + 57 for n in self.sym_names)    # str object + list slot
-        return (1024 + len(self.eh_frame) + names
-                + 8 * (len(self.sym_addrs) + len(self.sym_sizes)
-                       + len(self.fde_locs) + len(self.fde_offsets))
-                + self.FDE_BYTES + 64 * len(self.loads))
+        """Bytes this entry holds: the sizes of its objects, summed (within
+        a few percent of what tracemalloc sees: tests/unit/test_elfindex_memory.py).
+        It is the same for as long as the entry is cached."""
+        g = sys.getsizeof
+        return (g(self) + MODULE_OVERHEAD + g(self.path) + g(self.build_id)
+                + g(self.loads) + sum(g(t) + sum(map(g, t)) for t in self.loads)
+                + g(self.sym_addrs) + g(self.sym_sizes) + g(self.sym_names)
+                + sum(map(g, self.sym_names))
+                + g(self.fde_locs) + g(self.fde_offsets) + g(self.eh_frame))
+
+
+# The instance's attribute dict (not in getsizeof of a dataclass instance).
+MODULE_OVERHEAD = 400
+
+
+class UnwindEntry:
+    """One FDE as unwinding uses it: .header (initial_location,
+    address_range, length) and .get_decoded(), pyelftools'
+    DecodedCallFrameTable (raises if the FDE's CFI could not be decoded)."""
+
+    __slots__ = ("header", "_decoded", "_error")
+
+    def __init__(self, header: dict, decoded, error: str):
+        self.header, self._decoded, self._error = header, decoded, error
+
+    def get_decoded(self):
+        if self._decoded is None:
+            raise ValueError(self._error)
+        return self._decoded
+
+    def size_estimate(self) -> int:
+        """Bytes held: this object, its header, and the decoded table's rows
+        and rules (each rule object counted once: rows share them)."""
+        g = sys.getsizeof
+        n = g(self) + g(self.header) + sum(map(g, self.header.values())) + g(self._error)
+        dec = self._decoded
+        if dec is None:
+            return n
+        n += g(dec) + g(dec.table) + g(dec.reg_order)
+        seen = set()
+        for row in dec.table:
+            n += g(row)
+            for value in row.values():
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                if isinstance(value, int):
+                    n += g(value)
+                else:                 # a CFARule or RegisterRule: object + its values
+                    n += RULE_BYTES
+                    extra = getattr(value, "expr", None) or getattr(value, "arg", None)
+                    if isinstance(extra, (list, bytes)):
+                        n += g(extra) + 32 * len(extra)
+        return n
+
+
+# A CFARule or RegisterRule object with its (inline) attribute values, as
+# tracemalloc sees it on CPython 3.11.
+RULE_BYTES = 112
+MALFORMED = UnwindEntry({}, None, "malformed FDE")
+
+
+class FDECache:
+    """Decoded unwind tables by (module serial, FDE index), least recently
+    used evicted first past max_bytes (each counted at its size_estimate).
+    Shared by every module, so the tables a module's stacks needed do not
+    live (and count) as long as the module does."""
+
+    def __init__(self, max_bytes: int = FDE_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict = OrderedDict()     # key -> (entry, size)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key) -> Optional[UnwindEntry]:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            self._entries.move_to_end(key)
+            return hit[0]
+
+    def put(self, key, entry: UnwindEntry) -> None:
+        size = 64 if entry is MALFORMED else entry.size_estimate()
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if size > self.max_bytes:
+                return                # used once, not kept
+            self._entries[key] = (entry, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.bytes -= evicted
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+FDE_CACHE = FDECache()
+
+
+_structs_cache: dict = {}
+
+
+def _shared_structs(little_endian=True, dwarf_format=32, address_size=4, dwarf_version=2):
+    """pyelftools' CallFrameInfo builds a new DWARFStructs for every entry
+    it parses (about 125 KB and 2 ms each), and each parsed CIE and FDE
+    keeps its own. They are immutable once built: one per combination
+    (at most a handful; anything unusual is built as before, not kept)."""
+    key = (bool(little_endian), dwarf_format, address_size, dwarf_version)
+    hit = _structs_cache.get(key)
+    if hit is None:
+        hit = DWARFStructs(little_endian=little_endian, dwarf_format=dwarf_format,
+                           address_size=address_size, dwarf_version=dwarf_version)
+        if dwarf_format in (32, 64) and address_size in (4, 8) and dwarf_version in (2, 3, 4, 5):
+            _structs_cache[key] = hit
+    return hit
+
+
+if ELFFile is not None:
+    # CallFrameInfo._parse_entry_at looks DWARFStructs up in its module.
+    _callframe.DWARFStructs = _shared_structs
 
 
 def parse_fde(eh_frame: bytes, offset: int, address: int, little_endian: bool,
@@ -222,7 +359,8 @@ def parse_fde(eh_frame: bytes, offset: int, address: int, little_endian: bool,
         raise Refused("CIE augmentation we do not read")
     # Both entries were checked to end inside the section; BytesIO shares
     # the bytes object's buffer rather than copying it.
-    structs = DWARFStructs(little_endian=little_endian, dwarf_format=32, address_size=address_size)
+    structs = _shared_structs(little_endian=little_endian, dwarf_format=32,
+                              address_size=address_size)
     cfi = CallFrameInfo(stream=io.BytesIO(eh_frame), size=len(eh_frame), address=address,
                         base_structs=structs, for_eh_frame=True)
     fde = cfi._parse_entry_at(offset)      # one entry, not the whole section
@@ -594,7 +732,8 @@ def _reason(e: BaseException) -> str:
 
 class IndexCache:
     """Parsed modules by file identity, least recently used evicted first
-    once the estimated bytes pass the cap. A module that could not be parsed
+    once the bytes they hold (ModuleIndex.size_estimate: their objects'
+    sizes, summed) pass the cap. A module that could not be parsed
     is remembered too (small, with its reason), so a crafted file costs its
     parse once."""
 
@@ -643,6 +782,7 @@ class IndexCache:
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0
+        FDE_CACHE.clear()
 
 
 CACHE = IndexCache()
