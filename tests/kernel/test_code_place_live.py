@@ -294,3 +294,48 @@ def test_an_eof_read_after_the_report_gives_a_change_with_the_place(procs):
     assert change["diagnosis"]["cause"] == "ignoring_eof"
     assert "read EOF in" in change["diagnosis"]["summary"]
     tracer.stop()
+
+
+def test_a_burst_of_eof_reads_is_sampled_and_the_rest_said_not_kept(procs):
+    """400 sockets read to their end within a fraction of a second: the
+    kernel keeps at most its per-CPU rate of captures; every other socket
+    says its place was not kept (never "none seen"), and the counts add up."""
+    port = free_port()
+    count = 400
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import resource, socket, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen(1024)
+        print("ready", flush=True)
+        held = []
+        for _ in range({count}):
+            c, _ = l.accept()
+            held.append(c)
+        for c in held:
+            while c.recv(100):
+                pass
+        print("read", flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    for c in clients:
+        c.close()
+    assert holder.stdout.readline().strip() == "read"
+    lingers = tracer.wait_for(lambda r: r["type"] == "linger" and r["lport"] == port,
+                              count=count, timeout=60)
+    assert {record_row(r) for r in lingers} == ss_close_wait(port)
+    kept = [r for r in lingers if r["code"]["eof_read"] is not None]
+    not_kept = [r for r in lingers if r["code"]["eof_read"] is None]
+    assert all(r["code"]["eof_read_unknown"].startswith("read to its end, but the place was "
+                                                        "not kept") for r in not_kept)
+    assert 1 <= len(kept) < count and not_kept, (len(kept), len(not_kept))
+    assert all(r["code"]["eof_read"]["pid"] == holder.pid for r in kept)
+    summary = tracer.stop()
+    c = summary["counters"]
+    assert c["eof_captured"] == len(kept) and c["eof_map_full"] == 0
+    assert c["eof_rate_limited"] == len(not_kept)

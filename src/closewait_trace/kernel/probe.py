@@ -47,6 +47,10 @@ class ProbeConfig:
     eof_capture: bool = True
     max_eof_captures: int = 1024
     eof_stack_bytes: int = 4096
+    # Per CPU per second, at most: a capture costs ~0.8 us in the kernel,
+    # and a server whose clients close first reads EOF on every connection
+    # (bench/hook_cost.py; docs/benchmarks.md).
+    eof_captures_per_s: int = 128
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
     features: "KernelFeatures" = field(default_factory=lambda: detect_features())
@@ -73,7 +77,8 @@ class ProbeConfig:
             flags.append("-DUSE_PROBE_READ_KERNEL")
         if self.captures_eof:
             flags += ["-DEOF_CAPTURE", f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
-                      f"-DEOF_STACK_BYTES={self.eof_stack_bytes}"]
+                      f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
+                      f"-DEOF_CAPTURES_PER_S={self.eof_captures_per_s}"]
         return flags
 
     @property
@@ -510,6 +515,18 @@ class KernelProbe:
         except KeyError:
             pass            # the socket left meanwhile: the kernel deleted it
         return capture
+
+    def eof_read_without_capture(self, skaddr: int) -> bool:
+        """Whether the kernel saw the socket read to its end without keeping
+        the place (over the rate, or the capture map full): its tracking
+        entry has the EOF read's time."""
+        if not self.config.captures_eof or self.bpf is None:
+            return False
+        table = self._table("cw_tracking")
+        try:
+            return bool(table[table.Key(skaddr)].eof_ns)
+        except KeyError:
+            return False
 
     def histogram(self) -> list[int]:
         table = self._table("cw_hist")

@@ -437,7 +437,9 @@ class LiveTracer:
             return None
         capture = self.probe.take_eof_capture(l.skaddr)
         if capture is None:
-            l.code = records.code_none_seen()
+            kept_not = getattr(self.probe, "eof_read_without_capture", None)
+            l.code = (records.code_unknown(records.CODE_NOT_KEPT)
+                      if kept_not and kept_not(l.skaddr) else records.code_none_seen())
         return capture
 
     def take_late_eof_reads(self, counters: dict) -> None:

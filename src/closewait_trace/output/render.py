@@ -700,6 +700,9 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
                         f"when the trace ended)")
     if n.get("eof_map_full"):
         problems.append(f"{n['eof_map_full']} EOF reads not located (their map was full)")
+    if n.get("eof_rate_limited"):
+        problems.append(f"{n['eof_rate_limited']} EOF reads not located (over the capture "
+                        f"rate: a sample was kept)")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
