@@ -35,15 +35,18 @@
 //   MAX_EOF_CAPTURES     capacity of cw_eof (with EOF_CAPTURE)
 //   EOF_STACK_BYTES      bytes of the reader's user stack kept (power of two,
 //                        at most 4096: one page, see cw_copy_stack)
-//   EOF_CAPTURES_PER_S   captures taken per CPU per second, at most
+//   CAPTURES_PER_S       captures of each kind per CPU per second, at most
+//   OPEN_CAPTURE         also keep where client sockets were connect()ed
+//   MAX_OPEN_CAPTURES    capacity of cw_open (with OPEN_CAPTURE)
 
-#ifdef EOF_CAPTURE
+#if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
 #define EOF_STACK_BYTES_OR_1 EOF_STACK_BYTES
 #else
 #define EOF_STACK_BYTES_OR_1 1
 #endif
 
 // Values from the kernel's uapi headers, which this file must not include.
+#define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
 #define IPPROTO_TCP_NUM 6
@@ -126,7 +129,10 @@ struct cw_counters {
     u64 eof_map_full;    // EOF reads not kept: cw_eof was full
     u64 eof_stack_short; // kept with less than EOF_STACK_BYTES of stack (the
                          //   stack's top was nearer than that), or none
-    u64 eof_rate_limited;// EOF reads not kept: over EOF_CAPTURES_PER_S
+    u64 eof_rate_limited;// EOF reads not kept: over CAPTURES_PER_S
+    u64 open_captured;   // connect()s kept in cw_open
+    u64 open_map_full;   // connect()s not kept: cw_open was full
+    u64 open_rate_limited; // connect()s not kept: over CAPTURES_PER_S
 };
 
 // Preallocated: an insert and a delete per connection are the whole cost of
@@ -147,24 +153,29 @@ BPF_HASH(cw_lports, u16, u8, 64);
 BPF_HASH(cw_rports, u16, u8, 64);
 #endif
 
-#ifdef EOF_CAPTURE
+#if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
 // Preallocated for the same reason as cw_tracking; MAX_EOF_CAPTURES times
 // about 4.2 KiB of kernel memory. An entry lives from the EOF read until the
 // socket leaves CLOSE_WAIT or user space takes it (when it reports the
 // socket), so it holds only sockets not yet closed after reading EOF.
 BPF_F_TABLE("hash", u64, struct cw_eof, cw_eof, MAX_EOF_CAPTURES, 0);
+// The same, for connect(): from SYN_SENT until the socket is closed or
+// reported; MAX_OPEN_CAPTURES of them.
+BPF_F_TABLE("hash", u64, struct cw_eof, cw_open, MAX_OPEN_CAPTURES, 0);
 // Built here, then copied into cw_eof: a BPF stack is 512 bytes.
 BPF_PERCPU_ARRAY(cw_eof_scratch, struct cw_eof, 1);
 
-// Captures taken on this CPU in the current one-second window. A capture
-// costs about 0.8 us (bench/hook_cost.py); a server whose clients close
-// first reads EOF on every connection, so at tens of thousands of
-// connections a second the capture is a sample, not every one (a leak has
-// few call sites: a sample names them). The EOF read is still marked in
-// cw_tracking, so user space says "not kept", never "none seen".
+// Captures taken on this CPU in the current one-second window, of each
+// kind. A capture costs about 0.8 us (bench/hook_cost.py); a server whose
+// clients close first reads EOF on every connection, and a client opens
+// them as fast, so at tens of thousands of connections a second captures
+// are a sample, not every one (a leak has few call sites: a sample names
+// them). An EOF read is still marked in cw_tracking, so user space says
+// "not kept", never "none seen".
 struct cw_eof_budget {
     u64 window_ns;
-    u64 used;
+    u64 used_eof;
+    u64 used_open;
 };
 BPF_PERCPU_ARRAY(cw_eof_budget, struct cw_eof_budget, 1);
 #endif
@@ -373,10 +384,131 @@ static __always_inline void cw_stream(void *ctx, struct cw_tp *tp, u64 now)
 }
 #endif
 
+#if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
+// The x86-64 user registers the kernel saved at the system call (struct
+// pt_regs, the ptrace ABI: a fixed layout, not a kernel struct that moves).
+#define PT_REGS_WORDS 21
+#define PT_BP 4
+#define PT_IP 16
+#define PT_SP 19
+
+// The top of the user stack from sp. The whole EOF_STACK_BYTES when mapped;
+// a stack's top may be nearer than that (a shallow main thread), and then
+// the read of the whole fails: copy to the end of sp's page instead, which
+// is mapped since sp is.
+static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
+{
+    if (bpf_probe_read_user(c->stack, EOF_STACK_BYTES, (void *)sp) == 0)
+        return EOF_STACK_BYTES;
+    u32 n = (4096 - (sp & 4095)) & (EOF_STACK_BYTES - 1);
+    if (n == 0 || bpf_probe_read_user(c->stack, n, (void *)sp) != 0)
+        return 0;
+    return n;
+}
+
+// Whether this CPU may take another capture of `kind` in this second (see
+// cw_eof_budget).
+static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_counters *counts)
+{
+    int zero = 0;
+    struct cw_eof_budget *budget = cw_eof_budget.lookup(&zero);
+    if (!budget)
+        return 0;
+    if (now - budget->window_ns >= 1000000000ULL) {
+        budget->window_ns = now;
+        budget->used_eof = 0;
+        budget->used_open = 0;
+    }
+    u64 *used = open ? &budget->used_open : &budget->used_eof;
+    if (*used >= CAPTURES_PER_S) {
+        if (counts) {
+            if (open)
+                counts->open_rate_limited++;
+            else
+                counts->eof_rate_limited++;
+        }
+        return 0;
+    }
+    (*used)++;
+    return 1;
+}
+
+// The current task's registers and the top of its user stack into the
+// per-CPU scratch capture, which the caller then stores by socket.
+static __always_inline struct cw_eof *cw_capture(u64 now)
+{
+    int zero = 0;
+    struct cw_eof *c = cw_eof_scratch.lookup(&zero);
+    if (!c)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    c->ts_ns = now;
+    c->pid = id >> 32;
+    c->tid = (u32)id;
+    bpf_get_current_comm(&c->comm, sizeof(c->comm));
+    u64 regs[PT_REGS_WORDS] = {};
+    void *task = (void *)bpf_get_current_task_btf();
+    void *pt = (void *)bpf_task_pt_regs(task);
+    c->ip = c->sp = c->bp = 0;
+    c->stack_len = 0;
+    if (bpf_probe_read_kernel(regs, sizeof(regs), pt) == 0) {
+        c->ip = regs[PT_IP];
+        c->sp = regs[PT_SP];
+        c->bp = regs[PT_BP];
+        c->stack_len = cw_copy_stack(c, c->sp);
+    }
+    return c;
+}
+#endif
+
+#ifdef OPEN_CAPTURE
+// A client socket's connect(): CLOSE -> SYN_SENT runs in the connecting
+// thread. Kept by socket until it reaches TCP_CLOSE or user space takes it
+// (when it reports the socket lingering).
+static __always_inline void cw_opened(u64 sk, u16 family, u16 dport)
+{
+    struct cw_counters *counts = cw_counts();
+    u64 now = cw_now();
+#ifdef FILTER_FAMILY
+    if (family != FILTER_FAMILY)
+        return;
+#endif
+#ifdef FILTER_RPORT
+    if (!cw_rports.lookup(&dport))
+        return;
+#endif
+    if (!cw_capture_allowed(now, 1, counts))
+        return;
+    struct cw_eof *c = cw_capture(now);
+    if (!c)
+        return;
+    int full = cw_open.update(&sk, c) != 0;
+    if (counts) {
+        if (full)
+            counts->open_map_full++;
+        else
+            counts->open_captured++;
+    }
+}
+#endif
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != IPPROTO_TCP_NUM)
         return 0;
+#ifdef OPEN_CAPTURE
+    if (args->newstate == TCP_SYN_SENT) {
+        // The local port is not chosen yet (sport is 0): only the family
+        // and remote-port filters can apply.
+        cw_opened((u64)args->skaddr, args->family, args->dport);
+#ifndef ALL_TRANSITIONS
+        return 0;
+#endif
+    } else if (args->newstate == TCP_CLOSE) {
+        u64 closing = (u64)args->skaddr;
+        cw_open.delete(&closing);   // a miss for most: one hash probe
+    }
+#endif
 #ifndef ALL_TRANSITIONS
     // Default mode: only transitions into or out of CLOSE_WAIT matter, and
     // the test is first so that every other transition costs two compares.
@@ -413,27 +545,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 }
 
 #ifdef EOF_CAPTURE
-// The x86-64 user registers the kernel saved at the system call (struct
-// pt_regs, the ptrace ABI: a fixed layout, not a kernel struct that moves).
-#define PT_REGS_WORDS 21
-#define PT_BP 4
-#define PT_IP 16
-#define PT_SP 19
-
-// The top of the user stack from sp. The whole EOF_STACK_BYTES when mapped;
-// a stack's top may be nearer than that (a shallow main thread), and then
-// the read of the whole fails: copy to the end of sp's page instead, which
-// is mapped since sp is.
-static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
-{
-    if (bpf_probe_read_user(c->stack, EOF_STACK_BYTES, (void *)sp) == 0)
-        return EOF_STACK_BYTES;
-    u32 n = (4096 - (sp & 4095)) & (EOF_STACK_BYTES - 1);
-    if (n == 0 || bpf_probe_read_user(c->stack, n, (void *)sp) != 0)
-        return 0;
-    return n;
-}
-
 // Every socket read on the machine passes here: an ordinary read (ret > 0)
 // or an error costs one compare. Only a read that returned end of stream on
 // a socket in cw_tracking, the first time, does more.
@@ -450,40 +561,12 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
         return 0;
     u64 now = cw_now();
     e->eof_ns = now;        // once per socket: later reads cost a lookup
-    int zero = 0;
     struct cw_counters *counts = cw_counts();
-    struct cw_eof_budget *budget = cw_eof_budget.lookup(&zero);
-    if (!budget)
+    if (!cw_capture_allowed(now, 0, counts))
         return 0;
-    if (now - budget->window_ns >= 1000000000ULL) {
-        budget->window_ns = now;
-        budget->used = 0;
-    }
-    if (budget->used >= EOF_CAPTURES_PER_S) {
-        if (counts)
-            counts->eof_rate_limited++;
-        return 0;
-    }
-    budget->used++;
-    struct cw_eof *c = cw_eof_scratch.lookup(&zero);
+    struct cw_eof *c = cw_capture(now);
     if (!c)
         return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    c->ts_ns = now;
-    c->pid = id >> 32;
-    c->tid = (u32)id;
-    bpf_get_current_comm(&c->comm, sizeof(c->comm));
-    u64 regs[PT_REGS_WORDS] = {};
-    void *task = (void *)bpf_get_current_task_btf();
-    void *pt = (void *)bpf_task_pt_regs(task);
-    c->ip = c->sp = c->bp = 0;
-    c->stack_len = 0;
-    if (bpf_probe_read_kernel(regs, sizeof(regs), pt) == 0) {
-        c->ip = regs[PT_IP];
-        c->sp = regs[PT_SP];
-        c->bp = regs[PT_BP];
-        c->stack_len = cw_copy_stack(c, c->sp);
-    }
     int full = cw_eof.update(&sk, c) != 0;
     if (counts) {
         if (full)

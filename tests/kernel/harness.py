@@ -143,9 +143,10 @@ class Tracer:
             self.proc.wait()
 
 
-def ss_close_wait(port: int) -> set[tuple]:
-    """(local, remote, pids) of sockets in CLOSE-WAIT on local port, from ss."""
-    out = subprocess.run(["ss", "-Htanp", "state", "close-wait", f"( sport = :{port} )"],
+def ss_close_wait(port: int, side: str = "sport") -> set[tuple]:
+    """(local, remote, pids) of sockets in CLOSE-WAIT on local port (side
+    "dport": on remote port), from ss."""
+    out = subprocess.run(["ss", "-Htanp", "state", "close-wait", f"( {side} = :{port} )"],
                          capture_output=True, text=True, check=True).stdout
     rows = set()
     for line in out.splitlines():

@@ -20,6 +20,8 @@ from tests.kernel.harness import (TRACER, Tracer, free_port, record_row, ss_clos
 pytestmark = pytest.mark.kernel
 SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.c")
 GO_SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.go")
+CLIENT = os.path.join(os.path.dirname(__file__), "data", "leaky_client.c")
+GO_CLIENT = os.path.join(os.path.dirname(__file__), "data", "leaky_client.go")
 
 
 def source_line(path, text):
@@ -54,8 +56,7 @@ def eof_server(tmp_path_factory, debug_dir):
     return out
 
 
-@pytest.fixture(scope="module")
-def go_server(tmp_path_factory):
+def go_build(tmp_path_factory, source, name):
     """Built with Debian's golang-go, as `go build` does by default (symbol
     table and DWARF kept; no .eh_frame: Go keeps frame pointers)."""
     if shutil.which("go") is None:
@@ -63,11 +64,28 @@ def go_server(tmp_path_factory):
             pytest.fail("go is not installed (scripts/setup.sh test installs golang-go)")
         pytest.skip("go is not installed")
     work = tmp_path_factory.mktemp("go")
-    out = str(work / "eof_server")
+    out = str(work / name)
     env = dict(os.environ, HOME=str(work), GOCACHE=str(work / "cache"),
                GOPATH=str(work / "gopath"), GOFLAGS="-mod=mod", GO111MODULE="off")
-    subprocess.run(["go", "build", "-o", out, GO_SOURCE], check=True, env=env,
+    subprocess.run(["go", "build", "-o", out, source], check=True, env=env,
                    timeout=stretch(300))
+    return out
+
+
+@pytest.fixture(scope="module")
+def go_server(tmp_path_factory):
+    return go_build(tmp_path_factory, GO_SOURCE, "eof_server")
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory):
+    return go_build(tmp_path_factory, GO_CLIENT, "leaky_client")
+
+
+@pytest.fixture(scope="module")
+def c_client(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("client") / "leaky_client")
+    subprocess.run(["gcc", "-O2", "-fomit-frame-pointer", "-o", out, CLIENT], check=True)
     return out
 
 
@@ -82,6 +100,11 @@ def send_and_close(port, payload=b"request"):
     c = socket.create_connection(("127.0.0.1", port))
     c.sendall(payload)
     c.close()
+
+
+def eof_of(rec):
+    """The EOF read's part of a record's code."""
+    return {k: rec["code"][k] for k in ("eof_read", "eof_read_unknown")}
 
 
 def linger_of(tracer, port, timeout=20):
@@ -183,7 +206,7 @@ def test_a_process_that_never_read_has_none_seen(procs, eof_server):
     tracer.start()
     send_and_close(port)
     rec = linger_of(tracer, port)
-    assert rec["code"] == {"eof_read": None, "eof_read_unknown": None}
+    assert eof_of(rec) == {"eof_read": None, "eof_read_unknown": None}
     assert rec["diagnosis"]["cause"] != "ignoring_eof" or "EOF unread" in \
         rec["diagnosis"]["summary"]
 
@@ -248,7 +271,7 @@ def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server)
     tracer.start()
     old = linger_of(tracer, port)
     assert old["pre_existing"]
-    assert old["code"] == {"eof_read": None,
+    assert eof_of(old) == {"eof_read": None,
                            "eof_read_unknown": "in CLOSE_WAIT before the trace began"}
     tracer.stop()
 
@@ -257,7 +280,8 @@ def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server)
     off.start()
     send_and_close(port)
     new = off.wait_for(lambda r: r["type"] == "linger" and not r["pre_existing"])[0]
-    assert new["code"] == {"eof_read": None,
+    assert new["code"]["opened_unknown"] == "not captured (--no-eof-stacks)"
+    assert eof_of(new) == {"eof_read": None,
                            "eof_read_unknown": "not captured (--no-eof-stacks)"}
     off.stop()
 
@@ -285,7 +309,7 @@ def test_an_eof_read_after_the_report_gives_a_change_with_the_place(procs):
     tracer.start()
     send_and_close(port)
     first = linger_of(tracer, port)
-    assert first["code"] == {"eof_read": None, "eof_read_unknown": None}
+    assert eof_of(first) == {"eof_read": None, "eof_read_unknown": None}
     holder.stdin.write("read\n")
     holder.stdin.flush()
     change = tracer.wait_for(lambda r: r["type"] == "linger" and r["update"]
@@ -339,3 +363,42 @@ def test_a_burst_of_eof_reads_is_sampled_and_the_rest_said_not_kept(procs):
     c = summary["counters"]
     assert c["eof_captured"] == len(kept) and c["eof_map_full"] == 0
     assert c["eof_rate_limited"] == len(not_kept)
+
+
+@pytest.mark.parametrize("language", ["c", "go"])
+def test_a_leaking_client_names_the_call_that_opened_it(procs, c_client, go_client, language):
+    """The server closes first; the client never reads or closes: its socket
+    lingers, and the call that connect()ed it is named, in the holder's own
+    language (Go's Dial happens in the dialling goroutine)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, sys, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        c.close()
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-P", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    client = subprocess.Popen([c_client if language == "c" else go_client, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(client)
+    assert client.stdout.readline().strip() == "connected"
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == port)[0]
+    assert {record_row(rec)} == ss_close_wait(port, side="dport")
+    opened = rec["code"]["opened"]
+    assert opened is not None and opened["pid"] == client.pid, rec["code"]
+    if language == "c":
+        assert opened["place"]["function"].startswith("fetch_user"), opened["stack"]
+    else:
+        assert opened["place"]["function"] == "main.fetchUser", opened["stack"]
+        assert opened["place"]["file"].endswith("leaky_client.go")
+        assert opened["place"]["line"] == source_line(GO_CLIENT, "net.Dial("), opened["place"]
+    assert rec["code"]["eof_read"] is None and rec["code"]["eof_read_unknown"] is None
+    summary = tracer.stop()
+    assert summary["counters"]["open_captured"] >= 1

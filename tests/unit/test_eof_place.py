@@ -222,6 +222,8 @@ def test_unknown_and_none_seen_are_said_apart_with_v():
     unknown = render.code_lines(linger_with(records.code_unknown(records.CODE_PRE_EXISTING)),
                                 verbose=True)
     assert unknown == ["         EOF read: place not known: in CLOSE_WAIT before the trace "
+                       "began",
+                       "         connect(): place not known: in CLOSE_WAIT before the trace "
                        "began"]
     none = render.code_lines(linger_with(records.code_none_seen()), verbose=True)
     assert none == ["         EOF read: none seen since the peer closed"]
@@ -235,3 +237,15 @@ def test_older_recordings_are_read_with_the_place_said_unknown():
     assert schema.problem(upgraded) is None
     assert upgraded["code"] == {"eof_read": None,
                                 "eof_read_unknown": schema.CODE_NOT_RECORDED}
+
+
+def test_an_opener_is_one_line_and_the_reports_lead_when_nothing_read_eof():
+    from closewait_trace.output import report
+    stack = [frame("connect", LIBC), frame("fetch_user")]
+    code = records.code_none_seen()
+    code["opened"] = records.code_place(capture(), 990.0, stack, place.place_of(stack))
+    rec = linger_with(code)
+    lines = render.code_lines(rec, verbose=False)
+    assert lines == ["         opened by fetch_user (app) (connect by 4312/api)"]
+    assert any("fetch_user+0x10 (app) [cfi]" in l for l in render.code_lines(rec, True))
+    assert report.code_key(rec) == "opened by fetch_user (app)"

@@ -252,7 +252,7 @@ class CapturedImage:
 
 def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
                    proc: str = procfs.PROC, machine: Optional[str] = None,
-                   budget: Optional[Budget] = None, max_frames: int = 16,
+                   budget: Optional[Budget] = None, max_frames: int = 32,
                    debug_roots=None) -> list[Frame]:
     """The stack of a thread of pid as the kernel copied it at an event:
     registers ip, sp and bp, and `stack`, the bytes from sp up. Symbols come

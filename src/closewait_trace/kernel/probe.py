@@ -47,10 +47,11 @@ class ProbeConfig:
     eof_capture: bool = True
     max_eof_captures: int = 1024
     eof_stack_bytes: int = 4096
-    # Per CPU per second, at most: a capture costs ~0.8 us in the kernel,
-    # and a server whose clients close first reads EOF on every connection
-    # (bench/hook_cost.py; docs/benchmarks.md).
-    eof_captures_per_s: int = 128
+    # Each kind, per CPU per second, at most: a capture costs ~0.8 us in the
+    # kernel, and a server whose clients close first reads EOF on every
+    # connection (bench/hook_cost.py; docs/benchmarks.md).
+    captures_per_s: int = 128
+    max_open_captures: int = 1024      # client sockets whose connect() is kept
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
     features: "KernelFeatures" = field(default_factory=lambda: detect_features())
@@ -75,15 +76,34 @@ class ProbeConfig:
             flags.extend(self.features.netns.cflags())
         if self.features.probe_read_kernel:
             flags.append("-DUSE_PROBE_READ_KERNEL")
-        if self.captures_eof:
-            flags += ["-DEOF_CAPTURE", f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
+        if self.captures_eof or self.captures_open:
+            flags += [f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
+                      f"-DMAX_OPEN_CAPTURES={self.max_open_captures}",
                       f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
-                      f"-DEOF_CAPTURES_PER_S={self.eof_captures_per_s}"]
+                      f"-DCAPTURES_PER_S={self.captures_per_s}"]
+        if self.captures_eof:
+            flags.append("-DEOF_CAPTURE")
+        if self.captures_open:
+            flags.append("-DOPEN_CAPTURE")
         return flags
 
     @property
     def captures_eof(self) -> bool:
         return self.eof_capture and self.features.eof_capture is None
+
+    @property
+    def captures_open(self) -> bool:
+        return self.why_no_open_capture() is None
+
+    def why_no_open_capture(self) -> Optional[str]:
+        """Why connect()s are not captured (None: they are)."""
+        if not self.eof_capture:
+            return "not captured (--no-eof-stacks)"
+        if self.lports:
+            # At connect() the local port is not chosen yet: a local-port
+            # filter cannot be applied there (and it asks about servers).
+            return "not captured with -p (a client's local port is chosen after connect)"
+        return self.features.stack_capture
 
 
 def bpf_source() -> Path:
@@ -140,6 +160,8 @@ class KernelFeatures:
     # Why the place of an EOF read cannot be captured here; None: it can
     # (sock:sock_recv_length, bpf_task_pt_regs, an x86-64 user stack).
     eof_capture: Optional[str] = "not checked"
+    # Why no stack can be captured at all (connect()s); None: it can.
+    stack_capture: Optional[str] = "not checked"
 
     @property
     def transport(self) -> str:
@@ -194,7 +216,24 @@ def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatur
         netns=btf_netns_offsets() if forced.get("btf", True) else None,
         probe_read_kernel=kernel_at_least(5, 5, release),
         eof_capture=("off (forced by " + FORCE_ENV + ")" if forced.get("eof") is False
-                     else eof_capture_unavailable(release)))
+                     else eof_capture_unavailable(release)),
+        stack_capture=("off (forced by " + FORCE_ENV + ")" if forced.get("eof") is False
+                       else stack_capture_unavailable(release)))
+
+
+def stack_capture_unavailable(release: Optional[str] = None, machine: Optional[str] = None,
+                              btf_path: str = "/sys/kernel/btf/vmlinux") -> Optional[str]:
+    """Why the program cannot copy a task's user registers and stack here
+    (None: it can): bpf_task_pt_regs (5.15) with the kernel's BTF, and an
+    x86-64 stack this tool unwinds."""
+    machine = machine or os.uname().machine
+    if machine != "x86_64":
+        return f"unwinding {machine} stacks is not supported (x86-64 only)"
+    if not kernel_at_least(5, 15, release):
+        return "needs Linux 5.15 or later (bpf_task_pt_regs)"
+    if not os.path.exists(btf_path):
+        return f"no kernel BTF ({btf_path})"
+    return None
 
 
 def eof_capture_unavailable(release: Optional[str] = None, machine: Optional[str] = None,
@@ -205,13 +244,9 @@ def eof_capture_unavailable(release: Optional[str] = None, machine: Optional[str
     user registers of the reading task (bpf_task_pt_regs, 5.15, with the
     kernel's BTF) and a user stack this tool unwinds (x86-64). Decided by
     what the kernel has, not by its version, but for bpf_task_pt_regs."""
-    machine = machine or os.uname().machine
-    if machine != "x86_64":
-        return f"unwinding {machine} stacks is not supported (x86-64 only)"
-    if not kernel_at_least(5, 15, release):
-        return "needs a newer kernel (bpf_task_pt_regs: Linux 5.15 and sock:sock_recv_length)"
-    if not os.path.exists(btf_path):
-        return f"no kernel BTF ({btf_path})"
+    why = stack_capture_unavailable(release, machine, btf_path)
+    if why is not None:
+        return why
     for root in tracefs_dirs:
         if os.path.isdir(os.path.join(root, "events", RECV_TRACEPOINT)):
             return None
@@ -503,7 +538,17 @@ class KernelProbe:
         socket's tracking entry keeps it from being captured again."""
         if not self.config.captures_eof or self.bpf is None:
             return None
-        table = self._table("cw_eof")
+        return self._take("cw_eof", skaddr)
+
+    def take_open_capture(self, skaddr: int) -> Optional[EofCapture]:
+        """Where the socket was connect()ed, if the kernel kept it: taken
+        out of its map (freeing the slot)."""
+        if not self.config.captures_open or self.bpf is None:
+            return None
+        return self._take("cw_open", skaddr)
+
+    def _take(self, name: str, skaddr: int) -> Optional[EofCapture]:
+        table = self._table(name)
         key = table.Key(skaddr)
         try:
             leaf = table[key]
@@ -513,7 +558,7 @@ class KernelProbe:
         try:
             del table[key]
         except KeyError:
-            pass            # the socket left meanwhile: the kernel deleted it
+            pass            # the socket went meanwhile: the kernel deleted it
         return capture
 
     def eof_read_without_capture(self, skaddr: int) -> bool:

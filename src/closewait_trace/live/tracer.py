@@ -367,7 +367,7 @@ class LiveTracer:
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
         todo: list[tuple[Lingerer, object]] = []
-        captures: dict = {}                  # id(lingerer) -> (lingerer, EofCapture)
+        captures: dict = {}          # (id(lingerer), kind) -> (lingerer, EofCapture)
         for l in sorted(batch, key=lambda l: l.earliest_enter_ns):
             own = resolved.get(l.endpoints)
             gone = own is None or own.kind == owners.OWNER_GONE
@@ -391,16 +391,16 @@ class LiveTracer:
                         return
                     continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
-                # Taken whether shown or not: it frees the capture's slot.
-                capture = self.take_eof_capture(l)
+                # Taken whether shown or not: it frees the captures' slots.
+                taken = self.take_captures(l)
                 if not matches:
                     l.hidden = True     # not the user's process: never shown
                     continue
-                if capture is not None:
-                    captures[id(l)] = (l, capture)
+                for kind, capture in taken:
+                    captures[(id(l), kind)] = (l, capture)
             todo.append((l, own))
         self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
-        self.locate_eof_reads(captures)
+        self.locate_places(captures)
         shown: list[Lingerer] = []
         for l, own in todo:
             if update:
@@ -426,21 +426,33 @@ class LiveTracer:
 
     # --------------------------------------------------- where in the code
 
-    def take_eof_capture(self, l: Lingerer):
-        """The kernel's copy of where l was read to its end, taken out of its
-        map; l.code says what is known either way."""
+    def take_captures(self, l: Lingerer) -> list:
+        """The kernel's copies of where l was read to its end and where it
+        was connect()ed, taken out of their maps: [(kind, capture)], kind
+        "eof_read" or "opened"; l.code says what is known either way."""
         why = self.eof_unknown()
-        if why is None and (l.pre_existing or l.skaddr is None):
-            why = records.CODE_PRE_EXISTING
-        if why is not None:
-            l.code = records.code_unknown(why)
-            return None
-        capture = self.probe.take_eof_capture(l.skaddr)
-        if capture is None:
+        why_open = self.open_unknown()
+        if l.pre_existing or l.skaddr is None:
+            why = why_open = records.CODE_PRE_EXISTING
+        if why is not None and why_open is not None:
+            l.code = records.code_unknown(why, why_open)
+            return []
+        taken = []
+        capture = self.probe.take_eof_capture(l.skaddr) if why is None else None
+        if capture is not None:
+            taken.append(("eof_read", capture))
+        elif why is None:
             kept_not = getattr(self.probe, "eof_read_without_capture", None)
-            l.code = (records.code_unknown(records.CODE_NOT_KEPT)
-                      if kept_not and kept_not(l.skaddr) else records.code_none_seen())
-        return capture
+            if kept_not and kept_not(l.skaddr):
+                why = records.CODE_NOT_KEPT
+        opened = self.probe.take_open_capture(l.skaddr) if why_open is None else None
+        if opened is not None:
+            taken.append(("opened", opened))
+        elif why_open is None and (self.last_counters.get("open_rate_limited")
+                                   or self.last_counters.get("open_map_full")):
+            why_open = records.CODE_OPEN_NOT_KEPT
+        l.code = records.code_unknown(why, why_open)
+        return taken
 
     def take_late_eof_reads(self, counters: dict) -> None:
         """Sockets read to their end after they were reported: take their
@@ -459,9 +471,9 @@ class LiveTracer:
             if l is not None and l.reported:
                 capture = self.probe.take_eof_capture(skaddr)
                 if capture is not None and not l.hidden:
-                    late[id(l)] = (l, capture)
+                    late[(id(l), "eof_read")] = (l, capture)
         if late:
-            self.locate_eof_reads(late)
+            self.locate_places(late)
             # The place changes the diagnosis: a CHANGE line says it.
             self.resolve([l for l, _c in late.values()], self.now_ns(), update=True)
 
@@ -475,18 +487,33 @@ class LiveTracer:
             return "not captured by this probe"
         return config.features.eof_capture
 
-    def locate_eof_reads(self, captures: dict) -> None:
+    def open_unknown(self) -> Optional[str]:
+        """Why this run cannot say where sockets were connect()ed (None: it
+        can)."""
+        if not hasattr(self.probe, "take_open_capture"):
+            return "not captured by this probe"
+        return self.config.why_no_open_capture()
+
+    def locate_places(self, captures: dict) -> None:
         """Unwind the captured stacks (in the gathering worker: the holder's
-        maps and binaries are hostile input) and set each socket's code."""
+        maps and binaries are hostile input) and set each socket's code.
+        captures: {(id(lingerer), kind): (lingerer, EofCapture)}."""
         if not captures:
             return
+        keyed = list(captures.items())
         stacks = self.resolver.captured_stacks(
-            [(key, c.pid, c.ip, c.sp, c.bp, c.stack) for key, (_l, c) in captures.items()])
+            [(i, c.pid, c.ip, c.sp, c.bp, c.stack) for i, (_k, (_l, c)) in enumerate(keyed)])
         offset = self.clock_offset_ns()
-        for key, (l, c) in captures.items():
-            frames = stacks.get(key)
-            l.code = records.code_eof_read(c, (c.ts_ns + offset) / 1e9, l.enter_ns, frames,
-                                           place.place_of(frames or []))
+        for i, ((_id, kind), (l, c)) in enumerate(keyed):
+            frames = stacks.get(i)
+            found = records.code_place(c, (c.ts_ns + offset) / 1e9, frames,
+                                       place.place_of(frames or []))
+            if kind == "eof_read":
+                found["after_s"] = round(max(0, c.ts_ns - l.enter_ns) / 1e9, 6)
+            code = dict(l.code or records.code_none_seen())
+            code[kind] = found
+            code[f"{kind}_unknown"] = None
+            l.code = code
 
     @staticmethod
     def eof_reader(l: Lingerer) -> Optional[diagnosis.EofReader]:

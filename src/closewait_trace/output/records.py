@@ -112,27 +112,39 @@ CODE_NOT_KEPT = ("read to its end, but the place was not kept (over the capture 
                  "or the capture map was full: see the summary's losses)")
 
 
-def code_unknown(why: str) -> schema.Code:
-    return {"eof_read": None, "eof_read_unknown": why}
+CODE_OPEN_NOT_KEPT = ("no connect() kept for it: over the capture rate, or the capture map "
+                      "was full, or it was not connect()ed during the trace (accepted)")
 
 
-def code_none_seen() -> schema.Code:
+def code_unknown(why: str, opened_why: Optional[str] = "") -> schema.Code:
+    """Neither place known, for the same reason (or opened_why for the
+    connect())."""
+    return {"eof_read": None, "eof_read_unknown": why, "opened": None,
+            "opened_unknown": why if opened_why == "" else opened_why}
+
+
+def code_none_seen(opened_why: Optional[str] = None) -> schema.Code:
     """Traced since it entered CLOSE_WAIT, and no read returned its end."""
-    return {"eof_read": None, "eof_read_unknown": None}
+    return code_unknown(None, opened_why)
+
+
+def code_place(capture, ts: float, stack: Optional[list], place: Optional[dict]) -> dict:
+    """capture: a kernel.events.EofCapture; stack: its frames as dicts, or
+    None when they were not unwound in time; place: the frame to name."""
+    frames = list(stack or [])
+    return {"ts": round(ts, 6), "pid": capture.pid, "tid": capture.tid, "comm": capture.comm,
+            "place": place, "stack": frames, "stack_bytes": len(capture.stack),
+            "unwound": stack is not None}
 
 
 def code_eof_read(capture, ts: float, enter_ns: int, stack: Optional[list],
                   place: Optional[dict]) -> schema.Code:
-    """capture: a kernel.events.EofCapture; stack: its frames as dicts, or
-    None when they were not unwound in time; place: the frame to name."""
-    frames = list(stack or [])
-    return {"eof_read": {
-        "ts": round(ts, 6),
-        "after_s": round(max(0, capture.ts_ns - enter_ns) / 1e9, 6),
-        "pid": capture.pid, "tid": capture.tid, "comm": capture.comm,
-        "place": place, "stack": frames,
-        "stack_bytes": len(capture.stack), "unwound": stack is not None,
-    }, "eof_read_unknown": None}
+    """The EOF read's place in a fresh `code` (tests; the tracer sets it on
+    the socket's own)."""
+    code = code_none_seen()
+    code["eof_read"] = dict(code_place(capture, ts, stack, place),
+                            after_s=round(max(0, capture.ts_ns - enter_ns) / 1e9, 6))
+    return code
 
 
 def lingering_entry(lingerer, age_ns: int) -> schema.LingeringEntry:

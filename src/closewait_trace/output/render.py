@@ -542,41 +542,57 @@ def frame_line(f: dict) -> str:
     return f"{name} ({module}) [{escape(f.get('method'))}]{note}"
 
 
+def _place_text(found: dict) -> str:
+    where = found.get("place") if isinstance(found.get("place"), dict) else None
+    return escape(describe_place(where)) if where else "(stack not unwound)"
+
+
+def _stack_lines(found: dict, indent: str) -> list[str]:
+    return [f"{indent}    " + textsafe.cut(frame_line(f), LINE - len(indent) - 4)
+            for f in (found.get("stack") or [])[:32] if isinstance(f, dict)]
+
+
 def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
-    """Where the socket was read to its end: one line (unless the diagnosis
-    line just shown says it already), and with -v the reader's stack, or
-    why the place is not known."""
+    """Where the socket was read to its end and where it was connect()ed:
+    a line each (unless the diagnosis line just shown says it already), and
+    with -v the stacks, or why a place is not known."""
     code = rec.get("code") if isinstance(rec.get("code"), dict) else {}
     read = code.get("eof_read") if isinstance(code.get("eof_read"), dict) else None
+    opened = code.get("opened") if isinstance(code.get("opened"), dict) else None
     indent = " " * 9
+    out: list[str] = []
+
+    def say(text: str, always: bool) -> None:
+        if verbose:
+            out.extend(indent + l for l in prose(text, LINE - len(indent)))
+        elif always:
+            out.append(indent + textsafe.cut(text, LINE - len(indent)))
+
     if read is None:
-        if not verbose:
-            return []
         why = code.get("eof_read_unknown")
-        text = (f"EOF read: place not known: {escape(why)}" if why
-                else "EOF read: none seen since the peer closed")
-        return [indent + l for l in prose(text, LINE - len(indent))]
-    where = read.get("place") if isinstance(read.get("place"), dict) else None
-    place_text = escape(describe_place(where)) if where else "(stack not unwound)"
-    ago = _number(rec.get("ts"))
-    at = _number(read.get("ts"))
-    when = (f" {_duration(max(0.0, ago - at))} ago" if ago is not None and at is not None
-            else "")
-    out = []
-    text = f"read EOF in {place_text}{when}, never closed"
-    if verbose:
-        out.extend(indent + l for l in prose(text, LINE - len(indent)))
-    elif f"read EOF in {place_text}" not in shown:
-        out.append(indent + textsafe.cut(text, LINE - len(indent)))
-    if verbose:
-        out.extend(f"{indent}  {l}" for l in prose(
-            f"by {escape(read.get('pid'))}/{escape(read.get('comm'))} thread "
-            f"{escape(read.get('tid'))}, {_duration(read.get('after_s'))} after the peer "
-            f"closed; {escape(read.get('stack_bytes'))} bytes of stack copied",
-            LINE - len(indent) - 2))
-        for f in (read.get("stack") or [])[:16]:
-            if isinstance(f, dict):
-                out.append(f"{indent}    " + textsafe.cut(frame_line(f), LINE - len(indent) - 4))
+        say(f"EOF read: place not known: {escape(why)}" if why
+            else "EOF read: none seen since the peer closed", False)
+    else:
+        place_text = _place_text(read)
+        ago, at = _number(rec.get("ts")), _number(read.get("ts"))
+        when = (f" {_duration(max(0.0, ago - at))} ago" if ago is not None and at is not None
+                else "")
+        say(f"read EOF in {place_text}{when}, never closed",
+            f"read EOF in {place_text}" not in shown)
+        if verbose:
+            out.extend(f"{indent}  {l}" for l in prose(
+                f"by {escape(read.get('pid'))}/{escape(read.get('comm'))} thread "
+                f"{escape(read.get('tid'))}, {_duration(read.get('after_s'))} after the peer "
+                f"closed; {escape(read.get('stack_bytes'))} bytes of stack copied",
+                LINE - len(indent) - 2))
+            out.extend(_stack_lines(read, indent))
+    if opened is not None:
+        say(f"opened by {_place_text(opened)} (connect by {escape(opened.get('pid'))}/"
+            f"{escape(opened.get('comm'))})", True)
+        if verbose:
+            out.extend(_stack_lines(opened, indent))
+    elif verbose and code.get("opened_unknown"):
+        say(f"connect(): place not known: {escape(code['opened_unknown'])}", False)
     return out
 
 

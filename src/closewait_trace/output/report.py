@@ -61,7 +61,8 @@ PLACE_NOT_KNOWN = "(not known)"
 TITLES = {
     "cause": "By cause (why they were not closed)",
     "program": "By program (the holders that never closed; children of one server folded)",
-    "code": "By code location (where the holder read EOF, and then never closed)",
+    "code": "By code location (where the holder read EOF and never closed, else where "
+            "it opened the connection)",
     "unit": "By systemd unit",
     "container": "By container",
     "pod": "By Kubernetes pod",
@@ -90,11 +91,16 @@ def side_of(r: dict) -> str:
 
 
 def code_key(r: dict) -> str:
-    """The function that read the socket's end ('handle_client (app)'), or
-    why there is none, from a linger record's `code`."""
+    """The function that read the socket's end ('handle_client (app)'),
+    else the one that connect()ed it ('opened by fetch_user (app)'), or why
+    there is none, from a linger record's `code`."""
     code = r.get("code") if isinstance(r.get("code"), dict) else {}
     read = code.get("eof_read") if isinstance(code.get("eof_read"), dict) else None
     if read is None:
+        opened = code.get("opened") if isinstance(code.get("opened"), dict) else None
+        if opened is not None and isinstance(opened.get("place"), dict):
+            # Never read to its end: where it was opened is the lead.
+            return "opened by " + describe_place(opened["place"])
         return NO_EOF_SEEN if code and code.get("eof_read_unknown") is None else PLACE_NOT_KNOWN
     where = read.get("place")
     return describe_place(where) if isinstance(where, dict) else "(stack not unwound)"

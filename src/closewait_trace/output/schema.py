@@ -230,10 +230,25 @@ class EofRead(TypedDict):
     unwound: bool               # false: not unwound in time (stack empty)
 
 
+class Opened(TypedDict):
+    """Where the socket was connect()ed: the kernel program copied the
+    connecting thread's registers and the top of its stack."""
+    ts: Epoch
+    pid: Pid
+    tid: Pid
+    comm: Comm
+    place: Optional[Frame]
+    stack: list[Frame]
+    stack_bytes: Count
+    unwound: bool
+
+
 class Code(TypedDict):
     """Where in the holder's code the socket's story happened."""
     eof_read: Optional[EofRead]
     eof_read_unknown: Optional[str]   # why not known; both null: none was seen
+    opened: NotRequired[Optional[Opened]]
+    opened_unknown: NotRequired[Optional[str]]
 
 
 class LingerRecord(_Base, Endpoint):
@@ -701,6 +716,6 @@ DOCUMENTED: dict[str, type] = {
     "Holder": Holder, "Listener": Listener, "Diagnosis": Diagnosis, "Evidence": Evidence,
     "HolderRef": HolderRef, "Task": Task, "LingeringEntry": LingeringEntry,
     "BriefHolder": BriefHolder, "BriefDiagnosis": BriefDiagnosis, "Thread": Thread,
-    "Frame": Frame, "Code": Code, "EofRead": EofRead, "HistogramBucket": HistogramBucket, "Filters": Filters,
+    "Frame": Frame, "Code": Code, "EofRead": EofRead, "Opened": Opened, "HistogramBucket": HistogramBucket, "Filters": Filters,
     "Identity": Identity, "Container": Container, "Claim": Claim, "Exe": Exe,
 }
