@@ -32,6 +32,8 @@ standard library, and runs only the functions named in CALLS.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import io
 import os
 import pickle
 import select
@@ -146,8 +148,55 @@ _send_lock = threading.Lock()
 PROGRESS_EVERY_S = 0.25
 
 
+_by_init: dict = {}
+
+
+def _init_fields(cls) -> Optional[tuple]:
+    """The field names of a dataclass of this package that its __init__
+    rebuilds whole (every field an init argument, no __post_init__), else
+    None."""
+    try:
+        return _by_init[cls]
+    except KeyError:
+        pass
+    names = None
+    if (dataclasses.is_dataclass(cls) and cls.__module__.startswith("closewait_trace.")
+            and not hasattr(cls, "__post_init__")):
+        fields = dataclasses.fields(cls)
+        if all(f.init for f in fields):
+            names = tuple(f.name for f in fields)
+    _by_init[cls] = names
+    return names
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles the answers' dataclasses as their constructor and field
+    values: unpickled by one __init__ call instead of the default's
+    field-by-field __setstate__ in Python, and half the bytes. A snapshot's
+    answer holds four such objects per socket (its endpoints, ownership,
+    holder and the socket), and pickling them the default way cost more
+    than reading /proc for them."""
+
+    def reducer_override(self, obj):
+        cls = type(obj)
+        names = _init_fields(cls)
+        if names is None:
+            return NotImplemented
+        # An attribute set outside the fields would be lost: the default way.
+        state = getattr(obj, "__dict__", None)
+        if state is not None and len(state) != len(names):
+            return NotImplemented
+        return cls, tuple([getattr(obj, name) for name in names])
+
+
+def dumps(value) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buf.getvalue()
+
+
 def _send(out, kind: str, payload) -> None:
-    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    data = dumps((kind, payload))
     with _send_lock:
         out.write(_HEADER.pack(len(data)) + data)
         out.flush()
