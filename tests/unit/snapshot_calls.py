@@ -3,7 +3,7 @@ tree, for tests/unit/test_snapshot_output.py: every call asked about /proc
 reads the tree named by CLOSEWAIT_TEST_FAKE_PROC instead, the kernel clock
 is fixed, and the rows get tcp_info times (a crafted tree has none), so
 that every kind of age is shown. Imported in the worker, and in the test
-itself for the runs without a worker."""
+itself (rows_with_tcp_info) for the run without a worker."""
 
 import dataclasses
 import os
@@ -28,17 +28,19 @@ def with_tcp_info(row):
                                timer=KEEPALIVE_TIMER if port % 5 == 0 else 0)
 
 
-def install() -> None:
-    real = procnet._read_rows
-    if getattr(real, "with_tcp_info", False):
-        return
-
+def rows_with_tcp_info(real):
+    """procnet._read_rows, with tcp_info times."""
     def read_rows(pid, proc, states):
         return [with_tcp_info(row) for row in real(pid, proc, states)]
-
     read_rows.with_tcp_info = True
-    procnet._read_rows = read_rows
-    snapshot.now_ns = lambda: TAKEN_NS
+    return read_rows
+
+
+def install() -> None:
+    """In the worker, once (the test's own process patches with monkeypatch)."""
+    if not getattr(procnet._read_rows, "with_tcp_info", False):
+        procnet._read_rows = rows_with_tcp_info(procnet._read_rows)
+        snapshot.now_ns = lambda: TAKEN_NS
 
 
 def _proc(path: str) -> str:
@@ -49,11 +51,11 @@ def _call(name):
     real = gathering.CALLS[name]
 
     def call(*args):
+        install()
         # Every call takes proc right after its own arguments; it is the
         # only argument equal to "/proc".
         return real(*[_proc(a) if isinstance(a, str) else a for a in args])
     return call
 
 
-install()
 CALLS = {name: _call(name) for name in gathering.CALLS}

@@ -23,6 +23,7 @@ from closewait_trace.evidence import worker
 from closewait_trace.live import snapshot
 from closewait_trace.output import render, textsafe
 from closewait_trace.kernel import tcpstates
+from closewait_trace.sockets import procnet
 from tests.unit import snapshot_calls
 from tests.unit.fakeproc import FakeProc
 
@@ -116,9 +117,10 @@ def test_cli_output_is_byte_identical(fixed, args, as_json):
     golden(name + (".jsonl" if as_json else ".txt"), result.output)
 
 
-def test_the_same_without_a_worker(fixed):
+def test_the_same_without_a_worker(fixed, monkeypatch):
     """snapshot.take reading the tree itself (no worker) writes the same."""
-    snapshot_calls.install()                       # this process's reads get tcp_info too
+    monkeypatch.setattr(procnet, "_read_rows", snapshot_calls.rows_with_tcp_info(
+        procnet._read_rows))
     snap = snapshot.take(proc=fixed.root, as_root=True)
     recs = snap.records()
     lines = [textsafe.json_dumps(r, check_circular=False) for r in recs]
