@@ -137,11 +137,13 @@ O_CLOEXEC = 0o2000000
 def _fd_cloexec(path: str) -> Optional[bool]:
     """O_CLOEXEC from /proc/PID/fdinfo/FD (None when it cannot be read)."""
     try:
-        text = procfs.decode(procfs.read_bytes(path, 4096))
+        raw = procfs.read_bytes(path, 4096)
     except procfs.ProcError:
         return None
-    for line in text.splitlines():
-        if line.startswith("flags:"):
+    # The kernel writes "flags:" second ("pos:\t0\nflags:\t02000002\n"):
+    # read the bytes as they are, without decoding the rest.
+    for line in raw.splitlines():
+        if line.startswith(b"flags:"):
             try:
                 return bool(int(line.split()[1], 8) & O_CLOEXEC)
             except (IndexError, ValueError):
@@ -181,16 +183,20 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
     if not wanted:
         return scan
     proc = batch.proc
+    readlink, socket_inode = procfs.readlink, procfs.socket_inode
     for pid in procfs.pids(proc):
         try:
             fd_dir, names = _fd_table(pid, proc)
             matched: list[tuple[int, int, str]] = []
+            prefix = fd_dir + "/"
             for name in names:
                 try:
-                    link = procfs.readlink(f"{fd_dir}/{name}")
+                    link = readlink(prefix + name)
                 except procfs.NoSuchProcess:
                     continue                # that fd was closed meanwhile
-                inode = procfs.socket_inode(link)
+                if not link.startswith("socket:["):
+                    continue                # a file, a pipe...: never wanted
+                inode = socket_inode(link)
                 if inode is not None and inode in wanted and name.isdigit():
                     matched.append((inode, int(name), link))
             if not matched:
@@ -287,9 +293,13 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
 
     result: dict[Endpoints, Ownership] = {}
     needed_inodes: set[int] = set()
+    # The listener of a socket depends on its namespace, family, port and
+    # address only: looked up once for the many sockets of one server.
+    listener_of: dict[tuple, Optional[TcpRow]] = {}
     for endpoints in wanted:
         found = list(matches.get(endpoints.address_key, {}).values())
-        if endpoints.netns:
+        if endpoints.netns and not (len(found) == 1
+                                    and found[0].endpoints.netns == endpoints.netns):
             found = [row for row in found if row.endpoints.netns == endpoints.netns]
         if not found:
             # Not in any namespace we could read. If some processes hid
@@ -308,7 +318,12 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
         netns = row.endpoints.netns
         own = Ownership(kind=OWNER_FD, netns=netns or None, inode=row.inode,
                         rx_queue=row.rx_queue)
-        own.listener = _listener_for(row, listeners_by_ns.get(netns, {}))
+        ep = row.endpoints
+        key = (netns, ep.family, ep.lport, ep.laddr)
+        if key in listener_of:
+            own.listener = listener_of[key]
+        else:
+            own.listener = listener_of[key] = _listener_for(row, listeners_by_ns.get(netns, {}))
         if own.listener is not None and own.listener.inode:
             needed_inodes.add(own.listener.inode)
         if row.inode == 0:
