@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
+import operator
 import os
 import pickle
 import select
@@ -152,21 +153,24 @@ _by_init: dict = {}
 
 
 def _init_fields(cls) -> Optional[tuple]:
-    """The field names of a dataclass of this package that its __init__
-    rebuilds whole (every field an init argument, no __post_init__), else
-    None."""
+    """(number of fields, a getter of their values as a tuple) for a
+    dataclass of this package that its __init__ rebuilds whole (every field
+    an init argument, no __post_init__), else None."""
     try:
         return _by_init[cls]
     except KeyError:
         pass
-    names = None
+    found = None
     if (dataclasses.is_dataclass(cls) and cls.__module__.startswith("closewait_trace.")
             and not hasattr(cls, "__post_init__")):
         fields = dataclasses.fields(cls)
-        if all(f.init for f in fields):
-            names = tuple(f.name for f in fields)
-    _by_init[cls] = names
-    return names
+        if fields and all(f.init for f in fields):
+            names = [f.name for f in fields]
+            # attrgetter of several names gives a tuple, of one the value.
+            found = (len(names), operator.attrgetter(*names) if len(names) > 1
+                     else lambda obj, name=names[0]: (getattr(obj, name),))
+    _by_init[cls] = found
+    return found
 
 
 class _Pickler(pickle.Pickler):
@@ -179,14 +183,14 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj):
         cls = type(obj)
-        names = _init_fields(cls)
-        if names is None:
+        found = _by_init[cls] if cls in _by_init else _init_fields(cls)
+        if found is None:
             return NotImplemented
         # An attribute set outside the fields would be lost: the default way.
         state = getattr(obj, "__dict__", None)
-        if state is not None and len(state) != len(names):
+        if state is not None and len(state) != found[0]:
             return NotImplemented
-        return cls, tuple([getattr(obj, name) for name in names])
+        return cls, found[1](obj)
 
 
 def dumps(value) -> bytes:
@@ -297,6 +301,13 @@ class GatherWorker:
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._buf = bytearray()
         return self._proc
+
+    def start(self) -> None:
+        """Starts the worker now rather than at the first call: its start-up
+        (an interpreter, its imports) then runs while the caller does
+        its own (snapshot). Without a call it only waits on its stdin."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
 
     def _reap(self) -> None:
         self._abandoned = [entry for entry in self._abandoned if entry[0].poll() is None]
