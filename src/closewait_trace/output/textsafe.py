@@ -221,8 +221,12 @@ def width_of_escaped(text: str) -> int:
 def safe_line(line: str) -> str:
     """The last line of defence, applied to every finished text line: a
     control, format or separator character that reached it through a field
-    not escaped on its way is escaped here. Costs one regex search."""
-    if _UNSAFE.search(line) is None:
+    not escaped on its way is escaped here. Costs one regex search, or
+    less: in ASCII, what the search looks for is what is not printable."""
+    if line.isascii():
+        if line.isprintable():          # no C0 control, no DEL: nothing to escape
+            return line
+    elif _UNSAFE.search(line) is None:
         return line
     return _UNSAFE.sub(lambda m: _escape_char(m.group(0)), line)
 
