@@ -361,3 +361,13 @@ def test_answers_keep_every_field_and_shared_object():
     loose.extra = "kept"
     again = pickle.loads(worker.dumps(loose))
     assert again == loose and again.extra == "kept"
+
+    # A dataclass that is its own field's value goes the default way; one
+    # reached again through a list is rebuilt once either way.
+    looped = Lingerer(endpoints=ep, enter_ns=1, skaddr=None)
+    looped.ownership = looped
+    back = pickle.loads(worker.dumps(looped))
+    assert back.ownership is back and back.enter_ns == 1
+    looped.ownership = [looped]
+    back = pickle.loads(worker.dumps(looped))
+    assert back.ownership[0] is back and back.enter_ns == 1

@@ -154,8 +154,9 @@ _by_init: dict = {}
 
 def _init_fields(cls) -> Optional[tuple]:
     """(number of fields, a getter of their values as a tuple) for a
-    dataclass of this package that its __init__ rebuilds whole (every field
-    an init argument, no __post_init__), else None."""
+    dataclass of this package that its __init__ rebuilds whole from them in
+    order (every field a positional init argument, no __post_init__), else
+    None."""
     try:
         return _by_init[cls]
     except KeyError:
@@ -164,7 +165,8 @@ def _init_fields(cls) -> Optional[tuple]:
     if (dataclasses.is_dataclass(cls) and cls.__module__.startswith("closewait_trace.")
             and not hasattr(cls, "__post_init__")):
         fields = dataclasses.fields(cls)
-        if fields and all(f.init for f in fields):
+        # Keyword-only fields cannot be passed in order: the default way.
+        if fields and all(f.init and not f.kw_only for f in fields):
             names = [f.name for f in fields]
             # attrgetter of several names gives a tuple, of one the value.
             found = (len(names), operator.attrgetter(*names) if len(names) > 1
@@ -195,7 +197,13 @@ class _Pickler(pickle.Pickler):
 
 def dumps(value) -> bytes:
     buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    try:
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except RecursionError:
+        # An object reachable from its own fields: a constructor call needs
+        # them first, and only the default way (object, then its state)
+        # can rebuild that.
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     return buf.getvalue()
 
 
