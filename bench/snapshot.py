@@ -7,10 +7,11 @@
 
 Starts the holders (each listens, is connected to by a client that then
 closes, and keeps every accepted socket without reading: CLOSE_WAIT), waits
-until ss counts them all, runs the snapshot (text and --json, each in a fresh
-process as a user would) a few times, and prints the wall times with ss's
-own time for the same sockets as a yardstick. Root is not needed for the
-sockets, but without it the holders are hidden unless they are yours.
+until ss counts them all, runs ss and the snapshot (text and --json, each in a fresh
+process as a user would) in turn, a few rounds, and prints the wall and
+CPU times and each wall median's ratio to ss's, ss being the yardstick for
+the same sockets. Root is not needed for the sockets, but without it the
+holders are hidden unless they are yours.
 """
 
 from __future__ import annotations
@@ -135,33 +136,37 @@ def main() -> int:
         found = ss_count(ports)
         print(f"{found} sockets in CLOSE_WAIT held by {args.holders} {args.holder} processes")
         lport_filter = ["-p", ",".join(map(str, ports))]
-        results, cpu_results = {}, {}
-        for name, cmd in (
-                ("ss -tanp state close-wait", ["ss", "-tanp", "state", "close-wait"]),
-                ("snapshot (text)", TRACER + ["snapshot"] + lport_filter),
-                ("snapshot --json", TRACER + ["snapshot", "--json"] + lport_filter)):
-            times, cpu = [], []
-            for _ in range(args.runs):
+        commands = {
+            "ss -tanp state close-wait": ["ss", "-tanp", "state", "close-wait"],
+            "snapshot (text)": TRACER + ["snapshot"] + lport_filter,
+            "snapshot --json": TRACER + ["snapshot", "--json"] + lport_filter}
+        results = {name: [] for name in commands}
+        cpu_results = {name: [] for name in commands}
+        load_before = os.getloadavg()[0]
+        # Interleaved, one round of every command after another: a change of
+        # load on a shared machine weighs on ss and the snapshot alike.
+        for _ in range(args.runs):
+            for name, cmd in commands.items():
                 seconds, cpu_seconds, out = timed(cmd)
-                times.append(seconds)
-                cpu.append(cpu_seconds)
-            if "--json" in cmd:
-                lingers = [json.loads(line) for line in out.splitlines()]
-                lingers = [r for r in lingers if r["type"] == "linger"]
-                if len(lingers) != found:
-                    now = ss_count(ports)
-                    print(f"WARNING: snapshot listed {len(lingers)} sockets, ss {found} "
-                          f"before and {now} now")
-                assert all(r["owners"] for r in lingers), "a socket without its holder"
-            results[name] = times
-            cpu_results[name] = cpu
-        print(f"load average before: {os.getloadavg()[0]:.1f}")
+                results[name].append(seconds)
+                cpu_results[name].append(cpu_seconds)
+                if "--json" in cmd:
+                    lingers = [json.loads(line) for line in out.splitlines()]
+                    lingers = [r for r in lingers if r["type"] == "linger"]
+                    if len(lingers) != found:
+                        now = ss_count(ports)
+                        print(f"WARNING: snapshot listed {len(lingers)} sockets, ss {found} "
+                              f"before and {now} now")
+                    assert all(r["owners"] for r in lingers), "a socket without its holder"
+        print(f"load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f}")
         print(f"{'command':<28} {'wall min':>8} {'median':>7} {'max':>7} "
-              f"{'cpu min':>8} {'median':>7}  (seconds, {args.runs} runs)")
+              f"{'cpu min':>8} {'median':>7} {'/ ss':>6}  (seconds, {args.runs} runs)")
+        yardstick = statistics.median(results["ss -tanp state close-wait"])
         for name, times in results.items():
             cpu = cpu_results[name]
             print(f"{name:<28} {min(times):8.2f} {statistics.median(times):7.2f} "
-                  f"{max(times):7.2f} {min(cpu):8.2f} {statistics.median(cpu):7.2f}")
+                  f"{max(times):7.2f} {min(cpu):8.2f} {statistics.median(cpu):7.2f} "
+                  f"{statistics.median(times) / yardstick:6.1f}")
         print(json.dumps({"sockets": found, "holders": args.holders, "holder": args.holder,
                           "nofile": [soft, hard], "wall_s": results, "cpu_s": cpu_results}))
     finally:

@@ -4,6 +4,7 @@ into one line and a documented exit code."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import select
 import shlex
@@ -592,16 +593,34 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     holding it (or the listener that never accepted it), why it is not
     closed, and a footer by holder process. Needs no BPF and no bcc; without
     root, other users' processes are hidden."""
-    from closewait_trace.live import snapshot
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
-    as_root = os.geteuid() == 0
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
-    warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
-    from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
-    from closewait_trace.evidence.worker import GatherFailed, GatherWorker
+    from closewait_trace.evidence.worker import GatherWorker
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    resolver = ProcResolver(worker=GatherWorker())
+    # Started first, so that its start-up overlaps ours (imports, filters).
+    gatherer = GatherWorker()
+    gatherer.start()
+    # One pass that keeps every object it makes to the end: the cyclic
+    # collector would only walk them again and again (a third of the cost
+    # of the records and of their text with 10,000 sockets), finding nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        write_snapshot(gatherer, socket_filter, holder_filter, min_age, as_json, wide, verbose)
+    finally:
+        gatherer.close()
+        if collecting:
+            gc.enable()
+
+
+def write_snapshot(gatherer, socket_filter, holder_filter, min_age, as_json, wide, verbose):
+    from closewait_trace.live import snapshot
+    from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
+    from closewait_trace.evidence.worker import GatherFailed
+    as_root = os.geteuid() == 0
+    warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
+    resolver = ProcResolver(worker=gatherer)
     try:
         snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
                              holder_filter=holder_filter, resolver=resolver)

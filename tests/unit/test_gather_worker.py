@@ -322,3 +322,52 @@ def test_a_timed_out_read_is_tagged_with_its_user(tmp_path, gatherer):
 
 def cache_tag(gatherer):
     return gatherer._last_abandoned[1]
+
+
+def test_answers_keep_every_field_and_shared_object():
+    """The worker pickles its answers' dataclasses as constructor calls
+    (worker.dumps): what arrives equals what was sent, objects shared in
+    the answer stay shared, and an object with an attribute beyond its
+    fields goes the default way, attribute included."""
+    import pickle
+
+    from closewait_trace.evidence import diagnosis
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.live.tracker import Lingerer
+    from closewait_trace.sockets import owners, procfs
+    from closewait_trace.sockets.tcprow import TcpRow
+
+    ep = Endpoints(2, "127.0.0.1", 80, "10.0.0.1", 4000, 4026531840)
+    holder = owners.Holder(pid=7, comm="srv", fd=3, state="S", ppid=1, uid=0,
+                           cmdline="srv --x", cloexec=True)
+    listener = TcpRow(Endpoints(2, "0.0.0.0", 80, "0.0.0.0", 0), 10, 128, 0, 0, 99,
+                      last_ack_recv_ms=5, timer=2)
+    own = owners.Ownership(kind=owners.OWNER_FD, holders=[holder], netns=4026531840,
+                           inode=1234, rx_queue=1, listener=listener,
+                           listener_holders=[holder], denied_named=["9/x"])
+    lingerer = Lingerer(endpoints=ep, enter_ns=5, skaddr=None, pre_existing=True,
+                        age_source="range", enter_max_ns=3, ownership=own)
+    ev = diagnosis.ProcessEvidence(pid=7, identity={"user": "root"}, tracer_comm="gdb")
+    sent = ([lingerer], {ep: own}, ev)
+    got = pickle.loads(worker.dumps(sent))
+    assert got[1] == sent[1] and got[2] == ev
+    (back,) = got[0]
+    assert [getattr(back, n) for n in Lingerer.__slots__] == \
+        [getattr(lingerer, n) for n in Lingerer.__slots__]
+    assert back.ownership is got[1][back.endpoints]
+    assert back.ownership.holders[0] is back.ownership.listener_holders[0]
+
+    loose = procfs.ProcessInfo(pid=1, comm="a", state="S", ppid=0)
+    loose.extra = "kept"
+    again = pickle.loads(worker.dumps(loose))
+    assert again == loose and again.extra == "kept"
+
+    # A dataclass that is its own field's value goes the default way; one
+    # reached again through a list is rebuilt once either way.
+    looped = Lingerer(endpoints=ep, enter_ns=1, skaddr=None)
+    looped.ownership = looped
+    back = pickle.loads(worker.dumps(looped))
+    assert back.ownership is back and back.enter_ns == 1
+    looped.ownership = [looped]
+    back = pickle.loads(worker.dumps(looped))
+    assert back.ownership[0] is back and back.enter_ns == 1

@@ -152,3 +152,25 @@ def test_snapshot_close_wait_across_namespaces(fake):
     fake.tcp(71, V4, "127.0.0.1", 9, "127.0.0.1", 9, tcpstates.ESTABLISHED, 7)
     rows = owners.snapshot_close_wait(fake.root)
     assert sorted((ns, r.endpoints.lport) for ns, r in rows) == [(1, 1), (2, 3)]
+
+
+def test_close_on_exec_read_from_one_read_or_the_whole_file(tmp_path):
+    """fdinfo's flags from the first read when it holds the whole line, else
+    from the file read as before (a line cut, or "flags:" not at a line's
+    start): the same answer either way."""
+    cases = {
+        "pos:\t0\nflags:\t02000002\nmnt_id:\t9\n": True,
+        "pos:\t0\nflags:\t00000002\nmnt_id:\t9\n": False,
+        "flags:\t02000000\n": True,
+        "pos:\t0\nxflags:\t02000000\nflags:\t0\n": False,
+        "pos:\t0\rflags:\t02000000\n": True,          # a line as splitlines() cuts it
+        "pos:\t0\nflags:\tzz\n": None,
+        "pos:\t0\n": None,
+        "x" * 4090 + "\nflags:\t02000000\n": None,    # past the bound
+        "x" * 4080 + "\nflags:\t02000000\n": True,
+    }
+    for i, (text, want) in enumerate(cases.items()):
+        path = tmp_path / str(i)
+        path.write_text(text)
+        assert owners._fd_cloexec(str(path)) is want, text[-30:]
+    assert owners._fd_cloexec(str(tmp_path / "missing")) is None

@@ -14,20 +14,22 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from closewait_trace.live import ages
-from closewait_trace.evidence import diagnosis
 from closewait_trace.sockets import owners, procfs, procnet
-from closewait_trace.output import records
-from closewait_trace.output.render import marked_age
-from closewait_trace.output.textsafe import escape
 from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
 from closewait_trace.live.filters import HolderFilter, SocketFilter
 from closewait_trace.live.tracker import Lingerer, Tracker
-from closewait_trace.evidence.resolver import ProcResolver
-from closewait_trace.evidence.worker import GatherFailed
+
+if TYPE_CHECKING:
+    from closewait_trace.evidence.resolver import ProcResolver
+
+# The gathering worker imports this module for candidates() alone, on the
+# path of every snapshot (it answers nothing before): what only the tool's
+# side needs (the diagnosis, the records, their text) is imported where it
+# is used.
 
 
 def now_ns() -> int:
@@ -51,6 +53,7 @@ class Snapshot:
     def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
         """process records, then one linger record per socket, oldest first
         (the order the live tail writes them in)."""
+        from closewait_trace.output import records
         ts = time.time() if ts is None else ts
         at_ns = now_ns() if at_ns is None else at_ns
         out = [records.process(ts, ev) for ev in self.process_evidence]
@@ -91,6 +94,9 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
     seconds, and a snapshot is a new process every time. With a resolver
     that has a worker (the CLI's), every read of /proc happens there under
     deadlines; a GatherFailed from the first read means nothing was read."""
+    from closewait_trace.evidence import diagnosis
+    from closewait_trace.evidence.resolver import ProcResolver
+    from closewait_trace.evidence.worker import GatherFailed
     as_root = os.geteuid() == 0 if as_root is None else as_root
     resolver = resolver or ProcResolver(proc)
     resolver.stacks = stacks
@@ -134,7 +140,10 @@ def _oldest_first(l: Lingerer) -> tuple:
 
 # ------------------------------------------------------------------- text
 
-age_text = marked_age       # the renderer's: one way to show an age and its source
+def age_text(seconds, source: str = ages.TRACED) -> str:
+    """The renderer's marked_age: one way to show an age and its source."""
+    from closewait_trace.output.render import marked_age
+    return marked_age(seconds, source)
 
 
 @dataclass
@@ -150,6 +159,7 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
     """The footer: sockets grouped by holder process (a socket held by two
     processes counts for both), then those with no holder we can name;
     biggest group first. 10,000 sockets of one process are one line."""
+    from closewait_trace.output.textsafe import escape
     groups: dict[tuple, HolderGroup] = {}
     for rec in linger_records:
         # Names are the processes' own word: escaped like every text field.

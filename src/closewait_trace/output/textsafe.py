@@ -30,7 +30,7 @@ import json
 import math
 import re
 import unicodedata
-from typing import Any
+from typing import Any, Iterator
 
 ELLIPSIS = "\u2026"     # every cut shows it
 
@@ -128,20 +128,26 @@ def width(value: Any) -> int:
     return sum(w for _, w in _tokens(text))
 
 
-def pieces(text: str) -> list[tuple[str, int]]:
-    """An escaped text in the pieces a cut must keep whole, with their
-    widths: an escape (`\\x1b`, `\\u202e`, `\\n`, `\\\\`) or one character."""
-    out, i, n = [], 0, len(text)
+_ESCAPE_SIZE = {"x": 4, "u": 6, "U": 10}
+
+
+def _pieces(text: str) -> Iterator[tuple[str, int]]:
+    i, n = 0, len(text)
     while i < n:
         ch = text[i]
         if ch == "\\" and i + 1 < n:
-            size = {"x": 4, "u": 6, "U": 10}.get(text[i + 1], 2)
-            out.append((text[i:i + size], min(size, n - i)))
+            size = _ESCAPE_SIZE.get(text[i + 1], 2)
+            yield text[i:i + size], min(size, n - i)
             i += size
         else:
-            out.append((ch, 1 if ord(ch) < 0x7f else _char_width(ch)))
+            yield ch, 1 if ord(ch) < 0x7f else _char_width(ch)
             i += 1
-    return out
+
+
+def pieces(text: str) -> list[tuple[str, int]]:
+    """An escaped text in the pieces a cut must keep whole, with their
+    widths: an escape (`\\x1b`, `\\u202e`, `\\n`, `\\\\`) or one character."""
+    return list(_pieces(text))
 
 
 def cut(text: str, columns: int) -> str:
@@ -151,8 +157,12 @@ def cut(text: str, columns: int) -> str:
         return text
     if columns <= 0:
         return ""
+    if text.isascii() and "\\" not in text:
+        # One column per character, no escape to keep whole: the common
+        # case (a diagnosis line of every socket), in C.
+        return text[:columns - 1] + ELLIPSIS
     out, used = [], 0
-    for piece, w in pieces(text):
+    for piece, w in _pieces(text):      # as far as the cut, not the whole text
         if used + w > columns - 1:
             break
         out.append(piece)
@@ -211,8 +221,12 @@ def width_of_escaped(text: str) -> int:
 def safe_line(line: str) -> str:
     """The last line of defence, applied to every finished text line: a
     control, format or separator character that reached it through a field
-    not escaped on its way is escaped here. Costs one regex search."""
-    if _UNSAFE.search(line) is None:
+    not escaped on its way is escaped here. Costs one regex search, or
+    less: in ASCII, what the search looks for is what is not printable."""
+    if line.isascii():
+        if line.isprintable():          # no C0 control, no DEL: nothing to escape
+            return line
+    elif _UNSAFE.search(line) is None:
         return line
     return _UNSAFE.sub(lambda m: _escape_char(m.group(0)), line)
 
