@@ -337,8 +337,9 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.option("-v", "--verbose", is_flag=True,
               help="Show holders' command lines and the headers bcc used.")
 @click.option("--no-eof-stacks", is_flag=True,
-              help="Do not copy the reader's stack when a socket in CLOSE_WAIT is "
-                   "read to its end (the place that read EOF and never closed).")
+              help="Do not copy the stack of a thread that reads a socket in "
+                   "CLOSE_WAIT to its end or connects a client socket (the places "
+                   "that read EOF and never closed, or opened the connection).")
 @click.option("--all", "all_transitions", is_flag=True,
               help="Also stream every TCP state transition (like tcpstates), "
                    "with the time spent in the previous state.")

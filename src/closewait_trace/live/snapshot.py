@@ -57,6 +57,12 @@ class Snapshot:
         ts = time.time() if ts is None else ts
         at_ns = now_ns() if at_ns is None else at_ns
         out = [records.process(ts, ev) for ev in self.process_evidence]
+        # Where in the code is seen only by a live trace, at the read or the
+        # connect(): said, not left blank (one dict shared by every record).
+        unknown = records.code_unknown(records.CODE_SNAPSHOT)
+        for l in self.lingering:
+            if l.code is None:
+                l.code = unknown
         out.extend(records.linger(l, ts, l.age_ns(at_ns)) for l in self.lingering)
         return out
 

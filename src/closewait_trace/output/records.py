@@ -108,6 +108,8 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
 # Why a linger record does not say where its socket was read to its end.
 CODE_PRE_EXISTING = "in CLOSE_WAIT before the trace began"
 CODE_NOT_LOOKED_UP = "not looked up"
+CODE_SNAPSHOT = ("not known to a snapshot (only a live trace sees the read of EOF and the "
+                 "connect())")
 CODE_NOT_KEPT = ("read to its end, but the place was not kept (over the capture rate, "
                  "or the capture map was full: see the summary's losses)")
 
