@@ -15,7 +15,9 @@ interleaved, under two workloads:
     sudo .venv/bin/python bench/hook_cost.py [--rounds 3]
 
 Run as root. Turns kernel.bpf_stats_enabled on for the run and restores it.
-The tracer runs with -p on the workloads' ports (as bench/run.py does).
+The tracer runs with -p on the workloads' ports (as bench/run.py does), or
+with --no-filter on every socket (then connect()s are captured too: -p
+cannot apply at connect(), when a client's local port is not chosen yet).
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def programs(pid: int) -> dict:
     return out
 
 
+FILTER = ["-p"]      # --no-filter: [] (every socket; connect()s captured too)
+
+
 def start_tracer(port: int, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(run.TRACER + ["--json", "-p", str(port)], stdout=subprocess.PIPE,
+    args = FILTER + [str(port)] if FILTER else []
+    proc = subprocess.Popen(run.TRACER + ["--json"] + args, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env, cwd=run.REPO)
     while True:
         line = proc.stdout.readline()
@@ -93,7 +99,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-filter", action="store_true",
+                    help="trace every socket, as `closewait-trace` with no option: the "
+                         "connect() capture is on (with -p it cannot apply)")
     args = ap.parse_args()
+    if args.no_filter:
+        FILTER.clear()
     if os.geteuid() != 0:
         print("hook_cost: needs root", file=sys.stderr)
         return 3
