@@ -402,3 +402,40 @@ def test_a_leaking_client_names_the_call_that_opened_it(procs, c_client, go_clie
     assert rec["code"]["eof_read"] is None and rec["code"]["eof_read_unknown"] is None
     summary = tracer.stop()
     assert summary["counters"]["open_captured"] >= 1
+
+
+def test_a_reader_that_no_longer_holds_the_socket_is_not_unwound(procs):
+    """A child reads EOF and exits; its parent keeps the socket. The child's
+    pid may belong to anyone by the time the socket is reported: its place
+    is not read from whatever process has that pid now, and the record
+    says why (a crafted reuse of the pid made the place someone else's)."""
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, socket, sys, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        child = os.fork()
+        if child == 0:
+            while c.recv(100):
+                pass
+            os._exit(0)
+        os.waitpid(child, 0)
+        print(child, flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    child = int(holder.stdout.readline())
+    rec = linger_of(tracer, port)
+    read = rec["code"]["eof_read"]
+    assert read is not None and read["pid"] == child, rec["code"]
+    assert [o["pid"] for o in rec["owners"]] == [holder.pid]
+    assert read["place"] is None and read["stack"] == [] and not read["unwound"], read
+    assert "does not hold the socket" in read["not_unwound"]
+    assert "read EOF in" not in rec["diagnosis"]["summary"]

@@ -58,10 +58,10 @@ def lines_in(binary, name, span=64):
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    dwarflines._cache.clear()
+    dwarflines.clear()
     elfindex.problems.clear()
     yield
-    dwarflines._cache.clear()
+    dwarflines.clear()
 
 
 @pytest.mark.parametrize("flags", [(), ("-gz",)])
@@ -96,7 +96,8 @@ def test_a_compressed_section_that_claims_gigabytes_is_refused(tmp_path):
     started = time.monotonic()
     assert dwarflines.line_of(bomb, symbol(bomb, "handle_client")) is None
     assert time.monotonic() - started < 5
-    assert any("expands past" in reason for reason in elfindex.problems), elfindex.problems
+    assert any("expands past" in reason or "larger than" in reason
+               for reason in elfindex.problems), elfindex.problems
 
 
 def test_a_compressed_section_whose_size_lies_is_refused(tmp_path):
@@ -150,3 +151,99 @@ def test_not_an_elf_and_a_fifo_are_no_line(tmp_path):
     started = time.monotonic()
     assert dwarflines.line_of(str(fifo), 0x1000) is None       # never opened for a read
     assert time.monotonic() - started < 2
+
+
+# ----------------------------------------- bounds a crafted file tests
+
+def update_section(binary, name, data, tmp_path, out_name, *extra):
+    blob = tmp_path / (out_name + ".bin")
+    blob.write_bytes(data)
+    out = str(tmp_path / out_name)
+    subprocess.run(["objcopy", "--update-section", f"{name}={blob}", *extra, binary, out],
+                   check=True)
+    return out
+
+
+def traced(call):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        result = call()
+        return result, time.monotonic() - started, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_aranges_is_not_parsed_the_units_are_walked(tmp_path):
+    """30 MiB of valid address ranges: pyelftools would parse them all
+    (9 s and 349 MB, seen). Past 1 MiB they are ignored and the unit walk
+    finds the line."""
+    import struct
+    binary = build(tmp_path)
+    pairs = struct.pack("<QQ", 0x1000, 1) * (30 * (1 << 20) // 16)
+    body = struct.pack("<HIBB", 2, 0, 8, 0) + b"\0" * 4 + pairs + struct.pack("<QQ", 0, 0)
+    aranges = struct.pack("<I", len(body)) + body
+    crafted = update_section(binary, ".debug_aranges", aranges, tmp_path, "aranges")
+    vaddr = symbol(crafted, "handle_client")
+    (hit, seconds, peak) = traced(lambda: dwarflines.line_of(crafted, vaddr, time.monotonic() + 5))
+    assert hit is not None and hit[0] == "srv.c", hit
+    assert peak < 64 << 20, peak          # the 30 MiB section was not kept, nor parsed
+
+
+def test_a_line_program_header_of_megabytes_is_refused_before_parsing(tmp_path):
+    """A DWARF 4 line program whose header lists 12 million include
+    directories (pyelftools: 17 s, seen): refused from its length fields."""
+    import struct
+    binary = build(tmp_path, "-gdwarf-4")
+    dirs = b"d\0" * (12 << 20) + b"\0"
+    files = b"srv.c\0\x01\0\0" + b"\0"
+    header = bytes([1, 1, 1, 0xFB, 14, 13]) + bytes([0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1]) \
+        + dirs + files
+    program = b"\x00\x01\x01"
+    unit = struct.pack("<H", 4) + struct.pack("<I", len(header)) + header + program
+    line = struct.pack("<I", len(unit)) + unit
+    crafted = update_section(binary, ".debug_line", line, tmp_path, "header")
+    vaddr = symbol(crafted, "handle_client")
+    (hit, seconds, peak) = traced(lambda: dwarflines.line_of(crafted, vaddr, time.monotonic() + 5))
+    assert hit is None
+    assert peak < 64 << 20, peak
+    assert any("too large" in r for r in elfindex.problems), elfindex.problems
+
+
+def test_the_dwarf_one_file_brings_in_is_bounded_before_it_is_expanded(tmp_path):
+    """Sections padded to 32 MiB and compressed (a 300 KB file claiming
+    hundreds of MB): refused from the sizes their headers claim, before
+    expanding past the bound; nothing is kept."""
+    binary = build(tmp_path)
+    zeros = tmp_path / "zeros"
+    zeros.write_bytes(bytes(32 << 20))
+    plain = str(tmp_path / "padded-plain")
+    out = str(tmp_path / "padded")
+    subprocess.run(["objcopy", "--update-section", f".debug_str={zeros}",
+                    "--update-section", f".debug_line_str={zeros}", binary, plain], check=True)
+    subprocess.run(["objcopy", "--compress-debug-sections=zlib-gabi", plain, out], check=True)
+    assert os.path.getsize(out) < 1 << 20
+    vaddr = symbol(out, "handle_client")
+    (hit, seconds, peak) = traced(lambda: dwarflines.line_of(out, vaddr, time.monotonic() + 5))
+    assert hit is None
+    assert peak < 48 << 20, peak
+    assert any("DWARF larger than" in r for r in elfindex.problems), elfindex.problems
+    assert dwarflines._cache_bytes == 0
+
+
+def test_a_refused_file_is_not_parsed_again_until_later(tmp_path):
+    binary = build(tmp_path, "-gz")
+    offset, _ = section(binary, ".debug_line")
+    bomb = patched(binary, offset + 8, (3 << 30).to_bytes(8, "little"), tmp_path, "bomb2")
+    vaddr = symbol(bomb, "handle_client")
+    assert dwarflines.line_of(bomb, vaddr) is None
+    assert dwarflines.line_of(bomb, vaddr) is None
+    assert any("not tried again" in r for r in elfindex.problems), elfindex.problems
+
+
+def test_the_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(dwarflines, "CACHE_BYTES", 1)
+    binary = build(tmp_path)
+    assert dwarflines.line_of(binary, symbol(binary, "handle_client")) is not None
+    assert dwarflines._cache_bytes <= 1 and not dwarflines._cache

@@ -248,4 +248,43 @@ def test_an_opener_is_one_line_and_the_reports_lead_when_nothing_read_eof():
     lines = render.code_lines(rec, verbose=False)
     assert lines == ["         opened by fetch_user (app) (connect by 4312/api)"]
     assert any("fetch_user+0x10 (app) [cfi]" in l for l in render.code_lines(rec, True))
-    assert report.code_key(rec) == "opened by fetch_user (app)"
+    assert report.code_key(rec) == "opened by fetch_user (app) in /srv/app"
+
+
+def test_captures_are_unwound_a_process_at_a_time_and_only_for_holders():
+    """One process's 300 sockets must not push another's one socket past the
+    batch's cap: the order given to the worker takes each process in turn.
+    A capture whose pid holds no fd on the socket is not unwound at all."""
+    from types import SimpleNamespace
+    from closewait_trace.kernel.probe import ProbeConfig
+    from closewait_trace.live.filters import SocketFilter
+    from closewait_trace.live.tracer import LiveTracer
+    from closewait_trace.live.tracker import Lingerer
+    from tests.unit.fakeprobe import FakeClock, FakeProbe, endpoints
+
+    class Resolver:
+        worker = None
+        given = None
+
+        def captured_stacks(self, captures):
+            self.given = [c[1] for c in captures]
+            return {c[0]: [frame("handle")] for c in captures}
+
+    clock = FakeClock()
+    resolver = Resolver()
+    tracer = LiveTracer(config=ProbeConfig(threshold_ns=1), socket_filter=SocketFilter(),
+                        probe=FakeProbe(clock), resolver=resolver, clock=clock)
+    captures, owners = {}, {}
+    for i in range(301):
+        pid = 100 if i < 300 else 200
+        l = Lingerer(endpoints=endpoints(40000 + i), enter_ns=0, skaddr=i + 1)
+        captures[(id(l), "eof_read")] = (l, capture(pid=pid))
+        owners[id(l)] = SimpleNamespace(holders=[SimpleNamespace(pid=pid)])
+    stranger = Lingerer(endpoints=endpoints(50000), enter_ns=0, skaddr=999)
+    captures[(id(stranger), "eof_read")] = (stranger, capture(pid=300))
+    owners[id(stranger)] = SimpleNamespace(holders=[SimpleNamespace(pid=100)])
+    tracer.locate_places(captures, owners)
+    assert resolver.given[:2] == [100, 200]
+    assert 300 not in resolver.given
+    read = stranger.code["eof_read"]
+    assert not read["unwound"] and "does not hold" in read["not_unwound"]

@@ -272,11 +272,13 @@ def test_the_program_leaking_fastest_is_one_line():
             "lingered, 6 still held at the end") in text, text
 
 
-def code(function=None, unknown=None):
+def code(function=None, unknown=None, module="/srv/api", line=None):
     if function is None:
         return {"eof_read": None, "eof_read_unknown": unknown}
-    f = {"pc": "0x1", "function": function, "offset": 8, "module": "/srv/api",
+    f = {"pc": "0x1", "function": function, "offset": 8, "module": module,
          "build_id": None, "method": "cfi", "symbols": "symtab"}
+    if line:
+        f.update(file="srv.c", line=line)
     return {"eof_read": {"ts": T0, "after_s": 0.0, "pid": 7, "tid": 7, "comm": "api",
                          "place": f, "stack": [f], "stack_bytes": 4096, "unwound": True},
             "eof_read_unknown": None}
@@ -291,10 +293,24 @@ def test_by_code_location_names_the_functions_that_leaked_most():
     rep = report.build(recs)
     assert "code" in rep["groupings"]
     rows = {r["code"]: r["count"] for r in rep["by_code"]}
-    assert rows == {"handle_client (api)": 3, "fetch_user (api)": 1,
+    assert rows == {"handle_client (api) in /srv/api": 3, "fetch_user (api) in /srv/api": 1,
                     report.NO_EOF_SEEN: 1, report.PLACE_NOT_KNOWN: 1}
-    assert rep["by_code"][0]["code"] == "handle_client (api)"      # most first
+    assert rep["by_code"][0]["code"] == "handle_client (api) in /srv/api"   # most first
     # No place known anywhere: the table is left out unless asked for.
     plain = report.build([header(), process(7, "api"), linger(0, 7, "api")])
     assert "code" not in plain["groupings"]
     assert "code" in report.build([header(), linger(0, 7, "api")], by=["code"])["groupings"]
+
+
+def test_the_same_function_and_line_in_two_programs_are_two_rows():
+    """A function's name and its file:line are the program's own words: any
+    user can name theirs handle_client and claim srv.c:12. The row says the
+    file it is in, so another program never joins a service's row."""
+    recs = [header(), process(7, "api"), process(8, "evil")]
+    recs.append(linger(0, 7, "api", cause="ignoring_eof",
+                       code=code("handle_client", module="/usr/sbin/api", line=12)))
+    recs.append(linger(1, 8, "evil", cause="ignoring_eof",
+                       code=code("handle_client", module="/tmp/evil", line=12)))
+    rows = {r["code"]: r["count"] for r in report.build(recs)["by_code"]}
+    assert rows == {"handle_client (srv.c:12) in /usr/sbin/api": 1,
+                    "handle_client (srv.c:12) in /tmp/evil": 1}

@@ -400,7 +400,7 @@ class LiveTracer:
                     captures[(id(l), kind)] = (l, capture)
             todo.append((l, own))
         self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
-        self.locate_places(captures)
+        self.locate_places(captures, {id(l): own for l, own in todo})
         shown: list[Lingerer] = []
         for l, own in todo:
             if update:
@@ -473,7 +473,7 @@ class LiveTracer:
                 if capture is not None and not l.hidden:
                     late[(id(l), "eof_read")] = (l, capture)
         if late:
-            self.locate_places(late)
+            self.locate_places(late, {key[0]: l.ownership for key, (l, _c) in late.items()})
             # The place changes the diagnosis: a CHANGE line says it.
             self.resolve([l for l, _c in late.values()], self.now_ns(), update=True)
 
@@ -494,20 +494,45 @@ class LiveTracer:
             return "not captured by this probe"
         return self.config.why_no_open_capture()
 
-    def locate_places(self, captures: dict) -> None:
+    def locate_places(self, captures: dict, owners_of: dict) -> None:
         """Unwind the captured stacks (in the gathering worker: the holder's
         maps and binaries are hostile input) and set each socket's code.
-        captures: {(id(lingerer), kind): (lingerer, EofCapture)}."""
+        captures: {(id(lingerer), kind): (lingerer, EofCapture)}; owners_of:
+        id(lingerer) -> its Ownership.
+
+        A copy is unwound only against a process that holds the socket now:
+        its pid then names the process that read or connected it, not a
+        process that took its pid since (a reader that exited, its pid
+        reused, would have its place read in someone else's binaries)."""
         if not captures:
             return
-        keyed = list(captures.items())
+        keyed = []
+        for key, (l, c) in captures.items():
+            own = owners_of.get(key[0])
+            holders = {h.pid for h in getattr(own, "holders", ())}
+            keyed.append((key, l, c, c.pid in holders))
+        # Fair to every process: each one's captures in turn, so that one
+        # process's many sockets cannot push another's past the batch's cap.
+        order: dict = {}
+        for i, (_key, _l, c, ok) in enumerate(keyed):
+            if ok:
+                order.setdefault(c.pid, []).append(i)
+        turns = []
+        queues = list(order.values())
+        while queues:
+            turns.extend(q.pop(0) for q in queues)
+            queues = [q for q in queues if q]
         stacks = self.resolver.captured_stacks(
-            [(i, c.pid, c.ip, c.sp, c.bp, c.stack) for i, (_k, (_l, c)) in enumerate(keyed)])
+            [(i, keyed[i][2].pid, keyed[i][2].ip, keyed[i][2].sp, keyed[i][2].bp,
+              keyed[i][2].stack) for i in turns])
         offset = self.clock_offset_ns()
-        for i, ((_id, kind), (l, c)) in enumerate(keyed):
-            frames = stacks.get(i)
+        for i, ((_id, kind), l, c, ok) in enumerate(keyed):
+            frames = stacks.get(i) if ok else None
             found = records.code_place(c, (c.ts_ns + offset) / 1e9, frames,
                                        place.place_of(frames or []))
+            if not ok:
+                found["not_unwound"] = (f"{c.pid} does not hold the socket now: its place "
+                                        f"is not read from whatever process has that pid")
             if kind == "eof_read":
                 found["after_s"] = round(max(0, c.ts_ns - l.enter_ns) / 1e9, 6)
             code = dict(l.code or records.code_none_seen())

@@ -544,7 +544,11 @@ def frame_line(f: dict) -> str:
 
 def _place_text(found: dict) -> str:
     where = found.get("place") if isinstance(found.get("place"), dict) else None
-    return escape(describe_place(where)) if where else "(stack not unwound)"
+    if where:
+        return escape(describe_place(where))
+    if found.get("not_unwound"):
+        return f"(not unwound: by {escape(found.get('pid'))}, no longer a holder)"
+    return "(stack not unwound)"
 
 
 def _stack_lines(found: dict, indent: str) -> list[str]:

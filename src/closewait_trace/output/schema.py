@@ -227,7 +227,8 @@ class EofRead(TypedDict):
     place: Optional[Frame]      # the frame named: the program's own code
     stack: list[Frame]
     stack_bytes: Count          # of stack copied by the kernel
-    unwound: bool               # false: not unwound in time (stack empty)
+    unwound: bool               # false: not unwound (stack empty)
+    not_unwound: NotRequired[str]   # why, when not for lack of time
 
 
 class Opened(TypedDict):
@@ -241,6 +242,7 @@ class Opened(TypedDict):
     stack: list[Frame]
     stack_bytes: Count
     unwound: bool
+    not_unwound: NotRequired[str]
 
 
 class Code(TypedDict):
