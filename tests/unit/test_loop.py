@@ -505,3 +505,33 @@ def test_one_users_namespaces_do_not_delay_the_tracers_own(tmp_path):
         w.step(0.5)
     entered = {ep.netns for batch in asked for ep in batch} - {NETNS}
     assert len(entered) == others
+
+
+def test_an_idle_tick_does_not_look_at_every_watched_socket(tmp_path, monkeypatch):
+    """Issue 20: with 100,000 reported sockets the loop re-checked each one
+    at every tick (~100 ms). Watched sockets are dropped when the tracker
+    sees them go, so an idle tick asks nothing of them; those that go are
+    still unwatched, with or without their CLOSED event."""
+    w = World(tmp_path)
+    n = 1000                # fds 3 + inode % 1000: distinct within a holder
+    for i in range(n):
+        w.hold(100 + i % 4, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(n):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == n
+    assert w.tracer.state_sizes()["watched_sockets"] == n
+    asked = []
+    real = w.tracer.tracker.is_lingering
+    monkeypatch.setattr(w.tracer.tracker, "is_lingering", lambda l: asked.append(l) or real(l))
+    w.step()
+    w.step()
+    assert asked == []
+    w.forget_row(30000, 30001)
+    w.probe.leave(0x1000, pid=100, comm="srv")              # with its CLOSED event
+    w.probe.leave(0x1001, pid=101, comm="srv", lost=True)   # without
+    w.step()
+    assert w.tracer.state_sizes()["watched_sockets"] == n - 2
+    assert asked == []

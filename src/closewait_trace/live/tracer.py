@@ -308,6 +308,8 @@ class LiveTracer:
             due = self.tracker.due(now_ns)
         if resolve and self.watched:
             self.recheck_owners(now_ns)
+        else:
+            self.unwatch_left()
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
         if resolve and due:
@@ -549,6 +551,16 @@ class LiveTracer:
         return diagnosis.EofReader(pid=read["pid"],
                                    place=render.describe_place(where) if where else "")
 
+    def unwatch_left(self) -> None:
+        """Stop watching the sockets the tracker saw stop lingering (left,
+        with or without their CLOSED event, or their address reused): each
+        costs one step here, when it goes, not one check at every tick."""
+        for l in self.tracker.take_left():
+            self.unwatch(l)
+        for pid in [pid for pid, sockets in self.watched.items() if not sockets]:
+            del self.watched[pid]
+            self.watched_state.pop(pid, None)
+
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
         if own is None:
@@ -571,12 +583,7 @@ class LiveTracer:
         (stopped, continued, traced, exited): one /proc read per holder
         process per tick, whatever the number of sockets it holds."""
         changed: dict = {}
-        for pid, sockets in list(self.watched.items()):
-            for key in [k for k, l in sockets.items() if not self.tracker.is_lingering(l)]:
-                del sockets[key]    # left without a CLOSED event (lost): forget it
-            if not sockets:
-                del self.watched[pid]
-                self.watched_state.pop(pid, None)
+        self.unwatch_left()
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:

@@ -118,6 +118,18 @@ class Tracker:
     # pre_existing by addresses alone: the same addresses may be in several
     # namespaces, and an event may not know its namespace (no BTF).
     pre_by_address: dict[tuple, set[Endpoints]] = field(default_factory=dict)
+    # Reported sockets that stopped lingering since the caller last took
+    # them (took_left): what the caller watches is dropped by these, not by
+    # asking of every watched socket at every tick whether it still lingers.
+    left: list[Lingerer] = field(default_factory=list)
+
+    def _stopped(self, l: Optional[Lingerer]) -> None:
+        if l is not None and l.reported:
+            self.left.append(l)
+
+    def take_left(self) -> list[Lingerer]:
+        out, self.left = self.left, []
+        return out
 
     def seed(self, already_in_close_wait: Iterable[TcpRow],
              tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None) -> int:
@@ -157,6 +169,7 @@ class Tracker:
 
     def _pop_pre_existing(self, endpoints: Endpoints) -> Optional[Lingerer]:
         l = self.pre_existing.pop(endpoints, None)
+        self._stopped(l)
         if l is not None:
             same = self.pre_by_address.get(endpoints.address_key)
             if same is not None:
@@ -202,6 +215,7 @@ class Tracker:
             if known is None or known.enter_ns != enter_ns:
                 if known is not None:
                     self.pending.pop(id(known), None)
+                    self._stopped(known)        # its address now another socket's
                 l = Lingerer(endpoints=endpoints_of(skaddr), enter_ns=enter_ns, skaddr=skaddr)
                 self.by_skaddr[skaddr] = l
                 self.pending[id(l)] = l
@@ -209,6 +223,7 @@ class Tracker:
             for skaddr in [s for s in self.by_skaddr if s not in entries]:
                 gone = self.by_skaddr.pop(skaddr)
                 self.pending.pop(id(gone), None)
+                self._stopped(gone)
                 if gone.reported:
                     gone.left_ns = now_ns
                     self.departed.pop(skaddr, None)     # kept in departure order
@@ -253,7 +268,9 @@ class Tracker:
 
     def on_event(self, ev: KernelEvent) -> Optional[Closed]:
         if ev.kind == KIND_CLOSED:
-            l = self.by_skaddr.pop(ev.skaddr, None) or self.departed.pop(ev.skaddr, None)
+            still = self.by_skaddr.pop(ev.skaddr, None)
+            self._stopped(still)
+            l = still or self.departed.pop(ev.skaddr, None)
             if l is not None:
                 self.pending.pop(id(l), None)
                 if l.endpoints != ev.endpoints:
