@@ -38,6 +38,7 @@
 //   CAPTURES_PER_S       captures of each kind per CPU per second, at most
 //   OPEN_CAPTURE         also keep where client sockets were connect()ed
 //   MAX_OPEN_CAPTURES    capacity of cw_open (with OPEN_CAPTURE)
+//   MAX_EXEC_TRACKED     capacity of cw_exec_ns (with either capture)
 
 #if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
 #define EOF_STACK_BYTES_OR_1 EOF_STACK_BYTES
@@ -133,6 +134,7 @@ struct cw_counters {
     u64 open_captured;   // connect()s kept in cw_open
     u64 open_map_full;   // connect()s not kept: cw_open was full
     u64 open_rate_limited; // connect()s not kept: over CAPTURES_PER_S
+    u64 exec_map_full;   // exec()s not remembered: cw_exec_ns was full
 };
 
 // Preallocated: an insert and a delete per connection are the whole cost of
@@ -178,6 +180,11 @@ struct cw_eof_budget {
     u64 used_open;
 };
 BPF_PERCPU_ARRAY(cw_eof_budget, struct cw_eof_budget, 1);
+
+// When each process last exec()ed, while it lives: a capture taken before
+// its process ran another program must not be unwound against the new one
+// (its pid still holds the socket, its memory is another program's).
+BPF_F_TABLE("hash", u32, u64, cw_exec_ns, MAX_EXEC_TRACKED, 0);
 #endif
 
 #ifdef ALL_TRANSITIONS
@@ -576,6 +583,30 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
         if (!full && c->stack_len < EOF_STACK_BYTES)
             counts->eof_stack_short++;
     }
+    return 0;
+}
+#endif
+
+#if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 now = cw_now();
+    if (cw_exec_ns.update(&tgid, &now) != 0) {
+        struct cw_counters *counts = cw_counts();
+        if (counts)
+            counts->exec_map_full++;
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if ((u32)id != (u32)(id >> 32))
+        return 0;               // a thread, not its process
+    u32 tgid = id >> 32;
+    cw_exec_ns.delete(&tgid);
     return 0;
 }
 #endif

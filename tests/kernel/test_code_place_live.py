@@ -439,3 +439,35 @@ def test_a_reader_that_no_longer_holds_the_socket_is_not_unwound(procs):
     assert read["place"] is None and read["stack"] == [] and not read["unwound"], read
     assert "does not hold the socket" in read["not_unwound"]
     assert "read EOF in" not in rec["diagnosis"]["summary"]
+
+
+def test_a_reader_that_ran_another_program_since_is_not_unwound(procs):
+    """The reader reads EOF, then exec()s another program keeping the fd:
+    its pid still holds the socket, but its memory is another program's
+    (a user could exec someone else's binary to have the place named in
+    it). The kernel remembers the exec; the place is not read, and said."""
+    port = free_port()
+    sleep = shutil.which("sleep")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, socket, time
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(("127.0.0.1", {port})); l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        while c.recv(100):
+            pass
+        os.set_inheritable(c.fileno(), True)
+        os.execv({sleep!r}, ["sleep", "600"])
+        """)], stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    assert [o["pid"] for o in rec["owners"]] == [holder.pid]
+    read = rec["code"]["eof_read"]
+    assert read is not None and read["pid"] == holder.pid, rec["code"]
+    assert read["place"] is None and not read["unwound"], read
+    assert "has run another program since" in read["not_unwound"]

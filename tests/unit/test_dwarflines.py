@@ -247,3 +247,59 @@ def test_the_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
     binary = build(tmp_path)
     assert dwarflines.line_of(binary, symbol(binary, "handle_client")) is not None
     assert dwarflines._cache_bytes <= 1 and not dwarflines._cache
+
+
+def test_the_time_limit_is_not_swallowed_by_a_handler_of_exceptions():
+    """pyelftools' construct turns any Exception raised mid-parse into its
+    own error; a parse in a loop that catches those must still be stopped
+    (the limit fires again until the block is left)."""
+    stopped = False
+    started = time.monotonic()
+    try:
+        with dwarflines._time_limit(0.05):
+            while time.monotonic() - started < 3:
+                try:
+                    sum(range(1000))
+                except Exception:
+                    pass
+    except dwarflines._Alarm:
+        stopped = True
+    assert stopped and time.monotonic() - started < 3
+
+
+def test_a_dwarf5_header_counting_2_62_directories_is_stopped(tmp_path):
+    """Zero entry formats and 2^62 directories: pyelftools loops without
+    reading a byte. The lookup's time limit ends it (in a child process, so
+    that the old code's endless loop cannot hold the test run)."""
+    import struct
+    import sys
+    binary = build(tmp_path, "-gdwarf-5")
+
+    def uleb(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    rest = bytes([1, 1, 1, 0xFB, 14, 13]) + bytes([0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 1]) \
+        + b"\x00" + uleb(1 << 62) + b"\x00" + uleb(0)
+    program = b"\x00\x01\x01"
+    unit = struct.pack("<HBB", 5, 8, 0) + struct.pack("<I", len(rest)) + rest + program
+    crafted = update_section(binary, ".debug_line", struct.pack("<I", len(unit)) + unit,
+                             tmp_path, "counts")
+    code = ("import sys, time; from closewait_trace.evidence import dwarflines as d;"
+            f"print(d.line_of({crafted!r}, {symbol(crafted, 'handle_client')}, "
+            "time.monotonic() + 2))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert done.returncode == 0 and done.stdout.strip() == "None", (done.stdout, done.stderr)
+
+
+def test_a_slow_lookup_that_finds_nothing_is_paid_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(dwarflines, "SLOW_SECONDS", 0.0)
+    binary = build(tmp_path)
+    nowhere = symbol(binary, "handle_client") + 0x100000
+    assert dwarflines.line_of(binary, nowhere) is None
+    assert dwarflines.line_of(binary, nowhere + 8) is None
+    assert any("not tried again" in r for r in elfindex.problems), elfindex.problems

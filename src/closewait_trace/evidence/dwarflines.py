@@ -69,6 +69,18 @@ MAX_REMEMBERED = 1024
 _cache: OrderedDict = OrderedDict()    # identity -> (DWARFInfo or None, bytes, line section)
 _cache_bytes = 0
 _failed: OrderedDict = OrderedDict()   # identity -> (monotonic time, reason)
+# Answers by (identity, address): the same place is asked for at every
+# report of a leak; () for "no line there".
+_found: OrderedDict = OrderedDict()
+MAX_FOUND = 4096
+# A lookup this slow that finds nothing is remembered as a failure.
+SLOW_SECONDS = 0.1
+
+
+def _remember_found(key, vaddr: int, found) -> None:
+    _found[(key, vaddr)] = found
+    while len(_found) > MAX_FOUND:
+        _found.popitem(last=False)
 
 
 class _Memory(io.RawIOBase):
@@ -106,8 +118,10 @@ class _Memory(io.RawIOBase):
         return len(data)
 
 
-class _Alarm(Exception):
-    """The lookup's interval timer fired."""
+class _Alarm(BaseException):
+    """The lookup's interval timer fired. A BaseException: pyelftools (and
+    its construct library) turn any Exception raised mid-parse into their
+    own errors, and a handler that swallowed it would end the time limit."""
 
 
 class _time_limit:
@@ -128,15 +142,19 @@ class _time_limit:
             return self
 
         def fire(_signum, _frame):
-            raise _Alarm()
+            if self.armed:
+                raise _Alarm()
         self.previous = signal.signal(signal.SIGALRM, fire)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
         self.armed = True
+        # Fires again every 50 ms until disarmed: one that something caught
+        # is followed by another.
+        signal.setitimer(signal.ITIMER_REAL, self.seconds, 0.05)
         return self
 
     def __exit__(self, *exc):
         if self.armed:
             import signal
+            self.armed = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, self.previous)
         return False
@@ -359,11 +377,15 @@ def line_of(path: str, vaddr: int, deadline: Optional[float] = None, build_id: s
         limit = min(SECONDS, deadline - time.monotonic())
         if limit <= 0:
             return None             # the batch's budget is spent: not this file's fault
+        started = time.monotonic()
         try:
             with _time_limit(limit):
                 key, dwarf, line_data = _open_dwarf(candidate, deadline, limits)
                 if dwarf is None:
                     continue
+                known = _found.get((key, vaddr))
+                if known is not None:
+                    return known or None
                 offsets = _unit_offsets(dwarf, vaddr, deadline)
                 if offsets is None:
                     units = []
@@ -378,14 +400,20 @@ def line_of(path: str, vaddr: int, deadline: Optional[float] = None, build_id: s
                         raise OutOfTime()
                     found = _line_in_unit(dwarf, cu, vaddr, deadline, line_data)
                     if found is not None:
+                        _remember_found(key, vaddr, found)
                         return found
+                _remember_found(key, vaddr, ())
+                if time.monotonic() - started > SLOW_SECONDS:
+                    # Slow and nothing found: a table built to cost just
+                    # under the limit at every report is paid once.
+                    _remember_failure(key, "no line: slow, and none found")
         except FileNotFoundError:
             continue
         except (OutOfTime, _Alarm):
             key = key or _identity(candidate)
             # Remembered only when it had the whole SECONDS: a lookup cut
             # short by the batch's budget says nothing of the file.
-            if key is not None and limit >= SECONDS:
+            if key is not None and limit >= SECONDS - 0.01:
                 _remember_failure(key, "no line: time limit")
             elfindex.note_problem("no line: time limit", candidate)
             return None
@@ -411,6 +439,7 @@ def clear() -> None:
     global _cache_bytes
     _cache.clear()
     _failed.clear()
+    _found.clear()
     _cache_bytes = 0
 
 

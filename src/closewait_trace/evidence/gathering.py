@@ -75,10 +75,19 @@ def captured_stacks(captures: list, proc: str = procfs.PROC,
     from closewait_trace.evidence import symbolize
     budget = symbolize.Budget()
     out: dict = {}
+    unwound = []
     try:
+        # Every stack and its symbols first, then lines for the places with
+        # what is left of the budget: a slow line table (a crafted one) can
+        # cost a place its line, never another stack its symbols.
         for key, pid, ip, sp, bp, stack in captures[:MAX_PROCESSES_PER_BATCH]:
-            frames = symbolize.captured_stack(pid, ip, sp, bp, stack, proc, machine, budget)
+            frames = symbolize.captured_stack(pid, ip, sp, bp, stack, proc, machine, budget,
+                                              lines=False)
+            unwound.append((key, pid, frames))
+        for key, pid, frames in unwound:
+            symbolize.add_place_line(pid, frames, proc, budget)
             out[key] = [f.as_dict() for f in frames]
+            procfs.note_progress()
     finally:
         budget.close()
     out["problems"] = symbolize.problems()

@@ -253,7 +253,7 @@ class CapturedImage:
 def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
                    proc: str = procfs.PROC, machine: Optional[str] = None,
                    budget: Optional[Budget] = None, max_frames: int = 32,
-                   debug_roots=None) -> list[Frame]:
+                   debug_roots=None, lines: bool = True) -> list[Frame]:
     """The stack of a thread of pid as the kernel copied it at an event:
     registers ip, sp and bp, and `stack`, the bytes from sp up. Symbols come
     from the process's mappings as they are now (it still holds the socket,
@@ -266,15 +266,34 @@ def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
     try:
         session = StackSession(image, budget, debug_roots)
         frames = unwind_x86_64.unwind(session, ip, sp, max_frames, bp=bp or None)
-        named = place.place_index([f.as_dict() for f in frames])
-        if named is not None:
-            session.add_line(frames[named])
+        if lines:
+            add_place_line(pid, frames, proc, budget, debug_roots)
         return frames
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
         elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
         return []
+    finally:
+        if own_budget:
+            budget.close()
+
+
+def add_place_line(pid: int, frames: list, proc: str = procfs.PROC,
+                   budget: Optional[Budget] = None, debug_roots=None) -> None:
+    """File and line of the frame that names the place (evidence/place.py),
+    from DWARF, with what is left of the budget."""
+    named = place.place_index([f.as_dict() for f in frames])
+    if named is None:
+        return
+    own_budget = budget is None
+    budget = budget or Budget()
+    try:
+        StackSession(budget.image(pid, proc), budget, debug_roots).add_line(frames[named])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        elfindex.note_problem(f"no line ({type(e).__name__})", f"pid {pid}")
     finally:
         if own_budget:
             budget.close()

@@ -52,6 +52,7 @@ class ProbeConfig:
     # connection (bench/hook_cost.py; docs/benchmarks.md).
     captures_per_s: int = 128
     max_open_captures: int = 1024      # client sockets whose connect() is kept
+    max_exec_tracked: int = 16384      # live processes whose last exec() is known
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
     features: "KernelFeatures" = field(default_factory=lambda: detect_features())
@@ -79,6 +80,7 @@ class ProbeConfig:
         if self.captures_eof or self.captures_open:
             flags += [f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
                       f"-DMAX_OPEN_CAPTURES={self.max_open_captures}",
+                      f"-DMAX_EXEC_TRACKED={self.max_exec_tracked}",
                       f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
                       f"-DCAPTURES_PER_S={self.captures_per_s}"]
         if self.captures_eof:
@@ -560,6 +562,19 @@ class KernelProbe:
         except KeyError:
             pass            # the socket went meanwhile: the kernel deleted it
         return capture
+
+    def exec_since(self, pid: int, ts_ns: int) -> Optional[bool]:
+        """Whether process pid exec()ed another program after ts_ns (kernel
+        clock): True, False, or None when the kernel could not remember
+        every exec (its map was full)."""
+        if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
+            return None
+        table = self._table("cw_exec_ns")
+        try:
+            return int(table[table.Key(pid)].value) > ts_ns
+        except KeyError:
+            per_cpu = self._table("cw_counters")[0]
+            return None if sum(c.exec_map_full for c in per_cpu) else False
 
     def eof_read_without_capture(self, skaddr: int) -> bool:
         """Whether the kernel saw the socket read to its end without keeping

@@ -509,15 +509,28 @@ class LiveTracer:
         if not captures:
             return
         keyed = []
+        exec_since = getattr(self.probe, "exec_since", None)
         for key, (l, c) in captures.items():
             own = owners_of.get(key[0])
             holders = {h.pid for h in getattr(own, "holders", ())}
-            keyed.append((key, l, c, c.pid in holders))
+            why = None
+            if c.pid not in holders:
+                why = (f"{c.pid} does not hold the socket now: its place is not read from "
+                       f"whatever process has that pid")
+            elif exec_since is not None:
+                changed = exec_since(c.pid, c.ts_ns)
+                if changed is None:
+                    why = (f"whether {c.pid} has run another program since is not known (the "
+                           f"kernel's map of exec()s was full)")
+                elif changed:
+                    why = (f"{c.pid} has run another program since (exec): its place is "
+                           f"not read from the new one")
+            keyed.append((key, l, c, why))
         # Fair to every process: each one's captures in turn, so that one
         # process's many sockets cannot push another's past the batch's cap.
         order: dict = {}
-        for i, (_key, _l, c, ok) in enumerate(keyed):
-            if ok:
+        for i, (_key, _l, c, why) in enumerate(keyed):
+            if why is None:
                 order.setdefault(c.pid, []).append(i)
         turns = []
         queues = list(order.values())
@@ -528,13 +541,12 @@ class LiveTracer:
             [(i, keyed[i][2].pid, keyed[i][2].ip, keyed[i][2].sp, keyed[i][2].bp,
               keyed[i][2].stack) for i in turns])
         offset = self.clock_offset_ns()
-        for i, ((_id, kind), l, c, ok) in enumerate(keyed):
-            frames = stacks.get(i) if ok else None
+        for i, ((_id, kind), l, c, why) in enumerate(keyed):
+            frames = stacks.get(i) if why is None else None
             found = records.code_place(c, (c.ts_ns + offset) / 1e9, frames,
                                        place.place_of(frames or []))
-            if not ok:
-                found["not_unwound"] = (f"{c.pid} does not hold the socket now: its place "
-                                        f"is not read from whatever process has that pid")
+            if why is not None:
+                found["not_unwound"] = why
             if kind == "eof_read":
                 found["after_s"] = round(max(0, c.ts_ns - l.enter_ns) / 1e9, 6)
             code = dict(l.code or records.code_none_seen())

@@ -547,7 +547,7 @@ def _place_text(found: dict) -> str:
     if where:
         return escape(describe_place(where))
     if found.get("not_unwound"):
-        return f"(not unwound: by {escape(found.get('pid'))}, no longer a holder)"
+        return f"(not unwound: {escape(found['not_unwound'])})"
     return "(stack not unwound)"
 
 
