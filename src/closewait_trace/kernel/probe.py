@@ -534,6 +534,13 @@ class KernelProbe:
             return []
         return [k.value for k in self._table("cw_eof").keys()]
 
+    def open_capture_keys(self) -> list[int]:
+        """The sockets the kernel holds a connect() capture for (at most
+        max_open_captures)."""
+        if not self.config.captures_open or self.bpf is None:
+            return []
+        return [k.value for k in self._table("cw_open").keys()]
+
     def take_eof_capture(self, skaddr: int) -> Optional[EofCapture]:
         """Where the socket was read to its end, if it was (and the kernel
         could say): taken out of the kernel's map, which frees its slot; the

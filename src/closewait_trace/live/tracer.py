@@ -133,6 +133,7 @@ class LiveTracer:
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _eof_captured_seen: Optional[int] = None   # the kernel's eof_captured at the last look
+    _keys: Optional[tuple] = None       # _capture_keys() of the batch being resolved
     _final_drain: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
     own_netns: int = field(default_factory=tracer_netns)
@@ -366,6 +367,7 @@ class LiveTracer:
                     self.linger_lines += 1
                     self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns())))
             return
+        self._keys = None                    # capture maps' keys, read once per batch
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
         todo: list[tuple[Lingerer, object]] = []
@@ -440,14 +442,20 @@ class LiveTracer:
             l.code = records.code_unknown(why, why_open)
             return []
         taken = []
-        capture = self.probe.take_eof_capture(l.skaddr) if why is None else None
+        eof_keys, open_keys = self._capture_keys()
+        capture = (self.probe.take_eof_capture(l.skaddr)
+                   if why is None and (eof_keys is None or l.skaddr in eof_keys) else None)
         if capture is not None:
             taken.append(("eof_read", capture))
-        elif why is None:
+        elif why is None and (self.last_counters.get("eof_map_full")
+                              or self.last_counters.get("eof_rate_limited")):
+            # Only when the kernel left some EOF read without its place.
             kept_not = getattr(self.probe, "eof_read_without_capture", None)
             if kept_not and kept_not(l.skaddr):
                 why = records.CODE_NOT_KEPT
-        opened = self.probe.take_open_capture(l.skaddr) if why_open is None else None
+        opened = (self.probe.take_open_capture(l.skaddr)
+                  if why_open is None and (open_keys is None or l.skaddr in open_keys)
+                  else None)
         if opened is not None:
             taken.append(("opened", opened))
         elif why_open is None and (self.last_counters.get("open_rate_limited")
@@ -455,6 +463,17 @@ class LiveTracer:
             why_open = records.CODE_OPEN_NOT_KEPT
         l.code = records.code_unknown(why, why_open)
         return taken
+
+    def _capture_keys(self) -> tuple:
+        """(sockets with an EOF-read capture, with a connect() capture), read
+        once per batch (at most 1,024 keys each) so that reporting 100,000
+        sockets does not cost two map lookups each; None: look each up."""
+        if self._keys is None:
+            eof = getattr(self.probe, "eof_capture_keys", None)
+            opened = getattr(self.probe, "open_capture_keys", None)
+            self._keys = (set(eof()) if eof and self.eof_unknown() is None else None,
+                          set(opened()) if opened and self.open_unknown() is None else None)
+        return self._keys
 
     def take_late_eof_reads(self, counters: dict) -> None:
         """Sockets read to their end after they were reported: take their
