@@ -19,6 +19,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -199,18 +200,27 @@ def user_stack(pid: int, pc: Optional[int], sp: Optional[int], proc: str = procf
     unwind = UNWINDERS.get(machine or platform.machine())
     if unwind is None or pc is None or sp is None:
         return []
+    with _evidence_of(pid, budget, "stack not unwound") as budget:
+        return unwind(StackSession(budget.image(pid, proc), budget, debug_roots), pc, sp,
+                      max_frames)
+    return []
+
+
+@contextlib.contextmanager
+def _evidence_of(pid: int, budget: Optional[Budget], failure: str):
+    """The batch's budget (a new one, closed at the end, when none is given)
+    for reading one process's stack. Whatever a crafted binary or a racing
+    process makes of the code inside, a stack is evidence, never a reason
+    for the tracer to stop: any error is counted as `failure` and
+    swallowed, and the caller returns what it has."""
     own_budget = budget is None
     budget = budget or Budget()
-    image = budget.image(pid, proc)
     try:
-        return unwind(StackSession(image, budget, debug_roots), pc, sp, max_frames)
+        yield budget
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
-        # Whatever a crafted binary or a racing process makes of the code
-        # above, a stack is evidence, never a reason for the tracer to stop.
-        elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
-        return []
+        elfindex.note_problem(f"{failure} ({type(e).__name__})", f"pid {pid}")
     finally:
         if own_budget:
             budget.close()
@@ -260,23 +270,14 @@ def captured_stack(pid: int, ip: int, sp: int, bp: int, stack: bytes,
     so it still runs the same binaries)."""
     if (machine or platform.machine()) != "x86_64" or not ip or not sp:
         return []
-    own_budget = budget is None
-    budget = budget or Budget()
-    image = CapturedImage(budget.image(pid, proc), sp, stack)
-    try:
+    with _evidence_of(pid, budget, "stack not unwound") as budget:
+        image = CapturedImage(budget.image(pid, proc), sp, stack)
         session = StackSession(image, budget, debug_roots)
         frames = unwind_x86_64.unwind(session, ip, sp, max_frames, bp=bp or None)
         if lines:
             add_place_line(pid, frames, proc, budget, debug_roots)
         return frames
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        elfindex.note_problem(f"stack not unwound ({type(e).__name__})", f"pid {pid}")
-        return []
-    finally:
-        if own_budget:
-            budget.close()
+    return []
 
 
 def add_place_line(pid: int, frames: list, proc: str = procfs.PROC,
@@ -286,14 +287,5 @@ def add_place_line(pid: int, frames: list, proc: str = procfs.PROC,
     named = place.place_index([f.as_dict() for f in frames])
     if named is None:
         return
-    own_budget = budget is None
-    budget = budget or Budget()
-    try:
+    with _evidence_of(pid, budget, "no line") as budget:
         StackSession(budget.image(pid, proc), budget, debug_roots).add_line(frames[named])
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        elfindex.note_problem(f"no line ({type(e).__name__})", f"pid {pid}")
-    finally:
-        if own_budget:
-            budget.close()
