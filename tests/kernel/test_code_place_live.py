@@ -96,6 +96,33 @@ def start_server(procs, argv):
     return server
 
 
+# A Python server: listening on the port, says "ready", then runs the rest
+# of its script (given by each test).
+LISTEN = """\
+import os, resource, socket, sys, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port})); l.listen(1024)
+print("ready", flush=True)
+"""
+
+
+def python_server(procs, port, then, **popen):
+    proc = subprocess.Popen([sys.executable, "-c", LISTEN.format(port=port)
+                             + textwrap.dedent(then)], stdout=subprocess.PIPE, text=True,
+                            **popen)
+    procs.append(proc)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def started_tracer(procs, *args):
+    """The tracer with the tests' 300 ms threshold and these filters."""
+    tracer = Tracer([*args, "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    return tracer
+
+
 def send_and_close(port, payload=b"request"):
     c = socket.create_connection(("127.0.0.1", port))
     c.sendall(payload)
@@ -170,9 +197,7 @@ def test_go_handler_that_returned_without_closing_is_named(procs, go_server):
     the system call up through net.(*conn).Read to the handler."""
     port = free_port()
     server = start_server(procs, [go_server, str(port)])
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
     assert {record_row(rec)} == ss_close_wait(port)
@@ -191,19 +216,11 @@ def test_go_handler_that_returned_without_closing_is_named(procs, go_server):
 
 def test_a_process_that_never_read_has_none_seen(procs, eof_server):
     port = free_port()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import socket, sys, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    python_server(procs, port, """
         c, _ = l.accept()
         time.sleep(600)
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
     assert eof_of(rec) == {"eof_read": None, "eof_read_unknown": None}
@@ -215,22 +232,14 @@ def test_python_reader_that_sleeps_is_ignoring_eof_not_blocked_elsewhere(procs):
     """The same leak must not get a cause that depends on the call the
     program idles in: a Python worker that read EOF and then sleeps."""
     port = free_port()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import socket, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    holder = python_server(procs, port, """
         c, _ = l.accept()
         while c.recv(100):
             pass
         while True:
             time.sleep(1)
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
     read = rec["code"]["eof_read"]
@@ -246,9 +255,7 @@ def test_a_crafted_stack_is_unwound_within_bounds(procs, eof_server):
     stack: the unwinder stops, the tracer goes on, the reader is named."""
     port = free_port()
     server = start_server(procs, [eof_server, str(port), "hostile"])
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
     read = rec["code"]["eof_read"]
@@ -266,9 +273,7 @@ def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server)
     start_server(procs, [eof_server, str(port)])
     send_and_close(port)            # lingers before the tracer starts
     wait_until(lambda: len(ss_close_wait(port)) == 1, what="CLOSE_WAIT")
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+    tracer = started_tracer(procs, "-p", str(port))
     old = linger_of(tracer, port)
     assert old["pre_existing"]
     assert eof_of(old) == {"eof_read": None,
@@ -291,22 +296,14 @@ def test_an_eof_read_after_the_report_gives_a_change_with_the_place(procs):
     a later tick (it would hold a slot of the kernel's map while the socket
     lingers) and the new diagnosis names the place in a CHANGE."""
     port = free_port()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import socket, sys, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    holder = python_server(procs, port, """
         c, _ = l.accept()
         sys.stdin.readline()        # the test says when to read
         while c.recv(100):
             pass
         time.sleep(600)
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """, stdin=subprocess.PIPE)
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     first = linger_of(tracer, port)
     assert eof_of(first) == {"eof_read": None, "eof_read_unknown": None}
@@ -326,11 +323,7 @@ def test_a_burst_of_eof_reads_is_sampled_and_the_rest_said_not_kept(procs):
     says its place was not kept (never "none seen"), and the counts add up."""
     port = free_port()
     count = 400
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import resource, socket, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen(1024)
-        print("ready", flush=True)
+    holder = python_server(procs, port, f"""
         held = []
         for _ in range({count}):
             c, _ = l.accept()
@@ -340,12 +333,8 @@ def test_a_burst_of_eof_reads_is_sampled_and_the_rest_said_not_kept(procs):
                 pass
         print("read", flush=True)
         time.sleep(600)
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-p", str(port))
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
     for c in clients:
         c.close()
@@ -371,20 +360,12 @@ def test_a_leaking_client_names_the_call_that_opened_it(procs, c_client, go_clie
     lingers, and the call that connect()ed it is named, in the holder's own
     language (Go's Dial happens in the dialling goroutine)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import socket, sys, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    python_server(procs, port, """
         c, _ = l.accept()
         c.close()
         time.sleep(600)
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(server)
-    assert server.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-P", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-P", str(port))
     client = subprocess.Popen([c_client if language == "c" else go_client, str(port)],
                               stdout=subprocess.PIPE, text=True)
     procs.append(client)
@@ -410,11 +391,7 @@ def test_a_reader_that_no_longer_holds_the_socket_is_not_unwound(procs):
     is not read from whatever process has that pid now, and the record
     says why (a crafted reuse of the pid made the place someone else's)."""
     port = free_port()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import os, socket, sys, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    holder = python_server(procs, port, """
         c, _ = l.accept()
         child = os.fork()
         if child == 0:
@@ -424,12 +401,8 @@ def test_a_reader_that_no_longer_holds_the_socket_is_not_unwound(procs):
         os.waitpid(child, 0)
         print(child, flush=True)
         time.sleep(600)
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     child = int(holder.stdout.readline())
     rec = linger_of(tracer, port)
@@ -448,22 +421,14 @@ def test_a_reader_that_ran_another_program_since_is_not_unwound(procs):
     it). The kernel remembers the exec; the place is not read, and said."""
     port = free_port()
     sleep = shutil.which("sleep")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import os, socket, time
-        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        l.bind(("127.0.0.1", {port})); l.listen()
-        print("ready", flush=True)
+    holder = python_server(procs, port, f"""
         c, _ = l.accept()
         while c.recv(100):
             pass
         os.set_inheritable(c.fileno(), True)
         os.execv({sleep!r}, ["sleep", "600"])
-        """)], stdout=subprocess.PIPE, text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    tracer = Tracer(["-p", str(port), "-t", "300ms"])
-    procs.append(tracer)
-    tracer.start()
+        """)
+    tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
     assert [o["pid"] for o in rec["owners"]] == [holder.pid]
