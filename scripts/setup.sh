@@ -41,9 +41,10 @@ if [ "$action" = test ] || [ "$action" = setup ]; then
     # strace), bcc's tcpstates for the benchmark's comparison, vagrant to
     # check vagrant/Vagrantfile offline, prometheus and promtool for the
     # metrics and the alert rules, man and systemd-analyze for the man page
-    # and the unit, Go for the Go programs whose code locations are checked.
+    # and the unit, Go for the Go programs whose code locations are checked,
+    # CPython's internal headers to check the frame layouts against (offsetof).
     packages+=(socat iproute2 procps gcc libc6-dev binutils strace gdb bpfcc-tools vagrant
-               prometheus man-db systemd golang-go)
+               prometheus man-db systemd golang-go libpython3-dev)
     # The .deb's build (scripts/build-deb.sh), which a kernel test installs.
     packages+=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
                python3-hatchling)

@@ -78,6 +78,7 @@ class ThreadEvidence:
     syscall_fd: Optional[int] = None      # first argument, when it is an fd
     syscall_fd_target: str = ""           # what that fd is: socket:[N], pipe:[N], a path
     stack: list = field(default_factory=list)   # symbolize.Frame, innermost first
+    python: list = field(default_factory=list)  # pyframes.PyFrame, innermost first
     _serving: Optional[bool] = None
 
     def serving(self, machine: str) -> bool:
@@ -87,14 +88,22 @@ class ThreadEvidence:
         return self._serving
 
     def as_dict(self) -> dict:
-        return {"tid": self.tid, "state": self.state, "wchan": self.wchan,
+        out = {"tid": self.tid, "state": self.state, "wchan": self.wchan,
                 "syscall": self.syscall_name or None, "syscall_fd": self.syscall_fd,
                 "syscall_fd_target": self.syscall_fd_target or None,
                 "stack": [f.as_dict() for f in self.stack]}
+        if self.python:
+            out["python"] = [f.as_dict() for f in self.python]
+        return out
 
     def user_location(self) -> str:
-        """The innermost frame outside the module the syscall was made in
-        (usually libc): where the program itself is waiting."""
+        """Where the program itself is waiting: its innermost Python frame
+        for a CPython program (the C frames are the interpreter's), else the
+        innermost frame outside the module the syscall was made in (usually
+        libc)."""
+        if self.python:
+            from closewait_trace.evidence import pyframes
+            return pyframes.own_frame(self.python).describe()
         if not self.stack:
             return ""
         inner = self.stack[0].module
@@ -124,6 +133,7 @@ class HolderEvidence:
     # gathered ("not read: timed out", see NOT_GATHERED and gathering.py).
     unreadable: str = ""
     stacks_not_read: str = ""     # why its threads' stacks were not read
+    python_not_read: str = ""     # a CPython process whose Python frames were not read: why
     examined: list[ThreadEvidence] = field(default_factory=list)  # the cause's threads
 
     def fd_facts(self) -> dict:
@@ -148,6 +158,8 @@ class HolderEvidence:
             out["unreadable"] = self.unreadable
         if self.stacks_not_read:
             out["stacks_not_read"] = self.stacks_not_read
+        if self.python_not_read:
+            out["python_not_read"] = self.python_not_read
         return out
 
 
@@ -336,7 +348,10 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     asleep = [t for t in threads if t.state in ("S", "D") and t.syscall is not None]
     if asleep:
-        t = asleep[0]
+        # A Python thread that waits in its own code (a worker stuck in
+        # process_batch) says more than one waiting inside the library (the
+        # main thread in Thread.join): named first.
+        t = next((t for t in asleep if t.python and t.python[0].own_code), asleep[0])
         on = f" on fd {t.syscall_fd} ({t.syscall_fd_target})" if t.syscall_fd_target else ""
         at = t.user_location()
         where = f" at {at}" if at else f" (wchan {t.wchan or '?'})"
@@ -398,6 +413,7 @@ class ProcessEvidence:
     # Set when its threads were read without their stacks, and why (a
     # read of its memory timed out before, is suspended...: resolver.py).
     stacks_not_read: str = ""
+    python_not_read: str = ""      # see HolderEvidence
     first: Optional[HolderEvidence] = None            # the one process record
     as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
@@ -504,10 +520,27 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
                 thread.stack = symbolize.user_stack(snap.pid, line.pc, line.sp, proc,
                                                     machine, budget)
             ev.threads.append(thread)
+        if budget is not None and stacks:
+            _add_python_frames(ev, snap.pid, proc, budget)
         ev.identity = identity.of_process(snap.pid, snap.uid, dir_fd=dfd)
     finally:
         os.close(dfd)
     return ev
+
+
+def _add_python_frames(ev: ProcessEvidence, pid: int, proc: str, budget) -> None:
+    """The Python frames of the threads whose stacks were read (waiting,
+    not running: a running thread's frames change under the reader), for a
+    CPython process; or why they could not be read."""
+    from closewait_trace.evidence import pyframes
+    waiting = {t.tid: t for t in ev.threads if t.state in ("S", "D", "T", "t")}
+    if not waiting or budget.spent():
+        return
+    frames, why = pyframes.read_process(budget.image(pid, proc), budget.deadline,
+                                        set(waiting))
+    for tid, found in frames.items():
+        waiting[tid].python = found
+    ev.python_not_read = why
 
 
 @dataclass
@@ -580,7 +613,8 @@ def holder_evidence(holder, proc: str, machine: str,
         exiting=per_process.exiting,
         threads=per_process.threads, identity=per_process.identity,
         threads_total=per_process.threads_total, unreadable=per_process.unreadable,
-        stacks_not_read=per_process.stacks_not_read, examined=per_process.examined)
+        stacks_not_read=per_process.stacks_not_read, examined=per_process.examined,
+        python_not_read=per_process.python_not_read)
     if per_process.first is None:
         per_process.first = ev
     return ev

@@ -842,3 +842,81 @@ def _not_elf(e: BaseException) -> bool:
     """A file without the ELF magic (a JIT's memfd, a data file mapped
     executable) is ordinary, not a problem to count."""
     return type(e).__name__ == "ELFError" and "Magic number" in str(e)
+
+
+# ------------------------------------------------------------ named symbols
+
+# Symbols looked up by name (a language runtime's anchors: CPython's
+# _PyRuntime), per file identity: (loads, {name: vaddr}) or None. Small:
+# a handful of names per file, a few hundred files at most.
+_NAMED_CACHE: OrderedDict = OrderedDict()
+NAMED_CACHE_ENTRIES = 256
+
+
+def named_symbols(path: str, names: frozenset, deadline: float,
+                  limits: Limits = LIMITS) -> Optional[tuple[list, dict]]:
+    """(PT_LOAD segments as (vaddr, offset, filesz), {name: vaddr}) for the
+    names (bytes) found in the file's .dynsym, else its .symtab, any symbol
+    type; None when the file cannot be read or breaks a limit. Bounded as
+    parse() is (sizes checked before reading, the deadline)."""
+    if ELFFile is None:
+        return None
+    try:
+        f, st = _open_regular(path)
+    except (OSError, Refused):
+        return None
+    with f:
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, names)
+        if key in _NAMED_CACHE:
+            _NAMED_CACHE.move_to_end(key)
+            return _NAMED_CACHE[key]
+        try:
+            if st.st_size > limits.file_bytes:
+                raise Refused(f"file larger than {_size(limits.file_bytes)}")
+            r = _Reader(f, st.st_size, deadline, limits)
+            elf = ELFFile(f)
+            found = (_loads(elf, r), _find_names(elf, _sections(elf, r), r, names))
+        except OutOfTime:
+            return None                   # not remembered: tried again with time
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:        # a crafted file: remembered as unreadable
+            if not _not_elf(e):
+                note_problem(_reason(e), path)
+            found = None
+        _NAMED_CACHE[key] = found
+        while len(_NAMED_CACHE) > NAMED_CACHE_ENTRIES:
+            _NAMED_CACHE.popitem(last=False)
+        return found
+
+
+def _find_names(elf, sections: list[_Section], r: _Reader, names: frozenset) -> dict:
+    order = "<" if elf.little_endian else ">"
+    if elf.elfclass == 64:
+        fmt, entsize, value_at = order + "I4xQ8x", 24, 1
+    else:
+        fmt, entsize, value_at = order + "II8x", 16, 1
+    longest = max(map(len, names), default=0) + 1
+    for kind in (SHT_DYNSYM, SHT_SYMTAB):
+        table = next((s for s in sections if s.type == kind), None)
+        if table is None or table.size == 0 or not 0 < table.link < len(sections):
+            continue
+        if table.size // entsize > r.limits.symbols_scanned:
+            raise Refused(f"more than {r.limits.symbols_scanned} symbols")
+        strings = _data(sections[table.link], r)
+        out: dict = {}
+        usable = table.size - table.size % entsize
+        chunk = 4096 * entsize
+        for start in range(0, usable, chunk):
+            r.check_time()
+            data = r.read(table.offset + start, min(chunk, usable - start), "symbol table")
+            for entry in struct.iter_unpack(fmt, data):
+                name_at, value = entry[0], entry[value_at]
+                if not value or not name_at:
+                    continue
+                end = strings.find(b"\0", name_at, name_at + longest)
+                if end > name_at and strings[name_at:end] in names:
+                    out.setdefault(strings[name_at:end].decode(), value)
+        if out:
+            return out
+    return {}

@@ -542,6 +542,17 @@ def frame_line(f: dict) -> str:
     return f"{name} ({module}) [{escape(f.get('method'))}]{note}"
 
 
+def python_frame_line(f: dict, width: int = LINE) -> str:
+    """A Python frame as a traceback names it, function (file:line), in at
+    most width columns: a long file path is cut from the left (its end names
+    the file; two holders' app.py stay apart), never the line."""
+    line = f":{f['line']}" if type(f.get("line")) is int else ""
+    function = textsafe.cut(escape(f.get("function") or "?"), max(8, width // 2))
+    room = max(8, width - textsafe.width_of_escaped(function) - len(line) - 3)
+    path = textsafe.cut_left(escape(f.get("file") or "?"), room)
+    return f"{function} ({path}{line})"
+
+
 def _place_text(found: dict) -> str:
     where = found.get("place") if isinstance(found.get("place"), dict) else None
     if where:
@@ -639,10 +650,15 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             call = t.get("syscall") or ("running" if t.get("state") == "R" else "-")
             out.append(f"           thread {escape(t.get('tid'))} [{escape(t.get('state'))}] "
                        f"{escape(call)} wchan {escape(t.get('wchan') or '-')}")
+            for f in (t.get("python") or [])[:8]:
+                if isinstance(f, dict):
+                    out.append(f"             py {python_frame_line(f, LINE - 16)}")
             for f in (t.get("stack") or [])[:8]:
                 out.append(f"             {frame_line(f)}")
         if process.get("stacks_not_read") and process.get("threads"):
             out.append(f"           stacks not read: {escape(process['stacks_not_read'])}")
+        if process.get("python_not_read"):
+            out.append(f"           {escape(process['python_not_read'])}")
     listener = rec.get("listener")
     if isinstance(listener, dict) and rec.get("owner_kind") == "accept_queue":
         out.append(f"         listener {escape(listener.get('local'))} queue "

@@ -319,6 +319,13 @@ class LostRecord(_Base):
     total: Count
 
 
+class PyFrame(TypedDict):
+    """A Python frame of a CPython holder's thread, read from its memory."""
+    function: str               # the code object's qualified name
+    file: str
+    line: Optional[Count]       # None: the line table has none for the instruction
+
+
 class Thread(TypedDict):
     tid: Pid
     state: str
@@ -327,6 +334,7 @@ class Thread(TypedDict):
     syscall_fd: Optional[int]
     syscall_fd_target: Optional[str]
     stack: list[Frame]
+    python: NotRequired[list[PyFrame]]    # innermost first; CPython holders only
 
 
 class ProcessRecord(_Base):
@@ -342,6 +350,7 @@ class ProcessRecord(_Base):
     tracer: NotRequired[Task]
     unreadable: NotRequired[str]
     stacks_not_read: NotRequired[str]
+    python_not_read: NotRequired[str]     # a CPython holder's frames not read: why
 
 
 class HistogramBucket(TypedDict):
@@ -718,6 +727,6 @@ DOCUMENTED: dict[str, type] = {
     "Holder": Holder, "Listener": Listener, "Diagnosis": Diagnosis, "Evidence": Evidence,
     "HolderRef": HolderRef, "Task": Task, "LingeringEntry": LingeringEntry,
     "BriefHolder": BriefHolder, "BriefDiagnosis": BriefDiagnosis, "Thread": Thread,
-    "Frame": Frame, "Code": Code, "EofRead": EofRead, "Opened": Opened, "HistogramBucket": HistogramBucket, "Filters": Filters,
+    "Frame": Frame, "PyFrame": PyFrame, "Code": Code, "EofRead": EofRead, "Opened": Opened, "HistogramBucket": HistogramBucket, "Filters": Filters,
     "Identity": Identity, "Container": Container, "Claim": Claim, "Exe": Exe,
 }

@@ -195,6 +195,21 @@ def cut_middle(text: str, columns: int) -> str:
     return "".join(head) + ELLIPSIS + "".join(reversed(tail))
 
 
+def cut_left(text: str, columns: int) -> str:
+    """Like cut, keeping the end: a path's end names its file."""
+    if width_of_escaped(text) <= columns:
+        return text
+    if columns <= 1:
+        return ELLIPSIS[:max(0, columns)]
+    tail, used = [], 0
+    for piece, w in reversed(pieces(text)):
+        if used + w > columns - 1:
+            break
+        tail.append(piece)
+        used += w
+    return ELLIPSIS + "".join(reversed(tail))
+
+
 def fit(value: Any, columns: int) -> str:
     """escape(value) cut to at most `columns` columns (see cut)."""
     return cut(escape(value), columns)

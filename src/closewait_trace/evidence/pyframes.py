@@ -1,0 +1,401 @@
+"""The Python frames (function, file:line) of a CPython holder's threads,
+read from its memory: where a Python program waits, in its own terms
+("blocked in futex at process_batch (worker.py:120)") rather than inside
+the interpreter's C code (_PyEval_EvalFrameDefault+0x112a).
+
+How (what py-spy and austin do, without stopping the process): the
+interpreter binary (python3.X or libpython3.X.so) exports `_PyRuntime`;
+from it, interpreters -> thread states -> the current frame of each thread
+-> its callers. A thread state carries the kernel's thread id
+(native_thread_id), which ties it to the thread /proc shows. The frame's
+code object gives the names; its last instruction and line table, the line.
+
+Everything read here is another process's memory, and is distrusted:
+- reads go through ProcessImage (only mappings we parsed, never a
+  user-served file), a fixed number of reads per process (MAX_READS) and
+  the batch's time budget;
+- every walk is bounded (interpreters, threads, frames) and stops at a
+  pointer seen before;
+- a code object, a string or a bytes object is believed only when its type
+  pointer is the interpreter's own PyCode_Type / PyUnicode_Type /
+  PyBytes_Type (found by name in the binary), and its sizes are capped;
+- a line table is decoded with every length checked.
+A process whose structures do not check out gets no Python frames and a
+reason; nothing it holds can make this loop, allocate without bound, or
+raise into the caller.
+
+Layouts are those of CPython's own headers, per minor version (tests check
+the table against Debian's python3.11-dev headers, by offsetof). A version
+not in LAYOUTS is said as such, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from closewait_trace.evidence import elfindex
+from closewait_trace.evidence.procimage import Mapping
+
+# The binary holding the interpreter: python3.11, python3.11d, or
+# libpython3.11.so.1.0 (an embedding or --enable-shared build).
+INTERPRETER_FILE = re.compile(r"^(?:lib)?python3\.(\d{1,2})[a-z]*(?:\.so(?:\.[\d.]+)?)?$")
+ANCHORS = frozenset({b"_PyRuntime", b"PyCode_Type", b"PyUnicode_Type", b"PyBytes_Type",
+                     b"Py_Version"})
+
+MAX_INTERPRETERS = 8          # subinterpreters walked
+MAX_THREAD_STATES = 1024      # thread states walked, all interpreters together
+MAX_FRAMES = 32               # frames kept per thread (innermost first)
+MAX_READS = 4096              # reads of the process's memory, per process and batch
+MAX_NAME_CHARS = 200          # of a function or file name
+MAX_LINETABLE_BYTES = 64 << 10
+MAX_CODE_CACHE = 512          # code objects remembered per process within a batch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets (bytes) into CPython's structures for one minor version."""
+    runtime_interp_head: int      # _PyRuntimeState.interpreters.head
+    interp_next: int              # PyInterpreterState.next
+    interp_threads_head: int      # PyInterpreterState.threads.head
+    tstate_next: int              # PyThreadState.next
+    tstate_native_tid: int        # PyThreadState.native_thread_id
+    tstate_cframe: int            # PyThreadState.cframe
+    cframe_current: int           # _PyCFrame.current_frame
+    frame_code: int               # _PyInterpreterFrame.f_code
+    frame_previous: int           # _PyInterpreterFrame.previous
+    frame_prev_instr: int         # _PyInterpreterFrame.prev_instr
+    code_firstlineno: int         # PyCodeObject.co_firstlineno (int)
+    code_filename: int
+    code_qualname: int
+    code_linetable: int
+    code_adaptive: int            # PyCodeObject.co_code_adaptive (the bytecode)
+    unicode_length: int           # PyASCIIObject.length
+    unicode_state: int            # PyASCIIObject.state (bit field)
+    ascii_data: int               # sizeof(PyASCIIObject): data of a compact ASCII str
+    compact_data: int             # sizeof(PyCompactUnicodeObject)
+    bytes_size: int               # PyBytesObject.ob_base.ob_size
+    bytes_data: int               # PyBytesObject.ob_sval
+
+
+LAYOUTS = {
+    # CPython 3.11 (Debian 12), x86-64: offsetof() against Include/internal.
+    (3, 11): Layout(
+        runtime_interp_head=40, interp_next=0, interp_threads_head=16,
+        tstate_next=8, tstate_native_tid=160, tstate_cframe=56, cframe_current=8,
+        frame_code=32, frame_previous=48, frame_prev_instr=56,
+        code_firstlineno=72, code_filename=112, code_qualname=128, code_linetable=136,
+        code_adaptive=184, unicode_length=16, unicode_state=32, ascii_data=48,
+        compact_data=72, bytes_size=16, bytes_data=32),
+}
+
+OB_TYPE = 8                   # PyObject.ob_type, every version
+
+
+@dataclass(frozen=True, slots=True)
+class PyFrame:
+    function: str
+    file: str
+    line: Optional[int]       # None: the line table had none for the instruction
+
+    @property
+    def own_code(self) -> bool:
+        """In the program's own code, not in the interpreter's library
+        (the standard library, site- and dist-packages, frozen modules)."""
+        return "/lib/python3." not in self.file and not self.file.startswith("<frozen ")
+
+    def describe(self) -> str:
+        line = f":{self.line}" if self.line else ""
+        return f"{self.function} ({os.path.basename(self.file) or '?'}{line})"
+
+    def as_dict(self) -> dict:
+        return {"function": self.function, "file": self.file, "line": self.line}
+
+
+def own_frame(frames: list) -> Optional[PyFrame]:
+    """The innermost frame in the program's own code (a thread waiting in
+    threading.Event.wait is waiting where its own code called wait), else
+    the innermost; None for no frames."""
+    return next((f for f in frames if f.own_code), frames[0] if frames else None)
+
+
+class Unreadable(Exception):
+    """The interpreter's structures do not check out: the message says why."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where one process's interpreter lives."""
+    version: tuple
+    layout: Layout
+    runtime: int              # address of _PyRuntime
+    code_type: int
+    unicode_type: int
+    bytes_type: int
+
+
+def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
+    """(Runtime, "") for a CPython process; (None, "") for a process that
+    is not one; (None, why) for one whose interpreter cannot be read."""
+    seen: set = set()
+    for m in image.maps:
+        name = os.path.basename(m.path.replace(" (deleted)", ""))
+        match = INTERPRETER_FILE.match(name)
+        if not match or not m.file_backed or (m.dev, m.inode) in seen:
+            continue
+        seen.add((m.dev, m.inode))
+        path = image.file_of(m)
+        if path is None:
+            return None, f"interpreter {name[:40]} not read ({image.unreadable_reason(m) or 'no file'})"
+        found = elfindex.named_symbols(path, ANCHORS, deadline)
+        if found is None:
+            return None, f"interpreter {name[:40]} not read (its ELF file)"
+        loads, symbols = found
+        if "_PyRuntime" not in symbols:
+            continue                  # e.g. a python3.X that only loads libpython
+        bias = _load_bias(image, m, loads)
+        if bias is None:
+            return None, f"interpreter {name[:40]}: load address not found"
+        version = (3, int(match.group(1)))
+        if "Py_Version" in symbols:   # 3.11 on: the version the binary says it is
+            raw = image.read(bias + symbols["Py_Version"], 8)
+            if len(raw) == 8:
+                hexversion = struct.unpack("<Q", raw)[0]
+                said = (hexversion >> 24 & 0xFF, hexversion >> 16 & 0xFF)
+                if said != version:
+                    return None, (f"interpreter {name[:40]} says it is CPython "
+                                  f"{said[0]}.{said[1]}")
+        layout = LAYOUTS.get(version)
+        if layout is None:
+            return None, (f"CPython {version[0]}.{version[1]}: frames not read "
+                          f"(its layout is not known to this closewait-trace)")
+        if not all(k in symbols for k in ("PyCode_Type", "PyUnicode_Type", "PyBytes_Type")):
+            return None, f"interpreter {name[:40]}: type objects not found"
+        return Runtime(version, layout, bias + symbols["_PyRuntime"],
+                       bias + symbols["PyCode_Type"], bias + symbols["PyUnicode_Type"],
+                       bias + symbols["PyBytes_Type"]), ""
+    return None, ""
+
+
+def _load_bias(image, first: Mapping, loads: list) -> Optional[int]:
+    """Address where the file's vaddr 0 is mapped, from one of its mappings
+    and the PT_LOAD segment holding that mapping's file offset."""
+    for m in image.maps:
+        if (m.dev, m.inode) != (first.dev, first.inode):
+            continue
+        for vaddr, offset, filesz in loads:
+            if offset <= m.offset < offset + max(filesz, 1):
+                return m.start - (vaddr + m.offset - offset)
+    return None
+
+
+class _Memory:
+    """Reads of one process's memory, counted."""
+
+    def __init__(self, image, reads: int = MAX_READS):
+        self.image = image
+        self.left = reads
+
+    def read(self, addr: int, size: int) -> bytes:
+        if self.left <= 0:
+            raise Unreadable(f"more than {MAX_READS} reads")
+        self.left -= 1
+        if not 0 < addr < 1 << 47:
+            return b""
+        data = self.image.read(addr, size)
+        return data if len(data) == size else b""
+
+    def pointer(self, addr: int) -> int:
+        raw = self.read(addr, 8)
+        return struct.unpack("<Q", raw)[0] if raw else 0
+
+
+def thread_frames(image, deadline: float, tids: set, runtime: Runtime,
+                  clock=None) -> dict[int, list[PyFrame]]:
+    """tid -> its Python frames (innermost first) for the wanted tids.
+    Raises Unreadable when the interpreter's state does not check out."""
+    import time
+    now = clock or time.monotonic
+    mem = _Memory(image)
+    lay = runtime.layout
+    out: dict[int, list[PyFrame]] = {}
+    codes: dict = {}
+    seen_interps: set = set()
+    seen_states: set = set()
+    interp = mem.pointer(runtime.runtime + lay.runtime_interp_head)
+    if not interp:
+        raise Unreadable("no interpreter in _PyRuntime")
+    while interp and len(seen_interps) < MAX_INTERPRETERS and interp not in seen_interps:
+        seen_interps.add(interp)
+        tstate = mem.pointer(interp + lay.interp_threads_head)
+        while tstate and tstate not in seen_states:
+            if len(seen_states) >= MAX_THREAD_STATES:
+                raise Unreadable(f"more than {MAX_THREAD_STATES} thread states")
+            if now() > deadline:
+                return out
+            seen_states.add(tstate)
+            raw = mem.read(tstate, max(lay.tstate_native_tid, lay.tstate_cframe) + 8)
+            if not raw:
+                raise Unreadable("a thread state not readable")
+            tid = struct.unpack_from("<Q", raw, lay.tstate_native_tid)[0]
+            if tid in tids and tid not in out:
+                cframe = struct.unpack_from("<Q", raw, lay.tstate_cframe)[0]
+                frame = mem.pointer(cframe + lay.cframe_current) if cframe else 0
+                out[tid] = _frames(mem, runtime, frame, codes, deadline, now)
+                if len(out) == len(tids):
+                    return out
+            tstate = struct.unpack_from("<Q", raw, lay.tstate_next)[0]
+        interp = mem.pointer(interp + lay.interp_next)
+    return out
+
+
+def _frames(mem: _Memory, runtime: Runtime, frame: int, codes: dict, deadline: float,
+            now) -> list[PyFrame]:
+    lay = runtime.layout
+    out: list[PyFrame] = []
+    seen: set = set()
+    span = max(lay.frame_code, lay.frame_previous, lay.frame_prev_instr) + 8
+    while frame and len(out) < MAX_FRAMES and frame not in seen and now() <= deadline:
+        seen.add(frame)
+        raw = mem.read(frame, span)
+        if not raw:
+            break
+        code, previous, prev_instr = (struct.unpack_from("<Q", raw, off)[0] for off in
+                                      (lay.frame_code, lay.frame_previous, lay.frame_prev_instr))
+        info = codes.get(code)
+        if info is None:
+            info = _code(mem, runtime, code)
+            if len(codes) < MAX_CODE_CACHE:
+                codes[code] = info
+        if info is None:
+            break                     # not a code object: the chain is not believed past it
+        name, filename, firstlineno, linetable = info
+        first_instr = code + lay.code_adaptive
+        lasti = (prev_instr - first_instr) // 2 if prev_instr >= first_instr else -1
+        out.append(PyFrame(name, filename, line_of(linetable, firstlineno, lasti)))
+        frame = previous
+    return out
+
+
+def _code(mem: _Memory, runtime: Runtime, code: int) -> Optional[tuple]:
+    lay = runtime.layout
+    raw = mem.read(code, lay.code_adaptive)
+    if not raw or struct.unpack_from("<Q", raw, OB_TYPE)[0] != runtime.code_type:
+        return None
+    firstlineno = struct.unpack_from("<i", raw, lay.code_firstlineno)[0]
+    filename = _string(mem, runtime, struct.unpack_from("<Q", raw, lay.code_filename)[0])
+    name = _string(mem, runtime, struct.unpack_from("<Q", raw, lay.code_qualname)[0])
+    table = _bytes(mem, runtime, struct.unpack_from("<Q", raw, lay.code_linetable)[0])
+    if name is None or filename is None:
+        return None
+    return name, filename, firstlineno, table
+
+
+def _string(mem: _Memory, runtime: Runtime, addr: int) -> Optional[str]:
+    """A compact str object's text, cut to MAX_NAME_CHARS; None if addr is
+    not a str of this interpreter."""
+    lay = runtime.layout
+    raw = mem.read(addr, lay.unicode_state + 4)
+    if not raw or struct.unpack_from("<Q", raw, OB_TYPE)[0] != runtime.unicode_type:
+        return None
+    length = struct.unpack_from("<q", raw, lay.unicode_length)[0]
+    state = struct.unpack_from("<I", raw, lay.unicode_state)[0]
+    kind, compact, ascii_ = state >> 2 & 7, state >> 5 & 1, state >> 6 & 1
+    if length < 0 or not compact or kind not in (1, 2, 4):
+        return None
+    chars = min(length, MAX_NAME_CHARS)
+    if ascii_:
+        data = mem.read(addr + lay.ascii_data, chars)
+        codec = "latin-1"
+    else:
+        data = mem.read(addr + lay.compact_data, chars * kind)
+        codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
+    if len(data) != chars * (1 if ascii_ else kind):
+        return None
+    text = data.decode(codec, "replace")
+    return text + ("..." if length > chars else "")
+
+
+def _bytes(mem: _Memory, runtime: Runtime, addr: int) -> bytes:
+    lay = runtime.layout
+    raw = mem.read(addr, lay.bytes_data)
+    if not raw or struct.unpack_from("<Q", raw, OB_TYPE)[0] != runtime.bytes_type:
+        return b""
+    size = struct.unpack_from("<q", raw, lay.bytes_size)[0]
+    if not 0 < size <= MAX_LINETABLE_BYTES:
+        return b""
+    return mem.read(addr + lay.bytes_data, size)
+
+
+def line_of(table: bytes, firstlineno: int, lasti: int) -> Optional[int]:
+    """The line of the instruction at index lasti (code units) from a 3.11
+    location table (CPython's Objects/locations.md): entries of a first
+    byte 1cccclll (code c, length l+1 code units) and varint operands.
+    None when lasti is not covered or the entry has no line."""
+    if lasti < 0 or not table:
+        return None
+    pos, addr, line, size = 0, 0, firstlineno, len(table)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while pos < size and shift < 64:
+            b = table[pos]
+            pos += 1
+            value |= (b & 63) << shift
+            shift += 6
+            if not b & 64:
+                return value
+        raise ValueError("cut varint")
+
+    def svarint() -> int:
+        v = varint()
+        return -(v >> 1) if v & 1 else v >> 1
+
+    try:
+        while pos < size:
+            first = table[pos]
+            pos += 1
+            if not first & 0x80:
+                return None           # not at an entry's start: a damaged table
+            kind, length = first >> 3 & 15, (first & 7) + 1
+            has_line = True
+            if kind == 15:            # no location
+                has_line = False
+            elif kind == 14:          # long form
+                line += svarint()
+                varint(), varint(), varint()
+            elif kind == 13:          # no column
+                line += svarint()
+            elif kind >= 10:          # one line form: line delta kind-10, two column bytes
+                line += kind - 10
+                pos += 2
+            else:                     # short form: same line, one column byte
+                pos += 1
+            if addr <= lasti < addr + length:
+                return line if has_line and 0 < line < 1 << 31 else None
+            addr += length
+    except ValueError:
+        return None
+    return None
+
+
+def read_process(image, deadline: float, tids: set) -> tuple[dict, str]:
+    """(tid -> frames, why not) for one process: ({}, "") when it is not a
+    CPython process; ({}, reason) when its frames could not be read. Never
+    raises for what the process holds."""
+    try:
+        runtime, why = find_runtime(image, deadline)
+        if runtime is None:
+            return {}, why
+        return thread_frames(image, deadline, tids, runtime), ""
+    except Unreadable as e:
+        return {}, f"Python frames not read: {e}"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:            # a bug here is never the tracer's end
+        elfindex.note_problem(f"Python frames ({type(e).__name__})", f"pid {image.pid}")
+        return {}, f"Python frames not read ({type(e).__name__})"
