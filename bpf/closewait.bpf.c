@@ -39,6 +39,8 @@
 //   OPEN_CAPTURE         also keep where client sockets were connect()ed
 //   MAX_OPEN_CAPTURES    capacity of cw_open (with OPEN_CAPTURE)
 //   MAX_EXEC_TRACKED     capacity of cw_exec_ns (with either capture)
+//   MAX_PY_PROCS         capacity of cw_py: CPython processes whose Python
+//                        frames a capture also copies (with either capture)
 
 #if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
 #define EOF_STACK_BYTES_OR_1 EOF_STACK_BYTES
@@ -52,6 +54,16 @@
 #define TCP_CLOSE_WAIT 8
 #define IPPROTO_TCP_NUM 6
 #define AF_INET_NUM 2
+
+// Python frames a capture copies, and thread states it looks through for
+// the capturing thread's (powers of two: indices are masked).
+#define PY_MAX_FRAMES 16
+#define PY_MAX_THREADS 64
+// cw_eof.py_status
+#define CW_PY_NONE 0          // not a CPython process user space registered
+#define CW_PY_COPIED 1        // frames copied (py_frames of them)
+#define CW_PY_NO_THREAD 2     // its thread state not among the first PY_MAX_THREADS
+#define CW_PY_UNREADABLE 3    // the interpreter's state could not be read
 
 // Event kinds; decoded by closewait_trace.events.
 #define EV_CLOSED 1           // left CLOSE_WAIT after lingering >= threshold
@@ -109,8 +121,16 @@ struct cw_eof {
     u64 sp;
     u64 bp;
     u32 stack_len;      // bytes of stack copied from sp
-    u32 _pad;
+    u32 py_status;      // CW_PY_*: whether Python frames were copied
     char comm[16];
+    // A CPython process's Python frames at the event (cw_py_frames): each
+    // frame's code object and last instruction, innermost first. The
+    // interpreter's frames live on its heap and are reused as soon as the
+    // function returns: only here, at the event, are they the reader's.
+    u32 py_frames;
+    u32 _pad2;
+    u64 py_code[PY_MAX_FRAMES];
+    u64 py_instr[PY_MAX_FRAMES];
     u8 stack[EOF_STACK_BYTES_OR_1];
 };
 
@@ -185,6 +205,23 @@ BPF_PERCPU_ARRAY(cw_eof_budget, struct cw_eof_budget, 1);
 // its process ran another program must not be unwound against the new one
 // (its pid still holds the socket, its memory is another program's).
 BPF_F_TABLE("hash", u32, u64, cw_exec_ns, MAX_EXEC_TRACKED, 0);
+
+// CPython processes, by pid, that user space found and checked (the
+// interpreter's _PyRuntime by name in its binary, a layout it knows): where
+// the thread states start and the offsets to walk them. Written only by
+// user space; deleted here when the process exits or exec()s.
+struct cw_py_proc {
+    u64 interp_head;          // address of _PyRuntime.interpreters.head
+    u16 interp_threads_head;  // PyInterpreterState.threads.head
+    u16 tstate_next;          // PyThreadState.next
+    u16 tstate_native_tid;    // PyThreadState.native_thread_id
+    u16 tstate_cframe;        // PyThreadState.cframe
+    u16 cframe_current;       // _PyCFrame.current_frame
+    u16 frame_code;           // _PyInterpreterFrame.f_code
+    u16 frame_previous;       // _PyInterpreterFrame.previous
+    u16 frame_prev_instr;     // _PyInterpreterFrame.prev_instr
+};
+BPF_HASH(cw_py, u32, struct cw_py_proc, MAX_PY_PROCS);
 #endif
 
 #ifdef ALL_TRANSITIONS
@@ -440,6 +477,70 @@ static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_count
     return 1;
 }
 
+static __always_inline int cw_read_ptr(u64 *out, u64 addr)
+{
+    *out = 0;
+    return bpf_probe_read_user(out, sizeof(*out), (void *)addr);
+}
+
+// The capturing thread's Python frames, if its process is a CPython one
+// user space registered: find the thread's state by its kernel tid among
+// the interpreter's first PY_MAX_THREADS, then copy (code, last
+// instruction) of up to PY_MAX_FRAMES frames. Every pointer is the
+// process's own memory, read with bpf_probe_read_user (a bad one fails the
+// read, never more); both walks are bounded; user space checks what the
+// copied pointers point to before it believes them.
+static __always_inline void cw_py_frames(struct cw_eof *c)
+{
+    c->py_status = CW_PY_NONE;
+    c->py_frames = 0;
+    u32 tgid = c->pid;
+    struct cw_py_proc *py = cw_py.lookup(&tgid);
+    if (!py)
+        return;
+    c->py_status = CW_PY_UNREADABLE;
+    u64 interp, tstate, tid, frame;
+    if (cw_read_ptr(&interp, py->interp_head) || !interp)
+        return;
+    if (cw_read_ptr(&tstate, interp + py->interp_threads_head))
+        return;
+    int found = 0;
+    for (int i = 0; i < PY_MAX_THREADS; i++) {
+        if (!tstate)
+            break;
+        if (cw_read_ptr(&tid, tstate + py->tstate_native_tid))
+            return;
+        if (tid == c->tid) {
+            found = 1;
+            break;
+        }
+        if (cw_read_ptr(&tstate, tstate + py->tstate_next))
+            return;
+    }
+    if (!found) {
+        c->py_status = CW_PY_NO_THREAD;
+        return;
+    }
+    if (cw_read_ptr(&frame, tstate + py->tstate_cframe) || !frame)
+        return;
+    if (cw_read_ptr(&frame, frame + py->cframe_current))
+        return;
+    c->py_status = CW_PY_COPIED;
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+        if (!frame)
+            break;
+        u64 code, instr;
+        if (cw_read_ptr(&code, frame + py->frame_code))
+            break;
+        cw_read_ptr(&instr, frame + py->frame_prev_instr);
+        c->py_code[i & (PY_MAX_FRAMES - 1)] = code;
+        c->py_instr[i & (PY_MAX_FRAMES - 1)] = instr;
+        c->py_frames = i + 1;
+        if (cw_read_ptr(&frame, frame + py->frame_previous))
+            break;
+    }
+}
+
 // The current task's registers and the top of its user stack into the
 // per-CPU scratch capture, which the caller then stores by socket.
 static __always_inline struct cw_eof *cw_capture(u64 now)
@@ -464,6 +565,7 @@ static __always_inline struct cw_eof *cw_capture(u64 now)
         c->bp = regs[PT_BP];
         c->stack_len = cw_copy_stack(c, c->sp);
     }
+    cw_py_frames(c);
     return c;
 }
 #endif
@@ -592,6 +694,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 now = cw_now();
+    cw_py.delete(&tgid);        // another program now: not the one registered
     if (cw_exec_ns.update(&tgid, &now) != 0) {
         struct cw_counters *counts = cw_counts();
         if (counts)
@@ -607,6 +710,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;               // a thread, not its process
     u32 tgid = id >> 32;
     cw_exec_ns.delete(&tgid);
+    cw_py.delete(&tgid);
     return 0;
 }
 #endif

@@ -6,10 +6,8 @@ interpreter structures (a frame chain of 100,000 frames, a loop of thread
 states, names that are not strings) is read within bounds, and the tracer
 goes on reporting."""
 
-import os
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -186,4 +184,247 @@ def test_a_holder_that_corrupts_its_interpreter_is_read_within_bounds(procs, tmp
     second.close()
     tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == rport, timeout=30)
     assert time.monotonic() - started < stretch(20)
+    tracer.stop()
+
+
+# A server whose handler reads the request to its end and returns to the
+# accept loop without closing: by the time anyone looks, no thread is in
+# handle_request any more. Only the kernel, at the read, sees its frames.
+EOF_SERVER = """\
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port}))
+l.listen(16)
+print("ready", flush=True)
+kept = []
+
+
+class Api:
+    def handle_request(self, conn):
+        while conn.recv(100):             # READS EOF
+            pass
+        kept.append(conn)                 # and never closes it
+
+
+api = Api()
+while True:
+    conn, _ = l.accept()
+    api.handle_request(conn)
+"""
+
+
+def start_eof_server(procs, tmp_path, port):
+    script = tmp_path / "server.py"
+    script.write_text(EOF_SERVER.format(port=port))
+    server = subprocess.Popen(["/usr/bin/python3.11", str(script)], stdout=subprocess.PIPE,
+                              text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    return server, str(script)
+
+
+def send_and_close(port):
+    """The client's port, after it sent a request and closed."""
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(b"request")
+    mine = c.getsockname()[1]
+    c.close()
+    return mine
+
+
+def test_a_python_handler_that_read_eof_and_returned_is_named(procs, tmp_path):
+    """The server runs before the trace: found at start, its first EOF read
+    carries its Python frames, copied by the kernel at the read."""
+    port = free_port()
+    server, script = start_eof_server(procs, tmp_path, port)
+    recording = str(tmp_path / "rec.jsonl")
+    tracer = Tracer(["-p", str(port), "-t", "300ms", "-w", recording])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    assert {record_row(rec)} == ss_close_wait(port)
+    line = line_of(script, "# READS EOF")
+    read = rec["code"]["eof_read"]
+    assert read["pid"] == server.pid
+    assert read.get("python") == [
+        {"function": "Api.handle_request", "file": script, "line": line},
+        {"function": "<module>", "file": script, "line": line_of(script, "api.handle_request(")}], \
+        {k: v for k, v in read.items() if k != "stack"}
+    assert (read["place"]["function"], read["place"]["line"]) == ("Api.handle_request", line)
+    d = rec["diagnosis"]
+    assert d["cause"] == "ignoring_eof"
+    assert f"read EOF in Api.handle_request (server.py:{line}) and never closed" in d["summary"]
+    # The server is back in accept(): no thread is in handle_request now.
+    process = [r for r in tracer.of("process") if r["pid"] == server.pid][0]
+    now = [f["function"] for t in process["threads"] for f in t.get("python", [])]
+    assert "Api.handle_request" not in now and "<module>" in now, now
+    tracer.stop()
+    replay = subprocess.run(TRACER + ["-r", recording, "-v"], capture_output=True, text=True,
+                            timeout=stretch(60))
+    assert replay.returncode == 0, replay.stderr
+    assert f"read EOF in Api.handle_request (server.py:{line})" in replay.stdout
+    assert any(l.strip().startswith("py Api.handle_request (") for l in
+               replay.stdout.splitlines()), replay.stdout
+    report = subprocess.run(TRACER + ["report", "--by", "code", recording], capture_output=True,
+                            text=True, timeout=stretch(60))
+    assert report.returncode == 0, report.stderr
+    table = report.stdout.split("By code location", 1)[1].split("\n\n", 1)[0]
+    rows = [l for l in table.splitlines()
+            if l.startswith(f"  Api.handle_request (server.py:{line})")]
+    assert len(rows) == 1 and "ignoring_eof" in rows[0], report.stdout
+
+
+def test_a_python_server_started_after_the_trace_is_named_from_its_second_socket(
+        procs, tmp_path):
+    """Not known to be CPython at its first EOF read: that place is the
+    interpreter's C code, and the record says why it has no Python frames;
+    once reported, the process is known, and its next socket is named."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    server, script = start_eof_server(procs, tmp_path, port)
+    first = send_and_close(port)
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert "python" not in read and read["place"]["method"] != "python", read["place"]
+    assert read["python_not_read"].startswith("not copied: the process was not yet known")
+    second = send_and_close(port)
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == second,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert read["python"][0]["function"] == "Api.handle_request", read
+    assert read["python"][0]["line"] == line_of(script, "# READS EOF")
+    tracer.stop()
+
+
+# A server whose handler corrupts what the kernel copies at its EOF read,
+# and survives it: the fake caller chain is put back before it returns.
+CORRUPT_READER = """\
+import ctypes, socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port}))
+l.listen(16)
+print("ready", flush=True)
+kept = []
+chain = None
+
+
+def handle_request(conn):
+    me = ctypes.c_void_p.from_address(id(sys._getframe()) + 24).value
+    saved = ctypes.c_void_p.from_address(me + 48).value
+    {corrupt}
+    while conn.recv(100):
+        pass
+    ctypes.c_void_p.from_address(me + 48).value = saved
+    kept.append(conn)
+
+
+while True:
+    conn, _ = l.accept()
+    handle_request(conn)
+"""
+READER_CORRUPTIONS = {
+    # handle_request's caller becomes a chain of 100,000 fake frames, each
+    # naming handle_request's own code.
+    "endless_frame_chain": """global chain
+    n, code = 100_000, id(handle_request.__code__)
+    chain = (ctypes.c_char * (72 * n))()
+    base = ctypes.addressof(chain)
+    for i in range(n):
+        at = base + 72 * i
+        ctypes.c_void_p.from_address(at + 32).value = code
+        ctypes.c_void_p.from_address(at + 48).value = at + 72 if i + 1 < n else None
+        ctypes.c_void_p.from_address(at + 56).value = code + 184
+    ctypes.c_void_p.from_address(me + 48).value = base""",
+    # Its code object's name and file stop being strings (for good).
+    "names_not_strings": """code = id(handle_request.__code__)
+    ctypes.c_void_p.from_address(code + 128).value = id(12345)
+    ctypes.c_void_p.from_address(code + 112).value = 0x4141414141""",
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(READER_CORRUPTIONS))
+def test_a_python_reader_that_corrupts_its_frames_is_copied_within_bounds(procs, tmp_path,
+                                                                         corruption):
+    """What the kernel copies at the read is the process's own memory: a
+    fake chain of 100,000 frames is cut at 16 in the kernel; code objects
+    that are not (names that are not strings) are not believed in user
+    space, and the record says so."""
+    port = free_port()
+    script = tmp_path / "server.py"
+    script.write_text(CORRUPT_READER.format(port=port,
+                                            corrupt=READER_CORRUPTIONS[corruption]))
+    server = subprocess.Popen(["/usr/bin/python3.11", str(script)], stdout=subprocess.PIPE,
+                              text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    read = linger_of(tracer, port)["code"]["eof_read"]
+    assert server.poll() is None
+    if corruption == "endless_frame_chain":
+        names = [f["function"] for f in read["python"]]
+        assert names == ["handle_request"] * 16, names          # PY_MAX_FRAMES
+    else:
+        assert "python" not in read and read["place"]["method"] != "python"
+        assert read["python_not_read"].startswith("its frames do not check out"), read
+    tracer.stop()
+
+
+LEAKY_CLIENT = """\
+import socket, sys, time
+port = int(sys.argv[1])
+pool = []
+
+
+def fetch_user(uid):
+    conn = socket.create_connection(("127.0.0.1", port))    # OPENS
+    conn.sendall(b"GET /user/%d" % uid)
+    pool.append(conn)                                       # never closed
+
+
+print("ready", flush=True)
+sys.stdin.readline()
+fetch_user(7)
+print("fetched", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_python_client_that_leaks_is_named_by_the_call_that_opened_it(procs, tmp_path):
+    port = free_port()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4)
+    script = tmp_path / "client.py"
+    script.write_text(LEAKY_CLIENT)
+    client = subprocess.Popen(["/usr/bin/python3.11", str(script), str(port)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(client)
+    assert client.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-P", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    assert client.stdout.readline().strip() == "fetched"
+    served, _ = listener.accept()
+    served.recv(100)                    # read: closing with unread bytes would reset
+    served.close()                      # the server closes; the client never does
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == port,
+                          timeout=30)[0]
+    opened = rec["code"]["opened"]
+    assert opened["pid"] == client.pid
+    line = line_of(script, "# OPENS")
+    assert opened["python"][0]["function"] == "create_connection"       # socket.py
+    assert (opened["place"]["function"], opened["place"]["line"]) == ("fetch_user", line)
+    listener.close()
     tracer.stop()

@@ -4,7 +4,6 @@ decoder against the interpreter's own answer for every instruction, a real
 process (this one) read through /proc, and crafted memory (loops, endless
 chains, wrong types, absurd sizes) bounded."""
 
-import json
 import os
 import shutil
 import struct
@@ -127,12 +126,12 @@ def test_this_process_read_through_proc_gives_a_threads_frames():
         assert ready.wait(10)
         time.sleep(0.05)
         image = ProcessImage(os.getpid())
-        frames, why = pyframes.read_process(image, time.monotonic() + 5, {t.native_id})
+        frames, why, walk = pyframes.read_process(image, time.monotonic() + 5, {t.native_id})
         image.close()
     finally:
         release.set()
         t.join()
-    assert why == ""
+    assert why == "" and walk["tstate_native_tid"] == 160
     names = [f.function for f in frames[t.native_id]]
     assert names[:3] == ["Condition.wait", "Event.wait", "_blocked_here"], names
     mine = pyframes.own_frame(frames[t.native_id])
@@ -146,7 +145,7 @@ def test_a_process_that_is_not_python_has_no_frames_and_no_reason():
     try:
         time.sleep(0.1)
         image = ProcessImage(proc.pid)
-        assert pyframes.read_process(image, time.monotonic() + 5, {proc.pid}) == ({}, "")
+        assert pyframes.read_process(image, time.monotonic() + 5, {proc.pid}) == ({}, "", None)
         image.close()
     finally:
         proc.kill()
@@ -163,12 +162,12 @@ def test_an_interpreter_whose_name_and_version_disagree_is_not_read(tmp_path):
     try:
         time.sleep(0.5)
         image = ProcessImage(proc.pid)
-        frames, why = pyframes.read_process(image, time.monotonic() + 5, {proc.pid})
+        frames, why, walk = pyframes.read_process(image, time.monotonic() + 5, {proc.pid})
         image.close()
     finally:
         proc.kill()
         proc.wait()
-    assert frames == {} and why == "interpreter python3.99 says it is CPython 3.11"
+    assert frames == {} and walk is None and why == "interpreter python3.99 says it is CPython 3.11"
 
 
 # ------------------------------------------------------------ crafted memory
@@ -326,3 +325,68 @@ def test_reads_per_process_are_capped():
     with pytest.raises(pyframes.Unreadable, match="more than 4096 reads"):
         _walk(image, runtime, tids=set(range(1, 201)))
     assert image.reads == pyframes.MAX_READS
+
+
+# ------------------------------------------------ frames the kernel copied
+
+def test_a_capture_s_frames_are_resolved_and_cut_at_the_first_that_does_not_check_out(
+        monkeypatch):
+    image = FakeImage()
+    _code(image, 0x60_0000, "Api.handle", "/srv/app.py")
+    _code(image, 0x61_0000, "<module>", "/srv/app.py")
+    runtime = _process(image, 0)
+    monkeypatch.setattr(pyframes, "find_runtime", lambda image, deadline: (runtime, ""))
+    instr = 0x60_0000 + LAY.code_adaptive + 2 * 3       # instruction 3: line 15
+    deadline = time.monotonic() + 5
+    frames, why = pyframes.resolve_capture(image, deadline, pyframes.PY_COPIED,
+                                           ((0x60_0000, instr), (0x61_0000, 0)))
+    assert why == "" and frames == [
+        {"function": "Api.handle", "file": "/srv/app.py", "line": 15},
+        {"function": "<module>", "file": "/srv/app.py", "line": None}]
+    # A code object freed or overwritten since: nothing from it on, said.
+    assert pyframes.resolve_capture(image, deadline, pyframes.PY_COPIED,
+                                    ((0xDEAD_0000, 0), (0x60_0000, instr))) == (
+        [], "its frames do not check out now (a code object freed or overwritten since "
+            "the read)")
+    # Pairs past MAX_FRAMES are not looked at.
+    many = ((0x60_0000, instr),) * 1000
+    image.reads = 0
+    frames, _ = pyframes.resolve_capture(image, deadline, pyframes.PY_COPIED, many)
+    assert len(frames) == pyframes.MAX_FRAMES and image.reads < 20
+    # What the kernel said instead of frames.
+    assert pyframes.resolve_capture(image, deadline, pyframes.PY_NO_THREAD, ()) == (
+        [], pyframes.CAPTURE_STATUS[pyframes.PY_NO_THREAD])
+    assert pyframes.resolve_capture(image, deadline, pyframes.PY_NONE, ()) == (
+        [], pyframes.NOT_YET_KNOWN)
+    monkeypatch.setattr(pyframes, "find_runtime", lambda image, deadline: (None, ""))
+    assert pyframes.resolve_capture(image, deadline, pyframes.PY_NONE, ()) == ([], "")
+
+
+def test_the_place_is_the_first_python_frame_in_the_program_s_own_code():
+    from closewait_trace.evidence import place
+    frames = [{"function": "socket.recv_into", "file": "/usr/lib/python3.11/socket.py",
+               "line": 705},
+              {"function": "Session.get", "file":
+               "/usr/lib/python3/dist-packages/requests/sessions.py", "line": 600},
+              {"function": "fetch_user", "file": "/srv/app/client.py", "line": 41},
+              {"function": "<module>", "file": "/srv/app/client.py", "line": 50}]
+    where = place.python_place(frames)
+    assert (where["function"], where["file"], where["line"], where["method"]) == (
+        "fetch_user", "/srv/app/client.py", 41, "python")
+    assert place.python_place(frames[:1])["function"] == "socket.recv_into"
+    assert place.python_place([]) is None
+    from closewait_trace.output import render
+    assert render.describe_place(where) == "fetch_user (client.py:41)"
+
+
+def test_a_capture_s_python_frames_fit_80_columns_and_are_escaped():
+    from closewait_trace.output import render
+    rec = {"ts": 10.0, "code": {"eof_read": {
+        "ts": 9.0, "pid": 1, "tid": 1, "comm": "python3", "after_s": 0.1, "stack_bytes": 4096,
+        "unwound": True, "stack": [], "place": None,
+        "python": [{"function": "handle\x1b[31m" + "x" * 100, "file": "/srv/" + "d/" * 60
+                    + "app.py", "line": 12}]}}}
+    lines = render.code_lines(rec, verbose=True)
+    py = [l for l in lines if l.lstrip().startswith("py ")]
+    assert len(py) == 1 and py[0].endswith("app.py:12)") and "\x1b" not in py[0]
+    assert all(len(l) <= 80 for l in lines), lines

@@ -414,6 +414,9 @@ class ProcessEvidence:
     # read of its memory timed out before, is suspended...: resolver.py).
     stacks_not_read: str = ""
     python_not_read: str = ""      # see HolderEvidence
+    # A CPython process: what the kernel needs to copy its frames at later
+    # EOF reads and connect()s (pyframes.Runtime.kernel_walk), else None.
+    python_walk: Optional[dict] = None
     first: Optional[HolderEvidence] = None            # the one process record
     as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
@@ -536,8 +539,8 @@ def _add_python_frames(ev: ProcessEvidence, pid: int, proc: str, budget) -> None
     waiting = {t.tid: t for t in ev.threads if t.state in ("S", "D", "T", "t")}
     if not waiting or budget.spent():
         return
-    frames, why = pyframes.read_process(budget.image(pid, proc), budget.deadline,
-                                        set(waiting))
+    frames, why, ev.python_walk = pyframes.read_process(budget.image(pid, proc),
+                                                       budget.deadline, set(waiting))
     for tid, found in frames.items():
         waiting[tid].python = found
     ev.python_not_read = why

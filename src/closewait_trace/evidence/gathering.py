@@ -68,30 +68,45 @@ def process_evidence(holders: list, proc: str = procfs.PROC, machine: Optional[s
 
 def captured_stacks(captures: list, proc: str = procfs.PROC,
                     machine: Optional[str] = None) -> dict:
-    """key -> frame dicts for each (key, pid, ip, sp, bp, stack bytes) the
-    kernel program copied (an EOF read's), unwound against each process's
-    mappings, under one symbolizer budget; then the symbolizer's counts
-    under the key "problems"."""
-    from closewait_trace.evidence import symbolize
+    """key -> frame dicts for each (key, pid, ip, sp, bp, stack bytes[,
+    (python status, pairs)]) the kernel program copied (an EOF read's, a connect()'s),
+    unwound against each process's mappings, under one symbolizer budget;
+    the Python frames copied with them, resolved, under "python" (key ->
+    (PyFrame dicts, why not)); then the symbolizer's counts under "problems"."""
+    from closewait_trace.evidence import pyframes, symbolize
     budget = symbolize.Budget()
     out: dict = {}
+    python: dict = {}
     unwound = []
     try:
         # Every stack and its symbols first, then lines for the places with
         # what is left of the budget: a slow line table (a crafted one) can
         # cost a place its line, never another stack its symbols.
-        for key, pid, ip, sp, bp, stack in captures[:MAX_PROCESSES_PER_BATCH]:
+        for key, pid, ip, sp, bp, stack, *py in captures[:MAX_PROCESSES_PER_BATCH]:
             frames = symbolize.captured_stack(pid, ip, sp, bp, stack, proc, machine, budget,
                                               lines=False)
             unwound.append((key, pid, frames))
+            if py:
+                python[key] = pyframes.resolve_capture(budget.image(pid, proc),
+                                                       budget.deadline, *py[0])
         for key, pid, frames in unwound:
             symbolize.add_place_line(pid, frames, proc, budget)
             out[key] = [f.as_dict() for f in frames]
             procfs.note_progress()
     finally:
         budget.close()
+    out["python"] = python
     out["problems"] = symbolize.problems()
     return out
+
+
+def python_processes(proc: str = procfs.PROC, seconds: float = 2.0,
+                     limit: int = 4096) -> dict:
+    """pid -> what the kernel needs to copy the Python frames of each
+    running CPython process at its events (pyframes.python_processes)."""
+    import time
+    from closewait_trace.evidence import pyframes
+    return pyframes.python_processes(proc, time.monotonic() + seconds, limit)
 
 
 def snapshot_candidates(socket_filter, min_age_ns: int, proc: str = procfs.PROC):
@@ -108,4 +123,5 @@ CALLS = {
     "process_evidence": process_evidence,
     "snapshot_candidates": snapshot_candidates,
     "captured_stacks": captured_stacks,
+    "python_processes": python_processes,
 }

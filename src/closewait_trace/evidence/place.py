@@ -25,6 +25,9 @@ SYSTEM_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/libexec/")
 # The C library and the dynamic loader: the system call's wrappers.
 _LIBC = re.compile(r"^(libc|libpthread|ld-linux[^/]*|ld)[.-]")
 _GCC_CLONE = re.compile(r"\.(isra|part|constprop|cold|lto_priv|clone|localalias)(\.\d+)*$")
+# /usr/lib/python3.11/ (the standard library and a venv's site-packages),
+# /usr/lib/python3/dist-packages/ (Debian's packaged libraries).
+_PY_LIBRARY = re.compile(r"/lib/python3(\.\d+)?/")
 _GO_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-~]+)*\.")
 
 
@@ -70,3 +73,26 @@ def place_of(frames: list) -> Optional[dict]:
     """The frame to name, or None for an empty stack."""
     i = place_index(frames)
     return None if i is None else frames[i]
+
+
+def is_python_library(file: str) -> bool:
+    """A Python source file of the interpreter's library: the standard
+    library, site- and dist-packages, frozen modules; not the program's own."""
+    return _PY_LIBRARY.search(file) is not None or file.startswith("<frozen ")
+
+
+def python_place(frames: list) -> Optional[dict]:
+    """For a CPython process whose Python frames were copied with the stack
+    (PyFrame dicts, innermost first), the place as a frame of the stack's
+    shape: the innermost Python frame in the program's own code (not the
+    standard library's socket.py or a site-packages library), else the
+    innermost. None without Python frames."""
+    usable = [f for f in frames if isinstance(f, dict) and isinstance(f.get("file"), str)]
+    if not usable:
+        return None
+    own = next((f for f in usable if not is_python_library(f["file"])), usable[0])
+    out = {"pc": "0x0", "function": own.get("function"), "offset": None,
+           "module": own["file"], "build_id": None, "method": "python", "symbols": "python"}
+    if type(own.get("line")) is int:
+        out["file"], out["line"] = own["file"], own["line"]
+    return out

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from closewait_trace.evidence import elfindex
+from closewait_trace.evidence import elfindex, place
 from closewait_trace.evidence.procimage import Mapping
 
 # The binary holding the interpreter: python3.11, python3.11d, or
@@ -105,7 +105,7 @@ class PyFrame:
     def own_code(self) -> bool:
         """In the program's own code, not in the interpreter's library
         (the standard library, site- and dist-packages, frozen modules)."""
-        return "/lib/python3." not in self.file and not self.file.startswith("<frozen ")
+        return not place.is_python_library(self.file)
 
     def describe(self) -> str:
         line = f":{self.line}" if self.line else ""
@@ -135,6 +135,17 @@ class Runtime:
     code_type: int
     unicode_type: int
     bytes_type: int
+
+    def kernel_walk(self) -> dict:
+        """What the kernel program needs to copy a thread's frames at an
+        event (struct cw_py_proc in bpf/closewait.bpf.c)."""
+        lay = self.layout
+        return {"interp_head": self.runtime + lay.runtime_interp_head,
+                "interp_threads_head": lay.interp_threads_head,
+                "tstate_next": lay.tstate_next, "tstate_native_tid": lay.tstate_native_tid,
+                "tstate_cframe": lay.tstate_cframe, "cframe_current": lay.cframe_current,
+                "frame_code": lay.frame_code, "frame_previous": lay.frame_previous,
+                "frame_prev_instr": lay.frame_prev_instr}
 
 
 def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
@@ -383,19 +394,126 @@ def line_of(table: bytes, firstlineno: int, lasti: int) -> Optional[int]:
     return None
 
 
-def read_process(image, deadline: float, tids: set) -> tuple[dict, str]:
-    """(tid -> frames, why not) for one process: ({}, "") when it is not a
-    CPython process; ({}, reason) when its frames could not be read. Never
-    raises for what the process holds."""
+def read_process(image, deadline: float, tids: set) -> tuple[dict, str, Optional[dict]]:
+    """(tid -> frames, why not, the kernel's walk) for one process: ({}, "",
+    None) when it is not a CPython process; ({}, reason, ...) when its
+    frames could not be read. The walk (Runtime.kernel_walk) lets later
+    captures in it copy their frames. Never raises for what the process
+    holds."""
+    walk = None
     try:
         runtime, why = find_runtime(image, deadline)
         if runtime is None:
-            return {}, why
-        return thread_frames(image, deadline, tids, runtime), ""
+            return {}, why, None
+        walk = runtime.kernel_walk()
+        return thread_frames(image, deadline, tids, runtime), "", walk
     except Unreadable as e:
-        return {}, f"Python frames not read: {e}"
+        return {}, f"Python frames not read: {e}", walk
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:            # a bug here is never the tracer's end
         elfindex.note_problem(f"Python frames ({type(e).__name__})", f"pid {image.pid}")
-        return {}, f"Python frames not read ({type(e).__name__})"
+        return {}, f"Python frames not read ({type(e).__name__})", walk
+
+
+# What the kernel program said of a capture's Python frames (cw_eof.py_status).
+PY_NONE, PY_COPIED, PY_NO_THREAD, PY_UNREADABLE = 0, 1, 2, 3
+CAPTURE_STATUS = {
+    PY_NO_THREAD: "its thread state was not among the interpreter's first 64",
+    PY_UNREADABLE: "the interpreter's state could not be read at the event",
+}
+
+
+NOT_YET_KNOWN = ("not copied: the process was not yet known to be CPython when it read "
+                 "(it is now: its next reads are)")
+
+
+def resolve_capture(image, deadline: float, status: int, pairs: tuple) -> tuple[list, str]:
+    """(PyFrame dicts, why not) for a capture of the kernel's: its frames
+    resolved; or why there are none, for a CPython process ("" for any
+    other)."""
+    if status == PY_COPIED:
+        found, why = captured_frames(image, deadline, tuple(pairs))
+        return [f.as_dict() for f in found], why
+    if status in CAPTURE_STATUS:
+        return [], CAPTURE_STATUS[status]
+    try:
+        runtime, _why = find_runtime(image, deadline)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        runtime = None
+    return [], NOT_YET_KNOWN if runtime is not None else ""
+
+
+def captured_frames(image, deadline: float, pairs: tuple) -> tuple[list, str]:
+    """The Python frames a capture copied, as (code object, last
+    instruction) pairs, resolved now against the process's memory: each
+    code object is believed only if it still is one of this interpreter's
+    (a function's code lives as long as the function; one freed since is
+    not named). ([PyFrame], why not) ."""
+    try:
+        runtime, why = find_runtime(image, deadline)
+        if runtime is None:
+            return [], why or "not a CPython process now"
+        import time
+        mem = _Memory(image)
+        out: list[PyFrame] = []
+        codes: dict = {}
+        for code, instr in pairs[:MAX_FRAMES]:
+            if time.monotonic() > deadline:
+                break
+            info = codes.get(code)
+            if code not in codes:
+                info = codes[code] = _code(mem, runtime, code)
+            if info is None:            # not a code object now: nothing past it is believed
+                return out, ("" if out else "its frames do not check out now (a code object "
+                             "freed or overwritten since the read)")
+            name, filename, firstlineno, table = info
+            first = code + runtime.layout.code_adaptive
+            lasti = (instr - first) // 2 if instr >= first else -1
+            out.append(PyFrame(name, filename, line_of(table, firstlineno, lasti)))
+        return out, ""
+    except Unreadable as e:
+        return [], f"Python frames not read: {e}"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        elfindex.note_problem(f"Python frames ({type(e).__name__})", f"pid {image.pid}")
+        return [], f"Python frames not read ({type(e).__name__})"
+
+
+def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
+    """pid -> kernel_walk() for the running processes whose program is a
+    CPython interpreter (/proc/PID/exe named python3.X), at most limit,
+    until deadline: registered at start so that their first EOF read
+    already carries Python frames. (Programs embedding libpython are found
+    when they first hold a lingering socket: diagnosis reads their maps.)"""
+    import time
+    from closewait_trace.evidence.procimage import ProcessImage
+    out: dict[int, dict] = {}
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit() or len(out) >= limit or time.monotonic() > deadline:
+            continue
+        try:
+            exe = os.readlink(f"{proc}/{name}/exe")      # the kernel's path: no file read
+        except OSError:
+            continue
+        if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
+            continue
+        image = ProcessImage(int(name), proc)
+        try:
+            runtime, _why = find_runtime(image, deadline)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            runtime = None
+        finally:
+            image.close()
+        if runtime is not None:
+            out[int(name)] = runtime.kernel_walk()
+    return out

@@ -199,6 +199,15 @@ class ProcResolver:
             self.problems = problems
         return out
 
+    def python_processes(self) -> dict:
+        """pid -> kernel walk of the running CPython processes ({} when not
+        read in time: they are then found when they first hold a socket)."""
+        try:
+            return self._run("python_processes", self.proc, deadline_s=STATE_CAP_S,
+                             progress_s=STALL_S)
+        except GatherFailed:
+            return {}
+
     def snapshot_candidates(self, socket_filter, min_age_ns: int):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,
                          deadline_s=SNAPSHOT_CAP_S, progress_s=SNAPSHOT_STALL_S)

@@ -155,14 +155,23 @@ class EofCapture:
     sp: int
     bp: int
     stack: bytes
+    # A CPython process's frames at the event, as the kernel copied them:
+    # PY_* status, and (code object address, last instruction address)
+    # pairs, innermost first, pointers into the process not yet believed.
+    py_status: int = 0
+    python: tuple = ()
 
     @classmethod
     def from_leaf(cls, leaf) -> "EofCapture":
         n = max(0, min(int(leaf.stack_len), ctypes.sizeof(leaf.stack)))
+        py = max(0, min(int(getattr(leaf, "py_frames", 0)), len(getattr(leaf, "py_code", ()))))
         return cls(ts_ns=int(leaf.ts_ns), pid=int(leaf.pid), tid=int(leaf.tid),
                    comm=bytes(leaf.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
                    ip=int(leaf.ip), sp=int(leaf.sp), bp=int(leaf.bp),
-                   stack=bytes(bytearray(leaf.stack)[:n]))
+                   stack=bytes(bytearray(leaf.stack)[:n]),
+                   py_status=int(getattr(leaf, "py_status", 0)),
+                   python=tuple((int(leaf.py_code[i]), int(leaf.py_instr[i]))
+                                for i in range(py)))
 
 
 class EntryLayout:

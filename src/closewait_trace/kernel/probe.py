@@ -53,6 +53,7 @@ class ProbeConfig:
     captures_per_s: int = 128
     max_open_captures: int = 1024      # client sockets whose connect() is kept
     max_exec_tracked: int = 16384      # live processes whose last exec() is known
+    max_py_procs: int = 4096           # CPython processes whose frames captures copy
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
     features: "KernelFeatures" = field(default_factory=lambda: detect_features())
@@ -81,6 +82,7 @@ class ProbeConfig:
             flags += [f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
                       f"-DMAX_OPEN_CAPTURES={self.max_open_captures}",
                       f"-DMAX_EXEC_TRACKED={self.max_exec_tracked}",
+                      f"-DMAX_PY_PROCS={self.max_py_procs}",
                       f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
                       f"-DCAPTURES_PER_S={self.captures_per_s}"]
         if self.captures_eof:
@@ -569,6 +571,28 @@ class KernelProbe:
         except KeyError:
             pass            # the socket went meanwhile: the kernel deleted it
         return capture
+
+    def register_python(self, pid: int, walk: dict) -> bool:
+        """Let captures in process pid copy its Python frames: walk is
+        pyframes.Runtime.kernel_walk() (the address of the interpreters'
+        head and the layout's offsets). False when the kernel's map is full
+        or captures are off. The kernel forgets the process when it exits
+        or exec()s."""
+        if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
+            return False
+        table = self._table("cw_py")
+        leaf = table.Leaf(**walk)
+        try:
+            table[table.Key(pid)] = leaf
+        except Exception:               # full: E2BIG from the map update
+            return False
+        return True
+
+    def python_registered(self) -> set:
+        """The pids the kernel holds a Python walk for."""
+        if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
+            return set()
+        return {k.value for k in self._table("cw_py").keys()}
 
     def exec_since(self, pid: int, ts_ns: int) -> Optional[bool]:
         """Whether process pid exec()ed another program after ts_ns (kernel

@@ -136,6 +136,7 @@ class LiveTracer:
     _keys: Optional[tuple] = None       # _capture_keys() of the batch being resolved
     _final_drain: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
+    python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -201,11 +202,31 @@ class LiveTracer:
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
+        # Before "ready": a CPython process's EOF read from then on carries
+        # its Python frames.
+        self.register_pythons(self.resolver_python_processes())
         filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
         self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
                                 self.headers, self.probe.transport,
                                 self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
+
+    def resolver_python_processes(self) -> dict:
+        """The running CPython processes, when captures can copy their
+        frames (a probe without the map, or captures off: none)."""
+        if not (getattr(self.probe, "register_python", None) and self.config.eof_capture):
+            return {}
+        return self.resolver.python_processes()
+
+    def register_pythons(self, walks: dict) -> None:
+        """Tell the kernel program where each CPython process's thread states
+        are, so its next EOF read or connect() copies the Python frames."""
+        register = getattr(self.probe, "register_python", None)
+        if register is None or not self.config.eof_capture:
+            return
+        for pid, walk in walks.items():
+            if walk and not register(pid, walk):
+                self.python_unregistered += 1
 
     def run(self) -> None:
         next_tick = time.monotonic()
@@ -404,6 +425,8 @@ class LiveTracer:
                     captures[(id(l), kind)] = (l, capture)
             todo.append((l, own))
         self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
+        self.register_pythons({pid: ev.python_walk for pid, ev in evidence_cache.processes.items()
+                               if getattr(ev, "python_walk", None)})
         self.locate_places(captures, {id(l): own for l, own in todo})
         shown: list[Lingerer] = []
         for l, own in todo:
@@ -558,12 +581,20 @@ class LiveTracer:
             queues = [q for q in queues if q]
         stacks = self.resolver.captured_stacks(
             [(i, keyed[i][2].pid, keyed[i][2].ip, keyed[i][2].sp, keyed[i][2].bp,
-              keyed[i][2].stack) for i in turns])
+              keyed[i][2].stack, (getattr(keyed[i][2], "py_status", 0),
+                                  getattr(keyed[i][2], "python", ()))) for i in turns])
+        python = stacks.get("python") or {}
         offset = self.clock_offset_ns()
         for i, ((_id, kind), l, c, why) in enumerate(keyed):
             frames = stacks.get(i) if why is None else None
+            py_frames, py_why = python.get(i, ([], ""))
             found = records.code_place(c, (c.ts_ns + offset) / 1e9, frames,
-                                       place.place_of(frames or []))
+                                       place.python_place(py_frames)
+                                       or place.place_of(frames or []))
+            if py_frames:
+                found["python"] = py_frames
+            elif py_why and why is None:
+                found["python_not_read"] = py_why
             if why is not None:
                 found["not_unwound"] = why
             if kind == "eof_read":
@@ -672,6 +703,8 @@ class LiveTracer:
                                  "failures": gatherer.failures,
                                  "workers_stuck": gatherer.stuck_workers(),
                                  "processes_skipped": self.resolver.skipped_processes}
+            if self.python_unregistered:    # CPython processes the kernel's map had no room for
+                extra["evidence"]["python_not_registered"] = self.python_unregistered
         now_ns = self.now_ns()
         still = [records.lingering_entry(l, l.age_ns(now_ns)) for l in self.lingering(now_ns)]
         counters = dict(self.probe.counters(), events_unread=self.unread_at_exit)

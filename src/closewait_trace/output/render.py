@@ -563,8 +563,15 @@ def _place_text(found: dict) -> str:
 
 
 def _stack_lines(found: dict, indent: str) -> list[str]:
-    return [f"{indent}    " + textsafe.cut(frame_line(f), LINE - len(indent) - 4)
-            for f in (found.get("stack") or [])[:32] if isinstance(f, dict)]
+    """-v: a capture's Python frames (a CPython program's), then its stack."""
+    room = LINE - len(indent) - 4
+    out = [f"{indent}    py {python_frame_line(f, room - 3)}"
+           for f in (found.get("python") or [])[:16] if isinstance(f, dict)]
+    if found.get("python_not_read"):
+        out.append(f"{indent}    " + textsafe.cut(
+            f"Python frames: {escape(found['python_not_read'])}", room))
+    return out + [f"{indent}    " + textsafe.cut(frame_line(f), room)
+                  for f in (found.get("stack") or [])[:32] if isinstance(f, dict)]
 
 
 def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:

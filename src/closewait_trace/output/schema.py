@@ -216,6 +216,13 @@ class Frame(TypedDict):
     line: NotRequired[Count]
 
 
+class PyFrame(TypedDict):
+    """A Python frame of a CPython holder's thread, read from its memory."""
+    function: str               # the code object's qualified name
+    file: str
+    line: Optional[Count]       # None: the line table has none for the instruction
+
+
 class EofRead(TypedDict):
     """Where the socket was read to its end: the kernel program copied the
     reading thread's registers and the top of its stack at that read."""
@@ -229,6 +236,8 @@ class EofRead(TypedDict):
     stack_bytes: Count          # of stack copied by the kernel
     unwound: bool               # false: not unwound (stack empty)
     not_unwound: NotRequired[str]   # why, when not for lack of time
+    python: NotRequired[list[PyFrame]]   # a CPython reader's frames at the read
+    python_not_read: NotRequired[str]    # a CPython reader's frames not copied or read: why
 
 
 class Opened(TypedDict):
@@ -243,6 +252,8 @@ class Opened(TypedDict):
     stack_bytes: Count
     unwound: bool
     not_unwound: NotRequired[str]
+    python: NotRequired[list[PyFrame]]
+    python_not_read: NotRequired[str]
 
 
 class Code(TypedDict):
@@ -317,13 +328,6 @@ class LostRecord(_Base):
     counter: str
     count: Count
     total: Count
-
-
-class PyFrame(TypedDict):
-    """A Python frame of a CPython holder's thread, read from its memory."""
-    function: str               # the code object's qualified name
-    file: str
-    line: Optional[Count]       # None: the line table has none for the instruction
 
 
 class Thread(TypedDict):
