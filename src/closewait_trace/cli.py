@@ -567,9 +567,11 @@ Examples:
               help="Count sockets at least this long in CLOSE_WAIT.")
 @socket_options
 @holder_options
-@click.option("--by", "grouping", type=click.Choice(["process", "cause", "peer", "port"]),
+@click.option("--by", "grouping",
+              type=click.Choice(["process", "cause", "peer", "port", "container"]),
               default="process", show_default=True,
-              help="Rows by holder process, cause, remote peer or local port (g cycles).")
+              help="Rows by holder process, cause, remote peer, local port or container "
+                   "(container, pod or unit, else the cgroup) (g cycles).")
 @click.option("-i", "--interval", type=DurationType(), default="1s", show_default=True,
               help="Refresh interval.")
 @click.option("-n", "--iterations", type=click.IntRange(1), metavar="N",

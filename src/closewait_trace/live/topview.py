@@ -135,7 +135,7 @@ class TopSink:
         from rich.text import Text
         table = Table(title=Text(top.headline(rows, self.grouping, self.threshold_s,
                                               self.model.lost)),
-                      caption=Text("q quit, g grouping (process, cause, peer, port)"),
+                      caption=Text("q quit, g grouping (" + ", ".join(top.GROUPINGS) + ")"),
                       box=None, title_justify="left", caption_justify="left")
         for name in top.COLUMNS:
             table.add_column(name, justify="right", no_wrap=True)
