@@ -148,3 +148,65 @@ def test_the_new_per_minute_by_container():
     m.on_record(dict(entry(1), type="linger", update=False))
     [row] = m.rows([], "container")
     assert (row.key, row.new_per_min, row.sockets) == ("/lab", 1, 0)
+
+
+# ---------------------------------------------------------------- the sink's cache
+
+def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
+    """5,000 sockets in one process: the keys of each are worked out once,
+    not at every refresh (bench/top_scale.py); again when its diagnosis,
+    holders or a holder's container changed. Rows as from full entries."""
+    import io
+    import socket as so
+    from types import SimpleNamespace as NS
+
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.live import sinks, topview
+    from closewait_trace.live.tracker import Lingerer
+
+    def lingerer(i, pid, cause, enter_ns):
+        own = NS(kind="fd", holders=[NS(pid=pid, comm="python3", fd=5 + i, state="S")])
+        return Lingerer(Endpoints(so.AF_INET, "127.0.0.1", 8080, "127.0.0.1", 40000 + i),
+                        enter_ns=enter_ns, skaddr=None, reported=True, ownership=own,
+                        diagnosis=NS(cause=cause, summary=cause))
+
+    ls = [lingerer(i, 7, "leaked", 1_000_000_000 * i) for i in range(50)]
+    ls.append(lingerer(99, 8, "stopped", 0))
+    view = sinks.TickView(wall_ts=1_800_000_000.0, now_ns=100_000_000_000, threshold_ns=1,
+                          counters={}, histogram=[], histogram_sum_ns=None,
+                          lingering=lambda: ls)
+    calls = []
+    real = top.keys_of
+    monkeypatch.setattr(top, "keys_of", lambda *a: calls.append(1) or real(*a))
+    sink = topview.TopSink("process", stream=io.StringIO())
+    sink.emit({"type": "process", "pid": 7, "identity": {"cgroup": "/a"}})
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/b"}})
+    for _ in range(3):
+        sink.tick(view)
+    assert len(calls) == 51
+    want = sink.model.rows(sinks.lingering_entries(view), "process")
+    got = sink.model.rows_of(sink._lingering(view), "process")
+    assert [(r.key, r.sockets, round(r.oldest_s, 3)) for r in got] == \
+        [(r.key, r.sockets, round(r.oldest_s, 3)) for r in want] == \
+        [("7/python3", 50, 100.0), ("8/python3", 1, 100.0)]
+    calls.clear()
+    ls[0].diagnosis = NS(cause="stopped", summary="stopped")
+    sink.grouping = "cause"
+    sink.tick(view)
+    assert len(calls) == 1
+    assert [(r.key, r.sockets) for r in sink.model.rows_of(sink._lingering(view), "cause")] \
+        == [("leaked", 49), ("stopped", 2)]
+    calls.clear()
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/b"}})   # the same place
+    sink.tick(view)
+    assert calls == []
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/c"}})   # moved
+    sink.grouping = "container"
+    sink.tick(view)
+    assert len(calls) == 51
+    assert [(r.key, r.sockets) for r in sink.model.rows_of(sink._lingering(view), "container")] \
+        == [("/a", 50), ("/c", 1)]
+    del ls[10:]
+    sink.tick(view)
+    assert len(sink._keys) == 10                    # the sockets gone are forgotten
+    assert "--- " in sink.stream.getvalue()

@@ -88,6 +88,14 @@ def keys_of(entry: dict, places: Optional[dict] = None) -> dict:
             "container": place}
 
 
+def age_of(entry: dict) -> float:
+    """The age a row counts: a keepalive range's upper end, what it may
+    be; any other age as given."""
+    if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
+        return entry["age_max_s"]
+    return entry.get("age_s") or 0.0
+
+
 def socket_key(rec: dict) -> tuple:
     return (rec.get("netns"), rec.get("laddr"), rec.get("lport"), rec.get("raddr"),
             rec.get("rport"))
@@ -113,6 +121,7 @@ class TopModel:
         self.closed: collections.deque = collections.deque(maxlen=MAX_EVENTS)
         self.keys_by_socket: dict = {}
         self.places: dict = {}          # pid -> container label (place_of)
+        self.places_version = 0         # bumped when a pid's label changes
         self.lost = 0
 
     def on_record(self, rec: dict) -> None:
@@ -121,10 +130,13 @@ class TopModel:
             # Written before the linger records of its batch: the cgroup
             # the batch read, not read again here.
             pid = rec["pid"]
-            self.places.pop(pid, None)
+            place = place_of(rec.get("identity"))
+            if self.places.pop(pid, None) != place:
+                self.places_version += 1
             if len(self.places) >= MAX_PROCESSES:
                 del self.places[next(iter(self.places))]
-            self.places[pid] = place_of(rec.get("identity"))
+                self.places_version += 1
+            self.places[pid] = place
         elif kind == "linger" and not rec.get("update"):
             keys = keys_of(rec, self.places)
             self.entered.append((self.clock(), keys))
@@ -144,18 +156,23 @@ class TopModel:
         return events
 
     def rows(self, lingering: list[dict], grouping: str) -> list[Row]:
+        """Rows from lingering entries (snapshot entries, linger records)."""
+        return self.rows_of([(keys_of(entry, self.places), age_of(entry))
+                             for entry in lingering], grouping)
+
+    def rows_of(self, lingering, grouping: str) -> list[Row]:
+        """Rows from (keys_of's keys, age in seconds) of each lingering
+        socket (TopSink keeps the keys of a socket between refreshes)."""
         now = self.clock()
         rows: dict[str, Row] = {}
-        for entry in lingering:
-            keys = keys_of(entry, self.places)
-            row = rows.get(keys[grouping])
+        for keys, age in lingering:
+            key = keys[grouping]
+            row = rows.get(key)
             if row is None:
-                row = rows[keys[grouping]] = Row(keys[grouping], causes=collections.Counter())
+                row = rows[key] = Row(key, causes=collections.Counter())
             row.sockets += 1
-            age = entry.get("age_s") or 0.0
-            if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
-                age = entry["age_max_s"]          # what it may be (keepalive)
-            row.oldest_s = max(row.oldest_s, age)
+            if age > row.oldest_s:
+                row.oldest_s = age
             row.causes[keys["cause"]] += 1
         for events, field in ((self._recent(self.entered, now), "new_per_min"),
                               (self._recent(self.closed, now), "closed_per_min")):
