@@ -88,7 +88,10 @@ def test_the_text_says_the_window():
     t0 = 1_800_000_000.0
     text = "\n".join(report.render_text(report.build(incident(t0), since=t0 + 3600)))
     start = dt.datetime.fromtimestamp(t0 + 3600).strftime("%Y-%m-%d %H:%M:%S")
-    assert f"Window: {start} -> end: records outside it" in text
+    assert f"Window: {start} -> end: records outside it not counted" in text
+    assert "Still lingering at the end of the window: 5" in text
+    assert "Still lingering at the end of the capture" in "\n".join(
+        report.render_text(report.build(incident(t0))))
 
 
 def run(*args):

@@ -873,7 +873,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     if w:
         lines.append(f"  Window: {_clock(w['since_ts']) if w['since_ts'] is not None else 'start'}"
                      f" -> {_clock(w['until_ts']) if w['until_ts'] is not None else 'end'}: "
-                     f"records outside it, and sockets reported before it, not counted"
+                     f"records outside it not counted,")
+        lines.append("  nor sockets reported before it"
                      + (f"; {w['captures_outside']} capture(s) wholly outside"
                         if w["captures_outside"] else ""))
     for c in caps:
@@ -921,9 +922,9 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     if w and not w["histogram_to_ts"]:
         lines.append("  (no state recorded in the window: no histogram)")
     elif w:
-        lines.append(f"  (in the window: its counts at {_clock(w['histogram_to_ts'])} less those "
-                     f"at {_clock(w['histogram_from_ts']) if w['histogram_from_ts'] else 'the start'}"
-                     f", the nearest states recorded)")
+        lines.append(f"  (in the window: its counts at {_clock(w['histogram_to_ts'])} less those at "
+                     f"{_clock(w['histogram_from_ts']) if w['histogram_from_ts'] else 'the start'},")
+        lines.append("  the states recorded nearest the window's ends)")
     lines.extend(histogram_lines(rep["histogram_us"]))
     if rep.get("estimated_histogram_us"):
         n = sum(b["count"] for b in rep["estimated_histogram_us"])
@@ -935,7 +936,7 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     lines.extend(_timeline_lines(rep["timeline"]))
     lines.append("")
     still = rep["still_lingering"]
-    lines.append(f"Still lingering at the end of the capture: "
+    lines.append(f"Still lingering at the end of the {'window' if w else 'capture'}: "
                  f"{rep.get('still_lingering_total', len(still))}")
     for s in still[:top]:
         owners = ", ".join(f"{escape(o.get('pid'))}/{escape(o.get('comm'))} fd {escape(o.get('fd'))}"
