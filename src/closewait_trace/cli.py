@@ -507,7 +507,10 @@ Examples:
               help="Tables to show, in this order: cause, program, unit, container, pod, "
                    "port, peer, pid (repeat or comma-separate) [default: cause, program, "
                    "unit/container/pod where known, port, peer].")
-def report_command(files, as_json, top, groupings):
+@click.option("--since", type=WhenType(),
+              help="Count from this time (13:20, ISO 8601, epoch, or 10m, 2h, 1d6h: that long ago).")
+@click.option("--until", type=WhenType(), help="Count up to this time (same forms).")
+def report_command(files, as_json, top, groupings, since, until):
     """Postmortem of recordings: what to fix. Sockets that lingered in
     CLOSE_WAIT by cause, by program (children of one server folded into one
     row), by systemd unit, container and pod where known, by local port and
@@ -524,7 +527,8 @@ def report_command(files, as_json, top, groupings):
     # Streamed: the reader hands records one at a time to the report, whose
     # state is bounded (report.MAX_*), whatever the size of the recordings.
     reader = recording.RecordingReader(files)
-    rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)))
+    window = window_of(since, until, reader.first_header.get("start_ts"))
+    rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)), **window)
     out = Output(as_json, render.TextRenderer())
     if as_json:
         out.write_lines([textsafe.json_dumps(rep)])
@@ -532,6 +536,17 @@ def report_command(files, as_json, top, groupings):
         out.write_lines(report.render_text(rep, top=top))
     out.flush()
     warn_damage(reader)
+
+
+def window_of(since, until, first_ts) -> dict:
+    """--since/--until as epoch seconds (a time of day is on the first
+    capture's day, as in a replay)."""
+    from closewait_trace.files.replay import parse_when
+    window = {"since": parse_when(since, first_ts) if since else None,
+              "until": parse_when(until, first_ts) if until else None}
+    if None not in window.values() and window["since"] > window["until"]:
+        raise click.UsageError(f"--since {since} is after --until {until}")
+    return window
 
 
 class AgeType(DurationType):
@@ -552,9 +567,11 @@ Examples:
               help="Count sockets at least this long in CLOSE_WAIT.")
 @socket_options
 @holder_options
-@click.option("--by", "grouping", type=click.Choice(["process", "cause", "peer", "port"]),
+@click.option("--by", "grouping",
+              type=click.Choice(["process", "cause", "peer", "port", "container"]),
               default="process", show_default=True,
-              help="Rows by holder process, cause, remote peer or local port (g cycles).")
+              help="Rows by holder process, cause, remote peer, local port or container "
+                   "(container, pod or unit, else the cgroup) (g cycles).")
 @click.option("-i", "--interval", type=DurationType(), default="1s", show_default=True,
               help="Refresh interval.")
 @click.option("-n", "--iterations", type=click.IntRange(1), metavar="N",

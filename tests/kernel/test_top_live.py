@@ -9,11 +9,14 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
-from tests.kernel.harness import (TRACER, free_port, ss_close_wait, start_seed_scenario,
-                                  stretch, wait_until)
+from tests.kernel.harness import (TRACER, connect_and_close, free_port, ss_close_wait,
+                                  start_holding_server, start_seed_scenario, stretch,
+                                  wait_until)
+from tests.kernel.test_attribution_live import Cgroups
 
 pytestmark = pytest.mark.kernel
 
@@ -128,3 +131,117 @@ def test_top_in_a_pipe_prints_text_blocks(procs):
     assert re.search(r"^\s*5\s+\S+\s+\d+\s+\d+\s+stopped$", out.stdout, re.M), out.stdout
     assert "\x1b" not in out.stdout                      # no terminal control in a pipe
     assert all(len(l) <= 80 for l in out.stdout.splitlines())
+
+
+# ---------------------------------------------------------------- by container
+
+@pytest.fixture
+def cgroups():
+    made = Cgroups()
+    yield made
+    made.cleanup()
+
+
+def test_top_groups_by_container_from_real_cgroups(procs, cgroups, tmp_path):
+    """Two holders in real cgroups the test makes: one a unit root's tools
+    would make (system.slice/NAME.service), one at the top of the tree
+    with a name carrying a terminal escape (a cgroup name is whoever made
+    it's choice). `g` cycles from process to container; the rows are the
+    cgroups' labels, counted, the escape shown escaped."""
+    tag = uuid.uuid4().hex[:8]
+    unit = f"cwtop-{tag}.service"
+    evil = f"cwtop-{tag}-\x1b[2Jpwn"
+    ports = free_port(), free_port()
+    holders = []
+    for rel, port in ((f"system.slice/{unit}", ports[0]), (evil, ports[1])):
+        cgroups.mkdir(rel)
+        server = start_holding_server(port)
+        procs.append(server)
+        cgroups.move(server.pid, rel)
+        # The kernel's statement of where it is, the path top reads.
+        with open(f"/proc/{server.pid}/cgroup") as f:
+            assert f"0::/{rel}\n" in f.read()
+        holders.append(server)
+    connect_and_close(ports[0], 3)
+    connect_and_close(ports[1], 2)
+    wait_until(lambda: len(ss_close_wait(ports[0])) == 3 and len(ss_close_wait(ports[1])) == 2,
+               what="3 + 2 CLOSE-WAIT")
+    term = Tmux(tmp_path)
+    try:
+        term.start(TRACER + ["top", "-p", f"{ports[0]},{ports[1]}"])
+        term.wait_for(lambda s: "5 sockets in CLOSE_WAIT" in s and "by process" in s,
+                      "the view")
+        for _ in range(4):                         # process -> cause -> peer -> port -> container
+            term.tmux("send-keys", "g")
+            time.sleep(0.3)
+        screen = term.wait_for(lambda s: "by container" in s, "grouping by container")
+        assert "CONTAINER / UNIT / CGROUP" in screen
+        assert re.search(rf"^\s*3\s+\S+\s+\d+\s+\d+\s+{re.escape(unit)} \[", screen, re.M), screen
+        evil_shown = f"/cwtop-{tag}-\\x1b[2Jpwn"
+        assert re.search(rf"^\s*2\s+\S+\s+\d+\s+\d+\s+{re.escape(evil_shown)} \[", screen,
+                         re.M), screen
+        assert "\x1b[2J" not in term.tmux("capture-pane", "-p", "-e")
+        term.tmux("send-keys", "q")
+        wait_until(lambda: term.exit_code() is not None, timeout=30, what="top to quit")
+        assert term.exit_code() == 0
+    finally:
+        term.kill()
+
+
+def test_top_in_a_pipe_by_container(procs, cgroups):
+    tag = uuid.uuid4().hex[:8]
+    rel = f"cwtop-{tag}/app"
+    port = free_port()
+    cgroups.mkdir(rel)
+    server = start_holding_server(port)
+    procs.append(server)
+    cgroups.move(server.pid, rel)
+    connect_and_close(port, 2)
+    wait_until(lambda: len(ss_close_wait(port)) == 2, what="2 CLOSE-WAIT")
+    out = subprocess.run(TRACER + ["top", "-p", str(port), "--by", "container", "-n", "2",
+                                   "-t", "1s", "-i", "1s"],
+                         capture_output=True, text=True, timeout=stretch(120))
+    assert out.returncode == 0, out.stderr
+    assert re.search(rf"^\s*2\s+\S+\s+\d+\s+\d+\s+/{re.escape(rel)} \[", out.stdout, re.M), \
+        out.stdout
+
+
+# ---------------------------------------------------------------- 5,000 in one process
+
+MANY = 5000
+MANY_HOLDER = os.path.join(os.path.dirname(__file__), "many_holder.py")
+
+
+def test_top_with_5000_sockets_in_one_process(procs, tmp_path):
+    """The pile-up the issue met: 5,000 sockets in CLOSE_WAIT held by one
+    process. One row with the count ss gives, refreshed (its oldest age
+    grows), and q quits. The refresh's cost is bench/top_scale.py's."""
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, MANY_HOLDER, str(MANY), str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    ss = subprocess.run(["ss", "-Htan", "state", "close-wait", "sport", "=", f":{port}"],
+                        capture_output=True, text=True).stdout
+    assert len(ss.splitlines()) == MANY
+    term = Tmux(tmp_path)
+    try:
+        term.start(TRACER + ["top", "-p", str(port)])
+        screen = term.wait_for(lambda s: f"{MANY} sockets in CLOSE_WAIT" in s, "the view")
+        rows = [l for l in screen.splitlines() if re.search(rf"\b{holder.pid}/python", l)]
+        assert len(rows) == 1, screen                  # one holder, one row
+        cells = rows[0].split()
+        assert cells[0] == str(MANY), rows[0]
+        first = cells[1]
+        # Refreshed: the oldest's age is shown again, older.
+        screen = term.wait_for(
+            lambda s: any(re.search(rf"\b{holder.pid}/python", l) and l.split()[1] != first
+                          for l in s.splitlines()), "a refresh")
+        assert f"{MANY} sockets in CLOSE_WAIT" in screen
+        term.tmux("send-keys", "q")
+        wait_until(lambda: term.exit_code() is not None, timeout=30, what="top to quit")
+        assert term.exit_code() == 0
+        history = term.tmux("capture-pane", "-p", "-S", "-200")
+        assert f"Still lingering at exit: {MANY}" in history, history
+    finally:
+        term.kill()

@@ -1,7 +1,9 @@
 """The `top` view's model (pure): rows by process, cause, peer and port;
 per-minute counts over a sliding window; escaped names; plain text."""
 
-from closewait_trace.output import top
+import pytest
+
+from closewait_trace.output import textsafe, top
 
 
 class Clock:
@@ -69,3 +71,142 @@ def test_names_are_escaped_and_lines_fit_80_columns():
     assert "\x1b" not in "".join(lines) and "\\x1b[2Jpwn" in lines[2]
     assert all(len(l) <= 80 for l in lines)
     assert lines[0].endswith("1 socket in CLOSE_WAIT >= 1.0s, by process")
+
+
+def process_record(pid, cgroup):
+    return {"type": "process", "pid": pid, "comm": "x",
+            "identity": {"cgroup": cgroup, "container": None, "unit": None}}
+
+
+CID = "ab" * 32
+POD = "1234abcd-0000-4000-8000-00000000beef"
+
+
+@pytest.mark.parametrize("cgroup,label", [
+    (f"/system.slice/docker-{CID}.scope", "docker " + CID[:12]),
+    (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+     f"{POD.replace('-', '_')}.slice/cri-containerd-{CID}.scope",
+     f"containerd {CID[:12]} (pod {POD[:8]})"),
+    (f"/kubepods/burstable/pod{POD}", f"pod {POD}"),
+    ("/system.slice/nginx.service", "nginx.service"),
+    ("/system.slice/system-getty.slice/getty@tty1.service", "getty@tty1.service"),
+    ("/user.slice/user-1000.slice/session-3.scope", "/user.slice/user-1000.slice/session-3.scope"),
+    ("/lab-batch", "/lab-batch"),
+    (None, top.NOT_KNOWN),
+])
+def test_container_label_from_the_cgroup_path(cgroup, label):
+    assert top.place_of({"cgroup": cgroup}) == label
+
+
+def test_a_container_named_by_a_user_is_its_cgroup_path_escaped_and_bounded():
+    # Below user@1000.service the user names cgroups: a docker-looking
+    # scope there is not a container, and its name is hostile.
+    claimed = (f"/user.slice/user-1000.slice/user@1000.service/docker-{CID}.scope/"
+               "\x1b[2J" + "y" * 300)
+    label = top.place_of({"cgroup": claimed})
+    assert not label.startswith("docker ")
+    assert label.startswith("user@1000.service:/docker-") and "\x1b" not in label
+    assert textsafe.width_of_escaped(label) <= top.MAX_PLACE
+    assert label.endswith("y")            # cut in the middle: the leaf still shows
+    # The identity's own container field (a recording's, or a forged one) is
+    # not believed: only the path decides.
+    forged = {"cgroup": "/lab", "container": {"runtime": "docker", "id": CID}}
+    assert top.place_of(forged) == "/lab"
+
+
+def test_rows_by_container_from_the_process_records():
+    m = top.TopModel(Clock())
+    m.on_record(process_record(1, f"/system.slice/docker-{CID}.scope"))
+    m.on_record(process_record(2, f"/system.slice/docker-{CID}.scope"))
+    m.on_record(process_record(3, "/system.slice/nginx.service"))
+    lingering = ([entry(1, rport=40000 + i) for i in range(3)] + [entry(2, rport=41000)]
+                 + [entry(3, rport=42000 + i) for i in range(2)] + [entry(4, rport=43000)]
+                 + [dict(entry(5, rport=44000), owners=[], owner_kind="accept_queue")])
+    rows = m.rows(lingering, "container")
+    assert [(r.key, r.sockets) for r in rows] == [
+        ("docker " + CID[:12], 4), ("nginx.service", 2), ("(cgroup not known)", 1),
+        ("(not accepted)", 1)]
+    # A pid's latest record counts (a process moved, or a pid reused).
+    m.on_record(process_record(3, f"/system.slice/docker-{CID}.scope"))
+    assert m.rows(lingering, "container")[0].sockets == 6
+    lines = top.plain_lines(rows, "container", 1.0, 0, 1_800_000_000.0)
+    assert lines[1].endswith("CONTAINER / UNIT / CGROUP")
+    assert "docker " + CID[:12] + " [stopped]" in lines[2]
+
+
+def test_the_containers_remembered_are_bounded(monkeypatch):
+    monkeypatch.setattr(top, "MAX_PROCESSES", 3)
+    m = top.TopModel(Clock())
+    for pid in range(10):
+        m.on_record(process_record(pid, f"/c{pid}"))
+    assert list(m.places) == [7, 8, 9]
+
+
+def test_the_new_per_minute_by_container():
+    m = top.TopModel(Clock())
+    m.on_record(process_record(1, "/lab"))
+    m.on_record(dict(entry(1), type="linger", update=False))
+    [row] = m.rows([], "container")
+    assert (row.key, row.new_per_min, row.sockets) == ("/lab", 1, 0)
+
+
+# ---------------------------------------------------------------- the sink's cache
+
+def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
+    """5,000 sockets in one process: the keys of each are worked out once,
+    not at every refresh (bench/top_scale.py); again when its diagnosis,
+    holders or a holder's container changed. Rows as from full entries."""
+    import io
+    import socket as so
+    from types import SimpleNamespace as NS
+
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.live import sinks, topview
+    from closewait_trace.live.tracker import Lingerer
+
+    def lingerer(i, pid, cause, enter_ns):
+        own = NS(kind="fd", holders=[NS(pid=pid, comm="python3", fd=5 + i, state="S")])
+        return Lingerer(Endpoints(so.AF_INET, "127.0.0.1", 8080, "127.0.0.1", 40000 + i),
+                        enter_ns=enter_ns, skaddr=None, reported=True, ownership=own,
+                        diagnosis=NS(cause=cause, summary=cause))
+
+    ls = [lingerer(i, 7, "leaked", 1_000_000_000 * i) for i in range(50)]
+    ls.append(lingerer(99, 8, "stopped", 0))
+    view = sinks.TickView(wall_ts=1_800_000_000.0, now_ns=100_000_000_000, threshold_ns=1,
+                          counters={}, histogram=[], histogram_sum_ns=None,
+                          lingering=lambda: ls)
+    calls = []
+    real = top.keys_of
+    monkeypatch.setattr(top, "keys_of", lambda *a: calls.append(1) or real(*a))
+    sink = topview.TopSink("process", stream=io.StringIO())
+    sink.emit({"type": "process", "pid": 7, "identity": {"cgroup": "/a"}})
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/b"}})
+    for _ in range(3):
+        sink.tick(view)
+    assert len(calls) == 51
+    want = sink.model.rows(sinks.lingering_entries(view), "process")
+    got = sink.model.rows_of(sink._lingering(view), "process")
+    assert [(r.key, r.sockets, round(r.oldest_s, 3)) for r in got] == \
+        [(r.key, r.sockets, round(r.oldest_s, 3)) for r in want] == \
+        [("7/python3", 50, 100.0), ("8/python3", 1, 100.0)]
+    calls.clear()
+    ls[0].diagnosis = NS(cause="stopped", summary="stopped")
+    sink.grouping = "cause"
+    sink.tick(view)
+    assert len(calls) == 1
+    assert [(r.key, r.sockets) for r in sink.model.rows_of(sink._lingering(view), "cause")] \
+        == [("leaked", 49), ("stopped", 2)]
+    calls.clear()
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/b"}})   # the same place
+    sink.tick(view)
+    assert calls == []
+    sink.emit({"type": "process", "pid": 8, "identity": {"cgroup": "/c"}})   # moved
+    sink.grouping = "container"
+    sink.tick(view)
+    assert len(calls) == 51
+    assert [(r.key, r.sockets) for r in sink.model.rows_of(sink._lingering(view), "container")] \
+        == [("/a", 50), ("/c", 1)]
+    del ls[10:]
+    sink.tick(view)
+    assert len(sink._keys) == 10                    # the sockets gone are forgotten
+    assert "--- " in sink.stream.getvalue()

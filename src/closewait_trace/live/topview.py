@@ -11,8 +11,8 @@ import termios
 import tty
 from typing import Callable, Optional
 
-from closewait_trace.live.sinks import TickView, lingering_entries
-from closewait_trace.output import textsafe, top
+from closewait_trace.live.sinks import TickView
+from closewait_trace.output import records, textsafe, top
 
 
 class TopSink:
@@ -33,6 +33,10 @@ class TopSink:
         self._console = None
         self._saved_tty = None
         self.summary: Optional[dict] = None
+        # id(lingerer) -> (lingerer, ownership, diagnosis, places version,
+        # keys): a socket's row keys are worked out again only when what
+        # they come from changed; the sockets gone are dropped each tick.
+        self._keys: dict = {}
 
     # -------------------------------------------------- sink interface
 
@@ -48,7 +52,7 @@ class TopSink:
     def tick(self, view: TickView) -> None:
         if self.iterations is not None and self.shown >= self.iterations:
             return                  # done: the stop is under way
-        rows = self.model.rows(lingering_entries(view), self.grouping)
+        rows = self.model.rows_of(self._lingering(view), self.grouping)
         if self.interactive:
             self._draw(rows)
         else:
@@ -62,6 +66,22 @@ class TopSink:
         self.shown += 1
         if self.iterations is not None and self.shown >= self.iterations:
             self._stop()
+
+    def _lingering(self, view: TickView) -> list:
+        """(keys, age in seconds) of each lingering socket."""
+        model, version, now = self.model, self.model.places_version, view.now_ns
+        cache, fresh, out = self._keys, {}, []
+        for l in view.lingering():
+            c = cache.get(id(l))
+            if (c is None or c[0] is not l or c[1] is not l.ownership
+                    or c[2] is not l.diagnosis or c[3] != version):
+                c = (l, l.ownership, l.diagnosis, version,
+                     top.keys_of(records.lingering_entry(l, 0), model.places))
+            fresh[id(l)] = c
+            # A keepalive range's upper end (top.age_of), any other its age.
+            out.append((c[4], l.age_bound_ns(now) / 1e9))
+        self._keys = fresh
+        return out
 
     def flush(self) -> None:
         if self.interactive:
@@ -135,7 +155,7 @@ class TopSink:
         from rich.text import Text
         table = Table(title=Text(top.headline(rows, self.grouping, self.threshold_s,
                                               self.model.lost)),
-                      caption=Text("q quit, g grouping (process, cause, peer, port)"),
+                      caption=Text("q quit, g grouping (" + ", ".join(top.GROUPINGS) + ")"),
                       box=None, title_justify="left", caption_justify="left")
         for name in top.COLUMNS:
             table.add_column(name, justify="right", no_wrap=True)

@@ -45,6 +45,7 @@ MAX_STILL = 1_000         # sockets still lingering at the end that are listed
 MAX_CAPTURES = 100        # captures listed (one per header of a new capture id)
 MAX_LOSS_RECORDS = 100    # lost records listed (all are summed)
 MAX_HIST_SLOTS = 128      # histogram slots (a log2 histogram has 64)
+MAX_BEFORE = 100_000      # report --since: sockets reported before it remembered
 MAX_LABEL = 256           # characters of a name the report keeps (cut, marked)
 TIMELINE_SLOTS = 4096     # resolution of the timeline: its span / 2048 or finer
 OTHER = "(other)"
@@ -277,9 +278,30 @@ class Group:
         return row
 
 
+def _hist_slots(hist: list) -> dict:
+    out: dict = {}
+    for b in hist:
+        if isinstance(b, dict) and all(isinstance(b.get(x), int) and not isinstance(b.get(x), bool)
+                                       for x in ("from_us", "to_us", "count")):
+            slot = (b["from_us"], b["to_us"])
+            out[slot] = out.get(slot, 0) + b["count"]
+    return out
+
+
 class _Builder:
-    def __init__(self, by: Iterable[str], timeline_buckets: int):
+    def __init__(self, by: Iterable[str], timeline_buckets: int,
+                 since: Optional[float] = None, until: Optional[float] = None):
         self.by = tuple(by)
+        # The window (report --since/--until): records outside it are not
+        # counted, nor the sockets reported before it; the kernel's
+        # histogram is the difference of its nearest states.
+        self.since, self.until = since, until
+        self.windowed = since is not None or until is not None
+        self.before: set = set()                 # keys reported before `since`
+        self.hist_before = None                  # the capture's histogram at `since`
+        self.hist_span = [None, None]            # the states the difference is between
+        self.outside = 0                         # captures wholly outside the window
+        self.any_last: Optional[float] = None    # the capture's last record, in or out
         self.timeline_buckets = timeline_buckets
         self.captures: list[dict] = []
         self.lingers: dict[tuple, Sock] = {}
@@ -327,12 +349,18 @@ class _Builder:
                     self.timeline.anchor(start)
                 self.current = {"id": _label(r.get("capture_id")), "start": start,
                                 "hostname": _label(r.get("hostname"))}
+                if self.windowed:
+                    self.any_last, self.hist_before = None, None
             return
+        if kind == "process":
+            self._note_process(r)           # identities are needed whenever they were read
+        if self.windowed and ts is not None:
+            self.any_last = ts if self.any_last is None else max(self.any_last, ts)
+            if self._outside(r, kind, ts):
+                return
         if ts is not None:
             self.last_ts = ts
-        if kind == "process":
-            self._note_process(r)
-        elif kind == "linger":
+        if kind == "linger":
             self._linger(r, ts)
         elif kind == "closed":
             self._closed(r, ts)
@@ -355,6 +383,44 @@ class _Builder:
                     self.lost_total["events_unread"] += unread
                 we = r.get("write_errors")
                 self.write_errors += we if isinstance(we, int) else 0
+
+    def _outside(self, r: dict, kind, ts: float) -> bool:
+        """True: the record is outside the window and not counted (what it
+        says of the window's edges is noted)."""
+        if self.until is not None and ts > self.until:
+            if kind == "summary":
+                self.clean = True               # the capture did end cleanly, later
+            return True
+        if self.since is not None and ts < self.since:
+            if kind == "linger" and not r.get("update"):
+                if len(self.before) < MAX_BEFORE:
+                    self.before.add(_key(r))
+                else:
+                    self.folded["before"] += 1
+            elif kind == "closed":
+                self.before.discard(_key(r))
+            elif kind in ("snapshot", "summary") and isinstance(r.get("histogram_us"), list):
+                self.hist_before = r["histogram_us"][:MAX_HIST_SLOTS]
+                self.hist_span[0] = ts
+            return True
+        if kind in ("linger", "closed") and _key(r) in self.before:
+            if kind == "closed":
+                self.before.discard(_key(r))
+            return True                         # it lingered before the window
+        if kind == "closed" and _key(r) not in self.lingers and self.since is not None:
+            # Its linger record was not seen (a part rotated away): counted
+            # only if it entered CLOSE_WAIT within the window.
+            return ts - (_number(r.get("duration_s")) or 0.0) < self.since
+        return False
+
+    def _before_window(self, e: dict, ts: Optional[float]) -> bool:
+        """A state's entry that lingered before the window (not counted)."""
+        if not self.windowed or self.since is None:
+            return False
+        k = _key(e)
+        if k in self.before:
+            return True
+        return k not in self.lingers and (ts or 0.0) - (_number(e.get("age_s")) or 0.0) < self.since
 
     def _note_process(self, r: dict) -> None:
         pid = r.get("pid")
@@ -473,8 +539,9 @@ class _Builder:
         hist = r.get("histogram_us")
         if isinstance(hist, list):
             self.capture_hist = hist[:MAX_HIST_SLOTS]
+            self.hist_span[1] = ts
         for e in entries:
-            if not isinstance(e, dict):
+            if not isinstance(e, dict) or self._before_window(e, ts):
                 continue
             k = _key(e)
             age = _number(e.get("age_s"))
@@ -490,6 +557,22 @@ class _Builder:
                 self.folded["lingering"] += 1
 
     def close_capture(self) -> None:
+        start = self.current["start"] if self.current is not None else None
+        if self.windowed and self.current is not None:
+            # The capture's part in the window: a socket still lingering at
+            # its end lingered at least until then.
+            end = self.any_last
+            if end is not None and self.until is not None:
+                end = min(end, self.until)
+            if start is not None and self.since is not None:
+                start = max(start, self.since)
+            self.last_ts = end
+            if end is None or (start is not None and end < start):
+                self.outside += 1
+                self.lingers.clear()
+                self.capture_hist = self.hist_before = None
+                self.current = None
+                return
         for s in self.lingers.values():
             if self.last_ts is not None:
                 s.duration = max(s.duration, self.last_ts - s.entered)
@@ -508,20 +591,24 @@ class _Builder:
             if len(self.captures) < MAX_CAPTURES:
                 self.captures.append({"capture_id": self.current["id"],
                                       "hostname": self.current["hostname"],
-                                      "start_ts": self.current["start"],
+                                      "start_ts": start,
                                       "end_ts": self.last_ts, "clean_end": self.clean})
             else:
                 self.folded["captures"] += 1
                 self.folded["unclean_captures"] += not self.clean
-            for b in self.capture_hist or []:
-                if isinstance(b, dict) and all(isinstance(b.get(x), int)
-                                               for x in ("from_us", "to_us", "count")):
-                    slot = (b["from_us"], b["to_us"])
-                    if slot in self.histogram or len(self.histogram) < MAX_HIST_SLOTS:
-                        self.histogram[slot] = self.histogram.get(slot, 0) + b["count"]
-                    else:
-                        self.folded["histogram"] += b["count"]
+            # The kernel's histogram counts from the capture's start: in a
+            # window, what it had counted at the window's start is taken off.
+            before = _hist_slots(self.hist_before or [])
+            for slot, count in _hist_slots(self.capture_hist or []).items():
+                count -= before.get(slot, 0)
+                if count <= 0:
+                    continue
+                if slot in self.histogram or len(self.histogram) < MAX_HIST_SLOTS:
+                    self.histogram[slot] = self.histogram.get(slot, 0) + count
+                else:
+                    self.folded["histogram"] += count
         self.capture_hist = None
+        self.hist_before = None
 
     # -------------------------------------------------- aggregating
 
@@ -624,6 +711,11 @@ class _Builder:
             problems.append(f"{self.unusable} record(s) with unexpected values were not used")
         problems.extend(self._folded_lines())
         rep["still_lingering_total"] = self.still_total
+        if self.windowed:
+            rep["window"] = {"since_ts": self.since, "until_ts": self.until,
+                             "captures_outside": self.outside,
+                             "histogram_from_ts": self.hist_span[0],
+                             "histogram_to_ts": self.hist_span[1]}
         rep["losses"] = {
             "lost_records": self.losses,
             "events_lost": self.lost_total["events_lost"],
@@ -653,6 +745,9 @@ class _Builder:
             if key.startswith("rows:"):
                 lines.append(f"by {key[5:]}: {n} socket(s) past the first {MAX_ROWS} rows "
                              f"counted in the row {OTHER}")
+        if f["before"]:
+            lines.append(f"{f['before']} socket(s) reported before the window past the first "
+                         f"{MAX_BEFORE} not remembered: their close may be counted")
         if f["holders"]:
             lines.append(f"{f['holders']} holder(s) past the first {MAX_HOLDERS} of a socket "
                          f"not shown")
@@ -710,18 +805,21 @@ def _source(rec: dict, kind: str) -> str:
 
 
 def build(records, source=None, by: Optional[Iterable[str]] = None,
-          timeline_buckets: int = 40) -> dict:
+          timeline_buckets: int = 40, since: Optional[float] = None,
+          until: Optional[float] = None) -> dict:
     """The report over `records` (an iterable of record dicts, read once).
     source: what read them (files, skipped, problems, missing_parts), read
     after the records are consumed, so a streaming reader can count as it
-    goes. A recording.Recording may be passed as `records` alone."""
+    goes. A recording.Recording may be passed as `records` alone.
+    since, until (epoch seconds): the window; records outside it, and the
+    sockets reported before it, are not counted."""
     if source is None and hasattr(records, "records"):
         source, records = records, records.records
     explicit = tuple(by) if by else ()
     for g in explicit:
         if g not in GROUPINGS:
             raise ValueError(f"unknown grouping {g!r}")
-    b = _Builder(explicit or DEFAULT_GROUPINGS, timeline_buckets)
+    b = _Builder(explicit or DEFAULT_GROUPINGS, timeline_buckets, since, until)
     b.explicit = set(explicit)
     for r in records:
         if isinstance(r, dict):
@@ -771,6 +869,14 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     d = rep.get("durations", {})
     lines.append(f"closewait-trace report: {len(rep['files'])} file(s), {len(caps)} capture(s), "
                  f"{rep['sockets']} socket(s) lingered in CLOSE_WAIT")
+    w = rep.get("window")
+    if w:
+        lines.append(f"  Window: {_clock(w['since_ts']) if w['since_ts'] is not None else 'start'}"
+                     f" -> {_clock(w['until_ts']) if w['until_ts'] is not None else 'end'}: "
+                     f"records outside it not counted,")
+        lines.append("  nor sockets reported before it"
+                     + (f"; {w['captures_outside']} capture(s) wholly outside"
+                        if w["captures_outside"] else ""))
     for c in caps:
         end = "" if c["clean_end"] else "  (no clean end: killed or crashed)"
         lines.append(f"  {escape(c['hostname'])}: {_clock(c['start_ts'])} -> "
@@ -813,6 +919,12 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append("  estimates (~) or lower bounds (>=), not timed by the kernel.")
     lines.append("")
     lines.append("Time in CLOSE_WAIT, every socket the kernel timed (log2 histogram):")
+    if w and not w["histogram_to_ts"]:
+        lines.append("  (no state recorded in the window: no histogram)")
+    elif w:
+        lines.append(f"  (in the window: its counts at {_clock(w['histogram_to_ts'])} less those at "
+                     f"{_clock(w['histogram_from_ts']) if w['histogram_from_ts'] else 'the start'},")
+        lines.append("  the states recorded nearest the window's ends)")
     lines.extend(histogram_lines(rep["histogram_us"]))
     if rep.get("estimated_histogram_us"):
         n = sum(b["count"] for b in rep["estimated_histogram_us"])
@@ -824,7 +936,7 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     lines.extend(_timeline_lines(rep["timeline"]))
     lines.append("")
     still = rep["still_lingering"]
-    lines.append(f"Still lingering at the end of the capture: "
+    lines.append(f"Still lingering at the end of the {'window' if w else 'capture'}: "
                  f"{rep.get('still_lingering_total', len(still))}")
     for s in still[:top]:
         owners = ", ".join(f"{escape(o.get('pid'))}/{escape(o.get('comm'))} fd {escape(o.get('fd'))}"

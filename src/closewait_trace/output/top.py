@@ -1,6 +1,6 @@
 """`closewait-trace top`: the live view for a pile-up, in the manner of
 top(1) and bcc's tcptop: one row per holder process (or cause, remote peer,
-local port), how many sockets it keeps in CLOSE_WAIT now, the oldest, and
+local port, container), how many sockets it keeps in CLOSE_WAIT now, the oldest, and
 how many started lingering and closed in the last minute; refreshed every
 tick, biggest first.
 
@@ -21,33 +21,79 @@ from typing import Optional
 from closewait_trace.durations import format_age
 from closewait_trace.output import textsafe
 from closewait_trace.output.report import EPHEMERAL, peer_key, side_of
+from closewait_trace.sockets import identity
 
-GROUPINGS = ("process", "cause", "peer", "port")
+GROUPINGS = ("process", "cause", "peer", "port", "container")
 WINDOW_S = 60.0                 # "per minute": events in the last minute
 MAX_EVENTS = 100_000            # remembered for the per-minute columns (oldest dropped)
 MAX_SOCKETS = 100_000           # sockets remembered from LINGER to CLOSED
 MAX_ROWS = 200                  # rows built per refresh (the terminal shows fewer)
+MAX_PROCESSES = 20_000          # holders' containers remembered (the oldest forgotten)
+MAX_PLACE = 64                  # columns of a container / cgroup label
+NOT_KNOWN = "(cgroup not known)"
 
 
-def keys_of(entry: dict) -> dict:
+def place_of(ident) -> str:
+    """A holder's container from its identity (what a `process` record
+    carries: the cgroup path as the kernel gave it in /proc/PID/cgroup):
+    the container (with its pod), the pod or the systemd unit where root's
+    tools made them (identity.attribute), else the cgroup path itself,
+    whose names whoever made the cgroup chose: escaped, and cut in the
+    middle to MAX_PLACE columns (both ends say the most)."""
+    path = ident.get("cgroup") if isinstance(ident, dict) else None
+    if not isinstance(path, str) or not path:
+        return NOT_KNOWN
+    found = identity.attribute(path)
+    container, pod, unit = found["container"], found["pod_uid"], found["unit"]
+    if container:
+        label = f"{container.get('runtime')} {str(container.get('id'))[:12]}"
+        if pod:
+            label += f" (pod {str(pod)[:8]})"
+    elif pod:
+        label = f"pod {pod}"
+    elif unit:
+        # A unit's own cgroups below it (a user's user@UID.service, a
+        # service with Delegate=yes) are named by whoever it delegates to:
+        # said after it, as the path they are.
+        label = unit
+        at = path.find("/" + unit + "/")
+        if at >= 0:
+            label += ":" + path[at + len(unit) + 1:]
+    else:
+        label = path
+    return textsafe.cut_middle(textsafe.escape(label), MAX_PLACE)
+
+
+def keys_of(entry: dict, places: Optional[dict] = None) -> dict:
     """The row a lingering socket (a linger record or a lingering entry)
-    belongs to, under each grouping."""
+    belongs to, under each grouping. places: pid -> its container label
+    (place_of), from the `process` records."""
     owners = [o for o in entry.get("owners") or [] if isinstance(o, dict)]
     if owners:
         o = owners[0]
         process = f"{o.get('pid')}/{textsafe.escape(o.get('comm', '?'))}"
         if len(owners) > 1:
             process += f" +{len(owners) - 1}"
+        place = (places or {}).get(o.get("pid"), NOT_KNOWN)
     elif entry.get("owner_kind") == "accept_queue":
-        process = "(not accepted)"
+        process = place = "(not accepted)"
     else:
-        process = "(no holder)"
+        process = place = "(no holder)"
     diagnosis = entry.get("diagnosis") if isinstance(entry.get("diagnosis"), dict) else {}
     cause = textsafe.escape(diagnosis.get("cause") or "(not yet known)")
     info = {"raddr": textsafe.escape(entry.get("raddr")), "rport": entry.get("rport"),
             "side": side_of(entry)}
     port = EPHEMERAL if info["side"] == "client" else str(entry.get("lport"))
-    return {"process": process, "cause": cause, "peer": peer_key(info), "port": port}
+    return {"process": process, "cause": cause, "peer": peer_key(info), "port": port,
+            "container": place}
+
+
+def age_of(entry: dict) -> float:
+    """The age a row counts: a keepalive range's upper end, what it may
+    be; any other age as given."""
+    if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
+        return entry["age_max_s"]
+    return entry.get("age_s") or 0.0
 
 
 def socket_key(rec: dict) -> tuple:
@@ -74,12 +120,25 @@ class TopModel:
         self.entered: collections.deque = collections.deque(maxlen=MAX_EVENTS)
         self.closed: collections.deque = collections.deque(maxlen=MAX_EVENTS)
         self.keys_by_socket: dict = {}
+        self.places: dict = {}          # pid -> container label (place_of)
+        self.places_version = 0         # bumped when a pid's label changes
         self.lost = 0
 
     def on_record(self, rec: dict) -> None:
         kind = rec.get("type")
-        if kind == "linger" and not rec.get("update"):
-            keys = keys_of(rec)
+        if kind == "process" and isinstance(rec.get("pid"), int):
+            # Written before the linger records of its batch: the cgroup
+            # the batch read, not read again here.
+            pid = rec["pid"]
+            place = place_of(rec.get("identity"))
+            if self.places.pop(pid, None) != place:
+                self.places_version += 1
+            if len(self.places) >= MAX_PROCESSES:
+                del self.places[next(iter(self.places))]
+                self.places_version += 1
+            self.places[pid] = place
+        elif kind == "linger" and not rec.get("update"):
+            keys = keys_of(rec, self.places)
             self.entered.append((self.clock(), keys))
             if len(self.keys_by_socket) < MAX_SOCKETS:
                 self.keys_by_socket[socket_key(rec)] = keys
@@ -97,18 +156,23 @@ class TopModel:
         return events
 
     def rows(self, lingering: list[dict], grouping: str) -> list[Row]:
+        """Rows from lingering entries (snapshot entries, linger records)."""
+        return self.rows_of([(keys_of(entry, self.places), age_of(entry))
+                             for entry in lingering], grouping)
+
+    def rows_of(self, lingering, grouping: str) -> list[Row]:
+        """Rows from (keys_of's keys, age in seconds) of each lingering
+        socket (TopSink keeps the keys of a socket between refreshes)."""
         now = self.clock()
         rows: dict[str, Row] = {}
-        for entry in lingering:
-            keys = keys_of(entry)
-            row = rows.get(keys[grouping])
+        for keys, age in lingering:
+            key = keys[grouping]
+            row = rows.get(key)
             if row is None:
-                row = rows[keys[grouping]] = Row(keys[grouping], causes=collections.Counter())
+                row = rows[key] = Row(key, causes=collections.Counter())
             row.sockets += 1
-            age = entry.get("age_s") or 0.0
-            if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
-                age = entry["age_max_s"]          # what it may be (keepalive)
-            row.oldest_s = max(row.oldest_s, age)
+            if age > row.oldest_s:
+                row.oldest_s = age
             row.causes[keys["cause"]] += 1
         for events, field in ((self._recent(self.entered, now), "new_per_min"),
                               (self._recent(self.closed, now), "closed_per_min")):
@@ -124,7 +188,8 @@ class TopModel:
 
 
 COLUMNS = ("SOCKETS", "OLDEST", "NEW/MIN", "CLOSED/MIN")
-TITLES = {"process": "PROCESS", "cause": "CAUSE", "peer": "REMOTE PEER", "port": "LOCAL PORT"}
+TITLES = {"process": "PROCESS", "cause": "CAUSE", "peer": "REMOTE PEER", "port": "LOCAL PORT",
+          "container": "CONTAINER / UNIT / CGROUP"}
 
 
 def cells(row: Row, grouping: str) -> list[str]:
