@@ -270,3 +270,30 @@ def test_man_page_events_are_the_ones_the_table_prints():
     event = [body for tag, body in paragraphs(output) if tag.strip() == ".B EVENT"][0]
     documented = set(re.findall(r"^\.B ([A-Z]{4,})$", event, re.M))
     assert documented == printed
+
+
+# --- docs/layout.md names the tree as it is ---------------------------------------
+
+def test_layout_names_every_module_and_only_paths_that_exist():
+    text = (ROOT / "docs" / "layout.md").read_text()
+    package = ROOT / "src" / "closewait_trace"
+    missing = []
+    for module in sorted(package.rglob("*.py")):
+        if module.name == "__init__.py":
+            continue
+        # by name in its directory's row, or by its path
+        if not any(f"`{name}`" in text for name in (
+                module.name, module.relative_to(package), module.relative_to(ROOT))):
+            missing.append(str(module.relative_to(ROOT)))
+    assert missing == [], f"docs/layout.md does not name: {missing}"
+    stale = []
+    for row in text.splitlines():
+        if not row.startswith("| `"):
+            continue
+        first = row.split("|")[1]
+        paths = re.findall(r"`([^`]+)`", first)
+        beside = (ROOT / paths[0]).parent      # `dir/a.py`, `b.py`: b.py beside a.py
+        for path in paths:
+            if not (ROOT / path).exists() and not (beside / path).exists():
+                stale.append(path)
+    assert stale == [], f"docs/layout.md names paths that do not exist: {stale}"
