@@ -297,3 +297,13 @@ def test_layout_names_every_module_and_only_paths_that_exist():
             if not (ROOT / path).exists() and not (beside / path).exists():
                 stale.append(path)
     assert stale == [], f"docs/layout.md names paths that do not exist: {stale}"
+
+
+def test_exit_codes_in_the_man_page_and_options_doc_are_the_tools():
+    from closewait_trace import errors
+    codes = {0, 1} | {v for k, v in vars(errors).items()
+                      if k.startswith("EXIT_") and k != "EXIT_INTERRUPTED"}
+    status = re.search(r"^\.SH EXIT STATUS\n(.*?)^\.SH ", man_text(), re.M | re.S).group(1)
+    assert {int(c) for c in re.findall(r"^\.TP\n\.B (\d+)$", status, re.M)} == codes
+    table = (ROOT / "docs" / "options.md").read_text()
+    assert {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)} == codes
