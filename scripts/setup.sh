@@ -52,7 +52,7 @@ fi
 
 if [ ! -e "/lib/modules/$(uname -r)/build/include" ]; then
     # The running kernel's own headers when the distro has them; otherwise the
-    # generic ones (see README: "Kernel headers").
+    # generic ones (see docs/kernel-headers.md).
     if apt-cache show "linux-headers-$(uname -r)" >/dev/null 2>&1; then
         packages+=("linux-headers-$(uname -r)")
     elif [ "${ID:-}" = ubuntu ] || [[ " ${ID_LIKE:-} " == *" ubuntu "* ]]; then

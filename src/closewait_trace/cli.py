@@ -323,7 +323,7 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
                    "(500ms, 2s, 1m).")
 @socket_options
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per line (schema in the README).")
+              help="One JSON object per line (schema in docs/schema.md).")
 @click.option("--wide", is_flag=True, help="Wide address columns (long IPv6 addresses).")
 @click.option("--time-format", type=click.Choice(render.TIME_FORMATS), default="clock",
               show_default=True,
@@ -504,9 +504,9 @@ Examples:
 @click.option("--top", type=click.IntRange(1, 10_000), default=15, show_default=True,
               help="Rows per table in the text report.")
 @click.option("--by", "groupings", multiple=True, metavar="GROUPING[,GROUPING...]",
-              help="Tables to show, in this order: cause, program, unit, container, pod, "
-                   "port, peer, pid (repeat or comma-separate) [default: cause, program, "
-                   "unit/container/pod where known, port, peer].")
+              help="Tables to show, in this order: cause, program, code, unit, container, "
+                   "pod, port, peer, pid (repeat or comma-separate) [default: cause, "
+                   "program, code/unit/container/pod where known, port, peer].")
 @click.option("--since", type=WhenType(),
               help="Count from this time (13:20, ISO 8601, epoch, or 10m, 2h, 1d6h: that long ago).")
 @click.option("--until", type=WhenType(), help="Count up to this time (same forms).")

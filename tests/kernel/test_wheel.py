@@ -1,4 +1,4 @@
-"""The pip/pipx path of the README: a wheel built from the tree, installed
+"""The pip/pipx path of docs/install.md: a wheel built from the tree, installed
 into a fresh venv made with --system-site-packages on /usr/bin/python3,
 runs the seed scenario from `/` (nothing borrowed from the checkout)."""
 

@@ -89,8 +89,9 @@ def exposure(unit: Path) -> float:
 def test_unit_security_exposure_is_ok_and_documented(tmp_path):
     figure = exposure(unit_for_checking(tmp_path))
     assert figure <= MAX_EXPOSURE
-    readme = (ROOT / "README.md").read_text()
-    assert f"exposure {figure}" in readme, f"README must state the figure: exposure {figure}"
+    service_doc = (ROOT / "docs" / "service.md").read_text()
+    assert f"exposure {figure}" in service_doc, \
+        f"docs/service.md must state the figure: exposure {figure}"
 
 
 def test_unit_hardening_settings():
@@ -101,9 +102,9 @@ def test_unit_hardening_settings():
                        "StateDirectory": "closewait-trace"}.items():
         assert settings.get(key) == value, key
     # A descriptor bound the scrape server stays far inside (16 connections
-    # at most), documented in the README's unit section.
+    # at most), documented in docs/service.md's unit section.
     assert settings.get("LimitNOFILE") == "4096"
-    assert "LimitNOFILE=4096" in (ROOT / "README.md").read_text()
+    assert "LimitNOFILE=4096" in (ROOT / "docs" / "service.md").read_text()
     assert "SystemCallFilter" in settings
     exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", text, re.M | re.S).group(1)
     for flag in ("-q", "-w /var/lib/closewait-trace/", "-C ", "-W ", "--metrics 127.0.0.1:"):

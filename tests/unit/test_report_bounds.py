@@ -1,5 +1,5 @@
 """report and -r against crafted recordings: memory bounded by the figure
-the README's Security section states (MEMORY_BOUND_MB), whatever the number
+docs/security.md states (MEMORY_BOUND_MB), whatever the number
 of sockets, keys or the length of strings; what goes past a cap counted and
 said. Memory is measured in a fresh interpreter (memprobe: VmHWM, not
 ru_maxrss), so the figure is the command's own, the same alone or in the
@@ -12,7 +12,7 @@ import pytest
 from closewait_trace.output import report, schema
 from tests.unit import hostile_recordings, memprobe, recordfactory
 
-MEMORY_BOUND_MB = 300        # README, Security: report and -r, any recording
+MEMORY_BOUND_MB = 300        # docs/security.md: report and -r, any recording
 
 CLI = ("import sys\n"
        "from closewait_trace import cli\n"

@@ -4,7 +4,7 @@ Every record the tool writes (--json, recordings, snapshot) is a plain dict
 of one of the TypedDicts below, told apart by its `type`. These definitions
 are the schema: the builders in records.py are typed against them, readers
 of recordings check every record against them before use (`problem`), the
-README's schema table is tested against them, and old recordings are brought
+schema tables in docs/schema.md are tested against them, and old recordings are brought
 to the current shape by `upgrade` so that the renderer and the report know
 one shape only.
 
@@ -695,7 +695,7 @@ def upgrade(rec: Any, version: int) -> Any:
 # --- documentation ------------------------------------------------------------
 
 def type_name(annotation: Any) -> str:
-    """A field's type as the README's schema tables write it."""
+    """A field's type as docs/schema.md's tables write it."""
     import typing
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -725,7 +725,7 @@ def fields(spec: type) -> list[tuple[str, str, bool]]:
     return [(name, type_name(hint), name in required) for name, hint in hints.items()]
 
 
-# The README documents these, one table each, under headings `#### Name`.
+# docs/schema.md documents these, one table each, under headings `### Name`.
 DOCUMENTED: dict[str, type] = {
     **{f"{kind} record": spec for kind, spec in RECORD_TYPES.items()},
     "Holder": Holder, "Listener": Listener, "Diagnosis": Diagnosis, "Evidence": Evidence,
