@@ -4,6 +4,7 @@ sockets, processes and users, cross-checked with ss and a monotonic clock."""
 import json
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -260,10 +261,14 @@ def test_a_keepalive_socket_is_shown_by_the_range_its_age_lies_in(procs):
 
 
 def consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + n > 65535:
-            continue
+    """n consecutive free ports, below the ephemeral range: next to a port
+    the kernel just gave out (free_port), the neighbours are other clients'
+    recent ports, often still in TIME_WAIT after a long run of tests, and a
+    run of 50 tries found none (seen once in a full run)."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10_000, max(10_001, low - n))
         try:
             held = []
             for p in range(base, base + n):

@@ -157,7 +157,10 @@ def test_v1_replays_as_the_same_capture_written_as_v2(tmp_path, args):
             f.write(json.dumps(rec) + "\n")
     old, new = run_cli("-r", str(V1), *args), run_cli("-r", str(v2), *args)
     assert old.returncode == new.returncode == 0, (old.stderr, new.stderr)
-    assert old.stdout.replace(str(V1), "FILE") == new.stdout.replace(str(v2), "FILE")
+    # The banner names each file: a path of another length wraps the banner
+    # differently (80 columns), so the words are compared, not the wrapping.
+    assert (old.stdout.replace(str(V1), "FILE").split()
+            == new.stdout.replace(str(v2), "FILE").split())
     assert "LINGER" in old.stdout or '"linger"' in old.stdout
 
 

@@ -205,7 +205,8 @@ def footer_lines(linger_records: list[dict]) -> list[str]:
         noun = "socket" if g.count == 1 else "sockets"
         lines.append(f"  {g.label}: {g.count} {noun}, oldest "
                      f"{age_text(g.oldest_s, g.oldest_source)}; {causes}")
-    return lines
+    from closewait_trace.output import render
+    return render.fit_lines(lines)
 
 
 def title_lines(count: int, min_age_ns: int, filters_text: str, hidden: int = 0) -> list[str]:

@@ -310,7 +310,11 @@ class TextRenderer:
                 # cannot show is counted (and said at the end), never fatal.
                 self.replay.unshowable += 1
                 return []
-        return [textsafe.safe_line(line) for line in lines]
+        lines = [textsafe.safe_line(line) for line in lines]
+        # 80 columns (bcc's checklist), whatever a record holds: --wide
+        # keeps rows whole on purpose; everything else is fitted here, once,
+        # rather than line by line wherever a line is made.
+        return lines if self.wide else fit_lines(lines)
 
     def _render(self, rec: dict) -> list[str]:
         kind = rec.get("type")
@@ -375,8 +379,13 @@ class TextRenderer:
         start = _number(rec.get("start_ts"))
         when = _local(start) if start is not None else None
         files = ", ".join(escape(p) for p in self.replay.paths)
-        lines = [f"Replay of {files} (a recording, not a live trace)"
-                 if len(self.replay.captures) == 1 else "Replay: the next capture"]
+        first = f"Replay of {files} (a recording, not a live trace)"
+        if len(self.replay.captures) > 1:
+            lines = ["Replay: the next capture"]
+        elif textsafe.width_of_escaped(first) <= LINE:
+            lines = [first]
+        else:           # the files on a line of their own, not wrapped word by word
+            lines = ["Replay of a recording (not a live trace):", f"  {files}"]
         lines.append(f"Captured on {escape(rec.get('hostname', '?'))}"
                      f" (kernel {escape(rec.get('kernel_release', '?'))})"
                      + (f" from {when:%Y-%m-%d %H:%M:%S}" if when else "")
@@ -483,7 +492,7 @@ class TextRenderer:
                          "(killed, or still running).")
         if r.unshowable:
             lines.append(f"  {r.unshowable} record(s) could not be shown (unexpected values).")
-        return [textsafe.safe_line(line) for line in lines]
+        return fit_lines([textsafe.safe_line(line) for line in lines])
 
 
 def _log2_slot(seconds: float) -> int:
@@ -703,6 +712,23 @@ def slots_to_buckets(slots: list[int]) -> list[dict]:
 
 
 SUMMARY_COLUMNS = 80
+
+
+def fit_lines(lines: list[str], columns: int = LINE) -> list[str]:
+    """Lines (escaped) that fit `columns`: one wider is wrapped at spaces
+    under its own indentation (a sentence), and what still does not fit
+    (one word wider than the line: a long path) is cut with an ellipsis."""
+    out = []
+    for line in lines:
+        if textsafe.width_of_escaped(line) <= columns:
+            out.append(line)
+            continue
+        body = line.lstrip(" ")
+        indent = " " * min(len(line) - len(body), columns // 2)
+        for part in prose(body, columns - len(indent)):
+            # A single word wider than the line (a path): both ends kept.
+            out.append(indent + textsafe.cut_middle(part, columns - len(indent)))
+    return out
 
 
 def prose(text: str, columns: int = SUMMARY_COLUMNS) -> list[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from closewait_trace.output import textsafe
-from closewait_trace.output.render import (age_source, describe_place, marked_age,
+from closewait_trace.output.render import (LINE, age_source, describe_place, fit_lines, marked_age,
                                            histogram_lines, hostport, slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
@@ -863,12 +863,17 @@ def _causes_text(row: dict, grouping: str) -> str:
     return ", ".join(parts)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def render_text(rep: dict, top: int = 15) -> list[str]:
     lines = []
     caps = rep["captures"]
     d = rep.get("durations", {})
-    lines.append(f"closewait-trace report: {len(rep['files'])} file(s), {len(caps)} capture(s), "
-                 f"{rep['sockets']} socket(s) lingered in CLOSE_WAIT")
+    lines.append(f"closewait-trace report: {_count(rep['sockets'], 'socket')} lingered in "
+                 f"CLOSE_WAIT ({_count(len(caps), 'capture')}, "
+                 f"{_count(len(rep['files']), 'file')})")
     w = rep.get("window")
     if w:
         lines.append(f"  Window: {_clock(w['since_ts']) if w['since_ts'] is not None else 'start'}"
@@ -890,9 +895,12 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
                    if r.get("per_min") and r.get("still_held")),
                   key=lambda r: r["per_min"], default=None)
     if fastest is not None:
-        lines.append(f"  Leaking fastest: {_row_name('program', fastest)}: "
-                     f"{fastest['per_min']:g} sockets/min lingered, "
-                     f"{fastest['still_held']} still held at the end")
+        # One line: the figures, then the program, cut in the middle (both
+        # the program and the script at its end say which) to fit.
+        lead = (f"  Leaking fastest ({fastest['per_min']:g}/min, "
+                f"{fastest['still_held']} still held): ")
+        lines.append(lead + textsafe.cut_middle(_row_name("program", fastest),
+                                                max(16, LINE - len(lead))))
 
     for g in rep.get("groupings", []):
         rows = rep[f"by_{g}"]
@@ -905,10 +913,13 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         for row in rows[:top]:
             est = row.get("estimated", 0) + row.get("lower_bound", 0)
             count = f"{row['count']}" + (f" ({est}~)" if est else "")
-            lines.append(f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>7} "
-                         f"{_age(row['total_s']):>9} "
-                         f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
-                         f"{_causes_text(row, g)}")
+            # A row is cut, not wrapped: its last column (causes, programs)
+            # is the one that gives.
+            lines.append(textsafe.cut(
+                f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>7} "
+                f"{_age(row['total_s']):>9} "
+                f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
+                f"{_causes_text(row, g)}", LINE))
         if len(rows) > top:
             lines.append(f"  ... {len(rows) - top} more (see --json or --top)")
     if any(rep.get(f"by_{g}") and any(r.get("estimated") or r.get("lower_bound")
@@ -954,7 +965,7 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
                      f" more (see --json)")
     lines.append("")
     lines.extend(_loss_lines(rep["losses"]))
-    return [textsafe.safe_line(line) for line in lines]
+    return fit_lines([textsafe.safe_line(line) for line in lines])
 
 
 def _timeline_lines(points: list[dict], height: int = 8) -> list[str]:
