@@ -17,7 +17,7 @@ from closewait_trace import __version__
 from closewait_trace.output import render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
+from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
                                      validate_container)
 
 EXAMPLES = """\b
@@ -673,7 +673,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
-    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, import_bcc
+    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
     from closewait_trace.live.tracer import LiveTracer, ProcResolver
     from closewait_trace.evidence.worker import GatherWorker
 
@@ -723,12 +723,14 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         kernel_headers.apply(choice)
         tracer.headers = choice.describe()
         tracer.start()
-    except BaseException:
+    except BaseException as exc:
         tracer.restore_signals()
         tracer.resolver.close()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind
+        if isinstance(exc, ProgramRefused):    # said in terms of our capabilities
+            raise capabilities.explain_refusal(exc) from None
         raise
     # "Ready" means attached and the start-up snapshot taken: only now may
     # anyone waiting for the banner start a reproduction. (The text banner

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from closewait_trace.files import recording, replay
 from closewait_trace.output import report, schema
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.live.filters import HolderFilter, SocketFilter
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 
 
 def linger(i, ts=1000.0, pid=42, comm="srv", lport=80, age=2.0):

@@ -1,7 +1,7 @@
 """Replay filters over recorded records (the same filters as live)."""
 
 from closewait_trace.files import replay
-from closewait_trace.live.filters import HolderFilter
+from closewait_trace.sockets.filters import HolderFilter
 
 
 def linger(pid, comm, rport, **over):

@@ -20,7 +20,7 @@ from closewait_trace.output import records, render, report, schema
 from closewait_trace.files import recording
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints, KernelEvent
-from closewait_trace.live.tracker import Closed, Lingerer
+from closewait_trace.sockets.tracker import Closed, Lingerer
 from tests.unit.fakeproc import FakeProc
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
-from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 
 # Records the live tail printed; headers and snapshots are for readers only.
 SHOWN = ("start", "process", "linger", "closed", "lost", "summary", "transition")

@@ -342,7 +342,7 @@ class TextRenderer:
         return []
 
     def _start(self, rec: dict) -> list[str]:
-        from closewait_trace.live.filters import describe_filters
+        from closewait_trace.sockets.filters import describe_filters
         self.all_transitions = bool(rec.get("all_transitions"))
         self.clock.started(rec.get("ts"))
         threshold = _number(rec.get("threshold_s"))
