@@ -455,7 +455,7 @@ def run_replay(path, socket_filter, holder_filter, since, until, out):
     from closewait_trace.files import replay
     session = replay.Replay.open([path], socket_filter, holder_filter, since, until)
     out.renderer.replay = session.source
-    for r in session.records(headers=not out.as_json):
+    for r in session.records(headers=not out.as_json, on_wait=out.flush):
         out.emit(r)
     if not out.as_json:
         for line in out.renderer.replay_end():

@@ -17,7 +17,7 @@ import re
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError
@@ -247,6 +247,9 @@ class RecordingReader:
     """
 
     def __init__(self, paths: Iterable[str]):
+        # Called before a read that would wait for more input (standard
+        # input from a pipe), e.g. to flush what was shown so far.
+        self.on_wait: Optional[Callable[[], None]] = None
         self.files: list[str] = []
         self.skipped = 0
         self.problems: list[str] = []
@@ -377,10 +380,11 @@ class RecordingReader:
     def _stream(self, part: _Part):
         if part.records is not None:                 # standard input
             state, records, fd = part.state, part.records, part.fd
+            state.on_wait = self.on_wait
             part.records = None
             first = part.header
         else:
-            state = FileState()
+            state = FileState(on_wait=self.on_wait)
             try:
                 fd, st = _open_for_reading(part.path, part.sibling)
             except UserError as err:

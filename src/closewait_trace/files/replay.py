@@ -12,7 +12,7 @@ import datetime as _dt
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from closewait_trace.files.parts import RecordingReader
 from closewait_trace.output.render import ReplaySource
@@ -153,5 +153,10 @@ class Replay:
         source.end_ts = reader.end_ts()
         return cls(reader, keep, source)
 
-    def records(self, headers: bool = False) -> Iterator[dict]:
+    def records(self, headers: bool = False,
+                on_wait: Optional[Callable[[], None]] = None) -> Iterator[dict]:
+        """The records to show as they are read; on_wait is called before
+        the reader waits for more input (a pipe): the caller flushes what
+        it has shown, so a replay of a live pipe shows records as they come."""
+        self.reader.on_wait = on_wait
         return replay(self.reader, self.keep, self.source, headers)

@@ -16,9 +16,10 @@ import itertools
 import json
 import math
 import os
+import select
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from closewait_trace.output import schema
 
@@ -37,10 +38,22 @@ class FileState:
     damaged_gzip: bool = False   # compressed data damaged or cut short
     barren: str = ""             # why reading stopped early, if it did
     read_error: str = ""         # read(2) failed (EIO...): what came before is kept
+    # Called before a read that would wait (a pipe with nothing in it yet):
+    # what was made of the records so far can be shown before we wait.
+    on_wait: Optional[Callable[[], None]] = None
+
+
+def _would_wait(fd: int) -> bool:
+    try:
+        return not select.select([fd], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
 
 
 def _read_chunks(fd: int, state: FileState) -> Iterable[bytes]:
     while True:
+        if state.on_wait is not None and _would_wait(fd):
+            state.on_wait()
         try:
             chunk = os.read(fd, READ_CHUNK)
         except BlockingIOError:
