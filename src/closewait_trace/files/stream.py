@@ -134,7 +134,7 @@ def _finite_float(text: str) -> float:
 def _accept(rec) -> Optional[str]:
     """The one gate every parsed line passes: None to keep it, else why not.
     (The per-type schema check comes after the header says which version
-    the file is: RecordingReader._stream.)"""
+    the file is: parts.RecordingReader._stream.)"""
     if not isinstance(rec, dict):
         return "not a JSON object"
     if not isinstance(rec.get("type"), str):

@@ -62,11 +62,11 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
          proc: str = procfs.PROC, as_root: Optional[bool] = None,
          stacks: bool = False, holder_filter: HolderFilter = HolderFilter(),
          resolver: Optional[ProcResolver] = None) -> Snapshot:
-    """The sockets (gathering.snapshot_candidates()), resolved and diagnosed in one batch. User
-    stacks only when asked (-v): symbolizing a binary the first time costs
-    seconds, and a snapshot is a new process every time. With a resolver
-    that has a worker (the CLI's), every read of /proc happens there under
-    deadlines; a GatherFailed from the first read means nothing was read."""
+    """The sockets (gathering.snapshot_candidates()), resolved and
+    diagnosed in one batch. User stacks only when asked (-v): symbolizing a
+    binary the first time costs seconds, and a snapshot is a new process
+    every time. With a resolver that has a worker (the CLI's), every read of
+    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read."""
     from closewait_trace.evidence import diagnosis
     from closewait_trace.evidence.resolver import ProcResolver
     from closewait_trace.evidence.worker import GatherFailed
