@@ -94,8 +94,8 @@ def test_quiet_output_never_looks_at_stdout():
     stream.close()
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_replay_of_a_pipe_shows_each_record_as_it_arrives(as_json):
+@pytest.mark.parametrize("as_json,compressed", [(False, False), (True, False), (False, True)])
+def test_replay_of_a_pipe_shows_each_record_as_it_arrives(as_json, compressed):
     """`... | closewait-trace -r -` streams: what was read is shown before
     the replay waits for more input, not when 8 KiB of output have piled up
     or the pipe closes (the writer here has not finished)."""
@@ -108,7 +108,11 @@ def test_replay_of_a_pipe_shows_each_record_as_it_arrives(as_json):
     try:
         recs = [recordfactory.header(), recordfactory.start(),
                 recordfactory.linger(ts=1001.0, rport=43210)]
-        proc.stdin.write("".join(textsafe_json(r) + "\n" for r in recs).encode())
+        data = "".join(textsafe_json(r) + "\n" for r in recs).encode()
+        if compressed:          # as `-w - -z` writes it: one gzip member per batch
+            import gzip
+            data = gzip.compress(data, mtime=0)
+        proc.stdin.write(data)
         proc.stdin.flush()
         seen = b""
         deadline = time.monotonic() + 20

@@ -274,6 +274,21 @@ def test_zlib_member_cut_between_members(tmp_path):
     assert len(rec.of("linger")) == 1 and any("damaged or cut short" in p for p in rec.problems)
 
 
+@pytest.mark.parametrize("tail,damaged", [(b"garbage after the members", True),
+                                          (b"\x1f\x8b\x08\x00cut", True),
+                                          (b"\x00" * 512, False)])
+def test_what_follows_the_last_gzip_member(tmp_path, tail, damaged):
+    """Bytes that are not a gzip member after the last one: what precedes
+    them is read and the damage said. Zero bytes are padding, as for gzip(1)
+    ("trailing zero bytes ignored")."""
+    path = tmp_path / "cw.jsonl.gz"
+    path.write_bytes(gzip.compress(header().encode(), mtime=0)
+                     + gzip.compress(linger(0).encode(), mtime=0) + tail)
+    rec = parts.read([str(path)])
+    assert len(rec.of("linger")) == 1
+    assert any("damaged or cut short" in p for p in rec.problems) == damaged, rec.problems
+
+
 @pytest.mark.parametrize("target", ["/proc/kmsg", "/sys/kernel/tracing/trace_pipe"])
 def test_a_kernel_interface_that_calls_itself_a_regular_file_does_not_hang(tmp_path, target):
     """Red-team finding: a symlink planted as a recording, to a pseudo-file

@@ -12,14 +12,15 @@ skipped and counted as damaged.
 
 from __future__ import annotations
 
-import itertools
+import gzip
+import io
 import json
 import math
 import os
 import select
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from closewait_trace.output import schema
 
@@ -68,9 +69,34 @@ def _read_chunks(fd: int, state: FileState) -> Iterable[bytes]:
         yield chunk
 
 
+class _RawFile(io.RawIOBase):
+    """The file's bytes for gzip.GzipFile, through _read_chunks (counted,
+    read errors kept in the state, on_wait before a read that would wait),
+    starting with those already read to look for the magic."""
+
+    def __init__(self, head: bytes, chunks: Iterator[bytes]):
+        self._pending = memoryview(head)
+        self._chunks = chunks
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._pending:
+            self._pending = memoryview(next(self._chunks, b""))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
 def decoded_chunks(fd: int, state: FileState) -> Iterable[bytes]:
-    """The file's bytes, gunzipped when it starts with gzip's magic
-    (concatenated members, each inflated at most READ_CHUNK at a time)."""
+    """The file's bytes, gunzipped when it starts with gzip's magic: the
+    standard library's reader (concatenated members, CRC and length
+    checked), asked for at most READ_CHUNK decoded bytes at a time, so a
+    member that inflates to gigabytes costs one READ_CHUNK in memory. What
+    came out before damage (a cut member, bytes that are not a member) is
+    kept, and the damage noted."""
     raw = _read_chunks(fd, state)
     head = b""
     for chunk in raw:
@@ -82,42 +108,19 @@ def decoded_chunks(fd: int, state: FileState) -> Iterable[bytes]:
             yield head
             yield from raw
         return
-    member = None        # the member being inflated; None between members
-    between = b""        # bytes seen between members (the next magic)
-    for data in itertools.chain([head], raw):
-        while data:
-            if member is None:
-                between += data
-                data = b""
-                if len(between) < len(GZIP_MAGIC):
-                    break
-                if not between.startswith(GZIP_MAGIC):
-                    state.damaged_gzip = True
-                    return
-                member = zlib.decompressobj(wbits=31)
-                data, between = between, b""
+    with gzip.GzipFile(fileobj=_RawFile(head, raw), mode="rb") as unzipped:
+        while True:
             try:
-                out = member.decompress(data, READ_CHUNK)
-                while True:
-                    if out:
-                        yield out
-                    if member.eof or not member.unconsumed_tail:
-                        break
-                    out = member.decompress(member.unconsumed_tail, READ_CHUNK)
-            except zlib.error:
+                out = unzipped.read1(READ_CHUNK)   # read() loses a read cut by damage
+            except (OSError, EOFError, zlib.error):
+                # BadGzipFile (an OSError): not a member where one should
+                # start, or a wrong CRC; EOFError: cut short (kill -9
+                # mid-write).
                 state.damaged_gzip = True
                 return
-            if member.eof:
-                # What follows the member is in unused_data. When the call
-                # that ended it was cut by READ_CHUNK, zlib leaves the same
-                # bytes in unconsumed_tail too: taking both read every later
-                # member twice, then four times... (a few repeated members
-                # of long lines made minutes and gigabytes).
-                data, member = member.unused_data, None
-            else:
-                data = b""
-    if between or (member is not None and not member.eof):
-        state.damaged_gzip = True    # cut short (kill -9 mid-write): keep what came out
+            if not out:
+                return
+            yield out
 
 
 def _reject_constant(name: str):
