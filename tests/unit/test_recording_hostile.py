@@ -289,6 +289,18 @@ def test_what_follows_the_last_gzip_member(tmp_path, tail, damaged):
     assert any("damaged or cut short" in p for p in rec.problems) == damaged, rec.problems
 
 
+def test_a_member_with_a_wrong_crc_is_damage_and_what_precedes_is_kept(tmp_path):
+    path = tmp_path / "cw.jsonl.gz"
+    bad = bytearray(gzip.compress(linger(1).encode(), mtime=0))
+    bad[-8] ^= 0xff                     # the CRC32 of the trailer
+    path.write_bytes(gzip.compress((header() + linger(0)).encode(), mtime=0) + bytes(bad)
+                     + gzip.compress(linger(2).encode(), mtime=0))
+    rec = parts.read([str(path)])
+    rports = [x["rport"] for x in rec.of("linger")]
+    assert rports[0] == 40000 and 40002 not in rports, rports
+    assert any("damaged or cut short" in p for p in rec.problems), rec.problems
+
+
 @pytest.mark.parametrize("target", ["/proc/kmsg", "/sys/kernel/tracing/trace_pipe"])
 def test_a_kernel_interface_that_calls_itself_a_regular_file_does_not_hang(tmp_path, target):
     """Red-team finding: a symlink planted as a recording, to a pseudo-file
