@@ -16,8 +16,8 @@ from closewait_trace import __version__
 from closewait_trace.output import render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
-                                     validate_container)
+from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters,
+                                             parse_ports, validate_container)
 
 EXAMPLES = """\b
 Examples:
