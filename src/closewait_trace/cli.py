@@ -3,7 +3,6 @@ into one line and a documented exit code."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import select
@@ -17,8 +16,8 @@ from closewait_trace import __version__
 from closewait_trace.output import render, textsafe
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
-                                     validate_container)
+from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters,
+                                             parse_ports, validate_container)
 
 EXAMPLES = """\b
 Examples:
@@ -450,38 +449,19 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
 
 
 def run_replay(path, socket_filter, holder_filter, since, until, out):
-    """Records are streamed from the reader to the output, one at a time:
-    memory is bounded by the reader's line cap and the renderer's and
-    filter's caps, never by the size of the recording."""
-    from closewait_trace.files import recording, replay
-    reader = recording.RecordingReader([path])
-    first_ts = reader.first_header.get("start_ts")
-    keep = replay.ReplayFilter(
-        sockets=socket_filter, holders=holder_filter,
-        since=replay.parse_when(since, first_ts) if since else None,
-        until=replay.parse_when(until, first_ts) if until else None)
-    # The banner names the file, the capture and the filters; the summary
-    # counts what was shown after them (a replay must not pass for a trace).
-    described = "; ".join(x for x in (
-        socket_filter.describe(), holder_filter.describe() if holder_filter.active else "",
-        f"since {since}" if since else "", f"until {until}" if until else "") if x)
-    entries = dataclasses.replace(keep, since=None, until=None)
-    source = render.ReplaySource(
-        paths=[path], filters=described,
-        keep_entry=lambda e: entries.keep(dict(e, type="linger")))
-    # The banner gives the capture's span: its end is read from the tail of
-    # the last part (standard input cannot be read twice: the start only).
-    source.end_ts = reader.end_ts()
-    out.renderer.replay = source
-    for r in reader:
-        source.saw(r)
-        if keep.keep(r) or (r.get("type") == "header" and not out.as_json):
-            out.emit(r)
+    """Records are streamed from the reader to the output, one at a time
+    (files/replay.py): memory is bounded by the reader's line cap and the
+    renderer's and filter's caps, never by the size of the recording."""
+    from closewait_trace.files import replay
+    session = replay.Replay.open([path], socket_filter, holder_filter, since, until)
+    out.renderer.replay = session.source
+    for r in session.records(headers=not out.as_json, on_wait=out.flush):
+        out.emit(r)
     if not out.as_json:
         for line in out.renderer.replay_end():
             out.write_line(line)
     out.flush()
-    warn_damage(reader)
+    warn_damage(session.reader)
 
 
 def warn_damage(rec) -> None:
@@ -517,7 +497,7 @@ def report_command(files, as_json, top, groupings, since, until):
     remote peer, with the cause in each row; the duration histograms; a
     timeline; what was still lingering at the end; gaps and losses. Needs no
     root and no BPF."""
-    from closewait_trace.files import recording
+    from closewait_trace.files import parts
     from closewait_trace.output import report
     by = [g.strip() for value in groupings for g in value.split(",") if g.strip()]
     for g in by:
@@ -526,7 +506,7 @@ def report_command(files, as_json, top, groupings, since, until):
                                    f"{', '.join(report.GROUPINGS)}")
     # Streamed: the reader hands records one at a time to the report, whose
     # state is bounded (report.MAX_*), whatever the size of the recordings.
-    reader = recording.RecordingReader(files)
+    reader = parts.RecordingReader(files)
     window = window_of(since, until, reader.first_header.get("start_ts"))
     rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)), **window)
     out = Output(as_json, render.TextRenderer())
@@ -690,7 +670,7 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
-    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, import_bcc
+    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
     from closewait_trace.live.tracer import LiveTracer, ProcResolver
     from closewait_trace.evidence.worker import GatherWorker
 
@@ -740,12 +720,14 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         kernel_headers.apply(choice)
         tracer.headers = choice.describe()
         tracer.start()
-    except BaseException:
+    except BaseException as exc:
         tracer.restore_signals()
         tracer.resolver.close()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind
+        if isinstance(exc, ProgramRefused):    # said in terms of our capabilities
+            raise capabilities.explain_refusal(exc) from None
         raise
     # "Ready" means attached and the start-up snapshot taken: only now may
     # anyone waiting for the banner start a reproduction. (The text banner

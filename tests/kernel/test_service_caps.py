@@ -161,7 +161,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
     """What systemd runs, with the unit's capabilities: it records quietly,
     serves metrics, and `systemctl stop` (SIGTERM) ends the recording with
     its summary."""
-    from closewait_trace.files import recording
+    from closewait_trace.files import parts
     port = free_port()
     metrics_port = free_port()
     cmd = restricted(unit_capabilities()) + unit_command(tmp_path, metrics_port)
@@ -184,7 +184,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
     files = sorted(tmp_path.iterdir())
     assert [f.name for f in files] == ["closewait.jsonl.gz"]
     assert files[0].stat().st_mode & 0o777 == 0o600
-    rec = recording.read([str(files[0])])
+    rec = parts.read([str(files[0])])
     types = [r["type"] for r in rec.records]
     assert types[0] == "header" and types[-1] == "summary", types
     summary = rec.records[-1]

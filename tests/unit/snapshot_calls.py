@@ -9,7 +9,6 @@ import dataclasses
 import os
 
 from closewait_trace.evidence import gathering
-from closewait_trace.live import snapshot
 from closewait_trace.sockets import procfs, procnet
 from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER
 
@@ -40,7 +39,7 @@ def install() -> None:
     """In the worker, once (the test's own process patches with monkeypatch)."""
     if not getattr(procnet._read_rows, "with_tcp_info", False):
         procnet._read_rows = rows_with_tcp_info(procnet._read_rows)
-        snapshot.now_ns = lambda: TAKEN_NS
+        gathering.now_ns = lambda: TAKEN_NS
 
 
 def _proc(path: str) -> str:

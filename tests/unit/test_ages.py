@@ -6,12 +6,12 @@ import socket
 
 import pytest
 
-from closewait_trace.live import ages
+from closewait_trace.sockets import ages
 from closewait_trace.output import records
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import KIND_UNTRACKED_EXIT, Endpoints, KernelEvent
 from closewait_trace.sockets.tcprow import TcpRow
-from closewait_trace.live.tracker import Lingerer, Tracker
+from closewait_trace.sockets.tracker import Lingerer, Tracker
 
 S = 1_000_000_000
 MS = 1_000_000

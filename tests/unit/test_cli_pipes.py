@@ -92,3 +92,46 @@ def test_quiet_output_never_looks_at_stdout():
     out.tick()
     assert gone == []
     stream.close()
+
+
+@pytest.mark.parametrize("as_json,compressed", [(False, False), (True, False), (False, True)])
+def test_replay_of_a_pipe_shows_each_record_as_it_arrives(as_json, compressed):
+    """`... | closewait-trace -r -` streams: what was read is shown before
+    the replay waits for more input, not when 8 KiB of output have piled up
+    or the pipe closes (the writer here has not finished)."""
+    import select
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "closewait_trace", "-r", "-"]
+                            + (["--json"] if as_json else []), env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        recs = [recordfactory.header(), recordfactory.start(),
+                recordfactory.linger(ts=1001.0, rport=43210)]
+        data = "".join(textsafe_json(r) + "\n" for r in recs).encode()
+        if compressed:          # as `-w - -z` writes it: one gzip member per batch
+            import gzip
+            data = gzip.compress(data, mtime=0)
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b"43210" not in seen and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                seen += chunk
+        assert b"43210" in seen, f"nothing shown while the pipe stays open: {seen!r}"
+        assert proc.poll() is None          # still reading: the pipe is open
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0
+
+
+def textsafe_json(rec):
+    from closewait_trace.output import textsafe
+    return textsafe.json_dumps(rec, separators=(",", ":"))

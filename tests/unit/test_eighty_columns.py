@@ -7,7 +7,7 @@ purpose and is not checked.)"""
 
 import json
 
-from closewait_trace.files import recording
+from closewait_trace.files import parts
 from closewait_trace.live import snapshot
 from closewait_trace.output import render, report
 from closewait_trace.output.textsafe import width_of_escaped
@@ -69,7 +69,7 @@ def too_wide(lines: list[str]) -> list[str]:
 def test_replay_and_live_text_with_v_fits_80_columns(tmp_path):
     path = tmp_path / "cw.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records()))
-    loaded = recording.read([str(path)])
+    loaded = parts.read([str(path)])
     assert loaded.skipped == 0, "the test's records must all be valid ones"
     for verbose in (False, True):
         renderer = render.TextRenderer(verbose=verbose,
@@ -87,7 +87,7 @@ def test_replay_and_live_text_with_v_fits_80_columns(tmp_path):
 def test_report_text_fits_80_columns(tmp_path):
     path = tmp_path / "cw.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records()))
-    rep = report.build(recording.read([str(path)]))
+    rep = report.build(parts.read([str(path)]))
     lines = report.render_text(rep, top=5)
     assert any("Still lingering" in l for l in lines)
     assert not too_wide(lines), too_wide(lines)

@@ -257,9 +257,9 @@ def test_captures_are_unwound_a_process_at_a_time_and_only_for_holders():
     A capture whose pid holds no fd on the socket is not unwound at all."""
     from types import SimpleNamespace
     from closewait_trace.kernel.probe import ProbeConfig
-    from closewait_trace.live.filters import SocketFilter
+    from closewait_trace.sockets.filters import SocketFilter
     from closewait_trace.live.tracer import LiveTracer
-    from closewait_trace.live.tracker import Lingerer
+    from closewait_trace.sockets.tracker import Lingerer
     from tests.unit.fakeprobe import FakeClock, FakeProbe, endpoints
 
     class Resolver:

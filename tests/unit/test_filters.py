@@ -6,8 +6,8 @@ import socket
 import pytest
 
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
-                                     record_people, validate_container)
+from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters,
+                                             parse_ports, record_people, validate_container)
 
 
 def test_parse_ports():

@@ -333,7 +333,7 @@ def test_answers_keep_every_field_and_shared_object():
 
     from closewait_trace.evidence import diagnosis
     from closewait_trace.kernel.events import Endpoints
-    from closewait_trace.live.tracker import Lingerer
+    from closewait_trace.sockets.tracker import Lingerer
     from closewait_trace.sockets import owners, procfs
     from closewait_trace.sockets.tcprow import TcpRow
 

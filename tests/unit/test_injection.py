@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from closewait_trace.files import recording
+from closewait_trace.files import parts, recording
 from closewait_trace.output import render, report
 from tests.unit import recordfactory
 
@@ -110,7 +110,7 @@ def test_report_text_escapes_everything_from_the_recording(tmp_path):
                   closed_by={"pid": 4242, "comm": EVIL_COMM})
     write_recording(path, [evil_process(), evil_linger(), closed,
                            dict(evil_linger(), rport=40001, ts=1_800_000_006.0)])
-    rep = report.build(recording.read([str(path)]))
+    rep = report.build(parts.read([str(path)]))
     assert_clean(report.render_text(rep))
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from closewait_trace.kernel import tcpstates
 from closewait_trace.output import render
-from closewait_trace.live import tracker
+from closewait_trace.sockets import tracker
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
-from closewait_trace.live.filters import HolderFilter, SocketFilter
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.live.sinks import ListSink, RecordingSink, TickView, snapshot_record
 from closewait_trace.live.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver

@@ -17,7 +17,7 @@ from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_FD,
                                            OWNER_NONE, Holder, Ownership)
 from closewait_trace.live.sinks import TickView
-from closewait_trace.live.tracker import Lingerer
+from closewait_trace.sockets.tracker import Lingerer
 
 S = 1_000_000_000
 

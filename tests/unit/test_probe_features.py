@@ -77,8 +77,12 @@ def test_a_failed_attach_names_the_perf_restriction_only_when_it_is_the_cause(
     monkeypatch.setattr(capabilities, "perf_event_paranoid", lambda *a: paranoid)
     config = probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
         release="6.1.0", environ={}))
-    with pytest.raises(UserError) as exc:
+    # The probe says what the kernel refused; what to make of it is said
+    # above kernel/ (the command line turns it into the error it shows).
+    with pytest.raises(probe.ProgramRefused) as exc:
         probe.KernelProbe(config).start(lambda ev: None)
-    assert exc.value.exit_code == exit_code
-    line = exc.value.one_line()
+    assert exc.value.exit_code == EXIT_NO_BPF and exc.value.kernel_error == message
+    shown = capabilities.explain_refusal(exc.value)
+    assert isinstance(shown, UserError) and shown.exit_code == exit_code
+    line = shown.one_line()
     assert ("kernel.perf_event_paranoid=3" in line) == (exit_code == EXIT_NOT_ROOT), line

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from closewait_trace.files import recording, replay
+from closewait_trace.files import parts, recording, replay, stream
 from closewait_trace.output import report, schema
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.live.filters import HolderFilter, SocketFilter
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 
 
 def linger(i, ts=1000.0, pid=42, comm="srv", lport=80, age=2.0):
@@ -104,9 +104,9 @@ def test_rotation_with_file_cap_wraps_and_reads_in_order(tmp_path):
     path = tmp_path / "cw.jsonl"
     r = write_all(path, [linger(i) for i in range(60)], max_bytes=2000, max_files=3)
     assert r.part >= 5
-    parts = sorted(os.listdir(tmp_path))
-    assert parts == ["cw.jsonl", "cw.jsonl.1", "cw.jsonl.2"]
-    rec = recording.read([str(path)])
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["cw.jsonl", "cw.jsonl.1", "cw.jsonl.2"]
+    rec = parts.read([str(path)])
     numbers = [h["part"] for h in rec.of("header")]
     assert numbers == sorted(numbers) and numbers[-1] == r.part
     assert len(set(numbers)) == 3
@@ -114,7 +114,7 @@ def test_rotation_with_file_cap_wraps_and_reads_in_order(tmp_path):
     assert kept == sorted(kept) and kept[-1] == 40059           # newest kept, oldest gone
     assert any("rotated away" in p for p in rec.problems)
     # Each later part opens with a snapshot, to be read on its own.
-    assert all(json.loads(open(tmp_path / p).readline())["type"] == "header" for p in parts)
+    assert all(json.loads(open(tmp_path / p).readline())["type"] == "header" for p in names)
 
 
 def test_gzip_round_trip_and_kill_mid_member(tmp_path):
@@ -122,11 +122,11 @@ def test_gzip_round_trip_and_kill_mid_member(tmp_path):
     write_all(path, [linger(i) for i in range(5)], compress=True)
     with gzip.open(path, "rt") as f:           # a standard gzip reader agrees
         assert sum(1 for _ in f) == 1 + 5
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert len(rec.of("linger")) == 5 and rec.skipped == 0
     data = path.read_bytes()
     path.write_bytes(data[:-7])                # cut inside the last member
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert len(rec.of("linger")) >= 4 and rec.problems
 
 
@@ -138,7 +138,7 @@ def test_truncated_last_line_and_garbage_in_the_middle(tmp_path):
     lines.insert(4, b'{"no_type": 1}')
     data = b"\n".join(lines).rstrip(b"\n")
     path.write_bytes(data[:-10])               # last record cut short
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert len(rec.of("linger")) == 4 and rec.skipped == 3
 
 
@@ -154,14 +154,14 @@ def test_bad_files_are_one_clear_error(tmp_path, content, needle):
     path = tmp_path / "bad"
     path.write_bytes(content)
     with pytest.raises(UserError) as exc:
-        recording.read([str(path)])
+        parts.read([str(path)])
     assert needle in exc.value.message and exc.value.exit_code == EXIT_FILE
 
 
 def test_directory_and_missing_file(tmp_path):
     for path, needle in ((tmp_path, "is a directory"), (tmp_path / "nope", "no such file")):
         with pytest.raises(UserError) as exc:
-            recording.read([str(path)])
+            parts.read([str(path)])
         assert needle in exc.value.message
 
 
@@ -182,7 +182,7 @@ def test_reader_survives_any_mutation(tmp_path_factory, cut, flips, compress):
             data[pos % len(data)] = value
     path.write_bytes(bytes(data))
     try:
-        rec = recording.read([str(path)])
+        rec = parts.read([str(path)])
     except UserError as err:
         assert err.exit_code == EXIT_FILE
         return
@@ -206,7 +206,7 @@ def test_unwritable_records_are_counted_not_fatal(tmp_path):
 
 
 def test_report_over_two_captures():
-    rec = recording.Recording()
+    rec = parts.Recording()
     for cid, start, pid in (("a", 1000.0, 42), ("b", 2000.0, 43)):
         rec.records.append({"type": "header", "format": recording.FORMAT, "format_version": 1,
                             "capture_id": cid, "part": 0, "start_ts": start, "hostname": "h"})
@@ -266,7 +266,7 @@ def test_report_counts_sockets_known_only_from_a_snapshot():
     still in the report through the next part's opening snapshot."""
     entry = {k: v for k, v in linger(7).items() if k not in ("type", "ts", "time")}
     entry["age_s"] = 30.0
-    rec = recording.Recording(records=[
+    rec = parts.Recording(records=[
         {"type": "header", "format": recording.FORMAT, "format_version": 1,
          "capture_id": "c", "part": 3, "start_ts": 5000.0, "hostname": "h"},
         {"type": "snapshot", "ts": 5000.0, "lingering": [entry], "counters": {},
@@ -338,7 +338,7 @@ def test_reader_with_hostile_values(tmp_path_factory, hostile, depth, compress):
         rejected += 1
     data = ("\n".join(raw) + "\n").encode()
     path.write_bytes(gzip.compress(data) if compress else data)
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     for r in rec.records:
         json.dumps(r, allow_nan=False)        # raises on NaN/Infinity
     assert rec.skipped == rejected
@@ -348,6 +348,6 @@ def test_reader_with_hostile_values(tmp_path_factory, hostile, depth, compress):
 
 def _plain_lines(path):
     data = path.read_bytes()
-    if data[:2] == recording.GZIP_MAGIC:
+    if data[:2] == stream.GZIP_MAGIC:
         data = gzip.decompress(data)
     return [x for x in data.decode().split("\n") if x]

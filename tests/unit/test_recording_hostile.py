@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from closewait_trace.files import recording
+from closewait_trace.files import parts, recording, stream
 from closewait_trace.errors import EXIT_FILE
 from tests.unit import memprobe, recordfactory
 
@@ -100,8 +100,8 @@ def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
     # Measured in a fresh interpreter of its own (memprobe: not ru_maxrss,
     # which a child inherits from the pytest process that forked it).
     probe = ("import sys\n"
-             "from closewait_trace.files import recording\n"
-             "r = recording.read([sys.argv[1]])\n"
+             "from closewait_trace.files import parts\n"
+             "r = parts.read([sys.argv[1]])\n"
              "print(len(r.of('linger')), r.skipped)\n")
     out, peak_mib, traced_mib = memprobe.run(probe, str(path), traced=True, timeout=120)
     lingers, skipped = map(int, out.stdout.split())
@@ -109,7 +109,7 @@ def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
     assert peak_mib < 150, f"peak RSS {peak_mib:.0f} MiB for a 200 MB line"
     # What Python itself allocated, whatever malloc does with it: the pieces
     # of at most one line's worth (MAX_LINE_BYTES) and the read in hand.
-    limit = (recording.MAX_LINE_BYTES + 4 * recording.READ_CHUNK) / (1 << 20) + 8
+    limit = (stream.MAX_LINE_BYTES + 4 * stream.READ_CHUNK) / (1 << 20) + 8
     assert traced_mib < limit, f"{traced_mib:.1f} MiB allocated to skip a 200 MB line"
 
 
@@ -123,7 +123,7 @@ def test_absurd_part_numbers(tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 0, err
     rep = json.loads(result.stdout)
-    assert len(rep["losses"]["missing_parts"]) <= recording.MAX_LISTED
+    assert len(rep["losses"]["missing_parts"]) <= parts.MAX_LISTED
     assert f"skipped {base}.1: has a damaged header: part is 1000000000000000" in err
     assert f"{2**31 - 2} part(s) missing in all" in err
     single = tmp_path / "alone.jsonl"
@@ -191,7 +191,7 @@ def test_write_to_stdout_reads_back(tmp_path):
     assert written.returncode == 0 and written.stdout.startswith(b"\x1f\x8b")
     rec_path = tmp_path / "from-stdout.gz"
     rec_path.write_bytes(written.stdout)
-    rec = recording.read([str(rec_path)])
+    rec = parts.read([str(rec_path)])
     assert [r["rport"] for r in rec.of("linger")] == [40000, 40001, 40002]
 
 
@@ -207,10 +207,10 @@ def test_reading_a_later_part_names_the_first_file(tmp_path):
         r.flush()
     r.close()
     assert (tmp_path / "cw.jsonl.gz.1").exists()
-    rec = recording.read([str(path) + ".1"])
+    rec = parts.read([str(path) + ".1"])
     assert not any("rotated away" in p for p in rec.problems), rec.problems
     assert any(f"read {path} for all its parts" in p for p in rec.problems)
-    whole = recording.read([str(path)])
+    whole = parts.read([str(path)])
     assert whole.problems == [] and len(whole.of("header")) == r.part + 1
 
 
@@ -227,7 +227,7 @@ def test_rotation_by_time(tmp_path):
     r.flush()
     r.close()
     assert r.part == 1 and (tmp_path / "cw.jsonl.1").exists()
-    assert [x["rport"] for x in recording.read([str(path)]).of("linger")] == [40000, 40001]
+    assert [x["rport"] for x in parts.read([str(path)]).of("linger")] == [40000, 40001]
 
 
 def test_wrapped_part_is_replaced_never_truncated_in_place(tmp_path):
@@ -258,11 +258,11 @@ def test_a_record_longer_than_a_reader_accepts_is_counted_not_written(tmp_path, 
     path = tmp_path / "cw.jsonl"
     r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=recordfactory.NO_FILTERS, clock_offset_ns=0)
     r.open()
-    r.write({"type": "process", "cmdline": "a" * (recording.MAX_LINE_BYTES + 1)})
+    r.write({"type": "process", "cmdline": "a" * (stream.MAX_LINE_BYTES + 1)})
     r.write(json.loads(linger(0)))
     r.close()
     assert r.write_errors == 1 and "longer than" in capsys.readouterr().err
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert rec.skipped == 0 and [x["type"] for x in rec.records] == ["header", "linger"]
 
 
@@ -270,8 +270,35 @@ def test_zlib_member_cut_between_members(tmp_path):
     """One stray byte after the last complete member: damage, said, good part kept."""
     path = tmp_path / "cw.jsonl.gz"
     path.write_bytes(gzip.compress((header() + linger(0)).encode()) + b"\x1f")
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert len(rec.of("linger")) == 1 and any("damaged or cut short" in p for p in rec.problems)
+
+
+@pytest.mark.parametrize("tail,damaged", [(b"garbage after the members", True),
+                                          (b"\x1f\x8b\x08\x00cut", True),
+                                          (b"\x00" * 512, False)])
+def test_what_follows_the_last_gzip_member(tmp_path, tail, damaged):
+    """Bytes that are not a gzip member after the last one: what precedes
+    them is read and the damage said. Zero bytes are padding, as for gzip(1)
+    ("trailing zero bytes ignored")."""
+    path = tmp_path / "cw.jsonl.gz"
+    path.write_bytes(gzip.compress(header().encode(), mtime=0)
+                     + gzip.compress(linger(0).encode(), mtime=0) + tail)
+    rec = parts.read([str(path)])
+    assert len(rec.of("linger")) == 1
+    assert any("damaged or cut short" in p for p in rec.problems) == damaged, rec.problems
+
+
+def test_a_member_with_a_wrong_crc_is_damage_and_what_precedes_is_kept(tmp_path):
+    path = tmp_path / "cw.jsonl.gz"
+    bad = bytearray(gzip.compress(linger(1).encode(), mtime=0))
+    bad[-8] ^= 0xff                     # the CRC32 of the trailer
+    path.write_bytes(gzip.compress((header() + linger(0)).encode(), mtime=0) + bytes(bad)
+                     + gzip.compress(linger(2).encode(), mtime=0))
+    rec = parts.read([str(path)])
+    rports = [x["rport"] for x in rec.of("linger")]
+    assert rports[0] == 40000 and 40002 not in rports, rports
+    assert any("damaged or cut short" in p for p in rec.problems), rec.problems
 
 
 @pytest.mark.parametrize("target", ["/proc/kmsg", "/sys/kernel/tracing/trace_pipe"])
@@ -297,7 +324,7 @@ def test_repeated_gzip_members_are_each_read_once(tmp_path, members):
     from zlib's unconsumed_tail: 2 members never ended, 40 would take
     2^40 times the work)."""
     path = tmp_path / "repeated.jsonl.gz"
-    padding = "x" * (3 * recording.READ_CHUNK)
+    padding = "x" * (3 * stream.READ_CHUNK)
     member = gzip.compress((json.dumps(recordfactory.linger(summary=padding)) + "\n").encode(),
                            compresslevel=9, mtime=0)
     path.write_bytes(gzip.compress(header().encode(), mtime=0) + member * members)

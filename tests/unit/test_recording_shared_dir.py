@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from closewait_trace.files import recording
+from closewait_trace.files import parts, recording
 from tests.unit import recordfactory
 from closewait_trace.errors import EXIT_FILE
 
@@ -109,7 +109,7 @@ def test_planted_open_file_never_receives_a_part(sticky_dir, nobody, alarm, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recording stopped at part 1" in err[0], err
     # What was written before stays a valid recording of its own.
-    rec = recording.read([base])
+    rec = parts.read([base])
     assert rec.of("header") and rec.of("linger")
 
 

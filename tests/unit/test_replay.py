@@ -1,7 +1,7 @@
 """Replay filters over recorded records (the same filters as live)."""
 
 from closewait_trace.files import replay
-from closewait_trace.live.filters import HolderFilter
+from closewait_trace.sockets.filters import HolderFilter
 
 
 def linger(pid, comm, rport, **over):
@@ -57,3 +57,33 @@ def test_closed_record_of_a_shown_socket_is_kept_whoever_closed_it():
     other = dict(reset, rport=20)
     assert kept([shown, reset, other], HolderFilter(pids=(1,))) == [("linger", 10),
                                                                    ("closed", 10)]
+
+
+def test_the_command_line_replays_through_replay_replay(tmp_path, monkeypatch):
+    """-r goes through replay.replay(), the one place that decides what a
+    replay shows (cli.py rewrote it inline, and only the tests called it)."""
+    from click.testing import CliRunner
+
+    from closewait_trace import cli
+    from closewait_trace.files import recording
+    from tests.unit import recordfactory
+    path = tmp_path / "cw.jsonl"
+    r = recording.Recorder(path=str(path), threshold_ns=10**9,
+                           filters=recordfactory.NO_FILTERS, clock_offset_ns=0)
+    r.open()
+    r.write(recordfactory.start())
+    for port in (40000, 40001):
+        r.write(recordfactory.linger(rport=port))
+    r.close()
+    seen = []
+    real = replay.replay
+
+    def counting(records, keep, *args, **kwargs):
+        for rec in real(records, keep, *args, **kwargs):
+            seen.append(rec.get("type"))
+            yield rec
+    monkeypatch.setattr(replay, "replay", counting)
+    result = CliRunner().invoke(cli.main_group, ["-r", str(path), "-P", "40001", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["start", "linger"]
+    assert [line for line in result.output.splitlines() if '"linger"' in line][0].count("40001")

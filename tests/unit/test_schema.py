@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from closewait_trace.evidence import diagnosis
 from closewait_trace.sockets import owners
 from closewait_trace.output import records, render, report, schema
-from closewait_trace.files import recording
+from closewait_trace.files import parts
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints, KernelEvent
-from closewait_trace.live.tracker import Closed, Lingerer
+from closewait_trace.sockets.tracker import Closed, Lingerer
 from tests.unit.fakeproc import FakeProc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +174,7 @@ def test_reader_skips_and_counts_records_of_the_wrong_shape(tmp_path):
     lines.insert(5, json.dumps({"type": "closed", "owners": [None]}))
     path = tmp_path / "x.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    rec = recording.read([str(path)])
+    rec = parts.read([str(path)])
     assert rec.skipped == 2
     assert len(rec.of("linger")) == len([r for r in recs if r["type"] == "linger"])
 
@@ -222,7 +222,7 @@ def test_hostile_values_are_refused_or_harmless(data):
     for r in stream:
         for line in renderer.render(r):
             assert isinstance(line, str)
-    fake = recording.Recording(records=[v1_records()[0]] + stream, files=["x"])
+    fake = parts.Recording(records=[v1_records()[0]] + stream, files=["x"])
     report.render_text(report.build(fake), top=5)
     json.dumps(report.build(fake))
 

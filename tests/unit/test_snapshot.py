@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from closewait_trace.live import ages, snapshot
+from closewait_trace.live import snapshot
+from closewait_trace.sockets import ages
 from closewait_trace.sockets import owners, procnet
 from closewait_trace.kernel import tcpstates
-from closewait_trace.live.filters import SocketFilter
+from closewait_trace.sockets.filters import SocketFilter
 from tests.unit.fakeproc import FakeProc
 
 V4 = socket.AF_INET
@@ -283,7 +284,7 @@ def test_a_holder_whose_identity_is_not_read_in_time_is_counted_and_said(fake):
     dropped: counted, and said on stderr."""
     from closewait_trace.evidence.resolver import ProcResolver
     from closewait_trace.evidence.worker import GatherFailed, TIMED_OUT
-    from closewait_trace.live.filters import HolderFilter
+    from closewait_trace.sockets.filters import HolderFilter
 
     class SlowIdentities(ProcResolver):
         def identity(self, pid, uid):

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from closewait_trace import cli
-from closewait_trace.evidence import worker
+from closewait_trace.evidence import gathering, worker
 from closewait_trace.live import snapshot
 from closewait_trace.output import render, textsafe
 from closewait_trace.kernel import tcpstates
@@ -85,7 +85,7 @@ def fixed(tmp_path, monkeypatch):
     monkeypatch.setenv(snapshot_calls.FAKE_PROC_ENV, f.root)
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
-    monkeypatch.setattr(snapshot, "now_ns", lambda: snapshot_calls.TAKEN_NS)
+    monkeypatch.setattr(gathering, "now_ns", lambda: snapshot_calls.TAKEN_NS)
     monkeypatch.setattr(time, "time", lambda: TS)
     monkeypatch.setattr(os, "geteuid", lambda: 0)          # as root: nothing hidden
     monkeypatch.setattr(worker, "GatherWorker", functools.partial(

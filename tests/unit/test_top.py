@@ -162,7 +162,7 @@ def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
 
     from closewait_trace.kernel.events import Endpoints
     from closewait_trace.live import sinks, topview
-    from closewait_trace.live.tracker import Lingerer
+    from closewait_trace.sockets.tracker import Lingerer
 
     def lingerer(i, pid, cause, enter_ns):
         own = NS(kind="fd", holders=[NS(pid=pid, comm="python3", fd=5 + i, state="S")])

@@ -5,7 +5,7 @@ from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, End
                                     KernelEvent, TrackedSocket)
 from closewait_trace.sockets.owners import OWNER_FD, Holder, Ownership
 from closewait_trace.sockets.tcprow import TcpRow
-from closewait_trace.live.tracker import Tracker, attribute_close
+from closewait_trace.sockets.tracker import Tracker, attribute_close
 
 S = 1_000_000_000
 
@@ -128,7 +128,7 @@ def test_attribute_close():
 
 
 def test_departed_sockets_are_forgotten_after_the_grace_without_a_map_read():
-    from closewait_trace.live.tracker import DEPARTED_GRACE_NS
+    from closewait_trace.sockets.tracker import DEPARTED_GRACE_NS
     t = Tracker(threshold_ns=1, start_ns=0)
     ep = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 1)
     for key in (1, 2):

@@ -10,10 +10,14 @@ worker's deadline is the backstop for a read that blocks in the kernel.
 from __future__ import annotations
 
 import platform
+import time
 from typing import Iterator, Optional
 
 from closewait_trace.evidence import diagnosis
-from closewait_trace.sockets import identity, owners, procfs
+from closewait_trace.kernel import tcpstates
+from closewait_trace.sockets import identity, owners, procfs, procnet
+from closewait_trace.sockets.filters import SocketFilter
+from closewait_trace.sockets.tracker import Lingerer, Tracker
 
 # Holder processes read per batch, at most: one socket shared by 3,001
 # forks must not cost 3,001 process reads (nor list them all).
@@ -104,15 +108,40 @@ def python_processes(proc: str = procfs.PROC, seconds: float = 2.0,
                      limit: int = 4096) -> dict:
     """pid -> what the kernel needs to copy the Python frames of each
     running CPython process at its events (pyframes.python_processes)."""
-    import time
     from closewait_trace.evidence import pyframes
     return pyframes.python_processes(proc, time.monotonic() + seconds, limit)
 
 
-def snapshot_candidates(socket_filter, min_age_ns: int, proc: str = procfs.PROC):
-    """The snapshot's sockets (live/snapshot.py), read and resolved."""
-    from closewait_trace.live import snapshot
-    return snapshot.candidates(socket_filter, min_age_ns, proc)
+def now_ns() -> int:
+    # The clock tcp_info's times are measured against does not matter (they
+    # are durations); CLOCK_BOOTTIME starts at boot, which ages.py uses to
+    # tell whether the kernel's u32 ms counters can have wrapped.
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
+                        proc: str = procfs.PROC) -> tuple[list[Lingerer], dict, int]:
+    """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
+    namespace, with tcp_info), estimate their ages, keep those at least
+    min_age_ns old, and find their owners: (sockets, owners by endpoints,
+    kernel clock of the read). Runs in the gathering worker; `snapshot`
+    (live/snapshot.py) resolves, diagnoses and shows them."""
+    with procnet.one_read_per_namespace():
+        # One dump per namespace, with the listeners that owners.resolve
+        # needs next, so that it asks the kernel nothing more.
+        rows = []
+        for _netns, pid in procnet.network_namespaces(proc).items():
+            rows.extend(row for row in procnet.tcp_rows(
+                pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
+                if row.state == tcpstates.CLOSE_WAIT and socket_filter.matches(row.endpoints))
+        taken = now_ns()
+        tracker = Tracker(threshold_ns=min_age_ns, start_ns=taken)
+        tracker.seed(rows, [], observed_ns=taken)
+        # A socket without tcp_info is "at least 0 s" old: it is shown only
+        # when no minimum age was asked for.
+        due = tracker.due(taken)
+        resolved = owners.resolve([l.endpoints for l in due], proc)
+    return due, resolved, taken
 
 
 CALLS = {

@@ -1,17 +1,22 @@
 """Replay of recordings: the recorded records, filtered (with the same
-filters as the live tail, from filters.py), for the caller to render through
-the sink the live tail uses (cli.Output), so a replay prints what the run
-printed."""
+filters as the live tail, sockets/filters.py), streamed from the reader for
+the caller to render through the sink the live tail uses, so a replay
+prints what the run printed. Nothing is kept per record beyond the
+filter's and the renderer's caps: memory does not grow with the recording.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
+from closewait_trace.files.parts import RecordingReader
+from closewait_trace.output.render import ReplaySource
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 
 # Records the live tail printed; headers and snapshots are for readers only.
 SHOWN = ("start", "process", "linger", "closed", "lost", "summary", "transition")
@@ -105,7 +110,53 @@ def _socket_key(rec: dict) -> tuple:
     return tuple(str(rec.get(k)) for k in ("family", "laddr", "lport", "raddr", "rport"))
 
 
-def replay(records: Iterable[dict], keep: ReplayFilter) -> Iterator[dict]:
+def replay(records: Iterable[dict], keep: ReplayFilter, source: Optional[ReplaySource] = None,
+           headers: bool = False) -> Iterator[dict]:
+    """The records to show, one at a time as they are read: those the
+    filter keeps, and each file's header with headers=True (the text
+    replay says where each file starts). source sees every record read,
+    shown or not, for the banner and the summary."""
     for rec in records:
-        if keep.keep(rec):
+        if source is not None:
+            source.saw(rec)
+        if keep.keep(rec) or (headers and rec.get("type") == "header"):
             yield rec
+
+
+@dataclass
+class Replay:
+    """A replay of recordings, ready to stream: the reader (its headers
+    checked), the filter, and what the banner and the summary say."""
+    reader: RecordingReader
+    keep: ReplayFilter
+    source: ReplaySource
+
+    @classmethod
+    def open(cls, paths: list, sockets: SocketFilter = SocketFilter(),
+             holders: HolderFilter = HolderFilter(), since: Optional[str] = None,
+             until: Optional[str] = None) -> "Replay":
+        reader = RecordingReader(paths)
+        first_ts = reader.first_header.get("start_ts")
+        keep = ReplayFilter(sockets=sockets, holders=holders,
+                            since=parse_when(since, first_ts) if since else None,
+                            until=parse_when(until, first_ts) if until else None)
+        # The banner names the file, the capture and the filters; the summary
+        # counts what was shown after them (a replay must not pass for a trace).
+        described = "; ".join(x for x in (
+            sockets.describe(), holders.describe() if holders.active else "",
+            f"since {since}" if since else "", f"until {until}" if until else "") if x)
+        entries = dataclasses.replace(keep, since=None, until=None)
+        source = ReplaySource(paths=list(paths), filters=described,
+                              keep_entry=lambda e: entries.keep(dict(e, type="linger")))
+        # The banner gives the capture's span: its end is read from the tail of
+        # the last part (standard input cannot be read twice: the start only).
+        source.end_ts = reader.end_ts()
+        return cls(reader, keep, source)
+
+    def records(self, headers: bool = False,
+                on_wait: Optional[Callable[[], None]] = None) -> Iterator[dict]:
+        """The records to show as they are read; on_wait is called before
+        the reader waits for more input (a pipe): the caller flushes what
+        it has shown, so a replay of a live pipe shows records as they come."""
+        self.reader.on_wait = on_wait
+        return replay(self.reader, self.keep, self.source, headers)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from closewait_trace import knobs
-from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_NOT_ROOT, EXIT_USAGE, UserError
+from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
 from closewait_trace.kernel import btf
 from closewait_trace.kernel.events import (EntryLayout, EofCapture, KernelEvent, TrackedSocket,
                                            decode_event)
@@ -286,6 +286,19 @@ def check_tracepoint(tracefs: str) -> None:
                         "run closewait-trace on a newer kernel, or use the Vagrant VM in vagrant/")
 
 
+class ProgramRefused(UserError):
+    """The kernel refused to load or attach the program. `kernel_error` is
+    bcc's own words for it: the layers above may know a better reason to
+    give (sockets/capabilities.explain_refusal: the perf events restriction),
+    which the kernel layer does not decide."""
+
+    def __init__(self, kernel_error: str, details: str):
+        super().__init__(f"the kernel program did not load: {details}", EXIT_NO_BPF,
+                         "run with -v for details; check that the kernel has BPF and "
+                         "that you are root")
+        self.kernel_error = kernel_error
+
+
 def import_bcc():
     try:
         from bcc import BPF
@@ -385,16 +398,7 @@ class KernelProbe:
             else:
                 err = None
         if err is not None:
-            from closewait_trace.sockets import capabilities
-            restricted = capabilities.perf_restricted(capabilities.effective(),
-                                                      capabilities.perf_event_paranoid(),
-                                                      str(err))
-            if restricted:
-                raise UserError(restricted, EXIT_NOT_ROOT, capabilities.PERF_RESTRICTED_HINT)
-            raise UserError(f"the kernel program did not load: "
-                            f"{_first_error(captured.text + chr(10) + str(err))}",
-                            EXIT_NO_BPF, "run with -v for details; check that the kernel "
-                            "has BPF and that you are root")
+            raise ProgramRefused(str(err), _first_error(captured.text + chr(10) + str(err)))
         self.compile_s = time.monotonic() - started
         _release_compiler_memory()
         self._set_port_filter("cw_lports", self.config.lports)

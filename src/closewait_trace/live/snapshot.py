@@ -16,27 +16,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from closewait_trace.live import ages
-from closewait_trace.sockets import owners, procfs, procnet
-from closewait_trace.kernel import tcpstates
 from closewait_trace.durations import format_age
-from closewait_trace.live.filters import HolderFilter, SocketFilter
-from closewait_trace.live.tracker import Lingerer, Tracker
+from closewait_trace.evidence import gathering
+from closewait_trace.sockets import ages, owners, procfs
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter
+from closewait_trace.sockets.tracker import Lingerer
 
 if TYPE_CHECKING:
     from closewait_trace.evidence.resolver import ProcResolver
 
-# The gathering worker imports this module for candidates() alone, on the
-# path of every snapshot (it answers nothing before): what only the tool's
-# side needs (the diagnosis, the records, their text) is imported where it
-# is used.
-
-
-def now_ns() -> int:
-    # The clock tcp_info's times are measured against does not matter (they
-    # are durations); CLOCK_BOOTTIME starts at boot, which ages.py uses to
-    # tell whether the kernel's u32 ms counters can have wrapped.
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+# The sockets are read in the gathering worker (gathering.snapshot_candidates)
+# and only resolved, diagnosed and shown here; the kernel clock of their
+# ages is gathering.now_ns.
 
 
 @dataclass
@@ -55,7 +46,7 @@ class Snapshot:
         (the order the live tail writes them in)."""
         from closewait_trace.output import records
         ts = time.time() if ts is None else ts
-        at_ns = now_ns() if at_ns is None else at_ns
+        at_ns = gathering.now_ns() if at_ns is None else at_ns
         out = [records.process(ts, ev) for ev in self.process_evidence]
         # Where in the code is seen only by a live trace, at the read or the
         # connect(): said, not left blank (one dict shared by every record).
@@ -67,39 +58,15 @@ class Snapshot:
         return out
 
 
-def candidates(socket_filter: SocketFilter, min_age_ns: int,
-               proc: str = procfs.PROC) -> tuple[list[Lingerer], dict, int]:
-    """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
-    namespace, with tcp_info), estimate their ages, keep those at least
-    min_age_ns old, and find their owners: (sockets, owners by endpoints,
-    kernel clock of the read). Runs in the gathering worker."""
-    with procnet.one_read_per_namespace():
-        # One dump per namespace, with the listeners that owners.resolve
-        # needs next, so that it asks the kernel nothing more.
-        rows = []
-        for _netns, pid in procnet.network_namespaces(proc).items():
-            rows.extend(row for row in procnet.tcp_rows(
-                pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
-                if row.state == tcpstates.CLOSE_WAIT and socket_filter.matches(row.endpoints))
-        taken = now_ns()
-        tracker = Tracker(threshold_ns=min_age_ns, start_ns=taken)
-        tracker.seed(rows, [], observed_ns=taken)
-        # A socket without tcp_info is "at least 0 s" old: it is shown only
-        # when no minimum age was asked for.
-        due = tracker.due(taken)
-        resolved = owners.resolve([l.endpoints for l in due], proc)
-    return due, resolved, taken
-
-
 def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
          proc: str = procfs.PROC, as_root: Optional[bool] = None,
          stacks: bool = False, holder_filter: HolderFilter = HolderFilter(),
          resolver: Optional[ProcResolver] = None) -> Snapshot:
-    """The sockets (candidates()), resolved and diagnosed in one batch. User
-    stacks only when asked (-v): symbolizing a binary the first time costs
-    seconds, and a snapshot is a new process every time. With a resolver
-    that has a worker (the CLI's), every read of /proc happens there under
-    deadlines; a GatherFailed from the first read means nothing was read."""
+    """The sockets (gathering.snapshot_candidates()), resolved and
+    diagnosed in one batch. User stacks only when asked (-v): symbolizing a
+    binary the first time costs seconds, and a snapshot is a new process
+    every time. With a resolver that has a worker (the CLI's), every read of
+    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read."""
     from closewait_trace.evidence import diagnosis
     from closewait_trace.evidence.resolver import ProcResolver
     from closewait_trace.evidence.worker import GatherFailed

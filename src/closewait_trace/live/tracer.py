@@ -24,10 +24,10 @@ from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners
 from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
-from closewait_trace.live.filters import HolderFilter, SocketFilter, record_people
+from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.live.sinks import Sink, TickView
-from closewait_trace.live.tracker import Lingerer, Tracker
+from closewait_trace.sockets.tracker import Lingerer, Tracker
 from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
 from closewait_trace.evidence.worker import GatherFailed

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 from closewait_trace.output import textsafe
 from closewait_trace.durations import format_age
 from closewait_trace.output.textsafe import escape, pad
+from closewait_trace.sockets.filters import describe_filters
 
 COUNTER_TEXT = {
     "events_lost": "events lost: the ring buffer was full",
@@ -346,7 +347,6 @@ class TextRenderer:
         return []
 
     def _start(self, rec: dict) -> list[str]:
-        from closewait_trace.live.filters import describe_filters
         self.all_transitions = bool(rec.get("all_transitions"))
         self.clock.started(rec.get("ts"))
         threshold = _number(rec.get("threshold_s"))

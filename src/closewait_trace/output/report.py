@@ -810,7 +810,7 @@ def build(records, source=None, by: Optional[Iterable[str]] = None,
     """The report over `records` (an iterable of record dicts, read once).
     source: what read them (files, skipped, problems, missing_parts), read
     after the records are consumed, so a streaming reader can count as it
-    goes. A recording.Recording may be passed as `records` alone.
+    goes. A parts.Recording may be passed as `records` alone.
     since, until (epoch seconds): the window; records outside it, and the
     sockets reported before it, are not counted."""
     if source is None and hasattr(records, "records"):

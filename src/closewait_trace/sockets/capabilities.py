@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from closewait_trace.errors import EXIT_NOT_ROOT, UserError
+
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
 CAP_SYS_PTRACE = 19
@@ -138,6 +140,18 @@ PERF_RESTRICTED_HINT = ("add CAP_SYS_ADMIN (a full root shell has it; so does th
                         "CapabilityBoundingSet), or set kernel.perf_event_paranoid=2, "
                         "mainline's default (it also lets unprivileged users profile "
                         "their own processes)")
+
+
+def explain_refusal(refused: UserError) -> UserError:
+    """The error to show for the probe's ProgramRefused (kernel/probe.py):
+    the perf events restriction when it is the cause (perf_restricted,
+    with this process's capabilities and the kernel's setting), else the
+    refusal as the probe said it."""
+    why = perf_restricted(effective(), perf_event_paranoid(),
+                          getattr(refused, "kernel_error", ""))
+    if why:
+        return UserError(why, EXIT_NOT_ROOT, PERF_RESTRICTED_HINT)
+    return refused
 
 
 def effective(status_path: str = "/proc/self/status") -> Optional[int]:

@@ -9,9 +9,10 @@ CLOSED facts. All times are kernel (boot-clock) nanoseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Protocol
 
-from closewait_trace.live import ages
+from closewait_trace.sockets import ages
+from closewait_trace.sockets.owners import Ownership
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
@@ -22,6 +23,14 @@ from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow
 DEPARTED_GRACE_NS = 5_000_000_000
 
 
+class Verdict(Protocol):
+    """What a socket's diagnosis says, as far as the layers below evidence/
+    read it: evidence/diagnosis.Diagnosis is one (set by the live loop and
+    `snapshot`, which sit above evidence/)."""
+    cause: str
+    summary: str
+
+
 @dataclass(slots=True)
 class Lingerer:
     endpoints: Endpoints
@@ -29,8 +38,8 @@ class Lingerer:
     skaddr: Optional[int]       # None for pre-existing sockets (unknown)
     pre_existing: bool = False
     reported: bool = False
-    ownership: object = None    # owners.Ownership once resolved
-    diagnosis: object = None    # diagnosis.Diagnosis once resolved
+    ownership: Optional[Ownership] = None   # once resolved
+    diagnosis: Optional[Verdict] = None     # once resolved (diagnosis.Diagnosis)
     left_ns: Optional[int] = None
     # How the age is known (ages.py): traced by the kernel program,
     # estimated from tcp_info, or a lower bound counted from the trace's start.
@@ -67,7 +76,7 @@ class Lingerer:
 
     @property
     def holder_pids(self) -> set[int]:
-        return set(getattr(self.ownership, "pids", set()) or set())
+        return self.ownership.pids if self.ownership is not None else set()
 
 
 @dataclass

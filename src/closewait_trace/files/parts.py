@@ -1,0 +1,436 @@
+"""The files of a capture (the part set): how parts are named, found,
+opened without trusting what sits at their names, checked by their headers
+and read in order as one stream of records (RecordingReader). One file's
+bytes become records in stream.py; recording.py writes them.
+
+Rotated parts are FILE, FILE.1, FILE.2, ... and every part starts with a
+header carrying its part number and capture id, so a set is read in order
+and a file that does not belong to it is recognized. FILE '-' is stdout /
+stdin.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from closewait_trace import __version__
+from closewait_trace.errors import EXIT_FILE, UserError
+from closewait_trace.files.stream import FileState, decoded_chunks, parse_line, records_of
+from closewait_trace.output import schema
+
+FORMAT = "closewait-trace-recording"
+# One version for the records and the files that carry them (schema.py).
+FORMAT_VERSION = schema.SCHEMA_VERSION
+STDOUT = "-"          # -w - / -r -: standard output / standard input
+MAX_PART = 2**31 - 1                 # a header's part number above this is damage
+MAX_LISTED = 20                      # skipped files / missing parts named one by one
+TAIL_BYTES = 256 * 1024              # end of a recording searched for its last time
+
+
+def part_path(base: str, part: int, max_files: Optional[int]) -> str:
+    slot = part % max_files if max_files else part
+    return base if slot == 0 else f"{base}.{slot}"
+
+
+def kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@dataclass
+class Recording:
+    """Everything read from one or more recordings."""
+
+    records: list[dict] = field(default_factory=list)   # in order, headers included
+    files: list[str] = field(default_factory=list)
+    skipped: int = 0                  # damaged or unreadable lines
+    problems: list[str] = field(default_factory=list)
+    missing_parts: list[tuple[str, int]] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r.get("type") == kind]
+
+
+def rotated_set(path: str) -> list[str]:
+    """path and its rotated siblings path.1, path.2, ... (by number)"""
+    directory = os.path.dirname(path) or "."
+    base = os.path.basename(path)
+    pattern = re.compile(re.escape(base) + r"\.(\d{1,18})$")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        names = []
+    siblings = sorted((int(m.group(1)), os.path.join(directory, n))
+                      for n in names for m in [pattern.match(n)] if m)
+    return [path] + [p for _, p in siblings]
+
+
+def _name(path: str) -> str:
+    return "standard input" if path == STDOUT else path
+
+
+def _not_regular(path: str, mode: int) -> UserError:
+    if stat.S_ISDIR(mode):
+        return UserError(f"{path} is a directory", EXIT_FILE, "give a recording file")
+    return UserError(f"{path} is {kind_of(mode)}, not a recording file", EXIT_FILE,
+                     "give a regular file (to read a pipe: ... | closewait-trace -r -)")
+
+
+def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_result]:
+    """A regular file opened without blocking (a FIFO planted or given cannot
+    hang us, a device is never opened: stat first, fstat after), or standard
+    input for '-'. A rotated sibling is never read through a symlink."""
+    if path == STDOUT:
+        try:
+            fd = os.dup(sys.stdin.fileno())
+        except (OSError, ValueError):
+            raise UserError("standard input is closed", EXIT_FILE,
+                            "pipe a recording into it: zcat cw.jsonl.gz | closewait-trace -r -")
+        st = os.fstat(fd)
+        if os.isatty(fd) or stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise UserError("standard input is a terminal, not a recording", EXIT_FILE,
+                            "pipe a recording into it: zcat cw.jsonl.gz | closewait-trace -r -")
+        return fd, st
+    try:
+        st = os.lstat(path) if sibling else os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE, "check permissions")
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if sibling:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link", EXIT_FILE, "give the real path")
+        raise UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE, "check permissions")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):             # swapped between stat and open
+        os.close(fd)
+        raise _not_regular(path, st.st_mode)
+    kind = _kernel_filesystem(fd)
+    if kind:
+        # /proc/kmsg, tracefs' trace_pipe and their kin call themselves
+        # regular files; reading one would block, or take its messages from
+        # whoever else reads them.
+        os.close(fd)
+        raise UserError(f"{_name(path)} is a kernel interface on {kind}, not a recording",
+                        EXIT_FILE, "give a recording file")
+    # Left non-blocking all the same: a file on disk reads the same either way.
+    return fd, st
+
+
+# statfs f_type of the kernel's pseudo filesystems (linux/magic.h).
+_KERNEL_FILESYSTEMS = {0x9fa0: "procfs", 0x62656572: "sysfs", 0x74726163: "tracefs",
+                       0x64626720: "debugfs", 0x73636673: "securityfs",
+                       0x63677270: "cgroup2", 0x27e0eb: "cgroup", 0x62656570: "configfs",
+                       0xcafe4a11: "bpffs", 0x6165676c: "pstore", 0xde5e81e4: "efivarfs",
+                       0x1cd1: "devpts", 0x42494e4d: "binfmt_misc"}
+
+
+def _kernel_filesystem(fd: int) -> str:
+    """The pseudo filesystem fd is on ("procfs"...), or ""."""
+    import ctypes
+    buf = ctypes.create_string_buffer(256)          # struct statfs: 120 bytes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return ""
+    return _KERNEL_FILESYSTEMS.get(ctypes.c_long.from_buffer(buf).value, "")
+
+
+def _header_problem(rec: Optional[dict]) -> Optional[str]:
+    """Why the first record of a file cannot start a recording, or None."""
+    if rec is None or rec.get("type") != "header" or rec.get("format") != FORMAT:
+        return "is not a closewait-trace recording"
+    version = rec.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        shown = ascii(version)[:40]
+        return (f"has a damaged header: format_version is {shown}, "
+                f"where a whole number is expected")
+    if version > FORMAT_VERSION:
+        return (f"has format version {version}; this closewait-trace "
+                f"({__version__}) reads up to {FORMAT_VERSION}")
+    part = rec.get("part", 0)
+    if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part <= MAX_PART:
+        return f"has a damaged header: part is {ascii(part)[:40]}"
+    if not isinstance(rec.get("capture_id", ""), str):
+        return "has a damaged header: capture_id is not a string"
+    bad = schema.problem(rec)
+    if bad:
+        return f"has a damaged header ({bad})"
+    return None
+
+
+_HINTS = {"is not": "record one with: sudo closewait-trace -w FILE",
+          "has format version": "upgrade closewait-trace to read it",
+          "has a damaged": "nothing can be read from it without a valid header"}
+
+
+@dataclass
+class _Part:
+    path: str
+    header: dict
+    ident: tuple                  # (st_dev, st_ino, st_uid) when probed
+    sibling: bool
+    records: Optional[Iterable[dict]] = None   # standard input: read once, kept
+    state: Optional[FileState] = None
+    fd: int = -1
+
+    @property
+    def number(self) -> int:
+        return self.header.get("part", 0)
+
+
+def _probe(path: str, sibling: bool) -> _Part:
+    """Open a file and read as far as its header; UserError if it cannot be
+    a recording. Files are closed again (one open file at a time, whatever
+    the number of parts), except standard input, which is kept."""
+    fd, st = _open_for_reading(path, sibling)
+    state = FileState()
+    records = records_of(decoded_chunks(fd, state), state)
+    try:
+        first = next(iter(records), None)
+    except BaseException:
+        os.close(fd)
+        raise
+    problem = _header_problem(first)
+    if path != STDOUT or problem:
+        records.close()
+        os.close(fd)
+    if problem:
+        name = _name(path)
+        if first is None and state.read_error:
+            raise UserError(f"cannot read {name}: {state.read_error}", EXIT_FILE,
+                            "check the file and the device it is on")
+        if state.raw_bytes == 0:
+            raise UserError(f"{name} is empty", EXIT_FILE,
+                            "the recorder may have been stopped before writing anything")
+        if first is None and state.damaged_gzip:
+            raise UserError(f"{name} is a damaged compressed file with nothing readable",
+                            EXIT_FILE, "nothing can be recovered from it")
+        hint = next(h for k, h in _HINTS.items() if problem.startswith(k))
+        raise UserError(f"{name} {problem}", EXIT_FILE, hint)
+    part = _Part(path, first, (st.st_dev, st.st_ino, st.st_uid), sibling)
+    if path == STDOUT:
+        part.records, part.state = records, state
+        part.fd = fd
+    return part
+
+
+class RecordingReader:
+    """Streams the records of one or more recordings, in order, headers
+    included: `for rec in RecordingReader(paths)`. Each path is a capture's
+    first file (its rotated parts FILE.N are found and ordered by the part
+    number in their headers), a single part, or '-' for standard input.
+
+    Construction checks every file's header and raises UserError (exit 7)
+    when a given file cannot be read; rotated siblings that do not belong
+    are skipped and said in `problems`. `skipped`, `problems` and `files`
+    are complete once the iteration has ended.
+    """
+
+    def __init__(self, paths: Iterable[str]):
+        # Called before a read that would wait for more input (standard
+        # input from a pipe), e.g. to flush what was shown so far.
+        self.on_wait: Optional[Callable[[], None]] = None
+        self.files: list[str] = []
+        self.skipped = 0
+        self.problems: list[str] = []
+        self.missing_parts: list[tuple[str, int]] = []
+        paths = list(paths)
+        if paths.count(STDOUT) > 1:
+            raise UserError("standard input ('-') can be read only once", EXIT_FILE,
+                            "give '-' once")
+        self._sets = [(given, self._plan(given)) for given in paths]
+
+    def _plan(self, given: str) -> list[_Part]:
+        first = _probe(given, sibling=False)
+        parts = [first]
+        refused = []
+        if given != STDOUT:
+            for path in rotated_set(given)[1:]:
+                why = self._sibling_problem(path, first)
+                if isinstance(why, str):
+                    refused.append(f"{path}: {why}")
+                else:
+                    parts.append(why)
+        parts.sort(key=lambda p: p.number)
+        unique = []
+        for p in parts:
+            if unique and unique[-1].number == p.number:
+                refused.append(f"{p.path}: part {p.number} again (also in {unique[-1].path})")
+                continue
+            unique.append(p)
+        for line in refused[:MAX_LISTED]:
+            self.problems.append(f"skipped {line}")
+        if len(refused) > MAX_LISTED:
+            self.problems.append(f"skipped {len(refused) - MAX_LISTED} more file(s) "
+                                 f"beside {given} that are not parts of its capture")
+        self._note_gaps(given, [p.number for p in unique])
+        return unique
+
+    @staticmethod
+    def _sibling_problem(path: str, first: _Part):
+        """A rotated part joins only as a regular file (no symlink) with the
+        same owner as the given file, and a header of the same capture."""
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if not stat.S_ISREG(st.st_mode):
+            return f"it is {kind_of(st.st_mode)}"
+        if st.st_uid != first.ident[2]:
+            return (f"owned by uid {st.st_uid}, not by uid {first.ident[2]} "
+                    f"like {first.path} (planted by someone else?)")
+        try:
+            part = _probe(path, sibling=True)
+        except UserError as err:
+            return err.message.replace(path + " ", "", 1)
+        if part.header.get("capture_id") != first.header.get("capture_id"):
+            return "its header belongs to another capture (capture id differs)"
+        return part
+
+    def _note_gaps(self, given: str, numbers: list[int]) -> None:
+        """numbers: sorted, distinct, each at most MAX_PART: work is linear
+        in how many there are, never in how far apart they are."""
+        missing = 0
+        for a, b in zip(numbers, numbers[1:]):
+            for n in range(a + 1, min(b, a + 1 + MAX_LISTED)):
+                if len(self.missing_parts) < MAX_LISTED:
+                    self.missing_parts.append((given, n))
+            missing += b - a - 1
+        if missing > len(self.missing_parts):
+            self.problems.append(f"{given}: {missing} part(s) missing in all, "
+                                 f"the first {len(self.missing_parts)} are listed")
+        if numbers and numbers[0] != 0:
+            m = re.fullmatch(r"(.+)\.(\d{1,18})", given)
+            if m and self._same_capture_first(m.group(1), given):
+                self.problems.append(f"{given} is part {numbers[0]} of a capture; "
+                                     f"read {m.group(1)} for all its parts")
+            else:
+                self.problems.append(f"{_name(given)}: parts 0-{numbers[0] - 1} were rotated "
+                                     f"away (-W cap) or removed; the capture starts at "
+                                     f"part {numbers[0]}")
+
+    @staticmethod
+    def _same_capture_first(base: str, given: str) -> bool:
+        try:
+            a, b = _probe(base, sibling=True), _probe(given, sibling=False)
+        except UserError:
+            return False
+        return a.header.get("capture_id") == b.header.get("capture_id") and \
+            a.ident[2] == b.ident[2]
+
+    @property
+    def first_header(self) -> dict:
+        """The header of the first file given (checked at construction)."""
+        return self._sets[0][1][0].header
+
+    def end_ts(self) -> Optional[float]:
+        """The `ts` of the last record of the last part, found without
+        parsing the rest: the decoded bytes pass through keeping only their
+        last TAIL_BYTES, whose lines are parsed from the end (zlib's work
+        and a bounded parse). None for standard input (read once) or when
+        the tail holds no usable time."""
+        part = self._sets[-1][1][-1]
+        if part.path == STDOUT:
+            return None
+        state = FileState()
+        try:
+            fd, _st = _open_for_reading(part.path, part.sibling)
+        except UserError:
+            return None
+        tail = b""
+        try:
+            for chunk in decoded_chunks(fd, state):
+                tail = (tail + chunk)[-TAIL_BYTES:]
+        finally:
+            os.close(fd)
+        for raw in reversed(tail.split(b"\n")[1:] if len(tail) == TAIL_BYTES
+                            else tail.split(b"\n")):
+            rec = parse_line(raw) if raw.strip() else None
+            if rec is not None and schema.problem(rec) is None:
+                ts = rec.get("ts")
+                if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                    return ts
+        return None
+
+    def __iter__(self):
+        for _given, parts in self._sets:
+            for part in parts:
+                yield from self._stream(part)
+
+    def _stream(self, part: _Part):
+        if part.records is not None:                 # standard input
+            state, records, fd = part.state, part.records, part.fd
+            state.on_wait = self.on_wait
+            part.records = None
+            first = part.header
+        else:
+            state = FileState(on_wait=self.on_wait)
+            try:
+                fd, st = _open_for_reading(part.path, part.sibling)
+            except UserError as err:
+                self.problems.append(f"skipped {err.message} (it was there a moment ago)")
+                return
+            records = records_of(decoded_chunks(fd, state), state)
+            first = next(iter(records), None)
+            if (st.st_dev, st.st_ino, st.st_uid) != part.ident or first != part.header:
+                records.close()
+                os.close(fd)
+                self.problems.append(f"skipped {part.path}: it was replaced while being read")
+                return
+        version = first["format_version"]
+        try:
+            self.files.append(_name(part.path))
+            yield first
+            for rec in records:
+                # Older versions are brought to the current shape; a record
+                # that does not match its schema (damaged, hostile) is
+                # skipped and counted like a damaged line, never shown.
+                rec = schema.upgrade(rec, version)
+                if schema.problem(rec) is None:
+                    yield rec
+                else:
+                    state.skipped += 1
+        finally:
+            records.close()
+            os.close(fd)
+            self.skipped += state.skipped
+            name = _name(part.path)
+            if state.damaged_gzip:
+                self.problems.append(f"{name}: compressed data damaged or cut short; "
+                                     f"read what precedes it")
+            if state.read_error:
+                self.problems.append(f"{name}: read error ({state.read_error}); "
+                                     f"read what precedes it")
+            if state.barren:
+                self.problems.append(f"{name}: stopped reading after {state.barren} "
+                                     f"(damaged, or not a recording past this point)")
+
+
+def read(paths: Iterable[str]) -> Recording:
+    """Everything at once, for callers that need a list (report.build).
+    Memory grows with the valid records read; RecordingReader streams."""
+    reader = RecordingReader(paths)
+    records = list(reader)
+    return Recording(records=records, files=reader.files, skipped=reader.skipped,
+                     problems=reader.problems, missing_parts=reader.missing_parts)
+
