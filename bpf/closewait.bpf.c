@@ -36,6 +36,7 @@
 //   EOF_STACK_BYTES      bytes of the reader's user stack kept (power of two,
 //                        at most 4096: one page, see cw_copy_stack)
 //   CAPTURES_PER_S       captures of each kind per CPU per second, at most
+//   CAPTURES_PER_PROC_S  captures of each kind per process per second, at most
 //   OPEN_CAPTURE         also keep where client sockets were connect()ed
 //   MAX_OPEN_CAPTURES    capacity of cw_open (with OPEN_CAPTURE)
 //   MAX_EXEC_TRACKED     capacity of cw_exec_ns (with either capture)
@@ -200,6 +201,20 @@ struct cw_eof_budget {
     u64 used_open;
 };
 BPF_PERCPU_ARRAY(cw_eof_budget, struct cw_eof_budget, 1);
+
+// The same, per process: a busy service that closes its sockets promptly
+// reads EOF on every connection, and with only the per-CPU budget it spent
+// it on sockets that never linger, leaving none for the process that leaks
+// (seen on a shared host: half the lingering sockets without a place). Each
+// process gets its own CAPTURES_PER_PROC_S a second; the per-CPU budget
+// stays as the bound on the total cost. LRU: a process that stops capturing
+// ages out.
+struct cw_proc_budget {
+    u64 window_ns;
+    u32 used_eof;
+    u32 used_open;
+};
+BPF_TABLE("lru_hash", u32, struct cw_proc_budget, cw_proc_budget, 4096);
 
 // When each process last exec()ed, while it lives: a capture taken before
 // its process ran another program must not be unwound against the new one
@@ -455,6 +470,31 @@ static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
 static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_counters *counts)
 {
     int zero = 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct cw_proc_budget fresh = {.window_ns = now};
+    struct cw_proc_budget *mine = cw_proc_budget.lookup(&tgid);
+    if (!mine) {
+        cw_proc_budget.update(&tgid, &fresh);
+        mine = cw_proc_budget.lookup(&tgid);
+    }
+    if (mine) {
+        if (now - mine->window_ns >= 1000000000ULL) {
+            mine->window_ns = now;
+            mine->used_eof = 0;
+            mine->used_open = 0;
+        }
+        u32 *own = open ? &mine->used_open : &mine->used_eof;
+        if (*own >= CAPTURES_PER_PROC_S) {
+            if (counts) {
+                if (open)
+                    counts->open_rate_limited++;
+                else
+                    counts->eof_rate_limited++;
+            }
+            return 0;
+        }
+        (*own)++;
+    }
     struct cw_eof_budget *budget = cw_eof_budget.lookup(&zero);
     if (!budget)
         return 0;

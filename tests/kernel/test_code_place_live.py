@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -436,3 +438,80 @@ def test_a_reader_that_ran_another_program_since_is_not_unwound(procs):
     assert read is not None and read["pid"] == holder.pid, rec["code"]
     assert read["place"] is None and not read["unwound"], read
     assert "has run another program since" in read["not_unwound"]
+
+
+NOISY = """\
+import socket, sys, threading
+port = int(sys.argv[1])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port)); l.listen(1024)
+stop = threading.Event()
+
+def serve():
+    while not stop.is_set():
+        c, _ = l.accept()
+        while c.recv(100):          # reads EOF: a capture, if the budget allows
+            pass
+        c.close()                   # and closes at once: never lingers
+
+threading.Thread(target=serve, daemon=True).start()
+print("ready", flush=True)
+while sys.stdin.readline().strip() != "stop":
+    pass
+"""
+
+
+def test_a_busy_process_closing_promptly_cannot_spend_the_leakers_captures(procs):
+    """Captures are budgeted per process: another service that reads EOF on
+    thousands of connections a second (and closes them at once) used to
+    spend the per-CPU budget, and the leaker's sockets lingered without a
+    place (seen on a shared host)."""
+    busy_port, port = free_port(), free_port()
+    busy = subprocess.Popen([sys.executable, "-c", NOISY, str(busy_port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(busy)
+    assert busy.stdout.readline().strip() == "ready"
+    count = 20
+    holder = python_server(procs, port, f"""
+        held = []
+        for _ in range({count}):
+            c, _ = l.accept()
+            held.append(c)
+        for c in held:
+            while c.recv(100):
+                pass
+        print("read", flush=True)
+        time.sleep(600)
+        """)
+    tracer = started_tracer(procs, "-p", f"{busy_port},{port}")
+    # The busy service churns (a client thread here, the reads there) ...
+    churn_stop = threading.Event()
+
+    def churn():
+        while not churn_stop.is_set():
+            s = socket.create_connection(("127.0.0.1", busy_port))
+            s.close()
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for t in churners:
+        t.start()
+    try:
+        time.sleep(stretch(0.3))
+        # ... while the leaker reads its 20 to EOF (well within the threshold).
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        for c in clients:
+            c.close()
+        assert holder.stdout.readline().strip() == "read"
+        time.sleep(stretch(0.2))
+    finally:
+        churn_stop.set()
+        for t in churners:
+            t.join()
+    lingers = tracer.wait_for(lambda r: r["type"] == "linger" and r["lport"] == port,
+                              count=count, timeout=60)
+    summary = tracer.stop()
+    assert summary["counters"]["eof_rate_limited"] > 0        # the busy one was limited
+    kept = [r for r in lingers if r["code"]["eof_read"] is not None]
+    assert len(kept) == count, [r["code"].get("eof_read_unknown") for r in lingers
+                                if r["code"]["eof_read"] is None][:3]
+    busy.stdin.write("stop\n")
+    busy.stdin.flush()

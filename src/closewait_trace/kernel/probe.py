@@ -50,7 +50,10 @@ class ProbeConfig:
     # Each kind, per CPU per second, at most: a capture costs ~0.8 us in the
     # kernel, and a server whose clients close first reads EOF on every
     # connection (bench/hook_cost.py; docs/benchmarks.md).
-    captures_per_s: int = 128
+    captures_per_s: int = 512
+    # ...and per process, so that a busy service closing promptly cannot
+    # spend the budget of the one that leaks.
+    captures_per_proc_s: int = 32
     max_open_captures: int = 1024      # client sockets whose connect() is kept
     max_exec_tracked: int = 16384      # live processes whose last exec() is known
     max_py_procs: int = 4096           # CPython processes whose frames captures copy
@@ -84,7 +87,8 @@ class ProbeConfig:
                       f"-DMAX_EXEC_TRACKED={self.max_exec_tracked}",
                       f"-DMAX_PY_PROCS={self.max_py_procs}",
                       f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
-                      f"-DCAPTURES_PER_S={self.captures_per_s}"]
+                      f"-DCAPTURES_PER_S={self.captures_per_s}",
+                      f"-DCAPTURES_PER_PROC_S={self.captures_per_proc_s}"]
         if self.captures_eof:
             flags.append("-DEOF_CAPTURE")
         if self.captures_open:
