@@ -185,7 +185,7 @@ guest() {
     n=$( [ -n "$kept" ] && zcat "$STATE/$kept"/closewait.jsonl.gz* | grep -c '"type": *"linger"')
     check "restart: the previous run kept" \
         "$([ $rc = 0 ] && has_start && [ "${n:-0}" = 5 ] && echo pass || echo FAIL)" \
-        "${kept:-no run-* directory} with ${n:-0} linger records; started again after $(since "$t0") s; $(ls "$STATE" | tr '\n' ' ')"
+        "${kept:-no run-* directory} with ${n:-0} linger records; started again after $(since "$t0") s; $(ls "$STATE" | paste -sd' ')"
     local pre held
     pre=$(recording | grep -m1 '"type": *"start"' | grep -o '"pre_existing": *[0-9]*' | grep -o '[0-9]*$')
     held=$(ss -Htn state close-wait "sport = :$SEED_PORT" | wc -l)
@@ -200,7 +200,7 @@ guest() {
     # 8. systemd-analyze security on the live unit.
     systemd-analyze security --no-pager "$UNIT" > "$DIR/security.txt" 2>&1
     local score
-    score=$(grep -o 'Overall exposure level for .*' "$DIR/security.txt")
+    score=$(grep -o 'Overall exposure level for [^:]*: [0-9.]* [A-Z]*' "$DIR/security.txt")
     fact exposure "$score"
     check "systemd-analyze security $UNIT" "$([ -n "$score" ] && echo pass || echo FAIL)" "${score:-no score}"
 
@@ -226,7 +226,7 @@ guest() {
     n=$(cd "$STATE" && ls -d run-* 2>/dev/null | wc -l)
     check "config error: the incident's run still kept" \
         "$([ -n "$kept" ] && [ -d "$STATE/$kept" ] && echo pass || echo FAIL)" \
-        "$(ls "$STATE" | tr '\n' ' ')"
+        "$(ls "$STATE" | paste -sd' ')"
     rm -rf "/run/systemd/system/$UNIT.service.d"
     systemctl daemon-reload
     systemctl reset-failed "$UNIT"
@@ -248,7 +248,7 @@ guest() {
     check "stop during start-up: a clean stop, no run filed for it" \
         "$([ $rc = 0 ] && [ "$result" = success ] && [ "$runs_after" = "$runs_before" ] \
            && [ -d "$STATE/$kept" ] && echo pass || echo FAIL)" \
-        "result $result, code/status $status (1 exited, 2 killed), in $(since "$t0") s; then: $(ls "$STATE" | tr '\n' ' ')"
+        "result $result, code/status $status (1 exited, 2 killed), in $(since "$t0") s; then: $(ls "$STATE" | paste -sd' ')"
     systemctl stop "$UNIT"
 
     kill -KILL -- "-$server" 2>/dev/null

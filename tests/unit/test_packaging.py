@@ -330,3 +330,21 @@ def test_license_matches_pyproject():
     assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
     deps = {re.split(r"[<>=]", d)[0] for d in meta["dependencies"]}
     assert deps == {"click", "pyelftools", "prometheus-client", "rich"}
+
+
+def test_the_systemd_vm_image_holds_every_dependency_of_the_package():
+    """scripts/systemd-vm.sh installs the .deb in a guest without network:
+    every package debian/control names (Depends and Recommends, the first of
+    each alternative) must be in the image it builds."""
+    script = (ROOT / "scripts" / "systemd-vm.sh").read_text()
+    packages = set(re.search(r"^PACKAGES=\((.*?)\)", script, re.M | re.S).group(1).split())
+    control = (ROOT / "debian" / "control").read_text().split("\nPackage: ", 1)[1]
+    wanted = set()
+    for field_name in ("Depends", "Recommends"):
+        value = re.search(rf"^{field_name}:(.*?)(?=^\S)", control, re.M | re.S).group(1)
+        for item in value.split(","):
+            first = item.split("|")[0].strip()
+            if first and not first.startswith("${"):
+                wanted.add(first.split()[0])
+    assert wanted and wanted <= packages, sorted(wanted - packages)
+
