@@ -5,9 +5,10 @@
 # scripts/build-deb.sh builds from this checkout, and runs the service the
 # way the README says: enable --now, the seed scenario, the recording, the
 # metrics scrape, stop (summary, exit 0), start again (the previous run
-# kept), systemd-analyze security, and a configuration error that must not
-# restart in a loop. One line per check, then a Markdown block for
-# docs/kernels.md. Not part of CI: the boot and bcc's compile under TCG take
+# kept), systemd-analyze security, a configuration error that must not
+# restart in a loop, and a stop during start-up. One line per check, then a
+# Markdown block for docs/kernels.md (docs/kernels.md, "Under a real
+# systemd"). Not part of CI: the boot and bcc's compile under TCG take
 # minutes.
 #
 #   scripts/systemd-vm.sh [options]
@@ -16,6 +17,7 @@
 #                    /var/tmp/closewait-systemd-vm: Debian 12 with systemd,
 #                    linux-image-amd64 and linux-headers-amd64 from bookworm,
 #                    python3-bpfcc and the package's other dependencies)
+#     --build-only   build the disk image again, boot nothing
 #     --mirror URL   Debian mirror (default: http://deb.debian.org/debian)
 #     --timeout S    stop the guest after S seconds (default 5400)
 #     --memory M     guest memory in MiB (default 2048)
@@ -119,7 +121,7 @@ guest() {
     fi
     local headers
     headers=$(recording | grep -m1 '"type": *"start"' | python3 -c \
-        'import json,sys; r=json.loads(sys.stdin.read()); print(r.get("headers",""))')
+        'import json,sys; r=json.loads(sys.stdin.read()); print(r.get("headers",""))' 2>/dev/null)
     fact headers "$headers"
     # The running kernel's headers are installed (linux-headers-amd64): the
     # start record must name them, not say the kernel has none.
@@ -164,7 +166,7 @@ guest() {
     journal=$(journalctl -b -u "$UNIT" --no-pager -o cat)
     echo "$journal" > "$DIR/journal-first-run.txt"
     # The seed's 5 still lingering; more entered CLOSE_WAIT (each scrape's
-    # connection, closed by curl first, passes through it for microseconds).
+    # connection, closed by curl first, passes through it for milliseconds).
     check "journal: the stop summary" \
         "$(grep -q '^Summary after ' <<< "$journal" && grep -q '^Still lingering at exit: 5$' <<< "$journal" \
            && echo pass || echo FAIL)" \
@@ -382,7 +384,7 @@ main() {
             --mirror) MIRROR=$2; shift ;;
             --timeout) GUEST_TIMEOUT=$2; shift ;;
             --memory) MEMORY=$2; shift ;;
-            -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+            -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
             *) die "unknown argument $1 (see --help)" ;;
         esac
         shift
