@@ -720,6 +720,11 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         kernel_headers.apply(choice)
         tracer.headers = choice.describe()
         tracer.start()
+        if tracer.start_snapshot_failed:
+            click.echo("closewait-trace: warning: the sockets already in CLOSE_WAIT could not "
+                       f"be read at start ({textsafe.escape(tracer.start_snapshot_failed)}): "
+                       "they are not reported, only those that enter it from now on; "
+                       "restart to try again", err=True)
     except BaseException as exc:
         tracer.restore_signals()
         tracer.resolver.close()

@@ -8,6 +8,10 @@ import time
 from closewait_trace.evidence import gathering
 
 BLOCKED_PIDS_ENV = "CLOSEWAIT_TEST_BLOCKED_PIDS"
+# Seconds the worker's import of this module takes: a worker starting on a
+# loaded or emulated machine.
+SLOW_IMPORT_ENV = "CLOSEWAIT_TEST_SLOW_IMPORT_S"
+time.sleep(float(os.environ.get(SLOW_IMPORT_ENV) or 0))
 
 
 def _blocked(pid) -> bool:

@@ -187,6 +187,30 @@ def test_a_long_call_that_keeps_reading_is_not_cut(gatherer):
     assert time.monotonic() - started < 0.8 + 5
 
 
+def test_a_worker_slow_to_start_is_not_a_stalled_read(gatherer, monkeypatch):
+    """Issue 19 §2, under systemd in a QEMU guest (scripts/systemd-vm.sh): the
+    service restarted while 5 sockets lingered and reported none of them for
+    10 minutes. The tracer's first call, the snapshot of the sockets already
+    in CLOSE_WAIT, starts the worker, and its imports took longer than the
+    call's 2 s stall time: abandoned, and they are in no kernel map. The
+    stall time counts from the worker's start-up, not before; a worker that
+    never starts is still bounded by the call's deadline."""
+    from tests.unit.blocking_calls import SLOW_IMPORT_ENV
+    monkeypatch.setenv(SLOW_IMPORT_ENV, "1.5")
+    assert gatherer.call("reading_for", 0.1, deadline_s=30, progress_s=0.5) == "done"
+    # Started, a silent read is a stall again.
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("silent_for", 30.0, deadline_s=60, progress_s=0.5)
+    assert failed.value.why == worker.TIMED_OUT
+    gatherer.close()
+    monkeypatch.setenv(SLOW_IMPORT_ENV, "30")
+    started = time.monotonic()
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("reading_for", 0.1, deadline_s=2, progress_s=0.5)
+    assert failed.value.why == worker.TIMED_OUT
+    assert 2 <= time.monotonic() - started < 2 + 5
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sets SECBIT_NOROOT")
 def test_the_worker_keeps_the_tracers_capabilities_under_noroot():
     """The unit runs the tracer with SecureBits=noroot-locked: uid 0 gains

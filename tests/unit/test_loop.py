@@ -95,6 +95,31 @@ def one_reported_socket(tmp_path, state="S") -> World:
     return w
 
 
+def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
+    """Issue 19 §2: when the start's read of the sockets already in
+    CLOSE_WAIT fails (the worker timed out), those sockets are in no kernel
+    map and will never be reported: the tracer says why (the CLI warns),
+    and still reports those that enter CLOSE_WAIT from then on."""
+    from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
+
+    class Failing(ProcResolver):
+        def snapshot_close_wait(self):
+            raise GatherFailed(TIMED_OUT)
+
+    w = World(tmp_path, resolver=Failing(str(tmp_path / "proc")))
+    w.hold(100, 40001, 5001)                 # before the attach: lost
+    w.tracer.start()
+    assert w.tracer.start_snapshot_failed == TIMED_OUT
+    assert w.of("start")[0]["pre_existing"] == 0
+    w.probe.enter(0xB, endpoints(40002))     # after: in the map
+    w.hold(100, 40002, 5002)
+    w.step(1.5)
+    assert [r["rport"] for r in w.of("linger")] == [40002]
+    ok = World(tmp_path / "ok")
+    ok.tracer.start()
+    assert ok.tracer.start_snapshot_failed is None
+
+
 def test_startup_race_neither_missed_nor_reported_twice(tmp_path):
     w = World(tmp_path)
     # A was in CLOSE_WAIT before the attach: only the /proc snapshot has it.

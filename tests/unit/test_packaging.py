@@ -111,6 +111,61 @@ def test_unit_hardening_settings():
         assert flag in exec_start.replace("\\\n", " "), flag
 
 
+def test_the_unit_leaves_the_running_kernels_headers_visible_and_modules_unloadable():
+    """Issue 19 §2, seen under systemd 252 in a VM (scripts/systemd-vm.sh):
+    ProtectKernelModules=yes makes /usr/lib/modules inaccessible, so the
+    running kernel's headers (/lib/modules/RELEASE/build) were hidden and the
+    start record said the kernel had none. Module loading is denied without
+    it: no CAP_SYS_MODULE in the bounding set, no @module system calls."""
+    text = UNIT.read_text()
+    settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
+    assert settings.get("ProtectKernelModules", "no") == "no"
+    for key in ("InaccessiblePaths", "TemporaryFileSystem", "ReadOnlyPaths"):
+        assert "modules" not in settings.get(key, ""), key
+    caps = settings["CapabilityBoundingSet"].split()
+    assert caps and not caps[0].startswith("~") and "CAP_SYS_MODULE" not in caps
+    calls = settings["SystemCallFilter"].split()
+    assert calls[0] == "@system-service"
+    assert not {"@module", "init_module", "finit_module", "delete_module"} & set(calls)
+    assert not {"init_module", "finit_module", "delete_module"} & allowed_calls(calls)
+
+
+def allowed_calls(names: list[str]) -> set[str]:
+    """The system calls a SystemCallFilter= list allows, its groups expanded
+    by systemd itself (systemd-analyze syscall-filter)."""
+    calls, seen, todo = set(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if not name.startswith("@"):
+            calls.add(name)
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        res = run([need("systemd-analyze"), "syscall-filter", name])
+        assert res.returncode == 0, res.stderr
+        words = [l.strip() for l in res.stdout.splitlines()[1:]
+                 if l.strip() and not l.strip().startswith("#")]
+        todo += words
+    return calls
+
+
+def test_the_readme_runs_without_systemd_what_the_unit_runs():
+    """Issue 19 §2: running it without systemd (a container, an init without
+    units) is documented with the unit's own command line and pre-start."""
+    text = UNIT.read_text()
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", text, re.M | re.S).group(1)
+    pre = re.search(r"^ExecStartPre=(.*)$", text, re.M).group(1)
+    doc = (ROOT / "docs" / "service.md").read_text()
+    section = doc.split("## Without systemd", 1)[1].split("\n## ", 1)[0]
+    shell = re.findall(r"^    (.*)$", section, re.M)
+    commands = " ".join(shell).replace("\\ ", " ")
+    unit_args = " ".join(exec_start.replace("\\\n", " ").split()[1:])
+    assert f"exec /usr/sbin/closewait-trace {unit_args}" in " ".join(commands.split())
+    assert f"/usr/lib/closewait-trace/keep-runs {pre.split()[1]}" in commands
+    assert "SIGTERM" in section and "exits 0" in section
+
+
 def test_keep_runs_moves_the_previous_recording_and_keeps_five(tmp_path):
     script = ROOT / "packaging" / "systemd" / "keep-runs"
     env = dict(os.environ, STATE_DIRECTORY=str(tmp_path))
@@ -276,3 +331,21 @@ def test_license_matches_pyproject():
     assert "License :: OSI Approved :: Apache Software License" in meta["classifiers"]
     deps = {re.split(r"[<>=]", d)[0] for d in meta["dependencies"]}
     assert deps == {"click", "pyelftools", "prometheus-client", "rich"}
+
+
+def test_the_systemd_vm_image_holds_every_dependency_of_the_package():
+    """scripts/systemd-vm.sh installs the .deb in a guest without network:
+    every package debian/control names (Depends and Recommends, the first of
+    each alternative) must be in the image it builds."""
+    script = (ROOT / "scripts" / "systemd-vm.sh").read_text()
+    packages = set(re.search(r"^PACKAGES=\((.*?)\)", script, re.M | re.S).group(1).split())
+    control = (ROOT / "debian" / "control").read_text().split("\nPackage: ", 1)[1]
+    wanted = set()
+    for field_name in ("Depends", "Recommends"):
+        value = re.search(rf"^{field_name}:(.*?)(?=^\S)", control, re.M | re.S).group(1)
+        for item in value.split(","):
+            first = item.split("|")[0].strip()
+            if first and not first.startswith("${"):
+                wanted.add(first.split()[0])
+    assert wanted and wanted <= packages, sorted(wanted - packages)
+

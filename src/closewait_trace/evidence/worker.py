@@ -240,6 +240,9 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS) -> None:
     calls = _calls(calls_module)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
+    # Started: the interpreter and its imports took what they took (seconds
+    # on a loaded or emulated machine); a call's stall time counts from here.
+    _send(out, "ready", None)
     threading.Thread(target=_report_progress, args=(out,), daemon=True).start()
     while True:
         head = inp.read(_HEADER.size)
@@ -274,6 +277,7 @@ class GatherWorker:
     timeouts: int = 0                     # calls that missed their deadline
     failures: int = 0                     # calls that failed otherwise
     _proc: Optional[subprocess.Popen] = None
+    _ready: bool = False                  # the worker said "ready" (imports done)
     _buf: bytearray = field(default_factory=bytearray)
     _abandoned: list = field(default_factory=list)   # [Popen, tag] of killed workers
     _last_abandoned: Optional[list] = None
@@ -308,6 +312,7 @@ class GatherWorker:
             start_new_session=True)      # Ctrl-C at a terminal is not for it
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._buf = bytearray()
+        self._ready = False
         return self._proc
 
     def start(self) -> None:
@@ -383,7 +388,8 @@ class GatherWorker:
             progress_at = time.monotonic()
             while True:
                 for kind, payload in self._frames():
-                    if kind == "progress":
+                    if kind in ("progress", "ready"):
+                        self._ready = self._ready or kind == "ready"
                         progress_at = time.monotonic()
                     elif kind == "item":
                         items.append(payload)
@@ -397,7 +403,13 @@ class GatherWorker:
                     self._abandon()
                     raise GatherFailed(STOPPED, items)
                 deadline = deadline_at
-                if progress_s is not None:
+                # The stall time is for reads: a worker still starting (a new
+                # interpreter importing the package: seconds under load, as
+                # was seen under QEMU's emulation, where the tracer's first
+                # call, the start's snapshot of the sockets already in
+                # CLOSE_WAIT, was abandoned and they were never reported) has
+                # only the call's overall deadline.
+                if progress_s is not None and self._ready:
                     deadline = min(deadline, progress_at + progress_s * scale)
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -137,6 +137,8 @@ class LiveTracer:
     _final_drain: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
+    # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
+    start_snapshot_failed: Optional[str] = None
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -197,8 +199,12 @@ class LiveTracer:
             gatherer.while_waiting = self._poll_while_waiting
         try:
             found = self.resolver.snapshot_close_wait()
-        except GatherFailed:
-            found = []          # counted (evidence_timeouts); the map still has them
+        except GatherFailed as e:
+            # Counted (evidence_timeouts). Sockets that entered CLOSE_WAIT
+            # after the attach are in the kernel's map; those from before
+            # are in no map and will not be reported: said (cli.py).
+            found = []
+            self.start_snapshot_failed = e.why
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
