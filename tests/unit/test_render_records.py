@@ -191,3 +191,15 @@ def test_with_v_a_long_diagnosis_is_wrapped_to_80_columns_not_cut():
     assert all(width_of_escaped(l) <= 80 for l in lines), lines
     text = " ".join(l.strip() for l in lines)
     assert "and 2993 more" in text and "(1/init)" in text
+
+
+def test_the_connect_line_is_said_of_client_sockets_only():
+    """A server's accepted socket was never connect()ed here: `-v` said
+    "connect(): place not known" under every one of them (a newcomer's
+    snapshot of 65 sockets was 1,450 lines)."""
+    from closewait_trace.output import records
+    code = records.code_unknown(records.CODE_SNAPSHOT)
+    server = {"lport": 8080, "rport": 45000, "code": code}
+    client = {"lport": 45000, "rport": 8080, "code": code}
+    assert not any("connect()" in l for l in render.code_lines(server, verbose=True))
+    assert any("connect(): place not known" in l for l in render.code_lines(client, verbose=True))

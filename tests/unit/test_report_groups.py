@@ -316,3 +316,23 @@ def test_the_same_function_and_line_in_two_programs_are_two_rows():
     rows = {r["code"]: r["count"] for r in report.build(recs)["by_code"]}
     assert rows == {"handle_client (srv.c:12) in /usr/sbin/api": 1,
                     "handle_client (srv.c:12) in /tmp/evil": 1}
+
+
+def test_places_the_kernel_did_not_keep_are_losses_in_the_report_and_the_summary():
+    """A newcomer's report said "Gaps and losses: none." beside 195 sockets
+    whose place was "(not known)": the capture's summary counted 33,679 EOF
+    reads and 38,053 connect()s over the capture rate."""
+    from closewait_trace.output import render
+    counters = {"eof_rate_limited": 33679, "open_rate_limited": 38053, "eof_map_full": 2,
+                "open_map_full": 0}
+    recs = [header(), recordfactory.start(ts=T0),
+            recordfactory.summary(ts=T0 + 60, counters=counters)]
+    rep = report.build(iter(recs))
+    assert rep["losses"]["places_not_kept"] == counters
+    text = "\n".join(report.render_text(rep))
+    assert "Gaps and losses: none." not in text
+    assert "33679 EOF reads not located (over the capture rate" in text
+    assert "38053 connect()s not located (over the capture rate" in text
+    assert "2 EOF reads not located (their map was full)" in text
+    live = " ".join(render.summary_lines(recs[-1]))
+    assert "38053 connect()s not located (over the capture" in " ".join(live.split())

@@ -268,7 +268,7 @@ def _open_dwarf(path: str, deadline: float, limits: Limits):
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         failed = _failed.get(key)
         if failed is not None and time.monotonic() - failed[0] < RETRY_SECONDS:
-            raise Refused(failed[1] + " (not tried again yet)")
+            raise Refused(failed[1].removeprefix("no line: ") + " (not tried again yet)")
         if key in _cache:
             _cache.move_to_end(key)
             dwarf, _size, line_data = _cache[key]

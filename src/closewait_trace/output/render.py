@@ -577,10 +577,26 @@ def _stack_lines(found: dict, indent: str) -> list[str]:
     out = [f"{indent}    py {python_frame_line(f, room - 3)}"
            for f in (found.get("python") or [])[:16] if isinstance(f, dict)]
     if found.get("python_not_read"):
-        out.append(f"{indent}    " + textsafe.cut(
+        out.extend(f"{indent}    {l}" for l in prose(
             f"Python frames: {escape(found['python_not_read'])}", room))
     return out + [f"{indent}    " + textsafe.cut(frame_line(f), room)
                   for f in (found.get("stack") or [])[:32] if isinstance(f, dict)]
+
+
+# Linux's default ip_local_port_range: where a client's own port comes from
+# (a recording from another host does not say what that host's range was).
+EPHEMERAL_PORTS = (32768, 60999)
+def side_of(r: dict) -> str:
+    """'server' when the local port is a service's (it had a listener, or
+    only the remote port looks ephemeral), 'client' when the local port is
+    the ephemeral one of a connection this host made."""
+    if isinstance(r.get("listener"), dict):
+        return "server"
+    def ephemeral(port):
+        return type(port) is int and EPHEMERAL_PORTS[0] <= port <= EPHEMERAL_PORTS[1]
+    if ephemeral(r.get("lport")) and not ephemeral(r.get("rport")):
+        return "client"
+    return "server"
 
 
 def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
@@ -622,7 +638,9 @@ def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
             f"{escape(opened.get('comm'))})", True)
         if verbose:
             out.extend(_stack_lines(opened, indent))
-    elif verbose and code.get("opened_unknown"):
+    elif verbose and code.get("opened_unknown") and side_of(rec) == "client":
+        # (A server's accepted socket was never connect()ed here: nothing
+        # to say of it.)
         say(f"connect(): place not known: {escape(code['opened_unknown'])}", False)
     return out
 
@@ -772,6 +790,11 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("eof_rate_limited"):
         problems.append(f"{n['eof_rate_limited']} EOF reads not located (over the capture "
                         f"rate: a sample was kept)")
+    if n.get("open_map_full"):
+        problems.append(f"{n['open_map_full']} connect()s not located (their map was full)")
+    if n.get("open_rate_limited"):
+        problems.append(f"{n['open_rate_limited']} connect()s not located (over the capture "
+                        f"rate: a sample was kept)")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
@@ -784,7 +807,7 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
         # The counts are of lookups (a frame, or a module's first use), not
         # of processes: say the reason first and the count after it.
         lines += prose("Stack frames or modules left without symbols, by reason: " + "; ".join(
-            f"{escape(reason)} ({escape(n)} times)"
+            f"{escape(reason)} ({escape(n)} time{'' if n == 1 else 's'})"
             for reason, n in sorted(rec["symbolizer_problems"].items())))
     lines.append("Time in CLOSE_WAIT, timed by the kernel (log2 histogram):")
     lines.extend(histogram_lines(rec.get("histogram_us")))

@@ -30,7 +30,8 @@ from typing import Iterable, Optional
 
 from closewait_trace.output import textsafe
 from closewait_trace.output.render import (LINE, age_source, describe_place, fit_lines, marked_age,
-                                           histogram_lines, hostport, slots_to_buckets)
+                                           histogram_lines, hostport, side_of,
+                                           slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
 
@@ -71,24 +72,8 @@ TITLES = {
     "peer": "By remote peer (host:port a client used; host:* for a server's clients)",
     "pid": "By process",
 }
-# Linux's default ip_local_port_range: where a client's own port comes from
-# (a recording from another host does not say what that host's range was).
-EPHEMERAL_PORTS = (32768, 60999)
 EPHEMERAL = "(ephemeral)"
 MAX_CMDLINE_SHOWN = 120     # characters of a command line in --by pid
-
-
-def side_of(r: dict) -> str:
-    """'server' when the local port is a service's (it had a listener, or
-    only the remote port looks ephemeral), 'client' when the local port is
-    the ephemeral one of a connection this host made."""
-    if isinstance(r.get("listener"), dict):
-        return "server"
-    def ephemeral(port):
-        return type(port) is int and EPHEMERAL_PORTS[0] <= port <= EPHEMERAL_PORTS[1]
-    if ephemeral(r.get("lport")) and not ephemeral(r.get("rport")):
-        return "client"
-    return "server"
 
 
 def code_key(r: dict) -> str:
@@ -322,6 +307,10 @@ class _Builder:
         self.timeline = _Timeline()
         self.unusable = 0
         self.lost_total = {"events_lost": 0, "map_full": 0, "events_unread": 0}
+        # Places the kernel did not keep (captures over their rate, or a
+        # full map), from each capture's summary: not sockets lost, but
+        # sockets the report cannot place (its "(not known)" rows).
+        self.places_not_kept = {k: 0 for k in PLACE_COUNTERS}
         self.lost_listed = 0
         # What went past a cap, counted: said in the report's losses.
         self.folded = Counter()
@@ -381,6 +370,10 @@ class _Builder:
                 unread = counters.get("events_unread")
                 if isinstance(unread, int) and not isinstance(unread, bool) and unread > 0:
                     self.lost_total["events_unread"] += unread
+                for name in PLACE_COUNTERS:
+                    value = counters.get(name)
+                    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                        self.places_not_kept[name] += value
                 we = r.get("write_errors")
                 self.write_errors += we if isinstance(we, int) else 0
 
@@ -721,6 +714,7 @@ class _Builder:
             "events_lost": self.lost_total["events_lost"],
             "map_full": self.lost_total["map_full"],
             "events_unread": self.lost_total["events_unread"],
+            "places_not_kept": dict(self.places_not_kept),
             "write_errors": self.write_errors,
             "skipped_lines": getattr(source, "skipped", 0) or 0,
             "unclean_ends": sum(1 for c in self.captures if not c["clean_end"])
@@ -990,6 +984,15 @@ def _timeline_lines(points: list[dict], height: int = 8) -> list[str]:
     return rows
 
 
+# Summary counters of places not kept, and what each means in the report.
+PLACE_COUNTERS = {
+    "eof_rate_limited": "EOF reads not located (over the capture rate: a sample was kept)",
+    "eof_map_full": "EOF reads not located (their map was full)",
+    "open_rate_limited": "connect()s not located (over the capture rate: a sample was kept)",
+    "open_map_full": "connect()s not located (their map was full)",
+}
+
+
 def _loss_lines(losses: dict) -> list[str]:
     items = []
     if losses["events_lost"]:
@@ -999,6 +1002,10 @@ def _loss_lines(losses: dict) -> list[str]:
     if losses.get("events_unread"):
         items.append(f"{losses['events_unread']} kernel events not read (in the buffer "
                      f"when a capture ended)")
+    places = losses.get("places_not_kept") or {}
+    for name, what in PLACE_COUNTERS.items():
+        if places.get(name):
+            items.append(f"{places[name]} {what}")
     if losses["write_errors"]:
         items.append(f"{losses['write_errors']} records not written (disk full or I/O error)")
     if losses["skipped_lines"]:
