@@ -210,3 +210,18 @@ def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
     sink.tick(view)
     assert len(sink._keys) == 10                    # the sockets gone are forgotten
     assert "--- " in sink.stream.getvalue()
+
+
+def test_sockets_older_than_the_trace_are_not_new():
+    """A newcomer's first minute of `top` showed NEW/MIN 79 for a client
+    whose real rate was 21: every socket already lingering at start counted
+    as new. They still count as held, and as closed when they close."""
+    clock = Clock()
+    m = top.TopModel(clock)
+    for i in range(5):
+        m.on_record(dict(entry(1, rport=40000 + i), type="linger", update=False,
+                         pre_existing=True))
+    m.on_record(dict(entry(1, rport=40010), type="linger", update=False, pre_existing=False))
+    m.on_record(dict(entry(1, rport=40000), type="closed", reported=True))
+    [row] = m.rows([entry(1, rport=40000 + i) for i in (1, 2, 3, 4, 10)], "process")
+    assert (row.sockets, row.new_per_min, row.closed_per_min) == (5, 1, 1)

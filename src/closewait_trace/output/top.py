@@ -139,7 +139,11 @@ class TopModel:
             self.places[pid] = place
         elif kind == "linger" and not rec.get("update"):
             keys = keys_of(rec, self.places)
-            self.entered.append((self.clock(), keys))
+            # A socket already in CLOSE_WAIT when the trace began is not a
+            # new one: counted, the first minute read as a leak rate of
+            # every old socket at once.
+            if not rec.get("pre_existing"):
+                self.entered.append((self.clock(), keys))
             if len(self.keys_by_socket) < MAX_SOCKETS:
                 self.keys_by_socket[socket_key(rec)] = keys
         elif kind == "closed" and rec.get("reported"):
