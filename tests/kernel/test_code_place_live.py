@@ -383,6 +383,12 @@ def test_a_leaking_client_names_the_call_that_opened_it(procs, c_client, go_clie
         assert opened["place"]["file"].endswith("leaky_client.go")
         assert opened["place"]["line"] == source_line(GO_CLIENT, "net.Dial("), opened["place"]
     assert rec["code"]["eof_read"] is None and rec["code"]["eof_read_unknown"] is None
+    # The cause is the leak, whatever the client idles in (pause here): a
+    # connection it opened and has not read since the peer closed.
+    d = rec["diagnosis"]
+    assert d["cause"] == "never_read", d
+    assert d["summary"].startswith("never read since the peer closed; opened by "
+                                   + ("fetch_user" if language == "c" else "main.fetchUser"))
     summary = tracer.stop()
     assert summary["counters"]["open_captured"] >= 1
 

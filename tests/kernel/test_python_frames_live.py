@@ -426,5 +426,11 @@ def test_a_python_client_that_leaks_is_named_by_the_call_that_opened_it(procs, t
     line = line_of(script, "# OPENS")
     assert opened["python"][0]["function"] == "create_connection"       # socket.py
     assert (opened["place"]["function"], opened["place"]["line"]) == ("fetch_user", line)
+    # Not "blocked in clock_nanosleep at main (client.py:16)": the client
+    # sleeps in its own loop, and the socket it opened was never read.
+    d = rec["diagnosis"]
+    assert d["cause"] == "never_read", d
+    assert d["summary"].startswith(f"never read since the peer closed; opened by "
+                                   f"fetch_user (client.py:{line}): {client.pid}/python3.11 fd ")
     listener.close()
     tracer.stop()

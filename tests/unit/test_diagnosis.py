@@ -152,3 +152,25 @@ def test_blocked_elsewhere_says_when_not_every_thread_was_examined(fake, monkeyp
     got = diagnose_fake(fake)
     assert got.cause == d.BLOCKED_ELSEWHERE
     assert got.summary.endswith("; only 4 of its 6 threads examined"), got.summary
+
+
+@pytest.mark.parametrize("idle", [("34 0x0 0x0", "sys_pause"),            # a sleep loop
+                                  ("232 0x4 0x7ff 0x1", "ep_poll")])     # an event loop
+def test_a_connection_the_holder_opened_and_never_read_is_never_read_whatever_it_idles_in(
+        fake, idle):
+    """Issue 18 §3: the same client leak was `blocked_elsewhere` with a
+    sleep loop and `ignoring_eof` with a select loop. With the kernel's word
+    that this process connect()ed it and no read came since the peer closed,
+    it is one cause, whatever the idle call."""
+    with_socket(fake, 10, threads={10: ("S",) + idle})
+    own = owners.resolve([EP], fake.root)[EP]
+    opener = d.Opener(pid=10, place="fetch_user (client.py:6)", none_read=True)
+    got = d.gather(own, fake.root, machine="x86_64", opener=opener)
+    assert got.cause == d.NEVER_READ
+    assert got.summary == ("never read since the peer closed; opened by fetch_user "
+                           "(client.py:6): 10/srv fd 5")
+    # Not watched (no EOF capture on this kernel, or older than the trace),
+    # or opened by another process: no such claim.
+    for other in (d.Opener(pid=10, place="fetch_user (client.py:6)", none_read=False),
+                  d.Opener(pid=11, place="x", none_read=True)):
+        assert d.gather(own, fake.root, machine="x86_64", opener=other).cause != d.NEVER_READ

@@ -23,6 +23,7 @@ TRACED = "traced"
 NEVER_ACCEPTED = "never_accepted"
 LEAKED = "leaked"
 BLOCKED_ELSEWHERE = "blocked_elsewhere"
+NEVER_READ = "never_read"
 IGNORING_EOF = "ignoring_eof"
 EXITING = "exiting"
 GONE = "gone"
@@ -236,11 +237,22 @@ class EofReader:
     place: str          # 'handle_client+0x1f (srv)'; "" when not unwound
 
 
+@dataclass(frozen=True)
+class Opener:
+    """Who connect()ed the socket, and where (the kernel saw it); and
+    whether the kernel watched its reads since the peer closed and saw none
+    (a live trace with EOF reads located, the socket traced since then)."""
+    pid: int
+    place: str
+    none_read: bool
+
+
 def diagnose(own: Ownership, holders: list[HolderEvidence],
              listener_holders: list[HolderEvidence],
-             machine: Optional[str] = None, eof: Optional[EofReader] = None) -> Diagnosis:
+             machine: Optional[str] = None, eof: Optional[EofReader] = None,
+             opener: Optional[Opener] = None) -> Diagnosis:
     """The most specific cause the evidence supports; UNKNOWN otherwise."""
-    found = _decide(own, holders, listener_holders, machine, eof)
+    found = _decide(own, holders, listener_holders, machine, eof, opener)
     found._own, found._holders, found._listeners = own, holders, listener_holders
     # A tracer attached to a process that is not stopped (strace -p) is worth
     # saying whatever the cause: it slows the process and may be why.
@@ -263,7 +275,8 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
 
 def _decide(own: Ownership, holders: list[HolderEvidence],
             listener_holders: list[HolderEvidence],
-            machine: Optional[str] = None, eof: Optional[EofReader] = None) -> Diagnosis:
+            machine: Optional[str] = None, eof: Optional[EofReader] = None,
+            opener: Optional[Opener] = None) -> Diagnosis:
     machine = machine or platform.machine()
     listener = own.listener
 
@@ -335,6 +348,16 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         where = f" in {eof.place}" if eof.place else ""
         return Diagnosis(IGNORING_EOF, f"read EOF{where} and never closed: "
                                        f"{_who(only)} fd {only.fd}")
+
+    if opener is not None and opener.pid == only.pid and opener.none_read:
+        # A connection this process opened, and has not read since the peer
+        # closed it: a client that leaks it (from a pool, a helper). The
+        # system call its threads idle in (a sleep loop, a select loop) is
+        # not evidence of anything about this socket (issue 18 §3).
+        where = f"; opened by {opener.place}" if opener.place else ""
+        unread = f", {own.unread_bytes} unread bytes" if own.unread_bytes else ""
+        return Diagnosis(NEVER_READ, f"never read since the peer closed{where}: "
+                                     f"{_who(only)} fd {only.fd}{unread}")
 
     threads = only.examined or only.threads
     serving = [t for t in threads if t.serving(machine)]
@@ -631,7 +654,8 @@ def process_evidence(cache: Batch) -> list[dict]:
 
 
 def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = None,
-           cache: Optional[Batch] = None, eof: Optional[EofReader] = None) -> Diagnosis:
+           cache: Optional[Batch] = None, eof: Optional[EofReader] = None,
+           opener: Optional[Opener] = None) -> Diagnosis:
     """Collect the evidence for one socket's owners from /proc, then decide.
     Pass the same cache (a new Batch at the start of a batch) for every
     socket of one batch."""
@@ -651,4 +675,4 @@ def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = Non
             ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
             per_process.as_listener[h.fd] = ev
         listeners.append(ev)
-    return diagnose(own, holders, listeners, machine, eof)
+    return diagnose(own, holders, listeners, machine, eof, opener)

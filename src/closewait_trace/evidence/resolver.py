@@ -169,8 +169,9 @@ class ProcResolver:
         return ""
 
     def diagnose(self, own, cache: diagnosis.Batch,
-                 eof: Optional[diagnosis.EofReader] = None):
-        return diagnosis.gather(own, self.proc, cache=cache, eof=eof)
+                 eof: Optional[diagnosis.EofReader] = None,
+                 opener: Optional[diagnosis.Opener] = None):
+        return diagnosis.gather(own, self.proc, cache=cache, eof=eof, opener=opener)
 
     def process_records(self, cache: diagnosis.Batch) -> list[dict]:
         return diagnosis.process_evidence(cache)

@@ -440,7 +440,8 @@ class LiveTracer:
                 before = l.diagnosis.summary if l.diagnosis else None
                 self.unwatch(l)         # its holders may have changed too
             l.ownership = own
-            l.diagnosis = (self.resolver.diagnose(own, evidence_cache, self.eof_reader(l))
+            l.diagnosis = (self.resolver.diagnose(own, evidence_cache, self.eof_reader(l),
+                                                  self.opener(l))
                            if own else None)
             self.watch(l)
             if not update or l.diagnosis.summary != before:
@@ -618,6 +619,22 @@ class LiveTracer:
         where = read.get("place")
         return diagnosis.EofReader(pid=read["pid"],
                                    place=render.describe_place(where) if where else "")
+
+    def opener(self, l: Lingerer) -> Optional[diagnosis.Opener]:
+        """Who connect()ed the socket, if the kernel kept it, and whether it
+        has gone unread since the peer closed: only said when the kernel
+        watched for the read (EOF reads located, the socket traced since it
+        entered CLOSE_WAIT) and none came."""
+        code = l.code or {}
+        opened = code.get("opened")
+        if not opened:
+            return None
+        watched = (self.eof_unknown() is None and not l.pre_existing
+                   and code.get("eof_read") is None and code.get("eof_read_unknown") is None)
+        where = opened.get("place")
+        return diagnosis.Opener(pid=opened["pid"],
+                                place=render.describe_place(where) if where else "",
+                                none_read=watched)
 
     def unwatch_left(self) -> None:
         """Stop watching the sockets the tracker saw stop lingering (left,
