@@ -336,3 +336,36 @@ def test_places_the_kernel_did_not_keep_are_losses_in_the_report_and_the_summary
     assert "2 EOF reads not located (their map was full)" in text
     live = " ".join(render.summary_lines(recs[-1]))
     assert "38053 connect()s not located (over the capture" in " ".join(live.split())
+
+
+def test_a_socket_lingering_across_two_back_to_back_captures_is_counted_once():
+    """`report cw.jsonl cw.jsonl.gz` over two captures on one host counted
+    every socket still lingering at the first's end twice (623 for ~320;
+    'stopped 10 (10~)' for 5 socat sockets): the second capture reports
+    them again, as older than its trace."""
+    def lingering(rport, ts, age, pre=False):
+        return recordfactory.linger(ts=ts, rport=rport, age_s=age, pre_existing=pre,
+                                    age_source="estimated" if pre else "traced",
+                                    owners=[recordfactory.holder(pid=9, comm="socat",
+                                                                 state="T")])
+    first = [header("a", T0), recordfactory.start(ts=T0),
+             lingering(40000, T0 + 10, 5.0), lingering(40001, T0 + 10, 5.0),
+             recordfactory.summary(ts=T0 + 60)]
+    second = [header("b", T0 + 61), recordfactory.start(ts=T0 + 61),
+              lingering(40000, T0 + 62, 57.0, pre=True),
+              lingering(40001, T0 + 62, 57.0, pre=True),
+              recordfactory.closed(ts=T0 + 90, rport=40001, duration=85.0, pre_existing=True,
+                                   duration_source="estimated"),
+              lingering(40002, T0 + 70, 3.0),              # a new one in the second
+              recordfactory.summary(ts=T0 + 120)]
+    rep = report.build(iter(first + second))
+    assert rep["sockets"] == 3
+    [stopped] = [r for r in rep["by_cause"] if r["cause"] == "stopped"]
+    assert stopped["count"] == 3
+    # 40000 lingered from T0+5 to the second capture's end (115 s); 40001
+    # closed at 85 s; 40002 from T0+67 to the end (53 s).
+    assert rep["still_lingering_total"] == 2
+    assert round(stopped["total_s"]) == 115 + 85 + 53
+    # Another host's capture is other sockets, whatever their addresses.
+    other = [dict(header("c", T0 + 61), hostname="elsewhere")] + second[1:]
+    assert report.build(iter(first + other))["sockets"] == 5

@@ -290,6 +290,12 @@ class _Builder:
         self.timeline_buckets = timeline_buckets
         self.captures: list[dict] = []
         self.lingers: dict[tuple, Sock] = {}
+        # Sockets still lingering when a capture ended, kept until the next
+        # capture says whether they are the same (a socket reported again as
+        # older than the trace, on the same host): one socket counted once,
+        # not once per capture (two back-to-back captures doubled the count).
+        self.carried: dict[tuple, Sock] = {}
+        self.carried_host = None
         self.histogram: dict = {}
         self.estimated_us = [0] * 64
         self.durations = Counter()              # by source, every socket counted
@@ -332,6 +338,8 @@ class _Builder:
         if kind == "header":
             if self.current is None or r.get("capture_id") != self.current["id"]:
                 self.close_capture()
+                if self.carried and self.carried_host != _label(r.get("hostname")):
+                    self._settle_carried()          # another host: not the same sockets
                 self.clean = False
                 start = _number(r.get("start_ts"))
                 if start is not None:
@@ -510,6 +518,14 @@ class _Builder:
                 known.info = self._slim(r)
             known.duration = max(known.duration, age)
             return
+        carried = self.carried.pop(key, None) if r.get("pre_existing") else None
+        if carried is not None:
+            # Still lingering when the last capture ended, and older than this
+            # one: the same socket, followed on (its first cause and entry
+            # kept, its age the larger).
+            carried.duration = max(carried.duration, age)
+            self._follow(key, carried)
+            return
         if key not in self.lingers and len(self.lingers) >= MAX_LINGERING:
             self.folded["lingering"] += 1         # before any work on it
             return
@@ -519,6 +535,12 @@ class _Builder:
     def _closed(self, r: dict, ts: Optional[float]) -> None:
         duration = _number(r.get("duration_s")) or 0.0
         s = self.lingers.pop(_key(r), None)
+        if s is None and r.get("pre_existing"):
+            # Lingering when the capture before ended, closed in this one
+            # before it was reported again: the same socket.
+            s = self.carried.pop(_key(r), None)
+            if s is not None:
+                duration = max(duration, s.duration)
         if s is None:
             s = Sock(info=self._slim(r), entered=(ts or 0.0) - duration)
             if r.get("closed_by") and isinstance(r["closed_by"], dict) and not s.info["people"]:
@@ -549,6 +571,21 @@ class _Builder:
             elif ts is not None:
                 self.folded["lingering"] += 1
 
+    def _settle_carried(self) -> None:
+        """Count the sockets still lingering at a capture's end that the next
+        capture did not follow: lingering at the end, for all we know."""
+        for s in self.carried.values():
+            self._account(s)
+            # The oldest MAX_STILL are listed (a heap on the entry time),
+            # the others counted.
+            self.still_total += 1
+            item = (-s.entered, self.still_total, s)
+            if len(self.still) < MAX_STILL:
+                heapq.heappush(self.still, item)
+            else:
+                heapq.heappushpop(self.still, item)
+        self.carried = {}
+
     def close_capture(self) -> None:
         start = self.current["start"] if self.current is not None else None
         if self.windowed and self.current is not None:
@@ -566,19 +603,14 @@ class _Builder:
                 self.capture_hist = self.hist_before = None
                 self.current = None
                 return
+        # Those carried from the capture before and not seen again in this
+        # one (closed in between, or not reported again): as they were.
+        self._settle_carried()
         for s in self.lingers.values():
             if self.last_ts is not None:
                 s.duration = max(s.duration, self.last_ts - s.entered)
-            self._account(s)
-            # The oldest MAX_STILL are listed (a heap on the entry time),
-            # the others counted.
-            self.still_total += 1
-            item = (-s.entered, self.still_total, s)
-            if len(self.still) < MAX_STILL:
-                heapq.heappush(self.still, item)
-            else:
-                heapq.heappushpop(self.still, item)
-        self.lingers.clear()
+        self.carried, self.lingers = self.lingers, {}
+        self.carried_host = self.current["hostname"] if self.current is not None else None
         if self.current is not None:
             self.captures_seen += 1
             if len(self.captures) < MAX_CAPTURES:
@@ -652,6 +684,7 @@ class _Builder:
 
     def result(self, source) -> dict:
         self.close_capture()
+        self._settle_carried()
         gaps = []
         for a, b in zip(self.captures, self.captures[1:]):
             if a["end_ts"] and b["start_ts"] and b["start_ts"] > a["end_ts"]:
