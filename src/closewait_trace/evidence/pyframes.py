@@ -426,6 +426,10 @@ CAPTURE_STATUS = {
 
 NOT_YET_KNOWN = ("not copied: the process was not yet known to be CPython when it read "
                  "(it is now: its next reads are)")
+# The same, when the tracer could not register it since (the kernel's map
+# full with other users' processes, or its pid names another process now).
+NOT_YET_KNOWN_UNREGISTERED = ("not copied: the process was not yet known to be CPython when "
+                              "it read (nor are its next reads: it could not be registered)")
 
 
 def resolve_capture(image, deadline: float, status: int, pairs: tuple) -> tuple[list, str]:
@@ -488,16 +492,25 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
     CPython interpreter (/proc/PID/exe named python3.X), at most limit,
     until deadline: registered at start so that their first EOF read
     already carries Python frames. (Programs embedding libpython are found
-    when they first hold a lingering socket: diagnosis reads their maps.)"""
+    when they first hold a lingering socket: diagnosis reads their maps.)
+
+    Each walk also says whose process it is ("uid") and which ("start_time",
+    /proc/PID/stat's): the tracer registers it only if that pid still names
+    that process, and shares the kernel's map fairly among users. The
+    processes are read one user's after another's in turn (round robin by
+    uid), so that one user's thousands of processes cannot spend the whole
+    deadline, nor the limit, before another user's first is read."""
     import time
     from closewait_trace.evidence.procimage import ProcessImage
+    from closewait_trace.sockets import procfs
     out: dict[int, dict] = {}
     try:
         names = os.listdir(proc)
     except OSError:
         return out
+    by_uid: dict[int, list[int]] = {}
     for name in names:
-        if not name.isdigit() or len(out) >= limit or time.monotonic() > deadline:
+        if not name.isdigit() or time.monotonic() > deadline:
             continue
         try:
             exe = os.readlink(f"{proc}/{name}/exe")      # the kernel's path: no file read
@@ -505,15 +518,44 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
             continue
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
-        image = ProcessImage(int(name), proc)
-        try:
-            runtime, _why = find_runtime(image, deadline)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception:
-            runtime = None
-        finally:
-            image.close()
-        if runtime is not None:
-            out[int(name)] = runtime.kernel_walk()
+        uid = _real_uid(proc, int(name))
+        if uid is not None:
+            by_uid.setdefault(uid, []).append(int(name))
+    queues = [list(reversed(pids)) for _uid, pids in sorted(by_uid.items())]
+    while queues and len(out) < limit and time.monotonic() <= deadline:
+        for queue in queues:
+            if len(out) >= limit or time.monotonic() > deadline:
+                break
+            pid = queue.pop()
+            try:
+                stat = procfs.parse_stat(procfs.decode(
+                    procfs.read_bytes(f"{proc}/{pid}/stat")))
+            except procfs.ProcError:
+                continue
+            uid = _real_uid(proc, pid)
+            if stat is None or uid is None:
+                continue
+            image = ProcessImage(pid, proc)
+            try:
+                runtime, _why = find_runtime(image, deadline)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                runtime = None
+            finally:
+                image.close()
+            if runtime is not None:
+                out[pid] = {**runtime.kernel_walk(), "uid": uid, "start_time": stat.start_time}
+        queues = [q for q in queues if q]
     return out
+
+
+def _real_uid(proc: str, pid: int) -> Optional[int]:
+    """The process's real uid (status), not /proc/PID's owner: a process
+    that makes itself undumpable shows as root's there."""
+    from closewait_trace.sockets import procfs
+    try:
+        return int(procfs.parse_status(procfs.decode(
+            procfs.read_bytes(f"{proc}/{pid}/status"))).get("Uid", "").split()[0])
+    except (procfs.ProcError, ValueError, IndexError):
+        return None
