@@ -11,7 +11,7 @@ they cost little memory); then, --rounds times each,
 - `closewait-trace --json -p PORT` is started and the time until its
   "start" record is read (what a user waits for "ready"), and
 - the scan alone is timed in this process (gathering.python_processes, the
-  same call the worker makes), with how many processes it found.
+  same call the worker makes, to its end), with how many processes it found.
 Prints a Markdown table (medians; the one in docs/benchmarks.md).
 """
 
@@ -86,7 +86,7 @@ def scan_alone() -> tuple[float, int]:
     from closewait_trace.evidence import elfindex, gathering
     elfindex._NAMED_CACHE.clear()       # a fresh tracer's worker has none
     started = time.monotonic()
-    found = gathering.python_processes()
+    found = [item for item in gathering.python_processes() if item[0] == "walk"]
     return time.monotonic() - started, len(found)
 
 

@@ -13,17 +13,21 @@ process was read.
   before the one of another user)."""
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
 
 from closewait_trace.evidence.resolver import ProcResolver
+from closewait_trace.evidence.worker import GatherWorker
 from closewait_trace.kernel import kernel_headers
 from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_features
 from closewait_trace.live.filters import SocketFilter
 from closewait_trace.live.tracer import LiveTracer
+from tests.kernel.fuse_never_reads import NeverReads
 from tests.kernel.harness import free_port, stretch
 
 pytestmark = pytest.mark.kernel
@@ -139,3 +143,90 @@ def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
     finally:
         close(tracer)
         os.killpg(many.pid, 9)
+
+
+# A CPython process (a copy of python3.11, so that only a read of this
+# process opens its file) that waits for someone to open its binary, as the
+# tracer's scan does to find _PyRuntime, and then maps a page of a FUSE file
+# whose server never answers over the page holding Py_Version: the very
+# page the scan reads next, which was the binary's own (on a local
+# filesystem) when it parsed the maps.
+SWAPS_ON_OPEN = """\
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fuse_file = sys.argv[1]
+version = ctypes.addressof(ctypes.c_uint.in_dll(ctypes.pythonapi, "Py_Version"))
+page = version & ~4095
+fd = libc.inotify_init1(0)
+assert libc.inotify_add_watch(fd, os.readlink("/proc/self/exe").encode(), 0x20) >= 0
+
+
+def swap():
+    os.read(fd, 4096)                                   # IN_OPEN
+    f = os.open(fuse_file, os.O_RDONLY)
+    got = libc.mmap(page, 4096, 1, 0x02 | 0x10, f, 0)   # PROT_READ, MAP_PRIVATE|MAP_FIXED
+    assert got == page, ctypes.get_errno()
+
+
+threading.Thread(target=swap, daemon=True).start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def public_dir():
+    path = tempfile.mkdtemp(prefix="closewait-py-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_process_whose_memory_blocks_the_scan_costs_only_its_own_user(procs, public_dir):
+    """The start-up scan reads each CPython process's memory (its
+    Py_Version). One whose page turns into a FUSE file's between the scan's
+    read of its maps and of its memory blocks that read for good: the
+    processes read before it and those of other users after it are still
+    registered, and the tracer is ready soon after the stall.
+
+    Another tracer's scan (other tests on this machine) may open the binary
+    first and set the swap off before ours: then ours did not block and the
+    attempt is made again with a new copy, three times at most."""
+    fuse = NeverReads(os.path.join(public_dir, "mnt")).start()
+    try:
+        for attempt in range(3):
+            own_python = os.path.join(public_dir, str(attempt), "python3.11")
+            os.makedirs(os.path.dirname(own_python), mode=0o755)
+            shutil.copy(PYTHON, own_python)
+            # uid 1 (daemon) is read before uid 65534 (nobody): the blocking
+            # process comes first.
+            attacker = subprocess.Popen(DAEMON + [own_python, "-c", SWAPS_ON_OPEN, fuse.path],
+                                        text=True, stdout=subprocess.PIPE)
+            procs.append(attacker)
+            assert attacker.stdout.readline().strip() == "ready"
+            victim = subprocess.Popen(NOBODY + [PYTHON, "-c", FORKS, "1"], text=True,
+                                      stdout=subprocess.PIPE)
+            procs.append(victim)
+            assert victim.stdout.readline().strip() == "ready"
+            tracer = make_tracer(ProcResolver(worker=GatherWorker()))
+            try:
+                started, reads = time.monotonic(), fuse.reads
+                tracer.start()
+                took = time.monotonic() - started
+                registered = tracer.probe.python_registered()
+                # Its page was read through FUSE while ours ran, and the
+                # attacker was not found: our read blocked there.
+                blocked = fuse.reads > reads and attacker.pid not in registered
+            finally:
+                close(tracer)
+                tracer.resolver.worker.close()
+            if blocked:
+                break
+        assert blocked, "the scan never blocked on the attacker's page"
+        assert victim.pid in registered
+        assert took < stretch(15), took
+    finally:
+        fuse.stop()

@@ -100,13 +100,16 @@ def captured_stacks(captures: list, proc: str = procfs.PROC,
     return out
 
 
-def python_processes(proc: str = procfs.PROC, seconds: float = 2.0,
-                     limit: int = 4096) -> dict:
-    """pid -> what the kernel needs to copy the Python frames of each
-    running CPython process at its events (pyframes.python_processes)."""
+def python_processes(proc: str = procfs.PROC, skip_uids=(), skip_pids=(),
+                     seconds: float = 2.0, limit: int = 4096):
+    """Streams ("reading", pid, uid) and ("walk", pid, what the kernel needs
+    to copy its Python frames at its events) for each running CPython
+    process (pyframes.scan_python_processes), those of skip_uids and
+    skip_pids left out."""
     import time
     from closewait_trace.evidence import pyframes
-    return pyframes.python_processes(proc, time.monotonic() + seconds, limit)
+    yield from pyframes.scan_python_processes(proc, time.monotonic() + seconds, limit,
+                                              skip_uids, skip_pids)
 
 
 def snapshot_candidates(socket_filter, min_age_ns: int, proc: str = procfs.PROC):

@@ -488,11 +488,26 @@ def captured_frames(image, deadline: float, pairs: tuple) -> tuple[list, str]:
 
 
 def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
-    """pid -> kernel_walk() for the running processes whose program is a
-    CPython interpreter (/proc/PID/exe named python3.X), at most limit,
-    until deadline: registered at start so that their first EOF read
-    already carries Python frames. (Programs embedding libpython are found
-    when they first hold a lingering socket: diagnosis reads their maps.)
+    """pid -> walk of scan_python_processes, all at once (no process
+    skipped)."""
+    return {pid: walk for kind, pid, walk in scan_python_processes(proc, deadline, limit)
+            if kind == "walk"}
+
+
+def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
+                          skip_pids=()):
+    """The running processes whose program is a CPython interpreter
+    (/proc/PID/exe named python3.X), at most limit, until deadline, with
+    what the kernel needs to copy their frames: registered at start so that
+    their first EOF read already carries Python frames. (Programs embedding
+    libpython are found when they first hold a lingering socket: diagnosis
+    reads their maps.)
+
+    Yields ("reading", pid, uid) before each process's maps, file and memory
+    are read, then ("walk", pid, walk) if it is CPython: a read that blocks
+    (a page of the process's turned into a FUSE file's since its maps were
+    read) leaves the caller what came before and whose process it was,
+    which the next scan skips (skip_uids; skip_pids: those already found).
 
     Each walk also says whose process it is ("uid") and which ("start_time",
     /proc/PID/stat's): the tracer registers it only if that pid still names
@@ -503,14 +518,14 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
     import time
     from closewait_trace.evidence.procimage import ProcessImage
     from closewait_trace.sockets import procfs
-    out: dict[int, dict] = {}
+    skip_uids, skip_pids = frozenset(skip_uids), frozenset(skip_pids)
     try:
         names = os.listdir(proc)
     except OSError:
-        return out
+        return
     by_uid: dict[int, list[int]] = {}
     for name in names:
-        if not name.isdigit() or time.monotonic() > deadline:
+        if not name.isdigit() or int(name) in skip_pids or time.monotonic() > deadline:
             continue
         try:
             exe = os.readlink(f"{proc}/{name}/exe")      # the kernel's path: no file read
@@ -519,12 +534,13 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
         uid = _real_uid(proc, int(name))
-        if uid is not None:
+        if uid is not None and uid not in skip_uids:
             by_uid.setdefault(uid, []).append(int(name))
-    queues = [list(reversed(pids)) for _uid, pids in sorted(by_uid.items())]
-    while queues and len(out) < limit and time.monotonic() <= deadline:
-        for queue in queues:
-            if len(out) >= limit or time.monotonic() > deadline:
+    queues = [(uid, list(reversed(pids))) for uid, pids in sorted(by_uid.items())]
+    found = 0
+    while queues and found < limit and time.monotonic() <= deadline:
+        for uid, queue in queues:
+            if found >= limit or time.monotonic() > deadline:
                 break
             pid = queue.pop()
             try:
@@ -532,9 +548,9 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
                     procfs.read_bytes(f"{proc}/{pid}/stat")))
             except procfs.ProcError:
                 continue
-            uid = _real_uid(proc, pid)
-            if stat is None or uid is None:
+            if stat is None:
                 continue
+            yield ("reading", pid, uid)
             image = ProcessImage(pid, proc)
             try:
                 runtime, _why = find_runtime(image, deadline)
@@ -545,9 +561,10 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
             finally:
                 image.close()
             if runtime is not None:
-                out[pid] = {**runtime.kernel_walk(), "uid": uid, "start_time": stat.start_time}
-        queues = [q for q in queues if q]
-    return out
+                found += 1
+                yield ("walk", pid, {**runtime.kernel_walk(), "uid": uid,
+                                     "start_time": stat.start_time})
+        queues = [(uid, q) for uid, q in queues if q]
 
 
 def _real_uid(proc: str, pid: int) -> Optional[int]:

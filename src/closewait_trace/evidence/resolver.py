@@ -28,6 +28,9 @@ from closewait_trace.sockets import procfs
 STALL_S = 2.0
 OWNERS_CAP_S = 120.0
 STATE_CAP_S = 30.0
+# Start-up scans of CPython processes abandoned for a read that blocked,
+# each costing STALL_S, before the tracer is ready without the rest.
+MAX_BLOCKED_SCANS = 3
 # snapshot's one read of every namespace's sockets and their owners.
 SNAPSHOT_STALL_S = 5.0
 SNAPSHOT_CAP_S = 300.0
@@ -200,13 +203,39 @@ class ProcResolver:
         return out
 
     def python_processes(self) -> dict:
-        """pid -> kernel walk of the running CPython processes ({} when not
-        read in time: they are then found when they first hold a socket)."""
-        try:
-            return self._run("python_processes", self.proc, deadline_s=STATE_CAP_S,
-                             progress_s=STALL_S)
-        except GatherFailed:
-            return {}
+        """pid -> kernel walk of the running CPython processes (those not
+        read in time are found when they first hold a socket).
+
+        The scan reads their memory: a read that blocks (a FUSE page put
+        where the scan found the process's own) is abandoned after STALL_S
+        like any other, what came before it is kept, and the scan goes on
+        in a new worker without that user's processes (its worker tagged
+        with the uid, as gather_processes does), at most
+        MAX_BLOCKED_SCANS times: one user costs the others a stall, never
+        their registration."""
+        found: dict = {}
+        skip_uids = set(self.worker.stuck_tags()) if self.worker is not None else set()
+        end = time.monotonic() + STATE_CAP_S * knobs.time_scale()
+        for _attempt in range(MAX_BLOCKED_SCANS + 1):
+            why = ""
+            try:
+                items = self._run("python_processes", self.proc, sorted(skip_uids),
+                                  sorted(found), deadline_at=end, progress_s=STALL_S,
+                                  stream=True, reads_memory=True)
+            except GatherFailed as e:
+                items, why = e.partial or [], e.why
+            reading = None
+            for kind, pid, payload in items:
+                if kind == "walk":
+                    found[pid] = payload
+                    reading = None
+                else:
+                    reading = payload           # the uid of the process being read
+            if why != TIMED_OUT or reading is None or time.monotonic() >= end:
+                break
+            skip_uids.add(reading)
+            self.worker.tag_last_abandoned(reading)
+        return found
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,
