@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.kernel
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 DAEMON = ["setpriv", "--reuid=1", "--regid=1", "--clear-groups"]
 PYTHON = "/usr/bin/python3.11"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Sleeps until told to exec; then runs sleep(1), another program.
 EXECS_ON_REQUEST = """\
@@ -230,3 +232,106 @@ def test_a_process_whose_memory_blocks_the_scan_costs_only_its_own_user(procs, p
         assert took < stretch(15), took
     finally:
         fuse.stop()
+
+
+# Reads the holder's maps, says so, and reads its interpreter when told.
+FIND_RUNTIME = """\
+import sys, time
+from closewait_trace.evidence import pyframes
+from closewait_trace.evidence.procimage import ProcessImage
+image = ProcessImage(int(sys.argv[1]))
+print("parsed", flush=True)
+sys.stdin.readline()
+runtime, why = pyframes.find_runtime(image, time.monotonic() + 5)
+print("found" if runtime else "not found", why, flush=True)
+"""
+
+# Sleeps; told to, makes its binary's first page writable (a copy of its
+# own): the mapping splits in two, and the range the reader parsed has no
+# map_files entry any more (what a process doing it in a loop gets half
+# the time).
+SPLITS = """\
+import ctypes, sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(0x400000), 4096, 3) == 0
+print("split", flush=True)
+time.sleep(600)
+"""
+CAPS = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search"     # the service without sys_admin
+
+
+def reader_of(pid: int, caps: str = "") -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if caps else []
+    reader = subprocess.Popen(prefix + [sys.executable, "-c", FIND_RUNTIME, str(pid)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    assert reader.stdout.readline().strip() == "parsed", reader.stderr.read()
+    return reader
+
+
+def answer(reader: subprocess.Popen) -> str:
+    """The reader's answer, or AssertionError if it is blocked."""
+    reader.stdin.write("go\n")
+    reader.stdin.flush()
+    deadline = time.monotonic() + stretch(10)
+    while reader.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reader.poll() is not None, "the read of the interpreter blocked"
+    assert reader.returncode == 0, reader.stderr.read()
+    return reader.stdout.read()
+
+
+def start_own_python(public_dir: str, procs, script: str) -> tuple[str, subprocess.Popen]:
+    own_dir = os.path.join(public_dir, "d")
+    os.makedirs(own_dir, mode=0o755)
+    own_python = os.path.join(own_dir, "python3.11")
+    shutil.copy(PYTHON, own_python)
+    holder = subprocess.Popen(NOBODY + [own_python, "-c", script], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    return own_dir, holder
+
+
+def test_a_fuse_mount_over_the_interpreters_directory_is_not_walked(procs, public_dir):
+    """When map_files has no entry for the range the maps said (the
+    mapping changed since: here split by mprotect), the interpreter's file
+    is found by its path from the process's root. Its user mounts a FUSE
+    server over the directory the binary was run from (fusermount3 lets a
+    user mount on a directory of theirs; root mounts it here): the mapping
+    is still on the local filesystem, but a walk of that path asks the
+    server for the name, which it never answers, and the reader waited for
+    good. The walk must not cross that mount (nor follow a symlink): the
+    interpreter is then said not read, at once."""
+    own_dir, holder = start_own_python(public_dir, procs, SPLITS)
+    fuse = NeverReads(own_dir, answer_lookups=False).start()
+    reader = None
+    try:
+        reader = reader_of(holder.pid)
+        holder.stdin.write("split\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "split"
+        out = answer(reader)
+        assert out.startswith("not found interpreter python3.11 not read"), out
+        assert fuse.lookups == 0
+    finally:
+        fuse.stop()
+        if reader is not None:
+            reader.kill()
+            reader.wait()
+
+
+def test_without_sys_admin_the_interpreter_is_found_by_its_path(procs, public_dir):
+    """The service with CAP_SYS_ADMIN taken out of its bounding set (as its
+    unit file says one can): /proc/PID/map_files can be listed but not
+    followed, and the interpreter is found by its path, walked safely."""
+    _own_dir, holder = start_own_python(public_dir, procs, SPLITS)
+    reader = reader_of(holder.pid, CAPS)
+    try:
+        out = answer(reader)
+        assert out.strip() == "found", out
+    finally:
+        reader.kill()
+        reader.wait()
