@@ -394,6 +394,39 @@ def line_of(table: bytes, firstlineno: int, lasti: int) -> Optional[int]:
     return None
 
 
+def pid_namespace(proc: str, pid: int) -> Optional[dict]:
+    """The process's pid namespace as the kernel program names it
+    (bpf_get_ns_current_pid_tgid: the nsfs device, kernel encoding, and
+    inode), for the walk: at an event the kernel compares the interpreter's
+    thread ids with the reading thread's id in that namespace. None when
+    it cannot be read (the process is gone)."""
+    try:
+        st = os.stat(f"{proc}/{pid}/ns/pid")
+    except OSError:
+        return None
+    return {"pidns_dev": os.major(st.st_dev) << 20 | os.minor(st.st_dev),
+            "pidns_ino": st.st_ino}
+
+
+def native_ids(proc: str, pid: int, tids) -> dict:
+    """The interpreter's id of each thread (its native_thread_id: the id in
+    the process's own pid namespace, NSpid's last) -> /proc's tid. A thread
+    whose status cannot be read keeps its tid (the same outside
+    containers)."""
+    from closewait_trace.sockets import procfs
+    out = {}
+    for tid in tids:
+        native = tid
+        try:
+            spec = procfs.parse_status(procfs.decode(procfs.read_bytes(
+                f"{proc}/{pid}/task/{tid}/status"))).get("NSpid", "").split()
+            native = int(spec[-1]) if spec else tid
+        except (procfs.ProcError, ValueError):
+            pass
+        out[native] = tid
+    return out
+
+
 def read_process(image, deadline: float, tids: set) -> tuple[dict, str, Optional[dict]]:
     """(tid -> frames, why not, the kernel's walk) for one process: ({}, "",
     None) when it is not a CPython process; ({}, reason, ...) when its
@@ -405,8 +438,13 @@ def read_process(image, deadline: float, tids: set) -> tuple[dict, str, Optional
         runtime, why = find_runtime(image, deadline)
         if runtime is None:
             return {}, why, None
-        walk = runtime.kernel_walk()
-        return thread_frames(image, deadline, tids, runtime), "", walk
+        namespace = pid_namespace(image.proc, image.pid)
+        walk = {**runtime.kernel_walk(), **namespace} if namespace else None
+        # The interpreter knows its threads by their ids in its own pid
+        # namespace (a container's): /proc's ids are the tracer's.
+        native = native_ids(image.proc, image.pid, tids)
+        found = thread_frames(image, deadline, set(native), runtime)
+        return {native[n]: frames for n, frames in found.items()}, "", walk
     except Unreadable as e:
         return {}, f"Python frames not read: {e}", walk
     except (KeyboardInterrupt, SystemExit):
@@ -560,9 +598,10 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
                 runtime = None
             finally:
                 image.close()
-            if runtime is not None:
+            namespace = pid_namespace(proc, pid)
+            if runtime is not None and namespace:
                 found += 1
-                yield ("walk", pid, {**runtime.kernel_walk(), "uid": uid,
+                yield ("walk", pid, {**runtime.kernel_walk(), **namespace, "uid": uid,
                                      "start_time": stat.start_time})
         queues = [(uid, q) for uid, q in queues if q]
 
