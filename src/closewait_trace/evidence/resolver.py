@@ -187,19 +187,42 @@ class ProcResolver:
                          progress_s=STALL_S)
 
     def captured_stacks(self, captures: list) -> dict:
-        """key -> frames of stacks the kernel copied (gathering.captured_stacks);
-        {} when not read in time (the caller says the place is unknown)."""
-        if not captures:
-            return {}
-        try:
-            out = self._run("captured_stacks", captures, self.proc,
-                            deadline_s=EVIDENCE_DEADLINE_S, progress_s=PROCESS_DEADLINE_S,
-                            reads_memory=True)
-        except GatherFailed:
-            return {}
-        problems = out.pop("problems", None)
-        if isinstance(problems, dict) and self.worker is not None:
-            self.problems = problems
+        """key -> frames of stacks the kernel copied (gathering.captured_stacks),
+        "python" -> {key: (Python frames, why not)}; a key missing when its
+        capture was not read in time (the caller says the place is unknown).
+
+        A capture whose read blocks is abandoned with its worker (after
+        PROCESS_DEADLINE_S without progress) and the others are read again
+        in a new one, at most MAX_BLOCKED_SCANS times, until
+        EVIDENCE_DEADLINE_S: one process's memory costs the batch a stall,
+        not every other socket's place."""
+        out: dict = {"python": {}}
+        pending = list(captures)
+        end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
+        for _attempt in range(MAX_BLOCKED_SCANS + 1):
+            if not pending:
+                break
+            why = ""
+            try:
+                items = self._run("captured_stacks", pending, self.proc, deadline_at=end,
+                                  progress_s=PROCESS_DEADLINE_S, stream=True,
+                                  reads_memory=True)
+            except GatherFailed as e:
+                items, why = e.partial or [], e.why
+            reading = None
+            for item in items:
+                if item[0] == "reading":
+                    reading = item[1]
+                elif item[0] == "python":
+                    out["python"][item[1]] = item[2]
+                elif item[0] == "frames":
+                    out[item[1]] = item[2]
+                elif item[0] == "problems" and self.worker is not None:
+                    self.problems = item[1]
+            if why != TIMED_OUT or reading is None or time.monotonic() >= end:
+                break
+            # The capture being read did not answer: the others go on.
+            pending = [c for c in pending if c[0] != reading and c[0] not in out]
         return out
 
     def python_processes(self) -> dict:
