@@ -86,7 +86,9 @@ def scan_alone() -> tuple[float, int]:
     from closewait_trace.evidence import elfindex, gathering
     elfindex._NAMED_CACHE.clear()       # a fresh tracer's worker has none
     started = time.monotonic()
-    found = [item for item in gathering.python_processes() if item[0] == "walk"]
+    found = gathering.python_processes()
+    if not isinstance(found, dict):         # streamed (the dict: before 2026-12)
+        found = [item for item in found if item[0] == "walk"]
     return time.monotonic() - started, len(found)
 
 

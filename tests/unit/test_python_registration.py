@@ -4,6 +4,8 @@
 The kernel tests (tests/kernel/test_python_registration_live.py) meet the
 same rules with real processes."""
 
+import os
+
 import pytest
 
 from closewait_trace.kernel.probe import ProbeConfig
@@ -54,7 +56,7 @@ def world(tmp_path):
 
 
 def walk(uid, start_time=100):
-    return {**WALK, "uid": uid, "start_time": start_time}
+    return {**WALK, "uid": uid, "start_time": start_time, "exe": "/usr/bin/python3.11"}
 
 
 def test_a_pid_that_names_another_process_now_is_not_registered(world):
@@ -77,12 +79,18 @@ def test_a_process_that_ran_another_program_since_the_read_is_not_registered(wor
     assert probe.python_registered() == {11}
 
 
-def test_when_the_kernel_could_not_record_every_exec_nothing_is_believed(world):
+def test_when_the_kernel_could_not_record_every_exec_the_program_decides(world):
+    """Anyone can fill the kernel's map of exec()s with live processes:
+    registrations go on, an exec() since the read told by the program's
+    path (/proc/PID/exe) instead."""
     proc, probe, tracer = world
-    proc.process(10)
+    for pid in (10, 11):
+        proc.process(pid)
+    os.symlink("/usr/bin/python3.11", os.path.join(proc.root, "10", "exe"))
+    os.symlink("/usr/bin/sleep", os.path.join(proc.root, "11", "exe"))
     probe.exec_map_full = True
-    tracer.register_pythons({10: walk(1000)}, seen_ns=500)
-    assert probe.python_registered() == set()
+    tracer.register_pythons({10: walk(1000), 11: walk(1000)}, seen_ns=500)
+    assert probe.python_registered() == {10}
 
 
 def test_a_full_map_gives_a_user_with_fewer_the_place_of_one_with_the_most(world):

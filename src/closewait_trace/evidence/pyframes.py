@@ -395,17 +395,20 @@ def line_of(table: bytes, firstlineno: int, lasti: int) -> Optional[int]:
 
 
 def pid_namespace(proc: str, pid: int) -> Optional[dict]:
-    """The process's pid namespace as the kernel program names it
+    """The process's pid namespace (and program) as the kernel program names it
     (bpf_get_ns_current_pid_tgid: the nsfs device, kernel encoding, and
     inode), for the walk: at an event the kernel compares the interpreter's
     thread ids with the reading thread's id in that namespace. None when
     it cannot be read (the process is gone)."""
     try:
         st = os.stat(f"{proc}/{pid}/ns/pid")
+        exe = os.readlink(f"{proc}/{pid}/exe")          # the kernel's path: no file read
     except OSError:
         return None
+    # exe: the program, to tell an exec() since the read when the kernel's
+    # map of them was full (LiveTracer._same_process).
     return {"pidns_dev": os.major(st.st_dev) << 20 | os.minor(st.st_dev),
-            "pidns_ino": st.st_ino}
+            "pidns_ino": st.st_ino, "exe": exe}
 
 
 def native_ids(proc: str, pid: int, tids) -> dict:

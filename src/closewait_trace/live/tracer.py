@@ -253,21 +253,27 @@ class LiveTracer:
                 if not (self._make_room_for(uid) and register(pid, walk)):
                     self.python_unregistered += 1
                     continue
-            if self._same_process(pid, walk["start_time"], seen_ns):
+            if self._same_process(pid, walk, seen_ns):
                 self.python_owners[pid] = uid
             else:
                 self.probe.unregister_python(pid)
                 self.python_owners.pop(pid, None)
 
-    def _same_process(self, pid: int, start_time: int, seen_ns: int) -> bool:
+    def _same_process(self, pid: int, walk: dict, seen_ns: int) -> bool:
         """Whether pid still names the process (and program) read at
-        seen_ns; called with its entry in the kernel's map."""
+        seen_ns; called with its entry in the kernel's map. When the
+        kernel's map of exec()s was full (anyone can fill it with live
+        processes), an exec() since is told by the program's path instead:
+        registrations must not stop for everyone then."""
         exec_since = getattr(self.probe, "exec_since", None)
-        if exec_since is None or exec_since(pid, seen_ns) is not False:
-            return False                # ran another program since, or not known
+        changed = exec_since(pid, seen_ns) if exec_since is not None else None
         proc = getattr(self.resolver, "proc", procfs.PROC)
+        if changed is None:
+            changed = procfs.read_link(f"{proc}/{pid}/exe") != walk.get("exe")
+        if changed:
+            return False
         stat = procfs.parse_stat(procfs.read_text(f"{proc}/{pid}/stat") or "")
-        return stat is not None and stat.start_time == start_time
+        return stat is not None and stat.start_time == walk["start_time"]
 
     def _make_room_for(self, uid: int) -> bool:
         """Take one entry out of the kernel's full map, of the user holding
