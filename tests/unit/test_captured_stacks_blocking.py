@@ -60,3 +60,43 @@ def test_a_capture_whose_memory_blocks_costs_only_its_own_place(tmp_path):
     assert 0 not in out                       # its place is not known
     assert out[1] == [] and 1 in out["python"], out
     assert took < 30, took                   # not waiting for the blocked read
+
+
+class RecordingWorker:
+    """A worker whose first call stalls on the capture it reads first (a
+    FUSE page its user swapped in stays blocked: the abandoned worker lives
+    on, tagged with that user)."""
+
+    def __init__(self, stuck=()):
+        self.stuck = set(stuck)
+        self.given = []
+        self.tags = []
+
+    def stuck_tags(self):
+        return set(self.stuck)
+
+    def tag_last_abandoned(self, tag):
+        self.tags.append(tag)
+        self.stuck.add(tag)
+
+    def call(self, name, captures, proc, **kw):
+        from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
+        self.given.append([c[0] for c in captures])
+        if len(self.given) == 1:
+            raise GatherFailed(TIMED_OUT, [("reading", captures[0][0])])
+        return [item for c in captures for item in (("reading", c[0]), ("frames", c[0], []))]
+
+
+def test_a_user_whose_read_blocked_is_not_read_again_while_it_stays_blocked():
+    """The abandoned worker is tagged with the blocked capture's user; while
+    it stays blocked, that user's captures are not read at all (each would
+    cost another stuck worker, and at MAX_STUCK_WORKERS everyone's memory
+    reads stop), the other users' are."""
+    w = RecordingWorker()
+    resolver = ProcResolver("/proc", worker=w)
+    uids = {7: 1000, 8: 2000, 9: 1000}
+    out = resolver.captured_stacks([(0, 7, 0, 0, 0, b""), (1, 8, 0, 0, 0, b"")], uids)
+    assert w.tags == [1000] and w.given == [[0, 1], [1]]
+    assert 0 not in out and out[1] == []
+    out = resolver.captured_stacks([(2, 9, 0, 0, 0, b""), (3, 8, 0, 0, 0, b"")], uids)
+    assert w.given[-1] == [3] and 2 not in out and out[3] == []

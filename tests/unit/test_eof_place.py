@@ -266,7 +266,7 @@ def test_captures_are_unwound_a_process_at_a_time_and_only_for_holders():
         worker = None
         given = None
 
-        def captured_stacks(self, captures):
+        def captured_stacks(self, captures, uids=None):
             self.given = [c[1] for c in captures]
             return {c[0]: [frame("handle")] for c in captures}
 

@@ -186,7 +186,7 @@ class ProcResolver:
         return self._run("identity", pid, uid, self.proc, deadline_s=STATE_CAP_S,
                          progress_s=STALL_S)
 
-    def captured_stacks(self, captures: list) -> dict:
+    def captured_stacks(self, captures: list, uids: Optional[dict] = None) -> dict:
         """key -> frames of stacks the kernel copied (gathering.captured_stacks),
         "python" -> {key: (Python frames, why not)}; a key missing when its
         capture was not read in time (the caller says the place is unknown).
@@ -195,9 +195,16 @@ class ProcResolver:
         PROCESS_DEADLINE_S without progress) and the others are read again
         in a new one, at most MAX_BLOCKED_SCANS times, until
         EVIDENCE_DEADLINE_S: one process's memory costs the batch a stall,
-        not every other socket's place."""
+        not every other socket's place. uids (pid -> uid of the process):
+        the abandoned worker is tagged with its user's, whose captures are
+        then not read while it stays blocked (as gather_processes does for
+        their evidence), so that one user cannot spend every stuck worker
+        the tracer allows (MAX_STUCK_WORKERS) batch after batch."""
+        uids = uids or {}
         out: dict = {"python": {}}
-        pending = list(captures)
+        blocked = self.worker.stuck_tags() if self.worker is not None else set()
+        pending = [c for c in captures if uids.get(c[1]) is None
+                   or uids.get(c[1]) not in blocked]
         end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
         for _attempt in range(MAX_BLOCKED_SCANS + 1):
             if not pending:
@@ -222,6 +229,8 @@ class ProcResolver:
             if why != TIMED_OUT or reading is None or time.monotonic() >= end:
                 break
             # The capture being read did not answer: the others go on.
+            pid = next((c[1] for c in pending if c[0] == reading), None)
+            self.worker.tag_last_abandoned(uids.get(pid))
             pending = [c for c in pending if c[0] != reading and c[0] not in out]
         return out
 

@@ -643,10 +643,13 @@ class LiveTracer:
         while queues:
             turns.extend(q.pop(0) for q in queues)
             queues = [q for q in queues if q]
+        uids = {h.pid: getattr(h, "uid", None) for own in owners_of.values()
+                for h in getattr(own, "holders", ())}
         stacks = self.resolver.captured_stacks(
             [(i, keyed[i][2].pid, keyed[i][2].ip, keyed[i][2].sp, keyed[i][2].bp,
               keyed[i][2].stack, (getattr(keyed[i][2], "py_status", 0),
-                                  getattr(keyed[i][2], "python", ()))) for i in turns])
+                                  getattr(keyed[i][2], "python", ()))) for i in turns],
+            uids)
         python = stacks.get("python") or {}
         offset = self.clock_offset_ns()
         for i, ((_id, kind), l, c, why) in enumerate(keyed):
