@@ -129,3 +129,16 @@ def test_places_freed_by_exits_are_counted_as_free(world):
     tracer.register_pythons({20: walk(2000), 21: walk(2000), 22: walk(2000)}, seen_ns=500)
     assert probe.python_registered() == {12, 13, 20, 21}
     assert tracer.python_unregistered == 1
+
+
+def test_the_owners_of_processes_that_exited_are_forgotten(world):
+    """A long trace registers processes that come and go (each diagnosed
+    one): what the tracer remembers of them stays within twice the map."""
+    proc, probe, tracer = world
+    probe.capacity = 2
+    tracer.config.max_py_procs = 2
+    for pid in range(10, 30):
+        proc.process(pid)
+        tracer.register_pythons({pid: walk(1000)}, seen_ns=500)
+        probe.py.pop(pid)               # exited
+    assert len(tracer.python_owners) <= 4

@@ -258,6 +258,12 @@ class LiveTracer:
             else:
                 self.probe.unregister_python(pid)
                 self.python_owners.pop(pid, None)
+        # The kernel forgets those that exit: so does python_owners, at the
+        # latest when it holds twice what the map can.
+        if len(self.python_owners) > 2 * getattr(self.config, "max_py_procs", 4096):
+            registered = self.probe.python_registered()
+            self.python_owners = {p: u for p, u in self.python_owners.items()
+                                  if p in registered}
 
     def _same_process(self, pid: int, walk: dict, seen_ns: int) -> bool:
         """Whether pid still names the process (and program) read at
