@@ -235,6 +235,11 @@ struct cw_py_proc {
     u16 frame_code;           // _PyInterpreterFrame.f_code
     u16 frame_previous;       // _PyInterpreterFrame.previous
     u16 frame_prev_instr;     // _PyInterpreterFrame.prev_instr
+    // The process's pid namespace (nsfs device, kernel encoding, and inode):
+    // the interpreter's native_thread_id is the thread's id there (in a
+    // container, not the id the kernel's pid_tgid gives).
+    u64 pidns_dev;
+    u64 pidns_ino;
 };
 BPF_HASH(cw_py, u32, struct cw_py_proc, MAX_PY_PROCS);
 #endif
@@ -524,8 +529,9 @@ static __always_inline int cw_read_ptr(u64 *out, u64 addr)
 }
 
 // The capturing thread's Python frames, if its process is a CPython one
-// user space registered: find the thread's state by its kernel tid among
-// the interpreter's first PY_MAX_THREADS, then copy (code, last
+// user space registered: find the thread's state by the thread's id in
+// the process's own pid namespace (native_thread_id: in a container, not
+// the kernel's global tid) among the interpreter's first PY_MAX_THREADS, then copy (code, last
 // instruction) of up to PY_MAX_FRAMES frames. Every pointer is the
 // process's own memory, read with bpf_probe_read_user (a bad one fails the
 // read, never more); both walks are bounded; user space checks what the
@@ -539,6 +545,9 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
     if (!py)
         return;
     c->py_status = CW_PY_UNREADABLE;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(py->pidns_dev, py->pidns_ino, &ns, sizeof(ns)))
+        return;
     u64 interp, tstate, tid, frame;
     if (cw_read_ptr(&interp, py->interp_head) || !interp)
         return;
@@ -550,7 +559,7 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
             break;
         if (cw_read_ptr(&tid, tstate + py->tstate_native_tid))
             return;
-        if (tid == c->tid) {
+        if (tid == ns.pid) {        // the thread's id in its own namespace
             found = 1;
             break;
         }

@@ -26,9 +26,13 @@ MS_NOSUID, MS_NODEV = 2, 4
 
 
 class NeverReads:
-    def __init__(self, mountpoint: str):
+    def __init__(self, mountpoint: str, answer_lookups: bool = True):
         self.mountpoint = mountpoint
         self.reads = 0                      # READ requests left unanswered
+        # False: a LOOKUP of any name is left unanswered too (counted), as
+        # a server mounted over a directory someone walks through can do.
+        self.answer_lookups = answer_lookups
+        self.lookups = 0
         self.fd = -1
 
     def start(self) -> "NeverReads":
@@ -82,6 +86,8 @@ class NeverReads:
                 out = struct.pack("=IIIIHHIIHHII", 7, min(minor, 31), readahead, 0,
                                   16, 12, 4096, 1, 32, 0, 0, 0) + b"\0" * 28
                 self._reply(unique, out[:64])
+            elif op == LOOKUP and not self.answer_lookups:
+                self.lookups += 1           # never answered
             elif op == LOOKUP:
                 if body.rstrip(b"\0") != b"code.bin":
                     self._reply(unique, error=errno.ENOENT)

@@ -434,3 +434,36 @@ def test_a_python_client_that_leaks_is_named_by_the_call_that_opened_it(procs, t
                                    f"fetch_user (client.py:{line}): {client.pid}/python3.11 fd ")
     listener.close()
     tracer.stop()
+
+
+def test_a_python_server_in_its_own_pid_namespace_is_named(procs, tmp_path):
+    """A container's process: its interpreter knows its threads by their ids
+    in its own pid namespace (the main thread is 1), not by the ids the
+    kernel and /proc give the tracer. Both the kernel's copy at the EOF read
+    and the worker's read of each thread match them there; before, the read
+    said "its thread state was not among the interpreter's first 64" (it
+    was the first) and no thread had frames."""
+    port = free_port()
+    script = tmp_path / "server.py"
+    script.write_text(EOF_SERVER.format(port=port))
+    wrapper = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc",
+                                "/usr/bin/python3.11", str(script)],
+                               stdout=subprocess.PIPE, text=True)
+    procs.append(wrapper)
+    assert wrapper.stdout.readline().strip() == "ready"
+    with open(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children") as f:
+        server = int(f.read().split()[0])
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    send_and_close(port)
+    rec = linger_of(tracer, port)
+    read = rec["code"]["eof_read"]
+    assert read["pid"] == server
+    assert [f["function"] for f in read.get("python", [])] == [
+        "Api.handle_request", "<module>"], {k: v for k, v in read.items() if k != "stack"}
+    assert rec["diagnosis"]["cause"] == "ignoring_eof"
+    process = [r for r in tracer.of("process") if r["pid"] == server][0]
+    now = [f["function"] for t in process["threads"] for f in t.get("python", [])]
+    assert "<module>" in now, process["threads"]
+    tracer.stop()

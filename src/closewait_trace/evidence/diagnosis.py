@@ -547,23 +547,28 @@ def _read_process_evidence(snap: procfs.ProcessSnapshot, proc: str, machine: str
                                                     machine, budget)
             ev.threads.append(thread)
         if budget is not None and stacks:
-            _add_python_frames(ev, snap.pid, proc, budget)
+            _add_python_frames(ev, snap, proc, budget)
         ev.identity = identity.of_process(snap.pid, snap.uid, dir_fd=dfd)
     finally:
         os.close(dfd)
     return ev
 
 
-def _add_python_frames(ev: ProcessEvidence, pid: int, proc: str, budget) -> None:
+def _add_python_frames(ev: ProcessEvidence, snap: procfs.ProcessSnapshot, proc: str,
+                       budget) -> None:
     """The Python frames of the threads whose stacks were read (waiting,
     not running: a running thread's frames change under the reader), for a
-    CPython process; or why they could not be read."""
+    CPython process; or why they could not be read. The kernel's walk, if
+    any, says whose process it is and which (uid, start time): the tracer
+    registers it only while the pid still names that process."""
     from closewait_trace.evidence import pyframes
     waiting = {t.tid: t for t in ev.threads if t.state in ("S", "D", "T", "t")}
     if not waiting or budget.spent():
         return
-    frames, why, ev.python_walk = pyframes.read_process(budget.image(pid, proc),
-                                                       budget.deadline, set(waiting))
+    frames, why, walk = pyframes.read_process(budget.image(snap.pid, proc),
+                                              budget.deadline, set(waiting))
+    if walk is not None and snap.uid is not None:
+        ev.python_walk = {**walk, "uid": snap.uid, "start_time": snap.start_time}
     for tid, found in frames.items():
         waiting[tid].python = found
     ev.python_not_read = why

@@ -71,45 +71,51 @@ def process_evidence(holders: list, proc: str = procfs.PROC, machine: Optional[s
 
 
 def captured_stacks(captures: list, proc: str = procfs.PROC,
-                    machine: Optional[str] = None) -> dict:
-    """key -> frame dicts for each (key, pid, ip, sp, bp, stack bytes[,
-    (python status, pairs)]) the kernel program copied (an EOF read's, a connect()'s),
-    unwound against each process's mappings, under one symbolizer budget;
-    the Python frames copied with them, resolved, under "python" (key ->
-    (PyFrame dicts, why not)); then the symbolizer's counts under "problems"."""
+                    machine: Optional[str] = None):
+    """Streams what the kernel program copied at each (key, pid, ip, sp, bp,
+    stack bytes[, (python status, pairs)]) (an EOF read's, a connect()'s),
+    unwound against each process's mappings, under one symbolizer budget:
+    ("reading", key) before a capture's process is read, ("python", key,
+    (PyFrame dicts, why not)) for the Python frames copied with it,
+    resolved, ("frames", key, frame dicts) once its places have lines; then
+    ("problems", the symbolizer's counts). Streamed, so that a read that
+    blocks (a page of the process turned into a never-answering FUSE
+    server's) costs the caller only that capture (resolver.captured_stacks
+    goes on without it)."""
     from closewait_trace.evidence import pyframes, symbolize
     budget = symbolize.Budget()
-    out: dict = {}
-    python: dict = {}
     unwound = []
     try:
         # Every stack and its symbols first, then lines for the places with
         # what is left of the budget: a slow line table (a crafted one) can
         # cost a place its line, never another stack its symbols.
         for key, pid, ip, sp, bp, stack, *py in captures[:MAX_PROCESSES_PER_BATCH]:
+            yield ("reading", key)
             frames = symbolize.captured_stack(pid, ip, sp, bp, stack, proc, machine, budget,
                                               lines=False)
             unwound.append((key, pid, frames))
             if py:
-                python[key] = pyframes.resolve_capture(budget.image(pid, proc),
-                                                       budget.deadline, *py[0])
+                yield ("python", key, pyframes.resolve_capture(budget.image(pid, proc),
+                                                              budget.deadline, *py[0]))
         for key, pid, frames in unwound:
+            yield ("reading", key)
             symbolize.add_place_line(pid, frames, proc, budget)
-            out[key] = [f.as_dict() for f in frames]
+            yield ("frames", key, [f.as_dict() for f in frames])
             procfs.note_progress()
     finally:
         budget.close()
-    out["python"] = python
-    out["problems"] = symbolize.problems()
-    return out
+    yield ("problems", symbolize.problems())
 
 
-def python_processes(proc: str = procfs.PROC, seconds: float = 2.0,
-                     limit: int = 4096) -> dict:
-    """pid -> what the kernel needs to copy the Python frames of each
-    running CPython process at its events (pyframes.python_processes)."""
+def python_processes(proc: str = procfs.PROC, skip_uids=(), skip_pids=(),
+                     seconds: float = 2.0, limit: int = 4096):
+    """Streams ("reading", pid, uid) and ("walk", pid, what the kernel needs
+    to copy its Python frames at its events) for each running CPython
+    process (pyframes.scan_python_processes), those of skip_uids and
+    skip_pids left out."""
     from closewait_trace.evidence import pyframes
-    return pyframes.python_processes(proc, time.monotonic() + seconds, limit)
+    yield from pyframes.scan_python_processes(proc, time.monotonic() + seconds, limit,
+                                              skip_uids, skip_pids)
 
 
 def now_ns() -> int:

@@ -103,6 +103,40 @@ def _dev_key(dev: str) -> str:
         return ""
 
 
+def _root_device(text: str) -> str:
+    """mountinfo -> "major:minor" of the mount at the process's root ("/"),
+    "" if none."""
+    for line in text.splitlines():
+        fields = line.split(" - ", 1)[0].split()
+        if len(fields) >= 5 and fields[4] == "/":
+            return fields[2]
+    return ""
+
+
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = 1, 2, 4, 0x10
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}
+
+
+def _openat2(dirfd: int, path: str, flags: int, resolve: int) -> Optional[int]:
+    """openat2(2) (Linux 5.6): a descriptor, or None (refused, or a kernel
+    without it: then no path is walked at all)."""
+    import ctypes
+    import platform
+    number = _SYS_OPENAT2.get(platform.machine())
+    if number is None:
+        return None
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    how = OpenHow(flags, 0, resolve)
+    fd = libc.syscall(number, dirfd, path.encode("utf-8", "surrogateescape"),
+                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return fd if fd >= 0 else None
+
+
 def _read_capped(path: str, limit: int) -> str:
     try:
         raw = procfs.read_bytes(path, limit)
@@ -124,6 +158,8 @@ class ProcessImage:
         self._fs_types: Optional[dict] = None
         self._same_userns: Optional[bool] = None
         self._mem = None
+        self._root_dev: Optional[str] = None
+        self._fds: list = []             # O_PATH descriptors of files_of (_beneath_root)
 
     def mapping(self, addr: int) -> Optional[Mapping]:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -157,19 +193,58 @@ class ProcessImage:
 
     def file_of(self, m: Mapping) -> Optional[str]:
         """A path that opens the very file mapped: map_files works for a
-        deleted file or one in a container; otherwise the path as seen from
-        the process's root. None for anonymous and special mappings, and
-        for files on filesystems we do not read (unreadable_reason)."""
+        deleted file or one in a container; otherwise (the tracer without
+        CAP_SYS_ADMIN, or the mapping changed since its maps were read) the
+        file found by its path from the process's root, only if that walk
+        stays on the mapping's own filesystem (_beneath_root). None for
+        anonymous and special mappings, and for files on filesystems we do
+        not read (unreadable_reason)."""
         if not m.path.startswith("/") or self.unreadable_reason(m):
             return None
         via_map_files = f"{self.proc}/{self.pid}/map_files/{m.start:x}-{m.end:x}"
         try:
-            # lstat: the link itself; stat would look the file up in its
-            # filesystem.
-            os.lstat(via_map_files)
+            # O_PATH: follows the link to the file without opening it in
+            # its filesystem; refused without CAP_SYS_ADMIN (or
+            # CAP_CHECKPOINT_RESTORE), which lstat is not.
+            os.close(os.open(via_map_files, os.O_PATH | os.O_CLOEXEC))
             return via_map_files
         except OSError:
-            return f"{self.proc}/{self.pid}/root{m.path.replace(' (deleted)', '')}"
+            return self._beneath_root(m)
+
+    def _beneath_root(self, m: Mapping) -> Optional[str]:
+        """The mapped file by its path, as "/proc/self/fd/N" of an O_PATH
+        descriptor held until close(); None unless the process's root is on
+        the mapping's filesystem and the path reaches the mapped inode
+        without a symlink or a mount crossed. The path is the process's
+        to choose: a mount of its user's over a directory of it (a FUSE
+        server via fusermount3, that never answers a LOOKUP), a symlink, or
+        a root on FUSE (chroot in a user namespace) would otherwise have
+        the lookup wait on that server for good."""
+        if self._root_dev is None:
+            self._root_dev = _root_device(
+                _read_capped(f"{self.proc}/{self.pid}/mountinfo", MAX_MOUNTINFO_BYTES))
+        if not self._root_dev or self._root_dev != _dev_key(m.dev):
+            return None
+        try:
+            root = os.open(f"{self.proc}/{self.pid}/root",
+                           os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fd = _openat2(root, m.path.replace(" (deleted)", "").lstrip("/"),
+                          os.O_PATH | os.O_CLOEXEC,
+                          RESOLVE_IN_ROOT | RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS
+                          | RESOLVE_NO_MAGICLINKS)
+        finally:
+            os.close(root)
+        if fd is None:
+            return None
+        st = os.fstat(fd)
+        if st.st_ino != m.inode or _dev_key(m.dev) != f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}":
+            os.close(fd)
+            return None
+        self._fds.append(fd)
+        return f"/proc/self/fd/{fd}"
 
     def read(self, addr: int, size: int) -> bytes:
         """Up to size bytes at addr, within one mapping we parsed and may
@@ -192,3 +267,6 @@ class ProcessImage:
         if self._mem is not None:
             self._mem.close()
             self._mem = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

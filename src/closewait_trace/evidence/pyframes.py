@@ -394,6 +394,42 @@ def line_of(table: bytes, firstlineno: int, lasti: int) -> Optional[int]:
     return None
 
 
+def pid_namespace(proc: str, pid: int) -> Optional[dict]:
+    """The process's pid namespace (and program) as the kernel program names it
+    (bpf_get_ns_current_pid_tgid: the nsfs device, kernel encoding, and
+    inode), for the walk: at an event the kernel compares the interpreter's
+    thread ids with the reading thread's id in that namespace. None when
+    it cannot be read (the process is gone)."""
+    try:
+        st = os.stat(f"{proc}/{pid}/ns/pid")
+        exe = os.readlink(f"{proc}/{pid}/exe")          # the kernel's path: no file read
+    except OSError:
+        return None
+    # exe: the program, to tell an exec() since the read when the kernel's
+    # map of them was full (LiveTracer._same_process).
+    return {"pidns_dev": os.major(st.st_dev) << 20 | os.minor(st.st_dev),
+            "pidns_ino": st.st_ino, "exe": exe}
+
+
+def native_ids(proc: str, pid: int, tids) -> dict:
+    """The interpreter's id of each thread (its native_thread_id: the id in
+    the process's own pid namespace, NSpid's last) -> /proc's tid. A thread
+    whose status cannot be read keeps its tid (the same outside
+    containers)."""
+    from closewait_trace.sockets import procfs
+    out = {}
+    for tid in tids:
+        native = tid
+        try:
+            spec = procfs.parse_status(procfs.decode(procfs.read_bytes(
+                f"{proc}/{pid}/task/{tid}/status"))).get("NSpid", "").split()
+            native = int(spec[-1]) if spec else tid
+        except (procfs.ProcError, ValueError):
+            pass
+        out[native] = tid
+    return out
+
+
 def read_process(image, deadline: float, tids: set) -> tuple[dict, str, Optional[dict]]:
     """(tid -> frames, why not, the kernel's walk) for one process: ({}, "",
     None) when it is not a CPython process; ({}, reason, ...) when its
@@ -405,8 +441,13 @@ def read_process(image, deadline: float, tids: set) -> tuple[dict, str, Optional
         runtime, why = find_runtime(image, deadline)
         if runtime is None:
             return {}, why, None
-        walk = runtime.kernel_walk()
-        return thread_frames(image, deadline, tids, runtime), "", walk
+        namespace = pid_namespace(image.proc, image.pid)
+        walk = {**runtime.kernel_walk(), **namespace} if namespace else None
+        # The interpreter knows its threads by their ids in its own pid
+        # namespace (a container's): /proc's ids are the tracer's.
+        native = native_ids(image.proc, image.pid, tids)
+        found = thread_frames(image, deadline, set(native), runtime)
+        return {native[n]: frames for n, frames in found.items()}, "", walk
     except Unreadable as e:
         return {}, f"Python frames not read: {e}", walk
     except (KeyboardInterrupt, SystemExit):
@@ -426,6 +467,10 @@ CAPTURE_STATUS = {
 
 NOT_YET_KNOWN = ("not copied: the process was not yet known to be CPython when it read "
                  "(it is now: its next reads are)")
+# The same, when the tracer could not register it since (the kernel's map
+# full with other users' processes, or its pid names another process now).
+NOT_YET_KNOWN_UNREGISTERED = ("not copied: the process was not yet known to be CPython when "
+                              "it read (nor are its next reads: it could not be registered)")
 
 
 def resolve_capture(image, deadline: float, status: int, pairs: tuple) -> tuple[list, str]:
@@ -484,20 +529,44 @@ def captured_frames(image, deadline: float, pairs: tuple) -> tuple[list, str]:
 
 
 def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
-    """pid -> kernel_walk() for the running processes whose program is a
-    CPython interpreter (/proc/PID/exe named python3.X), at most limit,
-    until deadline: registered at start so that their first EOF read
-    already carries Python frames. (Programs embedding libpython are found
-    when they first hold a lingering socket: diagnosis reads their maps.)"""
+    """pid -> walk of scan_python_processes, all at once (no process
+    skipped)."""
+    return {pid: walk for kind, pid, walk in scan_python_processes(proc, deadline, limit)
+            if kind == "walk"}
+
+
+def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
+                          skip_pids=()):
+    """The running processes whose program is a CPython interpreter
+    (/proc/PID/exe named python3.X), at most limit, until deadline, with
+    what the kernel needs to copy their frames: registered at start so that
+    their first EOF read already carries Python frames. (Programs embedding
+    libpython are found when they first hold a lingering socket: diagnosis
+    reads their maps.)
+
+    Yields ("reading", pid, uid) before each process's maps, file and memory
+    are read, then ("walk", pid, walk) if it is CPython: a read that blocks
+    (a page of the process's turned into a FUSE file's since its maps were
+    read) leaves the caller what came before and whose process it was,
+    which the next scan skips (skip_uids; skip_pids: those already found).
+
+    Each walk also says whose process it is ("uid") and which ("start_time",
+    /proc/PID/stat's): the tracer registers it only if that pid still names
+    that process, and shares the kernel's map fairly among users. The
+    processes are read one user's after another's in turn (round robin by
+    uid), so that one user's thousands of processes cannot spend the whole
+    deadline, nor the limit, before another user's first is read."""
     import time
     from closewait_trace.evidence.procimage import ProcessImage
-    out: dict[int, dict] = {}
+    from closewait_trace.sockets import procfs
+    skip_uids, skip_pids = frozenset(skip_uids), frozenset(skip_pids)
     try:
         names = os.listdir(proc)
     except OSError:
-        return out
+        return
+    by_uid: dict[int, list[int]] = {}
     for name in names:
-        if not name.isdigit() or len(out) >= limit or time.monotonic() > deadline:
+        if not name.isdigit() or int(name) in skip_pids or time.monotonic() > deadline:
             continue
         try:
             exe = os.readlink(f"{proc}/{name}/exe")      # the kernel's path: no file read
@@ -505,15 +574,47 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
             continue
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
-        image = ProcessImage(int(name), proc)
-        try:
-            runtime, _why = find_runtime(image, deadline)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception:
-            runtime = None
-        finally:
-            image.close()
-        if runtime is not None:
-            out[int(name)] = runtime.kernel_walk()
-    return out
+        uid = _real_uid(proc, int(name))
+        if uid is not None and uid not in skip_uids:
+            by_uid.setdefault(uid, []).append(int(name))
+    queues = [(uid, list(reversed(pids))) for uid, pids in sorted(by_uid.items())]
+    found = 0
+    while queues and found < limit and time.monotonic() <= deadline:
+        for uid, queue in queues:
+            if found >= limit or time.monotonic() > deadline:
+                break
+            pid = queue.pop()
+            try:
+                stat = procfs.parse_stat(procfs.decode(
+                    procfs.read_bytes(f"{proc}/{pid}/stat")))
+            except procfs.ProcError:
+                continue
+            if stat is None:
+                continue
+            yield ("reading", pid, uid)
+            image = ProcessImage(pid, proc)
+            try:
+                runtime, _why = find_runtime(image, deadline)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                runtime = None
+            finally:
+                image.close()
+            namespace = pid_namespace(proc, pid)
+            if runtime is not None and namespace:
+                found += 1
+                yield ("walk", pid, {**runtime.kernel_walk(), **namespace, "uid": uid,
+                                     "start_time": stat.start_time})
+        queues = [(uid, q) for uid, q in queues if q]
+
+
+def _real_uid(proc: str, pid: int) -> Optional[int]:
+    """The process's real uid (status), not /proc/PID's owner: a process
+    that makes itself undumpable shows as root's there."""
+    from closewait_trace.sockets import procfs
+    try:
+        return int(procfs.parse_status(procfs.decode(
+            procfs.read_bytes(f"{proc}/{pid}/status"))).get("Uid", "").split()[0])
+    except (procfs.ProcError, ValueError, IndexError):
+        return None

@@ -28,6 +28,9 @@ from closewait_trace.sockets import procfs
 STALL_S = 2.0
 OWNERS_CAP_S = 120.0
 STATE_CAP_S = 30.0
+# Start-up scans of CPython processes abandoned for a read that blocked,
+# each costing STALL_S, before the tracer is ready without the rest.
+MAX_BLOCKED_SCANS = 3
 # snapshot's one read of every namespace's sockets and their owners.
 SNAPSHOT_STALL_S = 5.0
 SNAPSHOT_CAP_S = 300.0
@@ -184,30 +187,88 @@ class ProcResolver:
         return self._run("identity", pid, uid, self.proc, deadline_s=STATE_CAP_S,
                          progress_s=STALL_S)
 
-    def captured_stacks(self, captures: list) -> dict:
-        """key -> frames of stacks the kernel copied (gathering.captured_stacks);
-        {} when not read in time (the caller says the place is unknown)."""
-        if not captures:
-            return {}
-        try:
-            out = self._run("captured_stacks", captures, self.proc,
-                            deadline_s=EVIDENCE_DEADLINE_S, progress_s=PROCESS_DEADLINE_S,
-                            reads_memory=True)
-        except GatherFailed:
-            return {}
-        problems = out.pop("problems", None)
-        if isinstance(problems, dict) and self.worker is not None:
-            self.problems = problems
+    def captured_stacks(self, captures: list, uids: Optional[dict] = None) -> dict:
+        """key -> frames of stacks the kernel copied (gathering.captured_stacks),
+        "python" -> {key: (Python frames, why not)}; a key missing when its
+        capture was not read in time (the caller says the place is unknown).
+
+        A capture whose read blocks is abandoned with its worker (after
+        PROCESS_DEADLINE_S without progress) and the others are read again
+        in a new one, at most MAX_BLOCKED_SCANS times, until
+        EVIDENCE_DEADLINE_S: one process's memory costs the batch a stall,
+        not every other socket's place. uids (pid -> uid of the process):
+        the abandoned worker is tagged with its user's, whose captures are
+        then not read while it stays blocked (as gather_processes does for
+        their evidence), so that one user cannot spend every stuck worker
+        the tracer allows (MAX_STUCK_WORKERS) batch after batch."""
+        uids = uids or {}
+        out: dict = {"python": {}}
+        blocked = self.worker.stuck_tags() if self.worker is not None else set()
+        pending = [c for c in captures if uids.get(c[1]) is None
+                   or uids.get(c[1]) not in blocked]
+        end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
+        for _attempt in range(MAX_BLOCKED_SCANS + 1):
+            if not pending:
+                break
+            why = ""
+            try:
+                items = self._run("captured_stacks", pending, self.proc, deadline_at=end,
+                                  progress_s=PROCESS_DEADLINE_S, stream=True,
+                                  reads_memory=True)
+            except GatherFailed as e:
+                items, why = e.partial or [], e.why
+            reading = None
+            for item in items:
+                if item[0] == "reading":
+                    reading = item[1]
+                elif item[0] == "python":
+                    out["python"][item[1]] = item[2]
+                elif item[0] == "frames":
+                    out[item[1]] = item[2]
+                elif item[0] == "problems" and self.worker is not None:
+                    self.problems = item[1]
+            if why != TIMED_OUT or reading is None or time.monotonic() >= end:
+                break
+            # The capture being read did not answer: the others go on.
+            pid = next((c[1] for c in pending if c[0] == reading), None)
+            self.worker.tag_last_abandoned(uids.get(pid))
+            pending = [c for c in pending if c[0] != reading and c[0] not in out]
         return out
 
     def python_processes(self) -> dict:
-        """pid -> kernel walk of the running CPython processes ({} when not
-        read in time: they are then found when they first hold a socket)."""
-        try:
-            return self._run("python_processes", self.proc, deadline_s=STATE_CAP_S,
-                             progress_s=STALL_S)
-        except GatherFailed:
-            return {}
+        """pid -> kernel walk of the running CPython processes (those not
+        read in time are found when they first hold a socket).
+
+        The scan reads their memory: a read that blocks (a FUSE page put
+        where the scan found the process's own) is abandoned after STALL_S
+        like any other, what came before it is kept, and the scan goes on
+        in a new worker without that user's processes (its worker tagged
+        with the uid, as gather_processes does), at most
+        MAX_BLOCKED_SCANS times: one user costs the others a stall, never
+        their registration."""
+        found: dict = {}
+        skip_uids = set(self.worker.stuck_tags()) if self.worker is not None else set()
+        end = time.monotonic() + STATE_CAP_S * knobs.time_scale()
+        for _attempt in range(MAX_BLOCKED_SCANS + 1):
+            why = ""
+            try:
+                items = self._run("python_processes", self.proc, sorted(skip_uids),
+                                  sorted(found), deadline_at=end, progress_s=STALL_S,
+                                  stream=True, reads_memory=True)
+            except GatherFailed as e:
+                items, why = e.partial or [], e.why
+            reading = None
+            for kind, pid, payload in items:
+                if kind == "walk":
+                    found[pid] = payload
+                    reading = None
+                else:
+                    reading = payload           # the uid of the process being read
+            if why != TIMED_OUT or reading is None or time.monotonic() >= end:
+                break
+            skip_uids.add(reading)
+            self.worker.tag_last_abandoned(reading)
+        return found
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,

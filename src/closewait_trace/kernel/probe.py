@@ -589,12 +589,23 @@ class KernelProbe:
         if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
             return False
         table = self._table("cw_py")
-        leaf = table.Leaf(**walk)
+        # Only the kernel's fields (a walk also says whose process it is).
+        leaf = table.Leaf(**{name: walk[name] for name, _type in table.Leaf._fields_})
         try:
             table[table.Key(pid)] = leaf
         except Exception:               # full: E2BIG from the map update
             return False
         return True
+
+    def unregister_python(self, pid: int) -> None:
+        """Forget process pid's Python walk (gone already: nothing to do)."""
+        if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
+            return
+        table = self._table("cw_py")
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            pass
 
     def python_registered(self) -> set:
         """The pids the kernel holds a Python walk for."""

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.evidence import diagnosis, place
-from closewait_trace.sockets import owners
+from closewait_trace.evidence import diagnosis, place, pyframes
+from closewait_trace.sockets import owners, procfs
 from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
@@ -139,6 +139,7 @@ class LiveTracer:
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
     start_snapshot_failed: Optional[str] = None
+    python_owners: dict = field(default_factory=dict)   # pid -> uid, of those registered
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -210,7 +211,8 @@ class LiveTracer:
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         # Before "ready": a CPython process's EOF read from then on carries
         # its Python frames.
-        self.register_pythons(self.resolver_python_processes())
+        seen_ns = self.now_ns()
+        self.register_pythons(self.resolver_python_processes(), seen_ns)
         filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
         self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
                                 self.headers, self.probe.transport,
@@ -224,15 +226,82 @@ class LiveTracer:
             return {}
         return self.resolver.python_processes()
 
-    def register_pythons(self, walks: dict) -> None:
+    def register_pythons(self, walks: dict, seen_ns: int) -> None:
         """Tell the kernel program where each CPython process's thread states
-        are, so its next EOF read or connect() copies the Python frames."""
+        are, so its next EOF read or connect() copies the Python frames.
+
+        walks: pid -> what the worker read at or after seen_ns (kernel
+        clock), with the process's uid and start time. Between that read
+        and now, the process may have run another program or exited and
+        its pid been taken: the kernel forgets a process at its exit or
+        exec only once it is in the map, so each entry is checked after it
+        is put there (no exec since seen_ns, same start time) and taken
+        out if the pid names another program or process now.
+
+        The map holds max_py_procs processes, all users together: when it
+        is full, a process of a user holding fewer entries takes the place
+        of one of the user holding the most, so that one user's thousands
+        of processes cannot keep everyone else's out."""
         register = getattr(self.probe, "register_python", None)
         if register is None or not self.config.eof_capture:
             return
+        pruned = False                  # python_owners checked against the map in this call
         for pid, walk in walks.items():
-            if walk and not register(pid, walk):
-                self.python_unregistered += 1
+            if not walk or "uid" not in walk or "start_time" not in walk:
+                continue
+            uid = walk["uid"]
+            if not register(pid, walk):
+                if not pruned:          # the kernel forgot those that exited
+                    registered = self.probe.python_registered()
+                    self.python_owners = {p: u for p, u in self.python_owners.items()
+                                          if p in registered}
+                    pruned = True
+                if not (self._make_room_for(uid) and register(pid, walk)):
+                    self.python_unregistered += 1
+                    continue
+            if self._same_process(pid, walk, seen_ns):
+                self.python_owners[pid] = uid
+            else:
+                self.probe.unregister_python(pid)
+                self.python_owners.pop(pid, None)
+        # The kernel forgets those that exit: so does python_owners, at the
+        # latest when it holds twice what the map can.
+        if len(self.python_owners) > 2 * getattr(self.config, "max_py_procs", 4096):
+            registered = self.probe.python_registered()
+            self.python_owners = {p: u for p, u in self.python_owners.items()
+                                  if p in registered}
+
+    def _same_process(self, pid: int, walk: dict, seen_ns: int) -> bool:
+        """Whether pid still names the process (and program) read at
+        seen_ns; called with its entry in the kernel's map. When the
+        kernel's map of exec()s was full (anyone can fill it with live
+        processes), an exec() since is told by the program's path instead:
+        registrations must not stop for everyone then."""
+        exec_since = getattr(self.probe, "exec_since", None)
+        changed = exec_since(pid, seen_ns) if exec_since is not None else None
+        proc = getattr(self.resolver, "proc", procfs.PROC)
+        if changed is None:
+            changed = procfs.read_link(f"{proc}/{pid}/exe") != walk.get("exe")
+        if changed:
+            return False
+        stat = procfs.parse_stat(procfs.read_text(f"{proc}/{pid}/stat") or "")
+        return stat is not None and stat.start_time == walk["start_time"]
+
+    def _make_room_for(self, uid: int) -> bool:
+        """Take one entry out of the kernel's full map, of the user holding
+        the most, if that user holds more than uid would after the insert."""
+        counts: dict = {}
+        for owner in self.python_owners.values():
+            counts[owner] = counts.get(owner, 0) + 1
+        if not counts:
+            return False
+        most = max(counts, key=lambda u: counts[u])
+        if counts[most] <= counts.get(uid, 0) + 1:
+            return False
+        victim = next(p for p, u in self.python_owners.items() if u == most)
+        self.probe.unregister_python(victim)
+        del self.python_owners[victim]
+        return True
 
     def run(self) -> None:
         next_tick = time.monotonic()
@@ -430,9 +499,10 @@ class LiveTracer:
                 for kind, capture in taken:
                     captures[(id(l), kind)] = (l, capture)
             todo.append((l, own))
+        seen_ns = self.now_ns()
         self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
         self.register_pythons({pid: ev.python_walk for pid, ev in evidence_cache.processes.items()
-                               if getattr(ev, "python_walk", None)})
+                               if getattr(ev, "python_walk", None)}, seen_ns)
         self.locate_places(captures, {id(l): own for l, own in todo})
         shown: list[Lingerer] = []
         for l, own in todo:
@@ -586,15 +656,20 @@ class LiveTracer:
         while queues:
             turns.extend(q.pop(0) for q in queues)
             queues = [q for q in queues if q]
+        uids = {h.pid: getattr(h, "uid", None) for own in owners_of.values()
+                for h in getattr(own, "holders", ())}
         stacks = self.resolver.captured_stacks(
             [(i, keyed[i][2].pid, keyed[i][2].ip, keyed[i][2].sp, keyed[i][2].bp,
               keyed[i][2].stack, (getattr(keyed[i][2], "py_status", 0),
-                                  getattr(keyed[i][2], "python", ()))) for i in turns])
+                                  getattr(keyed[i][2], "python", ()))) for i in turns],
+            uids)
         python = stacks.get("python") or {}
         offset = self.clock_offset_ns()
         for i, ((_id, kind), l, c, why) in enumerate(keyed):
             frames = stacks.get(i) if why is None else None
             py_frames, py_why = python.get(i, ([], ""))
+            if py_why == pyframes.NOT_YET_KNOWN and c.pid not in self.python_owners:
+                py_why = pyframes.NOT_YET_KNOWN_UNREGISTERED     # no room, or not the same now
             found = records.code_place(c, (c.ts_ns + offset) / 1e9, frames,
                                        place.python_place(py_frames)
                                        or place.place_of(frames or []))
