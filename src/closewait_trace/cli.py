@@ -334,7 +334,9 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.option("--max-tracked", type=click.IntRange(1024, 4_194_304), default=DEFAULT_MAX_TRACKED,
               show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT.")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Show holders' command lines and the headers bcc used.")
+              help="Show the evidence for each diagnosis: holders' command lines, "
+                   "their threads' stacks (and Python frames), the stacks at the EOF "
+                   "read and the connect(), and the headers bcc used.")
 @click.option("--no-eof-stacks", is_flag=True,
               help="Do not copy the stack of a thread that reads a socket in "
                    "CLOSE_WAIT to its end or connects a client socket (the places "
