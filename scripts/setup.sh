@@ -42,9 +42,10 @@ if [ "$action" = test ] || [ "$action" = setup ]; then
     # check vagrant/Vagrantfile offline, prometheus and promtool for the
     # metrics and the alert rules, man and systemd-analyze for the man page
     # and the unit, Go for the Go programs whose code locations are checked,
-    # CPython's internal headers to check the frame layouts against (offsetof).
+    # CPython's internal headers to check the frame layouts against (offsetof),
+    # a JSON Schema validator to check docs/closewait-trace.schema.json with.
     packages+=(socat iproute2 procps gcc libc6-dev binutils strace gdb bpfcc-tools vagrant
-               prometheus man-db systemd golang-go libpython3-dev)
+               prometheus man-db systemd golang-go libpython3-dev python3-jsonschema)
     # The .deb's build (scripts/build-deb.sh), which a kernel test installs.
     packages+=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
                python3-hatchling)

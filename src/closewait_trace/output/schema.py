@@ -734,3 +734,77 @@ DOCUMENTED: dict[str, type] = {
     "Frame": Frame, "PyFrame": PyFrame, "Code": Code, "EofRead": EofRead, "Opened": Opened, "HistogramBucket": HistogramBucket, "Filters": Filters,
     "Identity": Identity, "Container": Container, "Claim": Claim, "Exe": Exe,
 }
+
+
+# --- JSON Schema ------------------------------------------------------------------
+
+JSON_SCHEMA_ID = "https://closewait-trace.invalid/schema/records.json"
+
+
+def json_schema() -> dict:
+    """The records as a JSON Schema (draft 2020-12), derived from the same
+    TypedDicts the reader checks against, for other tools (jq users, a log
+    pipeline's validator). Written to docs/closewait-trace.schema.json;
+    tests/unit/test_json_schema.py checks the file is this, and that a JSON
+    Schema validator agrees with problem() on real and crafted records.
+    What it cannot say: MaxLen(truncate=True) fields are cut by the reader,
+    not refused, so they carry no maxLength."""
+    defs: dict = {}
+
+    def ref(tp) -> dict:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            out = dict(ref(args[0]))
+            for m in args[1:]:
+                if isinstance(m, Range):
+                    out["minimum"] = m.ge
+                    if m.le != float("inf"):
+                        out["maximum"] = m.le
+                if isinstance(m, MaxLen) and not m.truncate:
+                    out["maxLength"] = m.chars
+            return out
+        if origin is NotRequired:
+            return ref(args[0])
+        if origin is Union:
+            return {"anyOf": [ref(a) for a in args]}
+        if origin is Literal:
+            return {"enum": list(args)}
+        if origin is list:
+            return {"type": "array", "items": ref(args[0])}
+        if origin is dict:
+            return {"type": "object", "additionalProperties": ref(args[1])}
+        if typing.is_typeddict(tp):
+            name = tp.__name__
+            if name not in defs:
+                defs[name] = {}             # recursion: filled below
+                hints = typing.get_type_hints(tp, include_extras=True)
+                defs[name] = {"type": "object",
+                              "properties": {k: ref(h) for k, h in hints.items()},
+                              "required": sorted(tp.__required_keys__)}
+            return {"$ref": f"#/$defs/{name}"}
+        if tp is type(None):
+            return {"type": "null"}
+        simple = {bool: "boolean", str: "string", int: "integer", float: "number"}
+        if tp in simple:
+            return {"type": simple[tp]}
+        raise TypeError(f"no JSON Schema for {tp!r}")
+
+    kinds = []
+    for kind, spec in RECORD_TYPES.items():
+        kinds.append({"if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
+                      "then": ref(spec)})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": JSON_SCHEMA_ID,
+            "title": "closewait-trace records (--json lines and recordings)",
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": list(RECORD_TYPES)}},
+            "allOf": kinds,
+            "$defs": defs}
+
+
+if __name__ == "__main__":       # python -m closewait_trace.output.schema > docs/...json
+    import json
+    import sys
+    json.dump(json_schema(), sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
