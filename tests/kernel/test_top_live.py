@@ -79,6 +79,10 @@ def test_top_in_a_terminal_groups_changes_and_quits(procs, tmp_path):
         term.tmux("send-keys", "g")
         screen = term.wait_for(lambda s: "by cause" in s, "grouping by cause")
         assert re.search(r"^\s*5\s+\S+\s+\d+\s+\d+\s+stopped\s*$", screen, re.M), screen
+        # The keys on one line at the screen's width, however narrow the
+        # table (a table's caption wrapped them to the table's: "...port,"
+        # then "container)" on the next line, on a 100-column terminal).
+        assert "q quit, g grouping (process, cause, peer, port, container)" in screen, screen
         term.tmux("send-keys", "q")
         wait_until(lambda: term.exit_code() is not None, timeout=30, what="top to quit")
         assert term.exit_code() == 0

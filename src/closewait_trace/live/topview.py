@@ -151,12 +151,18 @@ class TopSink:
     def _draw(self, rows: list) -> None:
         if self._live is None:
             return
+        from rich.console import Group
         from rich.table import Table
         from rich.text import Text
-        table = Table(title=Text(top.headline(rows, self.grouping, self.threshold_s,
-                                              self.model.lost)),
-                      caption=Text("q quit, g grouping (" + ", ".join(top.GROUPINGS) + ")"),
-                      box=None, title_justify="left", caption_justify="left")
+        # The headline and the keys as lines of their own, the screen's
+        # width: a table's title and caption wrap to the table's, which is
+        # narrow when its columns are ("q quit, g grouping (process," on one
+        # line and "container)" on the next, on a 200-column terminal).
+        headline = Text(top.headline(rows, self.grouping, self.threshold_s, self.model.lost),
+                        no_wrap=True, overflow="ellipsis")
+        keys = Text("q quit, g grouping (" + ", ".join(top.GROUPINGS) + ")",
+                    no_wrap=True, overflow="ellipsis")
+        table = Table(box=None)
         for name in top.COLUMNS:
             table.add_column(name, justify="right", no_wrap=True)
         table.add_column(top.TITLES[self.grouping], no_wrap=True, overflow="ellipsis")
@@ -166,4 +172,4 @@ class TopSink:
             table.add_row(*(Text(c) for c in top.cells(row, self.grouping)))
         if len(rows) > height:
             table.add_row("", "", "", "", Text(f"... {len(rows) - height} more rows"))
-        self._live.update(table, refresh=True)
+        self._live.update(Group(headline, table, keys), refresh=True)
