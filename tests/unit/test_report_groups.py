@@ -369,3 +369,28 @@ def test_a_socket_lingering_across_two_back_to_back_captures_is_counted_once():
     # Another host's capture is other sockets, whatever their addresses.
     other = [dict(header("c", T0 + 61), hostname="elsewhere")] + second[1:]
     assert report.build(iter(first + other))["sockets"] == 5
+
+
+def test_a_table_s_columns_line_up_when_counts_carry_estimates():
+    """'123 (111~)' was wider than the SOCKETS column and pushed its row's
+    TOTAL and LONGEST right of the other rows' (a newcomer's report)."""
+    def lingering(rport, pre, pid, comm):
+        return recordfactory.linger(ts=T0 + 10, rport=rport, age_s=5.0, pre_existing=pre,
+                                    age_source="estimated" if pre else "traced",
+                                    owners=[recordfactory.holder(pid=pid, comm=comm, state="T")])
+    recs = [header(), recordfactory.start(ts=T0)]
+    recs += [lingering(40000 + i, i < 111, 9, "socat") for i in range(123)]
+    recs += [lingering(41000 + i, False, 10, "nc") for i in range(15)]
+    recs.append(recordfactory.summary(ts=T0 + 60))
+    text = report.render_text(report.build(iter(recs)))
+    table = text[text.index("By program (the holders that never closed; children of one "
+                            "server folded):") + 1:]
+    table = table[:table.index("")]
+    heading = table[0]
+    total_end = heading.index("TOTAL") + len("TOTAL")
+    assert len(table) == 3, table
+    for line in table[1:]:
+        # Each row's TOTAL ends under the heading's: the columns after the
+        # name are right-aligned, so the value's last character is there.
+        count_and_total = re.match(r"(.{38}\s*\d+(?: \(\d+~\))?\s+\S+)", line)
+        assert count_and_total and count_and_total.end(1) == total_end, (line, heading)

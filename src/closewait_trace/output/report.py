@@ -934,16 +934,21 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append("")
         lines.append(TITLES[g] + ":")
         what = "PROGRAMS" if g == "cause" else "CAUSE"
-        lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>7} {'TOTAL':>9} {'LONGEST':>9}  {what}")
-        if not rows:
-            lines.append("  (none)")
+        counts = []
         for row in rows[:top]:
             est = row.get("estimated", 0) + row.get("lower_bound", 0)
-            count = f"{row['count']}" + (f" ({est}~)" if est else "")
+            counts.append(f"{row['count']}" + (f" ({est}~)" if est else ""))
+        # As wide as the widest count of the table: "123 (111~)" would push
+        # its row's columns right of the others'.
+        width = max([7] + [len(c) for c in counts])
+        lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>{width}} {'TOTAL':>9} {'LONGEST':>9}  {what}")
+        if not rows:
+            lines.append("  (none)")
+        for row, count in zip(rows[:top], counts):
             # A row is cut, not wrapped: its last column (causes, programs)
             # is the one that gives.
             lines.append(textsafe.cut(
-                f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>7} "
+                f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>{width}} "
                 f"{_age(row['total_s']):>9} "
                 f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
                 f"{_causes_text(row, g)}", LINE))
