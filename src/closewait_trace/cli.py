@@ -14,7 +14,7 @@ import sys
 import click
 
 from closewait_trace import __version__
-from closewait_trace.output import render, textsafe
+from closewait_trace.output import render, textsafe, transitions
 from closewait_trace.durations import parse_duration_ns
 from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
 from closewait_trace.live.filters import (HolderFilter, SocketFilter, describe_filters, parse_ports,
@@ -134,6 +134,7 @@ class Output:
         self.closed = False
         self.on_reader_gone = on_reader_gone
         self.stream = stream
+        self._lines = None          # the fast transition lines, made at first use
 
     @property
     def _out(self):
@@ -158,6 +159,22 @@ class Output:
         else:
             lines = self.renderer.render(rec)
         self.write_lines(lines)
+
+    def emit_transitions(self, rows, offset_ns: int) -> None:
+        """--all's transitions, raw rows from the kernel (events.EventLayout),
+        written as emit(records.transition(...)) would write each, in one
+        write (output/transitions.py)."""
+        if self.quiet or self.closed or not rows:
+            return
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = (transitions.JsonLines() if self.as_json
+                                   else transitions.TextLines(self.renderer))
+        text = lines.lines(rows, offset_ns)
+        try:
+            self._out.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
 
     def write_lines(self, lines) -> None:
         if self.closed:
