@@ -354,6 +354,7 @@ class KernelProbe:
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
     _ring: object = None      # ringreader.RingReader when the mapping is read directly
+    _detaching: Optional[list] = None     # threads detaching the tracepoints (detach())
     _on_batch: object = None
 
     @property
@@ -637,10 +638,31 @@ class KernelProbe:
         per_cpu = self._table("cw_counters")[0]
         return int(sum(c.hist_sum_ns for c in per_cpu))
 
+    def detach(self) -> None:
+        """Stop the kernel's events (the end of a trace): the tracepoints
+        are detached, all at once, in threads, while the caller drains what
+        the buffer holds; close() waits for them. Each detach waits for the
+        kernel's RCU grace periods (tracepoint_synchronize_unregister):
+        20-60 ms each here under load, 150 ms for the four in a row."""
+        if self.bpf is None or self._detaching is not None:
+            return
+        import threading
+        from bcc.libbcc import lib
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if not isinstance(fds, dict):
+            return
+        self._detaching = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
+                                            daemon=True) for fd in fds.values()]
+        fds.clear()                 # closed here, not again by bcc's cleanup()
+        for t in self._detaching:
+            t.start()
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        for t in self._detaching or ():
+            t.join()
         if self.bpf is None:
             return
         if not self.ringbuf:

@@ -21,8 +21,10 @@ keeps libbpf's reader (available() says whether this one may be used).
 from __future__ import annotations
 
 import mmap
+import os
 import platform
 import select
+import signal
 import struct
 
 BUSY_BIT = 1 << 31
@@ -53,6 +55,28 @@ class RingReader:
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
         self.taken = 0          # records read (not discarded)
+        # A stop signal must end a wait at once: Python retries poll() after
+        # running the handler (PEP 475), so the handler's flag would be seen
+        # only at the timeout. The interpreter writes a byte to a wakeup fd
+        # at every signal: waiting on it too ends the wait. Only when nobody
+        # else set one, and from the main thread.
+        self._wakeup = None
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:          # not the main thread
+            old = None
+        if old != -1:
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, w)
+        self._poll.register(r, select.POLLIN)
 
     def pending_bytes(self) -> int:
         """Bytes the kernel has committed or reserved that we have not read."""
@@ -92,8 +116,22 @@ class RingReader:
             self._poll.poll(timeout_ms)
         except InterruptedError:
             pass
+        if self._wakeup is not None:
+            try:
+                while os.read(self._wakeup[0], 256):
+                    pass
+            except OSError:         # empty (EAGAIN)
+                pass
 
     def close(self) -> None:
+        if self._wakeup is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
         for m in (self._consumer, self._data):
             try:
                 m.close()

@@ -40,7 +40,7 @@ MAX_PENDING = 16 * POLL_BATCH
 # out, yet a flood (--all) cannot hold the exit; what is left is counted
 # (events_unread). Drained in small batches, and a batch being written
 # stops at the deadline, so the deadline holds within a few milliseconds.
-FINAL_DRAIN_S = 0.1
+FINAL_DRAIN_S = 0.05
 FINAL_BATCH = 256
 # Events written between two looks at the clock and the stop flag.
 DRAIN_CHUNK = 256
@@ -237,6 +237,11 @@ class LiveTracer:
                 self.flush()
             self._final_drain = True
             deadline = time.monotonic() + FINAL_DRAIN_S
+            # No new events from here: the drain takes what the buffer holds
+            # while the kernel detaches (which takes tens of ms).
+            detach = getattr(self.probe, "detach", None)
+            if detach is not None:
+                detach()
             self.drain(deadline)            # what the stop interrupted
             while time.monotonic() < deadline:
                 self.probe.poll(0, self._room())
@@ -248,6 +253,11 @@ class LiveTracer:
             # said, not a silent one).
             self.unread_at_exit = self.probe.unread() + len(self.pending)
             self.pending.clear()
+            if self.unread_at_exit:
+                # In the stream too, where a reader of the lines meets the
+                # other losses, not only in the summary.
+                self.emit(records.lost(time.time(), "events_unread", self.unread_at_exit,
+                                       self.unread_at_exit))
             self.tick(resolve=False)
             self.emit(self.summary())
             self.flush()
