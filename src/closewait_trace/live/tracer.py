@@ -44,6 +44,10 @@ FINAL_DRAIN_S = 0.05
 FINAL_BATCH = 256
 # Events written between two looks at the clock and the stop flag.
 DRAIN_CHUNK = 256
+# --all: after a pass that took fewer events than this, wait this long
+# before the next (events gather in the buffer, written in one batch).
+COALESCE_BELOW = 256
+COALESCE_S = 0.005
 
 # Network namespaces other than the tracer's own whose sockets are resolved
 # in one tick: each costs entering it (a few ms), and one user can make
@@ -233,8 +237,17 @@ class LiveTracer:
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 if not self.stopping:
                     self.probe.poll(wait_ms, self._room())
+                taken = len(self.pending)
                 self.drain()
                 self.flush()
+                if 0 < taken < COALESCE_BELOW and self.config.all_transitions \
+                        and not self.stopping:
+                    # --all at a moderate rate: the kernel wakes the reader
+                    # at almost every event, and each pass costs a poll, a
+                    # write and a flush. Letting events gather for a few ms
+                    # makes those once per batch (a line is late by at most
+                    # that much).
+                    time.sleep(COALESCE_S)
             self._final_drain = True
             deadline = time.monotonic() + FINAL_DRAIN_S
             # No new events from here: the drain takes what the buffer holds
