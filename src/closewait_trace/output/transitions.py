@@ -78,14 +78,12 @@ class JsonLines:
 
     def __init__(self):
         self.clock = WallClock()
-        self._addr: dict = {}       # (family, raw) -> JSON string of the address
+        self._addr: dict = {}       # raw address -> (family, its JSON string)
         self._comm: dict = {}       # raw comm -> JSON string, already line-safe
 
     def _address(self, family: int, raw: bytes) -> str:
-        text = self._addr.get((family, raw))
-        if text is None:
-            text = json.dumps(format_address(family, raw))
-            _bounded(self._addr)[(family, raw)] = text
+        text = json.dumps(format_address(family, raw))
+        _bounded(self._addr)[raw] = (family, text)
         return text
 
     def _task_comm(self, raw: bytes) -> str:
@@ -101,29 +99,56 @@ class JsonLines:
         """One string: the lines of all rows, each ending in a newline."""
         out = []
         append = out.append
-        wall = self.clock.text
+        clock = self.clock
+        addr = self._addr
         address = self._address
         task_comm = self._task_comm
+        pairs = _JSON_PAIRS
+        modf = math.modf
+        last_whole = last_hour = None
+        head = tail = ""
         for r in rows:
             ts = (r[R_TS] + offset_ns) / 1e9
+            # WallClock.text(ts), inline: the text up to the second made
+            # once per second.
+            frac, whole = modf(ts)
+            us = round(frac * 1e6)
+            hour = ts // 3600
+            if us >= 1_000_000 or us < 0 or whole != last_whole or hour != last_hour:
+                time_text = clock.text(ts)
+                if 0 <= us < 1_000_000:
+                    last_whole, last_hour = whole, hour
+                    head, tail = clock._head, clock._tail
+            else:
+                time_text = f"{head}{us:06d}{tail}"
             family = r[R_FAMILY]
+            saddr, daddr = r[R_SADDR], r[R_DADDR]
+            hit = addr.get(saddr)
+            laddr = hit[1] if hit is not None and hit[0] == family else address(family, saddr)
+            hit = addr.get(daddr)
+            raddr = hit[1] if hit is not None and hit[0] == family else address(family, daddr)
             old, new = r[R_OLD], r[R_NEW]
+            states, in_process, listen_syn = pairs[old << 8 | new]
             d = r[R_DURATION]
             rport = r[R_DPORT]
             prev = repr(round(d / 1e9, 9)) if d else "null"
-            if (old, new) in _IN_PROCESS:
+            if in_process:
                 task = f'{{"pid": {r[R_PID]}, "comm": {task_comm(r[R_COMM])}}}'
             else:
                 task = "null"
-            append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{wall(ts)}", '
+            append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{time_text}", '
                    f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
-                   f'"laddr": {address(family, r[R_SADDR])}, "lport": {r[R_SPORT]}, '
-                   f'"raddr": {address(family, r[R_DADDR])}, "rport": {rport}, '
-                   f'"oldstate": {_STATE_JSON[old]}, "newstate": {_STATE_JSON[new]}, '
-                   f'"prev_state_s": {prev}, '
-                   f'"task": {task}, '
-                   f'"peer_known": {"false" if old == _LISTEN and new == _SYN_RECV and rport == 0 else "true"}}}\n')
+                   f'"laddr": {laddr}, "lport": {r[R_SPORT]}, '
+                   f'"raddr": {raddr}, "rport": {rport}, {states}, '
+                   f'"prev_state_s": {prev}, "task": {task}, '
+                   f'"peer_known": {"false" if listen_syn and rport == 0 else "true"}}}\n')
         return "".join(out)
+
+
+# (old << 8 | new) -> ('"oldstate": ..., "newstate": ...', named task?, LISTEN->SYN_RECV?)
+_JSON_PAIRS = [(f'"oldstate": {_STATE_JSON[o]}, "newstate": {_STATE_JSON[n]}',
+                (o, n) in _IN_PROCESS, o == _LISTEN and n == _SYN_RECV)
+               for o in range(256) for n in range(256)]
 
 
 class TextLines:
