@@ -212,6 +212,8 @@ class Traced:
         it measures on this 2-core machine."""
         fd = self.proc.stdout.fileno()
         head, tail = b"", b""
+        mark = b'{"type": "transition"'
+        carry = b""             # a mark may straddle two reads (a pipe gives 64 KiB)
         while True:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -219,7 +221,12 @@ class Traced:
             self.lines += chunk.count(b"\n")
             self.last_line_at = time.monotonic()
             if self.mode == "all":
-                self.transitions += chunk.count(b'{"type": "transition"')
+                joined = carry + chunk
+                self.transitions += joined.count(mark)
+                # Keep what could start a mark, never a whole one (counted).
+                carry = joined[-(len(mark) - 1):]
+                if mark in carry:
+                    carry = b""
             elif self.mode == "tcpstates":
                 self.transitions += chunk.count(b"\n")
             if self.ready_at is None:
@@ -405,10 +412,14 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
                 stopped = tracer.stop()
                 written = stopped["written"]
                 busy = (cpu - tracer.cpu_at_ready) if cpu is not None and tracer.cpu_at_ready is not None else None
-                transitions = (stopped["summary"] or {}).get("counters", {}).get("transitions")
+                counters = (stopped["summary"] or {}).get("counters", {})
+                transitions = counters.get("transitions")
                 out[mode].append({"round": r + 1, "rate": rate, "achieved": achieved,
                                   "lost": stopped["lost"], "written": written,
                                   "transitions": transitions, "lag_s": round(lag, 2),
+                                  "events_lost": counters.get("events_lost"),
+                                  "events_unread": counters.get("events_unread"),
+                                  "map_full": counters.get("map_full"),
                                   "cpu_s": busy,
                                   "us_per_event": round(busy / written * 1e6, 2) if busy and written else None,
                                   "load": load,

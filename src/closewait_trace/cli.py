@@ -172,9 +172,27 @@ class Output:
                                    else transitions.TextLines(self.renderer))
         text = lines.lines(rows, offset_ns)
         try:
-            self._out.write(text)
+            self._write_text(text)
         except BrokenPipeError:
             self._reader_gone()
+
+    def _write_text(self, text: str) -> None:
+        """A large text written whole. Not through the stream's write():
+        CPython 3.11's buffered writer loses data when a signal handler runs
+        while a write larger than its buffer blocks on a full pipe (Ctrl-C
+        while the reader is behind cut lines out of the middle of the
+        output); os.write's partial writes are taken up here instead."""
+        out = self._out
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            out.write(text)         # not a file (a test's StringIO)
+            return
+        out.flush()                 # what the stream still holds goes first
+        data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8",
+                                      getattr(out, "errors", None) or "strict"))
+        while data:
+            data = data[os.write(fd, data):]
 
     def write_lines(self, lines) -> None:
         if self.closed:

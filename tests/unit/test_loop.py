@@ -569,3 +569,20 @@ def test_the_kernel_stops_giving_events_before_the_final_drain(tmp_path):
     summary = w.sink.records[-1]
     written = len(w.of("transition"))
     assert written + summary["counters"]["events_unread"] == made.count(1), (written, summary)
+
+
+def test_events_made_while_the_kernel_detaches_are_written(tmp_path):
+    """The detach takes tens of ms, in threads, and the buffer can be empty
+    before it ends: an event made in between (a late retransmission's
+    CLOSE) is looked for once the kernel has stopped, not left unread."""
+    w = World(tmp_path, all_transitions=True)
+    w.probe.detach = lambda: None
+
+    def wait_detached():
+        w.probe.transition(endpoints(4242))     # made just before the detach ended
+    w.probe.wait_detached = wait_detached
+    w.tracer.start()
+    w.tracer.request_stop()
+    w.tracer.run()
+    assert [r["rport"] for r in w.of("transition")] == [4242]
+    assert w.sink.records[-1]["counters"]["events_unread"] == 0

@@ -657,12 +657,16 @@ class KernelProbe:
         for t in self._detaching:
             t.start()
 
+    def wait_detached(self) -> None:
+        """Until detach() has ended: no event can be made after this."""
+        for t in self._detaching or ():
+            t.join()
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        for t in self._detaching or ():
-            t.join()
+        self.wait_detached()
         if self.bpf is None:
             return
         if not self.ringbuf:

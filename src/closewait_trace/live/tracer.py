@@ -41,6 +41,7 @@ MAX_PENDING = 16 * POLL_BATCH
 # (events_unread). Drained in small batches, and a batch being written
 # stops at the deadline, so the deadline holds within a few milliseconds.
 FINAL_DRAIN_S = 0.05
+FINAL_LOOK_S = 0.01
 FINAL_BATCH = 256
 # Events written between two looks at the clock and the stop flag.
 DRAIN_CHUNK = 256
@@ -256,11 +257,15 @@ class LiveTracer:
             if detach is not None:
                 detach()
             self.drain(deadline)            # what the stop interrupted
-            while time.monotonic() < deadline:
-                self.probe.poll(0, self._room())
-                if not self.pending:
-                    break
-                self.drain(deadline)
+            self._drain_buffer(deadline)
+            # Events made until the detach ended: the buffer emptied above
+            # may have taken a few more since (a late retransmission's
+            # CLOSE). Looked for once the kernel has stopped, within the
+            # deadline or a last 10 ms.
+            detached = getattr(self.probe, "wait_detached", None)
+            if detached is not None:
+                detached()
+                self._drain_buffer(max(deadline, time.monotonic() + FINAL_LOOK_S))
             # What the drain's deadline left, in the buffer or taken from it
             # but not written, is not written: the summary counts it (a loss
             # said, not a silent one).
@@ -280,6 +285,13 @@ class LiveTracer:
             for sink in self.sinks:
                 sink.close()
             self.restore_signals()
+
+    def _drain_buffer(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self.probe.poll(0, self._room())
+            if not self.pending:
+                break
+            self.drain(deadline)
 
     def restore_signals(self) -> None:
         for sig, handler in self._previous_handlers.items():
