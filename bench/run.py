@@ -35,6 +35,24 @@ TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
 CHURN = os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}")
 
 
+def proc_cpu_s(pid: int) -> "float | None":
+    """User + system CPU seconds of a live process so far (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def build_churn() -> None:
     subprocess.run(["gcc", "-O2", "-o", CHURN, os.path.join(HERE, "churn.c")], check=True)
 
@@ -175,27 +193,76 @@ class Traced:
             raise ValueError(mode)
         self.launched = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+                                     env=env)
         self.lines = 0
+        self.transitions = 0        # --all's transition records / tcpstates' rows
+        self.last_line_at = None
         self.last_json = None
         self.stderr = ""
         self.ready_at = None
+        self.cpu_at_ready = None
         self._ready = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
         threading.Thread(target=self._drain_err, daemon=True).start()
 
     def _drain(self):
-        for line in self.proc.stdout:
-            self.lines += 1
-            if self.ready_at is None and self.ready(line):
-                self.ready_at = time.monotonic()
-                self._ready.set()
+        """Reads the output as a terminal would take it, in large chunks and
+        counting lines in C: at 200,000 lines a second a reader that split
+        and decoded every line would take a CPU of its own from the tracer
+        it measures on this 2-core machine."""
+        fd = self.proc.stdout.fileno()
+        head, tail = b"", b""
+        mark = b'{"type": "transition"'
+        carry = b""             # a mark may straddle two reads (a pipe gives 64 KiB)
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            self.lines += chunk.count(b"\n")
+            self.last_line_at = time.monotonic()
+            if self.mode == "all":
+                joined = carry + chunk
+                self.transitions += joined.count(mark)
+                # Keep what could start a mark, never a whole one (counted).
+                carry = joined[-(len(mark) - 1):]
+                if mark in carry:
+                    carry = b""
+            elif self.mode == "tcpstates":
+                self.transitions += chunk.count(b"\n")
+            if self.ready_at is None:
+                head += chunk
+                for line in head.decode("utf-8", "replace").splitlines():
+                    if self.ready(line):
+                        self.ready_at = time.monotonic()
+                        self.cpu_at_ready = proc_cpu_s(self.proc.pid)
+                        self._ready.set()
+                        break
+                if self.ready_at is not None and self.mode == "tcpstates":
+                    self.transitions -= 1           # its header
+                head = head[-65536:]
+            tail = (tail + chunk)[-(1 << 20):]
+        for line in tail.decode("utf-8", "replace").splitlines():
             if line.startswith('{"type": "summary"'):
-                self.last_json = json.loads(line)
+                try:
+                    self.last_json = json.loads(line)
+                except ValueError:
+                    pass
         self._ready.set()
 
+    def wait_written(self, limit_s: float = 60.0, quiet_s: float = 1.0) -> float:
+        """Until the tracer has written what the kernel gave it: no new
+        output for quiet_s (at most limit_s). Returns how long after the
+        call its output went quiet (its lag behind the workload)."""
+        since = time.monotonic()
+        while time.monotonic() - since < limit_s:
+            last = self.last_line_at or since
+            if time.monotonic() - max(last, since) >= quiet_s:
+                return max(0.0, last - since)
+            time.sleep(0.05)
+        return limit_s
+
     def _drain_err(self):
-        self.stderr = self.proc.stderr.read()
+        self.stderr = self.proc.stderr.read().decode("utf-8", "replace")
 
     def wait_ready(self, timeout=60) -> float:
         if not self._ready.wait(timeout) or self.ready_at is None:
@@ -234,7 +301,7 @@ class Traced:
             lost = c.get("events_lost", 0) + c.get("map_full", 0) + c.get("events_unread", 0)
         return {"exit_s": None if killed else exit_s, "killed": killed,
                 "cpu_s": (usage.ru_utime + usage.ru_stime) if usage else None,
-                "lost": lost, "summary": self.last_json}
+                "lost": lost, "summary": self.last_json, "written": self.transitions}
 
 
 # The workload runs in a network namespace of its own with TIME_WAIT off
@@ -309,33 +376,94 @@ def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, ser
     return results
 
 
-def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers: int) -> dict:
+def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers: int,
+                rounds: int = 1) -> dict:
     """Paced churn at increasing rates: where does each transition streamer
-    start losing events? (Every connection is 5 server-side transitions.)"""
+    start losing events? (Every connection is 5 server-side transitions.)
+
+    Each tracer is stopped only once it has written what the kernel gave it
+    (its output quiet for a second, at most 60 s after the workload): a
+    tracer that lags is not charged with what it would still have written,
+    and its lag is reported. What it still holds at the stop is counted as
+    lost (closewait-trace's events_unread). Per event: the tracer's CPU
+    from ready to that point over the events it wrote. Rates and tracers
+    are interleaved, round after round, so that a change of the shared
+    machine's load weighs on both."""
     env = bcc_env()
     tcpstates = TcpstatesStarter(env)
     out = {m: [] for m in modes}
-    for rate in rates:
-        for mode in modes:
-            if mode == "tcpstates":
-                tracer = tcpstates.start(fresh_port_peek())
-                if tracer is None:
-                    print(f"  tcpstates could not start: {tcpstates.reason}", file=sys.stderr)
-                    modes = [m for m in modes if m != "tcpstates"]
-                    out.pop("tcpstates", None)
-                    continue
-            else:
-                tracer = Traced(mode, fresh_port_peek(), env)
-            tracer.wait_ready()
-            achieved = run_churn(seconds, clients, servers, next_port(), rate)
-            stopped = tracer.stop()
-            transitions = (stopped["summary"] or {}).get("counters", {}).get("transitions")
-            out[mode].append({"rate": rate, "achieved": achieved, "lost": stopped["lost"],
-                              "transitions": transitions,
-                              "exit_s": stopped["exit_s"], "killed": stopped["killed"]})
-            print(f"  sweep {rate:>7} conn/s {mode:>9}: lost {stopped['lost']}", file=sys.stderr)
-            time.sleep(1.0)
+    for r in range(rounds):
+        for rate in rates:
+            for mode in list(modes):
+                if mode == "tcpstates":
+                    tracer = tcpstates.start(fresh_port_peek())
+                    if tracer is None:
+                        print(f"  tcpstates could not start: {tcpstates.reason}", file=sys.stderr)
+                        modes = [m for m in modes if m != "tcpstates"]
+                        out.pop("tcpstates", None)
+                        continue
+                else:
+                    tracer = Traced(mode, fresh_port_peek(), env)
+                tracer.wait_ready(timeout=STARTUP_LIMIT_S)
+                load = load_average()
+                achieved = run_churn(seconds, clients, servers, next_port(), rate)
+                lag = tracer.wait_written()
+                cpu = proc_cpu_s(tracer.proc.pid)
+                stopped = tracer.stop()
+                written = stopped["written"]
+                busy = (cpu - tracer.cpu_at_ready) if cpu is not None and tracer.cpu_at_ready is not None else None
+                counters = (stopped["summary"] or {}).get("counters", {})
+                transitions = counters.get("transitions")
+                out[mode].append({"round": r + 1, "rate": rate, "achieved": achieved,
+                                  "lost": stopped["lost"], "written": written,
+                                  "transitions": transitions, "lag_s": round(lag, 2),
+                                  "events_lost": counters.get("events_lost"),
+                                  "events_unread": counters.get("events_unread"),
+                                  "map_full": counters.get("map_full"),
+                                  "cpu_s": busy,
+                                  "us_per_event": round(busy / written * 1e6, 2) if busy and written else None,
+                                  "load": load,
+                                  "exit_s": stopped["exit_s"], "killed": stopped["killed"]})
+                print(f"  round {r + 1} sweep {rate:>7} conn/s {mode:>9}: achieved {achieved:.0f}, "
+                      f"written {written}, lost {stopped['lost']}, lag {lag:.1f} s, "
+                      f"{out[mode][-1]['us_per_event']} us/event, load {load}", file=sys.stderr)
+                time.sleep(1.0)
     return out
+
+
+def sweep_markdown(sweep: dict) -> str:
+    """One row per rate and round; then each tracer's highest rate with no
+    event lost in any round, and their ratio."""
+    modes = list(sweep)
+    names = {"all": "closewait-trace --all", "tcpstates": "tcpstates-bpfcc"}
+    out = ["| round | conn/s asked | " + " | ".join(
+        f"{names.get(m, m)}: achieved conn/s, written, lost, lag s, us/event" for m in modes) + " |",
+        "|---|---|" + "---|" * len(modes)]
+    first = sweep[modes[0]]
+    for i, row in enumerate(first):
+        cells = []
+        for m in modes:
+            x = sweep[m][i] if i < len(sweep[m]) else None
+            cells.append("-" if x is None else
+                         f"{x['achieved']:.0f}, {x['written']}, {x['lost']}, {x['lag_s']}, {x['us_per_event']}")
+        out.append(f"| {row['round']} | {row['rate']} | " + " | ".join(cells) + " |")
+    best = {}
+    for m in modes:
+        rates = sorted({x["rate"] for x in sweep[m]})
+        clean = [rt for rt in rates if all(x["lost"] == 0 for x in sweep[m] if x["rate"] == rt)]
+        # The highest rate below which every rate was lossless too.
+        top = None
+        for rt in rates:
+            if rt not in clean:
+                break
+            top = rt
+        best[m] = top
+    out.append("")
+    for m in modes:
+        out.append(f"- {names.get(m, m)}: lossless in every round up to {best[m]} conn/s asked")
+    if len(modes) == 2 and all(best.values()):
+        out.append(f"- ratio: {best[modes[0]] / best[modes[1]]:.2f}")
+    return "\n".join(out)
 
 
 def fresh_port_peek() -> int:
@@ -641,18 +769,14 @@ def main() -> int:
     if args.what == "sweep":
         setup_netns()
         try:
+            print(f"load average at start: {load_average()}", file=sys.stderr)
             sweep = sweep_bench([int(r) for r in args.rates.split(",")], args.seconds,
                                 [m for m in modes if m in ("all", "tcpstates")],
-                                args.clients, args.servers)
+                                args.clients, args.servers, rounds=args.rounds)
         finally:
             teardown_netns()
-        print("| conn/s asked | achieved | events/s (5 per conn) | " +
-              " | ".join(f"{m} lost" for m in sweep) + " |")
-        print("|---|---|---|" + "---|" * len(sweep))
-        first = next(iter(sweep.values()))
-        for i, row in enumerate(first):
-            print(f"| {row['rate']} | {row['achieved']:.0f} | {5 * row['achieved']:.0f} | " +
-                  " | ".join(str(sweep[m][i]["lost"]) for m in sweep) + " |")
+        print(f"Machine: {machine()}; load average at the end: {load_average()}")
+        print(sweep_markdown(sweep))
     scale = [scale_one(int(n)) for n in args.sockets.split(",")] \
         if args.what in ("all", "scale") else []
     if churn or scale:

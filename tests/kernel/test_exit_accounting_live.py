@@ -5,6 +5,8 @@ said 0 lost while 42-44% of a run's transitions were never written (issue
 20), and the benchmark called such runs lossless."""
 
 import os
+import signal
+import socket
 import subprocess
 
 import pytest
@@ -40,3 +42,44 @@ def test_every_transition_is_written_lost_or_counted_unread(procs, kernel_path, 
     assert c["transitions"] >= 4 * connections, (connections, c)
     print(f"connections {connections}: written {written}, lost {c['events_lost']}, "
           f"unread at exit {c['events_unread']}")
+
+
+def test_n_connections_give_5n_plus_2_transitions_written_or_counted(procs, kernel_path):
+    """A known workload: one listener (CLOSE->LISTEN, LISTEN->CLOSE) and N
+    connections, each made and closed in turn so that its server side has
+    made all five transitions (LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->
+    LAST_ACK->CLOSE) before the next starts: 5N + 2 on the port. The
+    tracer is stopped (SIGSTOP) while they happen and interrupted right
+    after it continues, so the kernel's buffer holds most of them at the
+    stop: every one is written, lost or counted unread, and what is counted
+    unread is also said in the stream (a lost record), not only in the
+    summary."""
+    n = 4000
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "--all", "-t", "1h"]).start()
+    procs.append(tracer)
+    tracer.proc.send_signal(signal.SIGSTOP)
+    try:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", port))
+        listener.listen(16)
+        for _ in range(n):
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = listener.accept()
+            client.close()
+            assert server.recv(1) == b""
+            server.close()
+        listener.close()
+    finally:
+        tracer.proc.send_signal(signal.SIGCONT)
+    summary = tracer.stop()
+    c = summary["counters"]
+    written = len(tracer.of("transition"))
+    assert c["transitions"] == 5 * n + 2, c
+    assert written + c["events_lost"] + c["events_unread"] == 5 * n + 2, (written, c)
+    said = [r for r in tracer.of("lost") if r["counter"] == "events_unread"]
+    assert [r["count"] for r in said] == ([c["events_unread"]] if c["events_unread"] else [])
+    # The backlog was real: the stop came with events still in the buffer.
+    assert c["events_unread"] + c["events_lost"] > 0, (written, c)
+    print(f"{n} connections, {5 * n + 2} transitions: written {written}, lost "
+          f"{c['events_lost']}, unread at exit {c['events_unread']}")

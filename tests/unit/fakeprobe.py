@@ -42,8 +42,10 @@ class FakeProbe:
     boot_clock = False
     transport = "fake ring buffer"
 
-    def __init__(self, clock: FakeClock):
+    def __init__(self, clock: FakeClock, batches: bool = False):
         self.clock = clock
+        self.batches = batches          # events delivered a list at a time (on_batch)
+        self.batch_callback = None
         self.entries: dict[int, tuple[int, Endpoints]] = {}
         self.events: deque = deque()
         self.counts = {"cw_enter": 0, "cw_exit": 0, "exit_untracked": 0,
@@ -59,14 +61,21 @@ class FakeProbe:
 
     # ----------------------------------------------------- the interface
 
-    def start(self, on_event) -> None:
+    def start(self, on_event, on_batch=None) -> None:
         self.callback = on_event
+        self.batch_callback = on_batch if self.batches else None
         self.started = True
 
-    def poll(self, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int, limit: int = 4096) -> None:
         self.polls += 1
         if self.on_poll is not None:
             self.on_poll(self)
+        if self.batch_callback is not None:
+            # As the ring buffer read from its mapping: up to limit at once.
+            batch = [self.events.popleft() for _ in range(min(limit, len(self.events)))]
+            if batch:
+                self.batch_callback(batch)
+            return
         while self.events:
             if self.callback(self.events.popleft()):
                 break           # the loop asked to get control back

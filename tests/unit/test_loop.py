@@ -389,6 +389,12 @@ def test_events_left_in_the_buffer_at_exit_are_counted_not_hidden(tmp_path, monk
     summary = w.sink.records[-1]
     assert len(w.of("transition")) == 0
     assert summary["counters"]["events_unread"] == 5000
+    # In the stream as well, just before the summary, as the other losses are.
+    lost = w.sink.records[-2]
+    assert (lost["type"], lost["counter"], lost["count"], lost["total"]) == \
+        ("lost", "events_unread", 5000, 5000)
+    assert render.TextRenderer().render(lost) == [
+        "WARNING: 5000 events not read: in the buffer when the trace ended (total 5000)"]
     text = " ".join(l.strip() for l in render.summary_lines(summary))
     assert "5000 events not read (still in the buffer when the trace ended)" in text
 
@@ -445,6 +451,7 @@ def test_a_drained_buffer_leaves_nothing_unread(tmp_path):
     w.tracer.run()
     assert len(w.of("transition")) == 100
     assert w.sink.records[-1]["counters"]["events_unread"] == 0
+    assert w.of("lost") == []
     assert "Losses: none." in render.summary_lines(w.sink.records[-1])
 
 
@@ -560,3 +567,47 @@ def test_an_idle_tick_does_not_look_at_every_watched_socket(tmp_path, monkeypatc
     w.step()
     assert w.tracer.state_sizes()["watched_sockets"] == n - 2
     assert asked == []
+
+
+def test_the_kernel_stops_giving_events_before_the_final_drain(tmp_path):
+    """At the stop the probe detaches first (the kernel's detach takes tens
+    of ms, done while the buffer is drained): from then on the buffer only
+    shrinks, and every event made before it is written or counted."""
+    w = World(tmp_path, all_transitions=True)
+    made = []
+
+    def detach():
+        made.append("detached")
+    w.probe.detach = detach
+
+    def flood(probe):
+        if "detached" not in made:
+            for i in range(3000):
+                probe.transition(endpoints(1000 + i))
+                made.append(1)
+        if probe.polls == 3:
+            w.tracer.request_stop()
+    w.probe.on_poll = flood
+    w.tracer.start()
+    w.tracer.run()
+    assert made.count("detached") == 1
+    summary = w.sink.records[-1]
+    written = len(w.of("transition"))
+    assert written + summary["counters"]["events_unread"] == made.count(1), (written, summary)
+
+
+def test_events_made_while_the_kernel_detaches_are_written(tmp_path):
+    """The detach takes tens of ms, in threads, and the buffer can be empty
+    before it ends: an event made in between (a late retransmission's
+    CLOSE) is looked for once the kernel has stopped, not left unread."""
+    w = World(tmp_path, all_transitions=True)
+    w.probe.detach = lambda: None
+
+    def wait_detached():
+        w.probe.transition(endpoints(4242))     # made just before the detach ended
+    w.probe.wait_detached = wait_detached
+    w.tracer.start()
+    w.tracer.request_stop()
+    w.tracer.run()
+    assert [r["rport"] for r in w.of("transition")] == [4242]
+    assert w.sink.records[-1]["counters"]["events_unread"] == 0

@@ -116,6 +116,81 @@ class KernelEvent:
     newstate: int
 
 
+# A raw row: struct cw_event unpacked into a tuple by EventLayout, fields in
+# the C struct's order (the layout checks it), at these indexes.
+ROW_FIELDS = ("ts_ns", "skaddr", "duration_ns", "pid", "tid", "saddr", "daddr", "sport",
+              "dport", "family", "netns", "oldstate", "newstate", "kind", "comm")
+(R_TS, R_SKADDR, R_DURATION, R_PID, R_TID, R_SADDR, R_DADDR, R_SPORT, R_DPORT, R_FAMILY,
+ R_NETNS, R_OLD, R_NEW, R_KIND, R_COMM) = range(len(ROW_FIELDS))
+
+_CTYPE_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+class EventLayout:
+    """struct cw_event as a struct.Struct, built from bcc's ctypes class for
+    it (so the C file stays the only definition): unpacking a record gives
+    a row, a tuple of ROW_FIELDS, without an object per field."""
+
+    def __init__(self, leaf_type):
+        import struct
+        ep_type = dict(leaf_type._fields_)["ep"]
+        ep = leaf_type.ep
+        found = []
+        for name, _ in leaf_type._fields_:
+            if name == "ep":
+                for inner_name, _t in ep_type._fields_:
+                    inner = getattr(ep_type, inner_name)
+                    found.append((ep.offset + inner.offset, inner.size, inner_name))
+            else:
+                field_ = getattr(leaf_type, name)
+                found.append((field_.offset, field_.size, name))
+        found = sorted(f for f in found if f[2] in ROW_FIELDS)
+        names = tuple(name for _o, _s, name in found)
+        if names != ROW_FIELDS:
+            raise ValueError(f"struct cw_event's fields are {names}, expected {ROW_FIELDS}")
+        fmt, at = "=", 0
+        for offset, size, name in found:
+            fmt += "x" * (offset - at)
+            fmt += f"{size}s" if name in ("saddr", "daddr", "comm") else _CTYPE_CODES[size]
+            at = offset + size
+        self.size = ctypes.sizeof(leaf_type)
+        fmt += "x" * (self.size - at)
+        self.struct = struct.Struct(fmt)
+        assert self.struct.size == self.size, (fmt, self.size)
+        self.unpack_from = self.struct.unpack_from
+        self.unpack = self.struct.unpack
+
+
+_comm_texts: dict = {}
+
+
+def comm_text(raw: bytes) -> str:
+    """A task's comm as the kernel gave it (16 bytes, NUL-padded), decoded
+    as decode_event does."""
+    text = _comm_texts.get(raw)
+    if text is None:
+        text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if len(_comm_texts) >= 4096:
+            _comm_texts.clear()
+        _comm_texts[raw] = text
+    return text
+
+
+def event_of_row(row: tuple) -> "KernelEvent":
+    """The KernelEvent of a raw row (what decode_event gives for the same
+    bytes)."""
+    family = row[R_FAMILY]
+    return KernelEvent(
+        kind=row[R_KIND], ts_ns=row[R_TS], skaddr=row[R_SKADDR],
+        duration_ns=row[R_DURATION], pid=row[R_PID], tid=row[R_TID],
+        comm=comm_text(row[R_COMM]),
+        endpoints=Endpoints(family=family,
+                            laddr=format_address(family, row[R_SADDR]), lport=row[R_SPORT],
+                            raddr=format_address(family, row[R_DADDR]), rport=row[R_DPORT],
+                            netns=row[R_NETNS]),
+        oldstate=row[R_OLD], newstate=row[R_NEW])
+
+
 def decode_event(raw) -> KernelEvent:
     return KernelEvent(
         kind=int(raw.kind),

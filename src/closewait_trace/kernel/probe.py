@@ -20,9 +20,8 @@ from typing import Callable, Optional
 
 from closewait_trace import knobs
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
-from closewait_trace.kernel import btf
-from closewait_trace.kernel.events import (EntryLayout, EofCapture, KernelEvent, TrackedSocket,
-                                           decode_event)
+from closewait_trace.kernel import btf, ringreader
+from closewait_trace.kernel.events import EntryLayout, EofCapture, EventLayout, TrackedSocket
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
@@ -140,6 +139,9 @@ def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bo
 #                          without /sys/kernel/btf/vmlinux): match by address
 #   noeof                  no EOF-read capture (as on a kernel without
 #                          sock:sock_recv_length, e.g. 6.1)
+#   libbpfring             the ring buffer read through libbpf's callback
+#                          per event, as on other architectures than x86-64
+#                          (kernel/ringreader.py), not from its mapping
 # CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey is what a 5.4 kernel gets.
 FORCE_ENV = "CLOSEWAIT_TRACE_FORCE"
 _FORCE_WORDS = {
@@ -148,6 +150,7 @@ _FORCE_WORDS = {
     "perkey": ("batch_read", False), "batch": ("batch_read", True),
     "nobtf": ("btf", False),
     "noeof": ("eof", False),
+    "libbpfring": ("direct_ring", False),
 }
 
 
@@ -170,6 +173,9 @@ class KernelFeatures:
     eof_capture: Optional[str] = "not checked"
     # Why no stack can be captured at all (connect()s); None: it can.
     stack_capture: Optional[str] = "not checked"
+    # The ring buffer read from its mapping (kernel/ringreader.py), not
+    # through libbpf's callback per event.
+    direct_ring: bool = False
 
     @property
     def transport(self) -> str:
@@ -220,6 +226,7 @@ def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatur
         ringbuf=forced.get("ringbuf", at_5_8),
         boot_clock=forced.get("boot_clock", at_5_8),
         batch_read=forced.get("batch_read", True),
+        direct_ring=forced.get("direct_ring", ringreader.available()),
         forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()),
         netns=btf_netns_offsets() if forced.get("btf", True) else None,
         probe_read_kernel=kernel_at_least(5, 5, release),
@@ -365,6 +372,9 @@ class KernelProbe:
     _layout: object = None
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
+    _ring: object = None      # ringreader.RingReader when the mapping is read directly
+    _detaching: Optional[list] = None     # threads detaching the tracepoints (detach())
+    _on_batch: object = None
 
     @property
     def features(self) -> KernelFeatures:
@@ -382,7 +392,11 @@ class KernelProbe:
     def transport(self) -> str:
         return self.features.transport
 
-    def start(self, on_event: Callable[[KernelEvent], None]) -> None:
+    def start(self, on_event: Callable[[tuple], bool],
+              on_batch: Optional[Callable[[list], bool]] = None) -> None:
+        """Events reach on_event one raw row at a time (events.EventLayout)
+        or, when given and the ring buffer can be read directly, on_batch a
+        list of rows at a time; either returns True to end the poll."""
         BPF = import_bcc()
         tracefs = ensure_tracefs()
         check_tracepoint(tracefs)
@@ -407,7 +421,17 @@ class KernelProbe:
         _release_compiler_memory()
         self._set_port_filter("cw_lports", self.config.lports)
         self._set_port_filter("cw_rports", self.config.rports)
-        event_ptr = ctypes.POINTER(self._table("cw_event_layout").Leaf)
+        layout = EventLayout(self._table("cw_event_layout").Leaf)
+        unpack_from = layout.unpack_from
+        string_at = ctypes.string_at
+        size = layout.size
+        table = self._table("cw_events")
+        self._on_batch = on_batch
+        if self.ringbuf and on_batch is not None and self.features.direct_ring:
+            # The mapping read directly, a batch at a time (no callback per
+            # event); libbpf's reader elsewhere (ringreader's docstring).
+            self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from)
+            return
 
         # The callback must not refer to the events table: bcc keeps the
         # callback in that table, and the cycle would outlive cleanup(); the
@@ -416,11 +440,10 @@ class KernelProbe:
         def deliver(_cpu, data, _size):
             # A true return from on_event ends this poll early (-1 tells
             # libbpf to stop consuming; this event is already taken), so a
-            # flood can neither starve the tick nor delay Ctrl-C.
+            # flood can neither starve the tick nor delay Ctrl-C. The event
+            # is handed over as a raw row (events.EventLayout).
             self.received += 1
-            return -1 if on_event(decode_event(ctypes.cast(data, event_ptr).contents)) else 0
-
-        table = self._table("cw_events")
+            return -1 if on_event(unpack_from(string_at(data, size))) else 0
 
         if self.ringbuf:
             table.open_ring_buffer(deliver)
@@ -445,7 +468,17 @@ class KernelProbe:
         for port in ports:
             table[table.Key(port)] = table.Leaf(1)
 
-    def poll(self, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int, limit: int = 4096) -> None:
+        ring = self._ring
+        if ring is not None:
+            rows = ring.read(limit)
+            if not rows and timeout_ms:
+                ring.wait(timeout_ms)
+                rows = ring.read(limit)
+            if rows:
+                self.received += len(rows)
+                self._on_batch(rows)
+            return
         if self.ringbuf:
             self.bpf.ring_buffer_poll(timeout_ms)
         else:
@@ -648,7 +681,35 @@ class KernelProbe:
         per_cpu = self._table("cw_counters")[0]
         return int(sum(c.hist_sum_ns for c in per_cpu))
 
+    def detach(self) -> None:
+        """Stop the kernel's events (the end of a trace): the tracepoints
+        are detached, all at once, in threads, while the caller drains what
+        the buffer holds; close() waits for them. Each detach waits for the
+        kernel's RCU grace periods (tracepoint_synchronize_unregister):
+        20-60 ms each here under load, 150 ms for the four in a row."""
+        if self.bpf is None or self._detaching is not None:
+            return
+        import threading
+        from bcc.libbcc import lib
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if not isinstance(fds, dict):
+            return
+        self._detaching = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
+                                            daemon=True) for fd in fds.values()]
+        fds.clear()                 # closed here, not again by bcc's cleanup()
+        for t in self._detaching:
+            t.start()
+
+    def wait_detached(self) -> None:
+        """Until detach() has ended: no event can be made after this."""
+        for t in self._detaching or ():
+            t.join()
+
     def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.wait_detached()
         if self.bpf is None:
             return
         if not self.ringbuf:

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Protocol
 from closewait_trace.evidence import diagnosis, place, pyframes
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.output import records, render
-from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
+from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelEvent, event_of_row
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.live.sinks import Sink, TickView
@@ -40,8 +40,15 @@ MAX_PENDING = 16 * POLL_BATCH
 # out, yet a flood (--all) cannot hold the exit; what is left is counted
 # (events_unread). Drained in small batches, and a batch being written
 # stops at the deadline, so the deadline holds within a few milliseconds.
-FINAL_DRAIN_S = 0.1
+FINAL_DRAIN_S = 0.05
+FINAL_LOOK_S = 0.01
 FINAL_BATCH = 256
+# Events written between two looks at the clock and the stop flag.
+DRAIN_CHUNK = 256
+# --all: after a pass that took fewer events than this, wait this long
+# before the next (events gather in the buffer, written in one batch).
+COALESCE_BELOW = 256
+COALESCE_S = 0.005
 
 # Network namespaces other than the tracer's own whose sockets are resolved
 # in one tick: each costs entering it (a few ms), and one user can make
@@ -94,8 +101,11 @@ class Probe(Protocol):
     boot_clock: bool
     transport: str
 
-    def start(self, on_event: Callable[[KernelEvent], bool]) -> None: ...
-    def poll(self, timeout_ms: int) -> None: ...
+    # Events: raw rows (events.EventLayout) or KernelEvents, one at a time
+    # to on_event, or a list at a time to on_batch when the probe can.
+    def start(self, on_event: Callable, on_batch: Optional[Callable] = None) -> None: ...
+    # At most `limit` events to on_batch per poll.
+    def poll(self, timeout_ms: int, limit: int = POLL_BATCH) -> None: ...
     def counters(self) -> dict: ...
     def histogram(self) -> list: ...
     def histogram_sum_ns(self) -> Optional[int]: ...
@@ -169,18 +179,28 @@ class LiveTracer:
         coming: take them into pending (drained after the tick), up to
         MAX_PENDING, so a slow read does not fill the ring buffer."""
         if not self.stopping and len(self.pending) < MAX_PENDING:
-            self.probe.poll(0)
+            self.probe.poll(0, POLL_BATCH)
 
-    def _on_event(self, ev: KernelEvent) -> bool:
+    def _on_event(self, ev) -> bool:
         self.pending.append(ev)
         if self._final_drain:
             return len(self.pending) >= FINAL_BATCH
         return len(self.pending) >= POLL_BATCH or self.stopping
 
+    def _on_batch(self, rows: list) -> bool:
+        self.pending.extend(rows)
+        return True
+
+    def _room(self) -> int:
+        """Events the next poll may take: what _on_event would take before
+        asking for control back."""
+        limit = FINAL_BATCH if self._final_drain else POLL_BATCH
+        return max(1, limit - len(self.pending))
+
     # ------------------------------------------------------------ the run
 
     def start(self) -> None:
-        self.probe.start(self._on_event)
+        self.probe.start(self._on_event, self._on_batch)
         # From the banner on, a stop signal must end the trace with its
         # summary (run() gives the handlers back at the end).
         # A plain function, not the bound method: signal.signal() builds
@@ -313,22 +333,45 @@ class LiveTracer:
                     next_tick = now + self.tick_s
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 if not self.stopping:
-                    self.probe.poll(wait_ms)
+                    self.probe.poll(wait_ms, self._room())
+                taken = len(self.pending)
                 self.drain()
                 self.flush()
+                if 0 < taken < COALESCE_BELOW and self.config.all_transitions \
+                        and not self.stopping:
+                    # --all at a moderate rate: the kernel wakes the reader
+                    # at almost every event, and each pass costs a poll, a
+                    # write and a flush. Letting events gather for a few ms
+                    # makes those once per batch (a line is late by at most
+                    # that much).
+                    time.sleep(COALESCE_S)
             self._final_drain = True
             deadline = time.monotonic() + FINAL_DRAIN_S
+            # No new events from here: the drain takes what the buffer holds
+            # while the kernel detaches (which takes tens of ms).
+            detach = getattr(self.probe, "detach", None)
+            if detach is not None:
+                detach()
             self.drain(deadline)            # what the stop interrupted
-            while time.monotonic() < deadline:
-                self.probe.poll(0)
-                if not self.pending:
-                    break
-                self.drain(deadline)
+            self._drain_buffer(deadline)
+            # Events made until the detach ended: the buffer emptied above
+            # may have taken a few more since (a late retransmission's
+            # CLOSE). Looked for once the kernel has stopped, within the
+            # deadline or a last 10 ms.
+            detached = getattr(self.probe, "wait_detached", None)
+            if detached is not None:
+                detached()
+                self._drain_buffer(max(deadline, time.monotonic() + FINAL_LOOK_S))
             # What the drain's deadline left, in the buffer or taken from it
             # but not written, is not written: the summary counts it (a loss
             # said, not a silent one).
             self.unread_at_exit = self.probe.unread() + len(self.pending)
             self.pending.clear()
+            if self.unread_at_exit:
+                # In the stream too, where a reader of the lines meets the
+                # other losses, not only in the summary.
+                self.emit(records.lost(time.time(), "events_unread", self.unread_at_exit,
+                                       self.unread_at_exit))
             self.tick(resolve=False)
             self.emit(self.summary())
             self.flush()
@@ -339,6 +382,13 @@ class LiveTracer:
                 sink.close()
             self.restore_signals()
 
+    def _drain_buffer(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self.probe.poll(0, self._room())
+            if not self.pending:
+                break
+            self.drain(deadline)
+
     def restore_signals(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
@@ -346,31 +396,74 @@ class LiveTracer:
 
     def drain(self, deadline: Optional[float] = None) -> None:
         """Write out the pending events. A stop signal, or the deadline (the
-        final drain's), ends it early: the rest stay pending."""
+        final drain's), ends it early: the rest stay pending.
+
+        Events are raw rows from the probe (events.EventLayout), or
+        KernelEvents. --all's transitions go to the sinks that take raw rows
+        (emit_transitions: the terminal's, output/transitions.py) a run at
+        a time, and as records to the others; with a holder filter, as
+        records to all (the filter reads the record)."""
         events, self.pending[:] = list(self.pending), []
-        offset = self.clock_offset_ns() if events else 0
-        for i, ev in enumerate(events):
-            if i % 64 == 0 and i and (
-                    (self.stopping and not self._final_drain)
-                    or (deadline is not None and time.monotonic() >= deadline)):
-                self.pending[:0] = events[i:]
+        if not events:
+            return
+        offset = self.clock_offset_ns()
+        if self.holder_filter.active:
+            fast, slow = [], self.sinks
+        else:
+            fast = [s for s in self.sinks if hasattr(s, "emit_transitions")]
+            slow = [s for s in self.sinks if not hasattr(s, "emit_transitions")]
+        n = len(events)
+        for start in range(0, n, DRAIN_CHUNK):
+            if start and ((self.stopping and not self._final_drain)
+                          or (deadline is not None and time.monotonic() >= deadline)):
+                self.pending[:0] = events[start:]
                 return
-            if ev.kind == KIND_TRANSITION:
-                rec = records.transition(ev, (ev.ts_ns + offset) / 1e9)
-                # With a holder filter, as in replay: only transitions made
-                # by a matching task in its own system call.
-                if not self.holder_filter.active or self.holder_filter.matches(record_people(rec)):
-                    self.emit(rec)
+            chunk = events[start:start + DRAIN_CHUNK]
+            run_from = None
+            for i, ev in enumerate(chunk):
+                if type(ev) is tuple and ev[R_KIND] == KIND_TRANSITION:
+                    if run_from is None:
+                        run_from = i
+                    continue
+                if run_from is not None:
+                    self._transitions(chunk[run_from:i], offset, fast, slow)
+                    run_from = None
+                if type(ev) is tuple:
+                    ev = event_of_row(ev)
+                self._event(ev, offset)
+            if run_from is not None:
+                self._transitions(chunk[run_from:], offset, fast, slow)
+
+    def _transitions(self, rows: list, offset: int, fast: list, slow: list) -> None:
+        for sink in fast:
+            sink.emit_transitions(rows, offset)
+        if not slow:
+            return
+        check = self.holder_filter.active
+        for row in rows:
+            rec = records.transition(event_of_row(row), (row[R_TS] + offset) / 1e9)
+            # With a holder filter, as in replay: only transitions made by a
+            # matching task in its own system call.
+            if check and not self.holder_filter.matches(record_people(rec)):
                 continue
-            closed = self.tracker.on_event(ev)
-            if closed is None:
-                continue
-            if closed.lingerer is not None:
-                self.unwatch(closed.lingerer)
-            if not self._shows_closed(closed):
-                continue
-            self.closed_lines += 1
-            self.emit(records.closed(closed, (closed.ts_ns + offset) / 1e9))
+            for sink in slow:
+                sink.emit(rec)
+
+    def _event(self, ev: KernelEvent, offset: int) -> None:
+        if ev.kind == KIND_TRANSITION:
+            rec = records.transition(ev, (ev.ts_ns + offset) / 1e9)
+            if not self.holder_filter.active or self.holder_filter.matches(record_people(rec)):
+                self.emit(rec)
+            return
+        closed = self.tracker.on_event(ev)
+        if closed is None:
+            return
+        if closed.lingerer is not None:
+            self.unwatch(closed.lingerer)
+        if not self._shows_closed(closed):
+            return
+        self.closed_lines += 1
+        self.emit(records.closed(closed, (closed.ts_ns + offset) / 1e9))
 
     def _shows_closed(self, closed) -> bool:
         """With a holder filter: the CLOSED line of a socket that was shown,

@@ -18,16 +18,25 @@ from closewait_trace.output.schema import SCHEMA_VERSION
 _tz_cache: dict = {}
 
 
-def wall_time(ts: float) -> str:
-    # Looking the local zone up costs more than the rest of a record; it is
-    # cached per hour (a DST change shows up within the hour it happens).
+def zone_of(ts: float):
+    """The local zone (a fixed offset) that wall_time gives ts in. Looking
+    it up costs more than the rest of a record; it is cached per hour (a
+    DST change shows up within the hour it happens)."""
     hour = int(ts // 3600)
     tz = _tz_cache.get(hour)
     if tz is None:
         tz = _dt.datetime.fromtimestamp(ts).astimezone().tzinfo
         _tz_cache.clear()
         _tz_cache[hour] = tz
+    return tz
+
+
+def wall_time_in(ts: float, tz) -> str:
     return _dt.datetime.fromtimestamp(ts, tz).isoformat(timespec="microseconds")
+
+
+def wall_time(ts: float) -> str:
+    return wall_time_in(ts, zone_of(ts))
 
 
 def _base(kind: str, ts: float) -> dict:

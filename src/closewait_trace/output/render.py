@@ -29,6 +29,7 @@ COUNTER_TEXT = {
     "map_full": "sockets not timed: the tracking map was full",
     "evidence_timeouts": ("reads of holders' /proc, memory or files abandoned at "
                           "their deadline"),
+    "events_unread": "events not read: in the buffer when the trace ended",
 }
 
 LINE = 80                  # the default layout's width

@@ -364,7 +364,8 @@ class _Builder:
         elif kind == "lost":
             what = _label(str(r.get("counter")))
             count = r.get("count") if isinstance(r.get("count"), int) else 0
-            if what in self.lost_total:
+            # events_unread is summed from the summary, which repeats it.
+            if what in self.lost_total and what != "events_unread":
                 self.lost_total[what] += count
             if len(self.losses) < MAX_LOSS_RECORDS:
                 self.losses.append({"ts": ts, "what": what, "count": count})

@@ -1,0 +1,237 @@
+"""--all's lines built straight from the kernel's raw events (issue 20).
+
+A busy host makes hundreds of thousands of TCP state transitions a second,
+and each went through a KernelEvent, an Endpoints, a record dict, json.dumps
+or the text renderer, and a write of its own: 15-25 us of Python per
+event, where the kernel spends about 2. Here a batch of raw rows (tuples
+unpacked from struct cw_event, see events.EventLayout) becomes one string:
+a template per line, the address, command and state texts cached, the wall
+clock's text cached per second, no dict.
+
+The output is byte for byte what records.transition() rendered by
+render.TextRenderer or json.dumps gives for the same event
+(tests/unit/test_transition_golden.py compares both against lines written
+by the code before this one); records.transition() stays the definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+from closewait_trace.durations import format_age
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import (R_COMM, R_DADDR, R_DPORT, R_DURATION, R_FAMILY,
+                                           R_NEW, R_OLD, R_PID, R_SADDR, R_SPORT, R_TS,
+                                           comm_text, format_address)
+from closewait_trace.output import records, render, textsafe
+
+_AF_INET = socket.AF_INET
+_LISTEN, _SYN_RECV = tcpstates.LISTEN, tcpstates.SYN_RECV
+_IN_PROCESS = tcpstates.PROCESS_CONTEXT
+_STATE = [tcpstates.name(i) for i in range(256)]          # states are u8
+_STATE_JSON = [json.dumps(s) for s in _STATE]
+CACHE_MAX = 4096            # entries per text cache; cleared when full
+
+
+class WallClock:
+    """records.wall_time(ts) for increasing timestamps: the text up to the
+    second (and the zone's offset) is made once per second, the
+    microseconds filled in. The same rounding as datetime.fromtimestamp
+    (half to even, at the microsecond), the same zone (records' per-hour
+    cache)."""
+
+    def __init__(self):
+        self._key = None
+        self._head = ""
+        self._tail = ""
+
+    def text(self, ts: float) -> str:
+        frac, whole = math.modf(ts)
+        us = round(frac * 1e6)
+        if us >= 1_000_000:
+            whole += 1.0
+            us -= 1_000_000
+        elif us < 0:
+            whole -= 1.0
+            us += 1_000_000
+        key = (whole, ts // 3600)
+        if key != self._key:
+            tz = records.zone_of(ts)
+            # The same zone as for ts (its hour), at the whole second.
+            full = records.wall_time_in(whole, tz)
+            dot = full.index(".")
+            self._key, self._head, self._tail = key, full[:dot + 1], full[dot + 7:]
+        return f"{self._head}{us:06d}{self._tail}"
+
+
+def _bounded(cache: dict) -> dict:
+    if len(cache) >= CACHE_MAX:
+        cache.clear()
+    return cache
+
+
+class JsonLines:
+    """Transition records as --json writes them (json.dumps of
+    records.transition(), then textsafe.safe_line)."""
+
+    def __init__(self):
+        self.clock = WallClock()
+        self._addr: dict = {}       # raw address -> (family, its JSON string)
+        self._comm: dict = {}       # raw comm -> JSON string, already line-safe
+
+    def _address(self, family: int, raw: bytes) -> str:
+        text = json.dumps(format_address(family, raw))
+        _bounded(self._addr)[raw] = (family, text)
+        return text
+
+    def _task_comm(self, raw: bytes) -> str:
+        text = self._comm.get(raw)
+        if text is None:
+            # safe_line escapes character by character: what it would do
+            # to the whole line it does to this piece (the rest is ASCII).
+            text = textsafe.safe_line(json.dumps(comm_text(raw)))
+            _bounded(self._comm)[raw] = text
+        return text
+
+    def lines(self, rows, offset_ns: int) -> str:
+        """One string: the lines of all rows, each ending in a newline."""
+        out = []
+        append = out.append
+        clock = self.clock
+        addr = self._addr
+        address = self._address
+        task_comm = self._task_comm
+        pairs = _JSON_PAIRS
+        modf = math.modf
+        last_whole = last_hour = None
+        head = tail = ""
+        for r in rows:
+            ts = (r[R_TS] + offset_ns) / 1e9
+            # WallClock.text(ts), inline: the text up to the second made
+            # once per second.
+            frac, whole = modf(ts)
+            us = round(frac * 1e6)
+            hour = ts // 3600
+            if us >= 1_000_000 or us < 0 or whole != last_whole or hour != last_hour:
+                time_text = clock.text(ts)
+                if 0 <= us < 1_000_000:
+                    last_whole, last_hour = whole, hour
+                    head, tail = clock._head, clock._tail
+            else:
+                time_text = f"{head}{us:06d}{tail}"
+            family = r[R_FAMILY]
+            saddr, daddr = r[R_SADDR], r[R_DADDR]
+            hit = addr.get(saddr)
+            laddr = hit[1] if hit is not None and hit[0] == family else address(family, saddr)
+            hit = addr.get(daddr)
+            raddr = hit[1] if hit is not None and hit[0] == family else address(family, daddr)
+            old, new = r[R_OLD], r[R_NEW]
+            states, in_process, listen_syn = pairs[old << 8 | new]
+            d = r[R_DURATION]
+            rport = r[R_DPORT]
+            prev = repr(round(d / 1e9, 9)) if d else "null"
+            if in_process:
+                task = f'{{"pid": {r[R_PID]}, "comm": {task_comm(r[R_COMM])}}}'
+            else:
+                task = "null"
+            append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{time_text}", '
+                   f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
+                   f'"laddr": {laddr}, "lport": {r[R_SPORT]}, '
+                   f'"raddr": {raddr}, "rport": {rport}, {states}, '
+                   f'"prev_state_s": {prev}, "task": {task}, '
+                   f'"peer_known": {"false" if listen_syn and rport == 0 else "true"}}}\n')
+        return "".join(out)
+
+
+# (old << 8 | new) -> ('"oldstate": ..., "newstate": ...', named task?, LISTEN->SYN_RECV?)
+_JSON_PAIRS = [(f'"oldstate": {_STATE_JSON[o]}, "newstate": {_STATE_JSON[n]}',
+                (o, n) in _IN_PROCESS, o == _LISTEN and n == _SYN_RECV)
+               for o in range(256) for n in range(256)]
+
+
+class TextLines:
+    """Transition lines as render.TextRenderer writes them (its columns,
+    its clock, its escaping), then textsafe.safe_line."""
+
+    def __init__(self, renderer: "render.TextRenderer"):
+        self.r = renderer
+        self._addr: dict = {}       # (family, raw, port digits) -> (text, width)
+        self._change: dict = {}     # (old, new) -> the EVENT cell, padded
+        self._owner: dict = {}      # (pid, raw comm) -> OWNER cell
+
+    def _endpoint(self, family: int, raw: bytes, port: int) -> str:
+        """render.hostport(address, port, the column) padded to the column.
+        What precedes ':PORT' depends only on the address and the number of
+        digits of the port: it is cached with its width."""
+        p = str(port)
+        key = (family, raw, len(p))
+        hit = self._addr.get(key)
+        if hit is None:
+            r = self.r
+            full = render.hostport(format_address(family, raw), port,
+                                   None if r.wide else r.addr_width)
+            head = full[:-(len(p) + 1)]
+            hit = (head, textsafe.width_of_escaped(head))
+            _bounded(self._addr)[key] = hit
+        head, head_width = hit
+        gap = self.r.addr_width - head_width - 1 - len(p)
+        return f"{head}:{p}{' ' * gap}" if gap > 0 else f"{head}:{p}"
+
+    def _event(self, old: int, new: int) -> str:
+        cell = self._change.get((old, new))
+        if cell is None:
+            o, n = _STATE[old], _STATE[new]
+            change = f"{render._SHORT.get(o, textsafe.escape(o))}>{render._SHORT.get(n, textsafe.escape(n))}"
+            change = textsafe.cut(change, self.r.event_width)
+            cell = f"{change:<{self.r.event_width}}"
+            _bounded(self._change)[(old, new)] = cell
+        return cell
+
+    def _task(self, pid: int, raw: bytes) -> str:
+        key = (pid, raw)
+        cell = self._owner.get(key)
+        if cell is None:
+            cell = self.r._owner(render.who({"pid": pid, "comm": comm_text(raw)}))
+            _bounded(self._owner)[key] = cell
+        return cell
+
+    def lines(self, rows, offset_ns: int) -> str:
+        r = self.r
+        w = r.addr_width
+        clock = r.clock
+        cell_of = clock.cell
+        clock_width = clock.width
+        pad = textsafe.pad
+        safe = textsafe.safe_line
+        endpoint = self._endpoint
+        event = self._event
+        task = self._task
+        no_peer = pad(render.PEER_NOT_GIVEN, w)
+        out = []
+        append = out.append
+        for row in rows:
+            ts = round((row[R_TS] + offset_ns) / 1e9, 6)
+            cell, before = cell_of(ts)
+            for line in before:
+                append(safe(line) + "\n")
+            family = row[R_FAMILY]
+            old, new = row[R_OLD], row[R_NEW]
+            rport = row[R_DPORT]
+            local = endpoint(family, row[R_SADDR], row[R_SPORT])
+            if old == _LISTEN and new == _SYN_RECV and rport == 0:
+                remote = no_peer
+            else:
+                remote = endpoint(family, row[R_DADDR], rport)
+            d = row[R_DURATION]
+            if d:
+                s = round(d / 1e9, 9)
+                age = format_age(int(min(s, 1e12) * 1e9))
+            else:
+                age = "?"
+            owner = task(row[R_PID], row[R_COMM]) if (old, new) in _IN_PROCESS else "-"
+            line = (f"{pad(cell, clock_width)} {event(old, new)} "
+                    f"{local} {remote} {age:>8} {owner}")
+            append(safe(line) + "\n")
+        return "".join(out)
