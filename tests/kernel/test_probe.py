@@ -8,7 +8,7 @@ import time
 import pytest
 
 from closewait_trace.kernel import kernel_headers
-from closewait_trace.kernel.events import KIND_CLOSED
+from closewait_trace.kernel.events import KIND_CLOSED, event_of_row
 from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_features
 from tests.kernel.harness import free_port, stretch
 
@@ -22,7 +22,9 @@ def make_probe(force: str, **config) -> tuple[KernelProbe, list]:
     features = detect_features(environ={"CLOSEWAIT_TRACE_FORCE": force})
     probe = KernelProbe(ProbeConfig(features=features, **config))
     events = []
-    probe.start(lambda ev: events.append(ev) and False)
+    # The probe hands raw rows (events.EventLayout); the test reads them as
+    # KernelEvents, the same fields decoded.
+    probe.start(lambda row: events.append(event_of_row(row)) and False)
     return probe, events
 
 
