@@ -362,7 +362,8 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
 @click.option("--time-format", type=click.Choice(render.TIME_FORMATS), default="clock",
               show_default=True,
               help="TIME column: clock (HH:MM:SS, a date line when the day changes), "
-                   "iso (ISO 8601), epoch (seconds), elapsed (seconds since the start).")
+                   "iso (ISO 8601), epoch (seconds), elapsed (seconds since the start), "
+                   "entered (ENTERED: when each socket entered CLOSE_WAIT).")
 @click.option("-i", "--interval", type=DurationType(), default=None,
               help="How often to look for sockets crossing the threshold "
                    "[default: threshold/2, at most 1s].")

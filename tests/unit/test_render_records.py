@@ -203,3 +203,23 @@ def test_the_connect_line_is_said_of_client_sockets_only():
     client = {"lport": 45000, "rport": 8080, "code": code}
     assert not any("connect(): place" in l for l in render.code_lines(server, verbose=True))
     assert any("connect(): place not known" in l for l in render.code_lines(client, verbose=True))
+
+
+def test_since_when_entered_at_and_an_entered_column():
+    """Issue 19 §4: since when, on the wall clock, not only when a row was
+    printed: `entered_at` in the record, and --time-format entered."""
+    import datetime as dt
+    from closewait_trace.output import schema
+    from tests.unit import recordfactory as rf
+    ts = dt.datetime(2026, 12, 4, 9, 30, 0).timestamp()
+    rec = rf.linger(ts=ts, age_s=125.0, entered_at=ts - 125.0)
+    assert schema.problem(rec) is None
+    r = render.TextRenderer(time_format="entered")
+    assert r.header().startswith("ENTERED  EVENT")
+    row = [l for l in r.render(rec) if " LINGER " in l][0]
+    assert row.startswith("09:27:55 LINGER ")               # 09:30:00 less 2m05s
+    closed = rf.closed(ts=ts + 60, duration=185.0)           # no entered_at: from its duration
+    row = [l for l in r.render(closed) if " CLOSED " in l][0]
+    assert row.startswith("09:27:55 CLOSED ")
+    assert [l for l in render.TextRenderer().render(rec) if " LINGER " in l][0].startswith(
+        "09:30:00 LINGER ")

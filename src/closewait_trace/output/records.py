@@ -111,6 +111,9 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
     rec.update(ownership_fields(lingerer.ownership, diag.holder_facts() if diag else None))
     rec["diagnosis"] = diag.as_dict() if diag else None
     rec["code"] = lingerer.code or code_unknown(CODE_NOT_LOOKED_UP)
+    # Since when, on the wall clock: what an on-call compares with a deploy
+    # or an alert (the row's TIME is when it was reported).
+    rec["entered_at"] = round(max(0.0, ts - rec["age_s"]), 3)
     return rec
 
 

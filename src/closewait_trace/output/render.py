@@ -34,7 +34,7 @@ COUNTER_TEXT = {
 
 LINE = 80                  # the default layout's width
 MAX_OWNERS_NAMED = 3       # holders named in a summary's still-lingering line
-TIME_FORMATS = ("clock", "iso", "epoch", "elapsed")
+TIME_FORMATS = ("clock", "iso", "epoch", "elapsed", "entered")
 # An address cut to fit its column: what marks an IPv4 address seen on an
 # IPv6 socket (::ffff:a.b.c.d), shown as IPv4.
 MAPPED_MARK = "*"
@@ -138,7 +138,9 @@ class Clock:
     """The TIME column. clock: HH:MM:SS local time, and a line with the date
     whenever it changes (a trace or a replay spanning days); iso: ISO 8601
     with the UTC offset; epoch: seconds since 1970; elapsed: seconds since
-    the start of the trace (bcc's -t)."""
+    the start of the trace (bcc's -t); entered: for a socket's row, the
+    local time it entered CLOSE_WAIT (since when, not when it was printed;
+    its date with --json or when it is not today's), other rows as clock."""
     style: str = "clock"
     start_ts: Optional[float] = None
     day: Optional[_dt.date] = None
@@ -147,11 +149,11 @@ class Clock:
 
     @property
     def width(self) -> int:
-        return {"clock": 8, "iso": 25, "epoch": 14, "elapsed": 10}[self.style]
+        return {"clock": 8, "iso": 25, "epoch": 14, "elapsed": 10, "entered": 8}[self.style]
 
     @property
     def label(self) -> str:
-        return "TIME(s)" if self.style == "elapsed" else "TIME"
+        return {"elapsed": "TIME(s)", "entered": "ENTERED"}.get(self.style, "TIME")
 
     def started(self, ts) -> None:
         t = _number(ts)
@@ -162,6 +164,9 @@ class Clock:
     def cell(self, ts) -> tuple[str, list[str]]:
         """(the TIME cell, lines to print before the row: a date line)."""
         t = _number(ts)
+        if self.style == "entered":
+            when = _local(t) if t is not None else None
+            return (f"{when:%H:%M:%S}" if when else "?"), []
         if self.style == "clock" and t is not None and int(t) == self._second:
             return self._cell, []          # same second: same cell, same day
         when = _local(t) if t is not None else None
@@ -281,7 +286,18 @@ class TextRenderer:
     def _row(self, rec: dict, event: str, age: str, owner: str) -> list[str]:
         """owner is escaped already; the rest is escaped here."""
         w = self.addr_width
-        cell, before = self.clock.cell(rec.get("ts"))
+        when = rec.get("ts")
+        if self.clock.style == "entered":
+            # Since when: the entry time of a socket's row (LINGER, CHANGE,
+            # CLOSED), from the record's own age or duration.
+            entered = _number(rec.get("entered_at"))
+            held = _number(rec.get("age_s", rec.get("duration_s")))
+            ts = _number(rec.get("ts"))
+            if entered is None and held is not None and ts is not None:
+                entered = ts - held
+            if entered is not None:
+                when = entered
+        cell, before = self.clock.cell(when)
         local = hostport(rec.get("laddr"), rec.get("lport"), None if self.wide else w)
         remote = hostport(rec.get("raddr"), rec.get("rport"), None if self.wide else w)
         if rec.get("peer_known") is False:

@@ -283,6 +283,9 @@ class LingerRecord(_Base, Endpoint):
     # Written by every version-3 writer; filled in by `upgrade` for older
     # recordings; a reader takes its absence as "not known".
     code: NotRequired[Code]
+    # When it entered CLOSE_WAIT (epoch seconds): ts - age_s, as sure as
+    # the age is (age_source); absent in recordings made before it.
+    entered_at: NotRequired[Epoch]
 
 
 class BriefHolder(TypedDict):
