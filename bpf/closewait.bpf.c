@@ -211,8 +211,8 @@ BPF_PERCPU_ARRAY(cw_eof_budget, struct cw_eof_budget, 1);
 // ages out.
 struct cw_proc_budget {
     u64 window_ns;
-    u32 used_eof;
-    u32 used_open;
+    u64 used_eof;
+    u64 used_open;
 };
 BPF_TABLE("lru_hash", u32, struct cw_proc_budget, cw_proc_budget, 4096);
 
@@ -470,8 +470,25 @@ static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
     return n;
 }
 
-// Whether this CPU may take another capture of `kind` in this second (see
-// cw_eof_budget).
+// One capture of `kind` taken from a one-second budget of `limit` (the
+// per-process one and the per-CPU one alike): 0 when it is spent.
+static __always_inline int cw_take(u64 now, int open, u64 limit, u64 *window_ns,
+                                   u64 *used_eof, u64 *used_open)
+{
+    if (now - *window_ns >= 1000000000ULL) {
+        *window_ns = now;
+        *used_eof = 0;
+        *used_open = 0;
+    }
+    u64 *used = open ? used_open : used_eof;
+    if (*used >= limit)
+        return 0;
+    (*used)++;
+    return 1;
+}
+
+// Whether another capture of `kind` may be taken now: within this process's
+// budget (cw_proc_budget), then this CPU's (cw_eof_budget).
 static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_counters *counts)
 {
     int zero = 0;
@@ -482,34 +499,13 @@ static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_count
         cw_proc_budget.update(&tgid, &fresh);
         mine = cw_proc_budget.lookup(&tgid);
     }
-    if (mine) {
-        if (now - mine->window_ns >= 1000000000ULL) {
-            mine->window_ns = now;
-            mine->used_eof = 0;
-            mine->used_open = 0;
-        }
-        u32 *own = open ? &mine->used_open : &mine->used_eof;
-        if (*own >= CAPTURES_PER_PROC_S) {
-            if (counts) {
-                if (open)
-                    counts->open_rate_limited++;
-                else
-                    counts->eof_rate_limited++;
-            }
-            return 0;
-        }
-        (*own)++;
-    }
     struct cw_eof_budget *budget = cw_eof_budget.lookup(&zero);
     if (!budget)
         return 0;
-    if (now - budget->window_ns >= 1000000000ULL) {
-        budget->window_ns = now;
-        budget->used_eof = 0;
-        budget->used_open = 0;
-    }
-    u64 *used = open ? &budget->used_open : &budget->used_eof;
-    if (*used >= CAPTURES_PER_S) {
+    if ((mine && !cw_take(now, open, CAPTURES_PER_PROC_S, &mine->window_ns,
+                          &mine->used_eof, &mine->used_open))
+        || !cw_take(now, open, CAPTURES_PER_S, &budget->window_ns, &budget->used_eof,
+                    &budget->used_open)) {
         if (counts) {
             if (open)
                 counts->open_rate_limited++;
@@ -518,7 +514,6 @@ static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_count
         }
         return 0;
     }
-    (*used)++;
     return 1;
 }
 

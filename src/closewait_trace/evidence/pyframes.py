@@ -191,6 +191,17 @@ def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
     return None, ""
 
 
+def _runtime_or_none(image, deadline: float) -> Optional[Runtime]:
+    """find_runtime's Runtime, or None, whatever the process holds (a bug
+    in reading it is never the tracer's end)."""
+    try:
+        return find_runtime(image, deadline)[0]
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        return None
+
+
 def _load_bias(image, first: Mapping, loads: list) -> Optional[int]:
     """Address where the file's vaddr 0 is mapped, from one of its mappings
     and the PT_LOAD segment holding that mapping's file offset."""
@@ -482,13 +493,7 @@ def resolve_capture(image, deadline: float, status: int, pairs: tuple) -> tuple[
         return [f.as_dict() for f in found], why
     if status in CAPTURE_STATUS:
         return [], CAPTURE_STATUS[status]
-    try:
-        runtime, _why = find_runtime(image, deadline)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception:
-        runtime = None
-    return [], NOT_YET_KNOWN if runtime is not None else ""
+    return [], NOT_YET_KNOWN if _runtime_or_none(image, deadline) is not None else ""
 
 
 def captured_frames(image, deadline: float, pairs: tuple) -> tuple[list, str]:
@@ -594,11 +599,7 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
             yield ("reading", pid, uid)
             image = ProcessImage(pid, proc)
             try:
-                runtime, _why = find_runtime(image, deadline)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception:
-                runtime = None
+                runtime = _runtime_or_none(image, deadline)
             finally:
                 image.close()
             namespace = pid_namespace(proc, pid)
