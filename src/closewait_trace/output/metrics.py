@@ -48,7 +48,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from closewait_trace.errors import EXIT_USAGE, UserError
-from closewait_trace.live import scrape
+from closewait_trace.output import scrape
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_UNREADABLE
 
