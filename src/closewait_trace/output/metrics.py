@@ -51,6 +51,7 @@ from closewait_trace.errors import EXIT_USAGE, UserError
 from closewait_trace.output import scrape
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_UNREADABLE
+from closewait_trace.sockets.tracker import Lingerer
 
 DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_PORT = 9477        # the port the README, the man page and the unit use
@@ -134,15 +135,14 @@ def clean_label(text: str) -> str:
     return label
 
 
-def socket_labels(lingerer, no_comm: bool = False) -> tuple[str, str, str]:
+def socket_labels(lingerer: Lingerer, no_comm: bool = False) -> tuple[str, str, str]:
     """(comm, port, side) of a lingering socket; with no_comm, no holder's
     command name (only the tracer's own values)."""
     own = lingerer.ownership
     if own is None:
         return (COMM_UNRESOLVED, "unknown", "unknown")
-    holders = list(getattr(own, "holders", ()) or ()) or \
-        list(getattr(own, "listener_holders", ()) or ())
-    kind = getattr(own, "kind", None)
+    holders = own.holders or own.listener_holders
+    kind = own.kind
     if holders:
         comm = COMM_HIDDEN if no_comm else clean_label(holders[0].comm)
     elif kind == OWNER_DENIED:
@@ -152,7 +152,7 @@ def socket_labels(lingerer, no_comm: bool = False) -> tuple[str, str, str]:
     else:
         comm = COMM_NO_HOLDER
     ep = lingerer.endpoints
-    if getattr(own, "listener", None) is not None:
+    if own.listener is not None:
         return (comm, str(ep.lport), "server")
     return (comm, str(ep.rport), "client")
 
