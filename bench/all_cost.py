@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "src")]
 
-from closewait_trace.cli import Output                       # noqa: E402
+from closewait_trace.output.terminal import TerminalSink as Output                       # noqa: E402
 from closewait_trace.kernel.events import EventLayout, decode_event   # noqa: E402
 from closewait_trace.output import records, render          # noqa: E402
 from tests.unit.transition_golden import RawEvent, _ip4      # noqa: E402

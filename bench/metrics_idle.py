@@ -20,9 +20,9 @@ import time
 
 CHILD = r"""
 import socket, sys, time
-from closewait_trace.live import metrics
+from closewait_trace.output import metrics
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.live.sinks import TickView
+from closewait_trace.output.sinks import TickView
 from closewait_trace.sockets.tracker import Lingerer
 from closewait_trace.sockets.owners import Holder, Ownership, OWNER_FD
 sink = metrics.MetricsSink("127.0.0.1", int(sys.argv[1]))

@@ -1,23 +1,23 @@
-"""Command line: option parsing, output sinks, and turning every user error
-into one line and a documented exit code."""
+"""Command line: option parsing, and turning every user error into one line
+and a documented exit code. What each command does is below it: the live
+trace in live/session.py, `snapshot` in live/snapshot.py, the replay (-r)
+and `report` in files/replay.py; they print through output/terminal.py."""
 
 from __future__ import annotations
 
-import gc
 import os
-import select
-import shlex
 import socket
 import sys
 
 import click
 
 from closewait_trace import __version__
-from closewait_trace.output import render, textsafe, transitions
+from closewait_trace.output import render, textsafe
+from closewait_trace.output.terminal import TerminalSink
 from closewait_trace.durations import parse_duration_ns
-from closewait_trace.errors import (EXIT_GATHER, EXIT_NOT_ROOT, EXIT_USAGE, UserError)
-from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, describe_filters,
-                                             parse_ports, validate_container)
+from closewait_trace.errors import EXIT_USAGE, UserError
+from closewait_trace.sockets.filters import (HolderFilter, SocketFilter, parse_ports,
+                                             validate_container)
 
 EXAMPLES = """\b
 Examples:
@@ -109,153 +109,23 @@ class ListenType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from closewait_trace.live.metrics import parse_listen
+        from closewait_trace.output.metrics import parse_listen
         try:
             return parse_listen(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class Output:
-    """The terminal sink: records to stdout as text or JSON lines.
-
-    When the reader goes away (`| head -1`) output ends quietly and
-    on_reader_gone is called (the live tracer then ends the trace: nobody
-    reads it). A failing write (EPIPE) tells, but a tracer with nothing to
-    print would never try one: so tick() also polls stdout for the closed
-    pipe (POLLERR/POLLHUP)."""
-
-    def __init__(self, as_json: bool, renderer: render.TextRenderer, quiet: bool = False,
-                 on_reader_gone=None, stream=None):
-        self.as_json = as_json
-        self.renderer = renderer
-        self.quiet = quiet
-        self.closed = False
-        self.on_reader_gone = on_reader_gone
-        self.stream = stream
-        self._lines = None          # the fast transition lines, made at first use
-
-    @property
-    def _out(self):
-        return self.stream if self.stream is not None else sys.stdout
-
-    def emit(self, rec: dict) -> None:
-        if self.quiet and rec.get("type") == "summary":
-            # Quiet (the service): the trace's end still reaches the journal,
-            # as the summary's text on stderr; the recording has the record.
-            try:
-                for line in render.summary_lines(rec):
-                    if line:
-                        sys.stderr.write(textsafe.safe_line(line) + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            return
-        if self.quiet or self.closed:
-            return
-        if self.as_json:
-            lines = [textsafe.json_dumps(rec, check_circular=False)]
-        else:
-            lines = self.renderer.render(rec)
-        self.write_lines(lines)
-
-    def emit_transitions(self, rows, offset_ns: int) -> None:
-        """--all's transitions, raw rows from the kernel (events.EventLayout),
-        written as emit(records.transition(...)) would write each, in one
-        write (output/transitions.py)."""
-        if self.quiet or self.closed or not rows:
-            return
-        lines = self._lines
-        if lines is None:
-            lines = self._lines = (transitions.JsonLines() if self.as_json
-                                   else transitions.TextLines(self.renderer))
-        text = lines.lines(rows, offset_ns)
-        try:
-            self._write_text(text)
-        except BrokenPipeError:
-            self._reader_gone()
-
-    def _write_text(self, text: str) -> None:
-        """A large text written whole. Not through the stream's write():
-        CPython 3.11's buffered writer loses data when a signal handler runs
-        while a write larger than its buffer blocks on a full pipe (Ctrl-C
-        while the reader is behind cut lines out of the middle of the
-        output); os.write's partial writes are taken up here instead."""
-        out = self._out
-        try:
-            fd = out.fileno()
-        except (AttributeError, OSError, ValueError):
-            out.write(text)         # not a file (a test's StringIO)
-            return
-        out.flush()                 # what the stream still holds goes first
-        data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8",
-                                      getattr(out, "errors", None) or "strict"))
-        while data:
-            data = data[os.write(fd, data):]
-
-    def write_lines(self, lines) -> None:
-        if self.closed:
-            return
-        try:
-            out = self._out
-            for line in lines:
-                # The last check, here where every line reaches the terminal:
-                # a field some caller forgot to escape cannot get through raw.
-                out.write(textsafe.safe_line(line) + "\n")
-        except BrokenPipeError:
-            self._reader_gone()
-
-    def write_line(self, line: str) -> None:
-        self.write_lines([line])
-
-    def tick(self, _view=None) -> None:
-        if self.quiet or self.closed:
-            return
-        if reader_gone(self._out):
-            self._reader_gone()
-
-    def flush(self) -> None:
-        """Called once per pass of the main loop (at least every 100 ms):
-        output stays live without a write per record under a flood."""
-        if self.closed:
-            return
-        try:
-            self._out.flush()
-        except BrokenPipeError:
-            self._reader_gone()
-
-    def close(self) -> None:
-        self.flush()
-
-    def _reader_gone(self) -> None:
-        self.closed = True
-        # What is still buffered can never be written: point stdout at
-        # /dev/null so that the interpreter's final flush cannot fail.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._out.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
-        if self.on_reader_gone is not None:
-            self.on_reader_gone()
-
-
-def reader_gone(stream) -> bool:
-    """Whether the reader of this output closed it: the write end of a pipe
-    whose reader exited polls POLLERR, a socket POLLHUP. A terminal or a
-    file never does. Costs one poll(2) with no wait."""
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return False
-    p = select.poll()
-    p.register(fd, 0)           # POLLERR and POLLHUP are always reported
-    try:
-        events = p.poll(0)
-    except OSError:
-        return False
-    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in events)
+def run_live(*args, **kwargs) -> None:
+    """A live trace (live/session.py), imported when one is asked for: the
+    help and the other subcommands do not load the tracer."""
+    from closewait_trace.live import session
+    if session.run(*args, **kwargs):
+        # Everything is written and closed: main() may skip the interpreter's
+        # teardown (freeing every object of bcc, LLVM and the trace: 40-90 ms
+        # measured under --all, a third of the exit's budget).
+        global _TRACE_ENDED
+        _TRACE_ENDED = True
 
 
 def fail(err: UserError) -> None:
@@ -304,36 +174,6 @@ def holder_options(command):
                          help="Only sockets held by processes of this systemd unit.")]):
         command = option(command)
     return command
-
-
-def warn_unmatched_holders(holder_filter: HolderFilter, consequence: str) -> None:
-    """One line on stderr when a holder filter value matches no process now
-    (a typo, a service not running): an empty trace must not look like good
-    news. A notice, not an error: the process may start later."""
-    if not holder_filter.active:
-        return
-    from closewait_trace.sockets import identity
-    people = identity.people_now(holder_filter.needs_identity)
-    if holder_filter.comms:         # read whole: what each --comm caught is said
-        people = list(people)
-    for pattern, names in holder_filter.names_matched(people if holder_filter.comms
-                                                      else []).items():
-        # A prefix or a glob: say what it caught (python -> python3).
-        click.echo(textsafe.safe_line(
-            f"closewait-trace: notice: --comm {textsafe.escape(pattern)} matches "
-            f"{textsafe.escape(', '.join(names))} now"), err=True)
-    missing = holder_filter.unmatched(people)
-    if not missing:
-        return
-    # Without root, hidepid may hide other users' processes: say only what
-    # was seen. The kernel keeps 15 bytes of a name: say so when one is longer.
-    who = "no process" if os.geteuid() == 0 else "no process visible to you"
-    long_names = [c for c in holder_filter.comms if f"--comm {c}" in missing
-                  and len(c.encode("utf-8", "surrogateescape")) > 15]
-    note = "; a process name has at most 15 bytes" if long_names else ""
-    click.echo(textsafe.safe_line(
-        f"closewait-trace: notice: {who} matches {textsafe.escape(', '.join(missing))} "
-        f"now{note}; {consequence}"), err=True)
 
 
 def holder_filter_of(pids, comms, cgroups, containers, units) -> HolderFilter:
@@ -447,8 +287,9 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
                     == click.core.ParameterSource.COMMANDLINE):
                 raise click.UsageError(f"{param.opts[0]} applies to a live trace, not to "
                                        f"a replay of one (-r)")
-        run_replay(read_path, socket_filter, holder_filter, since, until,
-                   Output(as_json, renderer))
+        from closewait_trace.files import replay
+        replay.show(read_path, socket_filter, holder_filter, since, until,
+                    TerminalSink(as_json, renderer))
         return
     for name, value in (("--since", since), ("--until", until)):
         if value:
@@ -482,33 +323,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
                          max_seconds=rotate_seconds / 1e9 if rotate_seconds else None,
                          snapshot_s=snapshot_interval / 1e9)
     run_live(threshold, socket_filter, as_json, tick_ns, max_tracked, verbose,
-             Output(as_json, renderer, quiet=quiet), recording, all_transitions,
+             TerminalSink(as_json, renderer, quiet=quiet), recording, all_transitions,
              holder_filter, metrics_listen, metrics_no_comm, eof_stacks=not no_eof_stacks)
-
-
-def run_replay(path, socket_filter, holder_filter, since, until, out):
-    """Records are streamed from the reader to the output, one at a time
-    (files/replay.py): memory is bounded by the reader's line cap and the
-    renderer's and filter's caps, never by the size of the recording."""
-    from closewait_trace.files import replay
-    session = replay.Replay.open([path], socket_filter, holder_filter, since, until)
-    out.renderer.replay = session.source
-    for r in session.records(headers=not out.as_json, on_wait=out.flush):
-        out.emit(r)
-    if not out.as_json:
-        for line in out.renderer.replay_end():
-            out.write_line(line)
-    out.flush()
-    warn_damage(session.reader)
-
-
-def warn_damage(rec) -> None:
-    if rec.skipped:
-        click.echo(f"closewait-trace: warning: skipped {rec.skipped} damaged line(s); "
-                   f"the rest was read", err=True)
-    for problem in rec.problems:
-        # Problems quote file names and content: escaped like all text.
-        click.echo(f"closewait-trace: warning: {textsafe.escape(problem)}", err=True)
 
 
 @main_group.command("report", epilog="""\b
@@ -535,36 +351,18 @@ def report_command(files, as_json, top, groupings, since, until):
     remote peer, with the cause in each row; the duration histograms; a
     timeline; what was still lingering at the end; gaps and losses. Needs no
     root and no BPF."""
-    from closewait_trace.files import parts
+    from closewait_trace.files import replay
     from closewait_trace.output import report
     by = [g.strip() for value in groupings for g in value.split(",") if g.strip()]
     for g in by:
         if g not in report.GROUPINGS:
             raise click.UsageError(f"--by {g}: not a grouping; choose from "
                                    f"{', '.join(report.GROUPINGS)}")
-    # Streamed: the reader hands records one at a time to the report, whose
-    # state is bounded (report.MAX_*), whatever the size of the recordings.
-    reader = parts.RecordingReader(files)
-    window = window_of(since, until, reader.first_header.get("start_ts"))
-    rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)), **window)
-    out = Output(as_json, render.TextRenderer())
-    if as_json:
-        out.write_lines([textsafe.json_dumps(rep)])
-    else:
-        out.write_lines(report.render_text(rep, top=top))
-    out.flush()
-    warn_damage(reader)
-
-
-def window_of(since, until, first_ts) -> dict:
-    """--since/--until as epoch seconds (a time of day is on the first
-    capture's day, as in a replay)."""
-    from closewait_trace.files.replay import parse_when
-    window = {"since": parse_when(since, first_ts) if since else None,
-              "until": parse_when(until, first_ts) if until else None}
-    if None not in window.values() and window["since"] > window["until"]:
-        raise click.UsageError(f"--since {since} is after --until {until}")
-    return window
+    try:
+        replay.write_report(list(files), by, since, until, as_json, top,
+                            TerminalSink(as_json, render.TextRenderer()))
+    except replay.WindowError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 class AgeType(DurationType):
@@ -601,7 +399,7 @@ def top_command(threshold, lports, rports, ipv4, ipv6, pids, comms, cgroups, con
     the oldest, and how many began lingering and closed in the last minute,
     biggest first. On a terminal: q quits, g changes the grouping; otherwise
     a text block per refresh. Needs root (BPF), as the live trace."""
-    from closewait_trace.live.topview import TopSink
+    from closewait_trace.output.topview import TopSink
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
     run_live(threshold, socket_filter, False, interval, max_tracked=DEFAULT_MAX_TRACKED,
@@ -631,168 +429,8 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     root, other users' processes are hidden."""
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
-    from closewait_trace.evidence.worker import GatherWorker
-    # Other people's /proc, memory and files are read in a worker that is
-    # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    # Started first, so that its start-up overlaps ours (imports, filters).
-    gatherer = GatherWorker()
-    gatherer.start()
-    # One pass that keeps every object it makes to the end: the cyclic
-    # collector would only walk them again and again (a third of the cost
-    # of the records and of their text with 10,000 sockets), finding nothing.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        write_snapshot(gatherer, socket_filter, holder_filter, min_age, as_json, wide, verbose)
-    finally:
-        gatherer.close()
-        if collecting:
-            gc.enable()
-
-
-def write_snapshot(gatherer, socket_filter, holder_filter, min_age, as_json, wide, verbose):
     from closewait_trace.live import snapshot
-    from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
-    from closewait_trace.evidence.worker import GatherFailed
-    as_root = os.geteuid() == 0
-    warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
-    resolver = ProcResolver(worker=gatherer)
-    try:
-        snap = snapshot.take(socket_filter, min_age, as_root=as_root, stacks=verbose,
-                             holder_filter=holder_filter, resolver=resolver)
-    except GatherFailed as e:
-        raise UserError(f"the sockets and their owners could not be read ({e.why}: "
-                        f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
-                        "something on this host answers /proc reads slowly; try again, "
-                        "or narrow it with -p/-P") from None
-    finally:
-        resolver.close()
-    recs = snap.records()
-    out = Output(as_json, render.TextRenderer(wide=wide, verbose=verbose))
-    lingers = [r for r in recs if r["type"] == "linger"]
-    if not as_json:
-        described = "; ".join(t for t in (socket_filter.describe(),
-                                          holder_filter.describe() if holder_filter.active
-                                          else "") if t)
-        out.write_lines(snapshot.title_lines(len(lingers), min_age, described,
-                                             hidden=0 if as_root else snap.hidden)
-                        + ([out.renderer.header()] if lingers else []))
-    for rec in recs:
-        out.emit(rec)
-    if not as_json:
-        out.write_lines(snapshot.footer_lines(lingers))
-    out.flush()
-    for line in snapshot.notice_lines(snap, as_root):
-        click.echo(line, err=True)
-
-
-def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out,
-             recording_options=None, all_transitions=False, holder_filter=HolderFilter(),
-             metrics_listen=None, metrics_no_comm=False, eof_stacks=True):
-    # The hint repeats the user's own arguments, so that pasting it runs
-    # what was asked, as root.
-    again = "sudo " + shlex.join(["closewait-trace"] + sys.argv[1:])
-    if os.geteuid() != 0:
-        raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
-                        f"as root, or with sudo: {again}")
-    from closewait_trace.sockets import capabilities
-    caps = capabilities.effective()
-    why = capabilities.cannot_trace(caps)
-    if why:
-        raise UserError(why, EXIT_NOT_ROOT,
-                        "run it with those capabilities (a full root shell, or the unit's "
-                        "CapabilityBoundingSet)")
-    capability_warning = capabilities.warning(caps)
-    if capability_warning:      # say what a reduced set hides; trace anyway
-        click.echo(capability_warning, err=True)
-    warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
-                                          "will be shown")
-    from closewait_trace.kernel import kernel_headers
-    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
-    from closewait_trace.live.tracer import LiveTracer, ProcResolver
-    from closewait_trace.evidence.worker import GatherWorker
-
-    import_bcc()
-
-    config = ProbeConfig(threshold_ns=threshold_ns, max_tracked=max_tracked,
-                         lports=socket_filter.lports, rports=socket_filter.rports,
-                         family=socket_filter.family, all_transitions=all_transitions,
-                         # --all streams every transition: a deeper ring (16 MiB)
-                         # rides out bursts the default mode never sees.
-                         ringbuf_pages=4096 if all_transitions else 256,
-                         eof_capture=eof_stacks)
-    probe = KernelProbe(config)
-    # Said in the start record and the recording's header: a trace made
-    # with a holder filter does not hold every socket.
-    filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
-    tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
-                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9,
-                        # Other people's /proc, memory and files are read in a
-                        # worker the loop can abandon (evidence/worker.py).
-                        resolver=ProcResolver(worker=GatherWorker()))
-    # Nobody reads the trace any more (`| head -1`): end it the normal way.
-    out.on_reader_gone = tracer.request_stop
-    recorder = None
-    if metrics_listen:
-        from closewait_trace.live.metrics import MetricsSink
-        metrics = MetricsSink(*metrics_listen, no_comm=metrics_no_comm)
-        metrics.serve()          # a port in use fails before anything loads
-        tracer.sinks.append(metrics)
-    if recording_options:
-        # Open the file before loading anything into the kernel: a bad path
-        # fails fast and leaves nothing behind.
-        from closewait_trace.files.recording import Recorder
-        from closewait_trace.live.sinks import RecordingSink
-        from closewait_trace.live.tracer import kernel_clock_ns
-        import time
-        snapshot_s = recording_options.pop("snapshot_s")
-        offset = time.time_ns() - kernel_clock_ns(config.features.boot_clock)
-        recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
-                            clock_offset_ns=offset,
-                            mode="all" if all_transitions else "closewait",
-                            **recording_options)
-        recorder.open()
-        tracer.sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
-    try:
-        choice = kernel_headers.choose_headers()
-        kernel_headers.apply(choice)
-        tracer.headers = choice.describe()
-        tracer.start()
-        if tracer.start_snapshot_failed:
-            click.echo("closewait-trace: warning: the sockets already in CLOSE_WAIT could not "
-                       f"be read at start ({textsafe.escape(tracer.start_snapshot_failed)}): "
-                       "they are not reported, only those that enter it from now on; "
-                       "restart to try again", err=True)
-    except BaseException as exc:
-        tracer.restore_signals()
-        tracer.resolver.close()
-        probe.close()
-        if recorder is not None:
-            recorder.discard()     # nothing was traced: leave no file behind
-        if isinstance(exc, ProgramRefused):    # said in terms of our capabilities
-            raise capabilities.explain_refusal(exc) from None
-        raise
-    # "Ready" means attached and the start-up snapshot taken: only now may
-    # anyone waiting for the banner start a reproduction. (The text banner
-    # is the start record, rendered on stdout by the same rule.)
-    if as_json or out.quiet:
-        for line in render.banner(threshold_ns, describe_filters(filters),
-                                  at_terminal=sys.stderr.isatty()):
-            click.echo(line, err=True)
-    if verbose and (as_json or out.quiet):
-        # In text mode the start record's rendering says it, before the
-        # column header; here there is no text output to put it in.
-        click.echo(textsafe.safe_line(f"kernel headers: {choice.describe()}; "
-                                      f"{probe.features.describe()}; "
-                                      f"compiled in {probe.compile_s:.2f}s"), err=True)
-    tracer.run()
-    if recorder is not None and recorder.stopped is not None:
-        raise recorder.stopped     # said when it happened; exit 7 at the end
-    # Everything is written and closed: main() may skip the interpreter's
-    # teardown (freeing every object of bcc, LLVM and the trace: 40-90 ms
-    # measured under --all, a third of the exit's budget).
-    global _TRACE_ENDED
-    _TRACE_ENDED = True
+    snapshot.run(socket_filter, holder_filter, min_age, as_json, wide, verbose)
 
 
 # Set once a live trace has ended cleanly (run() wrote the summary and closed

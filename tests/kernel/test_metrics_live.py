@@ -154,7 +154,7 @@ while True:
 
 def test_cardinality_cap_with_500_real_process_names(procs):
     from prometheus_client.parser import text_string_to_metric_families
-    from closewait_trace.live.metrics import MAX_SERIES
+    from closewait_trace.output.metrics import MAX_SERIES
     port, metrics_port = free_port(), free_port()
     tracer = Tracer(["-p", str(port), "-t", "500ms", "--metrics", str(metrics_port)]).start()
     procs.append(tracer)

@@ -162,7 +162,7 @@ def scrape_until_served(port) -> str:
 
 
 def test_slowloris_from_nobody_is_dropped_after_the_read_timeout(procs):
-    from closewait_trace.live.scrape import READ_TIMEOUT_S
+    from closewait_trace.output.scrape import READ_TIMEOUT_S
     metrics_port = free_port()
     tracer = Tracer(["-p", str(free_port()), "--metrics", str(metrics_port)]).start()
     procs.append(tracer)

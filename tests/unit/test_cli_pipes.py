@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from closewait_trace import cli, errors
+from closewait_trace import errors
 from closewait_trace.files import recording
 from closewait_trace.output.render import TextRenderer
+from closewait_trace.output.terminal import TerminalSink
 from tests.unit import recordfactory
 
 
@@ -70,7 +71,7 @@ def test_output_notices_a_closed_pipe_without_writing():
     read_end, write_end = os.pipe()
     stream = os.fdopen(write_end, "w")
     gone = []
-    out = cli.Output(False, TextRenderer(), on_reader_gone=lambda: gone.append(1), stream=stream)
+    out = TerminalSink(False, TextRenderer(), on_reader_gone=lambda: gone.append(1), stream=stream)
     out.tick()
     assert gone == [] and not out.closed          # a reader is there
     os.close(read_end)
@@ -87,7 +88,7 @@ def test_quiet_output_never_looks_at_stdout():
     os.close(read_end)
     stream = os.fdopen(write_end, "w")
     gone = []
-    out = cli.Output(False, TextRenderer(), quiet=True, on_reader_gone=lambda: gone.append(1),
+    out = TerminalSink(False, TextRenderer(), quiet=True, on_reader_gone=lambda: gone.append(1),
                      stream=stream)
     out.tick()
     assert gone == []

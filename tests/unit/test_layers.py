@@ -22,9 +22,9 @@ LAYERS = (
     ("kernel", ("closewait_trace.kernel",)),      # the BPF program, its events and maps
     ("sockets", ("closewait_trace.sockets",)),    # socket tables, owners, ages, filters
     ("evidence", ("closewait_trace.evidence",)),  # why a holder keeps it, where in its code
-    ("output", ("closewait_trace.output",)),      # records defined, built, shown, reported
+    ("output", ("closewait_trace.output",)),      # records defined, built, shown, reported; sinks
     ("files", ("closewait_trace.files",)),        # recordings written and read, replay
-    ("live", ("closewait_trace.live",)),          # the live loop, its sinks, snapshot, top
+    ("live", ("closewait_trace.live",)),          # the live session's wiring, its loop, snapshot
     ("cli", ("closewait_trace.cli", "closewait_trace.__main__")),
 )
 

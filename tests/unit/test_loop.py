@@ -15,7 +15,7 @@ from closewait_trace.sockets import tracker
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.kernel.probe import ProbeConfig
-from closewait_trace.live.sinks import ListSink, RecordingSink, TickView, snapshot_record
+from closewait_trace.output.sinks import ListSink, RecordingSink, TickView, snapshot_record
 from closewait_trace.live.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
 from tests.unit.fakeproc import FakeProc, hex_addr
 from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints

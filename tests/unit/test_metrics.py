@@ -11,12 +11,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from closewait_trace.live import metrics
+from closewait_trace.output import metrics
 from closewait_trace.sockets import owners as owners_mod
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_DENIED, OWNER_FD,
                                            OWNER_NONE, Holder, Ownership)
-from closewait_trace.live.sinks import TickView
+from closewait_trace.output.sinks import TickView
 from closewait_trace.sockets.tracker import Lingerer
 
 S = 1_000_000_000

@@ -1,4 +1,4 @@
-"""The bounded scrape server (live/scrape.py) without a kernel and without
+"""The bounded scrape server (output/scrape.py) without a kernel and without
 root: the connection cap, the read and write timeouts, the request cap, the
 methods and paths it answers, the Unix socket's safety checks, and the
 descriptors a whole MetricsSink keeps under 300 idle connections (in a
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from closewait_trace.live import metrics, scrape
+from closewait_trace.output import metrics, scrape
 
 BODY = b"closewait_threshold_seconds 1.0\n"
 GENEROUS_S = 30.0
@@ -186,7 +186,7 @@ def test_parse_request_and_end_of_head():
 
 SINK_CHILD = r"""
 import sys, time
-from closewait_trace.live import metrics
+from closewait_trace.output import metrics
 sink = metrics.MetricsSink("127.0.0.1", int(sys.argv[1]))
 sink.serve()
 print("ready", flush=True)

@@ -161,7 +161,7 @@ def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
     from types import SimpleNamespace as NS
 
     from closewait_trace.kernel.events import Endpoints
-    from closewait_trace.live import sinks, topview
+    from closewait_trace.output import sinks, topview
     from closewait_trace.sockets.tracker import Lingerer
 
     def lingerer(i, pid, cause, enter_ns):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from closewait_trace.cli import Output
+from closewait_trace.output.terminal import TerminalSink as Output
 from closewait_trace.kernel.events import EventLayout, decode_event, event_of_row
 from closewait_trace.output import records, render, transitions
 from tests.unit import transition_golden as golden

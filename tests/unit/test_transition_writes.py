@@ -15,7 +15,7 @@ import time
 CHILD = r"""
 import signal, sys
 sys.path[:0] = [{root!r}, {src!r}]
-from closewait_trace.cli import Output
+from closewait_trace.output.terminal import TerminalSink as Output
 from closewait_trace.output import render
 from tests.unit.test_transition_golden import rows_of
 import json

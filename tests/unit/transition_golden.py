@@ -137,7 +137,7 @@ def start_record() -> dict:
 
 def generate() -> dict:
     """The output of the code before the fast path (kept as it was)."""
-    from closewait_trace.cli import Output
+    from closewait_trace.output.terminal import TerminalSink as Output
     from closewait_trace.kernel.events import decode_event
     from closewait_trace.output import records, render
     raws = raw_events()

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from closewait_trace.files.parts import RecordingReader
 from closewait_trace.output.render import ReplaySource
+from closewait_trace.output.terminal import notice
+from closewait_trace.output.textsafe import escape, json_dumps
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 
 # Records the live tail printed; headers and snapshots are for readers only.
@@ -160,3 +162,61 @@ class Replay:
         it has shown, so a replay of a live pipe shows records as they come."""
         self.reader.on_wait = on_wait
         return replay(self.reader, self.keep, self.source, headers)
+
+
+def show(path: str, sockets: SocketFilter, holders: HolderFilter, since: Optional[str],
+         until: Optional[str], out) -> None:
+    """-r: records streamed from the reader to the terminal sink `out`
+    (output/terminal.py), one at a time: memory is bounded by the reader's
+    line cap and the renderer's and filter's caps, never by the size of
+    the recording."""
+    session = Replay.open([path], sockets, holders, since, until)
+    out.renderer.replay = session.source
+    for r in session.records(headers=not out.as_json, on_wait=out.flush):
+        out.emit(r)
+    if not out.as_json:
+        for line in out.renderer.replay_end():
+            out.write_line(line)
+    out.flush()
+    warn_damage(session.reader)
+
+
+def warn_damage(reader: RecordingReader) -> None:
+    """What the reader skipped or found wrong, on stderr, after the output."""
+    if reader.skipped:
+        notice(f"closewait-trace: warning: skipped {reader.skipped} damaged line(s); "
+               f"the rest was read")
+    for problem in reader.problems:
+        # Problems quote file names and content: escaped like all text.
+        notice(f"closewait-trace: warning: {escape(problem)}")
+
+
+class WindowError(ValueError):
+    """--since is after --until: a usage error (cli.py says it as one)."""
+
+
+def window_of(since: Optional[str], until: Optional[str], first_ts) -> dict:
+    """--since/--until as epoch seconds (a time of day is on the first
+    capture's day, as in a replay)."""
+    window = {"since": parse_when(since, first_ts) if since else None,
+              "until": parse_when(until, first_ts) if until else None}
+    if None not in window.values() and window["since"] > window["until"]:
+        raise WindowError(f"--since {since} is after --until {until}")
+    return window
+
+
+def write_report(paths: list, by: list, since: Optional[str], until: Optional[str],
+                 as_json: bool, top: int, out) -> None:
+    """`report`: the recordings streamed from the reader into the report,
+    whose state is bounded (report.MAX_*) whatever their size, then the
+    report through the terminal sink `out`."""
+    from closewait_trace.output import report
+    reader = RecordingReader(paths)
+    window = window_of(since, until, reader.first_header.get("start_ts"))
+    rep = report.build(reader, source=reader, by=list(dict.fromkeys(by)), **window)
+    if as_json:
+        out.write_lines([json_dumps(rep)])
+    else:
+        out.write_lines(report.render_text(rep, top=top))
+    out.flush()
+    warn_damage(reader)

@@ -1,1 +1,1 @@
-"""The live trace and the snapshot: the loop, the pure tracker, ages from tcp_info, filters, and the sinks (recording, metrics)."""
+"""The live trace and the snapshot: the session's wiring (session), the loop (tracer), and `snapshot`."""

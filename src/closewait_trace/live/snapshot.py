@@ -208,3 +208,69 @@ def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
         lines.append(f"closewait-trace: {snap.unchecked} socket(s) not listed: whether their "
                      "holders match the filter could not be read in time; try again")
     return lines
+
+
+def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: int,
+        as_json: bool, wide: bool, verbose: bool) -> None:
+    """The `snapshot` subcommand, from the parsed options to the last line."""
+    import gc
+
+    from closewait_trace.evidence.worker import GatherWorker
+    # Other people's /proc, memory and files are read in a worker that is
+    # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
+    # Started first, so that its start-up overlaps ours (imports, filters).
+    gatherer = GatherWorker()
+    gatherer.start()
+    # One pass that keeps every object it makes to the end: the cyclic
+    # collector would only walk them again and again (a third of the cost
+    # of the records and of their text with 10,000 sockets), finding nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        show(gatherer, socket_filter, holder_filter, min_age_ns, as_json, wide, verbose)
+    finally:
+        gatherer.close()
+        if collecting:
+            gc.enable()
+
+
+def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: int,
+         as_json: bool, wide: bool, verbose: bool) -> None:
+    """One snapshot taken through the worker and written through the
+    terminal sink: title, column header, records, footer; notices on stderr."""
+    from closewait_trace.errors import EXIT_GATHER, UserError
+    from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
+    from closewait_trace.evidence.worker import GatherFailed
+    from closewait_trace.live.session import warn_unmatched_holders
+    from closewait_trace.output import render
+    from closewait_trace.output.terminal import TerminalSink, notice
+    as_root = os.geteuid() == 0
+    warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
+    resolver = ProcResolver(worker=gatherer)
+    try:
+        snap = take(socket_filter, min_age_ns, as_root=as_root, stacks=verbose,
+                    holder_filter=holder_filter, resolver=resolver)
+    except GatherFailed as e:
+        raise UserError(f"the sockets and their owners could not be read ({e.why}: "
+                        f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
+                        "something on this host answers /proc reads slowly; try again, "
+                        "or narrow it with -p/-P") from None
+    finally:
+        resolver.close()
+    recs = snap.records()
+    out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose))
+    lingers = [r for r in recs if r["type"] == "linger"]
+    if not as_json:
+        described = "; ".join(t for t in (socket_filter.describe(),
+                                          holder_filter.describe() if holder_filter.active
+                                          else "") if t)
+        out.write_lines(title_lines(len(lingers), min_age_ns, described,
+                                    hidden=0 if as_root else snap.hidden)
+                        + ([out.renderer.header()] if lingers else []))
+    for rec in recs:
+        out.emit(rec)
+    if not as_json:
+        out.write_lines(footer_lines(lingers))
+    out.flush()
+    for line in notice_lines(snap, as_root):
+        notice(line)

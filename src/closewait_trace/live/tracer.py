@@ -26,7 +26,7 @@ from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelEvent, event_of_row
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
-from closewait_trace.live.sinks import Sink, TickView
+from closewait_trace.output.sinks import Sink, TickView
 from closewait_trace.sockets.tracker import Lingerer, Tracker
 from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
@@ -223,7 +223,7 @@ class LiveTracer:
         except GatherFailed as e:
             # Counted (evidence_timeouts). Sockets that entered CLOSE_WAIT
             # after the attach are in the kernel's map; those from before
-            # are in no map and will not be reported: said (cli.py).
+            # are in no map and will not be reported: said (live/session.py).
             found = []
             self.start_snapshot_failed = e.why
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]

@@ -1,1 +1,1 @@
-"""The output records, defined once (schema), built (records), shown as text (render, report) through one sanitizer (textsafe)."""
+"""The output records, defined once (schema), built (records), shown as text (render, report) through one sanitizer (textsafe), and the sinks they go to (sinks: the interface and the recording's; terminal; metrics with its scrape server; topview)."""

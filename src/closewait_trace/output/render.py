@@ -237,6 +237,40 @@ class ReplaySource:
             self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
 
 
+# ---------------------------------------------------------------- columns
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the text table: its header, and for each record type that
+    has a row the fields of the record (output/schema.py) its cell shows.
+    The header line and every row are made from COLUMNS, in its order;
+    tests/unit/test_columns.py checks that each field is one of the schema's
+    and that the cell under each header changes with its fields."""
+    label: str
+    fields: dict            # record type -> the record's fields the cell shows
+    right: bool = False     # aligned right (a number)
+
+
+ROW_TYPES = ("linger", "closed", "transition")
+TIME_COLUMN = Column("TIME", {"linger": ("ts", "entered_at"), "closed": ("ts",),
+                              "transition": ("ts",)})
+EVENT_COLUMN = Column("EVENT", {"linger": ("update",), "closed": ("how",),
+                                "transition": ("oldstate", "newstate")})
+LOCAL_COLUMN = Column("LOCAL", {kind: ("laddr", "lport") for kind in ROW_TYPES})
+REMOTE_COLUMN = Column("REMOTE", {kind: ("raddr", "rport") for kind in ROW_TYPES})
+AGE_COLUMN = Column("AGE", {"linger": ("age_s",), "closed": ("duration_s",),
+                            "transition": ("prev_state_s",)}, right=True)
+OWNER_COLUMN = Column("OWNER", {"linger": ("owners",), "closed": ("closed_by",),
+                                "transition": ("task",)})
+COLUMNS = (TIME_COLUMN, EVENT_COLUMN, LOCAL_COLUMN, REMOTE_COLUMN, AGE_COLUMN, OWNER_COLUMN)
+
+
+def _age_kind(kind: str) -> str:
+    """The prefix of a record's age fields (age_s, age_source, age_max_s):
+    "age" for a linger record, "duration" for a closed one."""
+    return AGE_COLUMN.fields[kind][0].removesuffix("_s")
+
+
 # ---------------------------------------------------------------- rows
 
 class TextRenderer:
@@ -277,34 +311,66 @@ class TextRenderer:
                 + self.AGE_WIDTH + 1)
         return LINE - used
 
-    def header(self) -> str:
+    def widths(self) -> dict:
+        """Each column's width by its label (None: the last, as long as it is)."""
         w = self.addr_width
-        owner = "OWNER" if not self.all_transitions else "OWNER/TASK"
-        return (f"{self.clock.label:<{self.clock.width}} {'EVENT':<{self.event_width}} "
-                f"{'LOCAL':<{w}} {'REMOTE':<{w}} {'AGE':>{self.AGE_WIDTH}} {owner}")
+        return {TIME_COLUMN.label: self.clock.width, EVENT_COLUMN.label: self.event_width,
+                LOCAL_COLUMN.label: w, REMOTE_COLUMN.label: w,
+                AGE_COLUMN.label: self.AGE_WIDTH, OWNER_COLUMN.label: None}
+
+    def header(self) -> str:
+        # TIME says which time (the clock's label), OWNER that --all's rows
+        # name the task a transition ran on.
+        shown = {TIME_COLUMN.label: self.clock.label,
+                 OWNER_COLUMN.label: "OWNER/TASK" if self.all_transitions else "OWNER"}
+        widths = self.widths()
+        cells = []
+        for column in COLUMNS:
+            text, width = shown.get(column.label, column.label), widths[column.label]
+            cells.append(text if width is None else
+                         f"{text:>{width}}" if column.right else f"{text:<{width}}")
+        return " ".join(cells)
 
     def _row(self, rec: dict, event: str, age: str, owner: str) -> list[str]:
-        """owner is escaped already; the rest is escaped here."""
-        w = self.addr_width
-        when = rec.get("ts")
+        """A row of COLUMNS for a record of ROW_TYPES: event, age and owner
+        are its EVENT, AGE and OWNER cells (owner escaped already); the rest
+        is taken from the record and escaped here."""
+        kind = rec.get("type")
+        widths = self.widths()
+        time_field = TIME_COLUMN.fields.get(kind, ("ts",))[0]
+        when = rec.get(time_field)
         if self.clock.style == "entered":
             # Since when: the entry time of a socket's row (LINGER, CHANGE,
             # CLOSED), from the record's own age or duration.
             entered = _number(rec.get("entered_at"))
             held = _number(rec.get("age_s", rec.get("duration_s")))
-            ts = _number(rec.get("ts"))
+            ts = _number(rec.get(time_field))
             if entered is None and held is not None and ts is not None:
                 entered = ts - held
             if entered is not None:
                 when = entered
         cell, before = self.clock.cell(when)
-        local = hostport(rec.get("laddr"), rec.get("lport"), None if self.wide else w)
-        remote = hostport(rec.get("raddr"), rec.get("rport"), None if self.wide else w)
+        endpoints = []
+        for column in (LOCAL_COLUMN, REMOTE_COLUMN):
+            addr, port = column.fields.get(kind, column.fields["linger"])
+            w = widths[column.label]
+            endpoints.append(hostport(rec.get(addr), rec.get(port), None if self.wide else w))
+        local, remote = endpoints
         if rec.get("peer_known") is False:
             remote = PEER_NOT_GIVEN         # not 0.0.0.0:0 as if that were the peer
-        line = (f"{pad(cell, self.clock.width)} {event:<{self.event_width}} "
-                f"{pad(local, w)} {pad(remote, w)} {pad(age, self.AGE_WIDTH, right=True)} ")
-        return before + [line + owner]
+        cells = {TIME_COLUMN.label: cell, EVENT_COLUMN.label: event,
+                 LOCAL_COLUMN.label: local, REMOTE_COLUMN.label: remote,
+                 AGE_COLUMN.label: age, OWNER_COLUMN.label: owner}
+        line = []
+        for column in COLUMNS:
+            text, width = cells[column.label], widths[column.label]
+            if width is None:
+                line.append(text)
+            elif column is EVENT_COLUMN:    # padded by characters, as it always was
+                line.append(f"{text:<{width}}")
+            else:
+                line.append(pad(text, width, right=column.right))
+        return before + [" ".join(line)]
 
     def _owner(self, first: str, more: int = 0) -> str:
         """OWNER: `pid/comm`, ` +N` when N more processes hold it. When both
@@ -418,7 +484,7 @@ class TextRenderer:
             self.replay.shown[event] = self.replay.shown.get(event, 0) + 1
 
     def _linger(self, rec: dict) -> list[str]:
-        owners = [o for o in rec.get("owners") or [] if isinstance(o, dict)]
+        owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
         if owners:
             pids = {str(o.get("pid")) for o in owners}
             owner = self._owner(who(owners[0]), len(pids) - 1)
@@ -428,9 +494,9 @@ class TextRenderer:
             owner = "(ambiguous)"     # several namespaces, its own unknown
         else:
             owner = "-"
-        event = "CHANGE" if rec.get("update") else "LINGER"
+        event = "CHANGE" if rec.get(EVENT_COLUMN.fields["linger"][0]) else "LINGER"
         self._count(event)
-        lines = self._row(rec, event, age_text(rec, "age"), owner)
+        lines = self._row(rec, event, age_text(rec, _age_kind("linger")), owner)
         diagnosis = rec.get("diagnosis")
         if isinstance(diagnosis, dict):
             # The holders' states lead the line: [T] stopped, [S] sleeping...
@@ -452,11 +518,11 @@ class TextRenderer:
         return lines
 
     def _transition(self, rec: dict) -> list[str]:
-        prev = rec.get("prev_state_s")
+        prev = rec.get(AGE_COLUMN.fields["transition"][0])
         age = "?" if prev is None else _duration(prev)
-        task = rec.get("task")
+        task = rec.get(OWNER_COLUMN.fields["transition"][0])
         owner = self._owner(who(task)) if isinstance(task, dict) else "-"
-        old, new = rec.get("oldstate"), rec.get("newstate")
+        old, new = (rec.get(f) for f in EVENT_COLUMN.fields["transition"])
         change = (f"{_SHORT.get(old, escape(old))}>{_SHORT.get(new, escape(new))}")
         change = textsafe.cut(change, self.event_width)
         self._count("TRANSITION")
@@ -469,11 +535,12 @@ class TextRenderer:
             seconds = _number(rec.get("duration_s"))
             if seconds is not None:
                 self.estimated_us[_log2_slot(seconds)] += 1
-        by = rec.get("closed_by")
-        event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(rec.get("how"), "GONE")
+        by = rec.get(OWNER_COLUMN.fields["closed"][0])
+        how = rec.get(EVENT_COLUMN.fields["closed"][0])
+        event = {"close": "CLOSED", "abort": "ABORT", "reset": "RESET"}.get(how, "GONE")
         self._count(event)
         owner = self._owner(who(by)) if isinstance(by, dict) else "-"
-        return self._row(rec, event, age_text(rec, "duration"), owner)
+        return self._row(rec, event, age_text(rec, _age_kind("closed")), owner)
 
     def _summary(self, rec: dict) -> list[str]:
         lines = summary_lines(rec, self)

@@ -109,8 +109,25 @@ def peer_key(info: dict) -> str:
     return f"{host}:{info.get('rport')}" if info.get("side") == "client" else f"{host}:*"
 
 
+# The columns of each "By ..." table, each a header and the fields of the
+# table's rows (the rows of --json's by_<grouping>) its cell shows: the
+# text and the JSON are one table. The first column names the row, the last
+# gives the other dimension (a cause's programs, any other row's causes).
+# tests/unit/test_columns.py checks each field is in every row and that the
+# cell under each header changes with its field.
 LABELS = {"cause": "CAUSE", "program": "PROGRAM", "code": "CODE LOCATION", "unit": "UNIT", "container": "CONTAINER",
           "pod": "POD", "port": "PORT", "peer": "PEER", "pid": "PID/COMMAND"}
+NAME_FIELDS = {"pid": ("pid", "comm", "cmdline"), "program": ("program", "processes")}
+COUNT_COLUMN = ("SOCKETS", ("count", "estimated", "lower_bound"))
+TOTAL_COLUMN = ("TOTAL", ("total_s",))
+LONGEST_COLUMN = ("LONGEST", ("longest_s", "longest_source"))
+
+
+def table_columns(grouping: str) -> tuple:
+    """(header, fields) of each column of a grouping's table, in order."""
+    name = (LABELS[grouping], NAME_FIELDS.get(grouping, (grouping,)))
+    last = ("PROGRAMS", ("programs",)) if grouping == "cause" else ("CAUSE", ("causes",))
+    return (name, COUNT_COLUMN, TOTAL_COLUMN, LONGEST_COLUMN, last)
 
 
 def _number(value) -> Optional[float]:
@@ -813,14 +830,16 @@ class _Builder:
 def _table(grouping: str, groups: dict) -> list[dict]:
     rows = sorted(groups.items(), key=lambda kv: (-kv[1].total_s, -kv[1].count, str(kv[0])))
     out = []
+    columns = table_columns(grouping)
+    name_fields, last_field = columns[0][1], columns[-1][1][0]
     for k, g in rows:
         row = g.as_dict()
-        if grouping == "pid":
-            row = dict({"pid": k[0], "comm": k[1]}, **row)
+        if grouping == "pid":       # (pid, comm); the command line is added later
+            row = dict(zip(name_fields, k), **row)
         elif grouping == "cause":
-            row = dict({"cause": k, "programs": dict(g.programs.most_common())}, **row)
+            row = dict({name_fields[0]: k, last_field: dict(g.programs.most_common())}, **row)
         else:
-            row = dict({grouping: k}, **row)
+            row = dict({name_fields[0]: k}, **row)
         out.append(row)
     return out
 
@@ -873,20 +892,20 @@ def _age(seconds, source: str = "traced") -> str:
 
 
 def _row_name(grouping: str, row: dict) -> str:
+    fields = table_columns(grouping)[0][1]
     if grouping == "pid":
-        name = f"{escape(row['pid'] if row['pid'] is not None else '-')}/{escape(row['comm'])}"
-        return name + (f" {escape(row['cmdline'])}" if row.get("cmdline") else "")
+        pid, comm, cmdline = fields
+        name = f"{escape(row[pid] if row[pid] is not None else '-')}/{escape(row[comm])}"
+        return name + (f" {escape(row[cmdline])}" if row.get(cmdline) else "")
     if grouping == "program":
-        n = row["processes"]
-        return escape(row["program"]) + (f" ({n} processes)" if n > 1 else "")
-    return escape(row[grouping])      # a peer is host:port already (peer_key)
+        program, processes = fields
+        n = row[processes]
+        return escape(row[program]) + (f" ({n} processes)" if n > 1 else "")
+    return escape(row[fields[0]])      # a peer is host:port already (peer_key)
 
 
 def _causes_text(row: dict, grouping: str) -> str:
-    if grouping == "cause":
-        items = row.get("programs", {})
-    else:
-        items = row.get("causes", {})
+    items = row.get(table_columns(grouping)[-1][1][0], {})
     parts = [escape(k) + (f" {v}" if len(items) > 1 else "") for k, v in items.items()]
     return ", ".join(parts)
 
@@ -934,15 +953,17 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         rows = rep[f"by_{g}"]
         lines.append("")
         lines.append(TITLES[g] + ":")
-        what = "PROGRAMS" if g == "cause" else "CAUSE"
+        name, (count_label, (count_f, est_f, low_f)), (total_label, (total_f,)), \
+            (longest_label, (longest_f, longest_source_f)), (last_label, _) = table_columns(g)
         counts = []
         for row in rows[:top]:
-            est = row.get("estimated", 0) + row.get("lower_bound", 0)
-            counts.append(f"{row['count']}" + (f" ({est}~)" if est else ""))
+            est = row.get(est_f, 0) + row.get(low_f, 0)
+            counts.append(f"{row[count_f]}" + (f" ({est}~)" if est else ""))
         # As wide as the widest count of the table: "123 (111~)" would push
         # its row's columns right of the others'.
         width = max([7] + [len(c) for c in counts])
-        lines.append(f"  {LABELS[g]:<36} {'SOCKETS':>{width}} {'TOTAL':>9} {'LONGEST':>9}  {what}")
+        lines.append(f"  {name[0]:<36} {count_label:>{width}} {total_label:>9} "
+                     f"{longest_label:>9}  {last_label}")
         if not rows:
             lines.append("  (none)")
         for row, count in zip(rows[:top], counts):
@@ -950,8 +971,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
             # is the one that gives.
             lines.append(textsafe.cut(
                 f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>{width}} "
-                f"{_age(row['total_s']):>9} "
-                f"{_age(row['longest_s'], row.get('longest_source', 'traced')):>9}  "
+                f"{_age(row[total_f]):>9} "
+                f"{_age(row[longest_f], row.get(longest_source_f, 'traced')):>9}  "
                 f"{_causes_text(row, g)}", LINE))
         if len(rows) > top:
             lines.append(f"  ... {len(rows) - top} more (see --json or --top)")

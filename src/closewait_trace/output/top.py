@@ -5,7 +5,7 @@ how many started lingering and closed in the last minute; refreshed every
 tick, biggest first.
 
 TopModel is pure (records and lingering entries in, rows out) and tested
-without a kernel; TopSink (cli.py wires it into the live loop) shows the
+without a kernel; TopSink (live/session.py wires it into the live loop) shows the
 rows with rich on a terminal, or as plain text blocks when stdout is not a
 terminal. Every name is a process's own word: escaped (textsafe) before it
 reaches either, and given to rich as Text, never as markup.

@@ -48,9 +48,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 
 from closewait_trace.errors import EXIT_USAGE, UserError
-from closewait_trace.live import scrape
+from closewait_trace.output import scrape
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_UNREADABLE
+from closewait_trace.sockets.tracker import Lingerer
 
 DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_PORT = 9477        # the port the README, the man page and the unit use
@@ -134,15 +135,26 @@ def clean_label(text: str) -> str:
     return label
 
 
-def socket_labels(lingerer, no_comm: bool = False) -> tuple[str, str, str]:
-    """(comm, port, side) of a lingering socket; with no_comm, no holder's
-    command name (only the tracer's own values)."""
+# The label names, each defined once and named after the record field whose
+# value it carries (output/schema.py): `comm` a holder's (Holder.comm), `port`
+# the local or the remote port (Endpoint.lport, Endpoint.rport; `side` says
+# which: server or client, the report's word), `cause` the diagnosis's
+# (Diagnosis.cause). tests/unit/test_columns.py checks the fields are the
+# schema's and that the values under each label come from them.
+SOCKET_LABELS = ("comm", "port", "side")
+CAUSE_LABEL = "cause"
+LABEL_FIELDS = {"comm": ("Holder", "comm"), "port": ("Endpoint", "lport", "rport"),
+                "cause": ("Diagnosis", "cause")}
+
+
+def socket_labels(lingerer: Lingerer, no_comm: bool = False) -> tuple[str, str, str]:
+    """The SOCKET_LABELS values (comm, port, side) of a lingering socket;
+    with no_comm, no holder's command name (only the tracer's own values)."""
     own = lingerer.ownership
     if own is None:
         return (COMM_UNRESOLVED, "unknown", "unknown")
-    holders = list(getattr(own, "holders", ()) or ()) or \
-        list(getattr(own, "listener_holders", ()) or ())
-    kind = getattr(own, "kind", None)
+    holders = own.holders or own.listener_holders
+    kind = own.kind
     if holders:
         comm = COMM_HIDDEN if no_comm else clean_label(holders[0].comm)
     elif kind == OWNER_DENIED:
@@ -152,7 +164,7 @@ def socket_labels(lingerer, no_comm: bool = False) -> tuple[str, str, str]:
     else:
         comm = COMM_NO_HOLDER
     ep = lingerer.endpoints
-    if getattr(own, "listener", None) is not None:
+    if own.listener is not None:
         return (comm, str(ep.lport), "server")
     return (comm, str(ep.rport), "client")
 
@@ -237,7 +249,7 @@ class MetricsState:
 
 def build_families(view, state: MetricsState) -> tuple:
     """All metric families for one TickView."""
-    labels = ["comm", "port", "side"]
+    labels = list(SOCKET_LABELS)
     sockets = GaugeMetricFamily(
         "closewait_lingering_sockets",
         "TCP sockets in CLOSE_WAIT for at least the threshold, by holder command "
@@ -265,7 +277,7 @@ def build_families(view, state: MetricsState) -> tuple:
         value=counters.get("map_full", 0))
     lingered = CounterMetricFamily(
         "closewait_lingered", "Sockets reported as lingering, by diagnosed cause",
-        labels=["cause"])
+        labels=[CAUSE_LABEL])
     for cause, n in sorted(state.lingered.items()):
         lingered.add_metric([cause], n)
 
@@ -401,7 +413,7 @@ class MetricsSink:
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):
             diag = rec.get("diagnosis") or {}
-            self.state.count_lingered(str(diag.get("cause") or "unknown"))
+            self.state.count_lingered(str(diag.get(LABEL_FIELDS[CAUSE_LABEL][1]) or "unknown"))
 
     def tick(self, view) -> None:
         if view.wall_ts - self._built_at < MIN_REFRESH_S:

@@ -1,5 +1,5 @@
-"""The `top` view's sink, beside the other live sinks (sinks.py,
-metrics.py): rich on a terminal (keys: q quits, g changes the grouping),
+"""The `top` view's sink, beside the other sinks (sinks.py: the interface
+and the recording's; terminal.py; metrics.py): rich on a terminal (keys: q quits, g changes the grouping),
 plain text blocks otherwise. The rows come from output/top.py's TopModel."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import termios
 import tty
 from typing import Callable, Optional
 
-from closewait_trace.live.sinks import TickView
+from closewait_trace.output.sinks import TickView
 from closewait_trace.output import records, textsafe, top
 
 
 class TopSink:
-    quiet = False                 # run_live: the banner is not printed to stderr
+    quiet = False                 # live/session.py: no banner on stderr
 
     def __init__(self, grouping: str = "process", iterations: Optional[int] = None,
                  stream=None, keys=None):

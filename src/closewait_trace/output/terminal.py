@@ -1,0 +1,177 @@
+"""The terminal sink: records to stdout as text (output/render.py) or JSON
+lines, and the one way a line of notice reaches stderr. Every subcommand
+that prints records prints them through it: the live trace, `top` aside
+(output/topview.py), the replay (-r), `report` and `snapshot`."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+
+from closewait_trace.output import render, textsafe, transitions
+from closewait_trace.sockets.filters import describe_filters
+
+
+def notice(line: str) -> None:
+    """One line on stderr (a warning, a notice, the banner of a trace whose
+    stdout is JSON or nothing), written at once."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+class TerminalSink:
+    """The terminal sink: records to stdout as text or JSON lines.
+
+    When the reader goes away (`| head -1`) output ends quietly and
+    on_reader_gone is called (the live tracer then ends the trace: nobody
+    reads it). A failing write (EPIPE) tells, but a tracer with nothing to
+    print would never try one: so tick() also polls stdout for the closed
+    pipe (POLLERR/POLLHUP)."""
+
+    def __init__(self, as_json: bool, renderer: render.TextRenderer, quiet: bool = False,
+                 on_reader_gone=None, stream=None):
+        self.as_json = as_json
+        self.renderer = renderer
+        self.quiet = quiet
+        self.closed = False
+        self.on_reader_gone = on_reader_gone
+        self.stream = stream
+        self._lines = None          # the fast transition lines, made at first use
+        # A live trace whose stdout is JSON or nothing: the start record's
+        # banner goes to stderr (said "ready": a reproduction may start).
+        self.banner_on_stderr = False
+
+    @property
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stdout
+
+    def emit(self, rec: dict) -> None:
+        if self.banner_on_stderr and rec.get("type") == "start":
+            # The banner has one source, the start record: rendered on
+            # stdout in text mode (render.TextRenderer), said on stderr
+            # when stdout carries JSON or nothing (--json, -q, -w -).
+            self._banner(rec)
+        if self.quiet and rec.get("type") == "summary":
+            # Quiet (the service): the trace's end still reaches the journal,
+            # as the summary's text on stderr; the recording has the record.
+            try:
+                for line in render.summary_lines(rec):
+                    if line:
+                        sys.stderr.write(textsafe.safe_line(line) + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            return
+        if self.quiet or self.closed:
+            return
+        if self.as_json:
+            lines = [textsafe.json_dumps(rec, check_circular=False)]
+        else:
+            lines = self.renderer.render(rec)
+        self.write_lines(lines)
+
+    def _banner(self, rec: dict) -> None:
+        threshold = rec.get("threshold_s")
+        threshold_ns = round(threshold * 1e9) if isinstance(threshold, (int, float)) else 0
+        for line in render.banner(threshold_ns, describe_filters(rec.get("filters")),
+                                  at_terminal=sys.stderr.isatty()):
+            notice(line)
+
+    def emit_transitions(self, rows, offset_ns: int) -> None:
+        """--all's transitions, raw rows from the kernel (events.EventLayout),
+        written as emit(records.transition(...)) would write each, in one
+        write (output/transitions.py)."""
+        if self.quiet or self.closed or not rows:
+            return
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = (transitions.JsonLines() if self.as_json
+                                   else transitions.TextLines(self.renderer))
+        text = lines.lines(rows, offset_ns)
+        try:
+            self._write_text(text)
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _write_text(self, text: str) -> None:
+        """A large text written whole. Not through the stream's write():
+        CPython 3.11's buffered writer loses data when a signal handler runs
+        while a write larger than its buffer blocks on a full pipe (Ctrl-C
+        while the reader is behind cut lines out of the middle of the
+        output); os.write's partial writes are taken up here instead."""
+        out = self._out
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            out.write(text)         # not a file (a test's StringIO)
+            return
+        out.flush()                 # what the stream still holds goes first
+        data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8",
+                                      getattr(out, "errors", None) or "strict"))
+        while data:
+            data = data[os.write(fd, data):]
+
+    def write_lines(self, lines) -> None:
+        if self.closed:
+            return
+        try:
+            out = self._out
+            for line in lines:
+                # The last check, here where every line reaches the terminal:
+                # a field some caller forgot to escape cannot get through raw.
+                out.write(textsafe.safe_line(line) + "\n")
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def write_line(self, line: str) -> None:
+        self.write_lines([line])
+
+    def tick(self, _view=None) -> None:
+        if self.quiet or self.closed:
+            return
+        if reader_gone(self._out):
+            self._reader_gone()
+
+    def flush(self) -> None:
+        """Called once per pass of the main loop (at least every 100 ms):
+        output stays live without a write per record under a flood."""
+        if self.closed:
+            return
+        try:
+            self._out.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def close(self) -> None:
+        self.flush()
+
+    def _reader_gone(self) -> None:
+        self.closed = True
+        # What is still buffered can never be written: point stdout at
+        # /dev/null so that the interpreter's final flush cannot fail.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._out.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.on_reader_gone is not None:
+            self.on_reader_gone()
+
+
+def reader_gone(stream) -> bool:
+    """Whether the reader of this output closed it: the write end of a pipe
+    whose reader exited polls POLLERR, a socket POLLHUP. A terminal or a
+    file never does. Costs one poll(2) with no wait."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    p = select.poll()
+    p.register(fd, 0)           # POLLERR and POLLHUP are always reported
+    try:
+        events = p.poll(0)
+    except OSError:
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in events)
