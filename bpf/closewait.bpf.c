@@ -578,30 +578,26 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
             return;
     }
     c->py_status = CW_PY_COPIED;
-    u32 n = 0;
-    // Twice PY_MAX_FRAMES steps: room for the entry shims skipped between
-    // the frames kept (one per C call back into Python), still bounded.
-    for (int i = 0; i < 2 * PY_MAX_FRAMES; i++) {
-        if (!frame || n >= PY_MAX_FRAMES)
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+        if (!frame)
             break;
         u64 code, instr;
         if (py->frame_owner != CW_PY_NONE_OFF) {
+            // An entry shim the C stack owns (one per call from C into
+            // Python, never two in a row): step over it within this step.
             u8 owner = 0;
             if (bpf_probe_read_user(&owner, 1, (void *)(frame + py->frame_owner)))
                 break;
-            if (owner == CW_PY_OWNED_BY_CSTACK) {
-                if (cw_read_ptr(&frame, frame + py->frame_previous))
-                    break;
-                continue;
-            }
+            if (owner == CW_PY_OWNED_BY_CSTACK &&
+                (cw_read_ptr(&frame, frame + py->frame_previous) || !frame))
+                break;
         }
         if (cw_read_ptr(&code, frame + py->frame_code))
             break;
         cw_read_ptr(&instr, frame + py->frame_prev_instr);
-        c->py_code[n & (PY_MAX_FRAMES - 1)] = code;
-        c->py_instr[n & (PY_MAX_FRAMES - 1)] = instr;
-        n++;
-        c->py_frames = n;
+        c->py_code[i & (PY_MAX_FRAMES - 1)] = code;
+        c->py_instr[i & (PY_MAX_FRAMES - 1)] = instr;
+        c->py_frames = i + 1;
         if (cw_read_ptr(&frame, frame + py->frame_previous))
             break;
     }
