@@ -204,3 +204,37 @@ def test_a_313_holder_with_garbage_debug_offsets_is_refused_within_bounds(procs,
     tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == rport, timeout=30)
     assert time.monotonic() - started < stretch(20)
     tracer.stop()
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=IDS)
+def test_a_server_started_after_the_trace_is_registered_at_its_first_diagnosis(
+        procs, scripts, version):
+    """Not known at its first EOF read (the scan ran before it): that read
+    says why it has no Python frames; the diagnosis registers it (its
+    layout checked), and its next socket's read is named."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    server, script = start(procs, scripts, version, "server.py", EOF_SERVER.format(port=port))
+
+    def send_and_close():
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"request")
+        mine = c.getsockname()[1]
+        c.close()
+        return mine
+
+    first = send_and_close()
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert "python" not in read, read["python"]
+    assert read["python_not_read"].startswith("not copied: the process was not yet known")
+    second = send_and_close()
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == second,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert read["python"][0] == {"function": "Handler.handle", "file": script.path,
+                                 "line": line_of(script, "# READS EOF")}, read.get("python")
+    tracer.stop()

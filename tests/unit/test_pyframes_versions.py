@@ -228,3 +228,47 @@ def test_debug_offsets_that_do_not_check_out_are_refused(tmp_path):
         # Believed only within bounds: every offset inside its structure.
         assert all(0 <= getattr(layout, f) < 1 << 22 or getattr(layout, f) == -1
                    for f in pyframes.Layout.__dataclass_fields__)
+
+
+def test_c_stack_entry_frames_are_skipped_and_an_endless_run_of_them_is_bounded():
+    """3.12/3.13: frames the C stack owns (FRAME_OWNED_BY_CSTACK; 3.13's
+    f_executable there is None, not a code object) are stepped over, not
+    an end of the chain; a holder's endless chain of them is cut."""
+    import dataclasses
+    from tests.unit import test_pyframes as t
+    lay = dataclasses.replace(t.LAY, cframe_current=pyframes.NO_CFRAME, frame_owner=70)
+
+    def frame(image, addr, code, previous, owner=0):
+        image.put(addr, t._struct(80, **{f"o{lay.frame_code}": ("<Q", code),
+                                         f"o{lay.frame_previous}": ("<Q", previous),
+                                         f"o{lay.frame_prev_instr}": ("<Q", code + lay.code_adaptive),
+                                         f"o{lay.frame_owner}": ("<B", owner)}))
+
+    def process(image, first):
+        runtime, interp, tstate = 0x40_0000, 0x41_0000, 0x50_0000
+        image.put(runtime, t._struct(64, **{f"o{lay.runtime_interp_head}": ("<Q", interp)}))
+        image.put(interp, t._struct(32, **{f"o{lay.interp_threads_head}": ("<Q", tstate)}))
+        image.put(tstate, t._struct(lay.tstate_native_tid + 8, **{
+            f"o{lay.tstate_cframe}": ("<Q", first), f"o{lay.tstate_native_tid}": ("<Q", 42)}))
+        return pyframes.Runtime((3, 13), lay, runtime, t.CODE_T, t.STR_T, t.BYTES_T)
+
+    image = t.FakeImage()
+    t._code(image, 0x60_0000, "handle")
+    t._code(image, 0x68_0000, "main")
+    none_object = 0x66_0000                          # not a code object
+    frame(image, 0x70_0000, 0x60_0000, 0x71_0000)
+    frame(image, 0x71_0000, none_object, 0x72_0000, owner=pyframes.FRAME_OWNED_BY_CSTACK)
+    frame(image, 0x72_0000, 0x68_0000, 0)
+    found = pyframes.thread_frames(image, time.monotonic() + 5, {42}, process(image, 0x70_0000))
+    assert [f.function for f in found[42]] == ["handle", "main"]
+    # 10,000 entry frames in a row, then a real one: cut, and read within bounds.
+    image = t.FakeImage()
+    t._code(image, 0x60_0000, "handle")
+    for i in range(10_000):
+        frame(image, 0x100_0000 + 128 * i, none_object, 0x100_0000 + 128 * (i + 1),
+              owner=pyframes.FRAME_OWNED_BY_CSTACK)
+    frame(image, 0x100_0000 + 128 * 10_000, 0x60_0000, 0)
+    image.reads = 0
+    found = pyframes.thread_frames(image, time.monotonic() + 5, {42}, process(image, 0x100_0000))
+    assert found[42] == []
+    assert image.reads <= 2 * pyframes.MAX_FRAMES + 10
