@@ -24,9 +24,12 @@ A process whose structures do not check out gets no Python frames and a
 reason; nothing it holds can make this loop, allocate without bound, or
 raise into the caller.
 
-Layouts are those of CPython's own headers, per minor version (tests check
-the table against Debian's python3.11-dev headers, by offsetof). A version
-not in LAYOUTS is said as such, never guessed.
+Layouts are those of CPython's own headers, per minor version: 3.11 and
+3.12 from LAYOUTS (tests check the tables against Debian 12's and Ubuntu
+24.04's headers, by offsetof); 3.13 from the process's own
+_Py_DebugOffsets, each value checked before it is believed (debug_layout;
+tests check what a real 3.13 gives against Debian 13's headers). Any other
+version is said as such, never guessed.
 """
 
 from __future__ import annotations
