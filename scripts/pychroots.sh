@@ -25,6 +25,11 @@ discard() {   # DIR: a chroot half made; mmdebstrap killed mid-way leaves mounts
     for m in $(awk -v d="$dir" '$2 == d || index($2, d "/") == 1 {print $2}' /proc/self/mounts | sort -r); do
         umount -l "$m" || true
     done
+    # A killed mmdebstrap's dpkg may still be writing in it for a moment.
+    for _ in 1 2 3 4 5; do
+        rm -rf --one-file-system "$dir" 2>/dev/null && return 0
+        sleep 2
+    done
     rm -rf --one-file-system "$dir"
 }
 
