@@ -209,6 +209,8 @@ def test_debug_offsets_that_do_not_check_out_are_refused(tmp_path):
         "overlapping fields": _with(raw, "interpreter_frame.executable",
                                     good.frame_previous),
         "not CPython's object header": _with(raw, "pyobject.ob_type", 16),
+        # Inside a (large) interpreter state, but past the kernel walk's 16 bits.
+        "past 16 bits": _with(raw, "interpreter_state.threads_head", 0x10000),
         # The whole struct read one field late (another struct layout).
         "shifted": raw[:8] + raw[16:] + b"\0" * 8,
     }
@@ -216,6 +218,8 @@ def test_debug_offsets_that_do_not_check_out_are_refused(tmp_path):
         with pytest.raises(pyframes.Unreadable) as e:
             pyframes.debug_layout(data, (3, 13))
         assert str(e.value), what
+    with pytest.raises(pyframes.Unreadable, match="past what the kernel's walk holds"):
+        pyframes.debug_layout(bad["past 16 bits"], (3, 13))
     rng = random.Random(18)
     for _ in range(2000):
         data = bytearray(raw)
@@ -225,9 +229,12 @@ def test_debug_offsets_that_do_not_check_out_are_refused(tmp_path):
             layout = pyframes.debug_layout(bytes(data), (3, 13))
         except pyframes.Unreadable:
             continue
-        # Believed only within bounds: every offset inside its structure.
+        # Believed only within bounds: every offset inside its structure,
+        # the kernel walk's within its 16 bits.
         assert all(0 <= getattr(layout, f) < 1 << 22 or getattr(layout, f) == -1
                    for f in pyframes.Layout.__dataclass_fields__)
+        walk = pyframes.Runtime((3, 13), layout, 1 << 20, 0, 0, 0).kernel_walk()
+        assert all(0 <= v <= 0xFFFF for k, v in walk.items() if k != "interp_head")
 
 
 def test_c_stack_entry_frames_are_skipped_and_an_endless_run_of_them_is_bounded():

@@ -216,6 +216,14 @@ def debug_layout(raw: bytes, version: tuple) -> Layout:
     tstate = [values[f"thread_state.{f}"] for f in ("next", "current_frame", "native_thread_id")]
     if len(set(frame)) != 3 or len(set(tstate)) != 3:
         raise bad("fields overlap")
+    # The kernel's walk keeps its offsets in 16 bits (struct cw_py_proc),
+    # 0xFFFF meaning none: a larger one would be cut there, never believed.
+    for key in ("interpreter_state.threads_head", "thread_state.next",
+                "thread_state.current_frame", "thread_state.native_thread_id",
+                "interpreter_frame.previous", "interpreter_frame.executable",
+                "interpreter_frame.instr_ptr", "interpreter_frame.owner"):
+        if values[key] >= KERNEL_NONE:
+            raise bad(f"{key} at {values[key]}, past what the kernel's walk holds")
     # The object headers are CPython's ABI, the same in every 3.13 build.
     fixed = {"pyobject.ob_type": OB_TYPE, "bytes_object.ob_size": 16,
              "bytes_object.ob_sval": 32, "unicode_object.length": 16,
