@@ -230,11 +230,15 @@ struct cw_py_proc {
     u16 interp_threads_head;  // PyInterpreterState.threads.head
     u16 tstate_next;          // PyThreadState.next
     u16 tstate_native_tid;    // PyThreadState.native_thread_id
-    u16 tstate_cframe;        // PyThreadState.cframe
-    u16 cframe_current;       // _PyCFrame.current_frame
-    u16 frame_code;           // _PyInterpreterFrame.f_code
+    u16 tstate_cframe;        // PyThreadState.cframe (3.13: .current_frame)
+    u16 cframe_current;       // _PyCFrame.current_frame; CW_PY_NONE_OFF (3.13):
+                              // none, tstate_cframe holds the frame itself
+    u16 frame_code;           // _PyInterpreterFrame.f_code (3.13: .f_executable)
     u16 frame_previous;       // _PyInterpreterFrame.previous
-    u16 frame_prev_instr;     // _PyInterpreterFrame.prev_instr
+    u16 frame_prev_instr;     // _PyInterpreterFrame.prev_instr (3.13: .instr_ptr)
+    u16 frame_owner;          // _PyInterpreterFrame.owner (3.12 on); CW_PY_NONE_OFF:
+                              // none (3.11). Frames the C stack owns are skipped.
+    u16 spare[3];
     // The process's pid namespace (nsfs device, kernel encoding, and inode):
     // the interpreter's native_thread_id is the thread's id there (in a
     // container, not the id the kernel's pid_tgid gives).
@@ -242,6 +246,8 @@ struct cw_py_proc {
     u64 pidns_ino;
 };
 BPF_HASH(cw_py, u32, struct cw_py_proc, MAX_PY_PROCS);
+#define CW_PY_NONE_OFF 0xFFFF        // cw_py_proc: no such field in this version
+#define CW_PY_OWNED_BY_CSTACK 3      // FRAME_OWNED_BY_CSTACK: an entry shim, not code
 #endif
 
 #ifdef ALL_TRANSITIONS
@@ -565,15 +571,27 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
         c->py_status = CW_PY_NO_THREAD;
         return;
     }
-    if (cw_read_ptr(&frame, tstate + py->tstate_cframe) || !frame)
+    if (cw_read_ptr(&frame, tstate + py->tstate_cframe))
         return;
-    if (cw_read_ptr(&frame, frame + py->cframe_current))
-        return;
+    if (py->cframe_current != CW_PY_NONE_OFF) {      // 3.11, 3.12: through the _PyCFrame
+        if (!frame || cw_read_ptr(&frame, frame + py->cframe_current))
+            return;
+    }
     c->py_status = CW_PY_COPIED;
     for (int i = 0; i < PY_MAX_FRAMES; i++) {
         if (!frame)
             break;
         u64 code, instr;
+        if (py->frame_owner != CW_PY_NONE_OFF) {
+            // An entry shim the C stack owns (one per call from C into
+            // Python, never two in a row): step over it within this step.
+            u8 owner = 0;
+            if (bpf_probe_read_user(&owner, 1, (void *)(frame + py->frame_owner)))
+                break;
+            if (owner == CW_PY_OWNED_BY_CSTACK &&
+                (cw_read_ptr(&frame, frame + py->frame_previous) || !frame))
+                break;
+        }
         if (cw_read_ptr(&code, frame + py->frame_code))
             break;
         cw_read_ptr(&instr, frame + py->frame_prev_instr);

@@ -43,9 +43,11 @@ if [ "$action" = test ] || [ "$action" = setup ]; then
     # metrics and the alert rules, man and systemd-analyze for the man page
     # and the unit, Go for the Go programs whose code locations are checked,
     # CPython's internal headers to check the frame layouts against (offsetof),
+    # mmdebstrap for the chroots running CPython 3.12 and 3.13 (scripts/pychroots.sh),
     # a JSON Schema validator to check docs/closewait-trace.schema.json with.
     packages+=(socat iproute2 procps gcc libc6-dev binutils strace gdb bpfcc-tools vagrant
-               prometheus man-db systemd golang-go libpython3-dev python3-jsonschema)
+               prometheus man-db systemd golang-go libpython3-dev python3-jsonschema
+               mmdebstrap)
     # The .deb's build (scripts/build-deb.sh), which a kernel test installs.
     packages+=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
                python3-hatchling)
@@ -179,6 +181,11 @@ if [ "$action" = service ]; then
         say "installed /etc/systemd/system/closewait-trace.service; systemd is not running" \
             "here, start it where it is: systemctl enable --now closewait-trace"
     fi
+fi
+
+# --- CPython 3.12 and 3.13 for the tests: chroots (kept once built) ------------
+if [ "$action" = test ] || [ "$action" = setup ]; then
+    "$here/scripts/pychroots.sh"
 fi
 
 case "$action" in

@@ -140,3 +140,20 @@ def test_mappings_on_user_served_filesystems_are_never_read(tmp_path):
     assert image.unreadable_reason(m) == ""
     image, m = _image_with_one_mapping(tmp_path / "d", "ext4", "user:[4026532999]")
     assert image.unreadable_reason(m) == ""
+
+
+def test_a_chrooted_process_s_files_take_their_filesystem_from_the_tracer_s_mounts(tmp_path):
+    """A chroot's mountinfo lists only mounts beneath its root: a device not
+    in it is looked up among the tracer's own mounts (the same numbering
+    for the whole kernel), with the same rules; in neither, unknown."""
+    cases = {"ext4": "", "fuse": "not read: on a fuse filesystem",
+             None: procimage.UNREAD_UNKNOWN_FS}
+    for i, (ours, want) in enumerate(cases.items()):
+        image, m = _image_with_one_mapping(tmp_path / str(i), "ext4", "user:[4026531837]")
+        proc = tmp_path / str(i) / "proc"
+        (proc / "7" / "mountinfo").write_text("80 79 0:50 / / rw - tmpfs tmpfs rw\n")
+        (proc / "self" / "mountinfo").write_text(
+            "1 0 0:50 / / rw - tmpfs tmpfs rw\n"
+            + (f"74 1 0:42 / /srv rw,relatime - {ours} /dev/vda rw\n" if ours else ""))
+        image = procimage.ProcessImage(7, str(proc))
+        assert image.unreadable_reason(image.maps[0]) == want, ours

@@ -156,6 +156,7 @@ class ProcessImage:
         self.maps = parse_maps(_read_capped(f"{proc}/{pid}/maps", MAX_MAPS_BYTES))
         self.starts = [m.start for m in self.maps]
         self._fs_types: Optional[dict] = None
+        self._our_fs_types: Optional[dict] = None
         self._same_userns: Optional[bool] = None
         self._mem = None
         self._root_dev: Optional[str] = None
@@ -176,6 +177,15 @@ class ProcessImage:
             self._fs_types = parse_mountinfo_types(
                 _read_capped(f"{self.proc}/{self.pid}/mountinfo", MAX_MOUNTINFO_BYTES))
         fstype = self._fs_types.get(_dev_key(m.dev))
+        if fstype is None:
+            # A chrooted process's mountinfo lists only the mounts beneath
+            # its root, not the one its root directory lies on: the device
+            # (one numbering for the whole kernel) is then looked up among
+            # the tracer's own mounts. A device in neither stays unknown.
+            if self._our_fs_types is None:
+                self._our_fs_types = parse_mountinfo_types(
+                    _read_capped(f"{self.proc}/self/mountinfo", MAX_MOUNTINFO_BYTES))
+            fstype = self._our_fs_types.get(_dev_key(m.dev))
         if fstype is None:
             return UNREAD_UNKNOWN_FS
         if fstype in USER_STACKABLE_FS and not self._in_our_user_namespace():

@@ -24,9 +24,12 @@ A process whose structures do not check out gets no Python frames and a
 reason; nothing it holds can make this loop, allocate without bound, or
 raise into the caller.
 
-Layouts are those of CPython's own headers, per minor version (tests check
-the table against Debian's python3.11-dev headers, by offsetof). A version
-not in LAYOUTS is said as such, never guessed.
+Layouts are those of CPython's own headers, per minor version: 3.11 and
+3.12 from LAYOUTS (tests check the tables against Debian 12's and Ubuntu
+24.04's headers, by offsetof); 3.13 from the process's own
+_Py_DebugOffsets, each value checked before it is believed (debug_layout;
+tests check what a real 3.13 gives against Debian 13's headers). Any other
+version is said as such, never guessed.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ from closewait_trace.evidence.procimage import Mapping
 # libpython3.11.so.1.0 (an embedding or --enable-shared build).
 INTERPRETER_FILE = re.compile(r"^(?:lib)?python3\.(\d{1,2})[a-z]*(?:\.so(?:\.[\d.]+)?)?$")
 ANCHORS = frozenset({b"_PyRuntime", b"PyCode_Type", b"PyUnicode_Type", b"PyBytes_Type",
-                     b"Py_Version"})
+                     b"PyType_Type", b"Py_Version"})
+# The versions whose layout is read from the process's _Py_DebugOffsets
+# (debug_layout), not from LAYOUTS.
+DEBUG_OFFSETS_VERSIONS = frozenset({(3, 13)})
 
 MAX_INTERPRETERS = 8          # subinterpreters walked
 MAX_THREAD_STATES = 1024      # thread states walked, all interpreters together
@@ -55,6 +61,12 @@ MAX_LINETABLE_BYTES = 64 << 10
 MAX_CODE_CACHE = 512          # code objects remembered per process within a batch
 
 
+NO_CFRAME = -1                # Layout.cframe_current of 3.13: no _PyCFrame indirection
+NO_OWNER = -1                 # Layout.frame_owner of 3.11: frames have no C-stack owner
+FRAME_OWNED_BY_CSTACK = 3     # 3.12, 3.13 (Include/internal/pycore_frame.h)
+KERNEL_NONE = 0xFFFF          # the kernel walk's "no such field" (CW_PY_NONE_OFF)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Offsets (bytes) into CPython's structures for one minor version."""
@@ -63,11 +75,12 @@ class Layout:
     interp_threads_head: int      # PyInterpreterState.threads.head
     tstate_next: int              # PyThreadState.next
     tstate_native_tid: int        # PyThreadState.native_thread_id
-    tstate_cframe: int            # PyThreadState.cframe
-    cframe_current: int           # _PyCFrame.current_frame
-    frame_code: int               # _PyInterpreterFrame.f_code
+    tstate_cframe: int            # PyThreadState.cframe (3.13: .current_frame)
+    cframe_current: int           # _PyCFrame.current_frame; NO_CFRAME (3.13): none,
+                                  # tstate_cframe is the current frame itself
+    frame_code: int               # _PyInterpreterFrame.f_code (3.13: .f_executable)
     frame_previous: int           # _PyInterpreterFrame.previous
-    frame_prev_instr: int         # _PyInterpreterFrame.prev_instr
+    frame_prev_instr: int         # _PyInterpreterFrame.prev_instr (3.13: .instr_ptr)
     code_firstlineno: int         # PyCodeObject.co_firstlineno (int)
     code_filename: int
     code_qualname: int
@@ -79,6 +92,9 @@ class Layout:
     compact_data: int             # sizeof(PyCompactUnicodeObject)
     bytes_size: int               # PyBytesObject.ob_base.ob_size
     bytes_data: int               # PyBytesObject.ob_sval
+    frame_owner: int = NO_OWNER   # _PyInterpreterFrame.owner (a char), 3.12 on: frames
+                                  # owned by the C stack (FRAME_OWNED_BY_CSTACK) are the
+                                  # interpreter's entry shims, skipped
 
 
 LAYOUTS = {
@@ -90,9 +106,150 @@ LAYOUTS = {
         code_firstlineno=72, code_filename=112, code_qualname=128, code_linetable=136,
         code_adaptive=184, unicode_length=16, unicode_state=32, ascii_data=48,
         compact_data=72, bytes_size=16, bytes_data=32),
+    # CPython 3.12 (Ubuntu 24.04's), x86-64: offsetof() against its
+    # Include/internal (tests/unit/test_pyframes.py, noble's libpython3.12-dev).
+    (3, 12): Layout(
+        runtime_interp_head=40, interp_next=0, interp_threads_head=72,
+        tstate_next=8, tstate_native_tid=144, tstate_cframe=56, cframe_current=0,
+        frame_code=0, frame_previous=8, frame_prev_instr=56,
+        code_firstlineno=68, code_filename=112, code_qualname=128, code_linetable=136,
+        code_adaptive=192, unicode_length=16, unicode_state=32, ascii_data=40,
+        compact_data=56, bytes_size=16, bytes_data=32, frame_owner=70),
+    # CPython 3.13: none here. Its layout is read from the process itself,
+    # from the _Py_DebugOffsets at the start of _PyRuntime (debug_layout).
 }
 
 OB_TYPE = 8                   # PyObject.ob_type, every version
+
+# CPython 3.13's _Py_DebugOffsets (Include/internal/pycore_runtime.h), at
+# the start of _PyRuntime: the offsets an out-of-process reader needs,
+# written by the interpreter's own build. Its fields in order, each a
+# uint64 after the 8-byte cookie (the names test_pyframes checks by
+# offsetof against trixie's libpython3.13-dev). Another layout of this
+# struct (3.14 adds fields) is not this one: only 3.13 is read with it.
+DEBUG_COOKIE = b"xdebugpy"
+DEBUG_FIELDS_313 = (
+    "version", "free_threaded",
+    "runtime_state.size", "runtime_state.finalizing", "runtime_state.interpreters_head",
+    "interpreter_state.size", "interpreter_state.id", "interpreter_state.next",
+    "interpreter_state.threads_head", "interpreter_state.gc",
+    "interpreter_state.imports_modules", "interpreter_state.sysdict",
+    "interpreter_state.builtins", "interpreter_state.ceval_gil",
+    "interpreter_state.gil_runtime_state", "interpreter_state.gil_runtime_state_enabled",
+    "interpreter_state.gil_runtime_state_locked", "interpreter_state.gil_runtime_state_holder",
+    "thread_state.size", "thread_state.prev", "thread_state.next", "thread_state.interp",
+    "thread_state.current_frame", "thread_state.thread_id", "thread_state.native_thread_id",
+    "thread_state.datastack_chunk", "thread_state.status",
+    "interpreter_frame.size", "interpreter_frame.previous", "interpreter_frame.executable",
+    "interpreter_frame.instr_ptr", "interpreter_frame.localsplus", "interpreter_frame.owner",
+    "code_object.size", "code_object.filename", "code_object.name", "code_object.qualname",
+    "code_object.linetable", "code_object.firstlineno", "code_object.argcount",
+    "code_object.localsplusnames", "code_object.localspluskinds",
+    "code_object.co_code_adaptive",
+    "pyobject.size", "pyobject.ob_type",
+    "type_object.size", "type_object.tp_name", "type_object.tp_repr", "type_object.tp_flags",
+    "tuple_object.size", "tuple_object.ob_item", "tuple_object.ob_size",
+    "list_object.size", "list_object.ob_item", "list_object.ob_size",
+    "dict_object.size", "dict_object.ma_keys", "dict_object.ma_values",
+    "float_object.size", "float_object.ob_fval",
+    "long_object.size", "long_object.lv_tag", "long_object.ob_digit",
+    "bytes_object.size", "bytes_object.ob_size", "bytes_object.ob_sval",
+    "unicode_object.size", "unicode_object.state", "unicode_object.length",
+    "unicode_object.asciiobject_size",
+    "gc.size", "gc.collecting",
+)
+DEBUG_SIZE_313 = 8 + 8 * len(DEBUG_FIELDS_313)
+# The largest each structure may say it is (a few times what 3.13 has on
+# x86-64), and which offsets must be 8-byte aligned pointers: a value
+# outside is not believed.
+_DEBUG_MAX_SIZE = {"runtime_state": 1 << 22, "interpreter_state": 1 << 22,
+                   "thread_state": 1 << 14, "interpreter_frame": 1 << 9,
+                   "code_object": 1 << 11}
+# (struct, field, width in bytes): every field the walk reads.
+_DEBUG_USED = (
+    ("runtime_state", "interpreters_head", 8),
+    ("interpreter_state", "next", 8), ("interpreter_state", "threads_head", 8),
+    ("thread_state", "next", 8), ("thread_state", "current_frame", 8),
+    ("thread_state", "native_thread_id", 8),
+    ("interpreter_frame", "previous", 8), ("interpreter_frame", "executable", 8),
+    ("interpreter_frame", "instr_ptr", 8), ("interpreter_frame", "owner", 1),
+    ("code_object", "filename", 8), ("code_object", "qualname", 8),
+    ("code_object", "linetable", 8), ("code_object", "firstlineno", 4),
+    ("code_object", "co_code_adaptive", 2),
+)
+
+
+def debug_layout(raw: bytes, version: tuple) -> Layout:
+    """The Layout of a CPython 3.13 process, from the _Py_DebugOffsets its
+    _PyRuntime begins with (raw: its first DEBUG_SIZE_313 bytes). Every
+    value is the process's to write, so none is believed unchecked: the
+    cookie, the version (that of the binary), a default (not free-threaded)
+    build, each structure's size bounded, each offset used inside its
+    structure, aligned, and the walk's fields distinct; the object headers
+    (ob_type, bytes, str) must be the very ones every 3.13 build has.
+    Raises Unreadable saying which did not check out."""
+    if len(raw) < DEBUG_SIZE_313:
+        raise Unreadable("its debug offsets (_PyRuntime) not readable")
+    if raw[:8] != DEBUG_COOKIE:
+        raise Unreadable("its debug offsets do not check out (no debug cookie in _PyRuntime)")
+    values = dict(zip(DEBUG_FIELDS_313, struct.unpack_from(f"<{len(DEBUG_FIELDS_313)}Q",
+                                                           raw, 8)))
+    said = (values["version"] >> 24 & 0xFF, values["version"] >> 16 & 0xFF)
+    if said != version:
+        raise Unreadable(f"its debug offsets do not check out (they say CPython "
+                         f"{said[0]}.{said[1]}, the binary {version[0]}.{version[1]})")
+    if values["free_threaded"]:
+        raise Unreadable("a free-threaded build (its layout is not known to this "
+                         "closewait-trace)")
+
+    def bad(what: str):
+        return Unreadable(f"its debug offsets do not check out ({what})")
+
+    for name, top in _DEBUG_MAX_SIZE.items():
+        if not 0 < values[f"{name}.size"] <= top:
+            raise bad(f"{name} size {values[f'{name}.size']}")
+    for name, field, width in _DEBUG_USED:
+        off = values[f"{name}.{field}"]
+        if off + width > values[f"{name}.size"] or off % width:
+            raise bad(f"{name}.{field} at {off}")
+    frame = [values[f"interpreter_frame.{f}"] for f in ("previous", "executable", "instr_ptr")]
+    tstate = [values[f"thread_state.{f}"] for f in ("next", "current_frame", "native_thread_id")]
+    if len(set(frame)) != 3 or len(set(tstate)) != 3:
+        raise bad("fields overlap")
+    # The kernel's walk keeps its offsets in 16 bits (struct cw_py_proc),
+    # 0xFFFF meaning none: a larger one would be cut there, never believed.
+    for key in ("interpreter_state.threads_head", "thread_state.next",
+                "thread_state.current_frame", "thread_state.native_thread_id",
+                "interpreter_frame.previous", "interpreter_frame.executable",
+                "interpreter_frame.instr_ptr", "interpreter_frame.owner"):
+        if values[key] >= KERNEL_NONE:
+            raise bad(f"{key} at {values[key]}, past what the kernel's walk holds")
+    # The object headers are CPython's ABI, the same in every 3.13 build.
+    fixed = {"pyobject.ob_type": OB_TYPE, "bytes_object.ob_size": 16,
+             "bytes_object.ob_sval": 32, "unicode_object.length": 16,
+             "unicode_object.state": 32, "unicode_object.asciiobject_size": 40}
+    for key, want in fixed.items():
+        if values[key] != want:
+            raise bad(f"{key} {values[key]}")
+    return Layout(
+        runtime_interp_head=values["runtime_state.interpreters_head"],
+        interp_next=values["interpreter_state.next"],
+        interp_threads_head=values["interpreter_state.threads_head"],
+        tstate_next=values["thread_state.next"],
+        tstate_native_tid=values["thread_state.native_thread_id"],
+        tstate_cframe=values["thread_state.current_frame"], cframe_current=NO_CFRAME,
+        frame_code=values["interpreter_frame.executable"],
+        frame_previous=values["interpreter_frame.previous"],
+        frame_prev_instr=values["interpreter_frame.instr_ptr"],
+        frame_owner=values["interpreter_frame.owner"],
+        code_firstlineno=values["code_object.firstlineno"],
+        code_filename=values["code_object.filename"],
+        code_qualname=values["code_object.qualname"],
+        code_linetable=values["code_object.linetable"],
+        code_adaptive=values["code_object.co_code_adaptive"],
+        unicode_length=16, unicode_state=32, ascii_data=40,
+        # PyCompactUnicodeObject: PyASCIIObject, utf8_length, utf8.
+        compact_data=40 + 16, bytes_size=16, bytes_data=32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +300,13 @@ class Runtime:
         return {"interp_head": self.runtime + lay.runtime_interp_head,
                 "interp_threads_head": lay.interp_threads_head,
                 "tstate_next": lay.tstate_next, "tstate_native_tid": lay.tstate_native_tid,
-                "tstate_cframe": lay.tstate_cframe, "cframe_current": lay.cframe_current,
+                "tstate_cframe": lay.tstate_cframe,
+                "cframe_current": KERNEL_NONE if lay.cframe_current == NO_CFRAME
+                else lay.cframe_current,
                 "frame_code": lay.frame_code, "frame_previous": lay.frame_previous,
-                "frame_prev_instr": lay.frame_prev_instr}
+                "frame_prev_instr": lay.frame_prev_instr,
+                "frame_owner": KERNEL_NONE if lay.frame_owner == NO_OWNER
+                else lay.frame_owner}
 
 
 def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
@@ -180,14 +341,29 @@ def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
                     return None, (f"interpreter {name[:40]} says it is CPython "
                                   f"{said[0]}.{said[1]}")
         layout = LAYOUTS.get(version)
-        if layout is None:
+        if layout is None and version not in DEBUG_OFFSETS_VERSIONS:
             return None, (f"CPython {version[0]}.{version[1]}: frames not read "
                           f"(its layout is not known to this closewait-trace)")
-        if not all(k in symbols for k in ("PyCode_Type", "PyUnicode_Type", "PyBytes_Type")):
+        if not all(k in symbols for k in ("PyCode_Type", "PyUnicode_Type", "PyBytes_Type",
+                                          "PyType_Type")):
             return None, f"interpreter {name[:40]}: type objects not found"
-        return Runtime(version, layout, bias + symbols["_PyRuntime"],
-                       bias + symbols["PyCode_Type"], bias + symbols["PyUnicode_Type"],
-                       bias + symbols["PyBytes_Type"]), ""
+        types_ = {k: bias + symbols[k] for k in ("PyCode_Type", "PyUnicode_Type",
+                                                 "PyBytes_Type", "PyType_Type")}
+        # The type objects are believed when they are types: each one's
+        # ob_type is the interpreter's own PyType_Type.
+        for k in ("PyCode_Type", "PyUnicode_Type", "PyBytes_Type"):
+            raw = image.read(types_[k] + OB_TYPE, 8)
+            if len(raw) != 8 or struct.unpack("<Q", raw)[0] != types_["PyType_Type"]:
+                return None, f"interpreter {name[:40]}: its type objects do not check out"
+        runtime = bias + symbols["_PyRuntime"]
+        if layout is None:
+            try:
+                layout = debug_layout(image.read(runtime, DEBUG_SIZE_313), version)
+            except Unreadable as e:
+                return None, (f"CPython {version[0]}.{version[1]}: frames not read, its layout "
+                              f"is not known: {e}")
+        return Runtime(version, layout, runtime, types_["PyCode_Type"],
+                       types_["PyUnicode_Type"], types_["PyBytes_Type"]), ""
     return None, ""
 
 
@@ -259,13 +435,17 @@ def thread_frames(image, deadline: float, tids: set, runtime: Runtime,
             if now() > deadline:
                 return out
             seen_states.add(tstate)
-            raw = mem.read(tstate, max(lay.tstate_native_tid, lay.tstate_cframe) + 8)
+            raw = mem.read(tstate, max(lay.tstate_native_tid, lay.tstate_cframe,
+                                       lay.tstate_next) + 8)
             if not raw:
                 raise Unreadable("a thread state not readable")
             tid = struct.unpack_from("<Q", raw, lay.tstate_native_tid)[0]
             if tid in tids and tid not in out:
                 cframe = struct.unpack_from("<Q", raw, lay.tstate_cframe)[0]
-                frame = mem.pointer(cframe + lay.cframe_current) if cframe else 0
+                if lay.cframe_current == NO_CFRAME:
+                    frame = cframe            # 3.13: the thread's current frame itself
+                else:
+                    frame = mem.pointer(cframe + lay.cframe_current) if cframe else 0
                 out[tid] = _frames(mem, runtime, frame, codes, deadline, now)
                 if len(out) == len(tids):
                     return out
@@ -279,14 +459,18 @@ def _frames(mem: _Memory, runtime: Runtime, frame: int, codes: dict, deadline: f
     lay = runtime.layout
     out: list[PyFrame] = []
     seen: set = set()
-    span = max(lay.frame_code, lay.frame_previous, lay.frame_prev_instr) + 8
-    while frame and len(out) < MAX_FRAMES and frame not in seen and now() <= deadline:
+    span = max(lay.frame_code, lay.frame_previous, lay.frame_prev_instr, lay.frame_owner) + 8
+    while (frame and len(out) < MAX_FRAMES and len(seen) < 2 * MAX_FRAMES
+           and frame not in seen and now() <= deadline):
         seen.add(frame)
         raw = mem.read(frame, span)
         if not raw:
             break
         code, previous, prev_instr = (struct.unpack_from("<Q", raw, off)[0] for off in
                                       (lay.frame_code, lay.frame_previous, lay.frame_prev_instr))
+        if lay.frame_owner != NO_OWNER and raw[lay.frame_owner] == FRAME_OWNED_BY_CSTACK:
+            frame = previous          # the interpreter's entry shim (3.13: f_executable None)
+            continue
         info = codes.get(code)
         if info is None:
             info = _code(mem, runtime, code)

@@ -623,7 +623,9 @@ class KernelProbe:
             return False
         table = self._table("cw_py")
         # Only the kernel's fields (a walk also says whose process it is).
-        leaf = table.Leaf(**{name: walk[name] for name, _type in table.Leaf._fields_})
+        # (spare: the struct's padding, named, left zero.)
+        leaf = table.Leaf(**{name: walk[name] for name, _type in table.Leaf._fields_
+                             if name != "spare"})
         try:
             table[table.Key(pid)] = leaf
         except Exception:               # full: E2BIG from the map update
