@@ -611,3 +611,44 @@ def test_events_made_while_the_kernel_detaches_are_written(tmp_path):
     w.tracer.run()
     assert [r["rport"] for r in w.of("transition")] == [4242]
     assert w.sink.records[-1]["counters"]["events_unread"] == 0
+
+
+@pytest.mark.parametrize("pids", [(), (200,)])
+def test_metrics_series_follow_the_loop_without_walking(tmp_path, pids):
+    """The loop tells --metrics' series (metrics.LiveSeries) of every socket
+    that arrives, is resolved, hidden by the holder filter or leaves: they
+    equal the walk of view.lingering() at each tick, a socket not yet the
+    threshold old included (counted once it is)."""
+    from closewait_trace.live import metrics
+    w = World(tmp_path, holder_filter=HolderFilter(pids=pids))
+    sink = metrics.MetricsSink()
+    w.tracer.sinks.append(sink)
+    w.hold(100, 40001, 5001, comm="keeper")
+    w.hold(200, 40002, 5002, comm="other")
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.hold(200, 40003, 5003, comm="other")
+    live = sink.state.live
+    assert live is not None
+
+    def same():
+        view = w.sink.views[-1]
+        walked = metrics.MetricsState(max_series=1000).per_series(
+            view.lingering(), view.now_ns, view.wall_ts)
+        assert live.current(view.now_ns) == {k: v for k, v in walked.items() if v[0]}
+        return walked
+
+    w.step()
+    assert sum(c for c, _ in same().values()) == (1 if pids else 2)
+    w.probe.enter(0xC, endpoints(40003), ago_s=0.0)
+    w.step(0.5)
+    same()
+    w.step(1.0)                     # 0xC is past the threshold now
+    assert sum(c for c, _ in same().values()) == (2 if pids else 3)
+    w.proc.process(200, comm="renamed", state="T")     # resolved again: new owners
+    w.step()
+    assert {k[0] for k in same()} >= {"renamed"}
+    w.probe.leave(0xB, pid=200, comm="other")
+    w.step()
+    assert sum(c for c, _ in same().values()) == (1 if pids else 2)

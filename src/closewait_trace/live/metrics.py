@@ -36,6 +36,7 @@ Command names are what `/proc` hides from other users under hidepid=2:
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
 import os
 import time
@@ -79,9 +80,11 @@ RESERVED_COMMS = (COMM_OTHER, COMM_UNRESOLVED, COMM_NO_HOLDER, COMM_DENIED, COMM
                   COMM_HIDDEN, COMM_UNREADABLE)
 UNIX_PREFIX = "unix:"
 OTHER = (COMM_OTHER, "other", "other")
-# The snapshot is rebuilt at most this often: building it walks every
-# lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
-# docs/benchmarks.md), and nobody scrapes more often than once a second.
+# The snapshot is rebuilt at most this often: nobody scrapes more often than
+# once a second. A rebuild costs the sockets that arrived, left or were
+# resolved since the last one and the number of series (LiveSeries), not a
+# walk of every lingering socket (which took up to a second at 100,000 on a
+# loaded 2-core machine, docs/benchmarks.md).
 MIN_REFRESH_S = 1.0
 
 
@@ -182,6 +185,9 @@ class MetricsState:
         # labels change only when it is resolved again, so a tick with
         # 100,000 lingering sockets does not recompute them.
         self._labels: dict[int, tuple] = {}
+        # Kept as sockets arrive and leave, once the tracer attaches it
+        # (MetricsSink.attach_lingering); until then each snapshot walks.
+        self.live: Optional[LiveSeries] = None
 
     def count_lingered(self, cause: str) -> None:
         cause = clean_label(cause)
@@ -213,6 +219,12 @@ class MetricsState:
         self._labels = labels
         current = {key: [count, first.age_bound_ns(now_ns) / 1e9]
                    for key, (count, first) in groups.items()}
+        return self.rank(current, wall_ts)
+
+    def rank(self, current: dict, wall_ts: float) -> dict:
+        """{(comm, port, side): [count, oldest_age_s]} of the series with
+        sockets now -> the exported series, capped (cost: the series, not
+        the sockets)."""
         for key in current:
             self.last_seen[key] = wall_ts
         for key in [k for k, ts in self.last_seen.items()
@@ -235,6 +247,118 @@ class MetricsState:
         return out
 
 
+class LiveSeries:
+    """The (comm, port, side) series kept as sockets arrive and leave, so
+    that a snapshot costs the changes since the last one and the number of
+    series, not a walk of every lingering socket (issue 20).
+
+    The tracker tells it (Tracker.observers) when a socket starts being
+    tracked (added), stops (removed), and when its owners, its report or
+    its being hidden changed (changed). A socket is in a series when it is
+    tracked, at least the threshold old (its age bound: the same test as
+    LiveTracer.lingering) and, with a holder filter, reported and not
+    hidden: exactly the sockets the walk counted.
+
+    Sockets not yet the threshold old wait in a heap by the time they may
+    have entered CLOSE_WAIT, and join their series when the clock passes
+    it. Each series keeps its sockets (the count) and a heap by the same
+    time for its oldest; a socket that left or moved is dropped from a heap
+    lazily, when it comes to the top, and a heap grown to twice its live
+    entries is rebuilt (amortized, each entry is pushed and popped once).
+    """
+
+    def __init__(self, threshold_ns: int, filter_active: bool, no_comm: bool = False):
+        self.threshold_ns = threshold_ns
+        self.filter_active = filter_active
+        self.no_comm = no_comm
+        self.tracked: dict[int, object] = {}      # id -> Lingerer
+        self.waiting: list = []                   # heap (earliest_enter_ns, seq, Lingerer)
+        self.ripe: set[int] = set()               # ids at least the threshold old
+        self.placed: dict[int, tuple] = {}        # id -> its series' key
+        self.members: dict[tuple, dict] = {}      # key -> {id: Lingerer}
+        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, seq, Lingerer)
+        self._seq = 0
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ------------------------------------------------ the tracker's calls
+
+    def added(self, l) -> None:
+        ident = id(l)
+        self.tracked[ident] = l
+        heapq.heappush(self.waiting, (l.earliest_enter_ns, self._next(), l))
+        if len(self.waiting) > 2 * (len(self.tracked) - len(self.ripe)) + 64:
+            self.waiting = [(w.earliest_enter_ns, self._next(), w)
+                            for i, w in self.tracked.items() if i not in self.ripe]
+            heapq.heapify(self.waiting)
+
+    def removed(self, l) -> None:
+        ident = id(l)
+        if self.tracked.get(ident) is not l:
+            return
+        del self.tracked[ident]
+        self.ripe.discard(ident)
+        self._unplace(ident)
+
+    def changed(self, l) -> None:
+        ident = id(l)
+        if ident in self.ripe and self.tracked.get(ident) is l:
+            self._unplace(ident)
+            self._place(l)
+
+    # ----------------------------------------------------------- series
+
+    def _place(self, l) -> None:
+        if self.filter_active and (l.hidden or not l.reported):
+            return
+        key = socket_labels(l, self.no_comm)
+        ident = id(l)
+        self.placed[ident] = key
+        group = self.members.get(key)
+        if group is None:
+            group = self.members[key] = {}
+            self.oldest[key] = []
+        group[ident] = l
+        heap = self.oldest[key]
+        heapq.heappush(heap, (l.earliest_enter_ns, self._next(), l))
+        if len(heap) > 2 * len(group) + 16:
+            heap[:] = [(m.earliest_enter_ns, self._next(), m) for m in group.values()]
+            heapq.heapify(heap)
+
+    def _unplace(self, ident: int) -> None:
+        key = self.placed.pop(ident, None)
+        if key is None:
+            return
+        group = self.members[key]
+        del group[ident]
+        if not group:
+            del self.members[key]
+            del self.oldest[key]
+
+    def ripen(self, now_ns: int) -> None:
+        """Sockets that became the threshold old join their series."""
+        waiting, threshold = self.waiting, self.threshold_ns
+        while waiting and max(0, now_ns - waiting[0][0]) >= threshold:
+            _e, _s, l = heapq.heappop(waiting)
+            ident = id(l)
+            if self.tracked.get(ident) is l and ident not in self.ripe:
+                self.ripe.add(ident)
+                self._place(l)
+
+    def current(self, now_ns: int) -> dict:
+        """{key: [count, oldest age s]} of the series with sockets now."""
+        self.ripen(now_ns)
+        out = {}
+        for key, group in self.members.items():
+            heap = self.oldest[key]
+            while group.get(id(heap[0][2])) is not heap[0][2]:
+                heapq.heappop(heap)
+            out[key] = [len(group), max(0, now_ns - heap[0][0]) / 1e9]
+        return out
+
+
 def build_families(view, state: MetricsState) -> tuple:
     """All metric families for one TickView."""
     labels = ["comm", "port", "side"]
@@ -247,8 +371,11 @@ def build_families(view, state: MetricsState) -> tuple:
         "Age of the oldest of them (estimated and lower-bound ages included; "
         "a keepalive range by its upper end)",
         labels=labels)
-    for key, (count, age) in sorted(state.per_series(view.lingering(), view.now_ns,
-                                                     view.wall_ts).items()):
+    if state.live is not None:
+        series = state.rank(state.live.current(view.now_ns), view.wall_ts)
+    else:
+        series = state.per_series(view.lingering(), view.now_ns, view.wall_ts)
+    for key, (count, age) in sorted(series.items()):
         sockets.add_metric(list(key), count)
         oldest.add_metric(list(key), round(age, 3))
 
@@ -397,6 +524,16 @@ class MetricsSink:
         body = encoder(self.registry)
         self._rendered[content_type] = (families, now, body)
         return body, content_type
+
+    def attach_lingering(self, tracker, threshold_ns: int, filter_active: bool) -> None:
+        """Keep the series as the tracker's sockets arrive and leave
+        (LiveSeries) instead of walking them all at each snapshot; the
+        sockets tracked already are taken once, now."""
+        live = LiveSeries(threshold_ns, filter_active, self.state.no_comm)
+        for l in tracker.lingering():
+            live.added(l)
+        tracker.observers.append(live)
+        self.state.live = live
 
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):

@@ -228,6 +228,10 @@ class LiveTracer:
             self.start_snapshot_failed = e.why
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
+        for sink in self.sinks:
+            attach = getattr(sink, "attach_lingering", None)
+            if attach is not None:      # keeps its view as sockets arrive and leave
+                attach(self.tracker, self.config.threshold_ns, self.holder_filter.active)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         # Before "ready": a CPython process's EOF read from then on carries
         # its Python frames.
@@ -588,6 +592,7 @@ class LiveTracer:
                 taken = self.take_captures(l)
                 if not matches:
                     l.hidden = True     # not the user's process: never shown
+                    self.tracker.relabel(l)
                     continue
                 for kind, capture in taken:
                     captures[(id(l), kind)] = (l, capture)
@@ -603,6 +608,7 @@ class LiveTracer:
                 before = l.diagnosis.summary if l.diagnosis else None
                 self.unwatch(l)         # its holders may have changed too
             l.ownership = own
+            self.tracker.relabel(l)
             l.diagnosis = (self.resolver.diagnose(own, evidence_cache, self.eof_reader(l),
                                                   self.opener(l))
                            if own else None)
