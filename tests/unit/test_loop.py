@@ -652,3 +652,19 @@ def test_metrics_series_follow_the_loop_without_walking(tmp_path, pids):
     w.probe.leave(0xB, pid=200, comm="other")
     w.step()
     assert sum(c for c, _ in same().values()) == (1 if pids else 2)
+
+
+def test_sockets_with_the_same_unknown_place_share_one_code(tmp_path):
+    """The `code` of sockets whose place is unknown for the same reasons is
+    one read-only dict (not one per socket), and their records say the same."""
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001)
+    w.hold(100, 40002, 5002)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    a, b = sorted(w.tracer.tracker.by_skaddr.values(), key=lambda l: l.skaddr)
+    assert a.code is b.code and a.code == b.code
+    codes = [r["code"] for r in w.of("linger")]
+    assert len(codes) == 2 and codes[0] == codes[1] == a.code
