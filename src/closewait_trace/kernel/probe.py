@@ -570,7 +570,7 @@ class KernelProbe:
                 keys.append(k.value)
                 raw += bytes(v)
         layout = self._layout
-        entries = {k: layout.enter_ns(raw, i) for i, k in enumerate(keys)}
+        entries = dict(zip(keys, layout.enter_ns_all(raw, len(keys))))
         index = {k: i for i, k in enumerate(keys)}
         return entries, lambda k: layout.endpoints(raw, index[k])
 
