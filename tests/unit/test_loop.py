@@ -668,3 +668,20 @@ def test_sockets_with_the_same_unknown_place_share_one_code(tmp_path):
     assert a.code is b.code and a.code == b.code
     codes = [r["code"] for r in w.of("linger")]
     assert len(codes) == 2 and codes[0] == codes[1] == a.code
+
+
+def test_garbage_collections_are_timed_in_the_tracer_cost(tmp_path):
+    """A slow tick at 100,000 sockets may be Python's cyclic collector: the
+    summary's tracer_cost says how long collections took, and the timer is
+    removed when the run gives its signals back."""
+    import gc
+    w = one_reported_socket(tmp_path)
+    gc.collect()
+    w.step()
+    cost = w.tracer.summary()["tracer_cost"]
+    assert cost["gc_collections"] >= 1 and cost["gc_max_ms"] > 0
+    assert cost["gc_total_ms"] >= cost["gc_max_ms"]
+    timer = w.tracer._gc_callback
+    assert timer in gc.callbacks
+    w.tracer.restore_signals()
+    assert timer not in gc.callbacks and w.tracer._gc_callback is None

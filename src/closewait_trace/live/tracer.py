@@ -14,6 +14,7 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -156,7 +157,10 @@ class LiveTracer:
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
-        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
+        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
+        "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
+    _gc_callback: Optional[Callable] = None
+    _gc_started: float = 0.0
 
     # ------------------------------------------------------------ plumbing
 
@@ -215,6 +219,21 @@ class LiveTracer:
             self.stopping = True
         self._previous_handlers = {sig: signal.signal(sig, on_stop_signal)
                                    for sig in STOP_SIGNALS}
+        # Python's cyclic collector walks every tracked object: with 100,000
+        # sockets' state, one pass can take longer than a tick. Timed, so
+        # that a slow tick can be told from a slow collection (tracer_cost).
+        stats = self.tick_stats
+
+        def on_gc(phase, _info):
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+                return
+            took = (time.perf_counter() - self._gc_started) * 1000
+            stats["gc_collections"] += 1
+            stats["gc_total_ms"] += took
+            stats["gc_max_ms"] = max(stats["gc_max_ms"], took)
+        self._gc_callback = on_gc
+        gc.callbacks.append(on_gc)
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
         gatherer = self.resolver.worker
@@ -400,6 +419,9 @@ class LiveTracer:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+        self._gc_callback = None
 
     def drain(self, deadline: Optional[float] = None) -> None:
         """Write out the pending events. A stop signal, or the deadline (the
