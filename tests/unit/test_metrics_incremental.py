@@ -135,3 +135,21 @@ def test_departed_sockets_leave_no_state():
     assert live.current(now) == {}
     assert not live.tracked and not live.ripe and not live.placed and not live.members
     assert len(live.waiting) <= 2 * 50 + 64
+
+
+def test_sockets_join_their_series_in_the_tick_that_sees_them_cross():
+    """Every tick ripens (the one that reports the sockets), not only the
+    once-a-second rebuild: a later, otherwise idle tick then has nothing
+    to do for them."""
+    tracker = Tracker(THRESHOLD, 0)
+    sink = metrics.MetricsSink()
+    sink.attach_lingering(tracker, THRESHOLD, False)
+    rng = random.Random(2)
+    now = 10 * S
+    base = dict(threshold_ns=THRESHOLD, counters={}, histogram=[0] * 64,
+                histogram_sum_ns=None, lingering=None)
+    sink.tick(TickView(wall_ts=1000.0, now_ns=now, **base))         # builds
+    tracker.sync_entries({k: now - S for k in range(100)}, lambda k: endpoints(rng, k), now)
+    now += S
+    sink.tick(TickView(wall_ts=1000.5, now_ns=now, **base))         # no rebuild
+    assert len(sink.state.live.ripe) == 100 and len(sink.state.live.waiting) == 0

@@ -541,6 +541,11 @@ class MetricsSink:
             self.state.count_lingered(str(diag.get("cause") or "unknown"))
 
     def tick(self, view) -> None:
+        if self.state.live is not None:
+            # At every tick, not only when the snapshot is rebuilt: sockets
+            # that crossed the threshold join their series in the tick that
+            # reported them, not in a later one that had nothing to do.
+            self.state.live.ripen(view.now_ns)
         if view.wall_ts - self._built_at < MIN_REFRESH_S:
             return
         self._built_at = view.wall_ts
