@@ -133,7 +133,7 @@ def test_departed_sockets_leave_no_state():
         tracker.sync_entries({}, lambda k: None, now)
         now += S // 10
     assert live.current(now) == {}
-    assert not live.tracked and not live.ripe and not live.placed and not live.members
+    assert not live.tracked and not live.counts and not live.oldest and not live.keys
     assert len(live.waiting) <= 2 * 50 + 64
 
 
@@ -152,4 +152,5 @@ def test_sockets_join_their_series_in_the_tick_that_sees_them_cross():
     tracker.sync_entries({k: now - S for k in range(100)}, lambda k: endpoints(rng, k), now)
     now += S
     sink.tick(TickView(wall_ts=1000.5, now_ns=now, **base))         # no rebuild
-    assert len(sink.state.live.ripe) == 100 and len(sink.state.live.waiting) == 0
+    assert len(sink.state.live.counts) and sum(sink.state.live.counts.values()) == 100
+    assert sink.state.live.n_waiting == 0 and len(sink.state.live.waiting) == 0

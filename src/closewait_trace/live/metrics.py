@@ -261,102 +261,133 @@ class LiveSeries:
 
     Sockets not yet the threshold old wait in a heap by the time they may
     have entered CLOSE_WAIT, and join their series when the clock passes
-    it. Each series keeps its sockets (the count) and a heap by the same
-    time for its oldest; a socket that left or moved is dropped from a heap
-    lazily, when it comes to the top, and a heap grown to twice its live
-    entries is rebuilt (amortized, each entry is pushed and popped once).
+    it. Each series keeps its count and a heap by the same time for its
+    oldest; a socket that left or moved is dropped from a heap lazily, when
+    it comes to the top, and a heap grown to twice its live entries plus a
+    margin is rebuilt (amortized, each entry is pushed and popped once).
+
+    Per socket: one entry in `tracked` (its id, shared by every heap entry
+    of it) and one heap entry; a series' key is one tuple for all its
+    sockets (about 220 bytes a socket in all).
     """
 
     def __init__(self, threshold_ns: int, filter_active: bool, no_comm: bool = False):
         self.threshold_ns = threshold_ns
         self.filter_active = filter_active
         self.no_comm = no_comm
-        self.tracked: dict[int, object] = {}      # id -> Lingerer
-        self.waiting: list = []                   # heap (earliest_enter_ns, seq, Lingerer)
-        self.ripe: set[int] = set()               # ids at least the threshold old
-        self.placed: dict[int, tuple] = {}        # id -> its series' key
-        self.members: dict[tuple, dict] = {}      # key -> {id: Lingerer}
-        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, seq, Lingerer)
-        self._seq = 0
-
-    def _next(self) -> int:
-        self._seq += 1
-        return self._seq
+        # id -> [Lingerer, where]: where is WAITING, FILTERED (old enough,
+        # but hidden by the holder filter) or its series' key.
+        self.tracked: dict[int, list] = {}
+        self.waiting: list = []                   # heap (earliest_enter_ns, id, Lingerer)
+        self.counts: dict[tuple, int] = {}        # key -> sockets in that series
+        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, id, Lingerer)
+        self.keys: dict[tuple, tuple] = {}        # one tuple per key
+        self.n_waiting = 0
 
     # ------------------------------------------------ the tracker's calls
 
     def added(self, l) -> None:
         ident = id(l)
-        self.tracked[ident] = l
-        heapq.heappush(self.waiting, (l.earliest_enter_ns, self._next(), l))
-        if len(self.waiting) > 2 * (len(self.tracked) - len(self.ripe)) + 64:
-            self.waiting = [(w.earliest_enter_ns, self._next(), w)
-                            for i, w in self.tracked.items() if i not in self.ripe]
+        self.tracked[ident] = [l, WAITING]
+        self.n_waiting += 1
+        heapq.heappush(self.waiting, (l.earliest_enter_ns, ident, l))
+        if len(self.waiting) > 2 * self.n_waiting + 64:
+            self.waiting = [(w.earliest_enter_ns, i, w) for i, (w, where) in self.tracked.items()
+                            if where is WAITING]
             heapq.heapify(self.waiting)
 
     def removed(self, l) -> None:
-        ident = id(l)
-        if self.tracked.get(ident) is not l:
+        rec = self.tracked.get(id(l))
+        if rec is None or rec[0] is not l:
             return
-        del self.tracked[ident]
-        self.ripe.discard(ident)
-        self._unplace(ident)
+        del self.tracked[id(l)]
+        if rec[1] is WAITING:
+            self.n_waiting -= 1
+        else:
+            self._unplace(rec)
 
     def changed(self, l) -> None:
         ident = id(l)
-        if ident in self.ripe and self.tracked.get(ident) is l:
-            self._unplace(ident)
-            self._place(l)
+        rec = self.tracked.get(ident)
+        if rec is not None and rec[0] is l and rec[1] is not WAITING:
+            self._unplace(rec)
+            self._place(ident, rec)
 
     # ----------------------------------------------------------- series
 
-    def _place(self, l) -> None:
+    def _place(self, ident: int, rec: list) -> None:
+        l = rec[0]
         if self.filter_active and (l.hidden or not l.reported):
+            rec[1] = FILTERED
             return
         key = socket_labels(l, self.no_comm)
-        ident = id(l)
-        self.placed[ident] = key
-        group = self.members.get(key)
-        if group is None:
-            group = self.members[key] = {}
-            self.oldest[key] = []
-        group[ident] = l
-        heap = self.oldest[key]
-        heapq.heappush(heap, (l.earliest_enter_ns, self._next(), l))
-        if len(heap) > 2 * len(group) + 16:
-            heap[:] = [(m.earliest_enter_ns, self._next(), m) for m in group.values()]
-            heapq.heapify(heap)
+        key = self.keys.setdefault(key, key)
+        rec[1] = key
+        count = self.counts.get(key)
+        if count is None:
+            self.counts[key] = 1
+            heap = self.oldest[key] = []
+        else:
+            self.counts[key] = count + 1
+            heap = self.oldest[key]
+        heapq.heappush(heap, (l.earliest_enter_ns, ident, l))
+        if len(heap) > 2 * self.counts[key] + 16:
+            self.oldest[key] = self._live(key, heap)
 
-    def _unplace(self, ident: int) -> None:
-        key = self.placed.pop(ident, None)
-        if key is None:
+    def _live(self, key: tuple, heap: list) -> list:
+        """The heap's entries still in the series, once each."""
+        tracked, seen, out = self.tracked, set(), []
+        for entry in heap:
+            rec = tracked.get(entry[1])
+            if rec is not None and rec[0] is entry[2] and rec[1] is key and entry[1] not in seen:
+                seen.add(entry[1])
+                out.append(entry)
+        heapq.heapify(out)
+        return out
+
+    def _unplace(self, rec: list) -> None:
+        key = rec[1]
+        rec[1] = FILTERED
+        if key is FILTERED:
             return
-        group = self.members[key]
-        del group[ident]
-        if not group:
-            del self.members[key]
+        count = self.counts[key] - 1
+        if count:
+            self.counts[key] = count
+        else:
+            del self.counts[key]
             del self.oldest[key]
+            del self.keys[key]
 
     def ripen(self, now_ns: int) -> None:
         """Sockets that became the threshold old join their series."""
-        waiting, threshold = self.waiting, self.threshold_ns
+        waiting, threshold, tracked = self.waiting, self.threshold_ns, self.tracked
         while waiting and max(0, now_ns - waiting[0][0]) >= threshold:
-            _e, _s, l = heapq.heappop(waiting)
-            ident = id(l)
-            if self.tracked.get(ident) is l and ident not in self.ripe:
-                self.ripe.add(ident)
-                self._place(l)
+            _e, ident, l = heapq.heappop(waiting)
+            rec = tracked.get(ident)
+            if rec is not None and rec[0] is l and rec[1] is WAITING:
+                self.n_waiting -= 1
+                self._place(ident, rec)
 
     def current(self, now_ns: int) -> dict:
         """{key: [count, oldest age s]} of the series with sockets now."""
         self.ripen(now_ns)
+        tracked = self.tracked
         out = {}
-        for key, group in self.members.items():
+        for key, count in self.counts.items():
             heap = self.oldest[key]
-            while group.get(id(heap[0][2])) is not heap[0][2]:
+            while True:
+                _e, ident, l = heap[0]
+                rec = tracked.get(ident)
+                if rec is not None and rec[0] is l and rec[1] is key:
+                    break
                 heapq.heappop(heap)
-            out[key] = [len(group), max(0, now_ns - heap[0][0]) / 1e9]
+            out[key] = [count, max(0, now_ns - heap[0][0]) / 1e9]
         return out
+
+
+# Where a tracked socket is in LiveSeries besides a series' key.
+WAITING = object()      # not yet the threshold old
+FILTERED = object()     # old enough, not shown (holder filter); or between series
 
 
 def build_families(view, state: MetricsState) -> tuple:
