@@ -685,3 +685,57 @@ def test_garbage_collections_are_timed_in_the_tracer_cost(tmp_path):
     assert timer in gc.callbacks
     w.tracer.restore_signals()
     assert timer not in gc.callbacks and w.tracer._gc_callback is None
+
+
+def test_state_after_a_large_batch_is_out_of_the_collectors_reach(tmp_path, monkeypatch):
+    """After a batch of FREEZE_AFTER sockets or more, gc.freeze(): full
+    collections no longer walk every reported socket's state; unfrozen
+    UNFREEZE_S later, and when the run ends."""
+    import gc
+    from closewait_trace.live import tracer as tracer_mod
+    monkeypatch.setattr(tracer_mod, "FREEZE_AFTER", 2)
+    gc.unfreeze()
+    w = World(tmp_path)
+    for i in range(2):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    w.tracer.start()
+    try:
+        w.step()
+        assert len(w.of("linger")) == 2
+        assert gc.get_freeze_count() > 0 and w.tracer._frozen_at is not None
+        monkeypatch.setattr(tracer_mod, "UNFREEZE_S", -1.0)
+        w.step()
+        assert gc.get_freeze_count() == 0 and w.tracer._frozen_at is None
+        monkeypatch.setattr(tracer_mod, "UNFREEZE_S", 600.0)
+        w.tracer._frozen_at = 0.0
+        gc.freeze()
+        w.tracer.restore_signals()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
+def test_a_large_batch_runs_without_the_collector(tmp_path, monkeypatch):
+    import gc
+    from closewait_trace.live import tracer as tracer_mod
+    monkeypatch.setattr(tracer_mod, "FREEZE_AFTER", 2)
+    w = World(tmp_path)
+    for i in range(2):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    seen = []
+    real = w.tracer.resolve
+
+    def resolve(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(w.tracer, "resolve", resolve)
+    w.tracer.start()
+    try:
+        w.step()
+        assert seen == [False] and gc.isenabled() and len(w.of("linger")) == 2
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        w.tracer.restore_signals()
