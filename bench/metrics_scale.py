@@ -114,7 +114,8 @@ def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
         out = {"sockets": total, "reported": reported, "report_s": round(report_s, 2),
                "idle_tick_mean_ms": cost.get("idle_mean_ms"),
                "idle_tick_max_ms": cost.get("idle_max_ms"),
-               "resolve_max_ms": cost.get("resolve_max_ms"), "rss_peak_mb": round(rss / 1024, 1)}
+               "resolve_max_ms": cost.get("resolve_max_ms"), "rss_peak_mb": round(rss / 1024, 1),
+               "gc_max_ms": cost.get("gc_max_ms")}
         if scraper:
             gaps = [b - a for a, b in zip(scraper.ticks, scraper.ticks[1:])]
             lat = sorted(scraper.latencies)

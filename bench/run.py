@@ -655,7 +655,8 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
                 "bpf_maps_mb": round(maps / 2**20, 1),
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
                 "map_read_max_ms": cost.get("map_read_max_ms"),
-                "resolve_max_ms": cost.get("resolve_max_ms")}
+                "resolve_max_ms": cost.get("resolve_max_ms"),
+                "gc_max_ms": cost.get("gc_max_ms"), "gc_collections": cost.get("gc_collections")}
     finally:
         stop_all(clients + holders + [tracer])
 
@@ -718,14 +719,14 @@ def markdown(churn: dict, scale: list, args) -> str:
                        f"{cpu} | {lost} | {st} | {ex} |")
         out.append("")
     if scale:
-        out += ["| sockets asked / in CLOSE_WAIT (ss, kernel) | reported with owner | last reported (s after close) | tracer RSS MB (peak) | BPF maps MB | idle tick max ms | full map read max ms | resolve batch max ms |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["| sockets asked / in CLOSE_WAIT (ss, kernel) | reported with owner | last reported (s after close) | tracer RSS MB (peak) | BPF maps MB | idle tick max ms | full map read max ms | resolve batch max ms | longest GC pass ms |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for s in scale:
             out.append(f"| {s['sockets']} / {s['in_close_wait_per_ss']}, {s['kernel_cw_enter']} | "
                        f"{s['with_owners']}/{s['reported']} | "
                        f"{s['report_s_after_close']} | {s['rss_mb']} ({s['rss_peak_mb']}) | "
                        f"{s['bpf_maps_mb']} | {s['idle_tick_max_ms']} | {s['map_read_max_ms']} | "
-                       f"{s['resolve_max_ms']} |")
+                       f"{s['resolve_max_ms']} | {s.get('gc_max_ms')} |")
     return "\n".join(out)
 
 

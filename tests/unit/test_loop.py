@@ -611,3 +611,131 @@ def test_events_made_while_the_kernel_detaches_are_written(tmp_path):
     w.tracer.run()
     assert [r["rport"] for r in w.of("transition")] == [4242]
     assert w.sink.records[-1]["counters"]["events_unread"] == 0
+
+
+@pytest.mark.parametrize("pids", [(), (200,)])
+def test_metrics_series_follow_the_loop_without_walking(tmp_path, pids):
+    """The loop tells --metrics' series (metrics.LiveSeries) of every socket
+    that arrives, is resolved, hidden by the holder filter or leaves: they
+    equal the walk of view.lingering() at each tick, a socket not yet the
+    threshold old included (counted once it is)."""
+    from closewait_trace.live import metrics
+    w = World(tmp_path, holder_filter=HolderFilter(pids=pids))
+    sink = metrics.MetricsSink()
+    w.tracer.sinks.append(sink)
+    w.hold(100, 40001, 5001, comm="keeper")
+    w.hold(200, 40002, 5002, comm="other")
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.hold(200, 40003, 5003, comm="other")
+    live = sink.state.live
+    assert live is not None
+
+    def same():
+        view = w.sink.views[-1]
+        walked = metrics.MetricsState(max_series=1000).per_series(
+            view.lingering(), view.now_ns, view.wall_ts)
+        assert live.current(view.now_ns) == {k: v for k, v in walked.items() if v[0]}
+        return walked
+
+    w.step()
+    assert sum(c for c, _ in same().values()) == (1 if pids else 2)
+    w.probe.enter(0xC, endpoints(40003), ago_s=0.0)
+    w.step(0.5)
+    same()
+    w.step(1.0)                     # 0xC is past the threshold now
+    assert sum(c for c, _ in same().values()) == (2 if pids else 3)
+    w.proc.process(200, comm="renamed", state="T")     # resolved again: new owners
+    w.step()
+    assert {k[0] for k in same()} >= {"renamed"}
+    w.probe.leave(0xB, pid=200, comm="other")
+    w.step()
+    assert sum(c for c, _ in same().values()) == (1 if pids else 2)
+
+
+def test_sockets_with_the_same_unknown_place_share_one_code(tmp_path):
+    """The `code` of sockets whose place is unknown for the same reasons is
+    one read-only dict (not one per socket), and their records say the same."""
+    w = World(tmp_path)
+    w.hold(100, 40001, 5001)
+    w.hold(100, 40002, 5002)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    a, b = sorted(w.tracer.tracker.by_skaddr.values(), key=lambda l: l.skaddr)
+    assert a.code is b.code and a.code == b.code
+    codes = [r["code"] for r in w.of("linger")]
+    assert len(codes) == 2 and codes[0] == codes[1] == a.code
+
+
+def test_garbage_collections_are_timed_in_the_tracer_cost(tmp_path):
+    """A slow tick at 100,000 sockets may be Python's cyclic collector: the
+    summary's tracer_cost says how long collections took, and the timer is
+    removed when the run gives its signals back."""
+    import gc
+    w = one_reported_socket(tmp_path)
+    gc.collect()
+    w.step()
+    cost = w.tracer.summary()["tracer_cost"]
+    assert cost["gc_collections"] >= 1 and cost["gc_max_ms"] > 0
+    assert cost["gc_total_ms"] >= cost["gc_max_ms"]
+    timer = w.tracer._gc_callback
+    assert timer in gc.callbacks
+    w.tracer.restore_signals()
+    assert timer not in gc.callbacks and w.tracer._gc_callback is None
+
+
+def test_state_after_a_large_batch_is_out_of_the_collectors_reach(tmp_path, monkeypatch):
+    """After a batch of FREEZE_AFTER sockets or more, gc.freeze(): full
+    collections no longer walk every reported socket's state; unfrozen
+    UNFREEZE_S later, and when the run ends."""
+    import gc
+    from closewait_trace.live import tracer as tracer_mod
+    monkeypatch.setattr(tracer_mod, "FREEZE_AFTER", 2)
+    gc.unfreeze()
+    w = World(tmp_path)
+    for i in range(2):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    w.tracer.start()
+    try:
+        w.step()
+        assert len(w.of("linger")) == 2
+        assert gc.get_freeze_count() > 0 and w.tracer._frozen_at is not None
+        monkeypatch.setattr(tracer_mod, "UNFREEZE_S", -1.0)
+        w.step()
+        assert gc.get_freeze_count() == 0 and w.tracer._frozen_at is None
+        monkeypatch.setattr(tracer_mod, "UNFREEZE_S", 600.0)
+        w.tracer._frozen_at = 0.0
+        gc.freeze()
+        w.tracer.restore_signals()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
+def test_a_large_batch_runs_without_the_collector(tmp_path, monkeypatch):
+    import gc
+    from closewait_trace.live import tracer as tracer_mod
+    monkeypatch.setattr(tracer_mod, "FREEZE_AFTER", 2)
+    w = World(tmp_path)
+    for i in range(2):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    seen = []
+    real = w.tracer.resolve
+
+    def resolve(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(w.tracer, "resolve", resolve)
+    w.tracer.start()
+    try:
+        w.step()
+        assert seen == [False] and gc.isenabled() and len(w.of("linger")) == 2
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        w.tracer.restore_signals()

@@ -167,7 +167,7 @@ def test_pid_reused_between_fd_scan_and_stat_read_is_not_named(fake, monkeypatch
 
     after_first_readlink(monkeypatch, f"{fake.root}/60/fd/5", reuse)
     own, diag = resolve_and_diagnose(fake)
-    assert own.holders == []
+    assert list(own.holders) == []
     assert "newcomer" not in diag.summary
 
 
@@ -259,7 +259,7 @@ def test_empty_or_garbage_stat_is_gone_not_a_crash(fake):
     with open(f"{fake.root}/92/stat", "w") as f:
         f.write("garbage without parens\n")
     own = owners.resolve([EP], fake.root)[EP]
-    assert own.holders == [] and own.kind == owners.OWNER_NONE
+    assert list(own.holders) == [] and own.kind == owners.OWNER_NONE
 
 
 def test_parse_cmdline_and_syscall():

@@ -453,6 +453,9 @@ class GatherWorker:
                 raise GatherFailed("worker answer too large")
             if len(self._buf) < _HEADER.size + size:
                 return
-            data = bytes(self._buf[_HEADER.size:_HEADER.size + size])
+            # Unpickled from the buffer itself: a copy first would double
+            # the tracer's peak for a large answer (100,000 owners: 60 MB).
+            with memoryview(self._buf) as view, view[_HEADER.size:_HEADER.size + size] as data:
+                value = pickle.loads(data)
             del self._buf[:_HEADER.size + size]
-            yield pickle.loads(data)
+            yield value

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import ipaddress
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 
@@ -249,6 +250,9 @@ class EofCapture:
                                 for i in range(py)))
 
 
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
 class EntryLayout:
     """Field offsets of struct cw_entry, taken from bcc's ctypes class for it
     (so the C file stays the only definition), for decoding raw map bytes.
@@ -263,6 +267,43 @@ class EntryLayout:
             inner = getattr(ep_type, name)
             self.fields[name] = (ep.offset + inner.offset, inner.size)
 
+        self._fast = self._compile()
+
+    def _compile(self):
+        """(offset, struct, positions of family, saddr, sport, daddr, dport,
+        netns) to unpack an entry's endpoint at once; None when the fields
+        are not plain integers and addresses in increasing offsets."""
+        names = ["family", "saddr", "sport", "daddr", "dport"]
+        if "netns" in self.fields:
+            names.append("netns")
+        if any(n not in self.fields for n in names):
+            return None
+        order = sorted(names, key=lambda n: self.fields[n][0])
+        start = cur = self.fields[order[0]][0]
+        fmt = "="
+        for name in order:
+            offset, size = self.fields[name]
+            if offset < cur:
+                return None
+            if offset > cur:
+                fmt += f"{offset - cur}x"
+            if name in ("saddr", "daddr"):
+                fmt += f"{size}s"
+            elif size in _INT_CODES:
+                fmt += _INT_CODES[size]
+            else:
+                return None
+            cur = offset + size
+        return start, struct.Struct(fmt), [order.index(n) for n in names]
+
+    def enter_ns_all(self, buf, count: int) -> list[int]:
+        """enter_ns of the first count entries of buf, in order."""
+        offset, size = self.fields["enter_ns"]
+        if size == 8 and offset % 8 == 0 and self.size % 8 == 0 and len(buf) >= count * self.size:
+            view = memoryview(buf)[:count * self.size].cast("Q")
+            return view[offset // 8::self.size // 8].tolist()
+        return [self.enter_ns(buf, i) for i in range(count)]
+
     def _int(self, buf, base: int, name: str) -> int:
         offset, size = self.fields[name]
         return int.from_bytes(buf[base + offset:base + offset + size], sys.byteorder)
@@ -275,6 +316,17 @@ class EntryLayout:
         return self._int(buf, index * self.size, "enter_ns")
 
     def endpoints(self, buf, index: int) -> Endpoints:
+        base = index * self.size
+        if self._fast is not None:
+            start, st, at = self._fast
+            v = st.unpack_from(buf, base + start)
+            family = v[at[0]]
+            return Endpoints(family, format_address(family, v[at[1]]), v[at[2]],
+                             format_address(family, v[at[3]]), v[at[4]],
+                             v[at[5]] if len(at) > 5 else 0)
+        return self.endpoints_slow(buf, index)
+
+    def endpoints_slow(self, buf, index: int) -> Endpoints:
         base = index * self.size
         family = self._int(buf, base, "family")
         return Endpoints(

@@ -353,14 +353,65 @@ def _first_error(text: str) -> str:
     return lines[-1].strip() if lines else "no detail"
 
 
+# The compiler's libraries: used to compile the program, not to run it.
+COMPILER_LIBRARIES = ("libLLVM", "libclang")
+MADV_DONTNEED = 4
+
+
+def compiler_code_ranges(smaps: str, names=COMPILER_LIBRARIES) -> list[tuple[int, int]]:
+    """(start, length) of the mappings of these libraries that no one can
+    have written: not writable, and no page of theirs copied on write
+    (Anonymous: 0 kB; a RELRO segment, written at relocation then made
+    read-only, has such pages and is left alone). Dropping the pages of
+    these loses nothing: they are the file's, read again if ever touched."""
+    out: list[tuple[int, int]] = []
+    current = None
+    for line in smaps.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = None
+            path = head[5].strip() if len(head) > 5 else ""
+            base = path.rsplit("/", 1)[-1]
+            perms = head[1]
+            if (path.startswith("/") and base.startswith(names) and "w" not in perms
+                    and perms.endswith("p")):
+                lo, _, hi = head[0].partition("-")
+                current = (int(lo, 16), int(hi, 16) - int(lo, 16))
+        elif current is not None and line.startswith("Anonymous:"):
+            if line.split()[1] == "0":
+                out.append(current)
+            current = None
+    return out
+
+
+def drop_compiler_pages(names=COMPILER_LIBRARIES, smaps_path: str = "/proc/self/smaps") -> int:
+    """Unmap the resident pages of the compiler's code and read-only data
+    (about 85 MB of libLLVM and libclang-cpp after a compile, counted in
+    the tracer's RSS for as long as it runs). Returns the bytes advised."""
+    try:
+        with open(smaps_path) as f:
+            ranges = compiler_code_ranges(f.read(), names)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (OSError, AttributeError):
+        return 0
+    done = 0
+    for start, length in ranges:
+        if libc.madvise(start, length, MADV_DONTNEED) == 0:
+            done += length
+    return done
+
+
 def _release_compiler_memory() -> None:
     """bcc compiles in-process with LLVM and frees most of that memory
     afterwards, but glibc keeps freed heap pages; hand them back so the
-    tracer's resident size is what it uses, not what clang once needed."""
+    tracer's resident size is what it uses, not what clang once needed.
+    The compiler's own code pages go too (drop_compiler_pages)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    drop_compiler_pages()
 
 
 @dataclass
@@ -519,7 +570,7 @@ class KernelProbe:
                 keys.append(k.value)
                 raw += bytes(v)
         layout = self._layout
-        entries = {k: layout.enter_ns(raw, i) for i, k in enumerate(keys)}
+        entries = dict(zip(keys, layout.enter_ns_all(raw, len(keys))))
         index = {k: i for i, k in enumerate(keys)}
         return entries, lambda k: layout.endpoints(raw, index[k])
 

@@ -14,6 +14,7 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -61,6 +62,15 @@ MAX_NETNS_PER_BATCH = 64
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
 MAX_RESOLVE_ATTEMPTS = 3
+# A batch of at least this many sockets runs without the cyclic collector,
+# and what is alive after it is moved out of its reach (gc.freeze): full
+# collections walked the state of every reported socket again and again,
+# 0.3-0.8 s each at 100,000 (tracer_cost's gc_max_ms). That state has no
+# cycles and is freed by reference counting when its socket leaves; a cycle
+# among frozen objects waits for the next unfreeze, at most UNFREEZE_S
+# after the first freeze.
+FREEZE_AFTER = 1000
+UNFREEZE_S = 600.0
 
 
 # Signals that end the trace the normal way (summary, recording closed):
@@ -143,6 +153,9 @@ class LiveTracer:
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _eof_captured_seen: Optional[int] = None   # the kernel's eof_captured at the last look
+    # (why, why_open) -> the one `code` dict of every socket with those reasons
+    # (a fixed set of texts): read-only, copied before a place is added.
+    _codes_unknown: dict = field(default_factory=dict)
     _keys: Optional[tuple] = None       # _capture_keys() of the batch being resolved
     _final_drain: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
@@ -153,7 +166,11 @@ class LiveTracer:
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
-        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0})
+        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
+        "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
+    _gc_callback: Optional[Callable] = None
+    _gc_started: float = 0.0
+    _frozen_at: Optional[float] = None      # monotonic time of the last gc.freeze()
 
     # ------------------------------------------------------------ plumbing
 
@@ -212,6 +229,21 @@ class LiveTracer:
             self.stopping = True
         self._previous_handlers = {sig: signal.signal(sig, on_stop_signal)
                                    for sig in STOP_SIGNALS}
+        # Python's cyclic collector walks every tracked object: with 100,000
+        # sockets' state, one pass can take longer than a tick. Timed, so
+        # that a slow tick can be told from a slow collection (tracer_cost).
+        stats = self.tick_stats
+
+        def on_gc(phase, _info):
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+                return
+            took = (time.perf_counter() - self._gc_started) * 1000
+            stats["gc_collections"] += 1
+            stats["gc_total_ms"] += took
+            stats["gc_max_ms"] = max(stats["gc_max_ms"], took)
+        self._gc_callback = on_gc
+        gc.callbacks.append(on_gc)
         self.start_ns = self.now_ns()
         self.started_ts = time.time()
         gatherer = self.resolver.worker
@@ -228,6 +260,10 @@ class LiveTracer:
             self.start_snapshot_failed = e.why
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
+        for sink in self.sinks:
+            attach = getattr(sink, "attach_lingering", None)
+            if attach is not None:      # keeps its view as sockets arrive and leave
+                attach(self.tracker, self.config.threshold_ns, self.holder_filter.active)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
         # Before "ready": a CPython process's EOF read from then on carries
         # its Python frames.
@@ -393,6 +429,12 @@ class LiveTracer:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+        self._gc_callback = None
+        if self._frozen_at is not None:
+            gc.unfreeze()
+            self._frozen_at = None
 
     def drain(self, deadline: Optional[float] = None) -> None:
         """Write out the pending events. A stop signal, or the deadline (the
@@ -504,9 +546,24 @@ class LiveTracer:
             self.take_late_eof_reads(counters)
         if resolve and due:
             resolving = time.monotonic()
-            self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
+            large = len(due) >= FREEZE_AFTER and gc.isenabled()
+            if large:
+                gc.disable()    # what the batch makes survives it: nothing to collect
+            try:
+                self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
+            finally:
+                if large:
+                    gc.freeze()
+                    gc.enable()
+                    # From the first freeze: batches in a row do not put the
+                    # unfreeze off for ever.
+                    if self._frozen_at is None:
+                        self._frozen_at = time.monotonic()
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
+        if self._frozen_at is not None and time.monotonic() - self._frozen_at > UNFREEZE_S:
+            gc.unfreeze()
+            self._frozen_at = None
         view = self.view(counters, now_ns)
         for sink in self.sinks:
             sink.tick(view)
@@ -588,6 +645,7 @@ class LiveTracer:
                 taken = self.take_captures(l)
                 if not matches:
                     l.hidden = True     # not the user's process: never shown
+                    self.tracker.relabel(l)
                     continue
                 for kind, capture in taken:
                     captures[(id(l), kind)] = (l, capture)
@@ -603,6 +661,7 @@ class LiveTracer:
                 before = l.diagnosis.summary if l.diagnosis else None
                 self.unwatch(l)         # its holders may have changed too
             l.ownership = own
+            self.tracker.relabel(l)
             l.diagnosis = (self.resolver.diagnose(own, evidence_cache, self.eof_reader(l),
                                                   self.opener(l))
                            if own else None)
@@ -632,7 +691,7 @@ class LiveTracer:
         if l.pre_existing or l.skaddr is None:
             why = why_open = records.CODE_PRE_EXISTING
         if why is not None and why_open is not None:
-            l.code = records.code_unknown(why, why_open)
+            l.code = self._code_unknown(why, why_open)
             return []
         taken = []
         eof_keys, open_keys = self._capture_keys()
@@ -654,8 +713,17 @@ class LiveTracer:
         elif why_open is None and (self.last_counters.get("open_rate_limited")
                                    or self.last_counters.get("open_map_full")):
             why_open = records.CODE_OPEN_NOT_KEPT
-        l.code = records.code_unknown(why, why_open)
+        l.code = self._code_unknown(why, why_open)
         return taken
+
+    def _code_unknown(self, why, why_open) -> dict:
+        """records.code_unknown, one dict shared by the sockets with the same
+        reasons (184 bytes a socket otherwise: 18 MB at 100,000)."""
+        key = (why, why_open)
+        code = self._codes_unknown.get(key)
+        if code is None:
+            code = self._codes_unknown[key] = records.code_unknown(why, why_open)
+        return code
 
     def _capture_keys(self) -> tuple:
         """(sockets with an EOF-read capture, with a connect() capture), read

@@ -36,6 +36,7 @@ Command names are what `/proc` hides from other users under hidepid=2:
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
 import os
 import time
@@ -80,9 +81,11 @@ RESERVED_COMMS = (COMM_OTHER, COMM_UNRESOLVED, COMM_NO_HOLDER, COMM_DENIED, COMM
                   COMM_HIDDEN, COMM_UNREADABLE)
 UNIX_PREFIX = "unix:"
 OTHER = (COMM_OTHER, "other", "other")
-# The snapshot is rebuilt at most this often: building it walks every
-# lingering socket (about 70 ms a tick for 10,000 on a loaded 2-core machine,
-# docs/benchmarks.md), and nobody scrapes more often than once a second.
+# The snapshot is rebuilt at most this often: nobody scrapes more often than
+# once a second. A rebuild costs the sockets that arrived, left or were
+# resolved since the last one and the number of series (LiveSeries), not a
+# walk of every lingering socket (which took up to a second at 100,000 on a
+# loaded 2-core machine, docs/benchmarks.md).
 MIN_REFRESH_S = 1.0
 
 
@@ -194,6 +197,9 @@ class MetricsState:
         # labels change only when it is resolved again, so a tick with
         # 100,000 lingering sockets does not recompute them.
         self._labels: dict[int, tuple] = {}
+        # Kept as sockets arrive and leave, once the tracer attaches it
+        # (MetricsSink.attach_lingering); until then each snapshot walks.
+        self.live: Optional[LiveSeries] = None
 
     def count_lingered(self, cause: str) -> None:
         cause = clean_label(cause)
@@ -225,6 +231,12 @@ class MetricsState:
         self._labels = labels
         current = {key: [count, first.age_bound_ns(now_ns) / 1e9]
                    for key, (count, first) in groups.items()}
+        return self.rank(current, wall_ts)
+
+    def rank(self, current: dict, wall_ts: float) -> dict:
+        """{(comm, port, side): [count, oldest_age_s]} of the series with
+        sockets now -> the exported series, capped (cost: the series, not
+        the sockets)."""
         for key in current:
             self.last_seen[key] = wall_ts
         for key in [k for k, ts in self.last_seen.items()
@@ -247,6 +259,149 @@ class MetricsState:
         return out
 
 
+class LiveSeries:
+    """The (comm, port, side) series kept as sockets arrive and leave, so
+    that a snapshot costs the changes since the last one and the number of
+    series, not a walk of every lingering socket (issue 20).
+
+    The tracker tells it (Tracker.observers) when a socket starts being
+    tracked (added), stops (removed), and when its owners, its report or
+    its being hidden changed (changed). A socket is in a series when it is
+    tracked, at least the threshold old (its age bound: the same test as
+    LiveTracer.lingering) and, with a holder filter, reported and not
+    hidden: exactly the sockets the walk counted.
+
+    Sockets not yet the threshold old wait in a heap by the time they may
+    have entered CLOSE_WAIT, and join their series when the clock passes
+    it. Each series keeps its count and a heap by the same time for its
+    oldest; a socket that left or moved is dropped from a heap lazily, when
+    it comes to the top, and a heap grown to twice its live entries plus a
+    margin is rebuilt (amortized, each entry is pushed and popped once).
+
+    Per socket: one entry in `tracked` (its id, shared by every heap entry
+    of it) and one heap entry; a series' key is one tuple for all its
+    sockets (about 220 bytes a socket in all).
+    """
+
+    def __init__(self, threshold_ns: int, filter_active: bool, no_comm: bool = False):
+        self.threshold_ns = threshold_ns
+        self.filter_active = filter_active
+        self.no_comm = no_comm
+        # id -> [Lingerer, where]: where is WAITING, FILTERED (old enough,
+        # but hidden by the holder filter) or its series' key.
+        self.tracked: dict[int, list] = {}
+        self.waiting: list = []                   # heap (earliest_enter_ns, id, Lingerer)
+        self.counts: dict[tuple, int] = {}        # key -> sockets in that series
+        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, id, Lingerer)
+        self.keys: dict[tuple, tuple] = {}        # one tuple per key
+        self.n_waiting = 0
+
+    # ------------------------------------------------ the tracker's calls
+
+    def added(self, l) -> None:
+        ident = id(l)
+        self.tracked[ident] = [l, WAITING]
+        self.n_waiting += 1
+        heapq.heappush(self.waiting, (l.earliest_enter_ns, ident, l))
+        if len(self.waiting) > 2 * self.n_waiting + 64:
+            self.waiting = [(w.earliest_enter_ns, i, w) for i, (w, where) in self.tracked.items()
+                            if where is WAITING]
+            heapq.heapify(self.waiting)
+
+    def removed(self, l) -> None:
+        rec = self.tracked.get(id(l))
+        if rec is None or rec[0] is not l:
+            return
+        del self.tracked[id(l)]
+        if rec[1] is WAITING:
+            self.n_waiting -= 1
+        else:
+            self._unplace(rec)
+
+    def changed(self, l) -> None:
+        ident = id(l)
+        rec = self.tracked.get(ident)
+        if rec is not None and rec[0] is l and rec[1] is not WAITING:
+            self._unplace(rec)
+            self._place(ident, rec)
+
+    # ----------------------------------------------------------- series
+
+    def _place(self, ident: int, rec: list) -> None:
+        l = rec[0]
+        if self.filter_active and (l.hidden or not l.reported):
+            rec[1] = FILTERED
+            return
+        key = socket_labels(l, self.no_comm)
+        key = self.keys.setdefault(key, key)
+        rec[1] = key
+        count = self.counts.get(key)
+        if count is None:
+            self.counts[key] = 1
+            heap = self.oldest[key] = []
+        else:
+            self.counts[key] = count + 1
+            heap = self.oldest[key]
+        heapq.heappush(heap, (l.earliest_enter_ns, ident, l))
+        if len(heap) > 2 * self.counts[key] + 16:
+            self.oldest[key] = self._live(key, heap)
+
+    def _live(self, key: tuple, heap: list) -> list:
+        """The heap's entries still in the series, once each."""
+        tracked, seen, out = self.tracked, set(), []
+        for entry in heap:
+            rec = tracked.get(entry[1])
+            if rec is not None and rec[0] is entry[2] and rec[1] is key and entry[1] not in seen:
+                seen.add(entry[1])
+                out.append(entry)
+        heapq.heapify(out)
+        return out
+
+    def _unplace(self, rec: list) -> None:
+        key = rec[1]
+        rec[1] = FILTERED
+        if key is FILTERED:
+            return
+        count = self.counts[key] - 1
+        if count:
+            self.counts[key] = count
+        else:
+            del self.counts[key]
+            del self.oldest[key]
+            del self.keys[key]
+
+    def ripen(self, now_ns: int) -> None:
+        """Sockets that became the threshold old join their series."""
+        waiting, threshold, tracked = self.waiting, self.threshold_ns, self.tracked
+        while waiting and max(0, now_ns - waiting[0][0]) >= threshold:
+            _e, ident, l = heapq.heappop(waiting)
+            rec = tracked.get(ident)
+            if rec is not None and rec[0] is l and rec[1] is WAITING:
+                self.n_waiting -= 1
+                self._place(ident, rec)
+
+    def current(self, now_ns: int) -> dict:
+        """{key: [count, oldest age s]} of the series with sockets now."""
+        self.ripen(now_ns)
+        tracked = self.tracked
+        out = {}
+        for key, count in self.counts.items():
+            heap = self.oldest[key]
+            while True:
+                _e, ident, l = heap[0]
+                rec = tracked.get(ident)
+                if rec is not None and rec[0] is l and rec[1] is key:
+                    break
+                heapq.heappop(heap)
+            out[key] = [count, max(0, now_ns - heap[0][0]) / 1e9]
+        return out
+
+
+# Where a tracked socket is in LiveSeries besides a series' key.
+WAITING = object()      # not yet the threshold old
+FILTERED = object()     # old enough, not shown (holder filter); or between series
+
+
 def build_families(view, state: MetricsState) -> tuple:
     """All metric families for one TickView."""
     labels = list(SOCKET_LABELS)
@@ -259,8 +414,11 @@ def build_families(view, state: MetricsState) -> tuple:
         "Age of the oldest of them (estimated and lower-bound ages included; "
         "a keepalive range by its upper end)",
         labels=labels)
-    for key, (count, age) in sorted(state.per_series(view.lingering(), view.now_ns,
-                                                     view.wall_ts).items()):
+    if state.live is not None:
+        series = state.rank(state.live.current(view.now_ns), view.wall_ts)
+    else:
+        series = state.per_series(view.lingering(), view.now_ns, view.wall_ts)
+    for key, (count, age) in sorted(series.items()):
         sockets.add_metric(list(key), count)
         oldest.add_metric(list(key), round(age, 3))
 
@@ -410,12 +568,27 @@ class MetricsSink:
         self._rendered[content_type] = (families, now, body)
         return body, content_type
 
+    def attach_lingering(self, tracker, threshold_ns: int, filter_active: bool) -> None:
+        """Keep the series as the tracker's sockets arrive and leave
+        (LiveSeries) instead of walking them all at each snapshot; the
+        sockets tracked already are taken once, now."""
+        live = LiveSeries(threshold_ns, filter_active, self.state.no_comm)
+        for l in tracker.lingering():
+            live.added(l)
+        tracker.observers.append(live)
+        self.state.live = live
+
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):
             diag = rec.get("diagnosis") or {}
             self.state.count_lingered(str(diag.get(LABEL_FIELDS[CAUSE_LABEL][1]) or "unknown"))
 
     def tick(self, view) -> None:
+        if self.state.live is not None:
+            # At every tick, not only when the snapshot is rebuilt: sockets
+            # that crossed the threshold join their series in the tick that
+            # reported them, not in a later one that had nothing to do.
+            self.state.live.ripen(view.now_ns)
         if view.wall_ts - self._built_at < MIN_REFRESH_S:
             return
         self._built_at = view.wall_ts

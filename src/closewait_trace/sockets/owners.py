@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from closewait_trace.sockets import procfs, procnet
 from closewait_trace.kernel import tcpstates
@@ -73,20 +73,23 @@ class Holder:
 @dataclass(slots=True)
 class Ownership:
     kind: str
-    holders: list[Holder] = field(default_factory=list)
+    # Sequences, empty as the shared () (three empty lists were 168 bytes
+    # of every socket's state, and of every pickled answer): never changed
+    # in place, only replaced.
+    holders: Sequence[Holder] = ()
     netns: Optional[int] = None
     inode: int = 0
     rx_queue: int = 0                 # /proc/net/tcp rx_queue: data + unread FIN
     # The LISTEN socket on the same local port: for OWNER_ACCEPT_QUEUE the
     # one it waits on; for OWNER_FD the one it was most likely accepted from.
     listener: Optional[TcpRow] = None
-    listener_holders: list[Holder] = field(default_factory=list)
+    listener_holders: Sequence[Holder] = ()
     # OWNER_AMBIGUOUS: every namespace with these addresses in CLOSE_WAIT.
-    other_netns: list[int] = field(default_factory=list)
+    other_netns: Sequence[int] = ()
     # Processes whose fd table we were not allowed to read in this batch: any
     # of them may hold the socket too (0 when running with full privileges).
     denied_processes: int = 0
-    denied_named: list[str] = field(default_factory=list)   # the first few, "pid/comm"
+    denied_named: Sequence[str] = ()   # the first few, "pid/comm"
     # Not found in the namespaces we could read, while this many processes
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
@@ -371,9 +374,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
         own.denied_processes = denied
         own.denied_named = named
         if own.kind == OWNER_FD:
-            own.holders = scan.holders.get(own.inode, [])
+            own.holders = scan.holders.get(own.inode, ())
             if not own.holders:
                 own.kind = OWNER_DENIED if denied else OWNER_NONE
         if own.listener is not None:
-            own.listener_holders = scan.holders.get(own.listener.inode, [])
+            own.listener_holders = scan.holders.get(own.listener.inode, ())
     return result

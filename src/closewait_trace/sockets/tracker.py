@@ -131,10 +131,26 @@ class Tracker:
     # them (took_left): what the caller watches is dropped by these, not by
     # asking of every watched socket at every tick whether it still lingers.
     left: list[Lingerer] = field(default_factory=list)
+    # Told of every socket that starts (added) and stops (removed) being
+    # tracked, and of a reported one's new owners (changed): what the
+    # metrics keep up to date without walking every socket (metrics.LiveSeries).
+    observers: list = field(default_factory=list)
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
-        if l is not None and l.reported:
-            self.left.append(l)
+        if l is not None:
+            if l.reported:
+                self.left.append(l)
+            for o in self.observers:
+                o.removed(l)
+
+    def _added(self, l: Lingerer) -> None:
+        for o in self.observers:
+            o.added(l)
+
+    def relabel(self, l: Lingerer) -> None:
+        """Its owners, its being reported or hidden changed."""
+        for o in self.observers:
+            o.changed(l)
 
     def take_left(self) -> list[Lingerer]:
         out, self.left = self.left, []
@@ -175,6 +191,7 @@ class Tracker:
         self.pre_existing[l.endpoints] = l
         self.pre_by_address.setdefault(l.endpoints.address_key, set()).add(l.endpoints)
         self.pending[id(l)] = l
+        self._added(l)
 
     def _pop_pre_existing(self, endpoints: Endpoints) -> Optional[Lingerer]:
         l = self.pre_existing.pop(endpoints, None)
@@ -228,6 +245,8 @@ class Tracker:
                 l = Lingerer(endpoints=endpoints_of(skaddr), enter_ns=enter_ns, skaddr=skaddr)
                 self.by_skaddr[skaddr] = l
                 self.pending[id(l)] = l
+                if self.observers:
+                    self._added(l)
         if len(entries) != len(self.by_skaddr):
             for skaddr in [s for s in self.by_skaddr if s not in entries]:
                 gone = self.by_skaddr.pop(skaddr)
@@ -267,6 +286,8 @@ class Tracker:
     def mark_reported(self, l: Lingerer) -> None:
         l.reported = True
         self.pending.pop(id(l), None)
+        if self.observers:
+            self.relabel(l)
 
     def lingering(self) -> list[Lingerer]:
         return list(self.pre_existing.values()) + list(self.by_skaddr.values())
