@@ -62,15 +62,6 @@ MAX_NETNS_PER_BATCH = 64
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
 MAX_RESOLVE_ATTEMPTS = 3
-# A batch of at least this many sockets runs without the cyclic collector,
-# and what is alive after it is moved out of its reach (gc.freeze): full
-# collections walked the state of every reported socket again and again,
-# 0.3-0.8 s each at 100,000 (tracer_cost's gc_max_ms). That state has no
-# cycles and is freed by reference counting when its socket leaves; a cycle
-# among frozen objects waits for the next unfreeze, at most UNFREEZE_S
-# after the first freeze.
-FREEZE_AFTER = 1000
-UNFREEZE_S = 600.0
 
 
 # Signals that end the trace the normal way (summary, recording closed):
@@ -170,7 +161,6 @@ class LiveTracer:
         "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
     _gc_callback: Optional[Callable] = None
     _gc_started: float = 0.0
-    _frozen_at: Optional[float] = None      # monotonic time of the last gc.freeze()
 
     # ------------------------------------------------------------ plumbing
 
@@ -432,9 +422,6 @@ class LiveTracer:
         if self._gc_callback in gc.callbacks:
             gc.callbacks.remove(self._gc_callback)
         self._gc_callback = None
-        if self._frozen_at is not None:
-            gc.unfreeze()
-            self._frozen_at = None
 
     def drain(self, deadline: Optional[float] = None) -> None:
         """Write out the pending events. A stop signal, or the deadline (the
@@ -546,24 +533,9 @@ class LiveTracer:
             self.take_late_eof_reads(counters)
         if resolve and due:
             resolving = time.monotonic()
-            large = len(due) >= FREEZE_AFTER and gc.isenabled()
-            if large:
-                gc.disable()    # what the batch makes survives it: nothing to collect
-            try:
-                self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
-            finally:
-                if large:
-                    gc.freeze()
-                    gc.enable()
-                    # From the first freeze: batches in a row do not put the
-                    # unfreeze off for ever.
-                    if self._frozen_at is None:
-                        self._frozen_at = time.monotonic()
+            self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
-        if self._frozen_at is not None and time.monotonic() - self._frozen_at > UNFREEZE_S:
-            gc.unfreeze()
-            self._frozen_at = None
         view = self.view(counters, now_ns)
         for sink in self.sinks:
             sink.tick(view)
