@@ -619,7 +619,7 @@ def test_metrics_series_follow_the_loop_without_walking(tmp_path, pids):
     that arrives, is resolved, hidden by the holder filter or leaves: they
     equal the walk of view.lingering() at each tick, a socket not yet the
     threshold old included (counted once it is)."""
-    from closewait_trace.live import metrics
+    from closewait_trace.output import metrics
     w = World(tmp_path, holder_filter=HolderFilter(pids=pids))
     sink = metrics.MetricsSink()
     w.tracer.sinks.append(sink)

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.live import metrics
-from closewait_trace.live.sinks import TickView
+from closewait_trace.output import metrics
+from closewait_trace.output.sinks import TickView
 from closewait_trace.live.tracer import LiveTracer
 from closewait_trace.sockets import ages
 from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_FD, OWNER_NONE, Holder, Ownership
