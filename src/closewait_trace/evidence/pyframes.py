@@ -52,6 +52,8 @@ ANCHORS = frozenset({b"_PyRuntime", b"PyCode_Type", b"PyUnicode_Type", b"PyBytes
 # (debug_layout), not from LAYOUTS.
 DEBUG_OFFSETS_VERSIONS = frozenset({(3, 13)})
 
+MAX_INTERPRETER_FILES = 4     # distinct files named like an interpreter, examined per
+                              # process (a program maps python3.X and maybe libpython)
 MAX_INTERPRETERS = 8          # subinterpreters walked
 MAX_THREAD_STATES = 1024      # thread states walked, all interpreters together
 MAX_FRAMES = 32               # frames kept per thread (innermost first)
@@ -330,6 +332,12 @@ def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
         match = INTERPRETER_FILE.match(name)
         if not match or not m.file_backed or (m.dev, m.inode) in seen:
             continue
+        if len(seen) >= MAX_INTERPRETER_FILES:
+            # Each is an ELF file parsed: a process mapping thousands of
+            # them (copies of any small ELF, named python3.X) would spend
+            # the scan's whole deadline, everyone else's share of it.
+            return None, (f"interpreter not found among its first {MAX_INTERPRETER_FILES} "
+                          f"files named like one")
         seen.add((m.dev, m.inode))
         path = image.file_of(m)
         if path is None:
