@@ -188,6 +188,7 @@ class ProcessImage:
         self._root_dev: Optional[str] = None
         self._fds: list = []             # O_PATH descriptors of file_of (_held)
         self._files: dict = {}           # file_of's answers, by mapping
+        self._mount_devices: Optional[dict] = None  # mount id -> device (_mount_device)
 
     def mapping(self, addr: int) -> Optional[Mapping]:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -225,13 +226,15 @@ class ProcessImage:
         """The device ("major:minor") of the mount with that id, from the
         process's mountinfo or the tracer's (ids are the kernel's own);
         "" if in neither."""
-        for who in (self.pid, "self"):
-            text = _read_capped(f"{self.proc}/{who}/mountinfo", MAX_MOUNTINFO_BYTES)
-            for line in text.splitlines():
-                fields = line.split(None, 3)
-                if len(fields) >= 3 and fields[0] == str(mount_id):
-                    return fields[2]
-        return ""
+        if self._mount_devices is None:         # read once per image (4 MB each at most)
+            self._mount_devices = {}
+            for who in ("self", self.pid):       # the process's own last: it decides
+                text = _read_capped(f"{self.proc}/{who}/mountinfo", MAX_MOUNTINFO_BYTES)
+                for line in text.splitlines():
+                    fields = line.split(None, 3)
+                    if len(fields) >= 3:
+                        self._mount_devices[fields[0]] = fields[2]
+        return self._mount_devices.get(str(mount_id), "")
 
     def _in_our_user_namespace(self) -> bool:
         if self._same_userns is None:
