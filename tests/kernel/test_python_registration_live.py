@@ -335,3 +335,67 @@ def test_without_sys_admin_the_interpreter_is_found_by_its_path(procs, public_di
     finally:
         reader.kill()
         reader.wait()
+
+
+# Maps a small ELF file named python3.11 (not needed to run) below its
+# binary, where a reader meets it first; told to, maps a FUSE file (whose
+# server never answers a READ) over that very range, read-only: the range
+# is the same, /proc/PID/map_files has an entry for it, and that entry now
+# names the FUSE file.
+SWAPS_A_MAPPING = """\
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+MAP_PRIVATE, MAP_FIXED = 0x02, 0x10
+at = 0x10000
+
+
+def map_at(path):
+    fd = os.open(path, os.O_RDONLY)
+    got = libc.mmap(at, 4096, 1, MAP_PRIVATE | MAP_FIXED, fd, 0)
+    os.close(fd)
+    assert got == at, ctypes.get_errno()
+
+
+map_at(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+map_at(sys.argv[2])
+print("swapped", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_mapping_swapped_for_a_fuse_file_is_not_opened_through_map_files(procs, public_dir):
+    """The reader decides from the maps it parsed that the interpreter's
+    mapping is on a local filesystem; its user then maps a FUSE file over
+    that very range (as fusermount3 lets any user serve one; root mounts it
+    here). map_files' entry for the range now names the FUSE file: it was
+    opened and read, and the read waited on the server for good. The file
+    behind the entry must be the mapping's own (device and inode, asked
+    without a word to the server), else it is not opened."""
+    fuse = NeverReads(os.path.join(public_dir, "mnt")).start()
+    reader = None
+    try:
+        decoy = os.path.join(public_dir, "d", "python3.11")
+        os.makedirs(os.path.dirname(decoy), mode=0o755)
+        shutil.copy("/lib/x86_64-linux-gnu/libdl.so.2", decoy)
+        holder = subprocess.Popen(NOBODY + [PYTHON, "-c", SWAPS_A_MAPPING, decoy, fuse.path],
+                                  text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(holder)
+        assert holder.stdout.readline().strip() == "ready"
+        reader = reader_of(holder.pid)                  # its maps parsed: the decoy's file
+        holder.stdin.write("swap\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "swapped"
+        out = answer(reader)
+        assert out.startswith("not found interpreter python3.11 not read"), out
+        assert fuse.reads == 0
+        assert holder.poll() is None
+    finally:
+        fuse.stop()
+        if reader is not None:
+            reader.kill()
+            reader.wait()

@@ -238,3 +238,44 @@ def test_a_server_started_after_the_trace_is_registered_at_its_first_diagnosis(
     assert read["python"][0] == {"function": "Handler.handle", "file": script.path,
                                  "line": line_of(script, "# READS EOF")}, read.get("python")
     tracer.stop()
+
+
+# 3.13: debug offsets that pass every structure's own bounds but put the
+# code object's co_filename past co_code_adaptive (its size raised to make
+# room), where the reader stops reading a code object.
+FORGED_CODE_OFFSETS = """
+def corrupt():
+    at = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
+    import struct
+    # code_object.size, code_object.filename (fields 33 and 34).
+    ctypes.memmove(at + 8 + 8 * 33, struct.pack("<2Q", 2048, 1024), 16)
+"""
+
+
+def test_an_unprivileged_313_holder_forging_its_code_object_layout_gets_a_reason(
+        procs, scripts):
+    """nobody's 3.13 holder forges where a code object's fields are: its
+    frames are refused with what did not check out, not "Python frames not
+    read (error)" from a struct.error in every frame's read (the tracer's
+    problem counted for what a user wrote into its own memory)."""
+    port = free_port()
+    script = Script((3, 13), "worker.py", WORKER.format(port=port, corrupt=FORGED_CODE_OFFSETS))
+    scripts.append(script)
+    holder = subprocess.Popen(["chroot", "--userspec=65534:65534"] + script.argv[1:],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"
+    with open(f"/proc/{holder.pid}/status") as f:
+        assert next(l for l in f if l.startswith("Uid:")).split()[1] == "65534"
+    tracer = Tracer(["-p", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    socket.create_connection(("127.0.0.1", port)).close()
+    rec = linger_of(tracer, port)
+    assert holder.poll() is None
+    process = [r for r in tracer.of("process") if r["pid"] == holder.pid][0]
+    assert all(not t.get("python") for t in process["threads"]), process["threads"]
+    why = process.get("python_not_read", "")
+    assert "code_object.filename at 1024, outside the code object's first" in why, why
+    assert rec["diagnosis"]["cause"] == "blocked_elsewhere"
+    tracer.stop()

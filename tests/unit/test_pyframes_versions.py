@@ -279,3 +279,29 @@ def test_c_stack_entry_frames_are_skipped_and_an_endless_run_of_them_is_bounded(
     found = pyframes.thread_frames(image, time.monotonic() + 5, {42}, process(image, 0x100_0000))
     assert found[42] == []
     assert image.reads <= 2 * pyframes.MAX_FRAMES + 10
+
+
+def test_code_object_fields_past_what_is_read_of_it_are_refused_not_raised(tmp_path):
+    """A code object is read as its first co_code_adaptive bytes: a 3.13
+    holder whose debug offsets put co_filename past them (its code_object
+    size raised to make room) is refused with a reason. Before, the layout
+    was believed and each frame's read raised struct.error, said as
+    "Python frames not read (error)" and counted as the tracer's problem."""
+    raw = _good_313_offsets(tmp_path)
+    good = pyframes.debug_layout(raw, (3, 13))
+    for field in ("filename", "qualname", "linetable", "firstlineno"):
+        forged = _with(_with(raw, "code_object.size", 2048), f"code_object.{field}", 1024)
+        with pytest.raises(pyframes.Unreadable, match=f"code_object.{field} at 1024, outside"):
+            pyframes.debug_layout(forged, (3, 13))
+    # Inside the object header (its type pointer): not a field either.
+    with pytest.raises(pyframes.Unreadable, match="code_object.qualname at 8"):
+        pyframes.debug_layout(_with(raw, "code_object.qualname", 8), (3, 13))
+    # And the reader never raises on such a layout, whoever made it.
+    import dataclasses
+    from tests.unit import test_pyframes as t
+    image = t.FakeImage()
+    t._code(image, 0x60_0000, "handle")
+    runtime = pyframes.Runtime((3, 13), dataclasses.replace(t.LAY, code_filename=1024),
+                               0x40_0000, t.CODE_T, t.STR_T, t.BYTES_T)
+    assert pyframes._code(pyframes._Memory(image), runtime, 0x60_0000) is None
+    assert good.code_filename + 8 <= good.code_adaptive

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -137,6 +138,31 @@ def _openat2(dirfd: int, path: str, flags: int, resolve: int) -> Optional[int]:
     return fd if fd >= 0 else None
 
 
+_AT_EMPTY_PATH, _AT_STATX_DONT_SYNC = 0x1000, 0x4000
+_STATX_INO, _STATX_MNT_ID = 0x100, 0x1000
+
+
+def _cached_identity(fd: int) -> Optional[tuple]:
+    """("major:minor", inode, mount id) of the file fd refers to, from
+    what the kernel holds: statx(AT_STATX_DONT_SYNC) asks no server (a
+    FUSE one would be asked for the attributes by fstat, and may never
+    answer). None if statx is not there."""
+    import ctypes
+    try:
+        statx = ctypes.CDLL(None, use_errno=True).statx
+    except AttributeError:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    if statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_INO | _STATX_MNT_ID,
+             buf) != 0:
+        return None
+    mask, = struct.unpack_from("<I", buf, 0)
+    ino, = struct.unpack_from("<Q", buf, 32)
+    major, minor = struct.unpack_from("<II", buf, 136)
+    mount_id, = struct.unpack_from("<Q", buf, 144)
+    return f"{major}:{minor}", ino, mount_id if mask & _STATX_MNT_ID else -1
+
+
 def _read_capped(path: str, limit: int) -> str:
     try:
         raw = procfs.read_bytes(path, limit)
@@ -160,7 +186,9 @@ class ProcessImage:
         self._same_userns: Optional[bool] = None
         self._mem = None
         self._root_dev: Optional[str] = None
-        self._fds: list = []             # O_PATH descriptors of files_of (_beneath_root)
+        self._fds: list = []             # O_PATH descriptors of file_of (_held)
+        self._files: dict = {}           # file_of's answers, by mapping
+        self._mount_devices: Optional[dict] = None  # mount id -> device (_mount_device)
 
     def mapping(self, addr: int) -> Optional[Mapping]:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -194,6 +222,20 @@ class ProcessImage:
             return ""
         return f"not read: on a {fstype[:32]} filesystem"
 
+    def _mount_device(self, mount_id: int) -> str:
+        """The device ("major:minor") of the mount with that id, from the
+        process's mountinfo or the tracer's (ids are the kernel's own);
+        "" if in neither."""
+        if self._mount_devices is None:         # read once per image (4 MB each at most)
+            self._mount_devices = {}
+            for who in ("self", self.pid):       # the process's own last: it decides
+                text = _read_capped(f"{self.proc}/{who}/mountinfo", MAX_MOUNTINFO_BYTES)
+                for line in text.splitlines():
+                    fields = line.split(None, 3)
+                    if len(fields) >= 3:
+                        self._mount_devices[fields[0]] = fields[2]
+        return self._mount_devices.get(str(mount_id), "")
+
     def _in_our_user_namespace(self) -> bool:
         if self._same_userns is None:
             theirs = procfs.read_link(f"{self.proc}/{self.pid}/ns/user")
@@ -211,15 +253,40 @@ class ProcessImage:
         not read (unreadable_reason)."""
         if not m.path.startswith("/") or self.unreadable_reason(m):
             return None
+        key = (m.start, m.end, m.dev, m.inode)
+        if key in self._files:
+            return self._files[key]
         via_map_files = f"{self.proc}/{self.pid}/map_files/{m.start:x}-{m.end:x}"
         try:
             # O_PATH: follows the link to the file without opening it in
             # its filesystem; refused without CAP_SYS_ADMIN (or
             # CAP_CHECKPOINT_RESTORE), which lstat is not.
-            os.close(os.open(via_map_files, os.O_PATH | os.O_CLOEXEC))
-            return via_map_files
+            fd = os.open(via_map_files, os.O_PATH | os.O_CLOEXEC)
         except OSError:
-            return self._beneath_root(m)
+            path = self._beneath_root(m)
+        else:
+            # The range may hold another file now than when the maps were
+            # read (the process mapped a FUSE file over it since): the
+            # descriptor is believed only if it is the mapping's very file,
+            # and held, so that the file opened later is this one, never
+            # what the link names by then.
+            path = self._held(fd, m)
+        self._files[key] = path
+        return path
+
+    def _held(self, fd: int, m: Mapping) -> Optional[str]:
+        """"/proc/self/fd/N" of an O_PATH descriptor kept until close(),
+        if it is the mapping's file (device and inode, asked without a word
+        to the file's filesystem: _cached_identity); else None, closed."""
+        found = _cached_identity(fd)
+        if found is None or found[1] != m.inode or (
+                found[0] != _dev_key(m.dev) and self._mount_device(found[2]) != _dev_key(m.dev)):
+            # (btrfs: statx says a subvolume's own device, maps and
+            # mountinfo the filesystem's: then the descriptor's mount says.)
+            os.close(fd)
+            return None
+        self._fds.append(fd)
+        return f"/proc/self/fd/{fd}"
 
     def _beneath_root(self, m: Mapping) -> Optional[str]:
         """The mapped file by its path, as "/proc/self/fd/N" of an O_PATH
@@ -249,12 +316,7 @@ class ProcessImage:
             os.close(root)
         if fd is None:
             return None
-        st = os.fstat(fd)
-        if st.st_ino != m.inode or _dev_key(m.dev) != f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}":
-            os.close(fd)
-            return None
-        self._fds.append(fd)
-        return f"/proc/self/fd/{fd}"
+        return self._held(fd, m)
 
     def read(self, addr: int, size: int) -> bytes:
         """Up to size bytes at addr, within one mapping we parsed and may
@@ -280,3 +342,4 @@ class ProcessImage:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        self._files = {}

@@ -52,6 +52,8 @@ ANCHORS = frozenset({b"_PyRuntime", b"PyCode_Type", b"PyUnicode_Type", b"PyBytes
 # (debug_layout), not from LAYOUTS.
 DEBUG_OFFSETS_VERSIONS = frozenset({(3, 13)})
 
+MAX_INTERPRETER_FILES = 4     # distinct files named like an interpreter, examined per
+                              # process (a program maps python3.X and maybe libpython)
 MAX_INTERPRETERS = 8          # subinterpreters walked
 MAX_THREAD_STATES = 1024      # thread states walked, all interpreters together
 MAX_FRAMES = 32               # frames kept per thread (innermost first)
@@ -178,6 +180,10 @@ _DEBUG_USED = (
     ("code_object", "co_code_adaptive", 2),
 )
 
+# The code object's fields _code takes from its first co_code_adaptive bytes.
+_CODE_PREFIX_FIELDS = (("filename", 8), ("qualname", 8), ("linetable", 8),
+                       ("firstlineno", 4))
+
 
 def debug_layout(raw: bytes, version: tuple) -> Layout:
     """The Layout of a CPython 3.13 process, from the _Py_DebugOffsets its
@@ -212,6 +218,14 @@ def debug_layout(raw: bytes, version: tuple) -> Layout:
         off = values[f"{name}.{field}"]
         if off + width > values[f"{name}.size"] or off % width:
             raise bad(f"{name}.{field} at {off}")
+    # A code object is read as its first co_code_adaptive bytes (_code):
+    # every field taken from it must lie in that prefix, past the header.
+    adaptive = values["code_object.co_code_adaptive"]
+    for field, width in _CODE_PREFIX_FIELDS:
+        off = values[f"code_object.{field}"]
+        if off < OB_TYPE + 8 or off + width > adaptive:
+            raise bad(f"code_object.{field} at {off}, outside the code object's "
+                      f"first {adaptive} bytes")
     frame = [values[f"interpreter_frame.{f}"] for f in ("previous", "executable", "instr_ptr")]
     tstate = [values[f"thread_state.{f}"] for f in ("next", "current_frame", "native_thread_id")]
     if len(set(frame)) != 3 or len(set(tstate)) != 3:
@@ -318,6 +332,12 @@ def find_runtime(image, deadline: float) -> tuple[Optional[Runtime], str]:
         match = INTERPRETER_FILE.match(name)
         if not match or not m.file_backed or (m.dev, m.inode) in seen:
             continue
+        if len(seen) >= MAX_INTERPRETER_FILES:
+            # Each is an ELF file parsed: a process mapping thousands of
+            # them (copies of any small ELF, named python3.X) would spend
+            # the scan's whole deadline, everyone else's share of it.
+            return None, (f"interpreter not found among its first {MAX_INTERPRETER_FILES} "
+                          f"files named like one")
         seen.add((m.dev, m.inode))
         path = image.file_of(m)
         if path is None:
@@ -489,7 +509,11 @@ def _frames(mem: _Memory, runtime: Runtime, frame: int, codes: dict, deadline: f
 def _code(mem: _Memory, runtime: Runtime, code: int) -> Optional[tuple]:
     lay = runtime.layout
     raw = mem.read(code, lay.code_adaptive)
-    if not raw or struct.unpack_from("<Q", raw, OB_TYPE)[0] != runtime.code_type:
+    # (A layout whose fields lie past what is read is refused by
+    # debug_layout; checked here too: never a struct.error for a caller.)
+    if (len(raw) < OB_TYPE + 8 or max(lay.code_filename, lay.code_qualname,
+                                      lay.code_linetable, lay.code_firstlineno - 4) + 8
+            > len(raw) or struct.unpack_from("<Q", raw, OB_TYPE)[0] != runtime.code_type):
         return None
     firstlineno = struct.unpack_from("<i", raw, lay.code_firstlineno)[0]
     filename = _string(mem, runtime, struct.unpack_from("<Q", raw, lay.code_filename)[0])
