@@ -709,8 +709,6 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
     from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
-    from closewait_trace.live.tracer import LiveTracer, ProcResolver
-    from closewait_trace.evidence.worker import GatherWorker
 
     import_bcc()
 
@@ -725,19 +723,13 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     # Said in the start record and the recording's header: a trace made
     # with a holder filter does not hold every socket.
     filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
-    tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
-                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9,
-                        # Other people's /proc, memory and files are read in a
-                        # worker the loop can abandon (evidence/worker.py).
-                        resolver=ProcResolver(worker=GatherWorker()))
-    # Nobody reads the trace any more (`| head -1`): end it the normal way.
-    out.on_reader_gone = tracer.request_stop
+    sinks = [out]
     recorder = None
     if metrics_listen:
         from closewait_trace.live.metrics import MetricsSink
         metrics = MetricsSink(*metrics_listen, no_comm=metrics_no_comm)
         metrics.serve()          # a port in use fails before anything loads
-        tracer.sinks.append(metrics)
+        sinks.append(metrics)
     if recording_options:
         # Open the file before loading anything into the kernel: a bad path
         # fails fast and leaves nothing behind.
@@ -752,10 +744,28 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                             mode="all" if all_transitions else "closewait",
                             **recording_options)
         recorder.open()
-        tracer.sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
+        sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
+    tracer = None
+    gatherer = None
     try:
         choice = kernel_headers.choose_headers()
         kernel_headers.apply(choice)
+        # Start-up in parallel (bench/run.py startup; docs/benchmarks.md):
+        # the program compiles in a thread (clang, in C) while the gathering
+        # worker's interpreter starts and this one imports the rest; the
+        # tracer's start() waits for both.
+        probe.load_in_background()
+        from closewait_trace.evidence.worker import GatherWorker
+        # Other people's /proc, memory and files are read in a worker the
+        # loop can abandon (evidence/worker.py).
+        gatherer = GatherWorker()
+        gatherer.start()
+        from closewait_trace.live.tracer import LiveTracer, ProcResolver
+        tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
+                            sinks=sinks, holder_filter=holder_filter,
+                            tick_s=tick_ns / 1e9, resolver=ProcResolver(worker=gatherer))
+        # Nobody reads the trace any more (`| head -1`): end it the normal way.
+        out.on_reader_gone = tracer.request_stop
         tracer.headers = choice.describe()
         tracer.start()
         if tracer.start_snapshot_failed:
@@ -764,8 +774,10 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
                        "they are not reported, only those that enter it from now on; "
                        "restart to try again", err=True)
     except BaseException as exc:
-        tracer.restore_signals()
-        tracer.resolver.close()
+        if tracer is not None:
+            tracer.restore_signals()
+        if gatherer is not None:
+            gatherer.close()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind

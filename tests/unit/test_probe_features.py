@@ -86,3 +86,54 @@ def test_a_failed_attach_names_the_perf_restriction_only_when_it_is_the_cause(
     assert isinstance(shown, UserError) and shown.exit_code == exit_code
     line = shown.one_line()
     assert ("kernel.perf_event_paranoid=3" in line) == (exit_code == EXIT_NOT_ROOT), line
+
+
+def _fake_load(monkeypatch, bpf):
+    monkeypatch.setattr(probe, "import_bcc", lambda: bpf)
+    monkeypatch.setattr(probe, "ensure_tracefs", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(probe, "check_tracepoint", lambda _tracefs: None)
+    return probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+        release="6.1.0", environ={}))
+
+
+def test_a_load_in_the_background_fails_in_the_caller(monkeypatch):
+    """The program compiles in a thread during the start-up (cli.run_live):
+    its refusal is raised by start(), in the caller's thread, as the same
+    error a load in the caller gives."""
+    config = _fake_load(monkeypatch, type("BPF", (_FailingBPF,), {"message": "refused"}))
+    p = probe.KernelProbe(config)
+    p.load_in_background()
+    with pytest.raises(probe.ProgramRefused) as exc:
+        p.start(lambda ev: None)
+    assert exc.value.kernel_error == "refused"
+    p.close()
+
+
+def test_close_during_a_background_load_waits_then_unloads(monkeypatch):
+    """A start-up that fails elsewhere (a port in use, Ctrl-C) while the
+    program compiles: close() waits for the load and unloads what it
+    loaded, rather than leave it attached."""
+    import threading
+    release = threading.Event()
+    made = []
+
+    class SlowBPF:
+        def __init__(self, **_kwargs):
+            release.wait(5)
+            made.append(self)
+            self.cleaned = False
+
+        def cleanup(self):
+            self.cleaned = True
+
+    config = _fake_load(monkeypatch, SlowBPF)
+    p = probe.KernelProbe(config)
+    p.load_in_background()
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()            # waiting for the load
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert len(made) == 1 and made[0].cleaned and p.bpf is None
