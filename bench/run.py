@@ -163,7 +163,10 @@ class Traced:
     """A tracer process whose output is drained (as a terminal would take it)
     and whose readiness line is awaited."""
 
-    def __init__(self, mode: str, port: int, env: dict):
+    def __init__(self, mode: str, port: int, env: dict, cmd: "list | None" = None):
+        """cmd: another command line for the mode's tracer (bench/startup.py:
+        another tree's code, other options)."""
+        override = cmd
         self.mode = mode
         if mode in ("default", "default-nobtf", "default-noeof"):
             cmd = TRACER + ["--json", "-p", str(port)]
@@ -191,6 +194,8 @@ class Traced:
             self.ready = lambda line: "SKADDR" in line
         else:
             raise ValueError(mode)
+        if override is not None:
+            cmd = override
         self.launched = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env)
