@@ -21,7 +21,7 @@ from closewait_trace.sockets.tracker import Lingerer, Tracker
 
 # Imported by the worker as it starts (worker._calls), not at the first
 # call that needs them: the start-up's scan of CPython processes.
-PRELOAD = ("closewait_trace.evidence.pyframes", "closewait_trace.evidence.symbolize")
+PRELOAD = ("closewait_trace.evidence.pyframes",)
 
 # Holder processes read per batch, at most: one socket shared by 3,001
 # forks must not cost 3,001 process reads (nor list them all).

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.evidence import diagnosis, place, pyframes
+from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelEvent, event_of_row
@@ -757,6 +757,9 @@ class LiveTracer:
                                   getattr(keyed[i][2], "python", ()))) for i in turns],
             uids)
         python = stacks.get("python") or {}
+        # Here, not at import: pyframes brings pyelftools (about 40 ms of
+        # the start-up), and the tracer itself needs only its words.
+        from closewait_trace.evidence import pyframes
         offset = self.clock_offset_ns()
         for i, ((_id, kind), l, c, why) in enumerate(keyed):
             frames = stacks.get(i) if why is None else None
