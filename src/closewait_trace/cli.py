@@ -767,6 +767,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
         # Nobody reads the trace any more (`| head -1`): end it the normal way.
         out.on_reader_gone = tracer.request_stop
         tracer.headers = choice.describe()
+        # After run(), main() ends the process at once (_quick_exit).
+        tracer.exit_after_run = True
         tracer.start()
         if tracer.start_snapshot_failed:
             click.echo("closewait-trace: warning: the sockets already in CLOSE_WAIT could not "

@@ -727,21 +727,40 @@ class KernelProbe:
         20-60 ms each here under load, 150 ms for the four in a row."""
         if self.bpf is None or self._detaching is not None:
             return
+        # Marked first: a stop signal's handler may call this while the
+        # main thread is in it (a second Ctrl-C); the fds are then taken
+        # once, never closed twice.
+        self._detaching = []
         import threading
         from bcc.libbcc import lib
         fds = getattr(self.bpf, "tracepoint_fds", None)
         if not isinstance(fds, dict):
             return
-        self._detaching = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
-                                            daemon=True) for fd in fds.values()]
+        taken = list(fds.values())
         fds.clear()                 # closed here, not again by bcc's cleanup()
-        for t in self._detaching:
+        for fd in taken:
+            t = threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,), daemon=True)
+            self._detaching.append(t)
             t.start()
 
     def wait_detached(self) -> None:
         """Until detach() has ended: no event can be made after this."""
         for t in self._detaching or ():
             t.join()
+
+    def release_for_exit(self) -> None:
+        """close() for a process about to end (os._exit): the tracepoints
+        detached (no event after this) and the ring's mapping let go, but
+        the program, its maps and bcc's compiled module are left to the
+        kernel's and the process's end rather than freed one by one."""
+        if self._loading is not None:
+            self.close()
+            return
+        self.detach()               # done already at the stop, as a rule
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.wait_detached()
 
     def close(self) -> None:
         if self._loading is not None:
