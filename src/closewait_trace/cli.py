@@ -695,6 +695,8 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     if os.geteuid() != 0:
         raise UserError("live tracing needs root (BPF)", EXIT_NOT_ROOT,
                         f"as root, or with sudo: {again}")
+    from closewait_trace.kernel.probe import import_bcc_in_background
+    import_bcc_in_background()
     from closewait_trace.sockets import capabilities
     caps = capabilities.effective()
     why = capabilities.cannot_trace(caps)
@@ -708,9 +710,12 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
-    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
+    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, bcc_missing
 
-    import_bcc()
+    # bcc itself (libbcc, LLVM and clang: about 30 ms to load) is imported
+    # by the program's load, in its thread; a missing binding is said here,
+    # before anything starts.
+    bcc_missing()
 
     config = ProbeConfig(threshold_ns=threshold_ns, max_tracked=max_tracked,
                          lports=socket_filter.lports, rports=socket_filter.rports,

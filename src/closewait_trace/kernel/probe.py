@@ -311,14 +311,44 @@ class ProgramRefused(UserError):
         self.kernel_error = kernel_error
 
 
+_NO_BCC_HINT = ("run the README's setup (apt-get install python3-bpfcc, "
+                "and a virtualenv made with --system-site-packages on /usr/bin/python3)")
+
+
+def bcc_missing() -> None:
+    """UserError when bcc's Python binding is not installed for this
+    interpreter (without importing it: import_bcc() loads its libraries)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("bcc") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UserError("bcc's Python binding is not importable by this interpreter",
+                        EXIT_NO_BCC, _NO_BCC_HINT)
+
+
+def import_bcc_in_background() -> None:
+    """Start loading bcc (libbcc, LLVM and clang: about 30 ms) in a thread,
+    while the caller reads its options and capabilities; import_bcc() then
+    finds it loaded, or says why it is not."""
+    import importlib
+    import threading
+
+    def load():
+        try:
+            importlib.import_module("bcc")
+        except Exception:
+            pass            # said by import_bcc(), in the caller's words
+    threading.Thread(target=load, name="bcc-import", daemon=True).start()
+
+
 def import_bcc():
     try:
         from bcc import BPF
     except ImportError:
         raise UserError("bcc's Python binding is not importable by this interpreter",
-                        EXIT_NO_BCC,
-                        "run the README's setup (apt-get install python3-bpfcc, "
-                        "and a virtualenv made with --system-site-packages on /usr/bin/python3)")
+                        EXIT_NO_BCC, _NO_BCC_HINT)
     except OSError as exc:
         # bcc loads libbcc, LLVM and clang with ctypes: a low address-space
         # limit (ulimit -v) or a broken library fails here, not at import.
