@@ -755,16 +755,18 @@ def run_live(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose
     try:
         choice = kernel_headers.choose_headers()
         kernel_headers.apply(choice)
-        # Start-up in parallel (bench/run.py startup; docs/benchmarks.md):
-        # the program compiles in a thread (clang, in C) while the gathering
-        # worker's interpreter starts and this one imports the rest; the
-        # tracer's start() waits for both.
-        probe.load_in_background()
+        # Start-up in parallel (bench/startup.py; docs/benchmarks.md): the
+        # gathering worker's interpreter starts, and the program compiles in
+        # a thread (clang, in C), while this one imports the rest; the
+        # tracer's start() waits for both. The worker first: the compile
+        # points fd 2 at a file for clang's messages, which a worker started
+        # meanwhile would inherit (its stderr, with CLOSEWAIT_TRACE_DEBUG).
         from closewait_trace.evidence.worker import GatherWorker
         # Other people's /proc, memory and files are read in a worker the
         # loop can abandon (evidence/worker.py).
         gatherer = GatherWorker()
         gatherer.start()
+        probe.load_in_background()
         from closewait_trace.live.tracer import LiveTracer, ProcResolver
         tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
                             sinks=sinks, holder_filter=holder_filter,
