@@ -207,6 +207,7 @@ class Traced:
         self.ready_at = None
         self.cpu_at_ready = None
         self._ready = threading.Event()
+        self._drained = threading.Event()       # the output read to its end
         threading.Thread(target=self._drain, daemon=True).start()
         threading.Thread(target=self._drain_err, daemon=True).start()
 
@@ -253,6 +254,7 @@ class Traced:
                 except ValueError:
                     pass
         self._ready.set()
+        self._drained.set()
 
     def wait_written(self, limit_s: float = 60.0, quiet_s: float = 1.0) -> float:
         """Until the tracer has written what the kernel gave it: no new
@@ -294,7 +296,9 @@ class Traced:
             time.sleep(0.01)
         exit_s = time.monotonic() - sent
         self.proc.returncode = 0
-        time.sleep(0.2)
+        # The summary is the output's last line: read to the end (a fixed
+        # 0.2 s wait missed it on a loaded machine, 1 run in 24).
+        self._drained.wait(10)
         lost = 0
         if self.mode == "tcpstates":
             for line in self.stderr.splitlines() + []:
