@@ -395,3 +395,26 @@ def test_answers_keep_every_field_and_shared_object():
     looped.ownership = [looped]
     back = pickle.loads(worker.dumps(looped))
     assert back.ownership[0] is back and back.enter_ns == 1
+
+
+def test_the_worker_adopts_fds_and_holds_them_until_its_end():
+    """At the exit the tracer hands the tracepoints that make no events to
+    the worker (their detach waits for RCU grace periods; the worker's end
+    then waits, not the tracer's): the worker holds a duplicate, so our
+    close is not the last, until the worker is killed."""
+    import select
+    g = GatherWorker()
+    assert not g.adopt([0])              # no worker up: none is started for it
+    g.call("holder_states", [], deadline_s=30)
+    r, w = os.pipe()
+    try:
+        g.abort = lambda: True           # a stop requested: adopting still works
+        assert g.adopt([w])
+        os.close(w)
+        assert select.select([r], [], [], 0.3)[0] == []     # the worker's copy is open
+        g.close()                        # killed: its copy goes with it
+        assert select.select([r], [], [], 10)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+        g.close()

@@ -640,7 +640,7 @@ def test_a_run_before_the_process_ends_leaves_the_program_to_the_kernel(tmp_path
     by table by bcc (15-20 ms of the exit under load)."""
     w = World(tmp_path)
     released = []
-    w.probe.release_for_exit = lambda: released.append(True)
+    w.probe.release_for_exit = lambda hand_over=None: released.append(True)
     w.tracer.exit_after_run = True
     w.tracer.start()
     w.tracer.request_stop()
@@ -649,7 +649,7 @@ def test_a_run_before_the_process_ends_leaves_the_program_to_the_kernel(tmp_path
     assert w.sink.records[-1]["type"] == "summary"
     # Without the exit to follow, closed as before.
     w = World(tmp_path / "again")
-    w.probe.release_for_exit = lambda: released.append(False)
+    w.probe.release_for_exit = lambda hand_over=None: released.append(False)
     w.tracer.start()
     w.tracer.request_stop()
     w.tracer.run()

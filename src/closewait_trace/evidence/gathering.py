@@ -9,6 +9,7 @@ worker's deadline is the backstop for a read that blocks in the kernel.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Iterator, Optional
@@ -154,7 +155,38 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
     return due, resolved, taken
 
 
+# The tracer's tracepoint fds this worker holds (adopt_fds): open until it
+# ends.
+_ADOPTED: list = []
+_SYS_PIDFD_GETFD = 438          # the same number on every architecture
+
+
+def adopt_fds(pid: int, fds: list) -> int:
+    """Duplicate process pid's fds into this one (pidfd_getfd: the tracer
+    is our parent, we are root) and keep them open until this process ends;
+    returns how many were taken. At its exit the tracer hands over the
+    tracepoints that make no events (the captures', the exec tracking's):
+    closing the last fd of a tracepoint waits for the kernel's RCU grace
+    periods, one tracepoint at a time, and then it is this worker's exit
+    that waits for them (it is killed next), not the tracer's."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    taken = 0
+    try:
+        for fd in fds:
+            got = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if got < 0:
+                break
+            _ADOPTED.append(got)
+            taken += 1
+    finally:
+        os.close(pidfd)
+    return taken
+
+
 CALLS = {
+    "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "owners": owners.resolve,
     "holder_states": holder_states,

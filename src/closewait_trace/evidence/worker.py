@@ -58,6 +58,8 @@ MAX_FRAME = 512 << 20
 MAX_STUCK_WORKERS = 3
 MAX_STUCK_WORKERS_ANY = 8
 SUSPENDED = "suspended"
+# How long the exit waits for the worker to take the tracer's fds (adopt).
+ADOPT_S = 0.1
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
 
@@ -366,6 +368,26 @@ class GatherWorker:
     def close(self) -> None:
         """Ends the worker without waiting for it."""
         self._abandon()
+
+    def adopt(self, fds: list, deadline_s: float = ADOPT_S) -> bool:
+        """Hand fds over to the running worker (gathering.adopt_fds), to be
+        closed by its end rather than ours; True when it took them all.
+        Only a worker that is up and idle is asked (never one started for
+        this), and a stop already requested does not abort the call."""
+        if not fds:
+            return True
+        proc = self._proc
+        if proc is None or proc.poll() is not None or not self._ready:
+            return False
+        abort, self.abort = self.abort, (lambda: False)
+        waiting, self.while_waiting = self.while_waiting, None
+        try:
+            return self.call("adopt_fds", os.getpid(), list(fds),
+                             deadline_s=deadline_s) == len(fds)
+        except GatherFailed:
+            return False
+        finally:
+            self.abort, self.while_waiting = abort, waiting
 
     def call(self, name: str, *args, deadline_s: Optional[float] = None,
              deadline_at: Optional[float] = None, progress_s: Optional[float] = None,

@@ -25,6 +25,9 @@ from closewait_trace.kernel.events import EntryLayout, EofCapture, EventLayout, 
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
+# The one tracepoint whose program makes events (and the counts that
+# account for them): at the stop, the one to wait for.
+EVENTS_TRACEPOINT = "sock:inet_sock_set_state"
 # Where a socket was read to its end: the EOF read's place (a newer
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
@@ -111,6 +114,11 @@ class ProbeConfig:
             # filter cannot be applied there (and it asks about servers).
             return "not captured with -p (a client's local port is chosen after connect)"
         return self.features.stack_capture
+
+
+def _tracepoint_name(name) -> str:
+    """bcc's key for an attached tracepoint ("category:event"), as text."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 def bpf_source() -> Path:
@@ -749,7 +757,7 @@ class KernelProbe:
         per_cpu = self._table("cw_counters")[0]
         return int(sum(c.hist_sum_ns for c in per_cpu))
 
-    def detach(self) -> None:
+    def detach(self, events_only: bool = False) -> None:
         """Stop the kernel's events (the end of a trace): the tracepoints
         are detached, all at once, in threads, while the caller drains what
         the buffer holds; close() waits for them. Each detach waits for the
@@ -766,8 +774,8 @@ class KernelProbe:
         fds = getattr(self.bpf, "tracepoint_fds", None)
         if not isinstance(fds, dict):
             return
-        taken = list(fds.values())
-        fds.clear()                 # closed here, not again by bcc's cleanup()
+        names = [n for n in fds if not events_only or _tracepoint_name(n) == EVENTS_TRACEPOINT]
+        taken = [fds.pop(n) for n in names]     # closed here, not again by bcc's cleanup()
         for fd in taken:
             t = threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,), daemon=True)
             self._detaching.append(t)
@@ -778,7 +786,7 @@ class KernelProbe:
         for t in self._detaching or ():
             t.join()
 
-    def release_for_exit(self) -> None:
+    def release_for_exit(self, hand_over: Optional[Callable[[list], bool]] = None) -> None:
         """close() for a process about to end (os._exit): the tracepoints
         detached (no event after this) and the ring's mapping let go, but
         the program, its maps and bcc's compiled module are left to the
@@ -786,11 +794,34 @@ class KernelProbe:
         if self._loading is not None:
             self.close()
             return
-        self.detach()               # done already at the stop, as a rule
+        self.detach(events_only=hand_over is not None)   # done at the stop, as a rule
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         self.wait_detached()
+        # The tracepoints that make no events (EOF reads, exec tracking),
+        # if detach(events_only=True) left them: handed over to hand_over
+        # (the gathering worker, whose end closes them), our copies then
+        # closed at no cost; otherwise closed here, in parallel.
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if isinstance(fds, dict) and fds:
+            rest = list(fds.values())
+            fds.clear()
+            if hand_over is not None and hand_over(rest):
+                for fd in rest:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            else:
+                import threading
+                from bcc.libbcc import lib
+                closing = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
+                                            daemon=True) for fd in rest]
+                for t in closing:
+                    t.start()
+                for t in closing:
+                    t.join()
 
     def close(self) -> None:
         if self._loading is not None:
