@@ -398,21 +398,24 @@ def test_answers_keep_every_field_and_shared_object():
 
 
 def test_the_worker_adopts_fds_and_holds_them_until_its_end():
-    """At the exit the tracer hands the tracepoints that make no events to
-    the worker (their detach waits for RCU grace periods; the worker's end
-    then waits, not the tracer's): the worker holds a duplicate, so our
-    close is not the last, until the worker is killed."""
+    """At the start the tracer gives the worker a copy of the tracepoints
+    that make no events (their detach waits for RCU grace periods; the
+    worker's end then waits, not the tracer's exit): the worker holds a
+    duplicate, so our close is not the last, until the worker is killed;
+    the check it returns says whether it still holds them."""
     import select
     g = GatherWorker()
-    assert not g.adopt([0])              # no worker up: none is started for it
+    assert g.adopt([0]) is None          # no worker up: none is started for it
     g.call("holder_states", [], deadline_s=30)
     r, w = os.pipe()
     try:
         g.abort = lambda: True           # a stop requested: adopting still works
-        assert g.adopt([w])
+        held = g.adopt([w])
+        assert held is not None and held()
         os.close(w)
         assert select.select([r], [], [], 0.3)[0] == []     # the worker's copy is open
         g.close()                        # killed: its copy goes with it
+        assert not held()
         assert select.select([r], [], [], 10)[0] == [r]
         assert os.read(r, 1) == b""
     finally:

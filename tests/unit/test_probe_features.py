@@ -141,24 +141,43 @@ def test_close_during_a_background_load_waits_then_unloads(monkeypatch):
 
 def test_at_the_exit_only_the_events_tracepoint_is_waited_for(monkeypatch):
     """The stop detaches the tracepoint that makes events (and its counts),
-    which the final counts wait for; at the exit the others (EOF reads,
-    exec tracking) are handed over (the gathering worker's end closes
-    them), our copies closed; not handed over, they are closed here."""
+    which the final counts wait for. The others (EOF reads, exec tracking)
+    were copied to a holder at the start (the gathering worker, whose end
+    detaches them): at the exit ours are closed while it still holds them,
+    and closed (detached) here when it does not."""
     import os as _os
-    pipes = {name: _os.pipe() for name in ("events", "recv", "exec")}
-    fake = type("BPF", (), {})()
-    fake.tracepoint_fds = {b"sock:inet_sock_set_state": pipes["events"][1],
-                           b"sock:sock_recv_length": pipes["recv"][1],
-                           b"sched:sched_process_exec": pipes["exec"][1]}
-    p = probe.KernelProbe(probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
-        release="6.1.0", environ={})))
-    p.bpf = fake
-    p.detach(events_only=True)
-    p.wait_detached()
-    assert list(fake.tracepoint_fds) == [b"sock:sock_recv_length", b"sched:sched_process_exec"]
-    given = []
-    p.release_for_exit(lambda fds: given.extend(fds) or True)
-    assert given == [pipes["recv"][1], pipes["exec"][1]] and fake.tracepoint_fds == {}
-    for r, _w in pipes.values():        # every write end closed: EOF
-        assert _os.read(r, 1) == b""
-        _os.close(r)
+
+    def probe_with_pipes():
+        pipes = {name: _os.pipe() for name in ("events", "recv", "exec")}
+        fake = type("BPF", (), {})()
+        fake.tracepoint_fds = {b"sock:inet_sock_set_state": pipes["events"][1],
+                               b"sock:sock_recv_length": pipes["recv"][1],
+                               b"sched:sched_process_exec": pipes["exec"][1]}
+        p = probe.KernelProbe(probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+            release="6.1.0", environ={})))
+        p.bpf = fake
+        return p, fake, pipes
+
+    def all_closed(pipes):
+        for r, _w in pipes.values():        # every write end closed: EOF
+            assert _os.read(r, 1) == b""
+            _os.close(r)
+
+    for still_held in (True, False):
+        p, fake, pipes = probe_with_pipes()
+        given = []
+        assert p.hand_over_quiet(lambda fds: given.extend(fds) or (lambda: still_held))
+        assert given == [pipes["recv"][1], pipes["exec"][1]]
+        p.detach(events_only=True)
+        p.wait_detached()
+        assert list(fake.tracepoint_fds) == [b"sock:sock_recv_length",
+                                             b"sched:sched_process_exec"]
+        p.release_for_exit()
+        assert fake.tracepoint_fds == {}
+        all_closed(pipes)
+    # Nobody took a copy: the release detaches every tracepoint itself.
+    p, fake, pipes = probe_with_pipes()
+    assert not p.hand_over_quiet(lambda fds: None)
+    p.release_for_exit()
+    assert fake.tracepoint_fds == {}
+    all_closed(pipes)

@@ -58,8 +58,8 @@ MAX_FRAME = 512 << 20
 MAX_STUCK_WORKERS = 3
 MAX_STUCK_WORKERS_ANY = 8
 SUSPENDED = "suspended"
-# How long the exit waits for the worker to take the tracer's fds (adopt).
-ADOPT_S = 0.1
+# How long the start waits for the worker to take the tracer's fds (adopt).
+ADOPT_S = 2.0
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
 
@@ -369,25 +369,26 @@ class GatherWorker:
         """Ends the worker without waiting for it."""
         self._abandon()
 
-    def adopt(self, fds: list, deadline_s: float = ADOPT_S) -> bool:
-        """Hand fds over to the running worker (gathering.adopt_fds), to be
-        closed by its end rather than ours; True when it took them all.
-        Only a worker that is up and idle is asked (never one started for
-        this), and a stop already requested does not abort the call."""
-        if not fds:
-            return True
+    def adopt(self, fds: list, deadline_s: float = ADOPT_S) -> Optional[Callable[[], bool]]:
+        """Hand fds over to the running worker (gathering.adopt_fds): it
+        keeps a copy of each until it ends. Returns a check, true while
+        that worker still runs (its copies then open), or None when it did
+        not take them all. Only a worker that is up is asked (never one
+        started for this); a stop requested meanwhile does not abort it."""
         proc = self._proc
-        if proc is None or proc.poll() is not None or not self._ready:
-            return False
+        if not fds or proc is None or proc.poll() is not None:
+            return None
         abort, self.abort = self.abort, (lambda: False)
         waiting, self.while_waiting = self.while_waiting, None
         try:
-            return self.call("adopt_fds", os.getpid(), list(fds),
-                             deadline_s=deadline_s) == len(fds)
+            if self.call("adopt_fds", os.getpid(), list(fds),
+                         deadline_s=deadline_s) != len(fds):
+                return None
         except GatherFailed:
-            return False
+            return None
         finally:
             self.abort, self.while_waiting = abort, waiting
+        return lambda: self._proc is proc and proc.poll() is None
 
     def call(self, name: str, *args, deadline_s: Optional[float] = None,
              deadline_at: Optional[float] = None, progress_s: Optional[float] = None,

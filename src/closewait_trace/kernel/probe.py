@@ -416,6 +416,9 @@ class KernelProbe:
     _on_batch: object = None
     _loading: object = None       # the thread of load_in_background(), until start()
     _load_error: Optional[BaseException] = None
+    # True while whoever took a copy of the quiet tracepoints keeps it
+    # (hand_over_quiet); None: nobody did.
+    _quiet_held: Optional[Callable[[], bool]] = None
 
     @property
     def features(self) -> KernelFeatures:
@@ -786,7 +789,22 @@ class KernelProbe:
         for t in self._detaching or ():
             t.join()
 
-    def release_for_exit(self, hand_over: Optional[Callable[[list], bool]] = None) -> None:
+    def hand_over_quiet(self, adopt: Callable[[list], Optional[Callable[[], bool]]]) -> bool:
+        """Give a copy of the tracepoints that make no events (EOF reads,
+        exec and exit tracking) to adopt (the gathering worker's, at the
+        start): at the exit, release_for_exit() closes ours at no cost while
+        that holder still runs, and the holder's end (it is killed next)
+        waits for their detach's grace periods, not the tracer's. adopt
+        returns a check, true while the holder keeps them, or None."""
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if not isinstance(fds, dict):
+            return False
+        quiet = [fd for name, fd in fds.items() if _tracepoint_name(name) != EVENTS_TRACEPOINT]
+        held = adopt(quiet) if quiet else None
+        self._quiet_held = held
+        return held is not None
+
+    def release_for_exit(self) -> None:
         """close() for a process about to end (os._exit): the tracepoints
         detached (no event after this) and the ring's mapping let go, but
         the program, its maps and bcc's compiled module are left to the
@@ -794,20 +812,21 @@ class KernelProbe:
         if self._loading is not None:
             self.close()
             return
-        self.detach(events_only=hand_over is not None)   # done at the stop, as a rule
+        self.detach(events_only=self._quiet_held is not None)   # done at the stop, as a rule
         if self._ring is not None:
             self._ring.close()
             self._ring = None
         self.wait_detached()
-        # The tracepoints that make no events (EOF reads, exec tracking),
-        # if detach(events_only=True) left them: handed over to hand_over
-        # (the gathering worker, whose end closes them), our copies then
-        # closed at no cost; otherwise closed here, in parallel.
+        # The tracepoints that make no events, if detach(events_only=True)
+        # left them: ours closed at no cost while the worker that took a
+        # copy at the start still runs (its end detaches them); otherwise
+        # closed here, in parallel.
         fds = getattr(self.bpf, "tracepoint_fds", None)
         if isinstance(fds, dict) and fds:
             rest = list(fds.values())
             fds.clear()
-            if hand_over is not None and hand_over(rest):
+            held = self._quiet_held
+            if held is not None and held():
                 for fd in rest:
                     try:
                         os.close(fd)

@@ -259,11 +259,26 @@ class LiveTracer:
         # its Python frames.
         seen_ns = self.now_ns()
         self.register_pythons(self.resolver_python_processes(), seen_ns)
+        self._hand_over_quiet()
         filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
         self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
                                 self.headers, self.probe.transport,
                                 self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
+
+    def _hand_over_quiet(self) -> None:
+        """When the process ends right after run(): the gathering worker
+        takes a copy of the tracepoints that make no events, so that their
+        detach (RCU grace periods, one tracepoint after another in the
+        kernel: about 40 ms each under load) is waited for by the worker's
+        end, not by the tracer's exit (issue 20: SIGINT -> exit <= 0.2 s).
+        Done now, with the worker idle, not at the exit, when a loaded
+        machine could keep the worker from answering in time."""
+        hand = getattr(self.probe, "hand_over_quiet", None)
+        gatherer = self.resolver.worker
+        if self.exit_after_run and hand is not None and gatherer is not None \
+                and not self.stopping:
+            hand(gatherer.adopt)
 
     def resolver_python_processes(self) -> dict:
         """The running CPython processes, when captures can copy their
@@ -403,12 +418,10 @@ class LiveTracer:
         finally:
             release = getattr(self.probe, "release_for_exit", None)
             if self.exit_after_run and release is not None:
-                # The tracepoints that make no events are handed to the
-                # gathering worker, whose end (it is killed next) waits for
-                # their detach, not ours (about 40 ms each under load, one
-                # after the other in the kernel).
-                gatherer = self.resolver.worker
-                release(gatherer.adopt if gatherer is not None else None)
+                # Before the worker is killed: it holds a copy of the
+                # tracepoints that make no events (start()), and its end
+                # waits for their detach, not ours.
+                release()
                 self.resolver.close()
             else:
                 self.resolver.close()
