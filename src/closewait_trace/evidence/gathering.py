@@ -170,8 +170,11 @@ def adopt_fds(pid: int, fds: list) -> int:
     periods, one tracepoint at a time, and then it is this worker's exit
     that waits for them (it is killed next), not the tracer's."""
     import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):    # not allowed, or no pidfds (before 5.6)
+        return 0
     taken = 0
     try:
         for fd in fds:
