@@ -196,6 +196,7 @@ def test_the_answer_is_cached_by_the_btf_contents(tmp_path, monkeypatch):
     vmlinux.write_bytes(kernel_like())
     assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
     assert oct(os.stat(cache).st_mode & 0o777) == oct(0o700)
+    assert oct(os.stat(cache.parent).st_mode & 0o777) == oct(0o700)
     monkeypatch.setattr(btf, "netns_offsets_from", _no_parse)
     assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
     # Another kernel's BTF is another key: parsed, and its answer replaces

@@ -292,6 +292,9 @@ def _private_dir(path: str) -> bool:
 
 def _make_private_dir(path: str) -> bool:
     try:
+        # The parent too (/var/cache/closewait-trace, which the header cache
+        # shares), closed to others as kernel_headers makes it.
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError:
         return False
