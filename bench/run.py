@@ -163,7 +163,10 @@ class Traced:
     """A tracer process whose output is drained (as a terminal would take it)
     and whose readiness line is awaited."""
 
-    def __init__(self, mode: str, port: int, env: dict):
+    def __init__(self, mode: str, port: int, env: dict, cmd: "list | None" = None):
+        """cmd: another command line for the mode's tracer (bench/startup.py:
+        another tree's code, other options)."""
+        override = cmd
         self.mode = mode
         if mode in ("default", "default-nobtf", "default-noeof"):
             cmd = TRACER + ["--json", "-p", str(port)]
@@ -191,6 +194,8 @@ class Traced:
             self.ready = lambda line: "SKADDR" in line
         else:
             raise ValueError(mode)
+        if override is not None:
+            cmd = override
         self.launched = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env)
@@ -202,6 +207,7 @@ class Traced:
         self.ready_at = None
         self.cpu_at_ready = None
         self._ready = threading.Event()
+        self._drained = threading.Event()       # the output read to its end
         threading.Thread(target=self._drain, daemon=True).start()
         threading.Thread(target=self._drain_err, daemon=True).start()
 
@@ -248,6 +254,7 @@ class Traced:
                 except ValueError:
                     pass
         self._ready.set()
+        self._drained.set()
 
     def wait_written(self, limit_s: float = 60.0, quiet_s: float = 1.0) -> float:
         """Until the tracer has written what the kernel gave it: no new
@@ -289,7 +296,9 @@ class Traced:
             time.sleep(0.01)
         exit_s = time.monotonic() - sent
         self.proc.returncode = 0
-        time.sleep(0.2)
+        # The summary is the output's last line: read to the end (a fixed
+        # 0.2 s wait missed it on a loaded machine, 1 run in 24).
+        self._drained.wait(10)
         lost = 0
         if self.mode == "tcpstates":
             for line in self.stderr.splitlines() + []:

@@ -462,16 +462,24 @@ static __always_inline void cw_stream(void *ctx, struct cw_tp *tp, u64 now)
 #define PT_IP 16
 #define PT_SP 19
 
+// bpf_probe_read_user by another name: bcc, at every call of that name it
+// compiles, loads all of /proc/kallsyms (about 0.1 s here, 120,000 symbols)
+// to see whether the kernel has it, for a fallback older kernels need.
+// Captures need 5.15, which has it; three call sites cost 0.3 s of the
+// start-up (measured: bench/run.py startup, docs/benchmarks.md).
+static long (*cw_probe_read_user)(void *dst, u32 size, const void *unsafe_ptr) =
+    (void *)BPF_FUNC_probe_read_user;
+
 // The top of the user stack from sp. The whole EOF_STACK_BYTES when mapped;
 // a stack's top may be nearer than that (a shallow main thread), and then
 // the read of the whole fails: copy to the end of sp's page instead, which
 // is mapped since sp is.
 static __always_inline u32 cw_copy_stack(struct cw_eof *c, u64 sp)
 {
-    if (bpf_probe_read_user(c->stack, EOF_STACK_BYTES, (void *)sp) == 0)
+    if (cw_probe_read_user(c->stack, EOF_STACK_BYTES, (void *)sp) == 0)
         return EOF_STACK_BYTES;
     u32 n = (4096 - (sp & 4095)) & (EOF_STACK_BYTES - 1);
-    if (n == 0 || bpf_probe_read_user(c->stack, n, (void *)sp) != 0)
+    if (n == 0 || cw_probe_read_user(c->stack, n, (void *)sp) != 0)
         return 0;
     return n;
 }
@@ -526,7 +534,7 @@ static __always_inline int cw_capture_allowed(u64 now, int open, struct cw_count
 static __always_inline int cw_read_ptr(u64 *out, u64 addr)
 {
     *out = 0;
-    return bpf_probe_read_user(out, sizeof(*out), (void *)addr);
+    return cw_probe_read_user(out, sizeof(*out), (void *)addr);
 }
 
 // The capturing thread's Python frames, if its process is a CPython one
@@ -555,6 +563,7 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
     if (cw_read_ptr(&tstate, interp + py->interp_threads_head))
         return;
     int found = 0;
+#pragma clang loop unroll(disable)
     for (int i = 0; i < PY_MAX_THREADS; i++) {
         if (!tstate)
             break;
@@ -578,6 +587,7 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
             return;
     }
     c->py_status = CW_PY_COPIED;
+#pragma clang loop unroll(disable)
     for (int i = 0; i < PY_MAX_FRAMES; i++) {
         if (!frame)
             break;

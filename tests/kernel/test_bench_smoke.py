@@ -48,3 +48,18 @@ def test_benchmark_says_why_tcpstates_could_not_start(tmp_path):
     row = [l for l in result.stdout.splitlines() if l.startswith("| tcpstates-bpfcc |")]
     assert len(row) == 1 and f"could not start: {empty}:" in row[0], result.stdout
     assert "| no tracer |" in result.stdout
+
+
+def test_startup_benchmark_smoke():
+    """bench/startup.py, one round of each mode under load: it runs, and
+    each exit's summary was read and accounts for every transition."""
+    startup = os.path.join(os.path.dirname(BENCH), "startup.py")
+    result = subprocess.run([sys.executable, startup, "--rounds", "1", "--load",
+                             "--modes", "port,all"],
+                            capture_output=True, text=True, timeout=stretch(300))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| port ")
+            or line.startswith("| all ")]
+    assert len(rows) == 2, result.stdout
+    assert all(row.rstrip().endswith("| 1/1 |") for row in rows), rows
+    assert "| 0 | 1/1 |" in rows[1], rows[1]          # --all: nothing uncounted

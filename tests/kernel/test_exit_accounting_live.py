@@ -4,6 +4,7 @@ what it leaves behind is counted as `events_unread`. Before, the summary
 said 0 lost while 42-44% of a run's transitions were never written (issue
 20), and the benchmark called such runs lossless."""
 
+import json
 import os
 import signal
 import socket
@@ -83,3 +84,37 @@ def test_n_connections_give_5n_plus_2_transitions_written_or_counted(procs, kern
     assert c["events_unread"] + c["events_lost"] > 0, (written, c)
     print(f"{n} connections, {5 * n + 2} transitions: written {written}, lost "
           f"{c['events_lost']}, unread at exit {c['events_unread']}")
+
+
+def test_sigint_under_saturation_leaves_the_recording_complete_and_counted(
+        procs, kernel_path, tmp_path):
+    """SIGINT while a churn saturates the machine (the exit leaves bcc's
+    cleanup to the process's end and starts the detach in the signal's
+    handler): the exit is clean, the recording ends with its summary, and
+    both the stream and the recording account for every transition the
+    kernel counted: written, lost or unread."""
+    churn = tmp_path / "churn"
+    subprocess.run(["gcc", "-O2", "-o", str(churn), CHURN_C], check=True)
+    port = free_port()
+    path = tmp_path / "all.jsonl"
+    tracer = Tracer(["-p", str(port), "--all", "-t", "1h", "-w", str(path)]).start()
+    procs.append(tracer)
+    load = subprocess.Popen([str(churn), str(port), "4", "2", "2"], stdout=subprocess.PIPE,
+                            text=True)
+    procs.append(load)
+    import time
+    time.sleep(1.5)
+    summary = tracer.stop()              # while the churn still runs
+    assert tracer.proc.returncode == 0
+    load.wait(timeout=stretch(60))
+    c = summary["counters"]
+    written = len(tracer.of("transition"))
+    assert written + c["events_lost"] + c["events_unread"] == c["transitions"], (written, c)
+    with open(path) as f:
+        recorded = [json.loads(line) for line in f]
+    assert recorded[-1]["type"] == "summary", recorded[-1]["type"]
+    assert recorded[-1]["counters"] == c
+    in_file = sum(1 for r in recorded if r["type"] == "transition")
+    assert in_file == written, (in_file, written)
+    print(f"written {written}, lost {c['events_lost']}, unread at exit {c['events_unread']}, "
+          f"of {c['transitions']}")

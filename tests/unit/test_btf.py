@@ -182,3 +182,68 @@ def test_oversized_or_unreadable_file_is_none(tmp_path):
     small = tmp_path / "small"
     small.write_bytes(kernel_like())
     assert btf.netns_offsets(str(small)) == EXPECTED
+
+
+# ------------------------------------------------ the parsed answer, cached
+
+def _no_parse(_blob):
+    raise AssertionError("parsed again: the cache was not used")
+
+
+def test_the_answer_is_cached_by_the_btf_contents(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "btf"
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(kernel_like())
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+    assert oct(os.stat(cache).st_mode & 0o777) == oct(0o700)
+    assert oct(os.stat(cache.parent).st_mode & 0o777) == oct(0o700)
+    monkeypatch.setattr(btf, "netns_offsets_from", _no_parse)
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+    # Another kernel's BTF is another key: parsed, and its answer replaces
+    # the old one (one file in the cache).
+    monkeypatch.undo()
+    vmlinux.write_bytes(kernel_like(endian=">"))
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+    assert len(os.listdir(cache)) == 1
+
+
+def test_no_usable_btf_is_cached_as_none(tmp_path, monkeypatch):
+    cache = tmp_path / "btf"
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(kernel_like(drop_inum=True))
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) is None
+    monkeypatch.setattr(btf, "netns_offsets_from", _no_parse)
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) is None
+    assert btf.netns_offsets_cached(str(tmp_path / "missing"), str(cache)) is None
+
+
+def test_a_cache_open_to_others_or_a_bad_answer_is_not_believed(tmp_path):
+    """Another user who could write the answer would choose where the
+    program reads each socket's namespace: such a cache is parsed around."""
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(kernel_like())
+    cache = tmp_path / "btf"
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+    (answer,) = os.listdir(cache)
+    (cache / answer).write_text("1 2\n")          # a planted answer
+    os.chmod(cache, 0o777)
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+    os.chmod(cache, 0o700)
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == btf.NetnsOffsets(1, 2)
+    for bad in ("", "12", "a b\n", "1 2 3\n", "99999999 1\n", "\xff\xfe"):
+        (cache / answer).write_text(bad, errors="surrogateescape")
+        assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED, bad
+    # A link in place of the answer is not followed.
+    os.unlink(cache / answer)
+    planted = tmp_path / "planted"
+    planted.write_text("1 2\n")
+    os.symlink(planted, cache / answer)
+    assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
+
+
+def test_an_unwritable_cache_still_answers(tmp_path):
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(kernel_like())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert btf.netns_offsets_cached(str(vmlinux), str(blocker / "btf")) == EXPECTED

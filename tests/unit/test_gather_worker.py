@@ -418,3 +418,29 @@ def test_a_large_answer_is_unpickled_without_a_copy():
     assert got == ("done", payload)
     assert bytes(w._buf) == worker._HEADER.pack(9)
     assert peak < 20 << 20, f"peak {peak / 2**20:.1f} MiB for 16 MB of objects"
+
+
+def test_the_worker_adopts_fds_and_holds_them_until_its_end():
+    """At the start the tracer gives the worker a copy of the tracepoints
+    that make no events (their detach waits for RCU grace periods; the
+    worker's end then waits, not the tracer's exit): the worker holds a
+    duplicate, so our close is not the last, until the worker is killed;
+    the check it returns says whether it still holds them."""
+    import select
+    g = GatherWorker()
+    assert g.adopt([0]) is None          # no worker up: none is started for it
+    g.call("holder_states", [], deadline_s=30)
+    r, w = os.pipe()
+    try:
+        g.abort = lambda: True           # a stop requested: adopting still works
+        held = g.adopt([w])
+        assert held is not None and held()
+        os.close(w)
+        assert select.select([r], [], [], 0.3)[0] == []     # the worker's copy is open
+        g.close()                        # killed: its copy goes with it
+        assert not held()
+        assert select.select([r], [], [], 10)[0] == [r]
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+        g.close()

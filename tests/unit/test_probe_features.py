@@ -86,3 +86,98 @@ def test_a_failed_attach_names_the_perf_restriction_only_when_it_is_the_cause(
     assert isinstance(shown, UserError) and shown.exit_code == exit_code
     line = shown.one_line()
     assert ("kernel.perf_event_paranoid=3" in line) == (exit_code == EXIT_NOT_ROOT), line
+
+
+def _fake_load(monkeypatch, bpf):
+    monkeypatch.setattr(probe, "import_bcc", lambda: bpf)
+    monkeypatch.setattr(probe, "ensure_tracefs", lambda: "/sys/kernel/tracing")
+    monkeypatch.setattr(probe, "check_tracepoint", lambda _tracefs: None)
+    return probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+        release="6.1.0", environ={}))
+
+
+def test_a_load_in_the_background_fails_in_the_caller(monkeypatch):
+    """The program compiles in a thread during the start-up (cli.run_live):
+    its refusal is raised by start(), in the caller's thread, as the same
+    error a load in the caller gives."""
+    config = _fake_load(monkeypatch, type("BPF", (_FailingBPF,), {"message": "refused"}))
+    p = probe.KernelProbe(config)
+    p.load_in_background()
+    with pytest.raises(probe.ProgramRefused) as exc:
+        p.start(lambda ev: None)
+    assert exc.value.kernel_error == "refused"
+    p.close()
+
+
+def test_close_during_a_background_load_waits_then_unloads(monkeypatch):
+    """A start-up that fails elsewhere (a port in use, Ctrl-C) while the
+    program compiles: close() waits for the load and unloads what it
+    loaded, rather than leave it attached."""
+    import threading
+    release = threading.Event()
+    made = []
+
+    class SlowBPF:
+        def __init__(self, **_kwargs):
+            release.wait(5)
+            made.append(self)
+            self.cleaned = False
+
+        def cleanup(self):
+            self.cleaned = True
+
+    config = _fake_load(monkeypatch, SlowBPF)
+    p = probe.KernelProbe(config)
+    p.load_in_background()
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()            # waiting for the load
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert len(made) == 1 and made[0].cleaned and p.bpf is None
+
+
+def test_at_the_exit_only_the_events_tracepoint_is_waited_for(monkeypatch):
+    """The stop detaches the tracepoint that makes events (and its counts),
+    which the final counts wait for. The others (EOF reads, exec tracking)
+    were copied to a holder at the start (the gathering worker, whose end
+    detaches them): at the exit ours are closed while it still holds them,
+    and closed (detached) here when it does not."""
+    import os as _os
+
+    def probe_with_pipes():
+        pipes = {name: _os.pipe() for name in ("events", "recv", "exec")}
+        fake = type("BPF", (), {})()
+        fake.tracepoint_fds = {b"sock:inet_sock_set_state": pipes["events"][1],
+                               b"sock:sock_recv_length": pipes["recv"][1],
+                               b"sched:sched_process_exec": pipes["exec"][1]}
+        p = probe.KernelProbe(probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+            release="6.1.0", environ={})))
+        p.bpf = fake
+        return p, fake, pipes
+
+    def all_closed(pipes):
+        for r, _w in pipes.values():        # every write end closed: EOF
+            assert _os.read(r, 1) == b""
+            _os.close(r)
+
+    for still_held in (True, False):
+        p, fake, pipes = probe_with_pipes()
+        given = []
+        assert p.hand_over_quiet(lambda fds: given.extend(fds) or (lambda: still_held))
+        assert given == [pipes["recv"][1], pipes["exec"][1]]
+        p.detach(events_only=True)
+        p.wait_detached()
+        assert list(fake.tracepoint_fds) == [b"sock:sock_recv_length",
+                                             b"sched:sched_process_exec"]
+        p.release_for_exit()
+        assert fake.tracepoint_fds == {}
+        all_closed(pipes)
+    # Nobody took a copy: the release detaches every tracepoint itself.
+    p, fake, pipes = probe_with_pipes()
+    assert not p.hand_over_quiet(lambda fds: None)
+    p.release_for_exit()
+    assert fake.tracepoint_fds == {}
+    all_closed(pipes)

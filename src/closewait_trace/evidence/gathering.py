@@ -9,6 +9,7 @@ worker's deadline is the backstop for a read that blocks in the kernel.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Iterator, Optional
@@ -18,6 +19,10 @@ from closewait_trace.kernel import tcpstates
 from closewait_trace.sockets import identity, owners, procfs, procnet
 from closewait_trace.sockets.filters import SocketFilter
 from closewait_trace.sockets.tracker import Lingerer, Tracker
+
+# Imported by the worker as it starts (worker._calls), not at the first
+# call that needs them: the start-up's scan of CPython processes.
+PRELOAD = ("closewait_trace.evidence.pyframes",)
 
 # Holder processes read per batch, at most: one socket shared by 3,001
 # forks must not cost 3,001 process reads (nor list them all).
@@ -150,7 +155,41 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
     return due, resolved, taken
 
 
+# The tracer's tracepoint fds this worker holds (adopt_fds): open until it
+# ends.
+_ADOPTED: list = []
+_SYS_PIDFD_GETFD = 438          # the same number on every architecture
+
+
+def adopt_fds(pid: int, fds: list) -> int:
+    """Duplicate process pid's fds into this one (pidfd_getfd: the tracer
+    is our parent, we are root) and keep them open until this process ends;
+    returns how many were taken. At its exit the tracer hands over the
+    tracepoints that make no events (the captures', the exec tracking's):
+    closing the last fd of a tracepoint waits for the kernel's RCU grace
+    periods, one tracepoint at a time, and then it is this worker's exit
+    that waits for them (it is killed next), not the tracer's."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):    # not allowed, or no pidfds (before 5.6)
+        return 0
+    taken = 0
+    try:
+        for fd in fds:
+            got = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if got < 0:
+                break
+            _ADOPTED.append(got)
+            taken += 1
+    finally:
+        os.close(pidfd)
+    return taken
+
+
 CALLS = {
+    "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "owners": owners.resolve,
     "holder_states": holder_states,

@@ -58,6 +58,8 @@ MAX_FRAME = 512 << 20
 MAX_STUCK_WORKERS = 3
 MAX_STUCK_WORKERS_ANY = 8
 SUSPENDED = "suspended"
+# How long the start waits for the worker to take the tracer's fds (adopt).
+ADOPT_S = 2.0
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
 
@@ -129,7 +131,14 @@ def _calls(module: str) -> dict:
     # module's CALLS; another module only in tests, to stand for reads
     # that block).
     import importlib
-    return importlib.import_module(module).CALLS
+    calls = importlib.import_module(module)
+    # What its calls import on first use, imported now, before "ready":
+    # the worker starts while the tracer's program compiles, and its first
+    # calls (the start-up scans) then do not pay for them on the way to
+    # the tracer's "ready".
+    for name in getattr(calls, "PRELOAD", ()):
+        importlib.import_module(name)
+    return calls.CALLS
 
 
 def _die_with_parent(parent: int) -> None:
@@ -359,6 +368,27 @@ class GatherWorker:
     def close(self) -> None:
         """Ends the worker without waiting for it."""
         self._abandon()
+
+    def adopt(self, fds: list, deadline_s: float = ADOPT_S) -> Optional[Callable[[], bool]]:
+        """Hand fds over to the running worker (gathering.adopt_fds): it
+        keeps a copy of each until it ends. Returns a check, true while
+        that worker still runs (its copies then open), or None when it did
+        not take them all. Only a worker that is up is asked (never one
+        started for this); a stop requested meanwhile does not abort it."""
+        proc = self._proc
+        if not fds or proc is None or proc.poll() is not None:
+            return None
+        abort, self.abort = self.abort, (lambda: False)
+        waiting, self.while_waiting = self.while_waiting, None
+        try:
+            if self.call("adopt_fds", os.getpid(), list(fds),
+                         deadline_s=deadline_s) != len(fds):
+                return None
+        except GatherFailed:
+            return None
+        finally:
+            self.abort, self.while_waiting = abort, waiting
+        return lambda: self._proc is proc and proc.poll() is None
 
     def call(self, name: str, *args, deadline_s: Optional[float] = None,
              deadline_at: Optional[float] = None, progress_s: Optional[float] = None,

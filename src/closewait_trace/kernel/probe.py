@@ -25,6 +25,9 @@ from closewait_trace.kernel.events import EntryLayout, EofCapture, EventLayout, 
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
+# The one tracepoint whose program makes events (and the counts that
+# account for them): at the stop, the one to wait for.
+EVENTS_TRACEPOINT = "sock:inet_sock_set_state"
 # Where a socket was read to its end: the EOF read's place (a newer
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
@@ -111,6 +114,11 @@ class ProbeConfig:
             # filter cannot be applied there (and it asks about servers).
             return "not captured with -p (a client's local port is chosen after connect)"
         return self.features.stack_capture
+
+
+def _tracepoint_name(name) -> str:
+    """bcc's key for an attached tracepoint ("category:event"), as text."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 def bpf_source() -> Path:
@@ -272,8 +280,9 @@ def eof_capture_unavailable(release: Optional[str] = None, machine: Optional[str
 
 @functools.lru_cache(maxsize=1)
 def btf_netns_offsets() -> Optional[btf.NetnsOffsets]:
-    """The running kernel's offsets, parsed once per process (~0.1 s)."""
-    return btf.netns_offsets()
+    """The running kernel's offsets, parsed once per process (about 50 ms;
+    3 ms once the answer is in the cache: btf.netns_offsets_cached)."""
+    return btf.netns_offsets_cached()
 
 
 def ensure_tracefs() -> str:
@@ -310,14 +319,44 @@ class ProgramRefused(UserError):
         self.kernel_error = kernel_error
 
 
+_NO_BCC_HINT = ("run the README's setup (apt-get install python3-bpfcc, "
+                "and a virtualenv made with --system-site-packages on /usr/bin/python3)")
+
+
+def bcc_missing() -> None:
+    """UserError when bcc's Python binding is not installed for this
+    interpreter (without importing it: import_bcc() loads its libraries)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("bcc") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UserError("bcc's Python binding is not importable by this interpreter",
+                        EXIT_NO_BCC, _NO_BCC_HINT)
+
+
+def import_bcc_in_background() -> None:
+    """Start loading bcc (libbcc, LLVM and clang: about 30 ms) in a thread,
+    while the caller reads its options and capabilities; import_bcc() then
+    finds it loaded, or says why it is not."""
+    import importlib
+    import threading
+
+    def load():
+        try:
+            importlib.import_module("bcc")
+        except Exception:
+            pass            # said by import_bcc(), in the caller's words
+    threading.Thread(target=load, name="bcc-import", daemon=True).start()
+
+
 def import_bcc():
     try:
         from bcc import BPF
     except ImportError:
         raise UserError("bcc's Python binding is not importable by this interpreter",
-                        EXIT_NO_BCC,
-                        "run the README's setup (apt-get install python3-bpfcc, "
-                        "and a virtualenv made with --system-site-packages on /usr/bin/python3)")
+                        EXIT_NO_BCC, _NO_BCC_HINT)
     except OSError as exc:
         # bcc loads libbcc, LLVM and clang with ctypes: a low address-space
         # limit (ulimit -v) or a broken library fails here, not at import.
@@ -426,6 +465,11 @@ class KernelProbe:
     _ring: object = None      # ringreader.RingReader when the mapping is read directly
     _detaching: Optional[list] = None     # threads detaching the tracepoints (detach())
     _on_batch: object = None
+    _loading: object = None       # the thread of load_in_background(), until start()
+    _load_error: Optional[BaseException] = None
+    # True while whoever took a copy of the quiet tracepoints keeps it
+    # (hand_over_quiet); None: nobody did.
+    _quiet_held: Optional[Callable[[], bool]] = None
 
     @property
     def features(self) -> KernelFeatures:
@@ -443,11 +487,39 @@ class KernelProbe:
     def transport(self) -> str:
         return self.features.transport
 
-    def start(self, on_event: Callable[[tuple], bool],
-              on_batch: Optional[Callable[[list], bool]] = None) -> None:
-        """Events reach on_event one raw row at a time (events.EventLayout)
-        or, when given and the ring buffer can be read directly, on_batch a
-        list of rows at a time; either returns True to end the poll."""
+    def load_in_background(self) -> None:
+        """Compile, load and attach the program in a thread, while the
+        caller does its own start-up (imports, the gathering worker):
+        compiling is clang and LLVM in C, which leave the interpreter free
+        (about 0.3 s of the start's 0.5 s). start() waits for it; close()
+        too, and then unloads it."""
+        if self.bpf is not None or self._loading is not None:
+            return
+        import threading
+        self._loading = threading.Thread(target=self._load_catching, name="bpf-load",
+                                         daemon=True)
+        self._loading.start()
+
+    def _load_catching(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:        # raised again by start(), in the caller
+            self._load_error = exc
+
+    def _wait_loaded(self) -> None:
+        """The program compiled and attached (the error of the background
+        load, if it failed); a load not started is done here."""
+        loading, self._loading = self._loading, None
+        if loading is None:
+            if self.bpf is None and self._load_error is None:
+                self._load()
+        else:
+            loading.join()
+        err, self._load_error = self._load_error, None
+        if err is not None:
+            raise err
+
+    def _load(self) -> None:
         BPF = import_bcc()
         tracefs = ensure_tracefs()
         check_tracepoint(tracefs)
@@ -470,6 +542,13 @@ class KernelProbe:
             raise ProgramRefused(str(err), _first_error(captured.text + chr(10) + str(err)))
         self.compile_s = time.monotonic() - started
         _release_compiler_memory()
+
+    def start(self, on_event: Callable[[tuple], bool],
+              on_batch: Optional[Callable[[list], bool]] = None) -> None:
+        """Events reach on_event one raw row at a time (events.EventLayout)
+        or, when given and the ring buffer can be read directly, on_batch a
+        list of rows at a time; either returns True to end the poll."""
+        self._wait_loaded()
         self._set_port_filter("cw_lports", self.config.lports)
         self._set_port_filter("cw_rports", self.config.rports)
         layout = EventLayout(self._table("cw_event_layout").Leaf)
@@ -734,7 +813,7 @@ class KernelProbe:
         per_cpu = self._table("cw_counters")[0]
         return int(sum(c.hist_sum_ns for c in per_cpu))
 
-    def detach(self) -> None:
+    def detach(self, events_only: bool = False) -> None:
         """Stop the kernel's events (the end of a trace): the tracepoints
         are detached, all at once, in threads, while the caller drains what
         the buffer holds; close() waits for them. Each detach waits for the
@@ -742,15 +821,20 @@ class KernelProbe:
         20-60 ms each here under load, 150 ms for the four in a row."""
         if self.bpf is None or self._detaching is not None:
             return
+        # Marked first: a stop signal's handler may call this while the
+        # main thread is in it (a second Ctrl-C); the fds are then taken
+        # once, never closed twice.
+        self._detaching = []
         import threading
         from bcc.libbcc import lib
         fds = getattr(self.bpf, "tracepoint_fds", None)
         if not isinstance(fds, dict):
             return
-        self._detaching = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
-                                            daemon=True) for fd in fds.values()]
-        fds.clear()                 # closed here, not again by bcc's cleanup()
-        for t in self._detaching:
+        names = [n for n in fds if not events_only or _tracepoint_name(n) == EVENTS_TRACEPOINT]
+        taken = [fds.pop(n) for n in names]     # closed here, not again by bcc's cleanup()
+        for fd in taken:
+            t = threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,), daemon=True)
+            self._detaching.append(t)
             t.start()
 
     def wait_detached(self) -> None:
@@ -758,7 +842,66 @@ class KernelProbe:
         for t in self._detaching or ():
             t.join()
 
+    def hand_over_quiet(self, adopt: Callable[[list], Optional[Callable[[], bool]]]) -> bool:
+        """Give a copy of the tracepoints that make no events (EOF reads,
+        exec and exit tracking) to adopt (the gathering worker's, at the
+        start): at the exit, release_for_exit() closes ours at no cost while
+        that holder still runs, and the holder's end (it is killed next)
+        waits for their detach's grace periods, not the tracer's. adopt
+        returns a check, true while the holder keeps them, or None."""
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if not isinstance(fds, dict):
+            return False
+        quiet = [fd for name, fd in fds.items() if _tracepoint_name(name) != EVENTS_TRACEPOINT]
+        held = adopt(quiet) if quiet else None
+        self._quiet_held = held
+        return held is not None
+
+    def release_for_exit(self) -> None:
+        """close() for a process about to end (os._exit): the tracepoints
+        detached (no event after this) and the ring's mapping let go, but
+        the program, its maps and bcc's compiled module are left to the
+        kernel's and the process's end rather than freed one by one."""
+        if self._loading is not None:
+            self.close()
+            return
+        self.detach(events_only=self._quiet_held is not None)   # done at the stop, as a rule
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.wait_detached()
+        # The tracepoints that make no events, if detach(events_only=True)
+        # left them: ours closed at no cost while the worker that took a
+        # copy at the start still runs (its end detaches them); otherwise
+        # closed here, in parallel.
+        fds = getattr(self.bpf, "tracepoint_fds", None)
+        if isinstance(fds, dict) and fds:
+            rest = list(fds.values())
+            fds.clear()
+            held = self._quiet_held
+            if held is not None and held():
+                for fd in rest:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            else:
+                import threading
+                from bcc.libbcc import lib
+                closing = [threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,),
+                                            daemon=True) for fd in rest]
+                for t in closing:
+                    t.start()
+                for t in closing:
+                    t.join()
+
     def close(self) -> None:
+        if self._loading is not None:
+            # Loading still (a start-up that failed elsewhere, or Ctrl-C):
+            # clang cannot be interrupted; what it loads is unloaded below.
+            self._loading.join()
+            self._loading = None
+            self._load_error = None
         if self._ring is not None:
             self._ring.close()
             self._ring = None

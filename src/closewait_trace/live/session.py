@@ -74,11 +74,12 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
     warn_unmatched_holders(holder_filter, "only sockets of processes that match later "
                                           "will be shown")
     from closewait_trace.kernel import kernel_headers
-    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, import_bcc
-    from closewait_trace.live.tracer import LiveTracer, ProcResolver
-    from closewait_trace.evidence.worker import GatherWorker
+    from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, ProgramRefused, bcc_missing
 
-    import_bcc()
+    # bcc itself (libbcc, LLVM and clang: about 30 ms to load) is imported
+    # by the program's load, in its thread; a missing binding is said here,
+    # before anything starts.
+    bcc_missing()
 
     config = ProbeConfig(threshold_ns=threshold_ns, max_tracked=max_tracked,
                          lports=socket_filter.lports, rports=socket_filter.rports,
@@ -88,46 +89,62 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
                          ringbuf_pages=4096 if all_transitions else 256,
                          eof_capture=eof_stacks)
     probe = KernelProbe(config)
-    tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
-                        sinks=[out], holder_filter=holder_filter, tick_s=tick_ns / 1e9,
-                        # Other people's /proc, memory and files are read in a
-                        # worker the loop can abandon (evidence/worker.py).
-                        resolver=ProcResolver(worker=GatherWorker()))
-    # Nobody reads the trace any more (`| head -1`): end it the normal way.
-    out.on_reader_gone = tracer.request_stop
     # "Ready" means attached and the start-up snapshot taken: the start
     # record says it, rendered on stdout as text, or as the banner on
     # stderr when stdout carries JSON or nothing (output/terminal.py).
     if as_json or out.quiet:
         out.banner_on_stderr = True
-    recorder = None
+    sinks = [out]
     if metrics_listen:
         from closewait_trace.output.metrics import MetricsSink
         metrics = MetricsSink(*metrics_listen, no_comm=metrics_no_comm)
         metrics.serve()          # a port in use fails before anything loads
-        tracer.sinks.append(metrics)
-    if recording_options:
-        # Open the file before loading anything into the kernel: a bad path
-        # fails fast and leaves nothing behind.
-        from closewait_trace.files.recording import Recorder
-        from closewait_trace.output.sinks import RecordingSink
-        recording_options = dict(recording_options)
-        snapshot_s = recording_options.pop("snapshot_s")
-        # Said in the recording's header, as in the start record: a trace
-        # made with a holder filter does not hold every socket.
-        filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
-        # The tracer's clock offset (kernel clock to wall clock), the one
-        # its records' times are made with.
-        recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
-                            clock_offset_ns=tracer.clock_offset_ns(),
-                            mode="all" if all_transitions else "closewait",
-                            **recording_options)
-        recorder.open()
-        tracer.sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
+        sinks.append(metrics)
+    tracer = None
+    gatherer = None
+    recorder = None
     try:
         choice = kernel_headers.choose_headers()
         kernel_headers.apply(choice)
+        # Start-up in parallel (bench/startup.py; docs/benchmarks.md): the
+        # gathering worker's interpreter starts, and the program compiles in
+        # a thread (clang, in C), while this one imports the rest; the
+        # tracer's start() waits for both. The worker first: the compile
+        # points fd 2 at a file for clang's messages, which a worker started
+        # meanwhile would inherit (its stderr, with CLOSEWAIT_TRACE_DEBUG).
+        from closewait_trace.evidence.worker import GatherWorker
+        # Other people's /proc, memory and files are read in a worker the
+        # loop can abandon (evidence/worker.py).
+        gatherer = GatherWorker()
+        gatherer.start()
+        probe.load_in_background()
+        from closewait_trace.live.tracer import LiveTracer, ProcResolver
+        tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
+                            sinks=sinks, holder_filter=holder_filter,
+                            tick_s=tick_ns / 1e9, resolver=ProcResolver(worker=gatherer))
+        # Nobody reads the trace any more (`| head -1`): end it the normal way.
+        out.on_reader_gone = tracer.request_stop
+        if recording_options:
+            # Opened before the program is attached: a bad path fails fast,
+            # and what was loaded is unloaded below, leaving nothing behind.
+            from closewait_trace.files.recording import Recorder
+            from closewait_trace.output.sinks import RecordingSink
+            recording_options = dict(recording_options)
+            snapshot_s = recording_options.pop("snapshot_s")
+            # Said in the recording's header, as in the start record: a trace
+            # made with a holder filter does not hold every socket.
+            filters = {**socket_filter.as_dict(), **holder_filter.as_dict()}
+            # The tracer's clock offset (kernel clock to wall clock), the one
+            # its records' times are made with.
+            recorder = Recorder(threshold_ns=threshold_ns, filters=filters,
+                                clock_offset_ns=tracer.clock_offset_ns(),
+                                mode="all" if all_transitions else "closewait",
+                                **recording_options)
+            recorder.open()
+            sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
         tracer.headers = choice.describe()
+        # After run(), main() ends the process at once (cli's quick exit).
+        tracer.exit_after_run = True
         tracer.start()
         if tracer.start_snapshot_failed:
             notice("closewait-trace: warning: the sockets already in CLOSE_WAIT could not "
@@ -135,8 +152,10 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
                    "they are not reported, only those that enter it from now on; "
                    "restart to try again")
     except BaseException as exc:
-        tracer.restore_signals()
-        tracer.resolver.close()
+        if tracer is not None:
+            tracer.restore_signals()
+        if gatherer is not None:
+            gatherer.close()
         probe.close()
         if recorder is not None:
             recorder.discard()     # nothing was traced: leave no file behind

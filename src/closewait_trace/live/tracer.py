@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.evidence import diagnosis, place, pyframes
+from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelEvent, event_of_row
@@ -149,6 +149,11 @@ class LiveTracer:
     _codes_unknown: dict = field(default_factory=dict)
     _keys: Optional[tuple] = None       # _capture_keys() of the batch being resolved
     _final_drain: bool = False
+    _detach_started: bool = False
+    # The process ends right after run() (cli.py's quick exit): the kernel
+    # frees the program and its maps then, and bcc's own cleanup (freeing
+    # LLVM's module and every table: 15-20 ms under load) is skipped.
+    exit_after_run: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
@@ -180,6 +185,26 @@ class LiveTracer:
 
     def request_stop(self, *_args) -> None:
         self.stopping = True
+        self._stop_kernel()
+
+    def _stop_kernel(self) -> None:
+        """Start the kernel's detach now, at the stop signal, not once the
+        loop has noticed it (a batch being written under load: 5-30 ms
+        measured): the detach waits for RCU grace periods, tens of ms each
+        under load, and everything after it (the final counts) waits for
+        it. Once per run: from the signal handler or from run()."""
+        if self._detach_started:
+            return
+        self._detach_started = True
+        detach = getattr(self.probe, "detach", None)
+        if detach is None:
+            return
+        if self.exit_after_run:
+            # Only the tracepoint that makes events, waited for before the
+            # final counts; the others go with the process (run()'s end).
+            detach(events_only=True)
+        else:
+            detach()
 
     def _poll_while_waiting(self) -> None:
         """While the gathering worker reads, the kernel's events keep
@@ -217,6 +242,7 @@ class LiveTracer:
         # a minute at the exit, after Ctrl-C.
         def on_stop_signal(_signum, _frame):
             self.stopping = True
+            self._stop_kernel()
         self._previous_handlers = {sig: signal.signal(sig, on_stop_signal)
                                    for sig in STOP_SIGNALS}
         # Python's cyclic collector walks every tracked object: with 100,000
@@ -259,11 +285,26 @@ class LiveTracer:
         # its Python frames.
         seen_ns = self.now_ns()
         self.register_pythons(self.resolver_python_processes(), seen_ns)
+        self._hand_over_quiet()
         filters = {**self.socket_filter.as_dict(), **self.holder_filter.as_dict()}
         self.emit(records.start(self.started_ts, self.config.threshold_ns, filters, pre,
                                 self.headers, self.probe.transport,
                                 self.config.all_transitions))
         self.flush()        # the banner says "ready": it must not wait in a buffer
+
+    def _hand_over_quiet(self) -> None:
+        """When the process ends right after run(): the gathering worker
+        takes a copy of the tracepoints that make no events, so that their
+        detach (RCU grace periods, one tracepoint after another in the
+        kernel: about 40 ms each under load) is waited for by the worker's
+        end, not by the tracer's exit (issue 20: SIGINT -> exit <= 0.2 s).
+        Done now, with the worker idle, not at the exit, when a loaded
+        machine could keep the worker from answering in time."""
+        hand = getattr(self.probe, "hand_over_quiet", None)
+        gatherer = self.resolver.worker
+        if self.exit_after_run and hand is not None and gatherer is not None \
+                and not self.stopping:
+            hand(gatherer.adopt)
 
     def resolver_python_processes(self) -> dict:
         """The running CPython processes, when captures can copy their
@@ -374,10 +415,9 @@ class LiveTracer:
             self._final_drain = True
             deadline = time.monotonic() + FINAL_DRAIN_S
             # No new events from here: the drain takes what the buffer holds
-            # while the kernel detaches (which takes tens of ms).
-            detach = getattr(self.probe, "detach", None)
-            if detach is not None:
-                detach()
+            # while the kernel detaches (which takes tens of ms; started by
+            # the stop signal already, or here).
+            self._stop_kernel()
             self.drain(deadline)            # what the stop interrupted
             self._drain_buffer(deadline)
             # Events made until the detach ended: the buffer emptied above
@@ -402,8 +442,16 @@ class LiveTracer:
             self.emit(self.summary())
             self.flush()
         finally:
-            self.resolver.close()
-            self.probe.close()
+            release = getattr(self.probe, "release_for_exit", None)
+            if self.exit_after_run and release is not None:
+                # Before the worker is killed: it holds a copy of the
+                # tracepoints that make no events (start()), and its end
+                # waits for their detach, not ours.
+                release()
+                self.resolver.close()
+            else:
+                self.resolver.close()
+                self.probe.close()
             for sink in self.sinks:
                 sink.close()
             self.restore_signals()
@@ -797,6 +845,9 @@ class LiveTracer:
                                   getattr(keyed[i][2], "python", ()))) for i in turns],
             uids)
         python = stacks.get("python") or {}
+        # Here, not at import: pyframes brings pyelftools (about 40 ms of
+        # the start-up), and the tracer itself needs only its words.
+        from closewait_trace.evidence import pyframes
         offset = self.clock_offset_ns()
         for i, ((_id, kind), l, c, why) in enumerate(keyed):
             frames = stacks.get(i) if why is None else None

@@ -151,8 +151,8 @@ _JSON_PAIRS: list = []
 
 def _json_pairs() -> list:
     """The table above, made at the first --all JSON batch: its 65,536
-    entries hold 11 MB, which a trace without --all (the cli imports this
-    module) must not carry."""
+    entries hold 11 MB and cost about 20 ms to build, which a trace without
+    --all (the cli imports this module) must not carry nor wait for."""
     if not _JSON_PAIRS:
         _JSON_PAIRS.extend(
             (f'"oldstate": {_STATE_JSON[o]}, "newstate": {_STATE_JSON[n]}',
