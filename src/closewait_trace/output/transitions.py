@@ -33,6 +33,8 @@ _IN_PROCESS = tcpstates.PROCESS_CONTEXT
 _STATE = [tcpstates.name(i) for i in range(256)]          # states are u8
 _STATE_JSON = [json.dumps(s) for s in _STATE]
 CACHE_MAX = 4096            # entries per text cache; cleared when full
+# JsonLines slices a row's endpoint fields at once: they must be adjacent.
+assert (R_SADDR, R_DADDR, R_SPORT, R_DPORT, R_FAMILY) == tuple(range(R_SADDR, R_FAMILY + 1))
 
 
 class WallClock:
@@ -80,6 +82,8 @@ class JsonLines:
         self.clock = WallClock()
         self._addr: dict = {}       # raw address -> (family, its JSON string)
         self._comm: dict = {}       # raw comm -> JSON string, already line-safe
+        self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> the
+                                    #   line's middle (_endpoints)
 
     def _address(self, family: int, raw: bytes) -> str:
         text = json.dumps(format_address(family, raw))
@@ -95,13 +99,31 @@ class JsonLines:
             _bounded(self._comm)[raw] = text
         return text
 
+    def _endpoints(self, key: tuple) -> tuple:
+        """The line's middle from the family to the remote port, as written
+        with and without the peer (LISTEN->SYN_RECV with no peer still
+        writes the addresses it has), for one connection's
+        (saddr, daddr, sport, dport, family): a connection's transitions
+        all share it."""
+        saddr, daddr, sport, dport, family = key
+        addr = self._addr
+        hit = addr.get(saddr)
+        laddr = hit[1] if hit is not None and hit[0] == family else self._address(family, saddr)
+        hit = addr.get(daddr)
+        raddr = hit[1] if hit is not None and hit[0] == family else self._address(family, daddr)
+        text = (f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
+                f'"laddr": {laddr}, "lport": {sport}, '
+                f'"raddr": {raddr}, "rport": {dport}, ')
+        _bounded(self._conn)[key] = text
+        return text
+
     def lines(self, rows, offset_ns: int) -> str:
         """One string: the lines of all rows, each ending in a newline."""
         out = []
         append = out.append
         clock = self.clock
-        addr = self._addr
-        address = self._address
+        conn = self._conn
+        endpoints = self._endpoints
         task_comm = self._task_comm
         pairs = _JSON_PAIRS
         modf = math.modf
@@ -121,27 +143,20 @@ class JsonLines:
                     head, tail = clock._head, clock._tail
             else:
                 time_text = f"{head}{us:06d}{tail}"
-            family = r[R_FAMILY]
-            saddr, daddr = r[R_SADDR], r[R_DADDR]
-            hit = addr.get(saddr)
-            laddr = hit[1] if hit is not None and hit[0] == family else address(family, saddr)
-            hit = addr.get(daddr)
-            raddr = hit[1] if hit is not None and hit[0] == family else address(family, daddr)
-            old, new = r[R_OLD], r[R_NEW]
-            states, in_process, listen_syn = pairs[old << 8 | new]
+            key = r[R_SADDR:R_FAMILY + 1]
+            ends = conn.get(key)
+            if ends is None:
+                ends = endpoints(key)
+            states, in_process, listen_syn = pairs[r[R_OLD] << 8 | r[R_NEW]]
             d = r[R_DURATION]
-            rport = r[R_DPORT]
             prev = repr(round(d / 1e9, 9)) if d else "null"
             if in_process:
                 task = f'{{"pid": {r[R_PID]}, "comm": {task_comm(r[R_COMM])}}}'
             else:
                 task = "null"
             append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{time_text}", '
-                   f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
-                   f'"laddr": {laddr}, "lport": {r[R_SPORT]}, '
-                   f'"raddr": {raddr}, "rport": {rport}, {states}, '
-                   f'"prev_state_s": {prev}, "task": {task}, '
-                   f'"peer_known": {"false" if listen_syn and rport == 0 else "true"}}}\n')
+                   f'{ends}{states}, "prev_state_s": {prev}, "task": {task}, '
+                   f'"peer_known": {"false" if listen_syn and r[R_DPORT] == 0 else "true"}}}\n')
         return "".join(out)
 
 
