@@ -175,6 +175,8 @@ class TextLines:
         self._addr: dict = {}       # (family, raw, port digits) -> (text, width)
         self._change: dict = {}     # (old, new) -> the EVENT cell, padded
         self._owner: dict = {}      # (pid, raw comm) -> OWNER cell
+        self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> both
+                                    #   endpoint cells
 
     def _endpoint(self, family: int, raw: bytes, port: int) -> str:
         """render.hostport(address, port, the column) padded to the column.
@@ -224,21 +226,30 @@ class TextLines:
         event = self._event
         task = self._task
         no_peer = pad(render.PEER_NOT_GIVEN, w)
+        conn = self._conn
         out = []
         append = out.append
+        last_cell = padded_cell = None
         for row in rows:
             ts = round((row[R_TS] + offset_ns) / 1e9, 6)
             cell, before = cell_of(ts)
             for line in before:
                 append(safe(line) + "\n")
-            family = row[R_FAMILY]
+            if cell is not last_cell:
+                last_cell, padded_cell = cell, pad(cell, clock_width)
             old, new = row[R_OLD], row[R_NEW]
-            rport = row[R_DPORT]
-            local = endpoint(family, row[R_SADDR], row[R_SPORT])
-            if old == _LISTEN and new == _SYN_RECV and rport == 0:
-                remote = no_peer
-            else:
-                remote = endpoint(family, row[R_DADDR], rport)
+            # Both endpoint cells, once per connection (its transitions
+            # share them), except where the kernel gave no peer.
+            key = row[R_SADDR:R_FAMILY + 1]
+            ends = conn.get(key)
+            if ends is None or (old == _LISTEN and new == _SYN_RECV and key[3] == 0):
+                family = key[4]
+                local = endpoint(family, key[0], key[2])
+                if old == _LISTEN and new == _SYN_RECV and key[3] == 0:
+                    ends = f"{local} {no_peer}"
+                else:
+                    ends = f"{local} {endpoint(family, key[1], key[3])}"
+                    _bounded(conn)[key] = ends
             d = row[R_DURATION]
             if d:
                 s = round(d / 1e9, 9)
@@ -246,7 +257,6 @@ class TextLines:
             else:
                 age = "?"
             owner = task(row[R_PID], row[R_COMM]) if (old, new) in _IN_PROCESS else "-"
-            line = (f"{pad(cell, clock_width)} {event(old, new)} "
-                    f"{local} {remote} {age:>8} {owner}")
+            line = f"{padded_cell} {event(old, new)} {ends} {age:>8} {owner}"
             append(safe(line) + "\n")
         return "".join(out)
