@@ -76,14 +76,27 @@ def _bounded(cache: dict) -> dict:
 
 class JsonLines:
     """Transition records as --json writes them (json.dumps of
-    records.transition(), then textsafe.safe_line)."""
+    records.transition(), then textsafe.safe_line), or, compact, as a
+    recording (-w) writes them (textsafe.json_dumps with separators
+    (",", ":"), no safe_line: json.dumps' ASCII escaping is the
+    recording's)."""
 
-    def __init__(self):
+    def __init__(self, compact: bool = False):
         self.clock = WallClock()
+        self.compact = compact
         self._addr: dict = {}       # raw address -> (family, its JSON string)
         self._comm: dict = {}       # raw comm -> JSON string, already line-safe
         self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> the
                                     #   line's middle (_endpoints)
+        c, s = (":", ",") if compact else (": ", ", ")
+        self._c, self._s = c, s
+        # The line's fixed pieces, between the values.
+        self._p = (f'{{"type"{c}"transition"{s}"ts"{c}', f'{s}"time"{c}"',
+                   f'"{s}', f'{s}"prev_state_s"{c}', f'{s}"task"{c}',
+                   f'{s}"peer_known"{c}')
+        self._task_head = f'{{"pid"{c}'
+        self._task_mid = f'{s}"comm"{c}'
+        self._pairs = _JSON_PAIRS_COMPACT if compact else _JSON_PAIRS
 
     def _address(self, family: int, raw: bytes) -> str:
         text = json.dumps(format_address(family, raw))
@@ -95,7 +108,9 @@ class JsonLines:
         if text is None:
             # safe_line escapes character by character: what it would do
             # to the whole line it does to this piece (the rest is ASCII).
-            text = textsafe.safe_line(json.dumps(comm_text(raw)))
+            text = json.dumps(comm_text(raw))
+            if not self.compact:
+                text = textsafe.safe_line(text)
             _bounded(self._comm)[raw] = text
         return text
 
@@ -111,21 +126,28 @@ class JsonLines:
         laddr = hit[1] if hit is not None and hit[0] == family else self._address(family, saddr)
         hit = addr.get(daddr)
         raddr = hit[1] if hit is not None and hit[0] == family else self._address(family, daddr)
-        text = (f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
-                f'"laddr": {laddr}, "lport": {sport}, '
-                f'"raddr": {raddr}, "rport": {dport}, ')
+        c, s = self._c, self._s
+        text = (f'"family"{c}"{"ipv4" if family == _AF_INET else "ipv6"}"{s}'
+                f'"laddr"{c}{laddr}{s}"lport"{c}{sport}{s}'
+                f'"raddr"{c}{raddr}{s}"rport"{c}{dport}{s}')
         _bounded(self._conn)[key] = text
         return text
 
     def lines(self, rows, offset_ns: int) -> str:
         """One string: the lines of all rows, each ending in a newline."""
+        return "".join(self.line_list(rows, offset_ns))
+
+    def line_list(self, rows, offset_ns: int) -> list:
+        """The lines of all rows, each ending in a newline."""
         out = []
         append = out.append
         clock = self.clock
         conn = self._conn
         endpoints = self._endpoints
         task_comm = self._task_comm
-        pairs = _JSON_PAIRS
+        pairs = self._pairs
+        p0, p1, p2, p3, p4, p5 = self._p
+        task_head, task_mid = self._task_head, self._task_mid
         modf = math.modf
         last_whole = last_hour = None
         head = tail = ""
@@ -151,19 +173,21 @@ class JsonLines:
             d = r[R_DURATION]
             prev = repr(round(d / 1e9, 9)) if d else "null"
             if in_process:
-                task = f'{{"pid": {r[R_PID]}, "comm": {task_comm(r[R_COMM])}}}'
+                task = f'{task_head}{r[R_PID]}{task_mid}{task_comm(r[R_COMM])}}}'
             else:
                 task = "null"
-            append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{time_text}", '
-                   f'{ends}{states}, "prev_state_s": {prev}, "task": {task}, '
-                   f'"peer_known": {"false" if listen_syn and r[R_DPORT] == 0 else "true"}}}\n')
-        return "".join(out)
+            append(f'{p0}{round(ts, 6)!r}{p1}{time_text}{p2}{ends}{states}{p3}{prev}{p4}{task}'
+                   f'{p5}{"false" if listen_syn and r[R_DPORT] == 0 else "true"}}}\n')
+        return out
 
 
 # (old << 8 | new) -> ('"oldstate": ..., "newstate": ...', named task?, LISTEN->SYN_RECV?)
 _JSON_PAIRS = [(f'"oldstate": {_STATE_JSON[o]}, "newstate": {_STATE_JSON[n]}',
                 (o, n) in _IN_PROCESS, o == _LISTEN and n == _SYN_RECV)
                for o in range(256) for n in range(256)]
+_JSON_PAIRS_COMPACT = [(f'"oldstate":{_STATE_JSON[o]},"newstate":{_STATE_JSON[n]}', i, ls)
+                       for (_t, i, ls), (o, n) in zip(_JSON_PAIRS, ((o, n) for o in range(256)
+                                                                     for n in range(256)))]
 
 
 class TextLines:
