@@ -85,7 +85,7 @@ class JsonLines:
         self.clock = WallClock()
         self.compact = compact
         self._addr: dict = {}       # raw address -> (family, its JSON string)
-        self._comm: dict = {}       # raw comm -> JSON string, already line-safe
+        self._comm: dict = {}       # raw comm -> JSON string (line-safe unless compact)
         self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> the
                                     #   line's middle (_endpoints)
         c, s = (":", ",") if compact else (": ", ", ")
@@ -114,12 +114,11 @@ class JsonLines:
             _bounded(self._comm)[raw] = text
         return text
 
-    def _endpoints(self, key: tuple) -> tuple:
-        """The line's middle from the family to the remote port, as written
-        with and without the peer (LISTEN->SYN_RECV with no peer still
-        writes the addresses it has), for one connection's
-        (saddr, daddr, sport, dport, family): a connection's transitions
-        all share it."""
+    def _endpoints(self, key: tuple) -> str:
+        """The line's middle from the family to the remote port for one
+        connection's (saddr, daddr, sport, dport, family): a connection's
+        transitions all share it (LISTEN->SYN_RECV with no peer writes the
+        addresses it has too; only peer_known says so)."""
         saddr, daddr, sport, dport, family = key
         addr = self._addr
         hit = addr.get(saddr)
