@@ -308,7 +308,12 @@ class Traced:
             c = self.last_json["counters"]
             # What was still in the buffer at exit was never written: lost too.
             lost = c.get("events_lost", 0) + c.get("map_full", 0) + c.get("events_unread", 0)
+        counters = (self.last_json or {}).get("counters", {})
         return {"exit_s": None if killed else exit_s, "killed": killed,
+                # closewait-trace's split of `lost`: the buffer full while
+                # it ran, and what was still unread at the stop.
+                "events_lost": counters.get("events_lost"),
+                "events_unread": counters.get("events_unread"),
                 "cpu_s": (usage.ru_utime + usage.ru_stime) if usage else None,
                 "lost": lost, "summary": self.last_json, "written": self.transitions}
 
@@ -380,6 +385,8 @@ def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, ser
                 results[mode].setdefault("killed", []).append(stopped["killed"])
                 results[mode]["cpu_s"].append(stopped["cpu_s"])
                 results[mode]["lost"].append(stopped["lost"])
+                results[mode].setdefault("events_lost", []).append(stopped["events_lost"])
+                results[mode].setdefault("events_unread", []).append(stopped["events_unread"])
             print(f"  round {r + 1} {mode:>9}: {rate:9.0f} conn/s", file=sys.stderr)
             time.sleep(1.0)
     return results
@@ -796,6 +803,9 @@ def main() -> int:
         for mode, r in churn.items():
             print(f"  {mode}: " + ", ".join(f"{rate:.0f}" + (f" ({lost})" if lost is not None else "")
                                           for rate, lost in zip(r["rate"], r["lost"] or [None] * len(r["rate"]))))
+            if any(x is not None for x in r.get("events_unread", [])):
+                print("    of which the buffer full / unread at the stop: " + ", ".join(
+                    f"{a} / {b}" for a, b in zip(r["events_lost"], r["events_unread"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "churn": churn, "scale": scale, "sweep": sweep}, f,

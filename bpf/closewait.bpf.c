@@ -253,7 +253,10 @@ BPF_HASH(cw_py, u32, struct cw_py_proc, MAX_PY_PROCS);
 #ifdef ALL_TRANSITIONS
 // Last transition time of every socket seen, for the time-in-previous-state
 // of the next one. Entries go when the socket reaches TCP_CLOSE.
-BPF_F_TABLE("hash", u64, u64, cw_last_ts, MAX_TRACKED, BPF_F_NO_PREALLOC);
+// Preallocated (issue 20): every connection inserts and deletes an entry,
+// and an allocating map paid a kernel allocation and an RCU-deferred free
+// for each; the price is memory reserved up front (--max-tracked entries).
+BPF_HASH(cw_last_ts, u64, u64, MAX_TRACKED);
 #endif
 
 // Never read or written by this program: it hands user space the ctypes
@@ -432,28 +435,61 @@ static __always_inline void cw_exit(void *ctx, struct cw_tp *tp, u64 now)
 }
 
 #ifdef ALL_TRANSITIONS
+// The transition's record, filled where it will be read: on the ring
+// buffer reserved in place (no copy from the stack). No namespace is read:
+// a transition's output does not show it (records.transition), so netns
+// stays 0 in these records.
+static __always_inline void cw_stream_fill(struct cw_event *ev, struct cw_tp *tp, u64 now,
+                                           u64 *last)
+{
+    u64 id = bpf_get_current_pid_tgid();
+
+    ev->ts_ns = now;
+    ev->skaddr = tp->skaddr;
+    ev->duration_ns = last ? now - *last : 0;
+    ev->pid = id >> 32;
+    ev->tid = (u32)id;
+    ev->ep = tp->ep;
+    ev->oldstate = tp->oldstate;
+    ev->newstate = tp->newstate;
+    ev->kind = EV_TRANSITION;
+    __builtin_memset(ev->_pad, 0, sizeof(ev->_pad));
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+}
+
 static __always_inline void cw_stream(void *ctx, struct cw_tp *tp, u64 now)
 {
     u64 sk = tp->skaddr;
-    struct cw_event ev = {};
     struct cw_counters *c = cw_counts();
     u64 *last = cw_last_ts.lookup(&sk);
-
-    cw_fill(&ev, tp, now);
-    ev.ep.netns = cw_netns(sk);
-    ev.kind = EV_TRANSITION;
-    if (last)
-        ev.duration_ns = now - *last;
+#ifdef USE_RINGBUF
+    struct cw_event *ev = cw_events.ringbuf_reserve(sizeof(struct cw_event));
+    if (ev) {
+        cw_stream_fill(ev, tp, now, last);
+        cw_events.ringbuf_submit(ev, 0);
+    }
+#else
+    struct cw_event stack_ev = {};
+    cw_stream_fill(&stack_ev, tp, now, last);
+    int err = cw_events.perf_submit(ctx, &stack_ev, sizeof(stack_ev));
+#endif
     if (tp->newstate == TCP_CLOSE)    // the socket is done
         cw_last_ts.delete(&sk);
     else
         cw_last_ts.update(&sk, &now);
-    if (c)
+    if (c) {
         c->transitions++;
-    cw_submit(ctx, &ev);
+#ifdef USE_RINGBUF
+        if (ev)
+#else
+        if (err == 0)
+#endif
+            c->submitted++;
+        else
+            c->events_lost++;
+    }
 }
 #endif
-
 #if defined(EOF_CAPTURE) || defined(OPEN_CAPTURE)
 // The x86-64 user registers the kernel saved at the system call (struct
 // pt_regs, the ptrace ABI: a fixed layout, not a kernel struct that moves).

@@ -118,3 +118,32 @@ def test_sigint_under_saturation_leaves_the_recording_complete_and_counted(
     assert in_file == written, (in_file, written)
     print(f"written {written}, lost {c['events_lost']}, unread at exit {c['events_unread']}, "
           f"of {c['transitions']}")
+
+
+def test_an_all_recording_holds_the_same_transitions_as_the_output(procs, kernel_path, tmp_path):
+    """--all with -w: the recording takes the batch path too (issue 20) and
+    holds exactly the transitions written to the terminal, 5N + 2 for N
+    connections on the port, with the same facts."""
+    n = 300
+    port = free_port()
+    path = tmp_path / "all.jsonl"
+    tracer = Tracer(["-p", str(port), "--all", "-t", "1h", "-w", str(path)]).start()
+    procs.append(tracer)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port))
+        server, _ = listener.accept()
+        client.close()
+        assert server.recv(1) == b""
+        server.close()
+    listener.close()
+    summary = tracer.stop()
+    c = summary["counters"]
+    assert c["transitions"] == 5 * n + 2 and c["events_lost"] == 0 and c["events_unread"] == 0, c
+    shown = tracer.of("transition")
+    with open(path) as f:
+        kept = [json.loads(line) for line in f if line.startswith('{"type":"transition"')]
+    assert len(shown) == 5 * n + 2
+    assert kept == shown

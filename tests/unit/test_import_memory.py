@@ -23,5 +23,7 @@ def test_importing_the_cli_does_not_build_the_all_tables():
 
 def test_the_table_is_built_at_first_use():
     from closewait_trace.output import transitions
-    pairs = transitions._json_pairs()
-    assert len(pairs) == 65536 and transitions._json_pairs() is pairs
+    for compact in (False, True):
+        pairs = transitions._json_pairs(compact)
+        assert len(pairs) == 65536 and transitions._json_pairs(compact) is pairs
+    assert transitions._json_pairs(True)[0][0] != transitions._json_pairs(False)[0][0]

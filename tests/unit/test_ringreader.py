@@ -71,3 +71,76 @@ def test_positions_are_single_8_byte_words(tmp_path):
         r.close()
     finally:
         os.close(fd)
+
+
+def ring_file(tmp_path, start, records):
+    """A ring whose consumer is at `start` (its records wrap past the end),
+    laid out as the kernel maps it: the data twice in a row, so a record
+    that wraps reads as one piece. records: [(payload, flags)]."""
+    path = tmp_path / "ring"
+    buf = bytearray(2 * PAGE + 2 * SIZE)
+    pos = start
+    for payload, flags in records:
+        rec = struct.pack("=II", len(payload) | flags, 0) + payload
+        rec += b"\0" * (((len(rec) + 7) & ~7) - len(rec))
+        for i, b in enumerate(rec):
+            at = (pos + i) % SIZE
+            buf[2 * PAGE + at] = buf[2 * PAGE + SIZE + at] = b
+        pos += len(rec)
+    struct.pack_into("=Q", buf, 0, start)
+    struct.pack_into("=Q", buf, PAGE, pos)
+    path.write_bytes(bytes(buf))
+    return os.open(path, os.O_RDWR), path, pos
+
+
+def read_all(fd, **kw):
+    r = ringreader.RingReader(fd, SIZE, REC.unpack_from, **kw)
+    got = []
+    while True:
+        rows = r.read(kw.pop("limit", 7))
+        if not rows:
+            break
+        got += rows
+    left = r.pending_bytes()
+    r.close()
+    return got, left
+
+
+def test_runs_of_one_size_are_unpacked_at_once_as_one_by_one(tmp_path):
+    """With `record` (--all: every record a struct cw_event), a run of
+    records of that size is unpacked by one iter_unpack, across the end of
+    the buffer too; a discarded record, one of another size or one still
+    being written ends the run, and the rows and position are what reading
+    them one by one gives."""
+    other = struct.Struct("=QQI4x")           # 24 bytes: another size
+    recs = [(REC.pack(i, 1), 0) for i in range(6)]
+    recs += [(REC.pack(6, 0), ringreader.DISCARD_BIT), (other.pack(7, 7, 7), 0)]
+    recs += [(REC.pack(i, 2), 0) for i in range(8, 20)]
+    recs += [(REC.pack(20, 0), ringreader.BUSY_BIT), (REC.pack(21, 0), 0)]
+    start = SIZE - 5 * 24                   # the sixth record wraps around
+    results = []
+    for kw in ({}, {"record": REC}):
+        fd, path, _end = ring_file(tmp_path, start, recs)
+        try:
+            results.append(read_all(fd, **kw) + (struct.unpack_from("=Q", path.read_bytes(), 0)[0],))
+        finally:
+            os.close(fd)
+    one_by_one, runs = results
+    assert runs == one_by_one
+    rows, left, consumer = runs
+    # The 24-byte record is unpacked with REC (its first 16 bytes).
+    assert rows == [(i, 1) for i in range(6)] + [(7, 7)] + [(i, 2) for i in range(8, 20)]
+    assert consumer == start + 6 * 24 + 24 + 32 + 12 * 24 and left == 2 * 24
+
+
+def test_a_run_stops_at_the_limit(tmp_path):
+    fd, path, end = ring_file(tmp_path, 0, [(REC.pack(i, 0), 0) for i in range(10)])
+    try:
+        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
+        assert r.read(4) == [(i, 0) for i in range(4)]
+        assert r.read(100) == [(i, 0) for i in range(4, 10)]
+        assert r.read(100) == [] and r.taken == 10
+        r.close()
+    finally:
+        os.close(fd)
+    assert struct.unpack_from("=Q", path.read_bytes(), 0)[0] == end

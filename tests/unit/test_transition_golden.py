@@ -110,3 +110,35 @@ def test_the_tracers_drain_writes_the_old_lines_and_gives_other_sinks_the_record
     assert out.getvalue()[skip:] == data["cases"]["Asia/Kolkata json None 80"]
     got = [textsafe.safe_line(textsafe.json_dumps(r)) + "\n" for r in w.of("transition")]
     assert "".join(got) == data["cases"]["Asia/Kolkata json None 80"]
+
+
+def test_a_recording_of_transitions_from_rows_is_the_one_from_records(data, zone, tmp_path):
+    """-w in --all mode takes the fast path too (RecordingSink.emit_transitions):
+    the recording's lines are byte for byte those of write(records.transition())
+    for the same events, batch by batch, whatever the zone."""
+    from closewait_trace.files import recording
+    from closewait_trace.kernel.events import R_TS
+    from closewait_trace.output.sinks import RecordingSink
+    from tests.unit import recordfactory
+    rows = rows_of(data)
+    offset = data["offset_ns"]
+    for zone_name in ("Asia/Kolkata", "UTC"):
+        zone(zone_name)
+        texts = []
+        for fast in (False, True):
+            path = tmp_path / f"{zone_name.replace('/', '-')}-{fast}.jsonl"
+            r = recording.Recorder(path=str(path), threshold_ns=10**9,
+                                   filters=recordfactory.NO_FILTERS, clock_offset_ns=offset)
+            r.open()
+            sink = RecordingSink(r)
+            if fast:
+                for i, n in enumerate((1, 7, 64, 48)):
+                    at = sum((1, 7, 64, 48)[:i])
+                    sink.emit_transitions(rows[at:at + n], offset)
+            else:
+                for row in rows:
+                    sink.emit(records.transition(event_of_row(row), (row[R_TS] + offset) / 1e9))
+            sink.close()
+            lines = path.read_text().splitlines(keepends=True)
+            texts.append([ln for ln in lines if ln.startswith('{"type":"transition"')])
+        assert len(texts[0]) == len(rows) and texts[1] == texts[0]

@@ -261,6 +261,19 @@ class Recorder:
         if rec.get("type") in ("summary",) or time.monotonic() - self._first_buffered >= FLUSH_S:
             self.flush()
 
+    def write_lines(self, lines: list) -> None:
+        """Records already made into lines as write() makes them (compact
+        JSON, each ending in a newline; --all's transitions, from
+        output/transitions.JsonLines(compact=True)), buffered as write()
+        buffers them. They are short: no length check."""
+        if not lines:
+            return
+        if not self._buffer:
+            self._first_buffered = time.monotonic()
+        self._buffer.extend(lines)
+        if time.monotonic() - self._first_buffered >= FLUSH_S:
+            self.flush()
+
     def poll(self) -> None:
         """Called from the main loop: keeps the 'on disk within a second' promise."""
         if self._buffer and time.monotonic() - self._first_buffered >= FLUSH_S:

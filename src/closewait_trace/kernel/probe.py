@@ -560,7 +560,8 @@ class KernelProbe:
         if self.ringbuf and on_batch is not None and self.features.direct_ring:
             # The mapping read directly, a batch at a time (no callback per
             # event); libbpf's reader elsewhere (ringreader's docstring).
-            self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from)
+            self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from,
+                                               record=layout.struct)
             return
 
         # The callback must not refer to the events table: bcc keeps the

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.output import records
+from closewait_trace.output import records, transitions
 
 
 @dataclass
@@ -63,6 +63,7 @@ class RecordingSink:
     clock: Callable[[], float] = time.monotonic
     _view: Optional[TickView] = None
     _next_snapshot: Optional[float] = None
+    _lines: Optional[object] = None     # transitions.JsonLines, made at the first use
 
     def __post_init__(self) -> None:
         self.recorder.snapshot_source = self._rotation_snapshot
@@ -74,6 +75,14 @@ class RecordingSink:
 
     def emit(self, rec: dict) -> None:
         self.recorder.write(rec)
+
+    def emit_transitions(self, rows, offset_ns: int) -> None:
+        """--all's transitions as raw rows (events.EventLayout): the lines
+        write(records.transition(...)) would make, built from templates
+        (output/transitions.py), a batch at a time."""
+        if self._lines is None:
+            self._lines = transitions.JsonLines(compact=True)
+        self.recorder.write_lines(self._lines.line_list(rows, offset_ns))
 
     def tick(self, view: TickView) -> None:
         self._view = view

@@ -33,6 +33,8 @@ _IN_PROCESS = tcpstates.PROCESS_CONTEXT
 _STATE = [tcpstates.name(i) for i in range(256)]          # states are u8
 _STATE_JSON = [json.dumps(s) for s in _STATE]
 CACHE_MAX = 4096            # entries per text cache; cleared when full
+# JsonLines slices a row's endpoint fields at once: they must be adjacent.
+assert (R_SADDR, R_DADDR, R_SPORT, R_DPORT, R_FAMILY) == tuple(range(R_SADDR, R_FAMILY + 1))
 
 
 class WallClock:
@@ -74,12 +76,27 @@ def _bounded(cache: dict) -> dict:
 
 class JsonLines:
     """Transition records as --json writes them (json.dumps of
-    records.transition(), then textsafe.safe_line)."""
+    records.transition(), then textsafe.safe_line), or, compact, as a
+    recording (-w) writes them (textsafe.json_dumps with separators
+    (",", ":"), no safe_line: json.dumps' ASCII escaping is the
+    recording's)."""
 
-    def __init__(self):
+    def __init__(self, compact: bool = False):
         self.clock = WallClock()
+        self.compact = compact
         self._addr: dict = {}       # raw address -> (family, its JSON string)
-        self._comm: dict = {}       # raw comm -> JSON string, already line-safe
+        self._comm: dict = {}       # raw comm -> JSON string (line-safe unless compact)
+        self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> the
+                                    #   line's middle (_endpoints)
+        c, s = (":", ",") if compact else (": ", ", ")
+        self._c, self._s = c, s
+        # The line's fixed pieces, between the values.
+        self._p = (f'{{"type"{c}"transition"{s}"ts"{c}', f'{s}"time"{c}"',
+                   f'"{s}', f'{s}"prev_state_s"{c}', f'{s}"task"{c}',
+                   f'{s}"peer_known"{c}')
+        self._task_head = f'{{"pid"{c}'
+        self._task_mid = f'{s}"comm"{c}'
+        self._pairs = None          # the state-pair table, at the first batch
 
     def _address(self, family: int, raw: bytes) -> str:
         text = json.dumps(format_address(family, raw))
@@ -91,19 +108,47 @@ class JsonLines:
         if text is None:
             # safe_line escapes character by character: what it would do
             # to the whole line it does to this piece (the rest is ASCII).
-            text = textsafe.safe_line(json.dumps(comm_text(raw)))
+            text = json.dumps(comm_text(raw))
+            if not self.compact:
+                text = textsafe.safe_line(text)
             _bounded(self._comm)[raw] = text
+        return text
+
+    def _endpoints(self, key: tuple) -> str:
+        """The line's middle from the family to the remote port for one
+        connection's (saddr, daddr, sport, dport, family): a connection's
+        transitions all share it (LISTEN->SYN_RECV with no peer writes the
+        addresses it has too; only peer_known says so)."""
+        saddr, daddr, sport, dport, family = key
+        addr = self._addr
+        hit = addr.get(saddr)
+        laddr = hit[1] if hit is not None and hit[0] == family else self._address(family, saddr)
+        hit = addr.get(daddr)
+        raddr = hit[1] if hit is not None and hit[0] == family else self._address(family, daddr)
+        c, s = self._c, self._s
+        text = (f'"family"{c}"{"ipv4" if family == _AF_INET else "ipv6"}"{s}'
+                f'"laddr"{c}{laddr}{s}"lport"{c}{sport}{s}'
+                f'"raddr"{c}{raddr}{s}"rport"{c}{dport}{s}')
+        _bounded(self._conn)[key] = text
         return text
 
     def lines(self, rows, offset_ns: int) -> str:
         """One string: the lines of all rows, each ending in a newline."""
+        return "".join(self.line_list(rows, offset_ns))
+
+    def line_list(self, rows, offset_ns: int) -> list:
+        """The lines of all rows, each ending in a newline."""
         out = []
         append = out.append
         clock = self.clock
-        addr = self._addr
-        address = self._address
+        conn = self._conn
+        endpoints = self._endpoints
         task_comm = self._task_comm
-        pairs = _json_pairs()
+        pairs = self._pairs
+        if pairs is None:
+            pairs = self._pairs = _json_pairs(self.compact)
+        p0, p1, p2, p3, p4, p5 = self._p
+        task_head, task_mid = self._task_head, self._task_mid
         modf = math.modf
         last_whole = last_hour = None
         head = tail = ""
@@ -121,44 +166,38 @@ class JsonLines:
                     head, tail = clock._head, clock._tail
             else:
                 time_text = f"{head}{us:06d}{tail}"
-            family = r[R_FAMILY]
-            saddr, daddr = r[R_SADDR], r[R_DADDR]
-            hit = addr.get(saddr)
-            laddr = hit[1] if hit is not None and hit[0] == family else address(family, saddr)
-            hit = addr.get(daddr)
-            raddr = hit[1] if hit is not None and hit[0] == family else address(family, daddr)
-            old, new = r[R_OLD], r[R_NEW]
-            states, in_process, listen_syn = pairs[old << 8 | new]
+            key = r[R_SADDR:R_FAMILY + 1]
+            ends = conn.get(key)
+            if ends is None:
+                ends = endpoints(key)
+            states, in_process, listen_syn = pairs[r[R_OLD] << 8 | r[R_NEW]]
             d = r[R_DURATION]
-            rport = r[R_DPORT]
             prev = repr(round(d / 1e9, 9)) if d else "null"
             if in_process:
-                task = f'{{"pid": {r[R_PID]}, "comm": {task_comm(r[R_COMM])}}}'
+                task = f'{task_head}{r[R_PID]}{task_mid}{task_comm(r[R_COMM])}}}'
             else:
                 task = "null"
-            append(f'{{"type": "transition", "ts": {round(ts, 6)!r}, "time": "{time_text}", '
-                   f'"family": "{"ipv4" if family == _AF_INET else "ipv6"}", '
-                   f'"laddr": {laddr}, "lport": {r[R_SPORT]}, '
-                   f'"raddr": {raddr}, "rport": {rport}, {states}, '
-                   f'"prev_state_s": {prev}, "task": {task}, '
-                   f'"peer_known": {"false" if listen_syn and rport == 0 else "true"}}}\n')
-        return "".join(out)
+            append(f'{p0}{round(ts, 6)!r}{p1}{time_text}{p2}{ends}{states}{p3}{prev}{p4}{task}'
+                   f'{p5}{"false" if listen_syn and r[R_DPORT] == 0 else "true"}}}\n')
+        return out
 
 
 # (old << 8 | new) -> ('"oldstate": ..., "newstate": ...', named task?, LISTEN->SYN_RECV?)
-_JSON_PAIRS: list = []
+_JSON_PAIRS: dict = {}      # compact? -> the table
 
 
-def _json_pairs() -> list:
+def _json_pairs(compact: bool) -> list:
     """The table above, made at the first --all JSON batch: its 65,536
     entries hold 11 MB and cost about 20 ms to build, which a trace without
     --all (the cli imports this module) must not carry nor wait for."""
-    if not _JSON_PAIRS:
-        _JSON_PAIRS.extend(
-            (f'"oldstate": {_STATE_JSON[o]}, "newstate": {_STATE_JSON[n]}',
+    table = _JSON_PAIRS.get(compact)
+    if table is None:
+        c, s = (":", ",") if compact else (": ", ", ")
+        table = _JSON_PAIRS[compact] = [
+            (f'"oldstate"{c}{_STATE_JSON[o]}{s}"newstate"{c}{_STATE_JSON[n]}',
              (o, n) in _IN_PROCESS, o == _LISTEN and n == _SYN_RECV)
-            for o in range(256) for n in range(256))
-    return _JSON_PAIRS
+            for o in range(256) for n in range(256)]
+    return table
 
 
 class TextLines:
@@ -170,6 +209,8 @@ class TextLines:
         self._addr: dict = {}       # (family, raw, port digits) -> (text, width)
         self._change: dict = {}     # (old, new) -> the EVENT cell, padded
         self._owner: dict = {}      # (pid, raw comm) -> OWNER cell
+        self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> both
+                                    #   endpoint cells
 
     def _endpoint(self, family: int, raw: bytes, port: int) -> str:
         """render.hostport(address, port, the column) padded to the column.
@@ -219,21 +260,30 @@ class TextLines:
         event = self._event
         task = self._task
         no_peer = pad(render.PEER_NOT_GIVEN, w)
+        conn = self._conn
         out = []
         append = out.append
+        last_cell = padded_cell = None
         for row in rows:
             ts = round((row[R_TS] + offset_ns) / 1e9, 6)
             cell, before = cell_of(ts)
             for line in before:
                 append(safe(line) + "\n")
-            family = row[R_FAMILY]
+            if cell is not last_cell:
+                last_cell, padded_cell = cell, pad(cell, clock_width)
             old, new = row[R_OLD], row[R_NEW]
-            rport = row[R_DPORT]
-            local = endpoint(family, row[R_SADDR], row[R_SPORT])
-            if old == _LISTEN and new == _SYN_RECV and rport == 0:
-                remote = no_peer
-            else:
-                remote = endpoint(family, row[R_DADDR], rport)
+            # Both endpoint cells, once per connection (its transitions
+            # share them), except where the kernel gave no peer.
+            key = row[R_SADDR:R_FAMILY + 1]
+            ends = conn.get(key)
+            if ends is None or (old == _LISTEN and new == _SYN_RECV and key[3] == 0):
+                family = key[4]
+                local = endpoint(family, key[0], key[2])
+                if old == _LISTEN and new == _SYN_RECV and key[3] == 0:
+                    ends = f"{local} {no_peer}"
+                else:
+                    ends = f"{local} {endpoint(family, key[1], key[3])}"
+                    _bounded(conn)[key] = ends
             d = row[R_DURATION]
             if d:
                 s = round(d / 1e9, 9)
@@ -241,7 +291,6 @@ class TextLines:
             else:
                 age = "?"
             owner = task(row[R_PID], row[R_COMM]) if (old, new) in _IN_PROCESS else "-"
-            line = (f"{pad(cell, clock_width)} {event(old, new)} "
-                    f"{local} {remote} {age:>8} {owner}")
+            line = f"{padded_cell} {event(old, new)} {ends} {age:>8} {owner}"
             append(safe(line) + "\n")
         return "".join(out)
