@@ -22,11 +22,10 @@ def test_tests_unit_pass_as_nobody():
     try:
         os.chmod(work, 0o755)
         tree = os.path.join(work, "tree")
-        skip = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".hypothesis")
-        for part in ("src", "tests"):
-            shutil.copytree(os.path.join(ROOT, part), os.path.join(tree, part), ignore=skip,
-                            symlinks=True)
-        shutil.copy(os.path.join(ROOT, "pyproject.toml"), tree)
+        # The tree as it is (some unit tests read docs/), without the
+        # repository's history, venv and caches.
+        shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"))
         subprocess.run(["chown", "-R", "65534:65534", tree], check=True)
         # The interpreter with pytest: a venv inside /root (a clone there) is
         # not reachable by nobody, so its directory is bound under /tmp in a
