@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class Tracer:
     proc: subprocess.Popen = None
     records: list = field(default_factory=list)
     stderr: str = ""
+    start_timeout: float = 30.0        # for its start record, in `with Tracer(...)`
     _q: queue.Queue = field(default_factory=queue.Queue)
 
     def start(self, timeout=30.0) -> "Tracer":
@@ -138,9 +140,84 @@ class Tracer:
         return [r for r in self.records if r["type"] == kind]
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            end_tree(self.proc)
+
+    # `with Tracer(args) as tracer:` starts it, and ends it (with its
+    # children) at the block's end if the block did not; on a failure, the
+    # tracer's stderr so far goes with the error.
+    def __enter__(self) -> "Tracer":
+        if self.proc is None:
+            try:
+                self.start(timeout=self.start_timeout)
+            except BaseException as failure:
+                _end_on_failure(self.proc, failure)
+                raise
+        return self
+
+    def __exit__(self, kind, failure, tb) -> None:
+        if failure is not None:
+            _end_on_failure(self.proc, failure)
+        self.kill()
+
+
+def end_tree(proc: subprocess.Popen) -> None:
+    """Kills proc and every descendant it still has (stopped ones too), and
+    reaps proc. Nothing happens to a process that already ended."""
+    if proc.poll() is not None:
+        return
+    pids, i = [proc.pid], 0
+    while i < len(pids):                 # the tree before any of it goes
+        pids += children_of(pids[i])
+        i += 1
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _end_on_failure(proc: Optional[subprocess.Popen], failure: BaseException) -> None:
+    """Kills proc's tree, and adds what proc wrote to stderr (when it is a
+    pipe nobody read to its end) to the failure's report."""
+    if proc is None:
+        return
+    end_tree(proc)
+    err = proc.stderr
+    if err is not None and not err.closed:
+        try:
+            os.set_blocking(err.fileno(), False)
+            text = err.read() or ""
+        except (OSError, ValueError, TypeError):     # nothing more to read without waiting
+            text = ""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if text:
+            failure.add_note(f"tracer's stderr (exit {proc.returncode}):\n{text[-4000:]}")
+
+
+@contextmanager
+def tracer_process(args, command: Optional[list] = None, **popen) -> Iterator[subprocess.Popen]:
+    """The tracer (TRACER + args, or command) run for the block, for tests
+    that read its text output themselves (Tracer reads --json). stdout and
+    stderr are pipes unless popen says otherwise. At the block's end the
+    tracer, if still running, is killed with its children; on a failure
+    (an assertion, a timeout, Ctrl-C) also, and its stderr is reported."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen((TRACER if command is None else command) + list(args), **popen)
+    try:
+        yield proc
+    except BaseException as failure:
+        _end_on_failure(proc, failure)
+        raise
+    finally:
+        end_tree(proc)
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
 
 
 def ss_close_wait(port: int, side: str = "sport") -> set[tuple]:
