@@ -6,10 +6,12 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -161,6 +163,59 @@ class Tracer:
         self.kill()
 
 
+class Tmux:
+    """A command in a real terminal (a tmux server of its own), for the
+    block: `with Tmux(tmp_path, command) as term`. The server and all that
+    runs in it end with the block; on a failure the screen as it was goes
+    with the error."""
+
+    def __init__(self, tmp_path, command: Optional[list] = None):
+        self.sock = f"cwtop-{os.getpid()}"
+        self.tmp = tmp_path
+        self.command = command
+
+    def __enter__(self) -> "Tmux":
+        if self.command is not None:
+            try:
+                self.start(self.command)
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def __exit__(self, kind, failure, tb) -> None:
+        if failure is not None:
+            try:
+                failure.add_note("the terminal's screen:\n" + self.screen())
+            except (OSError, subprocess.SubprocessError):
+                pass
+        self.kill()
+
+    def tmux(self, *args) -> str:
+        return subprocess.run(["tmux", "-L", self.sock] + list(args), capture_output=True,
+                              text=True, timeout=stretch(30)).stdout
+
+    def start(self, command: list) -> None:
+        done = self.tmp / "exit"
+        shell = f"{shlex.join(command)}; echo $? > {shlex.quote(str(done))}; sleep 600"
+        subprocess.run(["tmux", "-L", self.sock, "new-session", "-d", "-x", "100", "-y", "30",
+                        shell], check=True, timeout=stretch(30))
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def wait_for(self, predicate, what: str) -> str:
+        return wait_until(lambda: (lambda s: s if predicate(s) else None)(self.screen()),
+                          timeout=60, what=what)
+
+    def exit_code(self):
+        done = self.tmp / "exit"
+        return int(done.read_text()) if done.exists() and done.read_text().strip() else None
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+
+
 def end_tree(proc: subprocess.Popen) -> None:
     """Kills proc and every descendant it still has (stopped ones too), and
     reaps proc. Nothing happens to a process that already ended."""
@@ -264,6 +319,44 @@ def wait_until(predicate, timeout=10.0, what="condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_ready(procs, argv, **popen) -> subprocess.Popen:
+    """argv started (and added to procs, which ends it after the test) once
+    it has printed "ready" on its stdout (a pipe, text, unless popen says)."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("text", True)
+    proc = subprocess.Popen(argv, **popen)
+    procs.append(proc)
+    said = proc.stdout.readline().strip()
+    assert said in ("ready", b"ready"), f"{argv} said {said!r}, not ready (exit {proc.poll()})"
+    return proc
+
+
+# A Python server's first lines: listening on 127.0.0.1:{port} as `l`, says
+# "ready"; python_server runs the rest of its script after them.
+LISTEN = """\
+import os, resource, socket, sys, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port})); l.listen(1024)
+print("ready", flush=True)
+"""
+
+
+def python_server(procs, port, then, python: str = sys.executable, script=None,
+                  prefix=(), **popen) -> subprocess.Popen:
+    """A Python server listening on the port, once ready, running `then`
+    (dedented) after LISTEN. With script (a path) the code is written there
+    and run from the file (Python frames then name it and its lines);
+    prefix goes before the interpreter (setpriv, unshare)."""
+    code = LISTEN.format(port=port) + textwrap.dedent(then)
+    if script is None:
+        argv = [python, "-c", code]
+    else:
+        with open(script, "w") as f:
+            f.write(code)
+        argv = [python, str(script)]
+    return start_ready(procs, list(prefix) + argv, **popen)
 
 
 # A server that accepts connections, keeps them open and never reads or
