@@ -29,7 +29,7 @@ from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_featur
 from closewait_trace.sockets.filters import SocketFilter
 from closewait_trace.live.tracer import LiveTracer
 from tests.kernel.fuse_never_reads import NeverReads
-from tests.kernel.harness import free_port, stretch
+from tests.kernel.harness import free_port, start_ready, stretch
 
 pytestmark = pytest.mark.kernel
 
@@ -103,10 +103,7 @@ class ExecAfterScan(ProcResolver):
 
 
 def test_a_process_that_execs_before_it_is_registered_is_not(procs):
-    holder = subprocess.Popen(NOBODY + [PYTHON, "-c", EXECS_ON_REQUEST], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
+    holder = start_ready(procs, NOBODY + [PYTHON, "-c", EXECS_ON_REQUEST], stdin=subprocess.PIPE)
     resolver = ExecAfterScan(holder)
     tracer = make_tracer(resolver)
     try:
@@ -118,14 +115,8 @@ def test_a_process_that_execs_before_it_is_registered_is_not(procs):
 
 
 def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
-    many = subprocess.Popen(NOBODY + [PYTHON, "-c", FORKS, "40"], text=True,
-                            stdout=subprocess.PIPE, start_new_session=True)
-    procs.append(many)
-    assert many.stdout.readline().strip() == "ready"
-    other = subprocess.Popen(DAEMON + [PYTHON, "-c", FORKS, "1"], text=True,
-                             stdout=subprocess.PIPE)
-    procs.append(other)
-    assert other.stdout.readline().strip() == "ready"
+    many = start_ready(procs, NOBODY + [PYTHON, "-c", FORKS, "40"], start_new_session=True)
+    other = start_ready(procs, DAEMON + [PYTHON, "-c", FORKS, "1"])
     tracer = make_tracer(ProcResolver(), max_py_procs=16)
     try:
         tracer.start()
@@ -205,14 +196,8 @@ def test_a_process_whose_memory_blocks_the_scan_costs_only_its_own_user(procs, p
             shutil.copy(PYTHON, own_python)
             # uid 1 (daemon) is read before uid 65534 (nobody): the blocking
             # process comes first.
-            attacker = subprocess.Popen(DAEMON + [own_python, "-c", SWAPS_ON_OPEN, fuse.path],
-                                        text=True, stdout=subprocess.PIPE)
-            procs.append(attacker)
-            assert attacker.stdout.readline().strip() == "ready"
-            victim = subprocess.Popen(NOBODY + [PYTHON, "-c", FORKS, "1"], text=True,
-                                      stdout=subprocess.PIPE)
-            procs.append(victim)
-            assert victim.stdout.readline().strip() == "ready"
+            attacker = start_ready(procs, DAEMON + [own_python, "-c", SWAPS_ON_OPEN, fuse.path])
+            victim = start_ready(procs, NOBODY + [PYTHON, "-c", FORKS, "1"])
             tracer = make_tracer(ProcResolver(worker=GatherWorker()))
             try:
                 started, reads = time.monotonic(), fuse.reads
@@ -288,10 +273,7 @@ def start_own_python(public_dir: str, procs, script: str) -> tuple[str, subproce
     os.makedirs(own_dir, mode=0o755)
     own_python = os.path.join(own_dir, "python3.11")
     shutil.copy(PYTHON, own_python)
-    holder = subprocess.Popen(NOBODY + [own_python, "-c", script], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
+    holder = start_ready(procs, NOBODY + [own_python, "-c", script], stdin=subprocess.PIPE)
     return own_dir, holder
 
 
