@@ -71,6 +71,7 @@ class Tracer:
     records: list = field(default_factory=list)
     stderr: str = ""
     start_timeout: float = 30.0        # for its start record, in `with Tracer(...)`
+    env: Optional[dict] = None         # variables set for the tracer only
     _q: queue.Queue = field(default_factory=queue.Queue)
 
     def start(self, timeout=30.0) -> "Tracer":
@@ -78,9 +79,14 @@ class Tracer:
         command = self.command if self.command is not None else TRACER
         self.proc = subprocess.Popen(command + ["--json"] + list(self.args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
+        try:
+            self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
+        except BaseException as failure:       # not left running: nobody would end it
+            _end_on_failure(self.proc, failure)
+            raise
         return self
 
     def _read(self):
@@ -150,11 +156,7 @@ class Tracer:
     # tracer's stderr so far goes with the error.
     def __enter__(self) -> "Tracer":
         if self.proc is None:
-            try:
-                self.start(timeout=self.start_timeout)
-            except BaseException as failure:
-                _end_on_failure(self.proc, failure)
-                raise
+            self.start(timeout=self.start_timeout)
         return self
 
     def __exit__(self, kind, failure, tb) -> None:
