@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,8 @@ TRACER = [sys.executable, "-m", "closewait_trace"]
 HOLDER = os.path.join(REPO, "tests", "kernel", "many_holder.py")
 TICK = os.sysconf("SC_CLK_TCK")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, REPO)
+from tests.kernel.harness import free_port, wait_until  # noqa: E402  (the tests' own waits)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -65,16 +61,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def one(n: int, seconds: float) -> dict:
     port = free_port()
     holder = subprocess.Popen([sys.executable, HOLDER, str(n), str(port)],
@@ -93,12 +79,12 @@ def one(n: int, seconds: float) -> dict:
         shell = f"echo $$ > {shlex.quote(pidfile)}; {env} exec {cmd}"
         started = time.monotonic()
         subprocess.run(tmux + ["new-session", "-d", "-x", "100", "-y", "30", shell], check=True)
-        pid = wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip()
-                       and int(open(pidfile).read()), 30, "the pid")
+        pid = wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read().strip()
+                         and int(open(pidfile).read()), 30, "the pid")
         headline = f"{n} socket{'' if n == 1 else 's'} in CLOSE_WAIT"
-        wait_for(lambda: headline in subprocess.run(tmux + ["capture-pane", "-p"],
-                                                     capture_output=True, text=True).stdout,
-                 120, "the view")
+        wait_until(lambda: headline in subprocess.run(tmux + ["capture-pane", "-p"],
+                                                       capture_output=True, text=True).stdout,
+                   120, "the view")
         first_view = time.monotonic() - started
         time.sleep(1.0)                  # past the first frames
         t0, c0 = time.monotonic(), cpu_ticks(pid)
@@ -109,7 +95,7 @@ def one(n: int, seconds: float) -> dict:
         rows = [l for l in screen.splitlines() if f"{holder.pid}/python" in l]
         q_at = time.monotonic()
         subprocess.run(tmux + ["send-keys", "q"], check=True)
-        wait_for(lambda: not alive(pid), 60, "top to quit")
+        wait_until(lambda: not alive(pid), 60, "top to quit")
         quit_s = time.monotonic() - q_at
         return {"sockets": n, "in_ss": in_ss, "rows": len(rows),
                 "row": rows[0].split()[0] if rows else "-",

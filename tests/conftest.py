@@ -86,3 +86,28 @@ def pytest_sessionfinish(session, exitstatus):
                                 f"tree (write under tmp_path instead): {', '.join(left[:10])}",
                                 red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------ counts per folder
+# The suite's folders (docs/testing.md): unit (pure, no root), bounds
+# (memory and time on hostile input), repo (the repository's files against
+# the tool), root (root, no kernel), kernel (root and BPF). The summary
+# says what each ran, so a test that moved or vanished shows in CI's log.
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts: dict = {}
+    for outcome in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "") or ""
+            parts = nodeid.split("/")
+            folder = "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "other"
+            by = counts.setdefault(folder, {})
+            by[outcome] = by.get(outcome, 0) + 1
+    if not counts:
+        return
+    terminalreporter.write_sep("-", "tests per folder")
+    for folder in sorted(counts):
+        by = counts[folder]
+        terminalreporter.write_line(
+            f"{folder}: {sum(by.values())} ("
+            + ", ".join(f"{n} {o}" for o, n in sorted(by.items())) + ")")

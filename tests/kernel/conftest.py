@@ -1,10 +1,7 @@
-import os
-import signal
-
 import pytest
 
 from closewait_trace.kernel.probe import FORCE_ENV
-from tests.kernel.harness import Tracer, children_of
+from tests.kernel.harness import Tracer, end_tree
 
 # What a kernel before 5.6 gets (Ubuntu 20.04's 5.4, RHEL 8's 4.18): perf
 # buffer, CLOCK_MONOTONIC, the map walked key by key.
@@ -40,11 +37,5 @@ def procs():
     for p in reversed(started):
         if isinstance(p, Tracer):
             p.kill()
-            continue
-        for pid in children_of(p.pid) + [p.pid]:
-            try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait()
+        else:
+            end_tree(p)

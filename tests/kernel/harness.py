@@ -6,12 +6,15 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +70,8 @@ class Tracer:
     proc: subprocess.Popen = None
     records: list = field(default_factory=list)
     stderr: str = ""
+    start_timeout: float = 30.0        # for its start record, in `with Tracer(...)`
+    env: Optional[dict] = None         # variables set for the tracer only
     _q: queue.Queue = field(default_factory=queue.Queue)
 
     def start(self, timeout=30.0) -> "Tracer":
@@ -74,9 +79,14 @@ class Tracer:
         command = self.command if self.command is not None else TRACER
         self.proc = subprocess.Popen(command + ["--json"] + list(self.args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True,
+                                     env=None if self.env is None else {**os.environ, **self.env})
         threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
+        try:
+            self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
+        except BaseException as failure:       # not left running: nobody would end it
+            _end_on_failure(self.proc, failure)
+            raise
         return self
 
     def _read(self):
@@ -138,9 +148,133 @@ class Tracer:
         return [r for r in self.records if r["type"] == kind]
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            end_tree(self.proc)
+
+    # `with Tracer(args) as tracer:` starts it, and ends it (with its
+    # children) at the block's end if the block did not; on a failure, the
+    # tracer's stderr so far goes with the error.
+    def __enter__(self) -> "Tracer":
+        if self.proc is None:
+            self.start(timeout=self.start_timeout)
+        return self
+
+    def __exit__(self, kind, failure, tb) -> None:
+        if failure is not None:
+            _end_on_failure(self.proc, failure)
+        self.kill()
+
+
+class Tmux:
+    """A command in a real terminal (a tmux server of its own), for the
+    block: `with Tmux(tmp_path, command) as term`. The server and all that
+    runs in it end with the block; on a failure the screen as it was goes
+    with the error."""
+
+    def __init__(self, tmp_path, command: Optional[list] = None):
+        self.sock = f"cwtop-{os.getpid()}"
+        self.tmp = tmp_path
+        self.command = command
+
+    def __enter__(self) -> "Tmux":
+        if self.command is not None:
+            try:
+                self.start(self.command)
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def __exit__(self, kind, failure, tb) -> None:
+        if failure is not None:
+            try:
+                failure.add_note("the terminal's screen:\n" + self.screen())
+            except (OSError, subprocess.SubprocessError):
+                pass
+        self.kill()
+
+    def tmux(self, *args) -> str:
+        return subprocess.run(["tmux", "-L", self.sock] + list(args), capture_output=True,
+                              text=True, timeout=stretch(30)).stdout
+
+    def start(self, command: list) -> None:
+        done = self.tmp / "exit"
+        shell = f"{shlex.join(command)}; echo $? > {shlex.quote(str(done))}; sleep 600"
+        subprocess.run(["tmux", "-L", self.sock, "new-session", "-d", "-x", "100", "-y", "30",
+                        shell], check=True, timeout=stretch(30))
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def wait_for(self, predicate, what: str) -> str:
+        return wait_until(lambda: (lambda s: s if predicate(s) else None)(self.screen()),
+                          timeout=60, what=what)
+
+    def exit_code(self):
+        done = self.tmp / "exit"
+        return int(done.read_text()) if done.exists() and done.read_text().strip() else None
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+
+
+def end_tree(proc: subprocess.Popen) -> None:
+    """Kills proc and every descendant it still has (stopped ones too), and
+    reaps proc. Nothing happens to a process that already ended."""
+    if proc.poll() is not None:
+        return
+    pids, i = [proc.pid], 0
+    while i < len(pids):                 # the tree before any of it goes
+        pids += children_of(pids[i])
+        i += 1
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _end_on_failure(proc: Optional[subprocess.Popen], failure: BaseException) -> None:
+    """Kills proc's tree, and adds what proc wrote to stderr (when it is a
+    pipe nobody read to its end) to the failure's report."""
+    if proc is None:
+        return
+    end_tree(proc)
+    err = proc.stderr
+    if err is not None and not err.closed:
+        try:
+            os.set_blocking(err.fileno(), False)
+            text = err.read() or ""
+        except (OSError, ValueError, TypeError):     # nothing more to read without waiting
+            text = ""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if text:
+            failure.add_note(f"tracer's stderr (exit {proc.returncode}):\n{text[-4000:]}")
+
+
+@contextmanager
+def tracer_process(args, command: Optional[list] = None, **popen) -> Iterator[subprocess.Popen]:
+    """The tracer (TRACER + args, or command) run for the block, for tests
+    that read its text output themselves (Tracer reads --json). stdout and
+    stderr are pipes unless popen says otherwise. At the block's end the
+    tracer, if still running, is killed with its children; on a failure
+    (an assertion, a timeout, Ctrl-C) also, and its stderr is reported."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen((TRACER if command is None else command) + list(args), **popen)
+    try:
+        yield proc
+    except BaseException as failure:
+        _end_on_failure(proc, failure)
+        raise
+    finally:
+        end_tree(proc)
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
 
 
 def ss_close_wait(port: int, side: str = "sport") -> set[tuple]:
@@ -187,6 +321,44 @@ def wait_until(predicate, timeout=10.0, what="condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_ready(procs, argv, **popen) -> subprocess.Popen:
+    """argv started (and added to procs, which ends it after the test) once
+    it has printed "ready" on its stdout (a pipe, text, unless popen says)."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("text", True)
+    proc = subprocess.Popen(argv, **popen)
+    procs.append(proc)
+    said = proc.stdout.readline().strip()
+    assert said in ("ready", b"ready"), f"{argv} said {said!r}, not ready (exit {proc.poll()})"
+    return proc
+
+
+# A Python server's first lines: listening on 127.0.0.1:{port} as `l`, says
+# "ready"; python_server runs the rest of its script after them.
+LISTEN = """\
+import os, resource, socket, sys, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port})); l.listen(1024)
+print("ready", flush=True)
+"""
+
+
+def python_server(procs, port, then, python: str = sys.executable, script=None,
+                  prefix=(), **popen) -> subprocess.Popen:
+    """A Python server listening on the port, once ready, running `then`
+    (dedented) after LISTEN. With script (a path) the code is written there
+    and run from the file (Python frames then name it and its lines);
+    prefix goes before the interpreter (setpriv, unshare)."""
+    code = LISTEN.format(port=port) + textwrap.dedent(then)
+    if script is None:
+        argv = [python, "-c", code]
+    else:
+        with open(script, "w") as f:
+            f.write(code)
+        argv = [python, str(script)]
+    return start_ready(procs, list(prefix) + argv, **popen)
 
 
 # A server that accepts connections, keeps them open and never reads or

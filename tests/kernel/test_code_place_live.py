@@ -10,14 +10,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
 import pytest
 
-from tests.kernel.harness import (TRACER, Tracer, free_port, record_row, ss_close_wait,
-                                  stretch, wait_until)
+from tests.kernel.harness import (TRACER, Tracer, free_port, python_server, record_row,
+                                  ss_close_wait, start_ready, stretch, wait_until)
 
 pytestmark = pytest.mark.kernel
 SOURCE = os.path.join(os.path.dirname(__file__), "data", "eof_server.c")
@@ -91,32 +90,6 @@ def c_client(tmp_path_factory):
     return out
 
 
-def start_server(procs, argv):
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    procs.append(server)
-    assert server.stdout.readline().strip() == "ready"
-    return server
-
-
-# A Python server: listening on the port, says "ready", then runs the rest
-# of its script (given by each test).
-LISTEN = """\
-import os, resource, socket, sys, time
-l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", {port})); l.listen(1024)
-print("ready", flush=True)
-"""
-
-
-def python_server(procs, port, then, **popen):
-    proc = subprocess.Popen([sys.executable, "-c", LISTEN.format(port=port)
-                             + textwrap.dedent(then)], stdout=subprocess.PIPE, text=True,
-                            **popen)
-    procs.append(proc)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 def started_tracer(procs, *args):
     """The tracer with the tests' 300 ms threshold and these filters."""
     tracer = Tracer([*args, "-t", "300ms"])
@@ -144,7 +117,7 @@ def linger_of(tracer, port, timeout=20):
 def test_c_server_that_returned_without_closing_is_named(procs, eof_server, debug_dir,
                                                          tmp_path, monkeypatch):
     port = free_port()
-    server = start_server(procs, [eof_server, str(port)])
+    server = start_ready(procs, [eof_server, str(port)])
     recording = str(tmp_path / "rec.jsonl")
     tracer = Tracer(["-p", str(port), "-t", "300ms", "-w", recording])
     procs.append(tracer)
@@ -198,7 +171,7 @@ def test_go_handler_that_returned_without_closing_is_named(procs, go_server):
     """Go: the goroutine's stack at the read, by its frame pointers, from
     the system call up through net.(*conn).Read to the handler."""
     port = free_port()
-    server = start_server(procs, [go_server, str(port)])
+    server = start_ready(procs, [go_server, str(port)])
     tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
@@ -256,7 +229,7 @@ def test_a_crafted_stack_is_unwound_within_bounds(procs, eof_server):
     """RBP points at itself and every stack word points back into the
     stack: the unwinder stops, the tracer goes on, the reader is named."""
     port = free_port()
-    server = start_server(procs, [eof_server, str(port), "hostile"])
+    server = start_ready(procs, [eof_server, str(port), "hostile"])
     tracer = started_tracer(procs, "-p", str(port))
     send_and_close(port)
     rec = linger_of(tracer, port)
@@ -272,7 +245,7 @@ def test_a_crafted_stack_is_unwound_within_bounds(procs, eof_server):
 
 def test_capture_off_and_sockets_older_than_the_trace_say_why(procs, eof_server):
     port = free_port()
-    start_server(procs, [eof_server, str(port)])
+    start_ready(procs, [eof_server, str(port)])
     send_and_close(port)            # lingers before the tracer starts
     wait_until(lambda: len(ss_close_wait(port)) == 1, what="CLOSE_WAIT")
     tracer = started_tracer(procs, "-p", str(port))

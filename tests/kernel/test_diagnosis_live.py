@@ -20,19 +20,7 @@ SOURCE = os.path.join(os.path.dirname(__file__), "data", "hold_socket.c")
 
 def one_linger(port, procs, workload, threshold="300ms", env=None, extra=(),
                ss_sees_owner=True):
-    tracer = Tracer(["-p", str(port), "-t", threshold, *extra])
-    if env:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-    try:
-        tracer.start()
-    finally:
-        if env:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    tracer = Tracer(["-p", str(port), "-t", threshold, *extra], env=env).start()
     procs.append(tracer)
     workload()
     rec = tracer.wait_for(lambda r: r["type"] == "linger", timeout=15)[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.harness import stretch
-from tests.unit.test_docs import TEMPLATE
+from tests.repo.test_docs import TEMPLATE
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]

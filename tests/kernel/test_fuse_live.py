@@ -86,8 +86,7 @@ def test_snapshot_does_not_read_a_fuse_mapping(fuse, holder_binary, procs):
 
 
 def test_live_tracer_reports_others_and_stops_promptly(fuse, holder_binary, procs):
-    tracer = Tracer(["-t", "1s", "-v"]).start()
-    try:
+    with Tracer(["-t", "1s", "-v"]) as tracer:
         pid, port = lingering_holder(holder_binary, fuse.path, procs)
         # Another user's ordinary socket, after the hostile one.
         other = free_port()
@@ -110,9 +109,6 @@ def test_live_tracer_reports_others_and_stops_promptly(fuse, holder_binary, proc
         assert summary["symbolizer_problems"].get("not read: on a fuse filesystem"), summary
         conn.close()
         listener.close()
-    finally:
-        if tracer.proc.poll() is None:
-            tracer.proc.kill()
 
 
 def test_a_command_line_on_fuse_does_not_block_the_owner_scan(fuse, public_dir, procs):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.kernel.harness import stretch
-from tests.kernel.harness import TRACER, free_port, wait_until
+from tests.kernel.harness import TRACER, free_port, tracer_process, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -59,10 +59,7 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
         assert f.read().rstrip(b"\n") == EVIL_COMM      # the kernel kept it as given
 
     path = tmp_path / "evil.jsonl"
-    tracer = subprocess.Popen(TRACER + ["-p", str(port), "-t", "300ms", "-v", "-w", str(path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    procs.append(tracer)
-    try:
+    with tracer_process(["-p", str(port), "-t", "300ms", "-v", "-w", str(path)]) as tracer:
         first = tracer.stdout.readline()
         assert first.startswith(b"Tracing TCP sockets"), first
         import socket
@@ -76,9 +73,6 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
         tracer.wait(timeout=stretch(20))
         out = (first + tracer.stdout.read()).decode("utf-8", "replace")
         err = tracer.stderr.read().decode("utf-8", "replace")
-    finally:
-        if tracer.poll() is None:
-            tracer.kill()
     assert tracer.returncode == 0, err
     rows = [l for l in out.splitlines() if l[9:16] == "LINGER "]
     assert len(rows) == 1, out
@@ -98,11 +92,9 @@ def test_forged_comm_and_cmdline_are_escaped_in_every_text_path(tmp_path, procs)
 def test_verbose_says_kernel_headers_before_the_column_header(procs):
     """-v: "kernel headers: ..." comes before the column header, in the one
     stream a terminal shows (old code: after it, on stderr)."""
-    tracer = subprocess.Popen(TRACER + ["-v", "-p", str(free_port())],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    procs.append(tracer)
     seen = []
-    try:
+    with tracer_process(["-v", "-p", str(free_port())], stderr=subprocess.STDOUT,
+                        text=True) as tracer:
         for line in tracer.stdout:
             seen.append(line)
             if line.startswith("TIME "):
@@ -110,9 +102,6 @@ def test_verbose_says_kernel_headers_before_the_column_header(procs):
         time.sleep(stretch(0.5))         # a line printed after the header would be here
         tracer.send_signal(signal.SIGINT)
         rest = tracer.communicate(timeout=stretch(20))[0]
-    finally:
-        if tracer.poll() is None:
-            tracer.kill()
     assert tracer.returncode == 0, seen + [rest]
     assert seen[-1].startswith("TIME "), seen
     headers = [i for i, l in enumerate(seen) if l.startswith("kernel headers: ")]

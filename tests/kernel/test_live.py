@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.kernel.harness import (Tracer, start_seed_scenario, children_of, connect_and_close, free_port,
-                                  record_row, ss_close_wait, start_holding_server,
+                                  record_row, ss_close_wait, start_holding_server, start_ready,
                                   stretch, stretch_factor, wait_until)
 
 pytestmark = pytest.mark.kernel
@@ -139,10 +139,7 @@ def test_accept_queue_names_the_listener_that_never_accepts(procs):
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "300ms"]).start()
     procs.append(tracer)
-    listener = subprocess.Popen([sys.executable, "-c", ACCEPT_NEVER, str(port)],
-                                stdout=subprocess.PIPE, text=True)
-    procs.append(listener)
-    assert listener.stdout.readline().strip() == "ready"
+    listener = start_ready(procs, [sys.executable, "-c", ACCEPT_NEVER, str(port)])
     connect_and_close(port, 2)
     tracer.wait_for(lambda r: r["type"] == "linger", count=2)
     tracer.settle(0.6)
@@ -313,10 +310,7 @@ def test_prompt_closing_workload_produces_no_events(procs, kernel_path):
     threshold_ms = round(stretch(0.2) * 1000)
     tracer = Tracer(["-p", str(port), "-t", f"{threshold_ms}ms"]).start()
     procs.append(tracer)
-    server = subprocess.Popen([sys.executable, "-c", PROMPT_SERVER, str(port), str(n)],
-                              stdout=subprocess.PIPE, text=True)
-    procs.append(server)
-    assert server.stdout.readline().strip() == "ready"
+    server = start_ready(procs, [sys.executable, "-c", PROMPT_SERVER, str(port), str(n)])
     connect_and_close(port, n, payload=b"x")
     server.wait(timeout=stretch(30))
     tracer.settle(1.0)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.kernel.harness import stretch
-from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, connect_and_close,
+from tests.kernel.harness import (HOLDING_SERVER, TRACER, Tracer, connect_and_close, tracer_process,
                                   free_port, start_holding_server)
 
 pytestmark = pytest.mark.kernel
@@ -39,9 +39,7 @@ def test_connections_right_after_the_banner_are_all_counted(tmp_path, procs, mod
     recording = tmp_path / "cw.jsonl"
     args = {"json": ["--json"], "quiet-write": ["-q", "-w", str(recording)],
             "all": ["--json", "--all"]}[mode]
-    proc = subprocess.Popen(TRACER + ["-p", str(port), "-t", "5s"] + args,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with tracer_process(["-p", str(port), "-t", "5s"] + args, text=True) as proc:
         # stderr is a pipe here, as a service's journal is: the banner says
         # what is traced, not "Ctrl-C to end" (nobody is at a terminal).
         assert "Ctrl-C" not in wait_for_banner(proc)
@@ -51,10 +49,6 @@ def test_connections_right_after_the_banner_are_all_counted(tmp_path, procs, mod
         time.sleep(stretch(3))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=stretch(30))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     if mode == "quiet-write":
         assert out == ""

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -40,15 +39,8 @@ class ReducedTracer(Tracer):
     """The real tracer, run as uid 0 with only the capabilities in caps."""
 
     def __init__(self, args, caps):
-        super().__init__(args)
+        super().__init__(args, command=reduced(caps) + TRACER)
         self.caps = caps
-
-    def start(self, timeout=30.0):
-        self.proc = subprocess.Popen(reduced(self.caps) + TRACER + ["--json"] + list(self.args),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for(lambda r: r["type"] == "start", timeout=timeout)
-        return self
 
 
 def holding_server(port, as_nobody):

@@ -2,6 +2,7 @@
 map reads, on the ring buffer and on the perf buffer that kernels before 5.8
 get, against real sockets on this kernel."""
 
+import contextlib
 import socket
 import time
 
@@ -26,6 +27,16 @@ def make_probe(force: str, **config) -> tuple[KernelProbe, list]:
     # KernelEvents, the same fields decoded.
     probe.start(lambda row: events.append(event_of_row(row)) and False)
     return probe, events
+
+
+@contextlib.contextmanager
+def started_probe(force: str, **config):
+    """make_probe's probe and events for the block; closed however it ends."""
+    probe, events = make_probe(force, **config)
+    try:
+        yield probe, events
+    finally:
+        probe.close()
 
 
 def drain(probe: KernelProbe, events: list, quiet_polls: int = 5) -> None:
@@ -61,9 +72,8 @@ def test_a_flood_into_a_tiny_buffer_counts_every_lost_event_once(force, listener
     churn: most events are lost. Every event the program tried to send is
     either delivered or counted lost, exactly once (the kernel counts its
     own attempts, so other traffic on the machine does not upset this)."""
-    probe, events = make_probe(force, threshold_ns=HOUR_NS, all_transitions=True,
-                               ringbuf_pages=1)
-    try:
+    with started_probe(force, threshold_ns=HOUR_NS, all_transitions=True,
+                       ringbuf_pages=1) as (probe, events):
         churn(listener, 300)
         drain(probe, events)
         if force == "perfbuf":
@@ -77,8 +87,6 @@ def test_a_flood_into_a_tiny_buffer_counts_every_lost_event_once(force, listener
         sent = counters["transitions"] + counters["exit_untracked"]
         assert counters["events_lost"] > 0
         assert len(events) + counters["events_lost"] == sent, (len(events), counters)
-    finally:
-        probe.close()
 
 
 @pytest.mark.parametrize("force", ["ringbuf,boottime", "perfbuf,monotonic"])
@@ -87,12 +95,11 @@ def test_histogram_sum_is_the_exact_sum_of_timed_durations(force):
     its duration, so the per-CPU sum must equal their sum to the nanosecond,
     and match the holds this test made."""
     port = free_port()
-    probe, events = make_probe(force, threshold_ns=0, lports=(port,))
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(16)
     holds = [0.05, 0.1, 0.2, 0.3]
-    try:
+    with started_probe(force, threshold_ns=0, lports=(port,)) as (probe, events), \
+            socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(16)
         held = []
         for _ in holds:
             client = socket.create_connection(("127.0.0.1", port))
@@ -115,26 +122,22 @@ def test_histogram_sum_is_the_exact_sum_of_timed_durations(force):
         # and not much more (loose: the machine is shared).
         total_s = probe.histogram_sum_ns() / 1e9
         assert sum(holds) <= total_s < sum(holds) + 0.4 + stretch(0.5), total_s
-    finally:
-        srv.close()
-        probe.close()
 
 
 @pytest.mark.parametrize("force,expected", [("batch", "batched"), ("perkey", "per-key")])
 def test_map_reads_find_every_tracked_socket(force, expected):
     port = free_port()
-    probe, _events = make_probe(force, threshold_ns=HOUR_NS, lports=(port,))
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(16)
-    held, clients = [], []
-    try:
+    clients = []
+    with started_probe(force, threshold_ns=HOUR_NS, lports=(port,)) as (probe, _events), \
+            socket.socket() as srv, contextlib.ExitStack() as held:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(16)
         for _ in range(5):
             client = socket.create_connection(("127.0.0.1", port))
             conn, _ = srv.accept()
             clients.append(client.getsockname()[1])
             client.close()
-            held.append(conn)
+            held.enter_context(conn)
         deadline = time.monotonic() + stretch(5.0)
         while len(probe.tracked()) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -142,11 +145,6 @@ def test_map_reads_find_every_tracked_socket(force, expected):
         assert probe.map_read == expected
         assert sorted(t.endpoints.rport for t in tracked) == sorted(clients)
         assert {(t.endpoints.laddr, t.endpoints.lport) for t in tracked} == {("127.0.0.1", port)}
-    finally:
-        for conn in held:
-            conn.close()
-        srv.close()
-        probe.close()
 
 
 def test_close_leaves_nothing_for_a_late_destructor(monkeypatch):

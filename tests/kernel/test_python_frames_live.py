@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from tests.kernel.harness import (TRACER, Tracer, free_port, record_row, ss_close_wait,
-                                  stretch)
+from tests.kernel.harness import (TRACER, Tracer, free_port, python_server, record_row,
+                                  ss_close_wait, start_ready, stretch)
 
 pytestmark = pytest.mark.kernel
+PYTHON = "/usr/bin/python3.11"       # the version whose frame layout the tracer knows
 
 # The holder: accepts one connection, hands it to a worker thread that gets
 # stuck in process_batch (a lock nobody releases) without reading; the main
@@ -38,11 +39,6 @@ def corrupt():
     pass
 {corrupt}
 
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", {port}))
-l.listen(16)
-print("ready", flush=True)
 conn, _ = l.accept()
 worker = threading.Thread(target=process_batch, args=(conn,), name="worker")
 worker.start()
@@ -88,11 +84,8 @@ def corrupt():
 
 def start_holder(procs, tmp_path, port, corrupt=""):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(port=port, corrupt=textwrap.dedent(corrupt)))
-    holder = subprocess.Popen(["/usr/bin/python3.11", str(script)], stdout=subprocess.PIPE,
-                              text=True)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
+    holder = python_server(procs, port, WORKER.format(corrupt=textwrap.dedent(corrupt)),
+                           python=PYTHON, script=script)
     return holder, str(script)
 
 
@@ -191,12 +184,6 @@ def test_a_holder_that_corrupts_its_interpreter_is_read_within_bounds(procs, tmp
 # accept loop without closing: by the time anyone looks, no thread is in
 # handle_request any more. Only the kernel, at the read, sees its frames.
 EOF_SERVER = """\
-import socket, sys
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", {port}))
-l.listen(16)
-print("ready", flush=True)
 kept = []
 
 
@@ -216,11 +203,7 @@ while True:
 
 def start_eof_server(procs, tmp_path, port):
     script = tmp_path / "server.py"
-    script.write_text(EOF_SERVER.format(port=port))
-    server = subprocess.Popen(["/usr/bin/python3.11", str(script)], stdout=subprocess.PIPE,
-                              text=True)
-    procs.append(server)
-    assert server.stdout.readline().strip() == "ready"
+    server = python_server(procs, port, EOF_SERVER, python=PYTHON, script=script)
     return server, str(script)
 
 
@@ -304,12 +287,7 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_second_socket
 # A server whose handler corrupts what the kernel copies at its EOF read,
 # and survives it: the fake caller chain is put back before it returns.
 CORRUPT_READER = """\
-import ctypes, socket, sys
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", {port}))
-l.listen(16)
-print("ready", flush=True)
+import ctypes
 kept = []
 chain = None
 
@@ -356,13 +334,9 @@ def test_a_python_reader_that_corrupts_its_frames_is_copied_within_bounds(procs,
     that are not (names that are not strings) are not believed in user
     space, and the record says so."""
     port = free_port()
-    script = tmp_path / "server.py"
-    script.write_text(CORRUPT_READER.format(port=port,
-                                            corrupt=READER_CORRUPTIONS[corruption]))
-    server = subprocess.Popen(["/usr/bin/python3.11", str(script)], stdout=subprocess.PIPE,
-                              text=True)
-    procs.append(server)
-    assert server.stdout.readline().strip() == "ready"
+    server = python_server(procs, port,
+                           CORRUPT_READER.format(corrupt=READER_CORRUPTIONS[corruption]),
+                           python=PYTHON, script=tmp_path / "server.py")
     tracer = Tracer(["-p", str(port), "-t", "300ms"])
     procs.append(tracer)
     tracer.start()
@@ -406,10 +380,7 @@ def test_a_python_client_that_leaks_is_named_by_the_call_that_opened_it(procs, t
     listener.listen(4)
     script = tmp_path / "client.py"
     script.write_text(LEAKY_CLIENT)
-    client = subprocess.Popen(["/usr/bin/python3.11", str(script), str(port)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    procs.append(client)
-    assert client.stdout.readline().strip() == "ready"
+    client = start_ready(procs, [PYTHON, str(script), str(port)], stdin=subprocess.PIPE)
     tracer = Tracer(["-P", str(port), "-t", "300ms"])
     procs.append(tracer)
     tracer.start()
@@ -444,13 +415,9 @@ def test_a_python_server_in_its_own_pid_namespace_is_named(procs, tmp_path):
     said "its thread state was not among the interpreter's first 64" (it
     was the first) and no thread had frames."""
     port = free_port()
-    script = tmp_path / "server.py"
-    script.write_text(EOF_SERVER.format(port=port))
-    wrapper = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc",
-                                "/usr/bin/python3.11", str(script)],
-                               stdout=subprocess.PIPE, text=True)
-    procs.append(wrapper)
-    assert wrapper.stdout.readline().strip() == "ready"
+    wrapper = python_server(procs, port, EOF_SERVER, python=PYTHON,
+                            script=tmp_path / "server.py",
+                            prefix=["unshare", "--pid", "--fork", "--mount-proc"])
     with open(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children") as f:
         server = int(f.read().split()[0])
     tracer = Tracer(["-p", str(port), "-t", "300ms"])

@@ -12,6 +12,7 @@ process was read.
   the map (here a map of 16 and 40 processes of nobody's, all running
   before the one of another user)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import pytest
 
@@ -29,7 +31,7 @@ from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_featur
 from closewait_trace.sockets.filters import SocketFilter
 from closewait_trace.live.tracer import LiveTracer
 from tests.kernel.fuse_never_reads import NeverReads
-from tests.kernel.harness import free_port, stretch
+from tests.kernel.harness import free_port, start_ready, stretch
 
 pytestmark = pytest.mark.kernel
 
@@ -57,19 +59,25 @@ signal.pause()
 """
 
 
-def make_tracer(resolver, **config) -> LiveTracer:
+@contextlib.contextmanager
+def in_process_tracer(resolver, **config) -> Iterator[LiveTracer]:
+    """The live loop in this process (to see its map and resolver), for the
+    block: its probe closed, its signal handlers put back and its
+    resolver's worker ended, however the block ends. start() is the
+    test's: the start-up scan is what these tests look at."""
     kernel_headers.apply(kernel_headers.choose_headers())
     features = detect_features(environ={})
     probe = KernelProbe(ProbeConfig(features=features, threshold_ns=10**9, **config))
     tracer = LiveTracer(probe.config, SocketFilter(lports=(free_port(),)), probe,
                         resolver=resolver)
-    return tracer
-
-
-def close(tracer: LiveTracer) -> None:
-    tracer.probe.close()
-    for sig, handler in tracer._previous_handlers.items():
-        signal.signal(sig, handler)
+    try:
+        yield tracer
+    finally:
+        tracer.probe.close()
+        for sig, handler in tracer._previous_handlers.items():
+            signal.signal(sig, handler)
+        if getattr(resolver, "worker", None) is not None:
+            resolver.worker.close()
 
 
 def wait_exe(pid: int, name: str) -> None:
@@ -103,31 +111,18 @@ class ExecAfterScan(ProcResolver):
 
 
 def test_a_process_that_execs_before_it_is_registered_is_not(procs):
-    holder = subprocess.Popen(NOBODY + [PYTHON, "-c", EXECS_ON_REQUEST], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
+    holder = start_ready(procs, NOBODY + [PYTHON, "-c", EXECS_ON_REQUEST], stdin=subprocess.PIPE)
     resolver = ExecAfterScan(holder)
-    tracer = make_tracer(resolver)
-    try:
+    with in_process_tracer(resolver) as tracer:
         tracer.start()
         assert holder.pid in resolver.found        # it was CPython when read
         assert holder.pid not in tracer.probe.python_registered()
-    finally:
-        close(tracer)
 
 
 def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
-    many = subprocess.Popen(NOBODY + [PYTHON, "-c", FORKS, "40"], text=True,
-                            stdout=subprocess.PIPE, start_new_session=True)
-    procs.append(many)
-    assert many.stdout.readline().strip() == "ready"
-    other = subprocess.Popen(DAEMON + [PYTHON, "-c", FORKS, "1"], text=True,
-                             stdout=subprocess.PIPE)
-    procs.append(other)
-    assert other.stdout.readline().strip() == "ready"
-    tracer = make_tracer(ProcResolver(), max_py_procs=16)
-    try:
+    many = start_ready(procs, NOBODY + [PYTHON, "-c", FORKS, "40"], start_new_session=True)
+    other = start_ready(procs, DAEMON + [PYTHON, "-c", FORKS, "1"])
+    with in_process_tracer(ProcResolver(), max_py_procs=16) as tracer:
         tracer.start()
         registered = tracer.probe.python_registered()
         assert len(registered) == 16
@@ -142,9 +137,7 @@ def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
         assert other.pid in tracer.probe.python_registered()
         assert {p for p in before if os.stat(f"/proc/{p}").st_uid != 65534} <= \
             tracer.probe.python_registered()
-    finally:
-        close(tracer)
-        os.killpg(many.pid, 9)
+    os.killpg(many.pid, 9)
 
 
 # A CPython process (a copy of python3.11, so that only a read of this
@@ -205,16 +198,9 @@ def test_a_process_whose_memory_blocks_the_scan_costs_only_its_own_user(procs, p
             shutil.copy(PYTHON, own_python)
             # uid 1 (daemon) is read before uid 65534 (nobody): the blocking
             # process comes first.
-            attacker = subprocess.Popen(DAEMON + [own_python, "-c", SWAPS_ON_OPEN, fuse.path],
-                                        text=True, stdout=subprocess.PIPE)
-            procs.append(attacker)
-            assert attacker.stdout.readline().strip() == "ready"
-            victim = subprocess.Popen(NOBODY + [PYTHON, "-c", FORKS, "1"], text=True,
-                                      stdout=subprocess.PIPE)
-            procs.append(victim)
-            assert victim.stdout.readline().strip() == "ready"
-            tracer = make_tracer(ProcResolver(worker=GatherWorker()))
-            try:
+            attacker = start_ready(procs, DAEMON + [own_python, "-c", SWAPS_ON_OPEN, fuse.path])
+            victim = start_ready(procs, NOBODY + [PYTHON, "-c", FORKS, "1"])
+            with in_process_tracer(ProcResolver(worker=GatherWorker())) as tracer:
                 started, reads = time.monotonic(), fuse.reads
                 tracer.start()
                 took = time.monotonic() - started
@@ -222,9 +208,6 @@ def test_a_process_whose_memory_blocks_the_scan_costs_only_its_own_user(procs, p
                 # Its page was read through FUSE while ours ran, and the
                 # attacker was not found: our read blocked there.
                 blocked = fuse.reads > reads and attacker.pid not in registered
-            finally:
-                close(tracer)
-                tracer.resolver.worker.close()
             if blocked:
                 break
         assert blocked, "the scan never blocked on the attacker's page"
@@ -288,10 +271,7 @@ def start_own_python(public_dir: str, procs, script: str) -> tuple[str, subproce
     os.makedirs(own_dir, mode=0o755)
     own_python = os.path.join(own_dir, "python3.11")
     shutil.copy(PYTHON, own_python)
-    holder = subprocess.Popen(NOBODY + [own_python, "-c", script], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    procs.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
+    holder = start_ready(procs, NOBODY + [own_python, "-c", script], stdin=subprocess.PIPE)
     return own_dir, holder
 
 

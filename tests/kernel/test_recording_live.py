@@ -12,7 +12,7 @@ import pytest
 
 from tests.kernel.harness import (TRACER, Tracer, children_of, connect_and_close, free_port,
                                   ss_close_wait, start_holding_server, stretch,
-                                  wait_until)
+                                  tracer_process, wait_until)
 
 # The program is named by its executable (what /proc/PID/exe links to).
 SOCAT = os.path.realpath(shutil.which("socat"))
@@ -67,9 +67,7 @@ def test_seed_scenario_recorded_killed_and_reported(tmp_path, procs, kernel_path
 
 
 def run_text_tracer(args, workload, settle=1.5):
-    proc = subprocess.Popen(TRACER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
+    with tracer_process(args, text=True) as proc:
         # The banner says the tracer is ready; with -q it goes to stderr.
         stream = proc.stderr if "-q" in args else proc.stdout
         first = stream.readline()
@@ -81,9 +79,6 @@ def run_text_tracer(args, workload, settle=1.5):
         # Read through the same buffered streams (communicate() would skip
         # what readline() already buffered).
         out, err = proc.stdout.read(), proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     return (out if "-q" in args else first + out), (first + err if "-q" in args else err)
 
@@ -154,33 +149,30 @@ def test_full_disk_keeps_tracing_and_counts(tmp_path, procs):
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
-    tracer = None
     try:
         port = free_port()
         server = start_holding_server(port)
         procs.append(server)
-        tracer = Tracer(["-p", str(port), "-t", "200ms", "-w", str(mnt / "cw.jsonl")]).start()
-        # Fill what is left of the disk once the header is on it.
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        connect_and_close(port, 5)
-        tracer.wait_for(lambda r: r["type"] == "linger", count=5)
-        summary = tracer.stop()
-        assert summary["write_errors"] >= 5
-        assert tracer.stderr.count("cannot write") == 1
-        assert "Traceback" not in tracer.stderr
-        # What did reach the file is still a readable recording.
-        result = cli("report", str(mnt / "cw.jsonl"))
-        assert result.returncode == 0, result.stderr
+        with Tracer(["-p", str(port), "-t", "200ms", "-w", str(mnt / "cw.jsonl")]) as tracer:
+            # Fill what is left of the disk once the header is on it.
+            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            connect_and_close(port, 5)
+            tracer.wait_for(lambda r: r["type"] == "linger", count=5)
+            summary = tracer.stop()
+            assert summary["write_errors"] >= 5
+            assert tracer.stderr.count("cannot write") == 1
+            assert "Traceback" not in tracer.stderr
+            # What did reach the file is still a readable recording.
+            result = cli("report", str(mnt / "cw.jsonl"))
+            assert result.returncode == 0, result.stderr
     finally:
-        if tracer is not None:
-            tracer.kill()
         subprocess.run(["umount", str(mnt)], check=True)
 
 

@@ -14,7 +14,8 @@ import pytest
 from tests.kernel.harness import stretch
 from tests.kernel import harness
 from tests.kernel.harness import PERF_RESTRICTED
-from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
+from tests.kernel.harness import (start_seed_scenario, Tracer, children_of, free_port,
+                                  tracer_process, wait_until)
 
 pytestmark = pytest.mark.kernel
 
@@ -48,13 +49,7 @@ def seed_scenario(procs, prefix: list[str]) -> tuple[list, dict, str]:
     unprivileged user (not as root, as the tracer does), and a second server
     in another network namespace (a container) holds two more sockets."""
     port = free_port()
-    tracer = Tracer(["-p", str(port), "-t", "1s"])
-    saved = harness.TRACER
-    harness.TRACER = prefix + saved
-    try:
-        tracer.start()
-    finally:
-        harness.TRACER = saved
+    tracer = Tracer(["-p", str(port), "-t", "1s"], command=prefix + harness.TRACER).start()
     procs.append(tracer)
     server, entered = start_seed_scenario(port, procs, as_user=NOBODY)
     ns = f"cwt-caps-{os.getpid()}-{port}"
@@ -165,8 +160,7 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
     port = free_port()
     metrics_port = free_port()
     cmd = restricted(unit_capabilities()) + unit_command(tmp_path, metrics_port)
-    tracer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with tracer_process([], command=cmd, text=True) as tracer:
         wait_until(lambda: b"closewait_entered_total" in _scrape(metrics_port), timeout=30,
                    what="metrics served")
         server, entered = start_seed_scenario(port, procs, as_user=NOBODY)
@@ -175,10 +169,6 @@ def test_unit_command_records_and_sigterm_leaves_the_summary(procs, tmp_path):
                              _scrape(metrics_port)), timeout=20, what="5 sockets in the metrics")
         tracer.send_signal(signal.SIGTERM)
         out, err = tracer.communicate(timeout=stretch(30))
-    finally:
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
     assert tracer.returncode == 0, err
     assert out == "" and "Traceback" not in err
     files = sorted(tmp_path.iterdir())

@@ -5,7 +5,6 @@ Cross-checked with ss."""
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.kernel.harness import (TRACER, connect_and_close, free_port, ss_close_wait,
+from tests.kernel.harness import (TRACER, Tmux, connect_and_close, free_port, ss_close_wait,
                                   start_holding_server, start_seed_scenario, stretch,
                                   wait_until)
 from tests.kernel.test_attribution_live import Cgroups
@@ -33,43 +32,11 @@ time.sleep(3600)
 """
 
 
-class Tmux:
-    def __init__(self, tmp_path):
-        self.sock = f"cwtop-{os.getpid()}"
-        self.tmp = tmp_path
-
-    def tmux(self, *args) -> str:
-        return subprocess.run(["tmux", "-L", self.sock] + list(args), capture_output=True,
-                              text=True, timeout=stretch(30)).stdout
-
-    def start(self, command: list) -> None:
-        done = self.tmp / "exit"
-        shell = f"{shlex.join(command)}; echo $? > {shlex.quote(str(done))}; sleep 600"
-        subprocess.run(["tmux", "-L", self.sock, "new-session", "-d", "-x", "100", "-y", "30",
-                        shell], check=True, timeout=stretch(30))
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p")
-
-    def wait_for(self, predicate, what: str) -> str:
-        return wait_until(lambda: (lambda s: s if predicate(s) else None)(self.screen()),
-                          timeout=60, what=what)
-
-    def exit_code(self):
-        done = self.tmp / "exit"
-        return int(done.read_text()) if done.exists() and done.read_text().strip() else None
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
-
-
 def test_top_in_a_terminal_groups_changes_and_quits(procs, tmp_path):
     port = free_port()
     start_seed_scenario(port, procs)
     wait_until(lambda: len(ss_close_wait(port)) == 5, what="5 CLOSE-WAIT")
-    term = Tmux(tmp_path)
-    try:
-        term.start(TRACER + ["top", "-p", str(port)])
+    with Tmux(tmp_path, TRACER + ["top", "-p", str(port)]) as term:
         screen = term.wait_for(lambda s: "5 sockets in CLOSE_WAIT" in s, "the view")
         assert "by process" in screen
         rows = [l for l in screen.splitlines() if re.search(r"/socat \[stopped\]", l)]
@@ -89,8 +56,6 @@ def test_top_in_a_terminal_groups_changes_and_quits(procs, tmp_path):
         # Quitting ends the trace the normal way: its summary is printed.
         history = term.tmux("capture-pane", "-p", "-S", "-200")
         assert "Summary after" in history and "Still lingering at exit: 5" in history, history
-    finally:
-        term.kill()
 
 
 def _holders(port: int) -> set:
@@ -105,9 +70,7 @@ def test_top_never_passes_a_holders_escape_to_the_terminal(procs, tmp_path):
                             stdout=subprocess.PIPE, text=True)
     procs.append(evil)
     assert evil.stdout.readline().strip() == "ready"
-    term = Tmux(tmp_path)
-    try:
-        term.start(TRACER + ["top", "-p", str(port)])
+    with Tmux(tmp_path, TRACER + ["top", "-p", str(port)]) as term:
         screen = term.wait_for(lambda s: "1 socket in CLOSE_WAIT" in s, "the view")
         # Shown escaped; a raw ESC [2J would have cleared the screen.
         assert "\\x1b[2Jpwn" in screen, screen
@@ -116,8 +79,6 @@ def test_top_never_passes_a_holders_escape_to_the_terminal(procs, tmp_path):
         term.tmux("send-keys", "q")
         wait_until(lambda: term.exit_code() is not None, timeout=30, what="top to quit")
         assert term.exit_code() == 0
-    finally:
-        term.kill()
 
 
 def test_top_in_a_pipe_prints_text_blocks(procs):
@@ -170,9 +131,7 @@ def test_top_groups_by_container_from_real_cgroups(procs, cgroups, tmp_path):
     connect_and_close(ports[1], 2)
     wait_until(lambda: len(ss_close_wait(ports[0])) == 3 and len(ss_close_wait(ports[1])) == 2,
                what="3 + 2 CLOSE-WAIT")
-    term = Tmux(tmp_path)
-    try:
-        term.start(TRACER + ["top", "-p", f"{ports[0]},{ports[1]}"])
+    with Tmux(tmp_path, TRACER + ["top", "-p", f"{ports[0]},{ports[1]}"]) as term:
         term.wait_for(lambda s: "5 sockets in CLOSE_WAIT" in s and "by process" in s,
                       "the view")
         for _ in range(4):                         # process -> cause -> peer -> port -> container
@@ -188,8 +147,6 @@ def test_top_groups_by_container_from_real_cgroups(procs, cgroups, tmp_path):
         term.tmux("send-keys", "q")
         wait_until(lambda: term.exit_code() is not None, timeout=30, what="top to quit")
         assert term.exit_code() == 0
-    finally:
-        term.kill()
 
 
 def test_top_in_a_pipe_by_container(procs, cgroups):
@@ -228,9 +185,7 @@ def test_top_with_5000_sockets_in_one_process(procs, tmp_path):
     ss = subprocess.run(["ss", "-Htan", "state", "close-wait", "sport", "=", f":{port}"],
                         capture_output=True, text=True).stdout
     assert len(ss.splitlines()) == MANY
-    term = Tmux(tmp_path)
-    try:
-        term.start(TRACER + ["top", "-p", str(port)])
+    with Tmux(tmp_path, TRACER + ["top", "-p", str(port)]) as term:
         screen = term.wait_for(lambda s: f"{MANY} sockets in CLOSE_WAIT" in s, "the view")
         rows = [l for l in screen.splitlines() if re.search(rf"\b{holder.pid}/python", l)]
         assert len(rows) == 1, screen                  # one holder, one row
@@ -247,5 +202,3 @@ def test_top_with_5000_sockets_in_one_process(procs, tmp_path):
         assert term.exit_code() == 0
         history = term.tmux("capture-pane", "-p", "-S", "-200")
         assert f"Still lingering at exit: {MANY}" in history, history
-    finally:
-        term.kill()

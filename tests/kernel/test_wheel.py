@@ -50,13 +50,8 @@ def test_wheel_in_a_fresh_venv_runs_the_seed_scenario(procs, tmp_path):
     assert where.stdout.startswith(str(venv)), where.stdout
 
     port = free_port()
-    tracer = Tracer(["-p", str(port), "-t", "1s"])
-    saved = harness.TRACER
-    harness.TRACER = ["env", "-u", "PYTHONPATH", "-C", "/", str(tool)]
-    try:
-        tracer.start()
-    finally:
-        harness.TRACER = saved
+    tracer = Tracer(["-p", str(port), "-t", "1s"],
+                    command=["env", "-u", "PYTHONPATH", "-C", "/", str(tool)]).start()
     procs.append(tracer)
     server, entered = start_seed_scenario(port, procs)
     lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=5, timeout=20)

@@ -1,6 +1,6 @@
 """The gathering worker's calls (evidence/gathering.py), except that a read
 of a process listed in BLOCKED_PIDS never returns, as a read of a page a
-FUSE server never serves would not (tests/unit/test_gather_worker.py)."""
+FUSE server never serves would not (tests/bounds/test_gather_worker.py)."""
 
 import os
 import time

@@ -8,6 +8,7 @@ import pytest
 
 from closewait_trace import cli, errors
 from closewait_trace.kernel import kernel_headers, probe
+from closewait_trace.sockets import capabilities
 
 
 def run_cli(*args):
@@ -58,6 +59,9 @@ def test_not_root_exit_3(monkeypatch, capsys):
 
 def test_bcc_missing_exit_4(monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # as a full root shell has them (run unprivileged, the check for
+    # CAP_BPF and CAP_PERFMON would answer first)
+    monkeypatch.setattr(capabilities, "effective", lambda *a: (1 << 41) - 1)
     monkeypatch.setitem(sys.modules, "bcc", None)      # import bcc -> ImportError
     assert invoke_main(monkeypatch, []) == errors.EXIT_NO_BCC
     err = capsys.readouterr().err

@@ -291,12 +291,6 @@ def test_unix_socket_refuses_planted_links_files_and_open_directories(tmp_path):
     (tmp_path / "linkdir").symlink_to(d)
     with pytest.raises(OSError):
         scrape.listen_unix(str(tmp_path / "linkdir" / "m.sock"))
-    if os.geteuid() == 0:
-        other = tmp_path / "other"
-        other.mkdir(mode=0o700)
-        os.chown(other, 65534, 65534)
-        with pytest.raises(scrape.UnsafePath):
-            scrape.listen_unix(str(other / "m.sock"))
 
 
 def test_sink_on_a_unix_socket_serves_and_removes_it(tmp_path):

@@ -207,7 +207,7 @@ class ModuleIndex:
 
     def size_estimate(self) -> int:
         """Bytes this entry holds: the sizes of its objects, summed (within
-        a few percent of what tracemalloc sees: tests/unit/test_elfindex_memory.py).
+        a few percent of what tracemalloc sees: tests/bounds/test_elfindex_memory.py).
         It is the same for as long as the entry is cached."""
         g = sys.getsizeof
         return (g(self) + MODULE_OVERHEAD + g(self.path) + g(self.build_id)

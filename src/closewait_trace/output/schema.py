@@ -748,7 +748,7 @@ def json_schema() -> dict:
     """The records as a JSON Schema (draft 2020-12), derived from the same
     TypedDicts the reader checks against, for other tools (jq users, a log
     pipeline's validator). Written to docs/closewait-trace.schema.json;
-    tests/unit/test_json_schema.py checks the file is this, and that a JSON
+    tests/repo/test_json_schema.py checks the file is this, and that a JSON
     Schema validator agrees with problem() on real and crafted records.
     What it cannot say: MaxLen(truncate=True) fields are cut by the reader,
     not refused, so they carry no maxLength."""
