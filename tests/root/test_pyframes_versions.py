@@ -19,6 +19,9 @@ from closewait_trace.evidence import pyframes
 from closewait_trace.evidence.procimage import ProcessImage
 from tests.pychroots import Script, chroot_of, popen
 
+# chroot(2) into the interpreters' chroots, and their processes' memory.
+pytestmark = pytest.mark.root
+
 
 def _offsets(tmp_path, version, exprs: dict) -> dict:
     """{key: value} of C expressions (offsetof/sizeof) compiled against the
