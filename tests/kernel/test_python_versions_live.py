@@ -279,3 +279,63 @@ def test_an_unprivileged_313_holder_forging_its_code_object_layout_gets_a_reason
     assert "code_object.filename at 1024, outside the code object's first" in why, why
     assert rec["diagnosis"]["cause"] == "blocked_elsewhere"
     tracer.stop()
+
+
+LEAKY_CLIENT = """\
+import socket, sys, time
+port = {port}
+pool = []
+
+
+def fetch_user(uid):
+    conn = socket.create_connection(("127.0.0.1", port))    # OPENS
+    conn.sendall(b"GET /user/%d" % uid)
+    pool.append(conn)                                       # never closed
+
+
+print("ready", flush=True)
+sys.stdin.readline()
+fetch_user(7)
+print("fetched", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=IDS)
+def test_a_client_that_leaks_is_named_by_the_call_that_opened_it(procs, scripts, version):
+    """The connect() side of the kernel's copy (issue 18 §1, "who opened
+    it") for 3.12 and 3.13: the frames copied at the connect name the
+    program's own function and line, and the cause is never_read."""
+    port = free_port()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4)
+    script = Script(version, "client.py", LEAKY_CLIENT.format(port=port))
+    scripts.append(script)
+    client = popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(client)
+    assert client.stdout.readline().strip() == "ready"
+    tracer = Tracer(["-P", str(port), "-t", "300ms"])
+    procs.append(tracer)
+    tracer.start()
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    assert client.stdout.readline().strip() == "fetched"
+    served, _ = listener.accept()
+    served.recv(100)                    # read: closing with unread bytes would reset
+    served.close()                      # the server closes; the client never does
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == port,
+                          timeout=30)[0]
+    opened = rec["code"]["opened"]
+    assert opened["pid"] == client.pid
+    line = line_of(script, "# OPENS")
+    assert opened["python"][0]["function"] == "create_connection", opened   # socket.py
+    assert (opened["place"]["function"], opened["place"]["line"]) == ("fetch_user", line)
+    d = rec["diagnosis"]
+    assert d["cause"] == "never_read", d
+    comm = f"python{version[0]}.{version[1]}"
+    assert d["summary"].startswith(f"never read since the peer closed; opened by "
+                                   f"fetch_user (client.py:{line}): {client.pid}/{comm} fd "), d
+    listener.close()
+    tracer.stop()
