@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from closewait_trace.live import scrape
+from closewait_trace.output import scrape
 
 pytestmark = pytest.mark.root
 
