@@ -492,7 +492,9 @@ class KernelProbe:
         caller does its own start-up (imports, the gathering worker):
         compiling is clang and LLVM in C, which leave the interpreter free
         (about 0.3 s of the start's 0.5 s). start() waits for it; close()
-        too, and then unloads it."""
+        too, and then unloads it. bcc's compile chdir()s the whole process
+        into the kernel header tree until it ends: the caller must have
+        opened every path relative to its directory before calling this."""
         if self.bpf is not None or self._loading is not None:
             return
         import threading

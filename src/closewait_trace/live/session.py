@@ -117,7 +117,6 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
         # loop can abandon (evidence/worker.py).
         gatherer = GatherWorker()
         gatherer.start()
-        probe.load_in_background()
         from closewait_trace.live.tracer import LiveTracer, ProcResolver
         tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
                             sinks=sinks, holder_filter=holder_filter,
@@ -125,8 +124,8 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
         # Nobody reads the trace any more (`| head -1`): end it the normal way.
         out.on_reader_gone = tracer.request_stop
         if recording_options:
-            # Opened before the program is attached: a bad path fails fast,
-            # and what was loaded is unloaded below, leaving nothing behind.
+            # Opened before the program is loaded: a bad path fails fast and
+            # leaves nothing behind.
             from closewait_trace.files.recording import Recorder
             from closewait_trace.output.sinks import RecordingSink
             recording_options = dict(recording_options)
@@ -142,6 +141,12 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
                                 **recording_options)
             recorder.open()
             sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
+        # Only now: while bcc compiles it moves the whole process into the
+        # kernel header tree (chdir, undone at the end), so nothing in this
+        # thread may resolve a path relative to the user's directory until
+        # start() has waited for the load (a relative -w path, opened in the
+        # meantime, went into the header cache).
+        probe.load_in_background()
         tracer.headers = choice.describe()
         # After run(), main() ends the process at once (cli's quick exit).
         tracer.exit_after_run = True

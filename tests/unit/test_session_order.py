@@ -1,0 +1,62 @@
+"""The live session's start-up order (live/session.py). bcc's compile,
+which runs in a thread while the session starts (KernelProbe.
+load_in_background), chdir()s the whole process into the kernel header
+tree until it ends: a relative `-w` path opened meanwhile went into the
+header cache (seen: a recording written there, and "FILE exists" said of a
+file the user never made). So every path relative to the user's directory
+is opened before the compile starts. Here the compile is a stand-in that
+moves the process elsewhere, as bcc does, and stops the start-up there."""
+
+import os
+
+import pytest
+
+from closewait_trace.evidence import worker
+from closewait_trace.kernel import kernel_headers, probe
+from closewait_trace.live import session
+from closewait_trace.output import render
+from closewait_trace.output.terminal import TerminalSink
+from closewait_trace.sockets import capabilities
+from closewait_trace.sockets.filters import SocketFilter
+
+
+class CompileStarted(Exception):
+    pass
+
+
+class Headers:
+    def describe(self):
+        return "stand-in headers"
+
+
+def test_the_recording_is_opened_before_the_compile_moves_the_process(tmp_path, monkeypatch):
+    user_dir = tmp_path / "here"
+    header_tree = tmp_path / "headers"
+    user_dir.mkdir()
+    header_tree.mkdir()
+    monkeypatch.chdir(user_dir)
+    seen = {}
+
+    def compile_in_background(self):
+        seen["recording in the user's directory"] = sorted(os.listdir(user_dir))
+        os.chdir(header_tree)               # what bcc's compile does to the process
+        raise CompileStarted
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(capabilities, "cannot_trace", lambda caps: None)
+    monkeypatch.setattr(capabilities, "warning", lambda caps: None)
+    monkeypatch.setattr(kernel_headers, "choose_headers", lambda: Headers())
+    monkeypatch.setattr(kernel_headers, "apply", lambda choice: None)
+    monkeypatch.setattr(probe, "bcc_missing", lambda: None)
+    monkeypatch.setattr(probe.KernelProbe, "load_in_background", compile_in_background)
+    monkeypatch.setattr(probe.KernelProbe, "close", lambda self: None)
+    monkeypatch.setattr(worker.GatherWorker, "start", lambda self: None)
+    monkeypatch.setattr(worker.GatherWorker, "close", lambda self: None)
+    out = TerminalSink(False, render.TextRenderer(), quiet=True)
+    recording = dict(path="cw.jsonl", force=False, compress=False, max_bytes=None,
+                     max_files=None, max_seconds=None, snapshot_s=60.0)
+    with pytest.raises(CompileStarted):
+        session.run(1_000_000_000, SocketFilter(), False, 500_000_000, 1000, False, out,
+                    recording_options=recording)
+    assert seen["recording in the user's directory"] == ["cw.jsonl"], seen
+    assert os.listdir(header_tree) == []
