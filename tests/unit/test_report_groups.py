@@ -397,3 +397,18 @@ def test_a_table_s_columns_line_up_when_counts_carry_estimates():
         # name are right-aligned, so the value's last character is there.
         count_and_total = re.match(r"(.{38}\s*\d+(?: \(\d+~\))?\s+\S+)", line)
         assert count_and_total and count_and_total.end(1) == total_end, (line, heading)
+
+
+def test_the_estimates_footnote_reads_as_two_whole_lines():
+    """The footnote under the tables was one 91-column line that the
+    80-column fitting wrapped into an orphan ("    their durations are")
+    above a line at the original indentation (a newcomer's report)."""
+    text = report.render_text(report.build(seed_like()))
+    first = next(i for i, line in enumerate(text) if line.startswith("  N (M~):"))
+    footnote = text[first:text.index("", first)]
+    assert len(footnote) == 2, footnote
+    assert all(line.startswith("  ") and not line.startswith("   ") and len(line) <= 80
+               for line in footnote), footnote
+    assert " ".join(line.strip() for line in footnote) == (
+        "N (M~): M of the N sockets were already in CLOSE_WAIT when tracing began: "
+        "their durations are estimates (~) or lower bounds (>=), not kernel-timed.")

@@ -979,9 +979,12 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
     if any(rep.get(f"by_{g}") and any(r.get("estimated") or r.get("lower_bound")
                                       for r in rep[f"by_{g}"]) for g in rep.get("groupings", [])):
         lines.append("")
+        # Two lines within 80 columns: fit_lines would wrap a longer first
+        # line into an orphan ("    their durations are") above the second.
         lines.append("  N (M~): M of the N sockets were already in CLOSE_WAIT when tracing "
-                     "began: their durations are")
-        lines.append("  estimates (~) or lower bounds (>=), not timed by the kernel.")
+                     "began:")
+        lines.append("  their durations are estimates (~) or lower bounds (>=), not "
+                     "kernel-timed.")
     lines.append("")
     lines.append("Time in CLOSE_WAIT, every socket the kernel timed (log2 histogram):")
     if w and not w["histogram_to_ts"]:
