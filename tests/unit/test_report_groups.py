@@ -412,3 +412,21 @@ def test_the_estimates_footnote_reads_as_two_whole_lines():
     assert " ".join(line.strip() for line in footnote) == (
         "N (M~): M of the N sockets were already in CLOSE_WAIT when tracing began: "
         "their durations are estimates (~) or lower bounds (>=), not kernel-timed.")
+
+
+def test_two_scripts_of_one_interpreter_are_told_apart_in_by_program():
+    """In 80 columns both rows read "python3.11 [/usr/bin/python3.11] /s…"
+    (a newcomer's report on a leaking server and a stopped one, both
+    Python): the name is cut in the middle, keeping the script."""
+    recs = [header()]
+    for pid, script in ((1, "leaky"), (2, "stopped")):
+        cmdline = f"/usr/bin/python3.11 /srv/app/services/{script}.py"
+        recs += [process(pid, "python3.11", cmdline=cmdline, exe="/usr/bin/python3.11"),
+                 linger(pid, pid, "python3.11", cmdline=cmdline)]
+    text = report.render_text(report.build(iter(recs)))
+    table = text[text.index("By program (the holders that never closed; children of one "
+                            "server folded):") + 2:]
+    rows = table[:table.index("")]
+    assert len(rows) == 2, rows
+    assert [r for r in rows if "leaky.py" in r] and [r for r in rows if "stopped.py" in r], rows
+    assert all(r.startswith("  python3.11 [") and len(r) <= 80 for r in rows), rows

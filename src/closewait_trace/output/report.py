@@ -966,11 +966,15 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
                      f"{longest_label:>9}  {last_label}")
         if not rows:
             lines.append("  (none)")
+        # A program's name is cut in the middle, as in "Leaking fastest": its
+        # end is the script (python3.11 [/usr/bin/python3.11] /srv/leaky.py),
+        # the one part that tells two programs of one interpreter apart.
+        cut_name = textsafe.cut_middle if g == "program" else textsafe.cut
         for row, count in zip(rows[:top], counts):
             # A row is cut, not wrapped: its last column (causes, programs)
             # is the one that gives.
             lines.append(textsafe.cut(
-                f"  {textsafe.pad(textsafe.cut(_row_name(g, row), 36), 36)} {count:>{width}} "
+                f"  {textsafe.pad(cut_name(_row_name(g, row), 36), 36)} {count:>{width}} "
                 f"{_age(row[total_f]):>9} "
                 f"{_age(row[longest_f], row.get(longest_source_f, 'traced')):>9}  "
                 f"{_causes_text(row, g)}", LINE))
