@@ -430,3 +430,32 @@ def test_two_scripts_of_one_interpreter_are_told_apart_in_by_program():
     assert len(rows) == 2, rows
     assert [r for r in rows if "leaky.py" in r] and [r for r in rows if "stopped.py" in r], rows
     assert all(r.startswith("  python3.11 [") and len(r) <= 80 for r in rows), rows
+
+
+def test_sockets_there_before_the_trace_are_not_a_leak_rate():
+    """30 sockets already in CLOSE_WAIT when tracing began and 5 new ones
+    in 79 s read "Leaking fastest (26.61/min, 35 still held)" (a
+    newcomer's report): per_min counts the sockets that began lingering
+    during the capture, as top's NEW/MIN does."""
+    recs = [header(start=T0),
+            process(20, comm="python3", cmdline="python3 /srv/leaky.py", exe="/usr/bin/python3.11"),
+            process(22, comm="python3", cmdline="python3 /srv/old.py", exe="/usr/bin/python3.11")]
+    for i in range(30):                      # old.py: all there before the trace
+        recs.append(linger(i, 22, comm="python3", cause="ignoring_eof", lport=46000,
+                           rport=41000 + i, cmdline="python3 /srv/old.py", age=60.0,
+                           age_source="estimated", pre_existing=True))
+    for i in range(5):                       # leaky.py: 5 in the 2 minutes
+        recs.append(linger(30 + i, 20, comm="python3", cause="ignoring_eof", lport=45000,
+                           rport=42000 + i, cmdline="python3 /srv/leaky.py"))
+    recs.append({"type": "summary", "ts": T0 + 120, "counters": {}, "traced_s": 120.0,
+                 "histogram_us": [], "linger_reported": 35, "closed_reported": 0,
+                 "still_lingering": []})
+    rep = report.build(recs, by=["program"])
+    rows = {r["program"]: r for r in rep["by_program"]}
+    old = rows["python3 [/usr/bin/python3.11] /srv/old.py"]
+    assert old["estimated"] == 30, old
+    assert (old["per_min"], old["still_held"]) == (0.0, 30)
+    assert rows["python3 [/usr/bin/python3.11] /srv/leaky.py"]["per_min"] == 2.5
+    [line] = [l for l in report.render_text(rep) if "Leaking fastest" in l]
+    assert line.startswith("  Leaking fastest (2.5/min, 5 still held): ") and \
+        line.endswith("/srv/leaky.py"), line
