@@ -307,3 +307,13 @@ def test_exit_codes_in_the_man_page_and_options_doc_are_the_tools():
     assert {int(c) for c in re.findall(r"^\.TP\n\.B (\d+)$", status, re.M)} == codes
     table = (ROOT / "docs" / "options.md").read_text()
     assert {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)} == codes
+
+
+def test_readme_reads_in_an_80_column_terminal():
+    """An on-call reads the README with less in an 80-column terminal: its
+    commands and prose fit (the quick-start block was 86-99 columns wide, a
+    newcomer's report). The table of links is markdown, left to wrap."""
+    wide = [f"README.md:{n}: {len(line)} columns"
+            for n, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
+            if len(line) > 80 and not line.startswith("|")]
+    assert wide == []

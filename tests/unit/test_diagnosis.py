@@ -183,3 +183,12 @@ def test_sockets_with_the_same_diagnosis_share_one_summary_string(fake):
     first, second = diagnose_fake(fake), diagnose_fake(fake)
     assert first.summary == second.summary and "pause" in first.summary
     assert first.summary is second.summary
+
+
+def test_a_process_that_stopped_itself_is_seen_in_kill_not_a_number():
+    """A Python holder that ran os.kill(os.getpid(), SIGSTOP) showed
+    "thread 7375 [T] syscall_62" in snapshot -v (a newcomer's incident):
+    the calls that send a signal are named, on both machines."""
+    assert [d.syscall_name(n, "x86_64") for n in (62, 200, 234)] == ["kill", "tkill", "tgkill"]
+    assert [d.syscall_name(n, "aarch64") for n in (129, 130, 131)] == ["kill", "tkill", "tgkill"]
+    assert d.syscall_name(9999, "x86_64") == "syscall_9999"

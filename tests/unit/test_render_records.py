@@ -223,3 +223,20 @@ def test_since_when_entered_at_and_an_entered_column():
     assert row.startswith("09:27:55 CLOSED ")
     assert [l for l in render.TextRenderer().render(rec) if " LINGER " in l][0].startswith(
         "09:30:00 LINGER ")
+
+
+def test_still_lingering_at_exit_lists_the_oldest_first():
+    """top's exit listed the sockets still in CLOSE_WAIT in no order (a
+    newcomer's report: ~1m51s and ~36.9s mixed); only 50 are shown, so
+    they are the 50 oldest, oldest first, as snapshot orders them."""
+    def entry(rport, age):
+        return {"family": "ipv4", "laddr": "127.0.0.1", "lport": 80, "raddr": "127.0.0.1",
+                "rport": rport, "age_s": age, "age_source": "traced", "owner_kind": "fd",
+                "owners": [{"pid": 7, "comm": "srv", "fd": rport, "state": "S"}]}
+    still = [entry(40000 + i, float((i * 37) % 59 + 1)) for i in range(60)] + [entry(1, "x")]
+    rec = records.summary(100.0, 10.0, {}, [0] * 64, still, 61, 0)
+    lines = render.summary_lines(rec)
+    shown = [l for l in lines if l.startswith("  127.0.0.1:80 <- ")]
+    assert len(shown) == 50
+    ages = [float(l.split()[3].rstrip("s")) for l in shown]
+    assert ages == sorted(ages, reverse=True) and ages[0] == 59.0 and ages[-1] == 10.0, ages

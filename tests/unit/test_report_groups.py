@@ -397,3 +397,65 @@ def test_a_table_s_columns_line_up_when_counts_carry_estimates():
         # name are right-aligned, so the value's last character is there.
         count_and_total = re.match(r"(.{38}\s*\d+(?: \(\d+~\))?\s+\S+)", line)
         assert count_and_total and count_and_total.end(1) == total_end, (line, heading)
+
+
+def test_the_estimates_footnote_reads_as_two_whole_lines():
+    """The footnote under the tables was one 91-column line that the
+    80-column fitting wrapped into an orphan ("    their durations are")
+    above a line at the original indentation (a newcomer's report)."""
+    text = report.render_text(report.build(seed_like()))
+    first = next(i for i, line in enumerate(text) if line.startswith("  N (M~):"))
+    footnote = text[first:text.index("", first)]
+    assert len(footnote) == 2, footnote
+    assert all(line.startswith("  ") and not line.startswith("   ") and len(line) <= 80
+               for line in footnote), footnote
+    assert " ".join(line.strip() for line in footnote) == (
+        "N (M~): M of the N sockets were already in CLOSE_WAIT when tracing began: "
+        "their durations are estimates (~) or lower bounds (>=), not kernel-timed.")
+
+
+def test_two_scripts_of_one_interpreter_are_told_apart_in_by_program():
+    """In 80 columns both rows read "python3.11 [/usr/bin/python3.11] /s…"
+    (a newcomer's report on a leaking server and a stopped one, both
+    Python): the name is cut in the middle, keeping the script."""
+    recs = [header()]
+    for pid, script in ((1, "leaky"), (2, "stopped")):
+        cmdline = f"/usr/bin/python3.11 /srv/app/services/{script}.py"
+        recs += [process(pid, "python3.11", cmdline=cmdline, exe="/usr/bin/python3.11"),
+                 linger(pid, pid, "python3.11", cmdline=cmdline)]
+    text = report.render_text(report.build(iter(recs)))
+    table = text[text.index("By program (the holders that never closed; children of one "
+                            "server folded):") + 2:]
+    rows = table[:table.index("")]
+    assert len(rows) == 2, rows
+    assert [r for r in rows if "leaky.py" in r] and [r for r in rows if "stopped.py" in r], rows
+    assert all(r.startswith("  python3.11 [") and len(r) <= 80 for r in rows), rows
+
+
+def test_sockets_there_before_the_trace_are_not_a_leak_rate():
+    """30 sockets already in CLOSE_WAIT when tracing began and 5 new ones
+    in 79 s read "Leaking fastest (26.61/min, 35 still held)" (a
+    newcomer's report): per_min counts the sockets that began lingering
+    during the capture, as top's NEW/MIN does."""
+    recs = [header(start=T0),
+            process(20, comm="python3", cmdline="python3 /srv/leaky.py", exe="/usr/bin/python3.11"),
+            process(22, comm="python3", cmdline="python3 /srv/old.py", exe="/usr/bin/python3.11")]
+    for i in range(30):                      # old.py: all there before the trace
+        recs.append(linger(i, 22, comm="python3", cause="ignoring_eof", lport=46000,
+                           rport=41000 + i, cmdline="python3 /srv/old.py", age=60.0,
+                           age_source="estimated", pre_existing=True))
+    for i in range(5):                       # leaky.py: 5 in the 2 minutes
+        recs.append(linger(30 + i, 20, comm="python3", cause="ignoring_eof", lport=45000,
+                           rport=42000 + i, cmdline="python3 /srv/leaky.py"))
+    recs.append({"type": "summary", "ts": T0 + 120, "counters": {}, "traced_s": 120.0,
+                 "histogram_us": [], "linger_reported": 35, "closed_reported": 0,
+                 "still_lingering": []})
+    rep = report.build(recs, by=["program"])
+    rows = {r["program"]: r for r in rep["by_program"]}
+    old = rows["python3 [/usr/bin/python3.11] /srv/old.py"]
+    assert old["estimated"] == 30, old
+    assert (old["per_min"], old["still_held"]) == (0.0, 30)
+    assert rows["python3 [/usr/bin/python3.11] /srv/leaky.py"]["per_min"] == 2.5
+    [line] = [l for l in report.render_text(rep) if "Leaking fastest" in l]
+    assert line.startswith("  Leaking fastest (2.5/min, 5 still held): ") and \
+        line.endswith("/srv/leaky.py"), line

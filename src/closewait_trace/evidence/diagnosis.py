@@ -54,10 +54,14 @@ _OTHER_SYSCALLS = {
     "x86_64": {34: "pause", 35: "nanosleep", 202: "futex", 61: "wait4",
                230: "clock_nanosleep",
                130: "rt_sigsuspend", 128: "rt_sigtimedwait", 1: "write",
-               42: "connect", 247: "waitid"},
+               42: "connect", 247: "waitid",
+               # A process that stopped itself (os.kill(getpid(), SIGSTOP),
+               # raise(SIGSTOP)) is seen in the call that sent the signal.
+               62: "kill", 200: "tkill", 234: "tgkill"},
     "aarch64": {101: "nanosleep", 98: "futex", 260: "wait4", 115: "clock_nanosleep",
                 133: "rt_sigsuspend",
-                64: "write", 203: "connect", 95: "waitid"},
+                64: "write", 203: "connect", 95: "waitid",
+                129: "kill", 130: "tkill", 131: "tgkill"},
 }
 
 

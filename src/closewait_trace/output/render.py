@@ -852,6 +852,13 @@ def prose(text: str, columns: int = SUMMARY_COLUMNS) -> list[str]:
     return [l.rstrip(" ") for l in lines]
 
 
+def _oldest_first(entry: dict) -> tuple:
+    age = entry.get("age_s")
+    age = age if isinstance(age, (int, float)) and not isinstance(age, bool) else 0.0
+    port = entry.get("lport"), entry.get("rport")
+    return (-age, tuple(p if isinstance(p, int) else -1 for p in port))
+
+
 def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:
     c = rec.get("counters") if isinstance(rec.get("counters"), dict) else {}
     n = {k: v if isinstance(v, int) else 0 for k, v in c.items()}
@@ -905,6 +912,9 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
         hidden, still = len(still) - len(kept), kept
     lines += prose(f"Still lingering at exit: {len(still)}"
                    + (f" shown ({hidden} more not matching the replay's filters)" if hidden else ""))
+    # Oldest first, as snapshot lists them: the 50 shown are the oldest,
+    # not the first 50 of a table's order (top's exit listed them shuffled).
+    still.sort(key=_oldest_first)
     for s in still[:50]:
         listed = [o for o in s.get("owners") or [] if isinstance(o, dict)]
         # A few holders by name, the rest counted: a socket shared by
