@@ -18,6 +18,21 @@ pytestmark = pytest.mark.kernel
 CHURN_C = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "churn.c")
 
 
+def connections_read_to_eof(port: int, n: int) -> None:
+    """n connections to port, each closed by the client, read to EOF and
+    closed by the server: five transitions each on the port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port))
+        server, _ = listener.accept()
+        client.close()
+        assert server.recv(1) == b""
+        server.close()
+    listener.close()
+
+
 def test_every_transition_is_written_lost_or_counted_unread(procs, kernel_path, tmp_path):
     churn = tmp_path / "churn"
     subprocess.run(["gcc", "-O2", "-o", str(churn), CHURN_C], check=True)
@@ -61,16 +76,7 @@ def test_n_connections_give_5n_plus_2_transitions_written_or_counted(procs, kern
     procs.append(tracer)
     tracer.proc.send_signal(signal.SIGSTOP)
     try:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", port))
-        listener.listen(16)
-        for _ in range(n):
-            client = socket.create_connection(("127.0.0.1", port))
-            server, _ = listener.accept()
-            client.close()
-            assert server.recv(1) == b""
-            server.close()
-        listener.close()
+        connections_read_to_eof(port, n)
     finally:
         tracer.proc.send_signal(signal.SIGCONT)
     summary = tracer.stop()
@@ -129,16 +135,7 @@ def test_an_all_recording_holds_the_same_transitions_as_the_output(procs, kernel
     path = tmp_path / "all.jsonl"
     tracer = Tracer(["-p", str(port), "--all", "-t", "1h", "-w", str(path)]).start()
     procs.append(tracer)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", port))
-    listener.listen(16)
-    for _ in range(n):
-        client = socket.create_connection(("127.0.0.1", port))
-        server, _ = listener.accept()
-        client.close()
-        assert server.recv(1) == b""
-        server.close()
-    listener.close()
+    connections_read_to_eof(port, n)
     summary = tracer.stop()
     c = summary["counters"]
     assert c["transitions"] == 5 * n + 2 and c["events_lost"] == 0 and c["events_unread"] == 0, c

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.kernel.harness import TRACER, Tracer, free_port, record_row, ss_close_wait, stretch
+from tests.kernel.test_python_frames_live import LEAKY_CLIENT
 from tests.pychroots import Script, popen
 
 pytestmark = pytest.mark.kernel
@@ -281,25 +282,6 @@ def test_an_unprivileged_313_holder_forging_its_code_object_layout_gets_a_reason
     tracer.stop()
 
 
-LEAKY_CLIENT = """\
-import socket, sys, time
-port = {port}
-pool = []
-
-
-def fetch_user(uid):
-    conn = socket.create_connection(("127.0.0.1", port))    # OPENS
-    conn.sendall(b"GET /user/%d" % uid)
-    pool.append(conn)                                       # never closed
-
-
-print("ready", flush=True)
-sys.stdin.readline()
-fetch_user(7)
-print("fetched", flush=True)
-time.sleep(600)
-"""
-
 
 @pytest.mark.parametrize("version", VERSIONS, ids=IDS)
 def test_a_client_that_leaks_is_named_by_the_call_that_opened_it(procs, scripts, version):
@@ -311,9 +293,10 @@ def test_a_client_that_leaks_is_named_by_the_call_that_opened_it(procs, scripts,
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
     listener.listen(4)
-    script = Script(version, "client.py", LEAKY_CLIENT.format(port=port))
+    script = Script(version, "client.py", LEAKY_CLIENT)
     scripts.append(script)
-    client = popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(script.argv + [str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     procs.append(client)
     assert client.stdout.readline().strip() == "ready"
     tracer = Tracer(["-P", str(port), "-t", "300ms"])

@@ -109,7 +109,8 @@ LAYOUTS = {
         code_adaptive=184, unicode_length=16, unicode_state=32, ascii_data=48,
         compact_data=72, bytes_size=16, bytes_data=32),
     # CPython 3.12 (Ubuntu 24.04's), x86-64: offsetof() against its
-    # Include/internal (tests/unit/test_pyframes.py, noble's libpython3.12-dev).
+    # Include/internal (tests/root/test_pyframes_versions.py, noble's
+    # libpython3.12-dev).
     (3, 12): Layout(
         runtime_interp_head=40, interp_next=0, interp_threads_head=72,
         tstate_next=8, tstate_native_tid=144, tstate_cframe=56, cframe_current=0,
