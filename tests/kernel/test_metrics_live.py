@@ -7,7 +7,6 @@ import signal
 import socket
 import sys
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 

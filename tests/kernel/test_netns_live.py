@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -123,7 +122,7 @@ def test_live_tracer_names_each_namespaces_own_holder(namespaces, procs, when):
         tracer.start()
         procs.append(tracer)
         holders = same_tuple_everywhere(namespaces, procs, port, cport)
-    lingers = tracer.wait_for(lambda r: r["type"] == "linger", count=4)
+    tracer.wait_for(lambda r: r["type"] == "linger", count=4)
     tracer.settle(1.0)      # and no fifth
     by_ns = _linger_by_netns(tracer.of("linger"), port, cport)
     assert set(by_ns) == set(holders)

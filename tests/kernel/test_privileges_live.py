@@ -15,7 +15,7 @@ import pytest
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.kernel.events import Endpoints
 from tests.kernel.harness import PERF_RESTRICTED, stretch
-from tests.kernel.harness import (accepted_connection, closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer, connect_and_close,
+from tests.kernel.harness import (accepted_connection, closed_connections_in_netns, HOLDING_SERVER, TRACER, Tracer,
                                   free_port, ss_close_wait, wait_until)
 
 pytestmark = pytest.mark.kernel

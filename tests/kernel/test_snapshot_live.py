@@ -2,8 +2,6 @@
 sockets, processes and users, cross-checked with ss and a monotonic clock."""
 
 import json
-import os
-import signal
 import random
 import socket
 import subprocess

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel import harness
-from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port, wait_until
+from tests.kernel.harness import start_seed_scenario, Tracer, children_of, free_port
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]

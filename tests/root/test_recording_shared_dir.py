@@ -6,11 +6,9 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
