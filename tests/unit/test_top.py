@@ -64,6 +64,26 @@ def test_a_keepalive_range_counts_by_what_it_may_be():
     assert row.oldest_s == 24.0
 
 
+@pytest.mark.parametrize("fields, shown", [
+    ({"age": 9.0, "age_source": "traced"}, "9.0s"),
+    ({"age": 9.0, "age_source": "estimated"}, "~9.0s"),
+    ({"age": 9.0, "age_source": "lower_bound"}, ">=9.0s"),
+    ({"age": 0.9, "age_source": "range", "age_max_s": 24.0}, "<=24.0s"),
+    ({"age": 9.0, "age_source": "range"}, ">=9.0s"),          # no upper end
+    ({"age": 9.0, "age_source": "\x1b[2J"}, "9.0s"),           # not a source
+])
+def test_the_oldest_age_is_shown_with_how_it_is_known(fields, shown):
+    """A socket in CLOSE_WAIT before the trace began has an age estimated
+    from tcp_info: OLDEST marks it as the linger line does (`~`), never as
+    an age the kernel timed."""
+    m = top.TopModel(Clock())
+    rows = m.rows([entry(1, rport=40001, age=2.0), entry(1, rport=40002, **fields)],
+                  "process")
+    assert top.cells(rows[0], "process")[1] == shown
+    line = top.plain_lines(rows, "process", 1.0, 0, 1_800_000_000.0)[2]
+    assert line.split()[1] == shown and len(line) <= 80
+
+
 def test_names_are_escaped_and_lines_fit_80_columns():
     m = top.TopModel(Clock())
     rows = m.rows([entry(1, comm="\x1b[2Jpwn" + "x" * 200)], "process")
@@ -189,6 +209,13 @@ def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
     assert [(r.key, r.sockets, round(r.oldest_s, 3)) for r in got] == \
         [(r.key, r.sockets, round(r.oldest_s, 3)) for r in want] == \
         [("7/python3", 50, 100.0), ("8/python3", 1, 100.0)]
+    # The oldest is socket 0's (entered at 0): timed, shown as timed; once
+    # its age is an estimate from tcp_info, shown as one.
+    assert sink.stream.getvalue().splitlines()[2].split()[1] == "1m40s"
+    ls[0].age_source = "estimated"
+    assert top.cells(sink.model.rows_of(sink._lingering(view), "process")[0],
+                     "process")[1] == "~1m40s"
+    ls[0].age_source = "traced"
     calls.clear()
     ls[0].diagnosis = NS(cause="stopped", summary="stopped")
     sink.grouping = "cause"

@@ -20,6 +20,7 @@ from typing import Optional
 
 from closewait_trace.durations import format_age
 from closewait_trace.output import textsafe
+from closewait_trace.output.render import SOURCE_MARK
 from closewait_trace.output.report import EPHEMERAL, peer_key, side_of
 from closewait_trace.sockets import identity
 
@@ -31,6 +32,7 @@ MAX_ROWS = 200                  # rows built per refresh (the terminal shows few
 MAX_PROCESSES = 20_000          # holders' containers remembered (the oldest forgotten)
 MAX_PLACE = 64                  # columns of a container / cgroup label
 NOT_KNOWN = "(cgroup not known)"
+AGE_SOURCES = tuple(SOURCE_MARK)       # traced, estimated, lower_bound, range
 
 
 def place_of(ident) -> str:
@@ -88,12 +90,18 @@ def keys_of(entry: dict, places: Optional[dict] = None) -> dict:
             "container": place}
 
 
-def age_of(entry: dict) -> float:
-    """The age a row counts: a keepalive range's upper end, what it may
-    be; any other age as given."""
-    if entry.get("age_source") == "range" and entry.get("age_max_s") is not None:
-        return entry["age_max_s"]
-    return entry.get("age_s") or 0.0
+def age_of(entry: dict) -> tuple:
+    """The age a row counts and its source (ages.py: traced, estimated,
+    lower_bound, range): a keepalive range's upper end, what it may be;
+    any other age as given."""
+    source = entry.get("age_source")
+    if source not in AGE_SOURCES:
+        source = "traced"
+    if source == "range" and entry.get("age_max_s") is not None:
+        return entry["age_max_s"], source
+    if source == "range":           # no upper end: its lower end is all there is
+        source = "lower_bound"
+    return entry.get("age_s") or 0.0, source
 
 
 def socket_key(rec: dict) -> tuple:
@@ -106,6 +114,7 @@ class Row:
     key: str
     sockets: int = 0
     oldest_s: float = 0.0
+    oldest_source: str = "traced"   # how the oldest's age is known (age_of)
     new_per_min: int = 0
     closed_per_min: int = 0
     causes: Optional[collections.Counter] = None
@@ -161,22 +170,24 @@ class TopModel:
 
     def rows(self, lingering: list[dict], grouping: str) -> list[Row]:
         """Rows from lingering entries (snapshot entries, linger records)."""
-        return self.rows_of([(keys_of(entry, self.places), age_of(entry))
+        return self.rows_of([(keys_of(entry, self.places), *age_of(entry))
                              for entry in lingering], grouping)
 
     def rows_of(self, lingering, grouping: str) -> list[Row]:
-        """Rows from (keys_of's keys, age in seconds) of each lingering
-        socket (TopSink keeps the keys of a socket between refreshes)."""
+        """Rows from (keys_of's keys, age in seconds, its source) of each
+        lingering socket (TopSink keeps the keys of a socket between
+        refreshes). The oldest keeps its source: an age estimated from
+        tcp_info is shown as one (`~`), never as a timed one."""
         now = self.clock()
         rows: dict[str, Row] = {}
-        for keys, age in lingering:
+        for keys, age, source in lingering:
             key = keys[grouping]
             row = rows.get(key)
             if row is None:
                 row = rows[key] = Row(key, causes=collections.Counter())
             row.sockets += 1
-            if age > row.oldest_s:
-                row.oldest_s = age
+            if age > row.oldest_s or row.sockets == 1:
+                row.oldest_s, row.oldest_source = age, source
             row.causes[keys["cause"]] += 1
         for events, field in ((self._recent(self.entered, now), "new_per_min"),
                               (self._recent(self.closed, now), "closed_per_min")):
@@ -202,7 +213,9 @@ def cells(row: Row, grouping: str) -> list[str]:
     key = row.key
     if grouping != "cause" and row.causes:
         key += " [" + ", ".join(c for c, _n in row.causes.most_common(2)) + "]"
-    return [str(row.sockets), format_age(int(row.oldest_s * 1e9)) if row.sockets else "-",
+    oldest = (SOURCE_MARK.get(row.oldest_source, "") + format_age(int(row.oldest_s * 1e9))
+              if row.sockets else "-")
+    return [str(row.sockets), oldest,
             str(row.new_per_min), str(row.closed_per_min), key]
 
 
@@ -220,10 +233,10 @@ def plain_lines(rows: list[Row], grouping: str, threshold_s: float, lost: int,
     """The view as text, for a pipe or a file: one block per refresh."""
     stamp = time.strftime("%H:%M:%S", time.localtime(wall_ts))
     out = [f"--- {stamp} {headline(rows, grouping, threshold_s, lost)}",
-           f"{'SOCKETS':>7} {'OLDEST':>7} {'NEW/MIN':>7} {'CLOSED/MIN':>10} {TITLES[grouping]}"]
+           f"{'SOCKETS':>7} {'OLDEST':>9} {'NEW/MIN':>7} {'CLOSED/MIN':>10} {TITLES[grouping]}"]
     for row in rows[:limit]:
         c = cells(row, grouping)
-        out.append(textsafe.cut(f"{c[0]:>7} {c[1]:>7} {c[2]:>7} {c[3]:>10} {c[4]}", 80))
+        out.append(textsafe.cut(f"{c[0]:>7} {c[1]:>9} {c[2]:>7} {c[3]:>10} {c[4]}", 80))
     if len(rows) > limit:
         out.append(f"... {len(rows) - limit} more rows")
     return out

@@ -68,7 +68,7 @@ class TopSink:
             self._stop()
 
     def _lingering(self, view: TickView) -> list:
-        """(keys, age in seconds) of each lingering socket."""
+        """(keys, age in seconds, its source) of each lingering socket."""
         model, version, now = self.model, self.model.places_version, view.now_ns
         cache, fresh, out = self._keys, {}, []
         for l in view.lingering():
@@ -78,8 +78,9 @@ class TopSink:
                 c = (l, l.ownership, l.diagnosis, version,
                      top.keys_of(records.lingering_entry(l, 0), model.places))
             fresh[id(l)] = c
-            # A keepalive range's upper end (top.age_of), any other its age.
-            out.append((c[4], l.age_bound_ns(now) / 1e9))
+            # A keepalive range's upper end (top.age_of), any other its age;
+            # with its source, so that an estimate is shown as one.
+            out.append((c[4], l.age_bound_ns(now) / 1e9, l.age_source))
         self._keys = fresh
         return out
 
