@@ -275,6 +275,10 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_second_socket
     read = rec["code"]["eof_read"]
     assert "python" not in read and read["place"]["method"] != "python", read["place"]
     assert read["python_not_read"].startswith("not copied: the process was not yet known")
+    # Its one line says it is the interpreter's code, not an address in it.
+    assert rec["diagnosis"]["summary"].startswith(
+        "read EOF in python3.11 (Python frames not read) and never closed"), \
+        rec["diagnosis"]["summary"]
     second = send_and_close(port)
     rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == second,
                           timeout=30)[0]

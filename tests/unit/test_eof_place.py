@@ -250,6 +250,38 @@ def test_an_opener_is_one_line_and_the_reports_lead_when_nothing_read_eof():
     assert report.code_key(rec) == "opened by fetch_user (app) in /srv/app"
 
 
+@pytest.mark.parametrize("module", ["/usr/bin/python3.11", "/usr/local/bin/python3",
+                                    "/opt/py/lib/libpython3.12.so.1.0", "/usr/bin/python3.13t"])
+def test_a_cpython_read_without_python_frames_is_said_to_be_in_the_interpreter(module):
+    """A Python server started after the trace, at its first reads: no
+    Python frames, its place the interpreter's own C code. The line says so
+    (an address in python3.11 reads like a bug in Python), in the text, the
+    report's row and the diagnosis; -v keeps the C frame and says why."""
+    from closewait_trace.output import report
+    stack = [frame("recv", LIBC), dict(frame(None, module, None), pc="0x5fe546",
+                                       symbols="none")]
+    code = records.code_eof_read(capture(comm="python3"), 997.6, 4_900_000_000, stack,
+                                 place.place_of(stack))
+    code["eof_read"]["python_not_read"] = "not copied: the process was not yet known"
+    rec = linger_with(code)
+    name = module.rsplit("/", 1)[-1]
+    want = f"{name} (Python frames not read)"
+    assert render.describe_found(code["eof_read"]) == want
+    [line] = render.code_lines(rec, verbose=False)
+    assert line.startswith(f"         read EOF in {want} 2.4s ago") and len(line) <= 80
+    verbose = " ".join(render.code_lines(rec, verbose=True))
+    assert "0x5fe546" in verbose and "not yet known" in verbose
+    assert report.code_key(rec) == f"{want} in {module}"
+    # With its Python frames, or with a C extension's (not the interpreter's)
+    # place, the frame is named as before.
+    code["eof_read"]["python"] = [{"function": "handle", "file": "/srv/app.py", "line": 3}]
+    assert render.describe_found(code["eof_read"]) == f"0x5fe546 ({name})"
+    del code["eof_read"]["python"]
+    code["eof_read"]["place"] = dict(code["eof_read"]["place"], module="/srv/_ext.so",
+                                     function="ext_recv")
+    assert render.describe_found(code["eof_read"]) == "ext_recv (_ext.so)"
+
+
 def test_captures_are_unwound_a_process_at_a_time_and_only_for_holders():
     """One process's 300 sockets must not push another's one socket past the
     batch's cap: the order given to the worker takes each process in turn.

@@ -875,9 +875,7 @@ class LiveTracer:
         read = (l.code or {}).get("eof_read")
         if not read:
             return None
-        where = read.get("place")
-        return diagnosis.EofReader(pid=read["pid"],
-                                   place=render.describe_place(where) if where else "")
+        return diagnosis.EofReader(pid=read["pid"], place=render.describe_found(read))
 
     def opener(self, l: Lingerer) -> Optional[diagnosis.Opener]:
         """Who connect()ed the socket, if the kernel kept it, and whether it
@@ -890,9 +888,7 @@ class LiveTracer:
             return None
         watched = (self.eof_unknown() is None and not l.pre_existing
                    and code.get("eof_read") is None and code.get("eof_read_unknown") is None)
-        where = opened.get("place")
-        return diagnosis.Opener(pid=opened["pid"],
-                                place=render.describe_place(where) if where else "",
+        return diagnosis.Opener(pid=opened["pid"], place=render.describe_found(opened),
                                 none_read=watched)
 
     def unwatch_left(self) -> None:

@@ -624,6 +624,27 @@ def describe_place(frame: dict) -> str:
     return f"{where} ({module})"
 
 
+# A CPython interpreter's own file: its executable or its shared library.
+_INTERPRETER = re.compile(r"^(python\d(\.\d+)?[a-z]*|libpython\d\.\d+[a-z]*\.so(\.[\d.]+)?)$")
+
+
+def describe_found(found: dict) -> str:
+    """The place of a capture (an EOF read, a connect()) in a few words, ''
+    when it has none. A CPython process whose Python frames were not read
+    (one started after the trace, at its first reads) has its place in the
+    interpreter's own C code: an address there says nothing to the
+    program's owner and reads like a bug in Python, so the line says what
+    it is; the C stack and why the frames were not read are under -v. Not
+    escaped."""
+    where = found.get("place") if isinstance(found.get("place"), dict) else None
+    if where is None:
+        return ""
+    module = str(where.get("module") or "").replace(" (deleted)", "").rsplit("/", 1)[-1]
+    if not found.get("python") and found.get("python_not_read") and _INTERPRETER.match(module):
+        return f"{module} (Python frames not read)"
+    return describe_place(where)
+
+
 def frame_line(f: dict) -> str:
     offset = f.get("offset")
     name = (f"{escape(f['function'])}+{offset:#x}"
@@ -647,9 +668,8 @@ def python_frame_line(f: dict, width: int = LINE) -> str:
 
 
 def _place_text(found: dict) -> str:
-    where = found.get("place") if isinstance(found.get("place"), dict) else None
-    if where:
-        return escape(describe_place(where))
+    if isinstance(found.get("place"), dict):
+        return escape(describe_found(found))
     if found.get("not_unwound"):
         return f"(not unwound: {escape(found['not_unwound'])})"
     return "(stack not unwound)"

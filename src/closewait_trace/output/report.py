@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from closewait_trace.output import textsafe
-from closewait_trace.output.render import (LINE, age_source, describe_place, fit_lines, marked_age,
+from closewait_trace.output.render import (LINE, age_source, describe_found, fit_lines, marked_age,
                                            histogram_lines, hostport, side_of,
                                            slots_to_buckets)
 from closewait_trace.output.textsafe import escape
@@ -86,19 +86,18 @@ def code_key(r: dict) -> str:
         opened = code.get("opened") if isinstance(code.get("opened"), dict) else None
         if opened is not None and isinstance(opened.get("place"), dict):
             # Never read to its end: where it was opened is the lead.
-            return "opened by " + _site(opened["place"])
+            return "opened by " + _site(opened)
         return NO_EOF_SEEN if code and code.get("eof_read_unknown") is None else PLACE_NOT_KNOWN
-    where = read.get("place")
-    return _site(where) if isinstance(where, dict) else "(stack not unwound)"
+    return _site(read) if isinstance(read.get("place"), dict) else "(stack not unwound)"
 
 
-def _site(frame: dict) -> str:
-    """A place with the file that holds it: a function and a source line are
-    the program's own words (anyone can name a function handle_client and
-    claim srv.c:12); the mapped file's path is not, so rows of different
-    programs never merge."""
-    module = str(frame.get("module") or "?").replace(" (deleted)", "")
-    return f"{describe_place(frame)} in {module}"
+def _site(found: dict) -> str:
+    """A capture's place with the file that holds it: a function and a
+    source line are the program's own words (anyone can name a function
+    handle_client and claim srv.c:12); the mapped file's path is not, so
+    rows of different programs never merge."""
+    module = str(found["place"].get("module") or "?").replace(" (deleted)", "")
+    return f"{describe_found(found)} in {module}"
 
 
 def peer_key(info: dict) -> str:
