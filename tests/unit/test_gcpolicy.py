@@ -36,18 +36,20 @@ def test_the_default_is_a_thousand_sockets():
     assert GcPolicy().freeze_after == FREEZE_AFTER == 1000
 
 
-def test_when_most_frozen_sockets_left_all_is_unfrozen_and_collected():
+def test_when_three_quarters_of_the_frozen_sockets_left_all_is_unfrozen_and_collected():
     policy, calls = recording(freeze_after=100)
     policy.reported(1000)
     policy.after_change(lingering=1000)
     calls.clear()
-    policy.after_change(lingering=500)          # half left: not yet
+    policy.after_change(lingering=250)          # three quarters left: not yet
     assert calls == []
-    policy.after_change(lingering=499)          # more than half: unfrozen,
+    policy.after_change(lingering=249)          # more than that: unfrozen,
     # collected (cycles among frozen objects go) and, still many, frozen again.
     assert calls == ["unfreeze", "collect", "freeze"]
-    assert policy.frozen_lingering == 499
+    assert policy.frozen_lingering == 249
     calls.clear()
+    policy.after_change(lingering=63)           # a quarter of 249 still left
+    assert calls == []
     policy.after_change(lingering=40)           # few left: not frozen again
     assert calls == ["unfreeze", "collect"]
     assert policy.frozen_lingering == 0 and (policy.freezes, policy.unfreezes) == (2, 2)

@@ -2,7 +2,7 @@
 
 With 100,000 sockets lingering, the loop keeps ~10 objects per socket the
 collector tracks (Lingerer, Endpoints, Ownership, Holder, HolderEvidence,
-Diagnosis, lists): ~1 million. Every full collection walks them all again
+Diagnosis, three lists): ~1 million. Every full collection walks them all again
 (0.3-0.8 s measured, some during idle ticks, which are due every 500 ms),
 although they only ever leave by reference counting: none of them is in a
 cycle (bench/gc_scale.py: after every socket left, no full collection had
@@ -12,10 +12,11 @@ So after many sockets were reported, the loop runs one full collection,
 which frees the garbage cycles the batches made, and then freezes what
 survived (gc.freeze): live objects only, which later full collections do not
 walk. A frozen object still goes when its last reference does; only a cycle
-among frozen objects would stay. Against that, when fewer than half of the
-sockets lingering at the freeze still linger, everything is unfrozen and
+among frozen objects would stay. Against that, when fewer than a quarter of
+the sockets lingering at the freeze still linger, everything is unfrozen and
 collected once (freeing any such cycle), and what is left is frozen again
-if it is still many.
+if it is still many. That collection walks what is left (a quarter at
+most), on a tick where sockets left, not an idle one.
 
 Both happen only on a tick where sockets were reported or the kernel's map
 changed, never on an idle tick.
@@ -31,6 +32,9 @@ from typing import Callable
 # a full collection then walks about 10 objects per socket reported since
 # (~15 ms for 10,000 on the bench machine), and it happens once per this many.
 FREEZE_AFTER = 1000
+# Unfrozen (and collected) when fewer than 1/UNFREEZE_BELOW of the sockets
+# lingering at the freeze are left.
+UNFREEZE_BELOW = 4
 
 
 @dataclass
@@ -50,7 +54,7 @@ class GcPolicy:
     def after_change(self, lingering: int) -> None:
         """Called after a tick that reported sockets or read a changed map,
         with the number of sockets lingering now."""
-        if self.frozen_lingering and lingering * 2 < self.frozen_lingering:
+        if self.frozen_lingering and lingering * UNFREEZE_BELOW < self.frozen_lingering:
             self.unfreeze()
             self.unfreezes += 1
             self.frozen_lingering = 0
