@@ -7,7 +7,7 @@ Then the holders close every socket and the census is taken again: a socket
 that left must leave no tracked objects behind.
 
     sudo .venv/bin/python bench/gc_scale.py --sockets 10000
-    sudo .venv/bin/python bench/gc_scale.py --sockets 100000 --metrics
+    sudo .venv/bin/python bench/gc_scale.py --sockets 100000 --metrics   (scraped every 1 s)
     PYTHONPATH=/tmp/old/src ... bench/gc_scale.py ...   (the old code)
 
 Numbers in docs/benchmarks.md ("Metrics under scale": the collector).
@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402
+import metrics_scale  # noqa: E402
 
 # Runs the tracer in a process that times every collector pass and, on
 # SIGUSR1, writes what the collector tracks (by type) to $GC_CENSUS.
@@ -113,14 +114,19 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
     os.close(fd)
     cmd = [sys.executable, "-c", WRAPPER, "--json", "-t", "1s", "-i", "500ms",
            "-p", ",".join(str(p) for p in ports)]
+    metrics_port = bench.free_port()
     if metrics:
-        cmd += ["--metrics", str(bench.free_port())]
+        cmd += ["--metrics", str(metrics_port)]
     tracer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, GC_CENSUS=path))
     holders, clients = [], []
+    scraper = None
     try:
         assert tracer.stdout.readline().startswith('{"type": "start"')
         baseline = census(tracer, path, 0)
+        if metrics:                        # scraped every second, as Prometheus would
+            scraper = metrics_scale.Scraper(metrics_port, 1.0)
+            scraper.start()
         closed_at = bench.start_lingering(groups, ports, holders, clients)
         lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
@@ -151,10 +157,16 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
             h.stdin.close()
         for h in holders:
             h.wait(timeout=60)
-        time.sleep(5.0)
+        left_at = time.monotonic()
+        while bench.ss_close_wait_count(ports) and time.monotonic() < left_at + 60:
+            time.sleep(1.0)
+        time.sleep(15.0)                   # the tracer takes every socket's leaving
         after = census(tracer, path, 2)
         rss_after = bench.rss_kb(tracer.pid)
         hwm = bench.rss_kb(tracer.pid, "VmHWM")
+        if scraper:
+            scraper.stop.set()
+            scraper.join(timeout=15)
         summary = bench.stop_for_summary(tracer, lines)
         cost = (summary or {}).get("tracer_cost", {})
         return {"sockets": total, "metrics": metrics, "reported": reported,
@@ -181,6 +193,8 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
                 "rss_after_close_mb": round(rss_after / 1024, 1),
                 "rss_peak_mb": round(hwm / 1024, 1)}
     finally:
+        if scraper:
+            scraper.stop.set()
         bench.stop_all(clients + holders + [tracer])
         os.unlink(path)
 
