@@ -768,3 +768,32 @@ def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_pa
     assert calls[2:] == ["unfreeze", "collect"]     # 2 of 10 left: few, not frozen again
     cost = w.tracer.summary()["tracer_cost"]
     assert (cost["gc_freezes"], cost["gc_unfreezes"]) == (1, 1)
+
+
+def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
+    """Reported sockets the map read saw leave are kept DEPARTED_GRACE_NS
+    (5 s) more, for their CLOSED event: the
+    unfreeze's collection would walk them all (a 709 ms pass at 100,000), so
+    they count as kept until they are forgotten."""
+    w = World(tmp_path)
+    calls = []
+    w.tracer.gc_policy = GcPolicy(collect=lambda: calls.append("collect"),
+                                  freeze=lambda: calls.append("freeze"),
+                                  unfreeze=lambda: calls.append("unfreeze"), freeze_after=8)
+    for i in range(10):
+        w.hold(100, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(10):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert calls == ["collect", "freeze"]
+    for i in range(9):          # seen gone by the map read, their CLOSED not (yet) taken
+        w.probe.leave(0x1000 + i, pid=100, comm="srv", lost=True)
+    w.step()
+    assert len(w.tracer.tracker.departed) == 9 and calls == ["collect", "freeze"]
+    w.step(6.0)                                     # idle: the grace ends
+    assert not w.tracer.tracker.departed and calls == ["collect", "freeze"]
+    w.probe.enter(0x2000, endpoints(31000), ago_s=0.0)      # the next change
+    w.step()
+    assert calls == ["collect", "freeze", "unfreeze", "collect"]

@@ -19,7 +19,9 @@ if it is still many. That collection walks what is left (a quarter at
 most), on a tick where sockets left, not an idle one.
 
 Both happen only on a tick where sockets were reported or the kernel's map
-changed, never on an idle tick.
+changed, never on an idle tick. (So when every socket left at once, the
+unfreeze waits for the next such tick; what the sockets kept has gone by
+reference counting meanwhile.)
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class GcPolicy:
 
     def after_change(self, lingering: int) -> None:
         """Called after a tick that reported sockets or read a changed map,
-        with the number of sockets lingering now."""
+        with the number of sockets whose state the loop keeps now (those
+        lingering, and those that left within the tracker's grace)."""
         if self.frozen_lingering and lingering * UNFREEZE_BELOW < self.frozen_lingering:
             self.unfreeze()
             self.unfreezes += 1

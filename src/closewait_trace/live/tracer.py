@@ -594,8 +594,11 @@ class LiveTracer:
         if due or read_map:
             # After the sinks (the metrics keep per-socket series), and
             # never on an idle tick: live/gcpolicy.py.
+            # Departed sockets are kept DEPARTED_GRACE_NS more: counted, so
+            # that the unfreeze's collection does not walk them too.
             self.gc_policy.after_change(len(self.tracker.by_skaddr)
-                                        + len(self.tracker.pre_existing))
+                                        + len(self.tracker.pre_existing)
+                                        + len(self.tracker.departed))
         elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
         if not due and not read_map:    # nothing changed: the steady-state cost
