@@ -34,7 +34,7 @@ import metrics_scale  # noqa: E402
 # SIGUSR1, writes what the collector tracks (by type) to $GC_CENSUS.
 WRAPPER = r"""
 import collections, gc, json, os, signal, sys, time
-passes = []          # (generation, ms)
+passes = []          # (generation, ms, start)
 t = [0.0]
 def on_gc(phase, info):
     if phase == "start":
@@ -42,7 +42,7 @@ def on_gc(phase, info):
     else:
         passes.append((info["generation"], (time.perf_counter() - t[0]) * 1000, t[0]))
 gc.callbacks.append(on_gc)
-ticks = []           # (idle, ms) of every tick the census did not interrupt
+ticks = []           # (idle, ms, start) of every tick the census did not interrupt
 in_census = [False]
 from closewait_trace.live import tracer as _tracer
 _tick = _tracer.LiveTracer.tick
@@ -59,11 +59,17 @@ def census(_s, _f):
     in_census[0] = True
     objs = gc.get_objects()
     by_type = collections.Counter(type(o).__name__ for o in objs)
+    n = len(objs)
+    del objs
+    gc.callbacks.remove(on_gc)      # not one of the tracer's own passes
+    started = time.perf_counter()
+    gc.collect()        # what a full pass costs now, wherever it would fall
+    full_ms = (time.perf_counter() - started) * 1000
+    gc.callbacks.append(on_gc)
     with open(os.environ["GC_CENSUS"], "a") as f:
-        f.write(json.dumps({"tracked": len(objs), "frozen": gc.get_freeze_count(),
+        f.write(json.dumps({"tracked": n, "frozen": gc.get_freeze_count(), "full_pass_ms": full_ms,
                             "by_type": by_type.most_common(25),
                             "passes": passes[:], "ticks": ticks[:]}) + "\n")
-    del objs
 signal.signal(signal.SIGUSR1, census)
 sys.argv = ["closewait-trace"] + sys.argv[1:]
 from closewait_trace.cli import main
@@ -183,6 +189,7 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
                 "idle_and_leaving": summarize_passes(after.get("passes", [])[len(lingering.get("passes", [])):]),
                 "tracked_start": baseline.get("tracked"),
                 "tracked_lingering": lingering.get("tracked"),
+                "full_pass_ms_lingering": round(lingering.get("full_pass_ms", 0), 1),
                 "frozen_lingering": lingering.get("frozen"),
                 "tracked_after_close": after.get("tracked"),
                 "frozen_after_close": after.get("frozen"),
