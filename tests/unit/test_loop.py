@@ -797,3 +797,39 @@ def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     w.probe.enter(0x2000, endpoints(31000), ago_s=0.0)      # the next change
     w.step()
     assert calls == ["collect", "freeze", "unfreeze", "collect"]
+
+
+def test_a_frozen_sockets_state_goes_when_it_leaves(tmp_path):
+    """With the real collector: the state the loop froze for the reported
+    sockets is freed, still frozen, when they leave (nothing of it is in a
+    cycle), without waiting for an unfreeze."""
+    import gc
+    w = World(tmp_path)
+    n = 300
+    for i in range(n):
+        w.hold(100 + i % 4, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(n):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    gc.collect()
+    try:
+        w.tracer.gc_policy = GcPolicy(freeze_after=n)
+        w.step()
+        assert len(w.of("linger")) == n and w.tracer.gc_policy.freezes == 1
+        w.sink.records.clear()          # the test's own copies of the records
+        w.step()
+        frozen = gc.get_freeze_count()
+        gone = 2 * n // 3               # a third stays: not unfrozen (kept * 4 >= n)
+        for i in range(gone):
+            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        w.step()
+        w.step(6.0)
+        assert w.tracer.gc_policy.unfreezes == 0
+        assert len(w.tracer.tracker.by_skaddr) == n - gone
+        # Lingerer, Ownership, Holder, HolderEvidence, Diagnosis, lists: ~9 a socket.
+        freed = frozen - gc.get_freeze_count()
+        assert freed >= 5 * gone, (frozen, gc.get_freeze_count())
+    finally:
+        gc.unfreeze()
+        gc.collect()
