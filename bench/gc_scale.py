@@ -181,6 +181,8 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
                 "idle_ticks": cost.get("idle_ticks"),
                 "resolve_max_ms": cost.get("resolve_max_ms"),
+                "gc_total_ms": cost.get("gc_total_ms"),
+                "gc_freezes": cost.get("gc_freezes"), "gc_unfreezes": cost.get("gc_unfreezes"),
                 "ticks_to_census": summarize_ticks(lingering.get("ticks", []), lingering.get("passes", [])),
                 "ticks_after": summarize_ticks(after.get("ticks", [])[len(lingering.get("ticks", [])):],
                                                after.get("passes", [])),
