@@ -16,6 +16,7 @@ from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import ListSink, RecordingSink, TickView, snapshot_record
+from closewait_trace.live.gcpolicy import GcPolicy
 from closewait_trace.live.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
 from tests.unit.fakeproc import FakeProc, hex_addr
 from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints
@@ -51,6 +52,9 @@ class World:
             holder_filter=holder_filter,
             resolver=resolver or ProcResolver(str(tmp_path / "proc")),
             clock=self.clock, tick_s=0.01)
+        # Never the test process's own collector (test_gcpolicy.py tests it).
+        self.tracer.gc_policy = GcPolicy(collect=lambda: None, freeze=lambda: None,
+                                         unfreeze=lambda: None)
 
     def hold(self, pid, rport, inode, comm="srv", state="S", flush=True):
         """A process pid holding a socket in CLOSE_WAIT on 127.0.0.1:5000."""
@@ -728,3 +732,104 @@ def test_a_run_before_the_process_ends_leaves_the_program_to_the_kernel(tmp_path
     w.tracer.request_stop()
     w.tracer.run()
     assert released == [True] and w.probe.closed
+
+
+def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_path):
+    """Issue 20 target 2: full collections walked every lingering socket's
+    state again (0.3-0.8 s at 100,000, some in idle ticks). After a tick
+    that reported many (gc_policy.freeze_after), the loop collects and then
+    freezes, after the sinks' share of the tick; an idle tick never does;
+    when three quarters of them left, all is unfrozen and collected."""
+    w = World(tmp_path)
+    calls = []
+    w.tracer.gc_policy = GcPolicy(collect=lambda: calls.append("collect"),
+                                  freeze=lambda: calls.append(("freeze", len(w.sink.views))),
+                                  unfreeze=lambda: calls.append("unfreeze"), freeze_after=8)
+    n = 10
+    for i in range(n):
+        w.hold(100, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(n):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == n
+    assert calls == ["collect", ("freeze", 1)]      # after the sinks' tick
+    for _ in range(3):
+        w.step(0.5)                                 # idle: nothing changes
+    assert calls == ["collect", ("freeze", 1)]
+    assert w.tracer.tick_stats["idle_ticks"] >= 3
+    for i in range(7):
+        w.probe.leave(0x1000 + i, pid=100, comm="srv")
+    w.step()
+    assert calls[2:] == []                          # 3 of 10 left: not yet
+    w.probe.leave(0x1007, pid=100, comm="srv")
+    w.step()
+    assert calls[2:] == ["unfreeze", "collect"]     # 2 of 10 left: few, not frozen again
+    cost = w.tracer.summary()["tracer_cost"]
+    assert (cost["gc_freezes"], cost["gc_unfreezes"]) == (1, 1)
+
+
+def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
+    """Reported sockets the map read saw leave are kept DEPARTED_GRACE_NS
+    (5 s) more, for their CLOSED event: the
+    unfreeze's collection would walk them all (a 709 ms pass at 100,000), so
+    they count as kept until they are forgotten."""
+    w = World(tmp_path)
+    calls = []
+    w.tracer.gc_policy = GcPolicy(collect=lambda: calls.append("collect"),
+                                  freeze=lambda: calls.append("freeze"),
+                                  unfreeze=lambda: calls.append("unfreeze"), freeze_after=8)
+    for i in range(10):
+        w.hold(100, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(10):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert calls == ["collect", "freeze"]
+    for i in range(9):          # seen gone by the map read, their CLOSED not (yet) taken
+        w.probe.leave(0x1000 + i, pid=100, comm="srv", lost=True)
+    w.step()
+    assert len(w.tracer.tracker.departed) == 9 and calls == ["collect", "freeze"]
+    w.step(6.0)                                     # idle: the grace ends
+    assert not w.tracer.tracker.departed and calls == ["collect", "freeze"]
+    w.probe.enter(0x2000, endpoints(31000), ago_s=0.0)      # the next change
+    w.step()
+    assert calls == ["collect", "freeze", "unfreeze", "collect"]
+
+
+def test_a_frozen_sockets_state_goes_when_it_leaves(tmp_path):
+    """With the real collector: the state the loop froze for the reported
+    sockets is freed, still frozen, when they leave (nothing of it is in a
+    cycle), without waiting for an unfreeze."""
+    import gc
+    w = World(tmp_path)
+    n = 300
+    for i in range(n):
+        w.hold(100 + i % 4, 30000 + i, 50000 + i, flush=False)
+    w.proc._flush(NETNS)
+    for i in range(n):
+        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.tracer.start()
+    gc.collect()
+    try:
+        w.tracer.gc_policy = GcPolicy(freeze_after=n)
+        w.step()
+        assert len(w.of("linger")) == n and w.tracer.gc_policy.freezes == 1
+        w.sink.records.clear()          # the test's own copies of the records
+        w.step()
+        frozen = gc.get_freeze_count()
+        gone = 2 * n // 3               # a third stays: not unfrozen (kept * 4 >= n)
+        for i in range(gone):
+            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        w.step()
+        w.step(6.0)
+        assert w.tracer.gc_policy.unfreezes == 0
+        assert len(w.tracer.tracker.by_skaddr) == n - gone
+        # Lingerer, Ownership, Holder, HolderEvidence, Diagnosis, lists: ~9 a socket.
+        freed = frozen - gc.get_freeze_count()
+        assert freed >= 5 * gone, (frozen, gc.get_freeze_count())
+    finally:
+        gc.unfreeze()
+        gc.collect()

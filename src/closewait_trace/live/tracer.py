@@ -32,6 +32,7 @@ from closewait_trace.sockets.tracker import Lingerer, Tracker
 from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
 from closewait_trace.evidence.worker import GatherFailed
+from closewait_trace.live.gcpolicy import GcPolicy
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
 POLL_BATCH = 4096
@@ -165,6 +166,8 @@ class LiveTracer:
         "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
         "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
     _gc_callback: Optional[Callable] = None
+    # Freezes the per-socket state after many were reported (live/gcpolicy.py).
+    gc_policy: GcPolicy = field(default_factory=GcPolicy)
     _gc_started: float = 0.0
 
     # ------------------------------------------------------------ plumbing
@@ -584,9 +587,18 @@ class LiveTracer:
             self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
+            self.gc_policy.reported(len(due))
         view = self.view(counters, now_ns)
         for sink in self.sinks:
             sink.tick(view)
+        if due or read_map:
+            # After the sinks (the metrics keep per-socket series), and
+            # never on an idle tick: live/gcpolicy.py.
+            # Departed sockets are kept DEPARTED_GRACE_NS more: counted, so
+            # that the unfreeze's collection does not walk them too.
+            self.gc_policy.after_change(len(self.tracker.by_skaddr)
+                                        + len(self.tracker.pre_existing)
+                                        + len(self.tracker.departed))
         elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
         if not due and not read_map:    # nothing changed: the steady-state cost
@@ -965,6 +977,8 @@ class LiveTracer:
     def summary(self) -> dict:
         stats = dict(self.tick_stats)
         stats["idle_mean_ms"] = stats.pop("idle_total_ms") / max(1, stats["idle_ticks"])
+        stats["gc_freezes"] = self.gc_policy.freezes
+        stats["gc_unfreezes"] = self.gc_policy.unfreezes
         extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in stats.items()}}
         for sink in self.sinks:
