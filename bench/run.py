@@ -231,7 +231,7 @@ class Traced:
                 break
             self.lines += chunk.count(b"\n")
             self.last_line_at = time.monotonic()
-            if self.mode == "all":
+            if self.mode in ("all", "all-before"):
                 joined = carry + chunk
                 self.transitions += joined.count(mark)
                 # Keep what could start a mark, never a whole one (counted).
