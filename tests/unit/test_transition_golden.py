@@ -150,7 +150,7 @@ def test_random_events_write_what_records_transition_renders(zone, kind):
     """The fast path's arithmetic shortcuts (the "ts" value and the time
     cell made from the microseconds once per second, a duration's repr
     without round(), the clock cell reused within its second, escaping
-    checked once per batch) against the definition, records.transition()
+    applied per cell) against the definition, records.transition()
     rendered as the old path did, on 6,000 random events: times dense
     around microsecond and second edges, in and out of [2**30, 2**31) s,
     durations of every size, hostile commands in some batches."""
@@ -206,10 +206,11 @@ def data_offset() -> int:
     return 1_000_000_000_000
 
 
-def test_the_batch_escape_check_escapes_what_safe_line_escapes(monkeypatch):
-    """safe_line is checked once per batch: a control character that
-    reaches a text line unescaped (here through an owner cell made to skip
-    its escaping) is still escaped, in its line only, as line by line."""
+def test_cells_made_safe_once_escape_what_safe_line_escapes(monkeypatch):
+    """safe_line is applied to each cell once, when it is made, not to
+    every line: a control character that reaches a text line unescaped
+    (here through an owner cell made to skip its escaping) is still
+    escaped, as safe_line of the whole line would."""
     import ctypes
     from closewait_trace.output import textsafe
     monkeypatch.setattr(render, "who", lambda p: f"{p['pid']}/{p['comm']}")

@@ -233,11 +233,6 @@ def width_of_escaped(text: str) -> int:
     return sum(_char_width(ch) if ord(ch) >= 0x7f else 1 for ch in text)
 
 
-def unsafe_free(text: str) -> bool:
-    """Nothing in text that safe_line would escape."""
-    return _UNSAFE.search(text) is None
-
-
 def safe_line(line: str) -> str:
     """The last line of defence, applied to every finished text line: a
     control, format or separator character that reached it through a field

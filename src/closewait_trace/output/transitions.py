@@ -276,7 +276,7 @@ class TextLines:
     def _pair(self, pair: int) -> tuple:
         """(old << 8 | new) -> (the EVENT cell, its task named?, LISTEN->SYN_RECV?)."""
         old, new = pair >> 8, pair & 0xff
-        hit = (self._event(old, new), (old, new) in _IN_PROCESS,
+        hit = (textsafe.safe_line(self._event(old, new)), (old, new) in _IN_PROCESS,
                old == _LISTEN and new == _SYN_RECV)
         self._pairs[pair] = hit             # at most 65,536 pairs
         return hit
@@ -285,7 +285,8 @@ class TextLines:
         key = (pid, raw)
         cell = self._owner.get(key)
         if cell is None:
-            cell = self.r._owner(render.who({"pid": pid, "comm": comm_text(raw)}))
+            cell = textsafe.safe_line(
+                self.r._owner(render.who({"pid": pid, "comm": comm_text(raw)})))
             _bounded(self._owner)[key] = cell
         return cell
 
@@ -301,6 +302,7 @@ class TextLines:
         # padded cell is reused without rounding nor calling Clock.cell.
         per_second = clock.style == "clock"
         pad = textsafe.pad
+        safe = textsafe.safe_line
         endpoint = self._endpoint
         pairs = self._pairs
         pair_of = self._pair
@@ -316,8 +318,8 @@ class TextLines:
             if not low <= x < high:
                 ts = round(x, 6)
                 cell, before = cell_of(ts)
-                out.extend(before)
-                padded_cell = pad(cell, clock_width)
+                out.extend(map(safe, before))
+                padded_cell = safe(pad(cell, clock_width))
                 if per_second and clock._second is not None and clock._second == int(ts) >= 0:
                     # round(x, 6) stays in this second below second + 0.9999995.
                     low, high = float(clock._second), clock._second + 0.9999994
@@ -336,9 +338,9 @@ class TextLines:
                 family = key[4]
                 local = endpoint(family, key[0], key[2])
                 if listen_syn and key[3] == 0:
-                    ends = f"{local} {no_peer}"
+                    ends = safe(f"{local} {no_peer}")
                 else:
-                    ends = f"{local} {endpoint(family, key[1], key[3])}"
+                    ends = safe(f"{local} {endpoint(family, key[1], key[3])}")
                     _bounded(conn)[key] = ends
             d = row[R_DURATION]
             if d:
@@ -348,12 +350,10 @@ class TextLines:
                 age = "?"
             owner = task(row[R_PID], row[R_COMM]) if in_process else "-"
             append(f"{padded_cell} {event} {ends} {age:>8} {owner}")
-        # textsafe.safe_line of every line, at once: what it escapes is
-        # one character at a time, so a batch with nothing to escape (the
-        # lines joined without their newlines) leaves every line as it is.
-        whole = "".join(out)
-        if whole.isascii() and whole.isprintable() or textsafe.unsafe_free(whole):
-            out.append("")
-            return "\n".join(out)
-        safe = textsafe.safe_line
-        return "".join([safe(line) + "\n" for line in out])
+        # textsafe.safe_line of every line: it escapes character by
+        # character (safe_line(a + b) == safe_line(a) + safe_line(b)), so
+        # each cell is made safe once, when it is made (the clock cell, the
+        # date line, EVENT, both endpoints, OWNER); the rest (the age, "?",
+        # "-", spaces) is printable ASCII.
+        out.append("")
+        return "\n".join(out)
