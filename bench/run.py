@@ -180,9 +180,14 @@ class Traced:
                 # copying the reader's stack costs. In bench/churn.c every
                 # connection's server reads EOF, so every one is captured.
                 env = dict(env, CLOSEWAIT_TRACE_FORCE="noeof")
-        elif mode == "all":
+        elif mode in ("all", "all-before"):
             cmd = TRACER + ["--all", "--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
+            if mode == "all-before":
+                # The same, from another tree (CLOSEWAIT_BENCH_BEFORE: a
+                # checkout of the code before a change, its src/ and bpf/),
+                # for before/after side by side in one run.
+                env = dict(env, PYTHONPATH=os.path.join(os.environ["CLOSEWAIT_BENCH_BEFORE"], "src"))
         elif mode == "empty":
             # The floor: an empty program on the same tracepoint. What it
             # costs is the tracepoint's own price, paid by any tracer of it.
@@ -226,7 +231,7 @@ class Traced:
                 break
             self.lines += chunk.count(b"\n")
             self.last_line_at = time.monotonic()
-            if self.mode == "all":
+            if self.mode in ("all", "all-before"):
                 joined = carry + chunk
                 self.transitions += joined.count(mark)
                 # Keep what could start a mark, never a whole one (counted).
@@ -451,7 +456,8 @@ def sweep_markdown(sweep: dict) -> str:
     """One row per rate and round; then each tracer's highest rate with no
     event lost in any round, and their ratio."""
     modes = list(sweep)
-    names = {"all": "closewait-trace --all", "tcpstates": "tcpstates-bpfcc"}
+    names = {"all": "closewait-trace --all", "all-before": "--all before",
+             "tcpstates": "tcpstates-bpfcc"}
     out = ["| round | conn/s asked | " + " | ".join(
         f"{names.get(m, m)}: achieved conn/s, written, lost, lag s, us/event" for m in modes) + " |",
         "|---|---|" + "---|" * len(modes)]
@@ -712,6 +718,7 @@ def markdown(churn: dict, scale: list, args) -> str:
                 "|---|---|---|---|---|---|---|---|"]
         names = {"none": "no tracer", "empty": "empty BPF program (floor)",
                  "default": "closewait-trace", "all": "closewait-trace --all",
+                 "all-before": "closewait-trace --all, before (CLOSEWAIT_BENCH_BEFORE)",
                  "tcpstates": "tcpstates-bpfcc",
                  "default-nobtf": "closewait-trace, namespaces not read (nobtf)",
                  "default-noeof": "closewait-trace, EOF reads not captured (noeof)"}
@@ -772,9 +779,11 @@ def main() -> int:
     modes = ["none", "empty", "default", "all"]
     if not args.no_tcpstates and os.path.exists(TCPSTATES):
         modes.append("tcpstates")
+    extra = ["default-nobtf", "default-noeof"]
+    if os.environ.get("CLOSEWAIT_BENCH_BEFORE"):
+        extra.append("all-before")      # --modes all-before,all,tcpstates
     if args.modes:
-        modes = [m for m in args.modes.split(",")
-                 if m in modes + ["default-nobtf", "default-noeof"]]
+        modes = [m for m in args.modes.split(",") if m in modes + extra]
     churn = {}
     if args.what in ("all", "churn"):
         setup_netns()
@@ -788,7 +797,7 @@ def main() -> int:
         try:
             print(f"load average at start: {load_average()}", file=sys.stderr)
             sweep = sweep_bench([int(r) for r in args.rates.split(",")], args.seconds,
-                                [m for m in modes if m in ("all", "tcpstates")],
+                                [m for m in modes if m in ("all", "all-before", "tcpstates")],
                                 args.clients, args.servers, rounds=args.rounds)
         finally:
             teardown_netns()

@@ -15,6 +15,7 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 from __future__ import annotations
 
 import gc
+import operator
 import os
 import signal
 import time
@@ -33,6 +34,10 @@ from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
 from closewait_trace.evidence.worker import GatherFailed
 from closewait_trace.live.gcpolicy import GcPolicy
+
+_ROWS_ONLY = {tuple}
+_TRANSITIONS_ONLY = {KIND_TRANSITION}
+_kind_of = operator.itemgetter(R_KIND)
 
 # Events taken per poll before returning to the main loop (ticks, Ctrl-C).
 POLL_BATCH = 4096
@@ -499,6 +504,12 @@ class LiveTracer:
                 self.pending[:0] = events[start:]
                 return
             chunk = events[start:start + DRAIN_CHUNK]
+            # --all under load: a chunk of transitions only (rows, not
+            # KernelEvents), told by two passes in C rather than a Python
+            # loop over its events.
+            if set(map(type, chunk)) == _ROWS_ONLY and set(map(_kind_of, chunk)) == _TRANSITIONS_ONLY:
+                self._transitions(chunk, offset, fast, slow)
+                continue
             run_from = None
             for i, ev in enumerate(chunk):
                 if type(ev) is tuple and ev[R_KIND] == KIND_TRANSITION:

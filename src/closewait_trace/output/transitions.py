@@ -37,6 +37,26 @@ CACHE_MAX = 4096            # entries per text cache; cleared when full
 assert (R_SADDR, R_DADDR, R_SPORT, R_DPORT, R_FAMILY) == tuple(range(R_SADDR, R_FAMILY + 1))
 
 
+# A duration of d ns is written as repr(round(d / 1e9, 9)); below 4e15 ns
+# (d / 1e9 < 2**22, where a double's spacing is under 1e-9) the rounding
+# gives back d / 1e9 itself: d / 1e9 is the double nearest d * 1e-9, which
+# is the 9-place decimal round() rounds to. (Checked in
+# tests/unit/test_transition_golden.py on random and edge values; above
+# the bound round() is kept: not shown to be a no-op there.)
+_DURATION_EXACT = 4 * 10**15
+
+
+def _exact_second(whole: float) -> bool:
+    """Within a second of [2**30, 2**31) a double's spacing is 2**-22 s:
+    fractions times 1e6 are k * 15625 / 65536, so round(frac * 1e6) ties
+    exactly where the exact product does and otherwise lies at least
+    1/65536 from a tie: it is the microsecond round(ts, 6) rounds to (half
+    to even, on the exact value); and each 6-place decimal there has its
+    own double, whose shortest repr is that decimal without trailing
+    zeros. So repr(round(ts, 6)) is f"{int(whole)}.{us:06d}" stripped."""
+    return 1073741824.0 <= whole < 2147483647.0
+
+
 class WallClock:
     """records.wall_time(ts) for increasing timestamps: the text up to the
     second (and the zone's offset) is made once per second, the
@@ -150,34 +170,46 @@ class JsonLines:
         p0, p1, p2, p3, p4, p5 = self._p
         task_head, task_mid = self._task_head, self._task_mid
         modf = math.modf
-        last_whole = last_hour = None
-        head = tail = ""
+        last_whole = None
+        head = tail = whole_dot = ""
         for r in rows:
             ts = (r[R_TS] + offset_ns) / 1e9
             # WallClock.text(ts), inline: the text up to the second made
-            # once per second.
+            # once per second. Within a second of [2**30, 2**31) (2004 to
+            # 2038) the "ts" value's repr(round(ts, 6)) is made from the
+            # same microseconds (_exact_second says why).
             frac, whole = modf(ts)
             us = round(frac * 1e6)
-            hour = ts // 3600
-            if us >= 1_000_000 or us < 0 or whole != last_whole or hour != last_hour:
+            if whole != last_whole or us >= 1_000_000 or us < 0:
                 time_text = clock.text(ts)
-                if 0 <= us < 1_000_000:
-                    last_whole, last_hour = whole, hour
+                ts_text = repr(round(ts, 6))
+                if 0 <= us < 1_000_000 and _exact_second(whole):
+                    last_whole = whole
                     head, tail = clock._head, clock._tail
+                    whole_dot = f"{int(whole)}."
+                else:
+                    last_whole = None
             else:
-                time_text = f"{head}{us:06d}{tail}"
+                u = f"{us:06d}"
+                time_text = f"{head}{u}{tail}"
+                ts_text = f"{whole_dot}{u.rstrip('0') or '0'}"
             key = r[R_SADDR:R_FAMILY + 1]
             ends = conn.get(key)
             if ends is None:
                 ends = endpoints(key)
             states, in_process, listen_syn = pairs[r[R_OLD] << 8 | r[R_NEW]]
             d = r[R_DURATION]
-            prev = repr(round(d / 1e9, 9)) if d else "null"
+            if not d:
+                prev = "null"
+            elif d < _DURATION_EXACT:
+                prev = repr(d / 1e9)
+            else:
+                prev = repr(round(d / 1e9, 9))
             if in_process:
                 task = f'{task_head}{r[R_PID]}{task_mid}{task_comm(r[R_COMM])}}}'
             else:
                 task = "null"
-            append(f'{p0}{round(ts, 6)!r}{p1}{time_text}{p2}{ends}{states}{p3}{prev}{p4}{task}'
+            append(f'{p0}{ts_text}{p1}{time_text}{p2}{ends}{states}{p3}{prev}{p4}{task}'
                    f'{p5}{"false" if listen_syn and r[R_DPORT] == 0 else "true"}}}\n')
         return out
 
@@ -211,6 +243,7 @@ class TextLines:
         self._owner: dict = {}      # (pid, raw comm) -> OWNER cell
         self._conn: dict = {}       # (saddr, daddr, sport, dport, family) -> both
                                     #   endpoint cells
+        self._pairs: dict = {}      # old << 8 | new -> _pair()
 
     def _endpoint(self, family: int, raw: bytes, port: int) -> str:
         """render.hostport(address, port, the column) padded to the column.
@@ -240,11 +273,20 @@ class TextLines:
             _bounded(self._change)[(old, new)] = cell
         return cell
 
+    def _pair(self, pair: int) -> tuple:
+        """(old << 8 | new) -> (the EVENT cell, its task named?, LISTEN->SYN_RECV?)."""
+        old, new = pair >> 8, pair & 0xff
+        hit = (textsafe.safe_line(self._event(old, new)), (old, new) in _IN_PROCESS,
+               old == _LISTEN and new == _SYN_RECV)
+        self._pairs[pair] = hit             # at most 65,536 pairs
+        return hit
+
     def _task(self, pid: int, raw: bytes) -> str:
         key = (pid, raw)
         cell = self._owner.get(key)
         if cell is None:
-            cell = self.r._owner(render.who({"pid": pid, "comm": comm_text(raw)}))
+            cell = textsafe.safe_line(
+                self.r._owner(render.who({"pid": pid, "comm": comm_text(raw)})))
             _bounded(self._owner)[key] = cell
         return cell
 
@@ -254,43 +296,64 @@ class TextLines:
         clock = r.clock
         cell_of = clock.cell
         clock_width = clock.width
+        # The clock style's cell changes only with the whole second
+        # (Clock.cell caches it so): while an event's time, rounded to the
+        # microsecond, stays within the second of the last cell made, the
+        # padded cell is reused without rounding nor calling Clock.cell.
+        per_second = clock.style == "clock"
         pad = textsafe.pad
         safe = textsafe.safe_line
         endpoint = self._endpoint
-        event = self._event
+        pairs = self._pairs
+        pair_of = self._pair
         task = self._task
         no_peer = pad(render.PEER_NOT_GIVEN, w)
         conn = self._conn
         out = []
         append = out.append
-        last_cell = padded_cell = None
+        padded_cell = None
+        low = high = 0.0            # [low, high): times whose cell is padded_cell
         for row in rows:
-            ts = round((row[R_TS] + offset_ns) / 1e9, 6)
-            cell, before = cell_of(ts)
-            for line in before:
-                append(safe(line) + "\n")
-            if cell is not last_cell:
-                last_cell, padded_cell = cell, pad(cell, clock_width)
-            old, new = row[R_OLD], row[R_NEW]
+            x = (row[R_TS] + offset_ns) / 1e9
+            if not low <= x < high:
+                ts = round(x, 6)
+                cell, before = cell_of(ts)
+                out.extend(map(safe, before))
+                padded_cell = safe(pad(cell, clock_width))
+                if per_second and clock._second is not None and clock._second == int(ts) >= 0:
+                    # round(x, 6) stays in this second below second + 0.9999995.
+                    low, high = float(clock._second), clock._second + 0.9999994
+                else:
+                    low = high = 0.0
+            pair = row[R_OLD] << 8 | row[R_NEW]
+            hit = pairs.get(pair)
+            if hit is None:
+                hit = pair_of(pair)
+            event, in_process, listen_syn = hit
             # Both endpoint cells, once per connection (its transitions
             # share them), except where the kernel gave no peer.
             key = row[R_SADDR:R_FAMILY + 1]
             ends = conn.get(key)
-            if ends is None or (old == _LISTEN and new == _SYN_RECV and key[3] == 0):
+            if ends is None or (listen_syn and key[3] == 0):
                 family = key[4]
                 local = endpoint(family, key[0], key[2])
-                if old == _LISTEN and new == _SYN_RECV and key[3] == 0:
-                    ends = f"{local} {no_peer}"
+                if listen_syn and key[3] == 0:
+                    ends = safe(f"{local} {no_peer}")
                 else:
-                    ends = f"{local} {endpoint(family, key[1], key[3])}"
+                    ends = safe(f"{local} {endpoint(family, key[1], key[3])}")
                     _bounded(conn)[key] = ends
             d = row[R_DURATION]
             if d:
-                s = round(d / 1e9, 9)
+                s = d / 1e9 if d < _DURATION_EXACT else round(d / 1e9, 9)
                 age = format_age(int(min(s, 1e12) * 1e9))
             else:
                 age = "?"
-            owner = task(row[R_PID], row[R_COMM]) if (old, new) in _IN_PROCESS else "-"
-            line = f"{padded_cell} {event(old, new)} {ends} {age:>8} {owner}"
-            append(safe(line) + "\n")
-        return "".join(out)
+            owner = task(row[R_PID], row[R_COMM]) if in_process else "-"
+            append(f"{padded_cell} {event} {ends} {age:>8} {owner}")
+        # textsafe.safe_line of every line: it escapes character by
+        # character (safe_line(a + b) == safe_line(a) + safe_line(b)), so
+        # each cell is made safe once, when it is made (the clock cell, the
+        # date line, EVENT, both endpoints, OWNER); the rest (the age, "?",
+        # "-", spaces) is printable ASCII.
+        out.append("")
+        return "\n".join(out)
