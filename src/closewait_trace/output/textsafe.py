@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 ELLIPSIS = "\u2026"     # every cut shows it
 
+# What width_of_escaped weighs one by one: DEL and everything above ASCII.
+_WIDE_CANDIDATE = re.compile("[^\x00-\x7e]")
 # Characters that need no look at all: printable ASCII without the backslash.
 _PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
 # What the final safety pass over a whole line escapes (the backslash is not
@@ -230,7 +232,10 @@ def width_of_escaped(text: str) -> int:
     """Columns of a text that is already safe (escaped): no escapes to add."""
     if text.isascii():
         return len(text)
-    return sum(_char_width(ch) if ord(ch) >= 0x7f else 1 for ch in text)
+    # Mostly ASCII (a line cut with its ellipsis): weigh only the others,
+    # not every character through a generator (81 per snapshot row).
+    odd = _WIDE_CANDIDATE.findall(text)
+    return len(text) - len(odd) + sum(_char_width(ch) for ch in odd)
 
 
 def safe_line(line: str) -> str:
