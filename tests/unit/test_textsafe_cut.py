@@ -3,6 +3,8 @@
 safe_line (ASCII checked by isprintable, not the regex). The snapshot's
 lines must not change for being made faster."""
 
+import json
+
 from hypothesis import given, settings, strategies as st
 
 from closewait_trace.output import textsafe
@@ -76,3 +78,24 @@ def test_width_weighs_only_the_characters_above_ascii(text):
     width for any text (wide, combining, DEL next to non-ASCII)."""
     for t in (text, text + textsafe.ELLIPSIS, "a\x7f\u4e2d\u0301" + text):
         assert textsafe.width_of_escaped(t) == width_by_every_character(t)
+
+
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSONISH, st.sampled_from([{}, {"check_circular": False}, {"separators": (",", ":")},
+                                  {"separators": [",", ":"]}, {"sort_keys": True}]))
+def test_json_dumps_with_a_kept_encoder_is_json_dumps(value, options):
+    """json_dumps keeps one encoder per set of options: the text is
+    json.dumps' (NaN and infinities as null), options given as a list too."""
+    try:
+        expected = json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        expected = json.dumps(textsafe.finite(value), allow_nan=False, **options)
+    assert textsafe.json_dumps(value, **options) == expected
+    assert textsafe.json_dumps(value, **options) == expected      # the kept one
