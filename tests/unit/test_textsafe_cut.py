@@ -3,6 +3,8 @@
 safe_line (ASCII checked by isprintable, not the regex). The snapshot's
 lines must not change for being made faster."""
 
+import json
+
 from hypothesis import given, settings, strategies as st
 
 from closewait_trace.output import textsafe
@@ -58,3 +60,42 @@ def test_safe_line_shortcut_is_the_search(line):
     assert textsafe.safe_line(line) == safe_line_by_search(line)
     ascii_controls = "".join(map(chr, range(0x20))) + "\x7f"
     assert all(textsafe.safe_line(c) != c for c in ascii_controls)
+
+
+def width_by_every_character(text: str) -> int:
+    """width_of_escaped as it was: every character of a non-ASCII text
+    weighed in turn (DEL and above through _char_width, the rest 1)."""
+    if text.isascii():
+        return len(text)
+    return sum(textsafe._char_width(ch) if ord(ch) >= 0x7f else 1 for ch in text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_ANY, _ASCII))
+def test_width_weighs_only_the_characters_above_ascii(text):
+    """A snapshot's diagnosis line cut with its ellipsis is 80 characters
+    of ASCII and one other: only that one is weighed now, with the same
+    width for any text (wide, combining, DEL next to non-ASCII)."""
+    for t in (text, text + textsafe.ELLIPSIS, "a\x7f\u4e2d\u0301" + text):
+        assert textsafe.width_of_escaped(t) == width_by_every_character(t)
+
+
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSONISH, st.sampled_from([{}, {"check_circular": False}, {"separators": (",", ":")},
+                                  {"separators": [",", ":"]}, {"sort_keys": True}]))
+def test_json_dumps_with_a_kept_encoder_is_json_dumps(value, options):
+    """json_dumps keeps one encoder per set of options: the text is
+    json.dumps' (NaN and infinities as null), options given as a list too."""
+    try:
+        expected = json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        expected = json.dumps(textsafe.finite(value), allow_nan=False, **options)
+    assert textsafe.json_dumps(value, **options) == expected
+    assert textsafe.json_dumps(value, **options) == expected      # the kept one

@@ -14,6 +14,7 @@ textsafe.safe_line, so that nothing reaches the terminal raw.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -273,6 +274,13 @@ def _age_kind(kind: str) -> str:
 
 # ---------------------------------------------------------------- rows
 
+@functools.lru_cache(maxsize=512)
+def _cut_diagnosis(text: str, columns: int, indent: str) -> str:
+    """A diagnosis line cut to its columns: the same few texts for thousands
+    of sockets of one holder (a snapshot), cut once each."""
+    return indent + textsafe.cut(text, columns)
+
+
 class TextRenderer:
     def __init__(self, wide: bool = False, verbose: bool = False,
                  time_format: str = "clock", replay: Optional[ReplaySource] = None):
@@ -358,6 +366,13 @@ class TextRenderer:
         local, remote = endpoints
         if rec.get("peer_known") is False:
             remote = PEER_NOT_GIVEN         # not 0.0.0.0:0 as if that were the peer
+        tw, ew, aw = widths[TIME_COLUMN.label], widths[EVENT_COLUMN.label], widths[AGE_COLUMN.label]
+        lw, rw = widths[LOCAL_COLUMN.label], widths[REMOTE_COLUMN.label]
+        if None not in (tw, ew, lw, rw, aw) and f"{cell}{local}{remote}{age}".isascii():
+            # The common row: escaped ASCII cells, a column per character,
+            # so format's padding is pad's (the loop below, for the others).
+            return before + [f"{cell:<{tw}} {event:<{ew}} {local:<{lw}} {remote:<{rw}} "
+                             f"{age:>{aw}} {owner}"]
         cells = {TIME_COLUMN.label: cell, EVENT_COLUMN.label: event,
                  LOCAL_COLUMN.label: local, REMOTE_COLUMN.label: remote,
                  AGE_COLUMN.label: age, OWNER_COLUMN.label: owner}
@@ -509,7 +524,7 @@ class TextRenderer:
                 # All of it, wrapped to 80 columns (-v is read, not grepped).
                 lines.extend(indent + l for l in prose(text, LINE - len(indent)))
             else:
-                lines.append(indent + textsafe.cut(text, LINE - len(indent)))
+                lines.append(_cut_diagnosis(text, LINE - len(indent), indent))
         else:
             text = ""
         lines.extend(code_lines(rec, self.verbose, shown=text))
