@@ -9,25 +9,7 @@ import os
 import socket
 import sys
 
-
-def _snapshot_worker_first() -> None:
-    """`closewait-trace snapshot ...` run as a command: its gathering worker
-    (a new interpreter, evidence/worker.py) is started before this module's
-    own imports (click, the renderer: about 0.1 s), so that its start-up is
-    not on the way to the first socket read. The same worker as before,
-    started sooner: if the options turn out wrong, it ends with this
-    process (its stdin closes; PR_SET_PDEATHSIG)."""
-    if sys.argv[1:2] != ["snapshot"] or not {"-h", "--help"}.isdisjoint(sys.argv):
-        return
-    if os.path.basename(sys.argv[0]) not in ("closewait-trace", "__main__.py"):
-        return                              # imported by a test, a script...
-    from closewait_trace.live import early
-    early.start_worker()
-
-
-_snapshot_worker_first()
-
-import click  # noqa: E402 (after the snapshot's worker is started)
+import click
 
 from closewait_trace import __version__
 from closewait_trace.output import render, textsafe

@@ -216,15 +216,11 @@ def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: in
     import gc
 
     from closewait_trace.evidence.worker import GatherWorker
-    from closewait_trace.live import early
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    # Started first, so that its start-up overlaps ours (imports, filters);
-    # run as a command, before the CLI's imports (early.py).
-    gatherer = early.take_worker()
-    if gatherer is None:
-        gatherer = GatherWorker()
-        gatherer.start()
+    # Started first, so that its start-up overlaps ours (imports, filters).
+    gatherer = GatherWorker()
+    gatherer.start()
     # One pass that keeps every object it makes to the end: the cyclic
     # collector would only walk them again and again (a third of the cost
     # of the records and of their text with 10,000 sockets), finding nothing.
