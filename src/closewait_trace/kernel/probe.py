@@ -453,6 +453,32 @@ def _release_compiler_memory() -> None:
     drop_compiler_pages()
 
 
+CLONE_FS = 0x00000200
+
+
+def own_working_directory() -> bool:
+    """Give the calling thread a working directory of its own (not the
+    main thread: it is the process's), so that a chdir() in it (bcc's
+    compile, into the kernel header tree) moves only it. Unprivileged;
+    False where it is refused (a seccomp filter) or in the main thread."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.unshare.argtypes = (ctypes.c_int,)
+        return libc.unshare(CLONE_FS) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _wait_either(a, b, step: float = 0.05) -> bool:
+    """Wait until either event is set; True if `a` is."""
+    while not (a.is_set() or b.is_set()):
+        a.wait(step)
+    return a.is_set()
+
+
 # bcc 0.26 reads all of /proc/kallsyms at every compile (about 120,000
 # symbols into a hash table, then freed: 0.09 s here, a quarter of the
 # compile) for one answer: whether the kernel has bpf_probe_read_kernel
@@ -566,27 +592,49 @@ class KernelProbe:
     def transport(self) -> str:
         return self.features.transport
 
-    def load_in_background(self) -> None:
+    def load_in_background(self, own_cwd_only: bool = False) -> bool:
         """Compile, load and attach the program in a thread, while the
         caller does its own start-up (imports, the gathering worker):
         compiling is clang and LLVM in C, which leave the interpreter free
-        (about 0.3 s of the start's 0.5 s). start() waits for it; close()
-        too, and then unloads it. bcc's compile chdir()s the whole process
-        into the kernel header tree until it ends: the caller must have
-        opened every path relative to its directory before calling this."""
+        (about 0.25 s of the start's 0.45 s). start() waits for it; close()
+        too, and then unloads it. bcc's compile chdir()s into the kernel
+        header tree until it ends: the thread first takes a working
+        directory of its own (unshare(CLONE_FS)), and then that moves only
+        the thread. Where it cannot (a seccomp filter), it moves the whole
+        process: with own_cwd_only the load is then not started (False;
+        the caller opens its relative paths and calls again without it),
+        otherwise the caller must have opened every path relative to its
+        directory before calling this. True: the load is under way (or
+        done)."""
         if self.bpf is not None or self._loading is not None:
-            return
+            return True
         import threading
         self._loaded = threading.Event()
-        self._loading = threading.Thread(target=self._load_catching, name="bpf-load",
-                                         daemon=True)
+        own_cwd = threading.Event()
+        self._loading = threading.Thread(target=self._load_catching,
+                                         args=(own_cwd_only, own_cwd),
+                                         name="bpf-load", daemon=True)
         self._loading.start()
+        if not own_cwd_only:
+            return True
+        _wait_either(own_cwd, self._loaded)
+        if own_cwd.is_set():
+            return True
+        # Ended without loading (no working directory of its own).
+        self._loading.join()
+        self._loading = None
+        return False
 
-    def _load_catching(self) -> None:
+    def _load_catching(self, own_cwd_only: bool = False, own_cwd=None) -> None:
         try:
+            isolated = own_working_directory()
             # Only in this thread (its namespace ends with it): bcc's compile
             # then skips reading all of /proc/kallsyms (0.09 s).
             self.kallsyms_read = stand_in_kallsyms(self.features.probe_read_kernel)
+            if isolated and own_cwd is not None:
+                own_cwd.set()
+            elif own_cwd_only:
+                return                      # not loaded: the caller loads later
             self._load()
         except BaseException as exc:        # raised again by start(), in the caller
             self._load_error = exc
