@@ -336,21 +336,6 @@ def bcc_missing() -> None:
                         EXIT_NO_BCC, _NO_BCC_HINT)
 
 
-def import_bcc_in_background() -> None:
-    """Start loading bcc (libbcc, LLVM and clang: about 30 ms) in a thread,
-    while the caller reads its options and capabilities; import_bcc() then
-    finds it loaded, or says why it is not."""
-    import importlib
-    import threading
-
-    def load():
-        try:
-            importlib.import_module("bcc")
-        except Exception:
-            pass            # said by import_bcc(), in the caller's words
-    threading.Thread(target=load, name="bcc-import", daemon=True).start()
-
-
 def import_bcc():
     try:
         from bcc import BPF
