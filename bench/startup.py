@@ -97,6 +97,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root (it loads BPF programs)", file=sys.stderr)
         return 3
+    # The thread that reaps the tracer (run.Traced.stop) takes the time as
+    # soon as it has the interpreter: not after 5 ms of the output reader's.
+    sys.setswitchinterval(0.0005)
     srcs = args.src or [os.path.join(run.REPO, "src")]
     modes = args.modes.split(",")
     for m in modes:

@@ -234,3 +234,60 @@ def test_all_records_reserved_in_place_are_whole_when_the_ring_is_reused(listene
             assert 0 < r[R_DURATION] < 10**10, r
         if (r[R_OLD], r[R_NEW]) == (8, 9):        # our close(): our task
             assert r[R_PID] == os.getpid() and r[R_COMM].rstrip(b"\0") == comm, r
+
+
+def test_the_compile_thread_finds_a_one_line_kallsyms_and_the_process_the_real_one(
+        monkeypatch, listener):
+    """bcc 0.26 reads all of /proc/kallsyms at every compile (0.09 s here,
+    for one answer: has the kernel bpf_probe_read_kernel?). The background
+    load gives its thread a mount namespace of its own with a one-line file
+    there: what bcc reads in that thread is that line; the rest of the
+    process (and the system) still sees the real file, no mount of ours is
+    left in the process's namespace, bcc's chdir() into the header tree
+    does not move the process, and the program so compiled traces."""
+    from closewait_trace.kernel import probe as probe_module
+    import os
+
+    real_bpf = probe_module.import_bcc()
+    seen = {}
+
+    def bpf_seeing(**kwargs):
+        with open("/proc/kallsyms", "rb") as f:
+            seen["kallsyms"] = f.read()
+        os.chdir("/")                   # as bcc's compile does, into its header tree
+        return real_bpf(**kwargs)
+
+    monkeypatch.setattr(probe_module, "import_bcc", lambda: bpf_seeing)
+    kernel_headers.apply(kernel_headers.choose_headers())
+    here = os.getcwd()
+    port = listener.getsockname()[1]
+    probe = KernelProbe(ProbeConfig(threshold_ns=0, lports=(port,),
+                                    features=detect_features(environ={})))
+    events = []
+    probe.load_in_background()
+    try:
+        probe.start(lambda row: events.append(event_of_row(row)) and False)
+        assert seen["kallsyms"] == b"ffffffff81000000 T bpf_probe_read_kernel\n"
+        assert probe.kallsyms_read is None
+        with open("/proc/kallsyms", "rb") as f:
+            assert f.read().count(b"\n") > 1000       # the process: the real file
+        with open("/proc/self/mountinfo") as f:
+            mounts = f.read()
+        assert "cw-kallsyms" not in mounts and " /proc/kallsyms " not in mounts
+        assert os.getcwd() == here
+        churn(listener, 20)
+        drain(probe, events)
+        # Threshold 0: each server side's stay in CLOSE_WAIT is reported.
+        closed = [ev for ev in events if ev.kind == KIND_CLOSED]
+        assert len(closed) == 20 and {ev.endpoints.lport for ev in closed} == {port}
+    finally:
+        probe.close()
+
+
+def test_the_stand_in_is_never_made_in_the_main_thread():
+    """Its namespace lasts as long as the thread: in the main thread that is
+    the whole process, whose /proc/kallsyms must stay the real one."""
+    from closewait_trace.kernel.probe import stand_in_kallsyms
+    assert stand_in_kallsyms(True) == "not in the main thread"
+    with open("/proc/kallsyms", "rb") as f:
+        assert f.read().count(b"\n") > 1000

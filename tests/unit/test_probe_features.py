@@ -181,3 +181,26 @@ def test_at_the_exit_only_the_events_tracepoint_is_waited_for(monkeypatch):
     p.release_for_exit()
     assert fake.tracepoint_fds == {}
     all_closed(pipes)
+
+
+def test_a_thread_with_its_own_directory_moves_only_itself(tmp_path):
+    """bcc's compile chdir()s into the header tree; in the load's thread,
+    after own_working_directory(), that moves the thread and not the
+    process (whose relative paths: -w FILE, PYTHONPATH=src imports). In the
+    main thread it is never done: that directory is the process's."""
+    import os
+    import threading
+    here = os.getcwd()
+    seen = {}
+
+    def thread():
+        seen["own"] = probe.own_working_directory()
+        os.chdir(tmp_path)
+        seen["thread cwd"] = os.getcwd()
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join()
+    assert seen == {"own": True, "thread cwd": str(tmp_path)}
+    assert os.getcwd() == here
+    assert probe.own_working_directory() is False

@@ -117,6 +117,11 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
         # loop can abandon (evidence/worker.py).
         gatherer = GatherWorker()
         gatherer.start()
+        # The compile starts here when its thread has a working directory of
+        # its own (bcc's chdir() into the header tree then moves only that
+        # thread): the imports and the recording below overlap it (about
+        # 30 ms). Otherwise after them (below).
+        probe.load_in_background(own_cwd_only=True)
         from closewait_trace.live.tracer import LiveTracer, ProcResolver
         tracer = LiveTracer(config=config, socket_filter=socket_filter, probe=probe,
                             sinks=sinks, holder_filter=holder_filter,
@@ -141,11 +146,11 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
                                 **recording_options)
             recorder.open()
             sinks.append(RecordingSink(recorder, snapshot_s=snapshot_s))
-        # Only now: while bcc compiles it moves the whole process into the
-        # kernel header tree (chdir, undone at the end), so nothing in this
-        # thread may resolve a path relative to the user's directory until
-        # start() has waited for the load (a relative -w path, opened in the
-        # meantime, went into the header cache).
+        # If not started above, only now: bcc's compile would move the whole
+        # process into the kernel header tree (chdir, undone at the end), so
+        # nothing in this thread may resolve a path relative to the user's
+        # directory until start() has waited for the load (a relative -w
+        # path, opened in the meantime, went into the header cache).
         probe.load_in_background()
         tracer.headers = choice.describe()
         # After run(), main() ends the process at once (cli's quick exit).
