@@ -672,7 +672,7 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
                 "map_read_max_ms": cost.get("map_read_max_ms"),
                 "resolve_max_ms": cost.get("resolve_max_ms"),
-                "gc_max_ms": cost.get("gc_max_ms"), "gc_collections": cost.get("gc_collections")}
+                "gc_max_ms": cost.get("gc_max_ms"), "gc_total_ms": cost.get("gc_total_ms"), "gc_collections": cost.get("gc_collections")}
     finally:
         stop_all(clients + holders + [tracer])
 

@@ -188,10 +188,20 @@ def adopt_fds(pid: int, fds: list) -> int:
     return taken
 
 
+def owners_in_order(wanted: list, proc: str = procfs.PROC) -> list:
+    """owners.resolve's answer as a list in the order of wanted: the
+    caller has the Endpoints already, and pickling 100,000 of them back
+    as the answer's keys (and unpickling them in the loop) cost more
+    than a second at 100,000 sockets."""
+    resolved = owners.resolve(wanted, proc)
+    return [resolved[ep] for ep in wanted]
+
+
 CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "owners": owners.resolve,
+    "owners_in_order": owners_in_order,
     "holder_states": holder_states,
     "identity": identity.of_process,
     "process_evidence": process_evidence,

@@ -74,8 +74,10 @@ class ProcResolver:
                          progress_s=STALL_S)
 
     def owners(self, endpoints: list[Endpoints]) -> dict:
-        return self._run("owners", endpoints, self.proc, deadline_s=OWNERS_CAP_S,
-                         progress_s=STALL_S)
+        wanted = list(endpoints)
+        found = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,
+                          progress_s=STALL_S)
+        return dict(zip(wanted, found))
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
         """Reads every holder process of owns into cache (in the worker,
