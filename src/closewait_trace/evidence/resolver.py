@@ -75,8 +75,12 @@ class ProcResolver:
 
     def owners(self, endpoints: list[Endpoints]) -> dict:
         wanted = list(endpoints)
-        found = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,
-                          progress_s=STALL_S)
+        chunks = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,
+                           progress_s=STALL_S, stream=True)
+        found = [own for chunk in chunks for own in chunk]
+        if len(found) != len(wanted):
+            # Not a partial answer taken for a whole one: asked again.
+            raise GatherFailed(f"owners: {len(found)} answers for {len(wanted)} sockets")
         return dict(zip(wanted, found))
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
