@@ -339,7 +339,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
         # who makes thousands of namespaces delays nobody else's report.
         namespaces = {ns: pid for ns, pid in namespaces.items() if ns in in_namespaces}
     for netns, pid in namespaces.items():
-        rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
+        # Without tcp_info: only addresses, queues and inodes are used here.
+        rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
+                                times=False)
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints
