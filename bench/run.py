@@ -624,16 +624,23 @@ def stop_all(procs: list) -> None:
         p.wait()
 
 
-def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> dict:
+def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
+              own_ports: bool = False) -> dict:
+    """own_ports: the tracer watches the workload's ports only (-p each),
+    so that another user's sockets in CLOSE_WAIT on a shared machine are
+    not traced and reported with ours (they still cost the owner lookup,
+    which reads every socket table and every process's fds)."""
     groups = [per_process] * (total // per_process) + ([total % per_process] if total % per_process else [])
-    ports = []
+    ports = [free_port() for _ in groups] if own_ports else []
     holders, clients = [], []
-    tracer = subprocess.Popen(TRACER + ["--json", "-t", threshold, "-i", "500ms"],
+    filters = [arg for port in ports for arg in ("-p", str(port))]
+    tracer = subprocess.Popen(TRACER + ["--json", "-t", threshold, "-i", "500ms"] + filters,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = tracer.stdout.readline()
         assert first.startswith('{"type": "start"'), first
-        ports += [free_port() for _ in groups]
+        if not own_ports:
+            ports += [free_port() for _ in groups]
         closed_at = start_lingering(groups, ports, holders, clients)
         wanted = set(ports)
         reported = 0
@@ -684,7 +691,7 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s") -> d
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
                 "map_read_max_ms": cost.get("map_read_max_ms"),
                 "resolve_max_ms": cost.get("resolve_max_ms"),
-                "gc_max_ms": cost.get("gc_max_ms"), "gc_collections": cost.get("gc_collections")}
+                "gc_max_ms": cost.get("gc_max_ms"), "gc_total_ms": cost.get("gc_total_ms"), "gc_collections": cost.get("gc_collections")}
     finally:
         stop_all(clients + holders + [tracer])
 
@@ -770,6 +777,9 @@ def main() -> int:
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--sockets", default="1000,10000,100000")
     ap.add_argument("--no-tcpstates", action="store_true")
+    ap.add_argument("--own-ports", action="store_true",
+                    help="scale: trace the workload's ports only (-p), not other users' "
+                         "sockets in CLOSE_WAIT on a shared machine")
     ap.add_argument("--modes", help="churn: only these tracers (e.g. none,tcpstates; "
                                     "default-nobtf: without the namespace reads; "
                                     "default-noeof: without the EOF-read capture)")
@@ -809,7 +819,7 @@ def main() -> int:
             teardown_netns()
         print(f"Machine: {machine()}; load average at the end: {load_average()}")
         print(sweep_markdown(sweep))
-    scale = [scale_one(int(n)) for n in args.sockets.split(",")] \
+    scale = [scale_one(int(n), own_ports=args.own_ports) for n in args.sockets.split(",")] \
         if args.what in ("all", "scale") else []
     if churn or scale:
         print(markdown(churn, scale, args))

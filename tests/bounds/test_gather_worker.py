@@ -417,3 +417,28 @@ def test_the_worker_adopts_fds_and_holds_them_until_its_end():
     finally:
         os.close(r)
         g.close()
+
+
+def test_owners_of_many_sockets_come_back_in_chunks_each_to_its_socket(tmp_path, gatherer):
+    """The owner lookup answers in chunks (gathering.owners_in_order) in the
+    order asked: across chunk boundaries, every socket gets its own
+    ownership, once, through a real worker."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv")
+    asked = []
+    for i in range(23):
+        proc.tcp(100, 2, "127.0.0.1", 8000 + i, "127.0.0.1", 40000 + i, 8, 1000 + i)
+        proc.fd(100, 10 + i, 1000 + i)
+        asked.append(endpoints(40000 + i, 8000 + i))
+    asked.reverse()                         # not the table's order
+    chunks = gatherer.call("owners_in_order", asked, proc.root, 5, deadline_s=10, stream=True)
+    assert [len(c) for c in chunks] == [5, 5, 5, 5, 3]
+    # The tracer's call (one chunk of 8,192 here) and the one without a
+    # worker give the same.
+    resolver = ProcResolver(proc=proc.root, worker=gatherer)
+    found = resolver.owners(asked)
+    assert list(found) == asked
+    for ep, own in found.items():
+        i = ep.lport - 8000
+        assert own.inode == 1000 + i and [(h.pid, h.fd) for h in own.holders] == [(100, 10 + i)]
+    assert ProcResolver(proc=proc.root).owners(asked) == found

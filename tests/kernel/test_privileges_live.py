@@ -155,9 +155,15 @@ def test_holder_exiting_between_fd_scan_and_stat_read_is_a_missing_row(procs, mo
     real = os.readlink
     killed = []
 
+    def read_as_path(path, dir_fd=None):
+        # The scan reads each link relative to the open fd directory.
+        if dir_fd is None:
+            return path
+        return f"{real(f'/proc/self/fd/{dir_fd}')}/{path}"
+
     def racing(path, *args, **kwargs):
         value = real(path, *args, **kwargs)
-        if path == f"/proc/{child}/fd/{fd}" and not killed:
+        if read_as_path(path, kwargs.get("dir_fd")) == f"/proc/{child}/fd/{fd}" and not killed:
             killed.append(True)
             os.kill(child, signal.SIGKILL)
             # Gone from /proc as a process that can hold fds: a zombie has

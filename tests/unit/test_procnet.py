@@ -25,7 +25,7 @@ def test_real_procfs_under_another_path_is_asked_through_sock_diag(tmp_path, mon
     host_proc.symlink_to("/proc")
     calls = []
 
-    def fake_dump(states, ns_path=None):
+    def fake_dump(states, ns_path=None, with_info=True):
         calls.append((list(states), ns_path))
         return []
 

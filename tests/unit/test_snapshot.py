@@ -92,9 +92,9 @@ def test_one_table_read_per_namespace_inside_the_block(fake, monkeypatch):
     reads = []
     real = procnet._read_rows
 
-    def counting(pid, proc, states):
+    def counting(pid, proc, states, times=True):
         reads.append(sorted(states))
-        return real(pid, proc, states)
+        return real(pid, proc, states, times)
 
     monkeypatch.setattr(procnet, "_read_rows", counting)
     with procnet.one_read_per_namespace():

@@ -199,3 +199,50 @@ def test_sockdiag_request_and_reply_round_trip():
     err = struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -13)
     with pytest.raises(OSError):
         sockdiag.parse_messages(err)
+
+
+def test_a_dump_without_times_asks_no_tcp_info_and_keeps_queues_and_inode():
+    """The owner lookup dumps without tcp_info (it uses addresses, queues
+    and inodes only); a real socket in CLOSE_WAIT on this host, dumped
+    both ways."""
+    without = sockdiag.build_request(socket.AF_INET, [tcpstates.CLOSE_WAIT], with_info=False)
+    assert without[16 + 2] == 0         # idiag_ext: no INET_DIAG_INFO asked
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    held, _ = server.accept()
+    try:
+        client.sendall(b"hello")
+        client.close()
+        port = server.getsockname()[1]
+
+        def ours(**kw):
+            for _ in range(100):
+                rows = [r for r in sockdiag.tcp_sockets([tcpstates.CLOSE_WAIT], **kw)
+                        if r.endpoints.lport == port]
+                if rows:
+                    return rows[0]
+            raise AssertionError("not in CLOSE_WAIT")
+        timed, bare = ours(), ours(with_info=False)
+        assert timed.last_data_recv_ms is not None and bare.last_data_recv_ms is None
+        assert bare.last_ack_recv_ms is None
+        assert (bare.endpoints, bare.inode, bare.rx_queue) == (
+            timed.endpoints, timed.inode, timed.rx_queue)
+        assert bare.rx_queue == 6 and bare.inode == os.fstat(held.fileno()).st_ino
+    finally:
+        held.close()
+        server.close()
+
+
+def test_the_owner_lookup_reads_no_times(tmp_path, monkeypatch):
+    """owners.resolve asks procnet for rows without tcp_info times."""
+    from closewait_trace.sockets import owners, procnet
+    asked = []
+    monkeypatch.setattr(procnet, "tcp_rows",
+                        lambda pid, proc, states=None, times=True: asked.append(times) or [])
+    monkeypatch.setattr(procnet, "scan_network_namespaces", lambda proc: ({1: 10}, []))
+    from closewait_trace.kernel.events import Endpoints
+    owners.resolve([Endpoints(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2, 1)],
+                   str(tmp_path))
+    assert asked == [False]

@@ -74,8 +74,14 @@ class ProcResolver:
                          progress_s=STALL_S)
 
     def owners(self, endpoints: list[Endpoints]) -> dict:
-        return self._run("owners", endpoints, self.proc, deadline_s=OWNERS_CAP_S,
-                         progress_s=STALL_S)
+        wanted = list(endpoints)
+        chunks = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,
+                           progress_s=STALL_S, stream=True)
+        found = [own for chunk in chunks for own in chunk]
+        if len(found) != len(wanted):
+            # Not a partial answer taken for a whole one: asked again.
+            raise GatherFailed(f"owners: {len(found)} answers for {len(wanted)} sockets")
+        return dict(zip(wanted, found))
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
         """Reads every holder process of owns into cache (in the worker,

@@ -408,7 +408,9 @@ class GatherWorker:
             self._check_suspended(reads_memory)
             proc = self._proc if self._proc is not None and self._proc.poll() is None \
                 else self._start()
-            data = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            # The fast pickler: a batch of 100,000 sockets' Endpoints took
+            # 0.3-0.5 s to pickle field by field (dataclasses' __getstate__).
+            data = dumps((name, args, kwargs))
             try:
                 proc.stdin.write(_HEADER.pack(len(data)) + data)
                 proc.stdin.flush()

@@ -14,6 +14,7 @@ namespace is said as ambiguous, and no holder is named.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -143,13 +144,15 @@ _FDINFO_OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 FDINFO_LIMIT = 4096
 
 
-def _fd_cloexec(path: str) -> Optional[bool]:
-    """O_CLOEXEC from /proc/PID/fdinfo/FD (None when it cannot be read).
-    One read, when it holds the whole "flags:" line (the kernel writes it
-    second: "pos:\t0\nflags:\t02000002\n..."); else the file's first
-    FDINFO_LIMIT bytes read to their end, as procfs.read_bytes does."""
+def _fd_cloexec(path: str, dir_fd: Optional[int] = None) -> Optional[bool]:
+    """O_CLOEXEC from /proc/PID/fdinfo/FD (None when it cannot be read);
+    path relative to dir_fd when given (an open /proc/PID/fdinfo: one path
+    step per read instead of four). One read, when it holds the whole
+    "flags:" line (the kernel writes it second: "pos:\t0\nflags:\t02000002\n
+    ..."); else the file's first FDINFO_LIMIT bytes read to their end, as
+    procfs.read_bytes does."""
     try:
-        fd = os.open(path, _FDINFO_OPEN)
+        fd = os.open(path, _FDINFO_OPEN, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -165,7 +168,7 @@ def _fd_cloexec(path: str) -> Optional[bool]:
     if (at == 0 or (at > 0 and first[at - 1] == 0x0a)) and first.find(b"\n", at) > 0:
         return _cloexec_of(first)
     try:
-        return _cloexec_of(procfs.read_bytes(path, FDINFO_LIMIT))
+        return _cloexec_of(procfs.read_bytes(path, FDINFO_LIMIT, dir_fd=dir_fd))
     except procfs.ProcError:
         return None
 
@@ -205,6 +208,20 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
     return fd_dir, names
 
 
+@contextlib.contextmanager
+def _opened(directory: str):
+    """An fd on a /proc directory for the reads relative to it; raises
+    procfs's errors (AccessDenied, NoSuchProcess, ResourceExhausted...)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise procfs._error(directory, e) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
     """Every (process, fd) on each wanted socket inode. A process that exits
     while we look is a missing row; one we may not read is counted."""
@@ -217,23 +234,34 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
     for pid in procfs.pids(proc):
         try:
             fd_dir, names = _fd_table(pid, proc)
+            if not names:
+                continue
             matched: list[tuple[int, int, str]] = []
-            prefix = fd_dir + "/"
-            for name in names:
-                try:
-                    link = readlink(prefix + name)
-                except procfs.NoSuchProcess:
-                    continue                # that fd was closed meanwhile
-                if not link.startswith("socket:["):
-                    continue                # a file, a pipe...: never wanted
-                inode = socket_inode(link)
-                if inode is not None and inode in wanted and name.isdigit():
-                    matched.append((inode, int(name), link))
+            # Each link read relative to the open fd directory: one path
+            # step instead of four (/proc, the pid, fd, the fd), about a
+            # third of each read's cost with 100,000 fds.
+            with _opened(fd_dir) as dir_fd:
+                for name in names:
+                    try:
+                        link = readlink(name, dir_fd)
+                    except procfs.NoSuchProcess:
+                        continue                # that fd was closed meanwhile
+                    if not link.startswith("socket:["):
+                        continue                # a file, a pipe...: never wanted
+                    inode = socket_inode(link)
+                    if inode is not None and inode in wanted and name.isdigit():
+                        matched.append((inode, int(name), link))
             if not matched:
                 continue
             snap = batch.process(pid)
             fdinfo_dir = fd_dir[:-2] + "fdinfo"
-            cloexec = [_fd_cloexec(f"{fdinfo_dir}/{fd}") for _inode, fd, _link in matched]
+            try:
+                with _opened(fdinfo_dir) as info_fd:
+                    cloexec = [_fd_cloexec(str(fd), info_fd) for _inode, fd, _link in matched]
+            except procfs.ResourceExhausted:
+                raise
+            except procfs.ProcError:
+                cloexec = [None] * len(matched)     # as each read failing would say
             # The pid could have been reused between the fd scan and the
             # reads above: an inode is unique while its socket lives, so the
             # link still there after them proves this process holds it.
@@ -311,7 +339,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
         # who makes thousands of namespaces delays nobody else's report.
         namespaces = {ns: pid for ns, pid in namespaces.items() if ns in in_namespaces}
     for netns, pid in namespaces.items():
-        rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
+        # Without tcp_info: only addresses, queues and inodes are used here.
+        rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
+                                times=False)
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints

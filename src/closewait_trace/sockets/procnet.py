@@ -124,13 +124,15 @@ def one_read_per_namespace() -> Iterator[None]:
 
 
 def tcp_rows(pid: int, proc: str = procfs.PROC,
-             states: Optional[Iterable[int]] = None) -> list[TcpRow]:
+             states: Optional[Iterable[int]] = None, times: bool = True) -> list[TcpRow]:
     """The TCP sockets of the network namespace that pid lives in: from
     sock_diag when proc is a real procfs (filtered by state in the kernel,
-    listeners with their backlog, tcp_info times), else parsed from
-    /proc/PID/net/tcp*."""
+    listeners with their backlog, tcp_info times unless times is False),
+    else parsed from /proc/PID/net/tcp*. times=False is a hint for a caller
+    that does not use the times: inside one_read_per_namespace, where the
+    rows answer later callers too, they are read with them."""
     if _reused is None or states is None:
-        return _read_rows(pid, proc, states)
+        return _read_rows(pid, proc, states, times)
     wanted = frozenset(states)
     key = (proc, procfs.ns_inode(procfs.read_link(f"{proc}/{pid}/ns/net")) or ("pid", pid))
     known = _reused.get(key)
@@ -141,14 +143,15 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
     return rows
 
 
-def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]]) -> list[TcpRow]:
+def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]],
+               times: bool = True) -> list[TcpRow]:
     """Rows whose endpoints carry the inode of the namespace they were read
     in (0 when it could not be known)."""
     if states is not None and is_procfs(proc):
         ns_link = f"{proc}/{pid}/ns/net"
         same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
         try:
-            return sockdiag.tcp_sockets(states, None if same else ns_link)
+            return sockdiag.tcp_sockets(states, None if same else ns_link, times)
         except OSError as e:
             # Out of descriptors, /proc/PID/net/tcp cannot be opened either,
             # and an empty table would say every socket left CLOSE_WAIT.
