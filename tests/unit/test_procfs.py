@@ -136,9 +136,12 @@ def after_first_readlink(monkeypatch, link_path, action):
     real = os.readlink
     done = []
 
-    def racing(path, *args, **kwargs):
-        value = real(path, *args, **kwargs)
-        if path == link_path and not done:
+    def racing(path, *args, dir_fd=None, **kwargs):
+        value = real(path, *args, dir_fd=dir_fd, **kwargs)
+        # The scan reads each link relative to its open fd directory.
+        full = (os.path.join(real(f"/proc/self/fd/{dir_fd}"), path) if dir_fd is not None
+                else path)
+        if full == link_path and not done:
             done.append(True)
             action()
         return value
