@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -83,27 +82,8 @@ def one(total: int, scrape: float | None, per_process: int = 10_000) -> dict:
             scraper = Scraper(metrics_port, scrape)
             scraper.start()
         closed_at = bench.start_lingering(groups, ports, holders, clients)
-        lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
-                         daemon=True).start()
-        wanted, reported, last = set(ports), 0, closed_at
-        expected, checked = total, closed_at
-        while reported < expected and time.monotonic() < closed_at + 90:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() - checked > 2:
-                    expected = min(total, bench.ss_close_wait_count(ports))
-                    checked = time.monotonic()
-                continue
-            if not line:
-                break
-            if line.startswith('{"type": "linger"'):
-                m = bench.LPORT.search(line)
-                if m and int(m.group(1)) in wanted:
-                    reported += 1
-                    last = time.monotonic()
-        report_s = last - closed_at
+        lines, reported, _with_owners, report_s = bench.follow_reports(
+            tracer, ports, total, closed_at, 90)
         time.sleep(5.0)                    # idle ticks, scraped, with N lingering
         rss = bench.rss_kb(tracer.pid, "VmHWM")
         if scraper:

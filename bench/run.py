@@ -546,6 +546,42 @@ def ss_close_wait_count(ports) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
+def follow_reports(tracer, ports, total: int, closed_at: float, limit_s: float) -> tuple:
+    """Read the tracer's JSON lines (in a thread, into a queue) and count its
+    linger records on ports until every socket the workload really left in
+    CLOSE_WAIT (ss, not what it asked for: at 100,000 a few connections do
+    not stay there) is reported, its output ends, or limit_s after
+    closed_at. Returns (the queue, which goes on filling: stop_for_summary
+    reads the summary from it; reported; reported with owners; seconds
+    from closed_at to the last report)."""
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
+                     daemon=True).start()
+    wanted = set(ports)
+    reported = owners_ok = 0
+    last = checked = closed_at
+    expected = total
+    while reported < expected and time.monotonic() < closed_at + limit_s:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if time.monotonic() - checked > 2:
+                expected = min(total, ss_close_wait_count(ports))
+                checked = time.monotonic()
+            continue
+        if not line:
+            break
+        if line.startswith('{"type": "linger"'):
+            # Parsing 100k records of ~6 KB would make this reader, not
+            # the tracer, the bottleneck: pick out the two fields cheaply.
+            m = LPORT.search(line)
+            if m and int(m.group(1)) in wanted:
+                reported += 1
+                owners_ok += '"owners": [{"pid"' in line
+                last = time.monotonic()
+    return lines, reported, owners_ok, last - closed_at
+
+
 def bpf_map_memory(pid: int) -> int:
     """Bytes the kernel charges for the tracer's BPF maps (fdinfo memlock)."""
     total = 0
@@ -642,38 +678,9 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
         if not own_ports:
             ports += [free_port() for _ in groups]
         closed_at = start_lingering(groups, ports, holders, clients)
-        wanted = set(ports)
-        reported = 0
-        owners_ok = 0
-        last = closed_at
-        deadline = closed_at + 60
-        lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
-                         daemon=True).start()
         summary = None
-        # What the workload really left in CLOSE_WAIT (ss), not what it asked
-        # for: at 100,000, a few connections (1-8 here) do not stay there.
-        expected = total
-        checked = closed_at
-        while reported < expected and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() - checked > 2:
-                    expected = min(total, ss_close_wait_count(ports))
-                    checked = time.monotonic()
-                continue
-            if not line:
-                break
-            if line.startswith('{"type": "linger"'):
-                # Parsing 100k records of ~6 KB would make this reader, not
-                # the tracer, the bottleneck: pick out the two fields cheaply.
-                m = LPORT.search(line)
-                if m and int(m.group(1)) in wanted:
-                    reported += 1
-                    owners_ok += '"owners": [{"pid"' in line
-                    last = time.monotonic()
-        report_s = last - closed_at
+        lines, reported, owners_ok, report_s = follow_reports(tracer, ports, total, closed_at,
+                                                              60)
         time.sleep(3.0)               # idle ticks: nothing changes any more
         rss = rss_kb(tracer.pid)
         hwm = rss_kb(tracer.pid, "VmHWM")
