@@ -32,21 +32,10 @@ class Headers:
         return "stand-in headers"
 
 
-def test_the_recording_is_opened_before_the_compile_moves_the_process(tmp_path, monkeypatch):
-    user_dir = tmp_path / "here"
-    header_tree = tmp_path / "headers"
-    user_dir.mkdir()
-    header_tree.mkdir()
-    monkeypatch.chdir(user_dir)
-    seen = {}
-
-    def compile_in_background(self, own_cwd_only=False):
-        if own_cwd_only:
-            return False        # a thread that cannot have a directory of its own
-        seen["recording in the user's directory"] = sorted(os.listdir(user_dir))
-        os.chdir(header_tree)               # what bcc's compile does to the process
-        raise CompileStarted
-
+def start_until_the_compile(monkeypatch, compile_in_background) -> None:
+    """The live session's start-up, recording to cw.jsonl in the current
+    directory, with everything but its order stood in for, until the stand-in
+    compile raises CompileStarted."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(capabilities, "cannot_trace", lambda caps: None)
     monkeypatch.setattr(capabilities, "warning", lambda caps: None)
@@ -63,6 +52,24 @@ def test_the_recording_is_opened_before_the_compile_moves_the_process(tmp_path, 
     with pytest.raises(CompileStarted):
         session.run(1_000_000_000, SocketFilter(), False, 500_000_000, 1000, False, out,
                     recording_options=recording)
+
+
+def test_the_recording_is_opened_before_the_compile_moves_the_process(tmp_path, monkeypatch):
+    user_dir = tmp_path / "here"
+    header_tree = tmp_path / "headers"
+    user_dir.mkdir()
+    header_tree.mkdir()
+    monkeypatch.chdir(user_dir)
+    seen = {}
+
+    def compile_in_background(self, own_cwd_only=False):
+        if own_cwd_only:
+            return False        # a thread that cannot have a directory of its own
+        seen["recording in the user's directory"] = sorted(os.listdir(user_dir))
+        os.chdir(header_tree)               # what bcc's compile does to the process
+        raise CompileStarted
+
+    start_until_the_compile(monkeypatch, compile_in_background)
     assert seen["recording in the user's directory"] == ["cw.jsonl"], seen
     assert os.listdir(header_tree) == []
 
@@ -83,21 +90,6 @@ def test_with_a_directory_of_its_own_the_compile_starts_before_the_rest(tmp_path
             raise CompileStarted        # stop the start-up at its second call
         return True                     # under way, in a thread of its own
 
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(capabilities, "cannot_trace", lambda caps: None)
-    monkeypatch.setattr(capabilities, "warning", lambda caps: None)
-    monkeypatch.setattr(kernel_headers, "choose_headers", lambda: Headers())
-    monkeypatch.setattr(kernel_headers, "apply", lambda choice: None)
-    monkeypatch.setattr(probe, "bcc_missing", lambda: None)
-    monkeypatch.setattr(probe.KernelProbe, "load_in_background", compile_in_background)
-    monkeypatch.setattr(probe.KernelProbe, "close", lambda self: None)
-    monkeypatch.setattr(worker.GatherWorker, "start", lambda self: None)
-    monkeypatch.setattr(worker.GatherWorker, "close", lambda self: None)
-    out = TerminalSink(False, render.TextRenderer(), quiet=True)
-    recording = dict(path="cw.jsonl", force=False, compress=False, max_bytes=None,
-                     max_files=None, max_seconds=None, snapshot_s=60.0)
-    with pytest.raises(CompileStarted):
-        session.run(1_000_000_000, SocketFilter(), False, 500_000_000, 1000, False, out,
-                    recording_options=recording)
+    start_until_the_compile(monkeypatch, compile_in_background)
     assert calls[0] == (True, []), calls          # started before the recording was made
     assert calls[1] == (False, ["cw.jsonl"]), calls
