@@ -70,6 +70,16 @@ class World:
                    f"00000000:00000000 00:00000000 00000000  1000        0 {inode} 1 "
                    f"0000000000000000 20 4 0 10 -1")
 
+    def linger(self, n, holders=1):
+        """n sockets in CLOSE_WAIT for 2 s (ports 30000 + i, inodes 50000 + i,
+        held by pids 100 .. 100 + holders - 1 in turn), entered in the
+        kernel's map before the tracer starts."""
+        for i in range(n):
+            self.hold(100 + i % holders, 30000 + i, 50000 + i, flush=False)
+        self.proc._flush(NETNS)
+        for i in range(n):
+            self.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+
     def forget_row(self, *rports):
         """The sockets are gone from the kernel's TCP table."""
         gone = {f":{p:04X} " for p in rports}
@@ -550,11 +560,7 @@ def test_an_idle_tick_does_not_look_at_every_watched_socket(tmp_path, monkeypatc
     still unwatched, with or without their CLOSED event."""
     w = World(tmp_path)
     n = 1000                # fds 3 + inode % 1000: distinct within a holder
-    for i in range(n):
-        w.hold(100 + i % 4, 30000 + i, 50000 + i, flush=False)
-    w.proc._flush(NETNS)
-    for i in range(n):
-        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.linger(n, holders=4)
     w.tracer.start()
     w.step()
     assert len(w.of("linger")) == n
@@ -746,11 +752,7 @@ def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_pa
                                   freeze=lambda: calls.append(("freeze", len(w.sink.views))),
                                   unfreeze=lambda: calls.append("unfreeze"), freeze_after=8)
     n = 10
-    for i in range(n):
-        w.hold(100, 30000 + i, 50000 + i, flush=False)
-    w.proc._flush(NETNS)
-    for i in range(n):
-        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.linger(n)
     w.tracer.start()
     w.step()
     assert len(w.of("linger")) == n
@@ -780,11 +782,7 @@ def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     w.tracer.gc_policy = GcPolicy(collect=lambda: calls.append("collect"),
                                   freeze=lambda: calls.append("freeze"),
                                   unfreeze=lambda: calls.append("unfreeze"), freeze_after=8)
-    for i in range(10):
-        w.hold(100, 30000 + i, 50000 + i, flush=False)
-    w.proc._flush(NETNS)
-    for i in range(10):
-        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.linger(10)
     w.tracer.start()
     w.step()
     assert calls == ["collect", "freeze"]
@@ -806,11 +804,7 @@ def test_a_frozen_sockets_state_goes_when_it_leaves(tmp_path):
     import gc
     w = World(tmp_path)
     n = 300
-    for i in range(n):
-        w.hold(100 + i % 4, 30000 + i, 50000 + i, flush=False)
-    w.proc._flush(NETNS)
-    for i in range(n):
-        w.probe.enter(0x1000 + i, endpoints(30000 + i), ago_s=2.0)
+    w.linger(n, holders=4)
     w.tracer.start()
     gc.collect()
     try:
