@@ -14,7 +14,6 @@ namespace is said as ambiguous, and no holder is named.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -208,20 +207,6 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
     return fd_dir, names
 
 
-@contextlib.contextmanager
-def _opened(directory: str):
-    """An fd on a /proc directory for the reads relative to it; raises
-    procfs's errors (AccessDenied, NoSuchProcess, ResourceExhausted...)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise procfs._error(directory, e) from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
     """Every (process, fd) on each wanted socket inode. A process that exits
     while we look is a missing row; one we may not read is counted."""
@@ -240,7 +225,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             # Each link read relative to the open fd directory: one path
             # step instead of four (/proc, the pid, fd, the fd), about a
             # third of each read's cost with 100,000 fds.
-            with _opened(fd_dir) as dir_fd:
+            with procfs.opened_dir(fd_dir) as dir_fd:
                 for name in names:
                     try:
                         link = readlink(name, dir_fd)
@@ -256,7 +241,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             snap = batch.process(pid)
             fdinfo_dir = fd_dir[:-2] + "fdinfo"
             try:
-                with _opened(fdinfo_dir) as info_fd:
+                with procfs.opened_dir(fdinfo_dir) as info_fd:
                     cloexec = [_fd_cloexec(str(fd), info_fd) for _inode, fd, _link in matched]
             except procfs.ResourceExhausted:
                 raise

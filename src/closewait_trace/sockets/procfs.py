@@ -15,6 +15,7 @@ over a fake tree.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
@@ -135,20 +136,31 @@ def listdir(path: str) -> list[str]:
         raise _error(path, e) from None
 
 
-def listdir_at(name: str, dir_fd: int) -> list[str]:
-    """The entries of name, relative to an open /proc/PID handle."""
+@contextlib.contextmanager
+def opened_dir(name: str, dir_fd: Optional[int] = None) -> Iterator[int]:
+    """An fd on a /proc directory (name relative to dir_fd when given), for
+    the reads relative to it: one path step each instead of one per
+    component. Raises NoSuchProcess, AccessDenied, ResourceExhausted or
+    ProcError."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         raise _error(name, e) from None
     try:
-        names = os.listdir(fd)
-        note_progress()
-        return names
-    except OSError as e:
-        raise _error(name, e) from None
+        yield fd
     finally:
         os.close(fd)
+
+
+def listdir_at(name: str, dir_fd: int) -> list[str]:
+    """The entries of name, relative to an open /proc/PID handle."""
+    with opened_dir(name, dir_fd) as fd:
+        try:
+            names = os.listdir(fd)
+        except OSError as e:
+            raise _error(name, e) from None
+    note_progress()
+    return names
 
 
 # The forgiving forms, for callers to whom "unreadable" is all that matters

@@ -205,7 +205,7 @@ def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
 def tcp_sockets(states: Iterable[int], ns_path: Optional[str] = None,
                 with_info: bool = True) -> list[TcpRow]:
     """TCP sockets in these states, in the namespace at ns_path (None: ours),
-    their endpoints tagged with that namespace's inode; without_info, no
+    their endpoints tagged with that namespace's inode; with_info False, no
     tcp_info times (None: the owner lookup does not use them, and 100,000
     of them are 23 MB for the kernel to fill and this process to walk).
     Raises OSError when sock_diag is unavailable; callers fall back."""
