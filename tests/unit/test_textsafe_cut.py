@@ -89,10 +89,12 @@ _JSONISH = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(_JSONISH, st.sampled_from([{}, {"check_circular": False}, {"separators": (",", ":")},
-                                  {"separators": [",", ":"]}, {"sort_keys": True}]))
+                                  {"separators": [",", ":"]}, {"sort_keys": True},
+                                  {"cls": json.JSONEncoder}, {"default": repr}]))
 def test_json_dumps_with_a_kept_encoder_is_json_dumps(value, options):
     """json_dumps keeps one encoder per set of options: the text is
-    json.dumps' (NaN and infinities as null), options given as a list too."""
+    json.dumps' (NaN and infinities as null), options given as a list too,
+    and options it keeps no encoder for (a cls, a default)."""
     try:
         expected = json.dumps(value, allow_nan=False, **options)
     except ValueError:

@@ -270,19 +270,28 @@ def json_dumps(value: Any, **kwargs) -> str:
     costs one encode, by an encoder made once per set of options (json.dumps
     makes a new JSONEncoder at every call given any option: ~3 us a record
     of a snapshot's 10,000)."""
-    key = tuple(sorted(kwargs.items())) if set(kwargs) <= _CACHED_OPTIONS else None
+    encoder = _encoder(kwargs)
     try:
-        encoder = _ENCODERS.get(key)
-    except TypeError:                   # an option given as a list: not kept
-        key = encoder = None
-    if encoder is None:
-        encoder = json.JSONEncoder(allow_nan=False, **kwargs)
-        if key is not None:
-            _ENCODERS[key] = encoder
-    try:
+        if encoder is None:
+            return json.dumps(value, allow_nan=False, **kwargs)
         return encoder.encode(value)
     except ValueError:
         return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def _encoder(options: dict):
+    """The encoder kept for these options; None for options it is not kept
+    for (a `default` function, a `cls`, a value given as a list)."""
+    if not set(options) <= _CACHED_OPTIONS:
+        return None
+    key = tuple(sorted(options.items()))
+    try:
+        encoder = _ENCODERS.get(key)
+    except TypeError:                   # unhashable: not kept
+        return None
+    if encoder is None:
+        encoder = _ENCODERS[key] = json.JSONEncoder(allow_nan=False, **options)
+    return encoder
 
 
 # Options whose values are plain and few (an encoder kept for each set of
