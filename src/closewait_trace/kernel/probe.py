@@ -441,20 +441,37 @@ def _release_compiler_memory() -> None:
 CLONE_FS = 0x00000200
 
 
+def _libc():
+    """The C library, for unshare() and mount() with their argument types."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.unshare.argtypes = (ctypes.c_int,)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_void_p)
+    return libc
+
+
+def _unshare_this_thread(flags: int) -> Optional[str]:
+    """unshare(flags) for the calling thread, never the main thread (what
+    it changes there is the process's, for as long as it runs). None when
+    done, else why not."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        return "not in the main thread"
+    try:
+        libc = _libc()
+    except (OSError, AttributeError) as exc:
+        return str(exc)
+    if libc.unshare(flags) != 0:
+        return f"unshare: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
 def own_working_directory() -> bool:
     """Give the calling thread a working directory of its own (not the
     main thread: it is the process's), so that a chdir() in it (bcc's
     compile, into the kernel header tree) moves only it. Unprivileged;
     False where it is refused (a seccomp filter) or in the main thread."""
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare.argtypes = (ctypes.c_int,)
-        return libc.unshare(CLONE_FS) == 0
-    except (OSError, AttributeError):
-        return False
+    return _unshare_this_thread(CLONE_FS) is None
 
 
 def _wait_either(a, b, step: float = 0.05) -> bool:
@@ -498,18 +515,10 @@ def stand_in_kallsyms(probe_read_kernel: bool) -> Optional[str]:
     the header tree no longer moves the rest of the process. Returns why it
     could not (no CAP_SYS_ADMIN, a seccomp filter, no /proc: bcc then reads
     the real file, as before), None when done."""
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        return "not in the main thread"
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare.argtypes = (ctypes.c_int,)
-        libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                               ctypes.c_ulong, ctypes.c_void_p)
-    except (OSError, AttributeError) as exc:
-        return str(exc)
-    if libc.unshare(CLONE_NEWNS) != 0:
-        return f"unshare: {os.strerror(ctypes.get_errno())}"
+    why = _unshare_this_thread(CLONE_NEWNS)
+    if why is not None:
+        return why
+    libc = _libc()
     # From here the thread is in its own namespace: a failure below leaves
     # bcc the real file, in a namespace that dies with the thread.
     if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
