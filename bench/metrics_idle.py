@@ -11,7 +11,6 @@ and how long a new client waited for a slot.
 """
 
 import os
-import resource
 import socket
 import statistics
 import subprocess

@@ -208,7 +208,7 @@ def history(n: int) -> None:
           f"{min(map(os.path.getsize, paths)) >> 10}-{max(map(os.path.getsize, paths)) >> 10} KiB)")
     checkpoints = {1, 100, 200, 500, 1000, n}
     gc.collect()
-    print(f"| holders seen | VmRSS after gc | cache entries | cache bytes (accounted) |")
+    print("| holders seen | VmRSS after gc | cache entries | cache bytes (accounted) |")
     print("|---:|---:|---:|---:|")
     print(f"| 0 | {rss_mb():.1f} MiB | 0 | 0 |")
     started = time.perf_counter()

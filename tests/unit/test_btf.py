@@ -67,7 +67,7 @@ def kernel_like(endian="<", inum_bitfield=False, drop_inum=False) -> bytes:
     possible_t = b.add("typedef", "possible_net_t", possible)
     sock_common = b.add("struct", "sock_common", 136,
                         [("skc_hash", u32, 0), ("skc_net", possible_t, 48 * 8)])
-    sock = b.add("struct", "sock", 800, [("__sk_common", sock_common, 0)])
+    b.add("struct", "sock", 800, [("__sk_common", sock_common, 0)])
     inner = [("stashed", u64, 0)] if drop_inum else [("inum", u32, (8 << 24) | 0 if inum_bitfield else 0)]
     union = b.add("union", "", 8, inner, kflag=inum_bitfield)
     const_union = b.add("const", "", union)
