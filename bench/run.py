@@ -32,7 +32,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRACER = [sys.executable, "-m", "closewait_trace"]
 TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
-CHURN = os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}")
+
+
+def _churn_binary() -> str:
+    """Where bench/churn.c is built: named by its source's hash. One path
+    for every checkout (as before) let a benchmark from another tree, run
+    at the same time on a shared machine, rebuild it from its own churn.c
+    under a run of this one (its output changed: see parse_churn)."""
+    import hashlib
+    with open(os.path.join(HERE, "churn.c"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}-{digest}")
+
+
+CHURN = _churn_binary()
 
 
 def proc_cpu_s(pid: int) -> "float | None":
@@ -75,7 +88,11 @@ def load_average() -> str:
 
 
 def build_churn() -> None:
-    subprocess.run(["gcc", "-O2", "-o", CHURN, os.path.join(HERE, "churn.c")], check=True)
+    # Built aside and renamed into place: a run of another benchmark using
+    # the same binary never sees it half written.
+    part = f"{CHURN}.{os.getpid()}"
+    subprocess.run(["gcc", "-O2", "-o", part, os.path.join(HERE, "churn.c")], check=True)
+    os.replace(part, CHURN)
 
 
 def free_port() -> int:

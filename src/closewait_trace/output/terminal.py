@@ -20,8 +20,8 @@ from closewait_trace.sockets.filters import describe_filters
 # each time, and the tracer no longer waits for its reader to be scheduled
 # every couple of hundred lines: under a saturating workload it blocked in
 # write() 1,100-1,750 times in 3 s (a quarter of its time), 8-49 times with
-# 1 MiB, and wrote more of its backlog (bench/run.py churn, docs/
-# benchmarks.md). 1 MiB is Linux's default pipe-max-size: what any user may
+# 1 MiB, and left far less unwritten when stopped (docs/benchmarks.md,
+# "Fourth pass"). 1 MiB is Linux's default pipe-max-size: what any user may
 # ask for; the kernel memory is taken only as the pipe fills.
 PIPE_BYTES = 1 << 20
 
