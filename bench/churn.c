@@ -53,8 +53,8 @@ struct served {
  * five. But the client's orphaned socket may be gone before our FIN
  * reaches it (with TIME_WAIT off it does not wait in FIN_WAIT2): what we
  * send it then is answered by a reset, and a reset that arrives while we
- * are still in CLOSE_WAIT makes CLOSE_WAIT->CLOSE: four (seen here in 2-26
- * of 11,000-20,000 connections a second with one server). A bare close()
+ * are still in CLOSE_WAIT makes CLOSE_WAIT->CLOSE: four (seen here in 1-34
+ * of the 11,000-28,000 connections of a 1 s saturating run). A bare close()
  * cannot tell which happened, so the server closes in steps that can:
  * shutdown() moves CLOSE_WAIT to LAST_ACK under the socket's lock, so a
  * reset came either before it (the socket in CLOSE, its error EPIPE:
