@@ -10,8 +10,10 @@ written, and what it lost, under the same churn, interleaved round by round.
 Each tree runs as `python -m closewait_trace --all --json -p PORT` with
 PYTHONPATH=TREE/src (its own Python and its own bpf/closewait.bpf.c). The
 workload is bench/churn.c (saturating with --rate 0, else paced); after it
-the tracer gets until its output is quiet for a second, then SIGINT: what
-it did not write by then (lost + left unread) is its loss. --tcpstates
+the tracer gets until its output is quiet for a second, then SIGINT. Its
+loss is what it did not write by then: the transitions the workload made
+(bench/churn.c's count) minus the lines written, the same for every
+tracer (run.not_written); what it says it lost is shown beside. --tcpstates
 adds bcc's tcpstates as a third column in the same rounds.
 """
 
@@ -39,7 +41,8 @@ def one(label: str, tree, env: dict, tcpstates, args) -> dict:
     tracer.wait_ready(timeout=180)
     cpu0 = run.proc_cpu_s(tracer.proc.pid)
     before = programs(tracer.proc.pid)
-    rate = run.run_churn(args.seconds, args.clients, args.servers, port, args.rate)
+    made = run.churned(args.seconds, args.clients, args.servers, port, args.rate)
+    rate = made.rate
     after = programs(tracer.proc.pid)
     lag = tracer.wait_written(limit_s=30)
     cpu1 = run.proc_cpu_s(tracer.proc.pid)
@@ -54,13 +57,15 @@ def one(label: str, tree, env: dict, tcpstates, args) -> dict:
             each.append(f"{tag[:6]} {(t - t0) / (n - n0):.0f} ns x {n - n0}")
     written = stopped["written"]
     row = {"tree": label, "rate": rate, "written": written, "lost": stopped["lost"],
+           "made": made.transitions, "not_written": run.not_written(made, written),
            "lag_s": lag, "ns_per_run": ns / runs if runs else None, "runs": runs,
            # Every program of the tracer (the state change, and the EOF read
            # hook on every read), over the transitions it wrote.
            "bpf_ns_per_event": ns / written if written else None,
            "us_per_event": (cpu1 - cpu0) * 1e6 / written if written else None,
            "exit_s": stopped["exit_s"]}
-    print(f"  {label:>10}: {rate:8.0f} conn/s, written {written}, lost {row['lost']}, "
+    print(f"  {label:>10}: {rate:8.0f} conn/s, made {made.transitions}, written {written}, "
+          f"not written {row['not_written']}, counted lost {row['lost']}, "
           f"lag {lag:.1f} s, BPF {row['ns_per_run'] or 0:.0f} ns/run over {runs} runs "
           f"({row['bpf_ns_per_event'] or 0:.0f} ns per event written), "
           f"user {row['us_per_event'] or 0:.2f} us/event; by program: {'; '.join(each)}",
@@ -103,13 +108,13 @@ def main() -> int:
         with open(STATS, "w") as f:
             f.write(saved)
         run.teardown_netns()
-    print("| tracer | conn/s median | lost per run | BPF ns per event written, median | "
-          "tracer CPU us per event written, median |")
+    print("| tracer | conn/s median | not written per run (counted lost) | BPF ns per event "
+          "written, median | tracer CPU us per event written, median |")
     print("|---|---|---|---|---|")
     for label, _ in trees:
         mine = [x for x in rows if x["tree"] == label]
         med = lambda k: statistics.median(x[k] for x in mine if x[k] is not None)  # noqa: E731
-        print(f"| {label} | {med('rate'):.0f} | {', '.join(str(x['lost']) for x in mine)} | "
+        print(f"| {label} | {med('rate'):.0f} | {', '.join('%s (%s)' % (x['not_written'], x['lost']) for x in mine)} | "
               f"{med('bpf_ns_per_event'):.0f} | {med('us_per_event'):.2f} |")
     return 0
 

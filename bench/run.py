@@ -32,7 +32,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRACER = [sys.executable, "-m", "closewait_trace"]
 TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
-CHURN = os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}")
+
+
+def _churn_binary() -> str:
+    """Where bench/churn.c is built: named by its source's hash. One path
+    for every checkout (as before) let a benchmark from another tree, run
+    at the same time on a shared machine, rebuild it from its own churn.c
+    under a run of this one (its output changed: see parse_churn)."""
+    import hashlib
+    with open(os.path.join(HERE, "churn.c"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return os.path.join("/tmp", f"closewait-bench-churn-{os.getuid()}-{digest}")
+
+
+CHURN = _churn_binary()
 
 
 def proc_cpu_s(pid: int) -> "float | None":
@@ -45,6 +58,27 @@ def proc_cpu_s(pid: int) -> "float | None":
         return None
 
 
+def bpf_recursion_misses(pid: int) -> "int | None":
+    """Runs of pid's BPF programs the kernel skipped because another BPF
+    program was running on that CPU (an interrupt's tracepoint hit during
+    one): each is an event the program never saw, lost without any count
+    the tracer could keep (recursion_misses in /proc/PID/fdinfo)."""
+    total = None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        except (OSError, ValueError):
+            continue
+        if "prog_type" in info and "recursion_misses" in info:
+            total = (total or 0) + int(info["recursion_misses"])
+    return total
+
+
 def load_average() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -54,7 +88,11 @@ def load_average() -> str:
 
 
 def build_churn() -> None:
-    subprocess.run(["gcc", "-O2", "-o", CHURN, os.path.join(HERE, "churn.c")], check=True)
+    # Built aside and renamed into place: a run of another benchmark using
+    # the same binary never sees it half written.
+    part = f"{CHURN}.{os.getpid()}"
+    subprocess.run(["gcc", "-O2", "-o", part, os.path.join(HERE, "churn.c")], check=True)
+    os.replace(part, CHURN)
 
 
 def free_port() -> int:
@@ -211,6 +249,7 @@ class Traced:
         self.stderr = ""
         self.ready_at = None
         self.cpu_at_ready = None
+        self.misses_at_ready = None
         self._ready = threading.Event()
         self._drained = threading.Event()       # the output read to its end
         threading.Thread(target=self._drain, daemon=True).start()
@@ -246,6 +285,7 @@ class Traced:
                     if self.ready(line):
                         self.ready_at = time.monotonic()
                         self.cpu_at_ready = proc_cpu_s(self.proc.pid)
+                        self.misses_at_ready = bpf_recursion_misses(self.proc.pid)
                         self._ready.set()
                         break
                 if self.ready_at is not None and self.mode == "tcpstates":
@@ -293,6 +333,9 @@ class Traced:
             except ChildProcessError:
                 reaped["usage"] = None
             reaped["at"] = time.monotonic()
+        misses = bpf_recursion_misses(self.proc.pid)
+        skipped = (misses - self.misses_at_ready
+                   if misses is not None and self.misses_at_ready is not None else None)
         waiter = threading.Thread(target=reap, daemon=True)
         waiter.start()
         sent = time.monotonic()
@@ -326,7 +369,10 @@ class Traced:
                 "events_lost": counters.get("events_lost"),
                 "events_unread": counters.get("events_unread"),
                 "cpu_s": (usage.ru_utime + usage.ru_stime) if usage else None,
-                "lost": lost, "summary": self.last_json, "written": self.transitions}
+                "lost": lost, "summary": self.last_json, "written": self.transitions,
+                # Program runs the kernel skipped, on any socket of the
+                # machine (not only the traced port's): an upper bound.
+                "skipped": skipped}
 
 
 # The workload runs in a network namespace of its own with TIME_WAIT off
@@ -359,10 +405,48 @@ def churn_cmd(port: int, seconds: float, clients: int, servers: int, rate: float
     return cmd + [str(rate)] if rate else cmd
 
 
+class Churned(tuple):
+    """What one run of bench/churn.c made: its rate, and the transitions it
+    made on the server's side of its port (what a tracer filtered to that
+    local port must see; bench/churn.c counts them per connection)."""
+    __slots__ = ()
+    rate = property(lambda self: self[0])
+    connections = property(lambda self: self[1])
+    served = property(lambda self: self[2])
+    transitions = property(lambda self: self[3])
+
+
+def parse_churn(stdout: str) -> Churned:
+    """bench/churn.c's line: "connections seconds served transitions"."""
+    connections, seconds, served, transitions = stdout.split()
+    return Churned((int(connections) / float(seconds), int(connections), int(served),
+                    int(transitions)))
+
+
+def churned(seconds: float, clients: int, servers: int, port: int, rate: float = 0) -> Churned:
+    return parse_churn(subprocess.run(churn_cmd(port, seconds, clients, servers, rate),
+                                      capture_output=True, text=True, check=True).stdout)
+
+
 def run_churn(seconds: float, clients: int, servers: int, port: int, rate: float = 0) -> float:
-    out = subprocess.run(churn_cmd(port, seconds, clients, servers, rate),
-                         capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]) / float(out[1])
+    return churned(seconds, clients, servers, port, rate).rate
+
+
+# Tracers whose every transition on the port is a line of their output.
+STREAMERS = ("all", "all-before", "tcpstates")
+
+
+def not_written(made: Churned, written: int) -> int:
+    """The loss measured the same way for every tracer: transitions the
+    workload made (bench/churn.c's own count, per the local-port filter
+    both tracers are given) minus the transition lines the tracer wrote.
+    What a tracer says it lost (closewait-trace's events_lost and
+    events_unread, tcpstates' 'Possibly lost' on stderr) is only what it
+    knows of: tcpstates says nothing of what its perf buffers still hold
+    when it is stopped, and neither tracer sees a program run the kernel
+    skipped (a tracepoint hit while a BPF program already runs on that
+    CPU: its recursion_misses)."""
+    return made.transitions - written
 
 
 def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, servers: int) -> dict:
@@ -383,7 +467,8 @@ def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, ser
             elif mode != "none":
                 tracer = Traced(mode, port, env)
                 results[mode]["startup_s"].append(tracer.wait_ready())
-            rate = run_churn(seconds, clients, servers, port)
+            made = churned(seconds, clients, servers, port)
+            rate = made.rate
             results[mode]["rate"].append(rate)
             if tracer:
                 # Shutdown is timed under load: a second churn runs meanwhile.
@@ -398,7 +483,17 @@ def churn_bench(rounds: int, seconds: float, modes: list[str], clients: int, ser
                 results[mode]["lost"].append(stopped["lost"])
                 results[mode].setdefault("events_lost", []).append(stopped["events_lost"])
                 results[mode].setdefault("events_unread", []).append(stopped["events_unread"])
-            print(f"  round {r + 1} {mode:>9}: {rate:9.0f} conn/s", file=sys.stderr)
+                if mode in STREAMERS:
+                    results[mode].setdefault("made", []).append(made.transitions)
+                    results[mode].setdefault("written", []).append(stopped["written"])
+                    results[mode].setdefault("not_written", []).append(
+                        not_written(made, stopped["written"]))
+                    results[mode].setdefault("skipped", []).append(stopped["skipped"])
+            print(f"  round {r + 1} {mode:>9}: {rate:9.0f} conn/s"
+                  + (f", made {made.transitions}, written {stopped['written']}, not written "
+                     f"{not_written(made, stopped['written'])}, counted lost {stopped['lost']}, "
+                     f"program runs skipped by the kernel {stopped['skipped']}"
+                     if tracer and mode in STREAMERS else ""), file=sys.stderr)
             time.sleep(1.0)
     return results
 
@@ -433,7 +528,8 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
                     tracer = Traced(mode, fresh_port_peek(), env)
                 tracer.wait_ready(timeout=STARTUP_LIMIT_S)
                 load = load_average()
-                achieved = run_churn(seconds, clients, servers, next_port(), rate)
+                made = churned(seconds, clients, servers, next_port(), rate)
+                achieved = made.rate
                 lag = tracer.wait_written()
                 cpu = proc_cpu_s(tracer.proc.pid)
                 stopped = tracer.stop()
@@ -442,6 +538,8 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
                 counters = (stopped["summary"] or {}).get("counters", {})
                 transitions = counters.get("transitions")
                 out[mode].append({"round": r + 1, "rate": rate, "achieved": achieved,
+                                  "made": made.transitions,
+                                  "not_written": not_written(made, written),
                                   "lost": stopped["lost"], "written": written,
                                   "transitions": transitions, "lag_s": round(lag, 2),
                                   "events_lost": counters.get("events_lost"),
@@ -452,7 +550,8 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
                                   "load": load,
                                   "exit_s": stopped["exit_s"], "killed": stopped["killed"]})
                 print(f"  round {r + 1} sweep {rate:>7} conn/s {mode:>9}: achieved {achieved:.0f}, "
-                      f"written {written}, lost {stopped['lost']}, lag {lag:.1f} s, "
+                      f"made {made.transitions}, written {written}, not written "
+                      f"{not_written(made, written)}, counted lost {stopped['lost']}, lag {lag:.1f} s, "
                       f"{out[mode][-1]['us_per_event']} us/event, load {load}", file=sys.stderr)
                 time.sleep(1.0)
     return out
@@ -460,12 +559,16 @@ def sweep_bench(rates: list, seconds: float, modes: list, clients: int, servers:
 
 def sweep_markdown(sweep: dict) -> str:
     """One row per rate and round; then each tracer's highest rate with no
-    event lost in any round, and their ratio."""
+    transition left unwritten in any round, and their ratio. "not written"
+    is the workload's count minus the lines written (see not_written), the
+    same measure for every tracer; "counted" is what the tracer itself says
+    it lost."""
     modes = list(sweep)
     names = {"all": "closewait-trace --all", "all-before": "--all before",
              "tcpstates": "tcpstates-bpfcc"}
     out = ["| round | conn/s asked | " + " | ".join(
-        f"{names.get(m, m)}: achieved conn/s, written, lost, lag s, us/event" for m in modes) + " |",
+        f"{names.get(m, m)}: achieved conn/s, written, not written (counted lost), lag s, "
+        f"us/event" for m in modes) + " |",
         "|---|---|" + "---|" * len(modes)]
     first = sweep[modes[0]]
     for i, row in enumerate(first):
@@ -473,12 +576,14 @@ def sweep_markdown(sweep: dict) -> str:
         for m in modes:
             x = sweep[m][i] if i < len(sweep[m]) else None
             cells.append("-" if x is None else
-                         f"{x['achieved']:.0f}, {x['written']}, {x['lost']}, {x['lag_s']}, {x['us_per_event']}")
+                         f"{x['achieved']:.0f}, {x['written']}, {x['not_written']} ({x['lost']}), "
+                         f"{x['lag_s']}, {x['us_per_event']}")
         out.append(f"| {row['round']} | {row['rate']} | " + " | ".join(cells) + " |")
     best = {}
     for m in modes:
         rates = sorted({x["rate"] for x in sweep[m]})
-        clean = [rt for rt in rates if all(x["lost"] == 0 for x in sweep[m] if x["rate"] == rt)]
+        clean = [rt for rt in rates
+                 if all(x["not_written"] == 0 and x["lost"] == 0 for x in sweep[m] if x["rate"] == rt)]
         # The highest rate below which every rate was lossless too.
         top = None
         for rt in rates:
@@ -488,7 +593,8 @@ def sweep_markdown(sweep: dict) -> str:
         best[m] = top
     out.append("")
     for m in modes:
-        out.append(f"- {names.get(m, m)}: lossless in every round up to {best[m]} conn/s asked")
+        out.append(f"- {names.get(m, m)}: every transition written in every round up to "
+                   f"{best[m]} conn/s asked")
     if len(modes) == 2 and all(best.values()):
         out.append(f"- ratio: {best[modes[0]] / best[modes[1]]:.2f}")
     return "\n".join(out)
@@ -734,8 +840,9 @@ def markdown(churn: dict, scale: list, args) -> str:
         out += [f"Churn: {args.seconds:g} s per run, {args.rounds} interleaved rounds, "
                 f"{args.clients} client + {args.servers} server processes "
                 f"(bench/churn.c); every connection passes through CLOSE_WAIT.", "",
-                "| tracer | conn/s median | min-max | vs none | tracer CPU s/run | lost | startup s | SIGINT->exit s |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| tracer | conn/s median | min-max | vs none | tracer CPU s/run | lost (counted by the tracer) "
+                "| not written (made - written), each run | startup s | SIGINT->exit s |",
+                "|---|---|---|---|---|---|---|---|---|"]
         names = {"none": "no tracer", "empty": "empty BPF program (floor)",
                  "default": "closewait-trace", "all": "closewait-trace --all",
                  "all-before": "closewait-trace --all, before (CLOSEWAIT_BENCH_BEFORE)",
@@ -745,12 +852,14 @@ def markdown(churn: dict, scale: list, args) -> str:
         for mode, r in churn.items():
             if r.get("could_not_start"):
                 out.append(f"| {names[mode]} | could not start: "
-                           f"{r['could_not_start'].replace('|', '/')} | | | | | | |")
+                           f"{r['could_not_start'].replace('|', '/')} | | | | | | | |")
                 continue
             lo, hi = spread(r["rate"])
             ratio = f"{100 * med(r['rate']) / base:.1f}%" if base else "-"
             cpu = f"{med(r['cpu_s']):.2f}" if r["cpu_s"] else "-"
             lost = str(sum(r["lost"])) if r["lost"] else "-"
+            # The same measure for every tracer that streams transitions.
+            unwritten = " / ".join(f"{x:,}" for x in r["not_written"]) if r.get("not_written") else "-"
             st = f"{med(r['startup_s']):.2f}" if r["startup_s"] else "-"
             exits = [x for x in r["exit_s"] if x is not None]
             killed = sum(r.get("killed", []))
@@ -759,7 +868,7 @@ def markdown(churn: dict, scale: list, args) -> str:
                 ex = f"did not exit within 10 s in {killed}/{len(r['exit_s'])} runs" + (
                     f"; others {ex}" if exits else "")
             out.append(f"| {names[mode]} | {med(r['rate']):.0f} | {lo:.0f}-{hi:.0f} | {ratio} | "
-                       f"{cpu} | {lost} | {st} | {ex} |")
+                       f"{cpu} | {lost} | {unwritten} | {st} | {ex} |")
         out.append("")
     if scale:
         out += ["| sockets asked / in CLOSE_WAIT (ss, kernel) | reported with owner | last reported (s after close) | tracer RSS MB (peak) | BPF maps MB | idle tick max ms | full map read max ms | resolve batch max ms | longest GC pass ms |",
@@ -835,6 +944,9 @@ def main() -> int:
         for mode, r in churn.items():
             print(f"  {mode}: " + ", ".join(f"{rate:.0f}" + (f" ({lost})" if lost is not None else "")
                                           for rate, lost in zip(r["rate"], r["lost"] or [None] * len(r["rate"]))))
+            if r.get("not_written"):
+                print("    made / written / not written: " + ", ".join(
+                    f"{a} / {b} / {c}" for a, b, c in zip(r["made"], r["written"], r["not_written"])))
             if any(x is not None for x in r.get("events_unread", [])):
                 print("    of which the buffer full / unread at the stop: " + ", ".join(
                     f"{a} / {b}" for a, b in zip(r["events_lost"], r["events_unread"])))

@@ -5,12 +5,41 @@ that prints records prints them through it: the live trace, `top` aside
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
+import stat
 import sys
 
 from closewait_trace.output import render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
+
+
+# --all's output into a pipe: the pipe's buffer, raised from Linux's 64 KiB.
+# A batch of lines (256 JSON lines are about 85 KB) then no longer fills it
+# each time, and the tracer no longer waits for its reader to be scheduled
+# every couple of hundred lines: under a saturating workload it blocked in
+# write() 1,100-1,750 times in 3 s (a quarter of its time), 8-49 times with
+# 1 MiB, and left far less unwritten when stopped (docs/benchmarks.md,
+# "Fourth pass"). 1 MiB is Linux's default pipe-max-size: what any user may
+# ask for; the kernel memory is taken only as the pipe fills.
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(stream) -> None:
+    """Raise the buffer of the pipe stream writes to (stdout) to PIPE_BYTES.
+    Anything else (a terminal, a file, a socket, no file at all) is left as
+    it is, and so is a pipe the kernel will not widen (a user over its pipe
+    quota): the output is the same bytes either way, only its pace
+    differs."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_BYTES:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def notice(line: str) -> None:
@@ -88,6 +117,7 @@ class TerminalSink:
         if lines is None:
             lines = self._lines = (transitions.JsonLines() if self.as_json
                                    else transitions.TextLines(self.renderer))
+            widen_pipe(self._out)       # a flood of lines starts: see PIPE_BYTES
         text = lines.lines(rows, offset_ns)
         try:
             self._write_text(text)
