@@ -3,6 +3,7 @@ scripted kernel events and map contents, a fake /proc tree stands for the
 processes, and a ListSink collects what the sinks would get."""
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -241,6 +242,8 @@ def test_ten_thousand_failed_resolutions_leave_nothing_behind(tmp_path):
     w.step()
     assert w.tracer.state_sizes()["departed"] > 0    # waiting for CLOSED events
     w.step(tracker.DEPARTED_GRACE_NS / SECOND + 1)
+    for _ in range(n // tracker.EXPIRE_PER_TICK):     # forgotten EXPIRE_PER_TICK a tick
+        w.step(0.1)
     sizes = w.tracer.state_sizes()
     assert not any(sizes.values()), sizes
     assert not any(getattr(w.tracer, name, None) for name in ("resolve_attempts",))
@@ -301,6 +304,61 @@ def test_diagnosis_redone_when_holder_changes_state(tmp_path):
     w.step()
     updates = [r for r in w.of("linger") if r["update"]]
     assert len(updates) == 1 and updates[0]["diagnosis"]["cause"] == "stopped"
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == 1
+
+
+class CountingResolver(ProcResolver):
+    """Counts the sockets whose owners are looked up."""
+    looked_up: list
+
+    def owners(self, eps):
+        self.looked_up.extend(eps)
+        return super().owners(eps)
+
+
+def test_an_exited_holders_leaving_sockets_are_not_looked_up_again(tmp_path):
+    """Issue 20 (the departures' tick): 100,000 sockets' holders exit. Their
+    exit closed every socket, but the tick read the kernel's map before
+    /proc showed them gone, so the sockets still looked watched: all were
+    resolved again (2.2-2.9 s in one tick at 100,000, the ring buffer
+    overflowing meanwhile: 85,629 CLOSED events lost). Seen exited, a
+    holder is taken at the next tick, whose map read has dropped the
+    sockets that left; one that another process still holds is looked up
+    then (its CHANGE line a tick later)."""
+    w = World(tmp_path)
+    w.tracer.resolver = CountingResolver(w.tracer.resolver.proc)
+    w.tracer.resolver.looked_up = []
+    n = 50
+    w.linger(n, holders=2)                  # pids 100 and 101, alternately
+    w.hold(101, 30000, 50000)               # pid 101 holds 30000 too (a fork)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == n
+    w.tracer.resolver.looked_up.clear()
+
+    # pid 100 exits: its sockets leave CLOSE_WAIT, after the tick's map read.
+    real = w.probe.tracked_entries
+
+    def read_then_exit():
+        out = real()
+        shutil.rmtree(os.path.join(w.proc.root, "100"))     # gone (reaped)
+        del w.proc._netns_of[100]
+        w.forget_row(*[30000 + i for i in range(2, n, 2)])
+        for i in range(2, n, 2):
+            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        return out
+    w.probe.tracked_entries = read_then_exit
+    w.probe.counts["cw_enter"] += 1         # the map is read at this tick
+    w.step()
+    w.probe.tracked_entries = real
+    assert w.tracer.resolver.looked_up == []
+    w.step()                                # the next map read: 30000 only remains
+    assert [ep.rport for ep in w.tracer.resolver.looked_up] == [30000]
+    (change,) = [r for r in w.of("linger") if r["update"]]
+    assert change["rport"] == 30000 and [o["pid"] for o in change["owners"]] == [101]
+    assert len(w.of("closed")) == n // 2 - 1
+    assert w.tracer.holder_exited == set()
     w.step()
     assert len([r for r in w.of("linger") if r["update"]]) == 1
 

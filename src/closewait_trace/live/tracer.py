@@ -76,6 +76,11 @@ MAX_NETNS_PER_BATCH = 64
 MAX_RESOLVE_ATTEMPTS = 3
 
 
+# A holder's state (gathering.holder_states) once it has exited: gone from
+# /proc, a zombie, or dead. Its descriptors were closed before.
+EXITED_STATES = frozenset({"gone", "Z", "X"})
+
+
 # Signals that end the trace the normal way (summary, recording closed):
 # Ctrl-C, kill, and the terminal going away (ssh dropped).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -152,6 +157,9 @@ class LiveTracer:
     # diagnosis is redone only when a holder's state changes (or it exits).
     watched: dict = field(default_factory=dict)       # pid -> {id(l): l}
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
+    # Watched pids seen exited at the last tick, their sockets not yet
+    # looked at again (recheck_owners).
+    holder_exited: set = field(default_factory=set)
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
@@ -948,6 +956,7 @@ class LiveTracer:
         for pid in [pid for pid, sockets in self.watched.items() if not sockets]:
             del self.watched[pid]
             self.watched_state.pop(pid, None)
+            self.holder_exited.discard(pid)
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
@@ -969,16 +978,27 @@ class LiveTracer:
     def recheck_owners(self, now_ns: int) -> None:
         """Redo the diagnosis of lingering sockets whose holders changed state
         (stopped, continued, traced, exited): one /proc read per holder
-        process per tick, whatever the number of sockets it holds."""
+        process per tick, whatever the number of sockets it holds.
+
+        A holder seen exited is taken one tick later (holder_exited): its
+        exit closed its descriptors before /proc showed it exited, so every
+        socket it alone held has left CLOSE_WAIT already, though the map
+        was read before that; the next tick's read drops those (unwatched),
+        and what it still watches then is held by another process too."""
         changed: dict = {}
         self.unwatch_left()
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:
             return                  # not read in time: compared next tick
+        exited = self.holder_exited
         for pid, now in states.items():
             sockets = self.watched.get(pid)
             if sockets and now != self.watched_state.get(pid):
+                if now[0] in EXITED_STATES and pid not in exited:
+                    exited.add(pid)     # taken at the next tick (see above)
+                    continue
+                exited.discard(pid)
                 self.watched_state[pid] = now
                 changed.update(sockets)
         if changed:
@@ -1048,4 +1068,5 @@ class LiveTracer:
                 "departed": len(t.departed), "pending": len(t.pending),
                 "watched_pids": len(self.watched),
                 "watched_sockets": sum(len(s) for s in self.watched.values()),
-                "watched_state": len(self.watched_state), "events": len(self.pending)}
+                "watched_state": len(self.watched_state),
+                "holder_exited": len(self.holder_exited), "events": len(self.pending)}
