@@ -21,10 +21,10 @@ from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow
 # How long a reported socket that vanished from the map is remembered, waiting
 # for its CLOSED event (submitted just before the kernel deletes the entry).
 DEPARTED_GRACE_NS = 5_000_000_000
-# Departed sockets forgotten per call once their grace is over (about 1 ms
+# Departed sockets forgotten per call once their grace is over (about 0.5 ms
 # of freeing at rest), and how many may wait past it before more go at once
 # (their memory stays bounded whatever the rate of departures).
-EXPIRE_PER_TICK = 1000
+EXPIRE_PER_TICK = 500
 MAX_DEPARTED = 100_000
 
 
