@@ -363,6 +363,22 @@ def test_an_exited_holders_leaving_sockets_are_not_looked_up_again(tmp_path):
     assert len([r for r in w.of("linger") if r["update"]]) == 1
 
 
+def test_a_tick_that_diagnoses_again_is_not_counted_idle(tmp_path):
+    """An idle tick is one where nothing changed (docs/benchmarks.md, "What
+    an idle tick is"): a tick that diagnosed sockets again because their
+    holder changed state did work per socket, and is not counted idle."""
+    w = one_reported_socket(tmp_path, state="S")
+    w.step()
+    idle = w.tracer.tick_stats["idle_ticks"]
+    assert idle >= 1
+    w.proc.process(100, comm="srv", state="T")
+    w.step()
+    assert [r["update"] for r in w.of("linger")] == [False, True]
+    assert w.tracer.tick_stats["idle_ticks"] == idle
+    w.step()
+    assert w.tracer.tick_stats["idle_ticks"] == idle + 1
+
+
 def test_sinks_get_one_view_per_tick(tmp_path):
     w = one_reported_socket(tmp_path)
     w.step()

@@ -620,8 +620,9 @@ class LiveTracer:
                                            (time.monotonic() - started) * 1000)
         else:
             due = self.tracker.due(now_ns)
+        rediagnosed = 0
         if resolve and self.watched:
-            self.recheck_owners(now_ns)
+            rediagnosed = self.recheck_owners(now_ns)
         else:
             self.unwatch_left()
         if resolve and self.tracker.by_skaddr:
@@ -645,7 +646,11 @@ class LiveTracer:
                                         + len(self.tracker.departed))
         elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
-        if not due and not read_map:    # nothing changed: the steady-state cost
+        # Idle: nothing changed, the steady-state cost. Not idle: the map
+        # changed (sockets entered or left), sockets were due, or holders
+        # changed state and their sockets were diagnosed again (docs/
+        # benchmarks.md, "What an idle tick is").
+        if not due and not read_map and not rediagnosed:
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
@@ -975,7 +980,7 @@ class LiveTracer:
             if sockets is not None:
                 sockets.pop(id(l), None)
 
-    def recheck_owners(self, now_ns: int) -> None:
+    def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state
         (stopped, continued, traced, exited): one /proc read per holder
         process per tick, whatever the number of sockets it holds.
@@ -984,13 +989,14 @@ class LiveTracer:
         exit closed its descriptors before /proc showed it exited, so every
         socket it alone held has left CLOSE_WAIT already, though the map
         was read before that; the next tick's read drops those (unwatched),
-        and what it still watches then is held by another process too."""
+        and what it still watches then is held by another process too.
+        Returns how many sockets were diagnosed again."""
         changed: dict = {}
         self.unwatch_left()
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:
-            return                  # not read in time: compared next tick
+            return 0                # not read in time: compared next tick
         exited = self.holder_exited
         for pid, now in states.items():
             sockets = self.watched.get(pid)
@@ -1003,6 +1009,7 @@ class LiveTracer:
                 changed.update(sockets)
         if changed:
             self.resolve(list(changed.values()), now_ns, update=True)
+        return len(changed)
 
     # ------------------------------------------------------------ counters
 
