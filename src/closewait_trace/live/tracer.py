@@ -76,9 +76,10 @@ MAX_NETNS_PER_BATCH = 64
 MAX_RESOLVE_ATTEMPTS = 3
 
 
-# A holder's state (gathering.holder_states) once it has exited: gone from
-# /proc, a zombie, or dead. Its descriptors were closed before.
-EXITED_STATES = frozenset({"gone", "Z", "X"})
+# A holder's state (gathering.holder_states) once it exits: in its exit
+# (closing its descriptors: 10,000 take a while), gone from /proc, a zombie,
+# or dead.
+EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 
 
 # Signals that end the trace the normal way (summary, recording closed):
@@ -985,11 +986,12 @@ class LiveTracer:
         (stopped, continued, traced, exited): one /proc read per holder
         process per tick, whatever the number of sockets it holds.
 
-        A holder seen exited is taken one tick later (holder_exited): its
-        exit closed its descriptors before /proc showed it exited, so every
-        socket it alone held has left CLOSE_WAIT already, though the map
-        was read before that; the next tick's read drops those (unwatched),
-        and what it still watches then is held by another process too.
+        A holder seen exiting or exited is taken one tick later
+        (holder_exited): its exit closes its descriptors before /proc shows
+        it gone, so every socket it alone held is leaving CLOSE_WAIT, though
+        the map was read before; the next tick's read drops those
+        (unwatched), and what it still watches then is held by another
+        process too (or a thread that outlived the leader).
         Returns how many sockets were diagnosed again."""
         changed: dict = {}
         self.unwatch_left()
