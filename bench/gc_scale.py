@@ -6,11 +6,21 @@ collector tracks, by type, taken in the tracer once all N were reported.
 Then the holders close every socket and the census is taken again: a socket
 that left must leave no tracked objects behind.
 
+Every tick is also timed by section (the loop's calls, what was written
+between ticks), and a control loop of the tracer's shape runs alongside:
+"slow_ticks" says where a slow tick's time went, "control" what the
+machine's load did to an empty tick in the same window. Run it in a
+private network namespace so that its sockets are in no one else's tables:
+
+    unshare -n -- bash -c 'ulimit -n 1048576; ip link set lo up;
+        GC_SCALE_RAW=/tmp/ticks.json PYTHONPATH=src .venv/bin/python bench/gc_scale.py --sockets 100000'
+
     sudo .venv/bin/python bench/gc_scale.py --sockets 10000
     sudo .venv/bin/python bench/gc_scale.py --sockets 100000 --metrics   (scraped every 1 s)
     PYTHONPATH=/tmp/old/src ... bench/gc_scale.py ...   (the old code)
 
-Numbers in docs/benchmarks.md ("Metrics under scale": the collector).
+Numbers in docs/benchmarks.md ("Python's collector kept off the idle tick",
+"The idle tick and the departures' tick traced").
 """
 
 from __future__ import annotations
