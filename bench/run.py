@@ -736,9 +736,10 @@ def start_lingering(groups: list, ports: list, holders: list, clients: list) -> 
     return time.monotonic()
 
 
-def stop_for_summary(tracer, lines) -> "dict | None":
+def stop_for_summary(tracer, lines, closed: "dict | None" = None) -> "dict | None":
     """SIGINT, then the summary record from the tracer's remaining --json
-    lines (a queue fed by a reader thread; "" marks the end)."""
+    lines (a queue fed by a reader thread; "" marks the end). closed: counts
+    the CLOSED records read on the way, by their "reported" field."""
     tracer.send_signal(signal.SIGINT)
     tracer.wait(timeout=60)
     summary = None
@@ -751,6 +752,9 @@ def stop_for_summary(tracer, lines) -> "dict | None":
             break
         if line.startswith('{"type": "summary"'):
             summary = json.loads(line)
+        elif closed is not None and line.startswith('{"type": "closed"'):
+            key = "reported" if '"reported": true' in line else "not_reported"
+            closed[key] = closed.get(key, 0) + 1
     return summary
 
 

@@ -3,6 +3,7 @@ scripted kernel events and map contents, a fake /proc tree stands for the
 processes, and a ListSink collects what the sinks would get."""
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -241,6 +242,8 @@ def test_ten_thousand_failed_resolutions_leave_nothing_behind(tmp_path):
     w.step()
     assert w.tracer.state_sizes()["departed"] > 0    # waiting for CLOSED events
     w.step(tracker.DEPARTED_GRACE_NS / SECOND + 1)
+    for _ in range(n // tracker.EXPIRE_PER_TICK):     # forgotten EXPIRE_PER_TICK a tick
+        w.step(0.1)
     sizes = w.tracer.state_sizes()
     assert not any(sizes.values()), sizes
     assert not any(getattr(w.tracer, name, None) for name in ("resolve_attempts",))
@@ -303,6 +306,83 @@ def test_diagnosis_redone_when_holder_changes_state(tmp_path):
     assert len(updates) == 1 and updates[0]["diagnosis"]["cause"] == "stopped"
     w.step()
     assert len([r for r in w.of("linger") if r["update"]]) == 1
+
+
+class CountingResolver(ProcResolver):
+    """Counts the sockets whose owners are looked up."""
+    looked_up: list
+
+    def owners(self, eps):
+        self.looked_up.extend(eps)
+        return super().owners(eps)
+
+
+@pytest.mark.parametrize("how", ["gone", "exiting"])
+def test_an_exited_holders_leaving_sockets_are_not_looked_up_again(tmp_path, how):
+    """Issue 20 (the departures' tick): 100,000 sockets' holders exit. Their
+    exit closed every socket, but the tick read the kernel's map before
+    /proc showed them gone, so the sockets still looked watched: all were
+    resolved again (2.2-2.9 s in one tick at 100,000, the ring buffer
+    overflowing meanwhile: 85,629 CLOSED events lost). Seen exited, a
+    holder is taken at the next tick, whose map read has dropped the
+    sockets that left; one that another process still holds is looked up
+    then (its CHANGE line a tick later). The same for a holder seen in its
+    exit (PF_EXITING), still closing them: 6.1 s departure tick at 100,000."""
+    w = World(tmp_path)
+    w.tracer.resolver = CountingResolver(w.tracer.resolver.proc)
+    w.tracer.resolver.looked_up = []
+    n = 50
+    w.linger(n, holders=2)                  # pids 100 and 101, alternately
+    w.hold(101, 30000, 50000)               # pid 101 holds 30000 too (a fork)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == n
+    w.tracer.resolver.looked_up.clear()
+
+    # pid 100 exits: its sockets leave CLOSE_WAIT, after the tick's map read.
+    real = w.probe.tracked_entries
+
+    def read_then_exit():
+        out = real()
+        if how == "gone":
+            shutil.rmtree(os.path.join(w.proc.root, "100"))     # reaped
+            del w.proc._netns_of[100]
+        else:               # in its exit (its fds of 30000 as a thread left them)
+            w.proc.process(100, comm="srv", state="R", flags=0x4)
+        w.forget_row(*[30000 + i for i in range(2, n, 2)])
+        for i in range(2, n, 2):
+            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        return out
+    w.probe.tracked_entries = read_then_exit
+    w.probe.counts["cw_enter"] += 1         # the map is read at this tick
+    w.step()
+    w.probe.tracked_entries = real
+    assert w.tracer.resolver.looked_up == []
+    w.step()                                # the next map read: 30000 only remains
+    assert [ep.rport for ep in w.tracer.resolver.looked_up] == [30000]
+    (change,) = [r for r in w.of("linger") if r["update"]]
+    still = [101] if how == "gone" else [100, 101]      # what /proc shows then
+    assert change["rport"] == 30000 and [o["pid"] for o in change["owners"]] == still
+    assert len(w.of("closed")) == n // 2 - 1
+    assert w.tracer.holder_exited == set()
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == 1
+
+
+def test_a_tick_that_diagnoses_again_is_not_counted_idle(tmp_path):
+    """An idle tick is one where nothing changed (docs/benchmarks.md, "What
+    an idle tick is"): a tick that diagnosed sockets again because their
+    holder changed state did work per socket, and is not counted idle."""
+    w = one_reported_socket(tmp_path, state="S")
+    w.step()
+    idle = w.tracer.tick_stats["idle_ticks"]
+    assert idle >= 1
+    w.proc.process(100, comm="srv", state="T")
+    w.step()
+    assert [r["update"] for r in w.of("linger")] == [False, True]
+    assert w.tracer.tick_stats["idle_ticks"] == idle
+    w.step()
+    assert w.tracer.tick_stats["idle_ticks"] == idle + 1
 
 
 def test_sinks_get_one_view_per_tick(tmp_path):

@@ -198,3 +198,37 @@ def test_untracked_exit_without_a_namespace_blames_no_socket_when_several_match(
     closed = t.on_event(ns_event(KIND_UNTRACKED_EXIT, 1, 0, 106 * S))
     assert closed.lingerer.endpoints.netns == 22 and t.pre_existing == {}
     assert t.pre_by_address == {}
+
+
+def test_departed_sockets_are_forgotten_a_bounded_number_a_tick():
+    """Issue 20 (idle tick): forgetting a departed socket frees its state.
+    85,885 reported sockets whose CLOSED events were lost were forgotten in
+    one idle tick 5 s after they left (363 ms at 100,000): now at most
+    EXPIRE_PER_TICK a tick, and every one past MAX_DEPARTED at once."""
+    from closewait_trace.sockets import tracker as tr
+    t = Tracker(threshold_ns=1, start_ns=0)
+    n = 2 * tr.EXPIRE_PER_TICK + 10
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 1)
+    t.sync_entries({k: 0 for k in range(n)}, lambda k: ep, 10)
+    for l in list(t.by_skaddr.values()):
+        t.mark_reported(l)
+    t.sync_entries({}, lambda k: ep, 100)            # all leave, no CLOSED event
+    assert len(t.departed) == n
+    after = 101 + tr.DEPARTED_GRACE_NS
+    sizes = []
+    for tick in range(3):
+        t.due(after + tick)
+        sizes.append(len(t.departed))
+    assert sizes == [n - tr.EXPIRE_PER_TICK, n - 2 * tr.EXPIRE_PER_TICK, 0]
+    assert min(t.departed or [n]) == n                # the first to leave went first
+    # Past MAX_DEPARTED waiting, the excess goes at once: memory stays bounded.
+    t.sync_entries({k: 0 for k in range(n)}, lambda k: ep, after + 10)
+    for l in list(t.by_skaddr.values()):
+        t.mark_reported(l)
+    t.sync_entries({}, lambda k: ep, after + 20)
+    t.due(after + 21 + tr.DEPARTED_GRACE_NS)
+    assert len(t.departed) == n - tr.EXPIRE_PER_TICK
+    import unittest.mock
+    with unittest.mock.patch.object(tr, "MAX_DEPARTED", 5):
+        t.due(after + 22 + tr.DEPARTED_GRACE_NS)
+    assert len(t.departed) == 5

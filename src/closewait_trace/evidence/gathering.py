@@ -30,9 +30,11 @@ MAX_PROCESSES_PER_BATCH = 256
 
 
 def holder_states(pids: list[int], proc: str = procfs.PROC) -> dict[int, tuple]:
-    """pid -> (state, tracer pid), ("gone", 0) for a process that is not.
-    Out of file descriptors, the call fails (ResourceExhausted): "gone"
-    would be a claim about a process we could not read."""
+    """pid -> (state, tracer pid), ("gone", 0) for a process that is not,
+    state "exiting" for one in its exit (PF_EXITING: closing its
+    descriptors, whatever its run state). Out of file descriptors, the call
+    fails (ResourceExhausted): "gone" would be a claim about a process we
+    could not read."""
     out = {}
     for pid in pids:
         try:
@@ -42,7 +44,7 @@ def holder_states(pids: list[int], proc: str = procfs.PROC) -> dict[int, tuple]:
         except procfs.ProcError:
             out[pid] = ("gone", 0)
             continue
-        out[pid] = (snap.state, snap.tracer_pid)
+        out[pid] = ("exiting" if snap.exiting else snap.state, snap.tracer_pid)
     return out
 
 

@@ -76,6 +76,12 @@ MAX_NETNS_PER_BATCH = 64
 MAX_RESOLVE_ATTEMPTS = 3
 
 
+# A holder's state (gathering.holder_states) once it exits: in its exit
+# (closing its descriptors: 10,000 take a while), gone from /proc, a zombie,
+# or dead.
+EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
+
+
 # Signals that end the trace the normal way (summary, recording closed):
 # Ctrl-C, kill, and the terminal going away (ssh dropped).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -152,6 +158,9 @@ class LiveTracer:
     # diagnosis is redone only when a holder's state changes (or it exits).
     watched: dict = field(default_factory=dict)       # pid -> {id(l): l}
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
+    # Watched pids seen exited at the last tick, their sockets not yet
+    # looked at again (recheck_owners).
+    holder_exited: set = field(default_factory=set)
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
@@ -612,8 +621,9 @@ class LiveTracer:
                                            (time.monotonic() - started) * 1000)
         else:
             due = self.tracker.due(now_ns)
+        rediagnosed = 0
         if resolve and self.watched:
-            self.recheck_owners(now_ns)
+            rediagnosed = self.recheck_owners(now_ns)
         else:
             self.unwatch_left()
         if resolve and self.tracker.by_skaddr:
@@ -637,7 +647,11 @@ class LiveTracer:
                                         + len(self.tracker.departed))
         elapsed = (time.monotonic() - started) * 1000     # the sinks' share included
         stats["ticks"] += 1
-        if not due and not read_map:    # nothing changed: the steady-state cost
+        # Idle: nothing changed, the steady-state cost. Not idle: the map
+        # changed (sockets entered or left), sockets were due, or holders
+        # changed state and their sockets were diagnosed again (docs/
+        # benchmarks.md, "What an idle tick is").
+        if not due and not read_map and not rediagnosed:
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
@@ -948,6 +962,7 @@ class LiveTracer:
         for pid in [pid for pid, sockets in self.watched.items() if not sockets]:
             del self.watched[pid]
             self.watched_state.pop(pid, None)
+            self.holder_exited.discard(pid)
 
     def watch(self, l: Lingerer) -> None:
         own = l.ownership
@@ -966,23 +981,37 @@ class LiveTracer:
             if sockets is not None:
                 sockets.pop(id(l), None)
 
-    def recheck_owners(self, now_ns: int) -> None:
+    def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state
         (stopped, continued, traced, exited): one /proc read per holder
-        process per tick, whatever the number of sockets it holds."""
+        process per tick, whatever the number of sockets it holds.
+
+        A holder seen exiting or exited is taken one tick later
+        (holder_exited): its exit closes its descriptors before /proc shows
+        it gone, so every socket it alone held is leaving CLOSE_WAIT, though
+        the map was read before; the next tick's read drops those
+        (unwatched), and what it still watches then is held by another
+        process too (or a thread that outlived the leader).
+        Returns how many sockets were diagnosed again."""
         changed: dict = {}
         self.unwatch_left()
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:
-            return                  # not read in time: compared next tick
+            return 0                # not read in time: compared next tick
+        exited = self.holder_exited
         for pid, now in states.items():
             sockets = self.watched.get(pid)
             if sockets and now != self.watched_state.get(pid):
+                if now[0] in EXITED_STATES and pid not in exited:
+                    exited.add(pid)     # taken at the next tick (see above)
+                    continue
+                exited.discard(pid)
                 self.watched_state[pid] = now
                 changed.update(sockets)
         if changed:
             self.resolve(list(changed.values()), now_ns, update=True)
+        return len(changed)
 
     # ------------------------------------------------------------ counters
 
@@ -1048,4 +1077,5 @@ class LiveTracer:
                 "departed": len(t.departed), "pending": len(t.pending),
                 "watched_pids": len(self.watched),
                 "watched_sockets": sum(len(s) for s in self.watched.values()),
-                "watched_state": len(self.watched_state), "events": len(self.pending)}
+                "watched_state": len(self.watched_state),
+                "holder_exited": len(self.holder_exited), "events": len(self.pending)}
