@@ -393,6 +393,11 @@ def test_a_reader_that_no_longer_holds_the_socket_is_not_unwound(procs):
     assert read["place"] is None and read["stack"] == [] and not read["unwound"], read
     assert "does not hold the socket" in read["not_unwound"]
     assert "read EOF in" not in rec["diagnosis"]["summary"]
+    # Nor does the text say the reader never closed it (it exited).
+    from closewait_trace.output import render
+    text = render.code_lines(rec, verbose=True)
+    assert text[0].strip().startswith("read EOF") and "which no longer holds it" in text[0], text
+    assert "never closed" not in " ".join(text), text
 
 
 def test_a_reader_that_ran_another_program_since_is_not_unwound(procs):

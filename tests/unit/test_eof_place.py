@@ -15,6 +15,7 @@ from closewait_trace.evidence.procimage import Mapping
 from closewait_trace.evidence.symbolize import CapturedImage
 from closewait_trace.kernel.events import EofCapture
 from closewait_trace.output import records, render, schema
+from tests.unit.recordfactory import holder
 
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 
@@ -194,6 +195,29 @@ def test_an_eof_read_is_a_valid_record_and_one_line_that_names_the_place():
     assert "by 4312/api thread 4313, 100ms after the peer closed" in " ".join(verbose)
     assert any("handle_client+0x1f (app) [cfi]" in l for l in verbose)
     assert all(len(l) <= 80 for l in verbose)
+
+
+def test_a_reader_that_no_longer_holds_the_socket_is_not_said_to_never_close_it():
+    """A server reads EOF and closes its copy; a child that inherited the
+    fd keeps the socket in CLOSE_WAIT. The line says who read EOF and that
+    it no longer holds the socket, not "never closed" (the server did
+    close; the leak is the inheritance, which the diagnosis names)."""
+    code = records.code_eof_read(capture(), 997.6, 4_900_000_000, [], None)
+    code["eof_read"]["not_unwound"] = "4312 does not hold the socket now: its place is not read"
+    rec = linger_with(code, check=False)
+    rec["owners"] = [holder(pid=5000, comm="sleep", fd=4)]
+    assert schema.problem(rec) is None, schema.problem(rec)
+    assert render.code_lines(rec, verbose=False) == [
+        "         read EOF 2.4s ago by 4312/api, which no longer holds it"]
+    verbose = " ".join(render.code_lines(rec, verbose=True))
+    assert "never closed" not in verbose
+    assert "place not read: 4312 does not hold the socket now" in verbose
+    # The reader among the holders: it read EOF and never closed, as before.
+    stack = [frame("handle_client")]
+    rec["code"] = records.code_eof_read(capture(), 997.6, 4_900_000_000, stack, stack[0])
+    rec["owners"] = [holder(pid=4312, comm="api", fd=4)]
+    assert render.code_lines(rec, verbose=False) == [
+        "         read EOF in handle_client (app) 2.4s ago, never closed"]
 
 
 def test_the_line_is_not_repeated_under_a_diagnosis_that_says_it():

@@ -743,8 +743,22 @@ def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
         ago, at = _number(rec.get("ts")), _number(read.get("ts"))
         when = (f" {_duration(max(0.0, ago - at))} ago" if ago is not None and at is not None
                 else "")
-        say(f"read EOF in {place_text}{when}, never closed",
-            f"read EOF in {place_text}" not in shown)
+        holders = [o.get("pid") for o in rec.get("owners") or [] if isinstance(o, dict)]
+        if holders and read.get("pid") not in holders:
+            # The reader let go of its copy (closed it, or exited) and the
+            # socket stays open in the processes that hold it now (a child
+            # that inherited it): "never closed" would send the reader's
+            # owner looking for a close() that is there. Its place is not
+            # read then (its pid may be another process's by now).
+            who = f"{escape(read.get('pid'))}/{escape(read.get('comm'))}"
+            at_place = f" in {place_text}" if isinstance(read.get("place"), dict) else ""
+            say(f"read EOF{at_place}{when} by {who}, which no longer holds it", True)
+            if verbose and read.get("not_unwound"):
+                out.extend(f"{indent}  {l}" for l in prose(
+                    f"place not read: {escape(read['not_unwound'])}", LINE - len(indent) - 2))
+        else:
+            say(f"read EOF in {place_text}{when}, never closed",
+                f"read EOF in {place_text}" not in shown)
         if verbose:
             out.extend(f"{indent}  {l}" for l in prose(
                 f"by {escape(read.get('pid'))}/{escape(read.get('comm'))} thread "
