@@ -76,8 +76,19 @@ def test_inherited_without_cloexec_by_a_non_server(fake):
                 threads={12: ("S", "230 0x0 0x1", "hrtimer_nanosleep")})
     got = diagnose_fake(fake)
     assert got.cause == d.LEAKED
-    assert "12/sleep" in got.summary and "10/server" in got.summary
+    assert got.summary == "inherited by 12/sleep fd 5 (no close-on-exec) from 10/server"
     assert got.evidence["holders"] == [{"pid": 12, "fd": 5}]
+    # The one-line text (80 columns) keeps the server with 5-digit pids and
+    # the comms of a real case (it was cut: "the server is 11…").
+    from closewait_trace.output import render
+    rec = {"type": "linger", "ts": 1.0, "time": "", "laddr": "127.0.0.1", "lport": 5555,
+           "raddr": "127.0.0.1", "rport": 40000, "age_s": 2.0, "age_source": "traced",
+           "owners": [{"pid": 13132, "comm": "sleep", "fd": 4, "state": "S"}],
+           "owner_kind": "fd", "diagnosis": {"cause": "leaked", "summary": got.summary
+                                             .replace("12/sleep", "13132/sleep")
+                                             .replace("10/server", "11642/python3")
+                                             .replace("fd 5", "fd 4")}}
+    assert render.TextRenderer().render(rec)[1].endswith(" from 11642/python3"), rec
     assert got.holder_facts()[(12, 5)]["cloexec"] is False
 
 

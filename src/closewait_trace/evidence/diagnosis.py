@@ -361,9 +361,11 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]
     if others and not only.holds_listener and only.cloexec is False:
+        # Short enough that the server (where the fix goes: close-on-exec)
+        # fits the one-line text's 80 columns with pids of 5 digits.
         return Diagnosis(
-            LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec); "
-            f"the server is {_who(others[0])}", server=tuple(others))
+            LEAKED, f"inherited by {_who(only)} fd {only.fd} (no close-on-exec) "
+            f"from {_who(others[0])}", server=tuple(others))
 
     if eof is not None and eof.pid == only.pid and not own.unread_bytes:
         # The kernel saw this process read the end of the stream, and it
