@@ -185,6 +185,13 @@ class HolderEvidence:
         return out
 
 
+class EvidenceWritten(RuntimeError):
+    """A diagnosis's evidence asked for after Diagnosis.written()."""
+
+
+_WRITTEN = object()     # Diagnosis._own once its evidence was let go
+
+
 class Diagnosis:
     """A cause, its one-line summary, and the evidence, built on demand from
     objects shared per process (kept small: one exists per lingering socket,
@@ -200,11 +207,22 @@ class Diagnosis:
         self._listeners = ()
         self._server = server       # the accepting process, for an inherited socket
 
+    def written(self) -> None:
+        """The evidence was written (the socket's linger record is out):
+        what it rests on is let go. A lingering socket keeps its diagnosis
+        for its cause and summary only (the CLOSED line, `top`, the
+        summary); its holders' evidence, copied per fd (168 bytes a socket,
+        17 MB at 100,000), would be kept for nothing. Asked again, the
+        evidence raises rather than say nothing."""
+        self._own, self._holders, self._listeners, self._server = _WRITTEN, (), (), ()
+
     @property
     def evidence(self) -> dict:
         """What the cause rests on, by reference: the holders themselves are
         in the record's `owners` (and `listener.owners`), written once."""
         own = self._own
+        if own is _WRITTEN:
+            raise EvidenceWritten("the evidence of this diagnosis was written and let go")
         if own is None:
             return {}
         out = {"holders": [{"pid": h.pid, "fd": h.fd} for h in self._holders]}
@@ -223,6 +241,8 @@ class Diagnosis:
     def holder_facts(self) -> dict:
         """(pid, fd) -> what the diagnosis learnt of each holder beyond its
         owners entry: close-on-exec, exiting, tracer."""
+        if self._own is _WRITTEN:
+            raise EvidenceWritten("the evidence of this diagnosis was written and let go")
         return {(h.pid, h.fd): h.fd_facts() for h in self._holders}
 
     def as_dict(self) -> dict:
