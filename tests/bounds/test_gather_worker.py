@@ -354,6 +354,21 @@ def test_answers_keep_every_field_and_shared_object():
     assert back.ownership is got[1][back.endpoints]
     assert back.ownership.holders[0] is back.ownership.listener_holders[0]
 
+    # The holders of one process share its fields (pid, ppid...) once
+    # unpickled, not two new ints per socket (issue 20: 100,000 sockets'
+    # state); holders that differ in any of them do not.
+    snap = procfs.ProcessSnapshot(123456, "srv", "S", 98765, 0, 5, 0, 0, 1, "srv --x")
+    other = procfs.ProcessSnapshot(123457, "srv", "S", 98765, 0, 5, 0, 0, 1, "srv --x")
+    many = [owners.Holder.of(snap, 1000 + fd, fd % 2 == 0) for fd in range(3)]
+    many.append(owners.Holder.of(other, 1000, True))
+    many.append(owners.Holder.of(snap, 1004, None))
+    many[-1].state = "T"
+    got = pickle.loads(worker.dumps(many))
+    assert got == many
+    assert got[0].pid is got[1].pid is got[2].pid and got[0].ppid is got[2].ppid
+    assert got[0].process is got[2].process and got[0].process == snap
+    assert got[3].pid == 123457 and got[4].state == "T" and got[0].state == "S"
+
     loose = procfs.ProcessInfo(pid=1, comm="a", state="S", ppid=0)
     loose.extra = "kept"
     again = pickle.loads(worker.dumps(loose))

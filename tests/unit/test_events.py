@@ -96,3 +96,25 @@ def test_entry_layout_unpacks_at_once_what_the_field_reads_give():
         assert got[7].lport == entries[7].ep.sport and got[7].family == entries[7].ep.family
         if entry_type is RawEntryNs:
             assert got[9].netns == entries[9].ep.netns != 0
+
+
+def test_decoded_ports_and_namespaces_share_one_int_object_per_value(monkeypatch):
+    """Every lingering socket keeps its Endpoints: the local port and the
+    namespace, the same for the many sockets of one server, are one object
+    per value (a new int each was 56 bytes of every socket at 100,000),
+    and the table of them is bounded."""
+    from closewait_trace.kernel import events
+    from closewait_trace.kernel.events import EntryLayout
+    entries = (RawEntryNs * 2)()
+    for e, rport in zip(entries, (40000, 40001)):
+        e.ep.family, e.ep.sport, e.ep.dport, e.ep.netns = socket.AF_INET, 8080, rport, 4026531840
+    layout = EntryLayout(RawEntryNs)
+    raw = bytearray(bytes(entries))
+    a, b = layout.endpoints(raw, 0), layout.endpoints(raw, 1)
+    assert (a.lport, a.netns, a.rport, b.rport) == (8080, 4026531840, 40000, 40001)
+    assert a.lport is b.lport and a.netns is b.netns
+    monkeypatch.setattr(events, "SHARED_INTS_MAX", 10)
+    monkeypatch.setattr(events, "_SHARED_INTS", {})
+    for value in range(100_000, 100_050):
+        assert events.shared_int(value) == value
+    assert len(events._SHARED_INTS) <= 10

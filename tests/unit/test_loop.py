@@ -951,3 +951,25 @@ def _priority_given_back():
     yield
     if os.getpriority(os.PRIO_PROCESS, 0) != before:
         os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+def test_a_reported_socket_keeps_no_holder_evidence_once_written(tmp_path):
+    """Once its linger record is out, a lingering socket keeps its cause and
+    summary (CLOSED line, `top`, summary) but not its holders' evidence,
+    copied per fd (issue 20: 168 bytes of every socket at 100,000); asked
+    for again, the evidence raises instead of saying nothing; a change of
+    the holder's state still gives a new record with its evidence."""
+    from closewait_trace.evidence import diagnosis
+    w = one_reported_socket(tmp_path, state="S")
+    rec = w.of("linger")[0]
+    assert rec["diagnosis"]["evidence"]["holders"] == [{"pid": 100, "fd": 3 + 5001 % 1000}]
+    (l,) = w.tracer.tracker.by_skaddr.values()
+    assert l.diagnosis.summary == rec["diagnosis"]["summary"]
+    assert l.diagnosis._holders == () and l.diagnosis._listeners == ()
+    with pytest.raises(diagnosis.EvidenceWritten):
+        l.diagnosis.as_dict()
+    w.proc.process(100, comm="srv", state="T")
+    w.step()
+    (update,) = [r for r in w.of("linger") if r["update"]]
+    assert update["diagnosis"]["evidence"]["holders"] == rec["diagnosis"]["evidence"]["holders"]
+    assert l.diagnosis._holders == ()

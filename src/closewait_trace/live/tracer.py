@@ -761,6 +761,10 @@ class LiveTracer:
             else:
                 self.linger_lines += 1
             self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
+            if l.diagnosis is not None:
+                # Written: from here on only its cause and summary are read
+                # (a new diagnosis is made for any later record).
+                l.diagnosis.written()
 
     # --------------------------------------------------- where in the code
 

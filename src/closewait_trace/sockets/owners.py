@@ -64,10 +64,25 @@ class Holder:
         return cls(snap.pid, snap.comm, fd, snap.state, snap.ppid, snap.uid, snap.cmdline,
                    snap.tracer_pid, snap, cloexec)
 
+    def process_part(self) -> tuple:
+        """The fields that every fd of one process shares, in the order
+        holder_of_process takes them."""
+        return (self.pid, self.comm, self.state, self.ppid, self.uid, self.cmdline,
+                self.tracer_pid, self.process)
+
     def as_dict(self) -> dict:
         return {"pid": self.pid, "comm": self.comm, "fd": self.fd,
                 "state": self.state, "ppid": self.ppid, "uid": self.uid,
                 "cmdline": self.cmdline, "tracer_pid": self.tracer_pid}
+
+
+def holder_of_process(part: tuple, fd: int, cloexec: Optional[bool]) -> Holder:
+    """A Holder from its process's shared part (Holder.process_part) and
+    its fd's own fields: how the gathering worker pickles holders, so that
+    the holders of one process unpickle sharing one part (its ints are not
+    copied per socket)."""
+    pid, comm, state, ppid, uid, cmdline, tracer_pid, process = part
+    return Holder(pid, comm, fd, state, ppid, uid, cmdline, tracer_pid, process, cloexec)
 
 
 @dataclass(slots=True)
@@ -132,7 +147,7 @@ MAX_DENIED_NAMED = 3
 class HolderScan:
     """One pass over /proc/*/fd: who holds which wanted socket, and how many
     processes could not be looked at (permission denied)."""
-    holders: dict[int, list[Holder]] = field(default_factory=dict)
+    holders: dict[int, Sequence[Holder]] = field(default_factory=dict)
     denied_pids: set[int] = field(default_factory=set)
 
 
@@ -261,12 +276,14 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             continue                        # gone, or dying: a missing row
         for (inode, fd, _link), flag in zip(matched, cloexec):
             scan.holders.setdefault(inode, []).append(Holder.of(snap, fd, flag))
-    for holders in scan.holders.values():
-        holders.sort(key=lambda h: (h.pid, h.fd))
+    # Tuples: every lingering socket keeps its holders for as long as it
+    # lingers (a list of one is 84 bytes in the loop, a tuple 48).
+    scan.holders = {inode: tuple(sorted(holders, key=lambda h: (h.pid, h.fd)))
+                    for inode, holders in scan.holders.items()}
     return scan
 
 
-def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, list[Holder]]:
+def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, Sequence[Holder]]:
     """One pass over /proc/*/fd: socket inode -> every (process, fd) on it."""
     return scan_holders(inodes, procfs.ProcBatch(proc)).holders
 
