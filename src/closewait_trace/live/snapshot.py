@@ -218,8 +218,9 @@ def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: in
     from closewait_trace.evidence.worker import GatherWorker
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    # Started first, so that its start-up overlaps ours (imports, filters).
-    gatherer = GatherWorker()
+    # Started first, so that its start-up overlaps ours (imports, filters);
+    # without the imports that only the live tracer's calls use.
+    gatherer = GatherWorker(preload=False)
     gatherer.start()
     # One pass that keeps every object it makes to the end: the cyclic
     # collector would only walk them again and again (a third of the cost
@@ -258,7 +259,9 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     finally:
         resolver.close()
     recs = snap.records()
-    out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose))
+    # Held and written in large pieces: one process writing everything it
+    # has, not a live tail.
+    out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose), hold=True)
     lingers = [r for r in recs if r["type"] == "linger"]
     if not as_json:
         described = "; ".join(t for t in (socket_filter.describe(),
