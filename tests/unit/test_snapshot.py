@@ -76,8 +76,8 @@ def test_min_age_leaves_out_sockets_of_unknown_age(fake):
 def test_a_socket_gone_before_the_lookup_is_left_out(fake, monkeypatch):
     real = owners.resolve
 
-    def resolve_after_one_closed(wanted, proc):
-        result = real(wanted, proc)
+    def resolve_after_one_closed(wanted, proc, **kwargs):
+        result = real(wanted, proc, **kwargs)
         for ep in result:
             if ep.rport == 40001:
                 result[ep] = owners.Ownership(kind=owners.OWNER_GONE)

@@ -61,19 +61,22 @@ class Snapshot:
 def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
          proc: str = procfs.PROC, as_root: Optional[bool] = None,
          stacks: bool = False, holder_filter: HolderFilter = HolderFilter(),
-         resolver: Optional[ProcResolver] = None) -> Snapshot:
+         resolver: Optional[ProcResolver] = None, fd_flags: bool = True) -> Snapshot:
     """The sockets (gathering.snapshot_candidates()), resolved and
     diagnosed in one batch. User stacks only when asked (-v): symbolizing a
     binary the first time costs seconds, and a snapshot is a new process
     every time. With a resolver that has a worker (the CLI's), every read of
-    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read."""
+    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read.
+    fd_flags=False: each holder's close-on-exec is read only where it can
+    decide the diagnosis (for an output that does not show it: text
+    without -v), one read of /proc per socket less."""
     from closewait_trace.evidence import diagnosis
     from closewait_trace.evidence.resolver import ProcResolver
     from closewait_trace.evidence.worker import GatherFailed
     as_root = os.geteuid() == 0 if as_root is None else as_root
     resolver = resolver or ProcResolver(proc)
     resolver.stacks = stacks
-    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns)
+    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns, fd_flags)
     cache = diagnosis.Batch(stacks=stacks)
     todo: list[Lingerer] = []
     identities: dict = {}
@@ -249,8 +252,11 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
     resolver = ProcResolver(worker=gatherer)
     try:
+        # The holders' close-on-exec flags are shown in JSON and with -v;
+        # the text otherwise needs them only where they decide a diagnosis.
         snap = take(socket_filter, min_age_ns, as_root=as_root, stacks=verbose,
-                    holder_filter=holder_filter, resolver=resolver)
+                    holder_filter=holder_filter, resolver=resolver,
+                    fd_flags=as_json or verbose)
     except GatherFailed as e:
         raise UserError(f"the sockets and their owners could not be read ({e.why}: "
                         f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
