@@ -156,11 +156,21 @@ class NoBcc(importlib.abc.MetaPathFinder):
             raise ImportError("bcc is blocked by the test")
 sys.meta_path.insert(0, NoBcc())
 sys.argv = ["closewait-trace"] + sys.argv[1:]
+import os
+def no_bcc():
+    assert not any(m == "bcc" or m.startswith("bcc.") for m in sys.modules)
+# The snapshot ends without the interpreter's teardown (os._exit): checked there.
+quick_exit = os._exit
+def checked_exit(code):
+    no_bcc()
+    sys.stderr.write("checked: no bcc\n")
+    quick_exit(code)
+os._exit = checked_exit
 from closewait_trace.cli import main
 try:
     main()
 finally:
-    assert not any(m == "bcc" or m.startswith("bcc.") for m in sys.modules)
+    no_bcc()
 """
 
 
@@ -182,6 +192,7 @@ def test_snapshot_works_with_bcc_unimportable():
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "Traceback" not in out.stderr
+        assert "checked: no bcc" in out.stderr
         lingers = [r for r in map(json.loads, out.stdout.splitlines()) if r["type"] == "linger"]
         assert len(lingers) == 1
         (l,) = lingers
