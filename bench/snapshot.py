@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,14 +104,43 @@ def ss_count(ports) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def timed(cmd) -> tuple[float, float, str]:
+def become_subreaper() -> None:
+    """The snapshot kills its gathering worker and never waits for it (a
+    worker may be blocked in the kernel): orphaned, it would be reaped by
+    init and its CPU time counted nowhere. As a subreaper, this script
+    inherits and reaps it, so that the CPU figures hold both processes."""
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans(expected: int, timeout: float = 5.0) -> int:
+    """Waits for `expected` orphans (the run's worker) to end and reaps them."""
+    reaped, deadline = 0, time.monotonic() + timeout
+    while reaped < expected and time.monotonic() < deadline:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            reaped += 1
+        else:
+            time.sleep(0.002)
+    return reaped
+
+
+def timed(cmd, workers: int = 0) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) and stdout of one run. On a
     shared machine the CPU time is what the command costs; the wall time is
-    that plus waiting for a CPU."""
+    that plus waiting for a CPU. workers: processes the command leaves
+    behind to die (the snapshot's worker), reaped and counted in the CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     wall = time.monotonic() - started
+    if reap_orphans(workers) != workers:
+        print(f"WARNING: {cmd[-1]}: its worker was not reaped; CPU time without it")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, out
@@ -127,6 +155,7 @@ def main() -> int:
     ap.add_argument("--holder", choices=["python", "c"], default="python")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    become_subreaper()
     held = start_holders(args.sockets, args.holders, args.holder)
     ports = [port for _p, port in held]
     try:
@@ -147,7 +176,7 @@ def main() -> int:
         # load on a shared machine weighs on ss and the snapshot alike.
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                seconds, cpu_seconds, out = timed(cmd)
+                seconds, cpu_seconds, out = timed(cmd, 0 if cmd[0] == "ss" else 1)
                 results[name].append(seconds)
                 cpu_results[name].append(cpu_seconds)
                 if "--json" in cmd:
