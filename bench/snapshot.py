@@ -115,32 +115,45 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_orphans(expected: int, timeout: float = 5.0) -> int:
-    """Waits for `expected` orphans (the run's worker) to end and reaps them."""
-    reaped, deadline = 0, time.monotonic() + timeout
-    while reaped < expected and time.monotonic() < deadline:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
-            reaped += 1
-        else:
-            time.sleep(0.002)
-    return reaped
+def children() -> set[int]:
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
 
 
-def timed(cmd, workers: int = 0) -> tuple[float, float, str]:
+def reap_orphans(keep: set[int], timeout: float = 5.0) -> bool:
+    """Waits for every child not in keep (the holders) to end and reaps it:
+    a worker the command left behind, inherited as its subreaper (a command
+    that reaped its own worker leaves none). False if one outlived timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        orphans = children() - keep
+        # A zombie is still listed as a child until it is waited for.
+        for pid in orphans:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                orphans = orphans - {pid}
+        if not orphans:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+
+
+def timed(cmd, keep: set[int] = frozenset()) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) and stdout of one run. On a
     shared machine the CPU time is what the command costs; the wall time is
-    that plus waiting for a CPU. workers: processes the command leaves
-    behind to die (the snapshot's worker), reaped and counted in the CPU."""
+    that plus waiting for a CPU. keep: this script's own children (the
+    holders); any other is what the command left behind to die (the
+    snapshot's worker), reaped and counted in the CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     wall = time.monotonic() - started
-    if reap_orphans(workers) != workers:
-        print(f"WARNING: {cmd[-1]}: its worker was not reaped; CPU time without it")
+    if not reap_orphans(keep):
+        print(f"WARNING: {' '.join(cmd[-3:])}: a process it left is still alive; "
+              "CPU time without it")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, out
@@ -169,6 +182,7 @@ def main() -> int:
             "ss -tanp state close-wait": ["ss", "-tanp", "state", "close-wait"],
             "snapshot (text)": TRACER + ["snapshot"] + lport_filter,
             "snapshot --json": TRACER + ["snapshot", "--json"] + lport_filter}
+        holder_pids = {p.pid for p, _port in held}
         results = {name: [] for name in commands}
         cpu_results = {name: [] for name in commands}
         load_before = os.getloadavg()[0]
@@ -176,7 +190,7 @@ def main() -> int:
         # load on a shared machine weighs on ss and the snapshot alike.
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                seconds, cpu_seconds, out = timed(cmd, 0 if cmd[0] == "ss" else 1)
+                seconds, cpu_seconds, out = timed(cmd, holder_pids)
                 results[name].append(seconds)
                 cpu_results[name].append(cpu_seconds)
                 if "--json" in cmd:
