@@ -59,10 +59,11 @@ class CountingStream(io.StringIO):
 
 
 def test_a_holding_sink_writes_the_same_in_few_writes(monkeypatch):
-    """snapshot's sink holds its lines and writes them in pieces of
-    HOLD_LINES: the same text as line by line, 20,000 lines in 3 writes."""
+    """snapshot's sink holds its lines and writes them in pieces of about
+    HOLD_CHARS: the same text as line by line, 20,000 lines in 4 writes."""
     from closewait_trace.output import terminal
-    lines = [f"line {i} \x1b[2J" for i in range(20_000)]    # escaped on the way out
+    monkeypatch.setattr(terminal, "HOLD_CHARS", 100_000)
+    lines = [f"line {i:05} \x1b[2J" for i in range(20_000)]    # escaped on the way out
     plain, held = CountingStream(), CountingStream()
     TerminalSink(False, render.TextRenderer(), stream=plain).write_lines(lines)
     sink = TerminalSink(False, render.TextRenderer(), stream=held, hold=True)
@@ -73,7 +74,8 @@ def test_a_holding_sink_writes_the_same_in_few_writes(monkeypatch):
     assert held.getvalue() == plain.getvalue()
     assert "\x1b" not in held.getvalue()
     assert plain.writes == 20_000
-    assert held.writes == -(-20_000 // terminal.HOLD_LINES)
+    assert len(plain.getvalue()) == 20_000 * 19          # "line 00000 \\x1b[2J\n"
+    assert held.writes == 4              # 3 of 100,000 characters or just over, the flush
 
 
 def test_a_holding_sink_stops_quietly_when_the_reader_is_gone(monkeypatch):

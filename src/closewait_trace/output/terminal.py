@@ -13,15 +13,16 @@ from closewait_trace.output import render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
 
 
-# Lines a holding sink keeps before it writes them (about 1 MB of text).
-HOLD_LINES = 8192
-
-
 def notice(line: str) -> None:
     """One line on stderr (a warning, a notice, the banner of a trace whose
     stdout is JSON or nothing), written at once."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+# Characters a holding sink keeps before it writes them (a JSON line of a
+# snapshot is 0.5-3 KB, a text line 80 characters).
+HOLD_CHARS = 1 << 20
 
 
 class TerminalSink:
@@ -45,11 +46,12 @@ class TerminalSink:
         # A live trace whose stdout is JSON or nothing: the start record's
         # banner goes to stderr (said "ready": a reproduction may start).
         self.banner_on_stderr = False
-        # hold: lines are kept and written HOLD_LINES at a time, and at
+        # hold: lines are kept and written HOLD_CHARS at a time, and at
         # flush(), in one write each (a one-shot output: snapshot). Written
         # line by line, 10,000 sockets were 20,000 write(2)s wherever
         # stdout is unbuffered (PYTHONUNBUFFERED=1, common in containers).
         self._held: list | None = [] if hold else None
+        self._held_chars = 0
 
     @property
     def _out(self):
@@ -127,8 +129,11 @@ class TerminalSink:
         held = self._held
         try:
             if held is not None:
-                held.extend(textsafe.safe_line(line) + "\n" for line in lines)
-                if len(held) >= HOLD_LINES:
+                for line in lines:
+                    line = textsafe.safe_line(line) + "\n"
+                    held.append(line)
+                    self._held_chars += len(line)
+                if self._held_chars >= HOLD_CHARS:
                     self._write_held()
                 return
             out = self._out
@@ -140,7 +145,7 @@ class TerminalSink:
             self._reader_gone()
 
     def _write_held(self) -> None:
-        text, self._held[:] = "".join(self._held), []
+        text, self._held[:], self._held_chars = "".join(self._held), [], 0
         self._write_text(text)
 
     def write_line(self, line: str) -> None:
