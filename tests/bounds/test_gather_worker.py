@@ -458,3 +458,16 @@ def test_the_preload_is_imported_before_ready_only_when_asked(monkeypatch, prelo
             assert g.call("imported", module, deadline_s=30) is preload
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_the_collector_is_off_in_a_worker_only_when_asked(monkeypatch, collect):
+    """snapshot's worker (collect=False) answers two calls and is ended: its
+    collector would only walk the answer's objects. The live tracer's keeps
+    it (a worker that lives as long as the trace)."""
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", collect=collect)
+    try:
+        assert g.call("collecting", deadline_s=30) is collect
+    finally:
+        g.close()

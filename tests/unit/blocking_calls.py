@@ -24,6 +24,12 @@ def imported(module: str) -> bool:
     return module in sys.modules
 
 
+def collecting() -> bool:
+    """Whether the worker's cyclic collector is on."""
+    import gc
+    return gc.isenabled()
+
+
 def _blocked(pid) -> bool:
     return str(pid) in os.environ.get(BLOCKED_PIDS_ENV, "").split(",")
 
@@ -63,4 +69,5 @@ def silent_for(seconds: float) -> str:
 
 
 CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
-             reading_for=reading_for, silent_for=silent_for, imported=imported)
+             reading_for=reading_for, silent_for=silent_for, imported=imported,
+             collecting=collecting)

@@ -228,8 +228,9 @@ def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: in
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
     # Started first, so that its start-up overlaps ours (imports, filters);
-    # without the imports that only the live tracer's calls use.
-    gatherer = GatherWorker(preload=False)
+    # without the imports that only the live tracer's calls use, and, as
+    # here, without the cyclic collector (two calls, then it is ended).
+    gatherer = GatherWorker(preload=False, collect=False)
     gatherer.start()
     # One pass that keeps every object it makes to the end: the cyclic
     # collector would only walk them again and again (a third of the cost
