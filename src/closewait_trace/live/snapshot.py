@@ -137,10 +137,19 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
     biggest group first. 10,000 sockets of one process are one line."""
     from closewait_trace.output.textsafe import escape
     groups: dict[tuple, HolderGroup] = {}
+    # (pid, comm, state) -> its label: the sockets of one holder share it
+    # (escaped once, not once per socket).
+    labels: dict[tuple, str] = {}
     for rec in linger_records:
         # Names are the processes' own word: escaped like every text field.
-        keys = [(("pid", o["pid"]), f"{o['pid']}/{escape(o['comm'])} [{escape(o['state'])}]")
-                for o in {o["pid"]: o for o in rec.get("owners") or []}.values()]
+        keys = []
+        for o in {o["pid"]: o for o in rec.get("owners") or []}.values():
+            who = (o["pid"], o["comm"], o["state"])
+            label = labels.get(who)
+            if label is None:
+                label = labels[who] = (f"{o['pid']}/{escape(o['comm'])} "
+                                       f"[{escape(o['state'])}]")
+            keys.append((("pid", o["pid"]), label))
         if not keys:
             if rec.get("owner_kind") == owners.OWNER_ACCEPT_QUEUE:
                 listener = rec.get("listener") or {}
