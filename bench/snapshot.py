@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,14 +104,56 @@ def ss_count(ports) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def timed(cmd) -> tuple[float, float, str]:
+def become_subreaper() -> None:
+    """The snapshot kills its gathering worker and never waits for it (a
+    worker may be blocked in the kernel): orphaned, it would be reaped by
+    init and its CPU time counted nowhere. As a subreaper, this script
+    inherits and reaps it, so that the CPU figures hold both processes."""
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def children() -> set[int]:
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def reap_orphans(keep: set[int], timeout: float = 5.0) -> bool:
+    """Waits for every child not in keep (the holders) to end and reaps it:
+    a worker the command left behind, inherited as its subreaper (a command
+    that reaped its own worker leaves none). False if one outlived timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        orphans = children() - keep
+        # A zombie is still listed as a child until it is waited for.
+        for pid in orphans:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                orphans = orphans - {pid}
+        if not orphans:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+
+
+def timed(cmd, keep: set[int] = frozenset()) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) and stdout of one run. On a
     shared machine the CPU time is what the command costs; the wall time is
-    that plus waiting for a CPU."""
+    that plus waiting for a CPU. keep: this script's own children (the
+    holders); any other is what the command left behind to die (the
+    snapshot's worker), reaped and counted in the CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     wall = time.monotonic() - started
+    if not reap_orphans(keep):
+        print(f"WARNING: {' '.join(cmd[-3:])}: a process it left is still alive; "
+              "CPU time without it")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, out
@@ -127,6 +168,7 @@ def main() -> int:
     ap.add_argument("--holder", choices=["python", "c"], default="python")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    become_subreaper()
     held = start_holders(args.sockets, args.holders, args.holder)
     ports = [port for _p, port in held]
     try:
@@ -140,6 +182,7 @@ def main() -> int:
             "ss -tanp state close-wait": ["ss", "-tanp", "state", "close-wait"],
             "snapshot (text)": TRACER + ["snapshot"] + lport_filter,
             "snapshot --json": TRACER + ["snapshot", "--json"] + lport_filter}
+        holder_pids = {p.pid for p, _port in held}
         results = {name: [] for name in commands}
         cpu_results = {name: [] for name in commands}
         load_before = os.getloadavg()[0]
@@ -147,7 +190,7 @@ def main() -> int:
         # load on a shared machine weighs on ss and the snapshot alike.
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                seconds, cpu_seconds, out = timed(cmd)
+                seconds, cpu_seconds, out = timed(cmd, holder_pids)
                 results[name].append(seconds)
                 cpu_results[name].append(cpu_seconds)
                 if "--json" in cmd:

@@ -430,12 +430,20 @@ def snapshot_command(min_age, lports, rports, ipv4, ipv6, as_json, wide, verbose
     socket_filter = socket_filter_of(lports, rports, ipv4, ipv6)
     holder_filter = holder_filter_of(pids, comms, cgroups, containers, units)
     from closewait_trace.live import snapshot
-    snapshot.run(socket_filter, holder_filter, min_age, as_json, wide, verbose)
+    # Run by main(), in a process of its own: once all is written, it ends
+    # without the interpreter's teardown.
+    own = click.get_current_context().obj == OWN_PROCESS
+    snapshot.run(socket_filter, holder_filter, min_age, as_json, wide, verbose,
+                 end=_quick_exit if own else None)
 
 
 # Set once a live trace has ended cleanly (run() wrote the summary and closed
 # every sink, the probe and the worker).
 _TRACE_ENDED = False
+# The context's obj when main() runs the command line: the command is the
+# process's own, which may end without the interpreter's teardown once all
+# is written (not when a test invokes the commands in its process).
+OWN_PROCESS = "own process"
 
 
 def _quick_exit() -> None:
@@ -467,7 +475,7 @@ def main() -> None:
         except (AttributeError, ValueError):
             pass
     try:
-        main_group.main(standalone_mode=False, prog_name="closewait-trace")
+        main_group.main(standalone_mode=False, prog_name="closewait-trace", obj=OWN_PROCESS)
         if _TRACE_ENDED:
             _quick_exit()
     except click.exceptions.Abort:

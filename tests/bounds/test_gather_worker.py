@@ -457,3 +457,32 @@ def test_owners_of_many_sockets_come_back_in_chunks_each_to_its_socket(tmp_path,
         i = ep.lport - 8000
         assert own.inode == 1000 + i and [(h.pid, h.fd) for h in own.holders] == [(100, 10 + i)]
     assert ProcResolver(proc=proc.root).owners(asked) == found
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_the_preload_is_imported_before_ready_only_when_asked(monkeypatch, preload):
+    """The live tracer's worker imports what its start-up scans use before
+    it says "ready"; snapshot's (preload=False) never makes those calls and
+    does not pay for them (pyelftools: 25-40 ms before its first answer)."""
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", preload=preload)
+    from tests.unit import blocking_calls
+    assert blocking_calls.PRELOAD
+    try:
+        for module in blocking_calls.PRELOAD:
+            assert g.call("imported", module, deadline_s=30) is preload
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_the_collector_is_off_in_a_worker_only_when_asked(monkeypatch, collect):
+    """snapshot's worker (collect=False) answers two calls and is ended: its
+    collector would only walk the answer's objects. The live tracer's keeps
+    it (a worker that lives as long as the trace)."""
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", collect=collect)
+    try:
+        assert g.call("collecting", deadline_s=30) is collect
+    finally:
+        g.close()

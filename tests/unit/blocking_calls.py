@@ -14,6 +14,22 @@ SLOW_IMPORT_ENV = "CLOSEWAIT_TEST_SLOW_IMPORT_S"
 time.sleep(float(os.environ.get(SLOW_IMPORT_ENV) or 0))
 
 
+# As the real calls' module: what a worker imports before "ready".
+PRELOAD = gathering.PRELOAD
+
+
+def imported(module: str) -> bool:
+    """Whether the worker has imported module."""
+    import sys
+    return module in sys.modules
+
+
+def collecting() -> bool:
+    """Whether the worker's cyclic collector is on."""
+    import gc
+    return gc.isenabled()
+
+
 def _blocked(pid) -> bool:
     return str(pid) in os.environ.get(BLOCKED_PIDS_ENV, "").split(",")
 
@@ -53,4 +69,5 @@ def silent_for(seconds: float) -> str:
 
 
 CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
-             reading_for=reading_for, silent_for=silent_for)
+             reading_for=reading_for, silent_for=silent_for, imported=imported,
+             collecting=collecting)

@@ -1,3 +1,4 @@
+import os
 import shutil
 import socket
 
@@ -190,3 +191,63 @@ def test_empty_fields_of_many_sockets_are_one_shared_object(fake):
         assert all(not v for v in values)
         assert all(v is values[0] for v in values), name
     assert len({id(own.holders) for own in got}) == 3      # each its own holders
+
+
+def test_without_fd_flags_cloexec_is_read_only_where_it_decides(fake, monkeypatch):
+    """snapshot's text without -v shows no fd's close-on-exec; it matters
+    only to tell a socket inherited from the listener's server (held by one
+    other process, diagnosis._decide). So without fd_flags the fdinfo of
+    that holder is read and no other: the server's 30 sockets none."""
+    fake.process(10, comm="server").process(13, comm="child", ppid=10)
+    fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, LISTEN, 800)
+    fake.fd(10, 3, 800, cloexec=True)
+    for i in range(30):                          # the server's own sockets
+        fake.tcp(10, V4, "127.0.0.1", 5555, "127.0.0.1", 40000 + i, CW, 1000 + i)
+        fake.fd(10, 10 + i, 1000 + i, cloexec=i % 2 == 0)
+    fake.tcp(10, V4, "127.0.0.1", 5555, "10.1.2.4", 41002, CW, 2000)
+    fake.fd(13, 5, 2000)                         # inherited: no close-on-exec
+    fake.fd(13, 6, 2001, cloexec=True)           # and one with it
+    fake.tcp(10, V4, "127.0.0.1", 5555, "10.1.2.5", 41003, CW, 2001)
+    wanted = [ep(5555, 40000 + i) for i in range(30)] + [
+        ep(5555, 41002, raddr="10.1.2.4"), ep(5555, 41003, raddr="10.1.2.5")]
+    every = owners.resolve(wanted, fake.root)
+    reads = []
+    real = owners._fd_cloexec
+    monkeypatch.setattr(owners, "_fd_cloexec",
+                        lambda path, dir_fd=None: reads.append(path) or real(path, dir_fd))
+    some = owners.resolve(wanted, fake.root, fd_flags=False)
+    assert sorted(reads) == ["5", "6"]                  # pid 13's fds only
+    for e in wanted:
+        flags = [h.cloexec for h in some[e].holders]
+        if e.rport >= 41000:
+            assert flags == [h.cloexec for h in every[e].holders]
+        else:
+            assert flags == [None]
+    assert [h.cloexec for h in some[wanted[30]].holders] == [False]
+    assert [h.cloexec for h in some[wanted[31]].holders] == [True]
+    assert [h.cloexec for h in every[wanted[0]].holders] == [True]    # read with fd_flags
+
+
+def test_a_decisive_flag_of_a_reused_pid_stays_unknown(fake, monkeypatch):
+    """The flags read after the scan are checked as the scan checks its
+    own: the fd still links to the socket, else the pid was reused and the
+    flags are not that holder's (left None)."""
+    fake.process(10, comm="server").process(13, comm="child", ppid=10)
+    fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, LISTEN, 800)
+    fake.fd(10, 3, 800, cloexec=True)
+    fake.tcp(10, V4, "127.0.0.1", 5555, "10.1.2.4", 41002, CW, 2000)
+    fake.fd(13, 5, 2000)
+    real = owners._cloexec_flags
+
+    def then_reused(fd_dir, fds):
+        flags = real(fd_dir, fds)
+        if fd_dir.endswith("/13/fd"):            # fd 5 is now another socket
+            os.unlink(os.path.join(fd_dir, "5"))
+            fake.fd(13, 5, 9999)
+        return flags
+
+    wanted = [ep(5555, 41002, raddr="10.1.2.4")]
+    monkeypatch.setattr(owners, "_cloexec_flags", then_reused)
+    some = owners.resolve(wanted, fake.root, fd_flags=False)
+    assert [h.pid for h in some[wanted[0]].holders] == [13]
+    assert [h.cloexec for h in some[wanted[0]].holders] == [None]

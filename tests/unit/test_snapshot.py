@@ -76,8 +76,8 @@ def test_min_age_leaves_out_sockets_of_unknown_age(fake):
 def test_a_socket_gone_before_the_lookup_is_left_out(fake, monkeypatch):
     real = owners.resolve
 
-    def resolve_after_one_closed(wanted, proc):
-        result = real(wanted, proc)
+    def resolve_after_one_closed(wanted, proc, **kwargs):
+        result = real(wanted, proc, **kwargs)
         for ep in result:
             if ep.rport == 40001:
                 result[ep] = owners.Ownership(kind=owners.OWNER_GONE)
@@ -156,11 +156,21 @@ class NoBcc(importlib.abc.MetaPathFinder):
             raise ImportError("bcc is blocked by the test")
 sys.meta_path.insert(0, NoBcc())
 sys.argv = ["closewait-trace"] + sys.argv[1:]
+import os
+def no_bcc():
+    assert not any(m == "bcc" or m.startswith("bcc.") for m in sys.modules)
+# The snapshot ends without the interpreter's teardown (os._exit): checked there.
+quick_exit = os._exit
+def checked_exit(code):
+    no_bcc()
+    sys.stderr.write("checked: no bcc\n")
+    quick_exit(code)
+os._exit = checked_exit
 from closewait_trace.cli import main
 try:
     main()
 finally:
-    assert not any(m == "bcc" or m.startswith("bcc.") for m in sys.modules)
+    no_bcc()
 """
 
 
@@ -182,6 +192,7 @@ def test_snapshot_works_with_bcc_unimportable():
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "Traceback" not in out.stderr
+        assert "checked: no bcc" in out.stderr
         lingers = [r for r in map(json.loads, out.stdout.splitlines()) if r["type"] == "linger"]
         assert len(lingers) == 1
         (l,) = lingers

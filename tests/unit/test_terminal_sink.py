@@ -43,3 +43,56 @@ def test_text_and_replay_say_no_banner_on_stderr(capsys):
         TerminalSink(as_json, render.TextRenderer(), stream=out).emit(start_record())
         assert capsys.readouterr().err == ""
         assert out.getvalue()
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes (each a write(2) where stdout is
+    unbuffered: PYTHONUNBUFFERED=1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_holding_sink_writes_the_same_in_few_writes(monkeypatch):
+    """snapshot's sink holds its lines and writes them in pieces of about
+    HOLD_CHARS: the same text as line by line, 20,000 lines in 4 writes."""
+    from closewait_trace.output import terminal
+    monkeypatch.setattr(terminal, "HOLD_CHARS", 100_000)
+    lines = [f"line {i:05} \x1b[2J" for i in range(20_000)]    # escaped on the way out
+    plain, held = CountingStream(), CountingStream()
+    TerminalSink(False, render.TextRenderer(), stream=plain).write_lines(lines)
+    sink = TerminalSink(False, render.TextRenderer(), stream=held, hold=True)
+    for i in range(0, len(lines), 7):
+        sink.write_lines(lines[i:i + 7])
+    assert held.getvalue() == plain.getvalue()[:len(held.getvalue())]
+    sink.flush()
+    assert held.getvalue() == plain.getvalue()
+    assert "\x1b" not in held.getvalue()
+    assert plain.writes == 20_000
+    assert len(plain.getvalue()) == 20_000 * 19          # "line 00000 \\x1b[2J\n"
+    assert held.writes == 4              # 3 of 100,000 characters or just over, the flush
+
+
+def test_a_holding_sink_stops_quietly_when_the_reader_is_gone(monkeypatch):
+    """`snapshot | head -1`: the held lines' write fails (EPIPE), output
+    ends, nothing more is written, flush() raises nothing."""
+    class Gone(CountingStream):
+        def write(self, text):
+            super().write(text)
+            raise BrokenPipeError
+
+    out = Gone()
+    sink = TerminalSink(False, render.TextRenderer(), stream=out, hold=True)
+    monkeypatch.setattr(sink, "_reader_gone", lambda: setattr(sink, "closed", True))
+    sink.write_lines(["a", "b"])
+    assert out.writes == 0
+    sink.flush()
+    assert sink.closed and out.writes == 1
+    sink.write_lines(["c"])
+    sink.flush()
+    assert out.writes == 1

@@ -133,12 +133,15 @@ def now_ns() -> int:
 
 
 def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
-                        proc: str = procfs.PROC) -> tuple[list[Lingerer], dict, int]:
+                        proc: str = procfs.PROC,
+                        fd_flags: bool = True) -> tuple[list[Lingerer], dict, int]:
     """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
     namespace, with tcp_info), estimate their ages, keep those at least
     min_age_ns old, and find their owners: (sockets, owners by endpoints,
     kernel clock of the read). Runs in the gathering worker; `snapshot`
-    (live/snapshot.py) resolves, diagnoses and shows them."""
+    (live/snapshot.py) resolves, diagnoses and shows them. fd_flags: as
+    owners.resolve's (False: close-on-exec only where it can decide the
+    diagnosis)."""
     with procnet.one_read_per_namespace():
         # One dump per namespace, with the listeners that owners.resolve
         # needs next, so that it asks the kernel nothing more.
@@ -153,7 +156,7 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
         # A socket without tcp_info is "at least 0 s" old: it is shown only
         # when no minimum age was asked for.
         due = tracker.due(taken)
-        resolved = owners.resolve([l.endpoints for l in due], proc)
+        resolved = owners.resolve([l.endpoints for l in due], proc, fd_flags=fd_flags)
     return due, resolved, taken
 
 

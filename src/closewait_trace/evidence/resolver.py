@@ -276,8 +276,8 @@ class ProcResolver:
             self.worker.tag_last_abandoned(reading)
         return found
 
-    def snapshot_candidates(self, socket_filter, min_age_ns: int):
-        return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc,
+    def snapshot_candidates(self, socket_filter, min_age_ns: int, fd_flags: bool = True):
+        return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc, fd_flags,
                          deadline_s=SNAPSHOT_CAP_S, progress_s=SNAPSHOT_STALL_S)
 
     def symbolizer_problems(self) -> dict:

@@ -127,7 +127,7 @@ def pass_capabilities_on() -> None:
 DEFAULT_CALLS = "closewait_trace.evidence.gathering"
 
 
-def _calls(module: str) -> dict:
+def _calls(module: str, preload: bool = True) -> dict:
     # Imported in the child only: what the worker may be asked to run (the
     # module's CALLS; another module only in tests, to stand for reads
     # that block).
@@ -136,9 +136,12 @@ def _calls(module: str) -> dict:
     # What its calls import on first use, imported now, before "ready":
     # the worker starts while the tracer's program compiles, and its first
     # calls (the start-up scans) then do not pay for them on the way to
-    # the tracer's "ready".
-    for name in getattr(calls, "PRELOAD", ()):
-        importlib.import_module(name)
+    # the tracer's "ready". Not for a caller that never makes those calls
+    # (snapshot): there the imports (pyelftools, 25-40 ms) would be on the
+    # way to its first answer, for nothing.
+    if preload:
+        for name in getattr(calls, "PRELOAD", ()):
+            importlib.import_module(name)
     return calls.CALLS
 
 
@@ -262,13 +265,19 @@ def _report_progress(out) -> None:
                 return
 
 
-def serve(parent: int, calls_module: str = DEFAULT_CALLS) -> None:
-    """The child's loop: read a call, run it, answer; until stdin closes."""
+def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
+          collect: bool = True) -> None:
+    """The child's loop: read a call, run it, answer; until stdin closes.
+    preload: import the calls module's PRELOAD before saying "ready".
+    collect: False turns Python's cyclic collector off for good."""
     _die_with_parent(parent)
+    if not collect:
+        import gc
+        gc.disable()
     # Terminal signals are the tracer's to handle, not ours.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGPIPE else signal.SIG_IGN)
-    calls = _calls(calls_module)
+    calls = _calls(calls_module, preload)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
     # Started: the interpreter and its imports took what they took (seconds
@@ -304,6 +313,14 @@ class GatherWorker:
 
     abort: Callable[[], bool] = lambda: False
     calls_module: str = DEFAULT_CALLS
+    # Import the calls' PRELOAD at start (the live tracer's start-up scans
+    # use them); False for a caller that never calls those (snapshot).
+    preload: bool = True
+    # The cyclic collector on in the worker. Off for a worker that answers
+    # a call or two and is ended (snapshot): it only walked the objects of
+    # the answer, kept until pickled, finding nothing (4-8% of the CPU of
+    # reading and pickling 10,000 sockets).
+    collect: bool = True
     while_waiting: Optional[Callable[[], None]] = None
     timeouts: int = 0                     # calls that missed their deadline
     failures: int = 0                     # calls that failed otherwise
@@ -331,8 +348,10 @@ class GatherWorker:
         self._proc = subprocess.Popen(
             [sys.executable, "-c",
              "import sys; from closewait_trace.evidence import worker; "
-             "worker.serve(int(sys.argv[1]), sys.argv[2])", str(os.getpid()),
-             self.calls_module],
+             "worker.serve(int(sys.argv[1]), sys.argv[2], sys.argv[3] == '1', "
+             "sys.argv[4] == '1')",
+             str(os.getpid()), self.calls_module, "1" if self.preload else "0",
+             "1" if self.collect else "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             # Not the tracer's stderr: an abandoned worker blocked in the
             # kernel would hold it open after the tracer exits, and whoever

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from closewait_trace.durations import format_age
 from closewait_trace.evidence import gathering
@@ -61,19 +61,22 @@ class Snapshot:
 def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
          proc: str = procfs.PROC, as_root: Optional[bool] = None,
          stacks: bool = False, holder_filter: HolderFilter = HolderFilter(),
-         resolver: Optional[ProcResolver] = None) -> Snapshot:
+         resolver: Optional[ProcResolver] = None, fd_flags: bool = True) -> Snapshot:
     """The sockets (gathering.snapshot_candidates()), resolved and
     diagnosed in one batch. User stacks only when asked (-v): symbolizing a
     binary the first time costs seconds, and a snapshot is a new process
     every time. With a resolver that has a worker (the CLI's), every read of
-    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read."""
+    /proc happens there under deadlines; a GatherFailed from the first read means nothing was read.
+    fd_flags=False: each holder's close-on-exec is read only where it can
+    decide the diagnosis (for an output that does not show it: text
+    without -v), one read of /proc per socket less."""
     from closewait_trace.evidence import diagnosis
     from closewait_trace.evidence.resolver import ProcResolver
     from closewait_trace.evidence.worker import GatherFailed
     as_root = os.geteuid() == 0 if as_root is None else as_root
     resolver = resolver or ProcResolver(proc)
     resolver.stacks = stacks
-    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns)
+    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns, fd_flags)
     cache = diagnosis.Batch(stacks=stacks)
     todo: list[Lingerer] = []
     identities: dict = {}
@@ -134,10 +137,19 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
     biggest group first. 10,000 sockets of one process are one line."""
     from closewait_trace.output.textsafe import escape
     groups: dict[tuple, HolderGroup] = {}
+    # (pid, comm, state) -> its label: the sockets of one holder share it
+    # (escaped once, not once per socket).
+    labels: dict[tuple, str] = {}
     for rec in linger_records:
         # Names are the processes' own word: escaped like every text field.
-        keys = [(("pid", o["pid"]), f"{o['pid']}/{escape(o['comm'])} [{escape(o['state'])}]")
-                for o in {o["pid"]: o for o in rec.get("owners") or []}.values()]
+        keys = []
+        for o in {o["pid"]: o for o in rec.get("owners") or []}.values():
+            who = (o["pid"], o["comm"], o["state"])
+            label = labels.get(who)
+            if label is None:
+                label = labels[who] = (f"{o['pid']}/{escape(o['comm'])} "
+                                       f"[{escape(o['state'])}]")
+            keys.append((("pid", o["pid"]), label))
         if not keys:
             if rec.get("owner_kind") == owners.OWNER_ACCEPT_QUEUE:
                 listener = rec.get("listener") or {}
@@ -211,15 +223,23 @@ def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
 
 
 def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: int,
-        as_json: bool, wide: bool, verbose: bool) -> None:
-    """The `snapshot` subcommand, from the parsed options to the last line."""
+        as_json: bool, wide: bool, verbose: bool,
+        end: Optional[Callable[[], None]] = None) -> None:
+    """The `snapshot` subcommand, from the parsed options to the last line.
+    end: called once everything is written, the worker ended, and the
+    objects built still alive and out of the collector's way: the CLI's
+    exit without the interpreter's teardown (cli._quick_exit). Freeing
+    them one by one (the records, lines and holders of 10,000 sockets) took
+    about 50 ms, for a process that ends the next moment."""
     import gc
 
     from closewait_trace.evidence.worker import GatherWorker
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    # Started first, so that its start-up overlaps ours (imports, filters).
-    gatherer = GatherWorker()
+    # Started first, so that its start-up overlaps ours (imports, filters);
+    # without the imports that only the live tracer's calls use, and, as
+    # here, without the cyclic collector (two calls, then it is ended).
+    gatherer = GatherWorker(preload=False, collect=False)
     gatherer.start()
     # One pass that keeps every object it makes to the end: the cyclic
     # collector would only walk them again and again (a third of the cost
@@ -227,17 +247,21 @@ def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: in
     collecting = gc.isenabled()
     gc.disable()
     try:
-        show(gatherer, socket_filter, holder_filter, min_age_ns, as_json, wide, verbose)
+        kept = show(gatherer, socket_filter, holder_filter, min_age_ns, as_json, wide, verbose)
     finally:
         gatherer.close()
-        if collecting:
-            gc.enable()
+    if end is not None:
+        end()
+    del kept
+    if collecting:
+        gc.enable()
 
 
 def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: int,
-         as_json: bool, wide: bool, verbose: bool) -> None:
+         as_json: bool, wide: bool, verbose: bool) -> tuple:
     """One snapshot taken through the worker and written through the
-    terminal sink: title, column header, records, footer; notices on stderr."""
+    terminal sink: title, column header, records, footer; notices on stderr.
+    Returns what it built (for run to leave to the exit)."""
     from closewait_trace.errors import EXIT_GATHER, UserError
     from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
     from closewait_trace.evidence.worker import GatherFailed
@@ -248,8 +272,11 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     warn_unmatched_holders(holder_filter, "no socket this snapshot shows is theirs")
     resolver = ProcResolver(worker=gatherer)
     try:
+        # The holders' close-on-exec flags are shown in JSON and with -v;
+        # the text otherwise needs them only where they decide a diagnosis.
         snap = take(socket_filter, min_age_ns, as_root=as_root, stacks=verbose,
-                    holder_filter=holder_filter, resolver=resolver)
+                    holder_filter=holder_filter, resolver=resolver,
+                    fd_flags=as_json or verbose)
     except GatherFailed as e:
         raise UserError(f"the sockets and their owners could not be read ({e.why}: "
                         f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
@@ -258,7 +285,9 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     finally:
         resolver.close()
     recs = snap.records()
-    out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose))
+    # Held and written in large pieces: one process writing everything it
+    # has, not a live tail.
+    out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose), hold=True)
     lingers = [r for r in recs if r["type"] == "linger"]
     if not as_json:
         described = "; ".join(t for t in (socket_filter.describe(),
@@ -274,3 +303,4 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     out.flush()
     for line in notice_lines(snap, as_root):
         notice(line)
+    return snap, recs, out

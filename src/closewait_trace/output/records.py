@@ -36,7 +36,14 @@ def wall_time_in(ts: float, tz) -> str:
 
 
 def wall_time(ts: float) -> str:
-    return wall_time_in(ts, zone_of(ts))
+    # The records of one batch share their ts (a snapshot's 10,000): the
+    # text of the last one is kept with the zone (cleared with it).
+    last = _tz_cache.get("last")
+    if last is not None and last[0] == ts:
+        return last[1]
+    text = wall_time_in(ts, zone_of(ts))
+    _tz_cache["last"] = (ts, text)
+    return text
 
 
 def _base(kind: str, ts: float) -> dict:

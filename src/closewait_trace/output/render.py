@@ -735,9 +735,10 @@ def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
             out.append(indent + textsafe.cut(text, LINE - len(indent)))
 
     if read is None:
-        why = code.get("eof_read_unknown")
-        say(f"EOF read: place not known: {escape(why)}" if why
-            else "EOF read: none seen since the peer closed", False)
+        if verbose:             # said only with -v (not worth building otherwise)
+            why = code.get("eof_read_unknown")
+            say(f"EOF read: place not known: {escape(why)}" if why
+                else "EOF read: none seen since the peer closed", False)
     else:
         place_text = _place_text(read)
         ago, at = _number(rec.get("ts")), _number(read.get("ts"))

@@ -149,6 +149,9 @@ class HolderScan:
     processes could not be looked at (permission denied)."""
     holders: dict[int, Sequence[Holder]] = field(default_factory=dict)
     denied_pids: set[int] = field(default_factory=set)
+    # pid -> the fd directory its holders were found in (/proc/PID/fd, or
+    # a thread's), when the fd flags were not read in the scan.
+    fd_dirs: dict[int, str] = field(default_factory=dict)
 
 
 O_CLOEXEC = 0o2000000
@@ -187,6 +190,52 @@ def _fd_cloexec(path: str, dir_fd: Optional[int] = None) -> Optional[bool]:
         return None
 
 
+def _cloexec_flags(fd_dir: str, fds: list[int]) -> list[Optional[bool]]:
+    """O_CLOEXEC of each fd of fd_dir (/proc/PID/fd or a thread's), from its
+    fdinfo directory opened once; all None when that cannot be opened."""
+    try:
+        with procfs.opened_dir(fd_dir[:-2] + "fdinfo") as info_fd:
+            return [_fd_cloexec(str(fd), info_fd) for fd in fds]
+    except procfs.ResourceExhausted:
+        raise
+    except procfs.ProcError:
+        return [None] * len(fds)     # as each read failing would say
+
+
+def cloexec_where_decisive(owns: Iterable[Ownership], fd_dirs: dict[int, str]) -> None:
+    """Reads close-on-exec for the holders whose flag can decide the
+    diagnosis, after a scan that read none (scan_holders without fd_flags):
+    a socket held by one process while another holds its listener is
+    "inherited" when that holder's fd lacks it (diagnosis._decide); every
+    other holder's flag is only shown (JSON, -v), and stays None. Read once
+    per process, then its first fd's link checked as the scan checks it (a
+    pid reused meanwhile leaves the flags unknown)."""
+    wanted: dict[int, list[tuple[Holder, int]]] = {}
+    for own in owns:
+        if own.kind != OWNER_FD or not own.holders or not own.listener_holders:
+            continue
+        pids = {h.pid for h in own.holders}
+        if all(h.pid in pids for h in own.listener_holders):
+            continue
+        for h in own.holders:
+            wanted.setdefault(h.pid, []).append((h, own.inode))
+    for pid, held in wanted.items():
+        fd_dir = fd_dirs.get(pid)
+        if fd_dir is None:
+            continue
+        try:
+            flags = _cloexec_flags(fd_dir, [h.fd for h, _inode in held])
+            first, inode = held[0]
+            if procfs.readlink(f"{fd_dir}/{first.fd}") != f"socket:[{inode}]":
+                continue
+        except procfs.ResourceExhausted:
+            raise
+        except procfs.ProcError:
+            continue
+        for (h, _inode), flag in zip(held, flags):
+            h.cloexec = flag
+
+
 def _cloexec_of(raw: bytes) -> Optional[bool]:
     # The bytes as they are, without decoding the rest.
     for line in raw.splitlines():
@@ -222,9 +271,13 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
     return fd_dir, names
 
 
-def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
+def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
+                 fd_flags: bool = True) -> HolderScan:
     """Every (process, fd) on each wanted socket inode. A process that exits
-    while we look is a missing row; one we may not read is counted."""
+    while we look is a missing row; one we may not read is counted.
+    fd_flags: each holder's close-on-exec is read (one fdinfo read per fd);
+    else left None (unknown) and the fd directories kept in fd_dirs, for
+    cloexec_where_decisive."""
     wanted = set(inodes)
     scan = HolderScan()
     if not wanted:
@@ -254,19 +307,15 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch) -> HolderScan:
             if not matched:
                 continue
             snap = batch.process(pid)
-            fdinfo_dir = fd_dir[:-2] + "fdinfo"
-            try:
-                with procfs.opened_dir(fdinfo_dir) as info_fd:
-                    cloexec = [_fd_cloexec(str(fd), info_fd) for _inode, fd, _link in matched]
-            except procfs.ResourceExhausted:
-                raise
-            except procfs.ProcError:
-                cloexec = [None] * len(matched)     # as each read failing would say
+            cloexec = (_cloexec_flags(fd_dir, [fd for _inode, fd, _link in matched])
+                       if fd_flags else [None] * len(matched))
             # The pid could have been reused between the fd scan and the
             # reads above: an inode is unique while its socket lives, so the
             # link still there after them proves this process holds it.
             if procfs.readlink(f"{fd_dir}/{matched[0][1]}") != matched[0][2]:
                 continue
+            if not fd_flags:
+                scan.fd_dirs[pid] = fd_dir
         except procfs.ResourceExhausted:
             raise                           # nothing known: resolve() says so
         except procfs.AccessDenied:
@@ -313,22 +362,28 @@ def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
 
 
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
-            batch: Optional[procfs.ProcBatch] = None) -> dict[Endpoints, Ownership]:
+            batch: Optional[procfs.ProcBatch] = None,
+            fd_flags: bool = True) -> dict[Endpoints, Ownership]:
     """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
     in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
     every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
     batch's ProcBatch to share its process reads (one is made if not).
-    Out of file descriptors, every socket is OWNER_UNREADABLE: never gone."""
+    Out of file descriptors, every socket is OWNER_UNREADABLE: never gone.
+    Without fd_flags, a holder's close-on-exec is read only where it can
+    decide the diagnosis (cloexec_where_decisive), None elsewhere: for an
+    output that shows it nowhere (snapshot's text without -v), one fdinfo
+    read per socket less."""
     wanted = set(wanted)
     if not wanted:
         return {}
     try:
-        return _resolve(wanted, proc, batch)
+        return _resolve(wanted, proc, batch, fd_flags)
     except procfs.ResourceExhausted as exc:
         return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
 
 
-def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
+def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
+             fd_flags: bool = True) -> dict:
     addresses = {ep.address_key for ep in wanted}
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.
@@ -396,7 +451,8 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
             needed_inodes.add(row.inode)
         result[endpoints] = own
 
-    scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc))
+    scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc),
+                        fd_flags)
     denied = len(scan.denied_pids)
     # Named, so that "may be missing" can be checked (a few: the count says
     # how many); comm is the kernel's 16 bytes, whoever chose it.
@@ -411,4 +467,6 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch]) -> dict:
                 own.kind = OWNER_DENIED if denied else OWNER_NONE
         if own.listener is not None:
             own.listener_holders = scan.holders.get(own.listener.inode, ())
+    if not fd_flags:
+        cloexec_where_decisive(result.values(), scan.fd_dirs)
     return result
