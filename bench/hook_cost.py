@@ -38,17 +38,8 @@ STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 def programs(pid: int) -> dict:
     """prog name -> (run_time_ns, run_cnt) for the BPF programs pid holds."""
-    out = {}
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-        except OSError:
-            continue
-        if "prog_type" in info and "run_time_ns" in info:
-            tag = info.get("prog_tag", fd)
-            out[tag] = (int(info["run_time_ns"]), int(info["run_cnt"]))
-    return out
+    return {info.get("prog_tag", info["fd"]): (int(info["run_time_ns"]), int(info["run_cnt"]))
+            for info in run.bpf_programs(pid) if "run_time_ns" in info}
 
 
 FILTER = ["-p"]      # --no-filter: [] (every socket; connect()s captured too)

@@ -58,25 +58,33 @@ def proc_cpu_s(pid: int) -> "float | None":
         return None
 
 
-def bpf_recursion_misses(pid: int) -> "int | None":
-    """Runs of pid's BPF programs the kernel skipped because another BPF
-    program was running on that CPU (an interrupt's tracepoint hit during
-    one): each is an event the program never saw, lost without any count
-    the tracer could keep (recursion_misses in /proc/PID/fdinfo)."""
-    total = None
-    try:
-        fds = os.listdir(f"/proc/{pid}/fdinfo")
-    except OSError:
-        return None
-    for fd in fds:
+def bpf_programs(pid: int) -> list[dict]:
+    """The fdinfo fields (name -> text) of each BPF program pid holds. The
+    listing of pid's fds raises OSError (the process is gone); an fd that
+    closes meanwhile is skipped."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
             with open(f"/proc/{pid}/fdinfo/{fd}") as f:
                 info = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
         except (OSError, ValueError):
             continue
-        if "prog_type" in info and "recursion_misses" in info:
-            total = (total or 0) + int(info["recursion_misses"])
-    return total
+        if "prog_type" in info:
+            out.append(dict(info, fd=fd))
+    return out
+
+
+def bpf_recursion_misses(pid: int) -> "int | None":
+    """Runs of pid's BPF programs the kernel skipped because another BPF
+    program was running on that CPU (an interrupt's tracepoint hit during
+    one): each is an event the program never saw, lost without any count
+    the tracer could keep (recursion_misses in /proc/PID/fdinfo)."""
+    try:
+        programs = bpf_programs(pid)
+    except OSError:
+        return None
+    counted = [int(p["recursion_misses"]) for p in programs if "recursion_misses" in p]
+    return sum(counted) if counted else None
 
 
 def load_average() -> str:

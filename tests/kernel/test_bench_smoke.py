@@ -19,17 +19,9 @@ import run as bench_run  # noqa: E402  (bench/run.py: parse_churn)
 
 def recursion_misses(pid: int) -> int:
     """Runs of pid's BPF programs the kernel skipped (a tracepoint hit on a
-    CPU already running a BPF program: recursion_misses in fdinfo)."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                info = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-        except OSError:
-            continue
-        if "prog_type" in info:
-            total += int(info.get("recursion_misses", 0))
-    return total
+    CPU already running a BPF program: recursion_misses in fdinfo); 0 where
+    the kernel does not say."""
+    return bench_run.bpf_recursion_misses(pid) or 0
 
 
 def test_churn_counts_exactly_the_transitions_it_makes(procs, kernel_path, tmp_path):
