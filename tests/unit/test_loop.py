@@ -212,6 +212,22 @@ def test_losses_are_reported_and_leave_nothing_behind(tmp_path):
     assert not any(w.tracer.state_sizes().values()), w.tracer.state_sizes()
 
 
+def test_state_changes_the_kernel_skipped_are_a_loss(tmp_path):
+    """The kernel does not run the program for a state change that comes
+    while another BPF program runs on that CPU, and counts it per program
+    (recursion_misses): a socket entering or leaving CLOSE_WAIT unseen.
+    Each growth of that count is a lost record, like a full buffer's."""
+    w = World(tmp_path)
+    w.tracer.start()
+    w.probe.counts["transitions_skipped"] = 3
+    w.step()
+    w.probe.counts["transitions_skipped"] = 5
+    w.step()
+    w.step()
+    assert [(r["counter"], r["count"], r["total"]) for r in w.of("lost")] == [
+        ("transitions_skipped", 3, 3), ("transitions_skipped", 2, 5)]
+
+
 def test_ten_thousand_failed_resolutions_leave_nothing_behind(tmp_path):
     """The leak: sockets whose owner lookup failed, then left CLOSE_WAIT
     (with or without their CLOSED event), pre-existing sockets that left

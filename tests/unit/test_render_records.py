@@ -56,10 +56,12 @@ def test_ipv6_uses_brackets_and_wide_mode():
 
 def test_summary_lines_mention_losses():
     rec = records.summary(10.0, 0.0, {"cw_enter": 3, "cw_exit": 2, "events_lost": 4,
-                                      "map_full": 1, "exit_untracked": 0},
+                                      "map_full": 1, "exit_untracked": 0,
+                                      "transitions_skipped": 6},
                           [0] * 64, [], 1, 0)
-    text = "\n".join(render.summary_lines(rec))
+    text = " ".join(" ".join(render.summary_lines(rec)).split())
     assert "4 events lost" in text and "1 sockets not timed" in text
+    assert "6 state changes not seen (the kernel skipped the program" in text
     json.dumps(rec)
 
 

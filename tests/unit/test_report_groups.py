@@ -188,6 +188,23 @@ def test_events_left_unread_at_a_captures_end_are_a_loss_of_the_report():
     assert "1000 kernel events not read (in the buffer when a capture ended)" in text
 
 
+def test_state_changes_the_kernel_skipped_are_a_loss_of_the_report():
+    """A live trace's lost records for the kernel's skipped runs
+    (transitions_skipped) are added up over captures and listed."""
+    from tests.unit import recordfactory as rf
+    recs = []
+    for cid, skipped in (("a", 7), ("b", 5)):
+        recs.append(rf.header(capture_id=cid))
+        recs.append({"type": "lost", "ts": 2.0, "time": "x", "counter": "transitions_skipped",
+                     "count": skipped, "total": skipped})
+        recs.append(rf.summary(counters={"cw_enter": 1, "cw_exit": 1,
+                                         "transitions_skipped": skipped}))
+    rep = report.build(recs, by=["cause"])
+    assert rep["losses"]["transitions_skipped"] == 12
+    text = " ".join(" ".join(report.render_text(rep)).split())
+    assert "12 kernel state changes not seen (the kernel skipped the program" in text
+
+
 def test_client_side_leaks_are_grouped_by_the_remote_service_and_script():
     """Issue 19 §5: 'By remote peer' mixed a server's clients and a client's
     service under one address; each ephemeral local port was a row; every

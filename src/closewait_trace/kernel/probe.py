@@ -28,6 +28,8 @@ TRACEPOINT = "sock/inet_sock_set_state"
 # The one tracepoint whose program makes events (and the counts that
 # account for them): at the stop, the one to wait for.
 EVENTS_TRACEPOINT = "sock:inet_sock_set_state"
+# bcc's name for that tracepoint's program (TRACEPOINT_PROBE's function).
+EVENTS_PROGRAM = b"tracepoint__" + EVENTS_TRACEPOINT.replace(":", "__").encode()
 # Where a socket was read to its end: the EOF read's place (a newer
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
@@ -821,7 +823,31 @@ class KernelProbe:
         # alone is never too high, so the larger is the best lower bound.
         totals["events_lost"] = max(totals["events_lost"], self.buffer_lost)
         totals.pop("submitted", None)         # for unread(), not a count of sockets
+        skipped = self.transitions_skipped()
+        if skipped is not None:
+            totals["transitions_skipped"] = skipped
         return totals
+
+    def transitions_skipped(self) -> Optional[int]:
+        """State changes the events program never saw: the kernel does not
+        run a BPF program on a CPU already running one (the state change
+        came in an interrupt while another program ran there, ours or
+        anyone's) and counts the run it skipped, per program
+        (recursion_misses in the program fd's fdinfo, Linux 5.12+). Such a
+        change is lost before the program could count it; None where the
+        kernel does not say."""
+        funcs = getattr(self.bpf, "funcs", None) or {}
+        program = funcs.get(EVENTS_PROGRAM)
+        if program is None:
+            return None
+        try:
+            with open(f"/proc/self/fdinfo/{program.fd}") as f:
+                for line in f:
+                    if line.startswith("recursion_misses:"):
+                        return int(line.split(":", 1)[1])
+        except (OSError, ValueError):
+            pass
+        return None
 
     def unread(self) -> int:
         """Events the buffer took that were never read: at exit, what the

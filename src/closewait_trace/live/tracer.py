@@ -79,6 +79,10 @@ MAX_RESOLVE_ATTEMPTS = 3
 # A holder's state (gathering.holder_states) once it exits: in its exit
 # (closing its descriptors: 10,000 take a while), gone from /proc, a zombie,
 # or dead.
+# The kernel's counts of what it could not give us, each a "lost" record
+# when it grows: events the buffer had no room for, sockets its map had no
+# room for, state changes it never ran the program for.
+LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 
 
@@ -1021,7 +1025,7 @@ class LiveTracer:
 
     def check_counters(self) -> dict:
         counters = self.probe.counters()
-        for name in ("events_lost", "map_full"):
+        for name in LOSS_COUNTERS:
             delta = counters.get(name, 0) - self.last_counters.get(name, 0)
             if delta > 0:
                 self.emit(records.lost(time.time(), name, delta, counters[name]))

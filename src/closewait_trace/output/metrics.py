@@ -429,6 +429,11 @@ def build_families(view, state: MetricsState) -> tuple:
     lost = CounterMetricFamily(
         "closewait_events_lost", "Kernel events dropped because the buffer was full",
         value=counters.get("events_lost", 0))
+    skipped = CounterMetricFamily(
+        "closewait_transitions_skipped",
+        "State changes the kernel never ran the program for (another BPF program "
+        "was running on that CPU)",
+        value=counters.get("transitions_skipped", 0))
     full = CounterMetricFamily(
         "closewait_map_full",
         "Sockets not tracked because the kernel map was full (--max-tracked)",
@@ -445,7 +450,7 @@ def build_families(view, state: MetricsState) -> tuple:
     last_tick = GaugeMetricFamily(
         "closewait_last_tick_timestamp_seconds",
         "Unix time of the tick these metrics show", value=round(view.wall_ts, 3))
-    return (sockets, oldest, duration, entered, lost, full, lingered, threshold, last_tick)
+    return (sockets, oldest, duration, entered, lost, skipped, full, lingered, threshold, last_tick)
 
 
 def duration_family(slots: list, sum_ns: Optional[int]) -> Metric:

@@ -31,6 +31,8 @@ COUNTER_TEXT = {
     "evidence_timeouts": ("reads of holders' /proc, memory or files abandoned at "
                           "their deadline"),
     "events_unread": "events not read: in the buffer when the trace ended",
+    "transitions_skipped": ("state changes not seen: the kernel skipped the program "
+                            "(another BPF program was running on that CPU)"),
 }
 
 LINE = 80                  # the default layout's width
@@ -926,6 +928,9 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("events_unread"):
         problems.append(f"{n['events_unread']} events not read (still in the buffer "
                         f"when the trace ended)")
+    if n.get("transitions_skipped"):
+        problems.append(f"{n['transitions_skipped']} state changes not seen (the kernel "
+                        f"skipped the program: another BPF program ran on that CPU)")
     if n.get("eof_map_full"):
         problems.append(f"{n['eof_map_full']} EOF reads not located (their map was full)")
     if n.get("eof_rate_limited"):

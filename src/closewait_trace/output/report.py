@@ -328,7 +328,8 @@ class _Builder:
         self.identity: dict = {}                 # pid -> (unit, container, pod, exe)
         self.timeline = _Timeline()
         self.unusable = 0
-        self.lost_total = {"events_lost": 0, "map_full": 0, "events_unread": 0}
+        self.lost_total = {"events_lost": 0, "map_full": 0, "events_unread": 0,
+                           "transitions_skipped": 0}
         # Places the kernel did not keep (captures over their rate, or a
         # full map), from each capture's summary: not sockets lost, but
         # sockets the report cannot place (its "(not known)" rows).
@@ -769,6 +770,7 @@ class _Builder:
             "events_lost": self.lost_total["events_lost"],
             "map_full": self.lost_total["map_full"],
             "events_unread": self.lost_total["events_unread"],
+            "transitions_skipped": self.lost_total["transitions_skipped"],
             "places_not_kept": dict(self.places_not_kept),
             "write_errors": self.write_errors,
             "skipped_lines": getattr(source, "skipped", 0) or 0,
@@ -1070,6 +1072,9 @@ def _loss_lines(losses: dict) -> list[str]:
         items.append(f"{losses['events_lost']} kernel events lost (ring buffer full)")
     if losses["map_full"]:
         items.append(f"{losses['map_full']} sockets not timed (tracking map full)")
+    if losses.get("transitions_skipped"):
+        items.append(f"{losses['transitions_skipped']} kernel state changes not seen (the "
+                     f"kernel skipped the program: another BPF program ran on that CPU)")
     if losses.get("events_unread"):
         items.append(f"{losses['events_unread']} kernel events not read (in the buffer "
                      f"when a capture ended)")
