@@ -660,14 +660,16 @@ def ss_close_wait_count(ports) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def follow_reports(tracer, ports, total: int, closed_at: float, limit_s: float) -> tuple:
+def follow_reports(tracer, ports, total: int, closed_at: float, limit_s: float,
+                   first: "list | None" = None) -> tuple:
     """Read the tracer's JSON lines (in a thread, into a queue) and count its
     linger records on ports until every socket the workload really left in
     CLOSE_WAIT (ss, not what it asked for: at 100,000 a few connections do
     not stay there) is reported, its output ends, or limit_s after
     closed_at. Returns (the queue, which goes on filling: stop_for_summary
     reads the summary from it; reported; reported with owners; seconds
-    from closed_at to the last report)."""
+    from closed_at to the last report). first: a list given gets the
+    seconds from closed_at to the first report appended."""
     lines: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=lambda: [lines.put(l) for l in tracer.stdout] + [lines.put("")],
                      daemon=True).start()
@@ -693,6 +695,8 @@ def follow_reports(tracer, ports, total: int, closed_at: float, limit_s: float) 
                 reported += 1
                 owners_ok += '"owners": [{"pid"' in line
                 last = time.monotonic()
+                if first is not None and not first:
+                    first.append(last - closed_at)
     return lines, reported, owners_ok, last - closed_at
 
 
@@ -797,8 +801,9 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
             ports += [free_port() for _ in groups]
         closed_at = start_lingering(groups, ports, holders, clients)
         summary = None
+        first: list = []
         lines, reported, owners_ok, report_s = follow_reports(tracer, ports, total, closed_at,
-                                                              60)
+                                                              60, first)
         time.sleep(3.0)               # idle ticks: nothing changes any more
         rss = rss_kb(tracer.pid)
         hwm = rss_kb(tracer.pid, "VmHWM")
@@ -811,6 +816,7 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 "kernel_cw_enter": counters.get("cw_enter"),
                 "summary_lingering": len((summary or {}).get("still_lingering", [])),
                 "report_s_after_close": round(report_s, 2), "threshold_s": 1.0,
+                "first_report_s_after_close": round(first[0], 2) if first else None,
                 "rss_mb": round(rss / 1024, 1), "rss_peak_mb": round(hwm / 1024, 1),
                 "bpf_maps_mb": round(maps / 2**20, 1),
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
