@@ -1,0 +1,144 @@
+"""The children of one server read as one line (output/fold.py), the one
+definition `snapshot`'s footer, `top` and `report` fold by: by parent pid,
+uid and the kernel's exe link, never by a name a process picks."""
+
+import socket
+
+import pytest
+
+from closewait_trace.kernel import tcpstates
+from closewait_trace.live import snapshot
+from closewait_trace.output import fold, render, textsafe
+from tests.unit.fakeproc import FakeProc
+
+SOCAT = "/usr/bin/socat"
+V4 = socket.AF_INET
+CW = tcpstates.CLOSE_WAIT
+
+
+def linger(rport, pid, comm="socat", age=5.0, cause="stopped", state="T"):
+    return {"type": "linger", "rport": rport, "age_s": age, "age_source": "estimated",
+            "owners": [{"pid": pid, "comm": comm, "state": state, "fd": 5}],
+            "owner_kind": "fd", "listener": None, "diagnosis": {"cause": cause}}
+
+
+def forks(n, server=100, uid=0, exe=SOCAT, first=1000):
+    f = fold.Fold()
+    for i in range(n):
+        f.add(first + i, server, uid, exe)
+    return f
+
+
+def test_forks_of_one_server_share_a_key_and_other_servers_do_not():
+    f = forks(4)
+    f.add(2000, 200, 0, SOCAT)          # another socat server's child
+    f.add(3000, 100, 1000, SOCAT)       # the same parent, another user (setuid child)
+    f.add(4000, 100, 0, "/usr/bin/sleep")   # the same parent, another program
+    f.add(5000, 100, 0, "")             # exe not read (another user's, not root)
+    f.add(6000, None, 0, SOCAT)         # parent not known
+    keys = {f.key(p) for p in (1000, 1001, 1002, 1003)}
+    assert keys == {("server", 100, 0, SOCAT)}
+    others = [f.key(p) for p in (2000, 3000, 4000, 5000, 6000)]
+    assert len(set(others) | keys) == 6
+    assert f.key(5000) == ("pid", 5000) and f.key(6000) == ("pid", 6000)
+    assert f.key(7) == ("pid", 7)       # never added
+
+
+def test_a_server_that_holds_copies_folds_with_its_children():
+    """A holder whose parent is a holder of the same exe and user (a server
+    that kept what its forks inherited) is in its parent's line, climbing
+    a bounded number of parents."""
+    f = fold.Fold()
+    f.add(100, 1, 0, SOCAT)
+    f.add(101, 100, 0, SOCAT)
+    f.add(102, 101, 0, SOCAT)           # a grandchild
+    assert f.key(100) == f.key(101) == f.key(102) == ("server", 1, 0, SOCAT)
+    # A loop (pids reused between reads of a recording) ends.
+    g = fold.Fold()
+    g.add(1, 2, 0, SOCAT)
+    g.add(2, 1, 0, SOCAT)
+    assert g.key(1)[0] == "server" and g.key(2)[0] == "server"
+
+
+def test_a_user_cannot_fold_into_roots_server_by_name():
+    """A user's process named like root's server's children, even running
+    the same binary, has another parent and uid: its own line."""
+    recs = [linger(40000 + i, 1000 + i) for i in range(5)] + [linger(41000, 9999)]
+    f = forks(5)
+    f.add(9999, 8888, 1000, SOCAT)      # bob's own socat, comm "socat" too
+    lines = snapshot.footer_lines(recs, f)
+    assert lines[2] == f"  socat [{SOCAT}] (5 processes): 5 sockets, oldest ~5.0s; stopped"
+    assert lines[3] == "  9999/socat [T]: 1 socket, oldest ~5.0s; stopped"
+    assert len(lines) == 4
+
+
+def test_footer_folds_forks_into_one_line_a_single_process_as_before():
+    recs = [linger(40000 + i, 1000 + i, age=1.0 + i) for i in range(100)]
+    recs.append(linger(50000, 77, comm="java", cause="leaked", state="S"))
+    lines = snapshot.footer_lines(recs, forks(100))
+    assert lines == ["", "By holder process:",
+                     f"  socat [{SOCAT}] (100 processes): 100 sockets, oldest ~1m40s; stopped",
+                     "  77/java [S]: 1 socket, oldest ~5.0s; leaked"]
+    # Without what the kernel says of them, nothing folds: as before.
+    assert len(snapshot.footer_lines(recs)) == 2 + 101
+
+
+def test_a_socket_two_forks_hold_counts_once_for_their_server():
+    rec = linger(40000, 1000)
+    rec["owners"].append({"pid": 1001, "comm": "socat", "state": "T", "fd": 6})
+    lines = snapshot.footer_lines([rec, linger(40001, 1002)], forks(3))
+    assert lines[2] == f"  socat [{SOCAT}] (3 processes): 2 sockets, oldest ~5.0s; stopped"
+
+
+def test_two_servers_of_one_program_say_their_parent():
+    f = forks(2, server=100)
+    for pid in (2000, 2001):
+        f.add(pid, 200, 0, SOCAT)
+    recs = [linger(1, 1000), linger(2, 1001), linger(3, 2000), linger(4, 2001)]
+    text = " ".join(line.strip() for line in snapshot.footer_lines(recs, f))
+    for parent in (100, 200):
+        assert (f"socat [{SOCAT}] (2 processes of parent {parent}): 2 sockets, oldest ~5.0s;"
+                f" stopped") in text
+
+
+@pytest.mark.parametrize("exe", [
+    "/tmp/\x1b]0;PWN\x07\n/" + "a" * 300 + "/socat",
+    "/srv/" + "\u4e2d" * 200 + " with spaces " * 20,
+    "/x/\u202e\udcff" + "b" * 5000])
+def test_hostile_names_are_escaped_and_lines_fit_80_columns(exe):
+    evil = "\x1b[2J\u202e\n" + "w" * 15
+    recs = [linger(40000 + i, 1000 + i, comm=evil) for i in range(3)]
+    lines = snapshot.footer_lines(recs, forks(3, exe=exe))
+    text = "\n".join(lines)
+    for raw in ("\x1b", "\x07", "\u202e", "\udcff"):
+        assert raw not in text
+    assert text.count("\n") == len(lines) - 1
+    assert all(textsafe.width_of_escaped(line) <= render.LINE for line in lines)
+    # The exe path cut (both ends kept), not wrapped over many lines.
+    assert len(lines) <= 4 and "(3" in lines[2]
+    label = fold.folded_label(evil, exe, 3)
+    assert textsafe.width_of_escaped(label) <= 80
+
+
+def test_snapshot_reads_the_exe_link_and_folds(tmp_path):
+    """From /proc to the footer: the owner lookup reads each holder's exe
+    link (procfs.ProcBatch), and the footer folds what it says."""
+    fake = FakeProc(tmp_path)
+    fake.process(100, comm="socat", ppid=1, uid=0, exe=SOCAT)
+    for i in range(6):
+        pid = 1000 + i
+        fake.process(pid, comm="socat", state="T", ppid=100, uid=0, exe=SOCAT)
+        fake.tcp(pid, V4, "127.0.0.1", 5555, "127.0.0.1", 40000 + i, CW, 900 + i, rx=1)
+        fake.fd(pid, 5, 900 + i)
+    # bob's process: same comm, same exe path, not root's server's child
+    fake.process(3000, comm="socat", state="T", ppid=2999, uid=1000, exe=SOCAT)
+    fake.tcp(3000, V4, "127.0.0.1", 5555, "127.0.0.1", 41000, CW, 990, rx=1)
+    fake.fd(3000, 5, 990)
+    snap = snapshot.take(proc=fake.root, as_root=True)
+    holders = [h for l in snap.lingering for h in l.ownership.holders]
+    assert {h.process.exe for h in holders} == {SOCAT}
+    lingers = [r for r in snap.records(ts=1.0, at_ns=snap.taken_ns) if r["type"] == "linger"]
+    lines = snapshot.footer_lines(lingers, fold.of_holders(holders))
+    assert len(lines) == 4
+    assert lines[2].startswith(f"  socat [{SOCAT}] (6 processes): 6 sockets, oldest")
+    assert lines[3].startswith("  3000/socat [T]: 1 socket, oldest")
