@@ -8,7 +8,7 @@ import pytest
 
 from closewait_trace.kernel import tcpstates
 from closewait_trace.live import snapshot
-from closewait_trace.output import fold, render, textsafe
+from closewait_trace.output import fold, render, textsafe, top
 from tests.unit.fakeproc import FakeProc
 
 SOCAT = "/usr/bin/socat"
@@ -142,3 +142,82 @@ def test_snapshot_reads_the_exe_link_and_folds(tmp_path):
     assert len(lines) == 4
     assert lines[2].startswith(f"  socat [{SOCAT}] (6 processes): 6 sockets, oldest")
     assert lines[3].startswith("  3000/socat [T]: 1 socket, oldest")
+
+
+# ---------------------------------------------------------------- top
+
+def _top_sink(lingerers):
+    import io
+
+    from closewait_trace.output import sinks, topview
+    view = sinks.TickView(wall_ts=1_800_000_000.0, now_ns=100_000_000_000, threshold_ns=1,
+                          counters={}, histogram=[], histogram_sum_ns=None,
+                          lingering=lambda: lingerers)
+    return topview.TopSink("process", stream=io.StringIO()), view
+
+
+def _lingerer(i, pid, ppid, uid, exe, comm="postgres", cause="leaked"):
+    import socket as so
+    from types import SimpleNamespace as NS
+
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets.tracker import Lingerer
+    holder = NS(pid=pid, comm=comm, fd=5, state="S", ppid=ppid, uid=uid,
+                process=NS(exe=exe))
+    return Lingerer(Endpoints(so.AF_INET, "127.0.0.1", 5432, "127.0.0.1", 40000 + i),
+                    enter_ns=1_000_000 * i, skaddr=None, reported=True,
+                    ownership=NS(kind="fd", holders=[holder]),
+                    diagnosis=NS(cause=cause, summary=cause))
+
+
+PG = "/usr/lib/postgresql/15/bin/postgres"
+
+
+def test_top_folds_a_servers_backends_into_one_row_by_default():
+    """1,000 backends of one postmaster: one row by process (the default),
+    not 1,000; a user's own "postgres" (same binary, its own parent and
+    uid) is its own row, as is a single process."""
+    ls = [_lingerer(i, 2000 + i, 1500, 107, PG) for i in range(1000)]
+    ls.append(_lingerer(1000, 9000, 8999, 1000, PG))        # bob's postgres
+    ls.append(_lingerer(1001, 77, 1, 0, "/usr/bin/java", comm="java", cause="stopped"))
+    sink, view = _top_sink(ls)
+    assert sink.grouping == "process"
+    sink.tick(view)
+    rows = sink.model.rows_of(sink._lingering(view), "process")
+    # The path cut in the middle to the key's column: the count is never
+    # what is cut off.
+    folded = "postgres [/usr/li…stgres] (1000 processes)"
+    assert [(r.key, r.sockets) for r in rows] == [
+        (folded, 1000), ("9000/postgres", 1), ("77/java", 1)]
+    assert top.cells(rows[0], "process")[-1] == folded + " [leaked]"
+    text = sink.stream.getvalue().splitlines()
+    assert len(text) == 2 + 3 and all(textsafe.width(line) <= 80 for line in text)
+    assert folded in text[2]
+    # Other groupings are as they were.
+    assert [(r.key, r.sockets) for r in sink.model.rows_of(sink._lingering(view), "cause")] \
+        == [("leaked", 1001), ("stopped", 1)]
+
+
+def test_top_counts_new_sockets_of_a_fold_in_its_row():
+    """NEW/MIN of the folded row: the linger records (whose owners say no
+    parent) land in the row of the server the holders fold into."""
+    ls = [_lingerer(i, 2000 + i, 1500, 107, PG) for i in range(3)]
+    sink, view = _top_sink(ls)
+    for i in range(3):
+        sink.emit({"type": "linger", "laddr": "127.0.0.1", "lport": 5432,
+                   "raddr": "127.0.0.1", "rport": 40000 + i, "netns": 1, "age_s": 1.0,
+                   "age_source": "traced", "owner_kind": "fd", "pre_existing": False,
+                   "owners": [{"pid": 2000 + i, "comm": "postgres", "fd": 5, "state": "S"}],
+                   "diagnosis": {"cause": "leaked", "summary": ""}})
+    sink.tick(view)
+    rows = sink.model.rows_of(sink._lingering(view), "process")
+    assert [(r.key, r.sockets, r.new_per_min) for r in rows] == [
+        (fold.folded_label("postgres", PG, 3, top.KEY_COLUMNS), 3, 3)]
+
+
+def test_top_fold_is_bounded_and_forgets_the_oldest():
+    f = fold.Fold(limit=100)
+    for pid in range(1000):
+        f.add(pid, 1, 0, SOCAT)
+    assert len(f._facts) == 100 and f.key(0) == ("pid", 0)
+    assert f.key(999) == ("server", 1, 0, SOCAT)

@@ -29,6 +29,7 @@ from closewait_trace.output import textsafe
 
 MAX_CLIMB = 16          # parents followed per process (each key is memoized)
 MAX_EXE = 40            # columns of an exe path in a folded line's label
+MIN_EXE = 12            # columns of it at least, in a narrow view (top)
 MAX_COMM = 16           # columns of a comm (15 bytes, escaped: up to 60)
 
 
@@ -37,18 +38,42 @@ class Fold:
     add() every holder first (pid, parent pid, uid, exe link), then key().
     Work is bounded per holder (MAX_CLIMB steps, once: memoized)."""
 
-    __slots__ = ("_facts", "_keys")
+    __slots__ = ("_facts", "_keys", "_parents", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
         self._facts: dict = {}          # pid -> (ppid, uid, exe)
-        self._keys: dict = {}
+        self._keys: dict = {}           # pid -> key, memoized
+        self._parents: set = set()      # every ppid of _facts (and some forgotten)
+        # A long-lived fold (top's) remembers this many processes, the
+        # oldest forgotten; 0: all it is given (one batch's holders).
+        self.limit = limit
 
     def add(self, pid, ppid, uid, exe) -> None:
-        if pid in self._facts:
+        facts = (ppid, uid, exe if isinstance(exe, str) else "")
+        old = self._facts.get(pid)
+        if old == facts:
             return
-        self._facts[pid] = (ppid, uid, exe if isinstance(exe, str) else "")
-        if self._keys:
-            self._keys.clear()          # a new parent may change earlier keys
+        if old is not None or pid in self._parents:
+            # A pid reused, or a new holder that is another's parent: keys
+            # worked out before may change.
+            self._keys.clear()
+        else:
+            self._keys.pop(pid, None)
+        self._facts[pid] = facts
+        self._parents.add(ppid)
+        if self.limit and len(self._facts) > self.limit:
+            del self._facts[next(iter(self._facts))]
+            self._keys.clear()
+            if len(self._parents) > 2 * self.limit:
+                self._parents = {f[0] for f in self._facts.values()}
+
+    def add_holder(self, h) -> None:
+        """An owners.Holder (the live tracer's and snapshot's holders: ppid
+        and uid from /proc/PID/stat and status, the exe link from the owner
+        lookup's read, procfs.ProcBatch)."""
+        process = getattr(h, "process", None)
+        self.add(h.pid, getattr(h, "ppid", None), getattr(h, "uid", None),
+                 getattr(process, "exe", ""))
 
     def key(self, pid) -> tuple:
         """("server", parent pid, uid, exe) for a process that folds with
@@ -85,13 +110,10 @@ class Fold:
 
 
 def of_holders(holders) -> Fold:
-    """A Fold of owners.Holder objects (the live tracer's and snapshot's
-    holders: ppid and uid from /proc/PID/stat and status, the exe link
-    from the owner lookup's read, procfs.ProcBatch)."""
+    """A Fold of owners.Holder objects (Fold.add_holder)."""
     fold = Fold()
     for h in holders:
-        process = h.process
-        fold.add(h.pid, h.ppid, h.uid, process.exe if process is not None else "")
+        fold.add_holder(h)
     return fold
 
 
@@ -117,27 +139,35 @@ class Members:
         return self._low
 
 
-def folded_label(comm, exe, processes: int) -> str:
+def folded_label(comm, exe, processes: int, columns: int = 0) -> str:
     """'socat [/usr/bin/socat] (4 processes)', escaped; the comm cut to
     MAX_COMM columns and the path in the middle to MAX_EXE (both ends say
-    the most): with up to a million processes, at most 80 columns."""
-    return (f"{textsafe.cut(textsafe.escape(comm), MAX_COMM)} [{textsafe.cut_middle(textsafe.escape(exe), MAX_EXE)}]"
-            f" ({processes} processes)")
+    the most): with up to a million processes, at most 80 columns.
+    columns: the label's own room (a view's column), the path cut to fit
+    it (at least MIN_EXE), so that the count is never what is cut off."""
+    name = textsafe.cut(textsafe.escape(comm), MAX_COMM)
+    count = f" ({processes} processes)"
+    room = MAX_EXE
+    if columns:
+        room = max(MIN_EXE, min(MAX_EXE, columns - textsafe.width_of_escaped(name)
+                                - len(count) - 3))
+    return f"{name} [{textsafe.cut_middle(textsafe.escape(exe), room)}]{count}"
 
 
-def labels(groups: dict, single: Callable[[object], str], exe_of: Callable[[tuple], str]
-           ) -> dict:
+def labels(groups: dict, single: Callable[[object], str], exe_of: Callable[[tuple], str],
+           columns: int = 0) -> dict:
     """key -> label of each group of processes (key -> Members): a single
     process as single(its pid) says (as each view showed it before), a
-    fold as folded_label; two folds that would read the same (two servers
-    of one program as one user) say their parent's pid."""
+    fold as folded_label (within columns, if given); two folds that would
+    read the same (two servers of one program as one user) say their
+    parent's pid."""
     out: dict = {}
     seen: dict = {}
     for key, members in groups.items():
         if len(members.pids) <= 1 or key[0] != "server":
             out[key] = single(members.lowest)
             continue
-        text = folded_label(members.comm, exe_of(key), len(members.pids))
+        text = folded_label(members.comm, exe_of(key), len(members.pids), columns)
         out[key] = text
         seen.setdefault(text, []).append(key)
     for text, keys in seen.items():

@@ -70,6 +70,7 @@ class TopSink:
     def _lingering(self, view: TickView) -> list:
         """(keys, age in seconds, its source) of each lingering socket."""
         model, version, now = self.model, self.model.places_version, view.now_ns
+        folding = model.folding
         cache, fresh, out = self._keys, {}, []
         for l in view.lingering():
             c = cache.get(id(l))
@@ -77,6 +78,11 @@ class TopSink:
                     or c[2] is not l.diagnosis or c[3] != version):
                 c = (l, l.ownership, l.diagnosis, version,
                      top.keys_of(records.lingering_entry(l, 0), model.places))
+                # What the kernel says of its holders (parent, uid, exe
+                # link), for the fold of a server's forks into one row.
+                if l.ownership is not None:
+                    for h in l.ownership.holders:
+                        folding.add_holder(h)
             fresh[id(l)] = c
             # A keepalive range's upper end (top.age_of), any other its age;
             # with its source, so that an estimate is shown as one.
