@@ -221,3 +221,43 @@ def test_top_fold_is_bounded_and_forgets_the_oldest():
         f.add(pid, 1, 0, SOCAT)
     assert len(f._facts) == 100 and f.key(0) == ("pid", 0)
     assert f.key(999) == ("server", 1, 0, SOCAT)
+
+
+# ---------------------------------------------------------------- report
+
+def _report(recs):
+    from closewait_trace.output import report
+    return report.build(recs, by=["program"])
+
+
+def test_report_never_folds_a_users_process_into_roots_server_by_name():
+    """The report folded by comm and exe path: bob's own socat (same binary,
+    same name) landed in root's server's row. Now by the same fold as the
+    footer and top: parent, uid, exe."""
+    from tests.unit.test_report_groups import header, linger, process
+    recs = [header()]
+    for i, pid in enumerate(range(1000, 1004)):
+        recs += [process(pid, ppid=100, uid=0), linger(i, pid)]
+    recs += [process(9999, ppid=8888, uid=1000), linger(9, 9999)]
+    rows = {r["program"]: (r["processes"], r["count"]) for r in _report(recs)["by_program"]}
+    assert rows == {f"socat [{SOCAT}] (of parent 100)": (4, 4),
+                    f"socat [{SOCAT}] (pid 9999)": (1, 1)}
+
+
+def test_report_folds_holders_without_a_process_record_under_their_parent():
+    """More than 256 holders in a batch: the rest have no process record;
+    their owners' parent and uid still fold them (their comm standing in
+    for the exe), never with another parent's or user's processes."""
+    from tests.unit.test_report_groups import header, linger
+    recs = [header()]
+    for i in range(300):
+        rec = linger(i, 2000 + i, comm="postgres")
+        rec["owners"][0].update(ppid=1500, uid=107)
+        recs.append(rec)
+    rec = linger(400, 9000, comm="postgres")
+    rec["owners"][0].update(ppid=1500, uid=1000)       # another user
+    recs.append(rec)
+    rows = [(r["program"], r["processes"], r["count"]) for r in _report(recs)["by_program"]]
+    # 64: the report counts at most MAX_PIDS processes a row (and says so).
+    assert rows == [("postgres [program unknown] (of parent 1500)", 64, 300),
+                    ("postgres [program unknown] (pid 9000)", 1, 1)]

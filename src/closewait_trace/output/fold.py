@@ -13,8 +13,12 @@ Never by comm, argv or anything else a process sets for itself: a user's
 process named "postgres", even one running the same binary, has another
 parent and another uid than root's postmaster's backends, so it never
 lands in their line. A process whose parent, user or executable is not
-known (not read, refused, a kernel thread) folds with nothing: it is shown
-as one process, as before.
+known folds with nothing: it is shown as one process, as before. Where the
+executable alone is not known (a recording whose process record was not
+written: more than 256 holders in one batch; not root, another user's
+exe link), the comm stands in for it, marked, only among the processes of
+one parent and one user: a server's own children, never a stranger's
+process (its parent or uid differs); the label says "program unknown".
 
 The names in a label (comm, the exe path) are the processes' own words or
 paths a user chose: escaped, and the path cut in the middle so the label
@@ -27,6 +31,7 @@ from typing import Callable, Optional
 
 from closewait_trace.output import textsafe
 
+UNKNOWN = "\0comm:"       # a stand-in exe: no path has a NUL in it
 MAX_CLIMB = 16          # parents followed per process (each key is memoized)
 MAX_EXE = 40            # columns of an exe path in a folded line's label
 MIN_EXE = 12            # columns of it at least, in a narrow view (top)
@@ -48,8 +53,12 @@ class Fold:
         # oldest forgotten; 0: all it is given (one batch's holders).
         self.limit = limit
 
-    def add(self, pid, ppid, uid, exe) -> None:
-        facts = (ppid, uid, exe if isinstance(exe, str) else "")
+    def add(self, pid, ppid, uid, exe, comm=None) -> None:
+        """exe: the kernel's exe link (or its label); when that is not
+        known, comm stands in, marked (see above)."""
+        if not isinstance(exe, str) or not exe:
+            exe = UNKNOWN + comm if isinstance(comm, str) else ""
+        facts = (ppid, uid, exe)
         old = self._facts.get(pid)
         if old == facts:
             return
@@ -73,7 +82,10 @@ class Fold:
         lookup's read, procfs.ProcBatch)."""
         process = getattr(h, "process", None)
         self.add(h.pid, getattr(h, "ppid", None), getattr(h, "uid", None),
-                 getattr(process, "exe", ""))
+                 getattr(process, "exe", ""), getattr(h, "comm", None))
+
+    def __contains__(self, pid) -> bool:
+        return pid in self._facts
 
     def key(self, pid) -> tuple:
         """("server", parent pid, uid, exe) for a process that folds with
@@ -146,6 +158,8 @@ def folded_label(comm, exe, processes: int, columns: int = 0) -> str:
     columns: the label's own room (a view's column), the path cut to fit
     it (at least MIN_EXE), so that the count is never what is cut off."""
     name = textsafe.cut(textsafe.escape(comm), MAX_COMM)
+    if not exe or exe.startswith(UNKNOWN):
+        exe = "program unknown"
     count = f" ({processes} processes)"
     room = MAX_EXE
     if columns:
