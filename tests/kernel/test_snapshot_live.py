@@ -2,7 +2,9 @@
 sockets, processes and users, cross-checked with ss and a monotonic clock."""
 
 import json
+import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,10 +117,41 @@ def test_snapshot_of_the_seed_scenario(procs):
         assert got <= done - min(entered) + 0.05
 
     text = snapshot("-p", str(port)).stdout
+    later = time.monotonic() - done          # the text's ages: this much older at most
     assert text.splitlines()[0] == f"5 sockets in CLOSE_WAIT (local port {port}), oldest first"
+    # The five forks of one socat server are one footer line (output/fold.py;
+    # it was one line per child), with as many processes as ss names.
     footer = text[text.index("By holder process:"):].splitlines()[1:]
-    assert len(footer) == 5 and all("1 socket, oldest ~" in line and "stopped" in line
-                                    for line in footer)
+    exe = os.path.realpath(shutil.which("socat"))
+    ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+    assert len(ss_pids) == 5
+    assert footer == [f"  socat [{exe}] (5 processes): 5 sockets, oldest "
+                      f"~{footer[0].split('oldest ~')[1].split(';')[0]}; stopped"], footer
+    oldest = float(footer[0].split("oldest ~")[1].split("s;")[0])
+    assert max(measured) - 1.0 < oldest < max(measured) + later + 1.0, (oldest, measured)
+
+
+def test_a_users_forking_server_is_not_folded_into_roots(procs):
+    """Two socat fork servers, root's and nobody's, same binary, same comm:
+    one footer line each, each with its own five processes and sockets (as
+    ss says), told apart by their parent; never one line of ten."""
+    ports = [free_port(), free_port()]
+    roots, _ = start_seed_scenario(ports[0], procs)
+    nobodys, _ = start_seed_scenario(ports[1], procs, as_user=[
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+    for port in ports:
+        wait_until(lambda: len(ss_close_wait(port)) == 5, what="5 CLOSE-WAIT")
+    text = snapshot("-p", f"{ports[0]},{ports[1]}").stdout
+    # A line that does not fit 80 columns goes on under its indentation.
+    footer = text[text.index("By holder process:"):].replace("\n    ", " ").splitlines()[1:]
+    exe = os.path.realpath(shutil.which("socat"))
+    assert len(footer) == 2, footer
+    for server, port in ((roots, ports[0]), (nobodys, ports[1])):
+        ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+        assert len(ss_pids) == 5 and ss_pids <= set(children_of(server.pid))
+        (line,) = [f for f in footer if f"of parent {server.pid})" in f]
+        assert line.startswith(f"  socat [{exe}] (5 processes of parent {server.pid}): "
+                               f"5 sockets, oldest ~"), footer
 
 
 NEVER_ACCEPTS = r"""
