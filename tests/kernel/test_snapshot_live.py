@@ -4,6 +4,7 @@ sockets, processes and users, cross-checked with ss and a monotonic clock."""
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -335,3 +336,55 @@ def test_a_port_range_and_a_name_prefix_as_people_type_them(procs):
     bad = snapshot("-p", f"{a + 2}-{a}", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "from low to high" in bad.stderr
+
+
+# A fork-per-connection server (as PostgreSQL's postmaster, inetd): each
+# accepted connection is held by a child that never closes it; the server
+# itself keeps copies of the first `keep`.
+FORK_SERVER = r"""
+import os, signal, socket, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+port, keep = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(128)
+print("ready", flush=True)
+kept = []
+while True:
+    c, _ = srv.accept()
+    if os.fork() == 0:
+        srv.close()
+        time.sleep(3600)
+        os._exit(0)
+    if len(kept) < keep:
+        kept.append(c)
+    else:
+        c.close()
+"""
+
+
+def test_forty_forks_of_one_server_are_one_footer_line(procs):
+    """40 connections, each held by its own forked child, the server holding
+    copies of 3 of them: one footer line of 41 processes and 40 sockets
+    (a socket its server and its child both hold counts once), the
+    processes those ss names."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(port), "3"],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    for _ in range(40):
+        socket.create_connection(("127.0.0.1", port)).close()
+    wait_until(lambda: len(ss_close_wait(port)) == 40, what="40 CLOSE-WAIT")
+    wait_until(lambda: len({p for _l, _r, pids in ss_close_wait(port) for p in pids}) == 41,
+               what="41 holders")
+    ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+    assert server.pid in ss_pids and ss_pids - {server.pid} <= set(children_of(server.pid))
+    text = snapshot("-p", str(port)).stdout
+    assert text.splitlines()[0].startswith(f"40 sockets in CLOSE_WAIT (local port {port})")
+    footer = text[text.index("By holder process:"):].replace("\n    ", " ").splitlines()[1:]
+    assert len(footer) == 1, footer
+    m = re.match(r"^  (\S+) \[(.+)\] \(41 processes\): 40 sockets, oldest ", footer[0])
+    assert m, footer
+    with open(f"/proc/{server.pid}/comm") as f:
+        assert m.group(1) == f.read().strip()
+    assert m.group(2) == os.readlink(f"/proc/{server.pid}/exe")
