@@ -27,7 +27,7 @@ stays well within the 80 columns of a line.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from closewait_trace.output import textsafe
 
@@ -116,10 +116,6 @@ class Fold:
                 return ("pid", pid)
         return ("server", ppid, uid, exe)
 
-    def exe(self, pid) -> str:
-        facts = self._facts.get(pid)
-        return facts[2] if facts is not None else ""
-
 
 def of_holders(holders) -> Fold:
     """A Fold of owners.Holder objects (Fold.add_holder)."""
@@ -194,8 +190,3 @@ def labels(groups: dict, single: Callable[[object], str], exe_of: Callable[[tupl
 def server_exe(key: tuple) -> str:
     """The exe of a ("server", ppid, uid, exe) key."""
     return key[3] if key and key[0] == "server" else ""
-
-
-def key_text(key: Optional[tuple]) -> str:
-    """A key as a stable string (for a view that keys its rows by text)."""
-    return "\0".join(str(part) for part in key) if key else ""
