@@ -261,3 +261,18 @@ def test_report_folds_holders_without_a_process_record_under_their_parent():
     # 64: the report counts at most MAX_PIDS processes a row (and says so).
     assert rows == [("postgres [program unknown] (of parent 1500)", 64, 300),
                     ("postgres [program unknown] (pid 9000)", 1, 1)]
+
+
+@pytest.mark.parametrize("exe", ["/tmp/\x1b]0;PWN\x07\n/" + "a" * 300 + "/x",
+                                 "/srv/" + "\u4e2d" * 200, "/x/\u202e\udcff" + "b" * 5000])
+def test_top_escapes_hostile_names_and_keeps_the_count_in_80_columns(exe):
+    evil = "\x1b[2J\u202e\nxxxxxxxx"
+    ls = [_lingerer(i, 2000 + i, 1500, 1000, exe, comm=evil) for i in range(3)]
+    sink, view = _top_sink(ls)
+    sink.tick(view)
+    text = sink.stream.getvalue()
+    for raw in ("\x1b", "\x07", "\u202e", "\udcff"):
+        assert raw not in text
+    lines = text.splitlines()
+    assert len(lines) == 3 and all(textsafe.width_of_escaped(line) <= 80 for line in lines)
+    assert "(3 processes)" in lines[2]

@@ -153,11 +153,15 @@ def folded_label(comm, exe, processes: int, columns: int = 0) -> str:
     the most): with up to a million processes, at most 80 columns.
     columns: the label's own room (a view's column), the path cut to fit
     it (at least MIN_EXE), so that the count is never what is cut off."""
-    name = textsafe.cut(textsafe.escape(comm), MAX_COMM)
     if not exe or exe.startswith(UNKNOWN):
         exe = "program unknown"
     count = f" ({processes} processes)"
-    room = MAX_EXE
+    name_room, room = MAX_COMM, MAX_EXE
+    if columns:
+        # The count whole, then the comm and the path share what is left
+        # (the path at least MIN_EXE): a hostile comm escapes to 60 columns.
+        name_room = max(4, min(MAX_COMM, columns - len(count) - 3 - MIN_EXE))
+    name = textsafe.cut(textsafe.escape(comm), name_room)
     if columns:
         room = max(MIN_EXE, min(MAX_EXE, columns - textsafe.width_of_escaped(name)
                                 - len(count) - 3))
