@@ -188,8 +188,9 @@ class TopModel:
         refreshes). The oldest keeps its source: an age estimated from
         tcp_info is shown as one (`~`), never as a timed one.
 
-        By process, the forks of one server are one row (keys_of's tuple
-        keys; fold.labels names it), and that is the default: an on-call
+        By process, the forks of one server are one row (the first
+        holder's fold key in self.folding; fold.labels names it), and that
+        is the default: an on-call
         with 10,000 PostgreSQL backends in CLOSE_WAIT first needs to see
         which server leaks and how much, and 10,000 rows of one socket each
         would show 20 of them and hide that (a single process reads as
