@@ -276,3 +276,24 @@ def test_top_escapes_hostile_names_and_keeps_the_count_in_80_columns(exe):
     lines = text.splitlines()
     assert len(lines) == 3 and all(textsafe.width_of_escaped(line) <= 80 for line in lines)
     assert "(3 processes)" in lines[2]
+
+
+def test_top_keeps_a_single_process_rows_as_before_and_merges_a_folds():
+    """A single process, its exe known: its rows as before ("7/java" and
+    "7/java +1" for a socket it shares). Two forks of one server: their
+    rows merged, oldest and causes of both."""
+    from types import SimpleNamespace as NS
+    ls = [_lingerer(0, 7, 1, 0, "/usr/bin/java", comm="java"),
+          _lingerer(1, 7, 1, 0, "/usr/bin/java", comm="java"),
+          _lingerer(2, 2001, 1500, 107, PG, cause="stopped"),
+          _lingerer(3, 2002, 1500, 107, PG)]
+    other = NS(pid=8, comm="sh", fd=9, state="S", ppid=7, uid=0, process=NS(exe="/bin/sh"))
+    ls[1].ownership.holders.append(other)
+    sink, view = _top_sink(ls)
+    sink.tick(view)
+    rows = sink.model.rows_of(sink._lingering(view), "process")
+    got = {r.key: (r.sockets, round(r.oldest_s, 3), dict(r.causes)) for r in rows}
+    assert got == {fold.folded_label("postgres", PG, 2, top.KEY_COLUMNS):
+                   (2, 99.998, {"stopped": 1, "leaked": 1}),
+                   "7/java": (1, 100.0, {"leaked": 1}),
+                   "7/java +1": (1, 99.999, {"leaked": 1})}

@@ -196,28 +196,27 @@ class TopModel:
         would show 20 of them and hide that (a single process reads as
         before)."""
         now = self.clock()
-        rows: dict = {}
-        members: dict = {}          # fold key -> fold.Members, by process
-        singles: dict = {}          # pid -> its own label
-
+        rows: dict[str, Row] = {}
         folding = self.folding if grouping == "process" else None
+        members: dict = {}          # fold key -> fold.Members, by process
+        fold_of: dict = {}          # a process row's key -> its fold key
+        singles: dict = {}          # pid -> its own row's key
 
         def row_of(keys: dict) -> Row:
             key = keys[grouping]
-            holder = keys.get("holder") if folding is not None else None
-            fkey = folding.key(holder[0]) if holder is not None else None
-            if fkey is not None and fkey[0] == "server":
-                pid, comm = holder
-                m = members.get(fkey)
-                if m is None:
-                    m = members[fkey] = fold.Members()
-                m.add(pid, comm)
-                singles.setdefault(pid, key)
-                key = fkey
             row = rows.get(key)
             if row is None:
-                row = rows[key] = Row(key if isinstance(key, str) else "",
-                                      causes=collections.Counter())
+                row = rows[key] = Row(key, causes=collections.Counter())
+                holder = keys.get("holder") if folding is not None else None
+                if holder is not None:
+                    fkey = folding.key(holder[0])
+                    if fkey[0] == "server":
+                        m = members.get(fkey)
+                        if m is None:
+                            m = members[fkey] = fold.Members()
+                        m.add(*holder)
+                        fold_of[key] = fkey
+                        singles.setdefault(holder[0], key)
             return row
 
         for keys, age, source in lingering:
@@ -231,11 +230,29 @@ class TopModel:
             for _ts, keys in events:
                 row = row_of(keys)
                 setattr(row, field, getattr(row, field) + 1)
-        if members:
-            # Within the plain view's key column: the count is never cut.
-            named = fold.labels(members, singles.__getitem__, fold.server_exe, KEY_COLUMNS)
-            for fkey, label in named.items():
-                rows[fkey].key = label
+        if fold_of:
+            # The rows of the processes of one fold, when there are more
+            # than one, become one row; a single process keeps its rows
+            # exactly as before. Work by rows (processes), not sockets.
+            several = {k for k, m in members.items() if len(m.pids) > 1}
+            named = fold.labels({k: members[k] for k in several}, singles.__getitem__,
+                                fold.server_exe, KEY_COLUMNS)
+            merged: dict = {}
+            for key, fkey in fold_of.items():
+                if fkey not in several:
+                    continue
+                part = rows.pop(key)
+                row = merged.get(fkey)
+                if row is None:
+                    row = merged[fkey] = Row(named[fkey], causes=collections.Counter())
+                if part.sockets and (not row.sockets or part.oldest_s > row.oldest_s):
+                    row.oldest_s, row.oldest_source = part.oldest_s, part.oldest_source
+                row.sockets += part.sockets
+                row.new_per_min += part.new_per_min
+                row.closed_per_min += part.closed_per_min
+                row.causes.update(part.causes)
+            for row in merged.values():
+                rows[row.key] = row
         ordered = sorted(rows.values(), key=lambda r: (-r.sockets, -r.new_per_min,
                                                        -r.oldest_s, r.key))
         return ordered[:MAX_ROWS]
