@@ -297,3 +297,21 @@ def test_top_keeps_a_single_process_rows_as_before_and_merges_a_folds():
                    (2, 99.998, {"stopped": 1, "leaked": 1}),
                    "7/java": (1, 100.0, {"leaked": 1}),
                    "7/java +1": (1, 99.999, {"leaked": 1})}
+
+
+def test_top_remakes_its_fold_from_the_lingering_past_its_bound(monkeypatch):
+    """Past MAX_PROCESSES holder processes seen, top's fold is made again
+    from the holders lingering now: a fold still there stays one row."""
+    monkeypatch.setattr(top, "MAX_PROCESSES", 10)
+    ls = [_lingerer(i, 2000 + i, 1500, 107, PG) for i in range(5)]
+    sink, view = _top_sink(ls)
+    sink.tick(view)
+    for i in range(20):               # 20 other processes come and go
+        sink.model.folding.add(5000 + i, 1, 0, "/bin/x")
+    sink._keys.clear()
+    ls.append(_lingerer(99, 2999, 1500, 107, PG))
+    sink.tick(view)
+    assert len(sink.model.folding) == 6
+    rows = sink.model.rows_of(sink._lingering(view), "process")
+    assert [(r.key, r.sockets) for r in rows] == [
+        (fold.folded_label("postgres", PG, 6, top.KEY_COLUMNS), 6)]

@@ -87,6 +87,9 @@ class Fold:
     def __contains__(self, pid) -> bool:
         return pid in self._facts
 
+    def __len__(self) -> int:
+        return len(self._facts)
+
     def key(self, pid) -> tuple:
         """("server", parent pid, uid, exe) for a process that folds with
         the other forks of its server (the key of its topmost ancestor among

@@ -139,7 +139,9 @@ class TopModel:
         self.places_version = 0         # bumped when a pid's label changes
         # What the kernel says of each holder (parent, uid, exe), given by
         # the sink from the tracer's holders (TopSink): which fold by process.
-        self.folding = fold.Fold(MAX_PROCESSES)
+        # Past MAX_PROCESSES the sink makes it again from the holders still
+        # lingering (forgetting the oldest could split a fold still there).
+        self.folding = fold.Fold()
         self.lost = 0
 
     def on_record(self, rec: dict) -> None:

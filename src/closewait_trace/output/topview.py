@@ -12,7 +12,7 @@ import tty
 from typing import Callable, Optional
 
 from closewait_trace.output.sinks import TickView
-from closewait_trace.output import records, textsafe, top
+from closewait_trace.output import fold, records, textsafe, top
 
 
 class TopSink:
@@ -88,6 +88,14 @@ class TopSink:
             # with its source, so that an estimate is shown as one.
             out.append((c[4], l.age_bound_ns(now) / 1e9, l.age_source))
         self._keys = fresh
+        if len(folding) > top.MAX_PROCESSES:
+            # Bounded: made again from the holders lingering now (once per
+            # MAX_PROCESSES new holder processes, at most).
+            model.folding = folding = fold.Fold()
+            for l in view.lingering():
+                if l.ownership is not None:
+                    for h in l.ownership.holders:
+                        folding.add_holder(h)
         return out
 
     def flush(self) -> None:
