@@ -50,6 +50,11 @@ def test_make_example_runs_and_its_commentary_holds(tmp_path):
     assert "Still lingering at exit: 2" in live
     snapshot = block("snapshot -p")
     assert "7 sockets in CLOSE_WAIT" in snapshot and "By holder process:" in snapshot
+    # The five socat forks of one listener: one footer line, one top row
+    # (the commentary says so).
+    footer = snapshot[snapshot.index("By holder process:"):]
+    assert re.search(r"^\s+socat \[/usr/bin/socat\] \(5 processes\): 5 sockets, oldest ~",
+                     footer, re.M) and "/socat [T]" not in footer, footer
     assert re.search(r"alive \(accept\) but never closes: \d+/eof_server fd \d+, EOF read",
                      snapshot), snapshot
     verbose = block("snapshot -v")
@@ -57,6 +62,8 @@ def test_make_example_runs_and_its_commentary_holds(tmp_path):
     top = block("top ")
     # NEW/MIN 0: the sockets were there before top started, not new ones.
     assert re.search(r"^\s+2\s+\S+\s+0\s+0 \d+/eof_server \[ignoring_eof\]$", top, re.M), top
+    assert re.search(r"^\s+5\s+\S+\s+0\s+0 socat \[/usr/bin/socat\] \(5 processes\)",
+                     top, re.M) and not re.search(r"^\s+1\s.* \d+/socat \[", top, re.M), top
     report = block("report incident.jsonl")
     assert "By program" in report and "socat [/usr/bin/socat] (5 processes)" in report
     assert re.search(r"handle_client \(eof_server\.c:\d+\)", block("report --by code,cause"))

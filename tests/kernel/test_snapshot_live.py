@@ -2,7 +2,10 @@
 sockets, processes and users, cross-checked with ss and a monotonic clock."""
 
 import json
+import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,10 +118,41 @@ def test_snapshot_of_the_seed_scenario(procs):
         assert got <= done - min(entered) + 0.05
 
     text = snapshot("-p", str(port)).stdout
+    later = time.monotonic() - done          # the text's ages: this much older at most
     assert text.splitlines()[0] == f"5 sockets in CLOSE_WAIT (local port {port}), oldest first"
+    # The five forks of one socat server are one footer line (output/fold.py;
+    # it was one line per child), with as many processes as ss names.
     footer = text[text.index("By holder process:"):].splitlines()[1:]
-    assert len(footer) == 5 and all("1 socket, oldest ~" in line and "stopped" in line
-                                    for line in footer)
+    exe = os.path.realpath(shutil.which("socat"))
+    ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+    assert len(ss_pids) == 5
+    assert footer == [f"  socat [{exe}] (5 processes): 5 sockets, oldest "
+                      f"~{footer[0].split('oldest ~')[1].split(';')[0]}; stopped"], footer
+    oldest = float(footer[0].split("oldest ~")[1].split("s;")[0])
+    assert max(measured) - 1.0 < oldest < max(measured) + later + 1.0, (oldest, measured)
+
+
+def test_a_users_forking_server_is_not_folded_into_roots(procs):
+    """Two socat fork servers, root's and nobody's, same binary, same comm:
+    one footer line each, each with its own five processes and sockets (as
+    ss says), told apart by their parent; never one line of ten."""
+    ports = [free_port(), free_port()]
+    roots, _ = start_seed_scenario(ports[0], procs)
+    nobodys, _ = start_seed_scenario(ports[1], procs, as_user=[
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+    for port in ports:
+        wait_until(lambda: len(ss_close_wait(port)) == 5, what="5 CLOSE-WAIT")
+    text = snapshot("-p", f"{ports[0]},{ports[1]}").stdout
+    # A line that does not fit 80 columns goes on under its indentation.
+    footer = text[text.index("By holder process:"):].replace("\n    ", " ").splitlines()[1:]
+    exe = os.path.realpath(shutil.which("socat"))
+    assert len(footer) == 2, footer
+    for server, port in ((roots, ports[0]), (nobodys, ports[1])):
+        ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+        assert len(ss_pids) == 5 and ss_pids <= set(children_of(server.pid))
+        (line,) = [f for f in footer if f"of parent {server.pid})" in f]
+        assert line.startswith(f"  socat [{exe}] (5 processes of parent {server.pid}): "
+                               f"5 sockets, oldest ~"), footer
 
 
 NEVER_ACCEPTS = r"""
@@ -302,3 +336,55 @@ def test_a_port_range_and_a_name_prefix_as_people_type_them(procs):
     bad = snapshot("-p", f"{a + 2}-{a}", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "from low to high" in bad.stderr
+
+
+# A fork-per-connection server (as PostgreSQL's postmaster, inetd): each
+# accepted connection is held by a child that never closes it; the server
+# itself keeps copies of the first `keep`.
+FORK_SERVER = r"""
+import os, signal, socket, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+port, keep = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(128)
+print("ready", flush=True)
+kept = []
+while True:
+    c, _ = srv.accept()
+    if os.fork() == 0:
+        srv.close()
+        time.sleep(3600)
+        os._exit(0)
+    if len(kept) < keep:
+        kept.append(c)
+    else:
+        c.close()
+"""
+
+
+def test_forty_forks_of_one_server_are_one_footer_line(procs):
+    """40 connections, each held by its own forked child, the server holding
+    copies of 3 of them: one footer line of 41 processes and 40 sockets
+    (a socket its server and its child both hold counts once), the
+    processes those ss names."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(port), "3"],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    for _ in range(40):
+        socket.create_connection(("127.0.0.1", port)).close()
+    wait_until(lambda: len(ss_close_wait(port)) == 40, what="40 CLOSE-WAIT")
+    wait_until(lambda: len({p for _l, _r, pids in ss_close_wait(port) for p in pids}) == 41,
+               what="41 holders")
+    ss_pids = {p for _l, _r, pids in ss_close_wait(port) for p in pids}
+    assert server.pid in ss_pids and ss_pids - {server.pid} <= set(children_of(server.pid))
+    text = snapshot("-p", str(port)).stdout
+    assert text.splitlines()[0].startswith(f"40 sockets in CLOSE_WAIT (local port {port})")
+    footer = text[text.index("By holder process:"):].replace("\n    ", " ").splitlines()[1:]
+    assert len(footer) == 1, footer
+    m = re.match(r"^  (\S+) \[(.+)\] \(41 processes\): 40 sockets, oldest ", footer[0])
+    assert m, footer
+    with open(f"/proc/{server.pid}/comm") as f:
+        assert m.group(1) == f.read().strip()
+    assert m.group(2) == os.readlink(f"/proc/{server.pid}/exe")

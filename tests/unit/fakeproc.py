@@ -19,7 +19,7 @@ class FakeProc:
 
     def process(self, pid, comm="srv", state="S", ppid=1, netns=4026531840,
                 cmdline=None, tracer_pid=0, threads=None, flags=0, start_time=100,
-                uid=1000):
+                uid=1000, exe=None):
         base = os.path.join(self.root, str(pid))
         os.makedirs(os.path.join(base, "fd"), exist_ok=True)
         os.makedirs(os.path.join(base, "fdinfo"), exist_ok=True)
@@ -37,6 +37,12 @@ class FakeProc:
         link = os.path.join(base, "ns", "net")
         if not os.path.lexists(link):
             os.symlink(f"net:[{netns}]", link)
+        if exe is not None:
+            # /proc/PID/exe: what the kernel says the process runs.
+            link = os.path.join(base, "exe")
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(exe, link)
         for tid, (tstate, syscall, wchan) in (threads or {pid: (state, "running", "0")}).items():
             tbase = os.path.join(base, "task", str(tid))
             os.makedirs(tbase, exist_ok=True)

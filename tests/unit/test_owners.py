@@ -128,10 +128,10 @@ def test_vanishing_process_is_a_missing_row_not_a_crash(fake, monkeypatch):
     fake.fd(50, 3, 77).fd(51, 3, 77)
     real = owners.procfs.read_process
 
-    def racing(pid, proc):
+    def racing(pid, proc, **kwargs):
         if pid == 51:                  # 51 exits between its fd scan and its stat read
             shutil.rmtree(f"{proc}/51")
-        return real(pid, proc)
+        return real(pid, proc, **kwargs)
 
     monkeypatch.setattr(owners.procfs, "read_process", racing)
     got = owners.resolve([ep(83, 5003)], fake.root)[ep(83, 5003)]

@@ -23,7 +23,8 @@ def header(cid="cap", start=T0):
             "threshold_s": 1.0, "filters": {}}
 
 
-def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None, exe=None):
+def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None, exe=None,
+            ppid=9950, uid=0):
     # The cgroup path is what the container, pod and unit are decided from.
     if pod and container:
         cgroup = (f"/kubepods.slice/kubepods-pod{pod.replace('-', '_')}.slice/"
@@ -32,9 +33,9 @@ def process(pid, comm="socat", unit=None, container=None, pod=None, cmdline=None
         cgroup = f"/system.slice/docker-{container * 32}.scope"
     else:
         cgroup = f"/system.slice/{unit}" if unit else "/user.slice/user-0.slice/session-1.scope"
-    return {"type": "process", "ts": T0, "pid": pid, "comm": comm,
+    return {"type": "process", "ts": T0, "pid": pid, "comm": comm, "ppid": ppid,
             "cmdline": cmdline or comm,
-            "identity": {"user": "root", "unit": unit, "pod_uid": pod, "netns": 1,
+            "identity": {"user": "root", "uid": uid, "unit": unit, "pod_uid": pod, "netns": 1,
                          "cgroup": cgroup,
                          "exe": {"path": exe or f"/usr/bin/{comm}", "deleted": False,
                                  "replaced": False},

@@ -24,6 +24,7 @@ from closewait_trace.sockets.tracker import Lingerer
 
 if TYPE_CHECKING:
     from closewait_trace.evidence.resolver import ProcResolver
+    from closewait_trace.output.fold import Fold
 
 # The sockets are read in the gathering worker (gathering.snapshot_candidates)
 # and only resolved, diagnosed and shown here; the kernel clock of their
@@ -131,25 +132,37 @@ class HolderGroup:
     causes: dict = field(default_factory=dict)   # cause -> count
 
 
-def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
+def holder_groups(linger_records: list[dict], folding: Optional[Fold] = None
+                  ) -> list[HolderGroup]:
     """The footer: sockets grouped by holder process (a socket held by two
-    processes counts for both), then those with no holder we can name;
-    biggest group first. 10,000 sockets of one process are one line."""
+    processes counts for both), the children of one server folded into one
+    group (output/fold.py: by parent, user and executable, as `top` and
+    `report` fold them; folding: the holders' Fold, none folds nothing),
+    then those with no holder we can name; biggest group first. 10,000
+    sockets of one process, or of 10,000 forks of one server, are one line."""
+    from closewait_trace.output import fold
     from closewait_trace.output.textsafe import escape
+    folding = folding if folding is not None else fold.Fold()
     groups: dict[tuple, HolderGroup] = {}
-    # (pid, comm, state) -> its label: the sockets of one holder share it
-    # (escaped once, not once per socket).
-    labels: dict[tuple, str] = {}
+    members: dict[tuple, fold.Members] = {}
+    # pid -> its label alone: the sockets of one holder share it (escaped
+    # once, not once per socket).
+    singles: dict[int, str] = {}
     for rec in linger_records:
         # Names are the processes' own word: escaped like every text field.
-        keys = []
+        keys = {}
         for o in {o["pid"]: o for o in rec.get("owners") or []}.values():
-            who = (o["pid"], o["comm"], o["state"])
-            label = labels.get(who)
-            if label is None:
-                label = labels[who] = (f"{o['pid']}/{escape(o['comm'])} "
-                                       f"[{escape(o['state'])}]")
-            keys.append((("pid", o["pid"]), label))
+            pid = o["pid"]
+            if pid not in singles:
+                singles[pid] = f"{pid}/{escape(o['comm'])} [{escape(o['state'])}]"
+            k = folding.key(pid)
+            m = members.get(k)
+            if m is None:
+                m = members[k] = fold.Members()
+            m.add(pid, o["comm"])
+            # One count per group: a socket two forks of one server hold
+            # is one socket of that server.
+            keys[("process", k)] = ""
         if not keys:
             if rec.get("owner_kind") == owners.OWNER_ACCEPT_QUEUE:
                 listener = rec.get("listener") or {}
@@ -157,12 +170,14 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
                                 for o in listener.get("owners") or [])
                 label = (f"(not accepted) listener {escape(listener.get('local', '?'))}"
                          + (f" held by {pids}" if pids else ""))
-                keys = [(("listener", listener.get("local")), label)]
+                keys = {("listener", listener.get("local")): label}
             else:
-                keys = [(("none",), "(no holder)")]
+                keys = {("none",): "(no holder)"}
         cause = (rec.get("diagnosis") or {}).get("cause") or "-"
-        for key, label in keys:
-            g = groups.setdefault(key, HolderGroup(label))
+        for key, label in keys.items():
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = HolderGroup(label)
             g.count += 1
             g.causes[cause] = g.causes.get(cause, 0) + 1
             # A range (keepalive) is shown by its upper end: what it may be.
@@ -171,14 +186,18 @@ def holder_groups(linger_records: list[dict]) -> list[HolderGroup]:
                 age = rec["age_max_s"]
             if age >= g.oldest_s:
                 g.oldest_s, g.oldest_source = age, rec["age_source"]
+    named = fold.labels(members, singles.__getitem__, fold.server_exe)
+    for key, g in groups.items():
+        if key[0] == "process":
+            g.label = named[key[1]]
     return sorted(groups.values(), key=lambda g: (-g.count, -g.oldest_s, g.label))
 
 
-def footer_lines(linger_records: list[dict]) -> list[str]:
+def footer_lines(linger_records: list[dict], folding: Optional[Fold] = None) -> list[str]:
     if not linger_records:
         return []
     lines = ["", "By holder process:"]
-    for g in holder_groups(linger_records):
+    for g in holder_groups(linger_records, folding):
         causes = ", ".join(f"{cause} {n}" if len(g.causes) > 1 else cause
                            for cause, n in sorted(g.causes.items(), key=lambda c: -c[1]))
         noun = "socket" if g.count == 1 else "sockets"
@@ -299,7 +318,9 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     for rec in recs:
         out.emit(rec)
     if not as_json:
-        out.write_lines(footer_lines(lingers))
+        from closewait_trace.output import fold
+        folding = fold.of_holders(h for l in snap.lingering for h in l.ownership.holders)
+        out.write_lines(footer_lines(lingers, folding))
     out.flush()
     for line in notice_lines(snap, as_root):
         notice(line)

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from closewait_trace.output import textsafe
+from closewait_trace.output import fold, textsafe
 from closewait_trace.output.render import (LINE, age_source, describe_found, fit_lines, marked_age,
                                            histogram_lines, hostport, side_of,
                                            slots_to_buckets)
@@ -326,6 +326,10 @@ class _Builder:
         self.still_total = 0
         self.groups = {g: {} for g in GROUPINGS}
         self.identity: dict = {}                 # pid -> (unit, container, pod, exe)
+        # By program, the forks of one server are one row: output/fold.py,
+        # from the process records' parent, uid and exe (as snapshot and
+        # top fold them), never from a name.
+        self.fold = fold.Fold(MAX_PROCESSES)
         self.timeline = _Timeline()
         self.unusable = 0
         self.lost_total = {"events_lost": 0, "map_full": 0, "events_unread": 0,
@@ -455,12 +459,14 @@ class _Builder:
             del self.identity[next(iter(self.identity))]
             self.folded["processes"] += 1
         self.identity.pop(pid, None)
+        exe = identity.program_label(ident.get("exe"))
+        self.fold.add(pid, r.get("ppid"), ident.get("uid"), exe)
         self.identity[pid] = {
             "unit": _label(found["unit"]),
             "container": (_label(f"{container.get('runtime')} {str(container.get('id'))[:12]}")
                           if container else None),
             "pod": _label(found["pod_uid"]),
-            "exe": _label(identity.program_label(ident.get("exe"))),
+            "exe": _label(exe),
             "cmdline": _label(r["cmdline"][:MAX_CMDLINE_SHOWN])
             if isinstance(r.get("cmdline"), str) else None,
             "script": _label(identity.script_of(
@@ -493,8 +499,17 @@ class _Builder:
                 program += f" {ident['script']}"
             if listening:
                 program += " (listener, not accepting)"
+            # The row by program: the fold of the process (its server's
+            # forks together, fold.py) and what the label adds (the script,
+            # a listener's): never merged by the label alone.
+            if pid is not None and pid not in self.fold:
+                # No process record (more than 256 holders in its batch):
+                # the holder's own parent and uid, its comm for the exe.
+                self.fold.add(pid, o.get("ppid"), o.get("uid"), None, o.get("comm"))
+            server = self.fold.key(pid) if pid is not None else ("pid", None)
             people.append({"pid": pid, "comm": comm + (" (not accepting)" if listening else ""),
                            "fd": o.get("fd"), "program": program,
+                           "program_key": (server, program),
                            "unit": ident.get("unit"), "container": ident.get("container"),
                            "pod": ident.get("pod")})
         return people
@@ -660,7 +675,7 @@ class _Builder:
         if grouping == "cause":
             return {s.info["cause"]}
         if grouping == "program":
-            return {p["program"] for p in people} or {"(unknown)"}
+            return {p["program_key"] for p in people} or {(("none",), "(unknown)")}
         if grouping == "pid":
             return {(p["pid"], p["comm"]) for p in people} or {(None, "(unknown)")}
         if grouping in _OPTIONAL:
@@ -834,7 +849,8 @@ class _Builder:
 
 
 def _table(grouping: str, groups: dict) -> list[dict]:
-    rows = sorted(groups.items(), key=lambda kv: (-kv[1].total_s, -kv[1].count, str(kv[0])))
+    rows = sorted(groups.items(), key=lambda kv: (-kv[1].total_s, -kv[1].count,
+                                                  _order(kv[0])))
     out = []
     columns = table_columns(grouping)
     name_fields, last_field = columns[0][1], columns[-1][1][0]
@@ -844,10 +860,30 @@ def _table(grouping: str, groups: dict) -> list[dict]:
             row = dict(zip(name_fields, k), **row)
         elif grouping == "cause":
             row = dict({name_fields[0]: k, last_field: dict(g.programs.most_common())}, **row)
+        elif grouping == "program":
+            row = dict({name_fields[0]: k if isinstance(k, str) else k[1]}, **row)
         else:
             row = dict({name_fields[0]: k}, **row)
         out.append(row)
+    if grouping == "program":
+        # Two rows that would read the same (two servers of one program, or
+        # processes whose program was not recorded) say which is which.
+        named = Counter(row["program"] for row in out)
+        for (k, g), row in zip(rows, out):
+            if named[row["program"]] > 1 and not isinstance(k, str):
+                server = k[0]
+                if len(g.pids) == 1 and not g.more_pids:
+                    row["program"] += f" (pid {next(iter(g.pids))})"
+                elif server[0] == "server":
+                    row["program"] += f" (of parent {server[1]})"
     return out
+
+
+def _order(key) -> str:
+    """A row's key in the order of its name (a program row's key is its
+    fold and its label)."""
+    return key[1] if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], tuple) \
+        else str(key)
 
 
 def _source(rec: dict, kind: str) -> str:

@@ -1,6 +1,7 @@
 """`closewait-trace top`: the live view for a pile-up, in the manner of
-top(1) and bcc's tcptop: one row per holder process (or cause, remote peer,
-local port, container), how many sockets it keeps in CLOSE_WAIT now, the oldest, and
+top(1) and bcc's tcptop: one row per holder process, the forks of one
+server folded into one row (output/fold.py, as `snapshot` and `report`
+fold them) (or cause, remote peer, local port, container), how many sockets it keeps in CLOSE_WAIT now, the oldest, and
 how many started lingering and closed in the last minute; refreshed every
 tick, biggest first.
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from closewait_trace.durations import format_age
-from closewait_trace.output import textsafe
+from closewait_trace.output import fold, textsafe
 from closewait_trace.output.render import SOURCE_MARK
 from closewait_trace.output.report import EPHEMERAL, peer_key, side_of
 from closewait_trace.sockets import identity
@@ -69,25 +70,30 @@ def place_of(ident) -> str:
 def keys_of(entry: dict, places: Optional[dict] = None) -> dict:
     """The row a lingering socket (a linger record or a lingering entry)
     belongs to, under each grouping. places: pid -> its container label
-    (place_of), from the `process` records."""
+    (place_of), from the `process` records. By process, the first holder's
+    own label; rows_of folds it with the other forks of its server (by
+    "holder": its pid and comm) when the model's fold says so."""
     owners = [o for o in entry.get("owners") or [] if isinstance(o, dict)]
     if owners:
         o = owners[0]
         process = f"{o.get('pid')}/{textsafe.escape(o.get('comm', '?'))}"
         if len(owners) > 1:
             process += f" +{len(owners) - 1}"
+        holder = (o.get("pid"), o.get("comm", "?"))
         place = (places or {}).get(o.get("pid"), NOT_KNOWN)
     elif entry.get("owner_kind") == "accept_queue":
         process = place = "(not accepted)"
+        holder = None
     else:
         process = place = "(no holder)"
+        holder = None
     diagnosis = entry.get("diagnosis") if isinstance(entry.get("diagnosis"), dict) else {}
     cause = textsafe.escape(diagnosis.get("cause") or "(not yet known)")
     info = {"raddr": textsafe.escape(entry.get("raddr")), "rport": entry.get("rport"),
             "side": side_of(entry)}
     port = EPHEMERAL if info["side"] == "client" else str(entry.get("lport"))
     return {"process": process, "cause": cause, "peer": peer_key(info), "port": port,
-            "container": place}
+            "container": place, "holder": holder}
 
 
 def age_of(entry: dict) -> tuple:
@@ -131,6 +137,11 @@ class TopModel:
         self.keys_by_socket: dict = {}
         self.places: dict = {}          # pid -> container label (place_of)
         self.places_version = 0         # bumped when a pid's label changes
+        # What the kernel says of each holder (parent, uid, exe), given by
+        # the sink from the tracer's holders (TopSink): which fold by process.
+        # Past MAX_PROCESSES the sink makes it again from the holders still
+        # lingering (forgetting the oldest could split a fold still there).
+        self.folding = fold.Fold()
         self.lost = 0
 
     def on_record(self, rec: dict) -> None:
@@ -177,14 +188,41 @@ class TopModel:
         """Rows from (keys_of's keys, age in seconds, its source) of each
         lingering socket (TopSink keeps the keys of a socket between
         refreshes). The oldest keeps its source: an age estimated from
-        tcp_info is shown as one (`~`), never as a timed one."""
+        tcp_info is shown as one (`~`), never as a timed one.
+
+        By process, the forks of one server are one row (the first
+        holder's fold key in self.folding; fold.labels names it), and that
+        is the default: an on-call
+        with 10,000 PostgreSQL backends in CLOSE_WAIT first needs to see
+        which server leaks and how much, and 10,000 rows of one socket each
+        would show 20 of them and hide that (a single process reads as
+        before)."""
         now = self.clock()
         rows: dict[str, Row] = {}
-        for keys, age, source in lingering:
+        folding = self.folding if grouping == "process" else None
+        members: dict = {}          # fold key -> fold.Members, by process
+        fold_of: dict = {}          # a process row's key -> its fold key
+        singles: dict = {}          # pid -> its own row's key
+
+        def row_of(keys: dict) -> Row:
             key = keys[grouping]
             row = rows.get(key)
             if row is None:
                 row = rows[key] = Row(key, causes=collections.Counter())
+                holder = keys.get("holder") if folding is not None else None
+                if holder is not None:
+                    fkey = folding.key(holder[0])
+                    if fkey[0] == "server":
+                        m = members.get(fkey)
+                        if m is None:
+                            m = members[fkey] = fold.Members()
+                        m.add(*holder)
+                        fold_of[key] = fkey
+                        singles.setdefault(holder[0], key)
+            return row
+
+        for keys, age, source in lingering:
+            row = row_of(keys)
             row.sockets += 1
             if age > row.oldest_s or row.sockets == 1:
                 row.oldest_s, row.oldest_source = age, source
@@ -192,17 +230,38 @@ class TopModel:
         for events, field in ((self._recent(self.entered, now), "new_per_min"),
                               (self._recent(self.closed, now), "closed_per_min")):
             for _ts, keys in events:
-                row = rows.get(keys[grouping])
-                if row is None:
-                    row = rows[keys[grouping]] = Row(keys[grouping],
-                                                     causes=collections.Counter())
+                row = row_of(keys)
                 setattr(row, field, getattr(row, field) + 1)
+        if fold_of:
+            # The rows of the processes of one fold, when there are more
+            # than one, become one row; a single process keeps its rows
+            # exactly as before. Work by rows (processes), not sockets.
+            several = {k for k, m in members.items() if len(m.pids) > 1}
+            named = fold.labels({k: members[k] for k in several}, singles.__getitem__,
+                                fold.server_exe, KEY_COLUMNS)
+            merged: dict = {}
+            for key, fkey in fold_of.items():
+                if fkey not in several:
+                    continue
+                part = rows.pop(key)
+                row = merged.get(fkey)
+                if row is None:
+                    row = merged[fkey] = Row(named[fkey], causes=collections.Counter())
+                if part.sockets and (not row.sockets or part.oldest_s > row.oldest_s):
+                    row.oldest_s, row.oldest_source = part.oldest_s, part.oldest_source
+                row.sockets += part.sockets
+                row.new_per_min += part.new_per_min
+                row.closed_per_min += part.closed_per_min
+                row.causes.update(part.causes)
+            for row in merged.values():
+                rows[row.key] = row
         ordered = sorted(rows.values(), key=lambda r: (-r.sockets, -r.new_per_min,
                                                        -r.oldest_s, r.key))
         return ordered[:MAX_ROWS]
 
 
 COLUMNS = ("SOCKETS", "OLDEST", "NEW/MIN", "CLOSED/MIN")
+KEY_COLUMNS = 80 - 38           # what plain_lines leaves the key of an 80-column line
 TITLES = {"process": "PROCESS", "cause": "CAUSE", "peer": "REMOTE PEER", "port": "LOCAL PORT",
           "container": "CONTAINER / UNIT / CGROUP"}
 

@@ -12,7 +12,7 @@ import tty
 from typing import Callable, Optional
 
 from closewait_trace.output.sinks import TickView
-from closewait_trace.output import records, textsafe, top
+from closewait_trace.output import fold, records, textsafe, top
 
 
 class TopSink:
@@ -70,6 +70,7 @@ class TopSink:
     def _lingering(self, view: TickView) -> list:
         """(keys, age in seconds, its source) of each lingering socket."""
         model, version, now = self.model, self.model.places_version, view.now_ns
+        folding = model.folding
         cache, fresh, out = self._keys, {}, []
         for l in view.lingering():
             c = cache.get(id(l))
@@ -77,11 +78,24 @@ class TopSink:
                     or c[2] is not l.diagnosis or c[3] != version):
                 c = (l, l.ownership, l.diagnosis, version,
                      top.keys_of(records.lingering_entry(l, 0), model.places))
+                # What the kernel says of its holders (parent, uid, exe
+                # link), for the fold of a server's forks into one row.
+                if l.ownership is not None:
+                    for h in l.ownership.holders:
+                        folding.add_holder(h)
             fresh[id(l)] = c
             # A keepalive range's upper end (top.age_of), any other its age;
             # with its source, so that an estimate is shown as one.
             out.append((c[4], l.age_bound_ns(now) / 1e9, l.age_source))
         self._keys = fresh
+        if len(folding) > top.MAX_PROCESSES:
+            # Bounded: made again from the holders lingering now (once per
+            # MAX_PROCESSES new holder processes, at most).
+            model.folding = folding = fold.Fold()
+            for l in view.lingering():
+                if l.ownership is not None:
+                    for h in l.ownership.holders:
+                        folding.add_holder(h)
         return out
 
     def flush(self) -> None:

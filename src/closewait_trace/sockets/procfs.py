@@ -334,6 +334,11 @@ class ProcessSnapshot:
     tracer_pid: int = 0
     threads: int = 0
     cmdline: str = ""
+    # The kernel's /proc/PID/exe link (" (deleted)" included, as the kernel
+    # says it), read for the owner lookup's holders only (ProcBatch): what
+    # output/fold.py folds the children of one server by. "" when not read,
+    # refused (another user's, not root) or none (a kernel thread).
+    exe: str = ""
 
     @property
     def exiting(self) -> bool:
@@ -350,12 +355,14 @@ def _open_dir(path: str) -> int:
         raise _error(path, e) from None
 
 
-def read_process(pid: int, proc: str = PROC) -> ProcessSnapshot:
+def read_process(pid: int, proc: str = PROC, exe: bool = False) -> ProcessSnapshot:
     """stat, status and cmdline, each read once, all through one handle on
     /proc/PID: if the process exits meanwhile the reads fail (ESRCH) rather
     than reach a new process given the same pid. Raises NoSuchProcess or
     AccessDenied (stat and status are world-readable; cmdline can be hidden
-    with hidepid, then it is left empty)."""
+    with hidepid, then it is left empty). exe: the exe link too (a readlink
+    only: the kernel's path of the running file, no filesystem is asked),
+    left "" where it cannot be read."""
     base = f"{proc}/{pid}"
     dfd = _open_dir(base)
     try:
@@ -367,6 +374,12 @@ def read_process(pid: int, proc: str = PROC) -> ProcessSnapshot:
             cmdline = parse_cmdline(read_bytes("cmdline", MAX_CMDLINE, dir_fd=dfd))
         except AccessDenied:
             cmdline = ""
+        link = ""
+        if exe:
+            try:
+                link = decode(os.readlink(b"exe", dir_fd=dfd))
+            except OSError:
+                pass
     finally:
         os.close(dfd)
     return ProcessSnapshot(pid=pid, comm=stat.comm, state=stat.state, ppid=stat.ppid,
@@ -374,7 +387,7 @@ def read_process(pid: int, proc: str = PROC) -> ProcessSnapshot:
                            uid=_int_field(fields.get("Uid", ""), None),
                            tracer_pid=_int_field(fields.get("TracerPid", "0"), 0) or 0,
                            threads=_int_field(fields.get("Threads", "0"), 0) or 0,
-                           cmdline=cmdline)
+                           cmdline=cmdline, exe=link)
 
 
 def _int_field(value: str, default):
@@ -398,7 +411,8 @@ class ProcBatch:
         got = self._seen.get(pid)
         if got is None:
             try:
-                got = read_process(pid, self.proc)
+                # With the exe link: the holders' (output/fold.py).
+                got = read_process(pid, self.proc, exe=True)
             except ResourceExhausted:
                 raise
             except ProcError as e:
