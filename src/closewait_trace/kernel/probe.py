@@ -771,6 +771,12 @@ class KernelProbe:
             ring.sip(self._backlog_cap - ring.backlog_bytes)
         return True
 
+    def unread_bytes(self) -> int:
+        """Bytes of events in the ring or its backlog not yet taken (0: the
+        loop is up to date, or this probe cannot tell)."""
+        ring = self._ring
+        return 0 if ring is None else ring.pending_bytes() + ring.backlog_bytes
+
     def tracked(self) -> list[TrackedSocket]:
         """Every entry, decoded (start-up; small maps)."""
         entries, endpoints_of = self.tracked_entries()

@@ -144,6 +144,10 @@ class Tracker:
     # tracked, and of a reported one's new owners (changed): what the
     # metrics keep up to date without walking every socket (metrics.LiveSeries).
     observers: list = field(default_factory=list)
+    # Set by the caller while events it has not taken yet wait (a burst's
+    # backlog): the departed sockets' CLOSED events are among them, however
+    # long after the grace they come, so none is forgotten meanwhile.
+    hold_departed: bool = False
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
         if l is not None:
@@ -296,12 +300,19 @@ class Tracker:
         EXPIRE_PER_TICK a call (more only past MAX_DEPARTED): forgetting a
         socket frees its state (~10 objects), and 85,885 at once, whose
         CLOSED events were lost, took 363 ms of an idle tick at 100,000."""
-        budget = max(EXPIRE_PER_TICK, len(self.departed) - MAX_DEPARTED)
-        expired = []
-        for skaddr, l in self.departed.items():
-            if len(expired) >= budget or now_ns - (l.left_ns or now_ns) <= DEPARTED_GRACE_NS:
-                break
-            expired.append(skaddr)
+        over = len(self.departed) - MAX_DEPARTED
+        if self.hold_departed:
+            # Their CLOSED events still wait to be taken: only those over
+            # MAX_DEPARTED go (oldest first), so that the memory stays
+            # bounded however long the wait.
+            expired = list(islice(self.departed, max(0, over)))
+        else:
+            budget = max(EXPIRE_PER_TICK, over)
+            expired = []
+            for skaddr, l in self.departed.items():
+                if len(expired) >= budget or now_ns - (l.left_ns or now_ns) <= DEPARTED_GRACE_NS:
+                    break
+                expired.append(skaddr)
         for skaddr in expired:
             del self.departed[skaddr]
 
