@@ -771,29 +771,6 @@ class KernelProbe:
             ring.sip(self._backlog_cap - ring.backlog_bytes)
         return True
 
-    def skipped_runs(self) -> Optional[int]:
-        """Runs of the state-change program the kernel skipped because
-        another BPF program was running on that CPU (an interrupt's
-        tracepoint during one: recursion_misses in fdinfo, Linux 5.12+).
-        A socket that entered CLOSE_WAIT in such a run is in no map and is
-        never reported unless looked for (LiveTracer.look_again). None: not
-        known."""
-        funcs = getattr(self.bpf, "funcs", None)
-        if not isinstance(funcs, dict):
-            return None
-        fn = funcs.get(b"tracepoint__sock__inet_sock_set_state")
-        fd = getattr(fn, "fd", None)
-        if fd is None:
-            return None
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
-
     def unread_bytes(self) -> int:
         """Bytes of events in the ring or its backlog not yet taken (0: the
         loop is up to date, or this probe cannot tell)."""

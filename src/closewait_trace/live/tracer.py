@@ -77,14 +77,6 @@ COALESCE_S = 0.005
 # oldest first.
 MAX_NETNS_PER_BATCH = 64
 
-# When the kernel skipped runs of the state-change program (another BPF
-# program was running on that CPU), a socket may have entered CLOSE_WAIT
-# unseen: it is in no map and would never be reported. The sockets in
-# CLOSE_WAIT are then read again (a full read: ~1.5 s of the worker at
-# 100,000) and those not in the map taken as those found at start, at most
-# once every LOOK_AGAIN_S.
-LOOK_AGAIN_S = 30.0
-
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
@@ -186,8 +178,6 @@ class LiveTracer:
     _keys: Optional[tuple] = None       # _capture_keys() of the batch being resolved
     _final_drain: bool = False
     _until_sip: int = SIP_EVERY     # calls of _sip_now_and_then before the next sip
-    _skipped_seen: Optional[int] = None     # probe.skipped_runs() when last looked again
-    _look_again_at: float = 0.0             # time.monotonic() before which not again
     _detach_started: bool = False
     _hurried: bool = False
     # The process ends right after run() (cli.py's quick exit): the kernel
@@ -351,10 +341,6 @@ class LiveTracer:
         if gatherer is not None:
             gatherer.abort = lambda: self.stopping
             gatherer.while_waiting = self._poll_while_waiting
-        # Runs the kernel skips from here on may hide a socket's entry
-        # into CLOSE_WAIT: looked for again when they move (look_again).
-        skipped_runs = getattr(self.probe, "skipped_runs", None)
-        self._skipped_seen = skipped_runs() if skipped_runs is not None else None
         try:
             found = self.resolver.snapshot_close_wait()
         except GatherFailed as e:
@@ -691,8 +677,6 @@ class LiveTracer:
         else:
             self.unwatch_left()
         self.sip()
-        if resolve:
-            due = self.look_again(due, now_ns)
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
         if resolve and due:
@@ -723,32 +707,6 @@ class LiveTracer:
             stats["idle_ticks"] += 1
             stats["idle_total_ms"] += elapsed
             stats["idle_max_ms"] = max(stats["idle_max_ms"], elapsed)
-
-    def look_again(self, due: list, now_ns: int) -> list:
-        """When the kernel skipped runs of the state-change program since
-        the last look (probe.skipped_runs), read the sockets in CLOSE_WAIT
-        again and track those in no map as those found at start (ages from
-        tcp_info); at most once every LOOK_AGAIN_S. Returns due with those
-        already past the threshold. The table is read before the map, as at
-        start: a socket that enters CLOSE_WAIT between the two is in the
-        map, not taken twice."""
-        skipped_runs = getattr(self.probe, "skipped_runs", None)
-        skipped = skipped_runs() if skipped_runs is not None else None
-        if skipped is None or skipped == self._skipped_seen \
-                or time.monotonic() < self._look_again_at:
-            return due
-        self._look_again_at = time.monotonic() + LOOK_AGAIN_S
-        try:
-            found = self.resolver.snapshot_close_wait()
-        except GatherFailed:
-            return due                  # counted (evidence_timeouts); next time
-        self._skipped_seen = skipped
-        rows = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
-        before = set(self.tracker.pre_existing)
-        self.tracker.seed(rows, self.probe.tracked(), observed_ns=now_ns, latest_ns=now_ns)
-        added = [l for ep, l in self.tracker.pre_existing.items() if ep not in before]
-        threshold = self.tracker.threshold_ns
-        return due + [l for l in added if l.age_bound_ns(now_ns) >= threshold]
 
     def view(self, counters: dict, now_ns: int) -> TickView:
         # The histogram moves only when a timed socket leaves CLOSE_WAIT: an

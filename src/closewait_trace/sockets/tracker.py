@@ -171,20 +171,14 @@ class Tracker:
         return out
 
     def seed(self, already_in_close_wait: Iterable[TcpRow],
-             tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None,
-             latest_ns: Optional[int] = None) -> int:
+             tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None) -> int:
         """Sockets found in CLOSE_WAIT at start-up (rows of the sock_diag dump
         with their tcp_info times, read at observed_ns, default start_ns),
         minus those the kernel program saw enter it (they raced the attach
         and are tracked already), so none is missed and none is reported
         twice. Each gets an age estimated from tcp_info (ages.py): those
-        already past the threshold are due at the first tick.
-
-        latest_ns: the latest any of them can have entered CLOSE_WAIT: the
-        start (default: the kernel program saw every entry since), or, read
-        again later because the kernel skipped runs of it, the read's time."""
+        already past the threshold are due at the first tick."""
         observed_ns = self.start_ns if observed_ns is None else observed_ns
-        latest_ns = self.start_ns if latest_ns is None else latest_ns
         tracked_netns: dict[tuple, set[int]] = {}
         for t in tracked:
             tracked_netns.setdefault(t.endpoints.address_key, set()).add(t.endpoints.netns)
@@ -199,9 +193,8 @@ class Tracker:
                 continue
             est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
                                       keepalive=row.timer == KEEPALIVE_TIMER)
-            # Without tcp_info all we know is that it was there at start
-            # (or, looked for again later, when read: latest_ns).
-            enter_ns = min(est.enter_ns, latest_ns)
+            # Without tcp_info all we know is that it was there at start.
+            enter_ns = min(est.enter_ns, self.start_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
                          enter_max_ns=est.enter_max_ns)
