@@ -771,11 +771,14 @@ class KernelProbe:
             ring.sip(self._backlog_cap - ring.backlog_bytes)
         return True
 
-    def unread_bytes(self) -> int:
-        """Bytes of events in the ring or its backlog not yet taken (0: the
-        loop is up to date, or this probe cannot tell)."""
+    def backlog_bytes(self) -> int:
+        """Bytes of events sip() took out of the ring and the loop has not
+        read yet (0: none, or this probe keeps no backlog). What is still in
+        the ring itself is read within the grace of a departed socket; a
+        backlog may take tens of seconds. (Not the ring's fill: under a
+        saturating --all it is never empty.)"""
         ring = self._ring
-        return 0 if ring is None else ring.pending_bytes() + ring.backlog_bytes
+        return 0 if ring is None else ring.backlog_bytes
 
     def tracked(self) -> list[TrackedSocket]:
         """Every entry, decoded (start-up; small maps)."""

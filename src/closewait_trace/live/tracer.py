@@ -649,8 +649,8 @@ class LiveTracer:
         # load 3), departed sockets stay past their grace: their CLOSED
         # events are among those (a socket forgotten first was written
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
-        unread = getattr(self.probe, "unread_bytes", None)
-        self.tracker.hold_departed = bool(self.pending) or bool(unread and unread())
+        backlog = getattr(self.probe, "backlog_bytes", None)
+        self.tracker.hold_departed = bool(self.pending) or bool(backlog and backlog())
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
         # when neither moved, the sockets that mature are already known.
