@@ -81,6 +81,20 @@ def drain(self, *a, **k):
         between["drains"] += 1
         between["events"] += n
 _tracer.LiveTracer.drain = drain
+# The backlog a burst of departures leaves out of the ring (kernel/probe.py
+# sip; absent from the code before it): its largest size, and the calls.
+backlog = {"max_bytes": 0, "sips": 0}
+from closewait_trace.kernel import probe as _probe
+if hasattr(_probe.KernelProbe, "sip"):
+    _sip = _probe.KernelProbe.sip
+    def sip(self):
+        took = _sip(self)
+        backlog["sips"] += 1
+        ring = self._ring
+        if ring is not None and ring.backlog_bytes > backlog["max_bytes"]:
+            backlog["max_bytes"] = ring.backlog_bytes
+        return took
+    _probe.KernelProbe.sip = sip
 _tick = _tracer.LiveTracer.tick
 wrapped = set()
 def tick(self, *a, **k):
@@ -118,7 +132,7 @@ def census(_s, _f):
     with open(os.environ["GC_CENSUS"], "a") as f:
         f.write(json.dumps({"tracked": n, "frozen": gc.get_freeze_count(), "full_pass_ms": full_ms,
                             "by_type": by_type.most_common(25),
-                            "passes": passes[:], "ticks": ticks[:]}) + "\n")
+                            "passes": passes[:], "ticks": ticks[:], "backlog": dict(backlog)}) + "\n")
 signal.signal(signal.SIGUSR1, census)
 sys.argv = ["closewait-trace"] + sys.argv[1:]
 from closewait_trace.cli import main
@@ -314,7 +328,10 @@ def one(total: int, metrics: bool, per_process: int = 10_000) -> dict:
                 "by_type_after_close": after.get("by_type", [])[:8],
                 "rss_lingering_mb": round(rss_lingering / 1024, 1),
                 "rss_after_close_mb": round(rss_after / 1024, 1),
-                "rss_peak_mb": round(hwm / 1024, 1)}
+                "rss_peak_mb": round(hwm / 1024, 1),
+                "backlog": after.get("backlog"),
+                "unreported": dict(bench.unreported),
+                "load_average": bench.load_average()}
     finally:
         if scraper:
             scraper.stop.set()

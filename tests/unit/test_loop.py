@@ -367,7 +367,7 @@ def test_an_exited_holders_leaving_sockets_are_not_looked_up_again(tmp_path, how
             w.proc.process(100, comm="srv", state="R", flags=0x4)
         w.forget_row(*[30000 + i for i in range(2, n, 2)])
         for i in range(2, n, 2):
-            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+            w.probe.leave(0x1000 + i, pid=100 + i % 7, comm="srv")
         return out
     w.probe.tracked_entries = read_then_exit
     w.probe.counts["cw_enter"] += 1         # the map is read at this tick
@@ -858,7 +858,7 @@ def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_pa
     assert calls == ["collect", ("freeze", 1)]
     assert w.tracer.tick_stats["idle_ticks"] >= 3
     for i in range(7):
-        w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        w.probe.leave(0x1000 + i, pid=100 + i % 7, comm="srv")
     w.step()
     assert calls[2:] == []                          # 3 of 10 left: not yet
     w.probe.leave(0x1007, pid=100, comm="srv")
@@ -912,7 +912,7 @@ def test_a_frozen_sockets_state_goes_when_it_leaves(tmp_path):
         frozen = gc.get_freeze_count()
         gone = 2 * n // 3               # a third stays: not unfrozen (kept * 4 >= n)
         for i in range(gone):
-            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+            w.probe.leave(0x1000 + i, pid=100 + i % 7, comm="srv")
         w.step()
         w.step(6.0)
         assert w.tracer.gc_policy.unfreezes == 0
@@ -989,3 +989,43 @@ def test_a_reported_socket_keeps_no_holder_evidence_once_written(tmp_path):
     (update,) = [r for r in w.of("linger") if r["update"]]
     assert update["diagnosis"]["evidence"]["holders"] == rec["diagnosis"]["evidence"]["holders"]
     assert l.diagnosis._holders == ()
+
+
+def test_the_ring_buffer_is_looked_at_while_a_mass_departure_is_taken(tmp_path):
+    """100,000 sockets leaving at once (their holder exits) fill the default
+    1 MiB ring buffer in a tenth of a second, while the loop works for
+    seconds on their leaving: the departures' tick (the tracker brought in
+    line with the map, the sockets unwatched) and the writing of their
+    CLOSED lines. The loop looks at the ring (probe.sip) between the steps
+    of that work, never more than a bounded amount of it apart; before, not
+    at all (85-90% of the CLOSED events lost at 100,000)."""
+    n = 5000
+    w = World(tmp_path)
+    w.linger(n, holders=7)      # (7: no two of a holder's sockets on one fd)
+    w.tracer.start()
+    for _ in range(3):
+        w.step()
+    assert len(w.of("linger")) == n
+    marks = []                  # at each sip: sockets still tracked, lines written
+
+    def sip():
+        marks.append((len(w.tracer.tracker.by_skaddr), len(w.of("closed"))))
+        return True
+    w.probe.sip = sip
+    for i in range(n):
+        w.probe.leave(0x1000 + i, pid=100 + i % 7, comm="srv")
+    w.forget_row(*range(30000, 30000 + n))
+    w.clock.advance(0.01)
+    w.tracer.tick()             # the departures' tick: the map is empty
+    in_tick = len(marks)
+    assert in_tick >= n // tracker.BETWEEN_EVERY, marks
+    while w.probe.events:
+        w.probe.poll(0)
+        w.tracer.drain()
+    assert len(w.of("closed")) == n
+    written = [c for _t, c in marks[in_tick:]]
+    assert written and max(b - a for a, b in zip([0] + written, written + [n])) <= 256, written
+    # In the tick, the tracker's walk of the departed sockets was cut in
+    # blocks too (each sip saw fewer tracked).
+    tracked = [t for t, _c in marks[:in_tick]]
+    assert len(set(tracked)) >= n // tracker.BETWEEN_EVERY, tracked

@@ -144,3 +144,56 @@ def test_a_run_stops_at_the_limit(tmp_path):
     finally:
         os.close(fd)
     assert struct.unpack_from("=Q", path.read_bytes(), 0)[0] == end
+
+
+def test_sip_moves_whole_committed_records_out_and_read_gives_them_first(tmp_path):
+    """sip() (a burst: the loop busy for seconds while the kernel fills the
+    ring) copies the committed records out of the ring and frees their
+    space; read() gives them back first, in order, unpacked as from the
+    ring, across the end of the buffer, and stops at a record still being
+    written: with and without runs of one size."""
+    other = struct.Struct("=QQI4x")
+    recs = [(REC.pack(i, 1), 0) for i in range(6)]
+    recs += [(REC.pack(6, 0), ringreader.DISCARD_BIT), (other.pack(7, 7, 7), 0)]
+    recs += [(REC.pack(i, 2), 0) for i in range(8, 20)]
+    recs += [(REC.pack(20, 0), ringreader.BUSY_BIT), (REC.pack(21, 0), 0)]
+    start = SIZE - 5 * 24
+    expected = [(i, 1) for i in range(6)] + [(7, 7)] + [(i, 2) for i in range(8, 20)]
+    for kw in ({}, {"record": REC}):
+        fd, path, _end = ring_file(tmp_path, start, recs)
+        try:
+            r = ringreader.RingReader(fd, SIZE, REC.unpack_from, **kw)
+            # At most 3 records' bytes, whole records only: 24 + 24 + 24.
+            assert r.sip(3 * 24 + 10) == 3 * 24
+            assert r.sip(10**6) == 3 * 24 + 24 + 32 + 12 * 24   # up to the busy one
+            assert r.sip(10**6) == 0
+            assert r.pending_bytes() == 2 * 24                    # the ring: freed
+            assert r.backlog_bytes == 6 * 24 + 24 + 32 + 12 * 24
+            got = []
+            while True:
+                rows = r.read(5)
+                if not rows:
+                    break
+                got += rows
+            assert got == expected and r.taken == len(expected) and r.backlog_bytes == 0
+            r.close()
+        finally:
+            os.close(fd)
+        consumer = struct.unpack_from("=Q", path.read_bytes(), 0)[0]
+        assert consumer == start + 6 * 24 + 24 + 32 + 12 * 24
+
+
+def test_the_backlog_comes_before_what_the_ring_took_since(tmp_path):
+    fd, path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(10)], producer=4 * 24)
+    try:
+        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
+        assert r.sip(10**6) == 4 * 24
+        # The kernel commits six more meanwhile.
+        os.pwrite(fd, struct.pack("=Q", 10 * 24), PAGE)
+        assert r.read(3) == [(0, 0), (1, 0), (2, 0)]
+        assert r.read(100) == [(3, 0)]              # the rest of the backlog
+        assert r.read(100) == [(i, 0) for i in range(4, 10)]
+        assert r.read(100) == [] and r.taken == 10
+        r.close()
+    finally:
+        os.close(fd)

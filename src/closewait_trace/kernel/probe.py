@@ -34,6 +34,9 @@ EVENTS_PROGRAM = b"tracepoint__" + EVENTS_TRACEPOINT.replace(":", "__").encode()
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
 BATCH = 8192         # map entries per BPF_MAP_LOOKUP_BATCH call
+# sip() moves the ring's records to the backlog once they fill this share
+# of it (1/16 of 1 MiB: 585 events); less is left for the loop's next poll.
+SIP_FILL = 16
 
 
 @dataclass
@@ -561,6 +564,9 @@ class KernelProbe:
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
     _ring: object = None      # ringreader.RingReader when the mapping is read directly
+    # Bytes sip() may hold out of the ring: every tracked socket's CLOSED
+    # event at once (max_tracked records; 29 MiB at the default 262,144).
+    _backlog_cap: int = 0
     _detaching: Optional[list] = None     # threads detaching the tracepoints (detach())
     _on_batch: object = None
     _loading: object = None       # the thread of load_in_background(), until start()
@@ -697,6 +703,7 @@ class KernelProbe:
             # event); libbpf's reader elsewhere (ringreader's docstring).
             self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from,
                                                record=layout.struct)
+            self._backlog_cap = self.config.max_tracked * ((size + ringreader.HEADER + 7) & ~7)
             return
 
         # The callback must not refer to the events table: bcc keeps the
@@ -749,6 +756,31 @@ class KernelProbe:
             self.bpf.ring_buffer_poll(timeout_ms)
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
+
+    def sip(self) -> bool:
+        """Keep the ring buffer from filling while the loop is busy (the
+        departures' tick, a long write): once it is SIP_FILL full, its
+        records move to the reader's backlog (raw, read first by the next
+        polls), up to _backlog_cap bytes. The loop calls this between the
+        steps of long work. True when this probe keeps a backlog: the
+        default mode read from the mapping. Not with --all: its ring is
+        16 MiB, and a saturating workload would only turn the kernel's
+        drops into memory and into events left unread at the exit."""
+        ring = self._ring
+        if ring is None or self.config.all_transitions:
+            return False
+        if ring.pending_bytes() >= ring.size // SIP_FILL:
+            ring.sip(self._backlog_cap - ring.backlog_bytes)
+        return True
+
+    def backlog_bytes(self) -> int:
+        """Bytes of events sip() took out of the ring and the loop has not
+        read yet (0: none, or this probe keeps no backlog). What is still in
+        the ring itself is read within the grace of a departed socket; a
+        backlog may take tens of seconds. (Not the ring's fill: under a
+        saturating --all it is never empty.)"""
+        ring = self._ring
+        return 0 if ring is None else ring.backlog_bytes
 
     def tracked(self) -> list[TrackedSocket]:
         """Every entry, decoded (start-up; small maps)."""
@@ -805,6 +837,9 @@ class KernelProbe:
             if n:
                 keys.extend(self._keys[:n])
                 raw += bytes(memoryview(self._values)[:n * size])
+            # 100,000 entries take 13 calls, 0.2-0.7 s under load: the ring
+            # is looked at between them (a burst of departures).
+            self.sip()
             if res != 0:
                 if err == errno.ENOENT:
                     return

@@ -26,6 +26,7 @@ connections a second, none with libbpf's reader).
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import platform
@@ -76,6 +77,11 @@ class RingReader:
         self._poll = select.poll()
         self._poll.register(map_fd, select.POLLIN)
         self.taken = 0          # records read (not discarded)
+        # Copies sip() made of the ring's records, oldest first, read before
+        # the ring; _backlog_at: how far the first has been read.
+        self._backlog: collections.deque = collections.deque()
+        self._backlog_at = 0
+        self.backlog_bytes = 0
         # A stop signal must end a wait at once: Python retries poll() after
         # running the handler (PEP 475), so the handler's flag would be seen
         # only at the timeout. The interpreter writes a byte to a wakeup fd
@@ -106,20 +112,32 @@ class RingReader:
     def read(self, limit: int) -> list:
         """Up to `limit` records, unpacked, oldest first; [] when none is
         ready. Our position moves past what was read, so the kernel may
-        reuse that space once this returns."""
+        reuse that space once this returns. What sip() moved out of the
+        ring comes first (it is older than anything still in the ring)."""
+        if self._backlog:
+            return self._read_backlog(limit)
         cons = self._cons[0]
         prod = self._prod[0]
         if cons >= prod:
             return []
-        data, mask, base = self._data, self.mask, self.page
-        unpack_from = self.unpack_from
-        words = self._words
-        rows = []
+        at = self.page + (cons & self.mask)
+        rows: list = []
+        # The data pages are mapped twice in a row: from `at`, the whole
+        # unread part (at most one buffer's size) reads as one piece.
+        cons += self._take(self._words, self._bytes, at, at + (prod - cons), limit, rows) - at
+        self._cons[0] = cons
+        self.taken += len(rows)
+        return rows
+
+    def _take(self, words, view, at: int, end: int, limit: int, rows: list) -> int:
+        """Records of one contiguous piece (the mapping, or a copy sip()
+        made) from `at` to `end` into rows, at most `limit`; returns where
+        it stopped: at `end`, at the limit, or before a record still being
+        written."""
         if self._run is not None:
             run, stride, size = self._run
-            n = min((prod - cons) // stride, limit)
+            n = min((end - at) // stride, limit)
             if n > 1:
-                at = base + (cons & mask)
                 step = stride >> 2
                 heads = words[at >> 2:(at >> 2) + n * step:step].tolist()
                 if heads.count(size) != n:
@@ -127,19 +145,90 @@ class RingReader:
                     # the run ends before it, the loop below takes it.
                     n = next(i for i, h in enumerate(heads) if h != size)
                 if n:
-                    rows = list(run.iter_unpack(self._bytes[at:at + n * stride]))
-                    cons += n * stride
+                    rows.extend(run.iter_unpack(view[at:at + n * stride]))
+                    at += n * stride
+        unpack_from = self.unpack_from
         append_row = rows.append
-        while cons < prod and len(rows) < limit:
-            at = base + (cons & mask)
+        while at < end and len(rows) < limit:
             length = words[at >> 2]
             if length & BUSY_BIT:
                 break                   # still being written: the rest waits
             if not length & DISCARD_BIT:
-                append_row(unpack_from(data, at + HEADER))
+                append_row(unpack_from(view, at + HEADER))
             length &= ~(BUSY_BIT | DISCARD_BIT)
-            cons += (length + HEADER + 7) & ~7
-        self._cons[0] = cons
+            at += (length + HEADER + 7) & ~7
+        return at
+
+    # ---------------------------------------------------------- the backlog
+    #
+    # A burst (100,000 sockets leaving at once when their holder exits)
+    # fills the default 1 MiB ring (9,362 events) in about a tenth of a
+    # second, while the loop may be busy for seconds (the departures' tick,
+    # writing the events it took). sip() copies what the kernel committed
+    # out of the mapping (a memory copy: ~120 bytes an event, raw, not
+    # unpacked) and frees its space; read() unpacks it later, first.
+    # Memory only while a burst is being written, instead of a larger ring
+    # held all the time (docs/benchmarks.md, "A burst of departures").
+
+    def sip(self, room: int) -> int:
+        """Move the committed records from the ring into the backlog, at
+        most `room` bytes (whole records); returns the bytes moved."""
+        cons = self._cons[0]
+        prod = self._prod[0]
+        if cons >= prod or room <= 0:
+            return 0
+        at = self.page + (cons & self.mask)
+        end = self._extent(at, at + min(prod - cons, room))
+        if end <= at:
+            return 0
+        self._backlog.append(bytes(self._bytes[at:end]))
+        self.backlog_bytes += end - at
+        self._cons[0] = cons + (end - at)
+        return end - at
+
+    def _extent(self, at: int, end: int) -> int:
+        """Where the records that are whole and committed end, from `at`,
+        not past `end`."""
+        words = self._words
+        run = self._run
+        while at < end:
+            length = words[at >> 2]
+            if run is not None and length == run[2]:
+                # A run of records of the one size: their headers read as
+                # one strided slice (bounded, so a run broken often costs
+                # no more than one record at a time would).
+                stride = run[1]
+                n = min((end - at) // stride, 1024)
+                step = stride >> 2
+                heads = words[at >> 2:(at >> 2) + n * step:step].tolist()
+                if heads.count(run[2]) != n:
+                    n = next(i for i, h in enumerate(heads) if h != run[2])
+                if n:
+                    at += n * stride
+                    continue
+            if length & BUSY_BIT:
+                break
+            nxt = at + (((length & ~(BUSY_BIT | DISCARD_BIT)) + HEADER + 7) & ~7)
+            if nxt > end:
+                break
+            at = nxt
+        return at
+
+    def _read_backlog(self, limit: int) -> list:
+        chunk = self._backlog[0]
+        at = self._backlog_at
+        view = memoryview(chunk)
+        words = view.cast("I")
+        rows: list = []
+        end = self._take(words, view, at, len(chunk), limit, rows)
+        words.release()
+        view.release()
+        self.backlog_bytes -= end - at
+        if end >= len(chunk):
+            self._backlog.popleft()
+            self._backlog_at = 0
+        else:
+            self._backlog_at = end
         self.taken += len(rows)
         return rows
 

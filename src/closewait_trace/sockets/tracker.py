@@ -9,6 +9,7 @@ CLOSED facts. All times are kernel (boot-clock) nanoseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Iterable, Mapping, Optional, Protocol
 
 from closewait_trace.sockets import ages
@@ -26,6 +27,10 @@ DEPARTED_GRACE_NS = 5_000_000_000
 # (their memory stays bounded whatever the rate of departures).
 EXPIRE_PER_TICK = 500
 MAX_DEPARTED = 100_000
+# sync_entries calls its `between` after each this many sockets (the live
+# loop looks at its ring buffer then: 256 take 3-6 ms under load, more in wall
+# time when the exiting holders keep both CPUs).
+BETWEEN_EVERY = 256
 
 
 class Verdict(Protocol):
@@ -140,6 +145,10 @@ class Tracker:
     # tracked, and of a reported one's new owners (changed): what the
     # metrics keep up to date without walking every socket (metrics.LiveSeries).
     observers: list = field(default_factory=list)
+    # Set by the caller while events it has not taken yet wait (a burst's
+    # backlog): the departed sockets' CLOSED events are among them, however
+    # long after the grace they come, so none is forgotten meanwhile.
+    hold_departed: bool = False
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
         if l is not None:
@@ -237,30 +246,44 @@ class Tracker:
                                  lambda k: by_key[k].endpoints, now_ns)
 
     def sync_entries(self, entries: Mapping[int, int], endpoints_of: Callable[[int], Endpoints],
-                     now_ns: int) -> list[Lingerer]:
+                     now_ns: int, between: Optional[Callable[[], None]] = None) -> list[Lingerer]:
         """Bring the view in line with the kernel's map (socket address ->
         CLOSE_WAIT entry time); endpoints are decoded for new sockets only.
-        Returns the sockets that just crossed the threshold."""
-        for skaddr, enter_ns in entries.items():
-            known = self.by_skaddr.get(skaddr)
-            if known is None or known.enter_ns != enter_ns:
-                if known is not None:
-                    self.pending.pop(id(known), None)
-                    self._stopped(known)        # its address now another socket's
-                l = Lingerer(endpoints=endpoints_of(skaddr), enter_ns=enter_ns, skaddr=skaddr)
-                self.by_skaddr[skaddr] = l
-                self.pending[id(l)] = l
-                if self.observers:
-                    self._added(l)
+        Returns the sockets that just crossed the threshold. between: called
+        after every BETWEEN_EVERY sockets (100,000 leaving at once take
+        1-2.5 s here, while their CLOSED events fill the ring buffer)."""
+        items = iter(entries.items())
+        while True:
+            block = list(islice(items, BETWEEN_EVERY))
+            if not block:
+                break
+            for skaddr, enter_ns in block:
+                known = self.by_skaddr.get(skaddr)
+                if known is None or known.enter_ns != enter_ns:
+                    if known is not None:
+                        self.pending.pop(id(known), None)
+                        self._stopped(known)        # its address now another socket's
+                    l = Lingerer(endpoints=endpoints_of(skaddr), enter_ns=enter_ns,
+                                 skaddr=skaddr)
+                    self.by_skaddr[skaddr] = l
+                    self.pending[id(l)] = l
+                    if self.observers:
+                        self._added(l)
+            if between is not None:
+                between()
         if len(entries) != len(self.by_skaddr):
-            for skaddr in [s for s in self.by_skaddr if s not in entries]:
-                gone = self.by_skaddr.pop(skaddr)
-                self.pending.pop(id(gone), None)
-                self._stopped(gone)
-                if gone.reported:
-                    gone.left_ns = now_ns
-                    self.departed.pop(skaddr, None)     # kept in departure order
-                    self.departed[skaddr] = gone
+            gone_all = [s for s in self.by_skaddr if s not in entries]
+            for start in range(0, len(gone_all), BETWEEN_EVERY):
+                for skaddr in gone_all[start:start + BETWEEN_EVERY]:
+                    gone = self.by_skaddr.pop(skaddr)
+                    self.pending.pop(id(gone), None)
+                    self._stopped(gone)
+                    if gone.reported:
+                        gone.left_ns = now_ns
+                        self.departed.pop(skaddr, None)     # kept in departure order
+                        self.departed[skaddr] = gone
+                if between is not None:
+                    between()
         return self.due(now_ns)
 
     def due(self, now_ns: int) -> list[Lingerer]:
@@ -278,12 +301,19 @@ class Tracker:
         EXPIRE_PER_TICK a call (more only past MAX_DEPARTED): forgetting a
         socket frees its state (~10 objects), and 85,885 at once, whose
         CLOSED events were lost, took 363 ms of an idle tick at 100,000."""
-        budget = max(EXPIRE_PER_TICK, len(self.departed) - MAX_DEPARTED)
-        expired = []
-        for skaddr, l in self.departed.items():
-            if len(expired) >= budget or now_ns - (l.left_ns or now_ns) <= DEPARTED_GRACE_NS:
-                break
-            expired.append(skaddr)
+        over = len(self.departed) - MAX_DEPARTED
+        if self.hold_departed:
+            # Their CLOSED events still wait to be taken: only those over
+            # MAX_DEPARTED go (oldest first), so that the memory stays
+            # bounded however long the wait.
+            expired = list(islice(self.departed, max(0, over)))
+        else:
+            budget = max(EXPIRE_PER_TICK, over)
+            expired = []
+            for skaddr, l in self.departed.items():
+                if len(expired) >= budget or now_ns - (l.left_ns or now_ns) <= DEPARTED_GRACE_NS:
+                    break
+                expired.append(skaddr)
         for skaddr in expired:
             del self.departed[skaddr]
 

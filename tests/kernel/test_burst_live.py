@@ -1,0 +1,92 @@
+"""A burst of departures: 19,000 sockets in CLOSE_WAIT, all reported, held
+by two processes that then exit at once (a service restarted after a
+leak). Their exit closes them all within a fraction of a second, twice the
+CLOSED events the default mode's 1 MiB ring buffer holds (9,362), while the
+loop is busy with their leaving (the departures' tick, writing the lines).
+Every CLOSED line must be written, each with its duration and its closer,
+and nothing counted lost: before the loop looked at its ring between the
+steps of that work (LiveTracer.sip), thousands were lost
+(docs/benchmarks.md, "A burst of departures").
+
+The tracer writes to a file: a reader of its output slower than the burst
+(this test's own JSON parsing, through a pipe) holds its writes, and that
+is another matter (the same page)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from closewait_trace.output import schema
+from tests.kernel.harness import TRACER, free_port, stretch
+
+PER_HOLDER = 9_500                      # each with its 64 more fds, under a hard limit of 20,000
+BURST = 2 * PER_HOLDER
+RING_EVENTS = (1 << 20) // 112          # the default ring's capacity in events
+MANY_HOLDER = os.path.join(os.path.dirname(__file__), "many_holder.py")
+
+
+def count_until(path: str, kind: str, wanted: int, timeout: float) -> int:
+    """Lines of records of `kind` in the tracer's output once `wanted` came,
+    a loss was said, or the timeout passed (counted cheaply: a record's
+    type is its first field)."""
+    head = '{"type": "%s"' % kind
+    deadline = time.monotonic() + stretch(timeout)
+    while True:
+        with open(path) as f:
+            text = f.read()
+        found = sum(1 for line in text.splitlines() if line.startswith(head))
+        if found >= wanted or '{"type": "lost"' in text or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_every_closed_line_of_a_burst_larger_than_the_ring_is_written(procs, tmp_path):
+    assert BURST > 2 * RING_EVENTS
+    ports = [free_port(), free_port()]
+    out = str(tmp_path / "out.json")
+    with open(out, "w") as f:
+        tracer = subprocess.Popen(TRACER + ["--json", "-t", "1s", "-i", "200ms",
+                                            "-p", ",".join(map(str, ports))],
+                                  stdout=f, stderr=subprocess.PIPE, text=True)
+    procs.append(tracer)
+    assert count_until(out, "start", 1, 30) == 1
+    holders = []
+    for port in ports:
+        holder = subprocess.Popen([sys.executable, MANY_HOLDER, str(PER_HOLDER), str(port)],
+                                  stdout=subprocess.PIPE, text=True)
+        procs.append(holder)
+        holders.append(holder)
+    for holder in holders:
+        assert holder.stdout.readline().strip() == "ready"
+    # All reported first: their leaving is then the departures' tick's
+    # work (unwatching them, bringing the tracker in line with the map).
+    assert count_until(out, "linger", BURST, 60) == BURST
+    for holder in holders:
+        holder.kill()               # their exits close the 19,000 at once
+    for holder in holders:
+        holder.wait()
+    written = count_until(out, "closed", BURST, 40)
+    tracer.send_signal(signal.SIGINT)
+    assert tracer.wait(timeout=stretch(20)) == 0
+    assert "Traceback" not in tracer.stderr.read()
+    with open(out) as f:
+        records = [json.loads(line) for line in f]
+    for rec in records:
+        assert schema.problem(rec) is None, (schema.problem(rec), rec["type"])
+    (summary,) = [r for r in records if r["type"] == "summary"]
+    counters = summary["counters"]
+    assert counters["events_lost"] == 0 and counters["events_unread"] == 0, \
+        (written, counters)
+    assert not [r for r in records if r["type"] == "lost"]
+    closed = [r for r in records if r["type"] == "closed" and r["lport"] in ports]
+    assert len(closed) == BURST and len({(r["lport"], r["rport"]) for r in closed}) == BURST
+    pids = {h.pid for h in holders}
+    for r in closed:
+        # Each with its duration (in CLOSE_WAIT since before the threshold)
+        # and the process whose exit closed it.
+        assert r["duration_source"] == "traced" and r["duration_s"] >= 1.0, r
+        assert r["reported"] and r["how"] == "close", r
+        assert r["closed_by"]["pid"] in pids, r
