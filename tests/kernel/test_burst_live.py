@@ -30,15 +30,20 @@ MANY_HOLDER = os.path.join(os.path.dirname(__file__), "many_holder.py")
 
 def count_until(path: str, kind: str, wanted: int, timeout: float) -> int:
     """Lines of records of `kind` in the tracer's output once `wanted` came,
-    a loss was said, or the timeout passed (counted cheaply: a record's
-    type is its first field)."""
+    a loss of events was said, or the timeout passed (counted cheaply: a
+    record's type is its first field). Not a state change the kernel
+    skipped the program for (transitions_skipped): setting up 19,000
+    loopback connections makes some (146 in one run, none in others),
+    most not of a socket in CLOSE_WAIT; the test accounts for them."""
     head = '{"type": "%s"' % kind
     deadline = time.monotonic() + stretch(timeout)
     while True:
         with open(path) as f:
-            text = f.read()
-        found = sum(1 for line in text.splitlines() if line.startswith(head))
-        if found >= wanted or '{"type": "lost"' in text or time.monotonic() > deadline:
+            lines = f.read().splitlines()
+        found = sum(1 for line in lines if line.startswith(head))
+        lost = any(line.startswith('{"type": "lost"') and '"transitions_skipped"' not in line
+                   for line in lines)
+        if found >= wanted or lost or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
 
@@ -63,12 +68,14 @@ def test_every_closed_line_of_a_burst_larger_than_the_ring_is_written(procs, tmp
         assert holder.stdout.readline().strip() == "ready"
     # All reported first: their leaving is then the departures' tick's
     # work (unwatching them, bringing the tracker in line with the map).
-    assert count_until(out, "linger", BURST, 60) == BURST
+    # Every socket reported, but one whose entry into CLOSE_WAIT the kernel
+    # did not run the program for (counted: transitions_skipped; rare).
+    reported = count_until(out, "linger", BURST, 60)
     for holder in holders:
         holder.kill()               # their exits close the 19,000 at once
     for holder in holders:
         holder.wait()
-    written = count_until(out, "closed", BURST, 40)
+    written = count_until(out, "closed", reported, 40)
     tracer.send_signal(signal.SIGINT)
     assert tracer.wait(timeout=stretch(20)) == 0
     assert "Traceback" not in tracer.stderr.read()
@@ -80,9 +87,16 @@ def test_every_closed_line_of_a_burst_larger_than_the_ring_is_written(procs, tmp
     counters = summary["counters"]
     assert counters["events_lost"] == 0 and counters["events_unread"] == 0, \
         (written, counters)
-    assert not [r for r in records if r["type"] == "lost"]
+    assert not [r for r in records if r["type"] == "lost"
+                and r["counter"] != "transitions_skipped"]
+    skipped = counters.get("transitions_skipped", 0)
+    assert BURST - skipped <= reported <= BURST, (reported, skipped)
+    lingered = {(r["lport"], r["rport"]) for r in records
+                if r["type"] == "linger" and r["lport"] in ports}
+    assert len(lingered) == reported
+    # Every socket reported lingering has its CLOSED line, once.
     closed = [r for r in records if r["type"] == "closed" and r["lport"] in ports]
-    assert len(closed) == BURST and len({(r["lport"], r["rport"]) for r in closed}) == BURST
+    assert len(closed) == reported and {(r["lport"], r["rport"]) for r in closed} == lingered
     pids = {h.pid for h in holders}
     for r in closed:
         # Each with its duration (in CLOSE_WAIT since before the threshold)

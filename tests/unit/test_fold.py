@@ -49,15 +49,63 @@ def test_a_server_that_holds_copies_folds_with_its_children():
     that kept what its forks inherited) is in its parent's line, climbing
     a bounded number of parents."""
     f = fold.Fold()
-    f.add(100, 1, 0, SOCAT)
+    f.add(100, 1, 0, SOCAT)             # a service: its parent is init
     f.add(101, 100, 0, SOCAT)
     f.add(102, 101, 0, SOCAT)           # a grandchild
-    assert f.key(100) == f.key(101) == f.key(102) == ("server", 1, 0, SOCAT)
-    # A loop (pids reused between reads of a recording) ends.
+    assert f.key(100) == f.key(101) == f.key(102) == ("server", 100, 0, SOCAT)
+    # Added children first, the server last: keys follow what is known
+    # (without 100, 101 is the server of its own child).
     g = fold.Fold()
-    g.add(1, 2, 0, SOCAT)
-    g.add(2, 1, 0, SOCAT)
-    assert g.key(1)[0] == "server" and g.key(2)[0] == "server"
+    g.add(102, 101, 0, SOCAT)
+    g.add(101, 100, 0, SOCAT)
+    assert g.key(102) == g.key(101) == ("server", 101, 0, SOCAT)
+    g.add(100, 1, 0, SOCAT)
+    assert g.key(100) == g.key(101) == g.key(102) == ("server", 100, 0, SOCAT)
+    # A loop (pids reused between reads of a recording) ends.
+    h = fold.Fold()
+    h.add(7, 8, 0, SOCAT)
+    h.add(8, 7, 0, SOCAT)
+    assert {h.key(7)[0], h.key(8)[0]} <= {"server", "pid"}
+
+
+def test_services_that_init_started_are_not_forks_of_one_server():
+    """Under systemd every service's parent is pid 1: two services that
+    run one program are not one server's forks (a review found two root
+    Python services folded as "(2 processes)"). A server started by init
+    still folds with its children."""
+    f = fold.Fold()
+    f.add(300, 1, 0, "/usr/bin/python3.11")
+    f.add(400, 1, 0, "/usr/bin/python3.11")
+    assert f.key(300) == ("pid", 300) and f.key(400) == ("pid", 400)
+    f.add(401, 400, 0, "/usr/bin/python3.11")
+    assert f.key(401) == f.key(400) == ("server", 400, 0, "/usr/bin/python3.11")
+    recs = [linger(40000, 300), linger(40001, 400), linger(40002, 401)]
+    lines = snapshot.footer_lines(recs, f)
+    assert "  300/socat [T]: 1 socket, oldest ~5.0s; stopped" in lines
+    assert len(lines) == 4, lines
+
+
+def test_lines_that_read_alike_but_for_their_count_say_whose_they_are():
+    """A review: nobody's processes running socat (or a binary a mount
+    namespace of theirs shows at /usr/bin/socat) read 'socat
+    [/usr/bin/socat] (7 processes)' next to root's '(6 processes)': both
+    now say their server's pid, which nobody chooses."""
+    f = forks(6, server=100)
+    for pid in range(2000, 2007):
+        f.add(pid, 200, 65534, SOCAT)
+    recs = [linger(40000 + i, 1000 + i) for i in range(6)]
+    recs += [linger(41000 + i, 2000 + i) for i in range(7)]
+    lines = [line.strip() for line in snapshot.footer_lines(recs, f)]
+    assert lines[2].startswith(f"socat [{SOCAT}] (7 processes of 200): 7 sockets"), lines
+    assert lines[3].startswith(f"socat [{SOCAT}] (6 processes of 100): 6 sockets"), lines
+    # One server's children of one program as two users: their user too.
+    g = forks(2, server=100)
+    g.add(3000, 100, 1000, SOCAT)
+    g.add(3001, 100, 1000, SOCAT)
+    recs = [linger(40000, 1000), linger(40001, 1001), linger(40002, 3000),
+            linger(40003, 3001)]
+    text = " ".join(snapshot.footer_lines(recs, g))
+    assert "(2 processes of 100, uid 0)" in text and "(2 processes of 100, uid 1000)" in text
 
 
 def test_a_user_cannot_fold_into_roots_server_by_name():
@@ -97,7 +145,7 @@ def test_two_servers_of_one_program_say_their_parent():
     recs = [linger(1, 1000), linger(2, 1001), linger(3, 2000), linger(4, 2001)]
     text = " ".join(line.strip() for line in snapshot.footer_lines(recs, f))
     for parent in (100, 200):
-        assert (f"socat [{SOCAT}] (2 processes of parent {parent}): 2 sockets, oldest ~5.0s;"
+        assert (f"socat [{SOCAT}] (2 processes of {parent}): 2 sockets, oldest ~5.0s;"
                 f" stopped") in text
 
 
@@ -217,10 +265,10 @@ def test_top_counts_new_sockets_of_a_fold_in_its_row():
 
 def test_top_fold_is_bounded_and_forgets_the_oldest():
     f = fold.Fold(limit=100)
-    for pid in range(1000):
-        f.add(pid, 1, 0, SOCAT)
-    assert len(f._facts) == 100 and f.key(0) == ("pid", 0)
-    assert f.key(999) == ("server", 1, 0, SOCAT)
+    for pid in range(1000, 2000):
+        f.add(pid, 100, 0, SOCAT)
+    assert len(f._facts) == 100 and f.key(1000) == ("pid", 1000)
+    assert f.key(1999) == ("server", 100, 0, SOCAT)
 
 
 # ---------------------------------------------------------------- report
@@ -240,7 +288,7 @@ def test_report_never_folds_a_users_process_into_roots_server_by_name():
         recs += [process(pid, ppid=100, uid=0), linger(i, pid)]
     recs += [process(9999, ppid=8888, uid=1000), linger(9, 9999)]
     rows = {r["program"]: (r["processes"], r["count"]) for r in _report(recs)["by_program"]}
-    assert rows == {f"socat [{SOCAT}] (of parent 100)": (4, 4),
+    assert rows == {f"socat [{SOCAT}] (server 100)": (4, 4),
                     f"socat [{SOCAT}] (pid 9999)": (1, 1)}
 
 
@@ -259,7 +307,7 @@ def test_report_folds_holders_without_a_process_record_under_their_parent():
     recs.append(rec)
     rows = [(r["program"], r["processes"], r["count"]) for r in _report(recs)["by_program"]]
     # 64: the report counts at most MAX_PIDS processes a row (and says so).
-    assert rows == [("postgres [program unknown] (of parent 1500)", 64, 300),
+    assert rows == [("postgres [program unknown] (server 1500)", 64, 300),
                     ("postgres [program unknown] (pid 9000)", 1, 1)]
 
 
@@ -315,3 +363,54 @@ def test_top_remakes_its_fold_from_the_lingering_past_its_bound(monkeypatch):
     rows = sink.model.rows_of(sink._lingering(view), "process")
     assert [(r.key, r.sockets) for r in rows] == [
         (fold.folded_label("postgres", PG, 6, top.KEY_COLUMNS), 6)]
+
+
+def test_report_takes_the_holders_own_parent_and_user_over_an_old_record():
+    """A review: a recording's process record for pid 5000 (root's rootd,
+    a fork of 100) and, an hour later, sockets held by another process
+    that had pid 5000 (its owner entry: parent 7777, uid 65534, no process
+    record of its own): the report counted them in root's row."""
+    from tests.unit.test_report_groups import header, linger, process
+    rootd = "/usr/sbin/rootd"
+    recs = [header()]
+    for i, pid in enumerate((5000, 5001)):
+        recs += [process(pid, comm="rootd", exe=rootd, ppid=100, uid=0),
+                 linger(i, pid, comm="rootd")]
+    for i in range(5):
+        rec = linger(10 + i, 5000, comm="rootd", ts=3600.0 + i)
+        rec["owners"][0].update(ppid=7777, uid=65534)
+        recs.append(rec)
+    rows = {r["program"]: (r["processes"], r["count"]) for r in _report(recs)["by_program"]}
+    assert rows[max(rows, key=lambda k: rows[k][1])] == (1, 5), rows
+    assert sum(count for _, count in rows.values()) == 7
+    assert all(count != 7 for _, count in rows.values()), rows
+
+
+def test_report_text_says_a_capped_process_count_is_a_lower_bound():
+    """The JSON said processes_at_least; the text showed '(64 processes)'
+    for 300 (a review)."""
+    from closewait_trace.output import report
+    from tests.unit.test_report_groups import header, linger
+    recs = [header()]
+    for i in range(300):
+        rec = linger(i, 2000 + i, comm="postgres")
+        rec["owners"][0].update(ppid=1500, uid=107)
+        recs.append(rec)
+    text = " ".join(report.render_text(report.build(recs, by=["program"])))
+    assert "(64+ processes)" in text, text
+
+
+def test_report_does_not_climb_through_listeners_that_hold_nothing():
+    """A review: the recording has process records of the listening
+    servers too (5432 and 6267, both nobody's, both children of init); the
+    report climbed from their forks through them to pid 1 and made one row
+    of two servers (11 processes), where snapshot said 4 and 7."""
+    from tests.unit.test_report_groups import header, linger, process
+    recs = [header(), process(5432, ppid=1, uid=65534), process(6267, ppid=1, uid=65534)]
+    n = 0
+    for server, forks_ in ((5432, range(7000, 7004)), (6267, range(8000, 8007))):
+        for pid in forks_:
+            recs += [process(pid, ppid=server, uid=65534), linger(n, pid)]
+            n += 1
+    rows = sorted((r["processes"], r["count"]) for r in _report(recs)["by_program"])
+    assert rows == [(4, 4), (7, 7)], rows

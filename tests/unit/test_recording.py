@@ -220,8 +220,11 @@ def test_report_over_two_captures():
     assert rep["sockets"] == 6
     assert [(p["pid"], p["count"]) for p in rep["by_pid"]] == [(42, 3), (43, 3)]
     assert rep["by_pid"][0]["longest_s"] == 21.0
-    # One program, two processes: one row.
-    assert [(p["program"], p["processes"], p["count"]) for p in rep["by_program"]] == [("srv [program unknown]", 2, 6)]
+    # One program, two processes that init started (a service, restarted
+    # between the captures): not forks of one server (output/fold.py), so
+    # a row each, told apart by pid.
+    assert [(p["program"], p["processes"], p["count"]) for p in rep["by_program"]] == [
+        ("srv [program unknown] (pid 42)", 1, 3), ("srv [program unknown] (pid 43)", 1, 3)]
     assert rep["histogram_us"] == [{"from_us": 8388608, "to_us": 16777216, "count": 4}]
     assert len(rep["still_lingering"]) == 2
     assert rep["losses"]["gaps_between_captures"][0]["seconds"] == 980.0

@@ -460,8 +460,11 @@ class _Builder:
             self.folded["processes"] += 1
         self.identity.pop(pid, None)
         exe = identity.program_label(ident.get("exe"))
-        self.fold.add(pid, r.get("ppid"), ident.get("uid"), exe)
         self.identity[pid] = {
+            # What the fold needs, taken when the process is a holder
+            # (_people): a listener's parent, not holding anything, is not
+            # a fork of a server in snapshot's or top's fold either.
+            "fold": (r.get("ppid"), ident.get("uid"), exe),
             "unit": _label(found["unit"]),
             "container": (_label(f"{container.get('runtime')} {str(container.get('id'))[:12]}")
                           if container else None),
@@ -502,10 +505,17 @@ class _Builder:
             # The row by program: the fold of the process (its server's
             # forks together, fold.py) and what the label adds (the script,
             # a listener's): never merged by the label alone.
-            if pid is not None and pid not in self.fold:
-                # No process record (more than 256 holders in its batch):
-                # the holder's own parent and uid, its comm for the exe.
-                self.fold.add(pid, o.get("ppid"), o.get("uid"), None, o.get("comm"))
+            if pid is not None:
+                facts = ident.get("fold")
+                own = (o.get("ppid"), o.get("uid"))
+                if facts is None or (None not in own and own != facts[:2]):
+                    # No process record (more than 256 holders in its
+                    # batch), or one of another process that had this pid
+                    # (the holder's own parent and uid say otherwise): the
+                    # holder's own parent and uid, its comm for the exe.
+                    self.fold.add(pid, own[0], own[1], None, o.get("comm"))
+                else:
+                    self.fold.add(pid, *facts)
             server = self.fold.key(pid) if pid is not None else ("pid", None)
             people.append({"pid": pid, "comm": comm + (" (not accepting)" if listening else ""),
                            "fd": o.get("fd"), "program": program,
@@ -875,7 +885,7 @@ def _table(grouping: str, groups: dict) -> list[dict]:
                 if len(g.pids) == 1 and not g.more_pids:
                     row["program"] += f" (pid {next(iter(g.pids))})"
                 elif server[0] == "server":
-                    row["program"] += f" (of parent {server[1]})"
+                    row["program"] += f" (server {server[1]})"
     return out
 
 
@@ -942,7 +952,8 @@ def _row_name(grouping: str, row: dict) -> str:
     if grouping == "program":
         program, processes = fields
         n = row[processes]
-        return escape(row[program]) + (f" ({n} processes)" if n > 1 else "")
+        more = "+" if row.get("processes_at_least") else ""
+        return escape(row[program]) + (f" ({n}{more} processes)" if n > 1 else "")
     return escape(row[fields[0]])      # a peer is host:port already (peer_key)
 
 
