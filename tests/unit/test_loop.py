@@ -18,7 +18,8 @@ from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import ListSink, RecordingSink, TickView, snapshot_record
 from closewait_trace.live.gcpolicy import GcPolicy
-from closewait_trace.live.tracer import LEAVING_TICKS, MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
+from closewait_trace.live.tracer import (LEAVING_TICKS, MAX_RESOLVE_ATTEMPTS, SIP_EVERY, LiveTracer,
+                                         ProcResolver)
 from tests.unit.fakeproc import FakeProc, hex_addr
 from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints
 
@@ -1092,3 +1093,38 @@ def test_the_ring_buffer_is_looked_at_while_a_mass_departure_is_taken(tmp_path):
     # blocks too (each sip saw fewer tracked).
     tracked = [t for t, _c in marks[:in_tick]]
     assert len(set(tracked)) >= n // tracker.BETWEEN_EVERY, tracked
+
+
+def test_the_ring_buffer_is_looked_at_in_a_rediagnosis_first_pass(tmp_path):
+    """A re-diagnosis of many sockets (their holders changed state) first
+    matches each with its owners (resolve()'s first pass: up to 98,000
+    sockets in a burst of departures) before any is watched or written:
+    that pass looks at the ring too, every SIP_EVERY sockets; it did not."""
+    n = 2000
+    w = World(tmp_path)
+    w.linger(n, holders=7)
+    w.tracer.start()
+    for _ in range(3):
+        w.step()
+    assert len(w.of("linger")) == n
+    marks = []
+    w.probe.sip = lambda: marks.append(1) or True
+    between = {}
+    resolver = w.tracer.resolver
+    owners, gather = resolver.owners, resolver.gather_processes
+
+    def owners_then_mark(eps):
+        out = owners(eps)
+        between["owners_done"] = len(marks)
+        return out
+
+    def mark_then_gather(owns, cache):
+        between["gathering"] = len(marks)
+        return gather(owns, cache)
+    resolver.owners, resolver.gather_processes = owners_then_mark, mark_then_gather
+    for pid in range(100, 107):
+        w.proc.process(pid, comm="srv", state="T")
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == n
+    looks = between["gathering"] - between["owners_done"]
+    assert looks >= n // SIP_EVERY - 1, (looks, between)
