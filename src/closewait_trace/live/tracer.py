@@ -1178,4 +1178,5 @@ class LiveTracer:
                 "watched_pids": len(self.watched),
                 "watched_sockets": sum(len(s) for s in self.watched.values()),
                 "watched_state": len(self.watched_state),
-                "holder_exited": len(self.holder_exited), "events": len(self.pending)}
+                "holder_exited": len(self.holder_exited),
+                "holder_leaving": len(self.holder_leaving), "events": len(self.pending)}
