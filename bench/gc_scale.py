@@ -19,8 +19,12 @@ private network namespace so that its sockets are in no one else's tables:
     sudo .venv/bin/python bench/gc_scale.py --sockets 100000 --metrics   (scraped every 1 s)
     PYTHONPATH=/tmp/old/src ... bench/gc_scale.py ...   (the old code)
 
+The backlog figures ("backlog") also list every stretch over 20 ms
+between two looks at the ring buffer (a sip or a poll) with the loop's
+frames where it ended: where a burst of departures can overflow the ring.
+
 Numbers in docs/benchmarks.md ("Python's collector kept off the idle tick",
-"The idle tick and the departures' tick traced").
+"The idle tick and the departures' tick traced", "The last gaps closed").
 """
 
 from __future__ import annotations
