@@ -276,9 +276,9 @@ class Tracker:
                 between()
         if len(entries) != len(self.by_skaddr):
             # Looked for a block at a time, between() after each: at
-            # 100,000 the whole comprehension kept the loop from the ring
-            # for 290 ms in a burst of departures (the loop getting a
-            # fraction of a CPU).
+            # 100,000 the whole comprehension was most of a 288 ms stretch
+            # without a look at the ring in a burst of departures (the loop
+            # getting a fraction of a CPU).
             known = list(self.by_skaddr)
             gone_all = []
             for start in range(0, len(known), GONE_BLOCK):
