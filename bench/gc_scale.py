@@ -19,8 +19,12 @@ private network namespace so that its sockets are in no one else's tables:
     sudo .venv/bin/python bench/gc_scale.py --sockets 100000 --metrics   (scraped every 1 s)
     PYTHONPATH=/tmp/old/src ... bench/gc_scale.py ...   (the old code)
 
+The backlog figures ("backlog") also list every stretch over 20 ms
+between two looks at the ring buffer (a sip or a poll) with the loop's
+frames where it ended: where a burst of departures can overflow the ring.
+
 Numbers in docs/benchmarks.md ("Python's collector kept off the idle tick",
-"The idle tick and the departures' tick traced").
+"The idle tick and the departures' tick traced", "The last gaps closed").
 """
 
 from __future__ import annotations
@@ -83,18 +87,39 @@ def drain(self, *a, **k):
 _tracer.LiveTracer.drain = drain
 # The backlog a burst of departures leaves out of the ring (kernel/probe.py
 # sip; absent from the code before it): its largest size, and the calls.
-backlog = {"max_bytes": 0, "sips": 0}
+backlog = {"max_bytes": 0, "sips": 0, "gaps_over_20ms": []}
+# The longest stretches between two looks at the ring (a sip or a poll),
+# with where the loop was when the look came (the caller's frames): where
+# a burst's events can overflow the 1 MiB ring.
+last_look = [0.0]
+import traceback
+def looked(t0):
+    if last_look[0]:
+        gap = (t0 - last_look[0]) * 1000
+        if gap > 20:
+            where = [f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=7)[:-2]]
+            backlog["gaps_over_20ms"].append((round(gap, 1), round(t0, 3), where))
 from closewait_trace.kernel import probe as _probe
 if hasattr(_probe.KernelProbe, "sip"):
     _sip = _probe.KernelProbe.sip
     def sip(self):
+        looked(time.perf_counter())
         took = _sip(self)
+        last_look[0] = time.perf_counter()
         backlog["sips"] += 1
         ring = self._ring
         if ring is not None and ring.backlog_bytes > backlog["max_bytes"]:
             backlog["max_bytes"] = ring.backlog_bytes
         return took
     _probe.KernelProbe.sip = sip
+_poll = _probe.KernelProbe.poll
+def poll(self, *a, **k):
+    looked(time.perf_counter())
+    try:
+        return _poll(self, *a, **k)
+    finally:
+        last_look[0] = time.perf_counter()
+_probe.KernelProbe.poll = poll
 _tick = _tracer.LiveTracer.tick
 wrapped = set()
 def tick(self, *a, **k):

@@ -486,3 +486,17 @@ def test_the_collector_is_off_in_a_worker_only_when_asked(monkeypatch, collect):
         assert g.call("collecting", deadline_s=30) is collect
     finally:
         g.close()
+
+
+
+def test_a_large_request_is_written_with_looks_at_the_ring_between_pieces(gatherer):
+    """Issue 20 (a burst of departures): the owner lookup of 100,000
+    sockets writes their endpoints to the worker, as fast as the worker
+    reads them; with 10 processes exiting on 2 CPUs the loop waited there
+    with its ring buffer filling. The request goes in WRITE_PIECE pieces,
+    while_waiting (the loop's look at the ring) between them."""
+    looks = []
+    gatherer.while_waiting = lambda: looks.append(1)
+    bulk = "x" * (16 * worker.WRITE_PIECE)      # a 4 MiB request that reads nothing
+    assert gatherer.call("holder_states", [], bulk, deadline_s=60) == {}
+    assert len(looks) >= 16, len(looks)

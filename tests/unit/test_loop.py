@@ -18,7 +18,8 @@ from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import ListSink, RecordingSink, TickView, snapshot_record
 from closewait_trace.live.gcpolicy import GcPolicy
-from closewait_trace.live.tracer import MAX_RESOLVE_ATTEMPTS, LiveTracer, ProcResolver
+from closewait_trace.live.tracer import (LEAVING_TICKS, MAX_RESOLVE_ATTEMPTS, SIP_EVERY, LiveTracer,
+                                         ProcResolver)
 from tests.unit.fakeproc import FakeProc, hex_addr
 from tests.unit.fakeprobe import SECOND, FakeClock, FakeProbe, endpoints
 
@@ -383,6 +384,69 @@ def test_an_exited_holders_leaving_sockets_are_not_looked_up_again(tmp_path, how
     assert w.tracer.holder_exited == set()
     w.step()
     assert len([r for r in w.of("linger") if r["update"]]) == 1
+
+
+def test_a_holder_closing_its_sockets_is_not_diagnosed_again_as_they_leave(tmp_path):
+    """Issue 20 (a burst of departures): a service stopped after a leak wakes
+    at the end of its input (S -> R, a state change) and closes its 10,000
+    sockets before it is "exiting". Every socket it still held was
+    diagnosed again in the tick that saw the change, though they were
+    leaving (up to 98,000 in one tick for 10 such holders: 0.7-2.0 s, the
+    ring buffer filling meanwhile). While its sockets leave, its change
+    waits; the tick that finds none of them left takes it (a CHANGE line
+    for what it still holds), and another holder's change is taken at
+    once."""
+    w = World(tmp_path)
+    w.tracer.resolver = CountingResolver(w.tracer.resolver.proc)
+    w.tracer.resolver.looked_up = []
+    n = 40
+    w.linger(n, holders=2)                  # pids 100 and 101, alternately
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == n
+    w.tracer.resolver.looked_up.clear()
+    mine = [i for i in range(n) if i % 2 == 0]          # pid 100's
+
+    def close(indexes):
+        w.forget_row(*[30000 + i for i in indexes])
+        for i in indexes:
+            w.probe.leave(0x1000 + i, pid=100, comm="srv")
+
+    w.proc.process(100, comm="srv", state="R")          # woke: closing them
+    for ticks in range(3):
+        close(mine[4 * ticks:4 * ticks + 4])
+        w.step()
+        assert w.tracer.resolver.looked_up == [], ticks
+    assert [r for r in w.of("linger") if r["update"]] == []
+    assert len(w.of("closed")) == 12
+    w.proc.process(101, comm="srv", state="T")          # the other: stopped, at once
+    w.step()                                            # pid 100 closed none since
+    updates = [r for r in w.of("linger") if r["update"]]
+    assert sorted(r["rport"] for r in updates) == [30000 + i for i in range(n)
+                                                  if i % 2 or i >= 24]
+    assert {r["owners"][0]["pid"] for r in updates} == {100, 101}
+    assert w.tracer.holder_leaving == {}
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == len(updates)
+
+
+def test_a_holder_that_changed_state_and_keeps_closing_waits_a_bounded_time(tmp_path):
+    """The wait above is bounded: a holder that changed state and closes a
+    socket at every tick gets its CHANGE lines LEAVING_TICKS ticks late at
+    most."""
+    w = World(tmp_path)
+    n = 20
+    w.linger(n)                             # all pid 100's
+    w.tracer.start()
+    w.step()
+    w.proc.process(100, comm="srv", state="T")
+    for i in range(LEAVING_TICKS + 1):
+        w.forget_row(30000 + i)
+        w.probe.leave(0x1000 + i, pid=100, comm="srv")
+        w.step()
+    updates = [r for r in w.of("linger") if r["update"]]
+    assert len(updates) == n - LEAVING_TICKS - 1
+    assert {r["diagnosis"]["cause"] for r in updates} == {"stopped"}
 
 
 def test_a_tick_that_diagnoses_again_is_not_counted_idle(tmp_path):
@@ -1029,3 +1093,38 @@ def test_the_ring_buffer_is_looked_at_while_a_mass_departure_is_taken(tmp_path):
     # blocks too (each sip saw fewer tracked).
     tracked = [t for t, _c in marks[:in_tick]]
     assert len(set(tracked)) >= n // tracker.BETWEEN_EVERY, tracked
+
+
+def test_the_ring_buffer_is_looked_at_in_a_rediagnosis_first_pass(tmp_path):
+    """A re-diagnosis of many sockets (their holders changed state) first
+    matches each with its owners (resolve()'s first pass: up to 98,000
+    sockets in a burst of departures) before any is watched or written:
+    that pass looks at the ring too, every SIP_EVERY sockets; it did not."""
+    n = 2000
+    w = World(tmp_path)
+    w.linger(n, holders=7)
+    w.tracer.start()
+    for _ in range(3):
+        w.step()
+    assert len(w.of("linger")) == n
+    marks = []
+    w.probe.sip = lambda: marks.append(1) or True
+    between = {}
+    resolver = w.tracer.resolver
+    owners, gather = resolver.owners, resolver.gather_processes
+
+    def owners_then_mark(eps):
+        out = owners(eps)
+        between["owners_done"] = len(marks)
+        return out
+
+    def mark_then_gather(owns, cache):
+        between["gathering"] = len(marks)
+        return gather(owns, cache)
+    resolver.owners, resolver.gather_processes = owners_then_mark, mark_then_gather
+    for pid in range(100, 107):
+        w.proc.process(pid, comm="srv", state="T")
+    w.step()
+    assert len([r for r in w.of("linger") if r["update"]]) == n
+    looks = between["gathering"] - between["owners_done"]
+    assert looks >= n // SIP_EVERY - 1, (looks, between)

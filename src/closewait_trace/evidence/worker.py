@@ -53,6 +53,9 @@ from closewait_trace.sockets import owners
 _HEADER = struct.Struct("!I")
 # One answer at most: a batch of 100,000 owners pickles to about 60 MB.
 MAX_FRAME = 512 << 20
+# A request is written in pieces of this size, the caller's while_waiting
+# between them (a pipe takes 64 KiB at a time by default).
+WRITE_PIECE = 256 << 10
 # Abandoned workers still alive (blocked in the kernel) before calls are
 # suspended: each is a process left until what blocks it answers. Memory
 # reads (stacks) go first: they are what a user's filesystem can block.
@@ -451,10 +454,19 @@ class GatherWorker:
                 else self._start()
             # The fast pickler: a batch of 100,000 sockets' Endpoints took
             # 0.3-0.5 s to pickle field by field (dataclasses' __getstate__).
+            self._waiting()
             data = dumps((name, args, kwargs))
             try:
-                proc.stdin.write(_HEADER.pack(len(data)) + data)
-                proc.stdin.flush()
+                # In pieces, with a look at what the caller waits on between
+                # them (while_waiting): a large request (100,000 sockets'
+                # endpoints) is written as fast as the worker reads it, and
+                # with 10 processes exiting on 2 CPUs the loop waited here
+                # with its ring buffer filling.
+                with memoryview(_HEADER.pack(len(data)) + data) as frame:
+                    for start in range(0, len(frame), WRITE_PIECE):
+                        proc.stdin.write(frame[start:start + WRITE_PIECE])
+                        proc.stdin.flush()
+                        self._waiting()
             except OSError as e:
                 self._abandon()
                 raise GatherFailed(f"worker gone ({e.strerror})") from None
@@ -505,6 +517,10 @@ class GatherWorker:
             if not e.partial:
                 e.partial = items
             raise
+
+    def _waiting(self) -> None:
+        if self.while_waiting is not None:
+            self.while_waiting()
 
     def _read(self, proc) -> bool:
         try:

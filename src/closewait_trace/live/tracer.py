@@ -91,6 +91,11 @@ MAX_RESOLVE_ATTEMPTS = 3
 # room for, state changes it never ran the program for.
 LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
+# Ticks a holder's state change waits, at most, while the holder closes its
+# sockets (recheck_owners): 10 holders of 10,000 each, closing them at load
+# 2, take a few ticks; a holder that changed state and closes a socket now
+# and then still gets its CHANGE line at most this many ticks late.
+LEAVING_TICKS = 4
 
 
 # Signals that end the trace the normal way (summary, recording closed):
@@ -172,6 +177,9 @@ class LiveTracer:
     # Watched pids seen exited at the last tick, their sockets not yet
     # looked at again (recheck_owners).
     holder_exited: set = field(default_factory=set)
+    # Watched pids whose state change waits while their sockets leave: pid ->
+    # ticks waited so far (recheck_owners).
+    holder_leaving: dict = field(default_factory=dict)
     _map_version: tuple = ()
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
@@ -757,6 +765,9 @@ class LiveTracer:
         todo: list[tuple[Lingerer, object]] = []
         captures: dict = {}          # (id(lingerer), kind) -> (lingerer, EofCapture)
         for l in sorted(batch, key=lambda l: l.earliest_enter_ns):
+            # A look at the ring now and then: this pass over a re-diagnosis
+            # of up to 100,000 sockets had none.
+            self._sip_now_and_then()
             own = resolved.get(l.endpoints)
             gone = own is None or own.kind == owners.OWNER_GONE
             if update:
@@ -1013,19 +1024,27 @@ class LiveTracer:
         return diagnosis.Opener(pid=opened["pid"], place=render.describe_found(opened),
                                 none_read=watched)
 
-    def unwatch_left(self) -> None:
+    def unwatch_left(self) -> set:
         """Stop watching the sockets the tracker saw stop lingering (left,
         with or without their CLOSED event, or their address reused): each
-        costs one step here, when it goes, not one check at every tick."""
+        costs one step here, when it goes, not one check at every tick.
+        Returns the pids of the processes that held them (their holders,
+        not their listeners'): processes whose sockets are leaving."""
         left = self.tracker.take_left()
+        leaving: set = set()
         for start in range(0, len(left), DRAIN_CHUNK):
             for l in left[start:start + DRAIN_CHUNK]:
                 self.unwatch(l)
+                own = l.ownership
+                if own is not None:
+                    leaving.update(h.pid for h in own.holders)
             self.sip()              # 100,000 left: 0.1-0.9 s under load
         for pid in [pid for pid, sockets in self.watched.items() if not sockets]:
             del self.watched[pid]
             self.watched_state.pop(pid, None)
             self.holder_exited.discard(pid)
+            self.holder_leaving.pop(pid, None)
+        return leaving
 
     def watch(self, l: Lingerer) -> None:
         self._sip_now_and_then()
@@ -1056,23 +1075,40 @@ class LiveTracer:
         the map was read before; the next tick's read drops those
         (unwatched), and what it still watches then is held by another
         process too (or a thread that outlived the leader).
+        A holder that changed state while its sockets are leaving CLOSE_WAIT
+        (some it held left since the last tick: it is closing them) is taken
+        when a tick finds none of them left, at most LEAVING_TICKS ticks
+        later (holder_leaving): a service stopped after a leak wakes at the
+        end of its input (a state change) and closes its sockets before it
+        is "exiting", and its 10,000 sockets were diagnosed again as they
+        left (up to 98,000 in one tick, 0.7-2.0 s, when 10 such holders
+        went at once; the ring buffer filled meanwhile). A holder that
+        changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
         changed: dict = {}
-        self.unwatch_left()
+        leaving = self.unwatch_left()
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:
             return 0                # not read in time: compared next tick
         exited = self.holder_exited
+        waited = self.holder_leaving
         for pid, now in states.items():
             sockets = self.watched.get(pid)
             if sockets and now != self.watched_state.get(pid):
                 if now[0] in EXITED_STATES and pid not in exited:
                     exited.add(pid)     # taken at the next tick (see above)
                     continue
+                if (pid in leaving and pid not in exited       # (exited: waited its tick)
+                        and waited.get(pid, 0) < LEAVING_TICKS):
+                    waited[pid] = waited.get(pid, 0) + 1    # closing them: see above
+                    continue
                 exited.discard(pid)
+                waited.pop(pid, None)
                 self.watched_state[pid] = now
                 changed.update(sockets)
+            else:
+                waited.pop(pid, None)   # no change (any longer) to wait on
         if changed:
             self.resolve(list(changed.values()), now_ns, update=True)
         return len(changed)
@@ -1142,4 +1178,5 @@ class LiveTracer:
                 "watched_pids": len(self.watched),
                 "watched_sockets": sum(len(s) for s in self.watched.values()),
                 "watched_state": len(self.watched_state),
-                "holder_exited": len(self.holder_exited), "events": len(self.pending)}
+                "holder_exited": len(self.holder_exited),
+                "holder_leaving": len(self.holder_leaving), "events": len(self.pending)}
