@@ -280,24 +280,21 @@ class LiveTracer:
         coming: keep them from filling the ring buffer (drained after the
         tick): into the probe's backlog (sip) when it keeps one, else into
         pending, up to MAX_PENDING."""
-        if self.stopping:
-            return
-        sip = getattr(self.probe, "sip", None)
-        if sip is not None and sip():
+        if self.stopping or self.sip():
             return
         if len(self.pending) < MAX_PENDING:
             self.probe.poll(0, POLL_BATCH)
 
-    def sip(self) -> None:
+    def sip(self) -> bool:
         """Between the steps of long work (the departures' tick, a long
         write): the probe moves what the kernel committed out of its ring
         buffer, when it fills (probe.sip). 100,000 sockets leaving at once
         (their holder exits) fill the default 1 MiB ring (9,362 events) in
         about 0.1 s, and the work their leaving makes takes seconds; their
-        CLOSED events were lost (85-90% of them)."""
+        CLOSED events were lost (85-90% of them). True when the probe keeps
+        a backlog (probe.sip)."""
         sip = getattr(self.probe, "sip", None)
-        if sip is not None and not self.stopping:
-            sip()
+        return sip is not None and not self.stopping and sip()
 
     def _on_event(self, ev) -> bool:
         self.pending.append(ev)

@@ -122,8 +122,7 @@ class Fold:
         if facts is None:
             return ("pid", pid)
         ppid, uid, exe = facts
-        if (not isinstance(ppid, int) or isinstance(ppid, bool) or not isinstance(uid, int)
-                or isinstance(uid, bool) or not exe):
+        if ppid is None or uid is None or not exe:      # add() kept ints or None
             return ("pid", pid)
         # The process itself, when it has a known child of its exe and user
         # (a server that holds sockets too); else its parent (in a snapshot
