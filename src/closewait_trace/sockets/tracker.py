@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterable, Mapping, Optional, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol
 
 from closewait_trace.sockets import ages
 from closewait_trace.sockets.owners import Ownership
@@ -107,6 +107,18 @@ class Closed:
     lingerer: Optional[Lingerer] = None
     duration_source: str = ages.TRACED   # as Lingerer.age_source
     duration_max_ns: Optional[int] = None   # estimated: the upper bound
+
+
+def _in_blocks(items: Iterable, size: int,
+               between: Optional[Callable[[], None]]) -> Iterator[list]:
+    """items as lists of up to size, with between() called after each block
+    is dealt with: a walk over every watched socket looks at the ring buffer
+    as it goes (a burst of departures fills it meanwhile)."""
+    it = iter(items)
+    while block := list(islice(it, size)):
+        yield block
+        if between is not None:
+            between()
 
 
 def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
@@ -255,11 +267,7 @@ class Tracker:
         Returns the sockets that just crossed the threshold. between: called
         after every BETWEEN_EVERY sockets (100,000 leaving at once take
         1-2.5 s here, while their CLOSED events fill the ring buffer)."""
-        items = iter(entries.items())
-        while True:
-            block = list(islice(items, BETWEEN_EVERY))
-            if not block:
-                break
+        for block in _in_blocks(entries.items(), BETWEEN_EVERY, between):
             for skaddr, enter_ns in block:
                 known = self.by_skaddr.get(skaddr)
                 if known is None or known.enter_ns != enter_ns:
@@ -272,22 +280,16 @@ class Tracker:
                     self.pending[id(l)] = l
                     if self.observers:
                         self._added(l)
-            if between is not None:
-                between()
         if len(entries) != len(self.by_skaddr):
             # Looked for a block at a time, between() after each: at
             # 100,000 the whole comprehension was most of a 288 ms stretch
             # without a look at the ring in a burst of departures (the loop
             # getting a fraction of a CPU).
-            known = list(self.by_skaddr)
             gone_all = []
-            for start in range(0, len(known), GONE_BLOCK):
-                gone_all.extend(s for s in known[start:start + GONE_BLOCK] if s not in entries)
-                if between is not None:
-                    between()
-            del known
-            for start in range(0, len(gone_all), BETWEEN_EVERY):
-                for skaddr in gone_all[start:start + BETWEEN_EVERY]:
+            for block in _in_blocks(list(self.by_skaddr), GONE_BLOCK, between):
+                gone_all.extend(s for s in block if s not in entries)
+            for block in _in_blocks(gone_all, BETWEEN_EVERY, between):
+                for skaddr in block:
                     gone = self.by_skaddr.pop(skaddr)
                     self.pending.pop(id(gone), None)
                     self._stopped(gone)
@@ -295,8 +297,6 @@ class Tracker:
                         gone.left_ns = now_ns
                         self.departed.pop(skaddr, None)     # kept in departure order
                         self.departed[skaddr] = gone
-                if between is not None:
-                    between()
         return self.due(now_ns)
 
     def due(self, now_ns: int) -> list[Lingerer]:
