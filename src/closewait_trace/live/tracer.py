@@ -872,7 +872,9 @@ class LiveTracer:
         key = (why, why_open)
         code = self._codes_unknown.get(key)
         if code is None:
-            code = self._codes_unknown[key] = records.code_unknown(why, why_open)
+            # Shared: never changed (a place found is written into a copy,
+            # locate_places), so its JSON may be kept (records.Shared).
+            code = self._codes_unknown[key] = records.Shared(records.code_unknown(why, why_open))
         return code
 
     def _capture_keys(self) -> tuple:

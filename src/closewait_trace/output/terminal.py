@@ -11,7 +11,7 @@ import select
 import stat
 import sys
 
-from closewait_trace.output import render, textsafe, transitions
+from closewait_trace.output import records, render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
 
 
@@ -54,6 +54,10 @@ def notice(line: str) -> None:
 HOLD_CHARS = 1 << 20
 
 
+def _as_is(line: str) -> str:
+    return line
+
+
 class TerminalSink:
     """The terminal sink: records to stdout as text or JSON lines.
 
@@ -81,6 +85,8 @@ class TerminalSink:
         # stdout is unbuffered (PYTHONUNBUFFERED=1, common in containers).
         self._held: list | None = [] if hold else None
         self._held_chars = 0
+        # Linger records' JSON with their shared parts encoded once.
+        self._kept_parts = textsafe.KeptParts(records.Shared)
 
     @property
     def _out(self):
@@ -106,6 +112,10 @@ class TerminalSink:
         if self.quiet or self.closed:
             return
         if self.as_json:
+            if rec.get("type") == "linger":
+                # Safe already: KeptParts checks each part it joins.
+                self.write_lines([self._kept_parts.line(rec)], checked=True)
+                return
             lines = [textsafe.json_dumps(rec, check_circular=False)]
         else:
             lines = self.renderer.render(rec)
@@ -153,14 +163,17 @@ class TerminalSink:
         while data:
             data = data[os.write(fd, data):]
 
-    def write_lines(self, lines) -> None:
+    def write_lines(self, lines, checked: bool = False) -> None:
+        """checked: every line has been through textsafe.safe_line already
+        (or was made of parts that each were: textsafe.KeptParts)."""
         if self.closed:
             return
         held = self._held
+        safe = _as_is if checked else textsafe.safe_line
         try:
             if held is not None:
                 for line in lines:
-                    line = textsafe.safe_line(line) + "\n"
+                    line = safe(line) + "\n"
                     held.append(line)
                     self._held_chars += len(line)
                 if self._held_chars >= HOLD_CHARS:
@@ -170,7 +183,7 @@ class TerminalSink:
             for line in lines:
                 # The last check, here where every line reaches the terminal:
                 # a field some caller forgot to escape cannot get through raw.
-                out.write(textsafe.safe_line(line) + "\n")
+                out.write(safe(line) + "\n")
         except BrokenPipeError:
             self._reader_gone()
 
