@@ -66,7 +66,7 @@ def test_a_shared_part_is_encoded_once_and_kept_by_identity():
     for i in range(5):
         assert kept.line({"i": i, "listener": part, "j": i}) == plain(
             {"i": i, "listener": part, "j": i})
-    assert sum(1 for c in calls if c is part) == 1
+    assert sum(1 for c in calls if c is part) == 1      # once for five records
     other = records.Shared({"cmdline": "y"})          # same shape, another object
     assert kept.line({"listener": other}) == '{"listener": {"cmdline": "y"}}'
 

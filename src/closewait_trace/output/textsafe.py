@@ -319,7 +319,8 @@ class KeptParts:
     def __init__(self, kept_type: type, limit: int = 1024):
         self.kept_type = kept_type
         self.limit = limit
-        self._kept: dict = {}       # id(value) -> (value, its safe JSON)
+        # (key, id(value)) -> (value, the item's safe JSON, '"key": {...}')
+        self._kept: dict = {}
         encoder = _encoder({"check_circular": False})
         c_make = getattr(json.encoder, "c_make_encoder", None)
         if c_make is None:
@@ -327,16 +328,16 @@ class KeptParts:
         else:
             # What encoder.encode(dict) makes at each call (JSONEncoder.
             # iterencode, one shot), made once: about 1 us a call, and a
-            # record is encoded in three to five calls here.
+            # record is encoded in three calls here.
             make = c_make(None, encoder.default, json.encoder.encode_basestring_ascii,
                           None, encoder.key_separator, encoder.item_separator,
                           encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
-            self._encode = lambda value: "".join(make(value, 0))
-        self._key = json.encoder.encode_basestring_ascii
+            self._encode = lambda value, _join="".join: _join(make(value, 0))
 
     def line(self, rec: dict) -> str:
         kept_type = self.kept_type
         encode = self._encode
+        kept = self._kept
         parts: list = []
         run: dict = {}
         try:
@@ -345,24 +346,29 @@ class KeptParts:
                     run[key] = value
                     continue
                 if run:
-                    parts.append(safe_line(encode(run)[1:-1]))
+                    text = encode(run)[1:-1]
+                    # safe_line's own first test, inline: the common case.
+                    parts.append(text if text.isascii() and text.isprintable()
+                                 else safe_line(text))
                     run = {}
-                parts.append(self._part(key, value))
+                hit = kept.get((key, id(value)))
+                parts.append(hit[1] if hit is not None and hit[0] is value
+                             else self._keep(key, value))
             if run:
-                parts.append(safe_line(encode(run)[1:-1]))
+                text = encode(run)[1:-1]
+                parts.append(text if text.isascii() and text.isprintable()
+                             else safe_line(text))
         except ValueError:
             # NaN or infinity somewhere: json_dumps's own way (null).
             return safe_line(json_dumps(rec, check_circular=False))
         return "{" + ", ".join(parts) + "}"
 
-    def _part(self, key, value) -> str:
-        hit = self._kept.get(id(value))
-        if hit is None or hit[0] is not value:
-            if len(self._kept) >= self.limit:
-                self._kept.clear()
-            # The value (never changed once made) is kept with its JSON, so
-            # that its id is not another object's while in here.
-            hit = self._kept[id(value)] = (value, safe_line(self._encode(value)))
-        # The key's JSON as the encoder writes a str key (records' keys
-        # are str).
-        return safe_line(self._key(key)) + ": " + hit[1]
+    def _keep(self, key, value) -> str:
+        if len(self._kept) >= self.limit:
+            self._kept.clear()
+        # The item as the encoder writes it in a dict (its key a str:
+        # records' keys are). The value (never changed once made) is kept
+        # with it, so that its id is not another object's while in here.
+        text = safe_line(json.encoder.encode_basestring_ascii(key) + ": " + self._encode(value))
+        self._kept[(key, id(value))] = (value, text)
+        return text
