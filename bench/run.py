@@ -31,6 +31,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRACER = [sys.executable, "-m", "closewait_trace"]
+if os.environ.get("PROF_OUT"):
+    # The tracer under cProfile (bench/profile_run.py writes PROF_OUT at exit).
+    TRACER = [sys.executable, os.path.join(HERE, "profile_run.py")]
 TCPSTATES = shutil.which("tcpstates-bpfcc") or "/usr/share/bcc/tools/tcpstates"
 
 

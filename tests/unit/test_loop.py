@@ -1128,3 +1128,32 @@ def test_the_ring_buffer_is_looked_at_in_a_rediagnosis_first_pass(tmp_path):
     assert len([r for r in w.of("linger") if r["update"]]) == n
     looks = between["gathering"] - between["owners_done"]
     assert looks >= n // SIP_EVERY - 1, (looks, between)
+
+
+def test_a_batch_of_records_is_written_in_blocks_as_line_by_line(tmp_path):
+    """A batch's process and linger records reach a terminal in a few
+    writes (TerminalSink.hold_batch), not one stream write per line; the
+    same lines, in the order the sinks got the records."""
+    import io
+    from closewait_trace.output import textsafe
+    from closewait_trace.output.terminal import TerminalSink
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            return super().write(text)
+
+    w = World(tmp_path)
+    out = Counting()
+    w.tracer.sinks.append(TerminalSink(True, render.TextRenderer(), stream=out))
+    w.linger(300, holders=3)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == 300
+    written = out.getvalue()
+    assert written == "".join(textsafe.safe_line(textsafe.json_dumps(r, check_circular=False))
+                              + "\n" for r in w.sink.records)
+    start = written.index('{"type": "process"')
+    assert out.writes <= 4 + written.count("\n", 0, start)     # the batch: one write

@@ -96,3 +96,45 @@ def test_a_holding_sink_stops_quietly_when_the_reader_is_gone(monkeypatch):
     sink.write_lines(["c"])
     sink.flush()
     assert out.writes == 1
+
+
+def test_a_batch_is_written_in_blocks_the_same_bytes_in_the_same_order(monkeypatch):
+    """A live trace's batch of records (hold_batch): the lines a line-by-line
+    sink writes, in as many writes as BATCH_CHARS makes, and --all's
+    transitions written meanwhile come after the lines before them."""
+    from closewait_trace.output import terminal
+    monkeypatch.setattr(terminal, "BATCH_CHARS", 100_000)
+    lines = [f"line {i:05} \x1b[2J" for i in range(20_000)]
+    plain, held = CountingStream(), CountingStream()
+    TerminalSink(False, render.TextRenderer(), stream=plain).write_lines(lines)
+    sink = TerminalSink(False, render.TextRenderer(), stream=held)
+    sink.hold_batch(True)
+    for line in lines:
+        sink.write_lines([line])
+    sink.hold_batch(False)
+    assert held.getvalue() == plain.getvalue()
+    assert held.writes == 4              # three blocks of 100,000 characters, the rest
+    # After the batch, line by line again.
+    sink.write_lines(["after"])
+    assert held.writes == 5 and held.getvalue().endswith("after\n")
+    # Transitions (written whole, not through the held lines) keep their place.
+    out2 = CountingStream()
+    sink = TerminalSink(False, render.TextRenderer(), stream=out2)
+    sink._lines = type("Lines", (), {"lines": lambda self, rows, off: "RAW\n"})()
+    sink.hold_batch(True)
+    sink.write_lines(["first"])
+    sink.emit_transitions([object()], 0)
+    sink.write_lines(["second"])
+    sink.hold_batch(False)
+    assert out2.getvalue() == "first\nRAW\nsecond\n"
+
+
+def test_a_snapshot_sink_stays_held_through_a_batch():
+    out = CountingStream()
+    sink = TerminalSink(False, render.TextRenderer(), stream=out, hold=True)
+    sink.hold_batch(True)
+    sink.write_lines(["a"])
+    sink.hold_batch(False)
+    assert out.getvalue() == ""          # held until its flush, as before
+    sink.flush()
+    assert out.getvalue() == "a\n"

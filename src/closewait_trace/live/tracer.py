@@ -815,20 +815,28 @@ class LiveTracer:
             if not update or l.diagnosis.summary != before:
                 shown.append(l)
         evidence_cache.close()
-        if shown or not update:
-            for evidence in self.resolver.process_records(evidence_cache):
-                self.emit(records.process(time.time(), evidence))
-        now_ns = self.now_ns()      # ages as of the record's ts: resolving can take seconds
-        for l in shown:
-            if update:
-                self.change_lines += 1
-            else:
-                self.linger_lines += 1
-            self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
-            if l.diagnosis is not None:
-                # Written: from here on only its cause and summary are read
-                # (a new diagnosis is made for any later record).
-                l.diagnosis.written()
+        # The batch's records written in blocks (TerminalSink.hold_batch).
+        holding = [sink for sink in self.sinks if hasattr(sink, "hold_batch")]
+        for sink in holding:
+            sink.hold_batch(True)
+        try:
+            if shown or not update:
+                for evidence in self.resolver.process_records(evidence_cache):
+                    self.emit(records.process(time.time(), evidence))
+            now_ns = self.now_ns()      # ages as of the record's ts: resolving can take seconds
+            for l in shown:
+                if update:
+                    self.change_lines += 1
+                else:
+                    self.linger_lines += 1
+                self.emit(records.linger(l, time.time(), l.age_ns(now_ns), update=update))
+                if l.diagnosis is not None:
+                    # Written: from here on only its cause and summary are read
+                    # (a new diagnosis is made for any later record).
+                    l.diagnosis.written()
+        finally:
+            for sink in holding:
+                sink.hold_batch(False)
 
     # --------------------------------------------------- where in the code
 
@@ -872,7 +880,9 @@ class LiveTracer:
         key = (why, why_open)
         code = self._codes_unknown.get(key)
         if code is None:
-            code = self._codes_unknown[key] = records.code_unknown(why, why_open)
+            # Shared: never changed (a place found is written into a copy,
+            # locate_places), so its JSON may be kept (records.Shared).
+            code = self._codes_unknown[key] = records.Shared(records.code_unknown(why, why_open))
         return code
 
     def _capture_keys(self) -> tuple:

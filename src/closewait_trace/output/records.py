@@ -85,17 +85,45 @@ def _lingerer_age(lingerer, age_ns: int) -> dict:
     return age_fields("age", age_ns, source, age_max)
 
 
+class Shared(dict):
+    """A record's part made once and never changed afterwards, carried by
+    many records (a listener's part of the records of every socket
+    accepted from it; a `code` shared by the sockets with the same
+    reasons). Written like any dict; an encoder may keep its JSON by the
+    object's identity (terminal.Terminal does, for linger records: the
+    listener's part was a quarter of a linger record's encoding)."""
+    __slots__ = ()
+
+
+# (id(listener row), id(its holders)) -> (row, holders, Shared): the
+# listener's part once per listener and owner answer (the worker's answer
+# shares one row and one holders tuple among the sockets of a listener),
+# not once per socket. The row and holders are kept so their ids stay
+# theirs; neither is changed after the answer is unpickled.
+_listener_parts: dict = {}
+LISTENER_PARTS_KEPT = 1024
+
+
+def _listener_part(own) -> "Shared":
+    row, holders = own.listener, own.listener_holders
+    key = (id(row), id(holders))
+    hit = _listener_parts.get(key)
+    if hit is not None and hit[0] is row and hit[1] is holders:
+        return hit[2]
+    part = Shared({"local": row.endpoints.local, "accept_queue": row.rx_queue,
+                   "backlog": row.tx_queue, "owners": holder_dicts(holders)})
+    if len(_listener_parts) >= LISTENER_PARTS_KEPT:
+        _listener_parts.clear()
+    _listener_parts[key] = (row, holders, part)
+    return part
+
+
 def ownership_fields(own, facts: Optional[dict] = None) -> dict:
     if own is None:
         return {"owner_kind": None, "owners": [], "netns": None, "inode": None,
                 "unread_bytes": None, "eof_read": None, "listener": None,
                 "also_in_netns": []}
-    listener = None
-    if own.listener is not None:
-        listener = {"local": own.listener.endpoints.local,
-                    "accept_queue": own.listener.rx_queue,
-                    "backlog": own.listener.tx_queue,
-                    "owners": holder_dicts(own.listener_holders)}
+    listener = _listener_part(own) if own.listener is not None else None
     return {"owner_kind": own.kind, "owners": holder_dicts(own.holders, facts),
             "netns": own.netns, "inode": own.inode, "unread_bytes": own.unread_bytes,
             "eof_read": own.eof_read,

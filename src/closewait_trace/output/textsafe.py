@@ -298,3 +298,77 @@ def _encoder(options: dict):
 # them); a `default` function or a `cls` makes its own encoder every call.
 _CACHED_OPTIONS = {"check_circular", "separators", "ensure_ascii", "sort_keys", "indent"}
 _ENCODERS: dict = {}
+
+
+class KeptParts:
+    """A record's JSON line (what safe_line(json_dumps(rec, check_circular=
+    False)) gives, byte for byte) with the JSON of some of its values kept:
+    those of type `kept_type` (a dict subclass whose objects are never
+    changed once made, records.Shared), by identity. A listener's part
+    comes in every record of the sockets accepted from it, 100,000 at once
+    when a holder stops closing; encoded again for each it was a quarter
+    of the record's encoding (docs/benchmarks.md, "per holder, once").
+
+    The record's other items are encoded in runs, each as one dict with its
+    braces cut off; "{" + ", ".join(runs and kept parts) + "}" is what the
+    encoder writes for the whole dict (its item separator is ", "). Each
+    part goes through safe_line: a line made of safe parts is safe (the
+    check is per character), so the last check still covers every
+    character written, the kept ones once."""
+
+    def __init__(self, kept_type: type, limit: int = 1024):
+        self.kept_type = kept_type
+        self.limit = limit
+        # (key, id(value)) -> (value, the item's safe JSON, '"key": {...}')
+        self._kept: dict = {}
+        encoder = _encoder({"check_circular": False})
+        c_make = getattr(json.encoder, "c_make_encoder", None)
+        if c_make is None:
+            self._encode = encoder.encode
+        else:
+            # What encoder.encode(dict) makes at each call (JSONEncoder.
+            # iterencode, one shot), made once: about 1 us a call, and a
+            # record is encoded in three calls here.
+            make = c_make(None, encoder.default, json.encoder.encode_basestring_ascii,
+                          None, encoder.key_separator, encoder.item_separator,
+                          encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
+            self._encode = lambda value, _join="".join: _join(make(value, 0))
+
+    def line(self, rec: dict) -> str:
+        kept_type = self.kept_type
+        encode = self._encode
+        kept = self._kept
+        parts: list = []
+        run: dict = {}
+        try:
+            for key, value in rec.items():
+                if type(value) is not kept_type:
+                    run[key] = value
+                    continue
+                if run:
+                    text = encode(run)[1:-1]
+                    # safe_line's own first test, inline: the common case.
+                    parts.append(text if text.isascii() and text.isprintable()
+                                 else safe_line(text))
+                    run = {}
+                hit = kept.get((key, id(value)))
+                parts.append(hit[1] if hit is not None and hit[0] is value
+                             else self._keep(key, value))
+            if run:
+                text = encode(run)[1:-1]
+                parts.append(text if text.isascii() and text.isprintable()
+                             else safe_line(text))
+        except ValueError:
+            # NaN or infinity somewhere: json_dumps's own way (null).
+            return safe_line(json_dumps(rec, check_circular=False))
+        return "{" + ", ".join(parts) + "}"
+
+    def _keep(self, key, value) -> str:
+        if len(self._kept) >= self.limit:
+            self._kept.clear()
+        # The item as the encoder writes it in a dict (its key a str:
+        # records' keys are). The value (never changed once made) is kept
+        # with it, so that its id is not another object's while in here.
+        text = safe_line(json.encoder.encode_basestring_ascii(key) + ": " + self._encode(value))
+        self._kept[(key, id(value))] = (value, text)
+        return text
