@@ -90,7 +90,7 @@ class Shared(dict):
     many records (a listener's part of the records of every socket
     accepted from it; a `code` shared by the sockets with the same
     reasons). Written like any dict; an encoder may keep its JSON by the
-    object's identity (terminal.Terminal does, for linger records: the
+    object's identity (terminal.TerminalSink does, for linger records: the
     listener's part was a quarter of a linger record's encoding)."""
     __slots__ = ()
 

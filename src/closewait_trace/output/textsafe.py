@@ -346,18 +346,13 @@ class KeptParts:
                     run[key] = value
                     continue
                 if run:
-                    text = encode(run)[1:-1]
-                    # safe_line's own first test, inline: the common case.
-                    parts.append(text if text.isascii() and text.isprintable()
-                                 else safe_line(text))
+                    parts.append(safe_line(encode(run)[1:-1]))
                     run = {}
                 hit = kept.get((key, id(value)))
                 parts.append(hit[1] if hit is not None and hit[0] is value
                              else self._keep(key, value))
             if run:
-                text = encode(run)[1:-1]
-                parts.append(text if text.isascii() and text.isprintable()
-                             else safe_line(text))
+                parts.append(safe_line(encode(run)[1:-1]))
         except ValueError:
             # NaN or infinity somewhere: json_dumps's own way (null).
             return safe_line(json_dumps(rec, check_circular=False))
