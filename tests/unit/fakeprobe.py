@@ -101,6 +101,13 @@ class FakeProbe:
         snapshot = dict(self.entries)
         return entries, lambda k: snapshot[k][1]
 
+    def forget_entry(self, skaddr: int, enter_ns: int) -> bool:
+        """As the probe: the entry deleted only if it is still that one."""
+        if self.entries.get(skaddr, (None,))[0] != enter_ns:
+            return False
+        del self.entries[skaddr]
+        return True
+
     def close(self) -> None:
         self.closed = True
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from closewait_trace.kernel import tcpstates
-from closewait_trace.output import render
+from closewait_trace.output import records, render
 from closewait_trace.sockets import tracker
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter
@@ -948,6 +948,7 @@ def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     assert calls == ["collect", "freeze"]
     for i in range(9):          # seen gone by the map read, their CLOSED not (yet) taken
         w.probe.leave(0x1000 + i, pid=100, comm="srv", lost=True)
+    w.forget_row(*range(30000, 30009))     # and gone from the sockets' table
     w.step()
     assert len(w.tracer.tracker.departed) == 9 and calls == ["collect", "freeze"]
     w.step(6.0)                                     # idle: the grace ends
@@ -1157,3 +1158,117 @@ def test_a_batch_of_records_is_written_in_blocks_as_line_by_line(tmp_path):
                               + "\n" for r in w.sink.records)
     start = written.index('{"type": "process"')
     assert out.writes <= 4 + written.count("\n", 0, start)     # the batch: one write
+
+
+# ------------------------------------------------- rescan after a loss
+
+def test_a_socket_whose_entry_the_kernel_skipped_is_found_by_the_rescan(tmp_path):
+    """The kernel skipped the program as a socket entered CLOSE_WAIT (it
+    counts the run, not the socket): no map entry, no event. The loss makes
+    the loop read the sockets in CLOSE_WAIT again; the socket is reported,
+    not as pre-existing, and its leaving gives its CLOSED line."""
+    w = World(tmp_path)
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 60500)                  # in CLOSE_WAIT; the map never had it
+    w.step(0.5)
+    assert w.tracer.tracker.pre_existing == {}          # no loss said: no rescan
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(0.5)
+    assert w.tracer.found_unseen == 1 and w.tracer.tick_stats["rescans"] == 1
+    assert w.of("linger") == []                # found now: not a threshold old yet
+    w.step(1.5)
+    [rec] = w.of("linger")
+    assert rec["rport"] == 30500 and rec["pre_existing"] is False
+    assert rec["age_source"] == "lower_bound" and 1.4 <= rec["age_s"] <= 1.6
+    assert rec["code"]["eof_read_unknown"] == records.CODE_FOUND_LATE
+    assert [r["owners"][0]["pid"] for r in w.of("linger")] == [100]
+    w.probe.untracked_exit(endpoints(30500), pid=100, comm="srv")
+    w.step(0.5)
+    [closed] = w.of("closed")
+    assert closed["reported"] is True and closed["pre_existing"] is False
+    summary = w.tracer.summary()
+    assert summary["counters"]["found_unseen"] == 1
+    assert any("1 sockets found in CLOSE_WAIT by a rescan" in line
+               for line in render.summary_lines(summary))
+
+
+class DumpsWhole(ProcResolver):
+    """The fake /proc is no procfs: no namespace counts as read whole. This
+    resolver says the one namespace was (as sock_diag would)."""
+
+    def rescan_close_wait(self):
+        rows, _dumped = super().rescan_close_wait()
+        return rows, {NETNS}
+
+
+def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reported(tmp_path):
+    """The kernel skipped the program as a socket left CLOSE_WAIT: its map
+    entry stays. Before, it was reported as lingering "no longer in
+    CLOSE_WAIT" and counted as lingering for as long as the tracer ran."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.linger(1)                                            # 30000: really lingering
+    gone = endpoints(30700).in_netns(NETNS)
+    w.probe.enter(0x3000, gone, ago_s=0.5)                  # its socket already gone
+    w.tracer.start()
+    w.step()
+    w.probe.counts["transitions_skipped"] = 1
+    for _ in range(MAX_RESOLVE_ATTEMPTS + 2):
+        w.step(1.0)
+    assert [r["rport"] for r in w.of("linger")] == [30000]
+    assert 0x3000 not in w.probe.entries                    # deleted from the kernel's map
+    assert w.tracer.left_unseen == 1 and w.tracer.tracker.by_skaddr.keys() == {0x1000}
+    assert [l.endpoints.rport for l in w.tracer.lingering(w.clock.ns)] == [30000]
+    assert w.tracer.summary()["counters"]["left_unseen"] == 1
+
+
+def test_a_tracked_socket_whose_map_entry_changed_is_left_to_the_map(tmp_path):
+    """Found gone, but its entry is another socket's by then (the address
+    reused): nothing is deleted, the next map read says what it is."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.probe.enter(0x3000, endpoints(30700).in_netns(NETNS), ago_s=0.5)
+    w.tracer.start()
+    w.step()
+    real_forget = w.probe.forget_entry
+
+    def reused(skaddr, enter_ns):
+        w.probe.entries[skaddr] = (w.clock.ns, endpoints(30701).in_netns(NETNS))
+        return real_forget(skaddr, enter_ns)
+    w.probe.forget_entry = reused
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(0.1)
+    assert w.tracer.left_unseen == 0 and 0x3000 in w.probe.entries
+
+
+def test_a_pre_existing_socket_whose_exit_event_was_lost_is_forgotten(tmp_path):
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.hold(100, 30500, 60500)                  # found at start
+    w.tracer.start()
+    w.step(2.0)
+    assert [r["rport"] for r in w.of("linger")] == [30500]
+    w.forget_row(30500)                        # it left; its untracked exit was lost
+    w.probe.counts["events_lost"] = 1
+    w.step(0.5)
+    assert w.tracer.left_unseen == 1 and w.tracer.tracker.pre_existing == {}
+    assert w.tracer.lingering(w.clock.ns) == [] and w.of("closed") == []
+
+
+def test_rescans_come_at_most_once_in_a_while_and_only_after_a_loss(tmp_path):
+    from closewait_trace.live import tracer as tracer_module
+    w = World(tmp_path)
+    w.tracer.start()
+    w.step()
+    for _ in range(3):
+        w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 0
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(1.0)
+    w.probe.counts["transitions_skipped"] = 2
+    w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 1             # too soon for another
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 2
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 2             # no loss since

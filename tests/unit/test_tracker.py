@@ -276,3 +276,91 @@ def test_departed_sockets_wait_past_their_grace_while_events_wait_to_be_taken():
     t.hold_departed = False                           # caught up: the grace applies again
     t.due(103 + 10 * tr.DEPARTED_GRACE_NS)
     assert len(t.departed) == 0
+
+
+# ------------------------------------------------- rescan after a loss
+
+NS = 4026531840
+
+
+def ns_ep(rport, netns=NS):
+    return ep(rport).in_netns(netns)
+
+
+def dumped_row(rport, netns=NS, ack_ms=None, data_ms=None):
+    """A rescan's sock_diag row, tagged with its namespace."""
+    return TcpRow(ns_ep(rport, netns), tcpstates.CLOSE_WAIT, 0, 1, 0, 1000 + rport,
+                  last_ack_recv_ms=ack_ms, last_data_recv_ms=data_ms)
+
+
+def test_rescan_adopts_a_socket_the_map_never_had_as_found_late_not_pre_existing():
+    t = Tracker(threshold_ns=S, start_ns=100 * S)
+    t.sync_entries({1: 110 * S}, lambda k: ns_ep(1000), 120 * S)
+    adopted, gone = t.rescan([dumped_row(1000), dumped_row(2000, ack_ms=7_000, data_ms=7_500),
+                              dumped_row(3000)], 130 * S, {NS}, 129 * S)
+    assert (adopted, gone) == (2, [])
+    found = {l.endpoints.rport: l for l in t.pre_existing.values()}
+    assert set(found) == {2000, 3000} and 1000 not in found      # the tracked one stays tracked
+    assert all(l.found_late and l.pre_existing and not l.before_start for l in found.values())
+    assert found[2000].enter_ns == 123 * S and found[2000].age_source == "estimated"
+    # Nothing but "it was there when found": never older than that.
+    assert found[3000].enter_ns == 130 * S and found[3000].age_source == "lower_bound"
+    assert {l.endpoints.rport for l in t.due(131 * S + 1)} >= {2000, 3000}
+    # Its leaving comes as an untracked exit: its CLOSED is not "pre-existing".
+    closed = t.on_event(KernelEvent(kind=KIND_UNTRACKED_EXIT, ts_ns=140 * S, skaddr=0,
+                                    duration_ns=0, pid=7, tid=7, comm="srv",
+                                    endpoints=ns_ep(2000), oldstate=tcpstates.CLOSE_WAIT,
+                                    newstate=tcpstates.LAST_ACK))
+    assert closed is not None and closed.pre_existing is False
+    assert closed.duration_ns == 17 * S
+
+
+def test_a_second_rescan_adopts_nothing_twice():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    assert t.rescan([dumped_row(2000)], 10 * S, {NS}, 9 * S)[0] == 1
+    assert t.rescan([dumped_row(2000)], 20 * S, {NS}, 19 * S) == (0, [])
+    assert len(t.pre_existing) == 1
+
+
+def test_rescan_finds_gone_only_what_entered_before_it_in_a_namespace_it_read():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    other = NS + 1
+    t.sync_entries({1: 5 * S, 2: 5 * S, 3: 5 * S, 4: 10 * S, 5: 5 * S},
+                   {1: ns_ep(1001), 2: ns_ep(1002, other), 3: ep(1003), 4: ns_ep(1004),
+                    5: ns_ep(1005)}.__getitem__, 10 * S)
+    t.seed([dumped_row(2001), dumped_row(2002)], [], 0)
+    # 1: gone. 2: its namespace not read. 3: its namespace not known. 4:
+    # entered after the dump began. 5 and 2002: in the dump. 2001: gone.
+    adopted, gone = t.rescan([dumped_row(1005), dumped_row(2002)], 10 * S, {NS}, 9 * S)
+    assert adopted == 0
+    assert sorted(l.endpoints.rport for l in gone) == [1001, 2001]
+    assert all(t.drop_unseen(l) for l in gone)
+    assert sorted(l.endpoints.rport for l in t.lingering()) == [1002, 1003, 1004, 1005, 2002]
+    assert not any(t.drop_unseen(l) for l in gone)      # once only
+
+
+def test_a_socket_dropped_unseen_is_told_to_the_observers_and_unwatched():
+    class Seen:
+        def __init__(self):
+            self.gone = []
+
+        def added(self, l):
+            pass
+
+        def changed(self, l):
+            pass
+
+        def removed(self, l):
+            self.gone.append(l.endpoints.rport)
+
+    t = Tracker(threshold_ns=S, start_ns=0)
+    seen = Seen()
+    t.observers.append(seen)
+    due = t.sync_entries({1: 1 * S}, lambda k: ns_ep(1001), 5 * S)
+    t.mark_reported(due[0])
+    _adopted, gone = t.rescan([], 6 * S, {NS}, 6 * S)
+    assert [l.endpoints.rport for l in gone] == [1001]
+    assert t.drop_unseen(gone[0])
+    assert seen.gone == [1001]
+    assert [l.endpoints.rport for l in t.take_left()] == [1001]   # its watch is dropped
+    assert t.by_skaddr == {} and t.pending == {}

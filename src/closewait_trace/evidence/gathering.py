@@ -213,6 +213,7 @@ def owners_in_order(wanted: list, proc: str = procfs.PROC,
 CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
+    "rescan_close_wait": owners.rescan_close_wait,
     "owners": owners.resolve,
     "owners_in_order": owners_in_order,
     "holder_states": holder_states,

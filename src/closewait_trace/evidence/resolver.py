@@ -73,6 +73,12 @@ class ProcResolver:
         return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
                          progress_s=STALL_S)
 
+    def rescan_close_wait(self) -> tuple:
+        """(every TcpRow in CLOSE_WAIT now, the namespaces read whole):
+        owners.rescan_close_wait, in the worker under its deadlines."""
+        return self._run("rescan_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
+                         progress_s=STALL_S)
+
     def owners(self, endpoints: list[Endpoints]) -> dict:
         wanted = list(endpoints)
         chunks = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,

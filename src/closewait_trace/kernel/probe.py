@@ -919,6 +919,25 @@ class KernelProbe:
             return []
         return [k.value for k in self._table("cw_open").keys()]
 
+    def forget_entry(self, skaddr: int, enter_ns: int) -> bool:
+        """Delete the socket's tracking entry if it is still the one that
+        entered CLOSE_WAIT at enter_ns: the socket left unseen (the kernel
+        skipped the program at its exit) and the entry would stay until the
+        address is reused, filling the map. Its EOF capture goes with it.
+        False when the entry is gone or is another socket's now."""
+        if self.bpf is None:
+            return False
+        table = self._table("cw_tracking")
+        key = table.Key(skaddr)
+        try:
+            if table[key].enter_ns != enter_ns:
+                return False
+            del table[key]
+        except KeyError:
+            return False
+        self.take_eof_capture(skaddr)
+        return True
+
     def take_eof_capture(self, skaddr: int) -> Optional[EofCapture]:
         """Where the socket was read to its end, if it was (and the kernel
         could say): taken out of the kernel's map, which frees its slot; the

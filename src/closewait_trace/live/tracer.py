@@ -90,6 +90,17 @@ MAX_RESOLVE_ATTEMPTS = 3
 # when it grows: events the buffer had no room for, sockets its map had no
 # room for, state changes it never ran the program for.
 LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
+# After any of those grows, the sockets in CLOSE_WAIT are read again from
+# sock_diag (Tracer.rescan): those the map missed are adopted, those whose
+# leaving was missed forgotten. At most once in this long: under a churn
+# that makes the kernel skip the program every tick, a rescan costs one
+# dump of the sockets in CLOSE_WAIT (about 10 us each) every 5 s.
+RESCAN_EVERY_S = 5.0
+# ...or this many times as long as the last one took, if longer: with
+# 100,000 sockets lingering a rescan reads them all (about a second of the
+# worker's and the loop's time), and a loss at every tick must not make the
+# loop spend more than a few percent of its time rescanning.
+RESCAN_GAP_FACTOR = 20
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 # Ticks a holder's state change waits, at most, while the holder closes its
 # sockets (recheck_owners): 10 holders of 10,000 each, closing them at load
@@ -181,6 +192,15 @@ class LiveTracer:
     # ticks waited so far (recheck_owners).
     holder_leaving: dict = field(default_factory=dict)
     _map_version: tuple = ()
+    # The loss counters as of the last rescan's dump, and when one was last
+    # tried (monotonic): a rescan follows a loss, at most every RESCAN_EVERY_S.
+    _rescan_basis: tuple = (0, 0, 0)
+    _rescan_tried: float = float("-inf")
+    _rescan_gap: float = RESCAN_EVERY_S
+    # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had,
+    # and sockets it found gone whose leaving was never seen.
+    found_unseen: int = 0
+    left_unseen: int = 0
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
     _previous_handlers: dict = field(default_factory=dict)   # signal -> handler before start()
     _eof_captured_seen: Optional[int] = None   # the kernel's eof_captured at the last look
@@ -204,7 +224,7 @@ class LiveTracer:
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
-        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
+        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0, "rescans": 0,
         "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
     _gc_callback: Optional[Callable] = None
     # Freezes the per-socket state after many were reported (live/gcpolicy.py).
@@ -660,13 +680,14 @@ class LiveTracer:
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
         backlog = getattr(self.probe, "backlog_bytes", None)
         self.tracker.hold_departed = bool(self.pending) or bool(backlog and backlog())
+        rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
         # when neither moved, the sockets that mature are already known.
         version = (counters.get("cw_enter"), counters.get("cw_exit"),
                    counters.get("exit_untracked"))
         stats = self.tick_stats
-        read_map = version != self._map_version
+        read_map = version != self._map_version or rescan is not None
         if read_map:
             self._map_version = version
             entries, endpoints_of = self.probe.tracked_entries()
@@ -680,6 +701,8 @@ class LiveTracer:
                                            (time.monotonic() - started) * 1000)
         else:
             due = self.tracker.due(now_ns)
+        if rescan is not None:
+            due = self.rescan_apply(*rescan, now_ns)
         rediagnosed = 0
         if resolve and self.watched:
             rediagnosed = self.recheck_owners(now_ns)
@@ -846,7 +869,9 @@ class LiveTracer:
         "eof_read" or "opened"; l.code says what is known either way."""
         why = self.eof_unknown()
         why_open = self.open_unknown()
-        if l.pre_existing or l.skaddr is None:
+        if l.found_late:
+            why = why_open = records.CODE_FOUND_LATE
+        elif l.pre_existing or l.skaddr is None:
             why = why_open = records.CODE_PRE_EXISTING
         if why is not None and why_open is not None:
             l.code = self._code_unknown(why, why_open)
@@ -1120,6 +1145,59 @@ class LiveTracer:
             self.resolve(list(changed.values()), now_ns, update=True)
         return len(changed)
 
+    # ------------------------------------------------------ rescan after loss
+
+    def rescan_dump(self, counters: dict) -> Optional[tuple]:
+        """When the kernel said it missed something since the last rescan
+        (LOSS_COUNTERS grew) and RESCAN_EVERY_S has passed: every socket in
+        CLOSE_WAIT, read by the worker, then the events committed before
+        the read taken (a socket the read missed because it left has its
+        event there, unless that was what was lost). The tick then reads
+        the map and calls rescan_apply. None: no rescan this tick (none
+        needed, too soon, a backlog of events still waiting, or the read
+        failed: tried again later)."""
+        basis = tuple(counters.get(name, 0) for name in LOSS_COUNTERS)
+        if basis == self._rescan_basis or self.stopping:
+            return None
+        started = time.monotonic()
+        if started - self._rescan_tried < self._rescan_gap:
+            return None
+        backlog = getattr(self.probe, "backlog_bytes", None)
+        if self.pending or (backlog and backlog()):
+            return None         # a burst being written: its events first
+        self._rescan_tried = started
+        began_ns = self.now_ns()
+        try:
+            rows, dumped = self.resolver.rescan_close_wait()
+        except GatherFailed:
+            return None         # counted (evidence_timeouts); the basis stays
+        observed_ns = self.now_ns()
+        self._drain_buffer(time.monotonic() + 0.2)
+        self._rescan_basis = basis
+        self.tick_stats["rescans"] += 1
+        taken = not self.pending and not (backlog and backlog())
+        rows = [row for row in rows if self.socket_filter.matches(row.endpoints)]
+        return rows, dumped if taken else set(), began_ns, observed_ns
+
+    def rescan_apply(self, rows: list, dumped: set, began_ns: int, observed_ns: int,
+                     now_ns: int) -> list[Lingerer]:
+        """With the map just read (after the dump): adopt the sockets it
+        never had, forget those found gone (a tracked one only if its map
+        entry is still the one it was: the kernel never ran its exit; the
+        entry is then deleted, or it would fill the map). Returns the
+        sockets due now."""
+        adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns)
+        self.found_unseen += adopted
+        forget = getattr(self.probe, "forget_entry", None)
+        for l in gone:
+            if l.skaddr is not None and (forget is None or not forget(l.skaddr, l.enter_ns)):
+                continue        # changed meanwhile: the next map read says what
+            if self.tracker.drop_unseen(l):
+                self.left_unseen += 1
+        took = time.monotonic() - self._rescan_tried
+        self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * took)
+        return self.tracker.due(now_ns)
+
     # ------------------------------------------------------------ counters
 
     def check_counters(self) -> dict:
@@ -1172,6 +1250,8 @@ class LiveTracer:
         now_ns = self.now_ns()
         still = [records.lingering_entry(l, l.age_ns(now_ns)) for l in self.lingering(now_ns)]
         counters = dict(self.probe.counters(), events_unread=self.unread_at_exit)
+        if self.found_unseen or self.left_unseen:
+            counters.update(found_unseen=self.found_unseen, left_unseen=self.left_unseen)
         return records.summary(time.time(), self.started_ts, counters,
                                self.probe.histogram(), still,
                                self.linger_lines, self.closed_lines, extra)

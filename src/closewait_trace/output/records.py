@@ -137,7 +137,7 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
     rec.update(endpoint_fields(lingerer.endpoints))
     rec.update(_lingerer_age(lingerer, age_ns))
     rec.update({
-        "pre_existing": lingerer.pre_existing,
+        "pre_existing": lingerer.before_start,
         "update": update,
         # The kernel's socket address stays inside the tool: written out it
         # would leak a kernel pointer (defeating KASLR) into shareable files.
@@ -154,6 +154,8 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
 
 # Why a linger record does not say where its socket was read to its end.
 CODE_PRE_EXISTING = "in CLOSE_WAIT before the trace began"
+CODE_FOUND_LATE = ("its entry into CLOSE_WAIT was not seen (the kernel skipped the "
+                   "program or its map was full): found by a rescan")
 CODE_NOT_LOOKED_UP = "not looked up"
 CODE_SNAPSHOT = ("not known to a snapshot (only a live trace sees the read of EOF and the "
                  "connect())")

@@ -931,6 +931,12 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("transitions_skipped"):
         problems.append(f"{n['transitions_skipped']} state changes not seen (the kernel "
                         f"skipped the program: another BPF program ran on that CPU)")
+    if n.get("found_unseen"):
+        problems.append(f"{n['found_unseen']} sockets found in CLOSE_WAIT by a rescan "
+                        f"after a loss (their entry not seen; ages estimated)")
+    if n.get("left_unseen"):
+        problems.append(f"{n['left_unseen']} sockets found gone by a rescan after a loss "
+                        f"(their leaving not seen: no CLOSED line)")
     if n.get("eof_map_full"):
         problems.append(f"{n['eof_map_full']} EOF reads not located (their map was full)")
     if n.get("eof_rate_limited"):

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from closewait_trace.sockets import procfs, procnet
+from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.procnet import TcpRow
@@ -351,6 +351,35 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
                 seen.add(key)
                 rows.append((row.endpoints.netns, row))
     return rows
+
+
+def rescan_close_wait(proc: str = procfs.PROC) -> tuple[list[TcpRow], set[int]]:
+    """Every socket in CLOSE_WAIT now, and the namespaces whose whole table
+    was read: only in those may a socket missing from the rows be taken as
+    gone (a namespace read through a pid that went away meanwhile, or one
+    not readable, says nothing). Only sock_diag can say so: on anything
+    else (a procfs copy in tests) the rows are snapshot_close_wait's and no
+    namespace counts as read."""
+    if not procnet.is_procfs(proc):
+        return [row for _ns, row in snapshot_close_wait(proc)], set()
+    rows: list[TcpRow] = []
+    dumped: set[int] = set()
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    for netns, pid in procnet.network_namespaces(proc).items():
+        if netns in dumped:
+            continue
+        ns_path = None if netns == own else f"{proc}/{pid}/ns/net"
+        try:
+            inode, found = sockdiag.tcp_sockets_in([tcpstates.CLOSE_WAIT], ns_path)
+        except OSError as e:
+            if e.errno in procfs.EXHAUSTED_ERRNOS:
+                raise procfs.ResourceExhausted("sock_diag", e.errno) from None
+            continue            # the process left, or no sock_diag: not read
+        if inode in dumped:
+            continue            # the pid was reused in a namespace read already
+        dumped.add(inode)
+        rows.extend(found)
+    return rows, dumped
 
 
 def _in_namespace(row: TcpRow, netns: int) -> TcpRow:

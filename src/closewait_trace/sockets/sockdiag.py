@@ -209,10 +209,17 @@ def tcp_sockets(states: Iterable[int], ns_path: Optional[str] = None,
     tcp_info times (None: the owner lookup does not use them, and 100,000
     of them are 23 MB for the kernel to fill and this process to walk).
     Raises OSError when sock_diag is unavailable; callers fall back."""
+    return tcp_sockets_in(states, ns_path, with_info)[1]
+
+
+def tcp_sockets_in(states: Iterable[int], ns_path: Optional[str] = None,
+                   with_info: bool = True) -> tuple[int, list[TcpRow]]:
+    """tcp_sockets, with the inode of the namespace that was dumped: an
+    empty list then says "none in that namespace", not "nothing known"."""
     states = list(states)
     sock, netns = _open_in_netns(ns_path)
     try:
         sock.settimeout(5)
-        return _dump(sock, states, netns, with_info)
+        return netns, _dump(sock, states, netns, with_info)
     finally:
         sock.close()

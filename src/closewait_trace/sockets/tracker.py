@@ -64,6 +64,16 @@ class Lingerer:
     hidden: bool = False        # resolved, but its holders fail the holder filter
     # Where in the holder's code (records.code_*): set when first reported.
     code: Optional[dict] = None
+    # Untracked like a pre-existing socket, but it entered CLOSE_WAIT while
+    # the trace ran and the kernel's map never had it (the kernel skipped
+    # the program, or the map was full): found by a rescan, not at start.
+    found_late: bool = False
+
+    @property
+    def before_start(self) -> bool:
+        """In CLOSE_WAIT before the trace began (what records call
+        pre_existing); a socket found late is untracked but not that."""
+        return self.pre_existing and not self.found_late
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
@@ -194,10 +204,55 @@ class Tracker:
         twice. Each gets an age estimated from tcp_info (ages.py): those
         already past the threshold are due at the first tick."""
         observed_ns = self.start_ns if observed_ns is None else observed_ns
+        self._adopt(already_in_close_wait, [t.endpoints for t in tracked],
+                    min(observed_ns, self.start_ns), observed_ns, found_late=False)
+        return len(self.pre_existing)
+
+    def rescan(self, in_close_wait: Iterable[TcpRow], observed_ns: int,
+               dumped_netns: set[int], dump_began_ns: int) -> tuple[int, list[Lingerer]]:
+        """Bring the view in line with a sock_diag dump of every socket in
+        CLOSE_WAIT, taken when the kernel said it missed some state changes
+        (it skipped the program, dropped an event, or its map was full) and
+        after the map was read again and the events before it taken.
+
+        - A socket in the dump that nothing here knows entered CLOSE_WAIT
+          unseen: adopted as untracked, `found_late`, its age estimated
+          from tcp_info as the start-up's are (never older than observed_ns
+          when tcp_info says nothing).
+        - A socket known here, in a namespace the dump read, that entered
+          CLOSE_WAIT before the dump began and is not in it left unseen:
+          its exit was never run (its map entry would be gone) or its
+          event lost. Returned, for the caller to drop (drop_unseen) once
+          it has checked the kernel's map for a tracked one.
+
+        A socket in a namespace the dump did not read (or whose namespace
+        is not known) is never judged gone. Returns (adopted, gone)."""
+        rows = list(in_close_wait)
+        dumped: dict[tuple, set[int]] = {}
+        for row in rows:
+            dumped.setdefault(row.endpoints.address_key, set()).add(row.endpoints.netns)
+        gone = []
+        for l in list(self.by_skaddr.values()) + list(self.pre_existing.values()):
+            ep = l.endpoints
+            if not ep.netns or ep.netns not in dumped_netns:
+                continue
+            if l.skaddr is not None and l.enter_ns >= dump_began_ns:
+                continue            # entered while the dump ran: may be after it
+            seen = dumped.get(ep.address_key)
+            if seen and (0 in seen or ep.netns in seen):
+                continue
+            gone.append(l)
+        before = len(self.pre_existing)
+        self._adopt(rows, [l.endpoints for l in self.by_skaddr.values()],
+                    observed_ns, observed_ns, found_late=True)
+        return len(self.pre_existing) - before, gone
+
+    def _adopt(self, rows: Iterable[TcpRow], tracked: Iterable[Endpoints],
+               latest_ns: int, observed_ns: int, found_late: bool) -> None:
         tracked_netns: dict[tuple, set[int]] = {}
-        for t in tracked:
-            tracked_netns.setdefault(t.endpoints.address_key, set()).add(t.endpoints.netns)
-        for row in already_in_close_wait:
+        for ep in tracked:
+            tracked_netns.setdefault(ep.address_key, set()).add(ep.netns)
+        for row in rows:
             endpoints = row.endpoints
             if endpoints in self.pre_existing:
                 continue
@@ -208,13 +263,28 @@ class Tracker:
                 continue
             est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
                                       keepalive=row.timer == KEEPALIVE_TIMER)
-            # Without tcp_info all we know is that it was there at start.
-            enter_ns = min(est.enter_ns, self.start_ns)
+            # Without tcp_info all we know is that it was there when found
+            # (at start: since the start).
+            enter_ns = min(est.enter_ns, latest_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
-                         enter_max_ns=est.enter_max_ns)
+                         enter_max_ns=est.enter_max_ns, found_late=found_late)
             self._add_pre_existing(l)
-        return len(self.pre_existing)
+
+    def drop_unseen(self, l: Lingerer) -> bool:
+        """Forget a socket that left CLOSE_WAIT unseen (rescan); False if
+        it is no longer known here (its event came meanwhile)."""
+        if l.pre_existing:
+            if self.pre_existing.get(l.endpoints) is not l:
+                return False
+            self._pop_pre_existing(l.endpoints)
+            return True
+        if self.by_skaddr.get(l.skaddr) is not l:
+            return False
+        del self.by_skaddr[l.skaddr]
+        self.pending.pop(id(l), None)
+        self._stopped(l)
+        return True
 
     def _add_pre_existing(self, l: Lingerer) -> None:
         self.pre_existing[l.endpoints] = l
@@ -251,7 +321,8 @@ class Tracker:
             old = self._pop_pre_existing(ep)
             self._add_pre_existing(Lingerer(
                 endpoints=ep, enter_ns=old.enter_ns, skaddr=None, pre_existing=True,
-                age_source=old.age_source, enter_max_ns=old.enter_max_ns))
+                age_source=old.age_source, enter_max_ns=old.enter_max_ns,
+                found_late=old.found_late))
         return None
 
     def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:
@@ -378,6 +449,6 @@ class Tracker:
         return Closed(endpoints=ev.endpoints, ts_ns=ev.ts_ns, duration_ns=duration_ns,
                       duration_is_lower_bound=source == ages.LOWER_BOUND, how=how,
                       closer=closer, cpu_task=(ev.pid, ev.comm), newstate=ev.newstate,
-                      pre_existing=bool(l and l.pre_existing),
+                      pre_existing=bool(l and l.before_start),
                       reported=bool(l and l.reported), lingerer=l,
                       duration_source=source, duration_max_ns=duration_max_ns)
