@@ -22,7 +22,7 @@ import time
 from closewait_trace.output import schema
 from tests.kernel.harness import TRACER, free_port, stretch
 
-PER_HOLDER = 9_500                      # each with its 64 more fds, under a hard limit of 20,000
+PER_HOLDER = 9_500                      # each holder: 2 x 9,500 + 64 fds (many_holder.py)
 BURST = 2 * PER_HOLDER
 RING_EVENTS = (1 << 20) // 112          # the default ring's capacity in events
 MANY_HOLDER = os.path.join(os.path.dirname(__file__), "many_holder.py")

@@ -1175,9 +1175,11 @@ def test_a_socket_whose_entry_the_kernel_skipped_is_found_by_the_rescan(tmp_path
     assert w.tracer.tracker.pre_existing == {}          # no loss said: no rescan
     w.probe.counts["transitions_skipped"] = 1
     w.step(0.5)
-    assert w.tracer.found_unseen == 1 and w.tracer.tick_stats["rescans"] == 1
+    assert len(w.tracer.tracker.pre_existing) == 1 and w.tracer.tick_stats["rescans"] == 1
     assert w.of("linger") == []                # found now: not a threshold old yet
+    assert w.tracer.found_unseen == 0          # counted once reported
     w.step(1.5)
+    assert w.tracer.found_unseen == 1
     [rec] = w.of("linger")
     assert rec["rport"] == 30500 and rec["pre_existing"] is False
     assert rec["age_source"] == "lower_bound" and 1.4 <= rec["age_s"] <= 1.6
@@ -1272,3 +1274,47 @@ def test_rescans_come_at_most_once_in_a_while_and_only_after_a_loss(tmp_path):
     w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
     w.step(1.0)
     assert w.tracer.tick_stats["rescans"] == 2             # no loss since
+
+
+def test_a_rescan_that_fails_is_tried_again_later_not_at_every_tick(tmp_path):
+    """A read that ran into the worker's deadline (a user's thousands of
+    namespaces, say) waits its gap before the next try, and the loss that
+    asked for it still asks (the basis is kept)."""
+    from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
+    from closewait_trace.live import tracer as tracer_module
+    calls = []
+
+    class SlowFailing(ProcResolver):
+        def rescan_close_wait(self):
+            calls.append(1)
+            time.sleep(0.3)
+            raise GatherFailed(TIMED_OUT)
+
+    w = World(tmp_path, resolver=SlowFailing(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.probe.counts["transitions_skipped"] = 1
+    for _ in range(4):
+        w.step(1.0)
+    assert calls == [1] and w.tracer.tick_stats["rescans"] == 0
+    assert w.tracer._rescan_gap >= tracer_module.RESCAN_GAP_FACTOR * 0.3
+    w.tracer._rescan_tried -= w.tracer._rescan_gap
+    w.step(1.0)
+    assert calls == [1, 1]
+
+
+def test_a_socket_adopted_by_a_rescan_then_found_gone_is_not_counted_or_reported(tmp_path):
+    """One that left between the rescan's dump and its map read is adopted
+    (the dump saw it, the map no longer has it), then its owner lookup finds
+    it gone: forgotten, never reported, not counted as found."""
+    w = World(tmp_path)
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 60500)
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(0.5)
+    assert len(w.tracer.tracker.pre_existing) == 1
+    w.forget_row(30500)
+    w.step(1.5)
+    assert w.tracer.tracker.pre_existing == {} and w.of("linger") == []
+    assert w.tracer.found_unseen == 0

@@ -197,8 +197,8 @@ class LiveTracer:
     _rescan_basis: tuple = (0, 0, 0)
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
-    # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had,
-    # and sockets it found gone whose leaving was never seen.
+    # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had
+    # (once reported), and sockets it found gone whose leaving was never seen.
     found_unseen: int = 0
     left_unseen: int = 0
     _histogram: Optional[tuple] = None   # (cw_exit, slots, sum_ns) of the last read
@@ -810,6 +810,8 @@ class LiveTracer:
                         return
                     continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
+                if l.found_late:
+                    self.found_unseen += 1
                 # Taken whether shown or not: it frees the captures' slots.
                 taken = self.take_captures(l)
                 if not matches:
@@ -1170,7 +1172,12 @@ class LiveTracer:
         try:
             rows, dumped = self.resolver.rescan_close_wait()
         except GatherFailed:
-            return None         # counted (evidence_timeouts); the basis stays
+            # Counted (evidence_timeouts); the basis stays, and the next try
+            # waits as long as after a rescan that took this long (a user's
+            # thousands of namespaces must not keep the worker busy).
+            self._rescan_gap = max(RESCAN_EVERY_S,
+                                   RESCAN_GAP_FACTOR * (time.monotonic() - started))
+            return None
         observed_ns = self.now_ns()
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
@@ -1186,8 +1193,9 @@ class LiveTracer:
         entry is still the one it was: the kernel never ran its exit; the
         entry is then deleted, or it would fill the map). Returns the
         sockets due now."""
-        adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns)
-        self.found_unseen += adopted
+        # Counted when reported (resolve): one that left between the dump
+        # and the map read is adopted too, then found gone and forgotten.
+        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns)
         forget = getattr(self.probe, "forget_entry", None)
         for l in gone:
             if l.skaddr is not None and (forget is None or not forget(l.skaddr, l.enter_ns)):
