@@ -68,6 +68,7 @@ def test_a_full_map_and_an_entry_left_behind_are_put_right_by_the_rescan(procs):
     assert counters["map_full"] == SOCKETS - (CAPACITY - 1)
     assert counters["found_unseen"] == len(late) == counters["map_full"]
     assert counters["left_unseen"] == 1
+    assert summary["tracer_cost"]["rescans"] >= 1
     assert not any(r["pre_existing"] for r in lines)
     assert all(r["owners"] and r["owners"][0]["pid"] == holder.pid for r in lines)
     assert len(summary["still_lingering"]) == SOCKETS

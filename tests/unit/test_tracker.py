@@ -364,3 +364,14 @@ def test_a_socket_dropped_unseen_is_told_to_the_observers_and_unwatched():
     assert seen.gone == [1001]
     assert [l.endpoints.rport for l in t.take_left()] == [1001]   # its watch is dropped
     assert t.by_skaddr == {} and t.pending == {}
+
+
+def test_a_rescan_of_many_sockets_calls_between_as_it_goes():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    n = 5000
+    t.sync_entries({k: S for k in range(1, n + 1)}, lambda k: ns_ep(k), 2 * S)
+    calls = []
+    rows = [dumped_row(k) for k in range(1, n + 1)] + [dumped_row(n + 1)]
+    adopted, gone = t.rescan(rows, 3 * S, {NS}, 3 * S, between=lambda: calls.append(1))
+    assert (adopted, gone) == (1, [])
+    assert len(calls) >= 2 * (n // 1024)

@@ -224,7 +224,8 @@ class LiveTracer:
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
-        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0, "rescans": 0,
+        "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
+        "rescans": 0, "rescan_max_ms": 0.0,
         "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
     _gc_callback: Optional[Callable] = None
     # Freezes the per-socket state after many were reported (live/gcpolicy.py).
@@ -1195,7 +1196,7 @@ class LiveTracer:
         sockets due now."""
         # Counted when reported (resolve): one that left between the dump
         # and the map read is adopted too, then found gone and forgotten.
-        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns)
+        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns, self.sip)
         forget = getattr(self.probe, "forget_entry", None)
         for l in gone:
             if l.skaddr is not None and (forget is None or not forget(l.skaddr, l.enter_ns)):
@@ -1204,6 +1205,8 @@ class LiveTracer:
                 self.left_unseen += 1
         took = time.monotonic() - self._rescan_tried
         self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * took)
+        stats = self.tick_stats
+        stats["rescan_max_ms"] = max(stats["rescan_max_ms"], took * 1000)
         return self.tracker.due(now_ns)
 
     # ------------------------------------------------------------ counters
