@@ -94,12 +94,14 @@ LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 # sock_diag (Tracer.rescan): those the map missed are adopted, those whose
 # leaving was missed forgotten. At most once in this long: under a churn
 # that makes the kernel skip the program every tick, a rescan costs one
-# dump of the sockets in CLOSE_WAIT (about 10 us each) every 5 s.
+# read of the sockets in CLOSE_WAIT every 5 s (bench/rescan.py: 6.7-8.5 us
+# a socket to read, 1.5-2.6 us to compare; 18 ms for 1,000).
 RESCAN_EVERY_S = 5.0
 # ...or this many times as long as the last one took, if longer: with
 # 100,000 sockets lingering a rescan reads them all (about a second of the
-# worker's and the loop's time), and a loss at every tick must not make the
-# loop spend more than a few percent of its time rescanning.
+# worker's and the loop's time, extrapolated from 30,000), and a loss at
+# every tick must not make the loop spend more than about 5% of its time
+# rescanning.
 RESCAN_GAP_FACTOR = 20
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 # Ticks a holder's state change waits, at most, while the holder closes its
