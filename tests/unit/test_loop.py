@@ -1222,6 +1222,7 @@ def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reporte
     assert w.tracer.left_unseen == 1 and w.tracer.tracker.by_skaddr.keys() == {0x1000}
     assert [l.endpoints.rport for l in w.tracer.lingering(w.clock.ns)] == [30000]
     assert w.tracer.summary()["counters"]["left_unseen"] == 1
+    assert w.tracer.last_counters["left_unseen"] == 1        # what the metrics read
 
 
 def test_a_tracked_socket_whose_map_entry_changed_is_left_to_the_map(tmp_path):

@@ -123,7 +123,8 @@ def test_counts_ages_and_exposition():
     sink.emit({"type": "linger", "update": False, "diagnosis": None})
     sink.emit({"type": "closed"})
     sink.tick(view(ls, counters={"cw_enter": 11, "events_lost": 2, "map_full": 1,
-                                 "transitions_skipped": 4},
+                                 "transitions_skipped": 4, "found_unseen": 3,
+                                 "left_unseen": 1},
                    hist=hist, sum_ns=12_500_000_000))
     got = scrape(sink)
     assert sorted((s[0]["comm"], s[0]["port"], s[0]["side"], s[1])
@@ -135,6 +136,8 @@ def test_counts_ages_and_exposition():
     assert got["closewait_events_lost_total"] == [({}, 2.0)]
     assert got["closewait_map_full_total"] == [({}, 1.0)]
     assert got["closewait_transitions_skipped_total"] == [({}, 4.0)]
+    assert got["closewait_found_unseen_total"] == [({}, 3.0)]
+    assert got["closewait_left_unseen_total"] == [({}, 1.0)]
     assert sorted((s[0]["cause"], s[1]) for s in got["closewait_lingered_total"]) == \
         [("stopped", 1.0), ("unknown", 1.0)]
     buckets = {s[0]["le"]: s[1] for s in got["closewait_duration_seconds_bucket"]}

@@ -1219,6 +1219,9 @@ class LiveTracer:
             delta = counters.get(name, 0) - self.last_counters.get(name, 0)
             if delta > 0:
                 self.emit(records.lost(time.time(), name, delta, counters[name]))
+        if self.found_unseen or self.left_unseen:     # the rescans' (metrics)
+            counters = dict(counters, found_unseen=self.found_unseen,
+                            left_unseen=self.left_unseen)
         gatherer = self.resolver.worker
         if gatherer is not None:
             counters = dict(counters, evidence_timeouts=gatherer.timeouts)

@@ -438,6 +438,16 @@ def build_families(view, state: MetricsState) -> tuple:
         "closewait_map_full",
         "Sockets not tracked because the kernel map was full (--max-tracked)",
         value=counters.get("map_full", 0))
+    found = CounterMetricFamily(
+        "closewait_found_unseen",
+        "Sockets a rescan after a loss found in CLOSE_WAIT that the kernel's map "
+        "never had (reported, ages estimated)",
+        value=counters.get("found_unseen", 0))
+    left = CounterMetricFamily(
+        "closewait_left_unseen",
+        "Sockets a rescan after a loss found gone whose leaving CLOSE_WAIT was "
+        "never seen (no CLOSED line)",
+        value=counters.get("left_unseen", 0))
     lingered = CounterMetricFamily(
         "closewait_lingered", "Sockets reported as lingering, by diagnosed cause",
         labels=[CAUSE_LABEL])
@@ -450,7 +460,8 @@ def build_families(view, state: MetricsState) -> tuple:
     last_tick = GaugeMetricFamily(
         "closewait_last_tick_timestamp_seconds",
         "Unix time of the tick these metrics show", value=round(view.wall_ts, 3))
-    return (sockets, oldest, duration, entered, lost, skipped, full, lingered, threshold, last_tick)
+    return (sockets, oldest, duration, entered, lost, skipped, full, found, left, lingered,
+            threshold, last_tick)
 
 
 def duration_family(slots: list, sum_ns: Optional[int]) -> Metric:
