@@ -246,3 +246,40 @@ def test_the_owner_lookup_reads_no_times(tmp_path, monkeypatch):
     owners.resolve([Endpoints(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2, 1)],
                    str(tmp_path))
     assert asked == [False]
+
+
+def test_a_socket_looked_up_alone_in_this_namespace():
+    """build_lookup/lookup_each against the real kernel (this process's own
+    namespace: no privilege needed): a socket in CLOSE_WAIT is found in
+    that state, IPv4-mapped on an IPv6 listener too; addresses no socket
+    has give no CLOSE_WAIT row; owners.in_close_wait_now says so per
+    socket, and None where the namespace is not known."""
+    import time
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets import owners
+    held = []
+    made = []
+    for family, host, listen_on in ((socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                    (socket.AF_INET6, "::ffff:127.0.0.1", "::")):
+        srv = socket.socket(family)
+        srv.bind((listen_on, 0))
+        srv.listen(4)
+        client = socket.create_connection(("127.0.0.1", srv.getsockname()[1]))
+        accepted, _ = srv.accept()
+        client.shutdown(socket.SHUT_WR)         # the accepted one: CLOSE_WAIT
+        held += [srv, client, accepted]
+        made.append(Endpoints(family, host, srv.getsockname()[1], host,
+                              client.getsockname()[1]))
+    try:
+        time.sleep(0.05)
+        ghost = Endpoints(socket.AF_INET, "127.0.0.1", made[0].lport, "127.0.0.1", 1)
+        netns, rows = sockdiag.lookup_each(made + [ghost])
+        assert netns == os.stat("/proc/thread-self/ns/net").st_ino
+        assert [r.state if r else None for r in rows[:2]] == [tcpstates.CLOSE_WAIT] * 2
+        assert [r.endpoints.address_key for r in rows[:2]] == [ep.address_key for ep in made]
+        assert rows[2] is None or rows[2].state != tcpstates.CLOSE_WAIT
+        mine = [ep.in_netns(netns) for ep in made + [ghost]] + [made[0]]
+        assert owners.in_close_wait_now(mine) == [True, True, False, None]
+    finally:
+        for s in held:
+            s.close()

@@ -214,6 +214,7 @@ CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "rescan_close_wait": owners.rescan_close_wait,
+    "in_close_wait_now": owners.in_close_wait_now,
     "owners": owners.resolve,
     "owners_in_order": owners_in_order,
     "holder_states": holder_states,

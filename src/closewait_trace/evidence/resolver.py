@@ -79,6 +79,11 @@ class ProcResolver:
         return self._run("rescan_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
                          progress_s=STALL_S)
 
+    def in_close_wait_now(self, endpoints: list[Endpoints]) -> list:
+        """owners.in_close_wait_now, in the worker under its deadlines."""
+        return self._run("in_close_wait_now", list(endpoints), self.proc,
+                         deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+
     def owners(self, endpoints: list[Endpoints]) -> dict:
         wanted = list(endpoints)
         chunks = self._run("owners_in_order", wanted, self.proc, deadline_s=OWNERS_CAP_S,

@@ -1199,6 +1199,13 @@ class LiveTracer:
         # Counted when reported (resolve): one that left between the dump
         # and the map read is adopted too, then found gone and forgotten.
         _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns, self.sip)
+        if gone:
+            # Asked again of each alone: the dump may have stepped over one.
+            try:
+                present = self.resolver.in_close_wait_now([l.endpoints for l in gone])
+            except GatherFailed:
+                present = [None] * len(gone)
+            gone = [l for l, here in zip(gone, present) if here is False]
         forget = getattr(self.probe, "forget_entry", None)
         for l in gone:
             if l.skaddr is not None and (forget is None or not forget(l.skaddr, l.enter_ns)):

@@ -382,6 +382,43 @@ def rescan_close_wait(proc: str = procfs.PROC) -> tuple[list[TcpRow], set[int]]:
     return rows, dumped
 
 
+def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[Optional[bool]]:
+    """For each socket a rescan's dump did not show: whether the kernel has
+    it in CLOSE_WAIT now, asked of that one socket (sockdiag.lookup_each),
+    not of a dump. A dump is read over many recv()s while sockets come and
+    go, and may step over one (its place in a hash chain moved between two
+    reads); a socket forgotten for that would never be reported again.
+    None where it cannot be told: its namespace not known, not entered, or
+    not the one entered (a pid reused meanwhile), or not a real procfs."""
+    out: list[Optional[bool]] = [None] * len(wanted)
+    if not wanted or not procnet.is_procfs(proc):
+        return out
+    by_netns: dict[int, list[int]] = {}
+    for i, ep in enumerate(wanted):
+        if ep.netns:
+            by_netns.setdefault(ep.netns, []).append(i)
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    namespaces = procnet.network_namespaces(proc) if set(by_netns) - {own} else {}
+    for netns, indexes in by_netns.items():
+        if netns == own:
+            ns_path = None
+        elif netns in namespaces:
+            ns_path = f"{proc}/{namespaces[netns]}/ns/net"
+        else:
+            continue
+        try:
+            inode, rows = sockdiag.lookup_each([wanted[i] for i in indexes], ns_path)
+        except OSError as e:
+            if e.errno in procfs.EXHAUSTED_ERRNOS:
+                raise procfs.ResourceExhausted("sock_diag", e.errno) from None
+            continue
+        if inode != netns:
+            continue
+        for i, row in zip(indexes, rows):
+            out[i] = row is not None and row.state == tcpstates.CLOSE_WAIT
+    return out
+
+
 def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
     """The row with its namespace: as read (exact), else the one of the pid
     it was read through."""

@@ -11,6 +11,7 @@ namespace it is created on a short-lived thread that setns()es there first
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import socket
@@ -62,6 +63,22 @@ def build_request(family: int, states: Iterable[int], seq: int = 1,
     body = _REQ.pack(family, socket.IPPROTO_TCP, ext, 0, mask)
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                             NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    return header + body
+
+
+def build_lookup(ep: Endpoints, seq: int = 1) -> bytes:
+    """A request for the one socket with these addresses (no dump): the
+    kernel looks it up in its hash tables at once (inet_diag_find_one_icsk),
+    which a dump, walked over several reads while sockets come and go, does
+    not promise. Any cookie (INET_DIAG_NOCOOKIE), any interface."""
+    family = int(ep.family)
+    src = socket.inet_pton(family, ep.laddr).ljust(16, b"\0")
+    dst = socket.inet_pton(family, ep.raddr).ljust(16, b"\0")
+    sockid = (struct.pack("!HH", ep.lport, ep.rport) + src + dst
+              + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                            NLM_F_REQUEST, seq, 0)
     return header + body
 
 
@@ -133,9 +150,9 @@ def parse_messages(data: bytes, netns: int = 0) -> tuple[list[TcpRow], bool]:
         if kind == NLMSG_DONE:
             return rows, True
         if kind == NLMSG_ERROR:
-            errno = struct.unpack_from("=i", data, body)[0] if end - body >= 4 else -71  # EPROTO
-            if errno:
-                raise OSError(-errno, os.strerror(-errno))
+            code = struct.unpack_from("=i", data, body)[0] if end - body >= 4 else -71  # EPROTO
+            if code:
+                raise OSError(-code, os.strerror(-code))
             # errno 0 is an acknowledgement, not an error
         elif (kind == SOCK_DIAG_BY_FAMILY and end - body >= _MSG.size
               and data[body] in (socket.AF_INET, socket.AF_INET6)):
@@ -159,6 +176,29 @@ def _dump(sock: socket.socket, states: Iterable[int], netns: int = 0,
             if done:
                 break
     return rows
+
+
+def lookup_each(wanted: list[Endpoints], ns_path: Optional[str] = None
+                ) -> tuple[int, list[Optional[TcpRow]]]:
+    """Each socket looked up alone (build_lookup) in the namespace at
+    ns_path: (that namespace's inode, its row or None where the kernel has
+    no socket with those addresses). Raises OSError on any other answer."""
+    sock, netns = _open_in_netns(ns_path)
+    out: list[Optional[TcpRow]] = []
+    try:
+        sock.settimeout(5)
+        for seq, ep in enumerate(wanted, start=1):
+            sock.send(build_lookup(ep, seq))
+            try:
+                rows, _done = parse_messages(sock.recv(1 << 16), netns)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                rows = []
+            out.append(rows[0] if rows else None)
+    finally:
+        sock.close()
+    return netns, out
 
 
 def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
