@@ -208,7 +208,8 @@ def socket_filter_of(lports, rports, ipv4, ipv6) -> SocketFilter:
               help="How often to look for sockets crossing the threshold "
                    "[default: threshold/2, at most 1s].")
 @click.option("--max-tracked", type=click.IntRange(1024, 4_194_304), default=DEFAULT_MAX_TRACKED,
-              show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT.")
+              show_default=True, help="Capacity of the kernel's map of sockets in CLOSE_WAIT "
+                                      "(and of those followed without it).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the evidence for each diagnosis: holders' command lines, "
                    "their threads' stacks (and Python frames), the stacks at the EOF "

@@ -375,3 +375,15 @@ def test_a_rescan_of_many_sockets_calls_between_as_it_goes():
     adopted, gone = t.rescan(rows, 3 * S, {NS}, 3 * S, between=lambda: calls.append(1))
     assert (adopted, gone) == (1, [])
     assert len(calls) >= 2 * (n // 1024)
+
+
+def test_untracked_sockets_are_kept_up_to_max_untracked_and_the_rest_counted():
+    """What the kernel's map bounds for tracked sockets, max_untracked bounds
+    for those found at start or by a rescan: a user's million sockets in
+    CLOSE_WAIT must not cost a million entries."""
+    t = Tracker(threshold_ns=S, start_ns=10 * S, max_untracked=2)
+    assert t.seed([dumped_row(1), dumped_row(2), dumped_row(3)], [], 10 * S) == 2
+    assert t.untracked_over == 1
+    assert t.rescan([dumped_row(1), dumped_row(2), dumped_row(4)], 20 * S, {NS}, 19 * S) \
+        == (0, [])
+    assert t.untracked_over == 2 and len(t.pre_existing) == 2

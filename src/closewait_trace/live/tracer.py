@@ -382,7 +382,8 @@ class LiveTracer:
             found = []
             self.start_snapshot_failed = e.why
         snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
-        self.tracker = Tracker(self.config.threshold_ns, self.start_ns)
+        self.tracker = Tracker(self.config.threshold_ns, self.start_ns,
+                               max_untracked=self.config.max_tracked)
         for sink in self.sinks:
             attach = getattr(sink, "attach_lingering", None)
             if attach is not None:      # keeps its view as sockets arrive and leave
@@ -1275,6 +1276,8 @@ class LiveTracer:
         counters = dict(self.probe.counters(), events_unread=self.unread_at_exit)
         if self.found_unseen or self.left_unseen:
             counters.update(found_unseen=self.found_unseen, left_unseen=self.left_unseen)
+        if self.tracker.untracked_over:
+            counters["untracked_over"] = self.tracker.untracked_over
         return records.summary(time.time(), self.started_ts, counters,
                                self.probe.histogram(), still,
                                self.linger_lines, self.closed_lines, extra)

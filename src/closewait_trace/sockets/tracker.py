@@ -182,6 +182,13 @@ class Tracker:
     # backlog): the departed sockets' CLOSED events are among them, however
     # long after the grace they come, so none is forgotten meanwhile.
     hold_departed: bool = False
+    # Untracked sockets (found at start or by a rescan) kept at most: the
+    # kernel's map bounds the tracked ones, this the others (the live loop
+    # sets it to --max-tracked). A user holding a million sockets in
+    # CLOSE_WAIT would otherwise cost a million entries here. Those not
+    # kept are counted.
+    max_untracked: int = 1 << 62
+    untracked_over: int = 0
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
         if l is not None:
@@ -273,6 +280,9 @@ class Tracker:
             # Tracked already: the same socket, by namespace when both know
             # it, by address when either does not.
             if seen and (not endpoints.netns or 0 in seen or endpoints.netns in seen):
+                continue
+            if len(self.pre_existing) >= self.max_untracked:
+                self.untracked_over += 1
                 continue
             est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
                                       keepalive=row.timer == KEEPALIVE_TIMER)
