@@ -384,6 +384,9 @@ def test_untracked_sockets_are_kept_up_to_max_untracked_and_the_rest_counted():
     t = Tracker(threshold_ns=S, start_ns=10 * S, max_untracked=2)
     assert t.seed([dumped_row(1), dumped_row(2), dumped_row(3)], [], 10 * S) == 2
     assert t.untracked_over == 1
-    assert t.rescan([dumped_row(1), dumped_row(2), dumped_row(4)], 20 * S, {NS}, 19 * S) \
-        == (0, [])
+    assert t.rescan([dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)],
+                    20 * S, {NS}, 19 * S) == (0, [])
     assert t.untracked_over == 2 and len(t.pre_existing) == 2
+    # The same two again at the next rescan: still two, not four.
+    t.rescan([dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)], 30 * S, {NS}, 29 * S)
+    assert t.untracked_over == 2

@@ -936,7 +936,7 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
                         f"after a loss (their entry not seen; ages estimated)")
     if n.get("untracked_over"):
         problems.append(f"{n['untracked_over']} sockets in CLOSE_WAIT not followed "
-                        f"(found at start or by a rescan beyond --max-tracked)")
+                        f"(beyond --max-tracked untracked ones, at the last look)")
     if n.get("left_unseen"):
         problems.append(f"{n['left_unseen']} sockets found gone by a rescan after a loss "
                         f"(their leaving not seen: no CLOSED line)")

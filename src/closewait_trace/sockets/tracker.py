@@ -186,7 +186,8 @@ class Tracker:
     # kernel's map bounds the tracked ones, this the others (the live loop
     # sets it to --max-tracked). A user holding a million sockets in
     # CLOSE_WAIT would otherwise cost a million entries here. Those not
-    # kept are counted.
+    # kept at the last look (the start, or the last rescan) are counted:
+    # not a running total, which each rescan would count again.
     max_untracked: int = 1 << 62
     untracked_over: int = 0
 
@@ -219,8 +220,9 @@ class Tracker:
         twice. Each gets an age estimated from tcp_info (ages.py): those
         already past the threshold are due at the first tick."""
         observed_ns = self.start_ns if observed_ns is None else observed_ns
-        self._adopt(already_in_close_wait, _by_address(t.endpoints for t in tracked),
-                    min(observed_ns, self.start_ns), observed_ns, found_late=False)
+        self.untracked_over = self._adopt(
+            already_in_close_wait, _by_address(t.endpoints for t in tracked),
+            min(observed_ns, self.start_ns), observed_ns, found_late=False)
         return len(self.pre_existing)
 
     def rescan(self, in_close_wait: Iterable[TcpRow], observed_ns: int,
@@ -264,14 +266,18 @@ class Tracker:
                 gone.append(l)
         before = len(self.pre_existing)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
+        over = 0
         for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
-            self._adopt(block, tracked, observed_ns, observed_ns, found_late=True)
+            over += self._adopt(block, tracked, observed_ns, observed_ns, found_late=True)
+        self.untracked_over = over
         return len(self.pre_existing) - before, gone
 
     def _adopt(self, rows: Iterable[TcpRow], tracked_netns: dict[tuple, set[int]],
-               latest_ns: int, observed_ns: int, found_late: bool) -> None:
+               latest_ns: int, observed_ns: int, found_late: bool) -> int:
         """rows not known here, as untracked sockets; tracked_netns: the
-        namespaces of the tracked sockets by address (_by_address)."""
+        namespaces of the tracked sockets by address (_by_address). Returns
+        how many were not kept (max_untracked)."""
+        over = 0
         for row in rows:
             endpoints = row.endpoints
             if endpoints in self.pre_existing:
@@ -282,7 +288,7 @@ class Tracker:
             if seen and (not endpoints.netns or 0 in seen or endpoints.netns in seen):
                 continue
             if len(self.pre_existing) >= self.max_untracked:
-                self.untracked_over += 1
+                over += 1
                 continue
             est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
                                       keepalive=row.timer == KEEPALIVE_TIMER)
@@ -293,6 +299,7 @@ class Tracker:
                          pre_existing=True, age_source=est.source,
                          enter_max_ns=est.enter_max_ns, found_late=found_late)
             self._add_pre_existing(l)
+        return over
 
     def drop_unseen(self, l: Lingerer) -> bool:
         """Forget a socket that left CLOSE_WAIT unseen (rescan); False if
