@@ -1346,3 +1346,32 @@ def test_a_socket_the_dump_stepped_over_is_not_forgotten(tmp_path):
     assert w.tracer.tick_stats["rescans"] == 1 and w.tracer.left_unseen == 0
     assert 0x1000 in w.probe.entries and 0x1000 in w.tracer.tracker.by_skaddr
     assert [r["rport"] for r in w.of("linger")] == [30000]
+
+
+def test_a_pre_existing_socket_leaving_during_the_rescan_gets_its_closed_line(tmp_path):
+    """It left after the rescan's dump and drain, before the lookup of it
+    alone: its untracked exit is in the ring. Taken before anything is
+    forgotten: its CLOSED line is written, it is not counted as unseen."""
+    class LeavesMeanwhile(DumpsWhole):
+        world = None
+
+        def rescan_close_wait(self):
+            rows, dumped = super().rescan_close_wait()
+            return [r for r in rows if r.endpoints.rport != 30500], dumped
+
+        def in_close_wait_now(self, endpoints):
+            self.world.probe.untracked_exit(endpoints[0], pid=100, comm="srv")
+            return [False] * len(endpoints)
+
+    resolver = LeavesMeanwhile(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    resolver.world = w
+    w.hold(100, 30500, 60500)                  # found at start
+    w.tracer.start()
+    w.step(2.0)
+    assert [r["rport"] for r in w.of("linger")] == [30500]
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(0.5)
+    w.step(0.5)                                # the event taken by now in any case
+    assert [r["rport"] for r in w.of("closed")] == [30500]
+    assert w.tracer.left_unseen == 0 and w.tracer.tracker.pre_existing == {}
