@@ -56,7 +56,7 @@ def measure(count: int, runs: int) -> str:
             port += 1
         reads, compares = [], []
         for _ in range(runs):
-            (rows, dumped), wall, cpu = timed(owners.rescan_close_wait)
+            (rows, dumped, _tried, _unread), wall, cpu = timed(owners.rescan_close_wait)
             reads.append((wall, cpu))
             mine = [r for r in rows if BASE_PORT <= r.endpoints.lport < port]
             assert len(mine) == count, (len(mine), count)

@@ -1199,9 +1199,8 @@ class DumpsWhole(ProcResolver):
     """The fake /proc is no procfs: no namespace counts as read whole. This
     resolver says the one namespace was (as sock_diag would)."""
 
-    def rescan_close_wait(self):
-        rows, _dumped = super().rescan_close_wait()
-        return rows, {NETNS}
+    def rescan_close_wait(self, *args):
+        return super().rescan_close_wait(*args)._replace(dumped={NETNS})
 
     def in_close_wait_now(self, endpoints):
         """As the kernel's lookup of one socket: from the same table."""
@@ -1291,7 +1290,7 @@ def test_a_rescan_that_fails_is_tried_again_later_not_at_every_tick(tmp_path):
     calls = []
 
     class SlowFailing(ProcResolver):
-        def rescan_close_wait(self):
+        def rescan_close_wait(self, *args):
             calls.append(1)
             time.sleep(0.3)
             raise GatherFailed(TIMED_OUT)
@@ -1331,9 +1330,9 @@ def test_a_socket_the_dump_stepped_over_is_not_forgotten(tmp_path):
     read over many recv()s may step over one): asked of that socket alone,
     the kernel says it is there, and it stays tracked and reported once."""
     class StepsOver(DumpsWhole):
-        def rescan_close_wait(self):
-            rows, dumped = super().rescan_close_wait()
-            return [r for r in rows if r.endpoints.rport != 30000], dumped
+        def rescan_close_wait(self, *args):
+            read = super().rescan_close_wait(*args)
+            return read._replace(rows=[r for r in read.rows if r.endpoints.rport != 30000])
 
     w = World(tmp_path, resolver=StepsOver(str(tmp_path / "proc")))
     w.linger(1)                                        # 30000, tracked, lingering
@@ -1355,9 +1354,9 @@ def test_a_pre_existing_socket_leaving_during_the_rescan_gets_its_closed_line(tm
     class LeavesMeanwhile(DumpsWhole):
         world = None
 
-        def rescan_close_wait(self):
-            rows, dumped = super().rescan_close_wait()
-            return [r for r in rows if r.endpoints.rport != 30500], dumped
+        def rescan_close_wait(self, *args):
+            read = super().rescan_close_wait(*args)
+            return read._replace(rows=[r for r in read.rows if r.endpoints.rport != 30500])
 
         def in_close_wait_now(self, endpoints):
             self.world.probe.untracked_exit(endpoints[0], pid=100, comm="srv")
@@ -1375,3 +1374,49 @@ def test_a_pre_existing_socket_leaving_during_the_rescan_gets_its_closed_line(tm
     w.step(0.5)                                # the event taken by now in any case
     assert [r["rport"] for r in w.of("closed")] == [30500]
     assert w.tracer.left_unseen == 0 and w.tracer.tracker.pre_existing == {}
+
+
+def test_a_rescan_that_ran_out_of_budget_is_continued_without_a_new_loss(tmp_path):
+    """Any user can make namespaces by the thousand: a rescan reads other
+    namespaces for a budget only (owners.rescan_close_wait) and leaves the
+    rest to the next rescans, which come (RESCAN_EVERY_S apart) though
+    nothing new was lost, each told which namespaces were read when, so
+    that the least recently read go first; namespaces that no longer exist
+    are forgotten."""
+    from closewait_trace.live import tracer as tracer_module
+    from closewait_trace.sockets.owners import RescanRead
+    calls = []
+    namespaces = [11, 12, 13, 14, 15]
+
+    class ReadsTwoAtATime(ProcResolver):
+        def rescan_close_wait(self, last_read, budget_s):
+            calls.append((dict(last_read), budget_s))
+            order = sorted(namespaces, key=lambda ns: (last_read.get(ns, -1), ns))
+            return RescanRead([], set(order[:2]), order[:2], order[2:])
+
+    w = World(tmp_path, resolver=ReadsTwoAtATime(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.probe.counts["map_full"] = 1
+    w.step(1.0)
+    assert calls == [({}, tracer_module.RESCAN_OTHERS_BUDGET_S)]
+    w.step(1.0)
+    assert len(calls) == 1                                  # not before its gap
+    for _ in range(2):
+        w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+        w.step(1.0)
+    assert [last for last, _budget in calls] == [
+        {}, {11: 1, 12: 1}, {11: 1, 12: 1, 13: 2, 14: 2}]
+    namespaces.remove(11)                                   # its last process left
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    assert calls[3][0] == {11: 3, 12: 1, 13: 2, 14: 2, 15: 3}
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    assert calls[4][0] == {12: 4, 13: 4, 14: 2, 15: 3}
+    del namespaces[2:]                                      # all read in one
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    assert len(calls) == 6 and w.tracer.tick_stats["rescans"] == 6

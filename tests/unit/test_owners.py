@@ -251,3 +251,25 @@ def test_a_decisive_flag_of_a_reused_pid_stays_unknown(fake, monkeypatch):
     some = owners.resolve(wanted, fake.root, fd_flags=False)
     assert [h.pid for h in some[wanted[0]].holders] == [13]
     assert [h.cloexec for h in some[wanted[0]].holders] == [None]
+
+
+def test_a_rescan_gives_each_user_a_turn_not_each_namespace():
+    """One user's thousand namespaces come after another user's few: the
+    users take turns, each user's least recently read first (never read
+    before all)."""
+    owner_of = {1000 + i: 65534 for i in range(1000)}
+    owner_of.update({5: 0, 6: 0, 7: 1001})
+    order = owners.fair_order(owner_of, {})
+    assert sorted(order) == sorted(owner_of)
+    assert set(order[:3]) == {5, 7, 1000} and set(order[3:5]) == {6, 1001}
+    assert order[5:] == list(range(1002, 2000))
+    # 1000 and 5 read by the last rescan, 6 never: 6 and 1001 come first.
+    order = owners.fair_order(owner_of, {1000: 3, 5: 3, 7: 3})
+    assert set(order[:2]) == {6, 1001} and set(order[2:5]) == {5, 7, 1002}
+    assert order.index(1000) == len(order) - 1
+
+
+def test_a_rescan_where_every_namespace_was_read_starts_with_the_oldest():
+    owner_of = {10: 0, 11: 0, 12: 0}
+    assert owners.fair_order(owner_of, {10: 5, 11: 2, 12: 4}) == [11, 12, 10]
+    assert owners.fair_order({}, {10: 1}) == []

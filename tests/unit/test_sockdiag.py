@@ -283,3 +283,33 @@ def test_a_socket_looked_up_alone_in_this_namespace():
     finally:
         for s in held:
             s.close()
+
+
+class RepliesInParts:
+    """A netlink socket whose dump comes in several replies: each recv()
+    one message, the last with NLMSG_DONE."""
+
+    def __init__(self, parts: int):
+        self.parts = parts
+        self.left = 0
+
+    def send(self, _request: bytes) -> None:
+        self.left = self.parts
+
+    def recv(self, _size: int) -> bytes:
+        self.left -= 1
+        return REAL_DUMP + (REAL_DONE if self.left == 0 else b"")
+
+
+def test_a_dump_stops_at_its_deadline_with_what_it_read():
+    """A rescan reads other users' namespaces under a budget: a dump still
+    replying when it passes stops at the next reply (DumpCut, its rows so
+    far); without a deadline, or one not passed, it is read whole."""
+    import time
+    with pytest.raises(sockdiag.DumpCut) as cut:
+        sockdiag._dump(RepliesInParts(3), [tcpstates.CLOSE_WAIT], 7,
+                       deadline=time.monotonic() - 1)
+    assert len(cut.value.rows) == 1 and cut.value.rows[0].endpoints.netns == 7
+    assert len(sockdiag._dump(RepliesInParts(3), [tcpstates.CLOSE_WAIT], 7)) == 6
+    assert len(sockdiag._dump(RepliesInParts(3), [tcpstates.CLOSE_WAIT], 7,
+                              deadline=time.monotonic() + 60)) == 6

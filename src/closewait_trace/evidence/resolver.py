@@ -17,6 +17,7 @@ from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets import procfs
+from closewait_trace.sockets.owners import RescanRead
 
 # Deadlines of the gathering worker's calls (seconds, scaled by the testing
 # knob CLOSEWAIT_TRACE_TIME_SCALE). A call is abandoned when no read of it
@@ -73,11 +74,10 @@ class ProcResolver:
         return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
                          progress_s=STALL_S)
 
-    def rescan_close_wait(self) -> tuple:
-        """(every TcpRow in CLOSE_WAIT now, the namespaces read whole):
-        owners.rescan_close_wait, in the worker under its deadlines."""
-        return self._run("rescan_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
-                         progress_s=STALL_S)
+    def rescan_close_wait(self, last_read: dict, budget_s: float) -> RescanRead:
+        """owners.rescan_close_wait, in the worker under its deadlines."""
+        return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s,
+                         deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def in_close_wait_now(self, endpoints: list[Endpoints]) -> list:
         """owners.in_close_wait_now, in the worker under its deadlines."""

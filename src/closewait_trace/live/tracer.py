@@ -103,6 +103,13 @@ RESCAN_EVERY_S = 5.0
 # every tick must not make the loop spend more than about 5% of its time
 # rescanning.
 RESCAN_GAP_FACTOR = 20
+# A rescan reads the tracer's own namespace whole, one other namespace
+# whole, then others for at most this long; the rest wait for the next
+# rescans, in turns by the user who owns them (owners.fair_order). Any
+# user can make a thousand namespaces (4-5 ms each to read): read all at
+# once, they held the loop 4.3-5.5 s while other users' sockets waited to
+# be reported, and set the gap to the next rescan for everyone.
+RESCAN_OTHERS_BUDGET_S = 0.2
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 # Ticks a holder's state change waits, at most, while the holder closes its
 # sockets (recheck_owners): 10 holders of 10,000 each, closing them at load
@@ -199,6 +206,12 @@ class LiveTracer:
     _rescan_basis: tuple = (0, 0, 0)
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
+    # Namespace -> the number of the rescan that last read it, for the
+    # turns; and whether the last rescan left some unread (the next one then
+    # comes without a new loss).
+    _rescans_done: int = 0
+    _namespace_read: dict = field(default_factory=dict)
+    _rescan_unread: bool = False
     # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had
     # (once reported), and sockets it found gone whose leaving was never seen.
     found_unseen: int = 0
@@ -1163,7 +1176,7 @@ class LiveTracer:
         needed, too soon, a backlog of events still waiting, or the read
         failed: tried again later)."""
         basis = tuple(counters.get(name, 0) for name in LOSS_COUNTERS)
-        if basis == self._rescan_basis or self.stopping:
+        if (basis == self._rescan_basis and not self._rescan_unread) or self.stopping:
             return None
         started = time.monotonic()
         if started - self._rescan_tried < self._rescan_gap:
@@ -1174,7 +1187,8 @@ class LiveTracer:
         self._rescan_tried = started
         began_ns = self.now_ns()
         try:
-            rows, dumped = self.resolver.rescan_close_wait()
+            read = self.resolver.rescan_close_wait(self._namespace_read,
+                                                   RESCAN_OTHERS_BUDGET_S)
         except GatherFailed:
             # Counted (evidence_timeouts); the basis stays, and the next try
             # waits as long as after a rescan that took this long (a user's
@@ -1185,10 +1199,17 @@ class LiveTracer:
         observed_ns = self.now_ns()
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
+        self._rescans_done += 1
+        # Kept for the namespaces that exist now: as many as have processes.
+        self._namespace_read = {
+            **{netns: self._namespace_read[netns] for netns in read.unread
+               if netns in self._namespace_read},
+            **{netns: self._rescans_done for netns in read.tried}}
+        self._rescan_unread = bool(read.unread)
         self.tick_stats["rescans"] += 1
         taken = not self.pending and not (backlog and backlog())
-        rows = [row for row in rows if self.socket_filter.matches(row.endpoints)]
-        return rows, dumped if taken else set(), began_ns, observed_ns
+        rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
+        return rows, read.dumped if taken else set(), began_ns, observed_ns
 
     def rescan_apply(self, rows: list, dumped: set, began_ns: int, observed_ns: int,
                      now_ns: int) -> list[Lingerer]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
@@ -353,33 +354,93 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
     return rows
 
 
-def rescan_close_wait(proc: str = procfs.PROC) -> tuple[list[TcpRow], set[int]]:
-    """Every socket in CLOSE_WAIT now, and the namespaces whose whole table
-    was read: only in those may a socket missing from the rows be taken as
-    gone (a namespace read through a pid that went away meanwhile, or one
-    not readable, says nothing). Only sock_diag can say so: on anything
-    else (a procfs copy in tests) the rows are snapshot_close_wait's and no
-    namespace counts as read."""
+class RescanRead(NamedTuple):
+    """What one rescan read (rescan_close_wait)."""
+    rows: list[TcpRow]          # every socket in CLOSE_WAIT it saw
+    dumped: set[int]            # the namespaces read whole
+    tried: list[int]            # the other namespaces it had a turn for
+    unread: list[int]           # those left for the next one (its budget spent)
+
+
+def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]:
+    """The order in which a rescan reads namespaces other than the tracer's:
+    the users who own them (owner_of: namespace -> uid) take turns, each
+    user's least recently read first (last_read: namespace -> the number of
+    the rescan that last read it; never read: first of all). A user with a
+    thousand namespaces then delays another user's by one namespace a turn,
+    not by a thousand."""
+    by_user: dict[int, list[int]] = {}
+    for netns, uid in owner_of.items():
+        by_user.setdefault(uid, []).append(netns)
+    keyed = []
+    for uid, spaces in by_user.items():
+        spaces.sort(key=lambda netns: (last_read.get(netns, -1), netns))
+        for turn, netns in enumerate(spaces):
+            keyed.append((turn, last_read.get(netns, -1), uid, netns))
+    keyed.sort()
+    return [netns for *_key, netns in keyed]
+
+
+def _real_uid(pid: int, proc: str) -> int:
+    """The real uid of a process, from status (not the owner of /proc/pid,
+    which is root for a process that made itself non-dumpable); -1 when it
+    cannot be read."""
+    fields = procfs.parse_status(procfs.read_text(f"{proc}/{pid}/status") or "")
+    try:
+        return int(fields.get("Uid", "").split()[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
+                      budget_s: float = float("inf")) -> RescanRead:
+    """Every socket in CLOSE_WAIT in the tracer's own namespace, and in the
+    other namespaces with a process in them for at most budget_s more
+    (fair_order; at least one each time, so that every namespace has its
+    turn): any user can make namespaces by the thousand (4-5 ms each to
+    read), and the loop waits for this. A namespace whose dump the budget
+    cuts short gives the sockets read so far and is not read whole.
+
+    Only in the namespaces read whole (dumped) may a socket missing from
+    the rows be taken as gone (a namespace read through a pid that went
+    away meanwhile, or one not readable, says nothing). Only sock_diag can
+    say so: on anything else (a procfs copy in tests) the rows are
+    snapshot_close_wait's and no namespace counts as read."""
     if not procnet.is_procfs(proc):
-        return [row for _ns, row in snapshot_close_wait(proc)], set()
+        return RescanRead([row for _ns, row in snapshot_close_wait(proc)], set(), [], [])
     rows: list[TcpRow] = []
     dumped: set[int] = set()
     own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
-    for netns, pid in procnet.network_namespaces(proc).items():
-        if netns in dumped:
-            continue
-        ns_path = None if netns == own else f"{proc}/{pid}/ns/net"
+    namespaces = procnet.network_namespaces(proc)
+
+    def read(ns_path: Optional[str], deadline: Optional[float]) -> None:
         try:
-            inode, found = sockdiag.tcp_sockets_in([tcpstates.CLOSE_WAIT], ns_path)
+            inode, found = sockdiag.tcp_sockets_in([tcpstates.CLOSE_WAIT], ns_path,
+                                                   deadline=deadline)
         except OSError as e:
             if e.errno in procfs.EXHAUSTED_ERRNOS:
                 raise procfs.ResourceExhausted("sock_diag", e.errno) from None
-            continue            # the process left, or no sock_diag: not read
+            return              # the process left, or no sock_diag: not read
         if inode in dumped:
-            continue            # the pid was reused in a namespace read already
+            return              # the pid was reused in a namespace read already
         dumped.add(inode)
         rows.extend(found)
-    return rows, dumped
+
+    if own is not None:
+        read(None, None)
+    others = {netns: pid for netns, pid in namespaces.items() if netns != own}
+    order = fair_order({netns: _real_uid(pid, proc) for netns, pid in others.items()},
+                       last_read or {})
+    deadline = time.monotonic() + budget_s
+    for i, netns in enumerate(order):
+        if i and time.monotonic() >= deadline:
+            return RescanRead(rows, dumped, order[:i], order[i:])
+        try:
+            read(f"{proc}/{others[netns]}/ns/net", deadline if i else None)
+        except sockdiag.DumpCut as cut:
+            rows.extend(cut.rows)
+            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:])
+    return RescanRead(rows, dumped, order, [])
 
 
 def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[Optional[bool]]:

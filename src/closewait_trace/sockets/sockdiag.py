@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Iterable, Optional
 
 from closewait_trace.kernel.events import Endpoints, format_address
@@ -161,8 +162,17 @@ def parse_messages(data: bytes, netns: int = 0) -> tuple[list[TcpRow], bool]:
     return rows, False
 
 
+class DumpCut(Exception):
+    """A dump stopped at its deadline: rows holds what was read (real
+    sockets, but not all of that namespace's)."""
+
+    def __init__(self, rows: list[TcpRow]):
+        super().__init__("sock_diag: the dump's deadline passed")
+        self.rows = rows
+
+
 def _dump(sock: socket.socket, states: Iterable[int], netns: int = 0,
-          with_info: bool = True) -> list[TcpRow]:
+          with_info: bool = True, deadline: Optional[float] = None) -> list[TcpRow]:
     rows: list[TcpRow] = []
     for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
         sock.send(build_request(family, states, seq, with_info))
@@ -175,6 +185,8 @@ def _dump(sock: socket.socket, states: Iterable[int], netns: int = 0,
             procfs.note_progress()      # a large dump is progress, not a stall
             if done:
                 break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DumpCut(rows)     # the socket is closed: the rest is dropped
     return rows
 
 
@@ -253,13 +265,16 @@ def tcp_sockets(states: Iterable[int], ns_path: Optional[str] = None,
 
 
 def tcp_sockets_in(states: Iterable[int], ns_path: Optional[str] = None,
-                   with_info: bool = True) -> tuple[int, list[TcpRow]]:
+                   with_info: bool = True, deadline: Optional[float] = None
+                   ) -> tuple[int, list[TcpRow]]:
     """tcp_sockets, with the inode of the namespace that was dumped: an
-    empty list then says "none in that namespace", not "nothing known"."""
+    empty list then says "none in that namespace", not "nothing known".
+    deadline (monotonic): raises DumpCut when it passes before the dump is
+    whole (looked at between the kernel's replies, about 1 MiB each)."""
     states = list(states)
     sock, netns = _open_in_netns(ns_path)
     try:
         sock.settimeout(5)
-        return netns, _dump(sock, states, netns, with_info)
+        return netns, _dump(sock, states, netns, with_info, deadline)
     finally:
         sock.close()

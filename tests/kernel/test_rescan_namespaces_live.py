@@ -1,0 +1,146 @@
+"""A rescan (owners.rescan_close_wait) among many namespaces: any user can
+make them by the thousand, and the loop waits while a rescan reads them.
+It reads its own namespace whole and others for a budget, the users who own
+them taking turns, so that one user's many namespaces cannot stall the loop
+nor put off another user's sockets.
+
+Real namespaces: three of a "victim" user (uid 65533), each with a socket
+in CLOSE_WAIT held by a process of that user and checked with `ss` inside
+it, and forty of nobody's with a sleeping process each; each rescan is
+given no budget at all, so it reads exactly one other namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from closewait_trace.kernel import tcpstates
+from closewait_trace.sockets import owners, procfs, procnet
+from tests.kernel.harness import HOLDING_SERVER, free_port, stretch, wait_until
+
+VICTIM_UID = 65533
+BOMB = 40
+VICTIM = ["setpriv", f"--reuid={VICTIM_UID}", f"--regid={VICTIM_UID}", "--clear-groups"]
+
+# Root makes the namespaces (no reliance on unprivileged user namespaces,
+# which some distributions turn off), then each child is nobody's.
+NAMESPACE_BOMB = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        if libc.unshare(0x40000000) != 0:       # CLONE_NEWNET
+            os._exit(1)
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        time.sleep(3600)
+        os._exit(0)
+print("ready", flush=True)
+os.wait()
+"""
+
+CLIENT = r"""
+import socket, sys
+socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
+"""
+
+
+def _netns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+@pytest.fixture
+def victims(procs):
+    """{netns inode: (port, peer port)} of three namespaces of VICTIM_UID,
+    each with one socket in CLOSE_WAIT that `ss` inside it shows."""
+    names = [f"cwt-turn{i}-{os.getpid()}" for i in range(3)]
+    made, held = [], {}
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+            port = free_port()
+            server = subprocess.Popen(["ip", "netns", "exec", name] + VICTIM
+                                      + [sys.executable, "-c", HOLDING_SERVER, "4", str(port)],
+                                      stdout=subprocess.PIPE, text=True)
+            procs.append(server)
+            assert server.stdout.readline().strip() == "ready"
+            subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", CLIENT,
+                            str(port)], check=True, timeout=stretch(10))
+
+            def in_close_wait(name=name, port=port):
+                out = subprocess.run(["ip", "netns", "exec", name, "ss", "-Htn", "state",
+                                      "close-wait", f"( sport = :{port} )"],
+                                     capture_output=True, text=True, check=True).stdout
+                return [line.split()[3] for line in out.splitlines()]
+            wait_until(lambda: len(in_close_wait()) == 1,
+                       what=f"ss in {name} to show one CLOSE_WAIT socket")
+            peer = int(in_close_wait()[0].rsplit(":", 1)[1])
+            held[os.stat(f"/run/netns/{name}").st_ino] = (port, peer)
+        yield held
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name])
+
+
+@pytest.fixture
+def bomb(procs):
+    """The inodes of BOMB namespaces of nobody's, each with a process."""
+    maker = subprocess.Popen([sys.executable, "-c", NAMESPACE_BOMB, str(BOMB)],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    procs.append(maker)
+    assert maker.stdout.readline().strip() == "ready"
+    children = [int(p) for p in open(f"/proc/{maker.pid}/task/{maker.pid}/children")
+                .read().split()]
+    wait_until(lambda: all(procfs.parse_status(procfs.read_text(f"/proc/{pid}/status") or "")
+                           .get("Uid", "").startswith("65534") for pid in children),
+               what="the namespace bomb's children to be nobody's")
+    spaces = {_netns_of(pid) for pid in children}
+    assert len(spaces) == BOMB
+    yield spaces
+    os.killpg(maker.pid, 9)
+
+
+def test_one_users_many_namespaces_do_not_put_off_anothers(victims, bomb):
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    others = set(procnet.network_namespaces()) - {own}
+    assert set(victims) | bomb <= others
+    last_read: dict[int, int] = {}
+    read_in_turn: list[int] = []
+    found: dict[int, set] = {}
+    for serial in range(1, len(others) + 1):
+        read = owners.rescan_close_wait(last_read=last_read, budget_s=0.0)
+        # Its own namespace whole every time; with no budget, one other.
+        assert own in read.dumped and len(read.tried) == 1, read.tried
+        assert set(read.tried) | set(read.unread) | {own} >= set(victims) | bomb
+        last_read.update({netns: serial for netns in read.tried})
+        read_in_turn += read.tried
+        for row in read.rows:
+            if row.state == tcpstates.CLOSE_WAIT and row.endpoints.netns in victims:
+                found.setdefault(row.endpoints.netns, set()).add(
+                    (row.endpoints.lport, row.endpoints.rport))
+    assert set(read_in_turn) >= set(victims) | bomb     # every namespace had its turn
+    # Each victim namespace was read whole, its socket as ss shows it.
+    assert found == {netns: {ports} for netns, ports in victims.items()}
+    last_victim = max(read_in_turn.index(netns) for netns in victims)
+    bomb_before = sum(1 for netns in read_in_turn[:last_victim] if netns in bomb)
+    # Users take turns: nobody's forty cost the victim one turn each round.
+    assert bomb_before <= len(victims), (bomb_before, read_in_turn[:last_victim + 1])
+
+
+def test_with_the_budget_to_spare_a_rescan_reads_every_namespace(victims, bomb):
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    read = owners.rescan_close_wait(budget_s=float("inf"))
+    assert read.unread == [] and {own} | set(victims) | bomb <= read.dumped
+    mine = {(row.endpoints.netns, row.endpoints.lport, row.endpoints.rport)
+            for row in read.rows if row.endpoints.netns in victims}
+    assert mine == {(netns, *ports) for netns, ports in victims.items()}
+    assert all(row.endpoints.family == socket.AF_INET for row in read.rows
+               if row.endpoints.netns in victims)
