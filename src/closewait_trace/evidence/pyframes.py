@@ -788,7 +788,7 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
             continue
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
-        uid = _real_uid(proc, int(name))
+        uid = procfs.real_uid(int(name), proc)
         if uid is not None and uid not in skip_uids:
             by_uid.setdefault(uid, []).append(int(name))
     queues = [(uid, list(reversed(pids))) for uid, pids in sorted(by_uid.items())]
@@ -819,12 +819,3 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
         queues = [(uid, q) for uid, q in queues if q]
 
 
-def _real_uid(proc: str, pid: int) -> Optional[int]:
-    """The process's real uid (status), not /proc/PID's owner: a process
-    that makes itself undumpable shows as root's there."""
-    from closewait_trace.sockets import procfs
-    try:
-        return int(procfs.parse_status(procfs.decode(
-            procfs.read_bytes(f"{proc}/{pid}/status"))).get("Uid", "").split()[0])
-    except (procfs.ProcError, ValueError, IndexError):
-        return None

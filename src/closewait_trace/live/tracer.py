@@ -107,7 +107,7 @@ RESCAN_GAP_FACTOR = 20
 # whole, then others for at most this long; the rest wait for the next
 # rescans, in turns by the user who owns them (owners.fair_order). Any
 # user can make a thousand namespaces (4-5 ms each to read): read all at
-# once, they held the loop 4.3-5.5 s while other users' sockets waited to
+# once, they held the loop 2.7-5.5 s while other users' sockets waited to
 # be reported, and set the gap to the next rescan for everyone.
 RESCAN_OTHERS_BUDGET_S = 0.2
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
@@ -206,10 +206,9 @@ class LiveTracer:
     _rescan_basis: tuple = (0, 0, 0)
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
-    # Namespace -> the number of the rescan that last read it, for the
-    # turns; and whether the last rescan left some unread (the next one then
-    # comes without a new loss).
-    _rescans_done: int = 0
+    # Namespace -> the number of the rescan that last read it
+    # (tick_stats["rescans"]), for the turns; and whether the last rescan
+    # left some unread (the next one then comes without a new loss).
     _namespace_read: dict = field(default_factory=dict)
     _rescan_unread: bool = False
     # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had
@@ -1199,14 +1198,14 @@ class LiveTracer:
         observed_ns = self.now_ns()
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
-        self._rescans_done += 1
+        self.tick_stats["rescans"] += 1
+        done = self.tick_stats["rescans"]
         # Kept for the namespaces that exist now: as many as have processes.
         self._namespace_read = {
             **{netns: self._namespace_read[netns] for netns in read.unread
                if netns in self._namespace_read},
-            **{netns: self._rescans_done for netns in read.tried}}
+            **{netns: done for netns in read.tried}}
         self._rescan_unread = bool(read.unread)
-        self.tick_stats["rescans"] += 1
         taken = not self.pending and not (backlog and backlog())
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return rows, read.dumped if taken else set(), began_ns, observed_ns

@@ -381,17 +381,6 @@ def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]
     return [netns for *_key, netns in keyed]
 
 
-def _real_uid(pid: int, proc: str) -> int:
-    """The real uid of a process, from status (not the owner of /proc/pid,
-    which is root for a process that made itself non-dumpable); -1 when it
-    cannot be read."""
-    fields = procfs.parse_status(procfs.read_text(f"{proc}/{pid}/status") or "")
-    try:
-        return int(fields.get("Uid", "").split()[0])
-    except (IndexError, ValueError):
-        return -1
-
-
 def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
                       budget_s: float = float("inf")) -> RescanRead:
     """Every socket in CLOSE_WAIT in the tracer's own namespace, and in the
@@ -429,8 +418,12 @@ def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int
     if own is not None:
         read(None, None)
     others = {netns: pid for netns, pid in namespaces.items() if netns != own}
-    order = fair_order({netns: _real_uid(pid, proc) for netns, pid in others.items()},
-                       last_read or {})
+    # By real uid (procfs.real_uid); -1 where it cannot be read.
+    owner_of = {}
+    for netns, pid in others.items():
+        uid = procfs.real_uid(pid, proc)
+        owner_of[netns] = -1 if uid is None else uid
+    order = fair_order(owner_of, last_read or {})
     deadline = time.monotonic() + budget_s
     for i, netns in enumerate(order):
         if i and time.monotonic() >= deadline:

@@ -397,6 +397,17 @@ def _int_field(value: str, default):
         return default
 
 
+def real_uid(pid: int, proc: str = PROC) -> Optional[int]:
+    """A process's real uid, from status: not /proc/PID's owner, which is
+    root for a process that made itself non-dumpable. None when it cannot
+    be read."""
+    try:
+        fields = parse_status(decode(read_bytes(f"{proc}/{pid}/status")))
+    except ProcError:
+        return None
+    return _int_field(fields.get("Uid", ""), None)
+
+
 class ProcBatch:
     """The processes one batch looks at, each read once (gone and denied
     remembered too, so a pid that failed is not retried within the batch)."""
