@@ -13,18 +13,23 @@ given no budget at all, so it reads exactly one other namespace.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from closewait_trace.evidence import gathering
 from closewait_trace.kernel import tcpstates
 from closewait_trace.sockets import owners, procfs, procnet
-from tests.kernel.harness import HOLDING_SERVER, free_port, stretch, wait_until
+from closewait_trace.sockets.filters import SocketFilter
+from closewait_trace.output import records
+from tests.kernel.harness import HOLDING_SERVER, Tracer, free_port, stretch, wait_until
 
 VICTIM_UID = 65533
 BOMB = 40
+BIG_BOMB = 1000
 VICTIM = ["setpriv", f"--reuid={VICTIM_UID}", f"--regid={VICTIM_UID}", "--clear-groups"]
 
 # Root makes the namespaces (no reliance on unprivileged user namespaces,
@@ -93,7 +98,18 @@ def victims(procs):
 @pytest.fixture
 def bomb(procs):
     """The inodes of BOMB namespaces of nobody's, each with a process."""
-    maker = subprocess.Popen([sys.executable, "-c", NAMESPACE_BOMB, str(BOMB)],
+    yield from _bomb(procs, BOMB)
+
+
+@pytest.fixture
+def big_bomb(procs):
+    """A thousand: more than any machine reads in the start-up's budget
+    (3-5 ms each here; 1,000 made in 0.6 s)."""
+    yield from _bomb(procs, BIG_BOMB)
+
+
+def _bomb(procs, count):
+    maker = subprocess.Popen([sys.executable, "-c", NAMESPACE_BOMB, str(count)],
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     procs.append(maker)
     assert maker.stdout.readline().strip() == "ready"
@@ -103,7 +119,7 @@ def bomb(procs):
                            .get("Uid", "").startswith("65534") for pid in children),
                what="the namespace bomb's children to be nobody's")
     spaces = {_netns_of(pid) for pid in children}
-    assert len(spaces) == BOMB
+    assert len(spaces) == count
     yield spaces
     os.killpg(maker.pid, 9)
 
@@ -144,3 +160,52 @@ def test_with_the_budget_to_spare_a_rescan_reads_every_namespace(victims, bomb):
     assert mine == {(netns, *ports) for netns, ports in victims.items()}
     assert all(row.endpoints.family == socket.AF_INET for row in read.rows
                if row.endpoints.netns in victims)
+
+
+def test_a_snapshot_reads_other_namespaces_for_its_budget_and_counts_the_rest(victims, bomb):
+    """`snapshot` reads the namespaces by the same turns, for a budget
+    (gathering.SNAPSHOT_OTHERS_BUDGET_S): 1,000 of a user's made it take
+    4.3 s instead of 0.7. With no budget it reads its own and one other
+    whole, and counts the rest by real uid; with time to spare, every one,
+    each victim's socket listed with its holder."""
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    uid_of = {netns: procfs.real_uid(pid) for netns, pid in procnet.network_namespaces().items()
+              if netns != own}
+    first = owners.fair_order(uid_of, {})[0]
+    read = gathering.snapshot_candidates(SocketFilter(), 0, budget_s=0.0)
+    listed = {l.endpoints.netns for l in read.due} - {own}
+    assert listed <= {first}
+    assert sum(read.unread_by_uid.values()) == len(uid_of) - 1, read.unread_by_uid
+    assert read.unread_by_uid.get(65534, 0) >= BOMB - (first in bomb)
+    if first in victims:
+        [l] = [l for l in read.due if l.endpoints.netns == first]
+        assert (l.endpoints.lport, l.endpoints.rport) == victims[first]
+        assert read.resolved[l.endpoints].kind == owners.OWNER_FD
+
+    read = gathering.snapshot_candidates(SocketFilter(), 0, budget_s=float("inf"))
+    assert read.unread_by_uid == {}
+    mine = {l.endpoints.netns: l for l in read.due if l.endpoints.netns in victims}
+    assert {netns: (l.endpoints.lport, l.endpoints.rport) for netns, l in mine.items()} == victims
+    assert all(read.resolved[l.endpoints].kind == owners.OWNER_FD for l in mine.values())
+
+
+def test_the_start_reads_other_namespaces_for_a_budget_and_says_what_it_left(victims, big_bomb):
+    """The live tracer's start-up read of the sockets already in CLOSE_WAIT:
+    1,000 of nobody's namespaces held it 4.6 s (0.6 s without). It now
+    reads other namespaces than its own for a budget, users in turn, says
+    how many it left and whose, and the rescans read the rest; the victims'
+    sockets (each in a namespace of its own, uid 65533) are reported as
+    there before the start."""
+    ports = set(victims.values())
+    with Tracer(["-t", "1s"]) as tr:
+        found = tr.wait_for(lambda r: r["type"] == "linger"
+                            and (r["lport"], r["rport"]) in ports, count=3, timeout=30)
+        summary = tr.stop()
+    assert {(r["lport"], r["rport"]) for r in found} == ports
+    assert all(r["pre_existing"] and r["code"]["eof_read_unknown"] == records.CODE_PRE_EXISTING
+               for r in found)
+    assert not summary["counters"].get("found_unseen")
+    said = re.search(r"closewait-trace: (\d+) network namespaces not read in 0.2s "
+                     r"\(uid 65534: (\d+)[,)].* at start", tr.stderr)
+    assert said, tr.stderr
+    assert BIG_BOMB >= int(said.group(2)) >= BIG_BOMB // 2

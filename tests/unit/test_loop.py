@@ -119,7 +119,7 @@ def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
     from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
 
     class Failing(ProcResolver):
-        def snapshot_close_wait(self):
+        def start_close_wait(self, budget_s):
             raise GatherFailed(TIMED_OUT)
 
     w = World(tmp_path, resolver=Failing(str(tmp_path / "proc")))
@@ -1374,6 +1374,77 @@ def test_a_pre_existing_socket_leaving_during_the_rescan_gets_its_closed_line(tm
     w.step(0.5)                                # the event taken by now in any case
     assert [r["rport"] for r in w.of("closed")] == [30500]
     assert w.tracer.left_unseen == 0 and w.tracer.tracker.pre_existing == {}
+
+
+def test_the_start_reads_other_namespaces_for_a_budget_and_the_rescans_read_the_rest(tmp_path):
+    """Any user can make namespaces by the thousand: the start-up's read of
+    the sockets already in CLOSE_WAIT takes other namespaces than its own
+    for a budget only (1,000 of a user's held the start 4 s), says how many
+    it left, by real uid, and the rescans that follow read them without a
+    loss to wait for. A socket first found there was in CLOSE_WAIT before
+    the start, as the seed's are: reported as pre-existing, not as one the
+    kernel missed."""
+    from closewait_trace.live import tracer as tracer_module
+    from closewait_trace.sockets.owners import RescanRead
+    calls = []
+
+    class LeavesItsNamespace(ProcResolver):
+        def start_close_wait(self, budget_s):
+            calls.append(("start", budget_s))
+            return RescanRead([], {4}, [4, 5], [NETNS, 6], {4: 0, 5: 1000, NETNS: 65534, 6: 65534})
+
+        def rescan_close_wait(self, last_read, budget_s):
+            calls.append(("rescan", dict(last_read)))
+            read = super().rescan_close_wait(last_read, budget_s)
+            return read._replace(dumped={NETNS}, tried=[NETNS, 6], unread=[])
+
+    w = World(tmp_path, resolver=LeavesItsNamespace(str(tmp_path / "proc")))
+    w.hold(100, 30500, 60500)                  # before the start, in NETNS
+    w.tracer.start()
+    assert calls == [("start", tracer_module.START_OTHERS_BUDGET_S)]
+    # 5 was cut short (tried, not read whole): not counted as unread, but
+    # what a rescan finds there is from before the start too.
+    assert w.tracer.start_unread_namespaces == {65534: 2}
+    assert w.tracer._unread_since_start == {NETNS, 6, 5}
+    assert w.of("start")[0]["pre_existing"] == 0
+    w.step()                                   # no loss: read for what the start left
+    assert calls[1] == ("rescan", {4: 0, 5: 0}) and w.tracer.tick_stats["rescans"] == 1
+    assert w.tracer._unread_since_start == {5, 6}
+    w.step(1.5)
+    [rec] = w.of("linger")
+    assert rec["rport"] == 30500 and rec["pre_existing"] is True
+    assert rec["code"]["eof_read_unknown"] == records.CODE_PRE_EXISTING
+    assert w.tracer.found_unseen == 0
+    for _ in range(3):                         # nothing left unread: no more rescans
+        w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+        w.step(1.0)
+    assert len(calls) == 2
+
+
+def test_after_a_loss_a_socket_first_read_in_a_namespace_the_start_left_is_found_late(tmp_path):
+    """The same, but the kernel missed a socket's entry since the start:
+    one without tcp_info in a namespace the start left may be that one,
+    and is said to be found late (it is never older than its finding)."""
+    from closewait_trace.sockets.owners import RescanRead
+
+    class LeavesItsNamespace(ProcResolver):
+        def start_close_wait(self, budget_s):
+            return RescanRead([], set(), [], [NETNS], {NETNS: 65534})
+
+        def rescan_close_wait(self, last_read, budget_s):
+            read = super().rescan_close_wait(last_read, budget_s)
+            return read._replace(dumped={NETNS}, tried=[NETNS], unread=[])
+
+    w = World(tmp_path, resolver=LeavesItsNamespace(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.hold(100, 30500, 60500)                  # after the start, the kernel skipped it
+    w.probe.counts["transitions_skipped"] = 1
+    w.step()
+    w.step(1.5)
+    [rec] = w.of("linger")
+    assert rec["pre_existing"] is False
+    assert rec["code"]["eof_read_unknown"] == records.CODE_FOUND_LATE
+    assert w.tracer.found_unseen == 1
 
 
 def test_a_rescan_that_ran_out_of_budget_is_continued_without_a_new_loss(tmp_path):

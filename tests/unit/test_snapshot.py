@@ -62,6 +62,26 @@ def test_without_root_a_socket_whose_holder_is_unseen_is_hidden_and_said(fake):
     assert snapshot.notice_lines(snap, as_root=True) == []
 
 
+def test_namespaces_not_read_in_time_are_said_on_both_outputs():
+    """A snapshot reads other namespaces than its own for a budget
+    (gathering.SNAPSHOT_OTHERS_BUDGET_S): those it left are said under the
+    headline and on stderr, by real uid, most first, three users named."""
+    snap = snapshot.Snapshot(lingering=[], process_evidence=[], taken_ns=0,
+                             unread_namespaces={65534: 930, 0: 2, 1000: 5, 1001: 1, -1: 1})
+    (notice,) = snapshot.notice_lines(snap, as_root=True)
+    assert notice.startswith("closewait-trace: 939 network namespaces not read in 1s "
+                             "(uid 65534: 930, uid 1000: 5, uid 0: 2, 2 more users): "
+                             "their sockets are not listed")
+    lines = snapshot.title_lines(0, 0, "", unread_namespaces=snap.unread_namespaces)
+    assert lines[0] == "0 sockets in CLOSE_WAIT"
+    assert " ".join(" ".join(lines[1:]).split()) == ("Not listed: sockets in 939 network namespaces not read "
+                                   "in 1s (uid 65534: 930, uid 1000: 5, uid 0: 2, 2 more users)")
+    assert all(len(line) <= 80 for line in lines)
+    one = snapshot.title_lines(3, 0, "", unread_namespaces={-1: 1})
+    assert one[1] == "Not listed: sockets in 1 network namespace not read in 1s (uid unknown: 1)"
+    assert snapshot.title_lines(3, 0, "") == ["3 sockets in CLOSE_WAIT, oldest first"]
+
+
 def test_filters_apply(fake):
     snap = snapshot.take(SocketFilter(lports=(6000,)), proc=fake.root, as_root=True)
     assert [l.endpoints.rport for l in snap.lingering] == [40004]

@@ -315,6 +315,38 @@ def test_rescan_adopts_a_socket_the_map_never_had_as_found_late_not_pre_existing
     assert closed.duration_ns == 17 * S
 
 
+def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_the_start():
+    """The start-up's read of the sockets already in CLOSE_WAIT leaves some
+    namespaces to the rescans (a user's thousands must not hold the start).
+    What a rescan then finds there that nothing here knows was in CLOSE_WAIT
+    before the start, as the seed's are, unless the kernel has missed a
+    socket since (then tcp_info's estimate says which); elsewhere, as
+    before, it is a socket the kernel missed (found late)."""
+    other = NS + 1
+    rows = [dumped_row(1000),                                   # no tcp_info
+            dumped_row(2000, ack_ms=40_000, data_ms=40_000),    # entered ~40 s ago
+            dumped_row(3000, ack_ms=7_000, data_ms=7_500)]      # ~7 s ago: after the start
+    elsewhere = dumped_row(4000, netns=other)
+
+    t = Tracker(threshold_ns=S, start_ns=100 * S)
+    assert t.rescan(rows + [elsewhere], 130 * S, {NS, other}, 129 * S,
+                    before_start_netns={NS}, kernel_missed=False) == (4, [])
+    found = {l.endpoints.rport: l for l in t.pre_existing.values()}
+    assert all(found[p].before_start and not found[p].found_late for p in (1000, 2000, 3000))
+    assert found[4000].found_late                       # not a namespace the start left
+    # Never younger than the start: it was there before it.
+    assert found[1000].enter_ns == 100 * S and found[1000].age_source == "lower_bound"
+    assert found[2000].enter_ns == 90 * S
+    assert found[3000].enter_ns == 100 * S
+
+    missed = Tracker(threshold_ns=S, start_ns=100 * S)
+    missed.rescan(rows, 130 * S, {NS}, 129 * S, before_start_netns={NS}, kernel_missed=True)
+    found = {l.endpoints.rport: l for l in missed.pre_existing.values()}
+    assert found[2000].before_start                     # its age: from before the start
+    assert found[3000].found_late and found[3000].enter_ns == 123 * S
+    assert found[1000].found_late and found[1000].enter_ns == 130 * S
+
+
 def test_a_second_rescan_adopts_nothing_twice():
     t = Tracker(threshold_ns=S, start_ns=0)
     assert t.rescan([dumped_row(2000)], 10 * S, {NS}, 9 * S)[0] == 1

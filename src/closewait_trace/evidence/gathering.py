@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from closewait_trace.evidence import diagnosis
 from closewait_trace.kernel import tcpstates
 from closewait_trace.sockets import identity, owners, procfs, procnet
 from closewait_trace.sockets.filters import SocketFilter
-from closewait_trace.sockets.tracker import Lingerer, Tracker
+from closewait_trace.sockets.tracker import Tracker
 
 # Imported by the worker as it starts (worker._calls), not at the first
 # call that needs them: the start-up's scan of CPython processes.
@@ -132,24 +132,56 @@ def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+# How long a snapshot reads namespaces other than its own (owners.
+# read_by_turns): any user can make namespaces by the thousand (3-5 ms each
+# to read, 96,368 allowed per user by default), and a snapshot taken in an
+# incident must not wait minutes for them. About 200-300 namespaces here,
+# every user's in turn; those not read are counted and said.
+SNAPSHOT_OTHERS_BUDGET_S = 1.0
+
+
+class SnapshotRead(NamedTuple):
+    """What snapshot_candidates found."""
+    due: list                   # Lingerers at least min_age_ns old
+    resolved: dict              # their owners, by endpoints
+    taken_ns: int               # kernel clock of the read
+    # Namespaces not read within SNAPSHOT_OTHERS_BUDGET_S: real uid of the
+    # process in each (-1: not read) -> how many.
+    unread_by_uid: dict = {}
+
+
 def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
-                        proc: str = procfs.PROC,
-                        fd_flags: bool = True) -> tuple[list[Lingerer], dict, int]:
+                        proc: str = procfs.PROC, fd_flags: bool = True,
+                        budget_s: float = SNAPSHOT_OTHERS_BUDGET_S) -> SnapshotRead:
     """Read the sockets in CLOSE_WAIT (one sock_diag dump per network
-    namespace, with tcp_info), estimate their ages, keep those at least
-    min_age_ns old, and find their owners: (sockets, owners by endpoints,
-    kernel clock of the read). Runs in the gathering worker; `snapshot`
-    (live/snapshot.py) resolves, diagnoses and shows them. fd_flags: as
-    owners.resolve's (False: close-on-exec only where it can decide the
-    diagnosis)."""
+    namespace, with tcp_info; the others than ours for budget_s, by turns),
+    estimate their ages, keep those at least min_age_ns old, and find their
+    owners. Runs in the gathering worker; `snapshot` (live/snapshot.py)
+    resolves, diagnoses and shows them. fd_flags: as owners.resolve's
+    (False: close-on-exec only where it can decide the diagnosis)."""
+    unread: dict[int, int] = {}
     with procnet.one_read_per_namespace():
         # One dump per namespace, with the listeners that owners.resolve
         # needs next, so that it asks the kernel nothing more.
-        rows = []
-        for _netns, pid in procnet.network_namespaces(proc).items():
-            rows.extend(row for row in procnet.tcp_rows(
-                pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
-                if row.state == tcpstates.CLOSE_WAIT and socket_filter.matches(row.endpoints))
+        states = [tcpstates.CLOSE_WAIT, tcpstates.LISTEN]
+        if procnet.is_procfs(proc):
+            read = owners.read_by_turns(states, proc, budget_s=budget_s)
+            whole = {}
+            for row in read.rows:
+                if row.endpoints.netns in read.dumped:
+                    whole.setdefault(row.endpoints.netns, []).append(row)
+            for netns in read.dumped:
+                procnet.remember_rows(proc, netns, states, whole.get(netns, []))
+            # A namespace cut short is not listed in part: counted unread.
+            for netns in read.unread + [ns for ns in read.tried if ns not in read.dumped]:
+                uid = read.uid_of.get(netns, -1)
+                unread[uid] = unread.get(uid, 0) + 1
+            found = [row for rows in whole.values() for row in rows]
+        else:
+            found = [row for _netns, pid in procnet.network_namespaces(proc).items()
+                     for row in procnet.tcp_rows(pid, proc, states=states)]
+        rows = [row for row in found
+                if row.state == tcpstates.CLOSE_WAIT and socket_filter.matches(row.endpoints)]
         taken = now_ns()
         tracker = Tracker(threshold_ns=min_age_ns, start_ns=taken)
         tracker.seed(rows, [], observed_ns=taken)
@@ -157,7 +189,7 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
         # when no minimum age was asked for.
         due = tracker.due(taken)
         resolved = owners.resolve([l.endpoints for l in due], proc, fd_flags=fd_flags)
-    return due, resolved, taken
+    return SnapshotRead(due, resolved, taken, unread)
 
 
 # The tracer's tracepoint fds this worker holds (adopt_fds): open until it

@@ -74,6 +74,13 @@ class ProcResolver:
         return self._run("snapshot_close_wait", self.proc, deadline_s=OWNERS_CAP_S,
                          progress_s=STALL_S)
 
+    def start_close_wait(self, budget_s: float) -> RescanRead:
+        """The start-up's read of the sockets already in CLOSE_WAIT: a
+        rescan's (owners.rescan_close_wait), other namespaces than ours
+        for budget_s, in the worker under its deadlines."""
+        return self._run("rescan_close_wait", self.proc, {}, budget_s,
+                         deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+
     def rescan_close_wait(self, last_read: dict, budget_s: float) -> RescanRead:
         """owners.rescan_close_wait, in the worker under its deadlines."""
         return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s,

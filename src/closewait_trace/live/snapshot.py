@@ -41,6 +41,10 @@ class Snapshot:
     # Holder filter given, but the holder's identity (cgroup, unit) was
     # not read in time: not listed, and said so.
     unchecked: int = 0
+    # Network namespaces not read in the time a snapshot gives them
+    # (gathering.SNAPSHOT_OTHERS_BUDGET_S), by the real uid of a process in
+    # each (-1: not known): their sockets are not listed, and said so.
+    unread_namespaces: dict = field(default_factory=dict)
 
     def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
         """process records, then one linger record per socket, oldest first
@@ -77,7 +81,8 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
     as_root = os.geteuid() == 0 if as_root is None else as_root
     resolver = resolver or ProcResolver(proc)
     resolver.stacks = stacks
-    found, resolved, taken = resolver.snapshot_candidates(socket_filter, min_age_ns, fd_flags)
+    read = resolver.snapshot_candidates(socket_filter, min_age_ns, fd_flags)
+    found, resolved, taken = read.due, read.resolved, read.taken_ns
     cache = diagnosis.Batch(stacks=stacks)
     todo: list[Lingerer] = []
     identities: dict = {}
@@ -107,7 +112,8 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
         l.diagnosis = resolver.diagnose(l.ownership, cache)
     cache.close()
     return Snapshot(lingering=todo, process_evidence=diagnosis.process_evidence(cache),
-                    taken_ns=taken, hidden=hidden, left=left, unchecked=unchecked)
+                    taken_ns=taken, hidden=hidden, left=left, unchecked=unchecked,
+                    unread_namespaces=dict(read.unread_by_uid))
 
 
 def _oldest_first(l: Lingerer) -> tuple:
@@ -207,15 +213,39 @@ def footer_lines(linger_records: list[dict], folding: Optional[Fold] = None) -> 
     return render.fit_lines(lines)
 
 
-def title_lines(count: int, min_age_ns: int, filters_text: str, hidden: int = 0) -> list[str]:
+def title_lines(count: int, min_age_ns: int, filters_text: str, hidden: int = 0,
+                unread_namespaces: Optional[dict] = None) -> list[str]:
     """The headline, and a line for hidden: sockets left out because this
     user may not see their holders, counted on stdout too, so that '0
-    sockets' never stands for 'none I may show' (issue 19 §6)."""
+    sockets' never stands for 'none I may show' (issue 19 §6); another for
+    the network namespaces not read in time (unread_namespaces: uid ->
+    how many), whose sockets are not listed."""
     lines = [title_line(count, min_age_ns, filters_text)]
     if hidden:
         lines.append(f"{hidden} more not listed: held by processes this user may not read "
                      f"(run as root)")
+    if unread_namespaces:
+        from closewait_trace.output.render import fit_lines
+        lines.extend(fit_lines([f"Not listed: sockets in "
+                                f"{namespaces_not_read(unread_namespaces)}"]))
     return lines
+
+
+def namespaces_not_read(by_uid: dict, budget_s: Optional[float] = None) -> str:
+    """'N network namespaces not read in 1s (uid 65534: 930, ...)': whose
+    they are by real uid (the kernel's word, not a name), most first, the
+    first three users named. budget_s: the time they had (default the
+    snapshot's, gathering.SNAPSHOT_OTHERS_BUDGET_S)."""
+    if budget_s is None:
+        from closewait_trace.evidence.gathering import SNAPSHOT_OTHERS_BUDGET_S
+        budget_s = SNAPSHOT_OTHERS_BUDGET_S
+    total = sum(by_uid.values())
+    users = sorted(by_uid.items(), key=lambda item: (-item[1], item[0]))
+    named = ", ".join(f"uid {uid}: {n}" if uid >= 0 else f"uid unknown: {n}"
+                      for uid, n in users[:3])
+    more = f", {len(users) - 3} more users" if len(users) > 3 else ""
+    return (f"{total} network namespace{'' if total == 1 else 's'} not read in "
+            f"{budget_s:g}s ({named}{more})")
 
 
 def title_line(count: int, min_age_ns: int, filters_text: str) -> str:
@@ -238,6 +268,12 @@ def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
     if snap.unchecked:
         lines.append(f"closewait-trace: {snap.unchecked} socket(s) not listed: whether their "
                      "holders match the filter could not be read in time; try again")
+    if snap.unread_namespaces:
+        # Each user's namespaces had turns: a user's thousands delay the
+        # others' by one each turn. What was left is said, with a way in.
+        lines.append(f"closewait-trace: {namespaces_not_read(snap.unread_namespaces)}: "
+                     "their sockets are not listed; to see one, run the snapshot in it "
+                     "(nsenter -t PID -n closewait-trace snapshot)")
     return lines
 
 
@@ -313,7 +349,8 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
                                           holder_filter.describe() if holder_filter.active
                                           else "") if t)
         out.write_lines(title_lines(len(lingers), min_age_ns, described,
-                                    hidden=0 if as_root else snap.hidden)
+                                    hidden=0 if as_root else snap.hidden,
+                                    unread_namespaces=snap.unread_namespaces)
                         + ([out.renderer.header()] if lingers else []))
     for rec in recs:
         out.emit(rec)

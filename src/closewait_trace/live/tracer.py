@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners, procfs
@@ -29,6 +29,7 @@ from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelE
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import Sink, TickView
+from closewait_trace.sockets.owners import RescanRead
 from closewait_trace.sockets.tracker import Lingerer, Tracker
 from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
@@ -110,6 +111,13 @@ RESCAN_GAP_FACTOR = 20
 # once, they held the loop 2.7-5.5 s while other users' sockets waited to
 # be reported, and set the gap to the next rescan for everyone.
 RESCAN_OTHERS_BUDGET_S = 0.2
+# The start-up's read of the sockets already in CLOSE_WAIT is bounded the
+# same way, before "ready": the namespaces it leaves are read by the rescans
+# that follow (RESCAN_EVERY_S apart, without a loss), and what they find
+# there was in CLOSE_WAIT before the start unless the kernel missed
+# something since (Tracker.rescan). 1,000 of a user's namespaces held the
+# start 4 s (0.6 s without them).
+START_OTHERS_BUDGET_S = RESCAN_OTHERS_BUDGET_S
 EXITED_STATES = frozenset({"exiting", "gone", "Z", "X"})
 # Ticks a holder's state change waits, at most, while the holder closes its
 # sockets (recheck_owners): 10 holders of 10,000 each, closing them at load
@@ -148,6 +156,13 @@ def this_tick(due: list, own: int, limit: int = MAX_NETNS_PER_BATCH) -> list:
             taken.add(ns)
             now.append(l)
     return now
+
+
+class RescanFirst(NamedTuple):
+    """For one rescan: the namespaces it read that the start-up's read had
+    left, and whether the kernel had missed anything since the start."""
+    netns: set
+    kernel_missed: bool
 
 
 class Probe(Protocol):
@@ -211,6 +226,11 @@ class LiveTracer:
     # left some unread (the next one then comes without a new loss).
     _namespace_read: dict = field(default_factory=dict)
     _rescan_unread: bool = False
+    # The namespaces the start-up's read did not read whole: what a rescan
+    # first finds there may be from before the start (Tracker.rescan); and,
+    # for the start's notice, how many it left, by real uid.
+    _unread_since_start: set = field(default_factory=set)
+    start_unread_namespaces: dict = field(default_factory=dict)
     # Sockets a rescan found in CLOSE_WAIT that the kernel's map never had
     # (once reported), and sockets it found gone whose leaving was never seen.
     found_unseen: int = 0
@@ -386,14 +406,22 @@ class LiveTracer:
             gatherer.abort = lambda: self.stopping
             gatherer.while_waiting = self._poll_while_waiting
         try:
-            found = self.resolver.snapshot_close_wait()
+            read = self.resolver.start_close_wait(START_OTHERS_BUDGET_S)
         except GatherFailed as e:
             # Counted (evidence_timeouts). Sockets that entered CLOSE_WAIT
             # after the attach are in the kernel's map; those from before
             # are in no map and will not be reported: said (live/session.py).
-            found = []
+            read = RescanRead([], set(), [], [])
             self.start_snapshot_failed = e.why
-        snapshot = [row for _ns, row in found if self.socket_filter.matches(row.endpoints)]
+        # The namespaces left (or cut short) are read by the next rescans,
+        # which come without a loss while some are left (rescan_dump).
+        self._namespace_read = {netns: 0 for netns in read.tried}
+        self._rescan_unread = bool(read.unread)
+        self._unread_since_start = set(read.unread) | (set(read.tried) - read.dumped)
+        for netns in read.unread:
+            uid = read.uid_of.get(netns, -1)
+            self.start_unread_namespaces[uid] = self.start_unread_namespaces.get(uid, 0) + 1
+        snapshot = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         self.tracker = Tracker(self.config.threshold_ns, self.start_ns,
                                max_untracked=self.config.max_tracked)
         for sink in self.sinks:
@@ -1196,6 +1224,12 @@ class LiveTracer:
                                    RESCAN_GAP_FACTOR * (time.monotonic() - started))
             return None
         observed_ns = self.now_ns()
+        # After the dump: whether the kernel has missed anything since the
+        # start (then a socket first seen in a namespace the start left
+        # unread may have entered CLOSE_WAIT since; its age says which).
+        missed = any(self.probe.counters().get(name, 0) for name in LOSS_COUNTERS)
+        first_read = self._unread_since_start & set(read.tried)
+        self._unread_since_start -= read.dumped
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
         self.tick_stats["rescans"] += 1
@@ -1208,10 +1242,11 @@ class LiveTracer:
         self._rescan_unread = bool(read.unread)
         taken = not self.pending and not (backlog and backlog())
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
-        return rows, read.dumped if taken else set(), began_ns, observed_ns
+        return (rows, read.dumped if taken else set(), began_ns, observed_ns,
+                RescanFirst(first_read, missed))
 
     def rescan_apply(self, rows: list, dumped: set, began_ns: int, observed_ns: int,
-                     now_ns: int) -> list[Lingerer]:
+                     first: "RescanFirst", now_ns: int) -> list[Lingerer]:
         """With the map just read (after the dump): adopt the sockets it
         never had, forget those found gone (a tracked one only if its map
         entry is still the one it was: the kernel never ran its exit; the
@@ -1219,7 +1254,9 @@ class LiveTracer:
         sockets due now."""
         # Counted when reported (resolve): one that left between the dump
         # and the map read is adopted too, then found gone and forgotten.
-        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns, self.sip)
+        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns, self.sip,
+                                             before_start_netns=first.netns,
+                                             kernel_missed=first.kernel_missed)
         if gone:
             # Asked again of each alone: the dump may have stepped over one.
             try:

@@ -355,11 +355,15 @@ def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
 
 
 class RescanRead(NamedTuple):
-    """What one rescan read (rescan_close_wait)."""
-    rows: list[TcpRow]          # every socket in CLOSE_WAIT it saw
+    """What one bounded read of every namespace's sockets saw
+    (read_by_turns: a rescan, the start-up's read, a snapshot)."""
+    rows: list[TcpRow]          # every socket in the states asked for that it saw
     dumped: set[int]            # the namespaces read whole
     tried: list[int]            # the other namespaces it had a turn for
     unread: list[int]           # those left for the next one (its budget spent)
+    # The real uid of each other namespace's process (-1: not read): who
+    # owns the unread ones, for the notice that says what was not read.
+    uid_of: dict = {}
 
 
 def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]:
@@ -385,18 +389,27 @@ def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int
                       budget_s: float = float("inf")) -> RescanRead:
     """Every socket in CLOSE_WAIT in the tracer's own namespace, and in the
     other namespaces with a process in them for at most budget_s more
-    (fair_order; at least one each time, so that every namespace has its
-    turn): any user can make namespaces by the thousand (4-5 ms each to
-    read), and the loop waits for this. A namespace whose dump the budget
-    cuts short gives the sockets read so far and is not read whole.
-
-    Only in the namespaces read whole (dumped) may a socket missing from
-    the rows be taken as gone (a namespace read through a pid that went
-    away meanwhile, or one not readable, says nothing). Only sock_diag can
-    say so: on anything else (a procfs copy in tests) the rows are
-    snapshot_close_wait's and no namespace counts as read."""
+    (read_by_turns). Only in the namespaces read whole (dumped) may a
+    socket missing from the rows be taken as gone (a namespace read through
+    a pid that went away meanwhile, or one not readable, says nothing).
+    Only sock_diag can say so: on anything else (a procfs copy in tests)
+    the rows are snapshot_close_wait's and no namespace counts as read."""
     if not procnet.is_procfs(proc):
         return RescanRead([row for _ns, row in snapshot_close_wait(proc)], set(), [], [])
+    return read_by_turns([tcpstates.CLOSE_WAIT], proc, last_read, budget_s)
+
+
+def read_by_turns(states: list[int], proc: str = procfs.PROC,
+                  last_read: Optional[dict[int, int]] = None,
+                  budget_s: float = float("inf"), with_info: bool = True) -> RescanRead:
+    """The TCP sockets in these states (sock_diag; proc a real procfs) in
+    the tracer's own namespace, and in the other namespaces with a process
+    in them for at most budget_s more, in fair_order, at least one each
+    time so that every namespace has its turn: any user can make namespaces
+    by the thousand (3-5 ms each to read), and whoever reads them (the
+    loop's rescan, the start-up, a snapshot) waits for this. A namespace
+    whose dump the budget cuts short gives the sockets read so far and is
+    not read whole (not in dumped)."""
     rows: list[TcpRow] = []
     dumped: set[int] = set()
     own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
@@ -404,7 +417,7 @@ def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int
 
     def read(ns_path: Optional[str], deadline: Optional[float]) -> None:
         try:
-            inode, found = sockdiag.tcp_sockets_in([tcpstates.CLOSE_WAIT], ns_path,
+            inode, found = sockdiag.tcp_sockets_in(states, ns_path, with_info,
                                                    deadline=deadline)
         except OSError as e:
             if e.errno in procfs.EXHAUSTED_ERRNOS:
@@ -427,13 +440,13 @@ def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int
     deadline = time.monotonic() + budget_s
     for i, netns in enumerate(order):
         if i and time.monotonic() >= deadline:
-            return RescanRead(rows, dumped, order[:i], order[i:])
+            return RescanRead(rows, dumped, order[:i], order[i:], owner_of)
         try:
             read(f"{proc}/{others[netns]}/ns/net", deadline if i else None)
         except sockdiag.DumpCut as cut:
             rows.extend(cut.rows)
-            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:])
-    return RescanRead(rows, dumped, order, [])
+            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of)
+    return RescanRead(rows, dumped, order, [], owner_of)
 
 
 def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[Optional[bool]]:

@@ -21,7 +21,7 @@ from closewait_trace.kernel.events import Endpoints, format_address
 from closewait_trace.sockets.tcprow import TcpRow
 
 __all__ = ["TcpRow", "parse_tcp_table", "network_namespaces", "tcp_rows", "is_procfs",
-           "one_read_per_namespace"]
+           "one_read_per_namespace", "remember_rows"]
 
 PROC_SUPER_MAGIC = 0x9FA0
 
@@ -141,6 +141,13 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
     rows = _read_rows(pid, proc, wanted)
     _reused[key] = (wanted, rows)
     return rows
+
+
+def remember_rows(proc: str, netns: int, states: Iterable[int], rows: list[TcpRow]) -> None:
+    """Inside one_read_per_namespace: rows read elsewhere (a whole dump of
+    namespace netns in these states) answer later tcp_rows calls for it."""
+    if _reused is not None:
+        _reused[(proc, netns)] = (frozenset(states), rows)
 
 
 def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]],

@@ -227,7 +227,9 @@ class Tracker:
 
     def rescan(self, in_close_wait: Iterable[TcpRow], observed_ns: int,
                dumped_netns: set[int], dump_began_ns: int,
-               between: Optional[Callable[[], None]] = None) -> tuple[int, list[Lingerer]]:
+               between: Optional[Callable[[], None]] = None,
+               before_start_netns: frozenset = frozenset(),
+               kernel_missed: bool = True) -> tuple[int, list[Lingerer]]:
         """Bring the view in line with a sock_diag dump of every socket in
         CLOSE_WAIT, taken when the kernel said it missed some state changes
         (it skipped the program, dropped an event, or its map was full) and
@@ -242,6 +244,14 @@ class Tracker:
           its exit was never run (its map entry would be gone) or its
           event lost. Returned, for the caller to drop (drop_unseen) once
           it has checked the kernel's map for a tracked one.
+
+        - In a namespace the start-up's read left unread
+          (before_start_netns, read now for the first time), a socket
+          nothing here knows is one from before the start, as the seed's
+          are: the kernel runs its program for every socket that enters
+          CLOSE_WAIT while it traces, so unless it missed some
+          (kernel_missed), it would be known. If it did, the age estimated
+          from tcp_info says which.
 
         A socket in a namespace the dump did not read (or whose namespace
         is not known) is never judged gone. Returns (adopted, gone).
@@ -267,16 +277,24 @@ class Tracker:
         before = len(self.pre_existing)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
         over = 0
+        early = [row for row in rows if row.endpoints.netns in before_start_netns]
+        if early:
+            rows = [row for row in rows if row.endpoints.netns not in before_start_netns]
+            over += self._adopt(early, tracked, min(observed_ns, self.start_ns), observed_ns,
+                                found_late=kernel_missed, late_from_ns=self.start_ns)
         for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
             over += self._adopt(block, tracked, observed_ns, observed_ns, found_late=True)
         self.untracked_over = over
         return len(self.pre_existing) - before, gone
 
     def _adopt(self, rows: Iterable[TcpRow], tracked_netns: dict[tuple, set[int]],
-               latest_ns: int, observed_ns: int, found_late: bool) -> int:
+               latest_ns: int, observed_ns: int, found_late: bool,
+               late_from_ns: Optional[int] = None) -> int:
         """rows not known here, as untracked sockets; tracked_netns: the
         namespaces of the tracked sockets by address (_by_address). Returns
-        how many were not kept (max_untracked)."""
+        how many were not kept (max_untracked). found_late with
+        late_from_ns: only those whose estimated entry is at or after it
+        (the others were in CLOSE_WAIT before it)."""
         over = 0
         for row in rows:
             endpoints = row.endpoints
@@ -294,10 +312,11 @@ class Tracker:
                                       keepalive=row.timer == KEEPALIVE_TIMER)
             # Without tcp_info all we know is that it was there when found
             # (at start: since the start).
-            enter_ns = min(est.enter_ns, latest_ns)
+            late = found_late and (late_from_ns is None or est.enter_ns >= late_from_ns)
+            enter_ns = min(est.enter_ns, latest_ns if not late else observed_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
-                         enter_max_ns=est.enter_max_ns, found_late=found_late)
+                         enter_max_ns=est.enter_max_ns, found_late=late)
             self._add_pre_existing(l)
         return over
 
