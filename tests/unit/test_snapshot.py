@@ -82,6 +82,38 @@ def test_namespaces_not_read_in_time_are_said_on_both_outputs():
     assert snapshot.title_lines(3, 0, "") == ["3 sockets in CLOSE_WAIT, oldest first"]
 
 
+def test_a_namespace_cut_short_or_left_is_counted_not_listed_in_part(monkeypatch):
+    """snapshot_candidates over owners.read_by_turns' answer: the sockets of
+    the namespaces read whole are listed (and their rows answer the owner
+    lookup); a namespace whose dump the budget cut short is not listed in
+    part but counted with those it left, by uid; one whose read failed (its
+    process gone) is neither."""
+    from closewait_trace.evidence import gathering
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets.tcprow import TcpRow
+
+    def row(netns, rport, state=CW):
+        return TcpRow(Endpoints(V4, "127.0.0.1", 5555, "127.0.0.1", rport, netns), state,
+                      0, 0, 0, 1000 + rport)
+
+    answer = owners.RescanRead(
+        rows=[row(1, 40001), row(1, 0, LISTEN), row(2, 40002), row(7, 40007)],
+        dumped={1, 2}, tried=[2, 6, 7], unread=[8, 9],
+        uid_of={2: 0, 6: 1000, 7: 1000, 8: 1000, 9: 65534}, cut=7)
+    asked, remembered = [], {}
+    monkeypatch.setattr(procnet, "is_procfs", lambda proc: True)
+    monkeypatch.setattr(owners, "read_by_turns",
+                        lambda states, proc, budget_s: asked.append(budget_s) or answer)
+    monkeypatch.setattr(procnet, "remember_rows",
+                        lambda proc, netns, states, rows: remembered.update({netns: rows}))
+    monkeypatch.setattr(owners, "resolve", lambda wanted, proc, fd_flags: {})
+    read = gathering.snapshot_candidates(SocketFilter(), 0, "/proc")
+    assert asked == [gathering.SNAPSHOT_OTHERS_BUDGET_S]
+    assert sorted(l.endpoints.rport for l in read.due) == [40001, 40002]
+    assert {netns: len(rows) for netns, rows in remembered.items()} == {1: 2, 2: 1}
+    assert read.unread_by_uid == {1000: 2, 65534: 1}
+
+
 def test_filters_apply(fake):
     snap = snapshot.take(SocketFilter(lports=(6000,)), proc=fake.root, as_root=True)
     assert [l.endpoints.rport for l in snap.lingering] == [40004]

@@ -173,7 +173,8 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
             for netns in read.dumped:
                 procnet.remember_rows(proc, netns, states, whole.get(netns, []))
             # A namespace cut short is not listed in part: counted unread.
-            for netns in read.unread + [ns for ns in read.tried if ns not in read.dumped]:
+            # (One whose read failed, its process gone, was never counted.)
+            for netns in read.unread + ([read.cut] if read.cut else []):
                 uid = read.uid_of.get(netns, -1)
                 unread[uid] = unread.get(uid, 0) + 1
             found = [row for rows in whole.values() for row in rows]

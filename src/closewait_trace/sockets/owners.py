@@ -364,6 +364,7 @@ class RescanRead(NamedTuple):
     # The real uid of each other namespace's process (-1: not read): who
     # owns the unread ones, for the notice that says what was not read.
     uid_of: dict = {}
+    cut: int = 0                # the namespace whose dump the budget cut short (0: none)
 
 
 def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]:
@@ -445,7 +446,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
             read(f"{proc}/{others[netns]}/ns/net", deadline if i else None)
         except sockdiag.DumpCut as cut:
             rows.extend(cut.rows)
-            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of)
+            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of, netns)
     return RescanRead(rows, dumped, order, [], owner_of)
 
 
