@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.kernel.harness import Tracer, free_port, stretch
+from tests.kernel.harness import Tracer, free_port, stretch, wait_until
 
 pytestmark = pytest.mark.kernel
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "run.py")
@@ -22,6 +22,20 @@ def recursion_misses(pid: int) -> int:
     CPU already running a BPF program: recursion_misses in fdinfo); 0 where
     the kernel does not say."""
     return bench_run.bpf_recursion_misses(pid) or 0
+
+
+def wait_until_gone(netns: str, port: int) -> list:
+    """Waits until no TCP socket on local port `port` is left in netns;
+    returns the states of those there when the wait began."""
+    def left():
+        out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htan",
+                              f"( sport = :{port} )"], capture_output=True, text=True,
+                             check=True, timeout=stretch(10)).stdout
+        return [line.split()[0] for line in out.splitlines()]
+    first = left()
+    wait_until(lambda: not left(), timeout=60,
+               what=f"the workload's sockets on port {port} to be gone")
+    return first
 
 
 def test_churn_counts_exactly_the_transitions_it_makes(procs, kernel_path, tmp_path):
@@ -52,6 +66,12 @@ def test_churn_counts_exactly_the_transitions_it_makes(procs, kernel_path, tmp_p
         out = subprocess.run(["ip", "netns", "exec", netns, str(churn), str(port), "1", "2", "1"],
                              capture_output=True, text=True, timeout=stretch(60), check=True)
         made = bench_run.parse_churn(out.stdout)
+        # A server socket churn.c closed while still in LAST_ACK (its
+        # peer's ACK not yet processed after 2 s, as under a starved
+        # softirq) makes its last transition as an orphan, after the
+        # workload ended: the count is read once the kernel is done with
+        # every socket of the workload.
+        left = wait_until_gone(netns, port)
         misses = recursion_misses(tracer.proc.pid) - misses
         summary = tracer.stop()
         skipped = summary["counters"]["transitions_skipped"]
@@ -61,7 +81,8 @@ def test_churn_counts_exactly_the_transitions_it_makes(procs, kernel_path, tmp_p
     assert made.connections > 1000, out.stdout
     assert made.served == made.connections, out.stdout
     assert isinstance(skipped, int) and skipped >= 0, skipped
-    assert seen <= made.transitions <= seen + skipped, (out.stdout, seen, skipped, misses)
+    assert seen <= made.transitions <= seen + skipped, (out.stdout, out.stderr, seen, skipped,
+                                                         misses, left)
     print(f"{made.connections} connections: churn.c counted {made.transitions} transitions, "
           f"the kernel {seen} (state changes skipped: {skipped}; runs of all programs "
           f"skipped: {misses})")
