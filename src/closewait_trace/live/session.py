@@ -164,9 +164,10 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
         if tracer.start_unread_namespaces:
             from closewait_trace.live.snapshot import namespaces_not_read
             from closewait_trace.live.tracer import RESCAN_EVERY_S, START_OTHERS_BUDGET_S
-            notice(f"closewait-trace: {namespaces_not_read(tracer.start_unread_namespaces, START_OTHERS_BUDGET_S)}"
-                   f" at start: the sockets already in CLOSE_WAIT there are read by the next "
-                   f"rescans, a few every {RESCAN_EVERY_S:g}s, each user's in turn")
+            left = namespaces_not_read(tracer.start_unread_namespaces, START_OTHERS_BUDGET_S)
+            notice(f"closewait-trace: {left} at start: the sockets already in CLOSE_WAIT "
+                   f"there are read by the next rescans, a few every {RESCAN_EVERY_S:g}s, "
+                   "each user's in turn")
     except BaseException as exc:
         if tracer is not None:
             tracer.restore_signals()
