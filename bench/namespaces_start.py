@@ -30,6 +30,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from rescan_namespaces import in_private_netns  # noqa: E402  (bench/, the same re-run)
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 TRACER = [sys.executable, "-m", "closewait_trace"]
 
@@ -110,10 +112,7 @@ def main() -> None:
                         help="comma-separated counts of nobody's namespaces")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if os.environ.get("CWT_BENCH_NETNS") != "1":
-        os.execvp("unshare", ["unshare", "-n", "env", "CWT_BENCH_NETNS=1",
-                              sys.executable] + sys.argv)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    in_private_netns()
     print("| nobody's namespaces | load | start-up to ready, s | not read at start "
           "| `snapshot`, s | not read by it |")
     print("|---|---|---|---|---|---|")
