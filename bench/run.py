@@ -206,6 +206,10 @@ print("ready", flush=True)
 signal.signal(signal.SIGINT, lambda *a: sys.exit(0))
 signal.pause()
 """
+# The floor of the raw tracepoint, which the tracer attaches to where the
+# kernel's BTF gives the socket's fields.
+EMPTY_RAW_PROBE = EMPTY_PROBE.replace("TRACEPOINT_PROBE(sock, inet_sock_set_state)",
+                                      "RAW_TRACEPOINT_PROBE(inet_sock_set_state)")
 
 
 class Traced:
@@ -217,7 +221,7 @@ class Traced:
         another tree's code, other options)."""
         override = cmd
         self.mode = mode
-        if mode in ("default", "default-nobtf", "default-noeof"):
+        if mode in ("default", "default-nobtf", "default-noeof", "default-perftp"):
             cmd = TRACER + ["--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
             if mode == "default-nobtf":
@@ -229,6 +233,10 @@ class Traced:
                 # copying the reader's stack costs. In bench/churn.c every
                 # connection's server reads EOF, so every one is captured.
                 env = dict(env, CLOSEWAIT_TRACE_FORCE="noeof")
+            if mode == "default-perftp":
+                # The state changes through the tracepoint's perf event (as
+                # without BTF, or before 5.6) instead of the raw tracepoint.
+                env = dict(env, CLOSEWAIT_TRACE_FORCE="perftp")
         elif mode in ("all", "all-before"):
             cmd = TRACER + ["--all", "--json", "-p", str(port)]
             self.ready = lambda line: line.startswith('{"type": "start"')
@@ -241,6 +249,9 @@ class Traced:
             # The floor: an empty program on the same tracepoint. What it
             # costs is the tracepoint's own price, paid by any tracer of it.
             cmd = ["/usr/bin/python3", "-c", EMPTY_PROBE]
+            self.ready = lambda line: line.startswith("ready")
+        elif mode == "empty-raw":
+            cmd = ["/usr/bin/python3", "-c", EMPTY_RAW_PROBE]
             self.ready = lambda line: line.startswith("ready")
         elif mode == "tcpstates":
             cmd = [sys.executable if TCPSTATES.endswith(".py") else "/usr/bin/python3",
@@ -904,11 +915,13 @@ def markdown(churn: dict, scale: list, args) -> str:
                 "| not written (made - written), each run | startup s | SIGINT->exit s |",
                 "|---|---|---|---|---|---|---|---|---|"]
         names = {"none": "no tracer", "empty": "empty BPF program (floor)",
+                 "empty-raw": "empty BPF program, raw tracepoint (floor)",
                  "default": "closewait-trace", "all": "closewait-trace --all",
                  "all-before": "closewait-trace --all, before (CLOSEWAIT_BENCH_BEFORE)",
                  "tcpstates": "tcpstates-bpfcc",
                  "default-nobtf": "closewait-trace, namespaces not read (nobtf)",
-                 "default-noeof": "closewait-trace, EOF reads not captured (noeof)"}
+                 "default-noeof": "closewait-trace, EOF reads not captured (noeof)",
+                 "default-perftp": "closewait-trace, state changes by perf event (perftp)"}
         for mode, r in churn.items():
             if r.get("could_not_start"):
                 out.append(f"| {names[mode]} | could not start: "
@@ -958,7 +971,9 @@ def main() -> int:
                          "sockets in CLOSE_WAIT on a shared machine")
     ap.add_argument("--modes", help="churn: only these tracers (e.g. none,tcpstates; "
                                     "default-nobtf: without the namespace reads; "
-                                    "default-noeof: without the EOF-read capture)")
+                                    "default-noeof: without the EOF-read capture; "
+                                    "default-perftp: state changes by the tracepoint's "
+                                    "perf event)")
     ap.add_argument("--smoke", action="store_true", help="tiny version, for CI")
     ap.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = ap.parse_args()
@@ -971,7 +986,7 @@ def main() -> int:
     modes = ["none", "empty", "default", "all"]
     if not args.no_tcpstates and os.path.exists(TCPSTATES):
         modes.append("tcpstates")
-    extra = ["default-nobtf", "default-noeof"]
+    extra = ["default-nobtf", "default-noeof", "default-perftp", "empty-raw"]
     if os.environ.get("CLOSEWAIT_BENCH_BEFORE"):
         extra.append("all-before")      # --modes all-before,all,tcpstates
     if args.modes:

@@ -709,22 +709,121 @@ static __always_inline void cw_opened(u64 sk, u16 family, u16 dport)
 }
 #endif
 
+// A state change that passed the filters, its fields in tp: timed, and
+// streamed with --all. Both ways of attaching (below) end here.
+static __always_inline void cw_state_change(void *ctx, struct cw_tp *tp)
+{
+    u64 now = cw_now();
+#ifdef ALL_TRANSITIONS
+    cw_stream(ctx, tp, now);
+#endif
+    if (tp->newstate == TCP_CLOSE_WAIT)
+        cw_enter(tp, now);
+    else if (tp->oldstate == TCP_CLOSE_WAIT)
+        cw_exit(ctx, tp, now);
+}
+
+#ifdef OPEN_CAPTURE
+// A client socket's connect() (SYN_SENT) is kept; a socket reaching CLOSE
+// drops what was kept. Returns whether the state change goes on to
+// cw_state_change (a connect() does only with --all).
+static __always_inline int cw_open_tracking(u64 sk, u8 newstate, u16 family, u16 dport)
+{
+    if (newstate == TCP_SYN_SENT) {
+        // The local port is not chosen yet (sport is 0): only the family
+        // and remote-port filters can apply.
+        cw_opened(sk, family, dport);
+#ifndef ALL_TRANSITIONS
+        return 0;
+#endif
+    } else if (newstate == TCP_CLOSE) {
+        cw_open.delete(&sk);        // a miss for most: one hash probe
+    }
+    return 1;
+}
+#endif
+
+#ifdef RAW_STATE_CHANGE
+// The raw tracepoint: its arguments are the socket and both states, and the
+// fields the tracepoint would copy are read from the socket at offsets from
+// the kernel's BTF (kernel/btf.py StateOffsets). Why not the tracepoint's
+// perf event: the kernel skips a BPF program attached there when another
+// program runs on the CPU (counted: recursion_misses), and its perf layer
+// can also drop a hit without any count (seen here: a connection's
+// LISTEN->SYN_RECV and SYN_RECV->ESTABLISHED missing, recursion_misses
+// unchanged, where a raw-tracepoint program on the same kernel saw both;
+// docs/how-it-works.md). A raw tracepoint runs the program straight from
+// the tracepoint and counts every run it skips.
+static __always_inline void cw_read(void *dst, u32 size, u64 src)
+{
+#ifdef USE_PROBE_READ_KERNEL
+    if (bpf_probe_read_kernel(dst, size, (void *)src) != 0)
+#else
+    if (bpf_probe_read(dst, size, (void *)src) != 0)
+#endif
+        __builtin_memset(dst, 0, size);
+}
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    u64 sk = ctx->args[0];
+    u8 oldstate = ctx->args[1];
+    u8 newstate = ctx->args[2];
+#ifndef ALL_TRANSITIONS
+    // Default mode: only transitions into or out of CLOSE_WAIT matter (and,
+    // for the connect() captures, into SYN_SENT and CLOSE), decided before
+    // reading the socket at all.
+    if (newstate != TCP_CLOSE_WAIT && oldstate != TCP_CLOSE_WAIT
+#ifdef OPEN_CAPTURE
+        && newstate != TCP_SYN_SENT && newstate != TCP_CLOSE
+#endif
+        )
+        return 0;
+#endif
+    u16 protocol = 0;
+    cw_read(&protocol, sizeof(protocol), sk + SK_PROTOCOL_OFF);
+    if (protocol != IPPROTO_TCP_NUM)
+        return 0;
+    struct cw_tp tp = {};
+    u16 sport = 0, dport = 0;
+    cw_read(&tp.ep.family, sizeof(tp.ep.family), sk + SK_FAMILY_OFF);
+    cw_read(&dport, sizeof(dport), sk + SK_DPORT_OFF);
+    tp.ep.dport = __builtin_bswap16(dport);     // network order, as ntohs
+#ifdef OPEN_CAPTURE
+    if (!cw_open_tracking(sk, newstate, tp.ep.family, tp.ep.dport))
+        return 0;
+#ifndef ALL_TRANSITIONS
+    if (newstate != TCP_CLOSE_WAIT && oldstate != TCP_CLOSE_WAIT)
+        return 0;
+#endif
+#endif
+    cw_read(&sport, sizeof(sport), sk + SK_SPORT_OFF);
+    tp.ep.sport = __builtin_bswap16(sport);
+    if (cw_filtered_out(tp.ep.family, tp.ep.sport, tp.ep.dport))
+        return 0;
+    tp.skaddr = sk;
+    tp.oldstate = oldstate;
+    tp.newstate = newstate;
+    if (tp.ep.family == AF_INET_NUM) {
+        cw_read(tp.ep.saddr, 4, sk + SK_SADDR_OFF);
+        cw_read(tp.ep.daddr, 4, sk + SK_DADDR_OFF);
+    } else {
+        cw_read(tp.ep.saddr, 16, sk + SK_V6_SADDR_OFF);
+        cw_read(tp.ep.daddr, 16, sk + SK_V6_DADDR_OFF);
+    }
+    cw_state_change(ctx, &tp);
+    return 0;
+}
+#else
+// Without the kernel's BTF: the tracepoint's own fields, through its perf
+// event (its layout from the running kernel's tracefs format file).
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != IPPROTO_TCP_NUM)
         return 0;
 #ifdef OPEN_CAPTURE
-    if (args->newstate == TCP_SYN_SENT) {
-        // The local port is not chosen yet (sport is 0): only the family
-        // and remote-port filters can apply.
-        cw_opened((u64)args->skaddr, args->family, args->dport);
-#ifndef ALL_TRANSITIONS
+    if (!cw_open_tracking((u64)args->skaddr, args->newstate, args->family, args->dport))
         return 0;
-#endif
-    } else if (args->newstate == TCP_CLOSE) {
-        u64 closing = (u64)args->skaddr;
-        cw_open.delete(&closing);   // a miss for most: one hash probe
-    }
 #endif
 #ifndef ALL_TRANSITIONS
     // Default mode: only transitions into or out of CLOSE_WAIT matter, and
@@ -749,17 +848,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         __builtin_memcpy(tp.ep.saddr, args->saddr_v6, 16);
         __builtin_memcpy(tp.ep.daddr, args->daddr_v6, 16);
     }
-
-    u64 now = cw_now();
-#ifdef ALL_TRANSITIONS
-    cw_stream(args, &tp, now);
-#endif
-    if (tp.newstate == TCP_CLOSE_WAIT)
-        cw_enter(&tp, now);
-    else if (tp.oldstate == TCP_CLOSE_WAIT)
-        cw_exit(args, &tp, now);
+    cw_state_change(args, &tp);
     return 0;
 }
+#endif
 
 #ifdef EOF_CAPTURE
 // Every socket read on the machine passes here: an ordinary read (ret > 0)

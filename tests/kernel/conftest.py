@@ -4,8 +4,10 @@ from closewait_trace.kernel.probe import FORCE_ENV
 from tests.kernel.harness import Tracer, end_tree
 
 # What a kernel before 5.6 gets (Ubuntu 20.04's 5.4, RHEL 8's 4.18): perf
-# buffer, CLOCK_MONOTONIC, the map walked key by key.
-PRE_5_6 = "perfbuf,monotonic,perkey"
+# buffer, CLOCK_MONOTONIC, the map walked key by key, and the state changes
+# through the tracepoint's perf event (sk_protocol is a bitfield there: the
+# raw tracepoint's reading of the socket needs 5.6).
+PRE_5_6 = "perfbuf,monotonic,perkey,perftp"
 KERNEL_PATHS = ("native", PRE_5_6)
 
 

@@ -186,6 +186,10 @@ def test_oversized_or_unreadable_file_is_none(tmp_path):
 
 # ------------------------------------------------ the parsed answer, cached
 
+def _answers(cache, prefix: str) -> list:
+    return [name for name in os.listdir(cache) if name.startswith(prefix + "-")]
+
+
 def _no_parse(_blob):
     raise AssertionError("parsed again: the cache was not used")
 
@@ -204,7 +208,7 @@ def test_the_answer_is_cached_by_the_btf_contents(tmp_path, monkeypatch):
     monkeypatch.undo()
     vmlinux.write_bytes(kernel_like(endian=">"))
     assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
-    assert len(os.listdir(cache)) == 1
+    assert len(_answers(cache, "netns")) == 1
 
 
 def test_no_usable_btf_is_cached_as_none(tmp_path, monkeypatch):
@@ -224,7 +228,7 @@ def test_a_cache_open_to_others_or_a_bad_answer_is_not_believed(tmp_path):
     vmlinux.write_bytes(kernel_like())
     cache = tmp_path / "btf"
     assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
-    (answer,) = os.listdir(cache)
+    (answer,) = _answers(cache, "netns")
     (cache / answer).write_text("1 2\n")          # a planted answer
     os.chmod(cache, 0o777)
     assert btf.netns_offsets_cached(str(vmlinux), str(cache)) == EXPECTED
@@ -247,3 +251,99 @@ def test_an_unwritable_cache_still_answers(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert btf.netns_offsets_cached(str(vmlinux), str(blocker / "btf")) == EXPECTED
+
+
+# ------------------------------------ the state change's fields (raw tracepoint)
+
+def sock_like(endian="<", protocol_bits=16, drop=None, inet_sk_at=0) -> bytes:
+    """struct sock_common with the tracepoint's fields (the ports and IPv4
+    addresses inside anonymous unions of anonymous structs, as the kernel
+    nests them), struct sock with sk_protocol, struct inet_sock beginning
+    with its struct sock (or not, inet_sk_at) and holding inet_sport."""
+    b = Builder(endian)
+    u16 = b.int("unsigned short", 2)
+    u32 = b.int()
+    be16 = b.add("typedef", "__be16", u16)
+    be32 = b.add("typedef", "__be32", u32)
+    in6 = b.add("struct", "in6_addr", 16, [("s6_addr32", u32, 0)])
+    addrs = b.add("struct", "", 8, [("skc_daddr", be32, 0), ("skc_rcv_saddr", be32, 32)])
+    addrpair = b.add("union", "", 8, [("skc_addrpair", b.int("unsigned long long", 8), 0),
+                                      ("", addrs, 0)])
+    ports = b.add("struct", "", 4, [("skc_dport", be16, 0), ("skc_num", u16, 16)])
+    portpair = b.add("union", "", 4, [("skc_portpair", u32, 0), ("", ports, 0)])
+    fields = [("", addrpair, 0), ("", portpair, 12 * 8), ("skc_family", u16, 16 * 8),
+              ("skc_v6_daddr", in6, 56 * 8), ("skc_v6_rcv_saddr", in6, 72 * 8)]
+    fields = [f for f in fields if f[0] != drop]
+    common = b.add("struct", "sock_common", 136, fields)
+    if protocol_bits == 16:
+        protocol = ("sk_protocol", u16, 532 * 8)
+    else:       # before 5.6: an 8-bit field of a bitfield group
+        protocol = ("sk_protocol", b.add("int", "unsigned char", 1,
+                                         extra=struct.pack(endian + "I", protocol_bits)), 532 * 8)
+    sock = b.add("struct", "sock", 800, [("__sk_common", common, 0), protocol])
+    b.add("struct", "inet_sock", 900, [("sk", sock, inet_sk_at * 8), ("inet_sport", be16, 814 * 8)])
+    return b.blob()
+
+
+STATE_EXPECTED = btf.StateOffsets(family=16, protocol=532, sport=814, dport=12, saddr=4,
+                                  daddr=0, v6_saddr=72, v6_daddr=56)
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_the_state_fields_are_found_through_anonymous_unions(endian):
+    assert btf.state_offsets_from(sock_like(endian)) == STATE_EXPECTED
+    assert STATE_EXPECTED.cflags()[0] == "-DRAW_STATE_CHANGE"
+    assert "-DSK_SPORT_OFF=814" in STATE_EXPECTED.cflags()
+
+
+def test_no_state_offsets_when_a_field_is_missing_or_not_what_the_tracepoint_copies():
+    # Each field missing, in turn: the program keeps the tracepoint's fields.
+    for name in ("skc_family", "skc_v6_daddr", "skc_v6_rcv_saddr"):
+        assert btf.state_offsets_from(sock_like(drop=name)) is None, name
+    # sk_protocol as before 5.6 (8 bits of a bitfield group).
+    assert btf.state_offsets_from(sock_like(protocol_bits=8)) is None
+    # An inet_sock that does not begin with its sock: inet_sport would be
+    # read at the wrong place from the sock pointer.
+    assert btf.state_offsets_from(sock_like(inet_sk_at=8)) is None
+    # Not BTF, or cut anywhere: None or the whole answer, never a crash.
+    assert btf.state_offsets_from(b"\0" * 64) is None
+    blob = sock_like()
+    for n in range(0, len(blob), 7):
+        assert btf.state_offsets_from(blob[:n]) in (None, STATE_EXPECTED)
+
+
+def test_the_running_kernels_btf_gives_the_state_fields():
+    if not os.path.exists(btf.VMLINUX):
+        pytest.skip("this kernel has no BTF")
+    found = btf.state_offsets_from(open(btf.VMLINUX, "rb").read())
+    assert found is not None
+    parsed = btf.BTF(open(btf.VMLINUX, "rb").read())
+    common = parsed.path(b"sock", b"__sk_common")[0]
+    assert found.family == common + parsed.path(b"sock_common", b"skc_family")[0]
+    assert found.dport == common + parsed.path(b"sock_common", b"skc_dport")[0]
+    assert found.daddr == common + parsed.path(b"sock_common", b"skc_daddr")[0]
+    assert found.v6_daddr == common + parsed.path(b"sock_common", b"skc_v6_daddr")[0]
+    assert found.sport == parsed.path(b"inet_sock", b"inet_sport")[0]
+    assert parsed.path(b"sock", b"sk_protocol")[2] == 2
+
+
+def test_both_answers_are_cached_and_a_planted_state_answer_is_not_believed(tmp_path,
+                                                                             monkeypatch):
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(sock_like())
+    cache = tmp_path / "btf"
+    assert btf.offsets_cached(str(vmlinux), str(cache)) == (None, STATE_EXPECTED)
+    monkeypatch.setattr(btf, "state_offsets_from", _no_parse)
+    monkeypatch.setattr(btf, "netns_offsets_from", _no_parse)
+    assert btf.offsets_cached(str(vmlinux), str(cache)) == (None, STATE_EXPECTED)
+    monkeypatch.undo()
+    (answer,) = _answers(cache, "state")
+    (cache / answer).write_text("1 2 3 4 5 6 7 8\n")
+    os.chmod(cache, 0o777)           # open to others: parsed around
+    assert btf.offsets_cached(str(vmlinux), str(cache))[1] == STATE_EXPECTED
+    os.chmod(cache, 0o700)
+    assert btf.offsets_cached(str(vmlinux), str(cache))[1] == btf.StateOffsets(1, 2, 3, 4, 5,
+                                                                               6, 7, 8)
+    for bad in ("1 2\n", "1 2 3 4 5 6 7\n", "1 2 3 4 5 6 7 x\n", "1 2 3 4 5 6 7 99999999\n"):
+        (cache / answer).write_text(bad)
+        assert btf.offsets_cached(str(vmlinux), str(cache))[1] == STATE_EXPECTED, bad

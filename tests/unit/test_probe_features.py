@@ -204,3 +204,49 @@ def test_a_thread_with_its_own_directory_moves_only_itself(tmp_path):
     assert seen == {"own": True, "thread cwd": str(tmp_path)}
     assert os.getcwd() == here
     assert probe.own_working_directory() is False
+
+
+def test_the_state_changes_come_from_the_raw_tracepoint_where_btf_gives_the_fields(monkeypatch):
+    state = probe.btf.StateOffsets(family=16, protocol=532, sport=814, dport=12, saddr=4,
+                                   daddr=0, v6_saddr=72, v6_daddr=56)
+    monkeypatch.setattr(probe, "btf_offsets", lambda: (None, state))
+    f = probe.detect_features(release="6.18.0", environ={})
+    assert f.state == state
+    assert "state changes from the raw tracepoint" in f.describe()
+    flags = probe.ProbeConfig(threshold_ns=1, features=f).cflags(True, True)
+    assert "-DRAW_STATE_CHANGE" in flags and "-DSK_PROTOCOL_OFF=532" in flags
+    # Forced onto the tracepoint's perf event (as without BTF, or before
+    # 5.6), and without BTF at all: no raw reading.
+    for words in ("perftp", "nobtf", "perfbuf,monotonic,perkey,perftp"):
+        f = probe.detect_features(release="6.18.0", environ={probe.FORCE_ENV: words})
+        assert f.state is None, words
+        assert "state changes from the tracepoint's perf event" in f.describe()
+        flags = probe.ProbeConfig(threshold_ns=1, features=f).cflags(True, True)
+        assert not any(flag.startswith(("-DRAW_STATE_CHANGE", "-DSK_")) for flag in flags)
+
+
+def test_the_raw_tracepoint_is_the_events_one_at_the_exit():
+    """With the state changes on the raw tracepoint (its fd is the
+    attachment, in bcc's raw_tracepoint_fds), the stop detaches it, and
+    every perf-event tracepoint is a quiet one, handed over at the start."""
+    import os as _os
+    pipes = {name: _os.pipe() for name in ("events", "recv", "exec")}
+    fake = type("BPF", (), {})()
+    fake.raw_tracepoint_fds = {b"inet_sock_set_state": pipes["events"][1]}
+    fake.tracepoint_fds = {b"sock:sock_recv_length": pipes["recv"][1],
+                           b"sched:sched_process_exec": pipes["exec"][1]}
+    p = probe.KernelProbe(probe.ProbeConfig(threshold_ns=1, features=probe.detect_features(
+        release="6.18.0", environ={})))
+    p.bpf = fake
+    given = []
+    assert p.hand_over_quiet(lambda fds: given.extend(fds) or (lambda: True))
+    assert given == [pipes["recv"][1], pipes["exec"][1]]
+    p.detach(events_only=True)
+    p.wait_detached()
+    assert fake.raw_tracepoint_fds == {}
+    assert _os.read(pipes["events"][0], 1) == b""       # closed: detached
+    assert len(fake.tracepoint_fds) == 2
+    p.release_for_exit()
+    assert fake.tracepoint_fds == {}
+    for r, _w in pipes.values():
+        _os.close(r)

@@ -22,6 +22,7 @@ matching sockets by address, and says ambiguity as such.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -74,6 +75,31 @@ class NetnsOffsets:
 
     def cflags(self) -> list[str]:
         return [f"-DNETNS_SK_NET_OFF={self.sk_net}", f"-DNETNS_INUM_OFF={self.net_inum}"]
+
+
+@dataclass(frozen=True)
+class StateOffsets:
+    """Byte offsets, from a struct sock pointer, of what the
+    sock:inet_sock_set_state tracepoint copies out of the socket. With them
+    the program reads the socket itself from the raw tracepoint (its
+    arguments: the socket and both states) instead of through the
+    tracepoint's perf event, which the kernel can skip without counting
+    the skip (docs/how-it-works.md, "Why the raw tracepoint")."""
+
+    family: int       # __sk_common.skc_family (u16)
+    protocol: int     # sk_protocol (u16; a bitfield before 5.6: not usable)
+    sport: int        # inet_sock.inet_sport (__be16): the tracepoint's sport
+    dport: int        # __sk_common.skc_dport (__be16)
+    saddr: int        # __sk_common.skc_rcv_saddr (__be32)
+    daddr: int        # __sk_common.skc_daddr (__be32)
+    v6_saddr: int     # __sk_common.skc_v6_rcv_saddr (struct in6_addr)
+    v6_daddr: int     # __sk_common.skc_v6_daddr
+
+    FIELDS = ("family", "protocol", "sport", "dport", "saddr", "daddr", "v6_saddr", "v6_daddr")
+
+    def cflags(self) -> list[str]:
+        return ["-DRAW_STATE_CHANGE"] + [f"-DSK_{name.upper()}_OFF={getattr(self, name)}"
+                                         for name in self.FIELDS]
 
 
 class BTF:
@@ -158,6 +184,18 @@ class BTF:
     def size(self, type_id: int) -> int:
         return self._type(type_id)[3]
 
+    def int_bits(self, type_id: int) -> Optional[int]:
+        """The bits of an integer type that are its value, None if it is
+        not an integer or its value does not start at bit 0."""
+        kind, _vlen, _kflag, _size = self._type(type_id)
+        if kind != KIND_INT:
+            return None
+        pos = self.offsets[type_id] + 12
+        if pos + 4 > len(self.blob):
+            raise BTFError("an integer record is cut short")
+        (encoding,) = struct.unpack_from(self._e + "I", self.blob, pos)
+        return encoding & 0xFF if (encoding >> 16) & 0xFF == 0 else None
+
     def members(self, type_id: int):
         """(name, bit offset, bitfield size, member type id) of a struct or union."""
         kind, vlen, kflag, _size = self._type(type_id)
@@ -199,7 +237,17 @@ class BTF:
     def path(self, struct_name: bytes, *names: bytes) -> Optional[tuple[int, int, int]]:
         """(byte offset, kind, size) of the type at struct_name.a.b...; None when a
         step is missing. Several structs of one name must agree."""
-        answers = set()
+        found = self.locate(struct_name, *names)
+        if found is None:
+            return None
+        offset, type_id = found
+        return offset, self.kind(type_id), self.size(type_id)
+
+    def locate(self, struct_name: bytes, *names: bytes) -> Optional[tuple[int, int]]:
+        """(byte offset, type id under typedefs) at struct_name.a.b...; None
+        when a step is missing or structs of one name disagree (on the
+        offset, or the kind or size of what is there)."""
+        answers = {}
         for type_id in self.by_name.get(struct_name, []):
             if self.kind(type_id) != KIND_STRUCT:
                 continue
@@ -215,11 +263,11 @@ class BTF:
                 offset += found[0]
                 current = self.resolve(found[1])
             if current is not None:
-                answers.add((offset, self.kind(current), self.size(current)))
+                answers.setdefault((offset, self.kind(current), self.size(current)), current)
         if len(answers) != 1:
             return None
-        offset, kind, size = answers.pop()
-        return offset, kind, size
+        (offset, _kind, _size), type_id = answers.popitem()
+        return offset, type_id
 
 
 def netns_offsets_from(blob: bytes) -> Optional[NetnsOffsets]:
@@ -241,6 +289,57 @@ def netns_offsets_from(blob: bytes) -> Optional[NetnsOffsets]:
     return NetnsOffsets(sk_net=net_ptr[0], net_inum=inum[0])
 
 
+# Where each StateOffsets field is: (struct, member path), and what it must
+# be: an integer of that many bytes, or an aggregate (in6_addr) of that size.
+_STATE_FIELDS = {
+    "family": ((b"sock", b"__sk_common", b"skc_family"), "int", 2),
+    "protocol": ((b"sock", b"sk_protocol"), "int", 2),
+    "sport": ((b"inet_sock", b"inet_sport"), "int", 2),
+    "dport": ((b"sock", b"__sk_common", b"skc_dport"), "int", 2),
+    "saddr": ((b"sock", b"__sk_common", b"skc_rcv_saddr"), "int", 4),
+    "daddr": ((b"sock", b"__sk_common", b"skc_daddr"), "int", 4),
+    "v6_saddr": ((b"sock", b"__sk_common", b"skc_v6_rcv_saddr"), "aggregate", 16),
+    "v6_daddr": ((b"sock", b"__sk_common", b"skc_v6_daddr"), "aggregate", 16),
+}
+
+
+def state_offsets_from(blob: bytes) -> Optional[StateOffsets]:
+    """StateOffsets from a BTF blob, or None: not BTF, a field missing, a
+    bitfield, or not the size the tracepoint copies (then the program uses
+    the tracepoint's own fields, as on kernels without BTF)."""
+    try:
+        btf = BTF(blob)
+        # inet_sport is read from the struct sock pointer: inet_sock must
+        # begin with its struct sock.
+        sk_in_inet = btf.path(b"inet_sock", b"sk")
+        if sk_in_inet is None or sk_in_inet[0] != 0:
+            return None
+        found = {}
+        for name, (path, shape, size) in _STATE_FIELDS.items():
+            at = _field(btf, path, shape, size)
+            if at is None:
+                return None
+            found[name] = at
+    except (BTFError, struct.error):
+        return None
+    return StateOffsets(**found)
+
+
+def _field(btf: BTF, path: tuple, shape: str, size: int) -> Optional[int]:
+    """The byte offset at path if what is there has that shape and size."""
+    found = btf.locate(*path)
+    if found is None:
+        return None
+    offset, type_id = found
+    kind = btf.kind(type_id)
+    if shape == "int":
+        fits = btf.size(type_id) == size and (
+            kind == KIND_ENUM or (kind == KIND_INT and btf.int_bits(type_id) == size * 8))
+    else:
+        fits = kind in (KIND_STRUCT, KIND_UNION) and btf.size(type_id) == size
+    return offset if fits else None
+
+
 def read_bounded(path: str, limit: int = MAX_BYTES) -> Optional[bytes]:
     """The file's bytes, or None when unreadable or larger than limit."""
     try:
@@ -259,26 +358,39 @@ def netns_offsets(path: str = VMLINUX) -> Optional[NetnsOffsets]:
 
 def netns_offsets_cached(path: str = VMLINUX, cache_dir: str = CACHE_DIR
                          ) -> Optional[NetnsOffsets]:
-    """netns_offsets(path), the answer kept in cache_dir under the BTF's
-    SHA-256: hashing the 5-6 MB costs about 3 ms, parsing it about 50 ms of
-    the start-up (bench/startup.py). The cache is only an optimisation:
-    a directory not ours alone (another user could have written the
-    answer: the program would read the namespace at the wrong offset), a
-    file that does not read as an answer, or any error, and the BTF is
-    parsed as without it."""
+    """netns_offsets(path), through the cache (offsets_cached)."""
+    return offsets_cached(path, cache_dir)[0]
+
+
+def offsets_cached(path: str = VMLINUX, cache_dir: str = CACHE_DIR
+                   ) -> tuple[Optional[NetnsOffsets], Optional[StateOffsets]]:
+    """(netns_offsets_from, state_offsets_from) of the BTF at path, each
+    answer kept in cache_dir under the BTF's SHA-256: hashing the 5-6 MB
+    costs about 3 ms, parsing it about 50 ms of the start-up
+    (bench/startup.py). The cache is only an optimisation: a directory not
+    ours alone (another user could have written the answer: the program
+    would read the socket at the wrong offsets), a file that does not read
+    as an answer, or any error, and the BTF is parsed as without it."""
     blob = read_bounded(path)
     if blob is None:
-        return None
-    name = os.path.join(cache_dir, f"netns-{hashlib.sha256(blob).hexdigest()}")
+        return None, None
+    digest = hashlib.sha256(blob).hexdigest()
     private = _private_dir(cache_dir)
-    if private:
-        found = _read_answer(name)
+    answers = []
+    # Looked up by name at each call (a test replaces them).
+    for prefix, kind, parse in (("netns", NetnsOffsets, lambda b: netns_offsets_from(b)),
+                                ("state", StateOffsets, lambda b: state_offsets_from(b))):
+        name = os.path.join(cache_dir, f"{prefix}-{digest}")
+        found = _read_answer(name, kind) if private else None
         if found is not None:
-            return found[0]
-    offsets = netns_offsets_from(blob)
-    if private or _make_private_dir(cache_dir):
-        _write_answer(cache_dir, name, offsets)
-    return offsets
+            answers.append(found[0])
+            continue
+        offsets = parse(blob)
+        if private or _make_private_dir(cache_dir):
+            private = True
+            _write_answer(cache_dir, name, prefix, offsets)
+        answers.append(offsets)
+    return answers[0], answers[1]
 
 
 def _private_dir(path: str) -> bool:
@@ -301,7 +413,11 @@ def _make_private_dir(path: str) -> bool:
     return _private_dir(path)
 
 
-def _read_answer(name: str) -> Optional[tuple]:
+def _field_names(kind) -> list[str]:
+    return [f.name for f in dataclasses.fields(kind)]
+
+
+def _read_answer(name: str, kind=NetnsOffsets) -> Optional[tuple]:
     """(offsets or None,) as written by _write_answer; None: no usable answer."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW)
@@ -311,7 +427,7 @@ def _read_answer(name: str) -> Optional[tuple]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             return None
-        text = os.read(fd, 64).decode("ascii", "replace")
+        text = os.read(fd, 128).decode("ascii", "replace")
     except OSError:
         return None
     finally:
@@ -319,15 +435,17 @@ def _read_answer(name: str) -> Optional[tuple]:
     words = text.split()
     if words == ["none"]:
         return (None,)
-    if len(words) == 2 and all(w.isdigit() and len(w) < 8 for w in words):
-        return (NetnsOffsets(sk_net=int(words[0]), net_inum=int(words[1])),)
+    names = _field_names(kind)
+    if len(words) == len(names) and all(w.isdigit() and len(w) < 8 for w in words):
+        return (kind(**dict(zip(names, map(int, words)))),)
     return None
 
 
-def _write_answer(cache_dir: str, name: str, offsets: Optional[NetnsOffsets]) -> None:
-    """Written whole then renamed in; the answers for other BTF (an older
-    kernel's) are removed, so the cache holds one file."""
-    text = "none\n" if offsets is None else f"{offsets.sk_net} {offsets.net_inum}\n"
+def _write_answer(cache_dir: str, name: str, prefix: str, offsets) -> None:
+    """Written whole then renamed in; the answers of this prefix for other
+    BTF (an older kernel's) are removed, so the cache holds one of each."""
+    text = "none\n" if offsets is None else " ".join(
+        str(getattr(offsets, n)) for n in _field_names(type(offsets))) + "\n"
     tmp = f"{name}.tmp-{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -338,7 +456,7 @@ def _write_answer(cache_dir: str, name: str, offsets: Optional[NetnsOffsets]) ->
         os.rename(tmp, name)
         for entry in os.listdir(cache_dir):
             full = os.path.join(cache_dir, entry)
-            if entry.startswith("netns-") and full != name and ".tmp-" not in entry:
+            if entry.startswith(prefix + "-") and full != name and ".tmp-" not in entry:
                 os.unlink(full)
     except OSError:
         try:

@@ -28,8 +28,12 @@ TRACEPOINT = "sock/inet_sock_set_state"
 # The one tracepoint whose program makes events (and the counts that
 # account for them): at the stop, the one to wait for.
 EVENTS_TRACEPOINT = "sock:inet_sock_set_state"
-# bcc's name for that tracepoint's program (TRACEPOINT_PROBE's function).
+# bcc's name for that tracepoint's program (TRACEPOINT_PROBE's function),
+# and, where the kernel's BTF gives the socket's fields (KernelFeatures.state),
+# the raw tracepoint's (RAW_TRACEPOINT_PROBE's) and bcc's key for its fd.
 EVENTS_PROGRAM = b"tracepoint__" + EVENTS_TRACEPOINT.replace(":", "__").encode()
+EVENTS_RAW_TRACEPOINT = EVENTS_TRACEPOINT.split(":")[1].encode()
+EVENTS_RAW_PROGRAM = b"raw_tracepoint__" + EVENTS_RAW_TRACEPOINT
 # Where a socket was read to its end: the EOF read's place (a newer
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
@@ -86,6 +90,8 @@ class ProbeConfig:
             flags.append("-DALL_TRANSITIONS")
         if self.features.netns is not None:
             flags.extend(self.features.netns.cflags())
+        if self.features.state is not None:
+            flags.extend(self.features.state.cflags())
         if self.features.probe_read_kernel:
             flags.append("-DUSE_PROBE_READ_KERNEL")
         if self.captures_eof or self.captures_open:
@@ -155,13 +161,16 @@ def kernel_at_least(major: int, minor: int, release: Optional[str] = None) -> bo
 #   libbpfring             the ring buffer read through libbpf's callback
 #                          per event, as on other architectures than x86-64
 #                          (kernel/ringreader.py), not from its mapping
-# CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey is what a 5.4 kernel gets.
+# CLOSEWAIT_TRACE_FORCE=perfbuf,monotonic,perkey,perftp is what a 5.4 kernel gets.
 FORCE_ENV = "CLOSEWAIT_TRACE_FORCE"
 _FORCE_WORDS = {
     "perfbuf": ("ringbuf", False), "ringbuf": ("ringbuf", True),
     "monotonic": ("boot_clock", False), "boottime": ("boot_clock", True),
     "perkey": ("batch_read", False), "batch": ("batch_read", True),
     "nobtf": ("btf", False),
+    # The state changes through the tracepoint's perf event, as on kernels
+    # without BTF (before 5.6, sk_protocol is a bitfield: no raw reading).
+    "perftp": ("raw_tracepoint", False), "rawtp": ("raw_tracepoint", True),
     "noeof": ("eof", False),
     "libbpfring": ("direct_ring", False),
 }
@@ -180,6 +189,10 @@ class KernelFeatures:
     # BTF (kernel/btf.py); None: no usable BTF, sockets are matched to their
     # namespace by address only, and a match in several is said as ambiguous.
     netns: Optional[btf.NetnsOffsets] = None
+    # Offsets of the socket's fields the state-change tracepoint copies
+    # (kernel/btf.py); given, the program attaches to the raw tracepoint
+    # and reads them itself; None: the tracepoint's perf event.
+    state: Optional[btf.StateOffsets] = None
     probe_read_kernel: bool = True   # bpf_probe_read_kernel (5.5+)
     # Why the place of an EOF read cannot be captured here; None: it can
     # (sock:sock_recv_length, bpf_task_pt_regs, an x86-64 user stack).
@@ -203,6 +216,8 @@ class KernelFeatures:
                ("batched map reads" if self.batch_read else "per-key map reads") + \
                (", socket namespaces from BTF" if self.netns is not None
                 else ", socket namespaces unknown (no usable BTF): matched by address") + \
+               (", state changes from the raw tracepoint" if self.state is not None
+                else ", state changes from the tracepoint's perf event") + \
                ", " + self.describe_eof()
         if self.forced:
             text += f" (forced by {FORCE_ENV}={','.join(self.forced)})"
@@ -235,13 +250,15 @@ def detect_features(release: Optional[str] = None, environ=None) -> KernelFeatur
     text = environ.get(FORCE_ENV, "")
     forced = parse_force(text)
     at_5_8 = kernel_at_least(5, 8, release)
+    netns, state = btf_offsets() if forced.get("btf", True) else (None, None)
     return KernelFeatures(
         ringbuf=forced.get("ringbuf", at_5_8),
         boot_clock=forced.get("boot_clock", at_5_8),
         batch_read=forced.get("batch_read", True),
         direct_ring=forced.get("direct_ring", ringreader.available()),
         forced=tuple(w.strip().lower() for w in text.split(",") if w.strip()),
-        netns=btf_netns_offsets() if forced.get("btf", True) else None,
+        netns=netns,
+        state=state if forced.get("raw_tracepoint", True) else None,
         probe_read_kernel=kernel_at_least(5, 5, release),
         eof_capture=("off (forced by " + FORCE_ENV + ")" if forced.get("eof") is False
                      else eof_capture_unavailable(release)),
@@ -284,10 +301,10 @@ def eof_capture_unavailable(release: Optional[str] = None, machine: Optional[str
 
 
 @functools.lru_cache(maxsize=1)
-def btf_netns_offsets() -> Optional[btf.NetnsOffsets]:
+def btf_offsets() -> tuple[Optional[btf.NetnsOffsets], Optional[btf.StateOffsets]]:
     """The running kernel's offsets, parsed once per process (about 50 ms;
-    3 ms once the answer is in the cache: btf.netns_offsets_cached)."""
-    return btf.netns_offsets_cached()
+    3 ms once the answers are in the cache: btf.offsets_cached)."""
+    return btf.offsets_cached()
 
 
 def ensure_tracefs() -> str:
@@ -875,14 +892,15 @@ class KernelProbe:
 
     def transitions_skipped(self) -> Optional[int]:
         """State changes the events program never saw: the kernel does not
-        run a BPF program on a CPU already running one (the state change
-        came in an interrupt while another program ran there, ours or
-        anyone's) and counts the run it skipped, per program
+        run a BPF program on a CPU already running it (the raw tracepoint's;
+        through the tracepoint's perf event, already running any program,
+        ours or anyone's): the state change came in an interrupt while it
+        ran there. It counts the run it skipped, per program
         (recursion_misses in the program fd's fdinfo, Linux 5.12+). Such a
         change is lost before the program could count it; None where the
         kernel does not say."""
         funcs = getattr(self.bpf, "funcs", None) or {}
-        program = funcs.get(EVENTS_PROGRAM)
+        program = funcs.get(EVENTS_RAW_PROGRAM) or funcs.get(EVENTS_PROGRAM)
         if program is None:
             return None
         try:
@@ -1053,11 +1071,17 @@ class KernelProbe:
         from bcc.libbcc import lib
         fds = getattr(self.bpf, "tracepoint_fds", None)
         if not isinstance(fds, dict):
-            return
+            fds = {}
         names = [n for n in fds if not events_only or _tracepoint_name(n) == EVENTS_TRACEPOINT]
-        taken = [fds.pop(n) for n in names]     # closed here, not again by bcc's cleanup()
-        for fd in taken:
-            t = threading.Thread(target=lib.bpf_close_perf_event_fd, args=(fd,), daemon=True)
+        # Closed here, not again by bcc's cleanup(): the perf events, and the
+        # raw tracepoint (only the events program's, when it is one), whose
+        # fd is the attachment.
+        taken = [(lib.bpf_close_perf_event_fd, fds.pop(n)) for n in names]
+        raw = getattr(self.bpf, "raw_tracepoint_fds", None)
+        if isinstance(raw, dict):
+            taken += [(os.close, raw.pop(n)) for n in list(raw)]
+        for close, fd in taken:
+            t = threading.Thread(target=close, args=(fd,), daemon=True)
             self._detaching.append(t)
             t.start()
 

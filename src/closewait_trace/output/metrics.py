@@ -431,8 +431,8 @@ def build_families(view, state: MetricsState) -> tuple:
         value=counters.get("events_lost", 0))
     skipped = CounterMetricFamily(
         "closewait_transitions_skipped",
-        "State changes the kernel never ran the program for (another BPF program "
-        "was running on that CPU)",
+        "State changes the kernel never ran the program for (a BPF program "
+        "was already running on that CPU)",
         value=counters.get("transitions_skipped", 0))
     full = CounterMetricFamily(
         "closewait_map_full",

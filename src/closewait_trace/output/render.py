@@ -32,7 +32,7 @@ COUNTER_TEXT = {
                           "their deadline"),
     "events_unread": "events not read: in the buffer when the trace ended",
     "transitions_skipped": ("state changes not seen: the kernel skipped the program "
-                            "(another BPF program was running on that CPU)"),
+                            "(a BPF program was already running on that CPU)"),
 }
 
 LINE = 80                  # the default layout's width
@@ -930,7 +930,7 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
                         f"when the trace ended)")
     if n.get("transitions_skipped"):
         problems.append(f"{n['transitions_skipped']} state changes not seen (the kernel "
-                        f"skipped the program: another BPF program ran on that CPU)")
+                        f"skipped the program: a BPF program was already running on that CPU)")
     if n.get("found_unseen"):
         problems.append(f"{n['found_unseen']} sockets found in CLOSE_WAIT by a rescan "
                         f"after a loss (their entry not seen; ages estimated)")

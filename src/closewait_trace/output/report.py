@@ -1121,7 +1121,7 @@ def _loss_lines(losses: dict) -> list[str]:
         items.append(f"{losses['map_full']} sockets not timed (tracking map full)")
     if losses.get("transitions_skipped"):
         items.append(f"{losses['transitions_skipped']} kernel state changes not seen (the "
-                     f"kernel skipped the program: another BPF program ran on that CPU)")
+                     f"kernel skipped the program: a BPF program was already running on that CPU)")
     if losses.get("events_unread"):
         items.append(f"{losses['events_unread']} kernel events not read (in the buffer "
                      f"when a capture ended)")
