@@ -78,10 +78,10 @@ def test_churn_counts_exactly_the_transitions_it_makes(procs, tmp_path):
     up to the runs the kernel skipped and counted (transitions_skipped,
     its program's recursion_misses). Through the tracepoint's perf event
     (the pre-5.6 path) the kernel can also drop a state change without
-    counting it (docs/how-it-works.md, "Why the raw tracepoint": 3 of 255
+    counting it (docs/how-it-works.md, "Why the raw tracepoint": 3 of 257
     runs of this workload lost a connection's first two transitions so),
     so the exact count is asserted where the tool claims it; this test
-    failed so about once in 25 runs before the raw tracepoint."""
+    failed so in 1 of 27 runs before the raw tracepoint."""
     churn = tmp_path / "churn"
     subprocess.run(["gcc", "-O2", "-o", str(churn), CHURN_C], check=True)
     netns = f"cw-churncount-{os.getpid()}"
