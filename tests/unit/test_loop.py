@@ -1391,25 +1391,32 @@ def test_the_start_reads_other_namespaces_for_a_budget_and_the_rescans_read_the_
     class LeavesItsNamespace(ProcResolver):
         def start_close_wait(self, budget_s):
             calls.append(("start", budget_s))
-            return RescanRead([], {4}, [4, 5], [NETNS, 6], {4: 0, 5: 1000, NETNS: 65534, 6: 65534})
+            # 4 read whole, 5 cut short by the budget, 7's read failed
+            # through each of its processes; NETNS and 6 left.
+            return RescanRead([], {4}, [4, 5, 7], [NETNS, 6],
+                              {4: 0, 5: 1000, 7: 1000, NETNS: 65534, 6: 65534}, 5)
 
         def rescan_close_wait(self, last_read, budget_s):
             calls.append(("rescan", dict(last_read)))
             read = super().rescan_close_wait(last_read, budget_s)
-            return read._replace(dumped={NETNS}, tried=[NETNS, 6], unread=[])
+            return read._replace(dumped={NETNS, 6}, tried=[NETNS, 6], unread=[])
 
     w = World(tmp_path, resolver=LeavesItsNamespace(str(tmp_path / "proc")))
     w.hold(100, 30500, 60500)                  # before the start, in NETNS
     w.tracer.start()
     assert calls == [("start", tracer_module.START_OTHERS_BUDGET_S)]
-    # 5 was cut short (tried, not read whole): not counted as unread, but
-    # what a rescan finds there is from before the start too.
-    assert w.tracer.start_unread_namespaces == {65534: 2}
-    assert w.tracer._unread_since_start == {NETNS, 6, 5}
+    # 5 was cut short: not read, and said so (it was once counted as read,
+    # and its sockets past the cut never reported, with no notice). 7's
+    # read failed (most likely gone with its processes): not said, but not
+    # taken as read either. What a rescan finds in any of them is from
+    # before the start too.
+    assert w.tracer.start_unread_namespaces == {65534: 2, 1000: 1}
+    assert w.tracer._unread_since_start == {NETNS, 6, 5, 7}
     assert w.of("start")[0]["pre_existing"] == 0
     w.step()                                   # no loss: read for what the start left
-    assert calls[1] == ("rescan", {4: 0, 5: 0}) and w.tracer.tick_stats["rescans"] == 1
-    assert w.tracer._unread_since_start == {5, 6}
+    # Only 4 was read: 5 and 7 are not stamped, and go first again.
+    assert calls[1] == ("rescan", {4: 0}) and w.tracer.tick_stats["rescans"] == 1
+    assert w.tracer._unread_since_start == {5, 7}
     w.step(1.5)
     [rec] = w.of("linger")
     assert rec["rport"] == 30500 and rec["pre_existing"] is True
@@ -1491,3 +1498,44 @@ def test_a_rescan_that_ran_out_of_budget_is_continued_without_a_new_loss(tmp_pat
     w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
     w.step(1.0)
     assert len(calls) == 6 and w.tracer.tick_stats["rescans"] == 6
+
+
+def test_a_rescan_takes_a_namespace_cut_short_or_unread_as_not_read(tmp_path):
+    """A rescan whose budget cut a namespace's dump short, or whose read of
+    one failed through each of its processes, has not read it: it is not
+    stamped as read (it goes first again among its user's), and a
+    namespace cut short is read by the next rescan though nothing new was
+    lost. Before, both were stamped as read and the rescans stopped: the
+    sockets past the cut were never reported. A read that fails again is
+    not retried every RESCAN_EVERY_S (most likely gone, or its processes
+    come and go): the next rescan for a loss tries it first."""
+    from closewait_trace.live import tracer as tracer_module
+    from closewait_trace.sockets.owners import RescanRead
+    calls = []
+    answers = [RescanRead([], {11}, [11, 12, 13], [], {}, 12),   # 12 cut, 13 failed
+               RescanRead([], {12}, [12, 13], [], {}),          # 13 failed again
+               RescanRead([], {13}, [13], [], {})]
+
+    class Cuts(ProcResolver):
+        def rescan_close_wait(self, last_read, budget_s):
+            calls.append(dict(last_read))
+            return answers[len(calls) - 1]
+
+    w = World(tmp_path, resolver=Cuts(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.probe.counts["map_full"] = 1
+    w.step(1.0)
+    assert calls == [{}]
+    for _ in range(3):
+        w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+        w.step(1.0)
+    # The cut one was read by the next rescan without a loss; the one that
+    # failed twice was not asked for a third time until a new loss.
+    assert calls == [{}, {11: 1}]
+    w.probe.counts["map_full"] = 2
+    w.tracer._rescan_tried -= tracer_module.RESCAN_EVERY_S
+    w.step(1.0)
+    # (11, no longer listed by these reads, is forgotten as gone.)
+    assert calls == [{}, {11: 1}, {12: 2}]
+    assert w.tracer._namespace_read == {13: 3}

@@ -273,3 +273,46 @@ def test_a_rescan_where_every_namespace_was_read_starts_with_the_oldest():
     owner_of = {10: 0, 11: 0, 12: 0}
     assert owners.fair_order(owner_of, {10: 5, 11: 2, 12: 4}) == [11, 12, 10]
     assert owners.fair_order({}, {10: 1}) == []
+
+
+def test_a_namespace_is_read_through_its_next_process_when_the_first_is_gone(monkeypatch):
+    """read_by_turns enters each namespace through one of its processes,
+    listed a moment before: that one may have exited since (a short-lived
+    process of a periodic job, whose pid came first after the counter
+    wrapped), or its pid been reused in another namespace. Then the next
+    process of that namespace is tried; before, such a namespace was
+    silently not read (its sockets missing from `snapshot` and from the
+    start-up, with no notice). A namespace no process of which answers is
+    left for the next read, never taken as read."""
+    from closewait_trace.sockets import procfs, sockdiag
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    victim, reused = 500, 600
+    row = owners.TcpRow(ep(7702, 40000, netns=victim), CW, 0, 1, 0, 99)
+    monkeypatch.setattr(procnet, "scan_network_namespace_pids",
+                        lambda proc, most=3: ({own: [1], victim: [300, 400], reused: [700]}, set()))
+    monkeypatch.setattr(procfs, "real_uid", lambda pid, proc: 0)
+    entered = []
+
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+        entered.append(ns_path)
+        if ns_path is None:
+            return own, []
+        if ns_path.endswith("/300/ns/net"):
+            raise FileNotFoundError(2, "No such process")      # exited since the listing
+        if ns_path.endswith("/400/ns/net"):
+            return victim, [row]
+        return 999, []                                         # 700: reused elsewhere
+
+    monkeypatch.setattr(sockdiag, "tcp_sockets_in", tcp_sockets_in)
+    read = owners.read_by_turns([CW], "/proc", budget_s=10)
+    assert entered == [None, "/proc/300/ns/net", "/proc/400/ns/net", "/proc/700/ns/net"]
+    assert read.rows == [row]
+    assert read.dumped == {own, victim}
+    assert read.tried == [victim, reused] and read.unread == [] and not read.cut
+    assert read.left == [reused] and read.not_read == []
+
+
+def test_a_namespace_cut_short_counts_as_not_read():
+    read = owners.RescanRead([], {11}, [11, 12], [13, 14], {}, 12)
+    assert read.not_read == [13, 14, 12]
+    assert read.left == [13, 14, 12]

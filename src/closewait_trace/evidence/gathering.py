@@ -173,8 +173,9 @@ def snapshot_candidates(socket_filter: SocketFilter, min_age_ns: int,
             for netns in read.dumped:
                 procnet.remember_rows(proc, netns, states, whole.get(netns, []))
             # A namespace cut short is not listed in part: counted unread.
-            # (One whose read failed, its process gone, was never counted.)
-            for netns in read.unread + ([read.cut] if read.cut else []):
+            # (One whose read failed through each of its processes, most
+            # likely gone with them, is not counted.)
+            for netns in read.not_read:
                 uid = read.uid_of.get(netns, -1)
                 unread[uid] = unread.get(uid, 0) + 1
             found = [row for rows in whole.values() for row in rows]

@@ -226,6 +226,7 @@ class LiveTracer:
     # left some unread (the next one then comes without a new loss).
     _namespace_read: dict = field(default_factory=dict)
     _rescan_unread: bool = False
+    _failed_reads: set = field(default_factory=set)   # namespaces whose last read failed
     # The namespaces the start-up's read did not read whole: what a rescan
     # first finds there may be from before the start (Tracker.rescan); and,
     # for the start's notice, how many it left, by real uid.
@@ -413,12 +414,14 @@ class LiveTracer:
             # are in no map and will not be reported: said (live/session.py).
             read = RescanRead([], set(), [], [])
             self.start_snapshot_failed = e.why
-        # The namespaces left (or cut short) are read by the next rescans,
-        # which come without a loss while some are left (rescan_dump).
-        self._namespace_read = {netns: 0 for netns in read.tried}
-        self._rescan_unread = bool(read.unread)
-        self._unread_since_start = set(read.unread) | (set(read.tried) - read.dumped)
-        for netns in read.unread:
+        # The namespaces not read whole (left, cut short, or whose read
+        # failed) are read by the next rescans, which come without a loss
+        # while some are left (rescan_dump); only those read whole count as
+        # read. The notice counts those known to be there: left and cut.
+        self._namespace_read = {netns: 0 for netns in read.tried if netns in read.dumped}
+        self._rescan_unread = self._left_to_read(read)
+        self._unread_since_start = set(read.left)
+        for netns in read.not_read:
             uid = read.uid_of.get(netns, -1)
             self.start_unread_namespaces[uid] = self.start_unread_namespaces.get(uid, 0) + 1
         snapshot = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
@@ -1235,15 +1238,29 @@ class LiveTracer:
         self.tick_stats["rescans"] += 1
         done = self.tick_stats["rescans"]
         # Kept for the namespaces that exist now: as many as have processes.
+        # One not read whole (cut short, or its read failed) keeps its last
+        # turn: never stamped as read, it goes first again among its user's.
         self._namespace_read = {
-            **{netns: self._namespace_read[netns] for netns in read.unread
+            **{netns: self._namespace_read[netns] for netns in read.left
                if netns in self._namespace_read},
-            **{netns: done for netns in read.tried}}
-        self._rescan_unread = bool(read.unread)
+            **{netns: done for netns in read.tried if netns in read.dumped}}
+        self._rescan_unread = self._left_to_read(read)
         taken = not self.pending and not (backlog and backlog())
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
                 RescanFirst(first_read, missed))
+
+    def _left_to_read(self, read: RescanRead) -> bool:
+        """Whether a rescan must follow without a loss: namespaces left or
+        cut short by the budget, or one whose read failed through each of
+        its processes for the first time (tried once more; failing again,
+        it is most likely gone, or its processes come and go faster than
+        they can be entered, and is not worth a rescan every
+        RESCAN_EVERY_S: the next rescan for a loss tries it first)."""
+        failed = set(read.left) - set(read.not_read)
+        retry = failed - self._failed_reads
+        self._failed_reads = failed
+        return bool(read.not_read) or bool(retry)
 
     def rescan_apply(self, rows: list, dumped: set, began_ns: int, observed_ns: int,
                      first: "RescanFirst", now_ns: int) -> list[Lingerer]:

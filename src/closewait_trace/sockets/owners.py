@@ -366,6 +366,21 @@ class RescanRead(NamedTuple):
     uid_of: dict = {}
     cut: int = 0                # the namespace whose dump the budget cut short (0: none)
 
+    @property
+    def not_read(self) -> list[int]:
+        """The namespaces known to be there and not read whole: those left
+        for the next read, and the one the budget cut short. What a notice
+        counts as not read."""
+        return self.unread + ([self.cut] if self.cut else [])
+
+    @property
+    def left(self) -> list[int]:
+        """Every other namespace not read whole: not_read, and those whose
+        read failed through each of their processes (most likely gone with
+        them; a later read lists them again if not). What a later read
+        must try again, and never counts as read."""
+        return self.unread + [netns for netns in self.tried if netns not in self.dumped]
+
 
 def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]:
     """The order in which a rescan reads namespaces other than the tracer's:
@@ -414,28 +429,35 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
     rows: list[TcpRow] = []
     dumped: set[int] = set()
     own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
-    namespaces = procnet.network_namespaces(proc)
+    namespaces, _denied = procnet.scan_network_namespace_pids(proc)
 
-    def read(ns_path: Optional[str], deadline: Optional[float]) -> None:
-        try:
-            inode, found = sockdiag.tcp_sockets_in(states, ns_path, with_info,
-                                                   deadline=deadline)
-        except OSError as e:
-            if e.errno in procfs.EXHAUSTED_ERRNOS:
-                raise procfs.ResourceExhausted("sock_diag", e.errno) from None
-            return              # the process left, or no sock_diag: not read
-        if inode in dumped:
-            return              # the pid was reused in a namespace read already
-        dumped.add(inode)
-        rows.extend(found)
+    def read(netns: Optional[int], deadline: Optional[float]) -> None:
+        """Read whole: in dumped. Entered through each of its processes in
+        turn until one answers for it: the first may have exited, or its
+        pid been reused in another namespace, since the listing."""
+        for pid in [None] if netns is None else namespaces[netns]:
+            try:
+                inode, found = sockdiag.tcp_sockets_in(
+                    states, None if pid is None else f"{proc}/{pid}/ns/net", with_info,
+                    deadline=deadline)
+            except OSError as e:
+                if e.errno in procfs.EXHAUSTED_ERRNOS:
+                    raise procfs.ResourceExhausted("sock_diag", e.errno) from None
+                continue        # the process left, or no sock_diag: not read through it
+            if netns is not None and inode != netns:
+                continue        # the pid was reused in another namespace
+            dumped.add(inode)
+            rows.extend(found)
+            return
 
     if own is not None:
         read(None, None)
-    others = {netns: pid for netns, pid in namespaces.items() if netns != own}
-    # By real uid (procfs.real_uid); -1 where it cannot be read.
+    others = [netns for netns in namespaces if netns != own]
+    # By real uid (procfs.real_uid) of the first process; -1 where it
+    # cannot be read.
     owner_of = {}
-    for netns, pid in others.items():
-        uid = procfs.real_uid(pid, proc)
+    for netns in others:
+        uid = procfs.real_uid(namespaces[netns][0], proc)
         owner_of[netns] = -1 if uid is None else uid
     order = fair_order(owner_of, last_read or {})
     deadline = time.monotonic() + budget_s
@@ -443,7 +465,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
         if i and time.monotonic() >= deadline:
             return RescanRead(rows, dumped, order[:i], order[i:], owner_of)
         try:
-            read(f"{proc}/{others[netns]}/ns/net", deadline if i else None)
+            read(netns, deadline if i else None)
         except sockdiag.DumpCut as cut:
             rows.extend(cut.rows)
             return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of, netns)

@@ -71,7 +71,17 @@ def network_namespaces(proc: str = procfs.PROC) -> dict[int, int]:
 def scan_network_namespaces(proc: str = procfs.PROC) -> tuple[dict[int, int], set[int]]:
     """(inode -> one pid, for every namespace seen; the pids whose namespace
     we were not allowed to read: a namespace only they live in is unseen)."""
-    found: dict[int, int] = {}
+    found, denied = scan_network_namespace_pids(proc, 1)
+    return {inode: pids[0] for inode, pids in found.items()}, denied
+
+
+def scan_network_namespace_pids(proc: str = procfs.PROC, most: int = 3
+                                ) -> tuple[dict[int, list[int]], set[int]]:
+    """scan_network_namespaces with up to `most` pids per namespace (the
+    lowest): a read entered through one that has exited since (a
+    short-lived process, after the pid counter wrapped) is tried again
+    through the next, not taken as the namespace gone."""
+    found: dict[int, list[int]] = {}
     denied: set[int] = set()
     for pid in procfs.pids(proc):
         try:
@@ -83,8 +93,11 @@ def scan_network_namespaces(proc: str = procfs.PROC) -> tuple[dict[int, int], se
             continue
         except procfs.ProcError:
             continue
-        if inode is not None and inode not in found:
-            found[inode] = pid
+        if inode is None:
+            continue
+        pids = found.setdefault(inode, [])
+        if len(pids) < most:
+            pids.append(pid)
     return found, denied
 
 
