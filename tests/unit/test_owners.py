@@ -316,3 +316,31 @@ def test_a_namespace_cut_short_counts_as_not_read():
     read = owners.RescanRead([], {11}, [11, 12], [13, 14], {}, 12)
     assert read.not_read == [13, 14, 12]
     assert read.left == [13, 14, 12]
+
+
+def test_the_owner_lookup_enters_a_namespace_through_its_next_process(monkeypatch):
+    """The owner lookup enters each due socket's namespace through one of
+    its processes too: when that one had exited since the listing, its
+    empty answer said the socket had left CLOSE_WAIT (OWNER_GONE), and the
+    live tracer forgot a socket from before the start without reporting
+    it. Now the next process is tried (procnet.namespace_rows)."""
+    from closewait_trace.sockets import procfs, sockdiag
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    victim = 500
+    wanted = ep(7702, 40000, netns=victim)
+    row = owners.TcpRow(wanted, CW, 0, 1, 0, 987654321)
+    monkeypatch.setattr(procnet, "scan_network_namespace_pids",
+                        lambda proc, most=3: ({own: [1], victim: [300, 400]}, set()))
+    entered = []
+
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+        entered.append(ns_path)
+        if ns_path.endswith("/300/ns/net"):
+            raise FileNotFoundError(2, "No such process")      # exited since the listing
+        return victim, [row]
+
+    monkeypatch.setattr(sockdiag, "tcp_sockets_in", tcp_sockets_in)
+    found = owners.resolve([wanted], "/proc")
+    assert entered == ["/proc/300/ns/net", "/proc/400/ns/net"]
+    assert found[wanted].kind != owners.OWNER_GONE
+    assert found[wanted].inode == 987654321

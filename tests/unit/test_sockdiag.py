@@ -241,7 +241,8 @@ def test_the_owner_lookup_reads_no_times(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(procnet, "tcp_rows",
                         lambda pid, proc, states=None, times=True: asked.append(times) or [])
-    monkeypatch.setattr(procnet, "scan_network_namespaces", lambda proc: ({1: 10}, []))
+    monkeypatch.setattr(procnet, "scan_network_namespace_pids",
+                        lambda proc, most=3: ({1: [10]}, []))
     from closewait_trace.kernel.events import Endpoints
     owners.resolve([Endpoints(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2, 1)],
                    str(tmp_path))

@@ -545,16 +545,18 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     # many pids showed its namespace.
     matches: dict[tuple, dict[tuple, TcpRow]] = {}
     listeners_by_ns: dict[int, dict[tuple, list[TcpRow]]] = {}
-    namespaces, netns_denied = procnet.scan_network_namespaces(proc)
+    namespaces, netns_denied = procnet.scan_network_namespace_pids(proc)
     in_namespaces = {ep.netns for ep in wanted}
     if 0 not in in_namespaces:
         # Every socket's namespace is known: only those are entered. A user
         # who makes thousands of namespaces delays nobody else's report.
-        namespaces = {ns: pid for ns, pid in namespaces.items() if ns in in_namespaces}
-    for netns, pid in namespaces.items():
+        namespaces = {ns: pids for ns, pids in namespaces.items() if ns in in_namespaces}
+    for netns, pids in namespaces.items():
         # Without tcp_info: only addresses, queues and inodes are used here.
-        rows = procnet.tcp_rows(pid, proc, states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
-                                times=False)
+        # Through its next process when the first is gone (namespace_rows).
+        rows = procnet.namespace_rows(netns, pids, proc,
+                                      states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
+                                      times=False)
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints

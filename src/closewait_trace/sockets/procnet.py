@@ -156,6 +156,40 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
     return rows
 
 
+def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
+                   states: Optional[Iterable[int]] = None, times: bool = True) -> list[TcpRow]:
+    """tcp_rows of namespace netns (an inode scan_network_namespace_pids
+    listed with pids), entered through each of its pids in turn until one
+    answers from inside it: the first may have exited since the listing
+    (a short-lived process, after the pid counter wrapped), or its pid been
+    reused in another namespace. Taking its failure for an empty namespace
+    made the owner lookup say its sockets had left CLOSE_WAIT. [] when none
+    answers (most likely gone with them)."""
+    if states is None or not is_procfs(proc):
+        return tcp_rows(pids[0], proc, states, times)
+    wanted = frozenset(states)
+    if _reused is not None:
+        known = _reused.get((proc, netns))
+        if known is not None and wanted <= known[0]:
+            return [row for row in known[1] if row.state in wanted]
+    own = _own_netns()
+    for pid in pids:
+        ns_link = f"{proc}/{pid}/ns/net"
+        try:
+            inode, rows = sockdiag.tcp_sockets_in(wanted, None if netns == own else ns_link,
+                                                  times)
+        except OSError as e:
+            if e.errno in procfs.EXHAUSTED_ERRNOS:
+                raise procfs.ResourceExhausted(f"sock_diag ({ns_link})", e.errno) from None
+            continue        # gone, or no sock_diag: the next one
+        if inode != netns:
+            continue        # the pid now lives in another namespace
+        if _reused is not None:
+            _reused[(proc, netns)] = (wanted, rows)
+        return rows
+    return []
+
+
 def remember_rows(proc: str, netns: int, states: Iterable[int], rows: list[TcpRow]) -> None:
     """Inside one_read_per_namespace: rows read elsewhere (a whole dump of
     namespace netns in these states) answer later tcp_rows calls for it."""
