@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import socket
@@ -181,7 +182,17 @@ def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
         except OSError as e:
             if e.errno in procfs.EXHAUSTED_ERRNOS:
                 raise procfs.ResourceExhausted(f"sock_diag ({ns_link})", e.errno) from None
-            continue        # gone, or no sock_diag: the next one
+            if e.errno in (errno.ENOENT, errno.ESRCH):
+                continue    # gone since the listing: the next one
+            # Not allowed to enter it (no CAP_SYS_ADMIN), or no sock_diag:
+            # its /proc/PID/net, as tcp_rows reads it, if the pid is still
+            # in that namespace.
+            if procfs.ns_inode(procfs.read_link(ns_link)) != netns:
+                continue
+            rows = _read_rows(pid, proc, wanted, times)
+            if not rows and procfs.ns_inode(procfs.read_link(ns_link)) != netns:
+                continue    # gone while read
+            inode = netns
         if inode != netns:
             continue        # the pid now lives in another namespace
         if _reused is not None:
