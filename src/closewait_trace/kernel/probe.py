@@ -30,10 +30,9 @@ TRACEPOINT = "sock/inet_sock_set_state"
 EVENTS_TRACEPOINT = "sock:inet_sock_set_state"
 # bcc's name for that tracepoint's program (TRACEPOINT_PROBE's function),
 # and, where the kernel's BTF gives the socket's fields (KernelFeatures.state),
-# the raw tracepoint's (RAW_TRACEPOINT_PROBE's) and bcc's key for its fd.
+# the raw tracepoint's (RAW_TRACEPOINT_PROBE's).
 EVENTS_PROGRAM = b"tracepoint__" + EVENTS_TRACEPOINT.replace(":", "__").encode()
-EVENTS_RAW_TRACEPOINT = EVENTS_TRACEPOINT.split(":")[1].encode()
-EVENTS_RAW_PROGRAM = b"raw_tracepoint__" + EVENTS_RAW_TRACEPOINT
+EVENTS_RAW_PROGRAM = b"raw_tracepoint__" + EVENTS_TRACEPOINT.split(":")[1].encode()
 # Where a socket was read to its end: the EOF read's place (a newer
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
