@@ -151,6 +151,50 @@ def test_one_users_many_namespaces_do_not_put_off_anothers(victims, bomb):
     assert bomb_before <= len(victims), (bomb_before, read_in_turn[:last_victim + 1])
 
 
+def test_the_owner_lookup_reads_other_namespaces_for_its_budget(victims, bomb):
+    """The owner lookup of the live tracer's tick (owners.resolve with
+    others_budget_s): a user's namespaces with huge TCP hash tables (140
+    ms a dump, even empty) made one lookup 3-4 s and held the report of
+    everybody's sockets. It reads the tracer's own namespace, then the
+    others in the order their sockets are asked (the tick's oldest first)
+    until its budget is spent, at least one; those left are OWNER_NOT_READ
+    (asked again), never gone. With no budget: its own and exactly one
+    other, real holders named; asked again, the next one."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    mine, peer = listener.accept()
+    client.close()
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    wait_until(lambda: _state_of(mine) == tcpstates.CLOSE_WAIT, what="our socket in CLOSE_WAIT")
+    here = owners.Endpoints(socket.AF_INET, "127.0.0.1", listener.getsockname()[1],
+                            "127.0.0.1", peer[1], own)
+    theirs = [owners.Endpoints(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", rport, netns)
+              for netns, (port, rport) in sorted(victims.items(), reverse=True)]
+    left, named = theirs, []
+    while left:
+        found = owners.resolve([here] + left, others_budget_s=0.0)
+        assert found[here].kind == owners.OWNER_FD
+        assert [h.pid for h in found[here].holders] == [os.getpid()]
+        read = [ep for ep in left if found[ep].kind != owners.OWNER_NOT_READ]
+        assert read == left[:1], {ep.netns: found[ep].kind for ep in left}
+        assert found[read[0]].kind == owners.OWNER_FD
+        assert [h.uid for h in found[read[0]].holders] == [VICTIM_UID]
+        named += read
+        left = left[1:]
+    assert named == theirs
+    found = owners.resolve([here] + theirs)         # no budget: all of them
+    assert {found[ep].kind for ep in theirs} == {owners.OWNER_FD}
+    mine.close()
+    listener.close()
+
+
+def _state_of(sock: socket.socket) -> int:
+    """The socket's TCP state, from its own tcp_info (first byte)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
 def test_with_the_budget_to_spare_a_rescan_reads_every_namespace(victims, bomb):
     own = os.stat("/proc/thread-self/ns/net").st_ino
     read = owners.rescan_close_wait(budget_s=float("inf"))

@@ -41,7 +41,8 @@ class World:
     """One tracer wired to a fake probe, a fake /proc and a list sink."""
 
     def __init__(self, tmp_path, threshold_s=1.0, holder_filter=HolderFilter(),
-                 all_transitions=False, resolver=None, socket_filter=SocketFilter()):
+                 all_transitions=False, resolver=None, socket_filter=SocketFilter(),
+                 tick_s=0.01):
         self.clock = FakeClock()
         self.probe = FakeProbe(self.clock)
         self.proc = FakeProc(tmp_path / "proc")
@@ -53,7 +54,7 @@ class World:
             socket_filter=socket_filter, probe=self.probe, sinks=[self.sink],
             holder_filter=holder_filter,
             resolver=resolver or ProcResolver(str(tmp_path / "proc")),
-            clock=self.clock, tick_s=0.01)
+            clock=self.clock, tick_s=tick_s)
         # Never the test process's own collector (test_gcpolicy.py tests it).
         self.tracer.gc_policy = GcPolicy(collect=lambda: None, freeze=lambda: None,
                                          unfreeze=lambda: None)
@@ -171,10 +172,10 @@ def test_socket_leaving_mid_resolution(tmp_path):
     w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
 
     class LeavingResolver(ProcResolver):
-        def owners(self, eps):
+        def owners(self, eps, *budget):
             w.forget_row(40001)
             w.probe.leave(0xA, pid=100, comm="srv")
-            return super().owners(eps)
+            return super().owners(eps, *budget)
 
     w.tracer.resolver = LeavingResolver(w.tracer.resolver.proc)
     w.tracer.start()
@@ -329,9 +330,9 @@ class CountingResolver(ProcResolver):
     """Counts the sockets whose owners are looked up."""
     looked_up: list
 
-    def owners(self, eps):
+    def owners(self, eps, *budget):
         self.looked_up.extend(eps)
-        return super().owners(eps)
+        return super().owners(eps, *budget)
 
 
 @pytest.mark.parametrize("how", ["gone", "exiting"])
@@ -695,7 +696,7 @@ def test_one_users_namespaces_do_not_delay_the_tracers_own(tmp_path):
     w.tracer.own_netns = NETNS
     asked = []
     real = w.tracer.resolver.owners
-    w.tracer.resolver.owners = lambda eps: asked.append(list(eps)) or real(eps)
+    w.tracer.resolver.owners = lambda eps, *budget: asked.append(list(eps)) or real(eps, *budget)
     others = 3 * MAX_NETNS_PER_BATCH
     for i in range(others):
         w.probe.enter(0x1000 + i, endpoints(41000 + i).in_netns(5_000_000 + i), ago_s=5.0)
@@ -711,6 +712,97 @@ def test_one_users_namespaces_do_not_delay_the_tracers_own(tmp_path):
         w.step(0.5)
     entered = {ep.netns for batch in asked for ep in batch} - {NETNS}
     assert len(entered) == others
+
+
+class SlowNamespaces:
+    """Each read of a namespace other than the tracer's own costs `cost_s`
+    on a clock of its own (owners' time.monotonic): a user's namespace with
+    a 16M-bucket TCP hash takes 140 ms to dump, even empty."""
+
+    def __init__(self, monkeypatch, own, cost_s=0.14):
+        from closewait_trace.sockets import owners, procnet
+        self.now, self.read = 0.0, []
+        real = procnet.namespace_rows
+
+        def namespace_rows(netns, pids, *args, **kwargs):
+            self.read.append(netns)
+            if netns != own:
+                self.now += cost_s
+            return real(netns, pids, *args, **kwargs)
+
+        monkeypatch.setattr(procnet, "namespace_rows", namespace_rows)
+        monkeypatch.setattr(procnet, "own_netns", lambda: own)
+        monkeypatch.setattr(owners.time, "monotonic", lambda: self.now)
+
+
+def other_namespace_sockets(w, n, first_pid=200, first_netns=5_000_000):
+    """n sockets in CLOSE_WAIT, each in a namespace of its own with its
+    holder (pid first_pid + i), entered 5 s + i ms ago (the first oldest)."""
+    for i in range(n):
+        pid, netns, inode = first_pid + i, first_netns + i, 70000 + i
+        w.proc.process(pid, comm="other", netns=netns)
+        w.proc.fd(pid, 3, inode=inode)
+        w.proc.tcp(pid, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", 42000 + i, CW, inode)
+        w.probe.enter(0x2000 + i, endpoints(42000 + i).in_netns(netns), ago_s=5.0 - i / 1000)
+
+
+def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatch):
+    """A user's namespaces with huge TCP hash tables (140 ms a dump, even
+    empty; up to MAX_NETNS_PER_BATCH in one lookup) held the report of the
+    tracer's own namespace's socket for their 20 dumps: 3-4 s. The others
+    are read for OWNERS_OTHERS_BUDGET_S (oldest first, at least one); the
+    rest are asked again at the next ticks, none counted as an attempt or
+    reported without owners."""
+    from closewait_trace.live.tracer import OWNERS_LEFT_RETRY_S, OWNERS_OTHERS_BUDGET_S
+    w = World(tmp_path, tick_s=1.0)
+    w.tracer.own_netns = NETNS
+    slow = SlowNamespaces(monkeypatch, NETNS)
+    n = 20
+    other_namespace_sockets(w, n)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001).in_netns(NETNS), ago_s=2.0)
+    w.tracer.start()
+    slow.read.clear()
+    w.step()
+    # The own namespace first, then the oldest others until the budget.
+    per_read = int(OWNERS_OTHERS_BUDGET_S / 0.14) + 1
+    assert slow.read == [NETNS] + [5_000_000 + i for i in range(per_read)]
+    first = [r["rport"] for r in w.of("linger")]
+    assert sorted(first) == sorted([40001] + [42000 + i for i in range(per_read)])
+    # The next tick comes sooner for those left, until none is.
+    assert w.tracer.next_tick_in() == OWNERS_LEFT_RETRY_S < w.tracer.tick_s == 1.0
+    for _ in range(2 * n):
+        w.step(0.5)
+    lingers = w.of("linger")
+    assert sorted(r["rport"] for r in lingers) == sorted([40001] + [42000 + i for i in range(n)])
+    assert all(r["owner_kind"] == "fd" for r in lingers), {r["owner_kind"] for r in lingers}
+    assert {r["rport"]: r["owners"][0]["pid"] for r in lingers if r["rport"] >= 42000} == {
+        42000 + i: 200 + i for i in range(n)}
+    assert w.of("closed") == []
+    assert w.tracer.next_tick_in() == 1.0
+
+
+def test_a_new_diagnosis_not_read_in_time_is_made_at_a_later_tick(tmp_path, monkeypatch):
+    """The same bound on a new diagnosis (a holder changed state): a socket
+    whose namespace was not read in that lookup is diagnosed again at a
+    later tick, not left with the cause from before the change."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    slow = SlowNamespaces(monkeypatch, NETNS)
+    n = 6
+    other_namespace_sockets(w, n)
+    w.tracer.start()
+    for _ in range(2 * n):
+        w.step(0.5)
+    assert len(w.of("linger")) == n
+    for i in range(n):
+        w.proc.process(200 + i, comm="other", state="T", netns=5_000_000 + i)
+    slow.read.clear()
+    for _ in range(2 * n):
+        w.step(0.5)
+    updates = {r["rport"]: r["diagnosis"]["cause"] for r in w.of("linger") if r["update"]}
+    assert updates == {42000 + i: "stopped" for i in range(n)}
+    assert len(set(slow.read)) == n
 
 
 def test_an_idle_tick_does_not_look_at_every_watched_socket(tmp_path, monkeypatch):
@@ -1114,8 +1206,8 @@ def test_the_ring_buffer_is_looked_at_in_a_rediagnosis_first_pass(tmp_path):
     resolver = w.tracer.resolver
     owners, gather = resolver.owners, resolver.gather_processes
 
-    def owners_then_mark(eps):
-        out = owners(eps)
+    def owners_then_mark(eps, *budget):
+        out = owners(eps, *budget)
         between["owners_done"] = len(marks)
         return out
 

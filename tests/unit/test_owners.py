@@ -344,3 +344,72 @@ def test_the_owner_lookup_enters_a_namespace_through_its_next_process(monkeypatc
     assert entered == ["/proc/300/ns/net", "/proc/400/ns/net"]
     assert found[wanted].kind != owners.OWNER_GONE
     assert found[wanted].inode == 987654321
+
+
+def _timed_namespaces(monkeypatch, others, cost_s):
+    """The tracer's own namespace and `others`, one socket in CLOSE_WAIT
+    each (lport 7000 + netns % 1000), through sock_diag stand-ins whose
+    dumps of other namespaces cost cost_s on owners' clock and honour the
+    dump's deadline as sockdiag does (DumpCut)."""
+    from closewait_trace.sockets import procfs, sockdiag
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    clock = {"now": 0.0}
+    listing = {own: [1]}
+    listing.update({ns: [10_000 + i] for i, ns in enumerate(others)})
+    pid_ns = {pids[0]: ns for ns, pids in listing.items()}
+    monkeypatch.setattr(procnet, "scan_network_namespace_pids", lambda proc, most=3: (listing, set()))
+    monkeypatch.setattr(owners.time, "monotonic", lambda: clock["now"])
+    entered = []
+
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+        netns = own if ns_path is None else pid_ns[int(ns_path.split("/")[2])]
+        entered.append(netns)
+        if netns != own:
+            if deadline is not None and clock["now"] + cost_s > deadline:
+                clock["now"] = deadline
+                raise sockdiag.DumpCut([])
+            clock["now"] += cost_s
+        row = owners.TcpRow(ep(7000 + netns % 1000, 40000, netns=netns), CW, 0, 0, 0,
+                            987_000_000 + netns % 1000)
+        return netns, [row]
+
+    monkeypatch.setattr(sockdiag, "tcp_sockets_in", tcp_sockets_in)
+    return own, entered
+
+
+def test_the_owner_lookup_reads_other_namespaces_for_its_budget_only(monkeypatch):
+    """Issue 20's scale review: 20 of a user's namespaces with 16M-bucket
+    TCP hashes (140 ms a dump, even empty) made one owner lookup 3-4 s.
+    With others_budget_s, the tracer's own namespace is read first, then
+    the others in the order of the sockets asked (oldest first), at least
+    one; a dump the deadline cuts short leaves its namespace unread; the
+    sockets of the unread namespaces are OWNER_NOT_READ, not gone."""
+    others = [900 + i for i in range(20)]
+    own, entered = _timed_namespaces(monkeypatch, others, cost_s=0.14)
+    asked = [ep(7000 + ns % 1000, 40000, netns=ns) for ns in reversed(others)]
+    asked.append(ep(7000 + own % 1000, 40000, netns=own))
+    found = owners.resolve(asked, "/proc", others_budget_s=0.2)
+    # Own first; 919 whole (0.14 s), 918's dump cut at 0.2 s; no more.
+    assert entered == [own, 919, 918]
+    # Read: in the table, held by nobody this process may see.
+    looked = {owners.OWNER_NONE, owners.OWNER_DENIED}
+    kinds = {e.netns: found[e].kind for e in asked}
+    assert kinds.pop(own) in looked and kinds.pop(919) in looked
+    assert set(kinds.values()) == {owners.OWNER_NOT_READ}
+    # Without a budget (snapshot), all are read.
+    entered.clear()
+    found = owners.resolve(asked, "/proc")
+    assert sorted(entered) == sorted([own] + others)
+    assert {found[e].kind for e in asked} <= looked
+
+
+def test_the_owner_lookup_reads_every_namespace_when_one_is_unknown(monkeypatch):
+    """A socket whose namespace is not known (no BTF offsets) may be in any
+    namespace: a lookup that left some unread could call it gone. No budget
+    applies then."""
+    others = [900 + i for i in range(5)]
+    own, entered = _timed_namespaces(monkeypatch, others, cost_s=0.14)
+    asked = [ep(7000 + ns % 1000, 40000, netns=ns) for ns in others] + [ep(7903, 40000)]
+    found = owners.resolve(asked, "/proc", others_budget_s=0.2)
+    assert sorted(entered) == sorted([own] + others)
+    assert {found[e].kind for e in asked} <= {owners.OWNER_NONE, owners.OWNER_DENIED}

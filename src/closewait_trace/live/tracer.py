@@ -77,6 +77,17 @@ COALESCE_S = 0.005
 # reports wait for at most this many; the rest are taken on later ticks,
 # oldest first.
 MAX_NETNS_PER_BATCH = 64
+# ...and their tables are read for at most this long in one owner lookup
+# (at least one whatever it takes), after the tracer's own namespace: a
+# user's namespace with a 16M-bucket TCP hash takes 140 ms to dump even
+# empty, and 20 of them held a batch's reports 3-4 s. The sockets of those
+# left (owners.OWNER_NOT_READ) are looked up again next tick, their
+# namespaces first (oldest first), with no attempt counted.
+OWNERS_OTHERS_BUDGET_S = 0.2
+# After a tick that left some (Tracer.owners_left), the next comes this
+# soon rather than a whole tick later: 20 slow namespaces were named over
+# 10 s at two a tick. The loop still drains the ring buffer in between.
+OWNERS_LEFT_RETRY_S = 0.2
 
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
@@ -252,6 +263,9 @@ class LiveTracer:
     # LLVM's module and every table: 15-20 ms under load) is skipped.
     exit_after_run: bool = False
     unread_at_exit: int = 0     # events the final drain left in the buffer
+    # The last tick's owner lookup left sockets whose namespaces it had no
+    # time for (owners.OWNER_NOT_READ): the next tick comes sooner.
+    owners_left: bool = False
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
     start_snapshot_failed: Optional[str] = None
@@ -548,7 +562,7 @@ class LiveTracer:
                 now = time.monotonic()
                 if now >= next_tick:
                     self.tick()
-                    next_tick = now + self.tick_s
+                    next_tick = now + self.next_tick_in()
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 if not self.stopping:
                     self.probe.poll(wait_ms, self._room())
@@ -717,8 +731,13 @@ class LiveTracer:
             return False            # who held it was never known
         return self.holder_filter.matches([{"pid": closed.closer[0], "comm": closed.closer[1]}])
 
+    def next_tick_in(self) -> float:
+        """Seconds from the start of the last tick to the next."""
+        return min(self.tick_s, OWNERS_LEFT_RETRY_S) if self.owners_left else self.tick_s
+
     def tick(self, resolve: bool = True) -> None:
         started = time.monotonic()
+        self.owners_left = False
         counters = self.check_counters()
         self.sip()
         # While a burst's events wait to be written (20-60 s for 100,000 at
@@ -813,7 +832,8 @@ class LiveTracer:
         after MAX_RESOLVE_ATTEMPTS reported with the reason; holders whose
         threads were not read in time are said so in the diagnosis."""
         try:
-            resolved = self.resolver.owners([l.endpoints for l in batch])
+            resolved = self.resolver.owners([l.endpoints for l in batch],
+                                            OWNERS_OTHERS_BUDGET_S)
         except GatherFailed as e:
             if e.why == worker.STOPPED or update:
                 return                  # stopping; or reported already: next change
@@ -836,6 +856,14 @@ class LiveTracer:
             # of up to 100,000 sockets had none.
             self._sip_now_and_then()
             own = resolved.get(l.endpoints)
+            if own is not None and own.kind == owners.OWNER_NOT_READ:
+                # Its namespace's turn did not come in this lookup: due
+                # again next tick (first report), or its holders compared
+                # again (a new diagnosis).
+                if update:
+                    self.unwatch_state(l)
+                self.owners_left = True
+                continue
             gone = own is None or own.kind == owners.OWNER_GONE
             if update:
                 if gone:
@@ -1144,6 +1172,16 @@ class LiveTracer:
             sockets = self.watched.get(h.pid)
             if sockets is not None:
                 sockets.pop(id(l), None)
+
+    def unwatch_state(self, l: Lingerer) -> None:
+        """Forget the state l's holders were last diagnosed in: the next
+        tick's recheck_owners takes them as changed and diagnoses their
+        sockets again (l's new diagnosis was not made)."""
+        own = l.ownership
+        if own is None:
+            return
+        for h in list(own.holders) + list(own.listener_holders):
+            self.watched_state.pop(h.pid, None)
 
     def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state

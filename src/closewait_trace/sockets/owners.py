@@ -42,6 +42,13 @@ OWNER_AMBIGUOUS = "ambiguous"
 # "gone" nor "nobody holds it"; `error` says what failed.
 OWNER_UNREADABLE = "unreadable"
 
+# Not looked for yet: its namespace was not read in the time one owner
+# lookup gives the other namespaces (resolve's others_budget_s). Says
+# nothing about the socket: the caller asks again later, and never writes
+# it (a user's namespace can take 140 ms to dump even empty, and a user may
+# make many: the report of everybody else's sockets would wait for them).
+OWNER_NOT_READ = "not_read"
+
 
 @dataclass(slots=True)
 class Holder:
@@ -519,7 +526,8 @@ def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
 
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
             batch: Optional[procfs.ProcBatch] = None,
-            fd_flags: bool = True) -> dict[Endpoints, Ownership]:
+            fd_flags: bool = True,
+            others_budget_s: float = float("inf")) -> dict[Endpoints, Ownership]:
     """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
     in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
     every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
@@ -528,18 +536,26 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
     Without fd_flags, a holder's close-on-exec is read only where it can
     decide the diagnosis (cloexec_where_decisive), None elsewhere: for an
     output that shows it nowhere (snapshot's text without -v), one fdinfo
-    read per socket less."""
+    read per socket less.
+    others_budget_s: how long the namespaces other than the tracer's own
+    may take, read in the order their sockets first appear in wanted (the
+    caller's oldest first), at least one whatever it costs; the sockets of
+    those left are OWNER_NOT_READ. Not applied when a socket's namespace
+    is unknown (0): every namespace must be read to find it."""
+    wanted = list(wanted)
+    order = list(dict.fromkeys(ep.netns for ep in wanted))
     wanted = set(wanted)
     if not wanted:
         return {}
     try:
-        return _resolve(wanted, proc, batch, fd_flags)
+        return _resolve(wanted, proc, batch, fd_flags, order, others_budget_s)
     except procfs.ResourceExhausted as exc:
         return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
 
 
 def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
-             fd_flags: bool = True) -> dict:
+             fd_flags: bool = True, order: Sequence[int] = (),
+             others_budget_s: float = float("inf")) -> dict:
     addresses = {ep.address_key for ep in wanted}
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.
@@ -551,12 +567,38 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         # Every socket's namespace is known: only those are entered. A user
         # who makes thousands of namespaces delays nobody else's report.
         namespaces = {ns: pids for ns, pids in namespaces.items() if ns in in_namespaces}
+    unread: set[int] = set()
+    if 0 not in in_namespaces and others_budget_s != float("inf"):
+        # The tracer's own namespace first, then the others as their
+        # sockets come in wanted, until the budget is spent.
+        own_ns = procnet.own_netns()
+        rank = {netns: i for i, netns in enumerate(order)}
+        namespaces = dict(sorted(namespaces.items(),
+                                 key=lambda item: (item[0] != own_ns,
+                                                   rank.get(item[0], len(rank)))))
+        deadline = time.monotonic() + others_budget_s
+    else:
+        own_ns, deadline = None, None
+    others_read = 0
     for netns, pids in namespaces.items():
+        other = deadline is not None and netns != own_ns
+        if other and others_read and time.monotonic() >= deadline:
+            unread.add(netns)
+            continue
         # Without tcp_info: only addresses, queues and inodes are used here.
         # Through its next process when the first is gone (namespace_rows).
-        rows = procnet.namespace_rows(netns, pids, proc,
-                                      states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
-                                      times=False)
+        # After the first other namespace, a dump the deadline cuts short
+        # leaves the namespace unread: a socket missing from part of a
+        # table has not left CLOSE_WAIT.
+        try:
+            rows = procnet.namespace_rows(netns, pids, proc,
+                                          states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
+                                          times=False,
+                                          deadline=deadline if other and others_read else None)
+        except sockdiag.DumpCut:
+            unread.add(netns)
+            continue
+        others_read += other
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints
@@ -574,6 +616,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     # address only: looked up once for the many sockets of one server.
     listener_of: dict[tuple, Optional[TcpRow]] = {}
     for endpoints in wanted:
+        if endpoints.netns in unread:
+            result[endpoints] = Ownership(kind=OWNER_NOT_READ)
+            continue
         found = list(matches.get(endpoints.address_key, {}).values())
         if endpoints.netns and not (len(found) == 1
                                     and found[0].endpoints.netns == endpoints.netns):

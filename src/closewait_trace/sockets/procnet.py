@@ -102,7 +102,8 @@ def scan_network_namespace_pids(proc: str = procfs.PROC, most: int = 3
     return found, denied
 
 
-def _own_netns() -> Optional[int]:
+def own_netns() -> Optional[int]:
+    """The inode of the network namespace this thread is in."""
     return procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
 
 
@@ -158,14 +159,16 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
 
 
 def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
-                   states: Optional[Iterable[int]] = None, times: bool = True) -> list[TcpRow]:
+                   states: Optional[Iterable[int]] = None, times: bool = True,
+                   deadline: Optional[float] = None) -> list[TcpRow]:
     """tcp_rows of namespace netns (an inode scan_network_namespace_pids
     listed with pids), entered through each of its pids in turn until one
     answers from inside it: the first may have exited since the listing
     (a short-lived process, after the pid counter wrapped), or its pid been
     reused in another namespace. Taking its failure for an empty namespace
     made the owner lookup say its sockets had left CLOSE_WAIT. [] when none
-    answers (most likely gone with them)."""
+    answers (most likely gone with them). deadline (monotonic): raises
+    sockdiag.DumpCut when it passes before a dump is whole."""
     if states is None or not is_procfs(proc):
         return tcp_rows(pids[0], proc, states, times)
     wanted = frozenset(states)
@@ -173,12 +176,12 @@ def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
         known = _reused.get((proc, netns))
         if known is not None and wanted <= known[0]:
             return [row for row in known[1] if row.state in wanted]
-    own = _own_netns()
+    own = own_netns()
     for pid in pids:
         ns_link = f"{proc}/{pid}/ns/net"
         try:
             inode, rows = sockdiag.tcp_sockets_in(wanted, None if netns == own else ns_link,
-                                                  times)
+                                                  times, deadline=deadline)
         except OSError as e:
             if e.errno in procfs.EXHAUSTED_ERRNOS:
                 raise procfs.ResourceExhausted(f"sock_diag ({ns_link})", e.errno) from None
@@ -214,7 +217,7 @@ def _read_rows(pid: int, proc: str, states: Optional[Iterable[int]],
     in (0 when it could not be known)."""
     if states is not None and is_procfs(proc):
         ns_link = f"{proc}/{pid}/ns/net"
-        same = procfs.ns_inode(procfs.read_link(ns_link)) == _own_netns()
+        same = procfs.ns_inode(procfs.read_link(ns_link)) == own_netns()
         try:
             return sockdiag.tcp_sockets(states, None if same else ns_link, times)
         except OSError as e:
