@@ -685,35 +685,6 @@ def test_idle_ticks_do_not_reread_the_histogram(tmp_path):
     assert len(reads) == 1 and sum(w.sink.views[-1].histogram) == 1
 
 
-def test_one_users_namespaces_do_not_delay_the_tracers_own(tmp_path):
-    """Issue 17: 1,500 namespaces made by one user delayed another user's
-    report by 19.4 s, because one tick entered every namespace with a due
-    socket. A tick enters at most MAX_NETNS_PER_BATCH others; the tracer's
-    own namespace's sockets are always resolved at once; the others follow,
-    oldest first, on later ticks."""
-    from closewait_trace.live.tracer import MAX_NETNS_PER_BATCH
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
-    asked = []
-    real = w.tracer.resolver.owners
-    w.tracer.resolver.owners = lambda eps, *budget: asked.append(list(eps)) or real(eps, *budget)
-    others = 3 * MAX_NETNS_PER_BATCH
-    for i in range(others):
-        w.probe.enter(0x1000 + i, endpoints(41000 + i).in_netns(5_000_000 + i), ago_s=5.0)
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001).in_netns(NETNS), ago_s=2.0)
-    w.tracer.start()
-    w.step()
-    first = asked[0]
-    assert endpoints(40001).in_netns(NETNS) in first
-    assert len({ep.netns for ep in first} - {NETNS}) == MAX_NETNS_PER_BATCH
-    assert [r["rport"] for r in w.of("linger")] == [40001]
-    for _ in range(6):
-        w.step(0.5)
-    entered = {ep.netns for batch in asked for ep in batch} - {NETNS}
-    assert len(entered) == others
-
-
 class SlowNamespaces:
     """Each read of a namespace other than the tracer's own costs `cost_s`
     on a clock of its own (owners' time.monotonic): a user's namespace with
@@ -735,15 +706,28 @@ class SlowNamespaces:
         monkeypatch.setattr(owners.time, "monotonic", lambda: self.now)
 
 
-def other_namespace_sockets(w, n, first_pid=200, first_netns=5_000_000):
-    """n sockets in CLOSE_WAIT, each in a namespace of its own with its
-    holder (pid first_pid + i), entered 5 s + i ms ago (the first oldest)."""
+def reads_in_budget(budget_s, cost_s):
+    """Other namespaces one lookup reads when each costs cost_s: the first,
+    then each that starts with at least cost_s (the slowest so far) left."""
+    n, spent = 1, cost_s
+    while spent + cost_s < budget_s:
+        n, spent = n + 1, spent + cost_s
+    return n
+
+
+def other_namespace_sockets(w, n, first_pid=200, first_netns=5_000_000, uid=65534,
+                            first_rport=42000, ago_s=5.0):
+    """n sockets in CLOSE_WAIT (peer ports first_rport + i), each in a
+    namespace of its own (first_netns + i) with its holder (pid first_pid +
+    i, of uid), entered ago_s - i ms ago (the first oldest)."""
     for i in range(n):
-        pid, netns, inode = first_pid + i, first_netns + i, 70000 + i
-        w.proc.process(pid, comm="other", netns=netns)
+        pid, netns, inode = first_pid + i, first_netns + i, 70000 + first_pid + i
+        w.proc.process(pid, comm="other", netns=netns, uid=uid)
         w.proc.fd(pid, 3, inode=inode)
-        w.proc.tcp(pid, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", 42000 + i, CW, inode)
-        w.probe.enter(0x2000 + i, endpoints(42000 + i).in_netns(netns), ago_s=5.0 - i / 1000)
+        w.proc.tcp(pid, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", first_rport + i, CW,
+                   inode)
+        w.probe.enter(0x2000 + first_pid + i, endpoints(first_rport + i).in_netns(netns),
+                      ago_s=ago_s - i / 1000)
 
 
 def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatch):
@@ -764,8 +748,10 @@ def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatc
     w.tracer.start()
     slow.read.clear()
     w.step()
-    # The own namespace first, then the oldest others until the budget.
-    per_read = int(OWNERS_OTHERS_BUDGET_S / 0.14) + 1
+    # The own namespace first, then the oldest other: a second would not
+    # fit in what is left of the budget.
+    per_read = reads_in_budget(OWNERS_OTHERS_BUDGET_S, 0.14)
+    assert per_read == 1
     assert slow.read == [NETNS] + [5_000_000 + i for i in range(per_read)]
     first = [r["rport"] for r in w.of("linger")]
     assert sorted(first) == sorted([40001] + [42000 + i for i in range(per_read)])
@@ -780,6 +766,139 @@ def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatc
         42000 + i: 200 + i for i in range(n)}
     assert w.of("closed") == []
     assert w.tracer.next_tick_in() == 1.0
+
+
+def test_one_users_many_namespaces_do_not_delay_another_users(tmp_path, monkeypatch):
+    """Issue 17: 1,500 namespaces made by one user delayed another user's
+    report by 19.4 s, because one tick entered every namespace with a due
+    socket; then at most 64 a tick were entered, oldest first, so another
+    user's namespace behind a user's hundreds of older ones still waited
+    N/64 ticks (and behind 20 slow ones, 3-4 s). Now the owner lookup reads
+    other namespaces for its budget with their users taking turns: the
+    tracer's own socket and the other user's, younger than all of the
+    first user's, are reported at the first tick; the first user's follow
+    at the next ones, a budget's worth a tick."""
+    from closewait_trace.live.tracer import OWNERS_OTHERS_BUDGET_S
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    cost_s = 0.005                          # an ordinary namespace's dump
+    slow = SlowNamespaces(monkeypatch, NETNS, cost_s=cost_s)
+    many = 300
+    other_namespace_sockets(w, many, first_pid=1000, first_netns=6_000_000, uid=65534,
+                            first_rport=43000, ago_s=9.0)
+    other_namespace_sockets(w, 1, first_pid=2000, first_netns=7_000_000, uid=1001,
+                            first_rport=44000, ago_s=3.0)
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001).in_netns(NETNS), ago_s=2.0)
+    w.tracer.start()
+    slow.read.clear()
+    w.step()
+    # Own; then the first user's oldest and the other user's (turn 0); then
+    # the first user's next ones until the budget (the last one read may
+    # end on it, or a float's width past it).
+    assert slow.read[:3] == [NETNS, 6_000_000, 7_000_000], slow.read[:3]
+    per_lookup = len(slow.read) - 1
+    expected = reads_in_budget(OWNERS_OTHERS_BUDGET_S, cost_s)
+    assert expected - 1 <= per_lookup <= expected + 1     # a float's width
+    first = {r["rport"] for r in w.of("linger")}
+    assert {40001, 44000} <= first and len(first) == per_lookup + 1
+    ticks = 1
+    while len(w.of("linger")) < many + 2:
+        w.step(0.2)
+        ticks += 1
+        assert ticks <= many // (per_lookup - 1) + 2
+    assert {r["owners"][0]["pid"] for r in w.of("linger") if r["rport"] >= 43000} == (
+        set(range(1000, 1000 + many)) | {2000})
+
+
+def a_victim_in_another_namespace(w, netns=5_100_000):
+    """Root's holder 300 with two sockets in CLOSE_WAIT: 45001 in another
+    namespace (its table read through root's pid 301 there) and 45002 in
+    the tracer's own; both entered 2 s ago."""
+    w.proc.process(301, comm="nsholder", netns=netns, uid=0)
+    w.proc.tcp(301, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", 45001, CW, 9001)
+    w.proc.process(300, comm="victim", uid=0)
+    w.proc.fd(300, 3, inode=9001)
+    w.proc.fd(300, 4, inode=9002)
+    w.proc.tcp(300, socket.AF_INET, "127.0.0.1", 5000, "127.0.0.1", 45002, CW, 9002)
+    w.probe.enter(0x9001, endpoints(45001).in_netns(netns), ago_s=2.0)
+    w.probe.enter(0x9002, endpoints(45002).in_netns(NETNS), ago_s=2.0)
+
+
+def stop_all(w, pids, state="T"):
+    for pid in pids:
+        netns = w.proc._netns_of[pid]
+        w.proc.process(pid, comm="victim" if pid == 300 else "other", state=state,
+                       netns=netns, uid=0 if pid == 300 else 65534)
+
+
+def test_a_new_diagnosis_left_by_a_lookup_is_not_lost(tmp_path, monkeypatch):
+    """Review of the owner lookup's budget: a socket whose new diagnosis a
+    lookup left had its holder's state forgotten, to be taken as changed
+    at the next tick; but its holder's other socket, diagnosed in the same
+    tick, set that state back, and the new diagnosis was never made (a
+    holder stopped by root, its socket in a container still described as
+    sleeping, with `ss` showing it in CLOSE_WAIT). Now the sockets left are
+    diagnosed at the next tick whatever their holders' state."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    SlowNamespaces(monkeypatch, NETNS)
+    other_namespace_sockets(w, 3)
+    a_victim_in_another_namespace(w)
+    w.tracer.start()
+    for _ in range(12):
+        w.step(0.5)
+    assert len(w.of("linger")) == 5
+    stop_all(w, [200, 201, 202, 300])
+    for _ in range(12):
+        w.step(0.5)
+    updates = {r["rport"]: r["diagnosis"]["cause"] for r in w.of("linger") if r["update"]}
+    assert updates.get(45001) == "stopped" and updates.get(45002) == "stopped", updates
+
+
+def test_holders_changing_state_all_the_time_do_not_starve_anothers(tmp_path, monkeypatch):
+    """Review of the owner lookup's budget: a user's holders in slow
+    namespaces, stopped and continued every few ms, made a new diagnosis
+    of their sockets due at every tick, ahead of root's holder's in a
+    container (the batch in the order the holders were watched): its
+    "stopped" was not written in 60 s. Users now take turns across
+    lookups (the one least recently served first)."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    SlowNamespaces(monkeypatch, NETNS)
+    other_namespace_sockets(w, 3)
+    a_victim_in_another_namespace(w)
+    w.tracer.start()
+    for _ in range(12):
+        w.step(0.5)
+    assert len(w.of("linger")) == 5
+    stop_all(w, [300])
+    for tick in range(8):
+        stop_all(w, [200, 201, 202], state="TS"[tick % 2])
+        w.step(0.2)
+    updates = {r["rport"]: r["diagnosis"]["cause"] for r in w.of("linger") if r["update"]}
+    assert updates.get(45001) == "stopped", updates
+
+
+def test_lookups_with_time_for_one_namespace_serve_the_users_in_turn(tmp_path, monkeypatch):
+    """A user's 10 slow namespaces (one a lookup) and another user's
+    socket, younger than all of theirs, due at once: the first lookup reads
+    the first user's oldest, the next the other user's, who was not served
+    yet (the first user's read ones are no longer asked, so which user was
+    served is remembered by the tracer, from each answer's netns_uid)."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    slow = SlowNamespaces(monkeypatch, NETNS)
+    other_namespace_sockets(w, 10, first_pid=1000, first_netns=6_000_000, uid=65534,
+                            first_rport=43000, ago_s=5.0)
+    other_namespace_sockets(w, 1, first_pid=2000, first_netns=7_000_000, uid=1001,
+                            first_rport=44000, ago_s=3.0)
+    w.tracer.start()
+    slow.read.clear()
+    w.step()
+    w.step(0.2)
+    assert slow.read == [6_000_000, 7_000_000]
+    assert {r["rport"] for r in w.of("linger")} == {43000, 44000}
 
 
 def test_a_new_diagnosis_not_read_in_time_is_made_at_a_later_tick(tmp_path, monkeypatch):

@@ -91,12 +91,13 @@ class ProcResolver:
         return self._run("in_close_wait_now", list(endpoints), self.proc,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
-    def owners(self, endpoints: list[Endpoints],
-               others_budget_s: float = float("inf")) -> dict:
-        """owners.resolve of endpoints (in this order: the namespaces other
-        than ours are read as their sockets come, for others_budget_s)."""
+    def owners(self, endpoints: list[Endpoints], others_budget_s: float = float("inf"),
+               last_read: Optional[dict] = None, served: Optional[dict] = None) -> dict:
+        """owners.resolve of endpoints (in this order: the caller's oldest
+        first), the namespaces other than ours for others_budget_s."""
         wanted = list(endpoints)
-        chunks = self._run("owners_in_order", wanted, self.proc, others_budget_s,
+        chunks = self._run("owners_in_order", wanted, self.proc, others_budget_s, last_read,
+                           served,
                            deadline_s=OWNERS_CAP_S,
                            progress_s=STALL_S, stream=True)
         found = [own for chunk in chunks for own in chunk]

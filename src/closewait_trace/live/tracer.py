@@ -71,23 +71,24 @@ SIP_EVERY = 8
 COALESCE_BELOW = 256
 COALESCE_S = 0.005
 
-# Network namespaces other than the tracer's own whose sockets are resolved
-# in one tick: each costs entering it (a few ms), and one user can make
-# thousands. The tracer's own namespace is always taken, so the others'
-# reports wait for at most this many; the rest are taken on later ticks,
-# oldest first.
-MAX_NETNS_PER_BATCH = 64
-# ...and their tables are read for at most this long in one owner lookup
-# (at least one whatever it takes), after the tracer's own namespace: a
-# user's namespace with a 16M-bucket TCP hash takes 140 ms to dump even
-# empty, and 20 of them held a batch's reports 3-4 s. The sockets of those
-# left (owners.OWNER_NOT_READ) are looked up again next tick, their
-# namespaces first (oldest first), with no attempt counted.
+# Network namespaces other than the tracer's own, whose sockets a tick's
+# owner lookup resolves: each costs entering and dumping it (3-5 ms; 140 ms
+# for one with a 16M-bucket TCP hash, even empty), and any user can make
+# them by the thousand. Their tables are read for at most this long, after
+# the tracer's own namespace and at least one other, the users who own
+# them taking turns, each user's oldest first (owners.resolve). The
+# sockets of those left (owners.OWNER_NOT_READ) are looked up again at a
+# later tick, with no attempt counted. Before: at most 64 namespaces a
+# tick, oldest first, each read whole: 1,500 of a user's delayed another
+# namespace's report by N/64 ticks, and 20 slow ones held a batch 3-4 s.
 OWNERS_OTHERS_BUDGET_S = 0.2
 # After a tick that left some (Tracer.owners_left), the next comes this
 # soon rather than a whole tick later: 20 slow namespaces were named over
 # 10 s at two a tick. The loop still drains the ring buffer in between.
 OWNERS_LEFT_RETRY_S = 0.2
+# Namespaces whose last owner lookup is remembered (Tracer.owner_reads),
+# beyond those of the last batch: a few bytes each.
+OWNER_READS_KEPT = 4096
 
 # A socket whose addresses cannot be found in any namespace's TCP table
 # (e.g. its namespace has no process left to read it through) is reported
@@ -151,22 +152,6 @@ def tracer_netns() -> int:
         return os.stat("/proc/self/ns/net").st_ino
     except OSError:
         return 0
-
-
-def this_tick(due: list, own: int, limit: int = MAX_NETNS_PER_BATCH) -> list:
-    """The sockets to resolve now: those of the tracer's own namespace (or
-    of an unknown one) and those of the oldest `limit` other namespaces'
-    sockets; the others stay due for the next tick."""
-    taken: set = set()
-    now = []
-    for l in sorted(due, key=lambda l: l.earliest_enter_ns):
-        ns = l.endpoints.netns
-        if not ns or ns == own or ns in taken:
-            now.append(l)
-        elif len(taken) < limit:
-            taken.add(ns)
-            now.append(l)
-    return now
 
 
 class RescanFirst(NamedTuple):
@@ -266,6 +251,17 @@ class LiveTracer:
     # The last tick's owner lookup left sockets whose namespaces it had no
     # time for (owners.OWNER_NOT_READ): the next tick comes sooner.
     owners_left: bool = False
+    # Sockets whose new diagnosis that lookup left (id -> Lingerer): made at
+    # the next tick's recheck_owners, whatever their holders' state then.
+    rediagnose_next: dict = field(default_factory=dict)
+    # Network namespace -> the number of the owner lookup that last read it
+    # (owners.other_turns: those least recently read go first).
+    owner_reads: dict = field(default_factory=dict)
+    # ...and by user (the real uid of a namespace's first process, which
+    # the lookup gives in each answer): the user least recently served goes
+    # first in the next lookup's turns.
+    users_served: dict = field(default_factory=dict)
+    owner_lookups: int = 0
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
     start_snapshot_failed: Optional[str] = None
@@ -779,7 +775,9 @@ class LiveTracer:
             self.take_late_eof_reads(counters)
         if resolve and due:
             resolving = time.monotonic()
-            self.resolve(this_tick(due, self.own_netns), now_ns, update=False)
+            # Oldest first: the owner lookup reads other namespaces in
+            # this order, users in turn, for its budget.
+            self.resolve(sorted(due, key=lambda l: l.earliest_enter_ns), now_ns, update=False)
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
             self.gc_policy.reported(len(due))
@@ -833,7 +831,8 @@ class LiveTracer:
         threads were not read in time are said so in the diagnosis."""
         try:
             resolved = self.resolver.owners([l.endpoints for l in batch],
-                                            OWNERS_OTHERS_BUDGET_S)
+                                            OWNERS_OTHERS_BUDGET_S, self.owner_reads,
+                                            self.users_served)
         except GatherFailed as e:
             if e.why == worker.STOPPED or update:
                 return                  # stopping; or reported already: next change
@@ -846,6 +845,7 @@ class LiveTracer:
                     self.linger_lines += 1
                     self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns())))
             return
+        self.note_owner_reads(batch, resolved)
         self._keys = None                    # capture maps' keys, read once per batch
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
@@ -861,7 +861,9 @@ class LiveTracer:
                 # again next tick (first report), or its holders compared
                 # again (a new diagnosis).
                 if update:
-                    self.unwatch_state(l)
+                    # Not on its holders' state: another socket of theirs
+                    # diagnosed in this tick would set it back (watch).
+                    self.rediagnose_next[id(l)] = l
                 self.owners_left = True
                 continue
             gone = own is None or own.kind == owners.OWNER_GONE
@@ -1173,15 +1175,35 @@ class LiveTracer:
             if sockets is not None:
                 sockets.pop(id(l), None)
 
-    def unwatch_state(self, l: Lingerer) -> None:
-        """Forget the state l's holders were last diagnosed in: the next
-        tick's recheck_owners takes them as changed and diagnoses their
-        sockets again (l's new diagnosis was not made)."""
+    def note_owner_reads(self, batch: list[Lingerer], resolved: dict) -> None:
+        """Which namespaces other than ours this lookup read (owner_reads),
+        so that those it left go ahead of them at the next: with one read a
+        lookup, the namespace of the batch's first socket was read every
+        time and another's never. Kept to the namespaces of recent batches."""
+        self.owner_lookups += 1
+        spaces = set()
+        for l in batch:
+            netns = l.endpoints.netns
+            if not netns or netns == self.own_netns:
+                continue
+            spaces.add(netns)
+            own = resolved.get(l.endpoints)
+            if own is not None and own.kind != owners.OWNER_NOT_READ:
+                self.owner_reads[netns] = self.owner_lookups
+                if own.netns_uid is not None:
+                    self.users_served[own.netns_uid] = self.owner_lookups
+        if len(self.owner_reads) > max(OWNER_READS_KEPT, 4 * len(spaces)):
+            self.owner_reads = {netns: n for netns, n in self.owner_reads.items()
+                                if netns in spaces}
+        if len(self.users_served) > OWNER_READS_KEPT:
+            self.users_served = {}      # uids: more than any machine has users
+
+    def still_watched(self, l: Lingerer) -> bool:
+        """Whether l is watched under one of its holders still (not gone)."""
         own = l.ownership
-        if own is None:
-            return
-        for h in list(own.holders) + list(own.listener_holders):
-            self.watched_state.pop(h.pid, None)
+        return own is not None and any(
+            id(l) in self.watched.get(h.pid, ())
+            for h in list(own.holders) + list(own.listener_holders))
 
     def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state
@@ -1204,8 +1226,12 @@ class LiveTracer:
         went at once; the ring buffer filled meanwhile). A holder that
         changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
-        changed: dict = {}
         leaving = self.unwatch_left()
+        # Those a new diagnosis was due for whose namespace the last owner
+        # lookup did not read in time (owners.OWNER_NOT_READ), still here.
+        changed: dict = {key: l for key, l in self.rediagnose_next.items()
+                         if self.still_watched(l)}
+        self.rediagnose_next = {}
         try:
             states = self.resolver.holder_states(list(self.watched))
         except GatherFailed:

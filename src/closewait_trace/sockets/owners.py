@@ -117,6 +117,10 @@ class Ownership:
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
     error: str = ""                   # OWNER_UNREADABLE: what could not be read
+    # In a budgeted lookup, the real uid of the first process of the
+    # socket's namespace (other than the tracer's): the user whose turn it
+    # was or will be (other_turns); None otherwise.
+    netns_uid: Optional[int] = None
 
     @property
     def unread_bytes(self) -> int:
@@ -527,7 +531,9 @@ def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
             batch: Optional[procfs.ProcBatch] = None,
             fd_flags: bool = True,
-            others_budget_s: float = float("inf")) -> dict[Endpoints, Ownership]:
+            others_budget_s: float = float("inf"),
+            last_read: Optional[dict[int, int]] = None,
+            served: Optional[dict[int, int]] = None) -> dict[Endpoints, Ownership]:
     """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
     in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
     every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
@@ -538,24 +544,57 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
     output that shows it nowhere (snapshot's text without -v), one fdinfo
     read per socket less.
     others_budget_s: how long the namespaces other than the tracer's own
-    may take, read in the order their sockets first appear in wanted (the
-    caller's oldest first), at least one whatever it costs; the sockets of
-    those left are OWNER_NOT_READ. Not applied when a socket's namespace
-    is unknown (0): every namespace must be read to find it."""
+    may take once it is read, at least one whatever it costs (other_turns);
+    the sockets of those left are OWNER_NOT_READ. Not applied when a
+    socket's namespace is unknown (0): every namespace must be read to
+    find it. last_read and served: other_turns' (the caller's lookups, by
+    namespace and by user; the users' are in each answer's netns_uid)."""
     wanted = list(wanted)
     order = list(dict.fromkeys(ep.netns for ep in wanted))
     wanted = set(wanted)
     if not wanted:
         return {}
     try:
-        return _resolve(wanted, proc, batch, fd_flags, order, others_budget_s)
+        return _resolve(wanted, proc, batch, fd_flags, order, others_budget_s, last_read or {},
+                        served or {})
     except procfs.ResourceExhausted as exc:
         return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
 
 
+def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Sequence[int],
+                last_read: dict[int, int], served: dict[int, int],
+                proc: str = procfs.PROC) -> tuple[list[int], dict[int, int]]:
+    """The order an owner lookup reads the namespaces other than own in,
+    and the user of each (the real uid of its first process; -1: not
+    read): the users take turns, the one least recently served by an
+    earlier lookup first (served: uid -> the number of the lookup that last
+    read one of theirs), each user's least recently read namespace first
+    (last_read: namespace -> that number), then as their sockets come in
+    order (the caller's oldest first). A user's many or slow namespaces
+    then put off another user's by one a turn, not by all of them, and
+    lookups with time for one namespace serve the users in turn."""
+    rank = {netns: i for i, netns in enumerate(order)}
+    by_user: dict[int, list[int]] = {}
+    uid_of: dict[int, int] = {}
+    for netns, pids in namespaces.items():
+        if netns != own:
+            uid = procfs.real_uid(pids[0], proc)
+            uid_of[netns] = -1 if uid is None else uid
+            by_user.setdefault(uid_of[netns], []).append(netns)
+    keyed = []
+    for uid, spaces in by_user.items():
+        spaces.sort(key=lambda netns: (last_read.get(netns, -1), rank.get(netns, len(rank))))
+        for turn, netns in enumerate(spaces):
+            keyed.append((turn, served.get(uid, -1), rank.get(netns, len(rank)), uid, netns))
+    keyed.sort()
+    return [netns for *_key, netns in keyed], uid_of
+
+
 def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
              fd_flags: bool = True, order: Sequence[int] = (),
-             others_budget_s: float = float("inf")) -> dict:
+             others_budget_s: float = float("inf"),
+             last_read: Optional[dict[int, int]] = None,
+             served: Optional[dict[int, int]] = None) -> dict:
     addresses = {ep.address_key for ep in wanted}
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.
@@ -568,23 +607,31 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         # who makes thousands of namespaces delays nobody else's report.
         namespaces = {ns: pids for ns, pids in namespaces.items() if ns in in_namespaces}
     unread: set[int] = set()
-    if 0 not in in_namespaces and others_budget_s != float("inf"):
-        # The tracer's own namespace first, then the others as their
-        # sockets come in wanted, until the budget is spent.
-        own_ns = procnet.own_netns()
-        rank = {netns: i for i, netns in enumerate(order)}
-        namespaces = dict(sorted(namespaces.items(),
-                                 key=lambda item: (item[0] != own_ns,
-                                                   rank.get(item[0], len(rank)))))
-        deadline = time.monotonic() + others_budget_s
-    else:
-        own_ns, deadline = None, None
+    budgeted = 0 not in in_namespaces and others_budget_s != float("inf")
+    own_ns = procnet.own_netns() if budgeted else None
+    uid_of: dict[int, int] = {}
+    if budgeted:
+        turns, uid_of = other_turns(namespaces, own_ns, order, last_read or {}, served or {},
+                                    proc)
+        namespaces = {netns: namespaces[netns]
+                      for netns in ([own_ns] if own_ns in namespaces else []) + turns}
+    deadline: Optional[float] = None
     others_read = 0
+    slowest = 0.0           # the longest read of another namespace so far
     for netns, pids in namespaces.items():
-        other = deadline is not None and netns != own_ns
-        if other and others_read and time.monotonic() >= deadline:
-            unread.add(netns)
-            continue
+        other = budgeted and netns != own_ns
+        started = time.monotonic()
+        if other:
+            # The budget starts with the first other namespace: the time
+            # the tracer's own takes is not theirs to spend.
+            if deadline is None:
+                deadline = started + others_budget_s
+            # After the first: not one that would not fit, judged by the
+            # slowest so far (a dump cut at the deadline is thrown away,
+            # and a 16M-bucket one is cut only after 140 ms of work).
+            elif started + slowest >= deadline:
+                unread.add(netns)
+                continue
         # Without tcp_info: only addresses, queues and inodes are used here.
         # Through its next process when the first is gone (namespace_rows).
         # After the first other namespace, a dump the deadline cuts short
@@ -598,7 +645,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         except sockdiag.DumpCut:
             unread.add(netns)
             continue
-        others_read += other
+        if other:
+            others_read += 1
+            slowest = max(slowest, time.monotonic() - started)
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints
@@ -617,7 +666,8 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     listener_of: dict[tuple, Optional[TcpRow]] = {}
     for endpoints in wanted:
         if endpoints.netns in unread:
-            result[endpoints] = Ownership(kind=OWNER_NOT_READ)
+            result[endpoints] = Ownership(kind=OWNER_NOT_READ,
+                                          netns_uid=uid_of.get(endpoints.netns))
             continue
         found = list(matches.get(endpoints.address_key, {}).values())
         if endpoints.netns and not (len(found) == 1
@@ -653,6 +703,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         else:
             needed_inodes.add(row.inode)
         result[endpoints] = own
+    if uid_of:
+        for endpoints, own in result.items():
+            own.netns_uid = uid_of.get(endpoints.netns)
 
     scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc),
                         fd_flags)
