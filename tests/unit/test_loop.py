@@ -825,6 +825,21 @@ def a_victim_in_another_namespace(w, netns=5_100_000):
     w.probe.enter(0x9002, endpoints(45002).in_netns(NETNS), ago_s=2.0)
 
 
+def nobodys_slow_namespaces_and_roots_holder(tmp_path, monkeypatch) -> World:
+    """nobody's 3 slow namespaces (one socket each, holders 200-202) and
+    root's holder 300 (a_victim_in_another_namespace), all reported."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    SlowNamespaces(monkeypatch, NETNS)
+    other_namespace_sockets(w, 3)
+    a_victim_in_another_namespace(w)
+    w.tracer.start()
+    for _ in range(12):
+        w.step(0.5)
+    assert len(w.of("linger")) == 5
+    return w
+
+
 def stop_all(w, pids, state="T"):
     for pid in pids:
         netns = w.proc._netns_of[pid]
@@ -840,15 +855,7 @@ def test_a_new_diagnosis_left_by_a_lookup_is_not_lost(tmp_path, monkeypatch):
     holder stopped by root, its socket in a container still described as
     sleeping, with `ss` showing it in CLOSE_WAIT). Now the sockets left are
     diagnosed at the next tick whatever their holders' state."""
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
-    SlowNamespaces(monkeypatch, NETNS)
-    other_namespace_sockets(w, 3)
-    a_victim_in_another_namespace(w)
-    w.tracer.start()
-    for _ in range(12):
-        w.step(0.5)
-    assert len(w.of("linger")) == 5
+    w = nobodys_slow_namespaces_and_roots_holder(tmp_path, monkeypatch)
     stop_all(w, [200, 201, 202, 300])
     for _ in range(12):
         w.step(0.5)
@@ -863,15 +870,7 @@ def test_holders_changing_state_all_the_time_do_not_starve_anothers(tmp_path, mo
     container (the batch in the order the holders were watched): its
     "stopped" was not written in 60 s. Users now take turns across
     lookups (the one least recently served first)."""
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
-    SlowNamespaces(monkeypatch, NETNS)
-    other_namespace_sockets(w, 3)
-    a_victim_in_another_namespace(w)
-    w.tracer.start()
-    for _ in range(12):
-        w.step(0.5)
-    assert len(w.of("linger")) == 5
+    w = nobodys_slow_namespaces_and_roots_holder(tmp_path, monkeypatch)
     stop_all(w, [300])
     for tick in range(8):
         stop_all(w, [200, 201, 202], state="TS"[tick % 2])
