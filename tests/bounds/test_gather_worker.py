@@ -10,6 +10,7 @@ import time
 import pytest
 
 from closewait_trace.evidence import worker
+from closewait_trace.sockets import owners
 from closewait_trace.evidence.resolver import PROCESS_DEADLINE_S, ProcResolver
 from closewait_trace.evidence.worker import GatherFailed, GatherWorker
 from tests.unit.fakeproc import FakeProc
@@ -446,7 +447,7 @@ def test_owners_of_many_sockets_come_back_in_chunks_each_to_its_socket(tmp_path,
         proc.fd(100, 10 + i, 1000 + i)
         asked.append(endpoints(40000 + i, 8000 + i))
     asked.reverse()                         # not the table's order
-    chunks = gatherer.call("owners_in_order", asked, proc.root, float("inf"), None, None, 5, deadline_s=10, stream=True)
+    chunks = gatherer.call("owners_in_order", asked, proc.root, float("inf"), owners.LookupMemory(), 5, deadline_s=10, stream=True)
     assert [len(c) for c in chunks] == [5, 5, 5, 5, 3]
     # The tracer's call (one chunk of 8,192 here) and the one without a
     # worker give the same.

@@ -687,8 +687,9 @@ def test_idle_ticks_do_not_reread_the_histogram(tmp_path):
 
 class SlowNamespaces:
     """Each read of a namespace other than the tracer's own costs `cost_s`
-    on a clock of its own (owners' time.monotonic): a user's namespace with
-    a 16M-bucket TCP hash takes 140 ms to dump, even empty."""
+    (or cost_s[netns], else 5 ms) on a clock of its own (owners'
+    time.monotonic): a user's namespace with a 16M-bucket TCP hash takes
+    140 ms to dump, even empty."""
 
     def __init__(self, monkeypatch, own, cost_s=0.14):
         from closewait_trace.sockets import owners, procnet
@@ -698,7 +699,7 @@ class SlowNamespaces:
         def namespace_rows(netns, pids, *args, **kwargs):
             self.read.append(netns)
             if netns != own:
-                self.now += cost_s
+                self.now += cost_s.get(netns, 0.005) if isinstance(cost_s, dict) else cost_s
             return real(netns, pids, *args, **kwargs)
 
         monkeypatch.setattr(procnet, "namespace_rows", namespace_rows)
@@ -707,8 +708,9 @@ class SlowNamespaces:
 
 
 def reads_in_budget(budget_s, cost_s):
-    """Other namespaces one lookup reads when each costs cost_s: the first,
-    then each that starts with at least cost_s (the slowest so far) left."""
+    """Other namespaces of one user, never read before, that one lookup
+    reads when each costs cost_s: the first, then each that starts with at
+    least cost_s (that user's slowest so far) left."""
     n, spent = 1, cost_s
     while spent + cost_s < budget_s:
         n, spent = n + 1, spent + cost_s
@@ -748,8 +750,8 @@ def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatc
     w.tracer.start()
     slow.read.clear()
     w.step()
-    # The own namespace first, then the oldest other: a second would not
-    # fit in what is left of the budget.
+    # The own namespace first, then the oldest other: the next of the same
+    # user, by the first's time, would not fit in what is left.
     per_read = reads_in_budget(OWNERS_OTHERS_BUDGET_S, 0.14)
     assert per_read == 1
     assert slow.read == [NETNS] + [5_000_000 + i for i in range(per_read)]
@@ -887,7 +889,7 @@ def test_lookups_with_time_for_one_namespace_serve_the_users_in_turn(tmp_path, m
     served is remembered by the tracer, from each answer's netns_uid)."""
     w = World(tmp_path)
     w.tracer.own_netns = NETNS
-    slow = SlowNamespaces(monkeypatch, NETNS)
+    slow = SlowNamespaces(monkeypatch, NETNS, cost_s=0.25)   # over the budget alone
     other_namespace_sockets(w, 10, first_pid=1000, first_netns=6_000_000, uid=65534,
                             first_rport=43000, ago_s=5.0)
     other_namespace_sockets(w, 1, first_pid=2000, first_netns=7_000_000, uid=1001,
@@ -898,6 +900,52 @@ def test_lookups_with_time_for_one_namespace_serve_the_users_in_turn(tmp_path, m
     w.step(0.2)
     assert slow.read == [6_000_000, 7_000_000]
     assert {r["rport"] for r in w.of("linger")} == {43000, 44000}
+
+
+def test_one_slow_namespace_does_not_hold_anothers_to_one_a_lookup(tmp_path, monkeypatch):
+    """Review of 1769e1c: a namespace was not started when the slowest read
+    so far said it would not fit: after one of nobody's slow namespaces
+    (140 ms, read first), root's 5 ms containers were read one a lookup,
+    0.2 s apart (40 of them: the last 9.3 s after close, 1.3 s without the
+    attack). Now each is judged by its own last read: all of root's 10 fit
+    in the first lookup's budget after the slow one."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    slow = SlowNamespaces(monkeypatch, NETNS, cost_s={6_000_000: 0.14})
+    other_namespace_sockets(w, 1, first_pid=1000, first_netns=6_000_000, uid=65534,
+                            first_rport=43000, ago_s=5.0)
+    other_namespace_sockets(w, 10, first_pid=2000, first_netns=7_000_000, uid=0,
+                            first_rport=44000, ago_s=3.0)
+    w.tracer.start()
+    slow.read.clear()
+    w.step()
+    assert slow.read[0] == 6_000_000 and len(slow.read) == 11, slow.read
+    assert {r["rport"] for r in w.of("linger")} == {43000} | {44000 + i for i in range(10)}
+
+
+def test_a_new_diagnosis_whose_owner_lookup_failed_is_made_at_the_next_tick(tmp_path):
+    """The same class: a new diagnosis whose owner lookup failed (the worker
+    timed out) was dropped, and its holder's new state already taken: the
+    socket kept the cause from before the change. Now it is made at the
+    next tick."""
+    from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
+    w = one_reported_socket(tmp_path)
+    real = w.tracer.resolver.owners
+    failures = []
+
+    def failing_once(eps, *args):
+        if not failures:
+            failures.append(1)
+            raise GatherFailed(TIMED_OUT)
+        return real(eps, *args)
+
+    w.tracer.resolver.owners = failing_once
+    w.proc.process(100, comm="srv", state="T")
+    w.step()
+    assert failures and [r for r in w.of("linger") if r["update"]] == []
+    w.step()
+    updates = [r for r in w.of("linger") if r["update"]]
+    assert len(updates) == 1 and updates[0]["diagnosis"]["cause"] == "stopped"
 
 
 def test_a_new_diagnosis_not_read_in_time_is_made_at_a_later_tick(tmp_path, monkeypatch):

@@ -391,17 +391,25 @@ def test_the_owner_lookup_reads_other_namespaces_for_its_budget_only(monkeypatch
     asked = [ep(7000 + ns % 1000, 40000, netns=ns) for ns in reversed(others)]
     asked.append(ep(7000 + own % 1000, 40000, netns=own))
     found = owners.resolve(asked, "/proc", others_budget_s=0.2)
-    # Own first; 919 whole (0.14 s); 918 would not fit in what is left.
+    # Own first; 919 whole (0.14 s); 918, never read, is not started: its
+    # user's slowest read here (919's) says it would not fit.
     assert entered == [own, 919]
     # Read: in the table, held by nobody this process may see.
     looked = {owners.OWNER_NONE, owners.OWNER_DENIED}
     kinds = {e.netns: found[e].kind for e in asked}
     assert kinds.pop(own) in looked and kinds.pop(919) in looked
     assert set(kinds.values()) == {owners.OWNER_NOT_READ}
-    # The next lookup, told 919 was read by the last: 918 first.
+    # What each took, for the caller's memory.
+    took = {e.netns: found[e].netns_read_s for e in asked}
+    assert took.pop(919) == pytest.approx(0.14) and set(took.values()) == {None}
+    # The next lookup, told 919 was read by the last and that 917 took
+    # 10 ms: 918 first (least recently read), then 917 by its own time,
+    # which is wrong: its dump is cut, and it is taken to need the budget.
     entered.clear()
-    owners.resolve(asked, "/proc", others_budget_s=0.2, last_read={919: 1})
-    assert entered == [own, 918]
+    memory = owners.LookupMemory({919: 1}, {}, {917: 0.01})
+    found = owners.resolve(asked, "/proc", others_budget_s=0.2, memory=memory)
+    assert entered == [own, 918, 917]
+    assert found[asked[2]].kind == owners.OWNER_NOT_READ and found[asked[2]].netns_read_s == 0.2
     # Without a budget (snapshot), all are read.
     entered.clear()
     found = owners.resolve(asked, "/proc")

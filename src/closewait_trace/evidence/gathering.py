@@ -233,18 +233,17 @@ OWNERS_CHUNK = 8192
 
 def owners_in_order(wanted: list, proc: str = procfs.PROC,
                     others_budget_s: float = float("inf"),
-                    last_read: Optional[dict] = None, served: Optional[dict] = None,
+                    memory: owners.LookupMemory = owners.LookupMemory(),
                     chunk: int = OWNERS_CHUNK) -> Iterator[list]:
     """owners.resolve's answer as lists in the order of wanted, chunk
     sockets each. In order: the caller has the Endpoints already, and
     pickling 100,000 of them back as the answer's keys (and unpickling them
     in the loop) cost more than a second at 100,000 sockets. Streamed: the
     loop unpickles one chunk while this worker pickles the next (one 60 MB
-    answer was pickled whole, then unpickled whole). others_budget_s,
-    last_read and served: owners.resolve's (the sockets of namespaces it
-    left are OWNER_NOT_READ)."""
-    resolved = owners.resolve(wanted, proc, others_budget_s=others_budget_s,
-                              last_read=last_read, served=served)
+    answer was pickled whole, then unpickled whole). others_budget_s and
+    memory: owners.resolve's (the sockets of namespaces it left are
+    OWNER_NOT_READ)."""
+    resolved = owners.resolve(wanted, proc, others_budget_s=others_budget_s, memory=memory)
     for start in range(0, len(wanted), chunk):
         yield [resolved[ep] for ep in wanted[start:start + chunk]]
 

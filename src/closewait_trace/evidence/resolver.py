@@ -17,7 +17,7 @@ from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets import procfs
-from closewait_trace.sockets.owners import RescanRead
+from closewait_trace.sockets.owners import LookupMemory, RescanRead
 
 # Deadlines of the gathering worker's calls (seconds, scaled by the testing
 # knob CLOSEWAIT_TRACE_TIME_SCALE). A call is abandoned when no read of it
@@ -92,12 +92,12 @@ class ProcResolver:
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def owners(self, endpoints: list[Endpoints], others_budget_s: float = float("inf"),
-               last_read: Optional[dict] = None, served: Optional[dict] = None) -> dict:
+               memory: Optional[LookupMemory] = None) -> dict:
         """owners.resolve of endpoints (in this order: the caller's oldest
         first), the namespaces other than ours for others_budget_s."""
         wanted = list(endpoints)
-        chunks = self._run("owners_in_order", wanted, self.proc, others_budget_s, last_read,
-                           served,
+        chunks = self._run("owners_in_order", wanted, self.proc, others_budget_s,
+                           memory or LookupMemory(),
                            deadline_s=OWNERS_CAP_S,
                            progress_s=STALL_S, stream=True)
         found = [own for chunk in chunks for own in chunk]

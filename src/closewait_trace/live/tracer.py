@@ -86,7 +86,7 @@ OWNERS_OTHERS_BUDGET_S = 0.2
 # soon rather than a whole tick later: 20 slow namespaces were named over
 # 10 s at two a tick. The loop still drains the ring buffer in between.
 OWNERS_LEFT_RETRY_S = 0.2
-# Namespaces whose last owner lookup is remembered (Tracer.owner_reads),
+# Namespaces whose last owner lookup is remembered (Tracer.owner_memory),
 # beyond those of the last batch: a few bytes each.
 OWNER_READS_KEPT = 4096
 
@@ -254,13 +254,11 @@ class LiveTracer:
     # Sockets whose new diagnosis that lookup left (id -> Lingerer): made at
     # the next tick's recheck_owners, whatever their holders' state then.
     rediagnose_next: dict = field(default_factory=dict)
-    # Network namespace -> the number of the owner lookup that last read it
-    # (owners.other_turns: those least recently read go first).
-    owner_reads: dict = field(default_factory=dict)
-    # ...and by user (the real uid of a namespace's first process, which
-    # the lookup gives in each answer): the user least recently served goes
-    # first in the next lookup's turns.
-    users_served: dict = field(default_factory=dict)
+    # What the owner lookups read, by namespace and by user, and how long
+    # each namespace took (owners.LookupMemory, from their answers): whose
+    # turn it is at the next, and what fits in its budget.
+    owner_memory: owners.LookupMemory = field(
+        default_factory=lambda: owners.LookupMemory({}, {}, {}))
     owner_lookups: int = 0
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
@@ -831,11 +829,16 @@ class LiveTracer:
         threads were not read in time are said so in the diagnosis."""
         try:
             resolved = self.resolver.owners([l.endpoints for l in batch],
-                                            OWNERS_OTHERS_BUDGET_S, self.owner_reads,
-                                            self.users_served)
+                                            OWNERS_OTHERS_BUDGET_S, self.owner_memory)
         except GatherFailed as e:
-            if e.why == worker.STOPPED or update:
-                return                  # stopping; or reported already: next change
+            if e.why == worker.STOPPED:
+                return
+            if update:
+                # Reported already: the new diagnosis at the next tick
+                # (recheck_owners has taken the holders' new state, so it
+                # would not be seen as a change again).
+                self.rediagnose_next.update((id(l), l) for l in batch)
+                return
             for l in batch:
                 l.resolve_attempts += 1
                 if l.resolve_attempts >= MAX_RESOLVE_ATTEMPTS and not l.pre_existing:
@@ -1176,11 +1179,13 @@ class LiveTracer:
                 sockets.pop(id(l), None)
 
     def note_owner_reads(self, batch: list[Lingerer], resolved: dict) -> None:
-        """Which namespaces other than ours this lookup read (owner_reads),
-        so that those it left go ahead of them at the next: with one read a
-        lookup, the namespace of the batch's first socket was read every
-        time and another's never. Kept to the namespaces of recent batches."""
+        """What this lookup read of the namespaces other than ours, and how
+        long each took (owner_memory), so that those it left go ahead of
+        them at the next, users in turn: with time for one namespace a
+        lookup, the batch's first user's was read every time and another
+        user's never. Kept to the namespaces of recent batches."""
         self.owner_lookups += 1
+        memory = self.owner_memory
         spaces = set()
         for l in batch:
             netns = l.endpoints.netns
@@ -1188,15 +1193,20 @@ class LiveTracer:
                 continue
             spaces.add(netns)
             own = resolved.get(l.endpoints)
-            if own is not None and own.kind != owners.OWNER_NOT_READ:
-                self.owner_reads[netns] = self.owner_lookups
+            if own is None:
+                continue
+            if own.netns_read_s is not None:
+                memory.read_s[netns] = own.netns_read_s
+            if own.kind != owners.OWNER_NOT_READ:
+                memory.last_read[netns] = self.owner_lookups
                 if own.netns_uid is not None:
-                    self.users_served[own.netns_uid] = self.owner_lookups
-        if len(self.owner_reads) > max(OWNER_READS_KEPT, 4 * len(spaces)):
-            self.owner_reads = {netns: n for netns, n in self.owner_reads.items()
-                                if netns in spaces}
-        if len(self.users_served) > OWNER_READS_KEPT:
-            self.users_served = {}      # uids: more than any machine has users
+                    memory.served[own.netns_uid] = self.owner_lookups
+        for kept in (memory.last_read, memory.read_s):
+            if len(kept) > max(OWNER_READS_KEPT, 4 * len(spaces)):
+                for netns in [netns for netns in kept if netns not in spaces]:
+                    del kept[netns]
+        if len(memory.served) > OWNER_READS_KEPT:
+            memory.served.clear()       # uids: more than any machine has users
 
     def still_watched(self, l: Lingerer) -> bool:
         """Whether l is watched under one of its holders still (not gone)."""

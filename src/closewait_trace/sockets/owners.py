@@ -121,6 +121,10 @@ class Ownership:
     # socket's namespace (other than the tracer's): the user whose turn it
     # was or will be (other_turns); None otherwise.
     netns_uid: Optional[int] = None
+    # ...and how long reading that namespace took in this lookup (the whole
+    # budget if its dump was cut), for the next lookups' estimate; None:
+    # not read in it.
+    netns_read_s: Optional[float] = None
 
     @property
     def unread_bytes(self) -> int:
@@ -528,12 +532,21 @@ def _in_namespace(row: TcpRow, netns: int) -> TcpRow:
     return dataclasses.replace(row, endpoints=row.endpoints.in_netns(netns))
 
 
+class LookupMemory(NamedTuple):
+    """What a caller keeps of its earlier owner lookups (from each answer's
+    netns_uid and netns_read_s), for the next one's turns (other_turns) and
+    budget: the number of the lookup that last read each namespace, and
+    one of each user's, and how long each namespace's last read took."""
+    last_read: dict = {}        # namespace -> lookup number
+    served: dict = {}           # uid -> lookup number
+    read_s: dict = {}           # namespace -> seconds (the budget, if cut)
+
+
 def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
             batch: Optional[procfs.ProcBatch] = None,
             fd_flags: bool = True,
             others_budget_s: float = float("inf"),
-            last_read: Optional[dict[int, int]] = None,
-            served: Optional[dict[int, int]] = None) -> dict[Endpoints, Ownership]:
+            memory: LookupMemory = LookupMemory()) -> dict[Endpoints, Ownership]:
     """Ownership of each socket in CLOSE_WAIT with these endpoints, looked up
     in the endpoints' own namespace (netns), or, when that is 0 (unknown), in
     every namespace: found in several, it is OWNER_AMBIGUOUS. Pass the
@@ -547,16 +560,17 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
     may take once it is read, at least one whatever it costs (other_turns);
     the sockets of those left are OWNER_NOT_READ. Not applied when a
     socket's namespace is unknown (0): every namespace must be read to
-    find it. last_read and served: other_turns' (the caller's lookups, by
-    namespace and by user; the users' are in each answer's netns_uid)."""
+    find it. memory: the caller's earlier lookups (LookupMemory): whose
+    turn it is, and which namespace would not fit in what is left of the
+    budget by the time its last read took (one never read is tried, and
+    its dump cut at the deadline)."""
     wanted = list(wanted)
     order = list(dict.fromkeys(ep.netns for ep in wanted))
     wanted = set(wanted)
     if not wanted:
         return {}
     try:
-        return _resolve(wanted, proc, batch, fd_flags, order, others_budget_s, last_read or {},
-                        served or {})
+        return _resolve(wanted, proc, batch, fd_flags, order, others_budget_s, memory)
     except procfs.ResourceExhausted as exc:
         return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
 
@@ -593,8 +607,7 @@ def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Seq
 def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
              fd_flags: bool = True, order: Sequence[int] = (),
              others_budget_s: float = float("inf"),
-             last_read: Optional[dict[int, int]] = None,
-             served: Optional[dict[int, int]] = None) -> dict:
+             memory: LookupMemory = LookupMemory()) -> dict:
     addresses = {ep.address_key for ep in wanted}
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.
@@ -611,13 +624,14 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     own_ns = procnet.own_netns() if budgeted else None
     uid_of: dict[int, int] = {}
     if budgeted:
-        turns, uid_of = other_turns(namespaces, own_ns, order, last_read or {}, served or {},
-                                    proc)
+        turns, uid_of = other_turns(namespaces, own_ns, order, memory.last_read,
+                                    memory.served, proc)
         namespaces = {netns: namespaces[netns]
                       for netns in ([own_ns] if own_ns in namespaces else []) + turns}
     deadline: Optional[float] = None
     others_read = 0
-    slowest = 0.0           # the longest read of another namespace so far
+    took: dict[int, float] = {}     # other namespace -> seconds its read took here
+    slowest_of: dict = {}           # user -> the longest of their reads here
     for netns, pids in namespaces.items():
         other = budgeted and netns != own_ns
         started = time.monotonic()
@@ -626,10 +640,14 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
             # the tracer's own takes is not theirs to spend.
             if deadline is None:
                 deadline = started + others_budget_s
-            # After the first: not one that would not fit, judged by the
-            # slowest so far (a dump cut at the deadline is thrown away,
-            # and a 16M-bucket one is cut only after 140 ms of work).
-            elif started + slowest >= deadline:
+            # After the first: not one that would not fit (a dump cut at
+            # the deadline is work thrown away: a 16M-bucket one is cut
+            # only after its 140 ms), by its own last read, or if never
+            # read by its user's slowest in this lookup: after one user's
+            # slow namespace another user's fast ones still fit, and the
+            # next of the same user's slow ones is not started to be cut.
+            elif started + memory.read_s.get(
+                    netns, slowest_of.get(uid_of.get(netns), 0.0)) >= deadline:
                 unread.add(netns)
                 continue
         # Without tcp_info: only addresses, queues and inodes are used here.
@@ -643,11 +661,16 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
                                           times=False,
                                           deadline=deadline if other and others_read else None)
         except sockdiag.DumpCut:
+            # It takes longer than what was left: the budget, for the next
+            # lookups' estimate (then read whole only as a lookup's first).
+            took[netns] = others_budget_s
             unread.add(netns)
             continue
         if other:
             others_read += 1
-            slowest = max(slowest, time.monotonic() - started)
+            took[netns] = time.monotonic() - started
+            uid = uid_of.get(netns)
+            slowest_of[uid] = max(slowest_of.get(uid, 0.0), took[netns])
         for row in rows:
             row = _in_namespace(row, netns)
             ep = row.endpoints
@@ -666,8 +689,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     listener_of: dict[tuple, Optional[TcpRow]] = {}
     for endpoints in wanted:
         if endpoints.netns in unread:
-            result[endpoints] = Ownership(kind=OWNER_NOT_READ,
-                                          netns_uid=uid_of.get(endpoints.netns))
+            result[endpoints] = Ownership(kind=OWNER_NOT_READ)
             continue
         found = list(matches.get(endpoints.address_key, {}).values())
         if endpoints.netns and not (len(found) == 1
@@ -706,6 +728,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     if uid_of:
         for endpoints, own in result.items():
             own.netns_uid = uid_of.get(endpoints.netns)
+            own.netns_read_s = took.get(endpoints.netns)
 
     scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc),
                         fd_flags)
