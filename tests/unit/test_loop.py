@@ -770,6 +770,22 @@ def test_slow_namespaces_do_not_hold_the_tracers_own_report(tmp_path, monkeypatc
     assert w.tracer.next_tick_in() == 1.0
 
 
+def two_users_namespaces(tmp_path, monkeypatch, nobodys, others, other_uid, cost_s):
+    """A World whose reads of namespaces cost cost_s (SlowNamespaces), with
+    nobody's `nobodys` namespaces (pids from 1000, namespaces from
+    6,000,000, peer ports from 43000, the oldest sockets) and other_uid's
+    `others` (pids from 2000, namespaces from 7,000,000, peer ports from
+    44000, younger). Returns (world, its SlowNamespaces)."""
+    w = World(tmp_path)
+    w.tracer.own_netns = NETNS
+    slow = SlowNamespaces(monkeypatch, NETNS, cost_s=cost_s)
+    other_namespace_sockets(w, nobodys, first_pid=1000, first_netns=6_000_000, uid=65534,
+                            first_rport=43000, ago_s=9.0)
+    other_namespace_sockets(w, others, first_pid=2000, first_netns=7_000_000, uid=other_uid,
+                            first_rport=44000, ago_s=3.0)
+    return w, slow
+
+
 def test_one_users_many_namespaces_do_not_delay_another_users(tmp_path, monkeypatch):
     """Issue 17: 1,500 namespaces made by one user delayed another user's
     report by 19.4 s, because one tick entered every namespace with a due
@@ -781,15 +797,9 @@ def test_one_users_many_namespaces_do_not_delay_another_users(tmp_path, monkeypa
     first user's, are reported at the first tick; the first user's follow
     at the next ones, a budget's worth a tick."""
     from closewait_trace.live.tracer import OWNERS_OTHERS_BUDGET_S
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
     cost_s = 0.005                          # an ordinary namespace's dump
-    slow = SlowNamespaces(monkeypatch, NETNS, cost_s=cost_s)
     many = 300
-    other_namespace_sockets(w, many, first_pid=1000, first_netns=6_000_000, uid=65534,
-                            first_rport=43000, ago_s=9.0)
-    other_namespace_sockets(w, 1, first_pid=2000, first_netns=7_000_000, uid=1001,
-                            first_rport=44000, ago_s=3.0)
+    w, slow = two_users_namespaces(tmp_path, monkeypatch, many, 1, 1001, cost_s)
     w.hold(100, 40001, 5001)
     w.probe.enter(0xA, endpoints(40001).in_netns(NETNS), ago_s=2.0)
     w.tracer.start()
@@ -887,13 +897,8 @@ def test_lookups_with_time_for_one_namespace_serve_the_users_in_turn(tmp_path, m
     the first user's oldest, the next the other user's, who was not served
     yet (the first user's read ones are no longer asked, so which user was
     served is remembered by the tracer, from each answer's netns_uid)."""
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
-    slow = SlowNamespaces(monkeypatch, NETNS, cost_s=0.25)   # over the budget alone
-    other_namespace_sockets(w, 10, first_pid=1000, first_netns=6_000_000, uid=65534,
-                            first_rport=43000, ago_s=5.0)
-    other_namespace_sockets(w, 1, first_pid=2000, first_netns=7_000_000, uid=1001,
-                            first_rport=44000, ago_s=3.0)
+    w, slow = two_users_namespaces(tmp_path, monkeypatch, 10, 1, 1001,
+                                   cost_s=0.25)            # over the budget alone
     w.tracer.start()
     slow.read.clear()
     w.step()
@@ -909,13 +914,8 @@ def test_one_slow_namespace_does_not_hold_anothers_to_one_a_lookup(tmp_path, mon
     0.2 s apart (40 of them: the last 9.3 s after close, 1.3 s without the
     attack). Now each is judged by its own last read: all of root's 10 fit
     in the first lookup's budget after the slow one."""
-    w = World(tmp_path)
-    w.tracer.own_netns = NETNS
-    slow = SlowNamespaces(monkeypatch, NETNS, cost_s={6_000_000: 0.14})
-    other_namespace_sockets(w, 1, first_pid=1000, first_netns=6_000_000, uid=65534,
-                            first_rport=43000, ago_s=5.0)
-    other_namespace_sockets(w, 10, first_pid=2000, first_netns=7_000_000, uid=0,
-                            first_rport=44000, ago_s=3.0)
+    w, slow = two_users_namespaces(tmp_path, monkeypatch, 1, 10, 0,
+                                   cost_s={6_000_000: 0.14})
     w.tracer.start()
     slow.read.clear()
     w.step()

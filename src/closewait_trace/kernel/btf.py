@@ -95,11 +95,9 @@ class StateOffsets:
     v6_saddr: int     # __sk_common.skc_v6_rcv_saddr (struct in6_addr)
     v6_daddr: int     # __sk_common.skc_v6_daddr
 
-    FIELDS = ("family", "protocol", "sport", "dport", "saddr", "daddr", "v6_saddr", "v6_daddr")
-
     def cflags(self) -> list[str]:
-        return ["-DRAW_STATE_CHANGE"] + [f"-DSK_{name.upper()}_OFF={getattr(self, name)}"
-                                         for name in self.FIELDS]
+        return ["-DRAW_STATE_CHANGE"] + [f"-DSK_{f.name.upper()}_OFF={getattr(self, f.name)}"
+                                         for f in dataclasses.fields(self)]
 
 
 class BTF:

@@ -1165,7 +1165,7 @@ class LiveTracer:
         own = l.ownership
         if own is None:
             return
-        for h in list(own.holders) + list(own.listener_holders):
+        for h in own.every_holder:
             self.watched.setdefault(h.pid, {})[id(l)] = l
             self.watched_state.setdefault(h.pid, (h.state, h.tracer_pid))
 
@@ -1173,7 +1173,7 @@ class LiveTracer:
         own = l.ownership
         if own is None:
             return
-        for h in list(own.holders) + list(own.listener_holders):
+        for h in own.every_holder:
             sockets = self.watched.get(h.pid)
             if sockets is not None:
                 sockets.pop(id(l), None)
@@ -1213,7 +1213,7 @@ class LiveTracer:
         own = l.ownership
         return own is not None and any(
             id(l) in self.watched.get(h.pid, ())
-            for h in list(own.holders) + list(own.listener_holders))
+            for h in own.every_holder)
 
     def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state

@@ -182,7 +182,7 @@ class HolderFilter:
         if own is None:
             return False
         people = []
-        for h in list(own.holders) + list(own.listener_holders):
+        for h in own.every_holder:
             person = {"pid": h.pid, "comm": h.comm}
             if self.needs_identity:
                 if h.pid not in identities:

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
@@ -142,6 +142,11 @@ class Ownership:
     @property
     def pids(self) -> set[int]:
         return {h.pid for h in self.holders}
+
+    @property
+    def every_holder(self) -> list[Holder]:
+        """The socket's holders, then its listener's."""
+        return list(self.holders) + list(self.listener_holders)
 
 
 def _listener_for(row: TcpRow, listeners: dict[tuple, list[TcpRow]]) -> Optional[TcpRow]:
@@ -404,16 +409,37 @@ def fair_order(owner_of: dict[int, int], last_read: dict[int, int]) -> list[int]
     the rescan that last read it; never read: first of all). A user with a
     thousand namespaces then delays another user's by one namespace a turn,
     not by a thousand."""
+    return user_turns(owner_of, lambda netns: (last_read.get(netns, -1), netns),
+                      lambda uid, netns: (last_read.get(netns, -1), uid, netns))
+
+
+def user_turns(owner_of: dict[int, int], within: Callable[[int], tuple],
+               across: Callable[[int, int], tuple]) -> list[int]:
+    """Namespaces (owner_of: namespace -> uid) in turns of their users:
+    each user's first (sorted by within(netns)), then each user's second,
+    and so on; in one turn, sorted by across(uid, netns)."""
     by_user: dict[int, list[int]] = {}
     for netns, uid in owner_of.items():
         by_user.setdefault(uid, []).append(netns)
     keyed = []
     for uid, spaces in by_user.items():
-        spaces.sort(key=lambda netns: (last_read.get(netns, -1), netns))
+        spaces.sort(key=within)
         for turn, netns in enumerate(spaces):
-            keyed.append((turn, last_read.get(netns, -1), uid, netns))
+            keyed.append((turn, across(uid, netns), netns))
     keyed.sort()
     return [netns for *_key, netns in keyed]
+
+
+def namespace_users(namespaces: dict[int, list[int]], own: Optional[int],
+                    proc: str = procfs.PROC) -> dict[int, int]:
+    """namespace -> the real uid (procfs.real_uid) of its first listed
+    process, for every namespace but own; -1 where it cannot be read."""
+    owner_of = {}
+    for netns, pids in namespaces.items():
+        if netns != own:
+            uid = procfs.real_uid(pids[0], proc)
+            owner_of[netns] = -1 if uid is None else uid
+    return owner_of
 
 
 def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
@@ -443,7 +469,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
     not read whole (not in dumped)."""
     rows: list[TcpRow] = []
     dumped: set[int] = set()
-    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    own = procnet.own_netns()
     namespaces, _denied = procnet.scan_network_namespace_pids(proc)
 
     def read(netns: Optional[int], deadline: Optional[float]) -> None:
@@ -467,13 +493,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
 
     if own is not None:
         read(None, None)
-    others = [netns for netns in namespaces if netns != own]
-    # By real uid (procfs.real_uid) of the first process; -1 where it
-    # cannot be read.
-    owner_of = {}
-    for netns in others:
-        uid = procfs.real_uid(namespaces[netns][0], proc)
-        owner_of[netns] = -1 if uid is None else uid
+    owner_of = namespace_users(namespaces, own, proc)
     order = fair_order(owner_of, last_read or {})
     deadline = time.monotonic() + budget_s
     for i, netns in enumerate(order):
@@ -502,7 +522,7 @@ def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[
     for i, ep in enumerate(wanted):
         if ep.netns:
             by_netns.setdefault(ep.netns, []).append(i)
-    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    own = procnet.own_netns()
     namespaces = procnet.network_namespaces(proc) if set(by_netns) - {own} else {}
     for netns, indexes in by_netns.items():
         if netns == own:
@@ -565,7 +585,9 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
     budget by the time its last read took (one never read is tried, and
     its dump cut at the deadline)."""
     wanted = list(wanted)
-    order = list(dict.fromkeys(ep.netns for ep in wanted))
+    # The namespaces as their sockets come: the budget's order (other_turns).
+    order = (list(dict.fromkeys(ep.netns for ep in wanted))
+             if others_budget_s != float("inf") else [])
     wanted = set(wanted)
     if not wanted:
         return {}
@@ -579,29 +601,20 @@ def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Seq
                 last_read: dict[int, int], served: dict[int, int],
                 proc: str = procfs.PROC) -> tuple[list[int], dict[int, int]]:
     """The order an owner lookup reads the namespaces other than own in,
-    and the user of each (the real uid of its first process; -1: not
-    read): the users take turns, the one least recently served by an
-    earlier lookup first (served: uid -> the number of the lookup that last
-    read one of theirs), each user's least recently read namespace first
-    (last_read: namespace -> that number), then as their sockets come in
-    order (the caller's oldest first). A user's many or slow namespaces
-    then put off another user's by one a turn, not by all of them, and
-    lookups with time for one namespace serve the users in turn."""
+    and the user of each (namespace_users): the users take turns, the one
+    least recently served by an earlier lookup first (served: uid -> the
+    number of the lookup that last read one of theirs), each user's least
+    recently read namespace first (last_read: namespace -> that number),
+    then as their sockets come in order (the caller's oldest first). A
+    user's many or slow namespaces then put off another user's by one a
+    turn, not by all of them, and lookups with time for one namespace serve
+    the users in turn."""
     rank = {netns: i for i, netns in enumerate(order)}
-    by_user: dict[int, list[int]] = {}
-    uid_of: dict[int, int] = {}
-    for netns, pids in namespaces.items():
-        if netns != own:
-            uid = procfs.real_uid(pids[0], proc)
-            uid_of[netns] = -1 if uid is None else uid
-            by_user.setdefault(uid_of[netns], []).append(netns)
-    keyed = []
-    for uid, spaces in by_user.items():
-        spaces.sort(key=lambda netns: (last_read.get(netns, -1), rank.get(netns, len(rank))))
-        for turn, netns in enumerate(spaces):
-            keyed.append((turn, served.get(uid, -1), rank.get(netns, len(rank)), uid, netns))
-    keyed.sort()
-    return [netns for *_key, netns in keyed], uid_of
+    uid_of = namespace_users(namespaces, own, proc)
+    turns = user_turns(
+        uid_of, lambda netns: (last_read.get(netns, -1), rank.get(netns, len(rank))),
+        lambda uid, netns: (served.get(uid, -1), rank.get(netns, len(rank)), uid))
+    return turns, uid_of
 
 
 def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
