@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from closewait_trace.evidence import worker
+from closewait_trace.evidence import gathering, worker
 from closewait_trace.sockets import owners
 from closewait_trace.evidence.resolver import PROCESS_DEADLINE_S, ProcResolver
 from closewait_trace.evidence.worker import GatherFailed, GatherWorker
@@ -488,6 +488,38 @@ def test_the_collector_is_off_in_a_worker_only_when_asked(monkeypatch, collect):
     finally:
         g.close()
 
+
+def test_the_owner_lookups_run_with_the_collector_paused(monkeypatch):
+    """Issue 20 target 2: the live tracer's worker keeps its collector, but
+    not for the owner lookups, whose ~10 objects a socket it walked again
+    and again while they waited to be pickled (a quarter of a 100,000-socket
+    lookup). Paused for the whole call, a streamed answer included, and on
+    again after it."""
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    g = GatherWorker(calls_module="tests.unit.blocking_calls")
+    try:
+        assert g.call("collecting", deadline_s=30) is True
+        assert g.call("collecting_paused", deadline_s=30) is False
+        assert g.call("collecting_each", 3, deadline_s=30, stream=True) == [False] * 3
+        assert g.call("collecting", deadline_s=30) is True
+    finally:
+        g.close()
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", collect=False)
+    try:
+        g.call("collecting_paused", deadline_s=30)
+        assert g.call("collecting", deadline_s=30) is False     # never turned on
+    finally:
+        g.close()
+
+
+def test_the_calls_paused_are_the_socket_lookups_only():
+    """The reads of processes' memory and binaries keep the collector
+    (pyelftools' objects make cycles, a long read would keep them all)."""
+    assert gathering.WITHOUT_COLLECTOR <= set(gathering.CALLS)
+    assert {"owners_in_order", "snapshot_close_wait", "rescan_close_wait"} <= \
+        gathering.WITHOUT_COLLECTOR
+    assert not {"process_evidence", "captured_stacks", "python_processes",
+                "identity"} & gathering.WITHOUT_COLLECTOR
 
 
 def test_a_large_request_is_written_with_looks_at_the_ring_between_pieces(gatherer):

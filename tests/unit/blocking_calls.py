@@ -30,6 +30,18 @@ def collecting() -> bool:
     return gc.isenabled()
 
 
+def collecting_each(n: int):
+    """Whether the worker's cyclic collector is on, at each of n items of a
+    streamed answer."""
+    for _ in range(n):
+        yield collecting()
+
+
+# As the real calls' module, and two calls of this one paused like its
+# owner lookups.
+WITHOUT_COLLECTOR = gathering.WITHOUT_COLLECTOR | {"collecting_paused", "collecting_each"}
+
+
 def _blocked(pid) -> bool:
     return str(pid) in os.environ.get(BLOCKED_PIDS_ENV, "").split(",")
 
@@ -70,4 +82,5 @@ def silent_for(seconds: float) -> str:
 
 CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
              reading_for=reading_for, silent_for=silent_for, imported=imported,
-             collecting=collecting)
+             collecting=collecting, collecting_paused=collecting,
+             collecting_each=collecting_each)

@@ -1190,6 +1190,55 @@ def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_pa
     assert (cost["gc_freezes"], cost["gc_unfreezes"]) == (1, 1)
 
 
+def test_a_batch_is_reported_with_the_collector_paused(tmp_path):
+    """Issue 20 target 2: the collector's passes over a batch's objects
+    (owners unpickled, diagnoses, records: ~10 a socket) were 10-15% of a
+    100,000-socket batch. Off from the owner lookup to the last record, on
+    again after; for a new diagnosis too, and when the lookup fails."""
+    w = World(tmp_path)
+    calls = []
+    w.tracer.gc_policy = GcPolicy(collect=lambda: None, freeze=lambda: None,
+                                  unfreeze=lambda: None,
+                                  disable=lambda: calls.append("off"),
+                                  enable=lambda: calls.append("on"),
+                                  isenabled=lambda: True)
+    lookup = w.tracer.resolver.owners
+
+    def owners(*args):
+        calls.append("owners")
+        return lookup(*args)
+    w.tracer.resolver.owners = owners
+    emit = w.sink.emit
+    w.sink.emit = lambda rec: (calls.append(rec["type"]), emit(rec))
+    w.linger(3)
+    w.tracer.start()
+    calls.clear()
+    w.step()
+    assert len(w.of("linger")) == 3
+    assert calls[:2] == ["off", "owners"] and calls[-1] == "on"
+    assert calls.count("off") == calls.count("on") == 1
+    assert calls[2:-1].count("linger") == 3
+    calls.clear()
+    w.proc.process(100, comm="srv", state="T")  # stopped: a new diagnosis
+    w.step(0.5)
+    assert "linger" in calls
+    assert calls.index("off") < calls.index("owners") < calls.index("linger") \
+        < len(calls) - 1 - calls[::-1].index("on")
+    assert calls.count("off") == calls.count("on")
+
+    from closewait_trace.evidence.worker import GatherFailed
+
+    def failing(*args):
+        calls.append("owners")
+        raise GatherFailed("timed out")
+    w.tracer.resolver.owners = failing
+    calls.clear()
+    w.hold(100, 31000, 6100)
+    w.probe.enter(0x2000, endpoints(31000), ago_s=2.0)
+    w.step(0.5)
+    assert calls == ["off", "owners", "on"]
+
+
 def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     """Reported sockets the map read saw leave are kept DEPARTED_GRACE_NS
     (5 s) more, for their CLOSED event: the

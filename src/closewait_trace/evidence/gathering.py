@@ -248,6 +248,16 @@ def owners_in_order(wanted: list, proc: str = procfs.PROC,
         yield [resolved[ep] for ep in wanted[start:start + chunk]]
 
 
+# Run with Python's cyclic collector paused (worker.serve). The owner
+# lookups make about ten objects a socket (rows, holders, ownerships) and
+# keep them until the answer is pickled; none is in a cycle, and the
+# collector's passes over them were a quarter of a lookup's CPU (100,000
+# sockets: 2.5-2.8 s with them, 1.8 s without; docs/benchmarks.md, "the
+# cyclic collector paused"). Not the reads of processes and their binaries:
+# pyelftools' objects do make cycles, and a long read would keep them all.
+WITHOUT_COLLECTOR = frozenset({"snapshot_close_wait", "rescan_close_wait",
+                               "in_close_wait_now", "owners", "owners_in_order"})
+
 CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,

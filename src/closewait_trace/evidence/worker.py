@@ -130,10 +130,11 @@ def pass_capabilities_on() -> None:
 DEFAULT_CALLS = "closewait_trace.evidence.gathering"
 
 
-def _calls(module: str, preload: bool = True) -> dict:
+def _calls(module: str, preload: bool = True) -> tuple[dict, frozenset]:
     # Imported in the child only: what the worker may be asked to run (the
     # module's CALLS; another module only in tests, to stand for reads
-    # that block).
+    # that block), and which of them run with the cyclic collector paused
+    # (its WITHOUT_COLLECTOR).
     import importlib
     calls = importlib.import_module(module)
     # What its calls import on first use, imported now, before "ready":
@@ -145,7 +146,7 @@ def _calls(module: str, preload: bool = True) -> dict:
     if preload:
         for name in getattr(calls, "PRELOAD", ()):
             importlib.import_module(name)
-    return calls.CALLS
+    return calls.CALLS, frozenset(getattr(calls, "WITHOUT_COLLECTOR", ()))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -273,14 +274,14 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
     """The child's loop: read a call, run it, answer; until stdin closes.
     preload: import the calls module's PRELOAD before saying "ready".
     collect: False turns Python's cyclic collector off for good."""
+    import gc
     _die_with_parent(parent)
     if not collect:
-        import gc
         gc.disable()
     # Terminal signals are the tracer's to handle, not ours.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGPIPE else signal.SIG_IGN)
-    calls = _calls(calls_module, preload)
+    calls, without_collector = _calls(calls_module, preload)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
     # Started: the interpreter and its imports took what they took (seconds
@@ -293,6 +294,12 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
             return
         (size,) = _HEADER.unpack(head)
         name, args, kwargs = pickle.loads(inp.read(size))
+        # Paused for the whole call, its answer's pickling included (a
+        # streamed answer is made as it is sent), then on again: what the
+        # call left in a cycle goes at the next collection.
+        paused = collect and name in without_collector
+        if paused:
+            gc.disable()
         try:
             result = calls[name](*args, **kwargs)
             if isinstance(result, Iterator):
@@ -302,6 +309,9 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
             _send(out, "done", result)
         except Exception as e:          # evidence, never a reason to stop serving
             _send(out, "error", f"{type(e).__name__}: {e}"[:300])
+        finally:
+            if paused:
+                gc.enable()
 
 
 # ----------------------------------------------------------------- parent

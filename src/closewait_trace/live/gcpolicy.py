@@ -22,11 +22,20 @@ Both happen only on a tick where sockets were reported or the kernel's map
 changed, never on an idle tick. (So when every socket left at once, the
 unfreeze waits for the next such tick; what the sockets kept has gone by
 reference counting meanwhile.)
+
+While a batch of sockets is reported (Tracer.resolve: owners unpickled,
+diagnoses and records made, ~10 objects a socket), the collector is paused
+(GcPolicy.paused): its passes over the batch's objects, which it cannot
+free, were 10-15% of the batch (docs/benchmarks.md, "the cyclic collector
+paused"). It is on again when the batch ends: what the batch left in a
+cycle goes at its next pass, or at the full collection that begins the
+freeze above when the batch was a large one.
 """
 
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,11 +53,27 @@ class GcPolicy:
     collect: Callable[[], object] = gc.collect
     freeze: Callable[[], None] = gc.freeze
     unfreeze: Callable[[], None] = gc.unfreeze
+    disable: Callable[[], None] = gc.disable
+    enable: Callable[[], None] = gc.enable
+    isenabled: Callable[[], bool] = gc.isenabled
     freeze_after: int = FREEZE_AFTER
     reported_since: int = 0      # sockets reported since the last freeze
     frozen_lingering: int = 0    # sockets lingering at the last freeze (0: none frozen)
     freezes: int = 0
     unfreezes: int = 0
+
+    @contextmanager
+    def paused(self):
+        """The collector off inside, back on after (on errors too) if it
+        was on before."""
+        was_on = self.isenabled()
+        if was_on:
+            self.disable()
+        try:
+            yield
+        finally:
+            if was_on:
+                self.enable()
 
     def reported(self, n: int) -> None:
         self.reported_since += n

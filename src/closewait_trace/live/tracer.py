@@ -826,7 +826,13 @@ class LiveTracer:
         The reads happen in the gathering worker under deadlines: a socket
         whose owners were not read in time is tried again next tick, and
         after MAX_RESOLVE_ATTEMPTS reported with the reason; holders whose
-        threads were not read in time are said so in the diagnosis."""
+        threads were not read in time are said so in the diagnosis.
+
+        With the cyclic collector paused (live/gcpolicy.py)."""
+        with self.gc_policy.paused():
+            self._resolve(batch, now_ns, update)
+
+    def _resolve(self, batch: list[Lingerer], now_ns: int, update: bool) -> None:
         try:
             resolved = self.resolver.owners([l.endpoints for l in batch],
                                             OWNERS_OTHERS_BUDGET_S, self.owner_memory)
