@@ -1239,6 +1239,20 @@ def test_a_batch_is_reported_with_the_collector_paused(tmp_path):
     assert calls == ["off", "owners", "on"]
 
 
+def test_a_reported_batch_leaves_nothing_in_a_cycle(tmp_path):
+    """What a batch made in cycles would stay while the collector is paused
+    (test above): a batch of 60 sockets of 3 holders, reported and
+    diagnosed, leaves none."""
+    from tests.unit.cycles import cycles_left
+    w = World(tmp_path)
+    w.linger(60, holders=3)
+    w.tracer.start()
+    with cycles_left() as left:
+        w.step()
+    assert len(w.of("linger")) == 60
+    assert left.count == 0, left.kinds
+
+
 def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     """Reported sockets the map read saw leave are kept DEPARTED_GRACE_NS
     (5 s) more, for their CLOSED event: the

@@ -10,6 +10,7 @@ import pytest
 
 from closewait_trace.sockets import sockdiag
 from closewait_trace.kernel import tcpstates
+from tests.unit.cycles import cycles_left
 
 # One recv() of a real SOCK_DIAG_BY_FAMILY dump (Linux 6.18, x86-64): a
 # socket in CLOSE_WAIT on 127.0.0.1:35885 whose peer sent 5 bytes, then
@@ -314,3 +315,21 @@ def test_a_dump_stops_at_its_deadline_with_what_it_read():
     assert len(sockdiag._dump(RepliesInParts(3), [tcpstates.CLOSE_WAIT], 7)) == 6
     assert len(sockdiag._dump(RepliesInParts(3), [tcpstates.CLOSE_WAIT], 7,
                               deadline=time.monotonic() + 60)) == 6
+
+
+
+@pytest.mark.parametrize("attempts", [1, 20])
+def test_entering_a_namespace_that_fails_leaves_nothing_in_a_cycle(tmp_path, attempts):
+    """Issue 20 (the collector paused for the owner lookups): each namespace
+    entered made a C library handle (~3.5 KB in cycles), and an error was
+    kept with its traceback, whose frame kept it: with the collector
+    paused, a user's thousands of namespaces would have piled that up for
+    a whole lookup. The error is the same OSError, its errno and path."""
+    missing = str(tmp_path / "gone" / "ns" / "net")
+    with cycles_left() as left:
+        for _ in range(attempts):
+            with pytest.raises(FileNotFoundError) as raised:
+                sockdiag._open_in_netns(missing)
+            assert raised.value.filename == missing
+            del raised
+    assert left.count == 0, left.kinds

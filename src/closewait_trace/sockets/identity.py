@@ -206,15 +206,6 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
 
 def _statx(dir_fd: int, path: bytes, flags: int = 0) -> Optional[tuple]:
     """(dev major, dev minor, inode, nlink) from the attributes the kernel
@@ -223,7 +214,7 @@ def _statx(dir_fd: int, path: bytes, flags: int = 0) -> Optional[tuple]:
     it fails."""
     buf = ctypes.create_string_buffer(256)
     try:
-        rc = _lib().statx(dir_fd, path, flags | _AT_STATX_DONT_SYNC, _STATX_BASIC, buf)
+        rc = procfs.libc().statx(dir_fd, path, flags | _AT_STATX_DONT_SYNC, _STATX_BASIC, buf)
     except (AttributeError, OSError):       # a libc without statx
         return None
     if rc != 0:
@@ -246,7 +237,7 @@ def _lookup(path: str, block_device: bool) -> Optional[tuple]:
     raw = os.fsencode(path)
     how = _OpenHow(os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW, 0,
                    _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS | _RESOLVE_CACHED)
-    libc = _lib()
+    libc = procfs.libc()
     fd = libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(-100), ctypes.c_char_p(raw),
                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
     err = ctypes.get_errno() if fd < 0 else 0

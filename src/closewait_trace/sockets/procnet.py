@@ -115,8 +115,7 @@ def is_procfs(path: str) -> bool:
     asks the kernel directly, answers about the same sockets. Anything else
     (a copied or crafted tree) is read as files."""
     buf = ctypes.create_string_buffer(256)      # struct statfs is 120 bytes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if procfs.libc().statfs(os.fsencode(path), buf) != 0:
         return False
     return ctypes.c_long.from_buffer(buf).value == PROC_SUPER_MAGIC   # f_type comes first
 

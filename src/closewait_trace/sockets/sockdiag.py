@@ -221,26 +221,32 @@ def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
     if ns_path is None:
         inode = os.stat("/proc/thread-self/ns/net").st_ino
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG), inode
+    # Nothing made here is left in a reference cycle, on errors too: the
+    # owner lookups run with the cyclic collector paused (gathering.
+    # WITHOUT_COLLECTOR) and enter every namespace a user made, up to
+    # tens of thousands. One libc handle serves them all (procfs.libc), and
+    # an exception kept in `result` would hold its traceback, whose frame
+    # holds `result`: errors are kept as their errno, strerror and
+    # filename, and raised as a new OSError.
     result: dict = {}
 
     def work():
-        libc = ctypes.CDLL(None, use_errno=True)
         try:
             fd = os.open(ns_path, os.O_RDONLY)
         except OSError as exc:
-            result["error"] = exc
+            result["error"] = (exc.errno, exc.strerror, exc.filename)
             return
         try:
             result["inode"] = os.fstat(fd).st_ino
-            if libc.setns(fd, CLONE_NEWNET) != 0:
+            if procfs.libc().setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
-                result["error"] = OSError(err, os.strerror(err))
+                result["error"] = (err, os.strerror(err), ns_path)
                 return
             try:
                 result["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
                                                NETLINK_SOCK_DIAG)
             except OSError as exc:      # EMFILE: said to the caller, not lost in the thread
-                result["error"] = exc
+                result["error"] = (exc.errno, exc.strerror, exc.filename)
         finally:
             os.close(fd)
         # This thread now lives in the other namespace and ends here; it is
@@ -250,7 +256,7 @@ def _open_in_netns(ns_path: Optional[str]) -> tuple[socket.socket, int]:
     thread.start()
     thread.join()
     if "error" in result:
-        raise result["error"]
+        raise OSError(*result["error"])
     return result["sock"], result["inode"]
 
 
