@@ -45,3 +45,74 @@ def test_unix_socket_refuses_a_directory_another_user_owns(tmp_path):
     os.chown(other, 65534, 65534)
     with pytest.raises(scrape.UnsafePath):
         scrape.listen_unix(str(other / "m.sock"))
+
+
+# Run as nobody: a file opened 60 directories of 200 characters deep (its
+# path, 12,000 characters, is longer than a page: /proc/PID/fd/N cannot be
+# read, ENAMETOOLONG), and a socket in CLOSE_WAIT held beside it.
+DEEP_HOLDER = r"""
+import os, socket, sys, time
+os.chdir(sys.argv[1])
+for i in range(60):
+    name = "d%d" % i + "x" * 198
+    os.mkdir(name)
+    os.chdir(name)
+deep = open("f", "w")
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+client = socket.create_connection(listener.getsockname())
+held, _ = listener.accept()
+peer = client.getsockname()[1]
+client.close()
+print(listener.getsockname()[1], peer, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_file_path_too_long_to_read_does_not_hide_a_holder():
+    """Review of 2026-12-05: a process with one fd on such a path had none of
+    its sockets attributed ("no process holds a file descriptor on it"
+    where every process is readable). Named as ss names it."""
+    import re
+    import socket
+    import subprocess
+    import time
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets import owners
+    import shutil
+    import tempfile
+    home = tempfile.mkdtemp(prefix="closewait-deep-")    # pytest's tmp_path: root's only
+    os.chown(home, 65534, 65534)
+    holder = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "/usr/bin/python3", "-c", DEEP_HOLDER, home],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline().split()
+        assert len(line) == 2, holder.wait()
+        port, peer = (int(p) for p in line)
+        fds = os.listdir(f"/proc/{holder.pid}/fd")
+        too_long = 0
+        for fd in fds:
+            try:
+                os.readlink(f"/proc/{holder.pid}/fd/{fd}")
+            except OSError as e:
+                too_long += e.errno == __import__("errno").ENAMETOOLONG
+        assert too_long == 1, fds
+        wanted = Endpoints(socket.AF_INET, "127.0.0.1", port, "127.0.0.1", peer,
+                           os.stat("/proc/thread-self/ns/net").st_ino)
+        deadline = time.monotonic() + 10
+        while True:
+            got = owners.resolve([wanted])[wanted]
+            if got.kind != owners.OWNER_GONE or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert got.kind == owners.OWNER_FD, got
+        assert [(h.pid, h.uid) for h in got.holders] == [(holder.pid, 65534)]
+        ss = subprocess.run(["ss", "-Htnp", "state", "close-wait", f"( sport = :{port} )"],
+                            capture_output=True, text=True, check=True).stdout
+        assert re.findall(r"pid=(\d+)", ss) == [str(holder.pid)], ss
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(home)

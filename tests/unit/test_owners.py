@@ -138,6 +138,28 @@ def test_vanishing_process_is_a_missing_row_not_a_crash(fake, monkeypatch):
     assert [h.pid for h in got.holders] == [50]
 
 
+def test_a_file_path_too_long_to_read_does_not_hide_the_processs_sockets(fake, monkeypatch):
+    """Review of 2026-12-05: one fd on a path longer than a page makes its
+    link unreadable (ENAMETOOLONG), which any user can arrange; it was
+    taken for the process's failure, and every socket the process held
+    had no holder ("no process holds a file descriptor on it")."""
+    import errno
+    fake.process(70, comm="server")
+    fake.tcp(70, V4, "127.0.0.1", 84, "127.0.0.1", 5004, CW, 78)
+    fake.fd(70, 3, target="/deep/file").fd(70, 4, 78)
+    real = owners.procfs.readlink
+
+    def too_long(path, dir_fd=None):
+        if path == "3" and dir_fd is not None:
+            raise owners.procfs.ProcError(path, errno.ENAMETOOLONG)
+        return real(path, dir_fd)
+
+    monkeypatch.setattr(owners.procfs, "readlink", too_long)
+    got = owners.resolve([ep(84, 5004)], fake.root)[ep(84, 5004)]
+    assert got.kind == owners.OWNER_FD
+    assert [(h.pid, h.fd) for h in got.holders] == [(70, 4)]
+
+
 def test_unreadable_entries_are_skipped(fake, tmp_path):
     fake.process(60)
     # A dangling fd link and a garbage pid directory must not break the scan.

@@ -271,3 +271,24 @@ def test_parse_cmdline_and_syscall():
     assert procfs.parse_syscall("-1 0x1 0x2") == procfs.SyscallLine(None, None, 1, 2)
     assert procfs.parse_syscall("zz 0x1") == procfs.NOT_IN_SYSCALL
     assert procfs.parse_syscall("7 nothex") == procfs.SyscallLine(7, None, None, None)
+
+
+def test_a_batchs_failed_read_is_remembered_without_a_reference_cycle(tmp_path):
+    """Review of 2026-12-05: the failed read was kept as the exception,
+    whose traceback holds the frame that holds it (13 objects in a cycle
+    per holder exiting mid-lookup, pinning the batch's frames), and the
+    owner lookups run with the cyclic collector paused. The same error
+    every time, read once."""
+    from tests.unit.cycles import cycles_left
+    with cycles_left() as left:
+        batch = procfs.ProcBatch(str(tmp_path))
+        for _ in range(3):
+            with pytest.raises(procfs.NoSuchProcess) as raised:
+                batch.process(4242)
+            assert raised.value.path.endswith("4242") and raised.value.errno == errno.ENOENT
+            del raised
+        os.mkdir(tmp_path / "4242")         # appears now: not read again in this batch
+        with pytest.raises(procfs.NoSuchProcess):
+            batch.process(4242)
+        del batch                           # the lookup ends
+    assert left.count == 0, left.kinds

@@ -15,6 +15,7 @@ namespace is said as ambiguous, and no holder is named.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -320,6 +321,15 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
                         link = readlink(name, dir_fd)
                     except procfs.NoSuchProcess:
                         continue                # that fd was closed meanwhile
+                    except procfs.ProcError as e:
+                        # A path longer than a page (ENAMETOOLONG): a
+                        # file's, never a socket's ("socket:[N]"). Any user
+                        # can open one; taken for the whole process's
+                        # failure, it hid every socket that process holds
+                        # ("no process holds it").
+                        if e.errno != errno.ENAMETOOLONG:
+                            raise
+                        continue
                     if not link.startswith("socket:["):
                         continue                # a file, a pipe...: never wanted
                     inode = socket_inode(link)

@@ -425,7 +425,12 @@ class ProcBatch:
 
     def __init__(self, proc: str = PROC):
         self.proc = proc
-        self._seen: dict[int, object] = {}     # pid -> ProcessSnapshot | ProcError
+        # pid -> ProcessSnapshot, or (error class, path, errno) of its failed
+        # read: not the exception itself, whose traceback holds the frame
+        # that holds it (a reference cycle, pinning the batch's frames too,
+        # per holder that exits mid-lookup; the owner lookups run with the
+        # cyclic collector paused: gathering.WITHOUT_COLLECTOR).
+        self._seen: dict[int, object] = {}
 
     def process(self, pid: int) -> ProcessSnapshot:
         """Raises NoSuchProcess, AccessDenied or ResourceExhausted (not
@@ -438,10 +443,11 @@ class ProcBatch:
             except ResourceExhausted:
                 raise
             except ProcError as e:
-                got = e
+                got = (type(e), e.path, e.errno)
             self._seen[pid] = got
-        if isinstance(got, ProcError):
-            raise got
+        if isinstance(got, tuple):
+            kind, path, err = got
+            raise kind(path, err)
         return got
 
 
