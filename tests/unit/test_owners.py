@@ -160,6 +160,33 @@ def test_a_file_path_too_long_to_read_does_not_hide_the_processs_sockets(fake, m
     assert [(h.pid, h.fd) for h in got.holders] == [(70, 4)]
 
 
+def test_a_holder_closing_one_socket_meanwhile_still_holds_the_others(fake, monkeypatch):
+    """The check against a reused pid read the first matched fd's link
+    again: a holder that closed that one socket meanwhile (it leaves
+    CLOSE_WAIT) had every other socket it holds said "held by no process"
+    in that lookup. One link still there proves the process; with every
+    one closed it is skipped as before."""
+    fake.process(71, comm="server")
+    fake.tcp(71, V4, "127.0.0.1", 85, "127.0.0.1", 5005, CW, 81)
+    fake.tcp(71, V4, "127.0.0.1", 85, "127.0.0.1", 5006, CW, 82)
+    fake.fd(71, 3, 81).fd(71, 4, 82)
+    real = owners.procfs.read_process
+    closing = {3}
+
+    def closes(pid, proc, **kwargs):
+        for fd in closing:              # between the fd scan and the check
+            os.remove(f"{proc}/71/fd/{fd}")
+        closing.clear()
+        return real(pid, proc, **kwargs)
+
+    monkeypatch.setattr(owners.procfs, "read_process", closes)
+    got = owners.resolve([ep(85, 5005), ep(85, 5006)], fake.root)
+    assert [(h.pid, h.fd) for h in got[ep(85, 5006)].holders] == [(71, 4)]
+    closing.add(4)                      # now the last one too
+    got = owners.resolve([ep(85, 5006)], fake.root)
+    assert got[ep(85, 5006)].holders == ()
+
+
 def test_unreadable_entries_are_skipped(fake, tmp_path):
     fake.process(60)
     # A dangling fd link and a garbage pid directory must not break the scan.

@@ -341,9 +341,12 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             cloexec = (_cloexec_flags(fd_dir, [fd for _inode, fd, _link in matched])
                        if fd_flags else [None] * len(matched))
             # The pid could have been reused between the fd scan and the
-            # reads above: an inode is unique while its socket lives, so the
-            # link still there after them proves this process holds it.
-            if procfs.readlink(f"{fd_dir}/{matched[0][1]}") != matched[0][2]:
+            # reads above: an inode is unique while its socket lives, so a
+            # link still there after them proves this process holds it. Any
+            # one of them: a holder closing the first (it is leaving
+            # CLOSE_WAIT) made every other socket it holds "held by no
+            # process" in this lookup.
+            if not _still_linked(fd_dir, matched):
                 continue
             if not fd_flags:
                 scan.fd_dirs[pid] = fd_dir
@@ -361,6 +364,20 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
     scan.holders = {inode: tuple(sorted(holders, key=lambda h: (h.pid, h.fd)))
                     for inode, holders in scan.holders.items()}
     return scan
+
+
+def _still_linked(fd_dir: str, matched: list[tuple[int, int, str]]) -> bool:
+    """Whether one of the (inode, fd, link) the scan matched still links to
+    its socket. Raises ResourceExhausted or AccessDenied."""
+    for _inode, fd, link in matched:
+        try:
+            if procfs.readlink(f"{fd_dir}/{fd}") == link:
+                return True
+        except (procfs.ResourceExhausted, procfs.AccessDenied):
+            raise
+        except procfs.ProcError:
+            continue                    # closed meanwhile, or the process is gone
+    return False
 
 
 def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, Sequence[Holder]]:
