@@ -206,7 +206,6 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-
 def _statx(dir_fd: int, path: bytes, flags: int = 0) -> Optional[tuple]:
     """(dev major, dev minor, inode, nlink) from the attributes the kernel
     has cached (AT_STATX_DONT_SYNC): a FUSE or network filesystem is not
