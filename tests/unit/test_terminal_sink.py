@@ -129,6 +129,34 @@ def test_a_batch_is_written_in_blocks_the_same_bytes_in_the_same_order(monkeypat
     assert out2.getvalue() == "first\nRAW\nsecond\n"
 
 
+def test_a_batch_into_a_pipe_widens_it_and_writes_the_same_bytes():
+    """A live trace's batch of linger lines (100,000 of 2.3 KB at once when
+    a holder stops closing) into a 64 KiB pipe blocked the loop 0.27-0.50 s
+    at 100,000 sockets, waiting for its reader to be scheduled at each
+    64 KiB; with the pipe widened as for --all's transitions, 0.09 s
+    (docs/benchmarks.md). The bytes are the same either way."""
+    import fcntl
+    import os
+    lines = [f'{{"type": "linger", "n": {i}}}' for i in range(300)]
+    expected = io.StringIO()
+    TerminalSink(True, render.TextRenderer(), stream=expected).write_lines(lines)
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < 1 << 20
+        with os.fdopen(w, "w", closefd=False) as out:
+            sink = TerminalSink(True, render.TextRenderer(), stream=out)
+            sink.hold_batch(True)
+            assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == 1 << 20    # Linux's pipe-max-size
+            for line in lines:
+                sink.write_lines([line])
+            sink.hold_batch(False)
+        os.set_blocking(r, False)
+        assert os.read(r, 1 << 20).decode() == expected.getvalue()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_snapshot_sink_stays_held_through_a_batch():
     out = CountingStream()
     sink = TerminalSink(False, render.TextRenderer(), stream=out, hold=True)

@@ -21,7 +21,9 @@ from closewait_trace.sockets.filters import describe_filters
 # every couple of hundred lines: under a saturating workload it blocked in
 # write() 1,100-1,750 times in 3 s (a quarter of its time), 8-49 times with
 # 1 MiB, and left far less unwritten when stopped (docs/benchmarks.md,
-# "Fourth pass"). 1 MiB is Linux's default pipe-max-size: what any user may
+# "Fourth pass"). So does a live trace's batch of linger records (hold_batch:
+# 100,000 lines of 2.3 KB blocked the loop 0.27-0.50 s with 64 KiB, 0.09 s
+# with 1 MiB). 1 MiB is Linux's default pipe-max-size: what any user may
 # ask for; the kernel memory is taken only as the pipe fills.
 PIPE_BYTES = 1 << 20
 
@@ -201,13 +203,15 @@ class TerminalSink:
         what is kept is written, and lines go out as they come again. Line
         by line, a 2.3 KB linger line went through the stream's 8 KB buffer:
         a write(2) to the reader's pipe every three or four records (11 us
-        a record under cProfile at 100,000). The same bytes in the same
-        order either way."""
+        a record under cProfile at 100,000). A batch widens the pipe it
+        writes to (widen_pipe). The same bytes in the same order either
+        way."""
         if self._always_held:
             return
         if on:
             if self._held is None:
                 self._held = []
+            widen_pipe(self._out)
             return
         try:
             if self._held:
