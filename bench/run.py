@@ -875,7 +875,10 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 "idle_tick_max_ms": cost.get("idle_max_ms"),
                 "map_read_max_ms": cost.get("map_read_max_ms"),
                 "resolve_max_ms": cost.get("resolve_max_ms"),
-                "gc_max_ms": cost.get("gc_max_ms"), "gc_total_ms": cost.get("gc_total_ms"), "gc_collections": cost.get("gc_collections")}
+                "gc_max_ms": cost.get("gc_max_ms"), "gc_total_ms": cost.get("gc_total_ms"), "gc_collections": cost.get("gc_collections"),
+                # Reads of the map made key by key (seconds each at 100,000).
+                "map_reads_per_key": cost.get("map_reads_per_key"),
+                "map_read_failures": cost.get("map_read_failures")}
     finally:
         stop_all(clients + holders + [tracer])
 

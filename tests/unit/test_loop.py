@@ -1190,6 +1190,21 @@ def test_the_reported_state_is_frozen_after_a_batch_never_on_an_idle_tick(tmp_pa
     assert (cost["gc_freezes"], cost["gc_unfreezes"]) == (1, 1)
 
 
+def test_the_summary_says_when_the_map_was_read_key_by_key(tmp_path):
+    """A read of the kernel's map made key by key costs seconds and tens of
+    MB at 100,000 sockets: the summary's tracer_cost says how many there
+    were and how many batched reads failed, from the probe's own counts (a
+    probe without them: none)."""
+    w = World(tmp_path)
+    w.tracer.start()
+    cost = w.tracer.summary()["tracer_cost"]
+    assert (cost["map_reads_per_key"], cost["map_read_failures"]) == (0, 0)
+    w.probe.per_key_reads = 2
+    w.probe.batch_read_failures = {16: 3, 22: 1}
+    cost = w.tracer.summary()["tracer_cost"]
+    assert (cost["map_reads_per_key"], cost["map_read_failures"]) == (2, 4)
+
+
 def test_a_batch_is_reported_with_the_collector_paused(tmp_path):
     """Issue 20 target 2: the collector's passes over a batch's objects
     (owners unpickled, diagnoses, records: ~10 a socket) were 10-15% of a

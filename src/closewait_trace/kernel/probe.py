@@ -37,6 +37,17 @@ EVENTS_RAW_PROGRAM = b"raw_tracepoint__" + EVENTS_TRACEPOINT.split(":")[1].encod
 # tracepoint: not in Debian 12's 6.1; in 6.18).
 RECV_TRACEPOINT = "sock/sock_recv_length"
 BATCH = 8192         # map entries per BPF_MAP_LOOKUP_BATCH call
+# What BPF_MAP_LOOKUP_BATCH fails with where the kernel cannot do it (before
+# 5.6 the command is unknown: EINVAL; a map type without it: ENOTSUPP, 524):
+# the map is then read key by key from then on. Any other failure is this
+# read's (a bucket lock the kernel would not wait for: EBUSY, or ETIMEDOUT
+# and EDEADLK from the resilient locks of 6.15; ENOMEM): the read is tried
+# again, batched, up to BATCH_READ_TRIES times in all, then made key by key
+# once. Taken for good, one failure made every later read key by key: at
+# 100,000 sockets 0.84-0.93 s a read instead of 0.4-0.5, and 650-700 more
+# passes of Python's collector (docs/benchmarks.md).
+BATCH_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524, errno.ENOSYS})
+BATCH_READ_TRIES = 3
 # sip() moves the ring's records to the backlog once they fill this share
 # of it (1/16 of 1 MiB: 585 events); less is left for the loop's next poll.
 SIP_FILL = 16
@@ -576,6 +587,10 @@ class KernelProbe:
     bpf: object = None
     compile_s: float = 0.0
     map_read: str = ""                  # "batched" or "per-key", once read
+    # errno -> batched map reads that failed with it (BATCH_UNSUPPORTED), and
+    # the reads made key by key (the summary's tracer_cost says both).
+    batch_read_failures: dict = field(default_factory=dict)
+    per_key_reads: int = 0
     _layout: object = None
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
@@ -817,18 +832,23 @@ class KernelProbe:
             self._values = (ctypes.c_uint8 * (BATCH * self._layout.size))()
         raw = bytearray()
         keys: list[int] = []
+        batched = False
         if self.features.batch_read and self.map_read != "per-key":
-            try:
-                self._read_batches(table.map_fd, keys, raw)
-                self.map_read = "batched"
-            except OSError:
-                # BPF_MAP_LOOKUP_BATCH needs Linux 5.6 (or a backport): walk
-                # the map key by key from now on.
-                keys, raw = [], bytearray()
-                self.map_read = "per-key"
+            for _try in range(BATCH_READ_TRIES):
+                try:
+                    self._read_batches(table.map_fd, keys, raw)
+                    self.map_read, batched = "batched", True
+                    break
+                except OSError as e:
+                    keys, raw = [], bytearray()    # what a failed read got: not all
+                    self.batch_read_failures[e.errno] = self.batch_read_failures.get(e.errno, 0) + 1
+                    if e.errno in BATCH_UNSUPPORTED:
+                        self.map_read = "per-key"
+                        break
         else:
             self.map_read = "per-key"
-        if self.map_read == "per-key":
+        if not batched:
+            self.per_key_reads += 1
             for k, v in table.items():
                 keys.append(k.value)
                 raw += bytes(v)

@@ -1416,6 +1416,9 @@ class LiveTracer:
         stats["idle_mean_ms"] = stats.pop("idle_total_ms") / max(1, stats["idle_ticks"])
         stats["gc_freezes"] = self.gc_policy.freezes
         stats["gc_unfreezes"] = self.gc_policy.unfreezes
+        # A flood read key by key costs seconds and memory: said, not guessed.
+        stats["map_reads_per_key"] = getattr(self.probe, "per_key_reads", 0)
+        stats["map_read_failures"] = sum(getattr(self.probe, "batch_read_failures", {}).values())
         extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in stats.items()}}
         for sink in self.sinks:
