@@ -157,6 +157,25 @@ def test_a_batch_into_a_pipe_widens_it_and_writes_the_same_bytes():
         os.close(w)
 
 
+def test_a_quiet_sink_leaves_stdout_as_it_is():
+    """-q: stdout is not the sink's to widen (with -w - it carries the
+    recording)."""
+    import fcntl
+    import os
+    r, w = os.pipe()
+    try:
+        before = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        with os.fdopen(w, "w", closefd=False) as out:
+            sink = TerminalSink(True, render.TextRenderer(), quiet=True, stream=out)
+            sink.hold_batch(True)
+            sink.write_lines(["x"])
+            sink.hold_batch(False)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_snapshot_sink_stays_held_through_a_batch():
     out = CountingStream()
     sink = TerminalSink(False, render.TextRenderer(), stream=out, hold=True)

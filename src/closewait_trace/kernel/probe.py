@@ -586,11 +586,14 @@ class KernelProbe:
     config: ProbeConfig
     bpf: object = None
     compile_s: float = 0.0
-    map_read: str = ""                  # "batched" or "per-key", once read
-    # errno -> batched map reads that failed with it (BATCH_UNSUPPORTED), and
-    # the reads made key by key (the summary's tracer_cost says both).
+    map_read: str = ""                  # how the last read was made: "batched" or "per-key"
+    # errno -> failed tries of a batched read, whatever the errno; the reads
+    # made key by key (the summary's tracer_cost says both); whether the
+    # kernel said it cannot read in batches (BATCH_UNSUPPORTED): every
+    # read key by key since.
     batch_read_failures: dict = field(default_factory=dict)
     per_key_reads: int = 0
+    batch_unsupported: bool = False
     _layout: object = None
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
@@ -833,20 +836,19 @@ class KernelProbe:
         raw = bytearray()
         keys: list[int] = []
         batched = False
-        if self.features.batch_read and self.map_read != "per-key":
+        if self.features.batch_read and not self.batch_unsupported:
             for _try in range(BATCH_READ_TRIES):
                 try:
                     self._read_batches(table.map_fd, keys, raw)
-                    self.map_read, batched = "batched", True
+                    batched = True
                     break
                 except OSError as e:
-                    keys, raw = [], bytearray()    # what a failed read got: not all
+                    keys, raw = [], bytearray()    # what a failed try got: not all
                     self.batch_read_failures[e.errno] = self.batch_read_failures.get(e.errno, 0) + 1
                     if e.errno in BATCH_UNSUPPORTED:
-                        self.map_read = "per-key"
+                        self.batch_unsupported = True
                         break
-        else:
-            self.map_read = "per-key"
+        self.map_read = "batched" if batched else "per-key"
         if not batched:
             self.per_key_reads += 1
             for k, v in table.items():

@@ -211,7 +211,8 @@ class TerminalSink:
         if on:
             if self._held is None:
                 self._held = []
-            widen_pipe(self._out)
+            if not (self.quiet or self.closed):   # -q: stdout is not ours (-w -)
+                widen_pipe(self._out)
             return
         try:
             if self._held:
