@@ -407,6 +407,12 @@ def _timed_namespaces(monkeypatch, others, cost_s):
     listing.update({ns: [10_000 + i] for i, ns in enumerate(others)})
     pid_ns = {pids[0]: ns for ns, pids in listing.items()}
     monkeypatch.setattr(procnet, "scan_network_namespace_pids", lambda proc, most=3: (listing, set()))
+    # One user's namespaces, whatever runs here: the lookup takes each
+    # namespace's user from its first process's real uid, and these pids
+    # are made up. Read from the machine's /proc, a real process that had
+    # one of them (a kworker, pid 10003, after a few thousand test
+    # processes) made its namespace another user's, read in its own turn.
+    monkeypatch.setattr(procfs, "real_uid", lambda pid, proc="/proc": 65534)
     monkeypatch.setattr(owners.time, "monotonic", lambda: clock["now"])
     entered = []
 
