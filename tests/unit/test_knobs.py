@@ -36,7 +36,6 @@ def test_the_rescan_period_accepts_seconds_in_range_else_the_loops_own(value, ex
 def test_the_loop_takes_the_rescan_period_from_the_knob(monkeypatch, tmp_path):
     from closewait_trace.live import tracer as tracer_module
     from tests.unit.test_loop import World
-    monkeypatch.delenv(knobs.RECONCILE_ENV, raising=False)
     assert World(tmp_path).tracer._reconcile_every == tracer_module.RECONCILE_EVERY_S == 60.0
     monkeypatch.setenv(knobs.RECONCILE_ENV, "2")
     assert World(tmp_path).tracer._reconcile_every == 2.0

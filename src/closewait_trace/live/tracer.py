@@ -111,27 +111,27 @@ LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 # read of the sockets in CLOSE_WAIT every 5 s (bench/rescan.py: 6.7-8.5 us
 # a socket to read, 1.5-2.6 us to compare; 18 ms for 1,000).
 RESCAN_EVERY_S = 5.0
-# ...or this many times as long as the last one took, if longer: with
-# 100,000 sockets lingering a rescan reads them all (about a second of the
-# worker's and the loop's time, extrapolated from 30,000), and a loss at
-# every tick must not make the loop spend more than about 5% of its time
-# rescanning.
-RESCAN_GAP_FACTOR = 20
-# Without any counted loss, a rescan still comes this often: the kernel's
-# hook can fail to hand the program a state change and count nothing (seen
-# on 6.18 under saturating churn: docs/how-it-works.md, "The raw tracepoint
-# is not lossless either"). A socket whose entry into CLOSE_WAIT went so
-# would never be reported, and one whose exit went so would be reported
-# lingering for as long as the tracer runs. One read of the sockets in
-# CLOSE_WAIT a minute bounds both (the exit where BTF gives each socket's
-# namespace: Tracker.rescan judges none gone whose namespace is unknown).
-# CLOSEWAIT_TRACE_RECONCILE_S (knobs.py) shortens it for the tests.
+# ...and, without any counted loss, at least this often: the kernel's hook
+# can fail to hand the program a state change and count nothing (seen on
+# 6.18 under saturating churn: docs/how-it-works.md, "The raw tracepoint is
+# not lossless either"). A socket whose entry into CLOSE_WAIT went so would
+# never be reported, and one whose exit went so would be reported lingering
+# for as long as the tracer runs. One read of the sockets in CLOSE_WAIT a
+# minute bounds both; the gap after a long rescan (RESCAN_GAP_FACTOR) holds
+# for these too. CLOSEWAIT_TRACE_RECONCILE_S (knobs.py) shortens it for the
+# tests.
 RECONCILE_EVERY_S = 60.0
 # ...or this many times as long as the last rescan took, if longer: with
 # 100,000 sockets lingering one takes 1.8 s (bench/run.py scale with
 # CLOSEWAIT_TRACE_RECONCILE_S), and a check that nothing asked for should
 # cost the loop no more than about 1% of its time.
 RECONCILE_GAP_FACTOR = 100
+# ...or this many times as long as the last one took, if longer: with
+# 100,000 sockets lingering a rescan reads them all (about a second of the
+# worker's and the loop's time, extrapolated from 30,000), and a loss at
+# every tick must not make the loop spend more than about 5% of its time
+# rescanning.
+RESCAN_GAP_FACTOR = 20
 # A rescan reads the tracer's own namespace whole, one other namespace
 # whole, then others for at most this long; the rest wait for the next
 # rescans, in turns by the user who owns them (owners.fair_order). Any
@@ -463,8 +463,6 @@ class LiveTracer:
             if attach is not None:      # keeps its view as sockets arrive and leave
                 attach(self.tracker, self.config.threshold_ns, self.holder_filter.active)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
-        if self.start_snapshot_failed:
-            self.tracker.seed_incomplete = True
         # Before "ready": a CPython process's EOF read from then on carries
         # its Python frames.
         seen_ns = self.now_ns()

@@ -190,14 +190,6 @@ class Tracker:
     # not a running total, which each rescan would count again.
     max_untracked: int = 1 << 62
     untracked_over: int = 0
-    # Whether some sockets from before the start may be in CLOSE_WAIT
-    # unknown here: the start's read failed (the caller says so) or kept
-    # fewer than it found (max_untracked). A socket a rescan finds is then
-    # from before the start or entered unseen since, and its age estimated
-    # from tcp_info says which (as in a namespace the start left unread):
-    # taken as entered unseen, each such socket was reported with its age
-    # cut to the rescan and "its entry not seen".
-    seed_incomplete: bool = False
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
         if l is not None:
@@ -231,8 +223,6 @@ class Tracker:
         self.untracked_over = self._adopt(
             already_in_close_wait, _by_address(t.endpoints for t in tracked),
             min(observed_ns, self.start_ns), observed_ns, found_late=False)
-        if self.untracked_over:
-            self.seed_incomplete = True
         return len(self.pre_existing)
 
     def rescan(self, in_close_wait: Iterable[TcpRow], observed_ns: int,
@@ -248,8 +238,7 @@ class Tracker:
         - A socket in the dump that nothing here knows entered CLOSE_WAIT
           unseen: adopted as untracked, `found_late`, its age estimated
           from tcp_info as the start-up's are (never older than observed_ns
-          when tcp_info says nothing). Unless the start's read may have
-          left some (seed_incomplete): then its age says which it is.
+          when tcp_info says nothing).
         - A socket known here, in a namespace the dump read, that entered
           CLOSE_WAIT before the dump began and is not in it left unseen:
           its exit was never run (its map entry would be gone) or its
@@ -293,13 +282,8 @@ class Tracker:
             rows = [row for row in rows if row.endpoints.netns not in before_start_netns]
             over += self._adopt(early, tracked, min(observed_ns, self.start_ns), observed_ns,
                                 found_late=kernel_missed, late_from_ns=self.start_ns)
-        if self.seed_incomplete:
-            latest_ns, late_from_ns = min(observed_ns, self.start_ns), self.start_ns
-        else:
-            latest_ns, late_from_ns = observed_ns, None
         for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
-            over += self._adopt(block, tracked, latest_ns, observed_ns, found_late=True,
-                                late_from_ns=late_from_ns)
+            over += self._adopt(block, tracked, observed_ns, observed_ns, found_late=True)
         self.untracked_over = over
         return len(self.pre_existing) - before, gone
 
