@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from closewait_trace import knobs
-from closewait_trace.sockets import capabilities
+from closewait_trace.sockets import capabilities, procfs
 from closewait_trace.output import schema
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
@@ -447,3 +447,40 @@ def accepted_connection(port: int, server) -> socket.socket:
         ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
         capture_output=True, text=True).stdout, what="accepted")
     return client
+
+
+# Root makes the namespaces (no reliance on unprivileged user namespaces,
+# which some distributions turn off), then each child is nobody's.
+NAMESPACE_BOMB = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        if libc.unshare(0x40000000) != 0:       # CLONE_NEWNET
+            os._exit(1)
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        time.sleep(3600)
+        os._exit(0)
+print("ready", flush=True)
+os.wait()
+"""
+
+
+def namespace_bomb(procs, count: int) -> Iterator[set[int]]:
+    """Yields the inodes of count new network namespaces of nobody's, each
+    with a sleeping process (NAMESPACE_BOMB), all killed after."""
+    maker = subprocess.Popen([sys.executable, "-c", NAMESPACE_BOMB, str(count)],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    procs.append(maker)
+    assert maker.stdout.readline().strip() == "ready"
+    children = [int(p) for p in open(f"/proc/{maker.pid}/task/{maker.pid}/children")
+                .read().split()]
+    wait_until(lambda: all(procfs.parse_status(procfs.read_text(f"/proc/{pid}/status") or "")
+                           .get("Uid", "").startswith("65534") for pid in children),
+               what="the namespace bomb's children to be nobody's")
+    spaces = {os.stat(f"/proc/{pid}/ns/net").st_ino for pid in children}
+    assert len(spaces) == count
+    yield spaces
+    os.killpg(maker.pid, 9)

@@ -7,6 +7,7 @@ there through bpf(2)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -14,8 +15,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.kernel import bpfmaps
-from tests.kernel.harness import Tracer, free_port, record_row, ss_close_wait
+from tests.kernel.harness import (Tracer, end_tree, free_port, namespace_bomb, record_row,
+                                  ss_close_wait, stretch)
 
 MANY_HOLDER = os.path.join(os.path.dirname(__file__), "many_holder.py")
 CAPACITY = 1024              # --max-tracked's least
@@ -72,3 +76,58 @@ def test_a_full_map_and_an_entry_left_behind_are_put_right_by_the_rescan(procs):
     assert not any(r["pre_existing"] for r in lines)
     assert all(r["owners"] and r["owners"][0]["pid"] == holder.pid for r in lines)
     assert len(summary["still_lingering"]) == SOCKETS
+
+
+CYCLER = os.path.join(os.path.dirname(__file__), "cycler.py")
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.fixture
+def namespaces(procs):
+    """100 of nobody's namespaces, each with a process: more than a rescan
+    reads in its budget for other namespaces than its own (0.2 s, 3-5 ms
+    each), so that each rescan reads its own, then others for all of its
+    budget, and leaves some, which makes the next rescan come without a
+    loss (RESCAN_EVERY_S later)."""
+    yield from namespace_bomb(procs, 100)
+
+
+def test_a_users_sockets_cycled_through_close_wait_are_never_reported_lingering(
+        procs, namespaces):
+    """An attack on the rescan that any user can make: one loss (here the
+    kernel's map full for a moment, while a pile-up fills it), then rescans
+    kept coming by namespaces; and 100 of the user's connections cycled
+    through CLOSE_WAIT on fixed addresses, each staying a fraction of the
+    2 s threshold, the next on the same addresses soon after. The rescan
+    adopted sockets its dump showed that had left before the map read (the
+    kernel tracked them: their map entries went with them), and took the
+    next socket on their addresses for them: reported lingering for
+    seconds (58 lines in 20 s in a run as nobody). None stayed 2 s: none
+    may be reported."""
+    port, holder_port = free_port(), free_port()
+    tracer = Tracer(["--threshold", "2", "-p", f"{port},{holder_port}",
+                     "--max-tracked", str(CAPACITY)]).start()
+    procs.append(tracer)
+    holder = subprocess.Popen([sys.executable, MANY_HOLDER, str(CAPACITY), str(holder_port)],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "ready"          # the map is full
+    cycler = subprocess.Popen(AS_NOBODY + ["/usr/bin/python3", CYCLER, str(port), "61100",
+                                           "100", "0.3", "0.3", "16"],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(cycler)
+    assert cycler.stdout.readline().strip() == "ready"          # 100 missed: map_full
+    end_tree(holder)                                            # room in the map again
+    made = json.loads(cycler.stdout.readline())
+    assert cycler.wait(timeout=stretch(10)) == 0
+    tracer.settle(1.0)
+    summary = tracer.stop()
+    # The attack took place: a loss, rescans while the user's sockets
+    # cycled, the kernel tracking them, and none stayed near the threshold.
+    assert summary["counters"]["map_full"] >= 100
+    assert summary["counters"]["cw_enter"] >= CAPACITY + made["cycles"] // 2
+    assert summary["tracer_cost"]["rescans"] >= 3
+    assert made["cycles"] > 1000 and made["longest_s"] < 1.5
+    cycled = [r for r in tracer.records if r["type"] == "linger" and r["lport"] == port]
+    assert not cycled, (f"{len(cycled)} cycled sockets reported lingering, e.g. "
+                        f"{[(r['rport'], r['age_s'], r['age_source']) for r in cycled[:5]]}")

@@ -26,30 +26,13 @@ from closewait_trace.sockets import owners, procfs, procnet
 from closewait_trace.sockets.filters import SocketFilter
 from closewait_trace.output import records
 from tests.unit.cycles import cycles_left
-from tests.kernel.harness import HOLDING_SERVER, Tracer, free_port, stretch, wait_until
+from tests.kernel.harness import (HOLDING_SERVER, Tracer, free_port, namespace_bomb, stretch,
+                                  wait_until)
 
 VICTIM_UID = 65533
 BOMB = 40
 BIG_BOMB = 1000
 VICTIM = ["setpriv", f"--reuid={VICTIM_UID}", f"--regid={VICTIM_UID}", "--clear-groups"]
-
-# Root makes the namespaces (no reliance on unprivileged user namespaces,
-# which some distributions turn off), then each child is nobody's.
-NAMESPACE_BOMB = r"""
-import ctypes, os, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-for _ in range(int(sys.argv[1])):
-    if os.fork() == 0:
-        if libc.unshare(0x40000000) != 0:       # CLONE_NEWNET
-            os._exit(1)
-        os.setgroups([])
-        os.setresgid(65534, 65534, 65534)
-        os.setresuid(65534, 65534, 65534)
-        time.sleep(3600)
-        os._exit(0)
-print("ready", flush=True)
-os.wait()
-"""
 
 CLIENT = r"""
 import socket, sys
@@ -99,30 +82,14 @@ def victims(procs):
 @pytest.fixture
 def bomb(procs):
     """The inodes of BOMB namespaces of nobody's, each with a process."""
-    yield from _bomb(procs, BOMB)
+    yield from namespace_bomb(procs, BOMB)
 
 
 @pytest.fixture
 def big_bomb(procs):
     """A thousand: more than any machine reads in the start-up's budget
     (3-5 ms each here; 1,000 made in 0.6 s)."""
-    yield from _bomb(procs, BIG_BOMB)
-
-
-def _bomb(procs, count):
-    maker = subprocess.Popen([sys.executable, "-c", NAMESPACE_BOMB, str(count)],
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
-    procs.append(maker)
-    assert maker.stdout.readline().strip() == "ready"
-    children = [int(p) for p in open(f"/proc/{maker.pid}/task/{maker.pid}/children")
-                .read().split()]
-    wait_until(lambda: all(procfs.parse_status(procfs.read_text(f"/proc/{pid}/status") or "")
-                           .get("Uid", "").startswith("65534") for pid in children),
-               what="the namespace bomb's children to be nobody's")
-    spaces = {_netns_of(pid) for pid in children}
-    assert len(spaces) == count
-    yield spaces
-    os.killpg(maker.pid, 9)
+    yield from namespace_bomb(procs, BIG_BOMB)
 
 
 def test_one_users_many_namespaces_do_not_put_off_anothers(victims, bomb):

@@ -293,10 +293,18 @@ def dumped_row(rport, netns=NS, ack_ms=None, data_ms=None):
                   last_ack_recv_ms=ack_ms, last_data_recv_ms=data_ms)
 
 
+def rescan(t, rows, observed_ns, dumped_netns, dump_began_ns, between=None,
+           before_start_netns=frozenset(), kernel_missed=True):
+    """A rescan whose lookups after the map read find every socket the dump
+    showed still there: (adopted, gone)."""
+    found, gone = t.rescan(rows, dumped_netns, dump_began_ns, between)
+    return t.adopt_found(found, observed_ns, before_start_netns, kernel_missed), gone
+
+
 def test_rescan_adopts_a_socket_the_map_never_had_as_found_late_not_pre_existing():
     t = Tracker(threshold_ns=S, start_ns=100 * S)
     t.sync_entries({1: 110 * S}, lambda k: ns_ep(1000), 120 * S)
-    adopted, gone = t.rescan([dumped_row(1000), dumped_row(2000, ack_ms=7_000, data_ms=7_500),
+    adopted, gone = rescan(t, [dumped_row(1000), dumped_row(2000, ack_ms=7_000, data_ms=7_500),
                               dumped_row(3000)], 130 * S, {NS}, 129 * S)
     assert (adopted, gone) == (2, [])
     found = {l.endpoints.rport: l for l in t.pre_existing.values()}
@@ -329,7 +337,7 @@ def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_th
     elsewhere = dumped_row(4000, netns=other)
 
     t = Tracker(threshold_ns=S, start_ns=100 * S)
-    assert t.rescan(rows + [elsewhere], 130 * S, {NS, other}, 129 * S,
+    assert rescan(t, rows + [elsewhere], 130 * S, {NS, other}, 129 * S,
                     before_start_netns={NS}, kernel_missed=False) == (4, [])
     found = {l.endpoints.rport: l for l in t.pre_existing.values()}
     assert all(found[p].before_start and not found[p].found_late for p in (1000, 2000, 3000))
@@ -340,7 +348,7 @@ def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_th
     assert found[3000].enter_ns == 100 * S
 
     missed = Tracker(threshold_ns=S, start_ns=100 * S)
-    missed.rescan(rows, 130 * S, {NS}, 129 * S, before_start_netns={NS}, kernel_missed=True)
+    rescan(missed, rows, 130 * S, {NS}, 129 * S, before_start_netns={NS}, kernel_missed=True)
     found = {l.endpoints.rport: l for l in missed.pre_existing.values()}
     assert found[2000].before_start                     # its age: from before the start
     assert found[3000].found_late and found[3000].enter_ns == 123 * S
@@ -349,8 +357,8 @@ def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_th
 
 def test_a_second_rescan_adopts_nothing_twice():
     t = Tracker(threshold_ns=S, start_ns=0)
-    assert t.rescan([dumped_row(2000)], 10 * S, {NS}, 9 * S)[0] == 1
-    assert t.rescan([dumped_row(2000)], 20 * S, {NS}, 19 * S) == (0, [])
+    assert rescan(t, [dumped_row(2000)], 10 * S, {NS}, 9 * S)[0] == 1
+    assert rescan(t, [dumped_row(2000)], 20 * S, {NS}, 19 * S) == (0, [])
     assert len(t.pre_existing) == 1
 
 
@@ -363,7 +371,7 @@ def test_rescan_finds_gone_only_what_entered_before_it_in_a_namespace_it_read():
     t.seed([dumped_row(2001), dumped_row(2002)], [], 0)
     # 1: gone. 2: its namespace not read. 3: its namespace not known. 4:
     # entered after the dump began. 5 and 2002: in the dump. 2001: gone.
-    adopted, gone = t.rescan([dumped_row(1005), dumped_row(2002)], 10 * S, {NS}, 9 * S)
+    adopted, gone = rescan(t, [dumped_row(1005), dumped_row(2002)], 10 * S, {NS}, 9 * S)
     assert adopted == 0
     assert sorted(l.endpoints.rport for l in gone) == [1001, 2001]
     assert all(t.drop_unseen(l) for l in gone)
@@ -390,7 +398,7 @@ def test_a_socket_dropped_unseen_is_told_to_the_observers_and_unwatched():
     t.observers.append(seen)
     due = t.sync_entries({1: 1 * S}, lambda k: ns_ep(1001), 5 * S)
     t.mark_reported(due[0])
-    _adopted, gone = t.rescan([], 6 * S, {NS}, 6 * S)
+    _adopted, gone = rescan(t, [], 6 * S, {NS}, 6 * S)
     assert [l.endpoints.rport for l in gone] == [1001]
     assert t.drop_unseen(gone[0])
     assert seen.gone == [1001]
@@ -404,7 +412,7 @@ def test_a_rescan_of_many_sockets_calls_between_as_it_goes():
     t.sync_entries({k: S for k in range(1, n + 1)}, lambda k: ns_ep(k), 2 * S)
     calls = []
     rows = [dumped_row(k) for k in range(1, n + 1)] + [dumped_row(n + 1)]
-    adopted, gone = t.rescan(rows, 3 * S, {NS}, 3 * S, between=lambda: calls.append(1))
+    adopted, gone = rescan(t, rows, 3 * S, {NS}, 3 * S, between=lambda: calls.append(1))
     assert (adopted, gone) == (1, [])
     assert len(calls) >= 2 * (n // 1024)
 
@@ -416,9 +424,31 @@ def test_untracked_sockets_are_kept_up_to_max_untracked_and_the_rest_counted():
     t = Tracker(threshold_ns=S, start_ns=10 * S, max_untracked=2)
     assert t.seed([dumped_row(1), dumped_row(2), dumped_row(3)], [], 10 * S) == 2
     assert t.untracked_over == 1
-    assert t.rescan([dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)],
+    assert rescan(t, [dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)],
                     20 * S, {NS}, 19 * S) == (0, [])
     assert t.untracked_over == 2 and len(t.pre_existing) == 2
     # The same two again at the next rescan: still two, not four.
-    t.rescan([dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)], 30 * S, {NS}, 29 * S)
+    rescan(t, [dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)], 30 * S, {NS}, 29 * S)
     assert t.untracked_over == 2
+
+
+def test_an_untracked_socket_is_known_by_its_inode_not_by_its_addresses():
+    """Anyone can close a socket and open the next on the same addresses:
+    the next one is not the first, which a rescan then finds gone, and is
+    not known here until a rescan finds it (with its own age)."""
+    t = Tracker(threshold_ns=S, start_ns=0)
+    first = dumped_row(2000)
+    assert rescan(t, [first], 10 * S, {NS}, 9 * S)[0] == 1
+    [l] = t.pre_existing.values()
+    assert l.inode == first.inode
+    reopened = TcpRow(first.endpoints, tcpstates.CLOSE_WAIT, 0, 1, 0, first.inode + 1)
+    found, gone = t.rescan([reopened], {NS}, 19 * S)
+    assert found == [reopened] and gone == [l]
+    # Not adopted while the first is known: it waits for the first to go.
+    assert t.adopt_found(found, 20 * S) == 0 and t.pre_existing[first.endpoints] is l
+    assert t.drop_unseen(l)
+    assert t.adopt_found(found, 20 * S) == 1
+    assert t.pre_existing[first.endpoints].inode == reopened.inode
+    assert t.pre_existing[first.endpoints].enter_ns == 20 * S
+    # The same inode again: known, nothing found, nothing gone.
+    assert t.rescan([reopened], {NS}, 29 * S) == ([], [])

@@ -86,9 +86,10 @@ class ProcResolver:
         return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
-    def in_close_wait_now(self, endpoints: list[Endpoints]) -> list:
+    def in_close_wait_now(self, endpoints: list[Endpoints],
+                          inodes: Optional[list[int]] = None) -> list:
         """owners.in_close_wait_now, in the worker under its deadlines."""
-        return self._run("in_close_wait_now", list(endpoints), self.proc,
+        return self._run("in_close_wait_now", list(endpoints), self.proc, inodes,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def owners(self, endpoints: list[Endpoints], others_budget_s: float = float("inf"),

@@ -875,7 +875,9 @@ class LiveTracer:
                     self.rediagnose_next[id(l)] = l
                 self.owners_left = True
                 continue
-            gone = own is None or own.kind == owners.OWNER_GONE
+            # Known by its inode (untracked): another socket on its addresses
+            # since is not it, and not its age.
+            gone = own is None or own.kind == owners.OWNER_GONE or own.is_another_than(l.inode)
             if update:
                 if gone:
                     continue            # it is leaving CLOSE_WAIT: CLOSED follows
@@ -1347,20 +1349,37 @@ class LiveTracer:
         """With the map just read (after the dump): adopt the sockets it
         never had, forget those found gone (a tracked one only if its map
         entry is still the one it was: the kernel never ran its exit; the
-        entry is then deleted, or it would fill the map). Returns the
-        sockets due now."""
-        # Counted when reported (resolve): one that left between the dump
-        # and the map read is adopted too, then found gone and forgotten.
-        _adopted, gone = self.tracker.rescan(rows, observed_ns, dumped, began_ns, self.sip,
-                                             before_start_netns=first.netns,
-                                             kernel_missed=first.kernel_missed)
-        if gone:
-            # Asked again of each alone: the dump may have stepped over one.
-            try:
-                present = self.resolver.in_close_wait_now([l.endpoints for l in gone])
-            except GatherFailed:
-                present = [None] * len(gone)
-            gone = [l for l, here in zip(gone, present) if here is False]
+        entry is then deleted, or it would fill the map), each only once
+        the kernel says so of that socket alone. Returns the sockets due now."""
+        found, gone = self.tracker.rescan(rows, dumped, began_ns, self.sip)
+        # Each asked again alone, after the map read: the dump may have
+        # stepped over a socket; and one in the dump but not in the map may
+        # have left between the two (its map entry deleted on the way out),
+        # the next on its addresses (anyone's to reopen at will) in CLOSE_WAIT
+        # now: the same inode or nothing. Adopting those made a user's
+        # sockets cycled through CLOSE_WAIT in a fraction of a second be
+        # reported lingering for seconds.
+        asked = [l.endpoints for l in gone] + [row.endpoints for row in found]
+        try:
+            present = self.resolver.in_close_wait_now(
+                asked, [l.inode for l in gone] + [row.inode for row in found])
+        except GatherFailed:
+            present = [None] * len(asked)
+        here, present = present[len(gone):], present[:len(gone)]
+        # Adopted before any event is taken: the exit of one that leaves
+        # after the lookup is among those not taken yet, and finds it known.
+        # Counted when reported (resolve).
+        confirmed = [row for row, there in zip(found, here) if there]
+        self.tracker.adopt_found(confirmed, observed_ns, before_start_netns=first.netns,
+                                 kernel_missed=first.kernel_missed)
+        waiting = any((known := self.tracker.pre_existing.get(row.endpoints)) is not None
+                      and known.inode != row.inode for row in confirmed)
+        if None in here or waiting:
+            # Not told (a namespace not entered, the lookup failed), or
+            # waiting for the socket before it on those addresses to be
+            # found gone: the next rescan looks again, without a loss.
+            self._rescan_unread = True
+        gone = [l for l, there in zip(gone, present) if there is False]
         if any(l.skaddr is None for l in gone):
             # One that left after the drain before the dump has its event in
             # the ring (the program runs before the kernel stores the new

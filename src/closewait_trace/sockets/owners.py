@@ -140,6 +140,13 @@ class Ownership:
         return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.inode != 0
                 and self.rx_queue == 0)
 
+    def is_another_than(self, inode: int) -> bool:
+        """Whether the socket found on the endpoints is not the one with this
+        inode (0: not known, nothing said): the addresses were reused since."""
+        found = (self.kind in (OWNER_FD, OWNER_NONE, OWNER_ACCEPT_QUEUE)
+                 or (self.kind == OWNER_DENIED and self.inode != 0))
+        return bool(inode) and found and self.inode != inode
+
     @property
     def pids(self) -> set[int]:
         return {h.pid for h in self.holders}
@@ -534,16 +541,35 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
     return RescanRead(rows, dumped, order, [], owner_of)
 
 
-def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[Optional[bool]]:
-    """For each socket a rescan's dump did not show: whether the kernel has
-    it in CLOSE_WAIT now, asked of that one socket (sockdiag.lookup_each),
-    not of a dump. A dump is read over many recv()s while sockets come and
-    go, and may step over one (its place in a hash chain moved between two
-    reads); a socket forgotten for that would never be reported again.
+def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC,
+                      inodes: Optional[Sequence[int]] = None) -> list[Optional[bool]]:
+    """For each socket: whether the kernel has it in CLOSE_WAIT now, asked
+    of that one socket (sockdiag.lookup_each), not of a dump. A dump is read
+    over many recv()s while sockets come and go, and may step over one (its
+    place in a hash chain moved between two reads); a socket forgotten for
+    that would never be reported again. With inodes (0: any), only that
+    very socket counts: another one on the same addresses since (the
+    addresses reused, as anyone can at will) is not it.
     None where it cannot be told: its namespace not known, not entered, or
-    not the one entered (a pid reused meanwhile), or not a real procfs."""
+    not the one entered (a pid reused meanwhile). Not a real procfs (a copy
+    in tests): read from its tables (every namespace at once)."""
     out: list[Optional[bool]] = [None] * len(wanted)
-    if not wanted or not procnet.is_procfs(proc):
+    inodes = list(inodes) if inodes is not None else [0] * len(wanted)
+
+    def is_it(i: int, row: Optional[TcpRow]) -> bool:
+        return (row is not None and row.state == tcpstates.CLOSE_WAIT
+                and (not inodes[i] or row.inode == inodes[i]))
+
+    if not wanted:
+        return out
+    if not procnet.is_procfs(proc):
+        here: dict[tuple, list[TcpRow]] = {}
+        for _ns, row in snapshot_close_wait(proc):
+            here.setdefault(row.endpoints.address_key, []).append(row)
+        for i, ep in enumerate(wanted):
+            rows = [row for row in here.get(ep.address_key, ())
+                    if ep.same_socket_as(row.endpoints)]
+            out[i] = any(is_it(i, row) for row in rows)
         return out
     by_netns: dict[int, list[int]] = {}
     for i, ep in enumerate(wanted):
@@ -567,7 +593,7 @@ def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC) -> list[
         if inode != netns:
             continue
         for i, row in zip(indexes, rows):
-            out[i] = row is not None and row.state == tcpstates.CLOSE_WAIT
+            out[i] = is_it(i, row)
     return out
 
 

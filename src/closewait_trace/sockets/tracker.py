@@ -68,6 +68,11 @@ class Lingerer:
     # the trace ran and the kernel's map never had it (the kernel skipped
     # the program, or the map was full): found by a rescan, not at start.
     found_late: bool = False
+    # Untracked sockets: the inode the table showed (0: not known, or still
+    # in the accept queue). Addresses alone do not name a socket for long:
+    # anyone can close one and open the next on the same addresses, which
+    # must not inherit the first one's age or place here.
+    inode: int = 0
 
     @property
     def before_start(self) -> bool:
@@ -225,42 +230,37 @@ class Tracker:
             min(observed_ns, self.start_ns), observed_ns, found_late=False)
         return len(self.pre_existing)
 
-    def rescan(self, in_close_wait: Iterable[TcpRow], observed_ns: int,
-               dumped_netns: set[int], dump_began_ns: int,
-               between: Optional[Callable[[], None]] = None,
-               before_start_netns: frozenset = frozenset(),
-               kernel_missed: bool = True) -> tuple[int, list[Lingerer]]:
-        """Bring the view in line with a sock_diag dump of every socket in
+    def rescan(self, in_close_wait: Iterable[TcpRow], dumped_netns: set[int],
+               dump_began_ns: int, between: Optional[Callable[[], None]] = None
+               ) -> tuple[list[TcpRow], list[Lingerer]]:
+        """Compare the view with a sock_diag dump of every socket in
         CLOSE_WAIT, taken when the kernel said it missed some state changes
         (it skipped the program, dropped an event, or its map was full) and
         after the map was read again and the events before it taken.
+        Returns (found, gone), for the caller to check each with the kernel
+        before acting on it: nothing here is changed.
 
-        - A socket in the dump that nothing here knows entered CLOSE_WAIT
-          unseen: adopted as untracked, `found_late`, its age estimated
-          from tcp_info as the start-up's are (never older than observed_ns
-          when tcp_info says nothing).
-        - A socket known here, in a namespace the dump read, that entered
-          CLOSE_WAIT before the dump began and is not in it left unseen:
-          its exit was never run (its map entry would be gone) or its
-          event lost. Returned, for the caller to drop (drop_unseen) once
-          it has checked the kernel's map for a tracked one.
-
-        - In a namespace the start-up's read left unread
-          (before_start_netns, read now for the first time), a socket
-          nothing here knows is one from before the start, as the seed's
-          are: the kernel runs its program for every socket that enters
-          CLOSE_WAIT while it traces, so unless it missed some
-          (kernel_missed), it would be known. If it did, the age estimated
-          from tcp_info says which.
+        - found: the rows of sockets nothing here knows (not tracked, and
+          not the socket known untracked on those addresses: another inode).
+          One that entered CLOSE_WAIT unseen is among them, but so is one
+          that left between the dump and the map read (its entry gone from
+          the map, it is in the dump): adopt_found takes only those the
+          kernel says are there still, the same inode, after the map read.
+        - gone: sockets known here, in a namespace the dump read, that
+          entered CLOSE_WAIT before the dump began and are not in it (an
+          untracked one: not with its inode): its exit was never run (its
+          map entry would be gone) or its event lost. For the caller to
+          drop (drop_unseen) once the kernel says so of each alone.
 
         A socket in a namespace the dump did not read (or whose namespace
-        is not known) is never judged gone. Returns (adopted, gone).
-        between: called after every BETWEEN_EVERY sockets (2 us each: 0.2 s
-        of comparing at 100,000 with no look at the ring otherwise)."""
+        is not known) is never judged gone. between: called after every
+        BETWEEN_EVERY sockets (2 us each: 0.2 s of comparing at 100,000
+        with no look at the ring otherwise)."""
         rows = list(in_close_wait)
-        dumped: dict[tuple, set[int]] = {}
+        dumped: dict[tuple, set[tuple[int, int]]] = {}
         for row in rows:
-            dumped.setdefault(row.endpoints.address_key, set()).add(row.endpoints.netns)
+            dumped.setdefault(row.endpoints.address_key, set()).add(
+                (row.endpoints.netns, row.inode))
         gone = []
         known = list(self.by_skaddr.values()) + list(self.pre_existing.values())
         for block in _in_blocks(known, BETWEEN_EVERY * 4, between):
@@ -270,22 +270,54 @@ class Tracker:
                     continue
                 if l.skaddr is not None and l.enter_ns >= dump_began_ns:
                     continue            # entered while the dump ran: may be after it
-                seen = dumped.get(ep.address_key)
-                if seen and (0 in seen or ep.netns in seen):
-                    continue
-                gone.append(l)
+                if not any((not netns or netns == ep.netns)
+                           and (not l.inode or inode == l.inode)
+                           for netns, inode in dumped.get(ep.address_key, ())):
+                    gone.append(l)
+        tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
+        found = []
+        for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
+            found.extend(row for row in block if not self._known(row, tracked))
+        return found, gone
+
+    def adopt_found(self, found: Iterable[TcpRow], observed_ns: int,
+                    before_start_netns: frozenset = frozenset(),
+                    kernel_missed: bool = True) -> int:
+        """Adopt what a rescan found (rows the kernel says are in CLOSE_WAIT
+        after the map read, read at observed_ns) as untracked, `found_late`,
+        their age estimated from tcp_info as the start-up's are (never
+        older than observed_ns when tcp_info says nothing).
+
+        In a namespace the start-up's read left unread (before_start_netns,
+        read now for the first time), one is from before the start, as the
+        seed's are: the kernel runs its program for every socket that
+        enters CLOSE_WAIT while it traces, so unless it missed some
+        (kernel_missed), it would be known. If it did, the age estimated
+        from tcp_info says which. Returns how many were adopted."""
+        rows = list(found)
         before = len(self.pre_existing)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
-        over = 0
         early = [row for row in rows if row.endpoints.netns in before_start_netns]
+        over = 0
         if early:
             rows = [row for row in rows if row.endpoints.netns not in before_start_netns]
             over += self._adopt(early, tracked, min(observed_ns, self.start_ns), observed_ns,
                                 found_late=kernel_missed, late_from_ns=self.start_ns)
-        for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
-            over += self._adopt(block, tracked, observed_ns, observed_ns, found_late=True)
+        over += self._adopt(rows, tracked, observed_ns, observed_ns, found_late=True)
         self.untracked_over = over
-        return len(self.pre_existing) - before, gone
+        return len(self.pre_existing) - before
+
+    def _known(self, row: TcpRow, tracked_netns: dict[tuple, set[int]]) -> bool:
+        """Whether row is a socket known here: tracked (by namespace when
+        both know it, by address when either does not), or the untracked
+        one on those endpoints with the same inode (or an inode unknown)."""
+        endpoints = row.endpoints
+        known = self.pre_existing.get(endpoints)
+        if known is not None and (not known.inode or not row.inode
+                                  or known.inode == row.inode):
+            return True
+        seen = tracked_netns.get(endpoints.address_key)
+        return bool(seen) and (not endpoints.netns or 0 in seen or endpoints.netns in seen)
 
     def _adopt(self, rows: Iterable[TcpRow], tracked_netns: dict[tuple, set[int]],
                latest_ns: int, observed_ns: int, found_late: bool,
@@ -298,12 +330,9 @@ class Tracker:
         over = 0
         for row in rows:
             endpoints = row.endpoints
-            if endpoints in self.pre_existing:
-                continue
-            seen = tracked_netns.get(endpoints.address_key)
-            # Tracked already: the same socket, by namespace when both know
-            # it, by address when either does not.
-            if seen and (not endpoints.netns or 0 in seen or endpoints.netns in seen):
+            # Another socket known on these endpoints (not found gone yet)
+            # keeps its place: this one waits for the next look.
+            if endpoints in self.pre_existing or self._known(row, tracked_netns):
                 continue
             if len(self.pre_existing) >= self.max_untracked:
                 over += 1
@@ -316,7 +345,7 @@ class Tracker:
             enter_ns = min(est.enter_ns, latest_ns if not late else observed_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
-                         enter_max_ns=est.enter_max_ns, found_late=late)
+                         enter_max_ns=est.enter_max_ns, found_late=late, inode=row.inode)
             self._add_pre_existing(l)
         return over
 
@@ -371,7 +400,7 @@ class Tracker:
             self._add_pre_existing(Lingerer(
                 endpoints=ep, enter_ns=old.enter_ns, skaddr=None, pre_existing=True,
                 age_source=old.age_source, enter_max_ns=old.enter_max_ns,
-                found_late=old.found_late))
+                found_late=old.found_late, inode=old.inode))
         return None
 
     def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:

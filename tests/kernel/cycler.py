@@ -1,0 +1,76 @@
+"""A user cycling their own connections through CLOSE_WAIT on fixed
+addresses, as anyone may: N client ports (CBASE .. CBASE + N - 1) connect
+to a listener on 127.0.0.1:PORT and shut their sending side at once (the
+accepted socket enters CLOSE_WAIT); each accepted socket stays there
+HOLD * (0.5 .. 1.5) s, then the client resets (SO_LINGER 0: no TIME_WAIT)
+and the same client port connects again GAP s later. The tracer, whose
+threshold is far above HOLD, must report none of them.
+Prints "ready" once the first N are made, then after SECONDS a JSON line:
+the cycles made and the longest any socket stayed in CLOSE_WAIT, measured
+from before the shutdown to after the reset.
+
+    python3 cycler.py PORT CBASE N HOLD GAP SECONDS
+"""
+
+import json
+import random
+import socket
+import struct
+import sys
+import time
+
+port, cbase, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+hold, gap, seconds = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen(4096)
+pairs = {}                 # client port -> (client, accepted, when it closes, shut at)
+reopen = {}                # client port -> when it connects again
+longest = 0.0
+
+
+def open_pair(cport: int) -> None:
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    client.bind(("127.0.0.1", cport))
+    client.connect(("127.0.0.1", port))
+    accepted, peer = listener.accept()
+    assert peer[1] == cport, peer
+    shut = time.monotonic()
+    client.shutdown(socket.SHUT_WR)
+    pairs[cport] = (client, accepted, shut + hold * (0.5 + random.random()), shut)
+
+
+def close_pair(cport: int) -> None:
+    global longest
+    client, accepted, _until, shut = pairs.pop(cport)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()              # the reset: the accepted socket leaves CLOSE_WAIT
+    longest = max(longest, time.monotonic() - shut)
+    accepted.close()
+
+
+for i in range(n):
+    open_pair(cbase + i)
+print("ready", flush=True)
+cycles = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    now = time.monotonic()
+    for cport, (_c, _a, until, _shut) in list(pairs.items()):
+        if now >= until:
+            close_pair(cport)
+            cycles += 1
+            reopen[cport] = now + gap
+    for cport, when in list(reopen.items()):
+        if now >= when:
+            try:
+                open_pair(cport)
+                del reopen[cport]
+            except OSError:
+                reopen[cport] = now + 0.01
+    time.sleep(0.002)
+for cport in list(pairs):
+    close_pair(cport)
+print(json.dumps({"cycles": cycles, "longest_s": round(longest, 3)}), flush=True)
