@@ -2,6 +2,7 @@
 scripted kernel events and map contents, a fake /proc tree stands for the
 processes, and a ListSink collects what the sinks would get."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -123,8 +124,15 @@ def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
         def start_close_wait(self, budget_s):
             raise GatherFailed(TIMED_OUT)
 
+        def rescan_close_wait(self, *args):
+            """With tcp_info, as sock_diag gives it: the last ACK 30 s ago."""
+            read = super().rescan_close_wait(*args)
+            return read._replace(rows=[dataclasses.replace(r, last_ack_recv_ms=30_000,
+                                                           last_data_recv_ms=30_000)
+                                       for r in read.rows])
+
     w = World(tmp_path, resolver=Failing(str(tmp_path / "proc")))
-    w.hold(100, 40001, 5001)                 # before the attach: lost
+    w.hold(100, 40001, 5001)                 # before the attach: in no map
     w.tracer.start()
     assert w.tracer.start_snapshot_failed == TIMED_OUT
     assert w.of("start")[0]["pre_existing"] == 0
@@ -132,6 +140,15 @@ def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
     w.hold(100, 40002, 5002)
     w.step(1.5)
     assert [r["rport"] for r in w.of("linger")] == [40002]
+    # A rescan after a loss reads it: from before the start, by its age
+    # (it was taken for one that entered unseen: "its entry not seen",
+    # aged from the rescan, counted in found_unseen).
+    w.probe.counts["map_full"] = 1
+    w.step(1.5)
+    [late] = [r for r in w.of("linger") if r["rport"] == 40001]
+    assert late["pre_existing"] is True, late
+    assert late["code"]["eof_read_unknown"] == records.CODE_PRE_EXISTING
+    assert w.tracer.found_unseen == 0
     ok = World(tmp_path / "ok")
     ok.tracer.start()
     assert ok.tracer.start_snapshot_failed is None

@@ -355,6 +355,30 @@ def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_th
     assert found[1000].found_late and found[1000].enter_ns == 130 * S
 
 
+def test_when_the_start_kept_fewer_than_it_found_a_rescan_dates_what_it_finds_by_tcp_info():
+    """Sockets from before the start beyond max_untracked, adopted by a later
+    rescan (once others left, or with room): from before the start by
+    their tcp_info age, as in a namespace the start left unread. Before,
+    each was found late ("its entry not seen", aged from the rescan); one
+    that entered since the start still is."""
+    t = Tracker(threshold_ns=S, start_ns=100 * S, max_untracked=1)
+    assert t.seed([dumped_row(1000, ack_ms=30_000, data_ms=30_000),
+                   dumped_row(2000, ack_ms=50_000, data_ms=50_000)], [], 100 * S) == 1
+    assert t.untracked_over == 1
+    t.max_untracked = 3
+    rows = [dumped_row(1000, ack_ms=60_000, data_ms=60_000),
+            dumped_row(2000, ack_ms=80_000, data_ms=80_000),       # entered at 50 s
+            dumped_row(3000, ack_ms=7_000, data_ms=7_500)]         # at 123 s: since the start
+    assert rescan(t, rows, 130 * S, {NS}, 129 * S) == (2, [])
+    found = {l.endpoints.rport: l for l in t.pre_existing.values()}
+    assert found[2000].before_start and found[2000].enter_ns == 50 * S
+    assert found[3000].found_late and found[3000].enter_ns == 123 * S
+    assert t.seed_incomplete
+    complete = Tracker(threshold_ns=S, start_ns=100 * S)
+    complete.seed([dumped_row(1000)], [], 100 * S)
+    assert not complete.seed_incomplete
+
+
 def test_a_second_rescan_adopts_nothing_twice():
     t = Tracker(threshold_ns=S, start_ns=0)
     assert rescan(t, [dumped_row(2000)], 10 * S, {NS}, 9 * S)[0] == 1

@@ -440,6 +440,8 @@ class LiveTracer:
             if attach is not None:      # keeps its view as sockets arrive and leave
                 attach(self.tracker, self.config.threshold_ns, self.holder_filter.active)
         pre = self.tracker.seed(snapshot, self.probe.tracked())
+        if self.start_snapshot_failed:
+            self.tracker.seed_incomplete = True
         # Before "ready": a CPython process's EOF read from then on carries
         # its Python frames.
         seen_ns = self.now_ns()

@@ -195,6 +195,14 @@ class Tracker:
     # not a running total, which each rescan would count again.
     max_untracked: int = 1 << 62
     untracked_over: int = 0
+    # Whether some sockets from before the start may be in CLOSE_WAIT
+    # unknown here: the start's read failed (the caller says so) or kept
+    # fewer than it found (max_untracked). A socket a rescan finds is then
+    # from before the start or entered unseen since, and its age estimated
+    # from tcp_info says which (as in a namespace the start left unread):
+    # taken as entered unseen, each such socket was reported with its age
+    # cut to the rescan and "its entry not seen".
+    seed_incomplete: bool = False
 
     def _stopped(self, l: Optional[Lingerer]) -> None:
         if l is not None:
@@ -228,6 +236,8 @@ class Tracker:
         self.untracked_over = self._adopt(
             already_in_close_wait, _by_address(t.endpoints for t in tracked),
             min(observed_ns, self.start_ns), observed_ns, found_late=False)
+        if self.untracked_over:
+            self.seed_incomplete = True
         return len(self.pre_existing)
 
     def rescan(self, in_close_wait: Iterable[TcpRow], dumped_netns: set[int],
@@ -293,7 +303,9 @@ class Tracker:
         seed's are: the kernel runs its program for every socket that
         enters CLOSE_WAIT while it traces, so unless it missed some
         (kernel_missed), it would be known. If it did, the age estimated
-        from tcp_info says which. Returns how many were adopted."""
+        from tcp_info says which; and so it does anywhere when the start's
+        read may have left some (seed_incomplete). Returns how many were
+        adopted."""
         rows = list(found)
         before = len(self.pre_existing)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
@@ -303,7 +315,12 @@ class Tracker:
             rows = [row for row in rows if row.endpoints.netns not in before_start_netns]
             over += self._adopt(early, tracked, min(observed_ns, self.start_ns), observed_ns,
                                 found_late=kernel_missed, late_from_ns=self.start_ns)
-        over += self._adopt(rows, tracked, observed_ns, observed_ns, found_late=True)
+        if self.seed_incomplete:
+            latest_ns, late_from_ns = min(observed_ns, self.start_ns), self.start_ns
+        else:
+            latest_ns, late_from_ns = observed_ns, None
+        over += self._adopt(rows, tracked, latest_ns, observed_ns, found_late=True,
+                            late_from_ns=late_from_ns)
         self.untracked_over = over
         return len(self.pre_existing) - before
 
