@@ -248,3 +248,26 @@ def test_the_paused_socket_lookups_leave_nothing_in_a_cycle(victims, bomb):
         with cycles_left() as left:
             call()
         assert left.count == 0, (name, left.count, left.kinds)
+
+
+def test_held_now_says_whether_any_process_holds_a_socket():
+    """What a rescan asks of a socket whose namespace no process is in any
+    more (tracer._gone_with_namespace), read from the real /proc."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    client.shutdown(socket.SHUT_WR)                 # accepted: CLOSE_WAIT
+    inode = os.fstat(accepted.fileno()).st_ino
+    try:
+        assert owners.held_now([inode]) == [True]
+        accepted.close()
+        # Not held: said only when every process could be looked at (here
+        # pid 1, the sandbox's, is not readable even by root: then any of
+        # those might hold it, and it is not known).
+        denied = owners.scan_holders([inode], procfs.ProcBatch(), fd_flags=False).denied_pids
+        assert owners.held_now([inode]) == [None if denied else False]
+    finally:
+        for s in (client, listener, accepted):
+            s.close()

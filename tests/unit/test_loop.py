@@ -1785,6 +1785,55 @@ def test_an_untracked_socket_whose_addresses_another_socket_took_is_not_reported
     assert w.of("linger") == [] and w.tracer.tracker.pre_existing == {}
 
 
+def namespace_gone_with_a_lost_exit(tmp_path, still_held):
+    """pid 100 holds :30500 (inode 7000) in CLOSE_WAIT in namespace NETNS,
+    which the kernel's map never had: a rescan after a loss adopts it.
+    Then no process is in NETNS any more (the rescans list it no longer,
+    nor read it) and the socket's exit event is lost; with still_held, a
+    process elsewhere holds it still (made in NETNS, kept after a setns)."""
+    from closewait_trace.live.tracer import tracer_netns
+
+    class Lists(DumpsWhole):
+        listed = True
+
+        def rescan_close_wait(self, *args):
+            read = super().rescan_close_wait(*args)
+            here = [NETNS] if self.listed else []
+            return read._replace(dumped={tracer_netns(), *here}, tried=here, unread=[])
+
+    resolver = Lists(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 7000)
+    w.probe.counts["map_full"] = 1
+    w.step(0.5)
+    assert [l.inode for l in w.tracer.tracker.pre_existing.values()] == [7000]
+    resolver.listed = False
+    if not still_held:
+        os.unlink(os.path.join(w.proc.root, "100", "fd", str(3 + 7000 % 1000)))
+    w.probe.counts["events_lost"] = 1
+    w.tracer._rescan_tried -= w.tracer._rescan_gap              # the next rescan is due
+    w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 2
+    return w
+
+
+def test_a_socket_whose_namespace_went_with_its_exit_lost_is_forgotten(tmp_path):
+    """No rescan can read a namespace no process is in: none judged a socket
+    there gone, and one whose exit was lost as its holders and their
+    namespace went stayed reported lingering for as long as the tracer ran.
+    No process holds its inode: it has left CLOSE_WAIT."""
+    w = namespace_gone_with_a_lost_exit(tmp_path, still_held=False)
+    assert w.tracer.tracker.pre_existing == {} and w.tracer.left_unseen == 1
+    assert w.tracer.lingering(w.clock.ns) == []
+
+
+def test_a_socket_held_from_outside_its_namespace_stays(tmp_path):
+    w = namespace_gone_with_a_lost_exit(tmp_path, still_held=True)
+    assert len(w.tracer.tracker.pre_existing) == 1 and w.tracer.left_unseen == 0
+
+
 def test_the_start_reads_other_namespaces_for_a_budget_and_the_rescans_read_the_rest(tmp_path):
     """Any user can make namespaces by the thousand: the start-up's read of
     the sockets already in CLOSE_WAIT takes other namespaces than its own

@@ -256,13 +256,14 @@ def owners_in_order(wanted: list, proc: str = procfs.PROC,
 # cyclic collector paused"). Not the reads of processes and their binaries:
 # pyelftools' objects do make cycles, and a long read would keep them all.
 WITHOUT_COLLECTOR = frozenset({"snapshot_close_wait", "rescan_close_wait",
-                               "in_close_wait_now", "owners", "owners_in_order"})
+                               "in_close_wait_now", "held_now", "owners", "owners_in_order"})
 
 CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "rescan_close_wait": owners.rescan_close_wait,
     "in_close_wait_now": owners.in_close_wait_now,
+    "held_now": owners.held_now,
     "owners": owners.resolve,
     "owners_in_order": owners_in_order,
     "holder_states": holder_states,

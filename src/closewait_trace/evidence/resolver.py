@@ -92,6 +92,11 @@ class ProcResolver:
         return self._run("in_close_wait_now", list(endpoints), self.proc, inodes,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
+    def held_now(self, inodes: list[int]) -> list:
+        """owners.held_now, in the worker under its deadlines."""
+        return self._run("held_now", list(inodes), self.proc,
+                         deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+
     def owners(self, endpoints: list[Endpoints], others_budget_s: float = float("inf"),
                memory: Optional[LookupMemory] = None) -> dict:
         """owners.resolve of endpoints (in this order: the caller's oldest

@@ -156,9 +156,12 @@ def tracer_netns() -> int:
 
 class RescanFirst(NamedTuple):
     """For one rescan: the namespaces it read that the start-up's read had
-    left, and whether the kernel had missed anything since the start."""
+    left, whether the kernel had missed anything since the start, and every
+    namespace a process was in when it read (empty: not known, as when the
+    tables were not sock_diag's)."""
     netns: set
     kernel_missed: bool
+    listed: frozenset = frozenset()
 
 
 class Probe(Protocol):
@@ -900,6 +903,8 @@ class LiveTracer:
                         return
                     continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
+                if not l.inode and own is not None and own.inode:
+                    l.inode = own.inode     # for a rescan: _gone_with_namespace
                 if l.found_late:
                     self.found_unseen += 1
                 # Taken whether shown or not: it frees the captures' slots.
@@ -1332,7 +1337,15 @@ class LiveTracer:
         taken = not self.pending and not (backlog and backlog())
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
-                RescanFirst(first_read, missed))
+                RescanFirst(first_read, missed, self._listed(read)))
+
+    def _listed(self, read: RescanRead) -> frozenset:
+        """Every namespace a process was in when read listed them: only
+        when it read the tracer's own with sock_diag (else not known)."""
+        own = tracer_netns()
+        if not own or own not in read.dumped:
+            return frozenset()
+        return frozenset(read.tried) | frozenset(read.unread) | {own}
 
     def _left_to_read(self, read: RescanRead) -> bool:
         """Whether a rescan must follow without a loss: namespaces left or
@@ -1382,6 +1395,7 @@ class LiveTracer:
             # found gone: the next rescan looks again, without a loss.
             self._rescan_unread = True
         gone = [l for l, there in zip(gone, present) if there is False]
+        gone += self._gone_with_namespace(first.listed)
         if any(l.skaddr is None for l in gone):
             # One that left after the drain before the dump has its event in
             # the ring (the program runs before the kernel stores the new
@@ -1402,6 +1416,25 @@ class LiveTracer:
         stats = self.tick_stats
         stats["rescan_max_ms"] = max(stats["rescan_max_ms"], took * 1000)
         return self.tracker.due(now_ns)
+
+    def _gone_with_namespace(self, listed: frozenset) -> list[Lingerer]:
+        """Sockets known here whose namespace no process is in any more
+        (none listed it): no rescan can read it, so none would ever be
+        judged gone, and one whose leaving was lost (its holders exited,
+        their namespace with them, while the ring overflowed) stayed
+        reported lingering for as long as the tracer ran. Gone when no
+        process holds its inode (known for those followed without the map,
+        and for those reported); not when some process could not be read."""
+        if not listed:
+            return []
+        orphans = self.tracker.outside(listed)
+        if not orphans:
+            return []
+        try:
+            held = self.resolver.held_now([l.inode for l in orphans])
+        except GatherFailed:
+            return []
+        return [l for l, here in zip(orphans, held) if here is False]
 
     # ------------------------------------------------------------ counters
 

@@ -392,6 +392,18 @@ def find_holders(inodes: Iterable[int], proc: str = procfs.PROC) -> dict[int, Se
     return scan_holders(inodes, procfs.ProcBatch(proc)).holders
 
 
+def held_now(inodes: list[int], proc: str = procfs.PROC) -> list[Optional[bool]]:
+    """For each socket inode: whether some process has a descriptor on it
+    now (one pass over /proc/*/fd). False only where none has and every
+    process could be looked at; None where some could not (any of them
+    may). A socket in CLOSE_WAIT that no process holds is in none of the
+    kernel's tables for long: its last close() moves it to LAST_ACK (one
+    passed in a unix socket's message, unreceived, is the exception)."""
+    scan = scan_holders(inodes, procfs.ProcBatch(proc), fd_flags=False)
+    return [True if scan.holders.get(inode) else (None if scan.denied_pids else False)
+            for inode in inodes]
+
+
 def snapshot_close_wait(proc: str = procfs.PROC) -> list[tuple[int, TcpRow]]:
     """Every socket in CLOSE_WAIT right now, in every network namespace; each
     row's endpoints carry the namespace it was read in."""

@@ -290,6 +290,12 @@ class Tracker:
             found.extend(row for row in block if not self._known(row, tracked))
         return found, gone
 
+    def outside(self, namespaces: frozenset) -> list[Lingerer]:
+        """Sockets known here, their namespace and inode known, whose
+        namespace is not among these."""
+        return [l for l in self.lingering()
+                if l.inode and l.endpoints.netns and l.endpoints.netns not in namespaces]
+
     def adopt_found(self, found: Iterable[TcpRow], observed_ns: int,
                     before_start_netns: frozenset = frozenset(),
                     kernel_missed: bool = True) -> int:
