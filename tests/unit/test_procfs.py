@@ -120,6 +120,22 @@ def test_socket_in_a_namespace_we_may_not_read_is_unknown_not_gone(fake, denials
     assert own.eof_read is False       # queue unknown: not claimed read
 
 
+def test_a_socket_not_in_its_own_namespace_read_whole_is_gone_whoever_is_hidden(fake, denials):
+    """Its namespace is known and was read: not there, it has left
+    CLOSE_WAIT, whatever the namespaces of processes we may not read. It
+    was "unknown: not found in the network namespaces we may read" and
+    reported lingering, as soon as any one process's namespace was
+    unreadable (pid 1's is, even for root, on some machines)."""
+    fake.process(1, netns=111)                       # in 111: read, the socket not there
+    fake.process(30, netns=222)
+    denials.deny(f"{fake.root}/30/ns/net")
+    ep = EP.in_netns(111)
+    own = owners.resolve([ep], fake.root)[ep]
+    assert own.kind == owners.OWNER_GONE
+    # Its namespace not known: any hidden one may have it.
+    assert owners.resolve([EP], fake.root)[EP].kind == owners.OWNER_DENIED
+
+
 def test_unheld_socket_with_full_privileges_is_still_none(fake):
     fake.process(40)
     fake.tcp(40, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, CW, 4242)

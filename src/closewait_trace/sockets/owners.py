@@ -709,6 +709,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     deadline: Optional[float] = None
     others_read = 0
     took: dict[int, float] = {}     # other namespace -> seconds its read took here
+    read_whole: set[int] = set()    # the namespaces whose tables were read
     slowest_of: dict = {}           # user -> the longest of their reads here
     for netns, pids in namespaces.items():
         other = budgeted and netns != own_ns
@@ -744,6 +745,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
             took[netns] = others_budget_s
             unread.add(netns)
             continue
+        read_whole.add(netns)
         if other:
             others_read += 1
             took[netns] = time.monotonic() - started
@@ -774,10 +776,12 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
                                     and found[0].endpoints.netns == endpoints.netns):
             found = [row for row in found if row.endpoints.netns == endpoints.netns]
         if not found:
-            # Not in any namespace we could read. If some processes hid
+            # Not in its own namespace, read: gone, whoever else hid theirs.
+            # Its namespace not known or not read: if some processes hid
             # theirs from us, it may well be in one of those: unknown.
+            hidden = netns_denied and endpoints.netns not in read_whole
             result[endpoints] = (Ownership(kind=OWNER_DENIED, netns_denied=len(netns_denied))
-                                 if netns_denied else Ownership(kind=OWNER_GONE))
+                                 if hidden else Ownership(kind=OWNER_GONE))
             continue
         if len(found) > 1:
             # Its namespace unknown, and these addresses in several: naming
