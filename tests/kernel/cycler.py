@@ -3,13 +3,16 @@ addresses, as anyone may: N client ports (CBASE .. CBASE + N - 1) connect
 to a listener on 127.0.0.1:PORT and shut their sending side at once (the
 accepted socket enters CLOSE_WAIT); each accepted socket stays there
 HOLD * (0.5 .. 1.5) s, then the client resets (SO_LINGER 0: no TIME_WAIT)
-and the same client port connects again GAP s later. The tracer, whose
-threshold is far above HOLD, must report none of them.
+and the same client port connects again 0 .. GAP s later. The tracer, whose
+threshold is far above HOLD, must report none of them. With "queued", the
+sockets are never accepted while in CLOSE_WAIT: they wait in the
+listener's accept queue, where the kernel gives them no inode (the queue
+is emptied once a second of the ones the resets closed).
 Prints "ready" once the first N are made, then after SECONDS a JSON line:
 the cycles made and the longest any socket stayed in CLOSE_WAIT, measured
 from before the shutdown to after the reset.
 
-    python3 cycler.py PORT CBASE N HOLD GAP SECONDS
+    python3 cycler.py PORT CBASE N HOLD GAP SECONDS [queued]
 """
 
 import json
@@ -21,10 +24,12 @@ import time
 
 port, cbase, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 hold, gap, seconds = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+queued = sys.argv[7:] == ["queued"]
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", port))
 listener.listen(4096)
+EMPTY_EVERY_S = 1.0        # queued: how often the accept queue is emptied
 pairs = {}                 # client port -> (client, accepted, when it closes, shut at)
 reopen = {}                # client port -> when it connects again
 longest = 0.0
@@ -35,8 +40,10 @@ def open_pair(cport: int) -> None:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     client.bind(("127.0.0.1", cport))
     client.connect(("127.0.0.1", port))
-    accepted, peer = listener.accept()
-    assert peer[1] == cport, peer
+    accepted = None
+    if not queued:
+        accepted, peer = listener.accept()
+        assert peer[1] == cport, peer
     shut = time.monotonic()
     client.shutdown(socket.SHUT_WR)
     pairs[cport] = (client, accepted, shut + hold * (0.5 + random.random()), shut)
@@ -48,7 +55,21 @@ def close_pair(cport: int) -> None:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()              # the reset: the accepted socket leaves CLOSE_WAIT
     longest = max(longest, time.monotonic() - shut)
-    accepted.close()
+    if accepted is not None:
+        accepted.close()
+
+
+def empty_the_queue() -> None:
+    """Accepts and closes what waits in the accept queue (queued: the
+    sockets the resets closed there)."""
+    listener.setblocking(False)
+    try:
+        while True:
+            listener.accept()[0].close()
+    except BlockingIOError:
+        pass
+    finally:
+        listener.setblocking(True)
 
 
 for i in range(n):
@@ -56,13 +77,17 @@ for i in range(n):
 print("ready", flush=True)
 cycles = 0
 end = time.monotonic() + seconds
+next_empty = time.monotonic() + EMPTY_EVERY_S
 while time.monotonic() < end:
     now = time.monotonic()
+    if queued and now >= next_empty:
+        empty_the_queue()
+        next_empty = now + EMPTY_EVERY_S
     for cport, (_c, _a, until, _shut) in list(pairs.items()):
         if now >= until:
             close_pair(cport)
             cycles += 1
-            reopen[cport] = now + gap
+            reopen[cport] = now + gap * random.random()
     for cport, when in list(reopen.items()):
         if now >= when:
             try:
@@ -73,4 +98,6 @@ while time.monotonic() < end:
     time.sleep(0.002)
 for cport in list(pairs):
     close_pair(cport)
+if queued:
+    empty_the_queue()
 print(json.dumps({"cycles": cycles, "longest_s": round(longest, 3)}), flush=True)

@@ -239,6 +239,7 @@ def test_the_paused_socket_lookups_leave_nothing_in_a_cycle(victims, bomb):
         "snapshot_close_wait": owners.snapshot_close_wait,
         "rescan_close_wait": lambda: owners.rescan_close_wait(budget_s=float("inf")),
         "in_close_wait_now": lambda: owners.in_close_wait_now(theirs),
+        "held_now": lambda: owners.held_now([1, 2]),
         "owners": lambda: owners.resolve(theirs + [anywhere]),
         "owners_in_order": lambda: list(gathering.owners_in_order(theirs + [anywhere])),
     }

@@ -136,6 +136,17 @@ def test_header_length_below_header_size_stops_the_read():
     assert rows == [] and not finished
 
 
+def test_the_socket_cookie_is_read_low_half_first():
+    """inet_diag_sockid's cookie[2] (u32s, the low half first): 4155 in the
+    real dump; a cookie past 32 bits keeps its high half."""
+    [row], _ = sockdiag.parse_messages(REAL_DUMP)
+    assert row.cookie == 4155
+    body = bytearray(REAL_DUMP[16:16 + DIAG_MSG_SIZE])
+    body[44:52] = struct.pack("=II", 7, 2)
+    [row], _ = sockdiag.parse_messages(diag_message(b"", bytes(body)))
+    assert row.cookie == (2 << 32) | 7
+
+
 def test_unknown_address_family_is_skipped():
     body = bytearray(REAL_DUMP[16:16 + DIAG_MSG_SIZE])
     body[0] = socket.AF_UNIX

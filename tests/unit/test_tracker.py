@@ -1,3 +1,4 @@
+import dataclasses
 import socket
 
 from closewait_trace.kernel import tcpstates
@@ -348,11 +349,20 @@ def test_a_first_read_of_a_namespace_the_start_left_finds_sockets_from_before_th
     assert found[3000].enter_ns == 100 * S
 
     missed = Tracker(threshold_ns=S, start_ns=100 * S)
-    rescan(missed, rows, 130 * S, {NS}, 129 * S, before_start_netns={NS}, kernel_missed=True)
+    # 5000: its ACKs kept young by what its holder sends (entered 25 s ago
+    # at most, by the ACK; its last data 40 s ago, before the start).
+    young = dumped_row(5000, ack_ms=5_000, data_ms=40_000)
+    rescan(missed, rows + [young], 130 * S, {NS}, 129 * S, before_start_netns={NS},
+           kernel_missed=True)
     found = {l.endpoints.rport: l for l in missed.pre_existing.values()}
-    assert found[2000].before_start                     # its age: from before the start
-    assert found[3000].found_late and found[3000].enter_ns == 123 * S
-    assert found[1000].found_late and found[1000].enter_ns == 130 * S
+    assert found[2000].before_start                     # its last ACK: before the start
+    # Its last data after the start: entered since, unseen.
+    assert found[3000].found_late and not found[3000].entry_unknown
+    assert found[3000].enter_ns == 123 * S
+    # Either (it was said to have entered unseen, aged from the ACK).
+    assert found[1000].entry_unknown and found[1000].enter_ns == 130 * S
+    assert found[5000].entry_unknown and not found[5000].before_start
+    assert (found[5000].enter_ns, found[5000].enter_max_ns) == (125 * S, 90 * S)
 
 
 def test_when_the_start_kept_fewer_than_it_found_a_rescan_dates_what_it_finds_by_tcp_info():
@@ -476,3 +486,22 @@ def test_an_untracked_socket_is_known_by_its_inode_not_by_its_addresses():
     assert t.pre_existing[first.endpoints].enter_ns == 20 * S
     # The same inode again: known, nothing found, nothing gone.
     assert t.rescan([reopened], {NS}, 29 * S) == ([], [])
+
+
+def test_which_socket_is_told_by_cookie_first_then_inode_never_by_addresses():
+    """A socket in a listener's accept queue has inode 0; its cookie (the
+    kernel's number for it, never reused) still tells it from the next
+    socket on its addresses. Cycled so, a user's sockets were each taken
+    for the one before and reported lingering for up to 41 s."""
+    from closewait_trace.sockets.tcprow import same_socket
+    assert same_socket(5, 0, 5, 0) is True and same_socket(5, 0, 6, 0) is False
+    assert same_socket(5, 900, 6, 900) is False         # the cookie decides
+    assert same_socket(0, 900, 6, 901) is False and same_socket(0, 900, 6, 900) is True
+    assert same_socket(0, 0, 6, 900) is None and same_socket(5, 0, 0, 0) is None
+    t = Tracker(threshold_ns=S, start_ns=0)
+    queued = dataclasses.replace(dumped_row(2000), inode=0, cookie=41)
+    assert rescan(t, [queued], 10 * S, {NS}, 9 * S)[0] == 1
+    next_one = dataclasses.replace(queued, cookie=42)
+    found, gone = t.rescan([next_one], {NS}, 19 * S)
+    assert found == [next_one] and [l.cookie for l in gone] == [41]
+    assert t.rescan([queued], {NS}, 19 * S) == ([], [])

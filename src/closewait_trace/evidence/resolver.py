@@ -87,9 +87,9 @@ class ProcResolver:
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def in_close_wait_now(self, endpoints: list[Endpoints],
-                          inodes: Optional[list[int]] = None) -> list:
+                          which: Optional[list[tuple[int, int]]] = None) -> list:
         """owners.in_close_wait_now, in the worker under its deadlines."""
-        return self._run("in_close_wait_now", list(endpoints), self.proc, inodes,
+        return self._run("in_close_wait_now", list(endpoints), self.proc, which,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def held_now(self, inodes: list[int]) -> list:

@@ -880,9 +880,10 @@ class LiveTracer:
                     self.rediagnose_next[id(l)] = l
                 self.owners_left = True
                 continue
-            # Known by its inode (untracked): another socket on its addresses
-            # since is not it, and not its age.
-            gone = own is None or own.kind == owners.OWNER_GONE or own.is_another_than(l.inode)
+            # Known by its cookie or inode (untracked): another socket on its
+            # addresses since is not it, and not its age.
+            gone = (own is None or own.kind == owners.OWNER_GONE
+                    or own.is_another_than(l.cookie, l.inode))
             if update:
                 if gone:
                     continue            # it is leaving CLOSE_WAIT: CLOSED follows
@@ -903,9 +904,10 @@ class LiveTracer:
                         return
                     continue            # who it is was not read in time: next tick
                 self.tracker.mark_reported(l)
-                if not l.inode and own is not None and own.inode:
-                    l.inode = own.inode     # for a rescan: _gone_with_namespace
-                if l.found_late:
+                if own is not None and not (l.cookie or l.inode):
+                    # Which socket it is, for the rescans (_gone_with_namespace).
+                    l.cookie, l.inode = own.cookie, own.inode
+                if l.found_late and not l.entry_unknown:
                     self.found_unseen += 1
                 # Taken whether shown or not: it frees the captures' slots.
                 taken = self.take_captures(l)
@@ -966,7 +968,9 @@ class LiveTracer:
         "eof_read" or "opened"; l.code says what is known either way."""
         why = self.eof_unknown()
         why_open = self.open_unknown()
-        if l.found_late:
+        if l.entry_unknown:
+            why = why_open = records.CODE_ENTRY_UNKNOWN
+        elif l.found_late:
             why = why_open = records.CODE_FOUND_LATE
         elif l.pre_existing or l.skaddr is None:
             why = why_open = records.CODE_PRE_EXISTING
@@ -1371,13 +1375,14 @@ class LiveTracer:
         # stepped over a socket; and one in the dump but not in the map may
         # have left between the two (its map entry deleted on the way out),
         # the next on its addresses (anyone's to reopen at will) in CLOSE_WAIT
-        # now: the same inode or nothing. Adopting those made a user's
+        # now: the same socket (cookie) or nothing. Adopting those made a user's
         # sockets cycled through CLOSE_WAIT in a fraction of a second be
         # reported lingering for seconds.
         asked = [l.endpoints for l in gone] + [row.endpoints for row in found]
         try:
             present = self.resolver.in_close_wait_now(
-                asked, [l.inode for l in gone] + [row.inode for row in found])
+                asked, [(l.cookie, l.inode) for l in gone] + [(row.cookie, row.inode)
+                                                              for row in found])
         except GatherFailed:
             present = [None] * len(asked)
         here, present = present[len(gone):], present[:len(gone)]
@@ -1388,7 +1393,7 @@ class LiveTracer:
         self.tracker.adopt_found(confirmed, observed_ns, before_start_netns=first.netns,
                                  kernel_missed=first.kernel_missed)
         waiting = any((known := self.tracker.pre_existing.get(row.endpoints)) is not None
-                      and known.inode != row.inode for row in confirmed)
+                      and not known.is_socket(row.cookie, row.inode) for row in confirmed)
         if None in here or waiting:
             # Not told (a namespace not entered, the lookup failed), or
             # waiting for the socket before it on those addresses to be

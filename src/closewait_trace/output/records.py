@@ -156,6 +156,9 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
 CODE_PRE_EXISTING = "in CLOSE_WAIT before the trace began"
 CODE_FOUND_LATE = ("its entry into CLOSE_WAIT was not seen (the kernel skipped the "
                    "program or its map was full): found by a rescan")
+CODE_ENTRY_UNKNOWN = ("in CLOSE_WAIT before the trace began, or its entry not seen since: "
+                      "first found by a rescan in a namespace the start did not read, "
+                      "after the kernel missed some")
 CODE_NOT_LOOKED_UP = "not looked up"
 CODE_SNAPSHOT = ("not known to a snapshot (only a live trace sees the read of EOF and the "
                  "connect())")

@@ -25,6 +25,7 @@ from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.procnet import TcpRow
+from closewait_trace.sockets.tcprow import same_socket
 
 OWNER_FD = "fd"                    # processes hold file descriptors on it
 OWNER_ACCEPT_QUEUE = "accept_queue"  # never accepted: no fd exists yet
@@ -103,6 +104,7 @@ class Ownership:
     holders: Sequence[Holder] = ()
     netns: Optional[int] = None
     inode: int = 0
+    cookie: int = 0                   # sock_diag's (tcprow.TcpRow.cookie)
     rx_queue: int = 0                 # /proc/net/tcp rx_queue: data + unread FIN
     # The LISTEN socket on the same local port: for OWNER_ACCEPT_QUEUE the
     # one it waits on; for OWNER_FD the one it was most likely accepted from.
@@ -140,12 +142,13 @@ class Ownership:
         return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.inode != 0
                 and self.rx_queue == 0)
 
-    def is_another_than(self, inode: int) -> bool:
-        """Whether the socket found on the endpoints is not the one with this
-        inode (0: not known, nothing said): the addresses were reused since."""
+    def is_another_than(self, cookie: int, inode: int) -> bool:
+        """Whether the socket found on the endpoints is known not to be the
+        one with this cookie and inode (tcprow.same_socket): the addresses
+        were reused since."""
         found = (self.kind in (OWNER_FD, OWNER_NONE, OWNER_ACCEPT_QUEUE)
-                 or (self.kind == OWNER_DENIED and self.inode != 0))
-        return bool(inode) and found and self.inode != inode
+                 or (self.kind == OWNER_DENIED and (self.inode or self.cookie)))
+        return bool(found) and same_socket(cookie, inode, self.cookie, self.inode) is False
 
     @property
     def pids(self) -> set[int]:
@@ -554,23 +557,25 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
 
 
 def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC,
-                      inodes: Optional[Sequence[int]] = None) -> list[Optional[bool]]:
+                      which: Optional[Sequence[tuple[int, int]]] = None
+                      ) -> list[Optional[bool]]:
     """For each socket: whether the kernel has it in CLOSE_WAIT now, asked
     of that one socket (sockdiag.lookup_each), not of a dump. A dump is read
     over many recv()s while sockets come and go, and may step over one (its
     place in a hash chain moved between two reads); a socket forgotten for
-    that would never be reported again. With inodes (0: any), only that
-    very socket counts: another one on the same addresses since (the
-    addresses reused, as anyone can at will) is not it.
+    that would never be reported again. With which, each socket's (cookie,
+    inode) (tcprow.same_socket; zeros: any), only that very socket counts:
+    another one on the same addresses since (the addresses reused, as
+    anyone can at will) is not it.
     None where it cannot be told: its namespace not known, not entered, or
     not the one entered (a pid reused meanwhile). Not a real procfs (a copy
     in tests): read from its tables (every namespace at once)."""
     out: list[Optional[bool]] = [None] * len(wanted)
-    inodes = list(inodes) if inodes is not None else [0] * len(wanted)
+    which = list(which) if which is not None else [(0, 0)] * len(wanted)
 
     def is_it(i: int, row: Optional[TcpRow]) -> bool:
         return (row is not None and row.state == tcpstates.CLOSE_WAIT
-                and (not inodes[i] or row.inode == inodes[i]))
+                and same_socket(*which[i], row.cookie, row.inode) is not False)
 
     if not wanted:
         return out
@@ -793,7 +798,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         row = found[0]
         netns = row.endpoints.netns
         own = Ownership(kind=OWNER_FD, netns=netns or None, inode=row.inode,
-                        rx_queue=row.rx_queue)
+                        cookie=row.cookie, rx_queue=row.rx_queue)
         ep = row.endpoints
         key = (netns, ep.family, ep.lport, ep.laddr)
         if key in listener_of:

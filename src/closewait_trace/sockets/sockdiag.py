@@ -40,8 +40,9 @@ _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
 _REQ = struct.Struct("=BBBBI48x")
 # inet_diag_msg: family, state, timer, retrans, sockid (sport, dport big
-# endian, src[16], dst[16], if, cookie[2]), expires, rqueue, wqueue, uid, inode
-_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+# endian, src[16], dst[16], if, cookie[2]: low half, high half), expires,
+# rqueue, wqueue, uid, inode
+_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
 _RTATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 # struct tcp_info (include/uapi/linux/tcp.h) begins with eight u8 fields,
@@ -113,7 +114,7 @@ _address = functools.lru_cache(maxsize=4096)(format_address)
 
 
 def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
-    (family, state, timer, _retrans, sport, dport, src, dst, _if, _cookie,
+    (family, state, timer, _retrans, sport, dport, src, dst, _if, cookie_lo, cookie_hi,
      _expires, rqueue, wqueue, uid, inode) = _MSG.unpack_from(data, offset)
     info = _attribute(data, offset + _MSG.size, end, INET_DIAG_INFO)
     if info is not None and len(info) >= _LAST_BOTH:
@@ -128,7 +129,8 @@ def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
                             raddr=_address(family, dst),
                             rport=int.from_bytes(dport, "big"), netns=netns),
         state=state, tx_queue=wqueue, rx_queue=rqueue, uid=uid, inode=inode,
-        last_ack_recv_ms=last_ack, last_data_recv_ms=last_data, timer=timer)
+        last_ack_recv_ms=last_ack, last_data_recv_ms=last_data, timer=timer,
+        cookie=cookie_lo | cookie_hi << 32)
 
 
 def parse_messages(data: bytes, netns: int = 0) -> tuple[list[TcpRow], bool]:

@@ -29,3 +29,19 @@ class TcpRow:
     # inet_diag's idiag_timer (sock_diag only): which timer is pending;
     # KEEPALIVE_TIMER means keepalive probes, whose ACKs renew last_ack_recv.
     timer: int = 0
+    # sock_diag's socket cookie: the kernel's number for this socket, unique
+    # for its life and never given to another (0: not known, /proc read).
+    # The inode is 0 while the socket waits in a listener's accept queue.
+    cookie: int = 0
+
+
+def same_socket(cookie: int, inode: int, other_cookie: int, other_inode: int) -> Optional[bool]:
+    """Whether two sightings of a socket on the same addresses are the one
+    socket: by cookie where both have one, else by inode where both have
+    one, else None (not known). Addresses alone do not say: anyone can
+    close a connection and open the next on the same addresses at once."""
+    if cookie and other_cookie:
+        return cookie == other_cookie
+    if inode and other_inode:
+        return inode == other_inode
+    return None

@@ -17,7 +17,7 @@ from closewait_trace.sockets.owners import Ownership
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
-from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow
+from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow, same_socket
 
 # How long a reported socket that vanished from the map is remembered, waiting
 # for its CLOSED event (submitted just before the kernel deletes the entry).
@@ -68,11 +68,23 @@ class Lingerer:
     # the trace ran and the kernel's map never had it (the kernel skipped
     # the program, or the map was full): found by a rescan, not at start.
     found_late: bool = False
-    # Untracked sockets: the inode the table showed (0: not known, or still
-    # in the accept queue). Addresses alone do not name a socket for long:
-    # anyone can close one and open the next on the same addresses, which
-    # must not inherit the first one's age or place here.
+    # Found late in a namespace the start did not read, after the kernel
+    # missed something: from before the start, or entered unseen since;
+    # its age does not say which (Tracker._adopt).
+    entry_unknown: bool = False
+    # Which socket it is (untracked: as the table showed it; tracked: once
+    # reported): sock_diag's cookie and the inode (tcprow.same_socket; 0:
+    # not known; the inode is 0 in a listener's accept queue). Addresses
+    # alone do not name a socket for long: anyone can close one and open
+    # the next on the same addresses, which must not inherit the first
+    # one's age or place here.
+    cookie: int = 0
     inode: int = 0
+
+    def is_socket(self, cookie: int, inode: int) -> bool:
+        """Whether a socket seen on its addresses may be this one (not
+        known to be another)."""
+        return same_socket(self.cookie, self.inode, cookie, inode) is not False
 
     @property
     def before_start(self) -> bool:
@@ -251,14 +263,14 @@ class Tracker:
         before acting on it: nothing here is changed.
 
         - found: the rows of sockets nothing here knows (not tracked, and
-          not the socket known untracked on those addresses: another inode).
+          not the socket known untracked on those addresses: another one).
           One that entered CLOSE_WAIT unseen is among them, but so is one
           that left between the dump and the map read (its entry gone from
           the map, it is in the dump): adopt_found takes only those the
-          kernel says are there still, the same inode, after the map read.
+          kernel says are there still, the same socket, after the map read.
         - gone: sockets known here, in a namespace the dump read, that
           entered CLOSE_WAIT before the dump began and are not in it (an
-          untracked one: not with its inode): its exit was never run (its
+          untracked one: not that very socket): its exit was never run (its
           map entry would be gone) or its event lost. For the caller to
           drop (drop_unseen) once the kernel says so of each alone.
 
@@ -267,10 +279,9 @@ class Tracker:
         BETWEEN_EVERY sockets (2 us each: 0.2 s of comparing at 100,000
         with no look at the ring otherwise)."""
         rows = list(in_close_wait)
-        dumped: dict[tuple, set[tuple[int, int]]] = {}
+        dumped: dict[tuple, list[TcpRow]] = {}
         for row in rows:
-            dumped.setdefault(row.endpoints.address_key, set()).add(
-                (row.endpoints.netns, row.inode))
+            dumped.setdefault(row.endpoints.address_key, []).append(row)
         gone = []
         known = list(self.by_skaddr.values()) + list(self.pre_existing.values())
         for block in _in_blocks(known, BETWEEN_EVERY * 4, between):
@@ -280,9 +291,9 @@ class Tracker:
                     continue
                 if l.skaddr is not None and l.enter_ns >= dump_began_ns:
                     continue            # entered while the dump ran: may be after it
-                if not any((not netns or netns == ep.netns)
-                           and (not l.inode or inode == l.inode)
-                           for netns, inode in dumped.get(ep.address_key, ())):
+                if not any((not row.endpoints.netns or row.endpoints.netns == ep.netns)
+                           and l.is_socket(row.cookie, row.inode)
+                           for row in dumped.get(ep.address_key, ())):
                     gone.append(l)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
         found = []
@@ -308,10 +319,11 @@ class Tracker:
         read now for the first time), one is from before the start, as the
         seed's are: the kernel runs its program for every socket that
         enters CLOSE_WAIT while it traces, so unless it missed some
-        (kernel_missed), it would be known. If it did, the age estimated
-        from tcp_info says which; and so it does anywhere when the start's
-        read may have left some (seed_incomplete). Returns how many were
-        adopted."""
+        (kernel_missed), it would be known. If it did, tcp_info says which,
+        only if the last data came after the start (the FIN comes after it):
+        else it may be from before the start, taken as such; and so anywhere
+        when the start's read may have left some (seed_incomplete). Returns
+        how many were adopted."""
         rows = list(found)
         before = len(self.pre_existing)
         tracked = _by_address(l.endpoints for l in self.by_skaddr.values())
@@ -333,11 +345,10 @@ class Tracker:
     def _known(self, row: TcpRow, tracked_netns: dict[tuple, set[int]]) -> bool:
         """Whether row is a socket known here: tracked (by namespace when
         both know it, by address when either does not), or the untracked
-        one on those endpoints with the same inode (or an inode unknown)."""
+        one on those endpoints (not known to be another socket)."""
         endpoints = row.endpoints
         known = self.pre_existing.get(endpoints)
-        if known is not None and (not known.inode or not row.inode
-                                  or known.inode == row.inode):
+        if known is not None and known.is_socket(row.cookie, row.inode):
             return True
         seen = tracked_netns.get(endpoints.address_key)
         return bool(seen) and (not endpoints.netns or 0 in seen or endpoints.netns in seen)
@@ -364,11 +375,24 @@ class Tracker:
                                       keepalive=row.timer == KEEPALIVE_TIMER)
             # Without tcp_info all we know is that it was there when found
             # (at start: since the start).
-            late = found_late and (late_from_ns is None or est.enter_ns >= late_from_ns)
-            enter_ns = min(est.enter_ns, latest_ns if not late else observed_ns)
+            late, either = found_late, False
+            if found_late and late_from_ns is not None:
+                # Before late_from_ns where its latest possible entry is (the
+                # FIN came before the last ACK; without one, before it was
+                # found), after it where its earliest is (the last data came
+                # before the FIN); else either, and said so. The ACK reading
+                # is only a lower bound of the age, which a holder keeps
+                # young by sending (each byte's ACK renews it): taken as the
+                # entry, a socket from before the start was said to have
+                # entered unseen since.
+                before = est.enter_ns < late_from_ns
+                late = est.enter_max_ns is not None and est.enter_max_ns >= late_from_ns
+                either = not before and not late
+            enter_ns = min(est.enter_ns, observed_ns if late or either else latest_ns)
             l = Lingerer(endpoints=endpoints, enter_ns=enter_ns, skaddr=None,
                          pre_existing=True, age_source=est.source,
-                         enter_max_ns=est.enter_max_ns, found_late=late, inode=row.inode)
+                         enter_max_ns=est.enter_max_ns, found_late=late or either,
+                         entry_unknown=either, cookie=row.cookie, inode=row.inode)
             self._add_pre_existing(l)
         return over
 
@@ -423,7 +447,8 @@ class Tracker:
             self._add_pre_existing(Lingerer(
                 endpoints=ep, enter_ns=old.enter_ns, skaddr=None, pre_existing=True,
                 age_source=old.age_source, enter_max_ns=old.enter_max_ns,
-                found_late=old.found_late, inode=old.inode))
+                found_late=old.found_late, entry_unknown=old.entry_unknown,
+                cookie=old.cookie, inode=old.inode))
         return None
 
     def sync(self, tracked: Iterable[TrackedSocket], now_ns: int) -> list[Lingerer]:
