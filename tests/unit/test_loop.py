@@ -1752,6 +1752,29 @@ def reopened_after_the_dump(tmp_path, reopen_inode):
     return w
 
 
+def test_a_rescan_looks_up_no_more_sockets_than_it_may_keep(tmp_path):
+    """Each socket a rescan would adopt is looked up alone first (a netlink
+    request each): no more than max_untracked leaves room for, the rest
+    counted as not kept (untracked_over), as those adopt_found refuses."""
+    asked = []
+
+    class Counts(DumpsWhole):
+        def in_close_wait_now(self, endpoints, which=None):
+            asked.append(len(endpoints))
+            return super().in_close_wait_now(endpoints, which)
+
+    w = World(tmp_path, resolver=Counts(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.tracer.tracker.max_untracked = 2
+    w.step()
+    for i in range(5):
+        w.hold(100, 30500 + i, 7000 + i)
+    w.probe.counts["map_full"] = 1
+    w.step(0.5)
+    assert asked == [2]
+    assert len(w.tracer.tracker.pre_existing) == 2 and w.tracer.tracker.untracked_over == 3
+
+
 def test_a_socket_that_left_between_the_dump_and_the_lookup_is_not_adopted(tmp_path):
     """It was in the dump but had left by the map read. Adopted anyway, it
     was then found gone when reported (its addresses empty), or, with the

@@ -1371,6 +1371,11 @@ class LiveTracer:
         entry is then deleted, or it would fill the map), each only once
         the kernel says so of that socket alone. Returns the sockets due now."""
         found, gone = self.tracker.rescan(rows, dumped, began_ns, self.sip)
+        # No more looked up than may be kept (max_untracked): the others are
+        # counted as not kept, as adopt_found counts its own.
+        room = max(0, self.tracker.max_untracked - len(self.tracker.pre_existing)
+                   + sum(1 for l in gone if l.skaddr is None))
+        found, beyond = found[:room], len(found) - min(room, len(found))
         # Each asked again alone, after the map read: the dump may have
         # stepped over a socket; and one in the dump but not in the map may
         # have left between the two (its map entry deleted on the way out),
@@ -1392,6 +1397,7 @@ class LiveTracer:
         confirmed = [row for row, there in zip(found, here) if there]
         self.tracker.adopt_found(confirmed, observed_ns, before_start_netns=first.netns,
                                  kernel_missed=first.kernel_missed)
+        self.tracker.untracked_over += beyond
         waiting = any((known := self.tracker.pre_existing.get(row.endpoints)) is not None
                       and not known.is_socket(row.cookie, row.inode) for row in confirmed)
         if None in here or waiting:
