@@ -7,15 +7,19 @@ and the same client port connects again 0 .. GAP s later. The tracer, whose
 threshold is far above HOLD, must report none of them. With "queued", the
 sockets are never accepted while in CLOSE_WAIT: they wait in the
 listener's accept queue, where the kernel gives them no inode (the queue
-is emptied once a second of the ones the resets closed).
+is emptied once a second of the ones the resets closed). With
+"alternate", each client port's stays alternate between long ones, 2-3 s
+(past a 2 s threshold: reported), and the short ones above; the JSON line
+then lists every stay: [client port, inode, seconds].
 Prints "ready" once the first N are made, then after SECONDS a JSON line:
 the cycles made and the longest any socket stayed in CLOSE_WAIT, measured
 from before the shutdown to after the reset.
 
-    python3 cycler.py PORT CBASE N HOLD GAP SECONDS [queued]
+    python3 cycler.py PORT CBASE N HOLD GAP SECONDS [queued|alternate]
 """
 
 import json
+import os
 import random
 import socket
 import struct
@@ -25,6 +29,7 @@ import time
 port, cbase, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 hold, gap, seconds = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 queued = sys.argv[7:] == ["queued"]
+alternate = sys.argv[7:] == ["alternate"]
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", port))
@@ -33,6 +38,8 @@ EMPTY_EVERY_S = 1.0        # queued: how often the accept queue is emptied
 pairs = {}                 # client port -> (client, accepted, when it closes, shut at)
 reopen = {}                # client port -> when it connects again
 longest = 0.0
+stays = []                 # alternate: [client port, inode, seconds]
+made = {}                  # alternate: client port -> stays made on it
 
 
 def open_pair(cport: int) -> None:
@@ -46,15 +53,24 @@ def open_pair(cport: int) -> None:
         assert peer[1] == cport, peer
     shut = time.monotonic()
     client.shutdown(socket.SHUT_WR)
-    pairs[cport] = (client, accepted, shut + hold * (0.5 + random.random()), shut)
+    stay = hold * (0.5 + random.random())
+    if alternate:
+        made[cport] = made.get(cport, 0) + 1
+        if made[cport] % 2:
+            stay = 2.0 + random.random()
+    pairs[cport] = (client, accepted, shut + stay, shut)
 
 
 def close_pair(cport: int) -> None:
     global longest
     client, accepted, _until, shut = pairs.pop(cport)
+    inode = os.fstat(accepted.fileno()).st_ino if accepted is not None else 0
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()              # the reset: the accepted socket leaves CLOSE_WAIT
-    longest = max(longest, time.monotonic() - shut)
+    took = time.monotonic() - shut
+    longest = max(longest, took)
+    if alternate:
+        stays.append([cport, inode, round(took, 4)])
     if accepted is not None:
         accepted.close()
 
@@ -100,4 +116,7 @@ for cport in list(pairs):
     close_pair(cport)
 if queued:
     empty_the_queue()
-print(json.dumps({"cycles": cycles, "longest_s": round(longest, 3)}), flush=True)
+said = {"cycles": cycles, "longest_s": round(longest, 3)}
+if alternate:
+    said["stays"] = stays
+print(json.dumps(said), flush=True)

@@ -113,6 +113,34 @@ def one_reported_socket(tmp_path, state="S") -> World:
     return w
 
 
+def test_a_socket_that_left_before_its_owner_lookup_is_not_reported_as_the_next(tmp_path):
+    """Due at the map read, it left before the owner lookup read the table,
+    and the next socket on its addresses (inode 5002, held by pid 200) was
+    there in its place: reported with that one's inode and holder, after
+    its own CLOSED line. Its exit is in the ring before the lookup."""
+    class Replaced(ProcResolver):
+        world = None
+
+        def owners(self, endpoints, *args, **kwargs):
+            w = self.world
+            if any(ep.rport == 40001 for ep in endpoints) and 0xA in w.probe.entries:
+                w.probe.leave(0xA, pid=100, comm="srv")
+                w.forget_row(40001)
+                w.hold(200, 40001, 5002, comm="other")
+            return super().owners(endpoints, *args, **kwargs)
+
+    resolver = Replaced(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    resolver.world = w
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert w.of("linger") == []
+    assert [r["rport"] for r in w.of("closed")] == [40001]
+    assert w.tracer.lingering(w.clock.ns) == []
+
+
 def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
     """Issue 19 §2: when the start's read of the sockets already in
     CLOSE_WAIT fails (the worker timed out), those sockets are in no kernel

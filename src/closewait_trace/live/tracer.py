@@ -860,6 +860,10 @@ class LiveTracer:
                     self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns())))
             return
         self.note_owner_reads(batch, resolved)
+        if not update:
+            batch = self._still_lingering(batch)
+            if batch is None:
+                return
         self._keys = None                    # capture maps' keys, read once per batch
         evidence_cache = diagnosis.Batch()   # each process read once in this batch
         identities: dict = {}
@@ -959,6 +963,24 @@ class LiveTracer:
         finally:
             for sink in holding:
                 sink.hold_batch(False)
+
+    def _still_lingering(self, batch: list[Lingerer]) -> Optional[list[Lingerer]]:
+        """Of sockets about to be first reported, those that still linger
+        once the events before their owner lookup are taken; None while a
+        backlog keeps some of those events waiting (the next tick tries
+        again). A tracked socket has no identity of its own until then (the
+        kernel's map knows it by address): one that left after the map read
+        and before the lookup, the next socket on its addresses in its
+        place, was reported with that socket's inode and holder, after its
+        own CLOSED line (an attack as nobody, without any loss). Its exit
+        is in the ring before the lookup reads the table: the program runs
+        before the kernel stores the new state."""
+        self._drain_buffer(time.monotonic() + 0.2)
+        backlog = getattr(self.probe, "backlog_bytes", None)
+        if self.pending or (backlog and backlog()):
+            self.owners_left = True
+            return None
+        return [l for l in batch if self.tracker.is_lingering(l)]
 
     # --------------------------------------------------- where in the code
 
