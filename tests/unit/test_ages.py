@@ -185,3 +185,21 @@ def test_a_keepalive_socket_is_due_and_ordered_by_what_it_may_be():
     assert render.age_text(rec) == "<=24.0s"
     # A damaged record without its upper end shows only what it has.
     assert render.age_text(dict(rec, age_max_s=None)) == ">=900ms"
+
+
+def test_read_over_a_while_the_latest_entry_counts_from_its_end_the_earliest_from_its_start():
+    """A dump is read over up to 0.2 s: tcp_info's times are the kernel's at
+    the moment each row was dumped, somewhere in it."""
+    est = ages.estimate_entry(2_000, 5_000, 100 * S, observed_from_ns=99 * S)
+    assert (est.enter_ns, est.enter_max_ns) == (98 * S, 94 * S)
+
+
+def test_a_row_is_aged_within_its_namespaces_read_widened_by_a_jiffy():
+    t = Tracker(threshold_ns=S, start_ns=200 * S)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 5000, netns=7)
+    row = TcpRow(ep, tcpstates.CLOSE_WAIT, 0, 1, 0, 900,
+                 last_ack_recv_ms=2_000, last_data_recv_ms=5_000)
+    t.seed([row], [], 200 * S, read_at={7: (99 * S, 100 * S)})
+    [l] = t.pre_existing.values()
+    jiffy = 10_000_000
+    assert (l.enter_ns, l.enter_max_ns) == (98 * S + jiffy, 94 * S - jiffy)

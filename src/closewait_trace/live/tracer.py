@@ -162,6 +162,7 @@ class RescanFirst(NamedTuple):
     netns: set
     kernel_missed: bool
     listed: frozenset = frozenset()
+    read_at: dict = {}          # RescanRead.read_at, in the kernel's clock
 
 
 class Probe(Protocol):
@@ -442,7 +443,7 @@ class LiveTracer:
             attach = getattr(sink, "attach_lingering", None)
             if attach is not None:      # keeps its view as sockets arrive and leave
                 attach(self.tracker, self.config.threshold_ns, self.holder_filter.active)
-        pre = self.tracker.seed(snapshot, self.probe.tracked())
+        pre = self.tracker.seed(snapshot, self.probe.tracked(), read_at=self._kernel_times(read))
         if self.start_snapshot_failed:
             self.tracker.seed_incomplete = True
         # Before "ready": a CPython process's EOF read from then on carries
@@ -1363,7 +1364,14 @@ class LiveTracer:
         taken = not self.pending and not (backlog and backlog())
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
-                RescanFirst(first_read, missed, self._listed(read)))
+                RescanFirst(first_read, missed, self._listed(read), self._kernel_times(read)))
+
+    def _kernel_times(self, read: RescanRead) -> dict:
+        """read.read_at (CLOCK_MONOTONIC, the worker's) in the kernel's clock
+        (now_ns: boot time where the kernel program uses it)."""
+        offset = self.now_ns() - time.monotonic_ns()
+        return {netns: (began + offset, ended + offset)
+                for netns, (began, ended) in read.read_at.items()}
 
     def _listed(self, read: RescanRead) -> frozenset:
         """Every namespace a process was in when read listed them: only
@@ -1418,7 +1426,7 @@ class LiveTracer:
         # Counted when reported (resolve).
         confirmed = [row for row, there in zip(found, here) if there]
         self.tracker.adopt_found(confirmed, observed_ns, before_start_netns=first.netns,
-                                 kernel_missed=first.kernel_missed)
+                                 kernel_missed=first.kernel_missed, read_at=first.read_at)
         self.tracker.untracked_over += beyond
         waiting = any((known := self.tracker.pre_existing.get(row.endpoints)) is not None
                       and not known.is_socket(row.cookie, row.inode) for row in confirmed)

@@ -35,9 +35,12 @@ class AgeEstimate:
 
 
 def estimate_entry(last_ack_recv_ms: Optional[int], last_data_recv_ms: Optional[int],
-                   observed_ns: int, keepalive: bool = False) -> AgeEstimate:
+                   observed_ns: int, keepalive: bool = False,
+                   observed_from_ns: Optional[int] = None) -> AgeEstimate:
     """When a socket entered CLOSE_WAIT, from its tcp_info times read at
-    observed_ns (kernel clock, which counts from boot).
+    observed_ns (kernel clock, which counts from boot), or at some time
+    from observed_from_ns to observed_ns (a dump is read over a while: the
+    latest entry is then counted from the end, the earliest from the start).
 
     - no tcp_info: it entered no later than observed_ns; say only that.
     - the ACK reading reaches back before boot: nonsense, say only that.
@@ -61,5 +64,6 @@ def estimate_entry(last_ack_recv_ms: Optional[int], last_data_recv_ms: Optional[
     if last_data_recv_ms is None or last_data_recv_ms < last_ack_recv_ms:
         return AgeEstimate(enter_ns, None, LOWER_BOUND)
     data_ns = last_data_recv_ms * 1_000_000
-    return AgeEstimate(enter_ns, observed_ns - min(data_ns, observed_ns),
+    since = observed_ns if observed_from_ns is None else min(observed_from_ns, observed_ns)
+    return AgeEstimate(enter_ns, since - min(data_ns, since),
                        RANGE if keepalive else ESTIMATED)

@@ -434,6 +434,11 @@ class RescanRead(NamedTuple):
     # owns the unread ones, for the notice that says what was not read.
     uid_of: dict = {}
     cut: int = 0                # the namespace whose dump the budget cut short (0: none)
+    # namespace -> (CLOCK_MONOTONIC ns) when its dump began and ended: each
+    # row's tcp_info times were taken by the kernel in between (a read of
+    # many namespaces takes its whole budget, 0.2 s; ages counted from one
+    # time for all were off by that much, past their stated bounds).
+    read_at: dict = {}
 
     @property
     def not_read(self) -> list[int]:
@@ -518,6 +523,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
     not read whole (not in dumped)."""
     rows: list[TcpRow] = []
     dumped: set[int] = set()
+    read_at: dict[int, tuple[int, int]] = {}
     own = procnet.own_netns()
     namespaces, _denied = procnet.scan_network_namespace_pids(proc)
 
@@ -526,10 +532,15 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
         turn until one answers for it: the first may have exited, or its
         pid been reused in another namespace, since the listing."""
         for pid in [None] if netns is None else namespaces[netns]:
+            began = time.monotonic_ns()
             try:
                 inode, found = sockdiag.tcp_sockets_in(
                     states, None if pid is None else f"{proc}/{pid}/ns/net", with_info,
                     deadline=deadline)
+            except sockdiag.DumpCut:
+                if netns is not None:
+                    read_at[netns] = (began, time.monotonic_ns())
+                raise
             except OSError as e:
                 if e.errno in procfs.EXHAUSTED_ERRNOS:
                     raise procfs.ResourceExhausted("sock_diag", e.errno) from None
@@ -538,6 +549,7 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
                 continue        # the pid was reused in another namespace
             dumped.add(inode)
             rows.extend(found)
+            read_at[inode] = (began, time.monotonic_ns())
             return
 
     if own is not None:
@@ -547,13 +559,14 @@ def read_by_turns(states: list[int], proc: str = procfs.PROC,
     deadline = time.monotonic() + budget_s
     for i, netns in enumerate(order):
         if i and time.monotonic() >= deadline:
-            return RescanRead(rows, dumped, order[:i], order[i:], owner_of)
+            return RescanRead(rows, dumped, order[:i], order[i:], owner_of, read_at=read_at)
         try:
             read(netns, deadline if i else None)
         except sockdiag.DumpCut as cut:
             rows.extend(cut.rows)
-            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of, netns)
-    return RescanRead(rows, dumped, order, [], owner_of)
+            return RescanRead(rows, dumped, order[:i + 1], order[i + 1:], owner_of, netns,
+                              read_at=read_at)
+    return RescanRead(rows, dumped, order, [], owner_of, read_at=read_at)
 
 
 def in_close_wait_now(wanted: list[Endpoints], proc: str = procfs.PROC,

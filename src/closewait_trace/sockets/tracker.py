@@ -31,6 +31,9 @@ MAX_DEPARTED = 100_000
 # loop looks at its ring buffer then: 256 take 3-6 ms under load, more in wall
 # time when the exiting holders keep both CPUs).
 BETWEEN_EVERY = 256
+# tcp_info's times are whole jiffies (1-10 ms, by the kernel's HZ): an age
+# taken from them is widened by one, so that its bounds hold.
+JIFFY_NS = 10_000_000
 # Sockets looked up in the map per between() call when finding those gone
 # (a membership test each: ~0.2 ms a block at rest).
 GONE_BLOCK = 4096
@@ -237,9 +240,11 @@ class Tracker:
         return out
 
     def seed(self, already_in_close_wait: Iterable[TcpRow],
-             tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None) -> int:
+             tracked: Iterable[TrackedSocket], observed_ns: Optional[int] = None,
+             read_at: Mapping[int, tuple[int, int]] = {}) -> int:
         """Sockets found in CLOSE_WAIT at start-up (rows of the sock_diag dump
-        with their tcp_info times, read at observed_ns, default start_ns),
+        with their tcp_info times, read at observed_ns, default start_ns, or
+        in their namespace's read_at: _adopt),
         minus those the kernel program saw enter it (they raced the attach
         and are tracked already), so none is missed and none is reported
         twice. Each gets an age estimated from tcp_info (ages.py): those
@@ -247,7 +252,7 @@ class Tracker:
         observed_ns = self.start_ns if observed_ns is None else observed_ns
         self.untracked_over = self._adopt(
             already_in_close_wait, _by_address(t.endpoints for t in tracked),
-            min(observed_ns, self.start_ns), observed_ns, found_late=False)
+            min(observed_ns, self.start_ns), observed_ns, found_late=False, read_at=read_at)
         if self.untracked_over:
             self.seed_incomplete = True
         return len(self.pre_existing)
@@ -309,7 +314,8 @@ class Tracker:
 
     def adopt_found(self, found: Iterable[TcpRow], observed_ns: int,
                     before_start_netns: frozenset = frozenset(),
-                    kernel_missed: bool = True) -> int:
+                    kernel_missed: bool = True,
+                    read_at: Mapping[int, tuple[int, int]] = {}) -> int:
         """Adopt what a rescan found (rows the kernel says are in CLOSE_WAIT
         after the map read, read at observed_ns) as untracked, `found_late`,
         their age estimated from tcp_info as the start-up's are (never
@@ -332,13 +338,14 @@ class Tracker:
         if early:
             rows = [row for row in rows if row.endpoints.netns not in before_start_netns]
             over += self._adopt(early, tracked, min(observed_ns, self.start_ns), observed_ns,
-                                found_late=kernel_missed, late_from_ns=self.start_ns)
+                                found_late=kernel_missed, late_from_ns=self.start_ns,
+                                read_at=read_at)
         if self.seed_incomplete:
             latest_ns, late_from_ns = min(observed_ns, self.start_ns), self.start_ns
         else:
             latest_ns, late_from_ns = observed_ns, None
         over += self._adopt(rows, tracked, latest_ns, observed_ns, found_late=True,
-                            late_from_ns=late_from_ns)
+                            late_from_ns=late_from_ns, read_at=read_at)
         self.untracked_over = over
         return len(self.pre_existing) - before
 
@@ -355,12 +362,16 @@ class Tracker:
 
     def _adopt(self, rows: Iterable[TcpRow], tracked_netns: dict[tuple, set[int]],
                latest_ns: int, observed_ns: int, found_late: bool,
-               late_from_ns: Optional[int] = None) -> int:
+               late_from_ns: Optional[int] = None,
+               read_at: Mapping[int, tuple[int, int]] = {}) -> int:
         """rows not known here, as untracked sockets; tracked_netns: the
         namespaces of the tracked sockets by address (_by_address). Returns
         how many were not kept (max_untracked). found_late with
         late_from_ns: only those whose estimated entry is at or after it
-        (the others were in CLOSE_WAIT before it)."""
+        (the others were in CLOSE_WAIT before it). read_at: namespace ->
+        when its dump began and ended (kernel clock): its rows' tcp_info
+        times were taken in between, each to a whole jiffy (JIFFY_NS);
+        else at observed_ns."""
         over = 0
         for row in rows:
             endpoints = row.endpoints
@@ -371,8 +382,15 @@ class Tracker:
             if len(self.pre_existing) >= self.max_untracked:
                 over += 1
                 continue
-            est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, observed_ns,
-                                      keepalive=row.timer == KEEPALIVE_TIMER)
+            window = read_at.get(endpoints.netns)
+            if window is None:
+                est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms,
+                                          observed_ns, keepalive=row.timer == KEEPALIVE_TIMER)
+            else:
+                est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms,
+                                          window[1] + JIFFY_NS,
+                                          keepalive=row.timer == KEEPALIVE_TIMER,
+                                          observed_from_ns=window[0] - JIFFY_NS)
             # Without tcp_info all we know is that it was there when found
             # (at start: since the start).
             late, either = found_late, False
