@@ -101,6 +101,10 @@ class FakeProbe:
         snapshot = dict(self.entries)
         return entries, lambda k: snapshot[k][1]
 
+    def still_tracked(self, entries: list) -> list:
+        """As the probe: whether each (skaddr, enter_ns) entry is still there."""
+        return [self.entries.get(skaddr, (None,))[0] == enter_ns for skaddr, enter_ns in entries]
+
     def forget_entry(self, skaddr: int, enter_ns: int) -> bool:
         """As the probe: the entry deleted only if it is still that one."""
         if self.entries.get(skaddr, (None,))[0] != enter_ns:

@@ -141,6 +141,35 @@ def test_a_socket_that_left_before_its_owner_lookup_is_not_reported_as_the_next(
     assert w.tracer.lingering(w.clock.ns) == []
 
 
+def test_with_events_always_waiting_reports_are_made_from_the_map(tmp_path):
+    """A backlog that never empties (--all at saturation): the first report
+    waited for it to be written and was never made. The map says which
+    sockets are still there: the one that left is not reported, the other
+    is."""
+    class Replaced(ProcResolver):
+        world = None
+
+        def owners(self, endpoints, *args, **kwargs):
+            w = self.world
+            if 0xA in w.probe.entries:
+                w.probe.leave(0xA, pid=100, comm="srv")
+                w.forget_row(40001)
+                w.hold(200, 40001, 5003, comm="other")
+            return super().owners(endpoints, *args, **kwargs)
+
+    resolver = Replaced(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    resolver.world = w
+    w.probe.backlog_bytes = lambda: 4096        # always some waiting
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.hold(100, 40002, 5002)
+    w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert [r["rport"] for r in w.of("linger")] == [40002]
+
+
 def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
     """Issue 19 §2: when the start's read of the sockets already in
     CLOSE_WAIT fails (the worker timed out), those sockets are in no kernel

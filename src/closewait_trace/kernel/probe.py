@@ -977,6 +977,22 @@ class KernelProbe:
         self.take_eof_capture(skaddr)
         return True
 
+    def still_tracked(self, entries: list[tuple[int, int]]) -> list[bool]:
+        """For each (socket address, entry time): whether the map still has
+        that entry, i.e. the socket has not left CLOSE_WAIT (its exit
+        deletes it before the kernel stores the new state). One lookup
+        each: only for what the events waiting cannot tell yet."""
+        if self.bpf is None:
+            return [False] * len(entries)
+        table = self._table("cw_tracking")
+        out = []
+        for skaddr, enter_ns in entries:
+            try:
+                out.append(table[table.Key(skaddr)].enter_ns == enter_ns)
+            except KeyError:
+                out.append(False)
+        return out
+
     def take_eof_capture(self, skaddr: int) -> Optional[EofCapture]:
         """Where the socket was read to its end, if it was (and the kernel
         could say): taken out of the kernel's map, which frees its slot; the

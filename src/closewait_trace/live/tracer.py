@@ -967,20 +967,29 @@ class LiveTracer:
 
     def _still_lingering(self, batch: list[Lingerer]) -> Optional[list[Lingerer]]:
         """Of sockets about to be first reported, those that still linger
-        once the events before their owner lookup are taken; None while a
-        backlog keeps some of those events waiting (the next tick tries
-        again). A tracked socket has no identity of its own until then (the
-        kernel's map knows it by address): one that left after the map read
-        and before the lookup, the next socket on its addresses in its
-        place, was reported with that socket's inode and holder, after its
-        own CLOSED line (an attack as nobody, without any loss). Its exit
-        is in the ring before the lookup reads the table: the program runs
-        before the kernel stores the new state."""
+        after their owner lookup. A tracked socket has no identity of its
+        own until then (the kernel's map knows it by address): one that
+        left after the map read and before the lookup, the next socket on
+        its addresses in its place, was reported with that socket's inode
+        and holder, after its own CLOSED line (an attack as nobody, without
+        any loss). Its exit is in the ring before the lookup reads the
+        table (the program runs before the kernel stores the new state):
+        the events are taken, and when some still wait (a burst; --all at
+        saturation, where they always would: reports waiting for them were
+        never made), the kernel's map is asked instead, entry by entry: an
+        entry there after the lookup is a socket that had not left. None
+        where neither can be told (the next tick tries again)."""
         self._drain_buffer(time.monotonic() + 0.2)
         backlog = getattr(self.probe, "backlog_bytes", None)
         if self.pending or (backlog and backlog()):
-            self.owners_left = True
-            return None
+            check = getattr(self.probe, "still_tracked", None)
+            if check is None:
+                self.owners_left = True
+                return None
+            tracked = [l for l in batch if l.skaddr is not None]
+            here = check([(l.skaddr, l.enter_ns) for l in tracked])
+            left = {id(l) for l, there in zip(tracked, here) if not there}
+            return [l for l in batch if id(l) not in left and self.tracker.is_lingering(l)]
         return [l for l in batch if self.tracker.is_lingering(l)]
 
     # --------------------------------------------------- where in the code
