@@ -113,11 +113,11 @@ def one_reported_socket(tmp_path, state="S") -> World:
     return w
 
 
-def test_a_socket_that_left_before_its_owner_lookup_is_not_reported_as_the_next(tmp_path):
-    """Due at the map read, it left before the owner lookup read the table,
-    and the next socket on its addresses (inode 5002, held by pid 200) was
-    there in its place: reported with that one's inode and holder, after
-    its own CLOSED line. Its exit is in the ring before the lookup."""
+def replaced_before_the_owner_lookup(tmp_path) -> World:
+    """pid 100 holds :40001 (map key 0xA, inode 5001), due at the first
+    tick; as its owner lookup begins, it leaves (its CLOSED event queued)
+    and the next socket on its addresses (inode 5002, held by pid 200) is
+    there in its place."""
     class Replaced(ProcResolver):
         world = None
 
@@ -134,6 +134,15 @@ def test_a_socket_that_left_before_its_owner_lookup_is_not_reported_as_the_next(
     resolver.world = w
     w.hold(100, 40001, 5001)
     w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    return w
+
+
+def test_a_socket_that_left_before_its_owner_lookup_is_not_reported_as_the_next(tmp_path):
+    """Due at the map read, it left before the owner lookup read the table,
+    and the next socket on its addresses was there in its place: reported
+    with that one's inode and holder, after its own CLOSED line. Its exit
+    is in the ring before the lookup."""
+    w = replaced_before_the_owner_lookup(tmp_path)
     w.tracer.start()
     w.step()
     assert w.of("linger") == []
@@ -146,49 +155,13 @@ def test_with_events_always_waiting_reports_are_made_from_the_map(tmp_path):
     waited for it to be written and was never made. The map says which
     sockets are still there: the one that left is not reported, the other
     is."""
-    class Replaced(ProcResolver):
-        world = None
-
-        def owners(self, endpoints, *args, **kwargs):
-            w = self.world
-            if 0xA in w.probe.entries:
-                w.probe.leave(0xA, pid=100, comm="srv")
-                w.forget_row(40001)
-                w.hold(200, 40001, 5003, comm="other")
-            return super().owners(endpoints, *args, **kwargs)
-
-    resolver = Replaced(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    resolver.world = w
+    w = replaced_before_the_owner_lookup(tmp_path)
     w.probe.backlog_bytes = lambda: 4096        # always some waiting
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.hold(100, 40002, 5002)
+    w.hold(100, 40002, 5003)
     w.probe.enter(0xB, endpoints(40002), ago_s=2.0)
     w.tracer.start()
     w.step()
     assert [r["rport"] for r in w.of("linger")] == [40002]
-
-
-def test_each_linger_record_has_its_age_as_of_its_own_time(tmp_path):
-    """Writing a batch of records takes time (18,000 took 0.4-1 s): an age
-    taken once for the batch was that much short at the last records'
-    time, below their own age_max."""
-    w = World(tmp_path)
-    slow = ListSink()
-    real_emit = slow.emit
-
-    def emit(rec):
-        real_emit(rec)
-        if rec["type"] == "linger":
-            w.clock.advance(0.5)            # this record took 0.5 s to write
-    slow.emit = emit
-    w.tracer.sinks.append(slow)
-    w.linger(2)
-    w.tracer.start()
-    w.step()
-    first, second = [r["age_s"] for r in slow.records if r["type"] == "linger"]
-    assert second >= first + 0.5
 
 
 def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):

@@ -622,6 +622,12 @@ class LiveTracer:
                 sink.close()
             self.restore_signals()
 
+    def _events_waiting(self) -> bool:
+        """Whether events the kernel committed wait to be taken: polled
+        (pending), or moved out of the ring by sip (the probe's backlog)."""
+        backlog = getattr(self.probe, "backlog_bytes", None)
+        return bool(self.pending) or bool(backlog and backlog())
+
     def _drain_buffer(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             self.probe.poll(0, self._room())
@@ -744,8 +750,7 @@ class LiveTracer:
         # load 3), departed sockets stay past their grace: their CLOSED
         # events are among those (a socket forgotten first was written
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
-        backlog = getattr(self.probe, "backlog_bytes", None)
-        self.tracker.hold_departed = bool(self.pending) or bool(backlog and backlog())
+        self.tracker.hold_departed = self._events_waiting()
         rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
@@ -982,8 +987,7 @@ class LiveTracer:
         entry there after the lookup is a socket that had not left. None
         where neither can be told (the next tick tries again)."""
         self._drain_buffer(time.monotonic() + 0.2)
-        backlog = getattr(self.probe, "backlog_bytes", None)
-        if self.pending or (backlog and backlog()):
+        if self._events_waiting():
             check = getattr(self.probe, "still_tracked", None)
             if check is None:
                 self.owners_left = True
@@ -1338,8 +1342,7 @@ class LiveTracer:
         started = time.monotonic()
         if started - self._rescan_tried < self._rescan_gap:
             return None
-        backlog = getattr(self.probe, "backlog_bytes", None)
-        if self.pending or (backlog and backlog()):
+        if self._events_waiting():
             return None         # a burst being written: its events first
         self._rescan_tried = started
         began_ns = self.now_ns()
@@ -1372,7 +1375,7 @@ class LiveTracer:
                if netns in self._namespace_read},
             **{netns: done for netns in read.tried if netns in read.dumped}}
         self._rescan_unread = self._left_to_read(read)
-        taken = not self.pending and not (backlog and backlog())
+        taken = not self._events_waiting()
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
                 RescanFirst(first_read, missed, self._listed(read), self._kernel_times(read)))
@@ -1454,8 +1457,7 @@ class LiveTracer:
             # state, which the lookup saw): taken first, so that its CLOSED
             # line is written and it is not counted as unseen.
             self._drain_buffer(time.monotonic() + 0.2)
-            backlog = getattr(self.probe, "backlog_bytes", None)
-            if self.pending or (backlog and backlog()):
+            if self._events_waiting():
                 gone = [l for l in gone if l.skaddr is not None]
         forget = getattr(self.probe, "forget_entry", None)
         for l in gone:

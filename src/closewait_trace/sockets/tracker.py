@@ -159,6 +159,15 @@ def _by_address(endpoints: Iterable[Endpoints]) -> dict[tuple, set[int]]:
     return out
 
 
+def _tracked(row: TcpRow, tracked_netns: dict[tuple, set[int]]) -> bool:
+    """Whether row's socket is tracked (tracked_netns: _by_address of the
+    tracked ones): by namespace when both know it, by address when either
+    does not."""
+    endpoints = row.endpoints
+    seen = tracked_netns.get(endpoints.address_key)
+    return bool(seen) and (not endpoints.netns or 0 in seen or endpoints.netns in seen)
+
+
 def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
     """How a socket left CLOSE_WAIT.
 
@@ -353,12 +362,10 @@ class Tracker:
         """Whether row is a socket known here: tracked (by namespace when
         both know it, by address when either does not), or the untracked
         one on those endpoints (not known to be another socket)."""
-        endpoints = row.endpoints
-        known = self.pre_existing.get(endpoints)
+        known = self.pre_existing.get(row.endpoints)
         if known is not None and known.is_socket(row.cookie, row.inode):
             return True
-        seen = tracked_netns.get(endpoints.address_key)
-        return bool(seen) and (not endpoints.netns or 0 in seen or endpoints.netns in seen)
+        return _tracked(row, tracked_netns)
 
     def _adopt(self, rows: Iterable[TcpRow], tracked_netns: dict[tuple, set[int]],
                latest_ns: int, observed_ns: int, found_late: bool,
@@ -377,20 +384,17 @@ class Tracker:
             endpoints = row.endpoints
             # Another socket known on these endpoints (not found gone yet)
             # keeps its place: this one waits for the next look.
-            if endpoints in self.pre_existing or self._known(row, tracked_netns):
+            if endpoints in self.pre_existing or _tracked(row, tracked_netns):
                 continue
             if len(self.pre_existing) >= self.max_untracked:
                 over += 1
                 continue
             window = read_at.get(endpoints.netns)
-            if window is None:
-                est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms,
-                                          observed_ns, keepalive=row.timer == KEEPALIVE_TIMER)
-            else:
-                est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms,
-                                          window[1] + JIFFY_NS,
-                                          keepalive=row.timer == KEEPALIVE_TIMER,
-                                          observed_from_ns=window[0] - JIFFY_NS)
+            seen_from, seen_to = ((window[0] - JIFFY_NS, window[1] + JIFFY_NS)
+                                  if window is not None else (None, observed_ns))
+            est = ages.estimate_entry(row.last_ack_recv_ms, row.last_data_recv_ms, seen_to,
+                                      keepalive=row.timer == KEEPALIVE_TIMER,
+                                      observed_from_ns=seen_from)
             # Without tcp_info all we know is that it was there when found
             # (at start: since the start).
             late, either = found_late, False
