@@ -878,7 +878,11 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 "gc_max_ms": cost.get("gc_max_ms"), "gc_total_ms": cost.get("gc_total_ms"), "gc_collections": cost.get("gc_collections"),
                 # Reads of the map made key by key (seconds each at 100,000).
                 "map_reads_per_key": cost.get("map_reads_per_key"),
-                "map_read_failures": cost.get("map_read_failures")}
+                "map_read_failures": cost.get("map_read_failures"),
+                # Rescans (after a loss, or once a minute without one:
+                # CLOSEWAIT_TRACE_RECONCILE_S=N makes that every N s, to
+                # measure one at this scale) and the longest.
+                "rescans": cost.get("rescans"), "rescan_max_ms": cost.get("rescan_max_ms")}
     finally:
         stop_all(clients + holders + [tracer])
 

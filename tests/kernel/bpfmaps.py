@@ -1,7 +1,9 @@
 """Another process's BPF map, written from a test through the bpf(2) system
 call: what the kernel leaves behind when it skips the program at a socket's
 exit (an entry whose socket left) cannot be made on demand, so a test puts
-such an entry in the tracer's map itself. x86_64 and root only."""
+such an entry in the tracer's map itself; nor can a state change the hook
+never hands over, so a test takes a port out of the program's filter for
+a moment. x86_64 and root only."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Optional
 
 SYS_BPF = 321                       # x86_64
 BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_GET_NEXT_ID = 12
 BPF_MAP_GET_FD_BY_ID = 14
@@ -87,3 +90,10 @@ def lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
     except FileNotFoundError:
         return None
     return v.raw
+
+
+def delete(fd: int, key: bytes) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into("=IIQ", attr, 0, fd, 0, ctypes.addressof(k))
+    _bpf(BPF_MAP_DELETE_ELEM, attr)

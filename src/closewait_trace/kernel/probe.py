@@ -234,6 +234,9 @@ class KernelFeatures:
         scale = knobs.time_scale()
         if scale != 1.0:
             text += f" (symbolizer budgets x{scale:g}: {knobs.TIME_SCALE_ENV})"
+        reconcile = knobs.reconcile_override()
+        if reconcile is not None:
+            text += f" (a rescan every {reconcile:g}s without a loss: {knobs.RECONCILE_ENV})"
         return text
 
     def describe_eof(self) -> str:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Protocol
 
+from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, place
 from closewait_trace.sockets import owners, procfs
 from closewait_trace.output import records, render
@@ -110,6 +111,21 @@ LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 # read of the sockets in CLOSE_WAIT every 5 s (bench/rescan.py: 6.7-8.5 us
 # a socket to read, 1.5-2.6 us to compare; 18 ms for 1,000).
 RESCAN_EVERY_S = 5.0
+# ...and, without any counted loss, at least this often: the kernel's hook
+# can fail to hand the program a state change and count nothing (seen on
+# 6.18 under saturating churn: docs/how-it-works.md, "The raw tracepoint is
+# not lossless either"). A socket whose entry into CLOSE_WAIT went so would
+# never be reported, and one whose exit went so would be reported lingering
+# for as long as the tracer runs. One read of the sockets in CLOSE_WAIT a
+# minute bounds both; the gap after a long rescan (RESCAN_GAP_FACTOR) holds
+# for these too. CLOSEWAIT_TRACE_RECONCILE_S (knobs.py) shortens it for the
+# tests.
+RECONCILE_EVERY_S = 60.0
+# ...or this many times as long as the last rescan took, if longer: with
+# 100,000 sockets lingering one takes 1.8 s (bench/run.py scale with
+# CLOSEWAIT_TRACE_RECONCILE_S), and a check that nothing asked for should
+# cost the loop no more than about 1% of its time.
+RECONCILE_GAP_FACTOR = 100
 # ...or this many times as long as the last one took, if longer: with
 # 100,000 sockets lingering a rescan reads them all (about a second of the
 # worker's and the loop's time, extrapolated from 30,000), and a loss at
@@ -221,6 +237,12 @@ class LiveTracer:
     _rescan_basis: tuple = (0, 0, 0)
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
+    # When the sockets in CLOSE_WAIT were last read whole or a rescan tried
+    # (monotonic): a rescan comes RECONCILE_EVERY_S after, loss or not.
+    _reconciled: float = field(default_factory=time.monotonic)
+    _reconcile_every: float = field(
+        default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
+    _rescan_took: float = 0.0          # seconds, the last rescan's
     # Namespace -> the number of the rescan that last read it
     # (tick_stats["rescans"]), for the turns; and whether the last rescan
     # left some unread (the next one then comes without a new loss).
@@ -433,6 +455,7 @@ class LiveTracer:
         self._namespace_read = {netns: 0 for netns in read.tried if netns in read.dumped}
         self._rescan_unread = self._left_to_read(read)
         self._unread_since_start = set(read.left)
+        self._reconciled = time.monotonic()
         for netns in read.not_read:
             uid = read.uid_of.get(netns, -1)
             self.start_unread_namespaces[uid] = self.start_unread_namespaces.get(uid, 0) + 1
@@ -1337,14 +1360,18 @@ class LiveTracer:
         needed, too soon, a backlog of events still waiting, or the read
         failed: tried again later)."""
         basis = tuple(counters.get(name, 0) for name in LOSS_COUNTERS)
-        if (basis == self._rescan_basis and not self._rescan_unread) or self.stopping:
+        if self.stopping:
             return None
         started = time.monotonic()
+        if (basis == self._rescan_basis and not self._rescan_unread
+                and started - self._reconciled < max(self._reconcile_every,
+                                                     RECONCILE_GAP_FACTOR * self._rescan_took)):
+            return None
         if started - self._rescan_tried < self._rescan_gap:
             return None
         if self._events_waiting():
             return None         # a burst being written: its events first
-        self._rescan_tried = started
+        self._rescan_tried = self._reconciled = started
         began_ns = self.now_ns()
         try:
             read = self.resolver.rescan_close_wait(self._namespace_read,
@@ -1353,8 +1380,8 @@ class LiveTracer:
             # Counted (evidence_timeouts); the basis stays, and the next try
             # waits as long as after a rescan that took this long (a user's
             # thousands of namespaces must not keep the worker busy).
-            self._rescan_gap = max(RESCAN_EVERY_S,
-                                   RESCAN_GAP_FACTOR * (time.monotonic() - started))
+            self._rescan_took = time.monotonic() - started
+            self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * self._rescan_took)
             return None
         observed_ns = self.now_ns()
         # After the dump: whether the kernel has missed anything since the
@@ -1465,7 +1492,7 @@ class LiveTracer:
                 continue        # changed meanwhile: the next map read says what
             if self.tracker.drop_unseen(l):
                 self.left_unseen += 1
-        took = time.monotonic() - self._rescan_tried
+        took = self._rescan_took = time.monotonic() - self._rescan_tried
         self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * took)
         stats = self.tick_stats
         stats["rescan_max_ms"] = max(stats["rescan_max_ms"], took * 1000)

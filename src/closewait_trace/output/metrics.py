@@ -440,12 +440,12 @@ def build_families(view, state: MetricsState) -> tuple:
         value=counters.get("map_full", 0))
     found = CounterMetricFamily(
         "closewait_found_unseen",
-        "Sockets a rescan after a loss found in CLOSE_WAIT that the kernel's map "
+        "Sockets a rescan found in CLOSE_WAIT that the kernel's map "
         "never had (reported, ages estimated)",
         value=counters.get("found_unseen", 0))
     left = CounterMetricFamily(
         "closewait_left_unseen",
-        "Sockets a rescan after a loss found gone whose leaving CLOSE_WAIT was "
+        "Sockets a rescan found gone whose leaving CLOSE_WAIT was "
         "never seen (no CLOSED line)",
         value=counters.get("left_unseen", 0))
     lingered = CounterMetricFamily(

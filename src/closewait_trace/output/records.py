@@ -155,7 +155,7 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
 # Why a linger record does not say where its socket was read to its end.
 CODE_PRE_EXISTING = "in CLOSE_WAIT before the trace began"
 CODE_FOUND_LATE = ("its entry into CLOSE_WAIT was not seen (the kernel skipped the "
-                   "program or its map was full): found by a rescan")
+                   "program, its map was full, or its hook missed it): found by a rescan")
 CODE_ENTRY_UNKNOWN = ("in CLOSE_WAIT before the trace began, or its entry not seen since: "
                       "first found by a rescan in a namespace the start did not read, "
                       "after the kernel missed some")

@@ -933,12 +933,12 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
                         f"skipped the program: a BPF program was already running on that CPU)")
     if n.get("found_unseen"):
         problems.append(f"{n['found_unseen']} sockets found in CLOSE_WAIT by a rescan "
-                        f"after a loss (their entry not seen; ages estimated)")
+                        f"(their entry not seen; ages estimated)")
     if n.get("untracked_over"):
         problems.append(f"{n['untracked_over']} sockets in CLOSE_WAIT not followed "
                         f"(beyond --max-tracked untracked ones, at the last look)")
     if n.get("left_unseen"):
-        problems.append(f"{n['left_unseen']} sockets found gone by a rescan after a loss "
+        problems.append(f"{n['left_unseen']} sockets found gone by a rescan "
                         f"(their leaving not seen: no CLOSED line)")
     if n.get("eof_map_full"):
         problems.append(f"{n['eof_map_full']} EOF reads not located (their map was full)")
