@@ -879,10 +879,12 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 # Reads of the map made key by key (seconds each at 100,000).
                 "map_reads_per_key": cost.get("map_reads_per_key"),
                 "map_read_failures": cost.get("map_read_failures"),
-                # Rescans (after a loss, or once a minute without one:
+                # Rescans (after a loss, or when two censuses found the same
+                # difference) and censuses (once a minute:
                 # CLOSEWAIT_TRACE_RECONCILE_S=N makes that every N s, to
-                # measure one at this scale) and the longest.
-                "rescans": cost.get("rescans"), "rescan_max_ms": cost.get("rescan_max_ms")}
+                # measure one at this scale), and the longest of each.
+                "rescans": cost.get("rescans"), "rescan_max_ms": cost.get("rescan_max_ms"),
+                "censuses": cost.get("censuses"), "census_max_ms": cost.get("census_max_ms")}
     finally:
         stop_all(clients + holders + [tracer])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 import re
 import socket
 import subprocess
@@ -240,6 +241,7 @@ def test_the_paused_socket_lookups_leave_nothing_in_a_cycle(victims, bomb):
     calls = {
         "snapshot_close_wait": owners.snapshot_close_wait,
         "rescan_close_wait": lambda: owners.rescan_close_wait(budget_s=float("inf")),
+        "close_wait_census": lambda: owners.close_wait_census(budget_s=float("inf")),
         "in_close_wait_now": lambda: owners.in_close_wait_now(theirs),
         "held_now": lambda: owners.held_now([1, 2]),
         "owners": lambda: owners.resolve(theirs + [anywhere]),
@@ -273,6 +275,36 @@ def test_held_now_says_whether_any_process_holds_a_socket():
         assert owners.held_now([inode]) == [None if denied else False]
     finally:
         for s in (client, listener, accepted):
+            s.close()
+
+
+def test_the_census_gives_the_keys_of_the_sockets_in_close_wait_that_pass_the_filter():
+    """What the loop compares with what it knows (live/tracer.py census):
+    each socket in CLOSE_WAIT as tcprow.census_key of its addresses, by
+    namespace, read from the real sock_diag; only those the filter passes,
+    the same keys the loop makes of the sockets it knows."""
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets.tcprow import census_key
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    accepted = [listener.accept()[0] for _ in clients]
+    for c in clients:
+        c.shutdown(socket.SHUT_WR)                  # both accepted: CLOSE_WAIT
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+        census = owners.close_wait_census(budget_s=0.0, socket_filter=SocketFilter(lports=(port,)))
+        assert netns in census.dumped
+        mine = {census_key(Endpoints(socket.AF_INET, "127.0.0.1", port, "127.0.0.1",
+                                     c.getsockname()[1], netns)) for c in clients}
+        keys = array("Q", census.keys[netns])
+        assert set(keys) == mine and len(keys) == 2
+        none = owners.close_wait_census(budget_s=0.0, socket_filter=SocketFilter(lports=(1,)))
+        assert netns in none.dumped and netns not in none.keys
+    finally:
+        for s in clients + accepted + [listener]:
             s.close()
 
 

@@ -1627,6 +1627,10 @@ class DumpsWhole(ProcResolver):
     def rescan_close_wait(self, *args):
         return super().rescan_close_wait(*args)._replace(dumped={NETNS})
 
+    def close_wait_census(self, *args):
+        census = super().close_wait_census(*args)
+        return census._replace(dumped={NETNS}, keys={NETNS: b"".join(census.keys.values())})
+
 
 def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reported(tmp_path):
     """The kernel skipped the program as a socket left CLOSE_WAIT: its map
@@ -1649,54 +1653,84 @@ def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reporte
     assert w.tracer.last_counters["left_unseen"] == 1        # what the metrics read
 
 
-def a_minute_without_a_rescan(tracer) -> None:
-    """As if the last rescan (or the start's read) were a minute old."""
-    from closewait_trace.live import tracer as tracer_module
-    tracer._reconciled = time.monotonic() - getattr(tracer_module, "RECONCILE_EVERY_S", 60.0) - 1
+def census_due(tracer) -> None:
+    """As if the census's period (a minute; RESCAN_EVERY_S after one that
+    found a difference) were over."""
+    tracer._census_next = float("-inf")
 
 
-def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_within_a_minute(tmp_path):
+def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_census(tmp_path):
     """The kernel's hook can miss a state change and count nothing
     (docs/how-it-works.md, "The raw tracepoint is not lossless either"): no
     map entry, no event, no loss. Before, such a socket was never reported;
-    the rescan made once a minute without a loss finds it."""
-    w = World(tmp_path)
+    the census made once a minute without a loss finds it, and when the
+    next finds it too, a rescan adopts it."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
     w.tracer.start()
     w.step()
     w.hold(100, 30500, 60500)                  # in CLOSE_WAIT; the map never had it
     for _ in range(3):
         w.step(1.0)
-    assert w.of("linger") == [] and w.tracer.tick_stats["rescans"] == 0   # not a minute yet
-    a_minute_without_a_rescan(w.tracer)
+    stats = w.tracer.tick_stats
+    assert w.of("linger") == [] and stats["censuses"] == stats["rescans"] == 0
+    census_due(w.tracer)
     w.step(0.5)
-    assert w.tracer.tick_stats["rescans"] == 1
+    assert stats["censuses"] == 1 and stats["rescans"] == 0   # seen once: maybe on its way
+    census_due(w.tracer)
+    w.step(0.5)
+    assert stats["censuses"] == 2 and stats["rescans"] == 1
     w.step(1.5)
     [rec] = w.of("linger")
     assert rec["rport"] == 30500 and rec["pre_existing"] is False
     assert rec["code"]["eof_read_unknown"] == records.CODE_FOUND_LATE
     assert w.tracer.found_unseen == 1
     w.step(1.0)
-    assert w.tracer.tick_stats["rescans"] == 1             # the next a minute on
+    assert stats["rescans"] == 1 and stats["censuses"] == 2    # the next a minute on
+    assert w.tracer.summary()["tracer_cost"]["censuses"] == 2
 
 
-def test_the_rescan_without_a_loss_waits_longer_after_a_long_rescan(tmp_path):
-    """A minute apart, or 100 times as long as the last rescan took if that
-    is longer: at 100,000 sockets lingering one takes 1.8 s, and nothing
-    asked for it."""
-    from closewait_trace.live import tracer as tracer_module
-    w = World(tmp_path)
+def test_a_difference_seen_by_one_census_only_sets_off_no_rescan(tmp_path):
+    """A socket in the census that nothing knows, gone by the next one (on
+    its way out, or its event still to come while the census ran): no
+    rescan for it. One in both would have set one off."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
     w.tracer.start()
     w.step()
-    w.tracer._rescan_took = 1.0
-    a_minute_without_a_rescan(w.tracer)
-    w.step(1.0)
-    assert w.tracer.tick_stats["rescans"] == 0
-    w.tracer._reconciled -= tracer_module.RECONCILE_GAP_FACTOR * 1.0
-    w.step(1.0)
-    assert w.tracer.tick_stats["rescans"] == 1
+    w.hold(100, 30500, 60500)
+    census_due(w.tracer)
+    w.step(0.5)
+    w.forget_row(30500)
+    census_due(w.tracer)
+    w.step(0.5)
+    census_due(w.tracer)
+    w.step(0.5)
+    stats = w.tracer.tick_stats
+    assert stats["censuses"] == 3 and stats["rescans"] == 0 and w.of("linger") == []
 
 
-def test_a_tracked_socket_whose_exit_the_hook_missed_uncounted_is_forgotten_within_a_minute(
+def test_the_census_waits_longer_after_a_long_census(tmp_path):
+    """Its period, or 100 times as long as the last census took if that is
+    longer (CENSUS_GAP_FACTOR): nothing asked for it."""
+    from closewait_trace.live import tracer as tracer_module
+
+    class Slow(DumpsWhole):
+        def close_wait_census(self, *args):
+            time.sleep(0.05)
+            return super().close_wait_census(*args)
+
+    w = World(tmp_path, resolver=Slow(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.tracer._reconcile_every = 1.0
+    census_due(w.tracer)
+    w.step(0.5)
+    assert w.tracer.tick_stats["censuses"] == 1
+    gap = w.tracer._census_next - time.monotonic()
+    assert tracer_module.CENSUS_GAP_FACTOR * 0.05 - 0.5 < gap <= (
+        tracer_module.CENSUS_GAP_FACTOR * 0.05 * 4)
+
+
+def test_a_tracked_socket_whose_exit_the_hook_missed_uncounted_is_forgotten_after_two_censuses(
         tmp_path):
     """Its exit missed and not counted: its map entry stays, no loss is
     said. Before, it was reported lingering for as long as the tracer ran
@@ -1709,9 +1743,12 @@ def test_a_tracked_socket_whose_exit_the_hook_missed_uncounted_is_forgotten_with
     for _ in range(3):
         w.step(1.0)
     assert 0x3000 in w.tracer.tracker.by_skaddr and w.tracer.left_unseen == 0
-    a_minute_without_a_rescan(w.tracer)
+    for _ in range(2):
+        census_due(w.tracer)
+        w.step(1.0)
     for _ in range(MAX_RESOLVE_ATTEMPTS + 2):
         w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 1
     assert 0x3000 not in w.probe.entries                    # deleted from the kernel's map
     assert w.tracer.left_unseen == 1 and w.tracer.tracker.by_skaddr.keys() == {0x1000}
     assert [l.endpoints.rport for l in w.tracer.lingering(w.clock.ns)] == [30000]

@@ -1,11 +1,12 @@
 import dataclasses
 import socket
+from array import array
 
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
 from closewait_trace.sockets.owners import OWNER_FD, Holder, Ownership
-from closewait_trace.sockets.tcprow import TcpRow
+from closewait_trace.sockets.tcprow import TcpRow, census_key
 from closewait_trace.sockets.tracker import GONE_BLOCK, Tracker, attribute_close
 
 S = 1_000_000_000
@@ -505,3 +506,42 @@ def test_which_socket_is_told_by_cookie_first_then_inode_never_by_addresses():
     found, gone = t.rescan([next_one], {NS}, 19 * S)
     assert found == [next_one] and [l.cookie for l in gone] == [41]
     assert t.rescan([queued], {NS}, 19 * S) == ([], [])
+
+
+def census(*rows_by_ns):
+    """owners.close_wait_census's keys: namespace -> the rows' census keys."""
+    keys = {}
+    for netns, r in rows_by_ns:
+        keys.setdefault(netns, array("Q")).append(census_key(r.endpoints))
+    return {netns: found.tobytes() for netns, found in keys.items()}
+
+
+def test_the_census_key_is_the_addresses_the_same_in_every_process():
+    a = Endpoints(socket.AF_INET, "127.0.0.1", 80, "127.0.0.1", 1001, NS)
+    assert census_key(a) == census_key(dataclasses.replace(a, family=int(socket.AF_INET)))
+    assert census_key(a) == census_key(dataclasses.replace(a, netns=0))    # by namespace apart
+    assert len({census_key(a), census_key(dataclasses.replace(a, rport=1002)),
+                census_key(dataclasses.replace(a, lport=81)),
+                census_key(dataclasses.replace(a, raddr="127.0.0.2"))}) == 4
+    assert 0 <= census_key(a) < 1 << 64
+    # Fixed, not Python's per-process hash of a string (PYTHONHASHSEED).
+    assert census_key(a) == int.from_bytes(bytes.fromhex("115fec1ea8a4e477"), "little")
+
+
+def test_the_census_differs_where_a_rescan_would_find_or_find_gone():
+    t = Tracker(threshold_ns=S, start_ns=0)
+    other = NS + 1
+    t.sync_entries({1: 5 * S, 2: 5 * S, 3: 5 * S, 4: 10 * S, 5: 5 * S},
+                   {1: ns_ep(1001), 2: ns_ep(1002, other), 3: ep(1003), 4: ns_ep(1004),
+                    5: ns_ep(1005)}.__getitem__, 10 * S)
+    t.seed([dumped_row(2001), dumped_row(2002)], [], 0)
+    # 1 and 2001: known, not in it. 2: its namespace not read. 3: its
+    # namespace not known. 4: entered after it began. 5 and 2002: in it.
+    # 3001: in it, known nowhere. 1003: in it, known without a namespace.
+    keys = census((NS, dumped_row(1005)), (NS, dumped_row(2002)), (NS, dumped_row(3001)),
+                  (NS, dumped_row(1003)), (other + 1, dumped_row(4001)))
+    diff = t.census_diff(keys, {NS}, 9 * S)
+    assert diff == {(NS, census_key(ns_ep(r))) for r in (1001, 2001, 3001)}
+    # No room to follow another untracked socket: only the gone differ.
+    t.max_untracked = len(t.pre_existing)
+    assert t.census_diff(keys, {NS}, 9 * S) == {(NS, census_key(ns_ep(r))) for r in (1001, 2001)}

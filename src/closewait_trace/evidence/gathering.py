@@ -255,13 +255,14 @@ def owners_in_order(wanted: list, proc: str = procfs.PROC,
 # sockets: 2.5-2.8 s with them, 1.8 s without; docs/benchmarks.md, "the
 # cyclic collector paused"). Not the reads of processes and their binaries:
 # pyelftools' objects do make cycles, and a long read would keep them all.
-WITHOUT_COLLECTOR = frozenset({"snapshot_close_wait", "rescan_close_wait",
+WITHOUT_COLLECTOR = frozenset({"snapshot_close_wait", "rescan_close_wait", "close_wait_census",
                                "in_close_wait_now", "held_now", "owners", "owners_in_order"})
 
 CALLS = {
     "adopt_fds": adopt_fds,
     "snapshot_close_wait": owners.snapshot_close_wait,
     "rescan_close_wait": owners.rescan_close_wait,
+    "close_wait_census": owners.close_wait_census,
     "in_close_wait_now": owners.in_close_wait_now,
     "held_now": owners.held_now,
     "owners": owners.resolve,

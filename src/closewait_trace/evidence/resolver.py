@@ -17,7 +17,7 @@ from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets import procfs
-from closewait_trace.sockets.owners import LookupMemory, RescanRead
+from closewait_trace.sockets.owners import Census, LookupMemory, RescanRead
 
 # Deadlines of the gathering worker's calls (seconds, scaled by the testing
 # knob CLOSEWAIT_TRACE_TIME_SCALE). A call is abandoned when no read of it
@@ -85,6 +85,12 @@ class ProcResolver:
         """owners.rescan_close_wait, in the worker under its deadlines."""
         return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+
+    def close_wait_census(self, last_read: dict, budget_s: float,
+                          socket_filter) -> Census:
+        """owners.close_wait_census, in the worker under its deadlines."""
+        return self._run("close_wait_census", self.proc, dict(last_read), budget_s,
+                         socket_filter, deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def in_close_wait_now(self, endpoints: list[Endpoints],
                           which: Optional[list[tuple[int, int]]] = None) -> list:

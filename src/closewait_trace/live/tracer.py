@@ -111,21 +111,23 @@ LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
 # read of the sockets in CLOSE_WAIT every 5 s (bench/rescan.py: 6.7-8.5 us
 # a socket to read, 1.5-2.6 us to compare; 18 ms for 1,000).
 RESCAN_EVERY_S = 5.0
-# ...and, without any counted loss, at least this often: the kernel's hook
-# can fail to hand the program a state change and count nothing (seen on
-# 6.18 under saturating churn: docs/how-it-works.md, "The raw tracepoint is
-# not lossless either"). A socket whose entry into CLOSE_WAIT went so would
-# never be reported, and one whose exit went so would be reported lingering
-# for as long as the tracer runs. One read of the sockets in CLOSE_WAIT a
-# minute bounds both; the gap after a long rescan (RESCAN_GAP_FACTOR) holds
-# for these too. CLOSEWAIT_TRACE_RECONCILE_S (knobs.py) shortens it for the
-# tests.
+# ...and without any counted loss when a census finds the need: the
+# kernel's hook can fail to hand the program a state change and count
+# nothing (seen on 6.18: docs/how-it-works.md, "The raw tracepoint is not
+# lossless either"). A socket whose entry into CLOSE_WAIT went so was never
+# reported, and one whose exit went so was reported lingering for as long
+# as the tracer ran. Once in this long the worker reads the sockets in
+# CLOSE_WAIT as 8-byte keys (owners.close_wait_census), and the loop
+# compares them with what it knows (Tracker.census_diff): a rescan follows
+# when the same difference is there at the next census too, which then
+# comes RESCAN_EVERY_S after (a socket on its way in or out while the
+# census ran differs only once). A rescan's rows held about 75 MB more with
+# 100,000 sockets lingering; their keys are 800 KB.
+# CLOSEWAIT_TRACE_RECONCILE_S (knobs.py) shortens it for the tests.
 RECONCILE_EVERY_S = 60.0
-# ...or this many times as long as the last rescan took, if longer: with
-# 100,000 sockets lingering one takes 1.8 s (bench/run.py scale with
-# CLOSEWAIT_TRACE_RECONCILE_S), and a check that nothing asked for should
-# cost the loop no more than about 1% of its time.
-RECONCILE_GAP_FACTOR = 100
+# ...or this many times as long as the last census took, if longer: a
+# check that nothing asked for should cost the loop about 1% of its time.
+CENSUS_GAP_FACTOR = 100
 # ...or this many times as long as the last one took, if longer: with
 # 100,000 sockets lingering a rescan reads them all (about a second of the
 # worker's and the loop's time, extrapolated from 30,000), and a loss at
@@ -237,12 +239,16 @@ class LiveTracer:
     _rescan_basis: tuple = (0, 0, 0)
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
-    # When the sockets in CLOSE_WAIT were last read whole or a rescan tried
-    # (monotonic): a rescan comes RECONCILE_EVERY_S after, loss or not.
-    _reconciled: float = field(default_factory=time.monotonic)
+    # The census (census()): when the next is due (monotonic), how often,
+    # what the last found different (Tracker.census_diff), whether a rescan
+    # is wanted for it, and its own turns among the namespaces (as
+    # _namespace_read's, by census number).
+    _census_next: float = float("inf")
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
-    _rescan_took: float = 0.0          # seconds, the last rescan's
+    _census_diff: set = field(default_factory=set)
+    _reconcile_wanted: bool = False
+    _census_read: dict = field(default_factory=dict)
     # Namespace -> the number of the rescan that last read it
     # (tick_stats["rescans"]), for the turns; and whether the last rescan
     # left some unread (the next one then comes without a new loss).
@@ -294,7 +300,7 @@ class LiveTracer:
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
         "map_reads": 0, "map_read_max_ms": 0.0, "resolve_max_ms": 0.0,
-        "rescans": 0, "rescan_max_ms": 0.0,
+        "rescans": 0, "rescan_max_ms": 0.0, "censuses": 0, "census_max_ms": 0.0,
         "gc_collections": 0, "gc_max_ms": 0.0, "gc_total_ms": 0.0})
     _gc_callback: Optional[Callable] = None
     # Freezes the per-socket state after many were reported (live/gcpolicy.py).
@@ -455,7 +461,7 @@ class LiveTracer:
         self._namespace_read = {netns: 0 for netns in read.tried if netns in read.dumped}
         self._rescan_unread = self._left_to_read(read)
         self._unread_since_start = set(read.left)
-        self._reconciled = time.monotonic()
+        self._census_next = time.monotonic() + self._reconcile_every
         for netns in read.not_read:
             uid = read.uid_of.get(netns, -1)
             self.start_unread_namespaces[uid] = self.start_unread_namespaces.get(uid, 0) + 1
@@ -774,6 +780,8 @@ class LiveTracer:
         # events are among those (a socket forgotten first was written
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
         self.tracker.hold_departed = self._events_waiting()
+        if resolve:
+            self.census()
         rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
@@ -1364,14 +1372,13 @@ class LiveTracer:
             return None
         started = time.monotonic()
         if (basis == self._rescan_basis and not self._rescan_unread
-                and started - self._reconciled < max(self._reconcile_every,
-                                                     RECONCILE_GAP_FACTOR * self._rescan_took)):
+                and not self._reconcile_wanted):
             return None
         if started - self._rescan_tried < self._rescan_gap:
             return None
         if self._events_waiting():
             return None         # a burst being written: its events first
-        self._rescan_tried = self._reconciled = started
+        self._rescan_tried = started
         began_ns = self.now_ns()
         try:
             read = self.resolver.rescan_close_wait(self._namespace_read,
@@ -1380,8 +1387,8 @@ class LiveTracer:
             # Counted (evidence_timeouts); the basis stays, and the next try
             # waits as long as after a rescan that took this long (a user's
             # thousands of namespaces must not keep the worker busy).
-            self._rescan_took = time.monotonic() - started
-            self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * self._rescan_took)
+            self._rescan_gap = max(RESCAN_EVERY_S,
+                                   RESCAN_GAP_FACTOR * (time.monotonic() - started))
             return None
         observed_ns = self.now_ns()
         # After the dump: whether the kernel has missed anything since the
@@ -1392,6 +1399,11 @@ class LiveTracer:
         self._unread_since_start -= read.dumped
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
+        # What a census found different is what this rescan looks at: the
+        # next census starts afresh, its own period on.
+        self._reconcile_wanted = False
+        self._census_diff = set()
+        self._census_next = max(self._census_next, started + self._reconcile_every)
         self.tick_stats["rescans"] += 1
         done = self.tick_stats["rescans"]
         # Kept for the namespaces that exist now: as many as have processes.
@@ -1406,6 +1418,48 @@ class LiveTracer:
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
                 RescanFirst(first_read, missed, self._listed(read), self._kernel_times(read)))
+
+    def census(self) -> None:
+        """Once in RECONCILE_EVERY_S (or CENSUS_GAP_FACTOR times its last
+        cost), without any counted loss: the sockets in CLOSE_WAIT as keys
+        (owners.close_wait_census, in the worker), the events committed
+        before the read taken, then compared with what is known here
+        (Tracker.census_diff). A difference found at two censuses in a row
+        (the second RESCAN_EVERY_S after the first) sets off a rescan."""
+        started = time.monotonic()
+        if self.stopping or started < self._census_next or self._events_waiting():
+            return
+        began_ns = self.now_ns()
+        try:
+            read = self.resolver.close_wait_census(self._census_read, RESCAN_OTHERS_BUDGET_S,
+                                                   self.socket_filter)
+        except GatherFailed:
+            # Counted (evidence_timeouts): tried again after as long as a
+            # census that took this long.
+            self._census_next = time.monotonic() + max(
+                self._reconcile_every, CENSUS_GAP_FACTOR * (time.monotonic() - started))
+            return
+        self._drain_buffer(time.monotonic() + 0.2)
+        stats = self.tick_stats
+        stats["censuses"] += 1
+        done = stats["censuses"]
+        self._census_read = {
+            **{netns: self._census_read[netns] for netns in read.left
+               if netns in self._census_read},
+            **{netns: done for netns in read.tried if netns in read.dumped}}
+        recheck = min(RESCAN_EVERY_S, self._reconcile_every)
+        if self._events_waiting():
+            # A burst's events still to come: what differs now may be them.
+            self._census_next = time.monotonic() + recheck
+            return
+        diff = self.tracker.census_diff(read.keys, read.dumped, began_ns, self.sip)
+        took = time.monotonic() - started
+        stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
+        if diff & self._census_diff:
+            self._reconcile_wanted = True
+        self._census_diff = diff
+        self._census_next = time.monotonic() + (
+            recheck if diff else max(self._reconcile_every, CENSUS_GAP_FACTOR * took))
 
     def _kernel_times(self, read: RescanRead) -> dict:
         """read.read_at (CLOCK_MONOTONIC, the worker's) in the kernel's clock
@@ -1492,7 +1546,7 @@ class LiveTracer:
                 continue        # changed meanwhile: the next map read says what
             if self.tracker.drop_unseen(l):
                 self.left_unseen += 1
-        took = self._rescan_took = time.monotonic() - self._rescan_tried
+        took = time.monotonic() - self._rescan_tried
         self._rescan_gap = max(RESCAN_EVERY_S, RESCAN_GAP_FACTOR * took)
         stats = self.tick_stats
         stats["rescan_max_ms"] = max(stats["rescan_max_ms"], took * 1000)

@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -25,7 +26,7 @@ from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.procnet import TcpRow
-from closewait_trace.sockets.tcprow import same_socket
+from closewait_trace.sockets.tcprow import CENSUS_ARRAY, census_key, same_socket
 
 OWNER_FD = "fd"                    # processes hold file descriptors on it
 OWNER_ACCEPT_QUEUE = "accept_queue"  # never accepted: no fd exists yet
@@ -497,7 +498,7 @@ def namespace_users(namespaces: dict[int, list[int]], own: Optional[int],
 
 
 def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
-                      budget_s: float = float("inf")) -> RescanRead:
+                      budget_s: float = float("inf"), with_info: bool = True) -> RescanRead:
     """Every socket in CLOSE_WAIT in the tracer's own namespace, and in the
     other namespaces with a process in them for at most budget_s more
     (read_by_turns). Only in the namespaces read whole (dumped) may a
@@ -507,7 +508,37 @@ def rescan_close_wait(proc: str = procfs.PROC, last_read: Optional[dict[int, int
     the rows are snapshot_close_wait's and no namespace counts as read."""
     if not procnet.is_procfs(proc):
         return RescanRead([row for _ns, row in snapshot_close_wait(proc)], set(), [], [])
-    return read_by_turns([tcpstates.CLOSE_WAIT], proc, last_read, budget_s)
+    return read_by_turns([tcpstates.CLOSE_WAIT], proc, last_read, budget_s, with_info)
+
+
+class Census(NamedTuple):
+    """owners.close_wait_census's answer: each namespace's sockets in
+    CLOSE_WAIT as census keys (tcprow.census_key, an array of
+    tcprow.CENSUS_ARRAY as bytes), and the read's turns (RescanRead's
+    fields)."""
+    keys: dict                  # namespace -> bytes
+    dumped: set
+    tried: list
+    left: list
+
+
+def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
+                      budget_s: float = float("inf"),
+                      socket_filter=None) -> Census:
+    """The sockets in CLOSE_WAIT (rescan_close_wait's read, without
+    tcp_info) that pass socket_filter, as census keys by namespace: what
+    the loop compares with what it knows (live/tracer.py census) to tell whether
+    the kernel's hook missed a socket's entry or exit without counting it.
+    A full rescan's rows hold about 75 MB more in the loop with 100,000
+    sockets lingering (docs/benchmarks.md); 100,000 keys are 800 KB."""
+    read = rescan_close_wait(proc, last_read, budget_s, with_info=False)
+    keys: dict[int, array] = {}
+    for row in read.rows:
+        ep = row.endpoints
+        if socket_filter is None or socket_filter.matches(ep):
+            keys.setdefault(ep.netns, array(CENSUS_ARRAY)).append(census_key(ep))
+    return Census({netns: found.tobytes() for netns, found in keys.items()}, set(read.dumped),
+                  list(read.tried), list(read.left))
 
 
 def read_by_turns(states: list[int], proc: str = procfs.PROC,

@@ -4,6 +4,7 @@ reader has to import the other."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,3 +46,21 @@ def same_socket(cookie: int, inode: int, other_cookie: int, other_inode: int) ->
     if inode and other_inode:
         return inode == other_inode
     return None
+
+
+# How census keys travel: an array of this type code (8 bytes each).
+CENSUS_ARRAY = "Q"
+
+
+def census_key(endpoints: Endpoints) -> int:
+    """A socket's addresses (not its namespace) as a 64-bit number, the
+    same in every process: the census (owners.close_wait_census) sends the
+    keys of every socket in CLOSE_WAIT (an array of CENSUS_ARRAY), not
+    their rows, and the loop compares them with the keys of the sockets it
+    knows. Python's own hash of a string
+    differs from one process to the next (PYTHONHASHSEED); the family is
+    written as its number (socket.AF_INET's repr is not 2's)."""
+    ep = endpoints
+    digest = hashlib.blake2b(f"{int(ep.family)} {ep.laddr} {ep.lport} {ep.raddr} {ep.rport}"
+                             .encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

@@ -8,6 +8,7 @@ CLOSED facts. All times are kernel (boot-clock) nanoseconds.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol
@@ -17,7 +18,8 @@ from closewait_trace.sockets.owners import Ownership
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import (KIND_CLOSED, KIND_UNTRACKED_EXIT, Endpoints,
                                     KernelEvent, TrackedSocket)
-from closewait_trace.sockets.tcprow import KEEPALIVE_TIMER, TcpRow, same_socket
+from closewait_trace.sockets.tcprow import (CENSUS_ARRAY, KEEPALIVE_TIMER, TcpRow,
+                                           census_key, same_socket)
 
 # How long a reported socket that vanished from the map is remembered, waiting
 # for its CLOSED event (submitted just before the kernel deletes the entry).
@@ -314,6 +316,53 @@ class Tracker:
         for block in _in_blocks(rows, BETWEEN_EVERY * 4, between):
             found.extend(row for row in block if not self._known(row, tracked))
         return found, gone
+
+    def census_diff(self, keys: Mapping[int, bytes], dumped: set[int], dump_began_ns: int,
+                    between: Optional[Callable[[], None]] = None) -> set[tuple[int, bytes]]:
+        """Where a census (owners.close_wait_census: each namespace's
+        sockets in CLOSE_WAIT as census keys) and what is known here differ,
+        as (namespace, key), only in the namespaces the census read whole:
+
+        - a socket in CLOSE_WAIT that nothing here knows, tracked, followed
+          without the map or departed within its grace (an entry the hook
+          missed; or one whose event is still to come). Only while there is
+          room to follow it (max_untracked): those beyond are counted
+          already (untracked_over), and would differ at every census;
+        - a socket known here, in a namespace read, that entered before the
+          census began and is not in it (an exit the hook missed).
+
+        By addresses: a census says only that a rescan is worth its cost
+        (which checks each socket by the kernel's cookie before acting on
+        it), and only when the same difference is there at the next census
+        too (the caller's), so that a socket on its way in or out while the
+        census ran does not set one off."""
+        # Keys as ints in sets, each key made twice rather than kept with
+        # its socket: with 100,000 sockets lingering this runs while they
+        # are reported, and each list or tuple more is megabytes at the peak.
+        every = [*self.by_skaddr.values(), *self.pre_existing.values()]
+        seen = {netns: set(array(CENSUS_ARRAY, blob)) for netns, blob in keys.items()
+                if netns in dumped}
+        diff: set[tuple[int, int]] = set()
+        for block in _in_blocks(every, BETWEEN_EVERY * 4, between):
+            for l in block:
+                netns = l.endpoints.netns
+                here = seen.get(netns)
+                if here is not None and (l.skaddr is None or l.enter_ns < dump_began_ns):
+                    key = census_key(l.endpoints)
+                    if key not in here:
+                        diff.add((netns, key))
+        if len(self.pre_existing) >= self.max_untracked:
+            return diff
+        known: dict[int, set[int]] = {}
+        anywhere: set[int] = set()             # known, namespace not known
+        for block in _in_blocks([*every, *self.departed.values()], BETWEEN_EVERY * 4, between):
+            for l in block:
+                netns = l.endpoints.netns
+                (known.setdefault(netns, set()) if netns else anywhere).add(
+                    census_key(l.endpoints))
+        for netns, here in seen.items():
+            diff.update((netns, key) for key in here - known.get(netns, set()) - anywhere)
+        return diff
 
     def outside(self, namespaces: frozenset) -> list[Lingerer]:
         """Sockets known here, their namespace and inode known, whose
