@@ -269,8 +269,9 @@ def test_a_start_snapshot_that_fails_is_said(procs, tmp_path, monkeypatch):
     tracer.stop()
     warnings = [l for l in tracer.stderr.splitlines() if "already in CLOSE_WAIT" in l]
     assert warnings == ["closewait-trace: warning: the sockets already in CLOSE_WAIT could "
-                        "not be read at start (timed out): they are not reported, only "
-                        "those that enter it from now on; restart to try again"]
+                        "not be read at start (timed out): they are reported only once a "
+                        "census finds them, about a minute on (those that enter it from "
+                        "now on, as always)"]
 
 
 def test_port_filter_excludes_other_traffic(procs):

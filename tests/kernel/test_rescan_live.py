@@ -218,6 +218,7 @@ def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_rescan_w
     assert counters["found_unseen"] == 1
     assert counters["map_full"] == counters["events_lost"] == counters["transitions_skipped"] == 0
     assert summary["tracer_cost"]["rescans"] >= 1
+    assert summary["tracer_cost"]["censuses"] >= 2         # two in a row found it
 
 
 def test_an_entry_left_by_an_exit_nothing_counted_is_forgotten_by_the_rescan_without_a_loss(
@@ -261,3 +262,43 @@ def test_an_entry_left_by_an_exit_nothing_counted_is_forgotten_by_the_rescan_wit
     assert summary["tracer_cost"]["rescans"] >= 1
     assert [record_row(r) for r in summary["still_lingering"]] == [record_row(really)]
     assert ss_close_wait(port) == {record_row(really)}
+
+
+def test_a_lone_entry_left_by_an_exit_nothing_counted_is_forgotten(procs):
+    """As above, but no socket on the port is left in CLOSE_WAIT: the
+    census has no keys for the namespace it read whole. A namespace without
+    keys was taken for one not read, and such an entry (one lingering
+    socket, or the only one on a -p port, whose exit the hook missed) stayed
+    reported for as long as the tracer ran. A real socket passes through
+    CLOSE_WAIT after the entry is put in, so that the loop reads the map."""
+    port = free_port()
+    tracer = Tracer(["--threshold", "1", "-p", str(port), "--max-tracked", str(CAPACITY)],
+                    env={"CLOSEWAIT_TRACE_RECONCILE_S": "2"}).start()
+    procs.append(tracer)
+    found = bpfmaps.find_map("cw_tracking", CAPACITY)
+    assert found is not None, "the tracer's tracking map was not found"
+    fd, info = found
+    listener = socket.socket()
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        entry = cw_entry(time.clock_gettime_ns(time.CLOCK_BOOTTIME) - 10**9, port, free_port(),
+                         os.stat("/proc/self/ns/net").st_ino)
+        assert info.value_size == len(entry), "struct cw_entry changed: update cw_entry()"
+        bpfmaps.update(fd, GHOST_KEY, entry)        # its socket is nowhere
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        client.close()                              # accepted: CLOSE_WAIT, cw_enter moves
+        wait_until(lambda: ss_close_wait(port), timeout=5, what="the socket in CLOSE_WAIT")
+        time.sleep(0.5)                             # a tick reads the map
+        accepted.close()                            # none left on the port
+        wait_until(lambda: bpfmaps.lookup(fd, GHOST_KEY, info.value_size) is None, timeout=20,
+                   what="the census and the rescan to forget the entry")
+    finally:
+        listener.close()
+        os.close(fd)
+    summary = tracer.stop()
+    assert summary["counters"]["left_unseen"] == 1
+    assert summary["tracer_cost"]["censuses"] >= 2 and summary["tracer_cost"]["rescans"] >= 1
+    assert summary["still_lingering"] == [] and ss_close_wait(port) == set()

@@ -1629,7 +1629,8 @@ class DumpsWhole(ProcResolver):
 
     def close_wait_census(self, *args):
         census = super().close_wait_census(*args)
-        return census._replace(dumped={NETNS}, keys={NETNS: b"".join(census.keys.values())})
+        keys = b"".join(census.keys.values())
+        return census._replace(dumped={NETNS}, keys={NETNS: keys} if keys else {})
 
 
 def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reported(tmp_path):
@@ -1678,7 +1679,9 @@ def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_census(t
     assert stats["censuses"] == 1 and stats["rescans"] == 0   # seen once: maybe on its way
     census_due(w.tracer)
     w.step(0.5)
-    assert stats["censuses"] == 2 and stats["rescans"] == 1
+    assert stats["censuses"] == 2 and w.tracer._reconcile_wanted   # the rescan: next tick
+    w.step(0.5)
+    assert stats["rescans"] == 1 and not w.tracer._reconcile_wanted
     w.step(1.5)
     [rec] = w.of("linger")
     assert rec["rport"] == 30500 and rec["pre_existing"] is False
@@ -2200,3 +2203,56 @@ def test_a_rescan_takes_a_namespace_cut_short_or_unread_as_not_read(tmp_path):
     # (11, no longer listed by these reads, is forgotten as gone.)
     assert calls == [{}, {11: 1}, {12: 2}]
     assert w.tracer._namespace_read == {13: 3}
+
+
+def test_the_census_keeps_a_difference_in_a_namespace_it_did_not_read_this_time(tmp_path):
+    """With more namespaces than a census reads in its budget, each is read
+    in turn: a difference found in one was dropped by the next census,
+    which read others, and two in a row never agreed. It is carried on,
+    its namespace read first; the rescan comes when it is there again."""
+    class Turns(DumpsWhole):
+        reads = 0
+
+        def close_wait_census(self, *args):
+            census = super().close_wait_census(*args)
+            Turns.reads += 1
+            if Turns.reads == 2:            # the second census reads another namespace
+                return census._replace(dumped={NETNS + 1}, keys={})
+            return census
+
+    w = World(tmp_path, resolver=Turns(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 60500)                  # in CLOSE_WAIT; the map never had it
+    stats = w.tracer.tick_stats
+    for _ in range(3):
+        census_due(w.tracer)
+        w.step(0.5)
+    assert stats["censuses"] == 3
+    w.step(0.5)
+    assert stats["rescans"] == 1
+    w.step(1.5)
+    assert [r["rport"] for r in w.of("linger")] == [30500]
+
+
+def test_a_new_difference_at_every_census_brings_the_next_no_closer_than_its_cost(tmp_path):
+    """Churn makes a census find some difference each time (a socket on its
+    way in or out), never the same: the recheck 5 s on was made at every
+    census whatever it cost (at 100,000 lingering, 0.8 s every 5 s). It is
+    100 times the census's cost if longer."""
+    from closewait_trace.live import tracer as tracer_module
+
+    class Slow(DumpsWhole):
+        def close_wait_census(self, *args):
+            time.sleep(0.1)
+            return super().close_wait_census(*args)
+
+    w = World(tmp_path, resolver=Slow(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 60500)                  # a difference
+    census_due(w.tracer)
+    w.step(0.5)
+    assert w.tracer._census_diff
+    gap = w.tracer._census_next - time.monotonic()
+    assert gap > tracer_module.CENSUS_GAP_FACTOR * 0.1 - 1 > tracer_module.RESCAN_EVERY_S

@@ -545,3 +545,29 @@ def test_the_census_differs_where_a_rescan_would_find_or_find_gone():
     # No room to follow another untracked socket: only the gone differ.
     t.max_untracked = len(t.pre_existing)
     assert t.census_diff(keys, {NS}, 9 * S) == {(NS, census_key(ns_ep(r))) for r in (1001, 2001)}
+
+
+def test_a_known_socket_is_gone_from_a_namespace_the_census_read_with_none_left():
+    """The namespace was read whole and had no socket in CLOSE_WAIT left
+    (no keys at all): the one known there is gone. Before, a namespace
+    without keys was taken for one not read, and a lone socket whose exit
+    the hook missed stayed reported for as long as the tracer ran."""
+    t = Tracker(threshold_ns=S, start_ns=0)
+    t.sync_entries({1: 5 * S}, {1: ns_ep(1001)}.__getitem__, 10 * S)
+    assert t.census_diff({}, {NS}, 9 * S) == {(NS, census_key(ns_ep(1001)))}
+    assert t.census_diff({}, set(), 9 * S) == set()                 # not read: not known
+
+
+def test_the_census_differs_by_no_more_unknown_sockets_than_there_is_room_for():
+    """No more than could be followed (max_untracked), and the same ones at
+    each census (the lowest keys), so that two in a row agree: a user's
+    many untracked sockets cannot make the difference, kept between
+    censuses, grow with them."""
+    t = Tracker(threshold_ns=S, start_ns=0, max_untracked=3)
+    rows = [dumped_row(3000 + i) for i in range(50)]
+    keys = census(*[(NS, r) for r in rows])
+    first = t.census_diff(keys, {NS}, 9 * S)
+    assert len(first) == 3
+    lowest = sorted(((NS, census_key(r.endpoints)) for r in rows), key=lambda i: i[1])[:3]
+    assert first == set(lowest)
+    assert t.census_diff(census(*[(NS, r) for r in reversed(rows)]), {NS}, 9 * S) == first

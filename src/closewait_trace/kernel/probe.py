@@ -236,7 +236,7 @@ class KernelFeatures:
             text += f" (symbolizer budgets x{scale:g}: {knobs.TIME_SCALE_ENV})"
         reconcile = knobs.reconcile_override()
         if reconcile is not None:
-            text += f" (a rescan every {reconcile:g}s without a loss: {knobs.RECONCILE_ENV})"
+            text += f" (a census every {reconcile:g}s: {knobs.RECONCILE_ENV})"
         return text
 
     def describe_eof(self) -> str:

@@ -159,8 +159,8 @@ def run(threshold_ns, socket_filter, as_json, tick_ns, max_tracked, verbose, out
         if tracer.start_snapshot_failed:
             notice("closewait-trace: warning: the sockets already in CLOSE_WAIT could not "
                    f"be read at start ({textsafe.escape(tracer.start_snapshot_failed)}): "
-                   "they are not reported, only those that enter it from now on; "
-                   "restart to try again")
+                   "they are reported only once a census finds them, about a minute on "
+                   "(those that enter it from now on, as always)")
         if tracer.start_unread_namespaces:
             from closewait_trace.live.snapshot import namespaces_not_read
             from closewait_trace.live.tracer import RESCAN_EVERY_S, START_OTHERS_BUDGET_S

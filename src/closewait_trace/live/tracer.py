@@ -780,8 +780,6 @@ class LiveTracer:
         # events are among those (a socket forgotten first was written
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
         self.tracker.hold_departed = self._events_waiting()
-        if resolve:
-            self.census()
         rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
@@ -805,6 +803,10 @@ class LiveTracer:
             due = self.tracker.due(now_ns)
         if rescan is not None:
             due = self.rescan_apply(*rescan, now_ns)
+        elif resolve:
+            # After the map read: a socket that entered since the last one
+            # is known, not a difference.
+            self.census()
         rediagnosed = 0
         if resolve and self.watched:
             rediagnosed = self.recheck_owners(now_ns)
@@ -1380,9 +1382,11 @@ class LiveTracer:
             return None         # a burst being written: its events first
         self._rescan_tried = started
         began_ns = self.now_ns()
+        # The namespaces a census found different in are read first.
+        turns = {**self._namespace_read,
+                 **{netns: -1 for netns, _key in self._census_diff}}
         try:
-            read = self.resolver.rescan_close_wait(self._namespace_read,
-                                                   RESCAN_OTHERS_BUDGET_S)
+            read = self.resolver.rescan_close_wait(turns, RESCAN_OTHERS_BUDGET_S)
         except GatherFailed:
             # Counted (evidence_timeouts); the basis stays, and the next try
             # waits as long as after a rescan that took this long (a user's
@@ -1394,15 +1398,20 @@ class LiveTracer:
         # After the dump: whether the kernel has missed anything since the
         # start (then a socket first seen in a namespace the start left
         # unread may have entered CLOSE_WAIT since; its age says which).
-        missed = any(self.probe.counters().get(name, 0) for name in LOSS_COUNTERS)
+        # A census's difference is a miss nothing counted.
+        missed = (self._reconcile_wanted
+                  or any(self.probe.counters().get(name, 0) for name in LOSS_COUNTERS))
         first_read = self._unread_since_start & set(read.tried)
         self._unread_since_start -= read.dumped
         self._drain_buffer(time.monotonic() + 0.2)
         self._rescan_basis = basis
-        # What a census found different is what this rescan looks at: the
-        # next census starts afresh, its own period on.
-        self._reconcile_wanted = False
-        self._census_diff = set()
+        # What a census found different in the namespaces this rescan reads
+        # whole is this rescan's to put right; what it found elsewhere stays
+        # wanted (those namespaces first in the next rescan's turns).
+        looked = set(read.dumped) if not self._events_waiting() else set()
+        self._census_diff = {(netns, key) for netns, key in self._census_diff
+                             if netns not in looked}
+        self._reconcile_wanted = bool(self._census_diff) and self._reconcile_wanted
         self._census_next = max(self._census_next, started + self._reconcile_every)
         self.tick_stats["rescans"] += 1
         done = self.tick_stats["rescans"]
@@ -1442,24 +1451,33 @@ class LiveTracer:
         self._drain_buffer(time.monotonic() + 0.2)
         stats = self.tick_stats
         stats["censuses"] += 1
-        done = stats["censuses"]
-        self._census_read = {
-            **{netns: self._census_read[netns] for netns in read.left
-               if netns in self._census_read},
-            **{netns: done for netns in read.tried if netns in read.dumped}}
         recheck = min(RESCAN_EVERY_S, self._reconcile_every)
         if self._events_waiting():
             # A burst's events still to come: what differs now may be them.
-            self._census_next = time.monotonic() + recheck
+            took = time.monotonic() - started
+            stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
+            self._census_next = time.monotonic() + max(recheck, CENSUS_GAP_FACTOR * took)
             return
+        done = stats["censuses"]
         diff = self.tracker.census_diff(read.keys, read.dumped, began_ns, self.sip)
         took = time.monotonic() - started
         stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
+        # Compared where both this census and the one before read: in a
+        # namespace this one did not read (more namespaces than its budget
+        # reads, in turns), the last difference is carried on, and that
+        # namespace read first next time.
         if diff & self._census_diff:
             self._reconcile_wanted = True
-        self._census_diff = diff
-        self._census_next = time.monotonic() + (
-            recheck if diff else max(self._reconcile_every, CENSUS_GAP_FACTOR * took))
+        carried = {(netns, key) for netns, key in self._census_diff
+                   if netns not in read.dumped}
+        self._census_diff = diff | carried
+        self._census_read = {
+            **{netns: self._census_read[netns] for netns in read.left
+               if netns in self._census_read},
+            **{netns: done for netns in read.tried if netns in read.dumped},
+            **{netns: -1 for netns, _key in self._census_diff}}
+        self._census_next = time.monotonic() + max(
+            recheck if self._census_diff else self._reconcile_every, CENSUS_GAP_FACTOR * took)
 
     def _kernel_times(self, read: RescanRead) -> dict:
         """read.read_at (CLOCK_MONOTONIC, the worker's) in the kernel's clock

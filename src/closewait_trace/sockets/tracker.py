@@ -8,6 +8,7 @@ CLOSED facts. All times are kernel (boot-clock) nanoseconds.
 
 from __future__ import annotations
 
+import heapq
 from array import array
 from dataclasses import dataclass, field
 from itertools import islice
@@ -318,18 +319,20 @@ class Tracker:
         return found, gone
 
     def census_diff(self, keys: Mapping[int, bytes], dumped: set[int], dump_began_ns: int,
-                    between: Optional[Callable[[], None]] = None) -> set[tuple[int, bytes]]:
+                    between: Optional[Callable[[], None]] = None) -> set[tuple[int, int]]:
         """Where a census (owners.close_wait_census: each namespace's
         sockets in CLOSE_WAIT as census keys) and what is known here differ,
         as (namespace, key), only in the namespaces the census read whole:
 
         - a socket in CLOSE_WAIT that nothing here knows, tracked, followed
           without the map or departed within its grace (an entry the hook
-          missed; or one whose event is still to come). Only while there is
-          room to follow it (max_untracked): those beyond are counted
-          already (untracked_over), and would differ at every census;
-        - a socket known here, in a namespace read, that entered before the
-          census began and is not in it (an exit the hook missed).
+          missed; or one whose event is still to come). No more than there
+          is room to follow (max_untracked), the lowest keys: those beyond
+          are counted already (untracked_over), and would differ at every
+          census;
+        - a socket known here, in a namespace read whole, that entered
+          before the census began and is not in it (an exit the hook
+          missed), also where no socket is left in CLOSE_WAIT (no keys).
 
         By addresses: a census says only that a rescan is worth its cost
         (which checks each socket by the kernel's cookie before acting on
@@ -340,8 +343,9 @@ class Tracker:
         # its socket: with 100,000 sockets lingering this runs while they
         # are reported, and each list or tuple more is megabytes at the peak.
         every = [*self.by_skaddr.values(), *self.pre_existing.values()]
-        seen = {netns: set(array(CENSUS_ARRAY, blob)) for netns, blob in keys.items()
-                if netns in dumped}
+        # Every namespace read whole: one with no socket left in CLOSE_WAIT
+        # has no keys, and every socket known there is gone.
+        seen = {netns: set(array(CENSUS_ARRAY, keys.get(netns, b""))) for netns in dumped}
         diff: set[tuple[int, int]] = set()
         for block in _in_blocks(every, BETWEEN_EVERY * 4, between):
             for l in block:
@@ -351,7 +355,8 @@ class Tracker:
                     key = census_key(l.endpoints)
                     if key not in here:
                         diff.add((netns, key))
-        if len(self.pre_existing) >= self.max_untracked:
+        room = self.max_untracked - len(self.pre_existing)
+        if room <= 0:
             return diff
         known: dict[int, set[int]] = {}
         anywhere: set[int] = set()             # known, namespace not known
@@ -360,8 +365,13 @@ class Tracker:
                 netns = l.endpoints.netns
                 (known.setdefault(netns, set()) if netns else anywhere).add(
                     census_key(l.endpoints))
-        for netns, here in seen.items():
-            diff.update((netns, key) for key in here - known.get(netns, set()) - anywhere)
+        unknown = [(netns, key) for netns, here in seen.items()
+                   for key in here - known.get(netns, set()) - anywhere]
+        if len(unknown) > room:
+            # No more than could be followed; the same ones at each census
+            # (the lowest keys), so that two in a row agree.
+            unknown = heapq.nsmallest(room, unknown, key=lambda item: item[1])
+        diff.update(unknown)
         return diff
 
     def outside(self, namespaces: frozenset) -> list[Lingerer]:
