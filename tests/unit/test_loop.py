@@ -1679,9 +1679,9 @@ def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_census(t
     assert stats["censuses"] == 1 and stats["rescans"] == 0   # seen once: maybe on its way
     census_due(w.tracer)
     w.step(0.5)
-    assert stats["censuses"] == 2 and w.tracer._reconcile_wanted   # the rescan: next tick
+    assert stats["censuses"] == 2 and w.tracer._census_confirmed   # the rescan: next tick
     w.step(0.5)
-    assert stats["rescans"] == 1 and not w.tracer._reconcile_wanted
+    assert stats["rescans"] == 1 and not w.tracer._census_confirmed
     w.step(1.5)
     [rec] = w.of("linger")
     assert rec["rport"] == 30500 and rec["pre_existing"] is False
@@ -2216,8 +2216,8 @@ def test_the_census_keeps_a_difference_in_a_namespace_it_did_not_read_this_time(
         def close_wait_census(self, *args):
             census = super().close_wait_census(*args)
             Turns.reads += 1
-            if Turns.reads == 2:            # the second census reads another namespace
-                return census._replace(dumped={NETNS + 1}, keys={})
+            if Turns.reads == 2:            # the second reads another, NETNS left for later
+                return census._replace(dumped={NETNS + 1}, keys={}, left=[NETNS])
             return census
 
     w = World(tmp_path, resolver=Turns(str(tmp_path / "proc")))
@@ -2256,3 +2256,78 @@ def test_a_new_difference_at_every_census_brings_the_next_no_closer_than_its_cos
     assert w.tracer._census_diff
     gap = w.tracer._census_next - time.monotonic()
     assert gap > tracer_module.CENSUS_GAP_FACTOR * 0.1 - 1 > tracer_module.RESCAN_EVERY_S
+
+
+def no_rescan_due_but_a_census(tracer) -> None:
+    """A rescan tried a while ago, the next not due for long: the census
+    runs (it waits RESCAN_EVERY_S after a rescan), no rescan follows."""
+    tracer._rescan_tried = time.monotonic() - 6.0
+    tracer._rescan_gap = 1000.0
+    census_due(tracer)
+
+
+def test_differences_in_a_namespace_nobody_is_in_any_more_are_dropped(tmp_path):
+    """A difference (seen twice, so a rescan is wanted) in a namespace that
+    went before any read of it could put it right (a container that
+    exited) was kept for ever: a rescan every RESCAN_EVERY_S or so, and no
+    census again. The census that lists the namespaces no more drops it."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    gone_netns = NETNS + 7
+    w.tracer._census_diff = {(gone_netns, 1), (gone_netns, 2)}
+    w.tracer._census_confirmed = {(gone_netns, 1)}
+    no_rescan_due_but_a_census(w.tracer)
+    w.step(0.5)
+    assert w.tracer.tick_stats["censuses"] == 1
+    assert w.tracer._census_confirmed == set() and w.tracer._census_diff == set()
+    w.tracer._rescan_gap = 5.0
+    for _ in range(3):
+        w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 0
+
+
+def test_a_difference_seen_once_in_a_namespace_not_read_again_wants_no_rescan(tmp_path):
+    """A rescan wanted for a difference seen twice, and put right by it;
+    another seen once only, carried on (its namespace left for a later
+    census): no rescan more for that one. Before, any difference left
+    after a rescan kept rescans coming, each RESCAN_EVERY_S or so."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    w.tracer._census_diff = {(NETNS + 7, 1), (NETNS, 5)}
+    w.tracer._census_confirmed = {(NETNS, 5)}
+    w.tracer._reconcile_wanted = True                # (the code before kept a flag)
+    for _ in range(3):
+        w.tracer._rescan_tried = float("-inf")      # a rescan not held back by its gap
+        w.step(1.0)
+    assert w.tracer.tick_stats["rescans"] == 1
+
+
+def test_the_differences_kept_are_bounded_and_their_namespaces_read_first(tmp_path,
+                                                                         monkeypatch):
+    """At most CENSUS_KEPT differences (the lowest keys) are kept from one
+    census to the next; the namespaces they are in get the first turn
+    (CENSUS_FIRST: before those never read, -1) at the next census."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "CENSUS_KEPT", 3)
+
+    class Asked(DumpsWhole):
+        turns: list = []
+
+        def close_wait_census(self, last_read, *args):
+            Asked.turns.append(dict(last_read))
+            return super().close_wait_census(last_read, *args)
+
+    w = World(tmp_path, resolver=Asked(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    for i in range(10):
+        w.hold(100, 30500 + i, 60500 + i)       # ten the map never had
+    census_due(w.tracer)
+    w.step(0.5)
+    assert len(w.tracer._census_diff) == 3
+    census_due(w.tracer)
+    w.step(0.5)
+    assert Asked.turns[-1].get(NETNS) == tracer_module.CENSUS_FIRST < -1
+    assert len(w.tracer._census_confirmed) == 3     # the same three both times

@@ -571,3 +571,16 @@ def test_the_census_differs_by_no_more_unknown_sockets_than_there_is_room_for():
     lowest = sorted(((NS, census_key(r.endpoints)) for r in rows), key=lambda i: i[1])[:3]
     assert first == set(lowest)
     assert t.census_diff(census(*[(NS, r) for r in reversed(rows)]), {NS}, 9 * S) == first
+
+
+def test_the_census_key_is_keyed_by_the_tracers_secret():
+    """Which differences are kept is by the lowest keys: with the run's own
+    secret in the hash, nobody who picks addresses picks which."""
+    a = ns_ep(1001)
+    assert census_key(a, b"k1") == census_key(a, b"k1") != census_key(a, b"k2")
+    assert census_key(a, b"k1") != census_key(a)
+    t = Tracker(threshold_ns=S, start_ns=0)
+    t.sync_entries({1: 5 * S}, {1: a}.__getitem__, 10 * S)
+    keys = {NS: array("Q", [census_key(a, b"k1")]).tobytes()}
+    assert t.census_diff(keys, {NS}, 9 * S, secret=b"k1") == set()
+    assert t.census_diff(keys, {NS}, 9 * S, secret=b"k2") != set()

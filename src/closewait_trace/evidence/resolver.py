@@ -87,10 +87,10 @@ class ProcResolver:
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def close_wait_census(self, last_read: dict, budget_s: float,
-                          socket_filter) -> Census:
+                          socket_filter, secret: bytes = b"") -> Census:
         """owners.close_wait_census, in the worker under its deadlines."""
         return self._run("close_wait_census", self.proc, dict(last_read), budget_s,
-                         socket_filter, deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+                         socket_filter, secret, deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def in_close_wait_now(self, endpoints: list[Endpoints],
                           which: Optional[list[tuple[int, int]]] = None) -> list:

@@ -15,6 +15,7 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 from __future__ import annotations
 
 import gc
+import heapq
 import operator
 import os
 import signal
@@ -128,6 +129,14 @@ RECONCILE_EVERY_S = 60.0
 # ...or this many times as long as the last census took, if longer: a
 # check that nothing asked for should cost the loop about 1% of its time.
 CENSUS_GAP_FACTOR = 100
+# At most this many differences are kept from one census to the next (the
+# lowest keys): a user who makes namespaces, fills them with sockets
+# passing through CLOSE_WAIT and drops them must not grow what the loop
+# keeps. A miss of the hook is one socket in 100,000 (docs/how-it-works.md).
+CENSUS_KEPT = 4096
+# The turn given to a namespace a census found a difference in: before
+# every other, those never read (-1) too.
+CENSUS_FIRST = -2
 # ...or this many times as long as the last one took, if longer: with
 # 100,000 sockets lingering a rescan reads them all (about a second of the
 # worker's and the loop's time, extrapolated from 30,000), and a loss at
@@ -247,8 +256,14 @@ class LiveTracer:
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
     _census_diff: set = field(default_factory=set)
-    _reconcile_wanted: bool = False
+    # Differences found by two censuses in a row: what a rescan is wanted
+    # for, until one reads their namespace whole or it is gone.
+    _census_confirmed: set = field(default_factory=set)
     _census_read: dict = field(default_factory=dict)
+    # The key of the census's hash (tcprow.census_key), this run's own: the
+    # addresses are anyone's to choose, and which differences are kept (the
+    # lowest keys) must not be.
+    _census_secret: bytes = field(default_factory=lambda: os.urandom(16))
     # Namespace -> the number of the rescan that last read it
     # (tick_stats["rescans"]), for the turns; and whether the last rescan
     # left some unread (the next one then comes without a new loss).
@@ -1374,7 +1389,7 @@ class LiveTracer:
             return None
         started = time.monotonic()
         if (basis == self._rescan_basis and not self._rescan_unread
-                and not self._reconcile_wanted):
+                and not self._census_confirmed):
             return None
         if started - self._rescan_tried < self._rescan_gap:
             return None
@@ -1384,7 +1399,7 @@ class LiveTracer:
         began_ns = self.now_ns()
         # The namespaces a census found different in are read first.
         turns = {**self._namespace_read,
-                 **{netns: -1 for netns, _key in self._census_diff}}
+                 **{netns: CENSUS_FIRST for netns, _key in self._census_confirmed}}
         try:
             read = self.resolver.rescan_close_wait(turns, RESCAN_OTHERS_BUDGET_S)
         except GatherFailed:
@@ -1399,7 +1414,7 @@ class LiveTracer:
         # start (then a socket first seen in a namespace the start left
         # unread may have entered CLOSE_WAIT since; its age says which).
         # A census's difference is a miss nothing counted.
-        missed = (self._reconcile_wanted
+        missed = (bool(self._census_confirmed)
                   or any(self.probe.counters().get(name, 0) for name in LOSS_COUNTERS))
         first_read = self._unread_since_start & set(read.tried)
         self._unread_since_start -= read.dumped
@@ -1408,10 +1423,14 @@ class LiveTracer:
         # What a census found different in the namespaces this rescan reads
         # whole is this rescan's to put right; what it found elsewhere stays
         # wanted (those namespaces first in the next rescan's turns).
-        looked = set(read.dumped) if not self._events_waiting() else set()
-        self._census_diff = {(netns, key) for netns, key in self._census_diff
-                             if netns not in looked}
-        self._reconcile_wanted = bool(self._census_diff) and self._reconcile_wanted
+        # Not in a namespace no process is in any more either: none reads it.
+        taken = not self._events_waiting()
+        looked = set(read.dumped) if taken else set()
+        listed = self._listed(read)
+        self._census_diff, self._census_confirmed = (
+            {(netns, key) for netns, key in kept
+             if netns not in looked and (not listed or netns in listed)}
+            for kept in (self._census_diff, self._census_confirmed))
         self._census_next = max(self._census_next, started + self._reconcile_every)
         self.tick_stats["rescans"] += 1
         done = self.tick_stats["rescans"]
@@ -1423,7 +1442,6 @@ class LiveTracer:
                if netns in self._namespace_read},
             **{netns: done for netns in read.tried if netns in read.dumped}}
         self._rescan_unread = self._left_to_read(read)
-        taken = not self._events_waiting()
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
                 RescanFirst(first_read, missed, self._listed(read), self._kernel_times(read)))
@@ -1438,10 +1456,12 @@ class LiveTracer:
         started = time.monotonic()
         if self.stopping or started < self._census_next or self._events_waiting():
             return
+        if started - self._rescan_tried < RESCAN_EVERY_S:
+            return          # a rescan just read it all (or its read failed, slowly)
         began_ns = self.now_ns()
         try:
             read = self.resolver.close_wait_census(self._census_read, RESCAN_OTHERS_BUDGET_S,
-                                                   self.socket_filter)
+                                                   self.socket_filter, self._census_secret)
         except GatherFailed:
             # Counted (evidence_timeouts): tried again after as long as a
             # census that took this long.
@@ -1450,7 +1470,6 @@ class LiveTracer:
             return
         self._drain_buffer(time.monotonic() + 0.2)
         stats = self.tick_stats
-        stats["censuses"] += 1
         recheck = min(RESCAN_EVERY_S, self._reconcile_every)
         if self._events_waiting():
             # A burst's events still to come: what differs now may be them.
@@ -1458,24 +1477,32 @@ class LiveTracer:
             stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
             self._census_next = time.monotonic() + max(recheck, CENSUS_GAP_FACTOR * took)
             return
-        done = stats["censuses"]
-        diff = self.tracker.census_diff(read.keys, read.dumped, began_ns, self.sip)
+        diff = self.tracker.census_diff(read.keys, read.dumped, began_ns, self.sip,
+                                        self._census_secret)
         took = time.monotonic() - started
+        stats["censuses"] += 1
+        done = stats["censuses"]
         stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
         # Compared where both this census and the one before read: in a
         # namespace this one did not read (more namespaces than its budget
         # reads, in turns), the last difference is carried on, and that
-        # namespace read first next time.
-        if diff & self._census_diff:
-            self._reconcile_wanted = True
+        # namespace read first next time; in one no process is in any more
+        # (listed by neither), it goes.
+        listed = set(read.dumped) | set(read.tried) | set(read.left)
+        self._census_confirmed = {(netns, key) for netns, key in self._census_confirmed
+                                  if netns in listed} | (diff & self._census_diff)
         carried = {(netns, key) for netns, key in self._census_diff
-                   if netns not in read.dumped}
+                   if netns not in read.dumped and netns in listed}
         self._census_diff = diff | carried
+        for kept in ("_census_diff", "_census_confirmed"):
+            if len(getattr(self, kept)) > CENSUS_KEPT:
+                setattr(self, kept, set(heapq.nsmallest(CENSUS_KEPT, getattr(self, kept),
+                                                        key=lambda item: item[1])))
         self._census_read = {
             **{netns: self._census_read[netns] for netns in read.left
                if netns in self._census_read},
             **{netns: done for netns in read.tried if netns in read.dumped},
-            **{netns: -1 for netns, _key in self._census_diff}}
+            **{netns: CENSUS_FIRST for netns, _key in self._census_diff}}
         self._census_next = time.monotonic() + max(
             recheck if self._census_diff else self._reconcile_every, CENSUS_GAP_FACTOR * took)
 

@@ -524,11 +524,12 @@ class Census(NamedTuple):
 
 def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
                       budget_s: float = float("inf"),
-                      socket_filter=None) -> Census:
+                      socket_filter=None, secret: bytes = b"") -> Census:
     """The sockets in CLOSE_WAIT (rescan_close_wait's read, without
     tcp_info) that pass socket_filter, as census keys by namespace: what
     the loop compares with what it knows (live/tracer.py census) to tell whether
     the kernel's hook missed a socket's entry or exit without counting it.
+    secret: the key of the keys' hash (the loop's own, tcprow.census_key).
     A full rescan's rows hold about 75 MB more in the loop with 100,000
     sockets lingering (docs/benchmarks.md); 100,000 keys are 800 KB."""
     read = rescan_close_wait(proc, last_read, budget_s, with_info=False)
@@ -536,7 +537,7 @@ def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int
     for row in read.rows:
         ep = row.endpoints
         if socket_filter is None or socket_filter.matches(ep):
-            keys.setdefault(ep.netns, array(CENSUS_ARRAY)).append(census_key(ep))
+            keys.setdefault(ep.netns, array(CENSUS_ARRAY)).append(census_key(ep, secret))
     return Census({netns: found.tobytes() for netns, found in keys.items()}, set(read.dumped),
                   list(read.tried), list(read.left))
 

@@ -52,15 +52,17 @@ def same_socket(cookie: int, inode: int, other_cookie: int, other_inode: int) ->
 CENSUS_ARRAY = "Q"
 
 
-def census_key(endpoints: Endpoints) -> int:
+def census_key(endpoints: Endpoints, secret: bytes = b"") -> int:
     """A socket's addresses (not its namespace) as a 64-bit number, the
     same in every process: the census (owners.close_wait_census) sends the
     keys of every socket in CLOSE_WAIT (an array of CENSUS_ARRAY), not
     their rows, and the loop compares them with the keys of the sockets it
     knows. Python's own hash of a string
     differs from one process to the next (PYTHONHASHSEED); the family is
-    written as its number (socket.AF_INET's repr is not 2's)."""
+    written as its number (socket.AF_INET's repr is not 2's). secret: the
+    hash's key (at most 64 bytes), the tracer's own for its run, so that
+    nobody who picks addresses picks their keys."""
     ep = endpoints
     digest = hashlib.blake2b(f"{int(ep.family)} {ep.laddr} {ep.lport} {ep.raddr} {ep.rport}"
-                             .encode(), digest_size=8).digest()
+                             .encode(), digest_size=8, key=secret).digest()
     return int.from_bytes(digest, "little")

@@ -319,7 +319,8 @@ class Tracker:
         return found, gone
 
     def census_diff(self, keys: Mapping[int, bytes], dumped: set[int], dump_began_ns: int,
-                    between: Optional[Callable[[], None]] = None) -> set[tuple[int, int]]:
+                    between: Optional[Callable[[], None]] = None,
+                    secret: bytes = b"") -> set[tuple[int, int]]:
         """Where a census (owners.close_wait_census: each namespace's
         sockets in CLOSE_WAIT as census keys) and what is known here differ,
         as (namespace, key), only in the namespaces the census read whole:
@@ -328,8 +329,8 @@ class Tracker:
           without the map or departed within its grace (an entry the hook
           missed; or one whose event is still to come). No more than there
           is room to follow (max_untracked), the lowest keys: those beyond
-          are counted already (untracked_over), and would differ at every
-          census;
+          could not be followed, and would differ at every census (a miss
+          among them is not looked for);
         - a socket known here, in a namespace read whole, that entered
           before the census began and is not in it (an exit the hook
           missed), also where no socket is left in CLOSE_WAIT (no keys).
@@ -338,7 +339,9 @@ class Tracker:
         (which checks each socket by the kernel's cookie before acting on
         it), and only when the same difference is there at the next census
         too (the caller's), so that a socket on its way in or out while the
-        census ran does not set one off."""
+        census ran does not set one off. A known socket whose exit was
+        missed while another on its addresses lingers in its namespace
+        does not differ (addresses only). secret: census_key's."""
         # Keys as ints in sets, each key made twice rather than kept with
         # its socket: with 100,000 sockets lingering this runs while they
         # are reported, and each list or tuple more is megabytes at the peak.
@@ -352,7 +355,7 @@ class Tracker:
                 netns = l.endpoints.netns
                 here = seen.get(netns)
                 if here is not None and (l.skaddr is None or l.enter_ns < dump_began_ns):
-                    key = census_key(l.endpoints)
+                    key = census_key(l.endpoints, secret)
                     if key not in here:
                         diff.add((netns, key))
         room = self.max_untracked - len(self.pre_existing)
@@ -364,7 +367,7 @@ class Tracker:
             for l in block:
                 netns = l.endpoints.netns
                 (known.setdefault(netns, set()) if netns else anywhere).add(
-                    census_key(l.endpoints))
+                    census_key(l.endpoints, secret))
         unknown = [(netns, key) for netns, here in seen.items()
                    for key in here - known.get(netns, set()) - anywhere]
         if len(unknown) > room:
