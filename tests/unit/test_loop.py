@@ -2238,8 +2238,9 @@ def test_the_census_keeps_a_difference_in_a_namespace_it_did_not_read_this_time(
 def test_a_new_difference_at_every_census_brings_the_next_no_closer_than_its_cost(tmp_path):
     """Churn makes a census find some difference each time (a socket on its
     way in or out), never the same: the recheck 5 s on was made at every
-    census whatever it cost (at 100,000 lingering, 0.8 s every 5 s). It is
-    100 times the census's cost if longer."""
+    census whatever it cost (at 100,000 lingering, 0.8 s every 5 s). A
+    difference is looked at again 5 s on once; the census after that one
+    comes 100 times its cost on if that is longer."""
     from closewait_trace.live import tracer as tracer_module
 
     class Slow(DumpsWhole):
@@ -2251,6 +2252,12 @@ def test_a_new_difference_at_every_census_brings_the_next_no_closer_than_its_cos
     w.tracer.start()
     w.step()
     w.hold(100, 30500, 60500)                  # a difference
+    census_due(w.tracer)
+    w.step(0.5)
+    assert w.tracer._census_diff
+    gap = w.tracer._census_next - time.monotonic()
+    assert tracer_module.RESCAN_EVERY_S - 1 < gap <= tracer_module.RESCAN_EVERY_S  # once
+    w.hold(100, 30501, 60501)                  # another difference
     census_due(w.tracer)
     w.step(0.5)
     assert w.tracer._census_diff

@@ -260,6 +260,8 @@ class LiveTracer:
     # for, until one reads their namespace whole or it is gone.
     _census_confirmed: set = field(default_factory=set)
     _census_read: dict = field(default_factory=dict)
+    # Whether the last census was the quick second look at a difference.
+    _census_rechecking: bool = False
     # The key of the census's hash (tcprow.census_key), this run's own: the
     # addresses are anyone's to choose, and which differences are kept (the
     # lowest keys) must not be.
@@ -811,6 +813,9 @@ class LiveTracer:
             # arrive while it brings the tracker in line with the map and
             # unwatches them (1.7-4.2 s for 100,000 under load).
             due = self.tracker.sync_entries(entries, endpoints_of, now_ns, self.sip)
+            # Let go before the census and the batch's reports: with 100,000
+            # lingering the map's copy is megabytes at the tick's peak.
+            del entries, endpoints_of
             stats["map_reads"] += 1
             stats["map_read_max_ms"] = max(stats["map_read_max_ms"],
                                            (time.monotonic() - started) * 1000)
@@ -1503,8 +1508,15 @@ class LiveTracer:
                if netns in self._census_read},
             **{netns: done for netns in read.tried if netns in read.dumped},
             **{netns: CENSUS_FIRST for netns, _key in self._census_diff}}
-        self._census_next = time.monotonic() + max(
-            recheck if self._census_diff else self._reconcile_every, CENSUS_GAP_FACTOR * took)
+        # A difference is looked at again RESCAN_EVERY_S on, once, whatever
+        # the census cost (at 100,000 lingering, 100 times 0.9 s would put
+        # a missed socket's report 95 s later); after that look, the next
+        # census keeps its distance: churn makes some difference at almost
+        # every census, and then censuses cost at most 2% of the loop.
+        quick = bool(self._census_diff) and not self._census_rechecking
+        self._census_rechecking = quick
+        self._census_next = time.monotonic() + (recheck if quick else max(
+            recheck if self._census_diff else self._reconcile_every, CENSUS_GAP_FACTOR * took))
 
     def _kernel_times(self, read: RescanRead) -> dict:
         """read.read_at (CLOCK_MONOTONIC, the worker's) in the kernel's clock
