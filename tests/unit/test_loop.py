@@ -1654,6 +1654,18 @@ def test_a_tracked_socket_whose_exit_the_kernel_skipped_is_forgotten_not_reporte
     assert w.tracer.last_counters["left_unseen"] == 1        # what the metrics read
 
 
+class SlowCensus(DumpsWhole):
+    """Each census takes this long (its cost sets the next one's distance)."""
+
+    def __init__(self, proc: str, seconds: float):
+        super().__init__(proc)
+        self.seconds = seconds
+
+    def close_wait_census(self, *args):
+        time.sleep(self.seconds)
+        return super().close_wait_census(*args)
+
+
 def census_due(tracer) -> None:
     """As if the census's period (a minute; RESCAN_EVERY_S after one that
     found a difference) were over."""
@@ -1716,12 +1728,7 @@ def test_the_census_waits_longer_after_a_long_census(tmp_path):
     longer (CENSUS_GAP_FACTOR): nothing asked for it."""
     from closewait_trace.live import tracer as tracer_module
 
-    class Slow(DumpsWhole):
-        def close_wait_census(self, *args):
-            time.sleep(0.05)
-            return super().close_wait_census(*args)
-
-    w = World(tmp_path, resolver=Slow(str(tmp_path / "proc")))
+    w = World(tmp_path, resolver=SlowCensus(str(tmp_path / "proc"), 0.05))
     w.tracer.start()
     w.step()
     w.tracer._reconcile_every = 1.0
@@ -2243,12 +2250,7 @@ def test_a_new_difference_at_every_census_brings_the_next_no_closer_than_its_cos
     comes 100 times its cost on if that is longer."""
     from closewait_trace.live import tracer as tracer_module
 
-    class Slow(DumpsWhole):
-        def close_wait_census(self, *args):
-            time.sleep(0.1)
-            return super().close_wait_census(*args)
-
-    w = World(tmp_path, resolver=Slow(str(tmp_path / "proc")))
+    w = World(tmp_path, resolver=SlowCensus(str(tmp_path / "proc"), 0.1))
     w.tracer.start()
     w.step()
     w.hold(100, 30500, 60500)                  # a difference

@@ -397,13 +397,20 @@ def test_a_second_rescan_adopts_nothing_twice():
     assert len(t.pre_existing) == 1
 
 
-def test_rescan_finds_gone_only_what_entered_before_it_in_a_namespace_it_read():
+def known_in_and_out_of_namespaces() -> Tracker:
+    """Tracked at 5 s: 1001 and 1005 in NS, 1002 in another, 1003 with its
+    namespace not known; 1004 in NS at 10 s; followed without the map from
+    the start: 2001 and 2002 in NS."""
     t = Tracker(threshold_ns=S, start_ns=0)
-    other = NS + 1
     t.sync_entries({1: 5 * S, 2: 5 * S, 3: 5 * S, 4: 10 * S, 5: 5 * S},
-                   {1: ns_ep(1001), 2: ns_ep(1002, other), 3: ep(1003), 4: ns_ep(1004),
+                   {1: ns_ep(1001), 2: ns_ep(1002, NS + 1), 3: ep(1003), 4: ns_ep(1004),
                     5: ns_ep(1005)}.__getitem__, 10 * S)
     t.seed([dumped_row(2001), dumped_row(2002)], [], 0)
+    return t
+
+
+def test_rescan_finds_gone_only_what_entered_before_it_in_a_namespace_it_read():
+    t = known_in_and_out_of_namespaces()
     # 1: gone. 2: its namespace not read. 3: its namespace not known. 4:
     # entered after the dump began. 5 and 2002: in the dump. 2001: gone.
     adopted, gone = rescan(t, [dumped_row(1005), dumped_row(2002)], 10 * S, {NS}, 9 * S)
@@ -529,17 +536,12 @@ def test_the_census_key_is_the_addresses_the_same_in_every_process():
 
 
 def test_the_census_differs_where_a_rescan_would_find_or_find_gone():
-    t = Tracker(threshold_ns=S, start_ns=0)
-    other = NS + 1
-    t.sync_entries({1: 5 * S, 2: 5 * S, 3: 5 * S, 4: 10 * S, 5: 5 * S},
-                   {1: ns_ep(1001), 2: ns_ep(1002, other), 3: ep(1003), 4: ns_ep(1004),
-                    5: ns_ep(1005)}.__getitem__, 10 * S)
-    t.seed([dumped_row(2001), dumped_row(2002)], [], 0)
+    t = known_in_and_out_of_namespaces()
     # 1 and 2001: known, not in it. 2: its namespace not read. 3: its
     # namespace not known. 4: entered after it began. 5 and 2002: in it.
     # 3001: in it, known nowhere. 1003: in it, known without a namespace.
     keys = census((NS, dumped_row(1005)), (NS, dumped_row(2002)), (NS, dumped_row(3001)),
-                  (NS, dumped_row(1003)), (other + 1, dumped_row(4001)))
+                  (NS, dumped_row(1003)), (NS + 2, dumped_row(4001)))
     diff = t.census_diff(keys, {NS}, 9 * S)
     assert diff == {(NS, census_key(ns_ep(r))) for r in (1001, 2001, 3001)}
     # No room to follow another untracked socket: only the gone differ.
