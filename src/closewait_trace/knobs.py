@@ -9,9 +9,9 @@ batch budget): the kernel matrix runs the tests under QEMU without KVM, about
 50 times slower, where a budget sized for real hardware would measure the
 emulator instead of the code under test. The test harness sets it to the
 tests' stretch factor (CLOSEWAIT_TEST_STRETCH). CLOSEWAIT_TRACE_RECONCILE_S
-sets how often the live loop reads the sockets in CLOSE_WAIT again without
-a counted loss (live/tracer.py RECONCILE_EVERY_S), so that a test sees it
-in seconds instead of minutes.
+sets how often the live loop compares the sockets in CLOSE_WAIT with what
+it knows (its census; live/tracer.py RECONCILE_EVERY_S), so that a test
+sees it in seconds instead of minutes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ snapshot and the map entered CLOSE_WAIT after the attach and is tracked.
 from __future__ import annotations
 
 import gc
-import heapq
 import operator
 import os
 import signal
@@ -32,7 +31,7 @@ from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_p
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import Sink, TickView
 from closewait_trace.sockets.owners import RescanRead
-from closewait_trace.sockets.tracker import Lingerer, Tracker
+from closewait_trace.sockets.tracker import Lingerer, Tracker, lowest_keys
 from closewait_trace.evidence import worker
 from closewait_trace.evidence.resolver import ProcResolver
 from closewait_trace.evidence.worker import GatherFailed
@@ -212,6 +211,16 @@ class Probe(Protocol):
     def close(self) -> None: ...
 
 
+def turns_after(last: dict, read, done: int) -> dict:
+    """A reader's turns among the namespaces (namespace -> the number of
+    its read that last read it whole) after its read number done (a
+    RescanRead or a Census): those read whole get done; those left keep
+    their last turn (never stamped, one not read whole goes first again
+    among its user's); the others, gone, are dropped."""
+    return {**{netns: last[netns] for netns in read.left if netns in last},
+            **{netns: done for netns in read.tried if netns in read.dumped}}
+
+
 # No generated repr: the tracer holds every socket, holder and record in
 # flight, and anything that printed it (an error message, a debugger) would
 # walk all of that (see start(): signal.signal did, at every exit).
@@ -249,9 +258,9 @@ class LiveTracer:
     _rescan_tried: float = float("-inf")
     _rescan_gap: float = RESCAN_EVERY_S
     # The census (census()): when the next is due (monotonic), how often,
-    # what the last found different (Tracker.census_diff), whether a rescan
-    # is wanted for it, and its own turns among the namespaces (as
-    # _namespace_read's, by census number).
+    # what the last found different (Tracker.census_diff, with what is
+    # carried from namespaces it did not read), and its own turns among the
+    # namespaces (as _namespace_read's, by census number).
     _census_next: float = float("inf")
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
@@ -1442,14 +1451,11 @@ class LiveTracer:
         # Kept for the namespaces that exist now: as many as have processes.
         # One not read whole (cut short, or its read failed) keeps its last
         # turn: never stamped as read, it goes first again among its user's.
-        self._namespace_read = {
-            **{netns: self._namespace_read[netns] for netns in read.left
-               if netns in self._namespace_read},
-            **{netns: done for netns in read.tried if netns in read.dumped}}
+        self._namespace_read = turns_after(self._namespace_read, read, done)
         self._rescan_unread = self._left_to_read(read)
         rows = [row for row in read.rows if self.socket_filter.matches(row.endpoints)]
         return (rows, read.dumped if taken else set(), began_ns, observed_ns,
-                RescanFirst(first_read, missed, self._listed(read), self._kernel_times(read)))
+                RescanFirst(first_read, missed, listed, self._kernel_times(read)))
 
     def census(self) -> None:
         """Once in RECONCILE_EVERY_S (or CENSUS_GAP_FACTOR times its last
@@ -1498,16 +1504,10 @@ class LiveTracer:
                                   if netns in listed} | (diff & self._census_diff)
         carried = {(netns, key) for netns, key in self._census_diff
                    if netns not in read.dumped and netns in listed}
-        self._census_diff = diff | carried
-        for kept in ("_census_diff", "_census_confirmed"):
-            if len(getattr(self, kept)) > CENSUS_KEPT:
-                setattr(self, kept, set(heapq.nsmallest(CENSUS_KEPT, getattr(self, kept),
-                                                        key=lambda item: item[1])))
-        self._census_read = {
-            **{netns: self._census_read[netns] for netns in read.left
-               if netns in self._census_read},
-            **{netns: done for netns in read.tried if netns in read.dumped},
-            **{netns: CENSUS_FIRST for netns, _key in self._census_diff}}
+        self._census_diff = lowest_keys(diff | carried, CENSUS_KEPT)
+        self._census_confirmed = lowest_keys(self._census_confirmed, CENSUS_KEPT)
+        self._census_read = {**turns_after(self._census_read, read, done),
+                             **{netns: CENSUS_FIRST for netns, _key in self._census_diff}}
         # A difference is looked at again RESCAN_EVERY_S on, once, whatever
         # the census cost (at 100,000 lingering, 100 times 0.9 s would put
         # a missed socket's report 95 s later); after that look, the next

@@ -12,7 +12,7 @@ import heapq
 from array import array
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Optional, Protocol
 
 from closewait_trace.sockets import ages
 from closewait_trace.sockets.owners import Ownership
@@ -169,6 +169,16 @@ def _tracked(row: TcpRow, tracked_netns: dict[tuple, set[int]]) -> bool:
     endpoints = row.endpoints
     seen = tracked_netns.get(endpoints.address_key)
     return bool(seen) and (not endpoints.netns or 0 in seen or endpoints.netns in seen)
+
+
+def lowest_keys(differences: Collection[tuple[int, int]], limit: int
+                ) -> Collection[tuple[int, int]]:
+    """Census differences ((namespace, key)), at most limit of them: all
+    (the same collection) when there are no more, else those of the lowest
+    keys, the same from one census to the next whatever their order."""
+    if len(differences) <= limit:
+        return differences
+    return set(heapq.nsmallest(limit, differences, key=lambda item: item[1]))
 
 
 def attribute_close(newstate: int, pid: int, holder_pids: set[int]) -> str:
@@ -370,11 +380,9 @@ class Tracker:
                     census_key(l.endpoints, secret))
         unknown = [(netns, key) for netns, here in seen.items()
                    for key in here - known.get(netns, set()) - anywhere]
-        if len(unknown) > room:
-            # No more than could be followed; the same ones at each census
-            # (the lowest keys), so that two in a row agree.
-            unknown = heapq.nsmallest(room, unknown, key=lambda item: item[1])
-        diff.update(unknown)
+        # No more than could be followed; the same ones at each census, so
+        # that two in a row agree.
+        diff.update(lowest_keys(unknown, room))
         return diff
 
     def outside(self, namespaces: frozenset) -> list[Lingerer]:
