@@ -1,3 +1,3 @@
-from closewait_trace.cli import main
+from closewait_trace.entry import main
 
 main()

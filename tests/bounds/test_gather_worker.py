@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from closewait_trace.evidence import gathering, worker
+from closewait_trace.evidence import gathering, spawn, worker
 from closewait_trace.sockets import owners
 from closewait_trace.evidence.resolver import PROCESS_DEADLINE_S, ProcResolver
 from closewait_trace.evidence.worker import GatherFailed, GatherWorker
@@ -533,3 +533,105 @@ def test_a_large_request_is_written_with_looks_at_the_ring_between_pieces(gather
     bulk = "x" * (16 * worker.WRITE_PIECE)      # a 4 MiB request that reads nothing
     assert gatherer.call("holder_states", [], bulk, deadline_s=60) == {}
     assert len(looks) >= 16, len(looks)
+
+
+@pytest.fixture
+def no_early_worker():
+    """No worker left started ahead by a test, whatever it asserted."""
+    yield
+    early, spawn._early = spawn._early, None
+    if early is not None:
+        early[1].kill()
+        early[1].wait()
+
+
+def test_a_worker_started_ahead_is_the_one_taken_once(monkeypatch, no_early_worker):
+    """`snapshot`'s worker is started by the entry point, before the command
+    line's imports (entry.py); the GatherWorker made next for the same
+    arguments takes that process instead of starting another, and only one
+    GatherWorker takes it."""
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    spawn.prestart("tests.unit.blocking_calls", preload=False, collect=False)
+    early = spawn._early[1]
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", preload=False, collect=False)
+    second = GatherWorker(calls_module="tests.unit.blocking_calls", preload=False,
+                          collect=False)
+    try:
+        assert g.call("collecting", deadline_s=30) is False
+        assert g._proc is early
+        assert second.call("collecting", deadline_s=30) is False
+        assert second._proc.pid != early.pid
+    finally:
+        g.close()
+        second.close()
+
+
+@pytest.mark.parametrize("wanted", [
+    {"calls_module": "tests.unit.blocking_calls", "preload": False, "collect": True},
+    {"calls_module": "tests.unit.blocking_calls", "preload": True, "collect": False},
+])
+def test_a_worker_started_ahead_for_other_arguments_is_not_taken(
+        monkeypatch, no_early_worker, wanted):
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    spawn.prestart("tests.unit.blocking_calls", preload=False, collect=False)
+    early = spawn._early[1]
+    g = GatherWorker(**wanted)
+    try:
+        assert g.call("collecting", deadline_s=30) is wanted["collect"]
+        assert g._proc.pid != early.pid
+    finally:
+        g.close()
+
+
+def test_a_worker_started_ahead_that_died_is_not_taken(monkeypatch, no_early_worker):
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    spawn.prestart("tests.unit.blocking_calls", preload=False, collect=False)
+    early = spawn._early[1]
+    early.kill()
+    early.wait()
+    g = GatherWorker(calls_module="tests.unit.blocking_calls", preload=False, collect=False)
+    try:
+        assert g.call("collecting", deadline_s=30) is False
+        assert g._proc.pid != early.pid
+    finally:
+        g.close()
+
+
+ENTRY_PROBE = r"""
+import sys
+sys.argv = ["closewait-trace"] + sys.argv[1:]
+from closewait_trace.evidence import spawn
+started = spawn.start_process
+def start_process(*args):
+    # What the command had imported when its worker was started.
+    print("worker started;", "cli" if "closewait_trace.cli" in sys.modules else "no cli",
+          "click" if "click" in sys.modules else "no click", flush=True)
+    return started(*args)
+spawn.start_process = start_process
+from closewait_trace.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args, started", [
+    (["snapshot", "-p", "1"], ["worker started; no cli no click"]),
+    (["snapshot", "--help"], ["worker started; no cli no click"]),
+    (["--version"], []),
+])
+def test_the_entry_point_starts_snapshots_worker_before_the_command_lines_imports(
+        args, started):
+    """The command's entry point (entry.py), in a fresh interpreter: for
+    `snapshot`, its worker is started before click and cli are imported,
+    and it is the only one started (the snapshot takes it); nothing is
+    started for any other command."""
+    import subprocess
+    import sys
+    package_root = os.path.dirname(os.path.dirname(gathering.__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(package_root))
+    done = subprocess.run([sys.executable, "-c", ENTRY_PROBE] + args, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [l for l in lines if l.startswith("worker started")] == started
+    if args[:2] == ["snapshot", "-p"]:
+        assert "socket" in done.stdout        # the snapshot ran, with that worker

@@ -25,7 +25,7 @@ LAYERS = (
     ("output", ("closewait_trace.output",)),      # records defined, built, shown, reported; sinks
     ("files", ("closewait_trace.files",)),        # recordings written and read, replay
     ("live", ("closewait_trace.live",)),          # the live session's wiring, its loop, snapshot
-    ("cli", ("closewait_trace.cli", "closewait_trace.__main__")),
+    ("cli", ("closewait_trace.cli", "closewait_trace.entry", "closewait_trace.__main__")),
 )
 
 _MODULE_NAME = re.compile(r"closewait_trace(\.[A-Za-z_][A-Za-z0-9_]*)*")

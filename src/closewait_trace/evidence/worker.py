@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from closewait_trace import knobs
+from closewait_trace.evidence import spawn
 from closewait_trace.sockets import owners
 
 _HEADER = struct.Struct("!I")
@@ -78,56 +79,9 @@ class GatherFailed(Exception):
         self.partial = partial or []
 
 
-# ------------------------------------------------------- capabilities
-
-# What the worker's reads need of the tracer's capabilities: other users'
-# memory and fd tables, other namespaces (sock_diag through setns).
-_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE, _CAP_SYS_ADMIN = 1, 2, 19, 21
-WORKER_CAPS = (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE, _CAP_SYS_ADMIN)
-_PR_GET_SECUREBITS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 27, 47, 2
-_SECBIT_NOROOT = 1
-_CAP_V3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def pass_capabilities_on() -> None:
-    """Under SECBIT_NOROOT (the unit's SecureBits=noroot-locked), uid 0
-    gains nothing at exec: the worker would start without the capabilities
-    the tracer holds, and read less than the tracer could (other users'
-    fd tables and memory: "permission denied"). So the ones it needs that
-    the tracer has are made ambient, which exec keeps. Nothing to do
-    without NOROOT (root's exec gains the bounding set) or when the
-    capabilities are ambient already (systemd's AmbientCapabilities=)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if not libc.prctl(_PR_GET_SECUREBITS, 0, 0, 0, 0) & _SECBIT_NOROOT:
-            return
-        header = _CapHeader(_CAP_V3, 0)
-        data = (_CapData * 2)()
-        if libc.capget(ctypes.byref(header), data) != 0:
-            return
-        wanted = [c for c in WORKER_CAPS if data[c // 32].permitted >> (c % 32) & 1]
-        for c in wanted:                # ambient needs permitted and inheritable
-            data[c // 32].inheritable |= 1 << (c % 32)
-        if libc.capset(ctypes.byref(header), data) != 0:
-            return
-        for c in wanted:
-            libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, c, 0, 0)
-    except (OSError, AttributeError):
-        return
-
-
 # ------------------------------------------------------------------ child
 
-DEFAULT_CALLS = "closewait_trace.evidence.gathering"
+DEFAULT_CALLS = spawn.DEFAULT_CALLS
 
 
 def _calls(module: str, preload: bool = True) -> tuple[dict, frozenset]:
@@ -351,28 +305,10 @@ class GatherWorker:
                                "in the kernel")
 
     def _start(self) -> subprocess.Popen:
-        pass_capabilities_on()
-        env = dict(os.environ)
-        # The child finds this very package, whether installed or a checkout.
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(
-            [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "import sys; from closewait_trace.evidence import worker; "
-             "worker.serve(int(sys.argv[1]), sys.argv[2], sys.argv[3] == '1', "
-             "sys.argv[4] == '1')",
-             str(os.getpid()), self.calls_module, "1" if self.preload else "0",
-             "1" if self.collect else "0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            # Not the tracer's stderr: an abandoned worker blocked in the
-            # kernel would hold it open after the tracer exits, and whoever
-            # reads the tracer's stderr to its end (a pipe, a test harness)
-            # would wait as long as the worker is blocked.
-            stderr=None if os.environ.get("CLOSEWAIT_TRACE_DEBUG") else subprocess.DEVNULL,
-            env=env, close_fds=True,
-            start_new_session=True)      # Ctrl-C at a terminal is not for it
+        # The one the command's entry point started for this very use
+        # (spawn.prestart), else a new one.
+        self._proc = (spawn.take_early(self.calls_module, self.preload, self.collect)
+                      or spawn.start_process(self.calls_module, self.preload, self.collect))
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._buf = bytearray()
         self._ready = False

@@ -288,13 +288,14 @@ def run(socket_filter: SocketFilter, holder_filter: HolderFilter, min_age_ns: in
     about 50 ms, for a process that ends the next moment."""
     import gc
 
+    from closewait_trace.evidence import spawn
     from closewait_trace.evidence.worker import GatherWorker
     # Other people's /proc, memory and files are read in a worker that is
     # abandoned at a deadline (evidence/worker.py): a holder never hangs it.
-    # Started first, so that its start-up overlaps ours (imports, filters);
-    # without the imports that only the live tracer's calls use, and, as
-    # here, without the cyclic collector (two calls, then it is ended).
-    gatherer = GatherWorker(preload=False, collect=False)
+    # Started first, so that its start-up overlaps ours (imports, filters),
+    # or taken from the command's entry point, which started it before
+    # those (entry.py); as spawn.SNAPSHOT_WORKER says.
+    gatherer = GatherWorker(**spawn.SNAPSHOT_WORKER)
     gatherer.start()
     # One pass that keeps every object it makes to the end: the cyclic
     # collector would only walk them again and again (a third of the cost
