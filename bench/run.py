@@ -884,7 +884,12 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 # CLOSEWAIT_TRACE_RECONCILE_S=N makes that every N s, to
                 # measure one at this scale), and the longest of each.
                 "rescans": cost.get("rescans"), "rescan_max_ms": cost.get("rescan_max_ms"),
-                "censuses": cost.get("censuses"), "census_max_ms": cost.get("census_max_ms")}
+                "censuses": cost.get("censuses"), "census_max_ms": cost.get("census_max_ms"),
+                # What sets a rescan off besides the censuses: a loss the
+                # summary counted, and what the rescans found.
+                "losses": {name: counters[name] for name in (
+                    "events_lost", "map_full", "transitions_skipped", "exit_untracked",
+                    "found_unseen", "left_unseen", "untracked_over") if counters.get(name)}}
     finally:
         stop_all(clients + holders + [tracer])
 
