@@ -1963,6 +1963,33 @@ def test_a_rescan_looks_up_no_more_sockets_than_it_may_keep(tmp_path):
     assert len(w.tracer.tracker.pre_existing) == 2 and w.tracer.tracker.untracked_over == 3
 
 
+def test_sockets_not_followed_once_stay_in_the_summary_when_none_are_at_the_last_look(
+        tmp_path):
+    """Whoever fills the room for untracked sockets and then lets go leaves
+    the last look with none over: the summary said nothing of the time
+    sockets in CLOSE_WAIT went unfollowed. It says the most at one look."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.tracer.tracker.max_untracked = 2
+    w.step()
+    for i in range(5):
+        w.hold(100, 30500 + i, 7000 + i)
+    w.probe.counts["map_full"] = 1
+    w.step(0.5)
+    assert w.tracer.tracker.untracked_over == 3
+    w.forget_row(*range(30500, 30505))
+    w.probe.counts["map_full"] = 2                          # another loss: another rescan
+    w.tracer._rescan_tried -= w.tracer._rescan_gap              # ... due now
+    w.step(0.5)
+    assert w.tracer.tick_stats["rescans"] == 2
+    assert w.tracer.tracker.untracked_over == 0
+    counters = w.tracer.summary()["counters"]
+    assert (counters["untracked_over"], counters["untracked_over_most"]) == (0, 3)
+    text = " ".join(" ".join(render.summary_lines(w.tracer.summary())).split())
+    assert ("0 sockets in CLOSE_WAIT not followed at the last look, 3 at most at one look"
+            in text), text
+
+
 def test_a_socket_that_left_between_the_dump_and_the_lookup_is_not_adopted(tmp_path):
     """It was in the dump but had left by the map read. Adopted anyway, it
     was then found gone when reported (its addresses empty), or, with the

@@ -4,6 +4,8 @@ tests are in test_render.py)."""
 import json
 import socket
 
+import pytest
+
 from closewait_trace.output import records, render
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
@@ -63,6 +65,27 @@ def test_summary_lines_mention_losses():
     assert "4 events lost" in text and "1 sockets not timed" in text
     assert "6 state changes not seen (the kernel skipped the program" in text
     json.dumps(rec)
+
+
+@pytest.mark.parametrize("counters, said", [
+    ({"untracked_over": 2},                 # a recording from before the most was counted
+     "2 sockets in CLOSE_WAIT not followed (beyond --max-tracked untracked ones, at the "
+     "last look)"),
+    ({"untracked_over": 2, "untracked_over_most": 2},
+     "2 sockets in CLOSE_WAIT not followed (beyond --max-tracked untracked ones, at the "
+     "last look)"),
+    ({"untracked_over": 0, "untracked_over_most": 3},
+     "0 sockets in CLOSE_WAIT not followed at the last look, 3 at most at one look"),
+    ({"untracked_over": "x", "untracked_over_most": ["y"]}, None),     # from elsewhere
+])
+def test_summary_lines_say_sockets_not_followed_at_the_last_look_and_at_most(counters, said):
+    rec = records.summary(10.0, 0.0, dict({"cw_enter": 3, "cw_exit": 2}, **counters),
+                          [0] * 64, [], 1, 0)
+    text = " ".join(" ".join(render.summary_lines(rec)).split())
+    if said is None:
+        assert "not followed" not in text
+    else:
+        assert said in text, text
 
 
 def test_transition_lines_align_and_fit():

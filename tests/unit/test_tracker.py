@@ -472,6 +472,9 @@ def test_untracked_sockets_are_kept_up_to_max_untracked_and_the_rest_counted():
     # The same two again at the next rescan: still two, not four.
     rescan(t, [dumped_row(1), dumped_row(2), dumped_row(3), dumped_row(4)], 30 * S, {NS}, 29 * S)
     assert t.untracked_over == 2
+    # None over at the next look; the most at one look stays.
+    rescan(t, [dumped_row(1), dumped_row(2)], 40 * S, {NS}, 39 * S)
+    assert (t.untracked_over, t.untracked_over_most) == (0, 2)
 
 
 def test_an_untracked_socket_is_known_by_its_inode_not_by_its_addresses():

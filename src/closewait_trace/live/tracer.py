@@ -1579,7 +1579,7 @@ class LiveTracer:
         confirmed = [row for row, there in zip(found, here) if there]
         self.tracker.adopt_found(confirmed, observed_ns, before_start_netns=first.netns,
                                  kernel_missed=first.kernel_missed, read_at=first.read_at)
-        self.tracker.untracked_over += beyond
+        self.tracker.count_untracked_over(self.tracker.untracked_over + beyond)
         waiting = any((known := self.tracker.pre_existing.get(row.endpoints)) is not None
                       and not known.is_socket(row.cookie, row.inode) for row in confirmed)
         if None in here or waiting:
@@ -1688,8 +1688,9 @@ class LiveTracer:
         counters = dict(self.probe.counters(), events_unread=self.unread_at_exit)
         if self.found_unseen or self.left_unseen:
             counters.update(found_unseen=self.found_unseen, left_unseen=self.left_unseen)
-        if self.tracker.untracked_over:
-            counters["untracked_over"] = self.tracker.untracked_over
+        if self.tracker.untracked_over_most:
+            counters.update(untracked_over=self.tracker.untracked_over,
+                            untracked_over_most=self.tracker.untracked_over_most)
         return records.summary(time.time(), self.started_ts, counters,
                                self.probe.histogram(), still,
                                self.linger_lines, self.closed_lines, extra)

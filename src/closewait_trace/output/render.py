@@ -934,8 +934,13 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("found_unseen"):
         problems.append(f"{n['found_unseen']} sockets found in CLOSE_WAIT by a rescan "
                         f"(their entry not seen; ages estimated)")
-    if n.get("untracked_over"):
-        problems.append(f"{n['untracked_over']} sockets in CLOSE_WAIT not followed "
+    over, most = n.get("untracked_over", 0), n.get("untracked_over_most", 0)
+    if most > over:
+        # Some went unfollowed earlier: said, even when none is now.
+        problems.append(f"{over} sockets in CLOSE_WAIT not followed at the last look, "
+                        f"{most} at most at one look (beyond --max-tracked untracked ones)")
+    elif over:
+        problems.append(f"{over} sockets in CLOSE_WAIT not followed "
                         f"(beyond --max-tracked untracked ones, at the last look)")
     if n.get("left_unseen"):
         problems.append(f"{n['left_unseen']} sockets found gone by a rescan "

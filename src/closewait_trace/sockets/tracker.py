@@ -232,6 +232,10 @@ class Tracker:
     # not a running total, which each rescan would count again.
     max_untracked: int = 1 << 62
     untracked_over: int = 0
+    # The most not kept at any one look: whoever fills the room and then
+    # lets go leaves the last look at 0, and the summary said nothing of
+    # the time sockets went unfollowed.
+    untracked_over_most: int = 0
     # Whether some sockets from before the start may be in CLOSE_WAIT
     # unknown here: the start's read failed (the caller says so) or kept
     # fewer than it found (max_untracked). A socket a rescan finds is then
@@ -272,12 +276,18 @@ class Tracker:
         twice. Each gets an age estimated from tcp_info (ages.py): those
         already past the threshold are due at the first tick."""
         observed_ns = self.start_ns if observed_ns is None else observed_ns
-        self.untracked_over = self._adopt(
+        self.count_untracked_over(self._adopt(
             already_in_close_wait, _by_address(t.endpoints for t in tracked),
-            min(observed_ns, self.start_ns), observed_ns, found_late=False, read_at=read_at)
+            min(observed_ns, self.start_ns), observed_ns, found_late=False, read_at=read_at))
         if self.untracked_over:
             self.seed_incomplete = True
         return len(self.pre_existing)
+
+    def count_untracked_over(self, over: int) -> None:
+        """How many were not kept at this look (untracked_over), and the
+        most at any look."""
+        self.untracked_over = over
+        self.untracked_over_most = max(self.untracked_over_most, over)
 
     def rescan(self, in_close_wait: Iterable[TcpRow], dumped_netns: set[int],
                dump_began_ns: int, between: Optional[Callable[[], None]] = None
@@ -432,7 +442,7 @@ class Tracker:
             latest_ns, late_from_ns = observed_ns, None
         over += self._adopt(rows, tracked, latest_ns, observed_ns, found_late=True,
                             late_from_ns=late_from_ns, read_at=read_at)
-        self.untracked_over = over
+        self.count_untracked_over(over)
         return len(self.pre_existing) - before
 
     def _known(self, row: TcpRow, tracked_netns: dict[tuple, set[int]]) -> bool:
