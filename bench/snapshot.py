@@ -5,6 +5,9 @@
     .venv/bin/python bench/snapshot.py --sockets 10000 --holders 4 --runs 5
     .venv/bin/python bench/snapshot.py --holder c            # holders are small C programs
 
+Also timed: bench/snapshot_floor.py, the reads and one Python line per
+socket and nothing else (the interpreter's share of the gap to ss).
+
 Starts the holders (each listens, is connected to by a client that then
 closes, and keeps every accepted socket without reading: CLOSE_WAIT), waits
 until ss counts them all, runs ss and the snapshot (text and --json, each in a fresh
@@ -27,6 +30,7 @@ import tempfile
 import time
 
 TRACER = [sys.executable, "-m", "closewait_trace"]
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshot_floor.py")
 
 PY_HOLDER = r"""
 import resource, socket, sys
@@ -181,7 +185,10 @@ def main() -> int:
         commands = {
             "ss -tanp state close-wait": ["ss", "-tanp", "state", "close-wait"],
             "snapshot (text)": TRACER + ["snapshot"] + lport_filter,
-            "snapshot --json": TRACER + ["snapshot", "--json"] + lport_filter}
+            "snapshot --json": TRACER + ["snapshot", "--json"] + lport_filter,
+            # The reads and a line per socket in Python, nothing more: what
+            # the interpreter's share of the gap to ss is (target 3).
+            "python floor": [sys.executable, FLOOR]}
         holder_pids = {p.pid for p, _port in held}
         results = {name: [] for name in commands}
         cpu_results = {name: [] for name in commands}
@@ -201,6 +208,9 @@ def main() -> int:
                         print(f"WARNING: snapshot listed {len(lingers)} sockets, ss {found} "
                               f"before and {now} now")
                     assert all(r["owners"] for r in lingers), "a socket without its holder"
+                if cmd[-1] == FLOOR and len(out.splitlines()) < found:
+                    print(f"WARNING: the floor listed {len(out.splitlines())} sockets, "
+                          f"ss {found}")
         print(f"load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f}")
         print(f"{'command':<28} {'wall min':>8} {'median':>7} {'max':>7} "
               f"{'cpu min':>8} {'median':>7} {'/ ss':>6}  (seconds, {args.runs} runs)")
