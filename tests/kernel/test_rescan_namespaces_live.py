@@ -308,6 +308,39 @@ def test_the_census_gives_the_keys_of_the_sockets_in_close_wait_that_pass_the_fi
             s.close()
 
 
+def test_a_rescan_for_some_keys_gives_the_rows_of_those_sockets_alone():
+    """A rescan two censuses set off (owners.rescan_close_wait's only): of
+    the real sock_diag's rows, those whose census key, made with the
+    loop's secret, is among the keys asked for in their namespace."""
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets.tcprow import census_key
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(3)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    accepted = [listener.accept()[0] for _ in clients]
+    for c in clients:
+        c.shutdown(socket.SHUT_WR)                  # all accepted: CLOSE_WAIT
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+        wanted = Endpoints(socket.AF_INET, "127.0.0.1", port, "127.0.0.1",
+                           clients[1].getsockname()[1], netns)
+        whole = owners.rescan_close_wait(budget_s=0.0)
+        assert sum(1 for r in whole.rows if r.endpoints.lport == port) == 3
+        read = owners.rescan_close_wait(budget_s=0.0,
+                                        only={netns: {census_key(wanted, b"s")}}, secret=b"s")
+        assert netns in read.dumped
+        assert [r.endpoints for r in read.rows] == [wanted]
+        assert read.rows[0].inode == os.fstat(accepted[1].fileno()).st_ino
+        other = owners.rescan_close_wait(budget_s=0.0,
+                                         only={netns: {census_key(wanted, b"s")}}, secret=b"t")
+        assert other.rows == []
+    finally:
+        for s in clients + accepted + [listener]:
+            s.close()
+
+
 # In a new namespace of its own (lo brought up by the caller): one socket in
 # CLOSE_WAIT on 127.0.0.1:PORT; prints its namespace, its peer's port, and
 # the wall-clock times just before and after the peer's FIN was sent.

@@ -16,6 +16,7 @@ from closewait_trace.output import records, render
 from closewait_trace.sockets import tracker
 from closewait_trace.kernel.events import KIND_TRANSITION, KernelEvent
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter
+from closewait_trace.sockets.tcprow import census_key
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import ListSink, RecordingSink, TickView, snapshot_record
 from closewait_trace.live.gcpolicy import GcPolicy
@@ -1704,6 +1705,71 @@ def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_census(t
     assert w.tracer.summary()["tracer_cost"]["censuses"] == 2
 
 
+class RecordsRescans(DumpsWhole):
+    """What each rescan asked for (only), the rows it got, and which
+    sockets were then asked about alone."""
+
+    def __init__(self, proc: str):
+        super().__init__(proc)
+        self.rescans: list = []
+        self.asked: list = []
+
+    def rescan_close_wait(self, last_read, budget_s, only=None, secret=b""):
+        read = super().rescan_close_wait(last_read, budget_s, only, secret)
+        self.rescans.append((only, sorted(r.endpoints.rport for r in read.rows)))
+        return read
+
+    def in_close_wait_now(self, endpoints, which=None):
+        self.asked.extend(ep.rport for ep in endpoints)
+        return super().in_close_wait_now(endpoints, which)
+
+
+def test_a_rescan_the_censuses_set_off_reads_only_the_sockets_they_differ_on(tmp_path):
+    """Two censuses agree on two differences: a socket whose entry the hook
+    missed (30500) and one whose exit it missed (30700). The rescan asks
+    the worker for their rows alone (at 100,000 lingering, every row in the
+    loop was 65 MB more at its peak), judges gone only a socket it looked
+    for, and asks the kernel about those two alone: the five lingering
+    sockets, absent from its rows, are not taken for gone."""
+    resolver = RecordsRescans(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(5)                                             # 30000-30004, in the map
+    w.probe.enter(0x3000, endpoints(30700).in_netns(NETNS), ago_s=0.5)  # already gone
+    w.tracer.start()
+    w.step()
+    w.hold(100, 30500, 60500)                  # in CLOSE_WAIT; the map never had it
+    for _ in range(2):
+        census_due(w.tracer)
+        w.step(0.5)
+    w.step(0.5)
+    secret = w.tracer._census_secret
+    assert w.tracer.tick_stats["rescans"] == 1
+    [(only, rows)] = resolver.rescans
+    assert only == {NETNS: {census_key(endpoints(30500), secret),
+                            census_key(endpoints(30700), secret)}}
+    assert rows == [30500]
+    assert sorted(resolver.asked) == [30500, 30700]
+    for _ in range(MAX_RESOLVE_ATTEMPTS + 2):
+        w.step(1.0)
+    assert w.tracer.found_unseen == 1 and w.tracer.left_unseen == 1
+    assert sorted(r["rport"] for r in w.of("linger")) == [30000, 30001, 30002, 30003,
+                                                          30004, 30500]
+    assert sorted(l.endpoints.rport for l in w.tracer.lingering(w.clock.ns)) == [
+        30000, 30001, 30002, 30003, 30004, 30500]
+
+
+def test_a_rescan_after_a_counted_loss_reads_every_socket(tmp_path):
+    """A loss the kernel counted says nothing of which sockets: every row."""
+    resolver = RecordsRescans(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(3)
+    w.tracer.start()
+    w.step()
+    w.probe.counts["transitions_skipped"] = 1
+    w.step(0.5)
+    assert resolver.rescans == [(None, [30000, 30001, 30002])]
+
+
 def test_a_difference_seen_by_one_census_only_sets_off_no_rescan(tmp_path):
     """A socket in the census that nothing knows, gone by the next one (on
     its way out, or its event still to come while the census ran): no
@@ -2092,9 +2158,9 @@ def test_the_start_reads_other_namespaces_for_a_budget_and_the_rescans_read_the_
             return RescanRead([], {4}, [4, 5, 7], [NETNS, 6],
                               {4: 0, 5: 1000, 7: 1000, NETNS: 65534, 6: 65534}, 5)
 
-        def rescan_close_wait(self, last_read, budget_s):
+        def rescan_close_wait(self, last_read, budget_s, *rest):
             calls.append(("rescan", dict(last_read)))
-            read = super().rescan_close_wait(last_read, budget_s)
+            read = super().rescan_close_wait(last_read, budget_s, *rest)
             return read._replace(dumped={NETNS, 6}, tried=[NETNS, 6], unread=[])
 
     w = World(tmp_path, resolver=LeavesItsNamespace(str(tmp_path / "proc")))
@@ -2135,8 +2201,8 @@ def test_after_a_loss_a_socket_first_read_in_a_namespace_the_start_left_may_be_e
         def start_close_wait(self, budget_s):
             return RescanRead([], set(), [], [NETNS], {NETNS: 65534})
 
-        def rescan_close_wait(self, last_read, budget_s):
-            read = super().rescan_close_wait(last_read, budget_s)
+        def rescan_close_wait(self, last_read, budget_s, *rest):
+            read = super().rescan_close_wait(last_read, budget_s, *rest)
             return read._replace(dumped={NETNS}, tried=[NETNS], unread=[])
 
     w = World(tmp_path, resolver=LeavesItsNamespace(str(tmp_path / "proc")))
@@ -2165,7 +2231,7 @@ def test_a_rescan_that_ran_out_of_budget_is_continued_without_a_new_loss(tmp_pat
     namespaces = [11, 12, 13, 14, 15]
 
     class ReadsTwoAtATime(ProcResolver):
-        def rescan_close_wait(self, last_read, budget_s):
+        def rescan_close_wait(self, last_read, budget_s, *rest):
             calls.append((dict(last_read), budget_s))
             order = sorted(namespaces, key=lambda ns: (last_read.get(ns, -1), ns))
             return RescanRead([], set(order[:2]), order[:2], order[2:])
@@ -2215,7 +2281,7 @@ def test_a_rescan_takes_a_namespace_cut_short_or_unread_as_not_read(tmp_path):
                RescanRead([], {13}, [13], [], {})]
 
     class Cuts(ProcResolver):
-        def rescan_close_wait(self, last_read, budget_s):
+        def rescan_close_wait(self, last_read, budget_s, *rest):
             calls.append(dict(last_read))
             return answers[len(calls) - 1]
 

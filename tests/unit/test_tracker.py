@@ -421,6 +421,21 @@ def test_rescan_finds_gone_only_what_entered_before_it_in_a_namespace_it_read():
     assert not any(t.drop_unseen(l) for l in gone)      # once only
 
 
+def test_a_rescan_for_some_keys_judges_gone_only_the_sockets_it_looked_for():
+    """A rescan the censuses set off has the rows of the sockets they
+    differ on alone (owners.rescan_close_wait's only): a known socket not
+    among those keys is not in its rows and is not gone for that; one
+    among them and not in its rows is."""
+    t = known_in_and_out_of_namespaces()
+    secret = b"k"
+    only = {NS: {census_key(ns_ep(1001), secret), census_key(ns_ep(3001), secret)}}
+    found, gone = t.rescan([dumped_row(3001)], {NS}, 9 * S, only=only, secret=secret)
+    assert [row.endpoints.rport for row in found] == [3001]
+    assert [l.endpoints.rport for l in gone] == [1001]
+    # Keys made with another secret name other sockets: none looked for.
+    assert t.rescan([], {NS}, 9 * S, only=only, secret=b"other") == ([], [])
+
+
 def test_a_socket_dropped_unseen_is_told_to_the_observers_and_unwatched():
     class Seen:
         def __init__(self):

@@ -81,10 +81,11 @@ class ProcResolver:
         return self._run("rescan_close_wait", self.proc, {}, budget_s,
                          deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
-    def rescan_close_wait(self, last_read: dict, budget_s: float) -> RescanRead:
+    def rescan_close_wait(self, last_read: dict, budget_s: float,
+                          only: Optional[dict] = None, secret: bytes = b"") -> RescanRead:
         """owners.rescan_close_wait, in the worker under its deadlines."""
-        return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s,
-                         deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
+        return self._run("rescan_close_wait", self.proc, dict(last_read), budget_s, True,
+                         only, secret, deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
     def close_wait_census(self, last_read: dict, budget_s: float,
                           socket_filter, secret: bytes = b"") -> Census:

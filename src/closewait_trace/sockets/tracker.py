@@ -290,7 +290,8 @@ class Tracker:
         self.untracked_over_most = max(self.untracked_over_most, over)
 
     def rescan(self, in_close_wait: Iterable[TcpRow], dumped_netns: set[int],
-               dump_began_ns: int, between: Optional[Callable[[], None]] = None
+               dump_began_ns: int, between: Optional[Callable[[], None]] = None,
+               only: Optional[Mapping[int, Collection[int]]] = None, secret: bytes = b""
                ) -> tuple[list[TcpRow], list[Lingerer]]:
         """Compare the view with a sock_diag dump of every socket in
         CLOSE_WAIT, taken when the kernel said it missed some state changes
@@ -314,7 +315,10 @@ class Tracker:
         A socket in a namespace the dump did not read (or whose namespace
         is not known) is never judged gone. between: called after every
         BETWEEN_EVERY sockets (2 us each: 0.2 s of comparing at 100,000
-        with no look at the ring otherwise)."""
+        with no look at the ring otherwise). only: namespace -> census keys
+        (census_key with secret): the dump has the rows of those sockets
+        alone (owners.rescan_close_wait's only), and only a socket known
+        here with one of those keys can be judged gone."""
         rows = list(in_close_wait)
         dumped: dict[tuple, list[TcpRow]] = {}
         for row in rows:
@@ -328,6 +332,8 @@ class Tracker:
                     continue
                 if l.skaddr is not None and l.enter_ns >= dump_began_ns:
                     continue            # entered while the dump ran: may be after it
+                if only is not None and census_key(ep, secret) not in only.get(ep.netns, ()):
+                    continue            # not looked for: the dump has no row for it
                 if not any((not row.endpoints.netns or row.endpoints.netns == ep.netns)
                            and l.is_socket(row.cookie, row.inode)
                            for row in dumped.get(ep.address_key, ())):
