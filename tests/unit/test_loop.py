@@ -1758,6 +1758,57 @@ def test_a_rescan_the_censuses_set_off_reads_only_the_sockets_they_differ_on(tmp
         30000, 30001, 30002, 30003, 30004, 30500]
 
 
+def test_while_sockets_are_not_followed_a_rescan_the_censuses_set_off_reads_every_socket(
+        tmp_path):
+    """Some sockets beyond the room for untracked ones (untracked_over 3);
+    a followed one leaves unseen. A rescan for the censuses' keys alone
+    would see none beyond the room: it said 0 not followed while 3 were,
+    and left the room it freed to the next censuses, a minute on. (A
+    review's finding: a user fills the room, then lets one go.)"""
+    resolver = RecordsRescans(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.tracer.start()
+    w.tracer.tracker.max_untracked = 2
+    w.step()
+    for i in range(5):
+        w.hold(100, 30500 + i, 7000 + i)
+    w.probe.counts["map_full"] = 1
+    w.step(0.5)
+    tracker = w.tracer.tracker
+    assert tracker.untracked_over == 3
+    assert sorted(l.endpoints.rport for l in tracker.pre_existing.values()) == [30500, 30501]
+    w.forget_row(30500)                         # leaves; nothing sees it go
+    w.tracer._rescan_tried -= w.tracer._rescan_gap           # the censuses may come
+    for _ in range(2):
+        census_due(w.tracer)
+        w.step(0.5)
+    w.step(0.5)
+    assert w.tracer.tick_stats["rescans"] == 2
+    assert resolver.rescans[-1][0] is None                  # every socket read
+    assert tracker.untracked_over == 2
+    assert sorted(l.endpoints.rport for l in tracker.pre_existing.values()) == [30501, 30502]
+
+
+def test_more_unseen_sockets_than_room_for_them_set_off_a_rescan_of_every_socket(tmp_path):
+    """Five sockets the hook missed, room for two: the censuses name the
+    two of the lowest keys (census_diff). A rescan for those alone would
+    follow two and count none beyond; a full one counts three."""
+    resolver = RecordsRescans(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.tracer.start()
+    w.tracer.tracker.max_untracked = 2
+    w.step()
+    for i in range(5):
+        w.hold(100, 30500 + i, 7000 + i)        # in CLOSE_WAIT; the map never had them
+    for _ in range(2):
+        census_due(w.tracer)
+        w.step(0.5)
+    w.step(0.5)
+    assert w.tracer.tick_stats["rescans"] == 1
+    assert resolver.rescans[-1][0] is None
+    assert w.tracer.tracker.untracked_over == 3 and len(w.tracer.tracker.pre_existing) == 2
+
+
 def test_a_rescan_after_a_counted_loss_reads_every_socket(tmp_path):
     """A loss the kernel counted says nothing of which sockets: every row."""
     resolver = RecordsRescans(str(tmp_path / "proc"))

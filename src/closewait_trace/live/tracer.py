@@ -1421,10 +1421,17 @@ class LiveTracer:
         # to read, none the start left unread): the sockets they differ on
         # are all it looks for. A full rescan at 100,000 lingering brought
         # every row into the loop (65 MB more at its peak) to find the one
-        # socket the kernel's hook missed.
+        # socket the kernel's hook missed. Not while some sockets are not
+        # followed, or may not be: a census names no more unknown sockets
+        # than there is room for (census_diff), so a rescan for its keys
+        # alone would count none beyond the room, and would leave the room
+        # a socket found gone frees to the next censuses.
         only = None
+        room = self.tracker.max_untracked - len(self.tracker.pre_existing)
         if (basis == self._rescan_basis and not self._rescan_unread
-                and not self._unread_since_start and self._census_confirmed):
+                and not self._unread_since_start and self._census_confirmed
+                and not self.tracker.untracked_over
+                and len(self._census_confirmed) < min(room, CENSUS_KEPT)):
             only = {}
             for netns, key in self._census_confirmed:
                 only.setdefault(netns, set()).add(key)
