@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Optional
 
 import click
 
@@ -269,7 +270,7 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     Needs root (BPF). SIGINT, SIGTERM and SIGHUP end the trace with its
     summary. Exit codes: 0 ok, 2 bad usage, 3 not root, 4 bcc missing,
     5 no kernel headers, 6 BPF or tracepoint unavailable, 7 file error,
-    8 other processes could not be read in time (snapshot), 1 internal error.
+    8 other processes could not be read (snapshot), 1 internal error.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -458,13 +459,35 @@ def _quick_exit() -> None:
     os._exit(0)
 
 
-def usage_line(exc: click.ClickException) -> str:
+def usage_line(exc: click.ClickException, args: Optional[list] = None) -> str:
     """click's four lines (Usage, Try, blank, Error) as the one line every
-    other error is: what is wrong; what to do next."""
+    other error is: what is wrong; what to do next. args: the command line,
+    for the subcommand whose --help to name when click's error does not
+    say (an option missing its value)."""
     ctx = getattr(exc, "ctx", None)
-    command = ctx.command_path if ctx is not None else "closewait-trace"
-    message = " ".join(exc.format_message().split()).rstrip(".")
+    command = ctx.command_path if ctx is not None else command_path_of(args or [])
+    possibilities = getattr(exc, "possibilities", None)
+    if isinstance(exc, click.exceptions.NoSuchOption) and possibilities:
+        # click runs its two sentences together ("No such option: --x Did
+        # you mean --y?"): the suggestion kept apart.
+        message = (f"{' '.join(exc.message.split()).rstrip('.')} "
+                   f"(did you mean {' or '.join(sorted(possibilities))}?)")
+    else:
+        message = " ".join(exc.format_message().split()).rstrip(".")
     return f"closewait-trace: {message}; see '{command} --help'"
+
+
+def command_path_of(args: list) -> str:
+    """The command a command line names, as click parses it (its errors
+    ignored): 'closewait-trace snapshot', or 'closewait-trace'."""
+    try:
+        ctx = main_group.make_context("closewait-trace", list(args), resilient_parsing=True)
+        rest = list(ctx.protected_args) + list(ctx.args)
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        return "closewait-trace"
+    if rest and rest[0] in main_group.commands:
+        return f"closewait-trace {rest[0]}"
+    return "closewait-trace"
 
 
 def main() -> None:
@@ -482,7 +505,7 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(0)
     except click.ClickException as exc:
-        click.echo(usage_line(exc), err=True)
+        click.echo(usage_line(exc, sys.argv[1:]), err=True)
         sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
     except UserError as err:
         fail(err)

@@ -11,6 +11,11 @@ import sys
 def main() -> None:
     if sys.argv[1:2] == ["snapshot"]:
         from closewait_trace.evidence import spawn
-        spawn.prestart(spawn.DEFAULT_CALLS, **spawn.SNAPSHOT_WORKER)
+        try:
+            spawn.prestart(spawn.DEFAULT_CALLS, **spawn.SNAPSHOT_WORKER)
+        except OSError:
+            # No process to be had (a user's process limit, no memory): the
+            # snapshot tries again itself, where a failure is one line.
+            pass
     from closewait_trace.cli import main as cli_main
     cli_main()

@@ -7,7 +7,7 @@ EXIT_NO_BCC = 4         # bcc's Python binding cannot be imported
 EXIT_NO_HEADERS = 5     # no kernel header tree for bcc to compile against
 EXIT_NO_BPF = 6         # the kernel refused the program, or no tracepoint
 EXIT_FILE = 7           # a recording cannot be read or written
-EXIT_GATHER = 8         # snapshot: the sockets and owners could not be read in time
+EXIT_GATHER = 8         # snapshot: the sockets and owners could not be read (in time, or no worker)
 EXIT_INTERRUPTED = 130  # unused by design: Ctrl-C is a normal end (exit 0)
 
 

@@ -635,3 +635,28 @@ def test_the_entry_point_starts_snapshots_worker_before_the_command_lines_import
     assert [l for l in lines if l.startswith("worker started")] == started
     if args[:2] == ["snapshot", "-p"]:
         assert "socket" in done.stdout        # the snapshot ran, with that worker
+
+
+def test_a_worker_that_cannot_be_started_fails_the_call_not_the_caller(monkeypatch):
+    """No process to be had (a process or task limit, no memory): the call
+    fails as a read that could not be made, counted, instead of an OSError
+    through the tracer's loop or the snapshot; the next call starts one."""
+    import errno
+    monkeypatch.setenv(BLOCKED_PIDS_ENV, "")
+    started = spawn.start_process
+
+    def no_process(*args):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(spawn, "start_process", no_process)
+    g = GatherWorker(calls_module="tests.unit.blocking_calls")
+    try:
+        g.start()                                   # nothing started, nothing raised
+        with pytest.raises(GatherFailed) as failed:
+            g.call("collecting", deadline_s=30)
+        assert failed.value.why == f"{worker.NO_WORKER} (Resource temporarily unavailable)"
+        assert g.failures == 1
+        monkeypatch.setattr(spawn, "start_process", started)
+        assert g.call("collecting", deadline_s=30) is True
+    finally:
+        g.close()

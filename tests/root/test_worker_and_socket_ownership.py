@@ -116,3 +116,32 @@ def test_a_file_path_too_long_to_read_does_not_hide_a_holder():
         holder.kill()
         holder.wait()
         shutil.rmtree(home)
+
+
+@pytest.mark.parametrize("args, code", [(["snapshot", "--help"], 0), (["snapshot"], 8)])
+def test_snapshot_without_a_process_to_spare_is_help_or_one_line(args, code):
+    """The entry point starts snapshot's worker before anything else
+    (entry.py): when no process can be had (a user at their process limit),
+    `--help` is still the help, and the snapshot itself one line, never a
+    traceback (a review's finding: BlockingIOError from the entry point)."""
+    import resource
+    import subprocess
+    import sys
+
+    def one_process():
+        resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+
+    # nobody (no other process of theirs here), at a limit of one process:
+    # the interpreter itself.
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          sys.executable, "-m", "closewait_trace"] + args,
+                         capture_output=True, text=True, timeout=60, preexec_fn=one_process)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == code, out.stderr
+    if code == 0:
+        assert "Usage: closewait-trace snapshot" in out.stdout
+    else:
+        [line] = out.stderr.splitlines()
+        assert line.startswith("closewait-trace: the sockets and their owners could not be "
+                               "read: no worker could be started ("), line
+        assert "ulimit -u" in line

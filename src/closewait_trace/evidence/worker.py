@@ -67,6 +67,7 @@ SUSPENDED = "suspended"
 ADOPT_S = 2.0
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
+NO_WORKER = "no worker could be started"
 
 
 class GatherFailed(Exception):
@@ -319,7 +320,10 @@ class GatherWorker:
         (an interpreter, its imports) then runs while the caller does
         its own (snapshot). Without a call it only waits on its stdin."""
         if self._proc is None or self._proc.poll() is not None:
-            self._start()
+            try:
+                self._start()
+            except OSError:
+                pass            # the first call tries again, and says why it failed
 
     def _reap(self) -> None:
         self._abandoned = [entry for entry in self._abandoned if entry[0].poll() is None]
@@ -396,8 +400,17 @@ class GatherWorker:
         items: list = []
         try:
             self._check_suspended(reads_memory)
-            proc = self._proc if self._proc is not None and self._proc.poll() is None \
-                else self._start()
+            if self._proc is not None and self._proc.poll() is None:
+                proc = self._proc
+            else:
+                try:
+                    proc = self._start()
+                except OSError as e:
+                    # No process to be had (a process or task limit, no
+                    # memory): this call fails, as any read that could not
+                    # be made; the next starts one again.
+                    self.failures += 1
+                    raise GatherFailed(f"{NO_WORKER} ({e.strerror})") from None
             # The fast pickler: a batch of 100,000 sockets' Endpoints took
             # 0.3-0.5 s to pickle field by field (dataclasses' __getstate__).
             self._waiting()
