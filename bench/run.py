@@ -889,7 +889,8 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 # summary counted, and what the rescans found.
                 "losses": {name: counters[name] for name in (
                     "events_lost", "map_full", "transitions_skipped", "exit_untracked",
-                    "found_unseen", "left_unseen", "untracked_over") if counters.get(name)}}
+                    "found_unseen", "left_unseen", "untracked_over", "untracked_over_most")
+                    if counters.get(name)}}
     finally:
         stop_all(clients + holders + [tracer])
 

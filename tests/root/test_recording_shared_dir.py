@@ -231,3 +231,21 @@ def test_parts_stay_in_the_directory_recording_began_in(sticky_dir, nobody, alar
         assert (precious / f"cw.jsonl.{n}").read_text() == f"PRECIOUS {n}\n"
     moved = os.listdir(theirs + ".old")
     assert "cw.jsonl" in moved and f"cw.jsonl.{r.part}" in moved
+
+
+def test_a_recording_another_user_may_not_read_says_why_and_what_to_do(sticky_dir):
+    """Recordings are written private to root (0600): a user who reads one
+    gets one line that says so and what to do, not "check permissions"
+    (a newcomer's walk through the README)."""
+    base = os.path.join(sticky_dir, "cw.jsonl")
+    r = recorder(base, max_files=None)
+    r.max_bytes = None
+    r.write(linger(0))
+    r.close()
+    assert os.stat(base).st_mode & 0o777 == 0o600
+    result = subprocess.run(AS_NOBODY + [sys.executable, "-m", "closewait_trace", "report", base],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_FILE
+    assert result.stderr.splitlines() == [
+        f"closewait-trace: cannot read {base}: Permission denied; recordings are written "
+        f"private to root (mode 0600): read it as root, or have root make a copy you may read"]

@@ -33,6 +33,29 @@ def test_bad_options_exit_2_with_one_clear_line(args, needle):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args,line", [
+    # click raises an option's missing value without its command: the
+    # --help named was the whole tool's, not the subcommand's.
+    (["snapshot", "--comm"], "closewait-trace: Option '--comm' requires an argument; "
+                             "see 'closewait-trace snapshot --help'"),
+    (["report", "--by"], "closewait-trace: Option '--by' requires an argument; "
+                         "see 'closewait-trace report --help'"),
+    (["-t", "1s", "snapshot", "-p"], "closewait-trace: Option '-p' requires an argument; "
+                                     "see 'closewait-trace snapshot --help'"),
+    (["-p"], "closewait-trace: Option '-p' requires an argument; "
+             "see 'closewait-trace --help'"),
+    # click runs its suggestion into the error ("--bogus Did you mean").
+    (["snapshot", "--verbos"], "closewait-trace: No such option: --verbos (did you mean "
+                               "--verbose?); see 'closewait-trace snapshot --help'"),
+    (["top", "--bogus"], "closewait-trace: No such option: --bogus; "
+                         "see 'closewait-trace top --help'"),
+])
+def test_a_usage_error_names_its_subcommands_help_in_one_line(args, line):
+    result = run_cli(*args)
+    assert result.returncode == errors.EXIT_USAGE
+    assert result.stderr.splitlines() == [line]
+
+
 def test_help_ends_with_examples():
     result = run_cli("--help")
     assert result.returncode == 0

@@ -107,7 +107,7 @@ def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_re
     except FileNotFoundError:
         raise UserError(f"{path}: no such file", EXIT_FILE, "check the path")
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE, "check permissions")
+        raise _unreadable(path, exc) from None
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(path, st.st_mode)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -120,7 +120,7 @@ def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_re
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link", EXIT_FILE, "give the real path")
-        raise UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE, "check permissions")
+        raise _unreadable(path, exc) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):             # swapped between stat and open
         os.close(fd)
@@ -178,7 +178,17 @@ def _header_problem(rec: Optional[dict]) -> Optional[str]:
     return None
 
 
-_HINTS = {"is not": "record one with: sudo closewait-trace -w FILE",
+def _unreadable(path: str, exc: OSError) -> UserError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        # The tracer writes its recordings private (0600, root's): the
+        # user who reads one is most often not the one who wrote it.
+        return UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE,
+                         "recordings are written private to root (mode 0600): read it as "
+                         "root, or have root make a copy you may read")
+    return UserError(f"cannot read {path}: {exc.strerror}", EXIT_FILE, "check permissions")
+
+
+_HINTS = {"is not": "record one as root: closewait-trace -w FILE",
           "has format version": "upgrade closewait-trace to read it",
           "has a damaged": "nothing can be read from it without a valid header"}
 
