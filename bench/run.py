@@ -885,6 +885,8 @@ def scale_one(total: int, per_process: int = 10_000, threshold: str = "1s",
                 # measure one at this scale), and the longest of each.
                 "rescans": cost.get("rescans"), "rescan_max_ms": cost.get("rescan_max_ms"),
                 "censuses": cost.get("censuses"), "census_max_ms": cost.get("census_max_ms"),
+                # Reported with owners looked up while a batch was written.
+                "owners_ahead": cost.get("owners_ahead"),
                 # What sets a rescan off besides the censuses: a loss the
                 # summary counted, and what the rescans found.
                 "losses": {name: counters[name] for name in (

@@ -660,3 +660,121 @@ def test_a_worker_that_cannot_be_started_fails_the_call_not_the_caller(monkeypat
         assert g.call("collecting", deadline_s=30) is True
     finally:
         g.close()
+
+
+def test_a_call_begun_is_answered_later_and_a_call_between_waits_for_it(
+        tmp_path, gatherer):
+    """GatherWorker.begin: the call sent, its answer taken by result()
+    later (the loop writes a batch while the next batch's owners are looked
+    up). A call made before that waits for the begun one first (one call at
+    a time in the worker) and keeps its answer for result()."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="T")
+    begun = gatherer.begin("holder_states", [100], proc.root, deadline_s=10)
+    assert not begun.done
+    assert gatherer.call("holder_states", [101], proc.root, deadline_s=10) == {
+        101: ("gone", 0)}
+    assert begun.done
+    assert begun.result() == {100: ("T", 0)}
+    assert begun.result() == {100: ("T", 0)}                 # kept
+
+
+def test_a_call_begun_keeps_its_deadline_from_when_it_began(tmp_path, gatherer):
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="S")
+    block_reads_of(proc, 100)
+    begun = gatherer.begin("holder_states", [100], proc.root, deadline_s=0.5)
+    time.sleep(0.6)
+    started = time.monotonic()
+    with pytest.raises(GatherFailed) as failed:
+        begun.result()
+    assert failed.value.why == worker.TIMED_OUT
+    assert time.monotonic() - started < 1.0      # its deadline had passed already
+    assert gatherer.timeouts == 1
+    # The next call gets a new worker and works.
+    proc.process(200, comm="other", state="S")
+    assert gatherer.call("holder_states", [200], proc.root, deadline_s=10) == {200: ("S", 0)}
+
+
+def test_a_call_begun_whose_worker_is_ended_gets_no_answer(tmp_path, gatherer):
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="S")
+    block_reads_of(proc, 100)
+    begun = gatherer.begin("holder_states", [100], proc.root, deadline_s=30)
+    gatherer.close()
+    with pytest.raises(GatherFailed) as failed:
+        begun.result()
+    assert failed.value.why == worker.STOPPED
+
+
+def test_a_large_batchs_successors_are_looked_up_while_it_is_written(
+        tmp_path, gatherer, monkeypatch):
+    """Issue 20, target 2: in a flood the worker looked up one batch's
+    owners, then waited while the loop wrote that batch (1.6 s for 50,000),
+    then looked up the next. Now the sockets due when a large batch is
+    about to be written are looked up meanwhile (_look_ahead), and the next
+    batch takes that answer: no lookup of its own, the same records."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "AHEAD_BATCH", 2)
+    lookups = []
+
+    class Slow(ProcResolver):
+        world = None
+
+        def owners(self, endpoints, *args, **kwargs):
+            lookups.append(sorted(ep.rport for ep in endpoints))
+            self.world.clock.advance(1.0)          # the lookup takes a second
+            return super().owners(endpoints, *args, **kwargs)
+
+    resolver = Slow(str(tmp_path / "proc"), worker=gatherer, stacks=False)
+    w = World(tmp_path, resolver=resolver)
+    resolver.world = w
+    for i in range(3):                              # due at the first tick
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    for i in range(3):                              # due a second later
+        w.hold(200, 40101 + i, 5101 + i, comm="other")
+        w.probe.enter(0xB0 + i, endpoints(40101 + i), ago_s=0.5)
+    w.tracer.start()
+    w.step()
+    assert lookups == [[40001, 40002, 40003]]
+    assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002, 40003]
+    assert w.tracer._ahead is not None
+    w.step(0.1)
+    assert lookups == [[40001, 40002, 40003]]       # none of their own
+    lingers = {r["rport"]: r for r in w.of("linger")}
+    assert sorted(lingers) == [40001, 40002, 40003, 40101, 40102, 40103]
+    assert all(lingers[p]["owners"][0]["pid"] == 200 for p in (40101, 40102, 40103))
+    assert w.tracer.ahead_taken == 3
+    assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 3
+
+
+def test_a_socket_that_left_while_it_was_looked_up_ahead_is_not_reported(
+        tmp_path, gatherer, monkeypatch):
+    """Looked up ahead, then it left CLOSE_WAIT (its exit event) before the
+    next batch: not reported, as after any lookup (_still_lingering)."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "AHEAD_BATCH", 2)
+
+    class Slow(ProcResolver):
+        world = None
+
+        def owners(self, endpoints, *args, **kwargs):
+            self.world.clock.advance(1.0)
+            return super().owners(endpoints, *args, **kwargs)
+
+    resolver = Slow(str(tmp_path / "proc"), worker=gatherer, stacks=False)
+    w = World(tmp_path, resolver=resolver)
+    resolver.world = w
+    for i in range(2):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA + i, endpoints(40001 + i), ago_s=2.0)
+    for i in range(2):
+        w.hold(200, 40101 + i, 5101 + i, comm="other")
+        w.probe.enter(0xB0 + i, endpoints(40101 + i), ago_s=0.5)
+    w.tracer.start()
+    w.step()
+    assert w.tracer._ahead is not None
+    w.probe.leave(0xB0)                             # 40101 closed by its holder
+    w.step(0.1)
+    assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002, 40102]

@@ -113,11 +113,18 @@ class ProcResolver:
                            memory or LookupMemory(),
                            deadline_s=OWNERS_CAP_S,
                            progress_s=STALL_S, stream=True)
-        found = [own for chunk in chunks for own in chunk]
-        if len(found) != len(wanted):
-            # Not a partial answer taken for a whole one: asked again.
-            raise GatherFailed(f"owners: {len(found)} answers for {len(wanted)} sockets")
-        return dict(zip(wanted, found))
+        return _owners_of(wanted, chunks)
+
+    def owners_begin(self, endpoints: list[Endpoints], others_budget_s: float = float("inf"),
+                     memory: Optional[LookupMemory] = None) -> "OwnersAhead":
+        """owners, begun in the worker and left to run while the caller does
+        its own; OwnersAhead.result() takes the answer (GatherFailed as
+        owners raises it). Only with a worker."""
+        wanted = list(endpoints)
+        pending = self.worker.begin("owners_in_order", wanted, self.proc, others_budget_s,
+                                    memory or LookupMemory(), deadline_s=OWNERS_CAP_S,
+                                    progress_s=STALL_S, stream=True)
+        return OwnersAhead(wanted, pending)
 
     def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
         """Reads every holder process of owns into cache (in the worker,
@@ -325,3 +332,35 @@ class ProcResolver:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+def _owners_of(wanted: list, chunks: list) -> dict:
+    found = [own for chunk in chunks for own in chunk]
+    if len(found) != len(wanted):
+        # Not a partial answer taken for a whole one: asked again.
+        raise GatherFailed(f"owners: {len(found)} answers for {len(wanted)} sockets")
+    return dict(zip(wanted, found))
+
+
+@dataclass
+class OwnersAhead:
+    """An owner lookup begun (ProcResolver.owners_begin)."""
+    wanted: list
+    pending: object             # worker.Pending
+    _answer: Optional[dict] = None
+    _failed: Optional[GatherFailed] = None
+
+    def wait(self) -> None:
+        """Takes the answer now (or its failure), for result()."""
+        if self._answer is None and self._failed is None:
+            try:
+                self._answer = _owners_of(self.wanted, self.pending.result())
+            except GatherFailed as e:
+                self._failed = e
+
+    def result(self) -> dict:
+        """endpoints -> Ownership, as ProcResolver.owners; or its GatherFailed."""
+        self.wait()
+        if self._failed is not None:
+            raise self._failed
+        return self._answer

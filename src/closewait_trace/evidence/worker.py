@@ -271,6 +271,30 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
 
 # ----------------------------------------------------------------- parent
 
+@dataclass(eq=False)
+class Pending:
+    """A call begun (GatherWorker.begin), its answer taken by result()."""
+
+    worker: "GatherWorker"
+    deadline_at: float
+    progress_s: Optional[float]
+    stream: bool
+    proc: Optional[subprocess.Popen] = None
+    items: list = field(default_factory=list)
+    progress_at: float = 0.0
+    done: bool = False
+    value: object = None
+    error: Optional[GatherFailed] = None
+
+    def result(self):
+        """The answer (waiting for it as call does), or its GatherFailed."""
+        if not self.done:
+            self.worker._wait(self)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 @dataclass
 class GatherWorker:
     """The tracer's side: one child at a time, calls with deadlines.
@@ -297,6 +321,7 @@ class GatherWorker:
     _buf: bytearray = field(default_factory=bytearray)
     _abandoned: list = field(default_factory=list)   # [Popen, tag] of killed workers
     _last_abandoned: Optional[list] = None
+    _pending: Optional["Pending"] = None  # a call begun, its answer not yet taken
 
     def _check_suspended(self, reads_memory: bool) -> None:
         stuck = self.stuck_workers()
@@ -344,6 +369,10 @@ class GatherWorker:
             self._last_abandoned[1] = tag
 
     def _abandon(self) -> None:
+        # A call begun whose answer was not taken gets none.
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done:
+            pending.done, pending.error = True, GatherFailed(STOPPED, pending.items)
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -394,10 +423,26 @@ class GatherWorker:
         nothing streamed, when aborted, or when the worker failed; at once
         when too many abandoned workers are still blocked (reads_memory: the
         call reads other processes' memory, suspended first)."""
+        return self.begin(name, *args, deadline_s=deadline_s, deadline_at=deadline_at,
+                          progress_s=progress_s, stream=stream, reads_memory=reads_memory,
+                          **kwargs).result()
+
+    def begin(self, name: str, *args, deadline_s: Optional[float] = None,
+              deadline_at: Optional[float] = None, progress_s: Optional[float] = None,
+              stream: bool = False, reads_memory: bool = False, **kwargs) -> "Pending":
+        """call's first half: the call sent, its answer left to
+        Pending.result(), which waits for it as call does, under the same
+        deadlines, counted from now. Meanwhile the worker works and the
+        caller does its own (the loop writes a batch's records while the
+        next batch's owners are looked up). A call made before that result
+        is taken waits for it first (one call at a time in the worker) and
+        keeps it for result(). A failure to send raises GatherFailed here."""
+        if self._pending is not None and not self._pending.done:
+            self._wait(self._pending)
         scale = knobs.time_scale()
         if deadline_at is None:
             deadline_at = time.monotonic() + (deadline_s or 0.0) * scale
-        items: list = []
+        pending = Pending(self, deadline_at, progress_s, stream)
         try:
             self._check_suspended(reads_memory)
             if self._proc is not None and self._proc.poll() is None:
@@ -429,32 +474,45 @@ class GatherWorker:
             except OSError as e:
                 self._abandon()
                 raise GatherFailed(f"worker gone ({e.strerror})") from None
-            progress_at = time.monotonic()
+        except GatherFailed:
+            pending.done = True
+            raise
+        pending.proc, pending.progress_at = proc, time.monotonic()
+        self._pending = pending
+        return pending
+
+    def _wait(self, p: "Pending") -> None:
+        """Waits for p's answer (call's second half) and keeps it in p: its
+        value, or the GatherFailed that ends the wait."""
+        scale = knobs.time_scale()
+        proc, items = p.proc, p.items
+        try:
             while True:
                 for kind, payload in self._frames():
                     if kind in ("progress", "ready"):
                         self._ready = self._ready or kind == "ready"
-                        progress_at = time.monotonic()
+                        p.progress_at = time.monotonic()
                     elif kind == "item":
                         items.append(payload)
-                        progress_at = time.monotonic()
+                        p.progress_at = time.monotonic()
                     elif kind == "done":
-                        return items if stream else payload
+                        p.value = items if p.stream else payload
+                        return
                     else:
                         self.failures += 1
                         raise GatherFailed(str(payload), items)
                 if self.abort():
                     self._abandon()
                     raise GatherFailed(STOPPED, items)
-                deadline = deadline_at
+                deadline = p.deadline_at
                 # The stall time is for reads: a worker still starting (a new
                 # interpreter importing the package: seconds under load, as
                 # was seen under QEMU's emulation, where the tracer's first
                 # call, the start's snapshot of the sockets already in
                 # CLOSE_WAIT, was abandoned and they were never reported) has
                 # only the call's overall deadline.
-                if progress_s is not None and self._ready:
-                    deadline = min(deadline, progress_at + progress_s * scale)
+                if p.progress_s is not None and self._ready:
+                    deadline = min(deadline, p.progress_at + p.progress_s * scale)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.timeouts += 1
@@ -475,7 +533,11 @@ class GatherWorker:
         except GatherFailed as e:
             if not e.partial:
                 e.partial = items
-            raise
+            p.error = e
+        finally:
+            p.done = True
+            if self._pending is p:
+                self._pending = None
 
     def _waiting(self) -> None:
         if self.while_waiting is not None:

@@ -87,6 +87,9 @@ OWNERS_OTHERS_BUDGET_S = 0.2
 # soon rather than a whole tick later: 20 slow namespaces were named over
 # 10 s at two a tick. The loop still drains the ring buffer in between.
 OWNERS_LEFT_RETRY_S = 0.2
+# A batch at least this large has the owners of the sockets due after it
+# looked up while its records are written (Tracer._look_ahead): a flood.
+AHEAD_BATCH = 1000
 # Namespaces whose last owner lookup is remembered (Tracer.owner_memory),
 # beyond those of the last batch: a few bytes each.
 OWNER_READS_KEPT = 4096
@@ -321,6 +324,11 @@ class LiveTracer:
     owner_memory: owners.LookupMemory = field(
         default_factory=lambda: owners.LookupMemory({}, {}, {}))
     owner_lookups: int = 0
+    # An owner lookup begun while a large batch is written (_look_ahead):
+    # (the sockets, resolver.OwnersAhead), and how many sockets were
+    # reported with such an answer.
+    _ahead: Optional[tuple] = None
+    ahead_taken: int = 0
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
     start_snapshot_failed: Optional[str] = None
@@ -809,6 +817,12 @@ class LiveTracer:
         # events are among those (a socket forgotten first was written
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
         self.tracker.hold_departed = self._events_waiting()
+        if self._ahead is not None:
+            # Its answer taken first, with the collector paused as for the
+            # batch it is for (~10 objects a socket unpickled): the first
+            # call to the worker this tick would wait for it anyway.
+            with self.gc_policy.paused():
+                self._ahead[1].wait()
         rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
@@ -847,6 +861,8 @@ class LiveTracer:
         self.sip()
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
+        if self._ahead is not None and not (resolve and due):
+            self._ahead = None      # nothing due to take its answer: let go
         if resolve and due:
             resolving = time.monotonic()
             # Oldest first: the owner lookup reads other namespaces in
@@ -909,9 +925,16 @@ class LiveTracer:
             self._resolve(batch, now_ns, update)
 
     def _resolve(self, batch: list[Lingerer], now_ns: int, update: bool) -> None:
+        resolved = self._taken_ahead(batch) if not update else None
+        if resolved is not None:
+            ahead, resolved = resolved
+            if len(ahead) < len(batch):
+                self.owners_left = True     # the others at a tick 0.2 s on
+            batch = ahead
         try:
-            resolved = self.resolver.owners([l.endpoints for l in batch],
-                                            OWNERS_OTHERS_BUDGET_S, self.owner_memory)
+            if resolved is None:
+                resolved = self.resolver.owners([l.endpoints for l in batch],
+                                                OWNERS_OTHERS_BUDGET_S, self.owner_memory)
         except GatherFailed as e:
             if e.why == worker.STOPPED:
                 return
@@ -1012,6 +1035,8 @@ class LiveTracer:
             if not update or l.diagnosis.summary != before:
                 shown.append(l)
         evidence_cache.close()
+        if not update and len(shown) >= AHEAD_BATCH:
+            self._look_ahead()
         # The batch's records written in blocks (TerminalSink.hold_batch).
         holding = [sink for sink in self.sinks if hasattr(sink, "hold_batch")]
         for sink in holding:
@@ -1036,6 +1061,51 @@ class LiveTracer:
         finally:
             for sink in holding:
                 sink.hold_batch(False)
+
+    def _look_ahead(self) -> None:
+        """Before a large batch's records are written (the loop's longest
+        work in a flood: 1.6 s for 50,000), the owner lookup of the sockets
+        due now that it does not hold is begun in the worker, which would
+        otherwise wait idle: at 100,000 lingering the two batches' lookups
+        (1.6-1.7 s each) and writings (1.6-1.7 s each) ran one after the
+        other. The next batch takes the answer (_taken_ahead)."""
+        if (self._ahead is not None or getattr(self.resolver, "worker", None) is None
+                or self.stopping):
+            return
+        now_ns = self.now_ns()
+        threshold = self.tracker.threshold_ns
+        ahead = sorted((l for l in self.tracker.pending.values()
+                        if l.age_bound_ns(now_ns) >= threshold and not l.hidden),
+                       key=lambda l: l.earliest_enter_ns)
+        if not ahead:
+            return
+        try:
+            lookup = self.resolver.owners_begin([l.endpoints for l in ahead],
+                                                OWNERS_OTHERS_BUDGET_S, self.owner_memory)
+        except GatherFailed:
+            return              # counted; the next batch looks its owners up itself
+        self._ahead = (ahead, lookup)
+
+    def _taken_ahead(self, batch: list[Lingerer]) -> Optional[tuple[list, dict]]:
+        """The owners looked up ahead (_look_ahead) for the sockets of batch
+        that were among them, and those sockets (the rest of batch waits for
+        a tick 0.2 s on); None when there is no such answer, or it failed,
+        or it has none of batch. Whether each still lingers, and is still
+        the socket looked up, is checked after, as for any lookup."""
+        if self._ahead is None:
+            return None
+        ahead, lookup = self._ahead
+        self._ahead = None
+        try:
+            answer = lookup.result()
+        except GatherFailed:
+            return None
+        looked = {id(l) for l in ahead}
+        taken = [l for l in batch if id(l) in looked]
+        if not taken:
+            return None
+        self.ahead_taken += len(taken)
+        return taken, answer
 
     def _still_lingering(self, batch: list[Lingerer]) -> Optional[list[Lingerer]]:
         """Of sockets about to be first reported, those that still linger
@@ -1688,6 +1758,8 @@ class LiveTracer:
         # A flood read key by key costs seconds and memory: said, not guessed.
         stats["map_reads_per_key"] = getattr(self.probe, "per_key_reads", 0)
         stats["map_read_failures"] = sum(getattr(self.probe, "batch_read_failures", {}).values())
+        # Sockets reported with owners looked up while a batch was written.
+        stats["owners_ahead"] = self.ahead_taken
         extra = {"tracer_cost": {k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in stats.items()}}
         for sink in self.sinks:
