@@ -749,17 +749,19 @@ def test_a_large_batchs_successors_are_looked_up_while_it_is_written(
     assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 3
 
 
-def test_a_socket_that_left_while_it_was_looked_up_ahead_is_not_reported(
-        tmp_path, gatherer, monkeypatch):
-    """Looked up ahead, then it left CLOSE_WAIT (its exit event) before the
-    next batch: not reported, as after any lookup (_still_lingering)."""
+def ahead_world(tmp_path, gatherer, monkeypatch, lookups=None):
+    """Two sockets of pid 100 due at the first tick; two of pid 200 due
+    after its lookup (which takes a second of the fake clock): looked up
+    ahead while the first two are written (AHEAD_BATCH 2)."""
     from closewait_trace.live import tracer as tracer_module
     monkeypatch.setattr(tracer_module, "AHEAD_BATCH", 2)
+    lookups = [] if lookups is None else lookups
 
     class Slow(ProcResolver):
         world = None
 
         def owners(self, endpoints, *args, **kwargs):
+            lookups.append(sorted(ep.rport for ep in endpoints))
             self.world.clock.advance(1.0)
             return super().owners(endpoints, *args, **kwargs)
 
@@ -772,9 +774,103 @@ def test_a_socket_that_left_while_it_was_looked_up_ahead_is_not_reported(
     for i in range(2):
         w.hold(200, 40101 + i, 5101 + i, comm="other")
         w.probe.enter(0xB0 + i, endpoints(40101 + i), ago_s=0.5)
+    return w
+
+
+def test_a_socket_that_left_after_it_was_looked_up_ahead_is_not_reported(
+        tmp_path, gatherer, monkeypatch):
+    """Looked up ahead; it leaves CLOSE_WAIT after the next tick read the
+    map (so it is among that tick's due sockets), its exit event still to
+    be taken: the check after the lookup (_still_lingering) drops it, as
+    after any lookup. Reported with the answer taken ahead, it would be
+    said to linger after its CLOSED line."""
+    w = ahead_world(tmp_path, gatherer, monkeypatch)
     w.tracer.start()
     w.step()
     assert w.tracer._ahead is not None
-    w.probe.leave(0xB0)                             # 40101 closed by its holder
+    real_read = w.probe.tracked_entries
+    armed = [True]
+
+    def map_read_then_leave():
+        got = real_read()
+        if armed:
+            armed.clear()
+            w.probe.leave(0xB0)                 # 40101 closed by its holder
+        return got
+    w.probe.tracked_entries = map_read_then_leave
+    w.probe.counts["cw_enter"] += 1             # the map is read at this tick
     w.step(0.1)
     assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002, 40102]
+    assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 1
+
+
+def test_an_answer_begun_ahead_is_no_stall_when_the_loop_was_busy(
+        tmp_path, gatherer, monkeypatch):
+    """Nothing reads the worker while the loop writes a batch: its answer
+    may wait whole in the pipe for longer than the stall time (STALL_S).
+    That is no stall: counted from when the loop began waiting, the answer
+    is taken, the worker kept, nothing counted as timed out. (A review:
+    2.3 s between the ticks timed the lookahead out and killed the worker.)"""
+    lookups = []
+    w = ahead_world(tmp_path, gatherer, monkeypatch, lookups)
+    w.tracer.start()
+    w.step()
+    assert w.tracer._ahead is not None
+    worker_pid = gatherer._proc.pid
+    time.sleep(2.3)                         # the batch's writing, and the tick's wait
+    w.step(0.1)
+    assert lookups == [[40001, 40002]]
+    assert gatherer.timeouts == 0 and gatherer._proc.pid == worker_pid
+    assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002, 40101, 40102]
+    assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 2
+
+
+def test_a_stop_while_an_answer_is_begun_ahead_does_not_wait_or_kill_the_worker(
+        tmp_path, gatherer, monkeypatch):
+    """The last tick of a stop takes no answer begun ahead (nothing will be
+    reported), and the worker is not abandoned for it: the tracepoints it
+    holds for the exit stay held."""
+    w = ahead_world(tmp_path, gatherer, monkeypatch)
+    w.tracer.start()
+    held = gatherer.adopt([0])
+    assert held is not None and held()
+    w.step()
+    assert w.tracer._ahead is not None
+    w.tracer.stopping = True
+    gatherer.abort = lambda: w.tracer.stopping
+    started = time.monotonic()
+    w.tracer.tick(resolve=False)
+    assert time.monotonic() - started < 0.5
+    assert w.tracer._ahead is None and gatherer.stuck_workers() == 0 and held()
+    # Busy with that call, the worker is asked nothing more at the exit.
+    assert gatherer.adopt([0]) is None
+
+
+def test_a_call_made_while_one_is_begun_keeps_its_own_deadline(gatherer):
+    """The begun call's answer is read first, but no longer than the new
+    call's deadline: past it, that worker is abandoned (the begun call gets
+    no answer) and the new call fails as any call past its deadline."""
+    gatherer.call("reading_for", 0.1, deadline_s=30, progress_s=0.8)
+    begun = gatherer.begin("reading_for", 3.0, deadline_s=60, progress_s=0.8)
+    started = time.monotonic()
+    with pytest.raises(GatherFailed) as failed:
+        gatherer.call("collecting", deadline_at=time.monotonic() + 0.5)
+    assert failed.value.why == worker.TIMED_OUT
+    assert time.monotonic() - started < 1.5
+    assert begun.done and begun.error.why == worker.TIMED_OUT
+    assert gatherer.call("collecting", deadline_s=30) is True     # a new worker
+
+
+def test_sockets_found_gone_are_not_looked_up_ahead_and_not_counted(
+        tmp_path, gatherer, monkeypatch):
+    """The rows of pid 200's sockets are gone from the table before the
+    lookahead: found gone, not reported, and not counted as reported with
+    an answer taken ahead (owners_ahead counts sockets reported)."""
+    lookups = []
+    w = ahead_world(tmp_path, gatherer, monkeypatch, lookups)
+    w.forget_row(40101, 40102)
+    w.tracer.start()
+    w.step()
+    w.step(0.1)
+    assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002]
+    assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 0

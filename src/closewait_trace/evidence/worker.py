@@ -401,6 +401,8 @@ class GatherWorker:
         proc = self._proc
         if not fds or proc is None or proc.poll() is not None:
             return None
+        if self._pending is not None and not self._pending.done:
+            return None         # busy with a call begun: not waited for at exit
         abort, self.abort = self.abort, (lambda: False)
         waiting, self.while_waiting = self.while_waiting, None
         try:
@@ -437,11 +439,14 @@ class GatherWorker:
         next batch's owners are looked up). A call made before that result
         is taken waits for it first (one call at a time in the worker) and
         keeps it for result(). A failure to send raises GatherFailed here."""
-        if self._pending is not None and not self._pending.done:
-            self._wait(self._pending)
         scale = knobs.time_scale()
         if deadline_at is None:
             deadline_at = time.monotonic() + (deadline_s or 0.0) * scale
+        if self._pending is not None and not self._pending.done:
+            # Its answer read first, within this call's deadline too: past
+            # it, that worker is abandoned (the begun call gets none) and
+            # this call has a new one.
+            self._wait(self._pending, cap=deadline_at)
         pending = Pending(self, deadline_at, progress_s, stream)
         try:
             self._check_suspended(reads_memory)
@@ -481,11 +486,15 @@ class GatherWorker:
         self._pending = pending
         return pending
 
-    def _wait(self, p: "Pending") -> None:
+    def _wait(self, p: "Pending", cap: Optional[float] = None) -> None:
         """Waits for p's answer (call's second half) and keeps it in p: its
-        value, or the GatherFailed that ends the wait."""
+        value, or the GatherFailed that ends the wait; no later than cap
+        (monotonic), when given. The stall time counts from the wait's
+        start: while the caller did its own work nothing read the worker's
+        frames (its answer may be whole in the pipe by now)."""
         scale = knobs.time_scale()
         proc, items = p.proc, p.items
+        p.progress_at = max(p.progress_at, time.monotonic())
         try:
             while True:
                 for kind, payload in self._frames():
@@ -504,7 +513,7 @@ class GatherWorker:
                 if self.abort():
                     self._abandon()
                     raise GatherFailed(STOPPED, items)
-                deadline = p.deadline_at
+                deadline = p.deadline_at if cap is None else min(p.deadline_at, cap)
                 # The stall time is for reads: a worker still starting (a new
                 # interpreter importing the package: seconds under load, as
                 # was seen under QEMU's emulation, where the tracer's first

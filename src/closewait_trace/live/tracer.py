@@ -818,11 +818,17 @@ class LiveTracer:
         # unattributed, "reported": false; 1,453 of 100,000 in a run).
         self.tracker.hold_departed = self._events_waiting()
         if self._ahead is not None:
-            # Its answer taken first, with the collector paused as for the
-            # batch it is for (~10 objects a socket unpickled): the first
-            # call to the worker this tick would wait for it anyway.
-            with self.gc_policy.paused():
-                self._ahead[1].wait()
+            if resolve and not self.stopping:
+                # Its answer taken first, with the collector paused as for
+                # the batch it is for (~10 objects a socket unpickled): the
+                # first call to the worker this tick would wait for it anyway.
+                with self.gc_policy.paused():
+                    self._ahead[1].wait()
+            else:
+                # Stopping: not waited for (the worker's next call, if any,
+                # reads it within its own deadline; the exit asks nothing
+                # of a busy worker).
+                self._ahead = None
         rescan = self.rescan_dump(counters) if resolve else None
         now_ns = self.now_ns()
         # The map changes only when the kernel counts an entry or an exit:
@@ -926,6 +932,7 @@ class LiveTracer:
 
     def _resolve(self, batch: list[Lingerer], now_ns: int, update: bool) -> None:
         resolved = self._taken_ahead(batch) if not update else None
+        from_ahead = resolved is not None
         if resolved is not None:
             ahead, resolved = resolved
             if len(ahead) < len(batch):
@@ -1035,6 +1042,8 @@ class LiveTracer:
             if not update or l.diagnosis.summary != before:
                 shown.append(l)
         evidence_cache.close()
+        if from_ahead:
+            self.ahead_taken += len(shown)
         if not update and len(shown) >= AHEAD_BATCH:
             self._look_ahead()
         # The batch's records written in blocks (TerminalSink.hold_batch).
@@ -1074,8 +1083,11 @@ class LiveTracer:
             return
         now_ns = self.now_ns()
         threshold = self.tracker.threshold_ns
+        # Not one whose last lookup found it gone (due again, its next try
+        # a tick on): its tries keep their spacing.
         ahead = sorted((l for l in self.tracker.pending.values()
-                        if l.age_bound_ns(now_ns) >= threshold and not l.hidden),
+                        if l.age_bound_ns(now_ns) >= threshold and not l.hidden
+                        and not l.resolve_attempts),
                        key=lambda l: l.earliest_enter_ns)
         if not ahead:
             return
@@ -1104,7 +1116,6 @@ class LiveTracer:
         taken = [l for l in batch if id(l) in looked]
         if not taken:
             return None
-        self.ahead_taken += len(taken)
         return taken, answer
 
     def _still_lingering(self, batch: list[Lingerer]) -> Optional[list[Lingerer]]:
