@@ -33,6 +33,12 @@ def gatherer(monkeypatch):
     g.close()
 
 
+def a_new_worker_answers(gatherer, proc) -> None:
+    """After a worker was abandoned: the next call gets a new one, and works."""
+    proc.process(200, comm="other", state="S")
+    assert gatherer.call("holder_states", [200], proc.root, deadline_s=10) == {200: ("S", 0)}
+
+
 def test_a_call_runs_in_another_process(tmp_path, gatherer):
     proc = FakeProc(tmp_path / "proc")
     proc.process(100, comm="srv", state="T")
@@ -52,9 +58,7 @@ def test_a_blocking_read_is_abandoned_at_its_deadline(tmp_path, gatherer):
     assert failed.value.why == worker.TIMED_OUT
     assert took < 0.5 + 5, took          # the deadline, not the read, ended it
     assert gatherer.timeouts == 1
-    # The next call gets a new worker and works.
-    proc.process(200, comm="other", state="S")
-    assert gatherer.call("holder_states", [200], proc.root, deadline_s=10) == {200: ("S", 0)}
+    a_new_worker_answers(gatherer, proc)
 
 
 def test_a_stop_request_ends_the_wait_at_once(tmp_path, gatherer):
@@ -691,9 +695,7 @@ def test_a_call_begun_keeps_its_deadline_from_when_it_began(tmp_path, gatherer):
     assert failed.value.why == worker.TIMED_OUT
     assert time.monotonic() - started < 1.0      # its deadline had passed already
     assert gatherer.timeouts == 1
-    # The next call gets a new worker and works.
-    proc.process(200, comm="other", state="S")
-    assert gatherer.call("holder_states", [200], proc.root, deadline_s=10) == {200: ("S", 0)}
+    a_new_worker_answers(gatherer, proc)
 
 
 def test_a_call_begun_whose_worker_is_ended_gets_no_answer(tmp_path, gatherer):

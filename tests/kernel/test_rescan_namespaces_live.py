@@ -12,6 +12,7 @@ given no budget at all, so it reads exactly one other namespace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from array import array
@@ -278,6 +279,25 @@ def test_held_now_says_whether_any_process_holds_a_socket():
             s.close()
 
 
+@contextlib.contextmanager
+def in_close_wait(n: int):
+    """n sockets in CLOSE_WAIT here on 127.0.0.1:PORT, each accepted and its
+    peer's side shut: (port, the peers, the accepted), all closed after."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(n)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    accepted = [listener.accept()[0] for _ in clients]
+    for c in clients:
+        c.shutdown(socket.SHUT_WR)
+    try:
+        yield port, clients, accepted
+    finally:
+        for s in clients + accepted + [listener]:
+            s.close()
+
+
 def test_the_census_gives_the_keys_of_the_sockets_in_close_wait_that_pass_the_filter():
     """What the loop compares with what it knows (live/tracer.py census):
     each socket in CLOSE_WAIT as tcprow.census_key of its addresses, by
@@ -285,15 +305,7 @@ def test_the_census_gives_the_keys_of_the_sockets_in_close_wait_that_pass_the_fi
     the same keys the loop makes of the sockets it knows."""
     from closewait_trace.kernel.events import Endpoints
     from closewait_trace.sockets.tcprow import census_key
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(2)
-    port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-    accepted = [listener.accept()[0] for _ in clients]
-    for c in clients:
-        c.shutdown(socket.SHUT_WR)                  # both accepted: CLOSE_WAIT
-    try:
+    with in_close_wait(2) as (port, clients, accepted):
         netns = os.stat("/proc/self/ns/net").st_ino
         census = owners.close_wait_census(budget_s=0.0, socket_filter=SocketFilter(lports=(port,)))
         assert netns in census.dumped
@@ -303,9 +315,6 @@ def test_the_census_gives_the_keys_of_the_sockets_in_close_wait_that_pass_the_fi
         assert set(keys) == mine and len(keys) == 2
         none = owners.close_wait_census(budget_s=0.0, socket_filter=SocketFilter(lports=(1,)))
         assert netns in none.dumped and netns not in none.keys
-    finally:
-        for s in clients + accepted + [listener]:
-            s.close()
 
 
 def test_a_rescan_for_some_keys_gives_the_rows_of_those_sockets_alone():
@@ -314,15 +323,7 @@ def test_a_rescan_for_some_keys_gives_the_rows_of_those_sockets_alone():
     loop's secret, is among the keys asked for in their namespace."""
     from closewait_trace.kernel.events import Endpoints
     from closewait_trace.sockets.tcprow import census_key
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(3)
-    port = listener.getsockname()[1]
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    accepted = [listener.accept()[0] for _ in clients]
-    for c in clients:
-        c.shutdown(socket.SHUT_WR)                  # all accepted: CLOSE_WAIT
-    try:
+    with in_close_wait(3) as (port, clients, accepted):
         netns = os.stat("/proc/self/ns/net").st_ino
         wanted = Endpoints(socket.AF_INET, "127.0.0.1", port, "127.0.0.1",
                            clients[1].getsockname()[1], netns)
@@ -336,9 +337,6 @@ def test_a_rescan_for_some_keys_gives_the_rows_of_those_sockets_alone():
         other = owners.rescan_close_wait(budget_s=0.0,
                                          only={netns: {census_key(wanted, b"s")}}, secret=b"t")
         assert other.rows == []
-    finally:
-        for s in clients + accepted + [listener]:
-            s.close()
 
 
 # In a new namespace of its own (lo brought up by the caller): one socket in

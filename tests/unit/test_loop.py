@@ -1758,6 +1758,23 @@ def test_a_rescan_the_censuses_set_off_reads_only_the_sockets_they_differ_on(tmp
         30000, 30001, 30002, 30003, 30004, 30500]
 
 
+def five_with_room_for_two(tmp_path, resolver, lost: bool = True) -> World:
+    """Room for two untracked sockets (max_untracked), and five of pid
+    100's in CLOSE_WAIT that the kernel's map never had (30500-30504);
+    lost: then a counted loss (map_full), whose rescan follows two and
+    counts three over."""
+    w = World(tmp_path, resolver=resolver)
+    w.tracer.start()
+    w.tracer.tracker.max_untracked = 2
+    w.step()
+    for i in range(5):
+        w.hold(100, 30500 + i, 7000 + i)
+    if lost:
+        w.probe.counts["map_full"] = 1
+        w.step(0.5)
+    return w
+
+
 def test_while_sockets_are_not_followed_a_rescan_the_censuses_set_off_reads_every_socket(
         tmp_path):
     """Some sockets beyond the room for untracked ones (untracked_over 3);
@@ -1766,14 +1783,7 @@ def test_while_sockets_are_not_followed_a_rescan_the_censuses_set_off_reads_ever
     and left the room it freed to the next censuses, a minute on. (A
     review's finding: a user fills the room, then lets one go.)"""
     resolver = RecordsRescans(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    w.tracer.start()
-    w.tracer.tracker.max_untracked = 2
-    w.step()
-    for i in range(5):
-        w.hold(100, 30500 + i, 7000 + i)
-    w.probe.counts["map_full"] = 1
-    w.step(0.5)
+    w = five_with_room_for_two(tmp_path, resolver)
     tracker = w.tracer.tracker
     assert tracker.untracked_over == 3
     assert sorted(l.endpoints.rport for l in tracker.pre_existing.values()) == [30500, 30501]
@@ -1794,12 +1804,7 @@ def test_more_unseen_sockets_than_room_for_them_set_off_a_rescan_of_every_socket
     two of the lowest keys (census_diff). A rescan for those alone would
     follow two and count none beyond; a full one counts three."""
     resolver = RecordsRescans(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    w.tracer.start()
-    w.tracer.tracker.max_untracked = 2
-    w.step()
-    for i in range(5):
-        w.hold(100, 30500 + i, 7000 + i)        # in CLOSE_WAIT; the map never had them
+    w = five_with_room_for_two(tmp_path, resolver, lost=False)
     for _ in range(2):
         census_due(w.tracer)
         w.step(0.5)
@@ -2068,14 +2073,7 @@ def test_a_rescan_looks_up_no_more_sockets_than_it_may_keep(tmp_path):
             asked.append(len(endpoints))
             return super().in_close_wait_now(endpoints, which)
 
-    w = World(tmp_path, resolver=Counts(str(tmp_path / "proc")))
-    w.tracer.start()
-    w.tracer.tracker.max_untracked = 2
-    w.step()
-    for i in range(5):
-        w.hold(100, 30500 + i, 7000 + i)
-    w.probe.counts["map_full"] = 1
-    w.step(0.5)
+    w = five_with_room_for_two(tmp_path, Counts(str(tmp_path / "proc")))
     assert asked == [2]
     assert len(w.tracer.tracker.pre_existing) == 2 and w.tracer.tracker.untracked_over == 3
 
@@ -2085,14 +2083,7 @@ def test_sockets_not_followed_once_stay_in_the_summary_when_none_are_at_the_last
     """Whoever fills the room for untracked sockets and then lets go leaves
     the last look with none over: the summary said nothing of the time
     sockets in CLOSE_WAIT went unfollowed. It says the most at one look."""
-    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
-    w.tracer.start()
-    w.tracer.tracker.max_untracked = 2
-    w.step()
-    for i in range(5):
-        w.hold(100, 30500 + i, 7000 + i)
-    w.probe.counts["map_full"] = 1
-    w.step(0.5)
+    w = five_with_room_for_two(tmp_path, DumpsWhole(str(tmp_path / "proc")))
     assert w.tracer.tracker.untracked_over == 3
     w.forget_row(*range(30500, 30505))
     w.probe.counts["map_full"] = 2                          # another loss: another rescan
