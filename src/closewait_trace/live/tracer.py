@@ -931,13 +931,13 @@ class LiveTracer:
             self._resolve(batch, now_ns, update)
 
     def _resolve(self, batch: list[Lingerer], now_ns: int, update: bool) -> None:
-        resolved = self._taken_ahead(batch) if not update else None
-        from_ahead = resolved is not None
-        if resolved is not None:
-            ahead, resolved = resolved
-            if len(ahead) < len(batch):
+        taken = None if update else self._taken_ahead(batch)
+        from_ahead = taken is not None
+        resolved = None
+        if taken is not None:
+            if len(taken[0]) < len(batch):
                 self.owners_left = True     # the others at a tick 0.2 s on
-            batch = ahead
+            batch, resolved = taken
         try:
             if resolved is None:
                 resolved = self.resolver.owners([l.endpoints for l in batch],
@@ -1081,13 +1081,10 @@ class LiveTracer:
         if (self._ahead is not None or getattr(self.resolver, "worker", None) is None
                 or self.stopping):
             return
-        now_ns = self.now_ns()
-        threshold = self.tracker.threshold_ns
         # Not one whose last lookup found it gone (due again, its next try
         # a tick on): its tries keep their spacing.
-        ahead = sorted((l for l in self.tracker.pending.values()
-                        if l.age_bound_ns(now_ns) >= threshold and not l.hidden
-                        and not l.resolve_attempts),
+        ahead = sorted((l for l in self.tracker.matured(self.now_ns())
+                        if not l.hidden and not l.resolve_attempts),
                        key=lambda l: l.earliest_enter_ns)
         if not ahead:
             return

@@ -616,6 +616,11 @@ class Tracker:
         the kernel says nothing entered or left CLOSE_WAIT since the last one."""
         if self.departed:
             self._expire_departed(now_ns)
+        return self.matured(now_ns)
+
+    def matured(self, now_ns: int) -> list[Lingerer]:
+        """Unreported sockets old enough to report (due, without its
+        expiry of departed sockets)."""
         return [l for l in self.pending.values()
                 if l.age_bound_ns(now_ns) >= self.threshold_ns]
 
