@@ -18,7 +18,8 @@ SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / PACKAGE
 # starts with.
 LAYERS = (
     ("base", ("closewait_trace", "closewait_trace.errors", "closewait_trace.knobs",
-              "closewait_trace.durations")),     # the package itself: __version__
+              "closewait_trace.durations",      # the package itself: __version__
+              "closewait_trace.wholewrite")),
     ("kernel", ("closewait_trace.kernel",)),      # the BPF program, its events and maps
     ("sockets", ("closewait_trace.sockets",)),    # socket tables, owners, ages, filters
     ("evidence", ("closewait_trace.evidence",)),  # why a holder keeps it, where in its code

@@ -80,7 +80,30 @@ def silent_for(seconds: float) -> str:
     return "done"
 
 
+def bulk(n: int, seed: int) -> bytes:
+    """n bytes the caller can make again (random.Random(seed).randbytes)."""
+    import random
+    return random.Random(seed).randbytes(n)
+
+
+def digest(data: bytes) -> str:
+    """The SHA-256 of what the request carried."""
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def garbled_answer() -> None:
+    """A frame whose bytes are not a pickle, on the worker's stdout, before
+    this call's own answer: what the tracer reads when bytes of an answer
+    were lost on the way."""
+    import struct
+    body = b"\x80\x05not a pickle at all"
+    os.write(1, struct.pack("!I", len(body)) + body)
+
+
 CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
              reading_for=reading_for, silent_for=silent_for, imported=imported,
              collecting=collecting, collecting_paused=collecting,
-             collecting_each=collecting_each)
+             collecting_each=collecting_each, bulk=bulk, digest=digest,
+             garbled_answer=garbled_answer)
+

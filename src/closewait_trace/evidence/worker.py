@@ -50,6 +50,7 @@ from typing import Callable, Iterator, Optional
 from closewait_trace import knobs
 from closewait_trace.evidence import spawn
 from closewait_trace.sockets import owners
+from closewait_trace.wholewrite import write_all
 
 _HEADER = struct.Struct("!I")
 # One answer at most: a batch of 100,000 owners pickles to about 60 MB.
@@ -68,6 +69,7 @@ ADOPT_S = 2.0
 TIMED_OUT = "timed out"
 STOPPED = "stopped"
 NO_WORKER = "no worker could be started"
+UNREADABLE = "worker answer unreadable"
 
 
 class GatherFailed(Exception):
@@ -200,14 +202,19 @@ def dumps(value) -> bytes:
     return buf.getvalue()
 
 
-def _send(out, kind: str, payload) -> None:
+def _send(out: int, kind: str, payload) -> None:
+    """One frame to the fd out (the worker's stdout), written whole: under
+    PYTHONUNBUFFERED=1 sys.stdout.buffer's write() dropped what a write(2)
+    stopped and continued mid-way did not take (wholewrite.py), and the
+    tracer died unpickling the rest. Its header and its pickle apart: no
+    copy of a 60 MB answer to join them."""
     data = dumps((kind, payload))
     with _send_lock:
-        out.write(_HEADER.pack(len(data)) + data)
-        out.flush()
+        write_all(out, _HEADER.pack(len(data)))
+        write_all(out, data)
 
 
-def _report_progress(out) -> None:
+def _report_progress(out: int) -> None:
     """A thread of the worker: while reads complete, says so. A read that
     blocks stops the count, so the tracer's progress deadline tells a long
     batch from a stall."""
@@ -237,7 +244,7 @@ def serve(parent: int, calls_module: str = DEFAULT_CALLS, preload: bool = True,
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig == signal.SIGPIPE else signal.SIG_IGN)
     calls, without_collector = _calls(calls_module, preload)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    inp, out = sys.stdin.buffer, sys.stdout.fileno()
     sys.stdout = sys.stderr        # a stray print must not corrupt the protocol
     # Started: the interpreter and its imports took what they took (seconds
     # on a loaded or emulated machine); a call's stall time counts from here.
@@ -574,7 +581,17 @@ class GatherWorker:
                 return
             # Unpickled from the buffer itself: a copy first would double
             # the tracer's peak for a large answer (100,000 owners: 60 MB).
-            with memoryview(self._buf) as view, view[_HEADER.size:_HEADER.size + size] as data:
-                value = pickle.loads(data)
+            try:
+                with memoryview(self._buf) as view, \
+                        view[_HEADER.size:_HEADER.size + size] as data:
+                    value = pickle.loads(data)
+            except Exception as e:
+                # Not what the worker pickled (bytes lost on the way, or a
+                # bug): that worker's stream cannot be trusted past here.
+                # The call fails, as any read that could not be made; the
+                # loop goes on (it crashed on this with "internal error").
+                self.failures += 1
+                self._abandon()
+                raise GatherFailed(f"{UNREADABLE} ({type(e).__name__})") from None
             del self._buf[:_HEADER.size + size]
             yield value

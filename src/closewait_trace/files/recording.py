@@ -41,6 +41,7 @@ from closewait_trace.files.parts import (FORMAT, FORMAT_VERSION, STDOUT, kind_of
                                          rotated_set)
 from closewait_trace.files.stream import MAX_LINE_BYTES
 from closewait_trace.output import textsafe
+from closewait_trace.wholewrite import write_all
 
 FLUSH_S = 0.5
 
@@ -319,10 +320,7 @@ class Recorder:
         if self.compress:
             data = gzip.compress(data, compresslevel=6, mtime=0)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+            write_all(self.fd, data)
             self._broken_line = False
         except OSError as exc:
             self._broken_line = not self.compress

@@ -13,6 +13,7 @@ import sys
 
 from closewait_trace.output import records, render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
+from closewait_trace.wholewrite import is_unbuffered, write_all
 
 
 # --all's output into a pipe: the pipe's buffer, raised from Linux's 64 KiB.
@@ -155,11 +156,11 @@ class TerminalSink:
             self._reader_gone()
 
     def _write_text(self, text: str) -> None:
-        """A large text written whole. Not through the stream's write():
-        CPython 3.11's buffered writer loses data when a signal handler runs
-        while a write larger than its buffer blocks on a full pipe (Ctrl-C
-        while the reader is behind cut lines out of the middle of the
-        output); os.write's partial writes are taken up here instead."""
+        """A text written whole (wholewrite.write_all), not through the
+        stream's write(): where stdout is unbuffered (PYTHONUNBUFFERED=1),
+        that dropped what a write(2) interrupted on a full pipe did not
+        take (Ctrl-C while the reader was behind cut lines out of the
+        middle of the output)."""
         out = self._out
         try:
             fd = out.fileno()
@@ -167,10 +168,8 @@ class TerminalSink:
             out.write(text)         # not a file (a test's StringIO)
             return
         out.flush()                 # what the stream still holds goes first
-        data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8",
-                                      getattr(out, "errors", None) or "strict"))
-        while data:
-            data = data[os.write(fd, data):]
+        write_all(fd, text.encode(getattr(out, "encoding", None) or "utf-8",
+                                  getattr(out, "errors", None) or "strict"))
 
     def write_lines(self, lines, checked: bool = False) -> None:
         """checked: every line has been through textsafe.safe_line already
@@ -189,10 +188,18 @@ class TerminalSink:
                     self._write_held()
                 return
             out = self._out
+            # Unbuffered, each line is a write(2) of its own anyway: one
+            # that takes all of it (a JSON line with many holders is
+            # longer than the 4 KB a pipe takes in one piece).
+            whole = is_unbuffered(out)
             for line in lines:
                 # The last check, here where every line reaches the terminal:
                 # a field some caller forgot to escape cannot get through raw.
-                out.write(safe(line) + "\n")
+                line = safe(line) + "\n"
+                if whole:
+                    self._write_text(line)
+                else:
+                    out.write(line)
         except BrokenPipeError:
             self._reader_gone()
 
