@@ -19,6 +19,7 @@ terminal's lines."""
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 
@@ -27,14 +28,20 @@ def write_all(fd: int, data) -> None:
     """Writes all of data (bytes-like) to fd; on a descriptor left
     non-blocking, waits until it can take more rather than drop the rest.
     Raises OSError (BrokenPipeError when the reader is gone) as os.write
-    does."""
+    does, and EIO for a write that took nothing (a file system that says
+    so would otherwise be asked again forever)."""
     with memoryview(data) as view:
         while view:
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
-                select.select([], [fd], [])
+                # poll, not select: any descriptor number.
+                waiting = select.poll()
+                waiting.register(fd, select.POLLOUT)
+                waiting.poll()
                 continue
+            if n == 0:
+                raise OSError(errno.EIO, "write(2) took nothing")
             view = view[n:]
 
 

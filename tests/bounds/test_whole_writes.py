@@ -73,14 +73,21 @@ def test_answers_written_while_the_worker_is_stopped_and_continued_arrive_whole(
     assert (gatherer._proc.pid, gatherer.failures, gatherer.timeouts) == (pid, 0, 0)
 
 
-def test_an_answer_that_does_not_unpickle_fails_the_call_not_the_caller(tmp_path, gatherer):
-    """Whatever made it (bytes lost, a bug): a frame that is not a pickle
-    ends that worker and fails the call, as a read that could not be made;
-    it was an exception out of the loop ("internal error")."""
+@pytest.mark.parametrize("which", ["garbled", "shape", "kind", "global"])
+def test_a_frame_that_is_not_the_workers_fails_the_call_not_the_caller(
+        tmp_path, gatherer, which):
+    """Whatever made it (bytes lost, a bug): a frame that is not a pickle,
+    or a pickle of another shape, or one naming a function outside this
+    package, ends that worker and fails the call, as a read that could not
+    be made. It was an exception out of the loop ("internal error"); of
+    another shape, the call's own answer was the next call's; naming
+    os.mkdir, it ran it."""
+    marker = tmp_path / "made by a frame"
     with pytest.raises(GatherFailed) as failed:
-        gatherer.call("garbled_answer", deadline_s=30)
+        gatherer.call("stray_frame", which, str(marker), deadline_s=30)
     assert failed.value.why.startswith(worker.UNREADABLE), failed.value.why
-    assert gatherer.failures == 1
+    assert gatherer.failures == 1 and not marker.exists()
+    # The next call has a new worker and its own answer.
     proc = FakeProc(tmp_path / "proc")
     proc.process(200, comm="other", state="S")
     assert gatherer.call("holder_states", [200], proc.root, deadline_s=30) == {200: ("S", 0)}
@@ -108,13 +115,16 @@ def test_long_lines_written_while_the_tracer_is_stopped_and_continued_arrive_who
     writer = subprocess.Popen([sys.executable, "-c", WRITER], stdout=subprocess.PIPE,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
     read = bytearray()
+    give_up = time.monotonic() + 60
     with stopped_and_continued(writer.pid):
-        while True:
+        while time.monotonic() < give_up:
             time.sleep(0.003)               # a reader behind
             chunk = writer.stdout.read1(1 << 20)
             if not chunk:
                 break
             read += chunk
+    if writer.poll() is None:
+        writer.kill()
     assert writer.wait(timeout=60) == 0
     lines = bytes(read).split(b"\n")
     assert lines[-1] == b"" and lines[:-1] == wanted, [len(line) for line in lines[:10]]

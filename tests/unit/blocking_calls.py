@@ -86,24 +86,30 @@ def bulk(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def digest(data: bytes) -> str:
-    """The SHA-256 of what the request carried."""
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
-
-def garbled_answer() -> None:
-    """A frame whose bytes are not a pickle, on the worker's stdout, before
-    this call's own answer: what the tracer reads when bytes of an answer
-    were lost on the way."""
+def stray_frame(which: str, marker: str = "") -> str:
+    """A frame that is not what the worker sends, on its stdout before this
+    call's own answer: bytes that are not a pickle ("garbled"), a pickle of
+    another shape ("shape": 5; "kind": a kind no frame has), or one that
+    names a function outside this package ("global": os.mkdir(marker),
+    were it unpickled): what the tracer would read if a frame's bounds
+    slipped into text another user chose."""
+    import pickle
     import struct
-    body = b"\x80\x05not a pickle at all"
+
+    class Global:
+        def __reduce__(self):
+            return os.mkdir, (marker,)
+
+    body = {"garbled": b"\x80\x05not a pickle at all",
+            "shape": pickle.dumps(5),
+            "kind": pickle.dumps(("weird", None)),
+            "global": pickle.dumps(("done", Global()))}[which]
     os.write(1, struct.pack("!I", len(body)) + body)
+    return "this call's own answer"
 
 
 CALLS = dict(gathering.CALLS, holder_states=holder_states, process_evidence=process_evidence,
              reading_for=reading_for, silent_for=silent_for, imported=imported,
              collecting=collecting, collecting_paused=collecting,
-             collecting_each=collecting_each, bulk=bulk, digest=digest,
-             garbled_answer=garbled_answer)
+             collecting_each=collecting_each, bulk=bulk, stray_frame=stray_frame)
 

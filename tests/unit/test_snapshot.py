@@ -313,3 +313,31 @@ def test_a_holder_whose_identity_is_not_read_in_time_is_counted_and_said(fake):
     assert snap.lingering == [] and snap.unchecked == 3     # the three with holders
     assert any("3 socket(s) not listed" in line
                for line in snapshot.notice_lines(snap, as_root=True))
+
+
+@pytest.mark.parametrize("why, slow", [
+    ("timed out", True),
+    ("worker exited", False),
+    ("worker answer unreadable (UnpicklingError)", False)])
+def test_a_failed_read_is_called_slow_only_when_it_was(monkeypatch, why, slow):
+    """Every failure of the reading process was said as "no read completed
+    for 10s" with "something on this host answers /proc reads slowly":
+    false when it exited or its answer was unreadable."""
+    from closewait_trace.errors import EXIT_GATHER, UserError
+    from closewait_trace.evidence.worker import TIMED_OUT, GatherFailed
+    from closewait_trace.sockets.filters import HolderFilter
+    assert TIMED_OUT == "timed out"
+
+    class NoWorker:
+        def close(self):
+            pass
+
+    def failing_take(*args, **kwargs):
+        raise GatherFailed(why)
+
+    monkeypatch.setattr(snapshot, "take", failing_take)
+    with pytest.raises(UserError) as failed:
+        snapshot.show(NoWorker(), SocketFilter(), HolderFilter(), 0, False, False, False)
+    line = failed.value.one_line()
+    assert why in line and failed.value.exit_code == EXIT_GATHER
+    assert ("no read completed" in line) == slow and ("slowly" in line) == slow, line

@@ -23,10 +23,13 @@ owners. Each abandoned worker can carry a tag (the user whose process it
 was reading), so that the resolver stops reading that user's memory while
 the worker stays blocked.
 
-The protocol: length-prefixed pickles over the child's stdin and stdout.
-Both ends are this package running as the same user (root), so pickle is
-no trust boundary here; the child imports only this package and the
-standard library, and runs only the functions named in CALLS.
+The protocol: length-prefixed pickles over the child's stdin and stdout,
+each frame written whole (wholewrite.write_all). Both ends are this package
+running as the same user (root); the child imports only this package and
+the standard library, and runs only the functions named in CALLS. But its
+answers carry text other users chose, so the tracer unpickles them naming
+only this package's classes (_AnswerUnpickler), and a frame that is not a
+(kind, payload) pair fails the call and ends that worker.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ import os
 import pickle
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -188,6 +193,61 @@ class _Pickler(pickle.Pickler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parts: dict = {}      # (process part, snapshot's id) -> the part pickled
+
+
+# What a frame's kind may be (serve's _send): anything else is not a frame.
+_KINDS = frozenset(("ready", "progress", "item", "done", "error"))
+
+
+class _AnswerUnpickler(pickle.Unpickler):
+    """The worker's answers carry text other users chose (process names,
+    paths, their programs' function names). Should a frame's bounds ever
+    slip, the tracer would unpickle from inside such text, and a pickle
+    can call whatever it names: here it can name only the classes and
+    functions this package defines, and no dotted path through them."""
+
+    def find_class(self, module, name):
+        if "." not in name:
+            if module == "closewait_trace" or module.startswith("closewait_trace."):
+                found = super().find_class(module, name)
+                if getattr(found, "__module__", None) == module and isinstance(
+                        found, (type, types.FunctionType)):
+                    return found
+            elif module == "socket":
+                # An address family (socket.AF_INET6: an enum's member).
+                found = super().find_class(module, name)
+                if isinstance(found, socket.AddressFamily):
+                    return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not the worker's to send")
+
+
+class _ViewReader:
+    """A frame's bytes as the file an Unpickler reads, without the copy of
+    the whole that io.BytesIO would make (a 60 MB answer): the unpickler
+    reads it a pickle frame (64 KB) at a time."""
+
+    def __init__(self, view: memoryview):
+        self._view = view
+        self._at = 0
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._at
+        end = len(self._view) if n is None or n < 0 else min(len(self._view), start + n)
+        self._at = end
+        return bytes(self._view[start:end])
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readline(self) -> bytes:
+        # Only the text opcodes (protocol 0) read lines: none of ours.
+        rest = bytes(self._view[self._at:])
+        end = rest.find(b"\n")
+        line = rest if end < 0 else rest[:end + 1]
+        self._at += len(line)
+        return line
 
 
 def dumps(value) -> bytes:
@@ -378,6 +438,7 @@ class GatherWorker:
     def _abandon(self) -> None:
         # A call begun whose answer was not taken gets none.
         pending, self._pending = self._pending, None
+        self._buf = bytearray()         # that worker's, up to MAX_FRAME: let go now
         if pending is not None and not pending.done:
             pending.done, pending.error = True, GatherFailed(STOPPED, pending.items)
         proc, self._proc = self._proc, None
@@ -514,7 +575,7 @@ class GatherWorker:
                     elif kind == "done":
                         p.value = items if p.stream else payload
                         return
-                    else:
+                    else:                   # "error" (_frames lets no other through)
                         self.failures += 1
                         raise GatherFailed(str(payload), items)
                 if self.abort():
@@ -575,6 +636,7 @@ class GatherWorker:
         while len(self._buf) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(self._buf)
             if size > MAX_FRAME:
+                self.failures += 1
                 self._abandon()
                 raise GatherFailed("worker answer too large")
             if len(self._buf) < _HEADER.size + size:
@@ -584,14 +646,20 @@ class GatherWorker:
             try:
                 with memoryview(self._buf) as view, \
                         view[_HEADER.size:_HEADER.size + size] as data:
-                    value = pickle.loads(data)
+                    value = _AnswerUnpickler(_ViewReader(data)).load()
+                why = None if (type(value) is tuple and len(value) == 2
+                               and value[0] in _KINDS) else "not a frame"
             except Exception as e:
-                # Not what the worker pickled (bytes lost on the way, or a
+                why = type(e).__name__
+            if why is not None:
+                # Not what the worker sent (bytes lost on the way, or a
                 # bug): that worker's stream cannot be trusted past here.
                 # The call fails, as any read that could not be made; the
                 # loop goes on (it crashed on this with "internal error").
+                # A frame of another shape that unpickled is as bad: taken
+                # for an answer, the call's own would have been the next's.
                 self.failures += 1
                 self._abandon()
-                raise GatherFailed(f"{UNREADABLE} ({type(e).__name__})") from None
+                raise GatherFailed(f"{UNREADABLE} ({why})")
             del self._buf[:_HEADER.size + size]
             yield value

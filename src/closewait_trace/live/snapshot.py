@@ -320,7 +320,7 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     Returns what it built (for run to leave to the exit)."""
     from closewait_trace.errors import EXIT_GATHER, UserError
     from closewait_trace.evidence.resolver import SNAPSHOT_STALL_S, ProcResolver
-    from closewait_trace.evidence.worker import NO_WORKER, GatherFailed
+    from closewait_trace.evidence.worker import NO_WORKER, TIMED_OUT, GatherFailed
     from closewait_trace.live.session import warn_unmatched_holders
     from closewait_trace.output import render
     from closewait_trace.output.terminal import TerminalSink, notice
@@ -339,10 +339,17 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
                             EXIT_GATHER, "the reads run in a process of their own: see this "
                             "user's process limit (ulimit -u) and the free memory; try "
                             "again") from None
-        raise UserError(f"the sockets and their owners could not be read ({e.why}: "
-                        f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
-                        "something on this host answers /proc reads slowly; try again, "
-                        "or narrow it with -p/-P") from None
+        if e.why == TIMED_OUT:
+            raise UserError(f"the sockets and their owners could not be read ({e.why}: "
+                            f"no read completed for {SNAPSHOT_STALL_S:g}s)", EXIT_GATHER,
+                            "something on this host answers /proc reads slowly; try again, "
+                            "or narrow it with -p/-P") from None
+        # The process that reads failed otherwise (it exited, or its answer
+        # was unreadable): not a slow read, and not said to be one.
+        raise UserError(f"the sockets and their owners could not be read: {e.why}",
+                        EXIT_GATHER, "the reads run in a process of their own, which "
+                        "failed; try again (CLOSEWAIT_TRACE_DEBUG=1 shows its "
+                        "errors)") from None
     finally:
         resolver.close()
     recs = snap.records()
