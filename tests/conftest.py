@@ -22,6 +22,12 @@ def root_tests_possible() -> str:
 
 
 def pytest_configure(config):
+    # The gathering workers the tests start run their stand-in calls
+    # (tests.unit.blocking_calls) from this checkout: named here, since a
+    # worker no longer imports from the directory it was started in.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo] + paths)
     config.addinivalue_line(
         "markers", "root: needs root but no kernel/BPF (ownership, setpriv); "
                    "skips without root, fails under CI=true")

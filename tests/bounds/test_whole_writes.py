@@ -73,7 +73,7 @@ def test_answers_written_while_the_worker_is_stopped_and_continued_arrive_whole(
     assert (gatherer._proc.pid, gatherer.failures, gatherer.timeouts) == (pid, 0, 0)
 
 
-@pytest.mark.parametrize("which", ["garbled", "shape", "kind", "global"])
+@pytest.mark.parametrize("which", ["garbled", "shape", "kind", "global", "package"])
 def test_a_frame_that_is_not_the_workers_fails_the_call_not_the_caller(
         tmp_path, gatherer, which):
     """Whatever made it (bytes lost, a bug): a frame that is not a pickle,
@@ -81,7 +81,8 @@ def test_a_frame_that_is_not_the_workers_fails_the_call_not_the_caller(
     package, ends that worker and fails the call, as a read that could not
     be made. It was an exception out of the loop ("internal error"); of
     another shape, the call's own answer was the next call's; naming
-    os.mkdir, it ran it."""
+    os.mkdir, it ran it; naming a function of this package that creates a
+    file, it made a root-owned file at the path it gave."""
     marker = tmp_path / "made by a frame"
     with pytest.raises(GatherFailed) as failed:
         gatherer.call("stray_frame", which, str(marker), deadline_s=30)
@@ -128,3 +129,30 @@ def test_long_lines_written_while_the_tracer_is_stopped_and_continued_arrive_who
     assert writer.wait(timeout=60) == 0
     lines = bytes(read).split(b"\n")
     assert lines[-1] == b"" and lines[:-1] == wanted, [len(line) for line in lines[:10]]
+
+
+def test_a_worker_started_in_a_directory_another_user_writes_imports_nothing_from_it(
+        tmp_path, monkeypatch):
+    """`python -c` puts its working directory first on sys.path: a tracer
+    started in /tmp or a user's home ran that user's closewait_trace/ as
+    root in its worker."""
+    marker = tmp_path / "imported from the working directory"
+    planted = tmp_path / "cwd" / "closewait_trace"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(planted.parent)
+    g = GatherWorker(calls_module="tests.unit.blocking_calls")
+    try:
+        assert g.call("holder_states", [], "/nonexistent", deadline_s=30) == {}
+    finally:
+        g.close()
+    assert not marker.exists()
+
+
+def test_every_global_an_answer_may_name_is_there():
+    """A class renamed or moved would make every answer that holds one
+    unreadable: each name the unpickler allows resolves, where it says."""
+    import importlib
+    for module, name in worker.ANSWER_GLOBALS:
+        found = getattr(importlib.import_module(module), name)
+        assert module == "socket" or found.__module__ == module, (module, name)

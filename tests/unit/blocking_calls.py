@@ -90,20 +90,28 @@ def stray_frame(which: str, marker: str = "") -> str:
     """A frame that is not what the worker sends, on its stdout before this
     call's own answer: bytes that are not a pickle ("garbled"), a pickle of
     another shape ("shape": 5; "kind": a kind no frame has), or one that
-    names a function outside this package ("global": os.mkdir(marker),
-    were it unpickled): what the tracer would read if a frame's bounds
-    slipped into text another user chose."""
+    calls a function no answer names, were it unpickled: os.mkdir(marker)
+    ("global"), or this package's own file creation at marker ("package").
+    What the tracer would read if a frame's bounds slipped into text
+    another user chose."""
     import pickle
     import struct
 
-    class Global:
+    from closewait_trace.files import recording
+
+    class Calls:
+        def __init__(self, function, *args):
+            self.call = function, args
+
         def __reduce__(self):
-            return os.mkdir, (marker,)
+            return self.call
 
     body = {"garbled": b"\x80\x05not a pickle at all",
             "shape": pickle.dumps(5),
             "kind": pickle.dumps(("weird", None)),
-            "global": pickle.dumps(("done", Global()))}[which]
+            "global": pickle.dumps(("done", Calls(os.mkdir, marker))),
+            "package": pickle.dumps(("done", Calls(recording._create_private, marker,
+                                                   False)))}[which]
     os.write(1, struct.pack("!I", len(body)) + body)
     return "this call's own answer"
 

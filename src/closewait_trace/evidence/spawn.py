@@ -75,8 +75,10 @@ def start_process(calls_module: str, preload: bool, collect: bool) -> subprocess
     # The child finds this very package, whether installed or a checkout.
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
+    # Absolute: the worker runs in "/" (below), not where these were meant.
     env["PYTHONPATH"] = os.pathsep.join(
-        [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [package_root] + [os.path.abspath(p)
+                          for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from closewait_trace.evidence import worker; "
@@ -90,6 +92,11 @@ def start_process(calls_module: str, preload: bool, collect: bool) -> subprocess
         # would wait as long as the worker is blocked.
         stderr=None if os.environ.get("CLOSEWAIT_TRACE_DEBUG") else subprocess.DEVNULL,
         env=env, close_fds=True,
+        # `python -c` puts the working directory first on sys.path: run
+        # from a directory another user can write to (/tmp, their home),
+        # their closewait_trace/ or pickle.py would be what this root
+        # process imports. "/" is root's.
+        cwd="/",
         start_new_session=True)      # Ctrl-C at a terminal is not for it
 
 
