@@ -6,10 +6,10 @@ write(2) on a pipe may write only part of a buffer larger than PIPE_BUF
 by a signal whose handler runs (the tracer's own for SIGINT, SIGTERM,
 SIGHUP) or by the process being stopped and continued (SIGSTOP, a
 debugger or py-spy attaching). A buffered stream takes that up. But with
-PYTHONUNBUFFERED=1 (python -u; set in many container images, and in this
-project's CI) sys.stdout writes straight to the descriptor: its .buffer is
-then the raw file, whose write() returns the partial count to a caller
-that ignores it, and sys.stdout.write() itself drops the rest. Measured
+PYTHONUNBUFFERED=1 (python -u; set in many container images, and where
+this project is developed) sys.stdout writes straight to the descriptor:
+its .buffer is then the raw file, whose write() returns the partial count
+to a caller that ignores it, and sys.stdout.write() drops the rest. Measured
 here: 60 lines of 0.1-0.6 MB written by a child stopped and continued
 every other read, its reader behind: cut at the 7th line through
 sys.stdout or sys.stdout.buffer under PYTHONUNBUFFERED=1, whole through a

@@ -50,8 +50,8 @@ def stopped_and_continued(pid: int, every_s: float = 0.003):
 
 @pytest.fixture
 def gatherer(monkeypatch):
-    # As in many container images (and this project's CI): the worker's
-    # stdout unbuffered, whatever the environment the tests run in.
+    # As in many container images (and where this project is developed):
+    # the worker's stdout unbuffered, whatever environment the tests run in.
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     g = GatherWorker(calls_module="tests.unit.blocking_calls")
     yield g
