@@ -30,6 +30,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from closewait_trace.wholewrite import write_all
+
 VMLINUX = "/sys/kernel/btf/vmlinux"
 # Answers already parsed, by the BTF's SHA-256 (root's, closed to others).
 CACHE_DIR = "/var/cache/closewait-trace/btf"
@@ -448,7 +450,7 @@ def _write_answer(cache_dir: str, name: str, prefix: str, offsets) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, text.encode())
+            write_all(fd, text.encode())
         finally:
             os.close(fd)
         os.rename(tmp, name)

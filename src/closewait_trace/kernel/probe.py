@@ -22,6 +22,7 @@ from closewait_trace import knobs
 from closewait_trace.errors import EXIT_NO_BCC, EXIT_NO_BPF, EXIT_USAGE, UserError
 from closewait_trace.kernel import btf, ringreader
 from closewait_trace.kernel.events import EntryLayout, EofCapture, EventLayout, TrackedSocket
+from closewait_trace.wholewrite import write_all
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "sock/inet_sock_set_state"
@@ -572,7 +573,7 @@ def stand_in_kallsyms(probe_read_kernel: bool) -> Optional[str]:
         path = os.path.join(scratch, "kallsyms")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
         try:
-            os.write(fd, kallsyms_stand_in_text(probe_read_kernel))
+            write_all(fd, kallsyms_stand_in_text(probe_read_kernel))
         finally:
             os.close(fd)
         if libc.mount(path.encode(), KALLSYMS.encode(), None, MS_BIND, None) != 0:

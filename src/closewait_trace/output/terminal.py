@@ -188,18 +188,17 @@ class TerminalSink:
                     self._write_held()
                 return
             out = self._out
-            # Unbuffered, each line is a write(2) of its own anyway: one
-            # that takes all of it (a JSON line with many holders is
-            # longer than the 4 KB a pipe takes in one piece).
-            whole = is_unbuffered(out)
+            # The last check, here where every line reaches the terminal:
+            # a field some caller forgot to escape cannot get through raw.
+            if is_unbuffered(out):
+                # Each write() would be a write(2) of its own, which drops
+                # what a pipe did not take (a JSON line with many holders
+                # is longer than the 4 KB it takes in one piece): these
+                # lines in one write taken whole instead.
+                self._write_text("".join(safe(line) + "\n" for line in lines))
+                return
             for line in lines:
-                # The last check, here where every line reaches the terminal:
-                # a field some caller forgot to escape cannot get through raw.
-                line = safe(line) + "\n"
-                if whole:
-                    self._write_text(line)
-                else:
-                    out.write(line)
+                out.write(safe(line) + "\n")
         except BrokenPipeError:
             self._reader_gone()
 
