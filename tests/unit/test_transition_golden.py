@@ -82,7 +82,21 @@ def test_the_wall_clock_text_is_records_wall_time(zone):
                    (0.0, 4.999999e-7, 5e-7, 5.000001e-7, 0.9999994, 0.9999995, 0.9999996,
                     0.99999949999, 0.999999500001)]
         for ts in stamps:
-            assert clock.text(ts) == records.wall_time(ts), ts
+            expected = records.wall_time_in(ts, records.zone_of(ts))
+            assert clock.text(ts) == expected, ts
+            assert records.wall_time(ts) == expected, ts
+
+
+def test_wall_time_follows_a_new_zone_within_one_second(zone):
+    """records.wall_time keeps the text up to the second: a zone that
+    changes within that second (the zone cache cleared, as at a new hour)
+    is not answered with the old zone's text."""
+    ts = 1_790_035_198.25
+    zone("UTC")
+    assert records.wall_time(ts).endswith(".250000+00:00")
+    zone("Asia/Kolkata")
+    assert records.wall_time(ts).endswith(".250000+05:30")
+    assert records.wall_time(ts) == records.wall_time_in(ts, records.zone_of(ts))
 
 
 @pytest.mark.parametrize("batches", [True, False], ids=["batch", "one-by-one"])

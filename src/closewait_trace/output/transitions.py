@@ -57,35 +57,8 @@ def _exact_second(whole: float) -> bool:
     return 1073741824.0 <= whole < 2147483647.0
 
 
-class WallClock:
-    """records.wall_time(ts) for increasing timestamps: the text up to the
-    second (and the zone's offset) is made once per second, the
-    microseconds filled in. The same rounding as datetime.fromtimestamp
-    (half to even, at the microsecond), the same zone (records' per-hour
-    cache)."""
-
-    def __init__(self):
-        self._key = None
-        self._head = ""
-        self._tail = ""
-
-    def text(self, ts: float) -> str:
-        frac, whole = math.modf(ts)
-        us = round(frac * 1e6)
-        if us >= 1_000_000:
-            whole += 1.0
-            us -= 1_000_000
-        elif us < 0:
-            whole -= 1.0
-            us += 1_000_000
-        key = (whole, ts // 3600)
-        if key != self._key:
-            tz = records.zone_of(ts)
-            # The same zone as for ts (its hour), at the whole second.
-            full = records.wall_time_in(whole, tz)
-            dot = full.index(".")
-            self._key, self._head, self._tail = key, full[:dot + 1], full[dot + 7:]
-        return f"{self._head}{us:06d}{self._tail}"
+# The wall clock's text, cached per second: records' own (one definition).
+WallClock = records.WallClock
 
 
 def _bounded(cache: dict) -> dict:
