@@ -342,7 +342,7 @@ def test_a_namespace_is_read_through_its_next_process_when_the_first_is_gone(mon
     monkeypatch.setattr(procfs, "real_uid", lambda pid, proc: 0)
     entered = []
 
-    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None, ports=None):
         entered.append(ns_path)
         if ns_path is None:
             return own, []
@@ -382,7 +382,7 @@ def test_the_owner_lookup_enters_a_namespace_through_its_next_process(monkeypatc
                         lambda proc, most=3: ({own: [1], victim: [300, 400]}, set()))
     entered = []
 
-    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None, ports=None):
         entered.append(ns_path)
         if ns_path.endswith("/300/ns/net"):
             raise FileNotFoundError(2, "No such process")      # exited since the listing
@@ -416,7 +416,7 @@ def _timed_namespaces(monkeypatch, others, cost_s):
     monkeypatch.setattr(owners.time, "monotonic", lambda: clock["now"])
     entered = []
 
-    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None):
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None, ports=None):
         netns = own if ns_path is None else pid_ns[int(ns_path.split("/")[2])]
         entered.append(netns)
         if netns != own:
@@ -494,10 +494,10 @@ def test_the_budget_starts_after_the_tracers_own_namespace(monkeypatch):
     own, entered, clock = _timed_namespaces(monkeypatch, others, cost_s=0.01)
     real = sockdiag.tcp_sockets_in
 
-    def slow_own(states, ns_path, with_info=True, deadline=None):
+    def slow_own(states, ns_path, with_info=True, deadline=None, ports=None):
         if ns_path is None:
             clock["now"] += 0.64
-        return real(states, ns_path, with_info, deadline)
+        return real(states, ns_path, with_info, deadline, ports)
 
     monkeypatch.setattr(sockdiag, "tcp_sockets_in", slow_own)
     asked = [ep(7000 + ns % 1000, 40000, netns=ns) for ns in [own] + others]

@@ -213,6 +213,85 @@ def test_sockdiag_request_and_reply_round_trip():
         sockdiag.parse_messages(err)
 
 
+def _message(state: int, lport: int, rport: int, inode: int) -> bytes:
+    src = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
+    dst = socket.inet_pton(socket.AF_INET, "10.0.0.9") + bytes(12)
+    body = struct.pack("=BBBB", socket.AF_INET, state, 0, 0) + \
+        lport.to_bytes(2, "big") + rport.to_bytes(2, "big") + src + dst + \
+        struct.pack("=I8sIIIII", 0, bytes(8), 0, 0, 0, 1000, inode)
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+def test_a_ports_filter_makes_rows_of_listeners_and_those_pairs_only():
+    """parse_messages(ports=...): the sockets whose (local, remote) port
+    pair is asked for, and every listener; the others passed over. Pairs
+    are ordered: (80, 5000) is not (5000, 80)."""
+    data = b"".join([
+        _message(tcpstates.CLOSE_WAIT, 80, 5000, 1),
+        _message(tcpstates.CLOSE_WAIT, 5000, 80, 2),        # the pair reversed
+        _message(tcpstates.CLOSE_WAIT, 80, 5001, 3),
+        _message(tcpstates.LISTEN, 8080, 0, 4),
+        _message(tcpstates.CLOSE_WAIT, 443, 65535, 5),
+    ])
+    ports = sockdiag.port_pairs([(80, 5000), (443, 65535), (1, 2)])
+    rows, _ = sockdiag.parse_messages(data, ports=ports)
+    assert [r.inode for r in rows] == [1, 4, 5]
+    everything, _ = sockdiag.parse_messages(data)
+    assert [r.inode for r in everything] == [1, 2, 3, 4, 5]
+    # The rows made are the same rows.
+    assert rows == [r for r in everything if r.inode in (1, 4, 5)]
+    # Damage is still skipped, never raised: a message too short for its
+    # type, with a wanted pair in its first bytes.
+    short = _message(tcpstates.CLOSE_WAIT, 80, 5000, 9)
+    short = struct.pack("=IHHII", 16 + 8, 20, 2, 1, 0) + short[16:24]
+    rows, _ = sockdiag.parse_messages(short + data, ports=ports)
+    assert [r.inode for r in rows] == [1, 4, 5]
+
+
+def test_the_owner_lookup_finds_a_socket_among_many_with_the_ports_filter():
+    """owners.resolve with sock_diag, filtered on the wanted port pairs:
+    the same owner answer as a lookup that made a row of every socket, for
+    one socket among 300 of this process in CLOSE_WAIT (their listener
+    too), and for all of them."""
+    from closewait_trace.sockets import owners
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(512)
+    clients = [socket.create_connection(server.getsockname()) for _ in range(300)]
+    held = [server.accept()[0] for _ in clients]
+    try:
+        for c in clients:
+            c.close()
+        port = server.getsockname()[1]
+        for _ in range(200):
+            rows = [r for r in sockdiag.tcp_sockets([tcpstates.CLOSE_WAIT], with_info=False)
+                    if r.endpoints.lport == port]
+            if len(rows) == len(held):
+                break
+        assert len(rows) == len(held)
+        wanted = sorted((r.endpoints for r in rows), key=lambda ep: ep.rport)
+        inodes = {os.fstat(h.fileno()).st_ino: h.fileno() for h in held}
+        real = sockdiag.port_pairs
+        for ask in ([wanted[150]], wanted):
+            filtered = owners.resolve(ask)
+            sockdiag.port_pairs = lambda pairs: None        # every socket a row
+            try:
+                whole = owners.resolve(ask)
+            finally:
+                sockdiag.port_pairs = real
+            assert {ep: repr(o) for ep, o in filtered.items()} == \
+                {ep: repr(o) for ep, o in whole.items()}
+            for ep in ask:
+                own = filtered[ep]
+                assert own.kind == owners.OWNER_FD, own
+                assert [(h.pid, h.fd) for h in own.holders] == [(os.getpid(), inodes[own.inode])]
+                assert own.listener is not None and own.listener.endpoints.lport == port
+    finally:
+        for h in held:
+            h.close()
+        server.close()
+
+
 def test_a_dump_without_times_asks_no_tcp_info_and_keeps_queues_and_inode():
     """The owner lookup dumps without tcp_info (it uses addresses, queues
     and inodes only); a real socket in CLOSE_WAIT on this host, dumped

@@ -751,6 +751,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
              others_budget_s: float = float("inf"),
              memory: LookupMemory = LookupMemory()) -> dict:
     addresses = {ep.address_key for ep in wanted}
+    # Only these rows are made of the tables' sockets in CLOSE_WAIT (and
+    # every listener): a lookup of a few among 100,000 made 100,000 rows.
+    ports = sockdiag.port_pairs((ep.lport, ep.rport) for ep in wanted)
     # address key -> {(netns, inode): row}: one entry per socket, however
     # many pids showed its namespace.
     matches: dict[tuple, dict[tuple, TcpRow]] = {}
@@ -802,7 +805,8 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
             rows = procnet.namespace_rows(netns, pids, proc,
                                           states=[tcpstates.CLOSE_WAIT, tcpstates.LISTEN],
                                           times=False,
-                                          deadline=deadline if other and others_read else None)
+                                          deadline=deadline if other and others_read else None,
+                                          ports=ports)
         except sockdiag.DumpCut:
             # It takes longer than what was left: the budget, for the next
             # lookups' estimate (then read whole only as a lookup's first).

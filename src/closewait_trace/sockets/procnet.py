@@ -159,7 +159,8 @@ def tcp_rows(pid: int, proc: str = procfs.PROC,
 
 def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
                    states: Optional[Iterable[int]] = None, times: bool = True,
-                   deadline: Optional[float] = None) -> list[TcpRow]:
+                   deadline: Optional[float] = None,
+                   ports: Optional[frozenset] = None) -> list[TcpRow]:
     """tcp_rows of namespace netns (an inode scan_network_namespace_pids
     listed with pids), entered through each of its pids in turn until one
     answers from inside it: the first may have exited since the listing
@@ -167,7 +168,10 @@ def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
     reused in another namespace. Taking its failure for an empty namespace
     made the owner lookup say its sockets had left CLOSE_WAIT. [] when none
     answers (most likely gone with them). deadline (monotonic): raises
-    sockdiag.DumpCut when it passes before a dump is whole."""
+    sockdiag.DumpCut when it passes before a dump is whole. ports
+    (sockdiag.port_pairs): of the sockets other than listeners, rows are
+    made at least for those with these port pairs, maybe for more (a
+    table read whole, or from /proc, is given whole)."""
     if states is None or not is_procfs(proc):
         return tcp_rows(pids[0], proc, states, times)
     wanted = frozenset(states)
@@ -180,7 +184,7 @@ def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
         ns_link = f"{proc}/{pid}/ns/net"
         try:
             inode, rows = sockdiag.tcp_sockets_in(wanted, None if netns == own else ns_link,
-                                                  times, deadline=deadline)
+                                                  times, deadline=deadline, ports=ports)
         except OSError as e:
             if e.errno in procfs.EXHAUSTED_ERRNOS:
                 raise procfs.ResourceExhausted(f"sock_diag ({ns_link})", e.errno) from None
@@ -197,7 +201,8 @@ def namespace_rows(netns: int, pids: list[int], proc: str = procfs.PROC,
             inode = netns
         if inode != netns:
             continue        # the pid now lives in another namespace
-        if _reused is not None:
+        if _reused is not None and ports is None:
+            # Only a whole table answers later reads (not one filtered).
             _reused[(proc, netns)] = (wanted, rows)
         return rows
     return []
