@@ -9,7 +9,9 @@ moment the workload's clients had closed (bench/run.py's scale workload).
 The tracer (`python -m closewait_trace --json -t 1s -i 500ms -p ...`, its
 output to a file, no reader competing for the CPUs) runs with its
 LiveTracer.tick, LiveTracer._resolve and ProcResolver.owners wrapped to log
-their start and end (those over 20 ms); nothing else is changed. Printed:
+their start and end (those over 20 ms), and ProcResolver.owners_begin (a
+lookahead's lookup begun: its answer is taken at the next tick's start);
+nothing else is changed. Printed:
 when the sockets entered CLOSE_WAIT, when the first and last were reported,
 and each lookup and batch. Numbers in docs/benchmarks.md ("where a flood's
 time goes").
@@ -21,6 +23,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,7 @@ def as_tracer(log_path: str, argv: list) -> None:
     from closewait_trace.live import tracer
     log = open(log_path, "w", buffering=1)
 
-    def timed(cls, name, describe=lambda args: ""):
+    def timed(cls, name, describe=lambda args: "", least_s=0.02):
         inner = getattr(cls, name)
 
         @functools.wraps(inner)
@@ -45,7 +48,7 @@ def as_tracer(log_path: str, argv: list) -> None:
                 return inner(*args, **kwargs)
             finally:
                 ended = time.time()
-                if ended - began > 0.02:
+                if ended - began >= least_s:
                     log.write(json.dumps({"name": name, "began": began, "ended": ended,
                                           "what": describe(args)}) + "\n")
         setattr(cls, name, wrapper)
@@ -53,6 +56,10 @@ def as_tracer(log_path: str, argv: list) -> None:
     timed(tracer.LiveTracer, "tick")
     timed(tracer.LiveTracer, "_resolve", lambda args: f"batch of {len(args[1])}")
     timed(resolver.ProcResolver, "owners", lambda args: f"{len(args[1])} sockets")
+    # A lookahead's lookup is only begun here (its answer is waited for at
+    # the next tick's start, inside "tick"): every one logged.
+    timed(resolver.ProcResolver, "owners_begin", lambda args: f"{len(args[1])} sockets",
+          least_s=0.0)
     sys.argv = ["closewait-trace"] + argv
     from closewait_trace.entry import main
     main()
@@ -75,10 +82,12 @@ def run(total: int, seconds: float) -> dict:
             stdout=out, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while True:
                 with open(out_path) as f:
                     if f.readline().startswith('{"type": "start"'):
                         break
+                if time.monotonic() > deadline or tracer.poll() is not None:
+                    raise SystemExit("flood_timeline: the tracer did not start in 60 s")
                 time.sleep(0.1)
             bench.start_lingering(groups, ports, holders, clients)
             closed = time.time()
@@ -92,6 +101,8 @@ def run(total: int, seconds: float) -> dict:
         for line in f:
             if line.startswith('{"type": "linger"'):
                 rec = json.loads(line)
+                if rec["update"]:
+                    continue        # a new diagnosis of one reported before
                 entered.append(rec["entered_at"])
                 reported.append(rec["ts"])
     steps = []
@@ -101,6 +112,8 @@ def run(total: int, seconds: float) -> dict:
             steps.append({"name": step["name"], "what": step["what"],
                           "began_s": round(step["began"] - closed, 3),
                           "ended_s": round(step["ended"] - closed, 3)})
+
+    shutil.rmtree(work, ignore_errors=True)
 
     def rel(values, pick):
         return round(pick(values) - closed, 2) if values else None

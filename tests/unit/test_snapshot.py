@@ -53,6 +53,22 @@ def test_every_close_wait_socket_with_its_holder_and_diagnosis(fake):
     json.dumps(recs)
 
 
+def test_a_crafted_table_with_a_port_over_sixteen_bits_is_still_answered(tmp_path):
+    """A /proc/PID/net/tcp line whose port is 0x12345 (a crafted tree; the
+    kernel's are 16 bits): the owner lookup's port filter (sockdiag.
+    port_pairs) raised struct.error on it, and the snapshot failed; the
+    socket is answered as before, with its holder."""
+    f = FakeProc(tmp_path)
+    f.process(10, comm="server")
+    f.tcp(10, V4, "127.0.0.1", 0x12345, "127.0.0.1", 40001, CW, 901)
+    f.fd(10, 4, 901)
+    from closewait_trace.evidence import gathering
+    read = gathering.snapshot_candidates(SocketFilter(), 0, proc=f.root)
+    [(ep, own)] = read.resolved.items()
+    assert ep.lport == 0x12345 and own.kind == owners.OWNER_FD
+    assert [h.pid for h in own.holders] == [10]
+
+
 def test_without_root_a_socket_whose_holder_is_unseen_is_hidden_and_said(fake):
     snap = snapshot.take(proc=fake.root, as_root=False)
     assert {l.endpoints.rport for l in snap.lingering} == {40001, 40002, 40003}

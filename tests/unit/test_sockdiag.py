@@ -248,6 +248,36 @@ def test_a_ports_filter_makes_rows_of_listeners_and_those_pairs_only():
     assert [r.inode for r in rows] == [1, 4, 5]
 
 
+def test_a_port_outside_sixteen_bits_is_left_out_of_the_filter_not_raised_on():
+    """Endpoints read from a crafted table (a /proc/PID/net/tcp line with a
+    port of 0x12345) reach port_pairs: the pair can match no message, and
+    the owner lookup still answers (it raised struct.error)."""
+    assert sockdiag.port_pairs([(0x12345, 80), (80, -1), (80, 5000)]) == \
+        sockdiag.port_pairs([(80, 5000)])
+
+
+def test_the_owner_lookup_asks_the_dump_for_the_wanted_port_pairs(monkeypatch):
+    """owners.resolve hands the wanted sockets' port pairs to the dump, so
+    that it makes rows of those only (the filter's whole point: a lookup
+    of one socket among 100,000 made 100,000 rows)."""
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.sockets import owners, procfs, procnet
+    own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
+    monkeypatch.setattr(procnet, "scan_network_namespace_pids",
+                        lambda proc, most=3: ({own: [1]}, set()))
+    given = []
+
+    def tcp_sockets_in(states, ns_path, with_info=True, deadline=None, ports=None):
+        given.append(ports)
+        return own, []
+
+    monkeypatch.setattr(sockdiag, "tcp_sockets_in", tcp_sockets_in)
+    wanted = [Endpoints(socket.AF_INET, "127.0.0.1", 80, "10.0.0.1", 5000, own),
+              Endpoints(socket.AF_INET6, "::1", 443, "::2", 6000, own)]
+    owners.resolve(wanted, "/proc")
+    assert given == [sockdiag.port_pairs([(80, 5000), (443, 6000)])]
+
+
 def test_the_owner_lookup_finds_a_socket_among_many_with_the_ports_filter():
     """owners.resolve with sock_diag, filtered on the wanted port pairs:
     the same owner answer as a lookup that made a row of every socket, for

@@ -137,9 +137,12 @@ def _row(data: bytes, offset: int, end: int, netns: int = 0) -> TcpRow:
 
 def port_pairs(pairs: Iterable[tuple[int, int]]) -> frozenset:
     """(local port, remote port) pairs as parse_messages' ports filter
-    takes them: the 4 bytes of a message's sport and dport, as sent."""
+    takes them: the 4 bytes of a message's sport and dport, as sent. A pair
+    with a port outside 0-65535 (a crafted table, not the kernel's) can
+    match no message and is left out, not raised on."""
     pack = _PORT_PAIR.pack
-    return frozenset([pack(lport, rport) for lport, rport in pairs])
+    return frozenset([pack(lport, rport) for lport, rport in pairs
+                      if 0 <= lport <= 0xFFFF and 0 <= rport <= 0xFFFF])
 
 
 def parse_messages(data: bytes, netns: int = 0, ports: Optional[frozenset] = None
