@@ -40,9 +40,9 @@ class WallClock:
     """wall_time's text, with the text up to the second (and the zone's
     offset) made once per second and the microseconds filled in: the same
     rounding as datetime.fromtimestamp (half to even, at the microsecond),
-    the same zone (zone_of's per-hour cache). Made whole for each record,
-    the text was a tenth of a linger record's cost (a batch of 100,000
-    records has a few distinct seconds)."""
+    the same zone (zone_of's per-hour cache). Made whole for each record
+    it cost 1.26 us, so 0.49 us (a batch of 100,000 records spans a few
+    seconds)."""
 
     def __init__(self):
         self._whole = None
