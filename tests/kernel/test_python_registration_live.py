@@ -28,6 +28,7 @@ from closewait_trace.evidence.resolver import ProcResolver
 from closewait_trace.evidence.worker import GatherWorker
 from closewait_trace.kernel import kernel_headers
 from closewait_trace.kernel.probe import KernelProbe, ProbeConfig, detect_features
+from closewait_trace.sockets import procfs
 from closewait_trace.sockets.filters import SocketFilter
 from closewait_trace.live.tracer import LiveTracer
 from tests.kernel.fuse_never_reads import NeverReads
@@ -120,22 +121,13 @@ def test_a_process_that_execs_before_it_is_registered_is_not(procs):
         assert holder.pid not in tracer.probe.python_registered()
 
 
-def uid_of(pid: int):
-    """The process's real uid, or None once it has exited: the tracer
-    registers every user's CPython processes, and on a shared machine (CI's
-    own helpers, another test's) some end while a test looks at them."""
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except FileNotFoundError:
-        return None
-
-
 def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
     many = start_ready(procs, NOBODY + [PYTHON, "-c", FORKS, "40"], start_new_session=True)
     other = start_ready(procs, DAEMON + [PYTHON, "-c", FORKS, "1"])
     # A third user's, which exits once registered, as any process on the
-    # machine may: the checks below are about those still running (they
-    # stat()ed every registered pid, and failed on one that had exited).
+    # machine may: the checks below are about those still running
+    # (procfs.real_uid is None for one gone; they stat()ed every registered
+    # pid, and failed on one that had exited).
     leaving = start_ready(procs, BIN + [PYTHON, "-c", FORKS, "1"])
     with in_process_tracer(ProcResolver(), max_py_procs=16) as tracer:
         tracer.start()
@@ -145,7 +137,7 @@ def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
         leaving.wait()
         assert len(registered) == 16
         assert other.pid in registered
-        nobody = [p for p in registered if uid_of(p) == 65534]
+        nobody = [p for p in registered if procfs.real_uid(p) == 65534]
         assert 0 < len(nobody) < 16
         # And a registration of nobody's later (a diagnosis) takes no other
         # user's place: nobody already holds the most.
@@ -154,7 +146,7 @@ def test_one_users_many_pythons_do_not_keep_another_users_out(procs):
         tracer.register_pythons({many.pid: walk}, tracer.now_ns())
         after = tracer.probe.python_registered()
         assert other.pid in after
-        assert {p for p in before if uid_of(p) not in (65534, None)} <= after
+        assert {p for p in before if procfs.real_uid(p) not in (65534, None)} <= after
     os.killpg(many.pid, 9)
 
 

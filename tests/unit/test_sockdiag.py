@@ -191,17 +191,23 @@ def test_request_asks_for_tcp_info_in_the_same_dump():
     assert ext == 1 << (sockdiag.INET_DIAG_INFO - 1)
     assert struct.unpack_from("=I", req, 20)[0] == 1 << tcpstates.CLOSE_WAIT
 
+def _message(state: int, lport: int, rport: int, inode: int, rx: int = 0, tx: int = 0) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY message of an IPv4 socket 127.0.0.1:lport ->
+    10.0.0.9:rport, uid 1000."""
+    src = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
+    dst = socket.inet_pton(socket.AF_INET, "10.0.0.9") + bytes(12)
+    body = struct.pack("=BBBB", socket.AF_INET, state, 0, 0) + \
+        lport.to_bytes(2, "big") + rport.to_bytes(2, "big") + src + dst + \
+        struct.pack("=I8sIIIII", 0, bytes(8), 0, rx, tx, 1000, inode)
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
 def test_sockdiag_request_and_reply_round_trip():
     req = sockdiag.build_request(socket.AF_INET, [tcpstates.CLOSE_WAIT, tcpstates.LISTEN])
     length, kind, flags, _seq, _pid = struct.unpack_from("=IHHII", req)
     assert length == len(req) == 16 + 56 and kind == 20 and flags & 0x300
     assert struct.unpack_from("=I", req, 20)[0] == (1 << 8) | (1 << 10)
-    src = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
-    dst = socket.inet_pton(socket.AF_INET, "10.0.0.9") + bytes(12)
-    body = struct.pack("=BBBB", socket.AF_INET, tcpstates.LISTEN, 0, 0) + \
-        (8080).to_bytes(2, "big") + (0).to_bytes(2, "big") + src + dst + \
-        struct.pack("=I8sIIIII", 0, bytes(8), 0, 3, 128, 1000, 555)
-    msg = struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+    msg = _message(tcpstates.LISTEN, 8080, 0, 555, rx=3, tx=128)
     done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
     rows, finished = sockdiag.parse_messages(msg + done)
     assert finished and len(rows) == 1
@@ -211,15 +217,6 @@ def test_sockdiag_request_and_reply_round_trip():
     err = struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -13)
     with pytest.raises(OSError):
         sockdiag.parse_messages(err)
-
-
-def _message(state: int, lport: int, rport: int, inode: int) -> bytes:
-    src = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
-    dst = socket.inet_pton(socket.AF_INET, "10.0.0.9") + bytes(12)
-    body = struct.pack("=BBBB", socket.AF_INET, state, 0, 0) + \
-        lport.to_bytes(2, "big") + rport.to_bytes(2, "big") + src + dst + \
-        struct.pack("=I8sIIIII", 0, bytes(8), 0, 0, 0, 1000, inode)
-    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
 
 
 def test_a_ports_filter_makes_rows_of_listeners_and_those_pairs_only():

@@ -75,7 +75,7 @@ def test_the_wall_clock_text_is_records_wall_time(zone):
     rnd = random.Random(7)
     for name in ("UTC", "Asia/Kolkata", "America/New_York"):
         zone(name)
-        clock = transitions.WallClock()
+        clock = records.WallClock()
         base = 1_790_035_198.0
         stamps = sorted(base + rnd.random() * 5 for _ in range(3000))
         stamps += [base + k + e for k in range(3) for e in

@@ -57,10 +57,6 @@ def _exact_second(whole: float) -> bool:
     return 1073741824.0 <= whole < 2147483647.0
 
 
-# The wall clock's text, cached per second: records' own (one definition).
-WallClock = records.WallClock
-
-
 def _bounded(cache: dict) -> dict:
     if len(cache) >= CACHE_MAX:
         cache.clear()
@@ -75,7 +71,7 @@ class JsonLines:
     recording's)."""
 
     def __init__(self, compact: bool = False):
-        self.clock = WallClock()
+        self.clock = records.WallClock()
         self.compact = compact
         self._addr: dict = {}       # raw address -> (family, its JSON string)
         self._comm: dict = {}       # raw comm -> JSON string (line-safe unless compact)
@@ -147,7 +143,7 @@ class JsonLines:
         head = tail = whole_dot = ""
         for r in rows:
             ts = (r[R_TS] + offset_ns) / 1e9
-            # WallClock.text(ts), inline: the text up to the second made
+            # records.WallClock.text(ts), inline: the text up to the second made
             # once per second. Within a second of [2**30, 2**31) (2004 to
             # 2038) the "ts" value's repr(round(ts, 6)) is made from the
             # same microseconds (_exact_second says why).
