@@ -186,6 +186,43 @@ def test_each_linger_record_has_its_age_as_of_its_own_time(tmp_path):
     assert second >= first + 0.5
 
 
+def test_linger_records_go_as_lines_to_the_sinks_that_build_them_and_as_one_dict_to_the_rest(
+        tmp_path, monkeypatch):
+    """The JSON terminal builds its linger lines from the socket
+    (output/lingerlines.py): what it writes is the dict the other sinks
+    get, encoded; that dict is made once for all of them, and not at all
+    when every sink builds its own line."""
+    import io
+    from closewait_trace.output import textsafe
+    from closewait_trace.output.terminal import TerminalSink
+    w = World(tmp_path)
+    other = ListSink()
+    out = io.StringIO()
+    w.tracer.sinks += [other, TerminalSink(True, render.TextRenderer(), stream=out)]
+    w.linger(3, holders=2)
+    w.tracer.start()
+    w.step()
+    lingers = w.of("linger")
+    assert len(lingers) == 3
+    assert [r for r in other.records if r["type"] == "linger"] == lingers
+    assert all(a is b for a, b in zip(lingers, [r for r in other.records
+                                                if r["type"] == "linger"]))
+    assert [line for line in out.getvalue().splitlines() if '"type": "linger"' in line] == \
+        [textsafe.safe_line(textsafe.json_dumps(r)) for r in lingers]
+
+    made = []
+    real = records.linger
+    monkeypatch.setattr(records, "linger", lambda *a, **k: made.append(a) or real(*a, **k))
+    w2 = World(tmp_path / "2")
+    out2 = io.StringIO()
+    w2.tracer.sinks[:] = [TerminalSink(True, render.TextRenderer(), stream=out2)]
+    w2.linger(3, holders=2)
+    w2.tracer.start()
+    w2.step()
+    assert out2.getvalue().count('"type": "linger"') == 3
+    assert made == []
+
+
 def test_a_failed_start_snapshot_is_said_not_silent(tmp_path):
     """Issue 19 §2: when the start's read of the sockets already in
     CLOSE_WAIT fails (the worker timed out), those sockets are in no kernel

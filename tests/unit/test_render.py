@@ -250,6 +250,23 @@ def test_safe_line_is_the_last_defence():
     assert textsafe.safe_line("a\x1bb\u2028c") == "a\\x1bb\\u2028c"
 
 
+def test_safe_line_escapes_each_ascii_character_alike_in_short_and_long_lines():
+    """Long ASCII lines are checked as bytes, short ones with isprintable:
+    every ASCII character, anywhere in a line of either length, is left or
+    escaped the same way."""
+    for code in range(128):
+        ch = chr(code)
+        short = textsafe.safe_line("a" + ch + "b")
+        expected = "a" + textsafe._escape_char(ch) + "b" if not ch.isprintable() else "a" + ch + "b"
+        assert short == expected, code
+        for at in (0, textsafe._LONG_LINE // 2, textsafe._LONG_LINE * 4 - 1):
+            line = "x" * at + ch + "y" * (textsafe._LONG_LINE * 4 - at)
+            assert textsafe.safe_line(line) == \
+                "x" * at + expected[1:-1] + "y" * (textsafe._LONG_LINE * 4 - at), (code, at)
+        edge = "z" * (textsafe._LONG_LINE - 1) + ch
+        assert textsafe.safe_line(edge) == "z" * (textsafe._LONG_LINE - 1) + expected[1:-1]
+
+
 def test_json_dumps_writes_null_for_non_finite():
     assert textsafe.json_dumps({"a": float("nan"), "b": [float("inf"), 1.5]}) == \
         '{"a": null, "b": [null, 1.5]}'

@@ -250,16 +250,21 @@ class Recorder:
         self.write(rec)
 
     def write(self, rec: dict) -> None:
-        line = textsafe.json_dumps(rec, separators=(",", ":")) + "\n"
+        self.write_line(textsafe.json_dumps(rec, separators=(",", ":")) + "\n", rec.get("type"))
+
+    def write_line(self, line: str, kind: Optional[str]) -> None:
+        """One record made into its line as write() makes it (compact JSON,
+        ending in a newline; a linger record from output/lingerlines.py);
+        kind: its type."""
         if len(line) > MAX_LINE_BYTES:     # ASCII (ensure_ascii): chars == bytes
             # A reader would skip it as damaged: say so now, count it.
-            self._write_failed(1, f"a {rec.get('type')} record of {len(line)} bytes is "
+            self._write_failed(1, f"a {kind} record of {len(line)} bytes is "
                                   f"longer than the {MAX_LINE_BYTES} a reader accepts")
             return
         if not self._buffer:
             self._first_buffered = time.monotonic()
         self._buffer.append(line)
-        if rec.get("type") in ("summary",) or time.monotonic() - self._first_buffered >= FLUSH_S:
+        if kind == "summary" or time.monotonic() - self._first_buffered >= FLUSH_S:
             self.flush()
 
     def write_lines(self, lines: list) -> None:

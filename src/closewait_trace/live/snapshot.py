@@ -49,18 +49,26 @@ class Snapshot:
     def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
         """process records, then one linger record per socket, oldest first
         (the order the live tail writes them in)."""
+        processes, lingers = self.reports(ts, at_ns)
+        return processes + [report.record() for report in lingers]
+
+    def reports(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> tuple:
+        """What records() gives, with each linger record still to be made
+        (lingerlines.LingerReport: the JSON sink builds its line from the
+        socket)."""
         from closewait_trace.output import records
+        from closewait_trace.output.lingerlines import LingerReport
         ts = time.time() if ts is None else ts
         at_ns = gathering.now_ns() if at_ns is None else at_ns
-        out = [records.process(ts, ev) for ev in self.process_evidence]
+        processes = [records.process(ts, ev) for ev in self.process_evidence]
         # Where in the code is seen only by a live trace, at the read or the
-        # connect(): said, not left blank (one dict shared by every record).
-        unknown = records.code_unknown(records.CODE_SNAPSHOT)
+        # connect(): said, not left blank (one part shared by every record,
+        # encoded once).
+        unknown = records.Shared(records.code_unknown(records.CODE_SNAPSHOT))
         for l in self.lingering:
             if l.code is None:
                 l.code = unknown
-        out.extend(records.linger(l, ts, l.age_ns(at_ns)) for l in self.lingering)
-        return out
+        return processes, [LingerReport(l, ts, l.age_ns(at_ns)) for l in self.lingering]
 
 
 def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
@@ -352,12 +360,19 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
                         "errors)") from None
     finally:
         resolver.close()
-    recs = snap.records()
+    processes, reports = snap.reports()
     # Held and written in large pieces: one process writing everything it
     # has, not a live tail.
     out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose), hold=True)
-    lingers = [r for r in recs if r["type"] == "linger"]
-    if not as_json:
+    if as_json:
+        kept = reports
+        for rec in processes:
+            out.emit(rec)
+        for report in reports:
+            out.emit_linger(report)     # its line made from the socket, no dict
+    else:
+        lingers = [report.record() for report in reports]
+        kept = processes + lingers
         described = "; ".join(t for t in (socket_filter.describe(),
                                           holder_filter.describe() if holder_filter.active
                                           else "") if t)
@@ -365,13 +380,12 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
                                     hidden=0 if as_root else snap.hidden,
                                     unread_namespaces=snap.unread_namespaces)
                         + ([out.renderer.header()] if lingers else []))
-    for rec in recs:
-        out.emit(rec)
-    if not as_json:
+        for rec in kept:
+            out.emit(rec)
         from closewait_trace.output import fold
         folding = fold.of_holders(h for l in snap.lingering for h in l.ownership.holders)
         out.write_lines(footer_lines(lingers, folding))
     out.flush()
     for line in notice_lines(snap, as_root):
         notice(line)
-    return snap, recs, out
+    return snap, kept, out

@@ -30,6 +30,7 @@ from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelE
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
 from closewait_trace.kernel.probe import ProbeConfig
 from closewait_trace.output.sinks import Sink, TickView
+from closewait_trace.output.lingerlines import LingerReport
 from closewait_trace.sockets.owners import RescanRead
 from closewait_trace.sockets.tracker import Lingerer, Tracker, lowest_keys
 from closewait_trace.evidence import worker
@@ -349,6 +350,20 @@ class LiveTracer:
     def emit(self, rec: dict) -> None:
         for sink in self.sinks:
             sink.emit(rec)
+        self._sip_now_and_then()
+
+    def emit_linger(self, lingerer: Lingerer, ts: float, age_ns: int,
+                    update: bool = False) -> None:
+        """A linger record (records.linger): to the sinks that build its
+        line from the socket (emit_linger), and its dict, made once, to
+        the others (output/sinks.py)."""
+        report = LingerReport(lingerer, ts, age_ns, update)
+        for sink in self.sinks:
+            emit_linger = getattr(sink, "emit_linger", None)
+            if emit_linger is not None:
+                emit_linger(report)
+            else:
+                sink.emit(report.record())
         self._sip_now_and_then()
 
     def _sip_now_and_then(self) -> None:
@@ -958,7 +973,7 @@ class LiveTracer:
                     l.diagnosis = diagnosis.Diagnosis(
                         diagnosis.UNKNOWN, f"unknown: owners not read: {e.why}")
                     self.linger_lines += 1
-                    self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns())))
+                    self.emit_linger(l, time.time(), l.age_ns(self.now_ns()))
             return
         self.note_owner_reads(batch, resolved)
         if not update:
@@ -1062,7 +1077,7 @@ class LiveTracer:
                 # Each age as of its own record's ts: 18,000 records took
                 # 0.4-1 s to write, and ages taken once for all were that
                 # much below the truth at the last ones' ts, past age_max.
-                self.emit(records.linger(l, time.time(), l.age_ns(self.now_ns()), update=update))
+                self.emit_linger(l, time.time(), l.age_ns(self.now_ns()), update=update)
                 if l.diagnosis is not None:
                     # Written: from here on only its cause and summary are read
                     # (a new diagnosis is made for any later record).

@@ -596,8 +596,18 @@ class MetricsSink:
 
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):
-            diag = rec.get("diagnosis") or {}
-            self.state.count_lingered(str(diag.get(LABEL_FIELDS[CAUSE_LABEL][1]) or "unknown"))
+            self._count_lingered(rec.get("diagnosis"))
+
+    def emit_linger(self, report) -> None:
+        """A linger record (lingerlines.LingerReport) counted from its
+        socket's diagnosis, without the record's dict."""
+        if not report.update:
+            diag = report.lingerer.diagnosis
+            self._count_lingered(diag.as_dict() if diag is not None else None)
+
+    def _count_lingered(self, diag: Optional[dict]) -> None:
+        cause = (diag or {}).get(LABEL_FIELDS[CAUSE_LABEL][1])
+        self.state.count_lingered(str(cause or "unknown"))
 
     def tick(self, view) -> None:
         if self.state.live is not None:

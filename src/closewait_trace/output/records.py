@@ -100,22 +100,31 @@ def holder_dicts(holders, facts: Optional[dict] = None) -> list[schema.Holder]:
     return out
 
 
+def age_values(age_ns: int, source: str, max_ns: Optional[int]) -> tuple:
+    """The values of age_fields, in its order."""
+    return (round(age_ns / 1e9, 6), source,
+            round(max_ns / 1e9, 6) if max_ns is not None else None, source == "lower_bound")
+
+
 def age_fields(prefix: str, age_ns: int, source: str, max_ns: Optional[int]) -> dict:
     """`age_*` or `duration_*`: how long, how it was known, the upper bound
     of an estimate (see schema.AgeSource)."""
-    return {f"{prefix}_s": round(age_ns / 1e9, 6),
-            f"{prefix}_source": source,
-            f"{prefix}_max_s": round(max_ns / 1e9, 6) if max_ns is not None else None,
-            f"{prefix}_is_lower_bound": source == "lower_bound"}
+    seconds, source, max_s, lower_bound = age_values(age_ns, source, max_ns)
+    return {f"{prefix}_s": seconds, f"{prefix}_source": source, f"{prefix}_max_s": max_s,
+            f"{prefix}_is_lower_bound": lower_bound}
+
+
+def lingerer_age_max_ns(lingerer, age_ns: int) -> Optional[int]:
+    """The upper bound of a lingering socket's age, when it is estimated."""
+    source, enter_max = lingerer.age_source, lingerer.enter_max_ns
+    if source in ("estimated", "range") and enter_max is not None:
+        # age_max = now - earliest possible entry; now = enter + age.
+        return max(age_ns, lingerer.enter_ns + age_ns - enter_max)
+    return None
 
 
 def _lingerer_age(lingerer, age_ns: int) -> dict:
-    source, enter_max = lingerer.age_source, lingerer.enter_max_ns
-    age_max = None
-    if source in ("estimated", "range") and enter_max is not None:
-        # age_max = now - earliest possible entry; now = enter + age.
-        age_max = max(age_ns, lingerer.enter_ns + age_ns - enter_max)
-    return age_fields("age", age_ns, source, age_max)
+    return age_fields("age", age_ns, lingerer.age_source, lingerer_age_max_ns(lingerer, age_ns))
 
 
 class Shared(dict):
@@ -123,8 +132,8 @@ class Shared(dict):
     many records (a listener's part of the records of every socket
     accepted from it; a `code` shared by the sockets with the same
     reasons). Written like any dict; an encoder may keep its JSON by the
-    object's identity (terminal.TerminalSink does, for linger records: the
-    listener's part was a quarter of a linger record's encoding)."""
+    object's identity (lingerlines.LingerJson does: the listener's part was
+    a quarter of a linger record's encoding)."""
     __slots__ = ()
 
 
@@ -137,7 +146,7 @@ _listener_parts: dict = {}
 LISTENER_PARTS_KEPT = 1024
 
 
-def _listener_part(own) -> "Shared":
+def listener_part(own) -> "Shared":
     row, holders = own.listener, own.listener_holders
     key = (id(row), id(holders))
     hit = _listener_parts.get(key)
@@ -156,7 +165,7 @@ def ownership_fields(own, facts: Optional[dict] = None) -> dict:
         return {"owner_kind": None, "owners": [], "netns": None, "inode": None,
                 "unread_bytes": None, "eof_read": None, "listener": None,
                 "also_in_netns": []}
-    listener = _listener_part(own) if own.listener is not None else None
+    listener = listener_part(own) if own.listener is not None else None
     return {"owner_kind": own.kind, "owners": holder_dicts(own.holders, facts),
             "netns": own.netns, "inode": own.inode, "unread_bytes": own.unread_bytes,
             "eof_read": own.eof_read,
@@ -178,11 +187,19 @@ def linger(lingerer, ts: float, age_ns: int, update: bool = False) -> schema.Lin
     diag = lingerer.diagnosis
     rec.update(ownership_fields(lingerer.ownership, diag.holder_facts() if diag else None))
     rec["diagnosis"] = diag.as_dict() if diag else None
-    rec["code"] = lingerer.code or code_unknown(CODE_NOT_LOOKED_UP)
-    # Since when, on the wall clock: what an on-call compares with a deploy
-    # or an alert (the row's TIME is when it was reported).
-    rec["entered_at"] = round(max(0.0, ts - rec["age_s"]), 3)
+    rec["code"] = linger_code(lingerer)
+    rec["entered_at"] = entered_at(ts, rec["age_s"])
     return rec
+
+
+def linger_code(lingerer) -> dict:
+    return lingerer.code or code_unknown(CODE_NOT_LOOKED_UP)
+
+
+def entered_at(ts: float, age_s: float) -> float:
+    """Since when, on the wall clock: what an on-call compares with a
+    deploy or an alert (the row's TIME is when it was reported)."""
+    return round(max(0.0, ts - age_s), 3)
 
 
 # Why a linger record does not say where its socket was read to its end.

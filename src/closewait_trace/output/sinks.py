@@ -9,7 +9,12 @@ metrics endpoint's refresh) keeps it itself and looks at the clock in tick().
 
 A sink may also offer `summary_fields() -> dict`: fields it adds to the
 summary record (the recording's write errors). The loop asks every sink that
-has it, just before it builds the summary.
+has it, just before it builds the summary. A sink with
+`emit_linger(report)` is handed each linger record as a
+lingerlines.LingerReport instead of a dict (it builds its line from the
+socket, or asks report.record(): the dict, made once for all sinks); the
+others get that dict through emit. Likewise `emit_transitions` for
+--all's raw rows (output/transitions.py).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.output import records, transitions
+from closewait_trace.output import lingerlines, records, transitions
 
 
 @dataclass
@@ -64,6 +69,7 @@ class RecordingSink:
     _view: Optional[TickView] = None
     _next_snapshot: Optional[float] = None
     _lines: Optional[object] = None     # transitions.JsonLines, made at the first use
+    _linger_lines: Optional[object] = None  # lingerlines.LingerJson, likewise
 
     def __post_init__(self) -> None:
         self.recorder.snapshot_source = self._rotation_snapshot
@@ -75,6 +81,12 @@ class RecordingSink:
 
     def emit(self, rec: dict) -> None:
         self.recorder.write(rec)
+
+    def emit_linger(self, report: lingerlines.LingerReport) -> None:
+        """The line write(report.record()) would make, without the dict."""
+        if self._linger_lines is None:
+            self._linger_lines = lingerlines.LingerJson(compact=True)
+        self.recorder.write_line(self._linger_lines.line(report) + "\n", "linger")
 
     def emit_transitions(self, rows, offset_ns: int) -> None:
         """--all's transitions as raw rows (events.EventLayout): the lines

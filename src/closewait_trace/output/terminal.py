@@ -11,7 +11,7 @@ import select
 import stat
 import sys
 
-from closewait_trace.output import records, render, textsafe, transitions
+from closewait_trace.output import lingerlines, render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
 from closewait_trace.wholewrite import is_unbuffered, write_all
 
@@ -93,8 +93,8 @@ class TerminalSink:
         self._held: list | None = [] if hold else None
         self._held_chars = 0
         self._always_held = hold
-        # Linger records' JSON with their shared parts encoded once.
-        self._kept_parts = textsafe.KeptParts(records.Shared)
+        # Linger records' JSON lines, made from the socket (emit_linger).
+        self._linger_json = lingerlines.LingerJson()
 
     @property
     def _out(self):
@@ -120,14 +120,20 @@ class TerminalSink:
         if self.quiet or self.closed:
             return
         if self.as_json:
-            if rec.get("type") == "linger":
-                # Safe already: KeptParts checks each part it joins.
-                self.write_lines([self._kept_parts.line(rec)], checked=True)
-                return
             lines = [textsafe.json_dumps(rec, check_circular=False)]
         else:
             lines = self.renderer.render(rec)
         self.write_lines(lines)
+
+    def emit_linger(self, report: lingerlines.LingerReport) -> None:
+        """A linger record: in JSON its line made from the socket, without
+        the record's dict (the line is safe: LingerJson checks it)."""
+        if self.quiet or self.closed:
+            return                  # as emit() does with a linger record
+        if self.as_json:
+            self.write_lines([self._linger_json.line(report)], checked=True)
+        else:
+            self.emit(report.record())
 
     def _banner(self, rec: dict) -> None:
         threshold = rec.get("threshold_s")
@@ -173,7 +179,7 @@ class TerminalSink:
 
     def write_lines(self, lines, checked: bool = False) -> None:
         """checked: every line has been through textsafe.safe_line already
-        (or was made of parts that each were: textsafe.KeptParts)."""
+        (a linger line: lingerlines.LingerJson checks its own)."""
         if self.closed:
             return
         held = self._held

@@ -238,13 +238,27 @@ def width_of_escaped(text: str) -> int:
     return len(text) - len(odd) + sum(_char_width(ch) for ch in odd)
 
 
+# Printable ASCII, space to tilde: what an ASCII line may hold as it is.
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7f))
+# From this length on, an ASCII line is checked as bytes: str.isprintable
+# looks each character up in the Unicode tables (6.1 us for 2,500
+# characters, a linger record's JSON line), the bytes' translate deletes
+# the printable ones in one pass (2.6 us, the copy to bytes included);
+# below about 250 characters isprintable is the cheaper.
+_LONG_LINE = 256
+
+
 def safe_line(line: str) -> str:
     """The last line of defence, applied to every finished text line: a
     control, format or separator character that reached it through a field
     not escaped on its way is escaped here. Costs one regex search, or
     less: in ASCII, what the search looks for is what is not printable."""
     if line.isascii():
-        if line.isprintable():          # no C0 control, no DEL: nothing to escape
+        # No C0 control, no DEL: nothing to escape.
+        if len(line) < _LONG_LINE:
+            if line.isprintable():
+                return line
+        elif not line.encode("ascii").translate(None, _PRINTABLE_ASCII):
             return line
     elif _UNSAFE.search(line) is None:
         return line
@@ -300,70 +314,19 @@ _CACHED_OPTIONS = {"check_circular", "separators", "ensure_ascii", "sort_keys", 
 _ENCODERS: dict = {}
 
 
-class KeptParts:
-    """A record's JSON line (what safe_line(json_dumps(rec, check_circular=
-    False)) gives, byte for byte) with the JSON of some of its values kept:
-    those of type `kept_type` (a dict subclass whose objects are never
-    changed once made, records.Shared), by identity. A listener's part
-    comes in every record of the sockets accepted from it, 100,000 at once
-    when a holder stops closing; encoded again for each it was a quarter
-    of the record's encoding (docs/benchmarks.md, "per holder, once").
-
-    The record's other items are encoded in runs, each as one dict with its
-    braces cut off; "{" + ", ".join(runs and kept parts) + "}" is what the
-    encoder writes for the whole dict (its item separator is ", "). Each
-    part goes through safe_line: a line made of safe parts is safe (the
-    check is per character), so the last check still covers every
-    character written, the kept ones once."""
-
-    def __init__(self, kept_type: type, limit: int = 1024):
-        self.kept_type = kept_type
-        self.limit = limit
-        # (key, id(value)) -> (value, the item's safe JSON, '"key": {...}')
-        self._kept: dict = {}
-        encoder = _encoder({"check_circular": False})
-        c_make = getattr(json.encoder, "c_make_encoder", None)
-        if c_make is None:
-            self._encode = encoder.encode
-        else:
-            # What encoder.encode(dict) makes at each call (JSONEncoder.
-            # iterencode, one shot), made once: about 1 us a call, and a
-            # record is encoded in three calls here.
-            make = c_make(None, encoder.default, json.encoder.encode_basestring_ascii,
-                          None, encoder.key_separator, encoder.item_separator,
-                          encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
-            self._encode = lambda value, _join="".join: _join(make(value, 0))
-
-    def line(self, rec: dict) -> str:
-        kept_type = self.kept_type
-        encode = self._encode
-        kept = self._kept
-        parts: list = []
-        run: dict = {}
-        try:
-            for key, value in rec.items():
-                if type(value) is not kept_type:
-                    run[key] = value
-                    continue
-                if run:
-                    parts.append(safe_line(encode(run)[1:-1]))
-                    run = {}
-                hit = kept.get((key, id(value)))
-                parts.append(hit[1] if hit is not None and hit[0] is value
-                             else self._keep(key, value))
-            if run:
-                parts.append(safe_line(encode(run)[1:-1]))
-        except ValueError:
-            # NaN or infinity somewhere: json_dumps's own way (null).
-            return safe_line(json_dumps(rec, check_circular=False))
-        return "{" + ", ".join(parts) + "}"
-
-    def _keep(self, key, value) -> str:
-        if len(self._kept) >= self.limit:
-            self._kept.clear()
-        # The item as the encoder writes it in a dict (its key a str:
-        # records' keys are). The value (never changed once made) is kept
-        # with it, so that its id is not another object's while in here.
-        text = safe_line(json.encoder.encode_basestring_ascii(key) + ": " + self._encode(value))
-        self._kept[(key, id(value))] = (value, text)
-        return text
+def encode_function(options: dict):
+    """What json_dumps(value, **options) gives for a value with no NaN or
+    infinity (those raise ValueError), as one function made once: the C
+    encoder's maker called directly, where encoder.encode(value) sets one
+    up at every call (about 1 us; a linger line encodes a few values).
+    The options must be ones _encoder keeps."""
+    encoder = _encoder(options)
+    c_make = getattr(json.encoder, "c_make_encoder", None)
+    if c_make is None:
+        return encoder.encode
+    make = c_make(None, encoder.default,
+                  json.encoder.encode_basestring_ascii if encoder.ensure_ascii
+                  else json.encoder.encode_basestring,
+                  None, encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                  encoder.skipkeys, encoder.allow_nan)
+    return lambda value, _join="".join: _join(make(value, 0))

@@ -1,0 +1,204 @@
+"""Linger records' JSON lines built straight from the lingering socket
+(issue 20, target 2).
+
+When a holder stops closing, 100,000 sockets can cross the threshold in
+one tick, and each linger record was a dict (records.linger, 5-7 us) then
+its JSON (11-13 us for 2.5 KB): a third of the loop's time per socket. Most
+of a record is the same for every socket of one holder (its command line,
+up to 4 KB, in every owners entry; the listener's part). Here the line is
+put together from pieces: each holder process's JSON before and after its
+fd made once, the listener's part and a shared `code` kept by identity,
+the rest formatted in place. No dict is made unless a sink wants one
+(LingerReport.record).
+
+The output is byte for byte what the dict gives: safe_line(json_dumps(
+records.linger(...))) for --json, json_dumps(..., separators=(",", ":"))
+for a recording (tests/unit/test_linger_lines.py compares both, hostile
+strings included); records.linger stays the definition, and the values
+come from the same helpers (records.age_values, listener_part, linger_code,
+entered_at). Anything the pieces do not cover (a NaN, a value of another
+type) takes the dict's way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+from closewait_trace.output import records, textsafe
+
+_str = json.encoder.encode_basestring_ascii
+_float_repr = float.__repr__
+_int_repr = int.__repr__
+_isfinite = math.isfinite
+KEPT_MAX = 1024             # entries per cache; cleared when full
+
+# The fields of an owners entry (owners.Holder.as_dict) that every fd of
+# one process shares: the key its pieces are kept under
+# (tests/unit/test_linger_lines.py checks it against as_dict).
+HOLDER_PROCESS_FIELDS = ("pid", "comm", "state", "ppid", "uid", "cmdline", "tracer_pid")
+_HOLDER_FIELDS = HOLDER_PROCESS_FIELDS[:2] + ("fd",) + HOLDER_PROCESS_FIELDS[2:]
+
+
+class LingerReport:
+    """One linger record to write: the socket, the record's time, its age
+    then, and whether it is an update. The record's dict is made once, at
+    the first sink that asks for it (record()); a sink with emit_linger
+    may build its line from the socket instead (LingerJson)."""
+
+    __slots__ = ("lingerer", "ts", "age_ns", "update", "_record")
+
+    def __init__(self, lingerer, ts: float, age_ns: int, update: bool = False):
+        self.lingerer, self.ts, self.age_ns, self.update = lingerer, ts, age_ns, update
+        self._record: Optional[dict] = None
+
+    def record(self) -> dict:
+        if self._record is None:
+            self._record = records.linger(self.lingerer, self.ts, self.age_ns, self.update)
+        return self._record
+
+
+class _Fallback(Exception):
+    """A value the pieces do not write as the encoder does: the dict's way."""
+
+
+def _scalar(value) -> str:
+    """value as json.dumps writes it inside a dict, for the types records
+    hold as plain values; anything else raises _Fallback."""
+    kind = type(value)
+    if kind is str:
+        return _str(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return _int_repr(value)
+    if kind is float and _isfinite(value):
+        return _float_repr(value)
+    raise _Fallback
+
+
+class LingerJson:
+    """Linger records as --json writes them (compact=False: ", " and ": ",
+    the line through textsafe.safe_line) or as a recording does
+    (compact=True: "," and ":", json.dumps' ASCII escaping only)."""
+
+    def __init__(self, compact: bool = False):
+        self.compact = compact
+        c, s = (":", ",") if compact else (": ", ", ")
+        self._c, self._s = c, s
+        # For values that are not scalars (evidence, the listener, code,
+        # a tracer): the encoder json_dumps uses, made once.
+        self._encode = textsafe.encode_function(
+            {"separators": (",", ":")} if compact else {"check_circular": False})
+        # id(value) -> (value, its JSON): records.Shared parts (a listener's,
+        # a shared code), never changed once made. The value is kept so
+        # that its id stays its own while in here.
+        self._kept: dict = {}
+        # HOLDER_PROCESS_FIELDS' values -> (the entry's JSON up to its fd's
+        # value, after it up to the facts).
+        self._holders: dict = {}
+        self._none_owned = (f'"owner_kind"{c}null{s}"owners"{c}[]{s}"netns"{c}null{s}'
+                            f'"inode"{c}null{s}"unread_bytes"{c}null{s}"eof_read"{c}null{s}'
+                            f'"listener"{c}null{s}"also_in_netns"{c}[]')
+
+    def line(self, report: LingerReport) -> str:
+        """The record's line, without its newline."""
+        try:
+            text = self._line(report)
+        except (_Fallback, ValueError):
+            # NaN or infinity (json_dumps writes null), or a value of a type
+            # the pieces do not write: the dict, encoded whole.
+            rec = report.record()
+            if self.compact:
+                return textsafe.json_dumps(rec, separators=(",", ":"))
+            return textsafe.safe_line(textsafe.json_dumps(rec, check_circular=False))
+        return text if self.compact else textsafe.safe_line(text)
+
+    def _line(self, report: LingerReport) -> str:
+        c, s = self._c, self._s
+        l, ts, age_ns = report.lingerer, report.ts, report.age_ns
+        ep = l.endpoints
+        age_s, source, age_max_s, lower_bound = records.age_values(
+            age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+        diag = l.diagnosis
+        code = records.linger_code(l)
+        return (f'{{"type"{c}"linger"{s}"ts"{c}{_scalar(round(ts, 6))}{s}'
+                f'"time"{c}{_str(records.wall_time(ts))}{s}'
+                f'"family"{c}{_scalar(ep.family_name)}{s}"laddr"{c}{_scalar(ep.laddr)}{s}'
+                f'"lport"{c}{_scalar(ep.lport)}{s}"raddr"{c}{_scalar(ep.raddr)}{s}'
+                f'"rport"{c}{_scalar(ep.rport)}{s}'
+                f'"age_s"{c}{_scalar(age_s)}{s}"age_source"{c}{_scalar(source)}{s}'
+                f'"age_max_s"{c}{_scalar(age_max_s)}{s}'
+                f'"age_is_lower_bound"{c}{_scalar(lower_bound)}{s}'
+                f'"pre_existing"{c}{_scalar(l.before_start)}{s}'
+                f'"update"{c}{_scalar(report.update)}{s}'
+                f'{self._ownership(l.ownership, diag.holder_facts() if diag else None)}{s}'
+                f'"diagnosis"{c}{self._encode(diag.as_dict()) if diag else "null"}{s}'
+                f'"code"{c}{self._value(code)}{s}'
+                f'"entered_at"{c}{_scalar(records.entered_at(ts, age_s))}}}')
+
+    def _ownership(self, own, facts: Optional[dict]) -> str:
+        """records.ownership_fields' items."""
+        if own is None:
+            return self._none_owned
+        c, s = self._c, self._s
+        holder = self._holder
+        owners = s.join([holder(h, facts) for h in own.holders])
+        listener = (self._value(records.listener_part(own)) if own.listener is not None
+                    else "null")
+        other = own.other_netns
+        return (f'"owner_kind"{c}{_scalar(own.kind)}{s}"owners"{c}[{owners}]{s}'
+                f'"netns"{c}{_scalar(own.netns)}{s}"inode"{c}{_scalar(own.inode)}{s}'
+                f'"unread_bytes"{c}{_scalar(own.unread_bytes)}{s}'
+                f'"eof_read"{c}{_scalar(own.eof_read)}{s}"listener"{c}{listener}{s}'
+                f'"also_in_netns"{c}{self._encode(list(other)) if other else "[]"}')
+
+    def _holder(self, h, facts: Optional[dict]) -> str:
+        """records.holder_dicts' entry for h: its process's pieces (kept),
+        its fd, then what the diagnosis learnt of that fd."""
+        key = (h.pid, h.comm, h.state, h.ppid, h.uid, h.cmdline, h.tracer_pid)
+        pieces = self._holders.get(key)
+        if pieces is None:
+            pieces = self._holder_pieces(h, key)
+        head, tail = pieces
+        fd_facts = facts.get((h.pid, h.fd)) if facts else None
+        if not fd_facts:
+            return f"{head}{_scalar(h.fd)}{tail}}}"
+        c, s = self._c, self._s
+        value = self._value
+        more = "".join([f"{s}{_str(k)}{c}{value(v)}" for k, v in fd_facts.items()])
+        return f"{head}{_scalar(h.fd)}{tail}{more}}}"
+
+    def _holder_pieces(self, h, key: tuple) -> tuple:
+        c, s = self._c, self._s
+        items = h.as_dict()
+        if tuple(items) != _HOLDER_FIELDS:
+            raise _Fallback             # as_dict changed: HOLDER_PROCESS_FIELDS must too
+        texts = [f"{_str(k)}{c}{self._value(v)}" for k, v in items.items() if k != "fd"]
+        pieces = ("{" + s.join(texts[:2]) + f'{s}"fd"{c}', s + s.join(texts[2:]))
+        if len(self._holders) >= KEPT_MAX:
+            self._holders.clear()
+        self._holders[key] = pieces
+        return pieces
+
+    def _value(self, value) -> str:
+        """Any value: a Shared part from what is kept, a scalar in place,
+        the rest through the encoder."""
+        if type(value) is records.Shared:
+            hit = self._kept.get(id(value))
+            if hit is not None and hit[0] is value:
+                return hit[1]
+            text = self._encode(value)
+            if len(self._kept) >= KEPT_MAX:
+                self._kept.clear()
+            self._kept[id(value)] = (value, text)
+            return text
+        try:
+            return _scalar(value)
+        except _Fallback:
+            return self._encode(value)

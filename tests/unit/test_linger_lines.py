@@ -1,0 +1,203 @@
+"""Linger records' lines built straight from the socket
+(output/lingerlines.py): the same bytes as the record's dict encoded
+(records.linger, then safe_line(json_dumps) for --json, compact json_dumps
+for a recording), with whatever the socket, its holders and its diagnosis
+hold; and the sinks that take them write what they wrote from the dict."""
+
+import io
+import json
+import random
+import socket
+
+from closewait_trace.evidence import diagnosis
+from closewait_trace.files import recording
+from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
+from closewait_trace.output import lingerlines, metrics, records, render, textsafe
+from closewait_trace.output.lingerlines import LingerJson, LingerReport
+from closewait_trace.output.sinks import RecordingSink
+from closewait_trace.output.terminal import TerminalSink
+from closewait_trace.sockets import ages, owners
+from closewait_trace.sockets.tracker import Lingerer
+from tests.unit.fakeproc import FakeProc
+from tests.unit.test_recording import make_recorder
+
+
+def plain(rec: dict) -> str:
+    return textsafe.safe_line(textsafe.json_dumps(rec, check_circular=False))
+
+
+def compact(rec: dict) -> str:
+    return textsafe.json_dumps(rec, separators=(",", ":"))
+
+
+# Strings a hostile process can put in its command line or comm: quotes,
+# backslashes, controls, DEL, separators, non-ASCII, and JSON's own escapes.
+NASTY = ['"', "\\", "\\u0000", '"\\u0000"', "\x00", "\x1b[2J", "\x7f", "\u2028", "\u202e",
+         "é", "\U0001f600", "\ud800", ", ", ": ", "}", "{", "plain", "x" * 700]
+
+
+def lingerer_with_listener(tmp_path, rport: int, comm: str = "serv\x7fer",
+                           cmdline=None, tracer_pid: int = 0) -> Lingerer:
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm=comm, cmdline=cmdline, tracer_pid=tracer_pid,
+                 threads={10: ("S", "232 0x4 0x7ff 0x1", "ep_poll")})
+    fake.tcp(10, socket.AF_INET, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 800)
+    fake.fd(10, 3, 800)
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", rport,
+             tcpstates.CLOSE_WAIT, 900 + rport, rx=1)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", rport)
+    fake.fd(10, 5, 900 + rport, cloexec=True)
+    own = owners.resolve([ep], fake.root)[ep]
+    l = Lingerer(endpoints=ep, enter_ns=1_000, skaddr=1)
+    l.ownership = own
+    l.diagnosis = diagnosis.gather(own, fake.root, machine="x86_64")
+    l.code = records.Shared(records.code_unknown("not here", "nor \x7f here"))
+    return l
+
+
+def varied_lingerers(tmp_path, rng: random.Random, n: int) -> list:
+    """Lingering sockets with their fields varied: hostile holder strings,
+    several holders, no owner answer, no diagnosis, estimated and bounded
+    ages, another namespace, a tracer, a plain or missing `code`."""
+    out = []
+    for i in range(n):
+        root = tmp_path / str(i)
+        root.mkdir()
+        l = lingerer_with_listener(root, 40000 + i, tracer_pid=rng.choice([0, 0, 77]))
+        own = l.ownership
+        # What /proc gave, replaced: a file cannot hold some of these.
+        for h in tuple(own.holders) + tuple(own.listener_holders):
+            h.comm, h.cmdline = rng.choice(NASTY), rng.choice(NASTY) + rng.choice(NASTY)
+        if rng.random() < 0.3:
+            # A second holder process (fork), and a holder with no fd facts.
+            h = own.holders[0]
+            own.holders = (h, owners.Holder(h.pid + 1, rng.choice(NASTY), 7, "T", h.pid,
+                                            rng.choice([None, 0, 2**40]), rng.choice(NASTY)))
+        if rng.random() < 0.2:
+            own.listener, own.listener_holders = None, ()
+        if rng.random() < 0.2:
+            own.other_netns = (4026531841, 4026532000)
+        own.rx_queue = rng.choice([0, 1, 2, 2**33])
+        own.kind = rng.choice([owners.OWNER_FD, owners.OWNER_FD, owners.OWNER_ACCEPT_QUEUE,
+                               owners.OWNER_DENIED, owners.OWNER_NONE, "\x7f"])
+        own.netns = rng.choice([None, 4026531840, 2**64 - 1])
+        if rng.random() < 0.1:
+            l.ownership = None
+        if rng.random() < 0.1:
+            l.diagnosis = None
+        l.code = rng.choice([l.code, None, records.code_none_seen(rng.choice(NASTY))])
+        l.age_source = rng.choice([ages.TRACED, ages.ESTIMATED, ages.RANGE, ages.LOWER_BOUND])
+        l.enter_max_ns = rng.choice([None, 0, 5_000_000_123])
+        l.pre_existing = rng.random() < 0.3
+        l.found_late = rng.random() < 0.3
+        l.enter_ns = rng.randrange(0, 10**13)
+        out.append(l)
+    return out
+
+
+def reports(lingerers, rng: random.Random) -> list:
+    return [LingerReport(l, rng.choice([1_796_594_561.962285, 1_700_000_000.0000005,
+                                        1e9 + rng.random(), 0.0, 123.4565]) + rng.random(),
+                         rng.randrange(0, 10**14), update=rng.random() < 0.3)
+            for l in lingerers]
+
+
+def test_lines_are_the_bytes_of_the_record_encoded(tmp_path):
+    rng = random.Random(20)
+    lingerers = varied_lingerers(tmp_path, rng, 60)
+    full, small = LingerJson(), LingerJson(compact=True)
+    for _ in range(5):
+        for report in reports(lingerers, rng):
+            rec = records.linger(report.lingerer, report.ts, report.age_ns, report.update)
+            assert full.line(report) == plain(rec), rec
+            assert small.line(report) == compact(rec), rec
+            assert report._record is None       # the dict was not made
+    assert "\x7f" not in full.line(report)
+
+
+def test_the_process_pieces_and_shared_parts_are_made_once(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000, cmdline=["x" * 4000])
+    lines = LingerJson()
+    calls = []
+    encode = lines._encode
+    lines._encode = lambda v: calls.append(v) or encode(v)
+    for i in range(5):
+        report = LingerReport(l, 1_796_594_561.5 + i, 2_000_000_000 + i)
+        assert lines.line(report) == plain(report.record())
+    listener = records.listener_part(l.ownership)
+    assert sum(1 for v in calls if v is listener) == 1      # once for five records
+    assert sum(1 for v in calls if v is l.code) == 1
+    assert len(lines._holders) == 1                         # one holder process
+    assert sum(1 for v in calls if v == "x" * 4000) == 0    # a str: not the encoder's
+
+
+def test_a_nan_takes_the_dicts_way(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000)
+    l.code = {"eof_read": float("nan"), "opened": None}
+    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    rec = records.linger(l, report.ts, report.age_ns)
+    assert LingerJson().line(report) == plain(rec)
+    assert LingerJson(compact=True).line(report) == compact(rec)
+    assert '"eof_read": null' in LingerJson().line(report)
+
+
+def test_holder_process_fields_are_as_dicts_fields_but_the_fd():
+    h = owners.Holder(1, "c", 9, "S", 0, 0, "c")
+    assert [k for k in h.as_dict() if k != "fd"] == list(lingerlines.HOLDER_PROCESS_FIELDS)
+    assert list(h.as_dict())[2] == "fd"
+
+
+def test_the_sinks_write_from_the_socket_what_they_wrote_from_the_dict(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000)
+    got = []
+    for update in (False, True):
+        report = LingerReport(l, 1_796_594_561.5, 2_000_000_000, update)
+        rec = records.linger(l, report.ts, report.age_ns, update)
+        out = io.StringIO()
+        TerminalSink(True, render.TextRenderer(), stream=out).emit_linger(report)
+        assert out.getvalue() == plain(rec) + "\n"
+        text = io.StringIO()
+        TerminalSink(False, render.TextRenderer(), stream=text).emit_linger(report)
+        by_dict = io.StringIO()
+        TerminalSink(False, render.TextRenderer(), stream=by_dict).emit(rec)
+        assert text.getvalue() == by_dict.getvalue() and text.getvalue()
+        quiet = io.StringIO()
+        TerminalSink(True, render.TextRenderer(), quiet=True, stream=quiet).emit_linger(report)
+        assert quiet.getvalue() == ""
+        got.append((report, rec))
+
+    path = str(tmp_path / "r.jsonl")
+    sink = RecordingSink(make_recorder(path))
+    for report, _rec in got:
+        sink.emit_linger(report)
+    sink.close()
+    path_b = str(tmp_path / "s.jsonl")
+    rec_b = make_recorder(path_b)
+    for _report, rec in got:
+        rec_b.write(rec)
+    rec_b.close()
+    lines_a = [x for x in open(path).read().splitlines() if '"linger"' in x]
+    lines_b = [x for x in open(path_b).read().splitlines() if '"linger"' in x]
+    assert lines_a == lines_b == [compact(rec) for _r, rec in got]
+
+    by_report, by_dict = metrics.MetricsSink.__new__(metrics.MetricsSink), \
+        metrics.MetricsSink.__new__(metrics.MetricsSink)
+    by_report.state, by_dict.state = metrics.MetricsState(), metrics.MetricsState()
+    for report, rec in got:
+        by_report.emit_linger(report)
+        by_dict.emit(rec)
+    assert by_report.state.lingered == by_dict.state.lingered == {l.diagnosis.cause: 1}
+
+
+def test_a_long_linger_line_is_refused_by_the_recording_as_a_long_record_is(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000)
+    h = l.ownership.holders[0]
+    l.ownership.holders = tuple(owners.Holder(h.pid + i, "c", 5, "S", 1, 0, "y" * 4000)
+                                for i in range(recording.MAX_LINE_BYTES // 4000 + 1))
+    path = str(tmp_path / "r.jsonl")
+    recorder = make_recorder(path)
+    RecordingSink(recorder).emit_linger(LingerReport(l, 1_796_594_561.5, 2_000_000_000))
+    recorder.close()
+    assert recorder.write_errors == 1
+    assert all(json.loads(x)["type"] != "linger" for x in open(path).read().splitlines())
