@@ -201,3 +201,28 @@ def test_a_long_linger_line_is_refused_by_the_recording_as_a_long_record_is(tmp_
     recorder.close()
     assert recorder.write_errors == 1
     assert all(json.loads(x)["type"] != "linger" for x in open(path).read().splitlines())
+
+
+def test_the_kept_pieces_stay_within_their_bound_whatever_the_command_lines(tmp_path):
+    """Every holder a process of its own with a 4,096-character command
+    line that escapes to six characters each (\\uXXXX), and a listener
+    whose part is larger than the bound: what is kept stays within
+    KEPT_CHARS_MAX characters, and every line is still the dict's."""
+    l = lingerer_with_listener(tmp_path, 40000)
+    h = l.ownership.holders[0]
+    lines = LingerJson()
+    for i in range(203):
+        l.ownership.holders = (owners.Holder(h.pid + i, "c", 5, "S", 1, 0, "\u00e9" * 4096),)
+        if i == 200:
+            l.ownership.listener_holders = tuple(
+                owners.Holder(9000 + j, "l", 3, "S", 1, 0, "\u00e9" * 4096) for j in range(30))
+            records._listener_parts.clear()
+        report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+        assert lines.line(report) == plain(report.record())
+        kept = sum(len(a) + len(b) for a, b in lines._holders.values()) + \
+            sum(len(text) for _v, text in lines._kept.values())
+        assert kept <= lingerlines.KEPT_CHARS_MAX
+        assert lines._kept_chars <= lingerlines.KEPT_CHARS_MAX
+    big = records.listener_part(l.ownership)
+    assert len(lines._value(big)) > lingerlines.KEPT_CHARS_MAX // 8
+    assert id(big) not in lines._kept                   # too large to keep

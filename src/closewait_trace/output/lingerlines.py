@@ -33,6 +33,11 @@ _float_repr = float.__repr__
 _int_repr = int.__repr__
 _isfinite = math.isfinite
 KEPT_MAX = 1024             # entries per cache; cleared when full
+# Characters the caches may hold in all, their keys' command lines
+# included; cleared when over. An entry can be large: a command line of
+# 4,096 characters, each escaped to six (\\uXXXX), and a listener's part
+# has every holder of the listener's; 1,024 of those would be tens of MB.
+KEPT_CHARS_MAX = 4 << 20
 
 # The fields of an owners entry (owners.Holder.as_dict) that every fd of
 # one process shares: the key its pieces are kept under
@@ -99,6 +104,7 @@ class LingerJson:
         # a shared code), never changed once made. The value is kept so
         # that its id stays its own while in here.
         self._kept: dict = {}
+        self._kept_chars = 0        # in both caches (KEPT_CHARS_MAX)
         # HOLDER_PROCESS_FIELDS' values -> (the entry's JSON up to its fd's
         # value, after it up to the facts).
         self._holders: dict = {}
@@ -181,10 +187,24 @@ class LingerJson:
             raise _Fallback             # as_dict changed: HOLDER_PROCESS_FIELDS must too
         texts = [f"{_str(k)}{c}{self._value(v)}" for k, v in items.items() if k != "fd"]
         pieces = ("{" + s.join(texts[:2]) + f'{s}"fd"{c}', s + s.join(texts[2:]))
-        if len(self._holders) >= KEPT_MAX:
-            self._holders.clear()
-        self._holders[key] = pieces
+        # Its key's command line is no longer than its text.
+        if self._room(self._holders, 2 * (len(pieces[0]) + len(pieces[1]))):
+            self._holders[key] = pieces
         return pieces
+
+    def _room(self, cache: dict, chars: int) -> bool:
+        """Whether an entry of about chars characters is kept in cache:
+        not one over an eighth of KEPT_CHARS_MAX (made again each time);
+        at KEPT_MAX entries, or past KEPT_CHARS_MAX in both caches, both
+        are emptied first (what they held is made again at its next use)."""
+        if chars > KEPT_CHARS_MAX // 8:
+            return False
+        if len(cache) >= KEPT_MAX or self._kept_chars + chars > KEPT_CHARS_MAX:
+            self._holders.clear()
+            self._kept.clear()
+            self._kept_chars = 0
+        self._kept_chars += chars
+        return True
 
     def _value(self, value) -> str:
         """Any value: a Shared part from what is kept, a scalar in place,
@@ -194,9 +214,9 @@ class LingerJson:
             if hit is not None and hit[0] is value:
                 return hit[1]
             text = self._encode(value)
-            if len(self._kept) >= KEPT_MAX:
-                self._kept.clear()
-            self._kept[id(value)] = (value, text)
+            # The value is kept alive with it: about as large as its text.
+            if self._room(self._kept, 2 * len(text)):
+                self._kept[id(value)] = (value, text)
             return text
         try:
             return _scalar(value)
