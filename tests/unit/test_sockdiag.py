@@ -10,6 +10,7 @@ import pytest
 
 from closewait_trace.sockets import sockdiag
 from closewait_trace.kernel import tcpstates
+from closewait_trace.kernel.events import Endpoints
 from tests.unit.cycles import cycles_left
 
 # One recv() of a real SOCK_DIAG_BY_FAMILY dump (Linux 6.18, x86-64): a
@@ -217,6 +218,23 @@ def test_sockdiag_request_and_reply_round_trip():
     err = struct.pack("=IHHII", 20, 2, 0, 1, 0) + struct.pack("=i", -13)
     with pytest.raises(OSError):
         sockdiag.parse_messages(err)
+
+
+def test_every_field_of_a_message_is_read_into_its_own_name():
+    """_row builds the row positionally: each field lands in its name,
+    asked with tcp_info or without."""
+    msg = _message(tcpstates.CLOSE_WAIT, 8080, 40000, 555, rx=3, tx=128)
+    at_timer, at_cookie = 16 + 2, 16 + 4 + 2 + 2 + 16 + 16 + 4
+    msg = (msg[:at_timer] + bytes([2]) + msg[at_timer + 1:at_cookie]
+           + struct.pack("=II", 7, 1) + msg[at_cookie + 8:])
+    for with_info in (True, False):
+        rows, _ = sockdiag.parse_messages(msg, 4026531840, with_info=with_info)
+        row = rows[0]
+        assert row.endpoints == Endpoints(socket.AF_INET, "127.0.0.1", 8080, "10.0.0.9", 40000,
+                                          4026531840)
+        assert (row.state, row.tx_queue, row.rx_queue, row.uid, row.inode, row.timer,
+                row.cookie, row.last_ack_recv_ms, row.last_data_recv_ms) == (
+            tcpstates.CLOSE_WAIT, 128, 3, 1000, 555, 2, 7 | 1 << 32, None, None)
 
 
 def test_a_ports_filter_makes_rows_of_listeners_and_those_pairs_only():
