@@ -226,3 +226,24 @@ def test_the_kept_pieces_stay_within_their_bound_whatever_the_command_lines(tmp_
     big = records.listener_part(l.ownership)
     assert len(lines._value(big)) > lingerlines.KEPT_CHARS_MAX // 8
     assert id(big) not in lines._kept                   # too large to keep
+
+
+def test_holder_fields_of_other_types_or_facts_named_as_fields_take_the_dicts_way(tmp_path):
+    """The process pieces are kept by the fields' values: a uid True after
+    a uid 1 (equal, written otherwise), a list (unhashable), or a fact
+    named as a field (it replaces the field in the dict) would have made
+    another line than the dict's."""
+    l = lingerer_with_listener(tmp_path, 40000)
+    h = l.ownership.holders[0]
+    lines = LingerJson()
+    for uid in (1, True, 1.0, [1], "1"):
+        h.uid = uid
+        report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+        assert lines.line(report) == plain(report.record()), uid
+    h.uid = 0
+    l.diagnosis = type("D", (), {"holder_facts": lambda self: {
+        (h.pid, h.fd): {"state": "X", "cloexec": True}},
+        "as_dict": lambda self: {"cause": "c", "summary": "s", "evidence": {}},
+        "cause": "c"})()
+    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    assert lines.line(report) == plain(report.record())

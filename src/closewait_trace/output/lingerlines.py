@@ -44,6 +44,11 @@ KEPT_CHARS_MAX = 4 << 20
 # (tests/unit/test_linger_lines.py checks it against as_dict).
 HOLDER_PROCESS_FIELDS = ("pid", "comm", "state", "ppid", "uid", "cmdline", "tracer_pid")
 _HOLDER_FIELDS = HOLDER_PROCESS_FIELDS[:2] + ("fd",) + HOLDER_PROCESS_FIELDS[2:]
+# The types procfs gives those fields. The pieces are kept by the fields'
+# values, and values of other types can be equal and encode otherwise
+# (True == 1, 1.0 == 1, a str subclass): such a holder takes the dict's way.
+_PLAIN = frozenset({int, str, type(None)})
+_HOLDER_KEYS = frozenset(_HOLDER_FIELDS)
 
 
 class LingerReport:
@@ -116,9 +121,10 @@ class LingerJson:
         """The record's line, without its newline."""
         try:
             text = self._line(report)
-        except (_Fallback, ValueError):
+        except (_Fallback, ValueError, TypeError):
             # NaN or infinity (json_dumps writes null), or a value of a type
-            # the pieces do not write: the dict, encoded whole.
+            # the pieces do not write (an unhashable one among a holder's
+            # fields): the dict, encoded whole, as it was.
             rec = report.record()
             if self.compact:
                 return textsafe.json_dumps(rec, separators=(",", ":"))
@@ -168,6 +174,8 @@ class LingerJson:
         """records.holder_dicts' entry for h: its process's pieces (kept),
         its fd, then what the diagnosis learnt of that fd."""
         key = (h.pid, h.comm, h.state, h.ppid, h.uid, h.cmdline, h.tracer_pid)
+        if not _PLAIN.issuperset(map(type, key)):
+            raise _Fallback
         pieces = self._holders.get(key)
         if pieces is None:
             pieces = self._holder_pieces(h, key)
@@ -177,6 +185,8 @@ class LingerJson:
             return f"{head}{_scalar(h.fd)}{tail}}}"
         c, s = self._c, self._s
         value = self._value
+        if not _HOLDER_KEYS.isdisjoint(fd_facts):
+            raise _Fallback             # a fact would replace a field, not follow it
         more = "".join([f"{s}{_str(k)}{c}{value(v)}" for k, v in fd_facts.items()])
         return f"{head}{_scalar(h.fd)}{tail}{more}}}"
 
