@@ -144,9 +144,15 @@ class Shared(dict):
 # theirs; neither is changed after the answer is unpickled.
 _listener_parts: dict = {}
 LISTENER_PARTS_KEPT = 1024
+# And the holders' entries they hold, in all: a listener can have
+# thousands of holders (forks of one server, or a user's), and 1,024 such
+# parts kept a dict for each, gigabytes for one user's forks.
+LISTENER_HOLDERS_KEPT = 65536
+_listener_holders_kept = 0
 
 
 def listener_part(own) -> "Shared":
+    global _listener_holders_kept
     row, holders = own.listener, own.listener_holders
     key = (id(row), id(holders))
     hit = _listener_parts.get(key)
@@ -154,9 +160,14 @@ def listener_part(own) -> "Shared":
         return hit[2]
     part = Shared({"local": row.endpoints.local, "accept_queue": row.rx_queue,
                    "backlog": row.tx_queue, "owners": holder_dicts(holders)})
-    if len(_listener_parts) >= LISTENER_PARTS_KEPT:
+    if len(holders) > LISTENER_HOLDERS_KEPT // 8:
+        return part                     # made again for each record: not kept
+    if (len(_listener_parts) >= LISTENER_PARTS_KEPT
+            or _listener_holders_kept + len(holders) > LISTENER_HOLDERS_KEPT):
         _listener_parts.clear()
+        _listener_holders_kept = 0
     _listener_parts[key] = (row, holders, part)
+    _listener_holders_kept += len(holders)
     return part
 
 
