@@ -275,7 +275,6 @@ def test_the_owner_lookup_asks_the_dump_for_the_wanted_port_pairs(monkeypatch):
     """owners.resolve hands the wanted sockets' port pairs to the dump, so
     that it makes rows of those only (the filter's whole point: a lookup
     of one socket among 100,000 made 100,000 rows)."""
-    from closewait_trace.kernel.events import Endpoints
     from closewait_trace.sockets import owners, procfs, procnet
     own = procfs.ns_inode(procfs.read_link("/proc/thread-self/ns/net"))
     monkeypatch.setattr(procnet, "scan_network_namespace_pids",
@@ -379,7 +378,6 @@ def test_the_owner_lookup_reads_no_times(tmp_path, monkeypatch):
                         lambda pid, proc, states=None, times=True: asked.append(times) or [])
     monkeypatch.setattr(procnet, "scan_network_namespace_pids",
                         lambda proc, most=3: ({1: [10]}, []))
-    from closewait_trace.kernel.events import Endpoints
     owners.resolve([Endpoints(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2, 1)],
                    str(tmp_path))
     assert asked == [False]
@@ -392,7 +390,6 @@ def test_a_socket_looked_up_alone_in_this_namespace():
     has give no CLOSE_WAIT row; owners.in_close_wait_now says so per
     socket, and None where the namespace is not known."""
     import time
-    from closewait_trace.kernel.events import Endpoints
     from closewait_trace.sockets import owners
     held = []
     made = []

@@ -596,17 +596,19 @@ class MetricsSink:
 
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "linger" and not rec.get("update"):
-            self._count_lingered(rec.get("diagnosis"))
+            diag = rec.get("diagnosis") or {}
+            self._count_lingered(diag.get(LABEL_FIELDS[CAUSE_LABEL][1]))
 
     def emit_linger(self, report) -> None:
         """A linger record (lingerlines.LingerReport) counted from its
-        socket's diagnosis, without the record's dict."""
+        socket's diagnosis, without the record's dict: the field is the
+        Diagnosis's attribute of that name (as_dict copies it), read
+        without as_dict's evidence."""
         if not report.update:
-            diag = report.lingerer.diagnosis
-            self._count_lingered(diag.as_dict() if diag is not None else None)
+            self._count_lingered(getattr(report.lingerer.diagnosis,
+                                         LABEL_FIELDS[CAUSE_LABEL][1], None))
 
-    def _count_lingered(self, diag: Optional[dict]) -> None:
-        cause = (diag or {}).get(LABEL_FIELDS[CAUSE_LABEL][1])
+    def _count_lingered(self, cause) -> None:
         self.state.count_lingered(str(cause or "unknown"))
 
     def tick(self, view) -> None:
