@@ -1899,6 +1899,41 @@ def test_the_census_waits_longer_after_a_long_census(tmp_path):
         tracer_module.CENSUS_GAP_FACTOR * 0.05 * 4)
 
 
+def test_a_census_that_comes_due_while_sockets_are_due_is_made_after_their_reports(tmp_path):
+    """At 100,000 sockets a census keeps the loop waiting about a second:
+    made in the tick whose sockets crossed the threshold, it put their
+    reports that much later (and held its keys at their peak). It waits
+    for the next tick with nothing due."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    stats = w.tracer.tick_stats
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer._census_next = time.monotonic() - 1.0          # due a second ago
+    w.step(0.5)
+    assert len(w.of("linger")) == 1 and stats["censuses"] == 0
+    w.step(0.5)
+    assert stats["censuses"] == 1
+
+
+def test_a_census_put_off_by_sockets_due_at_every_tick_still_comes(tmp_path):
+    """Sockets due at every tick (a steady leak) put it off no more than
+    CENSUS_AFTER_REPORTS_MAX_S past its time: it is what finds the sockets
+    whose entry the kernel's hook missed."""
+    from closewait_trace.live import tracer as tracer_module
+
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
+    w.tracer.start()
+    w.step()
+    stats = w.tracer.tick_stats
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
+    w.tracer._census_next = time.monotonic() - tracer_module.CENSUS_AFTER_REPORTS_MAX_S - 1.0
+    w.step(0.5)
+    assert len(w.of("linger")) == 1 and stats["censuses"] == 1
+
+
 def test_a_tracked_socket_whose_exit_the_hook_missed_uncounted_is_forgotten_after_two_censuses(
         tmp_path):
     """Its exit missed and not counted: its map entry stays, no loss is

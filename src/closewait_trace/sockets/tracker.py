@@ -624,6 +624,12 @@ class Tracker:
         return [l for l in self.pending.values()
                 if l.age_bound_ns(now_ns) >= self.threshold_ns]
 
+    def matures_by(self, at_ns: int) -> bool:
+        """Whether an unreported socket is old enough to report at at_ns
+        (matured, stopping at the first)."""
+        threshold = self.threshold_ns
+        return any(l.age_bound_ns(at_ns) >= threshold for l in self.pending.values())
+
     def _expire_departed(self, now_ns: int) -> None:
         """Forget departed sockets after the grace, map read or not. They are
         in departure order, so this stops at the first one still waiting
