@@ -3,7 +3,9 @@ notice that no process matches a holder filter, which, run by another
 user, says "no process visible to you" instead (their processes hidden).
 The pure parts and the crafted trees are in tests/unit/test_snapshot.py."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,3 +58,54 @@ def test_the_notice_compares_names_as_the_owners_are_read(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+DUP_LISTENER = r"""
+import os, resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(16)
+dups = [os.dup(l.fileno()) for _ in range(3000)]
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+extra = [os.dup(c.fileno()) for _ in range(9)]
+print("accepted", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_listener_duped_3000_times_is_listed_in_part_and_counted():
+    """A real process dup()s its listener 3,000 times and the accepted
+    socket 9 times, and keeps the socket in CLOSE_WAIT: the snapshot's
+    record lists 4 of each (the lowest fds) and counts the rest, instead
+    of 3,001 listener entries in every record of every such socket."""
+    holder = subprocess.Popen([sys.executable, "-c", DUP_LISTENER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(holder.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port))
+        assert holder.stdout.readline().strip() == "accepted"
+        client.close()
+        for _ in range(100):
+            ss = subprocess.run(["ss", "-tanH", "state", "close-wait", f"sport = :{port}"],
+                                capture_output=True, text=True).stdout
+            if ss.strip():
+                break
+            time.sleep(0.05)
+        assert len(ss.strip().splitlines()) == 1, ss
+        out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--json",
+                              "-p", str(port)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        [line] = [l for l in out.stdout.splitlines() if l.startswith('{"type": "linger"')]
+        rec = json.loads(line)
+        assert [o["pid"] for o in rec["owners"]] == [holder.pid] * 4
+        assert rec["owners_not_listed"] == 10 - 4
+        assert [o["pid"] for o in rec["listener"]["owners"]] == [holder.pid] * 4
+        assert rec["listener"]["owners_not_listed"] == 3001 - 4
+        assert len(line) < 10_000
+        assert rec["diagnosis"]["cause"] != "leaked"
+    finally:
+        holder.kill()
+        holder.wait()

@@ -247,3 +247,87 @@ def test_holder_fields_of_other_types_or_facts_named_as_fields_take_the_dicts_wa
         "cause": "c"})()
     report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
     assert lines.line(report) == plain(report.record())
+
+
+def test_a_socket_and_listener_duped_without_end_are_listed_in_part_and_counted(tmp_path):
+    """A user's process can dup() its listener (or the socket) tens of
+    thousands of times: every fd was a holder, and every record of every
+    socket accepted from it listed them all (950 KB a line for 8,192,
+    encoded again for each). Listed: the lowest FDS_LISTED_PER_PROCESS of
+    one process; the rest counted, in the dict and the lines alike."""
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm="dup")
+    fake.tcp(10, socket.AF_INET, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 800)
+    for fd in range(3, 3 + 3000):
+        fake.fd(10, fd, 800)
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    for fd in range(4000, 4010):
+        fake.fd(10, fd, 900)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+    own = owners.resolve([ep], fake.root)[ep]
+    listed = owners.FDS_LISTED_PER_PROCESS
+    assert [h.fd for h in own.listener_holders] == list(range(3, 3 + listed))
+    assert [h.fd for h in own.holders] == list(range(4000, 4000 + listed))
+    assert own.holders_cut == ((10 - listed, 1), (3000 - listed, 1))
+    l = Lingerer(endpoints=ep, enter_ns=1_000, skaddr=1)
+    l.ownership = own
+    l.diagnosis = diagnosis.gather(own, fake.root, machine="x86_64")
+    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    rec = records.linger(l, report.ts, report.age_ns)
+    assert rec["owners_not_listed"] == 10 - listed
+    assert rec["listener"]["owners_not_listed"] == 3000 - listed
+    assert list(rec).index("owners_not_listed") == list(rec).index("owners") + 1
+    line = LingerJson().line(report)
+    assert line == plain(rec) and LingerJson(compact=True).line(report) == compact(rec)
+    assert len(line) < 8_000
+    # One process holds it, however many fds: not a leak between processes.
+    assert l.diagnosis.cause != diagnosis.LEAKED
+    text = render.TextRenderer(verbose=True).render(rec)
+    assert "and 6 more fds on it, not listed" in "\n".join(text)
+
+
+def test_a_socket_held_by_more_processes_than_are_listed_is_counted_whole(tmp_path):
+    """Each process's first fd before any second, the lowest pids first; the
+    leak's summary counts every process, the listed and the others."""
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm="srv")
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    fake.fd(10, 5, 900).fd(10, 6, 900)
+    for pid in range(11, 111):
+        fake.process(pid, ppid=10, comm="fork").fd(pid, 5, 900)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+    own = owners.resolve([ep], fake.root)[ep]
+    assert len(own.holders) == owners.HOLDERS_LISTED
+    assert [(h.pid, h.fd) for h in own.holders[:2]] == [(10, 5), (11, 5)]
+    assert own.holders_cut == ((102 - owners.HOLDERS_LISTED, 101), None)
+    got = diagnosis.gather(own, fake.root, machine="x86_64")
+    assert got.cause == diagnosis.LEAKED
+    assert got.summary.startswith("held by 101 processes: ")
+    assert got.summary.endswith(f" and {102 - diagnosis.MAX_NAMED} more")
+
+
+def test_a_listener_part_too_large_to_keep_is_encoded_once_for_its_sockets(tmp_path):
+    """64 listed holders whose command lines are 4 KB of characters JSON
+    escapes six times over make a part past an eighth of KEPT_CHARS_MAX:
+    not kept with the others, it was encoded again for every record of
+    every socket accepted from that listener (12 ms each for the largest).
+    The last such part is kept by itself."""
+    l = lingerer_with_listener(tmp_path, 40000)
+    own = l.ownership
+    nasty = "\x01" * 4096
+    own.listener_holders = tuple(owners.Holder(20 + i, "w", 3, "S", 1, 1000, nasty)
+                                 for i in range(owners.HOLDERS_LISTED))
+    full = LingerJson()
+    encoded = []
+    encode = full._encode
+    full._encode = lambda value: encoded.append(type(value)) or encode(value)
+    first = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    assert full.line(first) == plain(first.record())
+    assert len(full.line(first)) > lingerlines.KEPT_CHARS_MAX // 8
+    shared = encoded.count(records.Shared)
+    for i in range(5):
+        report = LingerReport(l, 1_796_594_562.5 + i, 2_000_000_000)
+        assert full.line(report) == plain(report.record())
+    assert encoded.count(records.Shared) == shared

@@ -264,11 +264,20 @@ def _who(h: HolderEvidence) -> str:
 MAX_NAMED = 8
 
 
-def _listed(items: list[str]) -> str:
-    """'a, b, c' or, past MAX_NAMED, 'a, ..., h and 2993 more'."""
-    if len(items) <= MAX_NAMED:
+def _listed(items: list[str], unlisted: int = 0) -> str:
+    """'a, b, c' or, past MAX_NAMED, 'a, ..., h and 2993 more'; unlisted:
+    how many more there are than items (holders not listed)."""
+    if len(items) <= MAX_NAMED and not unlisted:
         return ", ".join(items)
-    return ", ".join(items[:MAX_NAMED]) + f" and {len(items) - MAX_NAMED} more"
+    more = max(0, len(items) - MAX_NAMED) + unlisted
+    return ", ".join(items[:MAX_NAMED]) + f" and {more} more"
+
+
+def _unlisted(own: Ownership) -> tuple[int, int, int]:
+    """(fds on the socket not listed, processes holding it, or 0 when all
+    are listed; fds on its listener not listed): owners.HOLDERS_LISTED."""
+    mine, listener = own.holders_cut or (None, None)
+    return (mine[0] if mine else 0, mine[1] if mine else 0, listener[0] if listener else 0)
 
 
 @dataclass(frozen=True)
@@ -336,7 +345,8 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         if listener is None:
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found")
-        who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders]) or "no process"
+        who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders],
+                      _unlisted(own)[2]) or "no process"
         return Diagnosis(
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
@@ -375,8 +385,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     pids = {h.pid for h in holders}
     if len(pids) > 1:
-        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + _listed([
-            f"{_who(h)} fd {h.fd}" for h in holders]))
+        unlisted_fds, processes, _ = _unlisted(own)
+        return Diagnosis(LEAKED, f"held by {processes or len(pids)} processes: " + _listed([
+            f"{_who(h)} fd {h.fd}" for h in holders], unlisted_fds))
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]

@@ -110,6 +110,12 @@ class LingerJson:
         # that its id stays its own while in here.
         self._kept: dict = {}
         self._kept_chars = 0        # in both caches (KEPT_CHARS_MAX)
+        # The last Shared part too large for _kept, with its JSON: the
+        # sockets of one listener are written one after another, and its
+        # part (64 holders of command lines up to 4 KB, escaped) was
+        # encoded again for each (12 ms a record for 8,192 listed holders).
+        # One, so bounded by the largest part.
+        self._big: tuple = (None, "")
         # HOLDER_PROCESS_FIELDS' values -> (the entry's JSON up to its fd's
         # value, after it up to the facts).
         self._holders: dict = {}
@@ -158,6 +164,8 @@ class LingerJson:
         """records.ownership_fields' items."""
         if own is None:
             return self._none_owned
+        if own.holders_cut is not None and own.holders_cut[0]:
+            raise _Fallback         # "owners_not_listed" (rare): the dict's way
         c, s = self._c, self._s
         holder = self._holder
         owners = s.join([holder(h, facts) for h in own.holders])
@@ -223,10 +231,14 @@ class LingerJson:
             hit = self._kept.get(id(value))
             if hit is not None and hit[0] is value:
                 return hit[1]
+            if self._big[0] is value:
+                return self._big[1]
             text = self._encode(value)
             # The value is kept alive with it: about as large as its text.
             if self._room(self._kept, 2 * len(text)):
                 self._kept[id(value)] = (value, text)
+            else:
+                self._big = (value, text)
             return text
         try:
             return _scalar(value)

@@ -112,6 +112,8 @@ class Listener(TypedDict):
     accept_queue: Count
     backlog: Count
     owners: list[Holder]
+    # fds on the listener not in owners (at most 64 listed, 4 of one process)
+    owners_not_listed: NotRequired[Count]
 
 
 class Filters(TypedDict):
@@ -273,6 +275,8 @@ class LingerRecord(_Base, Endpoint):
     update: bool
     owner_kind: Optional[str]
     owners: list[Holder]
+    # fds on the socket not in owners (at most 64 listed, 4 of one process)
+    owners_not_listed: NotRequired[Count]
     netns: Optional[int]
     inode: Optional[int]
     unread_bytes: Optional[Count]
