@@ -1917,6 +1917,26 @@ def test_a_census_that_comes_due_while_sockets_are_due_is_made_after_their_repor
     assert stats["censuses"] == 1
 
 
+def test_a_census_waits_for_sockets_about_to_cross_the_threshold(tmp_path):
+    """A flood's sockets enter CLOSE_WAIT together: a census begun just
+    before they cross the threshold kept their first reports waiting for
+    it. One that would end after a socket crosses (its last cost and a
+    tick) waits for that socket's report."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")), tick_s=1.0)
+    w.tracer.start()
+    w.step()
+    stats = w.tracer.tick_stats
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=0.6)       # crosses in 0.4 s
+    w.tracer._census_next = time.monotonic() - 1.0
+    w.step()
+    assert w.of("linger") == [] and stats["censuses"] == 0
+    w.step(0.5)
+    assert len(w.of("linger")) == 1 and stats["censuses"] == 0
+    w.step(0.5)
+    assert stats["censuses"] == 1
+
+
 def test_a_census_put_off_by_sockets_due_at_every_tick_still_comes(tmp_path):
     """Sockets due at every tick (a steady leak) put it off no more than
     CENSUS_AFTER_REPORTS_MAX_S past its time: it is what finds the sockets
