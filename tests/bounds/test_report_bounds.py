@@ -160,3 +160,16 @@ def test_every_cap_is_counted_and_said(monkeypatch):
                    "process identities forgotten", "capture(s) past", "loss record(s) past",
                    "the 2 oldest listed"):
         assert needle in text, needle
+
+
+def test_the_fds_a_record_did_not_list_are_counted_with_the_holders_not_shown():
+    """A record lists at most 4 fds of one process on a socket and counts
+    the rest (owners_not_listed, its own or its listener's): the report
+    says them with the holders it does not show."""
+    recs = [recordfactory.header(capture_id="a")]
+    rec = recordfactory.linger(ts=1001.0, rport=40000, owners=[recordfactory.holder(pid=10)])
+    rec["owners_not_listed"] = 6
+    recs.append(rec)
+    rep = report.build(recs, by=["cause"])
+    assert rep["losses"]["folded"]["holders"] == 6
+    assert "6 holder(s) past the first" in "\n".join(report.render_text(rep))

@@ -269,7 +269,7 @@ def test_a_socket_and_listener_duped_without_end_are_listed_in_part_and_counted(
     listed = owners.FDS_LISTED_PER_PROCESS
     assert [h.fd for h in own.listener_holders] == list(range(3, 3 + listed))
     assert [h.fd for h in own.holders] == list(range(4000, 4000 + listed))
-    assert own.holders_cut == ((10 - listed, 1), (3000 - listed, 1))
+    assert own.holders_cut == (10 - listed, 3000 - listed)
     l = Lingerer(endpoints=ep, enter_ns=1_000, skaddr=1)
     l.ownership = own
     l.diagnosis = diagnosis.gather(own, fake.root, machine="x86_64")
@@ -287,30 +287,47 @@ def test_a_socket_and_listener_duped_without_end_are_listed_in_part_and_counted(
     assert "and 6 more fds on it, not listed" in "\n".join(text)
 
 
-def test_a_socket_held_by_more_processes_than_are_listed_is_counted_whole(tmp_path):
-    """Each process's first fd before any second, the lowest pids first; the
-    leak's summary counts every process, the listed and the others."""
+def test_every_holding_process_is_listed_however_many_fds_each_has(tmp_path):
+    """Which processes hold a socket decides its diagnosis (a leak between
+    processes, a worker that holds its server's listener), its watch and
+    who closed it: each is listed, with at most FDS_LISTED_PER_PROCESS of
+    its fds. A prefork server's 100 workers all hold its listener; the one
+    with the highest pid holds an accepted socket without close-on-exec,
+    as accept() leaves it: it holds the listener too, so the socket was
+    not inherited (with only the lowest 64 of the listener's holders
+    listed, it was said to be)."""
     fake = FakeProc(tmp_path)
-    fake.process(10, comm="srv")
-    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
-             tcpstates.CLOSE_WAIT, 900, rx=1)
-    fake.fd(10, 5, 900).fd(10, 6, 900)
+    fake.process(10, comm="master")
+    fake.tcp(10, socket.AF_INET, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 800)
+    fake.fd(10, 3, 800)
     for pid in range(11, 111):
-        fake.process(pid, ppid=10, comm="fork").fd(pid, 5, 900)
+        fake.process(pid, ppid=10, comm="worker",
+                     threads={pid: ("S", "232 0x4 0x7ff 0x1", "ep_poll")}).fd(pid, 3, 800)
+    fake.tcp(110, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    for fd in range(7, 17):
+        fake.fd(110, fd, 900)
     ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
     own = owners.resolve([ep], fake.root)[ep]
-    assert len(own.holders) == owners.HOLDERS_LISTED
-    assert [(h.pid, h.fd) for h in own.holders[:2]] == [(10, 5), (11, 5)]
-    assert own.holders_cut == ((102 - owners.HOLDERS_LISTED, 101), None)
+    assert [h.pid for h in own.listener_holders] == list(range(10, 111))
+    assert [(h.pid, h.fd) for h in own.holders] == [(110, fd) for fd in range(7, 11)]
+    assert own.holders_cut == (6, 0)
+    got = diagnosis.gather(own, fake.root, machine="x86_64")
+    assert got.cause == diagnosis.IGNORING_EOF, got.summary
+    # Forks holding it: the leak counts the processes, and the fds listed
+    # and not listed are the "more".
+    for pid in range(11, 20):
+        fake.fd(pid, 9, 900)
+    own = owners.resolve([ep], fake.root)[ep]
     got = diagnosis.gather(own, fake.root, machine="x86_64")
     assert got.cause == diagnosis.LEAKED
-    assert got.summary.startswith("held by 101 processes: ")
-    assert got.summary.endswith(f" and {102 - diagnosis.MAX_NAMED} more")
+    assert got.summary.startswith("held by 10 processes: ")
+    assert got.summary.endswith(f" and {13 - diagnosis.MAX_NAMED + 6} more"), got.summary
 
 
 def test_a_listener_part_too_large_to_keep_is_encoded_once_for_its_sockets(tmp_path):
-    """64 listed holders whose command lines are 4 KB of characters JSON
-    escapes six times over make a part past an eighth of KEPT_CHARS_MAX:
+    """64 holders whose command lines are 4 KB of characters JSON escapes
+    six times over make a part past an eighth of KEPT_CHARS_MAX:
     not kept with the others, it was encoded again for every record of
     every socket accepted from that listener (12 ms each for the largest).
     The last such part is kept by itself."""
@@ -318,7 +335,7 @@ def test_a_listener_part_too_large_to_keep_is_encoded_once_for_its_sockets(tmp_p
     own = l.ownership
     nasty = "\x01" * 4096
     own.listener_holders = tuple(owners.Holder(20 + i, "w", 3, "S", 1, 1000, nasty)
-                                 for i in range(owners.HOLDERS_LISTED))
+                                 for i in range(64))
     full = LingerJson()
     encoded = []
     encode = full._encode

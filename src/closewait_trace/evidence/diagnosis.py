@@ -273,11 +273,10 @@ def _listed(items: list[str], unlisted: int = 0) -> str:
     return ", ".join(items[:MAX_NAMED]) + f" and {more} more"
 
 
-def _unlisted(own: Ownership) -> tuple[int, int, int]:
-    """(fds on the socket not listed, processes holding it, or 0 when all
-    are listed; fds on its listener not listed): owners.HOLDERS_LISTED."""
-    mine, listener = own.holders_cut or (None, None)
-    return (mine[0] if mine else 0, mine[1] if mine else 0, listener[0] if listener else 0)
+def _unlisted(own: Ownership) -> tuple[int, int]:
+    """fds of its holders not listed (owners.FDS_LISTED_PER_PROCESS): (on
+    the socket, on its listener)."""
+    return own.holders_cut or (0, 0)
 
 
 @dataclass(frozen=True)
@@ -346,7 +345,7 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found")
         who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders],
-                      _unlisted(own)[2]) or "no process"
+                      _unlisted(own)[1]) or "no process"
         return Diagnosis(
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "
@@ -385,9 +384,8 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     pids = {h.pid for h in holders}
     if len(pids) > 1:
-        unlisted_fds, processes, _ = _unlisted(own)
-        return Diagnosis(LEAKED, f"held by {processes or len(pids)} processes: " + _listed([
-            f"{_who(h)} fd {h.fd}" for h in holders], unlisted_fds))
+        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + _listed([
+            f"{_who(h)} fd {h.fd}" for h in holders], _unlisted(own)[0]))
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]

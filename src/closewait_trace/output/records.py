@@ -160,9 +160,8 @@ def listener_part(own) -> "Shared":
         return hit[2]
     part = Shared({"local": row.endpoints.local, "accept_queue": row.rx_queue,
                    "backlog": row.tx_queue, "owners": holder_dicts(holders)})
-    cut = own.holders_cut[1] if own.holders_cut else None
-    if cut:
-        part["owners_not_listed"] = cut[0]
+    if own.holders_cut and own.holders_cut[1]:
+        part["owners_not_listed"] = own.holders_cut[1]
     if len(holders) > LISTENER_HOLDERS_KEPT // 8:
         return part                     # made again for each record: not kept
     if (len(_listener_parts) >= LISTENER_PARTS_KEPT
@@ -181,9 +180,8 @@ def ownership_fields(own, facts: Optional[dict] = None) -> dict:
                 "also_in_netns": []}
     listener = listener_part(own) if own.listener is not None else None
     out = {"owner_kind": own.kind, "owners": holder_dicts(own.holders, facts)}
-    cut = own.holders_cut[0] if own.holders_cut else None
-    if cut:
-        out["owners_not_listed"] = cut[0]
+    if own.holders_cut and own.holders_cut[0]:
+        out["owners_not_listed"] = own.holders_cut[0]
     out.update({"netns": own.netns, "inode": own.inode, "unread_bytes": own.unread_bytes,
                 "eof_read": own.eof_read,
                 "listener": listener, "also_in_netns": list(own.other_netns)})

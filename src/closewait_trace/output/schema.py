@@ -112,7 +112,7 @@ class Listener(TypedDict):
     accept_queue: Count
     backlog: Count
     owners: list[Holder]
-    # fds on the listener not in owners (at most 64 listed, 4 of one process)
+    # fds on the listener not in owners (4 of one process are listed)
     owners_not_listed: NotRequired[Count]
 
 
@@ -275,7 +275,7 @@ class LingerRecord(_Base, Endpoint):
     update: bool
     owner_kind: Optional[str]
     owners: list[Holder]
-    # fds on the socket not in owners (at most 64 listed, 4 of one process)
+    # fds on the socket not in owners (4 of one process are listed)
     owners_not_listed: NotRequired[Count]
     netns: Optional[int]
     inode: Optional[int]

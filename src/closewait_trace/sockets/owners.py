@@ -129,11 +129,10 @@ class Ownership:
     # budget if its dump was cut), for the next lookups' estimate; None:
     # not read in it.
     netns_read_s: Optional[float] = None
-    # Holders found and not listed (HOLDERS_LISTED, FDS_LISTED_PER_PROCESS):
-    # (the socket's, its listener's), each None or (how many fds on it are
-    # not in the list, how many processes hold it in all). None: all listed.
-    # One field, None for nearly every socket: 100,000 are kept at once.
-    holders_cut: Optional[tuple] = None
+    # fds of holder processes not listed (FDS_LISTED_PER_PROCESS): (on the
+    # socket, on its listener). None: all listed. One field, None for nearly
+    # every socket: 100,000 are kept at once.
+    holders_cut: Optional[tuple[int, int]] = None
 
     @property
     def unread_bytes(self) -> int:
@@ -181,14 +180,14 @@ def _listener_for(row: TcpRow, listeners: dict[tuple, list[TcpRow]]) -> Optional
 MAX_DENIED_NAMED = 3
 
 
-# The holders listed for one socket: a process can dup() one socket (its
-# listener, say) tens of thousands of times, and every fd was a holder in
-# the loop's memory, an fdinfo read in the lookup, and an entry in every
-# record of every socket accepted from it (950 KB a line for 8,192, re-made
-# for each). The lowest fds of each process, each process's first before
-# any process's second, in pid order; the rest are counted (holders_cut).
+# The fds listed of one process on one socket: a process can dup() a
+# socket (its listener, say) tens of thousands of times, and every fd was a
+# holder in the loop's memory, an fdinfo read in the lookup, and an entry
+# in every record of every socket accepted from it (950 KB a line for
+# 8,192, re-made for each). Its lowest fds; the rest are counted
+# (holders_cut). Every process is listed: which processes hold a socket
+# decides its diagnosis, its watch and who closed it.
 FDS_LISTED_PER_PROCESS = 4
-HOLDERS_LISTED = 64
 
 
 @dataclass(slots=True)
@@ -196,9 +195,8 @@ class HolderScan:
     """One pass over /proc/*/fd: who holds which wanted socket, and how many
     processes could not be looked at (permission denied)."""
     holders: dict[int, Sequence[Holder]] = field(default_factory=dict)
-    # inode -> (fds on it not in holders, processes holding it), for the
-    # sockets whose holders are not all listed.
-    cut: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # inode -> fds on it not in holders (FDS_LISTED_PER_PROCESS).
+    cut: dict[int, int] = field(default_factory=dict)
     denied_pids: set[int] = field(default_factory=set)
     # pid -> the fd directory its holders were found in (/proc/PID/fd, or
     # a thread's), when the fd flags were not read in the scan.
@@ -390,20 +388,11 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
         for (inode, fd, _link), flag in zip(matched, cloexec):
             scan.holders.setdefault(inode, []).append(Holder.of(snap, fd, flag))
         for inode, n in unlisted.items():
-            scan.cut[inode] = (scan.cut.get(inode, (0, 0))[0] + n, 0)
+            scan.cut[inode] = scan.cut.get(inode, 0) + n
     # Tuples: every lingering socket keeps its holders for as long as it
     # lingers (a list of one is 84 bytes in the loop, a tuple 48).
-    listed: dict[int, Sequence[Holder]] = {}
-    for inode, holders in scan.holders.items():
-        holders.sort(key=lambda h: (h.pid, h.fd))
-        unlisted_fds = scan.cut.get(inode, (0, 0))[0]
-        if len(holders) > HOLDERS_LISTED or unlisted_fds:
-            processes = len({h.pid for h in holders})
-            kept = _first_of_each_process(holders, HOLDERS_LISTED)
-            scan.cut[inode] = (unlisted_fds + len(holders) - len(kept), processes)
-            holders = kept
-        listed[inode] = tuple(holders)
-    scan.holders = listed
+    scan.holders = {inode: tuple(sorted(holders, key=lambda h: (h.pid, h.fd)))
+                    for inode, holders in scan.holders.items()}
     return scan
 
 
@@ -424,20 +413,6 @@ def _fds_listed(matched: list[tuple[int, int, str]]) -> tuple[list, dict[int, in
             seen[m[0]] = n + 1
     return kept, {inode: n - FDS_LISTED_PER_PROCESS for inode, n in per_inode.items()
                   if n > FDS_LISTED_PER_PROCESS}
-
-
-def _first_of_each_process(holders: list[Holder], most: int) -> list[Holder]:
-    """Of holders sorted by (pid, fd), at most `most`: each process's
-    first fd before any process's second (the pids of the lowest first),
-    sorted again."""
-    rank: dict[int, int] = {}
-    order = []
-    for h in holders:
-        n = rank.get(h.pid, 0)
-        rank[h.pid] = n + 1
-        order.append((n, h.pid, h.fd, h))
-    order.sort(key=lambda item: item[:3])
-    return sorted((item[3] for item in order[:most]), key=lambda h: (h.pid, h.fd))
 
 
 def _still_linked(fd_dir: str, matched: list[tuple[int, int, str]]) -> bool:
@@ -960,9 +935,9 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         if own.listener is not None:
             own.listener_holders = scan.holders.get(own.listener.inode, ())
         if scan.cut:
-            cut = (scan.cut.get(own.inode) if own.kind == OWNER_FD else None,
-                   scan.cut.get(own.listener.inode) if own.listener is not None else None)
-            if cut != (None, None):
+            cut = (scan.cut.get(own.inode, 0) if own.kind == OWNER_FD else 0,
+                   scan.cut.get(own.listener.inode, 0) if own.listener is not None else 0)
+            if cut != (0, 0):
                 own.holders_cut = cut
     if not fd_flags:
         cloexec_where_decisive(result.values(), scan.fd_dirs)
