@@ -111,10 +111,10 @@ class LingerJson:
         self._kept: dict = {}
         self._kept_chars = 0        # in both caches (KEPT_CHARS_MAX)
         # The last Shared part too large for _kept, with its JSON: the
-        # sockets of one listener are written one after another, and its
-        # part (64 holders of command lines up to 4 KB, escaped) was
-        # encoded again for each (12 ms a record for 8,192 listed holders).
-        # One, so bounded by the largest part.
+        # sockets of one listener are written one after another, and the
+        # part of a listener many processes hold (each a command line of up
+        # to 4 KB, escaped six times over) was encoded again for each
+        # socket. One, so bounded by the largest part.
         self._big: tuple = (None, "")
         # HOLDER_PROCESS_FIELDS' values -> (the entry's JSON up to its fd's
         # value, after it up to the facts).
