@@ -6,6 +6,7 @@ hold; and the sinks that take them write what they wrote from the dict."""
 
 import io
 import json
+import os
 import random
 import socket
 
@@ -348,3 +349,90 @@ def test_a_listener_part_too_large_to_keep_is_encoded_once_for_its_sockets(tmp_p
         report = LingerReport(l, 1_796_594_562.5 + i, 2_000_000_000)
         assert full.line(report) == plain(report.record())
     assert encoded.count(records.Shared) == shared
+
+
+def test_a_holder_whose_listed_fds_close_during_the_lookup_still_holds_it(tmp_path, monkeypatch):
+    """The pid-reuse check looks for any of the process's links still
+    there: with only its lowest 4 fds looked at, a holder that closed those
+    while its other 6 hold the socket was "no process holds a file
+    descriptor on it" (and held_now said not held)."""
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm="srv")
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    real = owners._still_linked
+
+    def closing_the_lowest(fd_dir, matched):
+        for fd in range(3, 7):
+            link = tmp_path / "10" / "fd" / str(fd)
+            if os.path.lexists(link):
+                os.unlink(link)
+        return real(fd_dir, matched)
+
+    monkeypatch.setattr(owners, "_still_linked", closing_the_lowest)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+    for fd_flags in (True, False):
+        for fd in range(3, 13):
+            if not os.path.lexists(tmp_path / "10" / "fd" / str(fd)):
+                fake.fd(10, fd, 900)
+        own = owners.resolve([ep], fake.root, fd_flags=fd_flags)[ep]
+        assert own.kind == owners.OWNER_FD and {h.pid for h in own.holders} == {10}
+    for fd in range(3, 7):
+        fake.fd(10, fd, 900)
+    assert owners.held_now([900], fake.root) == [True]
+
+
+def test_a_listener_duped_and_a_socket_in_its_queue(tmp_path):
+    """Only the listener's fds left out: the line is made from its pieces,
+    byte for byte the dict's; a socket never accepted counts them in its
+    summary, and the report with the holders it does not show."""
+    from closewait_trace.output import report
+
+    fake = FakeProc(tmp_path)
+    fake.process(10, comm="dup")
+    fake.tcp(10, socket.AF_INET, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 800, rx=1)
+    for fd in range(3, 13):
+        fake.fd(10, fd, 800)
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    fake.fd(10, 20, 900)
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40001,
+             tcpstates.CLOSE_WAIT, 0, rx=1)                  # in the accept queue
+    accepted = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+    queued = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40001)
+    found = owners.resolve([accepted, queued], fake.root)
+    own = found[accepted]
+    assert own.holders_cut == (0, 6)
+    l = Lingerer(endpoints=accepted, enter_ns=1_000, skaddr=1)
+    l.ownership = own
+    l.diagnosis = diagnosis.gather(own, fake.root, machine="x86_64")
+    full, small = LingerJson(), LingerJson(compact=True)
+    for i in range(2):
+        report_ = LingerReport(l, 1_796_594_561.5 + i, 2_000_000_000)
+        rec = report_.record()
+        assert rec["listener"]["owners_not_listed"] == 6 and "owners_not_listed" not in rec
+        assert full.line(report_) == plain(rec) and small.line(report_) == compact(rec)
+    never = diagnosis.gather(found[queued], fake.root, machine="x86_64")
+    assert never.cause == diagnosis.NEVER_ACCEPTED
+    assert never.summary.endswith("10/dup [S] and 6 more"), never.summary
+    q = Lingerer(endpoints=queued, enter_ns=1_000, skaddr=2)
+    q.ownership, q.diagnosis = found[queued], never
+    rep = report.build([records.linger(q, 1_796_594_561.5, 2_000_000_000)], by=["cause"])
+    assert rep["losses"]["folded"]["holders"] == 6
+
+
+def test_a_listener_part_of_more_holders_than_are_kept_is_made_once_for_its_sockets(tmp_path):
+    """Past LISTENER_HOLDERS_KEPT // 8 holders (thousands of processes
+    holding one listener) a part was made again, and encoded again, for
+    every record of its sockets (14 ms each): the last such is kept alone."""
+    l = lingerer_with_listener(tmp_path, 40000)
+    own = l.ownership
+    many = records.LISTENER_HOLDERS_KEPT // 8 + 1
+    own.listener_holders = tuple(owners.Holder(20 + i, "w", 3, "S", 1, 1000, "worker")
+                                 for i in range(many))
+    part = records.listener_part(own)
+    assert records.listener_part(own) is part
+    full = LingerJson()
+    first = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    assert full.line(first) == plain(first.record())
+    assert full._big[0] is part

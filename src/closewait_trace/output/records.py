@@ -149,21 +149,30 @@ LISTENER_PARTS_KEPT = 1024
 # parts kept a dict for each, gigabytes for one user's forks.
 LISTENER_HOLDERS_KEPT = 65536
 _listener_holders_kept = 0
+_big_listener_part: tuple = (None, None, None)
 
 
 def listener_part(own) -> "Shared":
-    global _listener_holders_kept
+    global _listener_holders_kept, _big_listener_part
     row, holders = own.listener, own.listener_holders
     key = (id(row), id(holders))
     hit = _listener_parts.get(key)
     if hit is not None and hit[0] is row and hit[1] is holders:
+        return hit[2]
+    hit = _big_listener_part
+    if hit[0] is row and hit[1] is holders:
         return hit[2]
     part = Shared({"local": row.endpoints.local, "accept_queue": row.rx_queue,
                    "backlog": row.tx_queue, "owners": holder_dicts(holders)})
     if own.holders_cut and own.holders_cut[1]:
         part["owners_not_listed"] = own.holders_cut[1]
     if len(holders) > LISTENER_HOLDERS_KEPT // 8:
-        return part                     # made again for each record: not kept
+        # Too many to keep with the others (thousands of processes holding
+        # one listener): kept alone, the last such, so that the sockets of
+        # that listener share it (lingerlines keeps its JSON by identity)
+        # instead of each making and encoding it again (14 ms a record).
+        _big_listener_part = (row, holders, part)
+        return part
     if (len(_listener_parts) >= LISTENER_PARTS_KEPT
             or _listener_holders_kept + len(holders) > LISTENER_HOLDERS_KEPT):
         _listener_parts.clear()

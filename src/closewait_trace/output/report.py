@@ -830,8 +830,8 @@ class _Builder:
             lines.append(f"{f['before']} socket(s) reported before the window past the first "
                          f"{MAX_BEFORE} not remembered: their close may be counted")
         if f["holders"]:
-            lines.append(f"{f['holders']} holder(s) past the first {MAX_HOLDERS} of a socket "
-                         f"not shown")
+            lines.append(f"{f['holders']} holder(s) past the first {MAX_HOLDERS} of a socket, "
+                         f"or left out of its record, not shown")
         if f["processes"]:
             lines.append(f"{f['processes']} process identities forgotten (more than "
                          f"{MAX_PROCESSES}): their sockets name no unit, container or pod")

@@ -364,6 +364,9 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
                         matched.append((inode, int(name), link))
             if not matched:
                 continue
+            # Every link found, for the check below: a holder that closes its
+            # lowest fds meanwhile still holds the socket through the others.
+            walked = matched
             matched, unlisted = _fds_listed(matched)
             snap = batch.process(pid)
             cloexec = (_cloexec_flags(fd_dir, [fd for _inode, fd, _link in matched])
@@ -374,7 +377,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             # one of them: a holder closing the first (it is leaving
             # CLOSE_WAIT) made every other socket it holds "held by no
             # process" in this lookup.
-            if not _still_linked(fd_dir, matched):
+            if not _still_linked(fd_dir, walked):
                 continue
             if not fd_flags:
                 scan.fd_dirs[pid] = fd_dir
