@@ -1899,18 +1899,25 @@ def test_the_census_waits_longer_after_a_long_census(tmp_path):
         tracer_module.CENSUS_GAP_FACTOR * 0.05 * 4)
 
 
+def census_due_with_a_socket(tmp_path, entered_ago_s: float, census_late_s: float,
+                             tick_s: float = 0.01):
+    """A started loop whose census came due census_late_s ago, with a
+    socket (0xA) that entered CLOSE_WAIT entered_ago_s ago (threshold 1 s)."""
+    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")), tick_s=tick_s)
+    w.tracer.start()
+    w.step()
+    w.hold(100, 40001, 5001)
+    w.probe.enter(0xA, endpoints(40001), ago_s=entered_ago_s)
+    w.tracer._census_next = time.monotonic() - census_late_s
+    return w, w.tracer.tick_stats
+
+
 def test_a_census_that_comes_due_while_sockets_are_due_is_made_after_their_reports(tmp_path):
     """At 100,000 sockets a census keeps the loop waiting about a second:
     made in the tick whose sockets crossed the threshold, it put their
     reports that much later (and held its keys at their peak). It waits
     for the next tick with nothing due."""
-    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
-    w.tracer.start()
-    w.step()
-    stats = w.tracer.tick_stats
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.tracer._census_next = time.monotonic() - 1.0          # due a second ago
+    w, stats = census_due_with_a_socket(tmp_path, entered_ago_s=2.0, census_late_s=1.0)
     w.step(0.5)
     assert len(w.of("linger")) == 1 and stats["censuses"] == 0
     w.step(0.5)
@@ -1922,13 +1929,9 @@ def test_a_census_waits_for_sockets_about_to_cross_the_threshold(tmp_path):
     before they cross the threshold kept their first reports waiting for
     it. One that would end after a socket crosses (its last cost and a
     tick) waits for that socket's report."""
-    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")), tick_s=1.0)
-    w.tracer.start()
-    w.step()
-    stats = w.tracer.tick_stats
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=0.6)       # crosses in 0.4 s
-    w.tracer._census_next = time.monotonic() - 1.0
+    # It crosses in 0.4 s, within the next tick (1 s).
+    w, stats = census_due_with_a_socket(tmp_path, entered_ago_s=0.6, census_late_s=1.0,
+                                        tick_s=1.0)
     w.step()
     assert w.of("linger") == [] and stats["censuses"] == 0
     w.step(0.5)
@@ -1943,13 +1946,9 @@ def test_a_census_put_off_by_sockets_due_at_every_tick_still_comes(tmp_path):
     whose entry the kernel's hook missed."""
     from closewait_trace.live import tracer as tracer_module
 
-    w = World(tmp_path, resolver=DumpsWhole(str(tmp_path / "proc")))
-    w.tracer.start()
-    w.step()
-    stats = w.tracer.tick_stats
-    w.hold(100, 40001, 5001)
-    w.probe.enter(0xA, endpoints(40001), ago_s=2.0)
-    w.tracer._census_next = time.monotonic() - tracer_module.CENSUS_AFTER_REPORTS_MAX_S - 1.0
+    w, stats = census_due_with_a_socket(
+        tmp_path, entered_ago_s=2.0,
+        census_late_s=tracer_module.CENSUS_AFTER_REPORTS_MAX_S + 1.0)
     w.step(0.5)
     assert len(w.of("linger")) == 1 and stats["censuses"] == 1
 
