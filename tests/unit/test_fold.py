@@ -214,7 +214,7 @@ def _lingerer(i, pid, ppid, uid, exe, comm="postgres", cause="leaked"):
                 process=NS(exe=exe))
     return Lingerer(Endpoints(so.AF_INET, "127.0.0.1", 5432, "127.0.0.1", 40000 + i),
                     enter_ns=1_000_000 * i, skaddr=None, reported=True,
-                    ownership=NS(kind="fd", holders=[holder]),
+                    ownership=NS(kind="fd", holders=[holder], holders_cut=None),
                     diagnosis=NS(cause=cause, summary=cause))
 
 

@@ -14,12 +14,14 @@ from closewait_trace.evidence import diagnosis
 from closewait_trace.files import recording
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.output import lingerlines, metrics, records, render, textsafe
+from closewait_trace.output import lingerlines, metrics, records, render, schema, textsafe
 from closewait_trace.output.lingerlines import LingerJson, LingerReport
+from closewait_trace.output.report import build as build_report, render_text as report_text
 from closewait_trace.output.sinks import RecordingSink
 from closewait_trace.output.terminal import TerminalSink
 from closewait_trace.sockets import ages, owners
 from closewait_trace.sockets.tracker import Lingerer
+from tests.unit import recordfactory
 from tests.unit.fakeproc import FakeProc
 from tests.unit.test_recording import make_recorder
 
@@ -286,6 +288,22 @@ def test_a_socket_and_listener_duped_without_end_are_listed_in_part_and_counted(
     assert l.diagnosis.cause != diagnosis.LEAKED
     text = render.TextRenderer(verbose=True).render(rec)
     assert "and 6 more fds on it, not listed" in "\n".join(text)
+    # Still lingering at exit, at a snapshot, in a report: counted there too.
+    entry = records.lingering_entry(l, 2_000_000_000)
+    assert entry["owners_not_listed"] == 10 - listed
+    assert schema.problem(recordfactory.snapshot(lingering=[entry])) is None
+    summary = recordfactory.summary(still_lingering=[entry])
+    assert schema.problem(summary) is None
+    said = [line for line in render.summary_lines(summary) if "fd 4000" in line]
+    # 3 named of the 4 listed, and the 6 not listed.
+    assert len(said) == 1 and said[0].endswith("fd 4002 [S] and 7 more"), said
+    rep = build_report([recordfactory.header(), recordfactory.snapshot(lingering=[entry]),
+                        summary])
+    assert rep["still_lingering"][0]["owners_not_listed"] == 10 - listed
+    said = report_text(rep)
+    # Right under its holders (the last listed is fd 4003).
+    assert said[said.index("      and 6 more fds on it, not listed") - 1].endswith(
+        "10/dup fd 4003"), said
 
 
 def test_every_holding_process_is_listed_however_many_fds_each_has(tmp_path):

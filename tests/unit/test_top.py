@@ -185,7 +185,8 @@ def test_the_sink_works_out_a_sockets_row_once_until_it_changes(monkeypatch):
     from closewait_trace.sockets.tracker import Lingerer
 
     def lingerer(i, pid, cause, enter_ns):
-        own = NS(kind="fd", holders=[NS(pid=pid, comm="python3", fd=5 + i, state="S")])
+        own = NS(kind="fd", holders=[NS(pid=pid, comm="python3", fd=5 + i, state="S")],
+                 holders_cut=None)
         return Lingerer(Endpoints(so.AF_INET, "127.0.0.1", 8080, "127.0.0.1", 40000 + i),
                         enter_ns=enter_ns, skaddr=None, reported=True, ownership=own,
                         diagnosis=NS(cause=cause, summary=cause))

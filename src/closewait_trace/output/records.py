@@ -287,9 +287,12 @@ def lingering_entry(lingerer, age_ns: int) -> schema.LingeringEntry:
         "owner_kind": own.kind if own is not None else None,
         "owners": [{"pid": h.pid, "comm": h.comm, "fd": h.fd, "state": h.state}
                    for h in own.holders] if own is not None else [],
-        "diagnosis": ({"cause": lingerer.diagnosis.cause, "summary": lingerer.diagnosis.summary}
-                      if lingerer.diagnosis else None),
     })
+    if own is not None and own.holders_cut and own.holders_cut[0]:
+        entry["owners_not_listed"] = own.holders_cut[0]
+    entry["diagnosis"] = ({"cause": lingerer.diagnosis.cause,
+                           "summary": lingerer.diagnosis.summary}
+                          if lingerer.diagnosis else None)
     return entry
 
 

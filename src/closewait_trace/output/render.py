@@ -916,6 +916,14 @@ def _oldest_first(entry: dict) -> tuple:
     return (-age, tuple(p if isinstance(p, int) else -1 for p in port))
 
 
+def fds_not_listed(entry: dict) -> int:
+    """How many fds on the socket of a record or lingering entry its owners
+    leave out (owners_not_listed; 0 when absent, or not a count: a
+    recording from elsewhere may carry anything there)."""
+    unlisted = entry.get("owners_not_listed")
+    return unlisted if type(unlisted) is int and unlisted > 0 else 0
+
+
 def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:
     c = rec.get("counters") if isinstance(rec.get("counters"), dict) else {}
     n = {k: v if isinstance(v, int) else 0 for k, v in c.items()}
@@ -996,8 +1004,10 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
         owners = ", ".join(f"{who(o)} fd {escape(o.get('fd'))} [{escape(o.get('state'))}]"
                            for o in listed[:MAX_OWNERS_NAMED]) or (
             "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
-        if len(listed) > MAX_OWNERS_NAMED:
-            owners += f" and {len(listed) - MAX_OWNERS_NAMED} more"
+        # More fds: those listed and not named, and those not listed.
+        more = max(0, len(listed) - MAX_OWNERS_NAMED) + fds_not_listed(s)
+        if more:
+            owners += f" and {more} more"
         lines.append(f"  {hostport(s.get('laddr'), s.get('lport'))} <- "
                      f"{hostport(s.get('raddr'), s.get('rport'))} {age_text(s, 'age')} {owners}")
     if len(still) > 50:

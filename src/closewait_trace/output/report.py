@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from closewait_trace.output import fold, textsafe
-from closewait_trace.output.render import (LINE, age_source, describe_found, fit_lines, marked_age,
-                                           histogram_lines, hostport, side_of,
-                                           slots_to_buckets)
+from closewait_trace.output.render import (LINE, age_source, describe_found, fds_not_listed,
+                                           fit_lines, marked_age, histogram_lines, hostport,
+                                           side_of, slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
 
@@ -147,6 +147,13 @@ def _label(value):
     if isinstance(value, str) and len(value) > MAX_LABEL + len(CUT):
         return value[:MAX_LABEL] + CUT
     return value
+
+
+def _not_listed(r: dict) -> dict:
+    """{"owners_not_listed": N} when the record or entry r counts fds its
+    owners leave out, else {}."""
+    unlisted = fds_not_listed(r)
+    return {"owners_not_listed": unlisted} if unlisted else {}
 
 
 def _bump(counter: Counter, name, n: int = 1) -> None:
@@ -542,6 +549,7 @@ class _Builder:
                 "owner_kind": _label(r.get("owner_kind")), "owners": [
                     {k: _label(o.get(k)) for k in ("pid", "comm", "fd", "state")}
                     for o in owners[:MAX_HOLDERS]],
+                **_not_listed(r),
                 "cause": _label(cause),
                 "summary": _label(d.get("summary")) if isinstance(d.get("summary"), str) else "",
                 "people": self._people(r)}
@@ -1077,6 +1085,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         lines.append(f"  {hostport(s['laddr'], s['lport'])} <- "
                      f"{hostport(s['raddr'], s['rport'])} "
                      f"{_age(s['age_s'], s.get('age_source', 'traced'))} {owners or '-'}")
+        if fds_not_listed(s):
+            lines.append(f"      and {fds_not_listed(s)} more fds on it, not listed")
         if why:
             lines.append(f"      {escape(why)}")
     if rep.get("still_lingering_total", len(still)) > min(top, len(still)):

@@ -307,6 +307,8 @@ class LingeringEntry(Endpoint):
     age_is_lower_bound: bool
     owner_kind: Optional[str]
     owners: list[BriefHolder]
+    # fds on it not in owners (4 of one process are listed)
+    owners_not_listed: NotRequired[Count]
     diagnosis: Optional[BriefDiagnosis]
 
 
