@@ -4,6 +4,7 @@ import socket
 
 import pytest
 
+from closewait_trace.evidence import diagnosis
 from closewait_trace.sockets import owners, procnet
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
@@ -515,3 +516,69 @@ def test_the_owner_lookup_reads_every_namespace_when_one_is_unknown(monkeypatch)
     found = owners.resolve(asked, "/proc", others_budget_s=0.2)
     assert sorted(entered) == sorted([own] + others)
     assert {found[e].kind for e in asked} <= {owners.OWNER_NONE, owners.OWNER_DENIED}
+
+
+def test_the_fd_walk_takes_the_users_with_most_fds_last_and_counts_what_its_time_left(
+        fake, monkeypatch):
+    """A user can hold as many fds as RLIMIT_NOFILE allows in each of their
+    processes, and every owner lookup read them all before any socket's
+    holders were known (200,000 as nobody: 0.8 s a lookup). Past
+    FDS_IN_ANY_ORDER fds, the users with the fewest are walked first, the
+    walk stops when FD_WALK_BUDGET_S is up, and the processes left are
+    counted: a socket they alone hold is unknown, not "no holder", and one
+    another process holds may have more holders. The hog's pids come first
+    (pid order would walk it first). The clock jumps past the budget once
+    the walk enters the hog's first fd table."""
+    from closewait_trace.sockets import procfs
+    for pid in (5, 6):
+        fake.process(pid, comm="hog", uid=65534)
+        for fd in range(3, 40):
+            fake.fd(pid, fd, target="/dev/null")
+    fake.process(10, comm="server", uid=0)
+    fake.tcp(10, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, CW, 900, rx=1)
+    fake.fd(10, 5, 900)
+    fake.tcp(6, V4, "127.0.0.1", 40001, "127.0.0.1", 5556, CW, 901, rx=1)
+    fake.fd(6, 50, 901)
+    # A user with more fds still: walked after the hog; of theirs, one
+    # without fds is not counted as not read.
+    fake.process(8, comm="big", uid=70000)
+    for fd in range(3, 103):
+        fake.fd(8, fd, target="/dev/null")
+    fake.process(9, comm="idle", uid=70000)
+    monkeypatch.setattr(owners, "FDS_IN_ANY_ORDER", 20)
+    monkeypatch.setattr(owners, "_LINKS_PER_CLOCK", 4)
+    now = [0.0]
+    opened = procfs.opened_dir
+
+    def opening(path, *args, **kw):
+        if path.startswith(f"{fake.root}/5/") or path.startswith(f"{fake.root}/6/"):
+            now[0] = 100.0               # the hog's table is where the time goes
+        return opened(path, *args, **kw)
+
+    monkeypatch.setattr(procfs, "opened_dir", opening)
+    monkeypatch.setattr(owners, "_clock", lambda: now[0])
+    assert owners.walk_order(fake.root)[0] == [10, 5, 6, 9, 8]
+    server, hogs = ep(5555, 40000), ep(40001, 5556)
+    got = owners.resolve([server, hogs], fake.root)
+    assert got[server].kind == owners.OWNER_FD
+    assert [h.pid for h in got[server].holders] == [10]
+    assert got[server].fds_not_read == (3, ["5/hog", "6/hog", "8/big"])
+    assert got[hogs].kind == owners.OWNER_FDS_NOT_READ and not got[hogs].holders
+    said = diagnosis.gather(got[server], fake.root, machine="x86_64")
+    assert said.summary.endswith("; holders may be missing: the file descriptors of 3 "
+                                 "other processes (5/hog, 6/hog, 8/big) with the most were "
+                                 "not read in time"), said.summary
+    assert said.evidence["fds_not_read_processes"] == 3
+    said = diagnosis.gather(got[hogs], fake.root, machine="x86_64")
+    assert said.cause == diagnosis.UNKNOWN
+    assert said.summary == ("unknown: no holder among the processes read; the file "
+                            "descriptors of 3 processes (5/hog, 6/hog, 8/big) with the most "
+                            "were not read in time")
+    now[0] = 0.0
+    assert owners.held_now([900, 901], fake.root) == [True, None]
+    # Within the time, every table is read, in the same order.
+    monkeypatch.setattr(procfs, "opened_dir", opened)
+    got = owners.resolve([server, hogs], fake.root)
+    assert got[server].fds_not_read is None and got[hogs].fds_not_read is None
+    assert [h.pid for h in got[hogs].holders] == [6]
+    assert owners.held_now([900, 901], fake.root) == [True, True]

@@ -13,11 +13,12 @@ import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from closewait_trace.sockets import identity, procfs
 from closewait_trace.sockets.owners import (OWNER_ACCEPT_QUEUE, OWNER_AMBIGUOUS, OWNER_DENIED,
-                                            OWNER_GONE, OWNER_NONE, OWNER_UNREADABLE, Ownership)
+                                            OWNER_FDS_NOT_READ, OWNER_GONE, OWNER_NONE,
+                                            OWNER_UNREADABLE, Ownership)
 
 STOPPED = "stopped"
 TRACED = "traced"
@@ -236,6 +237,9 @@ class Diagnosis:
             # How many fd tables could not be read: the holders above may
             # not be all of them (or, with none, who holds it is unknown).
             out["denied_processes"] = own.denied_processes
+        if own.fds_not_read:
+            # How many were left unread when the walk's time was up: the same.
+            out["fds_not_read_processes"] = own.fds_not_read[0]
         return out
 
     def holder_facts(self) -> dict:
@@ -252,6 +256,28 @@ class Diagnosis:
 def denied_summary(processes: int) -> str:
     return (f"unknown: permission denied reading {processes} "
             f"process{'es' if processes != 1 else ''}' file descriptors")
+
+
+def _processes(n: int, named: Sequence[str], other: str = "") -> str:
+    """"N processes (a, b and M more)", "N other processes" with other."""
+    more = n - len(named)
+    return (f"{n} {other}process{'es' if n != 1 else ''}"
+            + (f" ({', '.join(named)}{f' and {more} more' if more > 0 else ''})"
+               if named else ""))
+
+
+def unread_summary(own: Ownership) -> str:
+    """Why no holder is named when no process read holds it, and some were
+    not read: permission denied, or the fd walk's time up (or both)."""
+    said = []
+    if own.denied_processes or not own.fds_not_read:
+        said.append(denied_summary(own.denied_processes))
+    if own.fds_not_read:
+        n, named = own.fds_not_read
+        said.append(("" if said else "unknown: no holder among the processes read; ")
+                    + f"the file descriptors of {_processes(n, named)} with the most "
+                      f"were not read in time")
+    return "; ".join(said)
 
 
 def _who(h: HolderEvidence) -> str:
@@ -312,13 +338,13 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     # Holders were found, but other processes could not be read: the list,
     # and a cause drawn from it (one holder or several), may be incomplete.
     if holders and own.denied_processes:
-        n = own.denied_processes
-        named = ", ".join(own.denied_named)
-        more = n - len(own.denied_named)
         found.summary += (f"; holders may be missing: permission denied reading "
-                          f"{n} other process{'es' if n != 1 else ''}"
-                          + (f" ({named}{f' and {more} more' if more > 0 else ''})"
-                             if named else ""))
+                          f"{_processes(own.denied_processes, own.denied_named, 'other ')}")
+    if holders and own.fds_not_read:
+        n, named = own.fds_not_read
+        found.summary += (f"; holders may be missing: the file descriptors of "
+                          f"{_processes(n, named, 'other ')} with the most were not read "
+                          f"in time")
     # The sockets of one holder mostly read the same: one string for them
     # all (about 300 bytes of every socket's state otherwise; the table
     # holds a string only while a socket does).
@@ -361,8 +387,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         return Diagnosis(UNKNOWN, f"unknown: not found in the network namespaces we may read; "
                                   f"permission denied reading {n} process{'es' if n != 1 else ''}' "
                                   f"namespaces")
-    if own.kind == OWNER_DENIED or (not holders and own.denied_processes):
-        return Diagnosis(UNKNOWN, denied_summary(own.denied_processes))
+    if own.kind in (OWNER_DENIED, OWNER_FDS_NOT_READ) or (
+            not holders and (own.denied_processes or own.fds_not_read)):
+        return Diagnosis(UNKNOWN, unread_summary(own))
 
     if own.kind == OWNER_NONE or not holders:
         return Diagnosis(UNKNOWN, "no process holds a file descriptor on it")

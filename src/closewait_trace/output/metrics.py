@@ -51,7 +51,7 @@ from prometheus_client.utils import floatToGoString
 from closewait_trace.errors import EXIT_USAGE, UserError
 from closewait_trace.output import scrape
 from closewait_trace.output.textsafe import escape
-from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_UNREADABLE
+from closewait_trace.sockets.owners import OWNER_DENIED, OWNER_FDS_NOT_READ, OWNER_UNREADABLE
 from closewait_trace.sockets.tracker import Lingerer
 
 DEFAULT_ADDR = "127.0.0.1"
@@ -74,6 +74,7 @@ COMM_OTHER = "(other processes)"
 COMM_UNRESOLVED = "(not resolved yet)"
 COMM_NO_HOLDER = "(no holder found)"
 COMM_DENIED = "(permission denied)"
+COMM_FDS_NOT_READ = "(fds not read in time)"  # owners.OWNER_FDS_NOT_READ
 COMM_EMPTY = "(empty process name)"    # prctl(PR_SET_NAME, "") is allowed
 COMM_HIDDEN = "(comm not exported)"    # --metrics-no-comm
 COMM_UNREADABLE = "(proc unreadable)"  # /proc could not be read (owners.OWNER_UNREADABLE)
@@ -162,6 +163,8 @@ def socket_labels(lingerer: Lingerer, no_comm: bool = False) -> tuple[str, str, 
         comm = COMM_HIDDEN if no_comm else clean_label(holders[0].comm)
     elif kind == OWNER_DENIED:
         comm = COMM_DENIED
+    elif kind == OWNER_FDS_NOT_READ:
+        comm = COMM_FDS_NOT_READ
     elif kind == OWNER_UNREADABLE:
         comm = COMM_UNREADABLE
     else:

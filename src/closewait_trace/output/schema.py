@@ -176,6 +176,7 @@ class Evidence(TypedDict, total=False):
     accepting_process: list[HolderRef]  # in `listener.owners` (inherited socket)
     denied_processes: Count             # fd tables we were not allowed to read
     denied_netns_processes: Count       # processes whose network namespace we could not enter
+    fds_not_read_processes: Count       # fd tables left unread when the walk's time was up
 
 
 class Diagnosis(TypedDict):

@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
 
+from closewait_trace import knobs
 from closewait_trace.sockets import procfs, procnet, sockdiag
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
@@ -44,6 +45,11 @@ OWNER_AMBIGUOUS = "ambiguous"
 # the system) was out of file descriptors (procfs.ResourceExhausted): neither
 # "gone" nor "nobody holds it"; `error` says what failed.
 OWNER_UNREADABLE = "unreadable"
+
+# Unknown: no holder found, but the fd tables of the processes with the most
+# fds were not read within the lookup's time (FD_WALK_BUDGET_S): a user can
+# hold hundreds of thousands; "nobody holds it" would be a guess.
+OWNER_FDS_NOT_READ = "fds_not_read"
 
 # Not looked for yet: its namespace was not read in the time one owner
 # lookup gives the other namespaces (resolve's others_budget_s). Says
@@ -120,6 +126,10 @@ class Ownership:
     # Not found in the namespaces we could read, while this many processes
     # would not show theirs (OWNER_DENIED with no inode).
     netns_denied: int = 0
+    # Processes whose fd table the walk left when its time was up
+    # (FD_WALK_BUDGET_S), and the first few "pid/comm": any may hold it
+    # too. None: every table was read (one field for nearly every socket).
+    fds_not_read: Optional[tuple[int, Sequence[str]]] = None
     error: str = ""                   # OWNER_UNREADABLE: what could not be read
     # In a budgeted lookup, the real uid of the first process of the
     # socket's namespace (other than the tracer's): the user whose turn it
@@ -144,15 +154,16 @@ class Ownership:
     def eof_read(self) -> bool:
         # Only for a socket found in a table (inode known): otherwise its
         # queue is not known either.
-        return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED) and self.inode != 0
-                and self.rx_queue == 0)
+        return (self.kind in (OWNER_FD, OWNER_NONE, OWNER_DENIED, OWNER_FDS_NOT_READ)
+                and self.inode != 0 and self.rx_queue == 0)
 
     def is_another_than(self, cookie: int, inode: int) -> bool:
         """Whether the socket found on the endpoints is known not to be the
         one with this cookie and inode (tcprow.same_socket): the addresses
         were reused since."""
         found = (self.kind in (OWNER_FD, OWNER_NONE, OWNER_ACCEPT_QUEUE)
-                 or (self.kind == OWNER_DENIED and (self.inode or self.cookie)))
+                 or (self.kind in (OWNER_DENIED, OWNER_FDS_NOT_READ)
+                     and (self.inode or self.cookie)))
         return bool(found) and same_socket(cookie, inode, self.cookie, self.inode) is False
 
     @property
@@ -201,6 +212,66 @@ class HolderScan:
     # pid -> the fd directory its holders were found in (/proc/PID/fd, or
     # a thread's), when the fd flags were not read in the scan.
     fd_dirs: dict[int, str] = field(default_factory=dict)
+    # The processes whose fd tables were not read in time (FD_WALK_BUDGET_S).
+    not_read_pids: list[int] = field(default_factory=list)
+
+
+# How long one walk may spend reading the processes' fd links
+# (scan_holders). A user may hold as many fds as RLIMIT_NOFILE allows in
+# each of their processes (a million dup()s of /dev/null as uid 54321 made
+# every owner lookup 7.5-9.8 s long here: about 4 us a link), and every
+# lookup waited for them all. Past FDS_IN_ANY_ORDER fds in all, the tables
+# of the users with the fewest fds are walked first: a user's own fds then
+# delay the others' by at most this, and what is left when it is up is
+# counted (Ownership.fds_not_read), never taken for "no holder". Times the
+# testing knob's scale (knobs.time_scale: the kernel matrix's emulator).
+FD_WALK_BUDGET_S = 2.0
+FDS_IN_ANY_ORDER = 100_000
+_LINKS_PER_CLOCK = 1024         # links read between two looks at the clock
+_clock = time.monotonic         # the walk's (tests count links read instead)
+
+
+class _OutOfTime(Exception):
+    """The walk's budget is spent (not a ProcError: no process's fault)."""
+
+
+def _fd_count(pid: int, proc: str, sized: bool) -> int:
+    """How many fds pid has (0 if it cannot be told): the size of its fd
+    directory where the kernel gives it (6.2 on), else its entries."""
+    try:
+        if sized:
+            return os.stat(f"{proc}/{pid}/fd").st_size
+        return len(_fd_table(pid, proc)[1])
+    except (OSError, procfs.ProcError):
+        return 0
+
+
+def _fd_dirs_sized(proc: str) -> bool:
+    """Whether this /proc's fd directories give their fd count as their
+    size (Linux 6.2 on; this process always has some fds)."""
+    try:
+        return os.stat(f"{proc}/self/fd").st_size > 0
+    except OSError:
+        return False
+
+
+def walk_order(proc: str) -> tuple[list[int], dict[int, int]]:
+    """The pids whose fd tables a walk reads, in order, and how many fds
+    each has: pid order when all hold at most FDS_IN_ANY_ORDER fds, else
+    their users' (real uid) by how many fds each holds in all, fewest
+    first, and each user's the same way."""
+    pids = list(procfs.pids(proc))
+    sized = _fd_dirs_sized(proc)
+    counts = {pid: _fd_count(pid, proc, sized) for pid in pids}
+    if sum(counts.values()) <= FDS_IN_ANY_ORDER:
+        return pids, counts
+    uid_of = {pid: procfs.real_uid(pid, proc) for pid in pids}
+    per_user: dict = {}
+    for pid, n in counts.items():
+        per_user[uid_of[pid]] = per_user.get(uid_of[pid], 0) + n
+    return sorted(pids, key=lambda pid: (per_user[uid_of[pid]],
+                                         -1 if uid_of[pid] is None else uid_of[pid],
+                                         counts[pid], pid)), counts
 
 
 O_CLOEXEC = 0o2000000
@@ -321,9 +392,11 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
 
 
 def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
-                 fd_flags: bool = True) -> HolderScan:
+                 fd_flags: bool = True, budget_s: Optional[float] = None) -> HolderScan:
     """Every (process, fd) on each wanted socket inode. A process that exits
-    while we look is a missing row; one we may not read is counted.
+    while we look is a missing row; one we may not read is counted, and so
+    are those left unread when budget_s (FD_WALK_BUDGET_S) is up
+    (walk_order: the users with the most fds last).
     fd_flags: each holder's close-on-exec is read (one fdinfo read per fd);
     else left None (unknown) and the fd directories kept in fd_dirs, for
     cloexec_where_decisive."""
@@ -333,8 +406,19 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
         return scan
     proc = batch.proc
     readlink, socket_inode = procfs.readlink, procfs.socket_inode
-    for pid in procfs.pids(proc):
+    clock = _clock
+    budget = FD_WALK_BUDGET_S * knobs.time_scale() if budget_s is None else budget_s
+    # Time spent listing and reading links, the budget's measure: not the
+    # fdinfo reads and holders of the sockets found, which a flood of
+    # wanted sockets costs (1-2 s for 100,000 here), and whose holders must
+    # all be named.
+    spent = 0.0
+    order, counts = walk_order(proc)
+    for at, pid in enumerate(order):
         try:
+            if spent >= budget:
+                raise _OutOfTime
+            started = clock()
             fd_dir, names = _fd_table(pid, proc)
             if not names:
                 continue
@@ -343,7 +427,10 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             # step instead of four (/proc, the pid, fd, the fd), about a
             # third of each read's cost with 100,000 fds.
             with procfs.opened_dir(fd_dir) as dir_fd:
-                for name in names:
+                for n, name in enumerate(names):
+                    if (not n % _LINKS_PER_CLOCK and n
+                            and spent + clock() - started >= budget):
+                        raise _OutOfTime
                     try:
                         link = readlink(name, dir_fd)
                     except procfs.NoSuchProcess:
@@ -362,6 +449,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
                     inode = socket_inode(link)
                     if inode is not None and inode in wanted and name.isdigit():
                         matched.append((inode, int(name), link))
+            spent += clock() - started
             if not matched:
                 continue
             # Every link found, for the check below: a holder that closes its
@@ -381,6 +469,11 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
                 continue
             if not fd_flags:
                 scan.fd_dirs[pid] = fd_dir
+        except _OutOfTime:
+            # This one (what it showed so far not kept) and every one after
+            # that has fds (not a kernel thread's empty table).
+            scan.not_read_pids = [pid for pid in order[at:] if counts.get(pid)]
+            break
         except procfs.ResourceExhausted:
             raise                           # nothing known: resolve() says so
         except procfs.AccessDenied:
@@ -445,7 +538,8 @@ def held_now(inodes: list[int], proc: str = procfs.PROC) -> list[Optional[bool]]
     kernel's tables for long: its last close() moves it to LAST_ACK (one
     passed in a unix socket's message, unreceived, is the exception)."""
     scan = scan_holders(inodes, procfs.ProcBatch(proc), fd_flags=False)
-    return [True if scan.holders.get(inode) else (None if scan.denied_pids else False)
+    unsure = bool(scan.denied_pids or scan.not_read_pids)
+    return [True if scan.holders.get(inode) else (None if unsure else False)
             for inode in inodes]
 
 
@@ -767,6 +861,14 @@ def resolve(wanted: Iterable[Endpoints], proc: str = procfs.PROC,
         return {ep: Ownership(kind=OWNER_UNREADABLE, error=str(exc)) for ep in wanted}
 
 
+def _named(pids: list[int], proc: str) -> list[str]:
+    """The first MAX_DENIED_NAMED of pids as "pid/comm", so that "may be
+    missing" can be checked (the count says how many); comm is the kernel's
+    16 bytes, whoever chose it."""
+    return [f"{pid}/{(procfs.read_text(f'{proc}/{pid}/comm') or '?').strip()}"
+            for pid in pids[:MAX_DENIED_NAMED]]
+
+
 def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Sequence[int],
                 last_read: dict[int, int], served: dict[int, int],
                 proc: str = procfs.PROC) -> tuple[list[int], dict[int, int]]:
@@ -924,17 +1026,19 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
     scan = scan_holders(needed_inodes, batch if batch is not None else procfs.ProcBatch(proc),
                         fd_flags)
     denied = len(scan.denied_pids)
-    # Named, so that "may be missing" can be checked (a few: the count says
-    # how many); comm is the kernel's 16 bytes, whoever chose it.
-    named = [f"{pid}/{(procfs.read_text(f'{proc}/{pid}/comm') or '?').strip()}"
-             for pid in sorted(scan.denied_pids)[:MAX_DENIED_NAMED]]
+    named = _named(sorted(scan.denied_pids), proc)
+    # The first left are those with the fewest fds (walk_order).
+    not_read = ((len(scan.not_read_pids), _named(scan.not_read_pids, proc))
+                if scan.not_read_pids else None)
     for own in result.values():
         own.denied_processes = denied
         own.denied_named = named
+        own.fds_not_read = not_read
         if own.kind == OWNER_FD:
             own.holders = scan.holders.get(own.inode, ())
             if not own.holders:
-                own.kind = OWNER_DENIED if denied else OWNER_NONE
+                own.kind = (OWNER_DENIED if denied
+                            else OWNER_FDS_NOT_READ if not_read else OWNER_NONE)
         if own.listener is not None:
             own.listener_holders = scan.holders.get(own.listener.inode, ())
         if scan.cut:

@@ -1,0 +1,147 @@
+"""The owner lookup's walk of every process's fd links, against a real
+unprivileged user who holds hundreds of thousands of fds (dup() of
+/dev/null, as RLIMIT_NOFILE allows in each process): the users with the
+fewest fds are walked first, and what the walk's time leaves is counted,
+never taken for "no holder". Real processes, sockets and /proc; the walk's
+clock counts the links read (4 us each, this machine's cost), so that the
+test says the same on a fast machine, a slow one, or under load. The logic
+on crafted trees: tests/unit/test_owners.py."""
+
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import pytest
+
+from closewait_trace.evidence import diagnosis
+from closewait_trace.kernel.events import Endpoints
+from closewait_trace.sockets import owners, procfs
+
+pytestmark = pytest.mark.root
+
+# A user of its own (no other test's processes are theirs).
+HOG_UID = "54321"
+HOG_USER = ["setpriv", f"--reuid={HOG_UID}", f"--regid={HOG_UID}", "--clear-groups"]
+HOG_FDS = 300_000
+PER_PROCESS = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 64
+HOG_PROCESSES = -(-HOG_FDS // PER_PROCESS)
+
+# HOG_PROCESSES processes of that user, each about PER_PROCESS dup()s of
+# /dev/null (RLIMIT_NOFILE's hard limit); the last forked, with the most
+# (walked last), non-dumpable (its /proc/PID then belongs to root: its user
+# must come from its status) and holding a socket it connected, whose peer
+# then closes.
+HOG = r"""
+import ctypes, os, resource, socket, sys
+procs, per, port = (int(a) for a in sys.argv[1:])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+me = 0
+for i in range(1, procs):
+    if os.fork() == 0:
+        me = i
+        break
+role = "plain"
+if me == procs - 1:
+    role = "holder"
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)          # PR_SET_DUMPABLE
+    c = socket.create_connection(("127.0.0.1", port))
+base = os.open("/dev/null", os.O_RDONLY)
+dups = [os.dup(base) for _ in range(per if role == "holder" else per - 100)]
+os.write(1, f"{role} {os.getpid()}\n".encode())   # one write: no interleaving
+sys.stdin.read()
+"""
+
+
+def _close_wait(port: int, timeout_s: float = 5.0) -> list[str]:
+    end = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["ss", "-tanpH", "state", "close-wait"], capture_output=True,
+                             text=True, check=True).stdout
+        lines = [l for l in out.splitlines() if f":{port} " in l]
+        if len(lines) >= 2 or time.monotonic() > end:
+            return lines
+        time.sleep(0.05)
+
+
+def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypatch):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    # Root's socket in CLOSE_WAIT, held by this process.
+    mine = socket.create_connection(("127.0.0.1", port))
+    peer, _ = server.accept()
+    peer.close()
+    hog = subprocess.Popen([*HOG_USER, "/usr/bin/python3", "-c", HOG, str(HOG_PROCESSES),
+                            str(PER_PROCESS), str(port)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        said = [hog.stdout.readline().split() for _ in range(HOG_PROCESSES)]
+        hogs = {int(pid) for _role, pid in said}
+        [holder] = [int(pid) for role, pid in said if role == "holder"]
+        theirs, (_addr, their_port) = server.accept()
+        theirs.close()
+        lines = _close_wait(port)
+        # ss sees both in CLOSE_WAIT, and who holds each.
+        assert len(lines) == 2, lines
+        assert any(f"pid={os.getpid()}," in l for l in lines), lines
+        assert any(f"pid={holder}," in l for l in lines), lines
+        mine_ep = Endpoints(socket.AF_INET, "127.0.0.1", mine.getsockname()[1],
+                            "127.0.0.1", port)
+        theirs_ep = Endpoints(socket.AF_INET, "127.0.0.1", their_port, "127.0.0.1", port)
+        # Every link read costs 4 us of the walk's clock, and the walk has
+        # time for 100,000: everyone else's, not all of the hog's 300,000.
+        links = [0]
+        readlink = procfs.readlink
+
+        def counted(*args, **kw):
+            links[0] += 1
+            return readlink(*args, **kw)
+
+        monkeypatch.setattr(procfs, "readlink", counted)
+        monkeypatch.setattr(owners, "_clock", lambda: links[0] * 4e-6)
+        monkeypatch.setattr(owners, "FD_WALK_BUDGET_S", 0.4)
+        order, counts = owners.walk_order("/proc")
+        # The hog's fds are the most: walked last, the holder's last of all.
+        pids = order[-HOG_PROCESSES:]
+        assert set(pids) == hogs and pids[-1] == holder
+        assert all(counts[pid] >= PER_PROCESS - 100 for pid in pids)
+        assert sum(counts[pid] for pid in order[:-HOG_PROCESSES]) < 50_000
+        got = owners.resolve([mine_ep, theirs_ep])
+        assert links[0] < 120_000
+        assert got[mine_ep].kind == owners.OWNER_FD
+        assert [h.pid for h in got[mine_ep].holders] == [os.getpid()]
+        n, named = got[mine_ep].fds_not_read
+        # Those the 100,000 links had no room for after the rest of the
+        # machine's, counted (one either way: the clock is looked at every
+        # 1,024 links).
+        used, room = sum(counts[pid] for pid in order[:-HOG_PROCESSES]), 0
+        for pid in pids:
+            if used + counts[pid] > 100_000:
+                break
+            used, room = used + counts[pid], room + 1
+        assert room - 1 <= HOG_PROCESSES - n <= room + 1, (n, room)
+        assert named == [f"{pid}/python3" for pid in pids[-n:][:3]]
+        # Unknown, not "no holder" (denied where some other process's table
+        # may not be read: a sandbox's pid 1, say).
+        assert got[theirs_ep].kind == (owners.OWNER_DENIED if got[theirs_ep].denied_processes
+                                       else owners.OWNER_FDS_NOT_READ)
+        said = diagnosis.gather(got[theirs_ep], machine="x86_64")
+        assert said.cause == diagnosis.UNKNOWN
+        assert said.summary.endswith(f"the file descriptors of {n} processes ({named[0]}, "
+                                     f"{named[1]}, {named[2]} and {n - 3} more) with the most "
+                                     f"were not read in time"), said.summary
+        assert owners.held_now([got[mine_ep].inode, got[theirs_ep].inode]) == [True, None]
+        # Given the time, the walk finds nobody's socket where ss does.
+        monkeypatch.setattr(owners, "FD_WALK_BUDGET_S", float("inf"))
+        got = owners.resolve([theirs_ep])
+        assert [h.pid for h in got[theirs_ep].holders] == [holder]
+        assert got[theirs_ep].fds_not_read is None
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", HOG_UID], check=False)
+        hog.wait()
+        for s in (mine, server):
+            s.close()
