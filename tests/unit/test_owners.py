@@ -539,6 +539,10 @@ def test_the_fd_walk_takes_the_users_with_most_fds_last_and_counts_what_its_time
     fake.fd(10, 5, 900)
     fake.tcp(6, V4, "127.0.0.1", 40001, "127.0.0.1", 5556, CW, 901, rx=1)
     fake.fd(6, 50, 901)
+    # The hog's listener, a connection in its queue: not "held by no process".
+    fake.tcp(6, V4, "0.0.0.0", 7000, "0.0.0.0", 0, LISTEN, 902)
+    fake.fd(6, 51, 902)
+    fake.tcp(6, V4, "127.0.0.1", 7000, "127.0.0.1", 41000, CW, 0, rx=1)
     # A user with more fds still: walked after the hog; of theirs, one
     # without fds is not counted as not read.
     fake.process(8, comm="big", uid=70000)
@@ -558,8 +562,8 @@ def test_the_fd_walk_takes_the_users_with_most_fds_last_and_counts_what_its_time
     monkeypatch.setattr(procfs, "opened_dir", opening)
     monkeypatch.setattr(owners, "_clock", lambda: now[0])
     assert owners.walk_order(fake.root)[0] == [10, 5, 6, 9, 8]
-    server, hogs = ep(5555, 40000), ep(40001, 5556)
-    got = owners.resolve([server, hogs], fake.root)
+    server, hogs, queued = ep(5555, 40000), ep(40001, 5556), ep(7000, 41000)
+    got = owners.resolve([server, hogs, queued], fake.root)
     assert got[server].kind == owners.OWNER_FD
     assert [h.pid for h in got[server].holders] == [10]
     assert got[server].fds_not_read == (3, ["5/hog", "6/hog", "8/big"])
@@ -574,11 +578,15 @@ def test_the_fd_walk_takes_the_users_with_most_fds_last_and_counts_what_its_time
     assert said.summary == ("unknown: no holder among the processes read; the file "
                             "descriptors of 3 processes (5/hog, 6/hog, 8/big) with the most "
                             "were not read in time")
+    said = diagnosis.gather(got[queued], fake.root, machine="x86_64")
+    assert said.summary.endswith(", held by none of the processes read"), said.summary
     now[0] = 0.0
     assert owners.held_now([900, 901], fake.root) == [True, None]
     # Within the time, every table is read, in the same order.
     monkeypatch.setattr(procfs, "opened_dir", opened)
-    got = owners.resolve([server, hogs], fake.root)
+    got = owners.resolve([server, hogs, queued], fake.root)
     assert got[server].fds_not_read is None and got[hogs].fds_not_read is None
     assert [h.pid for h in got[hogs].holders] == [6]
+    said = diagnosis.gather(got[queued], fake.root, machine="x86_64")
+    assert said.summary.endswith(", held by 6/hog [S]"), said.summary
     assert owners.held_now([900, 901], fake.root) == [True, True]

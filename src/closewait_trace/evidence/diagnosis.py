@@ -371,7 +371,10 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found")
         who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders],
-                      _unlisted(own)[1]) or "no process"
+                      _unlisted(own)[1]) or (
+            # Not "no process" while some were not read.
+            "none of the processes read" if own.denied_processes or own.fds_not_read
+            else "no process")
         return Diagnosis(
             NEVER_ACCEPTED,
             f"never accepted: queue {listener.rx_queue}/{listener.tx_queue} on "

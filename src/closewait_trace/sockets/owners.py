@@ -219,7 +219,7 @@ class HolderScan:
 # How long one walk may spend reading the processes' fd links
 # (scan_holders). A user may hold as many fds as RLIMIT_NOFILE allows in
 # each of their processes (a million dup()s of /dev/null as uid 54321 made
-# every owner lookup 7.5-9.8 s long here: about 4 us a link), and every
+# every owner lookup 3.9-9.8 s long here: about 4 us a link), and every
 # lookup waited for them all. Past FDS_IN_ANY_ORDER fds in all, the tables
 # of the users with the fewest fds are walked first: a user's own fds then
 # delay the others' by at most this, and what is left when it is up is
