@@ -232,8 +232,10 @@ def test_diagnosis_is_redone_when_the_holder_changes_state(procs):
 
 
 def test_holder_whose_main_thread_exited(tmp_path, procs):
-    """Exiting/zombie: the leader is a zombie (Z), a worker thread still
-    holds the socket; found through the worker's fd table."""
+    """The leader is a zombie (Z, PF_EXITING), a worker thread still holds
+    the socket; found through the worker's fd table. Not "exiting" (it was
+    until 2026-12-07: a review found it said of a process that lives on
+    for good): diagnosed by the thread that lives, blocked in pause()."""
     port = free_port()
     binary = tmp_path / "zombie_leader"
     subprocess.run(["gcc", "-O1", "-pthread", "-o", str(binary),
@@ -243,6 +245,7 @@ def test_holder_whose_main_thread_exited(tmp_path, procs):
     rec = one_linger(port, procs, lambda: connect_and_close(port, 1), ss_sees_owner=False)
     assert [o["pid"] for o in rec["owners"]] == [p.pid]
     d = rec["diagnosis"]
-    assert d["cause"] == "exiting" and f"{p.pid}/zombie_leader [Z]" in d["summary"]
+    assert rec["owners"][0]["state"] == "Z"
+    assert d["cause"] == "blocked_elsewhere" and "pause" in d["summary"], d
     threads = rec["_processes"][p.pid]["threads"]
     assert any(t["syscall"] == "pause" for t in threads)

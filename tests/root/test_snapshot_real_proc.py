@@ -109,3 +109,65 @@ def test_a_listener_duped_3000_times_is_listed_in_part_and_counted():
     finally:
         holder.kill()
         holder.wait()
+
+
+SERVER_CLOSES_ITS_LISTENER = r"""
+import os, socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+os.set_inheritable(c.fileno(), True)    # as C's accept() gives it
+l.close()                               # draining before a restart
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+SQUAT = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+def test_another_users_listener_on_a_closed_servers_port_is_not_its_source():
+    """root's server accepted a connection (no close-on-exec) and closed its
+    listener; nobody then listens on the freed port, on the wildcard. The
+    socket was said "inherited by <root's server> ... from <nobody's
+    process>", a false cause naming another user's process. An accepted
+    socket has its listener's uid (sock_diag's): nobody's is not its own."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER_CLOSES_ITS_LISTENER],
+                              stdout=subprocess.PIPE, text=True)
+    squat = None
+    try:
+        port = int(server.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port))
+        assert server.stdout.readline().strip() == "holding"
+        client.close()
+        squat = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534",
+                                  "--clear-groups", "/usr/bin/python3", "-c", SQUAT,
+                                  str(port)], stdout=subprocess.PIPE, text=True)
+        assert squat.stdout.readline().strip() == "listening"
+        ss = subprocess.run(["ss", "-tanH", "state", "listening", f"sport = :{port}"],
+                            capture_output=True, text=True).stdout
+        assert len(ss.strip().splitlines()) == 1, ss
+        out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--json",
+                              "-p", str(port)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        [line] = [l for l in out.stdout.splitlines() if l.startswith('{"type": "linger"')]
+        rec = json.loads(line)
+        assert [o["pid"] for o in rec["owners"]] == [server.pid]
+        assert rec["listener"] is None, rec["listener"]
+        assert "inherited" not in rec["diagnosis"]["summary"], rec["diagnosis"]
+        assert str(squat.pid) not in rec["diagnosis"]["summary"]
+    finally:
+        for p in (squat, server):
+            if p is not None:
+                p.kill()
+                p.wait()

@@ -62,13 +62,13 @@ class FakeProc:
                     f"pos:\t0\nflags:\t{flags:07o}\nmnt_id:\t9\n")
         return self
 
-    def tcp(self, pid, family, laddr, lport, raddr, rport, state, inode, rx=0, tx=0):
+    def tcp(self, pid, family, laddr, lport, raddr, rport, state, inode, rx=0, tx=0, uid=1000):
         name = "tcp" if family == socket.AF_INET else "tcp6"
         netns = self._netns_of[pid]
         n = len(self._tables[netns][name])
         self._tables[netns][name].append(
             f"{n:4d}: {hex_addr(family, laddr)}:{lport:04X} {hex_addr(family, raddr)}:{rport:04X} "
-            f"{state:02X} {tx:08X}:{rx:08X} 00:00000000 00000000  1000        0 {inode} 1 "
+            f"{state:02X} {tx:08X}:{rx:08X} 00:00000000 00000000 {uid:5d}        0 {inode} 1 "
             f"0000000000000000 20 4 0 10 -1")
         self._flush(netns)
         return self

@@ -92,6 +92,68 @@ def test_inherited_without_cloexec_by_a_non_server(fake):
     assert got.holder_facts()[(12, 5)]["cloexec"] is False
 
 
+def test_another_users_listener_on_its_port_is_not_where_it_was_inherited_from(fake):
+    """Any user may listen on root's port where the kernel allows it (the
+    IPv6 wildcard with IPV6_V6ONLY beside root's v4-mapped client socket,
+    or after root's server closed its listener): root's socket was said
+    "inherited ... from" the squatter's process. An accepted socket has its
+    listener's uid (the kernel's sk_uid): another user's listener is not
+    its listener."""
+    fake.process(20, comm="squat", uid=65534)
+    fake.tcp(20, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500, uid=65534)
+    fake.fd(20, 3, 500)
+    fake.process(12, comm="client", uid=0, threads={12: ("S", "230 0x0 0x1", "hrtimer")})
+    fake.tcp(12, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 900,
+             rx=1, uid=0)
+    fake.fd(12, 5, 900, cloexec=False)
+    own = owners.resolve([EP], fake.root)[EP]
+    assert own.listener is None and not own.listener_holders
+    got = d.gather(own, fake.root, machine="x86_64")
+    assert "inherited" not in got.summary and "20/squat" not in got.summary, got.summary
+    assert "accepting_process" not in got.evidence
+
+
+def test_a_socket_the_kernel_saw_connected_is_not_inherited_from_a_listener(fake):
+    """A listener of the same user on its port (its own server, say): a
+    socket the kernel saw connect()ed was never accepted from it."""
+    fake.process(10, comm="server")
+    fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500)
+    fake.fd(10, 3, 500)
+    with_socket(fake, 12, comm="client", ppid=1, cloexec=False,
+                threads={12: ("S", "230 0x0 0x1", "hrtimer_nanosleep")})
+    own = owners.resolve([EP], fake.root)[EP]
+    opened = d.Opener(pid=12, place="main (client)", none_read=False)
+    got = d.gather(own, fake.root, machine="x86_64", opener=opened)
+    assert "inherited" not in got.summary, got.summary
+    # Without the kernel's word, as before.
+    assert d.gather(own, fake.root, machine="x86_64").summary.startswith("inherited by 12/")
+
+
+def test_never_accepted_names_each_listening_process_once(fake):
+    """A process with its listener dup()ed was named once per fd ("held by
+    10/srv [S], 10/srv [S], ... and 72 more"), its fds counted as more."""
+    fake.process(10).process(11, ppid=10)
+    fake.tcp(10, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500)
+    for fd in range(3, 10):
+        fake.fd(10, fd, 500)
+    fake.fd(11, 3, 500)
+    fake.tcp(10, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 0, rx=1)
+    got = diagnose_fake(fake)
+    assert got.cause == d.NEVER_ACCEPTED
+    assert got.summary.endswith(", held by 10/srv [S], 11/srv [S]"), got.summary
+
+
+def test_a_zombie_leader_whose_threads_live_on_is_not_exiting(fake):
+    """A process whose main thread called pthread_exit() is a zombie leader
+    (stat Z, PF_EXITING) while its other threads go on and hold the socket:
+    it was "holder exiting" for as long as it lived."""
+    with_socket(fake, 10, state="Z", flags=0x4,
+                threads={10: ("Z", "running", "0"), 13: ("S", "230 0x0 0x1", "hrtimer")})
+    fake.process(11, ppid=10).fd(11, 8, 900)
+    got = diagnose_fake(fake)
+    assert got.cause == d.LEAKED, got.summary
+
+
 def test_polling_server_ignores_eof_and_shows_unread(fake):
     with_socket(fake, 10, rx=14, threads={10: ("S", "232 0x4 0x7ff 0x1", "ep_poll")})
     got = diagnose_fake(fake)

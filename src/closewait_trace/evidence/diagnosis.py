@@ -280,6 +280,14 @@ def unread_summary(own: Ownership) -> str:
     return "; ".join(said)
 
 
+def _lives_on(h: HolderEvidence) -> bool:
+    """Whether a thread of h other than its leader was seen alive: a leader
+    that called pthread_exit() is a zombie (its stat says Z, its flags
+    PF_EXITING) while the process goes on in its other threads."""
+    return any(t.tid != h.pid and t.state not in ("Z", "X")
+               for t in h.examined or h.threads)
+
+
 def _who(h: HolderEvidence) -> str:
     return f"{h.pid}/{h.comm}"
 
@@ -370,8 +378,10 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         if listener is None:
             return Diagnosis(NEVER_ACCEPTED,
                              "in a listener's accept queue; listener not found")
-        who = _listed([f"{_who(h)} [{h.state}]" for h in listener_holders],
-                      _unlisted(own)[1]) or (
+        # Each process once (the listener's other fds add no process).
+        first = {h.pid: h for h in reversed(listener_holders)}
+        who = _listed([f"{_who(first[pid])} [{first[pid].state}]"
+                       for pid in dict.fromkeys(h.pid for h in listener_holders)]) or (
             # Not "no process" while some were not read.
             "none of the processes read" if own.denied_processes or own.fds_not_read
             else "no process")
@@ -397,7 +407,8 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
     if own.kind == OWNER_NONE or not holders:
         return Diagnosis(UNKNOWN, "no process holds a file descriptor on it")
 
-    dying = [h for h in holders if h.state in ("Z", "X") or h.exiting]
+    dying = [h for h in holders if (h.state in ("Z", "X") or h.exiting)
+             and not _lives_on(h)]
     if dying:
         return Diagnosis(EXITING, "holder exiting: " + _listed([
             f"{_who(h)} [{h.state}]" for h in dying]))
@@ -419,7 +430,9 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]
-    if others and not only.holds_listener and only.cloexec is False:
+    # Not one the kernel saw connect()ed: a client's socket was never
+    # accepted from a listener, whoever listens on its port.
+    if others and not only.holds_listener and only.cloexec is False and opener is None:
         # Short enough that the server (where the fix goes: close-on-exec)
         # fits the one-line text's 80 columns with pids of 5 digits.
         return Diagnosis(

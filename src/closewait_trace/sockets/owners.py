@@ -177,9 +177,16 @@ class Ownership:
 
 
 def _listener_for(row: TcpRow, listeners: dict[tuple, list[TcpRow]]) -> Optional[TcpRow]:
-    """The LISTEN socket a not-yet-accepted connection is queued on."""
+    """The LISTEN socket a connection is queued on, or was accepted from:
+    one on its local port and address (or the wildcard) whose owner is
+    the connection's. The kernel gives an accepted socket its listener's
+    uid (sk_uid, cloned with it; no unprivileged user can change it), and
+    any user may listen on another's port where the kernel allows it (the
+    IPv6 wildcard with IPV6_V6ONLY beside a v4-mapped connection, or after
+    its server closed its listener): such a listener is not this socket's,
+    and its holder was said to be where root's socket was inherited from."""
     ep = row.endpoints
-    candidates = listeners.get((ep.family, ep.lport), [])
+    candidates = [r for r in listeners.get((ep.family, ep.lport), []) if r.uid == row.uid]
     wildcard = {"0.0.0.0", "::"}
     exact = [r for r in candidates if r.endpoints.laddr == ep.laddr]
     if exact:
@@ -1006,7 +1013,7 @@ def _resolve(wanted: set, proc: str, batch: Optional[procfs.ProcBatch],
         own = Ownership(kind=OWNER_FD, netns=netns or None, inode=row.inode,
                         cookie=row.cookie, rx_queue=row.rx_queue)
         ep = row.endpoints
-        key = (netns, ep.family, ep.lport, ep.laddr)
+        key = (netns, ep.family, ep.lport, ep.laddr, row.uid)
         if key in listener_of:
             own.listener = listener_of[key]
         else:
