@@ -188,6 +188,33 @@ def test_write_refuses_symlink_and_existing_file(tmp_path):
     assert target.read_text() == "keep me"
 
 
+def test_write_refuses_a_link_in_another_users_directory(tmp_path):
+    """Review finding F6, on the command line: nobody's directory holds a
+    link to root's; -w through it with --force is one line and exit 7,
+    before anything is traced, and root's files there are untouched."""
+    import tempfile
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "cw.jsonl.3").write_text("keep me")
+    shared = tempfile.mkdtemp(prefix="cw-sticky-", dir="/tmp")
+    try:
+        os.chmod(shared, 0o1777)
+        theirs = os.path.join(shared, "att")
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "/usr/bin/python3", "-c", f"import os\nos.mkdir({theirs!r})\n"
+                        f"os.symlink({str(victim)!r}, {theirs + '/d'!r})"], check=True)
+        result = cli("-q", "-w", os.path.join(theirs, "d", "cw.jsonl"), "--force")
+        assert result.returncode == 7, result.stderr
+        assert result.stderr.splitlines() == [line for line in result.stderr.splitlines()
+                                              if line.startswith("closewait-trace: ")]
+        assert f"refusing to record in {theirs}/d: {theirs}: it is owned by uid 65534" \
+            in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert os.listdir(victim) == ["cw.jsonl.3"]
+        assert (victim / "cw.jsonl.3").read_text() == "keep me"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_planted_fifo_stops_the_recording_not_the_trace(procs):
     """In a sticky shared directory another user plants a FIFO at the next
     part's name: the tracer neither hangs nor dies; the recording stops with

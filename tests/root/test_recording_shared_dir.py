@@ -205,32 +205,27 @@ def test_writer_never_writes_through_a_part_swapped_after_the_check(sticky_dir, 
     assert os.stat(path).st_size == 0 and os.stat(path).st_uid == NOBODY
 
 
-def test_parts_stay_in_the_directory_recording_began_in(sticky_dir, nobody, alarm, tmp_path):
+def test_a_directory_of_another_users_is_refused_before_anything_is_written(
+        sticky_dir, nobody, tmp_path):
     """Red-team finding: a directory of another user's in the path, renamed
     and replaced by a link to a root directory while we record, made root
-    unlink and recreate root's own files there at each rotation. Parts are
-    made through a handle on the directory as it was at start."""
+    unlink and recreate root's own files there at each rotation. Parts were
+    then made through a handle on the directory as it was at start; since
+    review finding F6 (a link in such a directory, made before the start,
+    led --force into root's directories) a directory another user owns is
+    refused at start, anywhere on the path (test_recording_dir_path.py,
+    with the handle's test)."""
     precious = tmp_path / "ro"
     precious.mkdir(mode=0o700)
-    names = range(1, 200)            # whatever part numbers the rotation reaches
-    for n in names:
-        (precious / f"cw.jsonl.{n}").write_text(f"PRECIOUS {n}\n")
-        os.chmod(precious / f"cw.jsonl.{n}", 0o600)
+    (precious / "cw.jsonl.1").write_text("PRECIOUS 1\n")
     theirs = os.path.join(sticky_dir, "theirs")
     nobody(f"import os\nos.mkdir({theirs!r}, 0o777)\nos.chmod({theirs!r}, 0o777)\n")
-    base = os.path.join(theirs, "cw.jsonl")
-    r = recorder(base)
-    write_until_rotated(r, count=12)
-    assert r.part >= 1
-    nobody(f"import os\nos.rename({theirs!r}, {theirs + '.old'!r})\n"
-           f"os.symlink({str(precious)!r}, {theirs!r})\n")
-    write_until_rotated(r, count=40)
-    assert r.stopped is None and r.part >= 3
-    r.close()
-    for n in names:
-        assert (precious / f"cw.jsonl.{n}").read_text() == f"PRECIOUS {n}\n"
-    moved = os.listdir(theirs + ".old")
-    assert "cw.jsonl" in moved and f"cw.jsonl.{r.part}" in moved
+    with pytest.raises(recording.UserError) as exc:
+        recorder(os.path.join(theirs, "cw.jsonl"), force=True)
+    assert exc.value.exit_code == EXIT_FILE
+    assert f"it is owned by uid {NOBODY}" in exc.value.message
+    assert os.listdir(theirs) == []
+    assert (precious / "cw.jsonl.1").read_text() == "PRECIOUS 1\n"
 
 
 def test_a_recording_another_user_may_not_read_says_why_and_what_to_do(sticky_dir):

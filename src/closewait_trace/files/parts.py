@@ -61,18 +61,21 @@ class Recording:
         return [r for r in self.records if r.get("type") == kind]
 
 
+def numbered_siblings(base: str, names: Iterable[str]) -> list[tuple[int, str]]:
+    """(n, name) of the names base.N among names, by number."""
+    pattern = re.compile(re.escape(base) + r"\.(\d{1,18})$")
+    return sorted((int(m.group(1)), n) for n in names for m in [pattern.match(n)] if m)
+
+
 def rotated_set(path: str) -> list[str]:
     """path and its rotated siblings path.1, path.2, ... (by number)"""
     directory = os.path.dirname(path) or "."
-    base = os.path.basename(path)
-    pattern = re.compile(re.escape(base) + r"\.(\d{1,18})$")
     try:
         names = os.listdir(directory)
     except OSError:
         names = []
-    siblings = sorted((int(m.group(1)), os.path.join(directory, n))
-                      for n in names for m in [pattern.match(n)] if m)
-    return [path] + [p for _, p in siblings]
+    siblings = numbered_siblings(os.path.basename(path), names)
+    return [path] + [os.path.join(directory, n) for _, n in siblings]
 
 
 def _name(path: str) -> str:

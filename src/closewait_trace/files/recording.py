@@ -19,7 +19,9 @@ file that does not belong to it is recognized. FILE '-' is stdout / stdin.
 Files may sit in shared directories (/tmp) where other users plant files at
 the names of parts to come: every part is created anew, exclusively, never
 through a link, never blocking on a FIFO, and an existing part is replaced
-only when it is a regular file we own. Recordings are read as untrusted
+only when it is a regular file we own. The directory itself must be reached
+through directories and links no other user can change (open_directory),
+and is used through a handle from then on. Recordings are read as untrusted
 input, in bounded time and memory (stream.py, parts.py).
 """
 
@@ -37,8 +39,8 @@ from typing import Optional
 
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.files.parts import (FORMAT, FORMAT_VERSION, STDOUT, kind_of, part_path,
-                                         rotated_set)
+from closewait_trace.files.parts import (FORMAT, FORMAT_VERSION, STDOUT, kind_of,
+                                         numbered_siblings, part_path)
 from closewait_trace.files.stream import MAX_LINE_BYTES
 from closewait_trace.output import textsafe
 from closewait_trace.wholewrite import write_all
@@ -64,11 +66,134 @@ def header(part: int, capture_id: str, clock_offset_ns: int, threshold_ns: int,
             "capture_id": capture_id, "part": part}
 
 
-def _refuse_symlink(path: str) -> None:
+def _refuse_symlink(path: str, dir_fd: int) -> None:
     # Said plainly here; O_NOFOLLOW at open() closes the race.
-    if os.path.islink(path):
+    try:
+        st = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
         raise UserError(f"{path} is a symbolic link; refusing to write through it",
                         EXIT_FILE, "give the real path")
+
+
+MAX_LINKS = 40           # symbolic links followed in one path, as the kernel allows
+_DIR_HINT = ("record into a directory that only root or you own and may write "
+             "(such as /root or /var/lib/closewait-trace), or into /tmp itself")
+
+
+def trusted_owners() -> frozenset:
+    """Who may own the directories on the way to a recording: root, us, and
+    the user who ran us through sudo (SUDO_UID: only someone who may already
+    run commands as root can set a root process's environment)."""
+    owners = {0, os.geteuid()}
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if sudo_uid.isdigit() and len(sudo_uid) <= 10:
+        owners.add(int(sudo_uid))
+    return frozenset(owners)
+
+
+def directory_problem(st: os.stat_result, owners: frozenset) -> Optional[str]:
+    """Why another user could change what a name in this directory leads
+    to, or None. Its owner can rename or replace anything in it, and so can
+    anyone who may write it, unless it is sticky (then only their own
+    entries: /tmp)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid not in owners:
+        return f"it is owned by uid {st.st_uid}, who could put anything at the names in it"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        who = "other users" if st.st_mode & 0o002 else f"group {st.st_gid}"
+        return (f"{who} may write it and it is not sticky, so they could rename or "
+                f"replace what is in it")
+    return None
+
+
+def open_directory(directory: str, owners: Optional[frozenset] = None) -> int:
+    """A handle on the directory a recording goes in, reached from / one
+    name at a time, so that no user but root, us, or the user who ran sudo
+    decides where it leads: every directory looked in must be owned by one
+    of them and writable by nobody else (unless sticky), and a symbolic link
+    is followed only when one of them owns it (where another may write, a
+    link of theirs could lead into root's directories: --force would then
+    delete root's files there). A relative path starts at the working
+    directory's path, checked from / too. UserError (exit 7) names the
+    first directory or link that fails."""
+    owners = trusted_owners() if owners is None else owners
+    try:
+        path = directory if os.path.isabs(directory) else os.path.join(os.getcwd(), directory)
+    except OSError as exc:                 # the working directory was removed
+        raise UserError(f"cannot write in {directory}: {exc.strerror}", EXIT_FILE,
+                        "give an absolute path") from None
+    todo = [n for n in path.split("/") if n and n != "."]
+    walked = "/"
+    links = 0
+    # O_PATH: looking a name up needs search permission only (a user's
+    # home may be 0711); the last directory is opened for reading below.
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def named(where: str) -> str:
+        # The directory given, then which directory on the way to it.
+        return directory if where == os.path.normpath(path) else f"{directory}: {where}"
+
+    def refuse(where: str, why: str) -> UserError:
+        return UserError(f"refusing to record in {named(where)}: {why}", EXIT_FILE, _DIR_HINT)
+
+    def cannot(where: str, exc: OSError) -> UserError:
+        return UserError(f"cannot write in {named(where)}: {exc.strerror}", EXIT_FILE,
+                         "check the directory exists and is writable")
+
+    def checked(fd: int, where: str) -> int:
+        problem = directory_problem(os.fstat(fd), owners)
+        if problem:
+            os.close(fd)
+            raise refuse(where, problem)
+        return fd
+
+    fd = checked(os.open("/", flags), "/")
+    try:
+        while todo:
+            name = todo.pop(0)
+            where = os.path.join(walked, name)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                raise cannot(where, exc) from None
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid not in owners:
+                    raise refuse(where, f"it is a symbolic link owned by uid {st.st_uid}")
+                links += 1
+                if links > MAX_LINKS:
+                    raise refuse(where, "too many symbolic links")
+                # The directory is one only trusted users may change (checked
+                # before looking in it), so the link read is the one stat saw.
+                target = os.readlink(name, dir_fd=fd)
+                todo[:0] = [n for n in target.split("/") if n and n != "."]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = checked(os.open("/", flags), "/")
+                    walked = "/"
+                continue
+            try:
+                new = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISDIR(st.st_mode):
+                    exc = OSError(exc.errno, "it was replaced while being checked")
+                raise cannot(where, exc) from None
+            os.close(fd)
+            fd = -1
+            # '..' is the real parent, whatever the path said before it:
+            # checked as any other directory.
+            walked = os.path.dirname(walked) if name == ".." else where
+            fd = checked(new, where)
+        try:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        except OSError as exc:
+            raise cannot(walked, exc) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 class UnsafePart(UserError):
@@ -200,31 +325,76 @@ class Recorder:
             self.fd = _open_stdout()
             self._start_part(first=True)
             return
-        _refuse_symlink(self.path)
         # Every part is made in this directory as it is now, through a
         # handle: if someone renames it and puts a link to another directory
-        # at its name, later parts still go where the first one went.
-        directory = os.path.dirname(self.path) or "."
+        # at its name, later parts still go where the first one went. The
+        # handle itself is reached without any link or directory another
+        # user could change (open_directory), and everything after (checks,
+        # unlinks, creates) goes through it, never through the path again.
+        self._dir_fd = open_directory(os.path.dirname(self.path) or ".")
         try:
-            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UserError(f"cannot write in {directory}: {exc.strerror}", EXIT_FILE,
-                            "check the directory exists and is writable")
-        stale = self._existing_parts()
-        for p in stale:
-            _check_replaceable(p, self._dir_fd)   # another user's file: --force would not help
-        if stale and not self.force:
-            raise UserError(f"{stale[0]} exists", EXIT_FILE, "use --force to overwrite it")
-        for p in stale:
-            if p != self.path:
-                try:
-                    os.unlink(os.path.basename(p), dir_fd=self._dir_fd)
-                except FileNotFoundError:
-                    pass
+            _refuse_symlink(self.path, self._dir_fd)
+            self._clear_old_parts()
+        except BaseException:
+            self._close_dir()
+            raise
         self._open_part(first=True)
 
-    def _existing_parts(self) -> list[str]:
-        return [p for p in rotated_set(self.path) if os.path.lexists(p)]
+    def _uses_part(self, n: int) -> bool:
+        """Whether this recording may ever write part file FILE.n (FILE: 0)."""
+        if not (self.max_bytes or self.max_seconds):
+            return n == 0                 # no rotation: FILE alone
+        return not self.max_files or n < self.max_files
+
+    def _clear_old_parts(self) -> None:
+        """Refuse to start where a name this recording will write is taken by
+        anything but a regular file of ours (or one of ours without --force);
+        with --force, remove our own old parts. Names it will never write
+        are no concern of ours: another user's FILE.7 beside a recording
+        without rotation, or with -W 2, is left alone, and `report FILE`
+        skips it (not the same owner as FILE, or not the same capture id)."""
+        base = os.path.basename(self.path)
+        stale = []
+        for n, name in self._part_names(base):
+            if name != os.path.basename(part_path(self.path, n, None)):
+                continue                  # FILE.007: not a name we ever write
+            used = self._uses_part(n)
+            if used:
+                # Another user's file, a FIFO, a link: --force would not help.
+                if not _check_replaceable(os.path.join(os.path.dirname(self.path), name),
+                                          self._dir_fd):
+                    continue
+            else:
+                try:
+                    st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+            stale.append((n, name, used))
+        if not self.force:
+            # Our own earlier parts at names we will not write stay, untouched.
+            taken = [name for n, name, used in stale if used]
+            if taken:
+                shown = os.path.join(os.path.dirname(self.path), taken[0])
+                raise UserError(f"{shown} exists", EXIT_FILE, "use --force to overwrite it")
+            return
+        for n, name, _used in stale:
+            if n:                         # FILE itself is replaced when created
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    pass
+
+    def _part_names(self, base: str) -> list:
+        """(n, name) of FILE and of the FILE.n now in our directory, listed
+        through its handle."""
+        try:
+            names = os.listdir(self._dir_fd)
+        except OSError as exc:
+            raise UserError(f"cannot list {os.path.dirname(self.path) or '.'}: {exc.strerror}",
+                            EXIT_FILE, "check the directory is readable")
+        return [(0, base)] + numbered_siblings(base, names)
 
     def _open_part(self, first: bool = False) -> None:
         path = part_path(self.path, self.part, self.max_files)
