@@ -10,10 +10,12 @@ lower bound is that a timeout never fires before it is due (a monotonic
 clock cannot make that early), never a speed."""
 
 import os
+import selectors
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -110,22 +112,127 @@ def test_request_over_the_cap_is_refused(serve):
     assert server.stats.dropped["too_large"] == 1
 
 
-def test_connection_cap_refuses_extra_connections_at_once(serve):
+def test_connection_cap_holds_and_a_new_client_takes_the_oldest_idle_place(serve):
     server, port = serve(max_connections=4, read_timeout=600)
     idle = [connect(port) for _ in range(4)]
     wait_for(lambda: server.open_connections == 4, "4 connections held")
-    extra = connect(port)               # accepted by the kernel, closed by the server
-    assert closed_by_server(extra)
-    assert server.stats.refused == 1 and server.open_connections == 4
-    # A scrape while the 4 are held is refused too: the cap is a cap...
-    assert request(port) == b""
-    assert server.stats.refused == 2
-    # ...and a slot that frees serves the next scrape.
-    idle.pop().close()
-    wait_for(lambda: server.open_connections == 3, "one slot free")
-    assert request(port).endswith(BODY)
+    # One user (this process) holds every place: the one that has gone
+    # longest without a request is closed for the newcomer, never more
+    # than 4 open.
+    extra = connect(port)
+    assert closed_by_server(idle[0])
+    wait_for(lambda: server.open_connections == 4, "the newcomer in its place")
+    assert server.stats.dropped["evicted"] == 1 and server.stats.refused == 0
     for s in idle + [extra]:
         s.close()
+
+
+def test_a_client_holding_every_place_cannot_keep_a_scraper_out(serve):
+    """The reviewer's F3: idle connections that fill the cap and never time
+    out here (read_timeout 600 s) made every other scrape fail (refused, the
+    newest closed at once). The scraper now gets its answer, and the place
+    it took was the oldest idle one's."""
+    server, port = serve(max_connections=4, read_timeout=600)
+    idle = [connect(port) for _ in range(4)]
+    wait_for(lambda: server.open_connections == 4, "4 connections held")
+    for _ in range(3):
+        assert request(port).endswith(BODY)
+    assert server.stats.served == 3 and server.open_connections <= 4
+    assert closed_by_server(idle[0])
+    for s in idle:
+        s.close()
+
+
+class Churner:
+    """A client that keeps `count` connections open to the port, each bound
+    first so that its port is known (listed in `ports`) before the server
+    can accept it, and opens a new one at once whenever the server closes
+    one: the attacker that holds and churns places."""
+
+    def __init__(self, port: int, count: int):
+        self.port, self.ports, self.reconnects = port, set(), 0
+        self.sel = selectors.DefaultSelector()
+        self.stop = threading.Event()
+        for _ in range(count):
+            self.open()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def open(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.ports.add(s.getsockname()[1])
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", self.port))
+        except BlockingIOError:
+            pass
+        self.sel.register(s, selectors.EVENT_READ)
+
+    def run(self):
+        while not self.stop.is_set():
+            for key, _events in self.sel.select(0.05):
+                try:
+                    data = key.fileobj.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    self.open()
+                    self.reconnects += 1
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(GENEROUS_S)
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.sel.close()
+
+
+def test_a_user_churning_connections_cannot_keep_another_user_out(serve):
+    """Two users, told apart by the peer_key the server is given (here the
+    client's port: one process cannot be two users; tests/root/
+    test_scrape_fairness.py does it with real uids). The attacker holds
+    twice the cap and reconnects at once when dropped; each of its new
+    connections costs it one of its own places, never the scraper's, so
+    every scrape is answered however the two interleave."""
+    churner = []
+
+    def peer_key(sock):
+        return ("attacker" if churner and sock.getpeername()[1] in churner[0].ports
+                else "scraper")
+    server, port = serve(max_connections=4, read_timeout=600, peer_key=peer_key)
+    churner.append(Churner(port, 8))
+    try:
+        wait_for(lambda: churner[0].reconnects >= 20, "the attacker churning")
+        for _ in range(20):
+            assert request(port).endswith(BODY)
+        assert server.stats.served == 20 and server.open_connections <= 4
+        assert server.stats.dropped["evicted"] >= 20
+    finally:
+        churner[0].close()
+
+
+def test_the_peer_of_a_loopback_or_unix_connection_is_known_by_its_uid(serve, tmp_path):
+    """The uid of the client's own socket (sock_diag) on TCP, SO_PEERCRED on
+    a Unix socket: what the places are shared by."""
+    server, port = serve(read_timeout=600)
+    s = connect(port)
+    wait_for(lambda: server.open_connections == 1, "the connection accepted")
+    assert server.peer_counts() == {("uid", os.geteuid()): 1}
+    s.close()
+    path = str(tmp_path / "m" / "metrics.sock")
+    unix = scrape.ScrapeServer(scrape.listen_unix(path), lambda a: (BODY, "text/plain"),
+                               read_timeout=600)
+    unix.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as u:
+            u.connect(path)
+            wait_for(lambda: unix.open_connections == 1, "the Unix connection accepted")
+            assert unix.peer_counts() == {("uid", os.geteuid()): 1}
+    finally:
+        unix.stop()
 
 
 def test_idle_and_trickling_clients_are_dropped_after_the_read_timeout(serve):

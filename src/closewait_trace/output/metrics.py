@@ -510,11 +510,13 @@ class ServerCollector:
         refused = CounterMetricFamily(
             "closewait_metrics_connections_refused",
             f"Connections to this endpoint closed at once: {self.server.max_connections} "
-            "were open already", value=stats.refused)
+            "were open already, and its user's others were no better to close",
+            value=stats.refused)
         dropped = CounterMetricFamily(
             "closewait_metrics_connections_dropped",
             "Connections to this endpoint closed without an answer, or with an error, "
-            "by reason", labels=["reason"])
+            "by reason (evicted: for a newer one, its user holding the most places)",
+            labels=["reason"])
         for reason in scrape.DROP_REASONS:
             dropped.add_metric([reason], stats.dropped[reason])
         return iter((refused, dropped))

@@ -86,6 +86,34 @@ def build_lookup(ep: Endpoints, seq: int = 1) -> bytes:
     return header + body
 
 
+def socket_uid(nl: socket.socket, ep: Endpoints, seq: int) -> Optional[int]:
+    """The uid of the one socket with these addresses in nl's namespace
+    (build_lookup), None when there is none or no answer. nl is a
+    non-blocking NETLINK_SOCK_DIAG socket: the kernel answers a lookup
+    within the send, so the answer is there to read at once and this never
+    waits. An answer to an earlier request (its seq) is skipped; at most a
+    few reads. Raises OSError only from send (the socket unusable)."""
+    nl.send(build_lookup(ep, seq))
+    for _ in range(4):
+        try:
+            data = nl.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if len(data) < _NLMSGHDR.size or _NLMSGHDR.unpack_from(data)[3] != seq:
+            continue
+        try:
+            rows, _done = parse_messages(data)
+        except OSError:                 # ENOENT: no such socket (here, any more)
+            return None
+        # The kernel falls back to a listener on the local address when no
+        # connection has these addresses (the client gone): not the client.
+        if rows and rows[0].state != TCP_LISTEN and rows[0].endpoints.lport == ep.lport \
+                and rows[0].endpoints.rport == ep.rport:
+            return rows[0].uid
+        return None
+    return None
+
+
 def tcp_info_times(tcp_info: bytes) -> tuple[Optional[int], Optional[int]]:
     """(tcpi_last_ack_recv, tcpi_last_data_recv) in ms from a struct tcp_info
     of any length; None for a field the struct is too short to hold."""
