@@ -1,0 +1,69 @@
+"""-r against crafted recordings: what the replay's renderer and filter keep
+is bounded by what they show, whatever a record carries, so that -r stays
+under the bound docs/security.md states (MEMORY_BOUND_MB). Measured as in
+test_report_bounds.py: peak RSS (VmHWM) of the command in a fresh
+interpreter; each crafted recording costs the old code several times the
+bound (figures in each test), so the margin is not the machine's noise."""
+
+import pytest
+
+from closewait_trace.output import render
+from tests.bounds.test_report_bounds import MEMORY_BOUND_MB, run_cli
+from tests.unit import hostile_recordings, recordfactory
+
+
+def test_replay_keeps_only_what_v_shows_of_process_records(tmp_path):
+    """16 process records of one thread with 200,000 Python frames each
+    (valid records before the schema bounded their lists): the renderer
+    kept each whole for -v (render.MAX_PROCESSES of them), 40 MB a record:
+    the old code peaked at ~700 MB (the review's 30 records: 1.23 GB), or
+    failed at memprobe's 2 GiB address space. Now what -v shows is kept."""
+    path = tmp_path / "fatproc.jsonl.gz"
+    hostile_recordings.fat_processes(str(path), 16)
+    out, peak = run_cli("-r", str(path), "-v")
+    assert peak < MEMORY_BOUND_MB, f"-r -v: peak RSS {peak:.0f} MiB"
+    # Each holder shown with its thread and the first 8 of its frames.
+    assert out.stdout.count(" LINGER ") == 16
+    assert out.stdout.count("           thread ") == 16
+    assert out.stdout.count("             py ") == 16 * render.SHOWN_FRAMES
+
+
+def test_kept_process_is_what_v_shows():
+    """A process record's extra keys, threads past the writer's 16 and
+    frames past the 8 -v lists are not kept; -v shows the same lines."""
+    thread = {"tid": 7, "state": "S", "wchan": "w", "syscall": "read", "syscall_fd": 3,
+              "syscall_fd_target": "socket:[1]", "x": "y" * 100_000,
+              "stack": [{"pc": "0x1", "function": "f", "offset": 1, "module": "/m",
+                         "build_id": None, "method": "cfi", "symbols": "symtab",
+                         "extra": ["z"] * 1000}] * 20,
+              "python": [{"function": "g", "file": "a.py", "line": 3, "e": "q" * 1000}] * 20}
+    proc = recordfactory.process(
+        pid=42, threads=[thread] * 20,
+        identity={"user": "u", "unit": "u.service", "x": ["ab"] * 100_000,
+                  "container": {"runtime": "docker", "id": "0123456789abcdef" * 4, "e": 1},
+                  "claimed": {"unit": "c.service", "under": "/", "e": "e" * 10_000}},
+        stacks_not_read="timed out", extra=list(range(100_000)))
+    linger = recordfactory.linger(owners=[recordfactory.holder(pid=42)])
+    kept = render.shown_process(proc)
+    # The threads past the writer's 16 are not kept; the first 16 show alike.
+    assert render.evidence_lines(linger, {42: kept}) == render.evidence_lines(
+        linger, {42: dict(proc, threads=proc["threads"][:16])})
+    assert render._size(kept) < 200_000     # the record: megabytes
+    r = render.TextRenderer(verbose=True)
+    r.render(proc)
+    assert r.processes[42] == kept
+    assert render.TextRenderer(verbose=False).processes == {}
+
+
+def test_kept_processes_are_forgotten_past_their_byte_budget(monkeypatch):
+    """Past MAX_PROCESS_BYTES the oldest kept processes are forgotten, as
+    past MAX_PROCESSES; the budget's account stays exact."""
+    r = render.TextRenderer(verbose=True)
+    one = render._size(render.shown_process(recordfactory.process(pid=1, cmdline="x")))
+    monkeypatch.setattr(render, "MAX_PROCESS_BYTES", one * 3)
+    for pid in range(1, 6):
+        r.render(recordfactory.process(pid=pid))
+    assert list(r.processes) == [3, 4, 5]
+    r.render(recordfactory.process(pid=4))
+    assert list(r.processes) == [3, 5, 4]
+    assert r._process_bytes == sum(r._process_cost.values()) <= one * 3
