@@ -67,3 +67,34 @@ def test_kept_processes_are_forgotten_past_their_byte_budget(monkeypatch):
     r.render(recordfactory.process(pid=4))
     assert list(r.processes) == [3, 5, 4]
     assert r._process_bytes == sum(r._process_cost.values()) <= one * 3
+
+
+def test_replay_unit_filter_keeps_no_identity(tmp_path):
+    """--unit (like --cgroup and --container) needs each holder's identity
+    from its process record: the filter kept the record's whole identity,
+    extra keys included, for up to 20,000 pids. 8 identities with a 7 MB
+    list under an extra key: the old code peaked at ~700 MB (the review's
+    40: 3.7 GB). Now only whether it passed is kept."""
+    path = tmp_path / "fatident.jsonl.gz"
+    hostile_recordings.fat_processes(str(path), 8, identity_extra=1_300_000)
+    out, peak = run_cli("-r", str(path), "--unit", "u.service")
+    assert peak < MEMORY_BOUND_MB, f"-r --unit: peak RSS {peak:.0f} MiB"
+
+
+def test_replay_filter_keeps_a_shared_stand_in_per_identity():
+    """What the filter keeps of 1,000 identities: two shared objects, and
+    the same sockets pass as with the identities themselves."""
+    from closewait_trace.files.replay import ReplayFilter
+    from closewait_trace.sockets.filters import HolderFilter
+    keep = ReplayFilter(holders=HolderFilter(units=("a.service",)))
+    recs = []
+    for pid in range(1, 1001):
+        unit = "a" if pid % 2 else "b"
+        recs.append(recordfactory.process(pid=pid, identity={
+            "cgroup": f"/system.slice/{unit}.service", "x": ["ab"] * 100}))
+        recs.append(recordfactory.linger(owners=[recordfactory.holder(pid=pid)],
+                                         rport=pid))
+    kept = [r["rport"] for r in recs if keep.keep(r) and r["type"] == "linger"]
+    assert kept == list(range(1, 1001, 2))
+    assert len({id(v) for v in keep.identities.values()}) == 2
+    assert all("x" not in v for v in keep.identities.values())
