@@ -258,3 +258,68 @@ def test_every_type_a_field_names_is_documented():
         for _f, t, _r in schema.fields(spec):
             for word in re.findall(r"\b[A-Z][A-Za-z]+\b", t):
                 assert word in names, (spec.__name__, t)
+
+
+# Counts no machine can have, in records otherwise valid: refused by the
+# reader (counted as damaged), never stated. Until 2026-12-07 `Count` had no
+# upper bound, and `-r -v` said "and 1208925819614629174706176 more fds on
+# it, not listed", the report "3626777458843887524118528 holder(s) past the
+# first 4" (the review's absurd_counts.sh), a 10**4000 a 4,000-digit number.
+def _absurd_counts():
+    """(what, make, value): make(n) is a valid record with n in that place."""
+    from tests.unit import recordfactory as rf
+
+    def linger(**kw):
+        return dict(rf.linger(owners=[rf.holder()]), **kw)
+    listener = {"local": "0.0.0.0:80", "accept_queue": 0, "backlog": 128, "owners": []}
+    yield "owners_not_listed", lambda n: linger(owners_not_listed=n), 2**80
+    yield "owners_not_listed 10**4000", lambda n: linger(owners_not_listed=n), 10**4000
+    yield "owners_not_listed 2^31", lambda n: linger(owners_not_listed=n), 2**31
+    yield ("listener.owners_not_listed",
+           lambda n: linger(listener=dict(listener, owners_not_listed=n)), 2**80)
+    yield "listener.accept_queue", lambda n: linger(listener=dict(listener, accept_queue=n)), 2**40
+    yield "unread_bytes", lambda n: linger(unread_bytes=n), 2**40
+    yield "denied_processes", lambda n: linger(diagnosis={
+        "cause": "unknown", "summary": "s", "evidence": {"denied_processes": n}}), 2**40
+    yield "threads_total", lambda n: rf.process(threads_total=n), 2**40
+    yield "counters", lambda n: rf.summary(counters={"cw_enter": n}), 2**64
+    yield "lost count", lambda n: {"type": "lost", "ts": 1.0, "time": "",
+                                   "counter": "events_lost", "count": n, "total": n}, 2**63
+    yield "fd", lambda n: linger(owners=[rf.holder(fd=n)]), 2**31
+
+
+@pytest.mark.parametrize("what,make,value", list(_absurd_counts()),
+                         ids=[w for w, _, _ in _absurd_counts()])
+def test_impossible_counts_are_refused(what, make, value):
+    assert schema.problem(make(1)) is None, what
+    assert schema.problem(make(value)) is not None, what
+
+
+def test_the_largest_counts_the_writer_can_write_pass():
+    from tests.unit import recordfactory
+    linger = recordfactory.linger(owners=[recordfactory.holder()])
+    assert schema.problem(dict(linger, owners_not_listed=2**31 - 1)) is None
+    assert schema.problem(dict(linger, unread_bytes=2**32 - 1)) is None
+    assert schema.problem(recordfactory.process(threads_total=4_194_304)) is None
+    buckets = [{"from_us": 1 << 62, "to_us": 1 << 63, "count": 2**63 - 1}]
+    assert schema.problem(recordfactory.summary(histogram_us=buckets)) is None
+
+
+def test_an_impossible_count_is_not_stated_by_replay_or_report(tmp_path):
+    """The review's absurd_counts.sh: a linger record saying 2**80 fds are
+    not listed is skipped as damaged by -r -v and report, and not said."""
+    from tests.unit import recordfactory
+    path = tmp_path / "counts.jsonl"
+    good = recordfactory.linger(owners=[recordfactory.holder()], rport=1)
+    bad = dict(recordfactory.linger(owners=[recordfactory.holder()], rport=2),
+               owners_not_listed=2**80)
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        recordfactory.header(), recordfactory.start(), good, bad)))
+    replay = run_cli("-r", str(path), "-v")
+    assert replay.returncode == 0, replay.stderr
+    assert "more fds" not in replay.stdout and str(2**80) not in replay.stdout
+    assert "skipped 1 damaged line(s)" in replay.stderr
+    rep = run_cli("report", str(path))
+    assert rep.returncode == 0, rep.stderr
+    assert str(2**80) not in rep.stdout and "holder(s) past" not in rep.stdout
+    assert "skipped 1 damaged line(s)" in rep.stderr

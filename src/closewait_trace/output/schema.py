@@ -48,10 +48,27 @@ class Range:
 # arithmetic on them (NaN and infinities fail these bounds).
 Seconds = Annotated[float, Range(0, 1e12)]
 Epoch = Annotated[float, Range(0, 1e11)]
-Count = Annotated[int, Range(0)]
 Pid = Annotated[int, Range(0, 1 << 32)]
 Port = Annotated[int, Range(0, 65535)]
-Fd = Annotated[int, Range(-1, 1 << 31)]
+Fd = Annotated[int, Range(-1, (1 << 31) - 1)]     # an int in the kernel
+# Counts, each bounded by what it counts: a count no machine can have (2**80
+# more fds on a socket, a 4,000-digit number) is a lie of a crafted file,
+# refused like any invalid record (counted as damaged), never stated as a
+# fact ("and 1208925819614629174706176 more fds on it"; the report's
+# "N holder(s) past the first 4"). Each bound is far above the writer's.
+Count = Annotated[int, Range(0, (1 << 63) - 1)]   # anything counted: an int64
+# fds on one socket that a record does not list: below 2^31 (one process
+# has at most nr_open fds, whose ceiling is under 2^31; 2^31 fds would be
+# 16 GB of fd tables; the owner walk reads some 500,000 links in its 2 s).
+FdCount = Annotated[int, Range(0, (1 << 31) - 1)]
+# Processes or threads: each takes a pid, of which there are at most
+# PID_MAX_LIMIT (4,194,304) at once.
+Tasks = Annotated[int, Range(0, 1 << 22)]
+# The kernel's queue lengths (accept queue, backlog, bytes not read): u32.
+Queue = Annotated[int, Range(0, (1 << 32) - 1)]
+# A log2 histogram bucket's bounds in microseconds: 64 slots, the last
+# ending at 2^63 (records.py).
+Micros = Annotated[int, Range(0, 1 << 63)]
 
 AgeSource = Literal["traced", "estimated", "lower_bound", "range"]
 
@@ -109,11 +126,11 @@ class Holder(TypedDict):
 
 class Listener(TypedDict):
     local: str
-    accept_queue: Count
-    backlog: Count
+    accept_queue: Queue
+    backlog: Queue
     owners: list[Holder]
     # fds on the listener not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
 
 
 class Filters(TypedDict):
@@ -174,9 +191,9 @@ class Evidence(TypedDict, total=False):
     holders: list[HolderRef]            # in `owners`
     listener_holders: list[HolderRef]   # in `listener.owners` (never accepted)
     accepting_process: list[HolderRef]  # in `listener.owners` (inherited socket)
-    denied_processes: Count             # fd tables we were not allowed to read
-    denied_netns_processes: Count       # processes whose network namespace we could not enter
-    fds_not_read_processes: Count       # fd tables left unread when the walk's time was up
+    denied_processes: Tasks             # fd tables we were not allowed to read
+    denied_netns_processes: Tasks       # processes whose network namespace we could not enter
+    fds_not_read_processes: Tasks       # fd tables left unread when the walk's time was up
 
 
 class Diagnosis(TypedDict):
@@ -277,10 +294,10 @@ class LingerRecord(_Base, Endpoint):
     owner_kind: Optional[str]
     owners: list[Holder]
     # fds on the socket not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
     netns: Optional[int]
     inode: Optional[int]
-    unread_bytes: Optional[Count]
+    unread_bytes: Optional[Queue]
     eof_read: Optional[bool]
     listener: Optional[Listener]
     also_in_netns: list[int]
@@ -309,7 +326,7 @@ class LingeringEntry(Endpoint):
     owner_kind: Optional[str]
     owners: list[BriefHolder]
     # fds on it not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
     diagnosis: Optional[BriefDiagnosis]
 
 
@@ -359,7 +376,7 @@ class ProcessRecord(_Base):
     cmdline: str
     exiting: bool
     threads: list[Thread]
-    threads_total: Count
+    threads_total: Tasks
     identity: Identity
     tracer: NotRequired[Task]
     unreadable: NotRequired[str]
@@ -368,20 +385,20 @@ class ProcessRecord(_Base):
 
 
 class HistogramBucket(TypedDict):
-    from_us: Count
-    to_us: Count
+    from_us: Micros
+    to_us: Micros
     count: Count
 
 
 class SnapshotRecord(_Base):
     lingering: list[LingeringEntry]
-    counters: dict[str, int]
+    counters: dict[str, Count]
     histogram_us: list[HistogramBucket]
 
 
 class SummaryRecord(_Base):
     traced_s: Seconds
-    counters: dict[str, int]
+    counters: dict[str, Count]
     histogram_us: list[HistogramBucket]
     linger_reported: Count
     closed_reported: Count
@@ -389,7 +406,7 @@ class SummaryRecord(_Base):
     changes_reported: NotRequired[Count]
     tracer_cost: NotRequired[dict[str, Union[int, float]]]
     write_errors: NotRequired[Count]
-    symbolizer_problems: NotRequired[dict[str, int]]
+    symbolizer_problems: NotRequired[dict[str, Count]]
 
 
 class HeaderRecord(TypedDict):
