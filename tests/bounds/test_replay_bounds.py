@@ -13,13 +13,14 @@ from tests.unit import hostile_recordings, recordfactory
 
 
 def test_replay_keeps_only_what_v_shows_of_process_records(tmp_path):
-    """16 process records of one thread with 200,000 Python frames each
-    (valid records before the schema bounded their lists): the renderer
-    kept each whole for -v (render.MAX_PROCESSES of them), 40 MB a record:
-    the old code peaked at ~700 MB (the review's 30 records: 1.23 GB), or
-    failed at memprobe's 2 GiB address space. Now what -v shows is kept."""
+    """16 valid process records with a 3 MB list under an extra key of
+    their identity (tolerated by the schema, never capped): the renderer
+    kept each whole for -v (render.MAX_PROCESSES of them), about 40 MB a
+    record, and the old code peaked at ~650 MB (the review's 30 records of
+    200,000 Python frames: 1.23 GB; its 40 of a 7 MB identity list: 3.7
+    GB). Now what -v shows is kept: the reader's own cost of one such line."""
     path = tmp_path / "fatproc.jsonl.gz"
-    hostile_recordings.fat_processes(str(path), 16)
+    hostile_recordings.fat_processes(str(path), 16, identity_extra=600_000)
     out, peak = run_cli("-r", str(path), "-v")
     assert peak < MEMORY_BOUND_MB, f"-r -v: peak RSS {peak:.0f} MiB"
     # Each holder shown with its thread and the first 8 of its frames.
@@ -72,11 +73,11 @@ def test_kept_processes_are_forgotten_past_their_byte_budget(monkeypatch):
 def test_replay_unit_filter_keeps_no_identity(tmp_path):
     """--unit (like --cgroup and --container) needs each holder's identity
     from its process record: the filter kept the record's whole identity,
-    extra keys included, for up to 20,000 pids. 8 identities with a 7 MB
-    list under an extra key: the old code peaked at ~700 MB (the review's
-    40: 3.7 GB). Now only whether it passed is kept."""
+    extra keys included, for up to 20,000 pids. 16 identities with a 3 MB
+    list under an extra key: the old code peaked at ~650 MB (the review's
+    40 of 7 MB: 3.7 GB). Now only whether it passed is kept."""
     path = tmp_path / "fatident.jsonl.gz"
-    hostile_recordings.fat_processes(str(path), 8, identity_extra=1_300_000)
+    hostile_recordings.fat_processes(str(path), 16, identity_extra=600_000)
     out, peak = run_cli("-r", str(path), "--unit", "u.service")
     assert peak < MEMORY_BOUND_MB, f"-r --unit: peak RSS {peak:.0f} MiB"
 

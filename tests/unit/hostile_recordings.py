@@ -95,25 +95,25 @@ def fat_sockets(path: str, n: int) -> None:
             f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
 
 
-def fat_processes(path: str, n: int, frames: int = 200_000, identity_extra: int = 0) -> None:
-    """n process records just under the reader's 8 MiB line cap, each with
-    a linger record of a socket it holds (for -v to show): one thread whose
-    `python` list holds `frames` minimal frames, or (identity_extra) an extra
-    key under `identity`, tolerated by the schema, holding a list of that
-    many short strings. Each record costs a reader who keeps it some 40 MB
-    (the review's gen_fat_process.py and gen_fat_identity.py)."""
+def fat_processes(path: str, n: int, frames: int = 10, identity_extra: int = 0) -> None:
+    """n process records, each with a linger record of a socket it holds
+    (for -v to show): one thread with `frames` minimal Python frames (200,000
+    were valid until the schema bounded the list at 32: the review's
+    gen_fat_process.py), and with identity_extra an extra key under
+    `identity`, tolerated by the schema, holding a list of that many short
+    strings (the review's gen_fat_identity.py: 1,300,000, 7 MB). A record
+    with 600,000 costs a reader who keeps it some 40 MB."""
     with open(path, "wb") as f:
         f.write(gzip.compress(_header(), mtime=0))
         for i in range(n):
             pid = 50_000 + i
+            ident = {"unit": "u.service"}
             if identity_extra:
-                proc = recordfactory.process(pid=pid, identity={"unit": "u.service",
-                                                                "x": ["ab"] * identity_extra})
-            else:
-                thread = {"tid": pid, "state": "S", "wchan": "", "syscall": None,
-                          "syscall_fd": None, "syscall_fd_target": None, "stack": [],
-                          "python": [{"function": "", "file": "", "line": None}] * frames}
-                proc = recordfactory.process(pid=pid, threads=[thread])
+                ident["x"] = ["ab"] * identity_extra
+            thread = {"tid": pid, "state": "S", "wchan": "", "syscall": None,
+                      "syscall_fd": None, "syscall_fd_target": None, "stack": [],
+                      "python": [{"function": "", "file": "", "line": None}] * frames}
+            proc = recordfactory.process(pid=pid, threads=[thread], identity=ident)
             owner = recordfactory.holder(pid=pid, comm="srv")
             body = _line(proc) + _line(recordfactory.linger(ts=1001.0 + i, owners=[owner],
                                                             rport=1024 + i))

@@ -367,3 +367,58 @@ def test_addresses_the_writer_writes_are_all_literals():
         else:
             text = format_address(socket.AF_INET6, raw)
         assert pattern.search(text), text
+
+
+# Lists the writer bounds are bounded on reading: past the writer's own
+# length, a record is refused. Until 2026-12-07 any length passed, and a
+# process record of one thread with 200,000 Python frames (the review's
+# gen_fat_process.py) was a valid record that -r kept whole.
+def _long_lists():
+    """(what, make, the writer's bound): make(n) is a record with n items there."""
+    from tests.unit import recordfactory as rf
+    frame = {"pc": "0x1", "function": None, "offset": None, "module": None,
+             "build_id": None, "method": "pc", "symbols": None}
+    py = {"function": "f", "file": "a.py", "line": 1}
+    thread = {"tid": 1, "state": "S", "wchan": "", "syscall": None, "syscall_fd": None,
+              "syscall_fd_target": None, "stack": []}
+    capture = {"ts": 1000.0, "after_s": 0.0, "pid": 1, "tid": 1, "comm": "srv",
+               "place": None, "stack": [], "stack_bytes": 0, "unwound": True}
+
+    def linger(code):
+        return rf.linger(owners=[rf.holder()], code=code)
+    yield "threads", lambda n: rf.process(threads=[thread] * n), 16
+    yield "thread stack", lambda n: rf.process(threads=[dict(thread, stack=[frame] * n)]), 16
+    yield "thread python", lambda n: rf.process(threads=[dict(thread, python=[py] * n)]), 32
+    yield "eof_read stack", lambda n: linger({"eof_read": dict(capture, stack=[frame] * n),
+                                              "eof_read_unknown": None}), 32
+    yield "eof_read python", lambda n: linger({"eof_read": dict(capture, python=[py] * n),
+                                               "eof_read_unknown": None}), 16
+    yield "opened stack", lambda n: linger({"eof_read": None, "eof_read_unknown": None,
+                                            "opened": dict(capture, stack=[frame] * n)}), 32
+    yield "opened python", lambda n: linger({"eof_read": None, "eof_read_unknown": None,
+                                             "opened": dict(capture, python=[py] * n)}), 16
+    bucket = {"from_us": 1, "to_us": 2, "count": 1}
+    yield "summary histogram", lambda n: rf.summary(histogram_us=[bucket] * n), 64
+    yield "snapshot histogram", lambda n: rf.snapshot(histogram_us=[bucket] * n), 64
+
+
+@pytest.mark.parametrize("what,make,most", list(_long_lists()),
+                         ids=[w for w, _, _ in _long_lists()])
+def test_lists_past_the_writers_length_are_refused(what, make, most):
+    assert schema.problem(make(most)) is None, what
+    assert schema.problem(make(most + 1)) is not None, what
+    assert schema.problem(make(200_000)) is not None, what
+
+
+def test_list_bounds_are_the_writers_own():
+    """The bounds are those of the code that writes the lists."""
+    from closewait_trace.evidence import pyframes, symbolize
+    import inspect
+    hints = {k: v for k, v in schema.Thread.__annotations__.items()}
+    assert diagnosis.MAX_THREADS == 16 and pyframes.MAX_FRAMES == 32
+    assert inspect.signature(symbolize.user_stack).parameters["max_frames"].default == 16
+    assert inspect.signature(symbolize.captured_stack).parameters["max_frames"].default == 32
+    assert "stack" in hints and "python" in hints
+    bpf = (Path(__file__).resolve().parents[2] / "bpf" / "closewait.bpf.c").read_text()
+    assert re.search(r"#define PY_MAX_FRAMES (\d+)", bpf).group(1) == "16"
+    assert "BPF_PERCPU_ARRAY(cw_hist, u64, 64)" in bpf

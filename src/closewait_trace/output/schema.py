@@ -98,6 +98,17 @@ Comm = Annotated[str, MaxLen(MAX_COMM, truncate=False)]
 
 
 @dataclass(frozen=True)
+class MaxItems:
+    """A list field's bound (Annotated metadata): the writer never writes
+    more, so a longer list is a lie of a crafted file, and the record is
+    refused. Each list of a record whose length the writer bounds has one:
+    a reader that keeps part of a record (-v's process records) is then
+    bounded by them, not by the 8 MiB line (one thread of 200,000 Python
+    frames in a record that passed)."""
+    items: int
+
+
+@dataclass(frozen=True)
 class Pattern:
     """A string field's form (Annotated metadata): a value the regex does
     not match is not one the field can have, and the record is refused.
@@ -272,6 +283,16 @@ class PyFrame(TypedDict):
     line: Optional[Count]       # None: the line table has none for the instruction
 
 
+# The writer's own bounds of its lists of frames: a thread's stack
+# (symbolize.user_stack, 16 frames) and Python frames (pyframes.MAX_FRAMES,
+# 32); a capture's stack (symbolize.captured_stack, 32) and Python frames
+# (the kernel program's PY_MAX_FRAMES, 16).
+ThreadStack = Annotated[list[Frame], MaxItems(16)]
+ThreadPython = Annotated[list[PyFrame], MaxItems(32)]
+CapturedStack = Annotated[list[Frame], MaxItems(32)]
+CapturedPython = Annotated[list[PyFrame], MaxItems(16)]
+
+
 class EofRead(TypedDict):
     """Where the socket was read to its end: the kernel program copied the
     reading thread's registers and the top of its stack at that read."""
@@ -281,11 +302,11 @@ class EofRead(TypedDict):
     tid: Pid
     comm: Comm
     place: Optional[Frame]      # the frame named: the program's own code
-    stack: list[Frame]
+    stack: CapturedStack
     stack_bytes: Count          # of stack copied by the kernel
     unwound: bool               # false: not unwound (stack empty)
     not_unwound: NotRequired[str]   # why, when not for lack of time
-    python: NotRequired[list[PyFrame]]   # a CPython reader's frames at the read
+    python: NotRequired[CapturedPython]  # a CPython reader's frames at the read
     python_not_read: NotRequired[str]    # a CPython reader's frames not copied or read: why
 
 
@@ -297,11 +318,11 @@ class Opened(TypedDict):
     tid: Pid
     comm: Comm
     place: Optional[Frame]
-    stack: list[Frame]
+    stack: CapturedStack
     stack_bytes: Count
     unwound: bool
     not_unwound: NotRequired[str]
-    python: NotRequired[list[PyFrame]]
+    python: NotRequired[CapturedPython]
     python_not_read: NotRequired[str]
 
 
@@ -393,8 +414,8 @@ class Thread(TypedDict):
     syscall: Optional[str]
     syscall_fd: Optional[int]
     syscall_fd_target: Optional[str]
-    stack: list[Frame]
-    python: NotRequired[list[PyFrame]]    # innermost first; CPython holders only
+    stack: ThreadStack
+    python: NotRequired[ThreadPython]     # innermost first; CPython holders only
 
 
 class ProcessRecord(_Base):
@@ -404,7 +425,7 @@ class ProcessRecord(_Base):
     ppid: Pid
     cmdline: str
     exiting: bool
-    threads: list[Thread]
+    threads: Annotated[list[Thread], MaxItems(16)]  # diagnosis.MAX_THREADS
     threads_total: Tasks
     identity: Identity
     tracer: NotRequired[Task]
@@ -419,16 +440,20 @@ class HistogramBucket(TypedDict):
     count: Count
 
 
+# The kernel's log2 histogram has 64 slots (cw_hist), a bucket each at most.
+Histogram = Annotated[list[HistogramBucket], MaxItems(64)]
+
+
 class SnapshotRecord(_Base):
     lingering: list[LingeringEntry]
     counters: dict[str, Count]
-    histogram_us: list[HistogramBucket]
+    histogram_us: Histogram
 
 
 class SummaryRecord(_Base):
     traced_s: Seconds
     counters: dict[str, Count]
-    histogram_us: list[HistogramBucket]
+    histogram_us: Histogram
     linger_reported: Count
     closed_reported: Count
     still_lingering: list[LingeringEntry]
@@ -507,6 +532,16 @@ def _build(tp: Any):
         ranges = [m for m in args[1:] if isinstance(m, Range)]
         lengths = [m.chars for m in args[1:] if isinstance(m, MaxLen) and not m.truncate]
         patterns = [re.compile(m.regex) for m in args[1:] if isinstance(m, Pattern)]
+        items = [m.items for m in args[1:] if isinstance(m, MaxItems)]
+
+        if items:
+            def a_bounded_list(value, path):
+                # The length first: a list too long is refused before its
+                # items are checked.
+                if isinstance(value, list) and len(value) > items[0]:
+                    return f"{path}: more than {items[0]} items"
+                return base(value, path)
+            return a_bounded_list
 
         def annotated(value, path):
             wrong = base(value, path)
@@ -825,6 +860,8 @@ def json_schema() -> dict:
                     out["maxLength"] = m.chars
                 if isinstance(m, Pattern):
                     out["pattern"] = m.regex
+                if isinstance(m, MaxItems):
+                    out["maxItems"] = m.items
             return out
         if origin is NotRequired:
             return ref(args[0])
