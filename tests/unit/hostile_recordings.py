@@ -80,12 +80,56 @@ def fat_sockets(path: str, n: int) -> None:
                     pid=pid, cmdline=f"/{pid}{long}",
                     identity={"unit": f"{pid}{long}", "pod_uid": f"{pid}{long}",
                               "container": {"runtime": "x", "id": f"{pid}{long}"}})))
+            # Addresses are IP literals (the schema refuses anything else):
+            # distinct ones, the longest form there is.
             rec = recordfactory.linger(ts=1001.0 + i, owners=owners, cause=f"{i}{long}",
-                                       summary=f"{i}{long}", laddr=f"{i}{long}",
-                                       raddr=f"{i}{long}", rport=i % 65536)
+                                       summary=f"{i}{long}", family="ipv6",
+                                       laddr=f"ffff:ffff:ffff:ffff:ffff:ffff:ffff:{i & 0xffff:x}",
+                                       raddr=f"ffff:ffff:ffff:ffff:ffff:ffff:{i >> 16:x}:ffff",
+                                       rport=i % 65536)
             batch.append(_line(rec))
             if len(batch) >= 700:
                 f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
                 batch = []
         if batch:
             f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+
+
+def fat_processes(path: str, n: int, frames: int = 10, identity_extra: int = 0) -> None:
+    """n process records, each with a linger record of a socket it holds
+    (for -v to show): one thread with `frames` minimal Python frames (200,000
+    were valid until the schema bounded the list at 32: the review's
+    gen_fat_process.py), and with identity_extra an extra key under
+    `identity`, tolerated by the schema, holding a list of that many short
+    strings (the review's gen_fat_identity.py: 1,300,000, 7 MB). A record
+    with 600,000 costs a reader who keeps it some 40 MB."""
+    with open(path, "wb") as f:
+        f.write(gzip.compress(_header(), mtime=0))
+        for i in range(n):
+            pid = 50_000 + i
+            ident = {"unit": "u.service"}
+            if identity_extra:
+                ident["x"] = ["ab"] * identity_extra
+            thread = {"tid": pid, "state": "S", "wchan": "", "syscall": None,
+                      "syscall_fd": None, "syscall_fd_target": None, "stack": [],
+                      "python": [{"function": "", "file": "", "line": None}] * frames}
+            proc = recordfactory.process(pid=pid, threads=[thread], identity=ident)
+            owner = recordfactory.holder(pid=pid, comm="srv")
+            body = _line(proc) + _line(recordfactory.linger(ts=1001.0 + i, owners=[owner],
+                                                            rport=1024 + i))
+            f.write(gzip.compress(body, compresslevel=1, mtime=0))
+
+
+def fat_keys(path: str, n: int) -> None:
+    """n linger records of distinct sockets held by `python`, whose laddr
+    and raddr are 4,096-character strings (the string cap), the review's
+    gen_fat_keys.py: readers that key sockets by their addresses keep
+    8 KB a socket."""
+    a = "%08d" + "z" * 4088
+    line = _line(recordfactory.linger(owners=[recordfactory.holder(comm="python")],
+                                      laddr=a, raddr=a)).replace(b"%", b"%%").replace(
+                                          b"%%08d", b"%08d")
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_header())
+        for start in range(0, n, 1000):
+            f.write(b"".join(line % (i, i) for i in range(start, min(n, start + 1000))))

@@ -258,3 +258,167 @@ def test_every_type_a_field_names_is_documented():
         for _f, t, _r in schema.fields(spec):
             for word in re.findall(r"\b[A-Z][A-Za-z]+\b", t):
                 assert word in names, (spec.__name__, t)
+
+
+# Counts no machine can have, in records otherwise valid: refused by the
+# reader (counted as damaged), never stated. Until 2026-12-07 `Count` had no
+# upper bound, and `-r -v` said "and 1208925819614629174706176 more fds on
+# it, not listed", the report "3626777458843887524118528 holder(s) past the
+# first 4" (the review's absurd_counts.sh), a 10**4000 a 4,000-digit number.
+def _absurd_counts():
+    """(what, make, value): make(n) is a valid record with n in that place."""
+    from tests.unit import recordfactory as rf
+
+    def linger(**kw):
+        return dict(rf.linger(owners=[rf.holder()]), **kw)
+    listener = {"local": "0.0.0.0:80", "accept_queue": 0, "backlog": 128, "owners": []}
+    yield "owners_not_listed", lambda n: linger(owners_not_listed=n), 2**80
+    yield "owners_not_listed 10**4000", lambda n: linger(owners_not_listed=n), 10**4000
+    yield "owners_not_listed 2^31", lambda n: linger(owners_not_listed=n), 2**31
+    yield ("listener.owners_not_listed",
+           lambda n: linger(listener=dict(listener, owners_not_listed=n)), 2**80)
+    yield "listener.accept_queue", lambda n: linger(listener=dict(listener, accept_queue=n)), 2**40
+    yield "unread_bytes", lambda n: linger(unread_bytes=n), 2**40
+    yield "denied_processes", lambda n: linger(diagnosis={
+        "cause": "unknown", "summary": "s", "evidence": {"denied_processes": n}}), 2**40
+    yield "threads_total", lambda n: rf.process(threads_total=n), 2**40
+    yield "counters", lambda n: rf.summary(counters={"cw_enter": n}), 2**64
+    yield "lost count", lambda n: {"type": "lost", "ts": 1.0, "time": "",
+                                   "counter": "events_lost", "count": n, "total": n}, 2**63
+    yield "fd", lambda n: linger(owners=[rf.holder(fd=n)]), 2**31
+
+
+@pytest.mark.parametrize("what,make,value", list(_absurd_counts()),
+                         ids=[w for w, _, _ in _absurd_counts()])
+def test_impossible_counts_are_refused(what, make, value):
+    assert schema.problem(make(1)) is None, what
+    assert schema.problem(make(value)) is not None, what
+
+
+def test_the_largest_counts_the_writer_can_write_pass():
+    from tests.unit import recordfactory
+    linger = recordfactory.linger(owners=[recordfactory.holder()])
+    assert schema.problem(dict(linger, owners_not_listed=2**31 - 1)) is None
+    assert schema.problem(dict(linger, unread_bytes=2**32 - 1)) is None
+    assert schema.problem(recordfactory.process(threads_total=4_194_304)) is None
+    buckets = [{"from_us": 1 << 62, "to_us": 1 << 63, "count": 2**63 - 1}]
+    assert schema.problem(recordfactory.summary(histogram_us=buckets)) is None
+
+
+def test_an_impossible_count_is_not_stated_by_replay_or_report(tmp_path):
+    """The review's absurd_counts.sh: a linger record saying 2**80 fds are
+    not listed is skipped as damaged by -r -v and report, and not said."""
+    from tests.unit import recordfactory
+    path = tmp_path / "counts.jsonl"
+    good = recordfactory.linger(owners=[recordfactory.holder()], rport=1)
+    bad = dict(recordfactory.linger(owners=[recordfactory.holder()], rport=2),
+               owners_not_listed=2**80)
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        recordfactory.header(), recordfactory.start(), good, bad)))
+    replay = run_cli("-r", str(path), "-v")
+    assert replay.returncode == 0, replay.stderr
+    assert "more fds" not in replay.stdout and str(2**80) not in replay.stdout
+    assert "skipped 1 damaged line(s)" in replay.stderr
+    rep = run_cli("report", str(path))
+    assert rep.returncode == 0, rep.stderr
+    assert str(2**80) not in rep.stdout and "holder(s) past" not in rep.stdout
+    assert "skipped 1 damaged line(s)" in rep.stderr
+
+
+# A socket's addresses are IP literals, as the writer writes them
+# (events.format_address); readers key sockets by them, and any string up
+# to the 4 KiB cap was taken (60,000 sockets: report --since at 525 MB).
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "0.0.0.0", "255.255.255.255", "::", "::1", "2001:db8::1",
+    "::ffff:127.0.0.1", "2001:db8:ffff:ffff:ffff:ffff:ffff:1", "fe80::1:2:3:4",
+    "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"])
+def test_ip_literals_are_addresses(address):
+    from tests.unit import recordfactory
+    rec = recordfactory.linger(owners=[recordfactory.holder()], laddr=address, raddr=address)
+    assert schema.problem(rec) is None
+
+
+@pytest.mark.parametrize("address", [
+    "", "x", "localhost", "1.2.3", "256.0.0.1", "01.2.3.4", "1.2.3.4 ", "1.2.3.4\n",
+    "1:2:3:4:5:6:7:8:9", "fe80::1%eth0", "00000000" + "z" * 4088, "1" * 5000])
+def test_anything_else_is_refused_as_an_address(address):
+    from tests.unit import recordfactory
+    for field in ("laddr", "raddr"):
+        rec = recordfactory.linger(owners=[recordfactory.holder()], **{field: address})
+        assert schema.problem(rec) is not None, (field, address)
+    assert schema.problem(recordfactory.closed(laddr=address)) is not None
+
+
+def test_addresses_the_writer_writes_are_all_literals():
+    """events.format_address over random IPv4, IPv6 and mapped addresses."""
+    import random
+    import re
+    from closewait_trace.kernel.events import format_address
+    rng = random.Random(7)
+    pattern = re.compile(schema.IP_LITERAL)
+    for i in range(3000):
+        raw = bytes(rng.getrandbits(8) for _ in range(16))
+        if i % 4 == 0:
+            text = format_address(socket.AF_INET, raw)
+        elif i % 4 == 1:
+            text = format_address(socket.AF_INET6, bytes(10) + b"\xff\xff" + raw[:4])
+        elif i % 4 == 2:
+            text = format_address(socket.AF_INET6, raw[:2] + bytes(12) + raw[2:4])
+        else:
+            text = format_address(socket.AF_INET6, raw)
+        assert pattern.search(text), text
+
+
+# Lists the writer bounds are bounded on reading: past the writer's own
+# length, a record is refused. Until 2026-12-07 any length passed, and a
+# process record of one thread with 200,000 Python frames (the review's
+# gen_fat_process.py) was a valid record that -r kept whole.
+def _long_lists():
+    """(what, make, the writer's bound): make(n) is a record with n items there."""
+    from tests.unit import recordfactory as rf
+    frame = {"pc": "0x1", "function": None, "offset": None, "module": None,
+             "build_id": None, "method": "pc", "symbols": None}
+    py = {"function": "f", "file": "a.py", "line": 1}
+    thread = {"tid": 1, "state": "S", "wchan": "", "syscall": None, "syscall_fd": None,
+              "syscall_fd_target": None, "stack": []}
+    capture = {"ts": 1000.0, "after_s": 0.0, "pid": 1, "tid": 1, "comm": "srv",
+               "place": None, "stack": [], "stack_bytes": 0, "unwound": True}
+
+    def linger(code):
+        return rf.linger(owners=[rf.holder()], code=code)
+    yield "threads", lambda n: rf.process(threads=[thread] * n), 16
+    yield "thread stack", lambda n: rf.process(threads=[dict(thread, stack=[frame] * n)]), 16
+    yield "thread python", lambda n: rf.process(threads=[dict(thread, python=[py] * n)]), 32
+    yield "eof_read stack", lambda n: linger({"eof_read": dict(capture, stack=[frame] * n),
+                                              "eof_read_unknown": None}), 32
+    yield "eof_read python", lambda n: linger({"eof_read": dict(capture, python=[py] * n),
+                                               "eof_read_unknown": None}), 16
+    yield "opened stack", lambda n: linger({"eof_read": None, "eof_read_unknown": None,
+                                            "opened": dict(capture, stack=[frame] * n)}), 32
+    yield "opened python", lambda n: linger({"eof_read": None, "eof_read_unknown": None,
+                                             "opened": dict(capture, python=[py] * n)}), 16
+    bucket = {"from_us": 1, "to_us": 2, "count": 1}
+    yield "summary histogram", lambda n: rf.summary(histogram_us=[bucket] * n), 64
+    yield "snapshot histogram", lambda n: rf.snapshot(histogram_us=[bucket] * n), 64
+
+
+@pytest.mark.parametrize("what,make,most", list(_long_lists()),
+                         ids=[w for w, _, _ in _long_lists()])
+def test_lists_past_the_writers_length_are_refused(what, make, most):
+    assert schema.problem(make(most)) is None, what
+    assert schema.problem(make(most + 1)) is not None, what
+    assert schema.problem(make(200_000)) is not None, what
+
+
+def test_list_bounds_are_the_writers_own():
+    """The bounds are those of the code that writes the lists."""
+    from closewait_trace.evidence import pyframes, symbolize
+    import inspect
+    hints = {k: v for k, v in schema.Thread.__annotations__.items()}
+    assert diagnosis.MAX_THREADS == 16 and pyframes.MAX_FRAMES == 32
+    assert inspect.signature(symbolize.user_stack).parameters["max_frames"].default == 16
+    assert inspect.signature(symbolize.captured_stack).parameters["max_frames"].default == 32
+    assert "stack" in hints and "python" in hints
+    bpf = (Path(__file__).resolve().parents[2] / "bpf" / "closewait.bpf.c").read_text()
+    assert re.search(r"#define PY_MAX_FRAMES (\d+)", bpf).group(1) == "16"
+    assert "BPF_PERCPU_ARRAY(cw_hist, u64, 64)" in bpf

@@ -68,8 +68,15 @@ class ReplayFilter:
     until: Optional[float] = None
     # pid -> identity from the `process` records read so far (a process
     # record precedes the linger records of its batch), for --cgroup,
-    # --container and --unit.
+    # --container and --unit: not the record's identity (kept whole, 20,000
+    # of them with a 7 MB list under an extra key each: gigabytes), but
+    # whether it passes those filters, as one of two shared stand-ins (below).
     identities: dict = field(default_factory=dict)
+    # An identity that passed the identity filters (the first seen, its
+    # cgroup only: all the filters read), shared by every pid whose
+    # identity passed; the identity filters are a function of the identity
+    # alone, so any one that passed stands for all that did.
+    _passed: Optional[dict] = None
     # Sockets whose linger record was kept: their CLOSED record is kept too,
     # whoever closed them (a reset names nobody), as the live tail does.
     shown: set = field(default_factory=set)
@@ -82,7 +89,7 @@ class ReplayFilter:
                 self.identities.pop(pid, None)
                 if len(self.identities) >= MAX_IDENTITIES:     # the oldest forgotten
                     del self.identities[next(iter(self.identities))]
-                self.identities[pid] = rec["identity"]
+                self.identities[pid] = self._stand_in(rec["identity"])
         if kind not in SHOWN:
             return False
         if kind not in PER_SOCKET:
@@ -106,6 +113,24 @@ class ReplayFilter:
                 # Past MAX_SHOWN, a CLOSED record is judged by who closed it.
                 self.shown.add(key)
         return True
+
+
+    def _stand_in(self, ident: dict) -> dict:
+        """What is kept of a process's identity: _passed when it passes
+        the identity filters (--cgroup, --container, --unit), else
+        _FAILED, which passes none of them (no cgroup)."""
+        only = HolderFilter(cgroups=self.holders.cgroups, containers=self.holders.containers,
+                            units=self.holders.units)
+        if not only.matches_person({"identity": ident}):
+            return _FAILED
+        if self._passed is None:
+            self._passed = {"cgroup": ident.get("cgroup")}
+        return self._passed
+
+
+# The stand-in of an identity that fails the identity filters: without a
+# cgroup, no container, unit or cgroup filter passes.
+_FAILED: dict = {}
 
 
 def _socket_key(rec: dict) -> tuple:

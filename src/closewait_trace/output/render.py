@@ -17,6 +17,7 @@ import datetime as _dt
 import functools
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -210,6 +211,19 @@ def _local(ts: float) -> Optional[_dt.datetime]:
 # Bounds of what the renderer remembers, whatever the records.
 MAX_PROCESSES = 4_096       # process records kept for -v (the latest)
 MAX_CAPTURES = 1_000        # capture headers remembered by a replay
+# What -v shows of a process (evidence_lines), and all that is kept of its
+# record: a record is up to 8 MiB of JSON (the reader's line cap), and
+# 4,096 whole ones were kept; 30 records of one thread with 200,000 Python
+# frames each made -r peak at 1.2 GB, 40 with a 7 MB list under an extra
+# identity key at 3.7 GB.
+SHOWN_IDENTITY = ("user", "container", "pod_uid", "unit", "claimed", "netns")
+SHOWN_THREADS = 16          # the writer's own bound (diagnosis.MAX_THREADS)
+SHOWN_FRAMES = 8            # of each thread's stack and Python frames
+# And the kept copies' size in all (sys.getsizeof of their strings, dicts
+# and lists): even cut so, a process can keep 16 threads of 16 frames of
+# 4 KiB strings (the schema's cap), some 4 MB; past this budget the oldest
+# are forgotten, as past MAX_PROCESSES. A real holder's copy is a few KiB.
+MAX_PROCESS_BYTES = 64 << 20
 
 
 @dataclass
@@ -291,7 +305,9 @@ class TextRenderer:
         self.clock = Clock(time_format)
         self.replay = replay
         self.all_transitions = False
-        self.processes: dict = {}  # pid -> latest process record, for -v
+        self.processes: dict = {}  # pid -> what -v shows of its latest process record
+        self._process_cost: dict = {}   # pid -> _size of it
+        self._process_bytes = 0         # their sum
         # Durations of sockets that left CLOSE_WAIT, by how they were
         # obtained: the kernel's histogram holds only the timed ones.
         self.closed_by_source: dict = {"traced": 0, "estimated": 0, "lower_bound": 0,
@@ -428,14 +444,13 @@ class TextRenderer:
         if kind == "closed":
             return self._closed(rec)
         if kind == "process":
-            if isinstance(rec.get("pid"), int):
-                # Shown through the linger lines (-v). The latest MAX_PROCESSES
-                # are kept (the oldest forgotten): a replay of a recording of
-                # many processes, or a long trace, does not grow without end.
-                self.processes.pop(rec["pid"], None)
-                if len(self.processes) >= MAX_PROCESSES:
-                    del self.processes[next(iter(self.processes))]
-                self.processes[rec["pid"]] = rec
+            if self.verbose and isinstance(rec.get("pid"), int):
+                # Shown through the linger lines (-v), and only there: without
+                # -v nothing is kept. The latest MAX_PROCESSES are kept (the
+                # oldest forgotten), each as the little -v shows of it, within
+                # MAX_PROCESS_BYTES in all: a replay of a recording of many
+                # processes, or a long trace, does not grow without end.
+                self._keep_process(rec["pid"], shown_process(rec))
             return []
         if kind == "transition":
             return self._transition(rec)
@@ -445,6 +460,20 @@ class TextRenderer:
         if kind == "summary":
             return self._summary(rec)
         return []
+
+    def _keep_process(self, pid: int, kept: dict) -> None:
+        cost = _size(kept)
+        old = self.processes.pop(pid, None)
+        if old is not None:
+            self._process_bytes -= self._process_cost.pop(pid)
+        while self.processes and (len(self.processes) >= MAX_PROCESSES
+                                  or self._process_bytes + cost > MAX_PROCESS_BYTES):
+            oldest = next(iter(self.processes))
+            del self.processes[oldest]
+            self._process_bytes -= self._process_cost.pop(oldest)
+        self.processes[pid] = kept
+        self._process_cost[pid] = cost
+        self._process_bytes += cost
 
     def _start(self, rec: dict) -> list[str]:
         self.all_transitions = bool(rec.get("all_transitions"))
@@ -779,6 +808,70 @@ def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
         # to say of it.)
         say(f"connect(): place not known: {escape(code['opened_unknown'])}", False)
     return out
+
+
+# The fields frame_line and python_frame_line read: a record's dicts may
+# carry extra keys (tolerated, never capped), which are not kept.
+_FRAME_SHOWN = ("pc", "function", "offset", "module", "method", "note", "file", "line")
+_PY_FRAME_SHOWN = ("function", "file", "line")
+
+
+def _only(value, keys):
+    return {k: value[k] for k in keys if k in value} if isinstance(value, dict) else value
+
+
+def _shown_frames(frames, keys) -> list:
+    return ([_only(f, keys) for f in frames[:SHOWN_FRAMES]] if isinstance(frames, list)
+            else frames)
+
+
+def _shown_container(container):
+    if isinstance(container, dict) and isinstance(container.get("id"), str):
+        # -v shows the runtime and the id's first 12 characters.
+        return {"runtime": container.get("runtime"), "id": container["id"][:12]}
+    return container
+
+
+def shown_process(rec: dict) -> dict:
+    """What evidence_lines reads of a process record, and nothing more: its
+    identity's shown keys, the threads' shown fields with the frames -v
+    lists (SHOWN_FRAMES of each), the reasons stacks or Python frames were
+    not read. evidence_lines shows the same from this as from the record."""
+    out = {k: rec[k] for k in ("stacks_not_read", "python_not_read") if k in rec}
+    ident = rec.get("identity")
+    if isinstance(ident, dict):
+        kept = out["identity"] = {k: ident[k] for k in SHOWN_IDENTITY if k in ident}
+        if "container" in kept:
+            kept["container"] = _shown_container(kept["container"])
+        claim = kept.get("claimed")
+        if isinstance(claim, dict):
+            kept["claimed"] = _only(claim, ("container", "pod_uid", "unit", "under"))
+            if "container" in kept["claimed"]:
+                kept["claimed"]["container"] = _shown_container(claim["container"])
+    elif "identity" in rec:
+        out["identity"] = ident
+    threads = rec.get("threads")
+    if isinstance(threads, list):
+        out["threads"] = [
+            {k: t[k] for k in ("tid", "state", "syscall", "wchan") if k in t}
+            | {k: _shown_frames(t[k], keys) for k, keys in
+               (("python", _PY_FRAME_SHOWN), ("stack", _FRAME_SHOWN)) if k in t}
+            if isinstance(t, dict) else t for t in threads[:SHOWN_THREADS]]
+    elif "threads" in rec:
+        out["threads"] = threads
+    return out
+
+
+def _size(value, depth: int = 0) -> int:
+    """Bytes a kept process copy holds (its strings, dicts and lists; numbers
+    are small or shared): bounded work, the copy being a few levels deep."""
+    size = sys.getsizeof(value)
+    if depth < 6:
+        if isinstance(value, dict):
+            size += sum(_size(v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            size += sum(_size(v, depth + 1) for v in value)
+    return size
 
 
 def evidence_lines(rec: dict, processes: dict) -> list[str]:

@@ -19,6 +19,7 @@ Debian's validators checks TypedDicts strictly (no "5" for 5, no 1 for true).
 from typing import Annotated, Any, Literal, NotRequired, Optional, TypedDict, Union
 
 import math
+import re
 import typing
 from dataclasses import dataclass
 
@@ -48,10 +49,27 @@ class Range:
 # arithmetic on them (NaN and infinities fail these bounds).
 Seconds = Annotated[float, Range(0, 1e12)]
 Epoch = Annotated[float, Range(0, 1e11)]
-Count = Annotated[int, Range(0)]
 Pid = Annotated[int, Range(0, 1 << 32)]
 Port = Annotated[int, Range(0, 65535)]
-Fd = Annotated[int, Range(-1, 1 << 31)]
+Fd = Annotated[int, Range(-1, (1 << 31) - 1)]     # an int in the kernel
+# Counts, each bounded by what it counts: a count no machine can have (2**80
+# more fds on a socket, a 4,000-digit number) is a lie of a crafted file,
+# refused like any invalid record (counted as damaged), never stated as a
+# fact ("and 1208925819614629174706176 more fds on it"; the report's
+# "N holder(s) past the first 4"). Each bound is far above the writer's.
+Count = Annotated[int, Range(0, (1 << 63) - 1)]   # anything counted: an int64
+# fds on one socket that a record does not list: below 2^31 (one process
+# has at most nr_open fds, whose ceiling is under 2^31; 2^31 fds would be
+# 16 GB of fd tables; the owner walk reads some 500,000 links in its 2 s).
+FdCount = Annotated[int, Range(0, (1 << 31) - 1)]
+# Processes or threads: each takes a pid, of which there are at most
+# PID_MAX_LIMIT (4,194,304) at once.
+Tasks = Annotated[int, Range(0, 1 << 22)]
+# The kernel's queue lengths (accept queue, backlog, bytes not read): u32.
+Queue = Annotated[int, Range(0, (1 << 32) - 1)]
+# A log2 histogram bucket's bounds in microseconds: 64 slots, the last
+# ending at 2^63 (records.py).
+Micros = Annotated[int, Range(0, 1 << 63)]
 
 AgeSource = Literal["traced", "estimated", "lower_bound", "range"]
 
@@ -79,11 +97,50 @@ MAX_COMM = 15
 Comm = Annotated[str, MaxLen(MAX_COMM, truncate=False)]
 
 
+@dataclass(frozen=True)
+class MaxItems:
+    """A list field's bound (Annotated metadata): the writer never writes
+    more, so a longer list is a lie of a crafted file, and the record is
+    refused. Each list of a record whose length the writer bounds has one:
+    a reader that keeps part of a record (-v's process records) is then
+    bounded by them, not by the 8 MiB line (one thread of 200,000 Python
+    frames in a record that passed)."""
+    items: int
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string field's form (Annotated metadata): a value the regex does
+    not match is not one the field can have, and the record is refused.
+    Written for both engines (Python's re, the JSON Schema's ECMA 262)."""
+    regex: str
+
+
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = f"{_OCTET}(\\.{_OCTET}){{3}}"
+_H = "[0-9a-fA-F]{1,4}"
+_IPV6 = "|".join((
+    f"({_H}:){{7}}{_H}", f"({_H}:){{1,7}}:", f"({_H}:){{1,6}}:{_H}",
+    f"({_H}:){{1,5}}(:{_H}){{1,2}}", f"({_H}:){{1,4}}(:{_H}){{1,3}}",
+    f"({_H}:){{1,3}}(:{_H}){{1,4}}", f"({_H}:){{1,2}}(:{_H}){{1,5}}",
+    f"{_H}:(:{_H}){{1,6}}", f":((:{_H}){{1,7}}|:)",
+    f"({_H}:){{6}}{_IPV4}", f"::(ffff:)?{_IPV4}"))
+# A socket's addresses, as the writer writes them (events.format_address:
+# an IPv4 or IPv6 literal, an IPv4 client of a dual-stack listener as
+# ::ffff:a.b.c.d): at most 45 characters. Any string was taken (cut at 4 KiB),
+# and readers key sockets by their addresses: 60,000 sockets of 4 KiB
+# "addresses" took `report --since` to 525 MB and `-r --comm` to 528 MB.
+# No newline anywhere (the lookahead): Python's `$` also matches before a
+# final one, ECMA's does not, and both engines must agree.
+IP_LITERAL = f"^(?![\\s\\S]*\\n)({_IPV4}|{_IPV6})$"
+Address = Annotated[str, Pattern(IP_LITERAL)]
+
+
 class Endpoint(TypedDict):
     family: Literal["ipv4", "ipv6"]
-    laddr: str
+    laddr: Address
     lport: Port
-    raddr: str
+    raddr: Address
     rport: Port
 
 
@@ -109,11 +166,11 @@ class Holder(TypedDict):
 
 class Listener(TypedDict):
     local: str
-    accept_queue: Count
-    backlog: Count
+    accept_queue: Queue
+    backlog: Queue
     owners: list[Holder]
     # fds on the listener not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
 
 
 class Filters(TypedDict):
@@ -174,9 +231,9 @@ class Evidence(TypedDict, total=False):
     holders: list[HolderRef]            # in `owners`
     listener_holders: list[HolderRef]   # in `listener.owners` (never accepted)
     accepting_process: list[HolderRef]  # in `listener.owners` (inherited socket)
-    denied_processes: Count             # fd tables we were not allowed to read
-    denied_netns_processes: Count       # processes whose network namespace we could not enter
-    fds_not_read_processes: Count       # fd tables left unread when the walk's time was up
+    denied_processes: Tasks             # fd tables we were not allowed to read
+    denied_netns_processes: Tasks       # processes whose network namespace we could not enter
+    fds_not_read_processes: Tasks       # fd tables left unread when the walk's time was up
 
 
 class Diagnosis(TypedDict):
@@ -226,6 +283,16 @@ class PyFrame(TypedDict):
     line: Optional[Count]       # None: the line table has none for the instruction
 
 
+# The writer's own bounds of its lists of frames: a thread's stack
+# (symbolize.user_stack, 16 frames) and Python frames (pyframes.MAX_FRAMES,
+# 32); a capture's stack (symbolize.captured_stack, 32) and Python frames
+# (the kernel program's PY_MAX_FRAMES, 16).
+ThreadStack = Annotated[list[Frame], MaxItems(16)]
+ThreadPython = Annotated[list[PyFrame], MaxItems(32)]
+CapturedStack = Annotated[list[Frame], MaxItems(32)]
+CapturedPython = Annotated[list[PyFrame], MaxItems(16)]
+
+
 class EofRead(TypedDict):
     """Where the socket was read to its end: the kernel program copied the
     reading thread's registers and the top of its stack at that read."""
@@ -235,11 +302,11 @@ class EofRead(TypedDict):
     tid: Pid
     comm: Comm
     place: Optional[Frame]      # the frame named: the program's own code
-    stack: list[Frame]
+    stack: CapturedStack
     stack_bytes: Count          # of stack copied by the kernel
     unwound: bool               # false: not unwound (stack empty)
     not_unwound: NotRequired[str]   # why, when not for lack of time
-    python: NotRequired[list[PyFrame]]   # a CPython reader's frames at the read
+    python: NotRequired[CapturedPython]  # a CPython reader's frames at the read
     python_not_read: NotRequired[str]    # a CPython reader's frames not copied or read: why
 
 
@@ -251,11 +318,11 @@ class Opened(TypedDict):
     tid: Pid
     comm: Comm
     place: Optional[Frame]
-    stack: list[Frame]
+    stack: CapturedStack
     stack_bytes: Count
     unwound: bool
     not_unwound: NotRequired[str]
-    python: NotRequired[list[PyFrame]]
+    python: NotRequired[CapturedPython]
     python_not_read: NotRequired[str]
 
 
@@ -277,10 +344,10 @@ class LingerRecord(_Base, Endpoint):
     owner_kind: Optional[str]
     owners: list[Holder]
     # fds on the socket not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
     netns: Optional[int]
     inode: Optional[int]
-    unread_bytes: Optional[Count]
+    unread_bytes: Optional[Queue]
     eof_read: Optional[bool]
     listener: Optional[Listener]
     also_in_netns: list[int]
@@ -309,7 +376,7 @@ class LingeringEntry(Endpoint):
     owner_kind: Optional[str]
     owners: list[BriefHolder]
     # fds on it not in owners (4 of one process are listed)
-    owners_not_listed: NotRequired[Count]
+    owners_not_listed: NotRequired[FdCount]
     diagnosis: Optional[BriefDiagnosis]
 
 
@@ -347,8 +414,8 @@ class Thread(TypedDict):
     syscall: Optional[str]
     syscall_fd: Optional[int]
     syscall_fd_target: Optional[str]
-    stack: list[Frame]
-    python: NotRequired[list[PyFrame]]    # innermost first; CPython holders only
+    stack: ThreadStack
+    python: NotRequired[ThreadPython]     # innermost first; CPython holders only
 
 
 class ProcessRecord(_Base):
@@ -358,8 +425,8 @@ class ProcessRecord(_Base):
     ppid: Pid
     cmdline: str
     exiting: bool
-    threads: list[Thread]
-    threads_total: Count
+    threads: Annotated[list[Thread], MaxItems(16)]  # diagnosis.MAX_THREADS
+    threads_total: Tasks
     identity: Identity
     tracer: NotRequired[Task]
     unreadable: NotRequired[str]
@@ -368,28 +435,32 @@ class ProcessRecord(_Base):
 
 
 class HistogramBucket(TypedDict):
-    from_us: Count
-    to_us: Count
+    from_us: Micros
+    to_us: Micros
     count: Count
+
+
+# The kernel's log2 histogram has 64 slots (cw_hist), a bucket each at most.
+Histogram = Annotated[list[HistogramBucket], MaxItems(64)]
 
 
 class SnapshotRecord(_Base):
     lingering: list[LingeringEntry]
-    counters: dict[str, int]
-    histogram_us: list[HistogramBucket]
+    counters: dict[str, Count]
+    histogram_us: Histogram
 
 
 class SummaryRecord(_Base):
     traced_s: Seconds
-    counters: dict[str, int]
-    histogram_us: list[HistogramBucket]
+    counters: dict[str, Count]
+    histogram_us: Histogram
     linger_reported: Count
     closed_reported: Count
     still_lingering: list[LingeringEntry]
     changes_reported: NotRequired[Count]
     tracer_cost: NotRequired[dict[str, Union[int, float]]]
     write_errors: NotRequired[Count]
-    symbolizer_problems: NotRequired[dict[str, int]]
+    symbolizer_problems: NotRequired[dict[str, Count]]
 
 
 class HeaderRecord(TypedDict):
@@ -460,6 +531,17 @@ def _build(tp: Any):
         base = _checker(args[0])
         ranges = [m for m in args[1:] if isinstance(m, Range)]
         lengths = [m.chars for m in args[1:] if isinstance(m, MaxLen) and not m.truncate]
+        patterns = [re.compile(m.regex) for m in args[1:] if isinstance(m, Pattern)]
+        items = [m.items for m in args[1:] if isinstance(m, MaxItems)]
+
+        if items:
+            def a_bounded_list(value, path):
+                # The length first: a list too long is refused before its
+                # items are checked.
+                if isinstance(value, list) and len(value) > items[0]:
+                    return f"{path}: more than {items[0]} items"
+                return base(value, path)
+            return a_bounded_list
 
         def annotated(value, path):
             wrong = base(value, path)
@@ -471,6 +553,9 @@ def _build(tp: Any):
             for n in lengths:
                 if len(value) > n:
                     return f"{path}: longer than {n} characters"
+            for pattern in patterns:
+                if not pattern.search(value):
+                    return f"{path}: not of its form ({value[:40]!r})"
             return None
         return annotated
     if origin is NotRequired:
@@ -585,8 +670,9 @@ def _build_capper(tp: Any):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Annotated:
-        if any(isinstance(m, MaxLen) and not m.truncate for m in args[1:]):
-            return _keep
+        if any(isinstance(m, (Pattern, MaxLen)) and not getattr(m, "truncate", False)
+               for m in args[1:]):
+            return _keep        # refused by problem() if wrong, never cut
         return _capper(args[0])
     if origin is NotRequired:
         return _capper(args[0])
@@ -772,6 +858,10 @@ def json_schema() -> dict:
                         out["maximum"] = m.le
                 if isinstance(m, MaxLen) and not m.truncate:
                     out["maxLength"] = m.chars
+                if isinstance(m, Pattern):
+                    out["pattern"] = m.regex
+                if isinstance(m, MaxItems):
+                    out["maxItems"] = m.items
             return out
         if origin is NotRequired:
             return ref(args[0])
