@@ -25,7 +25,10 @@ from closewait_trace.sockets.tracker import Tracker
 PRELOAD = ("closewait_trace.evidence.pyframes",)
 
 # Holder processes read per batch, at most: one socket shared by 3,001
-# forks must not cost 3,001 process reads (nor list them all).
+# forks must not cost 3,001 process reads (nor list them all). Which are
+# read is resolver.gather_processes's choice (socket holders first, users
+# in turns), made before it asks; process_evidence's own cut is a
+# backstop for any other caller.
 MAX_PROCESSES_PER_BATCH = 256
 
 

@@ -16,7 +16,7 @@ from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import procfs
+from closewait_trace.sockets import owners, procfs
 from closewait_trace.sockets.owners import Census, LookupMemory, RescanRead
 
 # Deadlines of the gathering worker's calls (seconds, scaled by the testing
@@ -40,6 +40,41 @@ SNAPSHOT_CAP_S = 300.0
 # abandoned and the others are read in a new worker, until EVIDENCE_DEADLINE_S.
 EVIDENCE_DEADLINE_S = 10.0
 PROCESS_DEADLINE_S = 2.5
+
+
+# Why a holder process was not read: the batch's cap was reached by those
+# read before it (gather_processes says which come first).
+NOT_READ_OVER_CAP = (f"not read: {gathering.MAX_PROCESSES_PER_BATCH} other processes "
+                     f"read first")
+
+
+def holder_order(owns: list) -> list:
+    """The distinct holder processes of owns (Ownerships, the oldest
+    socket's first), in the order their evidence is read: every socket's
+    own holders, then those of listeners that are not also a socket's;
+    in each tier the users (real uid) take turns (owners.user_turns: each
+    user's first, then each user's second...), each user's as their
+    sockets come, a turn's users as their first socket comes."""
+    tiers: tuple[dict, dict] = ({}, {})         # pid -> Holder, first seen first
+    for own in owns:
+        for h in own.holders:
+            tiers[0].setdefault(h.pid, h)
+    for own in owns:
+        for h in own.listener_holders:
+            if h.pid not in tiers[0]:
+                tiers[1].setdefault(h.pid, h)
+    out = []
+    for tier in tiers:
+        rank = {pid: i for i, pid in enumerate(tier)}
+        # A uid not read (None) is a user of its own, as namespace_users's -1.
+        uid_of = {}
+        for pid, h in tier.items():
+            uid = getattr(h, "uid", None)
+            uid_of[pid] = -1 if uid is None else uid
+        turns = owners.user_turns(uid_of, rank.__getitem__,
+                                  lambda _uid, pid: rank[pid])
+        out.extend(tier[pid] for pid in turns)
+    return out
 
 
 @dataclass
@@ -126,9 +161,21 @@ class ProcResolver:
                                     progress_s=STALL_S, stream=True)
         return OwnersAhead(wanted, pending)
 
-    def gather_processes(self, owns: list, cache: diagnosis.Batch) -> None:
-        """Reads every holder process of owns into cache (in the worker,
-        when there is one); those not read by the deadline are said so.
+    def gather_processes(self, owns: list, cache: diagnosis.Batch) -> set:
+        """Reads the holder processes of owns into cache (in the worker,
+        when there is one), at most gathering.MAX_PROCESSES_PER_BATCH of
+        them; those not read by the deadline are said so. Returns the pids
+        left unread for that cap (marked NOT_READ_OVER_CAP, counted in
+        skipped_processes), for the caller to diagnose their sockets again.
+
+        Which are read first (holder_order): every socket's own holders
+        before any listener's, each tier in turns of their users (real
+        uid). A listener's holders matter to a few causes only, and 300
+        forks sharing one user's listener put 301 processes in every batch
+        of that listener's sockets: read oldest socket first, they pushed
+        another user's one holder past the cap ("unknown ... not
+        gathered"). In turns, one user's many processes put off another
+        user's by one a turn, never by all of them.
 
         Stacks are what reads a holder's memory, the one read a user can
         block (evidence/worker.py): a process whose read timed out before
@@ -137,23 +184,29 @@ class ProcResolver:
         stays blocked; and when reads of memory are suspended, everyone's
         are read without them. Each says why its stacks are missing."""
         if self.worker is None:
-            return                  # read lazily, in gather(), in this process
+            return set()            # read lazily, in gather(), in this process
         cache.offline = True
-        holders, wanted = [], {}
-        for own in owns:
-            for h in list(own.holders) + list(own.listener_holders):
-                if h.pid not in wanted:
-                    wanted[h.pid] = h
-                    holders.append(h)
+        holders, to_read = holder_order(owns), []
+        for h in holders:
+            key = (h.pid, getattr(h.process, "start_time", None))
+            if self.slow.get(key, 0) >= 2:
+                # Not read (nor counted against the cap: it costs nothing).
+                cache.processes[h.pid] = diagnosis.ProcessEvidence(
+                    pid=h.pid, unreadable=f"not read: {TIMED_OUT} before")
+            else:
+                to_read.append(h)
+        cap = gathering.MAX_PROCESSES_PER_BATCH
+        over = to_read[cap:]
+        for h in over:
+            cache.processes[h.pid] = diagnosis.ProcessEvidence(
+                pid=h.pid, unreadable=NOT_READ_OVER_CAP)
+        self.skipped_processes += len(over)
+        holders = to_read[:cap]
         blocked_users = self.worker.stuck_tags()
         with_stacks, without = [], {}          # without: why -> holders
         for h in holders:
-            key = (h.pid, getattr(h.process, "start_time", None))
-            misses = self.slow.get(key, 0)
-            if misses >= 2:
-                cache.processes[h.pid] = diagnosis.ProcessEvidence(
-                    pid=h.pid, unreadable=f"not read: {TIMED_OUT} before")
-            elif misses:
+            misses = self.slow.get((h.pid, getattr(h.process, "start_time", None)), 0)
+            if misses:
                 without.setdefault(f"{TIMED_OUT} before", []).append(h)
             elif getattr(h, "uid", None) in blocked_users:
                 without.setdefault("a read of its user's memory is still blocked",
@@ -169,6 +222,7 @@ class ProcResolver:
                 h for h in with_stacks if h.pid not in cache.processes)
         for why, group in without.items():
             self._read_processes(group, False, cache, end, stacks_not_read=why)
+        return {h.pid for h in over}
 
     def _read_processes(self, group: list, stacks: bool, cache: diagnosis.Batch,
                         end: float, stacks_not_read: str = "") -> str:

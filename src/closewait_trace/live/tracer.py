@@ -99,6 +99,10 @@ OWNER_READS_KEPT = 4096
 # (e.g. its namespace has no process left to read it through) is reported
 # without owners after this many attempts.
 MAX_RESOLVE_ATTEMPTS = 3
+# A socket diagnosed while the batch's cap on holder processes read left one
+# of its holders unread is diagnosed again at most this many times
+# (Tracer._rediagnose_over_cap).
+MAX_EVIDENCE_RETRIES = 2
 
 
 # A holder's state (gathering.holder_states) once it exits: in its exit
@@ -1048,7 +1052,10 @@ class LiveTracer:
                     captures[(id(l), kind)] = (l, capture)
             todo.append((l, own))
         seen_ns = self.now_ns()
-        self.resolver.gather_processes([own for _l, own in todo if own], evidence_cache)
+        over_cap = self.resolver.gather_processes([own for _l, own in todo if own],
+                                                  evidence_cache) or ()
+        if over_cap:
+            self._rediagnose_over_cap(todo, over_cap)
         self.register_pythons({pid: ev.python_walk for pid, ev in evidence_cache.processes.items()
                                if getattr(ev, "python_walk", None)}, seen_ns)
         self.locate_places(captures, {id(l): own for l, own in todo})
@@ -1094,6 +1101,23 @@ class LiveTracer:
         finally:
             for sink in holding:
                 sink.hold_batch(False)
+
+    def _rediagnose_over_cap(self, todo: list, over_cap) -> None:
+        """Sockets one of whose own holders the batch left unread for its
+        cap (resolver.gather_processes: "not read: 256 other processes read
+        first") are diagnosed again at the next tick (rediagnose_next: the
+        re-diagnosis batch of recheck_owners, with only the sockets whose
+        holders changed state besides, not the whole flood that filled
+        this one); a changed diagnosis is written as an update. Each at
+        most MAX_EVIDENCE_RETRIES times in its life, so that a user whose
+        own sockets have thousands of holders cannot have the tracer read
+        them again at every tick. A listener's holders are not waited for:
+        no cause is decided on their threads."""
+        for l, own in todo:
+            if (own is not None and l.evidence_retries < MAX_EVIDENCE_RETRIES
+                    and any(h.pid in over_cap for h in own.holders)):
+                l.evidence_retries += 1
+                self.rediagnose_next[id(l)] = l
 
     def _look_ahead(self) -> None:
         """Before a large batch's records are written (the loop's longest

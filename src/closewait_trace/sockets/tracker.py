@@ -67,6 +67,10 @@ class Lingerer:
     # Failed owner lookups so far: kept on the socket, so the count is
     # forgotten with it (a count kept apart outlived sockets that left).
     resolve_attempts: int = 0
+    # Diagnoses made again because the batch's cap on processes read left
+    # a holder of it unread (Tracer._rediagnose_over_cap): bounded, on the
+    # socket for the same reason.
+    evidence_retries: int = 0
     hidden: bool = False        # resolved, but its holders fail the holder filter
     # Where in the holder's code (records.code_*): set when first reported.
     code: Optional[dict] = None
