@@ -8,8 +8,6 @@ older than root's, made root's socket "unknown ... (not gathered)")."""
 
 import socket
 
-import pytest
-
 from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.resolver import NOT_READ_OVER_CAP, ProcResolver, holder_order
 from closewait_trace.kernel import tcpstates
