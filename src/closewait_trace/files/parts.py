@@ -244,6 +244,14 @@ def _probe(path: str, sibling: bool) -> _Part:
     return part
 
 
+@dataclass
+class _Plan:
+    """One given path's parts, before the sets are compared."""
+    parts: list
+    refused: list                 # (path, why) of siblings that do not join
+    problems: list = field(default_factory=list)
+
+
 class RecordingReader:
     """Streams the records of one or more recordings, in order, headers
     included: `for rec in RecordingReader(paths)`. Each path is a capture's
@@ -268,9 +276,53 @@ class RecordingReader:
         if paths.count(STDOUT) > 1:
             raise UserError("standard input ('-') can be read only once", EXIT_FILE,
                             "give '-' once")
-        self._sets = [(given, self._plan(given)) for given in paths]
+        self._sets = self._read_once([(given, self._plan(given)) for given in paths])
 
-    def _plan(self, given: str) -> list[_Part]:
+    def _read_once(self, planned: list) -> list:
+        """Each file (by device and inode of the file opened) read once,
+        however many times it is named: `report FILE*` (the README's form)
+        names FILE.N that FILE already pulls in, and a file may be named
+        again, through a symlink or a hard link. A given path whose parts all
+        belong to a larger set (FILE.N beside FILE), or to an earlier one as
+        large (the same file twice), is not read on its own, and nothing is
+        said of it: its parts are read in their place in the capture, and
+        nothing was wrong with naming it. Otherwise a part already read is
+        left out of a later set. Only what is said of the sets read is kept."""
+        owner: dict = {}                        # file -> index of the largest set holding it
+        for i, (_given, plan) in enumerate(planned):
+            for p in plan.parts:
+                j = owner.get(p.ident[:2])
+                if j is None or len(planned[j][1].parts) < len(plan.parts):
+                    owner[p.ident[:2]] = i
+        given_names = {os.path.normpath(g) for g, _ in planned}
+        seen: set = set()
+        sets = []
+        for i, (given, plan) in enumerate(planned):
+            if all(owner[p.ident[:2]] != i for p in plan.parts):
+                self._drop(plan.parts)
+                continue
+            kept = [p for p in plan.parts if p.ident[:2] not in seen]
+            self._drop([p for p in plan.parts if p.ident[:2] in seen])
+            seen.update(p.ident[:2] for p in kept)
+            for path, why in plan.refused:
+                # A sibling refused here but named on the command line is
+                # read as given: "skipped" would be false.
+                if os.path.normpath(path) not in given_names:
+                    plan.problems.append(f"skipped {path}: {why}")
+            self._note(given, plan)
+            if kept:
+                sets.append((given, kept))
+        return sets
+
+    @staticmethod
+    def _drop(dropped: list) -> None:
+        for p in dropped:
+            if p.records is not None:               # standard input, kept open
+                p.records.close()
+                os.close(p.fd)
+                p.records = None
+
+    def _plan(self, given: str) -> "_Plan":
         first = _probe(given, sibling=False)
         parts = [first]
         refused = []
@@ -278,23 +330,30 @@ class RecordingReader:
             for path in rotated_set(given)[1:]:
                 why = self._sibling_problem(path, first)
                 if isinstance(why, str):
-                    refused.append(f"{path}: {why}")
+                    refused.append((path, why))
                 else:
                     parts.append(why)
         parts.sort(key=lambda p: p.number)
         unique = []
+        by_file = {}
         for p in parts:
+            if p.ident[:2] in by_file:          # a hard link among the siblings
+                continue
             if unique and unique[-1].number == p.number:
-                refused.append(f"{p.path}: part {p.number} again (also in {unique[-1].path})")
+                refused.append((p.path, f"part {p.number} again (also in {unique[-1].path})"))
                 continue
             unique.append(p)
-        for line in refused[:MAX_LISTED]:
-            self.problems.append(f"skipped {line}")
+            by_file[p.ident[:2]] = p
+        return _Plan(unique, refused)
+
+    def _note(self, given: str, plan: "_Plan") -> None:
+        """What planning found, for a set that is read."""
+        refused = plan.problems
+        self.problems.extend(refused[:MAX_LISTED])
         if len(refused) > MAX_LISTED:
             self.problems.append(f"skipped {len(refused) - MAX_LISTED} more file(s) "
                                  f"beside {given} that are not parts of its capture")
-        self._note_gaps(given, [p.number for p in unique])
-        return unique
+        self._note_gaps(given, [p.number for p in plan.parts])
 
     @staticmethod
     def _sibling_problem(path: str, first: _Part):
