@@ -74,7 +74,11 @@ def gzip_bomb(path, filler: bytes, gib: int, last_line: str = ""):
             f.write(gzip.compress(last_line.encode(), mtime=0))
 
 
-@pytest.mark.parametrize("filler", [b"\n", b"x", b"{}\n"])
+# '{"type":"x"}' and a linger of no valid shape pass the parser's gate and
+# fail the schema: until 2026-12-07 they reset the stop, and 2 GiB of them
+# took 438 s (these 4 GiB: past the 60 s timeout).
+@pytest.mark.parametrize("filler", [b"\n", b"x", b"{}\n", b'{"type":"x"}\n',
+                                    b'{"type":"linger","ts":1}\n'])
 def test_decompression_bomb_is_bounded(tmp_path, filler):
     path = tmp_path / "bomb.jsonl.gz"
     gzip_bomb(path, filler, gib=4, last_line=linger(1))
@@ -85,6 +89,24 @@ def test_decompression_bomb_is_bounded(tmp_path, filler):
     shown = [json.loads(x) for x in result.stdout.decode().splitlines()]
     assert [r["rport"] for r in shown if r["type"] == "linger"] == [40000]
     assert "stopped reading after" in err and "nothing usable" in err
+
+
+@pytest.mark.parametrize("unusable", ['{"type": "x"}', '{"type": "linger", "ts": 1}',
+                                      '{"type": "header"}', "[1]", "x", ""])
+def test_records_the_schema_rejects_count_toward_the_stop(tmp_path, unusable):
+    """Any line that yields no usable record counts toward the stop,
+    whichever check refuses it: the parser, or the schema of the file's
+    version (which comes later, once the header has said the version)."""
+    path = tmp_path / "typed.jsonl"
+    with open(path, "w") as f:
+        f.write(header() + linger(0))
+        f.write((unusable + "\n") * (stream.BARREN_LINES + 10))
+        f.write(linger(1))
+    rec = parts.read([str(path)])
+    assert [r["rport"] for r in rec.of("linger")] == [40000]
+    assert any(f"stopped reading after {stream.BARREN_LINES + 1} lines" in p
+               for p in rec.problems), rec.problems
+    assert rec.skipped == (0 if unusable == "" else stream.BARREN_LINES + 1)
 
 
 def test_endless_line_is_skipped_in_bounded_memory(tmp_path):

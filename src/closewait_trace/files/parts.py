@@ -467,18 +467,20 @@ class RecordingReader:
                 self.problems.append(f"skipped {part.path}: it was replaced while being read")
                 return
         version = first["format_version"]
+
+        def usable(rec: dict) -> Optional[dict]:
+            # Older versions are brought to the current shape; a record
+            # that does not match its schema (damaged, hostile) is skipped
+            # and counted like a damaged line, never shown. Judged inside
+            # the stream, so such records count toward its barren stop.
+            rec = schema.upgrade(rec, version)
+            return rec if schema.problem(rec) is None else None
+
+        state.usable = usable
         try:
             self.files.append(_name(part.path))
             yield first
-            for rec in records:
-                # Older versions are brought to the current shape; a record
-                # that does not match its schema (damaged, hostile) is
-                # skipped and counted like a damaged line, never shown.
-                rec = schema.upgrade(rec, version)
-                if schema.problem(rec) is None:
-                    yield rec
-                else:
-                    state.skipped += 1
+            yield from records
         finally:
             records.close()
             os.close(fd)
