@@ -193,19 +193,33 @@ _HINTS = {"is not": "record one as root: closewait-trace -w FILE",
           "has a damaged": "nothing can be read from it without a valid header"}
 
 
+def _identity(header: dict) -> tuple:
+    """What tells a part's header from another's once the header itself is
+    let go: a file whose header no longer says this was replaced. (Not a
+    hash of it all: a header may be megabytes, read twice.)"""
+    return tuple(header.get(k) for k in ("part", "capture_id", "start_ts", "format_version",
+                                         "boot_id", "hostname"))
+
+
 @dataclass
 class _Part:
+    """One file of a set, planned. Of its header only what the plan uses is
+    kept (its part number, capture id, start time, and what tells that the
+    file was not replaced before it is read): a header may be 8 MiB of lists,
+    and every part of a set is planned before the first is read. The
+    header itself is read again when the part is (standard input's is kept:
+    it cannot be read twice)."""
     path: str
-    header: dict
+    number: int
+    capture_id: str
+    start_ts: object              # the report's and the replay's time of day reference
+    identity: tuple               # _identity(header)
     ident: tuple                  # (st_dev, st_ino, st_uid) when probed
     sibling: bool
     records: Optional[Iterable[dict]] = None   # standard input: read once, kept
     state: Optional[FileState] = None
     fd: int = -1
-
-    @property
-    def number(self) -> int:
-        return self.header.get("part", 0)
+    header: Optional[dict] = None               # standard input's, kept until read
 
 
 def _probe(path: str, sibling: bool) -> _Part:
@@ -237,10 +251,13 @@ def _probe(path: str, sibling: bool) -> _Part:
                             EXIT_FILE, "nothing can be recovered from it")
         hint = next(h for k, h in _HINTS.items() if problem.startswith(k))
         raise UserError(f"{name} {problem}", EXIT_FILE, hint)
-    part = _Part(path, first, (st.st_dev, st.st_ino, st.st_uid), sibling)
+    part = _Part(path, first.get("part", 0), first.get("capture_id", ""),
+                 first.get("start_ts"), _identity(first),
+                 (st.st_dev, st.st_ino, st.st_uid), sibling)
     if path == STDOUT:
         part.records, part.state = records, state
         part.fd = fd
+        part.header = first
     return part
 
 
@@ -372,7 +389,7 @@ class RecordingReader:
             part = _probe(path, sibling=True)
         except UserError as err:
             return err.message.replace(path + " ", "", 1)
-        if part.header.get("capture_id") != first.header.get("capture_id"):
+        if part.capture_id != first.capture_id:
             return "its header belongs to another capture (capture id differs)"
         return part
 
@@ -404,13 +421,16 @@ class RecordingReader:
             a, b = _probe(base, sibling=True), _probe(given, sibling=False)
         except UserError:
             return False
-        return a.header.get("capture_id") == b.header.get("capture_id") and \
+        return a.capture_id == b.capture_id and \
             a.ident[2] == b.ident[2]
 
     @property
     def first_header(self) -> dict:
-        """The header of the first file given (checked at construction)."""
-        return self._sets[0][1][0].header
+        """What is kept of the header of the first file read (checked at
+        construction): its part, capture_id and start_ts."""
+        first = self._sets[0][1][0]
+        return {"part": first.number, "capture_id": first.capture_id,
+                "start_ts": first.start_ts}
 
     def end_ts(self) -> Optional[float]:
         """The `ts` of the last record of the last part, found without
@@ -451,7 +471,7 @@ class RecordingReader:
             state, records, fd = part.state, part.records, part.fd
             state.on_wait = self.on_wait
             part.records = None
-            first = part.header
+            first, part.header = part.header, None
         else:
             state = FileState(on_wait=self.on_wait)
             try:
@@ -461,7 +481,8 @@ class RecordingReader:
                 return
             records = records_of(decoded_chunks(fd, state), state)
             first = next(iter(records), None)
-            if (st.st_dev, st.st_ino, st.st_uid) != part.ident or first != part.header:
+            if (st.st_dev, st.st_ino, st.st_uid) != part.ident or first is None \
+                    or _identity(first) != part.identity:
                 records.close()
                 os.close(fd)
                 self.problems.append(f"skipped {part.path}: it was replaced while being read")
