@@ -382,3 +382,64 @@ def test_the_headers_of_a_set_are_not_all_kept(tmp_path):
     out, _peak_mib, traced_mib = memprobe.run(probe, str(base), traced=True, timeout=300)
     assert out.stdout.split() == ["16", "16", "16", "0", "0"], out.stdout
     assert traced_mib < 50, f"{traced_mib:.0f} MiB traced for 16 parts of 6 MB headers"
+
+
+def _counting_decoder(monkeypatch):
+    """parts.decoded_chunks, counting what it decodes."""
+    decoded = [0]
+    real = parts.decoded_chunks
+
+    def counted(fd, state):
+        for chunk in real(fd, state):
+            decoded[0] += len(chunk)
+            yield chunk
+    monkeypatch.setattr(parts, "decoded_chunks", counted)
+    return decoded
+
+
+def test_the_end_of_a_gzip_of_newlines_is_found_where_reading_stops(tmp_path, monkeypatch):
+    """-r gives the capture's end in its banner (end_ts, before reading):
+    it inflated the whole last part, with no stop (a 2 MB gzip of 2 GiB of
+    newlines: -r 5.96 s where report took 0.13 s). A stretch of newlines
+    where reading stops ends the search too, and the end given is the last
+    record before it, the last one reading shows."""
+    path = tmp_path / "nl.jsonl.gz"
+    gzip_bomb(path, b"\n", gib=1, last_line=linger(1))
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() == 1000.0
+    assert decoded[0] <= 4 * stream.READ_CHUNK, f"{decoded[0] >> 20} MiB decoded"
+
+
+def test_the_end_of_a_gzip_of_junk_is_searched_within_a_budget(tmp_path, monkeypatch):
+    """Lines the schema rejects cannot be told without parsing them: the
+    search of a gzip's end stops at a budget of decoded bytes (a ratio of
+    the file's size, at least BARREN_BYTES), and no end is claimed."""
+    path = tmp_path / "typed.jsonl.gz"
+    gzip_bomb(path, b'{"type":"x"}\n', gib=1, last_line=linger(1))
+    budget = max(stream.BARREN_BYTES, parts.TAIL_BUDGET_RATIO * path.stat().st_size)
+    assert budget < 1 << 30
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() is None
+    assert decoded[0] <= budget + stream.READ_CHUNK, f"{decoded[0] >> 20} MiB decoded"
+
+
+def test_the_end_of_a_plain_file_is_read_from_its_end(tmp_path, monkeypatch):
+    path = tmp_path / "cw.jsonl"
+    with open(path, "w") as f:
+        f.write(header())
+        for i in range(5000):
+            f.write(linger(i))
+    assert path.stat().st_size > 8 * parts.TAIL_BYTES
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() == 1000.0 + 4999
+    assert decoded[0] == 0
+    # A gzip of records: its whole end, within the budget.
+    gz = tmp_path / "cw.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert parts.RecordingReader([str(gz)]).end_ts() == 1000.0 + 4999

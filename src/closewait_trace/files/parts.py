@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Optional
 
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.files.stream import FileState, decoded_chunks, parse_line, records_of
+from closewait_trace.files.stream import (BARREN_BYTES, BARREN_LINES, GZIP_MAGIC, FileState,
+                                          decoded_chunks, parse_line, records_of)
 from closewait_trace.output import schema
 
 FORMAT = "closewait-trace-recording"
@@ -31,6 +32,7 @@ STDOUT = "-"          # -w - / -r -: standard output / standard input
 MAX_PART = 2**31 - 1                 # a header's part number above this is damage
 MAX_LISTED = 20                      # skipped files / missing parts named one by one
 TAIL_BYTES = 256 * 1024              # end of a recording searched for its last time
+TAIL_BUDGET_RATIO = 128              # a gzip's end: decoded bytes per byte of the file, at most
 
 
 def part_path(base: str, part: int, max_files: Optional[int]) -> str:
@@ -269,6 +271,46 @@ class _Plan:
     problems: list = field(default_factory=list)
 
 
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+
+
+def _inflated_tail(fd: int, size: int) -> tuple[Optional[bytes], bool]:
+    """The last TAIL_BYTES a gzip file decodes to, and whether they are cut
+    from more; (None, True) past the budget. A gzip cannot be read from its
+    end, and the reading's stop rules need each line parsed, which this is
+    meant to avoid: so a budget of decoded bytes, TAIL_BUDGET_RATIO times
+    the file's size (at least BARREN_BYTES), far above what records
+    compress to and far below a bomb's ratio (deflate: about 1000:1); and a
+    stretch of whitespace-only chunks of BARREN_LINES lines, where reading
+    stops too (nothing past it is read: the end is before it)."""
+    budget = max(BARREN_BYTES, TAIL_BUDGET_RATIO * size)
+    state = FileState()
+    tail, decoded, blank_lines, cut = b"", 0, 0, False
+    for chunk in decoded_chunks(fd, state):
+        decoded += len(chunk)
+        if decoded > budget:
+            return None, True
+        if not chunk.strip():
+            blank_lines += chunk.count(b"\n")
+            if blank_lines > BARREN_LINES:
+                break
+            # Kept as one newline: it may end the line before it.
+            chunk = b"\n" if b"\n" in chunk else b" "
+        else:
+            lead = chunk[:len(chunk) - len(chunk.lstrip())].count(b"\n")
+            if blank_lines + lead > BARREN_LINES:
+                break
+            blank_lines = chunk[len(chunk.rstrip()):].count(b"\n")
+        joined = tail + chunk
+        cut = cut or len(joined) > TAIL_BYTES
+        tail = joined[-TAIL_BYTES:]
+    return tail, cut
+
+
 class RecordingReader:
     """Streams the records of one or more recordings, in order, headers
     included: `for rec in RecordingReader(paths)`. Each path is a capture's
@@ -434,26 +476,32 @@ class RecordingReader:
 
     def end_ts(self) -> Optional[float]:
         """The `ts` of the last record of the last part, found without
-        parsing the rest: the decoded bytes pass through keeping only their
-        last TAIL_BYTES, whose lines are parsed from the end (zlib's work
-        and a bounded parse). None for standard input (read once) or when
-        the tail holds no usable time."""
+        parsing the rest, in bounded work: a plain file's last TAIL_BYTES
+        are read from its end; a gzip one's decoded bytes pass through
+        keeping only their last TAIL_BYTES (_inflated_tail), within a
+        budget. The tail's lines are parsed from the end. None for standard
+        input (read once), past the budget, or when the tail holds no
+        usable time: the banner then gives the start only."""
         part = self._sets[-1][1][-1]
         if part.path == STDOUT:
             return None
-        state = FileState()
         try:
-            fd, _st = _open_for_reading(part.path, part.sibling)
+            fd, st = _open_for_reading(part.path, part.sibling)
         except UserError:
             return None
-        tail = b""
         try:
-            for chunk in decoded_chunks(fd, state):
-                tail = (tail + chunk)[-TAIL_BYTES:]
+            if _pread(fd, len(GZIP_MAGIC), 0) == GZIP_MAGIC:
+                tail, cut = _inflated_tail(fd, st.st_size)
+            else:
+                # Plain: seek to the end, whatever the size of the file.
+                offset = max(0, st.st_size - TAIL_BYTES)
+                tail, cut = _pread(fd, st.st_size - offset, offset), offset > 0
         finally:
             os.close(fd)
-        for raw in reversed(tail.split(b"\n")[1:] if len(tail) == TAIL_BYTES
-                            else tail.split(b"\n")):
+        if tail is None:
+            return None
+        lines = tail.split(b"\n")
+        for raw in reversed(lines[1:] if cut else lines):     # the first may be cut
             rec = parse_line(raw) if raw.strip() else None
             if rec is not None and schema.problem(rec) is None:
                 ts = rec.get("ts")
