@@ -2,6 +2,7 @@
 order, and what is said about the others. Real files, no root needed."""
 
 import glob
+import gzip
 import os
 
 from closewait_trace.files import parts
@@ -59,3 +60,55 @@ def test_a_later_part_given_alone_still_says_where_the_capture_is(tmp_path):
     rep, reader = counted([path + ".2", path + ".1"])
     assert len(reader.files) == 2
     assert any(f"read {path} for all its parts" in p for p in reader.problems)
+
+
+V1 = os.path.join(os.path.dirname(__file__), "data", "v1-recording.jsonl")
+
+
+def v3_recording(tmp_path):
+    path = tmp_path / "v3.jsonl"
+    write_all(path, [linger(i) for i in range(3)] + [closed(i) for i in range(3)])
+    return path.read_bytes()
+
+
+def test_recordings_of_different_versions_concatenated_are_each_read_by_their_own(tmp_path):
+    """cat of a current recording and an older one (or gzip members of
+    both): each header met switches the version its records are read by.
+    The old code read the v1 recording's records as v3: 'damaged', its
+    sockets lost."""
+    v1 = open(V1, "rb").read()
+    v3 = v3_recording(tmp_path)
+    sockets = {}
+    for name, data in (("v1", v1), ("v3", v3), ("v3v1", v3 + v1), ("v1v3", v1 + v3),
+                       ("gz", gzip.compress(v3) + gzip.compress(v1))):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        rep, reader = counted([str(path)])
+        sockets[name] = rep["sockets"], reader.skipped, reader.problems
+    assert sockets["v1"][0] > 0 and sockets["v3"][0] == 3
+    for both in ("v3v1", "v1v3", "gz"):
+        assert sockets[both][0] == sockets["v1"][0] + sockets["v3"][0], sockets
+        assert sockets[both][1] == sockets["v1"][1] + sockets["v3"][1], sockets
+        assert sockets[both][2] == [], sockets
+
+
+def test_a_header_of_a_version_not_read_mid_file_stops_what_follows_and_says_so(tmp_path):
+    """A format_version 99 header mid-file is checked like a first one:
+    what follows it is not read as the version before (nor counted as
+    damaged), and it is said; the next good header reads on."""
+    v1 = open(V1, "rb").read()
+    v99 = v1.replace(b'"format_version":1,', b'"format_version":99,')
+    v3 = v3_recording(tmp_path)
+    path = tmp_path / "v3v99v3.jsonl"
+    path.write_bytes(v3 + v99 + v3.replace(b'"capture_id":"', b'"capture_id":"again-'))
+    rep, reader = counted([str(path)])
+    assert rep["sockets"] == 6
+    assert reader.skipped == 0
+    lines = len(v99.splitlines())
+    assert reader.problems == [
+        f"{path}: skipped {lines} line(s) from a header in the middle of the file on: "
+        f"it has format version 99; this closewait-trace ({parts.__version__}) reads up to "
+        f"{parts.FORMAT_VERSION}"], reader.problems
+    # The two readable captures' headers are given; the unread one's is not.
+    rec = parts.read([str(path)])
+    assert [r["part"] for r in rec.of("header")] == [0, 0]

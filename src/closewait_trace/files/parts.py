@@ -535,14 +535,41 @@ class RecordingReader:
                 os.close(fd)
                 self.problems.append(f"skipped {part.path}: it was replaced while being read")
                 return
-        version = first["format_version"]
+        # The version records are read by: the file's header's, then that of
+        # each header met later (recordings concatenated by cat, or gzip
+        # members of several), checked like the first. After one that
+        # cannot start a recording (a newer version, damaged, not ours),
+        # nothing is read until the next good one: those records are
+        # counted apart (not damaged: of a version this reader does not
+        # read) and said.
+        reading = {"version": first["format_version"], "unread": None}
+        unread: list = []                         # [problem, records], MAX_LISTED at most
+        unread_more = [0, 0]                      # sections and records past those
 
-        def usable(rec: dict) -> Optional[dict]:
+        def usable(rec: dict):
+            if rec.get("type") == "header":
+                problem = _header_problem(rec)
+                if problem is None:
+                    reading.update(version=rec["format_version"], unread=None)
+                    return rec
+                section = reading["unread"]
+                if section is None or section is unread_more or section[0] != problem:
+                    if len(unread) < MAX_LISTED:
+                        reading["unread"] = section = [problem, 0]
+                        unread.append(section)
+                    else:
+                        reading["unread"] = section = unread_more
+                        unread_more[0] += 1
+                section[1] += 1                   # the header's line, then its records'
+                return False
+            if reading["unread"] is not None:
+                reading["unread"][1] += 1
+                return False
             # Older versions are brought to the current shape; a record
             # that does not match its schema (damaged, hostile) is skipped
             # and counted like a damaged line, never shown. Judged inside
             # the stream, so such records count toward its barren stop.
-            rec = schema.upgrade(rec, version)
+            rec = schema.upgrade(rec, reading["version"])
             return rec if schema.problem(rec) is None else None
 
         state.usable = usable
@@ -561,6 +588,12 @@ class RecordingReader:
             if state.read_error:
                 self.problems.append(f"{name}: read error ({state.read_error}); "
                                      f"read what precedes it")
+            for problem, lines in unread:
+                self.problems.append(f"{name}: skipped {lines} line(s) from a header in the "
+                                     f"middle of the file on: it {problem}")
+            if unread_more[0]:
+                self.problems.append(f"{name}: skipped {unread_more[1]} line(s) from "
+                                     f"{unread_more[0]} more such header(s) on")
             if state.barren:
                 self.problems.append(f"{name}: stopped reading after {state.barren} "
                                      f"(damaged, or not a recording past this point)")

@@ -48,8 +48,10 @@ class FileState:
     # once the header says the version. A record it refuses is skipped and
     # counted here, like a line that does not parse, and counts toward the
     # barren stop: a stream of objects with a type but no valid shape is
-    # nothing usable either.
-    usable: Optional[Callable[[dict], Optional[dict]]] = None
+    # nothing usable either. False: not usable, and not damaged (a record
+    # of a version this reader does not read): the caller counts and says
+    # it; it counts toward the stop all the same.
+    usable: Optional[Callable[[dict], object]] = None
 
 
 def _would_wait(fd: int) -> bool:
@@ -192,6 +194,8 @@ def records_of(chunks: Iterable[bytes], state: FileState) -> Iterable[dict]:
         rec = parse_line(line)
         if rec is not None and state.usable is not None:
             rec = state.usable(rec)
+            if rec is False:
+                return None
         if rec is None:
             state.skipped += 1
         return rec
