@@ -68,12 +68,19 @@ def rotated_set(path: str) -> list[str]:
     directory = os.path.dirname(path) or "."
     base = os.path.basename(path)
     pattern = re.compile(re.escape(base) + r"\.(\d{1,18})$")
+    # Scanned, not listed: a shared directory may hold any number of other
+    # users' files, and only the names that match are kept (os.listdir
+    # held them all: 200,000 names of 250 characters, +61 MB).
+    siblings = []
     try:
-        names = os.listdir(directory)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                m = pattern.match(entry.name)
+                if m:
+                    siblings.append((int(m.group(1)), os.path.join(directory, entry.name)))
     except OSError:
-        names = []
-    siblings = sorted((int(m.group(1)), os.path.join(directory, n))
-                      for n in names for m in [pattern.match(n)] if m)
+        pass
+    siblings.sort()
     return [path] + [p for _, p in siblings]
 
 
@@ -267,8 +274,8 @@ def _probe(path: str, sibling: bool) -> _Part:
 class _Plan:
     """One given path's parts, before the sets are compared."""
     parts: list
-    refused: list                 # (path, why) of siblings that do not join
-    problems: list = field(default_factory=list)
+    refused: list                 # (path, why) of siblings that do not join, MAX_LISTED at most
+    refused_more: int = 0         # and how many more
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -335,7 +342,11 @@ class RecordingReader:
         if paths.count(STDOUT) > 1:
             raise UserError("standard input ('-') can be read only once", EXIT_FILE,
                             "give '-' once")
-        self._sets = self._read_once([(given, self._plan(given)) for given in paths])
+        # A sibling refused from a set but named on the command line is read
+        # as given: "skipped" would be false.
+        given_names = {os.path.normpath(g) for g in paths}
+        self._sets = self._read_once([(given, self._plan(given, given_names))
+                                      for given in paths])
 
     def _read_once(self, planned: list) -> list:
         """Each file (by device and inode of the file opened) read once,
@@ -353,7 +364,6 @@ class RecordingReader:
                 j = owner.get(p.ident[:2])
                 if j is None or len(planned[j][1].parts) < len(plan.parts):
                     owner[p.ident[:2]] = i
-        given_names = {os.path.normpath(g) for g, _ in planned}
         seen: set = set()
         sets = []
         for i, (given, plan) in enumerate(planned):
@@ -363,11 +373,6 @@ class RecordingReader:
             kept = [p for p in plan.parts if p.ident[:2] not in seen]
             self._drop([p for p in plan.parts if p.ident[:2] in seen])
             seen.update(p.ident[:2] for p in kept)
-            for path, why in plan.refused:
-                # A sibling refused here but named on the command line is
-                # read as given: "skipped" would be false.
-                if os.path.normpath(path) not in given_names:
-                    plan.problems.append(f"skipped {path}: {why}")
             self._note(given, plan)
             if kept:
                 sets.append((given, kept))
@@ -381,15 +386,27 @@ class RecordingReader:
                 os.close(p.fd)
                 p.records = None
 
-    def _plan(self, given: str) -> "_Plan":
+    def _plan(self, given: str, given_names: set) -> "_Plan":
         first = _probe(given, sibling=False)
         parts = [first]
-        refused = []
+        refused: list = []
+        more = 0
+
+        def refuse(path: str, why: str) -> None:
+            # The first MAX_LISTED said, the rest counted: a shared
+            # directory may hold any number of planted FILE.N.
+            nonlocal more
+            if os.path.normpath(path) in given_names:
+                return
+            if len(refused) < MAX_LISTED:
+                refused.append((path, why))
+            else:
+                more += 1
         if given != STDOUT:
             for path in rotated_set(given)[1:]:
                 why = self._sibling_problem(path, first)
                 if isinstance(why, str):
-                    refused.append((path, why))
+                    refuse(path, why)
                 else:
                     parts.append(why)
         parts.sort(key=lambda p: p.number)
@@ -399,18 +416,17 @@ class RecordingReader:
             if p.ident[:2] in by_file:          # a hard link among the siblings
                 continue
             if unique and unique[-1].number == p.number:
-                refused.append((p.path, f"part {p.number} again (also in {unique[-1].path})"))
+                refuse(p.path, f"part {p.number} again (also in {unique[-1].path})")
                 continue
             unique.append(p)
             by_file[p.ident[:2]] = p
-        return _Plan(unique, refused)
+        return _Plan(unique, refused, more)
 
     def _note(self, given: str, plan: "_Plan") -> None:
         """What planning found, for a set that is read."""
-        refused = plan.problems
-        self.problems.extend(refused[:MAX_LISTED])
-        if len(refused) > MAX_LISTED:
-            self.problems.append(f"skipped {len(refused) - MAX_LISTED} more file(s) "
+        self.problems.extend(f"skipped {path}: {why}" for path, why in plan.refused)
+        if plan.refused_more:
+            self.problems.append(f"skipped {plan.refused_more} more file(s) "
                                  f"beside {given} that are not parts of its capture")
         self._note_gaps(given, [p.number for p in plan.parts])
 
