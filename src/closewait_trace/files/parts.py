@@ -323,6 +323,8 @@ class RecordingReader:
     included: `for rec in RecordingReader(paths)`. Each path is a capture's
     first file (its rotated parts FILE.N are found and ordered by the part
     number in their headers), a single part, or '-' for standard input.
+    A file named more than once, or pulled in by another path given, is
+    read once (_read_once).
 
     Construction checks every file's header and raises UserError (exit 7)
     when a given file cannot be read; rotated siblings that do not belong
