@@ -74,7 +74,11 @@ def gzip_bomb(path, filler: bytes, gib: int, last_line: str = ""):
             f.write(gzip.compress(last_line.encode(), mtime=0))
 
 
-@pytest.mark.parametrize("filler", [b"\n", b"x", b"{}\n"])
+# '{"type":"x"}' and a linger of no valid shape pass the parser's gate and
+# fail the schema: until 2026-12-07 they reset the stop, and 2 GiB of them
+# took 438 s (these 4 GiB: past the 60 s timeout).
+@pytest.mark.parametrize("filler", [b"\n", b"x", b"{}\n", b'{"type":"x"}\n',
+                                    b'{"type":"linger","ts":1}\n'])
 def test_decompression_bomb_is_bounded(tmp_path, filler):
     path = tmp_path / "bomb.jsonl.gz"
     gzip_bomb(path, filler, gib=4, last_line=linger(1))
@@ -85,6 +89,31 @@ def test_decompression_bomb_is_bounded(tmp_path, filler):
     shown = [json.loads(x) for x in result.stdout.decode().splitlines()]
     assert [r["rport"] for r in shown if r["type"] == "linger"] == [40000]
     assert "stopped reading after" in err and "nothing usable" in err
+
+
+@pytest.mark.parametrize("unusable", ['{"type": "x"}', '{"type": "linger", "ts": 1}',
+                                      '{"type": "header"}', "[1]", "x", ""])
+def test_records_the_schema_rejects_count_toward_the_stop(tmp_path, unusable):
+    """Any line that yields no usable record counts toward the stop,
+    whichever check refuses it: the parser, or the schema of the file's
+    version (which comes later, once the header has said the version)."""
+    path = tmp_path / "typed.jsonl"
+    with open(path, "w") as f:
+        f.write(header() + linger(0))
+        f.write((unusable + "\n") * (stream.BARREN_LINES + 10))
+        f.write(linger(1))
+    rec = parts.read([str(path)])
+    assert [r["rport"] for r in rec.of("linger")] == [40000]
+    assert any(f"stopped reading after {stream.BARREN_LINES + 1} lines" in p
+               for p in rec.problems), rec.problems
+    if unusable.startswith('{"type": "header"'):
+        # A header mid-file that cannot start a recording: what follows is
+        # not read, said as such, not as damage (test_parts.py).
+        assert rec.skipped == 0
+        assert any(f"skipped {stream.BARREN_LINES + 1} line(s) from a header" in p
+                   for p in rec.problems), rec.problems
+    else:
+        assert rec.skipped == (0 if unusable == "" else stream.BARREN_LINES + 1)
 
 
 def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
@@ -332,3 +361,115 @@ def test_repeated_gzip_members_are_each_read_once(tmp_path, members):
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert [json.loads(x)["type"] for x in result.stdout.decode().splitlines()] == \
         ["linger"] * members
+
+
+def test_the_headers_of_a_set_are_not_all_kept(tmp_path):
+    """Every part of a set is planned (its header checked) before the
+    first is read: what is kept of each header is its number, capture id,
+    start and a digest, never the header, which may be megabytes of lists.
+    16 parts with a 6 MB header each: the old code held all 16 through the
+    read (tracemalloc peak above 100 MiB); now one at a time."""
+    base = tmp_path / "cw.jsonl"
+    for part in range(16):
+        # Strings under the schema's text cap, lists of a few hundred:
+        # large headers of a shape the schema accepts.
+        big = {key: [f"{key}-{part}-{i}-" + "c" * 3950 for i in range(500)]
+               for key in ("cgroups", "containers", "units")}
+        filters = dict(recordfactory.NO_FILTERS, **big)
+        name = base if part == 0 else tmp_path / f"cw.jsonl.{part}"
+        name.write_text(header(part=part, filters=filters) + linger(part))
+    probe = ("import sys\n"
+             "from closewait_trace.files import parts, replay\n"
+             "from closewait_trace.output import report\n"
+             "r = parts.RecordingReader([sys.argv[1]])\n"
+             "rep = report.build(r, source=r, by=['cause'])\n"
+             "session = replay.Replay.open([sys.argv[1]])\n"
+             "shown = sum(1 for x in session.records() if x['type'] == 'linger')\n"
+             "print(rep['sockets'], len(r.files), shown, len(r.problems), r.skipped)\n")
+    out, _peak_mib, traced_mib = memprobe.run(probe, str(base), traced=True, timeout=300)
+    assert out.stdout.split() == ["16", "16", "16", "0", "0"], out.stdout
+    assert traced_mib < 50, f"{traced_mib:.0f} MiB traced for 16 parts of 6 MB headers"
+
+
+def _counting_decoder(monkeypatch):
+    """parts.decoded_chunks, counting what it decodes."""
+    decoded = [0]
+    real = parts.decoded_chunks
+
+    def counted(fd, state):
+        for chunk in real(fd, state):
+            decoded[0] += len(chunk)
+            yield chunk
+    monkeypatch.setattr(parts, "decoded_chunks", counted)
+    return decoded
+
+
+def test_the_end_of_a_gzip_of_newlines_is_found_where_reading_stops(tmp_path, monkeypatch):
+    """-r gives the capture's end in its banner (end_ts, before reading):
+    it inflated the whole last part, with no stop (a 2 MB gzip of 2 GiB of
+    newlines: -r 5.96 s where report took 0.13 s). A stretch of newlines
+    where reading stops ends the search too, and the end given is the last
+    record before it, the last one reading shows."""
+    path = tmp_path / "nl.jsonl.gz"
+    gzip_bomb(path, b"\n", gib=1, last_line=linger(1))
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() == 1000.0
+    assert decoded[0] <= 4 * stream.READ_CHUNK, f"{decoded[0] >> 20} MiB decoded"
+
+
+def test_the_end_of_a_gzip_of_junk_is_searched_within_a_budget(tmp_path, monkeypatch):
+    """Lines the schema rejects cannot be told without parsing them: the
+    search of a gzip's end stops at a budget of decoded bytes (a ratio of
+    the file's size, at least BARREN_BYTES), and no end is claimed."""
+    path = tmp_path / "typed.jsonl.gz"
+    gzip_bomb(path, b'{"type":"x"}\n', gib=1, last_line=linger(1))
+    budget = max(stream.BARREN_BYTES, parts.TAIL_BUDGET_RATIO * path.stat().st_size)
+    assert budget < 1 << 30
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() is None
+    assert decoded[0] <= budget + stream.READ_CHUNK, f"{decoded[0] >> 20} MiB decoded"
+
+
+def test_the_end_of_a_plain_file_is_read_from_its_end(tmp_path, monkeypatch):
+    path = tmp_path / "cw.jsonl"
+    with open(path, "w") as f:
+        f.write(header())
+        for i in range(5000):
+            f.write(linger(i))
+    assert path.stat().st_size > 8 * parts.TAIL_BYTES
+    decoded = _counting_decoder(monkeypatch)
+    reader = parts.RecordingReader([str(path)])      # its header read
+    decoded[0] = 0
+    assert reader.end_ts() == 1000.0 + 4999
+    assert decoded[0] == 0
+    # A gzip of records: its whole end, within the budget.
+    gz = tmp_path / "cw.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert parts.RecordingReader([str(gz)]).end_ts() == 1000.0 + 4999
+
+
+def test_the_names_beside_a_recording_are_not_all_held(tmp_path):
+    """A shared directory may hold any number of other users' files: the
+    search for FILE.N keeps only the names that match (os.listdir held the
+    whole listing: 200,000 names of 250 characters, +61 MB). Python's own
+    allocations, measured with tracemalloc (the same on any machine)."""
+    import tracemalloc
+    base = tmp_path / "cw.jsonl"
+    base.write_text(header() + linger(0))
+    (tmp_path / "cw.jsonl.1").write_text(header(part=1) + linger(1))
+    for i in range(40_000):
+        os.close(os.open(tmp_path / (f"{i:08d}" + "n" * 242), os.O_CREAT | os.O_WRONLY, 0o644))
+    tracemalloc.start()
+    try:
+        found = parts.rotated_set(str(base))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found == [str(base), str(base) + ".1"]
+    # 40,000 names of 250 characters are 11 MB as str: a listing is above
+    # that, the names that match a few hundred bytes.
+    assert peak < 1 << 20, f"{peak / (1 << 20):.1f} MiB to find one sibling"

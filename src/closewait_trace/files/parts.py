@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Optional
 
 from closewait_trace import __version__
 from closewait_trace.errors import EXIT_FILE, UserError
-from closewait_trace.files.stream import FileState, decoded_chunks, parse_line, records_of
+from closewait_trace.files.stream import (BARREN_BYTES, BARREN_LINES, GZIP_MAGIC, FileState,
+                                          decoded_chunks, parse_line, records_of)
 from closewait_trace.output import schema
 
 FORMAT = "closewait-trace-recording"
@@ -31,6 +32,7 @@ STDOUT = "-"          # -w - / -r -: standard output / standard input
 MAX_PART = 2**31 - 1                 # a header's part number above this is damage
 MAX_LISTED = 20                      # skipped files / missing parts named one by one
 TAIL_BYTES = 256 * 1024              # end of a recording searched for its last time
+TAIL_BUDGET_RATIO = 128              # a gzip's end: decoded bytes per byte of the file, at most
 
 
 def part_path(base: str, part: int, max_files: Optional[int]) -> str:
@@ -70,11 +72,14 @@ def numbered_siblings(base: str, names: Iterable[str]) -> list[tuple[int, str]]:
 def rotated_set(path: str) -> list[str]:
     """path and its rotated siblings path.1, path.2, ... (by number)"""
     directory = os.path.dirname(path) or "."
+    # Scanned, not listed: a shared directory may hold any number of other
+    # users' files, and only the names that match are kept (os.listdir
+    # held them all: 200,000 names of 250 characters, +61 MB).
     try:
-        names = os.listdir(directory)
+        with os.scandir(directory) as entries:
+            siblings = numbered_siblings(os.path.basename(path), (e.name for e in entries))
     except OSError:
-        names = []
-    siblings = numbered_siblings(os.path.basename(path), names)
+        siblings = []
     return [path] + [os.path.join(directory, n) for _, n in siblings]
 
 
@@ -196,19 +201,33 @@ _HINTS = {"is not": "record one as root: closewait-trace -w FILE",
           "has a damaged": "nothing can be read from it without a valid header"}
 
 
+def _identity(header: dict) -> tuple:
+    """What tells a part's header from another's once the header itself is
+    let go: a file whose header no longer says this was replaced. (Not a
+    hash of it all: a header may be megabytes, read twice.)"""
+    return tuple(header.get(k) for k in ("part", "capture_id", "start_ts", "format_version",
+                                         "boot_id", "hostname"))
+
+
 @dataclass
 class _Part:
+    """One file of a set, planned. Of its header only what the plan uses is
+    kept (its part number, capture id, start time, and what tells that the
+    file was not replaced before it is read): a header may be 8 MiB of lists,
+    and every part of a set is planned before the first is read. The
+    header itself is read again when the part is (standard input's is kept:
+    it cannot be read twice)."""
     path: str
-    header: dict
+    number: int
+    capture_id: str
+    start_ts: object              # the report's and the replay's time of day reference
+    identity: tuple               # _identity(header)
     ident: tuple                  # (st_dev, st_ino, st_uid) when probed
     sibling: bool
     records: Optional[Iterable[dict]] = None   # standard input: read once, kept
     state: Optional[FileState] = None
     fd: int = -1
-
-    @property
-    def number(self) -> int:
-        return self.header.get("part", 0)
+    header: Optional[dict] = None               # standard input's, kept until read
 
 
 def _probe(path: str, sibling: bool) -> _Part:
@@ -240,11 +259,62 @@ def _probe(path: str, sibling: bool) -> _Part:
                             EXIT_FILE, "nothing can be recovered from it")
         hint = next(h for k, h in _HINTS.items() if problem.startswith(k))
         raise UserError(f"{name} {problem}", EXIT_FILE, hint)
-    part = _Part(path, first, (st.st_dev, st.st_ino, st.st_uid), sibling)
+    part = _Part(path, first.get("part", 0), first.get("capture_id", ""),
+                 first.get("start_ts"), _identity(first),
+                 (st.st_dev, st.st_ino, st.st_uid), sibling)
     if path == STDOUT:
         part.records, part.state = records, state
         part.fd = fd
+        part.header = first
     return part
+
+
+@dataclass
+class _Plan:
+    """One given path's parts, before the sets are compared."""
+    parts: list
+    refused: list                 # (path, why) of siblings that do not join, MAX_LISTED at most
+    refused_more: int = 0         # and how many more
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+
+
+def _inflated_tail(fd: int, size: int) -> tuple[Optional[bytes], bool]:
+    """The last TAIL_BYTES a gzip file decodes to, and whether they are cut
+    from more; (None, True) past the budget. A gzip cannot be read from its
+    end, and the reading's stop rules need each line parsed, which this is
+    meant to avoid: so a budget of decoded bytes, TAIL_BUDGET_RATIO times
+    the file's size (at least BARREN_BYTES), far above what records
+    compress to and far below a bomb's ratio (deflate: about 1000:1); and a
+    stretch of whitespace-only chunks of BARREN_LINES lines, where reading
+    stops too (nothing past it is read: the end is before it)."""
+    budget = max(BARREN_BYTES, TAIL_BUDGET_RATIO * size)
+    state = FileState()
+    tail, decoded, blank_lines, cut = b"", 0, 0, False
+    for chunk in decoded_chunks(fd, state):
+        decoded += len(chunk)
+        if decoded > budget:
+            return None, True
+        if not chunk.strip():
+            blank_lines += chunk.count(b"\n")
+            if blank_lines > BARREN_LINES:
+                break
+            # Kept as one newline: it may end the line before it.
+            chunk = b"\n" if b"\n" in chunk else b" "
+        else:
+            lead = chunk[:len(chunk) - len(chunk.lstrip())].count(b"\n")
+            if blank_lines + lead > BARREN_LINES:
+                break
+            blank_lines = chunk[len(chunk.rstrip()):].count(b"\n")
+        joined = tail + chunk
+        cut = cut or len(joined) > TAIL_BYTES
+        tail = joined[-TAIL_BYTES:]
+    return tail, cut
 
 
 class RecordingReader:
@@ -252,6 +322,8 @@ class RecordingReader:
     included: `for rec in RecordingReader(paths)`. Each path is a capture's
     first file (its rotated parts FILE.N are found and ordered by the part
     number in their headers), a single part, or '-' for standard input.
+    A file named more than once, or pulled in by another path given, is
+    read once (_read_once).
 
     Construction checks every file's header and raises UserError (exit 7)
     when a given file cannot be read; rotated siblings that do not belong
@@ -271,33 +343,93 @@ class RecordingReader:
         if paths.count(STDOUT) > 1:
             raise UserError("standard input ('-') can be read only once", EXIT_FILE,
                             "give '-' once")
-        self._sets = [(given, self._plan(given)) for given in paths]
+        # A sibling refused from a set but named on the command line is read
+        # as given: "skipped" would be false.
+        given_names = {os.path.normpath(g) for g in paths}
+        self._sets = self._read_once([(given, self._plan(given, given_names))
+                                      for given in paths])
 
-    def _plan(self, given: str) -> list[_Part]:
+    def _read_once(self, planned: list) -> list:
+        """Each file (by device and inode of the file opened) read once,
+        however many times it is named: `report FILE*` (the README's form)
+        names FILE.N that FILE already pulls in, and a file may be named
+        again, through a symlink or a hard link. A given path whose parts all
+        belong to a larger set (FILE.N beside FILE), or to an earlier one as
+        large (the same file twice), is not read on its own, and nothing is
+        said of it: its parts are read in their place in the capture, and
+        nothing was wrong with naming it. Otherwise a part already read is
+        left out of a later set. Only what is said of the sets read is kept."""
+        owner: dict = {}                        # file -> index of the largest set holding it
+        for i, (_given, plan) in enumerate(planned):
+            for p in plan.parts:
+                j = owner.get(p.ident[:2])
+                if j is None or len(planned[j][1].parts) < len(plan.parts):
+                    owner[p.ident[:2]] = i
+        seen: set = set()
+        sets = []
+        for i, (given, plan) in enumerate(planned):
+            if all(owner[p.ident[:2]] != i for p in plan.parts):
+                self._drop(plan.parts)
+                continue
+            kept = [p for p in plan.parts if p.ident[:2] not in seen]
+            self._drop([p for p in plan.parts if p.ident[:2] in seen])
+            seen.update(p.ident[:2] for p in kept)
+            self._note(given, plan)
+            if kept:
+                sets.append((given, kept))
+        return sets
+
+    @staticmethod
+    def _drop(dropped: list) -> None:
+        for p in dropped:
+            if p.records is not None:               # standard input, kept open
+                p.records.close()
+                os.close(p.fd)
+                p.records = None
+
+    def _plan(self, given: str, given_names: set) -> "_Plan":
         first = _probe(given, sibling=False)
         parts = [first]
-        refused = []
+        refused: list = []
+        more = 0
+
+        def refuse(path: str, why: str) -> None:
+            # The first MAX_LISTED said, the rest counted: a shared
+            # directory may hold any number of planted FILE.N.
+            nonlocal more
+            if os.path.normpath(path) in given_names:
+                return
+            if len(refused) < MAX_LISTED:
+                refused.append((path, why))
+            else:
+                more += 1
         if given != STDOUT:
             for path in rotated_set(given)[1:]:
                 why = self._sibling_problem(path, first)
                 if isinstance(why, str):
-                    refused.append(f"{path}: {why}")
+                    refuse(path, why)
                 else:
                     parts.append(why)
         parts.sort(key=lambda p: p.number)
         unique = []
+        by_file = {}
         for p in parts:
+            if p.ident[:2] in by_file:          # a hard link among the siblings
+                continue
             if unique and unique[-1].number == p.number:
-                refused.append(f"{p.path}: part {p.number} again (also in {unique[-1].path})")
+                refuse(p.path, f"part {p.number} again (also in {unique[-1].path})")
                 continue
             unique.append(p)
-        for line in refused[:MAX_LISTED]:
-            self.problems.append(f"skipped {line}")
-        if len(refused) > MAX_LISTED:
-            self.problems.append(f"skipped {len(refused) - MAX_LISTED} more file(s) "
+            by_file[p.ident[:2]] = p
+        return _Plan(unique, refused, more)
+
+    def _note(self, given: str, plan: "_Plan") -> None:
+        """What planning found, for a set that is read."""
+        self.problems.extend(f"skipped {path}: {why}" for path, why in plan.refused)
+        if plan.refused_more:
+            self.problems.append(f"skipped {plan.refused_more} more file(s) "
                                  f"beside {given} that are not parts of its capture")
-        self._note_gaps(given, [p.number for p in unique])
-        return unique
+        self._note_gaps(given, [p.number for p in plan.parts])
 
     @staticmethod
     def _sibling_problem(path: str, first: _Part):
@@ -316,7 +448,7 @@ class RecordingReader:
             part = _probe(path, sibling=True)
         except UserError as err:
             return err.message.replace(path + " ", "", 1)
-        if part.header.get("capture_id") != first.header.get("capture_id"):
+        if part.capture_id != first.capture_id:
             return "its header belongs to another capture (capture id differs)"
         return part
 
@@ -348,36 +480,45 @@ class RecordingReader:
             a, b = _probe(base, sibling=True), _probe(given, sibling=False)
         except UserError:
             return False
-        return a.header.get("capture_id") == b.header.get("capture_id") and \
+        return a.capture_id == b.capture_id and \
             a.ident[2] == b.ident[2]
 
     @property
     def first_header(self) -> dict:
-        """The header of the first file given (checked at construction)."""
-        return self._sets[0][1][0].header
+        """What is kept of the header of the first file read (checked at
+        construction): its part, capture_id and start_ts."""
+        first = self._sets[0][1][0]
+        return {"part": first.number, "capture_id": first.capture_id,
+                "start_ts": first.start_ts}
 
     def end_ts(self) -> Optional[float]:
         """The `ts` of the last record of the last part, found without
-        parsing the rest: the decoded bytes pass through keeping only their
-        last TAIL_BYTES, whose lines are parsed from the end (zlib's work
-        and a bounded parse). None for standard input (read once) or when
-        the tail holds no usable time."""
+        parsing the rest, in bounded work: a plain file's last TAIL_BYTES
+        are read from its end; a gzip one's decoded bytes pass through
+        keeping only their last TAIL_BYTES (_inflated_tail), within a
+        budget. The tail's lines are parsed from the end. None for standard
+        input (read once), past the budget, or when the tail holds no
+        usable time: the banner then gives the start only."""
         part = self._sets[-1][1][-1]
         if part.path == STDOUT:
             return None
-        state = FileState()
         try:
-            fd, _st = _open_for_reading(part.path, part.sibling)
+            fd, st = _open_for_reading(part.path, part.sibling)
         except UserError:
             return None
-        tail = b""
         try:
-            for chunk in decoded_chunks(fd, state):
-                tail = (tail + chunk)[-TAIL_BYTES:]
+            if _pread(fd, len(GZIP_MAGIC), 0) == GZIP_MAGIC:
+                tail, cut = _inflated_tail(fd, st.st_size)
+            else:
+                # Plain: seek to the end, whatever the size of the file.
+                offset = max(0, st.st_size - TAIL_BYTES)
+                tail, cut = _pread(fd, st.st_size - offset, offset), offset > 0
         finally:
             os.close(fd)
-        for raw in reversed(tail.split(b"\n")[1:] if len(tail) == TAIL_BYTES
-                            else tail.split(b"\n")):
+        if tail is None:
+            return None
+        lines = tail.split(b"\n")
+        for raw in reversed(lines[1:] if cut else lines):     # the first may be cut
             rec = parse_line(raw) if raw.strip() else None
             if rec is not None and schema.problem(rec) is None:
                 ts = rec.get("ts")
@@ -395,7 +536,7 @@ class RecordingReader:
             state, records, fd = part.state, part.records, part.fd
             state.on_wait = self.on_wait
             part.records = None
-            first = part.header
+            first, part.header = part.header, None
         else:
             state = FileState(on_wait=self.on_wait)
             try:
@@ -405,24 +546,54 @@ class RecordingReader:
                 return
             records = records_of(decoded_chunks(fd, state), state)
             first = next(iter(records), None)
-            if (st.st_dev, st.st_ino, st.st_uid) != part.ident or first != part.header:
+            if (st.st_dev, st.st_ino, st.st_uid) != part.ident or first is None \
+                    or _identity(first) != part.identity:
                 records.close()
                 os.close(fd)
                 self.problems.append(f"skipped {part.path}: it was replaced while being read")
                 return
-        version = first["format_version"]
+        # The version records are read by: the file's header's, then that of
+        # each header met later (recordings concatenated by cat, or gzip
+        # members of several), checked like the first. After one that
+        # cannot start a recording (a newer version, damaged, not ours),
+        # nothing is read until the next good one: those records are
+        # counted apart (not damaged: of a version this reader does not
+        # read) and said.
+        reading = {"version": first["format_version"], "unread": None}
+        unread: list = []                         # [problem, records], MAX_LISTED at most
+        unread_more = [0, 0]                      # sections and records past those
+
+        def usable(rec: dict):
+            if rec.get("type") == "header":
+                problem = _header_problem(rec)
+                if problem is None:
+                    reading.update(version=rec["format_version"], unread=None)
+                    return rec
+                section = reading["unread"]
+                if section is None or section is unread_more or section[0] != problem:
+                    if len(unread) < MAX_LISTED:
+                        reading["unread"] = section = [problem, 0]
+                        unread.append(section)
+                    else:
+                        reading["unread"] = section = unread_more
+                        unread_more[0] += 1
+                section[1] += 1                   # the header's line, then its records'
+                return False
+            if reading["unread"] is not None:
+                reading["unread"][1] += 1
+                return False
+            # Older versions are brought to the current shape; a record
+            # that does not match its schema (damaged, hostile) is skipped
+            # and counted like a damaged line, never shown. Judged inside
+            # the stream, so such records count toward its barren stop.
+            rec = schema.upgrade(rec, reading["version"])
+            return rec if schema.problem(rec) is None else None
+
+        state.usable = usable
         try:
             self.files.append(_name(part.path))
             yield first
-            for rec in records:
-                # Older versions are brought to the current shape; a record
-                # that does not match its schema (damaged, hostile) is
-                # skipped and counted like a damaged line, never shown.
-                rec = schema.upgrade(rec, version)
-                if schema.problem(rec) is None:
-                    yield rec
-                else:
-                    state.skipped += 1
+            yield from records
         finally:
             records.close()
             os.close(fd)
@@ -434,6 +605,12 @@ class RecordingReader:
             if state.read_error:
                 self.problems.append(f"{name}: read error ({state.read_error}); "
                                      f"read what precedes it")
+            for problem, lines in unread:
+                self.problems.append(f"{name}: skipped {lines} line(s) from a header in the "
+                                     f"middle of the file on: it {problem}")
+            if unread_more[0]:
+                self.problems.append(f"{name}: skipped {unread_more[1]} line(s) from "
+                                     f"{unread_more[0]} more such header(s) on")
             if state.barren:
                 self.problems.append(f"{name}: stopped reading after {state.barren} "
                                      f"(damaged, or not a recording past this point)")

@@ -6,8 +6,9 @@ read as untrusted input. In chunks, never whole; no line held beyond
 MAX_LINE_BYTES; a file stops being read after BARREN_LINES lines or
 BARREN_BYTES (decompressed) bytes without a single usable record, so a gzip
 of gigabytes of newlines or one endless line costs a bounded amount of work;
-every parsed line passes one gate, _accept(), and a line it refuses is
-skipped and counted as damaged.
+every parsed line passes one gate, _accept(), then the schema of its file's
+version (FileState.usable), and a line either refuses is skipped, counted as
+damaged, and counts toward the stop.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class FileState:
     # Called before a read that would wait (a pipe with nothing in it yet):
     # what was made of the records so far can be shown before we wait.
     on_wait: Optional[Callable[[], None]] = None
+    # The record to give for a parsed one, or None when it is of no use
+    # (the schema of its file's version rejects it): set by the part set
+    # once the header says the version. A record it refuses is skipped and
+    # counted here, like a line that does not parse, and counts toward the
+    # barren stop: a stream of objects with a type but no valid shape is
+    # nothing usable either. False: not usable, and not damaged (a record
+    # of a version this reader does not read): the caller counts and says
+    # it; it counts toward the stop all the same.
+    usable: Optional[Callable[[dict], object]] = None
 
 
 def _would_wait(fd: int) -> bool:
@@ -182,6 +192,10 @@ def records_of(chunks: Iterable[bytes], state: FileState) -> Iterable[dict]:
         if not line.strip():
             return None
         rec = parse_line(line)
+        if rec is not None and state.usable is not None:
+            rec = state.usable(rec)
+            if rec is False:
+                return None
         if rec is None:
             state.skipped += 1
         return rec
