@@ -112,6 +112,22 @@ MAX_EVIDENCE_RETRIES = 2
 # when it grows: events the buffer had no room for, sockets its map had no
 # room for, state changes it never ran the program for.
 LOSS_COUNTERS = ("events_lost", "map_full", "transitions_skipped")
+
+# A socket's listener's holders kept once its record is written, and watched
+# for a change of state: the first, those its diagnosis names (a never
+# accepted socket's names this many, with their states; an inherited one's
+# the first other than its holder). Every owner lookup answers with its own
+# tuple of the listener's holders (a Holder and a ProcessSnapshot each), and
+# a socket kept its lookup's, and was watched under every pid in it, for as
+# long as it lingered: one socket a tick accepted from a listener 1,000 of
+# nobody's forks hold grew the tracer 1.6 MB/s, 52 to 298 MB in 150 s
+# (review F3, 2026-12-07). The record has them all (records.listener_part).
+LISTENER_HOLDERS_WATCHED = diagnosis.MAX_NAMED
+# The kept ones are copies without their command line and process snapshot
+# (read by nothing once the record is out), one tuple of them shared by the
+# sockets whose kept holders are the same, through a table of this many
+# (cleared when full: only sharing is lost).
+LISTENER_KEPT_SHARED = 1024
 # After any of those grows, the sockets in CLOSE_WAIT are read again from
 # sock_diag (Tracer.rescan): those the map missed are adopted, those whose
 # leaving was missed forgotten. At most once in this long: under a churn
@@ -357,6 +373,8 @@ class LiveTracer:
     # Freezes the per-socket state after many were reported (live/gcpolicy.py).
     gc_policy: GcPolicy = field(default_factory=GcPolicy)
     _gc_started: float = 0.0
+    # The kept listener holders' fields -> their one tuple (_keep_listener_holders).
+    _listener_kept: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ plumbing
 
@@ -1101,6 +1119,47 @@ class LiveTracer:
         finally:
             for sink in holding:
                 sink.hold_batch(False)
+        # Written (or not to be: a new diagnosis the same as before): from
+        # here on a socket needs only the first of its listener's holders.
+        # The answer gives the sockets of one listener one tuple: kept once
+        # for them all (a flood of 100,000 from one server, one step each).
+        done: dict = {}             # id(the answer's tuple) -> (it, what is kept)
+        for _l, own in todo:
+            if own is None or not own.listener_holders:
+                continue
+            holders = own.listener_holders
+            hit = done.get(id(holders))
+            if hit is None or hit[0] is not holders:
+                hit = done[id(holders)] = (holders, self._keep_listener_holders(holders))
+            own.listener_holders = hit[1]
+
+    def _keep_listener_holders(self, holders) -> tuple:
+        """What a lingering socket keeps of its listener's holders once its
+        record is written (LISTENER_HOLDERS_WATCHED): the pids it is watched
+        under (the same first ones, in the same order, as watch() took),
+        the first's comm (the metrics' label of a socket never accepted),
+        their states, fds and flags; one tuple for every socket with the
+        same. At most that many Holders a socket, whoever holds the
+        listener and however often the lookups see them change."""
+        first = holders[:LISTENER_HOLDERS_WATCHED]
+        key = tuple((h.pid, h.comm, h.fd, h.state, h.ppid, h.uid, h.tracer_pid, h.cloexec)
+                    for h in first)
+        kept = self._listener_kept.get(key)
+        if kept is None:
+            if len(self._listener_kept) >= LISTENER_KEPT_SHARED:
+                self._listener_kept.clear()
+            kept = self._listener_kept[key] = tuple(
+                owners.Holder(pid, comm, fd, state, ppid, uid, "", tracer_pid, None, cloexec)
+                for pid, comm, fd, state, ppid, uid, tracer_pid, cloexec in key)
+        return kept
+
+    @staticmethod
+    def watched_holders(own: owners.Ownership) -> list:
+        """The holders a socket is watched under: its own, and the first of
+        its listener's (LISTENER_HOLDERS_WATCHED: the ones its diagnosis
+        names, and all it keeps once written); watch, unwatch and
+        still_watched take the same."""
+        return list(own.holders) + list(own.listener_holders[:LISTENER_HOLDERS_WATCHED])
 
     def _rediagnose_over_cap(self, todo: list, over_cap) -> None:
         """Sockets one of whose own holders the batch left unread for its
@@ -1413,7 +1472,7 @@ class LiveTracer:
         own = l.ownership
         if own is None:
             return
-        for h in own.every_holder:
+        for h in self.watched_holders(own):
             self.watched.setdefault(h.pid, {})[id(l)] = l
             self.watched_state.setdefault(h.pid, (h.state, h.tracer_pid))
 
@@ -1421,7 +1480,7 @@ class LiveTracer:
         own = l.ownership
         if own is None:
             return
-        for h in own.every_holder:
+        for h in self.watched_holders(own):
             sockets = self.watched.get(h.pid)
             if sockets is not None:
                 sockets.pop(id(l), None)
@@ -1461,7 +1520,7 @@ class LiveTracer:
         own = l.ownership
         return own is not None and any(
             id(l) in self.watched.get(h.pid, ())
-            for h in own.every_holder)
+            for h in self.watched_holders(own))
 
     def recheck_owners(self, now_ns: int) -> int:
         """Redo the diagnosis of lingering sockets whose holders changed state

@@ -137,11 +137,16 @@ class Shared(dict):
     __slots__ = ()
 
 
-# (id(listener row), id(its holders)) -> (row, holders, Shared): the
-# listener's part once per listener and owner answer (the worker's answer
-# shares one row and one holders tuple among the sockets of a listener),
-# not once per socket. The row and holders are kept so their ids stay
-# theirs; neither is changed after the answer is unpickled.
+# The listener (its namespace, inode and address) -> (row, holders,
+# Shared): the listener's part once per listener and owner answer (the
+# worker's answer shares one row and one holders tuple among the sockets of
+# a listener), not once per socket; taken only for that same row and
+# holders, neither changed after the answer is unpickled. One entry a
+# listener, its last answer's: the next answer's row and holders are new
+# objects, so an older answer's part would never be taken again, and keyed
+# by their ids each answer's stayed, holding its tuple of holders (a
+# listener of 1,000 forks with a socket a tick: 65 answers' holders, each
+# with its process snapshot and entries, until the cap below; review F3).
 _listener_parts: dict = {}
 LISTENER_PARTS_KEPT = 1024
 # And the holders' entries they hold, in all: a listener can have
@@ -155,7 +160,8 @@ _big_listener_part: tuple = (None, None, None)
 def listener_part(own) -> "Shared":
     global _listener_holders_kept, _big_listener_part
     row, holders = own.listener, own.listener_holders
-    key = (id(row), id(holders))
+    ep = row.endpoints
+    key = (ep.netns, row.inode, ep.family, ep.lport, ep.laddr)
     hit = _listener_parts.get(key)
     if hit is not None and hit[0] is row and hit[1] is holders:
         return hit[2]
@@ -173,6 +179,9 @@ def listener_part(own) -> "Shared":
         # instead of each making and encoding it again (14 ms a record).
         _big_listener_part = (row, holders, part)
         return part
+    replaced = _listener_parts.pop(key, None)
+    if replaced is not None:
+        _listener_holders_kept -= len(replaced[1])
     if (len(_listener_parts) >= LISTENER_PARTS_KEPT
             or _listener_holders_kept + len(holders) > LISTENER_HOLDERS_KEPT):
         _listener_parts.clear()
