@@ -25,17 +25,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from closewait_trace.kernel.events import Endpoints  # noqa: E402
 from closewait_trace.sockets import owners  # noqa: E402
-from tests.root.test_fd_walk_budget import HOG, HOG_UID, HOG_USER  # noqa: E402
+from tests.root.test_fd_walk_budget import (HOG, HOG_UID, HOG_USER,  # noqa: E402
+                                            close_wait_of_mine)
 
 
 def run(fds: int, runs: int) -> None:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    port = server.getsockname()[1]
-    mine = socket.create_connection(("127.0.0.1", port))
-    peer, _ = server.accept()
-    peer.close()
+    server, port, mine = close_wait_of_mine()
     wanted = [Endpoints(socket.AF_INET, "127.0.0.1", mine.getsockname()[1], "127.0.0.1", port)]
     hog = None
     if fds:

@@ -66,15 +66,22 @@ def _close_wait(port: int, timeout_s: float = 5.0) -> list[str]:
         time.sleep(0.05)
 
 
-def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypatch):
+def close_wait_of_mine() -> tuple[socket.socket, int, socket.socket]:
+    """(a listener, its port, a socket of this process's connected to it
+    and in CLOSE_WAIT): the listener accepts the hog's connection next."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
     port = server.getsockname()[1]
-    # Root's socket in CLOSE_WAIT, held by this process.
     mine = socket.create_connection(("127.0.0.1", port))
     peer, _ = server.accept()
     peer.close()
+    return server, port, mine
+
+
+def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypatch):
+    # Root's socket in CLOSE_WAIT, held by this process.
+    server, port, mine = close_wait_of_mine()
     hog = subprocess.Popen([*HOG_USER, "/usr/bin/python3", "-c", HOG, str(HOG_PROCESSES),
                             str(PER_PROCESS), str(port)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

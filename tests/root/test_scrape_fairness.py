@@ -12,21 +12,19 @@ the attacker holds every place and has been made to reconnect, then every
 scrape must be answered."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from closewait_trace.output import scrape
+from tests.unit.test_scrape_server import scrape_once, wait_for  # b"": closed unanswered
 
 pytestmark = pytest.mark.root
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 BODY = b"closewait_threshold_seconds 1.0\n"
-GENEROUS_S = 30.0
 
 # As nobody: keep N connections to the port, never send a byte, and open a
 # new one at once when the server closes one. Prints "ready" once the N
@@ -57,28 +55,6 @@ while True:
             key.fileobj.close()
             open_one()
 """
-
-
-def wait_for(predicate, what, timeout=GENEROUS_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def scrape_once(port) -> bytes:
-    """One scrape; b"" when the server closed it unanswered."""
-    with socket.create_connection(("127.0.0.1", port), timeout=GENEROUS_S) as c:
-        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        reply = b""
-        try:
-            while chunk := c.recv(65536):
-                reply += chunk
-        except ConnectionResetError:
-            pass
-        return reply
 
 
 @pytest.fixture

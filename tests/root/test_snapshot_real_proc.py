@@ -60,6 +60,15 @@ def test_the_notice_compares_names_as_the_owners_are_read(tmp_path):
         child.wait()
 
 
+def snapshot_linger_line(port: int) -> str:
+    """The one linger line of `snapshot --json -p PORT`."""
+    out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--json",
+                          "-p", str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    [line] = [l for l in out.stdout.splitlines() if l.startswith('{"type": "linger"')]
+    return line
+
+
 DUP_LISTENER = r"""
 import os, resource, socket, sys, time
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -95,10 +104,7 @@ def test_a_listener_duped_3000_times_is_listed_in_part_and_counted():
                 break
             time.sleep(0.05)
         assert len(ss.strip().splitlines()) == 1, ss
-        out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--json",
-                              "-p", str(port)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        [line] = [l for l in out.stdout.splitlines() if l.startswith('{"type": "linger"')]
+        line = snapshot_linger_line(port)
         rec = json.loads(line)
         assert [o["pid"] for o in rec["owners"]] == [holder.pid] * 4
         assert rec["owners_not_listed"] == 10 - 4
@@ -157,10 +163,7 @@ def test_another_users_listener_on_a_closed_servers_port_is_not_its_source():
         ss = subprocess.run(["ss", "-tanH", "state", "listening", f"sport = :{port}"],
                             capture_output=True, text=True).stdout
         assert len(ss.strip().splitlines()) == 1, ss
-        out = subprocess.run([sys.executable, "-m", "closewait_trace", "snapshot", "--json",
-                              "-p", str(port)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        [line] = [l for l in out.stdout.splitlines() if l.startswith('{"type": "linger"')]
+        line = snapshot_linger_line(port)
         rec = json.loads(line)
         assert [o["pid"] for o in rec["owners"]] == [server.pid]
         assert rec["listener"] is None, rec["listener"]

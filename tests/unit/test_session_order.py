@@ -15,6 +15,7 @@ import os
 import pytest
 
 from closewait_trace.evidence import worker
+from closewait_trace.files import recording as recording_files
 from closewait_trace.kernel import kernel_headers, probe
 from closewait_trace.live import session
 from closewait_trace.output import render
@@ -36,6 +37,11 @@ def start_until_the_compile(monkeypatch, compile_in_background) -> None:
     """The live session's start-up, recording to cw.jsonl in the current
     directory, with everything but its order stood in for, until the stand-in
     compile raises CompileStarted."""
+    # Root, to the session; the directory recorded into is the test's, so
+    # its owner (this user, nobody when the unit tests run as nobody) is
+    # one the recording trusts, as it would be for a root that owns it.
+    trusted = recording_files.trusted_owners()
+    monkeypatch.setattr(recording_files, "trusted_owners", lambda: trusted)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(capabilities, "cannot_trace", lambda caps: None)
     monkeypatch.setattr(capabilities, "warning", lambda caps: None)
