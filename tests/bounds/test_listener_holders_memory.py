@@ -16,7 +16,7 @@ from closewait_trace.kernel import tcpstates
 from closewait_trace.live import tracer as tracer_mod
 from closewait_trace.sockets import owners
 from tests.unit.fakeprobe import endpoints
-from tests.unit.test_loop import NETNS, World
+from tests.unit.test_loop import World
 
 LISTENER_INODE = 7000
 FORKS = 100        # processes holding the listener besides the server

@@ -142,6 +142,36 @@ def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
     assert traced_mib < limit, f"{traced_mib:.1f} MiB allocated to skip a 200 MB line"
 
 
+def test_lines_of_millions_of_empty_objects_are_skipped_in_bounded_memory(tmp_path):
+    """A line under MAX_LINE_BYTES can hold 2.8 million empty objects, 242 MB
+    once parsed; a header and records of them took `report` and `-r` to 637
+    MB (a review, 2026-12-07). Past MAX_CONTAINERS, a line is skipped
+    unparsed; a line of the tool's own densest shape is read."""
+    fat = '{"type": "linger", "x": [' + ",".join(["{}"] * 2_700_000) + "]}\n"
+    assert len(fat) < stream.MAX_LINE_BYTES
+    # The densest the writer makes: a list of holders, compact.
+    dense = ('{"type":"linger","owners":['
+             + ",".join(['{"pid":1,"comm":"","fd":3,"state":"S"}'] * 200_000) + "]}\n")
+    assert len(dense) < stream.MAX_LINE_BYTES
+    assert stream.parse_line(dense.encode()) is not None
+    path = tmp_path / "fat.jsonl"
+    with open(path, "w") as f:
+        f.write(header() + linger(0))
+        for _ in range(4):
+            f.write(fat)
+        f.write(linger(1))
+    probe = ("import sys\n"
+             "from closewait_trace.files import parts\n"
+             "r = parts.read([sys.argv[1]])\n"
+             "print(len(r.of('linger')), r.skipped)\n")
+    out, peak_mib, traced_mib = memprobe.run(probe, str(path), traced=True, timeout=120)
+    lingers, skipped = map(int, out.stdout.split())
+    assert (lingers, skipped) == (2, 4)
+    # What Python allocated: a line's bytes and its text, never its parse
+    # (242 MB each before).
+    assert traced_mib < 3 * stream.MAX_LINE_BYTES / (1 << 20) + 8, traced_mib
+
+
 def test_absurd_part_numbers(tmp_path):
     """A part number of 10^15 must not make a gap list over range()."""
     base = tmp_path / "cw.jsonl"

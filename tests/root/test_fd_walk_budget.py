@@ -139,8 +139,8 @@ def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypat
         said = diagnosis.gather(got[theirs_ep], machine="x86_64")
         assert said.cause == diagnosis.UNKNOWN
         assert said.summary.endswith(f"the file descriptors of {n} processes ({named[0]}, "
-                                     f"{named[1]}, {named[2]} and {n - 3} more) with the most "
-                                     f"were not read in time"), said.summary
+                                     f"{named[1]}, {named[2]} and {n - 3} more) were not read "
+                                     f"in time"), said.summary
         assert owners.held_now([got[mine_ep].inode, got[theirs_ep].inode]) == [True, None]
         # Given the time, the walk finds nobody's socket where ss does.
         monkeypatch.setattr(owners, "FD_WALK_BUDGET_S", float("inf"))
@@ -152,3 +152,39 @@ def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypat
         hog.wait()
         for s in (mine, server):
             s.close()
+
+
+# A process of HOG_UID whose main thread calls pthread_exit() (a zombie
+# leader: its own fd directory empty, size 0) while another thread keeps
+# its fds.
+ZOMBIE_LEADER = r"""
+import ctypes, os, resource, sys, threading, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+base = os.open("/dev/null", os.O_RDONLY)
+dups = [os.dup(base) for _ in range(int(sys.argv[1]))]
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0))).start()
+os.write(1, f"{os.getpid()}\n".encode())
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_zombie_leaders_fds_are_counted_through_its_live_thread():
+    """Linux gives an fd directory's size as its count (6.2 on), and a
+    zombie leader's is 0 while its live thread holds every fd: such a user
+    was counted as holding nothing and walked first, spending the walk's
+    time before root's holder (a review, 2026-12-07)."""
+    hog = subprocess.Popen([*HOG_USER, "/usr/bin/python3", "-c", ZOMBIE_LEADER,
+                            str(PER_PROCESS)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(hog.stdout.readline())
+        end = time.monotonic() + 10
+        while procfs.read_process(pid, "/proc").state != "Z" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert procfs.read_process(pid, "/proc").state == "Z"
+        assert os.stat(f"/proc/{pid}/fd").st_size == 0
+        assert owners._fd_count(pid, "/proc", sized=True) >= PER_PROCESS
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", HOG_UID], check=False)
+        hog.wait()

@@ -5,6 +5,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import pytest
 
@@ -465,3 +466,31 @@ def test_entering_a_namespace_that_fails_leaves_nothing_in_a_cycle(tmp_path, att
             assert raised.value.filename == missing
             del raised
     assert left.count == 0, left.kinds
+
+
+def test_a_closed_clients_uid_is_not_taken_from_its_time_wait_entry():
+    """The metrics endpoint shares its places by the client socket's uid
+    (socket_uid). A client that has closed leaves a time-wait entry (its
+    FIN_WAIT2 or TIME_WAIT), which sock_diag gives as uid 0: it looked like
+    root (a review, 2026-12-07). Open, it is this process's uid; closed,
+    not known."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", client.getsockname()[1],
+                   "127.0.0.1", listener.getsockname()[1])
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                       sockdiag.NETLINK_SOCK_DIAG)
+    try:
+        assert sockdiag.socket_uid(nl, ep, 1) == os.geteuid()
+        client.close()
+        for seq in range(2, 200):       # the FIN is acknowledged within a few ms
+            if sockdiag.socket_uid(nl, ep, seq) is None:
+                break
+            time.sleep(0.01)
+        assert sockdiag.socket_uid(nl, ep, 300) is None
+    finally:
+        for s in (nl, accepted, listener):
+            s.close()

@@ -275,8 +275,8 @@ def unread_summary(own: Ownership) -> str:
     if own.fds_not_read:
         n, named = own.fds_not_read
         said.append(("" if said else "unknown: no holder among the processes read; ")
-                    + f"the file descriptors of {_processes(n, named)} with the most "
-                      f"were not read in time")
+                    + f"the file descriptors of {_processes(n, named)} were not read in "
+                      f"time")
     return "; ".join(said)
 
 
@@ -351,8 +351,7 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
     if holders and own.fds_not_read:
         n, named = own.fds_not_read
         found.summary += (f"; holders may be missing: the file descriptors of "
-                          f"{_processes(n, named, 'other ')} with the most were not read "
-                          f"in time")
+                          f"{_processes(n, named, 'other ')} were not read in time")
     # The sockets of one holder mostly read the same: one string for them
     # all (about 300 bytes of every socket's state otherwise; the table
     # holds a string only while a socket does).

@@ -30,6 +30,15 @@ MAX_LINE_BYTES = 8 * 1024 * 1024     # longer lines are skipped, never held whol
 READ_CHUNK = 1024 * 1024             # bytes per read(2), and per inflate step
 BARREN_LINES = 100_000               # lines in a row with nothing usable: stop
 BARREN_BYTES = 256 * 1024 * 1024     # bytes in a row with nothing usable: stop
+# Objects and arrays a line may open ('{' and '[', in strings too), counted
+# before it is parsed: a line of 8 MiB can hold 2.8 million empty objects,
+# 242 MB once parsed, and a header and two lines alive at once took `report`
+# and `-r` to 637 MB (a review, 2026-12-07); 500,000 empty ones take about
+# 45 MB. The tool's own densest lines (a list of holders, compact: 38 bytes
+# each) open one for every 38 bytes or more, about 220,000 in 8 MiB; only
+# strings full of them (a user naming their own processes "{{{{") can make a
+# line it wrote go over, and that line is then skipped as damaged.
+MAX_CONTAINERS = 500_000
 
 
 @dataclass
@@ -157,6 +166,8 @@ def _accept(rec) -> Optional[str]:
 
 def parse_line(raw: bytes) -> Optional[dict]:
     """One line -> a record, or None if it is damaged or refused."""
+    if raw.count(b"{") + raw.count(b"[") > MAX_CONTAINERS:
+        return None
     try:
         rec = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
                          parse_float=_finite_float)

@@ -235,6 +235,10 @@ class HolderScan:
 FD_WALK_BUDGET_S = 2.0
 FDS_IN_ANY_ORDER = 100_000
 _LINKS_PER_CLOCK = 1024         # links read between two looks at the clock
+# A table that has grown past twice its count and this many since it was
+# counted is left, and counted as not read: the order rests on the counts,
+# and a process that dup()s after them would spend the budget out of turn.
+_GROWTH_SLACK = 1024
 _clock = time.monotonic         # the walk's (tests count links read instead)
 
 
@@ -242,12 +246,21 @@ class _OutOfTime(Exception):
     """The walk's budget is spent (not a ProcError: no process's fault)."""
 
 
+class _Outgrown(Exception):
+    """A table far larger than it was counted (_GROWTH_SLACK)."""
+
+
 def _fd_count(pid: int, proc: str, sized: bool) -> int:
     """How many fds pid has (0 if it cannot be told): the size of its fd
-    directory where the kernel gives it (6.2 on), else its entries."""
+    directory where the kernel gives it (6.2 on), else the entries of the
+    table the walk reads (_fd_table). A zombie leader's directory is empty,
+    size 0, while a live thread's table holds any number (a review: such a
+    user counted 0 was walked first, and spent the budget)."""
     try:
         if sized:
-            return os.stat(f"{proc}/{pid}/fd").st_size
+            size = os.stat(f"{proc}/{pid}/fd").st_size
+            if size:
+                return size
         return len(_fd_table(pid, proc)[1])
     except (OSError, procfs.ProcError):
         return 0
@@ -429,15 +442,18 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             fd_dir, names = _fd_table(pid, proc)
             if not names:
                 continue
+            limit = 2 * counts.get(pid, 0) + _GROWTH_SLACK
             matched: list[tuple[int, int, str]] = []
             # Each link read relative to the open fd directory: one path
             # step instead of four (/proc, the pid, fd, the fd), about a
             # third of each read's cost with 100,000 fds.
             with procfs.opened_dir(fd_dir) as dir_fd:
                 for n, name in enumerate(names):
-                    if (not n % _LINKS_PER_CLOCK and n
-                            and spent + clock() - started >= budget):
-                        raise _OutOfTime
+                    if not n % _LINKS_PER_CLOCK and n:
+                        if spent + clock() - started >= budget:
+                            raise _OutOfTime
+                        if n > limit:
+                            raise _Outgrown
                     try:
                         link = readlink(name, dir_fd)
                     except procfs.NoSuchProcess:
@@ -479,8 +495,12 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
         except _OutOfTime:
             # This one (what it showed so far not kept) and every one after
             # that has fds (not a kernel thread's empty table).
-            scan.not_read_pids = [pid for pid in order[at:] if counts.get(pid)]
+            scan.not_read_pids.extend(p for p in order[at:] if counts.get(p) or p == pid)
             break
+        except _Outgrown:
+            spent += clock() - started
+            scan.not_read_pids.append(pid)
+            continue
         except procfs.ResourceExhausted:
             raise                           # nothing known: resolve() says so
         except procfs.AccessDenied:

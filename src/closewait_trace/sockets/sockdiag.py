@@ -21,6 +21,7 @@ import time
 from typing import Iterable, Optional
 
 from closewait_trace.kernel.events import Endpoints, format_address
+from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.tcpstates import LISTEN as TCP_LISTEN
 from closewait_trace.sockets import procfs
 from closewait_trace.sockets.tcprow import TcpRow
@@ -86,6 +87,13 @@ def build_lookup(ep: Endpoints, seq: int = 1) -> bytes:
     return header + body
 
 
+# The states in which sock_diag gives a connection's own uid (a full socket's
+# sk_uid); not TIME_WAIT, FIN_WAIT2, SYN_RECV or NEW_SYN_RECV, whose entry
+# may be a time-wait or request socket the kernel reports as uid 0.
+_OWN_UID_STATES = frozenset({tcpstates.ESTABLISHED, tcpstates.SYN_SENT, tcpstates.FIN_WAIT1,
+                             tcpstates.CLOSE_WAIT, tcpstates.LAST_ACK, tcpstates.CLOSING})
+
+
 def socket_uid(nl: socket.socket, ep: Endpoints, seq: int) -> Optional[int]:
     """The uid of the one socket with these addresses in nl's namespace
     (build_lookup), None when there is none or no answer. nl is a
@@ -107,7 +115,10 @@ def socket_uid(nl: socket.socket, ep: Endpoints, seq: int) -> Optional[int]:
             return None
         # The kernel falls back to a listener on the local address when no
         # connection has these addresses (the client gone): not the client.
-        if rows and rows[0].state != TCP_LISTEN and rows[0].endpoints.lport == ep.lport \
+        # Nor is a closed client's time-wait entry (TIME_WAIT, or FIN_WAIT2
+        # once orphaned) or a request socket, whose uid the kernel gives as
+        # 0: a client that closed looked like root (a review, 2026-12-07).
+        if rows and rows[0].state in _OWN_UID_STATES and rows[0].endpoints.lport == ep.lport \
                 and rows[0].endpoints.rport == ep.rport:
             return rows[0].uid
         return None
