@@ -116,6 +116,19 @@ def test_records_the_schema_rejects_count_toward_the_stop(tmp_path, unusable):
         assert rec.skipped == (0 if unusable == "" else stream.BARREN_LINES + 1)
 
 
+def read_in_own_interpreter(path) -> tuple[int, int, float, float]:
+    """parts.read of path in a fresh interpreter of its own (memprobe: not
+    ru_maxrss, which a child inherits from the pytest process that forked
+    it): (linger records, lines skipped, peak RSS MiB, MiB Python allocated)."""
+    probe = ("import sys\n"
+             "from closewait_trace.files import parts\n"
+             "r = parts.read([sys.argv[1]])\n"
+             "print(len(r.of('linger')), r.skipped)\n")
+    out, peak_mib, traced_mib = memprobe.run(probe, str(path), traced=True, timeout=120)
+    lingers, skipped = map(int, out.stdout.split())
+    return lingers, skipped, peak_mib, traced_mib
+
+
 def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
     """A 200 MB line between good records: skipped and counted, never held."""
     path = tmp_path / "long.jsonl"
@@ -126,14 +139,7 @@ def test_endless_line_is_skipped_in_bounded_memory(tmp_path):
         for _ in range(200):
             f.write(chunk)
         f.write('"}\n' + linger(1))
-    # Measured in a fresh interpreter of its own (memprobe: not ru_maxrss,
-    # which a child inherits from the pytest process that forked it).
-    probe = ("import sys\n"
-             "from closewait_trace.files import parts\n"
-             "r = parts.read([sys.argv[1]])\n"
-             "print(len(r.of('linger')), r.skipped)\n")
-    out, peak_mib, traced_mib = memprobe.run(probe, str(path), traced=True, timeout=120)
-    lingers, skipped = map(int, out.stdout.split())
+    lingers, skipped, peak_mib, traced_mib = read_in_own_interpreter(path)
     assert (lingers, skipped) == (2, 1)
     assert peak_mib < 150, f"peak RSS {peak_mib:.0f} MiB for a 200 MB line"
     # What Python itself allocated, whatever malloc does with it: the pieces
@@ -160,12 +166,7 @@ def test_lines_of_millions_of_empty_objects_are_skipped_in_bounded_memory(tmp_pa
         for _ in range(4):
             f.write(fat)
         f.write(linger(1))
-    probe = ("import sys\n"
-             "from closewait_trace.files import parts\n"
-             "r = parts.read([sys.argv[1]])\n"
-             "print(len(r.of('linger')), r.skipped)\n")
-    out, peak_mib, traced_mib = memprobe.run(probe, str(path), traced=True, timeout=120)
-    lingers, skipped = map(int, out.stdout.split())
+    lingers, skipped, _peak_mib, traced_mib = read_in_own_interpreter(path)
     assert (lingers, skipped) == (2, 4)
     # What Python allocated: a line's bytes and its text, never its parse
     # (242 MB each before).
