@@ -922,12 +922,12 @@ def evidence_lines(rec: dict, processes: dict) -> list[str]:
             out.append(f"           stacks not read: {escape(process['stacks_not_read'])}")
         if process.get("python_not_read"):
             out.append(f"           {escape(process['python_not_read'])}")
-    if rec.get("owners_not_listed"):
-        out.append(f"         and {escape(rec['owners_not_listed'])} more fds on it, not listed")
+    if fds_not_listed(rec):
+        out.append(f"         and {fds_not_listed(rec)} more fds on it, not listed")
     listener = rec.get("listener")
     if isinstance(listener, dict) and rec.get("owner_kind") == "accept_queue":
-        unlisted = (f", {escape(listener['owners_not_listed'])} of its fds not listed"
-                    if listener.get("owners_not_listed") else "")
+        unlisted = (f", {fds_not_listed(listener)} of its fds not listed"
+                    if fds_not_listed(listener) else "")
         out.append(f"         listener {escape(listener.get('local'))} queue "
                    f"{escape(listener.get('accept_queue'))}/{escape(listener.get('backlog'))}"
                    f"{unlisted}")

@@ -489,14 +489,13 @@ class _Builder:
         (the first MAX_HOLDERS; the others are counted)."""
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
         listening = False
-        unlisted = r.get("owners_not_listed")
+        unlisted = fds_not_listed(r)
         if not owners and isinstance(r.get("listener"), dict):
             owners = [o for o in r["listener"].get("owners") or [] if isinstance(o, dict)]
-            unlisted = r["listener"].get("owners_not_listed")
+            unlisted = fds_not_listed(r["listener"])
             listening = True
-        if type(unlisted) is int and unlisted > 0:
-            # fds the record did not list (owners.FDS_LISTED_PER_PROCESS)
-            self.folded["holders"] += unlisted
+        # fds the record did not list (owners.FDS_LISTED_PER_PROCESS)
+        self.folded["holders"] += unlisted
         if len(owners) > MAX_HOLDERS:
             self.folded["holders"] += len(owners) - MAX_HOLDERS
             owners = owners[:MAX_HOLDERS]
