@@ -54,11 +54,15 @@ class FakeProc:
         self._flush(netns, pids=[pid])     # the others' copies of the table are current
         return self
 
-    def fd(self, pid, fd, inode=None, target=None, cloexec=False):
-        link = os.path.join(self.root, str(pid), "fd", str(fd))
-        os.symlink(target or f"socket:[{inode}]", link)
+    def fd(self, pid, fd, inode=None, target=None, cloexec=False, tid=None):
+        """An fd in pid's table, or in thread tid's own (unshare(CLONE_FILES))."""
+        base = os.path.join(self.root, str(pid)) if tid is None else \
+            os.path.join(self.root, str(pid), "task", str(tid))
+        for sub in ("fd", "fdinfo"):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        os.symlink(target or f"socket:[{inode}]", os.path.join(base, "fd", str(fd)))
         flags = 0o2 | (0o2000000 if cloexec else 0)
-        self._write(os.path.join(self.root, str(pid), "fdinfo"), str(fd),
+        self._write(os.path.join(base, "fdinfo"), str(fd),
                     f"pos:\t0\nflags:\t{flags:07o}\nmnt_id:\t9\n")
         return self
 

@@ -609,7 +609,8 @@ def test_a_table_grown_far_past_its_count_is_left_and_counted(fake, monkeypatch)
     monkeypatch.setattr(owners, "_GROWTH_SLACK", 8)
     counted = owners._fd_count
     monkeypatch.setattr(owners, "_fd_count",
-                        lambda pid, proc, sized: 0 if pid == 5 else counted(pid, proc, sized))
+                        lambda pid, proc, sized, own=None:
+                        0 if pid == 5 else counted(pid, proc, sized, own))
     server = ep(5555, 40000)
     got = owners.resolve([server], fake.root)[server]
     assert [h.pid for h in got.holders] == [10]
@@ -628,3 +629,38 @@ def test_a_zombie_leaders_table_is_counted_through_its_live_thread(fake):
     for fd in range(3, 13):
         os.symlink("/dev/null", os.path.join(fd_dir, str(fd)))
     assert owners._fd_count(7, fake.root, sized=False) == 10
+
+
+def _threads(pid, *tids):
+    return {tid: ("S", "running", "0") for tid in (pid, *tids)}
+
+
+def test_a_socket_in_a_threads_own_table_is_its_process(fake):
+    """A thread that called unshare(CLONE_FILES) has a table of its own,
+    which /proc/PID/fd does not show: a socket only it holds was "held by
+    no process". Its process is the holder, with the fd of that table and
+    its flags; a socket in both tables (the copy unshare made) is one
+    holder, the leader's fd. On a real /proc: tests/root/test_thread_fd_tables.py."""
+    fake.process(7, comm="server", threads=_threads(7, 8, 9))
+    fake.tcp(7, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, CW, 900, rx=1)
+    fake.tcp(7, V4, "127.0.0.1", 5555, "127.0.0.1", 40001, CW, 901, rx=1)
+    fake.fd(7, 4, 901)
+    fake.fd(7, 5, 901, tid=8)           # the copy
+    fake.fd(7, 6, 900, tid=8, cloexec=True)
+    only_thread, both = ep(5555, 40000), ep(5555, 40001)
+    got = owners.resolve([only_thread, both], fake.root)
+    assert got[only_thread].kind == owners.OWNER_FD
+    assert [(h.pid, h.fd, h.cloexec) for h in got[only_thread].holders] == [(7, 6, True)]
+    assert [(h.pid, h.fd) for h in got[both].holders] == [(7, 4)]
+    assert owners.held_now([900, 901], fake.root) == [True, True]
+
+
+def test_a_threads_own_table_is_counted_for_the_walks_order(fake):
+    """The walk's order and its limit on a table's growth rest on each
+    process's count: a thread's own table is in it, so that fds kept there
+    do not walk their user first."""
+    fake.process(7, comm="hider", threads=_threads(7, 8))
+    for fd in range(3, 13):
+        fake.fd(7, fd, target="/dev/null", tid=8)
+    fake.fd(7, 3, target="/dev/null")
+    assert owners._fd_count(7, fake.root, sized=False) == 11

@@ -20,7 +20,8 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import (Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Optional,
+                    Sequence)
 
 from closewait_trace import knobs
 from closewait_trace.sockets import procfs, procnet, sockdiag
@@ -250,18 +251,29 @@ class _Outgrown(Exception):
     """A table far larger than it was counted (_GROWTH_SLACK)."""
 
 
-def _fd_count(pid: int, proc: str, sized: bool) -> int:
-    """How many fds pid has (0 if it cannot be told): the size of its fd
-    directory where the kernel gives it (6.2 on), else the entries of the
-    table the walk reads (_fd_table). A zombie leader's directory is empty,
-    size 0, while a live thread's table holds any number (a review: such a
-    user counted 0 was walked first, and spent the budget)."""
+def _fd_count(pid: int, proc: str, sized: bool, own_tables: Optional[dict] = None) -> int:
+    """How many fds pid has (0 if it cannot be told), in every table the
+    walk reads (_fd_table's, and its threads' own: _own_tables): each
+    directory's size where the kernel gives it (6.2 on), else its entries.
+    A zombie leader's directory is empty, size 0, while a live thread's
+    table holds any number (a review: such a user counted 0 was walked
+    first, and spent the budget); so may a thread's own table. The own
+    tables' directories kept in own_tables[pid], for the walk."""
     try:
-        if sized:
-            size = os.stat(f"{proc}/{pid}/fd").st_size
-            if size:
-                return size
-        return len(_fd_table(pid, proc)[1])
+        fd_dir = f"{proc}/{pid}/fd"
+        count = os.stat(fd_dir).st_size if sized else 0
+        if not count:
+            fd_dir, names = _fd_table(pid, proc)
+            count = len(names)
+        own = list(_own_tables(pid, proc, fd_dir))
+        if own and own_tables is not None:
+            own_tables[pid] = own
+        for own_dir in own:
+            try:
+                count += (os.stat(own_dir).st_size if sized else 0) or len(procfs.listdir(own_dir))
+            except (OSError, procfs.ProcError):
+                continue                # that thread ended meanwhile
+        return count
     except (OSError, procfs.ProcError):
         return 0
 
@@ -275,14 +287,15 @@ def _fd_dirs_sized(proc: str) -> bool:
         return False
 
 
-def walk_order(proc: str) -> tuple[list[int], dict[int, int]]:
+def walk_order(proc: str, own_tables: Optional[dict] = None) -> tuple[list[int], dict[int, int]]:
     """The pids whose fd tables a walk reads, in order, and how many fds
     each has: pid order when all hold at most FDS_IN_ANY_ORDER fds, else
     their users' (real uid) by how many fds each holds in all, fewest
-    first, and each user's the same way."""
+    first, and each user's the same way. The threads' own tables (pid ->
+    their fd directories) put in own_tables when given."""
     pids = list(procfs.pids(proc))
     sized = _fd_dirs_sized(proc)
-    counts = {pid: _fd_count(pid, proc, sized) for pid in pids}
+    counts = {pid: _fd_count(pid, proc, sized, own_tables) for pid in pids}
     if sum(counts.values()) <= FDS_IN_ANY_ORDER:
         return pids, counts
     uid_of = {pid: procfs.real_uid(pid, proc) for pid in pids}
@@ -411,6 +424,35 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
     return fd_dir, names
 
 
+def _own_tables(pid: int, proc: str, read_dir: str) -> Iterator[str]:
+    """The fd directories of pid's threads with a table of their own
+    (unshare(CLONE_FILES)), other than read_dir, the one _fd_table gave:
+    /proc/PID/fd shows only the leader's, and a socket kept only in such a
+    table was "held by no process". A single-threaded process costs one
+    stat. Threads that share one (those a thread starts after its
+    unshare) are told apart from the leader's table by kcmp, and from the
+    thread before them: a table read twice is bounded by the walk's budget,
+    and its sockets named once. Where kcmp cannot tell (a /proc not this
+    process's own, as in tests, or a kernel without it), every thread's."""
+    try:
+        links = os.stat(f"{proc}/{pid}/task").st_nlink
+    except OSError:
+        return
+    if links in (2, 3):
+        return          # "." and ".." and one thread (1: a file system not counting)
+    real = proc == procfs.PROC
+    before = read_tid = int(read_dir.rsplit("/", 2)[-2]) if "/task/" in read_dir else pid
+    for name in procfs.list_dir(f"{proc}/{pid}/task"):
+        if not name.isdigit() or int(name) == read_tid:
+            continue
+        tid = int(name)
+        if real and (procfs.same_fd_table(read_tid, tid)
+                     or (before != read_tid and procfs.same_fd_table(before, tid))):
+            continue
+        before = tid
+        yield f"{proc}/{pid}/task/{tid}/fd"
+
+
 def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
                  fd_flags: bool = True, budget_s: Optional[float] = None) -> HolderScan:
     """Every (process, fd) on each wanted socket inode. A process that exits
@@ -433,64 +475,107 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
     # wanted sockets costs (1-2 s for 100,000 here), and whose holders must
     # all be named.
     spent = 0.0
-    order, counts = walk_order(proc)
+    own_tables: dict[int, list[str]] = {}
+    order, counts = walk_order(proc, own_tables)
+
+    def links_of(fd_dir: str, names: list[str], read_before: int, limit: int
+                 ) -> list[tuple[int, int, str]]:
+        """The (inode, fd, link) of one table's wanted sockets. Raises
+        _OutOfTime when the budget is up, _Outgrown past limit links of the
+        process (read_before of them in its tables before this one)."""
+        matched: list[tuple[int, int, str]] = []
+        # Each link read relative to the open fd directory: one path step
+        # instead of four (/proc, the pid, fd, the fd), about a third of
+        # each read's cost with 100,000 fds.
+        with procfs.opened_dir(fd_dir) as dir_fd:
+            for n, name in enumerate(names, read_before):
+                if not n % _LINKS_PER_CLOCK and n:
+                    if spent + clock() - started >= budget:
+                        raise _OutOfTime
+                    if n > limit:
+                        raise _Outgrown
+                try:
+                    link = readlink(name, dir_fd)
+                except procfs.NoSuchProcess:
+                    continue                # that fd was closed meanwhile
+                except procfs.ProcError as e:
+                    # A path longer than a page (ENAMETOOLONG): a file's,
+                    # never a socket's ("socket:[N]"). Any user can open
+                    # one; taken for the whole process's failure, it hid
+                    # every socket that process holds ("no process holds
+                    # it").
+                    if e.errno != errno.ENAMETOOLONG:
+                        raise
+                    continue
+                if not link.startswith("socket:["):
+                    continue                # a file, a pipe...: never wanted
+                inode = socket_inode(link)
+                if inode is not None and inode in wanted and name.isdigit():
+                    matched.append((inode, int(name), link))
+        return matched
+
     for at, pid in enumerate(order):
         try:
             if spent >= budget:
                 raise _OutOfTime
             started = clock()
             fd_dir, names = _fd_table(pid, proc)
-            if not names:
-                continue
             limit = 2 * counts.get(pid, 0) + _GROWTH_SLACK
-            matched: list[tuple[int, int, str]] = []
-            # Each link read relative to the open fd directory: one path
-            # step instead of four (/proc, the pid, fd, the fd), about a
-            # third of each read's cost with 100,000 fds.
-            with procfs.opened_dir(fd_dir) as dir_fd:
-                for n, name in enumerate(names):
-                    if not n % _LINKS_PER_CLOCK and n:
-                        if spent + clock() - started >= budget:
-                            raise _OutOfTime
-                        if n > limit:
-                            raise _Outgrown
-                    try:
-                        link = readlink(name, dir_fd)
-                    except procfs.NoSuchProcess:
-                        continue                # that fd was closed meanwhile
-                    except procfs.ProcError as e:
-                        # A path longer than a page (ENAMETOOLONG): a
-                        # file's, never a socket's ("socket:[N]"). Any user
-                        # can open one; taken for the whole process's
-                        # failure, it hid every socket that process holds
-                        # ("no process holds it").
-                        if e.errno != errno.ENAMETOOLONG:
-                            raise
-                        continue
-                    if not link.startswith("socket:["):
-                        continue                # a file, a pipe...: never wanted
-                    inode = socket_inode(link)
-                    if inode is not None and inode in wanted and name.isdigit():
-                        matched.append((inode, int(name), link))
+            # The table /proc/PID/fd shows, then the tables of its threads
+            # that have their own (_own_tables): one limit for them all.
+            tables: list[tuple[str, list]] = []
+            read = 0
+            if names:
+                tables.append((fd_dir, links_of(fd_dir, names, 0, limit)))
+                read = len(names)
+            # (Those walk_order found: a thread that unshares after it is
+            # seen at the next lookup.)
+            for own_dir in own_tables.get(pid, ()):
+                try:
+                    own_names = procfs.listdir(own_dir)
+                except procfs.NoSuchProcess:
+                    continue                # that thread ended meanwhile
+                tables.append((own_dir, links_of(own_dir, own_names, read, limit)))
+                read += len(own_names)
             spent += clock() - started
-            if not matched:
+            if not any(matched for _dir, matched in tables):
                 continue
-            # Every link found, for the check below: a holder that closes its
-            # lowest fds meanwhile still holds the socket through the others.
-            walked = matched
-            matched, unlisted = _fds_listed(matched)
             snap = batch.process(pid)
-            cloexec = (_cloexec_flags(fd_dir, [fd for _inode, fd, _link in matched])
-                       if fd_flags else [None] * len(matched))
-            # The pid could have been reused between the fd scan and the
-            # reads above: an inode is unique while its socket lives, so a
-            # link still there after them proves this process holds it. Any
-            # one of them: a holder closing the first (it is leaving
-            # CLOSE_WAIT) made every other socket it holds "held by no
-            # process" in this lookup.
-            if not _still_linked(fd_dir, walked):
-                continue
-            if not fd_flags:
+            # Flags read here unless the caller reads them where they decide
+            # (cloexec_where_decisive, through fd_dirs: one directory a
+            # process); here too when a thread's own table holds one (rare).
+            read_flags = fd_flags or any(matched for table_dir, matched in tables
+                                         if table_dir != fd_dir)
+            found: list[tuple[int, int, Optional[bool]]] = []
+            cut: dict[int, int] = {}
+            held: set[int] = set()
+            for table_dir, matched in tables:
+                # A thread's own table is a copy of the leader's when made:
+                # a socket in both is one holder, named by the first's fd.
+                matched = [m for m in matched if m[0] not in held]
+                if not matched:
+                    continue
+                # Every link found, for the check below: a holder that
+                # closes its lowest fds meanwhile still holds the socket
+                # through the others.
+                walked = matched
+                matched, unlisted = _fds_listed(matched)
+                flags = (_cloexec_flags(table_dir, [fd for _inode, fd, _link in matched])
+                         if read_flags else [None] * len(matched))
+                # The pid could have been reused between the fd scan and
+                # the reads above: an inode is unique while its socket
+                # lives, so a link still there after them proves this
+                # process holds it. Any one of them: a holder closing the
+                # first (it is leaving CLOSE_WAIT) made every other socket
+                # it holds "held by no process" in this lookup.
+                if not _still_linked(table_dir, walked):
+                    continue
+                found.extend((inode, fd, flag)
+                             for (inode, fd, _link), flag in zip(matched, flags))
+                held.update(inode for inode, _fd, _link in walked)
+                for inode, n in unlisted.items():
+                    cut[inode] = cut.get(inode, 0) + n
+            if found and not read_flags:
                 scan.fd_dirs[pid] = fd_dir
         except _OutOfTime:
             # This one (what it showed so far not kept) and every one after
@@ -508,9 +593,9 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             continue
         except procfs.ProcError:
             continue                        # gone, or dying: a missing row
-        for (inode, fd, _link), flag in zip(matched, cloexec):
+        for inode, fd, flag in found:
             scan.holders.setdefault(inode, []).append(Holder.of(snap, fd, flag))
-        for inode, n in unlisted.items():
+        for inode, n in cut.items():
             scan.cut[inode] = scan.cut.get(inode, 0) + n
     # Tuples: every lingering socket keeps its holders for as long as it
     # lingers (a list of one is 84 bytes in the loop, a tuple 48).

@@ -209,6 +209,25 @@ def list_dir(path: str) -> list[str]:
         return []
 
 
+# kcmp(2)'s number where this module knows it (x86_64; the generic table's
+# arm64 and riscv64); elsewhere None, and same_fd_table cannot tell.
+_KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272}.get(os.uname().machine)
+_KCMP_FILE = 2                  # KCMP_FILES: the two tasks' fd tables
+
+
+def same_fd_table(tid_a: int, tid_b: int) -> Optional[bool]:
+    """Whether two tasks (thread ids of this pid namespace, as /proc names
+    them) share one fd table: False for a thread that called
+    unshare(CLONE_FILES), whose table /proc/PID/fd does not show. One
+    system call, where reading the other table to compare costs a readlink
+    per fd. None when the kernel cannot say (no kcmp, a task gone, not
+    allowed)."""
+    if _KCMP_SYSCALL is None:
+        return None
+    answer = libc().syscall(_KCMP_SYSCALL, tid_a, tid_b, _KCMP_FILE, 0, 0)
+    return None if answer < 0 else answer == 0
+
+
 def pids(proc: str = PROC) -> Iterator[int]:
     """Raises ResourceExhausted when /proc cannot be listed for lack of
     descriptors (never an empty list: that would be "no process at all")."""
