@@ -162,20 +162,23 @@ def test_every_cap_is_counted_and_said(monkeypatch):
     assert sum(r["count"] for r in rep["by_peer"]) == 4 and folded["rows:peer"] == 1
     text = "\n".join(report.render_text(rep))
     assert "Still lingering at the end of the capture: 4" in text
-    for needle in ("not followed", "counted in the row (other)", "holder(s) past",
+    for needle in ("not followed", "counted in the row (other)", "holder process(es) past",
                    "process identities forgotten", "capture(s) past", "loss record(s) past",
                    "the 2 oldest listed"):
         assert needle in text, needle
 
 
-def test_the_fds_a_record_did_not_list_are_counted_with_the_holders_not_shown():
+def test_the_fds_a_record_did_not_list_are_counted_as_fds():
     """A record lists at most 4 fds of one process on a socket and counts
     the rest (owners_not_listed, its own or its listener's): the report
-    says them with the holders it does not show."""
+    says them as fds, apart from the holder processes it leaves out (they
+    were one count, "6 holder(s) past the first 4" of one process)."""
     recs = [recordfactory.header(capture_id="a")]
     rec = recordfactory.linger(ts=1001.0, rport=40000, owners=[recordfactory.holder(pid=10)])
     rec["owners_not_listed"] = 6
     recs.append(rec)
     rep = report.build(recs, by=["cause"])
-    assert rep["losses"]["folded"]["holders"] == 6
-    assert "6 holder(s) past the first" in "\n".join(report.render_text(rep))
+    assert rep["losses"]["folded"] == {"holder_fds": 6}
+    text = "\n".join(report.render_text(rep))
+    assert "6 fd(s) on sockets that their records did not list" in text
+    assert "holder process(es) past" not in text

@@ -438,7 +438,7 @@ def test_a_listener_duped_and_a_socket_in_its_queue(tmp_path):
     q = Lingerer(endpoints=queued, enter_ns=1_000, skaddr=2)
     q.ownership, q.diagnosis = found[queued], never
     rep = report.build([records.linger(q, 1_796_594_561.5, 2_000_000_000)], by=["cause"])
-    assert rep["losses"]["folded"]["holders"] == 6
+    assert rep["losses"]["folded"]["holder_fds"] == 6
 
 
 def test_a_listener_part_of_more_holders_than_are_kept_is_made_once_for_its_sockets(tmp_path):

@@ -477,3 +477,95 @@ def test_sockets_there_before_the_trace_are_not_a_leak_rate():
     [line] = [l for l in report.render_text(rep) if "Leaking fastest" in l]
     assert line.startswith("  Leaking fastest (2.5/min, 5 still held): ") and \
         line.endswith("/srv/leaky.py"), line
+
+
+def owner(pid, comm, fd):
+    return {"pid": pid, "comm": comm, "fd": fd, "state": "S", "cmdline": comm}
+
+
+def dup_and_other():
+    """One socket: pid 10 (srv, unit a.service) holds it on fds 3-6 (it
+    dup()ed it), pid 20 (other, unit b.service) on fd 3."""
+    owners = [owner(10, "srv", fd) for fd in (3, 4, 5, 6)] + [owner(20, "other", 3)]
+    return [header(), process(10, "srv", unit="a.service"), process(20, "other", unit="b.service"),
+            linger(0, 10, "srv", owners=owners)]
+
+
+def test_a_process_with_several_fds_takes_one_holder_slot():
+    """The first MAX_HOLDERS owners entries were kept, one per fd: pid 10's
+    four fds filled them and pid 20, named by the record, was in no row by
+    program, pid or unit. The cap is on processes."""
+    rep = report.build(dup_and_other(), by=["cause", "program", "pid", "unit"])
+    programs = {r["program"]: (r["count"], r["processes"]) for r in rep["by_program"]}
+    assert programs == {"srv [/usr/bin/srv]": (1, 1), "other [/usr/bin/other]": (1, 1)}
+    assert {(r["pid"], r["comm"]): r["processes"] for r in rep["by_pid"]} == {
+        (10, "srv"): 1, (20, "other"): 1}
+    assert {r["unit"]: r["processes"] for r in rep["by_unit"]} == {
+        "a.service": 1, "b.service": 1}
+    [cause] = rep["by_cause"]
+    assert cause["processes"] == 2
+    assert cause["programs"] == {"srv [/usr/bin/srv]": 1, "other [/usr/bin/other]": 1}
+    # Nothing was left out: pid 10's other fds are no more holders.
+    assert "holders" not in rep["losses"]["folded"]
+
+
+def test_each_person_row_counts_only_its_own_processes():
+    """A socket's pids were added to every row it landed in: program A's row
+    counted program B's holder among A's processes ("(2 processes)")."""
+    recs = [header(), process(10, "srv", unit="a.service"),
+            process(20, "other", unit="b.service"),
+            linger(0, 10, "srv", owners=[owner(10, "srv", 3), owner(20, "other", 3)]),
+            linger(1, 10, "srv", owners=[owner(10, "srv", 3)])]
+    rep = report.build(recs, by=["program", "pid", "unit", "port"])
+    programs = {r["program"]: (r["count"], r["processes"]) for r in rep["by_program"]}
+    assert programs == {"srv [/usr/bin/srv]": (2, 1), "other [/usr/bin/other]": (1, 1)}
+    assert {r["pid"]: r["processes"] for r in rep["by_pid"]} == {10: 1, 20: 1}
+    assert {r["unit"]: r["processes"] for r in rep["by_unit"]} == {
+        "a.service": 1, "b.service": 1}
+    # A row not keyed by a person: every holder of its sockets.
+    assert {r["port"]: r["processes"] for r in rep["by_port"]} == {5555: 2}
+    text = "\n".join(report.render_text(rep))
+    assert "(2 processes)" not in text
+
+
+def test_holders_past_the_cap_are_counted_in_processes():
+    """Five processes hold one socket, the first on six fds: the four first
+    processes are in its rows, one process is left out and counted as one
+    (not as the entries past the fourth: 6 + 4 - 4 = 6)."""
+    owners = [owner(10, "a", fd) for fd in range(3, 9)]
+    owners += [owner(pid, "a", 3) for pid in (11, 12, 13, 14)]
+    recs = [header(), linger(0, 10, "a", owners=owners)]
+    rep = report.build(recs, by=["pid"])
+    assert sorted(r["pid"] for r in rep["by_pid"]) == [10, 11, 12, 13]
+    assert rep["losses"]["folded"]["holders"] == 1
+    text = "\n".join(report.render_text(rep))
+    assert "1 holder process(es) past the first 4 of a socket" in text
+
+
+def test_holders_left_out_are_counted_once_per_socket():
+    """A CHANGE record that replaces what is known of a socket (its cause
+    was unknown) counted its holders left out a second time."""
+    owners = [owner(pid, "a", 3) for pid in (10, 11, 12, 13, 14)]
+    recs = [header(), linger(0, 10, "a", cause="unknown", owners=owners),
+            linger(0, 10, "a", cause="stopped", owners=owners, update=True)]
+    rep = report.build(recs, by=["cause"])
+    assert rep["losses"]["folded"]["holders"] == 1
+    assert [r["cause"] for r in rep["by_cause"]] == ["stopped"]
+
+
+def test_a_still_lingering_socket_lists_every_holding_process_first():
+    """The still-lingering list kept the first MAX_HOLDERS entries: pid 10's
+    fds hid pid 20, and the entries dropped were not counted in "and N more
+    fds on it, not listed"."""
+    rep = report.build(dup_and_other() + [linger(1, 10, "srv",
+                       owners=[owner(10, "srv", fd) for fd in range(3, 10)])], by=["cause"])
+    listed = {s["rport"]: s for s in rep["still_lingering"]}
+    shared = listed[40000]
+    assert [(o["pid"], o["fd"]) for o in shared["owners"]] == [(10, 3), (10, 4), (10, 5), (20, 3)]
+    assert shared["owners_not_listed"] == 1
+    alone = listed[40001]
+    assert [o["fd"] for o in alone["owners"]] == [3, 4, 5, 6]
+    assert alone["owners_not_listed"] == 3
+    text = report.render_text(rep)
+    assert text[text.index("      and 1 more fds on it, not listed") - 1].endswith(
+        "20/other fd 3"), text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import datetime as _dt
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ MAX_ROWS = 1_000          # rows per table; sockets of later keys fold into one 
 MAX_NAMES = 8             # causes / programs named per row; the rest folded
 MAX_PIDS = 64             # distinct processes counted per row (past it: "at least")
 MAX_PROCESSES = 20_000    # process identities remembered (the oldest forgotten)
-MAX_HOLDERS = 4           # holders kept per socket (the rest counted)
+MAX_HOLDERS = 4           # holder processes kept per socket (the rest counted)
 MAX_STILL = 1_000         # sockets still lingering at the end that are listed
 MAX_CAPTURES = 100        # captures listed (one per header of a new capture id)
 MAX_LOSS_RECORDS = 100    # lost records listed (all are summed)
@@ -56,6 +57,14 @@ GROUPINGS = ("cause", "program", "code", "unit", "container", "pod", "port", "pe
 # Without --by: these, code/unit/container/pod only when some socket has one.
 DEFAULT_GROUPINGS = ("cause", "program", "code", "unit", "container", "pod", "port", "peer")
 _OPTIONAL = ("unit", "container", "pod")
+# The groupings whose rows are people's: a holder's row, and the row of a
+# socket no holder is known of.
+_PERSONAL = {"program": lambda p: p["program_key"], "pid": lambda p: (p["pid"], p["comm"]),
+             "unit": lambda p: p["unit"] or "(not known)",
+             "container": lambda p: p["container"] or "(not known)",
+             "pod": lambda p: p["pod"] or "(not known)"}
+_NOBODY = {"program": (("none",), "(unknown)"), "pid": (None, "(unknown)"),
+           "unit": "(not known)", "container": "(not known)", "pod": "(not known)"}
 # --by code: sockets whose place is not known, in two rows.
 NO_EOF_SEEN = "(no EOF read seen)"
 PLACE_NOT_KNOWN = "(not known)"
@@ -149,11 +158,24 @@ def _label(value):
     return value
 
 
-def _not_listed(r: dict) -> dict:
-    """{"owners_not_listed": N} when the record or entry r counts fds its
-    owners leave out, else {}."""
-    unlisted = fds_not_listed(r)
-    return {"owners_not_listed": unlisted} if unlisted else {}
+def _first_fds(owners: list) -> tuple[list[int], int]:
+    """The indexes in owners of the first entry of each of its first
+    MAX_HOLDERS processes, and how many processes are past them. An entry
+    is one fd of one process: a process that dup()ed the socket is one
+    holder however many fds it has, and its other fds must not push
+    another process out. An entry without a pid is a holder of its own."""
+    first, seen, past = [], set(), 0
+    for i, o in enumerate(owners):
+        pid = o.get("pid")
+        who = pid if isinstance(pid, int) else ("entry", i)
+        if who in seen:
+            continue
+        seen.add(who)
+        if len(first) < MAX_HOLDERS:
+            first.append(i)
+        else:
+            past += 1
+    return first, past
 
 
 def _bump(counter: Counter, name, n: int = 1) -> None:
@@ -257,8 +279,8 @@ class Group:
     more_pids: bool = False
     still_held: int = 0                                    # not closed at the end
 
-    def add(self, s: Sock, programs: set, pids: list) -> None:
-        """programs, pids: of the socket's holders, worked out once per socket."""
+    def add(self, s: Sock, people: list) -> None:
+        """people: the socket's holders that put it in this row (_rows)."""
         self.count += 1
         self.still_held += not s.closed
         self.total_s += s.duration
@@ -266,9 +288,9 @@ class Group:
             self.longest_s, self.longest_source = s.duration, s.source
         self.by_source[s.source] += 1
         _bump(self.causes, s.info["cause"])
-        for name in programs:
+        for name in {p["program"] for p in people}:
             _bump(self.programs, name)
-        for pid in pids:
+        for pid in {p["pid"] for p in people if p["pid"] is not None}:
             if len(self.pids) < MAX_PIDS:
                 self.pids.add(pid)
             elif pid not in self.pids:
@@ -484,9 +506,11 @@ class _Builder:
                 else None, r.get("cmdline"))),
         }
 
-    def _people(self, r: dict) -> list[dict]:
+    def _people(self, r: dict) -> tuple[list[dict], tuple[int, int]]:
         """Who kept it open: its holders, or, never accepted, the listener's
-        (the first MAX_HOLDERS; the others are counted)."""
+        (the first MAX_HOLDERS processes, one person each), and what was
+        left out of them: (processes, fds the record did not list), counted
+        when the socket is (_account)."""
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
         listening = False
         unlisted = fds_not_listed(r)
@@ -494,13 +518,9 @@ class _Builder:
             owners = [o for o in r["listener"].get("owners") or [] if isinstance(o, dict)]
             unlisted = fds_not_listed(r["listener"])
             listening = True
-        # fds the record did not list (owners.FDS_LISTED_PER_PROCESS)
-        self.folded["holders"] += unlisted
-        if len(owners) > MAX_HOLDERS:
-            self.folded["holders"] += len(owners) - MAX_HOLDERS
-            owners = owners[:MAX_HOLDERS]
+        first, past = _first_fds(owners)
         people = []
-        for o in owners:
+        for o in (owners[i] for i in first):
             pid = o.get("pid") if isinstance(o.get("pid"), int) else None
             ident = self.identity.get(pid, {})
             comm = _label(str(o.get("comm", "?")))
@@ -533,7 +553,7 @@ class _Builder:
                            "program_key": (server, program),
                            "unit": ident.get("unit"), "container": ident.get("container"),
                            "pod": ident.get("pod")})
-        return people
+        return people, (past, unlisted)
 
     def _slim(self, r: dict) -> dict:
         d = r.get("diagnosis") if isinstance(r.get("diagnosis"), dict) else {}
@@ -541,17 +561,26 @@ class _Builder:
         if cause is None:
             cause = "unknown"
         owners = [o for o in r.get("owners") or [] if isinstance(o, dict)]
+        # Listed: the first fd of each of its first MAX_HOLDERS processes,
+        # then, in the slots left, more of their fds; those left out are
+        # fds on it not listed, added to the record's own count.
+        first, _ = _first_fds(owners)
+        taken = set(first)
+        more = (i for i in range(len(owners)) if i not in taken)
+        shown = sorted(first + list(itertools.islice(more, MAX_HOLDERS - len(first))))
+        unlisted = fds_not_listed(r) + len(owners) - len(shown)
+        people, cut = self._people(r)
         return {"family": r.get("family"), "laddr": _label(r.get("laddr")),
                 "code": _label(code_key(r)),
                 "lport": r.get("lport"), "raddr": _label(r.get("raddr")),
                 "rport": r.get("rport"), "side": side_of(r),
                 "owner_kind": _label(r.get("owner_kind")), "owners": [
                     {k: _label(o.get(k)) for k in ("pid", "comm", "fd", "state")}
-                    for o in owners[:MAX_HOLDERS]],
-                **_not_listed(r),
+                    for o in (owners[i] for i in shown)],
+                **({"owners_not_listed": unlisted} if unlisted else {}),
                 "cause": _label(cause),
                 "summary": _label(d.get("summary")) if isinstance(d.get("summary"), str) else "",
-                "people": self._people(r)}
+                "people": people, "cut": cut}
 
     def _follow(self, key: tuple, sock: Sock) -> None:
         """Follow a lingering socket until it closes, within MAX_LINGERING:
@@ -599,7 +628,7 @@ class _Builder:
         if s is None:
             s = Sock(info=self._slim(r), entered=(ts or 0.0) - duration)
             if r.get("closed_by") and isinstance(r["closed_by"], dict) and not s.info["people"]:
-                s.info["people"] = self._people({"owners": [r["closed_by"]]})
+                s.info["people"] = self._people({"owners": [r["closed_by"]]})[0]
         s.duration = duration
         s.source = _source(r, "duration")
         s.closed = True
@@ -692,37 +721,46 @@ class _Builder:
 
     # -------------------------------------------------- aggregating
 
-    def _keys(self, grouping: str, s: Sock) -> set:
+    def _rows(self, grouping: str, s: Sock) -> dict:
+        """The socket's rows in a grouping, each with the people who put it
+        there, whose pids and programs the row counts: in a row keyed by a
+        person (program, pid, unit, container, pod) only those of the
+        people it is keyed by (program A's row counting B's holder as one
+        of A's processes, or a unit's row another unit's programs, would
+        be false); in any other row every holder of the socket."""
         people = s.info["people"]
+        if grouping in _PERSONAL:
+            rows: dict = {}
+            for p in people:
+                rows.setdefault(_PERSONAL[grouping](p), []).append(p)
+            return rows or {_NOBODY[grouping]: []}
         if grouping == "cause":
-            return {s.info["cause"]}
-        if grouping == "program":
-            return {p["program_key"] for p in people} or {(("none",), "(unknown)")}
-        if grouping == "pid":
-            return {(p["pid"], p["comm"]) for p in people} or {(None, "(unknown)")}
-        if grouping in _OPTIONAL:
-            return {p[grouping] or "(not known)" for p in people} or {"(not known)"}
-        if grouping == "port":
+            key = s.info["cause"]
+        elif grouping == "port":
             # A client's local port is ephemeral: all of them one row.
-            return {EPHEMERAL if s.info.get("side") == "client" else s.info["lport"]}
-        if grouping == "peer":
-            return {peer_key(s.info)}
-        if grouping == "code":
-            return {s.info.get("code") or PLACE_NOT_KNOWN}
-        raise ValueError(grouping)
+            key = EPHEMERAL if s.info.get("side") == "client" else s.info["lport"]
+        elif grouping == "peer":
+            key = peer_key(s.info)
+        elif grouping == "code":
+            key = s.info.get("code") or PLACE_NOT_KNOWN
+        else:
+            raise ValueError(grouping)
+        return {key: people}
 
     def _account(self, s: Sock) -> None:
         self.sockets += 1
         self.durations[s.source] += 1
         if s.source == "estimated":
             self.estimated_us[min(63, int(max(0.0, s.duration) * 1e6).bit_length())] += 1
-        people = s.info["people"]
-        programs = {p["program"] for p in people}
-        pids = [p["pid"] for p in people if p["pid"] is not None]
+        # What its holders left out, once per socket counted (a CHANGE
+        # that replaces what is known of it is the same socket).
+        for kind, n in zip(("holders", "holder_fds"), s.info.get("cut", (0, 0))):
+            if n:
+                self.folded[kind] += n
         for g in self.by:
             groups = self.groups[g]
             folded = False
-            for k in self._keys(g, s):
+            for k, people in self._rows(g, s).items():
                 group = groups.get(k)
                 if group is None:
                     if len(groups) >= MAX_ROWS:
@@ -730,7 +768,7 @@ class _Builder:
                         group = groups.get(k)
                     if group is None:
                         group = groups[k] = Group()
-                group.add(s, programs, pids)
+                group.add(s, people)
             if folded:
                 self.folded[f"rows:{g}"] += 1
         self.timeline.add(s.entered, s.entered + s.duration if s.closed else math.inf)
@@ -783,7 +821,7 @@ class _Builder:
             began = row["count"] - row.get("estimated", 0) - row.get("lower_bound", 0)
             row["per_min"] = round(began * 60 / span_s, 2) if span_s >= 60 else None
         rep["still_lingering"] = [
-            dict({k: v for k, v in s.info.items() if k != "people"},
+            dict({k: v for k, v in s.info.items() if k not in ("people", "cut")},
                  diagnosis={"cause": s.info["cause"], "summary": s.info["summary"]},
                  age_s=round(s.duration, 3), age_source=s.source,
                  age_is_lower_bound=s.source == "lower_bound")
@@ -837,8 +875,13 @@ class _Builder:
             lines.append(f"{f['before']} socket(s) reported before the window past the first "
                          f"{MAX_BEFORE} not remembered: their close may be counted")
         if f["holders"]:
-            lines.append(f"{f['holders']} holder(s) past the first {MAX_HOLDERS} of a socket, "
-                         f"or left out of its record, not shown")
+            lines.append(f"{f['holders']} holder process(es) past the first {MAX_HOLDERS} of a "
+                         f"socket: not in its rows by program, pid, unit, container or pod")
+        if f["holder_fds"]:
+            # A record lists every holding process and some fds of each
+            # (owners_not_listed counts the rest): fds, not processes.
+            lines.append(f"{f['holder_fds']} fd(s) on sockets that their records did not "
+                         f"list (more fds of the processes they list)")
         if f["processes"]:
             lines.append(f"{f['processes']} process identities forgotten (more than "
                          f"{MAX_PROCESSES}): their sockets name no unit, container or pod")
