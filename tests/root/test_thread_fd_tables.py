@@ -7,7 +7,6 @@ was "held by no process" (or, where some process could not be read,
 threads, sockets and /proc; the logic on crafted trees is in
 tests/unit/test_owners.py."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -15,8 +14,7 @@ import time
 
 import pytest
 
-from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import owners, procfs
+from closewait_trace.sockets import owners
 
 pytestmark = pytest.mark.root
 
@@ -96,7 +94,7 @@ def test_a_socket_in_a_threads_own_table_has_its_process_as_holder(holder):
         # Once each: the thread's copy of a socket also in the leader's
         # table is the same process's, not a second holder.
         assert [(h.pid, h.fd) for h in held] == [(proc.pid, fds[name])], name
-    assert owners.held_now([inodes["private"]]) in ([True],)
+    assert owners.held_now([inodes["private"]]) == [True]
     # The whole lookup, as the tracer asks it.
     answer = owners.resolve([rows[client_port["private"]].endpoints])
     own = answer[rows[client_port["private"]].endpoints]
