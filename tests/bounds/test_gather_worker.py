@@ -876,3 +876,37 @@ def test_sockets_found_gone_are_not_looked_up_ahead_and_not_counted(
     w.step(0.1)
     assert sorted(r["rport"] for r in w.of("linger")) == [40001, 40002]
     assert w.tracer.summary()["tracer_cost"]["owners_ahead"] == 0
+
+
+def test_a_call_begun_is_polled_without_waiting(gatherer):
+    """Pending.poll: the loop looks at a call it began (the census) once a
+    tick and goes on while the worker works: never a wait; True once the
+    answer is in, which result() then gives at once."""
+    gatherer.call("collecting", deadline_s=30)              # started, ready
+    begun = gatherer.begin("reading_for", 0.6, deadline_s=30, progress_s=5)
+    polls = []
+    while True:
+        started = time.monotonic()
+        answered = begun.poll()
+        polls.append(time.monotonic() - started)
+        if answered:
+            break
+        time.sleep(0.05)
+    # The progress frames the worker writes meanwhile are taken, not waited on.
+    assert len(polls) >= 5 and max(polls) < 0.05
+    assert gatherer.idle()
+    started = time.monotonic()
+    assert begun.result() == "done" and time.monotonic() - started < 0.05
+    assert gatherer.call("collecting", deadline_s=30) is True
+
+
+def test_a_call_polled_past_its_deadline_is_ended_as_waiting_would(gatherer):
+    gatherer.call("collecting", deadline_s=30)
+    begun = gatherer.begin("reading_for", 5.0, deadline_s=0.3, progress_s=5)
+    assert not begun.poll() and not gatherer.idle()
+    time.sleep(0.4)
+    assert begun.poll()
+    with pytest.raises(GatherFailed) as failed:
+        begun.result()
+    assert failed.value.why == worker.TIMED_OUT and gatherer.timeouts == 1
+    assert gatherer.call("collecting", deadline_s=30) is True     # a new worker

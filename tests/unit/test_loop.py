@@ -1742,6 +1742,87 @@ def test_a_socket_whose_entry_the_hook_missed_uncounted_is_found_by_the_census(t
     assert w.tracer.summary()["tracer_cost"]["censuses"] == 2
 
 
+class CensusPending:
+    """A census begun in the worker (worker.Pending): answered when the
+    test says so."""
+
+    def __init__(self, census):
+        self.census, self.answered = census, False
+
+    def poll(self) -> bool:
+        return self.answered
+
+    def result(self):
+        assert self.answered, "a tick waited for the census's read"
+        return self.census
+
+
+class BegunCensus(DumpsWhole):
+    """As with the gathering worker: the census is begun at one tick
+    (close_wait_census_begin), its answer in when the test says; the
+    holders' states asked while it is out are counted (a real worker's
+    call would wait for the census's read first)."""
+
+    def __init__(self, proc: str):
+        super().__init__(proc)
+        self.out = None
+        self.called_while_reading: list = []
+
+    def worker_idle(self) -> bool:
+        return self.out is None or self.out.answered
+
+    def close_wait_census_begin(self, *args):
+        self.out = CensusPending(self.close_wait_census(*args))
+        return self.out
+
+    def holder_states(self, pids):
+        if not self.worker_idle():
+            self.called_while_reading.append(pids)
+        return super().holder_states(pids)
+
+
+def test_a_census_is_read_while_ticks_go_on_and_compared_a_slice_at_a_time(
+        tmp_path, monkeypatch):
+    """Issue 20, target 2: with 100,000 sockets lingering a census was one
+    tick of 1.0-1.5 s once a minute (the worker's read 0.6-0.8 s waited
+    for, then the comparison). Now the read is begun at a tick and taken
+    once in, no tick asking the worker anything meanwhile, and the
+    comparison goes a slice at a time between ticks (here one step each),
+    finding what it found in one go: two censuses, then the rescan, then
+    the report of the socket the hook missed."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "CENSUS_SLICE_S", 0.0)
+    resolver = BegunCensus(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(600)                              # watched: their holder is asked every tick
+    w.tracer.start()
+    w.step()
+    w.step(1.0)
+    assert len(w.of("linger")) == 600
+    w.hold(200, 40500, 60500)                  # in CLOSE_WAIT; the map never had it
+    stats = w.tracer.tick_stats
+    for census in (1, 2):
+        census_due(w.tracer)
+        w.step(0.5)                            # begun
+        for _ in range(3):
+            w.step(0.5)                        # its read not in: ticks go on
+            assert not w.tracer.census_between_ticks(float("inf"))
+        assert stats["censuses"] == census - 1 and resolver.called_while_reading == []
+        resolver.out.answered = True
+        slices = 1
+        while w.tracer.census_between_ticks(float("inf")):
+            slices += 1
+        # One step a slice: the keys, each 256 sockets known, the known
+        # taken out, the departed.
+        assert slices >= 4 and stats["censuses"] == census
+    assert w.tracer._census_confirmed and stats["rescans"] == 0
+    w.step(0.5)
+    assert stats["rescans"] == 1 and not w.tracer._census_confirmed
+    w.step(1.5)
+    [rec] = [r for r in w.of("linger") if r["rport"] == 40500]
+    assert rec["code"]["eof_read_unknown"] == records.CODE_FOUND_LATE
+
+
 class RecordsRescans(DumpsWhole):
     """What each rescan asked for (only), the rows it got, and which
     sockets were then asked about alone."""

@@ -128,6 +128,20 @@ class ProcResolver:
         return self._run("close_wait_census", self.proc, dict(last_read), budget_s,
                          socket_filter, secret, deadline_s=OWNERS_CAP_S, progress_s=STALL_S)
 
+    def worker_idle(self) -> Optional[bool]:
+        """Whether a call made now would be the worker's next (none begun
+        still out: GatherWorker.idle); None without a worker, where every
+        call is answered in place."""
+        return None if self.worker is None else self.worker.idle()
+
+    def close_wait_census_begin(self, last_read: dict, budget_s: float,
+                                socket_filter, secret: bytes = b""):
+        """close_wait_census, begun in the worker: its worker.Pending,
+        whose result() is the Census. Only with a worker."""
+        return self.worker.begin("close_wait_census", self.proc, dict(last_read), budget_s,
+                                 socket_filter, secret, deadline_s=OWNERS_CAP_S,
+                                 progress_s=STALL_S)
+
     def in_close_wait_now(self, endpoints: list[Endpoints],
                           which: Optional[list[tuple[int, int]]] = None) -> list:
         """owners.in_close_wait_now, in the worker under its deadlines."""

@@ -378,6 +378,13 @@ class Pending:
             raise self.error
         return self.value
 
+    def poll(self) -> bool:
+        """Whether result() would return without waiting: its answer (or its
+        failure: a deadline passed, the worker gone) is in. Takes what the
+        worker has written so far, never waits: a loop that begun a call
+        looks at it once a tick."""
+        return self.done or self.worker._wait(self, poll=True)
+
 
 @dataclass
 class GatherWorker:
@@ -571,15 +578,18 @@ class GatherWorker:
         self._pending = pending
         return pending
 
-    def _wait(self, p: "Pending", cap: Optional[float] = None) -> None:
+    def _wait(self, p: "Pending", cap: Optional[float] = None, poll: bool = False) -> bool:
         """Waits for p's answer (call's second half) and keeps it in p: its
         value, or the GatherFailed that ends the wait; no later than cap
         (monotonic), when given. The stall time counts from the wait's
         start: while the caller did its own work nothing read the worker's
-        frames (its answer may be whole in the pipe by now)."""
+        frames (its answer may be whole in the pipe by now).
+        poll: no waiting: what the worker has written so far is taken, and
+        False returned (p not done) when its answer is not all there."""
         scale = knobs.time_scale()
         proc, items = p.proc, p.items
         p.progress_at = max(p.progress_at, time.monotonic())
+        finished = True
         try:
             while True:
                 for kind, payload in self._frames():
@@ -591,7 +601,7 @@ class GatherWorker:
                         p.progress_at = time.monotonic()
                     elif kind == "done":
                         p.value = items if p.stream else payload
-                        return
+                        return True
                     else:                   # "error" (_frames lets no other through)
                         self.failures += 1
                         raise GatherFailed(str(payload), items)
@@ -612,14 +622,18 @@ class GatherWorker:
                     self.timeouts += 1
                     self._abandon()
                     raise GatherFailed(TIMED_OUT, items)
-                if self.while_waiting is not None:
+                if self.while_waiting is not None and not poll:
                     self.while_waiting()
                     if self.abort():
                         continue
                 try:
-                    ready, _, _ = select.select([proc.stdout], [], [], min(0.1, left))
+                    ready, _, _ = select.select([proc.stdout], [], [],
+                                                0 if poll else min(0.1, left))
                 except InterruptedError:
                     continue
+                if poll and not ready:
+                    finished = False
+                    return False
                 if ready and not self._read(proc):
                     self._abandon()
                     self.failures += 1
@@ -629,9 +643,16 @@ class GatherWorker:
                 e.partial = items
             p.error = e
         finally:
-            p.done = True
-            if self._pending is p:
-                self._pending = None
+            if finished:
+                p.done = True
+                if self._pending is p:
+                    self._pending = None
+        return True
+
+    def idle(self) -> bool:
+        """Whether a call sent now would be the worker's next: no call begun
+        whose answer is still to come (begin would wait for it first)."""
+        return self._pending is None or self._pending.done
 
     def _waiting(self) -> None:
         if self.while_waiting is not None:

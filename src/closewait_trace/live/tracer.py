@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Callable, Generator, NamedTuple, Optional, Protocol
 
 from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, place
@@ -160,6 +160,10 @@ CENSUS_GAP_FACTOR = 100
 # at 4 s: the first report 6.75-8.51 s after the close against 2.82-4.00
 # without a census; peak RSS 204.9-211.4 MB against 188.8-199.3).
 CENSUS_AFTER_REPORTS_MAX_S = 30.0
+# How long the loop compares a census at once (Tracker.census_diff_steps,
+# about 0.5 ms a step of 256 sockets): between ticks, with a look at the
+# ring buffer between slices (LiveTracer.census_between_ticks).
+CENSUS_SLICE_S = 0.002
 # At most this many differences are kept from one census to the next (the
 # lowest keys): a user who makes namespaces, fills them with sockets
 # passing through CLOSE_WAIT and drops them must not grow what the loop
@@ -259,6 +263,25 @@ def turns_after(last: dict, read, done: int) -> dict:
 # No generated repr: the tracer holds every socket, holder and record in
 # flight, and anything that printed it (an error message, a debugger) would
 # walk all of that (see start(): signal.signal did, at every exit).
+@dataclass(eq=False)
+class CensusWork:
+    """A census begun (LiveTracer.census): the worker's read, then its
+    comparison with what is known (Tracker.census_diff_steps), a slice at
+    a time."""
+    began_ns: int                       # the kernel's clock when it was begun
+    started: float                      # monotonic, the same moment
+    pending: object = None              # worker.Pending of the read, until taken
+    read: object = None                 # owners.Census, once taken
+    steps: Optional[Generator] = None   # the comparison, once begun
+    slice_s: Optional[float] = None     # how long a slice may take (CENSUS_SLICE_S)
+    read_s: float = 0.0                 # from begun to read taken
+    compared_s: float = 0.0             # the loop's time comparing, in all
+
+    def __post_init__(self):
+        if self.slice_s is None:
+            self.slice_s = CENSUS_SLICE_S
+
+
 @dataclass(repr=False)
 class LiveTracer:
     config: ProbeConfig
@@ -298,6 +321,7 @@ class LiveTracer:
     # namespaces (as _namespace_read's, by census number).
     _census_next: float = float("inf")
     _census_took_s: float = 0.0          # the last census's cost
+    _census_work: Optional["CensusWork"] = None     # one begun, not yet compared whole
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
     _census_diff: set = field(default_factory=set)
@@ -676,6 +700,8 @@ class LiveTracer:
                     self.tick()
                     next_tick = now + self.next_tick_in()
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
+                if wait_ms and self.census_between_ticks(next_tick):
+                    wait_ms = 0             # more of it after a look at the ring
                 if not self.stopping:
                     self.probe.poll(wait_ms, self._room())
                 taken = len(self.pending)
@@ -1544,6 +1570,10 @@ class LiveTracer:
         changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
         leaving = self.unwatch_left()
+        if self._census_reading():
+            # The worker reads a census (0.6-0.8 s at 100,000 sockets):
+            # asked now, this tick would wait for it. Compared next tick.
+            return 0
         # Those a new diagnosis was due for whose namespace the last owner
         # lookup did not read in time (owners.OWNER_NOT_READ), still here.
         changed: dict = {key: l for key, l in self.rediagnose_next.items()
@@ -1653,6 +1683,8 @@ class LiveTracer:
              if netns not in looked and (not listed or netns in listed)}
             for kept in (self._census_diff, self._census_confirmed))
         self._census_next = max(self._census_next, started + self._reconcile_every)
+        # A census begun before it read what this rescan read again.
+        self._census_work = None
         self.tick_stats["rescans"] += 1
         done = self.tick_stats["rescans"]
         # Kept for the namespaces that exist now: as many as have processes.
@@ -1675,7 +1707,19 @@ class LiveTracer:
         (CENSUS_AFTER_REPORTS_MAX_S at most) for a tick with none due, and
         none crossing the threshold before it would end (its last cost and
         a tick): a flood's sockets enter CLOSE_WAIT together, and a census
-        begun just before they cross put all their reports a second later."""
+        begun just before they cross put all their reports a second later.
+
+        With a worker, no tick waits for it: the read is begun at one tick
+        and taken at a later one, once in (Pending.poll), and the comparison
+        goes CENSUS_SLICE_S a tick (census_diff_steps). With 100,000 sockets
+        lingering the read was 0.6-0.8 s and the comparison 0.1-0.4 s of
+        one tick, about once a minute (issue 20: an idle tick within 5 ms)."""
+        if self._census_work is not None:
+            if self.stopping:
+                self._census_work = None    # the exit asks nothing of a busy worker
+            # Else taken on between ticks (census_between_ticks): a tick
+            # that also took its read and a slice of it was 5 ms long.
+            return
         started = time.monotonic()
         if self.stopping or started < self._census_next or self._events_waiting():
             return
@@ -1685,31 +1729,108 @@ class LiveTracer:
             return
         if started - self._rescan_tried < RESCAN_EVERY_S:
             return          # a rescan just read it all (or its read failed, slowly)
+        idle = self.resolver.worker_idle()
+        if idle is False:
+            return          # a lookup's answer still to come: begun after it, at a later tick
         began_ns = self.now_ns()
+        args = (self._census_read, RESCAN_OTHERS_BUDGET_S, self.socket_filter,
+                self._census_secret)
         try:
-            read = self.resolver.close_wait_census(self._census_read, RESCAN_OTHERS_BUDGET_S,
-                                                   self.socket_filter, self._census_secret)
+            if idle:
+                work = CensusWork(began_ns, started,
+                                  pending=self.resolver.close_wait_census_begin(*args))
+            else:
+                work = CensusWork(began_ns, started, read=self.resolver.close_wait_census(*args),
+                                  slice_s=float("inf"))
         except GatherFailed:
-            # Counted (evidence_timeouts): tried again after as long as a
-            # census that took this long.
-            self._census_next = time.monotonic() + max(
-                self._reconcile_every, CENSUS_GAP_FACTOR * (time.monotonic() - started))
+            self._census_failed(started)
             return
-        self._drain_buffer(time.monotonic() + 0.2)
+        self._census_work = work
+        if work.pending is None:
+            self._census_go_on(time.monotonic() + work.slice_s)     # no worker: all of it now
+
+    def _census_failed(self, started: float) -> None:
+        """Counted (evidence_timeouts): tried again after as long as a
+        census that took this long."""
+        self._census_next = time.monotonic() + max(
+            self._reconcile_every, CENSUS_GAP_FACTOR * (time.monotonic() - started))
+
+    def _census_reading(self) -> bool:
+        """Whether the worker is reading a census begun (census()): a call
+        now would wait for it."""
+        work = self._census_work
+        return work is not None and work.pending is not None and not work.pending.poll()
+
+    def census_between_ticks(self, next_tick: float) -> bool:
+        """A slice of the census begun (census()) while the loop waits for
+        its next tick (run()): its read taken when in, its comparison for
+        CENSUS_SLICE_S, and no further than the tick. Whether there is
+        more to do (the loop then looks at its ring buffer without waiting,
+        and comes back)."""
+        work = self._census_work
+        if work is None or self.stopping:
+            return False
+        if work.steps is None and work.pending is not None and not work.pending.poll():
+            return False                    # the worker still reads: the tick looks again
+        self._census_go_on(min(next_tick, time.monotonic() + work.slice_s))
+        return self._census_work is not None
+
+    def _census_go_on(self, until: float) -> None:
+        """The census begun (census()) taken on: its read taken once the
+        worker has answered, then compared until `until` (at least one
+        step), then, compared whole, what it found kept."""
+        work = self._census_work
+        tick_started = time.monotonic()
         stats = self.tick_stats
-        recheck = min(RESCAN_EVERY_S, self._reconcile_every)
-        if self._events_waiting():
-            # A burst's events still to come: what differs now may be them.
-            took = time.monotonic() - started
-            stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
-            self._census_next = time.monotonic() + max(recheck, CENSUS_GAP_FACTOR * took)
-            return
-        diff = self.tracker.census_diff(read.keys, read.dumped, began_ns, self.sip,
-                                        self._census_secret)
-        took = self._census_took_s = time.monotonic() - started
+        if work.steps is None:
+            if work.pending is not None:
+                if not work.pending.poll():
+                    return                  # the worker still reads
+                try:
+                    work.read = work.pending.result()
+                except GatherFailed:
+                    self._census_work = None
+                    self._census_failed(work.started)
+                    return
+                work.pending = None
+            work.read_s = time.monotonic() - work.started
+            self._drain_buffer(time.monotonic() + 0.2)
+            if self._events_waiting():
+                # A burst's events still to come: what differs now may be them.
+                self._census_work = None
+                took = time.monotonic() - work.started
+                stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
+                self._census_next = time.monotonic() + max(
+                    min(RESCAN_EVERY_S, self._reconcile_every), CENSUS_GAP_FACTOR * took)
+                return
+            work.steps = self.tracker.census_diff_steps(
+                work.read.keys, work.read.dumped, work.began_ns, self._census_secret)
+        try:
+            while True:
+                next(work.steps)
+                self.sip()
+                if time.monotonic() >= until:
+                    work.compared_s += time.monotonic() - tick_started
+                    stats["census_max_ms"] = max(stats["census_max_ms"],
+                                                 (time.monotonic() - tick_started) * 1000)
+                    return
+        except StopIteration as done:
+            diff = done.value
+        self._census_work = None
+        work.compared_s += time.monotonic() - tick_started
+        stats["census_max_ms"] = max(stats["census_max_ms"],
+                                     (time.monotonic() - tick_started) * 1000)
+        self._census_kept(work.read, diff, work.read_s + work.compared_s)
+
+    def _census_kept(self, read, diff: set, took: float) -> None:
+        """What a census found (diff, as Tracker.census_diff gives it) kept,
+        and the next one's time set. took: its cost, the worker's read and
+        the loop's comparison (its distance: CENSUS_GAP_FACTOR)."""
+        self._census_took_s = took
+        stats = self.tick_stats
         stats["censuses"] += 1
         done = stats["censuses"]
-        stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
+        recheck = min(RESCAN_EVERY_S, self._reconcile_every)
         # Compared where both this census and the one before read: in a
         # namespace this one did not read (more namespaces than its budget
         # reads, in turns), the last difference is carried on, and that

@@ -11,8 +11,9 @@ from __future__ import annotations
 import heapq
 from array import array
 from dataclasses import dataclass, field
-from itertools import chain, islice
-from typing import Callable, Collection, Iterable, Iterator, Mapping, Optional, Protocol
+from itertools import islice
+from typing import (Callable, Collection, Generator, Iterable, Iterator, Mapping, Optional,
+                    Protocol)
 
 from closewait_trace.sockets import ages
 from closewait_trace.sockets.owners import Ownership
@@ -40,6 +41,9 @@ JIFFY_NS = 10_000_000
 # Sockets looked up in the map per between() call when finding those gone
 # (a membership test each: ~0.2 ms a block at rest).
 GONE_BLOCK = 4096
+# Sockets compared with a census between two yields of census_diff_steps
+# (about 2 us each: the loop looks at its clock that often).
+CENSUS_STEP = 256
 
 
 class Verdict(Protocol):
@@ -372,22 +376,53 @@ class Tracker:
         census ran does not set one off. A known socket whose exit was
         missed while another on its addresses lingers in its namespace
         does not differ (addresses only). secret: census_key's."""
-        # Keys as ints in sets, each key made twice rather than kept with
-        # its socket: with 100,000 sockets lingering this runs while they
-        # are reported, and each list or tuple more is megabytes at the peak.
+        steps = self.census_diff_steps(keys, dumped, dump_began_ns, secret)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            if between is not None:
+                between()
+
+    def census_diff_steps(self, keys: Mapping[int, bytes], dumped: set[int],
+                          dump_began_ns: int, secret: bytes = b""
+                          ) -> Generator[None, None, set[tuple[int, int]]]:
+        """census_diff in steps of about CENSUS_STEP sockets, yielding
+        between them; its answer is the generator's return value. The loop
+        takes a few steps a tick (Tracer.census): at 100,000 sockets the
+        whole comparison was one tick of 0.1-0.4 s. What changes here
+        between two steps is what changes while a census is read: a socket
+        that leaves after the census was read was in it; one that enters
+        after it began is not judged (enter_ns); one that leaves is kept
+        departed for its grace, and counts as known."""
+        # Keys as ints, each made once and kept in an array beside the
+        # sockets (8 bytes each) rather than with each socket or in a set:
+        # with 100,000 sockets lingering this runs while they are reported,
+        # and each list, tuple or set more is megabytes at the peak.
         every = [*self.by_skaddr.values(), *self.pre_existing.values()]
         # Every namespace read whole: one with no socket left in CLOSE_WAIT
         # has no keys, and every socket known there is gone.
-        seen = {netns: set(array(CENSUS_ARRAY, keys.get(netns, b""))) for netns in dumped}
+        seen: dict[int, set[int]] = {}
+        for netns in dumped:
+            read = array(CENSUS_ARRAY, keys.get(netns, b""))
+            here = seen[netns] = set()
+            for at in range(0, len(read), CENSUS_STEP * 16):
+                here.update(read[at:at + CENSUS_STEP * 16])
+                yield
+            del read
         diff: set[tuple[int, int]] = set()
-        for block in _in_blocks(every, BETWEEN_EVERY * 4, between):
-            for l in block:
-                netns = l.endpoints.netns
-                here = seen.get(netns)
-                if here is not None and (l.skaddr is None or l.enter_ns < dump_began_ns):
-                    key = census_key(l.endpoints, secret)
-                    if key not in here:
-                        diff.add((netns, key))
+        known = array(CENSUS_ARRAY)
+        for at in range(0, len(every), CENSUS_STEP):
+            for l in every[at:at + CENSUS_STEP]:
+                ep = l.endpoints
+                key = census_key(ep, secret)
+                known.append(key)
+                here = seen.get(ep.netns)
+                if (here is not None and (l.skaddr is None or l.enter_ns < dump_began_ns)
+                        and key not in here):
+                    diff.add((ep.netns, key))
+            yield
         room = self.max_untracked - len(self.pre_existing)
         if room <= 0:
             return diff
@@ -395,16 +430,29 @@ class Tracker:
         # out of it, in place: a second set of every known key was 7 MB
         # more at 100,000 sockets, at the peak of their reporting.
         anywhere: set[int] = set()             # known, namespace not known
-        departed = list(self.departed.values())
-        for block in _in_blocks(chain(every, departed), BETWEEN_EVERY * 4, between):
-            for l in block:
+        for at in range(0, len(every), CENSUS_STEP * 4):
+            for l, key in zip(every[at:at + CENSUS_STEP * 4], known[at:at + CENSUS_STEP * 4]):
                 netns = l.endpoints.netns
                 if not netns:
-                    anywhere.add(census_key(l.endpoints, secret))
+                    anywhere.add(key)
                     continue
                 here = seen.get(netns)
                 if here is not None:
-                    here.discard(census_key(l.endpoints, secret))
+                    here.discard(key)
+            yield
+        del every, known
+        departed = list(self.departed.values())
+        for at in range(0, len(departed), CENSUS_STEP):
+            for l in departed[at:at + CENSUS_STEP]:
+                netns = l.endpoints.netns
+                key = census_key(l.endpoints, secret)
+                if not netns:
+                    anywhere.add(key)
+                    continue
+                here = seen.get(netns)
+                if here is not None:
+                    here.discard(key)
+            yield
         unknown = [(netns, key) for netns, here in seen.items() for key in here
                    if key not in anywhere]
         # No more than could be followed; the same ones at each census, so
