@@ -317,3 +317,32 @@ def test_readme_reads_in_an_80_column_terminal():
             for n, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
             if len(line) > 80 and not line.startswith("|")]
     assert wide == []
+
+
+# --- the report's bounds as the docs state them are the code's --------------------
+
+def flat(name: str) -> str:
+    """A doc's text with its line breaks and runs of spaces as one space."""
+    return " ".join((ROOT / "docs" / name).read_text().split())
+
+
+def test_the_reports_bounds_in_the_docs_are_the_codes():
+    """recording.md said `still_lingering` holds "at most the first 10,000
+    followed" while report lists the MAX_STILL (1,000) oldest: each
+    statement of a report cap in docs/ is checked against its constant."""
+    still = re.search(r"`still_lingering` lists (.*?);", flat("recording.md")).group(1)
+    assert f"the {report.MAX_STILL:,} oldest" in still, still
+    assert f"{report.MAX_LINGERING:,} followed" in still, still
+    caps = re.search(r"the report keeps at most (.*?); whatever passes a cap",
+                     flat("security.md")).group(1)
+    for said in (f"{report.MAX_LINGERING:,} sockets lingering at once",
+                 f"{report.MAX_ROWS:,} rows per table",
+                 f"{report.MAX_NAMES} causes or programs",
+                 f"{report.MAX_PIDS} processes per row",
+                 f"{report.MAX_HOLDERS} holder processes per socket",
+                 f"{report.MAX_PROCESSES:,} process identities",
+                 f"{report.MAX_STILL:,} still-lingering sockets listed",
+                 f"{report.MAX_CAPTURES} captures and loss records listed",
+                 f"a timeline of {report.TIMELINE_SLOTS:,} slots"):
+        assert said in caps, (said, caps)
+    assert report.MAX_CAPTURES == report.MAX_LOSS_RECORDS

@@ -295,8 +295,9 @@ def test_a_socket_and_listener_duped_without_end_are_listed_in_part_and_counted(
     summary = recordfactory.summary(still_lingering=[entry])
     assert schema.problem(summary) is None
     said = [line for line in render.summary_lines(summary) if "fd 4000" in line]
-    # 3 named of the 4 listed, and the 6 not listed.
-    assert len(said) == 1 and said[0].endswith("fd 4002 [S] and 7 more"), said
+    # Its one process named once (not its first 3 fds as 3 holders), and
+    # the other 3 fds listed and 6 not listed counted as fds.
+    assert len(said) == 1 and said[0].endswith("fd 4000 [S] and 9 more fds"), said
     rep = build_report([recordfactory.header(), recordfactory.snapshot(lingering=[entry]),
                         summary])
     assert rep["still_lingering"][0]["owners_not_listed"] == 10 - listed

@@ -200,8 +200,39 @@ def test_a_socket_held_by_thousands_is_one_short_line_in_the_summary():
               "age_s": 5.2, "age_source": "traced", "owners": owners, "owner_kind": "fd"}]
     rec = records.summary(10.0, 0.0, {}, [0] * 64, still, 1, 0)
     [line] = [l for l in render.summary_lines(rec) if "5555" in l]
-    assert line.endswith(f" and {3001 - render.MAX_OWNERS_NAMED} more"), line
+    assert line.endswith(f" and {3001 - render.MAX_OWNERS_NAMED} more processes"), line
     assert line.count("python3") == render.MAX_OWNERS_NAMED
+
+
+def test_the_summary_names_the_first_processes_not_the_first_fds():
+    """A process that dup()ed its socket filled the three names with its
+    own fds and pushed the other holder's name out ("7/srv fd 3 [S],
+    7/srv fd 4 [S], 7/srv fd 5 [S] and 2 more"): one fd of each of the first
+    processes is named, and what is not named is counted in its unit."""
+    def still(owners, unlisted=0):
+        entry = {"laddr": "127.0.0.1", "lport": 5555, "raddr": "127.0.0.1", "rport": 40000,
+                 "age_s": 5.2, "age_source": "traced", "owners": owners, "owner_kind": "fd"}
+        if unlisted:
+            entry["owners_not_listed"] = unlisted
+        rec = records.summary(10.0, 0.0, {}, [0] * 64, [entry], 1, 0)
+        [line] = [l for l in render.summary_lines(rec) if "5555" in l]
+        return line
+
+    def fd(pid, n, comm="srv"):
+        return {"pid": pid, "comm": comm, "fd": n, "state": "S"}
+
+    # 7 holds it on fds 3-5 (and 2 more not listed), 8 on fd 6: both named.
+    line = still([fd(7, 3), fd(7, 4), fd(7, 5), fd(8, 6, "java")], unlisted=2)
+    assert line.endswith(" 7/srv fd 3 [S], 8/java fd 6 [S] and 4 more fds"), line
+    # One process, many fds: more fds, no more processes.
+    assert still([fd(7, 3), fd(7, 4)], unlisted=6).endswith(" 7/srv fd 3 [S] and 7 more fds")
+    # Five processes, one fd each: the two not named are processes.
+    line = still([fd(10 + i, 3) for i in range(5)])
+    assert line.endswith(" 12/srv fd 3 [S] and 2 more processes"), line
+    # Both: the processes not named, and every fd not named.
+    line = still([fd(10, 3), fd(10, 4)] + [fd(11 + i, 3) for i in range(3)])
+    assert line.endswith(" 12/srv fd 3 [S] and 1 more process, 2 more fds in all"), line
+    assert still([fd(10 + i, 3) for i in range(3)]).endswith(" 12/srv fd 3 [S]")
 
 
 def test_with_v_a_long_diagnosis_is_wrapped_to_80_columns_not_cut():

@@ -357,3 +357,39 @@ def test_a_failed_read_is_called_slow_only_when_it_was(monkeypatch, why, slow):
     line = failed.value.one_line()
     assert why in line and failed.value.exit_code == EXIT_GATHER
     assert ("no read completed" in line) == slow and ("slowly" in line) == slow, line
+
+
+def test_holders_left_for_the_cap_are_counted_in_one_notice(tmp_path, monkeypatch):
+    """More holder processes than a batch reads (gathering.
+    MAX_PROCESSES_PER_BATCH, 2 here): each socket of one left unread says
+    "not read: ... read first", and one notice gives the totals (before:
+    none, so 10,000 lines never said how much of the picture was missing).
+    Pids 100-103 hold a socket each, pid 100 a second fd on its own
+    (dup: one process), and 100 and 103 share one more: 102 and 103 are
+    left, three sockets have a holder among them."""
+    from closewait_trace.evidence import gathering
+    from closewait_trace.evidence.resolver import NOT_READ_OVER_CAP, ProcResolver
+    from tests.unit.test_resolver_cap import ACCEPT4, InProcessWorker
+    monkeypatch.setattr(gathering, "MAX_PROCESSES_PER_BATCH", 2)
+    f = FakeProc(tmp_path)
+    for pid in range(100, 104):
+        f.process(pid, uid=0, threads={pid: ACCEPT4})
+    for i in range(5):
+        f.tcp(100, V4, "127.0.0.1", 5000, "127.0.0.1", 30000 + i, CW, 7000 + i)
+    for i in range(4):
+        f.fd(100 + i, 4, 7000 + i)
+    f.fd(100, 5, 7000).fd(100, 6, 7004).fd(103, 6, 7004)
+    resolver = ProcResolver(f.root, worker=InProcessWorker(), stacks=False)
+    snap = snapshot.take(proc=f.root, as_root=True, resolver=resolver)
+    unread = {r["pid"] for r in snap.process_evidence
+              if r.get("unreadable") == NOT_READ_OVER_CAP}
+    assert unread == {102, 103}
+    assert sum(NOT_READ_OVER_CAP in l.diagnosis.summary for l in snap.lingering) == 2
+    (line,) = snapshot.notice_lines(snap, as_root=True)
+    assert line.startswith("closewait-trace: 2 holder process(es) not read: at most 2 are "
+                           "read per snapshot; 3 socket(s) held by them "), line
+    assert "-p/-P or --pid" in line
+    # Without a cap reached, nothing is said.
+    monkeypatch.setattr(gathering, "MAX_PROCESSES_PER_BATCH", 4)
+    again = snapshot.take(proc=f.root, as_root=True, resolver=resolver)
+    assert snapshot.notice_lines(again, as_root=True) == []

@@ -36,6 +36,22 @@ def test_rows_by_process_and_cause_biggest_first():
                                                                          ("leaked", 1)]
 
 
+def test_a_process_with_two_fds_on_its_socket_is_not_a_second_holder():
+    """By process, `+N` is the other processes that hold the socket: a
+    process that dup()ed it was "7/socat +1", a row of its own apart from
+    its other sockets' "7/socat"."""
+    def fd(pid, n):
+        return {"pid": pid, "comm": "socat", "fd": n, "state": "T"}
+
+    assert top.keys_of(entry(7, owners=[fd(7, 5), fd(7, 6)]))["process"] == "7/socat"
+    assert top.keys_of(entry(7, owners=[fd(7, 5), fd(7, 6), fd(8, 5)]))["process"] \
+        == "7/socat +1"
+    m = top.TopModel(Clock())
+    rows = m.rows([entry(7, rport=40000), entry(7, rport=40001, owners=[fd(7, 5), fd(7, 6)])],
+                  "process")
+    assert [(r.key, r.sockets) for r in rows] == [("7/socat", 2)]
+
+
 def test_new_and_closed_per_minute_over_a_sliding_window():
     clock = Clock()
     m = top.TopModel(clock)

@@ -45,6 +45,12 @@ class Snapshot:
     # (gathering.SNAPSHOT_OTHERS_BUDGET_S), by the real uid of a process in
     # each (-1: not known): their sockets are not listed, and said so.
     unread_namespaces: dict = field(default_factory=dict)
+    # Holder processes not read for the cap on a batch (gathering.
+    # MAX_PROCESSES_PER_BATCH), and the listed sockets one of whose own
+    # holders they are: each such socket says so alone, and only these
+    # totals say how much of the picture is missing (notice_lines).
+    over_cap: int = 0
+    over_cap_sockets: int = 0
 
     def records(self, ts: Optional[float] = None, at_ns: Optional[int] = None) -> list[dict]:
         """process records, then one linger record per socket, oldest first
@@ -115,13 +121,19 @@ def take(socket_filter: SocketFilter = SocketFilter(), min_age_ns: int = 0,
             continue               # not a process the user asked about (--pid, --comm...)
         l.ownership = own
         todo.append(l)
-    resolver.gather_processes([l.ownership for l in todo], cache)
+    over = resolver.gather_processes([l.ownership for l in todo], cache)
     for l in todo:
         l.diagnosis = resolver.diagnose(l.ownership, cache)
     cache.close()
+    # A socket's own holders, as the live tracer's re-diagnosis counts
+    # them (tracer._rediagnose_over_cap): no cause is decided on the
+    # threads of a listener's.
+    over_sockets = sum(1 for l in todo if any(h.pid in over for h in l.ownership.holders)) \
+        if over else 0
     return Snapshot(lingering=todo, process_evidence=diagnosis.process_evidence(cache),
                     taken_ns=taken, hidden=hidden, left=left, unchecked=unchecked,
-                    unread_namespaces=dict(read.unread_by_uid))
+                    unread_namespaces=dict(read.unread_by_uid),
+                    over_cap=len(over), over_cap_sockets=over_sockets)
 
 
 def _oldest_first(l: Lingerer) -> tuple:
@@ -282,6 +294,16 @@ def notice_lines(snap: Snapshot, as_root: bool) -> list[str]:
         lines.append(f"closewait-trace: {namespaces_not_read(snap.unread_namespaces)}: "
                      "their sockets are not listed; to see one, run the snapshot in it "
                      "(nsenter -t PID -n closewait-trace snapshot)")
+    if snap.over_cap:
+        # Each such socket says "not read: 256 other processes read first";
+        # the totals are said once, with a way to have them read.
+        from closewait_trace.evidence.gathering import MAX_PROCESSES_PER_BATCH
+        held = (f"{snap.over_cap_sockets} socket(s) held by them are diagnosed without "
+                "their evidence" if snap.over_cap_sockets
+                else "they hold listeners only, no listed socket")
+        lines.append(f"closewait-trace: {snap.over_cap} holder process(es) not read: at most "
+                     f"{MAX_PROCESSES_PER_BATCH} are read per snapshot; {held}; to read "
+                     "theirs, narrow it with -p/-P or --pid")
     return lines
 
 

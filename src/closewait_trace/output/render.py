@@ -37,7 +37,7 @@ COUNTER_TEXT = {
 }
 
 LINE = 80                  # the default layout's width
-MAX_OWNERS_NAMED = 3       # holders named in a summary's still-lingering line
+MAX_OWNERS_NAMED = 3       # holder processes named in a summary's still-lingering line
 TIME_FORMATS = ("clock", "iso", "epoch", "elapsed", "entered")
 # An address cut to fit its column: what marks an IPv4 address seen on an
 # IPv6 socket (::ffff:a.b.c.d), shown as IPv4.
@@ -1017,6 +1017,44 @@ def fds_not_listed(entry: dict) -> int:
     return unlisted if type(unlisted) is int and unlisted > 0 else 0
 
 
+def first_of_each_process(owners: list, limit: int) -> tuple[list[int], int]:
+    """The indexes in owners of the first entry of each of its first
+    `limit` processes, and how many processes are past them. An entry is
+    one fd of one process: a process that dup()ed the socket is one holder
+    however many fds it has, and its other fds must not push another
+    process out. An entry without a pid is a holder of its own. (The
+    summary's still-lingering lines and report's holders both name
+    processes this way.)"""
+    first, seen, past = [], set(), 0
+    for i, o in enumerate(owners):
+        pid = o.get("pid")
+        who = pid if isinstance(pid, int) else ("entry", i)
+        if who in seen:
+            continue
+        seen.add(who)
+        if len(first) < limit:
+            first.append(i)
+        else:
+            past += 1
+    return first, past
+
+
+def _more_holders(processes: int, fds: int) -> str:
+    """' and N more ...' after the holders named (one fd of each process
+    named): the processes not named, and the fds not named (theirs, the
+    other fds of those named, and those the record did not list), each in
+    its own unit; "" when nothing is left out."""
+    def n(count: int, noun: str, plural: str) -> str:
+        return f"{count} more {noun if count == 1 else plural}"
+    if not fds:
+        return ""
+    if processes == fds:            # one fd each of the processes not named
+        return " and " + n(processes, "process", "processes")
+    if not processes:
+        return " and " + n(fds, "fd", "fds")
+    return f" and {n(processes, 'process', 'processes')}, {n(fds, 'fd', 'fds')} in all"
+
+
 def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[str]:
     c = rec.get("counters") if isinstance(rec.get("counters"), dict) else {}
     n = {k: v if isinstance(v, int) else 0 for k, v in c.items()}
@@ -1093,14 +1131,14 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     for s in still[:50]:
         listed = [o for o in s.get("owners") or [] if isinstance(o, dict)]
         # A few holders by name, the rest counted: a socket shared by
-        # thousands of forks is one line, not 100 KB of one.
+        # thousands of forks is one line, not 100 KB of one. Processes are
+        # named, one fd each: a process's dup()s are not other holders.
+        first, past = first_of_each_process(listed, MAX_OWNERS_NAMED)
         owners = ", ".join(f"{who(o)} fd {escape(o.get('fd'))} [{escape(o.get('state'))}]"
-                           for o in listed[:MAX_OWNERS_NAMED]) or (
+                           for o in (listed[i] for i in first)) or (
             "(not accepted)" if s.get("owner_kind") == "accept_queue" else "-")
-        # More fds: those listed and not named, and those not listed.
-        more = max(0, len(listed) - MAX_OWNERS_NAMED) + fds_not_listed(s)
-        if more:
-            owners += f" and {more} more"
+        # The fds not named: those listed, and those not listed.
+        owners += _more_holders(past, len(listed) - len(first) + fds_not_listed(s))
         lines.append(f"  {hostport(s.get('laddr'), s.get('lport'))} <- "
                      f"{hostport(s.get('raddr'), s.get('rport'))} {age_text(s, 'age')} {owners}")
     if len(still) > 50:

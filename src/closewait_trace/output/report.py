@@ -31,8 +31,9 @@ from typing import Iterable, Optional
 
 from closewait_trace.output import fold, textsafe
 from closewait_trace.output.render import (LINE, age_source, describe_found, fds_not_listed,
-                                           fit_lines, marked_age, histogram_lines, hostport,
-                                           side_of, slots_to_buckets)
+                                           first_of_each_process, fit_lines, marked_age,
+                                           histogram_lines, hostport, side_of,
+                                           slots_to_buckets)
 from closewait_trace.output.textsafe import escape
 from closewait_trace.sockets import identity
 
@@ -156,26 +157,6 @@ def _label(value):
     if isinstance(value, str) and len(value) > MAX_LABEL + len(CUT):
         return value[:MAX_LABEL] + CUT
     return value
-
-
-def _first_fds(owners: list) -> tuple[list[int], int]:
-    """The indexes in owners of the first entry of each of its first
-    MAX_HOLDERS processes, and how many processes are past them. An entry
-    is one fd of one process: a process that dup()ed the socket is one
-    holder however many fds it has, and its other fds must not push
-    another process out. An entry without a pid is a holder of its own."""
-    first, seen, past = [], set(), 0
-    for i, o in enumerate(owners):
-        pid = o.get("pid")
-        who = pid if isinstance(pid, int) else ("entry", i)
-        if who in seen:
-            continue
-        seen.add(who)
-        if len(first) < MAX_HOLDERS:
-            first.append(i)
-        else:
-            past += 1
-    return first, past
 
 
 def _bump(counter: Counter, name, n: int = 1) -> None:
@@ -518,7 +499,7 @@ class _Builder:
             owners = [o for o in r["listener"].get("owners") or [] if isinstance(o, dict)]
             unlisted = fds_not_listed(r["listener"])
             listening = True
-        first, past = _first_fds(owners)
+        first, past = first_of_each_process(owners, MAX_HOLDERS)
         people = []
         for o in (owners[i] for i in first):
             pid = o.get("pid") if isinstance(o.get("pid"), int) else None
@@ -564,7 +545,7 @@ class _Builder:
         # Listed: the first fd of each of its first MAX_HOLDERS processes,
         # then, in the slots left, more of their fds; those left out are
         # fds on it not listed, added to the record's own count.
-        first, _ = _first_fds(owners)
+        first, _ = first_of_each_process(owners, MAX_HOLDERS)
         taken = set(first)
         more = (i for i in range(len(owners)) if i not in taken)
         shown = sorted(first + list(itertools.islice(more, MAX_HOLDERS - len(first))))

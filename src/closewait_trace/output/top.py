@@ -21,7 +21,7 @@ from typing import Optional
 
 from closewait_trace.durations import format_age
 from closewait_trace.output import fold, textsafe
-from closewait_trace.output.render import SOURCE_MARK
+from closewait_trace.output.render import SOURCE_MARK, first_of_each_process
 from closewait_trace.output.report import EPHEMERAL, peer_key, side_of
 from closewait_trace.sockets import identity
 
@@ -77,8 +77,12 @@ def keys_of(entry: dict, places: Optional[dict] = None) -> dict:
     if owners:
         o = owners[0]
         process = f"{o.get('pid')}/{textsafe.escape(o.get('comm', '?'))}"
-        if len(owners) > 1:
-            process += f" +{len(owners) - 1}"
+        # +N: the other processes that hold it, as the OWNER column's
+        # (render._linger); an entry is one fd, and a process's dup()s are
+        # not more holders (nor another row).
+        others = len(first_of_each_process(owners, len(owners))[0]) - 1
+        if others:
+            process += f" +{others}"
         holder = (o.get("pid"), o.get("comm", "?"))
         place = (places or {}).get(o.get("pid"), NOT_KNOWN)
     elif entry.get("owner_kind") == "accept_queue":
