@@ -318,3 +318,24 @@ def test_sockets_of_one_listener_share_one_listener_tuple_in_a_batch(fake):
     # Another batch builds its own.
     third = d.gather(found[eps[0]], fake.root, machine="x86_64", cache=d.Batch())
     assert third._listeners == first._listeners and third._listeners is not first._listeners
+
+
+def test_a_leak_names_each_process_once_whatever_its_fds(tmp_path):
+    """A process that dup()ed the shared socket took one of the summary's
+    MAX_NAMED names per fd: the others holding it went unnamed, and "and N
+    more" counted fds and processes together."""
+    fake = FakeProc(str(tmp_path / "proc"))
+    fake.process(10, comm="server")
+    fake.tcp(10, socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000,
+             tcpstates.CLOSE_WAIT, 900, rx=1)
+    for fd in range(3, 7):
+        fake.fd(10, fd, 900)                    # four fds of one process
+    for pid in range(20, 28):
+        fake.process(pid, comm="child", ppid=10)
+        fake.fd(pid, 5, 900)
+    ep = Endpoints(socket.AF_INET, "127.0.0.1", 5555, "127.0.0.1", 40000)
+    got = d.gather(owners.resolve([ep], fake.root)[ep], fake.root, machine="x86_64")
+    assert got.cause == d.LEAKED
+    assert got.summary == ("held by 9 processes: 10/server fd 3,4,5,6, "
+                           + ", ".join(f"{pid}/child fd 5" for pid in range(20, 27))
+                           + " and 1 more")

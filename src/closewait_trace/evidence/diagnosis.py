@@ -422,10 +422,18 @@ def _decide(own: Ownership, holders: list[HolderEvidence],
         return Diagnosis(STOPPED, "stopped by a signal: " + _listed([
             _who(h) for h in stopped]))
 
-    pids = {h.pid for h in holders}
-    if len(pids) > 1:
-        return Diagnosis(LEAKED, f"held by {len(pids)} processes: " + _listed([
-            f"{_who(h)} fd {h.fd}" for h in holders], _unlisted(own)[0]))
+    fds_of: dict[int, list[HolderEvidence]] = {}
+    for h in holders:
+        fds_of.setdefault(h.pid, []).append(h)
+    if len(fds_of) > 1:
+        # One name a process, with its fds: a process that dup()ed the
+        # socket took one name per fd, and pushed the others out of the
+        # MAX_NAMED; "and N more" counts processes, the fds its record
+        # does not list are said apart.
+        cut = _unlisted(own)[0]
+        return Diagnosis(LEAKED, f"held by {len(fds_of)} processes: " + _listed([
+            f"{_who(fds[0])} fd {','.join(str(h.fd) for h in fds)}"
+            for fds in fds_of.values()]) + (f" ({cut} more fds not listed)" if cut else ""))
 
     only = holders[0]
     others = [h for h in listener_holders if h.pid != only.pid]
