@@ -1776,51 +1776,58 @@ class LiveTracer:
         return self._census_work is not None
 
     def _census_go_on(self, until: float) -> None:
-        """The census begun (census()) taken on: its read taken once the
-        worker has answered, then compared until `until` (at least one
-        step), then, compared whole, what it found kept."""
+        """The census begun (census()) taken on until `until` (_census_slice);
+        compared whole, what it found kept. Each slice's time is the loop's
+        cost of the census (census_max_ms: the longest)."""
         work = self._census_work
-        tick_started = time.monotonic()
-        stats = self.tick_stats
+        began = time.monotonic()
+        try:
+            diff = self._census_slice(work, until)
+        finally:
+            spent = time.monotonic() - began
+            work.compared_s += spent
+            stats = self.tick_stats
+            stats["census_max_ms"] = max(stats["census_max_ms"], spent * 1000)
+        if diff is not None:
+            self._census_work = None
+            self._census_kept(work.read, diff, work.read_s + work.compared_s)
+
+    def _census_slice(self, work: CensusWork, until: float) -> Optional[set]:
+        """One slice: the read taken once the worker has answered (that
+        alone, where slices are timed: unpickled, the ring drained), else
+        comparing until `until` (at least one step). The difference once
+        compared whole, else None (more to do, or the census let go)."""
         if work.steps is None:
             if work.pending is not None:
                 if not work.pending.poll():
-                    return                  # the worker still reads
+                    return None             # the worker still reads
                 try:
                     work.read = work.pending.result()
                 except GatherFailed:
                     self._census_work = None
                     self._census_failed(work.started)
-                    return
+                    return None
                 work.pending = None
             work.read_s = time.monotonic() - work.started
             self._drain_buffer(time.monotonic() + 0.2)
             if self._events_waiting():
                 # A burst's events still to come: what differs now may be them.
                 self._census_work = None
-                took = time.monotonic() - work.started
-                stats["census_max_ms"] = max(stats["census_max_ms"], took * 1000)
                 self._census_next = time.monotonic() + max(
-                    min(RESCAN_EVERY_S, self._reconcile_every), CENSUS_GAP_FACTOR * took)
-                return
+                    min(RESCAN_EVERY_S, self._reconcile_every), CENSUS_GAP_FACTOR * work.read_s)
+                return None
             work.steps = self.tracker.census_diff_steps(
                 work.read.keys, work.read.dumped, work.began_ns, self._census_secret)
-        try:
-            while True:
+            if work.slice_s != float("inf"):
+                return None
+        while True:
+            try:
                 next(work.steps)
-                self.sip()
-                if time.monotonic() >= until:
-                    work.compared_s += time.monotonic() - tick_started
-                    stats["census_max_ms"] = max(stats["census_max_ms"],
-                                                 (time.monotonic() - tick_started) * 1000)
-                    return
-        except StopIteration as done:
-            diff = done.value
-        self._census_work = None
-        work.compared_s += time.monotonic() - tick_started
-        stats["census_max_ms"] = max(stats["census_max_ms"],
-                                     (time.monotonic() - tick_started) * 1000)
-        self._census_kept(work.read, diff, work.read_s + work.compared_s)
+            except StopIteration as done:
+                return done.value
+            self.sip()
+            if time.monotonic() >= until:
+                return None
 
     def _census_kept(self, read, diff: set, took: float) -> None:
         """What a census found (diff, as Tracker.census_diff gives it) kept,
