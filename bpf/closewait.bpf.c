@@ -40,6 +40,7 @@
 //   OPEN_CAPTURE         also keep where client sockets were connect()ed
 //   MAX_OPEN_CAPTURES    capacity of cw_open (with OPEN_CAPTURE)
 //   MAX_EXEC_TRACKED     capacity of cw_exec_ns (with either capture)
+//   MAX_EXEC_NEW         capacity of cw_exec_new (with either capture)
 //   MAX_PY_PROCS         capacity of cw_py: CPython processes whose Python
 //                        frames a capture also copies (with either capture)
 
@@ -156,6 +157,8 @@ struct cw_counters {
     u64 open_map_full;   // connect()s not kept: cw_open was full
     u64 open_rate_limited; // connect()s not kept: over CAPTURES_PER_S
     u64 exec_map_full;   // exec()s not remembered: cw_exec_ns was full
+    u64 exec_new_full;   // exec()s user space was not told of: cw_exec_new
+                         //   was full (found when first diagnosed instead)
 };
 
 // Preallocated: an insert and a delete per connection are the whole cost of
@@ -220,6 +223,12 @@ BPF_TABLE("lru_hash", u32, struct cw_proc_budget, cw_proc_budget, 4096);
 // its process ran another program must not be unwound against the new one
 // (its pid still holds the socket, its memory is another program's).
 BPF_F_TABLE("hash", u32, u64, cw_exec_ns, MAX_EXEC_TRACKED, 0);
+// The processes that exec()ed since user space last looked (it takes and
+// deletes them each tick): a CPython program started after the trace is
+// registered in cw_py before its first EOF read, not after its first
+// lingering socket. Kept apart from cw_exec_ns, which holds every live
+// process that exec()ed, so that a look costs what happened since the last.
+BPF_F_TABLE("hash", u32, u64, cw_exec_new, MAX_EXEC_NEW, 0);
 
 // CPython processes, by pid, that user space found and checked (the
 // interpreter's _PyRuntime by name in its binary, a layout it knows): where
@@ -899,6 +908,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         struct cw_counters *counts = cw_counts();
         if (counts)
             counts->exec_map_full++;
+    }
+    if (cw_exec_new.update(&tgid, &now) != 0) {
+        struct cw_counters *counts = cw_counts();
+        if (counts)
+            counts->exec_new_full++;
     }
     return 0;
 }

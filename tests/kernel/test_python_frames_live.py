@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.kernel import bpfmaps
 from tests.kernel.harness import (TRACER, Tracer, free_port, python_server, record_row,
                                   ss_close_wait, start_ready, stretch)
 
@@ -259,7 +260,45 @@ def test_a_python_handler_that_read_eof_and_returned_is_named(procs, tmp_path):
     assert len(rows) == 1 and "ignoring_eof" in rows[0], report.stdout
 
 
-def test_a_python_server_started_after_the_trace_is_named_from_its_second_socket(
+def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
+        procs, tmp_path):
+    """A CPython program exec()ed after the trace is looked at within a tick
+    of its exec (the kernel's cw_exec_new) and registered: its first EOF
+    read already carries its Python frames. (Before, only the reads after
+    its first lingering socket was diagnosed did.) The test waits for the
+    registration in the kernel's own map, not for a time."""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms", "-i", "100ms"])
+    procs.append(tracer)
+    tracer.start()
+    server, script = start_eof_server(procs, tmp_path, port)
+    deadline = time.monotonic() + stretch(15)
+    while server.pid not in bpfmaps.u32_keys("cw_py"):
+        assert time.monotonic() < deadline, "the server was never registered"
+        time.sleep(0.05)
+    first = send_and_close(port)
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert read["python"][0]["function"] == "Api.handle_request", read
+    assert read["python"][0]["line"] == line_of(script, "# READS EOF")
+    assert rec["diagnosis"]["summary"].startswith(
+        f"read EOF in Api.handle_request (server.py:{line_of(script, '# READS EOF')})"), \
+        rec["diagnosis"]["summary"]
+    tracer.stop()
+
+
+# The same server, its accept loop in a child it forks (as pre-fork servers
+# do): a fork is no exec, so the child is known to be CPython only once its
+# first lingering socket is diagnosed.
+FORKED_EOF_SERVER = """\
+if os.fork():
+    os.wait()
+    raise SystemExit
+""" + EOF_SERVER
+
+
+def test_a_python_worker_forked_after_the_trace_is_named_from_its_second_socket(
         procs, tmp_path):
     """Not known to be CPython at its first EOF read: that place is the
     interpreter's C code, and the record says why it has no Python frames;
@@ -268,7 +307,9 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_second_socket
     tracer = Tracer(["-p", str(port), "-t", "300ms"])
     procs.append(tracer)
     tracer.start()
-    server, script = start_eof_server(procs, tmp_path, port)
+    script = tmp_path / "server.py"
+    python_server(procs, port, FORKED_EOF_SERVER, python=PYTHON, script=script)
+    script = str(script)
     first = send_and_close(port)
     rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
                           timeout=30)[0]

@@ -142,3 +142,108 @@ def test_the_owners_of_processes_that_exited_are_forgotten(world):
         tracer.register_pythons({pid: walk(1000)}, seen_ns=500)
         probe.py.pop(pid)               # exited
     assert len(tracer.python_owners) <= 4
+
+
+class ExecProbe(MapProbe):
+    """MapProbe with cw_exec_new: the exec()s the kernel saw since the
+    tracer last took them."""
+
+    def __init__(self, capacity):
+        super().__init__(capacity)
+        self.new: dict = {}             # pid -> kernel time of the exec
+
+    def take_execs(self, before_ns):
+        taken = [(pid, t) for pid, t in self.new.items() if t < before_ns]
+        for pid, _t in taken:
+            del self.new[pid]
+        return taken
+
+
+class ScanResolver(ProcResolver):
+    """What the worker's scan of new processes answers (no /proc read):
+    a walk for each pid in `pythons`, those past `limit` left."""
+
+    def __init__(self, proc):
+        super().__init__(proc)
+        self.pythons: dict = {}         # pid -> uid
+        self.scans: list = []           # the pids each scan was given
+        self.busy = False               # a call begun and not answered
+
+    def worker_idle(self):
+        return not self.busy
+
+    def new_pythons(self, pids, limit, seconds):
+        self.scans.append(list(pids))
+        found = [pid for pid in pids if pid in self.pythons]
+        items = [item for pid in found[:limit]
+                 for item in (("reading", pid, self.pythons[pid]),
+                              ("walk", pid, walk(self.pythons[pid])))]
+        return items + [("left", 0, found[limit:])]
+
+
+@pytest.fixture
+def execs(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    probe = ExecProbe(capacity=64)
+    resolver = ScanResolver(str(tmp_path / "proc"))
+    now = [10**12]
+    tracer = LiveTracer(config=ProbeConfig(threshold_ns=10**9), socket_filter=SocketFilter(),
+                        probe=probe, resolver=resolver, clock=lambda: now[0])
+    return proc, probe, resolver, tracer, now
+
+
+def test_a_cpython_program_that_exec_ed_after_the_start_is_registered_at_a_tick(execs):
+    """A server started after the trace was registered only once its first
+    lingering socket was diagnosed: its first EOF read had no Python frames.
+    Its exec() is looked at a tick later (once 50 ms old: a shell's `exec
+    python3` comes a few ms after its own), in the worker, and registered
+    the tick after; a program that is not CPython is not."""
+    proc, probe, resolver, tracer, now = execs
+    proc.process(10)
+    proc.process(11)
+    resolver.pythons[10] = 1000
+    probe.new = {10: now[0] - 10**8, 11: now[0] - 10**8, 12: now[0] - 10**6}
+    tracer.register_new_pythons()
+    assert resolver.scans == [[10, 11]] and probe.new == {12: now[0] - 10**6}
+    assert probe.python_registered() == set()           # begun, not yet taken
+    tracer.register_new_pythons()
+    assert probe.python_registered() == {10} and tracer.python_owners == {10: 1000}
+    now[0] += 10**8
+    tracer.register_new_pythons()
+    assert resolver.scans[-1] == [12] and probe.new == {}
+
+
+def test_new_processes_wait_while_the_worker_is_busy_and_within_bounds(execs, monkeypatch):
+    """Never a call that would wait for the worker (a census it reads): the
+    processes wait their turn, at most EXECS_WAITING (the oldest dropped:
+    found when first diagnosed, as before), PY_SCAN_PIDS a scan; those a
+    scan left (its limit) go first next time; one registered and exec()ed
+    again is looked at again (the kernel forgot it at the exec)."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "EXECS_WAITING", 5)
+    monkeypatch.setattr(tracer_module, "PY_SCAN_PIDS", 3)
+    monkeypatch.setattr(tracer_module, "PY_SCAN_FOUND", 1)
+    proc, probe, resolver, tracer, now = execs
+    for pid in range(20, 28):
+        proc.process(pid)
+    resolver.pythons = {21: 1000, 22: 1000}
+    resolver.busy = True
+    probe.new = {pid: now[0] - 10**8 + pid for pid in range(20, 28)}
+    tracer.register_new_pythons()
+    assert resolver.scans == [] and list(tracer._execs_waiting) == [23, 24, 25, 26, 27]
+    resolver.busy = False
+    probe.new = {21: now[0] - 10**8, 22: now[0] - 10**8 + 1}
+    tracer.register_new_pythons()
+    assert resolver.scans == [[25, 26, 27]]
+    tracer.register_new_pythons()                       # taken: none of them CPython
+    tracer.register_new_pythons()
+    assert resolver.scans[-1] == [21, 22]
+    tracer.register_new_pythons()                       # 21 read, 22 left for the limit
+    assert probe.python_registered() == {21} and list(tracer._execs_waiting)[0] == 22
+    tracer.register_new_pythons()
+    tracer.register_new_pythons()
+    assert probe.python_registered() == {21, 22}
+    probe.py.pop(21)                                    # exec()ed again: the kernel forgot it
+    probe.new = {21: now[0] - 10**8}
+    tracer.register_new_pythons()
+    assert resolver.scans[-1] == [21]

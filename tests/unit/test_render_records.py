@@ -67,6 +67,15 @@ def test_summary_lines_mention_losses():
     json.dumps(rec)
 
 
+def test_summary_lines_say_the_execs_not_looked_at_for_cpython():
+    rec = records.summary(10.0, 0.0, {"cw_enter": 0, "cw_exit": 0, "events_lost": 0,
+                                      "map_full": 0, "exit_untracked": 0,
+                                      "exec_new_full": 7}, [0] * 64, [], 0, 0)
+    text = " ".join(" ".join(render.summary_lines(rec)).split())
+    assert ("7 exec()s not looked at for CPython (their map was full): Python frames from "
+            "those processes' second lingering socket on") in text
+
+
 @pytest.mark.parametrize("counters, said", [
     ({"untracked_over": 2},                 # a recording from before the most was counted
      "2 sockets in CLOSE_WAIT not followed (beyond --max-tracked untracked ones, at the "

@@ -118,14 +118,14 @@ def captured_stacks(captures: list, proc: str = procfs.PROC,
 
 
 def python_processes(proc: str = procfs.PROC, skip_uids=(), skip_pids=(),
-                     seconds: float = 2.0, limit: int = 4096):
+                     seconds: float = 2.0, limit: int = 4096, only_pids=None):
     """Streams ("reading", pid, uid) and ("walk", pid, what the kernel needs
     to copy its Python frames at its events) for each running CPython
     process (pyframes.scan_python_processes), those of skip_uids and
-    skip_pids left out."""
+    skip_pids left out; only_pids: of these alone."""
     from closewait_trace.evidence import pyframes
     yield from pyframes.scan_python_processes(proc, time.monotonic() + seconds, limit,
-                                              skip_uids, skip_pids)
+                                              skip_uids, skip_pids, only_pids)
 
 
 def now_ns() -> int:

@@ -750,7 +750,7 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
 
 
 def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
-                          skip_pids=()):
+                          skip_pids=(), only_pids=None):
     """The running processes whose program is a CPython interpreter
     (/proc/PID/exe named python3.X), at most limit, until deadline, with
     what the kernel needs to copy their frames: registered at start so that
@@ -769,18 +769,27 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
     that process, and shares the kernel's map fairly among users. The
     processes are read one user's after another's in turn (round robin by
     uid), so that one user's thousands of processes cannot spend the whole
-    deadline, nor the limit, before another user's first is read."""
+    deadline, nor the limit, before another user's first is read.
+    only_pids: these processes only (those that exec()ed since the tracer
+    last looked), not every process in proc."""
     import time
     from closewait_trace.evidence.procimage import ProcessImage
     from closewait_trace.sockets import procfs
     skip_uids, skip_pids = frozenset(skip_uids), frozenset(skip_pids)
-    try:
-        names = os.listdir(proc)
-    except OSError:
-        return
+    if only_pids is not None:
+        names = [str(int(pid)) for pid in only_pids]
+    else:
+        try:
+            names = os.listdir(proc)
+        except OSError:
+            return
     by_uid: dict[int, list[int]] = {}
+    unchecked: list[int] = []           # only_pids not looked at in time
     for name in names:
-        if not name.isdigit() or int(name) in skip_pids or time.monotonic() > deadline:
+        if not name.isdigit() or int(name) in skip_pids:
+            continue
+        if time.monotonic() > deadline:
+            unchecked.append(int(name))
             continue
         try:
             exe = os.readlink(f"{proc}/{name}/exe")      # the kernel's path: no file read
@@ -817,5 +826,8 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
                 yield ("walk", pid, {**runtime.kernel_walk(), **namespace, "uid": uid,
                                      "start_time": stat.start_time})
         queues = [(uid, q) for uid, q in queues if q]
+    if only_pids is not None:
+        # Those not read (the limit, the deadline): the caller's to ask again.
+        yield ("left", 0, unchecked + [pid for _uid, queue in queues for pid in queue])
 
 

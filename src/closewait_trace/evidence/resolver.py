@@ -374,18 +374,44 @@ class ProcResolver:
                                   stream=True, reads_memory=True)
             except GatherFailed as e:
                 items, why = e.partial or [], e.why
-            reading = None
-            for kind, pid, payload in items:
-                if kind == "walk":
-                    found[pid] = payload
-                    reading = None
-                else:
-                    reading = payload           # the uid of the process being read
+            walks, reading, _left = _scanned(items)
+            found.update(walks)
             if why != TIMED_OUT or reading is None or time.monotonic() >= end:
                 break
             skip_uids.add(reading)
             self.worker.tag_last_abandoned(reading)
         return found
+
+    def new_pythons(self, pids: list[int], limit: int, seconds: float):
+        """python_processes of these processes alone (they exec()ed since
+        the tracer last looked), at most limit of them read, for seconds:
+        begun in the worker (its worker.Pending, for new_pythons_taken), or
+        without a worker read now (what new_pythons_taken takes too). The
+        users whose reads are stuck in the kernel are left out, as above."""
+        skip_uids = sorted(self.worker.stuck_tags()) if self.worker is not None else []
+        args = ("python_processes", self.proc, skip_uids, [], seconds, limit, list(pids))
+        if self.worker is None:
+            return list(gathering.CALLS[args[0]](*args[1:]))
+        return self.worker.begin(*args, deadline_s=STATE_CAP_S, progress_s=STALL_S,
+                                 stream=True, reads_memory=True)
+
+    def new_pythons_taken(self, begun) -> tuple[dict, list]:
+        """What new_pythons read: (pid -> kernel walk of the CPython ones,
+        the pids it did not get to). A read that blocked leaves its
+        worker tagged with the user whose process it read (that user's
+        are left out of the next scans while it stays stuck)."""
+        why = ""
+        if isinstance(begun, list):
+            items = begun
+        else:
+            try:
+                items = begun.result()
+            except GatherFailed as e:
+                items, why = e.partial or [], e.why
+        walks, reading, left = _scanned(items)
+        if why == TIMED_OUT and reading is not None and self.worker is not None:
+            self.worker.tag_last_abandoned(reading)
+        return walks, left
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int, fd_flags: bool = True):
         return self._run("snapshot_candidates", socket_filter, min_age_ns, self.proc, fd_flags,
@@ -400,6 +426,24 @@ class ProcResolver:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+def _scanned(items: list) -> tuple[dict, Optional[int], list]:
+    """A CPython scan's stream (gathering.python_processes): pid -> walk of
+    those found, the uid of the process it was reading when it ended (None
+    when it ended between processes), and the pids it said it left."""
+    found: dict = {}
+    reading = None
+    left: list = []
+    for kind, pid, payload in items:
+        if kind == "walk":
+            found[pid] = payload
+            reading = None
+        elif kind == "left":
+            left = payload
+        else:
+            reading = payload           # the uid of the process being read
+    return found, reading, left
 
 
 def _owners_of(wanted: list, chunks: list) -> dict:

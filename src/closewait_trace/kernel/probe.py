@@ -78,6 +78,9 @@ class ProbeConfig:
     captures_per_proc_s: int = 32
     max_open_captures: int = 1024      # client sockets whose connect() is kept
     max_exec_tracked: int = 16384      # live processes whose last exec() is known
+    # exec()s the loop has not yet taken (LiveTracer.register_new_pythons):
+    # one tick's worth; past it they are counted (exec_new_full).
+    max_exec_new: int = 1024
     max_py_procs: int = 4096           # CPython processes whose frames captures copy
     # Ring buffer, clock and map read: decided here, once per run, and
     # followed by the kernel program, the tracer's clock and any recording.
@@ -109,6 +112,7 @@ class ProbeConfig:
             flags += [f"-DMAX_EOF_CAPTURES={self.max_eof_captures}",
                       f"-DMAX_OPEN_CAPTURES={self.max_open_captures}",
                       f"-DMAX_EXEC_TRACKED={self.max_exec_tracked}",
+                      f"-DMAX_EXEC_NEW={self.max_exec_new}",
                       f"-DMAX_PY_PROCS={self.max_py_procs}",
                       f"-DEOF_STACK_BYTES={self.eof_stack_bytes}",
                       f"-DCAPTURES_PER_S={self.captures_per_s}",
@@ -1060,6 +1064,27 @@ class KernelProbe:
         if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
             return set()
         return {k.value for k in self._table("cw_py").keys()}
+
+    def take_execs(self, before_ns: int) -> list[tuple[int, int]]:
+        """(pid, exec time in the kernel's clock) of the processes that
+        exec()ed since the last call and before before_ns, taken out of the
+        kernel's map (at most max_exec_new are kept there: the kernel counts
+        those it had no room for); later ones are left for the next call
+        (a shell that runs `exec python3` exec()s twice within a few ms).
+        One system call when there are none."""
+        if self.bpf is None or not (self.config.captures_eof or self.config.captures_open):
+            return []
+        table = self._table("cw_exec_new")
+        taken = []
+        for key in list(table.keys()):
+            try:
+                when = int(table[key].value)
+                if when < before_ns:
+                    del table[key]
+                    taken.append((int(key.value), when))
+            except KeyError:
+                continue            # only the kernel adds: never
+        return taken
 
     def exec_since(self, pid: int, ts_ns: int) -> Optional[bool]:
         """Whether process pid exec()ed another program after ts_ns (kernel

@@ -160,6 +160,17 @@ CENSUS_GAP_FACTOR = 100
 # at 4 s: the first report 6.75-8.51 s after the close against 2.82-4.00
 # without a census; peak RSS 204.9-211.4 MB against 188.8-199.3).
 CENSUS_AFTER_REPORTS_MAX_S = 30.0
+# CPython processes started after the trace (register_new_pythons): the
+# processes that exec()ed are looked at a tick after, once their exec is
+# EXEC_SETTLE_NS old (a shell that runs `exec python3` exec()s twice within
+# a few ms); at most PY_SCAN_PIDS a scan, PY_SCAN_FOUND of them read as
+# CPython (0.3 ms each in the worker, 0.2 ms each to register in the
+# loop), for PY_SCAN_S at most; EXECS_WAITING wait their turn, at most.
+EXEC_SETTLE_NS = 50_000_000
+PY_SCAN_PIDS = 256
+PY_SCAN_FOUND = 16
+PY_SCAN_S = 0.25
+EXECS_WAITING = 4096
 # How long the loop compares a census at once (Tracker.census_diff_steps,
 # about 0.5 ms a step of 256 sockets): between ticks, with a look at the
 # ring buffer between slices (LiveTracer.census_between_ticks).
@@ -322,6 +333,11 @@ class LiveTracer:
     _census_next: float = float("inf")
     _census_took_s: float = 0.0          # the last census's cost
     _census_work: Optional["CensusWork"] = None     # one begun, not yet compared whole
+    # Processes that exec()ed, not yet looked at (register_new_pythons), in
+    # the order of their exec; and the scan begun (its Pending or, without
+    # a worker, its answer; the kernel's clock when begun).
+    _execs_waiting: dict = field(default_factory=dict)
+    _python_scan: Optional[tuple] = None
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
     _census_diff: set = field(default_factory=set)
@@ -613,6 +629,51 @@ class LiveTracer:
         if not (getattr(self.probe, "register_python", None) and self.config.eof_capture):
             return {}
         return self.resolver.python_processes()
+
+    def register_new_pythons(self) -> None:
+        """The processes that exec()ed since the last tick (the kernel's
+        cw_exec_new, probe.take_execs) looked at in the worker, and the
+        CPython ones registered (register_pythons): a Python server started
+        after the trace gets its Python frames from its first EOF read on,
+        not only after its first lingering socket was diagnosed. One scan
+        at a time, begun at a tick and taken at a later one (never waited
+        for), of at most PY_SCAN_PIDS processes, PY_SCAN_FOUND of them
+        read as CPython (each registration and its check, 0.2 ms, are the
+        loop's); the rest wait their turn, EXECS_WAITING at most (an exec()
+        storm's beyond that are found when first diagnosed, as before)."""
+        take = getattr(self.probe, "take_execs", None)
+        if (take is None or not self.config.eof_capture
+                or not getattr(self.probe, "register_python", None)):
+            return
+        scan = self._python_scan
+        if scan is not None:
+            if not isinstance(scan[0], list) and not scan[0].poll():
+                return                      # the worker still reads
+            self._python_scan = None
+            walks, left = self.resolver.new_pythons_taken(scan[0])
+            self.register_pythons(walks, scan[1])
+            # Not read this time (the scan's limit or time): first next time.
+            self._execs_waiting = {**dict.fromkeys(left), **self._execs_waiting}
+            return
+        for pid, _when in take(self.now_ns() - EXEC_SETTLE_NS):
+            # The kernel forgot its registration at the exec: another program.
+            self.python_owners.pop(pid, None)
+            self._execs_waiting.pop(pid, None)      # its latest exec last
+            self._execs_waiting[pid] = None
+        while len(self._execs_waiting) > EXECS_WAITING:
+            del self._execs_waiting[next(iter(self._execs_waiting))]
+        if not self._execs_waiting or self.resolver.worker_idle() is False:
+            return
+        pids = []
+        for pid in list(self._execs_waiting):
+            del self._execs_waiting[pid]
+            if pid not in self.python_owners:
+                pids.append(pid)
+                if len(pids) == PY_SCAN_PIDS:
+                    break
+        if pids:
+            self._python_scan = (self.resolver.new_pythons(pids, PY_SCAN_FOUND, PY_SCAN_S),
+                                 self.now_ns())
 
     def register_pythons(self, walks: dict, seen_ns: int) -> None:
         """Tell the kernel program where each CPython process's thread states
@@ -936,6 +997,8 @@ class LiveTracer:
             rediagnosed = self.recheck_owners(now_ns)
         else:
             self.unwatch_left()
+        if resolve and not self.stopping:
+            self.register_new_pythons()
         self.sip()
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
@@ -1570,9 +1633,10 @@ class LiveTracer:
         changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
         leaving = self.unwatch_left()
-        if self._census_reading():
-            # The worker reads a census (0.6-0.8 s at 100,000 sockets):
-            # asked now, this tick would wait for it. Compared next tick.
+        if self.resolver.worker_idle() is False:
+            # The worker reads a census (0.6-0.8 s at 100,000 sockets) or
+            # new CPython processes: asked now, this tick would wait for
+            # it. Compared next tick.
             return 0
         # Those a new diagnosis was due for whose namespace the last owner
         # lookup did not read in time (owners.OWNER_NOT_READ), still here.
@@ -1754,12 +1818,6 @@ class LiveTracer:
         census that took this long."""
         self._census_next = time.monotonic() + max(
             self._reconcile_every, CENSUS_GAP_FACTOR * (time.monotonic() - started))
-
-    def _census_reading(self) -> bool:
-        """Whether the worker is reading a census begun (census()): a call
-        now would wait for it."""
-        work = self._census_work
-        return work is not None and work.pending is not None and not work.pending.poll()
 
     def census_between_ticks(self, next_tick: float) -> bool:
         """A slice of the census begun (census()) while the loop waits for

@@ -1099,6 +1099,10 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("open_rate_limited"):
         problems.append(f"{n['open_rate_limited']} connect()s not located (over the capture "
                         f"rate: a sample was kept)")
+    if n.get("exec_new_full"):
+        problems.append(f"{n['exec_new_full']} exec()s not looked at for CPython (their map "
+                        f"was full): Python frames from those processes' second lingering "
+                        f"socket on")
     if rec.get("write_errors"):
         problems.append(f"{escape(rec['write_errors'])} records could not be written")
     lines += prose("Losses: " + ("; ".join(problems) if problems else "none."))
