@@ -260,6 +260,17 @@ def test_a_python_handler_that_read_eof_and_returned_is_named(procs, tmp_path):
     assert len(rows) == 1 and "ignoring_eof" in rows[0], report.stdout
 
 
+def named_at_its_read(tracer, rport: int, script: str) -> dict:
+    """The linger record of the client port's socket, its EOF read named by
+    EOF_SERVER's handler and line."""
+    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == rport,
+                          timeout=30)[0]
+    read = rec["code"]["eof_read"]
+    assert read["python"][0]["function"] == "Api.handle_request", read
+    assert read["python"][0]["line"] == line_of(script, "# READS EOF")
+    return rec
+
+
 def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
         procs, tmp_path):
     """A CPython program exec()ed after the trace is looked at within a tick
@@ -276,12 +287,7 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
     while server.pid not in bpfmaps.u32_keys("cw_py"):
         assert time.monotonic() < deadline, "the server was never registered"
         time.sleep(0.05)
-    first = send_and_close(port)
-    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
-                          timeout=30)[0]
-    read = rec["code"]["eof_read"]
-    assert read["python"][0]["function"] == "Api.handle_request", read
-    assert read["python"][0]["line"] == line_of(script, "# READS EOF")
+    rec = named_at_its_read(tracer, send_and_close(port), script)
     assert rec["diagnosis"]["summary"].startswith(
         f"read EOF in Api.handle_request (server.py:{line_of(script, '# READS EOF')})"), \
         rec["diagnosis"]["summary"]
@@ -320,12 +326,7 @@ def test_a_python_worker_forked_after_the_trace_is_named_from_its_second_socket(
     assert rec["diagnosis"]["summary"].startswith(
         "read EOF in python3.11 (Python frames not read) and never closed"), \
         rec["diagnosis"]["summary"]
-    second = send_and_close(port)
-    rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == second,
-                          timeout=30)[0]
-    read = rec["code"]["eof_read"]
-    assert read["python"][0]["function"] == "Api.handle_request", read
-    assert read["python"][0]["line"] == line_of(script, "# READS EOF")
+    named_at_its_read(tracer, send_and_close(port), script)
     tracer.stop()
 
 

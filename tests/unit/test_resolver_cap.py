@@ -31,6 +31,11 @@ class InProcessWorker:
         result = gathering.CALLS[name](*args)
         return list(result) if stream else result
 
+    def idle(self):
+        # As ProcResolver.worker_idle without a worker: each call answered
+        # in place, none ever begun (no begin()).
+        return None
+
     def stuck_tags(self):
         return set()
 

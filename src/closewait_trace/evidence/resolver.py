@@ -130,8 +130,8 @@ class ProcResolver:
 
     def worker_idle(self) -> Optional[bool]:
         """Whether a call made now would be the worker's next (none begun
-        still out: GatherWorker.idle); None without a worker, where every
-        call is answered in place."""
+        still out: GatherWorker.idle); None without a worker, or with one
+        that answers every call in place and begins none."""
         return None if self.worker is None else self.worker.idle()
 
     def close_wait_census_begin(self, last_read: dict, budget_s: float,

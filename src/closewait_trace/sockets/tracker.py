@@ -431,28 +431,21 @@ class Tracker:
         # out of it, in place: a second set of every known key was 7 MB
         # more at 100,000 sockets, at the peak of their reporting.
         anywhere: set[int] = set()             # known, namespace not known
+
+        def taken_out(netns: int, key: int) -> None:
+            if not netns:
+                anywhere.add(key)
+            elif (here := seen.get(netns)) is not None:
+                here.discard(key)
         for at in range(0, len(every), CENSUS_STEP * 4):
             for l, key in zip(every[at:at + CENSUS_STEP * 4], known[at:at + CENSUS_STEP * 4]):
-                netns = l.endpoints.netns
-                if not netns:
-                    anywhere.add(key)
-                    continue
-                here = seen.get(netns)
-                if here is not None:
-                    here.discard(key)
+                taken_out(l.endpoints.netns, key)
             yield
         del every, known
         departed = list(self.departed.values())
         for at in range(0, len(departed), CENSUS_STEP):
             for l in departed[at:at + CENSUS_STEP]:
-                netns = l.endpoints.netns
-                key = census_key(l.endpoints, secret)
-                if not netns:
-                    anywhere.add(key)
-                    continue
-                here = seen.get(netns)
-                if here is not None:
-                    here.discard(key)
+                taken_out(l.endpoints.netns, census_key(l.endpoints, secret))
             yield
         unknown = [(netns, key) for netns, here in seen.items() for key in here
                    if key not in anywhere]
