@@ -255,6 +255,15 @@ struct cw_py_proc {
     u64 pidns_ino;
 };
 BPF_HASH(cw_py, u32, struct cw_py_proc, MAX_PY_PROCS);
+// The processes those fork() (task_newtask; no thread, no new pid
+// namespace), with their parent's entry: a child runs the same program at
+// the same addresses, so a pre-fork server's workers' first EOF reads carry
+// their frames too (user space would know them only once diagnosed).
+// Written only here, each from an entry user space checked; an LRU of its
+// own, so that one user's forks cannot fill cw_py, whose places user space
+// shares fairly among users (another user's forked entries may go, and
+// their reads are then as before: no frames until diagnosed).
+BPF_TABLE("lru_hash", u32, struct cw_py_proc, cw_py_forked, MAX_PY_PROCS);
 #define CW_PY_NONE_OFF 0xFFFF        // cw_py_proc: no such field in this version
 #define CW_PY_OWNED_BY_CSTACK 3      // FRAME_OWNED_BY_CSTACK: an entry shim, not code
 #endif
@@ -597,6 +606,8 @@ static __always_inline void cw_py_frames(struct cw_eof *c)
     u32 tgid = c->pid;
     struct cw_py_proc *py = cw_py.lookup(&tgid);
     if (!py)
+        py = cw_py_forked.lookup(&tgid);
+    if (!py)
         return;
     c->py_status = CW_PY_UNREADABLE;
     struct bpf_pidns_info ns = {};
@@ -904,6 +915,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 now = cw_now();
     cw_py.delete(&tgid);        // another program now: not the one registered
+    cw_py_forked.delete(&tgid);
     if (cw_exec_ns.update(&tgid, &now) != 0) {
         struct cw_counters *counts = cw_counts();
         if (counts)
@@ -925,6 +937,29 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 tgid = id >> 32;
     cw_exec_ns.delete(&tgid);
     cw_py.delete(&tgid);
+    cw_py_forked.delete(&tgid);
+    return 0;
+}
+
+// Values from the kernel's uapi sched.h, which this file must not include.
+#define CW_CLONE_THREAD 0x00010000
+#define CW_CLONE_NEWPID 0x20000000
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    // A thread shares its process's entry; a child in a new pid namespace
+    // has other thread ids than the ones the entry's namespace gives.
+    if (args->clone_flags & (CW_CLONE_THREAD | CW_CLONE_NEWPID))
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    struct cw_py_proc *py = cw_py.lookup(&parent);
+    if (!py)
+        py = cw_py_forked.lookup(&parent);
+    if (!py)
+        return 0;
+    u32 child = args->pid;
+    struct cw_py_proc copy = *py;
+    cw_py_forked.update(&child, &copy);
     return 0;
 }
 #endif

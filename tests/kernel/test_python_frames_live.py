@@ -271,6 +271,14 @@ def named_at_its_read(tracer, rport: int, script: str) -> dict:
     return rec
 
 
+def registered(pid: int, map_name: str = "cw_py") -> None:
+    """Waits until the tracer's kernel map holds pid."""
+    deadline = time.monotonic() + stretch(15)
+    while pid not in bpfmaps.u32_keys(map_name):
+        assert time.monotonic() < deadline, f"{pid} never in {map_name}"
+        time.sleep(0.05)
+
+
 def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
         procs, tmp_path):
     """A CPython program exec()ed after the trace is looked at within a tick
@@ -283,10 +291,7 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
     procs.append(tracer)
     tracer.start()
     server, script = start_eof_server(procs, tmp_path, port)
-    deadline = time.monotonic() + stretch(15)
-    while server.pid not in bpfmaps.u32_keys("cw_py"):
-        assert time.monotonic() < deadline, "the server was never registered"
-        time.sleep(0.05)
+    registered(server.pid)
     rec = named_at_its_read(tracer, send_and_close(port), script)
     assert rec["diagnosis"]["summary"].startswith(
         f"read EOF in Api.handle_request (server.py:{line_of(script, '# READS EOF')})"), \
@@ -294,39 +299,73 @@ def test_a_python_server_started_after_the_trace_is_named_from_its_first_socket(
     tracer.stop()
 
 
-# The same server, its accept loop in a child it forks (as pre-fork servers
-# do): a fork is no exec, so the child is known to be CPython only once its
-# first lingering socket is diagnosed.
-FORKED_EOF_SERVER = """\
-if os.fork():
+# The same server, its accept loop in a child it forks when told (as a
+# pre-fork server's master forks its workers).
+FORKING_EOF_SERVER = """\
+sys.stdin.readline()
+child = os.fork()
+if child:
+    print(child, flush=True)
     os.wait()
     raise SystemExit
 """ + EOF_SERVER
 
 
-def test_a_python_worker_forked_after_the_trace_is_named_from_its_second_socket(
+def test_a_python_worker_forked_by_a_registered_server_is_named_from_its_first_socket(
         procs, tmp_path):
-    """Not known to be CPython at its first EOF read: that place is the
-    interpreter's C code, and the record says why it has no Python frames;
-    once reported, the process is known, and its next socket is named."""
+    """A fork runs the same program at the same addresses: the kernel gives
+    the child its parent's entry (cw_py_forked) at the fork, and the
+    child's first EOF read carries its frames. (Before, a pre-fork server's
+    workers were known only once their first lingering socket was
+    diagnosed.)"""
+    port = free_port()
+    tracer = Tracer(["-p", str(port), "-t", "300ms", "-i", "100ms"])
+    procs.append(tracer)
+    tracer.start()
+    script = tmp_path / "server.py"
+    server = python_server(procs, port, FORKING_EOF_SERVER, python=PYTHON, script=script,
+                           stdin=subprocess.PIPE)
+    registered(server.pid)
+    server.stdin.write("fork\n")
+    server.stdin.flush()
+    child = int(server.stdout.readline())
+    registered(child, "cw_py_forked")
+    rec = named_at_its_read(tracer, send_and_close(port), str(script))
+    assert rec["code"]["eof_read"]["pid"] == child
+    tracer.stop()
+
+
+# A program embedding the interpreter (libpython3.11.so), not named
+# python3.X: not looked at when it exec()s, known to be CPython once its
+# first lingering socket is diagnosed (its libpython mapping).
+EMBEDDER = """\
+#include <Python.h>
+int main(int argc, char **argv) { return Py_BytesMain(argc, argv); }
+"""
+
+
+def test_an_embedded_interpreter_is_named_from_its_second_socket(procs, tmp_path):
+    """Not known to be CPython at its first EOF read: the record says why
+    it has no Python frames; once reported, the process is known (its
+    libpython mapping), and its next socket is named."""
+    source = tmp_path / "embed.c"
+    source.write_text(EMBEDDER)
+    binary = tmp_path / "embedded_server"
+    subprocess.run(["gcc", "-I/usr/include/python3.11", "-o", str(binary), str(source),
+                    "-lpython3.11"], check=True)
     port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "300ms"])
     procs.append(tracer)
     tracer.start()
     script = tmp_path / "server.py"
-    python_server(procs, port, FORKED_EOF_SERVER, python=PYTHON, script=script)
-    script = str(script)
+    python_server(procs, port, EOF_SERVER, python=str(binary), script=script)
     first = send_and_close(port)
     rec = tracer.wait_for(lambda r: r["type"] == "linger" and r["rport"] == first,
                           timeout=30)[0]
     read = rec["code"]["eof_read"]
     assert "python" not in read and read["place"]["method"] != "python", read["place"]
     assert read["python_not_read"].startswith("not copied: the process was not yet known")
-    # Its one line says it is the interpreter's code, not an address in it.
-    assert rec["diagnosis"]["summary"].startswith(
-        "read EOF in python3.11 (Python frames not read) and never closed"), \
-        rec["diagnosis"]["summary"]
-    named_at_its_read(tracer, send_and_close(port), script)
+    named_at_its_read(tracer, send_and_close(port), str(script))
     tracer.stop()
 
 
