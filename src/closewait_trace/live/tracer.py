@@ -645,15 +645,8 @@ class LiveTracer:
         if (take is None or not self.config.eof_capture
                 or not getattr(self.probe, "register_python", None)):
             return
-        scan = self._python_scan
-        if scan is not None:
-            if not isinstance(scan[0], list) and not scan[0].poll():
-                return                      # the worker still reads
-            self._python_scan = None
-            walks, left = self.resolver.new_pythons_taken(scan[0])
-            self.register_pythons(walks, scan[1])
-            # Not read this time (the scan's limit or time): first next time.
-            self._execs_waiting = {**dict.fromkeys(left), **self._execs_waiting}
+        if self._python_scan is not None:
+            self.take_python_scan()
             return
         for pid, _when in take(self.now_ns() - EXEC_SETTLE_NS):
             # The kernel forgot its registration at the exec: another program.
@@ -674,6 +667,19 @@ class LiveTracer:
         if pids:
             self._python_scan = (self.resolver.new_pythons(pids, PY_SCAN_FOUND, PY_SCAN_S),
                                  self.now_ns())
+
+    def take_python_scan(self) -> None:
+        """The scan register_new_pythons began, once in (never waited
+        for): its CPython processes registered; those it did not get to
+        first in line for the next. Also between ticks (run()), so that a
+        registration takes a tick, not two."""
+        scan = self._python_scan
+        if scan is None or (not isinstance(scan[0], list) and not scan[0].poll()):
+            return                          # none, or the worker still reads
+        self._python_scan = None
+        walks, left = self.resolver.new_pythons_taken(scan[0])
+        self.register_pythons(walks, scan[1])
+        self._execs_waiting = {**dict.fromkeys(left), **self._execs_waiting}
 
     def register_pythons(self, walks: dict, seen_ns: int) -> None:
         """Tell the kernel program where each CPython process's thread states
@@ -763,6 +769,8 @@ class LiveTracer:
                 wait_ms = int(max(0.0, min(0.1, next_tick - time.monotonic())) * 1000)
                 if wait_ms and self.census_between_ticks(next_tick):
                     wait_ms = 0             # more of it after a look at the ring
+                if wait_ms and not self.stopping:
+                    self.take_python_scan()
                 if not self.stopping:
                     self.probe.poll(wait_ms, self._room())
                 taken = len(self.pending)
