@@ -185,3 +185,35 @@ def test_a_snapshot_sink_stays_held_through_a_batch():
     assert out.getvalue() == ""          # held until its flush, as before
     sink.flush()
     assert out.getvalue() == "a\n"
+
+
+def _summary_naming_long_holders() -> dict:
+    from closewait_trace.output import records
+    rec = records.summary(10.0, 0.0, {"cw_enter": 1, "cw_exit": 0, "events_lost": 0,
+                                      "map_full": 0, "exit_untracked": 0}, [0] * 64, [], 1, 0)
+    rec["still_lingering"] = [{
+        "family": 2, "laddr": "192.168.100.200", "lport": 54321, "raddr": "10.200.100.123",
+        "rport": 65000, "age_s": 5000.0, "age_source": "traced", "owner_kind": "fd",
+        "owners": [{"pid": 123456 + i, "comm": f"a-long-command-{i}", "fd": 1234, "state": "S"}
+                   for i in range(3)]}]
+    return rec
+
+
+def test_the_summary_on_stderr_and_at_tops_exit_fits_80_columns(capsys):
+    """The service's summary (quiet: on stderr, for the journal) and top's
+    at its exit were written unfitted: a still-lingering line naming three
+    holders was 150 columns (the text renderer's is fitted)."""
+    from closewait_trace.output import topview
+    rec = _summary_naming_long_holders()
+    sink = TerminalSink(False, render.TextRenderer(), quiet=True, stream=io.StringIO())
+    sink.emit(rec)
+    err = capsys.readouterr().err
+    assert "123458/a-long-command-2" in err.replace("\n", "").replace("  ", " ") or \
+        "a-long-command-2" in err
+    assert max(len(line) for line in err.splitlines()) <= 80
+    out = io.StringIO()
+    top = topview.TopSink("process", stream=out)
+    top.emit(rec)
+    top.close()
+    assert "a-long-command-2" in out.getvalue()
+    assert max(len(line) for line in out.getvalue().splitlines()) <= 80

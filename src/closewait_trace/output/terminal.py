@@ -110,7 +110,9 @@ class TerminalSink:
             # Quiet (the service): the trace's end still reaches the journal,
             # as the summary's text on stderr; the recording has the record.
             try:
-                for line in render.summary_lines(rec):
+                # Fitted as the text renderer fits it (a still-lingering
+                # line naming three holders was 120 columns and more).
+                for line in render.fit_lines(render.summary_lines(rec)):
                     if line:
                         sys.stderr.write(textsafe.safe_line(line) + "\n")
                 sys.stderr.flush()

@@ -108,9 +108,9 @@ class TopSink:
             self._live = None
         self._restore_tty()
         if self.summary is not None:
-            from closewait_trace.output.render import summary_lines
+            from closewait_trace.output.render import fit_lines, summary_lines
             try:
-                for line in summary_lines(self.summary):
+                for line in fit_lines(summary_lines(self.summary)):
                     self.stream.write(textsafe.safe_line(line) + "\n")
                 self.stream.flush()
             except (BrokenPipeError, ValueError):
