@@ -49,6 +49,11 @@ class FakeProc:
             self._write(tbase, "stat", stat.replace(f"{pid} ({comm}) {state}", f"{tid} ({comm}) {tstate}", 1))
             self._write(tbase, "syscall", syscall + "\n")
             self._write(tbase, "wchan", wchan)
+            # As the kernel shows a thread that shares its process's table:
+            # task/TID/fd is that table (fd() with tid makes one of its own).
+            for sub in ("fd", "fdinfo"):
+                if not os.path.lexists(os.path.join(tbase, sub)):
+                    os.symlink(os.path.join("..", "..", sub), os.path.join(tbase, sub))
         self._netns_of[pid] = netns
         self._tables.setdefault(netns, {"tcp": [], "tcp6": []})
         self._flush(netns, pids=[pid])     # the others' copies of the table are current
@@ -59,6 +64,8 @@ class FakeProc:
         base = os.path.join(self.root, str(pid)) if tid is None else \
             os.path.join(self.root, str(pid), "task", str(tid))
         for sub in ("fd", "fdinfo"):
+            if os.path.islink(os.path.join(base, sub)):
+                os.unlink(os.path.join(base, sub))      # the shared table: one of its own now
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         os.symlink(target or f"socket:[{inode}]", os.path.join(base, "fd", str(fd)))
         flags = 0o2 | (0o2000000 if cloexec else 0)

@@ -180,6 +180,19 @@ def test_read_on_a_pipe_is_blocked_elsewhere(fake):
     assert got.cause == d.BLOCKED_ELSEWHERE and "pipe:[31337]" in got.summary
 
 
+def test_a_thread_reading_its_own_tables_fd_reads_that_not_the_leaders(fake):
+    """A thread that called unshare(CLONE_FILES) has a table of its own: its
+    read() on fd 5 is of its own fd 5 (a pipe), not of the leader's fd 5
+    (the socket in CLOSE_WAIT). It was "alive (read) but never closes ...
+    EOF unread", the socket said read by a thread blocked on a pipe (a
+    review)."""
+    with_socket(fake, 10, threads={10: ("S", "34 0x0 0x0", "sys_pause"),
+                                   11: ("S", "0 0x5 0x0 0x10", "pipe_read")})
+    fake.fd(10, 5, target="pipe:[31337]", tid=11)
+    got = diagnose_fake(fake)
+    assert got.cause == d.BLOCKED_ELSEWHERE, got.summary
+
+
 def test_never_accepted(fake):
     fake.process(20, comm="lazy")
     fake.tcp(20, V4, "0.0.0.0", 5555, "0.0.0.0", 0, tcpstates.LISTEN, 500, rx=2)

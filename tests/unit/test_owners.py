@@ -624,10 +624,8 @@ def test_a_zombie_leaders_table_is_counted_through_its_live_thread(fake):
     tests/root/test_fd_walk_budget.py)."""
     fake.process(7, comm="zombie", state="Z", threads={7: ("Z", "running", "0"),
                                                      8: ("S", "running", "0")})
-    fd_dir = os.path.join(fake.root, "7", "task", "8", "fd")
-    os.makedirs(fd_dir)
     for fd in range(3, 13):
-        os.symlink("/dev/null", os.path.join(fd_dir, str(fd)))
+        fake.fd(7, fd, target="/dev/null", tid=8)
     assert owners._fd_count(7, fake.root, sized=False) == 10
 
 

@@ -586,7 +586,11 @@ def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
     thread.syscall_fd = arg0 if takes_fd and arg0 is not None and arg0 < 1 << 20 else None
     if thread.syscall_fd is not None:
         try:
-            thread.syscall_fd_target = procfs.readlink(f"fd/{thread.syscall_fd}", dir_fd=dfd)
+            # The thread's own table: one that called unshare(CLONE_FILES)
+            # has its fd N elsewhere than the leader's (a pipe read at fd 5
+            # was said to be the socket at the leader's fd 5).
+            thread.syscall_fd_target = procfs.readlink(f"task/{tid}/fd/{thread.syscall_fd}",
+                                                       dir_fd=dfd)
         except procfs.ProcError:
             thread.syscall_fd_target = ""
     return thread, line
