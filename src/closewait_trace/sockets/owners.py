@@ -20,8 +20,7 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import (Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Optional,
-                    Sequence)
+from typing import Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from closewait_trace import knobs
 from closewait_trace.sockets import procfs, procnet, sockdiag
@@ -251,31 +250,35 @@ class _Outgrown(Exception):
     """A table far larger than it was counted (_GROWTH_SLACK)."""
 
 
-def _fd_count(pid: int, proc: str, sized: bool, own_tables: Optional[dict] = None) -> int:
-    """How many fds pid has (0 if it cannot be told), in every table the
-    walk reads (_fd_table's, and its threads' own: _own_tables): each
-    directory's size where the kernel gives it (6.2 on), else its entries.
-    A zombie leader's directory is empty, size 0, while a live thread's
-    table holds any number (a review: such a user counted 0 was walked
-    first, and spent the budget); so may a thread's own table. The own
-    tables' directories kept in own_tables[pid], for the walk."""
+def _fd_count(pid: int, proc: str, sized: bool) -> int:
+    """What walking pid's tables costs, in fds (0 if it cannot be told):
+    the fds of the table _fd_table reads (its directory's size where the
+    kernel gives it, 6.2 on; else its entries), and one for each thread
+    but the first (a kcmp each, to find those with a table of their own:
+    _own_tables). A zombie leader's directory is empty, size 0, while a
+    live thread's table holds any number (a review: such a user counted 0
+    was walked first, and spent the budget); a thread's own table is not
+    counted here (its fds past twice the count and _GROWTH_SLACK leave the
+    process unread)."""
     try:
-        fd_dir = f"{proc}/{pid}/fd"
-        count = os.stat(fd_dir).st_size if sized else 0
+        count = os.stat(f"{proc}/{pid}/fd").st_size if sized else 0
         if not count:
-            fd_dir, names = _fd_table(pid, proc)
-            count = len(names)
-        own = list(_own_tables(pid, proc, fd_dir))
-        if own and own_tables is not None:
-            own_tables[pid] = own
-        for own_dir in own:
-            try:
-                count += (os.stat(own_dir).st_size if sized else 0) or len(procfs.listdir(own_dir))
-            except (OSError, procfs.ProcError):
-                continue                # that thread ended meanwhile
-        return count
+            count = len(_fd_table(pid, proc)[1])
+        threads = _thread_count(pid, proc)
+        return count + max(0, threads - 1)
     except (OSError, procfs.ProcError):
         return 0
+
+
+def _thread_count(pid: int, proc: str) -> int:
+    """How many threads pid has (its task directory's links: "." and ".."
+    and one a thread), 1 where that cannot be told (a file system not
+    counting links, as a fake tree's may be: 1 link)."""
+    try:
+        links = os.stat(f"{proc}/{pid}/task").st_nlink
+    except OSError:
+        return 1
+    return links - 2 if links > 2 else 1
 
 
 def _fd_dirs_sized(proc: str) -> bool:
@@ -287,15 +290,14 @@ def _fd_dirs_sized(proc: str) -> bool:
         return False
 
 
-def walk_order(proc: str, own_tables: Optional[dict] = None) -> tuple[list[int], dict[int, int]]:
+def walk_order(proc: str) -> tuple[list[int], dict[int, int]]:
     """The pids whose fd tables a walk reads, in order, and how many fds
     each has: pid order when all hold at most FDS_IN_ANY_ORDER fds, else
     their users' (real uid) by how many fds each holds in all, fewest
-    first, and each user's the same way. The threads' own tables (pid ->
-    their fd directories) put in own_tables when given."""
+    first, and each user's the same way."""
     pids = list(procfs.pids(proc))
     sized = _fd_dirs_sized(proc)
-    counts = {pid: _fd_count(pid, proc, sized, own_tables) for pid in pids}
+    counts = {pid: _fd_count(pid, proc, sized) for pid in pids}
     if sum(counts.values()) <= FDS_IN_ANY_ORDER:
         return pids, counts
     uid_of = {pid: procfs.real_uid(pid, proc) for pid in pids}
@@ -424,33 +426,67 @@ def _fd_table(pid: int, proc: str) -> tuple[str, list[str]]:
     return fd_dir, names
 
 
-def _own_tables(pid: int, proc: str, read_dir: str) -> Iterator[str]:
-    """The fd directories of pid's threads with a table of their own
-    (unshare(CLONE_FILES)), other than read_dir, the one _fd_table gave:
-    /proc/PID/fd shows only the leader's, and a socket kept only in such a
-    table was "held by no process". A single-threaded process costs one
-    stat. Threads that share one (those a thread starts after its
-    unshare) are told apart from the leader's table by kcmp, and from the
-    thread before them: a table read twice is bounded by the walk's budget,
-    and its sockets named once. Where kcmp cannot tell (a /proc not this
-    process's own, as in tests, or a kernel without it), every thread's."""
+def _threads(pid: int, proc: str) -> Optional[frozenset]:
+    """pid's thread ids, None when it has one thread (a stat: its task
+    directory's links; a file system that does not count them, 1, is
+    listed)."""
     try:
         links = os.stat(f"{proc}/{pid}/task").st_nlink
     except OSError:
-        return
+        return None
     if links in (2, 3):
-        return          # "." and ".." and one thread (1: a file system not counting)
-    real = proc == procfs.PROC
-    before = read_tid = int(read_dir.rsplit("/", 2)[-2]) if "/task/" in read_dir else pid
-    for name in procfs.list_dir(f"{proc}/{pid}/task"):
-        if not name.isdigit() or int(name) == read_tid:
+        return None
+    return frozenset(int(n) for n in procfs.list_dir(f"{proc}/{pid}/task") if n.isdigit())
+
+
+def _own_tables(pid: int, proc: str, read_tid: int, tids: frozenset,
+                tick: Callable[[], None]) -> list[str]:
+    """The fd directories of pid's threads (of tids) with a table of their
+    own (unshare(CLONE_FILES)), other than read_tid's, the one _fd_table
+    read: /proc/PID/fd shows only the leader's, and a socket kept only in
+    such a table was "held by no process". Told apart from read_tid's
+    table by kcmp, and from the thread before them (threads a thread
+    starts after its unshare share its table): a table read twice is
+    bounded by the walk's budget, and its sockets named once. Where kcmp
+    cannot tell (a /proc not this process's own, as in tests; a kernel
+    without it; a thread gone), the thread's. tick() every
+    _LINKS_PER_CLOCK threads (the budget: a user's 28,000 threads cost
+    0.4 s of kcmp and stat)."""
+    same = _same_table(pid, proc)
+    before = read_tid
+    own = []
+    for n, tid in enumerate(sorted(tids)):
+        if n and not n % _LINKS_PER_CLOCK:
+            tick()
+        if tid == read_tid:
             continue
-        tid = int(name)
-        if real and (procfs.same_fd_table(read_tid, tid)
-                     or (before != read_tid and procfs.same_fd_table(before, tid))):
+        if same(read_tid, tid) or (before != read_tid and same(before, tid)):
             continue
         before = tid
-        yield f"{proc}/{pid}/task/{tid}/fd"
+        own.append(f"{proc}/{pid}/task/{tid}/fd")
+    return own
+
+
+def _same_table(pid: int, proc: str) -> Callable[[int, int], bool]:
+    """Whether two of pid's threads share one fd table: kcmp on this
+    process's own /proc; in another tree (a test's), whether their fd
+    directories are one (a thread's linked to its process's); a thread
+    gone or a kernel without kcmp: not known to (its table is read)."""
+    if proc == procfs.PROC:
+        return lambda a, b: procfs.same_fd_table(a, b) is True
+    return lambda a, b: (os.path.realpath(f"{proc}/{pid}/task/{a}/fd")
+                         == os.path.realpath(f"{proc}/{pid}/task/{b}/fd"))
+
+
+def _tables_moved(pid: int, proc: str, read_tid: int, tids: Optional[frozenset]) -> bool:
+    """Whether pid, which had one fd table when it was read (its threads
+    then: tids; None: one), has a thread with a table of its own now,
+    where a socket it held may have gone (scan_holders)."""
+    now = _threads(pid, proc)
+    if now is None:
+        return False
+    same = _same_table(pid, proc)
+    return any(not same(read_tid, tid) for tid in now - (tids or frozenset((pid,))))
 
 
 def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
@@ -475,8 +511,18 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
     # wanted sockets costs (1-2 s for 100,000 here), and whose holders must
     # all be named.
     spent = 0.0
-    own_tables: dict[int, list[str]] = {}
-    order, counts = walk_order(proc, own_tables)
+    out_of_time = False
+    order, counts = walk_order(proc)
+    # pid -> (the thread whose table was read first, its threads then, None
+    # for one), for the processes with one table: looked at again when a
+    # wanted socket is not found. Those with threads with tables of their
+    # own, whose sockets can move between them as they are read.
+    threads_read: dict[int, tuple[int, Optional[frozenset]]] = {}
+    several_tables: list[int] = []
+
+    def tick() -> None:
+        if spent + clock() - started >= budget:
+            raise _OutOfTime
 
     def links_of(fd_dir: str, names: list[str], read_before: int, limit: int
                  ) -> list[tuple[int, int, str]]:
@@ -490,8 +536,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
         with procfs.opened_dir(fd_dir) as dir_fd:
             for n, name in enumerate(names, read_before):
                 if not n % _LINKS_PER_CLOCK and n:
-                    if spent + clock() - started >= budget:
-                        raise _OutOfTime
+                    tick()
                     if n > limit:
                         raise _Outgrown
                 try:
@@ -528,14 +573,22 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             if names:
                 tables.append((fd_dir, links_of(fd_dir, names, 0, limit)))
                 read = len(names)
-            # (Those walk_order found: a thread that unshares after it is
-            # seen at the next lookup.)
-            for own_dir in own_tables.get(pid, ()):
+            read_tid = int(fd_dir.rsplit("/", 2)[-2]) if "/task/" in fd_dir else pid
+            tids = _threads(pid, proc)
+            own = _own_tables(pid, proc, read_tid, tids, tick) if tids else []
+            if own:
+                several_tables.append(pid)
+            else:
+                threads_read[pid] = (read_tid, tids)
+            for own_dir in own:
+                tick()                  # each table, however few its fds
                 try:
                     own_names = procfs.listdir(own_dir)
+                    tables.append((own_dir, links_of(own_dir, own_names, read, limit)))
                 except procfs.NoSuchProcess:
-                    continue                # that thread ended meanwhile
-                tables.append((own_dir, links_of(own_dir, own_names, read, limit)))
+                    # That thread ended (see several_tables); not its
+                    # process, whose other tables were read.
+                    continue
                 read += len(own_names)
             spent += clock() - started
             if not any(matched for _dir, matched in tables):
@@ -581,6 +634,7 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             # This one (what it showed so far not kept) and every one after
             # that has fds (not a kernel thread's empty table).
             scan.not_read_pids.extend(p for p in order[at:] if counts.get(p) or p == pid)
+            out_of_time = True
             break
         except _Outgrown:
             spent += clock() - started
@@ -597,6 +651,31 @@ def scan_holders(inodes: Iterable[int], batch: procfs.ProcBatch,
             scan.holders.setdefault(inode, []).append(Holder.of(snap, fd, flag))
         for inode, n in cut.items():
             scan.cut[inode] = scan.cut.get(inode, 0) + n
+    if not out_of_time and not wanted.issubset(scan.holders):
+        # A wanted socket no table held. A process with threads with tables
+        # of their own can move a socket from one to the next faster than
+        # they are read (a thread's successor unshares, then it closes its
+        # copy or ends: a review's found it "held by no process" 33 times
+        # in 200 lookups, and a check of the threads after the read still
+        # 2): such a process is not read whole, and the socket "unknown",
+        # not "none"; so is one that had a single table when read and has
+        # a thread with one of its own now.
+        started = clock()
+        unsure = set(scan.not_read_pids)
+        scan.not_read_pids.extend(pid for pid in several_tables if pid not in unsure)
+        left = [(pid, how) for pid, how in threads_read.items() if pid not in unsure]
+        for at, (pid, (read_tid, tids)) in enumerate(left):
+            if not at % _LINKS_PER_CLOCK and spent + clock() - started >= budget:
+                scan.not_read_pids.extend(p for p, _how in left[at:])
+                break
+            try:
+                if _tables_moved(pid, proc, read_tid, tids):
+                    scan.not_read_pids.append(pid)
+            except procfs.ResourceExhausted:
+                raise
+            except procfs.ProcError:
+                continue                    # gone: its fds with it
+        spent += clock() - started
     # Tuples: every lingering socket keeps its holders for as long as it
     # lingers (a list of one is 84 bytes in the loop, a tuple 48).
     scan.holders = {inode: tuple(sorted(holders, key=lambda h: (h.pid, h.fd)))
