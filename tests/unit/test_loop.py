@@ -1701,7 +1701,9 @@ class SlowCensus(DumpsWhole):
 
     def close_wait_census(self, *args):
         time.sleep(self.seconds)
-        return super().close_wait_census(*args)
+        census = super().close_wait_census(*args)
+        # The worker's own time, as owners.close_wait_census measures it.
+        return census._replace(took_s=census.took_s + self.seconds)
 
 
 def census_due(tracer) -> None:
@@ -1821,6 +1823,44 @@ def test_a_census_is_read_while_ticks_go_on_and_compared_a_slice_at_a_time(
     w.step(1.5)
     [rec] = [r for r in w.of("linger") if r["rport"] == 40500]
     assert rec["code"]["eof_read_unknown"] == records.CODE_FOUND_LATE
+
+
+def test_a_census_goes_on_when_ticks_leave_no_time_between_them(tmp_path, monkeypatch):
+    """Ticks back to back (the loop busy: a user's lookups, a flood) leave
+    no time between them, where a census is compared: a review's load kept
+    one from ending for as long as it lasted, and no census ran again. A
+    tick with no slice before it takes one; one out CENSUS_FINISH_S is
+    ended at once in a tick, its read waited for, as a census was before."""
+    from closewait_trace.live import tracer as tracer_module
+    monkeypatch.setattr(tracer_module, "CENSUS_SLICE_S", 0.0)
+    resolver = BegunCensus(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(600)
+    w.tracer.start()
+    w.step()
+    w.step(1.0)
+    stats = w.tracer.tick_stats
+    census_due(w.tracer)
+    w.step(0.5)                                 # begun
+    resolver.out.answered = True
+    ticks = 0
+    while stats["censuses"] == 0:
+        w.step(0.1)                             # only ticks, nothing between them
+        ticks += 1
+        assert ticks < 50, "the census never ended"
+    assert ticks >= 4                           # a slice a tick (one step each here)
+    census_due(w.tracer)
+    monkeypatch.setattr(tracer_module, "CENSUS_FINISH_S", 0.0)
+    w.step(0.5)                                 # begun, its read not in
+    resolver.out.waited = []
+
+    def waited():
+        resolver.out.waited.append(True)
+        resolver.out.answered = True
+        return resolver.out.census
+    monkeypatch.setattr(resolver.out, "result", waited)
+    w.step(0.1)                                 # past CENSUS_FINISH_S: all of it now
+    assert stats["censuses"] == 2 and resolver.out.waited == [True]
 
 
 class RecordsRescans(DumpsWhole):

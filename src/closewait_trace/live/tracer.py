@@ -171,6 +171,10 @@ PY_SCAN_PIDS = 256
 PY_SCAN_FOUND = 16
 PY_SCAN_S = 0.25
 EXECS_WAITING = 4096
+# How long a census may take, its read and its comparison between ticks,
+# before the rest is done at once in a tick (the loop busy: no time
+# between ticks, a slice a tick at most).
+CENSUS_FINISH_S = 30.0
 # How long the loop compares a census at once (Tracker.census_diff_steps,
 # about 0.5 ms a step of 256 sockets): between ticks, with a look at the
 # ring buffer between slices (LiveTracer.census_between_ticks).
@@ -285,8 +289,9 @@ class CensusWork:
     read: object = None                 # owners.Census, once taken
     steps: Optional[Generator] = None   # the comparison, once begun
     slice_s: Optional[float] = None     # how long a slice may take (CENSUS_SLICE_S)
-    read_s: float = 0.0                 # from begun to read taken
+    read_s: float = 0.0                 # the read's time in the worker
     compared_s: float = 0.0             # the loop's time comparing, in all
+    sliced_between: bool = False        # a slice ran between the last two ticks
 
     def __post_init__(self):
         if self.slice_s is None:
@@ -1786,11 +1791,24 @@ class LiveTracer:
         goes CENSUS_SLICE_S a tick (census_diff_steps). With 100,000 sockets
         lingering the read was 0.6-0.8 s and the comparison 0.1-0.4 s of
         one tick, about once a minute (issue 20: an idle tick within 5 ms)."""
-        if self._census_work is not None:
+        work = self._census_work
+        if work is not None:
             if self.stopping:
                 self._census_work = None    # the exit asks nothing of a busy worker
-            # Else taken on between ticks (census_between_ticks): a tick
-            # that also took its read and a slice of it was 5 ms long.
+                return
+            # Taken on between ticks (census_between_ticks): a tick that
+            # also took its read and a slice of it was 5 ms long. But when
+            # ticks come back to back (the loop busy: a user's owner
+            # lookups, a flood) there is no time between them, and a
+            # review's load kept a census from ending for as long as it
+            # lasted: then a slice a tick, and after CENSUS_FINISH_S the
+            # rest at once, as a census was before.
+            if time.monotonic() - work.started >= CENSUS_FINISH_S:
+                self._census_go_on(float("inf"), wait=True)
+            elif not work.sliced_between:
+                self._census_go_on(time.monotonic() + work.slice_s)
+            if self._census_work is work:
+                work.sliced_between = False
             return
         started = time.monotonic()
         if self.stopping or started < self._census_next or self._events_waiting():
@@ -1838,17 +1856,19 @@ class LiveTracer:
             return False
         if work.steps is None and work.pending is not None and not work.pending.poll():
             return False                    # the worker still reads: the tick looks again
+        work.sliced_between = True
         self._census_go_on(min(next_tick, time.monotonic() + work.slice_s))
         return self._census_work is not None
 
-    def _census_go_on(self, until: float) -> None:
-        """The census begun (census()) taken on until `until` (_census_slice);
-        compared whole, what it found kept. Each slice's time is the loop's
-        cost of the census (census_max_ms: the longest)."""
+    def _census_go_on(self, until: float, wait: bool = False) -> None:
+        """The census begun (census()) taken on until `until` (_census_slice;
+        wait: for the worker's read too); compared whole, what it found
+        kept. Each slice's time is the loop's cost of the census
+        (census_max_ms: the longest)."""
         work = self._census_work
         began = time.monotonic()
         try:
-            diff = self._census_slice(work, until)
+            diff = self._census_slice(work, until, wait)
         finally:
             spent = time.monotonic() - began
             work.compared_s += spent
@@ -1858,14 +1878,14 @@ class LiveTracer:
             self._census_work = None
             self._census_kept(work.read, diff, work.read_s + work.compared_s)
 
-    def _census_slice(self, work: CensusWork, until: float) -> Optional[set]:
+    def _census_slice(self, work: CensusWork, until: float, wait: bool) -> Optional[set]:
         """One slice: the read taken once the worker has answered (that
         alone, where slices are timed: unpickled, the ring drained), else
         comparing until `until` (at least one step). The difference once
         compared whole, else None (more to do, or the census let go)."""
         if work.steps is None:
             if work.pending is not None:
-                if not work.pending.poll():
+                if not wait and not work.pending.poll():
                     return None             # the worker still reads
                 try:
                     work.read = work.pending.result()
@@ -1874,7 +1894,9 @@ class LiveTracer:
                     self._census_failed(work.started)
                     return None
                 work.pending = None
-            work.read_s = time.monotonic() - work.started
+            # The worker's own time (the answer may have waited for a tick
+            # to be taken; the read itself for calls begun before it).
+            work.read_s = getattr(work.read, "took_s", 0.0) or (time.monotonic() - work.started)
             self._drain_buffer(time.monotonic() + 0.2)
             if self._events_waiting():
                 # A burst's events still to come: what differs now may be them.
@@ -1884,7 +1906,7 @@ class LiveTracer:
                 return None
             work.steps = self.tracker.census_diff_steps(
                 work.read.keys, work.read.dumped, work.began_ns, self._census_secret)
-            if work.slice_s != float("inf"):
+            if until != float("inf"):
                 return None
         while True:
             try:

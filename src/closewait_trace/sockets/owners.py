@@ -860,6 +860,9 @@ class Census(NamedTuple):
     dumped: set
     tried: list
     left: list
+    # How long the read took in the worker (not what its answer then
+    # waited for): the census's cost sets the next one's distance.
+    took_s: float = 0.0
 
 
 def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int]] = None,
@@ -872,6 +875,7 @@ def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int
     secret: the key of the keys' hash (the loop's own, tcprow.census_key).
     A full rescan's rows hold about 75 MB more in the loop with 100,000
     sockets lingering (docs/benchmarks.md); 100,000 keys are 800 KB."""
+    started = time.monotonic()
     read = rescan_close_wait(proc, last_read, budget_s, with_info=False)
     keys: dict[int, array] = {}
     for row in read.rows:
@@ -879,7 +883,7 @@ def close_wait_census(proc: str = procfs.PROC, last_read: Optional[dict[int, int
         if socket_filter is None or socket_filter.matches(ep):
             keys.setdefault(ep.netns, array(CENSUS_ARRAY)).append(census_key(ep, secret))
     return Census({netns: found.tobytes() for netns, found in keys.items()}, set(read.dumped),
-                  list(read.tried), list(read.left))
+                  list(read.tried), list(read.left), time.monotonic() - started)
 
 
 def read_by_turns(states: list[int], proc: str = procfs.PROC,
