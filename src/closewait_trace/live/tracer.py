@@ -171,6 +171,9 @@ PY_SCAN_PIDS = 256
 PY_SCAN_FOUND = 16
 PY_SCAN_S = 0.25
 EXECS_WAITING = 4096
+# Ticks in a row the holders' states may wait for the worker's begun call
+# (a census's read, a scan of new CPython processes) before one waits for it.
+RECHECK_PUT_OFF = 2
 # How long a census may take, its read and its comparison between ticks,
 # before the rest is done at once in a tick (the loop busy: no time
 # between ticks, a slice a tick at most).
@@ -343,6 +346,7 @@ class LiveTracer:
     # a worker, its answer; the kernel's clock when begun).
     _execs_waiting: dict = field(default_factory=dict)
     _python_scan: Optional[tuple] = None
+    _recheck_put_off: int = 0            # ticks in a row recheck_owners waited a tick
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
     _census_diff: set = field(default_factory=set)
@@ -1646,11 +1650,15 @@ class LiveTracer:
         changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
         leaving = self.unwatch_left()
-        if self.resolver.worker_idle() is False:
+        if self.resolver.worker_idle() is False and self._recheck_put_off < RECHECK_PUT_OFF:
             # The worker reads a census (0.6-0.8 s at 100,000 sockets) or
             # new CPython processes: asked now, this tick would wait for
-            # it. Compared next tick.
+            # it. Compared next tick; after RECHECK_PUT_OFF ticks in a row,
+            # waited for (a user's exec()s, a scan at every tick, must not
+            # put holders' changes off for good).
+            self._recheck_put_off += 1
             return 0
+        self._recheck_put_off = 0
         # Those a new diagnosis was due for whose namespace the last owner
         # lookup did not read in time (owners.OWNER_NOT_READ), still here.
         changed: dict = {key: l for key, l in self.rediagnose_next.items()
