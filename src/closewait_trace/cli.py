@@ -270,7 +270,8 @@ def main_group(ctx, threshold, lports, rports, ipv4, ipv6, as_json, wide, time_f
     Needs root (BPF). SIGINT, SIGTERM and SIGHUP end the trace with its
     summary. Exit codes: 0 ok, 2 bad usage, 3 not root, 4 bcc missing,
     5 no kernel headers, 6 BPF or tracepoint unavailable, 7 file error,
-    8 other processes could not be read (snapshot), 1 internal error.
+    8 snapshot could not read the sockets (nothing printed), 1 internal
+    error.
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -307,6 +307,18 @@ def test_exit_codes_in_the_man_page_and_options_doc_are_the_tools():
     assert {int(c) for c in re.findall(r"^\.TP\n\.B (\d+)$", status, re.M)} == codes
     table = (ROOT / "docs" / "options.md").read_text()
     assert {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)} == codes
+    # --help says them too, each as the man page does (8 was "other
+    # processes could not be read", which the tool never exits for: a
+    # newcomer's report).
+    from click.testing import CliRunner
+    from closewait_trace import cli
+    said = " ".join(CliRunner().invoke(cli.main_group, ["--help"]).output.split())
+    listed = said.split("Exit codes: ", 1)[1].split(".", 1)[0]
+    meaning = {int(c): what for c, what in re.findall(r"(\d+) ([^,]+)", listed)}
+    assert set(meaning) == codes
+    assert "snapshot" in meaning[errors.EXIT_GATHER] and "nothing printed" in \
+        meaning[errors.EXIT_GATHER]
+    assert "nothing was printed" in " ".join(status.split(".B 8", 1)[1].split())
 
 
 def test_readme_reads_in_an_80_column_terminal():
