@@ -36,6 +36,20 @@ def test_rows_by_process_and_cause_biggest_first():
                                                                          ("leaked", 1)]
 
 
+def test_a_rows_causes_past_the_two_named_are_counted():
+    """A peer's row named its two most common causes and left a third
+    unsaid, as if every socket there had one of the two (a newcomer's
+    report: 2 of 10 were stopped)."""
+    m = top.TopModel(Clock())
+    causes = ["ignoring_eof"] * 6 + ["leaked"] * 2 + ["stopped"] * 2
+    lingering = [entry(1, cause=c, rport=40000 + i) for i, c in enumerate(causes)]
+    [row] = m.rows(lingering, "peer")
+    assert top.cells(row, "peer")[-1].endswith(" [ignoring_eof, leaked, +1]") or \
+        top.cells(row, "peer")[-1].endswith(" [ignoring_eof, stopped, +1]")
+    [row] = m.rows(lingering[:8], "peer")
+    assert top.cells(row, "peer")[-1].endswith(" [ignoring_eof, leaked]")
+
+
 def test_a_process_with_two_fds_on_its_socket_is_not_a_second_holder():
     """By process, `+N` is the other processes that hold the socket: a
     process that dup()ed it was "7/socat +1", a row of its own apart from

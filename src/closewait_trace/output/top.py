@@ -275,7 +275,12 @@ def cells(row: Row, grouping: str) -> list[str]:
     causes), already escaped."""
     key = row.key
     if grouping != "cause" and row.causes:
-        key += " [" + ", ".join(c for c, _n in row.causes.most_common(2)) + "]"
+        # The two most common, and how many more: a third cause left out
+        # unsaid read as if every socket there had one of the two (a
+        # newcomer's report: 2 of 10 by peer were stopped).
+        more = len(row.causes) - 2
+        key += (" [" + ", ".join(c for c, _n in row.causes.most_common(2))
+                + (f", +{more}" if more > 0 else "") + "]")
     oldest = (SOURCE_MARK.get(row.oldest_source, "") + format_age(int(row.oldest_s * 1e9))
               if row.sockets else "-")
     return [str(row.sockets), oldest,
