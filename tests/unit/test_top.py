@@ -283,3 +283,42 @@ def test_sockets_older_than_the_trace_are_not_new():
     m.on_record(dict(entry(1, rport=40000), type="closed", reported=True))
     [row] = m.rows([entry(1, rport=40000 + i) for i in (1, 2, 3, 4, 10)], "process")
     assert (row.sockets, row.new_per_min, row.closed_per_min) == (5, 1, 1)
+
+
+class _Shown:
+    """rich's Live, as far as TopSink._draw uses it: what it was given."""
+
+    def __init__(self):
+        self.renderable = None
+
+    def update(self, renderable, refresh=False):
+        self.renderable = renderable
+
+
+def test_the_terminal_view_keeps_its_counts_whole_at_80_columns():
+    """In an 80-column terminal rich shrank every column to fit, the counts
+    too: "SOCKE…", an oldest age of "~1m2…", while the key kept padding (a
+    newcomer's report). The counts are kept whole; the key gets the rest,
+    its name cut and its causes kept."""
+    import io
+    from rich.console import Console
+    from closewait_trace.output import topview
+    sink = topview.TopSink("process", stream=io.StringIO())
+    sink._console = Console(file=io.StringIO(), width=80, color_system=None,
+                            force_terminal=False)
+    sink._live = _Shown()
+    m = top.TopModel(Clock())
+    lingering = ([entry(1, comm="socat-with-a-much-longer-name", rport=40000 + i,
+                        cause=c, age=5000.0)
+                  for i, c in enumerate(["stopped", "leaked", "ignoring_eof", "stopped"])]
+                 + [entry(2, comm="python3", cause="ignoring_eof", age=62.0)])
+    sink._draw(m.rows(lingering, "process"))
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None, force_terminal=False).print(
+        sink._live.renderable)
+    lines = out.getvalue().splitlines()
+    assert max(len(l) for l in lines) <= 80
+    header = next(l for l in lines if "SOCKETS" in l)
+    assert all(name in header for name in top.COLUMNS)
+    row = next(l for l in lines if "socat" in l)
+    assert " 1h23m " in row and row.rstrip().endswith("[stopped, leaked, +1]"), row

@@ -270,17 +270,27 @@ TITLES = {"process": "PROCESS", "cause": "CAUSE", "peer": "REMOTE PEER", "port":
           "container": "CONTAINER / UNIT / CGROUP"}
 
 
-def cells(row: Row, grouping: str) -> list[str]:
+def cells(row: Row, grouping: str, key_columns: Optional[int] = None) -> list[str]:
     """A row as strings: the counts, then the key (and, by process, its
-    causes), already escaped."""
+    causes), already escaped; the key fitted to key_columns when given,
+    its name cut and its causes kept (they were cut first: "[stoppe…")."""
     key = row.key
+    causes = ""
     if grouping != "cause" and row.causes:
         # The two most common, and how many more: a third cause left out
         # unsaid read as if every socket there had one of the two (a
         # newcomer's report: 2 of 10 by peer were stopped).
         more = len(row.causes) - 2
-        key += (" [" + ", ".join(c for c, _n in row.causes.most_common(2))
-                + (f", +{more}" if more > 0 else "") + "]")
+        causes = (" [" + ", ".join(c for c, _n in row.causes.most_common(2))
+                  + (f", +{more}" if more > 0 else "") + "]")
+    if key_columns is not None:
+        # The name cut in its middle: its start (the program) and its end
+        # ("(5 processes)", a pid) say more than an executable's directory.
+        room = key_columns - textsafe.width_of_escaped(causes)
+        key = (textsafe.cut_middle(key, room) + causes if room >= 8
+               else textsafe.cut(key + causes, key_columns))
+    else:
+        key += causes
     oldest = (SOURCE_MARK.get(row.oldest_source, "") + format_age(int(row.oldest_s * 1e9))
               if row.sockets else "-")
     return [str(row.sockets), oldest,
@@ -303,7 +313,7 @@ def plain_lines(rows: list[Row], grouping: str, threshold_s: float, lost: int,
     out = [f"--- {stamp} {headline(rows, grouping, threshold_s, lost)}",
            f"{'SOCKETS':>7} {'OLDEST':>9} {'NEW/MIN':>7} {'CLOSED/MIN':>10} {TITLES[grouping]}"]
     for row in rows[:limit]:
-        c = cells(row, grouping)
+        c = cells(row, grouping, KEY_COLUMNS)
         out.append(textsafe.cut(f"{c[0]:>7} {c[1]:>9} {c[2]:>7} {c[3]:>10} {c[4]}", 80))
     if len(rows) > limit:
         out.append(f"... {len(rows) - limit} more rows")

@@ -177,14 +177,24 @@ class TopSink:
                         no_wrap=True, overflow="ellipsis")
         keys = Text("q quit, g grouping (" + ", ".join(top.GROUPINGS) + ")",
                     no_wrap=True, overflow="ellipsis")
-        table = Table(box=None)
-        for name in top.COLUMNS:
-            table.add_column(name, justify="right", no_wrap=True)
-        table.add_column(top.TITLES[self.grouping], no_wrap=True, overflow="ellipsis")
         height = max(5, (self._console.size.height if self._console else 24) - 6)
+        shown = [top.cells(row, self.grouping) for row in rows[:height]]
+        # The counts as wide as they are, never cut: rich shrank every
+        # column to fit 80, the counts too ("~1m2…" for the oldest age,
+        # "SOCKE…"), and left the key padded (a newcomer's report). The key
+        # gets what is left, its name cut and its causes kept
+        # (top.cells); one space between two columns.
+        widths = [max([len(name)] + [len(c[i]) for c in shown])
+                  for i, name in enumerate(top.COLUMNS)]
+        screen = self._console.size.width if self._console else 80
+        key_columns = max(12, screen - sum(widths) - len(top.COLUMNS) - 1)
+        table = Table(box=None, pad_edge=False, collapse_padding=True)
+        for name, width in zip(top.COLUMNS, widths):
+            table.add_column(name, justify="right", no_wrap=True, min_width=width)
+        table.add_column(top.TITLES[self.grouping], no_wrap=True, overflow="ellipsis")
         for row in rows[:height]:
             # Escaped already (top.keys_of); Text, so that nothing is markup.
-            table.add_row(*(Text(c) for c in top.cells(row, self.grouping)))
+            table.add_row(*(Text(c) for c in top.cells(row, self.grouping, key_columns)))
         if len(rows) > height:
             table.add_row("", "", "", "", Text(f"... {len(rows) - height} more rows"))
         self._live.update(Group(headline, table, keys), refresh=True)
