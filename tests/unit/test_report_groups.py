@@ -339,6 +339,22 @@ def test_the_same_function_and_line_in_two_programs_are_two_rows():
                     "handle_client (srv.c:12) in /tmp/evil": 1}
 
 
+def test_a_code_location_row_keeps_its_line_when_cut():
+    """The row's name was cut at its end: "Api.handle_request
+    (api_server.py:1…" lost the line the on-call looks for (a newcomer's
+    report). The module's middle goes first, then the function's."""
+    recs = [header(), process(7, "api")]
+    recs.append(linger(0, 7, "api", cause="ignoring_eof",
+                       code=code("handle_request_of_the_api", module="/srv/deploy/api/bin/api",
+                                 line=1234)))
+    text = report.render_text(report.build(recs))
+    table = "\n".join(text).split("By code location", 1)[1].split("\n\n", 1)[0]
+    [row] = [l for l in table.splitlines() if "handle_request" in l]
+    assert "(srv.c:1234)" in row and len(row) <= 80, row
+    assert report._cut_code("a_very_long_function_name_indeed (server.py:12)", 30).endswith(
+        "(server.py:12)")
+
+
 def test_places_the_kernel_did_not_keep_are_losses_in_the_report_and_the_summary():
     """A newcomer's report said "Gaps and losses: none." beside 195 sockets
     whose place was "(not known)": the capture's summary counted 33,679 EOF

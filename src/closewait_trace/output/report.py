@@ -993,6 +993,20 @@ def _row_name(grouping: str, row: dict) -> str:
     return escape(row[fields[0]])      # a peer is host:port already (peer_key)
 
 
+def _cut_code(text: str, columns: int) -> str:
+    """A code location's row name cut to columns: "function (file:line) in
+    module" loses its module's middle first, then its function's: the line
+    was cut first ("Api.handle_request (api_server.py:1…", a newcomer's
+    report)."""
+    head, sep, module = text.rpartition(" in ")
+    if not sep:
+        return textsafe.cut_middle(text, columns)
+    room = columns - textsafe.width_of_escaped(head) - len(sep)
+    if room < 6:
+        return textsafe.cut_middle(head, columns)
+    return head + sep + textsafe.cut_middle(module, room)
+
+
 def _causes_text(row: dict, grouping: str) -> str:
     items = row.get(table_columns(grouping)[-1][1][0], {})
     parts = [escape(k) + (f" {v}" if len(items) > 1 else "") for k, v in items.items()]
@@ -1058,7 +1072,8 @@ def render_text(rep: dict, top: int = 15) -> list[str]:
         # A program's name is cut in the middle, as in "Leaking fastest": its
         # end is the script (python3.11 [/usr/bin/python3.11] /srv/leaky.py),
         # the one part that tells two programs of one interpreter apart.
-        cut_name = textsafe.cut_middle if g == "program" else textsafe.cut
+        cut_name = (textsafe.cut_middle if g == "program" else _cut_code if g == "code"
+                    else textsafe.cut)
         for row, count in zip(rows[:top], counts):
             # A row is cut, not wrapped: its last column (causes, programs)
             # is the one that gives.
