@@ -165,6 +165,16 @@ def test_directory_and_missing_file(tmp_path):
         assert needle in exc.value.message
 
 
+def test_the_services_recording_missing_says_to_record_now():
+    """The README's incident command reads the service's recording; on a
+    host without the service it said "no such file; check the path" (the
+    glob left as it is), and nothing of what to do (a newcomer's report)."""
+    with pytest.raises(UserError) as exc:
+        parts.read([f"{parts.SERVICE_RECORDING_DIR}/closewait.jsonl.gz*"])
+    assert "the service has not recorded here" in exc.value.message
+    assert "closewait-trace -w incident.jsonl.gz" in exc.value.hint
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(min_value=0, max_value=4000),
        flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),

@@ -94,6 +94,21 @@ def _not_regular(path: str, mode: int) -> UserError:
                      "give a regular file (to read a pipe: ... | closewait-trace -r -)")
 
 
+
+# Where the packaged service records (packaging/systemd/closewait-trace.service).
+SERVICE_RECORDING_DIR = "/var/lib/closewait-trace"
+
+
+def _no_such_file(path: str) -> UserError:
+    """A recording that is not there, with what to do next: the service's
+    own directory means the service has not recorded on this host (the
+    README's incident command names it; a newcomer was told only to check
+    the path)."""
+    if os.path.dirname(os.path.abspath(path)) == SERVICE_RECORDING_DIR:
+        return UserError(f"{path}: no such file (the service has not recorded here)",
+                         EXIT_FILE, "record now: closewait-trace -w incident.jsonl.gz")
+    return UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+
 def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_result]:
     """A regular file opened without blocking (a FIFO planted or given cannot
     hang us, a device is never opened: stat first, fstat after), or standard
@@ -113,7 +128,7 @@ def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_re
     try:
         st = os.lstat(path) if sibling else os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+        raise _no_such_file(path) from None
     except OSError as exc:
         raise _unreadable(path, exc) from None
     if not stat.S_ISREG(st.st_mode):
@@ -124,7 +139,7 @@ def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_re
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+        raise _no_such_file(path) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symbolic link", EXIT_FILE, "give the real path")
