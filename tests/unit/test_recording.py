@@ -364,3 +364,72 @@ def _plain_lines(path):
     if data[:2] == stream.GZIP_MAGIC:
         data = gzip.decompress(data)
     return [x for x in data.decode().split("\n") if x]
+
+
+def test_a_rotated_part_names_the_programs_of_the_sockets_it_opens_with(tmp_path):
+    """A part after a rotation opens with a snapshot of the sockets still
+    lingering, but not their holders' process records: read on its own (or
+    once the parts before it were rotated away), its oldest sockets'
+    program was "program unknown" and one server's forks were not folded
+    (a newcomer's report). The sink keeps the latest process record of
+    each holder (KEPT_PROCESS_BYTES in all) and writes those of the
+    snapshot's holders before it."""
+    from closewait_trace.output import records
+    from closewait_trace.output.sinks import RecordingSink
+    from tests.unit import recordfactory
+    path = tmp_path / "cw.jsonl"
+    held = linger(0, pid=7, comm="api")
+    r = recording.Recorder(path=str(path), threshold_ns=10**9, filters=NO_FILTERS,
+                           clock_offset_ns=5, max_bytes=3000)
+    r.open()
+    sink = RecordingSink(r)
+    entry = ({k: held[k] for k in ("family", "laddr", "lport", "raddr", "rport", "age_s",
+                                   "age_source", "age_max_s", "age_is_lower_bound",
+                                   "owner_kind")}
+             | {"owners": [{k: held["owners"][0][k] for k in ("pid", "comm", "fd", "state")}],
+                "diagnosis": {"cause": "ignoring_eof", "summary": "s"}})
+    r.snapshot_source = lambda: records.snapshot(1001.0, [entry], {}, [])
+    def exe(path):
+        return {"exe": {"path": path, "deleted": False, "replaced": False}}
+    sink.emit(recordfactory.process(7, "api", identity=exe("/usr/sbin/api")))
+    sink.emit(recordfactory.process(8, "other", identity=exe("/bin/other")))
+    sink.emit(held)
+    for i in range(1, 40):                      # past max_bytes: a new part
+        sink.emit(linger(i))
+        r.flush()                               # a batch each, as over time
+    sink.emit(recordfactory.summary(ts=1100.0, still_lingering=[entry]))
+    r.close()
+    assert r.part >= 1
+    last = f"{path}.{r.part}" if os.path.exists(f"{path}.{r.part}") else str(path)
+    with open(last) as f:
+        kinds = [json.loads(line)["type"] for line in f][:3]
+    assert kinds == ["header", "process", "snapshot"]
+    read = parts.read([last])
+    assert [r["pid"] for r in read.of("process")] == [7], read.problems
+    rep = report.build(read.records)
+    programs = {row["program"] for row in rep["by_program"]}
+    assert any("/usr/sbin/api" in p for p in programs), programs
+    assert not any("other" in p for p in programs)
+
+
+def test_the_process_records_kept_for_rotations_are_bounded_in_bytes(monkeypatch):
+    """The holders' latest process records kept for the next parts stay
+    within KEPT_PROCESS_BYTES, the oldest let go first; one larger than a
+    64th of it is not kept (a process's stacks can be tens of KB)."""
+    from closewait_trace.output import sinks
+    from tests.unit import recordfactory
+
+    class Lines:
+        snapshot_source = snapshot_lines = None
+
+        def write_line(self, line, kind):
+            pass
+    monkeypatch.setattr(sinks, "KEPT_PROCESS_BYTES", 64 * 400)
+    sink = sinks.RecordingSink(Lines())
+    for pid in range(1, 300):
+        sink.emit(recordfactory.process(pid, "p", cmdline="x" * 200))
+    assert sink._process_bytes <= 64 * 400 and len(sink._processes) < 299
+    assert 299 in sink._processes and 1 not in sink._processes
+    sink.emit(recordfactory.process(5000, "big", cmdline="x" * 1000))
+    assert 5000 not in sink._processes
+    assert sink._process_bytes == sum(len(line) for line in sink._processes.values())

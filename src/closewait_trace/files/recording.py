@@ -300,6 +300,9 @@ class Recorder:
     max_seconds: Optional[float] = None   # -G: rotate after this many seconds
     mode: str = "closewait"
     snapshot_source: object = None        # callable -> snapshot record
+    # callable(snapshot record) -> lines written before it at a rotation:
+    # the process records of its sockets' holders (RecordingSink).
+    snapshot_lines: object = None
     fd: int = -1
     part: int = 0
     written: int = 0
@@ -414,7 +417,12 @@ class Recorder:
                           self.threshold_ns, self.filters, self.mode)]
         if not first and self.snapshot_source is not None:
             opening.append(self.snapshot_source())
-        self._write_lines([textsafe.json_dumps(r, separators=(",", ":")) + "\n" for r in opening])
+        lines = [textsafe.json_dumps(r, separators=(",", ":")) + "\n" for r in opening]
+        if len(opening) > 1 and self.snapshot_lines is not None:
+            # Before the snapshot: a reader names its sockets' holders as it
+            # meets them (output/report.py), from what it read before.
+            lines[1:1] = self.snapshot_lines(opening[1])
+        self._write_lines(lines)
 
     def __call__(self, rec: dict) -> None:
         self.write(rec)

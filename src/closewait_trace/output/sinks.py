@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
-from closewait_trace.output import lingerlines, records, transitions
+from closewait_trace.output import lingerlines, records, textsafe, transitions
 
 
 @dataclass
@@ -51,6 +51,11 @@ def lingering_entries(view: TickView) -> list[dict]:
     return [records.lingering_entry(l, l.age_ns(view.now_ns)) for l in view.lingering()]
 
 
+# What RecordingSink keeps of the holders' process records, to open each
+# rotated part with those of its sockets' holders.
+KEPT_PROCESS_BYTES = 4 << 20
+
+
 def snapshot_record(view: TickView) -> dict:
     """The state at a tick, so a reader of a recording need not replay it
     from the start (written at each rotation and every snapshot interval)."""
@@ -70,17 +75,52 @@ class RecordingSink:
     _next_snapshot: Optional[float] = None
     _lines: Optional[object] = None     # transitions.JsonLines, made at the first use
     _linger_lines: Optional[object] = None  # lingerlines.LingerJson, likewise
+    # pid -> its latest process record's line, the oldest first, at most
+    # KEPT_PROCESS_BYTES in all: written again before the snapshot opening
+    # a rotated part, for the holders of the sockets in it.
+    _processes: dict = field(default_factory=dict)
+    _process_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.recorder.snapshot_source = self._rotation_snapshot
+        self.recorder.snapshot_lines = self._holders_of
 
     def _rotation_snapshot(self) -> dict:
         if self._view is None:      # no tick yet (the loop ticks first): nothing known
             return records.snapshot(time.time(), [], {}, [])
         return snapshot_record(self._view)
 
+    def _holders_of(self, snapshot: dict) -> list[str]:
+        """The kept process records of the holders (and listeners' holders)
+        of the snapshot's sockets: a part read on its own, or after its
+        predecessors were rotated away, named the programs of its oldest
+        sockets "program unknown" and folded no forks (a newcomer's
+        report)."""
+        pids: dict = {}
+        for entry in snapshot.get("lingering") or ():
+            for side in (entry, entry.get("listener") or {}):
+                for owner in side.get("owners") or ():
+                    pids[owner.get("pid")] = None
+        return [self._processes[pid] for pid in pids if pid in self._processes]
+
     def emit(self, rec: dict) -> None:
+        if rec.get("type") == "process" and isinstance(rec.get("pid"), int):
+            line = textsafe.json_dumps(rec, separators=(",", ":")) + "\n"
+            self.recorder.write_line(line, "process")
+            self._keep_process(rec["pid"], line)
+            return
         self.recorder.write(rec)
+
+    def _keep_process(self, pid: int, line: str) -> None:
+        old = self._processes.pop(pid, None)
+        if old is not None:
+            self._process_bytes -= len(old)
+        if len(line) > KEPT_PROCESS_BYTES // 64:
+            return                  # one with huge stacks: not kept for the next parts
+        self._processes[pid] = line
+        self._process_bytes += len(line)
+        while self._process_bytes > KEPT_PROCESS_BYTES:
+            self._process_bytes -= len(self._processes.pop(next(iter(self._processes))))
 
     def emit_linger(self, report: lingerlines.LingerReport) -> None:
         """The line write(report.record()) would make, without the dict."""
