@@ -284,10 +284,8 @@ def cells(row: Row, grouping: str, key_columns: Optional[int] = None) -> list[st
         causes = (" [" + ", ".join(c for c, _n in row.causes.most_common(2))
                   + (f", +{more}" if more > 0 else "") + "]")
     if key_columns is not None:
-        # The name cut in its middle: its start (the program) and its end
-        # ("(5 processes)", a pid) say more than an executable's directory.
         room = key_columns - textsafe.width_of_escaped(causes)
-        key = (textsafe.cut_middle(key, room) + causes if room >= 8
+        key = (_fit_name(key, room) + causes if room >= 8
                else textsafe.cut(key + causes, key_columns))
     else:
         key += causes
@@ -295,6 +293,22 @@ def cells(row: Row, grouping: str, key_columns: Optional[int] = None) -> list[st
               if row.sockets else "-")
     return [str(row.sockets), oldest,
             str(row.new_per_min), str(row.closed_per_min), key]
+
+
+def _fit_name(name: str, columns: int) -> str:
+    """A row's name cut to columns: the executable's directory first
+    ("socat […in/socat] (5 processes)": the program, its file and the count
+    stay), else its middle (its start and end say more than its middle)."""
+    over = textsafe.width_of_escaped(name) - columns
+    if over <= 0:
+        return name
+    start, end = name.find(" ["), name.find("]")
+    if 0 <= start < end:
+        path = name[start + 2:end]
+        keep = textsafe.width_of_escaped(path) - over
+        if keep >= 6:
+            return name[:start + 2] + textsafe.cut_left(path, keep) + name[end:]
+    return textsafe.cut_middle(name, columns)
 
 
 def headline(rows: list[Row], grouping: str, threshold_s: float, lost: int) -> str:
