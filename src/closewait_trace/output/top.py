@@ -305,9 +305,10 @@ def _fit_name(name: str, columns: int) -> str:
     start, end = name.find(" ["), name.find("]")
     if 0 <= start < end:
         path = name[start + 2:end]
-        keep = textsafe.width_of_escaped(path) - over
-        if keep >= 6:
-            return name[:start + 2] + textsafe.cut_left(path, keep) + name[end:]
+        keep = max(1, textsafe.width_of_escaped(path) - over)
+        short = name[:start + 2] + textsafe.cut_left(path, keep) + name[end:]
+        if textsafe.width_of_escaped(short) <= columns:
+            return short
     return textsafe.cut_middle(name, columns)
 
 
