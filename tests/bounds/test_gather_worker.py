@@ -910,3 +910,23 @@ def test_a_call_polled_past_its_deadline_is_ended_as_waiting_would(gatherer):
         begun.result()
     assert failed.value.why == worker.TIMED_OUT and gatherer.timeouts == 1
     assert gatherer.call("collecting", deadline_s=30) is True     # a new worker
+
+
+def test_a_polled_call_that_stalls_is_ended_at_its_stall_time(tmp_path, gatherer):
+    """Pending.poll set the stall clock back at every look: the loop polls
+    a begun call every tick, so a read blocked in the kernel (a page of a
+    process turned into a FUSE file's) held the worker until the call's
+    overall deadline (30 s for a scan) instead of its stall time (a
+    review)."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(100, comm="srv", state="S")
+    block_reads_of(proc, 100)
+    gatherer.call("collecting", deadline_s=30)              # started, ready
+    begun = gatherer.begin("holder_states", [100], proc.root, deadline_s=30, progress_s=0.5)
+    started = time.monotonic()
+    while not begun.poll():
+        time.sleep(0.05)
+        assert time.monotonic() - started < 10, "polled past its stall time"
+    with pytest.raises(GatherFailed) as failed:
+        begun.result()
+    assert failed.value.why == worker.TIMED_OUT

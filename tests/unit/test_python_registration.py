@@ -247,3 +247,64 @@ def test_new_processes_wait_while_the_worker_is_busy_and_within_bounds(execs, mo
     probe.new = {21: now[0] - 10**8}
     tracer.register_new_pythons()
     assert resolver.scans[-1] == [21]
+
+
+def test_a_process_registered_since_its_exec_is_taken_out_when_the_exec_is_taken(execs):
+    """A registration made after an exec the loop had not taken yet (at a
+    diagnosis meanwhile) stayed in the kernel's map when the exec was
+    taken, no longer counted in its user's share (a review): taken out,
+    and the process looked at again."""
+    proc, probe, resolver, tracer, now = execs
+    proc.process(10)
+    tracer.register_pythons({10: walk(1000)}, seen_ns=500)
+    assert probe.python_registered() == {10} and tracer.python_owners == {10: 1000}
+    probe.new = {10: now[0] - 10**8}
+    tracer.register_new_pythons()
+    assert probe.python_registered() == set() and tracer.python_owners == {}
+    assert resolver.scans == [[10]]
+
+
+def test_the_scan_of_new_processes_is_begun_after_the_ticks_reports(tmp_path):
+    """A scan begun before a tick's reports made their first call to the
+    worker wait for it (a review): it is begun after them."""
+    import socket as socketlib
+    from tests.unit.fakeprobe import FakeClock, FakeProbe, endpoints
+    from tests.unit.fakeproc import FakeProc as Fake
+
+    class Probe(FakeProbe, ExecProbe):
+        def __init__(self, clock):
+            FakeProbe.__init__(self, clock)
+            ExecProbe.__init__(self, capacity=64)
+
+    order = []
+
+    class Ordered(ScanResolver):
+        def owners(self, *args, **kw):
+            order.append("owners")
+            return super().owners(*args, **kw)
+
+        def new_pythons(self, pids, limit, seconds):
+            order.append("scan")
+            return super().new_pythons(pids, limit, seconds)
+
+    clock = FakeClock()
+    probe = Probe(clock)
+    fake = Fake(tmp_path / "proc")
+    fake.process(1, comm="init")
+    fake.process(100)
+    fake.fd(100, 3, 50000)
+    fake.tcp(100, socketlib.AF_INET, "127.0.0.1", 5000, "127.0.0.1", 30000,
+             tcpstates_cw(), 50000)
+    tracer = LiveTracer(config=ProbeConfig(threshold_ns=10**9), socket_filter=SocketFilter(),
+                        probe=probe, resolver=Ordered(str(tmp_path / "proc")), clock=clock,
+                        tick_s=0.01)
+    probe.enter(0x1000, endpoints(30000), ago_s=2.0)
+    tracer.start()
+    probe.new = {200: clock.ns - 10**8}
+    tracer.tick()
+    assert order[:2] == ["owners", "scan"], order
+
+
+def tcpstates_cw():
+    from closewait_trace.kernel import tcpstates
+    return tcpstates.CLOSE_WAIT

@@ -749,6 +749,11 @@ def python_processes(proc: str, deadline: float, limit: int) -> dict[int, dict]:
             if kind == "walk"}
 
 
+# A scan of new processes (only_pids) gives each at most this fraction of
+# its time: one process's binary costs the others at most that.
+NEW_PROCESS_SHARES = 4
+
+
 def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
                           skip_pids=(), only_pids=None):
     """The running processes whose program is a CPython interpreter
@@ -801,6 +806,7 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
         if uid is not None and uid not in skip_uids:
             by_uid.setdefault(uid, []).append(int(name))
     queues = [(uid, list(reversed(pids))) for uid, pids in sorted(by_uid.items())]
+    share = max(0.0, deadline - time.monotonic()) / NEW_PROCESS_SHARES
     found = 0
     while queues and found < limit and time.monotonic() <= deadline:
         for uid, queue in queues:
@@ -817,7 +823,14 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
             yield ("reading", pid, uid)
             image = ProcessImage(pid, proc)
             try:
-                runtime = _runtime_or_none(image, deadline)
+                # A new process (only_pids) gets a share of the scan's time
+                # at most: a user's program named python3.X whose symbol
+                # table takes the whole deadline to search, exec()ed at
+                # every tick, kept every other user's new processes from
+                # being read, scan after scan (a review).
+                runtime = _runtime_or_none(
+                    image, deadline if only_pids is None
+                    else min(deadline, time.monotonic() + share))
             finally:
                 image.close()
             namespace = pid_namespace(proc, pid)

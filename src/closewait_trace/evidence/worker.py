@@ -588,7 +588,11 @@ class GatherWorker:
         False returned (p not done) when its answer is not all there."""
         scale = knobs.time_scale()
         proc, items = p.proc, p.items
-        p.progress_at = max(p.progress_at, time.monotonic())
+        if not poll:
+            p.progress_at = max(p.progress_at, time.monotonic())
+        # (Not when polled: polled every tick, a stalled read's clock was
+        # set back each time, and it was abandoned only at its overall
+        # deadline, 30 s, instead of its stall time, 2 s: a review.)
         finished = True
         try:
             while True:

@@ -658,8 +658,12 @@ class LiveTracer:
             self.take_python_scan()
             return
         for pid, _when in take(self.now_ns() - EXEC_SETTLE_NS):
-            # The kernel forgot its registration at the exec: another program.
-            self.python_owners.pop(pid, None)
+            # The kernel forgot its registration at the exec: another
+            # program. One made since (at a diagnosis meanwhile) is taken
+            # out too, not left in the map uncounted in the users' shares
+            # (a review); the scan below registers it again if CPython.
+            if self.python_owners.pop(pid, None) is not None:
+                self.probe.unregister_python(pid)
             self._execs_waiting.pop(pid, None)      # its latest exec last
             self._execs_waiting[pid] = None
         while len(self._execs_waiting) > EXECS_WAITING:
@@ -1014,8 +1018,6 @@ class LiveTracer:
             rediagnosed = self.recheck_owners(now_ns)
         else:
             self.unwatch_left()
-        if resolve and not self.stopping:
-            self.register_new_pythons()
         self.sip()
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
@@ -1029,6 +1031,10 @@ class LiveTracer:
             stats["resolve_max_ms"] = max(stats["resolve_max_ms"],
                                           (time.monotonic() - resolving) * 1000)
             self.gc_policy.reported(len(due))
+        if resolve and not self.stopping:
+            # After the reports: a scan begun before them made their first
+            # call to the worker wait for it (a review).
+            self.register_new_pythons()
         view = self.view(counters, now_ns)
         for sink in self.sinks:
             self.sip()
