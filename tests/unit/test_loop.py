@@ -1807,15 +1807,18 @@ def test_a_census_is_read_while_ticks_go_on_and_compared_a_slice_at_a_time(
         census_due(w.tracer)
         w.step(0.5)                            # begun
         # Its read not in: ticks go on, the holders' states not asked (a
-        # real worker would make the tick wait for the read) for at most
-        # RECHECK_PUT_OFF ticks in a row; then asked, the read waited for.
-        put_off = 0
+        # real worker would make the tick wait for the read) for
+        # RECHECK_PUT_OFF_S; then asked, the read waited for. (Counted in
+        # ticks, two, it was shorter than a census of 100,000 takes when
+        # ticks are 0.5 s: idle ticks of 80-114 ms.)
+        put_off_s = 0.0
         while len(resolver.called_while_reading) < census:
             w.step(0.5)
             assert not w.tracer.census_between_ticks(float("inf"))
-            put_off += 1
-            assert put_off <= tracer_module.RECHECK_PUT_OFF + 1
-        assert put_off >= tracer_module.RECHECK_PUT_OFF - 1 and stats["censuses"] == census - 1
+            put_off_s += 0.5
+            assert put_off_s <= tracer_module.RECHECK_PUT_OFF_S + 1.0
+        assert put_off_s >= tracer_module.RECHECK_PUT_OFF_S - 0.5
+        assert stats["censuses"] == census - 1
         resolver.out.answered = True
         slices = 1
         while w.tracer.census_between_ticks(float("inf")):

@@ -171,9 +171,12 @@ PY_SCAN_PIDS = 256
 PY_SCAN_FOUND = 16
 PY_SCAN_S = 0.25
 EXECS_WAITING = 4096
-# Ticks in a row the holders' states may wait for the worker's begun call
-# (a census's read, a scan of new CPython processes) before one waits for it.
-RECHECK_PUT_OFF = 2
+# How long the holders' states may wait for the worker's begun call (a
+# census's read, a scan of new CPython processes) before a tick waits for
+# it. In seconds, not ticks: a census reads 100,000 sockets in 0.6-0.8 s
+# (up to about 1.5 s under load), and two ticks of the bench's 0.5 s were
+# shorter than that, so one idle tick in three censuses waited 80-114 ms.
+RECHECK_PUT_OFF_S = 5.0
 # How long a census may take, its read and its comparison between ticks,
 # before the rest is done at once in a tick (the loop busy: no time
 # between ticks, a slice a tick at most).
@@ -346,7 +349,9 @@ class LiveTracer:
     # a worker, its answer; the kernel's clock when begun).
     _execs_waiting: dict = field(default_factory=dict)
     _python_scan: Optional[tuple] = None
-    _recheck_put_off: int = 0            # ticks in a row recheck_owners waited a tick
+    # When recheck_owners first put the holders' states off for a busy
+    # worker (the tracer's clock), None when it did not at its last tick.
+    _recheck_put_off_ns: Optional[int] = None
     _reconcile_every: float = field(
         default_factory=lambda: knobs.reconcile_override() or RECONCILE_EVERY_S)
     _census_diff: set = field(default_factory=set)
@@ -1656,15 +1661,17 @@ class LiveTracer:
         changed state and closes nothing is taken at once, as before.
         Returns how many sockets were diagnosed again."""
         leaving = self.unwatch_left()
-        if self.resolver.worker_idle() is False and self._recheck_put_off < RECHECK_PUT_OFF:
+        if self.resolver.worker_idle() is False:
             # The worker reads a census (0.6-0.8 s at 100,000 sockets) or
             # new CPython processes: asked now, this tick would wait for
-            # it. Compared next tick; after RECHECK_PUT_OFF ticks in a row,
+            # it. Compared at a later tick; once put off RECHECK_PUT_OFF_S,
             # waited for (a user's exec()s, a scan at every tick, must not
             # put holders' changes off for good).
-            self._recheck_put_off += 1
-            return 0
-        self._recheck_put_off = 0
+            if self._recheck_put_off_ns is None:
+                self._recheck_put_off_ns = now_ns
+            if now_ns - self._recheck_put_off_ns < RECHECK_PUT_OFF_S * 1e9:
+                return 0
+        self._recheck_put_off_ns = None
         # Those a new diagnosis was due for whose namespace the last owner
         # lookup did not read in time (owners.OWNER_NOT_READ), still here.
         changed: dict = {key: l for key, l in self.rediagnose_next.items()
