@@ -1519,6 +1519,38 @@ def test_a_reported_socket_keeps_no_holder_evidence_once_written(tmp_path):
     assert l.diagnosis._holders == ()
 
 
+def test_written_diagnoses_with_one_cause_and_summary_are_one_object(tmp_path):
+    """Issue 20, target 2 (peak RSS at 100,000): a written diagnosis is
+    its cause and summary only, and the sockets of one holder share both;
+    each kept its own object of 80 bytes (8 MB at 100,000). Now those of
+    one holder keep one, another holder's (another summary) its own, and
+    a holder that changes state gets new diagnoses."""
+    w = World(tmp_path)
+    w.linger(300, holders=3)
+    for pid in (100, 101, 102):
+        w.proc.process(pid, comm="srv", state="T")     # a cause that names no fd
+    w.tracer.start()
+    w.step()
+    w.step(1.0)
+    assert len(w.of("linger")) == 300
+    lingering = list(w.tracer.tracker.by_skaddr.values())
+    by_holder: dict = {}
+    for l in lingering:
+        by_holder.setdefault(l.ownership.holders[0].pid, set()).add(id(l.diagnosis))
+    assert sorted(by_holder) == [100, 101, 102]
+    assert all(len(ids) == 1 for ids in by_holder.values())
+    assert len(set().union(*by_holder.values())) == 3
+    summaries = {l.ownership.holders[0].pid: l.diagnosis.summary for l in lingering}
+    assert all(f"{pid}/srv" in text for pid, text in summaries.items())
+    w.proc.process(101, comm="srv", state="S")
+    w.step()
+    changed = [l for l in lingering if l.ownership.holders[0].pid == 101]
+    # Running now: a cause whose summary names each fd, one object each.
+    assert len({id(l.diagnosis) for l in changed}) == len({l.diagnosis.summary for l in changed})
+    assert all(l.diagnosis.summary != summaries[101] for l in changed)
+    assert len([r for r in w.of("linger") if r["update"]]) == 100
+
+
 def test_the_ring_buffer_is_looked_at_while_a_mass_departure_is_taken(tmp_path):
     """100,000 sockets leaving at once (their holder exits) fill the default
     1 MiB ring buffer in a tenth of a second, while the loop works for

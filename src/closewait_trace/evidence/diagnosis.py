@@ -136,28 +136,82 @@ class ThreadEvidence:
         return self.stack[0].describe()
 
 
-@dataclass(slots=True)
 class HolderEvidence:
-    pid: int
-    comm: str
-    fd: int
-    state: str
-    ppid: int
-    cmdline: str
-    cloexec: Optional[bool] = None
-    exiting: bool = False
-    tracer_pid: int = 0
-    tracer_comm: str = ""
-    holds_listener: bool = False
-    threads: list[ThreadEvidence] = field(default_factory=list)
-    identity: dict = field(default_factory=dict)
-    threads_total: int = 0
+    """What is known of one holder of a socket: its fd's own facts
+    (cloexec, whether the process holds the listener too) and, by
+    reference, the owner lookup's holder (pid, comm, fd, state, ppid,
+    cmdline, tracer_pid) and its process's evidence (ProcessEvidence:
+    threads, identity, exiting, tracer's comm, what was not read). One
+    exists per socket of a batch until its record is written: 64 bytes,
+    where the same fields copied were 176 (17 MB at the peak of a batch of
+    95,000; issue 20, target 2)."""
+
+    __slots__ = ("_holder", "_process", "cloexec", "holds_listener")
+
+    def __init__(self, pid: int, comm: str, fd: int, state: str, ppid: int, cmdline: str,
+                 cloexec: Optional[bool] = None, exiting: bool = False, tracer_pid: int = 0,
+                 tracer_comm: str = "", holds_listener: bool = False,
+                 threads: Optional[list] = None, identity: Optional[dict] = None,
+                 threads_total: int = 0, unreadable: str = "", stacks_not_read: str = "",
+                 python_not_read: str = "", examined: Optional[list] = None):
+        """From each field's value (the tests'); a batch's are made by of()."""
+        from closewait_trace.sockets.owners import Holder
+        self._holder = Holder(pid, comm, fd, state, ppid, None, cmdline, tracer_pid)
+        self._process = ProcessEvidence(
+            pid, threads=list(threads or ()), examined=list(examined or ()),
+            threads_total=threads_total, identity=identity if identity is not None else {},
+            tracer_comm=tracer_comm, exiting=exiting, unreadable=unreadable,
+            stacks_not_read=stacks_not_read, python_not_read=python_not_read)
+        self.cloexec = cloexec
+        self.holds_listener = holds_listener
+
+    @classmethod
+    def of(cls, holder, process: "ProcessEvidence", cloexec: Optional[bool],
+           holds_listener: bool) -> "HolderEvidence":
+        ev = cls.__new__(cls)
+        ev._holder, ev._process = holder, process
+        ev.cloexec, ev.holds_listener = cloexec, holds_listener
+        return ev
+
+    # The holder's, as the owner lookup found it.
+    pid = property(lambda self: self._holder.pid)
+    comm = property(lambda self: self._holder.comm)
+    fd = property(lambda self: self._holder.fd)
+    state = property(lambda self: self._holder.state)
+    ppid = property(lambda self: self._holder.ppid)
+    cmdline = property(lambda self: self._holder.cmdline)
+    tracer_pid = property(lambda self: self._holder.tracer_pid)
+    # Its process's, read once per batch.
+    tracer_comm = property(lambda self: self._process.tracer_comm)
+    exiting = property(lambda self: self._process.exiting)
+    threads = property(lambda self: self._process.threads)
+    identity = property(lambda self: self._process.identity)
+    threads_total = property(lambda self: self._process.threads_total)
     # Threads not read: "permission denied", "gone", or why they were not
     # gathered ("not read: timed out", see NOT_GATHERED and gathering.py).
-    unreadable: str = ""
-    stacks_not_read: str = ""     # why its threads' stacks were not read
-    python_not_read: str = ""     # a CPython process whose Python frames were not read: why
-    examined: list[ThreadEvidence] = field(default_factory=list)  # the cause's threads
+    unreadable = property(lambda self: self._process.unreadable)
+    stacks_not_read = property(lambda self: self._process.stacks_not_read)
+    # A CPython process whose Python frames were not read: why.
+    python_not_read = property(lambda self: self._process.python_not_read)
+    examined = property(lambda self: self._process.examined)    # the cause's threads
+
+    FIELDS = ("pid", "comm", "fd", "state", "ppid", "cmdline", "cloexec", "exiting",
+              "tracer_pid", "tracer_comm", "holds_listener", "threads", "identity",
+              "threads_total", "unreadable", "stacks_not_read", "python_not_read", "examined")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other):
+        if type(other) is not HolderEvidence:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None     # compared by value, as the dataclass it was
+
+    def __repr__(self) -> str:
+        return "HolderEvidence(" + ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.FIELDS) + ")"
 
     def fd_facts(self) -> dict:
         """What concerns this socket's fd, beyond the owners entry. What
@@ -191,6 +245,13 @@ class EvidenceWritten(RuntimeError):
 
 
 _WRITTEN = object()     # Diagnosis._own once its evidence was let go
+# Written diagnoses shared by cause and summary (Diagnosis.written): the
+# summaries name holder processes, so a machine has about as many as it
+# has holders; past this many the table starts again (holders that left
+# are forgotten; what sockets share stays shared).
+WRITTEN_SHARED_MAX = 4096
+_written_shared: dict = {}
+_summaries: dict = {}       # summary text -> the one kept (Diagnosis.__init__)
 
 
 class Diagnosis:
@@ -202,20 +263,42 @@ class Diagnosis:
 
     def __init__(self, cause: str, summary: str, server: tuple = ()):
         self.cause = cause
-        self.summary = summary
+        # One text for the sockets of one holder (the summary names the
+        # process, not the fd, for most causes): each kept its own copy
+        # from its diagnosis to its record's writing, 12-17 MB at the
+        # peak of a batch of 95,000 (issue 20, target 2).
+        shared = _summaries.get(summary)
+        if shared is None:
+            if len(_summaries) >= WRITTEN_SHARED_MAX:
+                _summaries.clear()
+            shared = _summaries[summary] = summary
+        self.summary = shared
         self._own = None
         self._holders = ()
         self._listeners = ()
         self._server = server       # the accepting process, for an inherited socket
 
-    def written(self) -> None:
+    def written(self) -> "Diagnosis":
         """The evidence was written (the socket's linger record is out):
         what it rests on is let go. A lingering socket keeps its diagnosis
         for its cause and summary only (the CLOSED line, `top`, the
         summary); its holders' evidence, copied per fd (168 bytes a socket,
         17 MB at 100,000), would be kept for nothing. Asked again, the
-        evidence raises rather than say nothing."""
+        evidence raises rather than say nothing.
+
+        Returns what to keep instead of it: one written diagnosis shared by
+        every socket with the same cause and summary (the sockets of one
+        holder share their summary's text, and an object of 80 bytes each
+        was 8 MB at 100,000), this one when it is the first."""
         self._own, self._holders, self._listeners, self._server = _WRITTEN, (), (), ()
+        key = (self.cause, self.summary)
+        shared = _written_shared.get(key)
+        if shared is not None:
+            return shared
+        if len(_written_shared) >= WRITTEN_SHARED_MAX:
+            _written_shared.clear()     # those shared stay with their sockets
+        _written_shared[key] = self
+        return self
 
     @property
     def evidence(self) -> dict:
@@ -546,7 +629,7 @@ class ProcessEvidence:
     # A CPython process: what the kernel needs to copy its frames at later
     # EOF reads and connect()s (pyframes.Runtime.kernel_walk), else None.
     python_walk: Optional[dict] = None
-    first: Optional[HolderEvidence] = None            # the one process record
+    first: Optional[object] = None      # the holder its one process record names
     as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
 
@@ -748,25 +831,21 @@ def holder_evidence(holder, proc: str, machine: str,
     (threads, stacks, identity), is read once per batch through cache
     (pid -> ProcessEvidence)."""
     per_process = _process_evidence(holder, proc, machine, cache)
-    ev = HolderEvidence(
-        pid=holder.pid, comm=holder.comm, fd=holder.fd, state=holder.state,
-        ppid=holder.ppid, cmdline=holder.cmdline, tracer_pid=holder.tracer_pid,
-        tracer_comm=per_process.tracer_comm, holds_listener=holder.pid in listener_pids,
-        cloexec=holder.cloexec if fd_flags else None,
-        exiting=per_process.exiting,
-        threads=per_process.threads, identity=per_process.identity,
-        threads_total=per_process.threads_total, unreadable=per_process.unreadable,
-        stacks_not_read=per_process.stacks_not_read, examined=per_process.examined,
-        python_not_read=per_process.python_not_read)
+    ev = HolderEvidence.of(holder, per_process, holder.cloexec if fd_flags else None,
+                           holder.pid in listener_pids)
     if per_process.first is None:
-        per_process.first = ev
+        # The holder, not ev: ev refers to per_process, and the two would
+        # make a cycle that stays until a collection (the collector is
+        # paused while a batch is reported).
+        per_process.first = holder
     return ev
 
 
 def process_evidence(cache: Batch) -> list[dict]:
     """The process-wide evidence of every process a batch looked at (what
     each `process` record carries), in pid order."""
-    firsts = [ev.first for ev in cache.processes.values() if ev.first is not None]
+    firsts = [HolderEvidence.of(ev.first, ev, None, False)
+              for ev in cache.processes.values() if ev.first is not None]
     return [ev.process_dict() for ev in sorted(firsts, key=lambda ev: ev.pid)]
 
 

@@ -1232,7 +1232,7 @@ class LiveTracer:
                 if l.diagnosis is not None:
                     # Written: from here on only its cause and summary are read
                     # (a new diagnosis is made for any later record).
-                    l.diagnosis.written()
+                    l.diagnosis = l.diagnosis.written()
         finally:
             for sink in holding:
                 sink.hold_batch(False)
