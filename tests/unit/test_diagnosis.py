@@ -352,3 +352,26 @@ def test_a_leak_names_each_process_once_whatever_its_fds(tmp_path):
     assert got.summary == ("held by 9 processes: 10/server fd 3,4,5,6, "
                            + ", ".join(f"{pid}/child fd 5" for pid in range(20, 27))
                            + " and 1 more")
+
+
+def test_shared_summaries_and_written_diagnoses_stay_within_their_bounds():
+    """Summaries and written diagnoses are shared by text (issue 20: one
+    object per socket was 8 MB at 100,000), in tables that other users'
+    names cannot grow past WRITTEN_SHARED_MAX entries of at most
+    SHARED_SUMMARY_MAX_CHARS each: a longer summary is each socket's own."""
+    pid = 7
+    same = [d.Diagnosis(d.UNKNOWN, f"held by {pid}/app") for _ in range(3)]   # 3 texts
+    assert len({id(x.summary) for x in same}) == 1
+    kept = {id(x.written()) for x in same}
+    assert len(kept) == 1
+    with pytest.raises(d.EvidenceWritten):
+        same[2].written().as_dict()
+    for i in range(3 * d.WRITTEN_SHARED_MAX):
+        d.Diagnosis(d.UNKNOWN, f"held by {i}/app").written()
+        assert len(d._summaries) <= d.WRITTEN_SHARED_MAX
+        assert len(d._written_shared) <= d.WRITTEN_SHARED_MAX
+    long_text = "x" * (d.SHARED_SUMMARY_MAX_CHARS + 1)
+    a, b = d.Diagnosis(d.UNKNOWN, long_text + "!"), d.Diagnosis(d.UNKNOWN, long_text + "!")
+    assert a.summary == b.summary and a.summary is not b.summary
+    assert a.written() is a and b.written() is b
+    assert long_text + "!" not in d._summaries

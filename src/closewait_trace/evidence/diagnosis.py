@@ -249,7 +249,11 @@ _WRITTEN = object()     # Diagnosis._own once its evidence was let go
 # summaries name holder processes, so a machine has about as many as it
 # has holders; past this many the table starts again (holders that left
 # are forgotten; what sockets share stays shared).
-WRITTEN_SHARED_MAX = 4096
+WRITTEN_SHARED_MAX = 1024
+# Longer summaries are not shared (each socket keeps its own, as before):
+# with the count above, the two tables hold at most about 1 MB of text,
+# whatever names other users give their programs and functions.
+SHARED_SUMMARY_MAX_CHARS = 512
 _written_shared: dict = {}
 _summaries: dict = {}       # summary text -> the one kept (Diagnosis.__init__)
 
@@ -269,9 +273,11 @@ class Diagnosis:
         # peak of a batch of 95,000 (issue 20, target 2).
         shared = _summaries.get(summary)
         if shared is None:
-            if len(_summaries) >= WRITTEN_SHARED_MAX:
-                _summaries.clear()
-            shared = _summaries[summary] = summary
+            shared = summary
+            if len(summary) <= SHARED_SUMMARY_MAX_CHARS:
+                if len(_summaries) >= WRITTEN_SHARED_MAX:
+                    _summaries.clear()
+                _summaries[summary] = summary
         self.summary = shared
         self._own = None
         self._holders = ()
@@ -291,6 +297,8 @@ class Diagnosis:
         holder share their summary's text, and an object of 80 bytes each
         was 8 MB at 100,000), this one when it is the first."""
         self._own, self._holders, self._listeners, self._server = _WRITTEN, (), (), ()
+        if len(self.summary) > SHARED_SUMMARY_MAX_CHARS:
+            return self
         key = (self.cause, self.summary)
         shared = _written_shared.get(key)
         if shared is not None:
