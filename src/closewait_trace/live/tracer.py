@@ -323,7 +323,9 @@ class LiveTracer:
     last_counters: dict = field(default_factory=dict)
     # Reported sockets by holder pid, with the state each holder had: a
     # diagnosis is redone only when a holder's state changes (or it exits).
-    watched: dict = field(default_factory=dict)       # pid -> {id(l): l}
+    # pid -> {l: l}: keyed by the socket itself (hashed by identity), not
+    # id(l), an int of 32 bytes for each of 100,000 sockets.
+    watched: dict = field(default_factory=dict)
     watched_state: dict = field(default_factory=dict)  # pid -> (state, tracer pid)
     # Watched pids seen exited at the last tick, their sockets not yet
     # looked at again (recheck_owners).
@@ -399,7 +401,7 @@ class LiveTracer:
     # The last tick's owner lookup left sockets whose namespaces it had no
     # time for (owners.OWNER_NOT_READ): the next tick comes sooner.
     owners_left: bool = False
-    # Sockets whose new diagnosis that lookup left (id -> Lingerer): made at
+    # Sockets whose new diagnosis that lookup left (Lingerer -> itself): made at
     # the next tick's recheck_owners, whatever their holders' state then.
     rediagnose_next: dict = field(default_factory=dict)
     # What the owner lookups read, by namespace and by user, and how long
@@ -1112,7 +1114,7 @@ class LiveTracer:
                 # Reported already: the new diagnosis at the next tick
                 # (recheck_owners has taken the holders' new state, so it
                 # would not be seen as a change again).
-                self.rediagnose_next.update((id(l), l) for l in batch)
+                self.rediagnose_next.update((l, l) for l in batch)
                 return
             for l in batch:
                 l.resolve_attempts += 1
@@ -1145,7 +1147,7 @@ class LiveTracer:
                 if update:
                     # Not on its holders' state: another socket of theirs
                     # diagnosed in this tick would set it back (watch).
-                    self.rediagnose_next[id(l)] = l
+                    self.rediagnose_next[l] = l
                 self.owners_left = True
                 continue
             # Known by its cookie or inode (untracked): another socket on its
@@ -1293,7 +1295,7 @@ class LiveTracer:
             if (own is not None and l.evidence_retries < MAX_EVIDENCE_RETRIES
                     and any(h.pid in over_cap for h in own.holders)):
                 l.evidence_retries += 1
-                self.rediagnose_next[id(l)] = l
+                self.rediagnose_next[l] = l
 
     def _look_ahead(self) -> None:
         """Before a large batch's records are written (the loop's longest
@@ -1590,7 +1592,7 @@ class LiveTracer:
         if own is None:
             return
         for h in self.watched_holders(own):
-            self.watched.setdefault(h.pid, {})[id(l)] = l
+            self.watched.setdefault(h.pid, {})[l] = l
             self.watched_state.setdefault(h.pid, (h.state, h.tracer_pid))
 
     def unwatch(self, l: Lingerer) -> None:
@@ -1600,7 +1602,7 @@ class LiveTracer:
         for h in self.watched_holders(own):
             sockets = self.watched.get(h.pid)
             if sockets is not None:
-                sockets.pop(id(l), None)
+                sockets.pop(l, None)
 
     def note_owner_reads(self, batch: list[Lingerer], resolved: dict) -> None:
         """What this lookup read of the namespaces other than ours, and how
@@ -1636,7 +1638,7 @@ class LiveTracer:
         """Whether l is watched under one of its holders still (not gone)."""
         own = l.ownership
         return own is not None and any(
-            id(l) in self.watched.get(h.pid, ())
+            l in self.watched.get(h.pid, ())
             for h in self.watched_holders(own))
 
     def recheck_owners(self, now_ns: int) -> int:

@@ -281,63 +281,63 @@ class LiveSeries:
     it comes to the top, and a heap grown to twice its live entries plus a
     margin is rebuilt (amortized, each entry is pushed and popped once).
 
-    Per socket: one entry in `tracked` (its id, shared by every heap entry
-    of it) and one heap entry; a series' key is one tuple for all its
-    sockets (about 220 bytes a socket in all).
+    Per socket: one entry in `tracked` (the socket itself, hashed by
+    identity, and where it is) and one heap entry (its time and itself:
+    sockets compare by identity, Lingerer.__lt__, when two times are the
+    same); a series' key is one tuple for all its sockets. About 100 bytes
+    a socket in all: with its id as key, a list per socket and the id in
+    every heap entry it was 213 (21 MB at 100,000, the peak over 200 MB
+    with --metrics; tests/bounds/test_per_socket_memory.py).
     """
 
     def __init__(self, threshold_ns: int, filter_active: bool, no_comm: bool = False):
         self.threshold_ns = threshold_ns
         self.filter_active = filter_active
         self.no_comm = no_comm
-        # id -> [Lingerer, where]: where is WAITING, FILTERED (old enough,
-        # but hidden by the holder filter) or its series' key.
-        self.tracked: dict[int, list] = {}
-        self.waiting: list = []                   # heap (earliest_enter_ns, id, Lingerer)
+        # Lingerer -> where it is: WAITING, FILTERED (old enough, but hidden
+        # by the holder filter) or its series' key.
+        self.tracked: dict = {}
+        self.waiting: list = []                   # heap (earliest_enter_ns, Lingerer)
         self.counts: dict[tuple, int] = {}        # key -> sockets in that series
-        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, id, Lingerer)
+        self.oldest: dict[tuple, list] = {}       # key -> heap (earliest_enter_ns, Lingerer)
         self.keys: dict[tuple, tuple] = {}        # one tuple per key
         self.n_waiting = 0
 
     # ------------------------------------------------ the tracker's calls
 
     def added(self, l) -> None:
-        ident = id(l)
-        self.tracked[ident] = [l, WAITING]
+        self.tracked[l] = WAITING
         self.n_waiting += 1
-        heapq.heappush(self.waiting, (l.earliest_enter_ns, ident, l))
+        heapq.heappush(self.waiting, (l.earliest_enter_ns, l))
         if len(self.waiting) > 2 * self.n_waiting + 64:
-            self.waiting = [(w.earliest_enter_ns, i, w) for i, (w, where) in self.tracked.items()
+            self.waiting = [(w.earliest_enter_ns, w) for w, where in self.tracked.items()
                             if where is WAITING]
             heapq.heapify(self.waiting)
 
     def removed(self, l) -> None:
-        rec = self.tracked.get(id(l))
-        if rec is None or rec[0] is not l:
+        where = self.tracked.pop(l, None)
+        if where is None:
             return
-        del self.tracked[id(l)]
-        if rec[1] is WAITING:
+        if where is WAITING:
             self.n_waiting -= 1
         else:
-            self._unplace(rec)
+            self._unplace(where)
 
     def changed(self, l) -> None:
-        ident = id(l)
-        rec = self.tracked.get(ident)
-        if rec is not None and rec[0] is l and rec[1] is not WAITING:
-            self._unplace(rec)
-            self._place(ident, rec)
+        where = self.tracked.get(l)
+        if where is not None and where is not WAITING:
+            self._unplace(where)
+            self._place(l)
 
     # ----------------------------------------------------------- series
 
-    def _place(self, ident: int, rec: list) -> None:
-        l = rec[0]
+    def _place(self, l) -> None:
         if self.filter_active and (l.hidden or not l.reported):
-            rec[1] = FILTERED
+            self.tracked[l] = FILTERED
             return
         key = socket_labels(l, self.no_comm)
         key = self.keys.setdefault(key, key)
-        rec[1] = key
+        self.tracked[l] = key
         count = self.counts.get(key)
         if count is None:
             self.counts[key] = 1
@@ -345,7 +345,7 @@ class LiveSeries:
         else:
             self.counts[key] = count + 1
             heap = self.oldest[key]
-        heapq.heappush(heap, (l.earliest_enter_ns, ident, l))
+        heapq.heappush(heap, (l.earliest_enter_ns, l))
         if len(heap) > 2 * self.counts[key] + 16:
             self.oldest[key] = self._live(key, heap)
 
@@ -353,16 +353,16 @@ class LiveSeries:
         """The heap's entries still in the series, once each."""
         tracked, seen, out = self.tracked, set(), []
         for entry in heap:
-            rec = tracked.get(entry[1])
-            if rec is not None and rec[0] is entry[2] and rec[1] is key and entry[1] not in seen:
-                seen.add(entry[1])
+            l = entry[1]
+            if tracked.get(l) is key and l not in seen:
+                seen.add(l)
                 out.append(entry)
         heapq.heapify(out)
         return out
 
-    def _unplace(self, rec: list) -> None:
-        key = rec[1]
-        rec[1] = FILTERED
+    def _unplace(self, key) -> None:
+        """One socket fewer in the series key (or none: FILTERED); the
+        caller says where the socket is now."""
         if key is FILTERED:
             return
         count = self.counts[key] - 1
@@ -377,11 +377,10 @@ class LiveSeries:
         """Sockets that became the threshold old join their series."""
         waiting, threshold, tracked = self.waiting, self.threshold_ns, self.tracked
         while waiting and max(0, now_ns - waiting[0][0]) >= threshold:
-            _e, ident, l = heapq.heappop(waiting)
-            rec = tracked.get(ident)
-            if rec is not None and rec[0] is l and rec[1] is WAITING:
+            _e, l = heapq.heappop(waiting)
+            if tracked.get(l) is WAITING:
                 self.n_waiting -= 1
-                self._place(ident, rec)
+                self._place(l)
 
     def current(self, now_ns: int) -> dict:
         """{key: [count, oldest age s]} of the series with sockets now."""
@@ -390,11 +389,7 @@ class LiveSeries:
         out = {}
         for key, count in self.counts.items():
             heap = self.oldest[key]
-            while True:
-                _e, ident, l = heap[0]
-                rec = tracked.get(ident)
-                if rec is not None and rec[0] is l and rec[1] is key:
-                    break
+            while tracked.get(heap[0][1]) is not key:
                 heapq.heappop(heap)
             out[key] = [count, max(0, now_ns - heap[0][0]) / 1e9]
         return out

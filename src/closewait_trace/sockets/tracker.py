@@ -54,7 +54,7 @@ class Verdict(Protocol):
     summary: str
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Lingerer:
     endpoints: Endpoints
     enter_ns: int               # pre-existing: estimated from tcp_info, else when tracing began
@@ -108,6 +108,14 @@ class Lingerer:
 
     def age_ns(self, now_ns: int) -> int:
         return max(0, now_ns - self.enter_ns)
+
+    # Compared and hashed by identity (eq=False): one object is one socket
+    # seen once, and dicts and sets keyed by it need no id() int beside it
+    # (32 bytes a socket each). Ordered by identity too, only so that heaps
+    # of (time, Lingerer) need no tie-breaking id when two times are equal
+    # (metrics.LiveSeries): the order means nothing else.
+    def __lt__(self, other: "Lingerer") -> bool:
+        return id(self) < id(other)
 
     @property
     def earliest_enter_ns(self) -> int:
