@@ -90,3 +90,31 @@ def test_the_metrics_series_cost_under_150_bytes_a_socket(tmp_path):
     for l in lingering:
         live.removed(l)
     assert live.current(10**10) == {} and not live.tracked
+
+
+def test_a_series_that_only_loses_sockets_drops_their_entries(tmp_path):
+    """A flood's sockets join the "unresolved" series when they cross the
+    threshold and move to their holder's as they are reported. The series
+    they leave kept every one's heap entry until it was empty (a heap is
+    cleaned at a push, and that one gets none): 100,000 entries beside the
+    new series' 100,000 at the flood's peak. Now at most twice its sockets
+    (and a margin) at any time."""
+    fake = FakeProc(str(tmp_path / "proc"))
+    eps = held_by_one_process(fake)
+    found = owners.resolve(eps, fake.root)
+    live = LiveSeries(threshold_ns=10**9, filter_active=False)
+    lingering = [Lingerer(endpoints=ep, enter_ns=10**9 + i, skaddr=0x1000 + i)
+                 for i, ep in enumerate(eps)]
+    for l in lingering:
+        live.added(l)
+    [unresolved] = live.current(10**10)
+    most = 0
+    for n, l in enumerate(lingering, 1):
+        l.ownership = found[l.endpoints]
+        live.changed(l)
+        left = SOCKETS - n
+        if left:
+            assert len(live.oldest[unresolved]) <= 2 * left + 16
+            most = max(most, sum(len(heap) for heap in live.oldest.values()))
+    assert most <= 2 * SOCKETS + 16, most
+    assert live.current(10**10) == {("srv", "5555", "server"): [SOCKETS, 9.0]}

@@ -79,3 +79,36 @@ def test_pages_are_dropped_and_read_back_the_same(tmp_path):
     finally:
         code.close()
         written.close()
+
+
+MAPPED_ALONE = r"""
+import sys
+from closewait_trace.kernel import probe
+
+def mappings():   # address ranges of anonymous mappings outside the heap
+    with open("/proc/self/maps") as f:
+        return set(line.split()[0] for line in f if len(line.split()) == 5)
+
+if sys.argv[1] == "fixed":
+    assert probe.fix_mmap_threshold()
+big = bytearray(8 << 20)        # mapped alone by either threshold, then freed:
+del big                         # glibc's own threshold moves up to 8 MiB
+before = mappings()
+block = bytearray(1 << 20)      # 1 MiB: mapped alone only below the threshold
+print(len(mappings() - before))
+"""
+
+
+def test_blocks_over_the_fixed_threshold_are_mapped_alone():
+    """After the compile the tracer fixes glibc's mmap threshold: a 1 MiB
+    block allocated after an 8 MiB one was freed gets a mapping of its own
+    (returned whole when freed), where glibc's moving threshold would have
+    put it in the heap, whose pages stay resident (issue 20, target 2)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = [sys.executable, "-c", MAPPED_ALONE]
+    fixed = subprocess.run(run + ["fixed"], env=env, capture_output=True, text=True, check=True)
+    moving = subprocess.run(run + ["moving"], env=env, capture_output=True, text=True, check=True)
+    assert int(fixed.stdout) == 1
+    assert int(moving.stdout) == 0

@@ -466,6 +466,25 @@ def drop_compiler_pages(names=COMPILER_LIBRARIES, smaps_path: str = "/proc/self/
     return done
 
 
+# glibc's M_MMAP_THRESHOLD (mallopt), and the value the tracer fixes it at.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
+def fix_mmap_threshold() -> bool:
+    """Blocks of MMAP_THRESHOLD_BYTES or more are mapped on their own and
+    unmapped when freed, from now on. glibc's own threshold moves up to the
+    size of the largest mapped block freed (up to 32 MiB), after which a
+    flood's multi-megabyte buffers (a worker's answer, a map read) came from
+    the heap and their pages stayed resident among the sockets' objects:
+    fixed, the peak RSS with 100,000 lingering was 175-176 MB instead of
+    178-180, steady 167 instead of 177-180 (docs/benchmarks.md)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def _release_compiler_memory() -> None:
     """bcc compiles in-process with LLVM and frees most of that memory
     afterwards, but glibc keeps freed heap pages; hand them back so the
@@ -476,6 +495,7 @@ def _release_compiler_memory() -> None:
     except (OSError, AttributeError):
         pass
     drop_compiler_pages()
+    fix_mmap_threshold()
 
 
 CLONE_FS = 0x00000200

@@ -368,6 +368,13 @@ class LiveSeries:
         count = self.counts[key] - 1
         if count:
             self.counts[key] = count
+            # Those that left it (a flood's sockets move from "unresolved"
+            # to their holder's series as they are reported) are dropped
+            # here too, not only at a push: a series that only loses
+            # sockets kept all their entries until it was empty.
+            heap = self.oldest[key]
+            if len(heap) > 2 * count + 16:
+                self.oldest[key] = self._live(key, heap)
         else:
             del self.counts[key]
             del self.oldest[key]
