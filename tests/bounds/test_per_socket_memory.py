@@ -37,10 +37,9 @@ def held_by_one_process(fake: FakeProc) -> list[Endpoints]:
 
 def test_a_batchs_diagnoses_cost_under_240_bytes_a_socket(tmp_path):
     """The diagnoses of a batch live until its records are written. Each
-    socket's holder evidence copied its process's 18 fields (176 bytes) and
-    its summary was a text of its own: 312 bytes a socket here (30 MB at
-    the peak of a batch of 95,000). Now the evidence refers to the holder
-    and the process (64 bytes) and the summary is shared: 200."""
+    socket's holder evidence copied its process's 18 fields (176 bytes):
+    312 bytes a socket here (30 MB at the peak of a batch of 95,000). Now
+    the evidence refers to the holder and the process (64 bytes): 200."""
     fake = FakeProc(str(tmp_path / "proc"))
     eps = held_by_one_process(fake)
     found = owners.resolve(eps, fake.root)

@@ -85,22 +85,30 @@ MAPPED_ALONE = r"""
 import sys
 from closewait_trace.kernel import probe
 
-def mappings():   # address ranges of anonymous mappings outside the heap
+BLOCK = (3 << 20) + 5000        # a size no arena or stack has
+
+def blocks():   # anonymous mappings of the block's size (its header, a page)
+    out = set()
     with open("/proc/self/maps") as f:
-        return set(line.split()[0] for line in f if len(line.split()) == 5)
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if len(fields) == 5 and BLOCK <= end - start <= BLOCK + 8192:
+                out.add(fields[0])
+    return out
 
 if sys.argv[1] == "fixed":
     assert probe.fix_mmap_threshold()
 big = bytearray(8 << 20)        # mapped alone by either threshold, then freed:
 del big                         # glibc's own threshold moves up to 8 MiB
-before = mappings()
-block = bytearray(1 << 20)      # 1 MiB: mapped alone only below the threshold
-print(len(mappings() - before))
+before = blocks()
+block = bytearray(BLOCK)        # mapped alone only below the threshold
+print(len(blocks() - before))
 """
 
 
 def test_blocks_over_the_fixed_threshold_are_mapped_alone():
-    """After the compile the tracer fixes glibc's mmap threshold: a 1 MiB
+    """After the compile the tracer fixes glibc's mmap threshold: a 3 MiB
     block allocated after an 8 MiB one was freed gets a mapping of its own
     (returned whole when freed), where glibc's moving threshold would have
     put it in the heap, whose pages stay resident (issue 20, target 2)."""

@@ -1395,6 +1395,65 @@ def test_a_reported_batch_leaves_nothing_in_a_cycle(tmp_path):
     assert left.count == 0, left.kinds
 
 
+def test_diagnosing_again_with_a_listener_leaves_nothing_in_a_cycle(tmp_path):
+    """A review: the evidence of a listener's holder was kept on its
+    process's evidence, and since the holder evidence refers to the
+    process's (issue 20's memory work) the two made a cycle. A socket
+    diagnosed again with the same summary keeps its unwritten diagnosis,
+    and with it the batch's cycle; frozen by the collector policy (after
+    each 1,000 reported), such cycles stayed until an unfreeze. A busy
+    server whose state flips while a thread waits in epoll_wait does that
+    at every tick."""
+    from tests.unit.cycles import cycles_left
+    epoll = "232 0x5 0x0 0x0 0x0 0x0 0x0 0x7ffd0000 0x7f0000001000"
+    w = World(tmp_path)
+    w.proc.process(100, comm="srv", state="S", threads={100: ("S", epoll, "ep_poll")})
+    w.proc.tcp(100, socket.AF_INET, "0.0.0.0", 5000, "0.0.0.0", 0, tcpstates.LISTEN, 4000)
+    w.proc.fd(100, 900, inode=4000)
+    for i in range(20):
+        w.hold(100, 40001 + i, 5001 + i)
+        w.probe.enter(0xA0 + i, endpoints(40001 + i), ago_s=2.0)
+    w.tracer.start()
+    w.step()
+    assert len(w.of("linger")) == 20
+    with cycles_left() as left:
+        for state in "RSRS":
+            w.proc.process(100, comm="srv", state=state, threads={100: ("S", epoll, "ep_poll")})
+            w.step()
+    assert not [r for r in w.of("linger") if r["update"]]      # the same summary
+    assert left.count == 0, left.kinds
+
+
+def test_a_put_off_ends_with_the_sockets_watched(tmp_path):
+    """A review: the time the holders' states were first put off for a busy
+    worker was kept when every watched socket left, and the first busy tick
+    after new sockets were watched, minutes later, waited for the worker
+    at once (the idle tick of 80-114 ms the put-off in time was for)."""
+    resolver = BegunCensus(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(10)
+    w.tracer.start()
+    w.step()
+    w.step(1.0)
+    assert len(w.of("linger")) == 10
+    census_due(w.tracer)
+    w.step(0.5)                                 # begun; its read not in
+    w.step(0.5)                                 # the states put off
+    assert resolver.called_while_reading == []
+    for i in range(10):                         # every watched socket leaves
+        w.probe.leave(0x1000 + i, pid=100, comm="srv")
+    w.forget_row(*range(30000, 30010))
+    for _ in range(12):
+        w.step(0.5)
+    assert not any(w.tracer.watched.values())
+    w.hold(100, 40500, 60500)                   # a new one, watched once reported
+    w.probe.enter(0xB, endpoints(40500), ago_s=2.0)
+    w.step(0.5)
+    w.step(0.5)
+    assert [r["rport"] for r in w.of("linger")][-1] == 40500
+    assert resolver.called_while_reading == []
+
+
 def test_the_unfreeze_waits_for_the_departed_sockets_grace(tmp_path):
     """Reported sockets the map read saw leave are kept DEPARTED_GRACE_NS
     (5 s) more, for their CLOSED event: the

@@ -251,11 +251,10 @@ _WRITTEN = object()     # Diagnosis._own once its evidence was let go
 # are forgotten; what sockets share stays shared).
 WRITTEN_SHARED_MAX = 1024
 # Longer summaries are not shared (each socket keeps its own, as before):
-# with the count above, the two tables hold at most about 1 MB of text,
+# with the count above, the table holds at most about 0.5 MB of text,
 # whatever names other users give their programs and functions.
 SHARED_SUMMARY_MAX_CHARS = 512
 _written_shared: dict = {}
-_summaries: dict = {}       # summary text -> the one kept (Diagnosis.__init__)
 
 
 class Diagnosis:
@@ -267,18 +266,7 @@ class Diagnosis:
 
     def __init__(self, cause: str, summary: str, server: tuple = ()):
         self.cause = cause
-        # One text for the sockets of one holder (the summary names the
-        # process, not the fd, for most causes): each kept its own copy
-        # from its diagnosis to its record's writing, 12-17 MB at the
-        # peak of a batch of 95,000 (issue 20, target 2).
-        shared = _summaries.get(summary)
-        if shared is None:
-            shared = summary
-            if len(summary) <= SHARED_SUMMARY_MAX_CHARS:
-                if len(_summaries) >= WRITTEN_SHARED_MAX:
-                    _summaries.clear()
-                _summaries[summary] = summary
-        self.summary = shared
+        self.summary = summary
         self._own = None
         self._holders = ()
         self._listeners = ()
@@ -638,7 +626,6 @@ class ProcessEvidence:
     # EOF reads and connect()s (pyframes.Runtime.kernel_walk), else None.
     python_walk: Optional[dict] = None
     first: Optional[object] = None      # the holder its one process record names
-    as_listener: dict = field(default_factory=dict)   # fd -> shared HolderEvidence
 
 
 def _thread(tid: int, dfd: int, machine: str, stat: Optional[procfs.Stat] = None
@@ -782,6 +769,11 @@ class Batch:
     processes: dict = field(default_factory=dict)    # pid -> ProcessEvidence
     # id(ownership.listener_holders) -> (that sequence, its evidence tuple)
     listeners: dict = field(default_factory=dict)
+    # (pid, fd) -> the evidence of a listener's holder, one for every socket
+    # of that listener in the batch. Here, not on the process's evidence:
+    # the holder evidence refers to that, and the two would make a cycle
+    # that a freeze of the collector kept (a review).
+    listener_evidence: dict = field(default_factory=dict)
     # Unwinding user stacks costs seconds per binary on first use: a quick
     # look (snapshot without -v) goes without them, and without even
     # importing the symbolizer (pyelftools: a tenth of a second).
@@ -882,11 +874,10 @@ def gather(own: Ownership, proc: str = procfs.PROC, machine: Optional[str] = Non
     else:
         found = []
         for h in own.listener_holders:
-            per_process = _process_evidence(h, proc, machine, cache)
-            ev = per_process.as_listener.get(h.fd)
+            ev = cache.listener_evidence.get((h.pid, h.fd))
             if ev is None:
                 ev = holder_evidence(h, proc, machine, cache=cache, fd_flags=False)
-                per_process.as_listener[h.fd] = ev
+                cache.listener_evidence[(h.pid, h.fd)] = ev
             found.append(ev)
         listeners = tuple(found)
         # The sequence itself is kept with its id: an id is unique only

@@ -1025,6 +1025,9 @@ class LiveTracer:
             rediagnosed = self.recheck_owners(now_ns)
         else:
             self.unwatch_left()
+            # Nothing to compare: a put-off begun before is over (kept, it
+            # made the first busy tick after new sockets wait at once).
+            self._recheck_put_off_ns = None
         self.sip()
         if resolve and self.tracker.by_skaddr:
             self.take_late_eof_reads(counters)
