@@ -412,6 +412,41 @@ def test_a_rotated_part_names_the_programs_of_the_sockets_it_opens_with(tmp_path
     assert not any("other" in p for p in programs)
 
 
+def test_a_rotated_part_opens_only_with_records_of_the_processes_still_named(tmp_path):
+    """The kept process records are found by pid, and a pid is reused. A
+    socket now held by another process with the old one's pid (another
+    user's: its record not written again, a batch that changed no summary
+    writes none) opened the next part with the old process's name, user
+    and stacks (a review's F6). A record is written again only for an
+    owner that it still describes: every field both say (comm, ppid,
+    command line, uid) the same."""
+    from closewait_trace.output import records
+    from closewait_trace.output.sinks import RecordingSink
+    from tests.unit import recordfactory
+
+    class Lines:
+        snapshot_source = snapshot_lines = None
+
+        def write_line(self, line, kind):
+            pass
+    recorder = Lines()
+    sink = RecordingSink(recorder)
+    sink.emit(recordfactory.process(7, "api", ppid=1, cmdline="api --serve",
+                                    identity={"uid": 1000}))
+    sink.emit(recordfactory.process(8, "worker", ppid=7, cmdline="api --work",
+                                    identity={"uid": 1000}))
+
+    def opening(*owners):
+        entry = {"owners": [dict(o) for o in owners], "listener": None}
+        snapshot = records.snapshot(1001.0, [entry], {}, [])
+        return [json.loads(line)["pid"] for line in recorder.snapshot_lines(snapshot)]
+    same = {"pid": 7, "comm": "api", "ppid": 1, "cmdline": "api --serve", "uid": 1000}
+    assert opening(same, {"pid": 8, "comm": "worker", "fd": 3}) == [7, 8]
+    for other in ({"comm": "evil"}, {"uid": 2000}, {"ppid": 4242}, {"cmdline": "api"}):
+        assert opening(same | other, {"pid": 8, "comm": "worker"}) == [8], other
+    assert opening({"pid": 7}) == [7]           # nothing said against it
+
+
 def test_the_process_records_kept_for_rotations_are_bounded_in_bytes(monkeypatch):
     """The holders' latest process records kept for the next parts stay
     within KEPT_PROCESS_BYTES, the oldest let go first; one larger than a
@@ -432,4 +467,4 @@ def test_the_process_records_kept_for_rotations_are_bounded_in_bytes(monkeypatch
     assert 299 in sink._processes and 1 not in sink._processes
     sink.emit(recordfactory.process(5000, "big", cmdline="x" * 1000))
     assert 5000 not in sink._processes
-    assert sink._process_bytes == sum(len(line) for line in sink._processes.values())
+    assert sink._process_bytes == sum(len(line) for line, _who in sink._processes.values())
