@@ -366,6 +366,26 @@ def _plain_lines(path):
     return [x for x in data.decode().split("\n") if x]
 
 
+def holders_view(*holders):
+    """A TickView whose lingering sockets are held by these (pid, comm,
+    start_time) processes, one socket each, as the owner lookup read them."""
+    from closewait_trace.kernel.events import Endpoints
+    from closewait_trace.output.sinks import TickView
+    from closewait_trace.sockets import owners, procfs
+    from closewait_trace.sockets.tracker import Lingerer
+    lingering = []
+    for i, (pid, comm, start) in enumerate(holders):
+        snap = procfs.ProcessSnapshot(pid=pid, comm=comm, state="S", ppid=1, flags=0,
+                                      start_time=start, uid=1000)
+        l = Lingerer(endpoints=Endpoints(2, "127.0.0.1", 80, "10.0.0.1", 40000 + i),
+                     enter_ns=0, skaddr=0x10 + i)
+        l.ownership = owners.Ownership(kind=owners.OWNER_FD,
+                                       holders=(owners.Holder.of(snap, 3 + i, False),))
+        lingering.append(l)
+    return TickView(wall_ts=1001.0, now_ns=2 * 10**9, threshold_ns=10**9, counters={},
+                    histogram=[], histogram_sum_ns=None, lingering=lambda: lingering)
+
+
 def test_a_rotated_part_names_the_programs_of_the_sockets_it_opens_with(tmp_path):
     """A part after a rotation opens with a snapshot of the sockets still
     lingering, but not their holders' process records: read on its own (or
@@ -391,8 +411,9 @@ def test_a_rotated_part_names_the_programs_of_the_sockets_it_opens_with(tmp_path
     r.snapshot_source = lambda: records.snapshot(1001.0, [entry], {}, [])
     def exe(path):
         return {"exe": {"path": path, "deleted": False, "replaced": False}}
-    sink.emit(recordfactory.process(7, "api", identity=exe("/usr/sbin/api")))
-    sink.emit(recordfactory.process(8, "other", identity=exe("/bin/other")))
+    sink.tick(holders_view((7, "api", 700)))
+    sink.emit_process(recordfactory.process(7, "api", identity=exe("/usr/sbin/api")), 700)
+    sink.emit_process(recordfactory.process(8, "other", identity=exe("/bin/other")), 800)
     sink.emit(held)
     for i in range(1, 40):                      # past max_bytes: a new part
         sink.emit(linger(i))
@@ -417,9 +438,12 @@ def test_a_rotated_part_opens_only_with_records_of_the_processes_still_named(tmp
     socket now held by another process with the old one's pid (another
     user's: its record not written again, a batch that changed no summary
     writes none) opened the next part with the old process's name, user
-    and stacks (a review's F6). A record is written again only for an
-    owner that it still describes: every field both say (comm, ppid,
-    command line, uid) the same."""
+    and stacks (a review's F6). A record is written again only for a
+    holder with the pid and the start time it was written for: names,
+    command lines and parents are the process's to choose, and a check
+    of those let a process named like the old one through (the first fix,
+    found by a second review) and dropped the record of one that renamed
+    itself."""
     from closewait_trace.output import records
     from closewait_trace.output.sinks import RecordingSink
     from tests.unit import recordfactory
@@ -431,20 +455,22 @@ def test_a_rotated_part_opens_only_with_records_of_the_processes_still_named(tmp
             pass
     recorder = Lines()
     sink = RecordingSink(recorder)
-    sink.emit(recordfactory.process(7, "api", ppid=1, cmdline="api --serve",
-                                    identity={"uid": 1000}))
-    sink.emit(recordfactory.process(8, "worker", ppid=7, cmdline="api --work",
-                                    identity={"uid": 1000}))
+    sink.emit_process(recordfactory.process(7, "nginx", identity={"uid": 0}), 700)
+    sink.emit_process(recordfactory.process(8, "worker"), 800)
+    sink.emit(recordfactory.process(9, "unknown"))          # no start time: never again
 
-    def opening(*owners):
-        entry = {"owners": [dict(o) for o in owners], "listener": None}
-        snapshot = records.snapshot(1001.0, [entry], {}, [])
+    def opening(*holders):
+        sink.tick(holders_view(*holders))
+        snapshot = records.snapshot(1001.0, [{"owners": [{"pid": pid, "comm": comm}]}
+                                             for pid, comm, _start in holders], {}, [])
         return [json.loads(line)["pid"] for line in recorder.snapshot_lines(snapshot)]
-    same = {"pid": 7, "comm": "api", "ppid": 1, "cmdline": "api --serve", "uid": 1000}
-    assert opening(same, {"pid": 8, "comm": "worker", "fd": 3}) == [7, 8]
-    for other in ({"comm": "evil"}, {"uid": 2000}, {"ppid": 4242}, {"cmdline": "api"}):
-        assert opening(same | other, {"pid": 8, "comm": "worker"}) == [8], other
-    assert opening({"pid": 7}) == [7]           # nothing said against it
+    assert opening((7, "nginx", 700), (8, "worker", 800)) == [7, 8]
+    assert opening((7, "nginx", 7001), (8, "worker", 800)) == [8]    # pid 7 reused
+    assert opening((7, "renamed", 700)) == [7]                         # the same process
+    assert opening((9, "unknown", 900)) == []
+    sink._view = None
+    assert recorder.snapshot_lines(records.snapshot(1001.0, [{"owners": [{"pid": 7}]}],
+                                                    {}, [])) == []
 
 
 def test_the_process_records_kept_for_rotations_are_bounded_in_bytes(monkeypatch):
@@ -467,4 +493,4 @@ def test_the_process_records_kept_for_rotations_are_bounded_in_bytes(monkeypatch
     assert 299 in sink._processes and 1 not in sink._processes
     sink.emit(recordfactory.process(5000, "big", cmdline="x" * 1000))
     assert 5000 not in sink._processes
-    assert sink._process_bytes == sum(len(line) for line, _who in sink._processes.values())
+    assert sink._process_bytes == sum(len(line) for line, _start in sink._processes.values())

@@ -304,6 +304,15 @@ class CensusWork:
             self.slice_s = CENSUS_SLICE_S
 
 
+
+def _start_time(cache: diagnosis.Batch, pid) -> Optional[int]:
+    """The start time of the process a batch's process record is of (its
+    first holder's, as the owner lookup read it), None if not known."""
+    per_process = cache.processes.get(pid)
+    snap = getattr(getattr(per_process, "first", None), "process", None)
+    start = getattr(snap, "start_time", None)
+    return start if type(start) is int else None
+
 @dataclass(repr=False)
 class LiveTracer:
     config: ProbeConfig
@@ -437,6 +446,18 @@ class LiveTracer:
     def emit(self, rec: dict) -> None:
         for sink in self.sinks:
             sink.emit(rec)
+        self._sip_now_and_then()
+
+    def emit_process(self, rec: dict, start_time: Optional[int]) -> None:
+        """A process record, with the start time of its process to the
+        sinks that keep records for later (emit_process: a recording's
+        next part), as a record to the others."""
+        for sink in self.sinks:
+            keep = getattr(sink, "emit_process", None)
+            if keep is not None:
+                keep(rec, start_time)
+            else:
+                sink.emit(rec)
         self._sip_now_and_then()
 
     def emit_linger(self, lingerer: Lingerer, ts: float, age_ns: int,
@@ -1224,7 +1245,8 @@ class LiveTracer:
         try:
             if shown or not update:
                 for evidence in self.resolver.process_records(evidence_cache):
-                    self.emit(records.process(time.time(), evidence))
+                    self.emit_process(records.process(time.time(), evidence),
+                                      _start_time(evidence_cache, evidence.get("pid")))
             for l in shown:
                 if update:
                     self.change_lines += 1

@@ -63,31 +63,6 @@ def snapshot_record(view: TickView) -> dict:
                             view.histogram)
 
 
-# What a process record and an owners entry both say of a process, in the
-# order _process_who gives it: a pid is only a name until the process ends.
-PROCESS_WHO = ("comm", "ppid", "cmdline", "uid")
-
-
-def _process_who(rec: dict) -> tuple:
-    identity = rec.get("identity")
-    uid = identity.get("uid") if isinstance(identity, dict) else None
-    return (rec.get("comm"), rec.get("ppid"), rec.get("cmdline"), uid)
-
-
-def _same_process(who: tuple, owner: dict) -> bool:
-    """Whether a kept process record (who) is of the process an owners
-    entry names: every field both know agrees. A pid reused since, by a
-    process whose record was not written again (a batch that changed no
-    summary writes none), would have opened a part with the old process's
-    name, command line, user and stacks (a review's F6); now its sockets
-    open the part without one ("program unknown"), which is true."""
-    for name, kept in zip(PROCESS_WHO, who):
-        now = owner.get(name)
-        if kept is not None and now is not None and kept != now:
-            return False
-    return True
-
-
 @dataclass
 class RecordingSink:
     """-w: records go to a recording.Recorder. Owns the snapshot timer; the
@@ -100,10 +75,11 @@ class RecordingSink:
     _next_snapshot: Optional[float] = None
     _lines: Optional[object] = None     # transitions.JsonLines, made at the first use
     _linger_lines: Optional[object] = None  # lingerlines.LingerJson, likewise
-    # pid -> (its latest process record's line, who it was: PROCESS_WHO),
-    # the oldest first, at most KEPT_PROCESS_BYTES of lines in all: written
-    # again before the snapshot opening a rotated part, for the holders of
-    # the sockets in it that are still the process the record is of.
+    # pid -> (its latest process record's line, the process's start time
+    # or None), the oldest first, at most KEPT_PROCESS_BYTES of lines in
+    # all: written again before the snapshot opening a rotated part, for
+    # the holders of its sockets that are still the process the record is
+    # of (the same pid and start time).
     _processes: dict = field(default_factory=dict)
     _process_bytes: int = 0
 
@@ -122,31 +98,63 @@ class RecordingSink:
         predecessors were rotated away, named the programs of its oldest
         sockets "program unknown" and folded no forks (a newcomer's
         report)."""
+        started = self._holders_started()
         lines: dict = {}
         for entry in snapshot.get("lingering") or ():
             for side in (entry, entry.get("listener") or {}):
                 for owner in side.get("owners") or ():
                     pid = owner.get("pid")
                     kept = self._processes.get(pid)
-                    if kept is not None and pid not in lines and _same_process(kept[1], owner):
+                    # A pid is only a name until its process ends: the
+                    # record goes with the holder it was written for, not
+                    # with another process given its pid since (one whose
+                    # record was not written again: a batch that changed
+                    # no summary writes none). Names, command lines and
+                    # parents are the process's to choose; its start time
+                    # is not (a review's F6).
+                    if (kept is not None and pid not in lines and kept[1] is not None
+                            and kept[1] in started.get(pid, ())):
                         lines[pid] = kept[0]
         return list(lines.values())
 
+    def _holders_started(self) -> dict:
+        """pid -> the start times of the processes with that pid that hold
+        (or listen for) the last tick's lingering sockets, as their owner
+        lookups read them."""
+        started: dict = {}
+        if self._view is None:
+            return started
+        for l in self._view.lingering():
+            own = l.ownership
+            if own is None:
+                continue
+            for holders in (own.holders, own.listener_holders):
+                for h in holders:
+                    snap = getattr(h, "process", None)
+                    if snap is not None:
+                        started.setdefault(h.pid, set()).add(snap.start_time)
+        return started
+
     def emit(self, rec: dict) -> None:
         if rec.get("type") == "process" and isinstance(rec.get("pid"), int):
-            line = textsafe.json_dumps(rec, separators=(",", ":")) + "\n"
-            self.recorder.write_line(line, "process")
-            self._keep_process(rec["pid"], line, _process_who(rec))
+            self.emit_process(rec, None)
             return
         self.recorder.write(rec)
 
-    def _keep_process(self, pid: int, line: str, who: tuple) -> None:
+    def emit_process(self, rec: dict, start_time: Optional[int]) -> None:
+        """A process record, and the start time of the process it is of
+        (None: not known; then it is never written again for a rotation)."""
+        line = textsafe.json_dumps(rec, separators=(",", ":")) + "\n"
+        self.recorder.write_line(line, "process")
+        self._keep_process(rec["pid"], line, start_time)
+
+    def _keep_process(self, pid: int, line: str, start_time: Optional[int]) -> None:
         old = self._processes.pop(pid, None)
         if old is not None:
             self._process_bytes -= len(old[0])
         if len(line) > KEPT_PROCESS_BYTES // 64:
             return                  # one with huge stacks: not kept for the next parts
-        self._processes[pid] = (line, who)
+        self._processes[pid] = (line, start_time)
         self._process_bytes += len(line)
         while self._process_bytes > KEPT_PROCESS_BYTES:
             self._process_bytes -= len(self._processes.pop(next(iter(self._processes)))[0])
