@@ -375,3 +375,26 @@ def test_written_diagnoses_are_shared_within_their_bounds():
     a, b = d.Diagnosis(d.UNKNOWN, long_text + "!"), d.Diagnosis(d.UNKNOWN, long_text + "!")
     assert a.written() is a and b.written() is b
     assert (d.UNKNOWN, long_text + "!") not in d._written_shared
+
+
+def test_summaries_are_shared_from_a_bounded_table_not_interned(fake):
+    """Equal summaries are one string (the sockets of one holder), but not
+    through sys.intern: on CPython 3.12.0-3.12.4 (Ubuntu 24.04's) and on
+    free-threaded builds interned strings are immortal, and a summary
+    names other users' processes and fds, so each distinct one stayed for
+    the tracer's whole life (a review). The table is bounded as the
+    written diagnoses' is."""
+    import sys
+    fake.process(10, comm="app", state="T")
+    fake.tcp(10, V4, "127.0.0.1", 5555, "127.0.0.1", 40000, tcpstates.CLOSE_WAIT, 900)
+    fake.fd(10, 3, 900)
+    first, second = diagnose_fake(fake), diagnose_fake(fake)
+    assert first.summary == second.summary and first.summary is second.summary
+    copy = "".join(list(first.summary))
+    assert sys.intern(copy) is not first.summary        # not in the interpreter's table
+    for i in range(3 * d.WRITTEN_SHARED_MAX):
+        d.shared_summary(f"held by {i}/app")
+        assert len(d._summaries) <= d.WRITTEN_SHARED_MAX
+    long_text = "y" * (d.SHARED_SUMMARY_MAX_CHARS + 1)
+    assert long_text not in d._summaries and d.shared_summary(long_text) == long_text
+    assert long_text not in d._summaries

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -251,10 +250,11 @@ _WRITTEN = object()     # Diagnosis._own once its evidence was let go
 # are forgotten; what sockets share stays shared).
 WRITTEN_SHARED_MAX = 1024
 # Longer summaries are not shared (each socket keeps its own, as before):
-# with the count above, the table holds at most about 0.5 MB of text,
+# with the count above, the two tables hold at most about 1 MB of text,
 # whatever names other users give their programs and functions.
 SHARED_SUMMARY_MAX_CHARS = 512
 _written_shared: dict = {}
+_summaries: dict = {}           # summary text -> the one kept (shared_summary)
 
 
 class Diagnosis:
@@ -431,11 +431,27 @@ def diagnose(own: Ownership, holders: list[HolderEvidence],
         n, named = own.fds_not_read
         found.summary += (f"; holders may be missing: the file descriptors of "
                           f"{_processes(n, named, 'other ')} were not read in time")
-    # The sockets of one holder mostly read the same: one string for them
-    # all (about 300 bytes of every socket's state otherwise; the table
-    # holds a string only while a socket does).
-    found.summary = sys.intern(found.summary)
+    found.summary = shared_summary(found.summary)
     return found
+
+
+def shared_summary(text: str) -> str:
+    """One string for equal summaries: the sockets of one holder mostly
+    read the same (about 300 bytes of every socket's state otherwise). From
+    a table of at most WRITTEN_SHARED_MAX texts of at most
+    SHARED_SUMMARY_MAX_CHARS each, started again when full. Not
+    sys.intern: on CPython 3.12.0-3.12.4 (Ubuntu 24.04's) and on
+    free-threaded builds interned strings are immortal, and summaries name
+    other users' processes and fds: each distinct one would have stayed
+    for the tracer's whole life (a review)."""
+    shared = _summaries.get(text)
+    if shared is not None:
+        return shared
+    if len(text) <= SHARED_SUMMARY_MAX_CHARS:
+        if len(_summaries) >= WRITTEN_SHARED_MAX:
+            _summaries.clear()      # those shared stay with their sockets
+        _summaries[text] = text
+    return text
 
 
 def _decide(own: Ownership, holders: list[HolderEvidence],
