@@ -1429,13 +1429,7 @@ def test_a_put_off_ends_with_the_sockets_watched(tmp_path):
     worker was kept when every watched socket left, and the first busy tick
     after new sockets were watched, minutes later, waited for the worker
     at once (the idle tick of 80-114 ms the put-off in time was for)."""
-    resolver = BegunCensus(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    w.linger(10)
-    w.tracer.start()
-    w.step()
-    w.step(1.0)
-    assert len(w.of("linger")) == 10
+    w, resolver = reported_with_begun_census(tmp_path, 10)
     census_due(w.tracer)
     w.step(0.5)                                 # begun; its read not in
     w.step(0.5)                                 # the states put off
@@ -1874,6 +1868,20 @@ class BegunCensus(DumpsWhole):
         return super().holder_states(pids)
 
 
+def reported_with_begun_census(tmp_path, n: int):
+    """n sockets lingering and reported (watched: their holder is asked
+    every tick), with a resolver whose census is begun and answered when
+    the test says (BegunCensus)."""
+    resolver = BegunCensus(str(tmp_path / "proc"))
+    w = World(tmp_path, resolver=resolver)
+    w.linger(n)
+    w.tracer.start()
+    w.step()
+    w.step(1.0)
+    assert len(w.of("linger")) == n
+    return w, resolver
+
+
 def test_a_census_is_read_while_ticks_go_on_and_compared_a_slice_at_a_time(
         tmp_path, monkeypatch):
     """Issue 20, target 2: with 100,000 sockets lingering a census was one
@@ -1885,13 +1893,7 @@ def test_a_census_is_read_while_ticks_go_on_and_compared_a_slice_at_a_time(
     the report of the socket the hook missed."""
     from closewait_trace.live import tracer as tracer_module
     monkeypatch.setattr(tracer_module, "CENSUS_SLICE_S", 0.0)
-    resolver = BegunCensus(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    w.linger(600)                              # watched: their holder is asked every tick
-    w.tracer.start()
-    w.step()
-    w.step(1.0)
-    assert len(w.of("linger")) == 600
+    w, resolver = reported_with_begun_census(tmp_path, 600)
     w.hold(200, 40500, 60500)                  # in CLOSE_WAIT; the map never had it
     stats = w.tracer.tick_stats
     for census in (1, 2):
@@ -1933,12 +1935,7 @@ def test_a_census_goes_on_when_ticks_leave_no_time_between_them(tmp_path, monkey
     ended at once in a tick, its read waited for, as a census was before."""
     from closewait_trace.live import tracer as tracer_module
     monkeypatch.setattr(tracer_module, "CENSUS_SLICE_S", 0.0)
-    resolver = BegunCensus(str(tmp_path / "proc"))
-    w = World(tmp_path, resolver=resolver)
-    w.linger(600)
-    w.tracer.start()
-    w.step()
-    w.step(1.0)
+    w, resolver = reported_with_begun_census(tmp_path, 600)
     stats = w.tracer.tick_stats
     census_due(w.tracer)
     w.step(0.5)                                 # begun

@@ -287,14 +287,7 @@ class Diagnosis:
         self._own, self._holders, self._listeners, self._server = _WRITTEN, (), (), ()
         if len(self.summary) > SHARED_SUMMARY_MAX_CHARS:
             return self
-        key = (self.cause, self.summary)
-        shared = _written_shared.get(key)
-        if shared is not None:
-            return shared
-        if len(_written_shared) >= WRITTEN_SHARED_MAX:
-            _written_shared.clear()     # those shared stay with their sockets
-        _written_shared[key] = self
-        return self
+        return _share(_written_shared, (self.cause, self.summary), self)
 
     @property
     def evidence(self) -> dict:
@@ -444,14 +437,22 @@ def shared_summary(text: str) -> str:
     free-threaded builds interned strings are immortal, and summaries name
     other users' processes and fds: each distinct one would have stayed
     for the tracer's whole life (a review)."""
-    shared = _summaries.get(text)
+    if len(text) > SHARED_SUMMARY_MAX_CHARS:
+        return text
+    return _share(_summaries, text, text)
+
+
+def _share(table: dict, key, value):
+    """The value kept in table under key, or value, kept from now on; a
+    full table (WRITTEN_SHARED_MAX) starts again: what sockets share stays
+    shared with them."""
+    shared = table.get(key)
     if shared is not None:
         return shared
-    if len(text) <= SHARED_SUMMARY_MAX_CHARS:
-        if len(_summaries) >= WRITTEN_SHARED_MAX:
-            _summaries.clear()      # those shared stay with their sockets
-        _summaries[text] = text
-    return text
+    if len(table) >= WRITTEN_SHARED_MAX:
+        table.clear()
+    table[key] = value
+    return value
 
 
 def _decide(own: Ownership, holders: list[HolderEvidence],

@@ -94,7 +94,6 @@ def _not_regular(path: str, mode: int) -> UserError:
                      "give a regular file (to read a pipe: ... | closewait-trace -r -)")
 
 
-
 # Where the packaged service records (packaging/systemd/closewait-trace.service).
 SERVICE_RECORDING_DIR = "/var/lib/closewait-trace"
 
@@ -108,6 +107,7 @@ def _no_such_file(path: str) -> UserError:
         return UserError(f"{path}: no such file (the service has not recorded here)",
                          EXIT_FILE, "record now: closewait-trace -w incident.jsonl.gz")
     return UserError(f"{path}: no such file", EXIT_FILE, "check the path")
+
 
 def _open_for_reading(path: str, sibling: bool = False) -> tuple[int, os.stat_result]:
     """A regular file opened without blocking (a FIFO planted or given cannot

@@ -304,7 +304,6 @@ class CensusWork:
             self.slice_s = CENSUS_SLICE_S
 
 
-
 def _start_time(cache: diagnosis.Batch, pid) -> Optional[int]:
     """The start time of the process a batch's process record is of (its
     first holder's, as the owner lookup read it), None if not known."""
@@ -312,6 +311,7 @@ def _start_time(cache: diagnosis.Batch, pid) -> Optional[int]:
     snap = getattr(getattr(per_process, "first", None), "process", None)
     start = getattr(snap, "start_time", None)
     return start if type(start) is int else None
+
 
 @dataclass(repr=False)
 class LiveTracer:
