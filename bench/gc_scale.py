@@ -112,6 +112,20 @@ if hasattr(_probe.KernelProbe, "sip"):
             backlog["max_bytes"] = ring.backlog_bytes
         return took
     _probe.KernelProbe.sip = sip
+# The background sipper's looks (ringreader.sip_in_background; absent from
+# the code before it) end a stretch too: they are the ring's, not the loop's.
+from closewait_trace.kernel import ringreader as _ringreader
+if hasattr(_ringreader.RingReader, "_sip_when_full"):
+    _sip_when_full = _ringreader.RingReader._sip_when_full
+    def sip_when_full(self, *a):
+        looked(time.perf_counter())
+        try:
+            return _sip_when_full(self, *a)
+        finally:
+            last_look[0] = time.perf_counter()
+            if self.backlog_bytes > backlog["max_bytes"]:
+                backlog["max_bytes"] = self.backlog_bytes
+    _ringreader.RingReader._sip_when_full = sip_when_full
 _poll = _probe.KernelProbe.poll
 def poll(self, *a, **k):
     looked(time.perf_counter())

@@ -5,6 +5,7 @@ data; records with their 8-byte headers (length, busy and discard bits)."""
 import mmap
 import os
 import struct
+import time
 
 from closewait_trace.kernel import ringreader
 
@@ -194,6 +195,69 @@ def test_the_backlog_comes_before_what_the_ring_took_since(tmp_path):
         assert r.read(100) == [(3, 0)]              # the rest of the backlog
         assert r.read(100) == [(i, 0) for i in range(4, 10)]
         assert r.read(100) == [] and r.taken == 10
+        r.close()
+    finally:
+        os.close(fd)
+
+
+def wait_for(cond, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_the_background_sipper_moves_records_only_while_the_consumer_is_away(tmp_path):
+    """sip_in_background: while the consumer is away (a write that blocks,
+    a long step), a thread moves what the ring holds past `fill` into the
+    backlog; once present() returned it moves nothing (a record moved after
+    the consumer's last read would not wake its wait); close() ends it."""
+    fd, path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(12)], producer=4 * 24)
+    try:
+        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
+        r.sip_in_background(fill=2 * 24, cap=10**6, interval_s=0.002)
+        r.present()
+        time.sleep(0.05)                        # 25 intervals: present, so no sip
+        assert r.backlog_bytes == 0 and r.pending_bytes() == 4 * 24
+        r.away()
+        assert wait_for(lambda: r.backlog_bytes == 4 * 24)
+        assert r.pending_bytes() == 0
+        # Below `fill`: left in the ring for the consumer's next read.
+        os.pwrite(fd, struct.pack("=Q", 5 * 24), PAGE)
+        time.sleep(0.05)
+        assert r.pending_bytes() == 24
+        os.pwrite(fd, struct.pack("=Q", 8 * 24), PAGE)
+        assert wait_for(lambda: r.backlog_bytes == 8 * 24)
+        r.present()
+        os.pwrite(fd, struct.pack("=Q", 12 * 24), PAGE)
+        time.sleep(0.05)
+        assert r.backlog_bytes == 8 * 24 and r.pending_bytes() == 4 * 24
+        got = []
+        while True:
+            rows = r.read(100)
+            if not rows:
+                break
+            got += rows
+        assert got == [(i, 0) for i in range(12)] and r.backlog_bytes == 0
+        sipper = r._sipper
+        r.close()
+        assert not sipper.is_alive()
+    finally:
+        os.close(fd)
+
+
+def test_no_background_sip_after_the_stop(tmp_path):
+    fd, path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(8)], producer=4 * 24)
+    try:
+        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
+        r.sip_in_background(fill=24, cap=10**6, interval_s=0.002)
+        r.stop_sipping()
+        r.away()
+        time.sleep(0.05)
+        assert r.backlog_bytes == 0 and r.pending_bytes() == 4 * 24
+        assert wait_for(lambda: not r._sipper.is_alive())
         r.close()
     finally:
         os.close(fd)

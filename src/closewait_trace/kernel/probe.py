@@ -52,6 +52,11 @@ BATCH_READ_TRIES = 3
 # sip() moves the ring's records to the backlog once they fill this share
 # of it (1/16 of 1 MiB: 585 events); less is left for the loop's next poll.
 SIP_FILL = 16
+# While the loop is away from the ring, a thread sips it this often
+# (ringreader.sip_in_background): a 19,000-socket burst fills the 1 MiB
+# ring in about 45 ms, so a sip is at most this plus the interpreter's 5 ms
+# switch interval late.
+SIP_INTERVAL_S = 0.010
 
 
 @dataclass
@@ -766,6 +771,9 @@ class KernelProbe:
             self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from,
                                                record=layout.struct)
             self._backlog_cap = self.config.max_tracked * ((size + ringreader.HEADER + 7) & ~7)
+            if not self.config.all_transitions:         # as sip() says
+                self._ring.sip_in_background(self._ring.size // SIP_FILL, self._backlog_cap,
+                                             SIP_INTERVAL_S)
             return
 
         # The callback must not refer to the events table: bcc keeps the
@@ -806,10 +814,14 @@ class KernelProbe:
     def poll(self, timeout_ms: int, limit: int = 4096) -> None:
         ring = self._ring
         if ring is not None:
-            rows = ring.read(limit)
-            if not rows and timeout_ms:
-                ring.wait(timeout_ms)
+            ring.present()
+            try:
                 rows = ring.read(limit)
+                if not rows and timeout_ms:
+                    ring.wait(timeout_ms)
+                    rows = ring.read(limit)
+            finally:
+                ring.away()         # what follows (the rows' lines, a tick) is other work
             if rows:
                 self.received += len(rows)
                 self._on_batch(rows)
@@ -824,15 +836,16 @@ class KernelProbe:
         departures' tick, a long write): once it is SIP_FILL full, its
         records move to the reader's backlog (raw, read first by the next
         polls), up to _backlog_cap bytes. The loop calls this between the
-        steps of long work. True when this probe keeps a backlog: the
+        steps of long work; a thread does it too while the loop is away
+        from the ring (SIP_INTERVAL_S), for a step that does not return
+        soon (a blocked write). True when this probe keeps a backlog: the
         default mode read from the mapping. Not with --all: its ring is
         16 MiB, and a saturating workload would only turn the kernel's
         drops into memory and into events left unread at the exit."""
         ring = self._ring
         if ring is None or self.config.all_transitions:
             return False
-        if ring.pending_bytes() >= ring.size // SIP_FILL:
-            ring.sip(self._backlog_cap - ring.backlog_bytes)
+        ring.sip_when_full(ring.size // SIP_FILL, self._backlog_cap)
         return True
 
     def backlog_bytes(self) -> int:
@@ -1147,6 +1160,9 @@ class KernelProbe:
         the buffer holds; close() waits for them. Each detach waits for the
         kernel's RCU grace periods (tracepoint_synchronize_unregister):
         20-60 ms each here under load, 150 ms for the four in a row."""
+        ring = self._ring
+        if ring is not None:
+            ring.stop_sipping()     # as the loop's sip() at the stop: drained or counted
         if self.bpf is None or self._detaching is not None:
             return
         # Marked first: a stop signal's handler may call this while the

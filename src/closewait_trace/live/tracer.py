@@ -547,8 +547,10 @@ class LiveTracer:
         buffer, when it fills (probe.sip). 100,000 sockets leaving at once
         (their holder exits) fill the default 1 MiB ring (9,362 events) in
         about 0.1 s, and the work their leaving makes takes seconds; their
-        CLOSED events were lost (85-90% of them). True when the probe keeps
-        a backlog (probe.sip)."""
+        CLOSED events were lost (85-90% of them). A step that does not
+        return (a write nobody reads) is covered by the probe's own thread
+        (ringreader.sip_in_background). True when the probe keeps a
+        backlog (probe.sip)."""
         sip = getattr(self.probe, "sip", None)
         return sip is not None and not self.stopping and sip()
 
