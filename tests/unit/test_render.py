@@ -144,6 +144,32 @@ def test_summary_keeps_estimated_durations_apart():
     assert "~6.5s" in text
 
 
+def test_untimed_says_which_of_its_sockets_are_counted_again_below():
+    """The sockets already in CLOSE_WAIT at the start that closed are
+    both untimed exits (the kernel saw them leave, not enter) and the
+    estimated or bounded durations below: the summary says how many of
+    the first are the second, so that nobody adds the two."""
+    r = render.TextRenderer()
+    rows(r, start())
+    for i, source in enumerate(("estimated", "estimated", "lower_bound")):
+        rows(r, dict(linger(rport=i), type="closed", duration_s=6.5 + i, duration_source=source,
+                     duration_is_lower_bound=source == "lower_bound", how="close",
+                     closed_by={"pid": 1, "comm": "a"}))
+    summary = {"type": "summary", "ts": TS + 10, "traced_s": 10.0,
+               "counters": {"cw_enter": 0, "exit_untracked": 5},
+               "histogram_us": [], "linger_reported": 3, "closed_reported": 3,
+               "still_lingering": []}
+    text = " ".join(" ".join(rows(r, summary)).split())
+    assert ("Untimed: 5 sockets left CLOSE_WAIT that were in it before tracing began "
+            "(or not tracked); 3 of them are counted again below") in text, text
+    assert "Estimated, not timed: 2 socket(s) closed" in text
+    # Without any listed below, the line says nothing more.
+    plain = render.TextRenderer()
+    rows(plain, start())
+    text = " ".join(" ".join(rows(plain, summary)).split())
+    assert "(or not tracked)." in text and "counted again" not in text
+
+
 # ---------------------------------------------------------------- time
 
 def test_clock_adds_a_date_line_when_the_day_changes():

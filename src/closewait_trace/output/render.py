@@ -1109,8 +1109,17 @@ def summary_lines(rec: dict, renderer: Optional[TextRenderer] = None) -> list[st
     if n.get("exit_untracked"):
         # Not a loss: the kernel saw them leave, but not enter (they were in
         # CLOSE_WAIT before the trace began, or the map was full, said above).
+        # The ones reported at the start and seen closing are listed again
+        # below with their ages (estimate_lines): said here, so that the
+        # two counts are not added up.
+        aged = 0
+        if renderer is not None:
+            by = renderer.closed_by_source
+            aged = min(n["exit_untracked"],
+                       by.get("estimated", 0) + by.get("lower_bound", 0) + by.get("range", 0))
+        again = f"; {aged} of them are counted again below, not timed" if aged else ""
         lines += prose(f"Untimed: {n['exit_untracked']} sockets left CLOSE_WAIT that were "
-                       f"in it before tracing began (or not tracked).")
+                       f"in it before tracing began (or not tracked){again}.")
     if isinstance(rec.get("symbolizer_problems"), dict) and rec["symbolizer_problems"]:
         # The counts are of lookups (a frame, or a module's first use), not
         # of processes: say the reason first and the count after it.
