@@ -5,6 +5,8 @@ data; records with their 8-byte headers (length, busy and discard bits)."""
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import time
 
 from closewait_trace.kernel import ringreader
@@ -209,55 +211,150 @@ def wait_for(cond, timeout=5.0) -> bool:
     return True
 
 
+class Notified:
+    """A RingReader on the file ring whose sipper waits on a pipe instead
+    of the file (a regular file always polls ready; the kernel's ring is
+    ready only when records wait): notify() is the kernel's wake-up."""
+
+    def __init__(self, tmp_path, records, producer):
+        self.fd, self.path = layout(tmp_path, records, producer=producer)
+        self.r = ringreader.RingReader(self.fd, SIZE, REC.unpack_from, record=REC)
+        self.pipe = os.pipe()
+        self.r._map_fd = self.pipe[0]
+
+    def produce(self, upto: int) -> None:
+        os.pwrite(self.fd, struct.pack("=Q", upto * 24), PAGE)
+        os.write(self.pipe[1], b"r")
+
+    def close(self) -> None:
+        sipper = self.r._sipper
+        self.r.close()
+        assert sipper is None or not sipper.is_alive()
+        for fd in (self.fd, *self.pipe):
+            os.close(fd)
+
+
+def rows_of(r) -> list:
+    got = []
+    while True:
+        rows = r.read(100)
+        if not rows:
+            return got
+        got += rows
+
+
 def test_the_background_sipper_moves_records_only_while_the_consumer_is_away(tmp_path):
     """sip_in_background: while the consumer is away (a write that blocks,
     a long step), a thread moves what the ring holds past `fill` into the
     backlog; once present() returned it moves nothing (a record moved after
     the consumer's last read would not wake its wait); close() ends it."""
-    fd, path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(12)], producer=4 * 24)
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(12)], producer=0)
+    r = n.r
     try:
-        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
-        r.sip_in_background(fill=2 * 24, cap=10**6, interval_s=0.002)
         r.present()
+        r.sip_in_background(fill=2 * 24, cap=10**6, interval_s=0.002)
+        n.produce(4)
         time.sleep(0.05)                        # 25 intervals: present, so no sip
         assert r.backlog_bytes == 0 and r.pending_bytes() == 4 * 24
         r.away()
         assert wait_for(lambda: r.backlog_bytes == 4 * 24)
         assert r.pending_bytes() == 0
         # Below `fill`: left in the ring for the consumer's next read.
-        os.pwrite(fd, struct.pack("=Q", 5 * 24), PAGE)
+        n.produce(5)
         time.sleep(0.05)
         assert r.pending_bytes() == 24
-        os.pwrite(fd, struct.pack("=Q", 8 * 24), PAGE)
+        n.produce(8)
         assert wait_for(lambda: r.backlog_bytes == 8 * 24)
         r.present()
-        os.pwrite(fd, struct.pack("=Q", 12 * 24), PAGE)
+        n.produce(12)
         time.sleep(0.05)
         assert r.backlog_bytes == 8 * 24 and r.pending_bytes() == 4 * 24
-        got = []
-        while True:
-            rows = r.read(100)
-            if not rows:
-                break
-            got += rows
-        assert got == [(i, 0) for i in range(12)] and r.backlog_bytes == 0
-        sipper = r._sipper
-        r.close()
-        assert not sipper.is_alive()
+        assert rows_of(r) == [(i, 0) for i in range(12)] and r.backlog_bytes == 0
     finally:
-        os.close(fd)
+        n.close()
+
+
+def test_the_sipper_works_before_the_first_read(tmp_path):
+    """The consumer is away until its first read: the tracer writes its
+    start-up (the banner, the sockets already lingering) before it polls,
+    and a blocked write there must not lose a burst."""
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(6)], producer=0)
+    try:
+        n.r.sip_in_background(fill=24, cap=10**6, interval_s=0.002)
+        n.produce(6)
+        assert wait_for(lambda: n.r.backlog_bytes == 6 * 24)
+    finally:
+        n.close()
+
+
+def test_the_sipper_waits_on_the_ring_while_it_is_empty(tmp_path):
+    """No record, no wake-up: an idle or busy tracer with nothing in its
+    ring pays nothing for the thread (a sipper that polled in a loop would
+    burn a CPU: about 0.3 s of CPU in these 0.3 s)."""
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(2)], producer=0)
+    try:
+        n.r.sip_in_background(fill=24, cap=10**6, interval_s=0.002)
+        n.r.away()
+        before = sum(os.times()[:2])
+        time.sleep(0.3)
+        assert sum(os.times()[:2]) - before < 0.1
+        n.produce(2)                            # and it is awake when one comes
+        assert wait_for(lambda: n.r.backlog_bytes == 2 * 24)
+    finally:
+        n.close()
 
 
 def test_no_background_sip_after_the_stop(tmp_path):
-    fd, path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(8)], producer=4 * 24)
+    """stop_sipping() while the sipper sleeps between two looks (records
+    below `fill`, the consumer away): it moves nothing more and ends."""
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(8)], producer=0)
     try:
-        r = ringreader.RingReader(fd, SIZE, REC.unpack_from, record=REC)
-        r.sip_in_background(fill=24, cap=10**6, interval_s=0.002)
+        n.r.sip_in_background(fill=4 * 24, cap=10**6, interval_s=0.2)
+        n.produce(2)
+        time.sleep(0.05)                        # asleep for its interval
+        n.r.stop_sipping()
+        os.pwrite(n.fd, struct.pack("=Q", 8 * 24), PAGE)
+        assert wait_for(lambda: not n.r._sipper.is_alive())
+        assert n.r.backlog_bytes == 0 and n.r.pending_bytes() == 8 * 24
+    finally:
+        n.close()
+
+
+STOP_IN_A_HANDLER = """
+import os, signal, struct, sys
+from closewait_trace.kernel import ringreader
+REC = struct.Struct("=QI4x")
+fd = int(sys.argv[1])
+for trial in range(200):
+    r = ringreader.RingReader(fd, %d, REC.unpack_from, record=REC)
+    r.sip_in_background(fill=10**9, cap=10**6, interval_s=0.01)
+    fired = []
+    def handler(_signum, _frame):       # as the tracer's stop signal: probe.detach
+        fired.append(1)
         r.stop_sipping()
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0005 + 0.003 * (trial %% 7) / 7)
+    while not fired:                    # the loop's turns: KernelProbe.poll
+        r.present()
         r.away()
-        time.sleep(0.05)
-        assert r.backlog_bytes == 0 and r.pending_bytes() == 4 * 24
-        assert wait_for(lambda: not r._sipper.is_alive())
-        r.close()
+    r.close()
+print("ended")
+"""
+
+
+def test_a_stop_signal_during_the_loops_turns_does_not_hang(tmp_path):
+    """The stop signal's handler runs in the main thread between two of
+    its bytecodes, maybe inside away() or present(): stop_sipping() there
+    must take no lock those hold. With a threading.Event it waited for
+    its own thread's lock: the tracer hung at Ctrl-C for good (a review;
+    within a few of these 200 stops)."""
+    fd, _path = layout(tmp_path, [(REC.pack(i, 0), 0) for i in range(4)], producer=4 * 24)
+    try:
+        out = subprocess.run([sys.executable, "-c", STOP_IN_A_HANDLER % SIZE, str(fd)],
+                             pass_fds=(fd,), capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    except subprocess.TimeoutExpired:
+        raise AssertionError("hung: a stop signal met a lock its own thread held")
     finally:
         os.close(fd)
+    assert out.returncode == 0 and out.stdout.strip() == "ended", out.stderr[-2000:]

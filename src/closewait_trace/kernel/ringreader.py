@@ -34,7 +34,6 @@ import select
 import signal
 import struct
 import threading
-import time
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
@@ -92,7 +91,9 @@ class RingReader:
         self._sip_fill = 0              # sip_when_full(): the fill that moves records
         self._sip_cap = 0               #   and the backlog's cap, in bytes
         self._sipper: threading.Thread | None = None
-        self._away = threading.Event()  # set while the consumer is away (away())
+        # Whether the consumer is away from the ring (away() .. present());
+        # away until its first read (its start-up writes come first).
+        self._away = True
         self._sipping = False
         # A stop signal must end a wait at once: Python retries poll() after
         # running the handler (PEP 475), so the handler's flag would be seen
@@ -233,67 +234,73 @@ class RingReader:
     # moved out of the ring after the consumer's last read would not wake
     # its wait.
     #
-    # It costs nothing while the ring is empty, whatever the loop does: it
-    # then waits on the ring itself (the kernel wakes it at the next
-    # record), so the long busy stretches with no event (reporting 100,000
-    # sockets) are not cut by its wake-ups. Only while records wait does it
-    # look every interval.
+    # Its wake-ups: none while the ring is empty, whatever the loop does (it
+    # waits on the ring, and the kernel wakes it at the next record). Once a
+    # record came, it looks every interval until the ring is empty again:
+    # at most two wake-ups an interval (200 a second) under a steady flow of
+    # events, and none for the loop's turns (away() and present() only set
+    # a flag).
+    #
+    # No lock and no threading.Event is taken by stop_sipping(): the stop
+    # signal's handler calls it, in the main thread, possibly while that
+    # thread holds one (an Event's own lock in away() was such a deadlock).
 
     def sip_in_background(self, fill: int, cap: int, interval_s: float) -> None:
-        """Start the background sipper: sip_when_full(fill, cap) at most
-        every interval_s while the consumer is away (away() .. present())
-        and records wait in the ring."""
+        """Start the background sipper: sip_when_full(fill, cap) every
+        interval_s while the consumer is away (until present(), and again
+        from away()) and records wait in the ring."""
         if self._sipper is not None:
             return
         self._sip_fill, self._sip_cap = fill, cap
         self._stop_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sip_poll = select.poll()
-        self._sip_poll.register(self._map_fd, select.POLLIN)
-        self._sip_poll.register(self._stop_pipe[0], select.POLLIN)
+        self._on_record = select.poll()         # the next record, or the stop
+        self._on_record.register(self._map_fd, select.POLLIN)
+        self._on_record.register(self._stop_pipe[0], select.POLLIN)
+        self._on_stop = select.poll()           # an interval, or the stop
+        self._on_stop.register(self._stop_pipe[0], select.POLLIN)
         self._sipping = True
-        self._sipper = threading.Thread(target=self._sip_while_away, args=(interval_s,),
+        self._sipper = threading.Thread(target=self._sip_while_away,
+                                        args=(max(1, round(interval_s * 1000)),),
                                         name="ring-sip", daemon=True)
         self._sipper.start()
 
     def stop_sipping(self) -> None:
         """No background sip from now on (the stop: what is left is read
-        or counted). A flag and a byte written: a signal handler may call
-        it."""
+        or counted). A flag and a byte written, nothing locked: a signal
+        handler may call it."""
         if not self._sipping:
             return
         self._sipping = False
-        self._away.set()                # a sipper waiting for away() ends
         try:
-            os.write(self._stop_pipe[1], b"x")      # and one waiting on the ring
+            os.write(self._stop_pipe[1], b"x")      # ends the sipper's waits
         except OSError:
             pass
 
     def away(self) -> None:
         """The consumer goes to other work: the sipper may sip."""
-        if self._sipping:
-            self._away.set()
+        self._away = True
 
     def present(self) -> None:
         """The consumer reads (and maybe waits on) the ring itself: once
         this returns, the sipper moves nothing until away()."""
         if self._sipper is not None:
-            with self._lock:
-                self._away.clear()
+            with self._lock:            # a sip under way ends first
+                self._away = False
+        else:
+            self._away = False
 
-    def _sip_while_away(self, interval_s: float) -> None:
-        away = self._away
+    def _sip_while_away(self, interval_ms: int) -> None:
+        bad = select.POLLERR | select.POLLHUP | select.POLLNVAL
         while self._sipping:
             if self._prod[0] == self._cons[0]:
-                # Empty: until the kernel commits a record (it wakes the
-                # ring's waiters when one lands at our position) or the stop.
-                self._sip_poll.poll()
-            elif not away.is_set():
-                away.wait()             # the consumer reads them itself
-            else:
-                time.sleep(interval_s)  # let them gather to `fill`, or sip
-                with self._lock:
-                    if self._sipping and away.is_set():
-                        self._sip_when_full(self._sip_fill, self._sip_cap)
+                ready = self._on_record.poll()
+                if any(ev & bad for _fd, ev in ready):
+                    return              # the ring's fd is gone: nothing to wait on
+                continue
+            self._on_stop.poll(interval_ms)     # the consumer may take them meanwhile
+            with self._lock:
+                if self._sipping and self._away:
+                    self._sip_when_full(self._sip_fill, self._sip_cap)
 
     def _extent(self, at: int, end: int) -> int:
         """Where the records that are whole and committed end, from `at`,
