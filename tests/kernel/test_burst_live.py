@@ -70,6 +70,28 @@ def kill_all(holders) -> None:
         holder.wait()
 
 
+def other_threads_cpu(pid: int) -> dict:
+    """CPU clock ticks of each of the process's threads but the main one."""
+    ticks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) != pid:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[tid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def assert_sipper_asleep(pid: int) -> None:
+    """Once the burst was taken the ring is empty: the thread that sips it
+    (ringreader.sip_in_background) waits on it and uses no CPU (one that
+    spun would use about 100 ticks in this second)."""
+    before = other_threads_cpu(pid)
+    assert before, "no sipping thread"
+    time.sleep(1)
+    after = other_threads_cpu(pid)
+    assert all(after.get(tid, t) - t <= 5 for tid, t in before.items()), (before, after)
+
+
 def check_every_closed_line(records, reported, holders, ports) -> None:
     """Nothing lost or left unread; every socket reported lingering has
     its CLOSED line, once, with its duration and its closer."""
@@ -115,6 +137,7 @@ def test_every_closed_line_of_a_burst_larger_than_the_ring_is_written(procs, tmp
     reported = count_until(out, "linger", BURST, 60)
     kill_all(holders)
     count_until(out, "closed", reported, 40)
+    assert_sipper_asleep(tracer.pid)
     tracer.send_signal(signal.SIGINT)
     assert tracer.wait(timeout=stretch(20)) == 0
     assert "Traceback" not in tracer.stderr.read()
@@ -203,6 +226,7 @@ def test_a_burst_while_the_output_is_not_read_is_kept(procs):
     assert in_pipe_write(tracer.pid)        # held all along
     pipe.release()
     pipe.until("closed", reported, 40)
+    assert_sipper_asleep(tracer.pid)
     tracer.send_signal(signal.SIGINT)
     assert tracer.wait(timeout=stretch(20)) == 0
     pipe.thread.join(timeout=stretch(10))

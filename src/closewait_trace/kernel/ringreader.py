@@ -38,6 +38,8 @@ import threading
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER = 8
+# The background sipper's longest wait on an empty ring (_wait_for_record).
+RECORD_WAIT_MS = 1000
 
 
 def available(machine: str = "") -> bool:
@@ -290,17 +292,27 @@ class RingReader:
             self._away = False
 
     def _sip_while_away(self, interval_ms: int) -> None:
-        bad = select.POLLERR | select.POLLHUP | select.POLLNVAL
         while self._sipping:
             if self._prod[0] == self._cons[0]:
-                ready = self._on_record.poll()
-                if any(ev & bad for _fd, ev in ready):
+                if not self._wait_for_record():
                     return              # the ring's fd is gone: nothing to wait on
                 continue
             self._on_stop.poll(interval_ms)     # the consumer may take them meanwhile
             with self._lock:
                 if self._sipping and self._away:
                     self._sip_when_full(self._sip_fill, self._sip_cap)
+
+    def _wait_for_record(self) -> bool:
+        """Until a record waits in the ring, the stop, or RECORD_WAIT_MS;
+        False when the ring's fd is gone. The kernel wakes the ring's
+        waiters only for a record committed at our position: the loop
+        reading that record in the instants between its commit and that
+        check, and stopping at one still being written, would leave this
+        wait without a wake-up (a review: two races at once). The timeout
+        bounds that to RECORD_WAIT_MS, at one wake-up a second."""
+        ready = self._on_record.poll(RECORD_WAIT_MS)
+        bad = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        return not any(ev & bad for _fd, ev in ready)
 
     def _extent(self, at: int, end: int) -> int:
         """Where the records that are whole and committed end, from `at`,
