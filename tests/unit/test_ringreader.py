@@ -267,6 +267,40 @@ def rows_of(r) -> list:
         got += rows
 
 
+def test_sip_when_full_follows_the_policy_the_ring_was_given(tmp_path):
+    """sip_when_full() (the loop's sips between steps) takes the fill and
+    the cap sip_in_background was given, the background thread's own: no
+    policy, no backlog; below the fill, nothing moves; the backlog stays
+    within the cap."""
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(12)], producer=0)
+    r = n.r
+    try:
+        r.present()                             # the thread never sips here
+        n.produce(6)
+        assert r.sip_when_full() == 0 and r.pending_bytes() == 6 * 24
+        r.sip_in_background(fill=8 * 24, cap=10 * 24, interval_s=0.2)
+        assert r.sip_when_full() == 0 and r.backlog_bytes == 0     # 6 < 8
+        n.produce(9)
+        assert r.sip_when_full() == 9 * 24
+        n.produce(12)
+        assert r.sip_when_full() == 0           # 3 < 8 wait in the ring
+        assert r.pending_bytes() == 3 * 24
+        assert rows_of(r) == [(i, 0) for i in range(12)]
+    finally:
+        n.close()
+    # The cap: 5 records' bytes in the backlog at most.
+    n = Notified(tmp_path, [(REC.pack(i, 0), 0) for i in range(12)], producer=0)
+    r = n.r
+    try:
+        r.present()
+        r.sip_in_background(fill=2 * 24, cap=5 * 24, interval_s=0.2)
+        n.produce(8)
+        assert r.sip_when_full() == 5 * 24 and r.backlog_bytes == 5 * 24
+        assert r.sip_when_full() == 0 and r.pending_bytes() == 3 * 24
+    finally:
+        n.close()
+
+
 def test_the_background_sipper_moves_records_only_while_the_consumer_is_away(tmp_path):
     """sip_in_background: while the consumer is away (a write that blocks,
     a long step), a thread moves what the ring holds past `fill` into the

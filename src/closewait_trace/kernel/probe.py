@@ -631,9 +631,6 @@ class KernelProbe:
     buffer_lost: int = 0      # records the perf buffer's lost callback reported
     received: int = 0         # records handed to the callback
     _ring: object = None      # ringreader.RingReader when the mapping is read directly
-    # Bytes sip() may hold out of the ring: every tracked socket's CLOSED
-    # event at once (max_tracked records; 29 MiB at the default 262,144).
-    _backlog_cap: int = 0
     _detaching: Optional[list] = None     # threads detaching the tracepoints (detach())
     _on_batch: object = None
     _loading: object = None       # the thread of load_in_background(), until start()
@@ -770,9 +767,11 @@ class KernelProbe:
             # event); libbpf's reader elsewhere (ringreader's docstring).
             self._ring = ringreader.RingReader(table.map_fd, table.max_entries, unpack_from,
                                                record=layout.struct)
-            self._backlog_cap = self.config.max_tracked * ((size + ringreader.HEADER + 7) & ~7)
             if not self.config.all_transitions:         # as sip() says
-                self._ring.sip_in_background(self._ring.size // SIP_FILL, self._backlog_cap,
+                # The backlog's cap: every tracked socket's CLOSED event at
+                # once (max_tracked records; 29 MiB at the default 262,144).
+                backlog_cap = self.config.max_tracked * ((size + ringreader.HEADER + 7) & ~7)
+                self._ring.sip_in_background(self._ring.size // SIP_FILL, backlog_cap,
                                              SIP_INTERVAL_S)
             return
 
@@ -835,17 +834,17 @@ class KernelProbe:
         """Keep the ring buffer from filling while the loop is busy (the
         departures' tick, a long write): once it is SIP_FILL full, its
         records move to the reader's backlog (raw, read first by the next
-        polls), up to _backlog_cap bytes. The loop calls this between the
-        steps of long work; a thread does it too while the loop is away
-        from the ring (SIP_INTERVAL_S), for a step that does not return
-        soon (a blocked write). True when this probe keeps a backlog: the
+        polls), up to a record per socket it may track. The loop calls
+        this between the steps of long work; a thread does it too while
+        the loop is away from the ring (SIP_INTERVAL_S), for a step that
+        does not return soon (a blocked write). True when this probe keeps a backlog: the
         default mode read from the mapping. Not with --all: its ring is
         16 MiB, and a saturating workload would only turn the kernel's
         drops into memory and into events left unread at the exit."""
         ring = self._ring
         if ring is None or self.config.all_transitions:
             return False
-        ring.sip_when_full(ring.size // SIP_FILL, self._backlog_cap)
+        ring.sip_when_full()            # the policy start() gave it
         return True
 
     def backlog_bytes(self) -> int:

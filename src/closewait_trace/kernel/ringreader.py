@@ -90,8 +90,11 @@ class RingReader:
         # thread and from the background sipper's (sip_in_background), one
         # at a time.
         self._lock = threading.Lock()
-        self._sip_fill = 0              # sip_when_full(): the fill that moves records
-        self._sip_cap = 0               #   and the backlog's cap, in bytes
+        # The backlog's policy, set once by sip_in_background: the fill
+        # that moves records, and the backlog's cap in bytes (none moved
+        # before it is set).
+        self._sip_fill = 0
+        self._sip_cap = 0
         self._sipper: threading.Thread | None = None
         # Whether the consumer is away from the ring (away() .. present());
         # away until its first read (its start-up writes come first).
@@ -195,16 +198,17 @@ class RingReader:
         with self._lock:
             return self._sip(room)
 
-    def sip_when_full(self, fill: int, cap: int) -> int:
-        """sip() once `fill` bytes wait in the ring, keeping the backlog
-        within `cap` bytes; the policy the background sipper follows too."""
+    def sip_when_full(self) -> int:
+        """sip() by the policy sip_in_background was given, as its thread
+        does: once that fill waits in the ring, keeping the backlog within
+        that cap (nothing before the policy is set)."""
         with self._lock:
-            return self._sip_when_full(fill, cap)
+            return self._sip_when_full()
 
-    def _sip_when_full(self, fill: int, cap: int) -> int:
-        if self._prod[0] - self._cons[0] < fill:
+    def _sip_when_full(self) -> int:
+        if not self._sip_cap or self._prod[0] - self._cons[0] < self._sip_fill:
             return 0
-        return self._sip(cap - self.backlog_bytes)
+        return self._sip(self._sip_cap - self.backlog_bytes)
 
     def _sip(self, room: int) -> int:
         cons = self._cons[0]
@@ -248,9 +252,11 @@ class RingReader:
     # thread holds one (an Event's own lock in away() was such a deadlock).
 
     def sip_in_background(self, fill: int, cap: int, interval_s: float) -> None:
-        """Start the background sipper: sip_when_full(fill, cap) every
-        interval_s while the consumer is away (until present(), and again
-        from away()) and records wait in the ring."""
+        """Keep a backlog: records move out of the ring once `fill` bytes
+        wait in it, the backlog within `cap` bytes (the policy of every
+        sip_when_full() from now on), and a thread of its own does that
+        every interval_s while the consumer is away (until present(), and
+        again from away()) and records wait in the ring."""
         if self._sipper is not None:
             return
         self._sip_fill, self._sip_cap = fill, cap
@@ -285,10 +291,7 @@ class RingReader:
     def present(self) -> None:
         """The consumer reads (and maybe waits on) the ring itself: once
         this returns, the sipper moves nothing until away()."""
-        if self._sipper is not None:
-            with self._lock:            # a sip under way ends first
-                self._away = False
-        else:
+        with self._lock:                # a sip under way ends first
             self._away = False
 
     def _sip_while_away(self, interval_ms: int) -> None:
@@ -300,7 +303,7 @@ class RingReader:
             self._on_stop.poll(interval_ms)     # the consumer may take them meanwhile
             with self._lock:
                 if self._sipping and self._away:
-                    self._sip_when_full(self._sip_fill, self._sip_cap)
+                    self._sip_when_full()
 
     def _wait_for_record(self) -> bool:
         """Until a record waits in the ring, the stop, or RECORD_WAIT_MS;
