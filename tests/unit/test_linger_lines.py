@@ -15,7 +15,7 @@ from closewait_trace.files import recording
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.output import lingerlines, metrics, records, render, schema, textsafe
-from closewait_trace.output.lingerlines import LingerJson, LingerReport
+from closewait_trace.output.lingerlines import LingerJson, LingerReport, LingerText
 from closewait_trace.output.report import build as build_report, render_text as report_text
 from closewait_trace.output.sinks import RecordingSink
 from closewait_trace.output.terminal import TerminalSink
@@ -117,6 +117,101 @@ def test_lines_are_the_bytes_of_the_record_encoded(tmp_path):
             assert small.line(report) == compact(rec), rec
             assert report._record is None       # the dict was not made
     assert "\x7f" not in full.line(report)
+
+
+CLOCKS = ("clock", "iso", "epoch", "elapsed", "entered")
+
+
+def hostile_text_fields(lingerers, rng: random.Random) -> None:
+    """What the text rows show that varied_lingerers leaves plain: the
+    summary and a holder's state, from another user's process."""
+    for l in lingerers:
+        if l.diagnosis is not None and rng.random() < 0.3:
+            l.diagnosis.summary = rng.choice(NASTY) + rng.choice(NASTY)
+        if l.ownership is not None and l.ownership.holders and rng.random() < 0.2:
+            l.ownership.holders[0].state = rng.choice(NASTY)
+
+
+def test_text_rows_are_the_records_rows(tmp_path):
+    """LingerText gives what the renderer gives the record's dict, in every
+    clock (a date line when the day changes: the ts include 1970), with
+    --all's narrower columns, for CHANGE and LINGER, without making the
+    dict; and through the dict's way with -v, --wide, or an EOF read's
+    place, where its rows need the record."""
+    rng = random.Random(21)
+    lingerers = varied_lingerers(tmp_path, rng, 60)
+    hostile_text_fields(lingerers, rng)
+    # One process holding it on two fds: one holder process, not "+1".
+    two = lingerers[1]
+    h = two.ownership.holders[0]
+    two.ownership.holders = (h, owners.Holder(h.pid, h.comm, h.fd + 1, h.state, h.ppid,
+                                              h.uid, h.cmdline))
+    seen = set()
+    for clock in CLOCKS:
+        for all_transitions in (False, True):
+            fast, slow = (render.TextRenderer(time_format=clock) for _ in range(2))
+            fast.all_transitions = slow.all_transitions = all_transitions
+            text = LingerText(fast)
+            for _ in range(3):
+                # A time half a microsecond before the next second: the
+                # record's, rounded to the microsecond, is in that second.
+                edge = [LingerReport(l, 1_796_594_561.9999996, 10**9) for l in lingerers[:3]]
+                for report in reports(lingerers, rng) + edge:
+                    rec = records.linger(report.lingerer, report.ts, report.age_ns,
+                                         report.update)
+                    want = slow.render(rec)
+                    assert text.lines(report) == want, rec
+                    assert report._record is None       # the dict was not made
+                    seen.update(line[:10] for line in want if not line.startswith(" "))
+    assert any(line[4] == "-" for line in seen)         # a date line was among them
+    for wide, verbose in ((True, False), (False, True)):
+        fast, slow = (render.TextRenderer(wide=wide, verbose=verbose) for _ in range(2))
+        text = LingerText(fast)
+        for report in reports(lingerers, rng):
+            want = slow.render(records.linger(report.lingerer, report.ts, report.age_ns,
+                                              report.update))
+            assert text.lines(report) == want and report._record is not None
+    l = lingerers[0]
+    l.code = {"eof_read": {"pid": 10, "comm": "c", "ts": 5.0, "place": None},
+              "opened": None}
+    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    want = render.TextRenderer().render(records.linger(l, report.ts, report.age_ns))
+    assert LingerText(render.TextRenderer()).lines(report) == want
+    assert report._record is not None and any("read EOF" in line for line in want)
+
+
+def test_text_rows_keep_a_holders_cells_once_and_within_their_bound(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000)
+    text = LingerText(render.TextRenderer())
+    made = []
+    make = text._make_owner
+    text._make_owner = lambda *a: made.append(a) or make(*a)
+    for i in range(5):
+        text.lines(LingerReport(l, 1_796_594_561.5 + i, 2_000_000_000 + i))
+    assert len(made) == 1 and len(text._owners) == 1 and len(text._diagnoses) == 1
+    h = l.ownership.holders[0]
+    for i in range(3 * lingerlines.KEPT_MAX):
+        h.comm = f"c{i}"
+        l.diagnosis.summary = f"s{i}"
+        text.lines(LingerReport(l, 1_796_594_561.5, 2_000_000_000))
+        assert len(text._owners) <= lingerlines.KEPT_MAX
+        assert len(text._diagnoses) <= lingerlines.KEPT_MAX
+    l.diagnosis.summary = "x" * (lingerlines.KEPT_SUMMARY_CHARS + 1)
+    before = dict(text._diagnoses)
+    text.lines(LingerReport(l, 1_796_594_561.5, 2_000_000_000))
+    assert text._diagnoses == before                    # too long to keep: made again
+
+
+def test_an_evidence_let_go_raises_from_the_text_as_from_the_dict(tmp_path):
+    l = lingerer_with_listener(tmp_path, 40000)
+    l.diagnosis.written()
+    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+    for make in (report.record, lambda: LingerText(render.TextRenderer()).lines(report)):
+        try:
+            make()
+        except diagnosis.EvidenceWritten:
+            continue
+        raise AssertionError("no EvidenceWritten")
 
 
 def test_the_process_pieces_and_shared_parts_are_made_once(tmp_path):

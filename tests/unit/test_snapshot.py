@@ -393,3 +393,27 @@ def test_holders_left_for_the_cap_are_counted_in_one_notice(tmp_path, monkeypatc
     monkeypatch.setattr(gathering, "MAX_PROCESSES_PER_BATCH", 4)
     again = snapshot.take(proc=f.root, as_root=True, resolver=resolver)
     assert snapshot.notice_lines(again, as_root=True) == []
+
+
+def test_the_footers_part_of_a_socket_is_its_records(tmp_path):
+    """footer_part: the values holder_groups reads, made from the socket,
+    are the record's own (records.linger), and the footer made from them
+    is the footer made from the records, hostile names included."""
+    import random
+
+    from closewait_trace.output import fold, records
+    from tests.unit.test_linger_lines import reports, varied_lingerers
+    rng = random.Random(22)
+    lingerers = varied_lingerers(tmp_path, rng, 80)
+    made = reports(lingerers, rng)
+    recs = [records.linger(r.lingerer, r.ts, r.age_ns, r.update) for r in made]
+    parts = [snapshot.footer_part(r) for r in made]
+    for rec, part in zip(recs, parts):
+        want = {k: rec[k] for k in part}
+        want["owners"] = [{k: o[k] for k in ("pid", "comm", "state")} for o in rec["owners"]]
+        want["diagnosis"] = rec["diagnosis"] and {"cause": rec["diagnosis"]["cause"]}
+        assert part == want
+    folding = fold.of_holders(h for l in lingerers if l.ownership is not None
+                              for h in l.ownership.holders)
+    assert snapshot.footer_lines(parts, folding) == snapshot.footer_lines(recs, folding)
+    assert len(snapshot.footer_lines(parts, folding)) > 3

@@ -272,6 +272,11 @@ class Diagnosis:
         self._listeners = ()
         self._server = server       # the accepting process, for an inherited socket
 
+    @property
+    def evidence_let_go(self) -> bool:
+        """written() was called: the evidence is gone (asked, it raises)."""
+        return self._own is _WRITTEN
+
     def written(self) -> "Diagnosis":
         """The evidence was written (the socket's linger record is out):
         what it rests on is let go. A lingering socket keeps its diagnosis

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from closewait_trace.durations import format_age
 from closewait_trace.evidence import gathering
+from closewait_trace.output import records
 from closewait_trace.sockets import ages, owners, procfs
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter
 from closewait_trace.sockets.tracker import Lingerer
@@ -62,7 +63,6 @@ class Snapshot:
         """What records() gives, with each linger record still to be made
         (lingerlines.LingerReport: the JSON sink builds its line from the
         socket)."""
-        from closewait_trace.output import records
         from closewait_trace.output.lingerlines import LingerReport
         ts = time.time() if ts is None else ts
         at_ns = gathering.now_ns() if at_ns is None else at_ns
@@ -217,6 +217,25 @@ def holder_groups(linger_records: list[dict], folding: Optional[Fold] = None
         if key[0] == "process":
             g.label = named[key[1]]
     return sorted(groups.values(), key=lambda g: (-g.count, -g.oldest_s, g.label))
+
+
+def footer_part(report) -> dict:
+    """What holder_groups reads of a linger record (lingerlines.
+    LingerReport), made from the socket: its holders' pid, comm and state,
+    its owner kind, the listener's part, the cause and the age. The same
+    values as the record's (records.linger; tests/unit/test_snapshot.py
+    compares them), without the rest of it."""
+    l, age_ns = report.lingerer, report.age_ns
+    own, diag = l.ownership, l.diagnosis
+    age_s, source, age_max_s, _lower = records.age_values(
+        age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+    return {"owners": [{"pid": h.pid, "comm": h.comm, "state": h.state}
+                       for h in (own.holders if own is not None else ())],
+            "owner_kind": own.kind if own is not None else None,
+            "listener": (records.listener_part(own)
+                         if own is not None and own.listener is not None else None),
+            "diagnosis": {"cause": diag.cause} if diag is not None else None,
+            "age_s": age_s, "age_source": source, "age_max_s": age_max_s}
 
 
 def footer_lines(linger_records: list[dict], folding: Optional[Fold] = None) -> list[str]:
@@ -393,20 +412,21 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
         for report in reports:
             out.emit_linger(report)     # its line made from the socket, no dict
     else:
-        lingers = [report.record() for report in reports]
-        kept = processes + lingers
+        kept = reports
         described = "; ".join(t for t in (socket_filter.describe(),
                                           holder_filter.describe() if holder_filter.active
                                           else "") if t)
-        out.write_lines(title_lines(len(lingers), min_age_ns, described,
+        out.write_lines(title_lines(len(reports), min_age_ns, described,
                                     hidden=0 if as_root else snap.hidden,
                                     unread_namespaces=snap.unread_namespaces)
-                        + ([out.renderer.header()] if lingers else []))
-        for rec in kept:
+                        + ([out.renderer.header()] if reports else []))
+        for rec in processes:
             out.emit(rec)
+        for report in reports:
+            out.emit_linger(report)     # its rows made from the socket, no dict
         from closewait_trace.output import fold
         folding = fold.of_holders(h for l in snap.lingering for h in l.ownership.holders)
-        out.write_lines(footer_lines(lingers, folding))
+        out.write_lines(footer_lines([footer_part(report) for report in reports], folding))
     out.flush()
     for line in notice_lines(snap, as_root):
         notice(line)

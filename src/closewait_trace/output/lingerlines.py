@@ -26,7 +26,7 @@ import json
 import math
 from typing import Optional
 
-from closewait_trace.output import records, textsafe
+from closewait_trace.output import records, render, textsafe
 
 _str = json.encoder.encode_basestring_ascii
 _float_repr = float.__repr__
@@ -38,6 +38,11 @@ KEPT_MAX = 1024             # entries per cache; cleared when full
 # 4,096 characters, each escaped to six (\\uXXXX), and a listener's part
 # has every holder of the listener's; 1,024 of those would be tens of MB.
 KEPT_CHARS_MAX = 4 << 20
+
+# A diagnosis line is kept (LingerText) for a summary no longer than this:
+# with KEPT_MAX of them, about 1 MB (the comm and states in its key are
+# short); a longer one is made each time.
+KEPT_SUMMARY_CHARS = 512
 
 # The fields of an owners entry (owners.Holder.as_dict) that every fd of
 # one process shares: the key its pieces are kept under
@@ -244,3 +249,88 @@ class LingerJson:
             return _scalar(value)
         except _Fallback:
             return self._encode(value)
+
+
+class LingerText:
+    """Linger records' rows as the text table writes them, byte for byte
+    what renderer.render(report.record()) gives (render.TextRenderer: the
+    same row, age, OWNER and diagnosis functions), made from the socket:
+    no record's dict, and the OWNER cell and the diagnosis line made once
+    per holder and summary (the sockets of one holder share them), the
+    rest in place. `snapshot` of 10,000 sockets built a dict for each
+    (29 us on a slow machine) and rendered it (24 us).
+
+    The common row only: with -v, --wide, in a replay, or where the place
+    of an EOF read is known (its line says how long ago), the record's dict
+    is made and rendered as before. tests/unit/test_linger_lines.py
+    compares both ways on hostile sockets."""
+
+    def __init__(self, renderer: "render.TextRenderer"):
+        self.r = renderer
+        # (--all?, pid, comm, state) of a socket's one holder -> (its
+        # OWNER cell, the holders' states for its diagnosis line).
+        self._owners: dict = {}
+        # (holders' states, summary) -> the diagnosis line, checked and fitted.
+        self._diagnoses: dict = {}
+
+    def lines(self, report: LingerReport) -> list[str]:
+        r = self.r
+        l = report.lingerer
+        diag = l.diagnosis
+        code = records.linger_code(l)
+        if (r.verbose or r.wide or r.replay is not None
+                or (isinstance(code, dict) and isinstance(code.get("eof_read"), dict))
+                or (diag is not None and diag.evidence_let_go)):
+            # The dict's way (an evidence let go raises there, as it did).
+            return r.render(report.record())
+        owner, states = self._owner(l.ownership)
+        ts, age_ns = report.ts, report.age_ns
+        age_s, source, age_max_s, lower_bound = records.age_values(
+            age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+        ep = l.endpoints
+        age = render.age_cell(age_s, render.source_of(source, lower_bound), age_max_s)
+        rows = r.row(round(ts, 6), records.entered_at(ts, age_s), age_s,
+                     ep.laddr, ep.lport, ep.raddr, ep.rport, None,
+                     "CHANGE" if report.update else "LINGER", age, owner)
+        safe = textsafe.safe_line
+        lines = render.fit_lines([safe(line) for line in rows])    # a date line, the row
+        if diag is not None:
+            lines += self._diagnosis(states, diag.summary)
+        return lines
+
+    def _owner(self, own) -> tuple:
+        holders = own.holders if own is not None else ()
+        if len(holders) == 1:
+            h = holders[0]
+            pid, comm, state = h.pid, h.comm, h.state
+            # Kept by value: only values of the types /proc gives (equal
+            # values of other types may be written otherwise: True, 1.0).
+            if type(pid) is int and type(comm) is str and type(state) is str:
+                key = (self.r.all_transitions, pid, comm, state)
+                hit = self._owners.get(key)
+                if hit is None:
+                    hit = self._make_owner(own, holders)
+                    if len(self._owners) >= KEPT_MAX:
+                        self._owners.clear()
+                    self._owners[key] = hit
+                return hit
+        return self._make_owner(own, holders)
+
+    def _make_owner(self, own, holders) -> tuple:
+        first = render.who_is(holders[0].pid, holders[0].comm) if holders else None
+        more = len({str(h.pid) for h in holders}) - 1
+        cell = self.r.linger_owner(first, more, own.kind if own is not None else None)
+        return cell, render.holder_states(h.state for h in holders)
+
+    def _diagnosis(self, states: str, summary) -> list[str]:
+        keep = type(summary) is str and len(summary) <= KEPT_SUMMARY_CHARS
+        hit = self._diagnoses.get((states, summary)) if keep else None
+        if hit is None:
+            text = render.diagnosis_text(states, summary)
+            hit = render.fit_lines([textsafe.safe_line(line)
+                                    for line in self.r.diagnosis_lines(text)])
+            if keep:
+                if len(self._diagnoses) >= KEPT_MAX:
+                    self._diagnoses.clear()
+                self._diagnoses[(states, summary)] = hit
+        return hit

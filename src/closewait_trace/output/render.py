@@ -73,10 +73,14 @@ def age_source(rec: dict, kind: str = "age") -> str:
     """traced | estimated | lower_bound. Records from before ages had a
     source carry only `<kind>_is_lower_bound`: then it is lower_bound or
     traced, as it meant then."""
-    source = rec.get(f"{kind}_source")
+    return source_of(rec.get(f"{kind}_source"), rec.get(f"{kind}_is_lower_bound"))
+
+
+def source_of(source, is_lower_bound) -> str:
+    """age_source from the two fields' values."""
     if source in ("traced", "estimated", "lower_bound", "range"):
         return source
-    return "lower_bound" if rec.get(f"{kind}_is_lower_bound") else "traced"
+    return "lower_bound" if is_lower_bound else "traced"
 
 
 # A range (keepalive) is shown by its upper end, marked "at most": its lower
@@ -94,13 +98,18 @@ def marked_age(seconds, source: str = "traced") -> str:
 def age_text(rec: dict, kind: str = "age") -> str:
     """A record's age (kind "age": linger, snapshot entries) or duration
     ("duration": closed), with the mark of its source."""
-    source = age_source(rec, kind)
+    return age_cell(rec.get(f"{kind}_s"), age_source(rec, kind), rec.get(f"{kind}_max_s"))
+
+
+def age_cell(seconds, source: str, max_seconds) -> str:
+    """age_text from the values: how long, its source (age_source), the
+    upper end of a range."""
     if source == "range":
-        high = _number(rec.get(f"{kind}_max_s"))
+        high = _number(max_seconds)
         if high is None:        # a damaged record: its lower end is all there is
-            return marked_age(rec.get(f"{kind}_s"), "lower_bound")
+            return marked_age(seconds, "lower_bound")
         return marked_age(high, source)
-    return marked_age(rec.get(f"{kind}_s"), source)
+    return marked_age(seconds, source)
 
 
 def hostport(addr, port, columns: Optional[int] = None) -> str:
@@ -132,7 +141,12 @@ def who(person) -> str:
     """`pid/comm` of an owners entry, task or closed_by (escaped)."""
     if not isinstance(person, dict):
         return "-"
-    return f"{escape(person.get('pid', '?'))}/{escape(person.get('comm', '?'))}"
+    return who_is(person.get('pid', '?'), person.get('comm', '?'))
+
+
+def who_is(pid, comm) -> str:
+    """who() from the values."""
+    return f"{escape(pid)}/{escape(comm)}"
 
 
 # ---------------------------------------------------------------- time
@@ -290,6 +304,17 @@ def _age_kind(kind: str) -> str:
 
 # ---------------------------------------------------------------- rows
 
+def holder_states(states) -> str:
+    """The holders' states, as they lead a diagnosis line: "S", "ST"."""
+    return "".join(sorted({escape(state) for state in states}))
+
+
+def diagnosis_text(states: str, summary) -> str:
+    """A diagnosis line's text: the holders' states (holder_states) first,
+    [T] stopped, [S] sleeping..., then its summary."""
+    return (f"[{states}] " if states else "") + escape(summary)
+
+
 @functools.lru_cache(maxsize=512)
 def _cut_diagnosis(text: str, columns: int, indent: str) -> str:
     """A diagnosis line cut to its columns: the same few texts for thousands
@@ -362,27 +387,34 @@ class TextRenderer:
         are its EVENT, AGE and OWNER cells (owner escaped already); the rest
         is taken from the record and escaped here."""
         kind = rec.get("type")
-        widths = self.widths()
         time_field = TIME_COLUMN.fields.get(kind, ("ts",))[0]
-        when = rec.get(time_field)
+        endpoint = [rec.get(f) for column in (LOCAL_COLUMN, REMOTE_COLUMN)
+                    for f in column.fields.get(kind, column.fields["linger"])]
+        return self.row(rec.get(time_field), rec.get("entered_at"),
+                        rec.get("age_s", rec.get("duration_s")), *endpoint,
+                        rec.get("peer_known"), event, age, owner)
+
+    def row(self, when, entered_at, held, laddr, lport, raddr, rport, peer_known,
+            event: str, age: str, owner: str) -> list[str]:
+        """_row from the record's values: when (its TIME field), since when
+        (entered_at, or when less held: its age or duration), its endpoints;
+        the lines before it (a date line), then the row. A row made from a
+        socket (lingerlines.LingerText) is made here too."""
+        widths = self.widths()
         if self.clock.style == "entered":
             # Since when: the entry time of a socket's row (LINGER, CHANGE,
             # CLOSED), from the record's own age or duration.
-            entered = _number(rec.get("entered_at"))
-            held = _number(rec.get("age_s", rec.get("duration_s")))
-            ts = _number(rec.get(time_field))
+            entered = _number(entered_at)
+            held = _number(held)
+            ts = _number(when)
             if entered is None and held is not None and ts is not None:
                 entered = ts - held
             if entered is not None:
                 when = entered
         cell, before = self.clock.cell(when)
-        endpoints = []
-        for column in (LOCAL_COLUMN, REMOTE_COLUMN):
-            addr, port = column.fields.get(kind, column.fields["linger"])
-            w = widths[column.label]
-            endpoints.append(hostport(rec.get(addr), rec.get(port), None if self.wide else w))
-        local, remote = endpoints
-        if rec.get("peer_known") is False:
+        local = hostport(laddr, lport, None if self.wide else widths[LOCAL_COLUMN.label])
+        remote = hostport(raddr, rport, None if self.wide else widths[REMOTE_COLUMN.label])
+        if peer_known is False:
             remote = PEER_NOT_GIVEN         # not 0.0.0.0:0 as if that were the peer
         tw, ew, aw = widths[TIME_COLUMN.label], widths[EVENT_COLUMN.label], widths[AGE_COLUMN.label]
         lw, rw = widths[LOCAL_COLUMN.label], widths[REMOTE_COLUMN.label]
@@ -531,37 +563,45 @@ class TextRenderer:
 
     def _linger(self, rec: dict) -> list[str]:
         owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
-        if owners:
-            pids = {str(o.get("pid")) for o in owners}
-            owner = self._owner(who(owners[0]), len(pids) - 1)
-        elif rec.get("owner_kind") == "accept_queue":
-            owner = "(not accepted)"
-        elif rec.get("owner_kind") == "ambiguous":
-            owner = "(ambiguous)"     # several namespaces, its own unknown
-        else:
-            owner = "-"
+        owner = self.linger_owner(who(owners[0]) if owners else None,
+                                  len({str(o.get("pid")) for o in owners}) - 1,
+                                  rec.get("owner_kind"))
         event = "CHANGE" if rec.get(EVENT_COLUMN.fields["linger"][0]) else "LINGER"
         self._count(event)
         lines = self._row(rec, event, age_text(rec, _age_kind("linger")), owner)
         diagnosis = rec.get("diagnosis")
         if isinstance(diagnosis, dict):
-            # The holders' states lead the line: [T] stopped, [S] sleeping...
-            states = "".join(sorted({escape(o.get("state", "?")) for o in owners}))
-            text = (f"[{states}] " if states else "") + escape(diagnosis.get("summary", ""))
-            indent = " " * 9
-            if self.wide:
-                lines.append(indent + text)
-            elif self.verbose:
-                # All of it, wrapped to 80 columns (-v is read, not grepped).
-                lines.extend(indent + l for l in prose(text, LINE - len(indent)))
-            else:
-                lines.append(_cut_diagnosis(text, LINE - len(indent), indent))
+            text = diagnosis_text(holder_states(o.get("state", "?") for o in owners),
+                                  diagnosis.get("summary", ""))
+            lines.extend(self.diagnosis_lines(text))
         else:
             text = ""
         lines.extend(code_lines(rec, self.verbose, shown=text))
         if self.verbose:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
+
+    def linger_owner(self, first: Optional[str], more: int, owner_kind) -> str:
+        """A linger row's OWNER: its first holder (who(); None: no holder)
+        and how many more processes hold it; with none, what its owner
+        kind says."""
+        if first is not None:
+            return self._owner(first, more)
+        if owner_kind == "accept_queue":
+            return "(not accepted)"
+        if owner_kind == "ambiguous":
+            return "(ambiguous)"     # several namespaces, its own unknown
+        return "-"
+
+    def diagnosis_lines(self, text: str) -> list[str]:
+        """A linger row's diagnosis (diagnosis_text) under it."""
+        indent = " " * 9
+        if self.wide:
+            return [indent + text]
+        if self.verbose:
+            # All of it, wrapped to 80 columns (-v is read, not grepped).
+            return [indent + l for l in prose(text, LINE - len(indent))]
+        return [_cut_diagnosis(text, LINE - len(indent), indent)]
 
     def _transition(self, rec: dict) -> list[str]:
         prev = rec.get(AGE_COLUMN.fields["transition"][0])

@@ -95,6 +95,7 @@ class TerminalSink:
         self._always_held = hold
         # Linger records' JSON lines, made from the socket (emit_linger).
         self._linger_json = lingerlines.LingerJson()
+        self._linger_text = lingerlines.LingerText(renderer)
 
     @property
     def _out(self):
@@ -128,14 +129,15 @@ class TerminalSink:
         self.write_lines(lines)
 
     def emit_linger(self, report: lingerlines.LingerReport) -> None:
-        """A linger record: in JSON its line made from the socket, without
-        the record's dict (the line is safe: LingerJson checks it)."""
+        """A linger record: its line made from the socket, without the
+        record's dict (a JSON line is safe: LingerJson checks it)."""
         if self.quiet or self.closed:
             return                  # as emit() does with a linger record
         if self.as_json:
             self.write_lines([self._linger_json.line(report)], checked=True)
         else:
-            self.emit(report.record())
+            # Checked too: LingerText's lines, and render()'s.
+            self.write_lines(self._linger_text.lines(report), checked=True)
 
     def _banner(self, rec: dict) -> None:
         threshold = rec.get("threshold_s")
@@ -181,7 +183,8 @@ class TerminalSink:
 
     def write_lines(self, lines, checked: bool = False) -> None:
         """checked: every line has been through textsafe.safe_line already
-        (a linger line: lingerlines.LingerJson checks its own)."""
+        (a linger line: lingerlines.LingerJson and LingerText check their
+        own)."""
         if self.closed:
             return
         held = self._held
