@@ -171,13 +171,22 @@ def test_text_rows_are_the_records_rows(tmp_path):
             want = slow.render(records.linger(report.lingerer, report.ts, report.age_ns,
                                               report.update))
             assert text.lines(report) == want and report._record is not None
+    # A place known (the read of EOF, the connect() that opened it): a line
+    # each, even without -v (a review: the connect()'s was dropped).
     l = lingerers[0]
-    l.code = {"eof_read": {"pid": 10, "comm": "c", "ts": 5.0, "place": None},
-              "opened": None}
-    report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
-    want = render.TextRenderer().render(records.linger(l, report.ts, report.age_ns))
-    assert LingerText(render.TextRenderer()).lines(report) == want
-    assert report._record is not None and any("read EOF" in line for line in want)
+    read = {"pid": 10, "comm": "c", "ts": 5.0, "place": None}
+    opened = {"ts": 5.0, "pid": 10, "tid": 10, "comm": "client", "stack": [],
+              "stack_bytes": 0, "unwound": True,
+              "place": {"function": "fetch_user", "file": "app.py", "line": 3}}
+    for code, said in (({"eof_read": read, "opened": None}, "read EOF"),
+                       ({**records.code_none_seen(), "opened": opened,
+                         "opened_unknown": None}, "opened by fetch_user (app.py:3)"),
+                       ({"eof_read": read, "opened": opened}, "opened by")):
+        l.code = code
+        report = LingerReport(l, 1_796_594_561.5, 2_000_000_000)
+        want = render.TextRenderer().render(records.linger(l, report.ts, report.age_ns))
+        assert LingerText(render.TextRenderer()).lines(report) == want
+        assert report._record is not None and any(said in line for line in want)
 
 
 def test_text_rows_keep_a_holders_cells_once_and_within_their_bound(tmp_path):

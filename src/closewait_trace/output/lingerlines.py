@@ -260,9 +260,10 @@ class LingerText:
     rest in place. `snapshot` of 10,000 sockets built a dict for each
     (29 us on a slow machine) and rendered it (24 us).
 
-    The common row only: with -v, --wide, in a replay, or where the place
-    of an EOF read is known (its line says how long ago), the record's dict
-    is made and rendered as before. tests/unit/test_linger_lines.py
+    The common row only: with -v, --wide, in a replay, or where a place
+    is known (the EOF read's line says how long ago; the connect()'s, where
+    it was opened: render.code_places), the record's dict is made and
+    rendered as before. tests/unit/test_linger_lines.py
     compares both ways on hostile sockets."""
 
     def __init__(self, renderer: "render.TextRenderer"):
@@ -277,9 +278,8 @@ class LingerText:
         r = self.r
         l = report.lingerer
         diag = l.diagnosis
-        code = records.linger_code(l)
         if (r.verbose or r.wide or r.replay is not None
-                or (isinstance(code, dict) and isinstance(code.get("eof_read"), dict))
+                or render.code_places(records.linger_code(l)) != (None, None)
                 or (diag is not None and diag.evidence_let_go)):
             # The dict's way (an evidence let go raises there, as it did).
             return r.render(report.record())

@@ -789,13 +789,23 @@ def side_of(r: dict) -> str:
     return "server"
 
 
+def code_places(code) -> tuple:
+    """(the EOF read, the connect()) a record's `code` holds, None for a
+    place it does not: code_lines writes a line for each it holds, with or
+    without -v."""
+    if not isinstance(code, dict):
+        return None, None
+    read, opened = code.get("eof_read"), code.get("opened")
+    return (read if isinstance(read, dict) else None,
+            opened if isinstance(opened, dict) else None)
+
+
 def code_lines(rec: dict, verbose: bool, shown: str = "") -> list[str]:
     """Where the socket was read to its end and where it was connect()ed:
     a line each (unless the diagnosis line just shown says it already), and
     with -v the stacks, or why a place is not known."""
     code = rec.get("code") if isinstance(rec.get("code"), dict) else {}
-    read = code.get("eof_read") if isinstance(code.get("eof_read"), dict) else None
-    opened = code.get("opened") if isinstance(code.get("opened"), dict) else None
+    read, opened = code_places(code)
     indent = " " * 9
     out: list[str] = []
 
