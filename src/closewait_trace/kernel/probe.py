@@ -837,10 +837,11 @@ class KernelProbe:
         polls), up to a record per socket it may track. The loop calls
         this between the steps of long work; a thread does it too while
         the loop is away from the ring (SIP_INTERVAL_S), for a step that
-        does not return soon (a blocked write). True when this probe keeps a backlog: the
-        default mode read from the mapping. Not with --all: its ring is
-        16 MiB, and a saturating workload would only turn the kernel's
-        drops into memory and into events left unread at the exit."""
+        does not return soon (a blocked write). True when this probe keeps
+        a backlog: the default mode read from the mapping. Not with --all:
+        its ring is 16 MiB, and a saturating workload would only turn the
+        kernel's drops into memory and into events left unread at the
+        exit."""
         ring = self._ring
         if ring is None or self.config.all_transitions:
             return False

@@ -227,8 +227,7 @@ def footer_part(report) -> dict:
     compares them), without the rest of it."""
     l, age_ns = report.lingerer, report.age_ns
     own, diag = l.ownership, l.diagnosis
-    age_s, source, age_max_s, _lower = records.age_values(
-        age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+    age_s, source, age_max_s, _lower = records.lingerer_age_values(l, age_ns)
     return {"owners": [{"pid": h.pid, "comm": h.comm, "state": h.state}
                        for h in (own.holders if own is not None else ())],
             "owner_kind": own.kind if own is not None else None,
@@ -405,14 +404,7 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
     # Held and written in large pieces: one process writing everything it
     # has, not a live tail.
     out = TerminalSink(as_json, render.TextRenderer(wide=wide, verbose=verbose), hold=True)
-    if as_json:
-        kept = reports
-        for rec in processes:
-            out.emit(rec)
-        for report in reports:
-            out.emit_linger(report)     # its line made from the socket, no dict
-    else:
-        kept = reports
+    if not as_json:
         described = "; ".join(t for t in (socket_filter.describe(),
                                           holder_filter.describe() if holder_filter.active
                                           else "") if t)
@@ -420,14 +412,15 @@ def show(gatherer, socket_filter: SocketFilter, holder_filter: HolderFilter, min
                                     hidden=0 if as_root else snap.hidden,
                                     unread_namespaces=snap.unread_namespaces)
                         + ([out.renderer.header()] if reports else []))
-        for rec in processes:
-            out.emit(rec)
-        for report in reports:
-            out.emit_linger(report)     # its rows made from the socket, no dict
+    for rec in processes:
+        out.emit(rec)
+    for report in reports:
+        out.emit_linger(report)         # its line or rows made from the socket, no dict
+    if not as_json:
         from closewait_trace.output import fold
         folding = fold.of_holders(h for l in snap.lingering for h in l.ownership.holders)
         out.write_lines(footer_lines([footer_part(report) for report in reports], folding))
     out.flush()
     for line in notice_lines(snap, as_root):
         notice(line)
-    return snap, kept, out
+    return snap, reports, out

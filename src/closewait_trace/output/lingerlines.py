@@ -146,8 +146,7 @@ class LingerJson:
         c, s = self._c, self._s
         l, ts, age_ns = report.lingerer, report.ts, report.age_ns
         ep = l.endpoints
-        age_s, source, age_max_s, lower_bound = records.age_values(
-            age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+        age_s, source, age_max_s, lower_bound = records.lingerer_age_values(l, age_ns)
         diag = l.diagnosis
         code = records.linger_code(l)
         return (f'{{"type"{c}"linger"{s}"ts"{c}{_scalar(round(ts, 6))}{s}'
@@ -285,15 +284,13 @@ class LingerText:
             return r.render(report.record())
         owner, states = self._owner(l.ownership)
         ts, age_ns = report.ts, report.age_ns
-        age_s, source, age_max_s, lower_bound = records.age_values(
-            age_ns, l.age_source, records.lingerer_age_max_ns(l, age_ns))
+        age_s, source, age_max_s, lower_bound = records.lingerer_age_values(l, age_ns)
         ep = l.endpoints
         age = render.age_cell(age_s, render.source_of(source, lower_bound), age_max_s)
         rows = r.row(round(ts, 6), records.entered_at(ts, age_s), age_s,
                      ep.laddr, ep.lport, ep.raddr, ep.rport, None,
                      "CHANGE" if report.update else "LINGER", age, owner)
-        safe = textsafe.safe_line
-        lines = render.fit_lines([safe(line) for line in rows])    # a date line, the row
+        lines = r.finished(rows)            # a date line, the row
         if diag is not None:
             lines += self._diagnosis(states, diag.summary)
         return lines
@@ -318,8 +315,8 @@ class LingerText:
 
     def _make_owner(self, own, holders) -> tuple:
         first = render.who_is(holders[0].pid, holders[0].comm) if holders else None
-        more = len({str(h.pid) for h in holders}) - 1
-        cell = self.r.linger_owner(first, more, own.kind if own is not None else None)
+        cell = self.r.linger_owner(first, [h.pid for h in holders],
+                                   own.kind if own is not None else None)
         return cell, render.holder_states(h.state for h in holders)
 
     def _diagnosis(self, states: str, summary) -> list[str]:
@@ -327,8 +324,7 @@ class LingerText:
         hit = self._diagnoses.get((states, summary)) if keep else None
         if hit is None:
             text = render.diagnosis_text(states, summary)
-            hit = render.fit_lines([textsafe.safe_line(line)
-                                    for line in self.r.diagnosis_lines(text)])
+            hit = self.r.finished(self.r.diagnosis_lines(text))
             if keep:
                 if len(self._diagnoses) >= KEPT_MAX:
                     self._diagnoses.clear()

@@ -123,6 +123,11 @@ def lingerer_age_max_ns(lingerer, age_ns: int) -> Optional[int]:
     return None
 
 
+def lingerer_age_values(lingerer, age_ns: int) -> tuple:
+    """age_values of a lingering socket's age: its record's age fields."""
+    return age_values(age_ns, lingerer.age_source, lingerer_age_max_ns(lingerer, age_ns))
+
+
 def _lingerer_age(lingerer, age_ns: int) -> dict:
     return age_fields("age", age_ns, lingerer.age_source, lingerer_age_max_ns(lingerer, age_ns))
 

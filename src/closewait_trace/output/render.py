@@ -459,10 +459,14 @@ class TextRenderer:
                 # cannot show is counted (and said at the end), never fatal.
                 self.replay.unshowable += 1
                 return []
+        return self.finished(lines)
+
+    def finished(self, lines: list[str]) -> list[str]:
+        """A record's lines as they are written: checked (safe_line), and
+        fitted to 80 columns (bcc's checklist), whatever a record holds:
+        --wide keeps rows whole on purpose; everything else is fitted here,
+        once, rather than line by line wherever a line is made."""
         lines = [textsafe.safe_line(line) for line in lines]
-        # 80 columns (bcc's checklist), whatever a record holds: --wide
-        # keeps rows whole on purpose; everything else is fitted here, once,
-        # rather than line by line wherever a line is made.
         return lines if self.wide else fit_lines(lines)
 
     def _render(self, rec: dict) -> list[str]:
@@ -564,8 +568,7 @@ class TextRenderer:
     def _linger(self, rec: dict) -> list[str]:
         owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
         owner = self.linger_owner(who(owners[0]) if owners else None,
-                                  len({str(o.get("pid")) for o in owners}) - 1,
-                                  rec.get("owner_kind"))
+                                  [o.get("pid") for o in owners], rec.get("owner_kind"))
         event = "CHANGE" if rec.get(EVENT_COLUMN.fields["linger"][0]) else "LINGER"
         self._count(event)
         lines = self._row(rec, event, age_text(rec, _age_kind("linger")), owner)
@@ -581,12 +584,12 @@ class TextRenderer:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
 
-    def linger_owner(self, first: Optional[str], more: int, owner_kind) -> str:
+    def linger_owner(self, first: Optional[str], pids: list, owner_kind) -> str:
         """A linger row's OWNER: its first holder (who(); None: no holder)
-        and how many more processes hold it; with none, what its owner
-        kind says."""
+        and how many more processes hold it (pids: every holder's, a process
+        on two fds counted once); with none, what its owner kind says."""
         if first is not None:
-            return self._owner(first, more)
+            return self._owner(first, len({str(pid) for pid in pids}) - 1)
         if owner_kind == "accept_queue":
             return "(not accepted)"
         if owner_kind == "ambiguous":
