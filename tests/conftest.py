@@ -33,7 +33,7 @@ def pytest_configure(config):
                    "skips without root, fails under CI=true")
 
 
-def pytest_collection_modifyitems(config, items):
+def mark_unrunnable(items) -> None:
     reasons = {"kernel": kernel_tests_possible(), "root": root_tests_possible()}
     for item in items:
         marker = next((m for m in reasons if reasons[m] and item.get_closest_marker(m)), None)
@@ -45,6 +45,33 @@ def pytest_collection_modifyitems(config, items):
             item.user_properties.append(("ci_unrunnable", f"{marker} test: {reason}"))
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ------------------------------------------ tests/unit once, as user nobody
+# tests/root/test_unit_as_nobody.py runs the whole of tests/unit as nobody,
+# which is the stricter run (a unit test that needed root fails there). A
+# session that runs it therefore leaves tests/unit's items out of its own
+# run instead of running the folder a second time as root; the nobody run's
+# counts are said under "tests per folder". A session without it (tests/unit
+# alone, a -k that leaves it out, no root) runs tests/unit itself.
+
+UNIT_AS_NOBODY = "tests/root/test_unit_as_nobody.py::test_tests_unit_pass_as_nobody"
+
+
+def leave_unit_to_nobody(config, items) -> None:
+    if root_tests_possible() or not any(i.nodeid == UNIT_AS_NOBODY for i in items):
+        return
+    unit = [i for i in items if i.nodeid.startswith("tests/unit/")]
+    if unit:
+        config.hook.pytest_deselected(items=unit)
+        items[:] = [i for i in items if not i.nodeid.startswith("tests/unit/")]
+        config._unit_left_to_nobody = len(unit)
+
+
+@pytest.hookimpl(trylast=True)      # after -k and -m have deselected theirs
+def pytest_collection_modifyitems(config, items):
+    leave_unit_to_nobody(config, items)
+    mark_unrunnable(items)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -109,7 +136,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             folder = "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "other"
             by = counts.setdefault(folder, {})
             by[outcome] = by.get(outcome, 0) + 1
-    if not counts:
+    left = getattr(config, "_unit_left_to_nobody", 0)
+    if not counts and not left:
         return
     terminalreporter.write_sep("-", "tests per folder")
     for folder in sorted(counts):
@@ -117,3 +145,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(
             f"{folder}: {sum(by.values())} ("
             + ", ".join(f"{n} {o}" for o, n in sorted(by.items())) + ")")
+    if left:
+        ran = getattr(config, "_unit_as_nobody", "") or "did not finish"
+        terminalreporter.write_line(
+            f"tests/unit: {left}, run as user nobody by {UNIT_AS_NOBODY} ({ran})")

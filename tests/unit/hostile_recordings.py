@@ -42,10 +42,10 @@ def many_sockets(path: str, n: int, closed: bool = False) -> None:
                     ts=rec["ts"] + 5, duration=7.0, laddr=rec["laddr"], lport=rec["lport"],
                     raddr=rec["raddr"], rport=rec["rport"])))
             if len(batch) >= 5000:
-                f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+                f.write(gzip.compress(b"".join(batch), compresslevel=1, mtime=0))
                 batch = []
         if batch:
-            f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+            f.write(gzip.compress(b"".join(batch), compresslevel=1, mtime=0))
 
 
 def huge_names(path: str, name_bytes: int, records: int, field: str = "comm") -> None:
@@ -89,10 +89,10 @@ def fat_sockets(path: str, n: int) -> None:
                                        rport=i % 65536)
             batch.append(_line(rec))
             if len(batch) >= 700:
-                f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+                f.write(gzip.compress(b"".join(batch), compresslevel=1, mtime=0))
                 batch = []
         if batch:
-            f.write(gzip.compress(b"".join(batch), compresslevel=6, mtime=0))
+            f.write(gzip.compress(b"".join(batch), compresslevel=1, mtime=0))
 
 
 def fat_processes(path: str, n: int, frames: int = 10, identity_extra: int = 0) -> None:

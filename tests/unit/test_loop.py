@@ -1506,40 +1506,6 @@ def test_a_frozen_sockets_state_goes_when_it_leaves(tmp_path):
         gc.collect()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs CAP_SYS_NICE")
-def test_the_stop_of_a_process_about_to_end_runs_above_a_saturating_workload(tmp_path):
-    """SIGINT -> exit <= 0.2 s under saturation (issue 20): the exit's few
-    ms of work waited for a CPU behind the workload (0.10-0.26 s at load
-    average 6-7). From the stop signal the stopping thread runs at
-    STOP_NICE, when the process ends after run() (cli's quick exit); a
-    tracer used otherwise (a test, a library) keeps its priority."""
-    from closewait_trace.live import tracer as tracer_module
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        w = World(tmp_path / "kept")
-        w.tracer.start()
-        try:
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-            assert os.getpriority(os.PRIO_PROCESS, 0) == before
-            w.tracer.run()
-        finally:
-            w.tracer.restore_signals()
-        w = World(tmp_path / "ending")
-        w.probe.release_for_exit = lambda: None
-        w.tracer.exit_after_run = True
-        w.tracer.start()
-        try:
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-            assert os.getpriority(os.PRIO_PROCESS, 0) < before
-            assert os.getpriority(os.PRIO_PROCESS, 0) == tracer_module.STOP_NICE
-            w.tracer.run()
-        finally:
-            w.tracer.restore_signals()
-        assert w.sink.records[-1]["type"] == "summary"
-    finally:
-        os.setpriority(os.PRIO_PROCESS, 0, before)
-
-
 @pytest.fixture(autouse=True)
 def _priority_given_back():
     """A stop with exit_after_run raises this thread's priority (the process
