@@ -2,13 +2,11 @@
 uid 0 under setpriv with only the unit's bounding set must see the same
 owners and diagnoses as unrestricted root."""
 
-import concurrent.futures
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -47,27 +45,11 @@ def restricted(caps: list[str]) -> list[str]:
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-_ports_lock = threading.Lock()
-_ports_given: set = set()
-
-
-def unshared_port() -> int:
-    """A free port no other run in this process was given: runs go three at
-    once (test_one_capability_less_is_not_enough), and a port freed by one
-    free_port() may be the next one's."""
-    with _ports_lock:
-        while True:
-            port = free_port()
-            if port not in _ports_given:
-                _ports_given.add(port)
-                return port
-
-
 def seed_scenario(procs, prefix: list[str]) -> tuple[list, dict, str]:
     """The seed scenario, with what production adds: the server runs as an
     unprivileged user (not as root, as the tracer does), and a second server
     in another network namespace (a container) holds two more sockets."""
-    port = unshared_port()
+    port = free_port()
     tracer = Tracer(["-p", str(port), "-t", "1s"], command=prefix + harness.TRACER).start()
     procs.append(tracer)
     server, entered = start_seed_scenario(port, procs, as_user=NOBODY)
@@ -117,12 +99,8 @@ def comparable(records: list, port: int) -> list:
 
 def test_unit_capabilities_see_what_root_sees(procs):
     caps = unit_capabilities()
-    # Each run its own port, namespace and tracer: both at once.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        root_run = pool.submit(seed_scenario, procs, [])
-        unit_run = pool.submit(seed_scenario, procs, restricted(caps))
-        as_root, root_summary, root_port = root_run.result()
-        as_unit, unit_summary, unit_port = unit_run.result()
+    as_root, root_summary, root_port = seed_scenario(procs, [])
+    as_unit, unit_summary, unit_port = seed_scenario(procs, restricted(caps))
     assert comparable(as_unit, unit_port) == comparable(as_root, root_port)
     lingers = [r for r in as_unit if r["type"] == "linger"]
     assert len(lingers) == 7
@@ -172,27 +150,18 @@ def test_one_capability_less_is_not_enough(procs):
         assert sum(1 for r in what if r[0] == "linger") == 7, (dropped, what)
         assert what != seen_by_root, f"CAP_{dropped.upper()} is not needed"
 
-    runs = [(dropped, [c for c in base if c != dropped]) for dropped in base]
-    runs += [(dropped, [c for c in caps if c != dropped])       # not covered by CAP_SYS_ADMIN
-             for dropped in ("sys_ptrace", "dac_read_search")]
-
-    def without_sys_admin() -> None:
-        # CAP_SYS_ADMIN: where perf events are restricted (Debian's and
-        # Ubuntu's kernels) nothing traces without it; elsewhere it changes
-        # nothing the comparison shows (it reads other namespaces over
-        # sock_diag instead of /proc/PID/net/tcp).
-        if PERF_RESTRICTED:
-            knows_less("sys_admin", base)
-        else:
-            assert traced_with(procs, base) == ("ran", seen_by_root)
-
-    # Each run has its own port, namespace and tracer (filtered to its
-    # port): three at once, as waiting for the threshold is most of a run.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        pending = [pool.submit(knows_less, dropped, kept) for dropped, kept in runs]
-        pending.append(pool.submit(without_sys_admin))
-        for done in pending:
-            done.result()
+    for dropped in base:
+        knows_less(dropped, [c for c in base if c != dropped])
+    for dropped in ("sys_ptrace", "dac_read_search"):     # not covered by CAP_SYS_ADMIN
+        knows_less(dropped, [c for c in caps if c != dropped])
+    # CAP_SYS_ADMIN: where perf events are restricted (Debian's and Ubuntu's
+    # kernels) nothing traces without it; elsewhere it changes nothing the
+    # comparison shows (it reads other namespaces over sock_diag instead of
+    # /proc/PID/net/tcp).
+    if PERF_RESTRICTED:
+        knows_less("sys_admin", base)
+    else:
+        assert traced_with(procs, base) == ("ran", seen_by_root)
 
 
 def unit_command(state_dir, metrics_port: int) -> list[str]:

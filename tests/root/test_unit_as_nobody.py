@@ -19,6 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
+CACHES = {"__pycache__", ".pytest_cache", ".hypothesis"}
+
+
+def files_under(tree: str) -> set:
+    """Every file's path under tree, relative, caches left out."""
+    found = set()
+    for top, dirs, files in os.walk(tree):
+        dirs[:] = [d for d in dirs if d not in CACHES]
+        found.update(os.path.relpath(os.path.join(top, f), tree) for f in files)
+    return found
+
+
 def test_tests_unit_pass_as_nobody(request):
     work = tempfile.mkdtemp(prefix="cw-unit-nobody-", dir="/tmp")
     try:
@@ -29,6 +41,7 @@ def test_tests_unit_pass_as_nobody(request):
         shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
             ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"))
         subprocess.run(["chown", "-R", "65534:65534", tree], check=True)
+        before = files_under(tree)
         # The interpreter with pytest: a venv inside /root (a clone there) is
         # not reachable by nobody, so its directory is bound under /tmp in a
         # mount namespace of the run's own.
@@ -51,6 +64,10 @@ def test_tests_unit_pass_as_nobody(request):
         request.config._unit_as_nobody = last.strip("= ")
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
         assert " passed" in last, run.stdout[-2000:]
+        # What tests/conftest.py checks in a checkout ("tests write only
+        # under tmp"), checked here: the copy has no .git for it to ask.
+        left = sorted(files_under(tree) - before)
+        assert not left, f"tests/unit left {len(left)} file(s) in the working tree: {left[:10]}"
         if os.environ.get("CI") == "true":
             # Nothing a CI machine installs is missing, so a skip here is a
             # unit test that ran only as root (the whole run runs this folder
