@@ -64,8 +64,9 @@ def leave_unit_to_nobody(config, items) -> None:
     unit = [i for i in items if i.nodeid.startswith("tests/unit/")]
     if unit:
         config.hook.pytest_deselected(items=unit)
-        items[:] = [i for i in items if not i.nodeid.startswith("tests/unit/")]
-        config._unit_left_to_nobody = len(unit)
+        left = set(unit)
+        items[:] = [i for i in items if i not in left]
+        config._unit_left_to_nobody = True
 
 
 @pytest.hookimpl(trylast=True)      # after -k and -m have deselected theirs
@@ -136,7 +137,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             folder = "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "other"
             by = counts.setdefault(folder, {})
             by[outcome] = by.get(outcome, 0) + 1
-    left = getattr(config, "_unit_left_to_nobody", 0)
+    left = getattr(config, "_unit_left_to_nobody", False)
     if not counts and not left:
         return
     terminalreporter.write_sep("-", "tests per folder")

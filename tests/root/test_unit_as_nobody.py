@@ -39,7 +39,7 @@ def test_tests_unit_pass_as_nobody(request):
         # The tree as it is (some unit tests read docs/), without the
         # repository's history, venv and caches.
         shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info"))
+            ".git", ".venv", "*.egg-info", *CACHES))
         subprocess.run(["chown", "-R", "65534:65534", tree], check=True)
         before = files_under(tree)
         # The interpreter with pytest: a venv inside /root (a clone there) is
