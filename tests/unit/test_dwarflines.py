@@ -73,6 +73,32 @@ def test_lines_of_a_function_from_gcc_dwarf(tmp_path, flags):
     assert dwarflines.line_of(binary, 0x10) is None      # no code there
 
 
+def test_lines_with_a_pyelftools_whose_dwarfinfo_takes_more_sections(tmp_path, monkeypatch):
+    """pyelftools 0.30 added a DWARFInfo argument without a default
+    (debug_types_sec): with 0.30-0.33 every lookup failed as "malformed
+    DWARF (TypeError)" and no holder got a file:line, while CI's Debian
+    0.29 passed. A DWARFInfo that requires one more such argument than the
+    installed one still gives the lines; the section it names is not read."""
+    from elftools.dwarf.dwarfinfo import DWARFInfo
+
+    class Later(DWARFInfo):
+        def __init__(self, *args, debug_newer_sec, **kwargs):
+            assert debug_newer_sec is None
+            super().__init__(*args, **kwargs)
+
+    # What it says it takes: the installed DWARFInfo's arguments and one more.
+    import inspect
+    parent = inspect.signature(DWARFInfo.__init__)
+    Later.__init__.__signature__ = parent.replace(parameters=[
+        *parent.parameters.values(),
+        inspect.Parameter("debug_newer_sec", inspect.Parameter.KEYWORD_ONLY)])
+
+    monkeypatch.setattr(dwarflines, "DWARFInfo", Later)
+    binary = build(tmp_path)
+    found = lines_in(binary, "handle_client")
+    assert READ_LINE in {l for _, l in found}, (found, dict(elfindex.problems))
+
+
 def section(binary, name):
     from elftools.elf.elffile import ELFFile
     with open(binary, "rb") as f:

@@ -249,7 +249,38 @@ def _dwarf_of(f, size: int, deadline: float, limits: Limits):
         debug_str_offsets_sec=get(".debug_str_offsets"),
         debug_line_str_sec=get(".debug_line_str"), debug_loclists_sec=None,
         debug_rnglists_sec=get(".debug_rnglists"), debug_sup_sec=None,
-        gnu_debugaltlink_sec=None), total, line_data
+        gnu_debugaltlink_sec=None, **_later_sections(DWARFInfo)), total, line_data
+
+
+_LATER_SECTIONS: dict = {}      # DWARFInfo class -> its later sections' arguments
+
+
+def _later_sections(cls) -> dict:
+    """None for each section argument DWARFInfo took after the ones named
+    above (pyelftools 0.30 added debug_types_sec, without a default: with
+    0.30-0.33 every lookup failed as "malformed DWARF (TypeError)" and no
+    holder got a file:line). No line lookup needs those sections."""
+    got = _LATER_SECTIONS.get(cls)
+    if got is None:
+        import inspect
+        try:
+            names = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            names = {}
+        got = _LATER_SECTIONS[cls] = {
+            name: None for name, p in names.items()
+            if name.endswith("_sec") and name not in _NAMED_SECTIONS
+            and p.default is inspect.Parameter.empty}
+    return got
+
+
+# The section arguments _dwarf_of names (pyelftools 0.29's DWARFInfo).
+_NAMED_SECTIONS = frozenset({
+    "debug_info_sec", "debug_aranges_sec", "debug_abbrev_sec", "debug_frame_sec",
+    "eh_frame_sec", "debug_str_sec", "debug_loc_sec", "debug_ranges_sec", "debug_line_sec",
+    "debug_pubtypes_sec", "debug_pubnames_sec", "debug_addr_sec", "debug_str_offsets_sec",
+    "debug_line_str_sec", "debug_loclists_sec", "debug_rnglists_sec", "debug_sup_sec",
+    "gnu_debugaltlink_sec"})
 
 
 def _remember_failure(key, reason: str) -> None:
