@@ -237,10 +237,7 @@ def _dwarf_of(f, size: int, deadline: float, limits: Limits):
     if ".debug_line" not in descriptors or ".debug_info" not in descriptors:
         return None, 0, b""
     get = descriptors.get
-    return DWARFInfo(
-        config=DwarfConfig(little_endian=elf.little_endian,
-                           default_address_size=8 if elf.elfclass == 64 else 4,
-                           machine_arch=elf.get_machine_arch()),
+    sections = dict(
         debug_info_sec=get(".debug_info"), debug_aranges_sec=get(".debug_aranges"),
         debug_abbrev_sec=get(".debug_abbrev"), debug_frame_sec=None, eh_frame_sec=None,
         debug_str_sec=get(".debug_str"), debug_loc_sec=None,
@@ -249,38 +246,34 @@ def _dwarf_of(f, size: int, deadline: float, limits: Limits):
         debug_str_offsets_sec=get(".debug_str_offsets"),
         debug_line_str_sec=get(".debug_line_str"), debug_loclists_sec=None,
         debug_rnglists_sec=get(".debug_rnglists"), debug_sup_sec=None,
-        gnu_debugaltlink_sec=None, **_later_sections(DWARFInfo)), total, line_data
+        gnu_debugaltlink_sec=None)
+    return DWARFInfo(
+        config=DwarfConfig(little_endian=elf.little_endian,
+                           default_address_size=8 if elf.elfclass == 64 else 4,
+                           machine_arch=elf.get_machine_arch()),
+        **sections, **_later_sections(DWARFInfo, sections)), total, line_data
 
 
 _LATER_SECTIONS: dict = {}      # DWARFInfo class -> its later sections' arguments
 
 
-def _later_sections(cls) -> dict:
-    """None for each section argument DWARFInfo took after the ones named
-    above (pyelftools 0.30 added debug_types_sec, without a default: with
+def _later_sections(cls, named: dict) -> dict:
+    """None for each section argument cls requires besides those named
+    (pyelftools 0.30 added debug_types_sec, without a default: with
     0.30-0.33 every lookup failed as "malformed DWARF (TypeError)" and no
     holder got a file:line). No line lookup needs those sections."""
     got = _LATER_SECTIONS.get(cls)
     if got is None:
         import inspect
         try:
-            names = inspect.signature(cls.__init__).parameters
+            params = inspect.signature(cls.__init__).parameters
         except (TypeError, ValueError):
-            names = {}
+            params = {}
         got = _LATER_SECTIONS[cls] = {
-            name: None for name, p in names.items()
-            if name.endswith("_sec") and name not in _NAMED_SECTIONS
+            name: None for name, p in params.items()
+            if name.endswith("_sec") and name not in named
             and p.default is inspect.Parameter.empty}
     return got
-
-
-# The section arguments _dwarf_of names (pyelftools 0.29's DWARFInfo).
-_NAMED_SECTIONS = frozenset({
-    "debug_info_sec", "debug_aranges_sec", "debug_abbrev_sec", "debug_frame_sec",
-    "eh_frame_sec", "debug_str_sec", "debug_loc_sec", "debug_ranges_sec", "debug_line_sec",
-    "debug_pubtypes_sec", "debug_pubnames_sec", "debug_addr_sec", "debug_str_offsets_sec",
-    "debug_line_str_sec", "debug_loclists_sec", "debug_rnglists_sec", "debug_sup_sec",
-    "gnu_debugaltlink_sec"})
 
 
 def _remember_failure(key, reason: str) -> None:
