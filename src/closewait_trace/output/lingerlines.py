@@ -26,7 +26,7 @@ import json
 import math
 from typing import Optional
 
-from closewait_trace.output import records, render, textsafe
+from closewait_trace.output import changefold, records, render, textsafe
 
 _str = json.encoder.encode_basestring_ascii
 _float_repr = float.__repr__
@@ -294,6 +294,16 @@ class LingerText:
         if diag is not None:
             lines += self._diagnosis(states, diag.summary)
         return lines
+
+    def change_key(self, report: LingerReport) -> tuple:
+        """The CHANGE's group in the text's fold (output/changefold.py): what
+        r.change_key gives its record, made from the socket."""
+        l = report.lingerer
+        owner, states = self._owner(l.ownership)
+        holders = l.ownership.holders if l.ownership is not None else ()
+        cause = l.diagnosis.cause if l.diagnosis is not None else None
+        return changefold.change_key([textsafe.escape(h.pid) for h in holders], owner, states,
+                                     "-" if cause is None else textsafe.escape(cause))
 
     def _owner(self, own) -> tuple:
         holders = own.holders if own is not None else ()

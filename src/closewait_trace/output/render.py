@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from closewait_trace.output import textsafe
+from closewait_trace.output import changefold, textsafe
 from closewait_trace.durations import format_age
 from closewait_trace.output.textsafe import escape, pad
 from closewait_trace.sockets.filters import describe_filters
@@ -135,6 +135,12 @@ def hostport(addr, port, columns: Optional[int] = None) -> str:
     if textsafe.width_of_escaped(a) > room:
         a = textsafe.cut_middle(a, max(1, room))
     return f"{head}{a}{tail}:{p}"
+
+
+def is_change(rec: dict) -> bool:
+    """Whether a record is a CHANGE: a linger record that is an update (as
+    its row's EVENT says)."""
+    return rec.get("type") == "linger" and bool(rec.get(EVENT_COLUMN.fields["linger"][0]))
 
 
 def who(person) -> str:
@@ -565,10 +571,14 @@ class TextRenderer:
         if self.replay is not None:
             self.replay.shown[event] = self.replay.shown.get(event, 0) + 1
 
-    def _linger(self, rec: dict) -> list[str]:
+    def _linger_owners(self, rec: dict) -> tuple[list, str]:
+        """A linger record's owners entries, and its OWNER cell."""
         owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
-        owner = self.linger_owner(who(owners[0]) if owners else None,
-                                  [o.get("pid") for o in owners], rec.get("owner_kind"))
+        return owners, self.linger_owner(who(owners[0]) if owners else None,
+                                         [o.get("pid") for o in owners], rec.get("owner_kind"))
+
+    def _linger(self, rec: dict) -> list[str]:
+        owners, owner = self._linger_owners(rec)
         event = "CHANGE" if rec.get(EVENT_COLUMN.fields["linger"][0]) else "LINGER"
         self._count(event)
         lines = self._row(rec, event, age_text(rec, _age_kind("linger")), owner)
@@ -583,6 +593,25 @@ class TextRenderer:
         if self.verbose:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
+
+    def change_key(self, rec: dict) -> Optional[tuple]:
+        """A CHANGE record's group in the text's fold (output/changefold.py),
+        from what its row shows: None where its fields make none (a record
+        read from elsewhere): it is shown whole, as render() shows it."""
+        try:
+            owners, owner = self._linger_owners(rec)
+            diagnosis = rec.get("diagnosis")
+            cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
+            return changefold.change_key([escape(o.get("pid")) for o in owners], owner,
+                                         holder_states(o.get("state", "?") for o in owners),
+                                         "-" if cause is None else escape(cause))
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+    def count_folded(self) -> None:
+        """A CHANGE the fold counts instead of showing its rows: counted as
+        shown in a replay's summary (its group's line says it)."""
+        self._count("CHANGE")
 
     def linger_owner(self, first: Optional[str], pids: list, owner_kind) -> str:
         """A linger row's OWNER: its first holder (who(); None: no holder)

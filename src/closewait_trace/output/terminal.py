@@ -11,7 +11,7 @@ import select
 import stat
 import sys
 
-from closewait_trace.output import lingerlines, render, textsafe, transitions
+from closewait_trace.output import changefold, lingerlines, render, textsafe, transitions
 from closewait_trace.sockets.filters import describe_filters
 from closewait_trace.wholewrite import is_unbuffered, write_all
 
@@ -96,6 +96,9 @@ class TerminalSink:
         # Linger records' JSON lines, made from the socket (emit_linger).
         self._linger_json = lingerlines.LingerJson()
         self._linger_text = lingerlines.LingerText(renderer)
+        # The text's CHANGE rows of one run, folded (output/changefold.py):
+        # closed by any other record, a batch's end, a flush, the end.
+        self._changes = changefold.ChangeFold()
 
     @property
     def _out(self):
@@ -124,9 +127,15 @@ class TerminalSink:
             return
         if self.as_json:
             lines = [textsafe.json_dumps(rec, check_circular=False)]
-        else:
+        elif render.is_change(rec):
+            if not self._changes.admit(self.renderer.change_key(rec)):
+                self.renderer.count_folded()
+                return
             lines = self.renderer.render(rec)
-        self.write_lines(lines)
+        else:
+            self._close_changes()
+            lines = self.renderer.render(rec)
+        self._put_lines(lines)
 
     def emit_linger(self, report: lingerlines.LingerReport) -> None:
         """A linger record: its line made from the socket, without the
@@ -134,10 +143,19 @@ class TerminalSink:
         if self.quiet or self.closed:
             return                  # as emit() does with a linger record
         if self.as_json:
-            self.write_lines([self._linger_json.line(report)], checked=True)
-        else:
-            # Checked too: LingerText's lines, and render()'s.
-            self.write_lines(self._linger_text.lines(report), checked=True)
+            self._put_lines([self._linger_json.line(report)], checked=True)
+            return
+        if not report.update:
+            self._close_changes()
+        elif not self._changes.admit(self._linger_text.change_key(report)):
+            return
+        # Checked too: LingerText's lines, and render()'s.
+        self._put_lines(self._linger_text.lines(report), checked=True)
+
+    def _close_changes(self) -> None:
+        """The open run of CHANGE rows ended: its folded groups' lines."""
+        if self._changes.open:
+            self._put_lines(self.renderer.finished(self._changes.close()), checked=True)
 
     def _banner(self, rec: dict) -> None:
         threshold = rec.get("threshold_s")
@@ -152,6 +170,8 @@ class TerminalSink:
         write (output/transitions.py)."""
         if self.quiet or self.closed or not rows:
             return
+        if not self.as_json:
+            self._close_changes()
         lines = self._lines
         if lines is None:
             lines = self._lines = (transitions.JsonLines() if self.as_json
@@ -182,9 +202,17 @@ class TerminalSink:
                                   getattr(out, "errors", None) or "strict"))
 
     def write_lines(self, lines, checked: bool = False) -> None:
-        """checked: every line has been through textsafe.safe_line already
-        (a linger line: lingerlines.LingerJson and LingerText check their
-        own)."""
+        """Lines of the caller's own (a title, a footer, a replay's end),
+        after what the records before them left to write. checked: every
+        line has been through textsafe.safe_line already."""
+        if self.closed:
+            return
+        self._close_changes()
+        self._put_lines(lines, checked)
+
+    def _put_lines(self, lines, checked: bool = False) -> None:
+        """A record's lines. checked: as write_lines' (a linger line:
+        lingerlines.LingerJson and LingerText check their own)."""
         if self.closed:
             return
         held = self._held
@@ -223,6 +251,8 @@ class TerminalSink:
         a record under cProfile at 100,000). A batch widens the pipe it
         writes to (widen_pipe). The same bytes in the same order either
         way."""
+        if not self.closed:
+            self._close_changes()       # a batch is a run of its own
         if self._always_held:
             return
         if on:
@@ -256,6 +286,7 @@ class TerminalSink:
         output stays live without a write per record under a flood."""
         if self.closed:
             return
+        self._close_changes()
         try:
             if self._held:
                 self._write_held()
