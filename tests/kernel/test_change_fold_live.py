@@ -45,7 +45,7 @@ def test_a_stopped_holders_changes_are_folded_in_text_and_each_recorded(tmp_path
         os.kill(server.pid, signal.SIGSTOP)
         wait_until(lambda: state_of(server.pid) == "T", what="stopped")
         folded = re.compile(rf"^ {{9}}\+{SOCKETS - CHANGE_ROWS_SHOWN} more sockets alike: "
-                            rf"{server.pid}/\S+ \[T\] stopped$")
+                            rf"\[T\] stopped, {server.pid}/\S+$")
         wait_until(lambda: any(folded.match(l.rstrip("\n")) for l in lines),
                    timeout=stretch(20), what="the folded CHANGE line")
         os.kill(server.pid, signal.SIGCONT)

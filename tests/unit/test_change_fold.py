@@ -77,15 +77,15 @@ def test_a_batch_shows_the_first_changes_of_each_holder_and_counts_the_rest():
     # Each shown row keeps its diagnosis line, as before.
     assert sum("stopped: 42/srv fd" in line for line in lines) == SHOWN
     assert lines[-2:] == [
-        f"         +{10 - SHOWN} more sockets alike: 42/srv [T] stopped",
-        f"         +{5 - SHOWN} more sockets alike: 43/srv [T] stopped"]
+        f"         +{10 - SHOWN} more sockets alike: [T] stopped, 42/srv",
+        f"         +{5 - SHOWN} more sockets alike: [T] stopped, 43/srv"]
 
 
 def test_a_holder_of_2500_sockets_stopped_is_a_few_lines_not_5000():
     lines = live_text(reports([lingerer(7, 100 + i, 10000 + i) for i in range(2500)]))
     assert len(change_rows(lines)) == SHOWN
     assert len(lines) <= 2 * SHOWN + 2          # a date line, rows, diagnoses, the count
-    assert lines[-1] == f"         +{2500 - SHOWN:,} more sockets alike: 7/srv [T] stopped"
+    assert lines[-1] == f"         +{2500 - SHOWN:,} more sockets alike: [T] stopped, 7/srv"
 
 
 def test_json_keeps_a_line_per_socket():
@@ -110,7 +110,7 @@ def test_linger_rows_are_never_folded_and_end_a_run_of_changes():
     sink.flush()
     lines = out.getvalue().splitlines()
     assert sum(" LINGER " in line for line in lines) == 6
-    more = lines.index("         +3 more sockets alike: 42/srv [T] stopped")
+    more = lines.index("         +3 more sockets alike: [T] stopped, 42/srv")
     assert all(" LINGER " not in line for line in lines[:more])    # before the first LINGER
 
 
@@ -120,9 +120,8 @@ def test_a_different_state_or_cause_is_a_group_of_its_own():
                 for i in range(5)])
     lines = live_text(reports(batch))
     assert len(change_rows(lines)) == 2 * SHOWN
-    assert lines[-2:] == ["         +2 more sockets alike: 42/srv [T] stopped",
-                          "         +2 more sockets alike: 42/srv [S] "
-                          "blocked_elsewhere"]
+    assert lines[-2:] == ["         +2 more sockets alike: [T] stopped, 42/srv",
+                          "         +2 more sockets alike: [S] blocked_elsewhere, 42/srv"]
 
 
 def test_each_batch_is_a_run_of_its_own():
@@ -137,8 +136,8 @@ def test_each_batch_is_a_run_of_its_own():
     lines = out.getvalue().splitlines()
     assert len(change_rows(lines)) == 2 * SHOWN
     folded = [line for line in lines if "more sockets" in line]
-    assert folded == ["         +5 more sockets alike: 42/srv [T] stopped",
-                      "         +5 more sockets alike: 42/srv [S] blocked_elsewhere"]
+    assert folded == ["         +5 more sockets alike: [T] stopped, 42/srv",
+                      "         +5 more sockets alike: [S] blocked_elsewhere, 42/srv"]
     # The first batch's count comes before the second batch's rows.
     at = [i for i, line in enumerate(lines) if " CHANGE " in line and not line.startswith(" ")]
     assert at[SHOWN - 1] < lines.index(folded[0]) < at[SHOWN] < lines.index(folded[1])
@@ -208,7 +207,7 @@ def test_the_folded_line_escapes_what_a_recording_holds():
     sink.flush()
     text = out.getvalue()
     assert "\x1b" not in text and "\x07" not in text
-    assert "+1 more socket alike: 42/e\\x1b[2Jvil [T] x\\x1b]0;pwned\\x07" in text
+    assert "+1 more socket alike: [T] x\\x1b]0;pwned\\x07, 42/e\\x1b[2Jvil" in text
 
 
 def test_a_groups_key_is_small_whatever_its_record_holds():

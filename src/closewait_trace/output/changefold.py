@@ -90,7 +90,9 @@ def change_key(pids, owner: str, states: str, cause: str) -> tuple:
 
 
 def folded_line(more: int, owner: str, states: str, cause: str) -> str:
-    """The line for a group's folded rows, under the rows shown."""
+    """The line for a group's folded rows, under the rows shown: states and
+    cause first, the holders last, as a diagnosis line has them (a command
+    name, which its user picks, cannot pass for a state or a cause)."""
     what = "socket" if more == 1 else "sockets"
-    return (f"{INDENT}+{more:,} more {what} alike: {owner}"
-            + (f" [{states}]" if states else "") + f" {cause}")
+    return (f"{INDENT}+{more:,} more {what} alike: " + (f"[{states}] " if states else "")
+            + f"{cause}, {owner}")
