@@ -44,12 +44,12 @@ def test_a_stopped_holders_changes_are_folded_in_text_and_each_recorded(tmp_path
 
         os.kill(server.pid, signal.SIGSTOP)
         wait_until(lambda: state_of(server.pid) == "T", what="stopped")
-        folded = re.compile(rf"^ {{9}}\+{SOCKETS - CHANGE_ROWS_SHOWN} more sockets alike: "
+        folded = re.compile(rf"^ {{9}}\+{SOCKETS - CHANGE_ROWS_SHOWN} more alike: "
                             rf"\[T\] stopped, {server.pid}/\S+$")
         wait_until(lambda: any(folded.match(l.rstrip("\n")) for l in lines),
                    timeout=stretch(20), what="the folded CHANGE line")
         os.kill(server.pid, signal.SIGCONT)
-        wait_until(lambda: sum("more sockets alike" in l for l in lines) == 2,
+        wait_until(lambda: sum("more alike" in l for l in lines) == 2,
                    timeout=stretch(20), what="the second folded line (continued)")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=stretch(15))
@@ -73,6 +73,6 @@ def test_a_stopped_holders_changes_are_folded_in_text_and_each_recorded(tmp_path
 
     def table(text: str) -> list[str]:
         return [l for l in text.splitlines()
-                if is_row(l, "CHANGE") or is_row(l, "LINGER") or "more sockets alike: " in l]
+                if is_row(l, "CHANGE") or is_row(l, "LINGER") or "more alike: " in l]
     assert table(replayed.stdout) == table(live)
     assert f"shown: {SOCKETS} LINGER, {2 * SOCKETS} CHANGE" in replayed.stdout

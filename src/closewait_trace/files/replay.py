@@ -197,8 +197,13 @@ def show(path: str, sockets: SocketFilter, holders: HolderFilter, since: Optiona
     the recording."""
     session = Replay.open([path], sockets, holders, since, until)
     out.renderer.replay = session.source
-    for r in session.records(headers=not out.as_json, on_wait=out.flush):
-        out.emit(r)
+    try:
+        for r in session.records(headers=not out.as_json, on_wait=out.flush):
+            out.emit(r)
+    finally:
+        # Whatever ends it (Ctrl-C too): what the sink holds is written,
+        # the line of a run of CHANGE rows it was folding among it.
+        out.flush()
     if not out.as_json:
         for line in out.renderer.replay_end():
             out.write_line(line)

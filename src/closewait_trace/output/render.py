@@ -594,19 +594,31 @@ class TextRenderer:
             lines.extend(evidence_lines(rec, self.processes))
         return lines
 
-    def change_key(self, rec: dict) -> Optional[tuple]:
-        """A CHANGE record's group in the text's fold (output/changefold.py),
-        from what its row shows: None where its fields make none (a record
-        read from elsewhere): it is shown whole, as render() shows it."""
+    def change_key(self, rec: dict) -> Optional[bytes]:
+        """A CHANGE record's group in the text's fold (output/changefold.py):
+        None where its fields make none (a record read from elsewhere): it
+        is shown whole, as render() shows it."""
         try:
-            owners, owner = self._linger_owners(rec)
+            owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or []
+                      if isinstance(o, dict)]
             diagnosis = rec.get("diagnosis")
             cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
-            return changefold.change_key([escape(o.get("pid")) for o in owners], owner,
-                                         holder_states(o.get("state", "?") for o in owners),
-                                         "-" if cause is None else escape(cause))
+            return changefold.group_key(
+                escape(rec.get("owner_kind")), "-" if cause is None else escape(cause),
+                escape(owners[0].get("comm", "?")) if owners else "",
+                {escape(o.get("state", "?")) for o in owners},
+                [escape(o.get("pid")) for o in owners])
         except (TypeError, ValueError, AttributeError):
             return None
+
+    def change_description(self, rec: dict) -> tuple:
+        """What a CHANGE record's group line shows: its OWNER cell, states
+        and cause as its row and diagnosis line show them."""
+        owners, owner = self._linger_owners(rec)
+        diagnosis = rec.get("diagnosis")
+        cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
+        return (owner, holder_states(o.get("state", "?") for o in owners),
+                "-" if cause is None else escape(cause))
 
     def count_folded(self) -> None:
         """A CHANGE the fold counts instead of showing its rows: counted as

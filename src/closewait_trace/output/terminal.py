@@ -128,7 +128,8 @@ class TerminalSink:
         if self.as_json:
             lines = [textsafe.json_dumps(rec, check_circular=False)]
         elif render.is_change(rec):
-            if not self._changes.admit(self.renderer.change_key(rec)):
+            if not self._changes.admit(self.renderer.change_key(rec),
+                                       lambda: self.renderer.change_description(rec)):
                 self.renderer.count_folded()
                 return
             lines = self.renderer.render(rec)
@@ -147,7 +148,8 @@ class TerminalSink:
             return
         if not report.update:
             self._close_changes()
-        elif not self._changes.admit(self._linger_text.change_key(report)):
+        elif not self._changes.admit(self._linger_text.change_key(report),
+                                     lambda: self._linger_text.change_description(report)):
             return
         # Checked too: LingerText's lines, and render()'s.
         self._put_lines(self._linger_text.lines(report), checked=True)
