@@ -17,7 +17,7 @@ import pytest
 
 from closewait_trace.evidence import diagnosis
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import owners, procfs
+from closewait_trace.sockets import owners, procfs, subids
 
 pytestmark = pytest.mark.root
 
@@ -188,3 +188,86 @@ def test_a_zombie_leaders_fds_are_counted_through_its_live_thread():
     finally:
         subprocess.run(["pkill", "-KILL", "-u", HOG_UID], check=False)
         hog.wait()
+
+
+# Containers of one user (rootless: each under a subordinate uid of its
+# own) and another user's server, each a process holding dup()s of
+# /dev/null; the server also a socket it connected, whose peer closes.
+SPREAD = r"""
+import os, resource, socket, sys
+fds, port = int(sys.argv[1]), int(sys.argv[2])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = socket.create_connection(("127.0.0.1", port)) if port else None
+base = os.open("/dev/null", os.O_RDONLY)
+dups = [os.dup(base) for _ in range(fds)]
+os.write(1, f"{os.getpid()}\n".encode())
+sys.stdin.read()
+"""
+LENT_TO = 54400                 # the containers' user (by uid in /etc/subuid)
+FIRST_LENT = 300000             # its subordinate uids: 300000-300999
+SERVER_UID = 54401
+CONTAINERS, CONTAINER_FDS, SERVER_FDS = 20, 2000, 5000
+
+
+def _as(uid: int, fds: int, port: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                             "/usr/bin/python3", "-c", SPREAD, str(fds), str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("lent", [True, False])
+def test_a_users_containers_under_subordinate_uids_are_walked_as_that_user(
+        lent, tmp_path, monkeypatch):
+    """20 containers of one user, each under a subordinate uid of its own
+    with 2,000 fds, and another user's server with 5,000 holding a socket
+    in CLOSE_WAIT. Counted a user each, the containers were walked first,
+    and the walk's time ran out before the server's socket (said unknown):
+    as /etc/subuid lends those uids to one user (sockets/subids.py), they
+    are 40,000 fds of one user, walked after the server, whose holder is
+    named. lent=False: the same processes with no /etc/subuid, as before."""
+    (tmp_path / "subuid").write_text(f"{LENT_TO}:{FIRST_LENT}:1000\n" if lent else "")
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    monkeypatch.setattr(subids, "SUBUID", str(tmp_path / "subuid"))
+    monkeypatch.setattr(subids, "PASSWD", str(tmp_path / "passwd"))
+    server, port, mine = close_wait_of_mine()
+    started = []
+    try:
+        started = [_as(FIRST_LENT + i, CONTAINER_FDS) for i in range(CONTAINERS)]
+        holder = _as(SERVER_UID, SERVER_FDS, port)
+        started.append(holder)
+        pids = [int(p.stdout.readline()) for p in started]
+        theirs, (_addr, their_port) = server.accept()
+        theirs.close()
+        lines = _close_wait(port)
+        assert any(f"pid={pids[-1]}," in l for l in lines), lines
+        theirs_ep = Endpoints(socket.AF_INET, "127.0.0.1", their_port, "127.0.0.1", port)
+        links = [0]
+        readlink = procfs.readlink
+
+        def counted(*args, **kw):
+            links[0] += 1
+            return readlink(*args, **kw)
+
+        monkeypatch.setattr(procfs, "readlink", counted)
+        monkeypatch.setattr(owners, "_clock", lambda: links[0] * 4e-6)
+        monkeypatch.setattr(owners, "FDS_IN_ANY_ORDER", 1000)
+        order, counts = owners.walk_order("/proc")
+        # Time for everyone else's fds, the server's and 10,000 more: not
+        # for the containers' 40,000 and the server's.
+        others = sum(n for pid, n in counts.items() if pid not in pids)
+        monkeypatch.setattr(owners, "FD_WALK_BUDGET_S", (others + SERVER_FDS + 10_000) * 4e-6)
+        got = owners.resolve([theirs_ep])[theirs_ep]
+        if lent:
+            assert order.index(pids[-1]) < min(order.index(p) for p in pids[:-1])
+            assert [h.pid for h in got.holders] == [pids[-1]]
+        else:
+            assert order.index(pids[-1]) > max(order.index(p) for p in pids[:-1])
+            assert got.holders == () and got.fds_not_read is not None
+    finally:
+        for uid in [SERVER_UID] + [FIRST_LENT + i for i in range(CONTAINERS)]:
+            subprocess.run(["pkill", "-KILL", "-u", str(uid)], check=False)
+        for p in started:
+            p.wait()
+        for s in (mine, server):
+            s.close()

@@ -773,8 +773,10 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
     /proc/PID/stat's): the tracer registers it only if that pid still names
     that process, and shares the kernel's map fairly among users. The
     processes are read one user's after another's in turn (round robin by
-    uid), so that one user's thousands of processes cannot spend the whole
-    deadline, nor the limit, before another user's first is read.
+    uid, a subordinate uid as its user's: sockets/subids.py), so that one
+    user's thousands of processes cannot spend the whole deadline, nor the
+    limit, before another user's first is read; a user skipped (skip_uids)
+    is skipped under every uid of theirs.
     only_pids: these processes only (those that exec()ed since the tracer
     last looked), not every process in proc."""
     import time
@@ -788,7 +790,11 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
             names = os.listdir(proc)
         except OSError:
             return
-    by_uid: dict[int, list[int]] = {}
+    # In turns by user: a subordinate uid as its user's (sockets/subids.py).
+    from closewait_trace.sockets import subids
+    user_of = subids.shares().user_of
+    skip_users = {user_of(uid) for uid in skip_uids}
+    by_user: dict[int, list[tuple[int, int]]] = {}
     unchecked: list[int] = []           # only_pids not looked at in time
     for name in names:
         if not name.isdigit() or int(name) in skip_pids:
@@ -803,16 +809,16 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
         uid = procfs.real_uid(int(name), proc)
-        if uid is not None and uid not in skip_uids:
-            by_uid.setdefault(uid, []).append(int(name))
-    queues = [(uid, list(reversed(pids))) for uid, pids in sorted(by_uid.items())]
+        if uid is not None and user_of(uid) not in skip_users:
+            by_user.setdefault(user_of(uid), []).append((uid, int(name)))
+    queues = [list(reversed(pids)) for _user, pids in sorted(by_user.items())]
     share = max(0.0, deadline - time.monotonic()) / NEW_PROCESS_SHARES
     found = 0
     while queues and found < limit and time.monotonic() <= deadline:
-        for uid, queue in queues:
+        for queue in queues:
             if found >= limit or time.monotonic() > deadline:
                 break
-            pid = queue.pop()
+            uid, pid = queue.pop()
             try:
                 stat = procfs.parse_stat(procfs.decode(
                     procfs.read_bytes(f"{proc}/{pid}/stat")))
@@ -838,9 +844,9 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
                 found += 1
                 yield ("walk", pid, {**runtime.kernel_walk(), **namespace, "uid": uid,
                                      "start_time": stat.start_time})
-        queues = [(uid, q) for uid, q in queues if q]
+        queues = [q for q in queues if q]
     if only_pids is not None:
         # Those not read (the limit, the deadline): the caller's to ask again.
-        yield ("left", 0, unchecked + [pid for _uid, queue in queues for pid in queue])
+        yield ("left", 0, unchecked + [pid for queue in queues for _uid, pid in queue])
 
 

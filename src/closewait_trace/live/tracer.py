@@ -24,7 +24,7 @@ from typing import Callable, Generator, NamedTuple, Optional, Protocol
 
 from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, place
-from closewait_trace.sockets import owners, procfs
+from closewait_trace.sockets import owners, procfs, subids
 from closewait_trace.output import records, render
 from closewait_trace.kernel.events import KIND_TRANSITION, R_KIND, R_TS, KernelEvent, event_of_row
 from closewait_trace.sockets.filters import HolderFilter, SocketFilter, record_people
@@ -427,7 +427,7 @@ class LiveTracer:
     python_unregistered: int = 0   # CPython processes the kernel's map had no room for
     # Why the start's read of the sockets already in CLOSE_WAIT failed (None: it did not).
     start_snapshot_failed: Optional[str] = None
-    python_owners: dict = field(default_factory=dict)   # pid -> uid, of those registered
+    python_owners: dict = field(default_factory=dict)   # pid -> its user (subids), of those registered
     own_netns: int = field(default_factory=tracer_netns)
     tick_stats: dict = field(default_factory=lambda: {
         "ticks": 0, "idle_ticks": 0, "idle_max_ms": 0.0, "idle_total_ms": 0.0,
@@ -739,15 +739,18 @@ class LiveTracer:
         The map holds max_py_procs processes, all users together: when it
         is full, a process of a user holding fewer entries takes the place
         of one of the user holding the most, so that one user's thousands
-        of processes cannot keep everyone else's out."""
+        of processes cannot keep everyone else's out. A subordinate uid's
+        process counts as its user's (sockets/subids.py): python_owners
+        holds each process's user so counted."""
         register = getattr(self.probe, "register_python", None)
         if register is None or not self.config.eof_capture:
             return
+        user_of = subids.shares().user_of
         pruned = False                  # python_owners checked against the map in this call
         for pid, walk in walks.items():
             if not walk or "uid" not in walk or "start_time" not in walk:
                 continue
-            uid = walk["uid"]
+            uid = user_of(walk["uid"])
             if not register(pid, walk):
                 if not pruned:          # the kernel forgot those that exited
                     registered = self.probe.python_registered()

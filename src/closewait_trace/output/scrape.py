@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional
 
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import sockdiag
+from closewait_trace.sockets import sockdiag, subids
 
 MAX_CONNECTIONS = 16       # a scraper needs one; a few Prometheus servers a few
 READ_TIMEOUT_S = 5.0       # from accept to the end of the request's headers
@@ -169,7 +169,8 @@ class _Peers:
     and for a TCP client on this host (the uid of the client's own socket,
     looked up by its addresses through sock_diag: one request answered
     within the send, about 35 us with the parsing, no scan of the socket
-    table);
+    table), N the user a subordinate uid is lent to (sockets/subids.py: a
+    user with thousands for rootless containers is one user here);
     ("address", A) for a client elsewhere (an IPv6 one by its /64, which
     one host is commonly given whole); ("unknown",) when even that is not
     known. Creating the sock_diag socket can fail (no descriptor, a
@@ -193,7 +194,7 @@ class _Peers:
         if sock.family == socket.AF_UNIX:
             try:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, self._UCRED.size)
-                return ("uid", self._UCRED.unpack(creds)[1])
+                return ("uid", subids.shares().user_of(self._UCRED.unpack(creds)[1]))
             except (OSError, struct.error):
                 return ("unknown",)
         try:
@@ -214,7 +215,7 @@ class _Peers:
             except (OSError, ValueError):
                 uid = None
             if uid is not None:
-                return ("uid", uid)
+                return ("uid", subids.shares().user_of(uid))
         if family == socket.AF_INET6:
             try:
                 return ("address", socket.inet_pton(socket.AF_INET6, paddr)[:8])

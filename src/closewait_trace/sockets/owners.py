@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from closewait_trace import knobs
-from closewait_trace.sockets import procfs, procnet, sockdiag
+from closewait_trace.sockets import procfs, procnet, sockdiag, subids
 from closewait_trace.kernel import tcpstates
 from closewait_trace.kernel.events import Endpoints
 from closewait_trace.sockets.procnet import TcpRow
@@ -293,14 +293,16 @@ def _fd_dirs_sized(proc: str) -> bool:
 def walk_order(proc: str) -> tuple[list[int], dict[int, int]]:
     """The pids whose fd tables a walk reads, in order, and how many fds
     each has: pid order when all hold at most FDS_IN_ANY_ORDER fds, else
-    their users' (real uid) by how many fds each holds in all, fewest
-    first, and each user's the same way."""
+    their users' (real uid; a subordinate uid counts as its user's:
+    sockets/subids.py) by how many fds each holds in all, fewest first,
+    and each user's the same way."""
     pids = list(procfs.pids(proc))
     sized = _fd_dirs_sized(proc)
     counts = {pid: _fd_count(pid, proc, sized) for pid in pids}
     if sum(counts.values()) <= FDS_IN_ANY_ORDER:
         return pids, counts
-    uid_of = {pid: procfs.real_uid(pid, proc) for pid in pids}
+    share = subids.shares().user_of
+    uid_of = {pid: share(procfs.real_uid(pid, proc)) for pid in pids}
     per_user: dict = {}
     for pid, n in counts.items():
         per_user[uid_of[pid]] = per_user.get(uid_of[pid], 0) + n
@@ -798,15 +800,19 @@ def user_turns(owner_of: dict[int, int], within: Callable[[int], tuple],
                across: Callable[[int, int], tuple]) -> list[int]:
     """Namespaces (owner_of: namespace -> uid) in turns of their users:
     each user's first (sorted by within(netns)), then each user's second,
-    and so on; in one turn, sorted by across(uid, netns)."""
-    by_user: dict[int, list[int]] = {}
+    and so on; in one turn, sorted by across(uid, netns), uid the
+    namespace's own. A subordinate uid takes its turns as its user's
+    (sockets/subids.py): a user's containers, each under uids of its own,
+    are one user here, not thousands."""
+    share = subids.shares().user_of
+    by_user: dict = {}
     for netns, uid in owner_of.items():
-        by_user.setdefault(uid, []).append(netns)
+        by_user.setdefault(share(uid), []).append(netns)
     keyed = []
-    for uid, spaces in by_user.items():
+    for spaces in by_user.values():
         spaces.sort(key=within)
         for turn, netns in enumerate(spaces):
-            keyed.append((turn, across(uid, netns), netns))
+            keyed.append((turn, across(owner_of[netns], netns), netns))
     keyed.sort()
     return [netns for *_key, netns in keyed]
 
