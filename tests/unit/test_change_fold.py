@@ -289,3 +289,42 @@ def test_a_replay_ended_by_ctrl_c_still_writes_the_runs_line(tmp_path, monkeypat
     lines = out.getvalue().splitlines()
     assert len(change_rows(lines)) == SHOWN
     assert lines[-1] == f"         +{8 - SHOWN} more alike: [T] stopped, 42/srv"
+
+
+def test_a_run_over_midnight_writes_its_line_before_the_next_days_date_line():
+    """A replay's CHANGE records of one holder, 23:59:58 then 00:00:02: the
+    line counting the first day's is written under its rows, before the
+    date line of the next day (it came after that date line, a review)."""
+    import datetime
+    before = datetime.datetime(2024, 10, 3, 23, 59, 58).timestamp()
+    recs = []
+    for i, l in enumerate(lingerer(42, 10 + i, 40000 + i) for i in range(10)):
+        recs.append(records.linger(l, before + (0 if i < 5 else 4), 5_000_000_000, True))
+    out = io.StringIO()
+    renderer = render.TextRenderer()
+    renderer.clock.started(before - 60)
+    sink = TerminalSink(False, renderer, stream=out)
+    for rec in recs:
+        sink.emit(rec)
+    sink.flush()
+    lines = out.getvalue().splitlines()
+    date = lines.index("2024-10-04 Friday")
+    assert lines[date - 1] == "         +2 more alike: [T] stopped, 42/srv"
+    assert lines[-1] == "         +2 more alike: [T] stopped, 42/srv"
+    assert len(change_rows(lines[:date])) == len(change_rows(lines[date:])) == SHOWN
+
+
+def test_changes_at_odd_times_are_shown_or_folded_without_raising():
+    """A record's time from elsewhere: NaN, infinities, huge, negative,
+    text, missing. Each CHANGE is shown or counted, nothing raises."""
+    rec = records.linger(*(lambda r: (r.lingerer, r.ts, r.age_ns, True))(
+        reports([lingerer(42, 10, 40000)])[0]))
+    renderer = render.TextRenderer()
+    renderer.replay = render.ReplaySource(paths=["x"])
+    out = io.StringIO()
+    sink = TerminalSink(False, renderer, stream=out)
+    odd = [float("nan"), float("inf"), float("-inf"), 1e300, -5.0, "1700000000", None, 2**70]
+    for ts in odd * 4:
+        sink.emit(dict(rec, ts=ts))
+    sink.flush()
+    assert renderer.replay.shown.get("CHANGE", 0) + renderer.replay.unshowable == len(odd) * 4

@@ -18,6 +18,7 @@ import functools
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -217,6 +218,24 @@ def _until(start: Optional[_dt.datetime], end_ts: Optional[float]) -> str:
     if start is None or end is None:
         return ""
     return f" to {end:%H:%M:%S}" if end.date() == start.date() else f" to {end:%Y-%m-%d %H:%M:%S}"
+
+
+def day_of(ts) -> Optional[tuple]:
+    """The local day of a record's time (the clock's date lines change with
+    it), None when it is not a time."""
+    t = _number(ts)
+    if t is None:
+        return None
+    try:
+        return _day_of_second(int(t))
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _day_of_second(second: int) -> tuple:
+    # The records of a batch share their second: one localtime() for them.
+    return time.localtime(second)[:3]
 
 
 def _local(ts: float) -> Optional[_dt.datetime]:

@@ -99,6 +99,8 @@ class TerminalSink:
         # The text's CHANGE rows of one run, folded (output/changefold.py):
         # closed by any other record, a batch's end, a flush, the end.
         self._changes = changefold.ChangeFold()
+        self._run_day = None        # the local day of the run's CHANGE records
+        self._run_second = None     # and the second of the last of them
 
     @property
     def _out(self):
@@ -128,6 +130,7 @@ class TerminalSink:
         if self.as_json:
             lines = [textsafe.json_dumps(rec, check_circular=False)]
         elif render.is_change(rec):
+            self._same_day(rec.get("ts"))
             if not self._changes.admit(self.renderer.change_key(rec),
                                        lambda: self.renderer.change_description(rec)):
                 self.renderer.count_folded()
@@ -148,11 +151,27 @@ class TerminalSink:
             return
         if not report.update:
             self._close_changes()
-        elif not self._changes.admit(self._linger_text.change_key(report),
-                                     lambda: self._linger_text.change_description(report)):
-            return
+        else:
+            self._same_day(report.ts)
+            if not self._changes.admit(self._linger_text.change_key(report),
+                                       lambda: self._linger_text.change_description(report)):
+                return
         # Checked too: LingerText's lines, and render()'s.
         self._put_lines(self._linger_text.lines(report), checked=True)
+
+    def _same_day(self, ts) -> None:
+        """A run of CHANGE rows is of one day: a record of another (a run
+        over midnight, a replay's records) closes it first, so that its line
+        is written before that day's date line, not under it."""
+        # A batch's records share their second: its day looked up once.
+        second = int(ts) if type(ts) is float and abs(ts) < 1e18 else None   # (not NaN)
+        if second is not None and second == self._run_second:
+            return
+        self._run_second = second
+        day = render.day_of(ts)
+        if day != self._run_day:
+            self._close_changes()
+            self._run_day = day
 
     def _close_changes(self) -> None:
         """The open run of CHANGE rows ended: its folded groups' lines."""
