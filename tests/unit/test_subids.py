@@ -146,3 +146,84 @@ def test_the_metrics_places_count_a_subordinate_uid_as_its_user(lent, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_lookups_with_time_for_one_namespace_serve_a_users_containers_as_one_user(
+        lent, monkeypatch):
+    """Each lookup reads one other namespace and remembers whose it was
+    (served, by the answer's netns_uid: other_turns' user). Alice's 50
+    containers, each under a subordinate uid never served, came first at
+    every lookup: bob's one namespace was read at the 51st (a review). As
+    alice's, bob's comes at the 2nd."""
+    alice = {1000 + i: [10 + i] for i in range(50)}
+    namespaces = {**alice, 5: [5]}
+    owner_of = {**{ns: 100000 + i for i, ns in enumerate(alice)}, 5: 1001}
+    monkeypatch.setattr(owners, "namespace_users", lambda ns, own, proc: dict(owner_of))
+    last_read, served = {}, {}
+    for lookup in range(1, 60):
+        turns, uid_of = owners.other_turns(namespaces, None, [], last_read, served)
+        first = turns[0]
+        last_read[first] = lookup
+        served[uid_of[first]] = lookup
+        if first == 5:
+            break
+    assert lookup == 2
+
+
+class StuckWorker:
+    """A worker of which one, blocked in alice's memory, was left behind:
+    its tag, what the resolver gave it. What the resolver asks it to read
+    is kept (and answered with nothing)."""
+
+    def __init__(self, tag):
+        self.tag = tag
+        self.asked: list = []
+
+    def stuck_tags(self):
+        return {self.tag}
+
+    def call(self, name, *args, **kw):
+        self.asked.append((name, args))
+        return []
+
+    def tag_last_abandoned(self, tag):
+        pass
+
+
+def test_a_worker_stuck_in_one_of_a_users_containers_leaves_all_of_theirs_unread(lent):
+    """MAX_STUCK_WORKERS bounds how many workers blocked in a user's memory
+    the tracer keeps; while one is, that user's memory is not read again.
+    Tagged and compared by raw uid, each container (a subordinate uid of
+    its own) could block one more, and the rest were read (a review): now
+    the tag is the user, and every uid of theirs compares as it."""
+    from closewait_trace.evidence import resolver
+    assert resolver._user(100001) == 1000 == resolver._user(1000)
+    assert resolver._user(1001) == 1001 and resolver._user(None) is None
+    worker = StuckWorker(resolver._user(100000))
+    r = resolver.ProcResolver("/nonexistent", worker=worker)
+    # The captures of alice's processes, under any of her uids, are not
+    # read; bob's are.
+    r.captured_stacks([(1, 12, 0, 0), (2, 13, 0, 0), (3, 14, 0, 0)],
+                      uids={12: 100001, 13: 1000, 14: 1001})
+    [(name, args)] = worker.asked
+    assert name == "captured_stacks" and [c[1] for c in args[0]] == [14]
+
+
+def test_odd_lines_in_either_file_are_skipped_not_raised(lent, tmp_path):
+    """Digits Python's isdigit() takes and int() refuses ("6\u00b2"), 5,000
+    of them, in either file: the line is skipped; the table still maps the
+    good lines, and nobody who asks for it gets an error (the tracer would
+    not start; the metrics endpoint's thread died, a review)."""
+    lent(subuid="alice:100000:6\u00b2\n\u00b9\u00b2:100000:65536\n"
+                f"{'9' * 5000}:1:1\nbob:{'1' * 5000}:5\nbob:165536:65536\n2000:300000:10\n",
+         passwd=PASSWD.replace("bob:x:1001", "bob:x:1\u00b2") + f"carol:x:{'7' * 5000}:0::/:/bin/sh\n")
+    shares = subids.shares()
+    assert shares.user_of(300001) == 2000          # the good line
+    assert shares.user_of(165537) == 165536        # bob's uid unreadable: his first
+    assert shares.user_of(100000) == 100000        # alice's line skipped
+    a, b = socket.socketpair(socket.AF_UNIX)
+    try:
+        assert scrape._Peers(socket.AF_UNIX).key(a)[0] == "uid"
+    finally:
+        a.close()
+        b.close()

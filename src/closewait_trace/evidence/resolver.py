@@ -16,7 +16,7 @@ from closewait_trace import knobs
 from closewait_trace.evidence import diagnosis, gathering
 from closewait_trace.evidence.worker import SUSPENDED, TIMED_OUT, GatherFailed, GatherWorker
 from closewait_trace.kernel.events import Endpoints
-from closewait_trace.sockets import owners, procfs
+from closewait_trace.sockets import owners, procfs, subids
 from closewait_trace.sockets.owners import Census, LookupMemory, RescanRead
 
 # Deadlines of the gathering worker's calls (seconds, scaled by the testing
@@ -75,6 +75,15 @@ def holder_order(owns: list) -> list:
                                   lambda _uid, pid: rank[pid])
         out.extend(tier[pid] for pid in turns)
     return out
+
+
+def _user(uid):
+    """Whose a worker stuck in a process's memory is said to be (its tag)
+    and whose reads are then left out: the process's real uid, or the user
+    a subordinate uid is lent to (sockets/subids.py), so that one user's
+    containers, each under a uid of its own, cannot each spend one of the
+    MAX_STUCK_WORKERS the tracer allows."""
+    return subids.shares().user_of(uid)
 
 
 @dataclass
@@ -216,13 +225,15 @@ class ProcResolver:
                 pid=h.pid, unreadable=NOT_READ_OVER_CAP)
         self.skipped_processes += len(over)
         holders = to_read[:cap]
+        # Workers stuck in a user's memory are tagged with the user (a
+        # subordinate uid as its user's: sockets/subids.py, _user).
         blocked_users = self.worker.stuck_tags()
         with_stacks, without = [], {}          # without: why -> holders
         for h in holders:
             misses = self.slow.get((h.pid, getattr(h.process, "start_time", None)), 0)
             if misses:
                 without.setdefault(f"{TIMED_OUT} before", []).append(h)
-            elif getattr(h, "uid", None) in blocked_users:
+            elif _user(getattr(h, "uid", None)) in blocked_users:
                 without.setdefault("a read of its user's memory is still blocked",
                                    []).append(h)
             elif not (self.stacks and cache.stacks):
@@ -280,7 +291,7 @@ class ProcResolver:
                     self.slow.pop(next(iter(self.slow)))
                 # If its worker stays blocked, its user's memory is not
                 # read again until it is not (gather_processes).
-                self.worker.tag_last_abandoned(getattr(culprit, "uid", None))
+                self.worker.tag_last_abandoned(_user(getattr(culprit, "uid", None)))
             if why != TIMED_OUT or time.monotonic() >= end:
                 break
         for h in group:
@@ -322,7 +333,7 @@ class ProcResolver:
         out: dict = {"python": {}}
         blocked = self.worker.stuck_tags() if self.worker is not None else set()
         pending = [c for c in captures if uids.get(c[1]) is None
-                   or uids.get(c[1]) not in blocked]
+                   or _user(uids.get(c[1])) not in blocked]
         end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
         for _attempt in range(MAX_BLOCKED_SCANS + 1):
             if not pending:
@@ -348,7 +359,7 @@ class ProcResolver:
                 break
             # The capture being read did not answer: the others go on.
             pid = next((c[1] for c in pending if c[0] == reading), None)
-            self.worker.tag_last_abandoned(uids.get(pid))
+            self.worker.tag_last_abandoned(_user(uids.get(pid)))
             pending = [c for c in pending if c[0] != reading and c[0] not in out]
         return out
 
@@ -378,8 +389,8 @@ class ProcResolver:
             found.update(walks)
             if why != TIMED_OUT or reading is None or time.monotonic() >= end:
                 break
-            skip_uids.add(reading)
-            self.worker.tag_last_abandoned(reading)
+            skip_uids.add(_user(reading))
+            self.worker.tag_last_abandoned(_user(reading))
         return found
 
     def new_pythons(self, pids: list[int], limit: int, seconds: float):
@@ -410,7 +421,7 @@ class ProcResolver:
                 items, why = e.partial or [], e.why
         walks, reading, left = _scanned(items)
         if why == TIMED_OUT and reading is not None and self.worker is not None:
-            self.worker.tag_last_abandoned(reading)
+            self.worker.tag_last_abandoned(_user(reading))
         return walks, left
 
     def snapshot_candidates(self, socket_filter, min_age_ns: int, fd_flags: bool = True):

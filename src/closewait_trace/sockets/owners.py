@@ -132,8 +132,9 @@ class Ownership:
     fds_not_read: Optional[tuple[int, Sequence[str]]] = None
     error: str = ""                   # OWNER_UNREADABLE: what could not be read
     # In a budgeted lookup, the real uid of the first process of the
-    # socket's namespace (other than the tracer's): the user whose turn it
-    # was or will be (other_turns); None otherwise.
+    # socket's namespace (other than the tracer's), or the user a
+    # subordinate uid is lent to: the user whose turn it was or will be
+    # (other_turns); None otherwise.
     netns_uid: Optional[int] = None
     # ...and how long reading that namespace took in this lookup (the whole
     # budget if its dump was cut), for the next lookups' estimate; None:
@@ -800,19 +801,19 @@ def user_turns(owner_of: dict[int, int], within: Callable[[int], tuple],
                across: Callable[[int, int], tuple]) -> list[int]:
     """Namespaces (owner_of: namespace -> uid) in turns of their users:
     each user's first (sorted by within(netns)), then each user's second,
-    and so on; in one turn, sorted by across(uid, netns), uid the
-    namespace's own. A subordinate uid takes its turns as its user's
-    (sockets/subids.py): a user's containers, each under uids of its own,
-    are one user here, not thousands."""
+    and so on; in one turn, sorted by across(user, netns). A subordinate
+    uid takes its turns as its user's (sockets/subids.py): a user's
+    containers, each under a uid of its own, are one user here, not
+    thousands."""
     share = subids.shares().user_of
     by_user: dict = {}
     for netns, uid in owner_of.items():
         by_user.setdefault(share(uid), []).append(netns)
     keyed = []
-    for spaces in by_user.values():
+    for user, spaces in by_user.items():
         spaces.sort(key=within)
         for turn, netns in enumerate(spaces):
-            keyed.append((turn, across(owner_of[netns], netns), netns))
+            keyed.append((turn, across(user, netns), netns))
     keyed.sort()
     return [netns for *_key, netns in keyed]
 
@@ -1074,7 +1075,8 @@ def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Seq
                 last_read: dict[int, int], served: dict[int, int],
                 proc: str = procfs.PROC) -> tuple[list[int], dict[int, int]]:
     """The order an owner lookup reads the namespaces other than own in,
-    and the user of each (namespace_users): the users take turns, the one
+    and the user of each (namespace_users' uid; a subordinate uid as its
+    user's, sockets/subids.py): the users take turns, the one
     least recently served by an earlier lookup first (served: uid -> the
     number of the lookup that last read one of theirs), each user's least
     recently read namespace first (last_read: namespace -> that number),
@@ -1083,7 +1085,10 @@ def other_turns(namespaces: dict[int, list[int]], own: Optional[int], order: Seq
     turn, not by all of them, and lookups with time for one namespace serve
     the users in turn."""
     rank = {netns: i for i, netns in enumerate(order)}
-    uid_of = namespace_users(namespaces, own, proc)
+    # By user: the turns, and what a lookup remembers of them (served, by
+    # the answer's netns_uid) and its slowest read per user.
+    share = subids.shares().user_of
+    uid_of = {netns: share(uid) for netns, uid in namespace_users(namespaces, own, proc).items()}
     turns = user_turns(
         uid_of, lambda netns: (last_read.get(netns, -1), rank.get(netns, len(rank))),
         lambda uid, netns: (served.get(uid, -1), rank.get(netns, len(rank)), uid))

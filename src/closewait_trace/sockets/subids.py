@@ -11,10 +11,11 @@ counts as the user root lent it to: one share for alice and her containers.
 Only root's files are read: /etc/subuid for the ranges, /etc/passwd for the
 uid of a range's user named by name (not NSS: no lookup that could wait on
 a directory server). Both are read again when they change (one stat of
-each per lookup of the table), and each at most MAX_FILE_BYTES (a larger
-file is not read: every uid is then its own share, as before). A range's
-user not found in /etc/passwd is counted under the range's first uid, so
-that its ranges still make one share (and its own uid another)."""
+each per lookup of the table), and each at most MAX_FILE_BYTES. A larger
+/etc/subuid is not read (every uid is then its own share, as before). A
+range's user not found in /etc/passwd (a larger one, or a user only a
+directory service knows: LDAP, SSSD) is counted under the range's first
+uid: its ranges make one share, and its own uid another."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ class Shares:
         if type(uid) is not int or not self._ranges:
             return uid
         at = bisect.bisect_right(self._starts, uid) - 1
-        # Ranges may overlap (root's typing): the first that holds it, of
-        # those starting at or before it.
+        # Ranges may overlap (root's typing): one of those that hold it,
+        # looking at the 9 that start last at or before it.
         for r in self._ranges[max(0, at - 8):at + 1]:
             if r.start <= uid < r.end:
                 return r.owner
@@ -61,23 +62,33 @@ class Shares:
 NO_SHARES = Shares([])
 
 
+def _number(text: str) -> Optional[int]:
+    """A uid or a count as the files write it: 1-10 ASCII digits (not
+    "6\u00b2", which isdigit() takes and int() refuses, nor 5,000 digits,
+    which int() refuses too); None otherwise."""
+    if 0 < len(text) <= 10 and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def parse(subuid: str, passwd: str) -> Shares:
     """/etc/subuid's lines (`user:first:count`, user a name or a uid) with
     the uids /etc/passwd gives the names; malformed lines are skipped."""
     uids: dict[str, int] = {}
     for line in passwd.splitlines():
         fields = line.split(":")
-        if len(fields) >= 3 and fields[2].isdigit() and fields[0] not in uids:
-            uids[fields[0]] = int(fields[2])
+        uid = _number(fields[2]) if len(fields) >= 3 else None
+        if uid is not None and fields[0] not in uids:
+            uids[fields[0]] = uid
     ranges = []
     for line in subuid.splitlines():
         fields = line.strip().split(":")
-        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+        if len(fields) != 3:
             continue
-        user, start, count = fields[0], int(fields[1]), int(fields[2])
-        if not user or count == 0 or start > MAX_UID:
+        user, start, count = fields[0], _number(fields[1]), _number(fields[2])
+        if not user or start is None or not count or start > MAX_UID:
             continue
-        owner = int(user) if user.isdigit() else uids.get(user)
+        owner = _number(user) if user.isdigit() else uids.get(user)
         ranges.append((user, start, min(start + count, MAX_UID + 1), owner))
     # A user unknown to /etc/passwd: all of its ranges under its first uid.
     first: dict[str, int] = {}
@@ -120,6 +131,10 @@ def shares(subuid: Optional[str] = None, passwd: Optional[str] = None) -> Shares
     if _kept[0] == key:
         return _kept[1]
     subuid_text = _read(subuid)
-    table = NO_SHARES if subuid_text is None else parse(subuid_text, _read(passwd) or "")
+    try:
+        table = NO_SHARES if subuid_text is None else parse(subuid_text, _read(passwd) or "")
+    except Exception:       # noqa: BLE001 - a table never stops a caller
+        # (No line is known to get here: parse skips what it cannot read.)
+        table = NO_SHARES
     _kept = (key, table)
     return table
