@@ -79,6 +79,22 @@ def close_wait_of_mine() -> tuple[socket.socket, int, socket.socket]:
     return server, port, mine
 
 
+def clock_of_links(monkeypatch) -> list:
+    """The walk's clock counts the links it reads, 4 us each (this
+    machine's cost), so that a budget says the same here, on a fast
+    machine, or under load. Returns the count, [n]."""
+    links = [0]
+    readlink = procfs.readlink
+
+    def counted(*args, **kw):
+        links[0] += 1
+        return readlink(*args, **kw)
+
+    monkeypatch.setattr(procfs, "readlink", counted)
+    monkeypatch.setattr(owners, "_clock", lambda: links[0] * 4e-6)
+    return links
+
+
 def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypatch):
     # Root's socket in CLOSE_WAIT, held by this process.
     server, port, mine = close_wait_of_mine()
@@ -101,15 +117,7 @@ def test_a_users_fds_are_walked_last_and_what_the_time_left_is_counted(monkeypat
         theirs_ep = Endpoints(socket.AF_INET, "127.0.0.1", their_port, "127.0.0.1", port)
         # Every link read costs 4 us of the walk's clock, and the walk has
         # time for 100,000: everyone else's, not all of the hog's 300,000.
-        links = [0]
-        readlink = procfs.readlink
-
-        def counted(*args, **kw):
-            links[0] += 1
-            return readlink(*args, **kw)
-
-        monkeypatch.setattr(procfs, "readlink", counted)
-        monkeypatch.setattr(owners, "_clock", lambda: links[0] * 4e-6)
+        links = clock_of_links(monkeypatch)
         monkeypatch.setattr(owners, "FD_WALK_BUDGET_S", 0.4)
         order, counts = owners.walk_order("/proc")
         # The hog's fds are the most: walked last, the holder's last of all.
@@ -242,15 +250,7 @@ def test_a_users_containers_under_subordinate_uids_are_walked_as_that_user(
         lines = _close_wait(port)
         assert any(f"pid={pids[-1]}," in l for l in lines), lines
         theirs_ep = Endpoints(socket.AF_INET, "127.0.0.1", their_port, "127.0.0.1", port)
-        links = [0]
-        readlink = procfs.readlink
-
-        def counted(*args, **kw):
-            links[0] += 1
-            return readlink(*args, **kw)
-
-        monkeypatch.setattr(procfs, "readlink", counted)
-        monkeypatch.setattr(owners, "_clock", lambda: links[0] * 4e-6)
+        clock_of_links(monkeypatch)
         monkeypatch.setattr(owners, "FDS_IN_ANY_ORDER", 1000)
         order, counts = owners.walk_order("/proc")
         # Time for everyone else's fds, the server's and 10,000 more: not

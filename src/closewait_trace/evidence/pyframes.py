@@ -809,8 +809,9 @@ def scan_python_processes(proc: str, deadline: float, limit: int, skip_uids=(),
         if not INTERPRETER_FILE.match(os.path.basename(exe.replace(" (deleted)", ""))):
             continue
         uid = procfs.real_uid(int(name), proc)
-        if uid is not None and user_of(uid) not in skip_users:
-            by_user.setdefault(user_of(uid), []).append((uid, int(name)))
+        user = user_of(uid)
+        if uid is not None and user not in skip_users:
+            by_user.setdefault(user, []).append((uid, int(name)))
     queues = [list(reversed(pids)) for _user, pids in sorted(by_user.items())]
     share = max(0.0, deadline - time.monotonic()) / NEW_PROCESS_SHARES
     found = 0

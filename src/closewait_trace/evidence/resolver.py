@@ -228,12 +228,13 @@ class ProcResolver:
         # Workers stuck in a user's memory are tagged with the user (a
         # subordinate uid as its user's: sockets/subids.py, _user).
         blocked_users = self.worker.stuck_tags()
+        user_of = subids.shares().user_of       # the table looked up once, not per holder
         with_stacks, without = [], {}          # without: why -> holders
         for h in holders:
             misses = self.slow.get((h.pid, getattr(h.process, "start_time", None)), 0)
             if misses:
                 without.setdefault(f"{TIMED_OUT} before", []).append(h)
-            elif _user(getattr(h, "uid", None)) in blocked_users:
+            elif user_of(getattr(h, "uid", None)) in blocked_users:
                 without.setdefault("a read of its user's memory is still blocked",
                                    []).append(h)
             elif not (self.stacks and cache.stacks):
@@ -332,8 +333,9 @@ class ProcResolver:
         uids = uids or {}
         out: dict = {"python": {}}
         blocked = self.worker.stuck_tags() if self.worker is not None else set()
+        user_of = subids.shares().user_of
         pending = [c for c in captures if uids.get(c[1]) is None
-                   or _user(uids.get(c[1])) not in blocked]
+                   or user_of(uids.get(c[1])) not in blocked]
         end = time.monotonic() + EVIDENCE_DEADLINE_S * knobs.time_scale()
         for _attempt in range(MAX_BLOCKED_SCANS + 1):
             if not pending:

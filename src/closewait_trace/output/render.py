@@ -144,6 +144,18 @@ def is_change(rec: dict) -> bool:
     return rec.get("type") == "linger" and bool(rec.get(EVENT_COLUMN.fields["linger"][0]))
 
 
+def _owner_entries(rec: dict) -> list:
+    """A linger record's owners entries (the dicts among them)."""
+    return [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
+
+
+def _change_cause(rec: dict) -> str:
+    """A CHANGE record's cause as its fold shows it (escaped; "-": none)."""
+    diagnosis = rec.get("diagnosis")
+    cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
+    return "-" if cause is None else escape(cause)
+
+
 def who(person) -> str:
     """`pid/comm` of an owners entry, task or closed_by (escaped)."""
     if not isinstance(person, dict):
@@ -592,7 +604,7 @@ class TextRenderer:
 
     def _linger_owners(self, rec: dict) -> tuple[list, str]:
         """A linger record's owners entries, and its OWNER cell."""
-        owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or [] if isinstance(o, dict)]
+        owners = _owner_entries(rec)
         return owners, self.linger_owner(who(owners[0]) if owners else None,
                                          [o.get("pid") for o in owners], rec.get("owner_kind"))
 
@@ -618,12 +630,9 @@ class TextRenderer:
         None where its fields make none (a record read from elsewhere): it
         is shown whole, as render() shows it."""
         try:
-            owners = [o for o in rec.get(OWNER_COLUMN.fields["linger"][0]) or []
-                      if isinstance(o, dict)]
-            diagnosis = rec.get("diagnosis")
-            cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
+            owners = _owner_entries(rec)
             return changefold.group_key(
-                escape(rec.get("owner_kind")), "-" if cause is None else escape(cause),
+                escape(rec.get("owner_kind")), _change_cause(rec),
                 escape(owners[0].get("comm", "?")) if owners else "",
                 {escape(o.get("state", "?")) for o in owners},
                 [escape(o.get("pid")) for o in owners])
@@ -634,10 +643,7 @@ class TextRenderer:
         """What a CHANGE record's group line shows: its OWNER cell, states
         and cause as its row and diagnosis line show them."""
         owners, owner = self._linger_owners(rec)
-        diagnosis = rec.get("diagnosis")
-        cause = diagnosis.get("cause") if isinstance(diagnosis, dict) else None
-        return (owner, holder_states(o.get("state", "?") for o in owners),
-                "-" if cause is None else escape(cause))
+        return owner, holder_states(o.get("state", "?") for o in owners), _change_cause(rec)
 
     def count_folded(self) -> None:
         """A CHANGE the fold counts instead of showing its rows: counted as
